@@ -1,0 +1,88 @@
+//! Reading source images safely.
+
+use std::path::Path;
+
+use image::{ImageReader, RgbImage};
+
+use crate::error::EditError;
+
+/// Limits that protect against decompression bombs and absurd inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageLimits {
+    /// Largest accepted width or height, in pixels.
+    pub max_side: u32,
+    /// Largest accepted decoded allocation, in bytes.
+    pub max_alloc: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        // 16k x 16k covers every real photo; 1 GiB of decoded pixels is far beyond any.
+        Self {
+            max_side: 16_384,
+            max_alloc: 1 << 30,
+        }
+    }
+}
+
+/// Loads a PNG, JPEG or WebP file as RGB (alpha is dropped).
+///
+/// Errors name the file: unreadable, not an image, empty, or over [`ImageLimits`].
+pub fn load_image(path: &Path, limits: ImageLimits) -> Result<RgbImage, EditError> {
+    let bad = |reason: String| EditError::Image {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut reader = ImageReader::open(path)
+        .map_err(|e| bad(format!("cannot open: {e}")))?
+        .with_guessed_format()
+        .map_err(|e| bad(format!("cannot read: {e}")))?;
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_side);
+    decoder_limits.max_image_height = Some(limits.max_side);
+    decoder_limits.max_alloc = Some(limits.max_alloc);
+    reader.limits(decoder_limits);
+    if reader.format().is_none() {
+        return Err(bad("not a recognised image format (PNG, JPEG, WebP)".into()));
+    }
+    let image = reader
+        .decode()
+        .map_err(|e| bad(format!("cannot decode: {e}")))?;
+    if image.width() == 0 || image.height() == 0 {
+        return Err(bad("image is empty (0 pixels)".into()));
+    }
+    Ok(image.to_rgb8())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_missing_garbage_and_oversized_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.png");
+        let err = load_image(&missing, ImageLimits::default()).unwrap_err();
+        assert!(err.to_string().contains("nope.png"), "{err}");
+
+        let garbage = dir.path().join("garbage.png");
+        std::fs::write(&garbage, b"definitely not a png").unwrap();
+        let err = load_image(&garbage, ImageLimits::default()).unwrap_err();
+        assert!(err.to_string().contains("garbage.png"), "{err}");
+
+        let big = dir.path().join("big.png");
+        RgbImage::new(64, 40).save(&big).unwrap();
+        let tight = ImageLimits {
+            max_side: 32,
+            max_alloc: 1 << 20,
+        };
+        let err = load_image(&big, tight).unwrap_err();
+        assert!(err.to_string().contains("big.png"), "{err}");
+        assert_eq!(
+            load_image(&big, ImageLimits::default())
+                .unwrap()
+                .dimensions(),
+            (64, 40)
+        );
+    }
+}

@@ -1,0 +1,57 @@
+//! The edit task: what one instruction-based edit is, independent of any model.
+//!
+//! Loading and resizing the source image ([`image_io`]), the diptych and its mask
+//! ([`diptych`]) and the ICEdit in-context prompt ([`prompt`]) live here, so that every
+//! generator and judge sees the same prepared input.
+
+pub mod diptych;
+pub mod image_io;
+pub mod prompt;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use image::RgbImage;
+
+pub use diptych::{crop_right_panel, make_diptych, resize_to_panel, Diptych, DEFAULT_PANEL_WIDTH};
+pub use image_io::{load_image, ImageLimits};
+pub use prompt::{icedit_prompt, PROMPT_PREFIX};
+
+/// One edit as every backend sees it: the resized source panel and the instruction.
+///
+/// `meta` carries backend-neutral key/value facts about the item (e.g. a dataset's task
+/// type, or the scene description of a testbed edit); backends that need nothing from it
+/// ignore it.
+#[derive(Debug, Clone)]
+pub struct EditContext {
+    /// Stable identifier (manifest id, or derived from the file name).
+    pub id: String,
+    /// The source image, already resized to the panel size (W x H, both multiples of 16).
+    pub source: Arc<RgbImage>,
+    /// The user's instruction, e.g. "make the sky night".
+    pub instruction: String,
+    /// Free-form facts about the item.
+    pub meta: BTreeMap<String, String>,
+}
+
+impl EditContext {
+    /// Builds a context from an already-resized source panel.
+    pub fn new(id: impl Into<String>, source: RgbImage, instruction: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            source: Arc::new(source),
+            instruction: instruction.into(),
+            meta: BTreeMap::new(),
+        }
+    }
+
+    /// The in-context prompt the generator is conditioned on.
+    pub fn prompt(&self) -> String {
+        icedit_prompt(&self.instruction)
+    }
+
+    /// Panel (width, height) in pixels.
+    pub fn panel_size(&self) -> (u32, u32) {
+        self.source.dimensions()
+    }
+}

@@ -1,0 +1,312 @@
+//! The machine-readable record of one edit run (`report.json`).
+//!
+//! Everything needed to audit and reproduce a pick: seeds, schedule, every verdict and
+//! score with the judge's reasoning (or its error), NFE per phase, judge calls and tokens,
+//! timings. The schema is documented in README.md ("report.json").
+
+use std::sync::Arc;
+
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use super::strategy::StrategyConfig;
+use crate::judge::{CallUsage, Comparison, JudgeError, ScreenVerdict, SubScores, VieScore};
+
+/// Version of the report schema; bumped on incompatible changes.
+pub const REPORT_SCHEMA_VERSION: u32 = 1;
+
+/// A judge call's result as recorded: the answer, or the failure. Never a substitute score.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Judged<T> {
+    /// The judge answered.
+    Ok(T),
+    /// The call failed or the reply could not be parsed.
+    Failed(JudgeError),
+}
+
+impl<T> Judged<T> {
+    /// The answer, if any.
+    pub fn ok(&self) -> Option<&T> {
+        match self {
+            Self::Ok(t) => Some(t),
+            Self::Failed(_) => None,
+        }
+    }
+}
+
+impl<T> From<Result<T, JudgeError>> for Judged<T> {
+    fn from(r: Result<T, JudgeError>) -> Self {
+        match r {
+            Ok(t) => Self::Ok(t),
+            Err(e) => Self::Failed(e),
+        }
+    }
+}
+
+/// A VIE score with its combined values spelled out for readers of the JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VieRecord {
+    /// SC = min(semantic pair).
+    pub sc: f32,
+    /// PQ = min(perceptual pair).
+    pub pq: f32,
+    /// O = sqrt(SC * PQ).
+    pub overall: f32,
+    /// Instruction followed, not over-edited (on [source, edited]).
+    pub semantic: SubScores,
+    /// Naturalness, absence of artifacts (on [edited]).
+    pub perceptual: SubScores,
+}
+
+impl From<VieScore> for VieRecord {
+    fn from(s: VieScore) -> Self {
+        Self {
+            sc: s.sc(),
+            pq: s.pq(),
+            overall: s.overall(),
+            semantic: s.semantic,
+            perceptual: s.perceptual,
+        }
+    }
+}
+
+/// One screening of one candidate's preview.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScreenRecord {
+    /// Steps run when the preview was predicted.
+    pub step: usize,
+    /// File of the preview, relative to the output folder (set when written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_file: Option<String>,
+    /// The verdict or the failure.
+    pub verdict: Judged<ScreenVerdict>,
+}
+
+/// What became of a candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CandidateStatus {
+    /// Stopped after screening.
+    Pruned,
+    /// Ran the full schedule and was scored (or its scoring failed).
+    Completed,
+    /// Tournament: ran a short schedule and lost a comparison.
+    Eliminated,
+    /// Tournament: won the comparisons and was re-run at full steps.
+    Champion,
+}
+
+/// One seed candidate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CandidateRecord {
+    /// Position in the candidate list.
+    pub index: usize,
+    /// Seed of its initial noise.
+    pub seed: u64,
+    /// `true` when its initial latents came from `--init-latents` instead of the seed.
+    pub given_latents: bool,
+    /// Model forwards spent on this candidate.
+    pub nfe: usize,
+    /// What became of it.
+    pub status: CandidateStatus,
+    /// Every screening, in order.
+    pub screens: Vec<ScreenRecord>,
+    /// Tournament: file of the short-run image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_run_file: Option<String>,
+    /// File of the finished image (completed candidates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_file: Option<String>,
+    /// VIE score of the finished image, or the failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vie: Option<Judged<VieRecord>>,
+    /// Images, kept in memory for writing; not part of the JSON.
+    #[serde(skip)]
+    pub images: CandidateImages,
+}
+
+impl CandidateRecord {
+    /// VIE O if the candidate was scored.
+    pub fn overall(&self) -> Option<f32> {
+        self.vie.as_ref()?.ok().map(|v| v.overall)
+    }
+
+    /// Score of the latest successful screening.
+    pub fn last_screen_score(&self) -> Option<f32> {
+        self.screens
+            .iter()
+            .rev()
+            .find_map(|s| s.verdict.ok().map(|v| v.score))
+    }
+}
+
+/// A candidate's images (previews in screening order, tournament short run, final).
+#[derive(Debug, Clone, Default)]
+pub struct CandidateImages {
+    /// One per screening.
+    pub previews: Vec<Arc<RgbImage>>,
+    /// Tournament short-run result.
+    pub short_run: Option<Arc<RgbImage>>,
+    /// The finished edit.
+    pub final_image: Option<Arc<RgbImage>>,
+}
+
+/// One pairwise comparison of the tournament (asked twice, order swapped).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ComparisonRecord {
+    /// Candidate index of the champion going in.
+    pub champion: usize,
+    /// Candidate index of the challenger.
+    pub challenger: usize,
+    /// Asked with [champion, challenger, source].
+    pub champion_first: Judged<Comparison>,
+    /// Asked with [challenger, champion, source].
+    pub challenger_first: Judged<Comparison>,
+    /// Candidate index that goes on.
+    pub winner: usize,
+    /// How the winner was decided (agreement, tie kept the champion, failure, ...).
+    pub decision: String,
+}
+
+/// The returned edit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pick {
+    /// Candidate index.
+    pub index: usize,
+    /// Its seed.
+    pub seed: u64,
+    /// Its VIE O, when it was scored.
+    pub overall: Option<f32>,
+    /// Why it was picked.
+    pub reason: String,
+}
+
+/// Model forwards per phase.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NfeLedger {
+    /// Probe steps (early filter, successive halving) or short runs (tournament).
+    pub probe: usize,
+    /// Completion of survivors (or full runs for random / best-of-N).
+    pub complete: usize,
+    /// Tournament: the winner's full re-run.
+    pub rerun: usize,
+    /// Sum of the above.
+    pub total: usize,
+    /// What the same N would cost as best-of-N (`N * steps`).
+    pub best_of_n_equivalent: usize,
+    /// One full run (`steps`), the random baseline.
+    pub random_equivalent: usize,
+}
+
+/// Judge traffic of this edit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JudgeTotals {
+    /// Calls made (including cached and failed ones).
+    pub calls: u64,
+    /// Judge results that failed (a failed VIE score, two calls, counts once).
+    pub failures: u64,
+    /// Calls served from the cache.
+    pub cached: u64,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+}
+
+impl JudgeTotals {
+    /// Adds one call's result.
+    pub fn record<T>(&mut self, result: &Result<T, JudgeError>, usage: Option<&CallUsage>) {
+        self.calls += 1;
+        match (result, usage) {
+            (Err(_), _) => self.failures += 1,
+            (Ok(_), Some(u)) => {
+                self.cached += u.cached as u64;
+                self.prompt_tokens += u.prompt_tokens;
+                self.completion_tokens += u.completion_tokens;
+            }
+            (Ok(_), None) => {}
+        }
+    }
+}
+
+/// Wall time per phase, in seconds. Phases overlap where the pipeline overlaps them
+/// (previews are screened while later previews decode), so they need not sum to `total`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Encoding the prompt and masked diptych.
+    pub prepare_s: f64,
+    /// Probe steps / short runs.
+    pub probe_s: f64,
+    /// Preview decoding and screening (or tournament comparisons).
+    pub screen_s: f64,
+    /// Completing survivors.
+    pub complete_s: f64,
+    /// Final decoding and VIE scoring.
+    pub score_s: f64,
+    /// The whole edit.
+    pub total_s: f64,
+}
+
+/// The schedule used, for reproduction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduleRecord {
+    /// Steps of the full schedule.
+    pub steps: usize,
+    /// Dynamic shift.
+    pub mu: f64,
+    /// Image tokens `mu` was computed from.
+    pub image_tokens: usize,
+    /// The `steps + 1` sigmas.
+    pub sigmas: Vec<f64>,
+}
+
+/// The full record of one edit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EditReport {
+    /// [`REPORT_SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// icedit-scale version.
+    pub tool_version: String,
+    /// Edit id.
+    pub edit_id: String,
+    /// The instruction.
+    pub instruction: String,
+    /// The exact prompt given to the generator.
+    pub prompt: String,
+    /// Panel width and height.
+    pub panel: (u32, u32),
+    /// Generator name and details.
+    pub generator: String,
+    /// Judge name.
+    pub judge: String,
+    /// The strategy and its parameters.
+    pub strategy: StrategyConfig,
+    /// The schedule.
+    pub schedule: ScheduleRecord,
+    /// Every candidate.
+    pub candidates: Vec<CandidateRecord>,
+    /// Tournament comparisons, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub comparisons: Vec<ComparisonRecord>,
+    /// The returned edit (absent only when nothing finished).
+    pub pick: Option<Pick>,
+    /// File of the returned edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pick_file: Option<String>,
+    /// Fallbacks and other events worth a reader's attention (all-fail, ties, ...).
+    pub notes: Vec<String>,
+    /// NFE per phase.
+    pub nfe: NfeLedger,
+    /// Judge traffic.
+    pub judge_totals: JudgeTotals,
+    /// Wall times.
+    pub timings: Timings,
+}
+
+impl EditReport {
+    /// The picked candidate.
+    pub fn picked(&self) -> Option<&CandidateRecord> {
+        self.pick.as_ref().map(|p| &self.candidates[p.index])
+    }
+}

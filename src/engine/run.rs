@@ -1,0 +1,636 @@
+//! Running one edit with a strategy: the orchestration over a [`GeneratorWorker`] and a
+//! [`Judge`].
+//!
+//! Generator work is queued on the worker thread; judge calls run concurrently (bounded by
+//! a semaphore), so a preview is screened while the next one decodes, and another edit's
+//! probe can run while this edit waits for its judge.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use futures::future::join_all;
+use image::RgbImage;
+use tokio::sync::Semaphore;
+
+use super::progress::Progress;
+use super::report::*;
+use super::selection::{pick_best, rank_for_halving, select_survivors, tournament_decision};
+use super::strategy::{halving_rounds, StrategyConfig, StrategyKind};
+use super::worker::GeneratorWorker;
+use crate::edit::EditContext;
+use crate::error::{EngineError, GenerateError};
+use crate::generate::{self, CandidateState, PreparedEdit, Schedule};
+use crate::judge::{vie_score, Judge, JudgeError, PreviewStage, ScreenVerdict, VieScore};
+
+/// One edit to run.
+pub struct EditJob {
+    /// The edit.
+    pub edit: EditContext,
+    /// The strategy and its parameters.
+    pub strategy: StrategyConfig,
+    /// Initial latents that replace the seeded noise of candidates `0..len` (reproduction).
+    pub init_latents: Vec<Tensor>,
+}
+
+/// The engine: a generator worker and a judge with a concurrency limit.
+#[derive(Clone)]
+pub struct Engine {
+    worker: Arc<GeneratorWorker>,
+    judge: Arc<dyn Judge>,
+    judge_slots: Arc<Semaphore>,
+}
+
+impl Engine {
+    /// An engine over `worker` and `judge`, with at most `judge_concurrency` judge calls in
+    /// flight at once (shared by every edit run through this engine).
+    pub fn new(
+        worker: Arc<GeneratorWorker>,
+        judge: Arc<dyn Judge>,
+        judge_concurrency: usize,
+    ) -> Self {
+        Self {
+            worker,
+            judge,
+            judge_slots: Arc::new(Semaphore::new(judge_concurrency.max(1))),
+        }
+    }
+
+    /// The generator worker.
+    pub fn worker(&self) -> &Arc<GeneratorWorker> {
+        &self.worker
+    }
+
+    /// The judge.
+    pub fn judge(&self) -> &Arc<dyn Judge> {
+        &self.judge
+    }
+
+    /// Runs one edit to completion and returns its report (images included in memory).
+    ///
+    /// Judge failures never abort the edit: they are recorded and the strategy falls back
+    /// as documented in the report's notes. Generator failures abort it.
+    pub async fn run(
+        &self,
+        job: EditJob,
+        progress: Arc<dyn Progress>,
+    ) -> Result<EditReport, EngineError> {
+        job.strategy.validate()?;
+        let started = Instant::now();
+        let edit = Arc::new(job.edit);
+        let t = Instant::now();
+        let e = edit.clone();
+        let prepared = self.worker.run(move |g| g.prepare(&e)).await??;
+        let schedule = Schedule::flux(job.strategy.steps, prepared.image_tokens);
+        let mut session = Session {
+            engine: self,
+            edit: edit.clone(),
+            prepared: Arc::new(prepared),
+            schedule: Arc::new(schedule),
+            strategy: job.strategy.clone(),
+            progress,
+            candidates: Vec::new(),
+            comparisons: Vec::new(),
+            notes: Vec::new(),
+            nfe: NfeLedger::default(),
+            judge_totals: JudgeTotals::default(),
+            timings: Timings {
+                prepare_s: t.elapsed().as_secs_f64(),
+                ..Timings::default()
+            },
+        };
+        let seeds = job.strategy.candidate_seeds();
+        let outcome = match job.strategy.kind {
+            StrategyKind::Random | StrategyKind::BestOfN => {
+                session.full_runs(&seeds, job.init_latents).await
+            }
+            StrategyKind::EarlyFilter => session.early_filter(&seeds, job.init_latents).await,
+            StrategyKind::SuccessiveHalving => {
+                session.successive_halving(&seeds, job.init_latents).await
+            }
+            StrategyKind::Tournament => session.tournament(&seeds, job.init_latents).await,
+        };
+        // Free the shared conditioning whatever happened.
+        let p = session.prepared.clone();
+        let _ = self.worker.run(move |g| g.release(&p)).await;
+        let pick = outcome?;
+        session.timings.total_s = started.elapsed().as_secs_f64();
+        Ok(session.into_report(pick))
+    }
+}
+
+/// The state of one edit while it runs.
+struct Session<'a> {
+    engine: &'a Engine,
+    edit: Arc<EditContext>,
+    prepared: Arc<PreparedEdit>,
+    schedule: Arc<Schedule>,
+    strategy: StrategyConfig,
+    progress: Arc<dyn Progress>,
+    candidates: Vec<CandidateRecord>,
+    comparisons: Vec<ComparisonRecord>,
+    notes: Vec<String>,
+    nfe: NfeLedger,
+    judge_totals: JudgeTotals,
+    timings: Timings,
+}
+
+impl Session<'_> {
+    /// Creates the candidate records and their initial states.
+    async fn start(
+        &mut self,
+        seeds: &[u64],
+        init_latents: Vec<Tensor>,
+    ) -> Result<Vec<CandidateState>, EngineError> {
+        if init_latents.len() > seeds.len() {
+            return Err(EngineError::Strategy(format!(
+                "{} initial latents given for {} candidates",
+                init_latents.len(),
+                seeds.len()
+            )));
+        }
+        self.candidates = seeds
+            .iter()
+            .enumerate()
+            .map(|(index, &seed)| CandidateRecord {
+                index,
+                seed,
+                given_latents: index < init_latents.len(),
+                nfe: 0,
+                status: CandidateStatus::Pruned,
+                screens: Vec::new(),
+                short_run_file: None,
+                final_file: None,
+                vie: None,
+                images: CandidateImages::default(),
+            })
+            .collect();
+        let seeds = seeds.to_vec();
+        let prepared = self.prepared.clone();
+        let states = self
+            .engine
+            .worker
+            .run(move |g| {
+                seeds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &seed)| match init_latents.get(i) {
+                        Some(given) => CandidateState::from_given(g, &prepared, seed, given),
+                        None => CandidateState::from_seed(g, &prepared, seed),
+                    })
+                    .collect::<Result<Vec<_>, GenerateError>>()
+            })
+            .await??;
+        Ok(states)
+    }
+
+    /// Advances `states` (all at one step) to `to_step` of `schedule`, counting NFE on the
+    /// candidates `indices` (parallel to `states`).
+    async fn advance(
+        &mut self,
+        phase: &str,
+        schedule: Arc<Schedule>,
+        indices: &[usize],
+        states: Vec<CandidateState>,
+        to_step: usize,
+    ) -> Result<Vec<CandidateState>, EngineError> {
+        let Some(from) = states.first().map(|s| s.step) else {
+            return Ok(states);
+        };
+        let n = states.len();
+        let forwards = n * to_step.saturating_sub(from);
+        self.progress.begin(phase, forwards as u64);
+        let prepared = self.prepared.clone();
+        let progress = self.progress.clone();
+        let states = self
+            .engine
+            .worker
+            .run(move |g| {
+                let mut states = states;
+                generate::advance_to(g, &prepared, &schedule, &mut states, to_step, |_| {
+                    progress.inc(n as u64)
+                })
+                .map(|_| states)
+            })
+            .await??;
+        self.progress.end();
+        for &i in indices {
+            self.candidates[i].nfe += to_step - from;
+        }
+        Ok(states)
+    }
+
+    /// Decodes each state's x0 preview and screens it; previews are screened as soon as
+    /// they are decoded. Records everything on the candidates.
+    async fn preview_and_screen(
+        &mut self,
+        indices: &[usize],
+        states: &[CandidateState],
+    ) -> Result<(), EngineError> {
+        let t = Instant::now();
+        self.progress.begin("screen", states.len() as u64);
+        let stage = PreviewStage {
+            step: states.first().map_or(0, |s| s.step),
+            steps: self.schedule.steps,
+        };
+        let jobs = states.iter().map(|state| {
+            let (state, prepared, schedule) =
+                (state.clone(), self.prepared.clone(), self.schedule.clone());
+            let (engine, edit, progress) = (self.engine, self.edit.clone(), self.progress.clone());
+            async move {
+                let image = engine
+                    .worker
+                    .run(move |g| generate::preview(g, &prepared, &schedule, &state))
+                    .await??;
+                let verdict = {
+                    let _slot = engine.judge_slots.acquire().await.expect("semaphore open");
+                    engine.judge.screen(&edit, &image, stage).await
+                };
+                progress.inc(1);
+                Ok::<_, EngineError>((Arc::new(image), verdict))
+            }
+        });
+        let results = join_all(jobs).await;
+        self.progress.end();
+        for (&i, result) in indices.iter().zip(results) {
+            let (image, verdict) = result?;
+            self.record_screen(i, stage.step, image, verdict);
+        }
+        self.timings.screen_s += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn record_screen(
+        &mut self,
+        index: usize,
+        step: usize,
+        image: Arc<RgbImage>,
+        verdict: Result<ScreenVerdict, JudgeError>,
+    ) {
+        self.judge_totals
+            .record(&verdict, verdict.as_ref().ok().map(|v| &v.usage));
+        let candidate = &mut self.candidates[index];
+        candidate.images.previews.push(image);
+        candidate.screens.push(ScreenRecord {
+            step,
+            preview_file: None,
+            verdict: verdict.into(),
+        });
+    }
+
+    /// Decodes finished states and VIE-scores them concurrently.
+    async fn finish_and_score(
+        &mut self,
+        indices: &[usize],
+        states: &[CandidateState],
+    ) -> Result<(), EngineError> {
+        let t = Instant::now();
+        self.progress.begin("score", states.len() as u64);
+        let jobs = states.iter().map(|state| {
+            let (state, prepared, schedule) =
+                (state.clone(), self.prepared.clone(), self.schedule.clone());
+            let (engine, edit, progress) = (self.engine, self.edit.clone(), self.progress.clone());
+            async move {
+                let image = engine
+                    .worker
+                    .run(move |g| generate::finish(g, &prepared, &schedule, &state))
+                    .await??;
+                let score = score_image(engine, &edit, &image).await;
+                progress.inc(1);
+                Ok::<_, EngineError>((Arc::new(image), score))
+            }
+        });
+        let results = join_all(jobs).await;
+        self.progress.end();
+        for (&i, result) in indices.iter().zip(results) {
+            let (image, score) = result?;
+            self.record_score(i, image, score);
+        }
+        self.timings.score_s += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn record_score(
+        &mut self,
+        index: usize,
+        image: Arc<RgbImage>,
+        score: Result<VieScore, JudgeError>,
+    ) {
+        // A VIE score is two judge calls; a failed score counts as one failure.
+        match &score {
+            Ok(s) => {
+                for usage in [&s.semantic.usage, &s.perceptual.usage] {
+                    self.judge_totals
+                        .record(&Ok::<(), JudgeError>(()), Some(usage));
+                }
+            }
+            Err(_) => {
+                self.judge_totals.record(&score, None);
+                self.judge_totals.calls += 1;
+            }
+        }
+        let candidate = &mut self.candidates[index];
+        candidate.status = CandidateStatus::Completed;
+        candidate.images.final_image = Some(image);
+        candidate.vie = Some(score.map(VieRecord::from).into());
+    }
+
+    /// `random` and `best-of-n`: every candidate runs the full schedule and is scored.
+    async fn full_runs(
+        &mut self,
+        seeds: &[u64],
+        init_latents: Vec<Tensor>,
+    ) -> Result<Option<Pick>, EngineError> {
+        let states = self.start(seeds, init_latents).await?;
+        let all: Vec<usize> = (0..states.len()).collect();
+        let t = Instant::now();
+        let steps = self.schedule.steps;
+        let states = self
+            .advance("generate", self.schedule.clone(), &all, states, steps)
+            .await?;
+        self.timings.complete_s = t.elapsed().as_secs_f64();
+        self.nfe.complete = states.len() * steps;
+        self.finish_and_score(&all, &states).await?;
+        Ok(self.pick(&all))
+    }
+
+    /// `early-filter`: probe, screen, keep up to M passing, complete, score, pick.
+    async fn early_filter(
+        &mut self,
+        seeds: &[u64],
+        init_latents: Vec<Tensor>,
+    ) -> Result<Option<Pick>, EngineError> {
+        let k = self.strategy.probe_steps;
+        let states = self.start(seeds, init_latents).await?;
+        let all: Vec<usize> = (0..states.len()).collect();
+        let t = Instant::now();
+        let states = self
+            .advance("probe", self.schedule.clone(), &all, states, k)
+            .await?;
+        self.timings.probe_s = t.elapsed().as_secs_f64();
+        self.nfe.probe = states.len() * k;
+        self.preview_and_screen(&all, &states).await?;
+
+        let verdicts: Vec<Option<&ScreenVerdict>> = self
+            .candidates
+            .iter()
+            .map(|c| c.screens.last().and_then(|s| s.verdict.ok()))
+            .collect();
+        let (survivors, note) = select_survivors(&verdicts, self.strategy.keep);
+        self.notes.extend(note);
+        self.complete(survivors, states).await
+    }
+
+    /// `successive-halving`: probe k, keep the better half, probe k more, ... until M
+    /// remain, then complete them.
+    async fn successive_halving(
+        &mut self,
+        seeds: &[u64],
+        init_latents: Vec<Tensor>,
+    ) -> Result<Option<Pick>, EngineError> {
+        let mut states = self.start(seeds, init_latents).await?;
+        let mut alive: Vec<usize> = (0..states.len()).collect();
+        let rounds = halving_rounds(
+            alive.len(),
+            self.strategy.keep,
+            self.strategy.probe_steps,
+            self.schedule.steps,
+        );
+        for round in rounds {
+            let t = Instant::now();
+            let from = states[0].step;
+            states = self
+                .advance(
+                    "probe",
+                    self.schedule.clone(),
+                    &alive,
+                    states,
+                    round.to_step,
+                )
+                .await?;
+            self.timings.probe_s += t.elapsed().as_secs_f64();
+            self.nfe.probe += alive.len() * (round.to_step - from);
+            self.preview_and_screen(&alive, &states).await?;
+            let verdicts: Vec<Option<&ScreenVerdict>> = alive
+                .iter()
+                .map(|&i| {
+                    self.candidates[i]
+                        .screens
+                        .last()
+                        .and_then(|s| s.verdict.ok())
+                })
+                .collect();
+            let (kept, note) = rank_for_halving(&verdicts, round.keep);
+            if let Some(note) = note {
+                self.notes.push(format!("step {}: {note}", round.to_step));
+            }
+            alive = kept.iter().map(|&j| alive[j]).collect();
+            states = kept.iter().map(|&j| states[j].clone()).collect();
+        }
+        // `complete` takes positions into `states`; here they are all of them.
+        let positions: Vec<usize> = (0..alive.len()).collect();
+        let (mapped_states, indices) = (states, alive);
+        self.complete_positions(&indices, positions, mapped_states)
+            .await
+    }
+
+    /// Completes the survivors (positions into `states`, which covers every candidate).
+    async fn complete(
+        &mut self,
+        survivors: Vec<usize>,
+        states: Vec<CandidateState>,
+    ) -> Result<Option<Pick>, EngineError> {
+        let indices = survivors.clone();
+        self.complete_positions(&indices, survivors, states).await
+    }
+
+    /// Completes `states[positions[j]]`, which belongs to candidate `indices[j]`, from its
+    /// saved step to the end, then scores and picks.
+    async fn complete_positions(
+        &mut self,
+        indices: &[usize],
+        positions: Vec<usize>,
+        states: Vec<CandidateState>,
+    ) -> Result<Option<Pick>, EngineError> {
+        let survivors: Vec<CandidateState> = positions.iter().map(|&p| states[p].clone()).collect();
+        drop(states);
+        let t = Instant::now();
+        let steps = self.schedule.steps;
+        let from = survivors.first().map_or(steps, |s| s.step);
+        let survivors = self
+            .advance("complete", self.schedule.clone(), indices, survivors, steps)
+            .await?;
+        self.timings.complete_s = t.elapsed().as_secs_f64();
+        self.nfe.complete = survivors.len() * (steps - from);
+        self.finish_and_score(indices, &survivors).await?;
+        Ok(self.pick(indices))
+    }
+
+    /// `tournament`: the paper's recipe.
+    async fn tournament(
+        &mut self,
+        seeds: &[u64],
+        init_latents: Vec<Tensor>,
+    ) -> Result<Option<Pick>, EngineError> {
+        let k = self.strategy.probe_steps;
+        let given = init_latents.clone();
+        let states = self.start(seeds, init_latents).await?;
+        let all: Vec<usize> = (0..states.len()).collect();
+        // Short complete runs on a k-step schedule of their own.
+        let short = Arc::new(Schedule::flux(k, self.prepared.image_tokens));
+        let t = Instant::now();
+        let states = self
+            .advance("short", short.clone(), &all, states, k)
+            .await?;
+        self.nfe.probe = states.len() * k;
+        let prepared = self.prepared.clone();
+        let images = self
+            .engine
+            .worker
+            .run(move |g| {
+                states
+                    .iter()
+                    .map(|s| generate::finish(g, &prepared, &short, s))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await??;
+        self.timings.probe_s = t.elapsed().as_secs_f64();
+        let images: Vec<Arc<RgbImage>> = images.into_iter().map(Arc::new).collect();
+        for (c, image) in self.candidates.iter_mut().zip(&images) {
+            c.images.short_run = Some(image.clone());
+            c.status = CandidateStatus::Eliminated;
+        }
+
+        // Champion vs challenger, each pair asked in both orders to cancel position bias.
+        let t = Instant::now();
+        self.progress
+            .begin("compare", images.len().saturating_sub(1) as u64);
+        let mut champion = 0;
+        for challenger in 1..images.len() {
+            let ask = |a: usize, b: usize| {
+                let (engine, edit) = (self.engine, self.edit.clone());
+                let (first, second) = (images[a].clone(), images[b].clone());
+                async move {
+                    let _slot = engine.judge_slots.acquire().await.expect("semaphore open");
+                    engine.judge.compare(&edit, &first, &second).await
+                }
+            };
+            let (champion_first, challenger_first) =
+                futures::join!(ask(champion, challenger), ask(challenger, champion));
+            for r in [&champion_first, &challenger_first] {
+                self.judge_totals
+                    .record(r, r.as_ref().ok().map(|c| &c.usage));
+            }
+            let (champion_wins, decision) =
+                tournament_decision(champion_first.as_ref().ok(), challenger_first.as_ref().ok());
+            let winner = if champion_wins { champion } else { challenger };
+            self.comparisons.push(ComparisonRecord {
+                champion,
+                challenger,
+                champion_first: champion_first.into(),
+                challenger_first: challenger_first.into(),
+                winner,
+                decision,
+            });
+            champion = winner;
+            self.progress.inc(1);
+        }
+        self.progress.end();
+        self.timings.screen_s = t.elapsed().as_secs_f64();
+        let failed = self
+            .comparisons
+            .iter()
+            .filter(|c| c.champion_first.ok().is_none() && c.challenger_first.ok().is_none())
+            .count();
+        if failed > 0 {
+            self.notes.push(format!(
+                "{failed} comparison(s) failed in both orders; the champion was kept"
+            ));
+        }
+
+        // The winner is re-run from the same initial noise at full steps.
+        let seed = seeds[champion];
+        let prepared = self.prepared.clone();
+        let given_latents = given.get(champion).cloned();
+        let state = self
+            .engine
+            .worker
+            .run(move |g| match given_latents {
+                Some(l) => CandidateState::from_given(g, &prepared, seed, &l),
+                None => CandidateState::from_seed(g, &prepared, seed),
+            })
+            .await??;
+        let t = Instant::now();
+        let steps = self.schedule.steps;
+        let finished = self
+            .advance(
+                "rerun",
+                self.schedule.clone(),
+                &[champion],
+                vec![state],
+                steps,
+            )
+            .await?;
+        self.timings.complete_s = t.elapsed().as_secs_f64();
+        self.nfe.rerun = steps;
+        self.finish_and_score(&[champion], &finished).await?;
+        self.candidates[champion].status = CandidateStatus::Champion;
+        Ok(Some(Pick {
+            index: champion,
+            seed,
+            overall: self.candidates[champion].overall(),
+            reason: "won the pairwise tournament of short runs; re-run at full steps".into(),
+        }))
+    }
+
+    fn pick(&mut self, among: &[usize]) -> Option<Pick> {
+        let (pick, note) = pick_best(&self.candidates, among);
+        self.notes.extend(note);
+        pick
+    }
+
+    fn into_report(mut self, pick: Option<Pick>) -> EditReport {
+        self.nfe.total = self.nfe.probe + self.nfe.complete + self.nfe.rerun;
+        self.nfe.best_of_n_equivalent = self.candidates.len() * self.schedule.steps;
+        self.nfe.random_equivalent = self.schedule.steps;
+        EditReport {
+            schema_version: REPORT_SCHEMA_VERSION,
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            edit_id: self.edit.id.clone(),
+            instruction: self.edit.instruction.clone(),
+            prompt: self.edit.prompt(),
+            panel: self.edit.panel_size(),
+            generator: {
+                let info = self.engine.worker.info();
+                format!("{} ({})", info.name, info.detail)
+            },
+            judge: self.engine.judge.name(),
+            strategy: self.strategy,
+            schedule: ScheduleRecord {
+                steps: self.schedule.steps,
+                mu: self.schedule.mu,
+                image_tokens: self.prepared.image_tokens,
+                sigmas: self.schedule.sigmas.clone(),
+            },
+            candidates: self.candidates,
+            comparisons: self.comparisons,
+            pick,
+            pick_file: None,
+            notes: self.notes,
+            nfe: self.nfe,
+            judge_totals: self.judge_totals,
+            timings: self.timings,
+        }
+    }
+}
+
+/// VIE-scores one image with a judge slot per sub-score call.
+async fn score_image(
+    engine: &Engine,
+    edit: &EditContext,
+    image: &RgbImage,
+) -> Result<VieScore, JudgeError> {
+    // Two calls: hold two slots' worth of concurrency by taking one per call inside.
+    let _slot = engine.judge_slots.acquire().await.expect("semaphore open");
+    vie_score(engine.judge.as_ref(), edit, image).await
+}

@@ -1,0 +1,97 @@
+//! Typed errors of the library. `main` adds context with anyhow and maps them to exit codes.
+
+use std::path::PathBuf;
+
+/// Bad input: the user's image, instruction or options.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    /// An image file that cannot be used; names the file.
+    #[error("image {path}: {reason}")]
+    Image {
+        /// The offending file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Any other invalid input, with a message naming the field.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Failures of a generator backend.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// A weight file or tensor that is missing or wrong; names the file and key.
+    #[error("weights {path}: {reason}")]
+    Weights {
+        /// The file (or folder) concerned.
+        path: PathBuf,
+        /// What is wrong, naming the tensor key where there is one.
+        reason: String,
+    },
+    /// The input does not fit the model (size, shape, unsupported option).
+    #[error("generator input: {0}")]
+    Input(String),
+    /// A tensor operation failed.
+    #[error("tensor error: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// The generator worker thread is gone (it panicked or was shut down).
+    #[error("generator worker stopped: {0}")]
+    WorkerGone(String),
+}
+
+/// Failures of a judge call. Recorded in reports as failures, never turned into scores.
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+pub enum JudgeError {
+    /// The judge's configuration (preset file, key, endpoint) is unusable.
+    #[error("judge config: {0}")]
+    Config(String),
+    /// The endpoint answered with an HTTP error after all retries.
+    #[error("judge HTTP {status}: {body}")]
+    Http {
+        /// HTTP status code.
+        status: u16,
+        /// Start of the response body.
+        body: String,
+    },
+    /// The call did not finish in time after all retries.
+    #[error("judge timed out: {0}")]
+    Timeout(String),
+    /// The transport failed (connection refused, TLS, ...).
+    #[error("judge transport: {0}")]
+    Transport(String),
+    /// The reply could not be parsed into the expected answer.
+    #[error("judge reply unparseable ({reason}): {reply:?}")]
+    Parse {
+        /// Why parsing failed.
+        reason: String,
+        /// The reply text (truncated).
+        reply: String,
+    },
+    /// The judge declined or failed to answer (local model error, refusal, ...).
+    #[error("judge failed: {0}")]
+    Failed(String),
+}
+
+/// Failures of the orchestration engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Bad input.
+    #[error(transparent)]
+    Edit(#[from] EditError),
+    /// The generator failed.
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    /// Writing outputs failed; names the path.
+    #[error("cannot write {path}: {reason}")]
+    Output {
+        /// The path being written.
+        path: PathBuf,
+        /// The underlying error.
+        reason: String,
+    },
+    /// An invalid strategy configuration; names the option.
+    #[error("strategy: {0}")]
+    Strategy(String),
+}

@@ -1,0 +1,247 @@
+//! Generators: the image-producing side of an edit.
+//!
+//! A backend implements [`Generator`]: it prepares an edit's shared conditioning once,
+//! predicts the flow-matching velocity for a batch of candidate latents, and decodes
+//! latents to the right panel. Everything that must be identical across backends, the
+//! schedule, the seeded noise, the Euler sampler, the x0 preview and the resumable
+//! [`CandidateState`], lives here and is written once.
+
+pub mod noise;
+pub mod schedule;
+
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::edit::EditContext;
+use crate::error::GenerateError;
+pub use noise::seeded_noise;
+pub use schedule::Schedule;
+
+/// What a generator is, for logs and reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GeneratorInfo {
+    /// Backend name, e.g. `flux-fill` or `testbed`.
+    pub name: String,
+    /// Human-readable details (weights, LoRA, dtype, device).
+    pub detail: String,
+    /// Largest number of candidates pushed through one forward.
+    pub max_batch: usize,
+}
+
+/// A prepared edit: the generator holds its shared conditioning (text embeddings,
+/// masked-image latents, ...) under `key` until [`Generator::release`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreparedEdit {
+    /// The generator's handle for the shared conditioning.
+    pub key: u64,
+    /// Packed image tokens of the diptych (drives the schedule's shift `mu`).
+    pub image_tokens: usize,
+    /// Shape of one candidate's latent state, without a batch dimension.
+    pub latent_shape: Vec<usize>,
+}
+
+/// How a decode will be used: previews may take a cheaper path than finals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodePurpose {
+    /// A predicted-x0 preview shown to the screening judge.
+    Preview,
+    /// The finished edit.
+    Final,
+}
+
+/// A model backend. Blocking; it lives on the generator worker thread and owns its device.
+pub trait Generator: Send {
+    /// Name and details for reports.
+    fn info(&self) -> GeneratorInfo;
+
+    /// The device latents live on.
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    /// Encodes the edit's shared conditioning once (prompt, masked diptych).
+    fn prepare(&mut self, edit: &EditContext) -> Result<PreparedEdit, GenerateError>;
+
+    /// The velocity `v(x_t, t = sigma)` for a batch of latents `[B, ..latent_shape]` (f32).
+    /// Returns the same shape. One call is one NFE per batch row.
+    fn velocity(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        sigma: f64,
+    ) -> Result<Tensor, GenerateError>;
+
+    /// Decodes one candidate's latents `[..latent_shape]` to the edited right panel.
+    fn decode(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        purpose: DecodePurpose,
+    ) -> Result<RgbImage, GenerateError>;
+
+    /// Drops the edit's shared conditioning.
+    fn release(&mut self, edit: &PreparedEdit);
+}
+
+/// One candidate's resumable sampling state.
+///
+/// `last_velocity` is the velocity of the most recent step. Because an Euler step is
+/// `x_{i+1} = x_i + (s_{i+1} - s_i) v_i`, the x0 prediction `x_{i+1} - s_{i+1} v_i`
+/// equals `x_i - s_i v_i`: the preview costs no extra forward.
+#[derive(Debug, Clone)]
+pub struct CandidateState {
+    /// The seed the initial noise came from.
+    pub seed: u64,
+    /// Steps of the schedule already applied.
+    pub step: usize,
+    /// Current latents `[..latent_shape]`, f32 on the generator's device.
+    pub latents: Tensor,
+    /// Velocity from the latest step, if any step ran.
+    pub last_velocity: Option<Tensor>,
+}
+
+impl CandidateState {
+    /// A fresh candidate from seeded noise.
+    pub fn from_seed(
+        generator: &dyn Generator,
+        edit: &PreparedEdit,
+        seed: u64,
+    ) -> Result<Self, GenerateError> {
+        let latents = seeded_noise(seed, &edit.latent_shape, &generator.device())?;
+        Ok(Self::from_latents(seed, latents))
+    }
+
+    /// A fresh candidate from given initial latents (to reproduce another run exactly).
+    pub fn from_given(
+        generator: &dyn Generator,
+        edit: &PreparedEdit,
+        seed: u64,
+        latents: &Tensor,
+    ) -> Result<Self, GenerateError> {
+        if latents.dims() != edit.latent_shape.as_slice() {
+            return Err(GenerateError::Input(format!(
+                "initial latents have shape {:?}, this edit needs {:?}",
+                latents.dims(),
+                edit.latent_shape
+            )));
+        }
+        let latents = latents
+            .to_dtype(candle_core::DType::F32)?
+            .to_device(&generator.device())?;
+        Ok(Self::from_latents(seed, latents))
+    }
+
+    fn from_latents(seed: u64, latents: Tensor) -> Self {
+        Self {
+            seed,
+            step: 0,
+            latents,
+            last_velocity: None,
+        }
+    }
+
+    /// The predicted clean latents `x0 = x_t - sigma_t * v` (the latents themselves once
+    /// the schedule is finished, or before any step when no velocity is known).
+    pub fn predicted_clean(&self, schedule: &Schedule) -> Result<Tensor, GenerateError> {
+        match &self.last_velocity {
+            Some(v) if self.step < schedule.steps => {
+                let sigma = schedule.sigma(self.step);
+                Ok((&self.latents - (v * sigma)?)?)
+            }
+            _ => Ok(self.latents.clone()),
+        }
+    }
+}
+
+/// Advances every state by one Euler step of `schedule`, batching up to the generator's
+/// `max_batch` candidates per forward. All states must be at the same step.
+pub fn advance_one_step(
+    generator: &mut dyn Generator,
+    edit: &PreparedEdit,
+    schedule: &Schedule,
+    states: &mut [CandidateState],
+) -> Result<(), GenerateError> {
+    let Some(first) = states.first() else {
+        return Ok(());
+    };
+    let step = first.step;
+    if states.iter().any(|s| s.step != step) {
+        return Err(GenerateError::Input(
+            "candidates in one batch must be at the same step".into(),
+        ));
+    }
+    if step >= schedule.steps {
+        return Err(GenerateError::Input(format!(
+            "cannot advance past the last step ({step} of {})",
+            schedule.steps
+        )));
+    }
+    let (sigma, sigma_next) = (schedule.sigma(step), schedule.sigma(step + 1));
+    let max_batch = generator.info().max_batch.max(1);
+    for chunk in states.chunks_mut(max_batch) {
+        let batch = Tensor::stack(
+            &chunk.iter().map(|s| s.latents.clone()).collect::<Vec<_>>(),
+            0,
+        )?;
+        let velocity = generator.velocity(edit, &batch, sigma)?;
+        if velocity.dims() != batch.dims() {
+            return Err(GenerateError::Input(format!(
+                "generator returned velocity of shape {:?} for latents {:?}",
+                velocity.dims(),
+                batch.dims()
+            )));
+        }
+        let next = (&batch + (&velocity * (sigma_next - sigma))?)?;
+        for (i, state) in chunk.iter_mut().enumerate() {
+            state.latents = next.get(i)?;
+            state.last_velocity = Some(velocity.get(i)?);
+            state.step = step + 1;
+        }
+    }
+    Ok(())
+}
+
+/// Advances states step by step until they reach `to_step`, calling `on_step` after each.
+pub fn advance_to(
+    generator: &mut dyn Generator,
+    edit: &PreparedEdit,
+    schedule: &Schedule,
+    states: &mut [CandidateState],
+    to_step: usize,
+    mut on_step: impl FnMut(usize),
+) -> Result<(), GenerateError> {
+    while states.first().is_some_and(|s| s.step < to_step) {
+        advance_one_step(generator, edit, schedule, states)?;
+        on_step(states[0].step);
+    }
+    Ok(())
+}
+
+/// Decodes the x0 preview of a state.
+pub fn preview(
+    generator: &mut dyn Generator,
+    edit: &PreparedEdit,
+    schedule: &Schedule,
+    state: &CandidateState,
+) -> Result<RgbImage, GenerateError> {
+    let x0 = state.predicted_clean(schedule)?;
+    generator.decode(edit, &x0, DecodePurpose::Preview)
+}
+
+/// Decodes a finished state.
+pub fn finish(
+    generator: &mut dyn Generator,
+    edit: &PreparedEdit,
+    schedule: &Schedule,
+    state: &CandidateState,
+) -> Result<RgbImage, GenerateError> {
+    if state.step != schedule.steps {
+        return Err(GenerateError::Input(format!(
+            "candidate (seed {}) is at step {} of {}: not finished",
+            state.seed, state.step, schedule.steps
+        )));
+    }
+    generator.decode(edit, &state.latents, DecodePurpose::Final)
+}

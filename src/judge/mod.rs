@@ -1,0 +1,119 @@
+//! Judges: the vision-language side of an edit.
+//!
+//! A backend implements [`Judge`]: screen a preview, compare two candidates, and give the
+//! two VIE sub-score pairs (semantic consistency on [source, edited], perceptual quality
+//! on [edited]). [`vie::vie_score`] combines them by the VIEScore rubric. A failed or
+//! unparseable call is a [`JudgeError`]; no backend ever makes a score up.
+
+pub mod vie;
+
+use async_trait::async_trait;
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::edit::EditContext;
+pub use crate::error::JudgeError;
+pub use vie::{vie_score, SubScores, VieScore};
+
+/// Cost and provenance of one judge call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CallUsage {
+    /// Prompt tokens billed (0 when unknown or cached).
+    pub prompt_tokens: u64,
+    /// Completion tokens billed.
+    pub completion_tokens: u64,
+    /// Served from the on-disk reply cache.
+    pub cached: bool,
+    /// HTTP attempts or generation tries made.
+    pub attempts: u32,
+    /// Wall time of the call.
+    pub latency_ms: u64,
+}
+
+/// Where a preview stands in its schedule, so the judge can calibrate its expectations.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct PreviewStage {
+    /// Steps run before the preview was predicted.
+    pub step: usize,
+    /// Steps in the full schedule.
+    pub steps: usize,
+}
+
+/// The screening verdict on one preview.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScreenVerdict {
+    /// Whether the candidate is worth completing.
+    pub pass: bool,
+    /// 0-10, higher is more promising (an expected value when logprobs are known).
+    pub score: f32,
+    /// The judge's explanation.
+    pub reasoning: String,
+    /// Cost of the call.
+    pub usage: CallUsage,
+}
+
+/// Which of two candidates a comparison preferred.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preference {
+    /// The first image shown.
+    First,
+    /// The second image shown.
+    Second,
+    /// Neither.
+    Tie,
+}
+
+/// The outcome of one pairwise comparison.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    /// Which candidate follows the instruction better.
+    pub preferred: Preference,
+    /// P(first is better) when the judge exposes a distribution.
+    pub p_first: Option<f32>,
+    /// The judge's explanation.
+    pub reasoning: String,
+    /// Cost of the call.
+    pub usage: CallUsage,
+}
+
+/// A vision-language judge. Calls are async and may run concurrently.
+#[async_trait]
+pub trait Judge: Send + Sync {
+    /// Name and model for reports (never includes secrets).
+    fn name(&self) -> String;
+
+    /// Looks at source + instruction + an early preview and decides whether the
+    /// candidate is heading towards a correct edit.
+    async fn screen(
+        &self,
+        edit: &EditContext,
+        preview: &RgbImage,
+        stage: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError>;
+
+    /// Which of two edited results follows the instruction better (images shown in the
+    /// order `first`, `second`, then the source).
+    async fn compare(
+        &self,
+        edit: &EditContext,
+        first: &RgbImage,
+        second: &RgbImage,
+    ) -> Result<Comparison, JudgeError>;
+
+    /// VIE semantic consistency on [source, edited]: (instruction followed, not over-edited),
+    /// each 0-10.
+    async fn semantic_consistency(
+        &self,
+        edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError>;
+
+    /// VIE perceptual quality on [edited] alone: (naturalness, absence of artifacts),
+    /// each 0-10. `edit` is given for context and caching; the rubric ignores the source.
+    async fn perceptual_quality(
+        &self,
+        edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError>;
+}

@@ -1,0 +1,493 @@
+//! Engine tests through the traits, with a scripted generator and judge.
+//!
+//! Each candidate's latents carry a marker (its index) in element 0, which the scripted
+//! generator never changes and writes into every decoded pixel, so the scripted judge knows
+//! whose image it sees and the generator can log exactly which candidate was evaluated at
+//! which sigma.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use candle_core::{Device, Tensor};
+use icedit_scale::edit::EditContext;
+use icedit_scale::engine::report::{CandidateStatus, Judged};
+use icedit_scale::engine::{
+    EditJob, EditReport, Engine, GeneratorWorker, Silent, StrategyConfig, StrategyKind,
+};
+use icedit_scale::error::GenerateError;
+use icedit_scale::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit, Schedule};
+use icedit_scale::judge::{
+    CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
+};
+use image::{Rgb, RgbImage};
+
+/// (marker, sigma) of every velocity row evaluated.
+type ForwardLog = Arc<Mutex<Vec<(u32, f64)>>>;
+
+struct ScriptedGenerator {
+    log: ForwardLog,
+    max_batch: usize,
+}
+
+impl Generator for ScriptedGenerator {
+    fn info(&self) -> GeneratorInfo {
+        GeneratorInfo {
+            name: "scripted".into(),
+            detail: "test".into(),
+            max_batch: self.max_batch,
+        }
+    }
+    fn prepare(&mut self, _edit: &EditContext) -> Result<PreparedEdit, GenerateError> {
+        Ok(PreparedEdit {
+            key: 1,
+            image_tokens: 2048,
+            latent_shape: vec![2],
+        })
+    }
+    fn velocity(
+        &mut self,
+        _edit: &PreparedEdit,
+        latents: &Tensor,
+        sigma: f64,
+    ) -> Result<Tensor, GenerateError> {
+        let rows: Vec<Vec<f32>> = latents.to_vec2()?;
+        let mut out = Vec::new();
+        for r in &rows {
+            self.log.lock().unwrap().push((r[0].round() as u32, sigma));
+            // Marker stays; element 1 flows towards 5 (x0 = 5).
+            out.push(vec![0.0, (r[1] - 5.0) / sigma as f32]);
+        }
+        Ok(Tensor::new(out, &Device::Cpu)?)
+    }
+    fn decode(
+        &mut self,
+        _edit: &PreparedEdit,
+        latents: &Tensor,
+        _purpose: DecodePurpose,
+    ) -> Result<RgbImage, GenerateError> {
+        let v: Vec<f32> = latents.to_vec1()?;
+        let marker = v[0].round() as u8;
+        let value = (v[1] * 10.0).round().clamp(0.0, 255.0) as u8;
+        Ok(RgbImage::from_pixel(16, 16, Rgb([marker, value, 0])))
+    }
+    fn release(&mut self, _edit: &PreparedEdit) {}
+}
+
+/// Per-marker script: screen (pass, score) or failure; VIE overall (as SC = PQ) or failure.
+#[derive(Default)]
+struct ScriptedJudge {
+    screen: HashMap<u8, Option<(bool, f32)>>,
+    vie: HashMap<u8, Option<f32>>,
+    /// Comparisons: marker -> strength; the stronger wins; `position_bias` always says First.
+    strength: HashMap<u8, f32>,
+    position_bias: bool,
+    calls: Mutex<Vec<String>>,
+}
+
+fn marker(image: &RgbImage) -> u8 {
+    image.get_pixel(0, 0)[0]
+}
+
+fn usage() -> CallUsage {
+    CallUsage {
+        prompt_tokens: 10,
+        completion_tokens: 2,
+        ..CallUsage::default()
+    }
+}
+
+#[async_trait]
+impl Judge for ScriptedJudge {
+    fn name(&self) -> String {
+        "scripted".into()
+    }
+    async fn screen(
+        &self,
+        _edit: &EditContext,
+        preview: &RgbImage,
+        _stage: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        let m = marker(preview);
+        self.calls.lock().unwrap().push(format!("screen {m}"));
+        match self.screen.get(&m).copied().flatten() {
+            Some((pass, score)) => Ok(ScreenVerdict {
+                pass,
+                score,
+                reasoning: format!("scripted {m}"),
+                usage: usage(),
+            }),
+            None => Err(JudgeError::Parse {
+                reason: "scripted failure".into(),
+                reply: "???".into(),
+            }),
+        }
+    }
+    async fn compare(
+        &self,
+        _edit: &EditContext,
+        first: &RgbImage,
+        second: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        let (a, b) = (marker(first), marker(second));
+        self.calls.lock().unwrap().push(format!("compare {a} {b}"));
+        let preferred = if self.position_bias || self.strength[&a] >= self.strength[&b] {
+            Preference::First
+        } else {
+            Preference::Second
+        };
+        Ok(Comparison {
+            preferred,
+            p_first: None,
+            reasoning: String::new(),
+            usage: usage(),
+        })
+    }
+    async fn semantic_consistency(
+        &self,
+        _edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        self.sub(edited)
+    }
+    async fn perceptual_quality(
+        &self,
+        _edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        self.sub(edited)
+    }
+}
+
+impl ScriptedJudge {
+    fn sub(&self, edited: &RgbImage) -> Result<SubScores, JudgeError> {
+        let m = marker(edited);
+        self.calls.lock().unwrap().push(format!("vie {m}"));
+        match self.vie.get(&m).copied().flatten() {
+            Some(o) => Ok(SubScores {
+                scores: [o, 10.0],
+                reasoning: String::new(),
+                usage: usage(),
+            }),
+            None => Err(JudgeError::Failed("scripted VIE failure".into())),
+        }
+    }
+}
+
+fn edit() -> EditContext {
+    EditContext {
+        id: "e1".into(),
+        source: Arc::new(RgbImage::new(16, 16)),
+        instruction: "make it blue".into(),
+        meta: BTreeMap::new(),
+    }
+}
+
+/// Runs `strategy` with candidates marked 0..n via given initial latents.
+fn run(
+    strategy: StrategyConfig,
+    judge: ScriptedJudge,
+    max_batch: usize,
+) -> (EditReport, Vec<(u32, f64)>, Vec<String>) {
+    let log: ForwardLog = Arc::default();
+    let generator = ScriptedGenerator {
+        log: log.clone(),
+        max_batch,
+    };
+    let worker = Arc::new(GeneratorWorker::spawn(Box::new(generator)));
+    let judge = Arc::new(judge);
+    let engine = Engine::new(worker, judge.clone(), 3);
+    let n = strategy.candidate_count();
+    let init_latents = (0..n)
+        .map(|i| Tensor::new(&[i as f32, 0.0], &Device::Cpu).unwrap())
+        .collect();
+    let job = EditJob {
+        edit: edit(),
+        strategy,
+        init_latents,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(engine.run(job, Arc::new(Silent))).unwrap();
+    let forwards = log.lock().unwrap().clone();
+    let calls = judge.calls.lock().unwrap().clone();
+    (report, forwards, calls)
+}
+
+fn early_filter(seeds: usize, k: usize, keep: usize, steps: usize) -> StrategyConfig {
+    StrategyConfig {
+        kind: StrategyKind::EarlyFilter,
+        seeds,
+        probe_steps: k,
+        keep,
+        steps,
+        base_seed: 100,
+        seed_list: None,
+    }
+}
+
+#[test]
+fn early_filter_keeps_only_passing_up_to_m_and_resumes_without_recomputation() {
+    let mut judge = ScriptedJudge::default();
+    // 6 candidates: 1, 3, 4 pass with scores 5, 9, 7; 2 fails screening; 5's judge errors.
+    for (m, s) in [
+        (0, Some((false, 8.0))),
+        (1, Some((true, 5.0))),
+        (2, Some((false, 1.0))),
+        (3, Some((true, 9.0))),
+        (4, Some((true, 7.0))),
+        (5, None),
+    ] {
+        judge.screen.insert(m, s);
+    }
+    judge.vie.insert(3, Some(6.0));
+    judge.vie.insert(4, Some(8.0));
+    let steps = 10;
+    let (report, forwards, _) = run(early_filter(6, 3, 2, steps), judge, 4);
+
+    // Survivors: the two best passing (3 and 4), not 0 (higher score but failed).
+    let completed: Vec<usize> = report
+        .candidates
+        .iter()
+        .filter(|c| c.status == CandidateStatus::Completed)
+        .map(|c| c.index)
+        .collect();
+    assert_eq!(completed, vec![3, 4]);
+    // Best by VIE O: 4 (O = sqrt(8 * 8) = 8) over 3 (6).
+    let pick = report.pick.as_ref().unwrap();
+    assert_eq!((pick.index, pick.seed), (4, 104));
+    assert!((pick.overall.unwrap() - 8.0).abs() < 1e-6);
+
+    // Exact NFE: N*k + M*(steps-k), and it matches the forwards actually run.
+    assert_eq!(report.nfe.probe, 6 * 3);
+    assert_eq!(report.nfe.complete, 2 * (steps - 3));
+    assert_eq!(report.nfe.total, 6 * 3 + 2 * 7);
+    assert_eq!(forwards.len(), report.nfe.total);
+    assert_eq!(report.strategy.planned_nfe(), report.nfe.total);
+
+    // Survivors resumed from their saved state: each sigma of the schedule evaluated exactly
+    // once per candidate; pruned candidates only at the probe sigmas.
+    let schedule = Schedule::flux(steps, 2048);
+    for m in 0..6u32 {
+        let sigmas: Vec<f64> = forwards.iter().filter(|f| f.0 == m).map(|f| f.1).collect();
+        let expected_len = if m == 3 || m == 4 { steps } else { 3 };
+        assert_eq!(
+            sigmas,
+            schedule.sigmas[..expected_len].to_vec(),
+            "candidate {m}"
+        );
+        assert_eq!(report.candidates[m as usize].nfe, expected_len);
+    }
+
+    // The judge failure is recorded as a failure, never scored.
+    match &report.candidates[5].screens[0].verdict {
+        Judged::Failed(JudgeError::Parse { reason, .. }) => assert_eq!(reason, "scripted failure"),
+        other => panic!("expected a recorded failure, got {other:?}"),
+    }
+    assert_eq!(report.candidates[5].status, CandidateStatus::Pruned);
+    assert!(report.candidates[5].vie.is_none());
+    // 6 screens + 2 x 2 VIE calls; one failure.
+    assert_eq!(report.judge_totals.calls, 10);
+    assert_eq!(report.judge_totals.failures, 1);
+    assert_eq!(report.judge_totals.prompt_tokens, 9 * 10);
+    assert!(report.notes.is_empty(), "{:?}", report.notes);
+}
+
+#[test]
+fn early_filter_previews_show_where_each_seed_is_heading() {
+    let mut judge = ScriptedJudge::default();
+    for m in 0..3 {
+        judge.screen.insert(m, Some((true, m as f32)));
+        judge.vie.insert(m, Some(5.0));
+    }
+    let (report, _, _) = run(early_filter(3, 2, 3, 8), judge, 8);
+    // x0 = x - sigma * v = 5 exactly for this velocity field: preview pixel G = 50.
+    for c in &report.candidates {
+        assert_eq!(c.images.previews[0].get_pixel(3, 3)[1], 50);
+        assert_eq!(
+            c.images.final_image.as_ref().unwrap().get_pixel(0, 0)[1],
+            50
+        );
+    }
+    // All tied at O = sqrt(5*10)... SC = min(5,10) = 5, PQ = 5: tie broken by screen score.
+    assert_eq!(report.pick.as_ref().unwrap().index, 2);
+    assert!(
+        report.notes.iter().any(|n| n.contains("tied")),
+        "{:?}",
+        report.notes
+    );
+}
+
+#[test]
+fn early_filter_with_no_pass_keeps_best_scored_and_says_so() {
+    let mut judge = ScriptedJudge::default();
+    for (m, s) in [(0, 2.0), (1, 6.0), (2, 4.0)] {
+        judge.screen.insert(m, Some((false, s)));
+        judge.vie.insert(m, Some(5.0));
+    }
+    let (report, _, _) = run(early_filter(3, 2, 2, 6), judge, 8);
+    let completed: Vec<usize> = report
+        .candidates
+        .iter()
+        .filter(|c| c.status == CandidateStatus::Completed)
+        .map(|c| c.index)
+        .collect();
+    assert_eq!(completed, vec![1, 2]);
+    assert!(
+        report.notes[0].contains("no preview passed"),
+        "{:?}",
+        report.notes
+    );
+}
+
+#[test]
+fn all_judge_failures_are_recorded_never_scored() {
+    // Every call fails: screening falls back to seed order, VIE fails, pick has no score.
+    let (report, forwards, _) = run(early_filter(4, 2, 2, 6), ScriptedJudge::default(), 8);
+    assert_eq!(forwards.len(), 4 * 2 + 2 * 4);
+    // 4 failed screenings + 2 failed VIE scores (each VIE score is two calls).
+    assert_eq!(report.judge_totals.failures, 6);
+    assert_eq!(report.judge_totals.calls, 4 + 2 * 2);
+    for c in &report.candidates {
+        assert!(c.screens.iter().all(|s| s.verdict.ok().is_none()));
+        assert!(c.overall().is_none());
+    }
+    let pick = report.pick.as_ref().unwrap();
+    assert_eq!(pick.index, 0);
+    assert_eq!(pick.overall, None);
+    assert!(report.notes.iter().any(|n| n.contains("screening failed")));
+    assert!(report
+        .notes
+        .iter()
+        .any(|n| n.contains("VIE scoring failed")));
+}
+
+#[test]
+fn best_of_n_and_random_nfe_and_pick() {
+    let mut judge = ScriptedJudge::default();
+    for (m, o) in [(0, 3.0), (1, 9.0), (2, 4.0)] {
+        judge.vie.insert(m, Some(o));
+    }
+    let bon = StrategyConfig {
+        kind: StrategyKind::BestOfN,
+        seeds: 3,
+        steps: 5,
+        ..StrategyConfig::default()
+    };
+    let (report, forwards, _) = run(bon, judge, 2);
+    assert_eq!(report.nfe.total, 15);
+    assert_eq!(forwards.len(), 15);
+    assert_eq!(report.pick.as_ref().unwrap().index, 1);
+
+    let mut judge = ScriptedJudge::default();
+    judge.vie.insert(0, Some(7.0));
+    let random = StrategyConfig {
+        kind: StrategyKind::Random,
+        seeds: 8,
+        steps: 5,
+        ..StrategyConfig::default()
+    };
+    let (report, forwards, _) = run(random, judge, 2);
+    assert_eq!(report.candidates.len(), 1);
+    assert_eq!((report.nfe.total, forwards.len()), (5, 5));
+}
+
+#[test]
+fn tournament_cancels_position_bias_and_reruns_the_winner() {
+    let mut judge = ScriptedJudge::default();
+    for (m, s) in [(0, 1.0), (1, 5.0), (2, 3.0), (3, 9.0)] {
+        judge.strength.insert(m, s);
+        judge.vie.insert(m, Some(s));
+    }
+    let cfg = StrategyConfig {
+        kind: StrategyKind::Tournament,
+        seeds: 4,
+        probe_steps: 3,
+        steps: 10,
+        ..StrategyConfig::default()
+    };
+    let (report, forwards, calls) = run(cfg.clone(), judge, 8);
+    assert_eq!(report.pick.as_ref().unwrap().index, 3);
+    assert_eq!(report.candidates[3].status, CandidateStatus::Champion);
+    assert_eq!(report.nfe.total, 4 * 3 + 10);
+    assert_eq!(forwards.len(), report.nfe.total);
+    // The short runs use a 3-step schedule of their own, the re-run the full one.
+    let short = Schedule::flux(3, 2048);
+    let full = Schedule::flux(10, 2048);
+    let s3: Vec<f64> = forwards.iter().filter(|f| f.0 == 3).map(|f| f.1).collect();
+    assert_eq!(s3[..3], short.sigmas[..3]);
+    assert_eq!(s3[3..], full.sigmas[..10]);
+    // Each pair asked in both orders.
+    assert_eq!(calls.iter().filter(|c| c.starts_with("compare")).count(), 6);
+    assert_eq!(report.comparisons.len(), 3);
+
+    // A judge that always prefers the first image: every pair splits 1-1, the champion stays.
+    let mut biased = ScriptedJudge {
+        position_bias: true,
+        ..ScriptedJudge::default()
+    };
+    biased.vie.insert(0, Some(1.0));
+    let (report, _, _) = run(cfg, biased, 8);
+    assert_eq!(report.pick.as_ref().unwrap().index, 0);
+    assert!(report
+        .comparisons
+        .iter()
+        .all(|c| c.decision.contains("tie")));
+}
+
+#[test]
+fn successive_halving_halves_until_m_remain() {
+    let mut judge = ScriptedJudge::default();
+    for m in 0..8u8 {
+        judge.screen.insert(m, Some((m % 2 == 1, m as f32)));
+        judge.vie.insert(m, Some(m as f32));
+    }
+    let cfg = StrategyConfig {
+        kind: StrategyKind::SuccessiveHalving,
+        seeds: 8,
+        probe_steps: 2,
+        keep: 2,
+        steps: 10,
+        ..StrategyConfig::default()
+    };
+    let (report, forwards, _) = run(cfg.clone(), judge, 3);
+    // Round 1 (step 2): keep 4 -> passing 7,5,3,1. Round 2 (step 4): keep 2 -> 7,5.
+    let completed: Vec<usize> = report
+        .candidates
+        .iter()
+        .filter(|c| c.status == CandidateStatus::Completed)
+        .map(|c| c.index)
+        .collect();
+    assert_eq!(completed, vec![5, 7]);
+    assert_eq!(report.nfe.total, 8 * 2 + 4 * 2 + 2 * 6);
+    assert_eq!(report.nfe.total, cfg.planned_nfe());
+    assert_eq!(forwards.len(), report.nfe.total);
+    assert_eq!(report.candidates[3].screens.len(), 2);
+    assert_eq!(report.pick.as_ref().unwrap().index, 7);
+}
+
+#[test]
+fn outputs_are_written_with_report_and_contact_sheet() {
+    let mut judge = ScriptedJudge::default();
+    for m in 0..3 {
+        judge.screen.insert(m, Some((m != 1, 5.0 + m as f32)));
+        judge.vie.insert(m, Some(4.0 + m as f32));
+    }
+    let (mut report, _, _) = run(early_filter(3, 2, 2, 6), judge, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let path = icedit_scale::engine::outputs::write_outputs(&mut report, dir.path()).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    assert_eq!(json["pick"]["index"], 2);
+    assert_eq!(json["nfe"]["total"], 3 * 2 + 2 * 4);
+    assert_eq!(json["pick_file"], "final.png");
+    for rel in [
+        "final.png",
+        "contact_sheet.png",
+        "previews/c01_s000101_step02.png",
+        "finals/c02_s000102.png",
+    ] {
+        assert!(dir.path().join(rel).exists(), "{rel} missing");
+    }
+    assert!(!dir.path().join("finals/c01_s000101.png").exists());
+    let sheet = image::open(dir.path().join("contact_sheet.png")).unwrap();
+    assert!(sheet.width() >= 3 * 192);
+}
