@@ -4,6 +4,9 @@
 //! built-in testbed) and a [`judge::Judge`] (remote OpenAI-compatible VLM, local Qwen2-VL,
 //! or the testbed oracle) through a scaling strategy. See ARCHITECTURE.md for the map.
 
+pub mod backends;
+pub mod cli;
+pub mod commands;
 pub mod edit;
 pub mod engine;
 pub mod error;

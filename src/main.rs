@@ -1,1 +1,21 @@
-fn main() {}
+//! The `icedit-scale` binary: parse the command line, run it, map errors to exit codes.
+
+use clap::Parser;
+use icedit_scale::cli::Cli;
+use icedit_scale::commands;
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(err) = commands::run(cli).await {
+        eprintln!("error: {err:#}");
+        std::process::exit(commands::exit_code(&err));
+    }
+}

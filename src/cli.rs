@@ -1,0 +1,184 @@
+//! Command-line definitions (clap only; the work is done in [`crate::commands`]).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::engine::{StrategyConfig, StrategyKind};
+
+/// Test-time scaling for instruction-based image editing with ICEdit (FLUX.1 Fill + LoRA).
+///
+/// Without a subcommand, the arguments are those of `edit`:
+/// `icedit-scale --image in.png --instruction "make the sky night" --seeds 8 --probe-steps 4`.
+#[derive(Debug, Parser)]
+#[command(name = "icedit-scale", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// A subcommand; `edit` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The arguments of `edit`, for the bare form.
+    #[command(flatten)]
+    pub edit: EditArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Edit one image with a scaling strategy (the default command).
+    Edit(Box<EditArgs>),
+    /// Run the built-in testbed end to end: a generated scene, early filter, a summary.
+    Demo(DemoArgs),
+}
+
+/// Strategy parameters shared by every command that edits.
+#[derive(Debug, Clone, Args)]
+pub struct StrategyArgs {
+    /// Scaling strategy.
+    #[arg(long, value_enum, default_value_t = StrategyKind::EarlyFilter)]
+    pub strategy: StrategyKind,
+    /// N: seed candidates to spawn.
+    #[arg(long, default_value_t = 8)]
+    pub seeds: usize,
+    /// k: steps each candidate is probed before screening (tournament: short-run length).
+    #[arg(long, default_value_t = 4)]
+    pub probe_steps: usize,
+    /// M: survivors completed after screening (at most; only passing ones).
+    #[arg(long, default_value_t = 2)]
+    pub keep: usize,
+    /// Steps of the full schedule (50 as in the paper; ICEdit's scripts use 28).
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Seed of candidate 0; candidate i uses seed + i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Explicit comma-separated seeds (overrides --seed and --seeds).
+    #[arg(long, value_delimiter = ',')]
+    pub seed_list: Option<Vec<u64>>,
+}
+
+impl StrategyArgs {
+    /// The engine's strategy configuration.
+    pub fn to_config(&self) -> StrategyConfig {
+        StrategyConfig {
+            kind: self.strategy,
+            seeds: self.seed_list.as_ref().map_or(self.seeds, Vec::len),
+            probe_steps: self.probe_steps,
+            keep: self.keep,
+            steps: self.steps,
+            base_seed: self.seed,
+            seed_list: self.seed_list.clone(),
+        }
+    }
+}
+
+/// Which generator backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GeneratorKind {
+    /// FLUX.1 Fill when --model-dir is given, else the testbed.
+    Auto,
+    /// The built-in simulator (no weights; see README "Testbed").
+    Testbed,
+    /// FLUX.1 Fill [dev] + ICEdit LoRA in candle.
+    Flux,
+}
+
+/// Generator selection and its options.
+#[derive(Debug, Clone, Args)]
+pub struct GeneratorArgs {
+    /// Generator backend.
+    #[arg(long, value_enum, default_value_t = GeneratorKind::Auto)]
+    pub generator: GeneratorKind,
+    /// FLUX.1 Fill weights: a diffusers folder, a Hugging Face cache snapshot, or a folder
+    /// holding flux1-fill-dev.safetensors + ae.safetensors.
+    #[arg(long, env = "ICEDIT_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+    /// ICEdit LoRA file (plain or MoE, detected from its keys).
+    #[arg(long, env = "ICEDIT_LORA")]
+    pub lora: Option<PathBuf>,
+    /// LoRA strength.
+    #[arg(long, default_value_t = 1.0)]
+    pub lora_scale: f64,
+    /// Weight dtype: f32, f16 or bf16 (bf16 default on GPU, f32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Device: cpu, cuda[:N] or metal (GPU devices need the matching cargo feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Distilled guidance value.
+    #[arg(long, default_value_t = 50.0)]
+    pub guidance: f64,
+    /// Candidates per transformer forward.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Safetensors file whose `latents` tensor holds initial latents for the first
+    /// candidates (reproduces another run exactly).
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Testbed difficulty (0 = the correct outcome dominates, 1 = failures dominate).
+    #[arg(long, default_value_t = 0.5)]
+    pub testbed_difficulty: f32,
+}
+
+/// Judge selection and its options.
+#[derive(Debug, Clone, Args)]
+pub struct JudgeArgs {
+    /// `testbed` (the built-in oracle) or a preset file from judges/ (remote API or local
+    /// Qwen2-VL).
+    #[arg(long, default_value = "testbed")]
+    pub judge: String,
+    /// Judge calls in flight at once (default: the preset's max_concurrency).
+    #[arg(long)]
+    pub judge_concurrency: Option<usize>,
+    /// Seed of the testbed judge's error model.
+    #[arg(long, default_value_t = 0)]
+    pub judge_seed: u64,
+}
+
+/// `edit`: one image, one instruction.
+#[derive(Debug, Clone, Args)]
+pub struct EditArgs {
+    /// Source image (PNG, JPEG or WebP).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// The edit instruction, e.g. "make the sky night".
+    #[arg(long)]
+    pub instruction: Option<String>,
+    /// Panel width the source is resized to (multiple of 16).
+    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH)]
+    pub width: u32,
+    /// Output folder.
+    #[arg(long, default_value = "out")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub strategy: StrategyArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub generator: GeneratorArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub judge: JudgeArgs,
+}
+
+/// `demo`: the testbed end to end.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Seed of the generated scene and instruction.
+    #[arg(long, default_value_t = 1)]
+    pub scene_seed: u64,
+    /// Panel width of the scene.
+    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH)]
+    pub width: u32,
+    /// Output folder.
+    #[arg(long, default_value = "out/demo")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub strategy: StrategyArgs,
+    /// Testbed difficulty (0 = the correct outcome dominates, 1 = failures dominate).
+    #[arg(long, default_value_t = 0.5)]
+    pub difficulty: f32,
+    /// Seed of the testbed judge's error model.
+    #[arg(long, default_value_t = 0)]
+    pub judge_seed: u64,
+}

@@ -1,0 +1,162 @@
+//! What each subcommand does, on top of the library. `main` only parses and maps errors.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::backends::{build_generator, build_judge};
+use crate::cli::{Cli, Command, EditArgs};
+use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
+use crate::engine::outputs::write_outputs;
+use crate::engine::{EditJob, EditReport, Engine, GeneratorWorker, PhaseBars};
+use crate::error::{EditError, EngineError, GenerateError, JudgeError};
+
+/// Process exit code for bad input (unreadable image, bad option, missing weights, bad
+/// preset). Runtime failures exit with 1; clap's usage errors also use 2.
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Process exit code for failures while running.
+pub const EXIT_RUNTIME: i32 = 1;
+
+/// Maps an error to the exit code that tells bad input from runtime failure.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if cause.is::<EditError>() {
+            return EXIT_BAD_INPUT;
+        }
+        if let Some(e) = cause.downcast_ref::<EngineError>() {
+            return match e {
+                EngineError::Edit(_) | EngineError::Strategy(_) => EXIT_BAD_INPUT,
+                EngineError::Generate(GenerateError::Weights { .. }) => EXIT_BAD_INPUT,
+                _ => EXIT_RUNTIME,
+            };
+        }
+        if let Some(GenerateError::Weights { .. }) = cause.downcast_ref::<GenerateError>() {
+            return EXIT_BAD_INPUT;
+        }
+        if let Some(JudgeError::Config(_)) = cause.downcast_ref::<JudgeError>() {
+            return EXIT_BAD_INPUT;
+        }
+    }
+    EXIT_RUNTIME
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Edit(args)) => edit(*args).await,
+        Some(Command::Demo(_args)) => anyhow::bail!("demo needs the testbed, not yet built in"),
+        None => edit(cli.edit).await,
+    }
+}
+
+/// `edit`: load, resize, run the strategy, write outputs, print where they are.
+pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
+    let image_path = args.image.as_deref().ok_or_else(|| {
+        EditError::Invalid("--image is required (the source image to edit)".into())
+    })?;
+    let instruction = args
+        .instruction
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| {
+            EditError::Invalid("--instruction is required and must not be empty".into())
+        })?;
+    let strategy = args.strategy.to_config();
+    strategy.validate()?;
+    let source = load_image(image_path, ImageLimits::default())?;
+    let panel = resize_to_panel(&source, args.width)
+        .map_err(|e| EditError::Invalid(format!("{}: {e}", image_path.display())))?;
+    let id = image_path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "edit".into());
+    let edit = EditContext::new(id, panel, instruction);
+    let judge = build_judge(&args.judge)?;
+    let generator = build_generator(&args.generator)?;
+    let init_latents = match &args.generator.init_latents {
+        Some(path) => load_init_latents(path)?,
+        None => Vec::new(),
+    };
+    let engine = Engine::new(
+        Arc::new(GeneratorWorker::spawn(generator)),
+        judge.judge,
+        judge.concurrency,
+    );
+    let job = EditJob {
+        edit,
+        strategy,
+        init_latents,
+    };
+    let report = run_and_write(&engine, job, &args.out).await?;
+    print_summary(&report, &args.out);
+    Ok(())
+}
+
+/// Runs one job with progress bars and writes its outputs.
+pub async fn run_and_write(
+    engine: &Engine,
+    job: EditJob,
+    out: &Path,
+) -> anyhow::Result<EditReport> {
+    let mut report = engine.run(job, Arc::new(PhaseBars::default())).await?;
+    write_outputs(&mut report, out)?;
+    Ok(report)
+}
+
+/// Reads `latents` from a safetensors file: `[C, ..latent_shape]`, one row per candidate.
+fn load_init_latents(path: &Path) -> anyhow::Result<Vec<candle_core::Tensor>> {
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .map_err(|e| EditError::Invalid(format!("--init-latents {}: {e}", path.display())))?;
+    let latents = tensors.get("latents").ok_or_else(|| {
+        EditError::Invalid(format!(
+            "--init-latents {}: no tensor named `latents`",
+            path.display()
+        ))
+    })?;
+    let rows = latents.dim(0).context("latents tensor is a scalar")?;
+    (0..rows)
+        .map(|i| Ok(latents.get(i)?))
+        .collect::<anyhow::Result<Vec<_>>>()
+}
+
+/// The short human summary printed after an edit.
+pub fn print_summary(report: &EditReport, out: &Path) {
+    let pruned = report
+        .candidates
+        .iter()
+        .filter(|c| c.status == crate::engine::report::CandidateStatus::Pruned)
+        .count();
+    println!(
+        "{}: {} candidates, {} pruned; NFE {} (best-of-N {}, random {})",
+        report.strategy.kind.name(),
+        report.candidates.len(),
+        pruned,
+        report.nfe.total,
+        report.nfe.best_of_n_equivalent,
+        report.nfe.random_equivalent
+    );
+    match &report.pick {
+        Some(p) => println!(
+            "pick: candidate {} (seed {}), VIE O {}; {}",
+            p.index,
+            p.seed,
+            p.overall.map_or("n/a".into(), |o| format!("{o:.2}")),
+            p.reason
+        ),
+        None => println!("no pick: nothing finished"),
+    }
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    println!(
+        "judge: {} calls, {} failed, {} cached, {} + {} tokens; {:.1}s total",
+        report.judge_totals.calls,
+        report.judge_totals.failures,
+        report.judge_totals.cached,
+        report.judge_totals.prompt_tokens,
+        report.judge_totals.completion_tokens,
+        report.timings.total_s
+    );
+    println!("outputs in {}", out.display());
+}
