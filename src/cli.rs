@@ -28,6 +28,10 @@ pub enum Command {
     Edit(Box<EditArgs>),
     /// Run the built-in testbed end to end: a generated scene, early filter, a summary.
     Demo(DemoArgs),
+    /// Edit every item of a JSONL manifest, pipelined, resumable and shardable.
+    Batch(Box<BatchArgs>),
+    /// Combine the outputs of batch shards into one summary.
+    Merge(MergeArgs),
 }
 
 /// Strategy parameters shared by every command that edits.
@@ -181,4 +185,48 @@ pub struct DemoArgs {
     /// Seed of the testbed judge's error model.
     #[arg(long, default_value_t = 0)]
     pub judge_seed: u64,
+}
+
+/// `batch`: many edits from a manifest.
+#[derive(Debug, Clone, Args)]
+pub struct BatchArgs {
+    /// JSONL manifest: one {"id", "image", "instruction", [seeds, strategy, probe_steps,
+    /// keep, steps]} per line.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Folder image paths are relative to (default: the manifest's folder).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Output folder: items/<id>/, summary.jsonl, summary.md.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// `i/n` to run shard i of n, or `auto` (Slurm array / Kubernetes indexed Job).
+    #[arg(long, default_value = "0/1")]
+    pub shard: String,
+    /// Edits in flight at once; 2 or more lets the generator work while judges think.
+    #[arg(long, default_value_t = 2)]
+    pub queue: usize,
+    /// Panel width the sources are resized to.
+    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH)]
+    pub width: u32,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub strategy: StrategyArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub generator: GeneratorArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub judge: JudgeArgs,
+}
+
+/// `merge`: combine shard outputs.
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// Output folder of the merged summary.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The shards' output folders.
+    #[arg(required = true)]
+    pub shards: Vec<PathBuf>,
 }

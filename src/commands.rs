@@ -6,7 +6,8 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::backends::{build_generator, build_judge};
-use crate::cli::{Cli, Command, EditArgs};
+use crate::batch::{merge_shards, run_batch, BatchOptions, Shard, StopFlag};
+use crate::cli::{BatchArgs, Cli, Command, EditArgs, MergeArgs};
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
 use crate::engine::{EditJob, EditReport, Engine, GeneratorWorker, PhaseBars};
@@ -46,8 +47,90 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Edit(args)) => edit(*args).await,
         Some(Command::Demo(_args)) => anyhow::bail!("demo needs the testbed, not yet built in"),
+        Some(Command::Batch(args)) => batch(*args).await,
+        Some(Command::Merge(args)) => merge(args),
         None => edit(cli.edit).await,
     }
+}
+
+/// `batch`: runs (or resumes) a manifest; Ctrl-C stops after in-flight items are saved.
+pub async fn batch(args: BatchArgs) -> anyhow::Result<()> {
+    let strategy = args.strategy.to_config();
+    strategy.validate()?;
+    let shard = Shard::parse(&args.shard, |k| std::env::var(k).ok()).map_err(EditError::Invalid)?;
+    if !args.manifest.is_file() {
+        return Err(EditError::Invalid(format!(
+            "--manifest {}: no such file",
+            args.manifest.display()
+        ))
+        .into());
+    }
+    let judge = build_judge(&args.judge)?;
+    let generator = build_generator(&args.generator)?;
+    let engine = Engine::new(
+        Arc::new(GeneratorWorker::spawn(generator)),
+        judge.judge,
+        judge.concurrency,
+    );
+    let stop = StopFlag::default();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("stopping: finishing the edits in flight (Ctrl-C again to abort)");
+                stop.stop();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        });
+    }
+    let opts = BatchOptions {
+        manifest: args.manifest,
+        root: args.root,
+        out: args.out.clone(),
+        shard,
+        strategy,
+        queue: args.queue,
+        width: args.width,
+        progress: true,
+    };
+    let started = std::time::Instant::now();
+    let outcome = run_batch(&engine, &opts, &stop).await?;
+    let worker = engine.worker();
+    println!(
+        "shard {}: {} done, {} failed, {} invalid, {} already done, {} for other shards{}",
+        opts.shard,
+        outcome.done,
+        outcome.failed,
+        outcome.invalid,
+        outcome.already_done,
+        outcome.other_shards,
+        if outcome.cancelled {
+            " (stopped early)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "generator busy {:.1}s of {:.1}s ({:.0}%)",
+        worker.busy_time().as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        100.0 * worker.busy_time().as_secs_f64() / started.elapsed().as_secs_f64().max(1e-9)
+    );
+    println!("{}", std::fs::read_to_string(args.out.join("summary.md"))?);
+    Ok(())
+}
+
+/// `merge`: combines shard summaries.
+pub fn merge(args: MergeArgs) -> anyhow::Result<()> {
+    let results = merge_shards(&args.shards, &args.out)?;
+    println!("{}", crate::batch::store::table(&results));
+    println!(
+        "merged summary in {}",
+        args.out.join("summary.jsonl").display()
+    );
+    Ok(())
 }
 
 /// `edit`: load, resize, run the strategy, write outputs, print where they are.

@@ -5,6 +5,7 @@
 //! or the testbed oracle) through a scaling strategy. See ARCHITECTURE.md for the map.
 
 pub mod backends;
+pub mod batch;
 pub mod cli;
 pub mod commands;
 pub mod edit;

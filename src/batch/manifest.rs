@@ -1,0 +1,247 @@
+//! Batch manifests: one JSON object per line, streamed (never loaded whole).
+//!
+//! ```json
+//! {"id": "cat-01", "image": "images/cat.png", "instruction": "make the cat black"}
+//! {"id": "sky-02", "image": "images/sky.jpg", "instruction": "make the sky night", "seeds": [3, 7, 11], "strategy": "best-of-n"}
+//! ```
+//! Image paths are relative to the manifest's folder (the root) and must stay inside it.
+
+use std::collections::HashSet;
+use std::io::BufRead;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{StrategyConfig, StrategyKind};
+
+/// One manifest line as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestLine {
+    /// Unique id of the item (also its output folder name).
+    pub id: String,
+    /// Image path, relative to the manifest root.
+    pub image: PathBuf,
+    /// The instruction.
+    pub instruction: String,
+    /// Explicit seeds for this item.
+    #[serde(default)]
+    pub seeds: Option<Vec<u64>>,
+    /// Strategy override.
+    #[serde(default)]
+    pub strategy: Option<StrategyKind>,
+    /// Probe-steps override.
+    #[serde(default)]
+    pub probe_steps: Option<usize>,
+    /// Keep override.
+    #[serde(default)]
+    pub keep: Option<usize>,
+    /// Steps override.
+    #[serde(default)]
+    pub steps: Option<usize>,
+}
+
+impl ManifestLine {
+    /// The strategy for this item: the batch default with this line's overrides.
+    pub fn strategy(&self, default: &StrategyConfig) -> StrategyConfig {
+        let mut s = default.clone();
+        if let Some(k) = self.strategy {
+            s.kind = k;
+        }
+        if let Some(seeds) = &self.seeds {
+            s.seeds = seeds.len();
+            s.seed_list = Some(seeds.clone());
+        }
+        s.probe_steps = self.probe_steps.unwrap_or(s.probe_steps);
+        s.keep = self.keep.unwrap_or(s.keep);
+        s.steps = self.steps.unwrap_or(s.steps);
+        s
+    }
+}
+
+/// A usable manifest item.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// 1-based line number in the manifest.
+    pub line: usize,
+    /// The parsed line.
+    pub spec: ManifestLine,
+    /// The image path resolved against the root.
+    pub image_path: PathBuf,
+}
+
+/// A manifest line that cannot be used; reported and skipped, never fatal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BadItem {
+    /// 1-based line number.
+    pub line: usize,
+    /// The id, when the line had one.
+    pub id: Option<String>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// One entry of the manifest stream.
+#[derive(Debug)]
+pub enum Entry {
+    /// A usable item.
+    Item(Item),
+    /// A line to report and skip.
+    Bad(BadItem),
+}
+
+/// Streams a manifest, validating each line: JSON shape, non-empty id and instruction, an
+/// id usable as a folder name, no duplicate id, an image path inside `root`. Memory grows
+/// only with the set of ids seen.
+pub struct ManifestReader<R> {
+    lines: std::io::Lines<R>,
+    root: PathBuf,
+    line: usize,
+    seen: HashSet<String>,
+}
+
+impl ManifestReader<std::io::BufReader<std::fs::File>> {
+    /// Opens `path`; image paths resolve against `root` (default: the manifest's folder).
+    pub fn open(path: &Path, root: Option<&Path>) -> std::io::Result<Self> {
+        let file = std::fs::File::open(path)?;
+        let root = match root {
+            Some(r) => r.to_path_buf(),
+            None => path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        };
+        Ok(Self::new(std::io::BufReader::new(file), root))
+    }
+}
+
+impl<R: BufRead> ManifestReader<R> {
+    /// Reads manifest lines from `reader`.
+    pub fn new(reader: R, root: PathBuf) -> Self {
+        Self {
+            lines: reader.lines(),
+            root,
+            line: 0,
+            seen: HashSet::new(),
+        }
+    }
+
+    fn check(&mut self, text: &str) -> Result<Item, BadItem> {
+        let bad = |id: Option<String>, reason: String| BadItem {
+            line: self.line,
+            id,
+            reason,
+        };
+        let spec: ManifestLine =
+            serde_json::from_str(text).map_err(|e| bad(None, format!("not a valid item: {e}")))?;
+        let id = Some(spec.id.clone());
+        if spec.id.is_empty()
+            || !spec
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || spec.id.starts_with('.')
+        {
+            return Err(bad(
+                id,
+                "id must be non-empty letters, digits, '-', '_' or '.' (it names a folder)".into(),
+            ));
+        }
+        if spec.instruction.trim().is_empty() {
+            return Err(bad(id, "empty instruction".into()));
+        }
+        let escapes = spec.image.is_absolute()
+            || spec
+                .image
+                .components()
+                .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)));
+        if escapes {
+            return Err(bad(
+                id,
+                format!(
+                    "image path {} is outside the manifest root {}",
+                    spec.image.display(),
+                    self.root.display()
+                ),
+            ));
+        }
+        if !self.seen.insert(spec.id.clone()) {
+            return Err(bad(id, format!("duplicate id {:?}", spec.id)));
+        }
+        let image_path = self.root.join(&spec.image);
+        Ok(Item {
+            line: self.line,
+            spec,
+            image_path,
+        })
+    }
+}
+
+impl<R: BufRead> Iterator for ManifestReader<R> {
+    type Item = std::io::Result<Entry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let text = match self.lines.next()? {
+                Ok(t) => t,
+                Err(e) => return Some(Err(e)),
+            };
+            self.line += 1;
+            if text.trim().is_empty() {
+                continue;
+            }
+            return Some(Ok(match self.check(&text) {
+                Ok(item) => Entry::Item(item),
+                Err(bad) => Entry::Bad(bad),
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str) -> Vec<Entry> {
+        ManifestReader::new(std::io::Cursor::new(text.to_string()), "/data".into())
+            .map(|e| e.unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn validates_lines_and_reports_bad_ones() {
+        let entries = read(concat!(
+            "{\"id\": \"a\", \"image\": \"x.png\", \"instruction\": \"make it red\"}\n",
+            "\n",
+            "{\"id\": \"b\", \"image\": \"../etc/passwd\", \"instruction\": \"x\"}\n",
+            "{\"id\": \"c\", \"image\": \"c.png\", \"instruction\": \"  \"}\n",
+            "{\"id\": \"a\", \"image\": \"y.png\", \"instruction\": \"dup\"}\n",
+            "not json\n",
+            "{\"id\": \"d/e\", \"image\": \"d.png\", \"instruction\": \"x\"}\n",
+            "{\"id\": \"f\", \"image\": \"/abs.png\", \"instruction\": \"x\"}\n",
+            "{\"id\": \"g\", \"image\": \"g.png\", \"instruction\": \"x\", \"seeds\": [4, 5], \"strategy\": \"best-of-n\"}\n",
+        ));
+        let summary: Vec<String> = entries
+            .iter()
+            .map(|e| match e {
+                Entry::Item(i) => format!("ok {} line {}", i.spec.id, i.line),
+                Entry::Bad(b) => format!("bad line {}: {}", b.line, b.reason),
+            })
+            .collect();
+        assert_eq!(summary[0], "ok a line 1");
+        assert!(summary[1].starts_with("bad line 3: image path ../etc/passwd is outside"));
+        assert!(summary[2].contains("empty instruction"));
+        assert!(summary[3].contains("duplicate id"));
+        assert!(summary[4].starts_with("bad line 6: not a valid item"));
+        assert!(summary[5].contains("names a folder"));
+        assert!(summary[6].contains("outside the manifest root"));
+        assert_eq!(summary[7], "ok g line 9");
+        let Entry::Item(g) = &entries[7] else {
+            unreachable!()
+        };
+        assert_eq!(g.image_path, PathBuf::from("/data/g.png"));
+        let s = g.spec.strategy(&StrategyConfig::default());
+        assert_eq!(
+            (s.kind, s.seed_list.clone()),
+            (StrategyKind::BestOfN, Some(vec![4, 5]))
+        );
+        assert_eq!(s.candidate_count(), 2);
+    }
+}

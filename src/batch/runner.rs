@@ -1,0 +1,328 @@
+//! The pipelined batch: edits flow through one engine with a bounded number in flight, so
+//! the generator works on edit i+1 while edit i waits for its judge, and memory stays flat
+//! however long the manifest is.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinSet;
+
+use super::manifest::{Entry, Item, ManifestReader};
+use super::shard::Shard;
+use super::store::{table, write_jsonl, ItemResult, ItemStatus, SummaryLog};
+use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
+use crate::engine::outputs::{write_atomic, write_outputs};
+use crate::engine::report::{EditReport, Judged};
+use crate::engine::{EditJob, Engine, Silent, StrategyConfig};
+use crate::error::EngineError;
+
+/// What a batch run needs besides the engine.
+#[derive(Debug, Clone)]
+pub struct BatchOptions {
+    /// The JSONL manifest.
+    pub manifest: PathBuf,
+    /// Root image paths resolve against (default: the manifest's folder).
+    pub root: Option<PathBuf>,
+    /// Output folder (per-item folders under `items/`, `summary.jsonl`, `summary.md`).
+    pub out: PathBuf,
+    /// Which part of the manifest this process runs.
+    pub shard: Shard,
+    /// Strategy for items without overrides.
+    pub strategy: StrategyConfig,
+    /// Edits in flight at once (>= 2 overlaps generator and judge work).
+    pub queue: usize,
+    /// Panel width.
+    pub width: u32,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// Counts of one batch run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Items finished in this run.
+    pub done: usize,
+    /// Items that failed in this run.
+    pub failed: usize,
+    /// Invalid manifest lines reported in this run.
+    pub invalid: usize,
+    /// Items skipped because an earlier run finished them.
+    pub already_done: usize,
+    /// Items left for another shard.
+    pub other_shards: usize,
+    /// Whether the run stopped early on request.
+    pub cancelled: bool,
+}
+
+/// A request to stop: no new item starts; items in flight finish and are saved.
+#[derive(Debug, Clone, Default)]
+pub struct StopFlag(Arc<AtomicBool>);
+
+impl StopFlag {
+    /// Asks the batch to stop.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Runs (or resumes) a batch. Finished items of earlier runs are skipped, failed ones
+/// retried; each result is durable before the next is counted.
+pub async fn run_batch(
+    engine: &Engine,
+    opts: &BatchOptions,
+    stop: &StopFlag,
+) -> Result<BatchOutcome, EngineError> {
+    let open_err = |e: std::io::Error| EngineError::Output {
+        path: opts.manifest.clone(),
+        reason: format!("cannot read manifest: {e}"),
+    };
+    let log = Arc::new(Mutex::new(SummaryLog::open(&opts.out)?));
+    let total = count_lines(&opts.manifest).map_err(open_err)?;
+    let bar = if opts.progress {
+        let bar = ProgressBar::new(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "batch {bar:30} {pos}/{len} items, {elapsed_precise} elapsed, ETA {eta}",
+            )
+            .expect("static template"),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let slots = Arc::new(Semaphore::new(opts.queue.max(1)));
+    let mut tasks: JoinSet<Result<ItemStatus, EngineError>> = JoinSet::new();
+    let mut outcome = BatchOutcome::default();
+    let reader = ManifestReader::open(&opts.manifest, opts.root.as_deref()).map_err(open_err)?;
+    for entry in reader {
+        let entry = entry.map_err(open_err)?;
+        // Collect finished tasks as we go so errors surface early and memory stays flat.
+        while let Some(done) = tasks.try_join_next() {
+            count(&mut outcome, join_result(done)?);
+        }
+        if stop.is_set() {
+            outcome.cancelled = true;
+            break;
+        }
+        let item = match entry {
+            Entry::Bad(bad) => {
+                // Keyed by line, never by the declared id: a duplicate must not clobber the
+                // record of the item that owns that id.
+                let id = format!("line-{}", bad.line);
+                let reason = match &bad.id {
+                    Some(declared) => format!("id {declared:?}: {}", bad.reason),
+                    None => bad.reason,
+                };
+                if !opts.shard.owns(&id) {
+                    outcome.other_shards += 1;
+                } else if log.lock().await.get(&id).is_none() {
+                    tracing::warn!("manifest line {}: {reason}", bad.line);
+                    log.lock().await.append(ItemResult {
+                        id,
+                        line: bad.line,
+                        status: ItemStatus::Invalid,
+                        reason: Some(reason),
+                        ..empty_result()
+                    })?;
+                    outcome.invalid += 1;
+                }
+                bar.inc(1);
+                continue;
+            }
+            Entry::Item(item) => item,
+        };
+        if !opts.shard.owns(&item.spec.id) {
+            outcome.other_shards += 1;
+            bar.inc(1);
+            continue;
+        }
+        if log.lock().await.get(&item.spec.id).map(|r| r.status) == Some(ItemStatus::Ok) {
+            outcome.already_done += 1;
+            bar.inc(1);
+            continue;
+        }
+        let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+        let (engine, log, bar) = (engine.clone(), log.clone(), bar.clone());
+        let strategy = item.spec.strategy(&opts.strategy);
+        let (out, width) = (opts.out.clone(), opts.width);
+        tasks.spawn(async move {
+            let result = run_item(&engine, &item, strategy, width, &out).await;
+            let status = result.status;
+            log.lock().await.append(result)?;
+            bar.inc(1);
+            drop(permit);
+            Ok(status)
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        count(&mut outcome, join_result(done)?);
+    }
+    bar.finish_and_clear();
+    let mut log = log.lock().await;
+    log.compact()?;
+    write_atomic(
+        &opts.out.join("summary.md"),
+        table(&log.results()).as_bytes(),
+    )?;
+    Ok(outcome)
+}
+
+fn join_result(
+    r: Result<Result<ItemStatus, EngineError>, tokio::task::JoinError>,
+) -> Result<ItemStatus, EngineError> {
+    r.map_err(|e| EngineError::Output {
+        path: PathBuf::from("summary.jsonl"),
+        reason: format!("batch task died: {e}"),
+    })?
+}
+
+fn count(outcome: &mut BatchOutcome, status: ItemStatus) {
+    match status {
+        ItemStatus::Ok => outcome.done += 1,
+        ItemStatus::Failed => outcome.failed += 1,
+        ItemStatus::Invalid => outcome.invalid += 1,
+    }
+}
+
+fn count_lines(path: &Path) -> std::io::Result<usize> {
+    use std::io::BufRead;
+    let file = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut n = 0;
+    for line in file.lines() {
+        n += !line?.trim().is_empty() as usize;
+    }
+    Ok(n)
+}
+
+fn empty_result() -> ItemResult {
+    ItemResult {
+        id: String::new(),
+        line: 0,
+        status: ItemStatus::Failed,
+        reason: None,
+        strategy: None,
+        pick_seed: None,
+        overall: None,
+        sc: None,
+        pq: None,
+        nfe: 0,
+        judge_calls: 0,
+        judge_failures: 0,
+        output_dir: None,
+    }
+}
+
+/// Runs one item end to end; every failure becomes a `Failed` record with its reason.
+async fn run_item(
+    engine: &Engine,
+    item: &Item,
+    strategy: StrategyConfig,
+    width: u32,
+    out: &Path,
+) -> ItemResult {
+    let id = item.spec.id.clone();
+    let base = ItemResult {
+        id: id.clone(),
+        line: item.line,
+        strategy: Some(strategy.kind.name().to_string()),
+        ..empty_result()
+    };
+    let started = Instant::now();
+    let failed = |reason: String| ItemResult {
+        reason: Some(reason),
+        ..base.clone()
+    };
+    let source = match load_image(&item.image_path, ImageLimits::default())
+        .and_then(|img| resize_to_panel(&img, width))
+    {
+        Ok(s) => s,
+        Err(e) => return failed(e.to_string()),
+    };
+    let job = EditJob {
+        edit: EditContext::new(id.clone(), source, item.spec.instruction.clone()),
+        strategy,
+        init_latents: Vec::new(),
+    };
+    let mut report = match engine.run(job, Arc::new(Silent)).await {
+        Ok(r) => r,
+        Err(e) => return failed(e.to_string()),
+    };
+    let rel = format!("items/{id}");
+    if let Err(e) = write_outputs(&mut report, &out.join(&rel)) {
+        return failed(e.to_string());
+    }
+    tracing::debug!("{id} done in {:.1}s", started.elapsed().as_secs_f64());
+    let mut result = ItemResult {
+        status: ItemStatus::Ok,
+        output_dir: Some(rel),
+        nfe: report.nfe.total,
+        judge_calls: report.judge_totals.calls,
+        judge_failures: report.judge_totals.failures,
+        ..base
+    };
+    let picked = report
+        .picked()
+        .and_then(|c| c.vie.as_ref())
+        .and_then(|v| v.ok());
+    match (report.pick.as_ref(), picked) {
+        (Some(p), Some(v)) => {
+            result.pick_seed = Some(p.seed);
+            result.overall = Some(v.overall);
+            result.sc = Some(v.sc);
+            result.pq = Some(v.pq);
+        }
+        _ => {
+            // Nothing could be scored: a judge outage. Marked failed so a rerun retries it
+            // (the judge cache makes the answered calls free).
+            result.status = ItemStatus::Failed;
+            result.pick_seed = report.pick.as_ref().map(|p| p.seed);
+            result.reason = Some(format!(
+                "no edit could be scored: {}",
+                first_judge_error(&report).unwrap_or_else(|| "nothing finished".into())
+            ));
+        }
+    }
+    result
+}
+
+fn first_judge_error(report: &EditReport) -> Option<String> {
+    report.candidates.iter().find_map(|c| match &c.vie {
+        Some(Judged::Failed(e)) => Some(e.to_string()),
+        _ => None,
+    })
+}
+
+/// Combines shard outputs into one summary under `out`: the latest record per id over all
+/// shards, in manifest order, with output folders rewritten relative to `out`'s parent use.
+pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Vec<ItemResult>, EngineError> {
+    let mut all = std::collections::BTreeMap::new();
+    for dir in shard_dirs {
+        let latest = super::store::read_latest(&dir.join("summary.jsonl"))?;
+        if latest.is_empty() {
+            return Err(EngineError::Output {
+                path: dir.join("summary.jsonl"),
+                reason: "no results in this shard folder".into(),
+            });
+        }
+        for (id, mut r) in latest {
+            r.output_dir = r
+                .output_dir
+                .map(|d| dir.join(d).to_string_lossy().into_owned());
+            all.insert(id, r);
+        }
+    }
+    let mut results: Vec<ItemResult> = all.into_values().collect();
+    results.sort_by(|a, b| (a.line, &a.id).cmp(&(b.line, &b.id)));
+    write_jsonl(&out.join("summary.jsonl"), &results)?;
+    write_atomic(&out.join("summary.md"), table(&results).as_bytes())?;
+    Ok(results)
+}

@@ -1,0 +1,261 @@
+//! The batch's durable record: `summary.jsonl`, one line per finished (or failed) item,
+//! appended with fsync, read back on restart so finished items are skipped.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::outputs::write_atomic;
+use crate::error::EngineError;
+
+/// Outcome class of one item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemStatus {
+    /// Edited and scored.
+    Ok,
+    /// Could not be finished (unreadable image, judge outage, generator error); retried on
+    /// the next run.
+    Failed,
+    /// A manifest line that cannot be used; not retried until the manifest changes.
+    Invalid,
+}
+
+/// One line of `summary.jsonl`. Deliberately free of timings, so reruns and shards give
+/// byte-identical records for identical work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemResult {
+    /// Item id (or `line-N` for a line without a usable id).
+    pub id: String,
+    /// 1-based manifest line.
+    pub line: usize,
+    /// Outcome class.
+    pub status: ItemStatus,
+    /// Why the item failed or was invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Strategy name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+    /// Seed of the returned edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pick_seed: Option<u64>,
+    /// VIE O of the returned edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overall: Option<f32>,
+    /// VIE SC of the returned edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sc: Option<f32>,
+    /// VIE PQ of the returned edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pq: Option<f32>,
+    /// Model forwards spent.
+    #[serde(default)]
+    pub nfe: usize,
+    /// Judge calls made.
+    #[serde(default)]
+    pub judge_calls: u64,
+    /// Judge results that failed.
+    #[serde(default)]
+    pub judge_failures: u64,
+    /// Folder of the item's outputs, relative to the batch output folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_dir: Option<String>,
+}
+
+/// The append-only summary log plus the latest record per id.
+pub struct SummaryLog {
+    path: PathBuf,
+    file: File,
+    latest: BTreeMap<String, ItemResult>,
+}
+
+impl SummaryLog {
+    /// Opens (or creates) `DIR/summary.jsonl` and reads what earlier runs recorded. A torn
+    /// last line (a crash mid-write) is ignored: that item simply runs again.
+    pub fn open(dir: &Path) -> Result<Self, EngineError> {
+        let err = |p: &Path, e: std::io::Error| EngineError::Output {
+            path: p.to_path_buf(),
+            reason: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+        let path = dir.join("summary.jsonl");
+        let latest = read_latest(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| err(&path, e))?;
+        Ok(Self { path, file, latest })
+    }
+
+    /// The latest record of `id`, if any.
+    pub fn get(&self, id: &str) -> Option<&ItemResult> {
+        self.latest.get(id)
+    }
+
+    /// Appends a record and syncs it to disk before returning.
+    pub fn append(&mut self, result: ItemResult) -> Result<(), EngineError> {
+        let mut line = serde_json::to_string(&result).expect("serialisable");
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| EngineError::Output {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
+        self.latest.insert(result.id.clone(), result);
+        Ok(())
+    }
+
+    /// Latest records, ordered by manifest line then id.
+    pub fn results(&self) -> Vec<ItemResult> {
+        let mut v: Vec<ItemResult> = self.latest.values().cloned().collect();
+        v.sort_by(|a, b| (a.line, &a.id).cmp(&(b.line, &b.id)));
+        v
+    }
+
+    /// Rewrites the log with one line per item (atomically), dropping superseded records.
+    pub fn compact(&mut self) -> Result<(), EngineError> {
+        write_jsonl(&self.path, &self.results())?;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| EngineError::Output {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(())
+    }
+}
+
+/// Reads the latest record per id from a summary file (missing file = empty).
+pub fn read_latest(path: &Path) -> Result<BTreeMap<String, ItemResult>, EngineError> {
+    let mut latest = BTreeMap::new();
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(latest),
+        Err(e) => {
+            return Err(EngineError::Output {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+        }
+    };
+    for line in BufReader::new(file).lines() {
+        let line = line.map_err(|e| EngineError::Output {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        if let Ok(r) = serde_json::from_str::<ItemResult>(&line) {
+            latest.insert(r.id.clone(), r);
+        } else if !line.trim().is_empty() {
+            tracing::warn!("{}: ignoring a torn or unreadable line", path.display());
+        }
+    }
+    Ok(latest)
+}
+
+/// Writes records as JSONL atomically.
+pub fn write_jsonl(path: &Path, results: &[ItemResult]) -> Result<(), EngineError> {
+    let mut text = String::new();
+    for r in results {
+        text.push_str(&serde_json::to_string(r).expect("serialisable"));
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
+/// The final table: counts, mean score, NFE, and each failure with its reason.
+pub fn table(results: &[ItemResult]) -> String {
+    let count = |s| results.iter().filter(|r| r.status == s).count();
+    let scored: Vec<f32> = results.iter().filter_map(|r| r.overall).collect();
+    let mean = if scored.is_empty() {
+        "n/a".to_string()
+    } else {
+        format!("{:.3}", scored.iter().sum::<f32>() / scored.len() as f32)
+    };
+    let mut out = String::new();
+    out.push_str("| items | ok | failed | invalid | mean VIE O | total NFE | judge calls | judge failures |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|\n");
+    out.push_str(&format!(
+        "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        results.len(),
+        count(ItemStatus::Ok),
+        count(ItemStatus::Failed),
+        count(ItemStatus::Invalid),
+        mean,
+        results.iter().map(|r| r.nfe).sum::<usize>(),
+        results.iter().map(|r| r.judge_calls).sum::<u64>(),
+        results.iter().map(|r| r.judge_failures).sum::<u64>(),
+    ));
+    let failures: Vec<&ItemResult> = results
+        .iter()
+        .filter(|r| r.status != ItemStatus::Ok)
+        .collect();
+    if !failures.is_empty() {
+        out.push_str("\n| id | line | status | reason |\n|---|---|---|---|\n");
+        for r in failures {
+            out.push_str(&format!(
+                "| {} | {} | {:?} | {} |\n",
+                r.id,
+                r.line,
+                r.status,
+                r.reason.as_deref().unwrap_or("").replace('|', "/")
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(id: &str, line: usize) -> ItemResult {
+        ItemResult {
+            id: id.into(),
+            line,
+            status: ItemStatus::Ok,
+            reason: None,
+            strategy: Some("early-filter".into()),
+            pick_seed: Some(1),
+            overall: Some(5.0),
+            sc: Some(5.0),
+            pq: Some(5.0),
+            nfe: 124,
+            judge_calls: 12,
+            judge_failures: 0,
+            output_dir: Some(format!("items/{id}")),
+        }
+    }
+
+    #[test]
+    fn survives_torn_lines_keeps_latest_and_compacts() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = SummaryLog::open(dir.path()).unwrap();
+            let mut failed = ok("b", 2);
+            failed.status = ItemStatus::Failed;
+            log.append(failed).unwrap();
+            log.append(ok("a", 1)).unwrap();
+            log.append(ok("b", 2)).unwrap();
+        }
+        // A crash mid-write leaves a torn line.
+        let path = dir.path().join("summary.jsonl");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"id\": \"c\", \"li");
+        std::fs::write(&path, text).unwrap();
+        let mut log = SummaryLog::open(dir.path()).unwrap();
+        assert_eq!(log.get("b").unwrap().status, ItemStatus::Ok);
+        assert!(log.get("c").is_none());
+        log.compact().unwrap();
+        let lines = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(lines.lines().count(), 2);
+        assert!(table(&log.results()).contains("| 2 | 2 | 0 | 0 | 5.000 | 248 |"));
+    }
+}

@@ -1,0 +1,227 @@
+//! Batch runs: resume after a stop, sharding + merge, bad items.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use icedit_scale::batch::{merge_shards, run_batch, BatchOptions, ItemStatus, Shard, StopFlag};
+use icedit_scale::engine::{Engine, GeneratorWorker, StrategyConfig};
+use image::{Rgb, RgbImage};
+use support::{PixelJudge, SignGenerator};
+
+fn engine() -> Engine {
+    Engine::new(
+        Arc::new(GeneratorWorker::spawn(Box::new(SignGenerator))),
+        Arc::new(PixelJudge),
+        4,
+    )
+}
+
+/// A manifest of `n` good items (plus the extra lines) with their images.
+fn manifest(dir: &Path, n: usize, extra: &[&str]) -> PathBuf {
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    let mut text = String::new();
+    for i in 0..n {
+        RgbImage::from_pixel(32, 32, Rgb([i as u8, 0, 0]))
+            .save(dir.join(format!("img/{i}.png")))
+            .unwrap();
+        text.push_str(&format!(
+            "{{\"id\": \"item{i}\", \"image\": \"img/{i}.png\", \"instruction\": \"edit {i}\"}}\n"
+        ));
+    }
+    for line in extra {
+        text.push_str(line);
+        text.push('\n');
+    }
+    let path = dir.join("edits.jsonl");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn options(manifest: &Path, out: &Path, shard: Shard) -> BatchOptions {
+    BatchOptions {
+        manifest: manifest.to_path_buf(),
+        root: None,
+        out: out.to_path_buf(),
+        shard,
+        strategy: StrategyConfig {
+            seeds: 4,
+            probe_steps: 2,
+            keep: 2,
+            steps: 6,
+            ..StrategyConfig::default()
+        },
+        queue: 3,
+        width: 32,
+        progress: false,
+    }
+}
+
+fn summary(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("summary.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Runtime::new().unwrap().block_on(f)
+}
+
+#[test]
+fn stopped_batch_resumes_to_the_same_result_as_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), 12, &[]);
+    let full = dir.path().join("full");
+    block_on(run_batch(
+        &engine(),
+        &options(&m, &full, Shard::ALL),
+        &StopFlag::default(),
+    ))
+    .unwrap();
+
+    // Stop once a few items are durable; in-flight ones still finish and are saved.
+    let part = dir.path().join("part");
+    let stop = StopFlag::default();
+    let outcome = block_on(async {
+        let watcher = {
+            let (stop, summary) = (stop.clone(), part.join("summary.jsonl"));
+            tokio::spawn(async move {
+                loop {
+                    let lines = std::fs::read_to_string(&summary).map_or(0, |t| t.lines().count());
+                    if lines >= 3 {
+                        stop.stop();
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+            })
+        };
+        let outcome = run_batch(&engine(), &options(&m, &part, Shard::ALL), &stop).await;
+        watcher.abort();
+        outcome.unwrap()
+    });
+    assert!(outcome.cancelled);
+    assert!(outcome.done >= 3 && outcome.done < 12, "{outcome:?}");
+    let resumed = block_on(run_batch(
+        &engine(),
+        &options(&m, &part, Shard::ALL),
+        &StopFlag::default(),
+    ))
+    .unwrap();
+    assert_eq!(resumed.already_done, outcome.done);
+    assert_eq!(resumed.done + outcome.done, 12);
+    // Exactly one record per item, identical to the uninterrupted run.
+    assert_eq!(summary(&part), summary(&full));
+    assert_eq!(summary(&full).len(), 12);
+    let a = std::fs::read(full.join("items/item5/final.png")).unwrap();
+    let b = std::fs::read(part.join("items/item5/final.png")).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn four_shards_merged_equal_one_unsharded_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), 16, &[]);
+    let whole = dir.path().join("whole");
+    block_on(run_batch(
+        &engine(),
+        &options(&m, &whole, Shard::ALL),
+        &StopFlag::default(),
+    ))
+    .unwrap();
+    let shard_dirs: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let out = dir.path().join(format!("shard{i}"));
+            let shard = Shard { index: i, count: 4 };
+            let o = block_on(run_batch(
+                &engine(),
+                &options(&m, &out, shard),
+                &StopFlag::default(),
+            ))
+            .unwrap();
+            assert_eq!(o.done + o.other_shards, 16);
+            out
+        })
+        .collect();
+    let merged_dir = dir.path().join("merged");
+    merge_shards(&shard_dirs, &merged_dir).unwrap();
+    let strip = |v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        v.into_iter()
+            .map(|mut r| {
+                r.as_object_mut().unwrap().remove("output_dir");
+                r
+            })
+            .collect()
+    };
+    assert_eq!(strip(summary(&merged_dir)), strip(summary(&whole)));
+    assert_eq!(summary(&whole).len(), 16);
+}
+
+#[test]
+fn bad_items_are_reported_and_skipped_and_outages_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        2,
+        &[
+            "{\"id\": \"missing\", \"image\": \"img/none.png\", \"instruction\": \"x\"}",
+            "{\"id\": \"empty\", \"image\": \"img/0.png\", \"instruction\": \"\"}",
+            "{\"id\": \"escape\", \"image\": \"../0.png\", \"instruction\": \"x\"}",
+            "{\"id\": \"item0\", \"image\": \"img/1.png\", \"instruction\": \"dup\"}",
+            "{\"id\": \"down\", \"image\": \"img/1.png\", \"instruction\": \"judge outage\"}",
+            "garbage",
+        ],
+    );
+    let out = dir.path().join("out");
+    let o = block_on(run_batch(
+        &engine(),
+        &options(&m, &out, Shard::ALL),
+        &StopFlag::default(),
+    ))
+    .unwrap();
+    assert_eq!((o.done, o.failed, o.invalid), (2, 2, 4), "{o:?}");
+    let s = summary(&out);
+    let by_id = |id: &str| s.iter().find(|r| r["id"] == id).unwrap().clone();
+    assert_eq!(by_id("missing")["status"], "failed");
+    assert!(by_id("missing")["reason"]
+        .as_str()
+        .unwrap()
+        .contains("none.png"));
+    assert!(by_id("down")["reason"].as_str().unwrap().contains("503"));
+    assert_eq!(by_id("line-4")["status"], "invalid");
+    assert!(by_id("line-4")["reason"]
+        .as_str()
+        .unwrap()
+        .contains("\"empty\": empty instruction"));
+    assert!(by_id("line-5")["reason"]
+        .as_str()
+        .unwrap()
+        .contains("outside"));
+    assert!(by_id("line-6")["reason"]
+        .as_str()
+        .unwrap()
+        .contains("duplicate id"));
+    assert_eq!(by_id("item0")["status"], "ok");
+    assert!(by_id("line-8")["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not a valid item"));
+    let table = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(table.contains("| 8 | 2 | 2 | 4 |"), "{table}");
+
+    // A rerun retries the failed items only; invalid lines are not reported twice.
+    let again = block_on(run_batch(
+        &engine(),
+        &options(&m, &out, Shard::ALL),
+        &StopFlag::default(),
+    ))
+    .unwrap();
+    assert_eq!((again.already_done, again.failed, again.invalid), (2, 2, 0));
+    assert_eq!(summary(&out).len(), 8);
+    assert!(summary(&out)
+        .iter()
+        .all(|r| r["status"] != serde_json::json!(ItemStatus::Ok) || r["overall"].is_number()));
+}

@@ -1,0 +1,148 @@
+//! Small deterministic backends for tests that need real seeds (test code only).
+#![allow(dead_code)]
+
+use async_trait::async_trait;
+use candle_core::Tensor;
+use icedit_scale::edit::EditContext;
+use icedit_scale::error::GenerateError;
+use icedit_scale::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit};
+use icedit_scale::judge::{
+    CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
+};
+use image::{Rgb, RgbImage};
+
+/// Flows each latent element to the sign of where it is heading (a two-point mixture per
+/// element), so different seeds end in different images.
+pub struct SignGenerator;
+
+impl Generator for SignGenerator {
+    fn info(&self) -> GeneratorInfo {
+        GeneratorInfo {
+            name: "sign".into(),
+            detail: "test".into(),
+            max_batch: 4,
+        }
+    }
+    fn prepare(&mut self, edit: &EditContext) -> Result<PreparedEdit, GenerateError> {
+        let (w, h) = edit.panel_size();
+        Ok(PreparedEdit {
+            key: 0,
+            image_tokens: (w as usize / 16) * (h as usize / 8),
+            latent_shape: vec![8],
+        })
+    }
+    fn velocity(
+        &mut self,
+        _edit: &PreparedEdit,
+        latents: &Tensor,
+        sigma: f64,
+    ) -> Result<Tensor, GenerateError> {
+        let x0 = latents.sign()?;
+        Ok(((latents - x0)? / sigma)?)
+    }
+    fn decode(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        _purpose: DecodePurpose,
+    ) -> Result<RgbImage, GenerateError> {
+        let _ = edit;
+        let v: Vec<f32> = latents.to_vec1()?;
+        let positives = v.iter().filter(|&&x| x > 0.0).count() as u8;
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        let shade = ((mean + 1.0) * 127.0).clamp(0.0, 255.0) as u8;
+        Ok(RgbImage::from_pixel(16, 16, Rgb([positives, shade, 0])))
+    }
+    fn release(&mut self, _edit: &PreparedEdit) {}
+}
+
+/// Scores by the number of positive latents the image shows; fails every call for
+/// instructions containing "outage".
+pub struct PixelJudge;
+
+fn value(image: &RgbImage) -> f32 {
+    image.get_pixel(0, 0)[0] as f32 * 10.0 / 8.0
+}
+
+fn usage() -> CallUsage {
+    CallUsage {
+        prompt_tokens: 5,
+        completion_tokens: 1,
+        ..CallUsage::default()
+    }
+}
+
+fn outage(edit: &EditContext) -> Result<(), JudgeError> {
+    if edit.instruction.contains("outage") {
+        return Err(JudgeError::Http {
+            status: 503,
+            body: "service unavailable".into(),
+        });
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Judge for PixelJudge {
+    fn name(&self) -> String {
+        "pixel".into()
+    }
+    async fn screen(
+        &self,
+        edit: &EditContext,
+        preview: &RgbImage,
+        _stage: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        outage(edit)?;
+        let score = value(preview);
+        Ok(ScreenVerdict {
+            pass: score >= 5.0,
+            score,
+            reasoning: "pixel".into(),
+            usage: usage(),
+        })
+    }
+    async fn compare(
+        &self,
+        edit: &EditContext,
+        first: &RgbImage,
+        second: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        outage(edit)?;
+        let preferred = if value(first) >= value(second) {
+            Preference::First
+        } else {
+            Preference::Second
+        };
+        Ok(Comparison {
+            preferred,
+            p_first: None,
+            reasoning: String::new(),
+            usage: usage(),
+        })
+    }
+    async fn semantic_consistency(
+        &self,
+        edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        outage(edit)?;
+        Ok(SubScores {
+            scores: [value(edited), 9.0],
+            reasoning: String::new(),
+            usage: usage(),
+        })
+    }
+    async fn perceptual_quality(
+        &self,
+        edit: &EditContext,
+        _edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        outage(edit)?;
+        Ok(SubScores {
+            scores: [8.0, 9.0],
+            reasoning: String::new(),
+            usage: usage(),
+        })
+    }
+}
