@@ -8,7 +8,9 @@ use serde::Deserialize;
 
 use crate::cli::{GeneratorArgs, GeneratorKind, JudgeArgs};
 use crate::error::JudgeError;
+use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::generate::Generator;
+use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 use crate::judge::Judge;
 
 /// A judge with the number of calls it should have in flight at once.
@@ -27,7 +29,13 @@ pub fn build_generator(args: &GeneratorArgs) -> anyhow::Result<Box<dyn Generator
         (kind, _) => kind,
     };
     match kind {
-        GeneratorKind::Testbed => bail!("the testbed generator is not part of this build yet"),
+        GeneratorKind::Testbed => {
+            tracing::info!("generator: built-in testbed (a simulator, not an image editor)");
+            Ok(Box::new(TestbedGenerator::new(TestbedConfig {
+                difficulty: args.testbed_difficulty,
+                max_batch: args.batch_size.max(1),
+            })))
+        }
         GeneratorKind::Flux => bail!("the FLUX generator is not part of this build yet"),
         GeneratorKind::Auto => unreachable!("resolved above"),
     }
@@ -61,7 +69,13 @@ fn judge_from_preset(kind: &str, path: &Path) -> Result<Arc<dyn Judge>, JudgeErr
 /// The judge `args` select: `testbed` or a preset file.
 pub fn build_judge(args: &JudgeArgs) -> anyhow::Result<JudgeHandle> {
     if args.judge == "testbed" {
-        bail!("the testbed judge is not part of this build yet");
+        return Ok(JudgeHandle {
+            judge: Arc::new(TestbedJudge::new(TestbedJudgeConfig {
+                seed: args.judge_seed,
+                ..TestbedJudgeConfig::default()
+            })),
+            concurrency: args.judge_concurrency.unwrap_or(8),
+        });
     }
     let path = Path::new(&args.judge);
     let head = preset_head(path).with_context(|| format!("loading judge {}", args.judge))?;

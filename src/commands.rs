@@ -7,11 +7,13 @@ use anyhow::Context;
 
 use crate::backends::{build_generator, build_judge};
 use crate::batch::{merge_shards, run_batch, BatchOptions, Shard, StopFlag};
-use crate::cli::{BatchArgs, Cli, Command, EditArgs, MergeArgs};
+use crate::cli::{BatchArgs, Cli, Command, DemoArgs, EditArgs, MergeArgs};
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
 use crate::engine::{EditJob, EditReport, Engine, GeneratorWorker, PhaseBars};
 use crate::error::{EditError, EngineError, GenerateError, JudgeError};
+use crate::generate::testbed::{self, TestbedConfig, TestbedGenerator};
+use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 
 /// Process exit code for bad input (unreadable image, bad option, missing weights, bad
 /// preset). Runtime failures exit with 1; clap's usage errors also use 2.
@@ -46,11 +48,75 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Edit(args)) => edit(*args).await,
-        Some(Command::Demo(_args)) => anyhow::bail!("demo needs the testbed, not yet built in"),
+        Some(Command::Demo(args)) => demo(args).await,
         Some(Command::Batch(args)) => batch(*args).await,
         Some(Command::Merge(args)) => merge(args),
         None => edit(cli.edit).await,
     }
+}
+
+/// `demo`: a generated testbed scene through the chosen strategy, with the same outputs as
+/// a real edit and a summary that says whether the pick is the correct outcome.
+pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let strategy = args.strategy.to_config();
+    strategy.validate()?;
+    if args.width == 0 || !args.width.is_multiple_of(16) {
+        return Err(
+            EditError::Invalid(format!("--width {} must be a multiple of 16", args.width)).into(),
+        );
+    }
+    let edit = testbed::make_edit(args.scene_seed, args.width);
+    println!(
+        "testbed scene {}: \"{}\" (a simulator, not an image editor)",
+        args.scene_seed, edit.instruction
+    );
+    let outcomes = testbed::outcome_set(&edit, args.difficulty).map_err(EditError::Invalid)?;
+    let source = edit.source.clone();
+    let generator = TestbedGenerator::new(TestbedConfig {
+        difficulty: args.difficulty,
+        ..TestbedConfig::default()
+    });
+    let judge = TestbedJudge::new(TestbedJudgeConfig {
+        seed: args.judge_seed,
+        ..TestbedJudgeConfig::default()
+    });
+    let engine = Engine::new(
+        Arc::new(GeneratorWorker::spawn(Box::new(generator))),
+        Arc::new(judge),
+        8,
+    );
+    let job = EditJob {
+        edit,
+        strategy,
+        init_latents: Vec::new(),
+    };
+    let report = run_and_write(&engine, job, &args.out).await?;
+    source.save(args.out.join("source.png"))?;
+    print_summary(&report, &args.out);
+    let label = |c: &crate::engine::report::CandidateRecord| {
+        c.images
+            .final_image
+            .as_ref()
+            .map(|i| testbed::classify(&outcomes, i))
+    };
+    let finished: Vec<String> = report
+        .candidates
+        .iter()
+        .filter_map(|c| label(c).map(|l| format!("#{} {l:?}", c.index)))
+        .collect();
+    println!("finished candidates: {}", finished.join(", "));
+    match report.picked().and_then(label) {
+        Some(l) => println!(
+            "the pick is {}: {l:?}",
+            if l == testbed::OutcomeLabel::Correct {
+                "CORRECT"
+            } else {
+                "WRONG"
+            }
+        ),
+        None => println!("no finished pick"),
+    }
+    Ok(())
 }
 
 /// `batch`: runs (or resumes) a manifest; Ctrl-C stops after in-flight items are saved.

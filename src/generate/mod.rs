@@ -8,6 +8,7 @@
 
 pub mod noise;
 pub mod schedule;
+pub mod testbed;
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;

@@ -5,6 +5,7 @@
 //! on [edited]). [`vie::vie_score`] combines them by the VIEScore rubric. A failed or
 //! unparseable call is a [`JudgeError`]; no backend ever makes a score up.
 
+pub mod testbed;
 pub mod vie;
 
 use async_trait::async_trait;

@@ -1,0 +1,39 @@
+//! The built-in testbed: a simulator that behaves like ICEdit where it matters for
+//! test-time scaling, with ground truth.
+//!
+//! It is **a simulator, not an image editor**. Scenes are procedurally generated
+//! ([`scene`]); each edit has a finite set of outcomes, the correct target and plausible
+//! failures, with priors set by a difficulty knob ([`outcomes`]); the generator integrates
+//! the exact rectified-flow velocity of that mixture in a FLUX-shaped latent space
+//! ([`generator`], [`latent`]), through the same sampler, schedule, x0 previews and state
+//! resume as FLUX. Which outcome a seed lands on is decided by its noise, early previews
+//! already lean towards it, and the judge ([`crate::judge::testbed`]) knows the truth and
+//! can be made to err like a VLM. So strategies can be compared exactly, on any machine.
+
+pub mod generator;
+pub mod latent;
+pub mod outcomes;
+pub mod scene;
+
+use crate::edit::EditContext;
+pub use generator::{TestbedConfig, TestbedGenerator};
+pub use outcomes::{classify, outcome_set, Outcome, OutcomeLabel, SCENE_META_KEY};
+pub use scene::SceneEdit;
+
+/// A testbed edit from a scene seed: the rendered source panel (`width` wide, 3:4 aspect
+/// rounded down to a multiple of 16), the instruction, and the scene in `meta`.
+pub fn make_edit(scene_seed: u64, width: u32) -> EditContext {
+    let scene_edit = SceneEdit::generate(scene_seed);
+    let height = (width * 3 / 4) / 16 * 16;
+    let source = scene_edit.scene.render(width, height);
+    let mut edit = EditContext::new(
+        format!("scene{scene_seed}"),
+        source,
+        scene_edit.instruction.clone(),
+    );
+    edit.meta.insert(
+        SCENE_META_KEY.to_string(),
+        serde_json::to_string(&scene_edit).expect("serialisable"),
+    );
+    edit
+}
