@@ -30,7 +30,8 @@ impl Default for LatentMap {
         let mut proj = [[0f32; 3]; LATENT_CHANNELS];
         for (c, row) in proj.iter_mut().enumerate() {
             for (k, v) in row.iter_mut().enumerate() {
-                *v = 0.5 * ((c as f32 * 1.3 + k as f32 * 2.1 + 0.4).cos());
+                // Not separable in (c, k): rows like sin(a c + b k) span only two dimensions.
+                *v = 0.5 * (((7 * c + 3) * (k + 1)) as f32 * 0.61).sin();
             }
         }
         // pinv = (P^T P)^-1 P^T, with a 3x3 inverse.
