@@ -32,6 +32,8 @@ pub enum Command {
     Batch(Box<BatchArgs>),
     /// Combine the outputs of batch shards into one summary.
     Merge(MergeArgs),
+    /// Measure strategies on many testbed edits against the known truth.
+    Study(StudyArgs),
 }
 
 /// Strategy parameters shared by every command that edits.
@@ -229,4 +231,30 @@ pub struct MergeArgs {
     /// The shards' output folders.
     #[arg(required = true)]
     pub shards: Vec<PathBuf>,
+}
+
+/// `study`: strategies compared on testbed edits with ground truth.
+#[derive(Debug, Clone, Args)]
+pub struct StudyArgs {
+    /// Number of testbed edits.
+    #[arg(long, default_value_t = 200)]
+    pub edits: usize,
+    /// First scene seed.
+    #[arg(long, default_value_t = 1000)]
+    pub first_scene: u64,
+    /// Panel width.
+    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH)]
+    pub width: u32,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub strategy: StrategyArgs,
+    /// Testbed difficulty.
+    #[arg(long, default_value_t = 0.5)]
+    pub difficulty: f32,
+    /// Seed of the judge's error model.
+    #[arg(long, default_value_t = 0)]
+    pub judge_seed: u64,
+    /// Where to write study.json and study.md.
+    #[arg(long, default_value = "out/study")]
+    pub out: PathBuf,
 }

@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use crate::backends::{build_generator, build_judge};
 use crate::batch::{merge_shards, run_batch, BatchOptions, Shard, StopFlag};
-use crate::cli::{BatchArgs, Cli, Command, DemoArgs, EditArgs, MergeArgs};
+use crate::cli::{BatchArgs, Cli, Command, DemoArgs, EditArgs, MergeArgs, StudyArgs};
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
 use crate::engine::{EditJob, EditReport, Engine, GeneratorWorker, PhaseBars};
@@ -51,6 +51,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Demo(args)) => demo(args).await,
         Some(Command::Batch(args)) => batch(*args).await,
         Some(Command::Merge(args)) => merge(args),
+        Some(Command::Study(args)) => study(args).await,
         None => edit(cli.edit).await,
     }
 }
@@ -185,6 +186,38 @@ pub async fn batch(args: BatchArgs) -> anyhow::Result<()> {
         100.0 * worker.busy_time().as_secs_f64() / started.elapsed().as_secs_f64().max(1e-9)
     );
     println!("{}", std::fs::read_to_string(args.out.join("summary.md"))?);
+    Ok(())
+}
+
+/// `study`: the testbed measurement quoted in the README.
+pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
+    let strategy = args.strategy.to_config();
+    strategy.validate()?;
+    let config = crate::study::StudyConfig {
+        edits: args.edits,
+        first_scene: args.first_scene,
+        width: args.width,
+        strategy,
+        difficulty: args.difficulty,
+        judge: TestbedJudgeConfig {
+            seed: args.judge_seed,
+            ..TestbedJudgeConfig::default()
+        },
+    };
+    let bar = indicatif::ProgressBar::new(args.edits as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("study {bar:30} {pos}/{len} edits, ETA {eta}")
+            .expect("static template"),
+    );
+    let report = crate::study::run_study(&config, |n| bar.set_position(n as u64)).await?;
+    bar.finish_and_clear();
+    let md = report.markdown();
+    crate::engine::outputs::write_atomic(&args.out.join("study.md"), md.as_bytes())?;
+    crate::engine::outputs::write_atomic(
+        &args.out.join("study.json"),
+        &serde_json::to_vec_pretty(&report)?,
+    )?;
+    println!("{md}");
     Ok(())
 }
 

@@ -13,3 +13,4 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod judge;
+pub mod study;

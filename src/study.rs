@@ -1,0 +1,212 @@
+//! `icedit-scale study`: how the strategies do on the testbed, where the truth is known.
+//!
+//! Per edit it runs best-of-N and early-filter through the real engine with the same seeds.
+//! Random seeding is best-of-N's candidate 0 (same seed, same schedule: the identical
+//! trajectory and image), so it costs nothing extra. Early-filter's step-k previews of all
+//! N seeds are compared with the finals best-of-N reached from the same seeds, which
+//! measures how often the preview already identifies the final outcome.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::report::EditReport;
+use crate::engine::{EditJob, Engine, GeneratorWorker, Silent, StrategyConfig, StrategyKind};
+use crate::error::EngineError;
+use crate::generate::testbed::{self, OutcomeLabel, TestbedConfig, TestbedGenerator};
+use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
+
+/// Parameters of a study.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StudyConfig {
+    /// Number of testbed edits (scene seeds `first_scene..first_scene + edits`).
+    pub edits: usize,
+    /// First scene seed.
+    pub first_scene: u64,
+    /// Panel width.
+    pub width: u32,
+    /// Early-filter / best-of-N parameters (N, k, M, steps).
+    pub strategy: StrategyConfig,
+    /// Testbed difficulty.
+    pub difficulty: f32,
+    /// The judge's error model.
+    pub judge: TestbedJudgeConfig,
+}
+
+/// Correct-outcome rate and cost of one strategy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StrategyResult {
+    /// Strategy name.
+    pub strategy: String,
+    /// Edits whose returned image is the correct outcome.
+    pub correct: usize,
+    /// Edits run.
+    pub edits: usize,
+    /// NFE per edit.
+    pub nfe_per_edit: f64,
+    /// Mean VIE O of the returned edit (scored edits only).
+    pub mean_overall: f64,
+    /// Edits whose returned edit could not be scored.
+    pub unscored: usize,
+}
+
+impl StrategyResult {
+    /// Fraction correct.
+    pub fn rate(&self) -> f64 {
+        self.correct as f64 / self.edits.max(1) as f64
+    }
+}
+
+/// The study's findings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StudyReport {
+    /// What was run.
+    pub config: StudyConfig,
+    /// Candidates whose step-k preview is nearest the same outcome as their final.
+    pub preview_agrees: usize,
+    /// Candidates compared.
+    pub previews: usize,
+    /// Per strategy: random, early-filter, best-of-N.
+    pub strategies: Vec<StrategyResult>,
+    /// Fraction of all seeds that landed on the correct outcome (the prior, measured).
+    pub seed_correct_rate: f64,
+}
+
+impl StudyReport {
+    /// A markdown table of the findings.
+    pub fn markdown(&self) -> String {
+        let c = &self.config;
+        let mut s = format!(
+            "Testbed study: {} edits at {} px, N={} seeds, k={} probe steps, M={} kept, {} steps, difficulty {}, judge noise {} / position bias {} / failure rate {}.\n\n",
+            c.edits, c.width, c.strategy.seeds, c.strategy.probe_steps, c.strategy.keep,
+            c.strategy.steps, c.difficulty, c.judge.noise, c.judge.position_bias, c.judge.failure_rate
+        );
+        s.push_str(&format!(
+            "Step-{} previews identify the final outcome for {}/{} candidates ({:.1}%). Seeds landing on the correct outcome: {:.1}%.\n\n",
+            c.strategy.probe_steps,
+            self.preview_agrees,
+            self.previews,
+            100.0 * self.preview_agrees as f64 / self.previews.max(1) as f64,
+            100.0 * self.seed_correct_rate
+        ));
+        s.push_str("| strategy | correct outcome | NFE per edit | mean VIE O (testbed judge) | unscored picks |\n|---|---|---|---|---|\n");
+        for r in &self.strategies {
+            s.push_str(&format!(
+                "| {} | {}/{} ({:.1}%) | {:.0} | {:.2} | {} |\n",
+                r.strategy,
+                r.correct,
+                r.edits,
+                100.0 * r.rate(),
+                r.nfe_per_edit,
+                r.mean_overall,
+                r.unscored
+            ));
+        }
+        s
+    }
+}
+
+fn pick_label(report: &EditReport, outcomes: &[testbed::Outcome]) -> Option<OutcomeLabel> {
+    let image = report.picked()?.images.final_image.as_ref()?;
+    Some(testbed::classify(outcomes, image))
+}
+
+fn add(result: &mut StrategyResult, correct: bool, nfe: usize, overall: Option<f32>) {
+    result.edits += 1;
+    result.correct += correct as usize;
+    result.nfe_per_edit += nfe as f64;
+    match overall {
+        Some(o) => result.mean_overall += o as f64,
+        None => result.unscored += 1,
+    }
+}
+
+/// Runs the study; `on_edit` is called after each edit (for progress).
+pub async fn run_study(
+    config: &StudyConfig,
+    mut on_edit: impl FnMut(usize),
+) -> Result<StudyReport, EngineError> {
+    let generator = TestbedGenerator::new(TestbedConfig {
+        difficulty: config.difficulty,
+        max_batch: 8,
+    });
+    let engine = Engine::new(
+        Arc::new(GeneratorWorker::spawn(Box::new(generator))),
+        Arc::new(TestbedJudge::new(config.judge)),
+        16,
+    );
+    let names = ["random", "early-filter", "best-of-n"];
+    let mut results: Vec<StrategyResult> = names
+        .iter()
+        .map(|n| StrategyResult {
+            strategy: n.to_string(),
+            ..StrategyResult::default()
+        })
+        .collect();
+    let (mut agrees, mut previews, mut seeds_correct, mut seeds) = (0, 0, 0, 0);
+    for i in 0..config.edits {
+        let edit = testbed::make_edit(config.first_scene + i as u64, config.width);
+        let outcomes = testbed::outcome_set(&edit, config.difficulty)
+            .map_err(|e| EngineError::Strategy(e.to_string()))?;
+        let run = |kind| {
+            let job = EditJob {
+                edit: edit.clone(),
+                strategy: StrategyConfig {
+                    kind,
+                    ..config.strategy.clone()
+                },
+                init_latents: Vec::new(),
+            };
+            let engine = engine.clone();
+            async move { engine.run(job, Arc::new(Silent)).await }
+        };
+        let best = run(StrategyKind::BestOfN).await?;
+        let early = run(StrategyKind::EarlyFilter).await?;
+        let finals: Vec<Option<OutcomeLabel>> = best
+            .candidates
+            .iter()
+            .map(|c| {
+                c.images
+                    .final_image
+                    .as_ref()
+                    .map(|img| testbed::classify(&outcomes, img))
+            })
+            .collect();
+        for (c, fin) in early.candidates.iter().zip(&finals) {
+            if let (Some(preview), Some(fin)) = (c.images.previews.first(), fin) {
+                previews += 1;
+                agrees += (testbed::classify(&outcomes, preview) == *fin) as usize;
+            }
+            seeds += 1;
+            seeds_correct += (*fin == Some(OutcomeLabel::Correct)) as usize;
+        }
+        let random = &best.candidates[0];
+        add(
+            &mut results[0],
+            finals[0] == Some(OutcomeLabel::Correct),
+            config.strategy.steps,
+            random.overall(),
+        );
+        for (slot, report) in [(1, &early), (2, &best)] {
+            add(
+                &mut results[slot],
+                pick_label(report, &outcomes) == Some(OutcomeLabel::Correct),
+                report.nfe.total,
+                report.pick.as_ref().and_then(|p| p.overall),
+            );
+        }
+        on_edit(i + 1);
+    }
+    for r in &mut results {
+        let scored = (r.edits - r.unscored).max(1) as f64;
+        r.mean_overall /= scored;
+        r.nfe_per_edit /= r.edits.max(1) as f64;
+    }
+    Ok(StudyReport {
+        config: config.clone(),
+        preview_agrees: agrees,
+        previews,
+        strategies: results,
+        seed_correct_rate: seeds_correct as f64 / seeds.max(1) as f64,
+    })
+}
