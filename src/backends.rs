@@ -10,6 +10,7 @@ use crate::cli::{GeneratorArgs, GeneratorKind, JudgeArgs};
 use crate::error::JudgeError;
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::generate::Generator;
+use crate::judge::openai::OpenAiJudge;
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 use crate::judge::Judge;
 
@@ -60,10 +61,13 @@ fn preset_head(path: &Path) -> Result<PresetHead, JudgeError> {
 
 /// Loads the backend a preset's `kind` names.
 fn judge_from_preset(kind: &str, path: &Path) -> Result<Arc<dyn Judge>, JudgeError> {
-    Err(JudgeError::Config(format!(
-        "judge preset {}: unknown kind {kind:?} (known: none in this build yet)",
-        path.display()
-    )))
+    match kind {
+        "openai" => Ok(Arc::new(OpenAiJudge::from_preset(path)?)),
+        other => Err(JudgeError::Config(format!(
+            "judge preset {}: unknown kind {other:?} (known: \"openai\"; or --judge testbed)",
+            path.display()
+        ))),
+    }
 }
 
 /// The judge `args` select: `testbed` or a preset file.

@@ -5,6 +5,10 @@
 //! on [edited]). [`vie::vie_score`] combines them by the VIEScore rubric. A failed or
 //! unparseable call is a [`JudgeError`]; no backend ever makes a score up.
 
+pub mod cache;
+pub mod openai;
+pub mod parse;
+pub mod prompts;
 pub mod testbed;
 pub mod vie;
 

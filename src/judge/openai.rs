@@ -1,0 +1,567 @@
+//! The remote judge: any OpenAI-compatible chat-completions endpoint with vision (OpenAI,
+//! vLLM, Ollama, ...).
+//!
+//! Requests and responses use async-openai's chat types; the transport is reqwest, because
+//! async-openai's client drops the response headers this judge needs to honour
+//! `Retry-After`. Images go as base64 PNG data URLs. Every call goes through the reply
+//! cache, retries 429/5xx/timeouts with exponential backoff (or the server's
+//! `Retry-After`), and records tokens and attempts. With `logprobs = true` the score
+//! tokens' distributions give expected scores (finer ranking, fewer ties).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_openai::types::chat::{
+    ChatCompletionRequestMessage, ChatCompletionRequestMessageContentPartImage,
+    ChatCompletionRequestMessageContentPartText, ChatCompletionRequestUserMessage,
+    ChatCompletionRequestUserMessageContent, ChatCompletionRequestUserMessageContentPart,
+    CreateChatCompletionRequest, CreateChatCompletionResponse, ImageUrl,
+};
+use async_trait::async_trait;
+use base64::Engine as _;
+use image::RgbImage;
+use rand::Rng;
+use serde::Deserialize;
+
+use super::cache::{CachedReply, ReplyCache};
+use super::parse;
+use super::prompts::{render, PromptSet};
+use super::{CallUsage, Comparison, Judge, JudgeError, PreviewStage, ScreenVerdict, SubScores};
+use crate::edit::EditContext;
+
+/// An API key that never shows in Debug output, logs or errors.
+#[derive(Clone, Default)]
+pub struct ApiKey(Option<String>);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ApiKey(***)"
+        } else {
+            "ApiKey(none)"
+        })
+    }
+}
+
+impl ApiKey {
+    /// Replaces the key wherever it appears in `text` (e.g. an echoing error body).
+    fn redact(&self, text: &str) -> String {
+        match &self.0 {
+            Some(k) if !k.is_empty() => text.replace(k.as_str(), "***"),
+            _ => text.to_string(),
+        }
+    }
+}
+
+fn default_api_base() -> String {
+    "https://api.openai.com/v1".into()
+}
+
+/// A preset file (`judges/*.toml`) for this backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiConfig {
+    /// Must be `"openai"`.
+    pub kind: String,
+    /// Display name for reports.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Calls in flight at once (read by the engine).
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
+    /// Model name as the endpoint knows it.
+    pub model: String,
+    /// Base URL up to `/v1`.
+    #[serde(default = "default_api_base")]
+    pub api_base: String,
+    /// Name of the environment variable holding the API key (none for keyless servers).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Timeout of one HTTP attempt, seconds.
+    #[serde(default = "defaults::timeout_s")]
+    pub timeout_s: f64,
+    /// Attempts per call (1 = no retry).
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+    /// First backoff delay, seconds (doubles per attempt, with jitter).
+    #[serde(default = "defaults::backoff_s")]
+    pub backoff_s: f64,
+    /// Longest wait between attempts, seconds (also caps Retry-After).
+    #[serde(default = "defaults::max_backoff_s")]
+    pub max_backoff_s: f64,
+    /// Sampling temperature.
+    #[serde(default)]
+    pub temperature: f32,
+    /// Completion token limit.
+    #[serde(default = "defaults::max_tokens")]
+    pub max_tokens: u32,
+    /// Ask for logprobs and turn score-token distributions into expected scores.
+    #[serde(default)]
+    pub logprobs: bool,
+    /// Alternatives per token when `logprobs` is on.
+    #[serde(default = "defaults::top_logprobs")]
+    pub top_logprobs: u8,
+    /// Folder overriding the embedded prompts.
+    #[serde(default)]
+    pub prompts_dir: Option<PathBuf>,
+    /// Reply cache folder (default `.icedit-cache/judge`); `""` disables the cache.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+mod defaults {
+    pub fn timeout_s() -> f64 {
+        120.0
+    }
+    pub fn max_attempts() -> u32 {
+        6
+    }
+    pub fn backoff_s() -> f64 {
+        1.0
+    }
+    pub fn max_backoff_s() -> f64 {
+        60.0
+    }
+    pub fn max_tokens() -> u32 {
+        400
+    }
+    pub fn top_logprobs() -> u8 {
+        10
+    }
+}
+
+impl OpenAiConfig {
+    /// Reads a preset, naming the file and the bad key on error.
+    pub fn from_file(path: &Path) -> Result<Self, JudgeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| JudgeError::Config(format!("cannot read {}: {e}", path.display())))?;
+        let config: Self = toml::from_str(&text)
+            .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))?;
+        if config.kind != "openai" {
+            return Err(JudgeError::Config(format!(
+                "judge preset {}: kind is {:?}, expected \"openai\"",
+                path.display(),
+                config.kind
+            )));
+        }
+        // Relative folders in a preset are relative to the preset file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut config = config;
+        if let Some(dir) = &config.prompts_dir {
+            if dir.is_relative() {
+                config.prompts_dir = Some(base.join(dir));
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// One answered call: the reply and what it cost.
+struct Answer {
+    reply: CachedReply,
+    usage: CallUsage,
+}
+
+/// The remote OpenAI-compatible judge.
+pub struct OpenAiJudge {
+    config: OpenAiConfig,
+    key: ApiKey,
+    http: reqwest::Client,
+    prompts: PromptSet,
+    cache: Option<ReplyCache>,
+}
+
+impl std::fmt::Debug for OpenAiJudge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiJudge")
+            .field("model", &self.config.model)
+            .field("api_base", &self.config.api_base)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl OpenAiJudge {
+    /// Loads a preset file.
+    pub fn from_preset(path: &Path) -> Result<Self, JudgeError> {
+        Self::new(OpenAiConfig::from_file(path)?)
+    }
+
+    /// A judge from a configuration; reads the key from the named environment variable.
+    pub fn new(config: OpenAiConfig) -> Result<Self, JudgeError> {
+        let key = match &config.api_key_env {
+            Some(var) => ApiKey(Some(std::env::var(var).map_err(|_| {
+                JudgeError::Config(format!(
+                    "the judge's API key variable {var} is not set (export {var}=...)"
+                ))
+            })?)),
+            None => ApiKey(None),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs_f64(config.timeout_s))
+            .build()
+            .map_err(|e| JudgeError::Config(format!("HTTP client: {e}")))?;
+        let prompts = PromptSet::load(config.prompts_dir.as_deref())?;
+        let cache = match &config.cache_dir {
+            Some(d) if d.as_os_str().is_empty() => None,
+            Some(d) => Some(ReplyCache::new(d)),
+            None => Some(ReplyCache::new(".icedit-cache/judge")),
+        };
+        Ok(Self {
+            config,
+            key,
+            http,
+            prompts,
+            cache,
+        })
+    }
+
+    fn sampling_params(&self) -> String {
+        format!(
+            "t={} max={} lp={}:{}",
+            self.config.temperature,
+            self.config.max_tokens,
+            self.config.logprobs,
+            self.config.top_logprobs
+        )
+    }
+
+    fn request(&self, prompt: &str, pngs: &[Vec<u8>]) -> CreateChatCompletionRequest {
+        let mut parts: Vec<ChatCompletionRequestUserMessageContentPart> = pngs
+            .iter()
+            .map(|png| {
+                let url = format!(
+                    "data:image/png;base64,{}",
+                    base64::engine::general_purpose::STANDARD.encode(png)
+                );
+                ChatCompletionRequestUserMessageContentPart::ImageUrl(
+                    ChatCompletionRequestMessageContentPartImage {
+                        image_url: ImageUrl { url, detail: None },
+                        prompt_cache_breakpoint: None,
+                    },
+                )
+            })
+            .collect();
+        parts.push(ChatCompletionRequestUserMessageContentPart::Text(
+            ChatCompletionRequestMessageContentPartText {
+                text: prompt.to_string(),
+                prompt_cache_breakpoint: None,
+            },
+        ));
+        CreateChatCompletionRequest {
+            model: self.config.model.clone(),
+            messages: vec![ChatCompletionRequestMessage::User(
+                ChatCompletionRequestUserMessage {
+                    content: ChatCompletionRequestUserMessageContent::Array(parts),
+                    name: None,
+                },
+            )],
+            temperature: Some(self.config.temperature),
+            max_completion_tokens: Some(self.config.max_tokens),
+            logprobs: self.config.logprobs.then_some(true),
+            top_logprobs: self.config.logprobs.then_some(self.config.top_logprobs),
+            ..Default::default()
+        }
+    }
+
+    /// Sends one call (through the cache), retrying as configured.
+    async fn ask(&self, prompt: &str, images: &[&RgbImage]) -> Result<Answer, JudgeError> {
+        let started = Instant::now();
+        let pngs: Vec<Vec<u8>> = images.iter().map(|i| png_bytes(i)).collect();
+        let refs: Vec<&[u8]> = pngs.iter().map(|p| p.as_slice()).collect();
+        let key = ReplyCache::key(&self.config.model, &self.sampling_params(), prompt, &refs);
+        if let Some(reply) = self.cache.as_ref().and_then(|c| c.get(&key)) {
+            return Ok(Answer {
+                reply,
+                usage: CallUsage {
+                    cached: true,
+                    latency_ms: started.elapsed().as_millis() as u64,
+                    ..CallUsage::default()
+                },
+            });
+        }
+        let body = self.request(prompt, &pngs);
+        let url = format!(
+            "{}/chat/completions",
+            self.config.api_base.trim_end_matches('/')
+        );
+        let mut last_error = JudgeError::Transport("no attempt made".into());
+        for attempt in 1..=self.config.max_attempts.max(1) {
+            let mut req = self.http.post(&url).json(&body);
+            if let Some(k) = &self.key.0 {
+                req = req.bearer_auth(k);
+            }
+            let wait = match req.send().await {
+                Ok(resp) if resp.status().is_success() => {
+                    let text = resp.text().await.map_err(|e| {
+                        JudgeError::Transport(self.key.redact(&format!("reading the reply: {e}")))
+                    })?;
+                    let parsed: CreateChatCompletionResponse = serde_json::from_str(&text)
+                        .map_err(|e| JudgeError::Parse {
+                            reason: format!("not a chat completion: {e}"),
+                            reply: self.key.redact(&text.chars().take(400).collect::<String>()),
+                        })?;
+                    let reply = to_reply(parsed)?;
+                    if let Some(c) = &self.cache {
+                        c.put(&key, &reply);
+                    }
+                    return Ok(Answer {
+                        usage: CallUsage {
+                            prompt_tokens: reply.prompt_tokens,
+                            completion_tokens: reply.completion_tokens,
+                            cached: false,
+                            attempts: attempt,
+                            latency_ms: started.elapsed().as_millis() as u64,
+                        },
+                        reply,
+                    });
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retry_after = resp
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<f64>().ok());
+                    let body = resp.text().await.unwrap_or_default();
+                    last_error = JudgeError::Http {
+                        status: status.as_u16(),
+                        body: self.key.redact(&body.chars().take(300).collect::<String>()),
+                    };
+                    if !(status.as_u16() == 429 || status.is_server_error()) {
+                        return Err(last_error);
+                    }
+                    retry_after
+                }
+                Err(e) if e.is_timeout() => {
+                    last_error = JudgeError::Timeout(format!(
+                        "no reply within {}s from {}",
+                        self.config.timeout_s, self.config.api_base
+                    ));
+                    None
+                }
+                Err(e) => {
+                    last_error = JudgeError::Transport(self.key.redact(&e.to_string()));
+                    None
+                }
+            };
+            if attempt == self.config.max_attempts.max(1) {
+                break;
+            }
+            let backoff = self.config.backoff_s * 2f64.powi(attempt as i32 - 1);
+            let jitter = rand::rng().random_range(0.8..1.2);
+            let delay = wait
+                .unwrap_or(backoff * jitter)
+                .min(self.config.max_backoff_s)
+                .max(0.0);
+            tracing::warn!(
+                "judge {}: attempt {attempt} failed ({last_error}); retrying in {delay:.1}s",
+                self.config.model
+            );
+            tokio::time::sleep(Duration::from_secs_f64(delay)).await;
+        }
+        Err(last_error)
+    }
+}
+
+fn png_bytes(image: &RgbImage) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .expect("PNG encoding into memory cannot fail");
+    bytes
+}
+
+fn to_reply(response: CreateChatCompletionResponse) -> Result<CachedReply, JudgeError> {
+    let choice = response
+        .choices
+        .into_iter()
+        .next()
+        .ok_or_else(|| JudgeError::Parse {
+            reason: "reply has no choices".into(),
+            reply: String::new(),
+        })?;
+    let text = choice.message.content.unwrap_or_default();
+    if text.trim().is_empty() {
+        let refusal = choice.message.refusal.unwrap_or_default();
+        return Err(JudgeError::Failed(format!("empty reply {refusal}")));
+    }
+    let logprobs = choice
+        .logprobs
+        .and_then(|l| l.content)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| {
+            let top = t
+                .top_logprobs
+                .into_iter()
+                .map(|a| (a.token, a.logprob))
+                .collect();
+            (t.token, top)
+        })
+        .collect();
+    let usage = response.usage.unwrap_or_default();
+    Ok(CachedReply {
+        text,
+        logprobs,
+        prompt_tokens: usage.prompt_tokens as u64,
+        completion_tokens: usage.completion_tokens as u64,
+    })
+}
+
+/// For the first `n` integer tokens after `key` in the reply, the probability of each
+/// integer value in `range` among the token's alternatives. `None` when the reply has no
+/// such tokens (then the parsed integers are used).
+pub fn integer_distributions(
+    logprobs: &[(String, Vec<(String, f32)>)],
+    key: &str,
+    n: usize,
+    range: std::ops::RangeInclusive<u32>,
+) -> Option<Vec<Vec<(u32, f32)>>> {
+    let mut text = String::new();
+    let mut found = Vec::new();
+    for (token, top) in logprobs {
+        let after_key = text.contains(key);
+        text.push_str(token);
+        if !after_key || found.len() == n {
+            continue;
+        }
+        let is_int = |t: &str| t.trim().parse::<u32>().ok().filter(|v| range.contains(v));
+        if is_int(token).is_none() {
+            continue;
+        }
+        let mut dist: Vec<(u32, f32)> = top
+            .iter()
+            .filter_map(|(t, lp)| is_int(t).map(|v| (v, lp.exp())))
+            .collect();
+        if dist.is_empty() {
+            return None;
+        }
+        // Merge duplicates ("7" and " 7") and normalise over the integer alternatives.
+        dist.sort_by_key(|d| d.0);
+        dist.dedup_by(|a, b| {
+            if a.0 == b.0 {
+                b.1 += a.1;
+                true
+            } else {
+                false
+            }
+        });
+        let total: f32 = dist.iter().map(|d| d.1).sum();
+        found.push(dist.into_iter().map(|(v, p)| (v, p / total)).collect());
+    }
+    (found.len() == n).then_some(found)
+}
+
+fn expectation(dist: &[(u32, f32)]) -> f32 {
+    dist.iter().map(|&(v, p)| v as f32 * p).sum()
+}
+
+#[async_trait]
+impl Judge for OpenAiJudge {
+    fn name(&self) -> String {
+        let model = &self.config.model;
+        match &self.config.name {
+            Some(n) => format!("{n} ({model} via {})", self.config.api_base),
+            None => format!("{model} via {}", self.config.api_base),
+        }
+    }
+
+    async fn screen(
+        &self,
+        edit: &EditContext,
+        preview: &RgbImage,
+        stage: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        let (step, steps) = (stage.step.to_string(), stage.steps.to_string());
+        let prompt = render(
+            &self.prompts.screen,
+            &[
+                ("instruction", edit.instruction.as_str()),
+                ("step", &step),
+                ("steps", &steps),
+            ],
+        );
+        let answer = self.ask(&prompt, &[&edit.source, preview]).await?;
+        let text = &answer.reply.text;
+        let map = parse::reply_object(text)?;
+        let mut score = parse::scores(&map, 1, text)?[0];
+        if let Some(d) = integer_distributions(&answer.reply.logprobs, "score", 1, 0..=10) {
+            score = expectation(&d[0]);
+        }
+        Ok(ScreenVerdict {
+            pass: parse::verdict(&map, "pass", text)?,
+            score,
+            reasoning: parse::reasoning(&map),
+            usage: answer.usage,
+        })
+    }
+
+    async fn compare(
+        &self,
+        edit: &EditContext,
+        first: &RgbImage,
+        second: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        let prompt = render(
+            &self.prompts.compare,
+            &[("instruction", edit.instruction.as_str())],
+        );
+        let answer = self.ask(&prompt, &[first, second, &edit.source]).await?;
+        let text = &answer.reply.text;
+        let map = parse::reply_object(text)?;
+        let preferred = parse::preference(&map, text)?;
+        let p_first =
+            integer_distributions(&answer.reply.logprobs, "better", 1, 0..=2).and_then(|d| {
+                let p = |v| d[0].iter().find(|x| x.0 == v).map_or(0.0, |x| x.1);
+                let (p1, p2) = (p(1), p(2));
+                (p1 + p2 > 0.0).then(|| p1 / (p1 + p2))
+            });
+        Ok(Comparison {
+            preferred,
+            p_first,
+            reasoning: parse::reasoning(&map),
+            usage: answer.usage,
+        })
+    }
+
+    async fn semantic_consistency(
+        &self,
+        edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        let prompt = render(
+            &self.prompts.vie_sc,
+            &[("instruction", edit.instruction.as_str())],
+        );
+        let answer = self.ask(&prompt, &[&edit.source, edited]).await?;
+        sub_scores(answer)
+    }
+
+    async fn perceptual_quality(
+        &self,
+        _edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        let answer = self.ask(&self.prompts.vie_pq, &[edited]).await?;
+        sub_scores(answer)
+    }
+}
+
+fn sub_scores(answer: Answer) -> Result<SubScores, JudgeError> {
+    let text = &answer.reply.text;
+    let map = parse::reply_object(text)?;
+    let parsed = parse::scores(&map, 2, text)?;
+    let scores = match integer_distributions(&answer.reply.logprobs, "score", 2, 0..=10) {
+        Some(d) => [expectation(&d[0]), expectation(&d[1])],
+        None => [parsed[0], parsed[1]],
+    };
+    Ok(SubScores {
+        scores,
+        reasoning: parse::reasoning(&map),
+        usage: answer.usage,
+    })
+}
