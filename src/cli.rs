@@ -34,6 +34,66 @@ pub enum Command {
     Merge(MergeArgs),
     /// Measure strategies on many testbed edits against the known truth.
     Study(StudyArgs),
+    /// Benchmarks (speed and memory).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Generator busy fraction and makespan of a batch vs queue depth and judge latency.
+    Pipeline(PipelineBenchArgs),
+    /// Peak memory of a batch over a long manifest (run once per size: peak RSS is per process).
+    Memory(MemoryBenchArgs),
+}
+
+/// `bench pipeline`.
+#[derive(Debug, Clone, Args)]
+pub struct PipelineBenchArgs {
+    /// Edits per configuration.
+    #[arg(long, default_value_t = 16)]
+    pub edits: usize,
+    /// Queue depths (edits in flight).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,8")]
+    pub queues: Vec<usize>,
+    /// Judge latencies per call, seconds.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,3")]
+    pub latencies: Vec<f64>,
+    /// Generator seconds per candidate per step (FLUX Fill at 1024x512 on one H100 is of
+    /// this order; measure yours with the FLUX bench when it lands).
+    #[arg(long, default_value_t = 0.15)]
+    pub step_s: f64,
+    /// Generator seconds per VAE decode.
+    #[arg(long, default_value_t = 0.1)]
+    pub decode_s: f64,
+    /// Scales every time so the benchmark runs in seconds (ratios are unchanged).
+    #[arg(long, default_value_t = 0.02)]
+    pub time_scale: f64,
+    /// Testbed panel width (small: the cost model, not the simulator, should dominate).
+    #[arg(long, default_value_t = 64)]
+    pub width: u32,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub strategy: StrategyArgs,
+    /// Scratch folder.
+    #[arg(long, default_value = "out/bench-pipeline")]
+    pub out: PathBuf,
+}
+
+/// `bench memory`.
+#[derive(Debug, Clone, Args)]
+pub struct MemoryBenchArgs {
+    /// Manifest lines.
+    #[arg(long, default_value_t = 100_000)]
+    pub lines: usize,
+    /// Items actually edited (the rest belong to other shards but are still streamed,
+    /// validated and hashed).
+    #[arg(long, default_value_t = 500)]
+    pub items: usize,
+    /// Scratch folder.
+    #[arg(long, default_value = "out/bench-memory")]
+    pub out: PathBuf,
 }
 
 /// Strategy parameters shared by every command that edits.

@@ -7,7 +7,10 @@ use anyhow::Context;
 
 use crate::backends::{build_generator, build_judge};
 use crate::batch::{merge_shards, run_batch, BatchOptions, Shard, StopFlag};
-use crate::cli::{BatchArgs, Cli, Command, DemoArgs, EditArgs, MergeArgs, StudyArgs};
+use crate::cli::{
+    BatchArgs, BenchCommand, Cli, Command, DemoArgs, EditArgs, MemoryBenchArgs, MergeArgs,
+    PipelineBenchArgs, StudyArgs,
+};
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
 use crate::engine::{EditJob, EditReport, Engine, GeneratorWorker, PhaseBars};
@@ -52,6 +55,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Batch(args)) => batch(*args).await,
         Some(Command::Merge(args)) => merge(args),
         Some(Command::Study(args)) => study(args).await,
+        Some(Command::Bench(BenchCommand::Pipeline(args))) => bench_pipeline(args).await,
+        Some(Command::Bench(BenchCommand::Memory(args))) => bench_memory(args).await,
         None => edit(cli.edit).await,
     }
 }
@@ -218,6 +223,91 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
         &serde_json::to_vec_pretty(&report)?,
     )?;
     println!("{md}");
+    Ok(())
+}
+
+/// `bench pipeline`: prints a table of busy fraction and makespan.
+pub async fn bench_pipeline(args: PipelineBenchArgs) -> anyhow::Result<()> {
+    let strategy = args.strategy.to_config();
+    strategy.validate()?;
+    let bench = crate::batch::bench::PipelineBench {
+        edits: args.edits,
+        queues: args.queues,
+        latencies: args.latencies,
+        step_s: args.step_s,
+        decode_s: args.decode_s,
+        time_scale: args.time_scale,
+        strategy,
+        width: args.width,
+    };
+    let rows = crate::batch::bench::run_pipeline_bench(&bench, &args.out).await?;
+    let mut md = format!(
+        "{} edits per row, {} (NFE {}), {} s per candidate-step, {} s per decode; times unscaled (run at x{}).\n\n",
+        bench.edits,
+        bench.strategy.kind.name(),
+        bench.strategy.planned_nfe(),
+        bench.step_s,
+        bench.decode_s,
+        bench.time_scale
+    );
+    md.push_str("| queued edits | judge latency (s) | makespan (s) | generator work = lower bound (s) | makespan / bound | generator busy |\n|---|---|---|---|---|---|\n");
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.3} | {:.1}% |\n",
+            r.queue,
+            r.latency_s,
+            r.makespan_s,
+            r.generator_work_s,
+            r.makespan_s / r.generator_work_s,
+            100.0 * r.busy_fraction
+        ));
+    }
+    crate::engine::outputs::write_atomic(&args.out.join("pipeline.md"), md.as_bytes())?;
+    println!("{md}");
+    Ok(())
+}
+
+/// `bench memory`: one batch over a long manifest, then the process's peak RSS.
+pub async fn bench_memory(args: MemoryBenchArgs) -> anyhow::Result<()> {
+    let manifest = crate::batch::bench::write_manifest(&args.out, args.lines, 32)?;
+    let generator = TestbedGenerator::new(TestbedConfig::default());
+    let engine = Engine::new(
+        Arc::new(GeneratorWorker::spawn(Box::new(generator))),
+        Arc::new(TestbedJudge::new(TestbedJudgeConfig::default())),
+        8,
+    );
+    let out = args.out.join(format!("run-{}", args.lines));
+    let _ = std::fs::remove_dir_all(&out);
+    let opts = BatchOptions {
+        manifest,
+        root: None,
+        out,
+        shard: Shard {
+            index: 0,
+            count: (args.lines / args.items.max(1)).max(1),
+        },
+        strategy: crate::engine::StrategyConfig {
+            seeds: 4,
+            probe_steps: 2,
+            keep: 1,
+            steps: 6,
+            ..Default::default()
+        },
+        queue: 4,
+        width: 32,
+        progress: false,
+    };
+    let started = std::time::Instant::now();
+    let outcome = run_batch(&engine, &opts, &StopFlag::default()).await?;
+    println!(
+        "{} manifest lines, {} edited, {} for other shards, {:.1}s; peak RSS {} MiB",
+        args.lines,
+        outcome.done + outcome.failed,
+        outcome.other_shards,
+        started.elapsed().as_secs_f64(),
+        crate::batch::bench::peak_rss_kib()
+            .map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+    );
     Ok(())
 }
 

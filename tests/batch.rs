@@ -225,3 +225,61 @@ fn bad_items_are_reported_and_skipped_and_outages_retried() {
         .iter()
         .all(|r| r["status"] != serde_json::json!(ItemStatus::Ok) || r["overall"].is_number()));
 }
+
+/// The real binary, killed with SIGKILL mid-batch and rerun, ends with exactly one result
+/// per item, identical to an uninterrupted run.
+#[test]
+fn killed_process_rerun_matches_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), 40, &[]);
+    let bin = env!("CARGO_BIN_EXE_icedit-scale");
+    let args = |out: &Path| {
+        let mut c = std::process::Command::new(bin);
+        c.args(["batch", "--manifest"])
+            .arg(&m)
+            .arg("--out")
+            .arg(out)
+            .args([
+                "--width",
+                "32",
+                "--seeds",
+                "4",
+                "--probe-steps",
+                "2",
+                "--keep",
+                "2",
+            ])
+            .args(["--steps", "8", "--queue", "3", "--generator", "testbed"])
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    };
+    let full = dir.path().join("full");
+    assert!(args(&full).status().unwrap().success());
+
+    let part = dir.path().join("part");
+    let mut child = args(&part).spawn().unwrap();
+    let summary_path = part.join("summary.jsonl");
+    let started = std::time::Instant::now();
+    loop {
+        let lines = std::fs::read_to_string(&summary_path).map_or(0, |t| t.lines().count());
+        if lines >= 5 || started.elapsed() > std::time::Duration::from_secs(60) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to clean up.
+    child.wait().unwrap();
+    let done_before = std::fs::read_to_string(&summary_path)
+        .unwrap()
+        .lines()
+        .count();
+    assert!(
+        done_before < 40,
+        "the batch finished before it could be killed"
+    );
+    assert!(args(&part).status().unwrap().success());
+    assert_eq!(summary(&part), summary(&full));
+    assert_eq!(summary(&part).len(), 40);
+}

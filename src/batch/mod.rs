@@ -2,6 +2,7 @@
 //! engine, durable per-item results that a rerun resumes from, deterministic sharding for
 //! array jobs (Slurm, Kubernetes indexed Jobs) and merging of shard outputs.
 
+pub mod bench;
 pub mod manifest;
 pub mod runner;
 pub mod shard;
