@@ -6,6 +6,7 @@
 //! schedule, the seeded noise, the Euler sampler, the x0 preview and the resumable
 //! [`CandidateState`], lives here and is written once.
 
+pub mod flux;
 pub mod noise;
 pub mod schedule;
 pub mod testbed;

@@ -1,0 +1,289 @@
+//! The two FLUX block kinds: double-stream (separate text and image weights, joint
+//! attention) and single-stream (one fused stream with a parallel MLP).
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
+
+use super::lora::{AdaptedLinear, LoraSet, MoeLinear};
+
+/// Layer norm without affine parameters (eps 1e-6), as every FLUX modulation uses.
+fn plain_layer_norm(xs: &Tensor) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let xs = xs.to_dtype(candle_core::DType::F32)?;
+    let mean = xs.mean_keepdim(D::Minus1)?;
+    let centred = xs.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    centred
+        .broadcast_div(&(var + 1e-6)?.sqrt()?)?
+        .to_dtype(dtype)
+}
+
+/// `norm(x) * (1 + scale) + shift` with `[B, hidden]` modulation vectors.
+fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    plain_layer_norm(xs)?
+        .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// A linear layer that may carry MoE experts (plain LoRA is merged by the weight loader).
+pub fn adapted_linear(
+    vb: VarBuilder,
+    input: usize,
+    output: usize,
+    lora: Option<&LoraSet>,
+) -> Result<AdaptedLinear> {
+    let base = linear(input, output, vb.clone())?;
+    let module = vb.prefix();
+    match lora.and_then(|l| l.take_experts(&module)) {
+        Some(experts) => Ok(AdaptedLinear::Moe(MoeLinear::new(base, experts)?)),
+        None => Ok(AdaptedLinear::Merged(base)),
+    }
+}
+
+/// Splits a `[B, n * hidden]` modulation vector into `n` chunks.
+fn chunks(xs: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    xs.chunk(n, D::Minus1)
+}
+
+/// Query/key/value projections with per-head RMS norms for one stream.
+#[derive(Debug, Clone)]
+struct Qkv {
+    q: AdaptedLinear,
+    k: AdaptedLinear,
+    v: AdaptedLinear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+}
+
+impl Qkv {
+    fn new(
+        vb: &VarBuilder,
+        names: [&str; 5],
+        hidden: usize,
+        head_dim: usize,
+        lora: Option<&LoraSet>,
+    ) -> Result<Self> {
+        Ok(Self {
+            q: adapted_linear(vb.pp(names[0]), hidden, hidden, lora)?,
+            k: adapted_linear(vb.pp(names[1]), hidden, hidden, lora)?,
+            v: adapted_linear(vb.pp(names[2]), hidden, hidden, lora)?,
+            norm_q: candle_nn::rms_norm(head_dim, 1e-6, vb.pp(names[3]))?,
+            norm_k: candle_nn::rms_norm(head_dim, 1e-6, vb.pp(names[4]))?,
+        })
+    }
+
+    /// `[B, S, hidden]` -> three `[B, heads, S, head_dim]` tensors, q and k normalised.
+    fn forward(&self, xs: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = xs.dims3()?;
+        let split = |t: Tensor| t.reshape((b, s, heads, ()))?.transpose(1, 2)?.contiguous();
+        let q = split(self.q.forward(xs)?)?.apply(&self.norm_q)?;
+        let k = split(self.k.forward(xs)?)?.apply(&self.norm_k)?;
+        let v = split(self.v.forward(xs)?)?;
+        Ok((q, k, v))
+    }
+}
+
+/// Rotary embedding over `[B, H, S, D]` with `[S, D/2]` tables, then scaled dot-product
+/// attention; returns `[B, S, H * D]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let (cos, sin) = (rope.0.to_dtype(dtype)?, rope.1.to_dtype(dtype)?);
+    let q = candle_nn::rotary_emb::rope_i(&q.contiguous()?, &cos, &sin)?;
+    let k = candle_nn::rotary_emb::rope_i(&k.contiguous()?, &cos, &sin)?;
+    let (b, h, s, d) = q.dims4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let weights = candle_nn::ops::softmax_last_dim(&scores.to_dtype(candle_core::DType::F32)?)?
+        .to_dtype(dtype)?;
+    weights
+        .matmul(&v.contiguous()?)?
+        .transpose(1, 2)?
+        .reshape((b, s, h * d))
+}
+
+/// GELU(tanh) MLP: `net.0.proj` (hidden -> 4 hidden) and `net.2` (4 hidden -> hidden).
+#[derive(Debug, Clone)]
+struct FeedForward {
+    up: AdaptedLinear,
+    down: AdaptedLinear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, hidden: usize, mlp: usize, lora: Option<&LoraSet>) -> Result<Self> {
+        Ok(Self {
+            up: adapted_linear(vb.pp("net.0.proj"), hidden, mlp, lora)?,
+            down: adapted_linear(vb.pp("net.2"), mlp, hidden, lora)?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.down.forward(&self.up.forward(xs)?.gelu()?)
+    }
+}
+
+/// A double-stream block (`transformer_blocks.N`).
+#[derive(Debug, Clone)]
+pub struct DoubleBlock {
+    img_mod: AdaptedLinear,
+    txt_mod: AdaptedLinear,
+    img_qkv: Qkv,
+    txt_qkv: Qkv,
+    img_out: AdaptedLinear,
+    txt_out: AdaptedLinear,
+    img_ff: FeedForward,
+    txt_ff: FeedForward,
+    heads: usize,
+}
+
+impl DoubleBlock {
+    /// Loads one block from `vb` (diffusers names).
+    pub fn new(
+        vb: VarBuilder,
+        hidden: usize,
+        heads: usize,
+        mlp: usize,
+        lora: Option<&LoraSet>,
+    ) -> Result<Self> {
+        let head_dim = hidden / heads;
+        let attn = vb.pp("attn");
+        Ok(Self {
+            img_mod: adapted_linear(vb.pp("norm1.linear"), hidden, 6 * hidden, lora)?,
+            txt_mod: adapted_linear(vb.pp("norm1_context.linear"), hidden, 6 * hidden, lora)?,
+            img_qkv: Qkv::new(
+                &attn,
+                ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                hidden,
+                head_dim,
+                lora,
+            )?,
+            txt_qkv: Qkv::new(
+                &attn,
+                [
+                    "add_q_proj",
+                    "add_k_proj",
+                    "add_v_proj",
+                    "norm_added_q",
+                    "norm_added_k",
+                ],
+                hidden,
+                head_dim,
+                lora,
+            )?,
+            img_out: adapted_linear(attn.pp("to_out.0"), hidden, hidden, lora)?,
+            txt_out: adapted_linear(attn.pp("to_add_out"), hidden, hidden, lora)?,
+            img_ff: FeedForward::new(vb.pp("ff"), hidden, mlp, lora)?,
+            txt_ff: FeedForward::new(vb.pp("ff_context"), hidden, mlp, lora)?,
+            heads,
+        })
+    }
+
+    /// `img` `[B, S_img, hidden]`, `txt` `[B, S_txt, hidden]`, `temb` `[B, hidden]`;
+    /// `rope` covers the joint `[txt; img]` sequence.
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let act = temb.silu()?;
+        let im = chunks(&self.img_mod.forward(&act)?, 6)?;
+        let tm = chunks(&self.txt_mod.forward(&act)?, 6)?;
+        let img_in = modulate(img, &im[0], &im[1])?;
+        let txt_in = modulate(txt, &tm[0], &tm[1])?;
+        let (iq, ik, iv) = self.img_qkv.forward(&img_in, self.heads)?;
+        let (tq, tk, tv) = self.txt_qkv.forward(&txt_in, self.heads)?;
+        let q = Tensor::cat(&[tq, iq], 2)?;
+        let k = Tensor::cat(&[tk, ik], 2)?;
+        let v = Tensor::cat(&[tv, iv], 2)?;
+        let joint = attention(&q, &k, &v, rope)?;
+        let n_txt = txt.dim(1)?;
+        let txt_attn = self.txt_out.forward(&joint.narrow(1, 0, n_txt)?)?;
+        let img_attn = self
+            .img_out
+            .forward(&joint.narrow(1, n_txt, img.dim(1)?)?)?;
+
+        let img = (img + img_attn.broadcast_mul(&im[2].unsqueeze(1)?)?)?;
+        let img_ff = self.img_ff.forward(&modulate(&img, &im[3], &im[4])?)?;
+        let img = (&img + img_ff.broadcast_mul(&im[5].unsqueeze(1)?)?)?;
+
+        let txt = (txt + txt_attn.broadcast_mul(&tm[2].unsqueeze(1)?)?)?;
+        let txt_ff = self.txt_ff.forward(&modulate(&txt, &tm[3], &tm[4])?)?;
+        let txt = (&txt + txt_ff.broadcast_mul(&tm[5].unsqueeze(1)?)?)?;
+        Ok((img, txt))
+    }
+}
+
+/// A single-stream block (`single_transformer_blocks.N`) over the joint `[txt; img]` stream.
+#[derive(Debug, Clone)]
+pub struct SingleBlock {
+    modulation: AdaptedLinear,
+    qkv: Qkv,
+    proj_mlp: AdaptedLinear,
+    proj_out: AdaptedLinear,
+    heads: usize,
+}
+
+impl SingleBlock {
+    /// Loads one block from `vb` (diffusers names).
+    pub fn new(
+        vb: VarBuilder,
+        hidden: usize,
+        heads: usize,
+        mlp: usize,
+        lora: Option<&LoraSet>,
+    ) -> Result<Self> {
+        Ok(Self {
+            modulation: adapted_linear(vb.pp("norm.linear"), hidden, 3 * hidden, lora)?,
+            qkv: Qkv::new(
+                &vb.pp("attn"),
+                ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                hidden,
+                hidden / heads,
+                lora,
+            )?,
+            proj_mlp: adapted_linear(vb.pp("proj_mlp"), hidden, mlp, lora)?,
+            proj_out: adapted_linear(vb.pp("proj_out"), hidden + mlp, hidden, lora)?,
+            heads,
+        })
+    }
+
+    /// `xs` is the joint stream `[B, S_txt + S_img, hidden]`.
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+        let m = chunks(&self.modulation.forward(&temb.silu()?)?, 3)?;
+        let normed = modulate(xs, &m[0], &m[1])?;
+        let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
+        let (q, k, v) = self.qkv.forward(&normed, self.heads)?;
+        let attn = attention(&q, &k, &v, rope)?;
+        let out = self
+            .proj_out
+            .forward(&Tensor::cat(&[attn, mlp], D::Minus1)?)?;
+        xs + out.broadcast_mul(&m[2].unsqueeze(1)?)?
+    }
+}
+
+/// The final `AdaLayerNormContinuous` + projection to output channels.
+#[derive(Debug, Clone)]
+pub struct FinalLayer {
+    modulation: Linear,
+    proj: Linear,
+}
+
+impl FinalLayer {
+    /// Loads `norm_out.linear` (scale, shift) and `proj_out`.
+    pub fn new(vb: &VarBuilder, hidden: usize, out: usize) -> Result<Self> {
+        Ok(Self {
+            modulation: linear(hidden, 2 * hidden, vb.pp("norm_out.linear"))?,
+            proj: linear(hidden, out, vb.pp("proj_out"))?,
+        })
+    }
+
+    /// `xs` `[B, S, hidden]` -> `[B, S, out]`.
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let m = chunks(&self.modulation.forward(&temb.silu()?)?, 2)?;
+        // diffusers order: (scale, shift).
+        self.proj.forward(&modulate(xs, &m[1], &m[0])?)
+    }
+}

@@ -1,0 +1,296 @@
+//! Finding the FLUX.1 Fill files: a diffusers folder, a Hugging Face cache snapshot, or BFL
+//! single files with the text encoders taken from a folder.
+
+use std::path::{Path, PathBuf};
+
+use super::config::FluxConfig;
+use super::text::EncoderFiles;
+use super::vae::VaeConfig;
+use super::weights::{KeyLayout, WeightSource};
+use crate::error::GenerateError;
+
+/// What the user pointed at.
+#[derive(Debug, Clone, Default)]
+pub struct FluxPaths {
+    /// A diffusers folder or a Hugging Face cache entry (`models--...--FLUX.1-Fill-dev`).
+    pub model_dir: Option<PathBuf>,
+    /// A transformer file overriding the folder's (BFL `flux1-fill-dev.safetensors` or diffusers).
+    pub transformer: Option<PathBuf>,
+    /// An autoencoder file overriding the folder's (BFL `ae.safetensors` or diffusers).
+    pub vae: Option<PathBuf>,
+    /// A folder with `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`
+    /// (defaults to the model folder).
+    pub text_encoders: Option<PathBuf>,
+}
+
+/// Every file the generator needs, resolved.
+#[derive(Debug, Clone)]
+pub struct FluxFiles {
+    /// Transformer shards.
+    pub transformer: Vec<PathBuf>,
+    /// Their key layout.
+    pub transformer_layout: KeyLayout,
+    /// Transformer hyper-parameters.
+    pub transformer_config: FluxConfig,
+    /// Autoencoder shards.
+    pub vae: Vec<PathBuf>,
+    /// Their key layout.
+    pub vae_layout: KeyLayout,
+    /// Autoencoder hyper-parameters.
+    pub vae_config: VaeConfig,
+    /// CLIP-L.
+    pub clip: EncoderFiles,
+    /// T5.
+    pub t5: EncoderFiles,
+}
+
+fn missing(path: &Path, what: &str) -> GenerateError {
+    GenerateError::Weights {
+        path: path.to_path_buf(),
+        reason: format!("not found ({what})"),
+    }
+}
+
+/// A Hugging Face cache entry resolves to the snapshot `refs/main` names, or its only one.
+pub fn resolve_snapshot(dir: &Path) -> Result<PathBuf, GenerateError> {
+    let snapshots = dir.join("snapshots");
+    if !snapshots.is_dir() {
+        return Ok(dir.to_path_buf());
+    }
+    if let Ok(rev) = std::fs::read_to_string(dir.join("refs").join("main")) {
+        let chosen = snapshots.join(rev.trim());
+        if chosen.is_dir() {
+            return Ok(chosen);
+        }
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&snapshots)
+        .map_err(|e| GenerateError::Weights {
+            path: snapshots.clone(),
+            reason: e.to_string(),
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    entries.sort();
+    match entries.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(missing(
+            &snapshots,
+            "no snapshot in this Hugging Face cache entry",
+        )),
+        _ => Err(GenerateError::Weights {
+            path: snapshots,
+            reason: "several snapshots and no refs/main; point --model-dir at one snapshot".into(),
+        }),
+    }
+}
+
+/// The safetensors shards of a component folder (all `*.safetensors` in it, sorted).
+fn shards(dir: &Path) -> Result<Vec<PathBuf>, GenerateError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|_| missing(dir, "component folder"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(missing(dir, "no .safetensors files in this folder"));
+    }
+    Ok(files)
+}
+
+fn read_config<T: for<'de> serde::Deserialize<'de>>(path: &Path) -> Result<T, GenerateError> {
+    let text = std::fs::read_to_string(path).map_err(|_| missing(path, "config.json"))?;
+    serde_json::from_str(&text).map_err(|e| GenerateError::Weights {
+        path: path.to_path_buf(),
+        reason: format!("invalid config: {e}"),
+    })
+}
+
+fn encoder(root: &Path, weights: &str, tokenizer: &str) -> Result<EncoderFiles, GenerateError> {
+    let dir = root.join(weights);
+    let tokenizer_dir = root.join(tokenizer);
+    if !tokenizer_dir.is_dir() {
+        return Err(missing(&tokenizer_dir, "tokenizer folder"));
+    }
+    Ok(EncoderFiles {
+        config: dir.join("config.json"),
+        weights: shards(&dir)?,
+        tokenizer_dir,
+    })
+}
+
+/// Which layout a transformer file uses, from its keys.
+fn transformer_layout(
+    files: &[PathBuf],
+    probe: &WeightSource,
+    config: &FluxConfig,
+) -> Result<KeyLayout, GenerateError> {
+    let bfl = [
+        "double_blocks.0.img_attn.qkv.weight",
+        "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+    ];
+    if bfl.iter().any(|k| probe.has_key(k)) {
+        Ok(KeyLayout::BflTransformer {
+            hidden: config.hidden(),
+            mlp: config.mlp_hidden(),
+        })
+    } else if probe.has_key("transformer_blocks.0.attn.to_q.weight")
+        || probe.has_key("x_embedder.weight")
+    {
+        Ok(KeyLayout::Diffusers)
+    } else {
+        Err(GenerateError::Weights {
+            path: files[0].clone(),
+            reason:
+                "neither BFL (`double_blocks.*`) nor diffusers (`transformer_blocks.*`) FLUX keys"
+                    .into(),
+        })
+    }
+}
+
+/// Infers the transformer config of a BFL file without a `config.json` (the FLUX.1 family:
+/// 128-wide heads, RoPE axes 16/56/56), reading widths and depths from tensor shapes.
+fn infer_bfl_config(file: &Path, probe: &WeightSource) -> Result<FluxConfig, GenerateError> {
+    let p = if probe.has_key("img_in.weight") {
+        ""
+    } else {
+        "model.diffusion_model."
+    };
+    let shape = |k: &str| {
+        probe
+            .key_shape(&format!("{p}{k}"))
+            .ok_or_else(|| GenerateError::Weights {
+                path: file.to_path_buf(),
+                reason: format!("missing tensor `{p}{k}`"),
+            })
+    };
+    let count = |prefix: &str| {
+        probe
+            .keys()
+            .iter()
+            .filter_map(|k| {
+                k.strip_prefix(&format!("{p}{prefix}"))?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .max()
+            .map_or(0, |m| m + 1)
+    };
+    let img_in = shape("img_in.weight")?;
+    let head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")?[0];
+    if head_dim != 128 {
+        return Err(GenerateError::Weights {
+            path: file.to_path_buf(),
+            reason: format!("head width {head_dim}: RoPE axes unknown; give a folder with transformer/config.json"),
+        });
+    }
+    Ok(FluxConfig {
+        in_channels: img_in[1],
+        out_channels: Some(shape("final_layer.linear.weight")?[0]),
+        num_layers: count("double_blocks."),
+        num_single_layers: count("single_blocks."),
+        attention_head_dim: head_dim,
+        num_attention_heads: img_in[0] / head_dim,
+        joint_attention_dim: shape("txt_in.weight")?[1],
+        pooled_projection_dim: shape("vector_in.in_layer.weight")?[1],
+        guidance_embeds: probe.has_key(&format!("{p}guidance_in.in_layer.weight")),
+        axes_dims_rope: vec![16, 56, 56],
+        patch_size: 1,
+    })
+}
+
+impl FluxFiles {
+    /// Resolves every file, failing with the first missing one named.
+    pub fn discover(paths: &FluxPaths) -> Result<Self, GenerateError> {
+        let root = match &paths.model_dir {
+            Some(dir) if !dir.is_dir() => return Err(missing(dir, "model folder")),
+            Some(dir) => Some(resolve_snapshot(dir)?),
+            None => None,
+        };
+        let text_root = match (&paths.text_encoders, &root) {
+            (Some(dir), _) => resolve_snapshot(dir)?,
+            (None, Some(dir)) => dir.clone(),
+            (None, None) => {
+                return Err(GenerateError::Input(
+                    "FLUX needs --model-dir (diffusers folder or HF snapshot), or --text-encoders with --transformer and --vae".into(),
+                ))
+            }
+        };
+
+        // Transformer: explicit file, the diffusers subfolder, or the BFL file in the root.
+        let transformer = match (&paths.transformer, &root) {
+            (Some(f), _) => vec![f.clone()],
+            (None, Some(r)) if r.join("transformer").is_dir() => shards(&r.join("transformer"))?,
+            (None, Some(r)) if r.join("flux1-fill-dev.safetensors").is_file() => {
+                vec![r.join("flux1-fill-dev.safetensors")]
+            }
+            (None, Some(r)) => return Err(missing(&r.join("transformer"), "transformer weights")),
+            (None, None) => {
+                return Err(GenerateError::Input(
+                    "--transformer is required without --model-dir".into(),
+                ))
+            }
+        };
+        let probe = WeightSource::open(&transformer, KeyLayout::Diffusers)?;
+        let config_path = [root.as_ref(), Some(&text_root)]
+            .into_iter()
+            .flatten()
+            .map(|r| r.join("transformer").join("config.json"))
+            .find(|p| p.is_file());
+        let transformer_config = match config_path {
+            Some(p) => read_config::<FluxConfig>(&p)?,
+            None => infer_bfl_config(&transformer[0], &probe)?,
+        };
+        transformer_config
+            .validate()
+            .map_err(|reason| GenerateError::Weights {
+                path: transformer[0].clone(),
+                reason,
+            })?;
+        let transformer_layout = transformer_layout(&transformer, &probe, &transformer_config)?;
+
+        // Autoencoder: explicit file, the diffusers subfolder, or `ae.safetensors` in the root.
+        let vae = match (&paths.vae, &root) {
+            (Some(f), _) => vec![f.clone()],
+            (None, Some(r)) if r.join("vae").is_dir() => shards(&r.join("vae"))?,
+            (None, Some(r)) if r.join("ae.safetensors").is_file() => vec![r.join("ae.safetensors")],
+            (None, Some(r)) => return Err(missing(&r.join("vae"), "autoencoder weights")),
+            (None, None) => {
+                return Err(GenerateError::Input(
+                    "--vae is required without --model-dir".into(),
+                ))
+            }
+        };
+        let vae_probe = WeightSource::open(&vae, KeyLayout::Diffusers)?;
+        let vae_config_path = [root.as_ref(), Some(&text_root)]
+            .into_iter()
+            .flatten()
+            .map(|r| r.join("vae").join("config.json"))
+            .find(|p| p.is_file());
+        let vae_config = match vae_config_path {
+            Some(p) => read_config::<VaeConfig>(&p)?,
+            None => VaeConfig::flux(),
+        };
+        let vae_layout = if vae_probe.has_key("encoder.down.0.block.0.conv1.weight") {
+            KeyLayout::BflVae {
+                levels: vae_config.block_out_channels.len(),
+            }
+        } else {
+            KeyLayout::Diffusers
+        };
+
+        Ok(Self {
+            transformer,
+            transformer_layout,
+            transformer_config,
+            vae,
+            vae_layout,
+            vae_config,
+            clip: encoder(&text_root, "text_encoder", "tokenizer")?,
+            t5: encoder(&text_root, "text_encoder_2", "tokenizer_2")?,
+        })
+    }
+}

@@ -1,0 +1,364 @@
+//! The ICEdit LoRA: plain low-rank adapters merged into the base weights at load time, and
+//! the MoE variant whose expert layers run at inference.
+//!
+//! Key layout (diffusers/peft, prefix `transformer.`):
+//! - plain: `<module>.lora_A.weight` `[r, in]`, `<module>.lora_B.weight` `[out, r]`, optional
+//!   `<module>.alpha` (scale `alpha / r`; absent means 1);
+//! - MoE: `<module>.lora_A.expert_E.weight`, `<module>.lora_B.expert_E.weight` and a bias-free
+//!   router `<module>.lora_route.weight` `[experts, in]`; each token takes the expert with
+//!   the largest router logit, with weight 1.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::Linear;
+
+use crate::error::GenerateError;
+
+/// One plain adapter: `delta W = scale * up @ down`.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    /// `lora_A`, `[rank, in]`.
+    pub down: Tensor,
+    /// `lora_B`, `[out, rank]`.
+    pub up: Tensor,
+    /// `alpha / rank` times the user's scale.
+    pub scale: f64,
+}
+
+impl LowRank {
+    /// The dense update `scale * up @ down`, `[out, in]` in f32.
+    pub fn delta(&self) -> Result<Tensor> {
+        let up = self.up.to_dtype(DType::F32)?;
+        let down = self.down.to_dtype(DType::F32)?;
+        up.matmul(&down)? * self.scale
+    }
+}
+
+/// A mixture of low-rank experts with a top-1 router.
+#[derive(Debug, Clone)]
+pub struct Experts {
+    /// One adapter per expert.
+    pub experts: Vec<LowRank>,
+    /// Router weight `[experts, in]`, no bias.
+    pub route: Tensor,
+}
+
+/// The adapters of one LoRA file, keyed by diffusers module path (without `transformer.`).
+#[derive(Debug, Default)]
+pub struct LoraSet {
+    /// The file they came from (for messages).
+    pub path: PathBuf,
+    /// Mergeable adapters.
+    pub plain: BTreeMap<String, LowRank>,
+    /// Layers that run their experts at inference.
+    pub experts: BTreeMap<String, Experts>,
+    /// Keys that fit neither layout.
+    pub unknown_keys: Vec<String>,
+    used: Mutex<BTreeSet<String>>,
+}
+
+/// What loading did with a LoRA file, for logs and reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoraReport {
+    /// The file.
+    pub path: PathBuf,
+    /// Merged plain adapters.
+    pub merged: usize,
+    /// Layers running MoE experts.
+    pub moe_layers: usize,
+    /// Adapters for modules the model does not have.
+    pub unused: Vec<String>,
+    /// Keys that are not LoRA keys at all.
+    pub unknown_keys: Vec<String>,
+}
+
+impl LoraSet {
+    /// Reads a LoRA safetensors file; `user_scale` multiplies every adapter.
+    pub fn load(path: &Path, user_scale: f64) -> std::result::Result<Self, GenerateError> {
+        let err = |reason: String| GenerateError::Weights {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| err(format!("cannot read LoRA: {e}")))?;
+        let mut downs: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut ups: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut alphas: BTreeMap<String, f64> = BTreeMap::new();
+        let mut expert_downs: BTreeMap<(String, usize), Tensor> = BTreeMap::new();
+        let mut expert_ups: BTreeMap<(String, usize), Tensor> = BTreeMap::new();
+        let mut routes: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut unknown_keys = Vec::new();
+        for (key, tensor) in tensors {
+            let name = key
+                .strip_prefix("transformer.")
+                .or_else(|| key.strip_prefix("base_model.model."))
+                .unwrap_or(&key);
+            if let Some(m) = name
+                .strip_suffix(".lora_A.weight")
+                .or_else(|| name.strip_suffix(".lora_down.weight"))
+            {
+                downs.insert(m.to_string(), tensor);
+            } else if let Some(m) = name
+                .strip_suffix(".lora_B.weight")
+                .or_else(|| name.strip_suffix(".lora_up.weight"))
+            {
+                ups.insert(m.to_string(), tensor);
+            } else if let Some(m) = name.strip_suffix(".alpha") {
+                let a = tensor
+                    .to_dtype(DType::F64)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f64>())
+                    .map_err(|e| err(format!("key `{key}`: {e}")))?;
+                alphas.insert(m.to_string(), *a.first().unwrap_or(&0.0));
+            } else if let Some(m) = name.strip_suffix(".lora_route.weight") {
+                routes.insert(m.to_string(), tensor);
+            } else if let Some((m, e, is_down)) = expert_key(name) {
+                if is_down {
+                    expert_downs.insert((m, e), tensor);
+                } else {
+                    expert_ups.insert((m, e), tensor);
+                }
+            } else {
+                unknown_keys.push(key.clone());
+            }
+        }
+        let mut plain = BTreeMap::new();
+        for (module, down) in downs {
+            let up = ups
+                .remove(&module)
+                .ok_or_else(|| err(format!("`{module}.lora_A.weight` has no matching lora_B")))?;
+            plain.insert(
+                module.clone(),
+                low_rank(&module, down, up, alphas.get(&module), user_scale).map_err(err)?,
+            );
+        }
+        if let Some(module) = ups.keys().next() {
+            return Err(err(format!(
+                "`{module}.lora_B.weight` has no matching lora_A"
+            )));
+        }
+        let mut experts = BTreeMap::new();
+        for (module, route) in routes {
+            let mut list = Vec::new();
+            for e in 0.. {
+                let (Some(down), Some(up)) = (
+                    expert_downs.remove(&(module.clone(), e)),
+                    expert_ups.remove(&(module.clone(), e)),
+                ) else {
+                    break;
+                };
+                list.push(
+                    low_rank(
+                        &format!("{module} expert {e}"),
+                        down,
+                        up,
+                        alphas.get(&module),
+                        user_scale,
+                    )
+                    .map_err(err)?,
+                );
+            }
+            let n = route.dim(0).map_err(|e| err(e.to_string()))?;
+            if list.len() != n || list.is_empty() {
+                return Err(err(format!(
+                    "`{module}.lora_route.weight` routes to {n} experts but {} complete experts were found",
+                    list.len()
+                )));
+            }
+            experts.insert(
+                module,
+                Experts {
+                    experts: list,
+                    route,
+                },
+            );
+        }
+        if let Some(((module, e), _)) = expert_downs.iter().next().or(expert_ups.iter().next()) {
+            return Err(err(format!(
+                "expert {e} of `{module}` has no router or no matching A/B half"
+            )));
+        }
+        if plain.is_empty() && experts.is_empty() {
+            return Err(err(format!(
+                "no LoRA adapters found ({} keys, e.g. {:?})",
+                unknown_keys.len(),
+                unknown_keys.first()
+            )));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            plain,
+            experts,
+            unknown_keys,
+            used: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// The plain adapter of `module`, marking it used.
+    pub fn take_plain(&self, module: &str) -> Option<&LowRank> {
+        let found = self.plain.get(module)?;
+        self.used
+            .lock()
+            .expect("lora bookkeeping")
+            .insert(module.to_string());
+        Some(found)
+    }
+
+    /// The experts of `module`, marking them used.
+    pub fn take_experts(&self, module: &str) -> Option<&Experts> {
+        let found = self.experts.get(module)?;
+        self.used
+            .lock()
+            .expect("lora bookkeeping")
+            .insert(module.to_string());
+        Some(found)
+    }
+
+    /// Summarises what was used; errors when nothing matched the model.
+    pub fn report(&self) -> std::result::Result<LoraReport, GenerateError> {
+        let used = self.used.lock().expect("lora bookkeeping").clone();
+        let unused: Vec<String> = self
+            .plain
+            .keys()
+            .chain(self.experts.keys())
+            .filter(|m| !used.contains(*m))
+            .cloned()
+            .collect();
+        if used.is_empty() {
+            return Err(GenerateError::Weights {
+                path: self.path.clone(),
+                reason: format!(
+                    "the LoRA matches no layer of the transformer (first module: {:?})",
+                    self.plain.keys().chain(self.experts.keys()).next()
+                ),
+            });
+        }
+        let merged = self.plain.keys().filter(|m| used.contains(*m)).count();
+        let moe_layers = self.experts.keys().filter(|m| used.contains(*m)).count();
+        Ok(LoraReport {
+            path: self.path.clone(),
+            merged,
+            moe_layers,
+            unused,
+            unknown_keys: self.unknown_keys.clone(),
+        })
+    }
+}
+
+fn expert_key(name: &str) -> Option<(String, usize, bool)> {
+    let rest = name.strip_suffix(".weight")?;
+    let (head, expert) = rest.rsplit_once(".expert_")?;
+    let e: usize = expert.parse().ok()?;
+    if let Some(m) = head.strip_suffix(".lora_A") {
+        Some((m.to_string(), e, true))
+    } else {
+        head.strip_suffix(".lora_B")
+            .map(|m| (m.to_string(), e, false))
+    }
+}
+
+fn low_rank(
+    module: &str,
+    down: Tensor,
+    up: Tensor,
+    alpha: Option<&f64>,
+    user_scale: f64,
+) -> std::result::Result<LowRank, String> {
+    let (rank, _) = down
+        .dims2()
+        .map_err(|e| format!("`{module}` lora_A: {e}"))?;
+    let (_, rank_b) = up.dims2().map_err(|e| format!("`{module}` lora_B: {e}"))?;
+    if rank != rank_b {
+        return Err(format!(
+            "`{module}`: lora_A has rank {rank}, lora_B has rank {rank_b}"
+        ));
+    }
+    let scale = alpha.map_or(1.0, |a| a / rank as f64) * user_scale;
+    Ok(LowRank { down, up, scale })
+}
+
+/// A linear layer as the model runs it: merged (plain) or with MoE experts on top.
+#[derive(Debug, Clone)]
+pub enum AdaptedLinear {
+    /// Base weights, with any plain LoRA already merged in.
+    Merged(Linear),
+    /// Base layer plus per-token top-1 expert adapters.
+    Moe(MoeLinear),
+}
+
+impl Module for AdaptedLinear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Merged(l) => l.forward(xs),
+            Self::Moe(m) => m.forward(xs),
+        }
+    }
+}
+
+/// A base linear layer plus top-1 routed low-rank experts.
+#[derive(Debug, Clone)]
+pub struct MoeLinear {
+    base: Linear,
+    /// Router `[experts, in]` in the model dtype.
+    route: Tensor,
+    /// Per expert: (down `[r, in]`, up `[out, r]`, scale).
+    experts: Vec<(Tensor, Tensor, f64)>,
+}
+
+impl MoeLinear {
+    /// Moves the experts to the base layer's dtype and device.
+    pub fn new(base: Linear, experts: &Experts) -> Result<Self> {
+        let w = base.weight();
+        let (dtype, dev) = (w.dtype(), w.device());
+        let (out_dim, in_dim) = w.dims2()?;
+        let mut list = Vec::new();
+        for (e, x) in experts.experts.iter().enumerate() {
+            let (down, up) = (
+                x.down.to_dtype(dtype)?.to_device(dev)?,
+                x.up.to_dtype(dtype)?.to_device(dev)?,
+            );
+            if down.dim(1)? != in_dim || up.dim(0)? != out_dim {
+                candle_core::bail!(
+                    "expert {e}: shapes {:?}/{:?} do not fit a {in_dim} -> {out_dim} layer",
+                    down.dims(),
+                    up.dims()
+                );
+            }
+            list.push((down, up, x.scale));
+        }
+        let route = experts.route.to_dtype(dtype)?.to_device(dev)?;
+        if route.dims() != [list.len(), in_dim] {
+            candle_core::bail!(
+                "router shape {:?} does not fit {} experts over {in_dim} inputs",
+                route.dims(),
+                list.len()
+            );
+        }
+        Ok(Self {
+            base,
+            route,
+            experts: list,
+        })
+    }
+}
+
+impl Module for MoeLinear {
+    /// `xs` is `[B, S, in]`; every token adds the update of its top-1 expert.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut out = self.base.forward(xs)?;
+        let choice = xs
+            .broadcast_matmul(&self.route.t()?)?
+            .argmax_keepdim(D::Minus1)?; // [B, S, 1]
+        for (e, (down, up, scale)) in self.experts.iter().enumerate() {
+            let chosen = choice.eq(e as u32)?.to_dtype(out.dtype())?;
+            let delta = xs
+                .broadcast_matmul(&down.t()?)?
+                .broadcast_matmul(&up.t()?)?;
+            out = (out + (delta * *scale)?.broadcast_mul(&chosen)?)?;
+        }
+        Ok(out)
+    }
+}

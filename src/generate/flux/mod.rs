@@ -1,0 +1,377 @@
+//! FLUX.1 Fill [dev] + the ICEdit LoRA in candle: the real [`Generator`].
+//!
+//! One edit: the prompt is encoded once by T5 and CLIP (then the encoders are dropped
+//! unless kept), the diptych with its right half masked is encoded by the VAE, and the
+//! masked-image latents and the mask tokens are concatenated to every candidate's noisy
+//! latents (64 + 64 + 256 = 384 channels per token). Each velocity call is one transformer
+//! forward for a batch of candidates; decoding unpacks, runs the VAE decoder and crops the
+//! right panel.
+
+pub mod blocks;
+pub mod config;
+pub mod embeddings;
+pub mod files;
+pub mod keymap;
+pub mod latents;
+pub mod lora;
+pub mod text;
+pub mod transformer;
+pub mod vae;
+pub mod weights;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use image::RgbImage;
+
+use super::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit};
+use crate::edit::{crop_right_panel, make_diptych, EditContext};
+use crate::error::GenerateError;
+pub use config::FluxConfig;
+pub use files::{FluxFiles, FluxPaths};
+use lora::{LoraReport, LoraSet};
+use text::TextEncoders;
+use transformer::{FluxTransformer, TextConditioning};
+use vae::Autoencoder;
+use weights::{var_builder, weights_error, WeightSource};
+
+/// RoPE base frequency.
+const ROPE_THETA: f64 = 10000.0;
+
+/// How to run FLUX.
+#[derive(Debug, Clone)]
+pub struct FluxOptions {
+    /// Where the weights are.
+    pub paths: FluxPaths,
+    /// The ICEdit LoRA (plain or MoE), if any.
+    pub lora: Option<PathBuf>,
+    /// LoRA strength (1 = as trained).
+    pub lora_scale: f64,
+    /// Compute dtype of the transformer, VAE and text encoders.
+    pub dtype: DType,
+    /// Where the models run.
+    pub device: Device,
+    /// Distilled guidance (50 for ICEdit).
+    pub guidance: f64,
+    /// T5 sequence length (512 for FLUX.1 [dev]).
+    pub t5_tokens: usize,
+    /// Keep T5 and CLIP loaded between edits instead of dropping them after encoding.
+    pub keep_text_encoders: bool,
+    /// Candidates per transformer forward.
+    pub max_batch: usize,
+}
+
+impl FluxOptions {
+    /// Defaults for a model folder: f32 on the CPU, guidance 50, 512 T5 tokens.
+    pub fn new(paths: FluxPaths) -> Self {
+        Self {
+            paths,
+            lora: None,
+            lora_scale: 1.0,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            guidance: 50.0,
+            t5_tokens: 512,
+            keep_text_encoders: false,
+            max_batch: 4,
+        }
+    }
+}
+
+/// The conditioning of one prepared edit.
+struct PreparedFlux {
+    text: TextConditioning,
+    /// Masked-image latents ++ mask tokens, `[1, S, in_channels - 64]`.
+    image_cond: Tensor,
+    rope: (Tensor, Tensor),
+    /// Latent grid (h, w) of the diptych.
+    latent_hw: (usize, usize),
+}
+
+/// FLUX.1 Fill as a [`Generator`].
+pub struct FluxGenerator {
+    options: FluxOptions,
+    files: FluxFiles,
+    transformer: FluxTransformer,
+    vae: Autoencoder,
+    text: Option<TextEncoders>,
+    lora_report: Option<LoraReport>,
+    edits: HashMap<u64, PreparedFlux>,
+    next_key: u64,
+}
+
+impl FluxGenerator {
+    /// Finds and loads every model; the LoRA is merged (or its experts attached) now.
+    pub fn load(options: FluxOptions) -> Result<Self, GenerateError> {
+        let files = FluxFiles::discover(&options.paths)?;
+        let lora = match &options.lora {
+            Some(path) => Some(Arc::new(LoraSet::load(path, options.lora_scale)?)),
+            None => None,
+        };
+        let (dtype, dev) = (options.dtype, &options.device);
+        tracing::info!(files = ?files.transformer, layout = ?files.transformer_layout, "loading the FLUX transformer");
+        let source = WeightSource::open(&files.transformer, files.transformer_layout)?
+            .with_lora(lora.clone());
+        let transformer = FluxTransformer::new(
+            var_builder(source, dtype, dev),
+            &files.transformer_config,
+            lora.as_deref(),
+        )
+        .map_err(|e| weights_error(&files.transformer[0], e))?;
+        let lora_report = match &lora {
+            Some(l) => {
+                let report = l.report()?;
+                if !report.unused.is_empty() || !report.unknown_keys.is_empty() {
+                    tracing::warn!(
+                        unused = ?report.unused,
+                        unknown = ?report.unknown_keys,
+                        "LoRA {}: some keys match no layer",
+                        report.path.display()
+                    );
+                }
+                tracing::info!(
+                    merged = report.merged,
+                    moe_layers = report.moe_layers,
+                    "LoRA applied"
+                );
+                Some(report)
+            }
+            None => None,
+        };
+        let vae_source = WeightSource::open(&files.vae, files.vae_layout)?;
+        let vae = Autoencoder::new(var_builder(vae_source, dtype, dev), &files.vae_config)
+            .map_err(|e| weights_error(&files.vae[0], e))?;
+        let cond = 4 * files.vae_config.latent_channels + 4 * files.vae_config.downscale().pow(2);
+        let needed = 4 * files.vae_config.latent_channels + cond;
+        if files.transformer_config.in_channels != needed {
+            return Err(GenerateError::Weights {
+                path: files.transformer[0].clone(),
+                reason: format!(
+                    "in_channels {} is not a Fill model for this VAE (needs {needed}: latents + masked latents + mask)",
+                    files.transformer_config.in_channels
+                ),
+            });
+        }
+        Ok(Self {
+            options,
+            files,
+            transformer,
+            vae,
+            text: None,
+            lora_report,
+            edits: HashMap::new(),
+            next_key: 0,
+        })
+    }
+
+    /// What the LoRA loading did.
+    pub fn lora_report(&self) -> Option<&LoraReport> {
+        self.lora_report.as_ref()
+    }
+
+    /// The transformer (for tests and benchmarks).
+    pub fn transformer(&self) -> &FluxTransformer {
+        &self.transformer
+    }
+
+    /// The autoencoder (for tests).
+    pub fn vae(&self) -> &Autoencoder {
+        &self.vae
+    }
+
+    /// T5 and CLIP, loaded on first use.
+    pub fn text_encoders(&mut self) -> Result<&mut TextEncoders, GenerateError> {
+        if self.text.is_none() {
+            tracing::info!("loading the T5 and CLIP text encoders");
+            self.text = Some(TextEncoders::load(
+                &self.files.clip,
+                &self.files.t5,
+                self.options.dtype,
+                &self.options.device,
+            )?);
+        }
+        Ok(self.text.as_mut().expect("just loaded"))
+    }
+
+    fn get(&self, edit: &PreparedEdit) -> Result<&PreparedFlux, GenerateError> {
+        self.edits
+            .get(&edit.key)
+            .ok_or_else(|| GenerateError::Input(format!("edit {} is not prepared", edit.key)))
+    }
+
+    /// Decodes packed latents `[S, 64]` to the whole diptych as floats in [0, 1], `[H, 2W, 3]`.
+    pub fn decode_unit(
+        &self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+    ) -> Result<Tensor, GenerateError> {
+        let p = self.get(edit)?;
+        let (h, w) = p.latent_hw;
+        let z = latents::unpack(&latents.unsqueeze(0)?.to_dtype(self.options.dtype)?, h, w)?;
+        let image = self.vae.decode(&self.vae.denormalize(&z)?)?;
+        Ok(latents::tensor_to_unit(&image)?)
+    }
+
+    /// Reads initial latents from a safetensors file (key `latents`, or its only tensor),
+    /// unpacked `[1, 16, h, w]` / `[16, h, w]` or packed `[1, S, 64]` / `[S, 64]`.
+    pub fn read_init_latents(
+        &self,
+        path: &Path,
+        edit: &PreparedEdit,
+    ) -> Result<Tensor, GenerateError> {
+        let p = self.get(edit)?;
+        let err = |reason: String| GenerateError::Weights {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut all =
+            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| err(e.to_string()))?;
+        let t = match all.remove("latents") {
+            Some(t) => t,
+            None if all.len() == 1 => all.into_values().next().expect("one tensor"),
+            None => return Err(err("no `latents` tensor".into())),
+        };
+        let t = t.to_dtype(DType::F32)?;
+        let (h, w) = p.latent_hw;
+        let packed = match t.rank() {
+            4 | 3 if t.dims()[t.rank() - 2..] == [h, w] => {
+                let t = if t.rank() == 3 { t.unsqueeze(0)? } else { t };
+                latents::pack(&t)?.squeeze(0)?
+            }
+            3 => t.squeeze(0)?,
+            _ => t,
+        };
+        if packed.dims() != edit.latent_shape.as_slice() {
+            return Err(err(format!(
+                "latents of shape {:?} do not fit this edit (packed {:?} or unpacked [16, {h}, {w}])",
+                packed.dims(),
+                edit.latent_shape
+            )));
+        }
+        Ok(packed)
+    }
+}
+
+impl Generator for FluxGenerator {
+    fn info(&self) -> GeneratorInfo {
+        let lora = match &self.lora_report {
+            Some(r) => format!(
+                ", LoRA {} ({} merged, {} MoE layers)",
+                r.path.display(),
+                r.merged,
+                r.moe_layers
+            ),
+            None => String::new(),
+        };
+        GeneratorInfo {
+            name: "flux-fill".into(),
+            detail: format!(
+                "{} ({:?}), {:?} on {:?}{lora}",
+                self.files.transformer[0].display(),
+                self.files.transformer_layout,
+                self.options.dtype,
+                self.options.device.location()
+            ),
+            max_batch: self.options.max_batch,
+        }
+    }
+
+    fn device(&self) -> Device {
+        self.options.device.clone()
+    }
+
+    fn prepare(&mut self, edit: &EditContext) -> Result<PreparedEdit, GenerateError> {
+        let (w, h) = edit.panel_size();
+        let f = self.files.vae_config.downscale();
+        if w % (2 * f) as u32 != 0 || h % (2 * f) as u32 != 0 {
+            return Err(GenerateError::Input(format!(
+                "panel {w}x{h}: both sides must be multiples of {}",
+                2 * f
+            )));
+        }
+        let (dtype, dev) = (self.options.dtype, self.options.device.clone());
+        let t5_tokens = self.options.t5_tokens;
+        let prompt = edit.prompt();
+        let (t5, pooled) = self.text_encoders()?.encode(&prompt, t5_tokens)?;
+        if !self.options.keep_text_encoders {
+            self.text = None; // frees T5 (~9.5 GB in bf16) before the denoising loop
+        }
+
+        let diptych = make_diptych(&edit.source);
+        let image = latents::image_to_tensor(&diptych.image, &dev)?;
+        let keep: Vec<f32> = diptych
+            .mask
+            .pixels()
+            .map(|p| if p.0[0] >= 128 { 0.0 } else { 1.0 })
+            .collect();
+        let keep = Tensor::from_vec(keep, (1, 1, h as usize, 2 * w as usize), &dev)?;
+        let masked = image.broadcast_mul(&keep)?.to_dtype(dtype)?;
+        let z = self.vae.normalize(&self.vae.encode_mean(&masked)?)?;
+        let (lh, lw) = (z.dim(2)?, z.dim(3)?);
+        let masked_tokens = latents::pack(&z)?;
+        let mask_tokens = latents::pack_mask(&diptych.mask, f, &dev)?.to_dtype(dtype)?;
+        let image_cond = Tensor::cat(&[masked_tokens, mask_tokens], D::Minus1)?;
+        let tokens = image_cond.dim(1)?;
+        let ids = latents::joint_ids(t5.dim(1)?, lh / 2, lw / 2);
+        let rope = embeddings::rope_tables(
+            &ids,
+            &self.files.transformer_config.axes_dims_rope,
+            ROPE_THETA,
+            &dev,
+        )?;
+
+        let key = self.next_key;
+        self.next_key += 1;
+        self.edits.insert(
+            key,
+            PreparedFlux {
+                text: TextConditioning { t5, pooled },
+                image_cond,
+                rope,
+                latent_hw: (lh, lw),
+            },
+        );
+        Ok(PreparedEdit {
+            key,
+            image_tokens: tokens,
+            latent_shape: vec![tokens, 4 * self.files.vae_config.latent_channels],
+        })
+    }
+
+    fn velocity(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        sigma: f64,
+    ) -> Result<Tensor, GenerateError> {
+        let p = self.get(edit)?;
+        let b = latents.dim(0)?;
+        let img = Tensor::cat(
+            &[
+                latents.to_dtype(self.options.dtype)?,
+                p.image_cond.repeat((b, 1, 1))?,
+            ],
+            D::Minus1,
+        )?;
+        let v = self
+            .transformer
+            .forward(&img, &p.text, sigma, self.options.guidance, &p.rope)?;
+        Ok(v.to_dtype(DType::F32)?)
+    }
+
+    fn decode(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        _purpose: DecodePurpose,
+    ) -> Result<RgbImage, GenerateError> {
+        let unit = self.decode_unit(edit, latents)?;
+        Ok(crop_right_panel(&latents::unit_to_image(&unit)?))
+    }
+
+    fn release(&mut self, edit: &PreparedEdit) {
+        self.edits.remove(&edit.key);
+    }
+}

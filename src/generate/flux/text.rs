@@ -1,0 +1,255 @@
+//! The two text encoders FLUX conditions on: T5 (token states, 512 tokens at full size) and
+//! CLIP-L (pooled vector), with their tokenizers. Encoded once per edit.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::clip::text_model::{
+    Activation, ClipTextConfig, ClipTextTransformer,
+};
+use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
+use serde::Deserialize;
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+use super::weights::{var_builder, weights_error, KeyLayout, WeightSource};
+use crate::error::GenerateError;
+
+/// CLIP's context length.
+pub const CLIP_TOKENS: usize = 77;
+
+/// Where one text encoder's files are.
+#[derive(Debug, Clone)]
+pub struct EncoderFiles {
+    /// `config.json`.
+    pub config: PathBuf,
+    /// Weight shards.
+    pub weights: Vec<PathBuf>,
+    /// The tokenizer folder (`tokenizer.json`, or CLIP's `vocab.json` + `merges.txt`).
+    pub tokenizer_dir: PathBuf,
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, GenerateError> {
+    let text = std::fs::read_to_string(path).map_err(|e| GenerateError::Weights {
+        path: path.to_path_buf(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    serde_json::from_str(&text).map_err(|e| GenerateError::Weights {
+        path: path.to_path_buf(),
+        reason: format!("invalid config: {e}"),
+    })
+}
+
+fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> GenerateError {
+    GenerateError::Weights {
+        path: path.to_path_buf(),
+        reason: format!("tokenizer: {e}"),
+    }
+}
+
+/// Loads `dir/tokenizer.json`, or builds CLIP's byte-level BPE from `vocab.json` +
+/// `merges.txt` (how the FLUX repositories ship the CLIP tokenizer).
+pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, GenerateError> {
+    let json = dir.join("tokenizer.json");
+    if json.is_file() {
+        return Tokenizer::from_file(&json).map_err(|e| tokenizer_error(&json, e));
+    }
+    let (vocab_path, merges_path) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    if !vocab_path.is_file() || !merges_path.is_file() {
+        return Err(GenerateError::Weights {
+            path: dir.to_path_buf(),
+            reason: "no tokenizer.json, and no vocab.json + merges.txt to build one from".into(),
+        });
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> = read_json(&vocab_path)?;
+    let merges: Vec<Vec<String>> = std::fs::read_to_string(&merges_path)
+        .map_err(|e| tokenizer_error(&merges_path, e))?
+        .lines()
+        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+        .map(|l| l.split(' ').map(str::to_string).collect())
+        .collect();
+    let id = |t: &str| {
+        vocab
+            .get(t)
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| tokenizer_error(&vocab_path, format!("no `{t}` token")))
+    };
+    let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
+    let special = |id: u64, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    // The layout transformers' CLIPTokenizer builds (byte-level BPE, `</w>` word ends).
+    let spec = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(bos, "<|startoftext|>"), special(eos, "<|endoftext|>")],
+        "normalizer": {"type": "Sequence", "normalizers": [{"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "}, {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex":
+                "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"},
+             "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": ["<|endoftext|>", eos],
+            "cls": ["<|startoftext|>", bos], "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>",
+            "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
+    });
+    spec.to_string()
+        .parse::<Tokenizer>()
+        .map_err(|e| tokenizer_error(&vocab_path, e))
+}
+
+/// Token ids padded (with `pad_id`) or truncated to exactly `len`, special tokens added.
+pub fn token_ids(
+    tokenizer: &Tokenizer,
+    text: &str,
+    len: usize,
+    pad_id: u32,
+) -> Result<Vec<u32>, GenerateError> {
+    let mut tokenizer = tokenizer.clone();
+    tokenizer
+        .with_truncation(Some(TruncationParams {
+            max_length: len,
+            ..Default::default()
+        }))
+        .map_err(|e| GenerateError::Input(format!("tokenizer: {e}")))?;
+    tokenizer.with_padding(Some(PaddingParams {
+        strategy: PaddingStrategy::Fixed(len),
+        pad_id,
+        ..Default::default()
+    }));
+    let encoding = tokenizer
+        .encode(text, true)
+        .map_err(|e| GenerateError::Input(format!("tokenizer: {e}")))?;
+    Ok(encoding.get_ids().to_vec())
+}
+
+/// transformers' `CLIPTextConfig` fields that matter here.
+#[derive(Debug, Deserialize)]
+struct HfClipConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    max_position_embeddings: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    #[serde(default = "quick_gelu")]
+    hidden_act: String,
+    #[serde(default)]
+    projection_dim: usize,
+    #[serde(default)]
+    pad_token_id: Option<u32>,
+}
+
+fn quick_gelu() -> String {
+    "quick_gelu".into()
+}
+
+/// T5 + CLIP with their tokenizers.
+pub struct TextEncoders {
+    t5: T5EncoderModel,
+    t5_tokenizer: Tokenizer,
+    t5_pad: u32,
+    clip: ClipTextTransformer,
+    clip_tokenizer: Tokenizer,
+    clip_pad: u32,
+    dtype: DType,
+}
+
+impl TextEncoders {
+    /// Loads both encoders (CLIP from `text_encoder/`, T5 from `text_encoder_2/` layouts).
+    pub fn load(
+        clip: &EncoderFiles,
+        t5: &EncoderFiles,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self, GenerateError> {
+        let t5_config: T5Config = read_json(&t5.config)?;
+        let t5_vb = var_builder(
+            WeightSource::open(&t5.weights, KeyLayout::Diffusers)?,
+            dtype,
+            dev,
+        );
+        let t5_model = T5EncoderModel::load(t5_vb, &t5_config)
+            .map_err(|e| weights_error(&t5.weights[0], e))?;
+
+        let hf: HfClipConfig = read_json(&clip.config)?;
+        if hf.hidden_act != "quick_gelu" {
+            return Err(GenerateError::Weights {
+                path: clip.config.clone(),
+                reason: format!(
+                    "hidden_act `{}` is not supported (CLIP-L uses quick_gelu)",
+                    hf.hidden_act
+                ),
+            });
+        }
+        let clip_config = ClipTextConfig {
+            vocab_size: hf.vocab_size,
+            embed_dim: hf.hidden_size,
+            activation: Activation::QuickGelu,
+            intermediate_size: hf.intermediate_size,
+            max_position_embeddings: hf.max_position_embeddings,
+            pad_with: None,
+            num_hidden_layers: hf.num_hidden_layers,
+            num_attention_heads: hf.num_attention_heads,
+            projection_dim: hf.projection_dim,
+        };
+        let clip_vb: VarBuilder = var_builder(
+            WeightSource::open(&clip.weights, KeyLayout::Diffusers)?,
+            dtype,
+            dev,
+        );
+        // Older transformers saved CLIPTextModel under `text_model.`, newer ones at the root.
+        let clip_root = if clip_vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            clip_vb.pp("text_model")
+        } else {
+            clip_vb
+        };
+        let clip_model = ClipTextTransformer::new(clip_root, &clip_config)
+            .map_err(|e| weights_error(&clip.weights[0], e))?;
+
+        let clip_tokenizer = load_tokenizer(&clip.tokenizer_dir)?;
+        // CLIP pads with its end-of-text token.
+        let clip_pad = clip_tokenizer
+            .token_to_id("<|endoftext|>")
+            .or(hf.pad_token_id)
+            .unwrap_or(0);
+        Ok(Self {
+            t5: t5_model,
+            t5_tokenizer: load_tokenizer(&t5.tokenizer_dir)?,
+            t5_pad: t5_config.pad_token_id as u32,
+            clip: clip_model,
+            clip_tokenizer,
+            clip_pad,
+            dtype,
+        })
+    }
+
+    /// T5 token ids for `prompt`, `t5_tokens` long.
+    pub fn t5_ids(&self, prompt: &str, t5_tokens: usize) -> Result<Vec<u32>, GenerateError> {
+        token_ids(&self.t5_tokenizer, prompt, t5_tokens, self.t5_pad)
+    }
+
+    /// CLIP token ids for `prompt`, 77 long.
+    pub fn clip_ids(&self, prompt: &str) -> Result<Vec<u32>, GenerateError> {
+        token_ids(&self.clip_tokenizer, prompt, CLIP_TOKENS, self.clip_pad)
+    }
+
+    /// Encodes `prompt`: T5 states `[1, t5_tokens, d]` and CLIP pooled `[1, 768]`, in the
+    /// encoders' dtype.
+    pub fn encode(
+        &mut self,
+        prompt: &str,
+        t5_tokens: usize,
+    ) -> Result<(Tensor, Tensor), GenerateError> {
+        let dev = self.t5.device().clone();
+        let t5_ids = Tensor::new(self.t5_ids(prompt, t5_tokens)?, &dev)?.unsqueeze(0)?;
+        let t5 = self.t5.forward_dt(&t5_ids, Some(self.dtype))?;
+        let clip_ids = Tensor::new(self.clip_ids(prompt)?, &dev)?.unsqueeze(0)?;
+        let pooled = self.clip.forward(&clip_ids)?;
+        Ok((t5, pooled))
+    }
+}

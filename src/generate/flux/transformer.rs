@@ -1,0 +1,137 @@
+//! The FLUX MM-DiT: embeddings, 19 double + 38 single blocks (at full size), final layer.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::blocks::{adapted_linear, DoubleBlock, FinalLayer, SingleBlock};
+use super::config::FluxConfig;
+use super::embeddings::TimeTextEmbedding;
+use super::lora::{AdaptedLinear, LoraSet};
+
+/// Per-edit conditioning shared by every candidate of the edit.
+#[derive(Debug, Clone)]
+pub struct TextConditioning {
+    /// T5 hidden states `[1, S_txt, joint_attention_dim]`, model dtype.
+    pub t5: Tensor,
+    /// Pooled CLIP embedding `[1, pooled_projection_dim]`, model dtype.
+    pub pooled: Tensor,
+}
+
+/// FLUX transformer (diffusers `FluxTransformer2DModel`).
+#[derive(Debug, Clone)]
+pub struct FluxTransformer {
+    config: FluxConfig,
+    x_embedder: AdaptedLinear,
+    context_embedder: AdaptedLinear,
+    time_text: TimeTextEmbedding,
+    double_blocks: Vec<DoubleBlock>,
+    single_blocks: Vec<SingleBlock>,
+    final_layer: FinalLayer,
+}
+
+impl FluxTransformer {
+    /// Loads the model from diffusers-named weights; `lora` supplies MoE experts (plain LoRA
+    /// is merged by the weight source before it reaches here).
+    pub fn new(vb: VarBuilder, config: &FluxConfig, lora: Option<&LoraSet>) -> Result<Self> {
+        config.validate().map_err(candle_core::Error::Msg)?;
+        let hidden = config.hidden();
+        let heads = config.num_attention_heads;
+        let mlp = config.mlp_hidden();
+        let double_blocks = (0..config.num_layers)
+            .map(|i| {
+                DoubleBlock::new(
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    hidden,
+                    heads,
+                    mlp,
+                    lora,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let single_blocks = (0..config.num_single_layers)
+            .map(|i| {
+                SingleBlock::new(
+                    vb.pp(format!("single_transformer_blocks.{i}")),
+                    hidden,
+                    heads,
+                    mlp,
+                    lora,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: config.clone(),
+            x_embedder: adapted_linear(vb.pp("x_embedder"), config.in_channels, hidden, lora)?,
+            context_embedder: adapted_linear(
+                vb.pp("context_embedder"),
+                config.joint_attention_dim,
+                hidden,
+                lora,
+            )?,
+            time_text: TimeTextEmbedding::new(
+                vb.pp("time_text_embed"),
+                hidden,
+                config.pooled_projection_dim,
+                config.guidance_embeds,
+            )?,
+            double_blocks,
+            single_blocks,
+            final_layer: FinalLayer::new(&vb, hidden, config.out_channels())?,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &FluxConfig {
+        &self.config
+    }
+
+    /// One forward for a batch of candidates sharing the edit's text conditioning.
+    ///
+    /// - `img` `[B, S_img, in_channels]` (noisy latents ++ masked-image latents ++ mask);
+    /// - `text` with batch 1 (shared) or B;
+    /// - `sigma`, `guidance` scalars (the model multiplies both by 1000 itself);
+    /// - `rope` tables `[S_txt + S_img, head_dim / 2]` for the joint sequence.
+    ///
+    /// Returns the velocity `[B, S_img, out_channels]`.
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        text: &TextConditioning,
+        sigma: f64,
+        guidance: f64,
+        rope: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let b = img.dim(0)?;
+        let dev = img.device();
+        let dtype = img.dtype();
+        let sigma = Tensor::full(sigma as f32, b, dev)?;
+        let guidance = Tensor::full(guidance as f32, b, dev)?;
+        // Text conditioning is shared by the batch ([1, ..]) or given per row ([B, ..]).
+        let per_batch = |t: &Tensor| -> Result<Tensor> {
+            let t = t.to_dtype(dtype)?;
+            if t.dim(0)? == b {
+                Ok(t)
+            } else {
+                let mut reps = vec![1; t.rank()];
+                reps[0] = b;
+                t.repeat(reps)
+            }
+        };
+        let pooled = per_batch(&text.pooled)?;
+        let temb = self.time_text.forward(&sigma, &guidance, &pooled)?;
+
+        let mut img = self.x_embedder.forward(img)?;
+        let t5 = per_batch(&text.t5)?;
+        let mut txt = self.context_embedder.forward(&t5)?;
+        for block in &self.double_blocks {
+            (img, txt) = block.forward(&img, &txt, &temb, rope)?;
+        }
+        let n_txt = txt.dim(1)?;
+        let mut joint = Tensor::cat(&[txt, img], 1)?;
+        for block in &self.single_blocks {
+            joint = block.forward(&joint, &temb, rope)?;
+        }
+        let img = joint.narrow(1, n_txt, joint.dim(1)? - n_txt)?;
+        self.final_layer.forward(&img, &temb)
+    }
+}

@@ -1,0 +1,203 @@
+//! The FLUX autoencoder (diffusers `AutoencoderKL`, 16 latent channels, no quant convs),
+//! composed from candle-transformers' UNet building blocks so that encoding can return the
+//! distribution mean (the deterministic latent) rather than a random sample.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
+    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
+    UpDecoderBlock2D, UpDecoderBlock2DConfig,
+};
+use serde::Deserialize;
+
+/// The autoencoder's configuration (diffusers `vae/config.json` field names).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct VaeConfig {
+    /// Channels per resolution level.
+    pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder level (the decoder has one more).
+    pub layers_per_block: usize,
+    /// Latent channels (16 for FLUX).
+    pub latent_channels: usize,
+    /// Group-norm groups.
+    pub norm_num_groups: usize,
+    /// Latent scale: model latents are `(z - shift) * scale`.
+    pub scaling_factor: f64,
+    /// Latent shift.
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    /// Image channels.
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    /// FLUX has no quant convs; configs that ask for them are rejected.
+    #[serde(default)]
+    pub use_quant_conv: bool,
+    /// See `use_quant_conv`.
+    #[serde(default)]
+    pub use_post_quant_conv: bool,
+}
+
+fn three() -> usize {
+    3
+}
+
+impl VaeConfig {
+    /// The FLUX.1 AE (`ae.safetensors`).
+    pub fn flux() -> Self {
+        Self {
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 16,
+            norm_num_groups: 32,
+            scaling_factor: 0.3611,
+            shift_factor: Some(0.1159),
+            in_channels: 3,
+            use_quant_conv: false,
+            use_post_quant_conv: false,
+        }
+    }
+
+    /// Pixels per latent cell along each side.
+    pub fn downscale(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+fn conv3(vb: VarBuilder, i: usize, o: usize) -> Result<Conv2d> {
+    conv2d(
+        i,
+        o,
+        3,
+        Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        },
+        vb,
+    )
+}
+
+fn mid_block(vb: VarBuilder, channels: usize, groups: usize) -> Result<UNetMidBlock2D> {
+    let cfg = UNetMidBlock2DConfig {
+        resnet_eps: 1e-6,
+        output_scale_factor: 1.,
+        attn_num_head_channels: None,
+        resnet_groups: Some(groups),
+        ..Default::default()
+    };
+    UNetMidBlock2D::new(vb, channels, None, cfg)
+}
+
+/// Encoder and decoder with the latent normalisation.
+#[derive(Debug)]
+pub struct Autoencoder {
+    config: VaeConfig,
+    enc_conv_in: Conv2d,
+    enc_down: Vec<DownEncoderBlock2D>,
+    enc_mid: UNetMidBlock2D,
+    enc_norm_out: GroupNorm,
+    enc_conv_out: Conv2d,
+    dec_conv_in: Conv2d,
+    dec_mid: UNetMidBlock2D,
+    dec_up: Vec<UpDecoderBlock2D>,
+    dec_norm_out: GroupNorm,
+    dec_conv_out: Conv2d,
+}
+
+impl Autoencoder {
+    /// Loads `encoder.*` and `decoder.*` (diffusers names).
+    pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
+        if config.use_quant_conv || config.use_post_quant_conv {
+            candle_core::bail!("VAE configs with quant convs are not FLUX autoencoders");
+        }
+        let ch = &config.block_out_channels;
+        let (groups, levels) = (config.norm_num_groups, ch.len());
+        let last = *ch.last().expect("at least one level");
+        let enc = vb.pp("encoder");
+        let enc_down = (0..levels)
+            .map(|i| {
+                let cfg = DownEncoderBlock2DConfig {
+                    num_layers: config.layers_per_block,
+                    resnet_eps: 1e-6,
+                    resnet_groups: groups,
+                    add_downsample: i + 1 < levels,
+                    downsample_padding: 0,
+                    ..Default::default()
+                };
+                let input = if i == 0 { ch[0] } else { ch[i - 1] };
+                DownEncoderBlock2D::new(enc.pp(format!("down_blocks.{i}")), input, ch[i], cfg)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let dec = vb.pp("decoder");
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let dec_up = (0..levels)
+            .map(|i| {
+                let cfg = UpDecoderBlock2DConfig {
+                    num_layers: config.layers_per_block + 1,
+                    resnet_eps: 1e-6,
+                    resnet_groups: groups,
+                    add_upsample: i + 1 < levels,
+                    ..Default::default()
+                };
+                let input = if i == 0 { rev[0] } else { rev[i - 1] };
+                UpDecoderBlock2D::new(dec.pp(format!("up_blocks.{i}")), input, rev[i], cfg)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: config.clone(),
+            enc_conv_in: conv3(enc.pp("conv_in"), config.in_channels, ch[0])?,
+            enc_down,
+            enc_mid: mid_block(enc.pp("mid_block"), last, groups)?,
+            enc_norm_out: group_norm(groups, last, 1e-6, enc.pp("conv_norm_out"))?,
+            enc_conv_out: conv3(enc.pp("conv_out"), last, 2 * config.latent_channels)?,
+            dec_conv_in: conv3(dec.pp("conv_in"), config.latent_channels, last)?,
+            dec_mid: mid_block(dec.pp("mid_block"), last, groups)?,
+            dec_up,
+            dec_norm_out: group_norm(groups, ch[0], 1e-6, dec.pp("conv_norm_out"))?,
+            dec_conv_out: conv3(dec.pp("conv_out"), ch[0], config.in_channels)?,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// The latent distribution's mean for images `[B, 3, H, W]` in [-1, 1]: `[B, 16, H/8, W/8]`
+    /// (raw, before shift and scale).
+    pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
+        let mut xs = self.enc_conv_in.forward(image)?;
+        for block in &self.enc_down {
+            xs = block.forward(&xs)?;
+        }
+        let xs = self
+            .enc_mid
+            .forward(&xs, None)?
+            .apply(&self.enc_norm_out)?
+            .silu()?;
+        let moments = self.enc_conv_out.forward(&xs)?;
+        moments.narrow(1, 0, self.config.latent_channels)
+    }
+
+    /// Raw latents `[B, 16, h, w]` to images `[B, 3, 8h, 8w]` in about [-1, 1].
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let mut xs = self
+            .dec_mid
+            .forward(&self.dec_conv_in.forward(latents)?, None)?;
+        for block in &self.dec_up {
+            xs = block.forward(&xs)?;
+        }
+        xs.apply(&self.dec_norm_out)?
+            .silu()?
+            .apply(&self.dec_conv_out)
+    }
+
+    /// Raw latents to the model's normalised latents: `(z - shift) * scale`.
+    pub fn normalize(&self, z: &Tensor) -> Result<Tensor> {
+        (z - self.config.shift_factor.unwrap_or(0.0))? * self.config.scaling_factor
+    }
+
+    /// The inverse of [`Self::normalize`].
+    pub fn denormalize(&self, z: &Tensor) -> Result<Tensor> {
+        (z / self.config.scaling_factor)? + self.config.shift_factor.unwrap_or(0.0)
+    }
+}

@@ -1,0 +1,313 @@
+//! FLUX.1 Fill in candle against diffusers/transformers reference outputs on tiny random
+//! weights (made by tests/fixtures/flux/make_fixtures.py). Everything runs in f32 on the
+//! CPU through the same loading code as real weights.
+//!
+//! Tolerances (max abs error, outputs of magnitude ~4): transformer forward 5e-4 against
+//! diffusers as is, and 2e-5 against the same diffusers forward with correctly rounded
+//! timestep frequencies (torch's float32 `exp` is off by one ulp for 2 of the 128
+//! frequencies, and at guidance 50 the angles reach 5e4 rad, which alone moves the output by
+//! 3.1e-4; the fixture script shows this). VAE and text encoders 1e-4; end-to-end latents
+//! 1e-3 and image 2e-3 (three steps, then a VAE decode).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use icedit_scale::edit::EditContext;
+use icedit_scale::generate::flux::embeddings::rope_tables;
+use icedit_scale::generate::flux::latents::joint_ids;
+use icedit_scale::generate::flux::text::{load_tokenizer, token_ids};
+use icedit_scale::generate::flux::transformer::TextConditioning;
+use icedit_scale::generate::flux::{FluxGenerator, FluxOptions, FluxPaths};
+use icedit_scale::generate::{advance_to, CandidateState, Generator, Schedule};
+
+const PROMPT: &str = "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly the same as on the left but make the sky night";
+const T5_TOKENS: usize = 48;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux")
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn options(paths: FluxPaths, lora: Option<&str>) -> FluxOptions {
+    let mut o = FluxOptions::new(paths);
+    o.lora = lora.map(|l| fixtures().join(l));
+    o.t5_tokens = T5_TOKENS;
+    o
+}
+
+fn diffusers_folder() -> FluxPaths {
+    FluxPaths {
+        model_dir: Some(fixtures().join("tiny")),
+        ..Default::default()
+    }
+}
+
+fn bfl_files() -> FluxPaths {
+    FluxPaths {
+        model_dir: None,
+        transformer: Some(fixtures().join("bfl/flux1-fill-dev.safetensors")),
+        vae: Some(fixtures().join("bfl/ae.safetensors")),
+        text_encoders: Some(fixtures().join("tiny")),
+    }
+}
+
+/// Runs the reference transformer forward (batch 2, per-row text) through `generator`.
+fn forward(generator: &FluxGenerator, r: &HashMap<String, Tensor>) -> Tensor {
+    let img_ids: Vec<Vec<f32>> = r["fwd_img_ids"].to_vec2().unwrap();
+    let n_txt = r["fwd_context"].dim(1).unwrap();
+    let rows = img_ids.iter().map(|i| i[1] as usize).max().unwrap() + 1;
+    let cols = img_ids.iter().map(|i| i[2] as usize).max().unwrap() + 1;
+    let ids = joint_ids(n_txt, rows, cols);
+    let axes = generator.transformer().config().axes_dims_rope.clone();
+    let rope = rope_tables(&ids, &axes, 10000.0, &Device::Cpu).unwrap();
+    let text = TextConditioning {
+        t5: r["fwd_context"].clone(),
+        pooled: r["fwd_pooled"].clone(),
+    };
+    let sigma = r["fwd_sigma"].to_vec1::<f32>().unwrap()[0] as f64;
+    let guidance = r["fwd_guidance"].to_vec1::<f32>().unwrap()[0] as f64;
+    generator
+        .transformer()
+        .forward(&r["fwd_hidden"], &text, sigma, guidance, &rope)
+        .unwrap()
+}
+
+#[test]
+fn transformer_forward_matches_diffusers_in_both_layouts_with_and_without_lora() {
+    let r = reference();
+    let cases: [(&str, FluxPaths, Option<&str>, f64, &str); 6] = [
+        ("diffusers", diffusers_folder(), None, 1.0, "fwd_out_base"),
+        ("bfl", bfl_files(), None, 1.0, "fwd_out_base"),
+        (
+            "diffusers + plain LoRA",
+            diffusers_folder(),
+            Some("lora_plain.safetensors"),
+            1.0,
+            "fwd_out_plain",
+        ),
+        (
+            "bfl + plain LoRA",
+            bfl_files(),
+            Some("lora_plain.safetensors"),
+            1.0,
+            "fwd_out_plain",
+        ),
+        (
+            "plain LoRA at 0.5",
+            diffusers_folder(),
+            Some("lora_plain.safetensors"),
+            0.5,
+            "fwd_out_plain_half",
+        ),
+        (
+            "bfl + MoE LoRA",
+            bfl_files(),
+            Some("lora_moe.safetensors"),
+            1.0,
+            "fwd_out_moe",
+        ),
+    ];
+    for (name, paths, lora, scale, expected) in cases {
+        let mut o = options(paths, lora);
+        o.lora_scale = scale;
+        let generator = FluxGenerator::load(o).unwrap();
+        let out = forward(&generator, &r);
+        let err = max_abs_diff(&out, &r[expected]);
+        eprintln!("{name}: max abs error {err:.2e}");
+        assert!(err < 5e-4, "{name}: max abs error {err}");
+        let rounded = format!("{expected}_rounded_exp");
+        if let Some(exact) = r.get(&rounded) {
+            let err = max_abs_diff(&out, exact);
+            eprintln!("{name}: max abs error {err:.2e} with correctly rounded frequencies");
+            assert!(err < 2e-5, "{name}: max abs error {err} against {rounded}");
+        }
+        if lora.is_some() {
+            // The LoRA must change the output: the base reference is far away.
+            assert!(
+                max_abs_diff(&out, &r["fwd_out_base"]) > 1e-2,
+                "{name}: LoRA had no effect"
+            );
+        }
+    }
+    // The MoE layers stay unmerged: 2 double-block ff.net.2 + 2 single-block proj_out.
+    let moe =
+        FluxGenerator::load(options(diffusers_folder(), Some("lora_moe.safetensors"))).unwrap();
+    let report = moe.lora_report().unwrap();
+    assert_eq!(report.moe_layers, 4);
+    assert_eq!(report.merged, 25 - 4); // x_embedder + 6 per double block + 6 per single block
+    assert!(report.unused.is_empty() && report.unknown_keys.is_empty());
+}
+
+#[test]
+fn vae_matches_diffusers_in_both_layouts() {
+    let r = reference();
+    for paths in [diffusers_folder(), bfl_files()] {
+        let generator = FluxGenerator::load(options(paths, None)).unwrap();
+        let mean = generator.vae().encode_mean(&r["vae_image"]).unwrap();
+        let err = max_abs_diff(&mean, &r["vae_encoded_mean"]);
+        eprintln!("VAE encode: max abs error {err:.2e}");
+        assert!(err < 1e-4, "encode: max abs error {err}");
+        let decoded = generator.vae().decode(&r["vae_latents"]).unwrap();
+        let err = max_abs_diff(&decoded, &r["vae_decoded"]);
+        eprintln!("VAE decode: max abs error {err:.2e}");
+        assert!(err < 1e-4, "decode: max abs error {err}");
+    }
+}
+
+#[test]
+fn text_encoders_match_transformers() {
+    let r = reference();
+    let mut generator = FluxGenerator::load(options(diffusers_folder(), None)).unwrap();
+    let text = generator.text_encoders().unwrap();
+    let t5_ids: Vec<i64> = r["t5_ids"].squeeze(0).unwrap().to_vec1().unwrap();
+    let clip_ids: Vec<i64> = r["clip_ids"].squeeze(0).unwrap().to_vec1().unwrap();
+    let ours_t5: Vec<i64> = text
+        .t5_ids(PROMPT, T5_TOKENS)
+        .unwrap()
+        .iter()
+        .map(|&i| i as i64)
+        .collect();
+    let ours_clip: Vec<i64> = text
+        .clip_ids(PROMPT)
+        .unwrap()
+        .iter()
+        .map(|&i| i as i64)
+        .collect();
+    assert_eq!(ours_t5, t5_ids, "T5 token ids");
+    assert_eq!(ours_clip, clip_ids, "CLIP token ids (truncated to 77)");
+    let (t5, pooled) = text.encode(PROMPT, T5_TOKENS).unwrap();
+    let err = max_abs_diff(&t5, &r["t5_hidden"]);
+    eprintln!("T5: max abs error {err:.2e}");
+    assert!(err < 1e-4, "T5: max abs error {err}");
+    let err = max_abs_diff(&pooled, &r["clip_pooled"]);
+    eprintln!("CLIP pooled: max abs error {err:.2e}");
+    assert!(err < 1e-4, "CLIP pooled: max abs error {err}");
+
+    // CLIP's tokenizer rebuilt from vocab.json + merges.txt gives the same ids.
+    let rebuilt = load_tokenizer(&fixtures().join("clip_tokenizer_files")).unwrap();
+    let pad = rebuilt.token_to_id("<|endoftext|>").unwrap();
+    let ids: Vec<i64> = token_ids(&rebuilt, PROMPT, 77, pad)
+        .unwrap()
+        .iter()
+        .map(|&i| i as i64)
+        .collect();
+    assert_eq!(ids, clip_ids);
+}
+
+#[test]
+fn full_edit_from_given_latents_matches_the_diffusers_pipeline() {
+    let r = reference();
+    let mut generator =
+        FluxGenerator::load(options(diffusers_folder(), Some("lora_plain.safetensors"))).unwrap();
+    let source = image::open(fixtures().join("source.png"))
+        .unwrap()
+        .to_rgb8();
+    let edit = EditContext::new("fixture", source, "make the sky night");
+    let prepared = generator.prepare(&edit).unwrap();
+    assert_eq!(prepared.latent_shape, vec![12, 64]);
+
+    let init = generator
+        .read_init_latents(&fixtures().join("init_latents.safetensors"), &prepared)
+        .unwrap();
+    let expected_packed = r["e2e_init_packed"].squeeze(0).unwrap();
+    assert_eq!(
+        max_abs_diff(&init, &expected_packed),
+        0.0,
+        "packing of the initial latents"
+    );
+
+    let schedule = Schedule::flux(3, prepared.image_tokens);
+    let sigmas: Vec<f32> = r["e2e_sigmas"].to_vec1().unwrap();
+    for (i, s) in sigmas.iter().enumerate() {
+        assert!((schedule.sigma(i) as f32 - s).abs() < 1e-6, "sigma {i}");
+    }
+    let mut states = vec![CandidateState::from_given(&generator, &prepared, 0, &init).unwrap()];
+    advance_to(&mut generator, &prepared, &schedule, &mut states, 3, |_| {}).unwrap();
+    let err = max_abs_diff(
+        &states[0].latents,
+        &r["e2e_final_latents"].squeeze(0).unwrap(),
+    );
+    eprintln!("end-to-end final latents: max abs error {err:.2e}");
+    assert!(err < 1e-3, "final latents: max abs error {err}");
+
+    let unit = generator
+        .decode_unit(&prepared, &states[0].latents)
+        .unwrap();
+    let err = max_abs_diff(&unit, &r["e2e_image"].squeeze(0).unwrap());
+    eprintln!("end-to-end image in [0, 1]: max abs error {err:.2e}");
+    assert!(err < 2e-3, "decoded image: max abs error {err}");
+}
+
+#[test]
+fn missing_files_and_bad_loras_are_named() {
+    let err = FluxGenerator::load(options(
+        FluxPaths {
+            model_dir: Some(fixtures().join("no-such-model")),
+            ..Default::default()
+        },
+        None,
+    ))
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("no-such-model"), "{err}");
+
+    // A LoRA file whose keys match no layer is an error naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("bogus.safetensors");
+    let a = Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros((32, 4), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &HashMap::from([
+            ("transformer.nowhere.lora_A.weight".to_string(), a),
+            ("transformer.nowhere.lora_B.weight".to_string(), b),
+        ]),
+        &bogus,
+    )
+    .unwrap();
+    let mut o = options(diffusers_folder(), None);
+    o.lora = Some(bogus);
+    let err = FluxGenerator::load(o).err().unwrap().to_string();
+    assert!(
+        err.contains("bogus.safetensors") && err.contains("matches no layer"),
+        "{err}"
+    );
+
+    // A transformer whose tensor has the wrong shape names the key.
+    let tiny = fixtures().join("bfl/flux1-fill-dev.safetensors");
+    let mut tensors = candle_core::safetensors::load(&tiny, &Device::Cpu).unwrap();
+    tensors.insert(
+        "img_in.weight".into(),
+        Tensor::zeros((32, 100), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let broken = dir.path().join("broken.safetensors");
+    candle_core::safetensors::save(&tensors, &broken).unwrap();
+    let mut paths = bfl_files();
+    paths.transformer = Some(broken);
+    let err = FluxGenerator::load(options(paths, None))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("img_in.weight") && err.contains("broken.safetensors"),
+        "{err}"
+    );
+}
