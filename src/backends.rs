@@ -4,10 +4,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use candle_core::{DType, Device};
 use serde::Deserialize;
 
 use crate::cli::{GeneratorArgs, GeneratorKind, JudgeArgs};
 use crate::error::JudgeError;
+use crate::generate::flux::{FluxGenerator, FluxOptions, FluxPaths};
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::generate::Generator;
 use crate::judge::openai::OpenAiJudge;
@@ -24,9 +26,10 @@ pub struct JudgeHandle {
 
 /// The generator backend `args` select.
 pub fn build_generator(args: &GeneratorArgs) -> anyhow::Result<Box<dyn Generator>> {
-    let kind = match (args.generator, &args.model_dir) {
-        (GeneratorKind::Auto, Some(_)) => GeneratorKind::Flux,
-        (GeneratorKind::Auto, None) => GeneratorKind::Testbed,
+    let flux_files = args.model_dir.is_some() || args.transformer.is_some();
+    let kind = match (args.generator, flux_files) {
+        (GeneratorKind::Auto, true) => GeneratorKind::Flux,
+        (GeneratorKind::Auto, false) => GeneratorKind::Testbed,
         (kind, _) => kind,
     };
     match kind {
@@ -37,9 +40,65 @@ pub fn build_generator(args: &GeneratorArgs) -> anyhow::Result<Box<dyn Generator
                 max_batch: args.batch_size.max(1),
             })))
         }
-        GeneratorKind::Flux => bail!("the FLUX generator is not part of this build yet"),
+        GeneratorKind::Flux => Ok(Box::new(build_flux(args)?)),
         GeneratorKind::Auto => unreachable!("resolved above"),
     }
+}
+
+/// Parses `cpu`, `cuda[:N]` or `metal`.
+pub fn parse_device(name: &str) -> anyhow::Result<Device> {
+    let device = match name {
+        "cpu" => Device::Cpu,
+        "metal" => Device::new_metal(0).context("--device metal (build with --features metal)")?,
+        cuda if cuda.starts_with("cuda") => {
+            let ordinal = match cuda.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .with_context(|| format!("--device {cuda}: bad ordinal"))?,
+                None if cuda == "cuda" => 0,
+                None => bail!("--device {cuda}: expected cuda or cuda:N"),
+            };
+            Device::new_cuda(ordinal)
+                .with_context(|| format!("--device {cuda} (build with --features cuda)"))?
+        }
+        other => bail!("--device {other}: expected cpu, cuda[:N] or metal"),
+    };
+    Ok(device)
+}
+
+/// Parses `f32`, `f16` or `bf16`; the default is bf16 on a GPU and f32 on the CPU.
+pub fn parse_dtype(name: Option<&str>, device: &Device) -> anyhow::Result<DType> {
+    Ok(match name {
+        None if device.is_cpu() => DType::F32,
+        None => DType::BF16,
+        Some("f32") => DType::F32,
+        Some("f16") => DType::F16,
+        Some("bf16") => DType::BF16,
+        Some(other) => bail!("--dtype {other}: expected f32, f16 or bf16"),
+    })
+}
+
+fn build_flux(args: &GeneratorArgs) -> anyhow::Result<FluxGenerator> {
+    let device = parse_device(&args.device)?;
+    let mut options = FluxOptions::new(FluxPaths {
+        model_dir: args.model_dir.clone(),
+        transformer: args.transformer.clone(),
+        vae: args.vae.clone(),
+        text_encoders: args.text_encoders.clone(),
+    });
+    options.dtype = parse_dtype(args.dtype.as_deref(), &device)?;
+    options.device = device;
+    options.lora = args.lora.clone();
+    options.lora_scale = args.lora_scale;
+    options.guidance = args.guidance;
+    options.t5_tokens = args.t5_tokens;
+    options.keep_text_encoders = args.keep_text_encoders;
+    options.max_batch = args.batch_size.max(1);
+    if options.lora.is_none() {
+        tracing::warn!("no --lora: running FLUX.1 Fill without the ICEdit LoRA");
+    }
+    tracing::info!(dtype = ?options.dtype, device = %args.device, "generator: FLUX.1 Fill");
+    Ok(FluxGenerator::load(options)?)
 }
 
 /// The fields every judge preset has; the rest belongs to its backend.

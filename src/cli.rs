@@ -46,6 +46,8 @@ pub enum BenchCommand {
     Pipeline(PipelineBenchArgs),
     /// Peak memory of a batch over a long manifest (run once per size: peak RSS is per process).
     Memory(MemoryBenchArgs),
+    /// FLUX transformer step and VAE timings with random weights (any size, any device).
+    Flux(FluxBenchArgs),
 }
 
 /// `bench pipeline`.
@@ -78,6 +80,41 @@ pub struct PipelineBenchArgs {
     pub strategy: StrategyArgs,
     /// Scratch folder.
     #[arg(long, default_value = "out/bench-pipeline")]
+    pub out: PathBuf,
+}
+
+/// `bench flux`.
+#[derive(Debug, Clone, Args)]
+pub struct FluxBenchArgs {
+    /// `full` (FLUX.1 Fill, 12B) or `small` (a CPU-sized stand-in).
+    #[arg(long, default_value = "full")]
+    pub size: String,
+    /// Source panel width; the diptych is twice as wide.
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    /// Source panel height.
+    #[arg(long, default_value_t = 512)]
+    pub height: usize,
+    /// Candidate batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub batch: Vec<usize>,
+    /// T5 tokens.
+    #[arg(long, default_value_t = 512)]
+    pub t5_tokens: usize,
+    /// Steps of the full edit estimate.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Timed repetitions (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Weight dtype: f32, f16 or bf16 (bf16 default on GPU, f32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Device: cpu, cuda[:N] or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Output folder (flux.json).
+    #[arg(long, default_value = "out/bench-flux")]
     pub out: PathBuf,
 }
 
@@ -158,6 +195,23 @@ pub struct GeneratorArgs {
     /// holding flux1-fill-dev.safetensors + ae.safetensors.
     #[arg(long, env = "ICEDIT_MODEL_DIR")]
     pub model_dir: Option<PathBuf>,
+    /// FLUX transformer file overriding the folder's (BFL flux1-fill-dev.safetensors or a
+    /// diffusers file).
+    #[arg(long)]
+    pub transformer: Option<PathBuf>,
+    /// Autoencoder file overriding the folder's (BFL ae.safetensors or a diffusers file).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// Folder with text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ (default: the
+    /// model folder); needed with BFL single files.
+    #[arg(long)]
+    pub text_encoders: Option<PathBuf>,
+    /// T5 tokens the prompt is padded or truncated to.
+    #[arg(long, default_value_t = 512)]
+    pub t5_tokens: usize,
+    /// Keep T5 and CLIP loaded between edits (faster batches, ~10 GB more memory in bf16).
+    #[arg(long)]
+    pub keep_text_encoders: bool,
     /// ICEdit LoRA file (plain or MoE, detected from its keys).
     #[arg(long, env = "ICEDIT_LORA")]
     pub lora: Option<PathBuf>,

@@ -8,8 +8,8 @@ use anyhow::Context;
 use crate::backends::{build_generator, build_judge};
 use crate::batch::{merge_shards, run_batch, BatchOptions, Shard, StopFlag};
 use crate::cli::{
-    BatchArgs, BenchCommand, Cli, Command, DemoArgs, EditArgs, MemoryBenchArgs, MergeArgs,
-    PipelineBenchArgs, StudyArgs,
+    BatchArgs, BenchCommand, Cli, Command, DemoArgs, EditArgs, FluxBenchArgs, MemoryBenchArgs,
+    MergeArgs, PipelineBenchArgs, StudyArgs,
 };
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
@@ -57,6 +57,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Study(args)) => study(args).await,
         Some(Command::Bench(BenchCommand::Pipeline(args))) => bench_pipeline(args).await,
         Some(Command::Bench(BenchCommand::Memory(args))) => bench_memory(args).await,
+        Some(Command::Bench(BenchCommand::Flux(args))) => bench_flux(args),
         None => edit(cli.edit).await,
     }
 }
@@ -267,6 +268,64 @@ pub async fn bench_pipeline(args: PipelineBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `bench flux`: transformer step and VAE timings with random weights.
+pub fn bench_flux(args: FluxBenchArgs) -> anyhow::Result<()> {
+    use crate::generate::flux::bench::{run, small_configs, FluxBench};
+    use crate::generate::flux::{vae::VaeConfig, FluxConfig};
+    let device = crate::backends::parse_device(&args.device)?;
+    let dtype = crate::backends::parse_dtype(args.dtype.as_deref(), &device)?;
+    let (transformer, vae) = match args.size.as_str() {
+        "full" => (FluxConfig::fill_dev(), VaeConfig::flux()),
+        "small" => small_configs(),
+        other => anyhow::bail!("--size {other}: expected full or small"),
+    };
+    if !args.width.is_multiple_of(16) || !args.height.is_multiple_of(16) {
+        anyhow::bail!("--width/--height must be multiples of 16");
+    }
+    let bench = FluxBench {
+        transformer,
+        vae,
+        panel: (args.width, args.height),
+        batches: args.batch.clone(),
+        t5_tokens: args.t5_tokens,
+        steps: args.steps,
+        iters: args.iters,
+        dtype,
+        device,
+    };
+    let result = run(&bench)?;
+    let mut md = format!(
+        "FLUX.1 Fill `{}` ({:.2}B parameters), {:?} on {}, diptych {}x{} ({} image + {} text tokens); random weights built in {:.1} s\n\n| batch | step (s) | per candidate (s) |\n|---|---|---|\n",
+        args.size,
+        result.parameters as f64 / 1e9,
+        dtype,
+        args.device,
+        2 * args.width,
+        args.height,
+        result.image_tokens,
+        args.t5_tokens,
+        result.load_s
+    );
+    for s in &result.steps {
+        md.push_str(&format!(
+            "| {} | {:.4} | {:.4} |\n",
+            s.batch, s.step_s, s.per_candidate_s
+        ));
+    }
+    md.push_str(&format!(
+        "\nVAE encode {:.4} s, decode {:.4} s; one {}-step edit of one candidate {:.2} s (text encoding excluded).\n",
+        result.vae_encode_s, result.vae_decode_s, args.steps, result.full_edit_s
+    ));
+    std::fs::create_dir_all(&args.out)?;
+    crate::engine::outputs::write_atomic(
+        &args.out.join("flux.json"),
+        &serde_json::to_vec_pretty(&result)?,
+    )?;
+    crate::engine::outputs::write_atomic(&args.out.join("flux.md"), md.as_bytes())?;
+    println!("{md}");
+    Ok(())
+}
+
 /// `bench memory`: one batch over a long manifest, then the process's peak RSS.
 pub async fn bench_memory(args: MemoryBenchArgs) -> anyhow::Result<()> {
     let manifest = crate::batch::bench::write_manifest(&args.out, args.lines, 32)?;
@@ -376,7 +435,8 @@ pub async fn run_and_write(
     Ok(report)
 }
 
-/// Reads `latents` from a safetensors file: `[C, ..latent_shape]`, one row per candidate.
+/// Reads `latents` from a safetensors file: `[C, ..latent_shape]` (packed) or `[C, 16, h, w]`
+/// (unpacked, as diffusers makes them), one row per candidate.
 fn load_init_latents(path: &Path) -> anyhow::Result<Vec<candle_core::Tensor>> {
     let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .map_err(|e| EditError::Invalid(format!("--init-latents {}: {e}", path.display())))?;
@@ -386,6 +446,12 @@ fn load_init_latents(path: &Path) -> anyhow::Result<Vec<candle_core::Tensor>> {
             path.display()
         ))
     })?;
+    // Unpacked diffusers-style latents [C, 16, h, w] are packed into 2x2 tokens [C, S, 64].
+    let latents = if latents.rank() == 4 {
+        crate::generate::flux::latents::pack(latents)?
+    } else {
+        latents.clone()
+    };
     let rows = latents.dim(0).context("latents tensor is a scalar")?;
     (0..rows)
         .map(|i| Ok(latents.get(i)?))

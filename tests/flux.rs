@@ -311,3 +311,151 @@ fn missing_files_and_bad_loras_are_named() {
         "{err}"
     );
 }
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_runs_early_filter_end_to_end_through_flux() {
+    let out = tempfile::tempdir().unwrap();
+    let out_dir = out.path().to_str().unwrap();
+    let result = cli(&[
+        "edit",
+        "--image",
+        "tests/fixtures/flux/source.png",
+        "--instruction",
+        "make the sky night",
+        "--width",
+        "48",
+        "--model-dir",
+        "tests/fixtures/flux/tiny",
+        "--lora",
+        "tests/fixtures/flux/lora_moe.safetensors",
+        "--t5-tokens",
+        "48",
+        "--strategy",
+        "early-filter",
+        "--seeds",
+        "4",
+        "--probe-steps",
+        "2",
+        "--keep",
+        "2",
+        "--steps",
+        "6",
+        "--out",
+        out_dir,
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
+    assert!(report["generator"]
+        .as_str()
+        .unwrap()
+        .starts_with("flux-fill"));
+    // 4 candidates x 2 probe steps + 2 survivors x 4 remaining steps.
+    assert_eq!(report["nfe"]["total"], 16);
+    let final_image = image::open(out.path().join("final.png")).unwrap().to_rgb8();
+    assert_eq!(final_image.dimensions(), (48, 32));
+}
+
+#[test]
+fn cli_reproduces_the_diffusers_edit_from_its_initial_latents() {
+    let out = tempfile::tempdir().unwrap();
+    let out_dir = out.path().to_str().unwrap();
+    let result = cli(&[
+        "edit",
+        "--image",
+        "tests/fixtures/flux/source.png",
+        "--instruction",
+        "make the sky night",
+        "--width",
+        "48",
+        "--model-dir",
+        "tests/fixtures/flux/tiny",
+        "--lora",
+        "tests/fixtures/flux/lora_plain.safetensors",
+        "--t5-tokens",
+        "48",
+        "--strategy",
+        "random",
+        "--steps",
+        "3",
+        "--init-latents",
+        "tests/fixtures/flux/init_latents.safetensors",
+        "--out",
+        out_dir,
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let ours = image::open(out.path().join("final.png")).unwrap().to_rgb8();
+    // diffusers' image in [0, 1], right half, quantised as diffusers does.
+    let reference = reference()["e2e_image"].squeeze(0).unwrap();
+    let right = reference.narrow(1, 48, 48).unwrap();
+    let expected: Vec<f32> = (right * 255.0)
+        .unwrap()
+        .round()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let worst = ours
+        .as_raw()
+        .iter()
+        .zip(&expected)
+        .map(|(&a, &b)| (a as f32 - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1.0,
+        "final.png differs from diffusers by up to {worst} levels"
+    );
+}
+
+#[test]
+fn bench_flux_times_a_small_random_model() {
+    let out = tempfile::tempdir().unwrap();
+    let result = cli(&[
+        "bench",
+        "flux",
+        "--size",
+        "small",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--t5-tokens",
+        "16",
+        "--batch",
+        "1,2",
+        "--iters",
+        "1",
+        "--steps",
+        "4",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("flux.json")).unwrap()).unwrap();
+    assert_eq!(json["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(json["image_tokens"], 32);
+    assert!(json["parameters"].as_u64().unwrap() > 1_000_000);
+    assert!(json["full_edit_s"].as_f64().unwrap() > 0.0);
+}

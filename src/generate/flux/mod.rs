@@ -7,6 +7,7 @@
 //! forward for a batch of candidates; decoding unpacks, runs the VAE decoder and crops the
 //! right panel.
 
+pub mod bench;
 pub mod blocks;
 pub mod config;
 pub mod embeddings;

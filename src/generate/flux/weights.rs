@@ -198,19 +198,16 @@ pub fn var_builder(source: WeightSource, dtype: DType, dev: &Device) -> VarBuild
 
 /// Random weights of any shape, for benchmarks: normal(0, 0.02) for matrices, ones for
 /// norm scales, zeros for biases (random values time the same as trained ones).
+#[derive(Default)]
 pub struct RandomWeights {
-    seed: u64,
-}
-
-impl RandomWeights {
-    /// A deterministic random source.
-    pub fn new(seed: u64) -> Self {
-        Self { seed }
-    }
+    /// Elements handed out so far (the model's parameter count once it is built).
+    pub elements: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl SimpleBackend for RandomWeights {
     fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.elements
+            .fetch_add(shape.elem_count(), std::sync::atomic::Ordering::Relaxed);
         if shape.rank() == 1 {
             let norm = name.contains("norm");
             return if norm {
@@ -219,7 +216,6 @@ impl SimpleBackend for RandomWeights {
                 Tensor::zeros(shape, dtype, dev)
             };
         }
-        let _ = self.seed;
         Tensor::randn(0f32, 0.02, shape, dev)?.to_dtype(dtype)
     }
 

@@ -1,0 +1,161 @@
+//! `bench flux`: times one transformer step per batch size, and the VAE encode/decode, with
+//! random weights at any configuration (the full 12B one included), so speed can be measured
+//! on a GPU without downloading anything. Random weights cost the same time as trained ones.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::Serialize;
+
+use super::config::FluxConfig;
+use super::embeddings::rope_tables;
+use super::latents::joint_ids;
+use super::transformer::{FluxTransformer, TextConditioning};
+use super::vae::{Autoencoder, VaeConfig};
+use super::weights::RandomWeights;
+
+/// What to time.
+#[derive(Debug, Clone)]
+pub struct FluxBench {
+    /// Transformer configuration (e.g. [`FluxConfig::fill_dev`]).
+    pub transformer: FluxConfig,
+    /// Autoencoder configuration.
+    pub vae: VaeConfig,
+    /// Source panel (width, height); the diptych is twice as wide.
+    pub panel: (usize, usize),
+    /// Candidate batch sizes to time.
+    pub batches: Vec<usize>,
+    /// T5 tokens.
+    pub t5_tokens: usize,
+    /// Steps of a full edit (for the per-edit estimate).
+    pub steps: usize,
+    /// Timed repetitions after one warm-up.
+    pub iters: usize,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Device.
+    pub device: Device,
+}
+
+/// One batch size's timing.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTiming {
+    /// Candidates per forward.
+    pub batch: usize,
+    /// Mean seconds per forward.
+    pub step_s: f64,
+    /// `step_s / batch`.
+    pub per_candidate_s: f64,
+}
+
+/// The benchmark's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct FluxBenchResult {
+    /// Transformer parameters.
+    pub parameters: usize,
+    /// Image tokens of the diptych.
+    pub image_tokens: usize,
+    /// Per batch size.
+    pub steps: Vec<StepTiming>,
+    /// Seconds to encode the masked diptych.
+    pub vae_encode_s: f64,
+    /// Seconds to decode one candidate.
+    pub vae_decode_s: f64,
+    /// One full edit of one candidate: encode + steps x (batch-1 step) + decode (text
+    /// encoding excluded: it is done once per edit and the encoders are then dropped).
+    pub full_edit_s: f64,
+    /// Seconds spent building the random weights.
+    pub load_s: f64,
+}
+
+fn timed<T>(
+    device: &Device,
+    iters: usize,
+    mut f: impl FnMut() -> candle_core::Result<T>,
+) -> candle_core::Result<f64> {
+    f()?; // warm-up (kernels, allocator)
+    device.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..iters.max(1) {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
+/// Runs the benchmark.
+pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
+    let (dev, dtype) = (&bench.device, bench.dtype);
+    let start = Instant::now();
+    let random = RandomWeights::default();
+    let counter = random.elements.clone();
+    let vb = VarBuilder::from_backend(Box::new(random), dtype, dev.clone());
+    let transformer = FluxTransformer::new(vb.clone(), &bench.transformer, None)?;
+    let parameters = counter.load(std::sync::atomic::Ordering::Relaxed);
+    let vae = Autoencoder::new(vb, &bench.vae)?;
+    dev.synchronize()?;
+    let load_s = start.elapsed().as_secs_f64();
+    let c = &bench.transformer;
+
+    let f = bench.vae.downscale();
+    let (w, ht) = (2 * bench.panel.0, bench.panel.1);
+    let (lh, lw) = (ht / f, w / f);
+    let tokens = (lh / 2) * (lw / 2);
+    let ids = joint_ids(bench.t5_tokens, lh / 2, lw / 2);
+    let rope = rope_tables(&ids, &c.axes_dims_rope, 10000.0, dev)?;
+    let text = TextConditioning {
+        t5: Tensor::randn(0f32, 1.0, (1, bench.t5_tokens, c.joint_attention_dim), dev)?
+            .to_dtype(dtype)?,
+        pooled: Tensor::randn(0f32, 1.0, (1, c.pooled_projection_dim), dev)?.to_dtype(dtype)?,
+    };
+    let mut steps = Vec::new();
+    for &batch in &bench.batches {
+        let img = Tensor::randn(0f32, 1.0, (batch, tokens, c.in_channels), dev)?.to_dtype(dtype)?;
+        let step_s = timed(dev, bench.iters, || {
+            transformer.forward(&img, &text, 0.5, 50.0, &rope)
+        })?;
+        tracing::info!(batch, step_s, "transformer step");
+        steps.push(StepTiming {
+            batch,
+            step_s,
+            per_candidate_s: step_s / batch as f64,
+        });
+    }
+    let image = Tensor::randn(0f32, 0.5, (1, 3, ht, w), dev)?.to_dtype(dtype)?;
+    let vae_encode_s = timed(dev, bench.iters, || vae.encode_mean(&image))?;
+    let z =
+        Tensor::randn(0f32, 1.0, (1, bench.vae.latent_channels, lh, lw), dev)?.to_dtype(dtype)?;
+    let vae_decode_s = timed(dev, bench.iters, || vae.decode(&z))?;
+    let one = steps.iter().find(|s| s.batch == 1).map(|s| s.step_s);
+    let step1 = one.unwrap_or_else(|| steps.first().map_or(0.0, |s| s.per_candidate_s));
+    Ok(FluxBenchResult {
+        parameters,
+        image_tokens: tokens,
+        steps,
+        vae_encode_s,
+        vae_decode_s,
+        full_edit_s: vae_encode_s + bench.steps as f64 * step1 + vae_decode_s,
+        load_s,
+    })
+}
+
+/// A small configuration (hidden 256, 2 + 4 blocks, a narrow VAE) for CPU smoke runs.
+pub fn small_configs() -> (FluxConfig, VaeConfig) {
+    let transformer = FluxConfig {
+        num_layers: 2,
+        num_single_layers: 4,
+        attention_head_dim: 64,
+        num_attention_heads: 4,
+        joint_attention_dim: 256,
+        pooled_projection_dim: 128,
+        axes_dims_rope: vec![8, 28, 28],
+        ..FluxConfig::fill_dev()
+    };
+    let vae = VaeConfig {
+        block_out_channels: vec![32, 32, 64, 64],
+        layers_per_block: 1,
+        ..VaeConfig::flux()
+    };
+    (transformer, vae)
+}
