@@ -11,8 +11,6 @@
 #SBATCH --mem=64G
 #SBATCH --time=24:00:00
 #SBATCH --output=runs/edits/slurm-%A_%a.log
-# NOTE: the FLUX generator (--model-dir/--lora) is not in this build yet (issue 4); until it
-# lands, this script runs with --generator testbed in its place.
 set -euo pipefail
 # --shard auto reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_MIN / SLURM_ARRAY_TASK_COUNT.
 exec icedit-scale batch \
@@ -22,5 +20,5 @@ exec icedit-scale batch \
   --queue 2 \
   --seeds 8 --probe-steps 4 --keep 2 --steps 50 \
   --model-dir /models/FLUX.1-Fill-dev --lora /models/icedit/pytorch_lora_weights.safetensors \
-  --device cuda \
+  --device cuda --keep-text-encoders \
   --judge judges/vllm-qwen2.5-vl-72b.toml
