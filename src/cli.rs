@@ -34,6 +34,8 @@ pub enum Command {
     Merge(MergeArgs),
     /// Measure strategies on many testbed edits against the known truth.
     Study(StudyArgs),
+    /// Compare strategies on a benchmark suite at matched compute (resumable).
+    Eval(EvalArgs),
     /// Benchmarks (speed and memory).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -345,6 +347,26 @@ pub struct MergeArgs {
     /// The shards' output folders.
     #[arg(required = true)]
     pub shards: Vec<PathBuf>,
+}
+
+/// `eval`: a suite of strategy arms over a dataset, with statistics.
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// Suite file (TOML), e.g. eval/testbed-small.toml.
+    #[arg(long)]
+    pub suite: PathBuf,
+    /// Output folder: results.jsonl (durable, resumable), results.json, report.md, score_vs_nfe.svg.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Only rebuild the report from the stored results.
+    #[arg(long)]
+    pub report_only: bool,
+    /// Judge calls in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub judge_concurrency: usize,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub generator: GeneratorArgs,
 }
 
 /// `study`: strategies compared on testbed edits with ground truth.

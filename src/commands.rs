@@ -8,8 +8,8 @@ use anyhow::Context;
 use crate::backends::{build_generator, build_judge};
 use crate::batch::{merge_shards, run_batch, BatchOptions, Shard, StopFlag};
 use crate::cli::{
-    BatchArgs, BenchCommand, Cli, Command, DemoArgs, EditArgs, FluxBenchArgs, MemoryBenchArgs,
-    MergeArgs, PipelineBenchArgs, StudyArgs,
+    BatchArgs, BenchCommand, Cli, Command, DemoArgs, EditArgs, EvalArgs, FluxBenchArgs,
+    MemoryBenchArgs, MergeArgs, PipelineBenchArgs, StudyArgs,
 };
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
@@ -55,6 +55,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Batch(args)) => batch(*args).await,
         Some(Command::Merge(args)) => merge(args),
         Some(Command::Study(args)) => study(args).await,
+        Some(Command::Eval(args)) => eval(args).await,
         Some(Command::Bench(BenchCommand::Pipeline(args))) => bench_pipeline(args).await,
         Some(Command::Bench(BenchCommand::Memory(args))) => bench_memory(args).await,
         Some(Command::Bench(BenchCommand::Flux(args))) => bench_flux(args),
@@ -224,6 +225,71 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
         &serde_json::to_vec_pretty(&report)?,
     )?;
     println!("{md}");
+    Ok(())
+}
+
+/// `eval`: runs the pending (item, arm) pairs of a suite, then writes the report.
+pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    use crate::eval::{dataset, report, runner, store::ResultStore, suite::Suite};
+    let suite = Suite::load(&args.suite)?;
+    let items = dataset::load(&suite.dataset, &suite.selection)?;
+    let mut store = ResultStore::open(&args.out)
+        .with_context(|| format!("opening {}", args.out.join("results.jsonl").display()))?;
+    let names = runner::arm_names(&suite);
+    if !args.report_only {
+        let judge_args = |spec: &crate::eval::suite::JudgeSpec| crate::cli::JudgeArgs {
+            judge: spec.judge.clone(),
+            judge_concurrency: Some(args.judge_concurrency),
+            judge_seed: spec.seed,
+        };
+        let selection = build_judge(&judge_args(&suite.selection_judge))?;
+        let eval_judge = if suite.same_judge() {
+            None
+        } else {
+            Some(build_judge(&judge_args(suite.eval_judge()))?.judge)
+        };
+        let generator = build_generator(&args.generator)?;
+        let engine = Engine::new(
+            Arc::new(GeneratorWorker::spawn(generator)),
+            selection.judge,
+            selection.concurrency,
+        );
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("stopping after the item in progress (results so far are saved)");
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+        let total = (items.len() * names.len()) as u64;
+        let done = items
+            .iter()
+            .map(|i| names.iter().filter(|n| store.is_done(&i.id, n)).count() as u64)
+            .sum::<u64>();
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "eval {bar:30} {pos}/{len} (item, arm) results, {per_sec}, ETA {eta}",
+            )
+            .expect("static template"),
+        );
+        bar.set_position(done);
+        bar.reset_eta();
+        let ctx = runner::EvalContext {
+            engine,
+            eval_judge,
+            stop,
+            testbed_difficulty: args.generator.testbed_difficulty,
+        };
+        runner::run_suite(&suite, &items, &ctx, &mut store, |n| bar.inc(n as u64)).await?;
+        bar.finish_and_clear();
+    }
+    let report = report::build(&suite, store.results(), &names);
+    report.write(&args.out)?;
+    println!("{}", report.markdown());
     Ok(())
 }
 

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod edit;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod judge;
 pub mod study;

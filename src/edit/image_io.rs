@@ -1,6 +1,6 @@
 //! Reading source images safely.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use image::{ImageReader, RgbImage};
 
@@ -35,6 +35,36 @@ pub fn load_image(path: &Path, limits: ImageLimits) -> Result<RgbImage, EditErro
     };
     let mut reader = ImageReader::open(path)
         .map_err(|e| bad(format!("cannot open: {e}")))?
+        .with_guessed_format()
+        .map_err(|e| bad(format!("cannot read: {e}")))?;
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_side);
+    decoder_limits.max_image_height = Some(limits.max_side);
+    decoder_limits.max_alloc = Some(limits.max_alloc);
+    reader.limits(decoder_limits);
+    if reader.format().is_none() {
+        return Err(bad("not a recognised image format (PNG, JPEG, WebP)".into()));
+    }
+    let image = reader
+        .decode()
+        .map_err(|e| bad(format!("cannot decode: {e}")))?;
+    if image.width() == 0 || image.height() == 0 {
+        return Err(bad("image is empty (0 pixels)".into()));
+    }
+    Ok(image.to_rgb8())
+}
+
+/// Decodes an encoded image held in memory (e.g. a parquet cell); errors name `origin`.
+pub fn load_image_bytes(
+    bytes: &[u8],
+    origin: &str,
+    limits: ImageLimits,
+) -> Result<RgbImage, EditError> {
+    let bad = |reason: String| EditError::Image {
+        path: PathBuf::from(origin),
+        reason,
+    };
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| bad(format!("cannot read: {e}")))?;
     let mut decoder_limits = image::Limits::default();

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use image::RgbImage;
 
 pub use diptych::{crop_right_panel, make_diptych, resize_to_panel, Diptych, DEFAULT_PANEL_WIDTH};
-pub use image_io::{load_image, ImageLimits};
+pub use image_io::{load_image, load_image_bytes, ImageLimits};
 pub use prompt::{icedit_prompt, PROMPT_PREFIX};
 
 /// One edit as every backend sees it: the resized source panel and the instruction.

@@ -159,6 +159,19 @@ pub struct SceneEdit {
     pub instruction: String,
 }
 
+impl EditOp {
+    /// The task type of the operation, for per-task breakdowns.
+    pub fn task(&self) -> &'static str {
+        match self {
+            Self::Recolour { .. } => "recolour",
+            Self::Remove { .. } => "remove",
+            Self::Add { .. } => "add",
+            Self::Move { .. } => "move",
+            Self::Background { .. } => "background",
+        }
+    }
+}
+
 impl SceneEdit {
     /// Generates a scene and an edit, deterministically from `seed`.
     pub fn generate(seed: u64) -> Self {

@@ -1,0 +1,300 @@
+//! Evaluation datasets: a JSONL manifest, the Hugging Face parquet layouts of the Emu Edit
+//! test set and GEdit-Bench (read from local files), and generated testbed suites; with task
+//! filtering and deterministic sub-sampling.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::edit::{load_image, load_image_bytes, resize_to_panel, EditContext, ImageLimits};
+use crate::error::EditError;
+use crate::generate::testbed;
+
+/// Which dataset a suite evaluates on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DatasetSpec {
+    /// One JSON object per line: `id`, `image` (relative to the file), `instruction`,
+    /// optional `task`.
+    Jsonl {
+        /// The manifest.
+        path: PathBuf,
+    },
+    /// `facebook/emu_edit_test_set` parquet files (columns `image`, `instruction`, `task`).
+    EmuEdit {
+        /// A parquet file or a folder of them.
+        path: PathBuf,
+    },
+    /// `stepfun-ai/GEdit-Bench` parquet files (`input_image`, `instruction`, `task_type`,
+    /// `instruction_language`, `key`).
+    GeditBench {
+        /// A parquet file or a folder of them.
+        path: PathBuf,
+        /// Keep only this instruction language (`en` or `cn`).
+        #[serde(default)]
+        language: Option<String>,
+    },
+    /// Generated testbed edits (scene seeds `first_scene..first_scene + edits`).
+    Testbed {
+        /// Number of edits.
+        edits: usize,
+        /// First scene seed.
+        #[serde(default = "default_first_scene")]
+        first_scene: u64,
+    },
+}
+
+fn default_first_scene() -> u64 {
+    1000
+}
+
+/// Where an item's source image comes from.
+#[derive(Debug, Clone)]
+pub enum ItemSource {
+    /// An image file.
+    File(PathBuf),
+    /// Encoded image bytes (from a parquet cell); `origin` names it in errors.
+    Bytes {
+        /// Encoded PNG/JPEG/WebP.
+        bytes: Vec<u8>,
+        /// `file.parquet row N`.
+        origin: String,
+    },
+    /// A testbed scene seed.
+    Testbed(u64),
+}
+
+/// One evaluation item.
+#[derive(Debug, Clone)]
+pub struct EvalItem {
+    /// Unique id.
+    pub id: String,
+    /// The source image.
+    pub source: ItemSource,
+    /// The instruction.
+    pub instruction: String,
+    /// Task type (for the per-task breakdown).
+    pub task: Option<String>,
+    /// Instruction language, when the dataset has one.
+    pub language: Option<String>,
+}
+
+impl EvalItem {
+    /// The item as an edit, resized to `width`.
+    pub fn to_edit(&self, width: u32) -> Result<EditContext, EditError> {
+        let image = match &self.source {
+            ItemSource::Testbed(seed) => return Ok(testbed::make_edit(*seed, width)),
+            ItemSource::File(path) => load_image(path, ImageLimits::default())?,
+            ItemSource::Bytes { bytes, origin } => {
+                load_image_bytes(bytes, origin, ImageLimits::default())?
+            }
+        };
+        let panel = resize_to_panel(&image, width)?;
+        let mut edit = EditContext::new(self.id.clone(), panel, self.instruction.clone());
+        if let Some(task) = &self.task {
+            edit.meta.insert("task".into(), task.clone());
+        }
+        Ok(edit)
+    }
+}
+
+/// Filtering and sub-sampling applied after loading.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selection {
+    /// Keep only these task types.
+    #[serde(default)]
+    pub tasks: Vec<String>,
+    /// At most this many items, chosen by hashing ids with `sample_seed` (the same subset
+    /// on every machine and in any file order), kept in dataset order.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Seed of the sub-sample.
+    #[serde(default)]
+    pub sample_seed: u64,
+}
+
+fn invalid(path: &Path, what: impl std::fmt::Display) -> EditError {
+    EditError::Invalid(format!("{}: {what}", path.display()))
+}
+
+/// Loads the items of `spec`, then applies `selection`.
+pub fn load(spec: &DatasetSpec, selection: &Selection) -> Result<Vec<EvalItem>, EditError> {
+    let items = match spec {
+        DatasetSpec::Jsonl { path } => load_jsonl(path)?,
+        DatasetSpec::EmuEdit { path } => {
+            super::parquet::load(path, super::parquet::Layout::EmuEdit, None)?
+        }
+        DatasetSpec::GeditBench { path, language } => super::parquet::load(
+            path,
+            super::parquet::Layout::GeditBench,
+            language.as_deref(),
+        )?,
+        DatasetSpec::Testbed { edits, first_scene } => (0..*edits as u64)
+            .map(|i| {
+                let seed = first_scene + i;
+                let scene = testbed::SceneEdit::generate(seed);
+                EvalItem {
+                    id: format!("scene{seed}"),
+                    source: ItemSource::Testbed(seed),
+                    instruction: scene.instruction.clone(),
+                    task: Some(scene.op.task().to_string()),
+                    language: None,
+                }
+            })
+            .collect(),
+    };
+    let mut seen = std::collections::HashSet::new();
+    for item in &items {
+        if !seen.insert(item.id.clone()) {
+            return Err(EditError::Invalid(format!(
+                "dataset: duplicate item id `{}`",
+                item.id
+            )));
+        }
+    }
+    Ok(select(items, selection))
+}
+
+/// Task filter, then the deterministic hash sub-sample.
+pub fn select(items: Vec<EvalItem>, selection: &Selection) -> Vec<EvalItem> {
+    let mut items: Vec<EvalItem> = items
+        .into_iter()
+        .filter(|i| {
+            selection.tasks.is_empty()
+                || i.task.as_ref().is_some_and(|t| selection.tasks.contains(t))
+        })
+        .collect();
+    if let Some(limit) = selection.limit {
+        if items.len() > limit {
+            let key = |id: &str| {
+                let mut h = Sha256::new();
+                h.update(selection.sample_seed.to_le_bytes());
+                h.update(id.as_bytes());
+                h.finalize()
+            };
+            let mut ranked: Vec<(usize, _)> = items
+                .iter()
+                .enumerate()
+                .map(|(i, it)| (i, key(&it.id)))
+                .collect();
+            ranked.sort_by_key(|r| r.1);
+            let mut keep: Vec<usize> = ranked.into_iter().take(limit).map(|(i, _)| i).collect();
+            keep.sort_unstable();
+            let mut all: Vec<Option<EvalItem>> = items.into_iter().map(Some).collect();
+            items = keep
+                .into_iter()
+                .map(|i| all[i].take().expect("each index once"))
+                .collect();
+        }
+    }
+    items
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonlLine {
+    id: String,
+    image: PathBuf,
+    instruction: String,
+    #[serde(default)]
+    task: Option<String>,
+    #[serde(default)]
+    language: Option<String>,
+}
+
+fn load_jsonl(path: &Path) -> Result<Vec<EvalItem>, EditError> {
+    let file = std::fs::File::open(path).map_err(|e| invalid(path, format!("cannot open: {e}")))?;
+    let root = path.parent().unwrap_or(Path::new("."));
+    let mut items = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| invalid(path, format!("line {}: {e}", n + 1)))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let l: JsonlLine = serde_json::from_str(&line)
+            .map_err(|e| invalid(path, format!("line {}: {e}", n + 1)))?;
+        if l.instruction.trim().is_empty() {
+            return Err(invalid(path, format!("line {}: empty instruction", n + 1)));
+        }
+        items.push(EvalItem {
+            id: l.id,
+            source: ItemSource::File(root.join(l.image)),
+            instruction: l.instruction,
+            task: l.task,
+            language: l.language,
+        });
+    }
+    Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(n: usize) -> Vec<EvalItem> {
+        (0..n)
+            .map(|i| EvalItem {
+                id: format!("item{i}"),
+                source: ItemSource::Testbed(i as u64),
+                instruction: "x".into(),
+                task: Some(if i % 2 == 0 { "even" } else { "odd" }.into()),
+                language: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn subsample_is_deterministic_order_preserving_and_independent_of_file_order() {
+        let sel = Selection {
+            tasks: vec![],
+            limit: Some(10),
+            sample_seed: 3,
+        };
+        let a: Vec<String> = select(items(100), &sel).into_iter().map(|i| i.id).collect();
+        assert_eq!(a.len(), 10);
+        let mut reversed = items(100);
+        reversed.reverse();
+        let mut b: Vec<String> = select(reversed, &sel).into_iter().map(|i| i.id).collect();
+        b.reverse();
+        assert_eq!(a, b);
+        let idx: Vec<usize> = a.iter().map(|s| s[4..].parse().unwrap()).collect();
+        assert!(idx.windows(2).all(|w| w[0] < w[1]), "dataset order kept");
+        let other: Vec<String> = select(
+            items(100),
+            &Selection {
+                sample_seed: 4,
+                ..sel.clone()
+            },
+        )
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+        assert_ne!(a, other);
+    }
+
+    #[test]
+    fn task_filter_applies_before_the_limit() {
+        let sel = Selection {
+            tasks: vec!["odd".into()],
+            limit: Some(5),
+            sample_seed: 0,
+        };
+        let picked = select(items(40), &sel);
+        assert_eq!(picked.len(), 5);
+        assert!(picked.iter().all(|i| i.task.as_deref() == Some("odd")));
+    }
+
+    #[test]
+    fn testbed_items_carry_their_task() {
+        let spec = DatasetSpec::Testbed {
+            edits: 12,
+            first_scene: 0,
+        };
+        let all = load(&spec, &Selection::default()).unwrap();
+        assert_eq!(all.len(), 12);
+        assert!(all.iter().all(|i| i.task.is_some()));
+    }
+}

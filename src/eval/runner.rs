@@ -1,0 +1,307 @@
+//! Running a suite: every (item, arm) through the engine with the selection judge, the
+//! returned edit scored by the evaluation judge, each result stored as it finishes.
+//!
+//! Shared work is reused: a `random` arm is read from a best-of-N arm's candidate 0 (same
+//! seed and schedule: the identical trajectory), and best-of-n for every n < N is read from
+//! the same best-of-N run (the first n candidates, picked by the selection judge's VIE O).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use image::RgbImage;
+
+use super::dataset::{EvalItem, ItemSource};
+use super::store::{ArmResult, EvalScore, ResultStore, Scores};
+use super::suite::{Arm, Suite};
+use crate::edit::EditContext;
+use crate::engine::report::{EditReport, VieRecord};
+use crate::engine::{EditJob, Engine, Silent, StrategyKind};
+use crate::generate::testbed::{self, OutcomeLabel};
+use crate::judge::{vie_score, Judge};
+
+/// The name of the derived best-of-n arm read from best-of-N arm `source`.
+pub fn prefix_arm_name(source: &str, n: usize) -> String {
+    format!("{source}@{n}")
+}
+
+/// Every arm name the suite produces, derived prefixes included, in report order.
+pub fn arm_names(suite: &Suite) -> Vec<String> {
+    let mut names = Vec::new();
+    for arm in &suite.arms {
+        if arm.strategy == StrategyKind::BestOfN {
+            names.extend((2..arm.seeds).map(|n| prefix_arm_name(&arm.name, n)));
+        }
+        names.push(arm.name.clone());
+    }
+    names
+}
+
+/// What the runner needs besides the suite.
+pub struct EvalContext {
+    /// Engine over the generator and the selection judge.
+    pub engine: Engine,
+    /// The evaluation judge when it differs from the selection judge.
+    pub eval_judge: Option<Arc<dyn Judge>>,
+    /// Set to stop after the item in progress.
+    pub stop: Arc<AtomicBool>,
+    /// The testbed generator's difficulty (to classify testbed outcomes).
+    pub testbed_difficulty: f32,
+}
+
+fn scores(v: &VieRecord) -> Scores {
+    Scores {
+        sc: v.sc as f64,
+        pq: v.pq as f64,
+        overall: v.overall as f64,
+    }
+}
+
+struct Scorer<'a> {
+    ctx: &'a EvalContext,
+    edit: &'a EditContext,
+    outcomes: Option<Vec<testbed::Outcome>>,
+}
+
+impl Scorer<'_> {
+    /// Scores a returned image: (eval score, judge calls, failures, tokens, correct).
+    async fn score(
+        &self,
+        image: Option<&RgbImage>,
+        selection: Option<Scores>,
+    ) -> (Option<EvalScore>, u64, u64, u64, Option<bool>) {
+        let correct = match (&self.outcomes, image) {
+            (Some(o), Some(img)) => Some(testbed::classify(o, img) == OutcomeLabel::Correct),
+            _ => None,
+        };
+        let Some(image) = image else {
+            return (
+                Some(EvalScore::Failed("no finished edit to score".into())),
+                0,
+                0,
+                0,
+                correct,
+            );
+        };
+        match &self.ctx.eval_judge {
+            None => {
+                let eval = match selection {
+                    Some(s) => EvalScore::Ok(s),
+                    None => {
+                        EvalScore::Failed("the selection judge could not score the pick".into())
+                    }
+                };
+                (Some(eval), 0, 0, 0, correct)
+            }
+            Some(judge) => match vie_score(judge.as_ref(), self.edit, image).await {
+                Ok(v) => {
+                    let u = [&v.semantic.usage, &v.perceptual.usage];
+                    let tokens = u
+                        .iter()
+                        .map(|u| u.prompt_tokens + u.completion_tokens)
+                        .sum::<u64>();
+                    (
+                        Some(EvalScore::Ok(scores(&VieRecord::from(v)))),
+                        2,
+                        0,
+                        tokens,
+                        correct,
+                    )
+                }
+                Err(e) => (Some(EvalScore::Failed(e.to_string())), 2, 1, 0, correct),
+            },
+        }
+    }
+}
+
+fn base(item: &EvalItem, arm: &str) -> ArmResult {
+    ArmResult {
+        item: item.id.clone(),
+        arm: arm.to_string(),
+        task: item.task.clone(),
+        language: item.language.clone(),
+        nfe: 0,
+        selection: None,
+        eval: None,
+        correct: None,
+        judge_calls: 0,
+        judge_failures: 0,
+        judge_tokens: 0,
+        wall_s: 0.0,
+        derived_from: None,
+        error: None,
+    }
+}
+
+async fn from_report(
+    item: &EvalItem,
+    arm: &str,
+    report: &EditReport,
+    scorer: &Scorer<'_>,
+) -> ArmResult {
+    let picked = report.picked();
+    let selection = picked
+        .and_then(|c| c.vie.as_ref())
+        .and_then(|v| v.ok())
+        .map(scores);
+    let image = picked.and_then(|c| c.images.final_image.as_deref());
+    let (eval, calls, failures, tokens, correct) = scorer.score(image, selection).await;
+    let t = &report.judge_totals;
+    ArmResult {
+        nfe: report.nfe.total,
+        selection,
+        eval,
+        correct,
+        judge_calls: t.calls + calls,
+        judge_failures: t.failures + failures,
+        judge_tokens: t.prompt_tokens + t.completion_tokens + tokens,
+        wall_s: report.timings.total_s,
+        ..base(item, arm)
+    }
+}
+
+/// best-of-n over the first `n` candidates of a best-of-N report (n = 1 is random).
+async fn prefix(
+    item: &EvalItem,
+    name: &str,
+    source: &str,
+    report: &EditReport,
+    n: usize,
+    scorer: &Scorer<'_>,
+) -> ArmResult {
+    let candidates = &report.candidates[..n.min(report.candidates.len())];
+    // Highest selection VIE O, ties to the lower index (the engine's own rule); unscored
+    // candidates lose to scored ones, and with none scored candidate 0 is returned.
+    let mut best = 0;
+    for (i, c) in candidates.iter().enumerate() {
+        let o = |c: &crate::engine::report::CandidateRecord| {
+            c.vie.as_ref().and_then(|v| v.ok()).map(|v| v.overall)
+        };
+        if let Some(oi) = o(c) {
+            if o(&candidates[best]).is_none_or(|ob| oi > ob) {
+                best = i;
+            }
+        }
+    }
+    let chosen = &candidates[best];
+    let selection = chosen.vie.as_ref().and_then(|v| v.ok()).map(scores);
+    let (eval, calls, failures, tokens, correct) = scorer
+        .score(chosen.images.final_image.as_deref(), selection)
+        .await;
+    let share = n as f64 / report.candidates.len().max(1) as f64;
+    let t = &report.judge_totals;
+    ArmResult {
+        nfe: n * report.strategy.steps,
+        selection,
+        eval,
+        correct,
+        judge_calls: (t.calls as f64 * share).round() as u64 + calls,
+        judge_failures: candidates
+            .iter()
+            .filter(|c| c.vie.as_ref().is_some_and(|v| v.ok().is_none()))
+            .count() as u64
+            + failures,
+        judge_tokens: ((t.prompt_tokens + t.completion_tokens) as f64 * share).round() as u64
+            + tokens,
+        wall_s: report.timings.total_s * share,
+        derived_from: Some(source.to_string()),
+        ..base(item, name)
+    }
+}
+
+/// Runs every pending (item, arm); `on_result` is called after each stored result.
+pub async fn run_suite(
+    suite: &Suite,
+    items: &[EvalItem],
+    ctx: &EvalContext,
+    store: &mut ResultStore,
+    mut on_result: impl FnMut(usize),
+) -> anyhow::Result<()> {
+    // Best-of-N arms first, so random and the prefixes can be read from them.
+    let mut order: Vec<&Arm> = suite.arms.iter().collect();
+    order.sort_by_key(|a| a.strategy != StrategyKind::BestOfN);
+    for item in items {
+        if ctx.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let pending: Vec<&Arm> = order
+            .iter()
+            .copied()
+            .filter(|arm| {
+                let derived_pending = arm.strategy == StrategyKind::BestOfN
+                    && (2..arm.seeds)
+                        .any(|n| !store.is_done(&item.id, &prefix_arm_name(&arm.name, n)));
+                !store.is_done(&item.id, &arm.name) || derived_pending
+            })
+            .collect();
+        if pending.is_empty() {
+            continue;
+        }
+        let edit = match item.to_edit(suite.width) {
+            Ok(e) => e,
+            Err(e) => {
+                let failed = pending
+                    .iter()
+                    .map(|a| ArmResult {
+                        error: Some(e.to_string()),
+                        ..base(item, &a.name)
+                    })
+                    .collect::<Vec<_>>();
+                let n = failed.len();
+                store.append(failed)?;
+                on_result(n);
+                continue;
+            }
+        };
+        let outcomes = match item.source {
+            ItemSource::Testbed(_) => testbed::outcome_set(&edit, ctx.testbed_difficulty).ok(),
+            _ => None,
+        };
+        let scorer = Scorer {
+            ctx,
+            edit: &edit,
+            outcomes,
+        };
+        let mut best_of_n: Option<(String, EditReport)> = None;
+        for arm in pending {
+            let mut records = Vec::new();
+            if let (Some(source), Some((name, report))) = (suite.random_source(arm), &best_of_n) {
+                if &source.name == name {
+                    let mut r = prefix(item, &arm.name, name, report, 1, &scorer).await;
+                    r.arm = arm.name.clone();
+                    records.push(r);
+                }
+            }
+            if records.is_empty() {
+                let job = EditJob {
+                    edit: edit.clone(),
+                    strategy: suite.config(arm),
+                    init_latents: Vec::new(),
+                };
+                match ctx.engine.run(job, Arc::new(Silent)).await {
+                    Ok(report) => {
+                        records.push(from_report(item, &arm.name, &report, &scorer).await);
+                        if arm.strategy == StrategyKind::BestOfN {
+                            for n in 2..arm.seeds {
+                                let name = prefix_arm_name(&arm.name, n);
+                                if !store.is_done(&item.id, &name) {
+                                    records.push(
+                                        prefix(item, &name, &arm.name, &report, n, &scorer).await,
+                                    );
+                                }
+                            }
+                            best_of_n = Some((arm.name.clone(), report));
+                        }
+                    }
+                    Err(e) => records.push(ArmResult {
+                        error: Some(e.to_string()),
+                        ..base(item, &arm.name)
+                    }),
+                }
+            }
+            let n = records.len();
+            store.append(records)?;
+            on_result(n);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! The durable record of an eval: `results.jsonl`, one line per (item, arm), appended and
+//! fsynced as each finishes, so an interrupted eval resumes without redoing or losing work.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// VIE scores of one image.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Scores {
+    /// Semantic consistency.
+    pub sc: f64,
+    /// Perceptual quality.
+    pub pq: f64,
+    /// Overall `sqrt(SC * PQ)`.
+    pub overall: f64,
+}
+
+/// The evaluation judge's verdict on a returned edit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalScore {
+    /// Scored.
+    Ok(Scores),
+    /// The judge failed or could not be parsed; never replaced by a score.
+    Failed(String),
+}
+
+/// One arm's result on one item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArmResult {
+    /// Item id.
+    pub item: String,
+    /// Arm name.
+    pub arm: String,
+    /// Task type.
+    pub task: Option<String>,
+    /// Instruction language.
+    pub language: Option<String>,
+    /// Model forwards spent.
+    pub nfe: usize,
+    /// The pick's VIE by the selection judge (None: the pick could not be scored).
+    pub selection: Option<Scores>,
+    /// The returned edit as the evaluation judge scores it; None when the item failed.
+    pub eval: Option<EvalScore>,
+    /// Testbed only: whether the returned edit is the correct outcome.
+    pub correct: Option<bool>,
+    /// Judge calls made by the strategy (selection) and for scoring (evaluation).
+    pub judge_calls: u64,
+    /// Failed judge results among them.
+    pub judge_failures: u64,
+    /// Prompt + completion tokens.
+    pub judge_tokens: u64,
+    /// Wall seconds (for a derived arm, its share of the source run).
+    pub wall_s: f64,
+    /// Read from another arm's run instead of run itself (e.g. random = best-of-N's
+    /// candidate 0).
+    pub derived_from: Option<String>,
+    /// Why the item could not be run (unreadable image, generator error).
+    pub error: Option<String>,
+}
+
+/// `results.jsonl` under an eval's output folder.
+pub struct ResultStore {
+    path: PathBuf,
+    results: Vec<ArmResult>,
+    done: HashSet<(String, String)>,
+}
+
+impl ResultStore {
+    /// Opens (or starts) the store, dropping a torn last line left by a killed process.
+    pub fn open(out: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(out)?;
+        let path = out.join("results.jsonl");
+        let mut results = Vec::new();
+        if path.exists() {
+            let text = std::fs::read_to_string(&path)?;
+            let complete = text.rfind('\n').map_or(0, |i| i + 1);
+            for line in text[..complete].lines().filter(|l| !l.trim().is_empty()) {
+                match serde_json::from_str::<ArmResult>(line) {
+                    Ok(r) => results.push(r),
+                    Err(e) => tracing::warn!("{}: skipping a bad line: {e}", path.display()),
+                }
+            }
+            if complete < text.len() {
+                tracing::warn!("{}: dropping a torn last line", path.display());
+                let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+                file.set_len(complete as u64)?;
+                file.sync_all()?;
+            }
+        }
+        let mut done = HashSet::new();
+        // Failed items are retried on the next run; finished ones are kept.
+        results.retain(|r: &ArmResult| {
+            r.error.is_none() && done.insert((r.item.clone(), r.arm.clone()))
+        });
+        Ok(Self {
+            path,
+            results,
+            done,
+        })
+    }
+
+    /// Whether (item, arm) is finished.
+    pub fn is_done(&self, item: &str, arm: &str) -> bool {
+        self.done.contains(&(item.to_string(), arm.to_string()))
+    }
+
+    /// Appends records durably (fsync before they count); already-done ones are skipped.
+    pub fn append(&mut self, records: Vec<ArmResult>) -> std::io::Result<()> {
+        let fresh: Vec<ArmResult> = records
+            .into_iter()
+            .filter(|r| !self.is_done(&r.item, &r.arm))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::new();
+        for r in &fresh {
+            text.push_str(&serde_json::to_string(r).map_err(std::io::Error::other)?);
+            text.push('\n');
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_data()?;
+        for r in fresh {
+            if r.error.is_none() {
+                self.done.insert((r.item.clone(), r.arm.clone()));
+            }
+            self.results.push(r);
+        }
+        Ok(())
+    }
+
+    /// Every result so far (finished ones, then this run's failures).
+    pub fn results(&self) -> &[ArmResult] {
+        &self.results
+    }
+}

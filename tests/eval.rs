@@ -1,0 +1,168 @@
+//! The eval harness: datasets, an interrupted-and-resumed eval, and the report.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use icedit_scale::eval::dataset::{load, DatasetSpec, ItemSource, Selection};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn reads_the_emu_edit_and_gedit_parquet_layouts() {
+    let emu = load(
+        &DatasetSpec::EmuEdit {
+            path: root().join("tests/fixtures/eval/emu_edit_sample.parquet"),
+        },
+        &Selection::default(),
+    )
+    .unwrap();
+    assert_eq!(emu.len(), 3);
+    assert_eq!(emu[0].id, "0");
+    assert_eq!(emu[0].instruction, "make the sky night");
+    assert_eq!(emu[1].task.as_deref(), Some("add"));
+    let edit = emu[0].to_edit(48).unwrap();
+    assert_eq!(edit.source.dimensions(), (48, 32));
+    assert!(matches!(emu[0].source, ItemSource::Bytes { .. }));
+
+    let only_background = load(
+        &DatasetSpec::EmuEdit {
+            path: root().join("tests/fixtures/eval/emu_edit_sample.parquet"),
+        },
+        &Selection {
+            tasks: vec!["background".into()],
+            ..Selection::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(only_background.len(), 2);
+
+    let gedit_en = load(
+        &DatasetSpec::GeditBench {
+            path: root().join("tests/fixtures/eval/gedit_sample.parquet"),
+            language: Some("en".into()),
+        },
+        &Selection::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        gedit_en.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+        ["g0", "g2"]
+    );
+    assert_eq!(gedit_en[1].task.as_deref(), Some("subject-add"));
+    assert_eq!(gedit_en[1].language.as_deref(), Some("en"));
+}
+
+const SUITE: &str = r#"
+name = "resume-test"
+width = 128
+steps = 16
+resamples = 500
+[dataset]
+kind = "testbed"
+edits = 10
+first_scene = 77
+[selection_judge]
+judge = "testbed"
+seed = 0
+[eval_judge]
+judge = "testbed"
+seed = 1
+[[arms]]
+name = "random"
+strategy = "random"
+[[arms]]
+name = "best-of-4"
+strategy = "best-of-n"
+seeds = 4
+[[arms]]
+name = "ef-4-3-1"
+strategy = "early-filter"
+seeds = 4
+probe_steps = 3
+keep = 1
+"#;
+
+fn eval(suite: &Path, out: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_icedit-scale"));
+    c.args([
+        "eval",
+        "--suite",
+        suite.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    c
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+/// results.json without the wall times, which differ between runs.
+fn comparable(out: &Path) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("timing");
+    v
+}
+
+#[test]
+fn an_interrupted_eval_resumes_to_the_same_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = dir.path().join("suite.toml");
+    std::fs::write(&suite, SUITE).unwrap();
+
+    let whole = dir.path().join("whole");
+    assert!(eval(&suite, &whole).status().unwrap().success());
+    // 10 items x (random, best-of-4@2, best-of-4@3, best-of-4, ef-4-3-1).
+    assert_eq!(lines(&whole.join("results.jsonl")), 50);
+
+    // Kill a second run once some results are stored, then resume it.
+    let resumed = dir.path().join("resumed");
+    let mut child = eval(&suite, &resumed).spawn().unwrap();
+    let start = Instant::now();
+    while lines(&resumed.join("results.jsonl")) < 8 && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let stored = lines(&resumed.join("results.jsonl"));
+    assert!((8..50).contains(&stored), "killed after {stored} results");
+    assert!(eval(&suite, &resumed).status().unwrap().success());
+    assert_eq!(
+        lines(&resumed.join("results.jsonl")),
+        50,
+        "nothing redone or lost"
+    );
+    assert_eq!(comparable(&whole), comparable(&resumed));
+
+    // The report has the paired comparison and the plot.
+    let md = std::fs::read_to_string(resumed.join("report.md")).unwrap();
+    assert!(md.contains("| ef-4-3-1 |") && md.contains("Δ O vs random"));
+    assert!(std::fs::read_to_string(resumed.join("score_vs_nfe.svg"))
+        .unwrap()
+        .contains("<svg"));
+    let json = comparable(&resumed);
+    let ef = json["arms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["arm"] == "ef-4-3-1")
+        .unwrap();
+    assert_eq!(ef["nfe"], 4.0 * 3.0 + 13.0);
+    assert_eq!(ef["vs_baseline"]["baseline"], "random");
+    let random = json["arms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["arm"] == "random")
+        .unwrap();
+    assert_eq!(random["derived_from"], "best-of-4");
+    assert_eq!(random["nfe"], 16.0);
+}
