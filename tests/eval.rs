@@ -166,3 +166,30 @@ fn an_interrupted_eval_resumes_to_the_same_report() {
     assert_eq!(random["derived_from"], "best-of-4");
     assert_eq!(random["nfe"], 16.0);
 }
+
+#[test]
+fn every_committed_suite_parses_and_validates() {
+    for entry in std::fs::read_dir(root().join("eval")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "toml") {
+            let suite = icedit_scale::eval::suite::Suite::load(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(!suite.arms.is_empty());
+        }
+    }
+    // Unknown keys are errors that name the key.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        SUITE.replace("resamples = 500", "resamples = 500\nbootstraps = 3"),
+    )
+    .unwrap();
+    let err = icedit_scale::eval::suite::Suite::load(&bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad.toml") && err.contains("bootstraps"),
+        "{err}"
+    );
+}
