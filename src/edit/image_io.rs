@@ -1,6 +1,6 @@
 //! Reading source images safely.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use image::{ImageReader, RgbImage};
 
@@ -29,29 +29,11 @@ impl Default for ImageLimits {
 ///
 /// Errors name the file: unreadable, not an image, empty, or over [`ImageLimits`].
 pub fn load_image(path: &Path, limits: ImageLimits) -> Result<RgbImage, EditError> {
-    let bad = |reason: String| EditError::Image {
+    let reader = ImageReader::open(path).map_err(|e| EditError::Image {
         path: path.to_path_buf(),
-        reason,
-    };
-    let mut reader = ImageReader::open(path)
-        .map_err(|e| bad(format!("cannot open: {e}")))?
-        .with_guessed_format()
-        .map_err(|e| bad(format!("cannot read: {e}")))?;
-    let mut decoder_limits = image::Limits::default();
-    decoder_limits.max_image_width = Some(limits.max_side);
-    decoder_limits.max_image_height = Some(limits.max_side);
-    decoder_limits.max_alloc = Some(limits.max_alloc);
-    reader.limits(decoder_limits);
-    if reader.format().is_none() {
-        return Err(bad("not a recognised image format (PNG, JPEG, WebP)".into()));
-    }
-    let image = reader
-        .decode()
-        .map_err(|e| bad(format!("cannot decode: {e}")))?;
-    if image.width() == 0 || image.height() == 0 {
-        return Err(bad("image is empty (0 pixels)".into()));
-    }
-    Ok(image.to_rgb8())
+        reason: format!("cannot open: {e}"),
+    })?;
+    decode(reader, path, limits)
 }
 
 /// Decodes an encoded image held in memory (e.g. a parquet cell); errors name `origin`.
@@ -60,11 +42,24 @@ pub fn load_image_bytes(
     origin: &str,
     limits: ImageLimits,
 ) -> Result<RgbImage, EditError> {
+    decode(
+        ImageReader::new(std::io::Cursor::new(bytes)),
+        Path::new(origin),
+        limits,
+    )
+}
+
+/// Sniffs the format and decodes under the limits; `name` is what errors call the image.
+fn decode<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+    name: &Path,
+    limits: ImageLimits,
+) -> Result<RgbImage, EditError> {
     let bad = |reason: String| EditError::Image {
-        path: PathBuf::from(origin),
+        path: name.to_path_buf(),
         reason,
     };
-    let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
+    let mut reader = reader
         .with_guessed_format()
         .map_err(|e| bad(format!("cannot read: {e}")))?;
     let mut decoder_limits = image::Limits::default();

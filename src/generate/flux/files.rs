@@ -99,11 +99,17 @@ fn shards(dir: &Path) -> Result<Vec<PathBuf>, GenerateError> {
     Ok(files)
 }
 
-fn read_config<T: for<'de> serde::Deserialize<'de>>(path: &Path) -> Result<T, GenerateError> {
-    let text = std::fs::read_to_string(path).map_err(|_| missing(path, "config.json"))?;
+/// Reads a JSON config file; errors name it.
+pub(crate) fn read_config<T: for<'de> serde::Deserialize<'de>>(
+    path: &Path,
+) -> Result<T, GenerateError> {
+    let text = std::fs::read_to_string(path).map_err(|e| GenerateError::Weights {
+        path: path.to_path_buf(),
+        reason: format!("cannot read: {e}"),
+    })?;
     serde_json::from_str(&text).map_err(|e| GenerateError::Weights {
         path: path.to_path_buf(),
-        reason: format!("invalid config: {e}"),
+        reason: format!("invalid JSON: {e}"),
     })
 }
 

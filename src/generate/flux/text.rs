@@ -12,6 +12,7 @@ use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+use super::files::read_config;
 use super::weights::{var_builder, weights_error, KeyLayout, WeightSource};
 use crate::error::GenerateError;
 
@@ -27,17 +28,6 @@ pub struct EncoderFiles {
     pub weights: Vec<PathBuf>,
     /// The tokenizer folder (`tokenizer.json`, or CLIP's `vocab.json` + `merges.txt`).
     pub tokenizer_dir: PathBuf,
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, GenerateError> {
-    let text = std::fs::read_to_string(path).map_err(|e| GenerateError::Weights {
-        path: path.to_path_buf(),
-        reason: format!("cannot read: {e}"),
-    })?;
-    serde_json::from_str(&text).map_err(|e| GenerateError::Weights {
-        path: path.to_path_buf(),
-        reason: format!("invalid config: {e}"),
-    })
 }
 
 fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> GenerateError {
@@ -61,7 +51,7 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, GenerateError> {
             reason: "no tokenizer.json, and no vocab.json + merges.txt to build one from".into(),
         });
     }
-    let vocab: serde_json::Map<String, serde_json::Value> = read_json(&vocab_path)?;
+    let vocab: serde_json::Map<String, serde_json::Value> = read_config(&vocab_path)?;
     let merges: Vec<Vec<String>> = std::fs::read_to_string(&merges_path)
         .map_err(|e| tokenizer_error(&merges_path, e))?
         .lines()
@@ -167,7 +157,7 @@ impl TextEncoders {
         dtype: DType,
         dev: &Device,
     ) -> Result<Self, GenerateError> {
-        let t5_config: T5Config = read_json(&t5.config)?;
+        let t5_config: T5Config = read_config(&t5.config)?;
         let t5_vb = var_builder(
             WeightSource::open(&t5.weights, KeyLayout::Diffusers)?,
             dtype,
@@ -176,7 +166,7 @@ impl TextEncoders {
         let t5_model = T5EncoderModel::load(t5_vb, &t5_config)
             .map_err(|e| weights_error(&t5.weights[0], e))?;
 
-        let hf: HfClipConfig = read_json(&clip.config)?;
+        let hf: HfClipConfig = read_config(&clip.config)?;
         if hf.hidden_act != "quick_gelu" {
             return Err(GenerateError::Weights {
                 path: clip.config.clone(),
