@@ -459,3 +459,46 @@ fn bench_flux_times_a_small_random_model() {
     assert!(json["parameters"].as_u64().unwrap() > 1_000_000);
     assert!(json["full_edit_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn finds_the_snapshot_of_a_hugging_face_cache_entry() {
+    let cache = tempfile::tempdir().unwrap();
+    let entry = cache
+        .path()
+        .join("models--black-forest-labs--FLUX.1-Fill-dev");
+    std::fs::create_dir_all(entry.join("snapshots")).unwrap();
+    std::fs::create_dir_all(entry.join("refs")).unwrap();
+    std::os::unix::fs::symlink(fixtures().join("tiny"), entry.join("snapshots/0123abcd")).unwrap();
+    std::fs::write(entry.join("refs/main"), "0123abcd").unwrap();
+    let generator = FluxGenerator::load(options(
+        FluxPaths {
+            model_dir: Some(entry),
+            ..Default::default()
+        },
+        None,
+    ))
+    .unwrap();
+    let err = max_abs_diff(
+        &forward(&generator, &reference()),
+        &reference()["fwd_out_base"],
+    );
+    assert!(err < 5e-4, "max abs error {err}");
+}
+
+#[test]
+fn runs_in_bf16() {
+    let r = reference();
+    let mut o = options(bfl_files(), Some("lora_moe.safetensors"));
+    o.dtype = DType::BF16;
+    let generator = FluxGenerator::load(o).unwrap();
+    let mut bf16 = r.clone();
+    for key in ["fwd_hidden", "fwd_context", "fwd_pooled"] {
+        bf16.insert(key.into(), r[key].to_dtype(DType::BF16).unwrap());
+    }
+    let out = forward(&generator, &bf16);
+    assert_eq!(out.dtype(), DType::BF16);
+    // bf16 keeps ~3 significant digits; outputs are of magnitude ~4.
+    let err = max_abs_diff(&out, &r["fwd_out_moe"]);
+    eprintln!("bf16 MoE forward: max abs error {err:.2e}");
+    assert!(err < 0.25, "max abs error {err}");
+}
