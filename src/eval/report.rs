@@ -398,11 +398,9 @@ impl EvalReport {
             .arms
             .iter()
             .filter(|a| {
-                a.derived_from.is_none() && a.arm.contains("best")
-                    || self
-                        .arms
-                        .iter()
-                        .any(|b| b.derived_from.as_deref() == Some(&a.arm))
+                self.arms
+                    .iter()
+                    .any(|b| b.derived_from.as_deref() == Some(&a.arm))
             })
             .enumerate()
         {
