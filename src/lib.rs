@@ -13,5 +13,6 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod jsonl;
 pub mod judge;
 pub mod study;

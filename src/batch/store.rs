@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -75,7 +74,7 @@ pub struct SummaryLog {
 
 impl SummaryLog {
     /// Opens (or creates) `DIR/summary.jsonl` and reads what earlier runs recorded. A torn
-    /// last line (a crash mid-write) is ignored: that item simply runs again.
+    /// last line (a crash mid-write) is cut: that item simply runs again.
     pub fn open(dir: &Path) -> Result<Self, EngineError> {
         let err = |p: &Path, e: std::io::Error| EngineError::Output {
             path: p.to_path_buf(),
@@ -83,12 +82,8 @@ impl SummaryLog {
         };
         std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
         let path = dir.join("summary.jsonl");
-        let latest = read_latest(&path)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| err(&path, e))?;
+        let (records, file) = crate::jsonl::open::<ItemResult>(&path).map_err(|e| err(&path, e))?;
+        let latest = latest_per_id(records);
         Ok(Self { path, file, latest })
     }
 
@@ -99,15 +94,12 @@ impl SummaryLog {
 
     /// Appends a record and syncs it to disk before returning.
     pub fn append(&mut self, result: ItemResult) -> Result<(), EngineError> {
-        let mut line = serde_json::to_string(&result).expect("serialisable");
-        line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|_| self.file.sync_data())
-            .map_err(|e| EngineError::Output {
+        crate::jsonl::append(&mut self.file, std::slice::from_ref(&result)).map_err(|e| {
+            EngineError::Output {
                 path: self.path.clone(),
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
         self.latest.insert(result.id.clone(), result);
         Ok(())
     }
@@ -135,29 +127,16 @@ impl SummaryLog {
 
 /// Reads the latest record per id from a summary file (missing file = empty).
 pub fn read_latest(path: &Path) -> Result<BTreeMap<String, ItemResult>, EngineError> {
-    let mut latest = BTreeMap::new();
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(latest),
-        Err(e) => {
-            return Err(EngineError::Output {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })
-        }
-    };
-    for line in BufReader::new(file).lines() {
-        let line = line.map_err(|e| EngineError::Output {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        if let Ok(r) = serde_json::from_str::<ItemResult>(&line) {
-            latest.insert(r.id.clone(), r);
-        } else if !line.trim().is_empty() {
-            tracing::warn!("{}: ignoring a torn or unreadable line", path.display());
-        }
-    }
-    Ok(latest)
+    let records = crate::jsonl::read::<ItemResult>(path).map_err(|e| EngineError::Output {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(latest_per_id(records))
+}
+
+/// Later records of an id supersede earlier ones.
+fn latest_per_id(records: Vec<ItemResult>) -> BTreeMap<String, ItemResult> {
+    records.into_iter().map(|r| (r.id.clone(), r)).collect()
 }
 
 /// Writes records as JSONL atomically.
@@ -257,5 +236,13 @@ mod tests {
         let lines = std::fs::read_to_string(&path).unwrap();
         assert_eq!(lines.lines().count(), 2);
         assert!(table(&log.results()).contains("| 2 | 2 | 0 | 0 | 5.000 | 248 |"));
+
+        // Torn again, then reopened: the next record lands on a line of its own instead of
+        // being glued to the torn fragment (and lost).
+        std::fs::write(&path, format!("{lines}{{\"id\": \"e")).unwrap();
+        let mut log = SummaryLog::open(dir.path()).unwrap();
+        log.append(ok("d", 3)).unwrap();
+        let ids: Vec<String> = read_latest(&path).unwrap().into_keys().collect();
+        assert_eq!(ids, ["a", "b", "d"]);
     }
 }

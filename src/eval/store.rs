@@ -2,8 +2,7 @@
 //! fsynced as each finishes, so an interrupted eval resumes without redoing or losing work.
 
 use std::collections::HashSet;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -64,7 +63,7 @@ pub struct ArmResult {
 
 /// `results.jsonl` under an eval's output folder.
 pub struct ResultStore {
-    path: PathBuf,
+    file: std::fs::File,
     results: Vec<ArmResult>,
     done: HashSet<(String, String)>,
 }
@@ -74,30 +73,14 @@ impl ResultStore {
     pub fn open(out: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(out)?;
         let path = out.join("results.jsonl");
-        let mut results = Vec::new();
-        if path.exists() {
-            let text = std::fs::read_to_string(&path)?;
-            let complete = text.rfind('\n').map_or(0, |i| i + 1);
-            for line in text[..complete].lines().filter(|l| !l.trim().is_empty()) {
-                match serde_json::from_str::<ArmResult>(line) {
-                    Ok(r) => results.push(r),
-                    Err(e) => tracing::warn!("{}: skipping a bad line: {e}", path.display()),
-                }
-            }
-            if complete < text.len() {
-                tracing::warn!("{}: dropping a torn last line", path.display());
-                let file = std::fs::OpenOptions::new().write(true).open(&path)?;
-                file.set_len(complete as u64)?;
-                file.sync_all()?;
-            }
-        }
+        let (mut results, file) = crate::jsonl::open::<ArmResult>(&path)?;
         let mut done = HashSet::new();
         // Failed items are retried on the next run; finished ones are kept.
         results.retain(|r: &ArmResult| {
             r.error.is_none() && done.insert((r.item.clone(), r.arm.clone()))
         });
         Ok(Self {
-            path,
+            file,
             results,
             done,
         })
@@ -117,17 +100,7 @@ impl ResultStore {
         if fresh.is_empty() {
             return Ok(());
         }
-        let mut text = String::new();
-        for r in &fresh {
-            text.push_str(&serde_json::to_string(r).map_err(std::io::Error::other)?);
-            text.push('\n');
-        }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_data()?;
+        crate::jsonl::append(&mut self.file, &fresh)?;
         for r in fresh {
             if r.error.is_none() {
                 self.done.insert((r.item.clone(), r.arm.clone()));
