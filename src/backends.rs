@@ -13,6 +13,7 @@ use crate::generate::flux::{FluxGenerator, FluxOptions, FluxPaths};
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::generate::Generator;
 use crate::judge::openai::OpenAiJudge;
+use crate::judge::qwen2vl::{LocalJudgeConfig, Qwen2VlJudge};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 use crate::judge::Judge;
 
@@ -122,8 +123,17 @@ fn preset_head(path: &Path) -> Result<PresetHead, JudgeError> {
 fn judge_from_preset(kind: &str, path: &Path) -> Result<Arc<dyn Judge>, JudgeError> {
     match kind {
         "openai" => Ok(Arc::new(OpenAiJudge::from_preset(path)?)),
+        "qwen2vl" => {
+            let config = LocalJudgeConfig::from_file(path)?;
+            let setup = |e: anyhow::Error| {
+                JudgeError::Config(format!("judge preset {}: {e:#}", path.display()))
+            };
+            let device = parse_device(&config.device).map_err(setup)?;
+            let dtype = parse_dtype(config.dtype.as_deref(), &device).map_err(setup)?;
+            Ok(Arc::new(Qwen2VlJudge::new(config, device, dtype)?))
+        }
         other => Err(JudgeError::Config(format!(
-            "judge preset {}: unknown kind {other:?} (known: \"openai\"; or --judge testbed)",
+            "judge preset {}: unknown kind {other:?} (known: \"openai\", \"qwen2vl\"; or --judge testbed)",
             path.display()
         ))),
     }

@@ -86,7 +86,7 @@ pub fn resolve_snapshot(dir: &Path) -> Result<PathBuf, GenerateError> {
 }
 
 /// The safetensors shards of a component folder (all `*.safetensors` in it, sorted).
-fn shards(dir: &Path) -> Result<Vec<PathBuf>, GenerateError> {
+pub(crate) fn shards(dir: &Path) -> Result<Vec<PathBuf>, GenerateError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|_| missing(dir, "component folder"))?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -298,6 +298,7 @@ impl Generator for FluxGenerator {
         let (t5, pooled) = self.text_encoders()?.encode(&prompt, t5_tokens)?;
         if !self.options.keep_text_encoders {
             self.text = None; // frees T5 (~9.5 GB in bf16) before the denoising loop
+            tracing::info!("dropped the T5 and CLIP text encoders");
         }
 
         let diptych = make_diptych(&edit.source);

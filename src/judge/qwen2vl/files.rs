@@ -1,0 +1,148 @@
+//! Finding and loading a Qwen2-VL checkpoint: a folder as `save_pretrained` or the Hub
+//! writes it, or a Hugging Face cache entry (`models--Qwen--Qwen2-VL-7B-Instruct`).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::config::Qwen2VlConfig;
+use super::image::ImageProcessorConfig;
+use super::model::{KeyLayout, Qwen2Vl};
+use super::prompt::ChatFormat;
+use crate::error::JudgeError;
+use crate::generate::flux::files::resolve_snapshot;
+
+/// Every file of one checkpoint, resolved.
+#[derive(Debug, Clone)]
+pub struct Qwen2VlFiles {
+    /// The folder (a snapshot, for cache entries).
+    pub root: PathBuf,
+    /// Parsed `config.json`.
+    pub config: Qwen2VlConfig,
+    /// Safetensors shards.
+    pub weights: Vec<PathBuf>,
+    /// `tokenizer.json`.
+    pub tokenizer: PathBuf,
+    /// Image preprocessing (`preprocessor_config.json`, or Qwen2-VL's defaults if absent).
+    pub image: ImageProcessorConfig,
+    /// The chat template's source, from `chat_template.jinja`, `chat_template.json` or
+    /// `tokenizer_config.json` (`None`: the built-in Qwen2-VL template).
+    pub chat_template: Option<String>,
+}
+
+fn config_error(path: &Path, reason: impl std::fmt::Display) -> JudgeError {
+    JudgeError::Config(format!("{}: {reason}", path.display()))
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, JudgeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| config_error(path, e))?;
+    serde_json::from_str(&text).map_err(|e| config_error(path, format!("invalid JSON: {e}")))
+}
+
+impl Qwen2VlFiles {
+    /// Resolves the files under `dir`. Errors name the missing file or bad field.
+    pub fn discover(dir: &Path) -> Result<Self, JudgeError> {
+        if !dir.is_dir() {
+            return Err(config_error(
+                dir,
+                "not a folder (expected a Qwen2-VL checkpoint)",
+            ));
+        }
+        let root = resolve_snapshot(dir).map_err(|e| JudgeError::Config(e.to_string()))?;
+        let config_path = root.join("config.json");
+        if !config_path.is_file() {
+            return Err(config_error(&config_path, "not found"));
+        }
+        let config = Qwen2VlConfig::from_json(&read_json(&config_path)?)
+            .map_err(|e| config_error(&config_path, e))?;
+        let weights = crate::generate::flux::files::shards(&root)
+            .map_err(|e| JudgeError::Config(e.to_string()))?;
+        let tokenizer = root.join("tokenizer.json");
+        if !tokenizer.is_file() {
+            return Err(config_error(&tokenizer, "not found"));
+        }
+        let preprocessor = root.join("preprocessor_config.json");
+        let image = if preprocessor.is_file() {
+            ImageProcessorConfig::load(&preprocessor)?
+        } else {
+            ImageProcessorConfig::default()
+        };
+        if image.patch_size != config.vision.patch_size
+            || image.merge_size != config.vision.spatial_merge_size
+            || image.temporal_patch_size != config.vision.temporal_patch_size
+        {
+            return Err(config_error(
+                &preprocessor,
+                format!(
+                    "patch {} / merge {} / temporal {} disagree with config.json's vision_config ({} / {} / {})",
+                    image.patch_size,
+                    image.merge_size,
+                    image.temporal_patch_size,
+                    config.vision.patch_size,
+                    config.vision.spatial_merge_size,
+                    config.vision.temporal_patch_size
+                ),
+            ));
+        }
+        Ok(Self {
+            chat_template: chat_template(&root)?,
+            root,
+            config,
+            weights,
+            tokenizer,
+            image,
+        })
+    }
+
+    /// Loads the weights onto `device` in `dtype`. A missing or misshapen tensor is an
+    /// error naming the folder and the key.
+    pub fn load(&self, dtype: DType, device: &Device) -> Result<Qwen2Vl, JudgeError> {
+        let fail =
+            |e: candle_core::Error| config_error(&self.root, format!("loading weights: {e}"));
+        let mut names = Vec::new();
+        for file in &self.weights {
+            let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }
+                .map_err(|e| config_error(file, e))?;
+            names.extend(tensors.tensors().into_iter().map(|(name, _)| name));
+        }
+        let layout = KeyLayout::detect(names.iter().map(String::as_str)).ok_or_else(|| {
+            config_error(
+                &self.root,
+                "no Qwen2-VL tensors (expected `model.embed_tokens.*`/`visual.*` or `model.language_model.*`)",
+            )
+        })?;
+        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&self.weights, dtype, device) }
+            .map_err(fail)?;
+        Qwen2Vl::new(&self.config, layout, vb).map_err(fail)
+    }
+
+    /// The chat format: template and tokenizer.
+    pub fn chat_format(&self) -> Result<ChatFormat, JudgeError> {
+        ChatFormat::new(&self.tokenizer, self.chat_template.clone(), &self.config)
+    }
+}
+
+/// The template as transformers finds it: `chat_template.jinja` (transformers 5),
+/// `chat_template.json` (Qwen Hub repos), or the `chat_template` of `tokenizer_config.json`.
+fn chat_template(root: &Path) -> Result<Option<String>, JudgeError> {
+    let jinja = root.join("chat_template.jinja");
+    if jinja.is_file() {
+        return std::fs::read_to_string(&jinja)
+            .map(Some)
+            .map_err(|e| config_error(&jinja, e));
+    }
+    for name in ["chat_template.json", "tokenizer_config.json"] {
+        let path = root.join(name);
+        if path.is_file() {
+            if let Some(t) = read_json(&path)?
+                .get("chat_template")
+                .and_then(|t| t.as_str())
+            {
+                return Ok(Some(t.to_string()));
+            }
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,678 @@
+//! The local judge: a Qwen2-VL / Qwen2.5-VL checkpoint behind the engine's [`Judge`] trait.
+//!
+//! By default no free text is generated. The reply is primed with the start of the JSON the
+//! prompt asks for and the answer is read off the next-token distribution:
+//!
+//! | call | primed with | read |
+//! |---|---|---|
+//! | screen | `{"score": ` | expected 0-10 score, then `<best>, "pass":` → P(` true`) |
+//! | compare | `{"better": ` | P(`1`), P(`2`), P(`0`) |
+//! | VIE pair | `{"score": [` | expected first score, then `<best>, ` → expected second |
+//!
+//! With `reasoning = true` the model instead writes its whole JSON reply greedily (KV
+//! cache), which is parsed like a remote judge's.
+//!
+//! The model lives on one worker thread, loaded on the first call (so a run that encodes
+//! its prompts first has dropped the generator's text encoders by then). Calls that arrive
+//! together and tokenize to the same length (the previews of one edit) share one batched
+//! prefill.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use candle_core::{DType, Device, IndexOp, Tensor};
+use image::RgbImage;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::answer::{choose, score_summary, Choice};
+use super::files::Qwen2VlFiles;
+use super::model::{EncodedPrompt, Qwen2Vl, Session};
+use super::prompt::ChatFormat;
+use crate::edit::EditContext;
+use crate::judge::parse;
+use crate::judge::prompts::{render, PromptSet};
+use crate::judge::{
+    CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
+};
+
+/// A preset file (`judges/qwen2-vl-*-local.toml`) for this backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalJudgeConfig {
+    /// Must be `"qwen2vl"`.
+    pub kind: String,
+    /// Display name for reports.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Calls in flight at once (read by the engine); also bounds a batch.
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
+    /// Hub id (`Qwen/Qwen2-VL-7B-Instruct`), looked up in the Hugging Face cache when
+    /// `model_dir` is not given.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// A checkpoint folder or a cache entry; relative to the preset file.
+    #[serde(default)]
+    pub model_dir: Option<PathBuf>,
+    /// `cpu`, `cuda`, `cuda:N` or `metal` (read by the caller).
+    #[serde(default = "defaults::device")]
+    pub device: String,
+    /// `bf16`, `f16` or `f32`; default bf16 on GPUs and f32 on the CPU (read by the caller).
+    #[serde(default)]
+    pub dtype: Option<String>,
+    /// Prompts per batched prefill.
+    #[serde(default = "defaults::max_batch")]
+    pub max_batch: usize,
+    /// How long the worker waits for more calls to batch with the first, milliseconds.
+    #[serde(default = "defaults::batch_window_ms")]
+    pub batch_window_ms: u64,
+    /// Generate the JSON reply with reasoning instead of reading probabilities.
+    #[serde(default)]
+    pub reasoning: bool,
+    /// Token limit of a generated reply.
+    #[serde(default = "defaults::max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Caps the pixels per image (below the checkpoint's `max_pixels`) to bound memory.
+    #[serde(default)]
+    pub max_pixels: Option<usize>,
+    /// A screened preview passes when P(pass) is at least this.
+    #[serde(default = "defaults::pass_threshold")]
+    pub pass_threshold: f32,
+    /// The least probability the answer tokens must carry together; below it the model is
+    /// not answering the question and the call fails rather than guess.
+    #[serde(default = "defaults::min_answer_mass")]
+    pub min_answer_mass: f32,
+    /// Folder overriding the embedded prompts; relative to the preset file.
+    #[serde(default)]
+    pub prompts_dir: Option<PathBuf>,
+}
+
+mod defaults {
+    pub fn device() -> String {
+        "cuda".into()
+    }
+    pub fn max_batch() -> usize {
+        8
+    }
+    pub fn batch_window_ms() -> u64 {
+        20
+    }
+    pub fn max_new_tokens() -> usize {
+        256
+    }
+    pub fn pass_threshold() -> f32 {
+        0.5
+    }
+    pub fn min_answer_mass() -> f32 {
+        0.5
+    }
+}
+
+impl LocalJudgeConfig {
+    /// Reads a preset, naming the file and the bad key on error; resolves relative folders
+    /// against the preset's folder.
+    pub fn from_file(path: &Path) -> Result<Self, JudgeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| JudgeError::Config(format!("cannot read {}: {e}", path.display())))?;
+        let mut config: Self = toml::from_str(&text)
+            .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))?;
+        if config.kind != "qwen2vl" {
+            return Err(JudgeError::Config(format!(
+                "judge preset {}: kind is {:?}, expected \"qwen2vl\"",
+                path.display(),
+                config.kind
+            )));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        for dir in [&mut config.model_dir, &mut config.prompts_dir]
+            .into_iter()
+            .flatten()
+        {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
+            }
+        }
+        if config.model_dir.is_none() && config.model.is_none() {
+            return Err(JudgeError::Config(format!(
+                "judge preset {}: give `model` (a Hub id) or `model_dir`",
+                path.display()
+            )));
+        }
+        Ok(config)
+    }
+
+    /// The checkpoint folder: `model_dir`, or the Hub id's entry in the Hugging Face cache
+    /// (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`).
+    pub fn checkpoint_dir(&self) -> Result<PathBuf, JudgeError> {
+        if let Some(dir) = &self.model_dir {
+            return Ok(dir.clone());
+        }
+        let id = self.model.as_deref().unwrap_or_default();
+        let cache = std::env::var_os("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+            })
+            .ok_or_else(|| JudgeError::Config("no HF_HUB_CACHE, HF_HOME or HOME".into()))?;
+        let entry = cache.join(format!("models--{}", id.replace('/', "--")));
+        if !entry.is_dir() {
+            return Err(JudgeError::Config(format!(
+                "{id} is not in the Hugging Face cache ({} not found); download it with \
+                 `huggingface-cli download {id}` or set model_dir in the preset",
+                entry.display()
+            )));
+        }
+        Ok(entry)
+    }
+}
+
+/// What a call wants read from the model.
+#[derive(Debug, Clone, Copy)]
+enum Question {
+    /// Expected score, then P(pass).
+    Screen,
+    /// P(1), P(2), P(0).
+    Compare,
+    /// Two expected scores.
+    Pair,
+}
+
+impl Question {
+    fn prime(self) -> &'static str {
+        match self {
+            Self::Screen => "{\"score\": ",
+            Self::Compare => "{\"better\": ",
+            Self::Pair => "{\"score\": [",
+        }
+    }
+}
+
+/// What the worker hands back.
+#[derive(Debug)]
+enum Reading {
+    Screen { score: f32, p_pass: f32 },
+    Compare { p: [f32; 3] },
+    Pair { scores: [f32; 2] },
+    Text(String),
+}
+
+struct Job {
+    text: String,
+    images: Vec<RgbImage>,
+    question: Question,
+    reply: oneshot::Sender<Result<(Reading, CallUsage), JudgeError>>,
+}
+
+/// The local Qwen2-VL judge.
+pub struct Qwen2VlJudge {
+    name: String,
+    prompts: PromptSet,
+    pass_threshold: f32,
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl std::fmt::Debug for Qwen2VlJudge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qwen2VlJudge")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl Qwen2VlJudge {
+    /// Finds the checkpoint and starts the worker; the weights load on the first call.
+    pub fn new(config: LocalJudgeConfig, device: Device, dtype: DType) -> Result<Self, JudgeError> {
+        let files = Qwen2VlFiles::discover(&config.checkpoint_dir()?)?;
+        let format = files.chat_format()?;
+        let prompts = PromptSet::load(config.prompts_dir.as_deref())?;
+        let name = config.name.clone().unwrap_or_else(|| {
+            let model = config.model.clone().unwrap_or_else(|| {
+                files
+                    .root
+                    .file_name()
+                    .map_or("qwen2-vl".into(), |n| n.to_string_lossy().into_owned())
+            });
+            format!("{model} (local, {dtype:?})")
+        });
+        let (jobs, queue) = mpsc::unbounded_channel();
+        let worker = Worker {
+            files,
+            format,
+            device,
+            dtype,
+            model: None,
+            config: config.clone(),
+        };
+        std::thread::Builder::new()
+            .name("qwen2vl-judge".into())
+            .spawn(move || worker.run(queue))
+            .map_err(|e| JudgeError::Config(format!("cannot start the judge thread: {e}")))?;
+        Ok(Self {
+            name,
+            prompts,
+            pass_threshold: config.pass_threshold,
+            jobs,
+        })
+    }
+
+    /// Loads a preset file on the given device.
+    pub fn from_preset(path: &Path, device: Device, dtype: DType) -> Result<Self, JudgeError> {
+        Self::new(LocalJudgeConfig::from_file(path)?, device, dtype)
+    }
+
+    async fn ask(
+        &self,
+        text: String,
+        images: Vec<RgbImage>,
+        question: Question,
+    ) -> Result<(Reading, CallUsage), JudgeError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                text,
+                images,
+                question,
+                reply,
+            })
+            .map_err(|_| JudgeError::Failed("the judge worker has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| JudgeError::Failed("the judge worker stopped mid-call".into()))?
+    }
+}
+
+fn unexpected(reading: Reading) -> JudgeError {
+    JudgeError::Failed(format!("internal: unexpected reading {reading:?}"))
+}
+
+#[async_trait]
+impl Judge for Qwen2VlJudge {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    async fn screen(
+        &self,
+        edit: &EditContext,
+        preview: &RgbImage,
+        stage: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        let (step, steps) = (stage.step.to_string(), stage.steps.to_string());
+        let text = render(
+            &self.prompts.screen,
+            &[
+                ("instruction", edit.instruction.as_str()),
+                ("step", &step),
+                ("steps", &steps),
+            ],
+        );
+        let images = vec![(*edit.source).clone(), preview.clone()];
+        let (reading, usage) = self.ask(text, images, Question::Screen).await?;
+        match reading {
+            Reading::Screen { score, p_pass } => Ok(ScreenVerdict {
+                pass: p_pass >= self.pass_threshold,
+                score,
+                reasoning: format!(
+                    "P(pass) = {p_pass:.3}, expected score {score:.2} (next-token probabilities)"
+                ),
+                usage,
+            }),
+            Reading::Text(reply) => {
+                let map = parse::reply_object(&reply)?;
+                Ok(ScreenVerdict {
+                    pass: parse::verdict(&map, "pass", &reply)?,
+                    score: parse::scores(&map, 1, &reply)?[0],
+                    reasoning: parse::reasoning(&map),
+                    usage,
+                })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn compare(
+        &self,
+        edit: &EditContext,
+        first: &RgbImage,
+        second: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        let text = render(
+            &self.prompts.compare,
+            &[("instruction", edit.instruction.as_str())],
+        );
+        let images = vec![first.clone(), second.clone(), (*edit.source).clone()];
+        let (reading, usage) = self.ask(text, images, Question::Compare).await?;
+        match reading {
+            Reading::Compare { p: [p1, p2, p0] } => {
+                let preferred = if p0 > p1 && p0 > p2 {
+                    Preference::Tie
+                } else if p1 >= p2 {
+                    Preference::First
+                } else {
+                    Preference::Second
+                };
+                Ok(Comparison {
+                    preferred,
+                    p_first: Some(p1 / (p1 + p2).max(f32::MIN_POSITIVE)),
+                    reasoning: format!(
+                        "P(1) = {p1:.3}, P(2) = {p2:.3}, P(tie) = {p0:.3} (next-token probabilities)"
+                    ),
+                    usage,
+                })
+            }
+            Reading::Text(reply) => {
+                let map = parse::reply_object(&reply)?;
+                Ok(Comparison {
+                    preferred: parse::preference(&map, &reply)?,
+                    p_first: None,
+                    reasoning: parse::reasoning(&map),
+                    usage,
+                })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn semantic_consistency(
+        &self,
+        edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        let text = render(
+            &self.prompts.vie_sc,
+            &[("instruction", edit.instruction.as_str())],
+        );
+        let images = vec![(*edit.source).clone(), edited.clone()];
+        self.pair(text, images).await
+    }
+
+    async fn perceptual_quality(
+        &self,
+        _edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        self.pair(self.prompts.vie_pq.clone(), vec![edited.clone()])
+            .await
+    }
+}
+
+impl Qwen2VlJudge {
+    async fn pair(&self, text: String, images: Vec<RgbImage>) -> Result<SubScores, JudgeError> {
+        let (reading, usage) = self.ask(text, images, Question::Pair).await?;
+        match reading {
+            Reading::Pair { scores } => Ok(SubScores {
+                scores,
+                reasoning: format!(
+                    "expected scores {:.2}, {:.2} (next-token probabilities)",
+                    scores[0], scores[1]
+                ),
+                usage,
+            }),
+            Reading::Text(reply) => {
+                let map = parse::reply_object(&reply)?;
+                let s = parse::scores(&map, 2, &reply)?;
+                Ok(SubScores {
+                    scores: [s[0], s[1]],
+                    reasoning: parse::reasoning(&map),
+                    usage,
+                })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// Owns the model on its own thread.
+struct Worker {
+    files: Qwen2VlFiles,
+    format: ChatFormat,
+    device: Device,
+    dtype: DType,
+    model: Option<Result<Arc<Qwen2Vl>, String>>,
+    config: LocalJudgeConfig,
+}
+
+/// A job after tokenizing, waiting for its batch.
+struct Ready {
+    prompt: EncodedPrompt,
+    question: Question,
+    reply: oneshot::Sender<Result<(Reading, CallUsage), JudgeError>>,
+    started: Instant,
+}
+
+impl Worker {
+    fn run(mut self, mut queue: mpsc::UnboundedReceiver<Job>) {
+        let window = Duration::from_millis(self.config.batch_window_ms);
+        let max_batch = self.config.max_batch.max(1);
+        while let Some(first) = queue.blocking_recv() {
+            let mut jobs = vec![first];
+            let deadline = Instant::now() + window;
+            while jobs.len() < max_batch {
+                match queue.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(mpsc::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.serve(jobs);
+        }
+    }
+
+    fn model(&mut self) -> Result<Arc<Qwen2Vl>, JudgeError> {
+        let files = &self.files;
+        let (dtype, device) = (self.dtype, &self.device);
+        let loaded = self.model.get_or_insert_with(|| {
+            tracing::info!(root = %files.root.display(), ?dtype, "loading the Qwen2-VL judge");
+            let t = Instant::now();
+            let model = files
+                .load(dtype, device)
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
+            tracing::info!(seconds = t.elapsed().as_secs_f32(), "judge loaded");
+            model
+        });
+        loaded.clone().map_err(JudgeError::Config)
+    }
+
+    fn serve(&mut self, jobs: Vec<Job>) {
+        let model = match self.model() {
+            Ok(m) => m,
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(JudgeError::Config(e.to_string())));
+                }
+                return;
+            }
+        };
+        let mut ready: Vec<Ready> = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match self.encode(&job) {
+                Ok(prompt) => ready.push(Ready {
+                    prompt,
+                    question: job.question,
+                    reply: job.reply,
+                    started: Instant::now(),
+                }),
+                Err(e) => {
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+        }
+        // Equal lengths share a prefill (the previews of one edit tokenize alike).
+        ready.sort_by_key(|r| r.prompt.ids.len());
+        let mut rest = ready.into_iter().peekable();
+        while let Some(head) = rest.next() {
+            let len = head.prompt.ids.len();
+            let mut group = vec![head];
+            while let Some(next) = rest.next_if(|r| r.prompt.ids.len() == len) {
+                group.push(next);
+            }
+            self.run_batch(&model, group);
+        }
+    }
+
+    fn encode(&self, job: &Job) -> Result<EncodedPrompt, JudgeError> {
+        let mut image_cfg = self.files.image.clone();
+        if let Some(cap) = self.config.max_pixels {
+            image_cfg.max_pixels = image_cfg.max_pixels.min(cap).max(image_cfg.min_pixels);
+        }
+        let images = job
+            .images
+            .iter()
+            .map(|i| image_cfg.preprocess(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut rendered = self.format.render(images.len(), &job.text)?;
+        if !self.config.reasoning {
+            rendered.push_str(job.question.prime());
+        }
+        self.format.encode(&rendered, images)
+    }
+
+    fn run_batch(&self, model: &Qwen2Vl, group: Vec<Ready>) {
+        let prompts: Vec<EncodedPrompt> = group.iter().map(|r| r.prompt.clone()).collect();
+        let prefill = model.prefill(&prompts);
+        let (logits, sessions) = match prefill {
+            Ok(x) => x,
+            Err(e) => {
+                for r in group {
+                    let _ = r
+                        .reply
+                        .send(Err(JudgeError::Failed(format!("local model: {e}"))));
+                }
+                return;
+            }
+        };
+        for (i, (ready, session)) in group.into_iter().zip(sessions).enumerate() {
+            let prompt_tokens = ready.prompt.ids.len() as u64;
+            let result = logits
+                .i(i)
+                .map_err(|e| JudgeError::Failed(format!("local model: {e}")))
+                .and_then(|row| self.read(model, session, row, ready.question))
+                .map(|(reading, completion_tokens)| {
+                    let usage = CallUsage {
+                        prompt_tokens,
+                        completion_tokens,
+                        cached: false,
+                        attempts: 1,
+                        latency_ms: ready.started.elapsed().as_millis() as u64,
+                    };
+                    (reading, usage)
+                });
+            let _ = ready.reply.send(result);
+        }
+    }
+
+    /// Reads the answer of one prompt from its next-token logits; returns it and the tokens
+    /// fed after the prompt.
+    fn read(
+        &self,
+        model: &Qwen2Vl,
+        session: Session,
+        logits: Tensor,
+        question: Question,
+    ) -> Result<(Reading, u64), JudgeError> {
+        let failed = |e: candle_core::Error| JudgeError::Failed(format!("local model: {e}"));
+        if self.config.reasoning {
+            let (text, n) = self.generate(model, session, logits).map_err(failed)?;
+            return Ok((Reading::Text(text), n));
+        }
+        let digits = self.candidates(&(0..=10).map(|v| v.to_string()).collect::<Vec<_>>())?;
+        match question {
+            Question::Screen => {
+                let score = choose(model, &session, &logits, &digits).map_err(failed)?;
+                self.check_mass(&score, "score")?;
+                let (expected, best) = score_summary(&score);
+                let mut session = session;
+                let after = self.format.ids(&format!("{best}, \"pass\":"))?;
+                let logits = model.extend(&mut session, &after).map_err(failed)?;
+                let verdict = self.candidates(&[" true".into(), " false".into()])?;
+                let pass = choose(model, &session, &logits, &verdict).map_err(failed)?;
+                self.check_mass(&pass, "pass")?;
+                let fed = score.tokens_fed + after.len() as u64 + pass.tokens_fed;
+                Ok((
+                    Reading::Screen {
+                        score: expected,
+                        p_pass: pass.normalised()[0],
+                    },
+                    fed,
+                ))
+            }
+            Question::Compare => {
+                let options = self.candidates(&["1".into(), "2".into(), "0".into()])?;
+                let choice = choose(model, &session, &logits, &options).map_err(failed)?;
+                self.check_mass(&choice, "better")?;
+                let p = choice.normalised();
+                Ok((
+                    Reading::Compare {
+                        p: [p[0], p[1], p[2]],
+                    },
+                    choice.tokens_fed,
+                ))
+            }
+            Question::Pair => {
+                let first = choose(model, &session, &logits, &digits).map_err(failed)?;
+                self.check_mass(&first, "score[0]")?;
+                let (e1, best) = score_summary(&first);
+                let mut session = session;
+                let after = self.format.ids(&format!("{best}, "))?;
+                let logits = model.extend(&mut session, &after).map_err(failed)?;
+                let second = choose(model, &session, &logits, &digits).map_err(failed)?;
+                self.check_mass(&second, "score[1]")?;
+                let (e2, _) = score_summary(&second);
+                let fed = first.tokens_fed + after.len() as u64 + second.tokens_fed;
+                Ok((Reading::Pair { scores: [e1, e2] }, fed))
+            }
+        }
+    }
+
+    fn candidates(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, JudgeError> {
+        texts.iter().map(|t| self.format.ids(t)).collect()
+    }
+
+    /// A model that puts little mass on every answer is not answering; that is a failure,
+    /// not a score.
+    fn check_mass(&self, choice: &Choice, field: &str) -> Result<(), JudgeError> {
+        let mass = choice.mass();
+        if mass < self.config.min_answer_mass {
+            return Err(JudgeError::Parse {
+                reason: format!(
+                    "the model puts only {mass:.3} probability on any `{field}` answer (min_answer_mass {})",
+                    self.config.min_answer_mass
+                ),
+                reply: String::new(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Greedy decoding until an end-of-turn token or `max_new_tokens`.
+    fn generate(
+        &self,
+        model: &Qwen2Vl,
+        mut session: Session,
+        logits: Tensor,
+    ) -> candle_core::Result<(String, u64)> {
+        let eos = &model.config().eos_token_ids;
+        let mut out = Vec::new();
+        let mut logits = logits;
+        for _ in 0..self.config.max_new_tokens {
+            let next = logits.argmax(0)?.to_scalar::<u32>()?;
+            if eos.contains(&next) {
+                break;
+            }
+            out.push(next);
+            logits = model.extend(&mut session, &[next])?;
+        }
+        let text = self
+            .format
+            .decode(&out)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((text, out.len() as u64))
+    }
+}

@@ -1,0 +1,288 @@
+//! Qwen2-VL / Qwen2.5-VL for conditional generation: the vision tower's tokens spliced into
+//! the language model at the `<|image_pad|>` positions, with 3-D position ids.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::Qwen2VlConfig;
+use super::image::PreparedImage;
+use super::text::{last_position, KvCache, Positions, TextModel};
+use super::vision::VisionTower;
+
+/// One prompt ready for the model: token ids with every image's pads expanded, and the
+/// images in the order their pads appear.
+#[derive(Debug, Clone)]
+pub struct EncodedPrompt {
+    /// Token ids; image `i` occupies `images[i].token_count()` consecutive image-pad ids.
+    pub ids: Vec<u32>,
+    /// The images.
+    pub images: Vec<PreparedImage>,
+}
+
+/// A prompt's state after prefill: its KV cache and the position id of the next token.
+#[derive(Debug, Clone)]
+pub struct Session {
+    cache: KvCache,
+    next_position: i64,
+}
+
+impl Session {
+    /// Tokens seen so far.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Whether nothing has been run yet.
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+}
+
+/// Where the weights of one checkpoint live: transformers 4 writes `model.*` + `visual.*`,
+/// transformers 5 `model.language_model.*` + `model.visual.*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyLayout {
+    /// `model.embed_tokens`, `visual.blocks`, `lm_head`.
+    Classic,
+    /// `model.language_model.embed_tokens`, `model.visual.blocks`, `lm_head`.
+    Nested,
+}
+
+impl KeyLayout {
+    /// Reads the layout off the key names.
+    pub fn detect<'a>(mut keys: impl Iterator<Item = &'a str>) -> Option<Self> {
+        keys.find_map(|k| {
+            if k.starts_with("model.language_model.") || k.starts_with("model.visual.") {
+                Some(Self::Nested)
+            } else if k.starts_with("model.embed_tokens") || k.starts_with("visual.") {
+                Some(Self::Classic)
+            } else {
+                None
+            }
+        })
+    }
+}
+
+/// The whole model.
+pub struct Qwen2Vl {
+    config: Qwen2VlConfig,
+    vision: VisionTower,
+    text: TextModel,
+    device: Device,
+    dtype: DType,
+}
+
+impl Qwen2Vl {
+    /// Builds the model from a `VarBuilder` rooted at the checkpoint's top level.
+    pub fn new(config: &Qwen2VlConfig, layout: KeyLayout, vb: VarBuilder) -> Result<Self> {
+        let (text_vb, vision_vb) = match layout {
+            KeyLayout::Classic => (vb.pp("model"), vb.pp("visual")),
+            KeyLayout::Nested => (vb.pp("model.language_model"), vb.pp("model.visual")),
+        };
+        Ok(Self {
+            vision: VisionTower::new(&config.vision, config.family, vision_vb)?,
+            text: TextModel::new(&config.text, text_vb, vb.pp("lm_head"))?,
+            config: config.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &Qwen2VlConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// 3-D position ids of a prompt and the position of the token after it.
+    pub fn positions(&self, prompt: &EncodedPrompt) -> Result<(Vec<[i64; 3]>, i64)> {
+        rope_positions(&self.config, prompt)
+    }
+
+    /// Runs a batch of prompts of equal length and returns every position's logits
+    /// `[batch, seq, vocab]` (f32). Used by the reference tests.
+    pub fn forward_all(&self, batch: &[EncodedPrompt]) -> Result<Tensor> {
+        let (hidden, _) = self.prefill_hidden(batch)?;
+        self.text.logits(&hidden)
+    }
+
+    /// Runs a batch of prompts of equal length: the next-token logits `[batch, vocab]` (f32)
+    /// and one [`Session`] per prompt to continue from.
+    pub fn prefill(&self, batch: &[EncodedPrompt]) -> Result<(Tensor, Vec<Session>)> {
+        let (hidden, sessions) = self.prefill_hidden(batch)?;
+        let logits = self.text.logits(&last_position(&hidden)?)?;
+        Ok((logits, sessions))
+    }
+
+    /// Feeds more text tokens to a session; returns the logits after the last one `[vocab]`.
+    pub fn extend(&self, session: &mut Session, ids: &[u32]) -> Result<Tensor> {
+        if ids.is_empty() {
+            candle_core::bail!("extend needs at least one token");
+        }
+        let positions: Positions = vec![(0..ids.len() as i64)
+            .map(|i| [session.next_position + i; 3])
+            .collect()];
+        let ids_t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let embeds = self.text.embed(&ids_t)?;
+        let hidden = self
+            .text
+            .forward_embeds(&embeds, &positions, &mut session.cache)?;
+        session.next_position += ids.len() as i64;
+        self.text.logits(&last_position(&hidden)?)?.squeeze(0)
+    }
+
+    fn prefill_hidden(&self, batch: &[EncodedPrompt]) -> Result<(Tensor, Vec<Session>)> {
+        let Some(first) = batch.first() else {
+            candle_core::bail!("empty batch");
+        };
+        let seq = first.ids.len();
+        if batch.iter().any(|p| p.ids.len() != seq) {
+            candle_core::bail!("a prefill batch needs prompts of equal length");
+        }
+        let mut positions = Vec::with_capacity(batch.len());
+        let mut next = Vec::with_capacity(batch.len());
+        for prompt in batch {
+            let (pos, n) = rope_positions(&self.config, prompt)?;
+            positions.push(pos);
+            next.push(n);
+        }
+        let embeds = self.embed_with_images(batch)?;
+        let mut cache = KvCache::default();
+        let hidden = self.text.forward_embeds(&embeds, &positions, &mut cache)?;
+        let sessions = next
+            .into_iter()
+            .enumerate()
+            .map(|(i, next_position)| {
+                Ok(Session {
+                    cache: if batch.len() == 1 {
+                        cache.clone()
+                    } else {
+                        cache.select(i)?
+                    },
+                    next_position,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok((hidden, sessions))
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` with the image-pad rows replaced by the
+    /// vision tower's tokens.
+    fn embed_with_images(&self, batch: &[EncodedPrompt]) -> Result<Tensor> {
+        let (b, s) = (batch.len(), batch[0].ids.len());
+        let ids: Vec<u32> = batch.iter().flat_map(|p| p.ids.iter().copied()).collect();
+        let text = self
+            .text
+            .embed(&Tensor::from_vec(ids.clone(), (b, s), &self.device)?)?;
+        let hidden = text.dim(2)?;
+        let images: Vec<&PreparedImage> = batch.iter().flat_map(|p| p.images.iter()).collect();
+        if images.is_empty() {
+            return Ok(text);
+        }
+        let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
+        let patch_dim = self.config.vision.patch_dim();
+        let rows: usize = images.iter().map(|i| i.patch_count()).sum();
+        let mut pixels = Vec::with_capacity(rows * patch_dim);
+        for image in &images {
+            if image.row_len() != patch_dim {
+                candle_core::bail!(
+                    "image patches have {} values, the vision tower expects {patch_dim}",
+                    image.row_len()
+                );
+            }
+            pixels.extend_from_slice(&image.pixel_values);
+        }
+        let pixels = Tensor::from_vec(pixels, (rows, patch_dim), &self.device)?;
+        let visual = self
+            .vision
+            .forward(&pixels, &grids)?
+            .to_dtype(text.dtype())?;
+        let n_visual = visual.dim(0)?;
+        let pads = ids
+            .iter()
+            .filter(|&&t| t == self.config.image_token_id)
+            .count();
+        if pads != n_visual {
+            candle_core::bail!(
+                "the prompts have {pads} image-pad tokens but the images give {n_visual}"
+            );
+        }
+        // Gather from [text rows; visual rows]: pad k takes visual row k.
+        let mut next_visual = 0u32;
+        let index: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                if t == self.config.image_token_id {
+                    next_visual += 1;
+                    (b * s) as u32 + next_visual - 1
+                } else {
+                    i as u32
+                }
+            })
+            .collect();
+        let table = Tensor::cat(&[&text.reshape((b * s, hidden))?, &visual], 0)?;
+        table
+            .index_select(&Tensor::new(index.as_slice(), &self.device)?, 0)?
+            .reshape((b, s, hidden))
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+/// transformers' `get_rope_index` for images: text tokens count up on all three axes; an
+/// image's tokens share a start and add (t, row, column) of their merged grid; the text after
+/// an image resumes one past the image's largest id.
+pub fn rope_positions(
+    config: &Qwen2VlConfig,
+    prompt: &EncodedPrompt,
+) -> Result<(Vec<[i64; 3]>, i64)> {
+    let merge = config.vision.spatial_merge_size;
+    let mut positions = Vec::with_capacity(prompt.ids.len());
+    let mut next: i64 = 0;
+    let mut images = prompt.images.iter();
+    let mut i = 0;
+    while i < prompt.ids.len() {
+        if prompt.ids[i] != config.image_token_id {
+            positions.push([next; 3]);
+            next += 1;
+            i += 1;
+            continue;
+        }
+        let Some(image) = images.next() else {
+            candle_core::bail!("more image-pad runs than images in the prompt");
+        };
+        let [t, h, w] = image.grid_thw;
+        let (lh, lw) = (h / merge, w / merge);
+        let count = t * lh * lw;
+        if prompt.ids[i..].len() < count
+            || prompt.ids[i..i + count]
+                .iter()
+                .any(|&id| id != config.image_token_id)
+        {
+            candle_core::bail!("image {t}x{h}x{w} needs {count} consecutive image-pad tokens");
+        }
+        for ft in 0..t {
+            // Qwen2.5-VL scales t by seconds per frame for video; an image has t = 1.
+            let tt = ft as i64;
+            for y in 0..lh {
+                for x in 0..lw {
+                    positions.push([next + tt, next + y as i64, next + x as i64]);
+                }
+            }
+        }
+        next += t.max(lh).max(lw) as i64;
+        i += count;
+    }
+    if images.next().is_some() {
+        candle_core::bail!("more images than image-pad runs in the prompt");
+    }
+    Ok((positions, next))
+}

@@ -1,0 +1,120 @@
+//! The chat format: the checkpoint's Jinja chat template (rendered with minijinja) and its
+//! tokenizer, with each image's single `<|image_pad|>` expanded to the image's token count
+//! as the reference processor does.
+
+use std::path::Path;
+
+use serde_json::json;
+use tokenizers::Tokenizer;
+
+use super::config::Qwen2VlConfig;
+use super::image::PreparedImage;
+use super::model::EncodedPrompt;
+use crate::error::JudgeError;
+
+/// Qwen2-VL-Instruct's template, used when a checkpoint ships none.
+pub const DEFAULT_TEMPLATE: &str = "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// Template + tokenizer of one checkpoint.
+pub struct ChatFormat {
+    tokenizer: Tokenizer,
+    template: String,
+    image_token_id: u32,
+    merge_size: usize,
+}
+
+impl ChatFormat {
+    /// Loads `tokenizer.json` and checks the template renders.
+    pub fn new(
+        tokenizer: &Path,
+        template: Option<String>,
+        config: &Qwen2VlConfig,
+    ) -> Result<Self, JudgeError> {
+        let tok = Tokenizer::from_file(tokenizer).map_err(|e| {
+            JudgeError::Config(format!(
+                "{}: cannot load tokenizer: {e}",
+                tokenizer.display()
+            ))
+        })?;
+        let format = Self {
+            tokenizer: tok,
+            template: template.unwrap_or_else(|| DEFAULT_TEMPLATE.to_string()),
+            image_token_id: config.image_token_id,
+            merge_size: config.vision.spatial_merge_size,
+        };
+        format.render(1, "probe")?;
+        Ok(format)
+    }
+
+    /// One user turn with `image_count` images followed by `text`, and the assistant's
+    /// opening (`add_generation_prompt`).
+    pub fn render(&self, image_count: usize, text: &str) -> Result<String, JudgeError> {
+        let mut content: Vec<serde_json::Value> =
+            (0..image_count).map(|_| json!({"type": "image"})).collect();
+        content.push(json!({"type": "text", "text": text}));
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", &self.template)
+            .map_err(|e| JudgeError::Config(format!("chat template does not parse: {e}")))?;
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(json!({
+                    "messages": [{"role": "user", "content": content}],
+                    "add_generation_prompt": true,
+                }))
+            })
+            .map_err(|e| JudgeError::Config(format!("chat template does not render: {e}")))
+    }
+
+    /// Tokenizes a rendered prompt and expands image `i`'s pad to its token count.
+    pub fn encode(
+        &self,
+        rendered: &str,
+        images: Vec<PreparedImage>,
+    ) -> Result<EncodedPrompt, JudgeError> {
+        let raw = self.ids(rendered)?;
+        let pads = raw.iter().filter(|&&t| t == self.image_token_id).count();
+        if pads != images.len() {
+            return Err(JudgeError::Failed(format!(
+                "prompt has {pads} image slots for {} images",
+                images.len()
+            )));
+        }
+        let mut ids = Vec::with_capacity(raw.len() + 1024);
+        let mut next = images.iter();
+        for t in raw {
+            if t == self.image_token_id {
+                let n = next.next().map_or(0, |i| i.token_count(self.merge_size));
+                ids.extend(std::iter::repeat_n(t, n));
+            } else {
+                ids.push(t);
+            }
+        }
+        Ok(EncodedPrompt { ids, images })
+    }
+
+    /// Token ids of plain text (special tokens in it are recognised).
+    pub fn ids(&self, text: &str) -> Result<Vec<u32>, JudgeError> {
+        self.tokenizer
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| JudgeError::Failed(format!("tokenizer: {e}")))
+    }
+
+    /// Text of token ids, special tokens dropped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, JudgeError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| JudgeError::Failed(format!("tokenizer: {e}")))
+    }
+
+    /// The id of a string that is exactly one token, if it is.
+    pub fn single_token(&self, text: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(text).or_else(|| {
+            let ids = self.tokenizer.encode(text, false).ok()?;
+            match ids.get_ids() {
+                [one] => Some(*one),
+                _ => None,
+            }
+        })
+    }
+}

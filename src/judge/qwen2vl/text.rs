@@ -1,0 +1,336 @@
+//! The Qwen2 language model with multimodal RoPE (M-RoPE).
+//!
+//! Each token has three position ids (temporal, height, width). M-RoPE gives the first
+//! `mrope_section[0]` rotary frequencies to the temporal id, the next `mrope_section[1]` to
+//! the height id and the rest to the width id; text tokens have three equal ids, so for text
+//! this is plain RoPE. The model is stateless: the caller owns the [`KvCache`], which lets a
+//! batched prefill be split into one cache per prompt.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{
+    embedding, linear, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder,
+};
+
+use super::config::TextConfig;
+
+/// Position ids of a batch: `ids[b][s]` = (temporal, height, width).
+pub type Positions = Vec<Vec<[i64; 3]>>;
+
+/// Computes M-RoPE cos/sin tables.
+#[derive(Debug, Clone)]
+pub struct MultimodalRope {
+    inv_freq: Vec<f32>,
+    /// Which of the three position ids drives each frequency.
+    axis_of: Vec<usize>,
+}
+
+impl MultimodalRope {
+    /// Frequencies as transformers computes them (float32 `base ** (2i / dim)`).
+    pub fn new(cfg: &TextConfig) -> Self {
+        let dim = cfg.head_dim();
+        let inv_freq = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / dim as f32))
+            .collect();
+        let axis_of = cfg
+            .mrope_section
+            .iter()
+            .enumerate()
+            .flat_map(|(axis, &n)| std::iter::repeat_n(axis % 3, n))
+            .collect();
+        Self { inv_freq, axis_of }
+    }
+
+    /// (cos, sin), each `[batch, seq, head_dim / 2]` in f32.
+    pub fn cos_sin(&self, positions: &Positions, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let batch = positions.len();
+        let seq = positions.first().map_or(0, Vec::len);
+        let mut cos = Vec::with_capacity(batch * seq * half);
+        let mut sin = Vec::with_capacity(batch * seq * half);
+        for row in positions {
+            if row.len() != seq {
+                candle_core::bail!("M-RoPE: ragged batch ({} vs {seq} positions)", row.len());
+            }
+            for ids in row {
+                for (f, &inv) in self.inv_freq.iter().enumerate() {
+                    // float32 product as in transformers; sin/cos of it in f32.
+                    let angle = ids[self.axis_of[f]] as f32 * inv;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (batch, seq, half), device)?,
+            Tensor::from_vec(sin, (batch, seq, half), device)?,
+        ))
+    }
+}
+
+/// Keys and values of every layer, `[batch, kv_heads, seq, head_dim]` each.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Tokens already cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The cache of one prompt of a batch.
+    pub fn select(&self, index: usize) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|(k, v)| Ok((k.narrow(0, index, 1)?, v.narrow(0, index, 1)?)))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let kv = match self.layers[layer].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[layer] = Some(kv.clone());
+        Ok(kv)
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim());
+        Ok(Self {
+            q_proj: linear(h, cfg.num_attention_heads * d, vb.pp("q_proj"))?,
+            k_proj: linear(h, cfg.num_key_value_heads * d, vb.pp("k_proj"))?,
+            v_proj: linear(h, cfg.num_key_value_heads * d, vb.pp("v_proj"))?,
+            o_proj: linear_no_bias(cfg.num_attention_heads * d, h, vb.pp("o_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+        })
+    }
+
+    /// `xs`: `[b, s, hidden]`; `rope`: cos/sin `[b, s, head_dim/2]`; `mask`: `[s, past + s]`.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, s, _) = xs.dims3()?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((b, s, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads(self.q_proj.forward(xs)?, self.num_heads)?;
+        let k = heads(self.k_proj.forward(xs)?, self.num_kv_heads)?;
+        let v = heads(self.v_proj.forward(xs)?, self.num_kv_heads)?;
+        let q = apply_rope(&q, rope)?;
+        let k = apply_rope(&k, rope)?;
+        let (k, v) = cache.append(layer, k, v)?;
+        let groups = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(&k, groups)?;
+        let v = repeat_kv(&v, groups)?;
+
+        // Scores in f32: bf16 softmax over thousands of image tokens loses the small ones.
+        let dtype = q.dtype();
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            * scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, s, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Rotates `x` `[b, heads, s, d]` in f32 (as transformers does) and casts back.
+fn apply_rope(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Result<Tensor> {
+    let dtype = x.dtype();
+    candle_nn::rotary_emb::rope(&x.to_dtype(DType::F32)?.contiguous()?, cos, sin)?.to_dtype(dtype)
+}
+
+fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kv, groups, s, d))?
+        .reshape((b, kv * groups, s, d))
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
+            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
+            down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: rms_norm(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+        })
+    }
+}
+
+/// The decoder: token embedding, layers, final norm and LM head.
+pub struct TextModel {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: MultimodalRope,
+}
+
+impl TextModel {
+    /// Loads from `model` (the decoder's prefix) and `lm_head` (the head's own prefix).
+    pub fn new(cfg: &TextConfig, model: VarBuilder, lm_head: VarBuilder) -> Result<Self> {
+        let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, model.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, model.pp(format!("layers.{i}"))))
+            .collect::<Result<_>>()?;
+        let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, model.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            linear_no_bias(cfg.hidden_size, cfg.vocab_size, lm_head)?
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: MultimodalRope::new(cfg),
+        })
+    }
+
+    /// Token embeddings `[b, s, hidden]` for ids `[b, s]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// Runs the decoder over new embeddings `[b, s, hidden]` after whatever `cache` holds,
+    /// and returns the final hidden states `[b, s, hidden]` (before the head).
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        positions: &Positions,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (_, s, _) = embeds.dims3()?;
+        let rope = self.rope.cos_sin(positions, embeds.device())?;
+        let past = cache.len();
+        let mask = if s > 1 {
+            Some(causal_mask(s, past, embeds.device())?)
+        } else {
+            None
+        };
+        let mut xs = embeds.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let residual = xs.clone();
+            let h = layer.input_layernorm.forward(&xs)?;
+            let h = layer
+                .self_attn
+                .forward(&h, &rope, mask.as_ref(), cache, i)?;
+            xs = (residual + h)?;
+            let residual = xs.clone();
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&xs)?)?;
+            xs = (residual + h)?;
+        }
+        self.norm.forward(&xs)
+    }
+
+    /// Logits in f32 for hidden states `[b, s, hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+    }
+}
+
+/// `[s, past + s]`: 0 where a query may look, -inf at later keys.
+fn causal_mask(s: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..s)
+        .flat_map(|i| {
+            (0..past + s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+        })
+        .collect();
+    Tensor::from_vec(mask, (s, past + s), device)
+}
+
+/// The last position of `[b, s, v]` as `[b, v]`.
+pub fn last_position(xs: &Tensor) -> Result<Tensor> {
+    let s = xs.dim(1)?;
+    xs.narrow(1, s - 1, 1)?.squeeze(1)
+}

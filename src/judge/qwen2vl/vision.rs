@@ -1,0 +1,362 @@
+//! The vision tower of Qwen2-VL and Qwen2.5-VL.
+//!
+//! Patches of 2 frames x 14 x 14 pixels (an image is its own second frame) are embedded by
+//! a linear map (the checkpoint's Conv3d, whose stride equals its kernel), rotated by a 2-D
+//! RoPE on their (row, column), run through transformer blocks that attend within one image
+//! (Qwen2.5-VL: within 112-px windows except in a few full-attention blocks), and merged
+//! 2x2 into the tokens the language model sees.
+//!
+//! Patches arrive in merge order: the four patches of one 2x2 block are consecutive, so
+//! merging is a reshape and window reordering moves whole blocks.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{layer_norm, linear, LayerNorm, Linear, RmsNorm, VarBuilder};
+
+use super::config::{Family, VisionConfig};
+
+/// LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL), both with epsilon 1e-6.
+enum Norm {
+    Layer(LayerNorm),
+    Rms(RmsNorm),
+}
+
+impl Norm {
+    fn new(family: Family, dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(match family {
+            Family::Qwen2Vl => Self::Layer(layer_norm(dim, 1e-6, vb)?),
+            Family::Qwen25Vl => Self::Rms(candle_nn::rms_norm(dim, 1e-6, vb)?),
+        })
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Layer(n) => n.forward(xs),
+            Self::Rms(n) => n.forward(xs),
+        }
+    }
+}
+
+/// fc1 / quick-GELU / fc2 (Qwen2-VL) or SwiGLU with biases (Qwen2.5-VL).
+enum Mlp {
+    Plain {
+        fc1: Linear,
+        fc2: Linear,
+    },
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+}
+
+impl Mlp {
+    fn new(cfg: &VisionConfig, family: Family, vb: VarBuilder) -> Result<Self> {
+        let (d, h) = (cfg.embed_dim, cfg.mlp_hidden);
+        Ok(match family {
+            Family::Qwen2Vl => Self::Plain {
+                fc1: linear(d, h, vb.pp("fc1"))?,
+                fc2: linear(h, d, vb.pp("fc2"))?,
+            },
+            Family::Qwen25Vl => Self::Gated {
+                gate: linear(d, h, vb.pp("gate_proj"))?,
+                up: linear(d, h, vb.pp("up_proj"))?,
+                down: linear(h, d, vb.pp("down_proj"))?,
+            },
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Plain { fc1, fc2 } => {
+                // quick_gelu(x) = x * sigmoid(1.702 x)
+                let h = fc1.forward(xs)?;
+                let h = (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?;
+                fc2.forward(&h)
+            }
+            Self::Gated { gate, up, down } => {
+                let g = candle_nn::ops::silu(&gate.forward(xs)?)?;
+                down.forward(&(g * up.forward(xs)?)?)
+            }
+        }
+    }
+}
+
+struct Block {
+    norm1: Norm,
+    norm2: Norm,
+    qkv: Linear,
+    proj: Linear,
+    mlp: Mlp,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl Block {
+    fn new(cfg: &VisionConfig, family: Family, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.embed_dim;
+        Ok(Self {
+            norm1: Norm::new(family, d, vb.pp("norm1"))?,
+            norm2: Norm::new(family, d, vb.pp("norm2"))?,
+            qkv: linear(d, 3 * d, vb.pp("attn.qkv"))?,
+            proj: linear(d, d, vb.pp("attn.proj"))?,
+            mlp: Mlp::new(cfg, family, vb.pp("mlp"))?,
+            num_heads: cfg.num_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    /// `xs`: `[n, d]`; attention runs inside each `[start, end)` of `segments`.
+    fn forward(&self, xs: &Tensor, rope: &(Tensor, Tensor), segments: &[usize]) -> Result<Tensor> {
+        let h = self.attention(&self.norm1.forward(xs)?, rope, segments)?;
+        let xs = (xs + h)?;
+        let h = self.mlp.forward(&self.norm2.forward(&xs)?)?;
+        xs + h
+    }
+
+    fn attention(
+        &self,
+        xs: &Tensor,
+        rope: &(Tensor, Tensor),
+        segments: &[usize],
+    ) -> Result<Tensor> {
+        let (n, d) = xs.dims2()?;
+        let dtype = xs.dtype();
+        // [n, 3, heads, hd] -> three of [1, heads, n, hd]
+        let qkv = self
+            .qkv
+            .forward(xs)?
+            .reshape((n, 3, self.num_heads, self.head_dim))?;
+        let part = |i: usize| -> Result<Tensor> {
+            qkv.narrow(1, i, 1)?
+                .squeeze(1)?
+                .transpose(0, 1)?
+                .unsqueeze(0)?
+                .to_dtype(DType::F32)?
+                .contiguous()
+        };
+        // RoPE in f32 as the reference does.
+        let q = candle_nn::rotary_emb::rope(&part(0)?, &rope.0, &rope.1)?;
+        let k = candle_nn::rotary_emb::rope(&part(1)?, &rope.0, &rope.1)?;
+        let v = part(2)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut outs = Vec::with_capacity(segments.len());
+        for w in segments.windows(2) {
+            let (start, len) = (w[0], w[1] - w[0]);
+            let q = q.narrow(2, start, len)?;
+            let k = k.narrow(2, start, len)?;
+            let v = v.narrow(2, start, len)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            outs.push(probs.matmul(&v)?);
+        }
+        // [1, heads, n, hd] -> [n, d]
+        let out = Tensor::cat(&outs, 2)?
+            .squeeze(0)?
+            .transpose(0, 1)?
+            .reshape((n, d))?
+            .to_dtype(dtype)?;
+        self.proj.forward(&out)
+    }
+}
+
+/// LayerNorm/RMSNorm, then 2x2 neighbours concatenated and mapped to the LM width.
+struct PatchMerger {
+    ln_q: Norm,
+    fc1: Linear,
+    fc2: Linear,
+    merged_dim: usize,
+}
+
+impl PatchMerger {
+    fn new(cfg: &VisionConfig, family: Family, vb: VarBuilder) -> Result<Self> {
+        let merged_dim = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
+        Ok(Self {
+            ln_q: Norm::new(family, cfg.embed_dim, vb.pp("ln_q"))?,
+            fc1: linear(merged_dim, merged_dim, vb.pp("mlp.0"))?,
+            fc2: linear(merged_dim, cfg.out_hidden_size, vb.pp("mlp.2"))?,
+            merged_dim,
+        })
+    }
+}
+
+impl Module for PatchMerger {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.ln_q.forward(xs)?.reshape(((), self.merged_dim))?;
+        // nn.GELU() is the exact (erf) GELU.
+        self.fc2.forward(&self.fc1.forward(&xs)?.gelu_erf()?)
+    }
+}
+
+/// The whole tower: `[patches, 1176]` pixels to `[patches / 4, lm_hidden]` tokens.
+pub struct VisionTower {
+    patch_embed: Tensor,
+    blocks: Vec<Block>,
+    merger: PatchMerger,
+    inv_freq: Vec<f32>,
+    cfg: VisionConfig,
+    family: Family,
+}
+
+impl VisionTower {
+    /// Loads from the tower's prefix (`visual` or `model.visual`).
+    pub fn new(cfg: &VisionConfig, family: Family, vb: VarBuilder) -> Result<Self> {
+        let (p, t) = (cfg.patch_size, cfg.temporal_patch_size);
+        // Conv3d kernel [embed, C, T, P, P]; flattening (C, T, P, P) matches the patch layout.
+        let patch_embed = vb
+            .get(
+                (cfg.embed_dim, cfg.in_channels, t, p, p),
+                "patch_embed.proj.weight",
+            )?
+            .reshape((cfg.embed_dim, cfg.patch_dim()))?;
+        let blocks = (0..cfg.depth)
+            .map(|i| Block::new(cfg, family, vb.pp(format!("blocks.{i}"))))
+            .collect::<Result<_>>()?;
+        // The axial rope splits a head's rotary half between rows and columns.
+        let dim = cfg.head_dim() / 2;
+        let inv_freq = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / dim as f32))
+            .collect();
+        Ok(Self {
+            patch_embed,
+            blocks,
+            merger: PatchMerger::new(cfg, family, vb.pp("merger"))?,
+            inv_freq,
+            cfg: cfg.clone(),
+            family,
+        })
+    }
+
+    /// Encodes the patches of several images (`grids[i]` = (t, h, w) in patches, rows in
+    /// the order of `grids`) into merged tokens, in the same order.
+    pub fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
+        let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        if pixels.dims() != [n, self.cfg.patch_dim()] {
+            candle_core::bail!(
+                "vision input {:?} does not match the grids ({n} patches of {})",
+                pixels.dims(),
+                self.cfg.patch_dim()
+            );
+        }
+        let dtype = self.patch_embed.dtype();
+        let device = pixels.device();
+        let mut xs = pixels.to_dtype(dtype)?.matmul(&self.patch_embed.t()?)?;
+        let (mut cos, mut sin) = self.rope(grids, device)?;
+        let full = frame_segments(grids);
+
+        let unit = self.cfg.spatial_merge_size * self.cfg.spatial_merge_size;
+        let window = match (self.family, self.cfg.window_size) {
+            (Family::Qwen25Vl, Some(size)) => Some(self.windows(grids, size)),
+            _ => None,
+        };
+        if let Some((order, _)) = &window {
+            let idx = Tensor::new(order.as_slice(), device)?;
+            let reorder = |t: &Tensor| -> Result<Tensor> {
+                let d = t.dim(D::Minus1)?;
+                t.reshape((n / unit, unit, d))?
+                    .index_select(&idx, 0)?
+                    .reshape((n, d))
+            };
+            xs = reorder(&xs)?;
+            cos = reorder(&cos)?;
+            sin = reorder(&sin)?;
+        }
+        let rope = (cos, sin);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let segments = match &window {
+                Some((_, windows)) if !self.cfg.fullatt_block_indexes.contains(&i) => windows,
+                _ => &full,
+            };
+            xs = block.forward(&xs, &rope, segments)?;
+        }
+        let merged = self.merger.forward(&xs)?;
+        match &window {
+            None => Ok(merged),
+            Some((order, _)) => {
+                let mut inverse = vec![0u32; order.len()];
+                for (pos, &src) in order.iter().enumerate() {
+                    inverse[src as usize] = pos as u32;
+                }
+                merged.index_select(&Tensor::new(inverse.as_slice(), device)?, 0)
+            }
+        }
+    }
+
+    /// cos/sin `[n, head_dim / 2]` from each patch's (row, column).
+    fn rope(&self, grids: &[[usize; 3]], device: &Device) -> Result<(Tensor, Tensor)> {
+        let m = self.cfg.spatial_merge_size;
+        let quarter = self.inv_freq.len();
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        for &[t, h, w] in grids {
+            for _ in 0..t {
+                for bh in 0..h / m {
+                    for bw in 0..w / m {
+                        for mh in 0..m {
+                            for mw in 0..m {
+                                let (row, col) = ((bh * m + mh) as f32, (bw * m + mw) as f32);
+                                for pos in [row, col] {
+                                    for f in 0..quarter {
+                                        let angle = pos * self.inv_freq[f];
+                                        cos.push(angle.cos());
+                                        sin.push(angle.sin());
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let n = cos.len() / (2 * quarter);
+        Ok((
+            Tensor::from_vec(cos, (n, 2 * quarter), device)?,
+            Tensor::from_vec(sin, (n, 2 * quarter), device)?,
+        ))
+    }
+
+    /// Qwen2.5-VL windows: the order of merged blocks that makes each window contiguous,
+    /// and the window boundaries in patches.
+    fn windows(&self, grids: &[[usize; 3]], window_px: usize) -> (Vec<u32>, Vec<usize>) {
+        let m = self.cfg.spatial_merge_size;
+        let unit = m * m;
+        let side = window_px / m / self.cfg.patch_size;
+        let mut order = Vec::new();
+        let mut bounds = vec![0usize];
+        let mut base = 0usize;
+        for &[t, h, w] in grids {
+            let (lh, lw) = (h / m, w / m);
+            for frame in 0..t {
+                for wy in (0..lh).step_by(side) {
+                    for wx in (0..lw).step_by(side) {
+                        let mut count = 0;
+                        for y in wy..(wy + side).min(lh) {
+                            for x in wx..(wx + side).min(lw) {
+                                order.push((base + frame * lh * lw + y * lw + x) as u32);
+                                count += 1;
+                            }
+                        }
+                        bounds.push(bounds.last().unwrap() + count * unit);
+                    }
+                }
+            }
+            base += t * lh * lw;
+        }
+        (order, bounds)
+    }
+}
+
+/// Full attention runs per frame: boundaries every h*w patches.
+fn frame_segments(grids: &[[usize; 3]]) -> Vec<usize> {
+    let mut bounds = vec![0usize];
+    for &[t, h, w] in grids {
+        for _ in 0..t {
+            bounds.push(bounds.last().unwrap() + h * w);
+        }
+    }
+    bounds
+}
