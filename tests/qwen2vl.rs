@@ -57,9 +57,13 @@ fn reference_prompt(refs: &HashMap<String, Tensor>, case: &str) -> EncodedPrompt
         .into_iter()
         .map(|t| t as u32)
         .collect();
-    let grids = refs[&format!("{case}_image_grid_thw")]
-        .to_vec2::<i64>()
-        .unwrap();
+    let Some(grids) = refs.get(&format!("{case}_image_grid_thw")) else {
+        return EncodedPrompt {
+            ids,
+            images: Vec::new(),
+        };
+    };
+    let grids = grids.to_vec2::<i64>().unwrap();
     let pixels = &refs[&format!("{case}_pixel_values")];
     let mut row = 0;
     let images = grids
@@ -243,12 +247,16 @@ fn missing_files_and_mismatched_configs_are_named() {
 }
 
 fn tiny_judge(extra: &str) -> (tempfile::TempDir, Qwen2VlJudge) {
+    tiny_judge_of(&fixtures().join("tiny/qwen2_vl"), extra)
+}
+
+fn tiny_judge_of(model: &Path, extra: &str) -> (tempfile::TempDir, Qwen2VlJudge) {
     let dir = tempfile::tempdir().unwrap();
     let preset = std::fs::read_to_string(fixtures().join("judge-tiny.toml"))
         .unwrap()
         .replace(
             "model_dir = \"tiny/qwen2_vl\"",
-            &format!("model_dir = {:?}", fixtures().join("tiny/qwen2_vl")),
+            &format!("model_dir = {model:?}"),
         )
         .replace("min_answer_mass = 0.0\n", "");
     let path = dir.path().join("judge.toml");
@@ -467,7 +475,7 @@ fn every_local_preset_parses_and_a_missing_download_is_explained() {
         }
         let config = LocalJudgeConfig::from_file(&path).unwrap();
         let model = config.model.clone().expect("presets name a Hub id");
-        assert!(model.starts_with("Qwen/Qwen2"), "{model}");
+        assert!(model.starts_with("Qwen/Qwen"), "{model}");
         seen += 1;
         // Not downloaded: the error says what to do.
         let mut c = config.clone();
@@ -475,7 +483,7 @@ fn every_local_preset_parses_and_a_missing_download_is_explained() {
         let err = c.checkpoint_dir().unwrap_err().to_string();
         assert!(err.contains("huggingface-cli download"), "{err}");
     }
-    assert!(seen >= 6, "{seen} local presets");
+    assert!(seen >= 11, "{seen} local presets");
     let bad = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         bad.path(),
@@ -486,4 +494,68 @@ fn every_local_preset_parses_and_a_missing_download_is_explained() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("max_btach"), "{err}");
+}
+
+#[test]
+fn qwen3_vl_matches_transformers_with_deepstack_and_interleaved_mrope() {
+    let root = fixtures().join("../qwen3vl");
+    let refs =
+        candle_core::safetensors::load(root.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let files = Qwen2VlFiles::discover(&root.join("tiny")).unwrap();
+    let model = files.load(DType::F32, &Device::Cpu).unwrap();
+
+    // The processor path: PNG -> pixels, bit for bit.
+    let png = image::open(root.join("image.png")).unwrap().to_rgb8();
+    let prepared = files.image.preprocess(&png).unwrap();
+    let expected = reference_prompt(&refs, "image");
+    assert_eq!(prepared.grid_thw, expected.images[0].grid_thw);
+    let err = prepared
+        .pixel_values
+        .iter()
+        .zip(&expected.images[0].pixel_values)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-5, "pixels off by {err}");
+
+    let (positions, _) = model.positions(&expected).unwrap();
+    let want = refs["image_position_ids"].to_vec2::<i64>().unwrap();
+    for (s, p) in positions.iter().enumerate() {
+        assert_eq!(*p, [want[0][s], want[1][s], want[2][s]], "position {s}");
+    }
+    for case in ["text", "image"] {
+        let prompt = reference_prompt(&refs, case);
+        let logits = model.forward_all(std::slice::from_ref(&prompt)).unwrap();
+        let err = max_abs_diff(&logits, &refs[&format!("{case}_logits")]);
+        println!("qwen3_vl {case}: max abs logit error {err:.2e}");
+        assert!(err < LOGIT_TOL, "qwen3_vl {case}: logits off by {err}");
+    }
+    // Sessions are independent: the text prompt after the image prompt is unchanged.
+    let (after, _) = model.prefill(&[reference_prompt(&refs, "text")]).unwrap();
+    let n = refs["text_input_ids"].dim(1).unwrap();
+    let err = max_abs_diff(
+        &after.i(0).unwrap(),
+        &refs["text_logits"].i((0, n - 1)).unwrap(),
+    );
+    assert!(err < LOGIT_TOL, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen3_vl_and_qwen2_5_vl_judge_too() {
+    for model in [
+        fixtures().join("../qwen3vl/tiny"),
+        fixtures().join("tiny/qwen2_5_vl"),
+    ] {
+        let (_dir, judge) = tiny_judge_of(&model, "min_answer_mass = 0.0");
+        let edit = EditContext::new("t", gradient(64, 48, 0), "make the sky night");
+        let vie = vie_score(&judge, &edit, &gradient(64, 48, 5))
+            .await
+            .unwrap();
+        assert!((0.0..=10.0).contains(&vie.overall()), "{}", vie.overall());
+        let stage = PreviewStage { step: 2, steps: 10 };
+        let v = judge
+            .screen(&edit, &gradient(64, 48, 9), stage)
+            .await
+            .unwrap();
+        assert!(v.usage.prompt_tokens > 30);
+    }
 }

@@ -1,4 +1,4 @@
-//! `config.json` of a Qwen2-VL or Qwen2.5-VL checkpoint.
+//! `config.json` of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL (dense) checkpoint.
 //!
 //! Two layouts exist: Hub checkpoints written by transformers 4 put the language model's
 //! fields at the top level (with `rope_scaling.mrope_section`), transformers 5 nests them in
@@ -15,6 +15,9 @@ pub enum Family {
     Qwen2Vl,
     /// Qwen2.5-VL: RMSNorm, SwiGLU MLP, window attention except in `fullatt_block_indexes`.
     Qwen25Vl,
+    /// Qwen3-VL (dense): learned position embeddings, tanh-GELU MLP, DeepStack features
+    /// added to the first decoder layers; a Qwen3 decoder (q/k norm, interleaved M-RoPE).
+    Qwen3Vl,
 }
 
 /// The language model.
@@ -39,14 +42,23 @@ pub struct TextConfig {
     /// Frequencies given to the (temporal, height, width) position ids, in pairs of
     /// `head_dim / 2`.
     pub mrope_section: Vec<usize>,
-    /// The LM head reuses the embedding (the 2B/3B checkpoints).
+    /// The LM head reuses the embedding (the small checkpoints).
     pub tie_word_embeddings: bool,
+    /// Width of one attention head (Qwen3 states it; Qwen2 derives it).
+    pub head_dim: usize,
+    /// q/k/v projections have biases (Qwen2) or none (Qwen3).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm on queries and keys (Qwen3).
+    pub qk_norm: bool,
+    /// Qwen3-VL interleaves the axes over the frequencies (t, h, w, t, h, w, ...) instead
+    /// of giving each axis a contiguous block.
+    pub mrope_interleaved: bool,
 }
 
 impl TextConfig {
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim
     }
 }
 
@@ -77,6 +89,10 @@ pub struct VisionConfig {
     pub fullatt_block_indexes: Vec<usize>,
     /// Base of the 2-D rotary embedding.
     pub rope_theta: f64,
+    /// Qwen3-VL: side² of the learned position-embedding grid, resampled to each image.
+    pub num_position_embeddings: Option<usize>,
+    /// Qwen3-VL: blocks whose output feeds a DeepStack merger (one per decoder layer from 0).
+    pub deepstack_visual_indexes: Vec<usize>,
 }
 
 impl VisionConfig {
@@ -167,9 +183,10 @@ impl Qwen2VlConfig {
         let family = match model_type {
             "qwen2_vl" => Family::Qwen2Vl,
             "qwen2_5_vl" => Family::Qwen25Vl,
+            "qwen3_vl" => Family::Qwen3Vl,
             other => {
                 return Err(format!(
-                    "model_type {other:?} is not a Qwen2-VL checkpoint (expected \"qwen2_vl\" or \"qwen2_5_vl\")"
+                    "model_type {other:?} is not a Qwen2-VL checkpoint (expected \"qwen2_vl\", \"qwen2_5_vl\" or \"qwen3_vl\"; MoE checkpoints are not supported)"
                 ))
             }
         };
@@ -190,12 +207,23 @@ impl Qwen2VlConfig {
             Some(v) => f64::deserialize(v).map_err(|e| format!("rope_theta: {e}"))?,
             None => fields.parse_or("rope_theta", 1_000_000.0)?,
         };
+        let qwen3 = family == Family::Qwen3Vl;
+        let hidden_size: usize = fields.parse("hidden_size")?;
+        let num_attention_heads: usize = fields.parse("num_attention_heads")?;
+        let head_dim = match fields.get("head_dim") {
+            Some(_) => fields.parse("head_dim")?,
+            None => hidden_size / num_attention_heads.max(1),
+        };
+        let mrope_interleaved = match rope.and_then(|r| r.get("mrope_interleaved")) {
+            Some(v) => bool::deserialize(v).map_err(|e| format!("mrope_interleaved: {e}"))?,
+            None => qwen3,
+        };
         let text = TextConfig {
             vocab_size: fields.parse("vocab_size")?,
-            hidden_size: fields.parse("hidden_size")?,
+            hidden_size,
             intermediate_size: fields.parse("intermediate_size")?,
             num_hidden_layers: fields.parse("num_hidden_layers")?,
-            num_attention_heads: fields.parse("num_attention_heads")?,
+            num_attention_heads,
             num_key_value_heads: fields.parse("num_key_value_heads")?,
             rms_norm_eps: fields.parse_or("rms_norm_eps", 1e-6)?,
             rope_theta,
@@ -205,9 +233,17 @@ impl Qwen2VlConfig {
                 Some(v) => bool::deserialize(v).map_err(|e| format!("tie_word_embeddings: {e}"))?,
                 None => fields.parse_or("tie_word_embeddings", false)?,
             },
+            head_dim,
+            qkv_bias: if qwen3 {
+                fields.parse_or("attention_bias", false)?
+            } else {
+                true
+            },
+            qk_norm: qwen3,
+            mrope_interleaved,
         };
         if text.num_attention_heads == 0
-            || !text.hidden_size.is_multiple_of(text.num_attention_heads)
+            || (!qwen3 && !text.hidden_size.is_multiple_of(text.num_attention_heads))
             || !text
                 .num_attention_heads
                 .is_multiple_of(text.num_key_value_heads.max(1))
@@ -254,6 +290,8 @@ impl Qwen2VlConfig {
                     window_size: None,
                     fullatt_block_indexes: Vec::new(),
                     rope_theta,
+                    num_position_embeddings: None,
+                    deepstack_visual_indexes: Vec::new(),
                 }
             }
             Family::Qwen25Vl => VisionConfig {
@@ -269,8 +307,41 @@ impl Qwen2VlConfig {
                 window_size: Some(vision_field(v, "window_size")?),
                 fullatt_block_indexes: vision_field(v, "fullatt_block_indexes")?,
                 rope_theta,
+                num_position_embeddings: None,
+                deepstack_visual_indexes: Vec::new(),
+            },
+            Family::Qwen3Vl => VisionConfig {
+                depth: vision_field(v, "depth")?,
+                embed_dim: vision_field(v, "hidden_size")?,
+                num_heads: vision_field(v, "num_heads")?,
+                mlp_hidden: vision_field(v, "intermediate_size")?,
+                out_hidden_size: vision_field(v, "out_hidden_size")?,
+                in_channels,
+                patch_size: vision_field_or(v, "patch_size", 16)?,
+                temporal_patch_size: vision_field_or(v, "temporal_patch_size", 2)?,
+                spatial_merge_size: vision_field_or(v, "spatial_merge_size", 2)?,
+                window_size: None,
+                fullatt_block_indexes: Vec::new(),
+                rope_theta,
+                num_position_embeddings: Some(vision_field(v, "num_position_embeddings")?),
+                deepstack_visual_indexes: vision_field_or(
+                    v,
+                    "deepstack_visual_indexes",
+                    Vec::new(),
+                )?,
             },
         };
+        if vision
+            .deepstack_visual_indexes
+            .iter()
+            .any(|&i| i >= vision.depth)
+            || vision.deepstack_visual_indexes.len() > text.num_hidden_layers
+        {
+            return Err(format!(
+                "vision_config.deepstack_visual_indexes {:?} do not fit depth {} / {} decoder layers",
+                vision.deepstack_visual_indexes, vision.depth, text.num_hidden_layers
+            ));
+        }
         if vision.num_heads == 0
             || !vision.embed_dim.is_multiple_of(vision.num_heads)
             || !vision.head_dim().is_multiple_of(4)
@@ -329,6 +400,17 @@ mod tests {
         assert_eq!(c.family, Family::Qwen25Vl);
         assert_eq!(c.vision.window_size, Some(56));
         assert_eq!(c.vision.fullatt_block_indexes, vec![1]);
+        let path = format!(
+            "{}/tests/fixtures/qwen3vl/tiny/config.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let q3: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let c = Qwen2VlConfig::from_json(&q3).unwrap();
+        assert_eq!(c.family, Family::Qwen3Vl);
+        assert!(c.text.qk_norm && !c.text.qkv_bias && c.text.mrope_interleaved);
+        assert_eq!(c.vision.num_position_embeddings, Some(16));
+        assert_eq!(c.vision.deepstack_visual_indexes, vec![0]);
+        assert_eq!(c.vision.patch_dim(), 3 * 2 * 16 * 16);
     }
 
     #[test]

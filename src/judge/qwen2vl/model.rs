@@ -1,4 +1,4 @@
-//! Qwen2-VL / Qwen2.5-VL for conditional generation: the vision tower's tokens spliced into
+//! Qwen2-VL / Qwen2.5-VL / Qwen3-VL for conditional generation: the vision tower's tokens spliced into
 //! the language model at the `<|image_pad|>` positions, with 3-D position ids.
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::Qwen2VlConfig;
 use super::image::PreparedImage;
-use super::text::{last_position, KvCache, Positions, TextModel};
+use super::text::{last_position, Deepstack, KvCache, Positions, TextModel};
 use super::vision::VisionTower;
 
 /// One prompt ready for the model: token ids with every image's pads expanded, and the
@@ -130,7 +130,7 @@ impl Qwen2Vl {
         let embeds = self.text.embed(&ids_t)?;
         let hidden = self
             .text
-            .forward_embeds(&embeds, &positions, &mut session.cache)?;
+            .forward_embeds(&embeds, &positions, &mut session.cache, None)?;
         session.next_position += ids.len() as i64;
         self.text.logits(&last_position(&hidden)?)?.squeeze(0)
     }
@@ -150,9 +150,11 @@ impl Qwen2Vl {
             positions.push(pos);
             next.push(n);
         }
-        let embeds = self.embed_with_images(batch)?;
+        let (embeds, deepstack) = self.embed_with_images(batch)?;
         let mut cache = KvCache::default();
-        let hidden = self.text.forward_embeds(&embeds, &positions, &mut cache)?;
+        let hidden =
+            self.text
+                .forward_embeds(&embeds, &positions, &mut cache, deepstack.as_ref())?;
         let sessions = next
             .into_iter()
             .enumerate()
@@ -171,8 +173,8 @@ impl Qwen2Vl {
     }
 
     /// Token embeddings `[batch, seq, hidden]` with the image-pad rows replaced by the
-    /// vision tower's tokens.
-    fn embed_with_images(&self, batch: &[EncodedPrompt]) -> Result<Tensor> {
+    /// vision tower's tokens, and the DeepStack features for those rows (Qwen3-VL).
+    fn embed_with_images(&self, batch: &[EncodedPrompt]) -> Result<(Tensor, Option<Deepstack>)> {
         let (b, s) = (batch.len(), batch[0].ids.len());
         let ids: Vec<u32> = batch.iter().flat_map(|p| p.ids.iter().copied()).collect();
         let text = self
@@ -181,7 +183,7 @@ impl Qwen2Vl {
         let hidden = text.dim(2)?;
         let images: Vec<&PreparedImage> = batch.iter().flat_map(|p| p.images.iter()).collect();
         if images.is_empty() {
-            return Ok(text);
+            return Ok((text, None));
         }
         let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
         let patch_dim = self.config.vision.patch_dim();
@@ -197,10 +199,8 @@ impl Qwen2Vl {
             pixels.extend_from_slice(&image.pixel_values);
         }
         let pixels = Tensor::from_vec(pixels, (rows, patch_dim), &self.device)?;
-        let visual = self
-            .vision
-            .forward(&pixels, &grids)?
-            .to_dtype(text.dtype())?;
+        let vision = self.vision.forward(&pixels, &grids)?;
+        let visual = vision.tokens.to_dtype(text.dtype())?;
         let n_visual = visual.dim(0)?;
         let pads = ids
             .iter()
@@ -226,9 +226,24 @@ impl Qwen2Vl {
             })
             .collect();
         let table = Tensor::cat(&[&text.reshape((b * s, hidden))?, &visual], 0)?;
-        table
+        let embeds = table
             .index_select(&Tensor::new(index.as_slice(), &self.device)?, 0)?
-            .reshape((b, s, hidden))
+            .reshape((b, s, hidden))?;
+        let deepstack = if vision.deepstack.is_empty() {
+            None
+        } else {
+            let rows: Vec<u32> = ids
+                .iter()
+                .enumerate()
+                .filter(|(_, &t)| t == self.config.image_token_id)
+                .map(|(i, _)| i as u32)
+                .collect();
+            Some(Deepstack {
+                rows: Tensor::new(rows.as_slice(), &self.device)?,
+                layers: vision.deepstack,
+            })
+        };
+        Ok((embeds, deepstack))
     }
 
     /// The dtype of the weights.

@@ -53,6 +53,7 @@ impl ChatFormat {
             (0..image_count).map(|_| json!({"type": "image"})).collect();
         content.push(json!({"type": "text", "text": text}));
         let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template("chat", &self.template)
             .map_err(|e| JudgeError::Config(format!("chat template does not parse: {e}")))?;
         env.get_template("chat")
@@ -116,5 +117,60 @@ impl ChatFormat {
                 _ => None,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn format(template: &str) -> ChatFormat {
+        let root = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/qwen2vl/tiny/qwen2_vl"
+        );
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{root}/config.json")).unwrap())
+                .unwrap();
+        let config = Qwen2VlConfig::from_json(&config).unwrap();
+        ChatFormat::new(
+            Path::new(&format!("{root}/tokenizer.json")),
+            Some(template.to_string()),
+            &config,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn hub_templates_may_use_python_methods_tojson_and_loop_controls() {
+        // The constructs Qwen2.5-VL / Qwen3-VL templates use beyond the Qwen2-VL one.
+        // (minijinja's `tojson` is compact where Python's has spaces; templates only use it
+        // for tool calls, which a judge never sends.)
+        let t = "{%- for m in messages %}{%- if m.content is string and m.content.startswith('<') %}{% continue %}{% endif %}<|im_start|>{{ m.role }}\n{%- for c in m.content %}{%- if c.type == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{%- else %}{{ c.text.strip() }}{%- endif %}{%- endfor %}{{ {'k': 1} | tojson }}<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}";
+        let out = format(t).render(2, "  hi ").unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>user<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>hi{\"k\":1}<|im_end|><|im_start|>assistant"
+        );
+    }
+
+    #[test]
+    fn a_template_that_cannot_render_is_a_config_error() {
+        let root = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/qwen2vl/tiny/qwen2_vl"
+        );
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{root}/config.json")).unwrap())
+                .unwrap();
+        let config = Qwen2VlConfig::from_json(&config).unwrap();
+        let err = ChatFormat::new(
+            Path::new(&format!("{root}/tokenizer.json")),
+            Some("{% for %}".into()),
+            &config,
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("chat template"), "{err}");
     }
 }

@@ -8,13 +8,22 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{
-    embedding, linear, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder,
+    embedding, linear_b, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder,
 };
 
 use super::config::TextConfig;
 
 /// Position ids of a batch: `ids[b][s]` = (temporal, height, width).
 pub type Positions = Vec<Vec<[i64; 3]>>;
+
+/// Qwen3-VL's DeepStack: vision features added to the hidden states at the image tokens
+/// after decoder layer `i` for each `layers[i]`.
+pub struct Deepstack {
+    /// Positions of the image tokens in the flattened `[b * s]` sequence.
+    pub rows: Tensor,
+    /// `[image tokens, hidden]` per decoder layer, from the first.
+    pub layers: Vec<Tensor>,
+}
 
 /// Computes M-RoPE cos/sin tables.
 #[derive(Debug, Clone)]
@@ -28,16 +37,28 @@ impl MultimodalRope {
     /// Frequencies as transformers computes them (float32 `base ** (2i / dim)`).
     pub fn new(cfg: &TextConfig) -> Self {
         let dim = cfg.head_dim();
-        let inv_freq = (0..dim)
+        let inv_freq: Vec<f32> = (0..dim)
             .step_by(2)
             .map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / dim as f32))
             .collect();
-        let axis_of = cfg
-            .mrope_section
-            .iter()
-            .enumerate()
-            .flat_map(|(axis, &n)| std::iter::repeat_n(axis % 3, n))
-            .collect();
+        let section = &cfg.mrope_section;
+        let axis_of = if cfg.mrope_interleaved {
+            // Qwen3-VL: frequency j goes to h if j % 3 == 1 and j < 3 * section[1], to w if
+            // j % 3 == 2 and j < 3 * section[2], else to t.
+            (0..inv_freq.len())
+                .map(|j| match j % 3 {
+                    1 if j < 3 * section.get(1).copied().unwrap_or(0) => 1,
+                    2 if j < 3 * section.get(2).copied().unwrap_or(0) => 2,
+                    _ => 0,
+                })
+                .collect()
+        } else {
+            section
+                .iter()
+                .enumerate()
+                .flat_map(|(axis, &n)| std::iter::repeat_n(axis % 3, n))
+                .collect()
+        };
         Self { inv_freq, axis_of }
     }
 
@@ -120,6 +141,8 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3: RMSNorm over each head of q and k, before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -127,12 +150,21 @@ struct Attention {
 
 impl Attention {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
-        let (h, d) = (cfg.hidden_size, cfg.head_dim());
+        let (h, d, bias) = (cfg.hidden_size, cfg.head_dim(), cfg.qkv_bias);
+        let qk_norm = if cfg.qk_norm {
+            Some((
+                rms_norm(d, cfg.rms_norm_eps, vb.pp("q_norm"))?,
+                rms_norm(d, cfg.rms_norm_eps, vb.pp("k_norm"))?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
-            q_proj: linear(h, cfg.num_attention_heads * d, vb.pp("q_proj"))?,
-            k_proj: linear(h, cfg.num_key_value_heads * d, vb.pp("k_proj"))?,
-            v_proj: linear(h, cfg.num_key_value_heads * d, vb.pp("v_proj"))?,
+            q_proj: linear_b(h, cfg.num_attention_heads * d, bias, vb.pp("q_proj"))?,
+            k_proj: linear_b(h, cfg.num_key_value_heads * d, bias, vb.pp("k_proj"))?,
+            v_proj: linear_b(h, cfg.num_key_value_heads * d, bias, vb.pp("v_proj"))?,
             o_proj: linear_no_bias(cfg.num_attention_heads * d, h, vb.pp("o_proj"))?,
+            qk_norm,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
@@ -149,14 +181,21 @@ impl Attention {
         layer: usize,
     ) -> Result<Tensor> {
         let (b, s, _) = xs.dims3()?;
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((b, s, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+        let heads = |t: Tensor, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let t = t.reshape((b, s, n, self.head_dim))?;
+            let t = match norm {
+                Some(norm) => norm.forward(&t)?,
+                None => t,
+            };
+            t.transpose(1, 2)?.contiguous()
         };
-        let q = heads(self.q_proj.forward(xs)?, self.num_heads)?;
-        let k = heads(self.k_proj.forward(xs)?, self.num_kv_heads)?;
-        let v = heads(self.v_proj.forward(xs)?, self.num_kv_heads)?;
+        let (q_norm, k_norm) = match &self.qk_norm {
+            Some((q, k)) => (Some(q), Some(k)),
+            None => (None, None),
+        };
+        let q = heads(self.q_proj.forward(xs)?, self.num_heads, q_norm)?;
+        let k = heads(self.k_proj.forward(xs)?, self.num_kv_heads, k_norm)?;
+        let v = heads(self.v_proj.forward(xs)?, self.num_kv_heads, None)?;
         let q = apply_rope(&q, rope)?;
         let k = apply_rope(&k, rope)?;
         let (k, v) = cache.append(layer, k, v)?;
@@ -287,8 +326,9 @@ impl TextModel {
         embeds: &Tensor,
         positions: &Positions,
         cache: &mut KvCache,
+        deepstack: Option<&Deepstack>,
     ) -> Result<Tensor> {
-        let (_, s, _) = embeds.dims3()?;
+        let (b, s, hidden) = embeds.dims3()?;
         let rope = self.rope.cos_sin(positions, embeds.device())?;
         let past = cache.len();
         let mask = if s > 1 {
@@ -309,6 +349,15 @@ impl TextModel {
                 .mlp
                 .forward(&layer.post_attention_layernorm.forward(&xs)?)?;
             xs = (residual + h)?;
+            if let Some((rows, feature)) =
+                deepstack.and_then(|d| d.layers.get(i).map(|f| (&d.rows, f)))
+            {
+                // hidden[image rows] += this layer's DeepStack features
+                xs = xs
+                    .reshape((b * s, hidden))?
+                    .index_add(rows, &feature.to_dtype(xs.dtype())?, 0)?
+                    .reshape((b, s, hidden))?;
+            }
         }
         self.norm.forward(&xs)
     }

@@ -1,10 +1,12 @@
-//! The vision tower of Qwen2-VL and Qwen2.5-VL.
+//! The vision tower of Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 //!
 //! Patches of 2 frames x 14 x 14 pixels (an image is its own second frame) are embedded by
 //! a linear map (the checkpoint's Conv3d, whose stride equals its kernel), rotated by a 2-D
 //! RoPE on their (row, column), run through transformer blocks that attend within one image
 //! (Qwen2.5-VL: within 112-px windows except in a few full-attention blocks), and merged
-//! 2x2 into the tokens the language model sees.
+//! 2x2 into the tokens the language model sees. Qwen3-VL adds a learned position embedding
+//! (a square grid resampled bilinearly to each image) and DeepStack: some blocks' outputs
+//! are merged by their own mergers and added to the first decoder layers.
 //!
 //! Patches arrive in merge order: the four patches of one 2x2 block are consecutive, so
 //! merging is a reshape and window reordering moves whole blocks.
@@ -14,7 +16,7 @@ use candle_nn::{layer_norm, linear, LayerNorm, Linear, RmsNorm, VarBuilder};
 
 use super::config::{Family, VisionConfig};
 
-/// LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL), both with epsilon 1e-6.
+/// LayerNorm (Qwen2-VL, Qwen3-VL) or RMSNorm (Qwen2.5-VL), all with epsilon 1e-6.
 enum Norm {
     Layer(LayerNorm),
     Rms(RmsNorm),
@@ -23,7 +25,7 @@ enum Norm {
 impl Norm {
     fn new(family: Family, dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(match family {
-            Family::Qwen2Vl => Self::Layer(layer_norm(dim, 1e-6, vb)?),
+            Family::Qwen2Vl | Family::Qwen3Vl => Self::Layer(layer_norm(dim, 1e-6, vb)?),
             Family::Qwen25Vl => Self::Rms(candle_nn::rms_norm(dim, 1e-6, vb)?),
         })
     }
@@ -38,9 +40,10 @@ impl Module for Norm {
     }
 }
 
-/// fc1 / quick-GELU / fc2 (Qwen2-VL) or SwiGLU with biases (Qwen2.5-VL).
+/// fc1 / quick-GELU / fc2 (Qwen2-VL), SwiGLU with biases (Qwen2.5-VL) or
+/// linear_fc1 / tanh-GELU / linear_fc2 (Qwen3-VL).
 enum Mlp {
-    Plain {
+    QuickGelu {
         fc1: Linear,
         fc2: Linear,
     },
@@ -49,15 +52,23 @@ enum Mlp {
         up: Linear,
         down: Linear,
     },
+    TanhGelu {
+        fc1: Linear,
+        fc2: Linear,
+    },
 }
 
 impl Mlp {
     fn new(cfg: &VisionConfig, family: Family, vb: VarBuilder) -> Result<Self> {
         let (d, h) = (cfg.embed_dim, cfg.mlp_hidden);
         Ok(match family {
-            Family::Qwen2Vl => Self::Plain {
+            Family::Qwen2Vl => Self::QuickGelu {
                 fc1: linear(d, h, vb.pp("fc1"))?,
                 fc2: linear(h, d, vb.pp("fc2"))?,
+            },
+            Family::Qwen3Vl => Self::TanhGelu {
+                fc1: linear(d, h, vb.pp("linear_fc1"))?,
+                fc2: linear(h, d, vb.pp("linear_fc2"))?,
             },
             Family::Qwen25Vl => Self::Gated {
                 gate: linear(d, h, vb.pp("gate_proj"))?,
@@ -71,7 +82,8 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Plain { fc1, fc2 } => {
+            Self::TanhGelu { fc1, fc2 } => fc2.forward(&fc1.forward(xs)?.gelu()?),
+            Self::QuickGelu { fc1, fc2 } => {
                 // quick_gelu(x) = x * sigmoid(1.702 x)
                 let h = fc1.forward(xs)?;
                 let h = (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?;
@@ -164,38 +176,71 @@ impl Block {
 }
 
 /// LayerNorm/RMSNorm, then 2x2 neighbours concatenated and mapped to the LM width.
+/// (Qwen3-VL's DeepStack mergers normalise after concatenating instead.)
 struct PatchMerger {
-    ln_q: Norm,
+    norm: Norm,
     fc1: Linear,
     fc2: Linear,
     merged_dim: usize,
+    norm_after_shuffle: bool,
 }
 
 impl PatchMerger {
-    fn new(cfg: &VisionConfig, family: Family, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cfg: &VisionConfig,
+        family: Family,
+        norm_after_shuffle: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let merged_dim = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
+        let norm_dim = if norm_after_shuffle {
+            merged_dim
+        } else {
+            cfg.embed_dim
+        };
+        let (norm, fc1, fc2) = match family {
+            Family::Qwen3Vl => ("norm", "linear_fc1", "linear_fc2"),
+            Family::Qwen2Vl | Family::Qwen25Vl => ("ln_q", "mlp.0", "mlp.2"),
+        };
         Ok(Self {
-            ln_q: Norm::new(family, cfg.embed_dim, vb.pp("ln_q"))?,
-            fc1: linear(merged_dim, merged_dim, vb.pp("mlp.0"))?,
-            fc2: linear(merged_dim, cfg.out_hidden_size, vb.pp("mlp.2"))?,
+            norm: Norm::new(family, norm_dim, vb.pp(norm))?,
+            fc1: linear(merged_dim, merged_dim, vb.pp(fc1))?,
+            fc2: linear(merged_dim, cfg.out_hidden_size, vb.pp(fc2))?,
             merged_dim,
+            norm_after_shuffle,
         })
     }
 }
 
 impl Module for PatchMerger {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.ln_q.forward(xs)?.reshape(((), self.merged_dim))?;
+        let xs = if self.norm_after_shuffle {
+            self.norm.forward(&xs.reshape(((), self.merged_dim))?)?
+        } else {
+            self.norm.forward(xs)?.reshape(((), self.merged_dim))?
+        };
         // nn.GELU() is the exact (erf) GELU.
         self.fc2.forward(&self.fc1.forward(&xs)?.gelu_erf()?)
     }
 }
 
-/// The whole tower: `[patches, 1176]` pixels to `[patches / 4, lm_hidden]` tokens.
+/// What the tower hands the language model.
+pub struct VisionOutput {
+    /// `[patches / 4, lm_hidden]`, one per image-pad token.
+    pub tokens: Tensor,
+    /// Qwen3-VL: `[patches / 4, lm_hidden]` per DeepStack layer (empty otherwise).
+    pub deepstack: Vec<Tensor>,
+}
+
+/// The whole tower: `[patches, C*T*P*P]` pixels to `[patches / 4, lm_hidden]` tokens.
 pub struct VisionTower {
     patch_embed: Tensor,
+    patch_bias: Option<Tensor>,
+    /// Qwen3-VL: the learned `[side * side, embed]` position grid.
+    pos_embed: Option<Tensor>,
     blocks: Vec<Block>,
     merger: PatchMerger,
+    deepstack_mergers: Vec<PatchMerger>,
     inv_freq: Vec<f32>,
     cfg: VisionConfig,
     family: Family,
@@ -212,6 +257,24 @@ impl VisionTower {
                 "patch_embed.proj.weight",
             )?
             .reshape((cfg.embed_dim, cfg.patch_dim()))?;
+        let patch_bias = match family {
+            Family::Qwen3Vl => Some(vb.get(cfg.embed_dim, "patch_embed.proj.bias")?),
+            Family::Qwen2Vl | Family::Qwen25Vl => None,
+        };
+        let pos_embed = cfg
+            .num_position_embeddings
+            .map(|n| vb.get((n, cfg.embed_dim), "pos_embed.weight"))
+            .transpose()?;
+        let deepstack_mergers = (0..cfg.deepstack_visual_indexes.len())
+            .map(|i| {
+                PatchMerger::new(
+                    cfg,
+                    family,
+                    true,
+                    vb.pp(format!("deepstack_merger_list.{i}")),
+                )
+            })
+            .collect::<Result<_>>()?;
         let blocks = (0..cfg.depth)
             .map(|i| Block::new(cfg, family, vb.pp(format!("blocks.{i}"))))
             .collect::<Result<_>>()?;
@@ -223,8 +286,11 @@ impl VisionTower {
             .collect();
         Ok(Self {
             patch_embed,
+            patch_bias,
+            pos_embed,
             blocks,
-            merger: PatchMerger::new(cfg, family, vb.pp("merger"))?,
+            merger: PatchMerger::new(cfg, family, false, vb.pp("merger"))?,
+            deepstack_mergers,
             inv_freq,
             cfg: cfg.clone(),
             family,
@@ -233,7 +299,7 @@ impl VisionTower {
 
     /// Encodes the patches of several images (`grids[i]` = (t, h, w) in patches, rows in
     /// the order of `grids`) into merged tokens, in the same order.
-    pub fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
+    pub fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<VisionOutput> {
         let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
         if pixels.dims() != [n, self.cfg.patch_dim()] {
             candle_core::bail!(
@@ -245,6 +311,12 @@ impl VisionTower {
         let dtype = self.patch_embed.dtype();
         let device = pixels.device();
         let mut xs = pixels.to_dtype(dtype)?.matmul(&self.patch_embed.t()?)?;
+        if let Some(bias) = &self.patch_bias {
+            xs = xs.broadcast_add(bias)?;
+        }
+        if let Some(table) = &self.pos_embed {
+            xs = (xs + self.position_embedding(table, grids)?)?;
+        }
         let (mut cos, mut sin) = self.rope(grids, device)?;
         let full = frame_segments(grids);
 
@@ -266,24 +338,74 @@ impl VisionTower {
             sin = reorder(&sin)?;
         }
         let rope = (cos, sin);
+        let mut deepstack = Vec::with_capacity(self.deepstack_mergers.len());
         for (i, block) in self.blocks.iter().enumerate() {
             let segments = match &window {
                 Some((_, windows)) if !self.cfg.fullatt_block_indexes.contains(&i) => windows,
                 _ => &full,
             };
             xs = block.forward(&xs, &rope, segments)?;
+            if let Some(k) = self
+                .cfg
+                .deepstack_visual_indexes
+                .iter()
+                .position(|&d| d == i)
+            {
+                deepstack.push(self.deepstack_mergers[k].forward(&xs)?);
+            }
         }
-        let merged = self.merger.forward(&xs)?;
-        match &window {
-            None => Ok(merged),
+        let tokens = self.merger.forward(&xs)?;
+        let tokens = match &window {
+            None => tokens,
             Some((order, _)) => {
                 let mut inverse = vec![0u32; order.len()];
                 for (pos, &src) in order.iter().enumerate() {
                     inverse[src as usize] = pos as u32;
                 }
-                merged.index_select(&Tensor::new(inverse.as_slice(), device)?, 0)
+                tokens.index_select(&Tensor::new(inverse.as_slice(), device)?, 0)?
+            }
+        };
+        Ok(VisionOutput { tokens, deepstack })
+    }
+
+    /// Qwen3-VL: the square learned grid resampled to each image's patch grid, bilinear
+    /// with aligned corners (`F.interpolate`), in merge order: `[n, embed]`.
+    fn position_embedding(&self, table: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
+        let side = (table.dim(0)? as f64).sqrt() as usize;
+        let m = self.cfg.spatial_merge_size;
+        // Two taps and weights along one axis of `size` patches.
+        let taps = |index: usize, size: usize| -> [(usize, f32); 2] {
+            let src = index as f32 * (side - 1) as f32 / (size.max(2) - 1) as f32;
+            let floor = src.floor();
+            let lo = (floor as usize).min(side - 1);
+            let hi = (floor as usize + 1).min(side - 1);
+            [(lo, 1.0 - (src - floor)), (hi, src - floor)]
+        };
+        let mut index = Vec::new();
+        let mut weight = Vec::new();
+        for &[t, h, w] in grids {
+            for _ in 0..t {
+                for bh in 0..h / m {
+                    for bw in 0..w / m {
+                        for mh in 0..m {
+                            for mw in 0..m {
+                                for (r, wr) in taps(bh * m + mh, h) {
+                                    for (c, wc) in taps(bw * m + mw, w) {
+                                        index.push((r * side + c) as u32);
+                                        weight.push(wr * wc);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
             }
         }
+        let n = index.len() / 4;
+        let device = table.device();
+        let rows = table.index_select(&Tensor::new(index.as_slice(), device)?, 0)?;
+        let weight = Tensor::from_vec(weight, (n, 4, 1), device)?.to_dtype(table.dtype())?;
+        rows.reshape((n, 4, ()))?.broadcast_mul(&weight)?.sum(1)
     }
 
     /// cos/sin `[n, head_dim / 2]` from each patch's (row, column).
