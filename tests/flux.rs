@@ -9,6 +9,9 @@
 //! 3.1e-4; the fixture script shows this). VAE and text encoders 1e-4; end-to-end latents
 //! 1e-3 and image 2e-3 (three steps, then a VAE decode).
 
+mod support;
+use support::max_abs_diff;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -30,20 +33,6 @@ fn fixtures() -> PathBuf {
 
 fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn options(paths: FluxPaths, lora: Option<&str>) -> FluxOptions {

@@ -5,6 +5,9 @@
 //! Tolerances: logits (magnitude ~5) within 1e-4 max abs; position ids exact; the rendered
 //! chat prompt and its token ids exact; pixel values within 1e-5 (tested in `image.rs`).
 
+mod support;
+use support::max_abs_diff;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -25,20 +28,6 @@ fn fixtures() -> PathBuf {
 
 fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn load(name: &str) -> (Qwen2VlFiles, Qwen2Vl) {

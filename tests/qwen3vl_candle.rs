@@ -26,6 +26,9 @@
 //! 1.069, (d) text after image 1.739. Against transformers with the defects reproduced:
 //! (a) 1.7e-6, (b) 3.3e-6, (c) 1.9e-6, (d) 2.2e-6.
 
+mod support;
+use support::max_abs_diff;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -41,20 +44,6 @@ fn fixtures() -> PathBuf {
 
 fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn raw_config() -> serde_json::Value {

@@ -25,7 +25,7 @@ use serde::Deserialize;
 
 use super::cache::{CachedReply, ReplyCache};
 use super::parse;
-use super::prompts::{render, PromptSet};
+use super::prompts::PromptSet;
 use super::{CallUsage, Comparison, Judge, JudgeError, PreviewStage, ScreenVerdict, SubScores};
 use crate::edit::EditContext;
 
@@ -476,15 +476,7 @@ impl Judge for OpenAiJudge {
         preview: &RgbImage,
         stage: PreviewStage,
     ) -> Result<ScreenVerdict, JudgeError> {
-        let (step, steps) = (stage.step.to_string(), stage.steps.to_string());
-        let prompt = render(
-            &self.prompts.screen,
-            &[
-                ("instruction", edit.instruction.as_str()),
-                ("step", &step),
-                ("steps", &steps),
-            ],
-        );
+        let prompt = self.prompts.screen_for(&edit.instruction, stage);
         let answer = self.ask(&prompt, &[&edit.source, preview]).await?;
         let text = &answer.reply.text;
         let map = parse::reply_object(text)?;
@@ -506,10 +498,7 @@ impl Judge for OpenAiJudge {
         first: &RgbImage,
         second: &RgbImage,
     ) -> Result<Comparison, JudgeError> {
-        let prompt = render(
-            &self.prompts.compare,
-            &[("instruction", edit.instruction.as_str())],
-        );
+        let prompt = self.prompts.compare_for(&edit.instruction);
         let answer = self.ask(&prompt, &[first, second, &edit.source]).await?;
         let text = &answer.reply.text;
         let map = parse::reply_object(text)?;
@@ -533,10 +522,7 @@ impl Judge for OpenAiJudge {
         edit: &EditContext,
         edited: &RgbImage,
     ) -> Result<SubScores, JudgeError> {
-        let prompt = render(
-            &self.prompts.vie_sc,
-            &[("instruction", edit.instruction.as_str())],
-        );
+        let prompt = self.prompts.vie_sc_for(&edit.instruction);
         let answer = self.ask(&prompt, &[&edit.source, edited]).await?;
         sub_scores(answer)
     }

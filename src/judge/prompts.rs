@@ -61,6 +61,31 @@ impl PromptSet {
     }
 }
 
+impl PromptSet {
+    /// The screening prompt for a preview taken at `stage`.
+    pub fn screen_for(&self, instruction: &str, stage: super::PreviewStage) -> String {
+        let (step, steps) = (stage.step.to_string(), stage.steps.to_string());
+        render(
+            &self.screen,
+            &[
+                ("instruction", instruction),
+                ("step", &step),
+                ("steps", &steps),
+            ],
+        )
+    }
+
+    /// The pairwise comparison prompt.
+    pub fn compare_for(&self, instruction: &str) -> String {
+        render(&self.compare, &[("instruction", instruction)])
+    }
+
+    /// The VIE semantic-consistency prompt.
+    pub fn vie_sc_for(&self, instruction: &str) -> String {
+        render(&self.vie_sc, &[("instruction", instruction)])
+    }
+}
+
 /// Fills `{key}` placeholders.
 pub fn render(template: &str, values: &[(&str, &str)]) -> String {
     let mut out = template.to_string();

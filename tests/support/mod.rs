@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use async_trait::async_trait;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use icedit_scale::edit::EditContext;
 use icedit_scale::error::GenerateError;
 use icedit_scale::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit};
@@ -145,4 +145,19 @@ impl Judge for PixelJudge {
             usage: usage(),
         })
     }
+}
+
+/// Largest absolute difference between two tensors of the same shape, in f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }

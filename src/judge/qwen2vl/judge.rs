@@ -33,7 +33,7 @@ use super::model::{EncodedPrompt, Qwen2Vl, Session};
 use super::prompt::ChatFormat;
 use crate::edit::EditContext;
 use crate::judge::parse;
-use crate::judge::prompts::{render, PromptSet};
+use crate::judge::prompts::PromptSet;
 use crate::judge::{
     CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
 };
@@ -301,15 +301,7 @@ impl Judge for Qwen2VlJudge {
         preview: &RgbImage,
         stage: PreviewStage,
     ) -> Result<ScreenVerdict, JudgeError> {
-        let (step, steps) = (stage.step.to_string(), stage.steps.to_string());
-        let text = render(
-            &self.prompts.screen,
-            &[
-                ("instruction", edit.instruction.as_str()),
-                ("step", &step),
-                ("steps", &steps),
-            ],
-        );
+        let text = self.prompts.screen_for(&edit.instruction, stage);
         let images = vec![(*edit.source).clone(), preview.clone()];
         let (reading, usage) = self.ask(text, images, Question::Screen).await?;
         match reading {
@@ -340,10 +332,7 @@ impl Judge for Qwen2VlJudge {
         first: &RgbImage,
         second: &RgbImage,
     ) -> Result<Comparison, JudgeError> {
-        let text = render(
-            &self.prompts.compare,
-            &[("instruction", edit.instruction.as_str())],
-        );
+        let text = self.prompts.compare_for(&edit.instruction);
         let images = vec![first.clone(), second.clone(), (*edit.source).clone()];
         let (reading, usage) = self.ask(text, images, Question::Compare).await?;
         match reading {
@@ -382,10 +371,7 @@ impl Judge for Qwen2VlJudge {
         edit: &EditContext,
         edited: &RgbImage,
     ) -> Result<SubScores, JudgeError> {
-        let text = render(
-            &self.prompts.vie_sc,
-            &[("instruction", edit.instruction.as_str())],
-        );
+        let text = self.prompts.vie_sc_for(&edit.instruction);
         let images = vec![(*edit.source).clone(), edited.clone()];
         self.pair(text, images).await
     }

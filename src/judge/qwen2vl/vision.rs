@@ -372,7 +372,6 @@ impl VisionTower {
     /// with aligned corners (`F.interpolate`), in merge order: `[n, embed]`.
     fn position_embedding(&self, table: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
         let side = (table.dim(0)? as f64).sqrt() as usize;
-        let m = self.cfg.spatial_merge_size;
         // Two taps and weights along one axis of `size` patches.
         let taps = |index: usize, size: usize| -> [(usize, f32); 2] {
             let src = index as f32 * (side - 1) as f32 / (size.max(2) - 1) as f32;
@@ -383,21 +382,11 @@ impl VisionTower {
         };
         let mut index = Vec::new();
         let mut weight = Vec::new();
-        for &[t, h, w] in grids {
-            for _ in 0..t {
-                for bh in 0..h / m {
-                    for bw in 0..w / m {
-                        for mh in 0..m {
-                            for mw in 0..m {
-                                for (r, wr) in taps(bh * m + mh, h) {
-                                    for (c, wc) in taps(bw * m + mw, w) {
-                                        index.push((r * side + c) as u32);
-                                        weight.push(wr * wc);
-                                    }
-                                }
-                            }
-                        }
-                    }
+        for patch in patch_coords(grids, self.cfg.spatial_merge_size) {
+            for (r, wr) in taps(patch.row, patch.height) {
+                for (c, wc) in taps(patch.col, patch.width) {
+                    index.push((r * side + c) as u32);
+                    weight.push(wr * wc);
                 }
             }
         }
@@ -410,27 +399,15 @@ impl VisionTower {
 
     /// cos/sin `[n, head_dim / 2]` from each patch's (row, column).
     fn rope(&self, grids: &[[usize; 3]], device: &Device) -> Result<(Tensor, Tensor)> {
-        let m = self.cfg.spatial_merge_size;
         let quarter = self.inv_freq.len();
         let mut cos = Vec::new();
         let mut sin = Vec::new();
-        for &[t, h, w] in grids {
-            for _ in 0..t {
-                for bh in 0..h / m {
-                    for bw in 0..w / m {
-                        for mh in 0..m {
-                            for mw in 0..m {
-                                let (row, col) = ((bh * m + mh) as f32, (bw * m + mw) as f32);
-                                for pos in [row, col] {
-                                    for f in 0..quarter {
-                                        let angle = pos * self.inv_freq[f];
-                                        cos.push(angle.cos());
-                                        sin.push(angle.sin());
-                                    }
-                                }
-                            }
-                        }
-                    }
+        for patch in patch_coords(grids, self.cfg.spatial_merge_size) {
+            for pos in [patch.row as f32, patch.col as f32] {
+                for inv in &self.inv_freq {
+                    let angle = pos * inv;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
                 }
             }
         }
@@ -470,6 +447,34 @@ impl VisionTower {
         }
         (order, bounds)
     }
+}
+
+/// Where one patch sits in its image.
+struct PatchCoord {
+    row: usize,
+    col: usize,
+    /// The image's grid, in patches.
+    height: usize,
+    width: usize,
+}
+
+/// Every patch in the order the processor emits them: per image and frame, merge blocks
+/// row by row, and the patches of a block row by row.
+fn patch_coords(grids: &[[usize; 3]], m: usize) -> impl Iterator<Item = PatchCoord> + '_ {
+    grids.iter().flat_map(move |&[t, h, w]| {
+        (0..t * h * w).map(move |i| {
+            let within = i % (h * w);
+            let block = within / (m * m);
+            let (bh, bw) = (block / (w / m), block % (w / m));
+            let (mh, mw) = ((within % (m * m)) / m, within % m);
+            PatchCoord {
+                row: bh * m + mh,
+                col: bw * m + mw,
+                height: h,
+                width: w,
+            }
+        })
+    })
 }
 
 /// Full attention runs per frame: boundaries every h*w patches.
