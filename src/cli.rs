@@ -50,6 +50,38 @@ pub enum BenchCommand {
     Memory(MemoryBenchArgs),
     /// FLUX transformer step and VAE timings with random weights (any size, any device).
     Flux(FluxBenchArgs),
+    /// Local judge: batched vs one-at-a-time prefill of screening prompts, random weights.
+    Judge(JudgeBenchArgs),
+}
+
+/// `bench judge`.
+#[derive(Debug, Clone, Args)]
+pub struct JudgeBenchArgs {
+    /// small (a CPU-sized stand-in), qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-7b, qwen3-vl-8b, or
+    /// a checkpoint's config.json.
+    #[arg(long, default_value = "qwen2-vl-7b")]
+    pub model: String,
+    /// Side of both square images of a screening prompt, pixels.
+    #[arg(long, default_value_t = 512)]
+    pub image_side: usize,
+    /// Text tokens around the images.
+    #[arg(long, default_value_t = 150)]
+    pub text_tokens: usize,
+    /// Prompts per batched prefill.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    pub batch: Vec<usize>,
+    /// Timed repetitions (after one warm-up).
+    #[arg(long, default_value_t = 2)]
+    pub iters: usize,
+    /// Weight dtype: f32, f16 or bf16 (bf16 default on GPU, f32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Device: cpu, cuda[:N] or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Output folder (judge.json, judge.md).
+    #[arg(long, default_value = "out/bench-judge")]
+    pub out: PathBuf,
 }
 
 /// `bench pipeline`.

@@ -9,7 +9,7 @@ use crate::backends::{build_generator, build_judge};
 use crate::batch::{merge_shards, run_batch, BatchOptions, Shard, StopFlag};
 use crate::cli::{
     BatchArgs, BenchCommand, Cli, Command, DemoArgs, EditArgs, EvalArgs, FluxBenchArgs,
-    MemoryBenchArgs, MergeArgs, PipelineBenchArgs, StudyArgs,
+    JudgeBenchArgs, MemoryBenchArgs, MergeArgs, PipelineBenchArgs, StudyArgs,
 };
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
@@ -59,6 +59,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(BenchCommand::Pipeline(args))) => bench_pipeline(args).await,
         Some(Command::Bench(BenchCommand::Memory(args))) => bench_memory(args).await,
         Some(Command::Bench(BenchCommand::Flux(args))) => bench_flux(args),
+        Some(Command::Bench(BenchCommand::Judge(args))) => bench_judge(args),
         None => edit(cli.edit).await,
     }
 }
@@ -388,6 +389,71 @@ pub fn bench_flux(args: FluxBenchArgs) -> anyhow::Result<()> {
         &serde_json::to_vec_pretty(&result)?,
     )?;
     crate::engine::outputs::write_atomic(&args.out.join("flux.md"), md.as_bytes())?;
+    println!("{md}");
+    Ok(())
+}
+
+/// `bench judge`: batched vs sequential prefill of the local judge, random weights.
+pub fn bench_judge(args: JudgeBenchArgs) -> anyhow::Result<()> {
+    use crate::judge::qwen2vl::bench::{builtin_config, run, JudgeBench, MODELS};
+    let device = crate::backends::parse_device(&args.device)?;
+    let dtype = crate::backends::parse_dtype(args.dtype.as_deref(), &device)?;
+    let config = match builtin_config(&args.model) {
+        Some(c) => c,
+        None if args.model.ends_with(".json") => {
+            let path = std::path::Path::new(&args.model);
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--model {}", path.display()))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("--model {}: invalid JSON", path.display()))?;
+            crate::judge::qwen2vl::Qwen2VlConfig::from_json(&value)
+                .map_err(|e| anyhow::anyhow!("--model {}: {e}", path.display()))?
+        }
+        None => anyhow::bail!(
+            "--model {}: expected one of {} or a config.json",
+            args.model,
+            MODELS.join(", ")
+        ),
+    };
+    if args.batch.is_empty() || args.batch.contains(&0) {
+        anyhow::bail!("--batch: give positive batch sizes, e.g. 1,4,8");
+    }
+    let bench = JudgeBench {
+        config,
+        image_side: args.image_side,
+        text_tokens: args.text_tokens,
+        batches: args.batch.clone(),
+        iters: args.iters,
+        dtype,
+        device,
+    };
+    let result = run(&bench)?;
+    let mut md = format!(
+        "Local judge `{}` ({:.2}B parameters), {:?} on {}; screening prompts of {} tokens (two {}px images); random weights built in {:.1} s\n\n| prompts | one at a time (s) | one batched prefill (s) | speed-up |\n|---|---|---|---|\n",
+        args.model,
+        result.parameters as f64 / 1e9,
+        dtype,
+        args.device,
+        result.prompt_tokens,
+        args.image_side,
+        result.load_s
+    );
+    for b in &result.batches {
+        md.push_str(&format!(
+            "| {} | {:.3} | {:.3} | {:.2}x |\n",
+            b.batch, b.sequential_s, b.batched_s, b.speedup
+        ));
+    }
+    md.push_str(&format!(
+        "\nOne answer token after the prefill (KV cache): {:.4} s.\n",
+        result.step_s
+    ));
+    std::fs::create_dir_all(&args.out)?;
+    crate::engine::outputs::write_atomic(
+        &args.out.join("judge.json"),
+        &serde_json::to_vec_pretty(&result)?,
+    )?;
+    crate::engine::outputs::write_atomic(&args.out.join("judge.md"), md.as_bytes())?;
     println!("{md}");
     Ok(())
 }

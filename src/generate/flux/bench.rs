@@ -69,7 +69,8 @@ pub struct FluxBenchResult {
     pub load_s: f64,
 }
 
-fn timed<T>(
+/// Mean seconds of `f` over `iters` runs after one warm-up, synchronising the device.
+pub(crate) fn timed<T>(
     device: &Device,
     iters: usize,
     mut f: impl FnMut() -> candle_core::Result<T>,

@@ -5,10 +5,12 @@
 //! - [`vision`] is the vision tower, [`text`] the M-RoPE language model, [`model`] joins them.
 //! - [`prompt`] renders the chat template and tokenizes with image pads expanded.
 //! - [`files`] finds a checkpoint in a folder or a Hugging Face cache entry.
+//! - [`bench`] times batched against one-at-a-time prefill with random weights.
 //! - [`judge`] implements the engine's `Judge` trait; [`answer`] reads answers off
 //!   next-token probabilities.
 
 pub mod answer;
+pub mod bench;
 pub mod config;
 pub mod files;
 pub mod image;

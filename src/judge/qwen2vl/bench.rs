@@ -1,0 +1,247 @@
+//! `bench judge`: times the local judge's prefill of screening prompts (two images + text)
+//! one prompt at a time against one batched prefill, with random weights at a real
+//! checkpoint's configuration, so the batching gain can be measured on a GPU without
+//! downloading anything. Random weights cost the same time as trained ones.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::Serialize;
+use serde_json::json;
+
+use super::config::Qwen2VlConfig;
+use super::image::PreparedImage;
+use super::model::{EncodedPrompt, KeyLayout, Qwen2Vl};
+use crate::generate::flux::bench::timed;
+use crate::generate::flux::weights::RandomWeights;
+
+/// Built-in configurations, as on the Hub (`small` is a CPU-sized stand-in).
+pub const MODELS: [&str; 5] = [
+    "small",
+    "qwen2-vl-2b",
+    "qwen2-vl-7b",
+    "qwen2.5-vl-7b",
+    "qwen3-vl-8b",
+];
+
+/// The `config.json` of a built-in model name.
+pub fn builtin_config(name: &str) -> Option<Qwen2VlConfig> {
+    let ids = json!({"image_token_id": 151655, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "eos_token_id": 151645});
+    let qwen2_text = |hidden: usize, inter: usize, heads: usize, kv: usize, vocab: usize| {
+        json!({"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+            "num_hidden_layers": 28, "num_attention_heads": heads, "num_key_value_heads": kv,
+            "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}})
+    };
+    let mut config = match name {
+        "small" => json!({"model_type": "qwen2_vl", "vocab_size": 4096, "hidden_size": 256,
+            "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "rope_scaling": {"mrope_section": [8, 12, 12]},
+            "vision_config": {"depth": 4, "embed_dim": 128, "mlp_ratio": 4, "num_heads": 4,
+                "hidden_size": 256},
+            "image_token_id": 4093, "vision_start_token_id": 4094, "vision_end_token_id": 4095}),
+        "qwen2-vl-2b" => {
+            let mut c = qwen2_text(1536, 8960, 12, 2, 151936);
+            c["model_type"] = "qwen2_vl".into();
+            c["tie_word_embeddings"] = true.into();
+            c["vision_config"] = json!({"depth": 32, "embed_dim": 1280, "mlp_ratio": 4,
+                "num_heads": 16, "hidden_size": 1536});
+            c
+        }
+        "qwen2-vl-7b" => {
+            let mut c = qwen2_text(3584, 18944, 28, 4, 152064);
+            c["model_type"] = "qwen2_vl".into();
+            c["vision_config"] = json!({"depth": 32, "embed_dim": 1280, "mlp_ratio": 4,
+                "num_heads": 16, "hidden_size": 3584});
+            c
+        }
+        "qwen2.5-vl-7b" => {
+            let mut c = qwen2_text(3584, 18944, 28, 4, 152064);
+            c["model_type"] = "qwen2_5_vl".into();
+            c["vision_config"] = json!({"depth": 32, "hidden_size": 1280,
+                "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+                "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]});
+            c
+        }
+        "qwen3-vl-8b" => json!({"model_type": "qwen3_vl", "text_config": {
+                "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+                "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 5e6,
+                "rope_scaling": {"mrope_interleaved": true, "mrope_section": [24, 20, 20]}},
+            "vision_config": {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304,
+                "num_heads": 16, "out_hidden_size": 4096, "patch_size": 16,
+                "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]}}),
+        _ => return None,
+    };
+    for (k, v) in ids.as_object().unwrap() {
+        if config.get(k).is_none() {
+            config[k] = v.clone();
+        }
+    }
+    Some(Qwen2VlConfig::from_json(&config).expect("built-in configs are valid"))
+}
+
+/// What to time.
+#[derive(Debug, Clone)]
+pub struct JudgeBench {
+    /// Model configuration.
+    pub config: Qwen2VlConfig,
+    /// Preview side in pixels (both images of a screening prompt, square).
+    pub image_side: usize,
+    /// Text tokens around the images (the screening prompt is ~150).
+    pub text_tokens: usize,
+    /// Prompts per batched prefill to time.
+    pub batches: Vec<usize>,
+    /// Timed repetitions after one warm-up.
+    pub iters: usize,
+    /// Weight dtype.
+    pub dtype: DType,
+    /// Device.
+    pub device: Device,
+}
+
+/// One batch size's timing.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchTiming {
+    /// Prompts.
+    pub batch: usize,
+    /// Seconds to prefill them one at a time (the baseline).
+    pub sequential_s: f64,
+    /// Seconds for one batched prefill of all of them.
+    pub batched_s: f64,
+    /// `sequential_s / batched_s`.
+    pub speedup: f64,
+}
+
+/// The benchmark's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct JudgeBenchResult {
+    /// Model parameters.
+    pub parameters: usize,
+    /// Tokens per prompt (text + both images).
+    pub prompt_tokens: usize,
+    /// Seconds to build the random weights.
+    pub load_s: f64,
+    /// Per batch size.
+    pub batches: Vec<BatchTiming>,
+    /// Seconds per answer token read after the prefill (one KV-cache step).
+    pub step_s: f64,
+}
+
+/// A screening-shaped prompt: text, two images (source and preview), text.
+fn prompt(config: &Qwen2VlConfig, side: usize, text_tokens: usize, seed: u32) -> EncodedPrompt {
+    let v = &config.vision;
+    let unit = v.patch_size * v.spatial_merge_size;
+    let grid = (side / unit).max(1) * v.spatial_merge_size;
+    let image = |k: u32| PreparedImage {
+        pixel_values: (0..grid * grid * v.patch_dim())
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761) ^ (seed + k)) % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect(),
+        grid_thw: [1, grid, grid],
+    };
+    let images = vec![image(0), image(1)];
+    let text = |n: usize, salt: u32| -> Vec<u32> {
+        // Plain tokens: the special ids sit at the top of the vocabulary.
+        let plain = (config.text.vocab_size as u32 - 16).min(100_000);
+        (0..n as u32)
+            .map(|i| (i * 7919 + salt + seed) % plain)
+            .collect()
+    };
+    let mut ids = text(text_tokens / 4, 1);
+    for image in &images {
+        ids.push(config.vision_start_token_id);
+        ids.extend(std::iter::repeat_n(
+            config.image_token_id,
+            image.token_count(v.spatial_merge_size),
+        ));
+        ids.push(config.vision_end_token_id);
+    }
+    ids.extend(text(text_tokens - text_tokens / 4, 2));
+    EncodedPrompt { ids, images }
+}
+
+/// Runs the benchmark.
+pub fn run(bench: &JudgeBench) -> candle_core::Result<JudgeBenchResult> {
+    let start = Instant::now();
+    let random = RandomWeights::default();
+    let counter = random.elements.clone();
+    let vb = VarBuilder::from_backend(Box::new(random), bench.dtype, bench.device.clone());
+    let model = Qwen2Vl::new(&bench.config, KeyLayout::Classic, vb)?;
+    bench.device.synchronize()?;
+    let load_s = start.elapsed().as_secs_f64();
+    let parameters = counter.load(std::sync::atomic::Ordering::Relaxed);
+
+    let max = bench.batches.iter().copied().max().unwrap_or(1);
+    // Equal lengths (same text length, same image size), different content.
+    let prompts: Vec<EncodedPrompt> = (0..max as u32)
+        .map(|s| prompt(&bench.config, bench.image_side, bench.text_tokens, s))
+        .collect();
+    let mut batches = Vec::new();
+    for &batch in &bench.batches {
+        let group = &prompts[..batch];
+        let sequential_s = timed(&bench.device, bench.iters, || {
+            for p in group {
+                model.prefill(std::slice::from_ref(p))?;
+            }
+            Ok(())
+        })?;
+        let batched_s = timed(&bench.device, bench.iters, || {
+            model.prefill(group).map(|_| ())
+        })?;
+        tracing::info!(batch, sequential_s, batched_s, "judge prefill");
+        batches.push(BatchTiming {
+            batch,
+            sequential_s,
+            batched_s,
+            speedup: sequential_s / batched_s,
+        });
+    }
+    let (_, mut sessions) = model.prefill(&prompts[..1])?;
+    let session = sessions.remove(0);
+    let step_s = timed(&bench.device, bench.iters, || {
+        model.extend(&mut session.clone(), &[15]).map(|_| ())
+    })?;
+    Ok(JudgeBenchResult {
+        parameters,
+        prompt_tokens: prompts[0].ids.len(),
+        load_s,
+        batches,
+        step_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_configs_are_valid_and_small_runs() {
+        for name in MODELS {
+            assert!(builtin_config(name).is_some(), "{name}");
+        }
+        let seven = builtin_config("qwen2-vl-7b").unwrap();
+        assert_eq!(seven.text.head_dim(), 128);
+        let bench = JudgeBench {
+            config: builtin_config("small").unwrap(),
+            image_side: 56,
+            text_tokens: 20,
+            batches: vec![1, 2],
+            iters: 1,
+            dtype: DType::F32,
+            device: Device::Cpu,
+        };
+        let result = run(&bench).unwrap();
+        // 20 text + 2 x (2 markers + 4 image tokens).
+        assert_eq!(result.prompt_tokens, 32);
+        assert_eq!(result.batches.len(), 2);
+        assert!(result
+            .batches
+            .iter()
+            .all(|b| b.batched_s > 0.0 && b.speedup > 0.0));
+        assert!(result.parameters > 1_000_000);
+    }
+}
