@@ -548,3 +548,30 @@ async fn qwen3_vl_and_qwen2_5_vl_judge_too() {
         assert!(v.usage.prompt_tokens > 30);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_that_do_not_fit_the_config_fail_every_call_with_the_tensor_named() {
+    // Discovery passes (the files are there); the first call loads and fails.
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join("tiny/qwen2_vl")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["text_config"]["intermediate_size"] = 96.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let (_preset, judge) = tiny_judge_of(dir.path(), "min_answer_mass = 0.0");
+    let edit = EditContext::new("t", gradient(64, 48, 0), "make the sky night");
+    for _ in 0..2 {
+        let err = judge
+            .perceptual_quality(&edit, &gradient(64, 48, 3))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, JudgeError::Config(_)), "{text}");
+        assert!(text.contains("mlp") && text.contains("shape"), "{text}");
+        assert_eq!(text.matches("judge config").count(), 1, "{text}");
+    }
+}

@@ -450,28 +450,33 @@ impl Worker {
         }
     }
 
-    fn model(&mut self) -> Result<Arc<Qwen2Vl>, JudgeError> {
+    /// The model, loaded on first use; a failed load is remembered (its message) so every
+    /// later call fails the same way without retrying a multi-GB read.
+    fn model(&mut self) -> Result<Arc<Qwen2Vl>, String> {
         let files = &self.files;
         let (dtype, device) = (self.dtype, &self.device);
         let loaded = self.model.get_or_insert_with(|| {
             tracing::info!(root = %files.root.display(), ?dtype, "loading the Qwen2-VL judge");
             let t = Instant::now();
-            let model = files
-                .load(dtype, device)
-                .map(Arc::new)
-                .map_err(|e| e.to_string());
-            tracing::info!(seconds = t.elapsed().as_secs_f32(), "judge loaded");
-            model
+            match files.load(dtype, device) {
+                Ok(model) => {
+                    tracing::info!(seconds = t.elapsed().as_secs_f32(), "judge loaded");
+                    Ok(Arc::new(model))
+                }
+                Err(JudgeError::Config(message)) => Err(message),
+                Err(other) => Err(other.to_string()),
+            }
         });
-        loaded.clone().map_err(JudgeError::Config)
+        loaded.clone()
     }
 
     fn serve(&mut self, jobs: Vec<Job>) {
         let model = match self.model() {
             Ok(m) => m,
-            Err(e) => {
+            Err(message) => {
+                tracing::error!("the local judge could not be loaded: {message}");
                 for job in jobs {
-                    let _ = job.reply.send(Err(JudgeError::Config(e.to_string())));
+                    let _ = job.reply.send(Err(JudgeError::Config(message.clone())));
                 }
                 return;
             }
