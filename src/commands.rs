@@ -383,12 +383,22 @@ pub fn bench_flux(args: FluxBenchArgs) -> anyhow::Result<()> {
         "\nVAE encode {:.4} s, decode {:.4} s; one {}-step edit of one candidate {:.2} s (text encoding excluded).\n",
         result.vae_encode_s, result.vae_decode_s, args.steps, result.full_edit_s
     ));
-    std::fs::create_dir_all(&args.out)?;
+    write_bench(&args.out, "flux", &result, &md)
+}
+
+/// Writes a benchmark's `NAME.json` and `NAME.md` into `out` and prints the table.
+fn write_bench(
+    out: &Path,
+    name: &str,
+    result: &impl serde::Serialize,
+    md: &str,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
     crate::engine::outputs::write_atomic(
-        &args.out.join("flux.json"),
-        &serde_json::to_vec_pretty(&result)?,
+        &out.join(format!("{name}.json")),
+        &serde_json::to_vec_pretty(result)?,
     )?;
-    crate::engine::outputs::write_atomic(&args.out.join("flux.md"), md.as_bytes())?;
+    crate::engine::outputs::write_atomic(&out.join(format!("{name}.md")), md.as_bytes())?;
     println!("{md}");
     Ok(())
 }
@@ -448,14 +458,7 @@ pub fn bench_judge(args: JudgeBenchArgs) -> anyhow::Result<()> {
         "\nOne answer token after the prefill (KV cache): {:.4} s.\n",
         result.step_s
     ));
-    std::fs::create_dir_all(&args.out)?;
-    crate::engine::outputs::write_atomic(
-        &args.out.join("judge.json"),
-        &serde_json::to_vec_pretty(&result)?,
-    )?;
-    crate::engine::outputs::write_atomic(&args.out.join("judge.md"), md.as_bytes())?;
-    println!("{md}");
-    Ok(())
+    write_bench(&args.out, "judge", &result, &md)
 }
 
 /// `bench memory`: one batch over a long manifest, then the process's peak RSS.

@@ -30,6 +30,14 @@ fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu).unwrap()
 }
 
+/// Copies the files of a fixture checkpoint into `to`.
+fn copy_files(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
 fn load(name: &str) -> (Qwen2VlFiles, Qwen2Vl) {
     let files = Qwen2VlFiles::discover(&fixtures().join("tiny").join(name)).unwrap();
     let model = files.load(DType::F32, &Device::Cpu).unwrap();
@@ -212,11 +220,7 @@ fn missing_files_and_mismatched_configs_are_named() {
     assert!(err.contains("config.json"), "{err}");
 
     // A config whose hidden size disagrees with the weights: the error names the tensor.
-    let src = fixtures().join("tiny/qwen2_vl");
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    copy_files(&fixtures().join("tiny/qwen2_vl"), dir.path());
     let cfg_path = dir.path().join("config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
@@ -437,10 +441,7 @@ fn bf16_and_hugging_face_cache_entries_load_through_the_same_code() {
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::create_dir_all(entry.join("refs")).unwrap();
     std::fs::write(entry.join("refs/main"), "0123abcd").unwrap();
-    for file in std::fs::read_dir(fixtures().join("tiny/qwen2_5_vl")).unwrap() {
-        let file = file.unwrap();
-        std::fs::copy(file.path(), snapshot.join(file.file_name())).unwrap();
-    }
+    copy_files(&fixtures().join("tiny/qwen2_5_vl"), &snapshot);
     let files = Qwen2VlFiles::discover(&entry).unwrap();
     assert_eq!(files.root, snapshot);
     let model = files.load(DType::BF16, &Device::Cpu).unwrap();
@@ -553,10 +554,7 @@ async fn qwen3_vl_and_qwen2_5_vl_judge_too() {
 async fn weights_that_do_not_fit_the_config_fail_every_call_with_the_tensor_named() {
     // Discovery passes (the files are there); the first call loads and fails.
     let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixtures().join("tiny/qwen2_vl")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    copy_files(&fixtures().join("tiny/qwen2_vl"), dir.path());
     let cfg_path = dir.path().join("config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
