@@ -10,7 +10,7 @@
 //! 1e-3 and image 2e-3 (three steps, then a VAE decode).
 
 mod support;
-use support::max_abs_diff;
+use support::{cli, max_abs_diff};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -299,14 +299,6 @@ fn missing_files_and_bad_loras_are_named() {
         err.contains("img_in.weight") && err.contains("broken.safetensors"),
         "{err}"
     );
-}
-
-fn cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! chat prompt and its token ids exact; pixel values within 1e-5 (tested in `image.rs`).
 
 mod support;
-use support::max_abs_diff;
+use support::{cli, cli_env, max_abs_diff};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -343,33 +343,29 @@ async fn a_judge_that_is_not_answering_fails_instead_of_scoring() {
 #[test]
 fn cli_edit_runs_with_the_local_judge_on_the_testbed_generator() {
     let out = tempfile::tempdir().unwrap();
-    let result = std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "edit",
-            "--image",
-            "tests/fixtures/flux/source.png",
-            "--instruction",
-            "make the sky night",
-            "--width",
-            "48",
-            "--judge",
-            "tests/fixtures/qwen2vl/judge-tiny.toml",
-            "--strategy",
-            "early-filter",
-            "--seeds",
-            "4",
-            "--probe-steps",
-            "2",
-            "--keep",
-            "2",
-            "--steps",
-            "6",
-            "--out",
-            out.path().to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let result = cli(&[
+        "edit",
+        "--image",
+        "tests/fixtures/flux/source.png",
+        "--instruction",
+        "make the sky night",
+        "--width",
+        "48",
+        "--judge",
+        "tests/fixtures/qwen2vl/judge-tiny.toml",
+        "--strategy",
+        "early-filter",
+        "--seeds",
+        "4",
+        "--probe-steps",
+        "2",
+        "--keep",
+        "2",
+        "--steps",
+        "6",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
     assert!(
         result.status.success(),
         "{}",
@@ -391,10 +387,9 @@ fn the_judge_loads_after_the_generator_has_dropped_its_text_encoders() {
     // FLUX (tiny) generator + local judge in one process: the log shows T5/CLIP freed
     // before the judge's weights are read, so the two never need memory at once.
     let out = tempfile::tempdir().unwrap();
-    let result = std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("RUST_LOG", "info")
-        .args([
+    let result = cli_env(
+        &[("RUST_LOG", "info")],
+        &[
             "edit",
             "--image",
             "tests/fixtures/flux/source.png",
@@ -418,9 +413,8 @@ fn the_judge_loads_after_the_generator_has_dropped_its_text_encoders() {
             "3",
             "--out",
             out.path().to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     let log = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{log}");
     let dropped = log

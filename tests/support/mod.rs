@@ -161,3 +161,18 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Runs the CLI from the repository root with `args`.
+pub fn cli(args: &[&str]) -> std::process::Output {
+    cli_env(&[], args)
+}
+
+/// Runs the CLI from the repository root with extra environment variables.
+pub fn cli_env(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
