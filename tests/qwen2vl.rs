@@ -213,6 +213,63 @@ fn kv_cache_and_batched_prefill_agree_with_the_full_forward() {
     );
 }
 
+/// Greedy decoding with the KV cache (the judge's free-text path) writes the same tokens as
+/// transformers' `generate(do_sample=False)`, whose decode steps use the M-RoPE position
+/// deltas after the images (greedy.json, made by make_greedy_reference.py).
+#[test]
+fn greedy_generation_writes_the_tokens_transformers_writes() {
+    let greedy: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("greedy.json")).unwrap())
+            .unwrap();
+    let max_new = greedy["max_new_tokens"].as_u64().unwrap() as usize;
+    let qwen3 = fixtures().join("../qwen3vl");
+    let qwen3_refs =
+        candle_core::safetensors::load(qwen3.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let cases = [
+        (
+            "qwen2_vl",
+            fixtures().join("tiny/qwen2_vl"),
+            reference(),
+            "one",
+        ),
+        (
+            "qwen2_vl",
+            fixtures().join("tiny/qwen2_vl"),
+            reference(),
+            "two",
+        ),
+        (
+            "qwen2_5_vl",
+            fixtures().join("tiny/qwen2_5_vl"),
+            reference(),
+            "two",
+        ),
+        ("qwen3_vl", qwen3.join("tiny"), qwen3_refs.clone(), "image"),
+        ("qwen3_vl", qwen3.join("tiny"), qwen3_refs, "text"),
+    ];
+    for (name, dir, refs, case) in cases {
+        let want: Vec<u32> = greedy["models"][name][case]
+            .as_array()
+            .unwrap_or_else(|| panic!("greedy.json lacks {name}/{case}"))
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
+        let files = Qwen2VlFiles::discover(&dir).unwrap();
+        // Generation stops at the end of turn even where config.json names no eos (Qwen3-VL).
+        let im_end = tokenizers::Tokenizer::from_file(&files.tokenizer)
+            .unwrap()
+            .token_to_id("<|im_end|>")
+            .unwrap();
+        assert!(files.config.eos_token_ids.contains(&im_end), "{name}");
+        let model = files.load(DType::F32, &Device::Cpu).unwrap();
+        let (logits, mut sessions) = model.prefill(&[reference_prompt(&refs, case)]).unwrap();
+        let got = model
+            .greedy(&mut sessions[0], logits.i(0).unwrap(), max_new)
+            .unwrap();
+        assert_eq!(got, want, "{name} {case}");
+    }
+}
+
 #[test]
 fn missing_files_and_mismatched_configs_are_named() {
     let dir = tempfile::tempdir().unwrap();

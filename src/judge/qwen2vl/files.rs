@@ -54,7 +54,7 @@ impl Qwen2VlFiles {
         if !config_path.is_file() {
             return Err(config_error(&config_path, "not found"));
         }
-        let config = Qwen2VlConfig::from_json(&read_json(&config_path)?)
+        let mut config = Qwen2VlConfig::from_json(&read_json(&config_path)?)
             .map_err(|e| config_error(&config_path, e))?;
         let weights = crate::generate::flux::files::shards(&root)
             .map_err(|e| JudgeError::Config(e.to_string()))?;
@@ -62,6 +62,7 @@ impl Qwen2VlFiles {
         if !tokenizer.is_file() {
             return Err(config_error(&tokenizer, "not found"));
         }
+        add_end_of_turn_ids(&root, &tokenizer, &mut config.eos_token_ids)?;
         let preprocessor = root.join("preprocessor_config.json");
         let image = if preprocessor.is_file() {
             ImageProcessorConfig::load(&preprocessor)?
@@ -122,6 +123,43 @@ impl Qwen2VlFiles {
     pub fn chat_format(&self) -> Result<ChatFormat, JudgeError> {
         ChatFormat::new(&self.tokenizer, self.chat_template.clone(), &self.config)
     }
+}
+
+/// Completes the ids generation stops at: `config.json` may name none (Qwen3-VL written by
+/// transformers 5 keeps them elsewhere), `generation_config.json` often names more
+/// (`<|endoftext|>` too), and every Qwen chat template ends a turn with `<|im_end|>`.
+fn add_end_of_turn_ids(
+    root: &Path,
+    tokenizer: &Path,
+    ids: &mut Vec<u32>,
+) -> Result<(), JudgeError> {
+    let mut add = |id: u32| {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    };
+    let generation = root.join("generation_config.json");
+    if generation.is_file() {
+        match read_json(&generation)?.get("eos_token_id") {
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .for_each(|id| add(id as u32)),
+            Some(v) => v.as_u64().into_iter().for_each(|id| add(id as u32)),
+            None => {}
+        }
+    }
+    let im_end = read_json(tokenizer)?
+        .get("added_tokens")
+        .and_then(|t| t.as_array())
+        .and_then(|tokens| {
+            tokens
+                .iter()
+                .find(|t| t.get("content").and_then(|c| c.as_str()) == Some("<|im_end|>"))
+                .and_then(|t| t.get("id")?.as_u64())
+        });
+    im_end.into_iter().for_each(|id| add(id as u32));
+    Ok(())
 }
 
 /// The template as transformers finds it: `chat_template.jinja` (transformers 5),

@@ -642,24 +642,14 @@ impl Worker {
         Ok(())
     }
 
-    /// Greedy decoding until an end-of-turn token or `max_new_tokens`.
+    /// Generates the reply greedily and decodes it.
     fn generate(
         &self,
         model: &Qwen2Vl,
         mut session: Session,
         logits: Tensor,
     ) -> candle_core::Result<(String, u64)> {
-        let eos = &model.config().eos_token_ids;
-        let mut out = Vec::new();
-        let mut logits = logits;
-        for _ in 0..self.config.max_new_tokens {
-            let next = logits.argmax(0)?.to_scalar::<u32>()?;
-            if eos.contains(&next) {
-                break;
-            }
-            out.push(next);
-            logits = model.extend(&mut session, &[next])?;
-        }
+        let out = model.greedy(&mut session, logits, self.config.max_new_tokens)?;
         let text = self
             .format
             .decode(&out)

@@ -135,6 +135,31 @@ impl Qwen2Vl {
         self.text.logits(&last_position(&hidden)?)?.squeeze(0)
     }
 
+    /// Greedy decoding from a session whose next-token logits are `logits` `[vocab]`: takes
+    /// the most likely token until one of the config's end-of-turn ids or `max_new_tokens`.
+    /// Returns the new tokens without the end-of-turn id.
+    pub fn greedy(
+        &self,
+        session: &mut Session,
+        logits: Tensor,
+        max_new_tokens: usize,
+    ) -> Result<Vec<u32>> {
+        let eos = &self.config.eos_token_ids;
+        let mut out = Vec::new();
+        let mut logits = logits;
+        while out.len() < max_new_tokens {
+            let next = logits.argmax(0)?.to_scalar::<u32>()?;
+            if eos.contains(&next) {
+                break;
+            }
+            out.push(next);
+            if out.len() < max_new_tokens {
+                logits = self.extend(session, &[next])?;
+            }
+        }
+        Ok(out)
+    }
+
     fn prefill_hidden(&self, batch: &[EncodedPrompt]) -> Result<(Tensor, Vec<Session>)> {
         let Some(first) = batch.first() else {
             candle_core::bail!("empty batch");
