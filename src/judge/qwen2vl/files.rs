@@ -35,7 +35,7 @@ fn config_error(path: &Path, reason: impl std::fmt::Display) -> JudgeError {
     JudgeError::Config(format!("{}: {reason}", path.display()))
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value, JudgeError> {
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, JudgeError> {
     let text = std::fs::read_to_string(path).map_err(|e| config_error(path, e))?;
     serde_json::from_str(&text).map_err(|e| config_error(path, format!("invalid JSON: {e}")))
 }
@@ -140,7 +140,8 @@ fn add_end_of_turn_ids(
     };
     let generation = root.join("generation_config.json");
     if generation.is_file() {
-        match read_json(&generation)?.get("eos_token_id") {
+        let config: serde_json::Value = read_json(&generation)?;
+        match config.get("eos_token_id") {
             Some(serde_json::Value::Array(list)) => list
                 .iter()
                 .filter_map(|v| v.as_u64())
@@ -149,17 +150,28 @@ fn add_end_of_turn_ids(
             None => {}
         }
     }
-    let im_end = read_json(tokenizer)?
-        .get("added_tokens")
-        .and_then(|t| t.as_array())
-        .and_then(|tokens| {
-            tokens
-                .iter()
-                .find(|t| t.get("content").and_then(|c| c.as_str()) == Some("<|im_end|>"))
-                .and_then(|t| t.get("id")?.as_u64())
-        });
-    im_end.into_iter().for_each(|id| add(id as u32));
+    // Only the added tokens are read: a real tokenizer.json is megabytes of vocabulary
+    // and merges, which the tokenizers crate parses once more when the judge loads.
+    let added: AddedTokens = read_json(tokenizer)?;
+    added
+        .added_tokens
+        .iter()
+        .filter(|t| t.content == "<|im_end|>")
+        .for_each(|t| add(t.id));
     Ok(())
+}
+
+/// The part of `tokenizer.json` that names the special tokens.
+#[derive(serde::Deserialize)]
+struct AddedTokens {
+    #[serde(default)]
+    added_tokens: Vec<AddedToken>,
+}
+
+#[derive(serde::Deserialize)]
+struct AddedToken {
+    id: u32,
+    content: String,
 }
 
 /// The template as transformers finds it: `chat_template.jinja` (transformers 5),
@@ -174,7 +186,7 @@ fn chat_template(root: &Path) -> Result<Option<String>, JudgeError> {
     for name in ["chat_template.json", "tokenizer_config.json"] {
         let path = root.join(name);
         if path.is_file() {
-            if let Some(t) = read_json(&path)?
+            if let Some(t) = read_json::<serde_json::Value>(&path)?
                 .get("chat_template")
                 .and_then(|t| t.as_str())
             {
