@@ -5,17 +5,83 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use icedit_scale::batch::{merge_shards, run_batch, BatchOptions, ItemStatus, Shard, StopFlag};
+use icedit_scale::edit::EditContext;
 use icedit_scale::engine::{Engine, GeneratorWorker, StrategyConfig};
+use icedit_scale::judge::{Comparison, Judge, JudgeError, PreviewStage, ScreenVerdict, SubScores};
 use image::{Rgb, RgbImage};
 use support::{PixelJudge, SignGenerator};
 
 fn engine() -> Engine {
+    engine_judged_by(Arc::new(PixelJudge))
+}
+
+fn engine_judged_by(judge: Arc<dyn Judge>) -> Engine {
     Engine::new(
         Arc::new(GeneratorWorker::spawn(Box::new(SignGenerator))),
-        Arc::new(PixelJudge),
+        judge,
         4,
     )
+}
+
+/// PixelJudge that asks the batch to stop, from inside the pipeline, once `summary.jsonl`
+/// holds `after` records. Items still waiting always call the judge after that, so the
+/// stop lands mid-batch however fast the machine is (a watcher task could miss it).
+struct StopWhenDurable {
+    stop: StopFlag,
+    summary: PathBuf,
+    after: usize,
+}
+
+impl StopWhenDurable {
+    fn check(&self) {
+        let lines = std::fs::read_to_string(&self.summary).map_or(0, |t| t.lines().count());
+        if lines >= self.after {
+            self.stop.stop();
+        }
+    }
+}
+
+#[async_trait]
+impl Judge for StopWhenDurable {
+    fn name(&self) -> String {
+        PixelJudge.name()
+    }
+    async fn screen(
+        &self,
+        edit: &EditContext,
+        preview: &RgbImage,
+        stage: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        self.check();
+        PixelJudge.screen(edit, preview, stage).await
+    }
+    async fn compare(
+        &self,
+        edit: &EditContext,
+        first: &RgbImage,
+        second: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        self.check();
+        PixelJudge.compare(edit, first, second).await
+    }
+    async fn semantic_consistency(
+        &self,
+        edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        self.check();
+        PixelJudge.semantic_consistency(edit, edited).await
+    }
+    async fn perceptual_quality(
+        &self,
+        edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        self.check();
+        PixelJudge.perceptual_quality(edit, edited).await
+    }
 }
 
 /// A manifest of `n` good items (plus the extra lines) with their images.
@@ -85,24 +151,17 @@ fn stopped_batch_resumes_to_the_same_result_as_an_uninterrupted_one() {
     // Stop once a few items are durable; in-flight ones still finish and are saved.
     let part = dir.path().join("part");
     let stop = StopFlag::default();
-    let outcome = block_on(async {
-        let watcher = {
-            let (stop, summary) = (stop.clone(), part.join("summary.jsonl"));
-            tokio::spawn(async move {
-                loop {
-                    let lines = std::fs::read_to_string(&summary).map_or(0, |t| t.lines().count());
-                    if lines >= 3 {
-                        stop.stop();
-                        return;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-                }
-            })
-        };
-        let outcome = run_batch(&engine(), &options(&m, &part, Shard::ALL), &stop).await;
-        watcher.abort();
-        outcome.unwrap()
-    });
+    let judge = StopWhenDurable {
+        stop: stop.clone(),
+        summary: part.join("summary.jsonl"),
+        after: 3,
+    };
+    let outcome = block_on(run_batch(
+        &engine_judged_by(Arc::new(judge)),
+        &options(&m, &part, Shard::ALL),
+        &stop,
+    ))
+    .unwrap();
     assert!(outcome.cancelled);
     assert!(outcome.done >= 3 && outcome.done < 12, "{outcome:?}");
     let resumed = block_on(run_batch(
