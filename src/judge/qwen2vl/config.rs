@@ -351,17 +351,10 @@ impl Qwen2VlConfig {
                 vision.embed_dim, vision.num_heads
             ));
         }
-        let eos_token_ids = match top
-            .get("eos_token_id")
-            .or_else(|| fields.get("eos_token_id"))
-        {
-            Some(Value::Array(ids)) => ids
-                .iter()
-                .map(|i| u32::deserialize(i).map_err(|e| format!("eos_token_id: {e}")))
-                .collect::<Result<_, _>>()?,
-            Some(id) => vec![u32::deserialize(id).map_err(|e| format!("eos_token_id: {e}"))?],
-            None => Vec::new(),
-        };
+        let eos_token_ids = eos_token_ids(
+            top.get("eos_token_id")
+                .or_else(|| fields.get("eos_token_id")),
+        )?;
         Ok(Self {
             family,
             text,
@@ -371,6 +364,17 @@ impl Qwen2VlConfig {
             vision_end_token_id: fields.parse("vision_end_token_id")?,
             eos_token_ids,
         })
+    }
+}
+
+/// `eos_token_id` as config.json and generation_config.json write it: one id, a list, or
+/// absent.
+pub(super) fn eos_token_ids(value: Option<&Value>) -> Result<Vec<u32>, String> {
+    let parse = |id: &Value| u32::deserialize(id).map_err(|e| format!("eos_token_id: {e}"));
+    match value {
+        Some(Value::Array(ids)) => ids.iter().map(parse).collect(),
+        Some(id) => Ok(vec![parse(id)?]),
+        None => Ok(Vec::new()),
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::config::Qwen2VlConfig;
+use super::config::{eos_token_ids, Qwen2VlConfig};
 use super::image::ImageProcessorConfig;
 use super::model::{KeyLayout, Qwen2Vl};
 use super::prompt::ChatFormat;
@@ -141,14 +141,10 @@ fn add_end_of_turn_ids(
     let generation = root.join("generation_config.json");
     if generation.is_file() {
         let config: serde_json::Value = read_json(&generation)?;
-        match config.get("eos_token_id") {
-            Some(serde_json::Value::Array(list)) => list
-                .iter()
-                .filter_map(|v| v.as_u64())
-                .for_each(|id| add(id as u32)),
-            Some(v) => v.as_u64().into_iter().for_each(|id| add(id as u32)),
-            None => {}
-        }
+        eos_token_ids(config.get("eos_token_id"))
+            .map_err(|e| config_error(&generation, e))?
+            .into_iter()
+            .for_each(&mut add);
     }
     // Only the added tokens are read: a real tokenizer.json is megabytes of vocabulary
     // and merges, which the tokenizers crate parses once more when the judge loads.
