@@ -3,19 +3,20 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use anyhow::Context;
 use serde::Deserialize;
 
 use crate::cli::{GeneratorArgs, GeneratorKind, JudgeArgs};
-use crate::error::JudgeError;
-use crate::generate::flux::{FluxGenerator, FluxOptions, FluxPaths};
+use crate::device::{parse_device, parse_dtype};
+use crate::error::{EditError, JudgeError};
+use crate::generate::flux::{FluxGenerator, FluxOptions};
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::generate::Generator;
 use crate::judge::openai::OpenAiJudge;
-use crate::judge::qwen2vl::{LocalJudgeConfig, Qwen2VlJudge};
+use crate::judge::qwen_vl::{LocalJudgeConfig, Qwen2VlJudge};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 use crate::judge::Judge;
+use crate::models::flux::FluxPaths;
 
 /// A judge with the number of calls it should have in flight at once.
 pub struct JudgeHandle {
@@ -46,48 +47,17 @@ pub fn build_generator(args: &GeneratorArgs) -> anyhow::Result<Box<dyn Generator
     }
 }
 
-/// Parses `cpu`, `cuda[:N]` or `metal`.
-pub fn parse_device(name: &str) -> anyhow::Result<Device> {
-    let device = match name {
-        "cpu" => Device::Cpu,
-        "metal" => Device::new_metal(0).context("--device metal (build with --features metal)")?,
-        cuda if cuda.starts_with("cuda") => {
-            let ordinal = match cuda.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse()
-                    .with_context(|| format!("--device {cuda}: bad ordinal"))?,
-                None if cuda == "cuda" => 0,
-                None => bail!("--device {cuda}: expected cuda or cuda:N"),
-            };
-            Device::new_cuda(ordinal)
-                .with_context(|| format!("--device {cuda} (build with --features cuda)"))?
-        }
-        other => bail!("--device {other}: expected cpu, cuda[:N] or metal"),
-    };
-    Ok(device)
-}
-
-/// Parses `f32`, `f16` or `bf16`; the default is bf16 on a GPU and f32 on the CPU.
-pub fn parse_dtype(name: Option<&str>, device: &Device) -> anyhow::Result<DType> {
-    Ok(match name {
-        None if device.is_cpu() => DType::F32,
-        None => DType::BF16,
-        Some("f32") => DType::F32,
-        Some("f16") => DType::F16,
-        Some("bf16") => DType::BF16,
-        Some(other) => bail!("--dtype {other}: expected f32, f16 or bf16"),
-    })
-}
-
 fn build_flux(args: &GeneratorArgs) -> anyhow::Result<FluxGenerator> {
-    let device = parse_device(&args.device)?;
+    let device =
+        parse_device(&args.device).map_err(|e| EditError::Invalid(format!("--device {e}")))?;
     let mut options = FluxOptions::new(FluxPaths {
         model_dir: args.model_dir.clone(),
         transformer: args.transformer.clone(),
         vae: args.vae.clone(),
         text_encoders: args.text_encoders.clone(),
     });
-    options.dtype = parse_dtype(args.dtype.as_deref(), &device)?;
+    options.dtype = parse_dtype(args.dtype.as_deref(), &device)
+        .map_err(|e| EditError::Invalid(format!("--dtype {e}")))?;
     options.device = device;
     options.lora = args.lora.clone();
     options.lora_scale = args.lora_scale;
@@ -125,11 +95,12 @@ fn judge_from_preset(kind: &str, path: &Path) -> Result<Arc<dyn Judge>, JudgeErr
         "openai" => Ok(Arc::new(OpenAiJudge::from_preset(path)?)),
         "qwen2vl" => {
             let config = LocalJudgeConfig::from_file(path)?;
-            let setup = |e: anyhow::Error| {
-                JudgeError::Config(format!("judge preset {}: {e:#}", path.display()))
+            let setup = |field: &str, e: String| {
+                JudgeError::Config(format!("judge preset {}: {field} {e}", path.display()))
             };
-            let device = parse_device(&config.device).map_err(setup)?;
-            let dtype = parse_dtype(config.dtype.as_deref(), &device).map_err(setup)?;
+            let device = parse_device(&config.device).map_err(|e| setup("device", e))?;
+            let dtype =
+                parse_dtype(config.dtype.as_deref(), &device).map_err(|e| setup("dtype", e))?;
             Ok(Arc::new(Qwen2VlJudge::new(config, device, dtype)?))
         }
         other => Err(JudgeError::Config(format!(

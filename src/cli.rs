@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::engine::{StrategyConfig, StrategyKind};
+use crate::engine::{
+    Seeds, StrategyConfig, StrategyError, StrategyKind, StrategyOverrides, ValueSource,
+};
 
 /// Test-time scaling for instruction-based image editing with ICEdit (FLUX.1 Fill + LoRA).
 ///
@@ -167,26 +169,27 @@ pub struct MemoryBenchArgs {
     pub out: PathBuf,
 }
 
-/// Strategy parameters shared by every command that edits.
+/// Strategy parameters shared by every command that edits. The defaults are
+/// [`StrategyConfig::default`]'s, the one place they are written.
 #[derive(Debug, Clone, Args)]
 pub struct StrategyArgs {
     /// Scaling strategy.
-    #[arg(long, value_enum, default_value_t = StrategyKind::EarlyFilter)]
+    #[arg(long, value_enum, default_value_t = StrategyConfig::default().kind)]
     pub strategy: StrategyKind,
     /// N: seed candidates to spawn.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = StrategyConfig::default().seeds)]
     pub seeds: usize,
     /// k: steps each candidate is probed before screening (tournament: short-run length).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = StrategyConfig::default().probe_steps)]
     pub probe_steps: usize,
     /// M: survivors completed after screening (at most; only passing ones).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = StrategyConfig::default().keep)]
     pub keep: usize,
     /// Steps of the full schedule (50 as in the paper; ICEdit's scripts use 28).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = StrategyConfig::default().steps)]
     pub steps: usize,
     /// Seed of candidate 0; candidate i uses seed + i.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = StrategyConfig::default().base_seed)]
     pub seed: u64,
     /// Explicit comma-separated seeds (overrides --seed and --seeds).
     #[arg(long, value_delimiter = ',')]
@@ -194,17 +197,26 @@ pub struct StrategyArgs {
 }
 
 impl StrategyArgs {
-    /// The engine's strategy configuration.
-    pub fn to_config(&self) -> StrategyConfig {
-        StrategyConfig {
-            kind: self.strategy,
-            seeds: self.seed_list.as_ref().map_or(self.seeds, Vec::len),
-            probe_steps: self.probe_steps,
-            keep: self.keep,
-            steps: self.steps,
-            base_seed: self.seed,
-            seed_list: self.seed_list.clone(),
+    /// The flags as overrides of the defaults.
+    pub fn overrides(&self) -> StrategyOverrides {
+        StrategyOverrides {
+            strategy: Some(self.strategy),
+            seeds: Some(match &self.seed_list {
+                Some(list) => Seeds::List(list.clone()),
+                None => Seeds::Count(self.seeds),
+            }),
+            probe_steps: Some(self.probe_steps),
+            keep: Some(self.keep),
+            steps: Some(self.steps),
+            seed: Some(self.seed),
         }
+    }
+
+    /// The engine's strategy configuration, checked; errors name the flag.
+    pub fn to_config(&self) -> Result<StrategyConfig, StrategyError> {
+        let config = self.overrides().apply(&StrategyConfig::default());
+        config.check(&ValueSource::Flags)?;
+        Ok(config)
     }
 }
 

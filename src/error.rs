@@ -1,6 +1,73 @@
 //! Typed errors of the library. `main` adds context with anyhow and maps them to exit codes.
+//!
+//! Each floor has its own: [`FileError`] for the ground floor's file I/O, [`ModelError`] for
+//! model code, [`GenerateError`] and [`JudgeError`] for the two roles, [`EngineError`] for
+//! the orchestration. Lower errors convert into higher ones, never the other way.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// A file or folder that cannot be read or written; names it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {reason}", path.display())]
+pub struct FileError {
+    /// The file or folder concerned.
+    pub path: PathBuf,
+    /// What went wrong.
+    pub reason: String,
+}
+
+impl FileError {
+    /// An error about `path`.
+    pub fn new(path: &Path, reason: impl std::fmt::Display) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Failures of model code (FLUX, Qwen-VL, the testbed world): files, configs, inputs,
+/// tensors. The roles turn them into [`GenerateError`] or [`JudgeError`].
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A checkpoint file (weights, config, tokenizer, template) that is missing or wrong;
+    /// names the file and, where there is one, the key.
+    #[error("{}: {reason}", path.display())]
+    Files {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A setting the model cannot work with (preprocessing limits, option values).
+    #[error("{0}")]
+    Config(String),
+    /// An input the model cannot take (a prompt too long, a tokenizer failure, ...).
+    #[error("{0}")]
+    Input(String),
+    /// A tensor operation failed.
+    #[error("tensor error: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    /// A [`ModelError::Files`] about `path`.
+    pub fn files(path: &Path, reason: impl std::fmt::Display) -> Self {
+        Self::Files {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl From<FileError> for ModelError {
+    fn from(e: FileError) -> Self {
+        Self::Files {
+            path: e.path,
+            reason: e.reason,
+        }
+    }
+}
 
 /// Bad input: the user's image, instruction or options.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +107,16 @@ pub enum GenerateError {
     WorkerGone(String),
 }
 
+impl From<ModelError> for GenerateError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Files { path, reason } => Self::Weights { path, reason },
+            ModelError::Config(m) | ModelError::Input(m) => Self::Input(m),
+            ModelError::Tensor(e) => Self::Tensor(e),
+        }
+    }
+}
+
 /// Failures of a judge call. Recorded in reports as failures, never turned into scores.
 #[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
@@ -74,6 +151,17 @@ pub enum JudgeError {
     Failed(String),
 }
 
+impl From<ModelError> for JudgeError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            // A checkpoint or setting that cannot work is the preset's fault (bad input).
+            ModelError::Files { .. } | ModelError::Config(_) => Self::Config(e.to_string()),
+            ModelError::Input(m) => Self::Failed(m),
+            ModelError::Tensor(e) => Self::Failed(format!("tensor error: {e}")),
+        }
+    }
+}
+
 /// Failures of the orchestration engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -94,4 +182,13 @@ pub enum EngineError {
     /// An invalid strategy configuration; names the option.
     #[error("strategy: {0}")]
     Strategy(String),
+}
+
+impl From<FileError> for EngineError {
+    fn from(e: FileError) -> Self {
+        Self::Output {
+            path: e.path,
+            reason: e.reason,
+        }
+    }
 }

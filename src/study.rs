@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::engine::report::EditReport;
 use crate::engine::{EditJob, Engine, GeneratorWorker, Silent, StrategyConfig, StrategyKind};
 use crate::error::EngineError;
-use crate::generate::testbed::{self, OutcomeLabel, TestbedConfig, TestbedGenerator};
+use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
+use crate::models::testbed::{self, OutcomeLabel};
 
 /// Parameters of a study.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,9 +107,25 @@ impl StudyReport {
     }
 }
 
-fn pick_label(report: &EditReport, outcomes: &[testbed::Outcome]) -> Option<OutcomeLabel> {
+/// The true outcome of the pick's finished image, if there is one.
+pub fn pick_label(report: &EditReport, outcomes: &[testbed::Outcome]) -> Option<OutcomeLabel> {
     let image = report.picked()?.images.final_image.as_ref()?;
     Some(testbed::classify(outcomes, image))
+}
+
+/// The true outcome of every finished candidate of a testbed edit, as (index, label).
+pub fn finished_labels(
+    report: &EditReport,
+    outcomes: &[testbed::Outcome],
+) -> Vec<(usize, OutcomeLabel)> {
+    report
+        .candidates
+        .iter()
+        .filter_map(|c| {
+            let image = c.images.final_image.as_ref()?;
+            Some((c.index, testbed::classify(outcomes, image)))
+        })
+        .collect()
 }
 
 fn add(result: &mut StrategyResult, correct: bool, nfe: usize, overall: Option<f32>) {

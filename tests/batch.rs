@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use icedit_scale::batch::{merge_shards, run_batch, BatchOptions, ItemStatus, Shard, StopFlag};
+use icedit_scale::batch::{merge_shards, run_batch, BatchOptions, ItemStatus, Shard};
 use icedit_scale::edit::EditContext;
 use icedit_scale::engine::{Engine, GeneratorWorker, StrategyConfig};
 use icedit_scale::judge::{Comparison, Judge, JudgeError, PreviewStage, ScreenVerdict, SubScores};
+use icedit_scale::stop::StopSignal;
 use image::{Rgb, RgbImage};
 use support::{PixelJudge, SignGenerator};
 
@@ -29,7 +30,7 @@ fn engine_judged_by(judge: Arc<dyn Judge>) -> Engine {
 /// holds `after` records. Items still waiting always call the judge after that, so the
 /// stop lands mid-batch however fast the machine is (a watcher task could miss it).
 struct StopWhenDurable {
-    stop: StopFlag,
+    stop: StopSignal,
     summary: PathBuf,
     after: usize,
 }
@@ -144,13 +145,13 @@ fn stopped_batch_resumes_to_the_same_result_as_an_uninterrupted_one() {
     block_on(run_batch(
         &engine(),
         &options(&m, &full, Shard::ALL),
-        &StopFlag::default(),
+        &StopSignal::default(),
     ))
     .unwrap();
 
     // Stop once a few items are durable; in-flight ones still finish and are saved.
     let part = dir.path().join("part");
-    let stop = StopFlag::default();
+    let stop = StopSignal::default();
     let judge = StopWhenDurable {
         stop: stop.clone(),
         summary: part.join("summary.jsonl"),
@@ -167,7 +168,7 @@ fn stopped_batch_resumes_to_the_same_result_as_an_uninterrupted_one() {
     let resumed = block_on(run_batch(
         &engine(),
         &options(&m, &part, Shard::ALL),
-        &StopFlag::default(),
+        &StopSignal::default(),
     ))
     .unwrap();
     assert_eq!(resumed.already_done, outcome.done);
@@ -188,7 +189,7 @@ fn four_shards_merged_equal_one_unsharded_run() {
     block_on(run_batch(
         &engine(),
         &options(&m, &whole, Shard::ALL),
-        &StopFlag::default(),
+        &StopSignal::default(),
     ))
     .unwrap();
     let shard_dirs: Vec<PathBuf> = (0..4)
@@ -198,7 +199,7 @@ fn four_shards_merged_equal_one_unsharded_run() {
             let o = block_on(run_batch(
                 &engine(),
                 &options(&m, &out, shard),
-                &StopFlag::default(),
+                &StopSignal::default(),
             ))
             .unwrap();
             assert_eq!(o.done + o.other_shards, 16);
@@ -238,7 +239,7 @@ fn bad_items_are_reported_and_skipped_and_outages_retried() {
     let o = block_on(run_batch(
         &engine(),
         &options(&m, &out, Shard::ALL),
-        &StopFlag::default(),
+        &StopSignal::default(),
     ))
     .unwrap();
     assert_eq!((o.done, o.failed, o.invalid), (2, 2, 4), "{o:?}");
@@ -275,7 +276,7 @@ fn bad_items_are_reported_and_skipped_and_outages_retried() {
     let again = block_on(run_batch(
         &engine(),
         &options(&m, &out, Shard::ALL),
-        &StopFlag::default(),
+        &StopSignal::default(),
     ))
     .unwrap();
     assert_eq!((again.already_done, again.failed, again.invalid), (2, 2, 0));

@@ -20,6 +20,7 @@ use icedit_scale::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEd
 use icedit_scale::judge::{
     CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
 };
+use icedit_scale::models::flux::scheduler::DynamicShift;
 use image::{Rgb, RgbImage};
 
 /// (marker, sigma) of every velocity row evaluated.
@@ -43,6 +44,7 @@ impl Generator for ScriptedGenerator {
             key: 1,
             image_tokens: 2048,
             latent_shape: vec![2],
+            mu: DynamicShift::FLUX.mu(2048),
         })
     }
     fn velocity(
@@ -266,7 +268,7 @@ fn early_filter_keeps_only_passing_up_to_m_and_resumes_without_recomputation() {
 
     // Survivors resumed from their saved state: each sigma of the schedule evaluated exactly
     // once per candidate; pruned candidates only at the probe sigmas.
-    let schedule = Schedule::flux(steps, 2048);
+    let schedule = Schedule::shifted(steps, DynamicShift::FLUX.mu(2048));
     for m in 0..6u32 {
         let sigmas: Vec<f64> = forwards.iter().filter(|f| f.0 == m).map(|f| f.1).collect();
         let expected_len = if m == 3 || m == 4 { steps } else { 3 };
@@ -411,8 +413,8 @@ fn tournament_cancels_position_bias_and_reruns_the_winner() {
     assert_eq!(report.nfe.total, 4 * 3 + 10);
     assert_eq!(forwards.len(), report.nfe.total);
     // The short runs use a 3-step schedule of their own, the re-run the full one.
-    let short = Schedule::flux(3, 2048);
-    let full = Schedule::flux(10, 2048);
+    let short = Schedule::shifted(3, DynamicShift::FLUX.mu(2048));
+    let full = Schedule::shifted(10, DynamicShift::FLUX.mu(2048));
     let s3: Vec<f64> = forwards.iter().filter(|f| f.0 == 3).map(|f| f.1).collect();
     assert_eq!(s3[..3], short.sigmas[..3]);
     assert_eq!(s3[3..], full.sigmas[..10]);

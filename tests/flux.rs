@@ -17,12 +17,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use icedit_scale::edit::EditContext;
-use icedit_scale::generate::flux::embeddings::rope_tables;
-use icedit_scale::generate::flux::latents::joint_ids;
-use icedit_scale::generate::flux::text::{load_tokenizer, token_ids};
-use icedit_scale::generate::flux::transformer::TextConditioning;
-use icedit_scale::generate::flux::{FluxGenerator, FluxOptions, FluxPaths};
-use icedit_scale::generate::{advance_to, CandidateState, Generator, Schedule};
+use icedit_scale::generate::flux::{FluxGenerator, FluxOptions};
+use icedit_scale::generate::{advance_to, CandidateState, Generator};
+use icedit_scale::models::flux::embeddings::rope_tables;
+use icedit_scale::models::flux::latents::joint_ids;
+use icedit_scale::models::flux::text::{load_tokenizer, token_ids};
+use icedit_scale::models::flux::transformer::TextConditioning;
+use icedit_scale::models::flux::FluxPaths;
 
 const PROMPT: &str = "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly the same as on the left but make the sky night";
 const T5_TOKENS: usize = 48;
@@ -223,7 +224,7 @@ fn full_edit_from_given_latents_matches_the_diffusers_pipeline() {
         "packing of the initial latents"
     );
 
-    let schedule = Schedule::flux(3, prepared.image_tokens);
+    let schedule = prepared.schedule(3);
     let sigmas: Vec<f32> = r["e2e_sigmas"].to_vec1().unwrap();
     for (i, s) in sigmas.iter().enumerate() {
         assert!((schedule.sigma(i) as f32 - s).abs() < 1e-6, "sigma {i}");

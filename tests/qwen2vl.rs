@@ -13,11 +13,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use icedit_scale::edit::EditContext;
-use icedit_scale::judge::qwen2vl::image::PreparedImage;
-use icedit_scale::judge::qwen2vl::{
-    EncodedPrompt, LocalJudgeConfig, Qwen2Vl, Qwen2VlFiles, Qwen2VlJudge,
-};
+use icedit_scale::judge::qwen_vl::{LocalJudgeConfig, Qwen2VlJudge};
 use icedit_scale::judge::{vie_score, Judge, JudgeError, Preference, PreviewStage};
+use icedit_scale::models::qwen_vl::image::PreparedImage;
+use icedit_scale::models::qwen_vl::{EncodedPrompt, Qwen2Vl, Qwen2VlFiles};
 use image::RgbImage;
 
 const LOGIT_TOL: f32 = 1e-4;

@@ -3,13 +3,12 @@
 
 use candle_core::{Device, Tensor};
 use icedit_scale::edit::{make_diptych, EditContext};
-use icedit_scale::generate::testbed::latent::LatentMap;
-use icedit_scale::generate::testbed::{
-    classify, make_edit, outcome_set, OutcomeLabel, TestbedConfig, TestbedGenerator,
-};
-use icedit_scale::generate::{self, CandidateState, Generator, Schedule};
+use icedit_scale::generate::testbed::{TestbedConfig, TestbedGenerator};
+use icedit_scale::generate::{self, CandidateState, Generator};
 use icedit_scale::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 use icedit_scale::judge::{Judge, Preference};
+use icedit_scale::models::testbed::latent::LatentMap;
+use icedit_scale::models::testbed::{classify, make_edit, outcome_set, OutcomeLabel};
 
 /// Outcome latents, recomputed from the public pieces.
 fn outcome_latents(edit: &EditContext) -> (Vec<Vec<f64>>, Vec<f64>) {
@@ -107,7 +106,7 @@ fn velocity_matches_the_score_of_the_mixture_by_finite_differences() {
 /// Runs one seed through the full schedule and classifies its final image.
 fn land(gen: &mut TestbedGenerator, edit: &EditContext, seed: u64, steps: usize) -> OutcomeLabel {
     let prepared = gen.prepare(edit).unwrap();
-    let schedule = Schedule::flux(steps, prepared.image_tokens);
+    let schedule = prepared.schedule(steps);
     let mut states = vec![CandidateState::from_seed(gen, &prepared, seed).unwrap()];
     generate::advance_to(gen, &prepared, &schedule, &mut states, steps, |_| {}).unwrap();
     let image = generate::finish(gen, &prepared, &schedule, &states[0]).unwrap();
@@ -154,7 +153,7 @@ fn early_previews_lean_towards_the_final_outcome() {
     for i in 0..n {
         let edit = make_edit(300 + i, width);
         let prepared = gen.prepare(&edit).unwrap();
-        let schedule = Schedule::flux(50, prepared.image_tokens);
+        let schedule = prepared.schedule(50);
         let mut states = vec![CandidateState::from_seed(&gen, &prepared, i).unwrap()];
         generate::advance_to(&mut gen, &prepared, &schedule, &mut states, 4, |_| {}).unwrap();
         let preview = generate::preview(&mut gen, &prepared, &schedule, &states[0]).unwrap();

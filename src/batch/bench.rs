@@ -16,14 +16,16 @@ use candle_core::Tensor;
 use image::RgbImage;
 use serde::Serialize;
 
-use super::{run_batch, BatchOptions, Shard, StopFlag};
+use super::{run_batch, BatchOptions, Shard};
 use crate::edit::EditContext;
 use crate::engine::{Engine, GeneratorWorker, StrategyConfig};
 use crate::error::{EngineError, GenerateError};
-use crate::generate::testbed::{make_edit, TestbedConfig, TestbedGenerator};
+use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 use crate::judge::{Comparison, Judge, JudgeError, PreviewStage, ScreenVerdict, SubScores};
+use crate::models::testbed::make_edit;
+use crate::stop::StopSignal;
 
 /// A generator that takes the time a real one would.
 pub struct CostModel<G> {
@@ -155,6 +157,34 @@ pub struct PipelineRow {
     pub busy_fraction: f64,
 }
 
+impl PipelineBench {
+    /// The measured rows as a markdown table (times unscaled).
+    pub fn markdown(&self, rows: &[PipelineRow]) -> String {
+        let mut md = format!(
+            "{} edits per row, {} (NFE {}), {} s per candidate-step, {} s per decode; times unscaled (run at x{}).\n\n",
+            self.edits,
+            self.strategy.kind.name(),
+            self.strategy.planned_nfe(),
+            self.step_s,
+            self.decode_s,
+            self.time_scale
+        );
+        md.push_str("| queued edits | judge latency (s) | makespan (s) | generator work = lower bound (s) | makespan / bound | generator busy |\n|---|---|---|---|---|---|\n");
+        for r in rows {
+            md.push_str(&format!(
+                "| {} | {} | {:.1} | {:.1} | {:.3} | {:.1}% |\n",
+                r.queue,
+                r.latency_s,
+                r.makespan_s,
+                r.generator_work_s,
+                r.makespan_s / r.generator_work_s,
+                100.0 * r.busy_fraction
+            ));
+        }
+        md
+    }
+}
+
 /// Writes `n` manifest lines over one image into `dir`, returning the manifest path.
 pub fn write_manifest(dir: &Path, n: usize, width: u32) -> std::io::Result<PathBuf> {
     use std::io::Write;
@@ -215,7 +245,7 @@ pub async fn run_pipeline_bench(
             };
             let busy_before = worker.busy_time();
             let started = Instant::now();
-            run_batch(&engine, &opts, &StopFlag::default()).await?;
+            run_batch(&engine, &opts, &StopSignal::default()).await?;
             let makespan = started.elapsed().as_secs_f64();
             let work = (worker.busy_time() - busy_before).as_secs_f64();
             rows.push(PipelineRow {

@@ -5,18 +5,19 @@
 //! {"id": "sky-02", "image": "images/sky.jpg", "instruction": "make the sky night", "seeds": [3, 7, 11], "strategy": "best-of-n"}
 //! ```
 //! Image paths are relative to the manifest's folder (the root) and must stay inside it.
+//! Strategy keys (`strategy`, `seeds` as a count or a list, `probe_steps`, `keep`, `steps`,
+//! `seed`) override the batch's flags for that line ([`StrategyOverrides`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::BufRead;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{StrategyConfig, StrategyKind};
+use crate::engine::{StrategyConfig, StrategyOverrides, ValueSource};
 
 /// One manifest line as written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ManifestLine {
     /// Unique id of the item (also its output folder name).
     pub id: String,
@@ -24,38 +25,19 @@ pub struct ManifestLine {
     pub image: PathBuf,
     /// The instruction.
     pub instruction: String,
-    /// Explicit seeds for this item.
-    #[serde(default)]
-    pub seeds: Option<Vec<u64>>,
-    /// Strategy override.
-    #[serde(default)]
-    pub strategy: Option<StrategyKind>,
-    /// Probe-steps override.
-    #[serde(default)]
-    pub probe_steps: Option<usize>,
-    /// Keep override.
-    #[serde(default)]
-    pub keep: Option<usize>,
-    /// Steps override.
-    #[serde(default)]
-    pub steps: Option<usize>,
+    /// Strategy values overriding the batch's for this item.
+    #[serde(flatten)]
+    pub overrides: StrategyOverrides,
+    /// Keys that are none of the above (an error: serde cannot deny unknown fields next to
+    /// a flattened struct, so they are collected and refused by the reader).
+    #[serde(flatten, skip_serializing)]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 impl ManifestLine {
     /// The strategy for this item: the batch default with this line's overrides.
     pub fn strategy(&self, default: &StrategyConfig) -> StrategyConfig {
-        let mut s = default.clone();
-        if let Some(k) = self.strategy {
-            s.kind = k;
-        }
-        if let Some(seeds) = &self.seeds {
-            s.seeds = seeds.len();
-            s.seed_list = Some(seeds.clone());
-        }
-        s.probe_steps = self.probe_steps.unwrap_or(s.probe_steps);
-        s.keep = self.keep.unwrap_or(s.keep);
-        s.steps = self.steps.unwrap_or(s.steps);
-        s
+        self.overrides.apply(default)
     }
 }
 
@@ -68,6 +50,8 @@ pub struct Item {
     pub spec: ManifestLine,
     /// The image path resolved against the root.
     pub image_path: PathBuf,
+    /// The batch's strategy with this line's overrides, checked.
+    pub strategy: StrategyConfig,
 }
 
 /// A manifest line that cannot be used; reported and skipped, never fatal.
@@ -84,40 +68,48 @@ pub struct BadItem {
 /// One entry of the manifest stream.
 #[derive(Debug)]
 pub enum Entry {
-    /// A usable item.
-    Item(Item),
+    /// A usable item (boxed: it is much larger than a bad line).
+    Item(Box<Item>),
     /// A line to report and skip.
     Bad(BadItem),
 }
 
-/// Streams a manifest, validating each line: JSON shape, non-empty id and instruction, an
-/// id usable as a folder name, no duplicate id, an image path inside `root`. Memory grows
+/// Streams a manifest, validating each line: JSON shape, known keys, non-empty id and
+/// instruction, an id usable as a folder name, no duplicate id, an image path inside
+/// `root`, a strategy (the batch's with the line's overrides) that can run. Memory grows
 /// only with the set of ids seen.
 pub struct ManifestReader<R> {
     lines: std::io::Lines<R>,
     root: PathBuf,
+    strategy: StrategyConfig,
     line: usize,
     seen: HashSet<String>,
 }
 
 impl ManifestReader<std::io::BufReader<std::fs::File>> {
-    /// Opens `path`; image paths resolve against `root` (default: the manifest's folder).
-    pub fn open(path: &Path, root: Option<&Path>) -> std::io::Result<Self> {
+    /// Opens `path`; image paths resolve against `root` (default: the manifest's folder),
+    /// lines without overrides run `strategy`.
+    pub fn open(
+        path: &Path,
+        root: Option<&Path>,
+        strategy: StrategyConfig,
+    ) -> std::io::Result<Self> {
         let file = std::fs::File::open(path)?;
         let root = match root {
             Some(r) => r.to_path_buf(),
             None => path.parent().unwrap_or(Path::new(".")).to_path_buf(),
         };
-        Ok(Self::new(std::io::BufReader::new(file), root))
+        Ok(Self::new(std::io::BufReader::new(file), root, strategy))
     }
 }
 
 impl<R: BufRead> ManifestReader<R> {
     /// Reads manifest lines from `reader`.
-    pub fn new(reader: R, root: PathBuf) -> Self {
+    pub fn new(reader: R, root: PathBuf, strategy: StrategyConfig) -> Self {
         Self {
             lines: reader.lines(),
             root,
+            strategy,
             line: 0,
             seen: HashSet::new(),
         }
@@ -132,6 +124,14 @@ impl<R: BufRead> ManifestReader<R> {
         let spec: ManifestLine =
             serde_json::from_str(text).map_err(|e| bad(None, format!("not a valid item: {e}")))?;
         let id = Some(spec.id.clone());
+        if let Some(key) = spec.unknown.keys().next() {
+            return Err(bad(
+                id,
+                format!(
+                    "unknown key `{key}` (expected id, image, instruction, strategy, seeds, probe_steps, keep, steps, seed)"
+                ),
+            ));
+        }
         if spec.id.is_empty()
             || !spec
                 .id
@@ -162,6 +162,10 @@ impl<R: BufRead> ManifestReader<R> {
                 ),
             ));
         }
+        let strategy = spec.strategy(&self.strategy);
+        if let Err(e) = strategy.check(&ValueSource::ManifestLine(self.line)) {
+            return Err(bad(id, e.message));
+        }
         if !self.seen.insert(spec.id.clone()) {
             return Err(bad(id, format!("duplicate id {:?}", spec.id)));
         }
@@ -170,6 +174,7 @@ impl<R: BufRead> ManifestReader<R> {
             line: self.line,
             spec,
             image_path,
+            strategy,
         })
     }
 }
@@ -188,7 +193,7 @@ impl<R: BufRead> Iterator for ManifestReader<R> {
                 continue;
             }
             return Some(Ok(match self.check(&text) {
-                Ok(item) => Entry::Item(item),
+                Ok(item) => Entry::Item(Box::new(item)),
                 Err(bad) => Entry::Bad(bad),
             }));
         }
@@ -198,11 +203,16 @@ impl<R: BufRead> Iterator for ManifestReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::StrategyKind;
 
     fn read(text: &str) -> Vec<Entry> {
-        ManifestReader::new(std::io::Cursor::new(text.to_string()), "/data".into())
-            .map(|e| e.unwrap())
-            .collect()
+        ManifestReader::new(
+            std::io::Cursor::new(text.to_string()),
+            "/data".into(),
+            StrategyConfig::default(),
+        )
+        .map(|e| e.unwrap())
+        .collect()
     }
 
     #[test]
@@ -217,6 +227,9 @@ mod tests {
             "{\"id\": \"d/e\", \"image\": \"d.png\", \"instruction\": \"x\"}\n",
             "{\"id\": \"f\", \"image\": \"/abs.png\", \"instruction\": \"x\"}\n",
             "{\"id\": \"g\", \"image\": \"g.png\", \"instruction\": \"x\", \"seeds\": [4, 5], \"strategy\": \"best-of-n\"}\n",
+            "{\"id\": \"h\", \"image\": \"h.png\", \"instruction\": \"x\", \"probe_steps\": 50}\n",
+            "{\"id\": \"i\", \"image\": \"i.png\", \"instruction\": \"x\", \"seedz\": 3}\n",
+            "{\"id\": \"j\", \"image\": \"j.png\", \"instruction\": \"x\", \"seeds\": 4, \"keep\": 1}\n",
         ));
         let summary: Vec<String> = entries
             .iter()
@@ -237,11 +250,21 @@ mod tests {
             unreachable!()
         };
         assert_eq!(g.image_path, PathBuf::from("/data/g.png"));
-        let s = g.spec.strategy(&StrategyConfig::default());
+        let s = &g.strategy;
         assert_eq!(
             (s.kind, s.seed_list.clone()),
             (StrategyKind::BestOfN, Some(vec![4, 5]))
         );
         assert_eq!(s.candidate_count(), 2);
+        // A strategy that cannot run is refused at its line, in the file's own key names.
+        assert_eq!(
+            summary[8],
+            "bad line 10: probe_steps 50 must be between 1 and steps - 1 (49)"
+        );
+        assert!(summary[9].contains("unknown key `seedz`"), "{}", summary[9]);
+        let Entry::Item(j) = &entries[10] else {
+            panic!("{}", summary[10])
+        };
+        assert_eq!((j.strategy.seeds, j.strategy.keep), (4, 1));
     }
 }

@@ -3,7 +3,6 @@
 //! however long the manifest is.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,10 +14,12 @@ use super::manifest::{Entry, Item, ManifestReader};
 use super::shard::Shard;
 use super::store::{table, write_jsonl, ItemResult, ItemStatus, SummaryLog};
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
-use crate::engine::outputs::{write_atomic, write_outputs};
+use crate::engine::outputs::write_outputs;
 use crate::engine::report::{EditReport, Judged};
 use crate::engine::{EditJob, Engine, Silent, StrategyConfig};
 use crate::error::EngineError;
+use crate::fsio::write_atomic;
+use crate::stop::StopSignal;
 
 /// What a batch run needs besides the engine.
 #[derive(Debug, Clone)]
@@ -58,28 +59,12 @@ pub struct BatchOutcome {
     pub cancelled: bool,
 }
 
-/// A request to stop: no new item starts; items in flight finish and are saved.
-#[derive(Debug, Clone, Default)]
-pub struct StopFlag(Arc<AtomicBool>);
-
-impl StopFlag {
-    /// Asks the batch to stop.
-    pub fn stop(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether a stop was asked for.
-    pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
 /// Runs (or resumes) a batch. Finished items of earlier runs are skipped, failed ones
 /// retried; each result is durable before the next is counted.
 pub async fn run_batch(
     engine: &Engine,
     opts: &BatchOptions,
-    stop: &StopFlag,
+    stop: &StopSignal,
 ) -> Result<BatchOutcome, EngineError> {
     let open_err = |e: std::io::Error| EngineError::Output {
         path: opts.manifest.clone(),
@@ -102,7 +87,8 @@ pub async fn run_batch(
     let slots = Arc::new(Semaphore::new(opts.queue.max(1)));
     let mut tasks: JoinSet<Result<ItemStatus, EngineError>> = JoinSet::new();
     let mut outcome = BatchOutcome::default();
-    let reader = ManifestReader::open(&opts.manifest, opts.root.as_deref()).map_err(open_err)?;
+    let reader = ManifestReader::open(&opts.manifest, opts.root.as_deref(), opts.strategy.clone())
+        .map_err(open_err)?;
     for entry in reader {
         let entry = entry.map_err(open_err)?;
         // Collect finished tasks as we go so errors surface early and memory stays flat.
@@ -152,7 +138,7 @@ pub async fn run_batch(
         }
         let permit = slots.clone().acquire_owned().await.expect("semaphore open");
         let (engine, log, bar) = (engine.clone(), log.clone(), bar.clone());
-        let strategy = item.spec.strategy(&opts.strategy);
+        let strategy = item.strategy.clone();
         let (out, width) = (opts.out.clone(), opts.width);
         tasks.spawn(async move {
             let result = run_item(&engine, &item, strategy, width, &out).await;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::outputs::write_atomic;
 use crate::error::EngineError;
+use crate::fsio::write_atomic;
 
 /// Outcome class of one item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +82,8 @@ impl SummaryLog {
         };
         std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
         let path = dir.join("summary.jsonl");
-        let (records, file) = crate::jsonl::open::<ItemResult>(&path).map_err(|e| err(&path, e))?;
+        let (records, file) =
+            crate::fsio::jsonl::open::<ItemResult>(&path).map_err(|e| err(&path, e))?;
         let latest = latest_per_id(records);
         Ok(Self { path, file, latest })
     }
@@ -94,7 +95,7 @@ impl SummaryLog {
 
     /// Appends a record and syncs it to disk before returning.
     pub fn append(&mut self, result: ItemResult) -> Result<(), EngineError> {
-        crate::jsonl::append(&mut self.file, std::slice::from_ref(&result)).map_err(|e| {
+        crate::fsio::jsonl::append(&mut self.file, std::slice::from_ref(&result)).map_err(|e| {
             EngineError::Output {
                 path: self.path.clone(),
                 reason: e.to_string(),
@@ -127,10 +128,11 @@ impl SummaryLog {
 
 /// Reads the latest record per id from a summary file (missing file = empty).
 pub fn read_latest(path: &Path) -> Result<BTreeMap<String, ItemResult>, EngineError> {
-    let records = crate::jsonl::read::<ItemResult>(path).map_err(|e| EngineError::Output {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let records =
+        crate::fsio::jsonl::read::<ItemResult>(path).map_err(|e| EngineError::Output {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     Ok(latest_per_id(records))
 }
 
@@ -146,7 +148,7 @@ pub fn write_jsonl(path: &Path, results: &[ItemResult]) -> Result<(), EngineErro
         text.push_str(&serde_json::to_string(r).expect("serialisable"));
         text.push('\n');
     }
-    write_atomic(path, text.as_bytes())
+    Ok(write_atomic(path, text.as_bytes())?)
 }
 
 /// The final table: counts, mean score, NFE, and each failure with its reason.

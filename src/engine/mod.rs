@@ -3,6 +3,7 @@
 //!
 //! The engine knows nothing about FLUX or any judge vendor; it only drives the two traits.
 
+pub mod contact_sheet;
 pub mod outputs;
 pub mod progress;
 pub mod report;
@@ -14,5 +15,7 @@ pub mod worker;
 pub use progress::{PhaseBars, Progress, Silent};
 pub use report::EditReport;
 pub use run::{EditJob, Engine};
-pub use strategy::{StrategyConfig, StrategyKind};
+pub use strategy::{
+    Seeds, StrategyConfig, StrategyError, StrategyKind, StrategyOverrides, ValueSource,
+};
 pub use worker::GeneratorWorker;

@@ -81,7 +81,7 @@ impl Engine {
         let t = Instant::now();
         let e = edit.clone();
         let prepared = self.worker.run(move |g| g.prepare(&e)).await??;
-        let schedule = Schedule::flux(job.strategy.steps, prepared.image_tokens);
+        let schedule = prepared.schedule(job.strategy.steps);
         let mut session = Session {
             engine: self,
             edit: edit.clone(),
@@ -477,7 +477,7 @@ impl Session<'_> {
         let states = self.start(seeds, init_latents).await?;
         let all: Vec<usize> = (0..states.len()).collect();
         // Short complete runs on a k-step schedule of their own.
-        let short = Arc::new(Schedule::flux(k, self.prepared.image_tokens));
+        let short = Arc::new(self.prepared.schedule(k));
         let t = Instant::now();
         let states = self
             .advance("short", short.clone(), &all, states, k)

@@ -1,6 +1,12 @@
 //! Scaling strategies as plain data, with their exact NFE (model forward) accounting.
 //!
 //! One NFE is one transformer forward for one candidate at one step.
+//!
+//! [`StrategyConfig::default`] is the one source of the defaults (N 8, k 4, M 2, 50
+//! steps): the CLI's flags, suite arms and manifest lines are all [`StrategyOverrides`]
+//! laid over it by [`StrategyOverrides::apply`], and [`StrategyConfig::check`] names the
+//! field the way its source writes it (`--probe-steps`, `probe_steps` in arm `ef`, manifest
+//! line 3).
 
 use serde::{Deserialize, Serialize};
 
@@ -36,10 +42,12 @@ impl StrategyKind {
     }
 }
 
-/// A strategy with its parameters.
+/// A strategy with its parameters. Missing fields take their defaults when deserialized.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StrategyConfig {
     /// Which strategy.
+    #[serde(alias = "strategy")]
     pub kind: StrategyKind,
     /// N: number of seed candidates (ignored by `random`, which uses one).
     pub seeds: usize,
@@ -51,6 +59,7 @@ pub struct StrategyConfig {
     /// Steps of the full schedule.
     pub steps: usize,
     /// Seed of candidate 0; candidate i uses `base_seed + i` unless `seed_list` is given.
+    #[serde(alias = "seed")]
     pub base_seed: u64,
     /// Explicit seeds, overriding `base_seed` (its length sets N).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -94,37 +103,72 @@ impl StrategyConfig {
         self.candidate_seeds().len()
     }
 
-    /// Rejects parameter combinations that cannot run, naming the option.
-    pub fn validate(&self) -> Result<(), EngineError> {
-        let bad = |m: String| Err(EngineError::Strategy(m));
+    /// Rejects parameter combinations that cannot run (the engine's own check; callers
+    /// that know where the values came from use [`StrategyConfig::check`]).
+    pub fn validate(&self) -> Result<(), StrategyError> {
+        self.check(&ValueSource::Program)
+    }
+
+    /// Rejects parameter combinations that cannot run, naming the field as `origin` writes
+    /// it and the bound it breaks.
+    pub fn check(&self, origin: &ValueSource) -> Result<(), StrategyError> {
+        let name = |f: StrategyField| origin.name(f);
+        let bad = |field: StrategyField, message: String| {
+            Err(StrategyError {
+                origin: origin.clone(),
+                field,
+                message,
+            })
+        };
         let n = self.candidate_count();
         if self.steps == 0 {
-            return bad("--steps must be at least 1".into());
+            return bad(
+                StrategyField::Steps,
+                format!("{} must be at least 1", name(StrategyField::Steps)),
+            );
         }
         if n == 0 {
-            return bad("--seeds must be at least 1".into());
+            return bad(
+                StrategyField::Seeds,
+                format!("{} must be at least 1", name(StrategyField::Seeds)),
+            );
         }
         match self.kind {
             StrategyKind::Random | StrategyKind::BestOfN => Ok(()),
             StrategyKind::EarlyFilter | StrategyKind::SuccessiveHalving => {
                 if self.probe_steps == 0 || self.probe_steps >= self.steps {
-                    return bad(format!(
-                        "--probe-steps {} must be between 1 and --steps - 1 ({})",
-                        self.probe_steps,
-                        self.steps - 1
-                    ));
+                    return bad(
+                        StrategyField::ProbeSteps,
+                        format!(
+                            "{} {} must be between 1 and {} - 1 ({})",
+                            name(StrategyField::ProbeSteps),
+                            self.probe_steps,
+                            name(StrategyField::Steps),
+                            self.steps - 1
+                        ),
+                    );
                 }
                 if self.keep == 0 || self.keep > n {
-                    return bad(format!(
-                        "--keep {} must be between 1 and the number of seeds ({n})",
-                        self.keep
-                    ));
+                    return bad(
+                        StrategyField::Keep,
+                        format!(
+                            "{} {} must be between 1 and the number of seeds ({n})",
+                            name(StrategyField::Keep),
+                            self.keep
+                        ),
+                    );
                 }
                 Ok(())
             }
             StrategyKind::Tournament => {
                 if self.probe_steps == 0 {
-                    return bad("--probe-steps (the short-run length) must be at least 1".into());
+                    return bad(
+                        StrategyField::ProbeSteps,
+                        format!(
+                            "{} (the short-run length) must be at least 1",
+                            name(StrategyField::ProbeSteps)
+                        ),
+                    );
                 }
                 Ok(())
             }
@@ -154,6 +198,170 @@ impl StrategyConfig {
                 nfe + alive * (steps - at)
             }
         }
+    }
+}
+
+/// A strategy parameter, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrategyField {
+    /// N.
+    Seeds,
+    /// k.
+    ProbeSteps,
+    /// M.
+    Keep,
+    /// Steps of the full schedule.
+    Steps,
+}
+
+impl StrategyField {
+    /// The command-line flag.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Seeds => "--seeds",
+            Self::ProbeSteps => "--probe-steps",
+            Self::Keep => "--keep",
+            Self::Steps => "--steps",
+        }
+    }
+
+    /// The key in suite and manifest files.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Seeds => "seeds",
+            Self::ProbeSteps => "probe_steps",
+            Self::Keep => "keep",
+            Self::Steps => "steps",
+        }
+    }
+}
+
+/// Where a strategy's values came from, so an error points at the place to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueSource {
+    /// Command-line flags (`--probe-steps`).
+    Flags,
+    /// An arm of an eval suite, by name.
+    SuiteArm(String),
+    /// A batch manifest line (1-based).
+    ManifestLine(usize),
+    /// Built by code; the engine's own check.
+    Program,
+}
+
+impl ValueSource {
+    /// A field's name as this source writes it.
+    pub fn name(&self, field: StrategyField) -> &'static str {
+        match self {
+            Self::Flags => field.flag(),
+            _ => field.key(),
+        }
+    }
+}
+
+impl std::fmt::Display for ValueSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Flags => write!(f, "command line"),
+            Self::SuiteArm(arm) => write!(f, "arm `{arm}`"),
+            Self::ManifestLine(line) => write!(f, "manifest line {line}"),
+            Self::Program => write!(f, "strategy"),
+        }
+    }
+}
+
+/// A strategy that cannot run: the field, where its value came from, and the bound it
+/// breaks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StrategyError {
+    /// Where the values came from.
+    pub origin: ValueSource,
+    /// The offending field.
+    pub field: StrategyField,
+    /// What is wrong, naming the field as the source writes it.
+    pub message: String,
+}
+
+impl std::fmt::Display for StrategyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.origin {
+            // A flag is named as typed; the engine's own check stands alone.
+            ValueSource::Flags | ValueSource::Program => write!(f, "{}", self.message),
+            origin => write!(f, "{origin}: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for StrategyError {}
+
+impl From<StrategyError> for EngineError {
+    fn from(e: StrategyError) -> Self {
+        EngineError::Strategy(e.to_string())
+    }
+}
+
+/// N as a count (`seeds = 8`) or the candidates' seeds as a list (`seeds = [3, 7, 11]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Seeds {
+    /// Spawn this many candidates, seeded `seed, seed + 1, ...`.
+    Count(usize),
+    /// Exactly these seeds, one candidate each.
+    List(Vec<u64>),
+}
+
+/// Strategy values as a flag set, a suite arm or a manifest line writes them: each one
+/// optional, laid over a base configuration by [`StrategyOverrides::apply`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StrategyOverrides {
+    /// The strategy (`random`, `best-of-n`, `early-filter`, `tournament`,
+    /// `successive-halving`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<StrategyKind>,
+    /// N, or the explicit seeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeds: Option<Seeds>,
+    /// k.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_steps: Option<usize>,
+    /// M.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<usize>,
+    /// Steps of the full schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// Seed of candidate 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl StrategyOverrides {
+    /// `base` with every value given here replacing its own. A `random` strategy spawns one
+    /// candidate, so its N is 1 unless a seed list says otherwise.
+    pub fn apply(&self, base: &StrategyConfig) -> StrategyConfig {
+        let mut s = base.clone();
+        if let Some(kind) = self.strategy {
+            s.kind = kind;
+        }
+        match &self.seeds {
+            Some(Seeds::Count(n)) => {
+                s.seeds = *n;
+                s.seed_list = None;
+            }
+            Some(Seeds::List(list)) => {
+                s.seeds = list.len();
+                s.seed_list = Some(list.clone());
+            }
+            None => {}
+        }
+        s.probe_steps = self.probe_steps.unwrap_or(s.probe_steps);
+        s.keep = self.keep.unwrap_or(s.keep);
+        s.steps = self.steps.unwrap_or(s.steps);
+        s.base_seed = self.seed.unwrap_or(s.base_seed);
+        if s.kind == StrategyKind::Random && s.seed_list.is_none() {
+            s.seeds = 1;
+        }
+        s
     }
 }
 
@@ -239,13 +447,57 @@ mod tests {
         assert_eq!(c.candidate_count(), 2);
         assert!(c.validate().is_ok());
         c.keep = 3;
-        assert!(c.validate().unwrap_err().to_string().contains("--keep"));
+        let err = c.check(&ValueSource::Flags).unwrap_err();
+        assert_eq!(err.field, StrategyField::Keep);
+        assert!(err.to_string().contains("--keep"), "{err}");
         let mut c = cfg(StrategyKind::EarlyFilter);
         c.probe_steps = 50;
         assert!(c
-            .validate()
+            .check(&ValueSource::Flags)
             .unwrap_err()
             .to_string()
-            .contains("--probe-steps"));
+            .starts_with("--probe-steps 50 must be between 1 and --steps - 1 (49)"));
+    }
+
+    #[test]
+    fn errors_name_the_field_as_its_source_writes_it() {
+        let c = StrategyConfig {
+            probe_steps: 50,
+            ..StrategyConfig::default()
+        };
+        let arm = c.check(&ValueSource::SuiteArm("ef".into())).unwrap_err();
+        assert_eq!(
+            arm.to_string(),
+            "arm `ef`: probe_steps 50 must be between 1 and steps - 1 (49)"
+        );
+        let line = c.check(&ValueSource::ManifestLine(3)).unwrap_err();
+        assert!(line
+            .to_string()
+            .starts_with("manifest line 3: probe_steps 50"));
+    }
+
+    #[test]
+    fn overrides_lay_over_the_defaults() {
+        let base = StrategyConfig::default();
+        let o: StrategyOverrides =
+            serde_json::from_str(r#"{"strategy": "best-of-n", "seeds": [3, 7], "steps": 28}"#)
+                .unwrap();
+        let s = o.apply(&base);
+        assert_eq!((s.kind, s.seeds, s.steps), (StrategyKind::BestOfN, 2, 28));
+        assert_eq!(s.candidate_seeds(), vec![3, 7]);
+        assert_eq!((s.probe_steps, s.keep), (base.probe_steps, base.keep));
+        let o: StrategyOverrides = toml::from_str("seeds = 16\nseed = 5").unwrap();
+        let s = o.apply(&base);
+        assert_eq!(s.candidate_seeds(), (5..21).collect::<Vec<_>>());
+        // Random spawns one candidate.
+        let o = StrategyOverrides {
+            strategy: Some(StrategyKind::Random),
+            ..Default::default()
+        };
+        assert_eq!(o.apply(&base).seeds, 1);
+        // A whole config deserializes with defaults for what is missing.
+        let c: StrategyConfig = toml::from_str("strategy = \"tournament\"").unwrap();
+        assert_eq!(c.kind, StrategyKind::Tournament);
+        assert_eq!(c.steps, 50);
     }
 }

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::edit::{load_image, load_image_bytes, resize_to_panel, EditContext, ImageLimits};
+pub use super::item::{EvalItem, ItemSource};
+use super::parquet;
 use crate::error::EditError;
-use crate::generate::testbed;
+use crate::models::testbed;
 
 /// Which dataset a suite evaluates on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,56 +51,6 @@ fn default_first_scene() -> u64 {
     1000
 }
 
-/// Where an item's source image comes from.
-#[derive(Debug, Clone)]
-pub enum ItemSource {
-    /// An image file.
-    File(PathBuf),
-    /// Encoded image bytes (from a parquet cell); `origin` names it in errors.
-    Bytes {
-        /// Encoded PNG/JPEG/WebP.
-        bytes: Vec<u8>,
-        /// `file.parquet row N`.
-        origin: String,
-    },
-    /// A testbed scene seed.
-    Testbed(u64),
-}
-
-/// One evaluation item.
-#[derive(Debug, Clone)]
-pub struct EvalItem {
-    /// Unique id.
-    pub id: String,
-    /// The source image.
-    pub source: ItemSource,
-    /// The instruction.
-    pub instruction: String,
-    /// Task type (for the per-task breakdown).
-    pub task: Option<String>,
-    /// Instruction language, when the dataset has one.
-    pub language: Option<String>,
-}
-
-impl EvalItem {
-    /// The item as an edit, resized to `width`.
-    pub fn to_edit(&self, width: u32) -> Result<EditContext, EditError> {
-        let image = match &self.source {
-            ItemSource::Testbed(seed) => return Ok(testbed::make_edit(*seed, width)),
-            ItemSource::File(path) => load_image(path, ImageLimits::default())?,
-            ItemSource::Bytes { bytes, origin } => {
-                load_image_bytes(bytes, origin, ImageLimits::default())?
-            }
-        };
-        let panel = resize_to_panel(&image, width)?;
-        let mut edit = EditContext::new(self.id.clone(), panel, self.instruction.clone());
-        if let Some(task) = &self.task {
-            edit.meta.insert("task".into(), task.clone());
-        }
-        Ok(edit)
-    }
-}
-
 /// Filtering and sub-sampling applied after loading.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,14 +75,10 @@ fn invalid(path: &Path, what: impl std::fmt::Display) -> EditError {
 pub fn load(spec: &DatasetSpec, selection: &Selection) -> Result<Vec<EvalItem>, EditError> {
     let items = match spec {
         DatasetSpec::Jsonl { path } => load_jsonl(path)?,
-        DatasetSpec::EmuEdit { path } => {
-            super::parquet::load(path, super::parquet::Layout::EmuEdit, None)?
+        DatasetSpec::EmuEdit { path } => parquet::load(path, parquet::Layout::EmuEdit, None)?,
+        DatasetSpec::GeditBench { path, language } => {
+            parquet::load(path, parquet::Layout::GeditBench, language.as_deref())?
         }
-        DatasetSpec::GeditBench { path, language } => super::parquet::load(
-            path,
-            super::parquet::Layout::GeditBench,
-            language.as_deref(),
-        )?,
         DatasetSpec::Testbed { edits, first_scene } => (0..*edits as u64)
             .map(|i| {
                 let seed = first_scene + i;

@@ -7,6 +7,7 @@
 //! ([`store::ResultStore`]); [`report`] aggregates them with [`stats`].
 
 pub mod dataset;
+pub mod item;
 pub mod parquet;
 pub mod report;
 pub mod runner;

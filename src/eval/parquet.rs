@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::{Field, Row};
 
-use super::dataset::{EvalItem, ItemSource};
+use super::item::{EvalItem, ItemSource};
 use crate::error::EditError;
 
 /// Which column names to read.

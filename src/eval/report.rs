@@ -112,7 +112,7 @@ pub fn build(suite: &Suite, results: &[ArmResult], arm_order: &[String]) -> Eval
     let baseline = suite
         .arms
         .iter()
-        .find(|a| a.strategy == crate::engine::StrategyKind::Random)
+        .find(|a| suite.config(a).kind == crate::engine::StrategyKind::Random)
         .map(|a| a.name.clone());
     let base_scores: BTreeMap<&str, f64> = baseline
         .as_deref()
@@ -248,7 +248,7 @@ impl EvalReport {
         md.push_str(&format!(
             "{} items, {} steps, width {}; selection judge `{}` (seed {}), evaluation judge `{}` (seed {}).{}\nIntervals are 95% percentile bootstrap ({} resamples); differences are paired per item against the random baseline, with a paired t-test.\n\n",
             self.items,
-            s.steps,
+            s.base_strategy().steps,
             s.width,
             s.selection_judge.judge,
             s.selection_judge.seed,
@@ -446,11 +446,8 @@ impl EvalReport {
 
     /// Writes `results.json`, `report.md` and `score_vs_nfe.svg` under `out`.
     pub fn write(&self, out: &Path) -> anyhow::Result<()> {
-        crate::engine::outputs::write_atomic(
-            &out.join("results.json"),
-            &serde_json::to_vec_pretty(self)?,
-        )?;
-        crate::engine::outputs::write_atomic(&out.join("report.md"), self.markdown().as_bytes())?;
+        crate::fsio::write_atomic(&out.join("results.json"), &serde_json::to_vec_pretty(self)?)?;
+        crate::fsio::write_atomic(&out.join("report.md"), self.markdown().as_bytes())?;
         self.plot(&out.join("score_vs_nfe.svg"))
     }
 }

@@ -5,19 +5,19 @@
 //! seed and schedule: the identical trajectory), and best-of-n for every n < N is read from
 //! the same best-of-N run (the first n candidates, picked by the selection judge's VIE O).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use image::RgbImage;
 
-use super::dataset::{EvalItem, ItemSource};
+use super::item::{EvalItem, ItemSource};
 use super::store::{ArmResult, EvalScore, ResultStore, Scores};
 use super::suite::{Arm, Suite};
 use crate::edit::EditContext;
 use crate::engine::report::{EditReport, VieRecord};
 use crate::engine::{EditJob, Engine, Silent, StrategyKind};
-use crate::generate::testbed::{self, OutcomeLabel};
 use crate::judge::{vie_score, Judge};
+use crate::models::testbed::{self, OutcomeLabel};
+use crate::stop::StopSignal;
 
 /// The name of the derived best-of-n arm read from best-of-N arm `source`.
 pub fn prefix_arm_name(source: &str, n: usize) -> String {
@@ -28,8 +28,9 @@ pub fn prefix_arm_name(source: &str, n: usize) -> String {
 pub fn arm_names(suite: &Suite) -> Vec<String> {
     let mut names = Vec::new();
     for arm in &suite.arms {
-        if arm.strategy == StrategyKind::BestOfN {
-            names.extend((2..arm.seeds).map(|n| prefix_arm_name(&arm.name, n)));
+        let config = suite.config(arm);
+        if config.kind == StrategyKind::BestOfN {
+            names.extend((2..config.candidate_count()).map(|n| prefix_arm_name(&arm.name, n)));
         }
         names.push(arm.name.clone());
     }
@@ -43,7 +44,7 @@ pub struct EvalContext {
     /// The evaluation judge when it differs from the selection judge.
     pub eval_judge: Option<Arc<dyn Judge>>,
     /// Set to stop after the item in progress.
-    pub stop: Arc<AtomicBool>,
+    pub stop: StopSignal,
     /// The testbed generator's difficulty (to classify testbed outcomes).
     pub testbed_difficulty: f32,
 }
@@ -218,17 +219,18 @@ pub async fn run_suite(
 ) -> anyhow::Result<()> {
     // Best-of-N arms first, so random and the prefixes can be read from them.
     let mut order: Vec<&Arm> = suite.arms.iter().collect();
-    order.sort_by_key(|a| a.strategy != StrategyKind::BestOfN);
+    order.sort_by_key(|a| suite.config(a).kind != StrategyKind::BestOfN);
     for item in items {
-        if ctx.stop.load(Ordering::SeqCst) {
+        if ctx.stop.is_set() {
             break;
         }
         let pending: Vec<&Arm> = order
             .iter()
             .copied()
             .filter(|arm| {
-                let derived_pending = arm.strategy == StrategyKind::BestOfN
-                    && (2..arm.seeds)
+                let config = suite.config(arm);
+                let derived_pending = config.kind == StrategyKind::BestOfN
+                    && (2..config.candidate_count())
                         .any(|n| !store.is_done(&item.id, &prefix_arm_name(&arm.name, n)));
                 !store.is_done(&item.id, &arm.name) || derived_pending
             })
@@ -263,6 +265,7 @@ pub async fn run_suite(
         };
         let mut best_of_n: Option<(String, EditReport)> = None;
         for arm in pending {
+            let config = suite.config(arm);
             let mut records = Vec::new();
             if let (Some(source), Some((name, report))) = (suite.random_source(arm), &best_of_n) {
                 if &source.name == name {
@@ -274,14 +277,14 @@ pub async fn run_suite(
             if records.is_empty() {
                 let job = EditJob {
                     edit: edit.clone(),
-                    strategy: suite.config(arm),
+                    strategy: config.clone(),
                     init_latents: Vec::new(),
                 };
                 match ctx.engine.run(job, Arc::new(Silent)).await {
                     Ok(report) => {
                         records.push(from_report(item, &arm.name, &report, &scorer).await);
-                        if arm.strategy == StrategyKind::BestOfN {
-                            for n in 2..arm.seeds {
+                        if config.kind == StrategyKind::BestOfN {
+                            for n in 2..config.candidate_count() {
                                 let name = prefix_arm_name(&arm.name, n);
                                 if !store.is_done(&item.id, &name) {
                                     records.push(

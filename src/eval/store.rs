@@ -73,7 +73,7 @@ impl ResultStore {
     pub fn open(out: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(out)?;
         let path = out.join("results.jsonl");
-        let (mut results, file) = crate::jsonl::open::<ArmResult>(&path)?;
+        let (mut results, file) = crate::fsio::jsonl::open::<ArmResult>(&path)?;
         let mut done = HashSet::new();
         // Failed items are retried on the next run; finished ones are kept.
         results.retain(|r: &ArmResult| {
@@ -100,7 +100,7 @@ impl ResultStore {
         if fresh.is_empty() {
             return Ok(());
         }
-        crate::jsonl::append(&mut self.file, &fresh)?;
+        crate::fsio::jsonl::append(&mut self.file, &fresh)?;
         for r in fresh {
             if r.error.is_none() {
                 self.done.insert((r.item.clone(), r.arm.clone()));

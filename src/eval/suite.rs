@@ -2,45 +2,31 @@
 //! (each with its parameters), the judge that selects inside the strategies and a separate
 //! judge that scores the returned edits.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::dataset::{DatasetSpec, Selection};
-use crate::engine::{StrategyConfig, StrategyKind};
+use crate::engine::{StrategyConfig, StrategyKind, StrategyOverrides, ValueSource};
 use crate::error::EditError;
 
-/// One strategy arm of a suite.
+/// One strategy arm of a suite: a name and the strategy values that differ from the
+/// suite's (`strategy` is required; `seeds`, `probe_steps`, `keep`, `steps`, `seed` are
+/// optional and default to the suite's, then to [`StrategyConfig::default`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Arm {
     /// Name in reports, e.g. `ef-8-4-2`.
     pub name: String,
-    /// Strategy kind (`random`, `best-of-n`, `early-filter`, `tournament`, `successive-halving`).
-    pub strategy: StrategyKind,
-    /// N (ignored by `random`).
-    #[serde(default = "default_seeds")]
-    pub seeds: usize,
-    /// k.
-    #[serde(default = "default_probe")]
-    pub probe_steps: usize,
-    /// M.
-    #[serde(default = "default_keep")]
-    pub keep: usize,
+    /// The strategy values of this arm.
+    #[serde(flatten)]
+    pub overrides: StrategyOverrides,
+    /// Keys that are none of the above (refused by [`Suite::validate`]; serde cannot deny
+    /// unknown fields next to a flattened struct).
+    #[serde(flatten, skip_serializing)]
+    pub unknown: BTreeMap<String, toml::Value>,
 }
 
-fn default_seeds() -> usize {
-    8
-}
-fn default_probe() -> usize {
-    4
-}
-fn default_keep() -> usize {
-    2
-}
-fn default_steps() -> usize {
-    50
-}
 fn default_width() -> u32 {
     512
 }
@@ -80,12 +66,12 @@ pub struct Suite {
     /// Panel width items are resized to.
     #[serde(default = "default_width")]
     pub width: u32,
-    /// Steps of the full schedule for every arm.
-    #[serde(default = "default_steps")]
-    pub steps: usize,
+    /// Steps of the full schedule for every arm (default: [`StrategyConfig::default`]'s).
+    #[serde(default)]
+    pub steps: Option<usize>,
     /// Seed of candidate 0 (candidate i uses base_seed + i) for every arm.
     #[serde(default)]
-    pub base_seed: u64,
+    pub base_seed: Option<u64>,
     /// The arms; the first `random` arm is the baseline of the paired comparisons.
     pub arms: Vec<Arm>,
     /// The judge used inside the strategies (screening, comparing, picking).
@@ -138,28 +124,39 @@ impl Suite {
             if !names.insert(&arm.name) {
                 return Err(format!("arm name `{}` used twice", arm.name));
             }
+            if let Some(key) = arm.unknown.keys().next() {
+                return Err(format!(
+                    "arm `{}`: unknown key `{key}` (expected name, strategy, seeds, probe_steps, keep, steps, seed)",
+                    arm.name
+                ));
+            }
+            if arm.overrides.strategy.is_none() {
+                return Err(format!(
+                    "arm `{}`: missing `strategy` (random, best-of-n, early-filter, tournament or successive-halving)",
+                    arm.name
+                ));
+            }
             self.config(arm)
-                .validate()
-                .map_err(|e| format!("arm `{}`: {e}", arm.name))?;
+                .check(&ValueSource::SuiteArm(arm.name.clone()))
+                .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
 
+    /// The strategy every arm starts from: the defaults with the suite's `steps` and
+    /// `base_seed`.
+    pub fn base_strategy(&self) -> StrategyConfig {
+        StrategyOverrides {
+            steps: self.steps,
+            seed: self.base_seed,
+            ..StrategyOverrides::default()
+        }
+        .apply(&StrategyConfig::default())
+    }
+
     /// The engine configuration of an arm.
     pub fn config(&self, arm: &Arm) -> StrategyConfig {
-        StrategyConfig {
-            kind: arm.strategy,
-            seeds: if arm.strategy == StrategyKind::Random {
-                1
-            } else {
-                arm.seeds
-            },
-            probe_steps: arm.probe_steps,
-            keep: arm.keep,
-            steps: self.steps,
-            base_seed: self.base_seed,
-            seed_list: None,
-        }
+        arm.overrides.apply(&self.base_strategy())
     }
 
     /// The judge that scores returned edits.
@@ -175,11 +172,11 @@ impl Suite {
     /// The best-of-N arm a `random` arm can be read from: same seeds and schedule, so its
     /// candidate 0 is exactly the random run.
     pub fn random_source(&self, arm: &Arm) -> Option<&Arm> {
-        (arm.strategy == StrategyKind::Random)
+        (self.config(arm).kind == StrategyKind::Random)
             .then(|| {
                 self.arms
                     .iter()
-                    .find(|a| a.strategy == StrategyKind::BestOfN)
+                    .find(|a| self.config(a).kind == StrategyKind::BestOfN)
             })
             .flatten()
     }

@@ -1,10 +1,13 @@
-//! Generators: the image-producing side of an edit.
+//! Generators: the image-producing role of an edit.
 //!
-//! A backend implements [`Generator`]: it prepares an edit's shared conditioning once,
-//! predicts the flow-matching velocity for a batch of candidate latents, and decodes
-//! latents to the right panel. Everything that must be identical across backends, the
-//! schedule, the seeded noise, the Euler sampler, the x0 preview and the resumable
-//! [`CandidateState`], lives here and is written once.
+//! A backend implements [`Generator`]: it prepares an edit's shared conditioning once
+//! (and chooses the schedule's shift for it), predicts the flow-matching velocity for a
+//! batch of candidate latents, and decodes latents to the right panel. Everything that must
+//! be identical across backends, the schedule, the seeded noise, the Euler sampler, the x0
+//! preview and the resumable [`CandidateState`], lives here and is written once.
+//!
+//! The backends are adapters over model code in [`crate::models`]: [`flux`] makes FLUX.1
+//! Fill a generator, [`testbed`] the testbed's mixture flow.
 
 pub mod flux;
 pub mod noise;
@@ -37,10 +40,20 @@ pub struct GeneratorInfo {
 pub struct PreparedEdit {
     /// The generator's handle for the shared conditioning.
     pub key: u64,
-    /// Packed image tokens of the diptych (drives the schedule's shift `mu`).
+    /// Packed image tokens of the diptych.
     pub image_tokens: usize,
     /// Shape of one candidate's latent state, without a batch dimension.
     pub latent_shape: Vec<usize>,
+    /// The time shift of this edit's schedules, chosen by the generator (FLUX: from the
+    /// image-token count), so the engine holds no model constant.
+    pub mu: f64,
+}
+
+impl PreparedEdit {
+    /// This edit's schedule of `steps` steps.
+    pub fn schedule(&self, steps: usize) -> Schedule {
+        Schedule::shifted(steps, self.mu)
+    }
 }
 
 /// How a decode will be used: previews may take a cheaper path than finals.

@@ -1,23 +1,8 @@
-//! The flow-matching schedule of FLUX.1 (diffusers `FluxFillPipeline` +
-//! `FlowMatchEulerDiscreteScheduler` with dynamic shifting).
+//! The flow-matching schedule every generator samples with (diffusers
+//! `FlowMatchEulerDiscreteScheduler` with a time shift): the generator picks the shift `mu`
+//! for an edit (FLUX: from its image-token count), the schedule follows from it.
 
 use serde::{Deserialize, Serialize};
-
-/// Token counts and shifts between which `mu` is interpolated (FLUX scheduler config).
-pub const BASE_IMAGE_SEQ_LEN: f64 = 256.0;
-/// See [`BASE_IMAGE_SEQ_LEN`].
-pub const MAX_IMAGE_SEQ_LEN: f64 = 4096.0;
-/// `mu` at [`BASE_IMAGE_SEQ_LEN`] tokens.
-pub const BASE_SHIFT: f64 = 0.5;
-/// `mu` at [`MAX_IMAGE_SEQ_LEN`] tokens.
-pub const MAX_SHIFT: f64 = 1.15;
-
-/// The shift parameter `mu`, linear in the number of image tokens.
-pub fn flux_mu(image_tokens: usize) -> f64 {
-    let m = (MAX_SHIFT - BASE_SHIFT) / (MAX_IMAGE_SEQ_LEN - BASE_IMAGE_SEQ_LEN);
-    let b = BASE_SHIFT - m * BASE_IMAGE_SEQ_LEN;
-    image_tokens as f64 * m + b
-}
 
 /// The exponential time shift: `e^mu / (e^mu + 1/sigma - 1)`.
 pub fn time_shift(mu: f64, sigma: f64) -> f64 {
@@ -32,20 +17,17 @@ pub fn time_shift(mu: f64, sigma: f64) -> f64 {
 pub struct Schedule {
     /// Number of Euler steps (model forwards) in the full run.
     pub steps: usize,
-    /// The dynamic shift used.
+    /// The time shift used.
     pub mu: f64,
     /// `steps + 1` values, strictly decreasing, last one 0.
     pub sigmas: Vec<f64>,
 }
 
 impl Schedule {
-    /// The FLUX schedule for `steps` steps over an image of `image_tokens` packed tokens.
-    ///
-    /// sigmas = linspace(1, 1/steps, steps), shifted by [`time_shift`] with
-    /// `mu = flux_mu(image_tokens)`, then a final 0.
-    pub fn flux(steps: usize, image_tokens: usize) -> Self {
+    /// The shifted schedule of `steps` steps: sigmas = linspace(1, 1/steps, steps), each
+    /// shifted by [`time_shift`] with `mu`, then a final 0.
+    pub fn shifted(steps: usize, mu: f64) -> Self {
         assert!(steps > 0, "a schedule needs at least one step");
-        let mu = flux_mu(image_tokens);
         let n = steps as f64;
         let mut sigmas: Vec<f64> = (0..steps)
             .map(|i| {
@@ -71,17 +53,12 @@ impl Schedule {
 mod tests {
     use super::*;
 
-    #[test]
-    fn mu_for_a_512_square_source() {
-        // 1024x512 diptych -> 128x64 latent -> 64x32 = 2048 packed tokens.
-        assert!((flux_mu(2048) - 0.80333).abs() < 1e-4, "{}", flux_mu(2048));
-        assert!((flux_mu(256) - 0.5).abs() < 1e-12);
-        assert!((flux_mu(4096) - 1.15).abs() < 1e-12);
-    }
+    /// FLUX's `mu` for a 1024x512 diptych (2048 image tokens).
+    const MU_2048: f64 = 0.8033333333333332;
 
     #[test]
     fn schedule_matches_diffusers_values() {
-        let s = Schedule::flux(50, 2048);
+        let s = Schedule::shifted(50, MU_2048);
         assert_eq!(s.sigmas.len(), 51);
         assert_eq!(s.sigmas[0], 1.0);
         assert_eq!(s.sigmas[50], 0.0);
@@ -92,15 +69,15 @@ mod tests {
         assert!(s.sigmas.windows(2).all(|w| w[0] > w[1]));
         // Spot value computed with diffusers' FlowMatchEulerDiscreteScheduler (28 steps, mu for
         // 2048 tokens): sigmas[1] = 0.98368...
-        let s28 = Schedule::flux(28, 2048);
+        let s28 = Schedule::shifted(28, MU_2048);
         let lin = 1.0 + (1.0 / 28.0 - 1.0) / 27.0;
-        assert!((s28.sigmas[1] - time_shift(flux_mu(2048), lin)).abs() < 1e-12);
+        assert!((s28.sigmas[1] - time_shift(MU_2048, lin)).abs() < 1e-12);
         assert!((s28.sigmas[1] - 0.98368).abs() < 1e-4, "{}", s28.sigmas[1]);
     }
 
     #[test]
     fn single_step_schedule_is_one_to_zero() {
-        let s = Schedule::flux(1, 2048);
+        let s = Schedule::shifted(1, MU_2048);
         assert_eq!(s.sigmas, vec![1.0, 0.0]);
     }
 }

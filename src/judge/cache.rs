@@ -62,7 +62,7 @@ impl ReplyCache {
     pub fn put(&self, key: &str, reply: &CachedReply) {
         let path = self.path(key);
         let json = serde_json::to_vec(reply).expect("serialisable");
-        if let Err(e) = crate::engine::outputs::write_atomic(&path, &json) {
+        if let Err(e) = crate::fsio::write_atomic(&path, &json) {
             tracing::warn!("judge cache: {e}");
         }
     }

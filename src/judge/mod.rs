@@ -9,7 +9,7 @@ pub mod cache;
 pub mod openai;
 pub mod parse;
 pub mod prompts;
-pub mod qwen2vl;
+pub mod qwen_vl;
 pub mod testbed;
 pub mod vie;
 

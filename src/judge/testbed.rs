@@ -19,7 +19,7 @@ use super::{
     CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
 };
 use crate::edit::EditContext;
-use crate::generate::testbed::outcomes::{classify, mse, outcome_set, OutcomeLabel};
+use crate::models::testbed::outcomes::{classify, mse, outcome_set, OutcomeLabel};
 
 /// The error model.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

@@ -9,6 +9,7 @@ use icedit_scale::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEd
 use icedit_scale::judge::{
     CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
 };
+use icedit_scale::models::flux::scheduler::DynamicShift;
 use image::{Rgb, RgbImage};
 
 /// Flows each latent element to the sign of where it is heading (a two-point mixture per
@@ -25,10 +26,12 @@ impl Generator for SignGenerator {
     }
     fn prepare(&mut self, edit: &EditContext) -> Result<PreparedEdit, GenerateError> {
         let (w, h) = edit.panel_size();
+        let image_tokens = (w as usize / 16) * (h as usize / 8);
         Ok(PreparedEdit {
             key: 0,
-            image_tokens: (w as usize / 16) * (h as usize / 8),
+            image_tokens,
             latent_shape: vec![8],
+            mu: DynamicShift::FLUX.mu(image_tokens),
         })
     }
     fn velocity(

@@ -4,10 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use super::config::FluxConfig;
-use super::text::EncoderFiles;
 use super::vae::VaeConfig;
 use super::weights::{KeyLayout, WeightSource};
-use crate::error::GenerateError;
+use crate::error::ModelError;
+use crate::fsio::read_json;
+use crate::hub::{resolve_snapshot, shards};
 
 /// What the user pointed at.
 #[derive(Debug, Clone, Default)]
@@ -21,6 +22,17 @@ pub struct FluxPaths {
     /// A folder with `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`
     /// (defaults to the model folder).
     pub text_encoders: Option<PathBuf>,
+}
+
+/// Where one text encoder's files are.
+#[derive(Debug, Clone)]
+pub struct EncoderFiles {
+    /// `config.json`.
+    pub config: PathBuf,
+    /// Weight shards.
+    pub weights: Vec<PathBuf>,
+    /// The tokenizer folder (`tokenizer.json`, or CLIP's `vocab.json` + `merges.txt`).
+    pub tokenizer_dir: PathBuf,
 }
 
 /// Every file the generator needs, resolved.
@@ -44,76 +56,11 @@ pub struct FluxFiles {
     pub t5: EncoderFiles,
 }
 
-fn missing(path: &Path, what: &str) -> GenerateError {
-    GenerateError::Weights {
-        path: path.to_path_buf(),
-        reason: format!("not found ({what})"),
-    }
+fn missing(path: &Path, what: &str) -> ModelError {
+    ModelError::files(path, format!("not found ({what})"))
 }
 
-/// A Hugging Face cache entry resolves to the snapshot `refs/main` names, or its only one.
-pub fn resolve_snapshot(dir: &Path) -> Result<PathBuf, GenerateError> {
-    let snapshots = dir.join("snapshots");
-    if !snapshots.is_dir() {
-        return Ok(dir.to_path_buf());
-    }
-    if let Ok(rev) = std::fs::read_to_string(dir.join("refs").join("main")) {
-        let chosen = snapshots.join(rev.trim());
-        if chosen.is_dir() {
-            return Ok(chosen);
-        }
-    }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(&snapshots)
-        .map_err(|e| GenerateError::Weights {
-            path: snapshots.clone(),
-            reason: e.to_string(),
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    entries.sort();
-    match entries.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(missing(
-            &snapshots,
-            "no snapshot in this Hugging Face cache entry",
-        )),
-        _ => Err(GenerateError::Weights {
-            path: snapshots,
-            reason: "several snapshots and no refs/main; point --model-dir at one snapshot".into(),
-        }),
-    }
-}
-
-/// The safetensors shards of a component folder (all `*.safetensors` in it, sorted).
-pub(crate) fn shards(dir: &Path) -> Result<Vec<PathBuf>, GenerateError> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|_| missing(dir, "component folder"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(missing(dir, "no .safetensors files in this folder"));
-    }
-    Ok(files)
-}
-
-/// Reads a JSON config file; errors name it.
-pub(crate) fn read_config<T: for<'de> serde::Deserialize<'de>>(
-    path: &Path,
-) -> Result<T, GenerateError> {
-    let text = std::fs::read_to_string(path).map_err(|e| GenerateError::Weights {
-        path: path.to_path_buf(),
-        reason: format!("cannot read: {e}"),
-    })?;
-    serde_json::from_str(&text).map_err(|e| GenerateError::Weights {
-        path: path.to_path_buf(),
-        reason: format!("invalid JSON: {e}"),
-    })
-}
-
-fn encoder(root: &Path, weights: &str, tokenizer: &str) -> Result<EncoderFiles, GenerateError> {
+fn encoder(root: &Path, weights: &str, tokenizer: &str) -> Result<EncoderFiles, ModelError> {
     let dir = root.join(weights);
     let tokenizer_dir = root.join(tokenizer);
     if !tokenizer_dir.is_dir() {
@@ -131,7 +78,7 @@ fn transformer_layout(
     files: &[PathBuf],
     probe: &WeightSource,
     config: &FluxConfig,
-) -> Result<KeyLayout, GenerateError> {
+) -> Result<KeyLayout, ModelError> {
     let bfl = [
         "double_blocks.0.img_attn.qkv.weight",
         "model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
@@ -146,7 +93,7 @@ fn transformer_layout(
     {
         Ok(KeyLayout::Diffusers)
     } else {
-        Err(GenerateError::Weights {
+        Err(ModelError::Files {
             path: files[0].clone(),
             reason:
                 "neither BFL (`double_blocks.*`) nor diffusers (`transformer_blocks.*`) FLUX keys"
@@ -157,7 +104,7 @@ fn transformer_layout(
 
 /// Infers the transformer config of a BFL file without a `config.json` (the FLUX.1 family:
 /// 128-wide heads, RoPE axes 16/56/56), reading widths and depths from tensor shapes.
-fn infer_bfl_config(file: &Path, probe: &WeightSource) -> Result<FluxConfig, GenerateError> {
+fn infer_bfl_config(file: &Path, probe: &WeightSource) -> Result<FluxConfig, ModelError> {
     let p = if probe.has_key("img_in.weight") {
         ""
     } else {
@@ -166,7 +113,7 @@ fn infer_bfl_config(file: &Path, probe: &WeightSource) -> Result<FluxConfig, Gen
     let shape = |k: &str| {
         probe
             .key_shape(&format!("{p}{k}"))
-            .ok_or_else(|| GenerateError::Weights {
+            .ok_or_else(|| ModelError::Files {
                 path: file.to_path_buf(),
                 reason: format!("missing tensor `{p}{k}`"),
             })
@@ -188,7 +135,7 @@ fn infer_bfl_config(file: &Path, probe: &WeightSource) -> Result<FluxConfig, Gen
     let img_in = shape("img_in.weight")?;
     let head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")?[0];
     if head_dim != 128 {
-        return Err(GenerateError::Weights {
+        return Err(ModelError::Files {
             path: file.to_path_buf(),
             reason: format!("head width {head_dim}: RoPE axes unknown; give a folder with transformer/config.json"),
         });
@@ -210,7 +157,7 @@ fn infer_bfl_config(file: &Path, probe: &WeightSource) -> Result<FluxConfig, Gen
 
 impl FluxFiles {
     /// Resolves every file, failing with the first missing one named.
-    pub fn discover(paths: &FluxPaths) -> Result<Self, GenerateError> {
+    pub fn discover(paths: &FluxPaths) -> Result<Self, ModelError> {
         let root = match &paths.model_dir {
             Some(dir) if !dir.is_dir() => return Err(missing(dir, "model folder")),
             Some(dir) => Some(resolve_snapshot(dir)?),
@@ -220,7 +167,7 @@ impl FluxFiles {
             (Some(dir), _) => resolve_snapshot(dir)?,
             (None, Some(dir)) => dir.clone(),
             (None, None) => {
-                return Err(GenerateError::Input(
+                return Err(ModelError::Config(
                     "FLUX needs --model-dir (diffusers folder or HF snapshot), or --text-encoders with --transformer and --vae".into(),
                 ))
             }
@@ -235,7 +182,7 @@ impl FluxFiles {
             }
             (None, Some(r)) => return Err(missing(&r.join("transformer"), "transformer weights")),
             (None, None) => {
-                return Err(GenerateError::Input(
+                return Err(ModelError::Config(
                     "--transformer is required without --model-dir".into(),
                 ))
             }
@@ -247,12 +194,12 @@ impl FluxFiles {
             .map(|r| r.join("transformer").join("config.json"))
             .find(|p| p.is_file());
         let transformer_config = match config_path {
-            Some(p) => read_config::<FluxConfig>(&p)?,
+            Some(p) => read_json::<FluxConfig>(&p)?,
             None => infer_bfl_config(&transformer[0], &probe)?,
         };
         transformer_config
             .validate()
-            .map_err(|reason| GenerateError::Weights {
+            .map_err(|reason| ModelError::Files {
                 path: transformer[0].clone(),
                 reason,
             })?;
@@ -265,7 +212,7 @@ impl FluxFiles {
             (None, Some(r)) if r.join("ae.safetensors").is_file() => vec![r.join("ae.safetensors")],
             (None, Some(r)) => return Err(missing(&r.join("vae"), "autoencoder weights")),
             (None, None) => {
-                return Err(GenerateError::Input(
+                return Err(ModelError::Config(
                     "--vae is required without --model-dir".into(),
                 ))
             }
@@ -277,7 +224,7 @@ impl FluxFiles {
             .map(|r| r.join("vae").join("config.json"))
             .find(|p| p.is_file());
         let vae_config = match vae_config_path {
-            Some(p) => read_config::<VaeConfig>(&p)?,
+            Some(p) => read_json::<VaeConfig>(&p)?,
             None => VaeConfig::flux(),
         };
         let vae_layout = if vae_probe.has_key("encoder.down.0.block.0.conv1.weight") {

@@ -1,7 +1,7 @@
 //! The two text encoders FLUX conditions on: T5 (token states, 512 tokens at full size) and
 //! CLIP-L (pooled vector), with their tokenizers. Encoded once per edit.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -12,26 +12,16 @@ use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use super::files::read_config;
+use super::files::EncoderFiles;
 use super::weights::{var_builder, weights_error, KeyLayout, WeightSource};
-use crate::error::GenerateError;
+use crate::error::ModelError;
+use crate::fsio::read_json;
 
 /// CLIP's context length.
 pub const CLIP_TOKENS: usize = 77;
 
-/// Where one text encoder's files are.
-#[derive(Debug, Clone)]
-pub struct EncoderFiles {
-    /// `config.json`.
-    pub config: PathBuf,
-    /// Weight shards.
-    pub weights: Vec<PathBuf>,
-    /// The tokenizer folder (`tokenizer.json`, or CLIP's `vocab.json` + `merges.txt`).
-    pub tokenizer_dir: PathBuf,
-}
-
-fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> GenerateError {
-    GenerateError::Weights {
+fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Files {
         path: path.to_path_buf(),
         reason: format!("tokenizer: {e}"),
     }
@@ -39,19 +29,19 @@ fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> GenerateError {
 
 /// Loads `dir/tokenizer.json`, or builds CLIP's byte-level BPE from `vocab.json` +
 /// `merges.txt` (how the FLUX repositories ship the CLIP tokenizer).
-pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, GenerateError> {
+pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, ModelError> {
     let json = dir.join("tokenizer.json");
     if json.is_file() {
         return Tokenizer::from_file(&json).map_err(|e| tokenizer_error(&json, e));
     }
     let (vocab_path, merges_path) = (dir.join("vocab.json"), dir.join("merges.txt"));
     if !vocab_path.is_file() || !merges_path.is_file() {
-        return Err(GenerateError::Weights {
+        return Err(ModelError::Files {
             path: dir.to_path_buf(),
             reason: "no tokenizer.json, and no vocab.json + merges.txt to build one from".into(),
         });
     }
-    let vocab: serde_json::Map<String, serde_json::Value> = read_config(&vocab_path)?;
+    let vocab: serde_json::Map<String, serde_json::Value> = read_json(&vocab_path)?;
     let merges: Vec<Vec<String>> = std::fs::read_to_string(&merges_path)
         .map_err(|e| tokenizer_error(&merges_path, e))?
         .lines()
@@ -98,14 +88,14 @@ pub fn token_ids(
     text: &str,
     len: usize,
     pad_id: u32,
-) -> Result<Vec<u32>, GenerateError> {
+) -> Result<Vec<u32>, ModelError> {
     let mut tokenizer = tokenizer.clone();
     tokenizer
         .with_truncation(Some(TruncationParams {
             max_length: len,
             ..Default::default()
         }))
-        .map_err(|e| GenerateError::Input(format!("tokenizer: {e}")))?;
+        .map_err(|e| ModelError::Input(format!("tokenizer: {e}")))?;
     tokenizer.with_padding(Some(PaddingParams {
         strategy: PaddingStrategy::Fixed(len),
         pad_id,
@@ -113,7 +103,7 @@ pub fn token_ids(
     }));
     let encoding = tokenizer
         .encode(text, true)
-        .map_err(|e| GenerateError::Input(format!("tokenizer: {e}")))?;
+        .map_err(|e| ModelError::Input(format!("tokenizer: {e}")))?;
     Ok(encoding.get_ids().to_vec())
 }
 
@@ -156,8 +146,8 @@ impl TextEncoders {
         t5: &EncoderFiles,
         dtype: DType,
         dev: &Device,
-    ) -> Result<Self, GenerateError> {
-        let t5_config: T5Config = read_config(&t5.config)?;
+    ) -> Result<Self, ModelError> {
+        let t5_config: T5Config = read_json(&t5.config)?;
         let t5_vb = var_builder(
             WeightSource::open(&t5.weights, KeyLayout::Diffusers)?,
             dtype,
@@ -166,9 +156,9 @@ impl TextEncoders {
         let t5_model = T5EncoderModel::load(t5_vb, &t5_config)
             .map_err(|e| weights_error(&t5.weights[0], e))?;
 
-        let hf: HfClipConfig = read_config(&clip.config)?;
+        let hf: HfClipConfig = read_json(&clip.config)?;
         if hf.hidden_act != "quick_gelu" {
-            return Err(GenerateError::Weights {
+            return Err(ModelError::Files {
                 path: clip.config.clone(),
                 reason: format!(
                     "hidden_act `{}` is not supported (CLIP-L uses quick_gelu)",
@@ -219,12 +209,12 @@ impl TextEncoders {
     }
 
     /// T5 token ids for `prompt`, `t5_tokens` long.
-    pub fn t5_ids(&self, prompt: &str, t5_tokens: usize) -> Result<Vec<u32>, GenerateError> {
+    pub fn t5_ids(&self, prompt: &str, t5_tokens: usize) -> Result<Vec<u32>, ModelError> {
         token_ids(&self.t5_tokenizer, prompt, t5_tokens, self.t5_pad)
     }
 
     /// CLIP token ids for `prompt`, 77 long.
-    pub fn clip_ids(&self, prompt: &str) -> Result<Vec<u32>, GenerateError> {
+    pub fn clip_ids(&self, prompt: &str) -> Result<Vec<u32>, ModelError> {
         token_ids(&self.clip_tokenizer, prompt, CLIP_TOKENS, self.clip_pad)
     }
 
@@ -234,7 +224,7 @@ impl TextEncoders {
         &mut self,
         prompt: &str,
         t5_tokens: usize,
-    ) -> Result<(Tensor, Tensor), GenerateError> {
+    ) -> Result<(Tensor, Tensor), ModelError> {
         let dev = self.t5.device().clone();
         let t5_ids = Tensor::new(self.t5_ids(prompt, t5_tokens)?, &dev)?.unsqueeze(0)?;
         let t5 = self.t5.forward_dt(&t5_ids, Some(self.dtype))?;

@@ -13,8 +13,7 @@ use serde_json::json;
 use super::config::Qwen2VlConfig;
 use super::image::PreparedImage;
 use super::model::{EncodedPrompt, KeyLayout, Qwen2Vl};
-use crate::generate::flux::bench::timed;
-use crate::generate::flux::weights::RandomWeights;
+use crate::models::bench::{timed, RandomWeights};
 
 /// Built-in configurations, as on the Hub (`small` is a CPU-sized stand-in).
 pub const MODELS: [&str; 5] = [
@@ -128,6 +127,31 @@ pub struct JudgeBenchResult {
     pub batches: Vec<BatchTiming>,
     /// Seconds per answer token read after the prefill (one KV-cache step).
     pub step_s: f64,
+}
+
+impl JudgeBenchResult {
+    /// The result as a markdown table; `model` and `device` as the user named them.
+    pub fn markdown(&self, bench: &JudgeBench, model: &str, device: &str) -> String {
+        let mut md = format!(
+            "Local judge `{model}` ({:.2}B parameters), {:?} on {device}; screening prompts of {} tokens (two {}px images); random weights built in {:.1} s\n\n| prompts | one at a time (s) | one batched prefill (s) | speed-up |\n|---|---|---|---|\n",
+            self.parameters as f64 / 1e9,
+            bench.dtype,
+            self.prompt_tokens,
+            bench.image_side,
+            self.load_s
+        );
+        for b in &self.batches {
+            md.push_str(&format!(
+                "| {} | {:.3} | {:.3} | {:.2}x |\n",
+                b.batch, b.sequential_s, b.batched_s, b.speedup
+            ));
+        }
+        md.push_str(&format!(
+            "\nOne answer token after the prefill (KV cache): {:.4} s.\n",
+            self.step_s
+        ));
+        md
+    }
 }
 
 /// A screening-shaped prompt: text, two images (source and preview), text.

@@ -1,42 +1,22 @@
-//! `TestbedGenerator`: the exact rectified-flow velocity of a mixture of outcomes.
+//! The testbed's flow model: the exact rectified-flow velocity of a mixture of outcomes.
 //!
 //! With `x_t = (1 - s) x0 + s * eps` and `x0` drawn from the outcome latents `mu_k` with
 //! priors `pi_k`, the posterior over outcomes given `x_t` has weights
 //! `w_k ∝ pi_k * exp(-|x_t - (1 - s) mu_k|^2 / (2 s^2))`, `E[x0 | x_t] = sum_k w_k mu_k`,
-//! and the velocity `E[eps - x0 | x_t] = (x_t - E[x0 | x_t]) / s`. The shared Euler sampler
-//! integrates it like any model's, so each seed's noise lands on one outcome, early steps
+//! and the velocity `E[eps - x0 | x_t] = (x_t - E[x0 | x_t]) / s`. Integrated by the shared
+//! Euler sampler like any model's, each seed's noise lands on one outcome, early steps
 //! already lean towards it, and the landing rates follow the priors.
 
 use candle_core::{DType, Device, Tensor, D};
 use image::{Rgb, RgbImage};
-use std::collections::HashMap;
 
 use super::latent::{token_grid, LatentMap, CELL};
 use super::outcomes::{outcome_set, Outcome};
 use crate::edit::{make_diptych, EditContext};
-use crate::error::GenerateError;
-use crate::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit};
+use crate::error::ModelError;
 
-/// Options of the testbed generator.
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
-pub struct TestbedConfig {
-    /// 0 = the correct outcome dominates, 1 = failures dominate.
-    pub difficulty: f32,
-    /// Candidates per velocity call.
-    pub max_batch: usize,
-}
-
-impl Default for TestbedConfig {
-    fn default() -> Self {
-        Self {
-            difficulty: 0.5,
-            max_batch: 8,
-        }
-    }
-}
-
-/// One prepared edit: the outcomes and their latents.
-struct Prepared {
+/// One edit's mixture: its outcomes and their latents.
+pub struct Mixture {
     outcomes: Vec<Outcome>,
     /// `[K, D]` outcome latents.
     mu: Tensor,
@@ -50,69 +30,22 @@ struct Prepared {
     panel: (u32, u32),
 }
 
-/// The built-in simulator generator.
-pub struct TestbedGenerator {
-    config: TestbedConfig,
-    map: LatentMap,
-    edits: HashMap<u64, Prepared>,
-    next_key: u64,
-}
-
-impl TestbedGenerator {
-    /// A generator with `config`.
-    pub fn new(config: TestbedConfig) -> Self {
-        Self {
-            config,
-            map: LatentMap::default(),
-            edits: HashMap::new(),
-            next_key: 1,
-        }
-    }
-
-    fn get(&self, edit: &PreparedEdit) -> Result<&Prepared, GenerateError> {
-        self.edits
-            .get(&edit.key)
-            .ok_or_else(|| GenerateError::Input(format!("edit {} is not prepared", edit.key)))
-    }
-
-    /// Posterior weights `[B, K]` over outcomes for latents `[B, D]` at `sigma`.
-    fn posterior(p: &Prepared, x: &Tensor, sigma: f64) -> candle_core::Result<Tensor> {
-        // -|x - a mu|^2 / (2 s^2) up to a per-row constant: (a x.mu - a^2 |mu|^2 / 2) / s^2.
-        let a = 1.0 - sigma;
-        let xm = x.matmul(&p.mu.t()?)?; // [B, K]
-        let quad = (p.mu_sq.unsqueeze(0)? * (0.5 * a * a))?;
-        let logits = ((xm * a)?.broadcast_sub(&quad)? / (sigma * sigma))?
-            .broadcast_add(&p.log_prior.unsqueeze(0)?)?;
-        candle_nn::ops::softmax_last_dim(&logits)
-    }
-}
-
-impl Generator for TestbedGenerator {
-    fn info(&self) -> GeneratorInfo {
-        GeneratorInfo {
-            name: "testbed".into(),
-            detail: format!(
-                "simulator: exact mixture flow over outcomes, difficulty {}",
-                self.config.difficulty
-            ),
-            max_batch: self.config.max_batch,
-        }
-    }
-
-    fn prepare(&mut self, edit: &EditContext) -> Result<PreparedEdit, GenerateError> {
+impl Mixture {
+    /// The outcomes of `edit` at `difficulty`, encoded with `map`.
+    pub fn new(edit: &EditContext, difficulty: f32, map: &LatentMap) -> Result<Self, ModelError> {
         let (w, h) = edit.panel_size();
         if w % 16 != 0 || h % 16 != 0 {
-            return Err(GenerateError::Input(format!(
+            return Err(ModelError::Input(format!(
                 "panel {w}x{h}: both sides must be multiples of 16"
             )));
         }
-        let outcomes = outcome_set(edit, self.config.difficulty).map_err(GenerateError::Input)?;
+        let outcomes = outcome_set(edit, difficulty).map_err(ModelError::Input)?;
         let diptych = make_diptych(&edit.source).image;
         let mut rows = Vec::new();
         for o in &outcomes {
             let mut d = diptych.clone();
             image::imageops::replace(&mut d, o.image.as_ref(), w as i64, 0);
-            rows.extend(self.map.encode(&d));
+            rows.extend(map.encode(&d));
         }
         let k = outcomes.len();
         let dims = rows.len() / k;
@@ -120,61 +53,59 @@ impl Generator for TestbedGenerator {
         let mu_sq = mu.sqr()?.sum(D::Minus1)?;
         let priors: Vec<f32> = outcomes.iter().map(|o| o.prior.ln()).collect();
         let log_prior = Tensor::new(priors, &Device::Cpu)?;
-        let (th, tw) = token_grid(2 * w, h);
-        let key = self.next_key;
-        self.next_key += 1;
-        self.edits.insert(
-            key,
-            Prepared {
-                outcomes,
-                mu,
-                log_prior,
-                mu_sq,
-                token_cols: tw,
-                panel: (w, h),
-            },
-        );
-        Ok(PreparedEdit {
-            key,
-            image_tokens: th * tw,
-            latent_shape: vec![th * tw, 64],
+        let (_, tw) = token_grid(2 * w, h);
+        Ok(Self {
+            outcomes,
+            mu,
+            log_prior,
+            mu_sq,
+            token_cols: tw,
+            panel: (w, h),
         })
     }
 
-    fn velocity(
-        &mut self,
-        edit: &PreparedEdit,
-        latents: &Tensor,
-        sigma: f64,
-    ) -> Result<Tensor, GenerateError> {
-        let p = self.get(edit)?;
+    /// Packed image tokens of the diptych and the shape of one latent state.
+    pub fn latent_shape(&self) -> Vec<usize> {
+        let (w, h) = self.panel;
+        let (th, tw) = token_grid(2 * w, h);
+        vec![th * tw, 64]
+    }
+
+    /// Posterior weights `[B, K]` over outcomes for latents `[B, D]` at `sigma`.
+    fn posterior(&self, x: &Tensor, sigma: f64) -> candle_core::Result<Tensor> {
+        // -|x - a mu|^2 / (2 s^2) up to a per-row constant: (a x.mu - a^2 |mu|^2 / 2) / s^2.
+        let a = 1.0 - sigma;
+        let xm = x.matmul(&self.mu.t()?)?; // [B, K]
+        let quad = (self.mu_sq.unsqueeze(0)? * (0.5 * a * a))?;
+        let logits = ((xm * a)?.broadcast_sub(&quad)? / (sigma * sigma))?
+            .broadcast_add(&self.log_prior.unsqueeze(0)?)?;
+        candle_nn::ops::softmax_last_dim(&logits)
+    }
+
+    /// The exact velocity for latents `[B, ..latent_shape]` at `sigma`.
+    pub fn velocity(&self, latents: &Tensor, sigma: f64) -> Result<Tensor, ModelError> {
         let shape = latents.dims().to_vec();
         let x = latents.flatten_from(1)?.to_dtype(DType::F32)?; // [B, D]
-        let w = Self::posterior(p, &x, sigma)?; // [B, K]
-        let x0 = w.matmul(&p.mu)?; // [B, D]
+        let w = self.posterior(&x, sigma)?; // [B, K]
+        let x0 = w.matmul(&self.mu)?; // [B, D]
         Ok(((x - x0)? / sigma)?.reshape(shape)?)
     }
 
-    fn decode(
-        &mut self,
-        edit: &PreparedEdit,
-        latents: &Tensor,
-        _purpose: DecodePurpose,
-    ) -> Result<RgbImage, GenerateError> {
-        let p = self.get(edit)?;
+    /// Renders latents as the right panel.
+    pub fn decode(&self, latents: &Tensor, map: &LatentMap) -> Result<RgbImage, ModelError> {
         let z = latents.flatten_all()?.to_dtype(DType::F32)?;
         // Express z as a blend of outcome latents (ridge least squares on the simplex),
         // render that blend at full resolution, and add what the blend does not explain
         // (remaining noise) at latent resolution.
-        let weights = blend_weights(p, &z)?;
+        let weights = blend_weights(self, &z)?;
         let blend_latent = Tensor::new(weights.as_slice(), &Device::Cpu)?
             .unsqueeze(0)?
-            .matmul(&p.mu)?
+            .matmul(&self.mu)?
             .squeeze(0)?;
         let residual: Vec<f32> = (z - blend_latent)?.to_vec1()?;
-        let (w, h) = p.panel;
+        let (w, h) = self.panel;
         let mut panel = RgbImage::new(w, h);
-        let images: Vec<&RgbImage> = p.outcomes.iter().map(|o| o.image.as_ref()).collect();
+        let images: Vec<&RgbImage> = self.outcomes.iter().map(|o| o.image.as_ref()).collect();
         for y in 0..h {
             for x in 0..w {
                 let mut rgb = [0f32; 3];
@@ -185,7 +116,7 @@ impl Generator for TestbedGenerator {
                     }
                 }
                 let (cx, cy) = (((x + w) / CELL) as usize, (y / CELL) as usize);
-                let r = self.map.cell_rgb(&residual, p.token_cols, cx, cy);
+                let r = map.cell_rgb(&residual, self.token_cols, cx, cy);
                 panel.put_pixel(
                     x,
                     y,
@@ -198,17 +129,13 @@ impl Generator for TestbedGenerator {
         // Only the right half is decoded: the output is the right panel, as with FLUX.
         Ok(panel)
     }
-
-    fn release(&mut self, edit: &PreparedEdit) {
-        self.edits.remove(&edit.key);
-    }
 }
 
 /// Non-negative weights summing to 1 whose blend of outcome latents is closest to `z`.
 ///
 /// Solved in differences from outcome 0 (`z - mu_0 = sum_k w_k (mu_k - mu_0)`): outcomes
 /// share most of their content, and the raw Gram matrix would lose it to cancellation.
-fn blend_weights(p: &Prepared, z: &Tensor) -> Result<Vec<f32>, GenerateError> {
+fn blend_weights(p: &Mixture, z: &Tensor) -> Result<Vec<f32>, ModelError> {
     let k = p.outcomes.len();
     let base = p.mu.get(0)?;
     let delta =

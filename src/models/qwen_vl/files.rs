@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use super::chat::ChatFormat;
 use super::config::{eos_token_ids, Qwen2VlConfig};
 use super::image::ImageProcessorConfig;
 use super::model::{KeyLayout, Qwen2Vl};
-use super::prompt::ChatFormat;
-use crate::error::JudgeError;
-use crate::generate::flux::files::resolve_snapshot;
+use crate::error::ModelError;
+use crate::fsio::read_json;
+use crate::hub::{resolve_snapshot, shards};
 
 /// Every file of one checkpoint, resolved.
 #[derive(Debug, Clone)]
@@ -31,33 +32,27 @@ pub struct Qwen2VlFiles {
     pub chat_template: Option<String>,
 }
 
-fn config_error(path: &Path, reason: impl std::fmt::Display) -> JudgeError {
-    JudgeError::Config(format!("{}: {reason}", path.display()))
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, JudgeError> {
-    let text = std::fs::read_to_string(path).map_err(|e| config_error(path, e))?;
-    serde_json::from_str(&text).map_err(|e| config_error(path, format!("invalid JSON: {e}")))
+fn config_error(path: &Path, reason: impl std::fmt::Display) -> ModelError {
+    ModelError::files(path, reason)
 }
 
 impl Qwen2VlFiles {
     /// Resolves the files under `dir`. Errors name the missing file or bad field.
-    pub fn discover(dir: &Path) -> Result<Self, JudgeError> {
+    pub fn discover(dir: &Path) -> Result<Self, ModelError> {
         if !dir.is_dir() {
             return Err(config_error(
                 dir,
                 "not a folder (expected a Qwen2-VL checkpoint)",
             ));
         }
-        let root = resolve_snapshot(dir).map_err(|e| JudgeError::Config(e.to_string()))?;
+        let root = resolve_snapshot(dir)?;
         let config_path = root.join("config.json");
         if !config_path.is_file() {
             return Err(config_error(&config_path, "not found"));
         }
         let mut config = Qwen2VlConfig::from_json(&read_json(&config_path)?)
             .map_err(|e| config_error(&config_path, e))?;
-        let weights = crate::generate::flux::files::shards(&root)
-            .map_err(|e| JudgeError::Config(e.to_string()))?;
+        let weights = shards(&root)?;
         let tokenizer = root.join("tokenizer.json");
         if !tokenizer.is_file() {
             return Err(config_error(&tokenizer, "not found"));
@@ -98,7 +93,7 @@ impl Qwen2VlFiles {
 
     /// Loads the weights onto `device` in `dtype`. A missing or misshapen tensor is an
     /// error naming the folder and the key.
-    pub fn load(&self, dtype: DType, device: &Device) -> Result<Qwen2Vl, JudgeError> {
+    pub fn load(&self, dtype: DType, device: &Device) -> Result<Qwen2Vl, ModelError> {
         let fail =
             |e: candle_core::Error| config_error(&self.root, format!("loading weights: {e}"));
         let mut names = Vec::new();
@@ -120,7 +115,7 @@ impl Qwen2VlFiles {
     }
 
     /// The chat format: template and tokenizer.
-    pub fn chat_format(&self) -> Result<ChatFormat, JudgeError> {
+    pub fn chat_format(&self) -> Result<ChatFormat, ModelError> {
         ChatFormat::new(&self.tokenizer, self.chat_template.clone(), &self.config)
     }
 }
@@ -132,7 +127,7 @@ fn add_end_of_turn_ids(
     root: &Path,
     tokenizer: &Path,
     ids: &mut Vec<u32>,
-) -> Result<(), JudgeError> {
+) -> Result<(), ModelError> {
     let mut add = |id: u32| {
         if !ids.contains(&id) {
             ids.push(id);
@@ -172,7 +167,7 @@ struct AddedToken {
 
 /// The template as transformers finds it: `chat_template.jinja` (transformers 5),
 /// `chat_template.json` (Qwen Hub repos), or the `chat_template` of `tokenizer_config.json`.
-fn chat_template(root: &Path) -> Result<Option<String>, JudgeError> {
+fn chat_template(root: &Path) -> Result<Option<String>, ModelError> {
     let jinja = root.join("chat_template.jinja");
     if jinja.is_file() {
         return std::fs::read_to_string(&jinja)

@@ -1,22 +1,21 @@
-//! The built-in testbed: a simulator that behaves like ICEdit where it matters for
+//! The built-in testbed's world: a simulator that behaves like ICEdit where it matters for
 //! test-time scaling, with ground truth.
 //!
 //! It is **a simulator, not an image editor**. Scenes are procedurally generated
 //! ([`scene`]); each edit has a finite set of outcomes, the correct target and plausible
-//! failures, with priors set by a difficulty knob ([`outcomes`]); the generator integrates
-//! the exact rectified-flow velocity of that mixture in a FLUX-shaped latent space
-//! ([`generator`], [`latent`]), through the same sampler, schedule, x0 previews and state
-//! resume as FLUX. Which outcome a seed lands on is decided by its noise, early previews
-//! already lean towards it, and the judge ([`crate::judge::testbed`]) knows the truth and
-//! can be made to err like a VLM. So strategies can be compared exactly, on any machine.
+//! failures, with priors set by a difficulty knob ([`outcomes`]); [`mixture`] is the exact
+//! rectified-flow velocity of that mixture in a FLUX-shaped latent space ([`latent`]).
+//! The testbed generator samples it through the same sampler, schedule, x0 previews and
+//! state resume as FLUX; which outcome a seed lands on is decided by its noise, and early
+//! previews already lean towards it. The testbed judge knows the truth from [`outcomes`]
+//! and can be made to err like a VLM. So strategies can be compared exactly, on any machine.
 
-pub mod generator;
 pub mod latent;
+pub mod mixture;
 pub mod outcomes;
 pub mod scene;
 
 use crate::edit::EditContext;
-pub use generator::{TestbedConfig, TestbedGenerator};
 pub use outcomes::{classify, outcome_set, Outcome, OutcomeLabel, SCENE_META_KEY};
 pub use scene::SceneEdit;
 

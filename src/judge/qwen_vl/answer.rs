@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{Result, Tensor};
 
-use super::model::{Qwen2Vl, Session};
+use crate::models::qwen_vl::model::{Qwen2Vl, Session};
 
 /// The probability mass the model puts on each candidate continuation.
 pub struct Choice {

@@ -1,4 +1,5 @@
-//! FLUX.1 Fill [dev] + the ICEdit LoRA in candle: the real [`Generator`].
+//! FLUX.1 Fill [dev] + the ICEdit LoRA as a [`Generator`]: the adapter over the model code
+//! in [`crate::models::flux`] (what diffusers' `FluxFillPipeline` does around the models).
 //!
 //! One edit: the prompt is encoded once by T5 and CLIP (then the encoders are dropped
 //! unless kept), the diptych with its right half masked is encoded by the VAE, and the
@@ -6,19 +7,6 @@
 //! latents (64 + 64 + 256 = 384 channels per token). Each velocity call is one transformer
 //! forward for a batch of candidates; decoding unpacks, runs the VAE decoder and crops the
 //! right panel.
-
-pub mod bench;
-pub mod blocks;
-pub mod config;
-pub mod embeddings;
-pub mod files;
-pub mod keymap;
-pub mod latents;
-pub mod lora;
-pub mod text;
-pub mod transformer;
-pub mod vae;
-pub mod weights;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,13 +18,13 @@ use image::RgbImage;
 use super::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit};
 use crate::edit::{crop_right_panel, make_diptych, EditContext};
 use crate::error::GenerateError;
-pub use config::FluxConfig;
-pub use files::{FluxFiles, FluxPaths};
-use lora::{LoraReport, LoraSet};
-use text::TextEncoders;
-use transformer::{FluxTransformer, TextConditioning};
-use vae::Autoencoder;
-use weights::{var_builder, weights_error, WeightSource};
+use crate::models::flux::lora::{LoraReport, LoraSet};
+use crate::models::flux::scheduler::DynamicShift;
+use crate::models::flux::text::TextEncoders;
+use crate::models::flux::transformer::{FluxTransformer, TextConditioning};
+use crate::models::flux::vae::Autoencoder;
+use crate::models::flux::weights::{var_builder, weights_error, WeightSource};
+use crate::models::flux::{embeddings, latents, FluxFiles, FluxPaths};
 
 /// RoPE base frequency.
 const ROPE_THETA: f64 = 10000.0;
@@ -339,6 +327,7 @@ impl Generator for FluxGenerator {
             key,
             image_tokens: tokens,
             latent_shape: vec![tokens, 4 * self.files.vae_config.latent_channels],
+            mu: DynamicShift::FLUX.mu(tokens),
         })
     }
 

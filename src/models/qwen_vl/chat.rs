@@ -10,7 +10,7 @@ use tokenizers::Tokenizer;
 use super::config::Qwen2VlConfig;
 use super::image::PreparedImage;
 use super::model::EncodedPrompt;
-use crate::error::JudgeError;
+use crate::error::ModelError;
 
 /// Qwen2-VL-Instruct's template, used when a checkpoint ships none.
 pub const DEFAULT_TEMPLATE: &str = "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
@@ -29,9 +29,9 @@ impl ChatFormat {
         tokenizer: &Path,
         template: Option<String>,
         config: &Qwen2VlConfig,
-    ) -> Result<Self, JudgeError> {
+    ) -> Result<Self, ModelError> {
         let tok = Tokenizer::from_file(tokenizer).map_err(|e| {
-            JudgeError::Config(format!(
+            ModelError::Config(format!(
                 "{}: cannot load tokenizer: {e}",
                 tokenizer.display()
             ))
@@ -48,14 +48,14 @@ impl ChatFormat {
 
     /// One user turn with `image_count` images followed by `text`, and the assistant's
     /// opening (`add_generation_prompt`).
-    pub fn render(&self, image_count: usize, text: &str) -> Result<String, JudgeError> {
+    pub fn render(&self, image_count: usize, text: &str) -> Result<String, ModelError> {
         let mut content: Vec<serde_json::Value> =
             (0..image_count).map(|_| json!({"type": "image"})).collect();
         content.push(json!({"type": "text", "text": text}));
         let mut env = minijinja::Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_template("chat", &self.template)
-            .map_err(|e| JudgeError::Config(format!("chat template does not parse: {e}")))?;
+            .map_err(|e| ModelError::Config(format!("chat template does not parse: {e}")))?;
         env.get_template("chat")
             .and_then(|t| {
                 t.render(json!({
@@ -63,7 +63,7 @@ impl ChatFormat {
                     "add_generation_prompt": true,
                 }))
             })
-            .map_err(|e| JudgeError::Config(format!("chat template does not render: {e}")))
+            .map_err(|e| ModelError::Config(format!("chat template does not render: {e}")))
     }
 
     /// Tokenizes a rendered prompt and expands image `i`'s pad to its token count.
@@ -71,11 +71,11 @@ impl ChatFormat {
         &self,
         rendered: &str,
         images: Vec<PreparedImage>,
-    ) -> Result<EncodedPrompt, JudgeError> {
+    ) -> Result<EncodedPrompt, ModelError> {
         let raw = self.ids(rendered)?;
         let pads = raw.iter().filter(|&&t| t == self.image_token_id).count();
         if pads != images.len() {
-            return Err(JudgeError::Failed(format!(
+            return Err(ModelError::Input(format!(
                 "prompt has {pads} image slots for {} images",
                 images.len()
             )));
@@ -94,18 +94,18 @@ impl ChatFormat {
     }
 
     /// Token ids of plain text (special tokens in it are recognised).
-    pub fn ids(&self, text: &str) -> Result<Vec<u32>, JudgeError> {
+    pub fn ids(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         self.tokenizer
             .encode(text, true)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| JudgeError::Failed(format!("tokenizer: {e}")))
+            .map_err(|e| ModelError::Input(format!("tokenizer: {e}")))
     }
 
     /// Text of token ids, special tokens dropped.
-    pub fn decode(&self, ids: &[u32]) -> Result<String, JudgeError> {
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
         self.tokenizer
             .decode(ids, true)
-            .map_err(|e| JudgeError::Failed(format!("tokenizer: {e}")))
+            .map_err(|e| ModelError::Input(format!("tokenizer: {e}")))
     }
 
     /// The id of a string that is exactly one token, if it is.
@@ -125,7 +125,7 @@ mod tests {
     use super::*;
 
     /// The tiny checkpoint's tokenizer with `template`.
-    fn format(template: &str) -> Result<ChatFormat, JudgeError> {
+    fn format(template: &str) -> Result<ChatFormat, ModelError> {
         let root = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/qwen2vl/tiny/qwen2_vl"

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::Linear;
 
-use crate::error::GenerateError;
+use crate::error::ModelError;
 
 /// One plain adapter: `delta W = scale * up @ down`.
 #[derive(Debug, Clone)]
@@ -77,8 +77,8 @@ pub struct LoraReport {
 
 impl LoraSet {
     /// Reads a LoRA safetensors file; `user_scale` multiplies every adapter.
-    pub fn load(path: &Path, user_scale: f64) -> std::result::Result<Self, GenerateError> {
-        let err = |reason: String| GenerateError::Weights {
+    pub fn load(path: &Path, user_scale: f64) -> std::result::Result<Self, ModelError> {
+        let err = |reason: String| ModelError::Files {
             path: path.to_path_buf(),
             reason,
         };
@@ -218,7 +218,7 @@ impl LoraSet {
     }
 
     /// Summarises what was used; errors when nothing matched the model.
-    pub fn report(&self) -> std::result::Result<LoraReport, GenerateError> {
+    pub fn report(&self) -> std::result::Result<LoraReport, ModelError> {
         let used = self.used.lock().expect("lora bookkeeping").clone();
         let unused: Vec<String> = self
             .plain
@@ -228,7 +228,7 @@ impl LoraSet {
             .cloned()
             .collect();
         if used.is_empty() {
-            return Err(GenerateError::Weights {
+            return Err(ModelError::Files {
                 path: self.path.clone(),
                 reason: format!(
                     "the LoRA matches no layer of the transformer (first module: {:?})",

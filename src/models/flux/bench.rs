@@ -13,7 +13,7 @@ use super::embeddings::rope_tables;
 use super::latents::joint_ids;
 use super::transformer::{FluxTransformer, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
-use super::weights::RandomWeights;
+use crate::models::bench::{timed, RandomWeights};
 
 /// What to time.
 #[derive(Debug, Clone)]
@@ -69,20 +69,32 @@ pub struct FluxBenchResult {
     pub load_s: f64,
 }
 
-/// Mean seconds of `f` over `iters` runs after one warm-up, synchronising the device.
-pub(crate) fn timed<T>(
-    device: &Device,
-    iters: usize,
-    mut f: impl FnMut() -> candle_core::Result<T>,
-) -> candle_core::Result<f64> {
-    f()?; // warm-up (kernels, allocator)
-    device.synchronize()?;
-    let start = Instant::now();
-    for _ in 0..iters.max(1) {
-        f()?;
+impl FluxBenchResult {
+    /// The result as a markdown table; `label` names the configuration (`full`, `small`),
+    /// `device` the device as the user wrote it.
+    pub fn markdown(&self, bench: &FluxBench, label: &str, device: &str) -> String {
+        let (w, h) = bench.panel;
+        let mut md = format!(
+            "FLUX.1 Fill `{label}` ({:.2}B parameters), {:?} on {device}, diptych {}x{h} ({} image + {} text tokens); random weights built in {:.1} s\n\n| batch | step (s) | per candidate (s) |\n|---|---|---|\n",
+            self.parameters as f64 / 1e9,
+            bench.dtype,
+            2 * w,
+            self.image_tokens,
+            bench.t5_tokens,
+            self.load_s
+        );
+        for s in &self.steps {
+            md.push_str(&format!(
+                "| {} | {:.4} | {:.4} |\n",
+                s.batch, s.step_s, s.per_candidate_s
+            ));
+        }
+        md.push_str(&format!(
+            "\nVAE encode {:.4} s, decode {:.4} s; one {}-step edit of one candidate {:.2} s (text encoding excluded).\n",
+            self.vae_encode_s, self.vae_decode_s, bench.steps, self.full_edit_s
+        ));
+        md
     }
-    device.synchronize()?;
-    Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
 }
 
 /// Runs the benchmark.

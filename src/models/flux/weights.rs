@@ -1,6 +1,6 @@
 //! Weight files: a `VarBuilder` backend over memory-mapped safetensors that speaks diffusers
 //! names whatever the file's layout, merges plain LoRA adapters as tensors are read, and
-//! names the file and key in every error. Also a random backend for benchmarks.
+//! names the file and key in every error.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::keymap::{transformer_key, vae_key, Cut};
 use super::lora::LoraSet;
-use crate::error::GenerateError;
+use crate::error::ModelError;
 
 /// How the tensors of a file are named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -45,10 +45,10 @@ pub struct WeightSource {
 
 impl WeightSource {
     /// Maps `files` (the shards of one model).
-    pub fn open(files: &[PathBuf], layout: KeyLayout) -> std::result::Result<Self, GenerateError> {
+    pub fn open(files: &[PathBuf], layout: KeyLayout) -> std::result::Result<Self, ModelError> {
         for f in files {
             if !f.is_file() {
-                return Err(GenerateError::Weights {
+                return Err(ModelError::Files {
                     path: f.clone(),
                     reason: "file not found".into(),
                 });
@@ -57,7 +57,7 @@ impl WeightSource {
         // SAFETY: the files are opened read-only; like every mmap-based loader we rely on
         // nobody truncating them while the process runs.
         let tensors =
-            unsafe { MmapedSafetensors::multi(files) }.map_err(|e| GenerateError::Weights {
+            unsafe { MmapedSafetensors::multi(files) }.map_err(|e| ModelError::Files {
                 path: files.first().cloned().unwrap_or_default(),
                 reason: format!("not a readable safetensors file: {e}"),
             })?;
@@ -196,41 +196,9 @@ pub fn var_builder(source: WeightSource, dtype: DType, dev: &Device) -> VarBuild
     VarBuilder::from_backend(Box::new(source), dtype, dev.clone())
 }
 
-/// Random weights of any shape, for benchmarks: normal(0, 0.02) for matrices, ones for
-/// norm scales, zeros for biases (random values time the same as trained ones).
-#[derive(Default)]
-pub struct RandomWeights {
-    /// Elements handed out so far (the model's parameter count once it is built).
-    pub elements: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl SimpleBackend for RandomWeights {
-    fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        self.elements
-            .fetch_add(shape.elem_count(), std::sync::atomic::Ordering::Relaxed);
-        if shape.rank() == 1 {
-            let norm = name.contains("norm");
-            return if norm {
-                Tensor::ones(shape, dtype, dev)
-            } else {
-                Tensor::zeros(shape, dtype, dev)
-            };
-        }
-        Tensor::randn(0f32, 0.02, shape, dev)?.to_dtype(dtype)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-        candle_core::bail!("random weights have no shape for `{name}`")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
 /// Converts a loading error into one that names the weights.
-pub fn weights_error(path: &Path, e: candle_core::Error) -> GenerateError {
-    GenerateError::Weights {
+pub fn weights_error(path: &Path, e: candle_core::Error) -> ModelError {
+    ModelError::Files {
         path: path.to_path_buf(),
         reason: e.to_string(),
     }

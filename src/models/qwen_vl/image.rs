@@ -22,7 +22,7 @@ use image::RgbImage;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::JudgeError;
+use crate::error::ModelError;
 
 /// OpenAI CLIP mean, transformers' `OPENAI_CLIP_MEAN` (the Qwen2-VL default).
 const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -178,12 +178,12 @@ fn per_channel(name: &str, value: Option<&Value>, default: [f64; 3]) -> Result<[
 
 impl ImageProcessorConfig {
     /// Reads and validates the file; errors name the path and the field.
-    pub fn load(path: &Path) -> Result<Self, JudgeError> {
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| JudgeError::Config(format!("cannot read {}: {e}", path.display())))?;
+            .map_err(|e| ModelError::Config(format!("cannot read {}: {e}", path.display())))?;
         // Conversion and validation messages name the field (see `TryFrom<JsonObject>`).
         serde_json::from_str(&text)
-            .map_err(|e| JudgeError::Config(format!("{}: {e}", path.display())))
+            .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))
     }
 
     /// Checks the values the processing relies on; the message names the field.
@@ -229,28 +229,28 @@ impl ImageProcessorConfig {
     }
 
     /// transformers' smart_resize: (height, width) rounded to multiples of patch*merge
-    /// within [min,max] pixels; errors (JudgeError::Config) for aspect ratio > 200 or zero
+    /// within [min,max] pixels; errors (ModelError::Config) for aspect ratio > 200 or zero
     /// size, like the reference.
     ///
     /// The float expressions are evaluated in the same order as the Python (f64 throughout,
     /// `round` with ties to even like Python's `round`), so borderline sizes land on the
     /// same multiple.
-    pub fn smart_resize(&self, height: usize, width: usize) -> Result<(usize, usize), JudgeError> {
+    pub fn smart_resize(&self, height: usize, width: usize) -> Result<(usize, usize), ModelError> {
         if height == 0 || width == 0 {
-            return Err(JudgeError::Config(format!(
+            return Err(ModelError::Config(format!(
                 "cannot resize an empty image ({width}x{height})"
             )));
         }
         let factor = self.factor();
         if factor == 0 {
-            return Err(JudgeError::Config(
+            return Err(ModelError::Config(
                 "`patch_size` and `merge_size` must be positive".to_string(),
             ));
         }
         let (h, w, f) = (height as f64, width as f64, factor as f64);
         let ratio = h.max(w) / h.min(w);
         if ratio > MAX_ASPECT_RATIO {
-            return Err(JudgeError::Config(format!(
+            return Err(ModelError::Config(format!(
                 "absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {ratio} \
                  ({width}x{height})"
             )));
@@ -268,7 +268,7 @@ impl ImageProcessorConfig {
         }
         // Unreachable with min_pixels >= 1, but a zero side would only fail later, obscurely.
         if h_bar == 0 || w_bar == 0 {
-            return Err(JudgeError::Config(format!(
+            return Err(ModelError::Config(format!(
                 "smart_resize of {width}x{height} gave an empty image (min_pixels {})",
                 self.min_pixels
             )));
@@ -281,8 +281,8 @@ impl ImageProcessorConfig {
     ///
     /// The input is taken as already RGB; callers decoding images with alpha should
     /// convert them the way they want first (transformers composites onto white).
-    pub fn preprocess(&self, image: &RgbImage) -> Result<PreparedImage, JudgeError> {
-        self.check().map_err(JudgeError::Config)?;
+    pub fn preprocess(&self, image: &RgbImage) -> Result<PreparedImage, ModelError> {
+        self.check().map_err(ModelError::Config)?;
         let (height, width) = (image.height() as usize, image.width() as usize);
         let factor = self.factor();
         let resized;
@@ -293,7 +293,7 @@ impl ImageProcessorConfig {
         } else {
             // The reference's reshape into merge blocks fails on any other size.
             if height == 0 || width == 0 || height % factor != 0 || width % factor != 0 {
-                return Err(JudgeError::Config(format!(
+                return Err(ModelError::Config(format!(
                     "with `do_resize` false the image ({width}x{height}) must have sides that \
                      are positive multiples of {factor}"
                 )));

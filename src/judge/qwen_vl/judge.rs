@@ -28,15 +28,15 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::answer::{choose, score_summary, Choice};
-use super::files::Qwen2VlFiles;
-use super::model::{EncodedPrompt, Qwen2Vl, Session};
-use super::prompt::ChatFormat;
 use crate::edit::EditContext;
 use crate::judge::parse;
 use crate::judge::prompts::PromptSet;
 use crate::judge::{
     CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
 };
+use crate::models::qwen_vl::model::{EncodedPrompt, Qwen2Vl, Session};
+use crate::models::qwen_vl::ChatFormat;
+use crate::models::qwen_vl::Qwen2VlFiles;
 
 /// A preset file (`judges/qwen2-vl-*-local.toml`) for this backend.
 #[derive(Debug, Clone, Deserialize)]
@@ -463,8 +463,7 @@ impl Worker {
                     tracing::info!(seconds = t.elapsed().as_secs_f32(), "judge loaded");
                     Ok(Arc::new(model))
                 }
-                Err(JudgeError::Config(message)) => Err(message),
-                Err(other) => Err(other.to_string()),
+                Err(e) => Err(e.to_string()),
             }
         });
         loaded.clone()
@@ -522,7 +521,7 @@ impl Worker {
         if !self.config.reasoning {
             rendered.push_str(job.question.prime());
         }
-        self.format.encode(&rendered, images)
+        Ok(self.format.encode(&rendered, images)?)
     }
 
     fn run_batch(&self, model: &Qwen2Vl, group: Vec<Ready>) {
@@ -623,7 +622,10 @@ impl Worker {
     }
 
     fn candidates(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, JudgeError> {
-        texts.iter().map(|t| self.format.ids(t)).collect()
+        texts
+            .iter()
+            .map(|t| self.format.ids(t).map_err(JudgeError::from))
+            .collect()
     }
 
     /// A model that puts little mass on every answer is not answering; that is a failure,

@@ -1,0 +1,191 @@
+//! `edit` (one image, one instruction) and `demo` (a testbed scene end to end).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::backends::{build_generator, build_judge};
+use crate::cli::{DemoArgs, EditArgs};
+use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
+use crate::engine::outputs::write_outputs;
+use crate::engine::report::CandidateStatus;
+use crate::engine::{EditJob, EditReport, Engine, GeneratorWorker, PhaseBars};
+use crate::error::EditError;
+use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
+use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
+use crate::models::testbed::{self, OutcomeLabel};
+use crate::study::{finished_labels, pick_label};
+
+/// `edit`: load, resize, run the strategy, write outputs, print where they are.
+pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
+    let image_path = args.image.as_deref().ok_or_else(|| {
+        EditError::Invalid("--image is required (the source image to edit)".into())
+    })?;
+    let instruction = args
+        .instruction
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| {
+            EditError::Invalid("--instruction is required and must not be empty".into())
+        })?;
+    let strategy = args.strategy.to_config()?;
+    let source = load_image(image_path, ImageLimits::default())?;
+    let panel = resize_to_panel(&source, args.width)
+        .map_err(|e| EditError::Invalid(format!("{}: {e}", image_path.display())))?;
+    let id = image_path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "edit".into());
+    let edit = EditContext::new(id, panel, instruction);
+    let judge = build_judge(&args.judge)?;
+    let generator = build_generator(&args.generator)?;
+    let init_latents = match &args.generator.init_latents {
+        Some(path) => load_init_latents(path)?,
+        None => Vec::new(),
+    };
+    let engine = Engine::new(
+        Arc::new(GeneratorWorker::spawn(generator)),
+        judge.judge,
+        judge.concurrency,
+    );
+    let job = EditJob {
+        edit,
+        strategy,
+        init_latents,
+    };
+    let report = run_and_write(&engine, job, &args.out).await?;
+    print_summary(&report, &args.out);
+    Ok(())
+}
+
+/// `demo`: a generated testbed scene through the chosen strategy, with the same outputs as
+/// a real edit and a summary that says whether the pick is the correct outcome.
+pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let strategy = args.strategy.to_config()?;
+    if args.width == 0 || !args.width.is_multiple_of(16) {
+        return Err(
+            EditError::Invalid(format!("--width {} must be a multiple of 16", args.width)).into(),
+        );
+    }
+    let edit = testbed::make_edit(args.scene_seed, args.width);
+    println!(
+        "testbed scene {}: \"{}\" (a simulator, not an image editor)",
+        args.scene_seed, edit.instruction
+    );
+    let outcomes = testbed::outcome_set(&edit, args.difficulty).map_err(EditError::Invalid)?;
+    let source = edit.source.clone();
+    let generator = TestbedGenerator::new(TestbedConfig {
+        difficulty: args.difficulty,
+        ..TestbedConfig::default()
+    });
+    let judge = TestbedJudge::new(TestbedJudgeConfig {
+        seed: args.judge_seed,
+        ..TestbedJudgeConfig::default()
+    });
+    let engine = Engine::new(
+        Arc::new(GeneratorWorker::spawn(Box::new(generator))),
+        Arc::new(judge),
+        8,
+    );
+    let job = EditJob {
+        edit,
+        strategy,
+        init_latents: Vec::new(),
+    };
+    let report = run_and_write(&engine, job, &args.out).await?;
+    source.save(args.out.join("source.png"))?;
+    print_summary(&report, &args.out);
+    let finished: Vec<String> = finished_labels(&report, &outcomes)
+        .iter()
+        .map(|(index, label)| format!("#{index} {label:?}"))
+        .collect();
+    println!("finished candidates: {}", finished.join(", "));
+    match pick_label(&report, &outcomes) {
+        Some(l) => println!(
+            "the pick is {}: {l:?}",
+            if l == OutcomeLabel::Correct {
+                "CORRECT"
+            } else {
+                "WRONG"
+            }
+        ),
+        None => println!("no finished pick"),
+    }
+    Ok(())
+}
+
+/// Runs one job with progress bars and writes its outputs.
+pub async fn run_and_write(
+    engine: &Engine,
+    job: EditJob,
+    out: &Path,
+) -> anyhow::Result<EditReport> {
+    let mut report = engine.run(job, Arc::new(PhaseBars::default())).await?;
+    write_outputs(&mut report, out)?;
+    Ok(report)
+}
+
+/// Reads `latents` from a safetensors file: `[C, ..latent_shape]` (packed) or `[C, 16, h, w]`
+/// (unpacked, as diffusers makes them), one row per candidate.
+fn load_init_latents(path: &Path) -> anyhow::Result<Vec<candle_core::Tensor>> {
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .map_err(|e| EditError::Invalid(format!("--init-latents {}: {e}", path.display())))?;
+    let latents = tensors.get("latents").ok_or_else(|| {
+        EditError::Invalid(format!(
+            "--init-latents {}: no tensor named `latents`",
+            path.display()
+        ))
+    })?;
+    // Unpacked diffusers-style latents [C, 16, h, w] are packed into 2x2 tokens [C, S, 64].
+    let latents = if latents.rank() == 4 {
+        crate::models::flux::latents::pack(latents)?
+    } else {
+        latents.clone()
+    };
+    let rows = latents.dim(0).context("latents tensor is a scalar")?;
+    (0..rows)
+        .map(|i| Ok(latents.get(i)?))
+        .collect::<anyhow::Result<Vec<_>>>()
+}
+
+/// The short human summary printed after an edit.
+pub fn print_summary(report: &EditReport, out: &Path) {
+    let pruned = report
+        .candidates
+        .iter()
+        .filter(|c| c.status == CandidateStatus::Pruned)
+        .count();
+    println!(
+        "{}: {} candidates, {} pruned; NFE {} (best-of-N {}, random {})",
+        report.strategy.kind.name(),
+        report.candidates.len(),
+        pruned,
+        report.nfe.total,
+        report.nfe.best_of_n_equivalent,
+        report.nfe.random_equivalent
+    );
+    match &report.pick {
+        Some(p) => println!(
+            "pick: candidate {} (seed {}), VIE O {}; {}",
+            p.index,
+            p.seed,
+            p.overall.map_or("n/a".into(), |o| format!("{o:.2}")),
+            p.reason
+        ),
+        None => println!("no pick: nothing finished"),
+    }
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    println!(
+        "judge: {} calls, {} failed, {} cached, {} + {} tokens; {:.1}s total",
+        report.judge_totals.calls,
+        report.judge_totals.failures,
+        report.judge_totals.cached,
+        report.judge_totals.prompt_tokens,
+        report.judge_totals.completion_tokens,
+        report.timings.total_s
+    );
+    println!("outputs in {}", out.display());
+}

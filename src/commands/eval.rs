@@ -1,0 +1,103 @@
+//! `eval` (strategy arms over a dataset at matched compute) and `study` (strategies
+//! against the testbed's ground truth).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::backends::{build_generator, build_judge};
+use crate::cli::{EvalArgs, JudgeArgs, StudyArgs};
+use crate::engine::{Engine, GeneratorWorker};
+use crate::eval::suite::{JudgeSpec, Suite};
+use crate::eval::{dataset, report, runner, store::ResultStore};
+use crate::fsio::write_atomic;
+use crate::judge::testbed::TestbedJudgeConfig;
+use crate::stop::StopSignal;
+use crate::study::{run_study, StudyConfig};
+
+/// `study`: the testbed measurement quoted in the README.
+pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
+    let strategy = args.strategy.to_config()?;
+    let config = StudyConfig {
+        edits: args.edits,
+        first_scene: args.first_scene,
+        width: args.width,
+        strategy,
+        difficulty: args.difficulty,
+        judge: TestbedJudgeConfig {
+            seed: args.judge_seed,
+            ..TestbedJudgeConfig::default()
+        },
+    };
+    let bar = indicatif::ProgressBar::new(args.edits as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("study {bar:30} {pos}/{len} edits, ETA {eta}")
+            .expect("static template"),
+    );
+    let report = run_study(&config, |n| bar.set_position(n as u64)).await?;
+    bar.finish_and_clear();
+    let md = report.markdown();
+    write_atomic(&args.out.join("study.md"), md.as_bytes())?;
+    write_atomic(
+        &args.out.join("study.json"),
+        &serde_json::to_vec_pretty(&report)?,
+    )?;
+    println!("{md}");
+    Ok(())
+}
+
+/// `eval`: runs the pending (item, arm) pairs of a suite, then writes the report.
+pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let suite = Suite::load(&args.suite)?;
+    let items = dataset::load(&suite.dataset, &suite.selection)?;
+    let mut store = ResultStore::open(&args.out)
+        .with_context(|| format!("opening {}", args.out.join("results.jsonl").display()))?;
+    let names = runner::arm_names(&suite);
+    if !args.report_only {
+        let judge_args = |spec: &JudgeSpec| JudgeArgs {
+            judge: spec.judge.clone(),
+            judge_concurrency: Some(args.judge_concurrency),
+            judge_seed: spec.seed,
+        };
+        let selection = build_judge(&judge_args(&suite.selection_judge))?;
+        let eval_judge = if suite.same_judge() {
+            None
+        } else {
+            Some(build_judge(&judge_args(suite.eval_judge()))?.judge)
+        };
+        let generator = build_generator(&args.generator)?;
+        let engine = Engine::new(
+            Arc::new(GeneratorWorker::spawn(generator)),
+            selection.judge,
+            selection.concurrency,
+        );
+        let stop = StopSignal::default();
+        stop.stop_on_ctrl_c("stopping after the item in progress (results so far are saved)");
+        let total = (items.len() * names.len()) as u64;
+        let done = items
+            .iter()
+            .map(|i| names.iter().filter(|n| store.is_done(&i.id, n)).count() as u64)
+            .sum::<u64>();
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "eval {bar:30} {pos}/{len} (item, arm) results, {per_sec}, ETA {eta}",
+            )
+            .expect("static template"),
+        );
+        bar.set_position(done);
+        bar.reset_eta();
+        let ctx = runner::EvalContext {
+            engine,
+            eval_judge,
+            stop,
+            testbed_difficulty: args.generator.testbed_difficulty,
+        };
+        runner::run_suite(&suite, &items, &ctx, &mut store, |n| bar.inc(n as u64)).await?;
+        bar.finish_and_clear();
+    }
+    let report = report::build(&suite, store.results(), &names);
+    report.write(&args.out)?;
+    println!("{}", report.markdown());
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! Naming devices and dtypes the way users write them (`cuda:1`, `bf16`), for every model.
+
+use candle_core::{DType, Device};
+
+/// Parses `cpu`, `cuda[:N]` or `metal`. The error says what was expected; the caller names
+/// the flag or preset field it came from.
+pub fn parse_device(name: &str) -> Result<Device, String> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "metal" => {
+            Device::new_metal(0).map_err(|e| format!("metal: {e} (build with --features metal)"))
+        }
+        cuda if cuda.starts_with("cuda") => {
+            let ordinal = match cuda.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| format!("{cuda}: bad ordinal (expected cuda:N)"))?,
+                None if cuda == "cuda" => 0,
+                None => return Err(format!("{cuda}: expected cuda or cuda:N")),
+            };
+            Device::new_cuda(ordinal)
+                .map_err(|e| format!("{cuda}: {e} (build with --features cuda)"))
+        }
+        other => Err(format!("{other}: expected cpu, cuda[:N] or metal")),
+    }
+}
+
+/// Parses `f32`, `f16` or `bf16`; without a name, bf16 on a GPU and f32 on the CPU (candle's
+/// CPU kernels lack bf16 convolutions).
+pub fn parse_dtype(name: Option<&str>, device: &Device) -> Result<DType, String> {
+    Ok(match name {
+        None if device.is_cpu() => DType::F32,
+        None => DType::BF16,
+        Some("f32") => DType::F32,
+        Some("f16") => DType::F16,
+        Some("bf16") => DType::BF16,
+        Some(other) => return Err(format!("{other}: expected f32, f16 or bf16")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_bad_ones_say_what_was_expected() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        assert!(parse_device("tpu").unwrap_err().contains("expected cpu"));
+        assert!(parse_device("cuda:x").unwrap_err().contains("ordinal"));
+        assert_eq!(parse_dtype(None, &Device::Cpu).unwrap(), DType::F32);
+        assert_eq!(
+            parse_dtype(Some("bf16"), &Device::Cpu).unwrap(),
+            DType::BF16
+        );
+        assert!(parse_dtype(Some("f64"), &Device::Cpu)
+            .unwrap_err()
+            .contains("f64"));
+    }
+}

@@ -1,0 +1,109 @@
+//! `TestbedGenerator`: the testbed's mixture flow ([`crate::models::testbed::mixture`]) as a
+//! [`Generator`], sampled on FLUX's schedule so strategies see what they would with FLUX.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use image::RgbImage;
+
+use crate::edit::EditContext;
+use crate::error::GenerateError;
+use crate::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit};
+use crate::models::flux::scheduler::DynamicShift;
+use crate::models::testbed::latent::LatentMap;
+use crate::models::testbed::mixture::Mixture;
+
+/// Options of the testbed generator.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct TestbedConfig {
+    /// 0 = the correct outcome dominates, 1 = failures dominate.
+    pub difficulty: f32,
+    /// Candidates per velocity call.
+    pub max_batch: usize,
+}
+
+impl Default for TestbedConfig {
+    fn default() -> Self {
+        Self {
+            difficulty: 0.5,
+            max_batch: 8,
+        }
+    }
+}
+
+/// The built-in simulator generator.
+pub struct TestbedGenerator {
+    config: TestbedConfig,
+    map: LatentMap,
+    edits: HashMap<u64, Mixture>,
+    next_key: u64,
+}
+
+impl TestbedGenerator {
+    /// A generator with `config`.
+    pub fn new(config: TestbedConfig) -> Self {
+        Self {
+            config,
+            map: LatentMap::default(),
+            edits: HashMap::new(),
+            next_key: 1,
+        }
+    }
+
+    fn get(&self, edit: &PreparedEdit) -> Result<&Mixture, GenerateError> {
+        self.edits
+            .get(&edit.key)
+            .ok_or_else(|| GenerateError::Input(format!("edit {} is not prepared", edit.key)))
+    }
+}
+
+impl Generator for TestbedGenerator {
+    fn info(&self) -> GeneratorInfo {
+        GeneratorInfo {
+            name: "testbed".into(),
+            detail: format!(
+                "simulator: exact mixture flow over outcomes, difficulty {}",
+                self.config.difficulty
+            ),
+            max_batch: self.config.max_batch,
+        }
+    }
+
+    fn prepare(&mut self, edit: &EditContext) -> Result<PreparedEdit, GenerateError> {
+        let mixture = Mixture::new(edit, self.config.difficulty, &self.map)?;
+        let latent_shape = mixture.latent_shape();
+        let image_tokens = latent_shape[0];
+        let key = self.next_key;
+        self.next_key += 1;
+        self.edits.insert(key, mixture);
+        Ok(PreparedEdit {
+            key,
+            image_tokens,
+            latent_shape,
+            // The simulator stands in for FLUX, so it samples on FLUX's schedule.
+            mu: DynamicShift::FLUX.mu(image_tokens),
+        })
+    }
+
+    fn velocity(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        sigma: f64,
+    ) -> Result<Tensor, GenerateError> {
+        Ok(self.get(edit)?.velocity(latents, sigma)?)
+    }
+
+    fn decode(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        _purpose: DecodePurpose,
+    ) -> Result<RgbImage, GenerateError> {
+        Ok(self.get(edit)?.decode(latents, &self.map)?)
+    }
+
+    fn release(&mut self, edit: &PreparedEdit) {
+        self.edits.remove(&edit.key);
+    }
+}

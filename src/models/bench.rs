@@ -1,0 +1,55 @@
+//! What the model benchmarks share: random weights of any shape (so a full-size model can
+//! be timed without downloading it) and a device-synchronised timer.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::Init;
+
+/// Random weights of any shape, for benchmarks: normal(0, 0.02) for matrices, ones for
+/// norm scales, zeros for biases (random values time the same as trained ones).
+#[derive(Default)]
+pub struct RandomWeights {
+    /// Elements handed out so far (the model's parameter count once it is built).
+    pub elements: Arc<AtomicUsize>,
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.elements
+            .fetch_add(shape.elem_count(), Ordering::Relaxed);
+        if shape.rank() == 1 {
+            let norm = name.contains("norm");
+            return if norm {
+                Tensor::ones(shape, dtype, dev)
+            } else {
+                Tensor::zeros(shape, dtype, dev)
+            };
+        }
+        Tensor::randn(0f32, 0.02, shape, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("random weights have no shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Mean seconds of `f` over `iters` runs after one warm-up, synchronising the device before
+/// and after (GPU kernels run asynchronously).
+pub fn timed<T>(device: &Device, iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    f()?; // warm-up (kernels, allocator)
+    device.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..iters.max(1) {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
+}

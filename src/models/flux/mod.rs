@@ -1,0 +1,28 @@
+//! FLUX.1 Fill [dev] + the ICEdit LoRA in candle: pure model code (configs, blocks,
+//! weights and their discovery), written against diffusers names. What makes it a
+//! generator is in [`crate::generate::flux`].
+//!
+//! - [`config`]: the transformer's `config.json`; [`embeddings`], [`blocks`] and
+//!   [`transformer`]: the MM-DiT; [`lora`]: plain and MoE ICEdit adapters.
+//! - [`vae`]: the autoencoder; [`text`]: T5 and CLIP with their tokenizers.
+//! - [`weights`] + [`keymap`]: safetensors in any layout behind a `VarBuilder`;
+//!   [`files`]: where a checkpoint's files are.
+//! - [`latents`]: packing, mask tokens, position ids; [`scheduler`]: the dynamic shift.
+//! - [`bench`]: `bench flux` with random weights.
+
+pub mod bench;
+pub mod blocks;
+pub mod config;
+pub mod embeddings;
+pub mod files;
+pub mod keymap;
+pub mod latents;
+pub mod lora;
+pub mod scheduler;
+pub mod text;
+pub mod transformer;
+pub mod vae;
+pub mod weights;
+
+pub use config::FluxConfig;
+pub use files::{FluxFiles, FluxPaths};

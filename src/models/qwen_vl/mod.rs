@@ -1,0 +1,24 @@
+//! The Qwen-VL family in candle (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense): pure model code.
+//! What makes it a judge is in [`crate::judge::qwen_vl`].
+//!
+//! - [`config`] reads `config.json` in either the transformers 4 or 5 layout.
+//! - [`image`] resizes and patchifies images exactly as the reference processor.
+//! - [`vision`] is the vision tower, [`text`] the M-RoPE language model, [`model`] joins them
+//!   (prefill, KV-cache extension, greedy decoding).
+//! - [`chat`] renders the chat template and tokenizes with image pads expanded.
+//! - [`files`] finds a checkpoint in a folder or a Hugging Face cache entry and loads it.
+//! - [`bench`] times batched against one-at-a-time prefill with random weights.
+
+pub mod bench;
+pub mod chat;
+pub mod config;
+pub mod files;
+pub mod image;
+pub mod model;
+pub mod text;
+pub mod vision;
+
+pub use chat::ChatFormat;
+pub use config::{Family, Qwen2VlConfig};
+pub use files::Qwen2VlFiles;
+pub use model::{EncodedPrompt, KeyLayout, Qwen2Vl, Session};
