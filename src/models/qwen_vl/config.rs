@@ -126,61 +126,174 @@ pub struct Qwen2VlConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
-/// Looks a field up in the text section first, then at the top level.
-struct Fields<'a> {
-    top: &'a Value,
-    text: Option<&'a Value>,
+/// `eos_token_id` as configs write it: one id or a list.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// One id.
+    One(u32),
+    /// Several ids.
+    Many(Vec<u32>),
 }
 
-impl Fields<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.text
-            .and_then(|t| t.get(key))
-            .filter(|v| !v.is_null())
-            .or_else(|| self.top.get(key).filter(|v| !v.is_null()))
-    }
-
-    fn parse<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<T, String> {
-        let value = self
-            .get(key)
-            .ok_or_else(|| format!("missing field `{key}`"))?;
-        T::deserialize(value).map_err(|e| format!("field `{key}`: {e}"))
-    }
-
-    fn parse_or<T: for<'de> Deserialize<'de>>(&self, key: &str, default: T) -> Result<T, String> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(_) => self.parse(key),
+impl TokenIds {
+    /// The ids as a list.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
         }
     }
 }
 
-fn vision_field<T: for<'de> Deserialize<'de>>(vision: &Value, key: &str) -> Result<T, String> {
-    let value = vision
-        .get(key)
-        .ok_or_else(|| format!("missing field `vision_config.{key}`"))?;
-    T::deserialize(value).map_err(|e| format!("field `vision_config.{key}`: {e}"))
+/// `rope_parameters` (transformers 5) or `rope_scaling` (transformers 4).
+#[derive(Debug, Clone, Default, Deserialize)]
+struct RopeFields {
+    mrope_section: Option<Vec<usize>>,
+    rope_theta: Option<f64>,
+    mrope_interleaved: Option<bool>,
 }
 
-fn vision_field_or<T: for<'de> Deserialize<'de>>(
-    vision: &Value,
-    key: &str,
-    default: T,
-) -> Result<T, String> {
-    match vision.get(key).filter(|v| !v.is_null()) {
-        None => Ok(default),
-        Some(_) => vision_field(vision, key),
+/// The language model's fields wherever a layout puts them: at the top level
+/// (transformers 4) or under `text_config` (transformers 5). All optional here; resolution
+/// says which are required and which default.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct TextFields {
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RopeFields>,
+    rope_scaling: Option<RopeFields>,
+    attention_bias: Option<bool>,
+    tie_word_embeddings: Option<bool>,
+    image_token_id: Option<u32>,
+    vision_start_token_id: Option<u32>,
+    vision_end_token_id: Option<u32>,
+    eos_token_id: Option<TokenIds>,
+}
+
+/// The top of `config.json`: which family, and the sections.
+#[derive(Debug, Clone, Deserialize)]
+struct ConfigHead {
+    model_type: String,
+    text_config: Option<Value>,
+    vision_config: Value,
+}
+
+/// `vision_config` of Qwen2-VL.
+#[derive(Debug, Clone, Deserialize)]
+struct Qwen2VisionFields {
+    depth: usize,
+    embed_dim: usize,
+    num_heads: usize,
+    #[serde(default = "defaults::mlp_ratio")]
+    mlp_ratio: f64,
+    /// The width handed to the language model.
+    hidden_size: usize,
+    #[serde(flatten)]
+    common: CommonVisionFields,
+}
+
+/// `vision_config` of Qwen2.5-VL.
+#[derive(Debug, Clone, Deserialize)]
+struct Qwen25VisionFields {
+    depth: usize,
+    hidden_size: usize,
+    num_heads: usize,
+    intermediate_size: usize,
+    out_hidden_size: usize,
+    window_size: usize,
+    fullatt_block_indexes: Vec<usize>,
+    #[serde(flatten)]
+    common: CommonVisionFields,
+}
+
+/// `vision_config` of Qwen3-VL.
+#[derive(Debug, Clone, Deserialize)]
+struct Qwen3VisionFields {
+    depth: usize,
+    hidden_size: usize,
+    num_heads: usize,
+    intermediate_size: usize,
+    out_hidden_size: usize,
+    num_position_embeddings: usize,
+    #[serde(default)]
+    deepstack_visual_indexes: Vec<usize>,
+    #[serde(flatten)]
+    common: CommonVisionFields,
+}
+
+/// Fields every vision tower has; the patch size defaults per family.
+#[derive(Debug, Clone, Deserialize)]
+struct CommonVisionFields {
+    in_channels: Option<usize>,
+    /// transformers 4's name for `in_channels`.
+    in_chans: Option<usize>,
+    patch_size: Option<usize>,
+    #[serde(default = "defaults::two")]
+    temporal_patch_size: usize,
+    #[serde(default = "defaults::two")]
+    spatial_merge_size: usize,
+    rope_parameters: Option<RopeFields>,
+}
+
+impl CommonVisionFields {
+    fn in_channels(&self) -> usize {
+        self.in_channels.or(self.in_chans).unwrap_or(3)
+    }
+
+    fn rope_theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .unwrap_or(10_000.0)
     }
 }
 
+mod defaults {
+    pub fn mlp_ratio() -> f64 {
+        4.0
+    }
+    pub fn two() -> usize {
+        2
+    }
+}
+
+/// Deserializes `value` as `T`; errors name the path of the bad field under `section`.
+fn parse<T: serde::de::DeserializeOwned>(value: &Value, section: &str) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let at = match (section, path.as_str()) {
+            ("", ".") => String::new(),
+            ("", p) => format!("field `{p}`: "),
+            (s, ".") => format!("{s}: "),
+            (s, p) => format!("field `{s}.{p}`: "),
+        };
+        format!("{at}{}", e.into_inner())
+    })
+}
+
+/// The text section's value of a field, else the top level's.
+fn either<T: Clone>(
+    text: &TextFields,
+    top: &TextFields,
+    get: impl Fn(&TextFields) -> &Option<T>,
+) -> Option<T> {
+    get(text).clone().or_else(|| get(top).clone())
+}
+
 impl Qwen2VlConfig {
-    /// Resolves a parsed `config.json`. The error says which field is missing or wrong.
+    /// Resolves a parsed `config.json` in either layout. The error names the missing or
+    /// wrong field.
     pub fn from_json(top: &Value) -> Result<Self, String> {
-        let model_type = top
-            .get("model_type")
-            .and_then(Value::as_str)
-            .ok_or("missing field `model_type`")?;
-        let family = match model_type {
+        let head: ConfigHead = parse(top, "")?;
+        let family = match head.model_type.as_str() {
             "qwen2_vl" => Family::Qwen2Vl,
             "qwen2_5_vl" => Family::Qwen25Vl,
             "qwen3_vl" => Family::Qwen3Vl,
@@ -190,57 +303,61 @@ impl Qwen2VlConfig {
                 ))
             }
         };
-        let fields = Fields {
-            top,
-            text: top.get("text_config").filter(|v| v.is_object()),
+        let top_fields: TextFields = parse(top, "")?;
+        let text_fields: TextFields = match head.text_config.as_ref().filter(|v| v.is_object()) {
+            Some(section) => parse(section, "text_config")?,
+            None => TextFields::default(),
         };
+        let (t, f) = (&text_fields, &top_fields);
+        let required =
+            |value: Option<usize>, key: &str| value.ok_or_else(|| format!("missing field `{key}`"));
         // transformers 5: rope_parameters; transformers 4: rope_scaling + rope_theta.
-        let rope = fields
-            .get("rope_parameters")
-            .or_else(|| fields.get("rope_scaling"));
-        let mrope_section: Vec<usize> = rope
-            .and_then(|r| r.get("mrope_section"))
-            .map(|v| Vec::<usize>::deserialize(v).map_err(|e| format!("mrope_section: {e}")))
-            .transpose()?
+        let rope = either(t, f, |x| &x.rope_parameters)
+            .or_else(|| either(t, f, |x| &x.rope_scaling))
+            .unwrap_or_default();
+        let mrope_section = rope
+            .mrope_section
+            .clone()
             .ok_or("missing field `rope_scaling.mrope_section` (or `rope_parameters`)")?;
-        let rope_theta = match rope.and_then(|r| r.get("rope_theta")) {
-            Some(v) => f64::deserialize(v).map_err(|e| format!("rope_theta: {e}"))?,
-            None => fields.parse_or("rope_theta", 1_000_000.0)?,
-        };
         let qwen3 = family == Family::Qwen3Vl;
-        let hidden_size: usize = fields.parse("hidden_size")?;
-        let num_attention_heads: usize = fields.parse("num_attention_heads")?;
-        let head_dim = match fields.get("head_dim") {
-            Some(_) => fields.parse("head_dim")?,
-            None => hidden_size / num_attention_heads.max(1),
-        };
-        let mrope_interleaved = match rope.and_then(|r| r.get("mrope_interleaved")) {
-            Some(v) => bool::deserialize(v).map_err(|e| format!("mrope_interleaved: {e}"))?,
-            None => qwen3,
-        };
+        let hidden_size = required(either(t, f, |x| &x.hidden_size), "hidden_size")?;
+        let num_attention_heads = required(
+            either(t, f, |x| &x.num_attention_heads),
+            "num_attention_heads",
+        )?;
         let text = TextConfig {
-            vocab_size: fields.parse("vocab_size")?,
+            vocab_size: required(either(t, f, |x| &x.vocab_size), "vocab_size")?,
             hidden_size,
-            intermediate_size: fields.parse("intermediate_size")?,
-            num_hidden_layers: fields.parse("num_hidden_layers")?,
+            intermediate_size: required(
+                either(t, f, |x| &x.intermediate_size),
+                "intermediate_size",
+            )?,
+            num_hidden_layers: required(
+                either(t, f, |x| &x.num_hidden_layers),
+                "num_hidden_layers",
+            )?,
             num_attention_heads,
-            num_key_value_heads: fields.parse("num_key_value_heads")?,
-            rms_norm_eps: fields.parse_or("rms_norm_eps", 1e-6)?,
-            rope_theta,
+            num_key_value_heads: required(
+                either(t, f, |x| &x.num_key_value_heads),
+                "num_key_value_heads",
+            )?,
+            rms_norm_eps: either(t, f, |x| &x.rms_norm_eps).unwrap_or(1e-6),
+            rope_theta: rope
+                .rope_theta
+                .or_else(|| either(t, f, |x| &x.rope_theta))
+                .unwrap_or(1_000_000.0),
             mrope_section,
             // The top-level flag is the one transformers honours for the head.
-            tie_word_embeddings: match top.get("tie_word_embeddings") {
-                Some(v) => bool::deserialize(v).map_err(|e| format!("tie_word_embeddings: {e}"))?,
-                None => fields.parse_or("tie_word_embeddings", false)?,
-            },
-            head_dim,
+            tie_word_embeddings: either(f, t, |x| &x.tie_word_embeddings).unwrap_or(false),
+            head_dim: either(t, f, |x| &x.head_dim)
+                .unwrap_or(hidden_size / num_attention_heads.max(1)),
             qkv_bias: if qwen3 {
-                fields.parse_or("attention_bias", false)?
+                either(t, f, |x| &x.attention_bias).unwrap_or(false)
             } else {
                 true
             },
             qk_norm: qwen3,
-            mrope_interleaved,
+            mrope_interleaved: rope.mrope_interleaved.unwrap_or(qwen3),
         };
         if text.num_attention_heads == 0
             || (!qwen3 && !text.hidden_size.is_multiple_of(text.num_attention_heads))
@@ -261,75 +378,65 @@ impl Qwen2VlConfig {
             ));
         }
 
-        let v = top
-            .get("vision_config")
-            .ok_or("missing field `vision_config`")?;
-        let rope_theta = v
-            .get("rope_parameters")
-            .and_then(|r| r.get("rope_theta"))
-            .and_then(Value::as_f64)
-            .unwrap_or(10_000.0);
-        let in_channels = match v.get("in_channels") {
-            Some(_) => vision_field(v, "in_channels")?,
-            None => vision_field_or(v, "in_chans", 3)?,
-        };
+        let v = &head.vision_config;
         let vision = match family {
             Family::Qwen2Vl => {
-                let embed_dim: usize = vision_field(v, "embed_dim")?;
-                let mlp_ratio: f64 = vision_field_or(v, "mlp_ratio", 4.0)?;
+                let q: Qwen2VisionFields = parse(v, "vision_config")?;
                 VisionConfig {
-                    depth: vision_field(v, "depth")?,
-                    embed_dim,
-                    num_heads: vision_field(v, "num_heads")?,
-                    mlp_hidden: (embed_dim as f64 * mlp_ratio) as usize,
-                    out_hidden_size: vision_field(v, "hidden_size")?,
-                    in_channels,
-                    patch_size: vision_field_or(v, "patch_size", 14)?,
-                    temporal_patch_size: vision_field_or(v, "temporal_patch_size", 2)?,
-                    spatial_merge_size: vision_field_or(v, "spatial_merge_size", 2)?,
+                    depth: q.depth,
+                    embed_dim: q.embed_dim,
+                    num_heads: q.num_heads,
+                    mlp_hidden: (q.embed_dim as f64 * q.mlp_ratio) as usize,
+                    out_hidden_size: q.hidden_size,
+                    in_channels: q.common.in_channels(),
+                    patch_size: q.common.patch_size.unwrap_or(14),
+                    temporal_patch_size: q.common.temporal_patch_size,
+                    spatial_merge_size: q.common.spatial_merge_size,
                     window_size: None,
                     fullatt_block_indexes: Vec::new(),
-                    rope_theta,
+                    rope_theta: q.common.rope_theta(),
                     num_position_embeddings: None,
                     deepstack_visual_indexes: Vec::new(),
                 }
             }
-            Family::Qwen25Vl => VisionConfig {
-                depth: vision_field(v, "depth")?,
-                embed_dim: vision_field(v, "hidden_size")?,
-                num_heads: vision_field(v, "num_heads")?,
-                mlp_hidden: vision_field(v, "intermediate_size")?,
-                out_hidden_size: vision_field(v, "out_hidden_size")?,
-                in_channels,
-                patch_size: vision_field_or(v, "patch_size", 14)?,
-                temporal_patch_size: vision_field_or(v, "temporal_patch_size", 2)?,
-                spatial_merge_size: vision_field_or(v, "spatial_merge_size", 2)?,
-                window_size: Some(vision_field(v, "window_size")?),
-                fullatt_block_indexes: vision_field(v, "fullatt_block_indexes")?,
-                rope_theta,
-                num_position_embeddings: None,
-                deepstack_visual_indexes: Vec::new(),
-            },
-            Family::Qwen3Vl => VisionConfig {
-                depth: vision_field(v, "depth")?,
-                embed_dim: vision_field(v, "hidden_size")?,
-                num_heads: vision_field(v, "num_heads")?,
-                mlp_hidden: vision_field(v, "intermediate_size")?,
-                out_hidden_size: vision_field(v, "out_hidden_size")?,
-                in_channels,
-                patch_size: vision_field_or(v, "patch_size", 16)?,
-                temporal_patch_size: vision_field_or(v, "temporal_patch_size", 2)?,
-                spatial_merge_size: vision_field_or(v, "spatial_merge_size", 2)?,
-                window_size: None,
-                fullatt_block_indexes: Vec::new(),
-                rope_theta,
-                num_position_embeddings: Some(vision_field(v, "num_position_embeddings")?),
-                deepstack_visual_indexes: vision_field_or(
-                    v,
-                    "deepstack_visual_indexes",
-                    Vec::new(),
-                )?,
-            },
+            Family::Qwen25Vl => {
+                let q: Qwen25VisionFields = parse(v, "vision_config")?;
+                VisionConfig {
+                    depth: q.depth,
+                    embed_dim: q.hidden_size,
+                    num_heads: q.num_heads,
+                    mlp_hidden: q.intermediate_size,
+                    out_hidden_size: q.out_hidden_size,
+                    in_channels: q.common.in_channels(),
+                    patch_size: q.common.patch_size.unwrap_or(14),
+                    temporal_patch_size: q.common.temporal_patch_size,
+                    spatial_merge_size: q.common.spatial_merge_size,
+                    window_size: Some(q.window_size),
+                    fullatt_block_indexes: q.fullatt_block_indexes,
+                    rope_theta: q.common.rope_theta(),
+                    num_position_embeddings: None,
+                    deepstack_visual_indexes: Vec::new(),
+                }
+            }
+            Family::Qwen3Vl => {
+                let q: Qwen3VisionFields = parse(v, "vision_config")?;
+                VisionConfig {
+                    depth: q.depth,
+                    embed_dim: q.hidden_size,
+                    num_heads: q.num_heads,
+                    mlp_hidden: q.intermediate_size,
+                    out_hidden_size: q.out_hidden_size,
+                    in_channels: q.common.in_channels(),
+                    patch_size: q.common.patch_size.unwrap_or(16),
+                    temporal_patch_size: q.common.temporal_patch_size,
+                    spatial_merge_size: q.common.spatial_merge_size,
+                    window_size: None,
+                    fullatt_block_indexes: Vec::new(),
+                    rope_theta: q.common.rope_theta(),
+                    num_position_embeddings: Some(q.num_position_embeddings),
+                    deepstack_visual_indexes: q.deepstack_visual_indexes,
+                }
+            }
         };
         if vision
             .deepstack_visual_indexes
@@ -351,30 +458,26 @@ impl Qwen2VlConfig {
                 vision.embed_dim, vision.num_heads
             ));
         }
-        let eos_token_ids = eos_token_ids(
-            top.get("eos_token_id")
-                .or_else(|| fields.get("eos_token_id")),
-        )?;
+        let token =
+            |value: Option<u32>, key: &str| value.ok_or_else(|| format!("missing field `{key}`"));
         Ok(Self {
             family,
             text,
             vision,
-            image_token_id: fields.parse("image_token_id")?,
-            vision_start_token_id: fields.parse("vision_start_token_id")?,
-            vision_end_token_id: fields.parse("vision_end_token_id")?,
-            eos_token_ids,
+            image_token_id: token(either(t, f, |x| &x.image_token_id), "image_token_id")?,
+            vision_start_token_id: token(
+                either(t, f, |x| &x.vision_start_token_id),
+                "vision_start_token_id",
+            )?,
+            vision_end_token_id: token(
+                either(t, f, |x| &x.vision_end_token_id),
+                "vision_end_token_id",
+            )?,
+            // The top level first, as transformers reads it.
+            eos_token_ids: either(f, t, |x| &x.eos_token_id)
+                .map(|ids| ids.to_vec())
+                .unwrap_or_default(),
         })
-    }
-}
-
-/// `eos_token_id` as config.json and generation_config.json write it: one id, a list, or
-/// absent.
-pub(super) fn eos_token_ids(value: Option<&Value>) -> Result<Vec<u32>, String> {
-    let parse = |id: &Value| u32::deserialize(id).map_err(|e| format!("eos_token_id: {e}"));
-    match value {
-        Some(Value::Array(ids)) => ids.iter().map(parse).collect(),
-        Some(id) => Ok(vec![parse(id)?]),
-        None => Ok(Vec::new()),
     }
 }
 
@@ -418,6 +521,24 @@ mod tests {
     }
 
     #[test]
+    fn a_text_config_section_wins_over_the_top_level_and_its_errors_name_it() {
+        let mut c = fixture("qwen2_vl");
+        let top = Qwen2VlConfig::from_json(&c).unwrap();
+        // A stray top-level value is shadowed by text_config's.
+        c["vocab_size"] = 7.into();
+        assert_eq!(
+            Qwen2VlConfig::from_json(&c).unwrap().text.vocab_size,
+            top.text.vocab_size
+        );
+        c["text_config"]["num_hidden_layers"] = (-1).into();
+        let err = Qwen2VlConfig::from_json(&c).unwrap_err();
+        assert!(
+            err.starts_with("field `text_config.num_hidden_layers`"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn reads_the_flat_hub_layout_and_names_missing_fields() {
         // The shape of Qwen/Qwen2-VL-2B-Instruct's config.json (transformers 4).
         let hub = serde_json::json!({
@@ -443,6 +564,17 @@ mod tests {
             .remove("num_key_value_heads");
         let err = Qwen2VlConfig::from_json(&broken).unwrap_err();
         assert!(err.contains("num_key_value_heads"), "{err}");
+        let mut wrong = hub.clone();
+        wrong["vision_config"]["depth"] = "deep".into();
+        let err = Qwen2VlConfig::from_json(&wrong).unwrap_err();
+        assert!(
+            err.starts_with("field `vision_config.depth`: invalid type"),
+            "{err}"
+        );
+        let mut wrong = hub.clone();
+        wrong["rope_scaling"]["mrope_section"] = serde_json::json!([16, "x", 24]);
+        let err = Qwen2VlConfig::from_json(&wrong).unwrap_err();
+        assert!(err.contains("rope_scaling.mrope_section"), "{err}");
         broken["model_type"] = "llava".into();
         assert!(Qwen2VlConfig::from_json(&broken)
             .unwrap_err()

@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::chat::ChatFormat;
-use super::config::{eos_token_ids, Qwen2VlConfig};
+use super::config::{Qwen2VlConfig, TokenIds};
 use super::image::ImageProcessorConfig;
 use super::model::{KeyLayout, Qwen2Vl};
 use crate::error::ModelError;
@@ -135,10 +135,11 @@ fn add_end_of_turn_ids(
     };
     let generation = root.join("generation_config.json");
     if generation.is_file() {
-        let config: serde_json::Value = read_json(&generation)?;
-        eos_token_ids(config.get("eos_token_id"))
-            .map_err(|e| config_error(&generation, e))?
-            .into_iter()
+        let config: GenerationConfig = read_json(&generation)?;
+        config
+            .eos_token_id
+            .iter()
+            .flat_map(TokenIds::to_vec)
             .for_each(&mut add);
     }
     // Only the added tokens are read: a real tokenizer.json is megabytes of vocabulary
@@ -150,6 +151,13 @@ fn add_end_of_turn_ids(
         .filter(|t| t.content == "<|im_end|>")
         .for_each(|t| add(t.id));
     Ok(())
+}
+
+/// The part of `generation_config.json` that says where generation stops.
+#[derive(serde::Deserialize)]
+struct GenerationConfig {
+    #[serde(default)]
+    eos_token_id: Option<TokenIds>,
 }
 
 /// The part of `tokenizer.json` that names the special tokens.
