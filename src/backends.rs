@@ -1,6 +1,7 @@
-//! Building the generator and judge a command asked for.
+//! Building the generator and judge a command asked for, fetching their weights from the
+//! Hugging Face Hub when asked (`download`, `--download`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -12,11 +13,15 @@ use crate::error::{EditError, JudgeError};
 use crate::generate::flux::{FluxGenerator, FluxOptions};
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::generate::Generator;
+use crate::hub::{self, HubSettings, RepoRequest};
 use crate::judge::openai::OpenAiJudge;
 use crate::judge::qwen_vl::{LocalJudgeConfig, Qwen2VlJudge};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 use crate::judge::Judge;
+use crate::models::flux::files::{DIFFUSERS_FILES, FILL_DEV_REPO};
+use crate::models::flux::lora::{ICEDIT_LORA_REPO, ICEDIT_MOE_LORA_REPO};
 use crate::models::flux::FluxPaths;
+use crate::models::qwen_vl::files::CHECKPOINT_FILES;
 
 /// A judge with the number of calls it should have in flight at once.
 pub struct JudgeHandle {
@@ -26,8 +31,23 @@ pub struct JudgeHandle {
     pub concurrency: usize,
 }
 
-/// The generator backend `args` select.
-pub fn build_generator(args: &GeneratorArgs) -> anyhow::Result<Box<dyn Generator>> {
+/// The generator backend `args` select; with `download`, FLUX.1 Fill and the ICEdit LoRA
+/// are fetched into the Hugging Face cache when the flags name none.
+pub fn build_generator(args: &GeneratorArgs, download: bool) -> anyhow::Result<Box<dyn Generator>> {
+    let mut args = args.clone();
+    let flux_files = args.model_dir.is_some() || args.transformer.is_some();
+    if download && !flux_files && args.generator != GeneratorKind::Testbed {
+        args.model_dir = Some(fetch(&flux_fill_request())?);
+    }
+    if let Some(lora) = &args.lora {
+        args.lora = Some(resolve_lora(lora, download)?);
+    } else if download && args.generator != GeneratorKind::Testbed {
+        tracing::info!("--download without --lora: using the ICEdit LoRA ({ICEDIT_LORA_REPO})");
+        args.lora = Some(fetch(
+            &RepoRequest::new(ICEDIT_LORA_REPO).include(["*.safetensors"]),
+        )?);
+    }
+    let args = &args;
     let flux_files = args.model_dir.is_some() || args.transformer.is_some();
     let kind = match (args.generator, flux_files) {
         (GeneratorKind::Auto, true) => GeneratorKind::Flux,
@@ -110,8 +130,9 @@ fn judge_from_preset(kind: &str, path: &Path) -> Result<Arc<dyn Judge>, JudgeErr
     }
 }
 
-/// The judge `args` select: `testbed` or a preset file.
-pub fn build_judge(args: &JudgeArgs) -> anyhow::Result<JudgeHandle> {
+/// The judge `args` select: `testbed` or a preset file; with `download`, a local judge's
+/// checkpoint is fetched into the Hugging Face cache when it is not there.
+pub fn build_judge(args: &JudgeArgs, download: bool) -> anyhow::Result<JudgeHandle> {
     if args.judge == "testbed" {
         return Ok(JudgeHandle {
             judge: Arc::new(TestbedJudge::new(TestbedJudgeConfig {
@@ -123,9 +144,103 @@ pub fn build_judge(args: &JudgeArgs) -> anyhow::Result<JudgeHandle> {
     }
     let path = Path::new(&args.judge);
     let head = preset_head(path).with_context(|| format!("loading judge {}", args.judge))?;
+    if download && head.kind == "qwen2vl" {
+        let config = LocalJudgeConfig::from_file(path)?;
+        if let (None, Some(model)) = (&config.model_dir, &config.model) {
+            if !hub::cache_entry(&HubSettings::from_env(), model).is_dir() {
+                fetch(&judge_request(model))?;
+            }
+        }
+    }
     let judge = judge_from_preset(&head.kind, path)?;
     Ok(JudgeHandle {
         judge,
         concurrency: args.judge_concurrency.or(head.max_concurrency).unwrap_or(4),
     })
+}
+
+/// FLUX.1 Fill [dev] in the diffusers layout.
+fn flux_fill_request() -> RepoRequest {
+    RepoRequest::new(FILL_DEV_REPO).include(DIFFUSERS_FILES.iter().copied())
+}
+
+/// A local judge's checkpoint.
+fn judge_request(model: &str) -> RepoRequest {
+    RepoRequest::new(model).include(CHECKPOINT_FILES.iter().copied())
+}
+
+/// What `download NAME` fetches: `flux-fill`, `icedit-lora`, `icedit-moe-lora`, a local
+/// judge preset (its `model`), or a Hub id (every file).
+pub fn hub_request(name: &str) -> anyhow::Result<RepoRequest> {
+    Ok(match name {
+        "flux-fill" => flux_fill_request(),
+        "icedit-lora" => RepoRequest::new(ICEDIT_LORA_REPO).include(["*.safetensors"]),
+        "icedit-moe-lora" => RepoRequest::new(ICEDIT_MOE_LORA_REPO).include(["*.safetensors"]),
+        preset if preset.ends_with(".toml") => {
+            let path = Path::new(preset);
+            let head = preset_head(path)?;
+            if head.kind != "qwen2vl" {
+                return Err(EditError::Invalid(format!(
+                    "{preset}: a `{}` judge runs remotely; it has no weights to download",
+                    head.kind
+                ))
+                .into());
+            }
+            let config = LocalJudgeConfig::from_file(path)?;
+            let model = config.model.ok_or_else(|| {
+                EditError::Invalid(format!(
+                    "{preset}: no `model` (Hub id) to download; its model_dir is used as it is"
+                ))
+            })?;
+            judge_request(&model)
+        }
+        id if id.contains('/') => RepoRequest::new(id),
+        other => {
+            return Err(EditError::Invalid(format!(
+                "{other}: expected flux-fill, icedit-lora, icedit-moe-lora, a judge preset (.toml) or a Hub id org/name"
+            ))
+            .into())
+        }
+    })
+}
+
+/// Downloads what `request` names that the cache lacks (with progress bars) and returns
+/// the repository's cache entry.
+pub fn fetch(request: &RepoRequest) -> Result<PathBuf, hub::HubError> {
+    let settings = HubSettings::from_env();
+    tracing::info!(repo = %request.repo_id, cache = %settings.cache_dir.display(), "fetching from the Hugging Face Hub");
+    let done = hub::download(&settings, request, true)?;
+    tracing::info!(
+        repo = %request.repo_id,
+        fetched = done.fetched,
+        cached = done.already_cached,
+        "in the cache at {}",
+        done.cache_entry.display()
+    );
+    Ok(done.cache_entry)
+}
+
+/// `--lora`: a path as given, or the names `icedit` / `icedit-moe` looked up in (and with
+/// `download` fetched into) the Hugging Face cache.
+fn resolve_lora(lora: &Path, download: bool) -> anyhow::Result<PathBuf> {
+    let repo = match lora.to_str() {
+        _ if lora.exists() => return Ok(lora.to_path_buf()),
+        Some("icedit") => ICEDIT_LORA_REPO,
+        Some("icedit-moe") => ICEDIT_MOE_LORA_REPO,
+        _ => return Ok(lora.to_path_buf()),
+    };
+    let entry = hub::cache_entry(&HubSettings::from_env(), repo);
+    if entry.is_dir() {
+        return Ok(entry);
+    }
+    if download {
+        return Ok(fetch(&RepoRequest::new(repo).include(["*.safetensors"]))?);
+    }
+    Err(EditError::Invalid(format!(
+        "--lora {}: {repo} is not in the Hugging Face cache ({}); pass --download or run `icedit-scale download {}-lora`",
+        lora.display(),
+        entry.display(),
+        lora.display()
+    ))
+    .into())
 }

@@ -38,9 +38,24 @@ pub enum Command {
     Study(StudyArgs),
     /// Compare strategies on a benchmark suite at matched compute (resumable).
     Eval(EvalArgs),
+    /// Fetch weights from the Hugging Face Hub into its cache (resumable).
+    Download(DownloadArgs),
     /// Benchmarks (speed and memory).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// `download`: Hub repositories into the Hugging Face cache.
+#[derive(Debug, Clone, Args)]
+pub struct DownloadArgs {
+    /// What to fetch: `flux-fill` (FLUX.1 Fill [dev], diffusers layout; gated: accept its
+    /// licence on the Hub and set HF_TOKEN), `icedit-lora`, `icedit-moe-lora`, a local judge
+    /// preset file (its `model`), or any Hub id `org/name` (every file).
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    /// Branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
 }
 
 /// The benchmarks.
@@ -258,7 +273,9 @@ pub struct GeneratorArgs {
     /// Keep T5 and CLIP loaded between edits (faster batches, ~10 GB more memory in bf16).
     #[arg(long)]
     pub keep_text_encoders: bool,
-    /// ICEdit LoRA file (plain or MoE, detected from its keys).
+    /// ICEdit LoRA: a file (plain or MoE, detected from its keys), a folder or Hugging Face
+    /// cache entry holding one, or `icedit` / `icedit-moe` (the released LoRAs, from the
+    /// Hugging Face cache).
     #[arg(long, env = "ICEDIT_LORA")]
     pub lora: Option<PathBuf>,
     /// LoRA strength.
@@ -324,6 +341,10 @@ pub struct EditArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub judge: JudgeArgs,
+    /// Fetch what is missing from the Hugging Face Hub first: FLUX.1 Fill when no weights
+    /// are named, the ICEdit LoRA when none is, a local judge's checkpoint.
+    #[arg(long)]
+    pub download: bool,
 }
 
 /// `demo`: the testbed end to end.
@@ -380,6 +401,9 @@ pub struct BatchArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub judge: JudgeArgs,
+    /// Fetch what is missing from the Hugging Face Hub first (as for `edit`).
+    #[arg(long)]
+    pub download: bool,
 }
 
 /// `merge`: combine shard outputs.
@@ -411,6 +435,9 @@ pub struct EvalArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub generator: GeneratorArgs,
+    /// Fetch what is missing from the Hugging Face Hub first (as for `edit`).
+    #[arg(long)]
+    pub download: bool,
 }
 
 /// `study`: strategies compared on testbed edits with ground truth.

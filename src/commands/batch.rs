@@ -20,8 +20,8 @@ pub async fn batch(args: BatchArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let judge = build_judge(&args.judge)?;
-    let generator = build_generator(&args.generator)?;
+    let judge = build_judge(&args.judge, args.download)?;
+    let generator = build_generator(&args.generator, args.download)?;
     let engine = Engine::new(
         Arc::new(GeneratorWorker::spawn(generator)),
         judge.judge,

@@ -38,8 +38,8 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "edit".into());
     let edit = EditContext::new(id, panel, instruction);
-    let judge = build_judge(&args.judge)?;
-    let generator = build_generator(&args.generator)?;
+    let judge = build_judge(&args.judge, args.download)?;
+    let generator = build_generator(&args.generator, args.download)?;
     let init_latents = match &args.generator.init_latents {
         Some(path) => load_init_latents(path)?,
         None => Vec::new(),

@@ -59,13 +59,13 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
             judge_concurrency: Some(args.judge_concurrency),
             judge_seed: spec.seed,
         };
-        let selection = build_judge(&judge_args(&suite.selection_judge))?;
+        let selection = build_judge(&judge_args(&suite.selection_judge), args.download)?;
         let eval_judge = if suite.same_judge() {
             None
         } else {
-            Some(build_judge(&judge_args(suite.eval_judge()))?.judge)
+            Some(build_judge(&judge_args(suite.eval_judge()), args.download)?.judge)
         };
-        let generator = build_generator(&args.generator)?;
+        let generator = build_generator(&args.generator, args.download)?;
         let engine = Engine::new(
             Arc::new(GeneratorWorker::spawn(generator)),
             selection.judge,

@@ -1,16 +1,18 @@
 //! What each subcommand does, on top of the library; `main` only parses and maps errors.
 //!
 //! One file per family: [`edit`] (edit, demo), [`batch`] (batch, merge), [`eval`] (eval,
-//! study), [`bench`] (the benchmarks).
+//! study), [`download`], [`bench`] (the benchmarks).
 
 pub mod batch;
 pub mod bench;
+pub mod download;
 pub mod edit;
 pub mod eval;
 
 use crate::cli::{BenchCommand, Cli, Command};
 use crate::engine::StrategyError;
 use crate::error::{EditError, EngineError, GenerateError, JudgeError};
+use crate::hub::HubError;
 
 /// Process exit code for bad input (unreadable image, bad option, missing weights, bad
 /// preset). Runtime failures exit with 1; clap's usage errors also use 2.
@@ -37,6 +39,17 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(JudgeError::Config(_)) = cause.downcast_ref::<JudgeError>() {
             return EXIT_BAD_INPUT;
         }
+        if let Some(e) = cause.downcast_ref::<HubError>() {
+            // What the user named cannot be had (refused, absent, mistyped); the rest are
+            // transfer failures worth a retry.
+            return match e {
+                HubError::Gated { .. }
+                | HubError::NotFound { .. }
+                | HubError::NoMatch { .. }
+                | HubError::InvalidRequest { .. } => EXIT_BAD_INPUT,
+                _ => EXIT_RUNTIME,
+            };
+        }
     }
     EXIT_RUNTIME
 }
@@ -50,6 +63,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Merge(args)) => batch::merge(args),
         Some(Command::Study(args)) => eval::study(args).await,
         Some(Command::Eval(args)) => eval::eval(args).await,
+        Some(Command::Download(args)) => download::download(args),
         Some(Command::Bench(BenchCommand::Pipeline(args))) => bench::pipeline(args).await,
         Some(Command::Bench(BenchCommand::Memory(args))) => bench::memory(args).await,
         Some(Command::Bench(BenchCommand::Flux(args))) => bench::flux(args),

@@ -18,7 +18,7 @@ use image::RgbImage;
 use super::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit};
 use crate::edit::{crop_right_panel, make_diptych, EditContext};
 use crate::error::GenerateError;
-use crate::models::flux::lora::{LoraReport, LoraSet};
+use crate::models::flux::lora::{find_lora_file, LoraReport, LoraSet};
 use crate::models::flux::scheduler::DynamicShift;
 use crate::models::flux::text::TextEncoders;
 use crate::models::flux::transformer::{FluxTransformer, TextConditioning};
@@ -96,7 +96,10 @@ impl FluxGenerator {
     pub fn load(options: FluxOptions) -> Result<Self, GenerateError> {
         let files = FluxFiles::discover(&options.paths)?;
         let lora = match &options.lora {
-            Some(path) => Some(Arc::new(LoraSet::load(path, options.lora_scale)?)),
+            Some(path) => Some(Arc::new(LoraSet::load(
+                &find_lora_file(path)?,
+                options.lora_scale,
+            )?)),
             None => None,
         };
         let (dtype, dev) = (options.dtype, &options.device);

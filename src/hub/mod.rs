@@ -5,5 +5,7 @@
 //! model. Model code (`models::flux::files`, `models::qwen_vl::files`) builds on it.
 
 pub mod cache;
+pub mod download;
 
 pub use cache::{resolve_snapshot, shards};
+pub use download::{cache_entry, download, Downloaded, HubError, HubSettings, RepoRequest};

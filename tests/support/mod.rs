@@ -179,3 +179,5 @@ pub fn cli_env(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
         .output()
         .unwrap()
 }
+
+pub mod hub_server;

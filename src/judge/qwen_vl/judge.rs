@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::answer::{choose, score_summary, Choice};
 use crate::edit::EditContext;
+use crate::hub::{self, HubSettings};
 use crate::judge::parse;
 use crate::judge::prompts::PromptSet;
 use crate::judge::{
@@ -151,18 +152,12 @@ impl LocalJudgeConfig {
             return Ok(dir.clone());
         }
         let id = self.model.as_deref().unwrap_or_default();
-        let cache = std::env::var_os("HF_HUB_CACHE")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
-            })
-            .ok_or_else(|| JudgeError::Config("no HF_HUB_CACHE, HF_HOME or HOME".into()))?;
-        let entry = cache.join(format!("models--{}", id.replace('/', "--")));
+        let entry = hub::cache_entry(&HubSettings::from_env(), id);
         if !entry.is_dir() {
             return Err(JudgeError::Config(format!(
-                "{id} is not in the Hugging Face cache ({} not found); download it with \
-                 `huggingface-cli download {id}` or set model_dir in the preset",
+                "{id} is not in the Hugging Face cache ({} not found); fetch it with \
+                 `icedit-scale download <this preset>` (or --download, or \
+                 `huggingface-cli download {id}`), or set model_dir in the preset",
                 entry.display()
             )));
         }

@@ -10,6 +10,23 @@ use crate::error::ModelError;
 use crate::fsio::read_json;
 use crate::hub::{resolve_snapshot, shards};
 
+/// The Hub repository of FLUX.1 Fill [dev] (gated: its licence must be accepted on the
+/// Hub, and a token given).
+pub const FILL_DEV_REPO: &str = "black-forest-labs/FLUX.1-Fill-dev";
+
+/// The files of the diffusers layout in that repository (the BFL single files beside them,
+/// another 24 GB, are left out).
+pub const DIFFUSERS_FILES: &[&str] = &[
+    "model_index.json",
+    "scheduler/",
+    "transformer/",
+    "vae/",
+    "text_encoder/",
+    "text_encoder_2/",
+    "tokenizer/",
+    "tokenizer_2/",
+];
+
 /// What the user pointed at.
 #[derive(Debug, Clone, Default)]
 pub struct FluxPaths {

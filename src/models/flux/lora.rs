@@ -60,6 +60,38 @@ pub struct LoraSet {
     used: Mutex<BTreeSet<String>>,
 }
 
+/// The Hub repository of ICEdit's plain LoRA (`pytorch_lora_weights.safetensors`, rank 32;
+/// named as `RiverZ/normal-lora` by ICEdit's README and by the Griptape nodes that load it).
+pub const ICEDIT_LORA_REPO: &str = "RiverZ/normal-lora";
+/// The Hub repository of ICEdit's MoE LoRA (the default `lora_path` of ICEdit's
+/// `scripts/gradio_demo.py`).
+pub const ICEDIT_MOE_LORA_REPO: &str = "sanaka87/ICEdit-MoE-LoRA";
+/// The file diffusers' `load_lora_weights` reads from a LoRA repository by default.
+pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+
+/// The LoRA file `path` names: the file itself, or in a folder or Hugging Face cache entry
+/// its `pytorch_lora_weights.safetensors`, else its only `.safetensors` file.
+pub fn find_lora_file(path: &Path) -> std::result::Result<PathBuf, ModelError> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let dir = crate::hub::resolve_snapshot(path)?;
+    if dir.join(LORA_FILE).is_file() {
+        return Ok(dir.join(LORA_FILE));
+    }
+    let files = crate::hub::shards(&dir)?;
+    match files.as_slice() {
+        [one] => Ok(one.clone()),
+        many => Err(ModelError::files(
+            &dir,
+            format!(
+                "{} .safetensors files and no {LORA_FILE}: name the LoRA file itself",
+                many.len()
+            ),
+        )),
+    }
+}
+
 /// What loading did with a LoRA file, for logs and reports.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LoraReport {

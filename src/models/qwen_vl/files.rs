@@ -14,6 +14,10 @@ use crate::error::ModelError;
 use crate::fsio::read_json;
 use crate::hub::{resolve_snapshot, shards};
 
+/// The files of a checkpoint [`Qwen2VlFiles::discover`] reads (configs, weights, tokenizer,
+/// chat template), as patterns over a Hub repository's paths.
+pub const CHECKPOINT_FILES: &[&str] = &["*.json", "*.safetensors", "*.jinja", "*.txt"];
+
 /// Every file of one checkpoint, resolved.
 #[derive(Debug, Clone)]
 pub struct Qwen2VlFiles {
