@@ -14,6 +14,7 @@ use super::stats::{
 };
 use super::store::{ArmResult, EvalScore};
 use super::suite::Suite;
+use crate::engine::StrategyConfig;
 
 /// One arm's aggregates.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,8 +82,10 @@ pub struct Timing {
 /// The whole report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalReport {
-    /// The suite.
+    /// The suite as written.
     pub suite: Suite,
+    /// Each arm's strategy as it ran: the suite's values with the defaults filled in.
+    pub strategies: BTreeMap<String, StrategyConfig>,
     /// Items evaluated.
     pub items: usize,
     /// Whether the returned edits were scored by the selection judge itself.
@@ -218,6 +221,11 @@ pub fn build(suite: &Suite, results: &[ArmResult], arm_order: &[String]) -> Eval
         .len();
     EvalReport {
         suite: suite.clone(),
+        strategies: suite
+            .arms
+            .iter()
+            .map(|a| (a.name.clone(), suite.config(a)))
+            .collect(),
         items,
         same_judge: suite.same_judge(),
         arms,

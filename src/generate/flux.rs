@@ -8,14 +8,13 @@
 //! forward for a batch of candidates; decoding unpacks, runs the VAE decoder and crops the
 //! right panel.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use image::RgbImage;
 
-use super::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit};
+use super::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit, PreparedSet};
 use crate::edit::{crop_right_panel, make_diptych, EditContext};
 use crate::error::GenerateError;
 use crate::models::flux::lora::{find_lora_file, LoraReport, LoraSet};
@@ -87,8 +86,7 @@ pub struct FluxGenerator {
     vae: Autoencoder,
     text: Option<TextEncoders>,
     lora_report: Option<LoraReport>,
-    edits: HashMap<u64, PreparedFlux>,
-    next_key: u64,
+    edits: PreparedSet<PreparedFlux>,
 }
 
 impl FluxGenerator {
@@ -153,8 +151,7 @@ impl FluxGenerator {
             vae,
             text: None,
             lora_report,
-            edits: HashMap::new(),
-            next_key: 0,
+            edits: PreparedSet::default(),
         })
     }
 
@@ -187,19 +184,13 @@ impl FluxGenerator {
         Ok(self.text.as_mut().expect("just loaded"))
     }
 
-    fn get(&self, edit: &PreparedEdit) -> Result<&PreparedFlux, GenerateError> {
-        self.edits
-            .get(&edit.key)
-            .ok_or_else(|| GenerateError::Input(format!("edit {} is not prepared", edit.key)))
-    }
-
     /// Decodes packed latents `[S, 64]` to the whole diptych as floats in [0, 1], `[H, 2W, 3]`.
     pub fn decode_unit(
         &self,
         edit: &PreparedEdit,
         latents: &Tensor,
     ) -> Result<Tensor, GenerateError> {
-        let p = self.get(edit)?;
+        let p = self.edits.get(edit)?;
         let (h, w) = p.latent_hw;
         let z = latents::unpack(&latents.unsqueeze(0)?.to_dtype(self.options.dtype)?, h, w)?;
         let image = self.vae.decode(&self.vae.denormalize(&z)?)?;
@@ -213,7 +204,7 @@ impl FluxGenerator {
         path: &Path,
         edit: &PreparedEdit,
     ) -> Result<Tensor, GenerateError> {
-        let p = self.get(edit)?;
+        let p = self.edits.get(edit)?;
         let err = |reason: String| GenerateError::Weights {
             path: path.to_path_buf(),
             reason,
@@ -315,17 +306,12 @@ impl Generator for FluxGenerator {
             &dev,
         )?;
 
-        let key = self.next_key;
-        self.next_key += 1;
-        self.edits.insert(
-            key,
-            PreparedFlux {
-                text: TextConditioning { t5, pooled },
-                image_cond,
-                rope,
-                latent_hw: (lh, lw),
-            },
-        );
+        let key = self.edits.insert(PreparedFlux {
+            text: TextConditioning { t5, pooled },
+            image_cond,
+            rope,
+            latent_hw: (lh, lw),
+        });
         Ok(PreparedEdit {
             key,
             image_tokens: tokens,
@@ -340,7 +326,7 @@ impl Generator for FluxGenerator {
         latents: &Tensor,
         sigma: f64,
     ) -> Result<Tensor, GenerateError> {
-        let p = self.get(edit)?;
+        let p = self.edits.get(edit)?;
         let b = latents.dim(0)?;
         let img = Tensor::cat(
             &[
@@ -366,6 +352,6 @@ impl Generator for FluxGenerator {
     }
 
     fn release(&mut self, edit: &PreparedEdit) {
-        self.edits.remove(&edit.key);
+        self.edits.remove(edit);
     }
 }

@@ -14,6 +14,8 @@ pub mod noise;
 pub mod schedule;
 pub mod testbed;
 
+use std::collections::HashMap;
+
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -53,6 +55,45 @@ impl PreparedEdit {
     /// This edit's schedule of `steps` steps.
     pub fn schedule(&self, steps: usize) -> Schedule {
         Schedule::shifted(steps, self.mu)
+    }
+}
+
+/// What a backend keeps between [`Generator::prepare`] and [`Generator::release`]: each
+/// prepared edit's conditioning under the key its [`PreparedEdit`] carries.
+#[derive(Debug)]
+pub struct PreparedSet<T> {
+    edits: HashMap<u64, T>,
+    next_key: u64,
+}
+
+impl<T> Default for PreparedSet<T> {
+    fn default() -> Self {
+        Self {
+            edits: HashMap::new(),
+            next_key: 0,
+        }
+    }
+}
+
+impl<T> PreparedSet<T> {
+    /// Keeps `conditioning` and returns its key.
+    pub fn insert(&mut self, conditioning: T) -> u64 {
+        let key = self.next_key;
+        self.next_key += 1;
+        self.edits.insert(key, conditioning);
+        key
+    }
+
+    /// The conditioning of `edit`; an error if it was never prepared or already released.
+    pub fn get(&self, edit: &PreparedEdit) -> Result<&T, GenerateError> {
+        self.edits
+            .get(&edit.key)
+            .ok_or_else(|| GenerateError::Input(format!("edit {} is not prepared", edit.key)))
+    }
+
+    /// Drops the conditioning of `edit`.
+    pub fn remove(&mut self, edit: &PreparedEdit) {
+        self.edits.remove(&edit.key);
     }
 }
 

@@ -1,14 +1,12 @@
 //! `TestbedGenerator`: the testbed's mixture flow ([`crate::models::testbed::mixture`]) as a
 //! [`Generator`], sampled on FLUX's schedule so strategies see what they would with FLUX.
 
-use std::collections::HashMap;
-
 use candle_core::Tensor;
 use image::RgbImage;
 
 use crate::edit::EditContext;
 use crate::error::GenerateError;
-use crate::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit};
+use crate::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit, PreparedSet};
 use crate::models::flux::scheduler::DynamicShift;
 use crate::models::testbed::latent::LatentMap;
 use crate::models::testbed::mixture::Mixture;
@@ -35,8 +33,7 @@ impl Default for TestbedConfig {
 pub struct TestbedGenerator {
     config: TestbedConfig,
     map: LatentMap,
-    edits: HashMap<u64, Mixture>,
-    next_key: u64,
+    edits: PreparedSet<Mixture>,
 }
 
 impl TestbedGenerator {
@@ -45,15 +42,8 @@ impl TestbedGenerator {
         Self {
             config,
             map: LatentMap::default(),
-            edits: HashMap::new(),
-            next_key: 1,
+            edits: PreparedSet::default(),
         }
-    }
-
-    fn get(&self, edit: &PreparedEdit) -> Result<&Mixture, GenerateError> {
-        self.edits
-            .get(&edit.key)
-            .ok_or_else(|| GenerateError::Input(format!("edit {} is not prepared", edit.key)))
     }
 }
 
@@ -73,9 +63,7 @@ impl Generator for TestbedGenerator {
         let mixture = Mixture::new(edit, self.config.difficulty, &self.map)?;
         let latent_shape = mixture.latent_shape();
         let image_tokens = latent_shape[0];
-        let key = self.next_key;
-        self.next_key += 1;
-        self.edits.insert(key, mixture);
+        let key = self.edits.insert(mixture);
         Ok(PreparedEdit {
             key,
             image_tokens,
@@ -91,7 +79,7 @@ impl Generator for TestbedGenerator {
         latents: &Tensor,
         sigma: f64,
     ) -> Result<Tensor, GenerateError> {
-        Ok(self.get(edit)?.velocity(latents, sigma)?)
+        Ok(self.edits.get(edit)?.velocity(latents, sigma)?)
     }
 
     fn decode(
@@ -100,10 +88,10 @@ impl Generator for TestbedGenerator {
         latents: &Tensor,
         _purpose: DecodePurpose,
     ) -> Result<RgbImage, GenerateError> {
-        Ok(self.get(edit)?.decode(latents, &self.map)?)
+        Ok(self.edits.get(edit)?.decode(latents, &self.map)?)
     }
 
     fn release(&mut self, edit: &PreparedEdit) {
-        self.edits.remove(&edit.key);
+        self.edits.remove(edit);
     }
 }

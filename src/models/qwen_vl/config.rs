@@ -309,8 +309,14 @@ impl Qwen2VlConfig {
             None => TextFields::default(),
         };
         let (t, f) = (&text_fields, &top_fields);
-        let required =
-            |value: Option<usize>, key: &str| value.ok_or_else(|| format!("missing field `{key}`"));
+        // A required field: the text section's value, else the top level's, else an error
+        // naming it.
+        macro_rules! required {
+            ($field:ident) => {
+                either(t, f, |x| &x.$field)
+                    .ok_or_else(|| format!("missing field `{}`", stringify!($field)))?
+            };
+        }
         // transformers 5: rope_parameters; transformers 4: rope_scaling + rope_theta.
         let rope = either(t, f, |x| &x.rope_parameters)
             .or_else(|| either(t, f, |x| &x.rope_scaling))
@@ -320,27 +326,15 @@ impl Qwen2VlConfig {
             .clone()
             .ok_or("missing field `rope_scaling.mrope_section` (or `rope_parameters`)")?;
         let qwen3 = family == Family::Qwen3Vl;
-        let hidden_size = required(either(t, f, |x| &x.hidden_size), "hidden_size")?;
-        let num_attention_heads = required(
-            either(t, f, |x| &x.num_attention_heads),
-            "num_attention_heads",
-        )?;
+        let hidden_size = required!(hidden_size);
+        let num_attention_heads = required!(num_attention_heads);
         let text = TextConfig {
-            vocab_size: required(either(t, f, |x| &x.vocab_size), "vocab_size")?,
+            vocab_size: required!(vocab_size),
             hidden_size,
-            intermediate_size: required(
-                either(t, f, |x| &x.intermediate_size),
-                "intermediate_size",
-            )?,
-            num_hidden_layers: required(
-                either(t, f, |x| &x.num_hidden_layers),
-                "num_hidden_layers",
-            )?,
+            intermediate_size: required!(intermediate_size),
+            num_hidden_layers: required!(num_hidden_layers),
             num_attention_heads,
-            num_key_value_heads: required(
-                either(t, f, |x| &x.num_key_value_heads),
-                "num_key_value_heads",
-            )?,
+            num_key_value_heads: required!(num_key_value_heads),
             rms_norm_eps: either(t, f, |x| &x.rms_norm_eps).unwrap_or(1e-6),
             rope_theta: rope
                 .rope_theta
@@ -458,21 +452,13 @@ impl Qwen2VlConfig {
                 vision.embed_dim, vision.num_heads
             ));
         }
-        let token =
-            |value: Option<u32>, key: &str| value.ok_or_else(|| format!("missing field `{key}`"));
         Ok(Self {
             family,
             text,
             vision,
-            image_token_id: token(either(t, f, |x| &x.image_token_id), "image_token_id")?,
-            vision_start_token_id: token(
-                either(t, f, |x| &x.vision_start_token_id),
-                "vision_start_token_id",
-            )?,
-            vision_end_token_id: token(
-                either(t, f, |x| &x.vision_end_token_id),
-                "vision_end_token_id",
-            )?,
+            image_token_id: required!(image_token_id),
+            vision_start_token_id: required!(vision_start_token_id),
+            vision_end_token_id: required!(vision_end_token_id),
             // The top level first, as transformers reads it.
             eos_token_ids: either(f, t, |x| &x.eos_token_id)
                 .map(|ids| ids.to_vec())
