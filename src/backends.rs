@@ -9,7 +9,8 @@ use serde::Deserialize;
 
 use crate::cli::{GeneratorArgs, GeneratorKind, JudgeArgs};
 use crate::device::{parse_device, parse_dtype};
-use crate::error::{EditError, JudgeError};
+use crate::engine::{Engine, GeneratorWorker};
+use crate::error::EditError;
 use crate::generate::flux::{FluxGenerator, FluxOptions};
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::generate::Generator;
@@ -18,49 +19,89 @@ use crate::judge::openai::OpenAiJudge;
 use crate::judge::qwen_vl::{LocalJudgeConfig, Qwen2VlJudge};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 use crate::judge::Judge;
+use crate::judge::JudgeError;
 use crate::models::flux::files::{DIFFUSERS_FILES, FILL_DEV_REPO};
 use crate::models::flux::lora::{ICEDIT_LORA_REPO, ICEDIT_MOE_LORA_REPO};
 use crate::models::flux::FluxPaths;
 use crate::models::qwen_vl::files::CHECKPOINT_FILES;
+use crate::models::testbed::TestbedEdits;
 
 /// A judge with the number of calls it should have in flight at once.
 pub struct JudgeHandle {
-    /// The judge.
-    pub judge: Arc<dyn Judge>,
+    /// The judge; `None` for `--judge none`.
+    pub judge: Option<Arc<dyn Judge>>,
     /// Concurrency limit for the engine.
     pub concurrency: usize,
 }
 
+/// The generator the flags select: `auto` is FLUX when weights are named (or are to be
+/// downloaded), else the testbed.
+pub fn generator_kind(args: &GeneratorArgs, download: bool) -> GeneratorKind {
+    let flux_files = args.model_dir.is_some() || args.transformer.is_some() || download;
+    match (args.generator, flux_files) {
+        (GeneratorKind::Auto, true) => GeneratorKind::Flux,
+        (GeneratorKind::Auto, false) => GeneratorKind::Testbed,
+        (kind, _) => kind,
+    }
+}
+
+/// The engine an editing command asks for: the judge first (a bad preset fails before
+/// minutes of weight loading), then the generator, with the testbed's edits shared between
+/// a testbed generator and a testbed judge (which refuses any other generator).
+pub fn build_engine(
+    generator: &GeneratorArgs,
+    judge: &JudgeArgs,
+    download: bool,
+) -> anyhow::Result<Engine> {
+    let kind = generator_kind(generator, download);
+    let testbed = (kind == GeneratorKind::Testbed).then(TestbedEdits::default);
+    let judge = build_judge(judge, download, testbed.as_ref())?;
+    let generator = build_generator(generator, download, testbed)?;
+    Ok(engine(generator, judge))
+}
+
+/// An engine over a built generator and judge.
+pub fn engine(generator: Box<dyn Generator>, judge: JudgeHandle) -> Engine {
+    let worker = Arc::new(GeneratorWorker::spawn(generator));
+    match judge.judge {
+        Some(j) => Engine::new(worker, j, judge.concurrency),
+        None => Engine::without_judge(worker),
+    }
+}
+
 /// The generator backend `args` select; with `download`, FLUX.1 Fill and the ICEdit LoRA
-/// are fetched into the Hugging Face cache when the flags name none.
-pub fn build_generator(args: &GeneratorArgs, download: bool) -> anyhow::Result<Box<dyn Generator>> {
+/// are fetched into the Hugging Face cache when the flags name none. A testbed generator
+/// records its edits in `testbed` (for the testbed judges that may score them).
+pub fn build_generator(
+    args: &GeneratorArgs,
+    download: bool,
+    testbed: Option<TestbedEdits>,
+) -> anyhow::Result<Box<dyn Generator>> {
     let mut args = args.clone();
+    let kind = generator_kind(&args, download);
     let flux_files = args.model_dir.is_some() || args.transformer.is_some();
-    if download && !flux_files && args.generator != GeneratorKind::Testbed {
+    if download && !flux_files && kind == GeneratorKind::Flux {
         args.model_dir = Some(fetch(&flux_fill_request())?);
     }
     if let Some(lora) = &args.lora {
         args.lora = Some(resolve_lora(lora, download)?);
-    } else if download && args.generator != GeneratorKind::Testbed {
+    } else if download && kind == GeneratorKind::Flux {
         tracing::info!("--download without --lora: using the ICEdit LoRA ({ICEDIT_LORA_REPO})");
         args.lora = Some(fetch(
             &RepoRequest::new(ICEDIT_LORA_REPO).include(["*.safetensors"]),
         )?);
     }
     let args = &args;
-    let flux_files = args.model_dir.is_some() || args.transformer.is_some();
-    let kind = match (args.generator, flux_files) {
-        (GeneratorKind::Auto, true) => GeneratorKind::Flux,
-        (GeneratorKind::Auto, false) => GeneratorKind::Testbed,
-        (kind, _) => kind,
-    };
     match kind {
         GeneratorKind::Testbed => {
             tracing::info!("generator: built-in testbed (a simulator, not an image editor)");
-            Ok(Box::new(TestbedGenerator::new(TestbedConfig {
-                difficulty: args.testbed_difficulty,
-                max_batch: args.batch_size.max(1),
-            })))
+            Ok(Box::new(TestbedGenerator::with_edits(
+                TestbedConfig {
+                    difficulty: args.testbed_difficulty,
+                    max_batch: args.batch_size.max(1),
+                },
+                testbed.unwrap_or_default(),
+            )))
         }
         GeneratorKind::Flux => Ok(Box::new(build_flux(args)?)),
         GeneratorKind::Auto => unreachable!("resolved above"),
@@ -130,17 +171,41 @@ fn judge_from_preset(kind: &str, path: &Path) -> Result<Arc<dyn Judge>, JudgeErr
     }
 }
 
-/// The judge `args` select: `testbed` or a preset file; with `download`, a local judge's
-/// checkpoint is fetched into the Hugging Face cache when it is not there.
-pub fn build_judge(args: &JudgeArgs, download: bool) -> anyhow::Result<JudgeHandle> {
-    if args.judge == "testbed" {
-        return Ok(JudgeHandle {
-            judge: Arc::new(TestbedJudge::new(TestbedJudgeConfig {
+/// The judge `args` select: `testbed`, `none` or a preset file; with `download`, a local
+/// judge's checkpoint is fetched into the Hugging Face cache when it is not there. The
+/// testbed judge needs the testbed generator's edits (`testbed`): with another generator it
+/// is refused here, before any work.
+pub fn build_judge(
+    args: &JudgeArgs,
+    download: bool,
+    testbed: Option<&TestbedEdits>,
+) -> anyhow::Result<JudgeHandle> {
+    match args.judge.as_str() {
+        "testbed" => {
+            let Some(edits) = testbed else {
+                return Err(EditError::Invalid(
+                    "--judge testbed knows only the testbed generator's edits (their truth is simulated); \
+                     with FLUX give a judge preset (judges/*.toml)"
+                        .into(),
+                )
+                .into());
+            };
+            let config = TestbedJudgeConfig {
                 seed: args.judge_seed,
                 ..TestbedJudgeConfig::default()
-            })),
-            concurrency: args.judge_concurrency.unwrap_or(8),
-        });
+            };
+            return Ok(JudgeHandle {
+                judge: Some(Arc::new(TestbedJudge::knowing(config, edits.clone()))),
+                concurrency: args.judge_concurrency.unwrap_or(8),
+            });
+        }
+        "none" => {
+            return Ok(JudgeHandle {
+                judge: None,
+                concurrency: 1,
+            })
+        }
+        _ => {}
     }
     let path = Path::new(&args.judge);
     let head = preset_head(path).with_context(|| format!("loading judge {}", args.judge))?;
@@ -154,7 +219,7 @@ pub fn build_judge(args: &JudgeArgs, download: bool) -> anyhow::Result<JudgeHand
     }
     let judge = judge_from_preset(&head.kind, path)?;
     Ok(JudgeHandle {
-        judge,
+        judge: Some(judge),
         concurrency: args.judge_concurrency.or(head.max_concurrency).unwrap_or(4),
     })
 }

@@ -4,9 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::engine::strategy::MAX_STEPS;
 use crate::engine::{
     Seeds, StrategyConfig, StrategyError, StrategyKind, StrategyOverrides, ValueSource,
 };
+use crate::judge::preset::MAX_CONCURRENCY;
 
 /// Test-time scaling for instruction-based image editing with ICEdit (FLUX.1 Fill + LoRA).
 ///
@@ -78,17 +80,17 @@ pub struct JudgeBenchArgs {
     /// a checkpoint's config.json.
     #[arg(long, default_value = "qwen2-vl-7b")]
     pub model: String,
-    /// Side of both square images of a screening prompt, pixels.
-    #[arg(long, default_value_t = 512)]
+    /// Side of both square images of a screening prompt, pixels (28 to 4096).
+    #[arg(long, default_value_t = 512, value_parser = bounded(28, 4096))]
     pub image_side: usize,
-    /// Text tokens around the images.
-    #[arg(long, default_value_t = 150)]
+    /// Text tokens around the images (8 to 32768).
+    #[arg(long, default_value_t = 150, value_parser = bounded(8, 32768))]
     pub text_tokens: usize,
-    /// Prompts per batched prefill.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    /// Prompts per batched prefill (each 1 to 64).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8", value_parser = bounded(1, 64))]
     pub batch: Vec<usize>,
-    /// Timed repetitions (after one warm-up).
-    #[arg(long, default_value_t = 2)]
+    /// Timed repetitions (after one warm-up), 1 to 1000.
+    #[arg(long, default_value_t = 2, value_parser = bounded(1, 1000))]
     pub iters: usize,
     /// Weight dtype: f32, f16 or bf16 (bf16 default on GPU, f32 on CPU).
     #[arg(long)]
@@ -104,27 +106,28 @@ pub struct JudgeBenchArgs {
 /// `bench pipeline`.
 #[derive(Debug, Clone, Args)]
 pub struct PipelineBenchArgs {
-    /// Edits per configuration.
-    #[arg(long, default_value_t = 16)]
+    /// Edits per configuration (1 to 10000).
+    #[arg(long, default_value_t = 16, value_parser = bounded(1, 10_000))]
     pub edits: usize,
-    /// Queue depths (edits in flight).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,8")]
+    /// Queue depths (edits in flight, each 1 to 256).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,8", value_parser = bounded(1, 256))]
     pub queues: Vec<usize>,
-    /// Judge latencies per call, seconds.
-    #[arg(long, value_delimiter = ',', default_value = "0.5,3")]
+    /// Judge latencies per call, seconds (each 0 to 3600).
+    #[arg(long, value_delimiter = ',', default_value = "0.5,3", value_parser = seconds)]
     pub latencies: Vec<f64>,
     /// Generator seconds per candidate per step (FLUX Fill at 1024x512 on one H100 is of
     /// this order; measure yours with the FLUX bench when it lands).
-    #[arg(long, default_value_t = 0.15)]
+    #[arg(long, default_value_t = 0.15, value_parser = seconds)]
     pub step_s: f64,
     /// Generator seconds per VAE decode.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = seconds)]
     pub decode_s: f64,
-    /// Scales every time so the benchmark runs in seconds (ratios are unchanged).
-    #[arg(long, default_value_t = 0.02)]
+    /// Scales every time so the benchmark runs in seconds (ratios are unchanged); above 0, at
+    /// most 1.
+    #[arg(long, default_value_t = 0.02, value_parser = time_scale)]
     pub time_scale: f64,
     /// Testbed panel width (small: the cost model, not the simulator, should dominate).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = panel_width)]
     pub width: u32,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -141,22 +144,22 @@ pub struct FluxBenchArgs {
     #[arg(long, default_value = "full")]
     pub size: String,
     /// Source panel width; the diptych is twice as wide.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = panel_side)]
     pub width: usize,
     /// Source panel height.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = panel_side)]
     pub height: usize,
-    /// Candidate batch sizes.
-    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    /// Candidate batch sizes (each 1 to 64).
+    #[arg(long, value_delimiter = ',', default_value = "1,8", value_parser = bounded(1, 64))]
     pub batch: Vec<usize>,
-    /// T5 tokens.
-    #[arg(long, default_value_t = 512)]
+    /// T5 tokens (1 to 512).
+    #[arg(long, default_value_t = 512, value_parser = bounded(1, 512))]
     pub t5_tokens: usize,
-    /// Steps of the full edit estimate.
-    #[arg(long, default_value_t = 50)]
+    /// Steps of the full edit estimate (1 to 1000).
+    #[arg(long, default_value_t = 50, value_parser = bounded(1, MAX_STEPS))]
     pub steps: usize,
-    /// Timed repetitions (after one warm-up).
-    #[arg(long, default_value_t = 3)]
+    /// Timed repetitions (after one warm-up), 1 to 1000.
+    #[arg(long, default_value_t = 3, value_parser = bounded(1, 1000))]
     pub iters: usize,
     /// Weight dtype: f32, f16 or bf16 (bf16 default on GPU, f32 on CPU).
     #[arg(long)]
@@ -172,12 +175,12 @@ pub struct FluxBenchArgs {
 /// `bench memory`.
 #[derive(Debug, Clone, Args)]
 pub struct MemoryBenchArgs {
-    /// Manifest lines.
-    #[arg(long, default_value_t = 100_000)]
+    /// Manifest lines (1 to 10 million).
+    #[arg(long, default_value_t = 100_000, value_parser = bounded(1, 10_000_000))]
     pub lines: usize,
     /// Items actually edited (the rest belong to other shards but are still streamed,
-    /// validated and hashed).
-    #[arg(long, default_value_t = 500)]
+    /// validated and hashed), 1 to 100000.
+    #[arg(long, default_value_t = 500, value_parser = bounded(1, 100_000))]
     pub items: usize,
     /// Scratch folder.
     #[arg(long, default_value = "out/bench-memory")]
@@ -267,8 +270,8 @@ pub struct GeneratorArgs {
     /// model folder); needed with BFL single files.
     #[arg(long)]
     pub text_encoders: Option<PathBuf>,
-    /// T5 tokens the prompt is padded or truncated to.
-    #[arg(long, default_value_t = 512)]
+    /// T5 tokens the prompt is padded or truncated to (1 to 512, FLUX's T5 length).
+    #[arg(long, default_value_t = 512, value_parser = bounded(1, 512))]
     pub t5_tokens: usize,
     /// Keep T5 and CLIP loaded between edits (faster batches, ~10 GB more memory in bf16).
     #[arg(long)]
@@ -278,8 +281,8 @@ pub struct GeneratorArgs {
     /// Hugging Face cache).
     #[arg(long, env = "ICEDIT_LORA")]
     pub lora: Option<PathBuf>,
-    /// LoRA strength.
-    #[arg(long, default_value_t = 1.0)]
+    /// LoRA strength (-4 to 4; 1 = as trained).
+    #[arg(long, default_value_t = 1.0, value_parser = lora_scale)]
     pub lora_scale: f64,
     /// Weight dtype: f32, f16 or bf16 (bf16 default on GPU, f32 on CPU).
     #[arg(long)]
@@ -287,18 +290,18 @@ pub struct GeneratorArgs {
     /// Device: cpu, cuda[:N] or metal (GPU devices need the matching cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Distilled guidance value.
-    #[arg(long, default_value_t = 50.0)]
+    /// Distilled guidance value (0 to 100; ICEdit uses 50).
+    #[arg(long, default_value_t = 50.0, value_parser = guidance)]
     pub guidance: f64,
-    /// Candidates per transformer forward.
-    #[arg(long, default_value_t = 4)]
+    /// Candidates per transformer forward (1 to 64; each adds its attention maps).
+    #[arg(long, default_value_t = 4, value_parser = bounded(1, 64))]
     pub batch_size: usize,
     /// Safetensors file whose `latents` tensor holds initial latents for the first
     /// candidates (reproduces another run exactly).
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
     /// Testbed difficulty (0 = the correct outcome dominates, 1 = failures dominate).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
     pub testbed_difficulty: f32,
 }
 
@@ -309,8 +312,8 @@ pub struct JudgeArgs {
     /// Qwen2-VL).
     #[arg(long, default_value = "testbed")]
     pub judge: String,
-    /// Judge calls in flight at once (default: the preset's max_concurrency).
-    #[arg(long)]
+    /// Judge calls in flight at once, 1 to 256 (default: the preset's max_concurrency).
+    #[arg(long, value_parser = bounded(1, MAX_CONCURRENCY))]
     pub judge_concurrency: Option<usize>,
     /// Seed of the testbed judge's error model.
     #[arg(long, default_value_t = 0)]
@@ -327,7 +330,7 @@ pub struct EditArgs {
     #[arg(long)]
     pub instruction: Option<String>,
     /// Panel width the source is resized to (multiple of 16).
-    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH)]
+    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH, value_parser = panel_width)]
     pub width: u32,
     /// Output folder.
     #[arg(long, default_value = "out")]
@@ -354,7 +357,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1)]
     pub scene_seed: u64,
     /// Panel width of the scene.
-    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH)]
+    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH, value_parser = panel_width)]
     pub width: u32,
     /// Output folder.
     #[arg(long, default_value = "out/demo")]
@@ -363,7 +366,7 @@ pub struct DemoArgs {
     #[allow(missing_docs)]
     pub strategy: StrategyArgs,
     /// Testbed difficulty (0 = the correct outcome dominates, 1 = failures dominate).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
     pub difficulty: f32,
     /// Seed of the testbed judge's error model.
     #[arg(long, default_value_t = 0)]
@@ -386,11 +389,12 @@ pub struct BatchArgs {
     /// `i/n` to run shard i of n, or `auto` (Slurm array / Kubernetes indexed Job).
     #[arg(long, default_value = "0/1")]
     pub shard: String,
-    /// Edits in flight at once; 2 or more lets the generator work while judges think.
-    #[arg(long, default_value_t = 2)]
+    /// Edits in flight at once (1 to 256); 2 or more lets the generator work while judges
+    /// think.
+    #[arg(long, default_value_t = 2, value_parser = bounded(1, 256))]
     pub queue: usize,
     /// Panel width the sources are resized to.
-    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH)]
+    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH, value_parser = panel_width)]
     pub width: u32,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -429,8 +433,8 @@ pub struct EvalArgs {
     /// Only rebuild the report from the stored results.
     #[arg(long)]
     pub report_only: bool,
-    /// Judge calls in flight at once.
-    #[arg(long, default_value_t = 8)]
+    /// Judge calls in flight at once (1 to 256).
+    #[arg(long, default_value_t = 8, value_parser = bounded(1, MAX_CONCURRENCY))]
     pub judge_concurrency: usize,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -443,20 +447,20 @@ pub struct EvalArgs {
 /// `study`: strategies compared on testbed edits with ground truth.
 #[derive(Debug, Clone, Args)]
 pub struct StudyArgs {
-    /// Number of testbed edits.
-    #[arg(long, default_value_t = 200)]
+    /// Number of testbed edits (1 to 100000).
+    #[arg(long, default_value_t = 200, value_parser = bounded(1, 100_000))]
     pub edits: usize,
     /// First scene seed.
     #[arg(long, default_value_t = 1000)]
     pub first_scene: u64,
     /// Panel width.
-    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH)]
+    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH, value_parser = panel_width)]
     pub width: u32,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub strategy: StrategyArgs,
-    /// Testbed difficulty.
-    #[arg(long, default_value_t = 0.5)]
+    /// Testbed difficulty (0 to 1).
+    #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
     pub difficulty: f32,
     /// Seed of the judge's error model.
     #[arg(long, default_value_t = 0)]
@@ -464,4 +468,85 @@ pub struct StudyArgs {
     /// Where to write study.json and study.md.
     #[arg(long, default_value = "out/study")]
     pub out: PathBuf,
+}
+
+/// A count between `lo` and `hi`; clap names the flag and the value, the message the bound.
+fn bounded(lo: usize, hi: usize) -> impl Fn(&str) -> Result<usize, String> + Clone {
+    move |text| {
+        let n: usize = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("expected a whole number between {lo} and {hi}"))?;
+        if (lo..=hi).contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!("{n} is not between {lo} and {hi}"))
+        }
+    }
+}
+
+/// A finite number in `lo..=hi`.
+fn finite_in(text: &str, lo: f64, hi: f64, why: &str) -> Result<f64, String> {
+    let x: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number between {lo} and {hi}"))?;
+    if x.is_finite() && (lo..=hi).contains(&x) {
+        Ok(x)
+    } else {
+        Err(format!("{x} is not between {lo} and {hi} ({why})"))
+    }
+}
+
+/// A panel width: a multiple of 16 up to [`crate::edit::MAX_PANEL_SIDE`].
+fn panel_width(text: &str) -> Result<u32, String> {
+    let w: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| "expected a whole number of pixels".to_string())?;
+    match crate::edit::panel_width_error(w) {
+        Some(reason) => Err(reason),
+        None => Ok(w),
+    }
+}
+
+/// A panel side for the FLUX bench (the same rule as a panel width).
+fn panel_side(text: &str) -> Result<usize, String> {
+    panel_width(text).map(|w| w as usize)
+}
+
+/// A probability-like knob in 0..=1.
+fn unit_interval(text: &str) -> Result<f32, String> {
+    finite_in(text, 0.0, 1.0, "0 and 1 are the extremes").map(|x| x as f32)
+}
+
+/// Seconds of a cost model or latency: 0 to an hour.
+fn seconds(text: &str) -> Result<f64, String> {
+    finite_in(text, 0.0, 3600.0, "seconds")
+}
+
+/// The bench time scale: above 0 (else nothing is timed), at most 1 (real time).
+fn time_scale(text: &str) -> Result<f64, String> {
+    let x = finite_in(text, 0.0, 1.0, "1 runs in real time")?;
+    if x > 0.0 {
+        Ok(x)
+    } else {
+        Err("0 would time nothing; give a scale above 0".into())
+    }
+}
+
+/// FLUX's distilled guidance: ICEdit uses 50; beyond 100 is far outside what FLUX.1 [dev]
+/// was distilled on.
+fn guidance(text: &str) -> Result<f64, String> {
+    finite_in(
+        text,
+        0.0,
+        100.0,
+        "FLUX.1 [dev]'s distilled guidance range; ICEdit uses 50",
+    )
+}
+
+/// LoRA strength: 1 is as trained; beyond 4 the adapter's change swamps the base model.
+fn lora_scale(text: &str) -> Result<f64, String> {
+    finite_in(text, -4.0, 4.0, "1 = as trained")
 }

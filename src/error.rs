@@ -1,8 +1,10 @@
 //! Typed errors of the library. `main` adds context with anyhow and maps them to exit codes.
 //!
 //! Each floor has its own: [`FileError`] for the ground floor's file I/O, [`ModelError`] for
-//! model code, [`GenerateError`] and [`JudgeError`] for the two roles, [`EngineError`] for
-//! the orchestration. Lower errors convert into higher ones, never the other way.
+//! model code, [`GenerateError`] for the generator role, [`EngineError`] for the
+//! orchestration; the judge role's `JudgeError` lives with it in `crate::judge`, because a
+//! failed call carries what it cost. Lower errors convert into higher ones, never the other
+//! way.
 
 use std::path::{Path, PathBuf};
 
@@ -96,6 +98,10 @@ pub enum GenerateError {
         /// What is wrong, naming the tensor key where there is one.
         reason: String,
     },
+    /// The generator cannot be set up as asked (missing options, settings the model does
+    /// not support): bad input.
+    #[error("generator setup: {0}")]
+    Config(String),
     /// The input does not fit the model (size, shape, unsupported option).
     #[error("generator input: {0}")]
     Input(String),
@@ -111,53 +117,9 @@ impl From<ModelError> for GenerateError {
     fn from(e: ModelError) -> Self {
         match e {
             ModelError::Files { path, reason } => Self::Weights { path, reason },
-            ModelError::Config(m) | ModelError::Input(m) => Self::Input(m),
+            ModelError::Config(m) => Self::Config(m),
+            ModelError::Input(m) => Self::Input(m),
             ModelError::Tensor(e) => Self::Tensor(e),
-        }
-    }
-}
-
-/// Failures of a judge call. Recorded in reports as failures, never turned into scores.
-#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
-pub enum JudgeError {
-    /// The judge's configuration (preset file, key, endpoint) is unusable.
-    #[error("judge config: {0}")]
-    Config(String),
-    /// The endpoint answered with an HTTP error after all retries.
-    #[error("judge HTTP {status}: {body}")]
-    Http {
-        /// HTTP status code.
-        status: u16,
-        /// Start of the response body.
-        body: String,
-    },
-    /// The call did not finish in time after all retries.
-    #[error("judge timed out: {0}")]
-    Timeout(String),
-    /// The transport failed (connection refused, TLS, ...).
-    #[error("judge transport: {0}")]
-    Transport(String),
-    /// The reply could not be parsed into the expected answer.
-    #[error("judge reply unparseable ({reason}): {reply:?}")]
-    Parse {
-        /// Why parsing failed.
-        reason: String,
-        /// The reply text (truncated).
-        reply: String,
-    },
-    /// The judge declined or failed to answer (local model error, refusal, ...).
-    #[error("judge failed: {0}")]
-    Failed(String),
-}
-
-impl From<ModelError> for JudgeError {
-    fn from(e: ModelError) -> Self {
-        match e {
-            // A checkpoint or setting that cannot work is the preset's fault (bad input).
-            ModelError::Files { .. } | ModelError::Config(_) => Self::Config(e.to_string()),
-            ModelError::Input(m) => Self::Failed(m),
-            ModelError::Tensor(e) => Self::Failed(format!("tensor error: {e}")),
         }
     }
 }

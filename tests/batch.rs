@@ -207,7 +207,14 @@ fn four_shards_merged_equal_one_unsharded_run() {
         })
         .collect();
     let merged_dir = dir.path().join("merged");
-    merge_shards(&shard_dirs, &merged_dir).unwrap();
+    let merged = merge_shards(&shard_dirs, &merged_dir).unwrap();
+    assert!(merged.warnings.is_empty(), "{:?}", merged.warnings);
+    // Half the set merges, with a warning naming what is missing.
+    let partial = merge_shards(&shard_dirs[..2], &dir.path().join("partial")).unwrap();
+    assert_eq!(
+        partial.warnings,
+        vec!["shard(s) 2/4, 3/4 are missing: the merged summary covers 2 of 4 shards".to_string()]
+    );
     let strip = |v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
         v.into_iter()
             .map(|mut r| {
@@ -342,4 +349,91 @@ fn killed_process_rerun_matches_an_uninterrupted_run() {
     assert!(args(&part).status().unwrap().success());
     assert_eq!(summary(&part), summary(&full));
     assert_eq!(summary(&part).len(), 40);
+}
+
+#[test]
+fn two_batches_on_one_output_folder_never_run_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), 2, &[]);
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let first = icedit_scale::fsio::OutputLock::acquire(&out).unwrap();
+    let err = block_on(run_batch(
+        &engine(),
+        &options(&m, &out, Shard::ALL),
+        &StopSignal::default(),
+    ))
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("in use by another icedit-scale run"),
+        "{err}"
+    );
+    assert!(
+        !out.join("summary.jsonl").exists(),
+        "the second run wrote nothing"
+    );
+    drop(first);
+    block_on(run_batch(
+        &engine(),
+        &options(&m, &out, Shard::ALL),
+        &StopSignal::default(),
+    ))
+    .unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn symlinks_cannot_lead_a_manifest_out_of_its_root_but_dots_that_stay_inside_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    for path in [root.join("images/x.png"), outside.join("secret.png")] {
+        RgbImage::from_pixel(32, 32, Rgb([9, 0, 0]))
+            .save(path)
+            .unwrap();
+    }
+    std::os::unix::fs::symlink(outside.join("secret.png"), root.join("images/link.png")).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("linkdir")).unwrap();
+    let manifest = root.join("edits.jsonl");
+    std::fs::write(
+        &manifest,
+        [
+            r#"{"id": "file-link", "image": "images/link.png", "instruction": "x"}"#,
+            r#"{"id": "dir-link", "image": "linkdir/secret.png", "instruction": "x"}"#,
+            r#"{"id": "dots", "image": "images/../images/x.png", "instruction": "x"}"#,
+            r#"{"id": "escape", "image": "../outside/secret.png", "instruction": "x"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = block_on(run_batch(
+        &engine(),
+        &options(&manifest, &out, Shard::ALL),
+        &StopSignal::default(),
+    ))
+    .unwrap();
+    assert_eq!((o.done, o.invalid), (1, 3));
+    let records = summary(&out);
+    let reason = |line: u64| {
+        records
+            .iter()
+            .find(|r| r["line"] == line)
+            .map(|r| r["reason"].as_str().unwrap_or_default().to_string())
+            .unwrap()
+    };
+    for line in [1, 2, 4] {
+        assert!(
+            reason(line).contains("outside the manifest root"),
+            "line {line}: {}",
+            reason(line)
+        );
+    }
+    assert!(reason(1).contains("it resolves to"), "{}", reason(1));
+    assert!(records
+        .iter()
+        .any(|r| r["id"] == "dots" && r["status"] == "ok"));
 }

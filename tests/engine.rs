@@ -119,10 +119,7 @@ impl Judge for ScriptedJudge {
                 reasoning: format!("scripted {m}"),
                 usage: usage(),
             }),
-            None => Err(JudgeError::Parse {
-                reason: "scripted failure".into(),
-                reply: "???".into(),
-            }),
+            None => Err(JudgeError::parse("scripted failure", "???")),
         }
     }
     async fn compare(
@@ -492,4 +489,170 @@ fn outputs_are_written_with_report_and_contact_sheet() {
     assert!(!dir.path().join("finals/c01_s000101.png").exists());
     let sheet = image::open(dir.path().join("contact_sheet.png")).unwrap();
     assert!(sheet.width() >= 3 * 192);
+}
+
+/// A judge whose replies cost tokens even when they cannot be used, and that measures how
+/// many of its calls are in flight at once.
+#[derive(Default)]
+struct CostlyJudge {
+    in_flight: std::sync::atomic::AtomicUsize,
+    most_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl CostlyJudge {
+    /// Enters a call, lets every other ready task run, and leaves.
+    async fn call(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, SeqCst);
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        self.in_flight.fetch_sub(1, SeqCst);
+    }
+}
+
+fn spent(prompt_tokens: u64, completion_tokens: u64) -> CallUsage {
+    CallUsage {
+        prompt_tokens,
+        completion_tokens,
+        ..CallUsage::default()
+    }
+}
+
+#[async_trait]
+impl Judge for CostlyJudge {
+    fn name(&self) -> String {
+        "costly".into()
+    }
+    async fn screen(
+        &self,
+        _edit: &EditContext,
+        _preview: &RgbImage,
+        _stage: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        self.call().await;
+        Err(JudgeError::parse("no JSON", "blah").with_usage(spent(100, 7)))
+    }
+    async fn compare(
+        &self,
+        _edit: &EditContext,
+        _first: &RgbImage,
+        _second: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        unreachable!("no comparisons in these tests")
+    }
+    async fn semantic_consistency(
+        &self,
+        _edit: &EditContext,
+        _edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        self.call().await;
+        Ok(SubScores {
+            scores: [8.0, 9.0],
+            reasoning: String::new(),
+            usage: spent(10, 2),
+        })
+    }
+    async fn perceptual_quality(
+        &self,
+        _edit: &EditContext,
+        _edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        self.call().await;
+        Err(JudgeError::parse("scores missing", "{}").with_usage(spent(20, 3)))
+    }
+}
+
+fn run_costly(strategy: StrategyConfig, concurrency: usize) -> (EditReport, Arc<CostlyJudge>) {
+    let generator = ScriptedGenerator {
+        log: Arc::default(),
+        max_batch: 4,
+    };
+    let judge = Arc::new(CostlyJudge::default());
+    let engine = Engine::new(
+        Arc::new(GeneratorWorker::spawn(Box::new(generator))),
+        judge.clone(),
+        concurrency,
+    );
+    let n = strategy.candidate_count();
+    let job = EditJob {
+        edit: edit(),
+        strategy,
+        init_latents: (0..n)
+            .map(|i| Tensor::new(&[i as f32, 0.0], &Device::Cpu).unwrap())
+            .collect(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt.block_on(engine.run(job, Arc::new(Silent))).unwrap();
+    (report, judge)
+}
+
+#[test]
+fn every_reply_is_counted_whether_it_parsed_or_not() {
+    let best_of_2 = StrategyConfig {
+        kind: StrategyKind::BestOfN,
+        seeds: 2,
+        steps: 3,
+        ..StrategyConfig::default()
+    };
+    let (report, _) = run_costly(best_of_2, 4);
+    let totals = &report.judge_totals;
+    // Two candidates, two VIE calls each; each score fails on its perceptual half, whose
+    // unusable reply still cost tokens, as did the semantic half that answered.
+    assert_eq!((totals.calls, totals.failures), (4, 2));
+    assert_eq!(totals.prompt_tokens, 2 * (10 + 20));
+    assert_eq!(totals.completion_tokens, 2 * (2 + 3));
+    // Screening replies that fail to parse count too.
+    let (report, _) = run_costly(early_filter(3, 1, 1, 3), 4);
+    let totals = &report.judge_totals;
+    assert_eq!(totals.calls, 3 + 2);
+    assert_eq!(totals.prompt_tokens, 3 * 100 + (10 + 20));
+    assert_eq!(totals.completion_tokens, 3 * 7 + (2 + 3));
+}
+
+#[test]
+fn a_concurrency_of_one_holds_for_the_two_halves_of_a_vie_score() {
+    let best_of_2 = StrategyConfig {
+        kind: StrategyKind::BestOfN,
+        seeds: 2,
+        steps: 3,
+        ..StrategyConfig::default()
+    };
+    let (_, judge) = run_costly(best_of_2.clone(), 1);
+    assert_eq!(
+        judge
+            .most_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    // With room for more, the calls do overlap (so the measure can see overlap).
+    let (_, judge) = run_costly(best_of_2, 8);
+    assert!(
+        judge
+            .most_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 1
+    );
+}
+
+#[test]
+fn an_unscored_best_of_n_pick_says_it_is_the_first_in_seed_order() {
+    // Best-of-n screens nothing: its fallback is seed order, and the report says so
+    // (it used to call the pick "the top-screened one").
+    let best_of_3 = StrategyConfig {
+        kind: StrategyKind::BestOfN,
+        seeds: 3,
+        steps: 4,
+        ..StrategyConfig::default()
+    };
+    let (report, _, _) = run(best_of_3, ScriptedJudge::default(), 8);
+    let pick = report.pick.as_ref().unwrap();
+    assert_eq!((pick.index, pick.overall), (0, None));
+    assert!(
+        pick.reason.contains("first in seed order"),
+        "{}",
+        pick.reason
+    );
+    assert!(!pick.reason.contains("screened one"), "{}", pick.reason);
 }

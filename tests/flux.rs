@@ -330,6 +330,9 @@ fn cli_runs_early_filter_end_to_end_through_flux() {
         "2",
         "--steps",
         "6",
+        // A real judge path (the tiny random Qwen2-VL): the testbed judge refuses FLUX.
+        "--judge",
+        "tests/fixtures/qwen2vl/judge-tiny.toml",
         "--out",
         out_dir,
     ]);
@@ -344,8 +347,16 @@ fn cli_runs_early_filter_end_to_end_through_flux() {
         .as_str()
         .unwrap()
         .starts_with("flux-fill"));
-    // 4 candidates x 2 probe steps + 2 survivors x 4 remaining steps.
-    assert_eq!(report["nfe"]["total"], 16);
+    // 4 candidates x 2 probe steps + each survivor (1 or 2, as the random judge passes
+    // them) x 4 remaining steps.
+    let survivors = report["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "completed")
+        .count();
+    assert!((1..=2).contains(&survivors), "{survivors} survivors");
+    assert_eq!(report["nfe"]["total"], 4 * 2 + survivors * 4);
     let final_image = image::open(out.path().join("final.png")).unwrap().to_rgb8();
     assert_eq!(final_image.dimensions(), (48, 32));
 }
@@ -370,6 +381,9 @@ fn cli_reproduces_the_diffusers_edit_from_its_initial_latents() {
         "48",
         "--strategy",
         "random",
+        // A plain ICEdit edit: one candidate, nothing to judge.
+        "--judge",
+        "none",
         "--steps",
         "3",
         "--init-latents",
@@ -483,4 +497,116 @@ fn runs_in_bf16() {
     let err = max_abs_diff(&out, &r["fwd_out_moe"]);
     eprintln!("bf16 MoE forward: max abs error {err:.2e}");
     assert!(err < 0.25, "max abs error {err}");
+}
+
+/// The tiny diffusers folder copied to `to`, with `edit` applied to one component's
+/// `config.json`.
+fn tiny_with_config(to: &Path, component: &str, edit: impl Fn(&mut serde_json::Value)) {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            let dest = to.join(path.file_name().unwrap());
+            if path.is_dir() {
+                copy(&path, &dest);
+            } else {
+                std::fs::copy(&path, &dest).unwrap();
+            }
+        }
+    }
+    copy(&fixtures().join("tiny"), to);
+    let config = to.join(component).join("config.json");
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(&config, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+}
+
+#[test]
+fn config_fields_that_change_the_math_are_honoured_or_refused_by_name() {
+    use icedit_scale::models::flux::text::TextEncoders;
+    use icedit_scale::models::flux::FluxFiles;
+    let discover = |dir: &Path| {
+        FluxFiles::discover(&FluxPaths {
+            model_dir: Some(dir.to_path_buf()),
+            ..FluxPaths::default()
+        })
+    };
+    let encoders = |dir: &Path| {
+        let files = discover(dir).unwrap();
+        TextEncoders::load(&files.clip, &files.t5, DType::F32, &Device::Cpu).map(|_| ())
+    };
+    /// (component, config change, what the error must say, refused when loading rather than
+    /// when discovering).
+    type Case = (
+        &'static str,
+        Box<dyn Fn(&mut serde_json::Value)>,
+        &'static str,
+        bool,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "transformer",
+            Box::new(|c| c["patch_size"] = 2.into()),
+            "patch_size 2",
+            false,
+        ),
+        (
+            "vae",
+            Box::new(|c| c["act_fn"] = "gelu".into()),
+            "`act_fn` = \"gelu\"",
+            false,
+        ),
+        (
+            "vae",
+            Box::new(|c| c["use_quant_conv"] = true.into()),
+            "`use_quant_conv`",
+            false,
+        ),
+        (
+            "vae",
+            Box::new(|c| c["up_block_types"][0] = "AttnUpDecoderBlock2D".into()),
+            "`up_block_types`",
+            false,
+        ),
+        (
+            "vae",
+            Box::new(|c| c["mid_block_add_attention"] = false.into()),
+            "mid_block_add_attention",
+            false,
+        ),
+        (
+            "text_encoder_2",
+            Box::new(|c| c["dense_act_fn"] = "relu".into()),
+            "`dense_act_fn` = \"relu\"",
+            true,
+        ),
+        (
+            "text_encoder",
+            Box::new(|c| c["layer_norm_eps"] = 1e-6.into()),
+            "`layer_norm_eps`",
+            true,
+        ),
+        (
+            "text_encoder",
+            Box::new(|c| c["hidden_act"] = "gelu".into()),
+            "hidden_act `gelu`",
+            true,
+        ),
+    ];
+    for (component, edit, needle, at_load) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_with_config(dir.path(), component, edit);
+        let err = if at_load {
+            encoders(dir.path()).unwrap_err().to_string()
+        } else {
+            discover(dir.path()).map(|_| ()).unwrap_err().to_string()
+        };
+        let config = dir.path().join(component).join("config.json");
+        assert!(err.contains(needle), "{component}: {err}");
+        assert!(
+            err.contains(&config.display().to_string()),
+            "{component}: names the file: {err}"
+        );
+    }
 }

@@ -161,6 +161,9 @@ async fn malformed_replies_are_parse_errors_never_scores() {
             .await
             .unwrap_err();
         assert!(matches!(err, JudgeError::Parse { .. }), "{content}: {err}");
+        // The reply could not be used, but it was billed: its cost travels with the failure.
+        let spent = err.usage().expect("the failed reply's usage");
+        assert_eq!((spent.prompt_tokens, spent.completion_tokens), (812, 31));
     }
     // A body that is not a chat completion at all.
     let server = MockServer::start().await;

@@ -235,3 +235,39 @@ fn judge_is_deterministic_knows_the_truth_and_errs_as_configured() {
     assert!((20..62).contains(&failed), "failed {failed}");
     assert!((28..70).contains(&first), "first {first}");
 }
+
+#[test]
+fn the_judge_refuses_edits_it_cannot_know_the_truth_of() {
+    // A photo (not a generated scene): its truth exists only as the testbed generator's
+    // simulation of it, so only a judge sharing that generator's edits may score it.
+    let photo = image::open("tests/fixtures/flux/source.png")
+        .unwrap()
+        .to_rgb8();
+    let source = icedit_scale::edit::resize_to_panel(&photo, 64).unwrap();
+    let edit = EditContext::new("photo".to_string(), source, "make the sky night");
+    let image = edit.source.as_ref().clone();
+    let config = TestbedJudgeConfig {
+        failure_rate: 0.0,
+        ..TestbedJudgeConfig::default()
+    };
+    let stranger = TestbedJudge::new(config);
+    let err = block_on(stranger.semantic_consistency(&edit, &image)).unwrap_err();
+    assert!(
+        matches!(err, icedit_scale::judge::JudgeError::Config(_)),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("knows only testbed scenes"),
+        "{err}"
+    );
+
+    let mut generator = TestbedGenerator::new(TestbedConfig::default());
+    let partner = TestbedJudge::knowing(config, generator.edits());
+    assert!(block_on(partner.semantic_consistency(&edit, &image)).is_err());
+    let prepared = generator.prepare(&edit).unwrap();
+    block_on(partner.semantic_consistency(&edit, &image)).unwrap();
+    generator.release(&prepared);
+    // Generated scenes carry their truth: any testbed judge knows them.
+    let scene = make_edit(5, 64);
+    block_on(stranger.semantic_consistency(&scene, &scene.source)).unwrap();
+}

@@ -220,14 +220,15 @@ pub async fn run_pipeline_bench(
     let mut rows = Vec::new();
     for &latency_s in &bench.latencies {
         for &queue in &bench.queues {
+            let testbed = TestbedGenerator::new(TestbedConfig::default());
+            let judge = Latency {
+                inner: TestbedJudge::knowing(TestbedJudgeConfig::default(), testbed.edits()),
+                latency: Duration::from_secs_f64(latency_s * scale),
+            };
             let generator = CostModel {
-                inner: TestbedGenerator::new(TestbedConfig::default()),
+                inner: testbed,
                 per_row: Duration::from_secs_f64(bench.step_s * scale),
                 per_decode: Duration::from_secs_f64(bench.decode_s * scale),
-            };
-            let judge = Latency {
-                inner: TestbedJudge::new(TestbedJudgeConfig::default()),
-                latency: Duration::from_secs_f64(latency_s * scale),
             };
             let worker = Arc::new(GeneratorWorker::spawn(Box::new(generator)));
             let engine = Engine::new(worker.clone(), Arc::new(judge), 64);

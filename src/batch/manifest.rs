@@ -147,21 +147,22 @@ impl<R: BufRead> ManifestReader<R> {
         if spec.instruction.trim().is_empty() {
             return Err(bad(id, "empty instruction".into()));
         }
-        let escapes = spec.image.is_absolute()
-            || spec
-                .image
-                .components()
-                .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)));
-        if escapes {
-            return Err(bad(
-                id,
-                format!(
-                    "image path {} is outside the manifest root {}",
-                    spec.image.display(),
-                    self.root.display()
-                ),
-            ));
-        }
+        let image_path = match inside_root(&self.root, &spec.image) {
+            Ok(path) => path,
+            Err(resolved) => {
+                return Err(bad(
+                    id,
+                    format!(
+                        "image path {} is outside the manifest root {}{}",
+                        spec.image.display(),
+                        self.root.display(),
+                        resolved
+                            .map(|r| format!(" (it resolves to {})", r.display()))
+                            .unwrap_or_default()
+                    ),
+                ))
+            }
+        };
         let strategy = spec.strategy(&self.strategy);
         if let Err(e) = strategy.check(&ValueSource::ManifestLine(self.line)) {
             return Err(bad(id, e.message));
@@ -169,7 +170,6 @@ impl<R: BufRead> ManifestReader<R> {
         if !self.seen.insert(spec.id.clone()) {
             return Err(bad(id, format!("duplicate id {:?}", spec.id)));
         }
-        let image_path = self.root.join(&spec.image);
         Ok(Item {
             line: self.line,
             spec,
@@ -177,6 +177,49 @@ impl<R: BufRead> ManifestReader<R> {
             strategy,
         })
     }
+}
+
+/// `image` resolved against `root` if it stays inside it. Symlinks are followed (a link
+/// inside the root to a file outside it is outside), and `..` that stays inside is fine.
+/// A path that does not exist yet is judged lexically; loading it fails later with its own
+/// error. On refusal, the resolved path when there is one.
+fn inside_root(root: &Path, image: &Path) -> Result<PathBuf, Option<PathBuf>> {
+    let joined = root.join(image);
+    let canonical_root = root.canonicalize().unwrap_or_else(|_| normalize(root));
+    match joined.canonicalize() {
+        Ok(resolved) if resolved.starts_with(&canonical_root) => Ok(resolved),
+        Ok(resolved) => Err(Some(resolved)),
+        Err(_) => {
+            let lexical = normalize(image);
+            let inside = if image.is_absolute() {
+                lexical.starts_with(&canonical_root) || lexical.starts_with(normalize(root))
+            } else {
+                !matches!(lexical.components().next(), Some(Component::ParentDir))
+            };
+            if inside {
+                Ok(joined)
+            } else {
+                Err(None)
+            }
+        }
+    }
+}
+
+/// `path` with `.` dropped and `..` applied, without touching the file system.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 impl<R: BufRead> Iterator for ManifestReader<R> {

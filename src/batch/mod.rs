@@ -8,6 +8,6 @@ pub mod runner;
 pub mod shard;
 pub mod store;
 
-pub use runner::{merge_shards, run_batch, BatchOptions, BatchOutcome};
+pub use runner::{merge_shards, run_batch, BatchOptions, BatchOutcome, Merged, ShardRecord};
 pub use shard::Shard;
 pub use store::{ItemResult, ItemStatus};

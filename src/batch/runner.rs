@@ -17,8 +17,9 @@ use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
 use crate::engine::report::{EditReport, Judged};
 use crate::engine::{EditJob, Engine, Silent, StrategyConfig};
-use crate::error::EngineError;
+use crate::error::{EditError, EngineError};
 use crate::fsio::write_atomic;
+use crate::fsio::OutputLock;
 use crate::stop::StopSignal;
 
 /// What a batch run needs besides the engine.
@@ -57,6 +58,8 @@ pub struct BatchOutcome {
     pub other_shards: usize,
     /// Whether the run stopped early on request.
     pub cancelled: bool,
+    /// Manifest lines not reached because the run stopped early.
+    pub unreached: usize,
 }
 
 /// Runs (or resumes) a batch. Finished items of earlier runs are skipped, failed ones
@@ -89,7 +92,7 @@ pub async fn run_batch(
     let mut outcome = BatchOutcome::default();
     let reader = ManifestReader::open(&opts.manifest, opts.root.as_deref(), opts.strategy.clone())
         .map_err(open_err)?;
-    for entry in reader {
+    for (seen, entry) in reader.enumerate() {
         let entry = entry.map_err(open_err)?;
         // Collect finished tasks as we go so errors surface early and memory stays flat.
         while let Some(done) = tasks.try_join_next() {
@@ -97,6 +100,7 @@ pub async fn run_batch(
         }
         if stop.is_set() {
             outcome.cancelled = true;
+            outcome.unreached = total.saturating_sub(seen);
             break;
         }
         let item = match entry {
@@ -159,7 +163,31 @@ pub async fn run_batch(
         &opts.out.join("summary.md"),
         table(&log.results()).as_bytes(),
     )?;
+    let record = ShardRecord {
+        index: opts.shard.index,
+        count: opts.shard.count,
+        complete: !outcome.cancelled,
+    };
+    write_atomic(
+        &opts.out.join(SHARD_FILE),
+        &serde_json::to_vec_pretty(&record).expect("serialisable"),
+    )?;
     Ok(outcome)
+}
+
+/// The file in a batch's output folder that says which shard it ran and whether to the end,
+/// so `merge` can tell a complete set of shards from an incomplete one.
+pub const SHARD_FILE: &str = "shard.json";
+
+/// The content of [`SHARD_FILE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardRecord {
+    /// This shard.
+    pub index: usize,
+    /// Shards in the split.
+    pub count: usize,
+    /// Whether the run went through the whole manifest (not stopped early).
+    pub complete: bool,
 }
 
 fn join_result(
@@ -287,17 +315,52 @@ fn first_judge_error(report: &EditReport) -> Option<String> {
     })
 }
 
+/// What `merge` produced, and what the user should know about it.
+#[derive(Debug, Clone)]
+pub struct Merged {
+    /// The latest record per id over all shards, in manifest order.
+    pub results: Vec<ItemResult>,
+    /// Shards missing from the set, shards stopped before the end, or of another split.
+    pub warnings: Vec<String>,
+}
+
 /// Combines shard outputs into one summary under `out`: the latest record per id over all
 /// shards, in manifest order, with output folders rewritten relative to `out`'s parent use.
-pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Vec<ItemResult>, EngineError> {
+/// A shard folder that does not exist or holds no results is bad input; a set of shards
+/// that does not cover the split, or a shard that stopped early, is warned about.
+pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Merged, EngineError> {
     let mut all = std::collections::BTreeMap::new();
+    let mut records = Vec::new();
+    let mut warnings = Vec::new();
     for dir in shard_dirs {
+        if !dir.is_dir() {
+            return Err(EditError::Invalid(format!(
+                "shard folder {} does not exist",
+                dir.display()
+            ))
+            .into());
+        }
         let latest = super::store::read_latest(&dir.join("summary.jsonl"))?;
         if latest.is_empty() {
-            return Err(EngineError::Output {
-                path: dir.join("summary.jsonl"),
-                reason: "no results in this shard folder".into(),
-            });
+            return Err(EditError::Invalid(format!(
+                "shard folder {}: no results (no summary.jsonl, or an empty one)",
+                dir.display()
+            ))
+            .into());
+        }
+        match crate::fsio::read_json::<ShardRecord>(&dir.join(SHARD_FILE)) {
+            Ok(record) => {
+                if !record.complete {
+                    warnings.push(format!(
+                        "shard {}/{} in {} stopped before the end of its manifest",
+                        record.index,
+                        record.count,
+                        dir.display()
+                    ));
+                }
+                records.push(record);
+            }
+            Err(e) => warnings.push(format!("{e} (cannot tell which shard this is)")),
         }
         for (id, mut r) in latest {
             r.output_dir = r
@@ -306,9 +369,43 @@ pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Vec<ItemResult
             all.insert(id, r);
         }
     }
+    warnings.extend(missing_shards(&records));
+    let _lock = OutputLock::acquire(&{
+        crate::fsio::prepare_output_dir(out, "--out")
+            .map_err(|e| EditError::Invalid(e.to_string()))?;
+        out.to_path_buf()
+    })
+    .map_err(|e| EditError::Invalid(e.to_string()))?;
     let mut results: Vec<ItemResult> = all.into_values().collect();
     results.sort_by(|a, b| (a.line, &a.id).cmp(&(b.line, &b.id)));
     write_jsonl(&out.join("summary.jsonl"), &results)?;
     write_atomic(&out.join("summary.md"), table(&results).as_bytes())?;
-    Ok(results)
+    Ok(Merged { results, warnings })
+}
+
+/// Which shards of the split(s) the records do not cover.
+fn missing_shards(records: &[ShardRecord]) -> Vec<String> {
+    let counts: std::collections::BTreeSet<usize> = records.iter().map(|r| r.count).collect();
+    if counts.len() > 1 {
+        return vec![format!(
+            "the shards come from different splits (counts {counts:?}); the merge may double or miss items"
+        )];
+    }
+    let Some(&count) = counts.first() else {
+        return Vec::new();
+    };
+    let have: std::collections::BTreeSet<usize> = records.iter().map(|r| r.index).collect();
+    let missing: Vec<String> = (0..count)
+        .filter(|i| !have.contains(i))
+        .map(|i| format!("{i}/{count}"))
+        .collect();
+    if missing.is_empty() {
+        Vec::new()
+    } else {
+        vec![format!(
+            "shard(s) {} are missing: the merged summary covers {} of {count} shards",
+            missing.join(", "),
+            have.len()
+        )]
+    }
 }

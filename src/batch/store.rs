@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::EngineError;
-use crate::fsio::write_atomic;
+use crate::error::{EditError, EngineError};
+use crate::fsio::{write_atomic, OutputLock};
 
 /// Outcome class of one item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,27 +65,36 @@ pub struct ItemResult {
     pub output_dir: Option<String>,
 }
 
-/// The append-only summary log plus the latest record per id.
+/// The append-only summary log plus the latest record per id. It holds the output
+/// folder's lock: one batch writes a folder at a time.
 pub struct SummaryLog {
     path: PathBuf,
     file: File,
     latest: BTreeMap<String, ItemResult>,
+    _lock: OutputLock,
 }
 
 impl SummaryLog {
-    /// Opens (or creates) `DIR/summary.jsonl` and reads what earlier runs recorded. A torn
-    /// last line (a crash mid-write) is cut: that item simply runs again.
+    /// Takes the lock of `dir`, opens (or creates) `DIR/summary.jsonl` and reads what
+    /// earlier runs recorded. A torn last line (a crash mid-write) is cut: that item simply
+    /// runs again. A folder another run holds is refused at once (bad input).
     pub fn open(dir: &Path) -> Result<Self, EngineError> {
         let err = |p: &Path, e: std::io::Error| EngineError::Output {
             path: p.to_path_buf(),
             reason: e.to_string(),
         };
         std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+        let lock = OutputLock::acquire(dir).map_err(|e| EditError::Invalid(e.to_string()))?;
         let path = dir.join("summary.jsonl");
         let (records, file) =
             crate::fsio::jsonl::open::<ItemResult>(&path).map_err(|e| err(&path, e))?;
         let latest = latest_per_id(records);
-        Ok(Self { path, file, latest })
+        Ok(Self {
+            path,
+            file,
+            latest,
+            _lock: lock,
+        })
     }
 
     /// The latest record of `id`, if any.
@@ -232,6 +241,13 @@ mod tests {
         text.push_str("{\"id\": \"c\", \"li");
         std::fs::write(&path, text).unwrap();
         let mut log = SummaryLog::open(dir.path()).unwrap();
+        let second = SummaryLog::open(dir.path()).map(|_| ()).unwrap_err();
+        assert!(
+            second
+                .to_string()
+                .contains("in use by another icedit-scale run"),
+            "{second}"
+        );
         assert_eq!(log.get("b").unwrap().status, ItemStatus::Ok);
         assert!(log.get("c").is_none());
         log.compact().unwrap();
@@ -242,6 +258,7 @@ mod tests {
         // Torn again, then reopened: the next record lands on a line of its own instead of
         // being glued to the torn fragment (and lost).
         std::fs::write(&path, format!("{lines}{{\"id\": \"e")).unwrap();
+        drop(log);
         let mut log = SummaryLog::open(dir.path()).unwrap();
         log.append(ok("d", 3)).unwrap();
         let ids: Vec<String> = read_latest(&path).unwrap().into_keys().collect();

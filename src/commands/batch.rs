@@ -1,17 +1,25 @@
 //! `batch` (a manifest of edits, resumable and shardable) and `merge` (shard outputs).
 
-use std::sync::Arc;
-
-use crate::backends::{build_generator, build_judge};
+use crate::backends::build_engine;
 use crate::batch::{merge_shards, run_batch, BatchOptions, Shard};
 use crate::cli::{BatchArgs, MergeArgs};
-use crate::engine::{Engine, GeneratorWorker};
+use crate::commands::Incomplete;
 use crate::error::EditError;
 use crate::stop::StopSignal;
 
-/// `batch`: runs (or resumes) a manifest; Ctrl-C stops after in-flight items are saved.
+/// `batch`: runs (or resumes) a manifest; Ctrl-C or SIGTERM stops it after the items in
+/// flight are saved.
 pub async fn batch(args: BatchArgs) -> anyhow::Result<()> {
+    let stop = StopSignal::default();
+    stop.stop_on_signals("stopping: finishing the edits in flight")?;
+    batch_until(args, stop).await
+}
+
+/// `batch` that stops when `stop` is set. Exits (through [`Incomplete`]) with its own codes
+/// for a batch stopped early and one where items failed.
+pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()> {
     let strategy = args.strategy.to_config()?;
+    super::edit::check_judge_serves(&args.judge.judge, &strategy)?;
     let shard = Shard::parse(&args.shard, |k| std::env::var(k).ok()).map_err(EditError::Invalid)?;
     if !args.manifest.is_file() {
         return Err(EditError::Invalid(format!(
@@ -20,15 +28,9 @@ pub async fn batch(args: BatchArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let judge = build_judge(&args.judge, args.download)?;
-    let generator = build_generator(&args.generator, args.download)?;
-    let engine = Engine::new(
-        Arc::new(GeneratorWorker::spawn(generator)),
-        judge.judge,
-        judge.concurrency,
-    );
-    let stop = StopSignal::default();
-    stop.stop_on_ctrl_c("stopping: finishing the edits in flight");
+    crate::fsio::prepare_output_dir(&args.out, "--out")
+        .map_err(|e| EditError::Invalid(e.to_string()))?;
+    let engine = build_engine(&args.generator, &args.judge, args.download)?;
     let opts = BatchOptions {
         manifest: args.manifest,
         root: args.root,
@@ -63,13 +65,38 @@ pub async fn batch(args: BatchArgs) -> anyhow::Result<()> {
         100.0 * worker.busy_time().as_secs_f64() / started.elapsed().as_secs_f64().max(1e-9)
     );
     println!("{}", std::fs::read_to_string(args.out.join("summary.md"))?);
+    if outcome.cancelled {
+        return Err(Incomplete::Stopped {
+            done: outcome.done + outcome.failed + outcome.invalid,
+            left: total_left(&outcome),
+        }
+        .into());
+    }
+    let total = outcome.done + outcome.failed + outcome.invalid;
+    if outcome.failed + outcome.invalid > 0 {
+        return Err(Incomplete::SomeFailed {
+            failed: outcome.failed + outcome.invalid,
+            total,
+            summary: args.out.join("summary.jsonl"),
+        }
+        .into());
+    }
     Ok(())
 }
 
-/// `merge`: combines shard summaries.
+/// Items the stopped batch did not reach (not counted: the manifest was not read further).
+fn total_left(outcome: &crate::batch::BatchOutcome) -> usize {
+    outcome.unreached
+}
+
+/// `merge`: combines shard summaries, warning when the set of shards is incomplete.
 pub fn merge(args: MergeArgs) -> anyhow::Result<()> {
-    let results = merge_shards(&args.shards, &args.out)?;
-    println!("{}", crate::batch::store::table(&results));
+    let merged = merge_shards(&args.shards, &args.out)?;
+    println!("{}", crate::batch::store::table(&merged.results));
+    for warning in &merged.warnings {
+        tracing::warn!("{warning}");
+        println!("warning: {warning}");
+    }
     println!(
         "merged summary in {}",
         args.out.join("summary.jsonl").display()

@@ -127,9 +127,10 @@ pub fn judge(args: JudgeBenchArgs) -> anyhow::Result<()> {
 pub async fn memory(args: MemoryBenchArgs) -> anyhow::Result<()> {
     let manifest = write_manifest(&args.out, args.lines, 32)?;
     let generator = TestbedGenerator::new(TestbedConfig::default());
+    let judge = TestbedJudge::knowing(TestbedJudgeConfig::default(), generator.edits());
     let engine = Engine::new(
         Arc::new(GeneratorWorker::spawn(Box::new(generator))),
-        Arc::new(TestbedJudge::new(TestbedJudgeConfig::default())),
+        Arc::new(judge),
         8,
     );
     let out = args.out.join(format!("run-{}", args.lines));

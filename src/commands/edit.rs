@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::backends::{build_generator, build_judge};
+use crate::backends::build_engine;
 use crate::cli::{DemoArgs, EditArgs};
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
 use crate::engine::report::CandidateStatus;
-use crate::engine::{EditJob, EditReport, Engine, GeneratorWorker, PhaseBars};
+use crate::engine::{
+    EditJob, EditReport, Engine, GeneratorWorker, PhaseBars, StrategyConfig, StrategyKind,
+};
 use crate::error::EditError;
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
@@ -19,6 +21,27 @@ use crate::study::{finished_labels, pick_label};
 
 /// `edit`: load, resize, run the strategy, write outputs, print where they are.
 pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
+    let (edit, strategy) = check_edit(&args)?;
+    let _lock = super::claim_output(&args.out, "--out")?;
+    let init_latents = match &args.generator.init_latents {
+        Some(path) => load_init_latents(path)?,
+        None => Vec::new(),
+    };
+    let engine = build_engine(&args.generator, &args.judge, args.download)?;
+    let job = EditJob {
+        edit,
+        strategy,
+        init_latents,
+    };
+    let report = run_and_write(&engine, job, &args.out).await?;
+    print_summary(&report, &args.out);
+    Ok(())
+}
+
+/// Every check of `edit` that needs no weights and does no work: the image and
+/// instruction, the strategy, the output path, a judge that can serve the strategy and the
+/// generator. Returns the edit and its strategy; an error is bad input (exit 2).
+pub fn check_edit(args: &EditArgs) -> anyhow::Result<(EditContext, StrategyConfig)> {
     let image_path = args.image.as_deref().ok_or_else(|| {
         EditError::Invalid("--image is required (the source image to edit)".into())
     })?;
@@ -30,6 +53,14 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
             EditError::Invalid("--instruction is required and must not be empty".into())
         })?;
     let strategy = args.strategy.to_config()?;
+    check_judge_serves(&args.judge.judge, &strategy)?;
+    if args.out.exists() && !args.out.is_dir() {
+        return Err(EditError::Invalid(format!(
+            "{}: --out names an existing file; give a folder (new or existing)",
+            args.out.display()
+        ))
+        .into());
+    }
     let source = load_image(image_path, ImageLimits::default())?;
     let panel = resize_to_panel(&source, args.width)
         .map_err(|e| EditError::Invalid(format!("{}: {e}", image_path.display())))?;
@@ -37,25 +68,17 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "edit".into());
-    let edit = EditContext::new(id, panel, instruction);
-    let judge = build_judge(&args.judge, args.download)?;
-    let generator = build_generator(&args.generator, args.download)?;
-    let init_latents = match &args.generator.init_latents {
-        Some(path) => load_init_latents(path)?,
-        None => Vec::new(),
-    };
-    let engine = Engine::new(
-        Arc::new(GeneratorWorker::spawn(generator)),
-        judge.judge,
-        judge.concurrency,
-    );
-    let job = EditJob {
-        edit,
-        strategy,
-        init_latents,
-    };
-    let report = run_and_write(&engine, job, &args.out).await?;
-    print_summary(&report, &args.out);
+    Ok((EditContext::new(id, panel, instruction), strategy))
+}
+
+/// `--judge none` serves only `random`: there is nothing to choose among one candidate.
+pub fn check_judge_serves(judge: &str, strategy: &StrategyConfig) -> Result<(), EditError> {
+    if judge == "none" && strategy.kind != StrategyKind::Random {
+        return Err(EditError::Invalid(format!(
+            "--judge none: {} needs a judge to choose among candidates; only --strategy random runs without one",
+            strategy.kind.name()
+        )));
+    }
     Ok(())
 }
 
@@ -68,6 +91,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             EditError::Invalid(format!("--width {} must be a multiple of 16", args.width)).into(),
         );
     }
+    let _lock = super::claim_output(&args.out, "--out")?;
     let edit = testbed::make_edit(args.scene_seed, args.width);
     println!(
         "testbed scene {}: \"{}\" (a simulator, not an image editor)",

@@ -1,23 +1,25 @@
 //! `eval` (strategy arms over a dataset at matched compute) and `study` (strategies
 //! against the testbed's ground truth).
 
-use std::sync::Arc;
-
 use anyhow::Context;
 
-use crate::backends::{build_generator, build_judge};
+use crate::backends::{build_generator, build_judge, engine, generator_kind};
+use crate::cli::GeneratorKind;
 use crate::cli::{EvalArgs, JudgeArgs, StudyArgs};
-use crate::engine::{Engine, GeneratorWorker};
+use crate::commands::Incomplete;
+use crate::error::EditError;
 use crate::eval::suite::{JudgeSpec, Suite};
 use crate::eval::{dataset, report, runner, store::ResultStore};
 use crate::fsio::write_atomic;
 use crate::judge::testbed::TestbedJudgeConfig;
+use crate::models::testbed::TestbedEdits;
 use crate::stop::StopSignal;
 use crate::study::{run_study, StudyConfig};
 
 /// `study`: the testbed measurement quoted in the README.
 pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
     let strategy = args.strategy.to_config()?;
+    let _lock = super::claim_output(&args.out, "--out")?;
     let config = StudyConfig {
         edits: args.edits,
         first_scene: args.first_scene,
@@ -59,20 +61,36 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
             judge_concurrency: Some(args.judge_concurrency),
             judge_seed: spec.seed,
         };
-        let selection = build_judge(&judge_args(&suite.selection_judge), args.download)?;
+        let kind = generator_kind(&args.generator, args.download);
+        let testbed = (kind == GeneratorKind::Testbed).then(TestbedEdits::default);
+        let selection = build_judge(
+            &judge_args(&suite.selection_judge),
+            args.download,
+            testbed.as_ref(),
+        )?;
         let eval_judge = if suite.same_judge() {
             None
         } else {
-            Some(build_judge(&judge_args(suite.eval_judge()), args.download)?.judge)
+            let judge = build_judge(
+                &judge_args(suite.eval_judge()),
+                args.download,
+                testbed.as_ref(),
+            )?;
+            Some(judge.judge.ok_or_else(|| {
+                EditError::Invalid("eval_judge: \"none\" cannot score the returned edits".into())
+            })?)
         };
-        let generator = build_generator(&args.generator, args.download)?;
-        let engine = Engine::new(
-            Arc::new(GeneratorWorker::spawn(generator)),
-            selection.judge,
-            selection.concurrency,
-        );
+        if selection.judge.is_none() {
+            return Err(EditError::Invalid(
+                "selection_judge: \"none\" cannot select; give a judge (testbed or a preset)"
+                    .into(),
+            )
+            .into());
+        }
+        let generator = build_generator(&args.generator, args.download, testbed)?;
+        let engine = engine(generator, selection);
         let stop = StopSignal::default();
-        stop.stop_on_ctrl_c("stopping after the item in progress (results so far are saved)");
+        stop.stop_on_signals("stopping after the item in progress (results so far are saved)")?;
         let total = (items.len() * names.len()) as u64;
         let done = items
             .iter()
@@ -99,5 +117,29 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let report = report::build(&suite, store.results(), &names);
     report.write(&args.out)?;
     println!("{}", report.markdown());
+    if args.report_only {
+        return Ok(());
+    }
+    let total = (items.len() * names.len()) as u64;
+    let finished = items
+        .iter()
+        .map(|i| names.iter().filter(|n| store.is_done(&i.id, n)).count() as u64)
+        .sum::<u64>();
+    let failed = store.results().iter().filter(|r| r.error.is_some()).count();
+    if finished + (failed as u64) < total {
+        return Err(Incomplete::Stopped {
+            done: finished as usize,
+            left: (total - finished) as usize - failed,
+        }
+        .into());
+    }
+    if failed > 0 {
+        return Err(Incomplete::SomeFailed {
+            failed,
+            total: total as usize,
+            summary: args.out.join("results.jsonl"),
+        }
+        .into());
+    }
     Ok(())
 }

@@ -11,29 +11,70 @@ pub mod eval;
 
 use crate::cli::{BenchCommand, Cli, Command};
 use crate::engine::StrategyError;
-use crate::error::{EditError, EngineError, GenerateError, JudgeError};
+use crate::error::{EditError, EngineError, GenerateError};
+use crate::fsio::{prepare_output_dir, OutputLock};
 use crate::hub::HubError;
+use crate::judge::JudgeError;
 
-/// Process exit code for bad input (unreadable image, bad option, missing weights, bad
-/// preset). Runtime failures exit with 1; clap's usage errors also use 2.
-pub const EXIT_BAD_INPUT: i32 = 2;
 /// Process exit code for failures while running.
 pub const EXIT_RUNTIME: i32 = 1;
+/// Process exit code for bad input (unreadable image, bad option, missing weights, bad
+/// preset), refused before any work; clap's usage errors also use 2.
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Process exit code of a batch or eval that ran to the end but where items failed or were
+/// invalid (their results and reasons are in the summary).
+pub const EXIT_SOME_FAILED: i32 = 3;
+/// Process exit code of a run stopped before the end (Ctrl-C, SIGTERM); what finished is
+/// saved and the same command resumes.
+pub const EXIT_STOPPED: i32 = 4;
+
+/// Why a run that saved its results did not fully succeed (the exit code tells which).
+#[derive(Debug, thiserror::Error)]
+pub enum Incomplete {
+    /// Stopped on request before the end.
+    #[error("stopped before the end ({done} done in this run, {left} left); run the same command again to resume")]
+    Stopped {
+        /// Units finished in this run.
+        done: usize,
+        /// Units not started.
+        left: usize,
+    },
+    /// Every unit ran; some failed or were invalid.
+    #[error("{failed} of {total} items failed or were invalid; the reasons are in {}", .summary.display())]
+    SomeFailed {
+        /// Failed or invalid units.
+        failed: usize,
+        /// All units of this run.
+        total: usize,
+        /// Where the reasons are.
+        summary: std::path::PathBuf,
+    },
+}
 
 /// Maps an error to the exit code that tells bad input from runtime failure.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
+        if let Some(incomplete) = cause.downcast_ref::<Incomplete>() {
+            return match incomplete {
+                Incomplete::Stopped { .. } => EXIT_STOPPED,
+                Incomplete::SomeFailed { .. } => EXIT_SOME_FAILED,
+            };
+        }
         if cause.is::<EditError>() || cause.is::<StrategyError>() {
             return EXIT_BAD_INPUT;
         }
         if let Some(e) = cause.downcast_ref::<EngineError>() {
             return match e {
                 EngineError::Edit(_) | EngineError::Strategy(_) => EXIT_BAD_INPUT,
-                EngineError::Generate(GenerateError::Weights { .. }) => EXIT_BAD_INPUT,
+                EngineError::Generate(GenerateError::Weights { .. } | GenerateError::Config(_)) => {
+                    EXIT_BAD_INPUT
+                }
                 _ => EXIT_RUNTIME,
             };
         }
-        if let Some(GenerateError::Weights { .. }) = cause.downcast_ref::<GenerateError>() {
+        if let Some(GenerateError::Weights { .. } | GenerateError::Config(_)) =
+            cause.downcast_ref::<GenerateError>()
+        {
             return EXIT_BAD_INPUT;
         }
         if let Some(JudgeError::Config(_)) = cause.downcast_ref::<JudgeError>() {
@@ -70,4 +111,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(BenchCommand::Judge(args))) => bench::judge(args),
         None => edit::edit(cli.edit).await,
     }
+}
+
+/// Makes `out` an output folder this process alone writes: refused (bad input, before any
+/// work) when it names a file or another run holds it.
+pub fn claim_output(out: &std::path::Path, flag: &str) -> Result<OutputLock, EditError> {
+    prepare_output_dir(out, flag).map_err(|e| EditError::Invalid(e.to_string()))?;
+    OutputLock::acquire(out).map_err(|e| EditError::Invalid(e.to_string()))
 }

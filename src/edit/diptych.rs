@@ -10,20 +10,39 @@ pub const DEFAULT_PANEL_WIDTH: u32 = 512;
 /// Both panel sides must be multiples of this (VAE /8, then 2x2 token packing).
 pub const PANEL_MULTIPLE: u32 = 16;
 
+/// The largest panel side, from memory. The diptych of a `s x s` panel has
+/// `2 * (s/16)^2` image tokens plus 512 text tokens, and one FLUX attention map (24 heads,
+/// bf16, one candidate) holds `24 * tokens^2 * 2` bytes: 0.3 GB at 512 px, 3.6 GB at
+/// 1024, 17 GB at 1536, 53 GB at 2048, beyond any single GPU's working room next to the
+/// 24 GB of weights. 1536 is the largest side that still runs on an 80 GB card.
+pub const MAX_PANEL_SIDE: u32 = 1536;
+
+/// Why a panel width is refused, if it is (`None`: usable).
+pub fn panel_width_error(width: u32) -> Option<String> {
+    (width == 0 || !width.is_multiple_of(PANEL_MULTIPLE) || width > MAX_PANEL_SIDE).then(|| {
+        format!(
+            "panel width {width} must be a multiple of {PANEL_MULTIPLE} between {PANEL_MULTIPLE} and {MAX_PANEL_SIDE} (a larger panel's attention maps outgrow any GPU)"
+        )
+    })
+}
+
 /// Scales `image` to `width` (a multiple of 16), height scaled by the aspect ratio and
-/// rounded down to a multiple of 16.
+/// rounded down to a multiple of 16; both sides at most [`MAX_PANEL_SIDE`].
 pub fn resize_to_panel(image: &RgbImage, width: u32) -> Result<RgbImage, EditError> {
-    if width == 0 || !width.is_multiple_of(PANEL_MULTIPLE) {
-        return Err(EditError::Invalid(format!(
-            "panel width {width} must be a positive multiple of {PANEL_MULTIPLE}"
-        )));
+    if let Some(reason) = panel_width_error(width) {
+        return Err(EditError::Invalid(reason));
     }
     let (w, h) = image.dimensions();
-    let scaled = (h as u64 * width as u64 / w as u64) as u32;
+    let scaled = (h as u64 * width as u64 / w as u64).min(u32::MAX as u64) as u32;
     let height = scaled / PANEL_MULTIPLE * PANEL_MULTIPLE;
     if height == 0 {
         return Err(EditError::Invalid(format!(
             "image {w}x{h} is too wide: at width {width} its height rounds to 0"
+        )));
+    }
+    if height > MAX_PANEL_SIDE {
+        return Err(EditError::Invalid(format!(
+            "image {w}x{h} is too tall: at width {width} the panel would be {height} px high, above {MAX_PANEL_SIDE}; give a smaller --width"
         )));
     }
     if (w, h) == (width, height) {

@@ -215,17 +215,26 @@ pub struct JudgeTotals {
 }
 
 impl JudgeTotals {
-    /// Adds one call's result.
+    /// Adds one call's result: a call, its cost (a failed call's too, when it got a reply),
+    /// and a failure if it failed.
     pub fn record<T>(&mut self, result: &Result<T, JudgeError>, usage: Option<&CallUsage>) {
-        self.calls += 1;
-        match (result, usage) {
-            (Err(_), _) => self.failures += 1,
-            (Ok(_), Some(u)) => {
-                self.cached += u.cached as u64;
-                self.prompt_tokens += u.prompt_tokens;
-                self.completion_tokens += u.completion_tokens;
+        let usage = match result {
+            Ok(_) => usage,
+            Err(e) => {
+                self.failures += 1;
+                e.usage()
             }
-            (Ok(_), None) => {}
+        };
+        self.add_calls(usage, 1);
+    }
+
+    /// Adds `calls` calls and what those of them with a known cost cost.
+    pub fn add_calls<'a>(&mut self, usages: impl IntoIterator<Item = &'a CallUsage>, calls: u64) {
+        self.calls += calls;
+        for u in usages {
+            self.cached += u.cached as u64;
+            self.prompt_tokens += u.prompt_tokens;
+            self.completion_tokens += u.completion_tokens;
         }
     }
 }

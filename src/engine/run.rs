@@ -21,7 +21,7 @@ use super::worker::GeneratorWorker;
 use crate::edit::EditContext;
 use crate::error::{EngineError, GenerateError};
 use crate::generate::{self, CandidateState, PreparedEdit, Schedule};
-use crate::judge::{vie_score, Judge, JudgeError, PreviewStage, ScreenVerdict, VieScore};
+use crate::judge::{Judge, JudgeError, PreviewStage, ScreenVerdict, ViePair};
 
 /// One edit to run.
 pub struct EditJob {
@@ -33,11 +33,12 @@ pub struct EditJob {
     pub init_latents: Vec<Tensor>,
 }
 
-/// The engine: a generator worker and a judge with a concurrency limit.
+/// The engine: a generator worker and a judge with a concurrency limit. Without a judge it
+/// runs `random` only (one candidate: nothing to choose), and leaves the pick unscored.
 #[derive(Clone)]
 pub struct Engine {
     worker: Arc<GeneratorWorker>,
-    judge: Arc<dyn Judge>,
+    judge: Option<Arc<dyn Judge>>,
     judge_slots: Arc<Semaphore>,
 }
 
@@ -51,8 +52,17 @@ impl Engine {
     ) -> Self {
         Self {
             worker,
-            judge,
+            judge: Some(judge),
             judge_slots: Arc::new(Semaphore::new(judge_concurrency.max(1))),
+        }
+    }
+
+    /// An engine without a judge: it runs `random` only, its pick unscored.
+    pub fn without_judge(worker: Arc<GeneratorWorker>) -> Self {
+        Self {
+            worker,
+            judge: None,
+            judge_slots: Arc::new(Semaphore::new(1)),
         }
     }
 
@@ -61,9 +71,16 @@ impl Engine {
         &self.worker
     }
 
-    /// The judge.
-    pub fn judge(&self) -> &Arc<dyn Judge> {
-        &self.judge
+    /// The judge, if there is one.
+    pub fn judge(&self) -> Option<&Arc<dyn Judge>> {
+        self.judge.as_ref()
+    }
+
+    /// The judge of a strategy that needs one (checked when the run starts).
+    fn judge_for_strategy(&self) -> &Arc<dyn Judge> {
+        self.judge
+            .as_ref()
+            .expect("Engine::run refuses strategies that need a judge when there is none")
     }
 
     /// Runs one edit to completion and returns its report (images included in memory).
@@ -76,6 +93,12 @@ impl Engine {
         progress: Arc<dyn Progress>,
     ) -> Result<EditReport, EngineError> {
         job.strategy.validate()?;
+        if self.judge.is_none() && job.strategy.kind != StrategyKind::Random {
+            return Err(EngineError::Strategy(format!(
+                "{} needs a judge to choose among candidates; without one (--judge none) only random runs",
+                job.strategy.kind.name()
+            )));
+        }
         let started = Instant::now();
         let edit = Arc::new(job.edit);
         let t = Instant::now();
@@ -244,7 +267,10 @@ impl Session<'_> {
                     .await??;
                 let verdict = {
                     let _slot = engine.judge_slots.acquire().await.expect("semaphore open");
-                    engine.judge.screen(&edit, &image, stage).await
+                    engine
+                        .judge_for_strategy()
+                        .screen(&edit, &image, stage)
+                        .await
                 };
                 progress.inc(1);
                 Ok::<_, EngineError>((Arc::new(image), verdict))
@@ -310,29 +336,21 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn record_score(
-        &mut self,
-        index: usize,
-        image: Arc<RgbImage>,
-        score: Result<VieScore, JudgeError>,
-    ) {
-        // A VIE score is two judge calls; a failed score counts as one failure.
-        match &score {
-            Ok(s) => {
-                for usage in [&s.semantic.usage, &s.perceptual.usage] {
-                    self.judge_totals
-                        .record(&Ok::<(), JudgeError>(()), Some(usage));
-                }
-            }
-            Err(_) => {
-                self.judge_totals.record(&score, None);
-                self.judge_totals.calls += 1;
-            }
-        }
+    fn record_score(&mut self, index: usize, image: Arc<RgbImage>, pair: Option<ViePair>) {
         let candidate = &mut self.candidates[index];
         candidate.status = CandidateStatus::Completed;
         candidate.images.final_image = Some(image);
-        candidate.vie = Some(score.map(VieRecord::from).into());
+        let Some(pair) = pair else {
+            return; // no judge: the finished image stays unscored
+        };
+        // A VIE score is two judge calls, each counted with what it cost (a failed half
+        // too); a failed score counts as one failure.
+        let score = pair.score();
+        self.judge_totals.add_calls(pair.usages(), 2);
+        if score.is_err() {
+            self.judge_totals.failures += 1;
+        }
+        self.candidates[index].vie = Some(score.map(VieRecord::from).into());
     }
 
     /// `random` and `best-of-n`: every candidate runs the full schedule and is scored.
@@ -512,7 +530,10 @@ impl Session<'_> {
                 let (first, second) = (images[a].clone(), images[b].clone());
                 async move {
                     let _slot = engine.judge_slots.acquire().await.expect("semaphore open");
-                    engine.judge.compare(&edit, &first, &second).await
+                    engine
+                        .judge_for_strategy()
+                        .compare(&edit, &first, &second)
+                        .await
                 }
             };
             let (champion_first, challenger_first) =
@@ -584,6 +605,17 @@ impl Session<'_> {
     }
 
     fn pick(&mut self, among: &[usize]) -> Option<Pick> {
+        if self.engine.judge.is_none() {
+            let &index = among.first()?;
+            self.notes
+                .push("no judge (--judge none): the edit is not scored".into());
+            return Some(Pick {
+                index,
+                seed: self.candidates[index].seed,
+                overall: None,
+                reason: "the one candidate of a random run; unscored (no judge)".into(),
+            });
+        }
         let (pick, note) = pick_best(&self.candidates, among);
         self.notes.extend(note);
         pick
@@ -604,7 +636,11 @@ impl Session<'_> {
                 let info = self.engine.worker.info();
                 format!("{} ({})", info.name, info.detail)
             },
-            judge: self.engine.judge.name(),
+            judge: self
+                .engine
+                .judge
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |j| j.name()),
             strategy: self.strategy,
             schedule: ScheduleRecord {
                 steps: self.schedule.steps,
@@ -624,13 +660,23 @@ impl Session<'_> {
     }
 }
 
-/// VIE-scores one image with a judge slot per sub-score call.
-async fn score_image(
-    engine: &Engine,
-    edit: &EditContext,
-    image: &RgbImage,
-) -> Result<VieScore, JudgeError> {
-    // Two calls: hold two slots' worth of concurrency by taking one per call inside.
-    let _slot = engine.judge_slots.acquire().await.expect("semaphore open");
-    vie_score(engine.judge.as_ref(), edit, image).await
+/// VIE-scores one image: two judge calls, each holding its own judge slot, so the
+/// concurrency limit bounds calls, not scores. `None` without a judge.
+async fn score_image(engine: &Engine, edit: &EditContext, image: &RgbImage) -> Option<ViePair> {
+    let judge = engine.judge.as_ref()?;
+    let slot = || async { engine.judge_slots.acquire().await.expect("semaphore open") };
+    let (semantic, perceptual) = futures::join!(
+        async {
+            let _slot = slot().await;
+            judge.semantic_consistency(edit, image).await
+        },
+        async {
+            let _slot = slot().await;
+            judge.perceptual_quality(edit, image).await
+        }
+    );
+    Some(ViePair {
+        semantic,
+        perceptual,
+    })
 }

@@ -178,11 +178,18 @@ pub fn pick_best(
     let Some(&index) = among.first() else {
         return (None, None);
     };
+    // Say how the fallback was chosen: by the screen where there was a score (`among` is in
+    // screen order then), else by seed order (best-of-n and random screen nothing).
+    let reason = if candidates[index].last_screen_score().is_some() {
+        "no finished candidate could be scored; returned the top-screened one"
+    } else {
+        "no finished candidate could be scored; returned the first in seed order (no screen score to rank by)"
+    };
     let pick = Pick {
         index,
         seed: candidates[index].seed,
         overall: None,
-        reason: "no finished candidate could be scored; returned the top-screened one".into(),
+        reason: reason.into(),
     };
     (
         Some(pick),

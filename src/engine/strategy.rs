@@ -80,27 +80,35 @@ impl Default for StrategyConfig {
     }
 }
 
+/// The most candidates one edit may spawn. Every candidate keeps its latent state (512 KiB
+/// in f32 for a 512 px panel) and its previews and final (768 KiB each) in memory until the
+/// edit's report is written, and costs judge calls: 1024 candidates already hold ~2 GB.
+pub const MAX_SEEDS: usize = 1024;
+
+/// The most steps a schedule may have. FLUX's flow-matching scheduler is trained on 1000
+/// timesteps (`num_train_timesteps`); a finer schedule samples between them and buys nothing.
+pub const MAX_STEPS: usize = 1000;
+
 impl StrategyConfig {
-    /// The seeds of the candidates, in candidate order.
+    /// The seeds of the candidates, in candidate order (`base_seed + i`, wrapping past
+    /// `u64::MAX`; [`StrategyConfig::check`] refuses such a configuration).
     pub fn candidate_seeds(&self) -> Vec<u64> {
         if let Some(list) = &self.seed_list {
-            return if self.kind == StrategyKind::Random {
-                list.iter().take(1).copied().collect()
-            } else {
-                list.clone()
-            };
+            return list.iter().take(self.candidate_count()).copied().collect();
         }
-        let n = if self.kind == StrategyKind::Random {
-            1
-        } else {
-            self.seeds
-        };
-        (0..n as u64).map(|i| self.base_seed + i).collect()
+        (0..self.candidate_count() as u64)
+            .map(|i| self.base_seed.wrapping_add(i))
+            .collect()
     }
 
-    /// Number of candidates actually spawned.
+    /// Number of candidates actually spawned (`random` spawns one).
     pub fn candidate_count(&self) -> usize {
-        self.candidate_seeds().len()
+        let n = self.seed_list.as_ref().map_or(self.seeds, Vec::len);
+        if self.kind == StrategyKind::Random {
+            n.min(1)
+        } else {
+            n
+        }
     }
 
     /// Rejects parameter combinations that cannot run (the engine's own check; callers
@@ -121,16 +129,47 @@ impl StrategyConfig {
             })
         };
         let n = self.candidate_count();
-        if self.steps == 0 {
+        if self.steps == 0 || self.steps > MAX_STEPS {
             return bad(
                 StrategyField::Steps,
-                format!("{} must be at least 1", name(StrategyField::Steps)),
+                format!(
+                    "{} {} must be between 1 and {MAX_STEPS} (the scheduler's training timesteps)",
+                    name(StrategyField::Steps),
+                    self.steps
+                ),
             );
         }
-        if n == 0 {
+        let given = self.seed_list.as_ref().map_or(self.seeds, Vec::len);
+        if n == 0 || given > MAX_SEEDS {
             return bad(
                 StrategyField::Seeds,
-                format!("{} must be at least 1", name(StrategyField::Seeds)),
+                format!(
+                    "{} {given} must be between 1 and {MAX_SEEDS} (every candidate is held in memory until the edit is written)",
+                    name(StrategyField::Seeds)
+                ),
+            );
+        }
+        if let Some(list) = &self.seed_list {
+            let mut seen = std::collections::HashSet::new();
+            if let Some(repeat) = list.iter().find(|s| !seen.insert(**s)) {
+                return bad(
+                    StrategyField::Seeds,
+                    format!(
+                        "{} repeats seed {repeat}: each candidate needs its own seed (the same seed gives the same image)",
+                        origin.seed_list_name()
+                    ),
+                );
+            }
+        } else if self.base_seed.checked_add(n as u64 - 1).is_none() {
+            return bad(
+                StrategyField::Seed,
+                format!(
+                    "{} {} + {} candidates passes the largest seed ({}): give a smaller seed",
+                    name(StrategyField::Seed),
+                    self.base_seed,
+                    n,
+                    u64::MAX
+                ),
             );
         }
         match self.kind {
@@ -212,6 +251,8 @@ pub enum StrategyField {
     Keep,
     /// Steps of the full schedule.
     Steps,
+    /// Seed of candidate 0.
+    Seed,
 }
 
 impl StrategyField {
@@ -222,6 +263,7 @@ impl StrategyField {
             Self::ProbeSteps => "--probe-steps",
             Self::Keep => "--keep",
             Self::Steps => "--steps",
+            Self::Seed => "--seed",
         }
     }
 
@@ -232,6 +274,7 @@ impl StrategyField {
             Self::ProbeSteps => "probe_steps",
             Self::Keep => "keep",
             Self::Steps => "steps",
+            Self::Seed => "seed",
         }
     }
 }
@@ -255,6 +298,14 @@ impl ValueSource {
         match self {
             Self::Flags => field.flag(),
             _ => field.key(),
+        }
+    }
+
+    /// The name of an explicit seed list as this source writes it.
+    pub fn seed_list_name(&self) -> &'static str {
+        match self {
+            Self::Flags => "--seed-list",
+            _ => "seeds",
         }
     }
 }
@@ -457,6 +508,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("--probe-steps 50 must be between 1 and --steps - 1 (49)"));
+    }
+
+    #[test]
+    fn seeds_are_bounded_distinct_and_never_wrap() {
+        let at = |f: &dyn Fn(&mut StrategyConfig)| {
+            let mut c = StrategyConfig::default();
+            f(&mut c);
+            c.check(&ValueSource::Flags).map_err(|e| e.to_string())
+        };
+        let err = at(&|c| c.seed_list = Some(vec![3, 3, 3])).unwrap_err();
+        assert!(err.contains("--seed-list repeats seed 3"), "{err}");
+        let err = at(&|c| c.base_seed = u64::MAX).unwrap_err();
+        assert!(
+            err.starts_with("--seed 18446744073709551615 + 8 candidates passes"),
+            "{err}"
+        );
+        // The last seed may be u64::MAX itself.
+        at(&|c| c.base_seed = u64::MAX - 7).unwrap();
+        let err = at(&|c| c.seeds = 100_000_000).unwrap_err();
+        assert!(
+            err.starts_with("--seeds 100000000 must be between 1 and 1024"),
+            "{err}"
+        );
+        let err = at(&|c| c.steps = 4_000_000_000).unwrap_err();
+        assert!(
+            err.starts_with("--steps 4000000000 must be between 1 and 1000"),
+            "{err}"
+        );
+        // A random run of a huge N is one candidate, but N is still checked.
+        let random = StrategyConfig {
+            kind: StrategyKind::Random,
+            base_seed: u64::MAX,
+            ..StrategyConfig::default()
+        };
+        assert_eq!(random.candidate_seeds(), vec![u64::MAX]);
+        random.check(&ValueSource::Flags).unwrap();
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::suite::{Arm, Suite};
 use crate::edit::EditContext;
 use crate::engine::report::{EditReport, VieRecord};
 use crate::engine::{EditJob, Engine, Silent, StrategyKind};
-use crate::judge::{vie_score, Judge};
+use crate::judge::{vie_pair, Judge};
 use crate::models::testbed::{self, OutcomeLabel};
 use crate::stop::StopSignal;
 
@@ -93,23 +93,30 @@ impl Scorer<'_> {
                 };
                 (Some(eval), 0, 0, 0, correct)
             }
-            Some(judge) => match vie_score(judge.as_ref(), self.edit, image).await {
-                Ok(v) => {
-                    let u = [&v.semantic.usage, &v.perceptual.usage];
-                    let tokens = u
-                        .iter()
-                        .map(|u| u.prompt_tokens + u.completion_tokens)
-                        .sum::<u64>();
-                    (
+            Some(judge) => {
+                // Two calls; what both cost counts, a failed one's too.
+                let pair = vie_pair(judge.as_ref(), self.edit, image).await;
+                let tokens = pair
+                    .usages()
+                    .map(|u| u.prompt_tokens + u.completion_tokens)
+                    .sum::<u64>();
+                match pair.score() {
+                    Ok(v) => (
                         Some(EvalScore::Ok(scores(&VieRecord::from(v)))),
                         2,
                         0,
                         tokens,
                         correct,
-                    )
+                    ),
+                    Err(e) => (
+                        Some(EvalScore::Failed(e.to_string())),
+                        2,
+                        1,
+                        tokens,
+                        correct,
+                    ),
                 }
-                Err(e) => (Some(EvalScore::Failed(e.to_string())), 2, 1, 0, correct),
-            },
+            }
         }
     }
 }

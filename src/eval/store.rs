@@ -6,6 +6,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{EditError, EngineError};
+use crate::fsio::OutputLock;
+
 /// VIE scores of one image.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
@@ -61,19 +64,28 @@ pub struct ArmResult {
     pub error: Option<String>,
 }
 
-/// `results.jsonl` under an eval's output folder.
+/// `results.jsonl` under an eval's output folder, whose lock it holds: one eval writes a
+/// folder at a time.
 pub struct ResultStore {
     file: std::fs::File,
     results: Vec<ArmResult>,
     done: HashSet<(String, String)>,
+    _lock: OutputLock,
 }
 
 impl ResultStore {
-    /// Opens (or starts) the store, dropping a torn last line left by a killed process.
-    pub fn open(out: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(out)?;
+    /// Takes the folder's lock and opens (or starts) the store, dropping a torn last line
+    /// left by a killed process. A folder another run holds is refused at once.
+    pub fn open(out: &Path) -> Result<Self, EngineError> {
+        crate::fsio::prepare_output_dir(out, "--out")
+            .map_err(|e| EditError::Invalid(e.to_string()))?;
+        let lock = OutputLock::acquire(out).map_err(|e| EditError::Invalid(e.to_string()))?;
         let path = out.join("results.jsonl");
-        let (mut results, file) = crate::fsio::jsonl::open::<ArmResult>(&path)?;
+        let (mut results, file) =
+            crate::fsio::jsonl::open::<ArmResult>(&path).map_err(|e| EngineError::Output {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         let mut done = HashSet::new();
         // Failed items are retried on the next run; finished ones are kept.
         results.retain(|r: &ArmResult| {
@@ -83,6 +95,7 @@ impl ResultStore {
             file,
             results,
             done,
+            _lock: lock,
         })
     }
 

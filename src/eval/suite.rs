@@ -119,6 +119,25 @@ impl Suite {
         if self.arms.is_empty() {
             return Err("no arms".into());
         }
+        if let Some(reason) = crate::edit::panel_width_error(self.width) {
+            return Err(format!("width: {reason}"));
+        }
+        if !(100..=1_000_000).contains(&self.resamples) {
+            return Err(format!(
+                "resamples {} must be between 100 and 1000000 (fewer make the bootstrap intervals noise; more only cost time)",
+                self.resamples
+            ));
+        }
+        if let DatasetSpec::Testbed { edits, .. } = &self.dataset {
+            if !(1..=100_000).contains(edits) {
+                return Err(format!(
+                    "dataset.edits {edits} must be between 1 and 100000"
+                ));
+            }
+        }
+        if self.selection.limit == Some(0) {
+            return Err("selection.limit 0 would evaluate nothing".into());
+        }
         let mut names = std::collections::HashSet::new();
         for arm in &self.arms {
             if !names.insert(&arm.name) {

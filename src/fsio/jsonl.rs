@@ -44,7 +44,13 @@ pub fn open<T: DeserializeOwned>(path: &Path) -> std::io::Result<(Vec<T>, File)>
     let complete = text.rfind('\n').map_or(0, |i| i + 1);
     let mut records = parse(path, &text[..complete]);
     let tail = &text[complete..];
+    let created = !path.exists();
     let mut file = OpenOptions::new().create(true).append(true).open(path)?;
+    if created {
+        // The new file's entry in its folder must survive a power loss too.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        super::sync_dir(dir.unwrap_or(Path::new("."))).map_err(std::io::Error::other)?;
+    }
     if !tail.trim().is_empty() {
         match serde_json::from_str::<T>(tail) {
             Ok(r) => {

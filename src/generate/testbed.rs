@@ -10,6 +10,7 @@ use crate::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit, Pre
 use crate::models::flux::scheduler::DynamicShift;
 use crate::models::testbed::latent::LatentMap;
 use crate::models::testbed::mixture::Mixture;
+use crate::models::testbed::TestbedEdits;
 
 /// Options of the testbed generator.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -34,16 +35,29 @@ pub struct TestbedGenerator {
     config: TestbedConfig,
     map: LatentMap,
     edits: PreparedSet<Mixture>,
+    seen: TestbedEdits,
 }
 
 impl TestbedGenerator {
     /// A generator with `config`.
     pub fn new(config: TestbedConfig) -> Self {
+        Self::with_edits(config, TestbedEdits::default())
+    }
+
+    /// A generator that records each edit it prepares in `seen` (shared with the testbed
+    /// judges that may score them).
+    pub fn with_edits(config: TestbedConfig, seen: TestbedEdits) -> Self {
         Self {
             config,
             map: LatentMap::default(),
             edits: PreparedSet::default(),
+            seen,
         }
+    }
+
+    /// The edits this generator has prepared.
+    pub fn edits(&self) -> TestbedEdits {
+        self.seen.clone()
     }
 }
 
@@ -61,6 +75,7 @@ impl Generator for TestbedGenerator {
 
     fn prepare(&mut self, edit: &EditContext) -> Result<PreparedEdit, GenerateError> {
         let mixture = Mixture::new(edit, self.config.difficulty, &self.map)?;
+        self.seen.record(edit);
         let latent_shape = mixture.latent_shape();
         let image_tokens = latent_shape[0];
         let key = self.edits.insert(mixture);

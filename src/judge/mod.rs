@@ -6,8 +6,10 @@
 //! unparseable call is a [`JudgeError`]; no backend ever makes a score up.
 
 pub mod cache;
+pub mod error;
 pub mod openai;
 pub mod parse;
+pub mod preset;
 pub mod prompts;
 pub mod qwen_vl;
 pub mod testbed;
@@ -18,8 +20,8 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use crate::edit::EditContext;
-pub use crate::error::JudgeError;
-pub use vie::{vie_score, SubScores, VieScore};
+pub use error::JudgeError;
+pub use vie::{vie_pair, vie_score, SubScores, ViePair, VieScore};
 
 /// Cost and provenance of one judge call.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -25,6 +25,7 @@ use serde::Deserialize;
 
 use super::cache::{CachedReply, ReplyCache};
 use super::parse;
+use super::preset::{FieldCheck, MAX_CONCURRENCY};
 use super::prompts::PromptSet;
 use super::{CallUsage, Comparison, Judge, JudgeError, PreviewStage, ScreenVerdict, SubScores};
 use crate::edit::EditContext;
@@ -152,7 +153,86 @@ impl OpenAiConfig {
                 config.prompts_dir = Some(base.join(dir));
             }
         }
+        config.check(path)?;
         Ok(config)
+    }
+
+    /// Refuses values that cannot work, naming the field and the bound.
+    pub fn check(&self, path: &Path) -> Result<(), JudgeError> {
+        let c = FieldCheck::new(path);
+        c.within_opt(
+            "max_concurrency",
+            self.max_concurrency,
+            1,
+            MAX_CONCURRENCY,
+            "calls in flight; 0 would never call",
+        )?;
+        match reqwest::Url::parse(&self.api_base) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
+            Ok(url) => {
+                return Err(c.refuse(
+                    "api_base",
+                    format!("{:?}", self.api_base),
+                    &format!("is not an http(s) URL (scheme {:?})", url.scheme()),
+                ))
+            }
+            Err(e) => {
+                return Err(c.refuse(
+                    "api_base",
+                    format!("{:?}", self.api_base),
+                    &format!("is not a URL ({e}); e.g. https://api.openai.com/v1"),
+                ))
+            }
+        }
+        c.within(
+            "timeout_s",
+            self.timeout_s,
+            0.1,
+            3600.0,
+            "seconds per HTTP attempt; 0 times out every call",
+        )?;
+        c.within(
+            "max_attempts",
+            self.max_attempts,
+            1,
+            20,
+            "tries per call, the first included",
+        )?;
+        c.within(
+            "backoff_s",
+            self.backoff_s,
+            0.0,
+            600.0,
+            "first retry delay, seconds",
+        )?;
+        c.within(
+            "max_backoff_s",
+            self.max_backoff_s,
+            self.backoff_s.max(0.0),
+            3600.0,
+            "longest retry delay, seconds, at least backoff_s",
+        )?;
+        c.within(
+            "temperature",
+            self.temperature,
+            0.0,
+            2.0,
+            "the range OpenAI's chat API accepts",
+        )?;
+        c.within(
+            "max_tokens",
+            self.max_tokens,
+            1,
+            128_000,
+            "reply tokens; the reply is a short JSON object",
+        )?;
+        c.within(
+            "top_logprobs",
+            self.top_logprobs,
+            0,
+            20,
+            "the range OpenAI's chat API accepts",
+        )
     }
 }
 
@@ -160,6 +240,18 @@ impl OpenAiConfig {
 struct Answer {
     reply: CachedReply,
     usage: CallUsage,
+}
+
+impl Answer {
+    /// Reads the reply with `read`; a reply that cannot be read still carries the call's
+    /// cost, so the run's token totals stay exact.
+    fn read<T>(
+        self,
+        read: impl FnOnce(&CachedReply, CallUsage) -> Result<T, JudgeError>,
+    ) -> Result<T, JudgeError> {
+        let spent = self.usage.clone();
+        read(&self.reply, self.usage).map_err(|e| e.with_usage(spent))
+    }
 }
 
 /// The remote OpenAI-compatible judge.
@@ -297,9 +389,11 @@ impl OpenAiJudge {
                         JudgeError::Transport(self.key.redact(&format!("reading the reply: {e}")))
                     })?;
                     let parsed: CreateChatCompletionResponse = serde_json::from_str(&text)
-                        .map_err(|e| JudgeError::Parse {
-                            reason: format!("not a chat completion: {e}"),
-                            reply: self.key.redact(&text.chars().take(400).collect::<String>()),
+                        .map_err(|e| {
+                            JudgeError::parse(
+                                format!("not a chat completion: {e}"),
+                                self.key.redact(&text.chars().take(400).collect::<String>()),
+                            )
                         })?;
                     let reply = to_reply(parsed)?;
                     if let Some(c) = &self.cache {
@@ -380,10 +474,7 @@ fn to_reply(response: CreateChatCompletionResponse) -> Result<CachedReply, Judge
         .choices
         .into_iter()
         .next()
-        .ok_or_else(|| JudgeError::Parse {
-            reason: "reply has no choices".into(),
-            reply: String::new(),
-        })?;
+        .ok_or_else(|| JudgeError::parse("reply has no choices", ""))?;
     let text = choice.message.content.unwrap_or_default();
     if text.trim().is_empty() {
         let refusal = choice.message.refusal.unwrap_or_default();
@@ -478,17 +569,19 @@ impl Judge for OpenAiJudge {
     ) -> Result<ScreenVerdict, JudgeError> {
         let prompt = self.prompts.screen_for(&edit.instruction, stage);
         let answer = self.ask(&prompt, &[&edit.source, preview]).await?;
-        let text = &answer.reply.text;
-        let map = parse::reply_object(text)?;
-        let mut score = parse::scores(&map, 1, text)?[0];
-        if let Some(d) = integer_distributions(&answer.reply.logprobs, "score", 1, 0..=10) {
-            score = expectation(&d[0]);
-        }
-        Ok(ScreenVerdict {
-            pass: parse::verdict(&map, "pass", text)?,
-            score,
-            reasoning: parse::reasoning(&map),
-            usage: answer.usage,
+        answer.read(|reply, usage| {
+            let text = &reply.text;
+            let map = parse::reply_object(text)?;
+            let mut score = parse::scores(&map, 1, text)?[0];
+            if let Some(d) = integer_distributions(&reply.logprobs, "score", 1, 0..=10) {
+                score = expectation(&d[0]);
+            }
+            Ok(ScreenVerdict {
+                pass: parse::verdict(&map, "pass", text)?,
+                score,
+                reasoning: parse::reasoning(&map),
+                usage,
+            })
         })
     }
 
@@ -500,20 +593,22 @@ impl Judge for OpenAiJudge {
     ) -> Result<Comparison, JudgeError> {
         let prompt = self.prompts.compare_for(&edit.instruction);
         let answer = self.ask(&prompt, &[first, second, &edit.source]).await?;
-        let text = &answer.reply.text;
-        let map = parse::reply_object(text)?;
-        let preferred = parse::preference(&map, text)?;
-        let p_first =
-            integer_distributions(&answer.reply.logprobs, "better", 1, 0..=2).and_then(|d| {
-                let p = |v| d[0].iter().find(|x| x.0 == v).map_or(0.0, |x| x.1);
-                let (p1, p2) = (p(1), p(2));
-                (p1 + p2 > 0.0).then(|| p1 / (p1 + p2))
-            });
-        Ok(Comparison {
-            preferred,
-            p_first,
-            reasoning: parse::reasoning(&map),
-            usage: answer.usage,
+        answer.read(|reply, usage| {
+            let text = &reply.text;
+            let map = parse::reply_object(text)?;
+            let preferred = parse::preference(&map, text)?;
+            let p_first =
+                integer_distributions(&reply.logprobs, "better", 1, 0..=2).and_then(|d| {
+                    let p = |v| d[0].iter().find(|x| x.0 == v).map_or(0.0, |x| x.1);
+                    let (p1, p2) = (p(1), p(2));
+                    (p1 + p2 > 0.0).then(|| p1 / (p1 + p2))
+                });
+            Ok(Comparison {
+                preferred,
+                p_first,
+                reasoning: parse::reasoning(&map),
+                usage,
+            })
         })
     }
 
@@ -524,7 +619,7 @@ impl Judge for OpenAiJudge {
     ) -> Result<SubScores, JudgeError> {
         let prompt = self.prompts.vie_sc_for(&edit.instruction);
         let answer = self.ask(&prompt, &[&edit.source, edited]).await?;
-        sub_scores(answer)
+        answer.read(sub_scores)
     }
 
     async fn perceptual_quality(
@@ -533,21 +628,21 @@ impl Judge for OpenAiJudge {
         edited: &RgbImage,
     ) -> Result<SubScores, JudgeError> {
         let answer = self.ask(&self.prompts.vie_pq, &[edited]).await?;
-        sub_scores(answer)
+        answer.read(sub_scores)
     }
 }
 
-fn sub_scores(answer: Answer) -> Result<SubScores, JudgeError> {
-    let text = &answer.reply.text;
+fn sub_scores(reply: &CachedReply, usage: CallUsage) -> Result<SubScores, JudgeError> {
+    let text = &reply.text;
     let map = parse::reply_object(text)?;
     let parsed = parse::scores(&map, 2, text)?;
-    let scores = match integer_distributions(&answer.reply.logprobs, "score", 2, 0..=10) {
+    let scores = match integer_distributions(&reply.logprobs, "score", 2, 0..=10) {
         Some(d) => [expectation(&d[0]), expectation(&d[1])],
         None => [parsed[0], parsed[1]],
     };
     Ok(SubScores {
         scores,
         reasoning: parse::reasoning(&map),
-        usage: answer.usage,
+        usage,
     })
 }

@@ -10,10 +10,7 @@ use serde_json::Value;
 use super::JudgeError;
 
 fn parse_error(reason: impl Into<String>, reply: &str) -> JudgeError {
-    JudgeError::Parse {
-        reason: reason.into(),
-        reply: reply.chars().take(400).collect(),
-    }
+    JudgeError::parse(reason, reply.chars().take(400).collect::<String>())
 }
 
 /// Whether the `'` at `i` is an apostrophe inside a word ("don't"), not a quote.

@@ -20,6 +20,7 @@ use super::{
 };
 use crate::edit::EditContext;
 use crate::models::testbed::outcomes::{classify, mse, outcome_set, OutcomeLabel};
+use crate::models::testbed::{is_scene, TestbedEdits};
 
 /// The error model.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -49,6 +50,8 @@ impl Default for TestbedJudgeConfig {
 /// The oracle judge of the testbed.
 pub struct TestbedJudge {
     config: TestbedJudgeConfig,
+    /// The edits of the testbed generator it works with, if any.
+    known: Option<TestbedEdits>,
 }
 
 /// Ground-truth measurements of one image.
@@ -63,9 +66,34 @@ struct Truth {
 }
 
 impl TestbedJudge {
-    /// A judge with `config`.
+    /// A judge with `config` that knows generated testbed scenes only.
     pub fn new(config: TestbedJudgeConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            known: None,
+        }
+    }
+
+    /// A judge that also knows the edits a testbed generator recorded in `edits` (photos it
+    /// simulated an edit of).
+    pub fn knowing(config: TestbedJudgeConfig, edits: TestbedEdits) -> Self {
+        Self {
+            config,
+            known: Some(edits),
+        }
+    }
+
+    /// Refuses an edit whose truth it cannot know: one neither a generated scene nor
+    /// prepared by its testbed generator (an image from FLUX, say).
+    fn check_known(&self, edit: &EditContext) -> Result<(), JudgeError> {
+        if is_scene(edit) || self.known.as_ref().is_some_and(|k| k.contains(edit)) {
+            return Ok(());
+        }
+        Err(JudgeError::Config(format!(
+            "the testbed judge knows only testbed scenes and the edits a testbed generator prepared; \
+             edit `{}` is neither, so it has no truth to score it against (use a judge preset from judges/)",
+            edit.id
+        )))
     }
 
     fn rng(&self, call: &str, images: &[&RgbImage]) -> ChaCha8Rng {
@@ -184,6 +212,7 @@ impl Judge for TestbedJudge {
         preview: &RgbImage,
         stage: PreviewStage,
     ) -> Result<ScreenVerdict, JudgeError> {
+        self.check_known(edit)?;
         let mut rng = self.rng("screen", &[preview]);
         self.maybe_fail(&mut rng, "screen")?;
         let t = Self::truth(edit, preview)?;
@@ -206,6 +235,7 @@ impl Judge for TestbedJudge {
         first: &RgbImage,
         second: &RgbImage,
     ) -> Result<Comparison, JudgeError> {
+        self.check_known(edit)?;
         let mut rng = self.rng("compare", &[first, second]);
         self.maybe_fail(&mut rng, "compare")?;
         if rng.random::<f32>() < self.config.position_bias {
@@ -240,6 +270,7 @@ impl Judge for TestbedJudge {
         edit: &EditContext,
         edited: &RgbImage,
     ) -> Result<SubScores, JudgeError> {
+        self.check_known(edit)?;
         let mut rng = self.rng("vie_sc", &[edited]);
         self.maybe_fail(&mut rng, "vie_sc")?;
         let t = Self::truth(edit, edited)?;
@@ -256,6 +287,7 @@ impl Judge for TestbedJudge {
         edit: &EditContext,
         edited: &RgbImage,
     ) -> Result<SubScores, JudgeError> {
+        self.check_known(edit)?;
         let mut rng = self.rng("vie_pq", &[edited]);
         self.maybe_fail(&mut rng, "vie_pq")?;
         let t = Self::truth(edit, edited)?;

@@ -51,29 +51,68 @@ impl VieScore {
     }
 }
 
-/// Asks the judge for both sub-score pairs concurrently and combines them. If either call
-/// fails the whole score fails: a half-known score is not a score.
+/// The two calls of one VIE score, each with its own result, so a caller can count what
+/// each cost (a failed half still cost what it cost) before combining them.
+#[derive(Debug, Clone)]
+pub struct ViePair {
+    /// The semantic-consistency call.
+    pub semantic: Result<SubScores, JudgeError>,
+    /// The perceptual-quality call.
+    pub perceptual: Result<SubScores, JudgeError>,
+}
+
+impl ViePair {
+    /// The VIE score, if both halves answered within 0-10: a half-known score is not a
+    /// score. The first failure is the reason.
+    pub fn score(&self) -> Result<VieScore, JudgeError> {
+        let semantic = self.semantic.clone()?;
+        let perceptual = self.perceptual.clone()?;
+        for (what, pair) in [("semantic", &semantic), ("perceptual", &perceptual)] {
+            if pair.scores.iter().any(|s| !(0.0..=10.0).contains(s)) {
+                return Err(JudgeError::parse(
+                    format!("{what} sub-scores {:?} outside 0-10", pair.scores),
+                    pair.reasoning.chars().take(200).collect::<String>(),
+                )
+                .with_usage(pair.usage.clone()));
+            }
+        }
+        Ok(VieScore {
+            semantic,
+            perceptual,
+        })
+    }
+
+    /// What each of the two calls cost, where known (a failed call that got a reply
+    /// included).
+    pub fn usages(&self) -> impl Iterator<Item = &CallUsage> {
+        [&self.semantic, &self.perceptual]
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(s) => Some(&s.usage),
+                Err(e) => e.usage(),
+            })
+    }
+}
+
+/// Asks the judge for both sub-score pairs concurrently.
+pub async fn vie_pair(judge: &dyn Judge, edit: &EditContext, edited: &RgbImage) -> ViePair {
+    let (semantic, perceptual) = futures::join!(
+        judge.semantic_consistency(edit, edited),
+        judge.perceptual_quality(edit, edited)
+    );
+    ViePair {
+        semantic,
+        perceptual,
+    }
+}
+
+/// Asks for both sub-score pairs concurrently and combines them ([`ViePair::score`]).
 pub async fn vie_score(
     judge: &dyn Judge,
     edit: &EditContext,
     edited: &RgbImage,
 ) -> Result<VieScore, JudgeError> {
-    let (semantic, perceptual) = futures::try_join!(
-        judge.semantic_consistency(edit, edited),
-        judge.perceptual_quality(edit, edited)
-    )?;
-    for (what, pair) in [("semantic", &semantic), ("perceptual", &perceptual)] {
-        if pair.scores.iter().any(|s| !(0.0..=10.0).contains(s)) {
-            return Err(JudgeError::Parse {
-                reason: format!("{what} sub-scores {:?} outside 0-10", pair.scores),
-                reply: pair.reasoning.chars().take(200).collect(),
-            });
-        }
-    }
-    Ok(VieScore {
-        semantic,
-        perceptual,
-    })
+    vie_pair(judge, edit, edited).await.score()
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ use super::answer::{choose, score_summary, Choice};
 use crate::edit::EditContext;
 use crate::hub::{self, HubSettings};
 use crate::judge::parse;
+use crate::judge::preset::{FieldCheck, MAX_CONCURRENCY};
 use crate::judge::prompts::PromptSet;
 use crate::judge::{
     CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
@@ -142,7 +143,63 @@ impl LocalJudgeConfig {
                 path.display()
             )));
         }
+        config.check(path)?;
         Ok(config)
+    }
+
+    /// Refuses values that cannot work, naming the field and the bound.
+    pub fn check(&self, path: &Path) -> Result<(), JudgeError> {
+        let c = FieldCheck::new(path);
+        c.within_opt(
+            "max_concurrency",
+            self.max_concurrency,
+            1,
+            MAX_CONCURRENCY,
+            "calls in flight; 0 would never call",
+        )?;
+        c.within(
+            "max_batch",
+            self.max_batch,
+            1,
+            64,
+            "prompts per prefill; each holds its KV cache",
+        )?;
+        c.within(
+            "batch_window_ms",
+            self.batch_window_ms,
+            0,
+            10_000,
+            "how long a call waits for company",
+        )?;
+        c.within(
+            "max_new_tokens",
+            self.max_new_tokens,
+            1,
+            4096,
+            "tokens of a generated reply; the reply is a short JSON object",
+        )?;
+        // Qwen-VL's processor needs at least one merged 28x28 patch per image.
+        c.within_opt(
+            "max_pixels",
+            self.max_pixels,
+            28 * 28,
+            16384 * 16384,
+            "pixels per image, at least one 28x28 merged patch",
+        )?;
+        c.within(
+            "pass_threshold",
+            self.pass_threshold,
+            0.0,
+            1.0,
+            "a probability",
+        )?;
+        c.within(
+            "min_answer_mass",
+            self.min_answer_mass,
+            0.0,
+            1.0,
+            "a probability",
+        )
     }
 
     /// The checkpoint folder: `model_dir`, or the Hub id's entry in the Hugging Face cache
@@ -308,7 +365,7 @@ impl Judge for Qwen2VlJudge {
                 ),
                 usage,
             }),
-            Reading::Text(reply) => {
+            Reading::Text(reply) => with_cost(usage, |usage| {
                 let map = parse::reply_object(&reply)?;
                 Ok(ScreenVerdict {
                     pass: parse::verdict(&map, "pass", &reply)?,
@@ -316,7 +373,7 @@ impl Judge for Qwen2VlJudge {
                     reasoning: parse::reasoning(&map),
                     usage,
                 })
-            }
+            }),
             other => Err(unexpected(other)),
         }
     }
@@ -348,7 +405,7 @@ impl Judge for Qwen2VlJudge {
                     usage,
                 })
             }
-            Reading::Text(reply) => {
+            Reading::Text(reply) => with_cost(usage, |usage| {
                 let map = parse::reply_object(&reply)?;
                 Ok(Comparison {
                     preferred: parse::preference(&map, &reply)?,
@@ -356,7 +413,7 @@ impl Judge for Qwen2VlJudge {
                     reasoning: parse::reasoning(&map),
                     usage,
                 })
-            }
+            }),
             other => Err(unexpected(other)),
         }
     }
@@ -393,7 +450,7 @@ impl Qwen2VlJudge {
                 ),
                 usage,
             }),
-            Reading::Text(reply) => {
+            Reading::Text(reply) => with_cost(usage, |usage| {
                 let map = parse::reply_object(&reply)?;
                 let s = parse::scores(&map, 2, &reply)?;
                 Ok(SubScores {
@@ -401,10 +458,19 @@ impl Qwen2VlJudge {
                     reasoning: parse::reasoning(&map),
                     usage,
                 })
-            }
+            }),
             other => Err(unexpected(other)),
         }
     }
+}
+
+/// Reads a generated reply with `read`; a reply that cannot be read keeps the call's cost.
+fn with_cost<T>(
+    usage: CallUsage,
+    read: impl FnOnce(CallUsage) -> Result<T, JudgeError>,
+) -> Result<T, JudgeError> {
+    let spent = usage.clone();
+    read(usage).map_err(|e| e.with_usage(spent))
 }
 
 /// Owns the model on its own thread.
@@ -534,21 +600,21 @@ impl Worker {
             }
         };
         for (i, (ready, session)) in group.into_iter().zip(sessions).enumerate() {
-            let prompt_tokens = ready.prompt.ids.len() as u64;
+            let usage = |completion_tokens| CallUsage {
+                prompt_tokens: ready.prompt.ids.len() as u64,
+                completion_tokens,
+                cached: false,
+                attempts: 1,
+                latency_ms: ready.started.elapsed().as_millis() as u64,
+            };
+            // An answer the model did not give (too little mass on the answers) still ran
+            // the prompt: its cost is kept on the failure.
             let result = logits
                 .i(i)
                 .map_err(|e| JudgeError::Failed(format!("local model: {e}")))
                 .and_then(|row| self.read(model, session, row, ready.question))
-                .map(|(reading, completion_tokens)| {
-                    let usage = CallUsage {
-                        prompt_tokens,
-                        completion_tokens,
-                        cached: false,
-                        attempts: 1,
-                        latency_ms: ready.started.elapsed().as_millis() as u64,
-                    };
-                    (reading, usage)
-                });
+                .map(|(reading, completion_tokens)| (reading, usage(completion_tokens)))
+                .map_err(|e| e.with_usage(usage(0)));
             let _ = ready.reply.send(result);
         }
     }
@@ -628,13 +694,13 @@ impl Worker {
     fn check_mass(&self, choice: &Choice, field: &str) -> Result<(), JudgeError> {
         let mass = choice.mass();
         if mass < self.config.min_answer_mass {
-            return Err(JudgeError::Parse {
-                reason: format!(
+            return Err(JudgeError::parse(
+                format!(
                     "the model puts only {mass:.3} probability on any `{field}` answer (min_answer_mass {})",
                     self.config.min_answer_mass
                 ),
-                reply: String::new(),
-            });
+                "",
+            ));
         }
         Ok(())
     }

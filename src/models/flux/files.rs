@@ -210,16 +210,14 @@ impl FluxFiles {
             .flatten()
             .map(|r| r.join("transformer").join("config.json"))
             .find(|p| p.is_file());
-        let transformer_config = match config_path {
-            Some(p) => read_json::<FluxConfig>(&p)?,
+        let transformer_config = match &config_path {
+            Some(p) => read_json::<FluxConfig>(p)?,
             None => infer_bfl_config(&transformer[0], &probe)?,
         };
-        transformer_config
-            .validate()
-            .map_err(|reason| ModelError::Files {
-                path: transformer[0].clone(),
-                reason,
-            })?;
+        // A config's error names the config; an inferred one's, the weights it came from.
+        transformer_config.validate().map_err(|reason| {
+            ModelError::files(config_path.as_ref().unwrap_or(&transformer[0]), reason)
+        })?;
         let transformer_layout = transformer_layout(&transformer, &probe, &transformer_config)?;
 
         // Autoencoder: explicit file, the diffusers subfolder, or `ae.safetensors` in the root.
@@ -241,7 +239,13 @@ impl FluxFiles {
             .map(|r| r.join("vae").join("config.json"))
             .find(|p| p.is_file());
         let vae_config = match vae_config_path {
-            Some(p) => read_json::<VaeConfig>(&p)?,
+            Some(p) => {
+                let config = read_json::<VaeConfig>(&p)?;
+                config
+                    .check()
+                    .map_err(|reason| ModelError::files(&p, reason))?;
+                config
+            }
             None => VaeConfig::flux(),
         };
         let vae_layout = if vae_probe.has_key("encoder.down.0.block.0.conv1.weight") {

@@ -122,10 +122,49 @@ struct HfClipConfig {
     projection_dim: usize,
     #[serde(default)]
     pad_token_id: Option<u32>,
+    /// candle's CLIP uses 1e-5 (transformers' default) and has no setting for it.
+    #[serde(default = "clip_eps")]
+    layer_norm_eps: f64,
 }
 
 fn quick_gelu() -> String {
     "quick_gelu".into()
+}
+
+fn clip_eps() -> f64 {
+    1e-5
+}
+
+/// The fields of T5's config that candle-transformers' T5 does not read but that must agree
+/// with what it computes.
+#[derive(Debug, Deserialize)]
+struct T5Checks {
+    #[serde(default)]
+    feed_forward_proj: Option<String>,
+    /// T5 v1.1 states the gated activation again here; candle takes it from
+    /// `feed_forward_proj`, so the two must agree.
+    #[serde(default)]
+    dense_act_fn: Option<String>,
+}
+
+impl T5Checks {
+    fn check(&self) -> Result<(), String> {
+        let implied = match self.feed_forward_proj.as_deref() {
+            Some("gated-gelu") => "gelu_new",
+            Some("gated-silu") => "silu",
+            Some(other) => other.trim_start_matches("gated-"),
+            None => "relu",
+        };
+        match self.dense_act_fn.as_deref() {
+            Some(act) if act != implied && !(implied == "gelu_new" && act == "gelu_pytorch_tanh") => {
+                Err(format!(
+                    "`dense_act_fn` = {act:?} disagrees with `feed_forward_proj` = {:?} (which computes {implied}); such a T5 is not supported",
+                    self.feed_forward_proj.as_deref().unwrap_or("relu")
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// T5 + CLIP with their tokenizers.
@@ -148,6 +187,9 @@ impl TextEncoders {
         dev: &Device,
     ) -> Result<Self, ModelError> {
         let t5_config: T5Config = read_json(&t5.config)?;
+        read_json::<T5Checks>(&t5.config)?
+            .check()
+            .map_err(|reason| ModelError::files(&t5.config, reason))?;
         let t5_vb = var_builder(
             WeightSource::open(&t5.weights, KeyLayout::Diffusers)?,
             dtype,
@@ -157,6 +199,15 @@ impl TextEncoders {
             .map_err(|e| weights_error(&t5.weights[0], e))?;
 
         let hf: HfClipConfig = read_json(&clip.config)?;
+        if (hf.layer_norm_eps - 1e-5).abs() > 1e-12 {
+            return Err(ModelError::files(
+                &clip.config,
+                format!(
+                    "`layer_norm_eps` = {} is not supported (candle's CLIP uses 1e-5)",
+                    hf.layer_norm_eps
+                ),
+            ));
+        }
         if hf.hidden_act != "quick_gelu" {
             return Err(ModelError::Files {
                 path: clip.config.clone(),

@@ -35,6 +35,33 @@ pub struct VaeConfig {
     /// See `use_quant_conv`.
     #[serde(default)]
     pub use_post_quant_conv: bool,
+    /// Activation of the resnets; the FLUX AE's is SiLU, the only one built here.
+    #[serde(default = "silu")]
+    pub act_fn: String,
+    /// Output image channels (must equal `in_channels`).
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    /// Encoder block types; only `DownEncoderBlock2D` is built.
+    #[serde(default)]
+    pub down_block_types: Option<Vec<String>>,
+    /// Decoder block types; only `UpDecoderBlock2D` is built.
+    #[serde(default)]
+    pub up_block_types: Option<Vec<String>>,
+    /// Whether the mid block has attention (the FLUX AE's does; it is always built).
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+    /// Per-channel latent statistics (SD3-style); the FLUX AE uses `scaling_factor` and
+    /// `shift_factor` only.
+    #[serde(default)]
+    pub latents_mean: Option<Vec<f64>>,
+}
+
+fn silu() -> String {
+    "silu".into()
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn three() -> usize {
@@ -54,7 +81,76 @@ impl VaeConfig {
             in_channels: 3,
             use_quant_conv: false,
             use_post_quant_conv: false,
+            act_fn: silu(),
+            out_channels: None,
+            down_block_types: None,
+            up_block_types: None,
+            mid_block_add_attention: true,
+            latents_mean: None,
         }
+    }
+
+    /// Refuses settings that change the computation and are not built here, naming the
+    /// field and value.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let refuse = |field: &str, value: String, why: &str| {
+            Err(format!("`{field}` = {value} is not supported ({why})"))
+        };
+        if self.act_fn != "silu" {
+            return refuse(
+                "act_fn",
+                format!("{:?}", self.act_fn),
+                "the FLUX AE uses silu",
+            );
+        }
+        if self.use_quant_conv || self.use_post_quant_conv {
+            return refuse(
+                "use_quant_conv",
+                "true".into(),
+                "the FLUX AE has no quant convs",
+            );
+        }
+        if self.out_channels.is_some_and(|c| c != self.in_channels) {
+            return refuse(
+                "out_channels",
+                format!("{:?}", self.out_channels),
+                "must equal in_channels",
+            );
+        }
+        for (field, types, want) in [
+            (
+                "down_block_types",
+                &self.down_block_types,
+                "DownEncoderBlock2D",
+            ),
+            ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
+        ] {
+            if let Some(t) = types.as_ref().filter(|t| t.iter().any(|b| b != want)) {
+                return refuse(field, format!("{t:?}"), &format!("only {want} is built"));
+            }
+        }
+        if !self.mid_block_add_attention {
+            return refuse(
+                "mid_block_add_attention",
+                "false".into(),
+                "the FLUX AE's mid block has attention",
+            );
+        }
+        if self.latents_mean.is_some() {
+            return refuse(
+                "latents_mean",
+                "(a list)".into(),
+                "the FLUX AE normalises with scaling_factor and shift_factor",
+            );
+        }
+        if self.block_out_channels.is_empty() || self.norm_num_groups == 0 {
+            return refuse(
+                "block_out_channels",
+                format!("{:?}", self.block_out_channels),
+                "needs at least one level and norm groups",
+            );
+        }
+        Ok(())
     }
 
     /// Pixels per latent cell along each side.

@@ -8,6 +8,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::models::activation::Activation;
+
 /// Which model family a checkpoint belongs to; they differ only in the vision tower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -53,6 +55,8 @@ pub struct TextConfig {
     /// Qwen3-VL interleaves the axes over the frequencies (t, h, w, t, h, w, ...) instead
     /// of giving each axis a contiguous block.
     pub mrope_interleaved: bool,
+    /// The MLP's activation (`hidden_act`; SiLU in every released checkpoint).
+    pub hidden_act: Activation,
 }
 
 impl TextConfig {
@@ -93,6 +97,9 @@ pub struct VisionConfig {
     pub num_position_embeddings: Option<usize>,
     /// Qwen3-VL: blocks whose output feeds a DeepStack merger (one per decoder layer from 0).
     pub deepstack_visual_indexes: Vec<usize>,
+    /// The block MLP's activation (`vision_config.hidden_act`: quick-GELU in Qwen2-VL,
+    /// SiLU in Qwen2.5-VL, tanh-GELU in Qwen3-VL).
+    pub hidden_act: Activation,
 }
 
 impl VisionConfig {
@@ -152,6 +159,10 @@ struct RopeFields {
     mrope_section: Option<Vec<usize>>,
     rope_theta: Option<f64>,
     mrope_interleaved: Option<bool>,
+    /// transformers 4 writes `type`, 5 `rope_type`; only multimodal RoPE is implemented.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    rope_type: Option<String>,
 }
 
 /// The language model's fields wherever a layout puts them: at the top level
@@ -172,6 +183,8 @@ struct TextFields {
     rope_scaling: Option<RopeFields>,
     attention_bias: Option<bool>,
     tie_word_embeddings: Option<bool>,
+    hidden_act: Option<String>,
+    use_sliding_window: Option<bool>,
     image_token_id: Option<u32>,
     vision_start_token_id: Option<u32>,
     vision_end_token_id: Option<u32>,
@@ -241,9 +254,20 @@ struct CommonVisionFields {
     #[serde(default = "defaults::two")]
     spatial_merge_size: usize,
     rope_parameters: Option<RopeFields>,
+    hidden_act: Option<String>,
 }
 
 impl CommonVisionFields {
+    /// The block MLP's activation: the config's, else the family's.
+    fn hidden_act(&self, family_default: Activation) -> Result<Activation, String> {
+        match &self.hidden_act {
+            Some(name) => {
+                Activation::from_name(name).map_err(|e| format!("vision_config.hidden_act: {e}"))
+            }
+            None => Ok(family_default),
+        }
+    }
+
     fn in_channels(&self) -> usize {
         self.in_channels.or(self.in_chans).unwrap_or(3)
     }
@@ -325,6 +349,25 @@ impl Qwen2VlConfig {
             .mrope_section
             .clone()
             .ok_or("missing field `rope_scaling.mrope_section` (or `rope_parameters`)")?;
+        // Fields that change the computation and that this code does not implement are
+        // refused, never ignored.
+        if let Some(kind) = rope.rope_type.as_ref().or(rope.kind.as_ref()) {
+            if !matches!(kind.as_str(), "mrope" | "default") {
+                return Err(format!(
+                    "rope type {kind:?} is not implemented (only multimodal RoPE, \"mrope\"/\"default\")"
+                ));
+            }
+        }
+        if either(t, f, |x| &x.use_sliding_window) == Some(true) {
+            return Err(
+                "use_sliding_window = true is not implemented (every released Qwen-VL attends over the whole sequence)"
+                    .into(),
+            );
+        }
+        let hidden_act = match either(t, f, |x| &x.hidden_act) {
+            Some(name) => Activation::from_name(&name).map_err(|e| format!("hidden_act: {e}"))?,
+            None => Activation::Silu,
+        };
         let qwen3 = family == Family::Qwen3Vl;
         let hidden_size = required!(hidden_size);
         let num_attention_heads = required!(num_attention_heads);
@@ -352,6 +395,7 @@ impl Qwen2VlConfig {
             },
             qk_norm: qwen3,
             mrope_interleaved: rope.mrope_interleaved.unwrap_or(qwen3),
+            hidden_act,
         };
         if text.num_attention_heads == 0
             || (!qwen3 && !text.hidden_size.is_multiple_of(text.num_attention_heads))
@@ -391,6 +435,7 @@ impl Qwen2VlConfig {
                     rope_theta: q.common.rope_theta(),
                     num_position_embeddings: None,
                     deepstack_visual_indexes: Vec::new(),
+                    hidden_act: q.common.hidden_act(Activation::QuickGelu)?,
                 }
             }
             Family::Qwen25Vl => {
@@ -410,6 +455,7 @@ impl Qwen2VlConfig {
                     rope_theta: q.common.rope_theta(),
                     num_position_embeddings: None,
                     deepstack_visual_indexes: Vec::new(),
+                    hidden_act: q.common.hidden_act(Activation::Silu)?,
                 }
             }
             Family::Qwen3Vl => {
@@ -429,6 +475,7 @@ impl Qwen2VlConfig {
                     rope_theta: q.common.rope_theta(),
                     num_position_embeddings: Some(q.num_position_embeddings),
                     deepstack_visual_indexes: q.deepstack_visual_indexes,
+                    hidden_act: q.common.hidden_act(Activation::GeluTanh)?,
                 }
             }
         };
@@ -522,6 +569,58 @@ mod tests {
             err.starts_with("field `text_config.num_hidden_layers`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn math_changing_fields_are_honoured_or_refused_by_name() {
+        for family in ["qwen2_vl", "qwen2_5_vl"] {
+            let base = fixture(family);
+            let c = Qwen2VlConfig::from_json(&base).unwrap();
+            assert_eq!(c.text.hidden_act, Activation::Silu);
+            let expect = if family == "qwen2_vl" {
+                Activation::QuickGelu
+            } else {
+                Activation::Silu
+            };
+            assert_eq!(c.vision.hidden_act, expect, "{family}");
+            // A supported other activation is honoured...
+            let mut v = base.clone();
+            v["vision_config"]["hidden_act"] = "gelu".into();
+            assert_eq!(
+                Qwen2VlConfig::from_json(&v).unwrap().vision.hidden_act,
+                Activation::Gelu
+            );
+            // ...an unsupported one is refused, naming the field and value.
+            v["vision_config"]["hidden_act"] = "xielu".into();
+            let err = Qwen2VlConfig::from_json(&v).unwrap_err();
+            assert!(
+                err.starts_with("vision_config.hidden_act") && err.contains("xielu"),
+                "{err}"
+            );
+            let mut t = base.clone();
+            t["text_config"]["hidden_act"] = "relu2".into();
+            let err = Qwen2VlConfig::from_json(&t).unwrap_err();
+            assert!(
+                err.starts_with("hidden_act") && err.contains("relu2"),
+                "{err}"
+            );
+            let mut w = base.clone();
+            w["text_config"]["use_sliding_window"] = true.into();
+            let err = Qwen2VlConfig::from_json(&w).unwrap_err();
+            assert!(err.contains("use_sliding_window"), "{err}");
+        }
+        let path = format!(
+            "{}/tests/fixtures/qwen3vl/tiny/config.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let mut q3: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(
+            Qwen2VlConfig::from_json(&q3).unwrap().vision.hidden_act,
+            Activation::GeluTanh
+        );
+        q3["text_config"]["rope_parameters"]["rope_type"] = "yarn".into();
+        let err = Qwen2VlConfig::from_json(&q3).unwrap_err();
+        assert!(err.contains("\"yarn\""), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use candle_nn::{
 };
 
 use super::config::TextConfig;
+use crate::models::activation::Activation;
 
 /// Position ids of a batch: `ids[b][s]` = (temporal, height, width).
 pub type Positions = Vec<Vec<[i64; 3]>>;
@@ -243,6 +244,7 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    act: Activation,
 }
 
 impl Mlp {
@@ -252,11 +254,12 @@ impl Mlp {
             gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
             up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
             down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+            act: cfg.hidden_act,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
+        let gate = self.act.apply(&self.gate_proj.forward(xs)?)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
     }
 }

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{layer_norm, linear, LayerNorm, Linear, RmsNorm, VarBuilder};
 
 use super::config::{Family, VisionConfig};
+use crate::models::activation::Activation;
 
 /// LayerNorm (Qwen2-VL, Qwen3-VL) or RMSNorm (Qwen2.5-VL), all with epsilon 1e-6.
 enum Norm {
@@ -40,40 +41,41 @@ impl Module for Norm {
     }
 }
 
-/// fc1 / quick-GELU / fc2 (Qwen2-VL), SwiGLU with biases (Qwen2.5-VL) or
-/// linear_fc1 / tanh-GELU / linear_fc2 (Qwen3-VL).
+/// fc1 / act / fc2 (Qwen2-VL: quick-GELU; Qwen3-VL: `linear_fc1`/`linear_fc2`, tanh-GELU)
+/// or gated with biases (Qwen2.5-VL: SiLU); the activation is the config's `hidden_act`.
 enum Mlp {
-    QuickGelu {
+    Plain {
         fc1: Linear,
         fc2: Linear,
+        act: Activation,
     },
     Gated {
         gate: Linear,
         up: Linear,
         down: Linear,
-    },
-    TanhGelu {
-        fc1: Linear,
-        fc2: Linear,
+        act: Activation,
     },
 }
 
 impl Mlp {
     fn new(cfg: &VisionConfig, family: Family, vb: VarBuilder) -> Result<Self> {
-        let (d, h) = (cfg.embed_dim, cfg.mlp_hidden);
+        let (d, h, act) = (cfg.embed_dim, cfg.mlp_hidden, cfg.hidden_act);
         Ok(match family {
-            Family::Qwen2Vl => Self::QuickGelu {
+            Family::Qwen2Vl => Self::Plain {
                 fc1: linear(d, h, vb.pp("fc1"))?,
                 fc2: linear(h, d, vb.pp("fc2"))?,
+                act,
             },
-            Family::Qwen3Vl => Self::TanhGelu {
+            Family::Qwen3Vl => Self::Plain {
                 fc1: linear(d, h, vb.pp("linear_fc1"))?,
                 fc2: linear(h, d, vb.pp("linear_fc2"))?,
+                act,
             },
             Family::Qwen25Vl => Self::Gated {
                 gate: linear(d, h, vb.pp("gate_proj"))?,
                 up: linear(d, h, vb.pp("up_proj"))?,
                 down: linear(h, d, vb.pp("down_proj"))?,
+                act,
             },
         })
     }
@@ -82,15 +84,14 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::TanhGelu { fc1, fc2 } => fc2.forward(&fc1.forward(xs)?.gelu()?),
-            Self::QuickGelu { fc1, fc2 } => {
-                // quick_gelu(x) = x * sigmoid(1.702 x)
-                let h = fc1.forward(xs)?;
-                let h = (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?;
-                fc2.forward(&h)
-            }
-            Self::Gated { gate, up, down } => {
-                let g = candle_nn::ops::silu(&gate.forward(xs)?)?;
+            Self::Plain { fc1, fc2, act } => fc2.forward(&act.apply(&fc1.forward(xs)?)?),
+            Self::Gated {
+                gate,
+                up,
+                down,
+                act,
+            } => {
+                let g = act.apply(&gate.forward(xs)?)?;
                 down.forward(&(g * up.forward(xs)?)?)
             }
         }

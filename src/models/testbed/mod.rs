@@ -15,6 +15,11 @@ pub mod mixture;
 pub mod outcomes;
 pub mod scene;
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
 use crate::edit::EditContext;
 pub use outcomes::{classify, outcome_set, Outcome, OutcomeLabel, SCENE_META_KEY};
 pub use scene::SceneEdit;
@@ -35,4 +40,45 @@ pub fn make_edit(scene_seed: u64, width: u32) -> EditContext {
         serde_json::to_string(&scene_edit).expect("serialisable"),
     );
     edit
+}
+
+/// The edits a testbed generator has prepared, so the testbed judge can refuse any other:
+/// it knows the truth of a generated scene (its scene travels in the edit's meta) and of a
+/// photo only because the testbed generator simulates that photo's edit; an image from
+/// another generator has no truth it could know. Shared between one generator and its
+/// judges; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct TestbedEdits(Arc<Mutex<HashSet<[u8; 32]>>>);
+
+impl TestbedEdits {
+    /// Records an edit the generator prepared.
+    pub fn record(&self, edit: &EditContext) {
+        self.0
+            .lock()
+            .expect("testbed edits")
+            .insert(fingerprint(edit));
+    }
+
+    /// Whether the generator prepared `edit`.
+    pub fn contains(&self, edit: &EditContext) -> bool {
+        self.0
+            .lock()
+            .expect("testbed edits")
+            .contains(&fingerprint(edit))
+    }
+}
+
+/// Whether `edit` is a generated testbed scene (its truth travels with it).
+pub fn is_scene(edit: &EditContext) -> bool {
+    edit.meta.contains_key(SCENE_META_KEY)
+}
+
+fn fingerprint(edit: &EditContext) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [edit.id.as_bytes(), edit.instruction.as_bytes()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.update(edit.source.as_raw());
+    h.finalize().into()
 }

@@ -1,0 +1,90 @@
+//! Field checks every judge preset shares: a value outside its bound is refused when the
+//! preset is read, with the file, the field, the value, the bound and why, instead of
+//! surfacing later as every call failing (a zero timeout) or a run that never starts (zero
+//! concurrency).
+
+use std::fmt::Display;
+use std::path::Path;
+
+use super::JudgeError;
+
+/// The most judge calls one engine keeps in flight: beyond it a remote endpoint answers
+/// 429s and a local judge only queues.
+pub const MAX_CONCURRENCY: usize = 256;
+
+/// Checks preset fields of one file.
+pub struct FieldCheck<'a> {
+    path: &'a Path,
+}
+
+impl<'a> FieldCheck<'a> {
+    /// Checks for the preset at `path`.
+    pub fn new(path: &'a Path) -> Self {
+        Self { path }
+    }
+
+    /// `value` must lie in `lo..=hi` (and be a number, for floats); `why` says where the
+    /// bound comes from.
+    pub fn within<T: PartialOrd + Display + Copy>(
+        &self,
+        field: &str,
+        value: T,
+        lo: T,
+        hi: T,
+        why: &str,
+    ) -> Result<(), JudgeError> {
+        // `!(lo <= v && v <= hi)` also refuses NaN.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        if !(lo <= value && value <= hi) {
+            return Err(self.refuse(
+                field,
+                value,
+                &format!("must be between {lo} and {hi} ({why})"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The same for an optional field.
+    pub fn within_opt<T: PartialOrd + Display + Copy>(
+        &self,
+        field: &str,
+        value: Option<T>,
+        lo: T,
+        hi: T,
+        why: &str,
+    ) -> Result<(), JudgeError> {
+        match value {
+            Some(v) => self.within(field, v, lo, hi, why),
+            None => Ok(()),
+        }
+    }
+
+    /// The error for `field = value`.
+    pub fn refuse(&self, field: &str, value: impl Display, what: &str) -> JudgeError {
+        JudgeError::Config(format!(
+            "judge preset {}: `{field}` = {value} {what}",
+            self.path.display()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_outside_its_bound_names_file_field_value_and_bound() {
+        let check = FieldCheck::new(Path::new("judges/x.toml"));
+        let err = check
+            .within("timeout_s", 0.0, 0.1, 3600.0, "seconds per attempt")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "judge config: judge preset judges/x.toml: `timeout_s` = 0 must be between 0.1 and 3600 (seconds per attempt)"
+        );
+        assert!(check.within("t", f64::NAN, 0.0, 1.0, "x").is_err());
+        assert!(check.within("n", 4usize, 1, 8, "x").is_ok());
+    }
+}
