@@ -162,7 +162,7 @@ pub async fn run_study(
         .collect();
     let (mut agrees, mut previews, mut seeds_correct, mut seeds) = (0, 0, 0, 0);
     for i in 0..config.edits {
-        let edit = testbed::make_edit(config.first_scene + i as u64, config.width);
+        let edit = testbed::make_edit(config.first_scene.wrapping_add(i as u64), config.width);
         let outcomes = testbed::outcome_set(&edit, config.difficulty)
             .map_err(|e| EngineError::Strategy(e.to_string()))?;
         let run = |kind| {

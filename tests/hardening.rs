@@ -325,3 +325,20 @@ fn hub_flags_still_parse_alongside_the_bounds() {
     }
     let _ = cli_env;
 }
+
+#[test]
+fn scene_seeds_never_wrap() {
+    let dir = tempfile::tempdir().unwrap();
+    let result = cli(&[
+        "study",
+        "--first-scene",
+        "18446744073709551615",
+        "--edits",
+        "2",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(EXIT_BAD_INPUT), "{stderr}");
+    assert!(stderr.contains("--first-scene"), "{stderr}");
+}

@@ -19,6 +19,15 @@ use crate::study::{run_study, StudyConfig};
 /// `study`: the testbed measurement quoted in the README.
 pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
     let strategy = args.strategy.to_config()?;
+    if args.first_scene.checked_add(args.edits as u64).is_none() {
+        return Err(EditError::Invalid(format!(
+            "--first-scene {} + --edits {} passes the largest scene seed ({})",
+            args.first_scene,
+            args.edits,
+            u64::MAX
+        ))
+        .into());
+    }
     let _lock = super::claim_output(&args.out, "--out")?;
     let config = StudyConfig {
         edits: args.edits,

@@ -81,7 +81,7 @@ pub fn load(spec: &DatasetSpec, selection: &Selection) -> Result<Vec<EvalItem>, 
         }
         DatasetSpec::Testbed { edits, first_scene } => (0..*edits as u64)
             .map(|i| {
-                let seed = first_scene + i;
+                let seed = first_scene.wrapping_add(i);
                 let scene = testbed::SceneEdit::generate(seed);
                 EvalItem {
                     id: format!("scene{seed}"),

@@ -128,10 +128,15 @@ impl Suite {
                 self.resamples
             ));
         }
-        if let DatasetSpec::Testbed { edits, .. } = &self.dataset {
+        if let DatasetSpec::Testbed { edits, first_scene } = &self.dataset {
             if !(1..=100_000).contains(edits) {
                 return Err(format!(
                     "dataset.edits {edits} must be between 1 and 100000"
+                ));
+            }
+            if first_scene.checked_add(*edits as u64).is_none() {
+                return Err(format!(
+                    "dataset.first_scene {first_scene} + edits {edits} passes the largest scene seed"
                 ));
             }
         }
