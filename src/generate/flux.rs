@@ -11,18 +11,20 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, D};
 use image::RgbImage;
 
 use super::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit, PreparedSet};
 use crate::edit::{crop_right_panel, make_diptych, EditContext};
 use crate::error::GenerateError;
+use crate::models::flux::linear::Linears;
 use crate::models::flux::lora::{find_lora_file, LoraReport, LoraSet};
 use crate::models::flux::scheduler::DynamicShift;
 use crate::models::flux::text::TextEncoders;
 use crate::models::flux::transformer::{FluxTransformer, TextConditioning};
 use crate::models::flux::vae::Autoencoder;
-use crate::models::flux::weights::{var_builder, weights_error, WeightSource};
+use crate::models::flux::weights::{shared_var_builder, var_builder, weights_error, WeightSource};
 use crate::models::flux::{embeddings, latents, FluxFiles, FluxPaths};
 
 /// RoPE base frequency.
@@ -49,6 +51,9 @@ pub struct FluxOptions {
     pub keep_text_encoders: bool,
     /// Candidates per transformer forward.
     pub max_batch: usize,
+    /// Quantize the transformer's dense linear weights to this ggml type as they are read
+    /// (a plain LoRA is merged first). GGUF files are held as they are stored.
+    pub quantize: Option<GgmlDType>,
 }
 
 impl FluxOptions {
@@ -64,6 +69,7 @@ impl FluxOptions {
             t5_tokens: 512,
             keep_text_encoders: false,
             max_batch: 4,
+            quantize: None,
         }
     }
 }
@@ -102,12 +108,19 @@ impl FluxGenerator {
         };
         let (dtype, dev) = (options.dtype, &options.device);
         tracing::info!(files = ?files.transformer, layout = ?files.transformer_layout, "loading the FLUX transformer");
-        let source = WeightSource::open(&files.transformer, files.transformer_layout)?
-            .with_lora(lora.clone());
+        let source = Arc::new(
+            WeightSource::open(&files.transformer, files.transformer_layout)?
+                .with_lora(lora.clone()),
+        );
+        let linears = Linears {
+            lora: lora.as_deref(),
+            source: Some(&source),
+            quantize: options.quantize,
+        };
         let transformer = FluxTransformer::new(
-            var_builder(source, dtype, dev),
+            shared_var_builder(source.clone(), dtype, dev),
             &files.transformer_config,
-            lora.as_deref(),
+            &linears,
         )
         .map_err(|e| weights_error(&files.transformer[0], e))?;
         let lora_report = match &lora {

@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::config::FluxConfig;
 use super::embeddings::rope_tables;
 use super::latents::joint_ids;
+use super::linear::Linears;
 use super::transformer::{FluxTransformer, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
 use crate::models::bench::{timed, RandomWeights};
@@ -104,7 +105,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
     let random = RandomWeights::default();
     let counter = random.elements.clone();
     let vb = VarBuilder::from_backend(Box::new(random), dtype, dev.clone());
-    let transformer = FluxTransformer::new(vb.clone(), &bench.transformer, None)?;
+    let transformer = FluxTransformer::new(vb.clone(), &bench.transformer, &Linears::dense(None))?;
     let parameters = counter.load(std::sync::atomic::Ordering::Relaxed);
     let vae = Autoencoder::new(vb, &bench.vae)?;
     dev.synchronize()?;

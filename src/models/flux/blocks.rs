@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
 
-use super::lora::{AdaptedLinear, LoraSet, MoeLinear};
+use super::linear::{AdaptedLinear, Linears};
 
 /// Layer norm without affine parameters (eps 1e-6), as every FLUX modulation uses.
 fn plain_layer_norm(xs: &Tensor) -> Result<Tensor> {
@@ -25,19 +25,14 @@ fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
         .broadcast_add(&shift.unsqueeze(1)?)
 }
 
-/// A linear layer that may carry MoE experts (plain LoRA is merged by the weight loader).
+/// A linear layer built as `linears` says (weight form, LoRA).
 pub fn adapted_linear(
     vb: VarBuilder,
     input: usize,
     output: usize,
-    lora: Option<&LoraSet>,
+    linears: &Linears,
 ) -> Result<AdaptedLinear> {
-    let base = linear(input, output, vb.clone())?;
-    let module = vb.prefix();
-    match lora.and_then(|l| l.take_experts(&module)) {
-        Some(experts) => Ok(AdaptedLinear::Moe(MoeLinear::new(base, experts)?)),
-        None => Ok(AdaptedLinear::Merged(base)),
-    }
+    linears.build(vb, input, output)
 }
 
 /// Splits a `[B, n * hidden]` modulation vector into `n` chunks.
@@ -61,12 +56,12 @@ impl Qkv {
         names: [&str; 5],
         hidden: usize,
         head_dim: usize,
-        lora: Option<&LoraSet>,
+        linears: &Linears,
     ) -> Result<Self> {
         Ok(Self {
-            q: adapted_linear(vb.pp(names[0]), hidden, hidden, lora)?,
-            k: adapted_linear(vb.pp(names[1]), hidden, hidden, lora)?,
-            v: adapted_linear(vb.pp(names[2]), hidden, hidden, lora)?,
+            q: adapted_linear(vb.pp(names[0]), hidden, hidden, linears)?,
+            k: adapted_linear(vb.pp(names[1]), hidden, hidden, linears)?,
+            v: adapted_linear(vb.pp(names[2]), hidden, hidden, linears)?,
             norm_q: candle_nn::rms_norm(head_dim, 1e-6, vb.pp(names[3]))?,
             norm_k: candle_nn::rms_norm(head_dim, 1e-6, vb.pp(names[4]))?,
         })
@@ -109,10 +104,10 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(vb: VarBuilder, hidden: usize, mlp: usize, lora: Option<&LoraSet>) -> Result<Self> {
+    fn new(vb: VarBuilder, hidden: usize, mlp: usize, linears: &Linears) -> Result<Self> {
         Ok(Self {
-            up: adapted_linear(vb.pp("net.0.proj"), hidden, mlp, lora)?,
-            down: adapted_linear(vb.pp("net.2"), mlp, hidden, lora)?,
+            up: adapted_linear(vb.pp("net.0.proj"), hidden, mlp, linears)?,
+            down: adapted_linear(vb.pp("net.2"), mlp, hidden, linears)?,
         })
     }
 }
@@ -144,19 +139,19 @@ impl DoubleBlock {
         hidden: usize,
         heads: usize,
         mlp: usize,
-        lora: Option<&LoraSet>,
+        linears: &Linears,
     ) -> Result<Self> {
         let head_dim = hidden / heads;
         let attn = vb.pp("attn");
         Ok(Self {
-            img_mod: adapted_linear(vb.pp("norm1.linear"), hidden, 6 * hidden, lora)?,
-            txt_mod: adapted_linear(vb.pp("norm1_context.linear"), hidden, 6 * hidden, lora)?,
+            img_mod: adapted_linear(vb.pp("norm1.linear"), hidden, 6 * hidden, linears)?,
+            txt_mod: adapted_linear(vb.pp("norm1_context.linear"), hidden, 6 * hidden, linears)?,
             img_qkv: Qkv::new(
                 &attn,
                 ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
                 hidden,
                 head_dim,
-                lora,
+                linears,
             )?,
             txt_qkv: Qkv::new(
                 &attn,
@@ -169,12 +164,12 @@ impl DoubleBlock {
                 ],
                 hidden,
                 head_dim,
-                lora,
+                linears,
             )?,
-            img_out: adapted_linear(attn.pp("to_out.0"), hidden, hidden, lora)?,
-            txt_out: adapted_linear(attn.pp("to_add_out"), hidden, hidden, lora)?,
-            img_ff: FeedForward::new(vb.pp("ff"), hidden, mlp, lora)?,
-            txt_ff: FeedForward::new(vb.pp("ff_context"), hidden, mlp, lora)?,
+            img_out: adapted_linear(attn.pp("to_out.0"), hidden, hidden, linears)?,
+            txt_out: adapted_linear(attn.pp("to_add_out"), hidden, hidden, linears)?,
+            img_ff: FeedForward::new(vb.pp("ff"), hidden, mlp, linears)?,
+            txt_ff: FeedForward::new(vb.pp("ff_context"), hidden, mlp, linears)?,
             heads,
         })
     }
@@ -233,19 +228,19 @@ impl SingleBlock {
         hidden: usize,
         heads: usize,
         mlp: usize,
-        lora: Option<&LoraSet>,
+        linears: &Linears,
     ) -> Result<Self> {
         Ok(Self {
-            modulation: adapted_linear(vb.pp("norm.linear"), hidden, 3 * hidden, lora)?,
+            modulation: adapted_linear(vb.pp("norm.linear"), hidden, 3 * hidden, linears)?,
             qkv: Qkv::new(
                 &vb.pp("attn"),
                 ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
                 hidden,
                 hidden / heads,
-                lora,
+                linears,
             )?,
-            proj_mlp: adapted_linear(vb.pp("proj_mlp"), hidden, mlp, lora)?,
-            proj_out: adapted_linear(vb.pp("proj_out"), hidden + mlp, hidden, lora)?,
+            proj_mlp: adapted_linear(vb.pp("proj_mlp"), hidden, mlp, linears)?,
+            proj_out: adapted_linear(vb.pp("proj_out"), hidden + mlp, hidden, linears)?,
             heads,
         })
     }

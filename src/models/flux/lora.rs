@@ -12,8 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::Linear;
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::error::ModelError;
 
@@ -310,87 +309,4 @@ fn low_rank(
     }
     let scale = alpha.map_or(1.0, |a| a / rank as f64) * user_scale;
     Ok(LowRank { down, up, scale })
-}
-
-/// A linear layer as the model runs it: merged (plain) or with MoE experts on top.
-#[derive(Debug, Clone)]
-pub enum AdaptedLinear {
-    /// Base weights, with any plain LoRA already merged in.
-    Merged(Linear),
-    /// Base layer plus per-token top-1 expert adapters.
-    Moe(MoeLinear),
-}
-
-impl Module for AdaptedLinear {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Merged(l) => l.forward(xs),
-            Self::Moe(m) => m.forward(xs),
-        }
-    }
-}
-
-/// A base linear layer plus top-1 routed low-rank experts.
-#[derive(Debug, Clone)]
-pub struct MoeLinear {
-    base: Linear,
-    /// Router `[experts, in]` in the model dtype.
-    route: Tensor,
-    /// Per expert: (down `[r, in]`, up `[out, r]`, scale).
-    experts: Vec<(Tensor, Tensor, f64)>,
-}
-
-impl MoeLinear {
-    /// Moves the experts to the base layer's dtype and device.
-    pub fn new(base: Linear, experts: &Experts) -> Result<Self> {
-        let w = base.weight();
-        let (dtype, dev) = (w.dtype(), w.device());
-        let (out_dim, in_dim) = w.dims2()?;
-        let mut list = Vec::new();
-        for (e, x) in experts.experts.iter().enumerate() {
-            let (down, up) = (
-                x.down.to_dtype(dtype)?.to_device(dev)?,
-                x.up.to_dtype(dtype)?.to_device(dev)?,
-            );
-            if down.dim(1)? != in_dim || up.dim(0)? != out_dim {
-                candle_core::bail!(
-                    "expert {e}: shapes {:?}/{:?} do not fit a {in_dim} -> {out_dim} layer",
-                    down.dims(),
-                    up.dims()
-                );
-            }
-            list.push((down, up, x.scale));
-        }
-        let route = experts.route.to_dtype(dtype)?.to_device(dev)?;
-        if route.dims() != [list.len(), in_dim] {
-            candle_core::bail!(
-                "router shape {:?} does not fit {} experts over {in_dim} inputs",
-                route.dims(),
-                list.len()
-            );
-        }
-        Ok(Self {
-            base,
-            route,
-            experts: list,
-        })
-    }
-}
-
-impl Module for MoeLinear {
-    /// `xs` is `[B, S, in]`; every token adds the update of its top-1 expert.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut out = self.base.forward(xs)?;
-        let choice = xs
-            .broadcast_matmul(&self.route.t()?)?
-            .argmax_keepdim(D::Minus1)?; // [B, S, 1]
-        for (e, (down, up, scale)) in self.experts.iter().enumerate() {
-            let chosen = choice.eq(e as u32)?.to_dtype(out.dtype())?;
-            let delta = xs
-                .broadcast_matmul(&down.t()?)?
-                .broadcast_matmul(&up.t()?)?;
-            out = (out + (delta * *scale)?.broadcast_mul(&chosen)?)?;
-        }
-        Ok(out)
-    }
 }

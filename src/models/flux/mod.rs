@@ -17,6 +17,7 @@ pub mod embeddings;
 pub mod files;
 pub mod keymap;
 pub mod latents;
+pub mod linear;
 pub mod lora;
 pub mod scheduler;
 pub mod text;

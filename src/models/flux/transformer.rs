@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use super::blocks::{adapted_linear, DoubleBlock, FinalLayer, SingleBlock};
 use super::config::FluxConfig;
 use super::embeddings::TimeTextEmbedding;
-use super::lora::{AdaptedLinear, LoraSet};
+use super::linear::{AdaptedLinear, Linears};
 
 /// Per-edit conditioning shared by every candidate of the edit.
 #[derive(Debug, Clone)]
@@ -32,7 +32,7 @@ pub struct FluxTransformer {
 impl FluxTransformer {
     /// Loads the model from diffusers-named weights; `lora` supplies MoE experts (plain LoRA
     /// is merged by the weight source before it reaches here).
-    pub fn new(vb: VarBuilder, config: &FluxConfig, lora: Option<&LoraSet>) -> Result<Self> {
+    pub fn new(vb: VarBuilder, config: &FluxConfig, linears: &Linears) -> Result<Self> {
         config.validate().map_err(candle_core::Error::Msg)?;
         let hidden = config.hidden();
         let heads = config.num_attention_heads;
@@ -44,7 +44,7 @@ impl FluxTransformer {
                     hidden,
                     heads,
                     mlp,
-                    lora,
+                    linears,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -55,18 +55,18 @@ impl FluxTransformer {
                     hidden,
                     heads,
                     mlp,
-                    lora,
+                    linears,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: config.clone(),
-            x_embedder: adapted_linear(vb.pp("x_embedder"), config.in_channels, hidden, lora)?,
+            x_embedder: adapted_linear(vb.pp("x_embedder"), config.in_channels, hidden, linears)?,
             context_embedder: adapted_linear(
                 vb.pp("context_embedder"),
                 config.joint_attention_dim,
                 hidden,
-                lora,
+                linears,
             )?,
             time_text: TimeTextEmbedding::new(
                 vb.pp("time_text_embed"),

@@ -1,16 +1,22 @@
-//! Weight files: a `VarBuilder` backend over memory-mapped safetensors that speaks diffusers
-//! names whatever the file's layout, merges plain LoRA adapters as tensors are read, and
-//! names the file and key in every error.
+//! Weight files: a `VarBuilder` backend over memory-mapped safetensors or a GGUF file that
+//! speaks diffusers names whatever the file's layout, merges plain LoRA adapters as dense
+//! tensors are read, hands quantized (GGUF) and fp8 weights to the linear layers as they are
+//! held, and names the file and key in every error.
 
+use std::borrow::Cow;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 use super::keymap::{transformer_key, vae_key, Cut};
+use super::linear::Weight;
 use super::lora::LoraSet;
 use crate::error::ModelError;
 
@@ -33,10 +39,32 @@ pub enum KeyLayout {
     },
 }
 
-/// Memory-mapped weights addressed by diffusers names.
+/// The first bytes of a GGUF file.
+pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
+/// Whether `path` is a GGUF file (by its magic, not its name).
+pub fn is_gguf(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|_| &magic == GGUF_MAGIC)
+}
+
+/// Where the tensors are.
+enum Store {
+    /// Memory-mapped safetensors shards.
+    Safetensors(MmapedSafetensors),
+    /// One GGUF file: its index, and the file to read tensors from.
+    Gguf {
+        content: Content,
+        file: Mutex<std::fs::File>,
+    },
+}
+
+/// Weights addressed by diffusers names.
 pub struct WeightSource {
     files: Vec<PathBuf>,
-    tensors: MmapedSafetensors,
+    store: Store,
     layout: KeyLayout,
     /// Prefix some BFL files put before every key (`model.diffusion_model.`).
     prefix: String,
@@ -54,25 +82,50 @@ impl WeightSource {
                 });
             }
         }
-        // SAFETY: the files are opened read-only; like every mmap-based loader we rely on
-        // nobody truncating them while the process runs.
-        let tensors =
-            unsafe { MmapedSafetensors::multi(files) }.map_err(|e| ModelError::Files {
-                path: files.first().cloned().unwrap_or_default(),
-                reason: format!("not a readable safetensors file: {e}"),
-            })?;
-        let prefix = if tensors.get("model.diffusion_model.img_in.weight").is_ok() {
-            "model.diffusion_model.".to_string()
-        } else {
-            String::new()
+        let store = match files {
+            [one] if is_gguf(one) => {
+                let mut file = std::fs::File::open(one).map_err(|e| ModelError::files(one, e))?;
+                let content = Content::read(&mut file).map_err(|e| {
+                    ModelError::files(one, format!("not a readable GGUF file: {e}"))
+                })?;
+                Store::Gguf {
+                    content,
+                    file: Mutex::new(file),
+                }
+            }
+            _ => {
+                // SAFETY: the files are opened read-only; like every mmap-based loader we rely
+                // on nobody truncating them while the process runs.
+                let tensors =
+                    unsafe { MmapedSafetensors::multi(files) }.map_err(|e| ModelError::Files {
+                        path: files.first().cloned().unwrap_or_default(),
+                        reason: format!("not a readable safetensors (or GGUF) file: {e}"),
+                    })?;
+                Store::Safetensors(tensors)
+            }
         };
-        Ok(Self {
+        let mut source = Self {
             files: files.to_vec(),
-            tensors,
+            store,
             layout,
-            prefix,
+            prefix: String::new(),
             lora: None,
-        })
+        };
+        if source.has_key("model.diffusion_model.img_in.weight") {
+            source.prefix = "model.diffusion_model.".to_string();
+        }
+        Ok(source)
+    }
+
+    /// Whether the weights come from a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        matches!(self.store, Store::Gguf { .. })
+    }
+
+    /// The same source read with another key layout (detected after opening).
+    pub fn with_layout(mut self, layout: KeyLayout) -> Self {
+        self.layout = layout;
+        self
     }
 
     /// Merges `lora`'s plain adapters into the weights as they are read.
@@ -83,17 +136,113 @@ impl WeightSource {
 
     /// Whether the files hold `key` (a file key, not a diffusers name).
     pub fn has_key(&self, key: &str) -> bool {
-        self.tensors.get(key).is_ok()
+        match &self.store {
+            Store::Safetensors(t) => t.get(key).is_ok(),
+            Store::Gguf { content, .. } => content.tensor_infos.contains_key(key),
+        }
     }
 
     /// Every key in the files.
     pub fn keys(&self) -> Vec<String> {
-        self.tensors.tensors().into_iter().map(|(k, _)| k).collect()
+        match &self.store {
+            Store::Safetensors(t) => t.tensors().into_iter().map(|(k, _)| k).collect(),
+            Store::Gguf { content, .. } => content.tensor_infos.keys().cloned().collect(),
+        }
     }
 
     /// The stored shape of a file key.
     pub fn key_shape(&self, key: &str) -> Option<Vec<usize>> {
-        self.tensors.get(key).ok().map(|v| v.shape().to_vec())
+        match &self.store {
+            Store::Safetensors(t) => t.get(key).ok().map(|v| v.shape().to_vec()),
+            Store::Gguf { content, .. } => content
+                .tensor_infos
+                .get(key)
+                .map(|i| i.shape.dims().to_vec()),
+        }
+    }
+
+    /// The ggml type of a GGUF key.
+    pub fn key_ggml_dtype(&self, key: &str) -> Option<GgmlDType> {
+        match &self.store {
+            Store::Gguf { content, .. } => content.tensor_infos.get(key).map(|i| i.ggml_dtype),
+            Store::Safetensors(_) => None,
+        }
+    }
+
+    /// Bytes the file spends on `key` as stored.
+    pub fn key_bytes(&self, key: &str) -> Option<usize> {
+        match &self.store {
+            Store::Safetensors(t) => t.get(key).ok().map(|v| v.data().len()),
+            Store::Gguf { content, .. } => content.tensor_infos.get(key).map(|i| {
+                i.shape.elem_count() / i.ggml_dtype.block_size() * i.ggml_dtype.type_size()
+            }),
+        }
+    }
+
+    /// A GGUF tensor as stored (quantized), on the CPU.
+    fn gguf_tensor(&self, key: &str) -> Result<QTensor> {
+        let Store::Gguf { content, file } = &self.store else {
+            candle_core::bail!("{}: not a GGUF file", self.label());
+        };
+        let mut file = file.lock().expect("GGUF file handle");
+        content.tensor(&mut *file, key, &Device::Cpu).map_err(|_| {
+            candle_core::Error::Msg(format!("{}: missing tensor `{key}`", self.label()))
+        })
+    }
+
+    /// The weight `name` as the file holds it when it is not a plain float tensor (a
+    /// quantized GGUF tensor, or fp8 safetensors with its scale), on `dev`; `None` when the
+    /// dense path reads it.
+    pub fn held_weight(&self, name: &str, dev: &Device) -> Result<Option<Weight>> {
+        let Some((key, cut)) = self.resolve(name) else {
+            return Ok(None);
+        };
+        match &self.store {
+            Store::Gguf { content, .. } => {
+                let Some(info) = content.tensor_infos.get(&key) else {
+                    return Ok(None);
+                };
+                if matches!(
+                    info.ggml_dtype,
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                ) {
+                    return Ok(None);
+                }
+                let q = cut_quantized(&self.gguf_tensor(&key)?, cut, &key)?;
+                let dtype = q.dtype();
+                let q = move_quantized(&q, dev)?;
+                Ok(Some(Weight::Quantized(
+                    Arc::new(QMatMul::from_qtensor(q)?),
+                    dtype,
+                )))
+            }
+            Store::Safetensors(t) => {
+                let Ok(view) = t.get(&key) else {
+                    return Ok(None);
+                };
+                if view.dtype() != safetensors::Dtype::F8_E4M3 {
+                    return Ok(None);
+                }
+                let weight =
+                    cut_dense(t.load(&key, &Device::Cpu)?, cut, &key, name, &self.label())?;
+                // "Scaled" fp8 checkpoints keep one scale per weight beside it.
+                let scale_key = format!("{}.scale_weight", key.trim_end_matches(".weight"));
+                let scale = match t.load(&scale_key, &Device::Cpu) {
+                    Ok(s) => s
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                        .first()
+                        .copied()
+                        .unwrap_or(1.0) as f64,
+                    Err(_) => 1.0,
+                };
+                Ok(Some(Weight::Fp8 {
+                    weight: weight.to_device(dev)?,
+                    scale,
+                }))
+            }
+        }
     }
 
     fn label(&self) -> String {
@@ -121,35 +270,83 @@ impl WeightSource {
                 self.label()
             );
         };
-        let whole = self.tensors.load(&key, &Device::Cpu).map_err(|_| {
-            candle_core::Error::Msg(format!("{}: missing tensor `{key}`", self.label()))
-        })?;
-        match cut {
-            Cut::All => Ok(whole),
-            Cut::Rows(start, len) => {
-                let rows = whole.dim(0)?;
-                if start + len > rows {
-                    candle_core::bail!(
-                        "{}: tensor `{key}` has {rows} rows, `{name}` needs rows {start}..{}",
-                        self.label(),
-                        start + len
-                    );
-                }
-                whole.narrow(0, start, len)?.contiguous()
-            }
-            Cut::SwapHalves => {
-                let half = whole.dim(0)? / 2;
-                Tensor::cat(
-                    &[whole.narrow(0, half, half)?, whole.narrow(0, 0, half)?],
-                    0,
-                )
-            }
-            Cut::Squeeze => match whole.dims() {
-                [o, i, 1, 1] => whole.reshape((*o, *i)),
-                _ => Ok(whole),
-            },
-        }
+        let whole = match &self.store {
+            Store::Safetensors(t) => t.load(&key, &Device::Cpu).map_err(|_| {
+                candle_core::Error::Msg(format!("{}: missing tensor `{key}`", self.label()))
+            })?,
+            // Dense reads of a GGUF tensor (norms, biases, embedders, f16 weights).
+            Store::Gguf { .. } => self.gguf_tensor(&key)?.dequantize(&Device::Cpu)?,
+        };
+        cut_dense(whole, cut, &key, name, &self.label())
     }
+}
+
+/// Cuts a dense tensor as `cut` says.
+fn cut_dense(whole: Tensor, cut: Cut, key: &str, name: &str, label: &str) -> Result<Tensor> {
+    match cut {
+        Cut::All => Ok(whole),
+        Cut::Rows(start, len) => {
+            let rows = whole.dim(0)?;
+            if start + len > rows {
+                candle_core::bail!(
+                    "{label}: tensor `{key}` has {rows} rows, `{name}` needs rows {start}..{}",
+                    start + len
+                );
+            }
+            whole.narrow(0, start, len)?.contiguous()
+        }
+        Cut::SwapHalves => {
+            let half = whole.dim(0)? / 2;
+            Tensor::cat(
+                &[whole.narrow(0, half, half)?, whole.narrow(0, 0, half)?],
+                0,
+            )
+        }
+        Cut::Squeeze => match whole.dims() {
+            [o, i, 1, 1] => whole.reshape((*o, *i)),
+            _ => Ok(whole),
+        },
+    }
+}
+
+/// Cuts a quantized `[rows, cols]` tensor by rows: each row is quantized on its own, so a
+/// row range is a byte range.
+fn cut_quantized(q: &QTensor, cut: Cut, key: &str) -> Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    let take = |ranges: &[(usize, usize)]| -> Result<QTensor> {
+        let mut bytes = Vec::new();
+        let mut n = 0;
+        for &(start, len) in ranges {
+            if start + len > rows {
+                candle_core::bail!(
+                    "tensor `{key}` has {rows} rows, needs rows {start}..{}",
+                    start + len
+                );
+            }
+            bytes.extend_from_slice(&data[start * row_bytes..(start + len) * row_bytes]);
+            n += len;
+        }
+        QTensor::new(
+            QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, dtype)?,
+            (n, cols),
+        )
+    };
+    match cut {
+        Cut::All | Cut::Squeeze => take(&[(0, rows)]),
+        Cut::Rows(start, len) => take(&[(start, len)]),
+        Cut::SwapHalves => take(&[(rows / 2, rows / 2), (0, rows / 2)]),
+    }
+}
+
+/// The same quantized tensor on `dev` (its bytes copied into the device's storage).
+fn move_quantized(q: &QTensor, dev: &Device) -> Result<QTensor> {
+    QTensor::new(
+        QStorage::from_data(q.data()?, dev, q.dtype())?,
+        q.shape().clone(),
+    )
 }
 
 impl SimpleBackend for WeightSource {
@@ -194,6 +391,40 @@ impl SimpleBackend for WeightSource {
 /// Builds a `VarBuilder` over a weight source.
 pub fn var_builder(source: WeightSource, dtype: DType, dev: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(source), dtype, dev.clone())
+}
+
+/// A `VarBuilder` over a source the linear layers also ask for held (quantized, fp8)
+/// weights.
+pub fn shared_var_builder(
+    source: Arc<WeightSource>,
+    dtype: DType,
+    dev: &Device,
+) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(Shared(source)), dtype, dev.clone())
+}
+
+/// A [`WeightSource`] behind an `Arc`, as a `VarBuilder` backend.
+struct Shared(Arc<WeightSource>);
+
+impl SimpleBackend for Shared {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        self.0.get(shape, name, init, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
 }
 
 /// Converts a loading error into one that names the weights.

@@ -1,0 +1,323 @@
+//! The transformer's linear layers, whatever form their weights are held in: dense in the
+//! model dtype, ggml-quantized (from a GGUF file, or quantized as safetensors are read), or
+//! fp8 (e4m3) up-cast per forward. An ICEdit LoRA is merged where the weight is dense (and
+//! before quantizing on load), runs as a low-rank side branch over weights it cannot be
+//! merged into (a GGUF base, fp8), and its MoE layers run their experts at inference.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::lora::{Experts, LoraSet, LowRank};
+use super::weights::WeightSource;
+
+/// How one layer's weight is held in memory.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// `[out, in]` in the model dtype.
+    Dense(Tensor),
+    /// A ggml-quantized `[out, in]` matrix (multiplied in f32 by candle's quantized kernels).
+    Quantized(Arc<QMatMul>, GgmlDType),
+    /// `[out, in]` in fp8 e4m3 and the per-tensor scale it is multiplied by when up-cast.
+    Fp8 {
+        /// The fp8 matrix.
+        weight: Tensor,
+        /// Dequantization scale (1 for unscaled checkpoints).
+        scale: f64,
+    },
+}
+
+impl Weight {
+    /// Bytes the weight occupies in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(w) | Self::Fp8 { weight: w, .. } => {
+                w.elem_count() * w.dtype().size_in_bytes()
+            }
+            Self::Quantized(q, _) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                    t.elem_count() * t.dtype().size_in_bytes()
+                }
+            },
+        }
+    }
+
+    /// The ggml type of a quantized weight (`None` for dense and fp8).
+    pub fn ggml_dtype(&self) -> Option<GgmlDType> {
+        match self {
+            Self::Quantized(_, t) => Some(*t),
+            _ => None,
+        }
+    }
+}
+
+/// A linear layer with a bias, its weight held as [`Weight`] says.
+#[derive(Debug, Clone)]
+pub struct BaseLinear {
+    weight: Weight,
+    bias: Option<Tensor>,
+}
+
+impl BaseLinear {
+    /// A layer over `weight` and `bias`.
+    pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The weight.
+    pub fn weight(&self) -> &Weight {
+        &self.weight
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match &self.weight {
+            Weight::Dense(w) | Weight::Fp8 { weight: w, .. } => w.dims2(),
+            Weight::Quantized(q, _) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.shape().dims2(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2(),
+            },
+        }
+    }
+}
+
+impl Module for BaseLinear {
+    /// `xs` is `[.., in]` in the model dtype; the result is `[.., out]` in the same dtype.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let out = match &self.weight {
+            Weight::Dense(w) => xs.broadcast_matmul(&w.t()?)?,
+            // candle's quantized kernels take and give f32.
+            Weight::Quantized(q, _) => q
+                .forward(&xs.to_dtype(DType::F32)?.contiguous()?)?
+                .to_dtype(xs.dtype())?,
+            Weight::Fp8 { weight, scale } => {
+                let w = (weight.to_dtype(xs.dtype())? * *scale)?;
+                xs.broadcast_matmul(&w.t()?)?
+            }
+        };
+        match &self.bias {
+            Some(b) => out.broadcast_add(b),
+            None => Ok(out),
+        }
+    }
+}
+
+/// A linear layer as the model runs it.
+#[derive(Debug, Clone)]
+pub enum AdaptedLinear {
+    /// The base layer (a plain LoRA, if any, merged into a dense weight).
+    Base(BaseLinear),
+    /// A base the plain LoRA could not be merged into, plus the adapter as a side branch:
+    /// `y = W x + s * B (A x)`.
+    LowRank {
+        /// The base layer.
+        base: BaseLinear,
+        /// `lora_A` `[r, in]`, model dtype.
+        down: Tensor,
+        /// `lora_B` `[out, r]`, model dtype.
+        up: Tensor,
+        /// `alpha / r` times the user's scale.
+        scale: f64,
+    },
+    /// Base layer plus per-token top-1 expert adapters.
+    Moe(MoeLinear),
+}
+
+impl AdaptedLinear {
+    /// The base layer.
+    pub fn base(&self) -> &BaseLinear {
+        match self {
+            Self::Base(b) | Self::LowRank { base: b, .. } => b,
+            Self::Moe(m) => &m.base,
+        }
+    }
+}
+
+impl Module for AdaptedLinear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Base(l) => l.forward(xs),
+            Self::LowRank {
+                base,
+                down,
+                up,
+                scale,
+            } => {
+                let side = xs
+                    .broadcast_matmul(&down.t()?)?
+                    .broadcast_matmul(&up.t()?)?;
+                base.forward(xs)? + (side * *scale)?
+            }
+            Self::Moe(m) => m.forward(xs),
+        }
+    }
+}
+
+/// A base linear layer plus top-1 routed low-rank experts.
+#[derive(Debug, Clone)]
+pub struct MoeLinear {
+    base: BaseLinear,
+    /// Router `[experts, in]` in the model dtype.
+    route: Tensor,
+    /// Per expert: (down `[r, in]`, up `[out, r]`, scale).
+    experts: Vec<(Tensor, Tensor, f64)>,
+}
+
+impl MoeLinear {
+    /// Moves the experts to `dtype` and `base`'s device.
+    pub fn new(
+        base: BaseLinear,
+        experts: &Experts,
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> Result<Self> {
+        let (out_dim, in_dim) = base.dims()?;
+        let mut list = Vec::new();
+        for (e, x) in experts.experts.iter().enumerate() {
+            let (down, up) = (
+                x.down.to_dtype(dtype)?.to_device(dev)?,
+                x.up.to_dtype(dtype)?.to_device(dev)?,
+            );
+            if down.dim(1)? != in_dim || up.dim(0)? != out_dim {
+                candle_core::bail!(
+                    "expert {e}: shapes {:?}/{:?} do not fit a {in_dim} -> {out_dim} layer",
+                    down.dims(),
+                    up.dims()
+                );
+            }
+            list.push((down, up, x.scale));
+        }
+        let route = experts.route.to_dtype(dtype)?.to_device(dev)?;
+        if route.dims() != [list.len(), in_dim] {
+            candle_core::bail!(
+                "router shape {:?} does not fit {} experts over {in_dim} inputs",
+                route.dims(),
+                list.len()
+            );
+        }
+        Ok(Self {
+            base,
+            route,
+            experts: list,
+        })
+    }
+}
+
+impl Module for MoeLinear {
+    /// `xs` is `[B, S, in]`; every token adds the update of its top-1 expert.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut out = self.base.forward(xs)?;
+        let choice = xs
+            .broadcast_matmul(&self.route.t()?)?
+            .argmax_keepdim(D::Minus1)?; // [B, S, 1]
+        for (e, (down, up, scale)) in self.experts.iter().enumerate() {
+            let chosen = choice.eq(e as u32)?.to_dtype(out.dtype())?;
+            let delta = xs
+                .broadcast_matmul(&down.t()?)?
+                .broadcast_matmul(&up.t()?)?;
+            out = (out + (delta * *scale)?.broadcast_mul(&chosen)?)?;
+        }
+        Ok(out)
+    }
+}
+
+/// How the transformer's linear layers are built: the LoRA that adapts them, the file
+/// that may hold them quantized, and a ggml type to quantize dense weights to as they are
+/// read.
+#[derive(Clone, Copy, Default)]
+pub struct Linears<'a> {
+    /// The ICEdit LoRA, plain and MoE.
+    pub lora: Option<&'a LoraSet>,
+    /// The weights' file, asked for quantized (GGUF) or fp8 tensors before reading dense.
+    pub source: Option<&'a WeightSource>,
+    /// Quantize every dense weight whose rows fit the type's blocks.
+    pub quantize: Option<GgmlDType>,
+}
+
+impl<'a> Linears<'a> {
+    /// Dense weights with `lora` merged in (or its experts attached).
+    pub fn dense(lora: Option<&'a LoraSet>) -> Self {
+        Self {
+            lora,
+            ..Self::default()
+        }
+    }
+
+    /// The layer `vb`'s prefix names (a diffusers module path), `input -> output` wide.
+    pub fn build(&self, vb: VarBuilder, input: usize, output: usize) -> Result<AdaptedLinear> {
+        let module = vb.prefix();
+        let (dtype, dev) = (vb.dtype(), vb.device().clone());
+        let weight_name = format!("{module}.weight");
+        let stored = match self.source {
+            Some(source) => source.held_weight(&weight_name, &dev)?,
+            None => None,
+        };
+        let bias = Some(vb.get(output, "bias")?);
+        let (base, mergeable) = match stored {
+            // Held as the file holds it: a plain LoRA cannot be merged into it.
+            Some(weight) => (BaseLinear::new(weight, bias), false),
+            None => {
+                // Dense, with any plain LoRA merged by the source as it is read.
+                let w = vb.get((output, input), "weight")?;
+                let weight = match self.quantize {
+                    Some(t) if input.is_multiple_of(t.block_size()) => Weight::Quantized(
+                        Arc::new(QMatMul::from_qtensor(QTensor::quantize_onto(
+                            &w.to_dtype(DType::F32)?,
+                            t,
+                            &dev,
+                        )?)?),
+                        t,
+                    ),
+                    _ => Weight::Dense(w),
+                };
+                (BaseLinear::new(weight, bias), true)
+            }
+        };
+        let (out_dim, in_dim) = base.dims()?;
+        if (out_dim, in_dim) != (output, input) {
+            candle_core::bail!(
+                "`{weight_name}` is {out_dim}x{in_dim}, the model needs {output}x{input}"
+            );
+        }
+        if let Some(experts) = self.lora.and_then(|l| l.take_experts(&module)) {
+            return Ok(AdaptedLinear::Moe(MoeLinear::new(
+                base, experts, dtype, &dev,
+            )?));
+        }
+        if !mergeable {
+            if let Some(adapter) = self.lora.and_then(|l| l.take_plain(&module)) {
+                return side_branch(base, adapter, dtype, &dev);
+            }
+        }
+        Ok(AdaptedLinear::Base(base))
+    }
+}
+
+fn side_branch(
+    base: BaseLinear,
+    adapter: &LowRank,
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> Result<AdaptedLinear> {
+    let (out_dim, in_dim) = base.dims()?;
+    let (down, up) = (
+        adapter.down.to_dtype(dtype)?.to_device(dev)?,
+        adapter.up.to_dtype(dtype)?.to_device(dev)?,
+    );
+    if down.dim(1)? != in_dim || up.dim(0)? != out_dim {
+        candle_core::bail!(
+            "LoRA shapes {:?}/{:?} do not fit a {in_dim} -> {out_dim} layer",
+            down.dims(),
+            up.dims()
+        );
+    }
+    Ok(AdaptedLinear::LowRank {
+        base,
+        down,
+        up,
+        scale: adapter.scale,
+    })
+}
