@@ -54,6 +54,9 @@ pub struct FluxOptions {
     /// Quantize the transformer's dense linear weights to this ggml type as they are read
     /// (a plain LoRA is merged first). GGUF files are held as they are stored.
     pub quantize: Option<GgmlDType>,
+    /// Hold a GGUF (or fp8) transformer's weights dequantized to the model dtype instead of
+    /// as stored: more memory, faster steps, and a plain LoRA merged into them.
+    pub dequantize: bool,
 }
 
 impl FluxOptions {
@@ -70,6 +73,7 @@ impl FluxOptions {
             keep_text_encoders: false,
             max_batch: 4,
             quantize: None,
+            dequantize: false,
         }
     }
 }
@@ -114,7 +118,7 @@ impl FluxGenerator {
         );
         let linears = Linears {
             lora: lora.as_deref(),
-            source: Some(&source),
+            source: (!options.dequantize).then_some(&*source),
             quantize: options.quantize,
         };
         let transformer = FluxTransformer::new(
@@ -136,6 +140,7 @@ impl FluxGenerator {
                 }
                 tracing::info!(
                     merged = report.merged,
+                    side_branches = report.side_branches,
                     moe_layers = report.moe_layers,
                     "LoRA applied"
                 );
@@ -254,19 +259,22 @@ impl Generator for FluxGenerator {
     fn info(&self) -> GeneratorInfo {
         let lora = match &self.lora_report {
             Some(r) => format!(
-                ", LoRA {} ({} merged, {} MoE layers)",
+                ", LoRA {} ({} merged, {} side branches, {} MoE layers)",
                 r.path.display(),
                 r.merged,
+                r.side_branches,
                 r.moe_layers
             ),
             None => String::new(),
         };
+        let (bytes, quantized) = self.transformer.linear_weight_bytes();
         GeneratorInfo {
             name: "flux-fill".into(),
             detail: format!(
-                "{} ({:?}), {:?} on {:?}{lora}",
+                "{} ({:?}; {quantized} quantized layers, {:.2} GB of linear weights), {:?} on {:?}{lora}",
                 self.files.transformer[0].display(),
                 self.files.transformer_layout,
+                bytes as f64 / 1e9,
                 self.options.dtype,
                 self.options.device.location()
             ),

@@ -2,7 +2,7 @@
 //! attention) and single-stream (one fused stream with a parallel MLP).
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 
 use super::linear::{AdaptedLinear, Linears};
 
@@ -51,6 +51,10 @@ struct Qkv {
 }
 
 impl Qkv {
+    fn linears(&self) -> [&AdaptedLinear; 3] {
+        [&self.q, &self.k, &self.v]
+    }
+
     fn new(
         vb: &VarBuilder,
         names: [&str; 5],
@@ -133,6 +137,23 @@ pub struct DoubleBlock {
 }
 
 impl DoubleBlock {
+    /// Every linear layer of the block.
+    pub fn linears(&self) -> Vec<&AdaptedLinear> {
+        let mut all = vec![
+            &self.img_mod,
+            &self.txt_mod,
+            &self.img_out,
+            &self.txt_out,
+            &self.img_ff.up,
+            &self.img_ff.down,
+            &self.txt_ff.up,
+            &self.txt_ff.down,
+        ];
+        all.extend(self.img_qkv.linears());
+        all.extend(self.txt_qkv.linears());
+        all
+    }
+
     /// Loads one block from `vb` (diffusers names).
     pub fn new(
         vb: VarBuilder,
@@ -222,6 +243,13 @@ pub struct SingleBlock {
 }
 
 impl SingleBlock {
+    /// Every linear layer of the block.
+    pub fn linears(&self) -> Vec<&AdaptedLinear> {
+        let mut all = vec![&self.modulation, &self.proj_mlp, &self.proj_out];
+        all.extend(self.qkv.linears());
+        all
+    }
+
     /// Loads one block from `vb` (diffusers names).
     pub fn new(
         vb: VarBuilder,
@@ -262,16 +290,21 @@ impl SingleBlock {
 /// The final `AdaLayerNormContinuous` + projection to output channels.
 #[derive(Debug, Clone)]
 pub struct FinalLayer {
-    modulation: Linear,
-    proj: Linear,
+    modulation: AdaptedLinear,
+    proj: AdaptedLinear,
 }
 
 impl FinalLayer {
+    /// Both linear layers.
+    pub fn linears(&self) -> [&AdaptedLinear; 2] {
+        [&self.modulation, &self.proj]
+    }
+
     /// Loads `norm_out.linear` (scale, shift) and `proj_out`.
-    pub fn new(vb: &VarBuilder, hidden: usize, out: usize) -> Result<Self> {
+    pub fn new(vb: &VarBuilder, hidden: usize, out: usize, linears: &Linears) -> Result<Self> {
         Ok(Self {
-            modulation: linear(hidden, 2 * hidden, vb.pp("norm_out.linear"))?,
-            proj: linear(hidden, out, vb.pp("proj_out"))?,
+            modulation: linears.build(vb.pp("norm_out.linear"), hidden, 2 * hidden)?,
+            proj: linears.build(vb.pp("proj_out"), hidden, out)?,
         })
     }
 

@@ -2,7 +2,9 @@
 //! MLPs, and the rotary position tables over the token grid.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::{AdaptedLinear, Linears};
 
 /// Width of the sinusoidal timestep features.
 const TIME_FEATURES: usize = 256;
@@ -29,16 +31,16 @@ pub fn timestep_features(t: &Tensor) -> Result<Tensor> {
 /// `linear_1 -> SiLU -> linear_2`, the shape of every conditioning MLP in FLUX.
 #[derive(Debug, Clone)]
 pub struct MlpEmbedder {
-    linear_1: Linear,
-    linear_2: Linear,
+    linear_1: AdaptedLinear,
+    linear_2: AdaptedLinear,
 }
 
 impl MlpEmbedder {
     /// Loads `linear_1` (in -> hidden) and `linear_2` (hidden -> hidden).
-    pub fn new(vb: VarBuilder, input: usize, hidden: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, input: usize, hidden: usize, linears: &Linears) -> Result<Self> {
         Ok(Self {
-            linear_1: linear(input, hidden, vb.pp("linear_1"))?,
-            linear_2: linear(hidden, hidden, vb.pp("linear_2"))?,
+            linear_1: linears.build(vb.pp("linear_1"), input, hidden)?,
+            linear_2: linears.build(vb.pp("linear_2"), hidden, hidden)?,
         })
     }
 }
@@ -58,20 +60,41 @@ pub struct TimeTextEmbedding {
 }
 
 impl TimeTextEmbedding {
+    /// Every linear layer of the embedders.
+    pub fn linears(&self) -> Vec<&AdaptedLinear> {
+        let mut all = vec![
+            &self.timestep.linear_1,
+            &self.timestep.linear_2,
+            &self.text.linear_1,
+            &self.text.linear_2,
+        ];
+        if let Some(g) = &self.guidance {
+            all.extend([&g.linear_1, &g.linear_2]);
+        }
+        all
+    }
+
     /// Loads `time_text_embed.{timestep,guidance,text}_embedder`.
-    pub fn new(vb: VarBuilder, hidden: usize, pooled_dim: usize, guidance: bool) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        hidden: usize,
+        pooled_dim: usize,
+        guidance: bool,
+        linears: &Linears,
+    ) -> Result<Self> {
         Ok(Self {
-            timestep: MlpEmbedder::new(vb.pp("timestep_embedder"), TIME_FEATURES, hidden)?,
+            timestep: MlpEmbedder::new(vb.pp("timestep_embedder"), TIME_FEATURES, hidden, linears)?,
             guidance: if guidance {
                 Some(MlpEmbedder::new(
                     vb.pp("guidance_embedder"),
                     TIME_FEATURES,
                     hidden,
+                    linears,
                 )?)
             } else {
                 None
             },
-            text: MlpEmbedder::new(vb.pp("text_embedder"), pooled_dim, hidden)?,
+            text: MlpEmbedder::new(vb.pp("text_embedder"), pooled_dim, hidden, linears)?,
         })
     }
 

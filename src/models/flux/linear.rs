@@ -7,52 +7,13 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use super::held_weight::Weight;
 use super::lora::{Experts, LoraSet, LowRank};
 use super::weights::WeightSource;
-
-/// How one layer's weight is held in memory.
-#[derive(Debug, Clone)]
-pub enum Weight {
-    /// `[out, in]` in the model dtype.
-    Dense(Tensor),
-    /// A ggml-quantized `[out, in]` matrix (multiplied in f32 by candle's quantized kernels).
-    Quantized(Arc<QMatMul>, GgmlDType),
-    /// `[out, in]` in fp8 e4m3 and the per-tensor scale it is multiplied by when up-cast.
-    Fp8 {
-        /// The fp8 matrix.
-        weight: Tensor,
-        /// Dequantization scale (1 for unscaled checkpoints).
-        scale: f64,
-    },
-}
-
-impl Weight {
-    /// Bytes the weight occupies in memory.
-    pub fn bytes(&self) -> usize {
-        match self {
-            Self::Dense(w) | Self::Fp8 { weight: w, .. } => {
-                w.elem_count() * w.dtype().size_in_bytes()
-            }
-            Self::Quantized(q, _) => match q.as_ref() {
-                QMatMul::QTensor(t) => t.storage_size_in_bytes(),
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
-                    t.elem_count() * t.dtype().size_in_bytes()
-                }
-            },
-        }
-    }
-
-    /// The ggml type of a quantized weight (`None` for dense and fp8).
-    pub fn ggml_dtype(&self) -> Option<GgmlDType> {
-        match self {
-            Self::Quantized(_, t) => Some(*t),
-            _ => None,
-        }
-    }
-}
 
 /// A linear layer with a bias, its weight held as [`Weight`] says.
 #[derive(Debug, Clone)]
@@ -259,22 +220,29 @@ impl<'a> Linears<'a> {
         let (base, mergeable) = match stored {
             // Held as the file holds it: a plain LoRA cannot be merged into it.
             Some(weight) => (BaseLinear::new(weight, bias), false),
-            None => {
-                // Dense, with any plain LoRA merged by the source as it is read.
-                let w = vb.get((output, input), "weight")?;
-                let weight = match self.quantize {
-                    Some(t) if input.is_multiple_of(t.block_size()) => Weight::Quantized(
-                        Arc::new(QMatMul::from_qtensor(QTensor::quantize_onto(
-                            &w.to_dtype(DType::F32)?,
-                            t,
-                            &dev,
-                        )?)?),
-                        t,
-                    ),
-                    _ => Weight::Dense(w),
-                };
-                (BaseLinear::new(weight, bias), true)
-            }
+            // Dense, with any plain LoRA merged by the source as it is read; quantized from
+            // an f32 copy on the CPU (never materialised in full on the device first).
+            None => match self.quantize {
+                Some(t) if input.is_multiple_of(t.block_size()) => {
+                    let w = match self.source {
+                        Some(source) => {
+                            source.get_unchecked(&weight_name, DType::F32, &Device::Cpu)?
+                        }
+                        None => vb.get((output, input), "weight")?.to_device(&Device::Cpu)?,
+                    };
+                    // A fresh buffer: candle's quantizer reads the raw storage, so a view
+                    // (rows cut out of a fused matrix) must not be passed as it is.
+                    let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let w = Tensor::from_vec(values, (output, input), &Device::Cpu)?;
+                    let q = QTensor::quantize_onto(&w, t, &dev)?;
+                    let weight = Weight::Quantized(Arc::new(QMatMul::from_qtensor(q)?), t);
+                    (BaseLinear::new(weight, bias), true)
+                }
+                _ => (
+                    BaseLinear::new(Weight::Dense(vb.get((output, input), "weight")?), bias),
+                    true,
+                ),
+            },
         };
         let (out_dim, in_dim) = base.dims()?;
         if (out_dim, in_dim) != (output, input) {
@@ -288,7 +256,7 @@ impl<'a> Linears<'a> {
             )?));
         }
         if !mergeable {
-            if let Some(adapter) = self.lora.and_then(|l| l.take_plain(&module)) {
+            if let Some(adapter) = self.lora.and_then(|l| l.take_plain_unmerged(&module)) {
                 return side_branch(base, adapter, dtype, &dev);
             }
         }

@@ -57,6 +57,8 @@ pub struct LoraSet {
     /// Keys that fit neither layout.
     pub unknown_keys: Vec<String>,
     used: Mutex<BTreeSet<String>>,
+    /// Plain adapters run as side branches (over weights they cannot be merged into).
+    side_branches: Mutex<BTreeSet<String>>,
 }
 
 /// The Hub repository of ICEdit's plain LoRA (`pytorch_lora_weights.safetensors`, rank 32;
@@ -98,6 +100,8 @@ pub struct LoraReport {
     pub path: PathBuf,
     /// Merged plain adapters.
     pub merged: usize,
+    /// Plain adapters run as side branches `W x + s B (A x)` (over GGUF or fp8 weights).
+    pub side_branches: usize,
     /// Layers running MoE experts.
     pub moe_layers: usize,
     /// Adapters for modules the model does not have.
@@ -225,6 +229,7 @@ impl LoraSet {
             experts,
             unknown_keys,
             used: Mutex::new(BTreeSet::new()),
+            side_branches: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -232,6 +237,17 @@ impl LoraSet {
     pub fn take_plain(&self, module: &str) -> Option<&LowRank> {
         let found = self.plain.get(module)?;
         self.used
+            .lock()
+            .expect("lora bookkeeping")
+            .insert(module.to_string());
+        Some(found)
+    }
+
+    /// The plain adapter of `module` for a weight it cannot be merged into, marking it used
+    /// as a side branch.
+    pub fn take_plain_unmerged(&self, module: &str) -> Option<&LowRank> {
+        let found = self.take_plain(module)?;
+        self.side_branches
             .lock()
             .expect("lora bookkeeping")
             .insert(module.to_string());
@@ -267,11 +283,13 @@ impl LoraSet {
                 ),
             });
         }
-        let merged = self.plain.keys().filter(|m| used.contains(*m)).count();
+        let side_branches = self.side_branches.lock().expect("lora bookkeeping").len();
+        let merged = self.plain.keys().filter(|m| used.contains(*m)).count() - side_branches;
         let moe_layers = self.experts.keys().filter(|m| used.contains(*m)).count();
         Ok(LoraReport {
             path: self.path.clone(),
             merged,
+            side_branches,
             moe_layers,
             unused,
             unknown_keys: self.unknown_keys.clone(),

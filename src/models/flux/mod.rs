@@ -5,7 +5,8 @@
 //! - [`config`]: the transformer's `config.json`; [`embeddings`], [`blocks`] and
 //!   [`transformer`]: the MM-DiT; [`lora`]: plain and MoE ICEdit adapters.
 //! - [`vae`]: the autoencoder; [`text`]: T5 and CLIP with their tokenizers.
-//! - [`weights`] + [`keymap`]: safetensors in any layout behind a `VarBuilder`;
+//! - [`weights`] + [`keymap`]: safetensors or GGUF in any layout behind a `VarBuilder`;
+//!   [`held_weight`]: a matrix held dense, quantized or fp8; [`linear`]: layers over them;
 //!   [`files`]: where a checkpoint's files are.
 //! - [`latents`]: packing, mask tokens, position ids; [`scheduler`]: the dynamic shift.
 //! - [`bench`]: `bench flux` with random weights.
@@ -15,6 +16,7 @@ pub mod blocks;
 pub mod config;
 pub mod embeddings;
 pub mod files;
+pub mod held_weight;
 pub mod keymap;
 pub mod latents;
 pub mod linear;

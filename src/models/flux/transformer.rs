@@ -30,6 +30,32 @@ pub struct FluxTransformer {
 }
 
 impl FluxTransformer {
+    /// Every linear layer of the model.
+    pub fn linears(&self) -> Vec<&AdaptedLinear> {
+        let mut all = vec![&self.x_embedder, &self.context_embedder];
+        all.extend(self.time_text.linears());
+        for b in &self.double_blocks {
+            all.extend(b.linears());
+        }
+        for b in &self.single_blocks {
+            all.extend(b.linears());
+        }
+        all.extend(self.final_layer.linears());
+        all
+    }
+
+    /// Bytes the linear layers' weights occupy as held (quantized weights at their ggml
+    /// size), and how many of the layers are held quantized.
+    pub fn linear_weight_bytes(&self) -> (usize, usize) {
+        let linears = self.linears();
+        let bytes = linears.iter().map(|l| l.base().weight().bytes()).sum();
+        let quantized = linears
+            .iter()
+            .filter(|l| l.base().weight().ggml_dtype().is_some())
+            .count();
+        (bytes, quantized)
+    }
+
     /// Loads the model from diffusers-named weights; `lora` supplies MoE experts (plain LoRA
     /// is merged by the weight source before it reaches here).
     pub fn new(vb: VarBuilder, config: &FluxConfig, linears: &Linears) -> Result<Self> {
@@ -73,10 +99,11 @@ impl FluxTransformer {
                 hidden,
                 config.pooled_projection_dim,
                 config.guidance_embeds,
+                linears,
             )?,
             double_blocks,
             single_blocks,
-            final_layer: FinalLayer::new(&vb, hidden, config.out_channels())?,
+            final_layer: FinalLayer::new(&vb, hidden, config.out_channels(), linears)?,
         })
     }
 

@@ -15,8 +15,8 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
+use super::held_weight::Weight;
 use super::keymap::{transformer_key, vae_key, Cut};
-use super::linear::Weight;
 use super::lora::LoraSet;
 use crate::error::ModelError;
 
