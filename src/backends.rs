@@ -119,7 +119,15 @@ fn build_flux(args: &GeneratorArgs) -> anyhow::Result<FluxGenerator> {
     });
     options.dtype = parse_dtype(args.dtype.as_deref(), &device)
         .map_err(|e| EditError::Invalid(format!("--dtype {e}")))?;
+    options.text_device = match &args.text_device {
+        Some(name) => {
+            parse_device(name).map_err(|e| EditError::Invalid(format!("--text-device {e}")))?
+        }
+        None => device.clone(),
+    };
     options.device = device;
+    options.quantize = args.quantize;
+    options.dequantize = args.dequantize;
     options.lora = args.lora.clone();
     options.lora_scale = args.lora_scale;
     options.guidance = args.guidance;

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use candle_core::quantized::GgmlDType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::engine::strategy::MAX_STEPS;
@@ -290,6 +291,19 @@ pub struct GeneratorArgs {
     /// Device: cpu, cuda[:N] or metal (GPU devices need the matching cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Quantize the FLUX transformer's linear weights as they are read (q8_0, q5_1, q5_0,
+    /// q4_1, q4_0, q6_k, q5_k, q4_k, q3_k, q2_k); a plain LoRA is merged first. A GGUF
+    /// --transformer is held as stored without this.
+    #[arg(long, value_parser = quantized_type, conflicts_with = "dequantize")]
+    pub quantize: Option<GgmlDType>,
+    /// Hold a GGUF or fp8 transformer dequantized to --dtype (more memory, faster steps,
+    /// the LoRA merged instead of run beside the weights).
+    #[arg(long)]
+    pub dequantize: bool,
+    /// Where T5 and CLIP encode the prompt (default: --device). `cpu` keeps T5-XXL (~9.5 GB
+    /// in bf16) off the GPU; the states move to --device.
+    #[arg(long)]
+    pub text_device: Option<String>,
     /// Distilled guidance value (0 to 100; ICEdit uses 50).
     #[arg(long, default_value_t = 50.0, value_parser = guidance)]
     pub guidance: f64,
@@ -516,6 +530,10 @@ fn panel_side(text: &str) -> Result<usize, String> {
 }
 
 /// A probability-like knob in 0..=1.
+fn quantized_type(text: &str) -> Result<GgmlDType, String> {
+    crate::device::parse_ggml_dtype(text)
+}
+
 fn unit_interval(text: &str) -> Result<f32, String> {
     finite_in(text, 0.0, 1.0, "0 and 1 are the extremes").map(|x| x as f32)
 }

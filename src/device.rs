@@ -1,6 +1,46 @@
 //! Naming devices and dtypes the way users write them (`cuda:1`, `bf16`), for every model.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
+
+/// The ggml types weights can be quantized to on load, as users write them (llama.cpp's
+/// names, lower case).
+pub const QUANTIZED_TYPES: [(&str, GgmlDType); 10] = [
+    ("q8_0", GgmlDType::Q8_0),
+    ("q5_1", GgmlDType::Q5_1),
+    ("q5_0", GgmlDType::Q5_0),
+    ("q4_1", GgmlDType::Q4_1),
+    ("q4_0", GgmlDType::Q4_0),
+    ("q6_k", GgmlDType::Q6K),
+    ("q5_k", GgmlDType::Q5K),
+    ("q4_k", GgmlDType::Q4K),
+    ("q3_k", GgmlDType::Q3K),
+    ("q2_k", GgmlDType::Q2K),
+];
+
+/// Parses a quantized type name (`q8_0`, `q4_k`, ...; case-insensitive).
+pub fn parse_ggml_dtype(name: &str) -> Result<GgmlDType, String> {
+    let lower = name.to_ascii_lowercase();
+    QUANTIZED_TYPES
+        .iter()
+        .find(|(n, _)| *n == lower)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            let names: Vec<_> = QUANTIZED_TYPES.iter().map(|(n, _)| *n).collect();
+            format!("{name}: expected one of {}", names.join(", "))
+        })
+}
+
+/// The user-facing name of a ggml type (`q4_k`), or its debug name for the float types.
+pub fn ggml_dtype_name(dtype: GgmlDType) -> String {
+    QUANTIZED_TYPES
+        .iter()
+        .find(|(_, t)| *t == dtype)
+        .map_or_else(
+            || format!("{dtype:?}").to_lowercase(),
+            |(n, _)| n.to_string(),
+        )
+}
 
 /// Parses `cpu`, `cuda[:N]` or `metal`. The error says what was expected; the caller names
 /// the flag or preset field it came from.
@@ -52,6 +92,9 @@ mod tests {
             parse_dtype(Some("bf16"), &Device::Cpu).unwrap(),
             DType::BF16
         );
+        assert_eq!(parse_ggml_dtype("Q4_K").unwrap(), GgmlDType::Q4K);
+        assert_eq!(ggml_dtype_name(GgmlDType::Q8_0), "q8_0");
+        assert!(parse_ggml_dtype("q9").unwrap_err().contains("q8_0, q5_1"));
         assert!(parse_dtype(Some("f64"), &Device::Cpu)
             .unwrap_err()
             .contains("f64"));

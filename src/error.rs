@@ -105,12 +105,33 @@ pub enum GenerateError {
     /// The input does not fit the model (size, shape, unsupported option).
     #[error("generator input: {0}")]
     Input(String),
+    /// A forward ran out of device memory (the candidates' states are intact: the same
+    /// step can be retried with fewer candidates).
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
     /// A tensor operation failed.
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),
     /// The generator worker thread is gone (it panicked or was shut down).
     #[error("generator worker stopped: {0}")]
     WorkerGone(String),
+}
+
+impl GenerateError {
+    /// A tensor error, told apart as [`GenerateError::OutOfMemory`] when the device ran out
+    /// of memory (CUDA's `CUDA_ERROR_OUT_OF_MEMORY`, Metal's failed buffer allocation).
+    pub fn from_forward(e: candle_core::Error) -> Self {
+        let text = e.to_string();
+        let lower = text.to_ascii_lowercase();
+        if lower.contains("out_of_memory")
+            || lower.contains("out of memory")
+            || lower.contains("failed to create metal buffer")
+        {
+            Self::OutOfMemory(text)
+        } else {
+            Self::Tensor(e)
+        }
+    }
 }
 
 impl From<ModelError> for GenerateError {

@@ -29,6 +29,10 @@ type ForwardLog = Arc<Mutex<Vec<(u32, f64)>>>;
 struct ScriptedGenerator {
     log: ForwardLog,
     max_batch: usize,
+    /// Forwards of more candidates than this fail as a GPU would when out of memory.
+    fits: usize,
+    /// Candidates of every forward tried, failed or not.
+    tried: Arc<Mutex<Vec<usize>>>,
 }
 
 impl Generator for ScriptedGenerator {
@@ -54,6 +58,12 @@ impl Generator for ScriptedGenerator {
         sigma: f64,
     ) -> Result<Tensor, GenerateError> {
         let rows: Vec<Vec<f32>> = latents.to_vec2()?;
+        self.tried.lock().unwrap().push(rows.len());
+        if rows.len() > self.fits {
+            return Err(GenerateError::from_forward(candle_core::Error::Msg(
+                "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+            )));
+        }
         let mut out = Vec::new();
         for r in &rows {
             self.log.lock().unwrap().push((r[0].round() as u32, sigma));
@@ -74,6 +84,9 @@ impl Generator for ScriptedGenerator {
         Ok(RgbImage::from_pixel(16, 16, Rgb([marker, value, 0])))
     }
     fn release(&mut self, _edit: &PreparedEdit) {}
+    fn limit_batch(&mut self, max_batch: usize) {
+        self.max_batch = max_batch;
+    }
 }
 
 /// Per-marker script: screen (pass, score) or failure; VIE overall (as SC = PQ) or failure.
@@ -182,16 +195,29 @@ fn edit() -> EditContext {
     }
 }
 
+/// A run's report, the forwards evaluated and the judge's calls.
+type Run = (EditReport, Vec<(u32, f64)>, Vec<String>);
+
 /// Runs `strategy` with candidates marked 0..n via given initial latents.
-fn run(
+fn run(strategy: StrategyConfig, judge: ScriptedJudge, max_batch: usize) -> Run {
+    run_fitting(strategy, judge, max_batch, usize::MAX).0
+}
+
+/// [`run`] on a generator whose forwards of more than `fits` candidates run out of memory;
+/// also returns the candidates of every forward tried.
+fn run_fitting(
     strategy: StrategyConfig,
     judge: ScriptedJudge,
     max_batch: usize,
-) -> (EditReport, Vec<(u32, f64)>, Vec<String>) {
+    fits: usize,
+) -> (Run, Vec<usize>) {
     let log: ForwardLog = Arc::default();
+    let tried: Arc<Mutex<Vec<usize>>> = Arc::default();
     let generator = ScriptedGenerator {
         log: log.clone(),
         max_batch,
+        fits,
+        tried: tried.clone(),
     };
     let worker = Arc::new(GeneratorWorker::spawn(Box::new(generator)));
     let judge = Arc::new(judge);
@@ -209,7 +235,8 @@ fn run(
     let report = rt.block_on(engine.run(job, Arc::new(Silent))).unwrap();
     let forwards = log.lock().unwrap().clone();
     let calls = judge.calls.lock().unwrap().clone();
-    (report, forwards, calls)
+    let tried = tried.lock().unwrap().clone();
+    ((report, forwards, calls), tried)
 }
 
 fn early_filter(seeds: usize, k: usize, keep: usize, steps: usize) -> StrategyConfig {
@@ -568,6 +595,8 @@ fn run_costly(strategy: StrategyConfig, concurrency: usize) -> (EditReport, Arc<
     let generator = ScriptedGenerator {
         log: Arc::default(),
         max_batch: 4,
+        fits: usize::MAX,
+        tried: Arc::default(),
     };
     let judge = Arc::new(CostlyJudge::default());
     let engine = Engine::new(
@@ -655,4 +684,72 @@ fn an_unscored_best_of_n_pick_says_it_is_the_first_in_seed_order() {
         pick.reason
     );
     assert!(!pick.reason.contains("screened one"), "{}", pick.reason);
+}
+
+#[test]
+fn out_of_memory_halves_the_batch_and_the_edit_finishes_with_the_same_nfe_and_pick() {
+    let script = || {
+        let mut judge = ScriptedJudge::default();
+        for m in 0..8 {
+            judge.screen.insert(m, Some((m % 2 == 0, m as f32)));
+            judge.vie.insert(m, Some(m as f32));
+        }
+        judge
+    };
+    let strategy = early_filter(8, 3, 2, 10);
+    let ((plain, plain_forwards, _), _) = run_fitting(strategy.clone(), script(), 8, usize::MAX);
+    // Forwards of more than 3 candidates run out of memory: 8 -> 4 -> 2.
+    let ((report, forwards, _), tried) = run_fitting(strategy, script(), 8, 3);
+    assert_eq!(
+        &tried[..4],
+        &[8, 4, 2, 2],
+        "halved twice, then the rest of the step"
+    );
+    assert!(tried.iter().all(|&b| b <= 2 || b == 8 || b == 4));
+    assert_eq!(
+        tried.iter().filter(|&&b| b > 3).count(),
+        2,
+        "the smaller batch is kept"
+    );
+    // The same work: every candidate evaluated once per step, same NFE, same pick.
+    assert_eq!(report.nfe, plain.nfe);
+    assert_eq!(forwards.len(), plain_forwards.len());
+    let mut sorted = forwards.clone();
+    let mut plain_sorted = plain_forwards.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    plain_sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(sorted, plain_sorted);
+    assert_eq!(
+        report.pick.as_ref().map(|p| p.index),
+        plain.pick.as_ref().map(|p| p.index)
+    );
+    // The report says what happened.
+    assert_eq!(report.notes.len(), 2, "{:?}", report.notes);
+    assert!(report.notes[0].contains("out of device memory at a batch of 8"));
+    assert!(report.notes[1].contains("batch of 4 candidates; retried at 2"));
+    assert!(plain.notes.is_empty());
+}
+
+#[test]
+fn out_of_memory_at_a_batch_of_one_is_an_error() {
+    let log: ForwardLog = Arc::default();
+    let generator = ScriptedGenerator {
+        log,
+        max_batch: 2,
+        fits: 0,
+        tried: Arc::default(),
+    };
+    let worker = Arc::new(GeneratorWorker::spawn(Box::new(generator)));
+    let engine = Engine::new(worker, Arc::new(ScriptedJudge::default()), 3);
+    let strategy = early_filter(2, 1, 1, 4);
+    let job = EditJob {
+        edit: edit(),
+        strategy,
+        init_latents: Vec::new(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let err = rt.block_on(engine.run(job, Arc::new(Silent))).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("out of device memory"), "{text}");
+    assert!(text.contains("batch of 1"), "{text}");
 }

@@ -676,6 +676,41 @@ fn gguf_transformers_run_quantized_within_their_bounds_of_the_f32_reference() {
 }
 
 #[test]
+fn a_k_quant_gguf_holds_its_q4_k_layers_quantized_and_stays_within_its_bound() {
+    use candle_core::quantized::GgmlDType;
+    let r = reference();
+    let g = FluxGenerator::load(options(gguf_files("q4_k"), None)).unwrap();
+    // Q4_K needs 256-wide rows: in the tiny model only the timestep and guidance
+    // embedders' first layers (256 sinusoidal features in) have them; they are Q4_K, the
+    // rest F16 read dense, as the community's K-quant files fall back where rows do not fit.
+    let types: Vec<_> = g
+        .transformer()
+        .linears()
+        .iter()
+        .filter_map(|l| l.base().weight().ggml_dtype())
+        .collect();
+    assert_eq!(types, vec![GgmlDType::Q4K; 2]);
+    // Q4_K rounds each weight to half a step of its 32-value sub-block, (max - min) / 15 /
+    // 2, plus the 6-bit rounding of the sub-block's scale and offset; candle rounds the
+    // activations to 8 bits (Q8_K, amax / 254). Only two layers are quantized here, so
+    // the output moves far less than Q4_0's everywhere: bound 0.1, measured value printed.
+    let err = relative_error(&forward(&g, &r), &r["fwd_out_base"]);
+    eprintln!("q4_k: relative error {err:.3e}");
+    assert!(err < 0.1, "q4_k: relative error {err}");
+    assert!(err > 0.0);
+    // Quantizing the f32 weights to Q4_K on load (candle's ggml quantizer, which searches
+    // for better scales than the fixture's min/max rule) quantizes the same two layers
+    // and keeps the others dense.
+    let mut o = options(bfl_files(), None);
+    o.quantize = Some(GgmlDType::Q4K);
+    let q = FluxGenerator::load(o).unwrap();
+    assert_eq!(q.transformer().linear_weight_bytes().1, 2);
+    let on_load = relative_error(&forward(&q, &r), &r["fwd_out_base"]);
+    eprintln!("q4_k on load: relative error {on_load:.3e}");
+    assert!(on_load < 0.1, "q4_k on load: relative error {on_load}");
+}
+
+#[test]
 fn quantizing_on_load_equals_loading_the_gguf_of_the_same_type() {
     let r = reference();
     for (kind, dtype, _) in GGUF_BOUNDS {

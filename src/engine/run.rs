@@ -225,7 +225,7 @@ impl Session<'_> {
         self.progress.begin(phase, forwards as u64);
         let prepared = self.prepared.clone();
         let progress = self.progress.clone();
-        let states = self
+        let (states, halvings) = self
             .engine
             .worker
             .run(move |g| {
@@ -233,10 +233,12 @@ impl Session<'_> {
                 generate::advance_to(g, &prepared, &schedule, &mut states, to_step, |_| {
                     progress.inc(n as u64)
                 })
-                .map(|_| states)
+                .map(|halvings| (states, halvings))
             })
             .await??;
         self.progress.end();
+        self.notes
+            .extend(halvings.iter().map(|h| format!("{phase}: {h}")));
         for &i in indices {
             self.candidates[i].nfe += to_step - from;
         }

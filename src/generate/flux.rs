@@ -41,8 +41,10 @@ pub struct FluxOptions {
     pub lora_scale: f64,
     /// Compute dtype of the transformer, VAE and text encoders.
     pub dtype: DType,
-    /// Where the models run.
+    /// Where the transformer and the VAE run.
     pub device: Device,
+    /// Where T5 and CLIP run (the prompt's states then move to `device`).
+    pub text_device: Device,
     /// Distilled guidance (50 for ICEdit).
     pub guidance: f64,
     /// T5 sequence length (512 for FLUX.1 [dev]).
@@ -68,6 +70,7 @@ impl FluxOptions {
             lora_scale: 1.0,
             dtype: DType::F32,
             device: Device::Cpu,
+            text_device: Device::Cpu,
             guidance: 50.0,
             t5_tokens: 512,
             keep_text_encoders: false,
@@ -191,12 +194,23 @@ impl FluxGenerator {
     /// T5 and CLIP, loaded on first use.
     pub fn text_encoders(&mut self) -> Result<&mut TextEncoders, GenerateError> {
         if self.text.is_none() {
-            tracing::info!("loading the T5 and CLIP text encoders");
+            let dev = &self.options.text_device;
+            // Candle's CPU kernels want f32; a GPU keeps the model dtype.
+            let dtype = if dev.is_cpu() {
+                DType::F32
+            } else {
+                self.options.dtype
+            };
+            tracing::info!(
+                device = ?dev.location(),
+                ?dtype,
+                "loading the T5 and CLIP text encoders (resident with the transformer and VAE until dropped)"
+            );
             self.text = Some(TextEncoders::load(
                 &self.files.clip,
                 &self.files.t5,
-                self.options.dtype,
-                &self.options.device,
+                dtype,
+                dev,
             )?);
         }
         Ok(self.text.as_mut().expect("just loaded"))
@@ -299,6 +313,10 @@ impl Generator for FluxGenerator {
         let t5_tokens = self.options.t5_tokens;
         let prompt = edit.prompt();
         let (t5, pooled) = self.text_encoders()?.encode(&prompt, t5_tokens)?;
+        let (t5, pooled) = (
+            t5.to_device(&dev)?.to_dtype(dtype)?,
+            pooled.to_device(&dev)?.to_dtype(dtype)?,
+        );
         if !self.options.keep_text_encoders {
             self.text = None; // frees T5 (~9.5 GB in bf16) before the denoising loop
             tracing::info!("dropped the T5 and CLIP text encoders");
@@ -358,8 +376,10 @@ impl Generator for FluxGenerator {
         )?;
         let v = self
             .transformer
-            .forward(&img, &p.text, sigma, self.options.guidance, &p.rope)?;
-        Ok(v.to_dtype(DType::F32)?)
+            .forward(&img, &p.text, sigma, self.options.guidance, &p.rope)
+            .and_then(|v| v.to_dtype(DType::F32))
+            .map_err(GenerateError::from_forward)?;
+        Ok(v)
     }
 
     fn decode(
@@ -374,5 +394,9 @@ impl Generator for FluxGenerator {
 
     fn release(&mut self, edit: &PreparedEdit) {
         self.edits.remove(edit);
+    }
+
+    fn limit_batch(&mut self, max_batch: usize) {
+        self.options.max_batch = max_batch.max(1);
     }
 }

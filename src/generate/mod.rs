@@ -139,6 +139,33 @@ pub trait Generator: Send {
 
     /// Drops the edit's shared conditioning.
     fn release(&mut self, edit: &PreparedEdit);
+    /// Lowers the candidates per forward after an out-of-memory error, for the rest of the
+    /// generator's life; [`GeneratorInfo::max_batch`] reports the new limit. Generators that
+    /// never run out of memory may ignore it.
+    fn limit_batch(&mut self, _max_batch: usize) {}
+}
+
+/// A forward that ran out of device memory and was retried with half the candidates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchHalved {
+    /// The step being taken (0-based).
+    pub step: usize,
+    /// Candidates in the forward that failed.
+    pub from: usize,
+    /// Candidates per forward from then on.
+    pub to: usize,
+}
+
+impl std::fmt::Display for BatchHalved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "step {}: out of device memory at a batch of {} candidates; retried at {} (later forwards too)",
+            self.step + 1,
+            self.from,
+            self.to
+        )
+    }
 }
 
 /// One candidate's resumable sampling state.
@@ -213,14 +240,19 @@ impl CandidateState {
 
 /// Advances every state by one Euler step of `schedule`, batching up to the generator's
 /// `max_batch` candidates per forward. All states must be at the same step.
+///
+/// A forward that runs out of device memory is retried with half as many candidates (the
+/// states change only after a forward succeeds, so nothing is lost or run twice) and the
+/// generator is told to keep the smaller batch; the halvings are returned. Only a forward
+/// of one candidate that runs out of memory is an error.
 pub fn advance_one_step(
     generator: &mut dyn Generator,
     edit: &PreparedEdit,
     schedule: &Schedule,
     states: &mut [CandidateState],
-) -> Result<(), GenerateError> {
+) -> Result<Vec<BatchHalved>, GenerateError> {
     let Some(first) = states.first() else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let step = first.step;
     if states.iter().any(|s| s.step != step) {
@@ -235,13 +267,37 @@ pub fn advance_one_step(
         )));
     }
     let (sigma, sigma_next) = (schedule.sigma(step), schedule.sigma(step + 1));
-    let max_batch = generator.info().max_batch.max(1);
-    for chunk in states.chunks_mut(max_batch) {
+    let mut max_batch = generator.info().max_batch.max(1);
+    let mut halvings = Vec::new();
+    let mut start = 0;
+    while start < states.len() {
+        let end = (start + max_batch).min(states.len());
+        let chunk = &mut states[start..end];
         let batch = Tensor::stack(
             &chunk.iter().map(|s| s.latents.clone()).collect::<Vec<_>>(),
             0,
         )?;
-        let velocity = generator.velocity(edit, &batch, sigma)?;
+        let velocity = match generator.velocity(edit, &batch, sigma) {
+            Ok(v) => v,
+            Err(GenerateError::OutOfMemory(detail)) if chunk.len() > 1 => {
+                let halved = BatchHalved {
+                    step,
+                    from: chunk.len(),
+                    to: chunk.len() / 2,
+                };
+                tracing::warn!(%detail, "{halved}");
+                max_batch = halved.to;
+                generator.limit_batch(max_batch);
+                halvings.push(halved);
+                continue;
+            }
+            Err(GenerateError::OutOfMemory(detail)) => {
+                return Err(GenerateError::OutOfMemory(format!(
+                    "{detail} (at a batch of 1 candidate: the model and one forward do not fit; see `icedit-scale plan`)"
+                )))
+            }
+            Err(e) => return Err(e),
+        };
         if velocity.dims() != batch.dims() {
             return Err(GenerateError::Input(format!(
                 "generator returned velocity of shape {:?} for latents {:?}",
@@ -255,11 +311,13 @@ pub fn advance_one_step(
             state.last_velocity = Some(velocity.get(i)?);
             state.step = step + 1;
         }
+        start += chunk.len();
     }
-    Ok(())
+    Ok(halvings)
 }
 
-/// Advances states step by step until they reach `to_step`, calling `on_step` after each.
+/// Advances states step by step until they reach `to_step`, calling `on_step` after each;
+/// returns the batch halvings out-of-memory errors caused on the way.
 pub fn advance_to(
     generator: &mut dyn Generator,
     edit: &PreparedEdit,
@@ -267,12 +325,13 @@ pub fn advance_to(
     states: &mut [CandidateState],
     to_step: usize,
     mut on_step: impl FnMut(usize),
-) -> Result<(), GenerateError> {
+) -> Result<Vec<BatchHalved>, GenerateError> {
+    let mut halvings = Vec::new();
     while states.first().is_some_and(|s| s.step < to_step) {
-        advance_one_step(generator, edit, schedule, states)?;
+        halvings.extend(advance_one_step(generator, edit, schedule, states)?);
         on_step(states[0].step);
     }
-    Ok(())
+    Ok(halvings)
 }
 
 /// Decodes the x0 preview of a state.

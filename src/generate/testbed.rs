@@ -109,4 +109,8 @@ impl Generator for TestbedGenerator {
     fn release(&mut self, edit: &PreparedEdit) {
         self.edits.remove(edit);
     }
+
+    fn limit_batch(&mut self, max_batch: usize) {
+        self.config.max_batch = max_batch.max(1);
+    }
 }
