@@ -168,6 +168,10 @@ pub struct FluxBenchArgs {
     /// Device: cpu, cuda[:N] or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Weight formats of the transformer's linear layers, timed one after another in one
+    /// run: `dense` (--dtype) or a quantized type (q8_0, q4_k, ...), e.g. dense,q8_0,q4_k.
+    #[arg(long, value_delimiter = ',', default_value = "dense", value_parser = weight_format)]
+    pub formats: Vec<WeightFormat>,
     /// Output folder (flux.json).
     #[arg(long, default_value = "out/bench-flux")]
     pub out: PathBuf,
@@ -530,6 +534,19 @@ fn panel_side(text: &str) -> Result<usize, String> {
 }
 
 /// A probability-like knob in 0..=1.
+/// A transformer weight format for `bench flux`: dense, or quantized to a ggml type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightFormat(pub Option<GgmlDType>);
+
+fn weight_format(text: &str) -> Result<WeightFormat, String> {
+    match text {
+        "dense" => Ok(WeightFormat(None)),
+        other => crate::device::parse_ggml_dtype(other)
+            .map(|t| WeightFormat(Some(t)))
+            .map_err(|e| format!("{e} (or dense)")),
+    }
+}
+
 fn quantized_type(text: &str) -> Result<GgmlDType, String> {
     crate::device::parse_ggml_dtype(text)
 }

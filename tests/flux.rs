@@ -440,6 +440,8 @@ fn bench_flux_times_a_small_random_model() {
         "1",
         "--steps",
         "4",
+        "--formats",
+        "dense,q8_0,q4_k",
         "--out",
         out.path().to_str().unwrap(),
     ]);
@@ -450,7 +452,26 @@ fn bench_flux_times_a_small_random_model() {
     );
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("flux.json")).unwrap()).unwrap();
-    assert_eq!(json["steps"].as_array().unwrap().len(), 2);
+    let formats = json["formats"].as_array().unwrap();
+    let names: Vec<_> = formats
+        .iter()
+        .map(|f| f["format"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dense", "q8_0", "q4_k"]);
+    for f in formats {
+        assert_eq!(f["steps"].as_array().unwrap().len(), 2);
+    }
+    // Quantized weights are smaller: Q8_0 ~ 8.5 bits and Q4_K 4.5 bits per weight against
+    // 32, for the layers whose rows fit the blocks (the small model's all but a few).
+    let bytes: Vec<f64> = formats
+        .iter()
+        .map(|f| f["linear_weight_bytes"].as_f64().unwrap())
+        .collect();
+    assert!(
+        bytes[1] < 0.3 * bytes[0] && bytes[2] < 0.2 * bytes[0],
+        "{bytes:?}"
+    );
+    assert!(formats[2]["quantized_layers"].as_u64().unwrap() > 50);
     assert_eq!(json["image_tokens"], 32);
     assert!(json["parameters"].as_u64().unwrap() > 1_000_000);
     assert!(json["full_edit_s"].as_f64().unwrap() > 0.0);

@@ -261,9 +261,4 @@ pub async fn run_pipeline_bench(
     Ok(rows)
 }
 
-/// Peak resident memory of this process so far, in KiB (Linux; `None` elsewhere).
-pub fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
+pub use crate::models::bench::peak_rss_kib;

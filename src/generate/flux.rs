@@ -123,6 +123,7 @@ impl FluxGenerator {
             lora: lora.as_deref(),
             source: (!options.dequantize).then_some(&*source),
             quantize: options.quantize,
+            sample_rows: None,
         };
         let transformer = FluxTransformer::new(
             shared_var_builder(source.clone(), dtype, dev),

@@ -53,3 +53,10 @@ pub fn timed<T>(device: &Device, iters: usize, mut f: impl FnMut() -> Result<T>)
     device.synchronize()?;
     Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
 }
+
+/// Peak resident memory of this process so far, in KiB (Linux; `None` elsewhere).
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Serialize;
@@ -14,7 +15,12 @@ use super::latents::joint_ids;
 use super::linear::Linears;
 use super::transformer::{FluxTransformer, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
+use crate::device::ggml_dtype_name;
 use crate::models::bench::{timed, RandomWeights};
+
+/// Rows of each random weight actually quantized (the rest repeat them): see
+/// [`Linears::sample_rows`].
+const QUANTIZE_SAMPLE_ROWS: usize = 64;
 
 /// What to time.
 #[derive(Debug, Clone)]
@@ -37,6 +43,9 @@ pub struct FluxBench {
     pub dtype: DType,
     /// Device.
     pub device: Device,
+    /// Weight formats of the transformer's linear layers to time, in order: `None` for
+    /// dense in `dtype`, or a ggml type quantized on load.
+    pub formats: Vec<Option<GgmlDType>>,
 }
 
 /// One batch size's timing.
@@ -50,6 +59,22 @@ pub struct StepTiming {
     pub per_candidate_s: f64,
 }
 
+/// One weight format's timings.
+#[derive(Debug, Clone, Serialize)]
+pub struct FormatTiming {
+    /// `dense` (the compute dtype) or the ggml type's name (`q8_0`, `q4_k`).
+    pub format: String,
+    /// Bytes of the transformer's linear weights as held.
+    pub linear_weight_bytes: usize,
+    /// Linear layers held quantized (layers whose rows do not fit the type's blocks stay
+    /// dense).
+    pub quantized_layers: usize,
+    /// Per batch size.
+    pub steps: Vec<StepTiming>,
+    /// Seconds spent building (and quantizing) the random weights.
+    pub load_s: f64,
+}
+
 /// The benchmark's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct FluxBenchResult {
@@ -57,8 +82,8 @@ pub struct FluxBenchResult {
     pub parameters: usize,
     /// Image tokens of the diptych.
     pub image_tokens: usize,
-    /// Per batch size.
-    pub steps: Vec<StepTiming>,
+    /// Per weight format, in the order asked.
+    pub formats: Vec<FormatTiming>,
     /// Seconds to encode the masked diptych.
     pub vae_encode_s: f64,
     /// Seconds to decode one candidate.
@@ -66,8 +91,9 @@ pub struct FluxBenchResult {
     /// One full edit of one candidate: encode + steps x (batch-1 step) + decode (text
     /// encoding excluded: it is done once per edit and the encoders are then dropped).
     pub full_edit_s: f64,
-    /// Seconds spent building the random weights.
-    pub load_s: f64,
+    /// Peak resident memory of the process after the run, MiB (CPU runs: every format's
+    /// weights are dropped before the next is built, so this is the largest one's peak).
+    pub peak_rss_mib: Option<f64>,
 }
 
 impl FluxBenchResult {
@@ -76,22 +102,40 @@ impl FluxBenchResult {
     pub fn markdown(&self, bench: &FluxBench, label: &str, device: &str) -> String {
         let (w, h) = bench.panel;
         let mut md = format!(
-            "FLUX.1 Fill `{label}` ({:.2}B parameters), {:?} on {device}, diptych {}x{h} ({} image + {} text tokens); random weights built in {:.1} s\n\n| batch | step (s) | per candidate (s) |\n|---|---|---|\n",
+            "FLUX.1 Fill `{label}` ({:.2}B parameters), {:?} on {device}, diptych {}x{h} ({} image + {} text tokens)\n\n| format | linear weights (MB) | vs dense | quantized layers | batch | step (s) | per candidate (s) | step vs dense |\n|---|---|---|---|---|---|---|---|\n",
             self.parameters as f64 / 1e9,
             bench.dtype,
             2 * w,
             self.image_tokens,
             bench.t5_tokens,
-            self.load_s
         );
-        for s in &self.steps {
+        let dense = self.formats.first();
+        for f in &self.formats {
+            for s in &f.steps {
+                let base = dense
+                    .and_then(|d| d.steps.iter().find(|b| b.batch == s.batch))
+                    .map_or(f64::NAN, |b| s.step_s / b.step_s);
+                md.push_str(&format!(
+                    "| {} | {:.1} | {:.2} | {} | {} | {:.4} | {:.4} | {:.2} |\n",
+                    f.format,
+                    f.linear_weight_bytes as f64 / 1e6,
+                    f.linear_weight_bytes as f64
+                        / dense.map_or(f64::NAN, |d| d.linear_weight_bytes as f64),
+                    f.quantized_layers,
+                    s.batch,
+                    s.step_s,
+                    s.per_candidate_s,
+                    base
+                ));
+            }
+        }
+        if let Some(peak) = self.peak_rss_mib {
             md.push_str(&format!(
-                "| {} | {:.4} | {:.4} |\n",
-                s.batch, s.step_s, s.per_candidate_s
+                "\nPeak resident memory of the run: {peak:.0} MiB.\n"
             ));
         }
         md.push_str(&format!(
-            "\nVAE encode {:.4} s, decode {:.4} s; one {}-step edit of one candidate {:.2} s (text encoding excluded).\n",
+            "\nVAE encode {:.4} s, decode {:.4} s; one {}-step edit of one candidate {:.2} s with the first format (text encoding excluded).\n",
             self.vae_encode_s, self.vae_decode_s, bench.steps, self.full_edit_s
         ));
         md
@@ -101,17 +145,7 @@ impl FluxBenchResult {
 /// Runs the benchmark.
 pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
     let (dev, dtype) = (&bench.device, bench.dtype);
-    let start = Instant::now();
-    let random = RandomWeights::default();
-    let counter = random.elements.clone();
-    let vb = VarBuilder::from_backend(Box::new(random), dtype, dev.clone());
-    let transformer = FluxTransformer::new(vb.clone(), &bench.transformer, &Linears::dense(None))?;
-    let parameters = counter.load(std::sync::atomic::Ordering::Relaxed);
-    let vae = Autoencoder::new(vb, &bench.vae)?;
-    dev.synchronize()?;
-    let load_s = start.elapsed().as_secs_f64();
     let c = &bench.transformer;
-
     let f = bench.vae.downscale();
     let (w, ht) = (2 * bench.panel.0, bench.panel.1);
     let (lh, lw) = (ht / f, w / f);
@@ -123,34 +157,66 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
             .to_dtype(dtype)?,
         pooled: Tensor::randn(0f32, 1.0, (1, c.pooled_projection_dim), dev)?.to_dtype(dtype)?,
     };
-    let mut steps = Vec::new();
-    for &batch in &bench.batches {
-        let img = Tensor::randn(0f32, 1.0, (batch, tokens, c.in_channels), dev)?.to_dtype(dtype)?;
-        let step_s = timed(dev, bench.iters, || {
-            transformer.forward(&img, &text, 0.5, 50.0, &rope)
-        })?;
-        tracing::info!(batch, step_s, "transformer step");
-        steps.push(StepTiming {
-            batch,
-            step_s,
-            per_candidate_s: step_s / batch as f64,
+    let mut parameters = 0;
+    let mut formats = Vec::new();
+    for &format in &bench.formats {
+        let start = Instant::now();
+        let random = RandomWeights::default();
+        let counter = random.elements.clone();
+        let vb = VarBuilder::from_backend(Box::new(random), dtype, dev.clone());
+        let linears = Linears {
+            quantize: format,
+            sample_rows: Some(QUANTIZE_SAMPLE_ROWS),
+            ..Linears::default()
+        };
+        let transformer = FluxTransformer::new(vb, c, &linears)?;
+        dev.synchronize()?;
+        let load_s = start.elapsed().as_secs_f64();
+        parameters = counter.load(std::sync::atomic::Ordering::Relaxed);
+        let (linear_weight_bytes, quantized_layers) = transformer.linear_weight_bytes();
+        let name = format.map_or("dense".to_string(), ggml_dtype_name);
+        let mut steps = Vec::new();
+        for &batch in &bench.batches {
+            let img =
+                Tensor::randn(0f32, 1.0, (batch, tokens, c.in_channels), dev)?.to_dtype(dtype)?;
+            let step_s = timed(dev, bench.iters, || {
+                transformer.forward(&img, &text, 0.5, 50.0, &rope)
+            })?;
+            tracing::info!(format = %name, batch, step_s, "transformer step");
+            steps.push(StepTiming {
+                batch,
+                step_s,
+                per_candidate_s: step_s / batch as f64,
+            });
+        }
+        formats.push(FormatTiming {
+            format: name,
+            linear_weight_bytes,
+            quantized_layers,
+            steps,
+            load_s,
         });
     }
+    let vae = Autoencoder::new(
+        VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone()),
+        &bench.vae,
+    )?;
     let image = Tensor::randn(0f32, 0.5, (1, 3, ht, w), dev)?.to_dtype(dtype)?;
     let vae_encode_s = timed(dev, bench.iters, || vae.encode_mean(&image))?;
     let z =
         Tensor::randn(0f32, 1.0, (1, bench.vae.latent_channels, lh, lw), dev)?.to_dtype(dtype)?;
     let vae_decode_s = timed(dev, bench.iters, || vae.decode(&z))?;
+    let steps = formats.first().map_or(&[][..], |f| &f.steps[..]);
     let one = steps.iter().find(|s| s.batch == 1).map(|s| s.step_s);
     let step1 = one.unwrap_or_else(|| steps.first().map_or(0.0, |s| s.per_candidate_s));
     Ok(FluxBenchResult {
         parameters,
         image_tokens: tokens,
-        steps,
         vae_encode_s,
         vae_decode_s,
         full_edit_s: vae_encode_s + bench.steps as f64 * step1 + vae_decode_s,
-        load_s,
+        formats,
+        peak_rss_mib: crate::models::bench::peak_rss_kib().map(|k| k as f64 / 1024.0),
     })
 }
 

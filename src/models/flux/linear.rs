@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -196,6 +196,10 @@ pub struct Linears<'a> {
     pub source: Option<&'a WeightSource>,
     /// Quantize every dense weight whose rows fit the type's blocks.
     pub quantize: Option<GgmlDType>,
+    /// Benchmarks only: quantize just the first rows of each weight and repeat their
+    /// blocks for the rest. Quantized kernels take the same time whatever the values, and
+    /// quantizing 12B random parameters on the CPU would take minutes.
+    pub sample_rows: Option<usize>,
 }
 
 impl<'a> Linears<'a> {
@@ -224,17 +228,23 @@ impl<'a> Linears<'a> {
             // an f32 copy on the CPU (never materialised in full on the device first).
             None => match self.quantize {
                 Some(t) if input.is_multiple_of(t.block_size()) => {
+                    let rows = self.sample_rows.map_or(output, |r| r.clamp(1, output));
                     let w = match self.source {
                         Some(source) => {
                             source.get_unchecked(&weight_name, DType::F32, &Device::Cpu)?
                         }
-                        None => vb.get((output, input), "weight")?.to_device(&Device::Cpu)?,
+                        None => vb.get((output, input), "weight")?.narrow(0, 0, rows)?,
                     };
                     // A fresh buffer: candle's quantizer reads the raw storage, so a view
                     // (rows cut out of a fused matrix) must not be passed as it is.
                     let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                    let w = Tensor::from_vec(values, (output, input), &Device::Cpu)?;
-                    let q = QTensor::quantize_onto(&w, t, &dev)?;
+                    let w = Tensor::from_vec(values, (w.dim(0)?, input), &Device::Cpu)?;
+                    let q = QTensor::quantize(&w, t)?;
+                    let q = if w.dim(0)? < output {
+                        repeat_rows(&q, output, &dev)?
+                    } else {
+                        QTensor::new(QStorage::from_data(q.data()?, &dev, t)?, (output, input))?
+                    };
                     let weight = Weight::Quantized(Arc::new(QMatMul::from_qtensor(q)?), t);
                     (BaseLinear::new(weight, bias), true)
                 }
@@ -262,6 +272,22 @@ impl<'a> Linears<'a> {
         }
         Ok(AdaptedLinear::Base(base))
     }
+}
+
+/// A quantized `[rows, in]` matrix repeated to `[output, in]` on `dev`.
+fn repeat_rows(q: &QTensor, output: usize, dev: &Device) -> Result<QTensor> {
+    let (rows, input) = q.shape().dims2()?;
+    let sample = q.data()?;
+    let row_bytes = sample.len() / rows;
+    let mut bytes = Vec::with_capacity(row_bytes * output);
+    while bytes.len() < row_bytes * output {
+        let take = (row_bytes * output - bytes.len()).min(sample.len());
+        bytes.extend_from_slice(&sample[..take]);
+    }
+    QTensor::new(
+        QStorage::from_data(std::borrow::Cow::Owned(bytes), dev, q.dtype())?,
+        (output, input),
+    )
 }
 
 fn side_branch(
