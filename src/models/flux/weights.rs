@@ -225,18 +225,28 @@ impl WeightSource {
                 }
                 let weight =
                     cut_dense(t.load(&key, &Device::Cpu)?, cut, &key, name, &self.label())?;
-                // "Scaled" fp8 checkpoints keep one scale per weight beside it.
-                let scale_key = format!("{}.scale_weight", key.trim_end_matches(".weight"));
-                let scale = match t.load(&scale_key, &Device::Cpu) {
-                    Ok(s) => s
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?
-                        .first()
-                        .copied()
-                        .unwrap_or(1.0) as f64,
-                    Err(_) => 1.0,
-                };
+                // "Scaled" fp8 checkpoints keep one scale per weight beside it: ComfyUI's
+                // `scaled_fp8` files spell it `.scale_weight`, its newer mixed-precision
+                // files `.weight_scale`. Unscaled files have neither (scale 1).
+                let module = key.trim_end_matches(".weight");
+                let mut scale = 1.0;
+                for scale_key in [
+                    format!("{module}.scale_weight"),
+                    format!("{module}.weight_scale"),
+                ] {
+                    if let Ok(s) = t.load(&scale_key, &Device::Cpu) {
+                        let values = s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        let [value] = values.as_slice() else {
+                            candle_core::bail!(
+                                "{}: `{scale_key}` holds {} values, a per-tensor fp8 scale is one",
+                                self.label(),
+                                values.len()
+                            );
+                        };
+                        scale = *value as f64;
+                        break;
+                    }
+                }
                 Ok(Some(Weight::Fp8 {
                     weight: weight.to_device(dev)?,
                     scale,
