@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::cli::{GeneratorArgs, GeneratorKind, JudgeArgs};
-use crate::device::{parse_device, parse_dtype};
+use crate::device::{parse_device, parse_dtype, parse_dtype_on, DeviceName};
 use crate::engine::{Engine, GeneratorWorker};
 use crate::error::EditError;
 use crate::generate::flux::{FluxGenerator, FluxOptions};
@@ -22,9 +22,13 @@ use crate::judge::Judge;
 use crate::judge::JudgeError;
 use crate::models::flux::files::{DIFFUSERS_FILES, FILL_DEV_REPO};
 use crate::models::flux::lora::{ICEDIT_LORA_REPO, ICEDIT_MOE_LORA_REPO};
+use crate::models::flux::vae::VaeConfig;
+use crate::models::flux::FluxConfig;
 use crate::models::flux::FluxPaths;
 use crate::models::qwen_vl::files::CHECKPOINT_FILES;
 use crate::models::testbed::TestbedEdits;
+use crate::plan::footprint::WeightFormat;
+use crate::plan::{self, JudgeFootprint, Placement, PlanRequest};
 
 /// A judge with the number of calls it should have in flight at once.
 pub struct JudgeHandle {
@@ -52,12 +56,207 @@ pub fn build_engine(
     generator: &GeneratorArgs,
     judge: &JudgeArgs,
     download: bool,
+    workload: &Workload,
 ) -> anyhow::Result<Engine> {
     let kind = generator_kind(generator, download);
+    if kind == GeneratorKind::Flux {
+        check_memory_plan(generator, judge, workload, download)?;
+    }
     let testbed = (kind == GeneratorKind::Testbed).then(TestbedEdits::default);
     let judge = build_judge(judge, download, testbed.as_ref())?;
     let generator = build_generator(generator, download, testbed)?;
     Ok(engine(generator, judge))
+}
+
+/// What a command will run, as far as the memory plan needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// Source panel `(width, height)` after resizing.
+    pub panel: (usize, usize),
+    /// More than one edit: later prompts are encoded while the judge is resident.
+    pub many_edits: bool,
+}
+
+/// The memory plan of a FLUX run with these flags, from configs and file headers only
+/// (no weight is read).
+pub fn flux_plan_request(
+    args: &GeneratorArgs,
+    judge: &JudgeArgs,
+    workload: &Workload,
+) -> anyhow::Result<PlanRequest> {
+    Ok(flux_plan(args, judge, workload)?.0)
+}
+
+/// [`flux_plan_request`] and whether the transformer's files were found (when they were
+/// not, the plan is of FLUX.1 Fill [dev]'s published configuration).
+fn flux_plan(
+    args: &GeneratorArgs,
+    judge: &JudgeArgs,
+    workload: &Workload,
+) -> anyhow::Result<(PlanRequest, bool)> {
+    let invalid = |flag: &str, e: String| EditError::Invalid(format!("{flag} {e}"));
+    // Devices are compared by name: a plan for a GPU can be printed on a machine without one.
+    let device = DeviceName::parse(&args.device).map_err(|e| invalid("--device", e))?;
+    let dtype = parse_dtype_on(args.dtype.as_deref(), device.is_gpu())
+        .map_err(|e| invalid("--dtype", e))?;
+    let text_device = match &args.text_device {
+        Some(name) => DeviceName::parse(name).map_err(|e| invalid("--text-device", e))?,
+        None => device,
+    };
+    let peeked = plan::peek::peek_flux(
+        args.model_dir.as_deref(),
+        args.transformer.as_deref(),
+        args.text_encoders.as_deref(),
+    )
+    .map_err(EditError::Invalid)?;
+    let stored = plan::peek::transformer_format(&peeked.transformer).map_err(EditError::Invalid)?;
+    let format = match (args.quantize, args.dequantize) {
+        (Some(t), _) => WeightFormat::Quantized(t),
+        (None, true) => WeightFormat::Dense,
+        (None, false) => stored,
+    };
+    let same = |other: DeviceName| {
+        if other == device {
+            Placement::Device
+        } else {
+            Placement::Elsewhere
+        }
+    };
+    let lora_bytes = args.lora.as_deref().filter(|p| p.exists()).map_or(0, |p| {
+        plan::peek::safetensors_files(p)
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len() as usize)
+            .sum()
+    });
+    let found = !peeked.transformer.is_empty();
+    let request = PlanRequest {
+        transformer: peeked
+            .transformer_config
+            .unwrap_or_else(FluxConfig::fill_dev),
+        vae: peeked.vae_config.unwrap_or_else(VaeConfig::flux),
+        format,
+        dtype,
+        cuda: matches!(device, DeviceName::Cuda(_)),
+        batch: args.batch_size.max(1),
+        panel: workload.panel,
+        t5_tokens: args.t5_tokens,
+        text_parameters: peeked
+            .text_parameters
+            .unwrap_or(plan::T5_XXL_PARAMETERS + plan::CLIP_L_PARAMETERS),
+        text_placement: same(text_device),
+        lora_bytes,
+        judge: judge_footprint(judge, device)?,
+        text_with_judge: workload.many_edits || args.keep_text_encoders,
+    };
+    Ok((request, found))
+}
+
+/// Parameters of the local judges' checkpoints (their Hub pages' safetensors totals), for
+/// plans made before the checkpoint is on disk.
+const JUDGE_PARAMETERS: &[(&str, f64)] = &[
+    ("Qwen/Qwen2-VL-2B-Instruct", 2.21e9),
+    ("Qwen/Qwen2-VL-7B-Instruct", 8.29e9),
+    ("Qwen/Qwen2-VL-72B-Instruct", 73.4e9),
+    ("Qwen/Qwen2.5-VL-3B-Instruct", 3.75e9),
+    ("Qwen/Qwen2.5-VL-7B-Instruct", 8.29e9),
+    ("Qwen/Qwen2.5-VL-32B-Instruct", 33.5e9),
+    ("Qwen/Qwen2.5-VL-72B-Instruct", 73.4e9),
+    ("Qwen/Qwen3-VL-2B-Instruct", 2.13e9),
+    ("Qwen/Qwen3-VL-4B-Instruct", 4.44e9),
+    ("Qwen/Qwen3-VL-8B-Instruct", 8.77e9),
+    ("Qwen/Qwen3-VL-32B-Instruct", 33.4e9),
+];
+
+/// A local judge preset's size and placement; `None` for remote and testbed judges.
+fn judge_footprint(
+    args: &JudgeArgs,
+    generator_device: DeviceName,
+) -> anyhow::Result<Option<JudgeFootprint>> {
+    let path = Path::new(&args.judge);
+    if matches!(args.judge.as_str(), "testbed" | "none") || preset_head(path)?.kind != "qwen2vl" {
+        return Ok(None);
+    }
+    let config = LocalJudgeConfig::from_file(path)?;
+    let setup = |field: &str, e: String| {
+        EditError::Invalid(format!("judge preset {}: {field} {e}", path.display()))
+    };
+    let device = DeviceName::parse(&config.device).map_err(|e| setup("device", e))?;
+    let dtype =
+        parse_dtype_on(config.dtype.as_deref(), device.is_gpu()).map_err(|e| setup("dtype", e))?;
+    let stored = config
+        .model_dir
+        .as_deref()
+        .and_then(plan::peek::stored_parameters);
+    let known = config.model.as_deref().and_then(|m| {
+        JUDGE_PARAMETERS
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(m))
+            .map(|(_, p)| *p as usize)
+    });
+    let name = config
+        .model
+        .clone()
+        .unwrap_or_else(|| path.display().to_string());
+    let Some(parameters) = stored.or(known) else {
+        tracing::warn!("memory plan: the size of judge {name} is unknown; it is not counted");
+        return Ok(None);
+    };
+    let e = dtype.size_in_bytes();
+    Ok(Some(JudgeFootprint {
+        name,
+        parameters,
+        bytes_per_parameter: e,
+        // The presets' estimate: 1-2 GB in bf16 at max_batch 8 with 512-px previews.
+        working_bytes: 750_000_000 * e,
+        placement: if device == generator_device {
+            Placement::Device
+        } else {
+            Placement::Elsewhere
+        },
+    }))
+}
+
+/// Makes the memory plan and refuses it when its peak exceeds `--memory-budget` or the
+/// device's free memory, before any weight is read (and, with `download`, before any is
+/// fetched). Without weight files and without `download` there is nothing to plan: the
+/// loader then names what is missing.
+pub fn check_memory_plan(
+    args: &GeneratorArgs,
+    judge: &JudgeArgs,
+    workload: &Workload,
+    download: bool,
+) -> anyhow::Result<()> {
+    let (request, found) = flux_plan(args, judge, workload)?;
+    if !found && !download {
+        return Ok(());
+    }
+    let Some((available, source)) = available_memory(args)? else {
+        tracing::warn!("memory plan: the device's free memory cannot be read; not checked");
+        return Ok(());
+    };
+    let plan = plan::check(&request, available, source).map_err(EditError::Invalid)?;
+    tracing::info!(
+        peak_gb = plan::gb(plan.peak_bytes),
+        available_gb = plan::gb(available),
+        phase = %plan.peak_phase,
+        "memory plan fits"
+    );
+    Ok(())
+}
+
+/// `--memory-budget` if given (no device is opened), else the device's free memory; `None`
+/// when that cannot be read.
+pub fn available_memory(args: &GeneratorArgs) -> anyhow::Result<Option<(usize, &'static str)>> {
+    if let Some(budget) = args.memory_budget {
+        return Ok(Some((
+            (budget * 1e9) as usize,
+            "allowed by --memory-budget",
+        )));
+    }
+    let device =
+        parse_device(&args.device).map_err(|e| EditError::Invalid(format!("--device {e}")))?;
+    Ok(plan::available::free_bytes(&device))
 }
 
 /// An engine over a built generator and judge.

@@ -46,6 +46,9 @@ pub enum Command {
     /// Benchmarks (speed and memory).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Print the memory plan of an edit (same flags as `edit`) without loading anything:
+    /// weights and working memory per part, the peak, and whether it fits.
+    Plan(Box<EditArgs>),
 }
 
 /// `download`: Hub repositories into the Hugging Face cache.
@@ -314,6 +317,10 @@ pub struct GeneratorArgs {
     /// Candidates per transformer forward (1 to 64; each adds its attention maps).
     #[arg(long, default_value_t = 4, value_parser = bounded(1, 64))]
     pub batch_size: usize,
+    /// Memory the FLUX run may use, in GB (default: what the device has free now). The
+    /// memory plan is checked against it before anything loads.
+    #[arg(long, value_parser = memory_budget)]
+    pub memory_budget: Option<f64>,
     /// Safetensors file whose `latents` tensor holds initial latents for the first
     /// candidates (reproduces another run exactly).
     #[arg(long)]
@@ -584,4 +591,9 @@ fn guidance(text: &str) -> Result<f64, String> {
 /// LoRA strength: 1 is as trained; beyond 4 the adapter's change swamps the base model.
 fn lora_scale(text: &str) -> Result<f64, String> {
     finite_in(text, -4.0, 4.0, "1 = as trained")
+}
+
+/// A memory budget in GB: positive and finite.
+fn memory_budget(text: &str) -> Result<f64, String> {
+    finite_in(text, 1e-6, 1e6, "gigabytes the run may use")
 }

@@ -42,34 +42,64 @@ pub fn ggml_dtype_name(dtype: GgmlDType) -> String {
         )
 }
 
-/// Parses `cpu`, `cuda[:N]` or `metal`. The error says what was expected; the caller names
-/// the flag or preset field it came from.
-pub fn parse_device(name: &str) -> Result<Device, String> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "metal" => {
-            Device::new_metal(0).map_err(|e| format!("metal: {e} (build with --features metal)"))
-        }
-        cuda if cuda.starts_with("cuda") => {
-            let ordinal = match cuda.strip_prefix("cuda:") {
+/// A device as named, before it is opened (plans compare placements without a GPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceName {
+    /// The CPU.
+    Cpu,
+    /// CUDA device N.
+    Cuda(usize),
+    /// Apple's GPU.
+    Metal,
+}
+
+impl DeviceName {
+    /// Parses `cpu`, `cuda[:N]` or `metal`.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "cpu" => Ok(Self::Cpu),
+            "metal" => Ok(Self::Metal),
+            cuda if cuda.starts_with("cuda") => match cuda.strip_prefix("cuda:") {
                 Some(n) => n
                     .parse()
-                    .map_err(|_| format!("{cuda}: bad ordinal (expected cuda:N)"))?,
-                None if cuda == "cuda" => 0,
-                None => return Err(format!("{cuda}: expected cuda or cuda:N")),
-            };
-            Device::new_cuda(ordinal)
-                .map_err(|e| format!("{cuda}: {e} (build with --features cuda)"))
+                    .map(Self::Cuda)
+                    .map_err(|_| format!("{cuda}: bad ordinal (expected cuda:N)")),
+                None if cuda == "cuda" => Ok(Self::Cuda(0)),
+                None => Err(format!("{cuda}: expected cuda or cuda:N")),
+            },
+            other => Err(format!("{other}: expected cpu, cuda[:N] or metal")),
         }
-        other => Err(format!("{other}: expected cpu, cuda[:N] or metal")),
+    }
+
+    /// Whether it is a GPU.
+    pub fn is_gpu(&self) -> bool {
+        *self != Self::Cpu
+    }
+}
+
+/// Parses `cpu`, `cuda[:N]` or `metal` and opens the device. The error says what was
+/// expected; the caller names the flag or preset field it came from.
+pub fn parse_device(name: &str) -> Result<Device, String> {
+    match DeviceName::parse(name)? {
+        DeviceName::Cpu => Ok(Device::Cpu),
+        DeviceName::Metal => {
+            Device::new_metal(0).map_err(|e| format!("metal: {e} (build with --features metal)"))
+        }
+        DeviceName::Cuda(ordinal) => Device::new_cuda(ordinal)
+            .map_err(|e| format!("{name}: {e} (build with --features cuda)")),
     }
 }
 
 /// Parses `f32`, `f16` or `bf16`; without a name, bf16 on a GPU and f32 on the CPU (candle's
 /// CPU kernels lack bf16 convolutions).
 pub fn parse_dtype(name: Option<&str>, device: &Device) -> Result<DType, String> {
+    parse_dtype_on(name, !device.is_cpu())
+}
+
+/// [`parse_dtype`] for a device known only by whether it is a GPU.
+pub fn parse_dtype_on(name: Option<&str>, gpu: bool) -> Result<DType, String> {
     Ok(match name {
-        None if device.is_cpu() => DType::F32,
+        None if !gpu => DType::F32,
         None => DType::BF16,
         Some("f32") => DType::F32,
         Some("f16") => DType::F16,
@@ -87,6 +117,8 @@ mod tests {
         assert!(parse_device("cpu").unwrap().is_cpu());
         assert!(parse_device("tpu").unwrap_err().contains("expected cpu"));
         assert!(parse_device("cuda:x").unwrap_err().contains("ordinal"));
+        assert_eq!(DeviceName::parse("cuda").unwrap(), DeviceName::Cuda(0));
+        assert_eq!(DeviceName::parse("cuda:1").unwrap(), DeviceName::Cuda(1));
         assert_eq!(parse_dtype(None, &Device::Cpu).unwrap(), DType::F32);
         assert_eq!(
             parse_dtype(Some("bf16"), &Device::Cpu).unwrap(),

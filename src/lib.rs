@@ -11,7 +11,7 @@
 //! 2. models: [`models`] (FLUX, Qwen-VL, the testbed world), pure model code
 //! 3. roles: [`generate`] and [`judge`], the adapters that make a model a Generator or a Judge
 //! 4. [`engine`]: strategies over the two traits
-//! 5. drivers: [`batch`], [`eval`], [`study`]
+//! 5. drivers: [`batch`], [`eval`], [`study`], and the memory [`plan`] checked before loading
 //! 6. top: [`cli`], [`backends`], [`commands`]
 
 pub mod backends;
@@ -28,5 +28,6 @@ pub mod generate;
 pub mod hub;
 pub mod judge;
 pub mod models;
+pub mod plan;
 pub mod stop;
 pub mod study;

@@ -1,6 +1,6 @@
 //! `batch` (a manifest of edits, resumable and shardable) and `merge` (shard outputs).
 
-use crate::backends::build_engine;
+use crate::backends::{build_engine, Workload};
 use crate::batch::{merge_shards, run_batch, BatchOptions, Shard};
 use crate::cli::{BatchArgs, MergeArgs};
 use crate::commands::Incomplete;
@@ -30,7 +30,12 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
     }
     crate::fsio::prepare_output_dir(&args.out, "--out")
         .map_err(|e| EditError::Invalid(e.to_string()))?;
-    let engine = build_engine(&args.generator, &args.judge, args.download)?;
+    // Items' panels vary with their aspect ratios; the plan takes a square one.
+    let workload = Workload {
+        panel: (args.width as usize, args.width as usize),
+        many_edits: true,
+    };
+    let engine = build_engine(&args.generator, &args.judge, args.download, &workload)?;
     let opts = BatchOptions {
         manifest: args.manifest,
         root: args.root,

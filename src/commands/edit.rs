@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::backends::build_engine;
+use crate::backends::{build_engine, Workload};
 use crate::cli::{DemoArgs, EditArgs};
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
@@ -27,7 +27,12 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
         Some(path) => load_init_latents(path)?,
         None => Vec::new(),
     };
-    let engine = build_engine(&args.generator, &args.judge, args.download)?;
+    let (w, h) = edit.panel_size();
+    let workload = Workload {
+        panel: (w as usize, h as usize),
+        many_edits: false,
+    };
+    let engine = build_engine(&args.generator, &args.judge, args.download, &workload)?;
     let job = EditJob {
         edit,
         strategy,

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod download;
 pub mod edit;
 pub mod eval;
+pub mod plan;
 
 use crate::cli::{BenchCommand, Cli, Command};
 use crate::engine::StrategyError;
@@ -105,6 +106,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Study(args)) => eval::study(args).await,
         Some(Command::Eval(args)) => eval::eval(args).await,
         Some(Command::Download(args)) => download::download(args),
+        Some(Command::Plan(args)) => plan::plan(*args),
         Some(Command::Bench(BenchCommand::Pipeline(args))) => bench::pipeline(args).await,
         Some(Command::Bench(BenchCommand::Memory(args))) => bench::memory(args).await,
         Some(Command::Bench(BenchCommand::Flux(args))) => bench::flux(args),

@@ -1,0 +1,56 @@
+//! `plan`: the memory plan of an edit, printed without loading anything.
+
+use crate::backends::{available_memory, flux_plan_request, Workload};
+use crate::cli::EditArgs;
+use crate::edit::{load_image, resize_to_panel, ImageLimits};
+use crate::error::EditError;
+use crate::plan::{self, gb};
+
+/// Prints the plan as a table with the verdict against `--memory-budget` or the device's
+/// free memory; a plan that does not fit ends with the refusal `edit` would give (exit 2).
+pub fn plan(args: EditArgs) -> anyhow::Result<()> {
+    let panel = match &args.image {
+        Some(path) => {
+            let source = load_image(path, ImageLimits::default())?;
+            let panel = resize_to_panel(&source, args.width)
+                .map_err(|e| EditError::Invalid(format!("{}: {e}", path.display())))?;
+            (panel.width() as usize, panel.height() as usize)
+        }
+        None => (args.width as usize, args.width as usize),
+    };
+    let workload = Workload {
+        panel,
+        many_edits: false,
+    };
+    let g = &args.generator;
+    let request = flux_plan_request(g, &args.judge, &workload)?;
+    let available = available_memory(g)?;
+    let weights = if g.model_dir.is_some() || g.transformer.is_some() {
+        "the named weights' configs and headers"
+    } else {
+        "FLUX.1 Fill [dev]'s published configuration (no weights named)"
+    };
+    println!(
+        "Memory plan on {} ({:?}), panel {}x{} (diptych {}x{}), batch {}, {} T5 tokens; from {weights}.\n",
+        g.device,
+        request.dtype,
+        panel.0,
+        panel.1,
+        2 * panel.0,
+        panel.1,
+        request.batch,
+        request.t5_tokens
+    );
+    let memory_plan = request.plan();
+    print!("{}", memory_plan.table(available.map(|(b, _)| b)));
+    println!("\nEstimates from the configurations (working memory fitted on the CPU; see ARCHITECTURE.md).");
+    if let Some((bytes, source)) = available {
+        plan::check(&request, bytes, source).map_err(EditError::Invalid)?;
+        println!(
+            "Fits: ~{:.1} GB at the peak, {:.1} GB {source}.",
+            gb(memory_plan.peak_bytes),
+            gb(bytes)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! What each part of an edit occupies, computed from the model configurations alone: the
+//! parameter counts of the FLUX transformer and autoencoder as this crate builds them, the
+//! bytes a weight format holds them in, and the working memory of one transformer forward
+//! and one VAE pass as this crate's kernels allocate it.
+//!
+//! The activation formulas follow the code: attention materialises `[S, S]` score matrices
+//! for a chunk of (candidate, head) pairs at a time (see `models::flux::blocks::attention`),
+//! the VAE's mid-block attention
+//! does so in f32 over every latent position, and CUDA convolutions unfold their input
+//! (im2col, nine times the input for a 3x3 kernel). Their constant factors were fitted to
+//! measured peak resident memory on the CPU (see the tests in `plan`).
+
+use candle_core::quantized::GgmlDType;
+use candle_core::DType;
+
+use crate::models::flux::blocks::ATTENTION_CHUNK_ELEMENTS;
+use crate::models::flux::vae::VaeConfig;
+use crate::models::flux::FluxConfig;
+
+/// One linear layer's shape, `(out, in)`; every one has a bias of `out`.
+pub type LinearShape = (usize, usize);
+
+/// The transformer's linear layers (diffusers `FluxTransformer2DModel` as built in
+/// `models::flux::transformer`), and the parameters outside them (biases, norm scales).
+pub fn transformer_linears(c: &FluxConfig) -> (Vec<LinearShape>, usize) {
+    let d = c.hidden();
+    let mlp = 4 * d;
+    let head = c.attention_head_dim;
+    let mut linears = vec![(d, c.in_channels), (d, c.joint_attention_dim)];
+    // Time, guidance and pooled-text embedders: 256 sinusoidal features in.
+    linears.extend([(d, 256), (d, d)]);
+    if c.guidance_embeds {
+        linears.extend([(d, 256), (d, d)]);
+    }
+    linears.extend([(d, c.pooled_projection_dim), (d, d)]);
+    let mut norms = 0;
+    for _ in 0..c.num_layers {
+        // Image and text streams: modulation, q/k/v, output projection, MLP.
+        for _ in 0..2 {
+            linears.extend([
+                (6 * d, d),
+                (d, d),
+                (d, d),
+                (d, d),
+                (d, d),
+                (mlp, d),
+                (d, mlp),
+            ]);
+        }
+        norms += 4 * head;
+    }
+    for _ in 0..c.num_single_layers {
+        linears.extend([(3 * d, d), (d, d), (d, d), (d, d), (mlp, d), (d, d + mlp)]);
+        norms += 2 * head;
+    }
+    let patch = c.patch_size * c.patch_size;
+    linears.extend([(2 * d, d), (patch * c.out_channels(), d)]);
+    let biases: usize = linears.iter().map(|(o, _)| o).sum();
+    (linears, biases + norms)
+}
+
+/// Parameters of the transformer.
+pub fn transformer_parameters(c: &FluxConfig) -> usize {
+    let (linears, other) = transformer_linears(c);
+    linears.iter().map(|(o, i)| o * i).sum::<usize>() + other
+}
+
+/// How the transformer's linear weights are held.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WeightFormat {
+    /// Dense in the compute dtype.
+    Dense,
+    /// ggml-quantized (a GGUF file, or `--quantize`); rows whose width is not a multiple of
+    /// the type's block stay dense, as the loader keeps them.
+    Quantized(GgmlDType),
+    /// fp8 e4m3, one byte per weight, up-cast one layer at a time.
+    Fp8,
+}
+
+impl WeightFormat {
+    /// How users write it (`dense`, `q8_0`, `fp8`).
+    pub fn name(&self) -> String {
+        match self {
+            Self::Dense => "dense".into(),
+            Self::Quantized(t) => crate::device::ggml_dtype_name(*t),
+            Self::Fp8 => "fp8".into(),
+        }
+    }
+}
+
+/// Bytes of the transformer's weights held in `format`, with the other parameters in
+/// `dtype`.
+pub fn transformer_weight_bytes(c: &FluxConfig, format: WeightFormat, dtype: DType) -> usize {
+    let e = dtype.size_in_bytes();
+    let (linears, other) = transformer_linears(c);
+    let held: usize = linears
+        .iter()
+        .map(|&(o, i)| match format {
+            WeightFormat::Dense => o * i * e,
+            WeightFormat::Fp8 => o * i,
+            WeightFormat::Quantized(t) if i % t.block_size() == 0 => {
+                o * i / t.block_size() * t.type_size()
+            }
+            WeightFormat::Quantized(_) => o * i * e,
+        })
+        .sum();
+    held + other * e
+}
+
+/// Working memory of one transformer forward over `batch` candidates of `image_tokens`
+/// plus `text_tokens` tokens.
+pub fn transformer_activation_bytes(
+    c: &FluxConfig,
+    format: WeightFormat,
+    dtype: DType,
+    batch: usize,
+    image_tokens: usize,
+    text_tokens: usize,
+) -> usize {
+    let e = dtype.size_in_bytes();
+    let s = image_tokens + text_tokens;
+    let d = c.hidden();
+    // Scores in the compute dtype, their f32 softmax, and its cast back: 8 bytes an element
+    // in f32 (the casts are no-ops), 12 in half precision.
+    let per_score = if e == 4 { 8 } else { 2 * e + 8 };
+    // Attention runs a few (candidate, head) pairs at a time (models::flux::blocks).
+    let pairs = batch * c.num_attention_heads;
+    let pairs_at_once = (ATTENTION_CHUNK_ELEMENTS / (s * s)).clamp(1, pairs);
+    let attention = pairs_at_once * s * s * per_score;
+    // Residual streams, normalised and modulated copies, q/k/v, the MLP's 4x-wide hidden
+    // layer and the single blocks' concatenation, alive around the attention.
+    let streams = batch * s * d * e * STREAM_COPIES;
+    // Quantized kernels take f32 activations; fp8 weights are up-cast one layer at a time.
+    let (linears, _) = transformer_linears(c);
+    let widest = linears.iter().map(|(o, i)| o * i).max().unwrap_or(0);
+    let conversion = match format {
+        WeightFormat::Dense => 0,
+        WeightFormat::Quantized(_) => batch * s * 5 * d * 4,
+        WeightFormat::Fp8 => widest * e,
+    };
+    attention + streams + conversion
+}
+
+/// Copies of one `[B, S, hidden]` stream alive at the forward's peak (fitted, see above).
+const STREAM_COPIES: usize = 8;
+
+/// Parameters of the autoencoder (encoder and decoder, as `models::flux::vae` builds it).
+pub fn vae_parameters(v: &VaeConfig) -> usize {
+    let conv = |i: usize, o: usize, k: usize| o * i * k * k + o;
+    let norm = |c: usize| 2 * c;
+    let resnet = |i: usize, o: usize| {
+        norm(i) + conv(i, o, 3) + norm(o) + conv(o, o, 3) + if i != o { conv(i, o, 1) } else { 0 }
+    };
+    let ch = &v.block_out_channels;
+    let last = *ch.last().expect("a VAE has levels");
+    let mid = 2 * resnet(last, last) + norm(last) + 4 * (last * last + last);
+    let mut encoder = conv(v.in_channels, ch[0], 3) + mid + norm(last);
+    encoder += conv(last, 2 * v.latent_channels, 3);
+    let mut input = ch[0];
+    for (level, &out) in ch.iter().enumerate() {
+        for r in 0..v.layers_per_block {
+            encoder += resnet(if r == 0 { input } else { out }, out);
+        }
+        if level + 1 < ch.len() {
+            encoder += conv(out, out, 3);
+        }
+        input = out;
+    }
+    let mut decoder = conv(v.latent_channels, last, 3) + mid + norm(ch[0]);
+    decoder += conv(ch[0], v.in_channels, 3);
+    let mut input = last;
+    for (level, &out) in ch.iter().enumerate().rev() {
+        for r in 0..v.layers_per_block + 1 {
+            decoder += resnet(if r == 0 { input } else { out }, out);
+        }
+        if level > 0 {
+            decoder += conv(out, out, 3);
+        }
+        input = out;
+    }
+    encoder + decoder
+}
+
+/// Working memory of one VAE pass (encoding the diptych, or decoding one candidate's
+/// diptych) of `pixels` pixels, with the latent grid `downscale` times smaller per side.
+/// The mid-block attention runs at the latent resolution and the widest convolutions at
+/// full resolution, never both at once, so the pass needs the larger of the two.
+pub fn vae_activation_bytes(v: &VaeConfig, dtype: DType, pixels: usize, cuda: bool) -> usize {
+    let e = dtype.size_in_bytes();
+    let positions = pixels / v.downscale().pow(2);
+    // Mid-block attention: candle's AttentionBlock works in f32 and its softmax keeps the
+    // scores, their shifted copy, the exponentials and the result: 16 bytes a pair.
+    let attention = positions * positions * 16;
+    // The widest full-resolution activation: the decoder's last upsampling keeps level 1's
+    // channels at full resolution.
+    let wide = v.block_out_channels[1.min(v.block_out_channels.len() - 1)];
+    let mut conv = pixels * wide * e * CONV_COPIES;
+    if cuda {
+        // candle's CUDA conv2d unfolds the input (im2col) for a 3x3 kernel.
+        conv += pixels * wide * e * 9;
+    }
+    attention.max(conv)
+}
+
+/// Full-resolution activations alive around the VAE's widest convolution (fitted, see
+/// above).
+const CONV_COPIES: usize = 6;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::bench::RandomWeights;
+    use crate::models::flux::transformer::FluxTransformer;
+    use crate::models::flux::vae::Autoencoder;
+    use candle_core::Device;
+    use candle_nn::VarBuilder;
+    use std::sync::atomic::Ordering;
+
+    fn small() -> (FluxConfig, VaeConfig) {
+        crate::models::flux::bench::small_configs()
+    }
+
+    /// Counts the parameters a model really asks its VarBuilder for.
+    fn built<T>(build: impl FnOnce(VarBuilder) -> candle_core::Result<T>) -> usize {
+        let random = RandomWeights::default();
+        let counter = random.elements.clone();
+        let vb = VarBuilder::from_backend(Box::new(random), DType::F32, Device::Cpu);
+        build(vb).unwrap();
+        counter.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn counts_the_parameters_the_models_are_built_with() {
+        let (t, v) = small();
+        let linears = crate::models::flux::linear::Linears::default();
+        assert_eq!(
+            transformer_parameters(&t),
+            built(|vb| FluxTransformer::new(vb, &t, &linears))
+        );
+        // candle's AttentionBlock asks for each projection weight in two shapes when it
+        // cannot tell the file's layout (random weights answer both): two mid blocks x
+        // four projections x channels^2 counted twice.
+        let last = *v.block_out_channels.last().unwrap();
+        assert_eq!(
+            vae_parameters(&v) + 2 * 4 * last * last,
+            built(|vb| Autoencoder::new(vb, &v))
+        );
+    }
+
+    #[test]
+    fn the_full_models_have_their_published_sizes() {
+        // FLUX.1 Fill [dev]: 11.9B parameters (its model card); the FLUX AE: 83.8M
+        // (diffusers' AutoencoderKL with FLUX.1's vae/config.json).
+        let p = transformer_parameters(&FluxConfig::fill_dev()) as f64;
+        assert!((p / 1e9 - 11.9).abs() < 0.05, "{p}");
+        let v = vae_parameters(&VaeConfig::flux()) as f64;
+        assert!((v / 1e6 - 83.8).abs() < 0.5, "{v}");
+    }
+
+    #[test]
+    fn quantized_formats_hold_fewer_bytes_in_the_published_ratios() {
+        let c = FluxConfig::fill_dev();
+        let gb = |f| transformer_weight_bytes(&c, f, DType::BF16) as f64 / 1e9;
+        // The community's GGUF conversions of FLUX.1 Fill [dev] as issue 15 quotes them:
+        // F16 23.8 GB, Q8_0 ~12.8 GB, Q4_0 ~6.9 GB; ours hold the same layers.
+        assert!((gb(WeightFormat::Dense) - 23.8).abs() < 0.2);
+        assert!((gb(WeightFormat::Quantized(GgmlDType::Q8_0)) - 12.8).abs() < 0.3);
+        assert!((gb(WeightFormat::Quantized(GgmlDType::Q4_0)) - 6.9).abs() < 0.3);
+        assert!((gb(WeightFormat::Fp8) - 11.9).abs() < 0.2);
+    }
+}

@@ -1,0 +1,386 @@
+//! The memory plan: before anything is loaded, what an edit will hold on its device at its
+//! peak (weights of each model, working memory of each phase), compared with what the
+//! device has free. A plan that does not fit is refused with the biggest parts named and
+//! the options that would fit, instead of dying with an out-of-memory error after minutes
+//! of loading.
+//!
+//! The phases of one edit, in the order the generator runs them (see `generate::flux`):
+//! encode the prompt (T5 and CLIP resident, then dropped), encode the diptych with the VAE,
+//! denoise (transformer forwards while the judge screens previews), decode. The judge loads
+//! on its first call, after the text encoders were dropped; in a batch the next item's
+//! prompt is encoded while the judge is resident, so there both count together.
+
+pub mod available;
+pub mod footprint;
+pub mod peek;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::DType;
+use serde::Serialize;
+
+use crate::models::flux::vae::VaeConfig;
+use crate::models::flux::FluxConfig;
+use footprint::{
+    transformer_activation_bytes, transformer_weight_bytes, vae_activation_bytes, vae_parameters,
+    WeightFormat,
+};
+
+/// T5-XXL encoder parameters (FLUX.1's `text_encoder_2`: 9.52 GB in bf16).
+pub const T5_XXL_PARAMETERS: usize = 4_762_310_656;
+/// CLIP ViT-L/14 text model parameters (FLUX.1's `text_encoder`).
+pub const CLIP_L_PARAMETERS: usize = 123_060_480;
+
+/// Where a model's memory lives relative to the generator's device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// On the generator's device (counted).
+    Device,
+    /// Elsewhere (another GPU, the CPU while the generator is on a GPU, or a remote API).
+    Elsewhere,
+}
+
+/// A local judge's size, as far as the plan knows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JudgeFootprint {
+    /// The preset's name or model.
+    pub name: String,
+    /// Parameters of its checkpoint.
+    pub parameters: usize,
+    /// Bytes per parameter in its dtype.
+    pub bytes_per_parameter: usize,
+    /// Working memory of one screening batch.
+    pub working_bytes: usize,
+    /// Where it runs.
+    pub placement: Placement,
+}
+
+/// Everything the plan depends on.
+#[derive(Debug, Clone)]
+pub struct PlanRequest {
+    /// Transformer hyper-parameters.
+    pub transformer: FluxConfig,
+    /// Autoencoder hyper-parameters.
+    pub vae: VaeConfig,
+    /// How the transformer's linear weights are held.
+    pub format: WeightFormat,
+    /// Compute dtype of the transformer and VAE.
+    pub dtype: DType,
+    /// Whether the generator runs on a CUDA device (its convolutions unfold their input).
+    pub cuda: bool,
+    /// Candidates per forward.
+    pub batch: usize,
+    /// Source panel `(width, height)`; the diptych is twice as wide.
+    pub panel: (usize, usize),
+    /// T5 tokens.
+    pub t5_tokens: usize,
+    /// T5 and CLIP parameters, and where they run (they run in f32 on a CPU).
+    pub text_parameters: usize,
+    /// Where the text encoders run.
+    pub text_placement: Placement,
+    /// Bytes of the LoRA file (its side branches or experts stay beside the weights).
+    pub lora_bytes: usize,
+    /// The local judge, if any.
+    pub judge: Option<JudgeFootprint>,
+    /// A batch encodes later items' prompts while the judge is resident.
+    pub text_with_judge: bool,
+}
+
+/// One line of the plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanPart {
+    /// What it is.
+    pub name: String,
+    /// Bytes on the generator's device.
+    pub bytes: usize,
+    /// When it is resident.
+    pub when: String,
+}
+
+/// The plan: the parts and the peak.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryPlan {
+    /// Every part, weights first.
+    pub parts: Vec<PlanPart>,
+    /// The largest sum of parts resident at once.
+    pub peak_bytes: usize,
+    /// The phase at which the peak falls.
+    pub peak_phase: String,
+}
+
+/// Fixed costs: on CUDA the cuBLAS workspaces and the allocator's slack beside the context
+/// (the context itself is made before free memory is read); on the CPU the process itself.
+/// The CPU figure was fitted with the activation constants of [`footprint`].
+pub fn overhead_bytes(cuda: bool) -> usize {
+    if cuda {
+        600 << 20
+    } else {
+        56 << 20
+    }
+}
+
+impl PlanRequest {
+    /// Image tokens of the diptych.
+    pub fn image_tokens(&self) -> usize {
+        let f = self.vae.downscale() * self.transformer.patch_size.max(1) * 2;
+        (2 * self.panel.0 / f) * (self.panel.1 / f)
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> MemoryPlan {
+        let e = self.dtype.size_in_bytes();
+        let on = |p: Placement, bytes: usize| if p == Placement::Device { bytes } else { 0 };
+        let transformer = transformer_weight_bytes(&self.transformer, self.format, self.dtype);
+        let vae = vae_parameters(&self.vae) * e;
+        // Text encoders run in f32 on a CPU, in the compute dtype on a GPU.
+        let text_e = if self.cuda { e } else { 4 };
+        let text = on(self.text_placement, self.text_parameters * text_e);
+        let judge = self
+            .judge
+            .as_ref()
+            .map_or(0, |j| on(j.placement, j.parameters * j.bytes_per_parameter));
+        let judge_work = self
+            .judge
+            .as_ref()
+            .map_or(0, |j| on(j.placement, j.working_bytes));
+        let forward = transformer_activation_bytes(
+            &self.transformer,
+            self.format,
+            self.dtype,
+            self.batch,
+            self.image_tokens(),
+            self.t5_tokens,
+        );
+        let pixels = 2 * self.panel.0 * self.panel.1;
+        let vae_pass = vae_activation_bytes(&self.vae, self.dtype, pixels, self.cuda);
+        // T5's working memory: a few [tokens, 4096 x 2.5] activations, small beside it.
+        let text_work = on(self.text_placement, self.t5_tokens * 10240 * 4 * text_e);
+        let overhead = overhead_bytes(self.cuda);
+        let resident = transformer + vae + self.lora_bytes + overhead;
+        let judge_at_prepare = if self.text_with_judge { judge } else { 0 };
+        let phases = [
+            (
+                "encode prompt",
+                resident + text + text_work + judge_at_prepare,
+            ),
+            ("encode diptych", resident + judge_at_prepare + vae_pass),
+            ("denoise", resident + judge + judge_work + forward),
+            ("decode", resident + judge + judge_work + vae_pass),
+        ];
+        let (peak_phase, peak_bytes) = phases
+            .iter()
+            .max_by_key(|(_, b)| *b)
+            .map(|(p, b)| (p.to_string(), *b))
+            .expect("phases");
+        let mut parts = vec![PlanPart {
+            name: format!("transformer weights ({})", self.format.name()),
+            bytes: transformer,
+            when: "always".into(),
+        }];
+        parts.push(PlanPart {
+            name: "VAE weights".into(),
+            bytes: vae,
+            when: "always".into(),
+        });
+        if self.lora_bytes > 0 {
+            parts.push(PlanPart {
+                name: "LoRA".into(),
+                bytes: self.lora_bytes,
+                when: "always".into(),
+            });
+        }
+        parts.push(PlanPart {
+            name: "T5 + CLIP weights".into(),
+            bytes: text,
+            when: if text == 0 {
+                "not on this device".into()
+            } else {
+                "while encoding the prompt".into()
+            },
+        });
+        if let Some(j) = &self.judge {
+            parts.push(PlanPart {
+                name: format!("judge weights ({})", j.name),
+                bytes: judge,
+                when: if judge == 0 {
+                    "not on this device".into()
+                } else {
+                    "from the first judge call".into()
+                },
+            });
+            parts.push(PlanPart {
+                name: "judge working memory".into(),
+                bytes: judge_work,
+                when: "while screening and scoring".into(),
+            });
+        }
+        parts.push(PlanPart {
+            name: format!("transformer forward (batch {})", self.batch),
+            bytes: forward,
+            when: "each denoising step".into(),
+        });
+        parts.push(PlanPart {
+            name: format!("VAE pass ({}x{} diptych)", 2 * self.panel.0, self.panel.1),
+            bytes: vae_pass,
+            when: "encoding the diptych, decoding a candidate".into(),
+        });
+        parts.push(PlanPart {
+            name: "runtime overhead".into(),
+            bytes: overhead,
+            when: "always".into(),
+        });
+        MemoryPlan {
+            parts,
+            peak_bytes,
+            peak_phase,
+        }
+    }
+
+    /// Changes a user could make that bring the peak under `available` bytes, as flags:
+    /// each single change that fits on its own (quantizing dense weights, a smaller batch,
+    /// T5 on the CPU, the judge elsewhere); when none does, the first combination that fits,
+    /// adding them in that order (most memory for least speed first).
+    pub fn fixes(&self, available: usize) -> Vec<String> {
+        let fits = |r: &PlanRequest| r.plan().peak_bytes <= available;
+        let steps = self.fix_steps();
+        let singles: Vec<String> = steps
+            .iter()
+            .filter(|(_, apply)| fits(&apply(self.clone())))
+            .map(|(flag, _)| flag.clone())
+            .collect();
+        if !singles.is_empty() {
+            return singles;
+        }
+        let mut combined = self.clone();
+        let mut flags: Vec<String> = Vec::new();
+        for (flag, apply) in &steps {
+            combined = apply(combined);
+            // A later quantization or batch size supersedes an earlier one.
+            let kind = flag.split(' ').next().unwrap_or_default().to_string();
+            flags.retain(|f| !(kind.starts_with("--") && f.starts_with(&kind)));
+            flags.push(flag.clone());
+            if fits(&combined) {
+                return vec![flags.join(" ")];
+            }
+        }
+        Vec::new()
+    }
+
+    /// The changes [`Self::fixes`] tries, each with how it changes a request. Batch sizes
+    /// halve down to the largest that fits alone, or 1.
+    #[allow(clippy::type_complexity)]
+    fn fix_steps(&self) -> Vec<(String, Box<dyn Fn(PlanRequest) -> PlanRequest>)> {
+        let mut steps: Vec<(String, Box<dyn Fn(PlanRequest) -> PlanRequest>)> = Vec::new();
+        if self.cuda && self.text_placement == Placement::Device {
+            steps.push((
+                "--text-device cpu".into(),
+                Box::new(|r| PlanRequest {
+                    text_placement: Placement::Elsewhere,
+                    ..r
+                }),
+            ));
+        }
+        if self.format == WeightFormat::Dense {
+            for (flag, t) in [("q8_0", GgmlDType::Q8_0), ("q4_k", GgmlDType::Q4K)] {
+                steps.push((
+                    format!("--quantize {flag}"),
+                    Box::new(move |r| PlanRequest {
+                        format: WeightFormat::Quantized(t),
+                        ..r
+                    }),
+                ));
+            }
+        }
+        let mut batch = self.batch / 2;
+        while batch >= 1 {
+            steps.push((
+                format!("--batch-size {batch}"),
+                Box::new(move |r| PlanRequest { batch, ..r }),
+            ));
+            batch /= 2;
+        }
+        if let Some(j) = self
+            .judge
+            .as_ref()
+            .filter(|j| j.placement == Placement::Device)
+        {
+            steps.push((
+                format!("with the judge ({}) on another device or remote", j.name),
+                Box::new(|mut r: PlanRequest| {
+                    if let Some(j) = r.judge.as_mut() {
+                        j.placement = Placement::Elsewhere;
+                    }
+                    r
+                }),
+            ));
+        }
+        steps
+    }
+}
+
+/// Gigabytes, as the plan prints them.
+pub fn gb(bytes: usize) -> f64 {
+    bytes as f64 / 1e9
+}
+
+impl MemoryPlan {
+    /// The plan as a markdown table, with the verdict against `available` bytes if known.
+    pub fn table(&self, available: Option<usize>) -> String {
+        let mut md = String::from("| part | GB | resident |\n|---|---|---|\n");
+        for p in &self.parts {
+            md.push_str(&format!(
+                "| {} | {:.2} | {} |\n",
+                p.name,
+                gb(p.bytes),
+                p.when
+            ));
+        }
+        md.push_str(&format!(
+            "| **peak** | **{:.2}** | {} |\n",
+            gb(self.peak_bytes),
+            self.peak_phase
+        ));
+        if let Some(free) = available {
+            let verdict = if self.peak_bytes <= free {
+                "fits"
+            } else {
+                "does not fit"
+            };
+            md.push_str(&format!("\n{:.2} GB available: {verdict}.\n", gb(free)));
+        }
+        md
+    }
+
+    /// The largest parts, biggest first, as `name ~X GB`.
+    pub fn biggest_parts(&self, n: usize) -> Vec<String> {
+        let mut parts: Vec<_> = self.parts.iter().filter(|p| p.bytes > 0).collect();
+        parts.sort_by_key(|p| std::cmp::Reverse(p.bytes));
+        parts
+            .iter()
+            .take(n)
+            .map(|p| format!("{} ~{:.1} GB", p.name, gb(p.bytes)))
+            .collect()
+    }
+}
+
+/// Refuses a plan whose peak exceeds `available` bytes, with the biggest parts and the
+/// fixes in the message.
+pub fn check(request: &PlanRequest, available: usize, source: &str) -> Result<MemoryPlan, String> {
+    let plan = request.plan();
+    if plan.peak_bytes <= available {
+        return Ok(plan);
+    }
+    let fixes = request.fixes(available);
+    let advice = if fixes.is_empty() {
+        "no single option fits; combine them (icedit-scale plan shows the parts)".to_string()
+    } else {
+        format!("try {}", fixes.join(", or "))
+    };
+    Err(format!(
+        "memory plan: needs ~{:.1} GB at its peak ({}), {:.1} GB {source}: {advice}. Biggest parts: {}. Nothing was loaded.",
+        gb(plan.peak_bytes),
+        plan.peak_phase,
+        gb(available),
+        plan.biggest_parts(3).join(", ")
+    ))
+}

@@ -1,0 +1,233 @@
+//! What the plan learns from the weight files without reading any weight: the JSON headers
+//! of safetensors files (8 bytes of length, then the header), GGUF headers, `config.json`
+//! files and file sizes. Nothing here maps or reads tensor data, so a plan can be made (and
+//! refused) before minutes of loading, and even for a file whose data is incomplete.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType};
+use serde::de::DeserializeOwned;
+
+use super::footprint::WeightFormat;
+use crate::models::flux::vae::VaeConfig;
+use crate::models::flux::FluxConfig;
+
+/// A tensor as a safetensors header describes it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct HeaderEntry {
+    /// Stored dtype (`BF16`, `F8_E4M3`, ...).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+/// The tensors a safetensors file's header lists (the data is not read).
+pub fn safetensors_header(path: &Path) -> Result<BTreeMap<String, HeaderEntry>, String> {
+    let fail = |e: String| format!("{}: {e}", path.display());
+    let mut file = File::open(path).map_err(|e| fail(e.to_string()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| fail(format!("no safetensors header ({e})")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(fail(format!("safetensors header of {len} bytes")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| fail(format!("incomplete safetensors header ({e})")))?;
+    let all: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| fail(format!("safetensors header: {e}")))?;
+    all.into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, v)| {
+            let entry = serde_json::from_value(v)
+                .map_err(|e| fail(format!("safetensors header entry `{k}`: {e}")))?;
+            Ok((k, entry))
+        })
+        .collect()
+}
+
+/// Whether a file starts with the GGUF magic.
+pub fn is_gguf(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// The safetensors files of a folder (or the file itself), sorted.
+pub fn safetensors_files(path: &Path) -> Vec<PathBuf> {
+    if path.is_file() {
+        return vec![path.to_path_buf()];
+    }
+    let mut files: Vec<_> = std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Parameters stored in the safetensors files under `path` (headers only); `None` when
+/// there are none or a header cannot be read.
+pub fn stored_parameters(path: &Path) -> Option<usize> {
+    let files = safetensors_files(path);
+    if files.is_empty() {
+        return None;
+    }
+    let mut total = 0;
+    for f in files {
+        let header = safetensors_header(&f).ok()?;
+        total += header
+            .values()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum::<usize>();
+    }
+    Some(total)
+}
+
+/// The format a transformer file holds its linear weights in: a GGUF file's most common
+/// quantized type, fp8 when a safetensors file stores its weights as F8_E4M3, else dense.
+pub fn transformer_format(files: &[PathBuf]) -> Result<WeightFormat, String> {
+    let Some(first) = files.first() else {
+        return Ok(WeightFormat::Dense);
+    };
+    if is_gguf(first) {
+        let mut file = File::open(first).map_err(|e| format!("{}: {e}", first.display()))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| format!("{}: GGUF header: {e}", first.display()))?;
+        let mut bytes: BTreeMap<String, (GgmlDType, usize)> = BTreeMap::new();
+        for info in content.tensor_infos.values() {
+            let t = info.ggml_dtype;
+            if matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                continue;
+            }
+            bytes.entry(format!("{t:?}")).or_insert((t, 0)).1 += info.shape.elem_count();
+        }
+        return Ok(bytes
+            .into_values()
+            .max_by_key(|(_, n)| *n)
+            .map_or(WeightFormat::Dense, |(t, _)| WeightFormat::Quantized(t)));
+    }
+    let header = safetensors_header(first)?;
+    let fp8 = header
+        .iter()
+        .any(|(k, t)| k.ends_with(".weight") && t.dtype == "F8_E4M3" && t.shape.len() == 2);
+    Ok(if fp8 {
+        WeightFormat::Fp8
+    } else {
+        WeightFormat::Dense
+    })
+}
+
+/// Reads a JSON config if the file exists.
+pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, String> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Where an edit's weights are, as the flags name them (the same rules as
+/// `models::flux::FluxFiles::discover`, without opening any weight file).
+#[derive(Debug, Clone, Default)]
+pub struct PeekedFiles {
+    /// Transformer files (empty when not found: the loader names what is missing).
+    pub transformer: Vec<PathBuf>,
+    /// Transformer hyper-parameters (`transformer/config.json`, else FLUX.1 Fill's).
+    pub transformer_config: Option<FluxConfig>,
+    /// Autoencoder hyper-parameters (`vae/config.json`, else the FLUX AE's).
+    pub vae_config: Option<VaeConfig>,
+    /// T5 + CLIP parameters stored under the text encoders' folders.
+    pub text_parameters: Option<usize>,
+}
+
+/// Finds the files of a model folder / explicit paths and reads their headers and configs.
+pub fn peek_flux(
+    model_dir: Option<&Path>,
+    transformer: Option<&Path>,
+    text_encoders: Option<&Path>,
+) -> Result<PeekedFiles, String> {
+    let snapshot =
+        |dir: &Path| crate::hub::cache::resolve_snapshot(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let root = model_dir.map(snapshot);
+    let text_root = text_encoders.map(snapshot).or(root.clone());
+    let files = match (transformer, &root) {
+        (Some(f), _) => vec![f.to_path_buf()],
+        (None, Some(r)) if r.join("transformer").is_dir() => {
+            safetensors_files(&r.join("transformer"))
+        }
+        (None, Some(r)) if r.join("flux1-fill-dev.safetensors").is_file() => {
+            vec![r.join("flux1-fill-dev.safetensors")]
+        }
+        _ => Vec::new(),
+    };
+    let config_in = |sub: &str| -> Result<Option<PathBuf>, String> {
+        Ok([root.as_ref(), text_root.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|r| r.join(sub).join("config.json"))
+            .find(|p| p.is_file()))
+    };
+    let transformer_config = match config_in("transformer")? {
+        Some(p) => read_config(&p)?,
+        None => None,
+    };
+    let vae_config = match config_in("vae")? {
+        Some(p) => read_config(&p)?,
+        None => None,
+    };
+    let text_parameters = text_root.as_ref().and_then(|r| {
+        let clip = stored_parameters(&r.join("text_encoder"))?;
+        let t5 = stored_parameters(&r.join("text_encoder_2"))?;
+        Some(clip + t5)
+    });
+    Ok(PeekedFiles {
+        transformer: files,
+        transformer_config,
+        vae_config,
+        text_parameters,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux")
+    }
+
+    #[test]
+    fn reads_formats_and_counts_from_headers_only() {
+        let f = fixtures();
+        assert_eq!(
+            transformer_format(&[f.join("gguf/flux1-fill-tiny-q8_0.gguf")]).unwrap(),
+            WeightFormat::Quantized(GgmlDType::Q8_0)
+        );
+        assert_eq!(
+            transformer_format(&[f.join("fp8/flux1-fill-tiny-fp8-scaled.safetensors")]).unwrap(),
+            WeightFormat::Fp8
+        );
+        assert_eq!(
+            transformer_format(&[f.join("bfl/flux1-fill-dev.safetensors")]).unwrap(),
+            WeightFormat::Dense
+        );
+        let peeked = peek_flux(Some(&f.join("tiny")), None, None).unwrap();
+        let config = peeked.transformer_config.unwrap();
+        assert_eq!(config.num_layers, 2);
+        assert!(peeked.vae_config.is_some());
+        assert!(peeked.text_parameters.unwrap() > 0);
+        assert!(!peeked.transformer.is_empty());
+    }
+}
