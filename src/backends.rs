@@ -148,6 +148,7 @@ fn flux_plan(
         lora_bytes,
         judge: judge_footprint(judge, device)?,
         text_with_judge: workload.many_edits || args.keep_text_encoders,
+        transformer_after_prompt: text_device == device && !args.keep_text_encoders,
     };
     Ok((request, found))
 }
@@ -333,6 +334,9 @@ fn build_flux(args: &GeneratorArgs) -> anyhow::Result<FluxGenerator> {
     options.t5_tokens = args.t5_tokens;
     options.keep_text_encoders = args.keep_text_encoders;
     options.max_batch = args.batch_size.max(1);
+    // T5 first, then the transformer, where they would share one device's memory.
+    options.defer_transformer =
+        options.text_device.same_device(&options.device) && !args.keep_text_encoders;
     if options.lora.is_none() {
         tracing::warn!("no --lora: running FLUX.1 Fill without the ICEdit LoRA");
     }

@@ -360,6 +360,22 @@ fn cli_runs_early_filter_end_to_end_through_flux() {
     assert_eq!(report["nfe"]["total"], 4 * 2 + survivors * 4);
     let final_image = image::open(out.path().join("final.png")).unwrap().to_rgb8();
     assert_eq!(final_image.dimensions(), (48, 32));
+    // T5 and the transformer share the device here: T5 loads, encodes and is dropped
+    // before the transformer is read, so the two are never resident together.
+    let log = String::from_utf8_lossy(&result.stderr);
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in the log: {log}"))
+    };
+    assert!(
+        at("loading the T5 and CLIP text encoders (resident with the VAE until dropped)")
+            < at("dropped the T5 and CLIP")
+    );
+    assert!(
+        at("dropped the T5 and CLIP") < at("loading the FLUX transformer"),
+        "{log}"
+    );
+    assert!(log.contains("resident: transformer and VAE"), "{log}");
 }
 
 #[test]

@@ -20,7 +20,7 @@ use super::strategy::{halving_rounds, StrategyConfig, StrategyKind};
 use super::worker::GeneratorWorker;
 use crate::edit::EditContext;
 use crate::error::{EngineError, GenerateError};
-use crate::generate::{self, CandidateState, PreparedEdit, Schedule};
+use crate::generate::{self, CandidateState, GeneratorInfo, PreparedEdit, Schedule};
 use crate::judge::{Judge, JudgeError, PreviewStage, ScreenVerdict, ViePair};
 
 /// One edit to run.
@@ -103,10 +103,15 @@ impl Engine {
         let edit = Arc::new(job.edit);
         let t = Instant::now();
         let e = edit.clone();
-        let prepared = self.worker.run(move |g| g.prepare(&e)).await??;
+        // The description is read after `prepare`: a generator may load parts of itself then.
+        let (prepared, generator) = self
+            .worker
+            .run(move |g| g.prepare(&e).map(|p| (p, g.info())))
+            .await??;
         let schedule = prepared.schedule(job.strategy.steps);
         let mut session = Session {
             engine: self,
+            generator,
             edit: edit.clone(),
             prepared: Arc::new(prepared),
             schedule: Arc::new(schedule),
@@ -145,6 +150,8 @@ impl Engine {
 /// The state of one edit while it runs.
 struct Session<'a> {
     engine: &'a Engine,
+    /// The generator's description once this edit was prepared.
+    generator: GeneratorInfo,
     edit: Arc<EditContext>,
     prepared: Arc<PreparedEdit>,
     schedule: Arc<Schedule>,
@@ -634,10 +641,7 @@ impl Session<'_> {
             instruction: self.edit.instruction.clone(),
             prompt: self.edit.prompt(),
             panel: self.edit.panel_size(),
-            generator: {
-                let info = self.engine.worker.info();
-                format!("{} ({})", info.name, info.detail)
-            },
+            generator: format!("{} ({})", self.generator.name, self.generator.detail),
             judge: self
                 .engine
                 .judge

@@ -59,6 +59,11 @@ pub struct FluxOptions {
     /// Hold a GGUF (or fp8) transformer's weights dequantized to the model dtype instead of
     /// as stored: more memory, faster steps, and a plain LoRA merged into them.
     pub dequantize: bool,
+    /// Load the transformer only once the first prompt is encoded and T5 and CLIP are
+    /// dropped, so that T5 and the transformer are never resident together on one device
+    /// (the peak is the larger of the two, not their sum). Its files are still opened and
+    /// checked at load.
+    pub defer_transformer: bool,
 }
 
 impl FluxOptions {
@@ -77,6 +82,7 @@ impl FluxOptions {
             max_batch: 4,
             quantize: None,
             dequantize: false,
+            defer_transformer: false,
         }
     }
 }
@@ -95,7 +101,8 @@ struct PreparedFlux {
 pub struct FluxGenerator {
     options: FluxOptions,
     files: FluxFiles,
-    transformer: FluxTransformer,
+    /// `None` until loaded when [`FluxOptions::defer_transformer`] is set.
+    transformer: Option<FluxTransformer>,
     vae: Autoencoder,
     text: Option<TextEncoders>,
     lora_report: Option<LoraReport>,
@@ -103,9 +110,63 @@ pub struct FluxGenerator {
 }
 
 impl FluxGenerator {
-    /// Finds and loads every model; the LoRA is merged (or its experts attached) now.
+    /// Finds and loads every model; the LoRA is merged (or its experts attached) now. With
+    /// [`FluxOptions::defer_transformer`] the transformer's files are opened and checked
+    /// now and its weights read after the first prompt is encoded.
     pub fn load(options: FluxOptions) -> Result<Self, GenerateError> {
         let files = FluxFiles::discover(&options.paths)?;
+        let lora_file = match &options.lora {
+            Some(path) => Some(find_lora_file(path)?),
+            None => None,
+        };
+        let vae_source = WeightSource::open(&files.vae, files.vae_layout)?;
+        let vae = Autoencoder::new(
+            var_builder(vae_source, options.dtype, &options.device),
+            &files.vae_config,
+        )
+        .map_err(|e| weights_error(&files.vae[0], e))?;
+        let cond = 4 * files.vae_config.latent_channels + 4 * files.vae_config.downscale().pow(2);
+        let needed = 4 * files.vae_config.latent_channels + cond;
+        if files.transformer_config.in_channels != needed {
+            return Err(GenerateError::Weights {
+                path: files.transformer[0].clone(),
+                reason: format!(
+                    "in_channels {} is not a Fill model for this VAE (needs {needed}: latents + masked latents + mask)",
+                    files.transformer_config.in_channels
+                ),
+            });
+        }
+        let mut generator = Self {
+            options,
+            files,
+            transformer: None,
+            vae,
+            text: None,
+            lora_report: None,
+            edits: PreparedSet::default(),
+        };
+        if generator.options.defer_transformer {
+            // Fail now, not after T5, on a file that cannot be opened or a bad LoRA file.
+            WeightSource::open(
+                &generator.files.transformer,
+                generator.files.transformer_layout,
+            )?;
+            if let Some(path) = &lora_file {
+                LoraSet::load(path, generator.options.lora_scale)?;
+            }
+            tracing::info!("the transformer loads after the first prompt is encoded (T5 and CLIP first, then dropped)");
+        } else {
+            generator.load_transformer()?;
+        }
+        Ok(generator)
+    }
+
+    /// Reads the transformer (and applies the LoRA) if it is not resident yet.
+    fn load_transformer(&mut self) -> Result<(), GenerateError> {
+        if self.transformer.is_some() {
+            return Ok(());
+        }
+        let (options, files) = (&self.options, &self.files);
         let lora = match &options.lora {
             Some(path) => Some(Arc::new(LoraSet::load(
                 &find_lora_file(path)?,
@@ -152,29 +213,20 @@ impl FluxGenerator {
             }
             None => None,
         };
-        let vae_source = WeightSource::open(&files.vae, files.vae_layout)?;
-        let vae = Autoencoder::new(var_builder(vae_source, dtype, dev), &files.vae_config)
-            .map_err(|e| weights_error(&files.vae[0], e))?;
-        let cond = 4 * files.vae_config.latent_channels + 4 * files.vae_config.downscale().pow(2);
-        let needed = 4 * files.vae_config.latent_channels + cond;
-        if files.transformer_config.in_channels != needed {
-            return Err(GenerateError::Weights {
-                path: files.transformer[0].clone(),
-                reason: format!(
-                    "in_channels {} is not a Fill model for this VAE (needs {needed}: latents + masked latents + mask)",
-                    files.transformer_config.in_channels
-                ),
-            });
-        }
-        Ok(Self {
-            options,
-            files,
-            transformer,
-            vae,
-            text: None,
-            lora_report,
-            edits: PreparedSet::default(),
-        })
+        let (bytes, _) = transformer.linear_weight_bytes();
+        tracing::info!(
+            linear_weights_gb = bytes as f64 / 1e9,
+            text_encoders = self.text.is_some(),
+            "resident: transformer and VAE{}",
+            if self.text.is_some() {
+                ", T5 and CLIP"
+            } else {
+                ""
+            }
+        );
+        self.transformer = Some(transformer);
+        self.lora_report = lora_report;
+        Ok(())
     }
 
     /// What the LoRA loading did.
@@ -183,8 +235,13 @@ impl FluxGenerator {
     }
 
     /// The transformer (for tests and benchmarks).
+    ///
+    /// # Panics
+    /// If it was deferred and no edit has been prepared yet.
     pub fn transformer(&self) -> &FluxTransformer {
-        &self.transformer
+        self.transformer
+            .as_ref()
+            .expect("the transformer loads with the generator unless deferred to the first edit")
     }
 
     /// The autoencoder (for tests).
@@ -205,7 +262,8 @@ impl FluxGenerator {
             tracing::info!(
                 device = ?dev.location(),
                 ?dtype,
-                "loading the T5 and CLIP text encoders (resident with the transformer and VAE until dropped)"
+                "loading the T5 and CLIP text encoders (resident with the VAE{} until dropped)",
+                if self.transformer.is_some() { " and the transformer" } else { "" }
             );
             self.text = Some(TextEncoders::load(
                 &self.files.clip,
@@ -280,16 +338,33 @@ impl Generator for FluxGenerator {
                 r.side_branches,
                 r.moe_layers
             ),
-            None => String::new(),
+            None => match (&self.options.lora, &self.transformer) {
+                (Some(path), None) => match find_lora_file(path) {
+                    Ok(file) => format!(
+                        ", LoRA {} (applied as the transformer loads)",
+                        file.display()
+                    ),
+                    Err(_) => format!(", LoRA {}", path.display()),
+                },
+                _ => String::new(),
+            },
         };
-        let (bytes, quantized) = self.transformer.linear_weight_bytes();
+        let held = match &self.transformer {
+            Some(t) => {
+                let (bytes, quantized) = t.linear_weight_bytes();
+                format!(
+                    "{quantized} quantized layers, {:.2} GB of linear weights",
+                    bytes as f64 / 1e9
+                )
+            }
+            None => "loads after the first prompt is encoded".into(),
+        };
         GeneratorInfo {
             name: "flux-fill".into(),
             detail: format!(
-                "{} ({:?}; {quantized} quantized layers, {:.2} GB of linear weights), {:?} on {:?}{lora}",
+                "{} ({:?}; {held}), {:?} on {:?}{lora}",
                 self.files.transformer[0].display(),
                 self.files.transformer_layout,
-                bytes as f64 / 1e9,
                 self.options.dtype,
                 self.options.device.location()
             ),
@@ -322,6 +397,7 @@ impl Generator for FluxGenerator {
             self.text = None; // frees T5 (~9.5 GB in bf16) before the denoising loop
             tracing::info!("dropped the T5 and CLIP text encoders");
         }
+        self.load_transformer()?;
 
         let diptych = make_diptych(&edit.source);
         let image = latents::image_to_tensor(&diptych.image, &dev)?;
@@ -375,8 +451,11 @@ impl Generator for FluxGenerator {
             ],
             D::Minus1,
         )?;
-        let v = self
+        let transformer = self
             .transformer
+            .as_ref()
+            .ok_or_else(|| GenerateError::Config("velocity before any edit was prepared".into()))?;
+        let v = transformer
             .forward(&img, &p.text, sigma, self.options.guidance, &p.rope)
             .and_then(|v| v.to_dtype(DType::F32))
             .map_err(GenerateError::from_forward)?;

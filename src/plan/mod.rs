@@ -84,6 +84,9 @@ pub struct PlanRequest {
     pub judge: Option<JudgeFootprint>,
     /// A batch encodes later items' prompts while the judge is resident.
     pub text_with_judge: bool,
+    /// The transformer loads after the first prompt is encoded (T5 on its device), so the
+    /// first prompt phase holds T5 without it.
+    pub transformer_after_prompt: bool,
 }
 
 /// One line of the plan.
@@ -158,11 +161,18 @@ impl PlanRequest {
         let overhead = overhead_bytes(self.cuda);
         let resident = transformer + vae + self.lora_bytes + overhead;
         let judge_at_prepare = if self.text_with_judge { judge } else { 0 };
+        // What sits beside T5 while a prompt is encoded: a batch's later prompts find the
+        // transformer and the judge loaded; a single edit's finds the transformer only when
+        // it was not deferred.
+        let beside_text = if self.text_with_judge {
+            resident + judge
+        } else if self.transformer_after_prompt {
+            vae + overhead
+        } else {
+            resident
+        };
         let phases = [
-            (
-                "encode prompt",
-                resident + text + text_work + judge_at_prepare,
-            ),
+            ("encode prompt", beside_text + text + text_work),
             ("encode diptych", resident + judge_at_prepare + vae_pass),
             ("denoise", resident + judge + judge_work + forward),
             ("decode", resident + judge + judge_work + vae_pass),

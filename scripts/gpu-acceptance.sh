@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# One-shot acceptance run for a machine with a GPU (see ../shared/GPU.md in the project
+# notes, and the README's "GPU acceptance run"). In one go, with random weights (nothing is
+# downloaded):
+#   1. `bench flux` at the full 12B size: dense (bf16), q8_0 and q4_k, batch 1, 4, 8, a
+#      512 panel (1024x512 diptych, 512 T5 tokens);
+#   2. diffusers' FluxTransformer2DModel, same configuration, shapes and dtype (torch SDPA),
+#      for the same batches (scripts/bench_diffusers_flux.py);
+#   3. `bench judge` for Qwen2.5-VL-7B;
+#   4. `plan` for the same settings, beside the measured peaks;
+#   5. one early-filter edit end to end on the device (the tiny fixture model and judge:
+#      the path is real, the sizes are not);
+# and writes docs/results/gpu-<date>.md with ours / diffusers ratios and peak GPU memory
+# (sampled with nvidia-smi while each step runs).
+#
+# Environment (defaults in brackets):
+#   BIN      the icedit-scale binary [target/release/icedit-scale]
+#   PYTHON   a python with torch + diffusers for step 2 [python3]; skipped when missing
+#   SIZE     full | small [full]          DEVICE  cuda | cuda:N | cpu [cuda]
+#   DTYPE    bf16 | f32 [bf16]            BATCHES [1,4,8]      ITERS [3]
+#   JUDGE    bench judge model [qwen2.5-vl-7b]
+#   OUT      working folder [out/gpu-acceptance]
+#   REPORT   the markdown written [docs/results/gpu-<UTC date>.md]
+#
+# To prove the script without a GPU: SIZE=small DEVICE=cpu DTYPE=f32 JUDGE=small
+#   BIN=target/debug/icedit-scale scripts/gpu-acceptance.sh
+# Each step's failure is recorded in the report (with its log's tail); the script goes on.
+set -uo pipefail
+
+BIN=${BIN:-target/release/icedit-scale}
+PYTHON=${PYTHON:-python3}
+SIZE=${SIZE:-full}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bf16}
+BATCHES=${BATCHES:-1,4,8}
+ITERS=${ITERS:-3}
+JUDGE=${JUDGE:-qwen2.5-vl-7b}
+OUT=${OUT:-out/gpu-acceptance}
+REPORT=${REPORT:-docs/results/gpu-$(date -u +%Y-%m-%d).md}
+mkdir -p "$OUT" "$(dirname "$REPORT")"
+: >"$OUT/steps.tsv"
+
+# Samples the GPU's used memory every 250 ms while a step runs (MiB, one number a line).
+sampler_pid=""
+start_sampler() {
+  if command -v nvidia-smi >/dev/null 2>&1 && [[ "$DEVICE" == cuda* ]]; then
+    local index=${DEVICE#cuda}
+    index=${index#:}
+    nvidia-smi --id="${index:-0}" --query-gpu=memory.used --format=csv,noheader,nounits \
+      -lms 250 >"$OUT/$1.gpu-mem" 2>/dev/null &
+    sampler_pid=$!
+  fi
+}
+stop_sampler() {
+  if [[ -n "$sampler_pid" ]]; then
+    kill "$sampler_pid" 2>/dev/null
+    wait "$sampler_pid" 2>/dev/null
+    sampler_pid=""
+  fi
+}
+
+# step NAME COMMAND...: runs it with its output in $OUT/NAME.log, records rc and seconds.
+step() {
+  local name=$1
+  shift
+  echo "== $name: $*"
+  start_sampler "$name"
+  local start=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  stop_sampler
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >>"$OUT/steps.tsv"
+  echo "   rc=$rc in $((SECONDS - start)) s"
+}
+
+step flux "$BIN" bench flux --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+  --formats dense,q8_0,q4_k --batch "$BATCHES" --width 512 --height 512 --t5-tokens 512 \
+  --iters "$ITERS" --steps 28 --out "$OUT/flux"
+
+if "$PYTHON" -c "import torch, diffusers" >/dev/null 2>&1; then
+  torch_device=$DEVICE
+  step diffusers "$PYTHON" scripts/bench_diffusers_flux.py --size "$SIZE" \
+    --device "$torch_device" --dtype "$DTYPE" --batch "$BATCHES" --width 512 --height 512 \
+    --t5-tokens 512 --iters "$ITERS" --out "$OUT/diffusers-flux.json"
+else
+  echo "== diffusers: $PYTHON lacks torch or diffusers; skipped"
+  printf 'diffusers\tskipped\t0\n' >>"$OUT/steps.tsv"
+fi
+
+step judge "$BIN" bench judge --model "$JUDGE" --device "$DEVICE" --dtype "$DTYPE" \
+  --batch "$BATCHES" --out "$OUT/judge"
+
+# The plan of the measured configuration (full size: no weights named = FLUX.1 Fill).
+for batch in ${BATCHES//,/ }; do
+  for format in dense q8_0 q4_k; do
+    quantize=()
+    [[ $format != dense ]] && quantize=(--quantize "$format")
+    "$BIN" plan --device "$DEVICE" --dtype "$DTYPE" --batch-size "$batch" --width 512 \
+      --text-device cpu --memory-budget 1000000 "${quantize[@]}" \
+      >"$OUT/plan-$format-b$batch.md" 2>&1
+  done
+done
+
+step edit "$BIN" edit --image tests/fixtures/flux/source.png --instruction "make the sky night" \
+  --width 48 --model-dir tests/fixtures/flux/tiny --lora tests/fixtures/flux/lora_moe.safetensors \
+  --t5-tokens 48 --device "$DEVICE" --dtype "$DTYPE" --strategy early-filter --seeds 8 \
+  --probe-steps 4 --keep 2 --steps 28 --judge tests/fixtures/qwen2vl/judge-tiny.toml \
+  --out "$OUT/edit"
+
+"$PYTHON" - "$OUT" "$REPORT" "$SIZE" "$DEVICE" "$DTYPE" <<'PY'
+import json, os, subprocess, sys, datetime
+
+out, report, size, device, dtype = sys.argv[1:6]
+
+def load(path):
+    try:
+        with open(os.path.join(out, path)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+def peak_mib(name):
+    try:
+        with open(os.path.join(out, name + ".gpu-mem")) as f:
+            values = [float(x) for x in f.read().split() if x.strip()]
+        return max(values) if values else None
+    except OSError:
+        return None
+
+def tail(name, n=15):
+    try:
+        with open(os.path.join(out, name + ".log")) as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+steps = [l.rstrip("\n").split("\t") for l in open(os.path.join(out, "steps.tsv"))]
+md = [f"# GPU acceptance run, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", ""]
+gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                     capture_output=True, text=True) if device.startswith("cuda") else None
+md.append(f"Machine: {gpu.stdout.strip() if gpu and gpu.returncode == 0 else 'CPU only (script proof, not GPU figures)'}; "
+          f"size `{size}`, device `{device}`, dtype `{dtype}`, random weights, 512 panel "
+          "(1024x512 diptych), 512 T5 tokens. Written by scripts/gpu-acceptance.sh.")
+md += ["", "| step | exit | seconds | peak GPU memory (MiB, nvidia-smi) |", "|---|---|---|---|"]
+for name, rc, secs in steps:
+    peak = peak_mib(name)
+    md.append(f"| {name} | {rc} | {secs} | {'-' if peak is None else f'{peak:.0f}'} |")
+
+flux, ref = load("flux/flux.json"), load("diffusers-flux.json")
+md += ["", "## FLUX transformer step: ours against diffusers", ""]
+if flux:
+    ref_steps = {s["batch"]: s["step_s"] for s in (ref or {}).get("steps", [])}
+    md += [f"| format | linear weights (MB) | batch | ours (s/step) | diffusers {dtype}, SDPA (s/step) | ours / diffusers |",
+           "|---|---|---|---|---|---|"]
+    for f in flux["formats"]:
+        for s in f["steps"]:
+            r = ref_steps.get(s["batch"])
+            ratio = f"{s['step_s'] / r:.2f}" if r else "-"
+            md.append(f"| {f['format']} | {f['linear_weight_bytes'] / 1e6:.1f} | {s['batch']} | {s['step_s']:.4f} | "
+                      f"{'-' if r is None else f'{r:.4f}'} | {ratio} |")
+    md.append("")
+    md.append(f"VAE encode {flux['vae_encode_s']:.3f} s, decode {flux['vae_decode_s']:.3f} s; "
+              f"host peak RSS {flux.get('peak_rss_mib') or 0:.0f} MiB.")
+    if ref and ref.get("peak_gpu_gib") is not None:
+        md.append(f"diffusers' peak allocated GPU memory: {ref['peak_gpu_gib']:.1f} GiB (torch {ref['torch']}, diffusers {ref['diffusers']}).")
+else:
+    md += ["bench flux failed:", "", "```", tail("flux"), "```"]
+
+judge = load("judge/judge.json")
+md += ["", "## Judge prefill (`bench judge`)", ""]
+try:
+    md.append(open(os.path.join(out, "judge/judge.md")).read())
+except OSError:
+    md += ["bench judge failed:", "", "```", tail("judge"), "```"]
+
+md += ["", "## Memory plan of full-size FLUX.1 Fill at these settings (`plan`; T5 on the CPU, no judge)", ""]
+for name in sorted(os.listdir(out)):
+    if name.startswith("plan-") and name.endswith(".md"):
+        lines = open(os.path.join(out, name)).read().splitlines()
+        peak = next((l for l in lines if l.startswith("| **peak**")), "")
+        md.append(f"- {name[5:-3]}: peak {peak.split('|')[2].strip(' *')} GB ({peak.split('|')[3].strip()})")
+
+rep = load("edit/report.json")
+md += ["", "## One early-filter edit on the device (tiny fixture weights)", ""]
+if rep:
+    md.append("```json")
+    md.append(json.dumps({k: rep.get(k) for k in ("generator", "strategy", "nfe", "pick", "notes", "timings") if k in rep}, indent=2)[:4000])
+    md.append("```")
+else:
+    md += ["edit failed:", "", "```", tail("edit"), "```"]
+with open(report, "w") as f:
+    f.write("\n".join(md) + "\n")
+print("wrote", report)
+PY
