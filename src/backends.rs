@@ -145,6 +145,12 @@ fn flux_plan(
             .text_parameters
             .unwrap_or(plan::T5_XXL_PARAMETERS + plan::CLIP_L_PARAMETERS),
         text_placement: same(text_device),
+        t5_file_bytes: args
+            .t5
+            .as_deref()
+            .filter(|f| plan::peek::is_gguf(f))
+            .and_then(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len() as usize),
         lora_bytes,
         judge: judge_footprint(judge, device)?,
         text_with_judge: workload.many_edits || args.keep_text_encoders,
@@ -316,6 +322,7 @@ fn build_flux(args: &GeneratorArgs) -> anyhow::Result<FluxGenerator> {
         transformer: args.transformer.clone(),
         vae: args.vae.clone(),
         text_encoders: args.text_encoders.clone(),
+        t5: args.t5.clone(),
     });
     options.dtype = parse_dtype(args.dtype.as_deref(), &device)
         .map_err(|e| EditError::Invalid(format!("--dtype {e}")))?;

@@ -314,6 +314,11 @@ pub struct GeneratorArgs {
     /// Distilled guidance value (0 to 100; ICEdit uses 50).
     #[arg(long, default_value_t = 50.0, value_parser = guidance)]
     pub guidance: f64,
+    /// A T5 encoder weight file instead of the folder's `text_encoder_2/` weights: a GGUF
+    /// file (e.g. a quantized t5-v1_1-xxl encoder; llama.cpp or transformers tensor names) or
+    /// safetensors. Config and tokenizer still come from the folder.
+    #[arg(long)]
+    pub t5: Option<PathBuf>,
     /// Candidates per transformer forward (1 to 64; each adds its attention maps).
     #[arg(long, default_value_t = 4, value_parser = bounded(1, 64))]
     pub batch_size: usize,

@@ -57,6 +57,7 @@ fn bfl_files() -> FluxPaths {
         transformer: Some(fixtures().join("bfl/flux1-fill-dev.safetensors")),
         vae: Some(fixtures().join("bfl/ae.safetensors")),
         text_encoders: Some(fixtures().join("tiny")),
+        t5: None,
     }
 }
 
@@ -657,6 +658,7 @@ fn gguf_files(kind: &str) -> FluxPaths {
         transformer: Some(fixtures().join(format!("gguf/flux1-fill-tiny-{kind}.gguf"))),
         vae: Some(fixtures().join("bfl/ae.safetensors")),
         text_encoders: Some(fixtures().join("tiny")),
+        t5: None,
     }
 }
 
@@ -853,6 +855,7 @@ fn fp8_files(kind: &str) -> FluxPaths {
         transformer: Some(fixtures().join(format!("fp8/flux1-fill-tiny-fp8-{kind}.safetensors"))),
         vae: Some(fixtures().join("bfl/ae.safetensors")),
         text_encoders: Some(fixtures().join("tiny")),
+        t5: None,
     }
 }
 
@@ -922,4 +925,40 @@ fn fp8_scales_are_read_under_either_spelling() {
     paths.transformer = Some(respelled);
     let again = forward(&FluxGenerator::load(options(paths, None)).unwrap(), &r);
     assert_eq!(max_abs_diff(&original, &again), 0.0);
+}
+
+/// T5 from GGUF files named the llama.cpp way (make_gguf_t5.py): the F32 file gives the
+/// transformers states to float rounding; Q8_0 keeps its linear layers quantized and stays
+/// within its bound. Q8_0 rounds each weight by at most amax/254 of its 32-wide block and
+/// candle's quantized matmul rounds the activations the same way: ~1% per element, which
+/// two blocks and the final RMS norm carry to the states at about 2x, so the bound on the
+/// largest error over the states' largest magnitude is 5e-2.
+#[test]
+fn t5_loads_from_gguf_files_with_llama_cpp_names() {
+    let r = reference();
+    for (kind, bound) in [("f32", 1e-5), ("q8_0", 5e-2)] {
+        let paths = FluxPaths {
+            t5: Some(fixtures().join(format!("gguf/t5-tiny-encoder-{kind}.gguf"))),
+            ..diffusers_folder()
+        };
+        let mut generator = FluxGenerator::load(options(paths, None)).unwrap();
+        let (t5, _) = generator
+            .text_encoders()
+            .unwrap()
+            .encode(PROMPT, T5_TOKENS)
+            .unwrap();
+        let err = relative_error(&t5, &r["t5_hidden"]);
+        eprintln!("T5 GGUF {kind}: relative error {err:.2e} (bound {bound})");
+        assert!(err < bound, "T5 GGUF {kind}: relative error {err}");
+    }
+    // A file that is not there is named.
+    let paths = FluxPaths {
+        t5: Some(fixtures().join("gguf/no-such-t5.gguf")),
+        ..diffusers_folder()
+    };
+    let err = FluxGenerator::load(options(paths, None))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no-such-t5.gguf"), "{err}");
 }

@@ -78,6 +78,9 @@ pub struct PlanRequest {
     pub text_parameters: usize,
     /// Where the text encoders run.
     pub text_placement: Placement,
+    /// Bytes of a quantized T5 file (`--t5` GGUF), held as stored instead of
+    /// `text_parameters` in the compute dtype (CLIP's share is then counted dense).
+    pub t5_file_bytes: Option<usize>,
     /// Bytes of the LoRA file (its side branches or experts stay beside the weights).
     pub lora_bytes: usize,
     /// The local judge, if any.
@@ -137,7 +140,13 @@ impl PlanRequest {
         let vae = vae_parameters(&self.vae) * e;
         // Text encoders run in f32 on a CPU, in the compute dtype on a GPU.
         let text_e = if self.cuda { e } else { 4 };
-        let text = on(self.text_placement, self.text_parameters * text_e);
+        let text = on(
+            self.text_placement,
+            match self.t5_file_bytes {
+                Some(t5) => t5 + CLIP_L_PARAMETERS * text_e,
+                None => self.text_parameters * text_e,
+            },
+        );
         let judge = self
             .judge
             .as_ref()

@@ -39,6 +39,10 @@ pub struct FluxPaths {
     /// A folder with `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`
     /// (defaults to the model folder).
     pub text_encoders: Option<PathBuf>,
+    /// A T5 encoder weight file overriding `text_encoder_2/`'s weights: a GGUF file
+    /// (llama.cpp's T5 names or transformers'), quantized or not, or safetensors. Its
+    /// config and tokenizer still come from the folder.
+    pub t5: Option<PathBuf>,
 }
 
 /// Where one text encoder's files are.
@@ -264,7 +268,14 @@ impl FluxFiles {
             vae_layout,
             vae_config,
             clip: encoder(&text_root, "text_encoder", "tokenizer")?,
-            t5: encoder(&text_root, "text_encoder_2", "tokenizer_2")?,
+            t5: match &paths.t5 {
+                Some(file) if !file.is_file() => return Err(missing(file, "T5 encoder weights")),
+                Some(file) => EncoderFiles {
+                    weights: vec![file.clone()],
+                    ..encoder(&text_root, "text_encoder_2", "tokenizer_2")?
+                },
+                None => encoder(&text_root, "text_encoder_2", "tokenizer_2")?,
+            },
         })
     }
 }

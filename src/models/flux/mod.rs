@@ -22,6 +22,8 @@ pub mod latents;
 pub mod linear;
 pub mod lora;
 pub mod scheduler;
+pub mod t5;
+pub mod t5_quantized;
 pub mod text;
 pub mod transformer;
 pub mod vae;

@@ -8,11 +8,11 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig, ClipTextTransformer,
 };
-use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::files::EncoderFiles;
+use super::t5::T5Encoder;
 use super::weights::{var_builder, weights_error, KeyLayout, WeightSource};
 use crate::error::ModelError;
 use crate::fsio::read_json;
@@ -145,6 +145,9 @@ struct T5Checks {
     /// `feed_forward_proj`, so the two must agree.
     #[serde(default)]
     dense_act_fn: Option<String>,
+    /// The padding id (transformers' default 0).
+    #[serde(default)]
+    pad_token_id: usize,
 }
 
 impl T5Checks {
@@ -169,7 +172,7 @@ impl T5Checks {
 
 /// T5 + CLIP with their tokenizers.
 pub struct TextEncoders {
-    t5: T5EncoderModel,
+    t5: T5Encoder,
     t5_tokenizer: Tokenizer,
     t5_pad: u32,
     clip: ClipTextTransformer,
@@ -186,17 +189,11 @@ impl TextEncoders {
         dtype: DType,
         dev: &Device,
     ) -> Result<Self, ModelError> {
-        let t5_config: T5Config = read_json(&t5.config)?;
-        read_json::<T5Checks>(&t5.config)?
+        let t5_checks = read_json::<T5Checks>(&t5.config)?;
+        t5_checks
             .check()
             .map_err(|reason| ModelError::files(&t5.config, reason))?;
-        let t5_vb = var_builder(
-            WeightSource::open(&t5.weights, KeyLayout::Diffusers)?,
-            dtype,
-            dev,
-        );
-        let t5_model = T5EncoderModel::load(t5_vb, &t5_config)
-            .map_err(|e| weights_error(&t5.weights[0], e))?;
+        let t5_model = T5Encoder::load(&t5.weights, &t5.config, dtype, dev)?;
 
         let hf: HfClipConfig = read_json(&clip.config)?;
         if (hf.layer_norm_eps - 1e-5).abs() > 1e-12 {
@@ -251,7 +248,7 @@ impl TextEncoders {
         Ok(Self {
             t5: t5_model,
             t5_tokenizer: load_tokenizer(&t5.tokenizer_dir)?,
-            t5_pad: t5_config.pad_token_id as u32,
+            t5_pad: t5_checks.pad_token_id as u32,
             clip: clip_model,
             clip_tokenizer,
             clip_pad,
@@ -278,7 +275,7 @@ impl TextEncoders {
     ) -> Result<(Tensor, Tensor), ModelError> {
         let dev = self.t5.device().clone();
         let t5_ids = Tensor::new(self.t5_ids(prompt, t5_tokens)?, &dev)?.unsqueeze(0)?;
-        let t5 = self.t5.forward_dt(&t5_ids, Some(self.dtype))?;
+        let t5 = self.t5.forward(&t5_ids, self.dtype)?;
         let clip_ids = Tensor::new(self.clip_ids(prompt)?, &dev)?.unsqueeze(0)?;
         let pooled = self.clip.forward(&clip_ids)?;
         Ok((t5, pooled))
