@@ -8,8 +8,8 @@
 #      for the same batches (scripts/bench_diffusers_flux.py);
 #   3. `bench judge` for Qwen2.5-VL-7B;
 #   4. `plan` for the same settings, beside the measured peaks;
-#   5. one early-filter edit end to end on the device (the tiny fixture model and judge:
-#      the path is real, the sizes are not);
+#   5. one early-filter edit end to end on the device with random weights at SIZE
+#      (q8_0, 512 panel, batch 8; the tiny fixture judge);
 # and writes docs/results/gpu-<date>.md with ours / diffusers ratios and peak GPU memory
 # (sampled with nvidia-smi while each step runs).
 #
@@ -18,7 +18,7 @@
 #   PYTHON   a python with torch + diffusers for step 2 [python3]; skipped when missing
 #   SIZE     full | small [full]          DEVICE  cuda | cuda:N | cpu [cuda]
 #   DTYPE    bf16 | f32 [bf16]            BATCHES [1,4,8]      ITERS [3]
-#   JUDGE    bench judge model [qwen2.5-vl-7b]
+#   JUDGE    bench judge model [qwen2.5-vl-7b]   EDIT_STEPS [28]   EDIT_WIDTH [512]
 #   OUT      working folder [out/gpu-acceptance]
 #   REPORT   the markdown written [docs/results/gpu-<UTC date>.md]
 #
@@ -101,11 +101,14 @@ for batch in ${BATCHES//,/ }; do
   done
 done
 
+# Random weights at $SIZE, q8_0 (the 24 GB setting), 512 panel, the paper's early filter
+# (8 seeds, 4 probe steps, keep 2, 28 steps); the tiny fixture judge keeps the judge's part
+# short (its own speed is step 3).
 step edit "$BIN" edit --image tests/fixtures/flux/source.png --instruction "make the sky night" \
-  --width 48 --model-dir tests/fixtures/flux/tiny --lora tests/fixtures/flux/lora_moe.safetensors \
-  --t5-tokens 48 --device "$DEVICE" --dtype "$DTYPE" --strategy early-filter --seeds 8 \
-  --probe-steps 4 --keep 2 --steps 28 --judge tests/fixtures/qwen2vl/judge-tiny.toml \
-  --out "$OUT/edit"
+  --width "${EDIT_WIDTH:-512}" --random-weights "$SIZE" --quantize q8_0 --device "$DEVICE" --dtype "$DTYPE" \
+  --batch-size 8 --strategy early-filter --seeds 8 --probe-steps 4 --keep 2 \
+  --steps "${EDIT_STEPS:-28}" --judge tests/fixtures/qwen2vl/judge-tiny.toml \
+  --memory-budget 1000000 --out "$OUT/edit"
 
 "$PYTHON" - "$OUT" "$REPORT" "$SIZE" "$DEVICE" "$DTYPE" <<'PY'
 import json, os, subprocess, sys, datetime
@@ -181,7 +184,7 @@ for name in sorted(os.listdir(out)):
         md.append(f"- {name[5:-3]}: peak {peak.split('|')[2].strip(' *')} GB ({peak.split('|')[3].strip()})")
 
 rep = load("edit/report.json")
-md += ["", "## One early-filter edit on the device (tiny fixture weights)", ""]
+md += ["", f"## One early-filter edit on the device (random `{size}` weights, q8_0)", ""]
 if rep:
     md.append("```json")
     md.append(json.dumps({k: rep.get(k) for k in ("generator", "strategy", "nfe", "pick", "notes", "timings") if k in rep}, indent=2)[:4000])

@@ -41,7 +41,10 @@ pub struct JudgeHandle {
 /// The generator the flags select: `auto` is FLUX when weights are named (or are to be
 /// downloaded), else the testbed.
 pub fn generator_kind(args: &GeneratorArgs, download: bool) -> GeneratorKind {
-    let flux_files = args.model_dir.is_some() || args.transformer.is_some() || download;
+    let flux_files = args.model_dir.is_some()
+        || args.transformer.is_some()
+        || args.random_weights.is_some()
+        || download;
     match (args.generator, flux_files) {
         (GeneratorKind::Auto, true) => GeneratorKind::Flux,
         (GeneratorKind::Auto, false) => GeneratorKind::Testbed,
@@ -129,21 +132,33 @@ fn flux_plan(
             .map(|m| m.len() as usize)
             .sum()
     });
-    let found = !peeked.transformer.is_empty();
+    let random = args.random_weights.as_deref().map(random_configs);
+    let found = !peeked.transformer.is_empty() || random.is_some();
+    let (transformer, vae) = match random {
+        Some(configs) => configs,
+        None => (
+            peeked
+                .transformer_config
+                .unwrap_or_else(FluxConfig::fill_dev),
+            peeked.vae_config.unwrap_or_else(VaeConfig::flux),
+        ),
+    };
     let request = PlanRequest {
-        transformer: peeked
-            .transformer_config
-            .unwrap_or_else(FluxConfig::fill_dev),
-        vae: peeked.vae_config.unwrap_or_else(VaeConfig::flux),
+        transformer,
+        vae,
         format,
         dtype,
         cuda: matches!(device, DeviceName::Cuda(_)),
         batch: args.batch_size.max(1),
         panel: workload.panel,
         t5_tokens: args.t5_tokens,
-        text_parameters: peeked
-            .text_parameters
-            .unwrap_or(plan::T5_XXL_PARAMETERS + plan::CLIP_L_PARAMETERS),
+        // A random-weights model runs no text encoders.
+        text_parameters: match &args.random_weights {
+            Some(_) => 0,
+            None => peeked
+                .text_parameters
+                .unwrap_or(plan::T5_XXL_PARAMETERS + plan::CLIP_L_PARAMETERS),
+        },
         text_placement: same(text_device),
         t5_file_bytes: args
             .t5
@@ -314,6 +329,14 @@ pub fn build_generator(
     }
 }
 
+/// The transformer and autoencoder configurations `--random-weights` names.
+fn random_configs(size: &str) -> (FluxConfig, VaeConfig) {
+    match size {
+        "small" => crate::models::flux::bench::small_configs(),
+        _ => (FluxConfig::fill_dev(), VaeConfig::flux()),
+    }
+}
+
 fn build_flux(args: &GeneratorArgs) -> anyhow::Result<FluxGenerator> {
     let device =
         parse_device(&args.device).map_err(|e| EditError::Invalid(format!("--device {e}")))?;
@@ -348,6 +371,16 @@ fn build_flux(args: &GeneratorArgs) -> anyhow::Result<FluxGenerator> {
         tracing::warn!("no --lora: running FLUX.1 Fill without the ICEdit LoRA");
     }
     tracing::info!(dtype = ?options.dtype, device = %args.device, "generator: FLUX.1 Fill");
+    if let Some(size) = &args.random_weights {
+        if args.lora.is_some() || args.t5.is_some() {
+            return Err(EditError::Invalid(
+                "--random-weights builds its own weights; it takes no --lora or --t5".into(),
+            )
+            .into());
+        }
+        let (transformer, vae) = random_configs(size);
+        return Ok(FluxGenerator::random(size, transformer, vae, options)?);
+    }
     Ok(FluxGenerator::load(options)?)
 }
 

@@ -314,6 +314,11 @@ pub struct GeneratorArgs {
     /// Distilled guidance value (0 to 100; ICEdit uses 50).
     #[arg(long, default_value_t = 50.0, value_parser = guidance)]
     pub guidance: f64,
+    /// Run FLUX with random weights at the `full` (FLUX.1 Fill, 12B) or `small`
+    /// configuration instead of loading any (speed and memory runs without a download; the
+    /// prompt's text states are random too, so the images mean nothing).
+    #[arg(long, value_parser = ["full", "small"], conflicts_with_all = ["model_dir", "transformer"])]
+    pub random_weights: Option<String>,
     /// A T5 encoder weight file instead of the folder's `text_encoder_2/` weights: a GGUF
     /// file (e.g. a quantized t5-v1_1-xxl encoder; llama.cpp or transformers tensor names) or
     /// safetensors. Config and tokenizer still come from the folder.

@@ -962,3 +962,69 @@ fn t5_loads_from_gguf_files_with_llama_cpp_names() {
         .to_string();
     assert!(err.contains("no-such-t5.gguf"), "{err}");
 }
+
+/// `--random-weights` runs an edit end to end without any weight file (what the GPU
+/// acceptance run does at full size), dense and quantized on load, with exact NFE.
+#[test]
+fn an_edit_runs_with_random_weights_dense_and_quantized() {
+    for quantize in [None, Some("q8_0")] {
+        let out = tempfile::tempdir().unwrap();
+        let mut args = vec![
+            "edit",
+            "--image",
+            "tests/fixtures/flux/source.png",
+            "--instruction",
+            "make the sky night",
+            "--width",
+            "64",
+            "--random-weights",
+            "small",
+            "--t5-tokens",
+            "32",
+            "--strategy",
+            "early-filter",
+            "--seeds",
+            "4",
+            "--probe-steps",
+            "2",
+            "--keep",
+            "2",
+            "--steps",
+            "4",
+            "--judge",
+            "tests/fixtures/qwen2vl/judge-tiny.toml",
+            "--out",
+            out.path().to_str().unwrap(),
+        ];
+        if let Some(q) = quantize {
+            args.extend(["--quantize", q]);
+        }
+        let result = cli(&args);
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap())
+                .unwrap();
+        let generator = report["generator"].as_str().unwrap();
+        assert!(
+            generator.contains("random weights, small configuration"),
+            "{generator}"
+        );
+        assert_eq!(
+            generator.contains("0 quantized layers"),
+            quantize.is_none(),
+            "{generator}"
+        );
+        let survivors = report["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["status"] == "completed")
+            .count();
+        assert_eq!(report["nfe"]["total"], 4 * 2 + survivors * 2);
+        assert!(out.path().join("final.png").is_file());
+    }
+}

@@ -13,19 +13,25 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
 use image::RgbImage;
 
+use super::noise::seeded_noise;
 use super::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit, PreparedSet};
 use crate::edit::{crop_right_panel, make_diptych, EditContext};
 use crate::error::GenerateError;
+use crate::models::bench::RandomWeights;
+use crate::models::flux::files::EncoderFiles;
 use crate::models::flux::linear::Linears;
 use crate::models::flux::lora::{find_lora_file, LoraReport, LoraSet};
 use crate::models::flux::scheduler::DynamicShift;
 use crate::models::flux::text::TextEncoders;
 use crate::models::flux::transformer::{FluxTransformer, TextConditioning};
 use crate::models::flux::vae::Autoencoder;
+use crate::models::flux::vae::VaeConfig;
+use crate::models::flux::weights::KeyLayout;
 use crate::models::flux::weights::{shared_var_builder, var_builder, weights_error, WeightSource};
-use crate::models::flux::{embeddings, latents, FluxFiles, FluxPaths};
+use crate::models::flux::{embeddings, latents, FluxConfig, FluxFiles, FluxPaths};
 
 /// RoPE base frequency.
 const ROPE_THETA: f64 = 10000.0;
@@ -107,6 +113,9 @@ pub struct FluxGenerator {
     text: Option<TextEncoders>,
     lora_report: Option<LoraReport>,
     edits: PreparedSet<PreparedFlux>,
+    /// Set for a model built with random weights: its name, and no text encoders (each
+    /// prompt's conditioning is random, seeded by the prompt).
+    random: Option<String>,
 }
 
 impl FluxGenerator {
@@ -144,6 +153,7 @@ impl FluxGenerator {
             text: None,
             lora_report: None,
             edits: PreparedSet::default(),
+            random: None,
         };
         if generator.options.defer_transformer {
             // Fail now, not after T5, on a file that cannot be opened or a bad LoRA file.
@@ -159,6 +169,75 @@ impl FluxGenerator {
             generator.load_transformer()?;
         }
         Ok(generator)
+    }
+
+    /// FLUX.1 Fill with random weights at these configurations, for speed and memory runs
+    /// without a download (random weights cost what trained ones cost). The transformer
+    /// and VAE are built as the loader builds them (`--quantize` included: as in `bench
+    /// flux`, each weight's first rows are quantized and repeated, which holds and times
+    /// the same); T5 and CLIP are not run: each prompt's states are random, drawn on the
+    /// CPU from a seed hashed from the prompt. `name` says which configuration it is.
+    pub fn random(
+        name: &str,
+        transformer: FluxConfig,
+        vae: VaeConfig,
+        options: FluxOptions,
+    ) -> Result<Self, GenerateError> {
+        let (dtype, dev) = (options.dtype, &options.device);
+        let random_vb =
+            || VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone());
+        let linears = Linears {
+            quantize: options.quantize,
+            sample_rows: options.quantize.map(|_| 64),
+            ..Linears::default()
+        };
+        let model = FluxTransformer::new(random_vb(), &transformer, &linears)?;
+        let autoencoder = Autoencoder::new(random_vb(), &vae)?;
+        let none = EncoderFiles {
+            config: PathBuf::new(),
+            weights: Vec::new(),
+            tokenizer_dir: PathBuf::new(),
+        };
+        tracing::info!(
+            name,
+            "FLUX.1 Fill with random weights (no text encoders: random prompt states)"
+        );
+        Ok(Self {
+            options,
+            files: FluxFiles {
+                transformer: Vec::new(),
+                transformer_layout: KeyLayout::Diffusers,
+                transformer_config: transformer,
+                vae: Vec::new(),
+                vae_layout: KeyLayout::Diffusers,
+                vae_config: vae,
+                clip: none.clone(),
+                t5: none,
+            },
+            transformer: Some(model),
+            vae: autoencoder,
+            text: None,
+            lora_report: None,
+            edits: PreparedSet::default(),
+            random: Some(name.to_string()),
+        })
+    }
+
+    /// Random prompt states `[1, t5_tokens, joint_dim]` and pooled `[1, pooled_dim]`, seeded
+    /// by the prompt (a random-weights model has no text encoders).
+    fn random_text(&self, prompt: &str) -> Result<(Tensor, Tensor), GenerateError> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        prompt.hash(&mut hasher);
+        let seed = hasher.finish();
+        let c = &self.files.transformer_config;
+        let t5 = seeded_noise(
+            seed,
+            &[1, self.options.t5_tokens, c.joint_attention_dim],
+            &Device::Cpu,
+        )?;
+        let pooled = seeded_noise(seed ^ 1, &[1, c.pooled_projection_dim], &Device::Cpu)?;
+        Ok((t5, pooled))
     }
 
     /// Reads the transformer (and applies the LoRA) if it is not resident yet.
@@ -359,12 +438,17 @@ impl Generator for FluxGenerator {
             }
             None => "loads after the first prompt is encoded".into(),
         };
+        let source = match (&self.random, self.files.transformer.first()) {
+            (Some(name), _) => format!("random weights, {name} configuration"),
+            (None, Some(file)) => {
+                format!("{} ({:?})", file.display(), self.files.transformer_layout)
+            }
+            (None, None) => "no files".into(),
+        };
         GeneratorInfo {
             name: "flux-fill".into(),
             detail: format!(
-                "{} ({:?}; {held}), {:?} on {:?}{lora}",
-                self.files.transformer[0].display(),
-                self.files.transformer_layout,
+                "{source} ({held}), {:?} on {:?}{lora}",
                 self.options.dtype,
                 self.options.device.location()
             ),
@@ -388,12 +472,15 @@ impl Generator for FluxGenerator {
         let (dtype, dev) = (self.options.dtype, self.options.device.clone());
         let t5_tokens = self.options.t5_tokens;
         let prompt = edit.prompt();
-        let (t5, pooled) = self.text_encoders()?.encode(&prompt, t5_tokens)?;
+        let (t5, pooled) = match self.random {
+            Some(_) => self.random_text(&prompt)?,
+            None => self.text_encoders()?.encode(&prompt, t5_tokens)?,
+        };
         let (t5, pooled) = (
             t5.to_device(&dev)?.to_dtype(dtype)?,
             pooled.to_device(&dev)?.to_dtype(dtype)?,
         );
-        if !self.options.keep_text_encoders {
+        if !self.options.keep_text_encoders && self.text.is_some() {
             self.text = None; // frees T5 (~9.5 GB in bf16) before the denoising loop
             tracing::info!("dropped the T5 and CLIP text encoders");
         }
