@@ -541,19 +541,7 @@ fn runs_in_bf16() {
 /// The tiny diffusers folder copied to `to`, with `edit` applied to one component's
 /// `config.json`.
 fn tiny_with_config(to: &Path, component: &str, edit: impl Fn(&mut serde_json::Value)) {
-    fn copy(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let path = entry.unwrap().path();
-            let dest = to.join(path.file_name().unwrap());
-            if path.is_dir() {
-                copy(&path, &dest);
-            } else {
-                std::fs::copy(&path, &dest).unwrap();
-            }
-        }
-    }
-    copy(&fixtures().join("tiny"), to);
+    support::copy_dir(&fixtures().join("tiny"), to);
     let config = to.join(component).join("config.json");
     let mut value: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();

@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::cli;
+use support::{cli, copy_dir};
 
 use candle_core::DType;
 use icedit_scale::models::flux::bench::small_configs;
@@ -113,19 +113,6 @@ fn model_dir_without_weight_data() -> tempfile::TempDir {
     let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     std::fs::write(&file, &bytes[..8 + header]).unwrap();
     dir
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 fn edit_args<'a>(model_dir: &'a str, out: &'a str, budget: &'a str) -> Vec<&'a str> {

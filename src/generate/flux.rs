@@ -112,6 +112,8 @@ pub struct FluxGenerator {
     vae: Autoencoder,
     text: Option<TextEncoders>,
     lora_report: Option<LoraReport>,
+    /// The LoRA read at load, until the transformer is built with it.
+    lora: Option<Arc<LoraSet>>,
     edits: PreparedSet<PreparedFlux>,
     /// Set for a model built with random weights: its name, and no text encoders (each
     /// prompt's conditioning is random, seeded by the prompt).
@@ -124,8 +126,12 @@ impl FluxGenerator {
     /// now and its weights read after the first prompt is encoded.
     pub fn load(options: FluxOptions) -> Result<Self, GenerateError> {
         let files = FluxFiles::discover(&options.paths)?;
-        let lora_file = match &options.lora {
-            Some(path) => Some(find_lora_file(path)?),
+        // Read once here: a bad LoRA fails before any weight is loaded, deferred or not.
+        let lora = match &options.lora {
+            Some(path) => Some(Arc::new(LoraSet::load(
+                &find_lora_file(path)?,
+                options.lora_scale,
+            )?)),
             None => None,
         };
         let vae_source = WeightSource::open(&files.vae, files.vae_layout)?;
@@ -152,18 +158,16 @@ impl FluxGenerator {
             vae,
             text: None,
             lora_report: None,
+            lora,
             edits: PreparedSet::default(),
             random: None,
         };
         if generator.options.defer_transformer {
-            // Fail now, not after T5, on a file that cannot be opened or a bad LoRA file.
+            // Fail now, not after T5, on a file that cannot be opened (the LoRA was read above).
             WeightSource::open(
                 &generator.files.transformer,
                 generator.files.transformer_layout,
             )?;
-            if let Some(path) = &lora_file {
-                LoraSet::load(path, generator.options.lora_scale)?;
-            }
             tracing::info!("the transformer loads after the first prompt is encoded (T5 and CLIP first, then dropped)");
         } else {
             generator.load_transformer()?;
@@ -218,6 +222,7 @@ impl FluxGenerator {
             vae: autoencoder,
             text: None,
             lora_report: None,
+            lora: None,
             edits: PreparedSet::default(),
             random: Some(name.to_string()),
         })
@@ -245,14 +250,9 @@ impl FluxGenerator {
         if self.transformer.is_some() {
             return Ok(());
         }
+        // Kept until the build succeeds, so a retry after a failed load still has it.
+        let lora = self.lora.clone();
         let (options, files) = (&self.options, &self.files);
-        let lora = match &options.lora {
-            Some(path) => Some(Arc::new(LoraSet::load(
-                &find_lora_file(path)?,
-                options.lora_scale,
-            )?)),
-            None => None,
-        };
         let (dtype, dev) = (options.dtype, &options.device);
         tracing::info!(files = ?files.transformer, layout = ?files.transformer_layout, "loading the FLUX transformer");
         let source = Arc::new(
@@ -305,6 +305,7 @@ impl FluxGenerator {
         );
         self.transformer = Some(transformer);
         self.lora_report = lora_report;
+        self.lora = None;
         Ok(())
     }
 

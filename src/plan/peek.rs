@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 
 use super::footprint::WeightFormat;
 use crate::models::flux::vae::VaeConfig;
+pub use crate::models::flux::weights::is_gguf;
 use crate::models::flux::FluxConfig;
 
 /// A tensor as a safetensors header describes it.
@@ -50,29 +51,13 @@ pub fn safetensors_header(path: &Path) -> Result<BTreeMap<String, HeaderEntry>, 
         .collect()
 }
 
-/// Whether a file starts with the GGUF magic.
-pub fn is_gguf(path: &Path) -> bool {
-    let mut magic = [0u8; 4];
-    File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
-}
-
-/// The safetensors files of a folder (or the file itself), sorted.
+/// The safetensors files of a folder (or the file itself), sorted; none when the folder
+/// is missing or holds none (the loader then names what is missing).
 pub fn safetensors_files(path: &Path) -> Vec<PathBuf> {
     if path.is_file() {
         return vec![path.to_path_buf()];
     }
-    let mut files: Vec<_> = std::fs::read_dir(path)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    files
+    crate::hub::shards(path).unwrap_or_default()
 }
 
 /// Parameters stored in the safetensors files under `path` (headers only); `None` when
