@@ -416,7 +416,7 @@ fn judge_from_preset(kind: &str, path: &Path) -> Result<Arc<dyn Judge>, JudgeErr
             Ok(Arc::new(Qwen2VlJudge::new(config, device, dtype)?))
         }
         other => Err(JudgeError::Config(format!(
-            "judge preset {}: unknown kind {other:?} (known: \"openai\", \"qwen2vl\"; or --judge testbed)",
+            "judge preset {}: unknown kind {other:?} (known: \"openai\", \"qwen2vl\", \"testbed\"; or --judge testbed)",
             path.display()
         ))),
     }
@@ -460,6 +460,19 @@ pub fn build_judge(
     }
     let path = Path::new(&args.judge);
     let head = preset_head(path).with_context(|| format!("loading judge {}", args.judge))?;
+    if head.kind == "testbed" {
+        // A simulated judge from a file: it knows generated scenes, and the testbed
+        // generator's edits when there is one.
+        let config = TestbedJudgeConfig::from_preset(path)?;
+        let judge = match testbed {
+            Some(edits) => TestbedJudge::knowing(config, edits.clone()),
+            None => TestbedJudge::new(config),
+        };
+        return Ok(JudgeHandle {
+            judge: Some(Arc::new(judge)),
+            concurrency: args.judge_concurrency.or(head.max_concurrency).unwrap_or(8),
+        });
+    }
     if download && head.kind == "qwen2vl" {
         let config = LocalJudgeConfig::from_file(path)?;
         if let (None, Some(model)) = (&config.model_dir, &config.model) {

@@ -41,6 +41,9 @@ pub enum Command {
     Study(StudyArgs),
     /// Compare strategies on a benchmark suite at matched compute (resumable).
     Eval(EvalArgs),
+    /// Measure a judge against human labels: pairwise accuracy, rank correlation, position
+    /// bias, failures and cost (resumable).
+    JudgeEval(JudgeEvalArgs),
     /// Fetch weights from the Hugging Face Hub into its cache (resumable).
     Download(DownloadArgs),
     /// Benchmarks (speed and memory).
@@ -475,6 +478,37 @@ pub struct EvalArgs {
     #[allow(missing_docs)]
     pub generator: GeneratorArgs,
     /// Fetch what is missing from the Hugging Face Hub first (as for `edit`).
+    #[arg(long)]
+    pub download: bool,
+}
+
+/// `judge-eval`: a judge's agreement with human preferences and ratings.
+#[derive(Debug, Clone, Args)]
+pub struct JudgeEvalArgs {
+    /// Labelled data, repeatable: a JSONL file of pairs (`source`, `instruction`, `edit_a`,
+    /// `edit_b`, `preference` a|b|tie) and ratings (`source`, `instruction`, `edit`,
+    /// `score`), or `testbed[:N]` (N synthetic pairs and N ratings with known truth; 100).
+    #[arg(long, required = true)]
+    pub data: Vec<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub judge: JudgeArgs,
+    /// Output folder: judgements.jsonl (durable, resumable), results.json, report.md.
+    #[arg(long, default_value = "out/judge-eval")]
+    pub out: PathBuf,
+    /// Panel width sources are resized to (edits are resized to their source's panel).
+    #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH, value_parser = panel_width)]
+    pub width: u32,
+    /// Judge at most this many items, the same subset on every machine (hash of the ids).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Bootstrap resamples behind each interval (100 to 100000).
+    #[arg(long, default_value_t = 2000, value_parser = bounded(100, 100_000))]
+    pub resamples: usize,
+    /// Only rebuild the report from the stored judgements.
+    #[arg(long)]
+    pub report_only: bool,
+    /// Fetch a local judge's checkpoint from the Hugging Face Hub first.
     #[arg(long)]
     pub download: bool,
 }

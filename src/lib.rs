@@ -27,6 +27,7 @@ pub mod fsio;
 pub mod generate;
 pub mod hub;
 pub mod judge;
+pub mod judge_eval;
 pub mod models;
 pub mod plan;
 pub mod stop;

@@ -1,13 +1,14 @@
 //! What each subcommand does, on top of the library; `main` only parses and maps errors.
 //!
 //! One file per family: [`edit`] (edit, demo), [`batch`] (batch, merge), [`eval`] (eval,
-//! study), [`download`], [`bench`] (the benchmarks).
+//! study), [`judge_eval`], [`download`], [`bench`] (the benchmarks), [`plan`].
 
 pub mod batch;
 pub mod bench;
 pub mod download;
 pub mod edit;
 pub mod eval;
+pub mod judge_eval;
 pub mod plan;
 
 use crate::cli::{BenchCommand, Cli, Command};
@@ -105,6 +106,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Merge(args)) => batch::merge(args),
         Some(Command::Study(args)) => eval::study(args).await,
         Some(Command::Eval(args)) => eval::eval(args).await,
+        Some(Command::JudgeEval(args)) => judge_eval::judge_eval(args).await,
         Some(Command::Download(args)) => download::download(args),
         Some(Command::Plan(args)) => plan::plan(*args),
         Some(Command::Bench(BenchCommand::Pipeline(args))) => bench::pipeline(args).await,

@@ -47,6 +47,52 @@ impl Default for TestbedJudgeConfig {
     }
 }
 
+/// A testbed judge preset (`kind = "testbed"`): the error model as a file, so a simulated
+/// judge can stand in wherever a preset is asked for (`judge-eval`, eval suites).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestbedPreset {
+    #[allow(dead_code)]
+    kind: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    max_concurrency: Option<usize>,
+    seed: Option<u64>,
+    noise: Option<f32>,
+    position_bias: Option<f32>,
+    failure_rate: Option<f32>,
+}
+
+impl TestbedJudgeConfig {
+    /// Reads a `kind = "testbed"` preset: `seed`, `noise` (0 to 10), `position_bias` and
+    /// `failure_rate` (0 to 1); a missing field keeps its default.
+    pub fn from_preset(path: &std::path::Path) -> Result<Self, JudgeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            JudgeError::Config(format!("cannot read judge preset {}: {e}", path.display()))
+        })?;
+        let preset: TestbedPreset = toml::from_str(&text)
+            .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))?;
+        let d = Self::default();
+        let c = Self {
+            seed: preset.seed.unwrap_or(d.seed),
+            noise: preset.noise.unwrap_or(d.noise),
+            position_bias: preset.position_bias.unwrap_or(d.position_bias),
+            failure_rate: preset.failure_rate.unwrap_or(d.failure_rate),
+        };
+        let check = super::preset::FieldCheck::new(path);
+        check.within(
+            "noise",
+            c.noise,
+            0.0,
+            10.0,
+            "standard deviation on the 0-10 scale",
+        )?;
+        check.within("position_bias", c.position_bias, 0.0, 1.0, "a probability")?;
+        check.within("failure_rate", c.failure_rate, 0.0, 1.0, "a probability")?;
+        Ok(c)
+    }
+}
+
 /// The oracle judge of the testbed.
 pub struct TestbedJudge {
     config: TestbedJudgeConfig,

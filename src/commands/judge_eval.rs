@@ -1,0 +1,134 @@
+//! `judge-eval`: a judge's agreement with human labels.
+
+use std::collections::HashSet;
+
+use anyhow::Context;
+
+use crate::backends::build_judge;
+use crate::cli::JudgeEvalArgs;
+use crate::commands::Incomplete;
+use crate::error::EditError;
+use crate::eval::dataset::{select, Selection};
+use crate::judge_eval::{self, Case, JudgeEvalReport, JudgementStore, RunConfig};
+use crate::models::testbed::TestbedEdits;
+use crate::stop::StopSignal;
+
+/// First scene seed of `--data testbed` (apart from eval's and study's default scenes).
+const TESTBED_FIRST_SCENE: u64 = 50_000;
+
+/// Reads one `--data` value.
+fn load_data(spec: &str) -> Result<Vec<Case>, EditError> {
+    if let Some(rest) = spec.strip_prefix("testbed") {
+        let n = match rest.strip_prefix(':') {
+            None if rest.is_empty() => 100,
+            Some(n) => n
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=100_000).contains(n))
+                .ok_or_else(|| {
+                    EditError::Invalid(format!(
+                        "--data {spec}: N must be a whole number from 1 to 100000"
+                    ))
+                })?,
+            None => {
+                return Err(EditError::Invalid(format!(
+                    "--data {spec}: expected `testbed` or `testbed:N`"
+                )))
+            }
+        };
+        return Ok(judge_eval::testbed_cases(n, n, TESTBED_FIRST_SCENE, 0));
+    }
+    judge_eval::load_jsonl(std::path::Path::new(spec))
+}
+
+/// Every `--data`, checked for unique ids, then sub-sampled by `--limit`.
+fn load_cases(args: &JudgeEvalArgs) -> Result<Vec<Case>, EditError> {
+    let mut cases = Vec::new();
+    let mut seen = HashSet::new();
+    for spec in &args.data {
+        for case in load_data(spec)? {
+            if !seen.insert(case.item.id.clone()) {
+                return Err(EditError::Invalid(format!(
+                    "--data {spec}: id `{}` appears twice in the data (ids name the stored judgements)",
+                    case.item.id
+                )));
+            }
+            cases.push(case);
+        }
+    }
+    if let Some(limit) = args.limit {
+        let selection = Selection {
+            limit: Some(limit),
+            ..Selection::default()
+        };
+        let keep: HashSet<String> =
+            select(cases.iter().map(|c| c.item.clone()).collect(), &selection)
+                .into_iter()
+                .map(|i| i.id)
+                .collect();
+        cases.retain(|c| keep.contains(&c.item.id));
+    }
+    Ok(cases)
+}
+
+/// `judge-eval`: judges the items not yet stored, then writes the report.
+pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
+    let cases = load_cases(&args)?;
+    let mut store = JudgementStore::open(&args.out)
+        .with_context(|| format!("opening {}", args.out.join("judgements.jsonl").display()))?;
+    let handle = build_judge(&args.judge, args.download, Some(&TestbedEdits::default()))?;
+    let judge = handle.judge.ok_or_else(|| {
+        EditError::Invalid("--judge none: judge-eval needs a judge to measure".into())
+    })?;
+    if !args.report_only {
+        let stop = StopSignal::default();
+        stop.stop_on_signals("stopping after the items in flight (judgements so far are saved)")?;
+        let bar = indicatif::ProgressBar::new(cases.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "judge-eval {bar:30} {pos}/{len} items, {per_sec}, ETA {eta}",
+            )
+            .expect("static template"),
+        );
+        let config = RunConfig {
+            width: args.width,
+            concurrency: handle.concurrency,
+        };
+        judge_eval::run(&cases, judge.clone(), &mut store, config, &stop, |n| {
+            bar.set_position(n as u64)
+        })
+        .await?;
+        bar.finish_and_clear();
+    }
+    let order: Vec<String> = cases.iter().map(|c| c.item.id.clone()).collect();
+    let report = JudgeEvalReport::build(
+        judge.name(),
+        args.data.clone(),
+        &order,
+        store.records(),
+        args.resamples,
+    );
+    report.write(&args.out)?;
+    println!("{}", report.markdown());
+    if args.report_only {
+        return Ok(());
+    }
+    let unreadable = store.records().iter().filter(|r| r.error.is_some()).count();
+    let left = report.not_judged.len().saturating_sub(unreadable);
+    if left > 0 {
+        return Err(Incomplete::Stopped {
+            done: cases.len() - report.not_judged.len(),
+            left,
+        }
+        .into());
+    }
+    if unreadable > 0 {
+        return Err(Incomplete::SomeFailed {
+            failed: unreadable,
+            total: cases.len(),
+            summary: args.out.join("judgements.jsonl"),
+        }
+        .into());
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! Runs a judge over labelled cases: a pair is asked in both orders (A first, then B
+//! first), a rating gets the two VIE calls. Items run `concurrency` at a time and are
+//! stored in dataset order as they finish; a stop request lets the items in flight finish.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+
+use super::data::{Case, HumanLabel};
+use super::store::{Called, Judged, Judgement, JudgementStore};
+use crate::error::{EditError, EngineError};
+use crate::judge::{CallUsage, Judge, JudgeError};
+use crate::stop::StopSignal;
+
+/// How the judge is run.
+#[derive(Debug, Clone, Copy)]
+pub struct RunConfig {
+    /// Panel width sources are resized to (edits are resized to the source's panel).
+    pub width: u32,
+    /// Items judged at once.
+    pub concurrency: usize,
+}
+
+fn called<T, A>(
+    result: Result<A, JudgeError>,
+    answer: impl FnOnce(&A) -> T,
+    explain: impl FnOnce(&A) -> (String, CallUsage),
+) -> Result<Called<T>, JudgeError> {
+    match result {
+        Ok(a) => {
+            let (reasoning, usage) = explain(&a);
+            Ok(Called {
+                answer: Some(answer(&a)),
+                failure: None,
+                reasoning,
+                usage,
+            })
+        }
+        // A broken configuration is not a measurement of the judge: stop the run.
+        Err(e @ JudgeError::Config(_)) => Err(e),
+        Err(e) => Ok(Called {
+            answer: None,
+            failure: Some(e.to_string()),
+            reasoning: String::new(),
+            usage: e.usage().cloned().unwrap_or_default(),
+        }),
+    }
+}
+
+/// Judges one case. `Err` only for a judge whose configuration cannot work.
+async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgement, JudgeError> {
+    let mut record = Judgement {
+        id: case.item.id.clone(),
+        task: case.item.task.clone(),
+        judged: None,
+        error: None,
+    };
+    let edit = match case.item.to_edit(width) {
+        Ok(e) => e,
+        Err(e) => {
+            record.error = Some(e.to_string());
+            return Ok(record);
+        }
+    };
+    let load = |image: &super::data::EditedImage| image.load(&edit);
+    record.judged = match &case.human {
+        HumanLabel::Preference { a, b, preferred } => {
+            let (a, b) = match (load(a), load(b)) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) | (_, Err(e)) => {
+                    record.error = Some(e.to_string());
+                    return Ok(record);
+                }
+            };
+            let (ab, ba) =
+                futures::join!(judge.compare(&edit, &a, &b), judge.compare(&edit, &b, &a));
+            let pick = |c: &crate::judge::Comparison| c.preferred;
+            let explain = |c: &crate::judge::Comparison| (c.reasoning.clone(), c.usage.clone());
+            Some(Judged::Pair {
+                human: *preferred,
+                a_first: called(ab, pick, explain)?,
+                b_first: called(ba, pick, explain)?,
+            })
+        }
+        HumanLabel::Rating { edit: image, score } => {
+            let image = match load(image) {
+                Ok(i) => i,
+                Err(e) => {
+                    record.error = Some(e.to_string());
+                    return Ok(record);
+                }
+            };
+            let (sc, pq) = futures::join!(
+                judge.semantic_consistency(&edit, &image),
+                judge.perceptual_quality(&edit, &image)
+            );
+            let pick = |s: &crate::judge::SubScores| s.scores;
+            let explain = |s: &crate::judge::SubScores| (s.reasoning.clone(), s.usage.clone());
+            Some(Judged::Rating {
+                human: *score,
+                semantic: called(sc, pick, explain)?,
+                perceptual: called(pq, pick, explain)?,
+            })
+        }
+    };
+    Ok(record)
+}
+
+/// Judges every case not yet in `store`, storing each as it finishes (in dataset order).
+/// `progress` is told how many items are stored. Returns how many were judged this run.
+pub async fn run(
+    cases: &[Case],
+    judge: Arc<dyn Judge>,
+    store: &mut JudgementStore,
+    config: RunConfig,
+    stop: &StopSignal,
+    mut progress: impl FnMut(usize),
+) -> Result<usize, EngineError> {
+    let pending: Vec<&Case> = cases
+        .iter()
+        .filter(|c| !store.is_done(&c.item.id))
+        .collect();
+    let mut stored = cases.len() - pending.len();
+    progress(stored);
+    let mut judged = 0;
+    let mut results = futures::stream::iter(pending)
+        .map(|case| {
+            let judge = judge.clone();
+            async move {
+                if stop.is_set() {
+                    return None;
+                }
+                Some(judge_case(case, judge.as_ref(), config.width).await)
+            }
+        })
+        .buffered(config.concurrency.max(1));
+    while let Some(result) = results.next().await {
+        let Some(result) = result else { continue };
+        let record = result.map_err(|e| EngineError::Edit(EditError::Invalid(format!("{e}"))))?;
+        store.append(record).map_err(|e| EngineError::Output {
+            path: "judgements.jsonl".into(),
+            reason: e.to_string(),
+        })?;
+        judged += 1;
+        stored += 1;
+        progress(stored);
+    }
+    Ok(judged)
+}

@@ -1,0 +1,148 @@
+//! `judgements.jsonl`: one record per labelled item, appended and fsynced as each item
+//! finishes, so an interrupted `judge-eval` resumes where it stopped. A judge's failure is
+//! a measurement (it is kept and counted); an item whose images could not be read is
+//! retried on the next run.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::stats::Label;
+use crate::error::{EditError, EngineError};
+use crate::fsio::OutputLock;
+use crate::judge::{CallUsage, Preference};
+
+/// One judge call: its answer or its failure, never both.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Called<T> {
+    /// What the judge answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer: Option<T>,
+    /// Why it gave no answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// The judge's explanation.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reasoning: String,
+    /// What the call cost (also when it failed, where the judge knows).
+    pub usage: CallUsage,
+}
+
+/// The judge's calls on one item, with the human label they are measured against.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Judged {
+    /// A preference pair, asked in both orders.
+    Pair {
+        /// The human preference.
+        human: Label,
+        /// The call that showed A first.
+        a_first: Called<Preference>,
+        /// The call that showed B first.
+        b_first: Called<Preference>,
+    },
+    /// A rated edit, scored by the VIE rubric.
+    Rating {
+        /// The human score.
+        human: f64,
+        /// Semantic consistency (instruction followed, not over-edited), 0-10 each.
+        semantic: Called<[f32; 2]>,
+        /// Perceptual quality (naturalness, no artifacts), 0-10 each.
+        perceptual: Called<[f32; 2]>,
+    },
+}
+
+impl Judged {
+    /// The calls made, as (failed, usage).
+    pub fn calls(&self) -> [(bool, &CallUsage); 2] {
+        match self {
+            Judged::Pair {
+                a_first, b_first, ..
+            } => [
+                (a_first.answer.is_none(), &a_first.usage),
+                (b_first.answer.is_none(), &b_first.usage),
+            ],
+            Judged::Rating {
+                semantic,
+                perceptual,
+                ..
+            } => [
+                (semantic.answer.is_none(), &semantic.usage),
+                (perceptual.answer.is_none(), &perceptual.usage),
+            ],
+        }
+    }
+}
+
+/// One line of `judgements.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Judgement {
+    /// The item's id.
+    pub id: String,
+    /// Its task type, when the data has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// The calls, when the item's images could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged: Option<Judged>,
+    /// Why the item could not be judged (an unreadable image): not the judge's failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `judgements.jsonl` under the output folder, whose lock it holds.
+pub struct JudgementStore {
+    file: std::fs::File,
+    records: Vec<Judgement>,
+    done: HashSet<String>,
+    _lock: OutputLock,
+}
+
+impl JudgementStore {
+    /// Takes the folder's lock and opens (or starts) the store, cutting a torn last line
+    /// left by a killed process. Records of items that could not be read are dropped, so
+    /// they run again.
+    pub fn open(out: &Path) -> Result<Self, EngineError> {
+        crate::fsio::prepare_output_dir(out, "--out")
+            .map_err(|e| EditError::Invalid(e.to_string()))?;
+        let lock = OutputLock::acquire(out).map_err(|e| EditError::Invalid(e.to_string()))?;
+        let path = out.join("judgements.jsonl");
+        let (mut records, file) =
+            crate::fsio::jsonl::open::<Judgement>(&path).map_err(|e| EngineError::Output {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut done = HashSet::new();
+        records.retain(|r: &Judgement| r.error.is_none() && done.insert(r.id.clone()));
+        Ok(Self {
+            file,
+            records,
+            done,
+            _lock: lock,
+        })
+    }
+
+    /// Whether the item is finished.
+    pub fn is_done(&self, id: &str) -> bool {
+        self.done.contains(id)
+    }
+
+    /// Appends one record durably (fsynced before it counts).
+    pub fn append(&mut self, record: Judgement) -> std::io::Result<()> {
+        if self.is_done(&record.id) {
+            return Ok(());
+        }
+        crate::fsio::jsonl::append(&mut self.file, std::slice::from_ref(&record))?;
+        if record.error.is_none() {
+            self.done.insert(record.id.clone());
+        }
+        self.records.push(record);
+        Ok(())
+    }
+
+    /// Every record so far.
+    pub fn records(&self) -> &[Judgement] {
+        &self.records
+    }
+}

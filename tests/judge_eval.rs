@@ -1,0 +1,455 @@
+//! `judge-eval`: a judge measured against labels whose truth is known (the testbed judge's
+//! error model predicts its accuracy), an interrupted run resumed to the same report, and
+//! failing judges whose failures never become preferences or scores.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use icedit_scale::edit::EditContext;
+use icedit_scale::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
+use icedit_scale::judge::{Comparison, Judge, JudgeError, PreviewStage, ScreenVerdict, SubScores};
+use icedit_scale::judge_eval::{
+    run, testbed_cases, Case, HumanLabel, JudgeEvalReport, JudgementStore, Label, RunConfig,
+};
+use icedit_scale::models::testbed::outcomes::{mse, outcome_set};
+use icedit_scale::stop::StopSignal;
+use image::RgbImage;
+use statrs::distribution::{ContinuousCDF, Normal};
+
+const WIDTH: u32 = 96;
+
+fn config(concurrency: usize) -> RunConfig {
+    RunConfig {
+        width: WIDTH,
+        concurrency,
+    }
+}
+
+async fn judge_all(
+    cases: &[Case],
+    judge: Arc<dyn Judge>,
+    out: &std::path::Path,
+) -> JudgeEvalReport {
+    let mut store = JudgementStore::open(out).unwrap();
+    run(
+        cases,
+        judge.clone(),
+        &mut store,
+        config(4),
+        &StopSignal::default(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    report(cases, judge.as_ref(), &store)
+}
+
+fn report(cases: &[Case], judge: &dyn Judge, store: &JudgementStore) -> JudgeEvalReport {
+    let order: Vec<String> = cases.iter().map(|c| c.item.id.clone()).collect();
+    JudgeEvalReport::build(
+        judge.name(),
+        vec!["testbed".into()],
+        &order,
+        store.records(),
+        1000,
+    )
+}
+
+/// The testbed judge's "instruction followed" sub-score of an edit: 10 x its progress.
+fn follows(case: &Case, image: &icedit_scale::judge_eval::EditedImage) -> f64 {
+    let edit = case.item.to_edit(WIDTH).unwrap();
+    let target = outcome_set(&edit, 0.5).unwrap()[0].image.clone();
+    let img = image.load(&edit).unwrap();
+    let full = mse(&edit.source, &target).max(1.0);
+    10.0 * (1.0 - mse(&img, &target) / full).clamp(0.0, 1.0) as f64
+}
+
+#[tokio::test]
+async fn the_testbed_judge_scores_where_its_error_model_says() {
+    let (noise, bias): (f32, f64) = (1.5, 0.2);
+    let judge: Arc<dyn Judge> = Arc::new(TestbedJudge::new(TestbedJudgeConfig {
+        seed: 3,
+        noise,
+        position_bias: bias as f32,
+        failure_rate: 0.05,
+    }));
+    let cases = testbed_cases(300, 60, 9000, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let report = judge_all(&cases, judge.clone(), dir.path()).await;
+
+    // Each call: with probability `bias` it answers "first"; otherwise it compares noisy
+    // scores, right with probability q = Phi(delta / (noise * sqrt 2)). A pair is right
+    // when both orders name the better edit; it follows position when both name one slot.
+    let phi = Normal::new(0.0, 1.0).unwrap();
+    let (mut right, mut positional, mut non_tie) = (0.0, 0.0, 0.0);
+    for case in cases
+        .iter()
+        .filter(|c| matches!(c.human, HumanLabel::Preference { .. }))
+    {
+        let HumanLabel::Preference { a, b, preferred } = &case.human else {
+            unreachable!()
+        };
+        if *preferred == Label::Tie {
+            // The same image in both slots: both calls are the same call, one slot twice.
+            positional += 1.0;
+            continue;
+        }
+        let delta = (follows(case, a) - follows(case, b)).abs();
+        let q = phi.cdf(delta / (noise as f64 * 2f64.sqrt()));
+        let better_first = bias + (1.0 - bias) * q; // the better edit shown first is picked
+        let better_second = (1.0 - bias) * q; // the better edit shown second is picked
+        right += better_first * better_second;
+        positional += better_first * (1.0 - better_second) + (1.0 - better_first) * better_second;
+        non_tie += 1.0;
+    }
+    let pairs = report.pairs.as_ref().unwrap();
+    let expected_right = right / non_tie;
+    let expected_positional = positional / 300.0;
+    let acc = pairs.accuracy_without_ties.unwrap();
+    let pos = pairs.position_bias.unwrap();
+    println!("accuracy {acc:?} expected {expected_right:.3}; position {pos:?} expected {expected_positional:.3}");
+    assert!(
+        acc.lo <= expected_right && expected_right <= acc.hi,
+        "{acc:?} vs {expected_right}"
+    );
+    assert!(
+        pos.lo <= expected_positional && expected_positional <= pos.hi,
+        "{pos:?} vs {expected_positional}"
+    );
+    // Failures: about 5% of calls, counted, and never scored.
+    let fail = report.cost.failure_rate.unwrap();
+    assert!(fail.lo <= 0.05 && 0.05 <= fail.hi, "{fail:?}");
+    assert_eq!(report.cost.calls, 2 * 360);
+    assert!(pairs.answered < 300 && pairs.answered > 240);
+    // Ratings: VIE O follows the truth closely.
+    let rho = report.ratings.as_ref().unwrap().spearman.unwrap();
+    assert!(rho.mean > 0.8, "{rho:?}");
+}
+
+/// Sets `stop` once `after` calls have been made.
+struct StopAfter {
+    inner: Arc<dyn Judge>,
+    calls: AtomicUsize,
+    after: usize,
+    stop: StopSignal,
+}
+
+impl StopAfter {
+    fn tick(&self) {
+        if self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.after {
+            self.stop.stop();
+        }
+    }
+}
+
+#[async_trait]
+impl Judge for StopAfter {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    async fn screen(
+        &self,
+        e: &EditContext,
+        p: &RgbImage,
+        s: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        self.inner.screen(e, p, s).await
+    }
+    async fn compare(
+        &self,
+        e: &EditContext,
+        a: &RgbImage,
+        b: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        self.tick();
+        self.inner.compare(e, a, b).await
+    }
+    async fn semantic_consistency(
+        &self,
+        e: &EditContext,
+        i: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        self.tick();
+        self.inner.semantic_consistency(e, i).await
+    }
+    async fn perceptual_quality(
+        &self,
+        e: &EditContext,
+        i: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        self.tick();
+        self.inner.perceptual_quality(e, i).await
+    }
+}
+
+#[tokio::test]
+async fn an_interrupted_run_resumes_to_the_same_report() {
+    let cases = testbed_cases(40, 20, 7000, 2);
+    let judge: Arc<dyn Judge> = Arc::new(TestbedJudge::new(TestbedJudgeConfig::default()));
+    let whole_dir = tempfile::tempdir().unwrap();
+    let whole = judge_all(&cases, judge.clone(), whole_dir.path()).await;
+    assert!(whole.not_judged.is_empty());
+
+    let dir = tempfile::tempdir().unwrap();
+    let stop = StopSignal::default();
+    let stopping: Arc<dyn Judge> = Arc::new(StopAfter {
+        inner: judge.clone(),
+        calls: AtomicUsize::new(0),
+        after: 30,
+        stop: stop.clone(),
+    });
+    {
+        let mut store = JudgementStore::open(dir.path()).unwrap();
+        let judged = run(&cases, stopping, &mut store, config(4), &stop, |_| {})
+            .await
+            .unwrap();
+        assert!((15..40).contains(&judged), "stopped after {judged} items");
+        let partial = report(&cases, judge.as_ref(), &store);
+        assert_eq!(partial.not_judged.len(), 60 - judged);
+    }
+    // A kill in the middle of a write leaves half a line behind.
+    let log = dir.path().join("judgements.jsonl");
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    text.push_str("{\"id\":\"pair39\",\"judged\":{\"kind\":\"pa");
+    std::fs::write(&log, text).unwrap();
+
+    let mut store = JudgementStore::open(dir.path()).unwrap();
+    run(
+        &cases,
+        judge.clone(),
+        &mut store,
+        config(4),
+        &StopSignal::default(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let resumed = report(&cases, judge.as_ref(), &store);
+    assert_eq!(resumed, whole);
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 60);
+}
+
+/// A judge that never answers.
+struct Broken;
+
+#[async_trait]
+impl Judge for Broken {
+    fn name(&self) -> String {
+        "broken".into()
+    }
+    async fn screen(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+        _: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        Err(JudgeError::Failed("down".into()))
+    }
+    async fn compare(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+        _: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        Err(JudgeError::Timeout("no reply".into()))
+    }
+    async fn semantic_consistency(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        Err(JudgeError::parse("no score", "I cannot tell"))
+    }
+    async fn perceptual_quality(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        Err(JudgeError::Failed("down".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_failing_judge_has_failures_not_preferences_or_scores() {
+    let cases = testbed_cases(10, 10, 100, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let report = judge_all(&cases, Arc::new(Broken), dir.path()).await;
+    let pairs = report.pairs.unwrap();
+    assert_eq!((pairs.pairs, pairs.answered), (10, 0));
+    assert_eq!(pairs.accuracy_without_ties, None);
+    assert_eq!(pairs.accuracy_with_ties, None);
+    assert_eq!(pairs.accuracy_per_call, None);
+    let ratings = report.ratings.unwrap();
+    assert_eq!((ratings.ratings, ratings.answered), (10, 0));
+    assert_eq!(ratings.spearman, None);
+    assert_eq!((report.cost.calls, report.cost.failed_calls), (40, 40));
+    assert_eq!(report.cost.failure_rate.unwrap().mean, 1.0);
+    let log = std::fs::read_to_string(dir.path().join("judgements.jsonl")).unwrap();
+    assert!(
+        !log.contains("\"answer\""),
+        "a failed call stored an answer"
+    );
+    assert!(log.contains("no reply") && log.contains("I cannot tell"));
+}
+
+/// Fails every comparison whose first image starts with an odd red value (so some pairs
+/// lose one order), and every quality call.
+struct OneOrder(TestbedJudge);
+
+#[async_trait]
+impl Judge for OneOrder {
+    fn name(&self) -> String {
+        "one order".into()
+    }
+    async fn screen(
+        &self,
+        e: &EditContext,
+        p: &RgbImage,
+        s: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        self.0.screen(e, p, s).await
+    }
+    async fn compare(
+        &self,
+        e: &EditContext,
+        a: &RgbImage,
+        b: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        if a.as_raw()[0] % 2 == 1 {
+            return Err(JudgeError::Failed("odd".into()));
+        }
+        self.0.compare(e, a, b).await
+    }
+    async fn semantic_consistency(
+        &self,
+        e: &EditContext,
+        i: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        self.0.semantic_consistency(e, i).await
+    }
+    async fn perceptual_quality(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        Err(JudgeError::Failed("no quality".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_pair_with_one_failed_order_has_no_verdict() {
+    let cases = testbed_cases(30, 5, 300, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let judge = OneOrder(TestbedJudge::new(TestbedJudgeConfig {
+        failure_rate: 0.0,
+        ..TestbedJudgeConfig::default()
+    }));
+    let report = judge_all(&cases, Arc::new(judge), dir.path()).await;
+    let pairs = report.pairs.unwrap();
+    let log = std::fs::read_to_string(dir.path().join("judgements.jsonl")).unwrap();
+    let failed_pairs = log
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"pair\"") && l.contains("odd"))
+        .count();
+    assert!(failed_pairs > 0, "the fixture should fail some orders");
+    assert_eq!(pairs.answered, 30 - failed_pairs);
+    // Ratings whose quality call failed are not rated.
+    assert_eq!(report.ratings.unwrap().answered, 0);
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_icedit-scale"))
+}
+
+#[test]
+fn the_command_writes_its_report_and_names_bad_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("je");
+    let status = Command::new(bin())
+        .args([
+            "judge-eval",
+            "--data",
+            "testbed:12",
+            "--judge",
+            "testbed",
+            "--width",
+            "96",
+            "--out",
+        ])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("accuracy without ties") && md.contains("Spearman"),
+        "{md}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["items"], 24);
+    // Running again finds everything judged: same report.
+    let again = Command::new(bin())
+        .args([
+            "judge-eval",
+            "--data",
+            "testbed:12",
+            "--judge",
+            "testbed",
+            "--width",
+            "96",
+            "--out",
+        ])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(again.success());
+    assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), md);
+
+    // A preset of the testbed judge, and data naming a file that is not there.
+    let preset = dir.path().join("tb.toml");
+    std::fs::write(
+        &preset,
+        "kind = \"testbed\"\nnoise = 2.0\nposition_bias = 0.5\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"id\":\"p\",\"source\":\"s.png\",\"instruction\":\"x\",\"edit_a\":\"a.png\",\"edit_b\":\"b.png\",\"preference\":\"a\"}\n",
+    )
+    .unwrap();
+    let output = Command::new(bin())
+        .args(["judge-eval", "--data"])
+        .arg(&data)
+        .arg("--judge")
+        .arg(&preset)
+        .arg("--out")
+        .arg(dir.path().join("bad"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("data.jsonl") && err.contains("line 1") && err.contains("`source`"),
+        "{err}"
+    );
+    // A bad preset field is named.
+    std::fs::write(&preset, "kind = \"testbed\"\nposition_bias = 1.5\n").unwrap();
+    let output = Command::new(bin())
+        .args(["judge-eval", "--data", "testbed:2", "--judge"])
+        .arg(&preset)
+        .arg("--out")
+        .arg(dir.path().join("bad2"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("position_bias") && err.contains("1.5"),
+        "{err}"
+    );
+}
