@@ -480,6 +480,11 @@ pub fn build_judge(
                 fetch(&judge_request(model))?;
             }
         }
+        if let Some(request) = adapter_request(&config) {
+            if !hub::cache_entry(&HubSettings::from_env(), &request.repo_id).is_dir() {
+                fetch(&request)?;
+            }
+        }
     }
     let judge = judge_from_preset(&head.kind, path)?;
     Ok(JudgeHandle {
@@ -498,9 +503,40 @@ fn judge_request(model: &str) -> RepoRequest {
     RepoRequest::new(model).include(CHECKPOINT_FILES.iter().copied())
 }
 
+/// A local judge's adapter, when the preset names a Hub id that is not a folder.
+fn adapter_request(config: &LocalJudgeConfig) -> Option<RepoRequest> {
+    let adapter = config.adapter.as_deref()?;
+    (!Path::new(adapter).exists() && adapter.split('/').count() == 2)
+        .then(|| judge_request(adapter))
+}
+
 /// What `download NAME` fetches: `flux-fill`, `icedit-lora`, `icedit-moe-lora`, a local
-/// judge preset (its `model`), or a Hub id (every file).
-pub fn hub_request(name: &str) -> anyhow::Result<RepoRequest> {
+/// judge preset (its `model` and its `adapter`), or a Hub id (every file).
+pub fn hub_requests(name: &str) -> anyhow::Result<Vec<RepoRequest>> {
+    if name.ends_with(".toml") {
+        let path = Path::new(name);
+        if preset_head(path)?.kind == "qwen2vl" {
+            let config = LocalJudgeConfig::from_file(path)?;
+            let mut requests = Vec::new();
+            match &config.model {
+                Some(model) if config.model_dir.is_none() => requests.push(judge_request(model)),
+                _ => {}
+            }
+            requests.extend(adapter_request(&config));
+            if requests.is_empty() {
+                return Err(EditError::Invalid(format!(
+                    "{name}: no `model` or `adapter` Hub id to download; its folders are used as they are"
+                ))
+                .into());
+            }
+            return Ok(requests);
+        }
+    }
+    Ok(vec![hub_request(name)?])
+}
+
+/// One repository of [`hub_requests`].
+fn hub_request(name: &str) -> anyhow::Result<RepoRequest> {
     Ok(match name {
         "flux-fill" => flux_fill_request(),
         "icedit-lora" => RepoRequest::new(ICEDIT_LORA_REPO).include(["*.safetensors"]),
@@ -510,18 +546,12 @@ pub fn hub_request(name: &str) -> anyhow::Result<RepoRequest> {
             let head = preset_head(path)?;
             if head.kind != "qwen2vl" {
                 return Err(EditError::Invalid(format!(
-                    "{preset}: a `{}` judge runs remotely; it has no weights to download",
+                    "{preset}: a `{}` judge has no weights to download",
                     head.kind
                 ))
                 .into());
             }
-            let config = LocalJudgeConfig::from_file(path)?;
-            let model = config.model.ok_or_else(|| {
-                EditError::Invalid(format!(
-                    "{preset}: no `model` (Hub id) to download; its model_dir is used as it is"
-                ))
-            })?;
-            judge_request(&model)
+            unreachable!("{preset}: local presets are read by hub_requests")
         }
         id if id.contains('/') => RepoRequest::new(id),
         other => {

@@ -728,3 +728,47 @@ fn cli_edit_with_download_fetches_flux_and_the_lora_then_runs() {
         .collect();
     assert!(transferred.is_empty(), "{transferred:?}");
 }
+
+#[test]
+fn cli_download_of_a_local_judge_preset_fetches_the_model_and_its_adapter() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let hub = FakeHub::start();
+    hub.serve(
+        "test-org/tiny-qwen",
+        FakeRepo::from_dir(&fixtures.join("qwen2vl/tiny/qwen2_5_vl")),
+    );
+    hub.serve(
+        "test-org/tiny-judge-lora",
+        FakeRepo::from_dir(&fixtures.join("qwen_vl_lora/qwen2_5_vl")),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub-cache");
+    let preset = dir.path().join("judge.toml");
+    std::fs::write(
+        &preset,
+        "kind = \"qwen2vl\"\nmodel = \"test-org/tiny-qwen\"\nadapter = \"test-org/tiny-judge-lora\"\ndevice = \"cpu\"\n",
+    )
+    .unwrap();
+    let env = [
+        ("HF_ENDPOINT", hub.endpoint()),
+        ("HF_HUB_CACHE", cache.display().to_string()),
+        ("HF_HOME", dir.path().join("hf-home").display().to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = support::cli_env(&env, &["download", preset.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("test-org/tiny-qwen") && stdout.contains("test-org/tiny-judge-lora"),
+        "{stdout}"
+    );
+    let adapter =
+        icedit_scale::hub::resolve_snapshot(&cache.join("models--test-org--tiny-judge-lora"))
+            .unwrap();
+    assert!(adapter.join("adapter_config.json").is_file());
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+}

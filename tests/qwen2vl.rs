@@ -6,7 +6,7 @@
 //! chat prompt and its token ids exact; pixel values within 1e-5 (tested in `image.rs`).
 
 mod support;
-use support::{cli, cli_env, max_abs_diff};
+use support::{cli, cli_env, max_abs_diff, reference_prompt};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,6 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use icedit_scale::edit::EditContext;
 use icedit_scale::judge::qwen_vl::{LocalJudgeConfig, Qwen2VlJudge};
 use icedit_scale::judge::{vie_score, Judge, JudgeError, Preference, PreviewStage};
-use icedit_scale::models::qwen_vl::image::PreparedImage;
 use icedit_scale::models::qwen_vl::{EncodedPrompt, Qwen2Vl, Qwen2VlFiles};
 use image::RgbImage;
 
@@ -41,47 +40,6 @@ fn load(name: &str) -> (Qwen2VlFiles, Qwen2Vl) {
     let files = Qwen2VlFiles::discover(&fixtures().join("tiny").join(name)).unwrap();
     let model = files.load(DType::F32, &Device::Cpu).unwrap();
     (files, model)
-}
-
-/// The reference inputs of one case, exactly as transformers saw them.
-fn reference_prompt(refs: &HashMap<String, Tensor>, case: &str) -> EncodedPrompt {
-    let ids: Vec<u32> = refs[&format!("{case}_input_ids")]
-        .i(0)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|t| t as u32)
-        .collect();
-    let Some(grids) = refs.get(&format!("{case}_image_grid_thw")) else {
-        return EncodedPrompt {
-            ids,
-            images: Vec::new(),
-        };
-    };
-    let grids = grids.to_vec2::<i64>().unwrap();
-    let pixels = &refs[&format!("{case}_pixel_values")];
-    let mut row = 0;
-    let images = grids
-        .iter()
-        .map(|g| {
-            let grid_thw = [g[0] as usize, g[1] as usize, g[2] as usize];
-            let n = grid_thw.iter().product::<usize>();
-            let pixel_values = pixels
-                .narrow(0, row, n)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            row += n;
-            PreparedImage {
-                pixel_values,
-                grid_thw,
-            }
-        })
-        .collect();
-    EncodedPrompt { ids, images }
 }
 
 fn check_model(name: &str, prefix: &str) {

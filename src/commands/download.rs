@@ -1,6 +1,6 @@
 //! `download`: Hub repositories into the Hugging Face cache, where discovery finds them.
 
-use crate::backends::hub_request;
+use crate::backends::hub_requests;
 use crate::cli::DownloadArgs;
 use crate::hub::{self, HubSettings};
 
@@ -9,16 +9,18 @@ use crate::hub::{self, HubSettings};
 pub fn download(args: DownloadArgs) -> anyhow::Result<()> {
     let settings = HubSettings::from_env();
     for name in &args.names {
-        let request = hub_request(name)?.revision(&args.revision);
-        let done = hub::download(&settings, &request, true)?;
-        println!(
-            "{name}: {} at commit {} in {} ({} fetched, {} already cached)",
-            request.repo_id,
-            done.commit,
-            done.cache_entry.display(),
-            done.fetched,
-            done.already_cached
-        );
+        for request in hub_requests(name)? {
+            let request = request.revision(&args.revision);
+            let done = hub::download(&settings, &request, true)?;
+            println!(
+                "{name}: {} at commit {} in {} ({} fetched, {} already cached)",
+                request.repo_id,
+                done.commit,
+                done.cache_entry.display(),
+                done.fetched,
+                done.already_cached
+            );
+        }
     }
     Ok(())
 }

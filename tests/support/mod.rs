@@ -194,4 +194,48 @@ pub fn cli_env(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The reference inputs of one case, exactly as transformers saw them.
+pub fn reference_prompt(
+    refs: &std::collections::HashMap<String, Tensor>,
+    case: &str,
+) -> icedit_scale::models::qwen_vl::EncodedPrompt {
+    let ids: Vec<u32> = refs[&format!("{case}_input_ids")]
+        .get(0)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    let Some(grids) = refs.get(&format!("{case}_image_grid_thw")) else {
+        return icedit_scale::models::qwen_vl::EncodedPrompt {
+            ids,
+            images: Vec::new(),
+        };
+    };
+    let grids = grids.to_vec2::<i64>().unwrap();
+    let pixels = &refs[&format!("{case}_pixel_values")];
+    let mut row = 0;
+    let images = grids
+        .iter()
+        .map(|g| {
+            let grid_thw = [g[0] as usize, g[1] as usize, g[2] as usize];
+            let n = grid_thw.iter().product::<usize>();
+            let pixel_values = pixels
+                .narrow(0, row, n)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            row += n;
+            icedit_scale::models::qwen_vl::image::PreparedImage {
+                pixel_values,
+                grid_thw,
+            }
+        })
+        .collect();
+    icedit_scale::models::qwen_vl::EncodedPrompt { ids, images }
+}
+
 pub mod hub_server;

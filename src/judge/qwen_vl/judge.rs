@@ -38,7 +38,7 @@ use crate::judge::{
 };
 use crate::models::qwen_vl::model::{EncodedPrompt, Qwen2Vl, Session};
 use crate::models::qwen_vl::ChatFormat;
-use crate::models::qwen_vl::Qwen2VlFiles;
+use crate::models::qwen_vl::{PeftAdapter, Qwen2VlFiles};
 
 /// A preset file (`judges/qwen2-vl-*-local.toml`) for this backend.
 #[derive(Debug, Clone, Deserialize)]
@@ -90,6 +90,13 @@ pub struct LocalJudgeConfig {
     /// Folder overriding the embedded prompts; relative to the preset file.
     #[serde(default)]
     pub prompts_dir: Option<PathBuf>,
+    /// A peft LoRA adapter merged into the weights at load: a folder (relative to the
+    /// preset file; a Hugging Face cache entry works too) or a Hub id found in the cache.
+    #[serde(default)]
+    pub adapter: Option<String>,
+    /// Multiplies the adapter's merge scale (1 = as trained, 0 = the base model).
+    #[serde(default = "defaults::adapter_scale")]
+    pub adapter_scale: f32,
 }
 
 mod defaults {
@@ -110,6 +117,9 @@ mod defaults {
     }
     pub fn min_answer_mass() -> f32 {
         0.5
+    }
+    pub fn adapter_scale() -> f32 {
+        1.0
     }
 }
 
@@ -135,6 +145,12 @@ impl LocalJudgeConfig {
         {
             if dir.is_relative() {
                 *dir = base.join(&*dir);
+            }
+        }
+        if let Some(adapter) = &mut config.adapter {
+            let local = base.join(&*adapter);
+            if local.exists() {
+                *adapter = local.to_string_lossy().into_owned();
             }
         }
         if config.model_dir.is_none() && config.model.is_none() {
@@ -199,7 +215,44 @@ impl LocalJudgeConfig {
             0.0,
             1.0,
             "a probability",
+        )?;
+        c.within(
+            "adapter_scale",
+            self.adapter_scale,
+            0.0,
+            10.0,
+            "a multiple of the trained LoRA strength",
         )
+    }
+
+    /// The adapter's folder: `adapter` as a path (resolved against the preset when read),
+    /// or a Hub id's entry in the Hugging Face cache. `None` without an adapter.
+    pub fn adapter_dir(&self) -> Result<Option<PathBuf>, JudgeError> {
+        let Some(adapter) = &self.adapter else {
+            return Ok(None);
+        };
+        let path = Path::new(adapter);
+        if path.exists() {
+            return Ok(Some(
+                hub::resolve_snapshot(path).map_err(|e| JudgeError::Config(e.to_string()))?,
+            ));
+        }
+        let looks_like_id = adapter.split('/').count() == 2 && !adapter.starts_with('.');
+        let entry = hub::cache_entry(&HubSettings::from_env(), adapter);
+        if looks_like_id && entry.is_dir() {
+            return Ok(Some(
+                hub::resolve_snapshot(&entry).map_err(|e| JudgeError::Config(e.to_string()))?,
+            ));
+        }
+        Err(JudgeError::Config(if looks_like_id {
+            format!(
+                "adapter {adapter} is neither a folder nor in the Hugging Face cache ({} not found); \
+                 fetch it with `icedit-scale download {adapter}` (or --download)",
+                entry.display()
+            )
+        } else {
+            format!("adapter {adapter}: no such folder")
+        }))
     }
 
     /// The checkpoint folder: `model_dir`, or the Hub id's entry in the Hugging Face cache
@@ -279,6 +332,14 @@ impl Qwen2VlJudge {
     /// Finds the checkpoint and starts the worker; the weights load on the first call.
     pub fn new(config: LocalJudgeConfig, device: Device, dtype: DType) -> Result<Self, JudgeError> {
         let files = Qwen2VlFiles::discover(&config.checkpoint_dir()?)?;
+        let adapter = config.adapter_dir()?;
+        if let Some(dir) = &adapter {
+            // Refuse a folder that holds no adapter now, not at the first call.
+            let config_path = dir.join("adapter_config.json");
+            if !config_path.is_file() {
+                PeftAdapter::load(dir, 1.0)?;
+            }
+        }
         let format = files.chat_format()?;
         let prompts = PromptSet::load(config.prompts_dir.as_deref())?;
         let name = config.name.clone().unwrap_or_else(|| {
@@ -288,7 +349,10 @@ impl Qwen2VlJudge {
                     .file_name()
                     .map_or("qwen2-vl".into(), |n| n.to_string_lossy().into_owned())
             });
-            format!("{model} (local, {dtype:?})")
+            match &config.adapter {
+                Some(adapter) => format!("{model} + {adapter} (local, {dtype:?})"),
+                None => format!("{model} (local, {dtype:?})"),
+            }
         });
         let (jobs, queue) = mpsc::unbounded_channel();
         let worker = Worker {
@@ -298,6 +362,7 @@ impl Qwen2VlJudge {
             dtype,
             model: None,
             config: config.clone(),
+            adapter,
         };
         std::thread::Builder::new()
             .name("qwen2vl-judge".into())
@@ -481,6 +546,8 @@ struct Worker {
     dtype: DType,
     model: Option<Result<Arc<Qwen2Vl>, String>>,
     config: LocalJudgeConfig,
+    /// The peft adapter merged at load, if any.
+    adapter: Option<PathBuf>,
 }
 
 /// A job after tokenizing, waiting for its batch.
@@ -516,10 +583,18 @@ impl Worker {
     fn model(&mut self) -> Result<Arc<Qwen2Vl>, String> {
         let files = &self.files;
         let (dtype, device) = (self.dtype, &self.device);
+        let (adapter, strength) = (&self.adapter, self.config.adapter_scale);
         let loaded = self.model.get_or_insert_with(|| {
-            tracing::info!(root = %files.root.display(), ?dtype, "loading the Qwen2-VL judge");
+            tracing::info!(root = %files.root.display(), ?dtype, adapter = ?adapter, "loading the Qwen2-VL judge");
             let t = Instant::now();
-            match files.load(dtype, device) {
+            let adapter = match adapter {
+                Some(dir) => match PeftAdapter::load(dir, strength as f64) {
+                    Ok(a) => Some(Arc::new(a)),
+                    Err(e) => return Err(e.to_string()),
+                },
+                None => None,
+            };
+            match files.load_adapted(dtype, device, adapter) {
                 Ok(model) => {
                     tracing::info!(seconds = t.elapsed().as_secs_f32(), "judge loaded");
                     Ok(Arc::new(model))

@@ -3,9 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use super::adapter::{check_all_merged, AdaptedWeights, PeftAdapter};
 use super::chat::ChatFormat;
 use super::config::{Qwen2VlConfig, TokenIds};
 use super::image::ImageProcessorConfig;
@@ -98,6 +102,17 @@ impl Qwen2VlFiles {
     /// Loads the weights onto `device` in `dtype`. A missing or misshapen tensor is an
     /// error naming the folder and the key.
     pub fn load(&self, dtype: DType, device: &Device) -> Result<Qwen2Vl, ModelError> {
+        self.load_adapted(dtype, device, None)
+    }
+
+    /// As [`Self::load`], with a peft LoRA adapter merged into the weights as they are read;
+    /// an adapter module that matches no weight is an error naming it.
+    pub fn load_adapted(
+        &self,
+        dtype: DType,
+        device: &Device,
+        adapter: Option<Arc<PeftAdapter>>,
+    ) -> Result<Qwen2Vl, ModelError> {
         let fail =
             |e: candle_core::Error| config_error(&self.root, format!("loading weights: {e}"));
         let mut names = Vec::new();
@@ -112,10 +127,19 @@ impl Qwen2VlFiles {
                 "no Qwen2-VL tensors (expected `model.embed_tokens.*`/`visual.*` or `model.language_model.*`)",
             )
         })?;
-        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&self.weights, dtype, device) }
-            .map_err(fail)?;
-        Qwen2Vl::new(&self.config, layout, vb).map_err(fail)
+        let Some(adapter) = adapter else {
+            // SAFETY: the files are memory-mapped read-only and not modified while loaded.
+            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&self.weights, dtype, device) }
+                .map_err(fail)?;
+            return Qwen2Vl::new(&self.config, layout, vb).map_err(fail);
+        };
+        // SAFETY: as above.
+        let base = unsafe { MmapedSafetensors::multi(&self.weights) }.map_err(fail)?;
+        let (weights, merged) = AdaptedWeights::new(base, adapter.clone());
+        let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
+        let model = Qwen2Vl::new(&self.config, layout, vb).map_err(fail)?;
+        check_all_merged(&adapter, &merged)?;
+        Ok(model)
     }
 
     /// The chat format: template and tokenizer.

@@ -7,8 +7,10 @@
 //!   (prefill, KV-cache extension, greedy decoding).
 //! - [`chat`] renders the chat template and tokenizes with image pads expanded.
 //! - [`files`] finds a checkpoint in a folder or a Hugging Face cache entry and loads it.
+//! - [`adapter`] merges a peft LoRA adapter into the weights as they are read.
 //! - [`bench`] times batched against one-at-a-time prefill with random weights.
 
+pub mod adapter;
 pub mod bench;
 pub mod chat;
 pub mod config;
@@ -18,6 +20,7 @@ pub mod model;
 pub mod text;
 pub mod vision;
 
+pub use adapter::PeftAdapter;
 pub use chat::ChatFormat;
 pub use config::{Family, Qwen2VlConfig};
 pub use files::Qwen2VlFiles;
