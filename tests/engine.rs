@@ -178,6 +178,7 @@ impl ScriptedJudge {
         match self.vie.get(&m).copied().flatten() {
             Some(o) => Ok(SubScores {
                 scores: [o, 10.0],
+                passes: Vec::new(),
                 reasoning: String::new(),
                 usage: usage(),
             }),
@@ -577,6 +578,7 @@ impl Judge for CostlyJudge {
         self.call().await;
         Ok(SubScores {
             scores: [8.0, 9.0],
+            passes: Vec::new(),
             reasoning: String::new(),
             usage: spent(10, 2),
         })

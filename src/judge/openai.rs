@@ -642,6 +642,7 @@ fn sub_scores(reply: &CachedReply, usage: CallUsage) -> Result<SubScores, JudgeE
     };
     Ok(SubScores {
         scores,
+        passes: Vec::new(),
         reasoning: parse::reasoning(&map),
         usage,
     })

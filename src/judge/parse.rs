@@ -112,6 +112,11 @@ pub fn reply_object(reply: &str) -> Result<serde_json::Map<String, Value>, Judge
 
 /// A 0-10 score from a number, "8", "8/10" or "8.5 out of 10"; out-of-range is an error.
 pub fn score_value(v: &Value, reply: &str) -> Result<f32, JudgeError> {
+    score_value_in(v, reply, 10.0)
+}
+
+/// A score on 0..=`top` (a number or a numeric string).
+pub fn score_value_in(v: &Value, reply: &str, top: f64) -> Result<f32, JudgeError> {
     let n = match v {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => {
@@ -125,8 +130,8 @@ pub fn score_value(v: &Value, reply: &str) -> Result<f32, JudgeError> {
         _ => None,
     }
     .ok_or_else(|| parse_error(format!("score {v} is not a number"), reply))?;
-    if !(0.0..=10.0).contains(&n) {
-        return Err(parse_error(format!("score {n} outside 0-10"), reply));
+    if !(0.0..=top).contains(&n) {
+        return Err(parse_error(format!("score {n} outside 0-{top}"), reply));
     }
     Ok(n as f32)
 }
@@ -136,6 +141,16 @@ pub fn scores(
     map: &serde_json::Map<String, Value>,
     n: usize,
     reply: &str,
+) -> Result<Vec<f32>, JudgeError> {
+    scores_in(map, n, reply, 10.0)
+}
+
+/// `score` as exactly `n` values on 0..=`top`.
+pub fn scores_in(
+    map: &serde_json::Map<String, Value>,
+    n: usize,
+    reply: &str,
+    top: f64,
 ) -> Result<Vec<f32>, JudgeError> {
     let field = map
         .get("score")
@@ -151,7 +166,10 @@ pub fn scores(
             reply,
         ));
     }
-    items.into_iter().map(|v| score_value(v, reply)).collect()
+    items
+        .into_iter()
+        .map(|v| score_value_in(v, reply, top))
+        .collect()
 }
 
 /// The `reasoning` text (empty if absent: reasoning is optional).

@@ -323,6 +323,7 @@ impl Judge for TestbedJudge {
         let [a, b] = Self::sc_pair(&t);
         Ok(SubScores {
             scores: [self.noisy(&mut rng, a), self.noisy(&mut rng, b)],
+            passes: Vec::new(),
             reasoning: format!("nearest outcome {:?}; progress {:.2}", t.label, t.progress),
             usage: usage(),
         })
@@ -340,6 +341,7 @@ impl Judge for TestbedJudge {
         let [a, b] = Self::pq_pair(&t);
         Ok(SubScores {
             scores: [self.noisy(&mut rng, a), self.noisy(&mut rng, b)],
+            passes: Vec::new(),
             reasoning: format!("artifact energy {:.0}", t.artifacts),
             usage: usage(),
         })

@@ -1,5 +1,11 @@
 //! The VIEScore rubric for editing: SC = min of its two sub-scores, PQ = min of its two,
 //! overall O = sqrt(SC * PQ).
+//!
+//! A judge that answers each call several times (a self-ensemble of sampled passes, as
+//! EditScore's `num_pass`) reports every pass: SC and PQ are then the means over passes of
+//! each pass's minimum, and O the mean over passes of each pass's sqrt(SC * PQ), pass i of
+//! one call paired with pass i of the other (EditScore's default `average_last`
+//! reduction, `editscore/__init__.py` in VectorSpaceLab/EditScore at 6e0f1b9).
 
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -10,8 +16,11 @@ use crate::edit::EditContext;
 /// A pair of 0-10 sub-scores with the judge's explanation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SubScores {
-    /// The two sub-scores in rubric order.
+    /// The two sub-scores in rubric order (the mean over passes, when there are several).
     pub scores: [f32; 2],
+    /// Each pass's sub-scores, when the judge asked more than once (else empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passes: Vec<[f32; 2]>,
     /// The judge's explanation.
     pub reasoning: String,
     /// Cost of the call.
@@ -19,9 +28,24 @@ pub struct SubScores {
 }
 
 impl SubScores {
-    /// The rubric combines a pair by its minimum.
+    /// One answer's sub-scores.
+    pub fn new(scores: [f32; 2], reasoning: impl Into<String>, usage: CallUsage) -> Self {
+        Self {
+            scores,
+            passes: Vec::new(),
+            reasoning: reasoning.into(),
+            usage,
+        }
+    }
+
+    /// The rubric combines a pair by its minimum (over several passes: the mean of each
+    /// pass's minimum).
     pub fn min(&self) -> f32 {
-        self.scores[0].min(self.scores[1])
+        if self.passes.is_empty() {
+            self.scores[0].min(self.scores[1])
+        } else {
+            self.passes.iter().map(|p| p[0].min(p[1])).sum::<f32>() / self.passes.len() as f32
+        }
     }
 }
 
@@ -45,8 +69,17 @@ impl VieScore {
         self.perceptual.min()
     }
 
-    /// O = sqrt(SC * PQ), on the 0-10 scale.
+    /// O = sqrt(SC * PQ), on the 0-10 scale; with as many passes on both sides, the mean
+    /// of each pass's O.
     pub fn overall(&self) -> f32 {
+        let (sc, pq) = (&self.semantic.passes, &self.perceptual.passes);
+        if !sc.is_empty() && sc.len() == pq.len() {
+            let per_pass = sc
+                .iter()
+                .zip(pq)
+                .map(|(s, p)| (s[0].min(s[1]) * p[0].min(p[1])).max(0.0).sqrt());
+            return per_pass.sum::<f32>() / sc.len() as f32;
+        }
         (self.sc() * self.pq()).max(0.0).sqrt()
     }
 }
@@ -120,11 +153,7 @@ mod tests {
     use super::*;
 
     fn pair(a: f32, b: f32) -> SubScores {
-        SubScores {
-            scores: [a, b],
-            reasoning: String::new(),
-            usage: CallUsage::default(),
-        }
+        SubScores::new([a, b], "", CallUsage::default())
     }
 
     #[test]
@@ -141,5 +170,24 @@ mod tests {
             perceptual: pair(10.0, 10.0),
         };
         assert_eq!(zero.overall(), 0.0);
+    }
+
+    #[test]
+    fn passes_average_as_editscore_does() {
+        // Two passes: SC (8, 4) then (6, 10); PQ (9, 10) then (4, 4).
+        let mut semantic = pair(7.0, 7.0);
+        semantic.passes = vec![[8.0, 4.0], [6.0, 10.0]];
+        let mut perceptual = pair(6.5, 7.0);
+        perceptual.passes = vec![[9.0, 10.0], [4.0, 4.0]];
+        let s = VieScore {
+            semantic,
+            perceptual,
+        };
+        // SC = mean(4, 6) = 5, PQ = mean(9, 4) = 6.5,
+        // O = mean(sqrt(4 * 9), sqrt(6 * 4)) = (6 + 4.898979) / 2.
+        assert_eq!(s.sc(), 5.0);
+        assert_eq!(s.pq(), 6.5);
+        assert!((s.overall() - (6.0 + 24f32.sqrt()) / 2.0).abs() < 1e-6);
+        assert!(s.overall() != (s.sc() * s.pq()).sqrt());
     }
 }

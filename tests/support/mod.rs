@@ -132,6 +132,7 @@ impl Judge for PixelJudge {
         outage(edit)?;
         Ok(SubScores {
             scores: [value(edited), 9.0],
+            passes: Vec::new(),
             reasoning: String::new(),
             usage: usage(),
         })
@@ -144,6 +145,7 @@ impl Judge for PixelJudge {
         outage(edit)?;
         Ok(SubScores {
             scores: [8.0, 9.0],
+            passes: Vec::new(),
             reasoning: String::new(),
             usage: usage(),
         })

@@ -36,7 +36,7 @@ use crate::judge::prompts::PromptSet;
 use crate::judge::{
     CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
 };
-use crate::models::qwen_vl::model::{EncodedPrompt, Qwen2Vl, Session};
+use crate::models::qwen_vl::model::{EncodedPrompt, Qwen2Vl, Sampling, Session};
 use crate::models::qwen_vl::ChatFormat;
 use crate::models::qwen_vl::{PeftAdapter, Qwen2VlFiles};
 
@@ -97,6 +97,68 @@ pub struct LocalJudgeConfig {
     /// Multiplies the adapter's merge scale (1 = as trained, 0 = the base model).
     #[serde(default = "defaults::adapter_scale")]
     pub adapter_scale: f32,
+    /// A Jinja chat template (file, relative to the preset) used instead of the
+    /// checkpoint's: for judges trained on a hand-written prompt layout (EditScore).
+    #[serde(default)]
+    pub chat_template: Option<PathBuf>,
+    /// The top of the scale the VIE prompts ask for (10; EditScore asks for 0-25). Scores
+    /// are mapped to 0-10 by dividing by `score_range / 10`, as EditScore does.
+    #[serde(default = "defaults::score_range")]
+    pub score_range: u32,
+    /// The reply's opening up to the first VIE score, when scores are read from
+    /// probabilities (`reasoning = false`).
+    #[serde(default = "defaults::score_prime")]
+    pub score_prime: String,
+    /// How a preview is screened: `"prompt"` (the screening prompt) or
+    /// `"semantic_consistency"` (the VIE SC prompt; passes when SC >= `screen_pass_score`),
+    /// for judges trained only on the VIE prompts.
+    #[serde(default)]
+    pub screen_by: ScreenBy,
+    /// The SC (0-10) a preview needs to pass with `screen_by = "semantic_consistency"`.
+    #[serde(default = "defaults::screen_pass_score")]
+    pub screen_pass_score: f32,
+    /// How two edits are compared: `"prompt"` (the comparison prompt) or `"overall"` (VIE
+    /// O of each; the higher wins, equal is a tie).
+    #[serde(default)]
+    pub compare_by: CompareBy,
+    /// Answers per VIE call, averaged (a self-ensemble; EditScore's `num_pass`): needs
+    /// sampled generation (`reasoning = true`, `temperature` > 0), pass i seeded `seed + i`.
+    #[serde(default = "defaults::passes")]
+    pub passes: usize,
+    /// Sampling temperature of generated replies; 0 = greedy.
+    #[serde(default)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[serde(default = "defaults::top_p")]
+    pub top_p: f32,
+    /// Keep only the k most likely tokens (0 = all).
+    #[serde(default)]
+    pub top_k: usize,
+    /// Seed of pass 0's sampling.
+    #[serde(default = "defaults::seed")]
+    pub seed: u64,
+}
+
+/// How the local judge screens a preview.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScreenBy {
+    /// The screening prompt (score and pass verdict).
+    #[default]
+    Prompt,
+    /// The VIE semantic-consistency prompt on [source, preview].
+    SemanticConsistency,
+}
+
+/// How the local judge compares two edits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompareBy {
+    /// The comparison prompt (both edits and the source in one call).
+    #[default]
+    Prompt,
+    /// VIE O of each edit (four calls).
+    Overall,
 }
 
 mod defaults {
@@ -121,6 +183,24 @@ mod defaults {
     pub fn adapter_scale() -> f32 {
         1.0
     }
+    pub fn score_range() -> u32 {
+        10
+    }
+    pub fn score_prime() -> String {
+        "{\"score\": [".into()
+    }
+    pub fn screen_pass_score() -> f32 {
+        5.0
+    }
+    pub fn passes() -> usize {
+        1
+    }
+    pub fn top_p() -> f32 {
+        1.0
+    }
+    pub fn seed() -> u64 {
+        42
+    }
 }
 
 impl LocalJudgeConfig {
@@ -139,9 +219,13 @@ impl LocalJudgeConfig {
             )));
         }
         let base = path.parent().unwrap_or(Path::new("."));
-        for dir in [&mut config.model_dir, &mut config.prompts_dir]
-            .into_iter()
-            .flatten()
+        for dir in [
+            &mut config.model_dir,
+            &mut config.prompts_dir,
+            &mut config.chat_template,
+        ]
+        .into_iter()
+        .flatten()
         {
             if dir.is_relative() {
                 *dir = base.join(&*dir);
@@ -222,7 +306,39 @@ impl LocalJudgeConfig {
             0.0,
             10.0,
             "a multiple of the trained LoRA strength",
-        )
+        )?;
+        c.within(
+            "score_range",
+            self.score_range,
+            1,
+            100,
+            "the top score the prompts ask for",
+        )?;
+        c.within(
+            "screen_pass_score",
+            self.screen_pass_score,
+            0.0,
+            10.0,
+            "an SC on 0-10",
+        )?;
+        c.within(
+            "passes",
+            self.passes,
+            1,
+            16,
+            "answers averaged per VIE call",
+        )?;
+        c.within("temperature", self.temperature, 0.0, 5.0, "0 is greedy")?;
+        c.within("top_p", self.top_p, 1e-6, 1.0, "a probability mass")?;
+        if self.passes > 1 && !(self.reasoning && self.temperature > 0.0) {
+            return Err(c.refuse(
+                "passes",
+                self.passes,
+                "needs sampled answers that differ: set reasoning = true and temperature > 0 \
+                 (readings of the next-token distribution are the same every pass)",
+            ));
+        }
+        Ok(())
     }
 
     /// The adapter's folder: `adapter` as a path (resolved against the preset when read),
@@ -299,10 +415,18 @@ impl Question {
 /// What the worker hands back.
 #[derive(Debug)]
 enum Reading {
-    Screen { score: f32, p_pass: f32 },
-    Compare { p: [f32; 3] },
-    Pair { scores: [f32; 2] },
-    Text(String),
+    Screen {
+        score: f32,
+        p_pass: f32,
+    },
+    Compare {
+        p: [f32; 3],
+    },
+    Pair {
+        scores: [f32; 2],
+    },
+    /// Generated replies, one per pass.
+    Text(Vec<String>),
 }
 
 struct Job {
@@ -317,6 +441,10 @@ pub struct Qwen2VlJudge {
     name: String,
     prompts: PromptSet,
     pass_threshold: f32,
+    score_range: u32,
+    screen_by: ScreenBy,
+    screen_pass_score: f32,
+    compare_by: CompareBy,
     jobs: mpsc::UnboundedSender<Job>,
 }
 
@@ -340,7 +468,15 @@ impl Qwen2VlJudge {
                 PeftAdapter::load(dir, 1.0)?;
             }
         }
-        let format = files.chat_format()?;
+        let format = match &config.chat_template {
+            Some(path) => {
+                let template = std::fs::read_to_string(path).map_err(|e| {
+                    JudgeError::Config(format!("chat_template {}: {e}", path.display()))
+                })?;
+                ChatFormat::new(&files.tokenizer, Some(template), &files.config)?
+            }
+            None => files.chat_format()?,
+        };
         let prompts = PromptSet::load(config.prompts_dir.as_deref())?;
         let name = config.name.clone().unwrap_or_else(|| {
             let model = config.model.clone().unwrap_or_else(|| {
@@ -372,6 +508,10 @@ impl Qwen2VlJudge {
             name,
             prompts,
             pass_threshold: config.pass_threshold,
+            score_range: config.score_range,
+            screen_by: config.screen_by,
+            screen_pass_score: config.screen_pass_score,
+            compare_by: config.compare_by,
             jobs,
         })
     }
@@ -418,6 +558,9 @@ impl Judge for Qwen2VlJudge {
         preview: &RgbImage,
         stage: PreviewStage,
     ) -> Result<ScreenVerdict, JudgeError> {
+        if self.screen_by == ScreenBy::SemanticConsistency {
+            return self.screen_by_sc(edit, preview, stage).await;
+        }
         let text = self.prompts.screen_for(&edit.instruction, stage);
         let images = vec![(*edit.source).clone(), preview.clone()];
         let (reading, usage) = self.ask(text, images, Question::Screen).await?;
@@ -430,11 +573,12 @@ impl Judge for Qwen2VlJudge {
                 ),
                 usage,
             }),
-            Reading::Text(reply) => with_cost(usage, |usage| {
-                let map = parse::reply_object(&reply)?;
+            Reading::Text(replies) => with_cost(usage, |usage| {
+                let reply = first_reply(&replies)?;
+                let map = parse::reply_object(reply)?;
                 Ok(ScreenVerdict {
-                    pass: parse::verdict(&map, "pass", &reply)?,
-                    score: parse::scores(&map, 1, &reply)?[0],
+                    pass: parse::verdict(&map, "pass", reply)?,
+                    score: parse::scores(&map, 1, reply)?[0],
                     reasoning: parse::reasoning(&map),
                     usage,
                 })
@@ -449,6 +593,9 @@ impl Judge for Qwen2VlJudge {
         first: &RgbImage,
         second: &RgbImage,
     ) -> Result<Comparison, JudgeError> {
+        if self.compare_by == CompareBy::Overall {
+            return self.compare_by_overall(edit, first, second).await;
+        }
         let text = self.prompts.compare_for(&edit.instruction);
         let images = vec![first.clone(), second.clone(), (*edit.source).clone()];
         let (reading, usage) = self.ask(text, images, Question::Compare).await?;
@@ -470,10 +617,11 @@ impl Judge for Qwen2VlJudge {
                     usage,
                 })
             }
-            Reading::Text(reply) => with_cost(usage, |usage| {
-                let map = parse::reply_object(&reply)?;
+            Reading::Text(replies) => with_cost(usage, |usage| {
+                let reply = first_reply(&replies)?;
+                let map = parse::reply_object(reply)?;
                 Ok(Comparison {
-                    preferred: parse::preference(&map, &reply)?,
+                    preferred: parse::preference(&map, reply)?,
                     p_first: None,
                     reasoning: parse::reasoning(&map),
                     usage,
@@ -506,27 +654,104 @@ impl Judge for Qwen2VlJudge {
 impl Qwen2VlJudge {
     async fn pair(&self, text: String, images: Vec<RgbImage>) -> Result<SubScores, JudgeError> {
         let (reading, usage) = self.ask(text, images, Question::Pair).await?;
+        // Scores on 0..=score_range map to 0-10 as EditScore maps them: / (range / 10).
+        let per_ten = self.score_range as f32 / 10.0;
         match reading {
-            Reading::Pair { scores } => Ok(SubScores {
+            // The probability reading is already on 0-10.
+            Reading::Pair { scores } => Ok(SubScores::new(
                 scores,
-                reasoning: format!(
+                format!(
                     "expected scores {:.2}, {:.2} (next-token probabilities)",
                     scores[0], scores[1]
                 ),
                 usage,
-            }),
-            Reading::Text(reply) => with_cost(usage, |usage| {
-                let map = parse::reply_object(&reply)?;
-                let s = parse::scores(&map, 2, &reply)?;
-                Ok(SubScores {
-                    scores: [s[0], s[1]],
-                    reasoning: parse::reasoning(&map),
-                    usage,
-                })
+            )),
+            Reading::Text(replies) => with_cost(usage, |usage| {
+                let mut passes = Vec::with_capacity(replies.len());
+                let mut reasoning = Vec::with_capacity(replies.len());
+                for reply in &replies {
+                    // One pass that cannot be read fails the call: no pass is filled in.
+                    let map = parse::reply_object(reply)?;
+                    let s = parse::scores_in(&map, 2, reply, self.score_range as f64)?;
+                    passes.push([s[0] / per_ten, s[1] / per_ten]);
+                    reasoning.push(parse::reasoning(&map));
+                }
+                let n = passes.len().max(1) as f32;
+                let mean = |k: usize| passes.iter().map(|p| p[k]).sum::<f32>() / n;
+                let mut scores = SubScores::new([mean(0), mean(1)], reasoning.join(" | "), usage);
+                if passes.len() > 1 {
+                    scores.passes = passes;
+                }
+                Ok(scores)
             }),
             other => Err(unexpected(other)),
         }
     }
+
+    /// Screening by the VIE semantic-consistency prompt on [source, preview].
+    async fn screen_by_sc(
+        &self,
+        edit: &EditContext,
+        preview: &RgbImage,
+        stage: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        let sc = self.semantic_consistency(edit, preview).await?;
+        let score = sc.min();
+        Ok(ScreenVerdict {
+            pass: score >= self.screen_pass_score,
+            score,
+            reasoning: format!(
+                "step {}/{}: SC {score:.2} (semantic-consistency prompt; pass at {}): {}",
+                stage.step, stage.steps, self.screen_pass_score, sc.reasoning
+            ),
+            usage: sc.usage,
+        })
+    }
+
+    /// Comparison by VIE O of each edit.
+    async fn compare_by_overall(
+        &self,
+        edit: &EditContext,
+        first: &RgbImage,
+        second: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        let (a, b) = futures::join!(
+            crate::judge::vie_score(self, edit, first),
+            crate::judge::vie_score(self, edit, second)
+        );
+        let (a, b) = (a?, b?);
+        let (oa, ob) = (a.overall(), b.overall());
+        let preferred = match oa.total_cmp(&ob) {
+            std::cmp::Ordering::Greater => Preference::First,
+            std::cmp::Ordering::Less => Preference::Second,
+            std::cmp::Ordering::Equal => Preference::Tie,
+        };
+        let mut usage = CallUsage::default();
+        for u in [
+            &a.semantic.usage,
+            &a.perceptual.usage,
+            &b.semantic.usage,
+            &b.perceptual.usage,
+        ] {
+            usage.prompt_tokens += u.prompt_tokens;
+            usage.completion_tokens += u.completion_tokens;
+            usage.attempts += u.attempts;
+            usage.latency_ms = usage.latency_ms.max(u.latency_ms);
+        }
+        Ok(Comparison {
+            preferred,
+            p_first: None,
+            reasoning: format!("VIE O {oa:.2} (first) vs {ob:.2} (second)"),
+            usage,
+        })
+    }
+}
+
+/// The first generated reply (prompts other than VIE's are asked once).
+fn first_reply(replies: &[String]) -> Result<&String, JudgeError> {
+    replies
+        .first()
+        .ok_or_else(|| JudgeError::Failed("internal: no reply generated".into()))
 }
 
 /// Reads a generated reply with `read`; a reply that cannot be read keeps the call's cost.
@@ -655,7 +880,10 @@ impl Worker {
             .collect::<Result<Vec<_>, _>>()?;
         let mut rendered = self.format.render(images.len(), &job.text)?;
         if !self.config.reasoning {
-            rendered.push_str(job.question.prime());
+            rendered.push_str(match job.question {
+                Question::Pair => &self.config.score_prime,
+                other => other.prime(),
+            });
         }
         Ok(self.format.encode(&rendered, images)?)
     }
@@ -705,10 +933,27 @@ impl Worker {
     ) -> Result<(Reading, u64), JudgeError> {
         let failed = |e: candle_core::Error| JudgeError::Failed(format!("local model: {e}"));
         if self.config.reasoning {
-            let (text, n) = self.generate(model, session, logits).map_err(failed)?;
-            return Ok((Reading::Text(text), n));
+            // VIE calls are answered `passes` times (pass i seeded seed + i); the others once.
+            let passes = match question {
+                Question::Pair => self.config.passes,
+                _ => 1,
+            };
+            let mut replies = Vec::with_capacity(passes);
+            let mut fed = 0;
+            for pass in 0..passes {
+                let (text, n) = self
+                    .generate(model, session.clone(), logits.clone(), pass as u64)
+                    .map_err(failed)?;
+                replies.push(text);
+                fed += n;
+            }
+            return Ok((Reading::Text(replies), fed));
         }
         let digits = self.candidates(&(0..=10).map(|v| v.to_string()).collect::<Vec<_>>())?;
+        let range = self.config.score_range;
+        let scale = range as f32 / 10.0;
+        let range_digits =
+            self.candidates(&(0..=range).map(|v| v.to_string()).collect::<Vec<_>>())?;
         match question {
             Question::Screen => {
                 let score = choose(model, &session, &logits, &digits).map_err(failed)?;
@@ -742,17 +987,22 @@ impl Worker {
                 ))
             }
             Question::Pair => {
-                let first = choose(model, &session, &logits, &digits).map_err(failed)?;
+                let first = choose(model, &session, &logits, &range_digits).map_err(failed)?;
                 self.check_mass(&first, "score[0]")?;
                 let (e1, best) = score_summary(&first);
                 let mut session = session;
                 let after = self.format.ids(&format!("{best}, "))?;
                 let logits = model.extend(&mut session, &after).map_err(failed)?;
-                let second = choose(model, &session, &logits, &digits).map_err(failed)?;
+                let second = choose(model, &session, &logits, &range_digits).map_err(failed)?;
                 self.check_mass(&second, "score[1]")?;
                 let (e2, _) = score_summary(&second);
                 let fed = first.tokens_fed + after.len() as u64 + second.tokens_fed;
-                Ok((Reading::Pair { scores: [e1, e2] }, fed))
+                Ok((
+                    Reading::Pair {
+                        scores: [e1 / scale, e2 / scale],
+                    },
+                    fed,
+                ))
             }
         }
     }
@@ -780,14 +1030,23 @@ impl Worker {
         Ok(())
     }
 
-    /// Generates the reply greedily and decodes it.
+    /// Generates a reply (greedily, or sampled with the preset's settings and seed
+    /// `seed + pass`) and decodes it.
     fn generate(
         &self,
         model: &Qwen2Vl,
         mut session: Session,
         logits: Tensor,
+        pass: u64,
     ) -> candle_core::Result<(String, u64)> {
-        let out = model.greedy(&mut session, logits, self.config.max_new_tokens)?;
+        let c = &self.config;
+        let sampling = Sampling {
+            temperature: c.temperature,
+            top_k: c.top_k,
+            top_p: c.top_p,
+            seed: c.seed.wrapping_add(pass),
+        };
+        let out = model.generate(&mut session, logits, c.max_new_tokens, Some(&sampling))?;
         let text = self
             .format
             .decode(&out)

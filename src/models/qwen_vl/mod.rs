@@ -24,4 +24,4 @@ pub use adapter::PeftAdapter;
 pub use chat::ChatFormat;
 pub use config::{Family, Qwen2VlConfig};
 pub use files::Qwen2VlFiles;
-pub use model::{EncodedPrompt, KeyLayout, Qwen2Vl, Session};
+pub use model::{EncodedPrompt, KeyLayout, Qwen2Vl, Sampling, Session};

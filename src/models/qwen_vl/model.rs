@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use super::config::Qwen2VlConfig;
 use super::image::PreparedImage;
@@ -35,6 +37,57 @@ impl Session {
     /// Whether nothing has been run yet.
     pub fn is_empty(&self) -> bool {
         self.cache.is_empty()
+    }
+}
+
+/// How generated tokens are drawn: temperature, then top-k, then top-p (nucleus), as
+/// transformers' logits warpers apply them; seeded, so a reply is reproducible.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// Divides the logits; 0 = greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Keep the most likely tokens up to this probability mass.
+    pub top_p: f32,
+    /// Seed of the draws.
+    pub seed: u64,
+}
+
+impl Sampling {
+    /// Draws one token id from `logits` (`[vocab]`).
+    pub fn pick(&self, logits: &[f32], rng: &mut ChaCha8Rng) -> u32 {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        if self.top_k > 0 {
+            order.truncate(self.top_k);
+        }
+        let top = logits[order[0]] / self.temperature;
+        let mut weights: Vec<f32> = order
+            .iter()
+            .map(|&i| (logits[i] / self.temperature - top).exp())
+            .collect();
+        let total: f32 = weights.iter().sum();
+        // Nucleus: the smallest prefix whose mass reaches top_p (at least one token).
+        let mut kept = 0;
+        let mut mass = 0.0;
+        while kept < weights.len() {
+            mass += weights[kept] / total;
+            kept += 1;
+            if mass >= self.top_p {
+                break;
+            }
+        }
+        weights.truncate(kept);
+        let total: f32 = weights.iter().sum();
+        let mut draw = rng.random::<f32>() * total;
+        for (w, &i) in weights.iter().zip(&order) {
+            if draw < *w {
+                return i as u32;
+            }
+            draw -= w;
+        }
+        order[kept - 1] as u32
     }
 }
 
@@ -144,11 +197,29 @@ impl Qwen2Vl {
         logits: Tensor,
         max_new_tokens: usize,
     ) -> Result<Vec<u32>> {
+        self.generate(session, logits, max_new_tokens, None)
+    }
+
+    /// Generates up to `max_new_tokens` tokens after `session` (whose next-token logits are
+    /// `logits`, `[vocab]`), greedily or by `sampling`, stopping before an end-of-turn id.
+    pub fn generate(
+        &self,
+        session: &mut Session,
+        logits: Tensor,
+        max_new_tokens: usize,
+        sampling: Option<&Sampling>,
+    ) -> Result<Vec<u32>> {
         let eos = &self.config.eos_token_ids;
         let mut out = Vec::new();
         let mut logits = logits;
+        let mut rng = sampling.map(|s| ChaCha8Rng::seed_from_u64(s.seed));
         while out.len() < max_new_tokens {
-            let next = logits.argmax(0)?.to_scalar::<u32>()?;
+            let next = match (sampling, rng.as_mut()) {
+                (Some(s), Some(rng)) if s.temperature > 0.0 => {
+                    s.pick(&logits.to_dtype(DType::F32)?.to_vec1::<f32>()?, rng)
+                }
+                _ => logits.argmax(0)?.to_scalar::<u32>()?,
+            };
             if eos.contains(&next) {
                 break;
             }
@@ -325,4 +396,43 @@ pub fn rope_positions(
         candle_core::bail!("more images than image-pad runs in the prompt");
     }
     Ok((positions, next))
+}
+
+#[cfg(test)]
+mod sampling_tests {
+    use super::*;
+
+    #[test]
+    fn sampling_keeps_to_top_k_and_top_p_and_is_seeded() {
+        let logits = [0.0f32, 3.0, 2.9, -1.0, 1.0];
+        let draws = |s: Sampling| {
+            let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+            (0..400)
+                .map(|_| s.pick(&logits, &mut rng))
+                .collect::<Vec<u32>>()
+        };
+        let base = Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 7,
+        };
+        let all = draws(base);
+        assert_eq!(all, draws(base), "same seed, same draws");
+        assert_ne!(all, draws(Sampling { seed: 8, ..base }));
+        for t in [0u32, 1, 2, 3, 4] {
+            assert!(all.contains(&t), "token {t} never drawn");
+        }
+        let two = draws(Sampling { top_k: 2, ..base });
+        assert!(two.iter().all(|t| [1, 2].contains(t)) && two.contains(&1) && two.contains(&2));
+        // Token 1 holds 0.47 of the mass: top_p 0.4 keeps it alone.
+        let nucleus = draws(Sampling { top_p: 0.4, ..base });
+        assert!(nucleus.iter().all(|&t| t == 1));
+        // A low temperature sharpens towards the argmax.
+        let cold = draws(Sampling {
+            temperature: 0.01,
+            ..base
+        });
+        assert!(cold.iter().filter(|&&t| t == 1).count() > 390);
+    }
 }
