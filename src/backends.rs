@@ -15,6 +15,7 @@ use crate::generate::flux::{FluxGenerator, FluxOptions};
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::generate::Generator;
 use crate::hub::{self, HubSettings, RepoRequest};
+use crate::judge::composite::{CompositeJudge, CompositePreset};
 use crate::judge::openai::OpenAiJudge;
 use crate::judge::qwen_vl::{LocalJudgeConfig, Qwen2VlJudge};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
@@ -401,9 +402,16 @@ fn preset_head(path: &Path) -> Result<PresetHead, JudgeError> {
         .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))
 }
 
-/// Loads the backend a preset's `kind` names.
-fn judge_from_preset(kind: &str, path: &Path) -> Result<Arc<dyn Judge>, JudgeError> {
-    match kind {
+/// Loads the judge a preset file describes, by its `kind`. A testbed preset knows the
+/// testbed generator's edits when there are any; a composite's members are loaded the same
+/// way (relative to its folder, each file once) but may not be composites themselves.
+fn judge_from_preset(
+    path: &Path,
+    testbed: Option<&TestbedEdits>,
+    allow_composite: bool,
+) -> Result<Arc<dyn Judge>, JudgeError> {
+    let kind = preset_head(path)?.kind;
+    match kind.as_str() {
         "openai" => Ok(Arc::new(OpenAiJudge::from_preset(path)?)),
         "qwen2vl" => {
             let config = LocalJudgeConfig::from_file(path)?;
@@ -415,8 +423,43 @@ fn judge_from_preset(kind: &str, path: &Path) -> Result<Arc<dyn Judge>, JudgeErr
                 parse_dtype(config.dtype.as_deref(), &device).map_err(|e| setup("dtype", e))?;
             Ok(Arc::new(Qwen2VlJudge::new(config, device, dtype)?))
         }
+        "testbed" => {
+            let config = TestbedJudgeConfig::from_preset(path)?;
+            Ok(Arc::new(match testbed {
+                Some(edits) => TestbedJudge::knowing(config, edits.clone()),
+                None => TestbedJudge::new(config),
+            }))
+        }
+        "composite" if allow_composite => {
+            let preset = CompositePreset::from_file(path)?;
+            let base = path.parent().unwrap_or(Path::new("."));
+            let mut loaded: Vec<(PathBuf, Arc<dyn Judge>)> = Vec::new();
+            let mut load = |member: &str| -> Result<Arc<dyn Judge>, JudgeError> {
+                let file = base.join(member);
+                if let Some((_, j)) = loaded.iter().find(|(p, _)| *p == file) {
+                    return Ok(j.clone());
+                }
+                let judge = judge_from_preset(&file, testbed, false).map_err(|e| {
+                    JudgeError::Config(format!("composite {}: member {member}: {e}", path.display()))
+                })?;
+                loaded.push((file, judge.clone()));
+                Ok(judge)
+            };
+            let screen = load(&preset.screen)?;
+            let compare = preset.compare.as_deref().map(&mut load).transpose()?;
+            let score = preset
+                .score
+                .iter()
+                .map(|m| load(m))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Arc::new(CompositeJudge::new(preset.name, screen, compare, score)?))
+        }
+        "composite" => Err(JudgeError::Config(format!(
+            "judge preset {}: a composite's member cannot be a composite",
+            path.display()
+        ))),
         other => Err(JudgeError::Config(format!(
-            "judge preset {}: unknown kind {other:?} (known: \"openai\", \"qwen2vl\", \"testbed\"; or --judge testbed)",
+            "judge preset {}: unknown kind {other:?} (known: \"openai\", \"qwen2vl\", \"testbed\", \"composite\"; or --judge testbed)",
             path.display()
         ))),
     }
@@ -460,37 +503,63 @@ pub fn build_judge(
     }
     let path = Path::new(&args.judge);
     let head = preset_head(path).with_context(|| format!("loading judge {}", args.judge))?;
-    if head.kind == "testbed" {
-        // A simulated judge from a file: it knows generated scenes, and the testbed
-        // generator's edits when there is one.
-        let config = TestbedJudgeConfig::from_preset(path)?;
-        let judge = match testbed {
-            Some(edits) => TestbedJudge::knowing(config, edits.clone()),
-            None => TestbedJudge::new(config),
-        };
-        return Ok(JudgeHandle {
-            judge: Some(Arc::new(judge)),
-            concurrency: args.judge_concurrency.or(head.max_concurrency).unwrap_or(8),
-        });
+    if download {
+        fetch_judge_weights(path)?;
     }
-    if download && head.kind == "qwen2vl" {
-        let config = LocalJudgeConfig::from_file(path)?;
-        if let (None, Some(model)) = (&config.model_dir, &config.model) {
-            if !hub::cache_entry(&HubSettings::from_env(), model).is_dir() {
-                fetch(&judge_request(model))?;
-            }
-        }
-        if let Some(request) = adapter_request(&config) {
-            if !hub::cache_entry(&HubSettings::from_env(), &request.repo_id).is_dir() {
-                fetch(&request)?;
-            }
-        }
-    }
-    let judge = judge_from_preset(&head.kind, path)?;
+    let judge = judge_from_preset(path, testbed, true)?;
+    let default_concurrency = if head.kind == "testbed" { 8 } else { 4 };
     Ok(JudgeHandle {
         judge: Some(judge),
-        concurrency: args.judge_concurrency.or(head.max_concurrency).unwrap_or(4),
+        concurrency: args
+            .judge_concurrency
+            .or(head.max_concurrency)
+            .unwrap_or(default_concurrency),
     })
+}
+
+/// Fetches what a local judge preset (or the members of a composite) needs from the Hub
+/// and the cache lacks: its checkpoint and its adapter.
+fn fetch_judge_weights(path: &Path) -> anyhow::Result<()> {
+    match preset_head(path)?.kind.as_str() {
+        "qwen2vl" => {
+            let config = LocalJudgeConfig::from_file(path)?;
+            let settings = HubSettings::from_env();
+            if let (None, Some(model)) = (&config.model_dir, &config.model) {
+                if !hub::cache_entry(&settings, model).is_dir() {
+                    fetch(&judge_request(model))?;
+                }
+            }
+            if let Some(request) = adapter_request(&config) {
+                if !hub::cache_entry(&settings, &request.repo_id).is_dir() {
+                    fetch(&request)?;
+                }
+            }
+        }
+        "composite" => {
+            let preset = CompositePreset::from_file(path)?;
+            for member in composite_members(path, &preset) {
+                fetch_judge_weights(&member)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A composite preset's member files, resolved against its folder, each once.
+fn composite_members(path: &Path, preset: &CompositePreset) -> Vec<PathBuf> {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut members: Vec<PathBuf> = Vec::new();
+    for m in std::iter::once(&preset.screen)
+        .chain(&preset.compare)
+        .chain(&preset.score)
+    {
+        let p = base.join(m);
+        if !members.contains(&p) {
+            members.push(p);
+        }
+    }
+    members
 }
 
 /// FLUX.1 Fill [dev] in the diffusers layout.

@@ -6,6 +6,7 @@
 //! unparseable call is a [`JudgeError`]; no backend ever makes a score up.
 
 pub mod cache;
+pub mod composite;
 pub mod error;
 pub mod openai;
 pub mod parse;

@@ -1,0 +1,197 @@
+//! A composite judge: one judge screens previews, one compares, and the VIE score of a
+//! finished edit is the mean over several judges (e.g. a cheap local judge screens, a
+//! stronger one scores, or a panel of judges averages out each one's bias).
+//!
+//! No failure is hidden: a VIE call fails when any member's call fails (naming it), so a
+//! score is always the mean of every member, never of whichever happened to answer.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use image::RgbImage;
+use serde::Deserialize;
+
+use super::{CallUsage, Comparison, Judge, JudgeError, PreviewStage, ScreenVerdict, SubScores};
+use crate::edit::EditContext;
+
+/// A `kind = "composite"` preset: member presets by path, relative to this file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompositePreset {
+    /// Must be `"composite"`.
+    pub kind: String,
+    /// Display name for reports.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Calls in flight at once (read by the engine).
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
+    /// The judge that screens previews.
+    pub screen: String,
+    /// The judge that compares two edits (default: the screening judge).
+    #[serde(default)]
+    pub compare: Option<String>,
+    /// The judges whose VIE sub-scores are averaged (at least one).
+    pub score: Vec<String>,
+}
+
+impl CompositePreset {
+    /// Reads the preset, naming the file on error.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, JudgeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            JudgeError::Config(format!("cannot read judge preset {}: {e}", path.display()))
+        })?;
+        let preset: Self = toml::from_str(&text)
+            .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))?;
+        if preset.score.is_empty() {
+            return Err(JudgeError::Config(format!(
+                "judge preset {}: `score` names no judge (give at least one preset)",
+                path.display()
+            )));
+        }
+        Ok(preset)
+    }
+}
+
+/// The composite judge.
+pub struct CompositeJudge {
+    name: Option<String>,
+    screen: Arc<dyn Judge>,
+    compare: Arc<dyn Judge>,
+    score: Vec<Arc<dyn Judge>>,
+}
+
+impl CompositeJudge {
+    /// Screens with `screen`, compares with `compare` (or `screen`), scores with the mean
+    /// of `score` (at least one judge).
+    pub fn new(
+        name: Option<String>,
+        screen: Arc<dyn Judge>,
+        compare: Option<Arc<dyn Judge>>,
+        score: Vec<Arc<dyn Judge>>,
+    ) -> Result<Self, JudgeError> {
+        if score.is_empty() {
+            return Err(JudgeError::Config(
+                "a composite judge needs a scoring judge".into(),
+            ));
+        }
+        Ok(Self {
+            name,
+            compare: compare.unwrap_or_else(|| screen.clone()),
+            screen,
+            score,
+        })
+    }
+
+    /// Asks every scoring judge and averages: each member enters with its (mean) sub-scores,
+    /// kept as one pass so O is the mean of the members' O.
+    async fn mean_of<'a, F>(&'a self, ask: F) -> Result<SubScores, JudgeError>
+    where
+        F: Fn(&'a dyn Judge) -> futures::future::BoxFuture<'a, Result<SubScores, JudgeError>>,
+    {
+        let answers = futures::future::join_all(self.score.iter().map(|j| ask(j.as_ref()))).await;
+        let mut usage = CallUsage {
+            cached: true,
+            ..CallUsage::default()
+        };
+        let mut members = Vec::with_capacity(answers.len());
+        let mut reasoning = Vec::with_capacity(answers.len());
+        let mut failure = None;
+        for (judge, answer) in self.score.iter().zip(answers) {
+            let spent = match &answer {
+                Ok(s) => Some(s.usage.clone()),
+                Err(e) => e.usage().cloned(),
+            };
+            if let Some(u) = spent {
+                add(&mut usage, &u);
+            }
+            match answer {
+                Ok(s) => {
+                    reasoning.push(format!("{}: {}", judge.name(), s.reasoning));
+                    members.push(s.scores);
+                }
+                Err(e) if failure.is_none() => failure = Some((judge.name(), e)),
+                Err(_) => {}
+            }
+        }
+        if let Some((name, e)) = failure {
+            // Every member's cost is counted, on the failure too.
+            return Err(match e {
+                JudgeError::Parse { reason, reply, .. } => JudgeError::Parse {
+                    reason: format!("{name}: {reason}"),
+                    reply,
+                    usage: Some(Box::new(usage)),
+                },
+                other => JudgeError::Failed(format!("{name}: {other}")),
+            });
+        }
+        let n = members.len() as f32;
+        let mean = |k: usize| members.iter().map(|m| m[k]).sum::<f32>() / n;
+        let mut scores = SubScores::new([mean(0), mean(1)], reasoning.join(" | "), usage);
+        if members.len() > 1 {
+            scores.passes = members;
+        }
+        Ok(scores)
+    }
+}
+
+fn add(total: &mut CallUsage, u: &CallUsage) {
+    total.prompt_tokens += u.prompt_tokens;
+    total.completion_tokens += u.completion_tokens;
+    total.attempts += u.attempts;
+    total.cached &= u.cached;
+    // The members run at once: the call takes as long as the slowest.
+    total.latency_ms = total.latency_ms.max(u.latency_ms);
+}
+
+#[async_trait]
+impl Judge for CompositeJudge {
+    fn name(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        let scorers: Vec<String> = self.score.iter().map(|j| j.name()).collect();
+        format!(
+            "composite (screen: {}; compare: {}; score: mean of [{}])",
+            self.screen.name(),
+            self.compare.name(),
+            scorers.join(", ")
+        )
+    }
+
+    async fn screen(
+        &self,
+        edit: &EditContext,
+        preview: &RgbImage,
+        stage: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        self.screen.screen(edit, preview, stage).await
+    }
+
+    async fn compare(
+        &self,
+        edit: &EditContext,
+        first: &RgbImage,
+        second: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        self.compare.compare(edit, first, second).await
+    }
+
+    async fn semantic_consistency(
+        &self,
+        edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        self.mean_of(|j| Box::pin(j.semantic_consistency(edit, edited)))
+            .await
+    }
+
+    async fn perceptual_quality(
+        &self,
+        edit: &EditContext,
+        edited: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        self.mean_of(|j| Box::pin(j.perceptual_quality(edit, edited)))
+            .await
+    }
+}

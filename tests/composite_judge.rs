@@ -1,0 +1,227 @@
+//! Composite judges: screening by one judge, comparing by another, VIE scores averaged over
+//! several; a member's failure fails the call (never a score made of the rest).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use icedit_scale::edit::EditContext;
+use icedit_scale::judge::composite::CompositeJudge;
+use icedit_scale::judge::{
+    vie_score, CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict,
+    SubScores,
+};
+use image::RgbImage;
+
+/// Answers every call with fixed numbers (or fails every VIE call).
+struct Fixed {
+    name: &'static str,
+    sc: [f32; 2],
+    pq: [f32; 2],
+    fails: bool,
+}
+
+fn spent(tokens: u64) -> CallUsage {
+    CallUsage {
+        prompt_tokens: tokens,
+        completion_tokens: 1,
+        attempts: 1,
+        ..CallUsage::default()
+    }
+}
+
+#[async_trait]
+impl Judge for Fixed {
+    fn name(&self) -> String {
+        self.name.into()
+    }
+    async fn screen(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+        _: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        Ok(ScreenVerdict {
+            pass: true,
+            score: self.sc[0],
+            reasoning: self.name.into(),
+            usage: spent(5),
+        })
+    }
+    async fn compare(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+        _: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        Ok(Comparison {
+            preferred: Preference::Second,
+            p_first: None,
+            reasoning: self.name.into(),
+            usage: spent(7),
+        })
+    }
+    async fn semantic_consistency(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        if self.fails {
+            return Err(JudgeError::parse("no score", "gibberish").with_usage(spent(11)));
+        }
+        Ok(SubScores::new(self.sc, self.name, spent(10)))
+    }
+    async fn perceptual_quality(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        if self.fails {
+            return Err(JudgeError::Timeout("slow".into()));
+        }
+        Ok(SubScores::new(self.pq, self.name, spent(10)))
+    }
+}
+
+fn judge(name: &'static str, sc: [f32; 2], pq: [f32; 2], fails: bool) -> Arc<dyn Judge> {
+    Arc::new(Fixed {
+        name,
+        sc,
+        pq,
+        fails,
+    })
+}
+
+#[tokio::test]
+async fn roles_go_to_their_judges_and_scores_are_the_mean_of_every_member() {
+    let edit = EditContext::new("e", RgbImage::new(16, 16), "make it red");
+    let img = RgbImage::new(16, 16);
+    let screen = judge("screener", [3.0, 3.0], [3.0, 3.0], false);
+    let a = judge("a", [8.0, 4.0], [9.0, 10.0], false);
+    let b = judge("b", [6.0, 10.0], [4.0, 4.0], false);
+    let composite = CompositeJudge::new(None, screen, None, vec![a, b]).unwrap();
+    let stage = PreviewStage { step: 2, steps: 28 };
+    let verdict = composite.screen(&edit, &img, stage).await.unwrap();
+    assert_eq!(
+        (verdict.score, verdict.reasoning.as_str()),
+        (3.0, "screener")
+    );
+    // No compare judge: the screening judge compares.
+    assert_eq!(
+        composite
+            .compare(&edit, &img, &img)
+            .await
+            .unwrap()
+            .reasoning,
+        "screener"
+    );
+    let vie = vie_score(&composite, &edit, &img).await.unwrap();
+    // SC pairs (8, 4) and (6, 10): mean pair (7, 7); SC = mean of each member's min = 5.
+    assert_eq!(vie.semantic.scores, [7.0, 7.0]);
+    assert_eq!(vie.sc(), 5.0);
+    // O = mean of the members' O: (sqrt(4 * 9) + sqrt(6 * 4)) / 2.
+    assert!((vie.overall() - (6.0 + 24f32.sqrt()) / 2.0).abs() < 1e-6);
+    assert_eq!(vie.semantic.usage.prompt_tokens, 20, "both members' cost");
+    assert!(
+        composite.name().contains("mean of [a, b]"),
+        "{}",
+        composite.name()
+    );
+}
+
+#[tokio::test]
+async fn a_failing_member_fails_the_call_and_its_cost_is_kept() {
+    let edit = EditContext::new("e", RgbImage::new(16, 16), "make it red");
+    let img = RgbImage::new(16, 16);
+    let good = judge("good", [8.0, 8.0], [8.0, 8.0], false);
+    let broken = judge("broken", [0.0, 0.0], [0.0, 0.0], true);
+    let compare = judge("comparer", [1.0, 1.0], [1.0, 1.0], false);
+    let composite =
+        CompositeJudge::new(None, good.clone(), Some(compare), vec![good, broken]).unwrap();
+    match composite.semantic_consistency(&edit, &img).await {
+        Err(e @ JudgeError::Parse { .. }) => {
+            assert!(e.to_string().contains("broken"), "{e}");
+            assert_eq!(
+                e.usage().unwrap().prompt_tokens,
+                21,
+                "good's 10 and broken's 11"
+            );
+        }
+        other => panic!("expected the member's failure, got {other:?}"),
+    }
+    let err = composite.perceptual_quality(&edit, &img).await.unwrap_err();
+    assert!(
+        err.to_string().contains("broken") && err.to_string().contains("slow"),
+        "{err}"
+    );
+    assert!(
+        vie_score(&composite, &edit, &img).await.is_err(),
+        "no score from half a panel"
+    );
+    // The other roles are unaffected.
+    assert_eq!(
+        composite
+            .compare(&edit, &img, &img)
+            .await
+            .unwrap()
+            .reasoning,
+        "comparer"
+    );
+    assert!(composite
+        .screen(&edit, &img, PreviewStage { step: 1, steps: 2 })
+        .await
+        .is_ok());
+}
+
+#[test]
+fn composite_presets_load_their_members_and_judge_eval_counts_member_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write(
+        "steady.toml",
+        "kind = \"testbed\"\nfailure_rate = 0.0\nnoise = 0.5\n",
+    );
+    write("mute.toml", "kind = \"testbed\"\nfailure_rate = 1.0\n");
+    write(
+        "panel.toml",
+        "kind = \"composite\"\nscreen = \"steady.toml\"\nscore = [\"steady.toml\", \"mute.toml\"]\n",
+    );
+    write(
+        "nested.toml",
+        "kind = \"composite\"\nscreen = \"panel.toml\"\nscore = [\"steady.toml\"]\n",
+    );
+    let out = dir.path().join("out");
+    let run = |preset: &str, out: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+            .args([
+                "judge-eval",
+                "--data",
+                "testbed:6",
+                "--width",
+                "96",
+                "--judge",
+            ])
+            .arg(dir.path().join(preset))
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let output = run("panel.toml", &out);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    // Pairs are compared by the steady screening judge; every rating's VIE call has a
+    // mute member, so none is rated.
+    assert_eq!(results["pairs"]["answered"], 6);
+    assert_eq!(results["ratings"]["answered"], 0);
+    assert_eq!(results["ratings"]["spearman"], serde_json::Value::Null);
+    assert_eq!(results["cost"]["failed_calls"], 12);
+    let output = run("nested.toml", &dir.path().join("out2"));
+    assert_eq!(output.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("cannot be a composite"), "{err}");
+}
