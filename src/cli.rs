@@ -487,7 +487,9 @@ pub struct EvalArgs {
 pub struct JudgeEvalArgs {
     /// Labelled data, repeatable: a JSONL file of pairs (`source`, `instruction`, `edit_a`,
     /// `edit_b`, `preference` a|b|tie) and ratings (`source`, `instruction`, `edit`,
-    /// `score`), or `testbed[:N]` (N synthetic pairs and N ratings with known truth; 100).
+    /// `score`); `genai-bench:PATH`, `editreward-bench:PATH` (their parquet files or
+    /// folders), `imagenhub:DIR` (rater TSVs with the images); or `testbed[:N]` (N synthetic
+    /// pairs and N ratings with known truth; 100).
     #[arg(long, required = true)]
     pub data: Vec<String>,
     #[command(flatten)]

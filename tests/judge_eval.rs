@@ -453,3 +453,114 @@ fn the_command_writes_its_report_and_names_bad_data() {
         "{err}"
     );
 }
+
+/// A stored pair judgement: `a_first` / `b_first` answers (None = failed).
+fn pair_record(
+    id: &str,
+    group: &str,
+    human: Label,
+    a_first: Option<icedit_scale::judge::Preference>,
+    b_first: Option<icedit_scale::judge::Preference>,
+) -> icedit_scale::judge_eval::Judgement {
+    use icedit_scale::judge_eval::store::{Called, Judged};
+    let called = |answer: Option<icedit_scale::judge::Preference>| Called {
+        answer,
+        failure: answer.is_none().then(|| "failed".to_string()),
+        reasoning: String::new(),
+        usage: Default::default(),
+    };
+    icedit_scale::judge_eval::Judgement {
+        id: id.into(),
+        task: None,
+        group: Some(group.into()),
+        judged: Some(Judged::Pair {
+            human,
+            a_first: called(a_first),
+            b_first: called(b_first),
+        }),
+        error: None,
+    }
+}
+
+#[test]
+fn hand_computed_accuracies_ties_position_bias_and_groups() {
+    use icedit_scale::judge::Preference::{First, Second, Tie};
+    let records = vec![
+        // g1: both pairs right (A first then B first: "first, second" = A).
+        pair_record("p1", "g1", Label::A, Some(First), Some(Second)),
+        pair_record("p2", "g1", Label::B, Some(Second), Some(First)),
+        // g2: wrong (the verdict is B).
+        pair_record("p3", "g2", Label::A, Some(Second), Some(First)),
+        // g3: position only (first both times) -> a tie verdict; one human tie.
+        pair_record("p4", "g3", Label::A, Some(First), Some(First)),
+        pair_record("p5", "g4", Label::Tie, Some(First), Some(First)),
+        // g5: one order failed: no verdict, no group.
+        pair_record("p6", "g5", Label::B, Some(Second), None),
+        // A judge tie on one order, a vote on the other: the vote stands.
+        pair_record("p7", "g6", Label::B, Some(Tie), Some(First)),
+    ];
+    let order: Vec<String> = (1..=7).map(|i| format!("p{i}")).collect();
+    let r = JudgeEvalReport::build("hand".into(), vec![], &order, &records, 200);
+    let p = r.pairs.unwrap();
+    assert_eq!((p.pairs, p.answered), (7, 6));
+    // Without ties: p1 p2 p3 p4 p7 (human non-tie, answered): right p1 p2 p7 = 3/5.
+    assert_eq!(p.accuracy_without_ties.unwrap().mean, 3.0 / 5.0);
+    // With ties: all six answered; right p1 p2 p5 (tie = tie) p7 = 4/6.
+    assert_eq!(p.accuracy_with_ties.unwrap().mean, 4.0 / 6.0);
+    // Per call over human non-tie pairs: p1 2/2, p2 2/2, p3 0/2, p4 1/2, p6 1/1
+    // (the answered order), p7 1/2 (the tie call is not right) = 7/11.
+    assert_eq!(p.accuracy_per_call.unwrap().mean, 7.0 / 11.0);
+    // Same slot twice: p4, p5 = 2/6.
+    assert_eq!(p.position_bias.unwrap().mean, 2.0 / 6.0);
+    assert_eq!(p.judge_ties.unwrap().mean, 2.0 / 6.0);
+    // Groups: g1 right, g2 wrong, g3 wrong (a tie verdict), g6 right; g4 (human tie) and
+    // g5 (unanswered) do not count: 2/4.
+    let g = p.group_accuracy.unwrap();
+    assert_eq!((g.mean, g.n), (0.5, 4));
+    assert_eq!(r.cost.failed_calls, 1);
+    assert_eq!(r.cost.calls, 14);
+}
+
+#[test]
+fn the_public_benchmark_layouts_run_through_a_real_local_judge() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let fixtures = root.join("tests/fixtures/judge_eval");
+    let dir = tempfile::tempdir().unwrap();
+    // The tiny random Qwen2-VL (its preset's model_dir is relative to the preset's folder).
+    let output = Command::new(bin())
+        .arg("judge-eval")
+        .arg("--data")
+        .arg(format!(
+            "editreward-bench:{}",
+            fixtures.join("editreward_bench_3pair.parquet").display()
+        ))
+        .arg("--data")
+        .arg(format!(
+            "genai-bench:{}",
+            fixtures.join("genai_bench_image_edition.parquet").display()
+        ))
+        .arg("--data")
+        .arg(format!(
+            "imagenhub:{}",
+            fixtures.join("imagenhub_text_guided_ie").display()
+        ))
+        .arg("--judge")
+        .arg(root.join("tests/fixtures/qwen2vl/judge-tiny.toml"))
+        .args(["--width", "32", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["items"], 6 + 8 + 6);
+    assert_eq!(json["pairs"]["pairs"], 14);
+    assert_eq!(json["pairs"]["group_accuracy"]["n"], 2, "{}", json["pairs"]);
+    assert_eq!(json["ratings"]["ratings"], 6);
+    assert_eq!(json["cost"]["failed_calls"], 0);
+    assert!(json["cost"]["prompt_tokens"].as_u64().unwrap() > 1000);
+}

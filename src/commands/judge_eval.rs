@@ -38,6 +38,21 @@ fn load_data(spec: &str) -> Result<Vec<Case>, EditError> {
         };
         return Ok(judge_eval::testbed_cases(n, n, TESTBED_FIRST_SCENE, 0));
     }
+    for (prefix, load) in [
+        (
+            "genai-bench:",
+            judge_eval::benchmarks::genai_bench as fn(&std::path::Path) -> _,
+        ),
+        (
+            "editreward-bench:",
+            judge_eval::benchmarks::editreward_bench,
+        ),
+        ("imagenhub:", judge_eval::benchmarks::imagenhub),
+    ] {
+        if let Some(path) = spec.strip_prefix(prefix) {
+            return load(std::path::Path::new(path));
+        }
+    }
     judge_eval::load_jsonl(std::path::Path::new(spec))
 }
 

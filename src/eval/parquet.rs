@@ -43,15 +43,28 @@ impl Layout {
     }
 }
 
-fn files(path: &Path) -> Result<Vec<PathBuf>, EditError> {
+/// The parquet files at `path`: the file itself, or every `.parquet` under the folder (sub
+/// folders included, as the Hub lays out configs), sorted.
+pub(crate) fn files(path: &Path) -> Result<Vec<PathBuf>, EditError> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(|e| EditError::Invalid(format!("{}: {e}", path.display())))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
-        .collect();
+    let mut found = Vec::new();
+    let mut folders = vec![path.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder)
+            .map_err(|e| EditError::Invalid(format!("{}: {e}", folder.display())))?
+        {
+            let p = entry
+                .map_err(|e| EditError::Invalid(format!("{}: {e}", folder.display())))?
+                .path();
+            if p.is_dir() {
+                folders.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                found.push(p);
+            }
+        }
+    }
     found.sort();
     if found.is_empty() {
         return Err(EditError::Invalid(format!(
@@ -62,13 +75,29 @@ fn files(path: &Path) -> Result<Vec<PathBuf>, EditError> {
     Ok(found)
 }
 
-fn field<'a>(row: &'a Row, name: &str) -> Option<&'a Field> {
+/// Every row of one parquet file, with errors naming the file and row.
+pub(crate) fn rows(file: &Path) -> Result<Vec<Row>, EditError> {
+    let bad = |row: usize, what: String| {
+        EditError::Invalid(format!("{} row {row}: {what}", file.display()))
+    };
+    let handle = std::fs::File::open(file).map_err(|e| bad(0, format!("cannot open: {e}")))?;
+    let reader = SerializedFileReader::new(handle)
+        .map_err(|e| bad(0, format!("not a parquet file: {e}")))?;
+    let iter = reader
+        .get_row_iter(None)
+        .map_err(|e| bad(0, e.to_string()))?;
+    iter.enumerate()
+        .map(|(n, row)| row.map_err(|e| bad(n, e.to_string())))
+        .collect()
+}
+
+pub(crate) fn field<'a>(row: &'a Row, name: &str) -> Option<&'a Field> {
     row.get_column_iter()
         .find(|(n, _)| n.as_str() == name)
         .map(|(_, f)| f)
 }
 
-fn text(f: &Field) -> Option<String> {
+pub(crate) fn text(f: &Field) -> Option<String> {
     match f {
         Field::Str(s) => Some(s.clone()),
         Field::Null => None,
@@ -76,7 +105,7 @@ fn text(f: &Field) -> Option<String> {
     }
 }
 
-fn image_bytes(f: &Field) -> Option<Vec<u8>> {
+pub(crate) fn image_bytes(f: &Field) -> Option<Vec<u8>> {
     match f {
         Field::Bytes(b) => Some(b.data().to_vec()),
         Field::Group(g) => match field(g, "bytes")? {
@@ -100,14 +129,7 @@ pub fn load(
         let bad = |row: usize, what: String| {
             EditError::Invalid(format!("{} row {row}: {what}", file.display()))
         };
-        let handle = std::fs::File::open(&file).map_err(|e| bad(0, format!("cannot open: {e}")))?;
-        let reader = SerializedFileReader::new(handle)
-            .map_err(|e| bad(0, format!("not a parquet file: {e}")))?;
-        let rows = reader
-            .get_row_iter(None)
-            .map_err(|e| bad(0, e.to_string()))?;
-        for (n, row) in rows.enumerate() {
-            let row = row.map_err(|e| bad(n, e.to_string()))?;
+        for (n, row) in rows(&file)?.into_iter().enumerate() {
             let id = id_cols
                 .iter()
                 .find_map(|c| field(&row, c).and_then(text))

@@ -103,6 +103,9 @@ pub struct Case {
     pub item: EvalItem,
     /// The human label and the edit(s) it is about.
     pub human: HumanLabel,
+    /// The group of pairs this pair belongs to (EditReward-Bench's K candidates of one
+    /// edit), for group accuracy.
+    pub group: Option<String>,
 }
 
 fn invalid(path: &Path, what: impl std::fmt::Display) -> EditError {
@@ -194,7 +197,11 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Case>, EditError> {
         if item.instruction.trim().is_empty() {
             return Err(at("empty `instruction`".into()));
         }
-        cases.push(Case { item, human });
+        cases.push(Case {
+            item,
+            human,
+            group: None,
+        });
     }
     Ok(cases)
 }
@@ -247,6 +254,7 @@ pub fn testbed_cases(pairs: usize, ratings: usize, first_scene: u64, seed: u64) 
                 b: EditedImage::TestbedBlend(fb),
                 preferred,
             },
+            group: None,
         });
     }
     for i in 0..ratings {
@@ -264,6 +272,7 @@ pub fn testbed_cases(pairs: usize, ratings: usize, first_scene: u64, seed: u64) 
                 edit: EditedImage::TestbedBlend(f),
                 score: 10.0 * progress,
             },
+            group: None,
         });
     }
     cases

@@ -3,6 +3,7 @@
 //! ([`store`], resumable), and reports accuracy, rank correlations, position bias, failures
 //! and cost with bootstrap intervals ([`stats`], [`report`]).
 
+pub mod benchmarks;
 pub mod data;
 pub mod report;
 pub mod runner;

@@ -31,6 +31,9 @@ pub struct PairAgreement {
     pub position_bias: Option<Estimate>,
     /// Share of answered pairs whose verdict is a tie.
     pub judge_ties: Option<Estimate>,
+    /// Groups of pairs (EditReward-Bench's K candidates) whose every pair the verdict got
+    /// right, over groups with every pair answered and no human tie.
+    pub group_accuracy: Option<Estimate>,
     /// `accuracy_without_ties` per task type.
     pub per_task: BTreeMap<String, Estimate>,
 }
@@ -131,6 +134,8 @@ impl JudgeEvalReport {
         let mut answered: Vec<(Label, Label, bool)> = Vec::new(); // (human, verdict, positional)
         let mut per_call: Vec<bool> = Vec::new();
         let mut per_task: BTreeMap<String, Vec<bool>> = BTreeMap::new();
+        // group -> Some(all right so far), or None once a pair is unanswered or a tie.
+        let mut groups: BTreeMap<String, Option<bool>> = BTreeMap::new();
         // Ratings.
         let mut ratings = 0;
         let mut rated: Vec<(f64, f64)> = Vec::new(); // (human, judge O)
@@ -165,7 +170,17 @@ impl JudgeEvalReport {
                             per_call.push(label == *human);
                         }
                     }
-                    if let (Some(ab), Some(ba)) = (a_first.answer, b_first.answer) {
+                    let answered_pair = a_first.answer.zip(b_first.answer);
+                    if let Some(group) = &record.group {
+                        let entry = groups.entry(group.clone()).or_insert(Some(true));
+                        *entry = match (*entry, answered_pair) {
+                            (Some(ok), Some((ab, ba))) if *human != Label::Tie => {
+                                Some(ok && verdict(ab, ba) == *human)
+                            }
+                            _ => None,
+                        };
+                    }
+                    if let Some((ab, ba)) = answered_pair {
                         let v = verdict(ab, ba);
                         answered.push((*human, v, follows_position(ab, ba)));
                         if *human != Label::Tie {
@@ -206,6 +221,11 @@ impl JudgeEvalReport {
                 accuracy_per_call: rate(&per_call, resamples, seed + 3),
                 position_bias: rate(&positional, resamples, seed + 4),
                 judge_ties: rate(&ties, resamples, seed + 5),
+                group_accuracy: rate(
+                    &groups.values().flatten().copied().collect::<Vec<bool>>(),
+                    resamples,
+                    seed + 10,
+                ),
                 per_task: per_task
                     .iter()
                     .filter_map(|(t, hits)| Some((t.clone(), rate(hits, resamples, seed + 6)?)))
@@ -285,6 +305,10 @@ impl JudgeEvalReport {
                     &p.position_bias,
                 ),
                 ("judge ties", &p.judge_ties),
+                (
+                    "group accuracy (every pair of a group right)",
+                    &p.group_accuracy,
+                ),
             ] {
                 md.push_str(&format!("| {name} | {} |\n", pct(e)));
             }

@@ -52,6 +52,7 @@ async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgem
     let mut record = Judgement {
         id: case.item.id.clone(),
         task: case.item.task.clone(),
+        group: case.group.clone(),
         judged: None,
         error: None,
     };

@@ -83,6 +83,9 @@ pub struct Judgement {
     /// Its task type, when the data has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,
+    /// Its group of pairs, when the data has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// The calls, when the item's images could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judged: Option<Judged>,
