@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::data::{Case, EditedImage, HumanLabel};
+use super::data::{item, Case, EditedImage, HumanLabel};
 use super::stats::Label;
 use crate::error::EditError;
 use crate::eval::item::{EvalItem, ItemSource};
@@ -60,23 +60,14 @@ fn edited(bytes: Vec<u8>, file: &Path, n: usize, col: &str) -> EditedImage {
 }
 
 fn pair(
-    id: String,
-    source: ItemSource,
-    instruction: String,
-    task: Option<String>,
+    item: EvalItem,
     a: EditedImage,
     b: EditedImage,
     preferred: Label,
     group: Option<String>,
 ) -> Case {
     Case {
-        item: EvalItem {
-            id,
-            source,
-            instruction,
-            task,
-            language: None,
-        },
+        item,
         human: HumanLabel::Preference { a, b, preferred },
         group,
     }
@@ -109,10 +100,12 @@ pub fn genai_bench(path: &Path) -> Result<Vec<Case>, EditError> {
                 origin: format!("{} row {n} `source_image`", file.display()),
             };
             cases.push(pair(
-                format!("genai-{stem}-{n}"),
-                source,
-                text_of(&file, n, &row, "instruct_prompt")?,
-                Some(vote),
+                item(
+                    format!("genai-{stem}-{n}"),
+                    source,
+                    text_of(&file, n, &row, "instruct_prompt")?,
+                    Some(vote),
+                ),
                 edited(
                     bytes_of(&file, n, &row, "left_output_image")?,
                     &file,
@@ -173,10 +166,12 @@ pub fn editreward_bench(path: &Path) -> Result<Vec<Case>, EditError> {
                 origin: format!("{} row {n} `source_image`", file.display()),
             };
             cases.push(pair(
-                format!("{id}:{comparison}"),
-                source,
-                text_of(&file, n, &row, "instruction")?,
-                k.map(|k| format!("K={}", k.trim_end_matches("pair"))),
+                item(
+                    format!("{id}:{comparison}"),
+                    source,
+                    text_of(&file, n, &row, "instruction")?,
+                    k.map(|k| format!("K={}", k.trim_end_matches("pair"))),
+                ),
                 edited(
                     bytes_of(&file, n, &row, "candidate_1")?,
                     &file,
@@ -277,13 +272,12 @@ pub fn imagenhub(dir: &Path) -> Result<Vec<Case>, EditError> {
             }
         }
         cases.push(Case {
-            item: EvalItem {
-                id: format!("{uid}:{model}"),
-                source: ItemSource::File(source),
-                instruction: instruction.clone(),
-                task: Some(model),
-                language: None,
-            },
+            item: item(
+                format!("{uid}:{model}"),
+                ItemSource::File(source),
+                instruction.clone(),
+                Some(model),
+            ),
             human: HumanLabel::Rating {
                 edit: EditedImage::File(output),
                 score: rated.iter().sum::<f64>() / rated.len() as f64,

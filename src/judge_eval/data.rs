@@ -206,7 +206,13 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Case>, EditError> {
     Ok(cases)
 }
 
-fn item(id: String, source: ItemSource, instruction: String, task: Option<String>) -> EvalItem {
+/// An item with no language.
+pub(crate) fn item(
+    id: String,
+    source: ItemSource,
+    instruction: String,
+    task: Option<String>,
+) -> EvalItem {
     EvalItem {
         id,
         source,
