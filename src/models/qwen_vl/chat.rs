@@ -108,6 +108,19 @@ impl ChatFormat {
             .map_err(|e| ModelError::Input(format!("tokenizer: {e}")))
     }
 
+    /// Adds `content` as a special token (as transformers' `add_special_tokens` does: the
+    /// next free id), returning its id; a token already there keeps its id.
+    pub fn add_special_token(&mut self, content: &str) -> u32 {
+        if let Some(id) = self.tokenizer.token_to_id(content) {
+            return id;
+        }
+        self.tokenizer
+            .add_special_tokens(&[tokenizers::AddedToken::from(content, true)]);
+        self.tokenizer
+            .token_to_id(content)
+            .expect("a token just added has an id")
+    }
+
     /// The id of a string that is exactly one token, if it is.
     pub fn single_token(&self, text: &str) -> Option<u32> {
         self.tokenizer.token_to_id(text).or_else(|| {

@@ -8,6 +8,7 @@
 //! - [`chat`] renders the chat template and tokenizes with image pads expanded.
 //! - [`files`] finds a checkpoint in a folder or a Hugging Face cache entry and loads it.
 //! - [`adapter`] merges a peft LoRA adapter into the weights as they are read.
+//! - [`reward`] is EditReward's reward model: the backbone with two scalar heads.
 //! - [`bench`] times batched against one-at-a-time prefill with random weights.
 
 pub mod adapter;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod files;
 pub mod image;
 pub mod model;
+pub mod reward;
 pub mod text;
 pub mod vision;
 
@@ -24,4 +26,5 @@ pub use adapter::PeftAdapter;
 pub use chat::ChatFormat;
 pub use config::{Family, Qwen2VlConfig};
 pub use files::Qwen2VlFiles;
-pub use model::{EncodedPrompt, KeyLayout, Qwen2Vl, Sampling, Session};
+pub use model::{EncodedPrompt, KeyLayout, PositionMode, Qwen2Vl, Sampling, Session};
+pub use reward::{RewardModel, RewardOutput, REWARD_TOKEN};

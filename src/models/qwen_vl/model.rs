@@ -91,6 +91,15 @@ impl Sampling {
     }
 }
 
+/// How tokens are numbered for the rotary embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PositionMode {
+    /// The model's own: 3-D (time, row, column) ids over image tokens (M-RoPE).
+    Multimodal,
+    /// 0..n for every token, image tokens included (how EditReward's heads were trained).
+    Sequential,
+}
+
 /// Where the weights of one checkpoint live: transformers 4 writes `model.*` + `visual.*`,
 /// transformers 5 `model.language_model.*` + `model.visual.*`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +238,22 @@ impl Qwen2Vl {
             }
         }
         Ok(out)
+    }
+
+    /// The final-norm hidden states `[seq, hidden]` of one prompt, its tokens numbered by
+    /// `mode`.
+    pub fn final_hidden(&self, prompt: &EncodedPrompt, mode: PositionMode) -> Result<Tensor> {
+        let positions: Positions = match mode {
+            PositionMode::Multimodal => vec![rope_positions(&self.config, prompt)?.0],
+            PositionMode::Sequential => {
+                vec![(0..prompt.ids.len() as i64).map(|p| [p; 3]).collect()]
+            }
+        };
+        let (embeds, deepstack) = self.embed_with_images(std::slice::from_ref(prompt))?;
+        let mut cache = KvCache::default();
+        self.text
+            .forward_embeds(&embeds, &positions, &mut cache, deepstack.as_ref())?
+            .squeeze(0)
     }
 
     fn prefill_hidden(&self, batch: &[EncodedPrompt]) -> Result<(Tensor, Vec<Session>)> {
