@@ -18,9 +18,10 @@ use crate::hub::{self, HubSettings, RepoRequest};
 use crate::judge::composite::{CompositeJudge, CompositePreset};
 use crate::judge::openai::OpenAiJudge;
 use crate::judge::qwen_vl::{LocalJudgeConfig, Qwen2VlJudge};
+use crate::judge::reward::{RewardJudge, RewardPreset};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
-use crate::judge::Judge;
 use crate::judge::JudgeError;
+use crate::judge::{Judge, ScoreKind};
 use crate::models::flux::files::{DIFFUSERS_FILES, FILL_DEV_REPO};
 use crate::models::flux::lora::{ICEDIT_LORA_REPO, ICEDIT_MOE_LORA_REPO};
 use crate::models::flux::vae::VaeConfig;
@@ -68,8 +69,24 @@ pub fn build_engine(
     }
     let testbed = (kind == GeneratorKind::Testbed).then(TestbedEdits::default);
     let judge = build_judge(judge, download, testbed.as_ref())?;
+    if let Some(j) = &judge.judge {
+        require_vie(j.as_ref(), "--judge")?;
+    }
     let generator = build_generator(generator, download, testbed)?;
     Ok(engine(generator, judge))
+}
+
+/// Refuses a reward-model judge where VIE scores are needed (the final scoring of an edit),
+/// before any work: its reward is not a VIE score and the report must not mix them.
+pub fn require_vie(judge: &dyn Judge, flag: &str) -> Result<(), EditError> {
+    if judge.score_kind() == ScoreKind::Reward {
+        return Err(EditError::Invalid(format!(
+            "{flag}: {} is a reward model and gives no VIE scores; use a composite preset \
+             (kind = \"composite\") that screens or compares with it and scores with a VIE judge",
+            judge.name()
+        )));
+    }
+    Ok(())
 }
 
 /// What a command will run, as far as the memory plan needs it.
@@ -423,6 +440,7 @@ fn judge_from_preset(
                 parse_dtype(config.dtype.as_deref(), &device).map_err(|e| setup("dtype", e))?;
             Ok(Arc::new(Qwen2VlJudge::new(config, device, dtype)?))
         }
+        "reward" => Ok(Arc::new(RewardJudge::from_preset(path)?)),
         "testbed" => {
             let config = TestbedJudgeConfig::from_preset(path)?;
             Ok(Arc::new(match testbed {
@@ -459,7 +477,7 @@ fn judge_from_preset(
             path.display()
         ))),
         other => Err(JudgeError::Config(format!(
-            "judge preset {}: unknown kind {other:?} (known: \"openai\", \"qwen2vl\", \"testbed\", \"composite\"; or --judge testbed)",
+            "judge preset {}: unknown kind {other:?} (known: \"openai\", \"qwen2vl\", \"reward\", \"testbed\", \"composite\"; or --judge testbed)",
             path.display()
         ))),
     }
@@ -535,6 +553,13 @@ fn fetch_judge_weights(path: &Path) -> anyhow::Result<()> {
                 }
             }
         }
+        "reward" => {
+            for request in reward_requests(&RewardPreset::from_file(path)?) {
+                if !hub::cache_entry(&HubSettings::from_env(), &request.repo_id).is_dir() {
+                    fetch(&request)?;
+                }
+            }
+        }
         "composite" => {
             let preset = CompositePreset::from_file(path)?;
             for member in composite_members(path, &preset) {
@@ -544,6 +569,18 @@ fn fetch_judge_weights(path: &Path) -> anyhow::Result<()> {
         _ => {}
     }
     Ok(())
+}
+
+/// A reward judge's base model (config, tokenizer) and checkpoint, where they are Hub ids.
+fn reward_requests(preset: &RewardPreset) -> Vec<RepoRequest> {
+    let mut requests = Vec::new();
+    if let (None, Some(model)) = (&preset.model_dir, &preset.model) {
+        requests.push(judge_request(model));
+    }
+    if !Path::new(&preset.weights).exists() && preset.weights.split('/').count() == 2 {
+        requests.push(RepoRequest::new(&preset.weights).include(["*.safetensors", "*.json"]));
+    }
+    requests
 }
 
 /// A composite preset's member files, resolved against its folder, each once.
@@ -584,6 +621,16 @@ fn adapter_request(config: &LocalJudgeConfig) -> Option<RepoRequest> {
 pub fn hub_requests(name: &str) -> anyhow::Result<Vec<RepoRequest>> {
     if name.ends_with(".toml") {
         let path = Path::new(name);
+        if preset_head(path)?.kind == "reward" {
+            let requests = reward_requests(&RewardPreset::from_file(path)?);
+            if requests.is_empty() {
+                return Err(EditError::Invalid(format!(
+                    "{name}: its model and weights are folders; nothing to download"
+                ))
+                .into());
+            }
+            return Ok(requests);
+        }
         if preset_head(path)?.kind == "qwen2vl" {
             let config = LocalJudgeConfig::from_file(path)?;
             let mut requests = Vec::new();

@@ -173,3 +173,179 @@ fn our_prompts_chat_and_images_give_editreward_s_inputs() {
         }
     }
 }
+
+fn gradient(w: u32, h: u32, phase: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            (x * 4 + phase) as u8,
+            (y * 5) as u8,
+            ((x + y + phase) * 3) as u8,
+        ])
+    })
+}
+
+/// A reward preset over the tiny fixture in `dir`.
+fn tiny_preset(dir: &std::path::Path, extra: &str) -> PathBuf {
+    let path = dir.join("reward.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "kind = \"reward\"\nmodel_dir = {:?}\nweights = {:?}\ndevice = \"cpu\"\ndtype = \"f32\"\nimage_pixels = 4704\n{extra}\n",
+            root().join("tests/fixtures/qwen2vl/tiny/qwen2_5_vl"),
+            root().join("tests/fixtures/editreward/tiny").display().to_string(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reward_judge_screens_and_compares_by_reward_and_gives_no_vie_scores() {
+    use icedit_scale::edit::EditContext;
+    use icedit_scale::judge::reward::RewardJudge;
+    use icedit_scale::judge::{Judge, JudgeError, Preference, PreviewStage, ScoreKind};
+
+    let refs = reference();
+    let fixtures = root().join("tests/fixtures/qwen2vl");
+    let a = image::open(fixtures.join("image_a.png")).unwrap().to_rgb8();
+    let b = image::open(fixtures.join("image_b.png")).unwrap().to_rgb8();
+    let dir = tempfile::tempdir().unwrap();
+    let judge = RewardJudge::from_preset(&tiny_preset(dir.path(), "pass_reward = 0.2759")).unwrap();
+    assert_eq!(judge.score_kind(), ScoreKind::Reward);
+    // EditReward's "ab" case: source a, edited b.
+    let edit = EditContext::new("ab", a.clone(), "make the sky night");
+    let r = judge.reward(&edit, &b).await.unwrap();
+    let want = refs["ab_fused"].to_vec1::<f32>().unwrap();
+    assert!(
+        (r.reward - want[0]).abs() < TOL,
+        "{} vs {}",
+        r.reward,
+        want[0]
+    );
+    assert!(r.usage.prompt_tokens > 3000);
+    let stage = PreviewStage { step: 4, steps: 28 };
+    let screened = judge.screen(&edit, &b, stage).await.unwrap();
+    assert_eq!(screened.score, r.reward);
+    assert_eq!(screened.pass, r.reward >= 0.2759);
+    // Comparing two edits is by reward difference, P(first) the sigmoid of it.
+    let other = gradient(60, 44, 90);
+    let r2 = judge.reward(&edit, &other).await.unwrap();
+    let cmp = judge.compare(&edit, &b, &other).await.unwrap();
+    assert_eq!(cmp.preferred == Preference::First, r.reward > r2.reward);
+    let p = cmp.p_first.unwrap();
+    assert!((p - 1.0 / (1.0 + (r2.reward - r.reward).exp())).abs() < 1e-6);
+    // No VIE scores: a configuration error naming the way out.
+    match judge.semantic_consistency(&edit, &b).await {
+        Err(JudgeError::Config(m)) => assert!(m.contains("composite"), "{m}"),
+        other => panic!("a reward model gave VIE scores: {other:?}"),
+    }
+}
+
+#[test]
+fn reward_judges_are_refused_where_vie_scores_are_needed_and_measured_in_judge_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let preset = tiny_preset(dir.path(), "");
+    let bin = env!("CARGO_BIN_EXE_icedit-scale");
+    // edit: refused before any work (exit 2), naming the composite way.
+    let out = std::process::Command::new(bin)
+        .args(["edit", "--instruction", "make the sky night", "--image"])
+        .arg(root().join("tests/fixtures/qwen2vl/image_a.png"))
+        .arg("--judge")
+        .arg(&preset)
+        .arg("--out")
+        .arg(dir.path().join("edit"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reward model") && err.contains("composite"),
+        "{err}"
+    );
+
+    // judge-eval: ratings by reward, labelled as such.
+    let fixtures = root().join("tests/fixtures/qwen2vl");
+    let data = dir.path().join("data.jsonl");
+    let line = |id: &str, src: &str, edit: &str, score: f64| {
+        format!(
+            "{{\"id\":\"{id}\",\"source\":{:?},\"instruction\":\"make the sky night\",\"edit\":{:?},\"score\":{score}}}\n",
+            fixtures.join(src),
+            fixtures.join(edit)
+        )
+    };
+    let pair = format!(
+        "{{\"id\":\"p\",\"source\":{:?},\"instruction\":\"make the sky night\",\"edit_a\":{:?},\"edit_b\":{:?},\"preference\":\"a\"}}\n",
+        fixtures.join("image_a.png"),
+        fixtures.join("image_b.png"),
+        fixtures.join("image_a.png")
+    );
+    std::fs::write(
+        &data,
+        line("r1", "image_a.png", "image_b.png", 2.0)
+            + &line("r2", "image_b.png", "image_a.png", 1.0)
+            + &pair,
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["judge-eval", "--width", "64", "--data"])
+        .arg(&data)
+        .arg("--judge")
+        .arg(&preset)
+        .arg("--out")
+        .arg(dir.path().join("je"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("je/results.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["ratings"]["judge_score"], "reward");
+    assert_eq!(json["ratings"]["answered"], 2);
+    assert_eq!(json["pairs"]["answered"], 1);
+    // A reward model has no position to favour: both orders agree.
+    assert_eq!(json["pairs"]["position_bias"]["mean"], 0.0);
+    let md = std::fs::read_to_string(dir.path().join("je/report.md")).unwrap();
+    assert!(md.contains("not a 0-10 VIE score"), "{md}");
+}
+
+#[test]
+fn reward_presets_name_what_is_wrong() {
+    use icedit_scale::judge::reward::RewardJudge;
+    use icedit_scale::judge::Judge;
+    let dir = tempfile::tempdir().unwrap();
+    let err = |extra: &str| match RewardJudge::from_preset(&tiny_preset(dir.path(), extra)) {
+        Ok(_) => panic!("{extra:?} was accepted"),
+        Err(e) => e.to_string(),
+    };
+    let e = err("pass_reward = 0.1\npass_quantile = 0.5");
+    assert!(e.contains("pass_quantile") && e.contains("keep one"), "{e}");
+    let e = err("pass_quantile = 1.5");
+    assert!(e.contains("pass_quantile") && e.contains("1.5"), "{e}");
+    std::fs::write(dir.path().join("cal.json"), "{\"pass_reward\": 0.25}").unwrap();
+    let judge =
+        RewardJudge::from_preset(&tiny_preset(dir.path(), "calibration = \"cal.json\"")).unwrap();
+    assert!(judge.screen_quantile().is_none());
+    let judge = RewardJudge::from_preset(&tiny_preset(dir.path(), "pass_quantile = 0.75")).unwrap();
+    assert_eq!(judge.screen_quantile(), Some(0.75));
+    let missing = dir.path().join("missing.toml");
+    std::fs::write(
+        &missing,
+        format!(
+            "kind = \"reward\"\nmodel_dir = {:?}\nweights = \"nobody/nothing\"\ndevice = \"cpu\"\n",
+            root().join("tests/fixtures/qwen2vl/tiny/qwen2_5_vl")
+        ),
+    )
+    .unwrap();
+    let e = RewardJudge::from_preset(&missing)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("nobody/nothing") && e.contains("download"),
+        "{e}"
+    );
+}

@@ -18,7 +18,8 @@ use icedit_scale::engine::{
 use icedit_scale::error::GenerateError;
 use icedit_scale::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit, Schedule};
 use icedit_scale::judge::{
-    CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
+    CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScoreKind, ScreenVerdict,
+    SubScores,
 };
 use icedit_scale::models::flux::scheduler::DynamicShift;
 use image::{Rgb, RgbImage};
@@ -97,6 +98,8 @@ struct ScriptedJudge {
     /// Comparisons: marker -> strength; the stronger wins; `position_bias` always says First.
     strength: HashMap<u8, f32>,
     position_bias: bool,
+    /// Screen by this quantile of each round, as a reward model does.
+    quantile: Option<f32>,
     calls: Mutex<Vec<String>>,
 }
 
@@ -116,6 +119,16 @@ fn usage() -> CallUsage {
 impl Judge for ScriptedJudge {
     fn name(&self) -> String {
         "scripted".into()
+    }
+    fn screen_quantile(&self) -> Option<f32> {
+        self.quantile
+    }
+    fn screen_score_kind(&self) -> ScoreKind {
+        if self.quantile.is_some() {
+            ScoreKind::Reward
+        } else {
+            ScoreKind::Vie
+        }
     }
     async fn screen(
         &self,
@@ -250,6 +263,53 @@ fn early_filter(seeds: usize, k: usize, keep: usize, steps: usize) -> StrategyCo
         base_seed: 100,
         seed_list: None,
     }
+}
+
+#[test]
+fn a_judge_that_screens_by_quantile_passes_the_top_of_each_round_only() {
+    let mut judge = ScriptedJudge {
+        quantile: Some(0.75),
+        ..ScriptedJudge::default()
+    };
+    // Rewards on their own scale; the judge's own pass flags are ignored. 7 answer: sorted
+    // -2, -1, -0.3, 0.1, 0.9, 1.5, 2.0; the 0.75 quantile (nearest rank: the 6th) is 1.5.
+    for (m, s) in [
+        (0, Some((true, -1.0))),
+        (1, Some((false, 2.0))),
+        (2, Some((true, 0.1))),
+        (3, None),
+        (4, Some((false, 1.5))),
+        (5, Some((true, -0.3))),
+        (6, Some((true, -2.0))),
+        (7, Some((true, 0.9))),
+    ] {
+        judge.screen.insert(m, s);
+    }
+    for m in 0..8 {
+        judge.vie.insert(m, Some(5.0 + m as f32 / 10.0));
+    }
+    let (report, _, _) = run(early_filter(8, 2, 3, 6), judge, 8);
+    let passed: Vec<usize> = report
+        .candidates
+        .iter()
+        .filter(|c| matches!(&c.screens[0].verdict, Judged::Ok(v) if v.pass))
+        .map(|c| c.index)
+        .collect();
+    assert_eq!(passed, vec![1, 4], "at or above 1.5 only");
+    assert!(
+        matches!(report.candidates[3].screens[0].verdict, Judged::Failed(_)),
+        "a failure stays one"
+    );
+    let completed: Vec<usize> = report
+        .candidates
+        .iter()
+        .filter(|c| c.status == CandidateStatus::Completed)
+        .map(|c| c.index)
+        .collect();
+    assert_eq!(completed, vec![1, 4], "M = 3 but only two passed");
+    assert_eq!(report.screen_scores, ScoreKind::Reward);
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["screen_scores"], "reward");
 }
 
 #[test]

@@ -85,9 +85,11 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
                 args.download,
                 testbed.as_ref(),
             )?;
-            Some(judge.judge.ok_or_else(|| {
+            let judge = judge.judge.ok_or_else(|| {
                 EditError::Invalid("eval_judge: \"none\" cannot score the returned edits".into())
-            })?)
+            })?;
+            crate::backends::require_vie(judge.as_ref(), "eval_judge")?;
+            Some(judge)
         };
         if selection.judge.is_none() {
             return Err(EditError::Invalid(
@@ -95,6 +97,10 @@ pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
                     .into(),
             )
             .into());
+        }
+        if let Some(j) = &selection.judge {
+            // Strategies pick their result by the selection judge's VIE scores.
+            crate::backends::require_vie(j.as_ref(), "selection_judge")?;
         }
         let generator = build_generator(&args.generator, args.download, testbed)?;
         let engine = engine(generator, selection);

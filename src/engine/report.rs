@@ -10,7 +10,9 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::strategy::StrategyConfig;
-use crate::judge::{CallUsage, Comparison, JudgeError, ScreenVerdict, SubScores, VieScore};
+use crate::judge::{
+    CallUsage, Comparison, JudgeError, ScoreKind, ScreenVerdict, SubScores, VieScore,
+};
 
 /// Version of the report schema; bumped on incompatible changes.
 pub const REPORT_SCHEMA_VERSION: u32 = 1;
@@ -289,6 +291,10 @@ pub struct EditReport {
     pub generator: String,
     /// Judge name.
     pub judge: String,
+    /// What the screening scores in `candidates[].screens` are: `vie` (0-10) or `reward`
+    /// (a reward model's own scale, not comparable with VIE O). VIE scores are always VIE.
+    #[serde(default = "ScoreKind::vie")]
+    pub screen_scores: ScoreKind,
     /// The strategy and its parameters.
     pub strategy: StrategyConfig,
     /// The schedule.

@@ -21,7 +21,7 @@ use super::worker::GeneratorWorker;
 use crate::edit::EditContext;
 use crate::error::{EngineError, GenerateError};
 use crate::generate::{self, CandidateState, GeneratorInfo, PreparedEdit, Schedule};
-use crate::judge::{Judge, JudgeError, PreviewStage, ScreenVerdict, ViePair};
+use crate::judge::{Judge, JudgeError, PreviewStage, ScoreKind, ScreenVerdict, ViePair};
 
 /// One edit to run.
 pub struct EditJob {
@@ -287,8 +287,14 @@ impl Session<'_> {
         });
         let results = join_all(jobs).await;
         self.progress.end();
-        for (&i, result) in indices.iter().zip(results) {
-            let (image, verdict) = result?;
+        let mut screened = Vec::with_capacity(results.len());
+        for result in results {
+            screened.push(result?);
+        }
+        if let Some(q) = self.engine.judge_for_strategy().screen_quantile() {
+            pass_by_quantile(&mut screened, q);
+        }
+        for (&i, (image, verdict)) in indices.iter().zip(screened) {
             self.record_screen(i, stage.step, image, verdict);
         }
         self.timings.screen_s += t.elapsed().as_secs_f64();
@@ -647,6 +653,11 @@ impl Session<'_> {
                 .judge
                 .as_ref()
                 .map_or_else(|| "none".to_string(), |j| j.name()),
+            screen_scores: self
+                .engine
+                .judge
+                .as_ref()
+                .map_or(ScoreKind::Vie, |j| j.screen_score_kind()),
             strategy: self.strategy,
             schedule: ScheduleRecord {
                 steps: self.schedule.steps,
@@ -685,4 +696,27 @@ async fn score_image(engine: &Engine, edit: &EditContext, image: &RgbImage) -> O
         semantic,
         perceptual,
     })
+}
+/// A judge that screens by quantile (a reward model's scale has no absolute pass mark):
+/// a preview passes when its score is at or above the `q` quantile (nearest rank) of the
+/// scores of this round's previews. Failed screenings stay failures.
+fn pass_by_quantile(screened: &mut [(Arc<RgbImage>, Result<ScreenVerdict, JudgeError>)], q: f32) {
+    let mut scores: Vec<f32> = screened
+        .iter()
+        .filter_map(|(_, v)| v.as_ref().ok().map(|v| v.score))
+        .collect();
+    if scores.is_empty() {
+        return;
+    }
+    scores.sort_by(f32::total_cmp);
+    let rank = ((q.clamp(0.0, 1.0) * scores.len() as f32).ceil() as usize).max(1) - 1;
+    let threshold = scores[rank.min(scores.len() - 1)];
+    for (_, verdict) in screened.iter_mut() {
+        if let Ok(v) = verdict {
+            v.pass = v.score >= threshold;
+            v.reasoning.push_str(&format!(
+                " [passes at the {q} quantile of this round: {threshold:.4}]"
+            ));
+        }
+    }
 }

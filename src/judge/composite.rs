@@ -159,6 +159,14 @@ impl Judge for CompositeJudge {
         )
     }
 
+    fn screen_score_kind(&self) -> super::ScoreKind {
+        self.screen.screen_score_kind()
+    }
+
+    fn screen_quantile(&self) -> Option<f32> {
+        self.screen.screen_quantile()
+    }
+
     async fn screen(
         &self,
         edit: &EditContext,

@@ -13,6 +13,7 @@ pub mod parse;
 pub mod preset;
 pub mod prompts;
 pub mod qwen_vl;
+pub mod reward;
 pub mod testbed;
 pub mod vie;
 
@@ -53,7 +54,8 @@ pub struct PreviewStage {
 pub struct ScreenVerdict {
     /// Whether the candidate is worth completing.
     pub pass: bool,
-    /// 0-10, higher is more promising (an expected value when logprobs are known).
+    /// Higher is more promising: 0-10 for VIE judges (an expected value when logprobs are
+    /// known), the reward for reward models ([`Judge::score_kind`]).
     pub score: f32,
     /// The judge's explanation.
     pub reasoning: String,
@@ -86,11 +88,70 @@ pub struct Comparison {
     pub usage: CallUsage,
 }
 
+/// What a judge's scores are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreKind {
+    /// VIE sub-scores on 0-10 (SC, PQ, O = sqrt(SC * PQ)); screening scores on 0-10.
+    Vie,
+    /// A reward model's scalar, on the model's own unbounded scale (higher is better); it
+    /// gives no VIE sub-scores.
+    Reward,
+}
+
+impl ScoreKind {
+    /// `Vie` (the serde default of older reports).
+    pub fn vie() -> Self {
+        Self::Vie
+    }
+}
+
+/// A reward model's verdict on one edit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RewardScore {
+    /// The reward (the model's own scale; not 0-10).
+    pub reward: f32,
+    /// The model's log-scale uncertainty, where it has one (uncalibrated).
+    pub log_sigma: f32,
+    /// Cost of the call.
+    pub usage: CallUsage,
+}
+
 /// A vision-language judge. Calls are async and may run concurrently.
 #[async_trait]
 pub trait Judge: Send + Sync {
     /// Name and model for reports (never includes secrets).
     fn name(&self) -> String;
+
+    /// What its scores are: VIE sub-scores (most judges) or a reward.
+    fn score_kind(&self) -> ScoreKind {
+        ScoreKind::Vie
+    }
+
+    /// What its screening scores are (a composite may screen with a reward model).
+    fn screen_score_kind(&self) -> ScoreKind {
+        self.score_kind()
+    }
+
+    /// Screen by rank instead of a pass mark: the engine passes the previews of one round
+    /// whose score is at or above this quantile of the round's scores (`None`: the judge's
+    /// own verdicts).
+    fn screen_quantile(&self) -> Option<f32> {
+        None
+    }
+
+    /// A reward model's scalar for a finished edit; judges that are not reward models
+    /// refuse.
+    async fn reward(
+        &self,
+        _edit: &EditContext,
+        _edited: &RgbImage,
+    ) -> Result<RewardScore, JudgeError> {
+        Err(JudgeError::Config(format!(
+            "{} gives VIE scores, not a reward",
+            self.name()
+        )))
+    }
 
     /// Looks at source + instruction + an early preview and decides whether the
     /// candidate is heading towards a correct edit.

@@ -43,13 +43,15 @@ pub struct PairAgreement {
 pub struct RatingAgreement {
     /// Ratings in the data.
     pub ratings: usize,
-    /// Ratings whose two VIE calls both answered.
+    /// Ratings the judge answered (both VIE calls, or the reward call).
     pub answered: usize,
-    /// Spearman's rho of VIE O against the human score.
+    /// What the judge's number is: `vie_o` (0-10) or `reward` (the model's own scale).
+    pub judge_score: String,
+    /// Spearman's rho of the judge's number against the human score.
     pub spearman: Option<Estimate>,
-    /// Kendall's tau-b of VIE O against the human score.
+    /// Kendall's tau-b of the judge's number against the human score.
     pub kendall: Option<Estimate>,
-    /// Pearson's r of VIE O against the human score.
+    /// Pearson's r of the judge's number against the human score.
     pub pearson: Option<Estimate>,
 }
 
@@ -138,8 +140,9 @@ impl JudgeEvalReport {
         let mut groups: BTreeMap<String, Option<bool>> = BTreeMap::new();
         // Ratings.
         let mut ratings = 0;
-        let mut rated: Vec<(f64, f64)> = Vec::new(); // (human, judge O)
-                                                     // Cost.
+        let mut rated: Vec<(f64, f64)> = Vec::new(); // (human, judge O or reward)
+        let mut reward_ratings = 0;
+        // Cost.
         let mut cost = JudgeCost::default();
         let mut failed: Vec<bool> = Vec::new();
         for (record, j) in &judged {
@@ -188,6 +191,13 @@ impl JudgeEvalReport {
                                 per_task.entry(task.clone()).or_default().push(v == *human);
                             }
                         }
+                    }
+                }
+                Judged::Reward { human, reward } => {
+                    ratings += 1;
+                    reward_ratings += 1;
+                    if let Some(r) = reward.answer {
+                        rated.push((*human, f64::from(r)));
                     }
                 }
                 Judged::Rating {
@@ -242,6 +252,12 @@ impl JudgeEvalReport {
             RatingAgreement {
                 ratings,
                 answered: rated.len(),
+                judge_score: if reward_ratings > 0 {
+                    "reward"
+                } else {
+                    "vie_o"
+                }
+                .into(),
                 spearman: correlation(spearman, seed + 7),
                 kendall: correlation(kendall_tau_b, seed + 8),
                 pearson: correlation(pearson, seed + 9),
@@ -322,7 +338,12 @@ impl JudgeEvalReport {
         }
         if let Some(r) = &self.ratings {
             md.push_str(&format!(
-                "## Ratings\n\nVIE O = sqrt(SC * PQ) against the human score. {} ratings, {} with both calls answered.\n\n| statistic | value |\n|---|---|\n| Spearman rho | {} |\n| Kendall tau-b | {} |\n| Pearson r | {} |\n\n",
+                "## Ratings\n\n{} against the human score. {} ratings, {} answered.\n\n| statistic | value |\n|---|---|\n| Spearman rho | {} |\n| Kendall tau-b | {} |\n| Pearson r | {} |\n\n",
+                if r.judge_score == "reward" {
+                    "The reward model's reward (its own scale, not a 0-10 VIE score)"
+                } else {
+                    "VIE O = sqrt(SC * PQ) (0-10)"
+                },
                 r.ratings,
                 r.answered,
                 est(&r.spearman),

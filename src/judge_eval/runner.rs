@@ -9,7 +9,7 @@ use futures::StreamExt;
 use super::data::{Case, HumanLabel};
 use super::store::{Called, Judged, Judgement, JudgementStore};
 use crate::error::{EditError, EngineError};
-use crate::judge::{CallUsage, Judge, JudgeError};
+use crate::judge::{CallUsage, Judge, JudgeError, ScoreKind};
 use crate::stop::StopSignal;
 
 /// How the judge is run.
@@ -91,6 +91,18 @@ async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgem
                     return Ok(record);
                 }
             };
+            if judge.score_kind() == ScoreKind::Reward {
+                let r = judge.reward(&edit, &image).await;
+                record.judged = Some(Judged::Reward {
+                    human: *score,
+                    reward: called(
+                        r,
+                        |r| r.reward,
+                        |r| (format!("log sigma {:.3}", r.log_sigma), r.usage.clone()),
+                    )?,
+                });
+                return Ok(record);
+            }
             let (sc, pq) = futures::join!(
                 judge.semantic_consistency(&edit, &image),
                 judge.perceptual_quality(&edit, &image)

@@ -42,6 +42,13 @@ pub enum Judged {
         /// The call that showed B first.
         b_first: Called<Preference>,
     },
+    /// A rated edit, scored by a reward model.
+    Reward {
+        /// The human score.
+        human: f64,
+        /// The model's reward (its own scale).
+        reward: Called<f32>,
+    },
     /// A rated edit, scored by the VIE rubric.
     Rating {
         /// The human score.
@@ -55,11 +62,12 @@ pub enum Judged {
 
 impl Judged {
     /// The calls made, as (failed, usage).
-    pub fn calls(&self) -> [(bool, &CallUsage); 2] {
+    pub fn calls(&self) -> Vec<(bool, &CallUsage)> {
         match self {
+            Judged::Reward { reward, .. } => vec![(reward.answer.is_none(), &reward.usage)],
             Judged::Pair {
                 a_first, b_first, ..
-            } => [
+            } => vec![
                 (a_first.answer.is_none(), &a_first.usage),
                 (b_first.answer.is_none(), &b_first.usage),
             ],
@@ -67,7 +75,7 @@ impl Judged {
                 semantic,
                 perceptual,
                 ..
-            } => [
+            } => vec![
                 (semantic.answer.is_none(), &semantic.usage),
                 (perceptual.answer.is_none(), &perceptual.usage),
             ],
