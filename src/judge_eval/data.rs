@@ -189,10 +189,18 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Case>, EditError> {
                 };
                 (item(l.id, source, l.instruction, l.task), human)
             }
-            _ => return Err(at(
-                "neither a pair (`edit_a`, `edit_b`, `preference`) nor a rating (`edit`, `score`)"
-                    .into(),
-            )),
+            (true, true) => {
+                return Err(at(
+                    "has fields of both a pair (`edit_a`, `edit_b`, `preference`) and a rating (`edit`, `score`)"
+                        .into(),
+                ))
+            }
+            (false, false) => {
+                return Err(at(
+                    "neither a pair (`edit_a`, `edit_b`, `preference`) nor a rating (`edit`, `score`)"
+                        .into(),
+                ))
+            }
         };
         if item.instruction.trim().is_empty() {
             return Err(at("empty `instruction`".into()));
@@ -324,6 +332,8 @@ mod tests {
         assert!(e.contains("line 1") && e.contains("left"), "{e}");
         let e = bad("{\"id\":\"p\",\"source\":\"x.png\",\"instruction\":\"do\"}");
         assert!(e.contains("neither a pair"), "{e}");
+        let e = bad("{\"id\":\"p\",\"source\":\"x.png\",\"instruction\":\"do\",\"edit\":\"x.png\",\"edit_a\":\"x.png\"}");
+        assert!(e.contains("both a pair"), "{e}");
         let e = bad("{\"id\":\"r\",\"source\":\"x.png\",\"instruction\":\"do\",\"edit\":\"x.png\",\"score\":3,\"extra\":1}");
         assert!(e.contains("extra"), "{e}");
     }

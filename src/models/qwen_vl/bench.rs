@@ -127,6 +127,10 @@ pub struct JudgeBenchResult {
     pub batches: Vec<BatchTiming>,
     /// Seconds per answer token read after the prefill (one KV-cache step).
     pub step_s: f64,
+    /// Of one prompt's prefill: seconds in the vision tower and merger (both images).
+    pub vision_s: f64,
+    /// Of one prompt's prefill: the rest (the text decoder over every token, the splice).
+    pub text_s: f64,
 }
 
 impl JudgeBenchResult {
@@ -147,8 +151,8 @@ impl JudgeBenchResult {
             ));
         }
         md.push_str(&format!(
-            "\nOne answer token after the prefill (KV cache): {:.4} s.\n",
-            self.step_s
+            "\nOne prompt's prefill: {:.3} s in the vision tower (both images), {:.3} s in the rest (text decoder over all tokens). One answer token after the prefill (KV cache): {:.4} s.\n",
+            self.vision_s, self.text_s, self.step_s
         ));
         md
     }
@@ -224,6 +228,13 @@ pub fn run(bench: &JudgeBench) -> candle_core::Result<JudgeBenchResult> {
             speedup: sequential_s / batched_s,
         });
     }
+    let one = &prompts[0];
+    let prefill_s = timed(&bench.device, bench.iters, || {
+        model.prefill(std::slice::from_ref(one)).map(|_| ())
+    })?;
+    let vision_s = timed(&bench.device, bench.iters, || {
+        model.vision_tokens(one).map(|_| ())
+    })?;
     let (_, mut sessions) = model.prefill(&prompts[..1])?;
     let session = sessions.remove(0);
     let step_s = timed(&bench.device, bench.iters, || {
@@ -235,6 +246,8 @@ pub fn run(bench: &JudgeBench) -> candle_core::Result<JudgeBenchResult> {
         load_s,
         batches,
         step_s,
+        vision_s,
+        text_s: (prefill_s - vision_s).max(0.0),
     })
 }
 
@@ -267,5 +280,6 @@ mod tests {
             .iter()
             .all(|b| b.batched_s > 0.0 && b.speedup > 0.0));
         assert!(result.parameters > 1_000_000);
+        assert!(result.vision_s > 0.0 && result.vision_s.is_finite());
     }
 }

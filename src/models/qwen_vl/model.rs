@@ -240,6 +240,21 @@ impl Qwen2Vl {
         Ok(out)
     }
 
+    /// Runs only the vision tower (and merger) over a prompt's images, returning their
+    /// tokens `[image tokens, hidden]`: what a prefill spends on images, for profiling.
+    pub fn vision_tokens(&self, prompt: &EncodedPrompt) -> Result<Tensor> {
+        let grids: Vec<[usize; 3]> = prompt.images.iter().map(|i| i.grid_thw).collect();
+        let patch_dim = self.config.vision.patch_dim();
+        let pixels: Vec<f32> = prompt
+            .images
+            .iter()
+            .flat_map(|i| i.pixel_values.iter().copied())
+            .collect();
+        let rows = pixels.len() / patch_dim.max(1);
+        let pixels = Tensor::from_vec(pixels, (rows, patch_dim), &self.device)?;
+        Ok(self.vision.forward(&pixels, &grids)?.tokens)
+    }
+
     /// The final-norm hidden states `[seq, hidden]` of one prompt, its tokens numbered by
     /// `mode`.
     pub fn final_hidden(&self, prompt: &EncodedPrompt, mode: PositionMode) -> Result<Tensor> {
