@@ -95,13 +95,6 @@ pub struct JudgeEvalReport {
     pub not_judged: Vec<String>,
 }
 
-/// The VIE overall score O = sqrt(min(SC pair) * min(PQ pair)).
-fn overall(sc: [f32; 2], pq: [f32; 2]) -> f64 {
-    (sc[0].min(sc[1]) as f64 * pq[0].min(pq[1]) as f64)
-        .max(0.0)
-        .sqrt()
-}
-
 impl JudgeEvalReport {
     /// Builds the report from the stored judgements, taken in `order` (the dataset's ids, so
     /// a resumed run gives the same intervals); ids without a finished judgement are listed
@@ -200,14 +193,10 @@ impl JudgeEvalReport {
                         rated.push((*human, f64::from(r)));
                     }
                 }
-                Judged::Rating {
-                    human,
-                    semantic,
-                    perceptual,
-                } => {
+                Judged::Rating { human, overall, .. } => {
                     ratings += 1;
-                    if let (Some(sc), Some(pq)) = (semantic.answer, perceptual.answer) {
-                        rated.push((*human, overall(sc, pq)));
+                    if let Some(o) = overall {
+                        rated.push((*human, f64::from(*o)));
                     }
                 }
             }

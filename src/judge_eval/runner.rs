@@ -9,7 +9,7 @@ use futures::StreamExt;
 use super::data::{Case, HumanLabel};
 use super::store::{Called, Judged, Judgement, JudgementStore};
 use crate::error::{EditError, EngineError};
-use crate::judge::{CallUsage, Judge, JudgeError, ScoreKind};
+use crate::judge::{CallUsage, Judge, JudgeError, ScoreKind, VieScore};
 use crate::stop::StopSignal;
 
 /// How the judge is run.
@@ -109,10 +109,22 @@ async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgem
             );
             let pick = |s: &crate::judge::SubScores| s.scores;
             let explain = |s: &crate::judge::SubScores| (s.reasoning.clone(), s.usage.clone());
+            // O as the rubric computes it (a judge with several passes averages per pass).
+            let overall = match (&sc, &pq) {
+                (Ok(semantic), Ok(perceptual)) => Some(
+                    VieScore {
+                        semantic: semantic.clone(),
+                        perceptual: perceptual.clone(),
+                    }
+                    .overall(),
+                ),
+                _ => None,
+            };
             Some(Judged::Rating {
                 human: *score,
                 semantic: called(sc, pick, explain)?,
                 perceptual: called(pq, pick, explain)?,
+                overall,
             })
         }
     };

@@ -57,6 +57,10 @@ pub enum Judged {
         semantic: Called<[f32; 2]>,
         /// Perceptual quality (naturalness, no artifacts), 0-10 each.
         perceptual: Called<[f32; 2]>,
+        /// VIE O of the two, when both answered (the mean of each pass's O for a judge
+        /// that answers several passes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        overall: Option<f32>,
     },
 }
 
