@@ -412,11 +412,7 @@ struct PresetHead {
 
 /// Reads a preset's `kind` and `max_concurrency`, naming the file on error.
 fn preset_head(path: &Path) -> Result<PresetHead, JudgeError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        JudgeError::Config(format!("cannot read judge preset {}: {e}", path.display()))
-    })?;
-    toml::from_str(&text)
-        .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))
+    crate::judge::preset::read_preset(path)
 }
 
 /// Loads the judge a preset file describes, by its `kind`. A testbed preset knows the
@@ -577,7 +573,7 @@ fn reward_requests(preset: &RewardPreset) -> Vec<RepoRequest> {
     if let (None, Some(model)) = (&preset.model_dir, &preset.model) {
         requests.push(judge_request(model));
     }
-    if !Path::new(&preset.weights).exists() && preset.weights.split('/').count() == 2 {
+    if hub::names_repo(&preset.weights) {
         requests.push(RepoRequest::new(&preset.weights).include(["*.safetensors", "*.json"]));
     }
     requests
@@ -612,8 +608,7 @@ fn judge_request(model: &str) -> RepoRequest {
 /// A local judge's adapter, when the preset names a Hub id that is not a folder.
 fn adapter_request(config: &LocalJudgeConfig) -> Option<RepoRequest> {
     let adapter = config.adapter.as_deref()?;
-    (!Path::new(adapter).exists() && adapter.split('/').count() == 2)
-        .then(|| judge_request(adapter))
+    hub::names_repo(adapter).then(|| judge_request(adapter))
 }
 
 /// What `download NAME` fetches: `flux-fill`, `icedit-lora`, `icedit-moe-lora`, a local

@@ -362,6 +362,22 @@ pub fn cache_entry(settings: &HubSettings, repo_id: &str) -> PathBuf {
         .join(format!("models--{}", repo_id.replace('/', "--")))
 }
 
+/// Whether `name` names a Hub repository (`org/name`) rather than a path that exists.
+pub fn names_repo(name: &str) -> bool {
+    !Path::new(name).exists() && name.split('/').count() == 2 && !name.starts_with('.')
+}
+
+/// Where `name` is on this machine: the path itself if it exists, or the cache entry of
+/// the Hub repository it names if that is there (not yet resolved to a snapshot).
+pub fn find_local(settings: &HubSettings, name: &str) -> Option<PathBuf> {
+    let path = Path::new(name);
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    let entry = cache_entry(settings, name);
+    (names_repo(name) && entry.is_dir()).then_some(entry)
+}
+
 /// `*` matches any run of characters (`/` included), `?` one character; everything else
 /// itself. A pattern ending in `/` matches everything below that folder.
 fn glob_match(pattern: &str, text: &str) -> bool {

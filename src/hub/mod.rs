@@ -8,4 +8,6 @@ pub mod cache;
 pub mod download;
 
 pub use cache::{resolve_snapshot, shards};
-pub use download::{cache_entry, download, Downloaded, HubError, HubSettings, RepoRequest};
+pub use download::{
+    cache_entry, download, find_local, names_repo, Downloaded, HubError, HubSettings, RepoRequest,
+};

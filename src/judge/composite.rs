@@ -38,11 +38,7 @@ pub struct CompositePreset {
 impl CompositePreset {
     /// Reads the preset, naming the file on error.
     pub fn from_file(path: &std::path::Path) -> Result<Self, JudgeError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            JudgeError::Config(format!("cannot read judge preset {}: {e}", path.display()))
-        })?;
-        let preset: Self = toml::from_str(&text)
-            .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))?;
+        let preset: Self = super::preset::read_preset(path)?;
         if preset.score.is_empty() {
             return Err(JudgeError::Config(format!(
                 "judge preset {}: `score` names no judge (give at least one preset)",

@@ -12,6 +12,16 @@ use super::JudgeError;
 /// 429s and a local judge only queues.
 pub const MAX_CONCURRENCY: usize = 256;
 
+/// Reads the TOML preset at `path` into `T`, naming the file when it cannot be read or
+/// parsed (serde's message names the field).
+pub fn read_preset<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, JudgeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        JudgeError::Config(format!("cannot read judge preset {}: {e}", path.display()))
+    })?;
+    toml::from_str(&text)
+        .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))
+}
+
 /// Checks preset fields of one file.
 pub struct FieldCheck<'a> {
     path: &'a Path,

@@ -101,11 +101,7 @@ struct Calibration {
 impl RewardPreset {
     /// Reads and checks a preset; folders resolve against the preset's folder.
     pub fn from_file(path: &Path) -> Result<Self, JudgeError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            JudgeError::Config(format!("cannot read judge preset {}: {e}", path.display()))
-        })?;
-        let mut p: Self = toml::from_str(&text)
-            .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))?;
+        let mut p: Self = super::preset::read_preset(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for dir in [&mut p.model_dir, &mut p.calibration].into_iter().flatten() {
             if dir.is_relative() {
@@ -167,18 +163,14 @@ impl RewardPreset {
 
     /// A Hub id or folder, resolved to a folder.
     fn resolve(what: &str, id_or_dir: &str) -> Result<PathBuf, JudgeError> {
-        let path = Path::new(id_or_dir);
-        if path.exists() {
-            return hub::resolve_snapshot(path).map_err(|e| JudgeError::Config(e.to_string()));
-        }
-        let entry = hub::cache_entry(&HubSettings::from_env(), id_or_dir);
-        if entry.is_dir() {
-            return hub::resolve_snapshot(&entry).map_err(|e| JudgeError::Config(e.to_string()));
+        let settings = HubSettings::from_env();
+        if let Some(dir) = hub::find_local(&settings, id_or_dir) {
+            return hub::resolve_snapshot(&dir).map_err(|e| JudgeError::Config(e.to_string()));
         }
         Err(JudgeError::Config(format!(
             "{what} {id_or_dir} is neither a folder nor in the Hugging Face cache ({} not found); \
              fetch it with `icedit-scale download <this preset>` (or --download)",
-            entry.display()
+            hub::cache_entry(&settings, id_or_dir).display()
         )))
     }
 }

@@ -67,11 +67,7 @@ impl TestbedJudgeConfig {
     /// Reads a `kind = "testbed"` preset: `seed`, `noise` (0 to 10), `position_bias` and
     /// `failure_rate` (0 to 1); a missing field keeps its default.
     pub fn from_preset(path: &std::path::Path) -> Result<Self, JudgeError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            JudgeError::Config(format!("cannot read judge preset {}: {e}", path.display()))
-        })?;
-        let preset: TestbedPreset = toml::from_str(&text)
-            .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))?;
+        let preset: TestbedPreset = super::preset::read_preset(path)?;
         let d = Self::default();
         let c = Self {
             seed: preset.seed.unwrap_or(d.seed),

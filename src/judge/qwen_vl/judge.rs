@@ -347,20 +347,14 @@ impl LocalJudgeConfig {
         let Some(adapter) = &self.adapter else {
             return Ok(None);
         };
-        let path = Path::new(adapter);
-        if path.exists() {
+        let settings = HubSettings::from_env();
+        if let Some(dir) = hub::find_local(&settings, adapter) {
             return Ok(Some(
-                hub::resolve_snapshot(path).map_err(|e| JudgeError::Config(e.to_string()))?,
+                hub::resolve_snapshot(&dir).map_err(|e| JudgeError::Config(e.to_string()))?,
             ));
         }
-        let looks_like_id = adapter.split('/').count() == 2 && !adapter.starts_with('.');
-        let entry = hub::cache_entry(&HubSettings::from_env(), adapter);
-        if looks_like_id && entry.is_dir() {
-            return Ok(Some(
-                hub::resolve_snapshot(&entry).map_err(|e| JudgeError::Config(e.to_string()))?,
-            ));
-        }
-        Err(JudgeError::Config(if looks_like_id {
+        let entry = hub::cache_entry(&settings, adapter);
+        Err(JudgeError::Config(if hub::names_repo(adapter) {
             format!(
                 "adapter {adapter} is neither a folder nor in the Hugging Face cache ({} not found); \
                  fetch it with `icedit-scale download {adapter}` (or --download)",
