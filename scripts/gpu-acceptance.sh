@@ -6,7 +6,9 @@
 #      512 panel (1024x512 diptych, 512 T5 tokens);
 #   2. diffusers' FluxTransformer2DModel, same configuration, shapes and dtype (torch SDPA),
 #      for the same batches (scripts/bench_diffusers_flux.py);
-#   3. `bench judge` for Qwen2.5-VL-7B;
+#   3. `bench judge` for Qwen2.5-VL-7B, and one Qwen2-VL-7B prefill against transformers'
+#      (scripts/bench_transformers_judge.py, same prompt; Qwen2-VL is the family the
+#      script covers);
 #   4. `plan` for the same settings, beside the measured peaks;
 #   5. one early-filter edit end to end on the device with random weights at SIZE
 #      (q8_0, 512 panel, batch 8; the tiny fixture judge);
@@ -89,6 +91,21 @@ fi
 
 step judge "$BIN" bench judge --model "$JUDGE" --device "$DEVICE" --dtype "$DTYPE" \
   --batch "$BATCHES" --out "$OUT/judge"
+
+# One screening prompt (two 448 px images + 150 text tokens) through both implementations.
+TF_JUDGE=qwen2-vl-7b
+[[ $SIZE == small ]] && TF_JUDGE=small
+if "$PYTHON" -c "import torch, transformers" >/dev/null 2>&1; then
+  step transformers-judge "$PYTHON" scripts/bench_transformers_judge.py --model "$TF_JUDGE" \
+    --device "$DEVICE" --dtype "$DTYPE" --image-side 448 --text-tokens 150 --iters "$ITERS" \
+    --out "$OUT/transformers-judge.json"
+  step judge-vs-transformers "$BIN" bench judge --model "$TF_JUDGE" --device "$DEVICE" \
+    --dtype "$DTYPE" --image-side 448 --text-tokens 150 --batch 1 --iters "$ITERS" \
+    --reference "$OUT/transformers-judge.json" --out "$OUT/judge-vs-transformers"
+else
+  echo "== transformers-judge: $PYTHON lacks torch or transformers; skipped"
+  printf 'transformers-judge\tskipped\t0\n' >>"$OUT/steps.tsv"
+fi
 
 # The plan of the measured configuration (full size: no weights named = FLUX.1 Fill).
 for batch in ${BATCHES//,/ }; do
@@ -175,6 +192,11 @@ try:
     md.append(open(os.path.join(out, "judge/judge.md")).read())
 except OSError:
     md += ["bench judge failed:", "", "```", tail("judge"), "```"]
+md += ["", "## Judge prefill against transformers (Qwen2-VL, one screening prompt)", ""]
+try:
+    md.append(open(os.path.join(out, "judge-vs-transformers/judge.md")).read())
+except OSError:
+    md += ["not measured:", "", "```", tail("transformers-judge"), tail("judge-vs-transformers"), "```"]
 
 md += ["", "## Memory plan of full-size FLUX.1 Fill at these settings (`plan`; T5 on the CPU, no judge)", ""]
 for name in sorted(os.listdir(out)):

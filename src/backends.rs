@@ -337,6 +337,7 @@ pub fn build_generator(
             Ok(Box::new(TestbedGenerator::with_edits(
                 TestbedConfig {
                     difficulty: args.testbed_difficulty,
+                    contrast: args.testbed_contrast,
                     max_batch: args.batch_size.max(1),
                 },
                 testbed.unwrap_or_default(),

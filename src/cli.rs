@@ -105,6 +105,10 @@ pub struct JudgeBenchArgs {
     /// Device: cpu, cuda[:N] or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// transformers' timing of the same prompt (the JSON scripts/bench_transformers_judge.py
+    /// writes): adds an ours-vs-transformers table.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
     /// Output folder (judge.json, judge.md).
     #[arg(long, default_value = "out/bench-judge")]
     pub out: PathBuf,
@@ -341,6 +345,10 @@ pub struct GeneratorArgs {
     /// Testbed difficulty (0 = the correct outcome dominates, 1 = failures dominate).
     #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
     pub testbed_difficulty: f32,
+    /// Testbed outcome contrast: how early a seed's outcome is decided, so how often early
+    /// previews name it. A preset (sharp, soft, loose) or a number in (0, 1].
+    #[arg(long, default_value = "sharp", value_parser = outcome_contrast)]
+    pub testbed_contrast: f32,
 }
 
 /// Judge selection and its options.
@@ -533,6 +541,10 @@ pub struct StudyArgs {
     /// Testbed difficulty (0 to 1).
     #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
     pub difficulty: f32,
+    /// Testbed outcome contrast: how early a seed's outcome is decided, so how often early
+    /// previews name it. A preset (sharp, soft, loose) or a number in (0, 1].
+    #[arg(long, default_value = "sharp", value_parser = outcome_contrast)]
+    pub contrast: f32,
     /// Seed of the judge's error model.
     #[arg(long, default_value_t = 0)]
     pub judge_seed: u64,
@@ -606,6 +618,29 @@ fn quantized_type(text: &str) -> Result<GgmlDType, String> {
 
 fn unit_interval(text: &str) -> Result<f32, String> {
     finite_in(text, 0.0, 1.0, "0 and 1 are the extremes").map(|x| x as f32)
+}
+
+/// A testbed outcome contrast: a preset name or a number in (0, 1].
+fn outcome_contrast(text: &str) -> Result<f32, String> {
+    use crate::generate::testbed::PreviewReliability;
+    if let Some(preset) = PreviewReliability::from_name(text) {
+        return Ok(preset.contrast());
+    }
+    let names = PreviewReliability::NAMES.join(", ");
+    let x = finite_in(
+        text,
+        0.0,
+        1.0,
+        "1 = outcome latents as their images give them",
+    )
+    .map_err(|e| format!("{e}, or a preset: {names}"))?;
+    if x > 0.0 {
+        Ok(x as f32)
+    } else {
+        Err(format!(
+            "0 is not above 0 (0 would merge all outcomes), or a preset: {names}"
+        ))
+    }
 }
 
 /// Seconds of a cost model or latency: 0 to an hour.

@@ -25,6 +25,7 @@ pub mod error;
 pub mod eval;
 pub mod fsio;
 pub mod generate;
+pub mod host_memory;
 pub mod hub;
 pub mod judge;
 pub mod judge_eval;

@@ -2,10 +2,12 @@
 
 use clap::Parser;
 use icedit_scale::cli::Cli;
-use icedit_scale::commands;
+use icedit_scale::{commands, host_memory};
 
 #[tokio::main]
 async fn main() {
+    // Before any model allocates (see host_memory).
+    host_memory::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

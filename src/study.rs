@@ -4,16 +4,22 @@
 //! Random seeding is best-of-N's candidate 0 (same seed, same schedule: the identical
 //! trajectory and image), so it costs nothing extra. Early-filter's step-k previews of all
 //! N seeds are compared with the finals best-of-N reached from the same seeds, which
-//! measures how often the preview already identifies the final outcome.
+//! measures how often the preview already identifies the final outcome. The same seeds are
+//! also sampled directly on the generator, decoding the x0 preview after every one of the
+//! first [`IDENTIFICATION_STEPS`] steps, so the preview reliability is known per probe step
+//! (the calibration of the testbed's outcome contrast).
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::edit::EditContext;
 use crate::engine::report::EditReport;
 use crate::engine::{EditJob, Engine, GeneratorWorker, Silent, StrategyConfig, StrategyKind};
-use crate::error::EngineError;
+use crate::error::{EngineError, GenerateError};
+use crate::generate::schedule::Schedule;
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
+use crate::generate::{advance_one_step, finish, preview, CandidateState, Generator};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 use crate::models::testbed::{self, OutcomeLabel};
 
@@ -30,8 +36,15 @@ pub struct StudyConfig {
     pub strategy: StrategyConfig,
     /// Testbed difficulty.
     pub difficulty: f32,
+    /// Testbed outcome contrast (how early the outcome is decided; 1 = as always).
+    #[serde(default = "full_contrast")]
+    pub contrast: f32,
     /// The judge's error model.
     pub judge: TestbedJudgeConfig,
+}
+
+fn full_contrast() -> f32 {
+    1.0
 }
 
 /// Correct-outcome rate and cost of one strategy.
@@ -67,10 +80,77 @@ pub struct StudyReport {
     pub preview_agrees: usize,
     /// Candidates compared.
     pub previews: usize,
+    /// Per probe step 1, 2, ...: how often the x0 preview after that step names the
+    /// candidate's final outcome.
+    #[serde(default)]
+    pub identification: Vec<StepIdentification>,
     /// Per strategy: random, early-filter, best-of-N.
     pub strategies: Vec<StrategyResult>,
     /// Fraction of all seeds that landed on the correct outcome (the prior, measured).
     pub seed_correct_rate: f64,
+}
+
+/// Probe steps whose preview reliability `study` measures (at least up to k).
+pub const IDENTIFICATION_STEPS: usize = 10;
+
+/// How often previews after one probe step name the final outcome.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepIdentification {
+    /// Steps run before the preview.
+    pub step: usize,
+    /// Candidates whose preview is nearest the outcome their final is nearest.
+    pub agrees: usize,
+    /// Candidates compared.
+    pub candidates: usize,
+}
+
+impl StepIdentification {
+    /// Fraction identified.
+    pub fn rate(&self) -> f64 {
+        self.agrees as f64 / self.candidates.max(1) as f64
+    }
+}
+
+/// Samples `seeds` of `edit` to the end of a `steps`-step schedule on `generator`, decoding
+/// the x0 preview after each of the first `probe_steps` steps, and counts per step how often
+/// the preview is nearest the same outcome as the final; returns the counts (one per step)
+/// and each seed's final outcome.
+pub fn preview_identification(
+    generator: &mut TestbedGenerator,
+    edit: &EditContext,
+    outcomes: &[testbed::Outcome],
+    seeds: &[u64],
+    steps: usize,
+    probe_steps: usize,
+) -> Result<(Vec<usize>, Vec<OutcomeLabel>), GenerateError> {
+    let prepared = generator.prepare(edit)?;
+    let schedule = Schedule::shifted(steps, prepared.mu);
+    let mut states = seeds
+        .iter()
+        .map(|&seed| CandidateState::from_seed(generator, &prepared, seed))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut labels: Vec<Vec<OutcomeLabel>> = vec![Vec::new(); seeds.len()];
+    for _ in 0..probe_steps.min(steps) {
+        advance_one_step(generator, &prepared, &schedule, &mut states)?;
+        for (state, labels) in states.iter().zip(&mut labels) {
+            let image = preview(generator, &prepared, &schedule, state)?;
+            labels.push(testbed::classify(outcomes, &image));
+        }
+    }
+    while states[0].step < steps {
+        advance_one_step(generator, &prepared, &schedule, &mut states)?;
+    }
+    let mut agrees = vec![0; labels.first().map_or(0, Vec::len)];
+    let mut finals = Vec::new();
+    for (state, labels) in states.iter().zip(&labels) {
+        let fin = testbed::classify(outcomes, &finish(generator, &prepared, &schedule, state)?);
+        for (count, label) in agrees.iter_mut().zip(labels) {
+            *count += (*label == fin) as usize;
+        }
+        finals.push(fin);
+    }
+    generator.release(&prepared);
+    Ok((agrees, finals))
 }
 
 impl StudyReport {
@@ -78,9 +158,9 @@ impl StudyReport {
     pub fn markdown(&self) -> String {
         let c = &self.config;
         let mut s = format!(
-            "Testbed study: {} edits at {} px, N={} seeds, k={} probe steps, M={} kept, {} steps, difficulty {}, judge noise {} / position bias {} / failure rate {}.\n\n",
+            "Testbed study: {} edits at {} px, N={} seeds, k={} probe steps, M={} kept, {} steps, difficulty {}, outcome contrast {}, judge noise {} / position bias {} / failure rate {}.\n\n",
             c.edits, c.width, c.strategy.seeds, c.strategy.probe_steps, c.strategy.keep,
-            c.strategy.steps, c.difficulty, c.judge.noise, c.judge.position_bias, c.judge.failure_rate
+            c.strategy.steps, c.difficulty, c.contrast, c.judge.noise, c.judge.position_bias, c.judge.failure_rate
         );
         s.push_str(&format!(
             "Step-{} previews identify the final outcome for {}/{} candidates ({:.1}%). Seeds landing on the correct outcome: {:.1}%.\n\n",
@@ -90,6 +170,19 @@ impl StudyReport {
             100.0 * self.preview_agrees as f64 / self.previews.max(1) as f64,
             100.0 * self.seed_correct_rate
         ));
+        if !self.identification.is_empty() {
+            s.push_str("| probe step | previews naming the final outcome |\n|---|---|\n");
+            for step in &self.identification {
+                s.push_str(&format!(
+                    "| {} | {}/{} ({:.1}%) |\n",
+                    step.step,
+                    step.agrees,
+                    step.candidates,
+                    100.0 * step.rate()
+                ));
+            }
+            s.push('\n');
+        }
         s.push_str("| strategy | correct outcome | NFE per edit | mean VIE O (testbed judge) | unscored picks |\n|---|---|---|---|---|\n");
         for r in &self.strategies {
             s.push_str(&format!(
@@ -143,10 +236,23 @@ pub async fn run_study(
     config: &StudyConfig,
     mut on_edit: impl FnMut(usize),
 ) -> Result<StudyReport, EngineError> {
-    let generator = TestbedGenerator::new(TestbedConfig {
+    let testbed_config = TestbedConfig {
         difficulty: config.difficulty,
+        contrast: config.contrast,
         max_batch: 8,
-    });
+    };
+    let generator = TestbedGenerator::new(testbed_config);
+    // Its own generator: the engine's lives on the worker thread.
+    let mut probe_generator = TestbedGenerator::new(testbed_config);
+    let probe_steps = IDENTIFICATION_STEPS
+        .max(config.strategy.probe_steps)
+        .min(config.strategy.steps);
+    let mut identification: Vec<StepIdentification> = (1..=probe_steps)
+        .map(|step| StepIdentification {
+            step,
+            ..StepIdentification::default()
+        })
+        .collect();
     let engine = Engine::new(
         Arc::new(GeneratorWorker::spawn(Box::new(generator))),
         Arc::new(TestbedJudge::new(config.judge)),
@@ -165,6 +271,18 @@ pub async fn run_study(
         let edit = testbed::make_edit(config.first_scene.wrapping_add(i as u64), config.width);
         let outcomes = testbed::outcome_set(&edit, config.difficulty)
             .map_err(|e| EngineError::Strategy(e.to_string()))?;
+        let (agreeing, _) = preview_identification(
+            &mut probe_generator,
+            &edit,
+            &outcomes,
+            &config.strategy.candidate_seeds(),
+            config.strategy.steps,
+            probe_steps,
+        )?;
+        for (step, agrees) in identification.iter_mut().zip(agreeing) {
+            step.agrees += agrees;
+            step.candidates += config.strategy.candidate_count();
+        }
         let run = |kind| {
             let job = EditJob {
                 edit: edit.clone(),
@@ -223,6 +341,7 @@ pub async fn run_study(
         config: config.clone(),
         preview_agrees: agrees,
         previews,
+        identification,
         strategies: results,
         seed_correct_rate: seeds_correct as f64 / seeds.max(1) as f64,
     })

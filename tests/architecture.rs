@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 /// The floor of a top-level module.
 fn floor(module: &str) -> Option<u8> {
     Some(match module {
-        "error" | "fsio" | "hub" | "device" | "stop" | "edit" => 1,
+        "error" | "fsio" | "hub" | "device" | "host_memory" | "stop" | "edit" => 1,
         "models" => 2,
         "generate" | "judge" => 3,
         "engine" => 4,

@@ -79,6 +79,18 @@ fn numeric_options_beyond_their_bounds_are_refused_at_once() {
             &["--testbed-difficulty", "NaN"],
             &["--testbed-difficulty", "NaN"],
         ),
+        (
+            &["--testbed-contrast", "0"],
+            &[
+                "--testbed-contrast",
+                "merge all outcomes",
+                "sharp, soft, loose",
+            ],
+        ),
+        (
+            &["--testbed-contrast", "vague"],
+            &["--testbed-contrast", "sharp, soft, loose"],
+        ),
         (&["--guidance", "inf"], &["--guidance"]),
         (&["--t5-tokens", "0"], &["--t5-tokens"]),
         (&["--seed-list", "3,3,3"], &["--seed-list repeats seed 3"]),

@@ -172,6 +172,56 @@ fn early_previews_lean_towards_the_final_outcome() {
     );
 }
 
+#[test]
+fn lower_outcome_contrast_decides_the_outcome_later() {
+    // Same edits and seeds at full and low contrast: where the seeds land barely moves,
+    // finals still commit to one outcome, but early previews name it less often.
+    let seeds: Vec<u64> = (0..4).collect();
+    let run = |contrast: f32| {
+        let mut gen = TestbedGenerator::new(TestbedConfig {
+            contrast,
+            ..TestbedConfig::default()
+        });
+        let (mut agrees, mut finals) = (vec![0; 6], Vec::new());
+        for i in 0..12 {
+            let edit = make_edit(500 + i, 128);
+            let set = outcome_set(&edit, 0.5).unwrap();
+            let (a, f) =
+                icedit_scale::study::preview_identification(&mut gen, &edit, &set, &seeds, 30, 6)
+                    .unwrap();
+            agrees.iter_mut().zip(a).for_each(|(t, x)| *t += x);
+            finals.extend(f);
+        }
+        (agrees, finals)
+    };
+    let (sharp, sharp_finals) = run(1.0);
+    let (loose, loose_finals) = run(0.1);
+    let n = sharp_finals.len();
+    assert_eq!(sharp.len(), 6);
+    assert!(
+        loose[3] + n / 8 <= sharp[3],
+        "step-4 identification: {loose:?} at contrast 0.1 vs {sharp:?} at 1 (of {n})"
+    );
+    // Identification still rises with the probe step.
+    assert!(loose[5] >= loose[0], "{loose:?}");
+    let correct = |f: &[OutcomeLabel]| f.iter().filter(|l| **l == OutcomeLabel::Correct).count();
+    let (a, b) = (correct(&sharp_finals), correct(&loose_finals));
+    assert!(a.abs_diff(b) <= n / 5, "correct landings {a} vs {b} of {n}");
+}
+
+#[test]
+fn outcome_contrast_outside_its_range_is_refused() {
+    let edit = make_edit(7, 64);
+    for contrast in [0.0, -0.5, 1.5, f32::NAN] {
+        let mut gen = TestbedGenerator::new(TestbedConfig {
+            contrast,
+            ..TestbedConfig::default()
+        });
+        let err = gen.prepare(&edit).unwrap_err().to_string();
+        assert!(err.contains("outcome contrast"), "{contrast}: {err}");
+    }
+}
+
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Runtime::new().unwrap().block_on(f)
 }
@@ -270,4 +320,17 @@ fn the_judge_refuses_edits_it_cannot_know_the_truth_of() {
     // Generated scenes carry their truth: any testbed judge knows them.
     let scene = make_edit(5, 64);
     block_on(stranger.semantic_consistency(&scene, &scene.source)).unwrap();
+}
+
+#[test]
+fn judge_presets_like_real_judges_load_and_order_by_their_errors() {
+    // Calibrated with `judge-eval --data testbed:200` (docs/results/judge-eval-testbed-like-*):
+    // the weaker the judge they stand for, the more noise and position bias.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("judges");
+    let load = |name: &str| {
+        TestbedJudgeConfig::from_preset(&root.join(format!("testbed-like-{name}.toml"))).unwrap()
+    };
+    let (weak, api, reward) = (load("qwen2.5-vl-7b"), load("gpt-4o"), load("editreward"));
+    assert!(weak.noise > api.noise && api.noise > reward.noise);
+    assert!(weak.position_bias > api.position_bias && api.position_bias > reward.position_bias);
 }

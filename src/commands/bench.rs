@@ -17,7 +17,7 @@ use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 use crate::models::flux::bench::{small_configs, FluxBench};
 use crate::models::flux::{vae::VaeConfig, FluxConfig};
-use crate::models::qwen_vl::bench::{builtin_config, JudgeBench, MODELS};
+use crate::models::qwen_vl::bench::{builtin_config, JudgeBench, ReferenceTiming, MODELS};
 use crate::models::qwen_vl::Qwen2VlConfig;
 use crate::stop::StopSignal;
 
@@ -119,7 +119,13 @@ pub fn judge(args: JudgeBenchArgs) -> anyhow::Result<()> {
         dtype,
         device,
     };
-    let result = crate::models::qwen_vl::bench::run(&bench)?;
+    let reference = args
+        .reference
+        .as_deref()
+        .map(|path| ReferenceTiming::read(path, &bench))
+        .transpose()
+        .map_err(|e| EditError::Invalid(format!("--reference {e}")))?;
+    let result = crate::models::qwen_vl::bench::run(&bench, reference)?;
     let md = result.markdown(&bench, &args.model, &args.device);
     write_bench(&args.out, "judge", &result, &md)
 }

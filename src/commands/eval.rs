@@ -35,6 +35,7 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
         width: args.width,
         strategy,
         difficulty: args.difficulty,
+        contrast: args.contrast,
         judge: TestbedJudgeConfig {
             seed: args.judge_seed,
             ..TestbedJudgeConfig::default()

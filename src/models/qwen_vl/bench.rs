@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::config::Qwen2VlConfig;
@@ -127,10 +127,63 @@ pub struct JudgeBenchResult {
     pub batches: Vec<BatchTiming>,
     /// Seconds per answer token read after the prefill (one KV-cache step).
     pub step_s: f64,
+    /// Seconds for one prompt's prefill.
+    pub prefill_s: f64,
     /// Of one prompt's prefill: seconds in the vision tower and merger (both images).
     pub vision_s: f64,
     /// Of one prompt's prefill: the rest (the text decoder over every token, the splice).
     pub text_s: f64,
+    /// The same prefill timed by transformers, when `--reference` named its timing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceTiming>,
+}
+
+/// transformers' timing of the same prefill, as `scripts/bench_transformers_judge.py`
+/// writes it (the fields read here; the file has more).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReferenceTiming {
+    /// Tokens per prompt; must equal ours.
+    pub prompt_tokens: usize,
+    /// Square image side, pixels; must equal ours.
+    pub image_side: usize,
+    /// Weight dtype as torch names it (`f32`, `bf16`).
+    pub dtype: String,
+    /// Seconds per prefill.
+    pub prefill_s: f64,
+    /// Of that, seconds in the vision tower.
+    pub vision_s: f64,
+    /// Of that, the rest.
+    pub text_s: f64,
+    /// transformers' version.
+    pub transformers: String,
+    /// The attention implementation (`sdpa`).
+    pub attention: String,
+}
+
+impl ReferenceTiming {
+    /// Reads a reference timing and checks it timed the prompt `bench` will time.
+    pub fn read(path: &std::path::Path, bench: &JudgeBench) -> Result<Self, String> {
+        let name = path.display();
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{name}: {e}"))?;
+        let reference: Self = serde_json::from_str(&text).map_err(|e| format!("{name}: {e}"))?;
+        let tokens = prompt(&bench.config, bench.image_side, bench.text_tokens, 0)
+            .ids
+            .len();
+        if reference.prompt_tokens != tokens || reference.image_side != bench.image_side {
+            return Err(format!(
+                "{name}: timed {} tokens with {} px images, this run times {tokens} tokens with {} px images (match --image-side and --text-tokens)",
+                reference.prompt_tokens, reference.image_side, bench.image_side
+            ));
+        }
+        let ours = format!("{:?}", bench.dtype).to_lowercase();
+        if reference.dtype != ours {
+            return Err(format!(
+                "{name}: dtype {} but this run uses {ours}",
+                reference.dtype
+            ));
+        }
+        Ok(reference)
+    }
 }
 
 impl JudgeBenchResult {
@@ -154,6 +207,22 @@ impl JudgeBenchResult {
             "\nOne prompt's prefill: {:.3} s in the vision tower (both images), {:.3} s in the rest (text decoder over all tokens). One answer token after the prefill (KV cache): {:.4} s.\n",
             self.vision_s, self.text_s, self.step_s
         ));
+        if let Some(r) = &self.reference {
+            md.push_str(&format!(
+                "\n| one prompt's prefill | ours (s) | transformers {} ({}) (s) | ours / transformers |\n|---|---|---|---|\n| whole | {:.3} | {:.3} | {:.2}x |\n| vision tower | {:.3} | {:.3} | {:.2}x |\n| the rest | {:.3} | {:.3} | {:.2}x |\n",
+                r.transformers,
+                r.attention,
+                self.prefill_s,
+                r.prefill_s,
+                self.prefill_s / r.prefill_s,
+                self.vision_s,
+                r.vision_s,
+                self.vision_s / r.vision_s,
+                self.text_s,
+                r.text_s,
+                self.text_s / r.text_s,
+            ));
+        }
         md
     }
 }
@@ -192,8 +261,11 @@ fn prompt(config: &Qwen2VlConfig, side: usize, text_tokens: usize, seed: u32) ->
     EncodedPrompt { ids, images }
 }
 
-/// Runs the benchmark.
-pub fn run(bench: &JudgeBench) -> candle_core::Result<JudgeBenchResult> {
+/// Runs the benchmark; `reference` is carried into the result for the comparison table.
+pub fn run(
+    bench: &JudgeBench,
+    reference: Option<ReferenceTiming>,
+) -> candle_core::Result<JudgeBenchResult> {
     let start = Instant::now();
     let random = RandomWeights::default();
     let counter = random.elements.clone();
@@ -208,6 +280,8 @@ pub fn run(bench: &JudgeBench) -> candle_core::Result<JudgeBenchResult> {
     let prompts: Vec<EncodedPrompt> = (0..max as u32)
         .map(|s| prompt(&bench.config, bench.image_side, bench.text_tokens, s))
         .collect();
+    let one = &prompts[0];
+    let mut prefill_s = None;
     let mut batches = Vec::new();
     for &batch in &bench.batches {
         let group = &prompts[..batch];
@@ -217,9 +291,17 @@ pub fn run(bench: &JudgeBench) -> candle_core::Result<JudgeBenchResult> {
             }
             Ok(())
         })?;
-        let batched_s = timed(&bench.device, bench.iters, || {
-            model.prefill(group).map(|_| ())
-        })?;
+        // A batch of one is one prompt's prefill: the same call, timed once.
+        let batched_s = if batch == 1 {
+            sequential_s
+        } else {
+            timed(&bench.device, bench.iters, || {
+                model.prefill(group).map(|_| ())
+            })?
+        };
+        if batch == 1 {
+            prefill_s = Some(sequential_s);
+        }
         tracing::info!(batch, sequential_s, batched_s, "judge prefill");
         batches.push(BatchTiming {
             batch,
@@ -228,10 +310,12 @@ pub fn run(bench: &JudgeBench) -> candle_core::Result<JudgeBenchResult> {
             speedup: sequential_s / batched_s,
         });
     }
-    let one = &prompts[0];
-    let prefill_s = timed(&bench.device, bench.iters, || {
-        model.prefill(std::slice::from_ref(one)).map(|_| ())
-    })?;
+    let prefill_s = match prefill_s {
+        Some(s) => s,
+        None => timed(&bench.device, bench.iters, || {
+            model.prefill(std::slice::from_ref(one)).map(|_| ())
+        })?,
+    };
     let vision_s = timed(&bench.device, bench.iters, || {
         model.vision_tokens(one).map(|_| ())
     })?;
@@ -247,7 +331,9 @@ pub fn run(bench: &JudgeBench) -> candle_core::Result<JudgeBenchResult> {
         batches,
         step_s,
         vision_s,
+        prefill_s,
         text_s: (prefill_s - vision_s).max(0.0),
+        reference,
     })
 }
 
@@ -271,7 +357,7 @@ mod tests {
             dtype: DType::F32,
             device: Device::Cpu,
         };
-        let result = run(&bench).unwrap();
+        let result = run(&bench, None).unwrap();
         // 20 text + 2 x (2 markers + 4 image tokens).
         assert_eq!(result.prompt_tokens, 32);
         assert_eq!(result.batches.len(), 2);
@@ -281,5 +367,50 @@ mod tests {
             .all(|b| b.batched_s > 0.0 && b.speedup > 0.0));
         assert!(result.parameters > 1_000_000);
         assert!(result.vision_s > 0.0 && result.vision_s.is_finite());
+    }
+
+    #[test]
+    fn a_reference_timing_must_match_the_prompt_and_is_compared() {
+        let bench = JudgeBench {
+            config: builtin_config("small").unwrap(),
+            image_side: 56,
+            text_tokens: 20,
+            batches: vec![1],
+            iters: 1,
+            dtype: DType::F32,
+            device: Device::Cpu,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tf.json");
+        let write = |tokens: usize, dtype: &str| {
+            let body = json!({
+                "model": "small", "prompt_tokens": tokens, "image_side": 56, "dtype": dtype,
+                "prefill_s": 2.0, "vision_s": 1.5, "text_s": 0.5,
+                "transformers": "5.25.0", "attention": "sdpa"
+            });
+            std::fs::write(&path, body.to_string()).unwrap();
+        };
+        write(33, "f32");
+        let err = ReferenceTiming::read(&path, &bench).unwrap_err();
+        assert!(
+            err.contains("tf.json") && err.contains("33 tokens"),
+            "{err}"
+        );
+        write(32, "bf16");
+        let err = ReferenceTiming::read(&path, &bench).unwrap_err();
+        assert!(err.contains("dtype bf16"), "{err}");
+        write(32, "f32");
+        let reference = ReferenceTiming::read(&path, &bench).unwrap();
+        let result = run(&bench, Some(reference)).unwrap();
+        let md = result.markdown(&bench, "small", "cpu");
+        let whole = format!(
+            "| whole | {:.3} | 2.000 | {:.2}x |",
+            result.prefill_s,
+            result.prefill_s / 2.0
+        );
+        assert!(
+            md.contains("transformers 5.25.0 (sdpa)") && md.contains(&whole),
+            "{md}"
+        );
     }
 }

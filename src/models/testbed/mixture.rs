@@ -6,6 +6,19 @@
 //! and the velocity `E[eps - x0 | x_t] = (x_t - E[x0 | x_t]) / s`. Integrated by the shared
 //! Euler sampler like any model's, each seed's noise lands on one outcome, early steps
 //! already lean towards it, and the landing rates follow the priors.
+//!
+//! ## How early the outcome is decided: the outcome contrast
+//!
+//! Which outcome a seed lands on is fixed by its noise, but a preview can only name it
+//! once the posterior has left the priors, which takes until `(1 - s) |mu_j - mu_k| / s` is
+//! well above 1. With the outcomes' latents as their images give them, step-4 previews name
+//! the final outcome for ~96% of seeds: far more reliable than previews of real flow models.
+//! The `contrast` knob (0 to 1] moves every outcome latent towards their mean,
+//! `mu_k <- mean + contrast * (mu_k - mean)`, so outcomes are told apart later in the
+//! schedule and early previews stay blends nearer the likeliest outcome. Decoding solves for
+//! blend weights against the same moved latents, so a committed final still renders as its
+//! outcome's image; one that has not fully committed by the last step renders as a blend,
+//! as a real model's half-made edit would. The flow stays exact for the moved mixture.
 
 use candle_core::{DType, Device, Tensor, D};
 use image::{Rgb, RgbImage};
@@ -31,8 +44,19 @@ pub struct Mixture {
 }
 
 impl Mixture {
-    /// The outcomes of `edit` at `difficulty`, encoded with `map`.
-    pub fn new(edit: &EditContext, difficulty: f32, map: &LatentMap) -> Result<Self, ModelError> {
+    /// The outcomes of `edit` at `difficulty`, encoded with `map`, their latents at
+    /// `contrast` (see the module docs; 1 = as the images give them).
+    pub fn new(
+        edit: &EditContext,
+        difficulty: f32,
+        contrast: f32,
+        map: &LatentMap,
+    ) -> Result<Self, ModelError> {
+        if !(contrast > 0.0 && contrast <= 1.0) {
+            return Err(ModelError::Input(format!(
+                "outcome contrast {contrast}: expected a number in (0, 1]"
+            )));
+        }
         let (w, h) = edit.panel_size();
         if w % 16 != 0 || h % 16 != 0 {
             return Err(ModelError::Input(format!(
@@ -49,6 +73,15 @@ impl Mixture {
         }
         let k = outcomes.len();
         let dims = rows.len() / k;
+        if contrast < 1.0 {
+            let mean: Vec<f32> = (0..dims)
+                .map(|d| (0..k).map(|i| rows[i * dims + d]).sum::<f32>() / k as f32)
+                .collect();
+            for (i, v) in rows.iter_mut().enumerate() {
+                let m = mean[i % dims];
+                *v = m + contrast * (*v - m);
+            }
+        }
         let mu = Tensor::from_vec(rows, (k, dims), &Device::Cpu)?;
         let mu_sq = mu.sqr()?.sum(D::Minus1)?;
         let priors: Vec<f32> = outcomes.iter().map(|o| o.prior.ln()).collect();

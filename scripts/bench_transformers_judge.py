@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Times transformers' Qwen2-VL prefill with random weights, the reference side of
+`icedit-scale bench judge`: the same configuration (Qwen2-VL-2B/7B, or the `small`
+stand-in), the same screening-shaped prompt (text, two square images, text; the image
+pixels already patchified as the processor emits them), one prefill keeping only the last
+position's logits, mean of --iters after a warm-up, torch's default attention (SDPA).
+
+Usage (this machine's CPU, as the README's judge speed table was measured):
+    python3 scripts/bench_transformers_judge.py --model qwen2-vl-2b --device cpu \
+        --dtype f32 --threads 2 --image-side 448 --text-tokens 150 --out out/tf-judge.json
+
+Writes a JSON object: the configuration, tokens per prompt, prefill seconds, seconds in
+the vision tower alone, and the versions used. Nothing is downloaded.
+"""
+import argparse
+import json
+import time
+
+import torch
+import transformers
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+# Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct config.json (the fields that
+# shape compute); `small` is `builtin_config("small")` in src/models/qwen_vl/bench.rs.
+MODELS = {
+    "qwen2-vl-2b": dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+        vision=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=1536),
+        mrope=[16, 24, 24],
+    ),
+    "qwen2-vl-7b": dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+        vision=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=3584),
+        mrope=[16, 24, 24],
+    ),
+    "small": dict(
+        vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        vision=dict(depth=4, embed_dim=128, mlp_ratio=4, num_heads=4, hidden_size=256),
+        mrope=[8, 12, 12],
+    ),
+}
+IMAGE, VSTART, VEND = 151655, 151652, 151653
+SMALL_IDS = (4093, 4094, 4095)
+
+
+def build(name, dtype):
+    m = MODELS[name]
+    image, vstart, vend = SMALL_IDS if name == "small" else (IMAGE, VSTART, VEND)
+    text = dict(
+        vocab_size=m["vocab_size"], hidden_size=m["hidden_size"],
+        intermediate_size=m["intermediate_size"], num_hidden_layers=m["num_hidden_layers"],
+        num_attention_heads=m["num_attention_heads"],
+        num_key_value_heads=m["num_key_value_heads"], rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": m["mrope"]},
+        tie_word_embeddings=m["tie_word_embeddings"],
+    )
+    config = Qwen2VLConfig(
+        text_config=text, vision_config=m["vision"], image_token_id=image,
+        vision_start_token_id=vstart, vision_end_token_id=vend, **text,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+    # Random values without the cost of each layer's init scheme.
+    model = model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.02)
+    return model.to(dtype).eval(), config, (image, vstart, vend)
+
+
+def prompt(config, ids, side, text_tokens, device, dtype):
+    """Text, two images, text: the same shape as the Rust bench's prompt."""
+    image, vstart, vend = ids
+    v = config.vision_config
+    unit = v.patch_size * v.spatial_merge_size
+    grid = max(side // unit, 1) * v.spatial_merge_size
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    per_image = grid * grid // v.spatial_merge_size**2
+    vocab = config.text_config.vocab_size if hasattr(config, "text_config") else config.vocab_size
+    plain = min(vocab - 16, 100_000)
+    head = [(i * 7919 + 1) % plain for i in range(text_tokens // 4)]
+    tail = [(i * 7919 + 2) % plain for i in range(text_tokens - text_tokens // 4)]
+    seq = head + ([vstart] + [image] * per_image + [vend]) * 2 + tail
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2 * grid * grid, patch_dim, generator=g) * 2 - 1
+    return dict(
+        input_ids=torch.tensor([seq], device=device),
+        # What the processor adds since transformers 5: 1 marks image tokens (M-RoPE).
+        mm_token_type_ids=torch.tensor([[int(t == image) for t in seq]], device=device),
+        attention_mask=torch.ones(1, len(seq), dtype=torch.long, device=device),
+        pixel_values=pixels.to(device=device, dtype=dtype),
+        image_grid_thw=torch.tensor([[1, grid, grid]] * 2, device=device),
+    )
+
+
+def timed(fn, iters, device):
+    fn()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=sorted(MODELS), default="qwen2-vl-2b")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="f32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--image-side", type=int, default=448)
+    p.add_argument("--text-tokens", type=int, default=150)
+    p.add_argument("--iters", type=int, default=1)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[a.dtype]
+    model, config, ids = build(a.model, dtype)
+    model = model.to(a.device)
+    inputs = prompt(config, ids, a.image_side, a.text_tokens, a.device, dtype)
+    with torch.inference_mode():
+        prefill_s = timed(lambda: model(**inputs, logits_to_keep=1, use_cache=True), a.iters, a.device)
+        visual = model.model.visual
+        vision_s = timed(
+            lambda: visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]),
+            a.iters, a.device,
+        )
+    result = dict(
+        model=a.model, device=a.device, dtype=a.dtype, threads=a.threads,
+        image_side=a.image_side, prompt_tokens=inputs["input_ids"].shape[1],
+        prefill_s=prefill_s, vision_s=vision_s, text_s=max(prefill_s - vision_s, 0.0),
+        iters=a.iters, attention=config._attn_implementation,
+        torch=torch.__version__, transformers=transformers.__version__,
+    )
+    print(json.dumps(result, indent=2))
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
