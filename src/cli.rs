@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use candle_core::quantized::GgmlDType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::engine::strategy::MAX_STEPS;
+use crate::engine::strategy::{StrategyField, MAX_STEPS};
 use crate::engine::{
     Seeds, StrategyConfig, StrategyError, StrategyKind, StrategyOverrides, ValueSource,
 };
@@ -227,6 +227,10 @@ pub struct StrategyArgs {
     /// Explicit comma-separated seeds (overrides --seed and --seeds).
     #[arg(long, value_delimiter = ',')]
     pub seed_list: Option<Vec<u64>>,
+    /// Compute budget per edit in NFE (transformer forwards): sets N to the largest that
+    /// fits, keeping k, M and --steps (the README's budget rule).
+    #[arg(long, conflicts_with_all = ["seeds", "seed_list"], value_parser = bounded(1, 10_000_000))]
+    pub budget_nfe: Option<usize>,
 }
 
 impl StrategyArgs {
@@ -247,7 +251,16 @@ impl StrategyArgs {
 
     /// The engine's strategy configuration, checked; errors name the flag.
     pub fn to_config(&self) -> Result<StrategyConfig, StrategyError> {
-        let config = self.overrides().apply(&StrategyConfig::default());
+        let mut config = self.overrides().apply(&StrategyConfig::default());
+        if let Some(budget) = self.budget_nfe {
+            config = config
+                .fit_to_budget(budget)
+                .map_err(|message| StrategyError {
+                    origin: ValueSource::Program,
+                    field: StrategyField::Seeds,
+                    message: format!("--budget-nfe {budget}: {message}"),
+                })?;
+        }
         config.check(&ValueSource::Flags)?;
         Ok(config)
     }

@@ -88,6 +88,10 @@ fn numeric_options_beyond_their_bounds_are_refused_at_once() {
             ],
         ),
         (
+            &["--budget-nfe", "99"],
+            &["--budget-nfe 99", "100 NFE with 2 seeds"],
+        ),
+        (
             &["--testbed-contrast", "vague"],
             &["--testbed-contrast", "sharp, soft, loose"],
         ),

@@ -240,6 +240,52 @@ impl StrategyConfig {
     }
 }
 
+impl StrategyConfig {
+    /// The strategy sized to a compute budget of `budget` NFE per edit: the largest N
+    /// (1 to [`MAX_SEEDS`]) whose [`StrategyConfig::planned_nfe`] is at most `budget`, with
+    /// k, M and the schedule as given. `random` spends `steps` NFE whatever N, so it fits
+    /// when `steps <= budget`. Because the planned NFE is each strategy's most (screens that
+    /// pass fewer than M complete fewer), a run never spends more than the budget. Errors
+    /// say what the smallest valid configuration would need.
+    pub fn fit_to_budget(&self, budget: usize) -> Result<StrategyConfig, String> {
+        if self.seed_list.is_some() {
+            return Err(
+                "a budget sets the number of seeds: give a first seed, not a seed list".into(),
+            );
+        }
+        let with = |n: usize| StrategyConfig {
+            seeds: n,
+            ..self.clone()
+        };
+        if self.kind == StrategyKind::Random {
+            return if self.steps <= budget {
+                Ok(with(1))
+            } else {
+                Err(format!(
+                    "budget {budget} NFE is less than one run of {} steps",
+                    self.steps
+                ))
+            };
+        }
+        let valid = |n: usize| with(n).check(&ValueSource::Program).is_ok();
+        let Some(smallest) = (1..=MAX_SEEDS).find(|&n| valid(n)) else {
+            return Err("no number of seeds makes this strategy valid".into());
+        };
+        // planned_nfe grows with N, so the fitting N form a prefix.
+        let best = (smallest..=MAX_SEEDS)
+            .take_while(|&n| with(n).planned_nfe() <= budget)
+            .filter(|&n| valid(n))
+            .last();
+        best.map(with).ok_or_else(|| {
+            format!(
+                "budget {budget} NFE is less than the smallest {} configuration needs ({} NFE with {smallest} seeds)",
+                self.kind.name(),
+                with(smallest).planned_nfe()
+            )
+        })
+    }
+}
+
 /// A strategy parameter, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StrategyField {
@@ -445,6 +491,54 @@ pub fn halving_rounds(n: usize, m: usize, k: usize, steps: usize) -> Vec<Halving
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budget_sets_the_largest_n_that_fits_for_each_strategy() {
+        // Defaults: k = 4, M = 2, 50 steps.
+        let fit = |kind, budget| cfg(kind).fit_to_budget(budget);
+        // Early-filter N*4 + 2*46 <= 124 -> N = 8 (the paper's 124 NFE).
+        assert_eq!(fit(StrategyKind::EarlyFilter, 124).unwrap().seeds, 8);
+        assert_eq!(fit(StrategyKind::EarlyFilter, 127).unwrap().seeds, 8);
+        assert_eq!(fit(StrategyKind::EarlyFilter, 128).unwrap().seeds, 9);
+        // Best-of-N: N*50.
+        assert_eq!(fit(StrategyKind::BestOfN, 400).unwrap().seeds, 8);
+        assert_eq!(fit(StrategyKind::BestOfN, 449).unwrap().seeds, 8);
+        // Tournament: N*4 + 50.
+        assert_eq!(fit(StrategyKind::Tournament, 82).unwrap().seeds, 8);
+        // Random spends the schedule whatever the budget above it.
+        assert_eq!(fit(StrategyKind::Random, 1000).unwrap().planned_nfe(), 50);
+        assert!(fit(StrategyKind::Random, 49)
+            .unwrap_err()
+            .contains("one run of 50 steps"));
+        // Early-filter needs N >= M = 2: 2*4 + 2*46 = 100.
+        let err = fit(StrategyKind::EarlyFilter, 99).unwrap_err();
+        assert!(err.contains("100 NFE with 2 seeds"), "{err}");
+        for kind in [
+            StrategyKind::BestOfN,
+            StrategyKind::EarlyFilter,
+            StrategyKind::Tournament,
+            StrategyKind::SuccessiveHalving,
+        ] {
+            for budget in [100, 124, 300, 1000, 5000] {
+                let Ok(c) = fit(kind, budget) else { continue };
+                // Within the budget, and one more seed would not be.
+                assert!(c.planned_nfe() <= budget, "{kind:?} {budget}");
+                let more = StrategyConfig {
+                    seeds: c.seeds + 1,
+                    ..c.clone()
+                };
+                assert!(
+                    c.seeds == MAX_SEEDS || more.planned_nfe() > budget,
+                    "{kind:?} {budget}"
+                );
+            }
+        }
+        let listed = StrategyConfig {
+            seed_list: Some(vec![1, 2]),
+            ..cfg(StrategyKind::BestOfN)
+        };
+        assert!(listed.fit_to_budget(500).is_err());
+    }
 
     fn cfg(kind: StrategyKind) -> StrategyConfig {
         StrategyConfig {
