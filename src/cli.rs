@@ -228,9 +228,15 @@ pub struct StrategyArgs {
     #[arg(long, value_delimiter = ',')]
     pub seed_list: Option<Vec<u64>>,
     /// Compute budget per edit in NFE (transformer forwards): sets N to the largest that
-    /// fits, keeping k, M and --steps (the README's budget rule).
+    /// fits, keeping k, M and --steps (the README's budget rule); adaptive never spends more.
     #[arg(long, conflicts_with_all = ["seeds", "seed_list"], value_parser = bounded(1, 10_000_000))]
     pub budget_nfe: Option<usize>,
+    /// Adaptive: seeds spawned per wave.
+    #[arg(long, default_value_t = StrategyConfig::default().wave)]
+    pub wave: usize,
+    /// Adaptive: stop once a completed candidate's VIE O (0-10) reaches this.
+    #[arg(long, default_value_t = StrategyConfig::default().target)]
+    pub target: f32,
 }
 
 impl StrategyArgs {
@@ -246,6 +252,8 @@ impl StrategyArgs {
             keep: Some(self.keep),
             steps: Some(self.steps),
             seed: Some(self.seed),
+            wave: Some(self.wave),
+            target: Some(self.target),
         }
     }
 
@@ -257,7 +265,7 @@ impl StrategyArgs {
                 .fit_to_budget(budget)
                 .map_err(|message| StrategyError {
                     origin: ValueSource::Program,
-                    field: StrategyField::Seeds,
+                    field: StrategyField::Budget,
                     message: format!("--budget-nfe {budget}: {message}"),
                 })?;
         }

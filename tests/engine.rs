@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use candle_core::{Device, Tensor};
 use icedit_scale::edit::EditContext;
-use icedit_scale::engine::report::{CandidateStatus, Judged};
+use icedit_scale::engine::report::{CandidateStatus, Judged, StopReason};
 use icedit_scale::engine::{
     EditJob, EditReport, Engine, GeneratorWorker, Silent, StrategyConfig, StrategyKind,
 };
@@ -261,7 +261,7 @@ fn early_filter(seeds: usize, k: usize, keep: usize, steps: usize) -> StrategyCo
         keep,
         steps,
         base_seed: 100,
-        seed_list: None,
+        ..StrategyConfig::default()
     }
 }
 
@@ -814,4 +814,189 @@ fn out_of_memory_at_a_batch_of_one_is_an_error() {
     let text = err.to_string();
     assert!(text.contains("out of device memory"), "{text}");
     assert!(text.contains("batch of 1"), "{text}");
+}
+
+/// Adaptive over 12 candidates, waves of 4, k = 3, one completion per round, 10 steps.
+fn adaptive(budget_nfe: Option<usize>) -> StrategyConfig {
+    StrategyConfig {
+        kind: StrategyKind::Adaptive,
+        seeds: 12,
+        probe_steps: 3,
+        keep: 1,
+        steps: 10,
+        wave: 4,
+        target: 8.0,
+        budget_nfe,
+        ..StrategyConfig::default()
+    }
+}
+
+/// Wave 1: 0 passes (9) and 1 passes (6); wave 2: 4 (5) and 5 (7) pass; wave 3: none.
+/// VIE O: 0 -> 5, 5 -> 6, 1 -> 9 (the target is 8), others 7.
+fn pooled_judge() -> ScriptedJudge {
+    let mut judge = ScriptedJudge::default();
+    for m in 0..12u8 {
+        let screen = match m {
+            0 => (true, 9.0),
+            1 => (true, 6.0),
+            4 => (true, 5.0),
+            5 => (true, 7.0),
+            _ => (false, 2.0),
+        };
+        judge.screen.insert(m, Some(screen));
+        let o = match m {
+            0 => 5.0,
+            5 => 6.0,
+            1 => 9.0,
+            _ => 7.0,
+        };
+        judge.vie.insert(m, Some(o));
+    }
+    judge
+}
+
+fn completed_in_rounds(report: &EditReport) -> Vec<Vec<usize>> {
+    let record = report.adaptive.as_ref().expect("adaptive record");
+    record.rounds.iter().map(|r| r.completed.clone()).collect()
+}
+
+#[test]
+fn adaptive_stops_at_the_target_in_the_first_wave() {
+    let mut judge = ScriptedJudge::default();
+    for m in 0..12u8 {
+        judge.screen.insert(m, Some((m < 3, 10.0 - m as f32)));
+        judge.vie.insert(m, Some(9.0));
+    }
+    let (report, forwards, _) = run(adaptive(None), judge, 4);
+    let record = report.adaptive.as_ref().unwrap();
+    assert_eq!(record.stop, StopReason::TargetReached, "{record:?}");
+    assert!(record.stop_detail.contains("candidate 0"), "{record:?}");
+    // One wave of 4 probed 3 steps, the best passing one completed: 4*3 + 7.
+    assert_eq!(report.candidates.len(), 4);
+    assert_eq!((report.nfe.probe, report.nfe.complete), (12, 7));
+    assert_eq!(report.nfe.total, 19);
+    assert_eq!(forwards.len(), report.nfe.total);
+    assert_eq!(report.pick.as_ref().unwrap().index, 0);
+    // The two other passing candidates wait in the pool; 3 did not pass.
+    let status: Vec<CandidateStatus> = report.candidates.iter().map(|c| c.status).collect();
+    use CandidateStatus::*;
+    assert_eq!(status, vec![Completed, Pooled, Pooled, Pruned]);
+    assert_eq!(report.nfe.best_of_n_equivalent, 4 * 10);
+}
+
+#[test]
+fn adaptive_prefers_pooled_candidates_by_screen_score_and_never_probes_them_again() {
+    let (report, forwards, calls) = run(adaptive(None), pooled_judge(), 4);
+    // Round 1 completes 0 (screen 9; O 5 < 8). Round 2's best passing is 5 (7) over the
+    // pooled 1 (6) and the new 4 (5); O 6. Round 3 passes nothing new, so the pooled 1
+    // (screen 6) is completed and reaches O 9.
+    assert_eq!(
+        completed_in_rounds(&report),
+        vec![vec![0], vec![5], vec![1]]
+    );
+    let record = report.adaptive.as_ref().unwrap();
+    assert_eq!(record.rounds[2].from_pool, vec![1]);
+    assert!(record.rounds[1].from_pool.is_empty());
+    assert_eq!(record.stop, StopReason::TargetReached);
+    assert_eq!(report.pick.as_ref().unwrap().index, 1);
+    assert_eq!(report.candidates[4].status, CandidateStatus::Pooled);
+    // Exact NFE: 3 waves of 4 probed 3 steps, 3 completions of 7.
+    assert_eq!(report.nfe.total, 12 * 3 + 3 * 7);
+    assert_eq!(forwards.len(), report.nfe.total);
+    let per_round: Vec<usize> = record.rounds.iter().map(|r| r.nfe).collect();
+    assert_eq!(per_round, vec![19, 19, 19]);
+    // Every candidate evaluated each sigma of its path once: the pooled candidate resumed
+    // at step 3 instead of probing again, and each was screened once.
+    let schedule = Schedule::shifted(10, DynamicShift::FLUX.mu(2048));
+    for m in 0..12u32 {
+        let sigmas: Vec<f64> = forwards.iter().filter(|f| f.0 == m).map(|f| f.1).collect();
+        let len = if [0, 1, 5].contains(&m) { 10 } else { 3 };
+        assert_eq!(sigmas, schedule.sigmas[..len].to_vec(), "candidate {m}");
+        assert_eq!(report.candidates[m as usize].nfe, len);
+        assert_eq!(report.candidates[m as usize].screens.len(), 1);
+        let screens = calls
+            .iter()
+            .filter(|c| **c == format!("screen {m}"))
+            .count();
+        assert_eq!(screens, 1, "candidate {m}");
+    }
+}
+
+#[test]
+fn adaptive_never_spends_more_than_its_budget() {
+    for budget in [10, 19, 25, 38, 40, 57, 200] {
+        let (report, forwards, _) = run(adaptive(Some(budget)), pooled_judge(), 4);
+        assert!(
+            report.nfe.total <= budget,
+            "budget {budget}: {:?}",
+            report.nfe
+        );
+        assert_eq!(forwards.len(), report.nfe.total, "budget {budget}");
+        let record = report.adaptive.as_ref().unwrap();
+        let spent: usize = record.rounds.iter().map(|r| r.nfe).sum();
+        assert_eq!(spent, report.nfe.total);
+        if budget < 57 {
+            // 57 NFE is what reaching the target takes (see the pooled test).
+            assert_eq!(record.stop, StopReason::BudgetExhausted, "budget {budget}");
+            assert!(record.stop_detail.contains("NFE left"), "{record:?}");
+        } else {
+            assert_eq!(record.stop, StopReason::TargetReached, "budget {budget}");
+        }
+    }
+    // 40: wave 4 (12) + 7, wave 4 (12) + 7 = 38; the 2 left pay for nothing.
+    let (report, _, _) = run(adaptive(Some(40)), pooled_judge(), 4);
+    assert_eq!(report.nfe.total, 38);
+    assert_eq!(completed_in_rounds(&report), vec![vec![0], vec![5]]);
+    // 10: one seed probed (3) and completed (7), the least adaptive can do.
+    let (report, _, _) = run(adaptive(Some(10)), pooled_judge(), 4);
+    assert_eq!((report.candidates.len(), report.nfe.total), (1, 10));
+}
+
+#[test]
+fn adaptive_below_the_target_completes_every_passing_seed_then_stops() {
+    let mut judge = pooled_judge();
+    judge.vie.insert(1, Some(7.5));
+    let (report, forwards, _) = run(adaptive(None), judge, 4);
+    let record = report.adaptive.as_ref().unwrap();
+    assert_eq!(record.stop, StopReason::SeedsExhausted, "{record:?}");
+    assert!(record.stop_detail.contains("best VIE O 7.50"), "{record:?}");
+    // The pooled 4 is completed in a last round with no wave.
+    assert_eq!(
+        completed_in_rounds(&report),
+        vec![vec![0], vec![5], vec![1], vec![4]]
+    );
+    assert!(record.rounds[3].probed.is_empty());
+    assert_eq!(report.nfe.total, 12 * 3 + 4 * 7);
+    assert_eq!(forwards.len(), report.nfe.total);
+    assert!(report.nfe.total <= adaptive(None).planned_nfe());
+    // The best by O among the completed: 1 (7.5) over 4 (7).
+    assert_eq!(report.pick.as_ref().unwrap().index, 1);
+}
+
+#[test]
+fn adaptive_with_no_passing_preview_completes_the_best_scored_and_says_so() {
+    let mut judge = ScriptedJudge::default();
+    for m in 0..12u8 {
+        judge.screen.insert(m, Some((false, m as f32 / 2.0)));
+        judge.vie.insert(m, Some(3.0));
+    }
+    judge.screen.insert(7, None);
+    let (report, forwards, _) = run(adaptive(None), judge, 4);
+    assert_eq!(completed_in_rounds(&report).concat(), vec![11]);
+    assert!(
+        report.notes.iter().any(|n| n.contains("no preview passed")),
+        "{:?}",
+        report.notes
+    );
+    assert_eq!(
+        report.adaptive.as_ref().unwrap().stop,
+        StopReason::SeedsExhausted
+    );
+    assert_eq!(report.nfe.total, 12 * 3 + 7);
+    assert_eq!(forwards.len(), report.nfe.total);
+    // The failed screening stays a failure.
+    assert!(matches!(
+        report.candidates[7].screens[0].verdict,
+        Judged::Failed(_)
+    ));
 }

@@ -204,6 +204,13 @@ pub fn print_summary(report: &EditReport, out: &Path) {
         ),
         None => println!("no pick: nothing finished"),
     }
+    if let Some(adaptive) = &report.adaptive {
+        println!(
+            "stopped after {} round(s): {}",
+            adaptive.rounds.len(),
+            adaptive.stop_detail
+        );
+    }
     for note in &report.notes {
         println!("note: {note}");
     }

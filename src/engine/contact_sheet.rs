@@ -63,6 +63,7 @@ pub fn contact_sheet(report: &EditReport) -> RgbImage {
             CandidateStatus::Completed => "completed",
             CandidateStatus::Eliminated => "eliminated",
             CandidateStatus::Champion => "champion",
+            CandidateStatus::Pooled => "pooled",
         };
         let vie = match &c.vie {
             Some(v) => match v.ok() {

@@ -97,6 +97,8 @@ pub enum CandidateStatus {
     Eliminated,
     /// Tournament: won the comparisons and was re-run at full steps.
     Champion,
+    /// Adaptive: passed screening but was still waiting in the pool when the search stopped.
+    Pooled,
 }
 
 /// One seed candidate.
@@ -182,6 +184,43 @@ pub struct Pick {
     pub overall: Option<f32>,
     /// Why it was picked.
     pub reason: String,
+}
+
+/// Why an adaptive search stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// A completed candidate's VIE O reached the target.
+    TargetReached,
+    /// Every seed was probed and every candidate that passed screening was completed.
+    SeedsExhausted,
+    /// What is left of the NFE budget pays for neither another wave nor a completion.
+    BudgetExhausted,
+}
+
+/// One round of an adaptive search: a wave probed and screened (unless no seeds or budget
+/// were left for one), then the best passing candidates completed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdaptiveRound {
+    /// Candidates spawned, probed and screened this round.
+    pub probed: Vec<usize>,
+    /// Candidates completed and scored this round, best screen score first.
+    pub completed: Vec<usize>,
+    /// Of `completed`, those that had waited in the pool since an earlier round.
+    pub from_pool: Vec<usize>,
+    /// NFE spent this round.
+    pub nfe: usize,
+}
+
+/// How an adaptive search went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdaptiveRecord {
+    /// Every round, in order.
+    pub rounds: Vec<AdaptiveRound>,
+    /// Why it stopped.
+    pub stop: StopReason,
+    /// The stop in words: which candidate reached which O, or what was left.
+    pub stop_detail: String,
 }
 
 /// Model forwards per phase.
@@ -304,6 +343,9 @@ pub struct EditReport {
     /// Tournament comparisons, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub comparisons: Vec<ComparisonRecord>,
+    /// Adaptive: its rounds and why it stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveRecord>,
     /// The returned edit (absent only when nothing finished).
     pub pick: Option<Pick>,
     /// File of the returned edit.

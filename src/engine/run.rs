@@ -18,6 +18,8 @@ use super::report::*;
 use super::selection::{pick_best, rank_for_halving, select_survivors, tournament_decision};
 use super::strategy::{halving_rounds, StrategyConfig, StrategyKind};
 use super::worker::GeneratorWorker;
+
+mod adaptive;
 use crate::edit::EditContext;
 use crate::error::{EngineError, GenerateError};
 use crate::generate::{self, CandidateState, GeneratorInfo, PreparedEdit, Schedule};
@@ -119,6 +121,7 @@ impl Engine {
             progress,
             candidates: Vec::new(),
             comparisons: Vec::new(),
+            adaptive: None,
             notes: Vec::new(),
             nfe: NfeLedger::default(),
             judge_totals: JudgeTotals::default(),
@@ -137,6 +140,7 @@ impl Engine {
                 session.successive_halving(&seeds, job.init_latents).await
             }
             StrategyKind::Tournament => session.tournament(&seeds, job.init_latents).await,
+            StrategyKind::Adaptive => session.adaptive(&seeds, job.init_latents).await,
         };
         // Free the shared conditioning whatever happened.
         let p = session.prepared.clone();
@@ -159,6 +163,7 @@ struct Session<'a> {
     progress: Arc<dyn Progress>,
     candidates: Vec<CandidateRecord>,
     comparisons: Vec<ComparisonRecord>,
+    adaptive: Option<AdaptiveRecord>,
     notes: Vec<String>,
     nfe: NfeLedger,
     judge_totals: JudgeTotals,
@@ -172,20 +177,24 @@ impl Session<'_> {
         seeds: &[u64],
         init_latents: Vec<Tensor>,
     ) -> Result<Vec<CandidateState>, EngineError> {
-        if init_latents.len() > seeds.len() {
-            return Err(EngineError::Strategy(format!(
-                "{} initial latents given for {} candidates",
-                init_latents.len(),
-                seeds.len()
-            )));
-        }
-        self.candidates = seeds
-            .iter()
-            .enumerate()
-            .map(|(index, &seed)| CandidateRecord {
-                index,
+        check_init_latents(&init_latents, seeds)?;
+        self.spawn(seeds, init_latents).await
+    }
+
+    /// Adds one candidate per seed after those already spawned (candidate
+    /// `first + j` gets `seeds[j]`, and `init_latents[j]` instead of its seeded noise when
+    /// given) and creates their initial states.
+    async fn spawn(
+        &mut self,
+        seeds: &[u64],
+        init_latents: Vec<Tensor>,
+    ) -> Result<Vec<CandidateState>, EngineError> {
+        let first = self.candidates.len();
+        self.candidates
+            .extend(seeds.iter().enumerate().map(|(j, &seed)| CandidateRecord {
+                index: first + j,
                 seed,
-                given_latents: index < init_latents.len(),
+                given_latents: j < init_latents.len(),
                 nfe: 0,
                 status: CandidateStatus::Pruned,
                 screens: Vec::new(),
@@ -193,8 +202,7 @@ impl Session<'_> {
                 final_file: None,
                 vie: None,
                 images: CandidateImages::default(),
-            })
-            .collect();
+            }));
         let seeds = seeds.to_vec();
         let prepared = self.prepared.clone();
         let states = self
@@ -667,6 +675,7 @@ impl Session<'_> {
             },
             candidates: self.candidates,
             comparisons: self.comparisons,
+            adaptive: self.adaptive,
             pick,
             pick_file: None,
             notes: self.notes,
@@ -675,6 +684,18 @@ impl Session<'_> {
             timings: self.timings,
         }
     }
+}
+
+/// Refuses more initial latents than candidates.
+fn check_init_latents(init_latents: &[Tensor], seeds: &[u64]) -> Result<(), EngineError> {
+    if init_latents.len() > seeds.len() {
+        return Err(EngineError::Strategy(format!(
+            "{} initial latents given for {} candidates",
+            init_latents.len(),
+            seeds.len()
+        )));
+    }
+    Ok(())
 }
 
 /// VIE-scores one image: two judge calls, each holding its own judge slot, so the

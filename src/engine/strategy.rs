@@ -27,6 +27,10 @@ pub enum StrategyKind {
     Tournament,
     /// Probe k steps, keep the better half, probe k more, ... until M remain; complete them.
     SuccessiveHalving,
+    /// Seeds in waves: each wave probed k steps and screened, the best M passing candidates
+    /// (this wave's or pooled from earlier ones) completed and VIE-scored; stops once a
+    /// completed candidate's O reaches the target, when N seeds are spent, or at the budget.
+    Adaptive,
 }
 
 impl StrategyKind {
@@ -38,6 +42,7 @@ impl StrategyKind {
             Self::EarlyFilter => "early-filter",
             Self::Tournament => "tournament",
             Self::SuccessiveHalving => "successive-halving",
+            Self::Adaptive => "adaptive",
         }
     }
 }
@@ -64,6 +69,15 @@ pub struct StrategyConfig {
     /// Explicit seeds, overriding `base_seed` (its length sets N).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_list: Option<Vec<u64>>,
+    /// Adaptive: seeds spawned per wave.
+    pub wave: usize,
+    /// Adaptive: stop once a completed candidate's VIE O (0-10) reaches this.
+    pub target: f32,
+    /// A hard cap on this edit's NFE. Adaptive checks it before every wave and completion;
+    /// the other strategies are sized to it by [`StrategyConfig::fit_to_budget`], their
+    /// planned NFE being their most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_nfe: Option<usize>,
 }
 
 impl Default for StrategyConfig {
@@ -76,9 +90,19 @@ impl Default for StrategyConfig {
             steps: 50,
             base_seed: 0,
             seed_list: None,
+            wave: DEFAULT_WAVE,
+            target: DEFAULT_TARGET,
+            budget_nfe: None,
         }
     }
 }
+
+/// Adaptive's default wave size. Measured on the testbed (README, "Adaptive"): with k = 4
+/// and M = 1, waves of 4 reach early-filter (8, 4, 2)'s correct rate at about half its NFE.
+pub const DEFAULT_WAVE: usize = 4;
+
+/// Adaptive's default target VIE O. Measured on the testbed (README, "Adaptive").
+pub const DEFAULT_TARGET: f32 = 8.0;
 
 /// The most candidates one edit may spawn. Every candidate keeps its latent state (512 KiB
 /// in f32 for a 512 px panel) and its previews and final (768 KiB each) in memory until the
@@ -172,9 +196,50 @@ impl StrategyConfig {
                 ),
             );
         }
+        if self.kind == StrategyKind::Adaptive {
+            if self.wave == 0 || self.wave > n {
+                return bad(
+                    StrategyField::Wave,
+                    format!(
+                        "{} {} must be between 1 and the number of seeds ({n})",
+                        name(StrategyField::Wave),
+                        self.wave
+                    ),
+                );
+            }
+            if !(0.0..=10.0).contains(&self.target) {
+                return bad(
+                    StrategyField::Target,
+                    format!(
+                        "{} {} must be a VIE O between 0 and 10",
+                        name(StrategyField::Target),
+                        self.target
+                    ),
+                );
+            }
+        }
+        if let Some(budget) = self.budget_nfe {
+            // Adaptive needs room for one wave of one seed and its completion; the others
+            // must be sized to fit (their planned NFE is their most).
+            let (least, what) = match self.kind {
+                StrategyKind::Adaptive => (self.steps, "one seed probed and completed"),
+                _ => (self.planned_nfe(), "this configuration's planned NFE"),
+            };
+            if budget < least {
+                return bad(
+                    StrategyField::Budget,
+                    format!(
+                        "{} {budget} is less than {what} ({least} NFE)",
+                        name(StrategyField::Budget)
+                    ),
+                );
+            }
+        }
         match self.kind {
             StrategyKind::Random | StrategyKind::BestOfN => Ok(()),
-            StrategyKind::EarlyFilter | StrategyKind::SuccessiveHalving => {
+            StrategyKind::EarlyFilter
+            | StrategyKind::SuccessiveHalving
+            | StrategyKind::Adaptive => {
                 if self.probe_steps == 0 || self.probe_steps >= self.steps {
                     return bad(
                         StrategyField::ProbeSteps,
@@ -214,13 +279,17 @@ impl StrategyConfig {
         }
     }
 
-    /// The NFE this strategy spends when every screen passes as planned, i.e. with exactly
-    /// `keep` survivors. Early-filter: `N*k + M*(steps-k)`; tournament: `N*k + steps`;
-    /// best-of-N: `N*steps`; random: `steps`; successive halving: the sum over its rounds.
+    /// The most NFE this strategy spends: what it spends when every screen passes as
+    /// planned, i.e. with exactly `keep` survivors. Early-filter: `N*k + M*(steps-k)`;
+    /// tournament: `N*k + steps`; best-of-N: `N*steps`; random: `steps`; successive halving:
+    /// the sum over its rounds; adaptive: every seed probed and completed, `N*steps`, or the
+    /// budget when that is less (adaptive usually stops far earlier: the report has what it
+    /// spent).
     pub fn planned_nfe(&self) -> usize {
         let n = self.candidate_count();
         let (k, m, steps) = (self.probe_steps, self.keep, self.steps);
         match self.kind {
+            StrategyKind::Adaptive => self.budget_nfe.map_or(n * steps, |b| b.min(n * steps)),
             StrategyKind::Random => steps,
             StrategyKind::BestOfN => n * steps,
             StrategyKind::EarlyFilter => n * k + m * (steps - k),
@@ -245,8 +314,11 @@ impl StrategyConfig {
     /// (1 to [`MAX_SEEDS`]) whose [`StrategyConfig::planned_nfe`] is at most `budget`, with
     /// k, M and the schedule as given. `random` spends `steps` NFE whatever N, so it fits
     /// when `steps <= budget`. Because the planned NFE is each strategy's most (screens that
-    /// pass fewer than M complete fewer), a run never spends more than the budget. Errors
-    /// say what the smallest valid configuration would need.
+    /// pass fewer than M complete fewer), a run never spends more than the budget. Adaptive
+    /// keeps the budget as its run-time cap and takes N = `(budget - (steps - k)) / k`, the
+    /// most seeds it could probe while keeping room for one completion (wave and M no more
+    /// than that N). The budget is
+    /// recorded in `budget_nfe`. Errors say what the smallest valid configuration needs.
     pub fn fit_to_budget(&self, budget: usize) -> Result<StrategyConfig, String> {
         if self.seed_list.is_some() {
             return Err(
@@ -255,11 +327,38 @@ impl StrategyConfig {
         }
         let with = |n: usize| StrategyConfig {
             seeds: n,
+            budget_nfe: None,
             ..self.clone()
         };
+        let capped = |config: StrategyConfig| StrategyConfig {
+            budget_nfe: Some(budget),
+            ..config
+        };
+        if self.kind == StrategyKind::Adaptive {
+            // Any N fits (the cap is checked at run time); more than this could never be
+            // probed, as each wave keeps room for one completion.
+            let completion = self.steps.saturating_sub(self.probe_steps);
+            let probe = self.probe_steps.max(1);
+            let n = (budget.saturating_sub(completion) / probe).min(MAX_SEEDS);
+            if budget < self.steps || n == 0 {
+                return Err(format!(
+                    "budget {budget} NFE is less than one seed probed and completed ({} steps)",
+                    self.steps
+                ));
+            }
+            let config = capped(StrategyConfig {
+                wave: self.wave.min(n),
+                keep: self.keep.min(n),
+                ..with(n)
+            });
+            return config
+                .check(&ValueSource::Program)
+                .map(|_| config)
+                .map_err(|e| e.to_string());
+        }
         if self.kind == StrategyKind::Random {
             return if self.steps <= budget {
-                Ok(with(1))
+                Ok(capped(with(1)))
             } else {
                 Err(format!(
                     "budget {budget} NFE is less than one run of {} steps",
@@ -276,7 +375,7 @@ impl StrategyConfig {
             .take_while(|&n| with(n).planned_nfe() <= budget)
             .filter(|&n| valid(n))
             .last();
-        best.map(with).ok_or_else(|| {
+        best.map(|n| capped(with(n))).ok_or_else(|| {
             format!(
                 "budget {budget} NFE is less than the smallest {} configuration needs ({} NFE with {smallest} seeds)",
                 self.kind.name(),
@@ -299,6 +398,12 @@ pub enum StrategyField {
     Steps,
     /// Seed of candidate 0.
     Seed,
+    /// Adaptive: seeds per wave.
+    Wave,
+    /// Adaptive: the VIE O that stops the search.
+    Target,
+    /// The NFE cap per edit.
+    Budget,
 }
 
 impl StrategyField {
@@ -310,6 +415,9 @@ impl StrategyField {
             Self::Keep => "--keep",
             Self::Steps => "--steps",
             Self::Seed => "--seed",
+            Self::Wave => "--wave",
+            Self::Target => "--target",
+            Self::Budget => "--budget-nfe",
         }
     }
 
@@ -321,6 +429,9 @@ impl StrategyField {
             Self::Keep => "keep",
             Self::Steps => "steps",
             Self::Seed => "seed",
+            Self::Wave => "wave",
+            Self::Target => "target",
+            Self::Budget => "budget_nfe",
         }
     }
 }
@@ -412,7 +523,7 @@ pub enum Seeds {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StrategyOverrides {
     /// The strategy (`random`, `best-of-n`, `early-filter`, `tournament`,
-    /// `successive-halving`).
+    /// `successive-halving`, `adaptive`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<StrategyKind>,
     /// N, or the explicit seeds.
@@ -430,6 +541,12 @@ pub struct StrategyOverrides {
     /// Seed of candidate 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// Adaptive: seeds per wave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave: Option<usize>,
+    /// Adaptive: the VIE O that stops the search.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<f32>,
 }
 
 impl StrategyOverrides {
@@ -455,6 +572,8 @@ impl StrategyOverrides {
         s.keep = self.keep.unwrap_or(s.keep);
         s.steps = self.steps.unwrap_or(s.steps);
         s.base_seed = self.seed.unwrap_or(s.base_seed);
+        s.wave = self.wave.unwrap_or(s.wave);
+        s.target = self.target.unwrap_or(s.target);
         if s.kind == StrategyKind::Random && s.seed_list.is_none() {
             s.seeds = 1;
         }
@@ -538,6 +657,53 @@ mod tests {
             ..cfg(StrategyKind::BestOfN)
         };
         assert!(listed.fit_to_budget(500).is_err());
+        // Adaptive keeps the budget as its cap, with as many seeds as it could probe while
+        // keeping room for one completion: (124 - 46) / 4 = 19.
+        let a = fit(StrategyKind::Adaptive, 124).unwrap();
+        assert_eq!((a.seeds, a.budget_nfe, a.wave), (19, Some(124), 4));
+        assert_eq!(a.planned_nfe(), 124);
+        let one = fit(StrategyKind::Adaptive, 50).unwrap();
+        assert_eq!((one.seeds, one.wave), (1, 1));
+        let err = fit(StrategyKind::Adaptive, 49).unwrap_err();
+        assert!(err.contains("one seed probed and completed"), "{err}");
+        // Every fitted configuration records its budget and passes the check.
+        let ef = fit(StrategyKind::EarlyFilter, 124).unwrap();
+        assert_eq!(ef.budget_nfe, Some(124));
+        ef.validate().unwrap();
+    }
+
+    #[test]
+    fn adaptive_parameters_are_checked_by_name() {
+        let a = |wave, target, budget_nfe| StrategyConfig {
+            wave,
+            target,
+            budget_nfe,
+            ..cfg(StrategyKind::Adaptive)
+        };
+        assert!(a(4, 8.0, None).check(&ValueSource::Flags).is_ok());
+        let e = a(0, 8.0, None).check(&ValueSource::Flags).unwrap_err();
+        assert!(e.message.contains("--wave 0"), "{e}");
+        let e = a(9, 8.0, None).check(&ValueSource::Flags).unwrap_err();
+        assert!(e.message.contains("number of seeds (8)"), "{e}");
+        let e = a(4, 11.0, None).check(&ValueSource::Flags).unwrap_err();
+        assert!(e.message.contains("--target 11"), "{e}");
+        assert!(a(4, f32::NAN, None).check(&ValueSource::Flags).is_err());
+        let e = a(4, 8.0, Some(40))
+            .check(&ValueSource::SuiteArm("ad".into()))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "arm `ad`: budget_nfe 40 is less than one seed probed and completed (50 NFE)"
+        );
+        // A fixed strategy must fit the budget it claims.
+        let ef = StrategyConfig {
+            budget_nfe: Some(100),
+            ..cfg(StrategyKind::EarlyFilter)
+        };
+        let e = ef.check(&ValueSource::Flags).unwrap_err();
+        assert!(e.message.contains("planned NFE (124 NFE)"), "{e}");
+        // Without a budget, adaptive's most is best-of-N's.
+        assert_eq!(a(4, 8.0, None).planned_nfe(), 8 * 50);
     }
 
     fn cfg(kind: StrategyKind) -> StrategyConfig {

@@ -1,0 +1,214 @@
+//! The adaptive strategy: seeds in waves, a pool of passing candidates, a target that stops
+//! the search, and an NFE cap.
+//!
+//! Round by round: a wave of `wave` new seeds is probed k steps and screened, when seeds are
+//! left and the budget pays for the wave and one completion; then the `keep` best passing
+//! candidates not yet completed, this wave's or pooled from earlier rounds, ranked by screen
+//! score, are completed and VIE-scored. A pooled candidate keeps its step-k state, so it
+//! resumes there and is never probed again. The search stops as soon as a completed
+//! candidate's O reaches the target; when every seed is spent and the pool is empty; or
+//! when what is left of the budget pays for nothing more.
+
+use std::cmp::Ordering;
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use super::Session;
+use crate::engine::report::{AdaptiveRecord, AdaptiveRound, CandidateStatus, Pick, StopReason};
+use crate::error::EngineError;
+use crate::generate::CandidateState;
+
+/// A candidate probed and screened, waiting to be completed.
+struct Probed {
+    index: usize,
+    state: CandidateState,
+}
+
+/// The size of the next wave: at most `wave` seeds, no more than are left, and only as
+/// many as the `nfe_left` pays for while keeping room for one completion.
+pub fn wave_size(
+    seeds_left: usize,
+    wave: usize,
+    nfe_left: usize,
+    probe_steps: usize,
+    completion: usize,
+) -> usize {
+    let Some(for_probes) = nfe_left.checked_sub(completion) else {
+        return 0;
+    };
+    wave.min(seeds_left).min(for_probes / probe_steps.max(1))
+}
+
+impl Session<'_> {
+    /// The latest screen score of candidate `index`, if its screening answered.
+    fn screen_score(&self, index: usize) -> Option<f32> {
+        self.candidates[index]
+            .screens
+            .last()
+            .and_then(|s| s.verdict.ok())
+            .map(|v| v.score)
+    }
+
+    /// Sorts best screen first (a failed screening last), then by candidate index.
+    fn rank_by_screen(&self, probed: &mut [Probed]) {
+        probed.sort_by(|a, b| {
+            let (sa, sb) = (self.screen_score(a.index), self.screen_score(b.index));
+            match (sa, sb) {
+                (Some(x), Some(y)) => y.partial_cmp(&x).unwrap_or(Ordering::Equal),
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (None, None) => Ordering::Equal,
+            }
+            .then(a.index.cmp(&b.index))
+        });
+    }
+
+    /// `adaptive`: see the module documentation.
+    pub(super) async fn adaptive(
+        &mut self,
+        seeds: &[u64],
+        init_latents: Vec<Tensor>,
+    ) -> Result<Option<Pick>, EngineError> {
+        super::check_init_latents(&init_latents, seeds)?;
+        let s = &self.strategy;
+        let (k, keep, wave, target) = (s.probe_steps, s.keep, s.wave, s.target);
+        let steps = self.schedule.steps;
+        let completion = steps - k;
+        let budget = s.budget_nfe.unwrap_or(usize::MAX);
+        let mut given = init_latents.into_iter();
+        // Passed screening, not completed yet / did not pass (a last resort only).
+        let mut pool: Vec<Probed> = Vec::new();
+        let mut rejected: Vec<Probed> = Vec::new();
+        let mut completed: Vec<usize> = Vec::new();
+        let mut rounds: Vec<AdaptiveRound> = Vec::new();
+        let mut spent = 0usize;
+        let (stop, stop_detail) = loop {
+            let mut round = AdaptiveRound {
+                probed: Vec::new(),
+                completed: Vec::new(),
+                from_pool: Vec::new(),
+                nfe: 0,
+            };
+            let next = self.candidates.len();
+            let size = wave_size(seeds.len() - next, wave, budget - spent, k, completion);
+            if size > 0 {
+                let init: Vec<Tensor> = given.by_ref().take(size).collect();
+                let states = self.spawn(&seeds[next..next + size], init).await?;
+                let indices: Vec<usize> = (next..next + size).collect();
+                let t = Instant::now();
+                let states = self
+                    .advance("probe", self.schedule.clone(), &indices, states, k)
+                    .await?;
+                self.timings.probe_s += t.elapsed().as_secs_f64();
+                self.nfe.probe += size * k;
+                spent += size * k;
+                round.nfe += size * k;
+                self.preview_and_screen(&indices, &states).await?;
+                for (&index, state) in indices.iter().zip(states) {
+                    let passed = self.candidates[index]
+                        .screens
+                        .last()
+                        .and_then(|s| s.verdict.ok())
+                        .is_some_and(|v| v.pass);
+                    let probed = Probed { index, state };
+                    if passed {
+                        pool.push(probed);
+                    } else {
+                        rejected.push(probed);
+                    }
+                }
+                round.probed = indices;
+            }
+
+            // The best passing candidates, pooled or new, as many as M and the budget allow.
+            let affordable = (budget - spent) / completion;
+            self.rank_by_screen(&mut pool);
+            let mut chosen: Vec<Probed> =
+                pool.drain(..keep.min(affordable).min(pool.len())).collect();
+            // Nothing to complete and no wave to probe: the search is over.
+            let over = (chosen.is_empty() && size == 0).then_some(
+                if seeds.len() > next || !pool.is_empty() {
+                    StopReason::BudgetExhausted
+                } else {
+                    StopReason::SeedsExhausted
+                },
+            );
+            if over.is_some() && completed.is_empty() && affordable > 0 && !rejected.is_empty() {
+                // As early-filter does when nothing passes: complete the best-scored anyway.
+                self.rank_by_screen(&mut rejected);
+                chosen.push(rejected.remove(0));
+                self.notes.push(
+                    "no preview passed screening in any wave; completing the best-scored candidate anyway".into(),
+                );
+            }
+
+            if !chosen.is_empty() {
+                let indices: Vec<usize> = chosen.iter().map(|p| p.index).collect();
+                round.from_pool = indices
+                    .iter()
+                    .filter(|i| !round.probed.contains(i))
+                    .copied()
+                    .collect();
+                let states: Vec<CandidateState> = chosen.into_iter().map(|p| p.state).collect();
+                let t = Instant::now();
+                let states = self
+                    .advance("complete", self.schedule.clone(), &indices, states, steps)
+                    .await?;
+                self.timings.complete_s += t.elapsed().as_secs_f64();
+                self.nfe.complete += indices.len() * completion;
+                spent += indices.len() * completion;
+                round.nfe += indices.len() * completion;
+                self.finish_and_score(&indices, &states).await?;
+                completed.extend(&indices);
+                round.completed = indices;
+            }
+            let reached = round
+                .completed
+                .iter()
+                .filter_map(|&i| self.candidates[i].overall().map(|o| (i, o)))
+                .filter(|&(_, o)| o >= target)
+                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
+            if !(round.probed.is_empty() && round.completed.is_empty()) {
+                rounds.push(round);
+            }
+            if let Some((index, overall)) = reached {
+                break (
+                    StopReason::TargetReached,
+                    format!(
+                        "candidate {index} (seed {}) reached VIE O {overall:.2} >= target {target} in round {}",
+                        self.candidates[index].seed,
+                        rounds.len()
+                    ),
+                );
+            }
+            if let Some(reason) = over {
+                let best = completed
+                    .iter()
+                    .filter_map(|&i| self.candidates[i].overall())
+                    .max_by(f32::total_cmp)
+                    .map_or("none scored".to_string(), |o| format!("best VIE O {o:.2}"));
+                let detail = match reason {
+                    StopReason::BudgetExhausted => format!(
+                        "{} of {budget} NFE left pays for neither a wave and its completion ({k} + {completion}) nor a completion; {best} < target {target}",
+                        budget - spent
+                    ),
+                    _ => format!(
+                        "all {} seeds probed and every passing candidate completed; {best} < target {target}",
+                        seeds.len()
+                    ),
+                };
+                break (reason, detail);
+            }
+        };
+        for p in &pool {
+            self.candidates[p.index].status = CandidateStatus::Pooled;
+        }
+        self.adaptive = Some(AdaptiveRecord {
+            rounds,
+            stop,
+            stop_detail,
+        });
+        Ok(self.pick(&completed))
+    }
+}
