@@ -215,9 +215,10 @@ pub struct StrategyArgs {
     /// k: steps each candidate is probed before screening (tournament: short-run length).
     #[arg(long, default_value_t = StrategyConfig::default().probe_steps)]
     pub probe_steps: usize,
-    /// M: survivors completed after screening (at most; only passing ones).
-    #[arg(long, default_value_t = StrategyConfig::default().keep)]
-    pub keep: usize,
+    /// M: survivors completed after screening (at most; only passing ones); adaptive:
+    /// completions per wave [default: 2; adaptive: 1]
+    #[arg(long)]
+    pub keep: Option<usize>,
     /// Steps of the full schedule (50 as in the paper; ICEdit's scripts use 28).
     #[arg(long, default_value_t = StrategyConfig::default().steps)]
     pub steps: usize,
@@ -249,7 +250,7 @@ impl StrategyArgs {
                 None => Seeds::Count(self.seeds),
             }),
             probe_steps: Some(self.probe_steps),
-            keep: Some(self.keep),
+            keep: self.keep,
             steps: Some(self.steps),
             seed: Some(self.seed),
             wave: Some(self.wave),
@@ -463,6 +464,10 @@ pub struct BatchArgs {
     /// Panel width the sources are resized to.
     #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH, value_parser = panel_width)]
     pub width: u32,
+    /// Mean compute budget per item in NFE: the batch spends at most items x B; fixed
+    /// strategies are sized to B, adaptive items spend less on easy edits and more on hard.
+    #[arg(long, conflicts_with = "budget_nfe", value_parser = bounded(1, 10_000_000))]
+    pub budget_nfe_mean: Option<usize>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub strategy: StrategyArgs,
@@ -500,6 +505,10 @@ pub struct EvalArgs {
     /// Only rebuild the report from the stored results.
     #[arg(long)]
     pub report_only: bool,
+    /// Mean compute budget per item in NFE for every arm (replaces the suite's
+    /// `budget_nfe_mean`): fixed strategies sized to it, adaptive arms sharing items x B.
+    #[arg(long, value_parser = bounded(1, 10_000_000))]
+    pub budget_nfe_mean: Option<usize>,
     /// Judge calls in flight at once (1 to 256).
     #[arg(long, default_value_t = 8, value_parser = bounded(1, MAX_CONCURRENCY))]
     pub judge_concurrency: usize,
@@ -643,25 +652,7 @@ fn unit_interval(text: &str) -> Result<f32, String> {
 
 /// A testbed outcome contrast: a preset name or a number in (0, 1].
 fn outcome_contrast(text: &str) -> Result<f32, String> {
-    use crate::generate::testbed::PreviewReliability;
-    if let Some(preset) = PreviewReliability::from_name(text) {
-        return Ok(preset.contrast());
-    }
-    let names = PreviewReliability::NAMES.join(", ");
-    let x = finite_in(
-        text,
-        0.0,
-        1.0,
-        "1 = outcome latents as their images give them",
-    )
-    .map_err(|e| format!("{e}, or a preset: {names}"))?;
-    if x > 0.0 {
-        Ok(x as f32)
-    } else {
-        Err(format!(
-            "0 is not above 0 (0 would merge all outcomes), or a preset: {names}"
-        ))
-    }
+    crate::generate::testbed::PreviewReliability::parse_contrast(text)
 }
 
 /// Seconds of a cost model or latency: 0 to an hour.

@@ -1,6 +1,7 @@
 //! `icedit-scale study`: how the strategies do on the testbed, where the truth is known.
 //!
-//! Per edit it runs best-of-N and early-filter through the real engine with the same seeds.
+//! Per edit it runs best-of-N, early-filter and adaptive through the real engine with the
+//! same seeds.
 //! Random seeding is best-of-N's candidate 0 (same seed, same schedule: the identical
 //! trajectory and image), so it costs nothing extra. Early-filter's step-k previews of all
 //! N seeds are compared with the finals best-of-N reached from the same seeds, which
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::edit::EditContext;
 use crate::engine::report::EditReport;
+use crate::engine::strategy::DEFAULT_ADAPTIVE_KEEP;
 use crate::engine::{EditJob, Engine, GeneratorWorker, Silent, StrategyConfig, StrategyKind};
 use crate::error::{EngineError, GenerateError};
 use crate::generate::schedule::Schedule;
@@ -84,7 +86,8 @@ pub struct StudyReport {
     /// candidate's final outcome.
     #[serde(default)]
     pub identification: Vec<StepIdentification>,
-    /// Per strategy: random, early-filter, best-of-N.
+    /// Per strategy: random, early-filter, best-of-N, adaptive (waves of the configured
+    /// size, one completion each, up to the same N).
     pub strategies: Vec<StrategyResult>,
     /// Fraction of all seeds that landed on the correct outcome (the prior, measured).
     pub seed_correct_rate: f64,
@@ -258,7 +261,7 @@ pub async fn run_study(
         Arc::new(TestbedJudge::new(config.judge)),
         16,
     );
-    let names = ["random", "early-filter", "best-of-n"];
+    let names = ["random", "early-filter", "best-of-n", "adaptive"];
     let mut results: Vec<StrategyResult> = names
         .iter()
         .map(|n| StrategyResult {
@@ -284,12 +287,18 @@ pub async fn run_study(
             step.candidates += config.strategy.candidate_count();
         }
         let run = |kind| {
+            let mut strategy = StrategyConfig {
+                kind,
+                ..config.strategy.clone()
+            };
+            if kind == StrategyKind::Adaptive {
+                // Waves of `wave` with one completion each, up to the same N.
+                strategy.keep = DEFAULT_ADAPTIVE_KEEP;
+                strategy.wave = strategy.wave.min(strategy.seeds);
+            }
             let job = EditJob {
                 edit: edit.clone(),
-                strategy: StrategyConfig {
-                    kind,
-                    ..config.strategy.clone()
-                },
+                strategy,
                 init_latents: Vec::new(),
             };
             let engine = engine.clone();
@@ -297,6 +306,7 @@ pub async fn run_study(
         };
         let best = run(StrategyKind::BestOfN).await?;
         let early = run(StrategyKind::EarlyFilter).await?;
+        let adaptive = run(StrategyKind::Adaptive).await?;
         let finals: Vec<Option<OutcomeLabel>> = best
             .candidates
             .iter()
@@ -322,7 +332,7 @@ pub async fn run_study(
             config.strategy.steps,
             random.overall(),
         );
-        for (slot, report) in [(1, &early), (2, &best)] {
+        for (slot, report) in [(1, &early), (2, &best), (3, &adaptive)] {
             add(
                 &mut results[slot],
                 pick_label(report, &outcomes) == Some(OutcomeLabel::Correct),

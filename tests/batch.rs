@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use icedit_scale::batch::{merge_shards, run_batch, BatchOptions, ItemStatus, Shard};
 use icedit_scale::edit::EditContext;
-use icedit_scale::engine::{Engine, GeneratorWorker, StrategyConfig};
+use icedit_scale::engine::{Engine, GeneratorWorker, StrategyConfig, StrategyKind};
 use icedit_scale::judge::{Comparison, Judge, JudgeError, PreviewStage, ScreenVerdict, SubScores};
 use icedit_scale::stop::StopSignal;
 use image::{Rgb, RgbImage};
@@ -122,6 +122,7 @@ fn options(manifest: &Path, out: &Path, shard: Shard) -> BatchOptions {
         queue: 3,
         width: 32,
         progress: false,
+        budget_nfe_mean: None,
     }
 }
 
@@ -436,4 +437,52 @@ fn symlinks_cannot_lead_a_manifest_out_of_its_root_but_dots_that_stay_inside_can
     assert!(records
         .iter()
         .any(|r| r["id"] == "dots" && r["status"] == "ok"));
+}
+
+#[test]
+fn a_mean_budget_holds_over_the_batch_for_adaptive_and_fixed_strategies() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), 12, &[]);
+    // Adaptive: waves of 2 probed 2 steps, one completion (4) per wave, up to 8 seeds
+    // (most 8*2 + 4*4 = 32); a mean of 12 lets an item spend more only if others saved.
+    let adaptive = StrategyConfig {
+        kind: StrategyKind::Adaptive,
+        seeds: 8,
+        probe_steps: 2,
+        keep: 1,
+        wave: 2,
+        target: 9.5,
+        steps: 6,
+        ..StrategyConfig::default()
+    };
+    for (strategy, mean) in [
+        (adaptive.clone(), 12),
+        (options(&m, dir.path(), Shard::ALL).strategy, 14),
+    ] {
+        let out = dir.path().join(format!("{}-{mean}", strategy.kind.name()));
+        let opts = BatchOptions {
+            strategy: strategy.clone(),
+            budget_nfe_mean: Some(mean),
+            ..options(&m, &out, Shard::ALL)
+        };
+        let outcome = block_on(run_batch(&engine(), &opts, &StopSignal::default())).unwrap();
+        assert_eq!(outcome.done, 12, "{outcome:?} {:?}", summary(&out));
+        let spent: Vec<u64> = summary(&out)
+            .iter()
+            .map(|r| r["nfe"].as_u64().unwrap())
+            .collect();
+        assert!(spent.iter().sum::<u64>() <= 12 * mean as u64, "{spent:?}");
+        if strategy.kind == StrategyKind::EarlyFilter {
+            // Sized to the mean: N*2 + 2*4 <= 14 -> N = 3, 14 NFE each.
+            assert!(spent.iter().all(|&n| n <= 14), "{spent:?}");
+        }
+    }
+    // A mean below what one adaptive wave needs (2*2 + 4) is refused up front.
+    let opts = BatchOptions {
+        strategy: adaptive,
+        budget_nfe_mean: Some(7),
+        ..options(&m, &dir.path().join("low"), Shard::ALL)
+    };
+    let err = block_on(run_batch(&engine(), &opts, &StopSignal::default())).unwrap_err();
+    assert!(err.to_string().contains("--budget-nfe-mean 7"), "{err}");
 }

@@ -193,3 +193,89 @@ fn every_committed_suite_parses_and_validates() {
         "{err}"
     );
 }
+
+const GRID_SUITE: &str = r#"
+name = "grid-test"
+width = 128
+steps = 16
+resamples = 200
+budget_nfe_mean = 40
+[dataset]
+kind = "testbed"
+edits = 6
+first_scene = 300
+contrast = "loose"
+[selection_judge]
+judge = "testbed"
+[eval_judge]
+judge = "testbed"
+seed = 1
+[[arms]]
+name = "random"
+strategy = "random"
+[[grid]]
+strategy = "early-filter"
+seeds = [1, 4]
+probe_steps = [2]
+keep = [1, 2]
+[[grid]]
+strategy = "adaptive"
+seeds = [8]
+probe_steps = [2]
+keep = [1]
+wave = [2]
+target = [9.5]
+"#;
+
+#[test]
+fn a_grid_expands_into_named_arms_and_a_mean_budget_holds_for_every_arm() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = dir.path().join("suite.toml");
+    std::fs::write(&suite, GRID_SUITE).unwrap();
+    let loaded = icedit_scale::eval::suite::Suite::load(&suite).unwrap();
+    let names: Vec<&str> = loaded.arms.iter().map(|a| a.name.as_str()).collect();
+    // M = 2 above N = 1 is left out; arms are named by the values the grid gave.
+    assert_eq!(
+        names,
+        [
+            "random",
+            "early-filter-1-2-1",
+            "early-filter-4-2-1",
+            "early-filter-4-2-2",
+            "adaptive-8-2-1-w2-t9.5"
+        ]
+    );
+    let out = dir.path().join("out");
+    assert!(eval(&suite, &out).status().unwrap().success());
+    let json = comparable(&out);
+    assert_eq!(json["suite"]["dataset"]["contrast"], 0.2);
+    // Under the mean budget of 40 NFE, fixed arms are sized to it (early-filter k = 2,
+    // M = 1: N*2 + 14 <= 40 -> N = 13) and no arm spends more than 40 on average.
+    assert_eq!(json["strategies"]["early-filter-4-2-1"]["seeds"], 13);
+    for arm in json["arms"].as_array().unwrap() {
+        let nfe = arm["nfe"].as_f64().unwrap();
+        assert!(nfe <= 40.0, "{}: {nfe}", arm["arm"]);
+        assert!(arm["correct"]["lo"].as_f64().unwrap() <= arm["correct"]["mean"].as_f64().unwrap());
+    }
+    let stored = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let adaptive: Vec<u64> = stored
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["arm"] == "adaptive-8-2-1-w2-t9.5")
+        .map(|r| r["nfe"].as_u64().unwrap())
+        .collect();
+    assert_eq!(adaptive.len(), 6);
+    assert!(adaptive.iter().sum::<u64>() <= 6 * 40, "{adaptive:?}");
+    // Both plots, with one legend entry per family, the front and the baseline.
+    for plot in ["score_vs_nfe.svg", "correct_vs_nfe.svg"] {
+        let svg = std::fs::read_to_string(out.join(plot)).unwrap();
+        for needle in [
+            "early-filter",
+            "adaptive",
+            "Pareto front",
+            "random baseline",
+        ] {
+            assert!(svg.contains(needle), "{plot} lacks {needle}");
+        }
+    }
+}

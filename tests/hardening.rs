@@ -92,6 +92,14 @@ fn numeric_options_beyond_their_bounds_are_refused_at_once() {
             &["--budget-nfe 99", "100 NFE with 2 seeds"],
         ),
         (
+            &["--strategy", "adaptive", "--wave", "0"],
+            &["--wave 0", "between 1 and the number of seeds"],
+        ),
+        (
+            &["--strategy", "adaptive", "--target", "12"],
+            &["--target 12", "VIE O between 0 and 10"],
+        ),
+        (
             &["--testbed-contrast", "vague"],
             &["--testbed-contrast", "sharp, soft, loose"],
         ),

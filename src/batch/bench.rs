@@ -243,6 +243,7 @@ pub async fn run_pipeline_bench(
                 queue,
                 width: bench.width,
                 progress: false,
+                budget_nfe_mean: None,
             };
             let busy_before = worker.busy_time();
             let started = Instant::now();

@@ -14,9 +14,10 @@ use super::manifest::{Entry, Item, ManifestReader};
 use super::shard::Shard;
 use super::store::{table, write_jsonl, ItemResult, ItemStatus, SummaryLog};
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
+use crate::engine::budget::{Allowance, BudgetPool};
 use crate::engine::outputs::write_outputs;
 use crate::engine::report::{EditReport, Judged};
-use crate::engine::{EditJob, Engine, Silent, StrategyConfig};
+use crate::engine::{EditJob, Engine, Silent, StrategyConfig, StrategyKind};
 use crate::error::{EditError, EngineError};
 use crate::fsio::write_atomic;
 use crate::fsio::OutputLock;
@@ -41,6 +42,10 @@ pub struct BatchOptions {
     pub width: u32,
     /// Show a progress bar.
     pub progress: bool,
+    /// Mean NFE budget per item (`--budget-nfe-mean`): fixed strategies sized to it per
+    /// item; adaptive items share `items x budget` (see [`BudgetPool`]), never more than
+    /// their own N. With several items in flight the split depends on finishing order.
+    pub budget_nfe_mean: Option<usize>,
 }
 
 /// Counts of one batch run.
@@ -92,6 +97,18 @@ pub async fn run_batch(
     let mut outcome = BatchOutcome::default();
     let reader = ManifestReader::open(&opts.manifest, opts.root.as_deref(), opts.strategy.clone())
         .map_err(open_err)?;
+    let pool = match opts.budget_nfe_mean {
+        Some(mean) => Some(Arc::new(
+            BudgetPool::new(total, mean, budget_floor(&opts.strategy))
+                .map_err(|e| EngineError::Strategy(format!("--budget-nfe-mean {mean}: {e}")))?,
+        )),
+        None => None,
+    };
+    let skip = |pool: &Option<Arc<BudgetPool>>| {
+        if let Some(p) = pool {
+            p.skip_item()
+        }
+    };
     for (seen, entry) in reader.enumerate() {
         let entry = entry.map_err(open_err)?;
         // Collect finished tasks as we go so errors surface early and memory stays flat.
@@ -125,6 +142,7 @@ pub async fn run_batch(
                     })?;
                     outcome.invalid += 1;
                 }
+                skip(&pool);
                 bar.inc(1);
                 continue;
             }
@@ -132,10 +150,19 @@ pub async fn run_batch(
         };
         if !opts.shard.owns(&item.spec.id) {
             outcome.other_shards += 1;
+            skip(&pool);
             bar.inc(1);
             continue;
         }
-        if log.lock().await.get(&item.spec.id).map(|r| r.status) == Some(ItemStatus::Ok) {
+        if let Some(done) = log
+            .lock()
+            .await
+            .get(&item.spec.id)
+            .filter(|r| r.status == ItemStatus::Ok)
+        {
+            if let Some(p) = &pool {
+                p.already_spent(done.nfe);
+            }
             outcome.already_done += 1;
             bar.inc(1);
             continue;
@@ -144,8 +171,23 @@ pub async fn run_batch(
         let (engine, log, bar) = (engine.clone(), log.clone(), bar.clone());
         let strategy = item.strategy.clone();
         let (out, width) = (opts.out.clone(), opts.width);
+        let (pool, mean) = (pool.clone(), opts.budget_nfe_mean);
         tasks.spawn(async move {
-            let result = run_item(&engine, &item, strategy, width, &out).await;
+            let result = match budgeted(strategy, mean, pool.as_deref()) {
+                Ok((strategy, allowance)) => {
+                    let result = run_item(&engine, &item, strategy, width, &out).await;
+                    if let (Some(p), Some(a)) = (&pool, allowance) {
+                        p.settle(a, result.nfe);
+                    }
+                    result
+                }
+                Err(reason) => ItemResult {
+                    id: item.spec.id.clone(),
+                    line: item.line,
+                    reason: Some(reason),
+                    ..empty_result()
+                },
+            };
             let status = result.status;
             log.lock().await.append(result)?;
             bar.inc(1);
@@ -232,6 +274,53 @@ fn empty_result() -> ItemResult {
         judge_calls: 0,
         judge_failures: 0,
         output_dir: None,
+    }
+}
+
+/// What the pool sets aside for every item still to come: an adaptive edit's first wave.
+/// Fixed strategies need nothing set aside: each spends at most the mean.
+fn budget_floor(strategy: &StrategyConfig) -> usize {
+    match strategy.kind {
+        StrategyKind::Adaptive => strategy.first_wave_nfe(),
+        _ => 0,
+    }
+}
+
+/// An item's strategy under a mean budget: every item draws its share from the pool; a
+/// fixed strategy is sized to the smaller of the mean and its share, an adaptive one gets
+/// its share as a cap (its N cut to fit when the share is below its most).
+fn budgeted(
+    strategy: StrategyConfig,
+    mean: Option<usize>,
+    pool: Option<&BudgetPool>,
+) -> Result<(StrategyConfig, Option<Allowance>), String> {
+    let (Some(mean), Some(pool)) = (mean, pool) else {
+        return Ok((strategy, None));
+    };
+    let most = match strategy.kind {
+        StrategyKind::Adaptive => strategy.planned_nfe(),
+        _ => mean,
+    };
+    let allowance = pool.start_item(most);
+    let fitted = if strategy.kind != StrategyKind::Adaptive {
+        strategy.fit_to_budget(mean.min(allowance.nfe))
+    } else if allowance.nfe < strategy.planned_nfe() {
+        strategy.fit_to_budget(allowance.nfe)
+    } else {
+        Ok(StrategyConfig {
+            budget_nfe: Some(allowance.nfe),
+            ..strategy
+        })
+    };
+    match fitted {
+        Ok(s) => Ok((s, Some(allowance))),
+        Err(e) => {
+            pool.settle(allowance, 0);
+            Err(format!(
+                "--budget-nfe-mean {mean}: this item's share ({} NFE): {e}",
+                allowance.nfe
+            ))
+        }
     }
 }
 

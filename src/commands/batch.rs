@@ -45,6 +45,7 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
         queue: args.queue,
         width: args.width,
         progress: true,
+        budget_nfe_mean: args.budget_nfe_mean,
     };
     let started = std::time::Instant::now();
     let outcome = run_batch(&engine, &opts, &stop).await?;

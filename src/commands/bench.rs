@@ -160,6 +160,7 @@ pub async fn memory(args: MemoryBenchArgs) -> anyhow::Result<()> {
         queue: 4,
         width: 32,
         progress: false,
+        budget_nfe_mean: None,
     };
     let started = std::time::Instant::now();
     let outcome = run_batch(&engine, &opts, &StopSignal::default()).await?;

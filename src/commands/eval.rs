@@ -59,8 +59,21 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
 }
 
 /// `eval`: runs the pending (item, arm) pairs of a suite, then writes the report.
-pub async fn eval(args: EvalArgs) -> anyhow::Result<()> {
-    let suite = Suite::load(&args.suite)?;
+pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
+    let mut suite = Suite::load(&args.suite)?;
+    if let Some(budget) = args.budget_nfe_mean {
+        suite.budget_nfe_mean = Some(budget);
+        suite
+            .validate()
+            .map_err(|e| EditError::Invalid(format!("--budget-nfe-mean {budget}: {e}")))?;
+    }
+    if let dataset::DatasetSpec::Testbed {
+        contrast: Some(contrast),
+        ..
+    } = &suite.dataset
+    {
+        args.generator.testbed_contrast = *contrast;
+    }
     let items = dataset::load(&suite.dataset, &suite.selection)?;
     let mut store = ResultStore::open(&args.out)
         .with_context(|| format!("opening {}", args.out.join("results.jsonl").display()))?;

@@ -3,6 +3,7 @@
 //!
 //! The engine knows nothing about FLUX or any judge vendor; it only drives the two traits.
 
+pub mod budget;
 pub mod contact_sheet;
 pub mod outputs;
 pub mod progress;

@@ -101,6 +101,11 @@ impl Default for StrategyConfig {
 /// and M = 1, waves of 4 reach early-filter (8, 4, 2)'s correct rate at about half its NFE.
 pub const DEFAULT_WAVE: usize = 4;
 
+/// Adaptive's default M, completions per wave (other strategies default to 2): one
+/// completion a wave reaches early-filter (8, 4, 2)'s correct rate at 0.58x its NFE on the
+/// testbed, two spend 0.94x for no gain (README, "Adaptive").
+pub const DEFAULT_ADAPTIVE_KEEP: usize = 1;
+
 /// Adaptive's default target VIE O. Measured on the testbed (README, "Adaptive").
 pub const DEFAULT_TARGET: f32 = 8.0;
 
@@ -282,14 +287,17 @@ impl StrategyConfig {
     /// The most NFE this strategy spends: what it spends when every screen passes as
     /// planned, i.e. with exactly `keep` survivors. Early-filter: `N*k + M*(steps-k)`;
     /// tournament: `N*k + steps`; best-of-N: `N*steps`; random: `steps`; successive halving:
-    /// the sum over its rounds; adaptive: every seed probed and completed, `N*steps`, or the
-    /// budget when that is less (adaptive usually stops far earlier: the report has what it
-    /// spent).
+    /// the sum over its rounds; adaptive: every wave probed and M completed per wave,
+    /// `N*k + min(ceil(N/W)*M, N)*(steps-k)`, or the budget when that is less (adaptive
+    /// usually stops far earlier: the report has what it spent).
     pub fn planned_nfe(&self) -> usize {
         let n = self.candidate_count();
         let (k, m, steps) = (self.probe_steps, self.keep, self.steps);
         match self.kind {
-            StrategyKind::Adaptive => self.budget_nfe.map_or(n * steps, |b| b.min(n * steps)),
+            StrategyKind::Adaptive => {
+                let most = n * k + (n.div_ceil(self.wave.max(1)) * m).min(n) * (steps - k);
+                self.budget_nfe.map_or(most, |b| b.min(most))
+            }
             StrategyKind::Random => steps,
             StrategyKind::BestOfN => n * steps,
             StrategyKind::EarlyFilter => n * k + m * (steps - k),
@@ -310,15 +318,26 @@ impl StrategyConfig {
 }
 
 impl StrategyConfig {
+    /// The NFE of one adaptive wave and its completions (`wave` seeds, or M when more):
+    /// the least an adaptive edit needs, so the floor of a budget shared per item.
+    pub fn first_wave_nfe(&self) -> usize {
+        StrategyConfig {
+            kind: StrategyKind::Adaptive,
+            seeds: self.wave.max(self.keep).max(1),
+            seed_list: None,
+            budget_nfe: None,
+            ..self.clone()
+        }
+        .planned_nfe()
+    }
+
     /// The strategy sized to a compute budget of `budget` NFE per edit: the largest N
     /// (1 to [`MAX_SEEDS`]) whose [`StrategyConfig::planned_nfe`] is at most `budget`, with
     /// k, M and the schedule as given. `random` spends `steps` NFE whatever N, so it fits
     /// when `steps <= budget`. Because the planned NFE is each strategy's most (screens that
-    /// pass fewer than M complete fewer), a run never spends more than the budget. Adaptive
-    /// keeps the budget as its run-time cap and takes N = `(budget - (steps - k)) / k`, the
-    /// most seeds it could probe while keeping room for one completion (wave and M no more
-    /// than that N). The budget is
-    /// recorded in `budget_nfe`. Errors say what the smallest valid configuration needs.
+    /// pass fewer than M complete fewer), a run never spends more than the budget; adaptive
+    /// also keeps the budget as a cap it checks before every wave. The budget is recorded in
+    /// `budget_nfe`. Errors say what the smallest valid configuration needs.
     pub fn fit_to_budget(&self, budget: usize) -> Result<StrategyConfig, String> {
         if self.seed_list.is_some() {
             return Err(
@@ -334,28 +353,6 @@ impl StrategyConfig {
             budget_nfe: Some(budget),
             ..config
         };
-        if self.kind == StrategyKind::Adaptive {
-            // Any N fits (the cap is checked at run time); more than this could never be
-            // probed, as each wave keeps room for one completion.
-            let completion = self.steps.saturating_sub(self.probe_steps);
-            let probe = self.probe_steps.max(1);
-            let n = (budget.saturating_sub(completion) / probe).min(MAX_SEEDS);
-            if budget < self.steps || n == 0 {
-                return Err(format!(
-                    "budget {budget} NFE is less than one seed probed and completed ({} steps)",
-                    self.steps
-                ));
-            }
-            let config = capped(StrategyConfig {
-                wave: self.wave.min(n),
-                keep: self.keep.min(n),
-                ..with(n)
-            });
-            return config
-                .check(&ValueSource::Program)
-                .map(|_| config)
-                .map_err(|e| e.to_string());
-        }
         if self.kind == StrategyKind::Random {
             return if self.steps <= budget {
                 Ok(capped(with(1)))
@@ -551,7 +548,8 @@ pub struct StrategyOverrides {
 
 impl StrategyOverrides {
     /// `base` with every value given here replacing its own. A `random` strategy spawns one
-    /// candidate, so its N is 1 unless a seed list says otherwise.
+    /// candidate, so its N is 1 unless a seed list says otherwise; switching to `adaptive`
+    /// without an M takes [`DEFAULT_ADAPTIVE_KEEP`].
     pub fn apply(&self, base: &StrategyConfig) -> StrategyConfig {
         let mut s = base.clone();
         if let Some(kind) = self.strategy {
@@ -576,6 +574,9 @@ impl StrategyOverrides {
         s.target = self.target.unwrap_or(s.target);
         if s.kind == StrategyKind::Random && s.seed_list.is_none() {
             s.seeds = 1;
+        }
+        if s.kind == StrategyKind::Adaptive && self.keep.is_none() && base.kind != s.kind {
+            s.keep = DEFAULT_ADAPTIVE_KEEP;
         }
         s
     }
@@ -637,6 +638,7 @@ mod tests {
             StrategyKind::EarlyFilter,
             StrategyKind::Tournament,
             StrategyKind::SuccessiveHalving,
+            StrategyKind::Adaptive,
         ] {
             for budget in [100, 124, 300, 1000, 5000] {
                 let Ok(c) = fit(kind, budget) else { continue };
@@ -644,6 +646,7 @@ mod tests {
                 assert!(c.planned_nfe() <= budget, "{kind:?} {budget}");
                 let more = StrategyConfig {
                     seeds: c.seeds + 1,
+                    budget_nfe: None,
                     ..c.clone()
                 };
                 assert!(
@@ -657,15 +660,21 @@ mod tests {
             ..cfg(StrategyKind::BestOfN)
         };
         assert!(listed.fit_to_budget(500).is_err());
-        // Adaptive keeps the budget as its cap, with as many seeds as it could probe while
-        // keeping room for one completion: (124 - 46) / 4 = 19.
-        let a = fit(StrategyKind::Adaptive, 124).unwrap();
-        assert_eq!((a.seeds, a.budget_nfe, a.wave), (19, Some(124), 4));
+        // Adaptive, waves of 4 with M = 1: N*4 + ceil(N/4)*46 <= 124 -> N = 8 (two waves).
+        let adaptive = |budget| {
+            StrategyConfig {
+                keep: 1,
+                ..cfg(StrategyKind::Adaptive)
+            }
+            .fit_to_budget(budget)
+        };
+        let a = adaptive(124).unwrap();
+        assert_eq!((a.seeds, a.budget_nfe), (8, Some(124)));
         assert_eq!(a.planned_nfe(), 124);
-        let one = fit(StrategyKind::Adaptive, 50).unwrap();
-        assert_eq!((one.seeds, one.wave), (1, 1));
-        let err = fit(StrategyKind::Adaptive, 49).unwrap_err();
-        assert!(err.contains("one seed probed and completed"), "{err}");
+        assert_eq!(adaptive(200).unwrap().seeds, 12);
+        // The smallest: one wave of 4 and a completion, 62.
+        let err = adaptive(61).unwrap_err();
+        assert!(err.contains("62 NFE with 4 seeds"), "{err}");
         // Every fitted configuration records its budget and passes the check.
         let ef = fit(StrategyKind::EarlyFilter, 124).unwrap();
         assert_eq!(ef.budget_nfe, Some(124));
@@ -702,8 +711,10 @@ mod tests {
         };
         let e = ef.check(&ValueSource::Flags).unwrap_err();
         assert!(e.message.contains("planned NFE (124 NFE)"), "{e}");
-        // Without a budget, adaptive's most is best-of-N's.
-        assert_eq!(a(4, 8.0, None).planned_nfe(), 8 * 50);
+        // Without a budget, adaptive's most: 2 waves of 4 probed, M = 2 completed per wave.
+        assert_eq!(a(4, 8.0, None).planned_nfe(), 8 * 4 + 4 * 46);
+        assert_eq!(a(1, 8.0, None).planned_nfe(), 8 * 50);
+        assert_eq!(a(4, 8.0, Some(100)).planned_nfe(), 100);
     }
 
     fn cfg(kind: StrategyKind) -> StrategyConfig {

@@ -44,11 +44,36 @@ pub enum DatasetSpec {
         /// First scene seed.
         #[serde(default = "default_first_scene")]
         first_scene: u64,
+        /// Outcome contrast of the testbed generator (a preset `sharp`, `soft`, `loose` or a
+        /// number in (0, 1]); when given it replaces `--testbed-contrast`.
+        #[serde(
+            default,
+            deserialize_with = "contrast_preset",
+            skip_serializing_if = "Option::is_none"
+        )]
+        contrast: Option<f32>,
     },
 }
 
 fn default_first_scene() -> u64 {
     1000
+}
+
+/// Reads a contrast written as a preset name or a number.
+fn contrast_preset<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Preset(String),
+        Number(f64),
+    }
+    let parse = crate::generate::testbed::PreviewReliability::parse_contrast;
+    match Option::<Written>::deserialize(d)? {
+        None => Ok(None),
+        Some(Written::Preset(name)) => parse(&name).map(Some),
+        Some(Written::Number(x)) => parse(&x.to_string()).map(Some),
+    }
+    .map_err(|e| serde::de::Error::custom(format!("contrast: {e}")))
 }
 
 /// Filtering and sub-sampling applied after loading.
@@ -79,7 +104,9 @@ pub fn load(spec: &DatasetSpec, selection: &Selection) -> Result<Vec<EvalItem>, 
         DatasetSpec::GeditBench { path, language } => {
             parquet::load(path, parquet::Layout::GeditBench, language.as_deref())?
         }
-        DatasetSpec::Testbed { edits, first_scene } => (0..*edits as u64)
+        DatasetSpec::Testbed {
+            edits, first_scene, ..
+        } => (0..*edits as u64)
             .map(|i| {
                 let seed = first_scene.wrapping_add(i);
                 let scene = testbed::SceneEdit::generate(seed);
@@ -239,6 +266,7 @@ mod tests {
         let spec = DatasetSpec::Testbed {
             edits: 12,
             first_scene: 0,
+            contrast: None,
         };
         let all = load(&spec, &Selection::default()).unwrap();
         assert_eq!(all.len(), 12);

@@ -9,6 +9,7 @@
 pub mod dataset;
 pub mod item;
 pub mod parquet;
+pub mod plot;
 pub mod report;
 pub mod runner;
 pub mod stats;

@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::plot::{write_plot, Family, PlotSpec, Point};
 use super::stats::{
     bootstrap_mean, mean, paired_t_test, win_tie_loss, Estimate, PairedTest, WinTieLoss,
 };
@@ -41,6 +41,9 @@ pub struct ArmSummary {
     pub selection_overall: Option<f64>,
     /// Testbed: fraction of returned edits that are the correct outcome.
     pub correct_rate: Option<f64>,
+    /// Testbed: the same with its 95% bootstrap interval.
+    #[serde(default)]
+    pub correct: Option<Estimate>,
     /// NFE per item.
     pub nfe: f64,
     /// Judge calls per item (selection + evaluation).
@@ -201,6 +204,7 @@ pub fn build(suite: &Suite, results: &[ArmResult], arm_order: &[String]) -> Eval
             pq: bootstrap_mean(&pick(&|s| s.pq), suite.resamples, 0.95, s_seed + 2000),
             selection_overall: (!selection.is_empty()).then(|| mean(&selection)),
             correct_rate: (!correct.is_empty()).then(|| mean(&correct)),
+            correct: bootstrap_mean(&correct, suite.resamples, 0.95, s_seed + 3000),
             nfe: per(&|r| r.nfe as f64),
             judge_calls: per(&|r| r.judge_calls as f64),
             judge_failures: per(&|r| r.judge_failures as f64),
@@ -304,7 +308,15 @@ impl EvalReport {
                 wtl
             ));
             if testbed {
-                md.push_str(&format!(" {:.1}% |", 100.0 * a.correct_rate.unwrap_or(0.0)));
+                md.push_str(&match a.correct {
+                    Some(c) => format!(
+                        " {:.1}% [{:.1}, {:.1}] |",
+                        100.0 * c.mean,
+                        100.0 * c.lo,
+                        100.0 * c.hi
+                    ),
+                    None => " - |".into(),
+                });
             }
             if !self.same_judge {
                 md.push_str(&format!(
@@ -356,106 +368,71 @@ impl EvalReport {
             }
         }
         md.push_str("\n![mean VIE O against NFE per item](score_vs_nfe.svg)\n");
+        if testbed {
+            md.push_str("\n![correct-outcome rate against NFE per item](correct_vs_nfe.svg)\n");
+        }
         md
     }
 
-    /// Writes the score-vs-NFE plot (mean O with its interval per arm; derived best-of-n
-    /// prefixes joined as a curve).
-    pub fn plot(&self, path: &Path) -> anyhow::Result<()> {
-        let points: Vec<(&ArmSummary, Estimate)> = self
-            .arms
-            .iter()
-            .filter_map(|a| Some((a, a.overall?)))
-            .collect();
-        if points.is_empty() {
-            return Ok(());
+    /// The strategy family of an arm (derived best-of-n prefixes are best-of-N; `random`
+    /// read from best-of-N's candidate 0 is random).
+    pub fn family(&self, arm: &ArmSummary) -> Option<Family> {
+        if let Some(own) = self.strategies.get(&arm.arm) {
+            return Some(Family::of(own.kind));
         }
-        let max_nfe = points.iter().map(|(a, _)| a.nfe).fold(1.0, f64::max) * 1.1;
-        let lo = points
+        let source = arm.derived_from.as_deref()?;
+        Some(Family::of(self.strategies.get(source)?.kind))
+    }
+
+    /// Plot points of every arm with a value, scaled by `scale`.
+    fn points(&self, value: fn(&ArmSummary) -> Option<Estimate>, scale: f64) -> Vec<Point> {
+        self.arms
             .iter()
-            .map(|(_, e)| e.lo)
-            .fold(f64::INFINITY, f64::min)
-            .floor()
-            .max(0.0);
-        let hi = points
-            .iter()
-            .map(|(_, e)| e.hi)
-            .fold(0.0, f64::max)
-            .ceil()
-            .min(10.0)
-            .max(lo + 1.0);
-        let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                format!("{}: mean VIE O vs NFE per item", self.suite.name),
-                ("sans-serif", 18),
-            )
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(44)
-            .build_cartesian_2d(0f64..max_nfe, lo..hi)?;
-        chart
-            .configure_mesh()
-            .x_desc("NFE per item")
-            .y_desc("mean VIE O (95% CI)")
-            .draw()?;
-        let palette = [&BLUE, &RED, &GREEN, &MAGENTA, &CYAN, &BLACK];
-        // Each best-of-N arm with its prefixes (and random, its n = 1) as one curve.
-        for (c, bon) in self
-            .arms
-            .iter()
-            .filter(|a| {
-                self.arms
-                    .iter()
-                    .any(|b| b.derived_from.as_deref() == Some(&a.arm))
+            .filter_map(|a| {
+                let v = value(a)?;
+                Some(Point {
+                    arm: a.arm.clone(),
+                    family: self.family(a)?,
+                    nfe: a.nfe,
+                    value: Estimate {
+                        mean: v.mean * scale,
+                        lo: v.lo * scale,
+                        hi: v.hi * scale,
+                        n: v.n,
+                    },
+                })
             })
-            .enumerate()
-        {
-            let mut curve: Vec<(f64, f64)> = points
-                .iter()
-                .filter(|(a, _)| a.arm == bon.arm || a.derived_from.as_deref() == Some(&bon.arm))
-                .map(|(a, e)| (a.nfe, e.mean))
-                .collect();
-            curve.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let colour = palette[c % palette.len()];
-            chart
-                .draw_series(LineSeries::new(curve, colour))?
-                .label(format!("{} (prefixes)", bon.arm))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
-        }
-        for (i, (a, e)) in points.iter().enumerate() {
-            let colour = palette[(i + 1) % palette.len()];
-            chart.draw_series(std::iter::once(PathElement::new(
-                vec![(a.nfe, e.lo), (a.nfe, e.hi)],
-                colour,
-            )))?;
-            chart.draw_series(std::iter::once(Circle::new(
-                (a.nfe, e.mean),
-                4,
-                colour.filled(),
-            )))?;
-            if a.derived_from.is_none() {
-                chart.draw_series(std::iter::once(Text::new(
-                    a.arm.clone(),
-                    (a.nfe, e.mean),
-                    ("sans-serif", 12),
-                )))?;
-            }
-        }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()?;
-        root.present()?;
-        Ok(())
+            .collect()
+    }
+
+    /// Writes `score_vs_nfe.svg` (mean VIE O) and, on the testbed, `correct_vs_nfe.svg`
+    /// (correct-outcome rate), each with its Pareto front (see [`super::plot`]).
+    pub fn plot(&self, out: &Path) -> anyhow::Result<()> {
+        let name = &self.suite.name;
+        write_plot(
+            &PlotSpec {
+                title: format!("{name}: mean VIE O against NFE per item"),
+                y_desc: "mean VIE O, evaluation judge (95% CI)",
+                percent: false,
+            },
+            &self.points(|a| a.overall, 1.0),
+            &out.join("score_vs_nfe.svg"),
+        )?;
+        write_plot(
+            &PlotSpec {
+                title: format!("{name}: correct-outcome rate against NFE per item"),
+                y_desc: "correct outcome, % of items (95% CI)",
+                percent: true,
+            },
+            &self.points(|a| a.correct, 100.0),
+            &out.join("correct_vs_nfe.svg"),
+        )
     }
 
     /// Writes `results.json`, `report.md` and `score_vs_nfe.svg` under `out`.
     pub fn write(&self, out: &Path) -> anyhow::Result<()> {
         crate::fsio::write_atomic(&out.join("results.json"), &serde_json::to_vec_pretty(self)?)?;
         crate::fsio::write_atomic(&out.join("report.md"), self.markdown().as_bytes())?;
-        self.plot(&out.join("score_vs_nfe.svg"))
+        self.plot(out)
     }
 }

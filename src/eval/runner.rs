@@ -5,6 +5,7 @@
 //! seed and schedule: the identical trajectory), and best-of-n for every n < N is read from
 //! the same best-of-N run (the first n candidates, picked by the selection judge's VIE O).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use image::RgbImage;
@@ -13,8 +14,9 @@ use super::item::{EvalItem, ItemSource};
 use super::store::{ArmResult, EvalScore, ResultStore, Scores};
 use super::suite::{Arm, Suite};
 use crate::edit::EditContext;
+use crate::engine::budget::BudgetPool;
 use crate::engine::report::{EditReport, VieRecord};
-use crate::engine::{EditJob, Engine, Silent, StrategyKind};
+use crate::engine::{EditJob, Engine, Silent, StrategyConfig, StrategyKind};
 use crate::judge::{vie_pair, Judge};
 use crate::models::testbed::{self, OutcomeLabel};
 use crate::stop::StopSignal;
@@ -227,9 +229,26 @@ pub async fn run_suite(
     // Best-of-N arms first, so random and the prefixes can be read from them.
     let mut order: Vec<&Arm> = suite.arms.iter().collect();
     order.sort_by_key(|a| suite.config(a).kind != StrategyKind::BestOfN);
+    // Under a mean budget each adaptive arm shares items x budget across its items.
+    let mut pools: HashMap<&str, BudgetPool> = HashMap::new();
+    if let Some(budget) = suite.budget_nfe_mean {
+        for arm in &suite.arms {
+            let config = suite.config(arm);
+            if config.kind == StrategyKind::Adaptive {
+                let pool = BudgetPool::new(items.len(), budget, config.first_wave_nfe())
+                    .map_err(|e| anyhow::anyhow!("arm `{}`: {e}", arm.name))?;
+                pools.insert(arm.name.as_str(), pool);
+            }
+        }
+    }
     for item in items {
         if ctx.stop.is_set() {
             break;
+        }
+        for (arm, pool) in &pools {
+            if let Some(done) = store.result(&item.id, arm) {
+                pool.already_spent(done.nfe);
+            }
         }
         let pending: Vec<&Arm> = order
             .iter()
@@ -282,12 +301,30 @@ pub async fn run_suite(
                 }
             }
             if records.is_empty() {
+                // An adaptive arm under a mean budget: this item's share, its N cut to fit.
+                let allowance = pools
+                    .get(arm.name.as_str())
+                    .map(|p| p.start_item(config.planned_nfe()));
+                let strategy = match allowance {
+                    Some(a) if a.nfe < config.planned_nfe() => config
+                        .fit_to_budget(a.nfe)
+                        .map_err(|e| anyhow::anyhow!("arm `{}`: {e}", arm.name))?,
+                    Some(a) => StrategyConfig {
+                        budget_nfe: Some(a.nfe),
+                        ..config.clone()
+                    },
+                    None => config.clone(),
+                };
                 let job = EditJob {
                     edit: edit.clone(),
-                    strategy: config.clone(),
+                    strategy,
                     init_latents: Vec::new(),
                 };
-                match ctx.engine.run(job, Arc::new(Silent)).await {
+                let outcome = ctx.engine.run(job, Arc::new(Silent)).await;
+                if let (Some(pool), Some(a)) = (pools.get(arm.name.as_str()), allowance) {
+                    pool.settle(a, outcome.as_ref().map_or(0, |r| r.nfe.total));
+                }
+                match outcome {
                     Ok(report) => {
                         records.push(from_report(item, &arm.name, &report, &scorer).await);
                         if config.kind == StrategyKind::BestOfN {

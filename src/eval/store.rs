@@ -104,6 +104,13 @@ impl ResultStore {
         self.done.contains(&(item.to_string(), arm.to_string()))
     }
 
+    /// The finished result of (item, arm), if any.
+    pub fn result(&self, item: &str, arm: &str) -> Option<&ArmResult> {
+        self.results
+            .iter()
+            .find(|r| r.item == item && r.arm == arm && r.error.is_none())
+    }
+
     /// Appends records durably (fsync before they count); already-done ones are skipped.
     pub fn append(&mut self, records: Vec<ArmResult>) -> std::io::Result<()> {
         let fresh: Vec<ArmResult> = records

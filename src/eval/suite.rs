@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::dataset::{DatasetSpec, Selection};
-use crate::engine::{StrategyConfig, StrategyKind, StrategyOverrides, ValueSource};
+use crate::engine::{Seeds, StrategyConfig, StrategyKind, StrategyOverrides, ValueSource};
 use crate::error::EditError;
 
 /// One strategy arm of a suite: a name and the strategy values that differ from the
@@ -35,6 +35,82 @@ fn default_resamples() -> usize {
 }
 fn testbed() -> String {
     "testbed".into()
+}
+
+/// A parameter grid: one arm per combination of the values listed (a key left out takes
+/// the suite's default). Combinations the strategy refuses (M above N, a wave above N, k
+/// not below the steps) are left out, and so are names an earlier arm already has. Arms are
+/// named by family: `best-of-N`, `early-filter-N-k-M`, `tournament-N-k`,
+/// `successive-halving-N-k-M`, `adaptive-N-k-M-wW-tT`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grid {
+    /// The strategy family.
+    pub strategy: StrategyKind,
+    /// Values of N.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<usize>,
+    /// Values of k.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probe_steps: Vec<usize>,
+    /// Values of M.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<usize>,
+    /// Adaptive: wave sizes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wave: Vec<usize>,
+    /// Adaptive: target VIE O values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target: Vec<f32>,
+}
+
+/// `values` as options, or one `None` (the default) when the list is empty.
+fn each<T: Copy>(values: &[T]) -> Vec<Option<T>> {
+    if values.is_empty() {
+        vec![None]
+    } else {
+        values.iter().copied().map(Some).collect()
+    }
+}
+
+impl Grid {
+    /// Every combination as overrides, in the order the lists give them.
+    fn combinations(&self) -> Vec<StrategyOverrides> {
+        let mut out = Vec::new();
+        for seeds in each(&self.seeds) {
+            for probe_steps in each(&self.probe_steps) {
+                for keep in each(&self.keep) {
+                    for wave in each(&self.wave) {
+                        for target in each(&self.target) {
+                            out.push(StrategyOverrides {
+                                strategy: Some(self.strategy),
+                                seeds: seeds.map(Seeds::Count),
+                                probe_steps,
+                                keep,
+                                wave,
+                                target,
+                                ..StrategyOverrides::default()
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The name a grid gives a strategy: its family and the parameters that family uses.
+pub fn grid_arm_name(c: &StrategyConfig) -> String {
+    let (n, k, m) = (c.candidate_count(), c.probe_steps, c.keep);
+    match c.kind {
+        StrategyKind::Random => "random".into(),
+        StrategyKind::BestOfN => format!("best-of-{n}"),
+        StrategyKind::EarlyFilter => format!("early-filter-{n}-{k}-{m}"),
+        StrategyKind::Tournament => format!("tournament-{n}-{k}"),
+        StrategyKind::SuccessiveHalving => format!("successive-halving-{n}-{k}-{m}"),
+        StrategyKind::Adaptive => format!("adaptive-{n}-{k}-{m}-w{}-t{}", c.wave, c.target),
+    }
 }
 
 /// A judge as a suite names it: `testbed` or a preset path (relative to the suite file).
@@ -73,7 +149,17 @@ pub struct Suite {
     #[serde(default)]
     pub base_seed: Option<u64>,
     /// The arms; the first `random` arm is the baseline of the paired comparisons.
+    #[serde(default)]
     pub arms: Vec<Arm>,
+    /// Parameter grids, each expanded into one arm per valid combination (after `arms`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grid: Vec<Grid>,
+    /// A mean compute budget per item, in NFE, for every arm (`--budget-nfe-mean` replaces
+    /// it): fixed strategies are sized to it per item ([`StrategyConfig::fit_to_budget`]);
+    /// adaptive arms share `items x budget` across the items (see
+    /// [`crate::engine::budget::BudgetPool`]), never more than their own N per item.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_nfe_mean: Option<usize>,
     /// The judge used inside the strategies (screening, comparing, picking).
     pub selection_judge: JudgeSpec,
     /// The judge that scores the returned edits; defaults to the selection judge (biased:
@@ -110,8 +196,60 @@ impl Suite {
                 judge.judge = p.display().to_string();
             }
         }
+        suite.expand_grids().map_err(bad)?;
         suite.validate().map_err(bad)?;
         Ok(suite)
+    }
+
+    /// Appends the arms of every grid (see [`Grid`]).
+    pub fn expand_grids(&mut self) -> Result<(), String> {
+        for (g, grid) in self.grid.clone().iter().enumerate() {
+            let mut added = 0;
+            for overrides in grid.combinations() {
+                let config = overrides.apply(&self.base_strategy());
+                let name = grid_arm_name(&config);
+                if config.validate().is_err() || self.arms.iter().any(|a| a.name == name) {
+                    continue;
+                }
+                self.arms.push(Arm {
+                    name,
+                    overrides,
+                    unknown: BTreeMap::new(),
+                });
+                added += 1;
+            }
+            if added == 0 {
+                return Err(format!(
+                    "grid {} ({}): no combination is a valid new arm",
+                    g + 1,
+                    grid.strategy.name()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Arm `arm`'s strategy under the suite's mean budget, when there is one: fixed
+    /// strategies sized to it; adaptive left as it is (its budget is shared per item by the
+    /// runner). Errors name the arm.
+    pub fn budgeted_config(&self, arm: &Arm) -> Result<StrategyConfig, String> {
+        let config = arm.overrides.apply(&self.base_strategy());
+        match self.budget_nfe_mean {
+            Some(budget) if config.kind == StrategyKind::Adaptive => {
+                let floor = config.first_wave_nfe();
+                if budget < floor {
+                    return Err(format!(
+                        "arm `{}`: budget_nfe_mean {budget} is less than one wave and its completions need ({floor} NFE)",
+                        arm.name
+                    ));
+                }
+                Ok(config)
+            }
+            Some(budget) => config
+                .fit_to_budget(budget)
+                .map_err(|e| format!("arm `{}`: budget_nfe_mean {budget}: {e}", arm.name)),
+            None => Ok(config),
+        }
     }
 
     /// Checks arm names and parameters.
@@ -128,7 +266,10 @@ impl Suite {
                 self.resamples
             ));
         }
-        if let DatasetSpec::Testbed { edits, first_scene } = &self.dataset {
+        if let DatasetSpec::Testbed {
+            edits, first_scene, ..
+        } = &self.dataset
+        {
             if !(1..=100_000).contains(edits) {
                 return Err(format!(
                     "dataset.edits {edits} must be between 1 and 100000"
@@ -150,19 +291,23 @@ impl Suite {
             }
             if let Some(key) = arm.unknown.keys().next() {
                 return Err(format!(
-                    "arm `{}`: unknown key `{key}` (expected name, strategy, seeds, probe_steps, keep, steps, seed)",
+                    "arm `{}`: unknown key `{key}` (expected name, strategy, seeds, probe_steps, keep, steps, seed, wave, target)",
                     arm.name
                 ));
             }
             if arm.overrides.strategy.is_none() {
                 return Err(format!(
-                    "arm `{}`: missing `strategy` (random, best-of-n, early-filter, tournament or successive-halving)",
+                    "arm `{}`: missing `strategy` (random, best-of-n, early-filter, tournament, successive-halving or adaptive)",
                     arm.name
                 ));
             }
             self.config(arm)
                 .check(&ValueSource::SuiteArm(arm.name.clone()))
                 .map_err(|e| e.to_string())?;
+            self.budgeted_config(arm)?;
+        }
+        if self.budget_nfe_mean == Some(0) {
+            return Err("budget_nfe_mean 0 would run nothing".into());
         }
         Ok(())
     }
@@ -178,9 +323,22 @@ impl Suite {
         .apply(&StrategyConfig::default())
     }
 
-    /// The engine configuration of an arm.
+    /// The engine configuration of an arm: its values over the suite's, and under a mean
+    /// budget a fixed strategy sized to it (see [`Suite::budgeted_config`]).
     pub fn config(&self, arm: &Arm) -> StrategyConfig {
-        arm.overrides.apply(&self.base_strategy())
+        self.budgeted_config(arm)
+            .unwrap_or_else(|_| arm.overrides.apply(&self.base_strategy()))
+    }
+
+    /// The least NFE one item of an adaptive arm needs: one wave and its completions.
+    pub fn adaptive_floor(config: &StrategyConfig) -> usize {
+        StrategyConfig {
+            seeds: config.wave.max(config.keep),
+            seed_list: None,
+            budget_nfe: None,
+            ..config.clone()
+        }
+        .planned_nfe()
     }
 
     /// The judge that scores returned edits.

@@ -66,6 +66,23 @@ impl PreviewReliability {
         }
     }
 
+    /// A contrast as a user writes it: a preset name or a number in (0, 1].
+    pub fn parse_contrast(text: &str) -> Result<f32, String> {
+        if let Some(preset) = Self::from_name(text) {
+            return Ok(preset.contrast());
+        }
+        let names = Self::NAMES.join(", ");
+        match text.trim().parse::<f32>() {
+            Ok(x) if x > 0.0 && x <= 1.0 => Ok(x),
+            Ok(0.0) => Err(format!(
+                "0 is not above 0 (0 would merge all outcomes); give a number in (0, 1] or a preset: {names}"
+            )),
+            _ => Err(format!(
+                "`{text}` is neither a number in (0, 1] (1 = outcome latents as their images give them) nor a preset: {names}"
+            )),
+        }
+    }
+
     /// The outcome contrast it stands for.
     pub fn contrast(self) -> f32 {
         match self {

@@ -64,6 +64,38 @@ impl Session<'_> {
         });
     }
 
+    /// Completes `chosen` (positions of the pool, best first) and scores them, recording
+    /// them on `round`.
+    async fn complete_chosen(
+        &mut self,
+        chosen: Vec<Probed>,
+        round: &mut AdaptiveRound,
+    ) -> Result<(), EngineError> {
+        if chosen.is_empty() {
+            return Ok(());
+        }
+        let steps = self.schedule.steps;
+        let indices: Vec<usize> = chosen.iter().map(|p| p.index).collect();
+        let from = chosen[0].state.step;
+        round.from_pool = indices
+            .iter()
+            .filter(|i| !round.probed.contains(i))
+            .copied()
+            .collect();
+        let states: Vec<CandidateState> = chosen.into_iter().map(|p| p.state).collect();
+        let t = Instant::now();
+        let states = self
+            .advance("complete", self.schedule.clone(), &indices, states, steps)
+            .await?;
+        self.timings.complete_s += t.elapsed().as_secs_f64();
+        let nfe = indices.len() * (steps - from);
+        self.nfe.complete += nfe;
+        round.nfe += nfe;
+        self.finish_and_score(&indices, &states).await?;
+        round.completed = indices;
+        Ok(())
+    }
+
     /// `adaptive`: see the module documentation.
     pub(super) async fn adaptive(
         &mut self,
@@ -73,105 +105,67 @@ impl Session<'_> {
         super::check_init_latents(&init_latents, seeds)?;
         let s = &self.strategy;
         let (k, keep, wave, target) = (s.probe_steps, s.keep, s.wave, s.target);
-        let steps = self.schedule.steps;
-        let completion = steps - k;
+        let completion = self.schedule.steps - k;
         let budget = s.budget_nfe.unwrap_or(usize::MAX);
         let mut given = init_latents.into_iter();
         // Passed screening, not completed yet / did not pass (a last resort only).
         let mut pool: Vec<Probed> = Vec::new();
         let mut rejected: Vec<Probed> = Vec::new();
-        let mut completed: Vec<usize> = Vec::new();
         let mut rounds: Vec<AdaptiveRound> = Vec::new();
-        let mut spent = 0usize;
-        let (stop, stop_detail) = loop {
-            let mut round = AdaptiveRound {
-                probed: Vec::new(),
-                completed: Vec::new(),
-                from_pool: Vec::new(),
-                nfe: 0,
-            };
+        let spent = |rounds: &[AdaptiveRound]| rounds.iter().map(|r| r.nfe).sum::<usize>();
+        let stop = loop {
             let next = self.candidates.len();
-            let size = wave_size(seeds.len() - next, wave, budget - spent, k, completion);
-            if size > 0 {
-                let init: Vec<Tensor> = given.by_ref().take(size).collect();
-                let states = self.spawn(&seeds[next..next + size], init).await?;
-                let indices: Vec<usize> = (next..next + size).collect();
-                let t = Instant::now();
-                let states = self
-                    .advance("probe", self.schedule.clone(), &indices, states, k)
-                    .await?;
-                self.timings.probe_s += t.elapsed().as_secs_f64();
-                self.nfe.probe += size * k;
-                spent += size * k;
-                round.nfe += size * k;
-                self.preview_and_screen(&indices, &states).await?;
-                for (&index, state) in indices.iter().zip(states) {
-                    let passed = self.candidates[index]
-                        .screens
-                        .last()
-                        .and_then(|s| s.verdict.ok())
-                        .is_some_and(|v| v.pass);
-                    let probed = Probed { index, state };
-                    if passed {
-                        pool.push(probed);
-                    } else {
-                        rejected.push(probed);
-                    }
-                }
-                round.probed = indices;
-            }
-
-            // The best passing candidates, pooled or new, as many as M and the budget allow.
-            let affordable = (budget - spent) / completion;
-            self.rank_by_screen(&mut pool);
-            let mut chosen: Vec<Probed> =
-                pool.drain(..keep.min(affordable).min(pool.len())).collect();
-            // Nothing to complete and no wave to probe: the search is over.
-            let over = (chosen.is_empty() && size == 0).then_some(
-                if seeds.len() > next || !pool.is_empty() {
+            let left = budget - spent(&rounds);
+            let size = wave_size(seeds.len() - next, wave, left, k, completion);
+            if size == 0 {
+                let reason = if next < seeds.len() {
                     StopReason::BudgetExhausted
                 } else {
                     StopReason::SeedsExhausted
-                },
-            );
-            if over.is_some() && completed.is_empty() && affordable > 0 && !rejected.is_empty() {
-                // As early-filter does when nothing passes: complete the best-scored anyway.
-                self.rank_by_screen(&mut rejected);
-                chosen.push(rejected.remove(0));
-                self.notes.push(
-                    "no preview passed screening in any wave; completing the best-scored candidate anyway".into(),
-                );
+                };
+                break (reason, String::new());
             }
-
-            if !chosen.is_empty() {
-                let indices: Vec<usize> = chosen.iter().map(|p| p.index).collect();
-                round.from_pool = indices
-                    .iter()
-                    .filter(|i| !round.probed.contains(i))
-                    .copied()
-                    .collect();
-                let states: Vec<CandidateState> = chosen.into_iter().map(|p| p.state).collect();
-                let t = Instant::now();
-                let states = self
-                    .advance("complete", self.schedule.clone(), &indices, states, steps)
-                    .await?;
-                self.timings.complete_s += t.elapsed().as_secs_f64();
-                self.nfe.complete += indices.len() * completion;
-                spent += indices.len() * completion;
-                round.nfe += indices.len() * completion;
-                self.finish_and_score(&indices, &states).await?;
-                completed.extend(&indices);
-                round.completed = indices;
+            let mut round = AdaptiveRound {
+                probed: (next..next + size).collect(),
+                completed: Vec::new(),
+                from_pool: Vec::new(),
+                nfe: size * k,
+            };
+            let init: Vec<Tensor> = given.by_ref().take(size).collect();
+            let states = self.spawn(&seeds[next..next + size], init).await?;
+            let t = Instant::now();
+            let states = self
+                .advance("probe", self.schedule.clone(), &round.probed, states, k)
+                .await?;
+            self.timings.probe_s += t.elapsed().as_secs_f64();
+            self.nfe.probe += size * k;
+            self.preview_and_screen(&round.probed, &states).await?;
+            for (&index, state) in round.probed.iter().zip(states) {
+                let passed = self.candidates[index]
+                    .screens
+                    .last()
+                    .and_then(|s| s.verdict.ok())
+                    .is_some_and(|v| v.pass);
+                let probed = Probed { index, state };
+                if passed {
+                    pool.push(probed);
+                } else {
+                    rejected.push(probed);
+                }
             }
+            // The best passing candidates, pooled or new, as many as M and the budget allow
+            // (the wave was sized to leave room for one).
+            let affordable = (left - size * k) / completion;
+            self.rank_by_screen(&mut pool);
+            let chosen: Vec<Probed> = pool.drain(..keep.min(affordable).min(pool.len())).collect();
+            self.complete_chosen(chosen, &mut round).await?;
             let reached = round
                 .completed
                 .iter()
                 .filter_map(|&i| self.candidates[i].overall().map(|o| (i, o)))
                 .filter(|&(_, o)| o >= target)
                 .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
-            if !(round.probed.is_empty() && round.completed.is_empty()) {
-                rounds.push(round);
-            }
+            rounds.push(round);
             if let Some((index, overall)) = reached {
                 break (
                     StopReason::TargetReached,
@@ -182,32 +176,55 @@ impl Session<'_> {
                     ),
                 );
             }
-            if let Some(reason) = over {
-                let best = completed
+        };
+        let nothing_completed = rounds.iter().all(|r| r.completed.is_empty());
+        let (stop, detail) = match stop {
+            (StopReason::TargetReached, detail) => (StopReason::TargetReached, detail),
+            (reason, _) => {
+                if nothing_completed && !rejected.is_empty() {
+                    // As early-filter does when nothing passes: complete the best-scored one
+                    // (within the budget: every wave kept room for one completion).
+                    self.rank_by_screen(&mut rejected);
+                    let mut round = AdaptiveRound {
+                        probed: Vec::new(),
+                        completed: Vec::new(),
+                        from_pool: Vec::new(),
+                        nfe: 0,
+                    };
+                    self.complete_chosen(vec![rejected.remove(0)], &mut round)
+                        .await?;
+                    rounds.push(round);
+                    self.notes.push(
+                        "no preview passed screening in any wave; completed the best-scored candidate anyway".into(),
+                    );
+                }
+                let best = rounds
                     .iter()
+                    .flat_map(|r| &r.completed)
                     .filter_map(|&i| self.candidates[i].overall())
                     .max_by(f32::total_cmp)
                     .map_or("none scored".to_string(), |o| format!("best VIE O {o:.2}"));
                 let detail = match reason {
                     StopReason::BudgetExhausted => format!(
-                        "{} of {budget} NFE left pays for neither a wave and its completion ({k} + {completion}) nor a completion; {best} < target {target}",
-                        budget - spent
+                        "{} of {budget} NFE left pays for no wave with its completion ({k} + {completion}); {best} < target {target}",
+                        budget - spent(&rounds)
                     ),
                     _ => format!(
-                        "all {} seeds probed and every passing candidate completed; {best} < target {target}",
+                        "all {} seeds probed; {best} < target {target}",
                         seeds.len()
                     ),
                 };
-                break (reason, detail);
+                (reason, detail)
             }
         };
         for p in &pool {
             self.candidates[p.index].status = CandidateStatus::Pooled;
         }
+        let completed: Vec<usize> = rounds.iter().flat_map(|r| r.completed.clone()).collect();
         self.adaptive = Some(AdaptiveRecord {
             rounds,
             stop,
-            stop_detail,
+            stop_detail: detail,
         });
         Ok(self.pick(&completed))
     }
