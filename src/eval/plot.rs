@@ -112,7 +112,9 @@ pub fn write_plot(spec: &PlotSpec, points: &[Point], path: &Path) -> anyhow::Res
     if points.is_empty() {
         return Ok(());
     }
-    let max_nfe = points.iter().map(|p| p.nfe).fold(1.0, f64::max) * 1.08;
+    // NFE on a log axis: cheap arms crowd together on a linear one.
+    let max_nfe = points.iter().map(|p| p.nfe).fold(1.0, f64::max) * 1.15;
+    let min_nfe = points.iter().map(|p| p.nfe).fold(f64::INFINITY, f64::min) * 0.85;
     let lo = points
         .iter()
         .map(|p| p.value.lo)
@@ -123,17 +125,21 @@ pub fn write_plot(spec: &PlotSpec, points: &[Point], path: &Path) -> anyhow::Res
         .fold(f64::NEG_INFINITY, f64::max);
     let pad = ((hi - lo) * 0.06).max(if spec.percent { 5.0 } else { 0.05 });
     let (lo, hi) = (lo - pad, hi + pad);
-    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    let front = pareto_front(points);
+    // The front's arms are numbered on the plot and named in a key below it.
+    let key_rows = front.len().div_ceil(2) as u32;
+    let root = SVGBackend::new(path, (960, 600 + 28 + 18 * key_rows)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
+    let (plot_area, key_area) = root.split_vertically(600);
+    let mut chart = ChartBuilder::on(&plot_area)
         .caption(&spec.title, ("sans-serif", 20))
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..max_nfe, lo..hi)?;
+        .build_cartesian_2d((min_nfe..max_nfe).log_scale(), lo..hi)?;
     chart
         .configure_mesh()
-        .x_desc("mean NFE per item (transformer forwards)")
+        .x_desc("mean NFE per item (transformer forwards, log scale)")
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| {
             if spec.percent {
@@ -152,17 +158,20 @@ pub fn write_plot(spec: &PlotSpec, points: &[Point], path: &Path) -> anyhow::Res
         let y = r.value.mean;
         chart
             .draw_series(DashedLineSeries::new(
-                vec![(0.0, y), (max_nfe, y)],
+                vec![(min_nfe, y), (max_nfe, y)],
                 6,
                 4,
                 BLACK.mix(0.6).stroke_width(1),
             ))?
-            .label(format!("random baseline ({y:.2})"))
+            .label(if spec.percent {
+                format!("random baseline ({y:.1}%)")
+            } else {
+                format!("random baseline ({y:.2})")
+            })
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.6)));
     }
 
     // The Pareto front, under the points.
-    let front = pareto_front(points);
     let front_line: Vec<(f64, f64)> = front
         .iter()
         .map(|&i| (points[i].nfe, points[i].value.mean))
@@ -190,6 +199,7 @@ pub fn write_plot(spec: &PlotSpec, points: &[Point], path: &Path) -> anyhow::Res
             p.family.colour().mix(0.45),
         )))?;
     }
+    let families_count = families.len();
     for family in families {
         let members: Vec<&Point> = points.iter().filter(|p| p.family == family).collect();
         let at: Vec<(f64, f64)> = members.iter().map(|p| (p.nfe, p.value.mean)).collect();
@@ -229,59 +239,121 @@ pub fn write_plot(spec: &PlotSpec, points: &[Point], path: &Path) -> anyhow::Res
         };
     }
 
-    // Labels for the front's arms, each moved down (then up) until it overlaps no other
-    // label and no marker; a moved label gets a leader line to its point.
+    // The front's numbers, each at the first spot around its point that overlaps no other
+    // number, marker or interval and stays inside the plot.
+    let ((x0, y0), (x1, y1)) = (
+        chart.backend_coord(&(min_nfe, hi)),
+        chart.backend_coord(&(max_nfe, lo)),
+    );
     let mut placed: Vec<(i32, i32, i32, i32)> = points
         .iter()
         .map(|p| {
-            let (x, y) = chart.backend_coord(&(p.nfe, p.value.mean));
-            (x - 7, y - 7, x + 7, y + 7)
+            // The marker and its interval bar.
+            let (x, top) = chart.backend_coord(&(p.nfe, p.value.hi));
+            let (_, bottom) = chart.backend_coord(&(p.nfe, p.value.lo));
+            (x - 6, top.min(bottom) - 6, x + 6, top.max(bottom) + 6)
         })
         .collect();
-    let (char_w, line_h) = (7, 15);
-    for &i in &front {
+    let line_h = 14;
+    for (number, &i) in front.iter().enumerate() {
         let p = &points[i];
         let (px, py) = chart.backend_coord(&(p.nfe, p.value.mean));
-        let label = format!("{} ({:.0})", p.arm, p.nfe);
-        let w = label.len() as i32 * char_w;
-        // Right of the point, or left of it near the right edge.
-        let x = if px + 10 + w > 940 {
-            px - 10 - w
-        } else {
-            px + 10
+        let label = (number + 1).to_string();
+        let w = 8 * label.len() as i32;
+        let free = |(x, y): (i32, i32), placed: &[(i32, i32, i32, i32)]| {
+            x >= x0
+                && x + w <= x1
+                && y >= y0
+                && y + line_h <= y1
+                && placed
+                    .iter()
+                    .all(|&(a0, b0, a1, b1)| x + w < a0 || x > a1 || y + line_h < b0 || y > b1)
         };
-        let free = |y: i32, placed: &[(i32, i32, i32, i32)]| {
-            placed
-                .iter()
-                .all(|&(x0, y0, x1, y1)| x + w < x0 || x > x1 || y + line_h < y0 || y > y1)
-        };
-        let mut y = py - line_h / 2;
-        let mut step: i32 = 0;
-        while !free(y, &placed) && step < 40 {
-            step += 1;
-            y = if step % 2 == 1 {
-                py - line_h / 2 + line_h * ((step + 1) / 2)
-            } else {
-                py - line_h / 2 - line_h * (step / 2)
-            };
-        }
-        placed.push((x, y, x + w, y + line_h));
-        if step > 0 {
-            let end = if x > px { x - 2 } else { x + w + 2 };
-            root.draw(&PathElement::new(
-                vec![(px, py), (end, y + line_h / 2)],
+        // Rings of spots around the point, nearest first.
+        let spot = (1..=12)
+            .flat_map(|r: i32| {
+                let d = 9 * r;
+                [
+                    (px + d, py - line_h / 2),
+                    (px - d - w, py - line_h / 2),
+                    (px - w / 2, py - d - line_h),
+                    (px - w / 2, py + d),
+                    (px + d, py - d - line_h),
+                    (px - d - w, py + d),
+                    (px + d, py + d),
+                    (px - d - w, py - d - line_h),
+                ]
+            })
+            .find(|&spot| free(spot, &placed))
+            .unwrap_or((px + 8, py - line_h / 2));
+        placed.push((spot.0, spot.1, spot.0 + w, spot.1 + line_h));
+        let far = (spot.0 - px).abs() > 20 || (spot.1 - py).abs() > 20;
+        if far {
+            plot_area.draw(&PathElement::new(
+                vec![(px, py), (spot.0 + w / 2, spot.1 + line_h / 2)],
                 p.family.colour().mix(0.5),
             ))?;
         }
-        root.draw(&Text::new(
+        plot_area.draw(&Text::new(
             label,
-            (x, y),
-            ("sans-serif", 12).into_font().color(&p.family.colour()),
+            spot,
+            ("sans-serif", 13).into_font().color(&p.family.colour()),
         ))?;
     }
+    // The key: each front arm by number, with its NFE and value.
+    key_area.draw(&Text::new(
+        "Pareto front, cheapest first:",
+        (20, 6),
+        ("sans-serif", 13).into_font(),
+    ))?;
+    for (number, &i) in front.iter().enumerate() {
+        let p = &points[i];
+        let value = if spec.percent {
+            format!("{:.1}%", p.value.mean)
+        } else {
+            format!("{:.2}", p.value.mean)
+        };
+        let (col, row) = ((number % 2) as i32, (number / 2) as i32);
+        key_area.draw(&Text::new(
+            format!("{}  {}: {:.0} NFE, {value}", number + 1, p.arm, p.nfe),
+            (20 + 470 * col, 26 + 18 * row),
+            ("sans-serif", 13).into_font().color(&p.family.colour()),
+        ))?;
+    }
+    // The legend goes to the corner of the plot area with the fewest markers and numbers.
+    let (legend_w, legend_h) = (300, 24 + 17 * (families_count as i32 + 2));
+    let corners = [
+        (
+            SeriesLabelPosition::LowerRight,
+            (x1 - legend_w, y1 - legend_h, x1, y1),
+        ),
+        (
+            SeriesLabelPosition::UpperLeft,
+            (x0, y0, x0 + legend_w, y0 + legend_h),
+        ),
+        (
+            SeriesLabelPosition::LowerLeft,
+            (x0, y1 - legend_h, x0 + legend_w, y1),
+        ),
+        (
+            SeriesLabelPosition::UpperRight,
+            (x1 - legend_w, y0, x1, y0 + legend_h),
+        ),
+    ];
+    let covered = |(a0, b0, a1, b1): (i32, i32, i32, i32)| {
+        placed
+            .iter()
+            .filter(|&&(x, y, xe, ye)| xe >= a0 && x <= a1 && ye >= b0 && y <= b1)
+            .count()
+    };
+    let position = corners
+        .into_iter()
+        .min_by_key(|&(_, rect)| covered(rect))
+        .map(|(p, _)| p)
+        .expect("four corners");
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(position)
         .label_font(("sans-serif", 13))
         .border_style(BLACK.mix(0.4))
         .background_style(WHITE.mix(0.9))
@@ -350,11 +422,11 @@ mod tests {
             "adaptive",
             "random baseline (6.00)",
             "Pareto front",
-            "adaptive-8-4-1-w4-t8 (72)",
+            "adaptive-8-4-1-w4-t8: 72 NFE",
         ] {
             assert!(svg.contains(needle), "{needle}");
         }
         // early-filter is dominated by adaptive (same O, fewer NFE): not labelled.
-        assert!(!svg.contains("early-filter-8-4-2 (124)"));
+        assert!(!svg.contains("early-filter-8-4-2: 124 NFE"));
     }
 }
