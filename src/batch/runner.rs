@@ -177,7 +177,10 @@ pub async fn run_batch(
                 Ok((strategy, allowance)) => {
                     let result = run_item(&engine, &item, strategy, width, &out).await;
                     if let (Some(p), Some(a)) = (&pool, allowance) {
-                        p.settle(a, result.nfe);
+                        // An edit that failed without a report may have spent part of its
+                        // share before failing: count all of it, so the bound holds.
+                        let unknown = result.status != ItemStatus::Ok && result.nfe == 0;
+                        p.settle(a, if unknown { a.nfe } else { result.nfe });
                     }
                     result
                 }
