@@ -305,15 +305,9 @@ fn budgeted(
         _ => mean,
     };
     let allowance = pool.start_item(most);
-    let fitted = if strategy.kind != StrategyKind::Adaptive {
-        strategy.fit_to_budget(mean.min(allowance.nfe))
-    } else if allowance.nfe < strategy.planned_nfe() {
-        strategy.fit_to_budget(allowance.nfe)
-    } else {
-        Ok(StrategyConfig {
-            budget_nfe: Some(allowance.nfe),
-            ..strategy
-        })
+    let fitted = match strategy.kind {
+        StrategyKind::Adaptive => strategy.held_to(allowance.nfe),
+        _ => strategy.fit_to_budget(mean.min(allowance.nfe)),
     };
     match fitted {
         Ok(s) => Ok((s, Some(allowance))),

@@ -200,7 +200,7 @@ pub enum StopReason {
 
 /// One round of an adaptive search: a wave probed and screened (unless no seeds or budget
 /// were left for one), then the best passing candidates completed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AdaptiveRound {
     /// Candidates spawned, probed and screened this round.
     pub probed: Vec<usize>,

@@ -495,16 +495,29 @@ impl Session<'_> {
     ) -> Result<Option<Pick>, EngineError> {
         let survivors: Vec<CandidateState> = positions.iter().map(|&p| states[p].clone()).collect();
         drop(states);
+        self.complete_and_score(indices, survivors).await?;
+        Ok(self.pick(indices))
+    }
+
+    /// Advances `states` (candidates `indices`, all at one step) to the end of the schedule,
+    /// counting the NFE and time as completion, then decodes and VIE-scores them; returns
+    /// the NFE spent.
+    async fn complete_and_score(
+        &mut self,
+        indices: &[usize],
+        states: Vec<CandidateState>,
+    ) -> Result<usize, EngineError> {
         let t = Instant::now();
         let steps = self.schedule.steps;
-        let from = survivors.first().map_or(steps, |s| s.step);
-        let survivors = self
-            .advance("complete", self.schedule.clone(), indices, survivors, steps)
+        let from = states.first().map_or(steps, |s| s.step);
+        let states = self
+            .advance("complete", self.schedule.clone(), indices, states, steps)
             .await?;
-        self.timings.complete_s = t.elapsed().as_secs_f64();
-        self.nfe.complete = survivors.len() * (steps - from);
-        self.finish_and_score(indices, &survivors).await?;
-        Ok(self.pick(indices))
+        self.timings.complete_s += t.elapsed().as_secs_f64();
+        let nfe = states.len() * (steps - from);
+        self.nfe.complete += nfe;
+        self.finish_and_score(indices, &states).await?;
+        Ok(nfe)
     }
 
     /// `tournament`: the paper's recipe.

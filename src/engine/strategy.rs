@@ -334,6 +334,20 @@ impl StrategyConfig {
         .planned_nfe()
     }
 
+    /// This strategy held to `nfe` (an item's share of a mean budget): sized down by
+    /// [`StrategyConfig::fit_to_budget`] when its most is above `nfe`, else kept with its
+    /// own N; either way with `nfe` as its cap.
+    pub fn held_to(&self, nfe: usize) -> Result<StrategyConfig, String> {
+        if nfe < self.planned_nfe() {
+            self.fit_to_budget(nfe)
+        } else {
+            Ok(StrategyConfig {
+                budget_nfe: Some(nfe),
+                ..self.clone()
+            })
+        }
+    }
+
     /// The strategy sized to a compute budget of `budget` NFE per edit: the largest N
     /// (1 to [`MAX_SEEDS`]) whose [`StrategyConfig::planned_nfe`] is at most `budget`, with
     /// k, M and the schedule as given. `random` spends `steps` NFE whatever N, so it fits

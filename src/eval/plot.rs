@@ -10,57 +10,37 @@ use plotters::prelude::*;
 use super::stats::Estimate;
 use crate::engine::StrategyKind;
 
-/// A strategy family as the plots draw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Family {
-    /// One seed.
-    Random,
-    /// Best-of-N and its prefixes.
-    BestOfN,
-    /// Early-filter.
-    EarlyFilter,
-    /// The paper's tournament.
-    Tournament,
-    /// Successive halving.
-    SuccessiveHalving,
-    /// Adaptive waves.
-    Adaptive,
+/// The strategy families in legend order.
+const FAMILIES: [StrategyKind; 6] = [
+    StrategyKind::Random,
+    StrategyKind::BestOfN,
+    StrategyKind::EarlyFilter,
+    StrategyKind::Tournament,
+    StrategyKind::SuccessiveHalving,
+    StrategyKind::Adaptive,
+];
+
+/// A family's name in the legend.
+fn family_name(family: StrategyKind) -> &'static str {
+    match family {
+        StrategyKind::Random => "random (one seed)",
+        StrategyKind::BestOfN => "best-of-N",
+        StrategyKind::EarlyFilter => "early-filter",
+        StrategyKind::Tournament => "tournament",
+        StrategyKind::SuccessiveHalving => "successive halving",
+        StrategyKind::Adaptive => "adaptive",
+    }
 }
 
-impl Family {
-    /// The family of a strategy.
-    pub fn of(kind: StrategyKind) -> Self {
-        match kind {
-            StrategyKind::Random => Self::Random,
-            StrategyKind::BestOfN => Self::BestOfN,
-            StrategyKind::EarlyFilter => Self::EarlyFilter,
-            StrategyKind::Tournament => Self::Tournament,
-            StrategyKind::SuccessiveHalving => Self::SuccessiveHalving,
-            StrategyKind::Adaptive => Self::Adaptive,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Random => "random (one seed)",
-            Self::BestOfN => "best-of-N",
-            Self::EarlyFilter => "early-filter",
-            Self::Tournament => "tournament",
-            Self::SuccessiveHalving => "successive halving",
-            Self::Adaptive => "adaptive",
-        }
-    }
-
-    /// Colour-blind-safe colours (Okabe-Ito).
-    fn colour(self) -> RGBColor {
-        match self {
-            Self::Random => RGBColor(0, 0, 0),
-            Self::BestOfN => RGBColor(0, 114, 178),
-            Self::EarlyFilter => RGBColor(230, 159, 0),
-            Self::Tournament => RGBColor(0, 158, 115),
-            Self::SuccessiveHalving => RGBColor(204, 121, 167),
-            Self::Adaptive => RGBColor(213, 94, 0),
-        }
+/// A family's colour: colour-blind-safe (Okabe-Ito).
+fn family_colour(family: StrategyKind) -> RGBColor {
+    match family {
+        StrategyKind::Random => RGBColor(0, 0, 0),
+        StrategyKind::BestOfN => RGBColor(0, 114, 178),
+        StrategyKind::EarlyFilter => RGBColor(230, 159, 0),
+        StrategyKind::Tournament => RGBColor(0, 158, 115),
+        StrategyKind::SuccessiveHalving => RGBColor(204, 121, 167),
+        StrategyKind::Adaptive => RGBColor(213, 94, 0),
     }
 }
 
@@ -69,8 +49,8 @@ impl Family {
 pub struct Point {
     /// The arm's name (front points are labelled with it).
     pub arm: String,
-    /// Its strategy family.
-    pub family: Family,
+    /// Its strategy family (best-of-n prefixes are best-of-N).
+    pub family: StrategyKind,
     /// Mean NFE per item.
     pub nfe: f64,
     /// The value with its interval, on the axis' scale.
@@ -154,7 +134,7 @@ pub fn write_plot(spec: &PlotSpec, points: &[Point], path: &Path) -> anyhow::Res
         .draw()?;
 
     // The random baseline across the whole width.
-    if let Some(r) = points.iter().find(|p| p.family == Family::Random) {
+    if let Some(r) = points.iter().find(|p| p.family == StrategyKind::Random) {
         let y = r.value.mean;
         chart
             .draw_series(DashedLineSeries::new(
@@ -190,51 +170,52 @@ pub fn write_plot(spec: &PlotSpec, points: &[Point], path: &Path) -> anyhow::Res
         });
 
     // Intervals, then markers; one legend entry per family.
-    let mut families: Vec<Family> = points.iter().map(|p| p.family).collect();
-    families.sort();
-    families.dedup();
+    let families: Vec<StrategyKind> = FAMILIES
+        .into_iter()
+        .filter(|&f| points.iter().any(|p| p.family == f))
+        .collect();
     for p in points {
         chart.draw_series(std::iter::once(PathElement::new(
             vec![(p.nfe, p.value.lo), (p.nfe, p.value.hi)],
-            p.family.colour().mix(0.45),
+            family_colour(p.family).mix(0.45),
         )))?;
     }
     let families_count = families.len();
     for family in families {
         let members: Vec<&Point> = points.iter().filter(|p| p.family == family).collect();
         let at: Vec<(f64, f64)> = members.iter().map(|p| (p.nfe, p.value.mean)).collect();
-        let colour = family.colour();
+        let colour = family_colour(family);
         // One shape per family, in the plot and in the legend.
         match family {
-            Family::BestOfN => chart
+            StrategyKind::BestOfN => chart
                 .draw_series(
                     at.iter()
                         .map(|&c| Circle::new(c, 4, colour.stroke_width(2))),
                 )?
-                .label(family.name())
+                .label(family_name(family))
                 .legend(move |(x, y)| Circle::new((x + 9, y), 4, colour.stroke_width(2))),
-            Family::EarlyFilter => chart
+            StrategyKind::EarlyFilter => chart
                 .draw_series(
                     at.iter()
                         .map(|&c| TriangleMarker::new(c, 6, colour.filled())),
                 )?
-                .label(family.name())
+                .label(family_name(family))
                 .legend(move |(x, y)| TriangleMarker::new((x + 9, y), 6, colour.filled())),
-            Family::Tournament => chart
+            StrategyKind::Tournament => chart
                 .draw_series(at.iter().map(|&c| {
                     EmptyElement::at(c) + Rectangle::new([(-4, -4), (4, 4)], colour.filled())
                 }))?
-                .label(family.name())
+                .label(family_name(family))
                 .legend(move |(x, y)| {
                     Rectangle::new([(x + 5, y - 4), (x + 13, y + 4)], colour.filled())
                 }),
-            Family::SuccessiveHalving => chart
+            StrategyKind::SuccessiveHalving => chart
                 .draw_series(at.iter().map(|&c| Cross::new(c, 5, colour.stroke_width(2))))?
-                .label(family.name())
+                .label(family_name(family))
                 .legend(move |(x, y)| Cross::new((x + 9, y), 5, colour.stroke_width(2))),
-            Family::Random | Family::Adaptive => chart
+            StrategyKind::Random | StrategyKind::Adaptive => chart
                 .draw_series(at.iter().map(|&c| Circle::new(c, 5, colour.filled())))?
-                .label(family.name())
+                .label(family_name(family))
                 .legend(move |(x, y)| Circle::new((x + 9, y), 5, colour.filled())),
         };
     }
@@ -291,13 +272,15 @@ pub fn write_plot(spec: &PlotSpec, points: &[Point], path: &Path) -> anyhow::Res
         if far {
             plot_area.draw(&PathElement::new(
                 vec![(px, py), (spot.0 + w / 2, spot.1 + line_h / 2)],
-                p.family.colour().mix(0.5),
+                family_colour(p.family).mix(0.5),
             ))?;
         }
         plot_area.draw(&Text::new(
             label,
             spot,
-            ("sans-serif", 13).into_font().color(&p.family.colour()),
+            ("sans-serif", 13)
+                .into_font()
+                .color(&family_colour(p.family)),
         ))?;
     }
     // The key: each front arm by number, with its NFE and value.
@@ -317,7 +300,9 @@ pub fn write_plot(spec: &PlotSpec, points: &[Point], path: &Path) -> anyhow::Res
         key_area.draw(&Text::new(
             format!("{}  {}: {:.0} NFE, {value}", number + 1, p.arm, p.nfe),
             (20 + 470 * col, 26 + 18 * row),
-            ("sans-serif", 13).into_font().color(&p.family.colour()),
+            ("sans-serif", 13)
+                .into_font()
+                .color(&family_colour(p.family)),
         ))?;
     }
     // The legend goes to the corner of the plot area with the fewest markers and numbers.
@@ -369,7 +354,7 @@ mod tests {
     fn point(arm: &str, nfe: f64, mean: f64) -> Point {
         Point {
             arm: arm.into(),
-            family: Family::EarlyFilter,
+            family: StrategyKind::EarlyFilter,
             nfe,
             value: Estimate {
                 mean,
@@ -403,11 +388,11 @@ mod tests {
         let path = dir.path().join("plot.svg");
         let mut points = vec![point("early-filter-8-4-2", 124.0, 9.0)];
         points.push(Point {
-            family: Family::Random,
+            family: StrategyKind::Random,
             ..point("random", 50.0, 6.0)
         });
         points.push(Point {
-            family: Family::Adaptive,
+            family: StrategyKind::Adaptive,
             ..point("adaptive-8-4-1-w4-t8", 72.0, 9.0)
         });
         let spec = PlotSpec {

@@ -8,13 +8,13 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::plot::{write_plot, Family, PlotSpec, Point};
+use super::plot::{write_plot, PlotSpec, Point};
 use super::stats::{
     bootstrap_mean, mean, paired_t_test, win_tie_loss, Estimate, PairedTest, WinTieLoss,
 };
 use super::store::{ArmResult, EvalScore};
 use super::suite::Suite;
-use crate::engine::StrategyConfig;
+use crate::engine::{StrategyConfig, StrategyKind};
 
 /// One arm's aggregates.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -376,12 +376,12 @@ impl EvalReport {
 
     /// The strategy family of an arm (derived best-of-n prefixes are best-of-N; `random`
     /// read from best-of-N's candidate 0 is random).
-    pub fn family(&self, arm: &ArmSummary) -> Option<Family> {
+    pub fn family(&self, arm: &ArmSummary) -> Option<StrategyKind> {
         if let Some(own) = self.strategies.get(&arm.arm) {
-            return Some(Family::of(own.kind));
+            return Some(own.kind);
         }
         let source = arm.derived_from.as_deref()?;
-        Some(Family::of(self.strategies.get(source)?.kind))
+        Some(self.strategies.get(source)?.kind)
     }
 
     /// Plot points of every arm with a value, scaled by `scale`.

@@ -16,7 +16,7 @@ use super::suite::{Arm, Suite};
 use crate::edit::EditContext;
 use crate::engine::budget::BudgetPool;
 use crate::engine::report::{EditReport, VieRecord};
-use crate::engine::{EditJob, Engine, Silent, StrategyConfig, StrategyKind};
+use crate::engine::{EditJob, Engine, Silent, StrategyKind};
 use crate::judge::{vie_pair, Judge};
 use crate::models::testbed::{self, OutcomeLabel};
 use crate::stop::StopSignal;
@@ -306,13 +306,9 @@ pub async fn run_suite(
                     .get(arm.name.as_str())
                     .map(|p| p.start_item(config.planned_nfe()));
                 let strategy = match allowance {
-                    Some(a) if a.nfe < config.planned_nfe() => config
-                        .fit_to_budget(a.nfe)
+                    Some(a) => config
+                        .held_to(a.nfe)
                         .map_err(|e| anyhow::anyhow!("arm `{}`: {e}", arm.name))?,
-                    Some(a) => StrategyConfig {
-                        budget_nfe: Some(a.nfe),
-                        ..config.clone()
-                    },
                     None => config.clone(),
                 };
                 let job = EditJob {

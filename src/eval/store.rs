@@ -1,7 +1,7 @@
 //! The durable record of an eval: `results.jsonl`, one line per (item, arm), appended and
 //! fsynced as each finishes, so an interrupted eval resumes without redoing or losing work.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -69,7 +69,8 @@ pub struct ArmResult {
 pub struct ResultStore {
     file: std::fs::File,
     results: Vec<ArmResult>,
-    done: HashSet<(String, String)>,
+    /// Finished (item, arm) pairs and where their result is in `results`.
+    done: HashMap<(String, String), usize>,
     _lock: OutputLock,
 }
 
@@ -86,10 +87,16 @@ impl ResultStore {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-        let mut done = HashSet::new();
-        // Failed items are retried on the next run; finished ones are kept.
+        let mut done = HashMap::new();
+        // Failed items are retried on the next run; finished ones are kept (the first
+        // record of a pair), `done` pointing at where each lands after the retain.
         results.retain(|r: &ArmResult| {
-            r.error.is_none() && done.insert((r.item.clone(), r.arm.clone()))
+            let key = (r.item.clone(), r.arm.clone());
+            let keep = r.error.is_none() && !done.contains_key(&key);
+            if keep {
+                done.insert(key, done.len());
+            }
+            keep
         });
         Ok(Self {
             file,
@@ -101,14 +108,13 @@ impl ResultStore {
 
     /// Whether (item, arm) is finished.
     pub fn is_done(&self, item: &str, arm: &str) -> bool {
-        self.done.contains(&(item.to_string(), arm.to_string()))
+        self.done.contains_key(&(item.to_string(), arm.to_string()))
     }
 
     /// The finished result of (item, arm), if any.
     pub fn result(&self, item: &str, arm: &str) -> Option<&ArmResult> {
-        self.results
-            .iter()
-            .find(|r| r.item == item && r.arm == arm && r.error.is_none())
+        let at = *self.done.get(&(item.to_string(), arm.to_string()))?;
+        Some(&self.results[at])
     }
 
     /// Appends records durably (fsync before they count); already-done ones are skipped.
@@ -123,7 +129,8 @@ impl ResultStore {
         crate::fsio::jsonl::append(&mut self.file, &fresh)?;
         for r in fresh {
             if r.error.is_none() {
-                self.done.insert((r.item.clone(), r.arm.clone()));
+                self.done
+                    .insert((r.item.clone(), r.arm.clone()), self.results.len());
             }
             self.results.push(r);
         }

@@ -330,17 +330,6 @@ impl Suite {
             .unwrap_or_else(|_| arm.overrides.apply(&self.base_strategy()))
     }
 
-    /// The least NFE one item of an adaptive arm needs: one wave and its completions.
-    pub fn adaptive_floor(config: &StrategyConfig) -> usize {
-        StrategyConfig {
-            seeds: config.wave.max(config.keep),
-            seed_list: None,
-            budget_nfe: None,
-            ..config.clone()
-        }
-        .planned_nfe()
-    }
-
     /// The judge that scores returned edits.
     pub fn eval_judge(&self) -> &JudgeSpec {
         self.eval_judge.as_ref().unwrap_or(&self.selection_judge)

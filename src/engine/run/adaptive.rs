@@ -41,19 +41,11 @@ pub fn wave_size(
 }
 
 impl Session<'_> {
-    /// The latest screen score of candidate `index`, if its screening answered.
-    fn screen_score(&self, index: usize) -> Option<f32> {
-        self.candidates[index]
-            .screens
-            .last()
-            .and_then(|s| s.verdict.ok())
-            .map(|v| v.score)
-    }
-
     /// Sorts best screen first (a failed screening last), then by candidate index.
     fn rank_by_screen(&self, probed: &mut [Probed]) {
         probed.sort_by(|a, b| {
-            let (sa, sb) = (self.screen_score(a.index), self.screen_score(b.index));
+            let score = |i: usize| self.candidates[i].last_screen_score();
+            let (sa, sb) = (score(a.index), score(b.index));
             match (sa, sb) {
                 (Some(x), Some(y)) => y.partial_cmp(&x).unwrap_or(Ordering::Equal),
                 (Some(_), None) => Ordering::Less,
@@ -64,8 +56,7 @@ impl Session<'_> {
         });
     }
 
-    /// Completes `chosen` (positions of the pool, best first) and scores them, recording
-    /// them on `round`.
+    /// Completes `chosen` (best first) and scores them, recording them on `round`.
     async fn complete_chosen(
         &mut self,
         chosen: Vec<Probed>,
@@ -74,24 +65,14 @@ impl Session<'_> {
         if chosen.is_empty() {
             return Ok(());
         }
-        let steps = self.schedule.steps;
         let indices: Vec<usize> = chosen.iter().map(|p| p.index).collect();
-        let from = chosen[0].state.step;
         round.from_pool = indices
             .iter()
             .filter(|i| !round.probed.contains(i))
             .copied()
             .collect();
         let states: Vec<CandidateState> = chosen.into_iter().map(|p| p.state).collect();
-        let t = Instant::now();
-        let states = self
-            .advance("complete", self.schedule.clone(), &indices, states, steps)
-            .await?;
-        self.timings.complete_s += t.elapsed().as_secs_f64();
-        let nfe = indices.len() * (steps - from);
-        self.nfe.complete += nfe;
-        round.nfe += nfe;
-        self.finish_and_score(&indices, &states).await?;
+        round.nfe += self.complete_and_score(&indices, states).await?;
         round.completed = indices;
         Ok(())
     }
@@ -127,9 +108,8 @@ impl Session<'_> {
             }
             let mut round = AdaptiveRound {
                 probed: (next..next + size).collect(),
-                completed: Vec::new(),
-                from_pool: Vec::new(),
                 nfe: size * k,
+                ..AdaptiveRound::default()
             };
             let init: Vec<Tensor> = given.by_ref().take(size).collect();
             let states = self.spawn(&seeds[next..next + size], init).await?;
@@ -185,12 +165,7 @@ impl Session<'_> {
                     // As early-filter does when nothing passes: complete the best-scored one
                     // (within the budget: every wave kept room for one completion).
                     self.rank_by_screen(&mut rejected);
-                    let mut round = AdaptiveRound {
-                        probed: Vec::new(),
-                        completed: Vec::new(),
-                        from_pool: Vec::new(),
-                        nfe: 0,
-                    };
+                    let mut round = AdaptiveRound::default();
                     self.complete_chosen(vec![rejected.remove(0)], &mut round)
                         .await?;
                     rounds.push(round);
