@@ -177,10 +177,9 @@ pub async fn run_batch(
                 Ok((strategy, allowance)) => {
                     let result = run_item(&engine, &item, strategy, width, &out).await;
                     if let (Some(p), Some(a)) = (&pool, allowance) {
-                        // An edit that failed without a report may have spent part of its
-                        // share before failing: count all of it, so the bound holds.
+                        // A failed item with no NFE recorded failed without a report.
                         let unknown = result.status != ItemStatus::Ok && result.nfe == 0;
-                        p.settle(a, if unknown { a.nfe } else { result.nfe });
+                        p.settle(a, (!unknown).then_some(result.nfe));
                     }
                     result
                 }
@@ -312,7 +311,7 @@ fn budgeted(
     match fitted {
         Ok(s) => Ok((s, Some(allowance))),
         Err(e) => {
-            pool.settle(allowance, 0);
+            pool.settle(allowance, Some(0));
             Err(format!(
                 "--budget-nfe-mean {mean}: this item's share ({} NFE): {e}",
                 allowance.nfe

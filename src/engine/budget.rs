@@ -66,8 +66,11 @@ impl BudgetPool {
     }
 
     /// Ends an item that spent `spent` of `allowance` (more is clamped: the caller's cap
-    /// is what guarantees it never happens); the rest goes back to the pool.
-    pub fn settle(&self, allowance: Allowance, spent: usize) {
+    /// is what guarantees it never happens); the rest goes back to the pool. `None` when
+    /// what it spent is unknown (it failed without a report, perhaps mid-edit): all of the
+    /// allowance counts as spent, so the bound holds.
+    pub fn settle(&self, allowance: Allowance, spent: Option<usize>) {
+        let spent = spent.unwrap_or(allowance.nfe);
         let mut s = self.state.lock().expect("budget pool lock");
         s.free += allowance.nfe.saturating_sub(spent);
     }
@@ -103,16 +106,16 @@ mod tests {
         let pool = BudgetPool::new(4, 100, 50).unwrap();
         let a = pool.start_item(usize::MAX);
         assert_eq!(a.nfe, 400 - 3 * 50);
-        pool.settle(a, 60); // an easy item
+        pool.settle(a, Some(60)); // an easy item
         let b = pool.start_item(usize::MAX);
         assert_eq!(b.nfe, 340 - 2 * 50);
-        pool.settle(b, 200); // a hard one
+        pool.settle(b, Some(200)); // a hard one
         let c = pool.start_item(usize::MAX);
         assert_eq!(c.nfe, 140 - 50);
-        pool.settle(c, 90);
+        pool.settle(c, Some(90));
         let d = pool.start_item(usize::MAX);
         assert_eq!(d.nfe, 50);
-        pool.settle(d, 50);
+        pool.settle(d, Some(50));
         assert_eq!(pool.free(), 0);
         assert_eq!(60 + 200 + 90 + 50, 400);
     }
@@ -126,10 +129,19 @@ mod tests {
         // Whatever they spend within their allowances, the sum stays within 300.
         assert!(a.nfe + b.nfe + c.nfe <= 300);
         assert!(c.nfe >= 50, "the last item still gets its floor");
-        pool.settle(b, b.nfe);
-        pool.settle(a, a.nfe);
-        pool.settle(c, c.nfe);
+        pool.settle(b, Some(b.nfe));
+        pool.settle(a, Some(a.nfe));
+        pool.settle(c, Some(c.nfe));
         assert_eq!(pool.free(), 300 - a.nfe - b.nfe - c.nfe);
+    }
+
+    #[test]
+    fn an_item_whose_spending_is_unknown_counts_its_whole_allowance() {
+        let pool = BudgetPool::new(2, 100, 50).unwrap();
+        let a = pool.start_item(120);
+        assert_eq!(a.nfe, 120);
+        pool.settle(a, None);
+        assert_eq!(pool.free(), 80);
     }
 
     #[test]

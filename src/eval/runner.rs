@@ -318,7 +318,7 @@ pub async fn run_suite(
                 };
                 let outcome = ctx.engine.run(job, Arc::new(Silent)).await;
                 if let (Some(pool), Some(a)) = (pools.get(arm.name.as_str()), allowance) {
-                    pool.settle(a, outcome.as_ref().map_or(0, |r| r.nfe.total));
+                    pool.settle(a, outcome.as_ref().ok().map(|r| r.nfe.total));
                 }
                 match outcome {
                     Ok(report) => {
