@@ -76,6 +76,47 @@ pub fn build_engine(
     Ok(engine(generator, judge))
 }
 
+/// One engine per generator device behind one judge (the server's workers): each device
+/// gets its own generator (and model) with the memory plan checked for it; `wrap` may
+/// decorate the judge (the server times its calls). Returns `(worker name, engine)`.
+pub fn build_engines(
+    generator: &GeneratorArgs,
+    judge: &JudgeArgs,
+    download: bool,
+    workload: &Workload,
+    devices: &[String],
+    wrap: impl Fn(Arc<dyn Judge>) -> Arc<dyn Judge>,
+) -> anyhow::Result<Vec<(String, Engine)>> {
+    let kind = generator_kind(generator, download);
+    let testbed = (kind == GeneratorKind::Testbed).then(TestbedEdits::default);
+    let handle = build_judge(judge, download, testbed.as_ref())?;
+    if let Some(j) = &handle.judge {
+        require_vie(j.as_ref(), "--judge")?;
+    }
+    let shared = handle.judge.map(wrap);
+    let mut engines = Vec::with_capacity(devices.len());
+    for (i, device) in devices.iter().enumerate() {
+        let mut args = generator.clone();
+        args.device = device.clone();
+        if kind == GeneratorKind::Flux {
+            check_memory_plan(&args, judge, workload, download)?;
+        }
+        let g = build_generator(&args, download, testbed.clone())?;
+        let name = if devices.iter().filter(|d| *d == device).count() > 1 {
+            format!("{device}#{i}")
+        } else {
+            device.clone()
+        };
+        let worker = Arc::new(GeneratorWorker::spawn(g));
+        let engine = match &shared {
+            Some(j) => Engine::new(worker, j.clone(), handle.concurrency),
+            None => Engine::without_judge(worker),
+        };
+        engines.push((name, engine));
+    }
+    Ok(engines)
+}
+
 /// Refuses a reward-model judge where VIE scores are needed (the final scoring of an edit),
 /// before any work: its reward is not a VIE score and the report must not mix them.
 pub fn require_vie(judge: &dyn Judge, flag: &str) -> Result<(), EditError> {
@@ -377,6 +418,11 @@ fn build_flux(args: &GeneratorArgs) -> anyhow::Result<FluxGenerator> {
     options.device = device;
     options.quantize = args.quantize;
     options.dequantize = args.dequantize;
+    options.tiny_decoder = args.tiny_decoder.clone();
+    options.preview_decoder = args
+        .preview_decoder
+        .parse()
+        .map_err(|e: String| EditError::Invalid(format!("--preview-decoder: {e}")))?;
     options.lora = args.lora.clone();
     options.lora_scale = args.lora_scale;
     options.guidance = args.guidance;
@@ -653,6 +699,8 @@ fn hub_request(name: &str) -> anyhow::Result<RepoRequest> {
         "flux-fill" => flux_fill_request(),
         "icedit-lora" => RepoRequest::new(ICEDIT_LORA_REPO).include(["*.safetensors"]),
         "icedit-moe-lora" => RepoRequest::new(ICEDIT_MOE_LORA_REPO).include(["*.safetensors"]),
+        "taef1" => RepoRequest::new(crate::models::taef1::TAEF1_REPO)
+            .include(crate::models::taef1::TAEF1_FILES.iter().copied()),
         preset if preset.ends_with(".toml") => {
             let path = Path::new(preset);
             let head = preset_head(path)?;

@@ -40,7 +40,7 @@ pub enum Command {
     /// Measure strategies on many testbed edits against the known truth.
     Study(StudyArgs),
     /// Compare strategies on a benchmark suite at matched compute (resumable).
-    Eval(EvalArgs),
+    Eval(Box<EvalArgs>),
     /// Measure a judge against human labels: pairwise accuracy, rank correlation, position
     /// bias, failures and cost (resumable).
     JudgeEval(JudgeEvalArgs),
@@ -52,14 +52,18 @@ pub enum Command {
     /// Print the memory plan of an edit (same flags as `edit`) without loading anything:
     /// weights and working memory per part, the peak, and whether it fits.
     Plan(Box<EditArgs>),
+    /// Serve edits over HTTP (OpenAI-compatible /v1/images/edits, async jobs with live
+    /// events, a web page at /): the model loaded once, shared by every client.
+    Serve(Box<ServeArgs>),
 }
 
 /// `download`: Hub repositories into the Hugging Face cache.
 #[derive(Debug, Clone, Args)]
 pub struct DownloadArgs {
     /// What to fetch: `flux-fill` (FLUX.1 Fill [dev], diffusers layout; gated: accept its
-    /// licence on the Hub and set HF_TOKEN), `icedit-lora`, `icedit-moe-lora`, a local judge
-    /// preset file (its `model`), or any Hub id `org/name` (every file).
+    /// licence on the Hub and set HF_TOKEN), `icedit-lora`, `icedit-moe-lora`, `taef1` (the
+    /// tiny preview decoder), a local judge preset file (its `model`), or any Hub id
+    /// `org/name` (every file).
     #[arg(required = true)]
     pub names: Vec<String>,
     /// Branch, tag or commit.
@@ -353,6 +357,15 @@ pub struct GeneratorArgs {
     /// safetensors. Config and tokenizer still come from the folder.
     #[arg(long)]
     pub t5: Option<PathBuf>,
+    /// TAEF1, the tiny FLUX decoder (a file, a diffusers folder, a Hugging Face cache entry or
+    /// `madebyollin/taef1` from the cache): decodes `serve`'s live per-step previews, and
+    /// screening previews with --preview-decoder tiny. Final images always use the FLUX AE.
+    #[arg(long)]
+    pub tiny_decoder: Option<PathBuf>,
+    /// Decoder of the previews the judge screens: `full` (the FLUX AE: what the final
+    /// decode would show) or `tiny` (TAEF1: much cheaper; needs --tiny-decoder).
+    #[arg(long, default_value = "full", value_parser = ["full", "tiny"], requires_if("tiny", "tiny_decoder"))]
+    pub preview_decoder: String,
     /// Candidates per transformer forward (1 to 64; each adds its attention maps).
     #[arg(long, default_value_t = 4, value_parser = bounded(1, 64))]
     pub batch_size: usize,
@@ -439,6 +452,58 @@ pub struct DemoArgs {
     /// Seed of the testbed judge's error model.
     #[arg(long, default_value_t = 0)]
     pub judge_seed: u64,
+}
+
+/// `serve`: the HTTP server.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (`127.0.0.1:0` picks a free port; the bound one is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: std::net::SocketAddr,
+    /// Folder of the journal and every edit's outputs; restarting with the same folder
+    /// runs again what was accepted and had not ended.
+    #[arg(long, default_value = "serve-out")]
+    pub out: PathBuf,
+    /// Generator devices, comma-separated (`cuda:0,cuda:1`): one generator worker, each
+    /// with its own model, per entry, all behind one queue (default: --device). The
+    /// testbed takes `cpu` entries, one worker each.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Option<Vec<String>>,
+    /// Edits waiting for a worker beyond which requests get 429 with Retry-After.
+    #[arg(long, default_value_t = 64, value_parser = bounded(1, 100_000))]
+    pub max_queue: usize,
+    /// Edits each worker runs at once (2 lets the generator work while judges think).
+    #[arg(long, default_value_t = 2, value_parser = bounded(1, 64))]
+    pub in_flight: usize,
+    /// Largest uploaded image in MB (413 beyond).
+    #[arg(long, default_value_t = 20, value_parser = bounded(1, 1024))]
+    pub max_upload_mb: usize,
+    /// Largest decoded image in megapixels (413 beyond).
+    #[arg(long, default_value_t = 50, value_parser = bounded(1, 1024))]
+    pub max_megapixels: usize,
+    /// Most seed candidates one request may ask for.
+    #[arg(long, default_value_t = 32, value_parser = bounded(1, 1024))]
+    pub max_seeds: usize,
+    /// Most steps one request may ask for.
+    #[arg(long, default_value_t = 100, value_parser = bounded(1, 10_000_000))]
+    pub max_steps: usize,
+    /// Environment variable holding the bearer token clients must send (none set: no
+    /// token is asked for). The token is never logged.
+    #[arg(long, default_value = "ICEDIT_SERVE_TOKEN")]
+    pub token_env: String,
+    /// Defaults of requests that do not set them.
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub strategy: StrategyArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub generator: GeneratorArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub judge: JudgeArgs,
+    /// Fetch what is missing from the Hugging Face Hub first (as for `edit`).
+    #[arg(long)]
+    pub download: bool,
 }
 
 /// `batch`: many edits from a manifest.

@@ -165,6 +165,10 @@ pub enum EngineError {
     /// An invalid strategy configuration; names the option.
     #[error("strategy: {0}")]
     Strategy(String),
+    /// The edit was cancelled (its [`crate::stop::StopSignal`] was set); the generator
+    /// stopped at a step boundary.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl From<FileError> for EngineError {

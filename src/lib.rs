@@ -31,5 +31,6 @@ pub mod judge;
 pub mod judge_eval;
 pub mod models;
 pub mod plan;
+pub mod serve;
 pub mod stop;
 pub mod study;

@@ -296,11 +296,7 @@ pub async fn run_study(
                 strategy.keep = DEFAULT_ADAPTIVE_KEEP;
                 strategy.wave = strategy.wave.min(strategy.seeds);
             }
-            let job = EditJob {
-                edit: edit.clone(),
-                strategy,
-                init_latents: Vec::new(),
-            };
+            let job = EditJob::new(edit.clone(), strategy);
             let engine = engine.clone();
             async move { engine.run(job, Arc::new(Silent)).await }
         };

@@ -10,7 +10,7 @@
 //! | 2 models | models |
 //! | 3 roles | generate, judge (never each other) |
 //! | 4 engine | engine |
-//! | 5 drivers | batch, eval, study, plan, judge_eval |
+//! | 5 drivers | batch, eval, study, plan, judge_eval, serve |
 //! | 6 top | cli, backends, commands, lib, main |
 //!
 //! References are read from the source text: every `crate::a::b` path and every
@@ -26,7 +26,7 @@ fn floor(module: &str) -> Option<u8> {
         "models" => 2,
         "generate" | "judge" => 3,
         "engine" => 4,
-        "batch" | "eval" | "study" | "plan" | "judge_eval" => 5,
+        "batch" | "eval" | "study" | "plan" | "judge_eval" | "serve" => 5,
         "cli" | "backends" | "commands" | "lib" | "main" => 6,
         _ => return None,
     })

@@ -241,9 +241,8 @@ fn run_fitting(
         .map(|i| Tensor::new(&[i as f32, 0.0], &Device::Cpu).unwrap())
         .collect();
     let job = EditJob {
-        edit: edit(),
-        strategy,
         init_latents,
+        ..EditJob::new(edit(), strategy)
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(engine.run(job, Arc::new(Silent))).unwrap();
@@ -668,11 +667,10 @@ fn run_costly(strategy: StrategyConfig, concurrency: usize) -> (EditReport, Arc<
     );
     let n = strategy.candidate_count();
     let job = EditJob {
-        edit: edit(),
-        strategy,
         init_latents: (0..n)
             .map(|i| Tensor::new(&[i as f32, 0.0], &Device::Cpu).unwrap())
             .collect(),
+        ..EditJob::new(edit(), strategy)
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = rt.block_on(engine.run(job, Arc::new(Silent))).unwrap();
@@ -804,11 +802,7 @@ fn out_of_memory_at_a_batch_of_one_is_an_error() {
     let worker = Arc::new(GeneratorWorker::spawn(Box::new(generator)));
     let engine = Engine::new(worker, Arc::new(ScriptedJudge::default()), 3);
     let strategy = early_filter(2, 1, 1, 4);
-    let job = EditJob {
-        edit: edit(),
-        strategy,
-        init_latents: Vec::new(),
-    };
+    let job = EditJob::new(edit(), strategy);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let err = rt.block_on(engine.run(job, Arc::new(Silent))).unwrap_err();
     let text = err.to_string();

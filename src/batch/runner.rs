@@ -346,11 +346,10 @@ async fn run_item(
         Ok(s) => s,
         Err(e) => return failed(e.to_string()),
     };
-    let job = EditJob {
-        edit: EditContext::new(id.clone(), source, item.spec.instruction.clone()),
+    let job = EditJob::new(
+        EditContext::new(id.clone(), source, item.spec.instruction.clone()),
         strategy,
-        init_latents: Vec::new(),
-    };
+    );
     let mut report = match engine.run(job, Arc::new(Silent)).await {
         Ok(r) => r,
         Err(e) => return failed(e.to_string()),

@@ -34,9 +34,8 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
     };
     let engine = build_engine(&args.generator, &args.judge, args.download, &workload)?;
     let job = EditJob {
-        edit,
-        strategy,
         init_latents,
+        ..EditJob::new(edit, strategy)
     };
     let report = run_and_write(&engine, job, &args.out).await?;
     print_summary(&report, &args.out);
@@ -117,11 +116,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         Arc::new(judge),
         8,
     );
-    let job = EditJob {
-        edit,
-        strategy,
-        init_latents: Vec::new(),
-    };
+    let job = EditJob::new(edit, strategy);
     let report = run_and_write(&engine, job, &args.out).await?;
     source.save(args.out.join("source.png"))?;
     print_summary(&report, &args.out);

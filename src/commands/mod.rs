@@ -10,6 +10,7 @@ pub mod edit;
 pub mod eval;
 pub mod judge_eval;
 pub mod plan;
+pub mod serve;
 
 use crate::cli::{BenchCommand, Cli, Command};
 use crate::engine::StrategyError;
@@ -105,10 +106,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Batch(args)) => batch::batch(*args).await,
         Some(Command::Merge(args)) => batch::merge(args),
         Some(Command::Study(args)) => eval::study(args).await,
-        Some(Command::Eval(args)) => eval::eval(args).await,
+        Some(Command::Eval(args)) => eval::eval(*args).await,
         Some(Command::JudgeEval(args)) => judge_eval::judge_eval(args).await,
         Some(Command::Download(args)) => download::download(args),
         Some(Command::Plan(args)) => plan::plan(*args),
+        Some(Command::Serve(args)) => serve::serve(*args).await,
         Some(Command::Bench(BenchCommand::Pipeline(args))) => bench::pipeline(args).await,
         Some(Command::Bench(BenchCommand::Memory(args))) => bench::memory(args).await,
         Some(Command::Bench(BenchCommand::Flux(args))) => bench::flux(args),

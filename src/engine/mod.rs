@@ -5,6 +5,7 @@
 
 pub mod budget;
 pub mod contact_sheet;
+pub mod events;
 pub mod outputs;
 pub mod progress;
 pub mod report;
@@ -13,6 +14,7 @@ pub mod selection;
 pub mod strategy;
 pub mod worker;
 
+pub use events::EditEvent;
 pub use progress::{PhaseBars, Progress, Silent};
 pub use report::EditReport;
 pub use run::{EditJob, Engine};

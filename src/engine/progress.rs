@@ -1,9 +1,11 @@
-//! Progress reporting per phase. The CLI shows indicatif bars; batch runs and tests stay
-//! silent.
+//! Progress reporting per phase, and the events of an edit as they happen. The CLI shows
+//! indicatif bars; batch runs and tests stay silent; the server streams the events.
 
 use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressStyle};
+
+use super::events::EditEvent;
 
 /// Receives progress of the phases of one edit.
 pub trait Progress: Send + Sync {
@@ -13,6 +15,9 @@ pub trait Progress: Send + Sync {
     fn inc(&self, n: u64);
     /// The current phase is over.
     fn end(&self);
+    /// Something happened in the edit (see [`EditEvent`]); most receivers ignore it.
+    /// Called from the generator thread as well as from async tasks: keep it cheap.
+    fn event(&self, _event: EditEvent) {}
 }
 
 /// Reports nothing.

@@ -13,6 +13,7 @@ use futures::future::join_all;
 use image::RgbImage;
 use tokio::sync::Semaphore;
 
+use super::events::EditEvent;
 use super::progress::Progress;
 use super::report::*;
 use super::selection::{pick_best, rank_for_halving, select_survivors, tournament_decision};
@@ -24,6 +25,7 @@ use crate::edit::EditContext;
 use crate::error::{EngineError, GenerateError};
 use crate::generate::{self, CandidateState, GeneratorInfo, PreparedEdit, Schedule};
 use crate::judge::{Judge, JudgeError, PreviewStage, ScoreKind, ScreenVerdict, ViePair};
+use crate::stop::StopSignal;
 
 /// One edit to run.
 pub struct EditJob {
@@ -33,6 +35,26 @@ pub struct EditJob {
     pub strategy: StrategyConfig,
     /// Initial latents that replace the seeded noise of candidates `0..len` (reproduction).
     pub init_latents: Vec<Tensor>,
+    /// Set to cancel the edit: the generator stops at the next step boundary and the run
+    /// returns [`EngineError::Cancelled`].
+    pub cancel: StopSignal,
+    /// Decode a preview of every candidate at every step for watchers
+    /// ([`EditEvent::LivePreview`], [`crate::generate::DecodePurpose::Live`]): costs a
+    /// decode per candidate per step; judges never see these.
+    pub live_previews: bool,
+}
+
+impl EditJob {
+    /// A job with seeded noise, no live previews, and a cancel signal of its own.
+    pub fn new(edit: EditContext, strategy: StrategyConfig) -> Self {
+        Self {
+            edit,
+            strategy,
+            init_latents: Vec::new(),
+            cancel: StopSignal::default(),
+            live_previews: false,
+        }
+    }
 }
 
 /// The engine: a generator worker and a judge with a concurrency limit. Without a judge it
@@ -101,6 +123,9 @@ impl Engine {
                 job.strategy.kind.name()
             )));
         }
+        if job.cancel.is_set() {
+            return Err(EngineError::Cancelled);
+        }
         let started = Instant::now();
         let edit = Arc::new(job.edit);
         let t = Instant::now();
@@ -119,6 +144,8 @@ impl Engine {
             schedule: Arc::new(schedule),
             strategy: job.strategy.clone(),
             progress,
+            cancel: job.cancel.clone(),
+            live_previews: job.live_previews,
             candidates: Vec::new(),
             comparisons: Vec::new(),
             adaptive: None,
@@ -161,6 +188,8 @@ struct Session<'a> {
     schedule: Arc<Schedule>,
     strategy: StrategyConfig,
     progress: Arc<dyn Progress>,
+    cancel: StopSignal,
+    live_previews: bool,
     candidates: Vec<CandidateRecord>,
     comparisons: Vec<ComparisonRecord>,
     adaptive: Option<AdaptiveRecord>,
@@ -203,6 +232,13 @@ impl Session<'_> {
                 vie: None,
                 images: CandidateImages::default(),
             }));
+        self.progress.event(EditEvent::Spawned {
+            candidates: seeds
+                .iter()
+                .enumerate()
+                .map(|(j, &seed)| (first + j, seed))
+                .collect(),
+        });
         let seeds = seeds.to_vec();
         let prepared = self.prepared.clone();
         let states = self
@@ -235,20 +271,45 @@ impl Session<'_> {
         let Some(from) = states.first().map(|s| s.step) else {
             return Ok(states);
         };
+        self.check_cancel()?;
         let n = states.len();
         let forwards = n * to_step.saturating_sub(from);
         self.progress.begin(phase, forwards as u64);
         let prepared = self.prepared.clone();
         let progress = self.progress.clone();
+        let (cancel, live) = (self.cancel.clone(), self.live_previews);
+        let (phase_name, candidates) = (phase.to_string(), indices.to_vec());
         let (states, halvings) = self
             .engine
             .worker
             .run(move |g| {
                 let mut states = states;
-                generate::advance_to(g, &prepared, &schedule, &mut states, to_step, |_| {
-                    progress.inc(n as u64)
-                })
-                .map(|halvings| (states, halvings))
+                let mut halvings = Vec::new();
+                // One step at a time, so a cancel takes effect at the next step boundary.
+                while states.first().is_some_and(|s| s.step < to_step) {
+                    if cancel.is_set() {
+                        return Err(EngineError::Cancelled);
+                    }
+                    halvings.extend(generate::advance_one_step(
+                        g,
+                        &prepared,
+                        &schedule,
+                        &mut states,
+                    )?);
+                    progress.inc(n as u64);
+                    let step = states[0].step;
+                    progress.event(EditEvent::Step {
+                        phase: phase_name.clone(),
+                        candidates: candidates.clone(),
+                        step,
+                        to_step,
+                        steps: schedule.steps,
+                    });
+                    if live {
+                        live_previews(g, &prepared, &schedule, &candidates, &states, &*progress);
+                    }
+                }
+                Ok((states, halvings))
             })
             .await??;
         self.progress.end();
@@ -267,6 +328,7 @@ impl Session<'_> {
         indices: &[usize],
         states: &[CandidateState],
     ) -> Result<(), EngineError> {
+        self.check_cancel()?;
         let t = Instant::now();
         self.progress.begin("screen", states.len() as u64);
         let stage = PreviewStage {
@@ -318,12 +380,41 @@ impl Session<'_> {
     ) {
         self.judge_totals
             .record(&verdict, verdict.as_ref().ok().map(|v| &v.usage));
+        let verdict: Judged<ScreenVerdict> = verdict.into();
+        self.progress.event(EditEvent::Screened {
+            candidate: index,
+            step,
+            image: image.clone(),
+            verdict: verdict.clone(),
+        });
         let candidate = &mut self.candidates[index];
         candidate.images.previews.push(image);
         candidate.screens.push(ScreenRecord {
             step,
             preview_file: None,
-            verdict: verdict.into(),
+            verdict,
+        });
+    }
+
+    /// Fails with [`EngineError::Cancelled`] once the job's cancel signal is set.
+    fn check_cancel(&self) -> Result<(), EngineError> {
+        if self.cancel.is_set() {
+            return Err(EngineError::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Tells watchers which of the candidates `screened` go on at `step` (`kept`) and which
+    /// stop there (the rest).
+    fn selected(&self, step: usize, screened: &[usize], kept: &[usize]) {
+        self.progress.event(EditEvent::Selected {
+            step,
+            kept: kept.to_vec(),
+            dropped: screened
+                .iter()
+                .copied()
+                .filter(|i| !kept.contains(i))
+                .collect(),
         });
     }
 
@@ -333,6 +424,7 @@ impl Session<'_> {
         indices: &[usize],
         states: &[CandidateState],
     ) -> Result<(), EngineError> {
+        self.check_cancel()?;
         let t = Instant::now();
         self.progress.begin("score", states.len() as u64);
         let jobs = states.iter().map(|state| {
@@ -360,10 +452,18 @@ impl Session<'_> {
     }
 
     fn record_score(&mut self, index: usize, image: Arc<RgbImage>, pair: Option<ViePair>) {
+        self.progress.event(EditEvent::Finished {
+            candidate: index,
+            image: image.clone(),
+        });
         let candidate = &mut self.candidates[index];
         candidate.status = CandidateStatus::Completed;
         candidate.images.final_image = Some(image);
         let Some(pair) = pair else {
+            self.progress.event(EditEvent::Scored {
+                candidate: index,
+                vie: None,
+            });
             return; // no judge: the finished image stays unscored
         };
         // A VIE score is two judge calls, each counted with what it cost (a failed half
@@ -373,7 +473,12 @@ impl Session<'_> {
         if score.is_err() {
             self.judge_totals.failures += 1;
         }
-        self.candidates[index].vie = Some(score.map(VieRecord::from).into());
+        let vie: Judged<VieRecord> = score.map(VieRecord::from).into();
+        self.progress.event(EditEvent::Scored {
+            candidate: index,
+            vie: Some(vie.clone()),
+        });
+        self.candidates[index].vie = Some(vie);
     }
 
     /// `random` and `best-of-n`: every candidate runs the full schedule and is scored.
@@ -419,6 +524,7 @@ impl Session<'_> {
             .collect();
         let (survivors, note) = select_survivors(&verdicts, self.strategy.keep);
         self.notes.extend(note);
+        self.selected(k, &all, &survivors);
         self.complete(survivors, states).await
     }
 
@@ -465,7 +571,9 @@ impl Session<'_> {
             if let Some(note) = note {
                 self.notes.push(format!("step {}: {note}", round.to_step));
             }
-            alive = kept.iter().map(|&j| alive[j]).collect();
+            let next: Vec<usize> = kept.iter().map(|&j| alive[j]).collect();
+            self.selected(round.to_step, &alive, &next);
+            alive = next;
             states = kept.iter().map(|&j| states[j].clone()).collect();
         }
         // `complete` takes positions into `states`; here they are all of them.
@@ -589,6 +697,11 @@ impl Session<'_> {
                 winner,
                 decision,
             });
+            self.progress.event(EditEvent::Compared {
+                champion,
+                challenger,
+                winner,
+            });
             champion = winner;
             self.progress.inc(1);
         }
@@ -695,6 +808,28 @@ impl Session<'_> {
             nfe: self.nfe,
             judge_totals: self.judge_totals,
             timings: self.timings,
+        }
+    }
+}
+
+/// Decodes a live preview of every state (for watchers) and hands each to `progress`. A
+/// preview that fails to decode is skipped: watching must never fail the edit.
+fn live_previews(
+    g: &mut dyn crate::generate::Generator,
+    prepared: &PreparedEdit,
+    schedule: &Schedule,
+    candidates: &[usize],
+    states: &[CandidateState],
+    progress: &dyn Progress,
+) {
+    for (&candidate, state) in candidates.iter().zip(states) {
+        match generate::live_preview(g, prepared, schedule, state) {
+            Ok(image) => progress.event(EditEvent::LivePreview {
+                candidate,
+                step: state.step,
+                image: Arc::new(image),
+            }),
+            Err(e) => tracing::warn!("live preview of candidate {candidate}: {e}"),
         }
     }
 }

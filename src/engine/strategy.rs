@@ -459,6 +459,8 @@ pub enum ValueSource {
     SuiteArm(String),
     /// A batch manifest line (1-based).
     ManifestLine(usize),
+    /// A request to the server (form or JSON fields).
+    Request,
     /// Built by code; the engine's own check.
     Program,
 }
@@ -487,6 +489,7 @@ impl std::fmt::Display for ValueSource {
             Self::Flags => write!(f, "command line"),
             Self::SuiteArm(arm) => write!(f, "arm `{arm}`"),
             Self::ManifestLine(line) => write!(f, "manifest line {line}"),
+            Self::Request => write!(f, "request"),
             Self::Program => write!(f, "strategy"),
         }
     }

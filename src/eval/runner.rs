@@ -311,11 +311,7 @@ pub async fn run_suite(
                         .map_err(|e| anyhow::anyhow!("arm `{}`: {e}", arm.name))?,
                     None => config.clone(),
                 };
-                let job = EditJob {
-                    edit: edit.clone(),
-                    strategy,
-                    init_latents: Vec::new(),
-                };
+                let job = EditJob::new(edit.clone(), strategy);
                 let outcome = ctx.engine.run(job, Arc::new(Silent)).await;
                 if let (Some(pool), Some(a)) = (pools.get(arm.name.as_str()), allowance) {
                     pool.settle(a, outcome.as_ref().ok().map(|r| r.nfe.total));

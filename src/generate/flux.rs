@@ -6,9 +6,11 @@
 //! masked-image latents and the mask tokens are concatenated to every candidate's noisy
 //! latents (64 + 64 + 256 = 384 channels per token). Each velocity call is one transformer
 //! forward for a batch of candidates; decoding unpacks, runs the VAE decoder and crops the
-//! right panel.
+//! right panel. With a tiny decoder (TAEF1) loaded, live previews (and the judge's previews
+//! when asked) are decoded by it instead: see [`PreviewDecoder`].
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
@@ -32,9 +34,35 @@ use crate::models::flux::vae::VaeConfig;
 use crate::models::flux::weights::KeyLayout;
 use crate::models::flux::weights::{shared_var_builder, var_builder, weights_error, WeightSource};
 use crate::models::flux::{embeddings, latents, FluxConfig, FluxFiles, FluxPaths};
+use crate::models::taef1::{TinyDecoder, TinyDecoderFiles};
 
 /// RoPE base frequency.
 const ROPE_THETA: f64 = 10000.0;
+
+/// Which decoder the screening judge's x0 previews ([`DecodePurpose::Preview`]) go through.
+/// Live previews use the tiny decoder whenever one is loaded; final images always use the
+/// FLUX autoencoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PreviewDecoder {
+    /// The FLUX autoencoder: the judge screens what the final decode would show.
+    #[default]
+    Full,
+    /// The tiny decoder (TAEF1): much cheaper, but the judge sees its blur and colour
+    /// shifts, which may move screening verdicts. Needs [`FluxOptions::tiny_decoder`].
+    Tiny,
+}
+
+impl FromStr for PreviewDecoder {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "full" => Ok(Self::Full),
+            "tiny" => Ok(Self::Tiny),
+            other => Err(format!("preview decoder {other:?}: expected full or tiny")),
+        }
+    }
+}
 
 /// How to run FLUX.
 #[derive(Debug, Clone)]
@@ -70,6 +98,12 @@ pub struct FluxOptions {
     /// (the peak is the larger of the two, not their sum). Its files are still opened and
     /// checked at load.
     pub defer_transformer: bool,
+    /// A tiny decoder (TAEF1): a diffusers folder, a safetensors file, or a Hub id in the
+    /// Hugging Face cache (`madebyollin/taef1`). When given, live previews are decoded by it.
+    pub tiny_decoder: Option<PathBuf>,
+    /// Which decoder the judge's previews use ([`PreviewDecoder::Tiny`] needs
+    /// `tiny_decoder`).
+    pub preview_decoder: PreviewDecoder,
 }
 
 impl FluxOptions {
@@ -89,8 +123,43 @@ impl FluxOptions {
             quantize: None,
             dequantize: false,
             defer_transformer: false,
+            tiny_decoder: None,
+            preview_decoder: PreviewDecoder::Full,
         }
     }
+}
+
+/// The tiny decoder `options` ask for, checked against the autoencoder's latent channels
+/// (a tiny decoder for another latent space would decode noise, not fail).
+fn load_tiny_decoder(
+    options: &FluxOptions,
+    latent_channels: usize,
+) -> Result<Option<TinyDecoder>, GenerateError> {
+    let Some(path) = &options.tiny_decoder else {
+        if options.preview_decoder == PreviewDecoder::Tiny {
+            return Err(GenerateError::Config(
+                "the tiny preview decoder needs a tiny decoder (TAEF1) to be given".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let files = TinyDecoderFiles::discover(path)?;
+    if files.config.latent_channels != latent_channels {
+        return Err(GenerateError::Weights {
+            path: files.config_path.unwrap_or(files.weights),
+            reason: format!(
+                "a tiny decoder for {} latent channels; the FLUX autoencoder has {latent_channels}",
+                files.config.latent_channels
+            ),
+        });
+    }
+    let decoder = files.load(options.dtype, &options.device)?;
+    tracing::info!(
+        file = %files.weights.display(),
+        previews = ?options.preview_decoder,
+        "tiny decoder loaded for live previews"
+    );
+    Ok(Some(decoder))
 }
 
 /// The conditioning of one prepared edit.
@@ -110,6 +179,8 @@ pub struct FluxGenerator {
     /// `None` until loaded when [`FluxOptions::defer_transformer`] is set.
     transformer: Option<FluxTransformer>,
     vae: Autoencoder,
+    /// The tiny decoder for previews, if one was given.
+    tiny: Option<TinyDecoder>,
     text: Option<TextEncoders>,
     lora_report: Option<LoraReport>,
     /// The LoRA read at load, until the transformer is built with it.
@@ -140,6 +211,7 @@ impl FluxGenerator {
             &files.vae_config,
         )
         .map_err(|e| weights_error(&files.vae[0], e))?;
+        let tiny = load_tiny_decoder(&options, files.vae_config.latent_channels)?;
         let cond = 4 * files.vae_config.latent_channels + 4 * files.vae_config.downscale().pow(2);
         let needed = 4 * files.vae_config.latent_channels + cond;
         if files.transformer_config.in_channels != needed {
@@ -156,6 +228,7 @@ impl FluxGenerator {
             files,
             transformer: None,
             vae,
+            tiny,
             text: None,
             lora_report: None,
             lora,
@@ -197,6 +270,7 @@ impl FluxGenerator {
         };
         let model = FluxTransformer::new(random_vb(), &transformer, &linears)?;
         let autoencoder = Autoencoder::new(random_vb(), &vae)?;
+        let tiny = load_tiny_decoder(&options, vae.latent_channels)?;
         let none = EncoderFiles {
             config: PathBuf::new(),
             weights: Vec::new(),
@@ -220,6 +294,7 @@ impl FluxGenerator {
             },
             transformer: Some(model),
             vae: autoencoder,
+            tiny,
             text: None,
             lora_report: None,
             lora: None,
@@ -368,6 +443,47 @@ impl FluxGenerator {
         Ok(latents::tensor_to_unit(&image)?)
     }
 
+    /// The tiny decoder, if one was loaded (for tests).
+    pub fn tiny_decoder(&self) -> Option<&TinyDecoder> {
+        self.tiny.as_ref()
+    }
+
+    /// The decoder a decode for `purpose` goes through: the tiny one for live previews when
+    /// loaded, and for the judge's previews when [`PreviewDecoder::Tiny`] asks; else the
+    /// FLUX autoencoder (always for final images).
+    fn tiny_for(&self, purpose: DecodePurpose) -> Option<&TinyDecoder> {
+        match purpose {
+            DecodePurpose::Live => self.tiny.as_ref(),
+            DecodePurpose::Preview if self.options.preview_decoder == PreviewDecoder::Tiny => {
+                self.tiny.as_ref()
+            }
+            DecodePurpose::Preview | DecodePurpose::Final => None,
+        }
+    }
+
+    /// [`Self::decode_unit`] through the decoder `purpose` selects. The tiny decoder takes
+    /// the transformer's latents as they are (it applies its own factors, 1 and 0 for
+    /// TAEF1), where the autoencoder takes them denormalized.
+    pub fn decode_unit_for(
+        &self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        purpose: DecodePurpose,
+    ) -> Result<Tensor, GenerateError> {
+        let Some(tiny) = self.tiny_for(purpose) else {
+            return self.decode_unit(edit, latents);
+        };
+        let p = self.edits.get(edit)?;
+        let (h, w) = p.latent_hw;
+        let z = latents::unpack(&latents.unsqueeze(0)?.to_dtype(self.options.dtype)?, h, w)?;
+        // The whole diptych, then cropped like the autoencoder's: decoding the right half
+        // alone would be twice as cheap, but TAEF1's receptive field reaches about 18 latent
+        // cells (its 3x3 convs at each scale), so a band of the panel's left edge ~145 px
+        // wide would differ from a decode of the whole.
+        let image = tiny.decode_model_latents(&z)?;
+        Ok(latents::tensor_to_unit(&image)?)
+    }
+
     /// Reads initial latents from a safetensors file (key `latents`, or its only tensor),
     /// unpacked `[1, 16, h, w]` / `[16, h, w]` or packed `[1, S, 64]` / `[S, 64]`.
     pub fn read_init_latents(
@@ -446,10 +562,15 @@ impl Generator for FluxGenerator {
             }
             (None, None) => "no files".into(),
         };
+        let tiny = match (&self.tiny, self.options.preview_decoder) {
+            (None, _) => "",
+            (Some(_), PreviewDecoder::Full) => ", tiny decoder for live previews",
+            (Some(_), PreviewDecoder::Tiny) => ", tiny decoder for live and judged previews",
+        };
         GeneratorInfo {
             name: "flux-fill".into(),
             detail: format!(
-                "{source} ({held}), {:?} on {:?}{lora}",
+                "{source} ({held}), {:?} on {:?}{lora}{tiny}",
                 self.options.dtype,
                 self.options.device.location()
             ),
@@ -554,9 +675,9 @@ impl Generator for FluxGenerator {
         &mut self,
         edit: &PreparedEdit,
         latents: &Tensor,
-        _purpose: DecodePurpose,
+        purpose: DecodePurpose,
     ) -> Result<RgbImage, GenerateError> {
-        let unit = self.decode_unit(edit, latents)?;
+        let unit = self.decode_unit_for(edit, latents, purpose)?;
         Ok(crop_right_panel(&latents::unit_to_image(&unit)?))
     }
 

@@ -105,6 +105,9 @@ pub enum DecodePurpose {
     Preview,
     /// The finished edit.
     Final,
+    /// A per-step preview for a person watching (the server's live page), never shown to
+    /// a judge: a generator may decode it with a cheaper, rougher decoder (FLUX: TAEF1).
+    Live,
 }
 
 /// A model backend. Blocking; it lives on the generator worker thread and owns its device.
@@ -343,6 +346,17 @@ pub fn preview(
 ) -> Result<RgbImage, GenerateError> {
     let x0 = state.predicted_clean(schedule)?;
     generator.decode(edit, &x0, DecodePurpose::Preview)
+}
+
+/// Decodes the x0 prediction of a state for a person watching ([`DecodePurpose::Live`]).
+pub fn live_preview(
+    generator: &mut dyn Generator,
+    edit: &PreparedEdit,
+    schedule: &Schedule,
+    state: &CandidateState,
+) -> Result<RgbImage, GenerateError> {
+    let x0 = state.predicted_clean(schedule)?;
+    generator.decode(edit, &x0, DecodePurpose::Live)
 }
 
 /// Decodes a finished state.

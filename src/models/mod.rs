@@ -1,11 +1,12 @@
-//! Model code, apart from the roles it plays: FLUX.1 Fill ([`flux`]), the Qwen-VL family
-//! ([`qwen_vl`]) and the testbed's simulated world ([`testbed`]). Configs, blocks, weights
-//! and their loading; no knowledge of generators, judges or the engine (a test enforces it).
-//! [`bench`] holds what the model benchmarks share; [`activation`] the activations configs
-//! name.
+//! Model code, apart from the roles it plays: FLUX.1 Fill ([`flux`]), TAEF1, its tiny
+//! preview decoder ([`taef1`]), the Qwen-VL family ([`qwen_vl`]) and the testbed's simulated
+//! world ([`testbed`]). Configs, blocks, weights and their loading; no knowledge of
+//! generators, judges or the engine (a test enforces it). [`bench`] holds what the model
+//! benchmarks share; [`activation`] the activations configs name.
 
 pub mod activation;
 pub mod bench;
 pub mod flux;
 pub mod qwen_vl;
+pub mod taef1;
 pub mod testbed;

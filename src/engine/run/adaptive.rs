@@ -15,6 +15,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use super::Session;
+use crate::engine::events::EditEvent;
 use crate::engine::report::{AdaptiveRecord, AdaptiveRound, CandidateStatus, Pick, StopReason};
 use crate::error::EngineError;
 use crate::generate::CandidateState;
@@ -138,6 +139,16 @@ impl Session<'_> {
             let affordable = (left - size * k) / completion;
             self.rank_by_screen(&mut pool);
             let chosen: Vec<Probed> = pool.drain(..keep.min(affordable).min(pool.len())).collect();
+            // Pooled candidates wait (neither kept nor dropped); this wave's failures stop.
+            self.progress.event(EditEvent::Selected {
+                step: k,
+                kept: chosen.iter().map(|p| p.index).collect(),
+                dropped: rejected
+                    .iter()
+                    .map(|p| p.index)
+                    .filter(|i| round.probed.contains(i))
+                    .collect(),
+            });
             self.complete_chosen(chosen, &mut round).await?;
             let reached = round
                 .completed
@@ -166,8 +177,13 @@ impl Session<'_> {
                     // (within the budget: every wave kept room for one completion).
                     self.rank_by_screen(&mut rejected);
                     let mut round = AdaptiveRound::default();
-                    self.complete_chosen(vec![rejected.remove(0)], &mut round)
-                        .await?;
+                    let best = rejected.remove(0);
+                    self.progress.event(EditEvent::Selected {
+                        step: k,
+                        kept: vec![best.index],
+                        dropped: Vec::new(),
+                    });
+                    self.complete_chosen(vec![best], &mut round).await?;
                     rounds.push(round);
                     self.notes.push(
                         "no preview passed screening in any wave; completed the best-scored candidate anyway".into(),

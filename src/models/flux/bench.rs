@@ -1,6 +1,8 @@
 //! `bench flux`: times one transformer step per batch size, and the VAE encode/decode, with
 //! random weights at any configuration (the full 12B one included), so speed can be measured
 //! on a GPU without downloading anything. Random weights cost the same time as trained ones.
+//! Beside the VAE decode it times the tiny preview decoder (TAEF1's published configuration)
+//! on the same latents.
 
 use std::time::Instant;
 
@@ -17,6 +19,7 @@ use super::transformer::{FluxTransformer, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
 use crate::device::ggml_dtype_name;
 use crate::models::bench::{timed, RandomWeights};
+use crate::models::taef1::{TinyConfig, TinyDecoder};
 
 /// Rows of each random weight actually quantized (the rest repeat them): see
 /// [`Linears::sample_rows`].
@@ -88,6 +91,9 @@ pub struct FluxBenchResult {
     pub vae_encode_s: f64,
     /// Seconds to decode one candidate.
     pub vae_decode_s: f64,
+    /// Seconds to decode one candidate with the tiny preview decoder (TAEF1's published
+    /// configuration, random weights) instead.
+    pub tiny_decode_s: f64,
     /// One full edit of one candidate: encode + steps x (batch-1 step) + decode (text
     /// encoding excluded: it is done once per edit and the encoders are then dropped).
     pub full_edit_s: f64,
@@ -137,6 +143,12 @@ impl FluxBenchResult {
         md.push_str(&format!(
             "\nVAE encode {:.4} s, decode {:.4} s; one {}-step edit of one candidate {:.2} s with the first format (text encoding excluded).\n",
             self.vae_encode_s, self.vae_decode_s, bench.steps, self.full_edit_s
+        ));
+        md.push_str(&format!(
+            "\n| decoder (one candidate) | decode (s) | vs VAE |\n|---|---|---|\n| VAE | {:.4} | 1.00 |\n| tiny (TAEF1 configuration) | {:.4} | {:.3} |\n",
+            self.vae_decode_s,
+            self.tiny_decode_s,
+            self.tiny_decode_s / self.vae_decode_s
         ));
         md
     }
@@ -206,6 +218,16 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
     let z =
         Tensor::randn(0f32, 1.0, (1, bench.vae.latent_channels, lh, lw), dev)?.to_dtype(dtype)?;
     let vae_decode_s = timed(dev, bench.iters, || vae.decode(&z))?;
+    drop(vae);
+    let tiny = TinyDecoder::load(
+        VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone()),
+        &TinyConfig {
+            latent_channels: bench.vae.latent_channels,
+            ..TinyConfig::taef1()
+        },
+    )?;
+    let tiny_decode_s = timed(dev, bench.iters, || tiny.decode_model_latents(&z))?;
+    tracing::info!(vae_decode_s, tiny_decode_s, "decoders");
     let steps = formats.first().map_or(&[][..], |f| &f.steps[..]);
     let one = steps.iter().find(|s| s.batch == 1).map(|s| s.step_s);
     let step1 = one.unwrap_or_else(|| steps.first().map_or(0.0, |s| s.per_candidate_s));
@@ -214,6 +236,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         image_tokens: tokens,
         vae_encode_s,
         vae_decode_s,
+        tiny_decode_s,
         full_edit_s: vae_encode_s + bench.steps as f64 * step1 + vae_decode_s,
         formats,
         peak_rss_mib: crate::models::bench::peak_rss_kib().map(|k| k as f64 / 1024.0),

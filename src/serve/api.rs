@@ -1,0 +1,454 @@
+//! The HTTP API (axum): routes, the bearer-token check, request ids in logs, and each
+//! handler. The OpenAI-compatible `POST /v1/images/edits` answers when the edit is over;
+//! `POST /v1/edits` answers 202 at once and the edit is followed through
+//! `GET /v1/edits/{id}/events` (Server-Sent Events).
+
+use std::convert::Infallible;
+use std::path::Component;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures::Stream;
+use serde_json::{json, Value};
+use tracing::Instrument;
+
+use super::error::ApiError;
+use super::events::ServerEvent;
+use super::jobs::{done_event, Hub, Job, Status};
+use super::page;
+use super::request::{EditRequest, RawRequest, ResponseFormat};
+use crate::engine::report::CandidateStatus;
+use crate::engine::GeneratorWorker;
+
+/// What every handler sees.
+#[derive(Clone)]
+pub struct AppState {
+    /// Edits, queue, journal, metrics.
+    pub hub: Arc<Hub>,
+    /// The bearer token clients must send, if one is set.
+    pub token: Option<Arc<str>>,
+    /// Each worker's name and generator thread (for `/metrics` and `/healthz`).
+    pub workers: Arc<Vec<(String, Arc<GeneratorWorker>)>>,
+}
+
+/// The router: the page, health and metrics, and the edit API.
+pub fn router(state: AppState) -> Router {
+    let limits = state.hub.limits;
+    // Base64 in JSON is 4/3 of the image; the form's other fields are small.
+    let body_limit = limits.max_upload_bytes / 3 * 4 + (1 << 20);
+    let api = Router::new()
+        .route("/v1/images/edits", post(images_edits))
+        .route("/v1/edits", post(create_edit).get(list_edits))
+        .route("/v1/edits/{id}", get(get_edit).delete(cancel_edit))
+        .route("/v1/edits/{id}/events", get(edit_events))
+        .route("/v1/edits/{id}/files/{*path}", get(edit_file))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .route("/", get(page::index))
+        .route("/app.js", get(page::script))
+        .route("/style.css", get(page::style))
+        .route("/healthz", get(healthz))
+        .merge(api)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(request_span))
+        .with_state(state)
+}
+
+/// Gives every request an id, logs it with its status and time (path only: a query may
+/// carry a token), and runs its handler inside that span.
+async fn request_span(request: Request, next: Next) -> Response {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let rid = NEXT.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("request", rid, method = %request.method(), path = %request.uri().path());
+    let started = Instant::now();
+    async move {
+        let response = next.run(request).await;
+        tracing::info!(
+            status = response.status().as_u16(),
+            "{:.1} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+/// Refuses requests without the bearer token when one is set. EventSource (the page's SSE)
+/// cannot send headers, so `?access_token=` is accepted too.
+async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(token) = &state.token else {
+        return next.run(request).await;
+    };
+    let header_token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let query_token = request
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=")));
+    let given = header_token.or(query_token).unwrap_or_default();
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        next.run(request).await
+    } else {
+        ApiError::unauthorized().into_response()
+    }
+}
+
+/// Compares without an early exit, so response times do not reveal a token's prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads a request body as a multipart form or JSON, by its content type.
+async fn read_body(state: &AppState, request: Request) -> Result<RawRequest, ApiError> {
+    let limits = state.hub.limits;
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    if content_type.starts_with("multipart/form-data") {
+        let form = Multipart::from_request(request, &())
+            .await
+            .map_err(|e| ApiError::bad_request(format!("unreadable multipart body: {e}")))?;
+        RawRequest::from_multipart(form, &limits).await
+    } else if content_type.starts_with("application/json") {
+        let body = Bytes::from_request(request, &()).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large(
+                    "image",
+                    "the request body is larger than this server accepts",
+                )
+            } else {
+                ApiError::bad_request(format!("unreadable body: {e}"))
+            }
+        })?;
+        RawRequest::from_json(&body, &limits)
+    } else {
+        Err(ApiError::bad_request(
+            "send multipart/form-data (as the OpenAI clients do) or application/json",
+        ))
+    }
+}
+
+/// Checks and journals the request; the edit is queued when this returns.
+async fn submit(state: &AppState, request: Request) -> Result<Arc<Job>, ApiError> {
+    let raw = read_body(state, request).await?;
+    let edit = EditRequest::from_raw(&raw, &state.hub.defaults, &state.hub.limits)?;
+    let image = raw
+        .image
+        .expect("from_raw refuses a request without an image");
+    let hub = state.hub.clone();
+    // Decoding the image and fsyncing the journal are blocking work.
+    let job = tokio::task::spawn_blocking(move || hub.submit(edit, image))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    tracing::info!(id = %job.id, "accepted");
+    Ok(job)
+}
+
+/// Links of an edit.
+fn links(id: &str) -> Value {
+    json!({
+        "status": format!("/v1/edits/{id}"),
+        "events": format!("/v1/edits/{id}/events"),
+        "report": format!("/v1/edits/{id}/files/report.json"),
+    })
+}
+
+/// `POST /v1/edits`: 202 with the id as soon as the edit is journaled.
+async fn create_edit(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let job = submit(&state, request).await?;
+    let body = json!({"id": job.id, "status": job.status(), "links": links(&job.id)});
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// `GET /v1/edits`: the most recent edits (the page's history).
+async fn list_edits(State(state): State<AppState>) -> Json<Value> {
+    let edits: Vec<Value> = state
+        .hub
+        .recent(100)
+        .iter()
+        .map(|j| {
+            json!({"id": j.id, "status": j.status(), "created": j.created,
+                   "instruction": j.request.instruction, "strategy": j.request.strategy.kind})
+        })
+        .collect();
+    Json(json!({ "data": edits }))
+}
+
+/// `GET /v1/edits/{id}`: status, the request, and the report once done.
+async fn get_edit(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = state.hub.job(&id)?;
+    let status = job.status();
+    let report = (status == Status::Done)
+        .then(|| state.hub.report(&id))
+        .flatten();
+    Ok(Json(json!({
+        "id": job.id,
+        "status": status,
+        "created": job.created,
+        "instruction": job.request.instruction,
+        "strategy": job.request.strategy,
+        "worker": job.worker(),
+        "error": job.error(),
+        "links": links(&job.id),
+        "report": report,
+    })))
+}
+
+/// `DELETE /v1/edits/{id}`: cancels a queued or running edit.
+async fn cancel_edit(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let status = state.hub.cancel(&id)?;
+    let note = match status {
+        Status::Running => "cancelling: the generator stops at its next step boundary",
+        _ => "cancelled",
+    };
+    Ok(Json(json!({"id": id, "status": status, "note": note})))
+}
+
+/// `GET /v1/edits/{id}/events`: the edit's events from the first, then live, ending with
+/// `done`, `failed` or `cancelled`. A reconnecting client's `Last-Event-ID` resumes after
+/// the events it has.
+async fn edit_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let job = state.hub.job(&id)?;
+    let from = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(0, |last| last + 1);
+    let on_disk = {
+        let (events, over) = job.events_since(from);
+        (over && events.is_empty()).then(|| state.hub.events_on_disk(&id))
+    };
+    let stop = state.hub.stop.clone();
+    let stream = futures::stream::unfold(
+        (job, from, on_disk, false),
+        move |(job, next, on_disk, finished)| {
+            let stop = stop.clone();
+            async move {
+                if finished {
+                    return None;
+                }
+                if let Some(mut disk) = on_disk {
+                    // An edit that ended before this process: its stored stream.
+                    disk.retain(|e| e.seq >= next);
+                    if disk.is_empty() {
+                        return None;
+                    }
+                    let e = disk.remove(0);
+                    let next = e.seq + 1;
+                    let last = e.is_last();
+                    return Some((Ok(sse(&e)), (job, next, Some(disk), last)));
+                }
+                let mut changes = job.watch();
+                loop {
+                    let (events, over) = job.events_since(next);
+                    if let Some(e) = events.into_iter().next() {
+                        let last = e.is_last();
+                        return Some((Ok(sse(&e)), (job, e.seq + 1, None, last)));
+                    }
+                    if over {
+                        return None;
+                    }
+                    tokio::select! {
+                        changed = changes.changed() => if changed.is_err() { return None },
+                        _ = stop.stopped() => return None,
+                    }
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+fn sse(e: &ServerEvent) -> Event {
+    Event::default()
+        .id(e.seq.to_string())
+        .event(e.kind.clone())
+        .data(e.data.to_string())
+}
+
+/// `GET /v1/edits/{id}/files/{path}`: a file of the edit's folder (previews, finals, the
+/// contact sheet, report.json). Paths never leave the folder.
+async fn edit_file(
+    State(state): State<AppState>,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    state.hub.job(&id)?;
+    let rel = std::path::Path::new(&path);
+    if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(ApiError::bad_field(
+            "path",
+            "file paths stay inside the edit's folder",
+        ));
+    }
+    let file = state.hub.edit_dir(&id).join(rel);
+    let bytes = tokio::fs::read(&file)
+        .await
+        .map_err(|_| ApiError::not_found(format!("edit {id} has no file {path:?} (yet)")))?;
+    let content_type = match rel.extension().and_then(|e| e.to_str()) {
+        Some("png") => "image/png",
+        Some("jpg") => "image/jpeg",
+        Some("webp") => "image/webp",
+        Some("json") => "application/json",
+        Some("jsonl") => "application/jsonl",
+        _ => "application/octet-stream",
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from(bytes),
+    )
+        .into_response())
+}
+
+/// `GET /healthz`: up, with the workers and the queue.
+async fn healthz(State(state): State<AppState>) -> Json<Value> {
+    let workers: Vec<&str> = state.workers.iter().map(|(n, _)| n.as_str()).collect();
+    Json(json!({
+        "status": if state.hub.stop.is_set() { "stopping" } else { "ok" },
+        "workers": workers,
+        "queue_depth": state.hub.queue_depth(),
+        "max_queue": state.hub.max_queue,
+    }))
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.hub.metrics.render(&state.workers);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// `POST /v1/images/edits`: OpenAI's image edit. Answers when the edit is over, in the
+/// OpenAI shape (`created`, `data[]`) with our `icedit` object beside it.
+async fn images_edits(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Json<Value>, ApiError> {
+    // `url` answers are absolute (OpenAI's are), on the address the client reached.
+    let base = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(String::new, |host| format!("http://{host}"));
+    let job = submit(&state, request).await?;
+    let status = tokio::select! {
+        s = job.finished() => s,
+        _ = state.hub.stop.stopped() => {
+            // Shutting down: the edit is journaled and runs after the restart.
+            return Err(ApiError {
+                message: format!(
+                    "the server is shutting down; edit {} is journaled and will run after a restart (GET /v1/edits/{})",
+                    job.id, job.id
+                ),
+                ..ApiError::shutting_down()
+            });
+        }
+    };
+    match status {
+        Status::Done => {}
+        Status::Cancelled => {
+            return Err(ApiError::conflict(format!("edit {} was cancelled", job.id)))
+        }
+        _ => {
+            return Err(ApiError::internal(format!(
+                "edit {} failed: {}",
+                job.id,
+                job.error().unwrap_or_default()
+            )))
+        }
+    }
+    let report = state
+        .hub
+        .report(&job.id)
+        .ok_or_else(|| ApiError::internal(format!("edit {}: report.json is unreadable", job.id)))?;
+    // The pick first, then the other finished candidates by VIE O.
+    let mut finished: Vec<_> = report
+        .candidates
+        .iter()
+        .filter(|c| c.final_file.is_some() && c.status != CandidateStatus::Pruned)
+        .collect();
+    let pick = report.pick.as_ref().map(|p| p.index);
+    finished.sort_by(|a, b| {
+        (Some(b.index) == pick)
+            .cmp(&(Some(a.index) == pick))
+            .then(
+                b.overall()
+                    .unwrap_or(f32::MIN)
+                    .total_cmp(&a.overall().unwrap_or(f32::MIN)),
+            )
+            .then(a.index.cmp(&b.index))
+    });
+    if finished.is_empty() {
+        return Err(ApiError::internal(format!(
+            "edit {}: no candidate finished",
+            job.id
+        )));
+    }
+    let dir = state.hub.edit_dir(&job.id);
+    let mut data = Vec::new();
+    for c in finished.iter().take(job.request.n) {
+        let rel = c.final_file.as_deref().expect("filtered on final_file");
+        let item = match job.request.response_format {
+            ResponseFormat::Url => {
+                json!({"url": format!("{base}/v1/edits/{}/files/{rel}", job.id)})
+            }
+            ResponseFormat::B64Json => {
+                let bytes = tokio::fs::read(dir.join(rel))
+                    .await
+                    .map_err(|e| ApiError::internal(format!("edit {}: {rel}: {e}", job.id)))?;
+                json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(bytes)})
+            }
+        };
+        data.push(item);
+    }
+    let (w, h) = report.panel;
+    let mut icedit = done_event(&job.id, &report);
+    icedit["id"] = json!(job.id);
+    icedit["vie"] = json!(report.picked().and_then(|c| c.vie.as_ref()));
+    Ok(Json(json!({
+        "created": job.created,
+        "data": data,
+        "output_format": "png",
+        "size": format!("{w}x{h}"),
+        "icedit": icedit,
+    })))
+}

@@ -1,0 +1,631 @@
+//! Edits as jobs: the registry of every edit the server knows, the one bounded queue all
+//! requests share, and the worker loops that take edits from it (one engine per device,
+//! a few edits in flight on each so the generator works while judges think).
+//!
+//! An edit's life: `queued` (journaled, in the queue) -> `running` (a worker took it) ->
+//! `done` | `failed` | `cancelled` (journaled as ended). Its events are kept in memory and
+//! written to `events.jsonl` in its folder when it ends (read from there after a restart).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify};
+use tracing::Instrument;
+
+use super::error::ApiError;
+use super::events::{relay, EventSink, ServerEvent};
+use super::journal::{Accepted, Ending, Journal, Record};
+use super::metrics::{Metrics, WorkerLabel};
+use super::request::{EditRequest, Limits};
+use crate::edit::{load_image_bytes, resize_to_panel, EditContext, ImageLimits};
+use crate::engine::outputs::write_outputs;
+use crate::engine::report::EditReport;
+use crate::engine::{EditJob, Engine, StrategyConfig};
+use crate::error::EngineError;
+use crate::fsio::{jsonl, write_atomic};
+use crate::stop::StopSignal;
+
+/// Where an edit is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Accepted, waiting for a worker.
+    Queued,
+    /// A worker is running it.
+    Running,
+    /// Finished; outputs on disk.
+    Done,
+    /// Failed (the error says why).
+    Failed,
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl Status {
+    /// Whether the edit is over.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Done | Self::Failed | Self::Cancelled)
+    }
+
+    fn of(ending: Ending) -> Self {
+        match ending {
+            Ending::Done => Self::Done,
+            Ending::Failed => Self::Failed,
+            Ending::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+/// What changes while an edit lives.
+struct JobState {
+    status: Status,
+    /// The events published in this process (an edit that ended before it started has its
+    /// events on disk only).
+    events: Vec<ServerEvent>,
+    /// Events published so far (the next `seq`).
+    published: u64,
+    error: Option<String>,
+    worker: Option<String>,
+}
+
+/// One edit the server knows.
+pub struct Job {
+    /// The edit id.
+    pub id: String,
+    /// Unix seconds of acceptance.
+    pub created: u64,
+    /// The checked request.
+    pub request: EditRequest,
+    /// The upload's file name in the edit's folder.
+    pub source: String,
+    /// Set by DELETE: the generator stops at its next step boundary.
+    pub cancel: StopSignal,
+    state: Mutex<JobState>,
+    /// Bumped whenever an event is published or the status changes.
+    changed: watch::Sender<u64>,
+}
+
+impl Job {
+    fn new(accepted: Accepted) -> Self {
+        let (status, error) = match accepted.ended {
+            Some((ending, error)) => (Status::of(ending), error),
+            None => (Status::Queued, None),
+        };
+        Self {
+            id: accepted.id,
+            created: accepted.created,
+            request: accepted.request,
+            source: accepted.source,
+            cancel: StopSignal::default(),
+            state: Mutex::new(JobState {
+                status,
+                events: Vec::new(),
+                published: 0,
+                error,
+                worker: None,
+            }),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    /// The edit's status now.
+    pub fn status(&self) -> Status {
+        self.state.lock().unwrap().status
+    }
+
+    /// Why it failed, if it did.
+    pub fn error(&self) -> Option<String> {
+        self.state.lock().unwrap().error.clone()
+    }
+
+    /// The worker that runs (or ran) it in this process.
+    pub fn worker(&self) -> Option<String> {
+        self.state.lock().unwrap().worker.clone()
+    }
+
+    /// Appends an event to the stream and wakes its watchers.
+    fn publish(&self, kind: &str, data: Value) {
+        let mut s = self.state.lock().unwrap();
+        let event = ServerEvent {
+            seq: s.published,
+            kind: kind.to_string(),
+            data,
+        };
+        s.published += 1;
+        s.events.push(event);
+        let n = s.published;
+        drop(s);
+        self.changed.send_replace(n);
+    }
+
+    fn set_status(&self, status: Status, error: Option<String>) {
+        let mut s = self.state.lock().unwrap();
+        s.status = status;
+        if error.is_some() {
+            s.error = error;
+        }
+        drop(s);
+        self.changed.send_modify(|_| {});
+    }
+
+    /// Events from `from` on that are in memory, and whether the stream is over (its last
+    /// event is among them or it ended before this process, see [`Hub::events_on_disk`]).
+    pub fn events_since(&self, from: u64) -> (Vec<ServerEvent>, bool) {
+        let s = self.state.lock().unwrap();
+        let events: Vec<ServerEvent> = s.events.iter().filter(|e| e.seq >= from).cloned().collect();
+        let over = s.events.last().is_some_and(ServerEvent::is_last)
+            || (s.status.is_final() && s.events.is_empty());
+        (events, over)
+    }
+
+    /// A receiver that changes whenever something is published.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Resolves once the edit is over.
+    pub async fn finished(&self) -> Status {
+        let mut rx = self.watch();
+        loop {
+            let status = self.status();
+            if status.is_final() {
+                return status;
+            }
+            if rx.changed().await.is_err() {
+                return self.status();
+            }
+        }
+    }
+}
+
+/// How an edit is made available to a worker.
+struct Queue {
+    waiting: VecDeque<Arc<Job>>,
+}
+
+/// Everything the handlers and workers share.
+pub struct Hub {
+    out: PathBuf,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    /// Ids in order of acceptance (the page's history).
+    order: Mutex<Vec<String>>,
+    queue: Mutex<Queue>,
+    queued: Notify,
+    journal: Mutex<Journal>,
+    /// Largest queue before 429.
+    pub max_queue: usize,
+    /// Per-request limits.
+    pub limits: Limits,
+    /// The strategy requests lay their fields over.
+    pub defaults: StrategyConfig,
+    /// The server's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Set on shutdown: no new edits are taken or started.
+    pub stop: StopSignal,
+    /// Mean seconds per finished edit (for Retry-After), and how many.
+    pace: Mutex<(f64, u64)>,
+    workers: usize,
+}
+
+/// Unix seconds now.
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A fresh edit id: `ed_` and 16 hex digits (time and randomness, so ids from before a
+/// restart never collide with new ones).
+fn new_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!("ed_{:016x}", nanos ^ rand::random::<u64>() >> 24)
+}
+
+impl Hub {
+    /// Opens `out`'s journal: edits that ended are known (served from disk), those that did
+    /// not are queued again in the order they were accepted.
+    pub fn open(
+        out: &Path,
+        max_queue: usize,
+        limits: Limits,
+        defaults: StrategyConfig,
+        metrics: Arc<Metrics>,
+        workers: usize,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(out.join("edits"))?;
+        let (journal, accepted) = Journal::open(out)?;
+        let mut jobs = HashMap::new();
+        let mut order = Vec::new();
+        let mut waiting = VecDeque::new();
+        let mut resumed = 0;
+        for a in accepted {
+            let job = Arc::new(Job::new(a));
+            if !job.status().is_final() {
+                waiting.push_back(job.clone());
+                resumed += 1;
+            }
+            order.push(job.id.clone());
+            jobs.insert(job.id.clone(), job);
+        }
+        if resumed > 0 {
+            tracing::info!("{resumed} accepted edit(s) had not ended; they run again");
+        }
+        metrics.queue_depth.set(waiting.len() as i64);
+        Ok(Self {
+            out: out.to_path_buf(),
+            jobs: Mutex::new(jobs),
+            order: Mutex::new(order),
+            queue: Mutex::new(Queue { waiting }),
+            queued: Notify::new(),
+            journal: Mutex::new(journal),
+            max_queue,
+            limits,
+            defaults,
+            metrics,
+            stop: StopSignal::default(),
+            pace: Mutex::new((0.0, 0)),
+            workers: workers.max(1),
+        })
+    }
+
+    /// An edit's folder.
+    pub fn edit_dir(&self, id: &str) -> PathBuf {
+        self.out.join("edits").join(id)
+    }
+
+    /// The edit with this id.
+    pub fn job(&self, id: &str) -> Result<Arc<Job>, ApiError> {
+        self.jobs
+            .lock()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no edit with id {id:?}")))
+    }
+
+    /// Every edit, newest first, at most `limit`.
+    pub fn recent(&self, limit: usize) -> Vec<Arc<Job>> {
+        let order = self.order.lock().unwrap();
+        let jobs = self.jobs.lock().unwrap();
+        order
+            .iter()
+            .rev()
+            .take(limit)
+            .filter_map(|id| jobs.get(id).cloned())
+            .collect()
+    }
+
+    /// Edits waiting now.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.lock().unwrap().waiting.len()
+    }
+
+    /// Seconds a refused client should wait: the time the queue ahead of it takes at the
+    /// mean pace so far (1 s before any edit has finished), at least 1.
+    fn retry_after(&self, depth: usize) -> u64 {
+        let (mean, n) = *self.pace.lock().unwrap();
+        let mean = if n == 0 { 1.0 } else { mean };
+        ((mean * depth as f64 / self.workers as f64).ceil() as u64).max(1)
+    }
+
+    /// Checks the image (size, pixels, decodable), then journals the edit and queues it.
+    /// The record is on disk before this returns: an accepted edit survives a crash.
+    pub fn submit(&self, request: EditRequest, image: Vec<u8>) -> Result<Arc<Job>, ApiError> {
+        if self.stop.is_set() {
+            return Err(ApiError::shutting_down());
+        }
+        let extension = check_image(&image, &self.limits)?;
+        let mut queue = self.queue.lock().unwrap();
+        if queue.waiting.len() >= self.max_queue {
+            let depth = queue.waiting.len();
+            return Err(ApiError::queue_full(depth, self.retry_after(depth)));
+        }
+        let id = new_id();
+        let source = format!("source.{extension}");
+        let internal = |what: &str, e: &dyn std::fmt::Display| {
+            tracing::error!("edit {id}: {what}: {e}");
+            ApiError::internal(format!("cannot accept the edit: {what} failed ({e})"))
+        };
+        write_atomic(&self.edit_dir(&id).join(&source), &image)
+            .map_err(|e| internal("saving the upload", &e))?;
+        let created = now();
+        let accepted = Accepted {
+            id: id.clone(),
+            created,
+            source: source.clone(),
+            request: request.clone(),
+            ended: None,
+        };
+        self.journal
+            .lock()
+            .unwrap()
+            .append(&Record::Accepted {
+                id: id.clone(),
+                created,
+                source,
+                request,
+            })
+            .map_err(|e| internal("writing the journal", &e))?;
+        let job = Arc::new(Job::new(accepted));
+        job.publish("queued", json!({"position": queue.waiting.len()}));
+        self.jobs.lock().unwrap().insert(id.clone(), job.clone());
+        self.order.lock().unwrap().push(id);
+        queue.waiting.push_back(job.clone());
+        self.metrics.queue_depth.set(queue.waiting.len() as i64);
+        self.metrics.count("accepted");
+        drop(queue);
+        self.queued.notify_one();
+        Ok(job)
+    }
+
+    /// Cancels an edit: a queued one ends at once, a running one at its generator's next
+    /// step boundary. Refused (409) when it is over.
+    pub fn cancel(&self, id: &str) -> Result<Status, ApiError> {
+        let job = self.job(id)?;
+        let mut queue = self.queue.lock().unwrap();
+        match job.status() {
+            Status::Queued => {
+                queue.waiting.retain(|j| j.id != id);
+                self.metrics.queue_depth.set(queue.waiting.len() as i64);
+                drop(queue);
+                self.end(&job, Ending::Cancelled, None);
+                Ok(Status::Cancelled)
+            }
+            Status::Running => {
+                job.cancel.stop();
+                Ok(Status::Running)
+            }
+            s => Err(ApiError::conflict(format!(
+                "edit {id} is already {}",
+                serde_json::to_value(s)
+                    .unwrap_or_default()
+                    .as_str()
+                    .unwrap_or("over")
+            ))),
+        }
+    }
+
+    /// The next queued edit, marked running; `None` once the server stops.
+    async fn next(&self) -> Option<Arc<Job>> {
+        loop {
+            let notified = self.queued.notified();
+            if self.stop.is_set() {
+                return None;
+            }
+            {
+                let mut queue = self.queue.lock().unwrap();
+                if let Some(job) = queue.waiting.pop_front() {
+                    self.metrics.queue_depth.set(queue.waiting.len() as i64);
+                    job.set_status(Status::Running, None);
+                    return Some(job);
+                }
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = self.stop.stopped() => return None,
+            }
+        }
+    }
+
+    /// Records how an edit ended: journal, status, last event, its events on disk,
+    /// metrics. The journal record is the one that counts: an edit ends exactly once.
+    fn end(&self, job: &Job, ending: Ending, error: Option<String>) {
+        let record = Record::Ended {
+            id: job.id.clone(),
+            ending,
+            error: error.clone(),
+        };
+        if let Err(e) = self.journal.lock().unwrap().append(&record) {
+            // The edit will run again after a restart; nothing is lost.
+            tracing::error!("edit {}: journaling its end: {e}", job.id);
+        }
+        let (kind, data) = match ending {
+            Ending::Done => ("done", Value::Null),
+            Ending::Failed => ("failed", json!({"error": error})),
+            Ending::Cancelled => ("cancelled", json!({})),
+        };
+        if kind != "done" {
+            job.publish(kind, data);
+        }
+        let events: Vec<ServerEvent> = job.state.lock().unwrap().events.clone();
+        let path = self.edit_dir(&job.id).join("events.jsonl");
+        let written = std::fs::File::create(&path).and_then(|mut f| jsonl::append(&mut f, &events));
+        if let Err(e) = written {
+            tracing::warn!("{}: {e}", path.display());
+        }
+        self.metrics.count(match ending {
+            Ending::Done => "done",
+            Ending::Failed => "failed",
+            Ending::Cancelled => "cancelled",
+        });
+        let status = Status::of(ending);
+        job.set_status(status, error);
+    }
+
+    /// Events of an edit that ended before this process started (read from its folder).
+    pub fn events_on_disk(&self, id: &str) -> Vec<ServerEvent> {
+        jsonl::read(&self.edit_dir(id).join("events.jsonl")).unwrap_or_default()
+    }
+
+    /// The report of a finished edit, as written in its folder.
+    pub fn report(&self, id: &str) -> Option<EditReport> {
+        let text = std::fs::read(self.edit_dir(id).join("report.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Runs edits from the queue on `engine` until the server stops; returns when the
+    /// edits it started are over.
+    pub async fn work(self: Arc<Self>, name: String, engine: Engine) {
+        while let Some(job) = self.next().await {
+            let span = tracing::info_span!("edit", id = %job.id, worker = %name);
+            self.run(&name, &engine, job).instrument(span).await;
+        }
+    }
+
+    async fn run(&self, worker: &str, engine: &Engine, job: Arc<Job>) {
+        job.state.lock().unwrap().worker = Some(worker.to_string());
+        self.metrics.running.inc();
+        let started = Instant::now();
+        tracing::info!("started");
+        job.publish("started", json!({"worker": worker}));
+        let dir = self.edit_dir(&job.id);
+        let result = self.run_engine(engine, &job, &dir).await;
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.running.dec();
+        let label = WorkerLabel {
+            worker: worker.to_string(),
+        };
+        match result {
+            Ok(report) => {
+                self.metrics
+                    .nfe
+                    .get_or_create(&label)
+                    .inc_by(report.nfe.total as u64);
+                self.metrics
+                    .edit_seconds
+                    .get_or_create(&label)
+                    .observe(seconds);
+                let mut pace = self.pace.lock().unwrap();
+                pace.1 += 1;
+                pace.0 += (seconds - pace.0) / pace.1 as f64;
+                drop(pace);
+                job.publish("done", done_event(&job.id, &report));
+                tracing::info!(nfe = report.nfe.total, "done in {seconds:.1} s");
+                self.end(&job, Ending::Done, None);
+            }
+            Err(EngineError::Cancelled) => {
+                tracing::info!("cancelled");
+                self.end(&job, Ending::Cancelled, None);
+            }
+            Err(e) => {
+                tracing::warn!("failed: {e}");
+                self.end(&job, Ending::Failed, Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Loads the source, runs the edit with its events relayed, writes its outputs.
+    async fn run_engine(
+        &self,
+        engine: &Engine,
+        job: &Arc<Job>,
+        dir: &Path,
+    ) -> Result<EditReport, EngineError> {
+        let bytes = std::fs::read(dir.join(&job.source)).map_err(|e| EngineError::Output {
+            path: dir.join(&job.source),
+            reason: format!("cannot read the upload: {e}"),
+        })?;
+        let image = load_image_bytes(&bytes, &job.source, image_limits(&self.limits))?;
+        let panel = resize_to_panel(&image, job.request.width)?;
+        let mut edit_job = EditJob::new(
+            EditContext::new(job.id.clone(), panel, job.request.instruction.clone()),
+            job.request.strategy.clone(),
+        );
+        edit_job.cancel = job.cancel.clone();
+        edit_job.live_previews = job.request.live_previews;
+        let (sink, events) = EventSink::new();
+        let publisher = job.clone();
+        let relayed = tokio::spawn(relay(
+            job.id.clone(),
+            dir.to_path_buf(),
+            events,
+            move |kind, data| publisher.publish(kind, data),
+        ));
+        let result = engine.run(edit_job, Arc::new(sink)).await;
+        // The run has dropped every copy of the sink: the relay ends after the last event.
+        let _ = relayed.await;
+        let mut report = result?;
+        let out = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || write_outputs(&mut report, &out).map(|_| report))
+            .await
+            .map_err(|e| EngineError::Output {
+                path: dir.to_path_buf(),
+                reason: e.to_string(),
+            })?
+    }
+}
+
+/// The `done` event: the pick, every candidate's final status and score, NFE, judge totals
+/// and where the files are.
+pub fn done_event(id: &str, report: &EditReport) -> Value {
+    let url = |rel: &str| format!("/v1/edits/{id}/files/{rel}");
+    let candidates: Vec<Value> = report
+        .candidates
+        .iter()
+        .map(|c| {
+            json!({
+                "index": c.index, "seed": c.seed, "status": c.status,
+                "overall": c.overall(), "final_url": c.final_file.as_deref().map(url),
+            })
+        })
+        .collect();
+    json!({
+        "pick": report.pick,
+        "final_url": report.pick_file.as_deref().map(url),
+        "report_url": url("report.json"),
+        "contact_sheet_url": url("contact_sheet.png"),
+        "candidates": candidates,
+        "nfe": report.nfe.total,
+        "best_of_n_nfe": report.nfe.best_of_n_equivalent,
+        "random_nfe": report.nfe.random_equivalent,
+        "judge": {
+            "calls": report.judge_totals.calls,
+            "failures": report.judge_totals.failures,
+            "prompt_tokens": report.judge_totals.prompt_tokens,
+            "completion_tokens": report.judge_totals.completion_tokens,
+        },
+        "notes": report.notes,
+        "seconds": report.timings.total_s,
+    })
+}
+
+fn image_limits(limits: &Limits) -> ImageLimits {
+    ImageLimits {
+        max_side: ImageLimits::default().max_side,
+        max_alloc: limits.max_pixels.saturating_mul(4),
+    }
+}
+
+/// Checks an upload before it is accepted: its format, its pixel count against the limit
+/// (from the header, before decoding), and that it decodes. Returns its file extension.
+fn check_image(bytes: &[u8], limits: &Limits) -> Result<&'static str, ApiError> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ApiError::bad_field("image", format!("`image`: {e}")))?;
+    let format = reader
+        .format()
+        .ok_or_else(|| ApiError::bad_field("image", "`image` is not a PNG, JPEG or WebP image"))?;
+    let extension = match format {
+        image::ImageFormat::Png => "png",
+        image::ImageFormat::Jpeg => "jpg",
+        image::ImageFormat::WebP => "webp",
+        other => {
+            return Err(ApiError::bad_field(
+                "image",
+                format!("`image` is {other:?}; send PNG, JPEG or WebP"),
+            ))
+        }
+    };
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| ApiError::bad_field("image", format!("`image` is unreadable: {e}")))?;
+    if u64::from(w) * u64::from(h) > limits.max_pixels {
+        return Err(ApiError::too_large(
+            "image",
+            format!(
+                "`image` is {w}x{h} = {} pixels; this server accepts at most {}",
+                u64::from(w) * u64::from(h),
+                limits.max_pixels
+            ),
+        ));
+    }
+    load_image_bytes(bytes, "image", image_limits(limits))
+        .map_err(|e| ApiError::bad_field("image", format!("`image`: {e}")))?;
+    Ok(extension)
+}

@@ -1,0 +1,173 @@
+//! The journal: every accepted edit, and how each ended, in an append-only JSONL file that
+//! is fsynced before the client hears "accepted". After a crash (or `kill -9`) a restart
+//! with the same `--out` reads it back: edits accepted but not ended run again, ended ones
+//! are served from their folders.
+//!
+//! Layout under `--out`:
+//! ```text
+//! journal.jsonl              accepted / ended records, in order
+//! edits/<id>/source.<ext>    the uploaded image as it came (written before its record)
+//! edits/<id>/...             the edit's outputs (report.json, final.png, previews/, ...)
+//! edits/<id>/events.jsonl    the event stream of the edit, written when it ends
+//! ```
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::request::EditRequest;
+use crate::fsio::jsonl;
+
+/// How an edit ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// It finished; its outputs are in its folder.
+    Done,
+    /// It failed; the record says why.
+    Failed,
+    /// A client cancelled it.
+    Cancelled,
+}
+
+/// One line of the journal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum Record {
+    /// An edit was accepted.
+    Accepted {
+        /// The edit id.
+        id: String,
+        /// Unix seconds.
+        created: u64,
+        /// The upload's file name in the edit's folder.
+        source: String,
+        /// The checked request.
+        request: EditRequest,
+    },
+    /// An edit ended.
+    Ended {
+        /// The edit id.
+        id: String,
+        /// How.
+        ending: Ending,
+        /// Why it failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+/// An accepted edit as read back from the journal.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The edit id.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The upload's file name in the edit's folder.
+    pub source: String,
+    /// The request.
+    pub request: EditRequest,
+    /// How it ended, if it did (with the failure's message).
+    pub ended: Option<(Ending, Option<String>)>,
+}
+
+/// The open journal.
+pub struct Journal {
+    file: File,
+    path: PathBuf,
+}
+
+impl Journal {
+    /// Opens (or creates) `out/journal.jsonl`, returning every accepted edit in order of
+    /// acceptance with how it ended. A torn last line (a crash mid-append) is cut: its edit
+    /// was never acknowledged.
+    pub fn open(out: &Path) -> std::io::Result<(Self, Vec<Accepted>)> {
+        let path = out.join("journal.jsonl");
+        let (records, file) = jsonl::open::<Record>(&path)?;
+        let mut order: Vec<Accepted> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for r in records {
+            match r {
+                Record::Accepted {
+                    id,
+                    created,
+                    source,
+                    request,
+                } => {
+                    index.insert(id.clone(), order.len());
+                    order.push(Accepted {
+                        id,
+                        created,
+                        source,
+                        request,
+                        ended: None,
+                    });
+                }
+                Record::Ended { id, ending, error } => {
+                    if let Some(&i) = index.get(&id) {
+                        order[i].ended = Some((ending, error));
+                    }
+                }
+            }
+        }
+        Ok((Self { file, path }, order))
+    }
+
+    /// Appends `record` and syncs it to disk before returning.
+    pub fn append(&mut self, record: &Record) -> std::io::Result<()> {
+        jsonl::append(&mut self.file, std::slice::from_ref(record))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::StrategyConfig;
+    use crate::serve::request::ResponseFormat;
+
+    fn request() -> EditRequest {
+        EditRequest {
+            instruction: "x".into(),
+            strategy: StrategyConfig::default(),
+            n: 1,
+            width: 256,
+            response_format: ResponseFormat::B64Json,
+            user: None,
+            live_previews: false,
+        }
+    }
+
+    #[test]
+    fn accepted_edits_come_back_in_order_with_their_endings() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, old) = Journal::open(dir.path()).unwrap();
+        assert!(old.is_empty());
+        for id in ["a", "b", "c"] {
+            j.append(&Record::Accepted {
+                id: id.into(),
+                created: 1,
+                source: "source.png".into(),
+                request: request(),
+            })
+            .unwrap();
+        }
+        j.append(&Record::Ended {
+            id: "b".into(),
+            ending: Ending::Done,
+            error: None,
+        })
+        .unwrap();
+        drop(j);
+        let (_, back) = Journal::open(dir.path()).unwrap();
+        let ids: Vec<_> = back
+            .iter()
+            .map(|a| (a.id.as_str(), a.ended.is_some()))
+            .collect();
+        assert_eq!(ids, [("a", false), ("b", true), ("c", false)]);
+        assert_eq!(back[0].request, request());
+    }
+}

@@ -1,0 +1,117 @@
+//! `serve`: one loaded model shared by many clients over HTTP.
+//!
+//! Requests (the OpenAI-compatible `POST /v1/images/edits`, or `POST /v1/edits` followed
+//! over Server-Sent Events) are checked ([`request`]), journaled ([`journal`]) and queued;
+//! one worker loop per device takes them from the one bounded queue ([`jobs`]) and runs
+//! them through its engine, a few at a time so the generator works while judges think.
+//! Every edit's events ([`events`]) stream to its watchers and to the page at `/`
+//! ([`page`]); `/metrics` ([`metrics`]) exposes the queue, NFE/s, busy fraction and judge
+//! latency.
+//!
+//! A driver beside `batch` and `eval`: it takes engines built by the command and never
+//! reaches a backend.
+
+pub mod api;
+pub mod error;
+pub mod events;
+pub mod jobs;
+pub mod journal;
+pub mod metrics;
+pub mod page;
+pub mod request;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use error::ApiError;
+pub use jobs::{Hub, Status};
+pub use metrics::{MeteredJudge, Metrics};
+pub use request::{EditRequest, Limits};
+
+use crate::engine::{Engine, StrategyConfig};
+use crate::stop::StopSignal;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to listen on (`127.0.0.1:0` picks a free port; the one bound is printed).
+    pub addr: SocketAddr,
+    /// Folder of the journal and every edit's outputs; the same folder after a restart
+    /// resumes what was accepted.
+    pub out: PathBuf,
+    /// Edits waiting beyond this are refused with 429.
+    pub max_queue: usize,
+    /// Edits each worker runs at once (2 lets the generator probe one edit while another
+    /// waits for its judge).
+    pub in_flight: usize,
+    /// Per-request limits.
+    pub limits: Limits,
+    /// Bearer token clients must send (from an environment variable; never logged).
+    pub token: Option<String>,
+    /// The strategy requests lay their fields over.
+    pub defaults: StrategyConfig,
+}
+
+/// Runs the server over `engines` (one per device, named) until `stop` is set, then stops
+/// taking edits, lets those running finish (queued ones stay journaled for the next
+/// start) and returns. Prints `listening on http://ADDR` once it accepts connections.
+pub async fn run(
+    engines: Vec<(String, Engine)>,
+    metrics: Arc<Metrics>,
+    opts: ServeOptions,
+    stop: StopSignal,
+) -> anyhow::Result<()> {
+    let hub = Arc::new(
+        Hub::open(
+            &opts.out,
+            opts.max_queue,
+            opts.limits,
+            opts.defaults.clone(),
+            metrics,
+            engines.len(),
+        )
+        .map_err(|e| anyhow::anyhow!("{}: cannot open the journal: {e}", opts.out.display()))?,
+    );
+    let workers = Arc::new(
+        engines
+            .iter()
+            .map(|(name, e)| (name.clone(), e.worker().clone()))
+            .collect::<Vec<_>>(),
+    );
+    let mut loops = tokio::task::JoinSet::new();
+    for (name, engine) in engines {
+        for _ in 0..opts.in_flight.max(1) {
+            loops.spawn(hub.clone().work(name.clone(), engine.clone()));
+        }
+    }
+    let state = api::AppState {
+        hub: hub.clone(),
+        token: opts.token.map(Arc::from),
+        workers,
+    };
+    let listener = tokio::net::TcpListener::bind(opts.addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--addr {}: cannot listen: {e}", opts.addr))?;
+    let bound = listener.local_addr()?;
+    // Tests and scripts read this line to learn the port: print it once we accept.
+    println!("listening on http://{bound}");
+    tracing::info!("listening on http://{bound}");
+    let shutdown = {
+        let (stop, hub) = (stop.clone(), hub.clone());
+        async move {
+            stop.stopped().await;
+            hub.stop.stop();
+        }
+    };
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    hub.stop.stop();
+    let running = hub.metrics.running.get();
+    if running > 0 {
+        eprintln!("finishing {running} running edit(s); queued ones stay journaled");
+    }
+    while loops.join_next().await.is_some() {}
+    Ok(())
+}

@@ -1,0 +1,537 @@
+//! One edit request as the API receives it: OpenAI's `images/edits` fields plus our scaling
+//! knobs, from a multipart form or a JSON body, checked against the server's limits. What
+//! passes is an [`EditRequest`]: plain data, journaled before the request is accepted.
+//!
+//! Field names of the OpenAI endpoint (`image`, `prompt`, `n`, `size`, `response_format`,
+//! `output_format`, `user`, and `model`, `quality`, `background`, ... that we accept and
+//! ignore) are from openai-python `types/image_edit_params.py` (see DESIGN.md, Serving).
+
+use std::collections::BTreeMap;
+
+use axum::extract::multipart::{Multipart, MultipartError};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use crate::edit::{panel_width_error, DEFAULT_PANEL_WIDTH};
+use crate::engine::{Seeds, StrategyConfig, StrategyKind, StrategyOverrides, ValueSource};
+
+/// What the server accepts per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest uploaded image, in bytes.
+    pub max_upload_bytes: usize,
+    /// Largest decoded image, in pixels (width x height).
+    pub max_pixels: u64,
+    /// Most seed candidates per edit.
+    pub max_seeds: usize,
+    /// Most steps of the full schedule.
+    pub max_steps: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 20 << 20,
+            max_pixels: 50_000_000,
+            max_seeds: 32,
+            max_steps: 100,
+        }
+    }
+}
+
+/// How the response carries images (OpenAI `response_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// Base64 PNG in the JSON.
+    B64Json,
+    /// A URL on this server.
+    Url,
+}
+
+/// An accepted edit request: everything needed to run it again after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EditRequest {
+    /// The instruction (OpenAI `prompt`).
+    pub instruction: String,
+    /// The strategy the edit runs (defaults with the request's fields laid over them,
+    /// sized to `budget_nfe` when one was asked for).
+    pub strategy: StrategyConfig,
+    /// Finished candidates returned, best first (OpenAI `n`, 1-10).
+    pub n: usize,
+    /// Panel width the source is resized to (from `size`, default 512).
+    pub width: u32,
+    /// How images come back.
+    pub response_format: ResponseFormat,
+    /// The client's end-user id (OpenAI `user`), kept for logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Decode a preview of every candidate at every step for the live page.
+    #[serde(default)]
+    pub live_previews: bool,
+}
+
+/// A request's fields before checking: text values by name, and the image.
+#[derive(Debug, Default)]
+pub struct RawRequest {
+    /// Field name -> value as text (JSON numbers and booleans as their JSON text).
+    pub fields: BTreeMap<String, String>,
+    /// The uploaded image's bytes.
+    pub image: Option<Vec<u8>>,
+}
+
+/// OpenAI fields we accept and ignore (one model, PNG out, no moderation knobs).
+const IGNORED: &[&str] = &[
+    "model",
+    "quality",
+    "background",
+    "output_compression",
+    "input_fidelity",
+    "moderation",
+];
+
+/// Every field a request may carry.
+const KNOWN: &[&str] = &[
+    "image",
+    "prompt",
+    "n",
+    "size",
+    "response_format",
+    "output_format",
+    "user",
+    "mask",
+    "stream",
+    "partial_images",
+    "strategy",
+    "seeds",
+    "seed_list",
+    "probe_steps",
+    "keep",
+    "steps",
+    "seed",
+    "wave",
+    "target",
+    "budget_nfe",
+    "live_previews",
+];
+
+fn multipart_error(e: MultipartError, limits: &Limits) -> ApiError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::too_large(
+            "image",
+            format!(
+                "the request is larger than this server accepts (images up to {} bytes)",
+                limits.max_upload_bytes
+            ),
+        )
+    } else {
+        ApiError::bad_request(format!("unreadable multipart body: {}", e.body_text()))
+    }
+}
+
+impl RawRequest {
+    /// Reads a multipart form (as the OpenAI clients send it): `image` (or `image[]`) as a
+    /// file, every other field as text.
+    pub async fn from_multipart(mut form: Multipart, limits: &Limits) -> Result<Self, ApiError> {
+        let mut raw = Self::default();
+        while let Some(mut field) = form
+            .next_field()
+            .await
+            .map_err(|e| multipart_error(e, limits))?
+        {
+            let name = field.name().unwrap_or_default().to_string();
+            let name = name.strip_suffix("[]").unwrap_or(&name).to_string();
+            if name == "image" {
+                if raw.image.is_some() {
+                    return Err(ApiError::bad_field("image", "one image per edit"));
+                }
+                let mut bytes = Vec::new();
+                while let Some(chunk) = field
+                    .chunk()
+                    .await
+                    .map_err(|e| multipart_error(e, limits))?
+                {
+                    bytes.extend_from_slice(&chunk);
+                    if bytes.len() > limits.max_upload_bytes {
+                        return Err(too_big(limits));
+                    }
+                }
+                raw.image = Some(bytes);
+            } else {
+                let text = field.text().await.map_err(|e| multipart_error(e, limits))?;
+                raw.fields.insert(name, text);
+            }
+        }
+        Ok(raw)
+    }
+
+    /// Reads a JSON object: `image` as base64 (optionally a `data:` URL), other fields as
+    /// JSON values.
+    pub fn from_json(body: &[u8], limits: &Limits) -> Result<Self, ApiError> {
+        let value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("unreadable JSON body: {e}")))?;
+        let mut raw = Self::default();
+        for (name, v) in value {
+            if name == "image" {
+                let text = v.as_str().ok_or_else(|| {
+                    ApiError::bad_field("image", "`image` must be base64 text (or a data: URL)")
+                })?;
+                let b64 = text.split_once(";base64,").map_or(text, |(_, b)| b);
+                if b64.len() / 4 * 3 > limits.max_upload_bytes + 3 {
+                    return Err(too_big(limits));
+                }
+                use base64::Engine as _;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .map_err(|e| {
+                        ApiError::bad_field("image", format!("`image` is not base64: {e}"))
+                    })?;
+                if bytes.len() > limits.max_upload_bytes {
+                    return Err(too_big(limits));
+                }
+                raw.image = Some(bytes);
+            } else {
+                let text = match v {
+                    serde_json::Value::String(s) => s,
+                    serde_json::Value::Array(items) => items
+                        .iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    other => other.to_string(),
+                };
+                raw.fields.insert(name, text);
+            }
+        }
+        Ok(raw)
+    }
+}
+
+fn too_big(limits: &Limits) -> ApiError {
+    ApiError::too_large(
+        "image",
+        format!(
+            "`image` is larger than this server accepts ({} bytes at most)",
+            limits.max_upload_bytes
+        ),
+    )
+}
+
+/// Parses a field's text as a number, naming the field when it is not one.
+fn number<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, ApiError> {
+    text.trim()
+        .parse()
+        .map_err(|_| ApiError::bad_field(name, format!("`{name}` must be a number, not {text:?}")))
+}
+
+fn boolean(name: &str, text: &str) -> Result<bool, ApiError> {
+    match text.trim() {
+        "true" | "1" | "on" => Ok(true),
+        "false" | "0" | "off" | "" => Ok(false),
+        other => Err(ApiError::bad_field(
+            name,
+            format!("`{name}` must be true or false, not {other:?}"),
+        )),
+    }
+}
+
+impl EditRequest {
+    /// Checks `raw`'s fields (the image is checked when it is decoded) and lays them over
+    /// `defaults`. Every refusal names its field.
+    pub fn from_raw(
+        raw: &RawRequest,
+        defaults: &StrategyConfig,
+        limits: &Limits,
+    ) -> Result<Self, ApiError> {
+        let f = &raw.fields;
+        if let Some(unknown) = f
+            .keys()
+            .find(|k| !KNOWN.contains(&k.as_str()) && !IGNORED.contains(&k.as_str()))
+        {
+            return Err(ApiError::bad_field(
+                unknown,
+                format!("unknown field `{unknown}` (fields: {})", KNOWN.join(", ")),
+            ));
+        }
+        if raw.image.is_none() {
+            return Err(ApiError::bad_field(
+                "image",
+                "`image` is required (the source image)",
+            ));
+        }
+        if f.contains_key("mask") {
+            return Err(ApiError::bad_field(
+                "mask",
+                "`mask` is not supported: ICEdit edits the whole image from the instruction",
+            ));
+        }
+        for name in ["stream", "partial_images"] {
+            if f.get(name)
+                .is_some_and(|v| !matches!(v.trim(), "" | "false" | "0"))
+            {
+                return Err(ApiError::bad_field(
+                    name,
+                    format!("`{name}` is not supported here: POST /v1/edits and follow /v1/edits/{{id}}/events"),
+                ));
+            }
+        }
+        let instruction = f
+            .get("prompt")
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                ApiError::bad_field("prompt", "`prompt` (the edit instruction) is required")
+            })?
+            .to_string();
+        let n = match f.get("n") {
+            Some(t) => number::<usize>("n", t)?,
+            None => 1,
+        };
+        if !(1..=10).contains(&n) {
+            return Err(ApiError::bad_field(
+                "n",
+                format!("`n` must be 1 to 10, not {n}"),
+            ));
+        }
+        let width = match f.get("size").map(|s| s.trim()) {
+            None | Some("auto") | Some("") => DEFAULT_PANEL_WIDTH,
+            Some(size) => {
+                let w = size.split_once('x').map_or(size, |(w, _)| w);
+                let w = number::<u32>("size", w)?;
+                if let Some(reason) = panel_width_error(w) {
+                    return Err(ApiError::bad_field(
+                        "size",
+                        format!("`size` {size}: {reason}"),
+                    ));
+                }
+                w
+            }
+        };
+        let response_format = match f.get("response_format").map(|s| s.trim()) {
+            None | Some("") | Some("b64_json") => ResponseFormat::B64Json,
+            Some("url") => ResponseFormat::Url,
+            Some(other) => {
+                return Err(ApiError::bad_field(
+                    "response_format",
+                    format!("`response_format` must be b64_json or url, not {other:?}"),
+                ))
+            }
+        };
+        if let Some(format) = f.get("output_format").map(|s| s.trim()) {
+            if !format.is_empty() && format != "png" {
+                return Err(ApiError::bad_field(
+                    "output_format",
+                    format!("`output_format` {format:?}: this server returns png"),
+                ));
+            }
+        }
+        let strategy = strategy(f, defaults, limits)?;
+        Ok(Self {
+            instruction,
+            strategy,
+            n,
+            width,
+            response_format,
+            user: f.get("user").cloned().filter(|u| !u.is_empty()),
+            live_previews: match f.get("live_previews") {
+                Some(t) => boolean("live_previews", t)?,
+                None => false,
+            },
+        })
+    }
+}
+
+/// The request's strategy: its fields over the defaults, sized to `budget_nfe`, checked
+/// (names as the request writes them) and held to the server's limits.
+fn strategy(
+    f: &BTreeMap<String, String>,
+    defaults: &StrategyConfig,
+    limits: &Limits,
+) -> Result<StrategyConfig, ApiError> {
+    let opt = |name: &str| {
+        f.get(name)
+            .map(|s| s.as_str())
+            .filter(|s| !s.trim().is_empty())
+    };
+    let kind = match opt("strategy") {
+        Some(s) => Some(
+            serde_json::from_value::<StrategyKind>(serde_json::Value::String(s.trim().into()))
+                .map_err(|_| {
+                    ApiError::bad_field(
+                        "strategy",
+                        format!(
+                            "unknown `strategy` {s:?} (random, best-of-n, early-filter, tournament, successive-halving, adaptive)"
+                        ),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let seeds = match (opt("seed_list"), opt("seeds")) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_field(
+                "seed_list",
+                "give `seeds` (a count) or `seed_list`, not both",
+            ))
+        }
+        (Some(list), None) => Some(Seeds::List(
+            list.split(',')
+                .map(|s| number::<u64>("seed_list", s))
+                .collect::<Result<_, _>>()?,
+        )),
+        (None, Some(n)) => Some(Seeds::Count(number("seeds", n)?)),
+        (None, None) => None,
+    };
+    let overrides = StrategyOverrides {
+        strategy: kind,
+        seeds,
+        probe_steps: opt("probe_steps")
+            .map(|t| number("probe_steps", t))
+            .transpose()?,
+        keep: opt("keep").map(|t| number("keep", t)).transpose()?,
+        steps: opt("steps").map(|t| number("steps", t)).transpose()?,
+        seed: opt("seed").map(|t| number("seed", t)).transpose()?,
+        wave: opt("wave").map(|t| number("wave", t)).transpose()?,
+        target: opt("target").map(|t| number("target", t)).transpose()?,
+    };
+    let mut s = overrides.apply(defaults);
+    if let Some(budget) = opt("budget_nfe") {
+        let budget: usize = number("budget_nfe", budget)?;
+        if overrides.seeds.is_some() {
+            return Err(ApiError::bad_field(
+                "budget_nfe",
+                "`budget_nfe` sets the number of seeds: give it without `seeds` or `seed_list`",
+            ));
+        }
+        // Sized with the largest N the server allows, then cut to what fits.
+        s.seeds = limits.max_seeds;
+        s = s.fit_to_budget(budget).map_err(|e| {
+            ApiError::bad_field("budget_nfe", format!("`budget_nfe` {budget}: {e}"))
+        })?;
+    }
+    s.check(&ValueSource::Request)
+        .map_err(|e| ApiError::bad_field(e.field.key(), e.message.clone()))?;
+    if s.candidate_count() > limits.max_seeds {
+        let field = if s.seed_list.is_some() {
+            "seed_list"
+        } else {
+            "seeds"
+        };
+        return Err(ApiError::bad_field(
+            field,
+            format!(
+                "`{field}`: {} seed candidates asked for; this server runs at most {} per edit",
+                s.candidate_count(),
+                limits.max_seeds
+            ),
+        ));
+    }
+    if s.steps > limits.max_steps {
+        return Err(ApiError::bad_field(
+            "steps",
+            format!(
+                "`steps` {}: this server runs at most {}",
+                s.steps, limits.max_steps
+            ),
+        ));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(fields: &[(&str, &str)]) -> RawRequest {
+        RawRequest {
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            image: Some(vec![1, 2, 3]),
+        }
+    }
+
+    fn parse(fields: &[(&str, &str)]) -> Result<EditRequest, ApiError> {
+        EditRequest::from_raw(&raw(fields), &StrategyConfig::default(), &Limits::default())
+    }
+
+    #[test]
+    fn openai_fields_and_our_knobs_are_read() {
+        let r = parse(&[
+            ("prompt", "make the sky night"),
+            ("n", "2"),
+            ("size", "256x256"),
+            ("response_format", "url"),
+            ("model", "anything"),
+            ("strategy", "successive-halving"),
+            ("seeds", "6"),
+            ("probe_steps", "3"),
+            ("steps", "20"),
+        ])
+        .unwrap();
+        assert_eq!(r.instruction, "make the sky night");
+        assert_eq!((r.n, r.width), (2, 256));
+        assert_eq!(r.response_format, ResponseFormat::Url);
+        assert_eq!(r.strategy.kind, StrategyKind::SuccessiveHalving);
+        assert_eq!(
+            (r.strategy.seeds, r.strategy.probe_steps, r.strategy.steps),
+            (6, 3, 20)
+        );
+    }
+
+    #[test]
+    fn every_refusal_names_its_field() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[], "prompt"),
+            (&[("prompt", "x"), ("n", "11")], "n"),
+            (&[("prompt", "x"), ("n", "two")], "n"),
+            (&[("prompt", "x"), ("size", "1000x1000")], "size"),
+            (&[("prompt", "x"), ("seeds", "33")], "seeds"),
+            (&[("prompt", "x"), ("steps", "101")], "steps"),
+            (&[("prompt", "x"), ("probe_steps", "0")], "probe_steps"),
+            (&[("prompt", "x"), ("strategy", "best")], "strategy"),
+            (&[("prompt", "x"), ("mask", "...")], "mask"),
+            (&[("prompt", "x"), ("stream", "true")], "stream"),
+            (&[("prompt", "x"), ("probe_stepz", "3")], "probe_stepz"),
+            (
+                &[("prompt", "x"), ("response_format", "jpg")],
+                "response_format",
+            ),
+            (&[("prompt", "x"), ("budget_nfe", "3")], "budget_nfe"),
+        ];
+        for (fields, param) in cases {
+            let e = parse(fields).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(*param), "{fields:?}: {e}");
+            assert_eq!(e.status, 400, "{fields:?}");
+        }
+        let mut no_image = raw(&[("prompt", "x")]);
+        no_image.image = None;
+        let e = EditRequest::from_raw(&no_image, &StrategyConfig::default(), &Limits::default())
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("image"));
+    }
+
+    #[test]
+    fn a_budget_sizes_the_seed_count() {
+        let r = parse(&[("prompt", "x"), ("budget_nfe", "124")]).unwrap();
+        assert!(r.strategy.planned_nfe() <= 124);
+        assert!(r.strategy.seeds >= 1);
+    }
+
+    #[test]
+    fn json_bodies_carry_base64_images_and_typed_values() {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode([7u8, 8, 9]);
+        let body = serde_json::json!({
+            "prompt": "x", "n": 1, "live_previews": true,
+            "image": format!("data:image/png;base64,{b64}")
+        });
+        let raw = RawRequest::from_json(body.to_string().as_bytes(), &Limits::default()).unwrap();
+        assert_eq!(raw.image.as_deref(), Some(&[7u8, 8, 9][..]));
+        assert_eq!(raw.fields["n"], "1");
+        let r =
+            EditRequest::from_raw(&raw, &StrategyConfig::default(), &Limits::default()).unwrap();
+        assert!(r.live_previews);
+    }
+}

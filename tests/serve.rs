@@ -1,0 +1,842 @@
+//! `serve` end to end on the testbed generator and judge: the server binary runs as a child
+//! process and is driven over HTTP like any client. Nothing here waits on the clock: the
+//! tests read the server's "listening on" line to learn its port and follow each edit's
+//! events to know where it is.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use base64::Engine as _;
+use futures::StreamExt;
+use serde_json::Value;
+
+/// A running server.
+struct Server {
+    child: Child,
+    base: String,
+    stderr: std::path::PathBuf,
+}
+
+impl Server {
+    /// Starts `serve` on a free port with `args` (and `--out out`), environment `env`, and
+    /// returns once it prints its address.
+    fn start(out: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let stderr = out.with_extension(format!("stderr{}", rand_suffix()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_icedit-scale"));
+        cmd.args(["serve", "--addr", "127.0.0.1:0", "--out"])
+            .arg(out)
+            .args(args)
+            .env_remove("ICEDIT_SERVE_TOKEN")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting icedit-scale serve");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let base = loop {
+            let line = lines
+                .next()
+                .unwrap_or_else(|| {
+                    panic!(
+                        "serve exited: {}",
+                        std::fs::read_to_string(&stderr).unwrap()
+                    )
+                })
+                .unwrap();
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                break addr.trim().to_string();
+            }
+        };
+        // Keep reading stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self {
+            child,
+            base,
+            stderr,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    fn kill_9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A PNG of `w` x `h` with some structure.
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            (x * 255 / w) as u8,
+            (y * 255 / h) as u8,
+            if (x / 16 + y / 16) % 2 == 0 { 200 } else { 40 },
+        ])
+    });
+    let mut bytes = Vec::new();
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    bytes
+}
+
+fn form(fields: &[(&str, &str)], image: Vec<u8>) -> reqwest::multipart::Form {
+    let mut form = reqwest::multipart::Form::new().part(
+        "image",
+        reqwest::multipart::Part::bytes(image)
+            .file_name("source.png")
+            .mime_str("image/png")
+            .unwrap(),
+    );
+    for (k, v) in fields {
+        form = form.text(k.to_string(), v.to_string());
+    }
+    form
+}
+
+/// `POST /v1/edits`; returns the edit id.
+async fn submit(client: &reqwest::Client, server: &Server, fields: &[(&str, &str)]) -> String {
+    let r = client
+        .post(server.url("/v1/edits"))
+        .multipart(form(fields, png(192, 128)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let body: Value = r.json().await.unwrap();
+    body["id"].as_str().unwrap().to_string()
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone)]
+struct Sse {
+    id: u64,
+    event: String,
+    data: Value,
+}
+
+/// Reads an edit's event stream; with `until`, stops after the first event of that name,
+/// else reads to the end of the stream.
+async fn events(
+    client: &reqwest::Client,
+    server: &Server,
+    id: &str,
+    until: Option<&str>,
+) -> Vec<Sse> {
+    let r = client
+        .get(server.url(&format!("/v1/edits/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut stream = r.bytes_stream();
+    let mut buffer = String::new();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        buffer.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let mut fields: HashMap<&str, String> = HashMap::new();
+            for line in block.lines() {
+                if let Some((k, v)) = line.split_once(':') {
+                    fields.insert(k, v.strip_prefix(' ').unwrap_or(v).to_string());
+                }
+            }
+            let (Some(id), Some(event), Some(data)) =
+                (fields.get("id"), fields.get("event"), fields.get("data"))
+            else {
+                continue; // keep-alive comments
+            };
+            let e = Sse {
+                id: id.parse().unwrap(),
+                event: event.clone(),
+                data: serde_json::from_str(data).unwrap(),
+            };
+            let stop = until == Some(e.event.as_str());
+            out.push(e);
+            if stop {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+fn ints(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// The journal's records.
+fn journal(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("journal.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_openai_python_clients_request_gets_an_openai_shaped_answer() {
+    // The exact bytes openai-python 3.60 sends (tests/fixtures/serve/make_openai_request.py),
+    // with its bearer token, which this server is told to require.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/serve");
+    let body = std::fs::read(fixtures.join("openai_request.body")).unwrap();
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("openai_request.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = "sk-test-not-a-real-key";
+    let server = Server::start(
+        &dir.path().join("out"),
+        &[],
+        &[("ICEDIT_SERVE_TOKEN", token)],
+    );
+    let client = reqwest::Client::new();
+    let r = client
+        .post(server.url(meta["path"].as_str().unwrap()))
+        .header(
+            "content-type",
+            meta["headers"]["content-type"].as_str().unwrap(),
+        )
+        .header(
+            "authorization",
+            meta["headers"]["authorization"].as_str().unwrap(),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert!(answer["created"].as_u64().unwrap() > 1_700_000_000);
+    assert_eq!(answer["output_format"], "png");
+    let icedit = &answer["icedit"];
+    let finished = icedit["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "completed")
+        .count();
+    // n = 2: the pick and the next finished candidate, when two finished.
+    let data = answer["data"].as_array().unwrap();
+    assert_eq!(data.len(), finished.min(2));
+    assert!(!data.is_empty());
+    for item in data {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(item["b64_json"].as_str().unwrap())
+            .unwrap();
+        let image = image::load_from_memory(&bytes).unwrap();
+        assert_eq!(image.width(), 256, "size 256x256 sets the panel width");
+    }
+    // The fields the request carried beyond OpenAI's reached the strategy.
+    assert_eq!(icedit["candidates"].as_array().unwrap().len(), 4);
+    let nfe = icedit["nfe"].as_u64().unwrap();
+    assert!(nfe > 0 && nfe < icedit["best_of_n_nfe"].as_u64().unwrap());
+    assert_eq!(icedit["best_of_n_nfe"], 4 * 12);
+    let pick = icedit["pick"]["index"].as_u64().unwrap();
+    // The pick's VIE record: a score, or the judge's failure as it happened (the testbed
+    // judge fails 2% of calls by design; this scene's scoring is one of them).
+    let vie = &icedit["vie"];
+    assert!(
+        vie["ok"]["overall"].is_number() || vie["failed"].is_object(),
+        "{icedit}"
+    );
+    let report: Value = client
+        .get(server.url(icedit["report_url"].as_str().unwrap()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["pick"]["index"].as_u64(), Some(pick));
+    assert_eq!(report["strategy"]["probe_steps"], 3);
+    // The token never reaches the log.
+    assert!(!server.log().contains(token));
+}
+
+#[tokio::test]
+async fn an_async_edit_streams_every_event_in_order_and_accounts_for_every_candidate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("out"), &[], &[]);
+    let client = reqwest::Client::new();
+    let id = submit(
+        &client,
+        &server,
+        &[
+            ("prompt", "make the sky night"),
+            ("strategy", "early-filter"),
+            ("seeds", "6"),
+            ("probe_steps", "3"),
+            ("keep", "2"),
+            ("steps", "10"),
+            ("size", "128x128"),
+            ("live_previews", "true"),
+        ],
+    )
+    .await;
+    let all = events(&client, &server, &id, None).await;
+    // Numbered 0, 1, 2, ... without a gap; queued first, done last.
+    assert!(
+        all.iter().enumerate().all(|(i, e)| e.id == i as u64),
+        "{all:?}"
+    );
+    let names: Vec<&str> = all.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(&names[..3], ["queued", "started", "spawned"]);
+    assert_eq!(names.last(), Some(&"done"));
+    let spawned = &all[2].data["candidates"];
+    let candidates: BTreeSet<usize> = spawned
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(candidates, (0..6).collect());
+    // Probe steps 1..=3 for all six, then the survivors' completion steps 4..=10.
+    let steps: Vec<(String, usize, usize)> = all
+        .iter()
+        .filter(|e| e.event == "step")
+        .map(|e| {
+            (
+                e.data["phase"].as_str().unwrap().to_string(),
+                e.data["step"].as_u64().unwrap() as usize,
+                e.data["candidates"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    let probe: Vec<usize> = steps
+        .iter()
+        .filter(|s| s.0 == "probe")
+        .map(|s| s.1)
+        .collect();
+    assert_eq!(probe, [1, 2, 3]);
+    assert!(steps.iter().filter(|s| s.0 == "probe").all(|s| s.2 == 6));
+    // A live preview of each stepped candidate at each step.
+    let lives = all.iter().filter(|e| e.event == "live").count();
+    assert_eq!(lives, steps.iter().map(|s| s.2).sum::<usize>());
+    // Every candidate screened once at step 3, then split into kept and dropped.
+    let screened: BTreeSet<usize> = all
+        .iter()
+        .filter(|e| e.event == "screened")
+        .map(|e| {
+            assert_eq!(e.data["step"], 3);
+            e.data["candidate"].as_u64().unwrap() as usize
+        })
+        .collect();
+    assert_eq!(screened, candidates);
+    let selected: Vec<&Sse> = all.iter().filter(|e| e.event == "selected").collect();
+    assert_eq!(selected.len(), 1);
+    let (kept, dropped) = (
+        ints(&selected[0].data["kept"]),
+        ints(&selected[0].data["dropped"]),
+    );
+    let union: BTreeSet<usize> = kept.iter().chain(&dropped).copied().collect();
+    assert_eq!(union, candidates);
+    assert!(!kept.is_empty() && kept.len() <= 2);
+    // The kept ones complete (steps 4..=10), finish and are scored; nothing else is.
+    let complete: Vec<usize> = steps
+        .iter()
+        .filter(|s| s.0 == "complete")
+        .map(|s| s.1)
+        .collect();
+    assert_eq!(complete, (4..=10).collect::<Vec<_>>());
+    let finished: BTreeSet<usize> = all
+        .iter()
+        .filter(|e| e.event == "finished")
+        .map(|e| e.data["candidate"].as_u64().unwrap() as usize)
+        .collect();
+    let scored: BTreeSet<usize> = all
+        .iter()
+        .filter(|e| e.event == "scored")
+        .map(|e| e.data["candidate"].as_u64().unwrap() as usize)
+        .collect();
+    let kept_set: BTreeSet<usize> = kept.iter().copied().collect();
+    assert_eq!(finished, kept_set);
+    assert_eq!(scored, kept_set);
+    // The done event accounts for all six with the statuses the stream implied.
+    let done = &all.last().unwrap().data;
+    let statuses: BTreeMap<usize, String> = done["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["index"].as_u64().unwrap() as usize,
+                c["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for i in 0..6 {
+        let expected = if kept_set.contains(&i) {
+            "completed"
+        } else {
+            "pruned"
+        };
+        assert_eq!(statuses[&i], expected, "candidate {i}");
+    }
+    assert!(kept_set.contains(&(done["pick"]["index"].as_u64().unwrap() as usize)));
+    // Every file an event names exists.
+    for e in &all {
+        if let Some(url) = e.data["url"].as_str().or(e.data["final_url"].as_str()) {
+            let r = client.get(server.url(url)).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{url}");
+        }
+    }
+    let status: Value = client
+        .get(server.url(&format!("/v1/edits/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["status"], "done");
+    assert_eq!(status["report"]["nfe"]["total"], done["nfe"]);
+    // A client that reconnects with Last-Event-ID gets the rest only.
+    let r = client
+        .get(server.url(&format!("/v1/edits/{id}/events")))
+        .header("last-event-id", (all.len() - 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    assert_eq!(text.matches("event:").count(), 1, "{text}");
+    assert!(text.contains("event: done"));
+    // Paths never leave the edit's folder.
+    let r = client
+        .get(server.url(&format!("/v1/edits/{id}/files/../journal.jsonl")))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_and_queued_and_running_edits_cancel() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("out"),
+        &[
+            "--max-queue",
+            "1",
+            "--in-flight",
+            "1",
+            "--max-steps",
+            "1000",
+            "--max-seeds",
+            "64",
+        ],
+        &[],
+    );
+    let client = reqwest::Client::new();
+    // A: 64 full runs of 1000 steps (minutes of work), so it is still running when we
+    // cancel it; a cancel takes effect within one step.
+    let long = [
+        ("prompt", "x"),
+        ("strategy", "best-of-n"),
+        ("seeds", "64"),
+        ("steps", "1000"),
+        ("size", "128x128"),
+    ];
+    let a = submit(&client, &server, &long).await;
+    events(&client, &server, &a, Some("step")).await; // A is running: the queue is empty
+    let b = submit(&client, &server, &long).await; // waits: the queue is full
+    let r = client
+        .post(server.url("/v1/edits"))
+        .multipart(form(&long, png(64, 64)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("queue is full"));
+    let health: Value = client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["queue_depth"], 1);
+
+    // Cancelling the queued edit ends it at once; the running one at a step boundary.
+    let r: Value = client
+        .delete(server.url(&format!("/v1/edits/{b}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["status"], "cancelled");
+    let r: Value = client
+        .delete(server.url(&format!("/v1/edits/{a}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["status"], "running");
+    let a_events = events(&client, &server, &a, None).await;
+    assert_eq!(a_events.last().unwrap().event, "cancelled");
+    let b_events = events(&client, &server, &b, None).await;
+    let b_names: Vec<&str> = b_events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(b_names, ["queued", "cancelled"]);
+    for id in [&a, &b] {
+        let s: Value = client
+            .get(server.url(&format!("/v1/edits/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(s["status"], "cancelled");
+        let r = client
+            .delete(server.url(&format!("/v1/edits/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 409, "an edit that is over cannot be cancelled");
+    }
+    // Room again: a new edit is accepted.
+    submit(
+        &client,
+        &server,
+        &[
+            ("prompt", "x"),
+            ("seeds", "2"),
+            ("steps", "6"),
+            ("size", "64x64"),
+        ],
+    )
+    .await;
+    let metrics = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("icedit_edits_total{status=\"cancelled\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_401_400_and_413_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "tok-3f9a1c";
+    let server = Server::start(
+        &dir.path().join("out"),
+        &[
+            "--max-upload-mb",
+            "1",
+            "--max-megapixels",
+            "1",
+            "--max-seeds",
+            "8",
+        ],
+        &[("ICEDIT_SERVE_TOKEN", token)],
+    );
+    let client = reqwest::Client::new();
+    let ok_fields = [("prompt", "make it snow")];
+    // 401 without the token or with a wrong one; the page and health stay open.
+    for auth in [None, Some("wrong")] {
+        let mut req = client
+            .post(server.url("/v1/edits"))
+            .multipart(form(&ok_fields, png(64, 64)));
+        if let Some(t) = auth {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "authentication_error");
+    }
+    assert_eq!(
+        client
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        client
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client.get(server.url("/")).send().await.unwrap().status(),
+        200
+    );
+
+    let post = |fields: Vec<(&'static str, String)>, image: Option<Vec<u8>>| {
+        let mut form = reqwest::multipart::Form::new();
+        if let Some(bytes) = image {
+            form = form.part(
+                "image",
+                reqwest::multipart::Part::bytes(bytes).file_name("x.png"),
+            );
+        }
+        for (k, v) in fields {
+            form = form.text(k, v);
+        }
+        client
+            .post(server.url("/v1/edits"))
+            .bearer_auth(token)
+            .multipart(form)
+            .send()
+    };
+    // (fields, image, status, the field the error names)
+    type Case = (
+        Vec<(&'static str, String)>,
+        Option<Vec<u8>>,
+        u16,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        (vec![], Some(png(64, 64)), 400, "prompt"),
+        (vec![("prompt", "x".into())], None, 400, "image"),
+        (
+            vec![("prompt", "x".into())],
+            Some(b"not an image at all".to_vec()),
+            400,
+            "image",
+        ),
+        (
+            vec![("prompt", "x".into()), ("seeds", "9".into())],
+            Some(png(64, 64)),
+            400,
+            "seeds",
+        ),
+        (
+            vec![("prompt", "x".into()), ("probe_steps", "0".into())],
+            Some(png(64, 64)),
+            400,
+            "probe_steps",
+        ),
+        (
+            vec![("prompt", "x".into()), ("strategy", "fastest".into())],
+            Some(png(64, 64)),
+            400,
+            "strategy",
+        ),
+        (
+            vec![("prompt", "x".into()), ("size", "100x100".into())],
+            Some(png(64, 64)),
+            400,
+            "size",
+        ),
+        (
+            vec![("prompt", "x".into()), ("guidance", "3".into())],
+            Some(png(64, 64)),
+            400,
+            "guidance",
+        ),
+        // 1.2 MB of bytes: over the 1 MB upload limit.
+        (
+            vec![("prompt", "x".into())],
+            Some(vec![7u8; 1_200_000]),
+            413,
+            "image",
+        ),
+        // 1100 x 1000 pixels: over the 1 megapixel limit (a small file).
+        (
+            vec![("prompt", "x".into())],
+            Some(png(1100, 1000)),
+            413,
+            "image",
+        ),
+    ];
+    for (fields, image, status, param) in cases {
+        let described = format!("{fields:?} -> {status} {param}");
+        let r = post(fields, image).await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{described}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["param"], param, "{described}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(param), "{described}: {message}");
+    }
+    // Nothing refused was journaled.
+    assert!(journal(&dir.path().join("out")).is_empty());
+    assert!(!server.log().contains(token));
+}
+
+#[tokio::test]
+async fn after_kill_9_and_a_restart_every_accepted_edit_finishes_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let client = reqwest::Client::new();
+    let fields = [
+        ("prompt", "make the sky night"),
+        ("seeds", "3"),
+        ("steps", "40"),
+        ("size", "64x64"),
+    ];
+    let server = Server::start(&out, &["--in-flight", "1"], &[]);
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(submit(&client, &server, &fields).await);
+    }
+    // The first is running (and maybe done); the others are queued or running.
+    events(&client, &server, &ids[0], Some("step")).await;
+    server.kill_9();
+
+    let server = Server::start(&out, &["--in-flight", "2"], &[]);
+    for id in &ids {
+        let all = events(&client, &server, id, None).await;
+        assert_eq!(all.last().unwrap().event, "done", "{id}: {all:?}");
+        let s: Value = client
+            .get(server.url(&format!("/v1/edits/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(s["status"], "done");
+        assert!(out.join("edits").join(id).join("final.png").is_file());
+    }
+    let records = journal(&out);
+    for id in &ids {
+        let count = |kind: &str| {
+            records
+                .iter()
+                .filter(|r| r["record"] == kind && r["id"] == id.as_str())
+                .count()
+        };
+        assert_eq!(count("accepted"), 1, "{id}");
+        assert_eq!(count("ended"), 1, "{id} ended exactly once");
+    }
+    assert_eq!(records.len(), 10);
+    // Edits that ended before the restart are still served, events included.
+    drop(server);
+    let server = Server::start(&out, &[], &[]);
+    let replay = events(&client, &server, &ids[4], None).await;
+    assert_eq!(replay.last().unwrap().event, "done");
+    let list: Value = client
+        .get(server.url("/v1/edits"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn several_generator_workers_share_one_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &["--devices", "cpu,cpu,cpu", "--in-flight", "1"], &[]);
+    let client = reqwest::Client::new();
+    let health: Value = client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        health["workers"],
+        serde_json::json!(["cpu#0", "cpu#1", "cpu#2"])
+    );
+    let fields = [
+        ("prompt", "make it snow"),
+        ("seeds", "2"),
+        ("steps", "60"),
+        ("size", "64x64"),
+    ];
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(submit(&client, &server, &fields).await);
+    }
+    let mut workers = BTreeSet::new();
+    for id in &ids {
+        let all = events(&client, &server, id, None).await;
+        assert_eq!(all.last().unwrap().event, "done");
+        let started = all.iter().find(|e| e.event == "started").unwrap();
+        workers.insert(started.data["worker"].as_str().unwrap().to_string());
+    }
+    // Edits were submitted faster than one finishes: more than one worker took them.
+    assert!(workers.len() >= 2, "{workers:?}");
+    let metrics = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for w in &workers {
+        assert!(
+            metrics.contains(&format!("icedit_nfe_total{{worker=\"{w}\"}}")),
+            "{metrics}"
+        );
+        assert!(metrics.contains(&format!("icedit_generator_busy_fraction{{worker=\"{w}\"}}")));
+    }
+    assert!(metrics.contains("icedit_judge_seconds_count{call=\"screen\"}"));
+    assert!(metrics.contains("icedit_edits_total{status=\"done\"} 6"));
+    assert_eq!(journal(&out).len(), 12);
+}
