@@ -82,6 +82,48 @@ pub enum BenchCommand {
     Flux(FluxBenchArgs),
     /// Local judge: batched vs one-at-a-time prefill of screening prompts, random weights.
     Judge(JudgeBenchArgs),
+    /// The server under load: C concurrent HTTP clients submitting testbed edits to
+    /// generators with a cost model; throughput, latency percentiles, busy fraction, lost
+    /// and duplicated edits.
+    Serve(ServeBenchArgs),
+}
+
+/// `bench serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeBenchArgs {
+    /// Concurrent client counts (each 1 to 1024).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = bounded(1, 1024))]
+    pub clients: Vec<usize>,
+    /// Edits per client count (1 to 100000).
+    #[arg(long, default_value_t = 64, value_parser = bounded(1, 100_000))]
+    pub edits: usize,
+    /// Generator workers behind the one queue (1 to 64).
+    #[arg(long, default_value_t = 1, value_parser = bounded(1, 64))]
+    pub workers: usize,
+    /// Edits each worker runs at once (1 to 64).
+    #[arg(long, default_value_t = 2, value_parser = bounded(1, 64))]
+    pub in_flight: usize,
+    /// Generator seconds per candidate per step.
+    #[arg(long, default_value_t = 0.15, value_parser = seconds)]
+    pub step_s: f64,
+    /// Generator seconds per VAE decode.
+    #[arg(long, default_value_t = 0.1, value_parser = seconds)]
+    pub decode_s: f64,
+    /// Judge seconds per call.
+    #[arg(long, default_value_t = 0.5, value_parser = seconds)]
+    pub judge_latency_s: f64,
+    /// Scales every time so the benchmark runs in seconds (ratios are unchanged).
+    #[arg(long, default_value_t = 0.02, value_parser = time_scale)]
+    pub time_scale: f64,
+    /// Testbed panel width.
+    #[arg(long, default_value_t = 64, value_parser = panel_width)]
+    pub width: u32,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub strategy: StrategyArgs,
+    /// Output folder (serve.json, serve.md, each run's journal).
+    #[arg(long, default_value = "out/bench-serve")]
+    pub out: PathBuf,
 }
 
 /// `bench judge`.

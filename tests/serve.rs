@@ -728,9 +728,9 @@ async fn after_kill_9_and_a_restart_every_accepted_edit_finishes_exactly_once() 
     let client = reqwest::Client::new();
     let fields = [
         ("prompt", "make the sky night"),
-        ("seeds", "3"),
-        ("steps", "40"),
-        ("size", "64x64"),
+        ("seeds", "4"),
+        ("steps", "50"),
+        ("size", "128x128"),
     ];
     let server = Server::start(&out, &["--in-flight", "1"], &[]);
     let mut ids = Vec::new();
@@ -740,6 +740,12 @@ async fn after_kill_9_and_a_restart_every_accepted_edit_finishes_exactly_once() 
     // The first is running (and maybe done); the others are queued or running.
     events(&client, &server, &ids[0], Some("step")).await;
     server.kill_9();
+    // One worker ran one edit at a time: edits were left unfinished for the restart.
+    let unfinished = 5 - journal(&out)
+        .iter()
+        .filter(|r| r["record"] == "ended")
+        .count();
+    assert!(unfinished >= 3, "{unfinished}");
 
     let server = Server::start(&out, &["--in-flight", "2"], &[]);
     for id in &ids {
@@ -839,4 +845,120 @@ async fn several_generator_workers_share_one_queue() {
     assert!(metrics.contains("icedit_judge_seconds_count{call=\"screen\"}"));
     assert!(metrics.contains("icedit_edits_total{status=\"done\"} 6"));
     assert_eq!(journal(&out).len(), 12);
+}
+
+#[tokio::test]
+async fn sigterm_finishes_the_running_edit_and_leaves_queued_ones_for_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let client = reqwest::Client::new();
+    let fields = [
+        ("prompt", "make it snow"),
+        ("seeds", "4"),
+        ("steps", "50"),
+        ("size", "128x128"),
+    ];
+    let mut server = Server::start(&out, &["--in-flight", "1"], &[]);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(submit(&client, &server, &fields).await);
+    }
+    events(&client, &server, &ids[0], Some("step")).await;
+    // SAFETY: signalling our own child process.
+    assert_eq!(
+        unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}: {}", server.log());
+    let records = journal(&out);
+    let ended = |id: &str| {
+        records
+            .iter()
+            .filter(|r| r["record"] == "ended" && r["id"] == id)
+            .count()
+    };
+    assert_eq!(
+        ended(&ids[0]),
+        1,
+        "the running edit finished before the exit"
+    );
+    assert_eq!(
+        ended(&ids[2]),
+        0,
+        "the last queued edit waits for the restart"
+    );
+    drop(server);
+    let server = Server::start(&out, &[], &[]);
+    for id in &ids {
+        assert_eq!(
+            events(&client, &server, id, None)
+                .await
+                .last()
+                .unwrap()
+                .event,
+            "done"
+        );
+    }
+    let records = journal(&out);
+    for id in &ids {
+        assert_eq!(
+            records
+                .iter()
+                .filter(|r| r["record"] == "ended" && r["id"] == id.as_str())
+                .count(),
+            1
+        );
+    }
+}
+
+#[test]
+fn bench_serve_reports_every_edit_answered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench");
+    let run = Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+        .args([
+            "bench",
+            "serve",
+            "--edits",
+            "6",
+            "--clients",
+            "1,3",
+            "--time-scale",
+            "0.002",
+            "--out",
+        ])
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("serve.json")).unwrap()).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        assert_eq!(row["edits"], 6);
+        assert_eq!(
+            (
+                row["errors"].as_u64(),
+                row["lost"].as_u64(),
+                row["duplicated"].as_u64()
+            ),
+            (Some(0), Some(0), Some(0))
+        );
+        let (p50, p95) = (
+            row["p50_s"].as_f64().unwrap(),
+            row["p95_s"].as_f64().unwrap(),
+        );
+        assert!(p50 > 0.0 && p50 <= p95);
+        assert!(row["busy_fraction"].as_f64().unwrap() > 0.0);
+    }
+    assert!(std::fs::read_to_string(out.join("serve.md"))
+        .unwrap()
+        .contains("| clients |"));
 }

@@ -29,9 +29,12 @@ use crate::stop::StopSignal;
 
 /// A generator that takes the time a real one would.
 pub struct CostModel<G> {
-    inner: G,
-    per_row: Duration,
-    per_decode: Duration,
+    /// The generator that computes.
+    pub inner: G,
+    /// Time per candidate row per velocity call.
+    pub per_row: Duration,
+    /// Time per decode.
+    pub per_decode: Duration,
 }
 
 impl<G: Generator> Generator for CostModel<G> {
@@ -76,8 +79,10 @@ impl<G: Generator> Generator for CostModel<G> {
 
 /// A judge that answers after a fixed latency, like a remote API.
 pub struct Latency<J> {
-    inner: J,
-    latency: Duration,
+    /// The judge that answers.
+    pub inner: J,
+    /// Time before each answer.
+    pub latency: Duration,
 }
 
 #[async_trait]

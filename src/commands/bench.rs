@@ -191,3 +191,32 @@ fn write_bench(
     println!("{md}");
     Ok(())
 }
+
+/// `bench serve`: the server under C concurrent clients.
+pub async fn serve(args: crate::cli::ServeBenchArgs) -> anyhow::Result<()> {
+    let bench = crate::serve::bench::ServeBench {
+        clients: args.clients,
+        edits: args.edits,
+        workers: args.workers,
+        in_flight: args.in_flight,
+        step_s: args.step_s,
+        decode_s: args.decode_s,
+        judge_latency_s: args.judge_latency_s,
+        time_scale: args.time_scale,
+        strategy: args.strategy.to_config()?,
+        width: args.width,
+    };
+    let rows = bench.run(&args.out).await?;
+    let md = bench.markdown(&rows);
+    let (json, md_path) = crate::serve::bench::outputs(&args.out);
+    write_atomic(
+        &json,
+        &serde_json::to_vec_pretty(&serde_json::json!({"bench": bench, "rows": rows}))?,
+    )?;
+    write_atomic(&md_path, md.as_bytes())?;
+    println!("{md}");
+    if rows.iter().any(|r| r.lost > 0 || r.duplicated > 0) {
+        anyhow::bail!("edits were lost or duplicated (see the table)");
+    }
+    Ok(())
+}

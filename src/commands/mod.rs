@@ -115,6 +115,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(BenchCommand::Memory(args))) => bench::memory(args).await,
         Some(Command::Bench(BenchCommand::Flux(args))) => bench::flux(args),
         Some(Command::Bench(BenchCommand::Judge(args))) => bench::judge(args),
+        Some(Command::Bench(BenchCommand::Serve(args))) => bench::serve(args).await,
         None => edit::edit(cli.edit).await,
     }
 }

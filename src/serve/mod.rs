@@ -12,6 +12,7 @@
 //! reaches a backend.
 
 pub mod api;
+pub mod bench;
 pub mod error;
 pub mod events;
 pub mod jobs;
@@ -62,6 +63,20 @@ pub async fn run(
     opts: ServeOptions,
     stop: StopSignal,
 ) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(opts.addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--addr {}: cannot listen: {e}", opts.addr))?;
+    run_on(listener, engines, metrics, opts, stop).await
+}
+
+/// [`run`] on a socket already bound (`opts.addr` is not used).
+pub async fn run_on(
+    listener: tokio::net::TcpListener,
+    engines: Vec<(String, Engine)>,
+    metrics: Arc<Metrics>,
+    opts: ServeOptions,
+    stop: StopSignal,
+) -> anyhow::Result<()> {
     let hub = Arc::new(
         Hub::open(
             &opts.out,
@@ -90,9 +105,6 @@ pub async fn run(
         token: opts.token.map(Arc::from),
         workers,
     };
-    let listener = tokio::net::TcpListener::bind(opts.addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("--addr {}: cannot listen: {e}", opts.addr))?;
     let bound = listener.local_addr()?;
     // Tests and scripts read this line to learn the port: print it once we accept.
     println!("listening on http://{bound}");
