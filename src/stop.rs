@@ -1,5 +1,5 @@
-//! A request to stop long work early, shared by every driver: `batch`, `eval` and the
-//! server to come. Work checks it at its own safe points (between items, between
+//! A request to stop long work early, shared by every driver: `batch`, `eval` and
+//! `serve`. Work checks it at its own safe points (between items, between
 //! (item, arm) pairs), so whatever finished is saved.
 //!
 //! Ctrl-C (SIGINT) and SIGTERM both ask for it: schedulers (Slurm, Kubernetes) send SIGTERM

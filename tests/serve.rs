@@ -844,7 +844,30 @@ async fn several_generator_workers_share_one_queue() {
     }
     assert!(metrics.contains("icedit_judge_seconds_count{call=\"screen\"}"));
     assert!(metrics.contains("icedit_edits_total{status=\"done\"} 6"));
-    assert_eq!(journal(&out).len(), 12);
+    // `response_format=url`: an absolute URL on this server that serves the PNG.
+    let r: Value = client
+        .post(server.url("/v1/images/edits"))
+        .multipart(form(
+            &[
+                ("prompt", "x"),
+                ("seeds", "2"),
+                ("steps", "8"),
+                ("size", "64x64"),
+                ("response_format", "url"),
+            ],
+            png(64, 64),
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = r["data"][0]["url"].as_str().unwrap();
+    assert!(url.starts_with(&server.base), "{url}");
+    let image = client.get(url).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(image::load_from_memory(&image).unwrap().width(), 64);
+    assert_eq!(journal(&out).len(), 14);
 }
 
 #[tokio::test]
