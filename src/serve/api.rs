@@ -373,14 +373,19 @@ async fn images_edits(
     let status = tokio::select! {
         s = job.finished() => s,
         _ = state.hub.stop.stopped() => {
-            // Shutting down: the edit is journaled and runs after the restart.
-            return Err(ApiError {
+            if job.status() != Status::Queued {
+                // Running edits finish before the server exits: wait for this one.
+                job.finished().await
+            } else {
+                // Still queued: it is journaled and runs after the restart.
+                return Err(ApiError {
                 message: format!(
                     "the server is shutting down; edit {} is journaled and will run after a restart (GET /v1/edits/{})",
                     job.id, job.id
                 ),
-                ..ApiError::shutting_down()
-            });
+                    ..ApiError::shutting_down()
+                });
+            }
         }
     };
     match status {
