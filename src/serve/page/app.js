@@ -44,7 +44,7 @@
     submit: $('#submit'), cancel: $('#cancel'), formError: $('#form-error'),
     status: $('#status'), statusDetail: $('#status-detail'), elapsed: $('#elapsed'),
     runTitle: $('#run-title'), counters: $('#counters'), runError: $('#run-error'),
-    empty: $('#empty'), result: $('#result'), compare: $('#compare'), after: $('#compare img.after'),
+    runHead: $('#run-head'), logBox: $('#log-box'), empty: $('#empty'), result: $('#result'), compare: $('#compare'), after: $('#compare img.after'),
     before: $('#compare img.before'), slider: $('#slider'), summary: $('#summary'),
     grid: $('#grid'), log: $('#log'), history: $('#history'), historyEmpty: $('#history-empty'),
     historyRefresh: $('#history-refresh'),
@@ -202,6 +202,10 @@
         strategy: ui.strategy.value,
       });
       refreshHistory();
+      // One column (a phone): the form fills the screen, so bring the cards into view.
+      if (window.matchMedia('(max-width: 820px)').matches) {
+        ui.result.parentElement.scrollIntoView({ behavior: 'smooth', block: 'start' });
+      }
     } catch (err) {
       if (err.status === 401) askForToken('This server needs its access token (More options).');
       else showFormError(err.message, fieldFor(err.param));
@@ -251,6 +255,8 @@
     ui.after.removeAttribute('src');
     ui.before.removeAttribute('src');
     ui.empty.hidden = true;
+    ui.runHead.hidden = false;
+    ui.logBox.hidden = false;
     ui.runError.hidden = true;
     ui.elapsed.textContent = '';
     setTitle(r, info.instruction, info.strategy);
@@ -259,7 +265,7 @@
     ui.cancel.hidden = false;
     ui.cancel.disabled = false;
     markCurrentInHistory();
-    if (!info.instruction) {
+    if (!info.instruction || !info.strategy) {
       api('GET', `/v1/edits/${encodeURIComponent(id)}`)
         .then((edit) => { if (run === r) setTitle(r, edit.instruction, edit.strategy && edit.strategy.kind); })
         .catch(() => {});
@@ -489,8 +495,8 @@
       } else {
         c.screen.append(
           el('span', `badge ${d.pass ? 'pass' : 'fail'}`, d.pass ? 'pass' : 'fail'),
-          el('span', 'score', ` screen ${fixed(d.score)}`),
-          el('span', 'muted', ` at step ${d.step}`),
+          Object.assign(el('span', 'score', ` ${fixed(d.score)}`), { title: 'screening score' }),
+          el('span', 'muted', ` · step ${d.step}`),
         );
         c.reasoning.textContent = d.reasoning || '';
       }
@@ -568,14 +574,27 @@
       showResult(r, d);
     },
     failed(r, d) {
+      stopCards(r);
       end(r, 'failed', '');
       ui.runError.textContent = d.error || 'the edit failed';
       ui.runError.hidden = false;
     },
     cancelled(r) {
+      stopCards(r);
       end(r, 'cancelled', '');
     },
   };
+
+  /** Marks the candidates still in flight when an edit fails or is cancelled. */
+  function stopCards(r) {
+    for (const c of r.cards.values()) {
+      const cls = c.root.classList;
+      if (!cls.contains('finished') && !cls.contains('pruned') && !cls.contains('eliminated')) {
+        cls.add('stopped');
+        c.setState('stopped');
+      }
+    }
+  }
 
   function end(r, state, detail) {
     r.ended = true;
