@@ -3,6 +3,7 @@
 //! `POST /v1/edits` answers 202 at once and the edit is followed through
 //! `GET /v1/edits/{id}/events` (Server-Sent Events).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::path::Component;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +25,7 @@ use tracing::Instrument;
 
 use super::error::ApiError;
 use super::events::ServerEvent;
-use super::jobs::{done_event, Hub, Job, Status};
+use super::jobs::{done_event, EventsNow, Hub, Job, Status};
 use super::page;
 use super::request::{EditRequest, RawRequest, ResponseFormat};
 use crate::engine::report::CandidateStatus;
@@ -245,43 +246,44 @@ async fn edit_events(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(0, |last| last + 1);
-    let on_disk = {
-        let (events, over) = job.events_since(from);
-        (over && events.is_empty()).then(|| state.hub.events_on_disk(&id))
-    };
-    let stop = state.hub.stop.clone();
+    let (hub, stop) = (state.hub.clone(), state.hub.stop.clone());
+    // State: the job, the next seq to send, the stored stream once it is read from disk,
+    // whether the last event went out.
     let stream = futures::stream::unfold(
-        (job, from, on_disk, false),
-        move |(job, next, on_disk, finished)| {
-            let stop = stop.clone();
+        (job, from, None::<VecDeque<ServerEvent>>, false),
+        move |(job, next, mut disk, finished)| {
+            let (hub, stop) = (hub.clone(), stop.clone());
             async move {
                 if finished {
                     return None;
                 }
-                if let Some(mut disk) = on_disk {
-                    // An edit that ended before this process: its stored stream.
-                    disk.retain(|e| e.seq >= next);
-                    if disk.is_empty() {
-                        return None;
-                    }
-                    let e = disk.remove(0);
-                    let next = e.seq + 1;
-                    let last = e.is_last();
-                    return Some((Ok(sse(&e)), (job, next, Some(disk), last)));
-                }
                 let mut changes = job.watch();
                 loop {
-                    let (events, over) = job.events_since(next);
-                    if let Some(e) = events.into_iter().next() {
+                    if let Some(stored) = disk.as_mut() {
+                        let e = stored.pop_front()?;
                         let last = e.is_last();
-                        return Some((Ok(sse(&e)), (job, e.seq + 1, None, last)));
+                        return Some((Ok(sse(&e)), (job, e.seq + 1, disk, last)));
                     }
-                    if over {
-                        return None;
-                    }
-                    tokio::select! {
-                        changed = changes.changed() => if changed.is_err() { return None },
-                        _ = stop.stopped() => return None,
+                    match job.events_since(next) {
+                        EventsNow::OnDisk => {
+                            // The edit ended (in this process or before it): its stream is
+                            // in events.jsonl.
+                            let mut stored = hub.events_on_disk(&job.id);
+                            stored.retain(|e| e.seq >= next);
+                            disk = Some(stored.into());
+                        }
+                        EventsNow::Events(events) if !events.is_empty() => {
+                            let e = &events[0];
+                            let last = e.is_last();
+                            return Some((Ok(sse(e)), (job, e.seq + 1, None, last)));
+                        }
+                        EventsNow::Over => return None,
+                        EventsNow::Events(_) => {
+                            tokio::select! {
+                                changed = changes.changed() => if changed.is_err() { return None },
+                                _ = stop.stopped() => return None,
+                            }
+                        }
                     }
                 }
             }

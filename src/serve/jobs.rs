@@ -63,9 +63,12 @@ impl Status {
 /// What changes while an edit lives.
 struct JobState {
     status: Status,
-    /// The events published in this process (an edit that ended before it started has its
-    /// events on disk only).
+    /// The events published in this process while the edit runs; once it ended they are
+    /// in its `events.jsonl` and dropped from memory (`stored`), so a long-running server
+    /// holds the streams of running edits only.
     events: Vec<ServerEvent>,
+    /// The stream is complete in `events.jsonl` (read it from there).
+    stored: bool,
     /// Events published so far (the next `seq`).
     published: u64,
     error: Option<String>,
@@ -104,6 +107,8 @@ impl Job {
             state: Mutex::new(JobState {
                 status,
                 events: Vec::new(),
+                // An edit that ended before this process has its stream on disk only.
+                stored: status.is_final(),
                 published: 0,
                 error,
                 worker: None,
@@ -152,14 +157,18 @@ impl Job {
         self.changed.send_modify(|_| {});
     }
 
-    /// Events from `from` on that are in memory, and whether the stream is over (its last
-    /// event is among them or it ended before this process, see [`Hub::events_on_disk`]).
-    pub fn events_since(&self, from: u64) -> (Vec<ServerEvent>, bool) {
+    /// Where the stream stands for a reader at `from`: events in memory from there, the
+    /// end of the stream, or "read the rest from disk" ([`Hub::events_on_disk`]).
+    pub fn events_since(&self, from: u64) -> EventsNow {
         let s = self.state.lock().unwrap();
+        if s.stored {
+            return EventsNow::OnDisk;
+        }
         let events: Vec<ServerEvent> = s.events.iter().filter(|e| e.seq >= from).cloned().collect();
-        let over = s.events.last().is_some_and(ServerEvent::is_last)
-            || (s.status.is_final() && s.events.is_empty());
-        (events, over)
+        if events.is_empty() && s.events.last().is_some_and(ServerEvent::is_last) {
+            return EventsNow::Over;
+        }
+        EventsNow::Events(events)
     }
 
     /// A receiver that changes whenever something is published.
@@ -180,6 +189,16 @@ impl Job {
             }
         }
     }
+}
+
+/// What a stream reader gets now.
+pub enum EventsNow {
+    /// New events (none yet: wait for a change).
+    Events(Vec<ServerEvent>),
+    /// The reader has the whole stream.
+    Over,
+    /// The stream is stored in the edit's `events.jsonl`.
+    OnDisk,
 }
 
 /// How an edit is made available to a worker.
@@ -436,8 +455,14 @@ impl Hub {
         let events: Vec<ServerEvent> = job.state.lock().unwrap().events.clone();
         let path = self.edit_dir(&job.id).join("events.jsonl");
         let written = std::fs::File::create(&path).and_then(|mut f| jsonl::append(&mut f, &events));
-        if let Err(e) = written {
-            tracing::warn!("{}: {e}", path.display());
+        match written {
+            Ok(()) => {
+                let mut s = job.state.lock().unwrap();
+                s.events = Vec::new();
+                s.stored = true;
+            }
+            // Kept in memory instead; only a restart loses them.
+            Err(e) => tracing::warn!("{}: {e}", path.display()),
         }
         self.metrics.count(match ending {
             Ending::Done => "done",
