@@ -808,6 +808,7 @@ async fn several_generator_workers_share_one_queue() {
         health["workers"],
         serde_json::json!(["cpu#0", "cpu#1", "cpu#2"])
     );
+    assert_eq!(health["defaults"]["kind"], "early-filter");
     let fields = [
         ("prompt", "make it snow"),
         ("seeds", "2"),

@@ -343,6 +343,8 @@ async fn healthz(State(state): State<AppState>) -> Json<Value> {
         "workers": workers,
         "queue_depth": state.hub.queue_depth(),
         "max_queue": state.hub.max_queue,
+        // What a request's empty fields become (the page shows them as placeholders).
+        "defaults": state.hub.defaults,
     }))
 }
 

@@ -586,7 +586,10 @@ pub fn done_event(id: &str, report: &EditReport) -> Value {
         .map(|c| {
             json!({
                 "index": c.index, "seed": c.seed, "status": c.status,
-                "overall": c.overall(), "final_url": c.final_file.as_deref().map(url),
+                "overall": c.overall(),
+                "sc": c.vie.as_ref().and_then(|v| v.ok()).map(|v| v.sc),
+                "pq": c.vie.as_ref().and_then(|v| v.ok()).map(|v| v.pq),
+                "final_url": c.final_file.as_deref().map(url),
             })
         })
         .collect();
