@@ -40,8 +40,14 @@ fn save_png(out: &Path, rel: &str, image: &RgbImage) -> Result<String, EngineErr
     Ok(rel.to_string())
 }
 
+/// A candidate's file stem in an edit's folder (`c03_s000003`): the server names the
+/// previews it writes while the edit runs the same way, so their URLs stay valid.
+pub fn candidate_stem(index: usize, seed: u64) -> String {
+    format!("c{index:02}_s{seed:06}")
+}
+
 fn stem(c: &CandidateRecord) -> String {
-    format!("c{:02}_s{:06}", c.index, c.seed)
+    candidate_stem(c.index, c.seed)
 }
 
 /// Writes every output of `report` under `out` and fills in the file names in the report.

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use crate::engine::outputs::candidate_stem;
 use crate::engine::report::Judged;
 use crate::engine::{EditEvent, Progress};
 
@@ -57,11 +58,6 @@ impl Progress for EventSink {
         // The relay outlives the run; a send fails only if it died, and then nobody watches.
         let _ = self.0.send(event);
     }
-}
-
-/// File stem of a candidate, as the edit's outputs name it (`c03_s000003`).
-fn stem(index: usize, seed: u64) -> String {
-    format!("c{index:02}_s{seed:06}")
 }
 
 /// Writes a PNG by renaming a finished temporary file over it, so a reader never sees half
@@ -137,7 +133,7 @@ pub async fn relay(
             } => {
                 // One file per candidate, overwritten each step: a 50-step run would
                 // otherwise leave N x 50 images behind.
-                let rel = format!("live/{}.png", stem(candidate, seed(candidate)));
+                let rel = format!("live/{}.png", candidate_stem(candidate, seed(candidate)));
                 let Some(rel) = write(rel, image).await else {
                     continue;
                 };
@@ -155,7 +151,7 @@ pub async fn relay(
             } => {
                 let rel = format!(
                     "previews/{}_step{step:02}.png",
-                    stem(candidate, seed(candidate))
+                    candidate_stem(candidate, seed(candidate))
                 );
                 let file = write(rel, image).await.map(|r| url(&r));
                 let mut data = json!({"candidate": candidate, "step": step, "url": file});
@@ -178,7 +174,7 @@ pub async fn relay(
                 json!({"step": step, "kept": kept, "dropped": dropped}),
             ),
             EditEvent::Finished { candidate, image } => {
-                let rel = format!("finals/{}.png", stem(candidate, seed(candidate)));
+                let rel = format!("finals/{}.png", candidate_stem(candidate, seed(candidate)));
                 let file = write(rel, image).await.map(|r| url(&r));
                 ("finished", json!({"candidate": candidate, "url": file}))
             }
