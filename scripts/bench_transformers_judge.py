@@ -10,11 +10,14 @@ Usage (this machine's CPU, as the README's judge speed table was measured):
         --dtype f32 --threads 2 --image-side 448 --text-tokens 150 --out out/tf-judge.json
 
 Writes a JSON object: the configuration, tokens per prompt, prefill seconds, seconds in
-the vision tower alone, and the versions used. Nothing is downloaded.
+the vision tower alone, the vision tower's seconds per stage (one extra profiled run, the
+stages named as `bench judge` names its own), and the versions used. Nothing is
+downloaded.
 """
 import argparse
 import json
 import time
+from collections import defaultdict
 
 import torch
 import transformers
@@ -109,6 +112,68 @@ def timed(fn, iters, device):
     return (time.perf_counter() - start) / iters
 
 
+def vision_parts(visual, inputs, device):
+    """Seconds per stage of one vision tower forward, through forward hooks (and a wrapper
+    around the rotary function, which is not a module): patch embed, norms, qkv, rotary,
+    attention (the rest of each attention module: head layout, SDPA, concatenation), proj,
+    mlp, merger, and other (the whole minus those: position tables, residual adds)."""
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
+
+    def sync():
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    totals, starts, handles = defaultdict(float), {}, []
+
+    def watch(module, stage):
+        def before(mod, args):
+            sync()
+            starts[id(mod)] = time.perf_counter()
+
+        def after(mod, args, out):
+            sync()
+            totals[stage] += time.perf_counter() - starts.pop(id(mod))
+
+        handles.append(module.register_forward_pre_hook(before))
+        handles.append(module.register_forward_hook(after))
+
+    watch(visual.patch_embed, "patch embed")
+    for block in visual.blocks:
+        watch(block.norm1, "norms")
+        watch(block.norm2, "norms")
+        watch(block.attn.qkv, "qkv")
+        watch(block.attn.proj, "proj")
+        watch(block.attn, "attention module")
+        watch(block.mlp, "mlp")
+    watch(visual.merger, "merger")
+    rotary = qwen2_vl.apply_rotary_pos_emb_vision
+
+    def timed_rotary(*args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        out = rotary(*args, **kwargs)
+        sync()
+        totals["rotary"] += time.perf_counter() - start
+        return out
+
+    qwen2_vl.apply_rotary_pos_emb_vision = timed_rotary
+    try:
+        sync()
+        start = time.perf_counter()
+        visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        sync()
+        whole = time.perf_counter() - start
+    finally:
+        qwen2_vl.apply_rotary_pos_emb_vision = rotary
+        for h in handles:
+            h.remove()
+    module = totals.pop("attention module")
+    totals["attention"] = module - totals["qkv"] - totals["proj"] - totals["rotary"]
+    totals["other"] = whole - sum(totals.values())
+    order = ["patch embed", "norms", "qkv", "rotary", "attention", "proj", "mlp", "merger", "other"]
+    return {stage: totals[stage] for stage in order}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", choices=sorted(MODELS), default="qwen2-vl-2b")
@@ -132,10 +197,12 @@ def main():
             lambda: visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]),
             a.iters, a.device,
         )
+        parts = vision_parts(visual, inputs, a.device)
     result = dict(
         model=a.model, device=a.device, dtype=a.dtype, threads=a.threads,
         image_side=a.image_side, prompt_tokens=inputs["input_ids"].shape[1],
         prefill_s=prefill_s, vision_s=vision_s, text_s=max(prefill_s - vision_s, 0.0),
+        vision_parts=parts,
         iters=a.iters, attention=config._attn_implementation,
         torch=torch.__version__, transformers=transformers.__version__,
     )

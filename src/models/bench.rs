@@ -54,6 +54,53 @@ pub fn timed<T>(device: &Device, iters: usize, mut f: impl FnMut() -> Result<T>)
     Ok(start.elapsed().as_secs_f64() / iters.max(1) as f64)
 }
 
+/// Wall time per named stage of one forward pass (`bench judge`'s profile of the vision
+/// tower): each [`lap`](Self::lap) synchronises the device and charges the time since the
+/// previous lap to its stage, so stages are timed where they run, kernels included.
+pub struct StageClock {
+    device: Device,
+    last: Instant,
+    stages: Vec<(&'static str, f64)>,
+}
+
+impl StageClock {
+    /// Starts timing after synchronising `device` (work queued before is not charged).
+    pub fn start(device: &Device) -> Result<Self> {
+        device.synchronize()?;
+        Ok(Self {
+            device: device.clone(),
+            last: Instant::now(),
+            stages: Vec::new(),
+        })
+    }
+
+    /// Charges the time since the last lap (or the start) to `stage`.
+    pub fn lap(&mut self, stage: &'static str) -> Result<()> {
+        self.device.synchronize()?;
+        let now = Instant::now();
+        let seconds = (now - self.last).as_secs_f64();
+        self.last = now;
+        match self.stages.iter_mut().find(|(name, _)| *name == stage) {
+            Some((_, total)) => *total += seconds,
+            None => self.stages.push((stage, seconds)),
+        }
+        Ok(())
+    }
+
+    /// Seconds per stage, in the order stages were first seen.
+    pub fn stages(&self) -> &[(&'static str, f64)] {
+        &self.stages
+    }
+}
+
+/// A lap on a clock that a forward pass may or may not carry (`None`: not profiling).
+pub fn lap(clock: &mut Option<&mut StageClock>, stage: &'static str) -> Result<()> {
+    match clock {
+        Some(clock) => clock.lap(stage),
+        None => Ok(()),
+    }
+}
+
 /// Peak resident memory of this process so far, in KiB (Linux; `None` elsewhere).
 pub fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -2,10 +2,12 @@
 //! preview decoder ([`taef1`]), the Qwen-VL family ([`qwen_vl`]) and the testbed's simulated
 //! world ([`testbed`]). Configs, blocks, weights and their loading; no knowledge of
 //! generators, judges or the engine (a test enforces it). [`bench`] holds what the model
-//! benchmarks share; [`activation`] the activations configs name.
+//! benchmarks share; [`activation`] the activations configs name; [`cpu`] fused CPU kernels for the
+//! f32 hot spots (attention) that candle runs as several passes.
 
 pub mod activation;
 pub mod bench;
+pub mod cpu;
 pub mod flux;
 pub mod qwen_vl;
 pub mod taef1;

@@ -133,9 +133,21 @@ pub struct JudgeBenchResult {
     pub vision_s: f64,
     /// Of one prompt's prefill: the rest (the text decoder over every token, the splice).
     pub text_s: f64,
+    /// One more vision tower run, profiled: seconds per stage (patch embed, norms, qkv,
+    /// rotary, attention, proj, mlp, merger, other), summed over blocks.
+    pub vision_parts: Vec<VisionPart>,
     /// The same prefill timed by transformers, when `--reference` named its timing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference: Option<ReferenceTiming>,
+}
+
+/// One stage of the vision tower profile.
+#[derive(Debug, Clone, Serialize)]
+pub struct VisionPart {
+    /// Stage name, as the reference script names it too.
+    pub stage: String,
+    /// Seconds in that stage over the whole tower.
+    pub seconds: f64,
 }
 
 /// transformers' timing of the same prefill, as `scripts/bench_transformers_judge.py`
@@ -158,6 +170,9 @@ pub struct ReferenceTiming {
     pub transformers: String,
     /// The attention implementation (`sdpa`).
     pub attention: String,
+    /// Seconds per vision stage, named as ours are (absent in files from older scripts).
+    #[serde(default)]
+    pub vision_parts: std::collections::BTreeMap<String, f64>,
 }
 
 impl ReferenceTiming {
@@ -222,6 +237,39 @@ impl JudgeBenchResult {
                 r.text_s,
                 self.text_s / r.text_s,
             ));
+        }
+        md.push_str(&self.parts_markdown());
+        md
+    }
+
+    /// The vision tower profile as a table, beside transformers' where the reference has
+    /// one (each side from its own single profiled run, so stage sums differ from the
+    /// timed runs above).
+    fn parts_markdown(&self) -> String {
+        let theirs = self.reference.as_ref().map(|r| &r.vision_parts);
+        let compare = theirs.is_some_and(|t| !t.is_empty());
+        let mut md =
+            String::from("\nOne vision tower run, profiled by stage (seconds, all blocks):\n\n");
+        md.push_str(if compare {
+            "| stage | ours (s) | transformers (s) | ours / transformers |\n|---|---|---|---|\n"
+        } else {
+            "| stage | ours (s) |\n|---|---|\n"
+        });
+        for part in &self.vision_parts {
+            match theirs.and_then(|t| t.get(&part.stage)).filter(|_| compare) {
+                Some(&their) => md.push_str(&format!(
+                    "| {} | {:.3} | {:.3} | {:.2}x |\n",
+                    part.stage,
+                    part.seconds,
+                    their,
+                    part.seconds / their
+                )),
+                None if compare => md.push_str(&format!(
+                    "| {} | {:.3} | - | - |\n",
+                    part.stage, part.seconds
+                )),
+                None => md.push_str(&format!("| {} | {:.3} |\n", part.stage, part.seconds)),
+            }
         }
         md
     }
@@ -319,6 +367,14 @@ pub fn run(
     let vision_s = timed(&bench.device, bench.iters, || {
         model.vision_tokens(one).map(|_| ())
     })?;
+    let vision_parts = model
+        .vision_profile(one)?
+        .into_iter()
+        .map(|(stage, seconds)| VisionPart {
+            stage: stage.to_string(),
+            seconds,
+        })
+        .collect();
     let (_, mut sessions) = model.prefill(&prompts[..1])?;
     let session = sessions.remove(0);
     let step_s = timed(&bench.device, bench.iters, || {
@@ -333,6 +389,7 @@ pub fn run(
         vision_s,
         prefill_s,
         text_s: (prefill_s - vision_s).max(0.0),
+        vision_parts,
         reference,
     })
 }
@@ -367,6 +424,27 @@ mod tests {
             .all(|b| b.batched_s > 0.0 && b.speedup > 0.0));
         assert!(result.parameters > 1_000_000);
         assert!(result.vision_s > 0.0 && result.vision_s.is_finite());
+        // The profile names the stages the reference script names, each timed.
+        let stages: Vec<&str> = result
+            .vision_parts
+            .iter()
+            .map(|p| p.stage.as_str())
+            .collect();
+        assert_eq!(
+            stages,
+            [
+                "patch embed",
+                "other",
+                "norms",
+                "qkv",
+                "rotary",
+                "attention",
+                "proj",
+                "mlp",
+                "merger"
+            ]
+        );
+        assert!(result.vision_parts.iter().all(|p| p.seconds >= 0.0));
     }
 
     #[test]
@@ -386,7 +464,8 @@ mod tests {
             let body = json!({
                 "model": "small", "prompt_tokens": tokens, "image_side": 56, "dtype": dtype,
                 "prefill_s": 2.0, "vision_s": 1.5, "text_s": 0.5,
-                "transformers": "5.25.0", "attention": "sdpa"
+                "transformers": "5.25.0", "attention": "sdpa",
+                "vision_parts": {"mlp": 0.5, "patch embed": 0.01}
             });
             std::fs::write(&path, body.to_string()).unwrap();
         };
@@ -412,5 +491,18 @@ mod tests {
             md.contains("transformers 5.25.0 (sdpa)") && md.contains(&whole),
             "{md}"
         );
+        let mlp = result
+            .vision_parts
+            .iter()
+            .find(|p| p.stage == "mlp")
+            .unwrap();
+        let row = format!(
+            "| mlp | {:.3} | 0.500 | {:.2}x |",
+            mlp.seconds,
+            mlp.seconds / 0.5
+        );
+        assert!(md.contains(&row), "{md}");
+        // A stage the reference did not time is shown without a ratio.
+        assert!(md.contains("| qkv | ") && md.contains(" | - | - |"), "{md}");
     }
 }

@@ -10,6 +10,7 @@ use super::config::Qwen2VlConfig;
 use super::image::PreparedImage;
 use super::text::{last_position, Deepstack, KvCache, Positions, TextModel};
 use super::vision::VisionTower;
+use crate::models::bench::StageClock;
 
 /// One prompt ready for the model: token ids with every image's pads expanded, and the
 /// images in the order their pads appear.
@@ -243,6 +244,22 @@ impl Qwen2Vl {
     /// Runs only the vision tower (and merger) over a prompt's images, returning their
     /// tokens `[image tokens, hidden]`: what a prefill spends on images, for profiling.
     pub fn vision_tokens(&self, prompt: &EncodedPrompt) -> Result<Tensor> {
+        let (pixels, grids) = self.vision_input(prompt)?;
+        Ok(self.vision.forward(&pixels, &grids)?.tokens)
+    }
+
+    /// Seconds per stage of one vision tower run over `prompt`'s images (`bench judge`'s
+    /// profile; see [`VisionTower::forward_timed`] for the stages).
+    pub fn vision_profile(&self, prompt: &EncodedPrompt) -> Result<Vec<(&'static str, f64)>> {
+        let (pixels, grids) = self.vision_input(prompt)?;
+        let mut clock = StageClock::start(&self.device)?;
+        self.vision
+            .forward_timed(&pixels, &grids, Some(&mut clock))?;
+        Ok(clock.stages().to_vec())
+    }
+
+    /// `[patches, patch_dim]` pixels of all the prompt's images and their grids.
+    fn vision_input(&self, prompt: &EncodedPrompt) -> Result<(Tensor, Vec<[usize; 3]>)> {
         let grids: Vec<[usize; 3]> = prompt.images.iter().map(|i| i.grid_thw).collect();
         let patch_dim = self.config.vision.patch_dim();
         let pixels: Vec<f32> = prompt
@@ -252,7 +269,7 @@ impl Qwen2Vl {
             .collect();
         let rows = pixels.len() / patch_dim.max(1);
         let pixels = Tensor::from_vec(pixels, (rows, patch_dim), &self.device)?;
-        Ok(self.vision.forward(&pixels, &grids)?.tokens)
+        Ok((pixels, grids))
     }
 
     /// The final-norm hidden states `[seq, hidden]` of one prompt, its tokens numbered by
