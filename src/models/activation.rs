@@ -41,9 +41,12 @@ impl Activation {
         })
     }
 
-    /// Applies it.
+    /// Applies it (SiLU and quick-GELU on dense f32 CPU tensors in one fused pass).
     pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        let fused = super::cpu::is_dense_cpu_f32(xs);
         match self {
+            Self::Silu if fused => super::cpu::activation::sigmoid_gated(xs, 1.0),
+            Self::QuickGelu if fused => super::cpu::activation::sigmoid_gated(xs, 1.702),
             Self::Silu => candle_nn::ops::silu(xs),
             Self::Gelu => xs.gelu_erf(),
             Self::GeluTanh => xs.gelu(),

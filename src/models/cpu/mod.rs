@@ -3,12 +3,15 @@
 //! On the CPU, candle computes softmax attention as three tensor operations (scores, a
 //! softmax with a scalar `exp` per element, the weighted sum), each streaming a
 //! `[heads, len, len]` buffer through memory; for the Qwen2-VL vision tower on 2 cores
-//! that was twice torch's fused attention (`bench judge`). The kernels here keep the
-//! intermediate in cache and vectorize `exp`. They run only for contiguous f32 tensors on
+//! that was twice torch's fused attention (`bench judge`). Likewise a biased linear layer
+//! writes its output twice and quick-GELU three times. The kernels here keep
+//! intermediates in cache and vectorize `exp`. They run only for contiguous f32 tensors on
 //! the CPU; callers keep the tensor path for every other device and dtype.
 
+pub mod activation;
 pub mod attention;
 pub mod exp;
+pub mod linear;
 
 /// Defines `$name` to run `$body` compiled for AVX2 + FMA when the CPU has them (checked
 /// at run time, so the binary still runs on older x86), else as compiled for the baseline.

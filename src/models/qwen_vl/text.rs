@@ -13,6 +13,7 @@ use candle_nn::{
 
 use super::config::TextConfig;
 use crate::models::activation::Activation;
+use crate::models::cpu;
 
 /// Position ids of a batch: `ids[b][s]` = (temporal, height, width).
 pub type Positions = Vec<Vec<[i64; 3]>>;
@@ -194,9 +195,21 @@ impl Attention {
             Some((q, k)) => (Some(q), Some(k)),
             None => (None, None),
         };
-        let q = heads(self.q_proj.forward(xs)?, self.num_heads, q_norm)?;
-        let k = heads(self.k_proj.forward(xs)?, self.num_kv_heads, k_norm)?;
-        let v = heads(self.v_proj.forward(xs)?, self.num_kv_heads, None)?;
+        let q = heads(
+            cpu::linear::forward(&self.q_proj, xs)?,
+            self.num_heads,
+            q_norm,
+        )?;
+        let k = heads(
+            cpu::linear::forward(&self.k_proj, xs)?,
+            self.num_kv_heads,
+            k_norm,
+        )?;
+        let v = heads(
+            cpu::linear::forward(&self.v_proj, xs)?,
+            self.num_kv_heads,
+            None,
+        )?;
         let q = apply_rope(&q, rope)?;
         let k = apply_rope(&k, rope)?;
         let (k, v) = cache.append(layer, k, v)?;

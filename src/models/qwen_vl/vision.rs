@@ -108,15 +108,17 @@ impl Module for Mlp {
 impl Mlp {
     fn forward_rows(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Plain { fc1, fc2, act } => fc2.forward(&act.apply(&fc1.forward(xs)?)?),
+            Self::Plain { fc1, fc2, act } => {
+                cpu::linear::forward(fc2, &act.apply(&cpu::linear::forward(fc1, xs)?)?)
+            }
             Self::Gated {
                 gate,
                 up,
                 down,
                 act,
             } => {
-                let g = act.apply(&gate.forward(xs)?)?;
-                down.forward(&(g * up.forward(xs)?)?)
+                let g = act.apply(&cpu::linear::forward(gate, xs)?)?;
+                cpu::linear::forward(down, &(g * cpu::linear::forward(up, xs)?)?)
             }
         }
     }
@@ -178,10 +180,8 @@ impl Block {
         let (n, d) = xs.dims2()?;
         let dtype = xs.dtype();
         // [n, 3, heads, hd] -> three of [1, heads, n, hd]
-        let qkv = self
-            .qkv
-            .forward(xs)?
-            .reshape((n, 3, self.num_heads, self.head_dim))?;
+        let qkv =
+            cpu::linear::forward(&self.qkv, xs)?.reshape((n, 3, self.num_heads, self.head_dim))?;
         lap(clock, "qkv")?;
         let part = |i: usize| -> Result<Tensor> {
             qkv.narrow(1, i, 1)?
@@ -217,7 +217,7 @@ impl Block {
         // [heads, n, hd] -> [n, d]
         let out = out.transpose(0, 1)?.reshape((n, d))?.to_dtype(dtype)?;
         lap(clock, "attention")?;
-        let out = self.proj.forward(&out)?;
+        let out = cpu::linear::forward(&self.proj, &out)?;
         lap(clock, "proj")?;
         Ok(out)
     }
@@ -298,7 +298,10 @@ impl Module for PatchMerger {
             self.norm.forward(xs)?.reshape(((), self.merged_dim))?
         };
         // nn.GELU() is the exact (erf) GELU.
-        self.fc2.forward(&self.fc1.forward(&xs)?.gelu_erf()?)
+        cpu::linear::forward(
+            &self.fc2,
+            &cpu::linear::forward(&self.fc1, &xs)?.gelu_erf()?,
+        )
     }
 }
 
