@@ -48,6 +48,7 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::models::cpu::max_abs_diff;
 
     #[test]
     fn matches_the_tensor_formula() {
@@ -58,16 +59,7 @@ mod tests {
             let ours = sigmoid_gated(&xs, alpha).unwrap();
             let scaled = (&xs * alpha as f64).unwrap();
             let want = (&xs * candle_nn::ops::sigmoid(&scaled).unwrap()).unwrap();
-            let diff: f32 = (ours - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = max_abs_diff(&ours, &want);
             assert!(diff < 1e-5, "alpha {alpha}: {diff}");
         }
         let strided = xs.t().unwrap();

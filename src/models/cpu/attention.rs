@@ -218,6 +218,7 @@ mod tests {
     use candle_core::{Device, D};
 
     use super::*;
+    use crate::models::cpu::max_abs_diff;
 
     /// The unfused reference: scores, softmax, weighted sum, one segment at a time.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[usize]) -> Tensor {
@@ -241,19 +242,6 @@ mod tests {
         Tensor::cat(&parts, 1).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
     #[test]
     fn matches_unfused_attention_across_segments_and_blocks() {
         let dev = Device::Cpu;
@@ -269,7 +257,7 @@ mod tests {
             let (q, k, v) = (rand(3.0), rand(3.0), rand(1.0));
             let ours = segmented_attention(&q, &k, &v, &segments).unwrap();
             let want = reference(&q, &k, &v, &segments);
-            let diff = max_diff(&ours, &want);
+            let diff = max_abs_diff(&ours, &want);
             assert!(diff < 2e-5, "segments {segments:?}: max abs diff {diff}");
         }
     }

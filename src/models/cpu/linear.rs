@@ -95,19 +95,7 @@ mod tests {
     use candle_core::{DType, Device};
 
     use super::*;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::models::cpu::max_abs_diff;
 
     #[test]
     fn matches_candles_linear() {
@@ -121,19 +109,19 @@ mod tests {
             let want = linear.forward(&xs).unwrap();
             assert_eq!(ours.dims(), want.dims(), "{shape:?}");
             if ours.elem_count() > 0 {
-                assert!(max_diff(&ours, &want) < 1e-5, "{shape:?}");
+                assert!(max_abs_diff(&ours, &want) < 1e-5, "{shape:?}");
             }
         }
         // Without a bias, strided or not f32: candle's own path, same answers.
         let plain = Linear::new(w, None);
         let xs = Tensor::randn(0f32, 1.0, (4, 29), &dev).unwrap();
-        let diff = max_diff(&forward(&plain, &xs).unwrap(), &plain.forward(&xs).unwrap());
+        let diff = max_abs_diff(&forward(&plain, &xs).unwrap(), &plain.forward(&xs).unwrap());
         assert_eq!(diff, 0.0);
         let strided = Tensor::randn(0f32, 1.0, (29, 4), &dev)
             .unwrap()
             .t()
             .unwrap();
-        let diff = max_diff(
+        let diff = max_abs_diff(
             &forward(&linear, &strided).unwrap(),
             &linear.forward(&strided).unwrap(),
         );

@@ -43,3 +43,13 @@ pub(crate) use simd_dispatch;
 pub fn is_dense_cpu_f32(t: &candle_core::Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
 }
+
+/// Largest absolute difference between two f32 tensors of one shape (the kernels' tests
+/// compare against candle's unfused operations with it).
+#[cfg(test)]
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .unwrap()
+}
