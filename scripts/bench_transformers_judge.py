@@ -49,7 +49,7 @@ IMAGE, VSTART, VEND = 151655, 151652, 151653
 SMALL_IDS = (4093, 4094, 4095)
 
 
-def build(name, dtype):
+def build(name, dtype, device):
     m = MODELS[name]
     image, vstart, vend = SMALL_IDS if name == "small" else (IMAGE, VSTART, VEND)
     text = dict(
@@ -69,9 +69,15 @@ def build(name, dtype):
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(config)
     # Random values without the cost of each layer's init scheme.
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=device)
     for p in model.parameters():
         p.data.normal_(0.0, 0.02)
+    # `to_empty` leaves buffers (the rotary inverse frequencies) uninitialised: give them
+    # the usual 1 / theta^(2i/d) ladder so no garbage (NaN, denormals) reaches the timing.
+    for name, b in model.named_buffers():
+        if name.endswith("inv_freq"):
+            n = b.numel()
+            b.copy_(1.0 / (10000.0 ** (torch.arange(n, device=b.device, dtype=torch.float32) / n)))
     return model.to(dtype).eval(), config, (image, vstart, vend)
 
 
@@ -187,8 +193,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[a.dtype]
-    model, config, ids = build(a.model, dtype)
-    model = model.to(a.device)
+    model, config, ids = build(a.model, dtype, a.device)
     inputs = prompt(config, ids, a.image_side, a.text_tokens, a.device, dtype)
     with torch.inference_mode():
         prefill_s = timed(lambda: model(**inputs, logits_to_keep=1, use_cache=True), a.iters, a.device)

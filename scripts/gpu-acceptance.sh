@@ -2,8 +2,8 @@
 # One-shot acceptance run for a machine with a GPU (see ../shared/GPU.md in the project
 # notes, and the README's "GPU acceptance run"). In one go, with random weights (nothing is
 # downloaded):
-#   1. `bench flux` at the full 12B size: dense (bf16), q8_0 and q4_k, batch 1, 4, 8, a
-#      512 panel (1024x512 diptych, 512 T5 tokens);
+#   1. `bench flux` at the full 12B size: dense (bf16), q8_0 and q4_k (one step each),
+#      batch 1, 4, 8, a 512 panel (1024x512 diptych, 512 T5 tokens);
 #   2. diffusers' FluxTransformer2DModel, same configuration, shapes and dtype (torch SDPA),
 #      for the same batches (scripts/bench_diffusers_flux.py);
 #   3. `bench judge` for Qwen2.5-VL-7B, and one Qwen2-VL-7B prefill against transformers'
@@ -23,6 +23,15 @@
 #   JUDGE    bench judge model [qwen2.5-vl-7b]   EDIT_STEPS [28]   EDIT_WIDTH [512]
 #   OUT      working folder [out/gpu-acceptance]
 #   REPORT   the markdown written [docs/results/gpu-<UTC date>.md]
+#   STEP_LIMIT  seconds any one step may run before it is stopped (recorded as exit 124 in
+#            the report, the script goes on) [0 = no limit]. LIMIT_<step> overrides it for
+#            one step: LIMIT_flux_dense, LIMIT_flux_q8_0, LIMIT_flux_q4_k, LIMIT_diffusers,
+#            LIMIT_judge, LIMIT_transformers_judge, LIMIT_judge_vs_transformers, LIMIT_edit.
+#            A lease of device time is short: one slow step must not cost the others their
+#            turn.
+#   TOTAL_LIMIT  seconds for all the steps together [0 = no limit]: each step's limit is cut
+#            to what is left (less 20 s for the report), and a step with nothing left is
+#            recorded as skipped, so the report is always written.
 #
 # To prove the script without a GPU: SIZE=small DEVICE=cpu DTYPE=f32 JUDGE=small
 #   BIN=target/debug/icedit-scale scripts/gpu-acceptance.sh
@@ -61,23 +70,43 @@ stop_sampler() {
   fi
 }
 
-# step NAME COMMAND...: runs it with its output in $OUT/NAME.log, records rc and seconds.
+STEP_LIMIT=${STEP_LIMIT:-0}
+TOTAL_LIMIT=${TOTAL_LIMIT:-0}
+
+# step NAME COMMAND...: runs it with its output in $OUT/NAME.log, records rc and seconds;
+# stops it after LIMIT_<NAME> (or STEP_LIMIT) seconds when one is set.
 step() {
   local name=$1
   shift
-  echo "== $name: $*"
+  local limit_var="LIMIT_${name//-/_}"
+  local limit=${!limit_var:-$STEP_LIMIT}
+  if [[ $TOTAL_LIMIT != 0 ]]; then
+    local left=$((TOTAL_LIMIT - SECONDS - 20))
+    if ((left < 5)); then
+      echo "== $name: skipped, the run's time (TOTAL_LIMIT=$TOTAL_LIMIT s) is spent"
+      printf '%s\tskipped (time spent)\t0\n' "$name" >>"$OUT/steps.tsv"
+      return
+    fi
+    if [[ $limit == 0 ]] || ((limit > left)); then limit=$left; fi
+  fi
+  local run=("$@")
+  [[ $limit != 0 ]] && run=(timeout --kill-after=10 "$limit" "$@")
+  echo "== $name (limit ${limit} s): $*"
   start_sampler "$name"
   local start=$SECONDS
-  "$@" >"$OUT/$name.log" 2>&1
+  "${run[@]}" >"$OUT/$name.log" 2>&1
   local rc=$?
   stop_sampler
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >>"$OUT/steps.tsv"
   echo "   rc=$rc in $((SECONDS - start)) s"
 }
 
-step flux "$BIN" bench flux --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
-  --formats dense,q8_0,q4_k --batch "$BATCHES" --width 512 --height 512 --t5-tokens 512 \
-  --iters "$ITERS" --steps 28 --out "$OUT/flux"
+# One step per weight format, so each has its own limit, peak memory and result file.
+for format in dense q8_0 q4_k; do
+  step "flux-$format" "$BIN" bench flux --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+    --formats "$format" --batch "$BATCHES" --width 512 --height 512 --t5-tokens 512 \
+    --iters "$ITERS" --steps 28 --out "$OUT/flux-$format"
+done
 
 if "$PYTHON" -c "import torch, diffusers" >/dev/null 2>&1; then
   torch_device=$DEVICE
@@ -112,7 +141,7 @@ for batch in ${BATCHES//,/ }; do
   for format in dense q8_0 q4_k; do
     quantize=()
     [[ $format != dense ]] && quantize=(--quantize "$format")
-    "$BIN" plan --device "$DEVICE" --dtype "$DTYPE" --batch-size "$batch" --width 512 \
+    timeout 60 "$BIN" plan --device "$DEVICE" --dtype "$DTYPE" --batch-size "$batch" --width 512 \
       --text-device cpu --memory-budget 1000000 "${quantize[@]}" \
       >"$OUT/plan-$format-b$batch.md" 2>&1
   done
@@ -164,9 +193,14 @@ md.append(f"Machine: {gpu.stdout.strip() if gpu and gpu.returncode == 0 else 'CP
 md += ["", "| step | exit | seconds | peak GPU memory (MiB, nvidia-smi) |", "|---|---|---|---|"]
 for name, rc, secs in steps:
     peak = peak_mib(name)
+    rc = f"{rc} (stopped at its limit)" if rc == "124" else rc
     md.append(f"| {name} | {rc} | {secs} | {'-' if peak is None else f'{peak:.0f}'} |")
 
-flux, ref = load("flux/flux.json"), load("diffusers-flux.json")
+runs = {f: load(f"flux-{f}/flux.json") for f in ("dense", "q8_0", "q4_k")}
+flux = next((r for r in runs.values() if r), None)
+if flux:
+    flux = dict(flux, formats=[f for r in runs.values() if r for f in r["formats"]])
+ref = load("diffusers-flux.json")
 md += ["", "## FLUX transformer step: ours against diffusers", ""]
 if flux:
     ref_steps = {s["batch"]: s["step_s"] for s in (ref or {}).get("steps", [])}
@@ -183,8 +217,9 @@ if flux:
               f"host peak RSS {flux.get('peak_rss_mib') or 0:.0f} MiB.")
     if ref and ref.get("peak_gpu_gib") is not None:
         md.append(f"diffusers' peak allocated GPU memory: {ref['peak_gpu_gib']:.1f} GiB (torch {ref['torch']}, diffusers {ref['diffusers']}).")
-else:
-    md += ["bench flux failed:", "", "```", tail("flux"), "```"]
+for f, r in runs.items():
+    if not r:
+        md += ["", f"bench flux `{f}` failed:", "", "```", tail(f"flux-{f}"), "```"]
 
 judge = load("judge/judge.json")
 md += ["", "## Judge prefill (`bench judge`)", ""]
