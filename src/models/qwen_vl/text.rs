@@ -394,8 +394,31 @@ fn causal_mask(s: usize, past: usize, device: &Device) -> Result<Tensor> {
     Tensor::from_vec(mask, (s, past + s), device)
 }
 
-/// The last position of `[b, s, v]` as `[b, v]`.
+/// The last position of `[b, s, v]` as `[b, v]`, copied out: for `b > 1` the view's rows
+/// lie `s * v` apart, which CUDA's matmul refuses (a batched screening prefill failed so on
+/// the GPU acceptance run of 2026-12-04).
 pub fn last_position(xs: &Tensor) -> Result<Tensor> {
     let s = xs.dim(1)?;
-    xs.narrow(1, s - 1, 1)?.squeeze(1)
+    xs.narrow(1, s - 1, 1)?.squeeze(1)?.contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_position_is_a_contiguous_copy_of_each_prompts_last_row() -> Result<()> {
+        // [2 prompts, 3 positions, 4 values]
+        let xs = Tensor::arange(0f32, 24.0, &Device::Cpu)?.reshape((2, 3, 4))?;
+        let last = last_position(&xs)?;
+        assert!(
+            last.is_contiguous(),
+            "rows must be packed for every matmul backend"
+        );
+        assert_eq!(
+            last.to_vec2::<f32>()?,
+            vec![vec![8.0, 9.0, 10.0, 11.0], vec![20.0, 21.0, 22.0, 23.0]]
+        );
+        Ok(())
+    }
 }
