@@ -101,6 +101,19 @@ pub struct FluxBenchResult {
     /// every format's weights are dropped before the next is built, so this is the largest
     /// one's peak; the tiny decoder is not part of an edit's memory plan).
     pub peak_rss_mib: Option<f64>,
+    /// On CUDA: the fused kernels (`models::cuda`) against candle's tensor operations on
+    /// random inputs in the bench dtype, largest absolute differences.
+    pub kernel_check: Option<KernelCheck>,
+}
+
+/// How far the CUDA kernels are from the tensor operations they replace (see
+/// [`crate::models::cuda::self_check`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelCheck {
+    /// Scaled softmax, largest |fused - unfused| over probabilities.
+    pub softmax_max_abs_diff: f32,
+    /// Bias add, largest |fused - unfused|.
+    pub bias_add_max_abs_diff: f32,
 }
 
 impl FluxBenchResult {
@@ -136,6 +149,12 @@ impl FluxBenchResult {
                 ));
             }
         }
+        if let Some(check) = &self.kernel_check {
+            md.push_str(&format!(
+                "\nFused CUDA kernels against candle's tensor operations (random inputs, {:?}): softmax max |diff| {:.2e}, bias add max |diff| {:.2e}.\n",
+                bench.dtype, check.softmax_max_abs_diff, check.bias_add_max_abs_diff
+            ));
+        }
         if let Some(peak) = self.peak_rss_mib {
             md.push_str(&format!(
                 "\nPeak resident memory of the run: {peak:.0} MiB.\n"
@@ -158,6 +177,20 @@ impl FluxBenchResult {
 /// Runs the benchmark.
 pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
     let (dev, dtype) = (&bench.device, bench.dtype);
+    let kernel_check = if dev.is_cuda() {
+        let (softmax, bias) = crate::models::cuda::self_check(dev, dtype)?;
+        tracing::info!(
+            softmax,
+            bias,
+            "fused CUDA kernels vs tensor operations (max |diff|)"
+        );
+        Some(KernelCheck {
+            softmax_max_abs_diff: softmax,
+            bias_add_max_abs_diff: bias,
+        })
+    } else {
+        None
+    };
     let c = &bench.transformer;
     let f = bench.vae.downscale();
     let (w, ht) = (2 * bench.panel.0, bench.panel.1);
@@ -244,6 +277,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         full_edit_s: vae_encode_s + bench.steps as f64 * step1 + vae_decode_s,
         formats,
         peak_rss_mib,
+        kernel_check,
     })
 }
 

@@ -124,9 +124,8 @@ fn attention_in_chunks(
             k.narrow(0, start, n)?,
             v.narrow(0, start, n)?,
         );
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let weights = candle_nn::ops::softmax_last_dim(&scores.to_dtype(candle_core::DType::F32)?)?
-            .to_dtype(dtype)?;
+        // Scale and softmax in f32 in one pass on a GPU (models::cuda), in the model dtype out.
+        let weights = crate::models::cuda::scaled_softmax_last_dim(&q.matmul(&k.t()?)?, scale)?;
         outs.push(weights.matmul(&v)?);
     }
     let out = if outs.len() == 1 {

@@ -60,7 +60,7 @@ impl Module for BaseLinear {
             }
         };
         match &self.bias {
-            Some(b) => out.broadcast_add(b),
+            Some(b) => crate::models::cuda::add_row_bias(&out, b),
             None => Ok(out),
         }
     }

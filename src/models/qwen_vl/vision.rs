@@ -17,7 +17,7 @@ use candle_nn::{layer_norm, linear, LayerNorm, Linear, RmsNorm, VarBuilder};
 use super::config::{Family, VisionConfig};
 use crate::models::activation::Activation;
 use crate::models::bench::{lap, StageClock};
-use crate::models::cpu;
+use crate::models::{cpu, cuda};
 
 /// LayerNorm (Qwen2-VL, Qwen3-VL) or RMSNorm (Qwen2.5-VL), all with epsilon 1e-6.
 enum Norm {
@@ -203,6 +203,9 @@ impl Block {
         let out = if [&q, &k, &v].iter().all(|t| cpu::is_dense_cpu_f32(t)) {
             cpu::attention::segmented_attention(&q, &k, &v, segments)?
         } else {
+            // In the model dtype, as transformers runs it after its f32 rotary (on a GPU,
+            // bf16 products run on tensor cores; f32 ones would not).
+            let (q, k, v) = (q.to_dtype(dtype)?, k.to_dtype(dtype)?, v.to_dtype(dtype)?);
             let mut outs = Vec::with_capacity(segments.len());
             for w in segments.windows(2) {
                 let (start, len) = (w[0], w[1] - w[0]);
@@ -240,14 +243,14 @@ fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let per_head = len * len * std::mem::size_of::<f32>();
     let group = (CHUNK_BYTES / per_head.max(1)).clamp(1, heads);
     if group == heads {
-        let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let probs = cuda::scaled_softmax_last_dim(&q.matmul(&k.t()?)?, 1.0)?;
         return probs.matmul(v);
     }
     let mut outs = Vec::with_capacity(heads.div_ceil(group));
     for h in (0..heads).step_by(group) {
         let g = group.min(heads - h);
         let scores = q.narrow(0, h, g)?.matmul(&k.narrow(0, h, g)?.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = cuda::scaled_softmax_last_dim(&scores, 1.0)?;
         outs.push(probs.matmul(&v.narrow(0, h, g)?)?);
     }
     Tensor::cat(&outs, 0)
