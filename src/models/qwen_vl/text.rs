@@ -173,7 +173,8 @@ impl Attention {
         })
     }
 
-    /// `xs`: `[b, s, hidden]`; `rope`: cos/sin `[b, s, head_dim/2]`; `mask`: `[s, past + s]`.
+    /// `xs`: `[b, s, hidden]`; `rope`: cos/sin `[b, s, head_dim/2]`; `mask`: `[s, past + s]`,
+    /// the causal mask (the fused CPU path applies causality itself and ignores it).
     fn forward(
         &self,
         xs: &Tensor,
@@ -213,13 +214,23 @@ impl Attention {
         let q = apply_rope(&q, rope)?;
         let k = apply_rope(&k, rope)?;
         let (k, v) = cache.append(layer, k, v)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if [&q, &k, &v].iter().all(|t| cpu::is_dense_cpu_f32(t)) {
+            // On the CPU in f32 the fused kernel: only the keys each row may see are
+            // scored (the mask `forward_embeds` builds is exactly that causal one), and
+            // grouped key/value heads are read in place.
+            let out = cpu::attention::causal_attention(&(q * scale)?, &k, &v)?;
+            let out = out
+                .transpose(1, 2)?
+                .reshape((b, s, self.num_heads * self.head_dim))?;
+            return self.o_proj.forward(&out);
+        }
         let groups = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(&k, groups)?;
         let v = repeat_kv(&v, groups)?;
 
         // Scores in f32: bf16 softmax over thousands of image tokens loses the small ones.
         let dtype = q.dtype();
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q
             .to_dtype(DType::F32)?
             .matmul(&k.to_dtype(DType::F32)?.t()?)?
