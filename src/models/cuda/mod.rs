@@ -19,8 +19,10 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// `softmax(scale * xs)` over the last dimension, in `xs`'s dtype, computed in f32.
-pub fn scaled_softmax_last_dim(xs: &Tensor, scale: f64) -> Result<Tensor> {
+/// `softmax(scale * xs)` over the last dimension, in `xs`'s dtype, computed in f32. Takes
+/// `xs` by value so that off CUDA the unscaled scores are freed once scaled (attention
+/// chunks are the largest buffers of a step; `tests/plan.rs` holds the peak to the plan).
+pub fn scaled_softmax_last_dim(xs: Tensor, scale: f64) -> Result<Tensor> {
     if xs.device().is_cuda() {
         return xs.contiguous()?.apply_op1_no_bwd(&ScaledSoftmax {
             scale: scale as f32,
@@ -41,9 +43,16 @@ pub fn add_row_bias(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 /// The tensor-operation form of [`scaled_softmax_last_dim`] (f32 arithmetic, one rounding).
-fn reference_softmax(xs: &Tensor, scale: f64) -> Result<Tensor> {
+fn reference_softmax(xs: Tensor, scale: f64) -> Result<Tensor> {
     let dtype = xs.dtype();
-    let xs = xs.to_dtype(DType::F32)?;
+    // Each step consumes its input (a shadowed binding would keep it alive to the end), so
+    // at most two score buffers exist at once, as before this op existed.
+    let xs = if dtype == DType::F32 {
+        xs
+    } else {
+        let scores = xs;
+        scores.to_dtype(DType::F32)?
+    };
     let xs = if scale == 1.0 { xs } else { (xs * scale)? };
     candle_nn::ops::softmax_last_dim(&xs)?.to_dtype(dtype)
 }
@@ -53,8 +62,8 @@ fn reference_softmax(xs: &Tensor, scale: f64) -> Result<Tensor> {
 /// GPU run shows the kernels are right where the tests (CPU only) cannot.
 pub fn self_check(device: &candle_core::Device, dtype: DType) -> Result<(f32, f32)> {
     let scores = (Tensor::randn(0f32, 4.0, (3, 77, 2560), device)?).to_dtype(dtype)?;
-    let fused = scaled_softmax_last_dim(&scores, 0.125)?;
-    let softmax_diff = max_abs_diff(&fused, &reference_softmax(&scores, 0.125)?)?;
+    let fused = scaled_softmax_last_dim(scores.clone(), 0.125)?;
+    let softmax_diff = max_abs_diff(&fused, &reference_softmax(scores, 0.125)?)?;
     let xs = Tensor::randn(0f32, 1.0, (2, 33, 3072), device)?.to_dtype(dtype)?;
     let bias = Tensor::randn(0f32, 1.0, 3072, device)?.to_dtype(dtype)?;
     let bias_diff = max_abs_diff(&add_row_bias(&xs, &bias)?, &xs.broadcast_add(&bias)?)?;
@@ -267,7 +276,7 @@ mod tests {
     #[test]
     fn off_cuda_the_softmax_is_the_scaled_f32_softmax() -> Result<()> {
         let xs = Tensor::new(&[[1f32, 2.0, 3.0], [0.0, 0.0, -1.0]], &Device::Cpu)?;
-        let got = scaled_softmax_last_dim(&xs, 0.5)?.to_vec2::<f32>()?;
+        let got = scaled_softmax_last_dim(xs, 0.5)?.to_vec2::<f32>()?;
         for (row, values) in got.iter().zip([[0.5f32, 1.0, 1.5], [0.0, 0.0, -0.5]]) {
             let total: f32 = values.iter().map(|v| v.exp()).sum();
             for (g, v) in row.iter().zip(values) {

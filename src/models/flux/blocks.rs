@@ -125,7 +125,7 @@ fn attention_in_chunks(
             v.narrow(0, start, n)?,
         );
         // Scale and softmax in f32 in one pass on a GPU (models::cuda), in the model dtype out.
-        let weights = crate::models::cuda::scaled_softmax_last_dim(&q.matmul(&k.t()?)?, scale)?;
+        let weights = crate::models::cuda::scaled_softmax_last_dim(q.matmul(&k.t()?)?, scale)?;
         outs.push(weights.matmul(&v)?);
     }
     let out = if outs.len() == 1 {

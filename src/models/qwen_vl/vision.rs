@@ -243,14 +243,14 @@ fn segment_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let per_head = len * len * std::mem::size_of::<f32>();
     let group = (CHUNK_BYTES / per_head.max(1)).clamp(1, heads);
     if group == heads {
-        let probs = cuda::scaled_softmax_last_dim(&q.matmul(&k.t()?)?, 1.0)?;
+        let probs = cuda::scaled_softmax_last_dim(q.matmul(&k.t()?)?, 1.0)?;
         return probs.matmul(v);
     }
     let mut outs = Vec::with_capacity(heads.div_ceil(group));
     for h in (0..heads).step_by(group) {
         let g = group.min(heads - h);
         let scores = q.narrow(0, h, g)?.matmul(&k.narrow(0, h, g)?.t()?)?;
-        let probs = cuda::scaled_softmax_last_dim(&scores, 1.0)?;
+        let probs = cuda::scaled_softmax_last_dim(scores, 1.0)?;
         outs.push(probs.matmul(&v.narrow(0, h, g)?)?);
     }
     Tensor::cat(&outs, 0)
