@@ -9,10 +9,16 @@ Usage (this machine's CPU, as the README's judge speed table was measured):
     python3 scripts/bench_transformers_judge.py --model qwen2-vl-2b --device cpu \
         --dtype f32 --threads 2 --image-side 448 --text-tokens 150 --out out/tf-judge.json
 
+Side by side, both models loaded and timed in alternating rounds (the verdict the README
+quotes; see `icedit-scale bench judge --help`):
+    icedit-scale bench judge --model qwen2-vl-2b --image-side 448 --batch 1 --iters 1 \
+        --versus "python3 scripts/bench_transformers_judge.py --serve --model qwen2-vl-2b \
+        --device cpu --dtype f32 --threads 2 --image-side 448 --text-tokens 150"
+
 Writes a JSON object: the configuration, tokens per prompt, prefill seconds, seconds in
-the vision tower alone, the vision tower's seconds per stage (one extra profiled run, the
-stages named as `bench judge` names its own), and the versions used. Nothing is
-downloaded.
+the vision tower alone, the vision tower's seconds per stage (one extra profiled run), the
+text decoder's seconds (whole and per stage, inside one more profiled prefill; the stages
+named as `bench judge` names its own), and the versions used. Nothing is downloaded.
 """
 import argparse
 import json
@@ -118,66 +124,145 @@ def timed(fn, iters, device):
     return (time.perf_counter() - start) / iters
 
 
+class StageTimer:
+    """Charges module forwards (through forward hooks) and module-level functions (through
+    a wrapper) to named stages; `close` removes every hook and wrapper."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+        self.totals, self.starts, self.handles, self.wrapped = defaultdict(float), {}, [], []
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def watch(self, module, stage):
+        def before(mod, args):
+            self.sync()
+            self.starts[id(mod)] = time.perf_counter()
+
+        def after(mod, args, out):
+            self.sync()
+            self.totals[stage] += time.perf_counter() - self.starts.pop(id(mod))
+
+        self.handles.append(module.register_forward_pre_hook(before))
+        self.handles.append(module.register_forward_hook(after))
+
+    def wrap(self, namespace, name, stage):
+        original = getattr(namespace, name)
+
+        def timed_call(*args, **kwargs):
+            self.sync()
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            self.sync()
+            self.totals[stage] += time.perf_counter() - start
+            return out
+
+        setattr(namespace, name, timed_call)
+        self.wrapped.append((namespace, name, original))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        for namespace, name, original in self.wrapped:
+            setattr(namespace, name, original)
+
+
+def split_attention(totals, whole, order):
+    """The attention stage is the attention module minus its projections and rotary;
+    `other` is the whole minus every stage."""
+    module = totals.pop("attention module")
+    totals["attention"] = module - totals["qkv"] - totals["proj"] - totals["rotary"]
+    totals["other"] = whole - sum(totals.values())
+    return {stage: totals[stage] for stage in order}
+
+
 def vision_parts(visual, inputs, device):
-    """Seconds per stage of one vision tower forward, through forward hooks (and a wrapper
-    around the rotary function, which is not a module): patch embed, norms, qkv, rotary,
+    """Seconds per stage of one vision tower forward: patch embed, norms, qkv, rotary,
     attention (the rest of each attention module: head layout, SDPA, concatenation), proj,
     mlp, merger, and other (the whole minus those: position tables, residual adds)."""
     from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
 
-    def sync():
-        if str(device).startswith("cuda"):
-            torch.cuda.synchronize()
-
-    totals, starts, handles = defaultdict(float), {}, []
-
-    def watch(module, stage):
-        def before(mod, args):
-            sync()
-            starts[id(mod)] = time.perf_counter()
-
-        def after(mod, args, out):
-            sync()
-            totals[stage] += time.perf_counter() - starts.pop(id(mod))
-
-        handles.append(module.register_forward_pre_hook(before))
-        handles.append(module.register_forward_hook(after))
-
-    watch(visual.patch_embed, "patch embed")
+    timer = StageTimer(device)
+    timer.watch(visual.patch_embed, "patch embed")
     for block in visual.blocks:
-        watch(block.norm1, "norms")
-        watch(block.norm2, "norms")
-        watch(block.attn.qkv, "qkv")
-        watch(block.attn.proj, "proj")
-        watch(block.attn, "attention module")
-        watch(block.mlp, "mlp")
-    watch(visual.merger, "merger")
-    rotary = qwen2_vl.apply_rotary_pos_emb_vision
-
-    def timed_rotary(*args, **kwargs):
-        sync()
-        start = time.perf_counter()
-        out = rotary(*args, **kwargs)
-        sync()
-        totals["rotary"] += time.perf_counter() - start
-        return out
-
-    qwen2_vl.apply_rotary_pos_emb_vision = timed_rotary
+        timer.watch(block.norm1, "norms")
+        timer.watch(block.norm2, "norms")
+        timer.watch(block.attn.qkv, "qkv")
+        timer.watch(block.attn.proj, "proj")
+        timer.watch(block.attn, "attention module")
+        timer.watch(block.mlp, "mlp")
+    timer.watch(visual.merger, "merger")
+    timer.wrap(qwen2_vl, "apply_rotary_pos_emb_vision", "rotary")
     try:
-        sync()
+        timer.sync()
         start = time.perf_counter()
         visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-        sync()
+        timer.sync()
         whole = time.perf_counter() - start
     finally:
-        qwen2_vl.apply_rotary_pos_emb_vision = rotary
-        for h in handles:
-            h.remove()
-    module = totals.pop("attention module")
-    totals["attention"] = module - totals["qkv"] - totals["proj"] - totals["rotary"]
-    totals["other"] = whole - sum(totals.values())
+        timer.close()
     order = ["patch embed", "norms", "qkv", "rotary", "attention", "proj", "mlp", "merger", "other"]
-    return {stage: totals[stage] for stage in order}
+    return split_attention(timer.totals, whole, order)
+
+
+def decoder_parts(model, inputs, device):
+    """Seconds per stage of the text decoder inside one whole prefill: norms, qkv, rotary,
+    attention (the rest of each attention module: head layout, cache, SDPA), proj, mlp, and
+    other (the decoder's whole minus those: rotary tables, mask, residual adds). Also the
+    decoder's whole, under "decoder"."""
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
+
+    language = model.model.language_model
+    timer = StageTimer(device)
+    timer.watch(language, "decoder")
+    for layer in language.layers:
+        timer.watch(layer.input_layernorm, "norms")
+        timer.watch(layer.post_attention_layernorm, "norms")
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            timer.watch(proj, "qkv")
+        timer.watch(layer.self_attn.o_proj, "proj")
+        timer.watch(layer.self_attn, "attention module")
+        timer.watch(layer.mlp, "mlp")
+    timer.watch(language.norm, "norms")
+    timer.wrap(qwen2_vl, "apply_rotary_pos_emb", "rotary")
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=True)
+    finally:
+        timer.close()
+    whole = timer.totals.pop("decoder")
+    order = ["norms", "qkv", "rotary", "attention", "proj", "mlp", "other"]
+    return whole, split_attention(timer.totals, whole, order)
+
+
+def serve(model, inputs, a, config):
+    """The reference side of `bench judge --versus`: warm up, print a ready line naming the
+    prompt, then run one prefill per `prefill` line on stdin and print its seconds, until
+    stdin ends (the protocol is described in src/models/qwen_vl/side_by_side.rs)."""
+    import sys
+
+    def prefill():
+        model(**inputs, logits_to_keep=1, use_cache=True)
+
+    with torch.inference_mode():
+        timed(prefill, 1, a.device)
+        ready = dict(
+            ready=True, prompt_tokens=inputs["input_ids"].shape[1], image_side=a.image_side,
+            dtype=a.dtype, transformers=transformers.__version__,
+            attention=config._attn_implementation, torch=torch.__version__,
+        )
+        print(json.dumps(ready), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "prefill":
+                continue
+            if str(a.device).startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            prefill()
+            if str(a.device).startswith("cuda"):
+                torch.cuda.synchronize()
+            print(json.dumps(dict(prefill_s=time.perf_counter() - start)), flush=True)
 
 
 def main():
@@ -189,12 +274,18 @@ def main():
     p.add_argument("--image-side", type=int, default=448)
     p.add_argument("--text-tokens", type=int, default=150)
     p.add_argument("--iters", type=int, default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="where to write the timing JSON (not with --serve)")
+    p.add_argument("--serve", action="store_true",
+                   help="serve prefills to `icedit-scale bench judge --versus` instead")
     a = p.parse_args()
+    if not a.serve and not a.out:
+        p.error("--out is required (or --serve)")
     torch.set_num_threads(a.threads)
     dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[a.dtype]
     model, config, ids = build(a.model, dtype, a.device)
     inputs = prompt(config, ids, a.image_side, a.text_tokens, a.device, dtype)
+    if a.serve:
+        return serve(model, inputs, a, config)
     with torch.inference_mode():
         prefill_s = timed(lambda: model(**inputs, logits_to_keep=1, use_cache=True), a.iters, a.device)
         visual = model.model.visual
@@ -203,11 +294,12 @@ def main():
             a.iters, a.device,
         )
         parts = vision_parts(visual, inputs, a.device)
+        text_s, decoder = decoder_parts(model, inputs, a.device)
     result = dict(
         model=a.model, device=a.device, dtype=a.dtype, threads=a.threads,
         image_side=a.image_side, prompt_tokens=inputs["input_ids"].shape[1],
-        prefill_s=prefill_s, vision_s=vision_s, text_s=max(prefill_s - vision_s, 0.0),
-        vision_parts=parts,
+        prefill_s=prefill_s, vision_s=vision_s, text_s=text_s,
+        vision_parts=parts, decoder_parts=decoder,
         iters=a.iters, attention=config._attn_implementation,
         torch=torch.__version__, transformers=transformers.__version__,
     )

@@ -155,6 +155,15 @@ pub struct JudgeBenchArgs {
     /// writes): adds an ours-vs-transformers table.
     #[arg(long)]
     pub reference: Option<PathBuf>,
+    /// A command that serves the same prefill (`python3 scripts/bench_transformers_judge.py
+    /// --serve ...`, run under `sh -c`): both models stay loaded and one prefill of each is
+    /// timed per round, the side going first alternating; adds a side-by-side table with
+    /// the median ratio.
+    #[arg(long)]
+    pub versus: Option<String>,
+    /// Side-by-side rounds with --versus (1 to 100).
+    #[arg(long, default_value_t = 7, value_parser = bounded(1, 100))]
+    pub rounds: usize,
     /// Output folder (judge.json, judge.md).
     #[arg(long, default_value = "out/bench-judge")]
     pub out: PathBuf,

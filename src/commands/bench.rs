@@ -118,6 +118,8 @@ pub fn judge(args: JudgeBenchArgs) -> anyhow::Result<()> {
         iters: args.iters,
         dtype,
         device,
+        versus: args.versus.clone(),
+        rounds: args.rounds,
     };
     let reference = args
         .reference

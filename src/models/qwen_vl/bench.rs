@@ -13,6 +13,7 @@ use serde_json::json;
 use super::config::Qwen2VlConfig;
 use super::image::PreparedImage;
 use super::model::{EncodedPrompt, KeyLayout, Qwen2Vl};
+use super::side_by_side::{run_rounds, ReferenceProcess, SideBySide};
 use crate::models::bench::{timed, RandomWeights};
 
 /// Built-in configurations, as on the Hub (`small` is a CPU-sized stand-in).
@@ -99,6 +100,11 @@ pub struct JudgeBench {
     pub dtype: DType,
     /// Device.
     pub device: Device,
+    /// A reference command speaking the side-by-side protocol
+    /// ([`super::side_by_side`]), timed against ours in alternating rounds.
+    pub versus: Option<String>,
+    /// Side-by-side rounds.
+    pub rounds: usize,
 }
 
 /// One batch size's timing.
@@ -129,21 +135,28 @@ pub struct JudgeBenchResult {
     pub step_s: f64,
     /// Seconds for one prompt's prefill.
     pub prefill_s: f64,
-    /// Of one prompt's prefill: seconds in the vision tower and merger (both images).
+    /// Seconds in the vision tower and merger (both images), timed on their own.
     pub vision_s: f64,
-    /// Of one prompt's prefill: the rest (the text decoder over every token, the splice).
+    /// Seconds in the text decoder over every token, measured inside one profiled prefill
+    /// (the sum of `decoder_parts`).
     pub text_s: f64,
     /// One more vision tower run, profiled: seconds per stage (patch embed, norms, qkv,
     /// rotary, attention, proj, mlp, merger, other), summed over blocks.
-    pub vision_parts: Vec<VisionPart>,
+    pub vision_parts: Vec<StageTime>,
+    /// The text decoder inside one more prefill, profiled: seconds per stage (norms, qkv,
+    /// rotary, attention, proj, mlp, other), summed over layers.
+    pub decoder_parts: Vec<StageTime>,
     /// The same prefill timed by transformers, when `--reference` named its timing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference: Option<ReferenceTiming>,
+    /// Alternating rounds against a reference process, when `--versus` named one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub side_by_side: Option<SideBySide>,
 }
 
-/// One stage of the vision tower profile.
+/// One stage of a profile (vision tower or text decoder).
 #[derive(Debug, Clone, Serialize)]
-pub struct VisionPart {
+pub struct StageTime {
     /// Stage name, as the reference script names it too.
     pub stage: String,
     /// Seconds in that stage over the whole tower.
@@ -162,9 +175,10 @@ pub struct ReferenceTiming {
     pub dtype: String,
     /// Seconds per prefill.
     pub prefill_s: f64,
-    /// Of that, seconds in the vision tower.
+    /// Seconds in the vision tower.
     pub vision_s: f64,
-    /// Of that, the rest.
+    /// Seconds in the text decoder (in files from older scripts: the prefill minus the
+    /// vision tower).
     pub text_s: f64,
     /// transformers' version.
     pub transformers: String,
@@ -173,6 +187,10 @@ pub struct ReferenceTiming {
     /// Seconds per vision stage, named as ours are (absent in files from older scripts).
     #[serde(default)]
     pub vision_parts: std::collections::BTreeMap<String, f64>,
+    /// Seconds per text decoder stage, named as ours are (absent in files from older
+    /// scripts).
+    #[serde(default)]
+    pub decoder_parts: std::collections::BTreeMap<String, f64>,
 }
 
 impl ReferenceTiming {
@@ -219,12 +237,12 @@ impl JudgeBenchResult {
             ));
         }
         md.push_str(&format!(
-            "\nOne prompt's prefill: {:.3} s in the vision tower (both images), {:.3} s in the rest (text decoder over all tokens). One answer token after the prefill (KV cache): {:.4} s.\n",
+            "\nOne prompt's prefill: {:.3} s in the vision tower (both images, timed alone), {:.3} s in the text decoder over all tokens (inside a profiled prefill). One answer token after the prefill (KV cache): {:.4} s.\n",
             self.vision_s, self.text_s, self.step_s
         ));
         if let Some(r) = &self.reference {
             md.push_str(&format!(
-                "\n| one prompt's prefill | ours (s) | transformers {} ({}) (s) | ours / transformers |\n|---|---|---|---|\n| whole | {:.3} | {:.3} | {:.2}x |\n| vision tower | {:.3} | {:.3} | {:.2}x |\n| the rest | {:.3} | {:.3} | {:.2}x |\n",
+                "\n| one prompt's prefill | ours (s) | transformers {} ({}) (s) | ours / transformers |\n|---|---|---|---|\n| whole | {:.3} | {:.3} | {:.2}x |\n| vision tower | {:.3} | {:.3} | {:.2}x |\n| text decoder | {:.3} | {:.3} | {:.2}x |\n",
                 r.transformers,
                 r.attention,
                 self.prefill_s,
@@ -238,41 +256,51 @@ impl JudgeBenchResult {
                 self.text_s / r.text_s,
             ));
         }
-        md.push_str(&self.parts_markdown());
-        md
-    }
-
-    /// The vision tower profile as a table, beside transformers' where the reference has
-    /// one (each side from its own single profiled run, so stage sums differ from the
-    /// timed runs above).
-    fn parts_markdown(&self) -> String {
-        let theirs = self.reference.as_ref().map(|r| &r.vision_parts);
-        let compare = theirs.is_some_and(|t| !t.is_empty());
-        let mut md =
-            String::from("\nOne vision tower run, profiled by stage (seconds, all blocks):\n\n");
-        md.push_str(if compare {
-            "| stage | ours (s) | transformers (s) | ours / transformers |\n|---|---|---|---|\n"
-        } else {
-            "| stage | ours (s) |\n|---|---|\n"
-        });
-        for part in &self.vision_parts {
-            match theirs.and_then(|t| t.get(&part.stage)).filter(|_| compare) {
-                Some(&their) => md.push_str(&format!(
-                    "| {} | {:.3} | {:.3} | {:.2}x |\n",
-                    part.stage,
-                    part.seconds,
-                    their,
-                    part.seconds / their
-                )),
-                None if compare => md.push_str(&format!(
-                    "| {} | {:.3} | - | - |\n",
-                    part.stage, part.seconds
-                )),
-                None => md.push_str(&format!("| {} | {:.3} |\n", part.stage, part.seconds)),
-            }
+        let reference = self.reference.as_ref();
+        md.push_str(&parts_markdown(
+            "One vision tower run, profiled by stage (seconds, all blocks)",
+            &self.vision_parts,
+            reference.map(|r| &r.vision_parts),
+        ));
+        md.push_str(&parts_markdown(
+            "The text decoder inside one prefill, profiled by stage (seconds, all layers)",
+            &self.decoder_parts,
+            reference.map(|r| &r.decoder_parts),
+        ));
+        if let Some(side_by_side) = &self.side_by_side {
+            md.push_str(&side_by_side.markdown());
         }
         md
     }
+}
+
+/// A profile as a table, beside transformers' where the reference has one (each side from
+/// its own single profiled run, so stage sums differ from the timed runs).
+fn parts_markdown(
+    title: &str,
+    ours: &[StageTime],
+    theirs: Option<&std::collections::BTreeMap<String, f64>>,
+) -> String {
+    let theirs = theirs.filter(|t| !t.is_empty());
+    let mut md = format!("\n{title}:\n\n");
+    md.push_str(match theirs {
+        Some(_) => {
+            "| stage | ours (s) | transformers (s) | ours / transformers |\n|---|---|---|---|\n"
+        }
+        None => "| stage | ours (s) |\n|---|---|\n",
+    });
+    for part in ours {
+        let (stage, seconds) = (&part.stage, part.seconds);
+        md.push_str(&match theirs.map(|t| t.get(stage)) {
+            Some(Some(&their)) => format!(
+                "| {stage} | {seconds:.3} | {their:.3} | {:.2}x |\n",
+                seconds / their
+            ),
+            Some(None) => format!("| {stage} | {seconds:.3} | - | - |\n"),
+            None => format!("| {stage} | {seconds:.3} |\n"),
+        });
+    }
+    md
 }
 
 /// A screening-shaped prompt: text, two images (source and preview), text.
@@ -314,6 +342,12 @@ pub fn run(
     bench: &JudgeBench,
     reference: Option<ReferenceTiming>,
 ) -> candle_core::Result<JudgeBenchResult> {
+    // The reference loads its model while we build ours; it idles until asked.
+    let mut versus = bench
+        .versus
+        .as_deref()
+        .map(ReferenceProcess::spawn)
+        .transpose()?;
     let start = Instant::now();
     let random = RandomWeights::default();
     let counter = random.elements.clone();
@@ -329,6 +363,14 @@ pub fn run(
         .map(|s| prompt(&bench.config, bench.image_side, bench.text_tokens, s))
         .collect();
     let one = &prompts[0];
+    let versus_info = match versus.as_mut() {
+        Some(process) => Some(process.ready(
+            one.ids.len(),
+            bench.image_side,
+            &format!("{:?}", bench.dtype).to_lowercase(),
+        )?),
+        None => None,
+    };
     let mut prefill_s = None;
     let mut batches = Vec::new();
     for &batch in &bench.batches {
@@ -367,19 +409,35 @@ pub fn run(
     let vision_s = timed(&bench.device, bench.iters, || {
         model.vision_tokens(one).map(|_| ())
     })?;
-    let vision_parts = model
-        .vision_profile(one)?
-        .into_iter()
-        .map(|(stage, seconds)| VisionPart {
-            stage: stage.to_string(),
-            seconds,
-        })
-        .collect();
+    let stages = |parts: Vec<(&str, f64)>| -> Vec<StageTime> {
+        parts
+            .into_iter()
+            .map(|(stage, seconds)| StageTime {
+                stage: stage.to_string(),
+                seconds,
+            })
+            .collect()
+    };
+    let vision_parts = stages(model.vision_profile(one)?);
+    let decoder_parts = stages(model.decoder_profile(one)?.1);
+    let text_s = decoder_parts.iter().map(|p| p.seconds).sum();
     let (_, mut sessions) = model.prefill(&prompts[..1])?;
     let session = sessions.remove(0);
     let step_s = timed(&bench.device, bench.iters, || {
         model.extend(&mut session.clone(), &[15]).map(|_| ())
     })?;
+    let side_by_side = match (versus.as_mut(), versus_info) {
+        // No warm-up per round: the model ran above, as the reference warmed up before
+        // its ready line.
+        (Some(process), Some(info)) => Some(run_rounds(bench.rounds, process, info, || {
+            bench.device.synchronize()?;
+            let start = Instant::now();
+            model.prefill(std::slice::from_ref(one))?;
+            bench.device.synchronize()?;
+            Ok(start.elapsed().as_secs_f64())
+        })?),
+        _ => None,
+    };
     Ok(JudgeBenchResult {
         parameters,
         prompt_tokens: prompts[0].ids.len(),
@@ -388,9 +446,11 @@ pub fn run(
         step_s,
         vision_s,
         prefill_s,
-        text_s: (prefill_s - vision_s).max(0.0),
+        text_s,
         vision_parts,
+        decoder_parts,
         reference,
+        side_by_side,
     })
 }
 
@@ -413,6 +473,8 @@ mod tests {
             iters: 1,
             dtype: DType::F32,
             device: Device::Cpu,
+            versus: None,
+            rounds: 0,
         };
         let result = run(&bench, None).unwrap();
         // 20 text + 2 x (2 markers + 4 image tokens).
@@ -457,6 +519,8 @@ mod tests {
             iters: 1,
             dtype: DType::F32,
             device: Device::Cpu,
+            versus: None,
+            rounds: 0,
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tf.json");

@@ -19,6 +19,7 @@ pub mod files;
 pub mod image;
 pub mod model;
 pub mod reward;
+pub mod side_by_side;
 pub mod text;
 pub mod vision;
 

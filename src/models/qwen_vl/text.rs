@@ -13,6 +13,7 @@ use candle_nn::{
 
 use super::config::TextConfig;
 use crate::models::activation::Activation;
+use crate::models::bench::{lap, StageClock};
 use crate::models::cpu;
 
 /// Position ids of a batch: `ids[b][s]` = (temporal, height, width).
@@ -175,6 +176,7 @@ impl Attention {
 
     /// `xs`: `[b, s, hidden]`; `rope`: cos/sin `[b, s, head_dim/2]`; `mask`: `[s, past + s]`,
     /// the causal mask (the fused CPU path applies causality itself and ignores it).
+    /// `clock` is charged qkv, rotary, attention and proj.
     fn forward(
         &self,
         xs: &Tensor,
@@ -182,6 +184,7 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: &mut KvCache,
         layer: usize,
+        clock: &mut Option<&mut StageClock>,
     ) -> Result<Tensor> {
         let (b, s, _) = xs.dims3()?;
         let heads = |t: Tensor, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
@@ -211,8 +214,10 @@ impl Attention {
             self.num_kv_heads,
             None,
         )?;
+        lap(clock, "qkv")?;
         let q = apply_rope(&q, rope)?;
         let k = apply_rope(&k, rope)?;
+        lap(clock, "rotary")?;
         let (k, v) = cache.append(layer, k, v)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         if [&q, &k, &v].iter().all(|t| cpu::is_dense_cpu_f32(t)) {
@@ -223,7 +228,10 @@ impl Attention {
             let out = out
                 .transpose(1, 2)?
                 .reshape((b, s, self.num_heads * self.head_dim))?;
-            return self.o_proj.forward(&out);
+            lap(clock, "attention")?;
+            let out = self.o_proj.forward(&out)?;
+            lap(clock, "proj")?;
+            return Ok(out);
         }
         let groups = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(&k, groups)?;
@@ -244,7 +252,10 @@ impl Attention {
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.head_dim))?;
-        self.o_proj.forward(&out)
+        lap(clock, "attention")?;
+        let out = self.o_proj.forward(&out)?;
+        lap(clock, "proj")?;
+        Ok(out)
     }
 }
 
@@ -355,6 +366,21 @@ impl TextModel {
         cache: &mut KvCache,
         deepstack: Option<&Deepstack>,
     ) -> Result<Tensor> {
+        self.forward_embeds_timed(embeds, positions, cache, deepstack, None)
+    }
+
+    /// [`forward_embeds`](Self::forward_embeds), charging each stage's time to `clock` when
+    /// one is given (`bench judge`'s decoder profile): norms, qkv, rotary, attention, proj,
+    /// mlp, and other (rotary tables, mask, residual adds, DeepStack).
+    pub fn forward_embeds_timed(
+        &self,
+        embeds: &Tensor,
+        positions: &Positions,
+        cache: &mut KvCache,
+        deepstack: Option<&Deepstack>,
+        mut clock: Option<&mut StageClock>,
+    ) -> Result<Tensor> {
+        let clock = &mut clock;
         let (b, s, hidden) = embeds.dims3()?;
         let rope = self.rope.cos_sin(positions, embeds.device())?;
         let past = cache.len();
@@ -364,17 +390,21 @@ impl TextModel {
             None
         };
         let mut xs = embeds.clone();
+        lap(clock, "other")?;
         for (i, layer) in self.layers.iter().enumerate() {
             let residual = xs.clone();
             let h = layer.input_layernorm.forward(&xs)?;
+            lap(clock, "norms")?;
             let h = layer
                 .self_attn
-                .forward(&h, &rope, mask.as_ref(), cache, i)?;
+                .forward(&h, &rope, mask.as_ref(), cache, i, clock)?;
             xs = (residual + h)?;
             let residual = xs.clone();
-            let h = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&xs)?)?;
+            lap(clock, "other")?;
+            let h = layer.post_attention_layernorm.forward(&xs)?;
+            lap(clock, "norms")?;
+            let h = layer.mlp.forward(&h)?;
+            lap(clock, "mlp")?;
             xs = (residual + h)?;
             if let Some((rows, feature)) =
                 deepstack.and_then(|d| d.layers.get(i).map(|f| (&d.rows, f)))
@@ -385,8 +415,11 @@ impl TextModel {
                     .index_add(rows, &feature.to_dtype(xs.dtype())?, 0)?
                     .reshape((b, s, hidden))?;
             }
+            lap(clock, "other")?;
         }
-        self.norm.forward(&xs)
+        let out = self.norm.forward(&xs)?;
+        lap(clock, "norms")?;
+        Ok(out)
     }
 
     /// Logits in f32 for hidden states `[b, s, hidden]`.
