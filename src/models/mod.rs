@@ -3,14 +3,16 @@
 //! world ([`testbed`]). Configs, blocks, weights and their loading; no knowledge of
 //! generators, judges or the engine (a test enforces it). [`bench`] holds what the model
 //! benchmarks share; [`activation`] the activations configs name; [`cpu`] fused CPU kernels for the
-//! f32 hot spots (attention) that candle runs as several passes, and [`cuda`] their GPU
-//! counterparts (softmax, bias add).
+//! f32 hot spots (attention) that candle runs as several passes, [`cuda`] their GPU
+//! counterparts (softmax, bias add), and [`linear`] the biased linear forward that picks
+//! between them.
 
 pub mod activation;
 pub mod bench;
 pub mod cpu;
 pub mod cuda;
 pub mod flux;
+pub mod linear;
 pub mod qwen_vl;
 pub mod taef1;
 pub mod testbed;

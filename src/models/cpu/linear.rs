@@ -17,12 +17,6 @@ pub fn forward(linear: &Linear, xs: &Tensor) -> Result<Tensor> {
     let Some(bias) = linear.bias() else {
         return linear.forward(xs);
     };
-    if xs.device().is_cuda() {
-        // On a GPU the product is cuBLAS's; the bias goes on in one pass (models::cuda)
-        // rather than through candle's general broadcast add.
-        let product = Linear::new(weight.clone(), None).forward(xs)?;
-        return crate::models::cuda::add_row_bias(&product, bias);
-    }
     if ![xs, weight, bias]
         .iter()
         .all(|t| super::is_dense_cpu_f32(t))

@@ -150,13 +150,32 @@ mod launch {
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/icedit_kernels.ptx"));
     const MODULE: &str = "icedit_kernels";
 
-    fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            other => candle_core::bail!("icedit CUDA kernels take f32, f16 or bf16, not {other:?}"),
-        })
+    /// Evaluates `$body` with `$T` the element type of `$dtype` and `$name` the kernel
+    /// `"{$base}_{f32|f16|bf16}"` (kernels.cu instantiates each kernel per dtype under
+    /// those names); other dtypes are an error.
+    macro_rules! per_dtype {
+        ($dtype:expr, $base:literal, |$T:ident, $name:ident| $body:expr) => {
+            match $dtype {
+                DType::F32 => {
+                    type $T = f32;
+                    let $name = concat!($base, "_f32");
+                    $body
+                }
+                DType::F16 => {
+                    type $T = half::f16;
+                    let $name = concat!($base, "_f16");
+                    $body
+                }
+                DType::BF16 => {
+                    type $T = half::bf16;
+                    let $name = concat!($base, "_bf16");
+                    $body
+                }
+                other => {
+                    candle_core::bail!("icedit CUDA kernels take f32, f16 or bf16, not {other:?}")
+                }
+            }
+        };
     }
 
     /// The contiguous elements `layout` covers in `slice`.
@@ -209,12 +228,9 @@ mod launch {
             }
             Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
         }
-        let name = format!("scaled_softmax_{}", suffix(storage.dtype())?);
-        let out = match storage.dtype() {
-            DType::F32 => run::<f32>(storage, layout, &name, scale)?,
-            DType::F16 => run::<half::f16>(storage, layout, &name, scale)?,
-            _ => run::<half::bf16>(storage, layout, &name, scale)?,
-        };
+        let out = per_dtype!(storage.dtype(), "scaled_softmax", |T, name| {
+            run::<T>(storage, layout, name, scale)?
+        });
         Ok((out, layout.shape().clone()))
     }
 
@@ -258,12 +274,9 @@ mod launch {
         if xs.dtype() != bias.dtype() {
             candle_core::bail!("row bias: {:?} input, {:?} bias", xs.dtype(), bias.dtype());
         }
-        let name = format!("add_row_bias_{}", suffix(xs.dtype())?);
-        let out = match xs.dtype() {
-            DType::F32 => run::<f32>(xs, xs_layout, bias, bias_layout, &name)?,
-            DType::F16 => run::<half::f16>(xs, xs_layout, bias, bias_layout, &name)?,
-            _ => run::<half::bf16>(xs, xs_layout, bias, bias_layout, &name)?,
-        };
+        let out = per_dtype!(xs.dtype(), "add_row_bias", |T, name| {
+            run::<T>(xs, xs_layout, bias, bias_layout, name)?
+        });
         Ok((out, xs_layout.shape().clone()))
     }
 }

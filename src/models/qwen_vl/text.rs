@@ -15,6 +15,7 @@ use super::config::TextConfig;
 use crate::models::activation::Activation;
 use crate::models::bench::{lap, StageClock};
 use crate::models::cpu;
+use crate::models::linear as biased_linear;
 
 /// Position ids of a batch: `ids[b][s]` = (temporal, height, width).
 pub type Positions = Vec<Vec<[i64; 3]>>;
@@ -200,17 +201,17 @@ impl Attention {
             None => (None, None),
         };
         let q = heads(
-            cpu::linear::forward(&self.q_proj, xs)?,
+            biased_linear::forward(&self.q_proj, xs)?,
             self.num_heads,
             q_norm,
         )?;
         let k = heads(
-            cpu::linear::forward(&self.k_proj, xs)?,
+            biased_linear::forward(&self.k_proj, xs)?,
             self.num_kv_heads,
             k_norm,
         )?;
         let v = heads(
-            cpu::linear::forward(&self.v_proj, xs)?,
+            biased_linear::forward(&self.v_proj, xs)?,
             self.num_kv_heads,
             None,
         )?;

@@ -17,6 +17,7 @@ use candle_nn::{layer_norm, linear, LayerNorm, Linear, RmsNorm, VarBuilder};
 use super::config::{Family, VisionConfig};
 use crate::models::activation::Activation;
 use crate::models::bench::{lap, StageClock};
+use crate::models::linear as biased_linear;
 use crate::models::{cpu, cuda};
 
 /// LayerNorm (Qwen2-VL, Qwen3-VL) or RMSNorm (Qwen2.5-VL), all with epsilon 1e-6.
@@ -109,7 +110,7 @@ impl Mlp {
     fn forward_rows(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Plain { fc1, fc2, act } => {
-                cpu::linear::forward(fc2, &act.apply(&cpu::linear::forward(fc1, xs)?)?)
+                biased_linear::forward(fc2, &act.apply(&biased_linear::forward(fc1, xs)?)?)
             }
             Self::Gated {
                 gate,
@@ -117,8 +118,8 @@ impl Mlp {
                 down,
                 act,
             } => {
-                let g = act.apply(&cpu::linear::forward(gate, xs)?)?;
-                cpu::linear::forward(down, &(g * cpu::linear::forward(up, xs)?)?)
+                let g = act.apply(&biased_linear::forward(gate, xs)?)?;
+                biased_linear::forward(down, &(g * biased_linear::forward(up, xs)?)?)
             }
         }
     }
@@ -180,23 +181,35 @@ impl Block {
         let (n, d) = xs.dims2()?;
         let dtype = xs.dtype();
         // [n, 3, heads, hd] -> three of [1, heads, n, hd]
-        let qkv =
-            cpu::linear::forward(&self.qkv, xs)?.reshape((n, 3, self.num_heads, self.head_dim))?;
+        let qkv = biased_linear::forward(&self.qkv, xs)?.reshape((
+            n,
+            3,
+            self.num_heads,
+            self.head_dim,
+        ))?;
         lap(clock, "qkv")?;
-        let part = |i: usize| -> Result<Tensor> {
+        let part = |i: usize, dtype: DType| -> Result<Tensor> {
             qkv.narrow(1, i, 1)?
                 .squeeze(1)?
                 .transpose(0, 1)?
                 .unsqueeze(0)?
-                .to_dtype(DType::F32)?
+                .to_dtype(dtype)?
                 .contiguous()
         };
         // RoPE in f32 as the reference does; the softmax scale goes on q (n x hd values)
         // rather than on the scores (n x n per head).
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = (candle_nn::rotary_emb::rope(&part(0)?, &rope.0, &rope.1)? * scale)?.squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope(&part(1)?, &rope.0, &rope.1)?.squeeze(0)?;
-        let v = part(2)?.squeeze(0)?;
+        let q = (candle_nn::rotary_emb::rope(&part(0, DType::F32)?, &rope.0, &rope.1)? * scale)?
+            .squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope(&part(1, DType::F32)?, &rope.0, &rope.1)?.squeeze(0)?;
+        // v skips the rotary: f32 only for the CPU kernel, which reads f32 (a GPU runs the
+        // products in the model dtype, so an f32 copy there would be cast straight back).
+        let v_dtype = if xs.device().is_cpu() {
+            DType::F32
+        } else {
+            dtype
+        };
+        let v = part(2, v_dtype)?.squeeze(0)?;
         lap(clock, "rotary")?;
         // On the CPU in f32 the fused kernel never materialises the scores; elsewhere (a
         // GPU, half precision) the tensor path below.
@@ -220,7 +233,7 @@ impl Block {
         // [heads, n, hd] -> [n, d]
         let out = out.transpose(0, 1)?.reshape((n, d))?.to_dtype(dtype)?;
         lap(clock, "attention")?;
-        let out = cpu::linear::forward(&self.proj, &out)?;
+        let out = biased_linear::forward(&self.proj, &out)?;
         lap(clock, "proj")?;
         Ok(out)
     }
@@ -301,9 +314,9 @@ impl Module for PatchMerger {
             self.norm.forward(xs)?.reshape(((), self.merged_dim))?
         };
         // nn.GELU() is the exact (erf) GELU.
-        cpu::linear::forward(
+        biased_linear::forward(
             &self.fc2,
-            &cpu::linear::forward(&self.fc1, &xs)?.gelu_erf()?,
+            &biased_linear::forward(&self.fc1, &xs)?.gelu_erf()?,
         )
     }
 }
