@@ -112,15 +112,19 @@ def prompt(config, ids, side, text_tokens, device, dtype):
     )
 
 
-def timed(fn, iters, device):
-    fn()
+def sync(device):
+    """Waits for queued GPU work (a no-op on the CPU) so a clock reading covers it."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def timed(fn, iters, device):
+    fn()
+    sync(device)
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - start) / iters
 
 
@@ -129,12 +133,11 @@ class StageTimer:
     a wrapper) to named stages; `close` removes every hook and wrapper."""
 
     def __init__(self, device):
-        self.cuda = str(device).startswith("cuda")
+        self.device = device
         self.totals, self.starts, self.handles, self.wrapped = defaultdict(float), {}, [], []
 
     def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        sync(self.device)
 
     def watch(self, module, stage):
         def before(mod, args):
@@ -256,12 +259,10 @@ def serve(model, inputs, a, config):
         for line in sys.stdin:
             if line.strip() != "prefill":
                 continue
-            if str(a.device).startswith("cuda"):
-                torch.cuda.synchronize()
+            sync(a.device)
             start = time.perf_counter()
             prefill()
-            if str(a.device).startswith("cuda"):
-                torch.cuda.synchronize()
+            sync(a.device)
             print(json.dumps(dict(prefill_s=time.perf_counter() - start)), flush=True)
 
 

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::config::Qwen2VlConfig;
 use super::image::PreparedImage;
 use super::model::{EncodedPrompt, KeyLayout, Qwen2Vl};
-use super::side_by_side::{run_rounds, ReferenceProcess, SideBySide};
+use super::side_by_side::{prompt_mismatch, run_rounds, ReferenceProcess, SideBySide};
 use crate::models::bench::{timed, RandomWeights};
 
 /// Built-in configurations, as on the Hub (`small` is a CPU-sized stand-in).
@@ -105,6 +105,17 @@ pub struct JudgeBench {
     pub versus: Option<String>,
     /// Side-by-side rounds.
     pub rounds: usize,
+}
+
+impl JudgeBench {
+    /// (tokens per prompt, image side, dtype as torch names it): what a reference timing
+    /// must have timed to be compared with this run.
+    pub fn timed_prompt(&self) -> (usize, usize, &'static str) {
+        let tokens = prompt(&self.config, self.image_side, self.text_tokens, 0)
+            .ids
+            .len();
+        (tokens, self.image_side, self.dtype.as_str())
+    }
 }
 
 /// One batch size's timing.
@@ -199,23 +210,15 @@ impl ReferenceTiming {
         let name = path.display();
         let text = std::fs::read_to_string(path).map_err(|e| format!("{name}: {e}"))?;
         let reference: Self = serde_json::from_str(&text).map_err(|e| format!("{name}: {e}"))?;
-        let tokens = prompt(&bench.config, bench.image_side, bench.text_tokens, 0)
-            .ids
-            .len();
-        if reference.prompt_tokens != tokens || reference.image_side != bench.image_side {
-            return Err(format!(
-                "{name}: timed {} tokens with {} px images, this run times {tokens} tokens with {} px images (match --image-side and --text-tokens)",
-                reference.prompt_tokens, reference.image_side, bench.image_side
-            ));
+        let theirs = (
+            reference.prompt_tokens,
+            reference.image_side,
+            reference.dtype.as_str(),
+        );
+        match prompt_mismatch(theirs, bench.timed_prompt()) {
+            Some(why) => Err(format!("{name}: {why}")),
+            None => Ok(reference),
         }
-        let ours = format!("{:?}", bench.dtype).to_lowercase();
-        if reference.dtype != ours {
-            return Err(format!(
-                "{name}: dtype {} but this run uses {ours}",
-                reference.dtype
-            ));
-        }
-        Ok(reference)
     }
 }
 
@@ -364,11 +367,10 @@ pub fn run(
         .collect();
     let one = &prompts[0];
     let versus_info = match versus.as_mut() {
-        Some(process) => Some(process.ready(
-            one.ids.len(),
-            bench.image_side,
-            &format!("{:?}", bench.dtype).to_lowercase(),
-        )?),
+        Some(process) => {
+            let (tokens, side, dtype) = bench.timed_prompt();
+            Some(process.ready(tokens, side, dtype)?)
+        }
         None => None,
     };
     let mut prefill_s = None;
@@ -419,7 +421,7 @@ pub fn run(
             .collect()
     };
     let vision_parts = stages(model.vision_profile(one)?);
-    let decoder_parts = stages(model.decoder_profile(one)?.1);
+    let decoder_parts = stages(model.decoder_profile(one)?);
     let text_s = decoder_parts.iter().map(|p| p.seconds).sum();
     let (_, mut sessions) = model.prefill(&prompts[..1])?;
     let session = sessions.remove(0);

@@ -258,31 +258,22 @@ impl Qwen2Vl {
         Ok(clock.stages().to_vec())
     }
 
-    /// One prompt's prefill, timed in parts: seconds to embed it (the vision tower and
-    /// merger included) and the text decoder's seconds per stage (see
-    /// [`TextModel::forward_embeds_timed`]). `bench judge` reports the decoder's sum as
-    /// its time, measured inside a prefill rather than as the prefill minus a separate
-    /// vision run.
-    pub fn decoder_profile(
-        &self,
-        prompt: &EncodedPrompt,
-    ) -> Result<(f64, Vec<(&'static str, f64)>)> {
-        let batch = std::slice::from_ref(prompt);
+    /// The text decoder's seconds per stage inside one prompt's prefill (see
+    /// [`TextModel::forward_embeds_timed`]); the embedding (vision tower included) runs
+    /// first, untimed. `bench judge` reports the stages' sum as the decoder's time, measured
+    /// inside a prefill rather than as the prefill minus a separate vision run.
+    pub fn decoder_profile(&self, prompt: &EncodedPrompt) -> Result<Vec<(&'static str, f64)>> {
         let positions = vec![rope_positions(&self.config, prompt)?.0];
+        let (embeds, deepstack) = self.embed_with_images(std::slice::from_ref(prompt))?;
         let mut clock = StageClock::start(&self.device)?;
-        let (embeds, deepstack) = self.embed_with_images(batch)?;
-        clock.lap("embed")?;
-        let embed_s = clock.stages()[0].1;
-        let mut clock = StageClock::start(&self.device)?;
-        let mut cache = KvCache::default();
         self.text.forward_embeds_timed(
             &embeds,
             &positions,
-            &mut cache,
+            &mut KvCache::default(),
             deepstack.as_ref(),
             Some(&mut clock),
         )?;
-        Ok((embed_s, clock.stages().to_vec()))
+        Ok(clock.stages().to_vec())
     }
 
     /// `[patches, patch_dim]` pixels of all the prompt's images and their grids.

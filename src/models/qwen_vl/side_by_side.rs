@@ -84,20 +84,9 @@ impl ReferenceProcess {
         let info: ReferenceInfo = serde_json::from_value(line).map_err(|e| {
             candle_core::Error::Msg(format!("--versus `{}`: ready line: {e}", self.command))
         })?;
-        if info.prompt_tokens != prompt_tokens || info.image_side != image_side {
-            candle_core::bail!(
-                "--versus `{}`: times {} tokens with {} px images, this run times {prompt_tokens} tokens with {image_side} px images (match --image-side and --text-tokens)",
-                self.command,
-                info.prompt_tokens,
-                info.image_side
-            );
-        }
-        if info.dtype != dtype {
-            candle_core::bail!(
-                "--versus `{}`: dtype {} but this run uses {dtype}",
-                self.command,
-                info.dtype
-            );
+        let theirs = (info.prompt_tokens, info.image_side, info.dtype.as_str());
+        if let Some(why) = prompt_mismatch(theirs, (prompt_tokens, image_side, dtype)) {
+            candle_core::bail!("--versus `{}`: {why}", self.command);
         }
         Ok(info)
     }
@@ -154,6 +143,19 @@ impl Drop for ReferenceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Why a reference's timing, taken on `theirs` = (prompt tokens, image side, dtype), cannot
+/// be set beside ours taken on `ours`; `None` when it can. Shared by `--versus` processes
+/// and `--reference` files.
+pub fn prompt_mismatch(theirs: (usize, usize, &str), ours: (usize, usize, &str)) -> Option<String> {
+    let ((tokens, side, dtype), (our_tokens, our_side, our_dtype)) = (theirs, ours);
+    if (tokens, side) != (our_tokens, our_side) {
+        return Some(format!(
+            "times {tokens} tokens with {side} px images, this run times {our_tokens} tokens with {our_side} px images (match --image-side and --text-tokens)"
+        ));
+    }
+    (dtype != our_dtype).then(|| format!("dtype {dtype} but this run uses {our_dtype}"))
 }
 
 /// Which side ran first in a round.

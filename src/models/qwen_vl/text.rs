@@ -221,22 +221,37 @@ impl Attention {
         lap(clock, "rotary")?;
         let (k, v) = cache.append(layer, k, v)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        if [&q, &k, &v].iter().all(|t| cpu::is_dense_cpu_f32(t)) {
+        let out = if [&q, &k, &v].iter().all(|t| cpu::is_dense_cpu_f32(t)) {
             // On the CPU in f32 the fused kernel: only the keys each row may see are
             // scored (the mask `forward_embeds` builds is exactly that causal one), and
             // grouped key/value heads are read in place.
-            let out = cpu::attention::causal_attention(&(q * scale)?, &k, &v)?;
-            let out = out
-                .transpose(1, 2)?
-                .reshape((b, s, self.num_heads * self.head_dim))?;
-            lap(clock, "attention")?;
-            let out = self.o_proj.forward(&out)?;
-            lap(clock, "proj")?;
-            return Ok(out);
-        }
+            cpu::attention::causal_attention(&(q * scale)?, &k, &v)?
+        } else {
+            self.masked_attention(&q, &k, &v, mask, scale)?
+        };
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, s, self.num_heads * self.head_dim))?;
+        lap(clock, "attention")?;
+        let out = self.o_proj.forward(&out)?;
+        lap(clock, "proj")?;
+        Ok(out)
+    }
+
+    /// Softmax attention through tensor operations (any device and dtype): q `[b, heads, s,
+    /// d]`, k and v `[b, kv_heads, past + s, d]` repeated to every head, scores in f32 with
+    /// `mask` added; returns `[b, heads, s, d]` in q's dtype.
+    fn masked_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<Tensor> {
         let groups = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(&k, groups)?;
-        let v = repeat_kv(&v, groups)?;
+        let k = repeat_kv(k, groups)?;
+        let v = repeat_kv(v, groups)?;
 
         // Scores in f32: bf16 softmax over thousands of image tokens loses the small ones.
         let dtype = q.dtype();
@@ -249,14 +264,7 @@ impl Attention {
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, s, self.num_heads * self.head_dim))?;
-        lap(clock, "attention")?;
-        let out = self.o_proj.forward(&out)?;
-        lap(clock, "proj")?;
-        Ok(out)
+        probs.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(dtype)
     }
 }
 
