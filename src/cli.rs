@@ -224,9 +224,16 @@ pub struct FluxBenchArgs {
     /// Steps of the full edit estimate (1 to 1000).
     #[arg(long, default_value_t = 50, value_parser = bounded(1, MAX_STEPS))]
     pub steps: usize,
-    /// Timed repetitions (after one warm-up), 1 to 1000.
+    /// Untimed warm-up runs before the timed ones, 0 to 100 (0 puts one-time costs into the
+    /// timings; the peak memory is the same).
+    #[arg(long, default_value_t = 1, value_parser = bounded(0, 100))]
+    pub warmup: usize,
+    /// Timed repetitions (after the warm-up), 1 to 1000.
     #[arg(long, default_value_t = 3, value_parser = bounded(1, 1000))]
     pub iters: usize,
+    /// Skip timing the tiny preview decoder (TAEF1's configuration).
+    #[arg(long)]
+    pub no_tiny: bool,
     /// Weight dtype: f32, f16 or bf16 (bf16 default on GPU, f32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,

@@ -7,7 +7,7 @@
 //! The modules stand on floors; each imports only from floors below it (a test,
 //! `tests/architecture.rs`, enforces it):
 //!
-//! 1. ground: [`error`], [`fsio`], [`hub`], [`device`], [`stop`], [`edit`]
+//! 1. ground: [`error`], [`fsio`], [`http`], [`hub`], [`device`], [`stop`], [`edit`]
 //! 2. models: [`models`] (FLUX, Qwen-VL, the testbed world), pure model code
 //! 3. roles: [`generate`] and [`judge`], the adapters that make a model a Generator or a Judge
 //! 4. [`engine`]: strategies over the two traits
@@ -26,6 +26,7 @@ pub mod eval;
 pub mod fsio;
 pub mod generate;
 pub mod host_memory;
+pub mod http;
 pub mod hub;
 pub mod judge;
 pub mod judge_eval;

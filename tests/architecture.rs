@@ -6,7 +6,7 @@
 //!
 //! | floor | modules |
 //! |---|---|
-//! | 1 ground | error, fsio, hub, device, stop, edit |
+//! | 1 ground | error, fsio, http, hub, device, stop, edit |
 //! | 2 models | models |
 //! | 3 roles | generate, judge (never each other) |
 //! | 4 engine | engine |
@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 /// The floor of a top-level module.
 fn floor(module: &str) -> Option<u8> {
     Some(match module {
-        "error" | "fsio" | "hub" | "device" | "host_memory" | "stop" | "edit" => 1,
+        "error" | "fsio" | "http" | "hub" | "device" | "host_memory" | "stop" | "edit" => 1,
         "models" => 2,
         "generate" | "judge" => 3,
         "engine" => 4,

@@ -227,7 +227,7 @@ async fn the_openai_python_clients_request_gets_an_openai_shaped_answer() {
         &[],
         &[("ICEDIT_SERVE_TOKEN", token)],
     );
-    let client = reqwest::Client::new();
+    let client = icedit_scale::http::client_builder().build().unwrap();
     let r = client
         .post(server.url(meta["path"].as_str().unwrap()))
         .header(
@@ -296,7 +296,7 @@ async fn the_openai_python_clients_request_gets_an_openai_shaped_answer() {
 async fn an_async_edit_streams_every_event_in_order_and_accounts_for_every_candidate() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("out"), &[], &[]);
-    let client = reqwest::Client::new();
+    let client = icedit_scale::http::client_builder().build().unwrap();
     let id = submit(
         &client,
         &server,
@@ -465,7 +465,7 @@ async fn a_full_queue_answers_429_and_queued_and_running_edits_cancel() {
         ],
         &[],
     );
-    let client = reqwest::Client::new();
+    let client = icedit_scale::http::client_builder().build().unwrap();
     // A: 64 full runs of 1000 steps (minutes of work), so it is still running when we
     // cancel it; a cancel takes effect within one step.
     let long = [
@@ -590,7 +590,7 @@ async fn bad_requests_get_401_400_and_413_naming_the_field() {
         ],
         &[("ICEDIT_SERVE_TOKEN", token)],
     );
-    let client = reqwest::Client::new();
+    let client = icedit_scale::http::client_builder().build().unwrap();
     let ok_fields = [("prompt", "make it snow")];
     // 401 without the token or with a wrong one; the page and health stay open.
     for auth in [None, Some("wrong")] {
@@ -725,7 +725,7 @@ async fn bad_requests_get_401_400_and_413_naming_the_field() {
 async fn after_kill_9_and_a_restart_every_accepted_edit_finishes_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let client = reqwest::Client::new();
+    let client = icedit_scale::http::client_builder().build().unwrap();
     let fields = [
         ("prompt", "make the sky night"),
         ("seeds", "4"),
@@ -795,7 +795,7 @@ async fn several_generator_workers_share_one_queue() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let server = Server::start(&out, &["--devices", "cpu,cpu,cpu", "--in-flight", "1"], &[]);
-    let client = reqwest::Client::new();
+    let client = icedit_scale::http::client_builder().build().unwrap();
     let health: Value = client
         .get(server.url("/healthz"))
         .send()
@@ -875,7 +875,7 @@ async fn several_generator_workers_share_one_queue() {
 async fn sigterm_finishes_the_running_edit_and_leaves_queued_ones_for_the_restart() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let client = reqwest::Client::new();
+    let client = icedit_scale::http::client_builder().build().unwrap();
     let fields = [
         ("prompt", "make it snow"),
         ("seeds", "4"),

@@ -72,6 +72,8 @@ pub fn flux(args: FluxBenchArgs) -> anyhow::Result<()> {
         batches: args.batch.clone(),
         t5_tokens: args.t5_tokens,
         steps: args.steps,
+        warmup: args.warmup,
+        tiny: !args.no_tiny,
         iters: args.iters,
         dtype,
         device,

@@ -289,7 +289,7 @@ impl OpenAiJudge {
             })?)),
             None => ApiKey(None),
         };
-        let http = reqwest::Client::builder()
+        let http = crate::http::client_builder()
             .timeout(Duration::from_secs_f64(config.timeout_s))
             .build()
             .map_err(|e| JudgeError::Config(format!("HTTP client: {e}")))?;

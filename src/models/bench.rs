@@ -43,8 +43,21 @@ impl SimpleBackend for RandomWeights {
 
 /// Mean seconds of `f` over `iters` runs after one warm-up, synchronising the device before
 /// and after (GPU kernels run asynchronously).
-pub fn timed<T>(device: &Device, iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
-    f()?; // warm-up (kernels, allocator)
+pub fn timed<T>(device: &Device, iters: usize, f: impl FnMut() -> Result<T>) -> Result<f64> {
+    timed_after(device, 1, iters, f)
+}
+
+/// [`timed`] after `warmup` untimed runs (kernel compilation, allocator growth); with none,
+/// the first run's one-time costs are in the mean.
+pub fn timed_after<T>(
+    device: &Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<T>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
     device.synchronize()?;
     let start = Instant::now();
     for _ in 0..iters.max(1) {

@@ -181,7 +181,7 @@ impl ServeBench {
         }));
         let busy_before: Vec<Duration> = workers.iter().map(|w| w.busy_time()).collect();
         let next = Arc::new(AtomicUsize::new(0));
-        let client = reqwest::Client::new();
+        let client = crate::http::client_builder().build()?;
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..clients {

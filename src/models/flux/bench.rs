@@ -2,7 +2,7 @@
 //! random weights at any configuration (the full 12B one included), so speed can be measured
 //! on a GPU without downloading anything. Random weights cost the same time as trained ones.
 //! Beside the VAE decode it times the tiny preview decoder (TAEF1's published configuration)
-//! on the same latents.
+//! on the same latents, unless told not to (`--no-tiny`; `tests/plan.rs` needs only the peak).
 
 use std::time::Instant;
 
@@ -18,7 +18,7 @@ use super::linear::Linears;
 use super::transformer::{FluxTransformer, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
 use crate::device::ggml_dtype_name;
-use crate::models::bench::{timed, RandomWeights};
+use crate::models::bench::{timed_after, RandomWeights};
 use crate::models::taef1::{TinyConfig, TinyDecoder};
 
 /// Rows of each random weight actually quantized (the rest repeat them): see
@@ -40,7 +40,11 @@ pub struct FluxBench {
     pub t5_tokens: usize,
     /// Steps of a full edit (for the per-edit estimate).
     pub steps: usize,
-    /// Timed repetitions after one warm-up.
+    /// Untimed runs before the timed ones (0 when only the peak memory matters).
+    pub warmup: usize,
+    /// Whether to time the tiny preview decoder too.
+    pub tiny: bool,
+    /// Timed repetitions after the warm-up.
     pub iters: usize,
     /// Compute dtype.
     pub dtype: DType,
@@ -92,8 +96,8 @@ pub struct FluxBenchResult {
     /// Seconds to decode one candidate.
     pub vae_decode_s: f64,
     /// Seconds to decode one candidate with the tiny preview decoder (TAEF1's published
-    /// configuration, random weights) instead.
-    pub tiny_decode_s: f64,
+    /// configuration, random weights) instead; `None` when the run skipped it (`--no-tiny`).
+    pub tiny_decode_s: Option<f64>,
     /// One full edit of one candidate: encode + steps x (batch-1 step) + decode (text
     /// encoding excluded: it is done once per edit and the encoders are then dropped).
     pub full_edit_s: f64,
@@ -164,12 +168,13 @@ impl FluxBenchResult {
             "\nVAE encode {:.4} s, decode {:.4} s; one {}-step edit of one candidate {:.2} s with the first format (text encoding excluded).\n",
             self.vae_encode_s, self.vae_decode_s, bench.steps, self.full_edit_s
         ));
-        md.push_str(&format!(
-            "\n| decoder (one candidate) | decode (s) | vs VAE |\n|---|---|---|\n| VAE | {:.4} | 1.00 |\n| tiny (TAEF1 configuration) | {:.4} | {:.3} |\n",
-            self.vae_decode_s,
-            self.tiny_decode_s,
-            self.tiny_decode_s / self.vae_decode_s
-        ));
+        if let Some(tiny) = self.tiny_decode_s {
+            md.push_str(&format!(
+                "\n| decoder (one candidate) | decode (s) | vs VAE |\n|---|---|---|\n| VAE | {:.4} | 1.00 |\n| tiny (TAEF1 configuration) | {tiny:.4} | {:.3} |\n",
+                self.vae_decode_s,
+                tiny / self.vae_decode_s
+            ));
+        }
         md
     }
 }
@@ -225,7 +230,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         for &batch in &bench.batches {
             let img =
                 Tensor::randn(0f32, 1.0, (batch, tokens, c.in_channels), dev)?.to_dtype(dtype)?;
-            let step_s = timed(dev, bench.iters, || {
+            let step_s = timed_after(dev, bench.warmup, bench.iters, || {
                 transformer.forward(&img, &text, 0.5, 50.0, &rope)
             })?;
             tracing::info!(format = %name, batch, step_s, "transformer step");
@@ -248,23 +253,29 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         &bench.vae,
     )?;
     let image = Tensor::randn(0f32, 0.5, (1, 3, ht, w), dev)?.to_dtype(dtype)?;
-    let vae_encode_s = timed(dev, bench.iters, || vae.encode_mean(&image))?;
+    let vae_encode_s = timed_after(dev, bench.warmup, bench.iters, || vae.encode_mean(&image))?;
     let z =
         Tensor::randn(0f32, 1.0, (1, bench.vae.latent_channels, lh, lw), dev)?.to_dtype(dtype)?;
-    let vae_decode_s = timed(dev, bench.iters, || vae.decode(&z))?;
+    let vae_decode_s = timed_after(dev, bench.warmup, bench.iters, || vae.decode(&z))?;
     drop(vae);
     // The peak of FLUX's own parts (what the memory plan predicts and tests/plan.rs checks),
     // read before the tiny decoder, which an edit only loads for live previews, runs.
     let peak_rss_mib = crate::models::bench::peak_rss_kib().map(|k| k as f64 / 1024.0);
-    let tiny = TinyDecoder::load(
-        VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone()),
-        &TinyConfig {
-            latent_channels: bench.vae.latent_channels,
-            ..TinyConfig::taef1()
-        },
-    )?;
-    let tiny_decode_s = timed(dev, bench.iters, || tiny.decode_model_latents(&z))?;
-    tracing::info!(vae_decode_s, tiny_decode_s, "decoders");
+    let tiny_decode_s = if bench.tiny {
+        let tiny = TinyDecoder::load(
+            VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone()),
+            &TinyConfig {
+                latent_channels: bench.vae.latent_channels,
+                ..TinyConfig::taef1()
+            },
+        )?;
+        Some(timed_after(dev, bench.warmup, bench.iters, || {
+            tiny.decode_model_latents(&z)
+        })?)
+    } else {
+        None
+    };
+    tracing::info!(vae_decode_s, ?tiny_decode_s, "decoders");
     let steps = formats.first().map_or(&[][..], |f| &f.steps[..]);
     let one = steps.iter().find(|s| s.batch == 1).map(|s| s.step_s);
     let step1 = one.unwrap_or_else(|| steps.first().map_or(0.0, |s| s.per_candidate_s));
