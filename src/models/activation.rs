@@ -54,6 +54,21 @@ impl Activation {
             Self::Relu => xs.relu(),
         }
     }
+
+    /// `act(gate) * up`, a gated MLP's hidden activation (one fused pass for SiLU and
+    /// quick-GELU on dense f32 CPU tensors of one shape).
+    pub fn apply_gated(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let fused = super::cpu::is_dense_cpu_f32(gate)
+            && super::cpu::is_dense_cpu_f32(up)
+            && gate.dims() == up.dims();
+        match self {
+            Self::Silu if fused => super::cpu::activation::sigmoid_gated_product(gate, up, 1.0),
+            Self::QuickGelu if fused => {
+                super::cpu::activation::sigmoid_gated_product(gate, up, 1.702)
+            }
+            _ => self.apply(gate)? * up,
+        }
+    }
 }
 
 #[cfg(test)]

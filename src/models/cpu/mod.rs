@@ -39,6 +39,24 @@ macro_rules! simd_dispatch {
 }
 pub(crate) use simd_dispatch;
 
+/// Runs `work` on a thread of rayon's pool when `device` is the CPU and the caller is not
+/// one already; otherwise (a GPU, or already on the pool) right here.
+///
+/// candle's CPU kernels and `gemm` split their work on rayon's pool. Asked from a thread
+/// outside the pool, each split queues the job for the pool's threads and puts the asking
+/// thread to sleep until they finish: a sleep and a wake per operation, thousands per
+/// prefill (a Qwen2-VL-2B prefill on 2 cores counted ~38k voluntary context switches, where
+/// torch's OpenMP threads had 270). From a pool thread, a split starts on that thread at
+/// once and the other half is stolen by an idle one. So a model's forward pass enters the
+/// pool once, here.
+pub fn on_pool<R: Send>(device: &candle_core::Device, work: impl FnOnce() -> R + Send) -> R {
+    if device.is_cpu() && rayon::current_thread_index().is_none() {
+        rayon::scope(|_| work())
+    } else {
+        work()
+    }
+}
+
 /// Whether `t` is an f32 tensor on the CPU laid out contiguously (what the kernels read).
 pub fn is_dense_cpu_f32(t: &candle_core::Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
@@ -52,4 +70,22 @@ fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)
         .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
         .unwrap()
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use candle_core::Device;
+
+    #[test]
+    fn cpu_work_runs_on_the_pool_once() {
+        assert!(rayon::current_thread_index().is_none());
+        let (outer, inner) = super::on_pool(&Device::Cpu, || {
+            let outer = rayon::current_thread_index();
+            // Already on the pool: a nested call stays on the same thread.
+            let inner = super::on_pool(&Device::Cpu, rayon::current_thread_index);
+            (outer, inner)
+        });
+        assert!(outer.is_some());
+        assert_eq!(outer, inner);
+    }
 }

@@ -303,8 +303,10 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = self.act.apply(&self.gate_proj.forward(xs)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+        let hidden = self
+            .act
+            .apply_gated(&self.gate_proj.forward(xs)?, &self.up_proj.forward(xs)?)?;
+        self.down_proj.forward(&hidden)
     }
 }
 
@@ -382,6 +384,19 @@ impl TextModel {
     /// one is given (`bench judge`'s decoder profile): norms, qkv, rotary, attention, proj,
     /// mlp, and other (rotary tables, mask, residual adds, DeepStack).
     pub fn forward_embeds_timed(
+        &self,
+        embeds: &Tensor,
+        positions: &Positions,
+        cache: &mut KvCache,
+        deepstack: Option<&Deepstack>,
+        clock: Option<&mut StageClock>,
+    ) -> Result<Tensor> {
+        cpu::on_pool(embeds.device(), || {
+            self.run(embeds, positions, cache, deepstack, clock)
+        })
+    }
+
+    fn run(
         &self,
         embeds: &Tensor,
         positions: &Positions,

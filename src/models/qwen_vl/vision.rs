@@ -118,8 +118,11 @@ impl Mlp {
                 down,
                 act,
             } => {
-                let g = act.apply(&biased_linear::forward(gate, xs)?)?;
-                biased_linear::forward(down, &(g * biased_linear::forward(up, xs)?)?)
+                let hidden = act.apply_gated(
+                    &biased_linear::forward(gate, xs)?,
+                    &biased_linear::forward(up, xs)?,
+                )?;
+                biased_linear::forward(down, &hidden)
             }
         }
     }
@@ -404,6 +407,15 @@ impl VisionTower {
     /// (`bench judge`'s profile): patch embed, norms, qkv, rotary, attention, proj, mlp,
     /// merger, and other (position tables, residual adds).
     pub fn forward_timed(
+        &self,
+        pixels: &Tensor,
+        grids: &[[usize; 3]],
+        clock: Option<&mut StageClock>,
+    ) -> Result<VisionOutput> {
+        cpu::on_pool(pixels.device(), || self.run(pixels, grids, clock))
+    }
+
+    fn run(
         &self,
         pixels: &Tensor,
         grids: &[[usize; 3]],
