@@ -327,15 +327,23 @@ fn killed_process_rerun_matches_an_uninterrupted_run() {
     assert!(args(&full).status().unwrap().success());
 
     let part = dir.path().join("part");
-    let mut child = args(&part).spawn().unwrap();
+    // Each fsynced summary line is logged; reading the log blocks until the next one, so
+    // the kill follows the fifth stored item without waiting on a clock.
+    let mut child = args(&part)
+        .env("RUST_LOG", "error,icedit_scale::stored=debug")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let summary_path = part.join("summary.jsonl");
-    let started = std::time::Instant::now();
-    loop {
-        let lines = std::fs::read_to_string(&summary_path).map_or(0, |t| t.lines().count());
-        if lines >= 5 || started.elapsed() > std::time::Duration::from_secs(60) {
-            break;
+    let log = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut stored = 0;
+    for line in std::io::BufRead::lines(log) {
+        if line.unwrap().contains("results stored") {
+            stored += 1;
+            if stored >= 5 {
+                break;
+            }
         }
-        std::thread::sleep(std::time::Duration::from_millis(2));
     }
     child.kill().unwrap(); // SIGKILL: no chance to clean up.
     child.wait().unwrap();

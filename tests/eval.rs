@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use icedit_scale::eval::dataset::{load, DatasetSpec, ItemSource, Selection};
 
@@ -123,12 +122,20 @@ fn an_interrupted_eval_resumes_to_the_same_report() {
     // 10 items x (random, best-of-4@2, best-of-4@3, best-of-4, ef-4-3-1).
     assert_eq!(lines(&whole.join("results.jsonl")), 50);
 
-    // Kill a second run once some results are stored, then resume it.
+    // Kill a second run once some results are stored (the binary logs each fsynced append;
+    // reading its log blocks until the next one, so nothing here waits on a clock), then
+    // resume it.
     let resumed = dir.path().join("resumed");
-    let mut child = eval(&suite, &resumed).spawn().unwrap();
-    let start = Instant::now();
-    while lines(&resumed.join("results.jsonl")) < 8 && start.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(5));
+    let mut child = eval(&suite, &resumed)
+        .env("RUST_LOG", "error,icedit_scale::stored=debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = std::io::BufReader::new(child.stderr.take().unwrap());
+    for line in std::io::BufRead::lines(log) {
+        if line.unwrap().contains("results stored") && lines(&resumed.join("results.jsonl")) >= 8 {
+            break;
+        }
     }
     child.kill().unwrap();
     child.wait().unwrap();

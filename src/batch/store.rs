@@ -110,6 +110,8 @@ impl SummaryLog {
                 reason: e.to_string(),
             }
         })?;
+        // After the fsync: a watcher (the kill test) may act on the record being on disk.
+        tracing::debug!(target: "icedit_scale::stored", id = %result.id, "results stored");
         self.latest.insert(result.id.clone(), result);
         Ok(())
     }

@@ -127,6 +127,8 @@ impl ResultStore {
             return Ok(());
         }
         crate::fsio::jsonl::append(&mut self.file, &fresh)?;
+        // After the fsync: a watcher (the resume test) may act on the records being on disk.
+        tracing::debug!(target: "icedit_scale::stored", records = fresh.len(), "results stored");
         for r in fresh {
             if r.error.is_none() {
                 self.done
