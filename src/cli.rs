@@ -243,7 +243,7 @@ pub struct FluxBenchArgs {
     /// Weight formats of the transformer's linear layers, timed one after another in one
     /// run: `dense` (--dtype) or a quantized type (q8_0, q4_k, ...), e.g. dense,q8_0,q4_k.
     #[arg(long, value_delimiter = ',', default_value = "dense", value_parser = weight_format)]
-    pub formats: Vec<WeightFormat>,
+    pub formats: Vec<crate::models::flux::held_weight::WeightFormat>,
     /// Output folder (flux.json).
     #[arg(long, default_value = "out/bench-flux")]
     pub out: PathBuf,
@@ -447,16 +447,37 @@ pub struct GeneratorArgs {
 /// Judge selection and its options.
 #[derive(Debug, Clone, Args)]
 pub struct JudgeArgs {
-    /// `testbed` (the built-in oracle) or a preset file from judges/ (remote API or local
-    /// Qwen2-VL).
-    #[arg(long, default_value = "testbed")]
-    pub judge: String,
+    /// `testbed` (the built-in oracle, the default), `none`, or a preset file from judges/
+    /// (remote API, local Qwen-VL, reward model, composite).
+    #[arg(long)]
+    pub judge: Option<String>,
     /// Judge calls in flight at once, 1 to 256 (default: the preset's max_concurrency).
     #[arg(long, value_parser = bounded(1, MAX_CONCURRENCY))]
     pub judge_concurrency: Option<usize>,
-    /// Seed of the testbed judge's error model.
-    #[arg(long, default_value_t = 0)]
-    pub judge_seed: u64,
+    /// Seed of the built-in testbed judge's error model [default: 0].
+    #[arg(long)]
+    pub judge_seed: Option<u64>,
+}
+
+impl JudgeArgs {
+    /// The judge when `--judge` is not given.
+    pub const DEFAULT_JUDGE: &'static str = "testbed";
+}
+
+/// What every command that runs edits builds: a generator, a judge, and whether missing
+/// weights are fetched first.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub generator: GeneratorArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub judge: JudgeArgs,
+    /// Fetch what is missing from the Hugging Face Hub first: FLUX.1 Fill when no weights
+    /// are named, the ICEdit LoRA when none is, a local judge's checkpoint.
+    #[arg(long)]
+    pub download: bool,
 }
 
 /// `edit`: one image, one instruction.
@@ -479,14 +500,7 @@ pub struct EditArgs {
     pub strategy: StrategyArgs,
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub generator: GeneratorArgs,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub judge: JudgeArgs,
-    /// Fetch what is missing from the Hugging Face Hub first: FLUX.1 Fill when no weights
-    /// are named, the ICEdit LoRA when none is, a local judge's checkpoint.
-    #[arg(long)]
-    pub download: bool,
+    pub engine: EngineArgs,
 }
 
 /// `demo`: the testbed end to end.
@@ -555,13 +569,7 @@ pub struct ServeArgs {
     pub strategy: StrategyArgs,
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub generator: GeneratorArgs,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub judge: JudgeArgs,
-    /// Fetch what is missing from the Hugging Face Hub first (as for `edit`).
-    #[arg(long)]
-    pub download: bool,
+    pub engine: EngineArgs,
 }
 
 /// `batch`: many edits from a manifest.
@@ -596,13 +604,7 @@ pub struct BatchArgs {
     pub strategy: StrategyArgs,
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub generator: GeneratorArgs,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub judge: JudgeArgs,
-    /// Fetch what is missing from the Hugging Face Hub first (as for `edit`).
-    #[arg(long)]
-    pub download: bool,
+    pub engine: EngineArgs,
 }
 
 /// `merge`: combine shard outputs.
@@ -632,15 +634,11 @@ pub struct EvalArgs {
     /// `budget_nfe_mean`): fixed strategies sized to it, adaptive arms sharing items x B.
     #[arg(long, value_parser = bounded(1, 10_000_000))]
     pub budget_nfe_mean: Option<usize>,
-    /// Judge calls in flight at once (1 to 256).
-    #[arg(long, default_value_t = 8, value_parser = bounded(1, MAX_CONCURRENCY))]
-    pub judge_concurrency: usize,
+    /// The generator, and how the suite's judges run: `--judge-concurrency` (default 8
+    /// for eval) applies to both; `--judge` and `--judge-seed` are refused (the suite names
+    /// its judges).
     #[command(flatten)]
-    #[allow(missing_docs)]
-    pub generator: GeneratorArgs,
-    /// Fetch what is missing from the Hugging Face Hub first (as for `edit`).
-    #[arg(long)]
-    pub download: bool,
+    pub engine: EngineArgs,
 }
 
 /// `judge-eval`: a judge's agreement with human preferences and ratings.
@@ -751,18 +749,9 @@ fn panel_side(text: &str) -> Result<usize, String> {
     panel_width(text).map(|w| w as usize)
 }
 
-/// A probability-like knob in 0..=1.
 /// A transformer weight format for `bench flux`: dense, or quantized to a ggml type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WeightFormat(pub Option<GgmlDType>);
-
-fn weight_format(text: &str) -> Result<WeightFormat, String> {
-    match text {
-        "dense" => Ok(WeightFormat(None)),
-        other => crate::device::parse_ggml_dtype(other)
-            .map(|t| WeightFormat(Some(t)))
-            .map_err(|e| format!("{e} (or dense)")),
-    }
+fn weight_format(text: &str) -> Result<crate::models::flux::held_weight::WeightFormat, String> {
+    text.parse()
 }
 
 fn quantized_type(text: &str) -> Result<GgmlDType, String> {
@@ -812,4 +801,30 @@ fn lora_scale(text: &str) -> Result<f64, String> {
 /// A memory budget in GB: positive and finite.
 fn memory_budget(text: &str) -> Result<f64, String> {
     finite_in(text, 1e-6, 1e6, "gigabytes the run may use")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_strategy_knob_is_a_flag_of_the_commands_that_edit() {
+        let cli = Cli::command();
+        for name in ["edit", "batch", "serve", "demo", "study"] {
+            let command = cli.find_subcommand(name).expect(name);
+            let flags: Vec<String> = command
+                .get_arguments()
+                .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+                .collect();
+            for field in StrategyField::ALL {
+                assert!(
+                    flags.iter().any(|f| f == field.flag()),
+                    "{name} has no {}",
+                    field.flag()
+                );
+            }
+        }
+    }
 }

@@ -75,19 +75,33 @@ impl DeviceName {
     pub fn is_gpu(&self) -> bool {
         *self != Self::Cpu
     }
+
+    /// Opens the device; the error says what failed, the caller names the flag or field.
+    pub fn open(self) -> Result<Device, String> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Metal => Device::new_metal(0)
+                .map_err(|e| format!("metal: {e} (build with --features metal)")),
+            Self::Cuda(ordinal) => Device::new_cuda(ordinal)
+                .map_err(|e| format!("{self}: {e} (build with --features cuda)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Metal => write!(f, "metal"),
+        }
+    }
 }
 
 /// Parses `cpu`, `cuda[:N]` or `metal` and opens the device. The error says what was
 /// expected; the caller names the flag or preset field it came from.
 pub fn parse_device(name: &str) -> Result<Device, String> {
-    match DeviceName::parse(name)? {
-        DeviceName::Cpu => Ok(Device::Cpu),
-        DeviceName::Metal => {
-            Device::new_metal(0).map_err(|e| format!("metal: {e} (build with --features metal)"))
-        }
-        DeviceName::Cuda(ordinal) => Device::new_cuda(ordinal)
-            .map_err(|e| format!("{name}: {e} (build with --features cuda)")),
-    }
+    DeviceName::parse(name)?.open()
 }
 
 /// Parses `f32`, `f16` or `bf16`; without a name, bf16 on a GPU and f32 on the CPU (candle's

@@ -4,15 +4,12 @@
 //! built-in testbed) and a [`judge::Judge`] (remote OpenAI-compatible VLM, local Qwen-VL,
 //! or the testbed oracle) through a scaling strategy. See ARCHITECTURE.md for the map.
 //!
-//! The modules stand on floors; each imports only from floors below it (a test,
-//! `tests/architecture.rs`, enforces it):
-//!
-//! 1. ground: [`error`], [`fsio`], [`http`], [`hub`], [`device`], [`stop`], [`edit`]
-//! 2. models: [`models`] (FLUX, Qwen-VL, the testbed world), pure model code
-//! 3. roles: [`generate`] and [`judge`], the adapters that make a model a Generator or a Judge
-//! 4. [`engine`]: strategies over the two traits
-//! 5. drivers: [`batch`], [`eval`], [`study`], and the memory [`plan`] checked before loading
-//! 6. top: [`cli`], [`backends`], [`commands`]
+//! The modules stand on floors, each importing only from its own floor or below: from
+//! shared I/O ([`error`], [`fsio`], [`hub`], [`edit`], ...) through [`models`], the memory
+//! [`plan`], the two roles ([`generate`], [`judge`]) and the [`engine`], to the drivers
+//! ([`batch`], [`eval`], [`serve`], ...) and the command line ([`cli`], [`backends`],
+//! [`commands`]). The floors are stated once, in `fn floor()` of `tests/architecture.rs`,
+//! which enforces them.
 
 pub mod backends;
 pub mod batch;

@@ -17,12 +17,12 @@ use serde::{Deserialize, Serialize};
 use crate::edit::EditContext;
 use crate::engine::report::EditReport;
 use crate::engine::strategy::DEFAULT_ADAPTIVE_KEEP;
-use crate::engine::{EditJob, Engine, GeneratorWorker, Silent, StrategyConfig, StrategyKind};
+use crate::engine::{EditJob, Engine, Silent, StrategyConfig, StrategyKind};
 use crate::error::{EngineError, GenerateError};
 use crate::generate::schedule::Schedule;
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::generate::{advance_one_step, finish, preview, CandidateState, Generator};
-use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
+use crate::judge::testbed::TestbedJudgeConfig;
 use crate::models::testbed::{self, OutcomeLabel};
 
 /// Parameters of a study.
@@ -47,6 +47,21 @@ pub struct StudyConfig {
 
 fn full_contrast() -> f32 {
     1.0
+}
+
+/// Judge calls in flight in a study's engine.
+pub const STUDY_JUDGE_CONCURRENCY: usize = 16;
+
+impl StudyConfig {
+    /// The testbed generator a study runs (its engine's, and the one that measures how
+    /// early previews name the outcome).
+    pub fn generator(&self) -> TestbedConfig {
+        TestbedConfig {
+            difficulty: self.difficulty,
+            contrast: self.contrast,
+            max_batch: 8,
+        }
+    }
 }
 
 /// Correct-outcome rate and cost of one strategy.
@@ -237,16 +252,11 @@ fn add(result: &mut StrategyResult, correct: bool, nfe: usize, overall: Option<f
 /// Runs the study; `on_edit` is called after each edit (for progress).
 pub async fn run_study(
     config: &StudyConfig,
+    engine: &Engine,
     mut on_edit: impl FnMut(usize),
 ) -> Result<StudyReport, EngineError> {
-    let testbed_config = TestbedConfig {
-        difficulty: config.difficulty,
-        contrast: config.contrast,
-        max_batch: 8,
-    };
-    let generator = TestbedGenerator::new(testbed_config);
     // Its own generator: the engine's lives on the worker thread.
-    let mut probe_generator = TestbedGenerator::new(testbed_config);
+    let mut probe_generator = TestbedGenerator::new(config.generator());
     let probe_steps = IDENTIFICATION_STEPS
         .max(config.strategy.probe_steps)
         .min(config.strategy.steps);
@@ -256,11 +266,6 @@ pub async fn run_study(
             ..StepIdentification::default()
         })
         .collect();
-    let engine = Engine::new(
-        Arc::new(GeneratorWorker::spawn(Box::new(generator))),
-        Arc::new(TestbedJudge::new(config.judge)),
-        16,
-    );
     let names = ["random", "early-filter", "best-of-n", "adaptive"];
     let mut results: Vec<StrategyResult> = names
         .iter()

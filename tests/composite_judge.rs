@@ -225,3 +225,58 @@ fn composite_presets_load_their_members_and_judge_eval_counts_member_failures() 
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("cannot be a composite"), "{err}");
 }
+
+/// The judge preset files of a run are read once each, a composite's members included
+/// (however many roles a member plays): every read is logged, and the log is counted.
+#[test]
+fn a_run_reads_each_judge_preset_file_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let a = write("a.toml", "kind = \"testbed\"\nseed = 1\n");
+    let b = write("b.toml", "kind = \"testbed\"\nseed = 2\nnoise = 0.5\n");
+    let composite = write(
+        "panel.toml",
+        "kind = \"composite\"\nscreen = \"a.toml\"\ncompare = \"b.toml\"\nscore = [\"a.toml\", \"b.toml\"]\n",
+    );
+    let out = dir.path().join("out");
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_LOG", "icedit_scale::preset=debug")
+        .args([
+            "edit",
+            "--image",
+            "tests/fixtures/flux/source.png",
+            "--instruction",
+            "make the sky night",
+            "--width",
+            "32",
+            "--seeds",
+            "4",
+            "--probe-steps",
+            "2",
+            "--steps",
+            "6",
+            "--strategy",
+            "tournament",
+            "--judge",
+        ])
+        .arg(&composite)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert!(out.join("report.json").is_file());
+    for file in [&composite, &a, &b] {
+        let reads = stderr
+            .lines()
+            .filter(|l| l.contains("read judge preset") && l.contains(&*file.to_string_lossy()))
+            .count();
+        assert_eq!(reads, 1, "{} read {reads} times:\n{stderr}", file.display());
+    }
+}

@@ -202,7 +202,6 @@ fn tiny_preset(dir: &std::path::Path, extra: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reward_judge_screens_and_compares_by_reward_and_gives_no_vie_scores() {
     use icedit_scale::edit::EditContext;
-    use icedit_scale::judge::reward::RewardJudge;
     use icedit_scale::judge::{Judge, JudgeError, Preference, PreviewStage, ScoreKind};
 
     let refs = reference();
@@ -210,7 +209,7 @@ async fn the_reward_judge_screens_and_compares_by_reward_and_gives_no_vie_scores
     let a = image::open(fixtures.join("image_a.png")).unwrap().to_rgb8();
     let b = image::open(fixtures.join("image_b.png")).unwrap().to_rgb8();
     let dir = tempfile::tempdir().unwrap();
-    let judge = RewardJudge::from_preset(&tiny_preset(dir.path(), "pass_reward = 0.2759")).unwrap();
+    let judge = reward_judge(&tiny_preset(dir.path(), "pass_reward = 0.2759")).unwrap();
     assert_eq!(judge.score_kind(), ScoreKind::Reward);
     // EditReward's "ab" case: source a, edited b.
     let edit = EditContext::new("ab", a.clone(), "make the sky night");
@@ -314,10 +313,9 @@ fn reward_judges_are_refused_where_vie_scores_are_needed_and_measured_in_judge_e
 
 #[test]
 fn reward_presets_name_what_is_wrong() {
-    use icedit_scale::judge::reward::RewardJudge;
     use icedit_scale::judge::Judge;
     let dir = tempfile::tempdir().unwrap();
-    let err = |extra: &str| match RewardJudge::from_preset(&tiny_preset(dir.path(), extra)) {
+    let err = |extra: &str| match reward_judge(&tiny_preset(dir.path(), extra)) {
         Ok(_) => panic!("{extra:?} was accepted"),
         Err(e) => e.to_string(),
     };
@@ -326,10 +324,9 @@ fn reward_presets_name_what_is_wrong() {
     let e = err("pass_quantile = 1.5");
     assert!(e.contains("pass_quantile") && e.contains("1.5"), "{e}");
     std::fs::write(dir.path().join("cal.json"), "{\"pass_reward\": 0.25}").unwrap();
-    let judge =
-        RewardJudge::from_preset(&tiny_preset(dir.path(), "calibration = \"cal.json\"")).unwrap();
+    let judge = reward_judge(&tiny_preset(dir.path(), "calibration = \"cal.json\"")).unwrap();
     assert!(judge.screen_quantile().is_none());
-    let judge = RewardJudge::from_preset(&tiny_preset(dir.path(), "pass_quantile = 0.75")).unwrap();
+    let judge = reward_judge(&tiny_preset(dir.path(), "pass_quantile = 0.75")).unwrap();
     assert_eq!(judge.screen_quantile(), Some(0.75));
     let missing = dir.path().join("missing.toml");
     std::fs::write(
@@ -340,12 +337,21 @@ fn reward_presets_name_what_is_wrong() {
         ),
     )
     .unwrap();
-    let e = RewardJudge::from_preset(&missing)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = reward_judge(&missing).err().unwrap().to_string();
     assert!(
         e.contains("nobody/nothing") && e.contains("download"),
         "{e}"
     );
+}
+
+/// A reward judge from a preset file read the way a run reads it.
+fn reward_judge(
+    path: &std::path::Path,
+) -> Result<icedit_scale::judge::reward::RewardJudge, icedit_scale::judge::JudgeError> {
+    use icedit_scale::backends::{JudgeKind, JudgeSpec};
+    use icedit_scale::judge::reward::RewardJudge;
+    match JudgeSpec::from_file(path)?.kind {
+        JudgeKind::Reward(preset) => RewardJudge::new(preset, path),
+        other => panic!("not a reward preset: {other:?}"),
+    }
 }

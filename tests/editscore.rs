@@ -128,7 +128,7 @@ async fn the_editscore_preset_runs_end_to_end_on_the_tiny_model() {
             ("score_prime", "\"{\\n\\\"score\\\" : [\""),
         ],
     );
-    let judge = Qwen2VlJudge::from_preset(&path, Device::Cpu, DType::F32).unwrap();
+    let judge = local_judge(&path).unwrap();
     assert!(judge.name().contains("EditScore-7B"), "{}", judge.name());
     let vie = vie_score(&judge, &edit, &a).await.unwrap();
     for s in vie.semantic.scores.iter().chain(&vie.perceptual.scores) {
@@ -164,7 +164,7 @@ async fn the_editscore_preset_runs_end_to_end_on_the_tiny_model() {
     // The published setting: sampled JSON replies, four passes. Random weights write no JSON,
     // so every VIE call fails, and the failure carries the reply and its cost: never a score.
     let path = tiny_editscore(dir.path(), &[("passes", "4")]);
-    let judge = Qwen2VlJudge::from_preset(&path, Device::Cpu, DType::F32).unwrap();
+    let judge = local_judge(&path).unwrap();
     match judge.semantic_consistency(&edit, &a).await {
         Err(e @ JudgeError::Parse { .. }) => {
             let usage = e.usage().expect("the failed call's cost is kept");
@@ -181,16 +181,21 @@ async fn the_editscore_preset_runs_end_to_end_on_the_tiny_model() {
 fn passes_need_sampled_replies() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_editscore(dir.path(), &[("passes", "4"), ("reasoning", "false")]);
-    let err = Qwen2VlJudge::from_preset(&path, Device::Cpu, DType::F32)
-        .unwrap_err()
-        .to_string();
+    let err = local_judge(&path).unwrap_err().to_string();
     assert!(
         err.contains("passes") && err.contains("temperature"),
         "{err}"
     );
     let path = tiny_editscore(dir.path(), &[("score_range", "0")]);
-    let err = Qwen2VlJudge::from_preset(&path, Device::Cpu, DType::F32)
-        .unwrap_err()
-        .to_string();
+    let err = local_judge(&path).unwrap_err().to_string();
     assert!(err.contains("score_range"), "{err}");
+}
+
+/// A local judge from a preset file read the way a run reads it, on the CPU in f32.
+fn local_judge(path: &Path) -> Result<Qwen2VlJudge, JudgeError> {
+    use icedit_scale::backends::{JudgeKind, JudgeSpec};
+    match JudgeSpec::from_file(path)?.kind {
+        JudgeKind::Local(config) => Qwen2VlJudge::new(config, Device::Cpu, DType::F32),
+        other => panic!("not a local preset: {other:?}"),
+    }
 }

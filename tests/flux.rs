@@ -20,7 +20,7 @@ use icedit_scale::edit::EditContext;
 use icedit_scale::generate::flux::{FluxGenerator, FluxOptions};
 use icedit_scale::generate::{advance_to, CandidateState, Generator};
 use icedit_scale::models::flux::embeddings::rope_tables;
-use icedit_scale::models::flux::held_weight::Weight;
+use icedit_scale::models::flux::held_weight::{Weight, WeightFormat};
 use icedit_scale::models::flux::latents::joint_ids;
 use icedit_scale::models::flux::text::{load_tokenizer, token_ids};
 use icedit_scale::models::flux::transformer::TextConditioning;
@@ -202,6 +202,35 @@ fn text_encoders_match_transformers() {
         .map(|&i| i as i64)
         .collect();
     assert_eq!(ids, clip_ids);
+}
+
+/// transformers' CLIPTokenizer honours the added tokens' flags in tokenizer_config.json: a
+/// checkpoint marking them `normalized` matches them after lowercasing. Rebuilt from
+/// vocab.json + merges.txt, ours gives transformers' ids with the flags and without them
+/// (clip_tokenizer_normalized/, made by make_clip_normalized.py).
+#[test]
+fn the_clip_tokenizer_reads_its_special_tokens_flags_like_transformers() {
+    let dir = fixtures().join("clip_tokenizer_normalized");
+    let ids: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("ids.json")).unwrap()).unwrap();
+    let prompts: Vec<String> = serde_json::from_value(ids["prompts"].clone()).unwrap();
+    for (folder, key) in [
+        (dir.clone(), "normalized"),
+        (fixtures().join("clip_tokenizer_files"), "not_normalized"),
+    ] {
+        let tokenizer = load_tokenizer(&folder).unwrap();
+        let expected: Vec<Vec<u32>> = serde_json::from_value(ids[key].clone()).unwrap();
+        for (prompt, want) in prompts.iter().zip(&expected) {
+            let got = tokenizer
+                .encode(prompt.as_str(), true)
+                .unwrap()
+                .get_ids()
+                .to_vec();
+            assert_eq!(&got, want, "{key}: {prompt:?}");
+        }
+    }
+    // The flag changes the ids here, so the test can tell the two apart.
+    assert_ne!(ids["normalized"][1], ids["not_normalized"][1]);
 }
 
 #[test]
@@ -730,7 +759,7 @@ fn a_k_quant_gguf_holds_its_q4_k_layers_quantized_and_stays_within_its_bound() {
     // for better scales than the fixture's min/max rule) quantizes the same two layers
     // and keeps the others dense.
     let mut o = options(bfl_files(), None);
-    o.quantize = Some(GgmlDType::Q4K);
+    o.hold_as = Some(WeightFormat::Quantized(GgmlDType::Q4K));
     let q = FluxGenerator::load(o).unwrap();
     assert_eq!(q.transformer().linear_weight_bytes().1, 2);
     let on_load = relative_error(&forward(&q, &r), &r["fwd_out_base"]);
@@ -744,7 +773,7 @@ fn quantizing_on_load_equals_loading_the_gguf_of_the_same_type() {
     for (kind, dtype, _) in GGUF_BOUNDS {
         let g = FluxGenerator::load(options(gguf_files(kind), None)).unwrap();
         let mut o = options(bfl_files(), None);
-        o.quantize = Some(dtype);
+        o.hold_as = Some(WeightFormat::Quantized(dtype));
         let q = FluxGenerator::load(o).unwrap();
         // The same bytes (candle's quantizer and the gguf package's agree), so the same output.
         assert_eq!(
@@ -782,7 +811,7 @@ fn a_plain_lora_over_a_gguf_base_runs_as_a_side_branch_within_the_quantization_b
     );
     // Asked to dequantize, the same file takes the dense path and merges the LoRA.
     let mut o = options(gguf_files("q8_0"), Some(lora));
-    o.dequantize = true;
+    o.hold_as = Some(WeightFormat::Dense);
     let merged = FluxGenerator::load(o).unwrap();
     assert_eq!(merged.transformer().linear_weight_bytes().1, 0);
     assert_eq!(merged.lora_report().unwrap().merged, 25);
@@ -804,7 +833,9 @@ fn an_moe_lora_over_a_quantized_base_routes_on_the_quantized_activations() {
     // Quantizing on load merges the plain layers first and quantizes the merged weights
     // (no side branches); its MoE layers run over the quantized base the same way.
     let mut o = options(bfl_files(), Some(lora));
-    o.quantize = Some(candle_core::quantized::GgmlDType::Q8_0);
+    o.hold_as = Some(WeightFormat::Quantized(
+        candle_core::quantized::GgmlDType::Q8_0,
+    ));
     let on_load = FluxGenerator::load(o).unwrap();
     let report = on_load.lora_report().unwrap();
     assert_eq!(

@@ -772,3 +772,83 @@ fn cli_download_of_a_local_judge_preset_fetches_the_model_and_its_adapter() {
     assert!(adapter.join("adapter_config.json").is_file());
     assert!(adapter.join("adapter_model.safetensors").is_file());
 }
+
+/// `download <composite preset>` fetches its members' weights, exactly what `edit
+/// --download` with the same preset fetches (both go through the preset's one JudgeSpec).
+#[test]
+fn cli_download_of_a_composite_preset_fetches_what_edit_download_fetches() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let hub = FakeHub::start();
+    hub.serve(
+        "test-org/tiny-qwen",
+        FakeRepo::from_dir(&fixtures.join("qwen2vl/tiny/qwen2_5_vl")),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("local.toml"),
+        "kind = \"qwen2vl\"\nmodel = \"test-org/tiny-qwen\"\ndevice = \"cpu\"\nmin_answer_mass = 0.0\n",
+    )
+    .unwrap();
+    let composite = dir.path().join("panel.toml");
+    std::fs::write(
+        &composite,
+        "kind = \"composite\"\nscreen = \"local.toml\"\nscore = [\"local.toml\"]\n",
+    )
+    .unwrap();
+    let composite = composite.to_str().unwrap();
+    // The repositories each command fetched, into a cache of its own.
+    let fetched = |name: &str, args: &[&str]| -> BTreeSet<String> {
+        let cache = dir.path().join(name);
+        let env = [
+            ("HF_ENDPOINT", hub.endpoint()),
+            ("HF_HUB_CACHE", cache.display().to_string()),
+            ("HF_HOME", dir.path().join("hf-home").display().to_string()),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let result = support::cli_env(&env, args);
+        assert!(
+            result.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("models--"))
+            .collect()
+    };
+    let by_download = fetched("download-cache", &["download", composite]);
+    let out = dir.path().join("out");
+    let by_edit = fetched(
+        "edit-cache",
+        &[
+            "edit",
+            "--download",
+            "--generator",
+            "testbed",
+            "--judge",
+            composite,
+            "--image",
+            "tests/fixtures/flux/source.png",
+            "--instruction",
+            "make the sky night",
+            "--width",
+            "32",
+            "--seeds",
+            "2",
+            "--probe-steps",
+            "1",
+            "--keep",
+            "1",
+            "--steps",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        by_download,
+        BTreeSet::from(["models--test-org--tiny-qwen".to_string()])
+    );
+    assert_eq!(by_edit, by_download);
+}

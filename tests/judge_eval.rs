@@ -462,7 +462,7 @@ fn pair_record(
     a_first: Option<icedit_scale::judge::Preference>,
     b_first: Option<icedit_scale::judge::Preference>,
 ) -> icedit_scale::judge_eval::Judgement {
-    use icedit_scale::judge_eval::store::{Called, Judged};
+    use icedit_scale::judge_eval::store::{Called, ItemCalls};
     let called = |answer: Option<icedit_scale::judge::Preference>| Called {
         answer,
         failure: answer.is_none().then(|| "failed".to_string()),
@@ -473,7 +473,7 @@ fn pair_record(
         id: id.into(),
         task: None,
         group: Some(group.into()),
-        judged: Some(Judged::Pair {
+        judged: Some(ItemCalls::Pair {
             human,
             a_first: called(a_first),
             b_first: called(b_first),

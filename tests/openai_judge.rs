@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use icedit_scale::backends::{JudgeKind, JudgeSpec};
 use icedit_scale::edit::EditContext;
 use icedit_scale::judge::openai::{OpenAiConfig, OpenAiJudge};
 use icedit_scale::judge::{Judge, JudgeError, Preference, PreviewStage};
@@ -13,7 +14,6 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 fn config(server: &MockServer, cache: Option<&std::path::Path>) -> OpenAiConfig {
     OpenAiConfig {
-        kind: "openai".into(),
         name: None,
         max_concurrency: None,
         model: "test-vlm".into(),
@@ -351,13 +351,13 @@ async fn the_api_key_is_sent_but_never_shown() {
 fn presets_load_and_typos_are_named() {
     for preset in ["gpt-4o", "vllm-qwen2.5-vl-72b", "ollama-qwen2.5vl"] {
         let path = std::path::PathBuf::from(format!("judges/{preset}.toml"));
-        let cfg = OpenAiConfig::from_file(&path).unwrap();
-        assert_eq!(cfg.kind, "openai");
+        let spec = JudgeSpec::from_file(&path).unwrap();
+        assert!(matches!(spec.kind, JudgeKind::Remote(_)), "{spec:?}");
     }
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("typo.toml");
     std::fs::write(&p, "kind = \"openai\"\nmodel = \"m\"\ntemprature = 0.1\n").unwrap();
-    let err = OpenAiConfig::from_file(&p).unwrap_err().to_string();
+    let err = JudgeSpec::from_file(&p).unwrap_err().to_string();
     assert!(
         err.contains("typo.toml") && err.contains("temprature"),
         "{err}"

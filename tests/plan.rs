@@ -269,3 +269,68 @@ fn plan_prints_the_parts_and_says_what_would_fit() {
         "{stdout}"
     );
 }
+
+/// Every command that loads FLUX makes the plan first and refuses one that does not fit,
+/// before any weight is read: batch, eval and serve as edit does (eval built its engine by
+/// hand before and never planned).
+#[test]
+fn every_command_that_loads_flux_refuses_a_plan_that_does_not_fit() {
+    let model = model_dir_without_weight_data();
+    let model_dir = model.path().to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("edits.jsonl");
+    std::fs::write(
+        &manifest,
+        format!(
+            "{{\"id\": \"a\", \"image\": {:?}, \"instruction\": \"make the sky night\"}}\n",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/source.png")
+        ),
+    )
+    .unwrap();
+    let suite = dir.path().join("suite.toml");
+    std::fs::write(
+        &suite,
+        "name = \"s\"\nwidth = 48\n[dataset]\nkind = \"testbed\"\nedits = 2\n[selection_judge]\njudge = \"testbed\"\n[[arms]]\nname = \"random\"\nstrategy = \"random\"\n",
+    )
+    .unwrap();
+    let out = |name: &str| dir.path().join(name).display().to_string();
+    let common = [
+        "--model-dir",
+        model_dir,
+        "--t5-tokens",
+        "48",
+        "--memory-budget",
+        "0.001",
+    ];
+    let (batch_out, eval_out, serve_out) = (out("batch"), out("eval"), out("serve"));
+    let manifest = manifest.display().to_string();
+    let suite = suite.display().to_string();
+    let commands: [Vec<&str>; 3] = [
+        vec![
+            "batch",
+            "--manifest",
+            &manifest,
+            "--width",
+            "48",
+            "--out",
+            &batch_out,
+        ],
+        vec!["eval", "--suite", &suite, "--out", &eval_out],
+        vec!["serve", "--addr", "127.0.0.1:0", "--out", &serve_out],
+    ];
+    for mut args in commands {
+        args.extend(common);
+        let result = cli(&args);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("memory plan: needs ~"),
+            "{args:?}: {stderr}"
+        );
+        assert!(stderr.contains("Nothing was loaded"), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("diffusion_pytorch_model.safetensors"),
+            "{args:?} read a weight: {stderr}"
+        );
+    }
+}

@@ -75,7 +75,7 @@ proptest! {
                     unreachable!("an edit command line");
                 };
                 match check_edit(&edit) {
-                    Ok((_, strategy)) => prop_assert!(strategy.validate().is_ok()),
+                    Ok(checked) => prop_assert!(checked.strategy.validate().is_ok()),
                     Err(e) => {
                         prop_assert_eq!(exit_code(&e), EXIT_BAD_INPUT, "{:#}", e);
                         prop_assert!(!e.to_string().is_empty());

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use icedit_scale::edit::EditContext;
-use icedit_scale::judge::qwen_vl::{LocalJudgeConfig, Qwen2VlJudge};
+use icedit_scale::judge::qwen_vl::Qwen2VlJudge;
 use icedit_scale::judge::{vie_score, Judge, JudgeError, Preference, PreviewStage};
 use icedit_scale::models::qwen_vl::{EncodedPrompt, Qwen2Vl, Qwen2VlFiles};
 use image::RgbImage;
@@ -268,7 +268,7 @@ fn tiny_judge_of(model: &Path, extra: &str) -> (tempfile::TempDir, Qwen2VlJudge)
         .replace("min_answer_mass = 0.0\n", "");
     let path = dir.path().join("judge.toml");
     std::fs::write(&path, format!("{preset}\n{extra}\n")).unwrap();
-    let judge = Qwen2VlJudge::from_preset(&path, Device::Cpu, DType::F32).unwrap();
+    let judge = support::local_judge(&path).unwrap();
     (dir, judge)
 }
 
@@ -471,7 +471,7 @@ fn every_local_preset_parses_and_a_missing_download_is_explained() {
         if !path.to_string_lossy().ends_with("-local.toml") {
             continue;
         }
-        let config = LocalJudgeConfig::from_file(&path).unwrap();
+        let config = support::local_judge_config(&path).unwrap();
         let model = config.model.clone().expect("presets name a Hub id");
         assert!(model.starts_with("Qwen/Qwen"), "{model}");
         seen += 1;
@@ -488,7 +488,7 @@ fn every_local_preset_parses_and_a_missing_download_is_explained() {
         "kind = \"qwen2vl\"\nmodel = \"x\"\nmax_btach = 2\n",
     )
     .unwrap();
-    let err = LocalJudgeConfig::from_file(bad.path())
+    let err = support::local_judge_config(bad.path())
         .unwrap_err()
         .to_string();
     assert!(err.contains("max_btach"), "{err}");

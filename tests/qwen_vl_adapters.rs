@@ -194,7 +194,6 @@ fn preset(dir: &Path, extra: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_judge_preset_with_an_adapter_judges_with_the_merged_model() {
     use icedit_scale::edit::EditContext;
-    use icedit_scale::judge::qwen_vl::Qwen2VlJudge;
     use icedit_scale::judge::Judge;
 
     let dir = tempfile::tempdir().unwrap();
@@ -205,7 +204,7 @@ async fn a_judge_preset_with_an_adapter_judges_with_the_merged_model() {
     let edited = gradient(64, 48, 50);
     let score = |extra: &str| {
         let path = preset(dir.path(), extra);
-        let judge = Qwen2VlJudge::from_preset(&path, Device::Cpu, DType::F32).unwrap();
+        let judge = support::local_judge(&path).unwrap();
         let (edit, edited) = (edit.clone(), edited.clone());
         async move {
             let name = judge.name();
@@ -231,16 +230,12 @@ async fn a_judge_preset_with_an_adapter_judges_with_the_merged_model() {
 
     // A missing adapter is named when the judge is built, not at its first call.
     let path = preset(dir.path(), "adapter = \"nowhere/at-all\"");
-    let err = Qwen2VlJudge::from_preset(&path, Device::Cpu, DType::F32)
-        .unwrap_err()
-        .to_string();
+    let err = support::local_judge(&path).unwrap_err().to_string();
     assert!(
         err.contains("nowhere/at-all") && err.contains("download"),
         "{err}"
     );
     let path = preset(dir.path(), "adapter = \"my-adapter\"\nadapter_scale = -1");
-    let err = Qwen2VlJudge::from_preset(&path, Device::Cpu, DType::F32)
-        .unwrap_err()
-        .to_string();
+    let err = support::local_judge(&path).unwrap_err().to_string();
     assert!(err.contains("adapter_scale"), "{err}");
 }

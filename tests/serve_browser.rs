@@ -4,7 +4,7 @@
 //! watch. Nothing waits on the clock: the server's and chromedriver's "started" lines say
 //! when they are up, and WebDriver waits for the page's own state.
 //!
-//! Needs `chromium` and `chromedriver` (`apt-get install chromium chromium-driver`); set
+//! Needs `chromium` and `chromedriver` (`scripts/test` installs them with apt-get); set
 //! `ICEDIT_SKIP_BROWSER_TEST=1` to skip where no browser can be installed. Screenshots go
 //! to `target/test-artifacts/` for a person to look at.
 
@@ -20,7 +20,8 @@ use futures::FutureExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{json, Value};
 
-const INSTALL: &str = "apt-get install chromium chromium-driver";
+/// How to get the browser: scripts/test (the README's test command) installs it.
+const INSTALL: &str = "scripts/test installs them (apt-get install chromium chromium-driver)";
 
 /// A child process killed when dropped.
 struct Killed(Child);

@@ -328,7 +328,14 @@ fn judge_presets_like_real_judges_load_and_order_by_their_errors() {
     // the weaker the judge they stand for, the more noise and position bias.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("judges");
     let load = |name: &str| {
-        TestbedJudgeConfig::from_preset(&root.join(format!("testbed-like-{name}.toml"))).unwrap()
+        let path = root.join(format!("testbed-like-{name}.toml"));
+        match icedit_scale::backends::JudgeSpec::from_file(&path)
+            .unwrap()
+            .kind
+        {
+            icedit_scale::backends::JudgeKind::Testbed(config) => config,
+            other => panic!("{}: {other:?}", path.display()),
+        }
     };
     let (weak, api, reward) = (load("qwen2.5-vl-7b"), load("gpt-4o"), load("editreward"));
     assert!(weak.noise > api.noise && api.noise > reward.noise);

@@ -14,6 +14,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::strategy::StrategyField;
 use crate::engine::{StrategyConfig, StrategyOverrides, ValueSource};
 
 /// One manifest line as written.
@@ -128,7 +129,8 @@ impl<R: BufRead> ManifestReader<R> {
             return Err(bad(
                 id,
                 format!(
-                    "unknown key `{key}` (expected id, image, instruction, strategy, seeds, probe_steps, keep, steps, seed)"
+                    "unknown key `{key}` (expected id, image, instruction, {})",
+                    StrategyField::key_list(StrategyField::overridable())
                 ),
             ));
         }

@@ -1,6 +1,6 @@
 //! `batch` (a manifest of edits, resumable and shardable) and `merge` (shard outputs).
 
-use crate::backends::{build_engine, Workload};
+use crate::backends::{EngineBuilder, GeneratorSpec, JudgeSpec, Workload};
 use crate::batch::{merge_shards, run_batch, BatchOptions, Shard};
 use crate::cli::{BatchArgs, MergeArgs};
 use crate::commands::Incomplete;
@@ -19,7 +19,9 @@ pub async fn batch(args: BatchArgs) -> anyhow::Result<()> {
 /// for a batch stopped early and one where items failed.
 pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()> {
     let strategy = args.strategy.to_config()?;
-    super::edit::check_judge_serves(&args.judge.judge, &strategy)?;
+    let judge = JudgeSpec::from_args(&args.engine.judge)?;
+    judge.check_serves(&strategy)?;
+    let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
     let shard = Shard::parse(&args.shard, |k| std::env::var(k).ok()).map_err(EditError::Invalid)?;
     if !args.manifest.is_file() {
         return Err(EditError::Invalid(format!(
@@ -35,7 +37,8 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
         panel: (args.width as usize, args.width as usize),
         many_edits: true,
     };
-    let engine = build_engine(&args.generator, &args.judge, args.download, &workload)?;
+    let engine =
+        EngineBuilder::new(generator, judge, args.engine.download, workload).build_one()?;
     let opts = BatchOptions {
         manifest: args.manifest,
         root: args.root,

@@ -77,7 +77,7 @@ pub fn flux(args: FluxBenchArgs) -> anyhow::Result<()> {
         iters: args.iters,
         dtype,
         device,
-        formats: args.formats.iter().map(|f| f.0).collect(),
+        formats: args.formats.clone(),
     };
     let result = crate::models::flux::bench::run(&bench)?;
     let md = result.markdown(&bench, &args.size, &args.device);

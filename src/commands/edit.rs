@@ -5,34 +5,39 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::backends::{build_engine, Workload};
+use crate::backends::{EngineBuilder, GeneratorSpec, JudgeSpec, Workload};
 use crate::cli::{DemoArgs, EditArgs};
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
 use crate::engine::report::CandidateStatus;
-use crate::engine::{
-    EditJob, EditReport, Engine, GeneratorWorker, PhaseBars, StrategyConfig, StrategyKind,
-};
+use crate::engine::{EditJob, EditReport, Engine, PhaseBars, StrategyConfig};
 use crate::error::EditError;
-use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
-use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
+use crate::generate::testbed::TestbedConfig;
+use crate::judge::testbed::TestbedJudgeConfig;
 use crate::models::testbed::{self, OutcomeLabel};
 use crate::study::{finished_labels, pick_label};
 
 /// `edit`: load, resize, run the strategy, write outputs, print where they are.
 pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
-    let (edit, strategy) = check_edit(&args)?;
+    let checked = check_edit(&args)?;
     let _lock = super::claim_output(&args.out, "--out")?;
-    let init_latents = match &args.generator.init_latents {
+    let init_latents = match &args.engine.generator.init_latents {
         Some(path) => load_init_latents(path)?,
         None => Vec::new(),
     };
-    let (w, h) = edit.panel_size();
+    let (w, h) = checked.edit.panel_size();
     let workload = Workload {
         panel: (w as usize, h as usize),
         many_edits: false,
     };
-    let engine = build_engine(&args.generator, &args.judge, args.download, &workload)?;
+    let engine = EngineBuilder::new(
+        checked.generator,
+        checked.judge,
+        args.engine.download,
+        workload,
+    )
+    .build_one()?;
+    let (edit, strategy) = (checked.edit, checked.strategy);
     let job = EditJob {
         init_latents,
         ..EditJob::new(edit, strategy)
@@ -42,10 +47,22 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An `edit` as checked: what to edit, how, and with what.
+pub struct CheckedEdit {
+    /// The source panel and instruction.
+    pub edit: EditContext,
+    /// The strategy.
+    pub strategy: StrategyConfig,
+    /// The generator.
+    pub generator: GeneratorSpec,
+    /// The judge (its preset read).
+    pub judge: JudgeSpec,
+}
+
 /// Every check of `edit` that needs no weights and does no work: the image and
-/// instruction, the strategy, the output path, a judge that can serve the strategy and the
-/// generator. Returns the edit and its strategy; an error is bad input (exit 2).
-pub fn check_edit(args: &EditArgs) -> anyhow::Result<(EditContext, StrategyConfig)> {
+/// instruction, the strategy, the output path, the generator flags, and a judge that can
+/// serve the strategy (its preset read, once). An error is bad input (exit 2).
+pub fn check_edit(args: &EditArgs) -> anyhow::Result<CheckedEdit> {
     let image_path = args.image.as_deref().ok_or_else(|| {
         EditError::Invalid("--image is required (the source image to edit)".into())
     })?;
@@ -57,7 +74,9 @@ pub fn check_edit(args: &EditArgs) -> anyhow::Result<(EditContext, StrategyConfi
             EditError::Invalid("--instruction is required and must not be empty".into())
         })?;
     let strategy = args.strategy.to_config()?;
-    check_judge_serves(&args.judge.judge, &strategy)?;
+    let judge = JudgeSpec::from_args(&args.engine.judge)?;
+    judge.check_serves(&strategy)?;
+    let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
     if args.out.exists() && !args.out.is_dir() {
         return Err(EditError::Invalid(format!(
             "{}: --out names an existing file; give a folder (new or existing)",
@@ -72,18 +91,12 @@ pub fn check_edit(args: &EditArgs) -> anyhow::Result<(EditContext, StrategyConfi
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "edit".into());
-    Ok((EditContext::new(id, panel, instruction), strategy))
-}
-
-/// `--judge none` serves only `random`: there is nothing to choose among one candidate.
-pub fn check_judge_serves(judge: &str, strategy: &StrategyConfig) -> Result<(), EditError> {
-    if judge == "none" && strategy.kind != StrategyKind::Random {
-        return Err(EditError::Invalid(format!(
-            "--judge none: {} needs a judge to choose among candidates; only --strategy random runs without one",
-            strategy.kind.name()
-        )));
-    }
-    Ok(())
+    Ok(CheckedEdit {
+        edit: EditContext::new(id, panel, instruction),
+        strategy,
+        generator,
+        judge,
+    })
 }
 
 /// `demo`: a generated testbed scene through the chosen strategy, with the same outputs as
@@ -103,19 +116,19 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     );
     let outcomes = testbed::outcome_set(&edit, args.difficulty).map_err(EditError::Invalid)?;
     let source = edit.source.clone();
-    let generator = TestbedGenerator::new(TestbedConfig {
+    let generator = GeneratorSpec::Testbed(TestbedConfig {
         difficulty: args.difficulty,
         ..TestbedConfig::default()
     });
-    let judge = TestbedJudge::new(TestbedJudgeConfig {
+    let judge = JudgeSpec::testbed(TestbedJudgeConfig {
         seed: args.judge_seed,
         ..TestbedJudgeConfig::default()
     });
-    let engine = Engine::new(
-        Arc::new(GeneratorWorker::spawn(Box::new(generator))),
-        Arc::new(judge),
-        8,
-    );
+    let workload = Workload {
+        panel: (args.width as usize, args.width as usize),
+        many_edits: false,
+    };
+    let engine = EngineBuilder::new(generator, judge, false, workload).build_one()?;
     let job = EditJob::new(edit, strategy);
     let report = run_and_write(&engine, job, &args.out).await?;
     source.save(args.out.join("source.png"))?;

@@ -3,18 +3,41 @@
 
 use anyhow::Context;
 
-use crate::backends::{build_generator, build_judge, engine, generator_kind};
-use crate::cli::GeneratorKind;
-use crate::cli::{EvalArgs, JudgeArgs, StudyArgs};
+use crate::backends::{EngineBuilder, GeneratorSpec, JudgeSpec, Workload};
+use crate::cli::{EvalArgs, StudyArgs};
 use crate::commands::Incomplete;
 use crate::error::EditError;
-use crate::eval::suite::{JudgeSpec, Suite};
+use crate::eval::suite::{Suite, SuiteJudge};
 use crate::eval::{dataset, report, runner, store::ResultStore};
 use crate::fsio::write_atomic;
 use crate::judge::testbed::TestbedJudgeConfig;
-use crate::models::testbed::TestbedEdits;
 use crate::stop::StopSignal;
-use crate::study::{run_study, StudyConfig};
+use crate::study::{run_study, StudyConfig, STUDY_JUDGE_CONCURRENCY};
+
+/// Judge calls in flight for each of a suite's judges unless `--judge-concurrency` says.
+const EVAL_JUDGE_CONCURRENCY: usize = 8;
+
+/// The judge a suite names (`testbed` with its seed, or a preset file), read once.
+fn suite_judge(j: &SuiteJudge, field: &str, concurrency: usize) -> anyhow::Result<JudgeSpec> {
+    let mut spec = match j.judge.as_str() {
+        "none" => JudgeSpec::none(),
+        "testbed" => JudgeSpec::testbed(crate::judge::testbed::TestbedJudgeConfig {
+            seed: j.seed,
+            ..Default::default()
+        }),
+        preset if j.seed != 0 => {
+            return Err(EditError::Invalid(format!(
+                "{field}.seed {}: seeds the built-in testbed judge only; {preset} is a preset (a testbed preset sets `seed` in its file)",
+                j.seed
+            ))
+            .into())
+        }
+        preset => JudgeSpec::from_file(std::path::Path::new(preset))
+            .with_context(|| format!("{field} {preset}"))?,
+    };
+    spec.concurrency = concurrency;
+    Ok(spec)
+}
 
 /// `study`: the testbed measurement quoted in the README.
 pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
@@ -46,7 +69,15 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template("study {bar:30} {pos}/{len} edits, ETA {eta}")
             .expect("static template"),
     );
-    let report = run_study(&config, |n| bar.set_position(n as u64)).await?;
+    let mut judge = JudgeSpec::testbed(config.judge);
+    judge.concurrency = STUDY_JUDGE_CONCURRENCY;
+    let workload = Workload {
+        panel: (args.width as usize, args.width as usize),
+        many_edits: true,
+    };
+    let generator = GeneratorSpec::Testbed(config.generator());
+    let engine = EngineBuilder::new(generator, judge, false, workload).build_one()?;
+    let report = run_study(&config, &engine, |n| bar.set_position(n as u64)).await?;
     bar.finish_and_clear();
     let md = report.markdown();
     write_atomic(&args.out.join("study.md"), md.as_bytes())?;
@@ -72,52 +103,56 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         ..
     } = &suite.dataset
     {
-        args.generator.testbed_contrast = *contrast;
+        args.engine.generator.testbed_contrast = *contrast;
     }
+    let judge_flags = &args.engine.judge;
+    if let Some(judge) = &judge_flags.judge {
+        return Err(EditError::Invalid(format!(
+            "--judge {judge}: eval takes its judges from the suite (selection_judge, eval_judge); edit {} instead",
+            args.suite.display()
+        ))
+        .into());
+    }
+    if judge_flags.judge_seed.is_some() {
+        return Err(EditError::Invalid(
+            "--judge-seed: eval takes its judges' seeds from the suite (selection_judge.seed, eval_judge.seed)".into(),
+        )
+        .into());
+    }
+    let concurrency = judge_flags
+        .judge_concurrency
+        .unwrap_or(EVAL_JUDGE_CONCURRENCY);
+    let selection_judge = suite_judge(&suite.selection_judge, "selection_judge", concurrency)?;
+    if selection_judge.is_none() {
+        return Err(EditError::Invalid(
+            "selection_judge: \"none\" cannot select; give a judge (testbed or a preset)".into(),
+        )
+        .into());
+    }
+    let eval_judge = if suite.same_judge() {
+        None
+    } else {
+        Some(suite_judge(suite.eval_judge(), "eval_judge", concurrency)?)
+    };
+    let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
     let items = dataset::load(&suite.dataset, &suite.selection)?;
     let mut store = ResultStore::open(&args.out)
         .with_context(|| format!("opening {}", args.out.join("results.jsonl").display()))?;
     let names = runner::arm_names(&suite);
     if !args.report_only {
-        let judge_args = |spec: &JudgeSpec| JudgeArgs {
-            judge: spec.judge.clone(),
-            judge_concurrency: Some(args.judge_concurrency),
-            judge_seed: spec.seed,
+        let workload = Workload {
+            panel: (suite.width as usize, suite.width as usize),
+            many_edits: true,
         };
-        let kind = generator_kind(&args.generator, args.download);
-        let testbed = (kind == GeneratorKind::Testbed).then(TestbedEdits::default);
-        let selection = build_judge(
-            &judge_args(&suite.selection_judge),
-            args.download,
-            testbed.as_ref(),
-        )?;
-        let eval_judge = if suite.same_judge() {
-            None
-        } else {
-            let judge = build_judge(
-                &judge_args(suite.eval_judge()),
-                args.download,
-                testbed.as_ref(),
-            )?;
-            let judge = judge.judge.ok_or_else(|| {
-                EditError::Invalid("eval_judge: \"none\" cannot score the returned edits".into())
-            })?;
-            crate::backends::require_vie(judge.as_ref(), "eval_judge")?;
-            Some(judge)
-        };
-        if selection.judge.is_none() {
-            return Err(EditError::Invalid(
-                "selection_judge: \"none\" cannot select; give a judge (testbed or a preset)"
-                    .into(),
-            )
-            .into());
-        }
-        if let Some(j) = &selection.judge {
-            // Strategies pick their result by the selection judge's VIE scores.
-            crate::backends::require_vie(j.as_ref(), "selection_judge")?;
-        }
-        let generator = build_generator(&args.generator, args.download, testbed)?;
-        let engine = engine(generator, selection);
+        // Strategies pick their result by the selection judge's VIE scores; the eval judge
+        // scores the returned edits: both must give VIE scores (the builder checks).
+        let mut builder =
+            EngineBuilder::new(generator, selection_judge, args.engine.download, workload);
+        builder.judge.1 = "selection_judge";
+        builder.extra_judges = eval_judge.into_iter().map(|j| (j, "eval_judge")).collect();
+        let mut built = builder.build()?;
+        let eval_judge = built.extra_judges.pop();
+        let engine = built.engines.remove(0).1;
         let stop = StopSignal::default();
         stop.stop_on_signals("stopping after the item in progress (results so far are saved)")?;
         let total = (items.len() * names.len()) as u64;
@@ -138,7 +173,7 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
             engine,
             eval_judge,
             stop,
-            testbed_difficulty: args.generator.testbed_difficulty,
+            testbed_difficulty: args.engine.generator.testbed_difficulty,
         };
         runner::run_suite(&suite, &items, &ctx, &mut store, |n| bar.inc(n as u64)).await?;
         bar.finish_and_clear();

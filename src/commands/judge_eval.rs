@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use anyhow::Context;
 
-use crate::backends::build_judge;
+use crate::backends::{prepare_judge, JudgeSpec};
 use crate::cli::JudgeEvalArgs;
 use crate::commands::Incomplete;
 use crate::error::EditError;
@@ -88,11 +88,12 @@ fn load_cases(args: &JudgeEvalArgs) -> Result<Vec<Case>, EditError> {
 
 /// `judge-eval`: judges the items not yet stored, then writes the report.
 pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
+    let spec = JudgeSpec::from_args(&args.judge)?;
     let cases = load_cases(&args)?;
     let mut store = JudgementStore::open(&args.out)
         .with_context(|| format!("opening {}", args.out.join("judgements.jsonl").display()))?;
-    let handle = build_judge(&args.judge, args.download, Some(&TestbedEdits::default()))?;
-    let judge = handle.judge.ok_or_else(|| {
+    let judge = prepare_judge(&spec, args.download, Some(&TestbedEdits::default()))?;
+    let judge = judge.ok_or_else(|| {
         EditError::Invalid("--judge none: judge-eval needs a judge to measure".into())
     })?;
     if !args.report_only {
@@ -107,7 +108,7 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
         );
         let config = RunConfig {
             width: args.width,
-            concurrency: handle.concurrency,
+            concurrency: spec.concurrency,
         };
         judge_eval::run(&cases, judge.clone(), &mut store, config, &stop, |n| {
             bar.set_position(n as u64)

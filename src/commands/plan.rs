@@ -1,7 +1,7 @@
 //! `plan`: the memory plan of an edit, printed without loading anything.
 
-use crate::backends::{available_memory, flux_plan_request, Workload};
-use crate::cli::EditArgs;
+use crate::backends::{GeneratorSpec, JudgeSpec, Workload};
+use crate::cli::{EditArgs, GeneratorKind};
 use crate::edit::{load_image, resize_to_panel, ImageLimits};
 use crate::error::EditError;
 use crate::plan::{self, gb};
@@ -22,9 +22,24 @@ pub fn plan(args: EditArgs) -> anyhow::Result<()> {
         panel,
         many_edits: false,
     };
-    let g = &args.generator;
-    let request = flux_plan_request(g, &args.judge, &workload)?;
-    let available = available_memory(g)?;
+    // The plan is of a FLUX run: without weights named, of FLUX.1 Fill's published
+    // configuration.
+    let mut flags = args.engine.generator.clone();
+    if flags.generator == GeneratorKind::Auto {
+        flags.generator = GeneratorKind::Flux;
+    }
+    let g = &flags;
+    let judge = JudgeSpec::from_args(&args.engine.judge)?;
+    let generator = GeneratorSpec::from_args(g, args.engine.download)?;
+    let Some(flux) = generator.flux() else {
+        return Err(EditError::Invalid(
+            "--generator testbed: the memory plan is of a FLUX run (the testbed holds no model)"
+                .into(),
+        )
+        .into());
+    };
+    let (request, _) = flux.plan_request(judge.footprint(flux.device)?, &workload)?;
+    let available = flux.available_memory()?;
     let weights = if g.model_dir.is_some() || g.transformer.is_some() {
         "the named weights' configs and headers"
     } else {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::backends::{build_engines, Workload};
+use crate::backends::{EngineBuilder, GeneratorSpec, JudgeSpec, Workload};
 use crate::cli::ServeArgs;
 use crate::error::EditError;
 use crate::judge::Judge;
@@ -21,7 +21,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// `serve` until `stop` is set.
 pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()> {
     let defaults = args.strategy.to_config()?;
-    super::edit::check_judge_serves(&args.judge.judge, &defaults)?;
+    let judge = JudgeSpec::from_args(&args.engine.judge)?;
+    judge.check_serves(&defaults)?;
+    let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
     let token = match std::env::var(&args.token_env) {
         Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
         _ => None,
@@ -32,7 +34,7 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
     let devices = args
         .devices
         .clone()
-        .unwrap_or_else(|| vec![args.generator.device.clone()]);
+        .unwrap_or_else(|| vec![args.engine.generator.device.clone()]);
     if devices.is_empty() || devices.iter().any(|d| d.trim().is_empty()) {
         return Err(
             EditError::Invalid("--devices: name at least one device, none empty".into()).into(),
@@ -47,14 +49,13 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
     };
     let metrics = Arc::new(Metrics::default());
     let m = metrics.clone();
-    let engines = build_engines(
-        &args.generator,
-        &args.judge,
-        args.download,
-        &workload,
-        &devices,
-        move |j| Arc::new(MeteredJudge::new(j, m.clone())) as Arc<dyn Judge>,
-    )?;
+    let builder = EngineBuilder {
+        devices: Some(devices),
+        ..EngineBuilder::new(generator, judge, args.engine.download, workload)
+    };
+    let engines = builder
+        .build_wrapped(move |j| Arc::new(MeteredJudge::new(j, m.clone())) as Arc<dyn Judge>)?
+        .engines;
     if token.is_some() {
         tracing::info!(
             "clients must send the bearer token from ${}",

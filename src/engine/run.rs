@@ -136,7 +136,7 @@ impl Engine {
             .run(move |g| g.prepare(&e).map(|p| (p, g.info())))
             .await??;
         let schedule = prepared.schedule(job.strategy.steps);
-        let mut session = Session {
+        let mut session = EditRun {
             engine: self,
             generator,
             edit: edit.clone(),
@@ -179,7 +179,7 @@ impl Engine {
 }
 
 /// The state of one edit while it runs.
-struct Session<'a> {
+struct EditRun<'a> {
     engine: &'a Engine,
     /// The generator's description once this edit was prepared.
     generator: GeneratorInfo,
@@ -199,7 +199,7 @@ struct Session<'a> {
     timings: Timings,
 }
 
-impl Session<'_> {
+impl EditRun<'_> {
     /// Creates the candidate records and their initial states.
     async fn start(
         &mut self,

@@ -399,9 +399,13 @@ impl StrategyConfig {
     }
 }
 
-/// A strategy parameter, for error messages.
+/// A strategy parameter: the one list of the strategy knobs' names. The command line's
+/// flags, the keys of suite arms, manifest lines and server requests, their error messages
+/// and the web page's knob list all come from (or are checked against) [`Self::ALL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StrategyField {
+    /// The strategy itself.
+    Kind,
     /// N.
     Seeds,
     /// k.
@@ -421,9 +425,38 @@ pub enum StrategyField {
 }
 
 impl StrategyField {
+    /// Every knob, in the order help and messages list them.
+    pub const ALL: [Self; 9] = [
+        Self::Kind,
+        Self::Seeds,
+        Self::ProbeSteps,
+        Self::Keep,
+        Self::Steps,
+        Self::Seed,
+        Self::Wave,
+        Self::Target,
+        Self::Budget,
+    ];
+
+    /// The knobs a suite arm or a manifest line may set ([`StrategyOverrides`]' fields):
+    /// all but the budget, which is the run's.
+    pub fn overridable() -> impl Iterator<Item = Self> {
+        Self::ALL.into_iter().filter(|f| *f != Self::Budget)
+    }
+
+    /// `fields`' keys as a comma-separated list, for messages.
+    pub fn key_list(fields: impl IntoIterator<Item = Self>) -> String {
+        fields
+            .into_iter()
+            .map(Self::key)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The command-line flag.
     pub fn flag(self) -> &'static str {
         match self {
+            Self::Kind => "--strategy",
             Self::Seeds => "--seeds",
             Self::ProbeSteps => "--probe-steps",
             Self::Keep => "--keep",
@@ -435,9 +468,10 @@ impl StrategyField {
         }
     }
 
-    /// The key in suite and manifest files.
+    /// The key in suite and manifest files and server requests.
     pub fn key(self) -> &'static str {
         match self {
+            Self::Kind => "strategy",
             Self::Seeds => "seeds",
             Self::ProbeSteps => "probe_steps",
             Self::Keep => "keep",
@@ -631,6 +665,33 @@ pub fn halving_rounds(n: usize, m: usize, k: usize, steps: usize) -> Vec<Halving
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_overridable_knobs_are_exactly_the_override_fields() {
+        let all = StrategyOverrides {
+            strategy: Some(StrategyKind::Adaptive),
+            seeds: Some(Seeds::Count(4)),
+            probe_steps: Some(2),
+            keep: Some(1),
+            steps: Some(10),
+            seed: Some(3),
+            wave: Some(2),
+            target: Some(7.0),
+        };
+        let json = serde_json::to_value(&all).unwrap();
+        let mut keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        keys.sort();
+        let mut expected: Vec<&str> = StrategyField::overridable()
+            .map(StrategyField::key)
+            .collect();
+        expected.sort();
+        assert_eq!(keys, expected);
+    }
 
     #[test]
     fn a_budget_sets_the_largest_n_that_fits_for_each_strategy() {

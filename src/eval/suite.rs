@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::dataset::{DatasetSpec, Selection};
+use crate::engine::strategy::StrategyField;
 use crate::engine::{Seeds, StrategyConfig, StrategyKind, StrategyOverrides, ValueSource};
 use crate::error::EditError;
 
@@ -116,7 +117,7 @@ pub fn grid_arm_name(c: &StrategyConfig) -> String {
 /// A judge as a suite names it: `testbed` or a preset path (relative to the suite file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JudgeSpec {
+pub struct SuiteJudge {
     /// `testbed` or a preset file.
     #[serde(default = "testbed")]
     pub judge: String,
@@ -161,11 +162,11 @@ pub struct Suite {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_nfe_mean: Option<usize>,
     /// The judge used inside the strategies (screening, comparing, picking).
-    pub selection_judge: JudgeSpec,
+    pub selection_judge: SuiteJudge,
     /// The judge that scores the returned edits; defaults to the selection judge (biased:
     /// the report says so).
     #[serde(default)]
-    pub eval_judge: Option<JudgeSpec>,
+    pub eval_judge: Option<SuiteJudge>,
     /// Bootstrap resamples for the confidence intervals.
     #[serde(default = "default_resamples")]
     pub resamples: usize,
@@ -291,8 +292,9 @@ impl Suite {
             }
             if let Some(key) = arm.unknown.keys().next() {
                 return Err(format!(
-                    "arm `{}`: unknown key `{key}` (expected name, strategy, seeds, probe_steps, keep, steps, seed, wave, target)",
-                    arm.name
+                    "arm `{}`: unknown key `{key}` (expected name, {})",
+                    arm.name,
+                    StrategyField::key_list(StrategyField::overridable())
                 ));
             }
             if arm.overrides.strategy.is_none() {
@@ -331,7 +333,7 @@ impl Suite {
     }
 
     /// The judge that scores returned edits.
-    pub fn eval_judge(&self) -> &JudgeSpec {
+    pub fn eval_judge(&self) -> &SuiteJudge {
         self.eval_judge.as_ref().unwrap_or(&self.selection_judge)
     }
 

@@ -24,6 +24,7 @@ use crate::edit::{crop_right_panel, make_diptych, EditContext};
 use crate::error::GenerateError;
 use crate::models::bench::RandomWeights;
 use crate::models::flux::files::EncoderFiles;
+use crate::models::flux::held_weight::WeightFormat;
 use crate::models::flux::linear::Linears;
 use crate::models::flux::lora::{find_lora_file, LoraReport, LoraSet};
 use crate::models::flux::scheduler::DynamicShift;
@@ -87,12 +88,11 @@ pub struct FluxOptions {
     pub keep_text_encoders: bool,
     /// Candidates per transformer forward.
     pub max_batch: usize,
-    /// Quantize the transformer's dense linear weights to this ggml type as they are read
-    /// (a plain LoRA is merged first). GGUF files are held as they are stored.
-    pub quantize: Option<GgmlDType>,
-    /// Hold a GGUF (or fp8) transformer's weights dequantized to the model dtype instead of
-    /// as stored: more memory, faster steps, and a plain LoRA merged into them.
-    pub dequantize: bool,
+    /// The format the transformer's linear weights are held in; `None` holds them as the
+    /// file stores them. [`WeightFormat::Quantized`] quantizes dense weights as they are
+    /// read (a plain LoRA merged first); [`WeightFormat::Dense`] holds a GGUF or fp8 file
+    /// dequantized to the model dtype (more memory, faster steps, the LoRA merged).
+    pub hold_as: Option<WeightFormat>,
     /// Load the transformer only once the first prompt is encoded and T5 and CLIP are
     /// dropped, so that T5 and the transformer are never resident together on one device
     /// (the peak is the larger of the two, not their sum). Its files are still opened and
@@ -120,11 +120,23 @@ impl FluxOptions {
             t5_tokens: 512,
             keep_text_encoders: false,
             max_batch: 4,
-            quantize: None,
-            dequantize: false,
+            hold_as: None,
             defer_transformer: false,
             tiny_decoder: None,
             preview_decoder: PreviewDecoder::Full,
+        }
+    }
+}
+
+impl FluxOptions {
+    /// The ggml type dense weights are quantized to as they are read, if any.
+    fn quantize_on_load(&self) -> Result<Option<GgmlDType>, GenerateError> {
+        match self.hold_as {
+            Some(WeightFormat::Quantized(t)) => Ok(Some(t)),
+            Some(WeightFormat::Fp8) => Err(GenerateError::Config(
+                "holding the transformer as fp8 is read from fp8 checkpoints only; quantizing dense weights to fp8 on load is not implemented".into(),
+            )),
+            Some(WeightFormat::Dense) | None => Ok(None),
         }
     }
 }
@@ -263,9 +275,10 @@ impl FluxGenerator {
         let (dtype, dev) = (options.dtype, &options.device);
         let random_vb =
             || VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone());
+        let quantize = options.quantize_on_load()?;
         let linears = Linears {
-            quantize: options.quantize,
-            sample_rows: options.quantize.map(|_| 64),
+            quantize,
+            sample_rows: quantize.map(|_| 64),
             ..Linears::default()
         };
         let model = FluxTransformer::new(random_vb(), &transformer, &linears)?;
@@ -336,8 +349,8 @@ impl FluxGenerator {
         );
         let linears = Linears {
             lora: lora.as_deref(),
-            source: (!options.dequantize).then_some(&*source),
-            quantize: options.quantize,
+            source: (options.hold_as != Some(WeightFormat::Dense)).then_some(&*source),
+            quantize: options.quantize_on_load()?,
             sample_rows: None,
         };
         let transformer = FluxTransformer::new(

@@ -496,14 +496,14 @@ impl Progress for FileBar {
 }
 
 /// Everything one download needs to name its errors.
-struct Session<'a> {
+struct Transfer<'a> {
     settings: &'a HubSettings,
     request: &'a RepoRequest,
     cache_entry: PathBuf,
     api: Api,
 }
 
-impl Session<'_> {
+impl Transfer<'_> {
     fn repo(&self) -> String {
         self.request.repo_id.clone()
     }
@@ -807,7 +807,7 @@ pub fn download(
         .with_endpoint(settings.endpoint.clone())
         // Always set: `from_cache` would otherwise pick up a token file next to the cache.
         .with_token(settings.token.clone())
-        // Retries happen here, each reopening the partial file (see `Session::fetch`).
+        // Retries happen here, each reopening the partial file (see `Transfer::fetch`).
         .with_retries(0)
         .with_progress(false)
         .with_user_agent("icedit-scale", env!("CARGO_PKG_VERSION"))
@@ -823,7 +823,7 @@ pub fn download(
         request.revision.clone(),
     );
     let api_repo = api.repo(repo.clone());
-    let session = Session {
+    let session = Transfer {
         settings,
         request,
         cache_entry: cache_dir.join(repo.folder_name()),

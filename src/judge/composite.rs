@@ -18,8 +18,6 @@ use crate::edit::EditContext;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CompositePreset {
-    /// Must be `"composite"`.
-    pub kind: String,
     /// Display name for reports.
     #[serde(default)]
     pub name: Option<String>,
@@ -36,9 +34,9 @@ pub struct CompositePreset {
 }
 
 impl CompositePreset {
-    /// Reads the preset, naming the file on error.
-    pub fn from_file(path: &std::path::Path) -> Result<Self, JudgeError> {
-        let preset: Self = super::preset::read_preset(path)?;
+    /// The preset as read from the file at `path`, checked.
+    pub fn resolve(self, path: &std::path::Path) -> Result<Self, JudgeError> {
+        let preset = self;
         if preset.score.is_empty() {
             return Err(JudgeError::Config(format!(
                 "judge preset {}: `score` names no judge (give at least one preset)",

@@ -62,8 +62,6 @@ fn default_api_base() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAiConfig {
-    /// Must be `"openai"`.
-    pub kind: String,
     /// Display name for reports.
     #[serde(default)]
     pub name: Option<String>,
@@ -132,22 +130,12 @@ mod defaults {
 }
 
 impl OpenAiConfig {
-    /// Reads a preset, naming the file and the bad key on error.
-    pub fn from_file(path: &Path) -> Result<Self, JudgeError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| JudgeError::Config(format!("cannot read {}: {e}", path.display())))?;
-        let config: Self = toml::from_str(&text)
-            .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))?;
-        if config.kind != "openai" {
-            return Err(JudgeError::Config(format!(
-                "judge preset {}: kind is {:?}, expected \"openai\"",
-                path.display(),
-                config.kind
-            )));
-        }
+    /// The preset as read from the file at `path`, its relative folders resolved against
+    /// the file's folder and its fields checked.
+    pub fn resolve(self, path: &Path) -> Result<Self, JudgeError> {
         // Relative folders in a preset are relative to the preset file.
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut config = config;
+        let mut config = self;
         if let Some(dir) = &config.prompts_dir {
             if dir.is_relative() {
                 config.prompts_dir = Some(base.join(dir));
@@ -274,11 +262,6 @@ impl std::fmt::Debug for OpenAiJudge {
 }
 
 impl OpenAiJudge {
-    /// Loads a preset file.
-    pub fn from_preset(path: &Path) -> Result<Self, JudgeError> {
-        Self::new(OpenAiConfig::from_file(path)?)
-    }
-
     /// A judge from a configuration; reads the key from the named environment variable.
     pub fn new(config: OpenAiConfig) -> Result<Self, JudgeError> {
         let key = match &config.api_key_env {

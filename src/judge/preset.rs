@@ -13,11 +13,13 @@ use super::JudgeError;
 pub const MAX_CONCURRENCY: usize = 256;
 
 /// Reads the TOML preset at `path` into `T`, naming the file when it cannot be read or
-/// parsed (serde's message names the field).
+/// parsed (serde's message names the field). Each read is logged (target
+/// `icedit_scale::preset`, debug), so a run can be seen to read each preset once.
 pub fn read_preset<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, JudgeError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         JudgeError::Config(format!("cannot read judge preset {}: {e}", path.display()))
     })?;
+    tracing::debug!(target: "icedit_scale::preset", path = %path.display(), "read judge preset");
     toml::from_str(&text)
         .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))
 }

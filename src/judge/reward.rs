@@ -43,8 +43,6 @@ const PROMPT_VISUAL_QUALITY: &str =
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewardPreset {
-    /// Must be `"reward"`.
-    pub kind: String,
     /// Display name for reports.
     #[serde(default)]
     pub name: Option<String>,
@@ -99,9 +97,10 @@ struct Calibration {
 }
 
 impl RewardPreset {
-    /// Reads and checks a preset; folders resolve against the preset's folder.
-    pub fn from_file(path: &Path) -> Result<Self, JudgeError> {
-        let mut p: Self = super::preset::read_preset(path)?;
+    /// The preset as read from the file at `path`, checked; folders resolve against the
+    /// file's folder.
+    pub fn resolve(self, path: &Path) -> Result<Self, JudgeError> {
+        let mut p = self;
         let base = path.parent().unwrap_or(Path::new("."));
         for dir in [&mut p.model_dir, &mut p.calibration].into_iter().flatten() {
             if dir.is_relative() {
@@ -162,7 +161,7 @@ impl RewardPreset {
     }
 
     /// A Hub id or folder, resolved to a folder.
-    fn resolve(what: &str, id_or_dir: &str) -> Result<PathBuf, JudgeError> {
+    fn find_folder(what: &str, id_or_dir: &str) -> Result<PathBuf, JudgeError> {
         let settings = HubSettings::from_env();
         if let Some(dir) = hub::find_local(&settings, id_or_dir) {
             return hub::resolve_snapshot(&dir).map_err(|e| JudgeError::Config(e.to_string()));
@@ -262,10 +261,10 @@ impl Worker {
 }
 
 impl RewardJudge {
-    /// Loads a preset: resolves the base model and the weights, adds the reward token to
-    /// the tokenizer and starts the worker (the weights load on the first call).
-    pub fn from_preset(path: &Path) -> Result<Self, JudgeError> {
-        let preset = RewardPreset::from_file(path)?;
+    /// A judge from a preset read from `path` (named in errors): resolves the base model
+    /// and the weights, adds the reward token to the tokenizer and starts the worker (the
+    /// weights load on the first call).
+    pub fn new(preset: RewardPreset, path: &Path) -> Result<Self, JudgeError> {
         let setup = |field: &str, e: String| {
             JudgeError::Config(format!("judge preset {}: {field} {e}", path.display()))
         };
@@ -274,14 +273,14 @@ impl RewardJudge {
             .map_err(|e| setup("dtype", e))?;
         let base = match (&preset.model_dir, &preset.model) {
             (Some(dir), _) => dir.clone(),
-            (None, Some(id)) => RewardPreset::resolve("model", id)?,
+            (None, Some(id)) => RewardPreset::find_folder("model", id)?,
             (None, None) => unreachable!("checked when read"),
         };
         let mut files = Qwen2VlFiles::discover(&base)?;
         // EditReward resizes every image to exactly this many pixels.
         files.image.min_pixels = preset.image_pixels;
         files.image.max_pixels = preset.image_pixels;
-        let weights = reward_weights(&RewardPreset::resolve("weights", &preset.weights)?)?;
+        let weights = reward_weights(&RewardPreset::find_folder("weights", &preset.weights)?)?;
         let mut chat = files.chat_format()?;
         let reward_token = chat.add_special_token(REWARD_TOKEN);
         let name = preset

@@ -51,12 +51,13 @@ impl Default for TestbedJudgeConfig {
 /// judge can stand in wherever a preset is asked for (`judge-eval`, eval suites).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TestbedPreset {
-    #[allow(dead_code)]
-    kind: String,
+pub struct TestbedPreset {
+    /// Display name for reports.
     #[serde(default)]
-    #[allow(dead_code)]
-    max_concurrency: Option<usize>,
+    pub name: Option<String>,
+    /// Calls in flight at once (read by the engine).
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
     seed: Option<u64>,
     noise: Option<f32>,
     position_bias: Option<f32>,
@@ -64,10 +65,10 @@ struct TestbedPreset {
 }
 
 impl TestbedJudgeConfig {
-    /// Reads a `kind = "testbed"` preset: `seed`, `noise` (0 to 10), `position_bias` and
-    /// `failure_rate` (0 to 1); a missing field keeps its default.
-    pub fn from_preset(path: &std::path::Path) -> Result<Self, JudgeError> {
-        let preset: TestbedPreset = super::preset::read_preset(path)?;
+    /// The error model of a `kind = "testbed"` preset read from `path`: `seed`, `noise` (0
+    /// to 10), `position_bias` and `failure_rate` (0 to 1); a missing field keeps its
+    /// default.
+    pub fn from_preset(preset: &TestbedPreset, path: &std::path::Path) -> Result<Self, JudgeError> {
         let d = Self::default();
         let c = Self {
             seed: preset.seed.unwrap_or(d.seed),

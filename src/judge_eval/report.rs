@@ -10,7 +10,7 @@ use super::stats::{
     bootstrap, follows_position, kendall_tau_b, label_a_first, label_b_first, pearson, rate,
     spearman, verdict, Estimate, Label,
 };
-use super::store::{Judged, Judgement};
+use super::store::{ItemCalls, Judgement};
 use crate::fsio::write_atomic;
 
 /// Agreement on preference pairs.
@@ -149,7 +149,7 @@ impl JudgeEvalReport {
                 failed.push(fail);
             }
             match j {
-                Judged::Pair {
+                ItemCalls::Pair {
                     human,
                     a_first,
                     b_first,
@@ -186,14 +186,14 @@ impl JudgeEvalReport {
                         }
                     }
                 }
-                Judged::Reward { human, reward } => {
+                ItemCalls::Reward { human, reward } => {
                     ratings += 1;
                     reward_ratings += 1;
                     if let Some(r) = reward.answer {
                         rated.push((*human, f64::from(r)));
                     }
                 }
-                Judged::Rating { human, overall, .. } => {
+                ItemCalls::Rating { human, overall, .. } => {
                     ratings += 1;
                     if let Some(o) = overall {
                         rated.push((*human, f64::from(*o)));

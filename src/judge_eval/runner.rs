@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 
 use super::data::{Case, HumanLabel};
-use super::store::{Called, Judged, Judgement, JudgementStore};
+use super::store::{Called, ItemCalls, Judgement, JudgementStore};
 use crate::error::{EditError, EngineError};
 use crate::judge::{CallUsage, Judge, JudgeError, ScoreKind, VieScore};
 use crate::stop::StopSignal;
@@ -77,7 +77,7 @@ async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgem
                 futures::join!(judge.compare(&edit, &a, &b), judge.compare(&edit, &b, &a));
             let pick = |c: &crate::judge::Comparison| c.preferred;
             let explain = |c: &crate::judge::Comparison| (c.reasoning.clone(), c.usage.clone());
-            Some(Judged::Pair {
+            Some(ItemCalls::Pair {
                 human: *preferred,
                 a_first: called(ab, pick, explain)?,
                 b_first: called(ba, pick, explain)?,
@@ -93,7 +93,7 @@ async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgem
             };
             if judge.score_kind() == ScoreKind::Reward {
                 let r = judge.reward(&edit, &image).await;
-                record.judged = Some(Judged::Reward {
+                record.judged = Some(ItemCalls::Reward {
                     human: *score,
                     reward: called(
                         r,
@@ -120,7 +120,7 @@ async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgem
                 ),
                 _ => None,
             };
-            Some(Judged::Rating {
+            Some(ItemCalls::Rating {
                 human: *score,
                 semantic: called(sc, pick, explain)?,
                 perceptual: called(pq, pick, explain)?,

@@ -32,7 +32,7 @@ pub struct Called<T> {
 /// The judge's calls on one item, with the human label they are measured against.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Judged {
+pub enum ItemCalls {
     /// A preference pair, asked in both orders.
     Pair {
         /// The human preference.
@@ -64,18 +64,18 @@ pub enum Judged {
     },
 }
 
-impl Judged {
+impl ItemCalls {
     /// The calls made, as (failed, usage).
     pub fn calls(&self) -> Vec<(bool, &CallUsage)> {
         match self {
-            Judged::Reward { reward, .. } => vec![(reward.answer.is_none(), &reward.usage)],
-            Judged::Pair {
+            ItemCalls::Reward { reward, .. } => vec![(reward.answer.is_none(), &reward.usage)],
+            ItemCalls::Pair {
                 a_first, b_first, ..
             } => vec![
                 (a_first.answer.is_none(), &a_first.usage),
                 (b_first.answer.is_none(), &b_first.usage),
             ],
-            Judged::Rating {
+            ItemCalls::Rating {
                 semantic,
                 perceptual,
                 ..
@@ -100,7 +100,7 @@ pub struct Judgement {
     pub group: Option<String>,
     /// The calls, when the item's images could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub judged: Option<Judged>,
+    pub judged: Option<ItemCalls>,
     /// Why the item could not be judged (an unreadable image): not the judge's failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

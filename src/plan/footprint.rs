@@ -10,10 +10,10 @@
 //! (im2col, nine times the input for a 3x3 kernel). Their constant factors were fitted to
 //! measured peak resident memory on the CPU (see the tests in `plan`).
 
-use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 
 use crate::models::flux::blocks::ATTENTION_CHUNK_ELEMENTS;
+pub use crate::models::flux::held_weight::WeightFormat;
 use crate::models::flux::vae::VaeConfig;
 use crate::models::flux::FluxConfig;
 
@@ -63,29 +63,6 @@ pub fn transformer_linears(c: &FluxConfig) -> (Vec<LinearShape>, usize) {
 pub fn transformer_parameters(c: &FluxConfig) -> usize {
     let (linears, other) = transformer_linears(c);
     linears.iter().map(|(o, i)| o * i).sum::<usize>() + other
-}
-
-/// How the transformer's linear weights are held.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum WeightFormat {
-    /// Dense in the compute dtype.
-    Dense,
-    /// ggml-quantized (a GGUF file, or `--quantize`); rows whose width is not a multiple of
-    /// the type's block stay dense, as the loader keeps them.
-    Quantized(GgmlDType),
-    /// fp8 e4m3, one byte per weight, up-cast one layer at a time.
-    Fp8,
-}
-
-impl WeightFormat {
-    /// How users write it (`dense`, `q8_0`, `fp8`).
-    pub fn name(&self) -> String {
-        match self {
-            Self::Dense => "dense".into(),
-            Self::Quantized(t) => crate::device::ggml_dtype_name(*t),
-            Self::Fp8 => "fp8".into(),
-        }
-    }
 }
 
 /// Bytes of the transformer's weights held in `format`, with the other parameters in
@@ -212,6 +189,7 @@ mod tests {
     use crate::models::bench::RandomWeights;
     use crate::models::flux::transformer::FluxTransformer;
     use crate::models::flux::vae::Autoencoder;
+    use candle_core::quantized::GgmlDType;
     use candle_core::Device;
     use candle_nn::VarBuilder;
     use std::sync::atomic::Ordering;

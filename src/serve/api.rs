@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use super::error::ApiError;
 use super::events::ServerEvent;
-use super::jobs::{done_event, EventsNow, Hub, Job, Status};
+use super::jobs::{done_event, EventsNow, Job, JobRegistry, Status};
 use super::page;
 use super::request::{EditRequest, RawRequest, ResponseFormat};
 use crate::engine::report::CandidateStatus;
@@ -35,7 +35,7 @@ use crate::engine::GeneratorWorker;
 #[derive(Clone)]
 pub struct AppState {
     /// Edits, queue, journal, metrics.
-    pub hub: Arc<Hub>,
+    pub registry: Arc<JobRegistry>,
     /// The bearer token clients must send, if one is set.
     pub token: Option<Arc<str>>,
     /// Each worker's name and generator thread (for `/metrics` and `/healthz`).
@@ -44,7 +44,7 @@ pub struct AppState {
 
 /// The router: the page, health and metrics, and the edit API.
 pub fn router(state: AppState) -> Router {
-    let limits = state.hub.limits;
+    let limits = state.registry.limits;
     // Base64 in JSON is 4/3 of the image; the form's other fields are small.
     let body_limit = limits.max_upload_bytes / 3 * 4 + (1 << 20);
     let api = Router::new()
@@ -116,7 +116,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Reads a request body as a multipart form or JSON, by its content type.
 async fn read_body(state: &AppState, request: Request) -> Result<RawRequest, ApiError> {
-    let limits = state.hub.limits;
+    let limits = state.registry.limits;
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -150,13 +150,13 @@ async fn read_body(state: &AppState, request: Request) -> Result<RawRequest, Api
 /// Checks and journals the request; the edit is queued when this returns.
 async fn submit(state: &AppState, request: Request) -> Result<Arc<Job>, ApiError> {
     let raw = read_body(state, request).await?;
-    let edit = EditRequest::from_raw(&raw, &state.hub.defaults, &state.hub.limits)?;
+    let edit = EditRequest::from_raw(&raw, &state.registry.defaults, &state.registry.limits)?;
     let image = raw
         .image
         .expect("from_raw refuses a request without an image");
-    let hub = state.hub.clone();
+    let registry = state.registry.clone();
     // Decoding the image and fsyncing the journal are blocking work.
-    let job = tokio::task::spawn_blocking(move || hub.submit(edit, image))
+    let job = tokio::task::spawn_blocking(move || registry.submit(edit, image))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))??;
     tracing::info!(id = %job.id, "accepted");
@@ -185,7 +185,7 @@ async fn create_edit(
 /// `GET /v1/edits`: the most recent edits (the page's history).
 async fn list_edits(State(state): State<AppState>) -> Json<Value> {
     let edits: Vec<Value> = state
-        .hub
+        .registry
         .recent(100)
         .iter()
         .map(|j| {
@@ -201,10 +201,10 @@ async fn get_edit(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = state.hub.job(&id)?;
+    let job = state.registry.job(&id)?;
     let status = job.status();
     let report = (status == Status::Done)
-        .then(|| state.hub.report(&id))
+        .then(|| state.registry.report(&id))
         .flatten();
     Ok(Json(json!({
         "id": job.id,
@@ -224,7 +224,7 @@ async fn cancel_edit(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let status = state.hub.cancel(&id)?;
+    let status = state.registry.cancel(&id)?;
     let note = match status {
         Status::Running => "cancelling: the generator stops at its next step boundary",
         _ => "cancelled",
@@ -240,19 +240,19 @@ async fn edit_events(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let job = state.hub.job(&id)?;
+    let job = state.registry.job(&id)?;
     let from = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map_or(0, |last| last + 1);
-    let (hub, stop) = (state.hub.clone(), state.hub.stop.clone());
+    let (registry, stop) = (state.registry.clone(), state.registry.stop.clone());
     // State: the job, the next seq to send, the stored stream once it is read from disk,
     // whether the last event went out.
     let stream = futures::stream::unfold(
         (job, from, None::<VecDeque<ServerEvent>>, false),
         move |(job, next, mut disk, finished)| {
-            let (hub, stop) = (hub.clone(), stop.clone());
+            let (registry, stop) = (registry.clone(), stop.clone());
             async move {
                 if finished {
                     return None;
@@ -268,7 +268,7 @@ async fn edit_events(
                         EventsNow::OnDisk => {
                             // The edit ended (in this process or before it): its stream is
                             // in events.jsonl.
-                            let mut stored = hub.events_on_disk(&job.id);
+                            let mut stored = registry.events_on_disk(&job.id);
                             stored.retain(|e| e.seq >= next);
                             disk = Some(stored.into());
                         }
@@ -305,7 +305,7 @@ async fn edit_file(
     State(state): State<AppState>,
     Path((id, path)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    state.hub.job(&id)?;
+    state.registry.job(&id)?;
     let rel = std::path::Path::new(&path);
     if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
         return Err(ApiError::bad_field(
@@ -313,7 +313,7 @@ async fn edit_file(
             "file paths stay inside the edit's folder",
         ));
     }
-    let file = state.hub.edit_dir(&id).join(rel);
+    let file = state.registry.edit_dir(&id).join(rel);
     let bytes = tokio::fs::read(&file)
         .await
         .map_err(|_| ApiError::not_found(format!("edit {id} has no file {path:?} (yet)")))?;
@@ -339,18 +339,18 @@ async fn edit_file(
 async fn healthz(State(state): State<AppState>) -> Json<Value> {
     let workers: Vec<&str> = state.workers.iter().map(|(n, _)| n.as_str()).collect();
     Json(json!({
-        "status": if state.hub.stop.is_set() { "stopping" } else { "ok" },
+        "status": if state.registry.stop.is_set() { "stopping" } else { "ok" },
         "workers": workers,
-        "queue_depth": state.hub.queue_depth(),
-        "max_queue": state.hub.max_queue,
+        "queue_depth": state.registry.queue_depth(),
+        "max_queue": state.registry.max_queue,
         // What a request's empty fields become (the page shows them as placeholders).
-        "defaults": state.hub.defaults,
+        "defaults": state.registry.defaults,
     }))
 }
 
 /// `GET /metrics`: Prometheus text.
 async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.hub.metrics.render(&state.workers);
+    let text = state.registry.metrics.render(&state.workers);
     (
         [(
             header::CONTENT_TYPE,
@@ -376,7 +376,7 @@ async fn images_edits(
     let job = submit(&state, request).await?;
     let status = tokio::select! {
         s = job.finished() => s,
-        _ = state.hub.stop.stopped() => {
+        _ = state.registry.stop.stopped() => {
             if job.status() != Status::Queued {
                 // Running edits finish before the server exits: wait for this one.
                 job.finished().await
@@ -406,7 +406,7 @@ async fn images_edits(
         }
     }
     let report = state
-        .hub
+        .registry
         .report(&job.id)
         .ok_or_else(|| ApiError::internal(format!("edit {}: report.json is unreadable", job.id)))?;
     // The pick first, then the other finished candidates by VIE O.
@@ -432,7 +432,7 @@ async fn images_edits(
             job.id
         )));
     }
-    let dir = state.hub.edit_dir(&job.id);
+    let dir = state.registry.edit_dir(&job.id);
     let mut data = Vec::new();
     for c in finished.iter().take(job.request.n) {
         let rel = c.final_file.as_deref().expect("filtered on final_file");

@@ -158,7 +158,7 @@ impl Job {
     }
 
     /// Where the stream stands for a reader at `from`: events in memory from there, the
-    /// end of the stream, or "read the rest from disk" ([`Hub::events_on_disk`]).
+    /// end of the stream, or "read the rest from disk" ([`JobRegistry::events_on_disk`]).
     pub fn events_since(&self, from: u64) -> EventsNow {
         let s = self.state.lock().unwrap();
         if s.stored {
@@ -207,7 +207,7 @@ struct Queue {
 }
 
 /// Everything the handlers and workers share.
-pub struct Hub {
+pub struct JobRegistry {
     out: PathBuf,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     /// Ids in order of acceptance (the page's history).
@@ -246,7 +246,7 @@ fn new_id() -> String {
     format!("ed_{:016x}", nanos ^ rand::random::<u64>() >> 24)
 }
 
-impl Hub {
+impl JobRegistry {
     /// Opens `out`'s journal: edits that ended are known (served from disk), those that did
     /// not are queued again in the order they were accepted.
     pub fn open(

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use error::ApiError;
-pub use jobs::{Hub, Status};
+pub use jobs::{JobRegistry, Status};
 pub use metrics::{MeteredJudge, Metrics};
 pub use request::{EditRequest, Limits};
 
@@ -77,8 +77,8 @@ pub async fn run_on(
     opts: ServeOptions,
     stop: StopSignal,
 ) -> anyhow::Result<()> {
-    let hub = Arc::new(
-        Hub::open(
+    let registry = Arc::new(
+        JobRegistry::open(
             &opts.out,
             opts.max_queue,
             opts.limits,
@@ -97,11 +97,11 @@ pub async fn run_on(
     let mut loops = tokio::task::JoinSet::new();
     for (name, engine) in engines {
         for _ in 0..opts.in_flight.max(1) {
-            loops.spawn(hub.clone().work(name.clone(), engine.clone()));
+            loops.spawn(registry.clone().work(name.clone(), engine.clone()));
         }
     }
     let state = api::AppState {
-        hub: hub.clone(),
+        registry: registry.clone(),
         token: opts.token.map(Arc::from),
         workers,
     };
@@ -110,17 +110,17 @@ pub async fn run_on(
     println!("listening on http://{bound}");
     tracing::info!("listening on http://{bound}");
     let shutdown = {
-        let (stop, hub) = (stop.clone(), hub.clone());
+        let (stop, registry) = (stop.clone(), registry.clone());
         async move {
             stop.stopped().await;
-            hub.stop.stop();
+            registry.stop.stop();
         }
     };
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown)
         .await?;
-    hub.stop.stop();
-    let running = hub.metrics.running.get();
+    registry.stop.stop();
+    let running = registry.metrics.running.get();
     if running > 0 {
         eprintln!("finishing {running} running edit(s); queued ones stay journaled");
     }

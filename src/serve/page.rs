@@ -28,3 +28,42 @@ pub async fn style() -> impl IntoResponse {
         include_str!("page/style.css"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::strategy::StrategyField;
+
+    /// The page's optional request fields (`KNOBS` in app.js), each with its form element.
+    fn page_knobs() -> Vec<String> {
+        let script = include_str!("page/app.js");
+        let list = script
+            .split("const KNOBS = [")
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .expect("app.js declares KNOBS");
+        list.split(',')
+            .map(|k| k.trim().trim_matches('\'').to_string())
+            .filter(|k| !k.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn the_page_offers_every_strategy_knob_and_nothing_unknown() {
+        let mut knobs = page_knobs();
+        knobs.sort();
+        let mut expected: Vec<String> = StrategyField::ALL
+            .iter()
+            .map(|f| f.key().to_string())
+            .chain(["size".to_string()])
+            .collect();
+        expected.sort();
+        assert_eq!(knobs, expected);
+        let html = include_str!("page/index.html");
+        for knob in page_knobs() {
+            assert!(
+                html.contains(&format!("id=\"{knob}\"")),
+                "index.html has no element for {knob}"
+            );
+        }
+    }
+}

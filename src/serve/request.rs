@@ -457,6 +457,14 @@ mod tests {
     }
 
     #[test]
+    fn every_strategy_knob_is_a_known_request_field() {
+        use crate::engine::strategy::StrategyField;
+        for field in StrategyField::ALL {
+            assert!(KNOWN.contains(&field.key()), "{} is not read", field.key());
+        }
+    }
+
+    #[test]
     fn openai_fields_and_our_knobs_are_read() {
         let r = parse(&[
             ("prompt", "make the sky night"),

@@ -241,3 +241,26 @@ pub fn reference_prompt(
 }
 
 pub mod hub_server;
+
+/// A preset file read the way a run reads it (`JudgeSpec`), as the local-judge settings it
+/// must hold.
+pub fn local_judge_config(
+    path: &std::path::Path,
+) -> Result<icedit_scale::judge::qwen_vl::LocalJudgeConfig, JudgeError> {
+    use icedit_scale::backends::{JudgeKind, JudgeSpec};
+    match JudgeSpec::from_file(path)?.kind {
+        JudgeKind::Local(config) => Ok(config),
+        other => panic!("{}: not a local judge preset: {other:?}", path.display()),
+    }
+}
+
+/// A local judge from a preset file, on the CPU in f32.
+pub fn local_judge(
+    path: &std::path::Path,
+) -> Result<icedit_scale::judge::qwen_vl::Qwen2VlJudge, JudgeError> {
+    icedit_scale::judge::qwen_vl::Qwen2VlJudge::new(
+        local_judge_config(path)?,
+        candle_core::Device::Cpu,
+        DType::F32,
+    )
+}

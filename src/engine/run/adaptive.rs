@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::Session;
+use super::EditRun;
 use crate::engine::events::EditEvent;
 use crate::engine::report::{AdaptiveRecord, AdaptiveRound, CandidateStatus, Pick, StopReason};
 use crate::error::EngineError;
@@ -41,7 +41,7 @@ pub fn wave_size(
     wave.min(seeds_left).min(for_probes / probe_steps.max(1))
 }
 
-impl Session<'_> {
+impl EditRun<'_> {
     /// Sorts best screen first (a failed screening last), then by candidate index.
     fn rank_by_screen(&self, probed: &mut [Probed]) {
         probed.sort_by(|a, b| {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{Result, Tensor};
 
-use crate::models::qwen_vl::model::{Qwen2Vl, Session};
+use crate::models::qwen_vl::model::{PromptState, Qwen2Vl};
 
 /// The probability mass the model puts on each candidate continuation.
 pub struct Choice {
@@ -50,7 +50,7 @@ impl Choice {
 /// P("1") = P(1) * (1 - P(0 | 1)) next to P("10") = P(1) * P(0 | 1).
 pub fn choose(
     model: &Qwen2Vl,
-    session: &Session,
+    session: &PromptState,
     logits: &Tensor,
     candidates: &[Vec<u32>],
 ) -> Result<Choice> {
@@ -81,7 +81,7 @@ fn softmax(logits: &Tensor) -> Result<Vec<f32>> {
 
 fn walk(
     model: &Qwen2Vl,
-    session: &Session,
+    session: &PromptState,
     next: &[f32],
     members: &[(usize, &[u32])],
     scale: f32,

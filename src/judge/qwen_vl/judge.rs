@@ -36,7 +36,7 @@ use crate::judge::prompts::PromptSet;
 use crate::judge::{
     CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
 };
-use crate::models::qwen_vl::model::{EncodedPrompt, Qwen2Vl, Sampling, Session};
+use crate::models::qwen_vl::model::{EncodedPrompt, PromptState, Qwen2Vl, Sampling};
 use crate::models::qwen_vl::ChatFormat;
 use crate::models::qwen_vl::{PeftAdapter, Qwen2VlFiles};
 
@@ -44,8 +44,6 @@ use crate::models::qwen_vl::{PeftAdapter, Qwen2VlFiles};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalJudgeConfig {
-    /// Must be `"qwen2vl"`.
-    pub kind: String,
     /// Display name for reports.
     #[serde(default)]
     pub name: Option<String>,
@@ -204,20 +202,10 @@ mod defaults {
 }
 
 impl LocalJudgeConfig {
-    /// Reads a preset, naming the file and the bad key on error; resolves relative folders
-    /// against the preset's folder.
-    pub fn from_file(path: &Path) -> Result<Self, JudgeError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| JudgeError::Config(format!("cannot read {}: {e}", path.display())))?;
-        let mut config: Self = toml::from_str(&text)
-            .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))?;
-        if config.kind != "qwen2vl" {
-            return Err(JudgeError::Config(format!(
-                "judge preset {}: kind is {:?}, expected \"qwen2vl\"",
-                path.display(),
-                config.kind
-            )));
-        }
+    /// The preset as read from the file at `path`, its relative folders resolved against
+    /// the file's folder and its fields checked.
+    pub fn resolve(self, path: &Path) -> Result<Self, JudgeError> {
+        let mut config = self;
         let base = path.parent().unwrap_or(Path::new("."));
         for dir in [
             &mut config.model_dir,
@@ -508,11 +496,6 @@ impl Qwen2VlJudge {
             compare_by: config.compare_by,
             jobs,
         })
-    }
-
-    /// Loads a preset file on the given device.
-    pub fn from_preset(path: &Path, device: Device, dtype: DType) -> Result<Self, JudgeError> {
-        Self::new(LocalJudgeConfig::from_file(path)?, device, dtype)
     }
 
     async fn ask(
@@ -921,7 +904,7 @@ impl Worker {
     fn read(
         &self,
         model: &Qwen2Vl,
-        session: Session,
+        session: PromptState,
         logits: Tensor,
         question: Question,
     ) -> Result<(Reading, u64), JudgeError> {
@@ -1029,7 +1012,7 @@ impl Worker {
     fn generate(
         &self,
         model: &Qwen2Vl,
-        mut session: Session,
+        mut session: PromptState,
         logits: Tensor,
         pass: u64,
     ) -> candle_core::Result<(String, u64)> {

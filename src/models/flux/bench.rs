@@ -6,18 +6,17 @@
 
 use std::time::Instant;
 
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Serialize;
 
 use super::config::FluxConfig;
 use super::embeddings::rope_tables;
+use super::held_weight::WeightFormat;
 use super::latents::joint_ids;
 use super::linear::Linears;
 use super::transformer::{FluxTransformer, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
-use crate::device::ggml_dtype_name;
 use crate::models::bench::{timed_after, RandomWeights};
 use crate::models::taef1::{TinyConfig, TinyDecoder};
 
@@ -50,9 +49,9 @@ pub struct FluxBench {
     pub dtype: DType,
     /// Device.
     pub device: Device,
-    /// Weight formats of the transformer's linear layers to time, in order: `None` for
-    /// dense in `dtype`, or a ggml type quantized on load.
-    pub formats: Vec<Option<GgmlDType>>,
+    /// Weight formats of the transformer's linear layers to time, in order: dense in
+    /// `dtype`, or a ggml type quantized on load.
+    pub formats: Vec<WeightFormat>,
 }
 
 /// One batch size's timing.
@@ -211,12 +210,19 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
     let mut parameters = 0;
     let mut formats = Vec::new();
     for &format in &bench.formats {
+        let quantize = match format {
+            WeightFormat::Dense => None,
+            WeightFormat::Quantized(t) => Some(t),
+            WeightFormat::Fp8 => candle_core::bail!(
+                "bench flux: fp8 is not among the formats it builds from random weights (dense or a ggml type)"
+            ),
+        };
         let start = Instant::now();
         let random = RandomWeights::default();
         let counter = random.elements.clone();
         let vb = VarBuilder::from_backend(Box::new(random), dtype, dev.clone());
         let linears = Linears {
-            quantize: format,
+            quantize,
             sample_rows: Some(QUANTIZE_SAMPLE_ROWS),
             ..Linears::default()
         };
@@ -225,7 +231,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         let load_s = start.elapsed().as_secs_f64();
         parameters = counter.load(std::sync::atomic::Ordering::Relaxed);
         let (linear_weight_bytes, quantized_layers) = transformer.linear_weight_bytes();
-        let name = format.map_or("dense".to_string(), ggml_dtype_name);
+        let name = format.name();
         let mut steps = Vec::new();
         for &batch in &bench.batches {
             let img =

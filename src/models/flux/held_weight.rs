@@ -7,6 +7,45 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::Tensor;
 
+/// The format a model's linear weights are held in: what a file stores, what `--quantize` /
+/// `--dequantize` ask for, what `bench flux` times and what the memory plan counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WeightFormat {
+    /// Dense in the compute dtype.
+    Dense,
+    /// ggml-quantized (a GGUF file, or `--quantize`); rows whose width is not a multiple of
+    /// the type's block stay dense, as the loader keeps them.
+    Quantized(GgmlDType),
+    /// fp8 e4m3, one byte per weight, up-cast one layer at a time.
+    Fp8,
+}
+
+impl WeightFormat {
+    /// How users write it (`dense`, `q8_0`, `fp8`).
+    pub fn name(&self) -> String {
+        match self {
+            Self::Dense => "dense".into(),
+            Self::Quantized(t) => crate::device::ggml_dtype_name(*t),
+            Self::Fp8 => "fp8".into(),
+        }
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+
+    /// `dense`, `fp8` or a ggml type name (`q8_0`, `q4_k`, ...).
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "dense" => Ok(Self::Dense),
+            "fp8" => Ok(Self::Fp8),
+            other => crate::device::parse_ggml_dtype(other)
+                .map(Self::Quantized)
+                .map_err(|e| format!("{e} (or dense, fp8)")),
+        }
+    }
+}
+
 /// How one layer's weight is held in memory.
 #[derive(Debug, Clone)]
 pub enum Weight {
@@ -36,6 +75,15 @@ impl Weight {
                     t.elem_count() * t.dtype().size_in_bytes()
                 }
             },
+        }
+    }
+
+    /// The format it is held in.
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            Self::Dense(_) => WeightFormat::Dense,
+            Self::Quantized(_, t) => WeightFormat::Quantized(*t),
+            Self::Fp8 { .. } => WeightFormat::Fp8,
         }
     }
 

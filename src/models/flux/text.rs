@@ -27,8 +27,39 @@ fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> ModelError {
     }
 }
 
+/// One entry of `tokenizer_config.json`'s `added_tokens_decoder` (transformers'
+/// `AddedToken` fields): how the token is matched in text.
+#[derive(Debug, Deserialize)]
+struct AddedTokenFlags {
+    content: String,
+    #[serde(default)]
+    single_word: bool,
+    #[serde(default)]
+    lstrip: bool,
+    #[serde(default)]
+    rstrip: bool,
+    /// Matched after the normalizer (lowercase, whitespace) rather than in the raw text.
+    #[serde(default)]
+    normalized: bool,
+    #[serde(default = "yes")]
+    special: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The part of `tokenizer_config.json` the rebuilt tokenizer honours.
+#[derive(Debug, Default, Deserialize)]
+struct TokenizerConfig {
+    #[serde(default)]
+    added_tokens_decoder: std::collections::BTreeMap<String, AddedTokenFlags>,
+}
+
 /// Loads `dir/tokenizer.json`, or builds CLIP's byte-level BPE from `vocab.json` +
-/// `merges.txt` (how the FLUX repositories ship the CLIP tokenizer).
+/// `merges.txt` (how the FLUX repositories ship the CLIP tokenizer), with the added tokens'
+/// flags from `tokenizer_config.json` when the folder has one (as transformers reads them;
+/// without it, the special tokens match the raw text, transformers' default).
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, ModelError> {
     let json = dir.join("tokenizer.json");
     if json.is_file() {
@@ -55,14 +86,35 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, ModelError> {
             .ok_or_else(|| tokenizer_error(&vocab_path, format!("no `{t}` token")))
     };
     let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
-    let special = |id: u64, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
+    let config_path = dir.join("tokenizer_config.json");
+    let config: TokenizerConfig = if config_path.is_file() {
+        read_json(&config_path)?
+    } else {
+        TokenizerConfig::default()
     };
+    let mut added: Vec<serde_json::Value> = Vec::new();
+    for (id, t) in &config.added_tokens_decoder {
+        let id: u64 = id.parse().map_err(|_| {
+            tokenizer_error(
+                &config_path,
+                format!("added_tokens_decoder key {id:?} is not a token id"),
+            )
+        })?;
+        added.push(serde_json::json!({"id": id, "content": t.content, "single_word": t.single_word,
+            "lstrip": t.lstrip, "rstrip": t.rstrip, "normalized": t.normalized, "special": t.special}));
+    }
+    for (id, content) in [(bos, "<|startoftext|>"), (eos, "<|endoftext|>")] {
+        if !added.iter().any(|t| t["content"] == content) {
+            added.push(
+                serde_json::json!({"id": id, "content": content, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true}),
+            );
+        }
+    }
     // The layout transformers' CLIPTokenizer builds (byte-level BPE, `</w>` word ends).
     let spec = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(bos, "<|startoftext|>"), special(eos, "<|endoftext|>")],
+        "added_tokens": added,
         "normalizer": {"type": "Sequence", "normalizers": [{"type": "NFC"},
             {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "}, {"type": "Lowercase"}]},
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [

@@ -27,5 +27,5 @@ pub use adapter::PeftAdapter;
 pub use chat::ChatFormat;
 pub use config::{Family, Qwen2VlConfig};
 pub use files::Qwen2VlFiles;
-pub use model::{EncodedPrompt, KeyLayout, PositionMode, Qwen2Vl, Sampling, Session};
+pub use model::{EncodedPrompt, KeyLayout, PositionMode, PromptState, Qwen2Vl, Sampling};
 pub use reward::{RewardModel, RewardOutput, REWARD_TOKEN};

@@ -24,12 +24,12 @@ pub struct EncodedPrompt {
 
 /// A prompt's state after prefill: its KV cache and the position id of the next token.
 #[derive(Debug, Clone)]
-pub struct Session {
+pub struct PromptState {
     cache: KvCache,
     next_position: i64,
 }
 
-impl Session {
+impl PromptState {
     /// Tokens seen so far.
     pub fn len(&self) -> usize {
         self.cache.len()
@@ -174,15 +174,15 @@ impl Qwen2Vl {
     }
 
     /// Runs a batch of prompts of equal length: the next-token logits `[batch, vocab]` (f32)
-    /// and one [`Session`] per prompt to continue from.
-    pub fn prefill(&self, batch: &[EncodedPrompt]) -> Result<(Tensor, Vec<Session>)> {
+    /// and one [`PromptState`] per prompt to continue from.
+    pub fn prefill(&self, batch: &[EncodedPrompt]) -> Result<(Tensor, Vec<PromptState>)> {
         let (hidden, sessions) = self.prefill_hidden(batch)?;
         let logits = self.text.logits(&last_position(&hidden)?)?;
         Ok((logits, sessions))
     }
 
     /// Feeds more text tokens to a session; returns the logits after the last one `[vocab]`.
-    pub fn extend(&self, session: &mut Session, ids: &[u32]) -> Result<Tensor> {
+    pub fn extend(&self, session: &mut PromptState, ids: &[u32]) -> Result<Tensor> {
         if ids.is_empty() {
             candle_core::bail!("extend needs at least one token");
         }
@@ -203,7 +203,7 @@ impl Qwen2Vl {
     /// Returns the new tokens without the end-of-turn id.
     pub fn greedy(
         &self,
-        session: &mut Session,
+        session: &mut PromptState,
         logits: Tensor,
         max_new_tokens: usize,
     ) -> Result<Vec<u32>> {
@@ -214,7 +214,7 @@ impl Qwen2Vl {
     /// `logits`, `[vocab]`), greedily or by `sampling`, stopping before an end-of-turn id.
     pub fn generate(
         &self,
-        session: &mut Session,
+        session: &mut PromptState,
         logits: Tensor,
         max_new_tokens: usize,
         sampling: Option<&Sampling>,
@@ -306,7 +306,7 @@ impl Qwen2Vl {
             .squeeze(0)
     }
 
-    fn prefill_hidden(&self, batch: &[EncodedPrompt]) -> Result<(Tensor, Vec<Session>)> {
+    fn prefill_hidden(&self, batch: &[EncodedPrompt]) -> Result<(Tensor, Vec<PromptState>)> {
         let Some(first) = batch.first() else {
             candle_core::bail!("empty batch");
         };
@@ -330,7 +330,7 @@ impl Qwen2Vl {
             .into_iter()
             .enumerate()
             .map(|(i, next_position)| {
-                Ok(Session {
+                Ok(PromptState {
                     cache: if batch.len() == 1 {
                         cache.clone()
                     } else {

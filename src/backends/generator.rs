@@ -1,0 +1,440 @@
+//! The generator a command runs with, chosen once: the generator flags are read into a
+//! [`GeneratorSpec`] at the command boundary (devices and dtypes parsed, not opened) and
+//! passed down by value. What `--download` fetches ([`GeneratorSpec::downloads`]), what the
+//! memory plan counts ([`FluxSpec::plan_request`]) and what gets built
+//! ([`GeneratorSpec::build`]) are methods of that one value.
+
+use std::path::PathBuf;
+
+use candle_core::DType;
+
+use crate::cli::{GeneratorArgs, GeneratorKind};
+use crate::device::{parse_dtype_on, DeviceName};
+use crate::error::EditError;
+use crate::generate::flux::{FluxGenerator, FluxOptions, PreviewDecoder};
+use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
+use crate::generate::Generator;
+use crate::hub::{self, HubSettings, RepoRequest};
+use crate::models::flux::files::FILL_DEV_REPO;
+use crate::models::flux::held_weight::WeightFormat;
+use crate::models::flux::lora::ICEDIT_LORA_REPO;
+use crate::models::flux::vae::VaeConfig;
+use crate::models::flux::{FluxConfig, FluxPaths};
+use crate::models::testbed::TestbedEdits;
+use crate::plan::{self, JudgeFootprint, Placement, PlanRequest};
+
+use super::download::{flux_fill_request, lora_request, released_lora};
+
+/// A generator as chosen.
+#[derive(Debug, Clone)]
+pub enum GeneratorSpec {
+    /// The built-in simulator.
+    Testbed(TestbedConfig),
+    /// FLUX.1 Fill [dev] + the ICEdit LoRA.
+    Flux(Box<FluxSpec>),
+}
+
+/// FLUX as chosen: where its files are, how to hold and run them.
+#[derive(Debug, Clone)]
+pub struct FluxSpec {
+    /// The files as named; all empty when FLUX.1 Fill comes from the Hugging Face cache
+    /// (`fetch_fill`).
+    pub paths: FluxPaths,
+    /// No files were named: FLUX.1 Fill [dev] from the cache (fetched with `--download`).
+    pub fetch_fill: bool,
+    /// `--random-weights`: random weights at this configuration (`full`, `small`) instead
+    /// of any file.
+    pub random_size: Option<String>,
+    /// The ICEdit LoRA, if any.
+    pub lora: Option<LoraChoice>,
+    /// LoRA strength (1 = as trained).
+    pub lora_scale: f64,
+    /// Where the transformer and VAE run.
+    pub device: DeviceName,
+    /// Where T5 and CLIP run.
+    pub text_device: DeviceName,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// The format linear weights are held in; `None` = as the file stores them.
+    pub hold_as: Option<WeightFormat>,
+    /// Distilled guidance.
+    pub guidance: f64,
+    /// T5 tokens.
+    pub t5_tokens: usize,
+    /// Keep T5 and CLIP loaded between edits.
+    pub keep_text_encoders: bool,
+    /// Candidates per forward.
+    pub max_batch: usize,
+    /// TAEF1, if named.
+    pub tiny_decoder: Option<PathBuf>,
+    /// Which decoder the screened previews go through.
+    pub preview_decoder: PreviewDecoder,
+    /// `--memory-budget` in GB, else the device's free memory is read.
+    pub memory_budget: Option<f64>,
+}
+
+/// Where the ICEdit LoRA comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoraChoice {
+    /// A file or folder as named (the loader names it when it is not there).
+    Path(PathBuf),
+    /// A released LoRA by its Hub repository, found in (or fetched into) the cache.
+    Released(&'static str),
+}
+
+/// What a command will run, as far as the memory plan needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// Source panel `(width, height)` after resizing.
+    pub panel: (usize, usize),
+    /// More than one edit: later prompts are encoded while the judge is resident.
+    pub many_edits: bool,
+}
+
+impl GeneratorSpec {
+    /// The generator the flags choose: `auto` is FLUX when weights are named (or are to be
+    /// downloaded), else the testbed. Flags are checked here, before anything loads.
+    pub fn from_args(args: &GeneratorArgs, download: bool) -> Result<Self, EditError> {
+        let flux_files =
+            args.model_dir.is_some() || args.transformer.is_some() || args.random_weights.is_some();
+        let kind = match (args.generator, flux_files || download) {
+            (GeneratorKind::Auto, true) => GeneratorKind::Flux,
+            (GeneratorKind::Auto, false) => GeneratorKind::Testbed,
+            (kind, _) => kind,
+        };
+        if kind == GeneratorKind::Testbed {
+            return Ok(Self::Testbed(TestbedConfig {
+                difficulty: args.testbed_difficulty,
+                contrast: args.testbed_contrast,
+                max_batch: args.batch_size.max(1),
+            }));
+        }
+        let invalid = |flag: &str, e: String| EditError::Invalid(format!("{flag} {e}"));
+        let device = DeviceName::parse(&args.device).map_err(|e| invalid("--device", e))?;
+        let dtype = parse_dtype_on(args.dtype.as_deref(), device.is_gpu())
+            .map_err(|e| invalid("--dtype", e))?;
+        let text_device = match &args.text_device {
+            Some(name) => DeviceName::parse(name).map_err(|e| invalid("--text-device", e))?,
+            None => device,
+        };
+        let preview_decoder = args
+            .preview_decoder
+            .parse()
+            .map_err(|e: String| invalid("--preview-decoder:", e))?;
+        if args.random_weights.is_some() && (args.lora.is_some() || args.t5.is_some()) {
+            return Err(EditError::Invalid(
+                "--random-weights builds its own weights; it takes no --lora or --t5".into(),
+            ));
+        }
+        let lora = match &args.lora {
+            Some(path) if path.exists() => Some(LoraChoice::Path(path.clone())),
+            Some(name) => Some(match name.to_str().and_then(released_lora) {
+                Some(repo) => LoraChoice::Released(repo),
+                None => LoraChoice::Path(name.clone()),
+            }),
+            None if download && args.random_weights.is_none() => {
+                tracing::info!(
+                    "--download without --lora: using the ICEdit LoRA ({ICEDIT_LORA_REPO})"
+                );
+                Some(LoraChoice::Released(ICEDIT_LORA_REPO))
+            }
+            None => None,
+        };
+        let hold_as = match (args.quantize, args.dequantize) {
+            (Some(t), _) => Some(WeightFormat::Quantized(t)),
+            (None, true) => Some(WeightFormat::Dense),
+            (None, false) => None,
+        };
+        Ok(Self::Flux(Box::new(FluxSpec {
+            paths: FluxPaths {
+                model_dir: args.model_dir.clone(),
+                transformer: args.transformer.clone(),
+                vae: args.vae.clone(),
+                text_encoders: args.text_encoders.clone(),
+                t5: args.t5.clone(),
+            },
+            fetch_fill: download && !flux_files,
+            random_size: args.random_weights.clone(),
+            lora,
+            lora_scale: args.lora_scale,
+            device,
+            text_device,
+            dtype,
+            hold_as,
+            guidance: args.guidance,
+            t5_tokens: args.t5_tokens,
+            keep_text_encoders: args.keep_text_encoders,
+            max_batch: args.batch_size.max(1),
+            tiny_decoder: args.tiny_decoder.clone(),
+            preview_decoder,
+            memory_budget: args.memory_budget,
+        })))
+    }
+
+    /// The FLUX part, if it is FLUX.
+    pub fn flux(&self) -> Option<&FluxSpec> {
+        match self {
+            Self::Flux(f) => Some(f),
+            Self::Testbed(_) => None,
+        }
+    }
+
+    /// The same generator on another device (`serve --devices`); the testbed runs on the
+    /// CPU only.
+    pub fn on_device(&self, name: &str) -> Result<Self, EditError> {
+        let device =
+            DeviceName::parse(name).map_err(|e| EditError::Invalid(format!("--devices {e}")))?;
+        match self {
+            Self::Testbed(_) if device.is_gpu() => Err(EditError::Invalid(format!(
+                "--devices {name}: the testbed generator runs on the CPU; give cpu entries"
+            ))),
+            Self::Testbed(_) => Ok(self.clone()),
+            Self::Flux(f) => {
+                let mut f = f.clone();
+                if f.text_device == f.device {
+                    f.text_device = device;
+                }
+                f.device = device;
+                Ok(Self::Flux(f))
+            }
+        }
+    }
+
+    /// What the generator needs from the Hugging Face Hub: FLUX.1 Fill when no files are
+    /// named (and `--download` asked for it), a released LoRA named by its release name.
+    pub fn downloads(&self) -> Vec<RepoRequest> {
+        let Self::Flux(f) = self else {
+            return Vec::new();
+        };
+        let mut requests = Vec::new();
+        if f.fetch_fill {
+            requests.push(flux_fill_request());
+        }
+        if let Some(LoraChoice::Released(repo)) = &f.lora {
+            requests.push(lora_request(repo));
+        }
+        requests
+    }
+
+    /// Builds the generator (its device opened, its weights read). A testbed generator
+    /// records its edits in `testbed` (for the testbed judges that may score them).
+    pub fn build(&self, testbed: Option<TestbedEdits>) -> anyhow::Result<Box<dyn Generator>> {
+        match self {
+            Self::Testbed(config) => {
+                tracing::info!("generator: built-in testbed (a simulator, not an image editor)");
+                Ok(Box::new(TestbedGenerator::with_edits(
+                    *config,
+                    testbed.unwrap_or_default(),
+                )))
+            }
+            Self::Flux(f) => Ok(Box::new(f.build()?)),
+        }
+    }
+}
+
+impl FluxSpec {
+    /// The memory plan of this FLUX run, from configs and file headers only (no weight is
+    /// read), and whether the transformer's files were found (when they were not, the plan
+    /// is of FLUX.1 Fill [dev]'s published configuration).
+    pub fn plan_request(
+        &self,
+        judge: Option<JudgeFootprint>,
+        workload: &Workload,
+    ) -> Result<(PlanRequest, bool), EditError> {
+        let peeked = plan::peek::peek_flux(
+            self.paths.model_dir.as_deref(),
+            self.paths.transformer.as_deref(),
+            self.paths.text_encoders.as_deref(),
+        )
+        .map_err(EditError::Invalid)?;
+        let stored =
+            plan::peek::transformer_format(&peeked.transformer).map_err(EditError::Invalid)?;
+        let placement = |other: DeviceName| {
+            if other == self.device {
+                Placement::Device
+            } else {
+                Placement::Elsewhere
+            }
+        };
+        let lora_bytes = match &self.lora {
+            Some(LoraChoice::Path(p)) => file_bytes(p),
+            Some(LoraChoice::Released(repo)) => {
+                file_bytes(&hub::cache_entry(&HubSettings::from_env(), repo))
+            }
+            None => 0,
+        };
+        let random = self.random_size.as_deref().map(random_configs);
+        let found = !peeked.transformer.is_empty() || random.is_some();
+        let (transformer, vae) = match random {
+            Some(configs) => configs,
+            None => (
+                peeked
+                    .transformer_config
+                    .unwrap_or_else(FluxConfig::fill_dev),
+                peeked.vae_config.unwrap_or_else(VaeConfig::flux),
+            ),
+        };
+        let request = PlanRequest {
+            transformer,
+            vae,
+            format: self.hold_as.unwrap_or(stored),
+            dtype: self.dtype,
+            cuda: matches!(self.device, DeviceName::Cuda(_)),
+            batch: self.max_batch,
+            panel: workload.panel,
+            t5_tokens: self.t5_tokens,
+            // A random-weights model runs no text encoders.
+            text_parameters: match &self.random_size {
+                Some(_) => 0,
+                None => peeked
+                    .text_parameters
+                    .unwrap_or(plan::T5_XXL_PARAMETERS + plan::CLIP_L_PARAMETERS),
+            },
+            text_placement: placement(self.text_device),
+            t5_file_bytes: self
+                .paths
+                .t5
+                .as_deref()
+                .filter(|f| plan::peek::is_gguf(f))
+                .and_then(|f| std::fs::metadata(f).ok())
+                .map(|m| m.len() as usize),
+            lora_bytes,
+            judge,
+            text_with_judge: workload.many_edits || self.keep_text_encoders,
+            transformer_after_prompt: self.text_device == self.device && !self.keep_text_encoders,
+        };
+        Ok((request, found || self.fetch_fill))
+    }
+
+    /// `--memory-budget` if given (no device is opened), else the device's free memory;
+    /// `None` when that cannot be read.
+    pub fn available_memory(&self) -> Result<Option<(usize, &'static str)>, EditError> {
+        if let Some(budget) = self.memory_budget {
+            return Ok(Some((
+                (budget * 1e9) as usize,
+                "allowed by --memory-budget",
+            )));
+        }
+        let device = self
+            .device
+            .open()
+            .map_err(|e| EditError::Invalid(format!("--device {e}")))?;
+        Ok(plan::available::free_bytes(&device))
+    }
+
+    /// Makes the memory plan and refuses it when its peak exceeds `--memory-budget` or the
+    /// device's free memory, before any weight is read (or fetched). Without weight files
+    /// (and nothing to fetch) there is nothing to plan: the loader then names what is
+    /// missing.
+    pub fn check_plan(
+        &self,
+        judge: Option<JudgeFootprint>,
+        workload: &Workload,
+    ) -> Result<(), EditError> {
+        let (request, found) = self.plan_request(judge, workload)?;
+        if !found {
+            return Ok(());
+        }
+        let Some((available, source)) = self.available_memory()? else {
+            tracing::warn!("memory plan: the device's free memory cannot be read; not checked");
+            return Ok(());
+        };
+        let plan = plan::check(&request, available, source).map_err(EditError::Invalid)?;
+        tracing::info!(
+            peak_gb = plan::gb(plan.peak_bytes),
+            available_gb = plan::gb(available),
+            phase = %plan.peak_phase,
+            "memory plan fits"
+        );
+        Ok(())
+    }
+
+    /// Opens the devices and loads FLUX (or builds it from random weights).
+    fn build(&self) -> anyhow::Result<FluxGenerator> {
+        let open = |flag: &str, d: DeviceName| {
+            d.open()
+                .map_err(|e| EditError::Invalid(format!("{flag} {e}")))
+        };
+        let mut paths = self.paths.clone();
+        if self.fetch_fill {
+            paths.model_dir = Some(cached(FILL_DEV_REPO, "FLUX.1 Fill", "flux-fill")?);
+        }
+        let lora = match &self.lora {
+            Some(LoraChoice::Path(p)) => Some(p.clone()),
+            Some(LoraChoice::Released(repo)) => {
+                Some(cached(repo, "--lora", lora_download_name(repo))?)
+            }
+            None => None,
+        };
+        let mut options = FluxOptions::new(paths);
+        options.device = open("--device", self.device)?;
+        options.text_device = if self.text_device == self.device {
+            options.device.clone()
+        } else {
+            open("--text-device", self.text_device)?
+        };
+        options.dtype = self.dtype;
+        options.hold_as = self.hold_as;
+        options.tiny_decoder = self.tiny_decoder.clone();
+        options.preview_decoder = self.preview_decoder;
+        options.lora = lora;
+        options.lora_scale = self.lora_scale;
+        options.guidance = self.guidance;
+        options.t5_tokens = self.t5_tokens;
+        options.keep_text_encoders = self.keep_text_encoders;
+        options.max_batch = self.max_batch;
+        // T5 first, then the transformer, where they would share one device's memory.
+        options.defer_transformer = self.text_device == self.device && !self.keep_text_encoders;
+        if options.lora.is_none() {
+            tracing::warn!("no --lora: running FLUX.1 Fill without the ICEdit LoRA");
+        }
+        tracing::info!(dtype = ?options.dtype, device = ?self.device, "generator: FLUX.1 Fill");
+        if let Some(size) = &self.random_size {
+            let (transformer, vae) = random_configs(size);
+            return Ok(FluxGenerator::random(size, transformer, vae, options)?);
+        }
+        Ok(FluxGenerator::load(options)?)
+    }
+}
+
+/// The `download` name of a released LoRA repository.
+fn lora_download_name(repo: &str) -> &'static str {
+    if repo == ICEDIT_LORA_REPO {
+        "icedit-lora"
+    } else {
+        "icedit-moe-lora"
+    }
+}
+
+/// A repository's Hugging Face cache entry, or the error (naming `what` needed it) that
+/// says how to fetch it.
+fn cached(repo: &str, what: &str, download_name: &str) -> Result<PathBuf, EditError> {
+    let entry = hub::cache_entry(&HubSettings::from_env(), repo);
+    if entry.is_dir() {
+        return Ok(entry);
+    }
+    Err(EditError::Invalid(format!(
+        "{what}: {repo} is not in the Hugging Face cache ({}); pass --download or run `icedit-scale download {download_name}`",
+        entry.display()
+    )))
+}
+
+/// Bytes of the safetensors files at `path` (a file or a folder); 0 when there are none.
+fn file_bytes(path: &std::path::Path) -> usize {
+    if !path.exists() {
+        return 0;
+    }
+    plan::peek::safetensors_files(path)
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len() as usize)
+        .sum()
+}
+
+/// The transformer and autoencoder configurations `--random-weights` names.
+fn random_configs(size: &str) -> (FluxConfig, VaeConfig) {
+    match size {
+        "small" => crate::models::flux::bench::small_configs(),
+        _ => (FluxConfig::fill_dev(), VaeConfig::flux()),
+    }
+}
