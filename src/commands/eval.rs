@@ -16,7 +16,7 @@ use crate::models::testbed::TestbedEdits;
 use crate::stop::StopSignal;
 use crate::study::{run_study, StudyConfig};
 
-/// `study`: the testbed measurement quoted in the README.
+/// `study`: the testbed measurement quoted in docs/testbed.md.
 pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
     let strategy = args.strategy.to_config()?;
     if args.first_scene.checked_add(args.edits as u64).is_none() {
