@@ -5,12 +5,12 @@ stand-in), the same screening-shaped prompt (text, two square images, text; the 
 pixels already patchified as the processor emits them), one prefill keeping only the last
 position's logits, mean of --iters after a warm-up, torch's default attention (SDPA).
 
-Usage (this machine's CPU, as the README's judge speed table was measured):
+Usage (this machine's CPU, as docs/benchmarks.md's judge speed table was measured):
     python3 scripts/bench_transformers_judge.py --model qwen2-vl-2b --device cpu \
         --dtype f32 --threads 2 --image-side 448 --text-tokens 150 --out out/tf-judge.json
 
-Side by side, both models loaded and timed in alternating rounds (the verdict the README
-quotes; see `icedit-scale bench judge --help`):
+Side by side, both models loaded and timed in alternating rounds (the verdict
+docs/benchmarks.md quotes; see `icedit-scale bench judge --help`):
     icedit-scale bench judge --model qwen2-vl-2b --image-side 448 --batch 1 --iters 1 \
         --versus "python3 scripts/bench_transformers_judge.py --serve --model qwen2-vl-2b \
         --device cpu --dtype f32 --threads 2 --image-side 448 --text-tokens 150"

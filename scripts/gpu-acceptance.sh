@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot acceptance run for a machine with a GPU (see ../shared/GPU.md in the project
-# notes, and the README's "GPU acceptance run"). In one go, with random weights (nothing is
-# downloaded):
+# notes, and "GPU acceptance run" in docs/benchmarks.md). In one go, with random weights
+# (nothing is downloaded):
 #   1. `bench flux` at the full 12B size: dense (bf16), q8_0 and q4_k (one step each),
 #      batch 1, 4, 8, a 512 panel (1024x512 diptych, 512 T5 tokens);
 #   2. diffusers' FluxTransformer2DModel, same configuration, shapes and dtype (torch SDPA),

@@ -291,7 +291,8 @@ pub struct StrategyArgs {
     #[arg(long, value_delimiter = ',')]
     pub seed_list: Option<Vec<u64>>,
     /// Compute budget per edit in NFE (transformer forwards): sets N to the largest that
-    /// fits, keeping k, M and --steps (the README's budget rule); adaptive never spends more.
+    /// fits, keeping k, M and --steps (the budget rule in docs/commands.md); adaptive never
+    /// spends more.
     #[arg(long, conflicts_with_all = ["seeds", "seed_list"], value_parser = bounded(1, 10_000_000))]
     pub budget_nfe: Option<usize>,
     /// Adaptive: seeds spawned per wave.
@@ -342,7 +343,7 @@ impl StrategyArgs {
 pub enum GeneratorKind {
     /// FLUX.1 Fill when --model-dir is given, else the testbed.
     Auto,
-    /// The built-in simulator (no weights; see README "Testbed").
+    /// The built-in simulator (no weights; see docs/testbed.md).
     Testbed,
     /// FLUX.1 Fill [dev] + ICEdit LoRA in candle.
     Flux,

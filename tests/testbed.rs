@@ -165,7 +165,7 @@ fn early_previews_lean_towards_the_final_outcome() {
     }
     // Chance agreement (preview label independent of the final) is sum_k p_k^2 ~ 0.25 at
     // difficulty 0.5. At 128 px the simulator is slower to commit than at 512 px (fewer
-    // latent dimensions); the README quotes the 512 px rate from `icedit-scale study`.
+    // latent dimensions); docs/testbed.md quotes the 512 px rate from `icedit-scale study`.
     assert!(
         agree * 100 >= n * 38,
         "step-4 previews agree with finals in {agree}/{n}"

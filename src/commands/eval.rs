@@ -39,7 +39,7 @@ fn suite_judge(j: &SuiteJudge, field: &str, concurrency: usize) -> anyhow::Resul
     Ok(spec)
 }
 
-/// `study`: the testbed measurement quoted in the README.
+/// `study`: the testbed measurement quoted in docs/testbed.md.
 pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
     let strategy = args.strategy.to_config()?;
     if args.first_scene.checked_add(args.edits as u64).is_none() {

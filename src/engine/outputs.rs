@@ -8,7 +8,7 @@
 //! short/c03_s000003.png          tournament short runs
 //! finals/c03_s000003.png         finished candidates
 //! contact_sheet.png              previews (or short runs) with verdicts and scores
-//! report.json                    the full record (schema in README.md)
+//! report.json                    the full record (schema in docs/outputs.md)
 //! ```
 
 use std::path::{Path, PathBuf};

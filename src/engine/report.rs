@@ -2,7 +2,7 @@
 //!
 //! Everything needed to audit and reproduce a pick: seeds, schedule, every verdict and
 //! score with the judge's reasoning (or its error), NFE per phase, judge calls and tokens,
-//! timings. The schema is documented in README.md ("report.json").
+//! timings. The schema is documented in docs/outputs.md ("report.json").
 
 use std::sync::Arc;
 

@@ -97,19 +97,20 @@ impl Default for StrategyConfig {
     }
 }
 
-/// Adaptive's default wave size. Measured on 200 testbed edits (README, "Which strategy at
-/// which budget"): with k = 4 and M = 1, waves of 4 reach early-filter (8, 4, 2)'s correct
-/// rate at 0.58x its NFE; waves of 2 or 3 spend more (a small wave often holds no winner).
+/// Adaptive's default wave size. Measured on 200 testbed edits (docs/eval.md, "Which
+/// strategy at which budget"): with k = 4 and M = 1, waves of 4 reach early-filter
+/// (8, 4, 2)'s correct rate at 0.58x its NFE; waves of 2 or 3 spend more (a small wave
+/// often holds no winner).
 pub const DEFAULT_WAVE: usize = 4;
 
 /// Adaptive's default M, completions per wave (other strategies default to 2): one
 /// completion a wave reaches early-filter (8, 4, 2)'s correct rate at 0.58x its NFE on the
-/// testbed, two spend 0.94x for no gain (README, "Which strategy at which budget").
+/// testbed, two spend 0.94x for no gain (docs/eval.md, "Which strategy at which budget").
 pub const DEFAULT_ADAPTIVE_KEEP: usize = 1;
 
 /// Adaptive's default target VIE O, on the testbed judge's scale: a target of 9 spent 10%
-/// more NFE for no gain there (README, "Which strategy at which budget"). A real judge's
-/// scale differs: set the O it gives a good edit.
+/// more NFE for no gain there (docs/eval.md, "Which strategy at which budget"). A real
+/// judge's scale differs: set the O it gives a good edit.
 pub const DEFAULT_TARGET: f32 = 8.0;
 
 /// The most candidates one edit may spawn. Every candidate keeps its latent state (512 KiB

@@ -41,7 +41,7 @@ fn full_contrast() -> f32 {
 }
 
 /// Named outcome contrasts, by how often a step-4 x0 preview names the final outcome (measured
-/// by `study` at difficulty 0.5, N = 8, 50 steps, 512 px; the README quotes the runs).
+/// by `study` at difficulty 0.5, N = 8, 50 steps, 512 px; docs/testbed.md quotes the runs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreviewReliability {
     /// Full contrast: previews as reliable as the testbed has always had.
