@@ -7,6 +7,7 @@
 pub mod diptych;
 pub mod image_io;
 pub mod prompt;
+pub mod refine;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
