@@ -15,6 +15,7 @@ use icedit_scale::models::qwen_vl::reward::reward_weights;
 use icedit_scale::models::qwen_vl::{
     EncodedPrompt, PositionMode, Qwen2VlFiles, RewardModel, REWARD_TOKEN,
 };
+use icedit_scale::models::weight_use::UnusedWeights;
 
 const TOL: f32 = 1e-4;
 
@@ -77,7 +78,15 @@ fn model() -> (RewardModel, u32) {
     let token = chat.add_special_token(REWARD_TOKEN);
     let weights = reward_weights(&root().join("tests/fixtures/editreward/tiny")).unwrap();
     (
-        RewardModel::load(&files, weights, token, DType::F32, &Device::Cpu).unwrap(),
+        RewardModel::load(
+            &files,
+            weights,
+            token,
+            DType::F32,
+            &Device::Cpu,
+            UnusedWeights::Refuse,
+        )
+        .unwrap(),
         token,
     )
 }

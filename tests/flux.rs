@@ -25,6 +25,7 @@ use icedit_scale::models::flux::latents::joint_ids;
 use icedit_scale::models::flux::text::{load_tokenizer, token_ids};
 use icedit_scale::models::flux::transformer::TextConditioning;
 use icedit_scale::models::flux::FluxPaths;
+use icedit_scale::models::weight_use::UnusedWeights;
 
 const PROMPT: &str = "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly the same as on the left but make the sky night";
 const T5_TOKENS: usize = 48;
@@ -561,7 +562,14 @@ fn config_fields_that_change_the_math_are_honoured_or_refused_by_name() {
     };
     let encoders = |dir: &Path| {
         let files = discover(dir).unwrap();
-        TextEncoders::load(&files.clip, &files.t5, DType::F32, &Device::Cpu).map(|_| ())
+        TextEncoders::load(
+            &files.clip,
+            &files.t5,
+            DType::F32,
+            &Device::Cpu,
+            UnusedWeights::Refuse,
+        )
+        .map(|_| ())
     };
     /// (component, config change, what the error must say, refused when loading rather than
     /// when discovering).

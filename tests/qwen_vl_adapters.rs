@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use icedit_scale::models::qwen_vl::{PeftAdapter, Qwen2VlFiles};
+use icedit_scale::models::weight_use::UnusedWeights;
 
 const LOGIT_TOL: f32 = 1e-4;
 
@@ -29,7 +30,12 @@ fn check(base: &Path, inputs: &Path, adapter: &Path, name: &str, cases: &[&str])
     let adapter = Arc::new(PeftAdapter::load(adapter, 1.0).unwrap());
     assert!(adapter.len() >= 24, "{} adapted linears", adapter.len());
     let model = files
-        .load_adapted(DType::F32, &Device::Cpu, Some(adapter))
+        .load_adapted(
+            DType::F32,
+            &Device::Cpu,
+            Some(adapter),
+            UnusedWeights::Refuse,
+        )
         .unwrap();
     let plain = files.load(DType::F32, &Device::Cpu).unwrap();
     let inputs = load(inputs);
@@ -122,7 +128,12 @@ fn adapters_that_cannot_apply_are_refused_with_the_file_named() {
     // The Qwen3-VL adapter on the Qwen2-VL model: its vision modules are not there.
     let files = Qwen2VlFiles::discover(&qwen2("qwen2_vl").0).unwrap();
     let adapter = Arc::new(PeftAdapter::load(&lora.join("qwen3_vl"), 1.0).unwrap());
-    let err = match files.load_adapted(DType::F32, &Device::Cpu, Some(adapter)) {
+    let err = match files.load_adapted(
+        DType::F32,
+        &Device::Cpu,
+        Some(adapter),
+        UnusedWeights::Refuse,
+    ) {
         Ok(_) => panic!("a Qwen3-VL adapter loaded onto Qwen2-VL"),
         Err(e) => e.to_string(),
     };
@@ -156,7 +167,12 @@ fn adapter_scale_zero_is_the_base_model() {
     let adapter =
         Arc::new(PeftAdapter::load(&fixtures().join("qwen_vl_lora/qwen2_vl"), 0.0).unwrap());
     let model = files
-        .load_adapted(DType::F32, &Device::Cpu, Some(adapter))
+        .load_adapted(
+            DType::F32,
+            &Device::Cpu,
+            Some(adapter),
+            UnusedWeights::Refuse,
+        )
         .unwrap();
     let refs = load(&inputs);
     let prompt = reference_prompt(&refs, "one");

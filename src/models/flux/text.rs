@@ -13,9 +13,27 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::files::EncoderFiles;
 use super::t5::T5Encoder;
-use super::weights::{var_builder, weights_error, KeyLayout, WeightSource};
+use super::weights::{shared_var_builder, weights_error, KeyLayout, WeightSource};
 use crate::error::ModelError;
 use crate::fsio::read_json;
+use crate::models::weight_use::{KnownUnused, UnusedWeights};
+
+/// Tensors a CLIP text checkpoint may hold that the encoder does not read, because
+/// transformers' `CLIPTextModel` (what FLUX pipelines load as `text_encoder`) does not
+/// either; each under both prefixes transformers has saved it with.
+pub const CLIP_UNUSED_TENSORS: &[KnownUnused] = &[
+    KnownUnused::new(
+        "*embeddings.position_ids",
+        "the position indices 0..max_position_embeddings, a buffer older transformers saved; \
+         CLIPTextEmbeddings registers it non-persistent (models/clip/modeling_clip.py), so \
+         loading drops it, and the encoder here counts positions the same way",
+    ),
+    KnownUnused::new(
+        "text_projection.weight",
+        "the projection of CLIPTextModelWithProjection; CLIPTextModel, whose pooled output \
+         FLUX takes, has no projection and drops the key",
+    ),
+];
 
 /// CLIP's context length.
 pub const CLIP_TOKENS: usize = 77;
@@ -183,17 +201,20 @@ pub struct TextEncoders {
 
 impl TextEncoders {
     /// Loads both encoders (CLIP from `text_encoder/`, T5 from `text_encoder_2/` layouts).
+    /// A tensor of either's files that it does not read is refused unless listed as unread by
+    /// the reference too, or `unused` allows it.
     pub fn load(
         clip: &EncoderFiles,
         t5: &EncoderFiles,
         dtype: DType,
         dev: &Device,
+        unused: UnusedWeights,
     ) -> Result<Self, ModelError> {
         let t5_checks = read_json::<T5Checks>(&t5.config)?;
         t5_checks
             .check()
             .map_err(|reason| ModelError::files(&t5.config, reason))?;
-        let t5_model = T5Encoder::load(&t5.weights, &t5.config, dtype, dev)?;
+        let t5_model = T5Encoder::load(&t5.weights, &t5.config, dtype, dev, unused)?;
 
         let hf: HfClipConfig = read_json(&clip.config)?;
         if (hf.layer_norm_eps - 1e-5).abs() > 1e-12 {
@@ -225,11 +246,9 @@ impl TextEncoders {
             num_attention_heads: hf.num_attention_heads,
             projection_dim: hf.projection_dim,
         };
-        let clip_vb: VarBuilder = var_builder(
-            WeightSource::open(&clip.weights, KeyLayout::Diffusers)?,
-            dtype,
-            dev,
-        );
+        let clip_source =
+            std::sync::Arc::new(WeightSource::open(&clip.weights, KeyLayout::Diffusers)?);
+        let clip_vb: VarBuilder = shared_var_builder(clip_source.clone(), dtype, dev);
         // Older transformers saved CLIPTextModel under `text_model.`, newer ones at the root.
         let clip_root = if clip_vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             clip_vb.pp("text_model")
@@ -238,6 +257,7 @@ impl TextEncoders {
         };
         let clip_model = ClipTextTransformer::new(clip_root, &clip_config)
             .map_err(|e| weights_error(&clip.weights[0], e))?;
+        clip_source.check_unused("the CLIP text encoder", CLIP_UNUSED_TENSORS, unused)?;
 
         let clip_tokenizer = load_tokenizer(&clip.tokenizer_dir)?;
         // CLIP pads with its end-of-text token.

@@ -10,6 +10,16 @@ use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
 };
 use serde::Deserialize;
 
+use super::weights::{weights_error, KeyLayout, WeightSource};
+use crate::error::ModelError;
+use crate::models::weight_use::{KnownUnused, UnusedWeights};
+
+/// Tensors an autoencoder checkpoint may hold that the model does not read. None: FLUX
+/// encodes the masked diptych and decodes outputs, so encoder and decoder are both read in
+/// full, and a FLUX AE has no quant convs (a file that holds them is refused, as its config
+/// would be).
+pub const UNUSED_TENSORS: &[KnownUnused] = &[];
+
 /// The autoencoder's configuration (diffusers `vae/config.json` field names).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct VaeConfig {
@@ -200,6 +210,26 @@ pub struct Autoencoder {
 }
 
 impl Autoencoder {
+    /// Reads the autoencoder from `files` (in `layout`) in `dtype` on `dev`; a tensor of the
+    /// files that the model does not read is refused unless `unused` allows it.
+    pub fn load(
+        files: &[std::path::PathBuf],
+        layout: KeyLayout,
+        config: &VaeConfig,
+        dtype: candle_core::DType,
+        dev: &candle_core::Device,
+        unused: UnusedWeights,
+    ) -> std::result::Result<Self, ModelError> {
+        let source = std::sync::Arc::new(WeightSource::open(files, layout)?);
+        let vae = Self::new(
+            super::weights::shared_var_builder(source.clone(), dtype, dev),
+            config,
+        )
+        .map_err(|e| weights_error(&files[0], e))?;
+        source.check_unused("the autoencoder", UNUSED_TENSORS, unused)?;
+        Ok(vae)
+    }
+
     /// Loads `encoder.*` and `decoder.*` (diffusers names).
     pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
         if config.use_quant_conv || config.use_post_quant_conv {

@@ -48,12 +48,16 @@ pub struct TextConfig {
     pub tie_word_embeddings: bool,
     /// Width of one attention head (Qwen3 states it; Qwen2 derives it).
     pub head_dim: usize,
-    /// q/k/v projections have biases (Qwen2) or none (Qwen3).
+    /// q/k/v projections have biases (Qwen2; Qwen3 with `attention_bias`) or none.
     pub qkv_bias: bool,
+    /// The output projection has a bias: Qwen3-VL with `attention_bias`, where transformers
+    /// gives q, k, v and o their biases together (`Qwen3VLTextAttention`); never in Qwen2.
+    pub o_bias: bool,
     /// Per-head RMSNorm on queries and keys (Qwen3).
     pub qk_norm: bool,
     /// Qwen3-VL interleaves the axes over the frequencies (t, h, w, t, h, w, ...) instead
-    /// of giving each axis a contiguous block.
+    /// of giving each axis a contiguous block. Fixed by the family, as in transformers: a
+    /// config's `mrope_interleaved` that says otherwise is refused.
     pub mrope_interleaved: bool,
     /// The MLP's activation (`hidden_act`; SiLU in every released checkpoint).
     pub hidden_act: Activation,
@@ -364,11 +368,32 @@ impl Qwen2VlConfig {
                     .into(),
             );
         }
+        // transformers 5 fixes the M-RoPE layout by family and never reads the field:
+        // Qwen3VLTextRotaryEmbedding.recomposition_frequencies always interleaves, Qwen2-VL's
+        // and Qwen2.5-VL's apply_multimodal_rotary_pos_emb always splits into blocks. A
+        // config asking for the other layout would run differently here and there: refused.
+        let qwen3 = family == Family::Qwen3Vl;
+        if let Some(interleaved) = rope.mrope_interleaved.filter(|&i| i != qwen3) {
+            let section = if either(t, f, |x| &x.rope_parameters).is_some() {
+                "rope_parameters"
+            } else {
+                "rope_scaling"
+            };
+            return Err(format!(
+                "`{section}.mrope_interleaved` = {interleaved} is not supported: transformers' {} {} \
+                 whatever the field says",
+                head.model_type,
+                if qwen3 {
+                    "always interleaves the M-RoPE axes over the frequencies"
+                } else {
+                    "always gives each M-RoPE axis a contiguous block of frequencies"
+                }
+            ));
+        }
         let hidden_act = match either(t, f, |x| &x.hidden_act) {
             Some(name) => Activation::from_name(&name).map_err(|e| format!("hidden_act: {e}"))?,
             None => Activation::Silu,
         };
-        let qwen3 = family == Family::Qwen3Vl;
         let hidden_size = required!(hidden_size);
         let num_attention_heads = required!(num_attention_heads);
         let text = TextConfig {
@@ -393,8 +418,10 @@ impl Qwen2VlConfig {
             } else {
                 true
             },
+            // transformers' Qwen2-VL text attention has no such field: o_proj is bias-free.
+            o_bias: qwen3 && either(t, f, |x| &x.attention_bias).unwrap_or(false),
             qk_norm: qwen3,
-            mrope_interleaved: rope.mrope_interleaved.unwrap_or(qwen3),
+            mrope_interleaved: qwen3,
             hidden_act,
         };
         if text.num_attention_heads == 0
