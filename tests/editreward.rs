@@ -358,3 +358,39 @@ fn reward_presets_name_what_is_wrong() {
         "{e}"
     );
 }
+
+/// The reward checkpoint is accounted for as a whole: backbone and heads read, anything else
+/// (here a third head the published class does not have) refused by name.
+#[test]
+fn a_reward_checkpoint_with_a_tensor_nobody_reads_is_refused() {
+    let files = base();
+    let mut chat = files.chat_format().unwrap();
+    let token = chat.add_special_token(REWARD_TOKEN);
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("model.safetensors");
+    let original = root().join("tests/fixtures/editreward/tiny/model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&original, &Device::Cpu).unwrap();
+    tensors.insert(
+        "rm_heads.head_2.0.bias".into(),
+        Tensor::ones(1024, DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let load = |unused| {
+        RewardModel::load(
+            &files,
+            vec![weights.clone()],
+            token,
+            DType::F32,
+            &Device::Cpu,
+            unused,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    let err = load(UnusedWeights::Refuse).unwrap_err();
+    assert!(
+        err.contains("model.safetensors: `rm_heads.head_2.0.bias`") && err.contains("1 tensor"),
+        "{err}"
+    );
+    load(UnusedWeights::Allow).unwrap();
+}

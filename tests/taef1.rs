@@ -345,3 +345,34 @@ fn the_flux_generator_decodes_live_previews_with_the_tiny_decoder() {
     assert_eq!("tiny".parse::<PreviewDecoder>(), Ok(PreviewDecoder::Tiny));
     assert!("fast".parse::<PreviewDecoder>().is_err());
 }
+
+/// The tiny encoder beside the decoder is left unread as diffusers' decode leaves it; any
+/// other tensor the decoder does not read is refused with the file and key named.
+#[test]
+fn a_tensor_the_decoder_does_not_read_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("extra");
+    copy_dir(&fixtures().join("tiny"), &folder);
+    let weights = folder.join("diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    assert!(tensors.keys().any(|k| k.starts_with("encoder.layers.")));
+    tensors.insert(
+        "decoder.layers.18.weight".into(),
+        Tensor::ones(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let files = TinyDecoderFiles::discover(&folder).unwrap();
+    let err = files
+        .load(DType::F32, &Device::Cpu, UnusedWeights::Refuse)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("diffusion_pytorch_model.safetensors: `decoder.layers.18.weight`")
+            && err.contains("1 tensor"),
+        "{err}"
+    );
+    files
+        .load(DType::F32, &Device::Cpu, UnusedWeights::Allow)
+        .unwrap();
+}

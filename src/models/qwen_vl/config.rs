@@ -645,6 +645,34 @@ mod tests {
             Qwen2VlConfig::from_json(&q3).unwrap().vision.hidden_act,
             Activation::GeluTanh
         );
+        // attention_bias gives q, k, v and o their biases together, as transformers does.
+        let c = Qwen2VlConfig::from_json(&q3).unwrap();
+        assert!(!c.text.qkv_bias && !c.text.o_bias);
+        let mut biased = q3.clone();
+        biased["text_config"]["attention_bias"] = true.into();
+        let c = Qwen2VlConfig::from_json(&biased).unwrap();
+        assert!(c.text.qkv_bias && c.text.o_bias);
+        // mrope_interleaved is fixed by the family in transformers: saying so is accepted,
+        // saying otherwise refused by name.
+        let mut flat = q3.clone();
+        flat["text_config"]["rope_parameters"]["mrope_interleaved"] = false.into();
+        let err = Qwen2VlConfig::from_json(&flat).unwrap_err();
+        assert!(
+            err.contains("`rope_parameters.mrope_interleaved` = false"),
+            "{err}"
+        );
+        let mut q2 = fixture("qwen2_vl");
+        assert!(!Qwen2VlConfig::from_json(&q2).unwrap().text.o_bias);
+        q2["text_config"]["rope_parameters"]["mrope_interleaved"] = false.into();
+        assert!(
+            !Qwen2VlConfig::from_json(&q2)
+                .unwrap()
+                .text
+                .mrope_interleaved
+        );
+        q2["text_config"]["rope_parameters"]["mrope_interleaved"] = true.into();
+        let err = Qwen2VlConfig::from_json(&q2).unwrap_err();
+        assert!(err.contains("mrope_interleaved` = true"), "{err}");
         q3["text_config"]["rope_parameters"]["rope_type"] = "yarn".into();
         let err = Qwen2VlConfig::from_json(&q3).unwrap_err();
         assert!(err.contains("\"yarn\""), "{err}");
