@@ -10,6 +10,7 @@
 
 pub mod activation;
 pub mod bench;
+pub mod config_keys;
 pub mod cpu;
 pub mod cuda;
 pub mod flux;

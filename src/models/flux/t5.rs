@@ -59,7 +59,11 @@ impl T5Encoder {
             [one] if is_gguf(one) => {
                 let cfg: T5EncoderConfig = read_json(config)?;
                 Ok(Self::Quantized(QuantizedT5Encoder::load(
-                    one, cfg, dev, unused,
+                    one,
+                    cfg,
+                    dev,
+                    UNUSED_TENSORS,
+                    unused,
                 )?))
             }
             _ => {

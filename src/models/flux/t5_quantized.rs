@@ -19,7 +19,7 @@ use candle_core::{Device, Module, Result, Tensor, D};
 use super::held_weight::Weight;
 use super::linear::BaseLinear;
 use crate::error::ModelError;
-use crate::models::weight_use::{check_unused, ReadLog, StoredTensors, UnusedWeights};
+use crate::models::weight_use::{check_unused, KnownUnused, ReadLog, StoredTensors, UnusedWeights};
 
 /// transformers' name for a llama.cpp T5 encoder tensor (`enc.blk.3.ffn_gate.weight` ->
 /// `encoder.block.3.layer.1.DenseReluDense.wi_0.weight`); names that are not llama.cpp's
@@ -144,12 +144,13 @@ pub fn relative_position_bucket(relative: i64, num_buckets: usize, max_distance:
 impl QuantizedT5Encoder {
     /// Reads a GGUF T5 encoder (names as `transformers_name` maps them) onto `dev`: 2-D
     /// quantized weights stay quantized, everything else is read as f32. A tensor of the
-    /// file that the encoder does not read is refused unless
-    /// [`super::t5::UNUSED_TENSORS`] lists it or `unused` allows it.
+    /// file that the encoder does not read is refused unless `known` (T5's list of tensors
+    /// the reference leaves unread) covers it or `unused` allows it.
     pub fn load(
         path: &Path,
         config: T5EncoderConfig,
         dev: &Device,
+        known: &[KnownUnused],
         unused: UnusedWeights,
     ) -> std::result::Result<Self, ModelError> {
         let fail = |e: String| ModelError::files(path, e);
@@ -243,7 +244,7 @@ impl QuantizedT5Encoder {
             "the T5 encoder",
             &StoredTensors::gguf(path, &content),
             &log,
-            super::t5::UNUSED_TENSORS,
+            known,
             unused,
         )?;
         Ok(Self {

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use super::weights::{weights_error, KeyLayout, WeightSource};
 use crate::error::ModelError;
+use crate::models::config_keys::ConfigKeys;
 use crate::models::weight_use::{KnownUnused, UnusedWeights};
 
 /// Tensors an autoencoder checkpoint may hold that the model does not read. None: FLUX
@@ -64,7 +65,31 @@ pub struct VaeConfig {
     /// `shift_factor` only.
     #[serde(default)]
     pub latents_mean: Option<Vec<f64>>,
+    /// See `latents_mean`.
+    #[serde(default)]
+    pub latents_std: Option<Vec<f64>>,
 }
+
+/// How every key of diffusers' `AutoencoderKL` config is treated (see
+/// [`crate::models::config_keys`]).
+pub const CONFIG_KEYS: &[ConfigKeys] = &[ConfigKeys {
+    section: "",
+    inert: &[
+        ("force_upcast", "whether pipelines run the VAE in f32; the dtype is the caller's choice here"),
+        ("sample_size", "the tile size of tiled decoding (enable_tiling), which FluxFillPipeline does not turn on"),
+    ],
+    refused: &[
+        ("act_fn", "\"gelu\""),
+        ("use_quant_conv", "true"),
+        ("use_post_quant_conv", "true"),
+        ("out_channels", "4"),
+        ("down_block_types", "[\"DownBlock2D\"]"),
+        ("up_block_types", "[\"UpBlock2D\"]"),
+        ("mid_block_add_attention", "false"),
+        ("latents_mean", "[0.0]"),
+        ("latents_std", "[1.0]"),
+    ],
+}];
 
 fn silu() -> String {
     "silu".into()
@@ -97,6 +122,7 @@ impl VaeConfig {
             up_block_types: None,
             mid_block_add_attention: true,
             latents_mean: None,
+            latents_std: None,
         }
     }
 
@@ -113,12 +139,13 @@ impl VaeConfig {
                 "the FLUX AE uses silu",
             );
         }
-        if self.use_quant_conv || self.use_post_quant_conv {
-            return refuse(
-                "use_quant_conv",
-                "true".into(),
-                "the FLUX AE has no quant convs",
-            );
+        for (field, on) in [
+            ("use_quant_conv", self.use_quant_conv),
+            ("use_post_quant_conv", self.use_post_quant_conv),
+        ] {
+            if on {
+                return refuse(field, "true".into(), "the FLUX AE has no quant convs");
+            }
         }
         if self.out_channels.is_some_and(|c| c != self.in_channels) {
             return refuse(
@@ -146,12 +173,17 @@ impl VaeConfig {
                 "the FLUX AE's mid block has attention",
             );
         }
-        if self.latents_mean.is_some() {
-            return refuse(
-                "latents_mean",
-                "(a list)".into(),
-                "the FLUX AE normalises with scaling_factor and shift_factor",
-            );
+        for (field, stats) in [
+            ("latents_mean", &self.latents_mean),
+            ("latents_std", &self.latents_std),
+        ] {
+            if stats.is_some() {
+                return refuse(
+                    field,
+                    "(a list)".into(),
+                    "the FLUX AE normalises with scaling_factor and shift_factor",
+                );
+            }
         }
         if self.block_out_channels.is_empty() || self.norm_num_groups == 0 {
             return refuse(

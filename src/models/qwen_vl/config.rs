@@ -9,6 +9,148 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::models::activation::Activation;
+use crate::models::config_keys::ConfigKeys;
+
+/// Top-level keys of every family's reference config that do not change the math here.
+const TOP_INERT: &[(&str, &str)] = &[(
+    "video_token_id",
+    "marks video pads; only images are given to the model here, so no prompt holds it",
+)];
+
+/// `text_config` keys of every family's reference config that do not change the math here.
+const TEXT_INERT: &[(&str, &str)] = &[
+    ("attention_dropout", "dropout, off at inference"),
+    ("max_position_embeddings", "sizes caches and dynamic RoPE variants; the default / mrope frequencies do not depend on it (other rope types are refused)"),
+    ("pad_token_id", "the embedding's padding row only matters for training; prompts here are never padded"),
+    ("bos_token_id", "the prompt's ids come from the chat template and tokenizer"),
+    ("model_type", "names the sub-config class; the family comes from the top-level model_type"),
+];
+
+/// The Qwen2 decoders' sliding-window keys: only used with `use_sliding_window`, which is
+/// refused when true (Qwen2VLTextConfig.__post_init__ drops `sliding_window` otherwise, and
+/// the attention then slides over nothing whatever `layer_types` says).
+const SLIDING_INERT: &[(&str, &str)] = &[
+    (
+        "sliding_window",
+        "only used with use_sliding_window (refused when true)",
+    ),
+    (
+        "max_window_layers",
+        "only used with use_sliding_window (refused when true)",
+    ),
+    (
+        "layer_types",
+        "sliding_attention entries only slide with use_sliding_window (refused when true)",
+    ),
+];
+
+/// `vision_config` keys of every family's reference config that do not change the math here.
+const VISION_INERT: &[(&str, &str)] = &[(
+    "model_type",
+    "names the sub-config class; the family comes from the top-level model_type",
+)];
+
+/// How every key of transformers' `Qwen2VLConfig` is treated, by section (see
+/// [`crate::models::config_keys`]).
+pub const QWEN2_VL_CONFIG_KEYS: &[ConfigKeys] = &[
+    ConfigKeys {
+        section: "",
+        inert: TOP_INERT,
+        refused: &[],
+    },
+    ConfigKeys {
+        section: "text_config",
+        inert: &[],
+        refused: TEXT_REFUSED,
+    },
+    ConfigKeys {
+        section: "vision_config",
+        inert: VISION_INERT,
+        refused: &[("hidden_act", "\"xielu\"")],
+    },
+];
+
+/// How every key of transformers' `Qwen2_5_VLConfig` is treated, by section.
+pub const QWEN2_5_VL_CONFIG_KEYS: &[ConfigKeys] = &[
+    ConfigKeys {
+        section: "",
+        inert: TOP_INERT,
+        refused: &[],
+    },
+    ConfigKeys {
+        section: "text_config",
+        inert: &[],
+        refused: TEXT_REFUSED,
+    },
+    ConfigKeys {
+        section: "vision_config",
+        inert: &[
+            (
+                "model_type",
+                "names the sub-config class; the family comes from the top-level model_type",
+            ),
+            (
+                "tokens_per_second",
+                "spaces the temporal positions of video frames; an image has one temporal index",
+            ),
+        ],
+        refused: &[("hidden_act", "\"xielu\"")],
+    },
+];
+
+/// How every key of transformers' `Qwen3VLConfig` is treated, by section.
+pub const QWEN3_VL_CONFIG_KEYS: &[ConfigKeys] = &[
+    ConfigKeys {
+        section: "",
+        inert: TOP_INERT,
+        refused: &[],
+    },
+    ConfigKeys {
+        section: "text_config",
+        inert: &[],
+        refused: &[
+            ("hidden_act", "\"relu2\""),
+            ("rope_parameters", "{\"rope_type\": \"yarn\"}"),
+        ],
+    },
+    ConfigKeys {
+        section: "vision_config",
+        inert: VISION_INERT,
+        refused: &[
+            ("hidden_act", "\"xielu\""),
+            ("deepstack_visual_indexes", "[99]"),
+        ],
+    },
+];
+
+/// `text_config` keys refused (by name) for values not implemented here.
+const TEXT_REFUSED: &[(&str, &str)] = &[
+    ("hidden_act", "\"relu2\""),
+    ("use_sliding_window", "true"),
+    ("rope_parameters", "{\"rope_type\": \"yarn\"}"),
+];
+
+impl Family {
+    /// How each key of the family's reference config is treated.
+    pub fn config_keys(self) -> &'static [ConfigKeys] {
+        match self {
+            Self::Qwen2Vl => QWEN2_VL_CONFIG_KEYS,
+            Self::Qwen25Vl => QWEN2_5_VL_CONFIG_KEYS,
+            Self::Qwen3Vl => QWEN3_VL_CONFIG_KEYS,
+        }
+    }
+
+    /// The inert keys of `section` every family shares ([`ConfigKeys::inert_reason`]'s
+    /// `common`).
+    pub fn shared_inert(section: &str) -> Vec<(&'static str, &'static str)> {
+        let mut all = crate::models::config_keys::TRANSFORMERS_COMMON_INERT.to_vec();
+        if section == "text_config" {
+            all.extend_from_slice(TEXT_INERT);
+            all.extend_from_slice(SLIDING_INERT);
+        }
+        all
+    }
+}
 
 /// Which model family a checkpoint belongs to; they differ only in the vision tower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,19 +491,24 @@ impl Qwen2VlConfig {
         let rope = either(t, f, |x| &x.rope_parameters)
             .or_else(|| either(t, f, |x| &x.rope_scaling))
             .unwrap_or_default();
-        let mrope_section = rope
-            .mrope_section
-            .clone()
-            .ok_or("missing field `rope_scaling.mrope_section` (or `rope_parameters`)")?;
+        let rope_section = if either(t, f, |x| &x.rope_parameters).is_some() {
+            "rope_parameters"
+        } else {
+            "rope_scaling"
+        };
         // Fields that change the computation and that this code does not implement are
         // refused, never ignored.
         if let Some(kind) = rope.rope_type.as_ref().or(rope.kind.as_ref()) {
             if !matches!(kind.as_str(), "mrope" | "default") {
                 return Err(format!(
-                    "rope type {kind:?} is not implemented (only multimodal RoPE, \"mrope\"/\"default\")"
+                    "`{rope_section}.rope_type` = {kind:?} is not implemented (only multimodal RoPE, \"mrope\"/\"default\")"
                 ));
             }
         }
+        let mrope_section = rope
+            .mrope_section
+            .clone()
+            .ok_or("missing field `rope_scaling.mrope_section` (or `rope_parameters`)")?;
         if either(t, f, |x| &x.use_sliding_window) == Some(true) {
             return Err(
                 "use_sliding_window = true is not implemented (every released Qwen-VL attends over the whole sequence)"
@@ -374,13 +521,8 @@ impl Qwen2VlConfig {
         // config asking for the other layout would run differently here and there: refused.
         let qwen3 = family == Family::Qwen3Vl;
         if let Some(interleaved) = rope.mrope_interleaved.filter(|&i| i != qwen3) {
-            let section = if either(t, f, |x| &x.rope_parameters).is_some() {
-                "rope_parameters"
-            } else {
-                "rope_scaling"
-            };
             return Err(format!(
-                "`{section}.mrope_interleaved` = {interleaved} is not supported: transformers' {} {} \
+                "`{rope_section}.mrope_interleaved` = {interleaved} is not supported: transformers' {} {} \
                  whatever the field says",
                 head.model_type,
                 if qwen3 {
