@@ -479,6 +479,10 @@ pub struct EngineArgs {
     /// are named, the ICEdit LoRA when none is, a local judge's checkpoint.
     #[arg(long)]
     pub download: bool,
+    /// Load weight files that hold tensors no model part reads (each is logged) instead of
+    /// refusing them; for experiments with checkpoints of another layout.
+    #[arg(long)]
+    pub allow_unused_weights: bool,
 }
 
 /// `edit`: one image, one instruction.
@@ -673,6 +677,10 @@ pub struct JudgeEvalArgs {
     /// Fetch a local judge's checkpoint from the Hugging Face Hub first.
     #[arg(long)]
     pub download: bool,
+    /// Load judge weights that hold tensors the model does not read (each is logged)
+    /// instead of refusing them.
+    #[arg(long)]
+    pub allow_unused_weights: bool,
 }
 
 /// `study`: strategies compared on testbed edits with ground truth.

@@ -15,6 +15,7 @@ use icedit_scale::models::qwen_vl::reward::reward_weights;
 use icedit_scale::models::qwen_vl::{
     EncodedPrompt, PositionMode, Qwen2VlFiles, RewardModel, REWARD_TOKEN,
 };
+use icedit_scale::models::weight_use::UnusedWeights;
 
 const TOL: f32 = 1e-4;
 
@@ -77,7 +78,15 @@ fn model() -> (RewardModel, u32) {
     let token = chat.add_special_token(REWARD_TOKEN);
     let weights = reward_weights(&root().join("tests/fixtures/editreward/tiny")).unwrap();
     (
-        RewardModel::load(&files, weights, token, DType::F32, &Device::Cpu).unwrap(),
+        RewardModel::load(
+            &files,
+            weights,
+            token,
+            DType::F32,
+            &Device::Cpu,
+            UnusedWeights::Refuse,
+        )
+        .unwrap(),
         token,
     )
 }
@@ -342,6 +351,42 @@ fn reward_presets_name_what_is_wrong() {
         e.contains("nobody/nothing") && e.contains("download"),
         "{e}"
     );
+}
+
+/// The reward checkpoint is accounted for as a whole: backbone and heads read, anything else
+/// (here a third head the published class does not have) refused by name.
+#[test]
+fn a_reward_checkpoint_with_a_tensor_nobody_reads_is_refused() {
+    let files = base();
+    let mut chat = files.chat_format().unwrap();
+    let token = chat.add_special_token(REWARD_TOKEN);
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("model.safetensors");
+    let original = root().join("tests/fixtures/editreward/tiny/model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&original, &Device::Cpu).unwrap();
+    tensors.insert(
+        "rm_heads.head_2.0.bias".into(),
+        Tensor::ones(1024, DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let load = |unused| {
+        RewardModel::load(
+            &files,
+            vec![weights.clone()],
+            token,
+            DType::F32,
+            &Device::Cpu,
+            unused,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    let err = load(UnusedWeights::Refuse).unwrap_err();
+    assert!(
+        err.contains("model.safetensors: `rm_heads.head_2.0.bias`") && err.contains("1 tensor"),
+        "{err}"
+    );
+    load(UnusedWeights::Allow).unwrap();
 }
 
 /// A reward judge from a preset file read the way a run reads it.

@@ -25,6 +25,7 @@ use icedit_scale::models::flux::latents::joint_ids;
 use icedit_scale::models::flux::text::{load_tokenizer, token_ids};
 use icedit_scale::models::flux::transformer::TextConditioning;
 use icedit_scale::models::flux::FluxPaths;
+use icedit_scale::models::weight_use::UnusedWeights;
 
 const PROMPT: &str = "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly the same as on the left but make the sky night";
 const T5_TOKENS: usize = 48;
@@ -590,7 +591,14 @@ fn config_fields_that_change_the_math_are_honoured_or_refused_by_name() {
     };
     let encoders = |dir: &Path| {
         let files = discover(dir).unwrap();
-        TextEncoders::load(&files.clip, &files.t5, DType::F32, &Device::Cpu).map(|_| ())
+        TextEncoders::load(
+            &files.clip,
+            &files.t5,
+            DType::F32,
+            &Device::Cpu,
+            UnusedWeights::Refuse,
+        )
+        .map(|_| ())
     };
     /// (component, config change, what the error must say, refused when loading rather than
     /// when discovering).
@@ -1046,4 +1054,328 @@ fn an_edit_runs_with_random_weights_dense_and_quantized() {
         assert_eq!(report["nfe"]["total"], 4 * 2 + survivors * 2);
         assert!(out.path().join("final.png").is_file());
     }
+}
+
+/// A copy of the safetensors file `from` at `to` with `extra` tensors added (or replaced).
+fn with_tensors(from: &Path, to: &Path, extra: &[(&str, Tensor)]) {
+    let mut tensors = candle_core::safetensors::load(from, &Device::Cpu).unwrap();
+    for (k, t) in extra {
+        tensors.insert(k.to_string(), t.clone());
+    }
+    candle_core::safetensors::save(&tensors, to).unwrap();
+}
+
+/// Every FLUX loader compares what its model read with what its files hold: one tensor too
+/// many is refused with its file and key, whatever the layout, and loads under
+/// `UnusedWeights::Allow`; a fused BFL tensor must be read in full, not only the rows the
+/// model asked for; tensors the reference leaves unread too (T5's decoder, fp8 input
+/// scales, the tiny encoder) are accepted.
+#[test]
+fn every_flux_loader_refuses_a_tensor_its_model_does_not_read() {
+    use icedit_scale::models::flux::text::TextEncoders;
+    use icedit_scale::models::flux::FluxFiles;
+    let dir = tempfile::tempdir().unwrap();
+    let ones = |n: usize| Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
+    let load = |paths: FluxPaths, unused: UnusedWeights| {
+        let mut o = options(paths, None);
+        o.unused_weights = unused;
+        FluxGenerator::load(o)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+
+    // The BFL transformer: an extra norm.
+    let extra = dir.path().join("flux1-fill-extra.safetensors");
+    let key = "double_blocks.0.img_attn.norm.extra_norm.scale";
+    with_tensors(
+        &fixtures().join("bfl/flux1-fill-dev.safetensors"),
+        &extra,
+        &[(key, ones(16))],
+    );
+    let mut paths = bfl_files();
+    paths.transformer = Some(extra);
+    let err = load(paths.clone(), UnusedWeights::Refuse).unwrap_err();
+    assert!(
+        err.contains(&format!("flux1-fill-extra.safetensors: `{key}`")) && err.contains("1 tensor"),
+        "{err}"
+    );
+    load(paths, UnusedWeights::Allow).unwrap();
+
+    // A fused q/k/v matrix with a fourth block of rows the model never reads.
+    let bfl = candle_core::safetensors::load(
+        fixtures().join("bfl/flux1-fill-dev.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let qkv = &bfl["double_blocks.0.img_attn.qkv.weight"];
+    let (rows, cols) = qkv.dims2().unwrap();
+    let longer = Tensor::cat(&[qkv, &qkv.narrow(0, 0, rows / 3).unwrap()], 0).unwrap();
+    let fused = dir.path().join("flux1-fill-fused.safetensors");
+    with_tensors(
+        &fixtures().join("bfl/flux1-fill-dev.safetensors"),
+        &fused,
+        &[("double_blocks.0.img_attn.qkv.weight", longer)],
+    );
+    let mut paths = bfl_files();
+    paths.transformer = Some(fused);
+    let err = load(paths, UnusedWeights::Refuse).unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "`double_blocks.0.img_attn.qkv.weight` (rows {rows}..{})",
+            rows + rows / 3
+        )),
+        "{err} ({cols} columns)"
+    );
+
+    // The diffusers transformer and the BFL autoencoder.
+    let transformer = dir.path().join("transformer.safetensors");
+    with_tensors(
+        &fixtures().join("tiny/transformer/diffusion_pytorch_model.safetensors"),
+        &transformer,
+        &[("transformer_blocks.0.attn.to_out.1.bias", ones(32))],
+    );
+    let mut paths = bfl_files();
+    paths.transformer = Some(transformer);
+    let err = load(paths, UnusedWeights::Refuse).unwrap_err();
+    assert!(
+        err.contains("`transformer_blocks.0.attn.to_out.1.bias`"),
+        "{err}"
+    );
+    let ae = dir.path().join("ae.safetensors");
+    with_tensors(
+        &fixtures().join("bfl/ae.safetensors"),
+        &ae,
+        &[("quant_conv.bias", ones(32))],
+    );
+    let mut paths = bfl_files();
+    paths.vae = Some(ae);
+    let err = load(paths, UnusedWeights::Refuse).unwrap_err();
+    assert!(err.contains("ae.safetensors: `quant_conv.bias`"), "{err}");
+
+    // Text encoders: CLIP with a stray tensor is refused; T5 with a whole decoder beside the
+    // encoder loads, as transformers' T5EncoderModel ignores `decoder.*`.
+    let files = FluxFiles::discover(&diffusers_folder()).unwrap();
+    let encoders = |clip: &Path, t5: &Path| {
+        let mut c = files.clip.clone();
+        c.weights = vec![clip.to_path_buf()];
+        let mut t = files.t5.clone();
+        t.weights = vec![t5.to_path_buf()];
+        TextEncoders::load(&c, &t, DType::F32, &Device::Cpu, UnusedWeights::Refuse)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let clip = dir.path().join("clip.safetensors");
+    with_tensors(&files.clip.weights[0], &clip, &[("logit_scale", ones(1))]);
+    let err = encoders(&clip, &files.t5.weights[0]).unwrap_err();
+    assert!(err.contains("clip.safetensors: `logit_scale`"), "{err}");
+    let t5 = dir.path().join("t5.safetensors");
+    with_tensors(
+        &files.t5.weights[0],
+        &t5,
+        &[("decoder.final_layer_norm.weight", ones(32))],
+    );
+    encoders(&files.clip.weights[0], &t5).unwrap();
+    with_tensors(&files.t5.weights[0], &t5, &[("lm_head.weight", ones(32))]);
+    let err = encoders(&files.clip.weights[0], &t5).unwrap_err();
+    assert!(err.contains("t5.safetensors: `lm_head.weight`"), "{err}");
+
+    // The fp8 files' input scales and marker are unread by ComfyUI's forward too.
+    load(fp8_files("scaled"), UnusedWeights::Refuse).unwrap();
+}
+
+/// A LoRA entry that is never applied (an adapter for a layer the transformer lacks, or a
+/// key that is no LoRA key) is an error naming it, not a warning; `Allow` loads the rest.
+#[test]
+fn a_lora_entry_that_is_never_applied_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = dir.path().join("lora.safetensors");
+    with_tensors(
+        &fixtures().join("lora_plain.safetensors"),
+        &lora,
+        &[(
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_magnitude",
+            Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(),
+        )],
+    );
+    let mut o = options(diffusers_folder(), None);
+    o.lora = Some(lora.clone());
+    let err = FluxGenerator::load(o.clone()).err().unwrap().to_string();
+    assert!(
+        err.contains("lora.safetensors")
+            && err.contains("`text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_magnitude` (not a LoRA key)"),
+        "{err}"
+    );
+    o.unused_weights = UnusedWeights::Allow;
+    let g = FluxGenerator::load(o).unwrap();
+    let report = g.lora_report().unwrap();
+    assert_eq!(report.unknown_keys.len(), 1);
+    assert!(report.merged > 0);
+}
+
+/// A scaled fp8 file read dense (`--dequantize`) multiplies each weight by its stored scale
+/// as the held path does, so both give the same model (the scale keys are read, not left).
+#[test]
+fn a_scaled_fp8_file_read_dense_applies_its_scales() {
+    let r = reference();
+    let held = forward(
+        &FluxGenerator::load(options(fp8_files("scaled"), None)).unwrap(),
+        &r,
+    );
+    let mut o = options(fp8_files("scaled"), None);
+    o.hold_as = Some(WeightFormat::Dense);
+    let dense = forward(&FluxGenerator::load(o).unwrap(), &r);
+    let err = max_abs_diff(&held, &dense);
+    eprintln!("scaled fp8, dequantized vs held: max abs difference {err:.2e}");
+    assert!(err < 1e-4, "{err}");
+    let bound = relative_error(&dense, &r["fwd_out_base"]);
+    assert!(bound < 0.15, "{bound}");
+}
+
+/// A copy of the GGUF file `from` at `to` with one more (f32) tensor, `extra`.
+fn gguf_with_extra(from: &Path, to: &Path, extra: &str) {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let mut file = std::fs::File::open(from).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|k| {
+            (
+                k.clone(),
+                content.tensor(&mut file, k, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let ones = Tensor::ones(32, DType::F32, &Device::Cpu).unwrap();
+    tensors.push((
+        extra.to_string(),
+        QTensor::quantize(&ones, candle_core::quantized::GgmlDType::F32).unwrap(),
+    ));
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut out = std::fs::File::create(to).unwrap();
+    gguf_file::write(&mut out, &metadata, &tensors).unwrap();
+}
+
+/// GGUF files are held to the same account: the transformer's and T5's.
+#[test]
+fn gguf_files_with_a_tensor_the_model_does_not_read_are_refused_by_name() {
+    use icedit_scale::models::flux::t5::T5Encoder;
+    use icedit_scale::models::flux::FluxFiles;
+    let dir = tempfile::tempdir().unwrap();
+    let transformer = dir.path().join("flux-extra.gguf");
+    gguf_with_extra(
+        &fixtures().join("gguf/flux1-fill-tiny-q8_0.gguf"),
+        &transformer,
+        "double_blocks.0.img_attn.extra.bias",
+    );
+    let mut paths = gguf_files("q8_0");
+    paths.transformer = Some(transformer);
+    let err = FluxGenerator::load(options(paths.clone(), None))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("flux-extra.gguf: `double_blocks.0.img_attn.extra.bias`"),
+        "{err}"
+    );
+    let mut o = options(paths, None);
+    o.unused_weights = UnusedWeights::Allow;
+    FluxGenerator::load(o).unwrap();
+
+    let config = FluxFiles::discover(&diffusers_folder()).unwrap().t5.config;
+    let t5 = dir.path().join("t5-extra.gguf");
+    gguf_with_extra(
+        &fixtures().join("gguf/t5-tiny-encoder-q8_0.gguf"),
+        &t5,
+        "enc.extra.weight",
+    );
+    let err = match T5Encoder::load(
+        std::slice::from_ref(&t5),
+        &config,
+        DType::F32,
+        &Device::Cpu,
+        UnusedWeights::Refuse,
+    ) {
+        Ok(_) => panic!("loaded a T5 GGUF with an unread tensor"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("t5-extra.gguf: `enc.extra.weight`"), "{err}");
+    // A whole T5's decoder (llama.cpp's `dec.*`) is unread by T5EncoderModel too.
+    gguf_with_extra(
+        &fixtures().join("gguf/t5-tiny-encoder-q8_0.gguf"),
+        &t5,
+        "dec.output_norm.weight",
+    );
+    assert!(T5Encoder::load(
+        &[t5],
+        &config,
+        DType::F32,
+        &Device::Cpu,
+        UnusedWeights::Refuse
+    )
+    .is_ok());
+}
+
+/// `--allow-unused-weights` on the command line: a transformer file holding a tensor the
+/// model never reads is refused by name (exit 2, before any work), and loads with the flag.
+#[test]
+fn cli_refuses_an_unread_tensor_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    support::copy_dir(&fixtures().join("tiny"), &model);
+    let file = model.join("transformer/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    tensors.insert(
+        "transformer_blocks.0.attn.extra_gate".into(),
+        Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let run = |extra: &[&str]| {
+        let out = dir.path().join(format!("out{}", extra.len()));
+        let mut args = vec![
+            "edit",
+            "--image",
+            "tests/fixtures/flux/source.png",
+            "--instruction",
+            "make the sky night",
+            "--width",
+            "48",
+            "--model-dir",
+            model.to_str().unwrap(),
+            "--t5-tokens",
+            "48",
+            "--strategy",
+            "random",
+            "--steps",
+            "2",
+            "--judge",
+            "none",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        (cli(&args), out)
+    };
+    let (refused, out) = run(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("transformer_blocks.0.attn.extra_gate"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--allow-unused-weights"), "{stderr}");
+    assert!(!out.join("report.json").exists());
+    let (allowed, out) = run(&["--allow-unused-weights"]);
+    let stderr = String::from_utf8_lossy(&allowed.stderr);
+    assert!(allowed.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("transformer_blocks.0.attn.extra_gate"),
+        "logged: {stderr}"
+    );
+    assert!(out.join("report.json").is_file());
 }

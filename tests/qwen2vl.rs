@@ -581,3 +581,72 @@ async fn weights_that_do_not_fit_the_config_fail_every_call_with_the_tensor_name
         assert_eq!(text.matches("judge config").count(), 1, "{text}");
     }
 }
+
+#[test]
+fn qwen3_vl_with_attention_bias_reads_every_projection_bias_as_transformers() {
+    // tests/fixtures/qwen3vl/make_bias_fixture.py: `attention_bias: true` gives q, k, v and
+    // o_proj random biases in transformers.
+    let root = fixtures().join("../qwen3vl");
+    let refs =
+        candle_core::safetensors::load(root.join("reference_bias.safetensors"), &Device::Cpu)
+            .unwrap();
+    let files = Qwen2VlFiles::discover(&root.join("bias")).unwrap();
+    assert!(files.config.text.qkv_bias && files.config.text.o_bias);
+    let model = files.load(DType::F32, &Device::Cpu).unwrap();
+    for case in ["text", "image"] {
+        let prompt = reference_prompt(&refs, case);
+        let logits = model.forward_all(std::slice::from_ref(&prompt)).unwrap();
+        let err = max_abs_diff(&logits, &refs[&format!("{case}_logits")]);
+        println!("qwen3_vl attention_bias {case}: max abs logit error {err:.2e}");
+        assert!(
+            err < LOGIT_TOL,
+            "attention_bias {case}: logits off by {err}"
+        );
+    }
+    // The check can fail: a model that skipped o_proj's bias would be this far off.
+    let skipped = max_abs_diff(&refs["text_logits_without_o_bias"], &refs["text_logits"]);
+    println!("without o_proj's bias the logits move by {skipped:.3}");
+    assert!(skipped > 100.0 * LOGIT_TOL, "{skipped}");
+}
+
+#[test]
+fn a_checkpoint_with_one_extra_tensor_is_refused_with_its_name() {
+    use icedit_scale::models::weight_use::UnusedWeights;
+    // The case: o_proj biases in the file, a config without `attention_bias`.
+    let dir = tempfile::tempdir().unwrap();
+    copy_files(&fixtures().join("../qwen3vl/tiny"), dir.path());
+    let weights = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let extra = "model.language_model.layers.1.self_attn.o_proj.bias";
+    tensors.insert(
+        extra.into(),
+        Tensor::ones(64, DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let files = Qwen2VlFiles::discover(dir.path()).unwrap();
+    let err = match files.load(DType::F32, &Device::Cpu) {
+        Ok(_) => panic!("a checkpoint with an unread tensor loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&format!("model.safetensors: `{extra}`"))
+            && err.contains("1 tensor")
+            && err.contains("--allow-unused-weights"),
+        "{err}"
+    );
+    // The escape hatch loads it (and the model is the one without the bias).
+    let model = files
+        .load_adapted(DType::F32, &Device::Cpu, None, UnusedWeights::Allow)
+        .unwrap();
+    let refs = candle_core::safetensors::load(
+        fixtures().join("../qwen3vl/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let prompt = reference_prompt(&refs, "text");
+    let err = max_abs_diff(
+        &model.forward_all(std::slice::from_ref(&prompt)).unwrap(),
+        &refs["text_logits"],
+    );
+    assert!(err < LOGIT_TOL, "{err}");
+}

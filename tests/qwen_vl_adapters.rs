@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use icedit_scale::models::qwen_vl::{PeftAdapter, Qwen2VlFiles};
+use icedit_scale::models::weight_use::UnusedWeights;
 
 const LOGIT_TOL: f32 = 1e-4;
 
@@ -29,7 +30,12 @@ fn check(base: &Path, inputs: &Path, adapter: &Path, name: &str, cases: &[&str])
     let adapter = Arc::new(PeftAdapter::load(adapter, 1.0).unwrap());
     assert!(adapter.len() >= 24, "{} adapted linears", adapter.len());
     let model = files
-        .load_adapted(DType::F32, &Device::Cpu, Some(adapter))
+        .load_adapted(
+            DType::F32,
+            &Device::Cpu,
+            Some(adapter),
+            UnusedWeights::Refuse,
+        )
         .unwrap();
     let plain = files.load(DType::F32, &Device::Cpu).unwrap();
     let inputs = load(inputs);
@@ -122,14 +128,31 @@ fn adapters_that_cannot_apply_are_refused_with_the_file_named() {
     // The Qwen3-VL adapter on the Qwen2-VL model: its vision modules are not there.
     let files = Qwen2VlFiles::discover(&qwen2("qwen2_vl").0).unwrap();
     let adapter = Arc::new(PeftAdapter::load(&lora.join("qwen3_vl"), 1.0).unwrap());
-    let err = match files.load_adapted(DType::F32, &Device::Cpu, Some(adapter)) {
+    let err = match files.load_adapted(
+        DType::F32,
+        &Device::Cpu,
+        Some(adapter),
+        UnusedWeights::Refuse,
+    ) {
         Ok(_) => panic!("a Qwen3-VL adapter loaded onto Qwen2-VL"),
         Err(e) => e.to_string(),
     };
     assert!(
-        err.contains("adapter") && (err.contains("match no weight") || err.contains("LoRA")),
+        err.contains("adapter_model.safetensors")
+            && err.contains("match no weight")
+            && err.contains("`model.visual.deepstack_merger_list.0.linear_fc1.lora_A/lora_B`"),
         "{err}"
     );
+    // The escape hatch loads the base model with what does apply, and says what did not.
+    let adapter = Arc::new(PeftAdapter::load(&lora.join("qwen3_vl"), 1.0).unwrap());
+    files
+        .load_adapted(
+            DType::F32,
+            &Device::Cpu,
+            Some(adapter),
+            UnusedWeights::Allow,
+        )
+        .unwrap();
 
     // DoRA and a missing weights file are named.
     let dir = tempfile::tempdir().unwrap();
@@ -156,7 +179,12 @@ fn adapter_scale_zero_is_the_base_model() {
     let adapter =
         Arc::new(PeftAdapter::load(&fixtures().join("qwen_vl_lora/qwen2_vl"), 0.0).unwrap());
     let model = files
-        .load_adapted(DType::F32, &Device::Cpu, Some(adapter))
+        .load_adapted(
+            DType::F32,
+            &Device::Cpu,
+            Some(adapter),
+            UnusedWeights::Refuse,
+        )
         .unwrap();
     let refs = load(&inputs);
     let prompt = reference_prompt(&refs, "one");

@@ -20,6 +20,7 @@ use icedit_scale::generate::{DecodePurpose, Generator};
 use icedit_scale::models::flux::latents::{tensor_to_unit, unit_to_image, unpack};
 use icedit_scale::models::flux::FluxPaths;
 use icedit_scale::models::taef1::{TinyConfig, TinyDecoderFiles, TinyLayout};
+use icedit_scale::models::weight_use::UnusedWeights;
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -61,7 +62,9 @@ fn the_decoder_matches_diffusers_in_f32() {
         files.config_path.as_deref(),
         Some(fixtures().join("tiny/config.json").as_path())
     );
-    let decoder = files.load(DType::F32, &Device::Cpu).unwrap();
+    let decoder = files
+        .load(DType::F32, &Device::Cpu, UnusedWeights::Refuse)
+        .unwrap();
 
     // AutoencoderTiny.decode on its own input space.
     let decoded = decoder.decode(&r["latents"]).unwrap();
@@ -103,7 +106,9 @@ fn single_files_in_either_layout_are_read_with_their_configuration_off_the_shape
         assert_eq!(files.layout, layout, "{file}");
         assert_eq!(files.config, inferred, "{file}");
         assert!(files.config_path.is_none());
-        let decoder = files.load(DType::F32, &Device::Cpu).unwrap();
+        let decoder = files
+            .load(DType::F32, &Device::Cpu, UnusedWeights::Refuse)
+            .unwrap();
         let err = max_abs_diff(&decoder.decode(&r["latents"]).unwrap(), &r["decoded"]);
         eprintln!("{file} ({layout:?}): max abs error {err:.2e}");
         assert!(err <= TOLERANCE, "{file}: max abs error {err}");
@@ -162,7 +167,7 @@ fn missing_keys_bad_shapes_and_wrong_configs_are_named() {
     candle_core::safetensors::save(&tensors, &weights).unwrap();
     let err = TinyDecoderFiles::discover(&folder)
         .unwrap()
-        .load(DType::F32, &Device::Cpu)
+        .load(DType::F32, &Device::Cpu, UnusedWeights::Refuse)
         .unwrap_err()
         .to_string();
     eprintln!("{err}");
@@ -184,7 +189,7 @@ fn missing_keys_bad_shapes_and_wrong_configs_are_named() {
     std::fs::write(folder.join("config.json"), config).unwrap();
     let err = TinyDecoderFiles::discover(&folder)
         .unwrap()
-        .load(DType::F32, &Device::Cpu)
+        .load(DType::F32, &Device::Cpu, UnusedWeights::Refuse)
         .unwrap_err()
         .to_string();
     assert!(err.contains("decoder.layers.4.conv.0.weight"), "{err}");
@@ -201,7 +206,7 @@ fn missing_keys_bad_shapes_and_wrong_configs_are_named() {
     candle_core::safetensors::save(&tensors, &file).unwrap();
     let err = TinyDecoderFiles::discover(&file)
         .unwrap()
-        .load(DType::F32, &Device::Cpu)
+        .load(DType::F32, &Device::Cpu, UnusedWeights::Refuse)
         .unwrap_err()
         .to_string();
     assert!(
@@ -339,4 +344,35 @@ fn the_flux_generator_decodes_live_previews_with_the_tiny_decoder() {
     );
     assert_eq!("tiny".parse::<PreviewDecoder>(), Ok(PreviewDecoder::Tiny));
     assert!("fast".parse::<PreviewDecoder>().is_err());
+}
+
+/// The tiny encoder beside the decoder is left unread as diffusers' decode leaves it; any
+/// other tensor the decoder does not read is refused with the file and key named.
+#[test]
+fn a_tensor_the_decoder_does_not_read_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("extra");
+    copy_dir(&fixtures().join("tiny"), &folder);
+    let weights = folder.join("diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    assert!(tensors.keys().any(|k| k.starts_with("encoder.layers.")));
+    tensors.insert(
+        "decoder.layers.18.weight".into(),
+        Tensor::ones(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let files = TinyDecoderFiles::discover(&folder).unwrap();
+    let err = files
+        .load(DType::F32, &Device::Cpu, UnusedWeights::Refuse)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("diffusion_pytorch_model.safetensors: `decoder.layers.18.weight`")
+            && err.contains("1 tensor"),
+        "{err}"
+    );
+    files
+        .load(DType::F32, &Device::Cpu, UnusedWeights::Allow)
+        .unwrap();
 }

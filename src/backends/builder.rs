@@ -32,6 +32,9 @@ pub struct EngineBuilder {
     pub workload: Workload,
     /// Generator devices (`serve --devices`); `None`: the generator's own.
     pub devices: Option<Vec<String>>,
+    /// Load weight files holding tensors no model part reads, logging each, instead of
+    /// refusing them (`--allow-unused-weights`), for the generator and every judge.
+    pub allow_unused_weights: bool,
 }
 
 /// What [`EngineBuilder::build`] made.
@@ -58,15 +61,32 @@ impl EngineBuilder {
             download,
             workload,
             devices: None,
+            allow_unused_weights: false,
         }
+    }
+
+    /// [`Self::allow_unused_weights`] set.
+    pub fn allowing_unused_weights(mut self, allow: bool) -> Self {
+        self.allow_unused_weights = allow;
+        self
     }
 
     /// Plan, download, load, assemble; `wrap` may decorate the engine's judge (the server
     /// times its calls).
     pub fn build_wrapped(
-        self,
+        mut self,
         wrap: impl Fn(Arc<dyn Judge>) -> Arc<dyn Judge>,
     ) -> anyhow::Result<Built> {
+        if self.allow_unused_weights {
+            tracing::warn!(
+                "--allow-unused-weights: weight files may hold tensors no model part reads; each is logged, none refused"
+            );
+            self.generator.allow_unused_weights();
+            self.judge.0.allow_unused_weights();
+            for (j, _) in &mut self.extra_judges {
+                j.allow_unused_weights();
+            }
+        }
         let generators = match &self.devices {
             Some(names) => names
                 .iter()

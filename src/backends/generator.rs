@@ -21,6 +21,7 @@ use crate::models::flux::lora::ICEDIT_LORA_REPO;
 use crate::models::flux::vae::VaeConfig;
 use crate::models::flux::{FluxConfig, FluxPaths};
 use crate::models::testbed::TestbedEdits;
+use crate::models::weight_use::UnusedWeights;
 use crate::plan::{self, JudgeFootprint, Placement, PlanRequest};
 
 use super::download::{flux_fill_request, lora_request, released_lora};
@@ -71,6 +72,9 @@ pub struct FluxSpec {
     pub preview_decoder: PreviewDecoder,
     /// `--memory-budget` in GB, else the device's free memory is read.
     pub memory_budget: Option<f64>,
+    /// Tensors no model part reads: refused, or loaded and logged
+    /// (`--allow-unused-weights`).
+    pub unused_weights: UnusedWeights,
 }
 
 /// Where the ICEdit LoRA comes from.
@@ -168,7 +172,16 @@ impl GeneratorSpec {
             tiny_decoder: args.tiny_decoder.clone(),
             preview_decoder,
             memory_budget: args.memory_budget,
+            unused_weights: UnusedWeights::Refuse,
         })))
+    }
+
+    /// Loads weight files holding tensors no model part reads (`--allow-unused-weights`),
+    /// logging each, instead of refusing them.
+    pub fn allow_unused_weights(&mut self) {
+        if let Self::Flux(f) = self {
+            f.unused_weights = UnusedWeights::Allow;
+        }
     }
 
     /// The FLUX part, if it is FLUX.
@@ -383,6 +396,7 @@ impl FluxSpec {
         options.t5_tokens = self.t5_tokens;
         options.keep_text_encoders = self.keep_text_encoders;
         options.max_batch = self.max_batch;
+        options.unused_weights = self.unused_weights;
         // T5 first, then the transformer, where they would share one device's memory.
         options.defer_transformer = self.text_device == self.device && !self.keep_text_encoders;
         if options.lora.is_none() {

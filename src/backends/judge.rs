@@ -193,6 +193,18 @@ impl JudgeSpec {
         })
     }
 
+    /// Loads checkpoints holding tensors the model does not read (`--allow-unused-weights`),
+    /// logging each, instead of refusing them: for local and reward models, a composite's
+    /// members included.
+    pub fn allow_unused_weights(&mut self) {
+        match &mut self.kind {
+            JudgeKind::Local(c) => c.allow_unused_weights = true,
+            JudgeKind::Reward(p) => p.allow_unused_weights = true,
+            JudgeKind::Composite(c) => c.members.iter_mut().for_each(Self::allow_unused_weights),
+            JudgeKind::None | JudgeKind::Testbed(_) | JudgeKind::Remote(_) => {}
+        }
+    }
+
     /// Whether it is `--judge none`.
     pub fn is_none(&self) -> bool {
         matches!(self.kind, JudgeKind::None)

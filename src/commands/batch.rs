@@ -37,8 +37,9 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
         panel: (args.width as usize, args.width as usize),
         many_edits: true,
     };
-    let engine =
-        EngineBuilder::new(generator, judge, args.engine.download, workload).build_one()?;
+    let engine = EngineBuilder::new(generator, judge, args.engine.download, workload)
+        .allowing_unused_weights(args.engine.allow_unused_weights)
+        .build_one()?;
     let opts = BatchOptions {
         manifest: args.manifest,
         root: args.root,

@@ -36,6 +36,7 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
         args.engine.download,
         workload,
     )
+    .allowing_unused_weights(args.engine.allow_unused_weights)
     .build_one()?;
     let (edit, strategy) = (checked.edit, checked.strategy);
     let job = EditJob {

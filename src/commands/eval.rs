@@ -147,7 +147,8 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         // Strategies pick their result by the selection judge's VIE scores; the eval judge
         // scores the returned edits: both must give VIE scores (the builder checks).
         let mut builder =
-            EngineBuilder::new(generator, selection_judge, args.engine.download, workload);
+            EngineBuilder::new(generator, selection_judge, args.engine.download, workload)
+                .allowing_unused_weights(args.engine.allow_unused_weights);
         builder.judge.1 = "selection_judge";
         builder.extra_judges = eval_judge.into_iter().map(|j| (j, "eval_judge")).collect();
         let mut built = builder.build()?;

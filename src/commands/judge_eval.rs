@@ -88,7 +88,11 @@ fn load_cases(args: &JudgeEvalArgs) -> Result<Vec<Case>, EditError> {
 
 /// `judge-eval`: judges the items not yet stored, then writes the report.
 pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
-    let spec = JudgeSpec::from_args(&args.judge)?;
+    let mut spec = JudgeSpec::from_args(&args.judge)?;
+    if args.allow_unused_weights {
+        tracing::warn!("--allow-unused-weights: judge weights may hold tensors the model does not read; each is logged");
+        spec.allow_unused_weights();
+    }
     let cases = load_cases(&args)?;
     let mut store = JudgementStore::open(&args.out)
         .with_context(|| format!("opening {}", args.out.join("judgements.jsonl").display()))?;

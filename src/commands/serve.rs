@@ -52,6 +52,7 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
     let builder = EngineBuilder {
         devices: Some(devices),
         ..EngineBuilder::new(generator, judge, args.engine.download, workload)
+            .allowing_unused_weights(args.engine.allow_unused_weights)
     };
     let engines = builder
         .build_wrapped(move |j| Arc::new(MeteredJudge::new(j, m.clone())) as Arc<dyn Judge>)?

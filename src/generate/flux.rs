@@ -29,13 +29,14 @@ use crate::models::flux::linear::Linears;
 use crate::models::flux::lora::{find_lora_file, LoraReport, LoraSet};
 use crate::models::flux::scheduler::DynamicShift;
 use crate::models::flux::text::TextEncoders;
-use crate::models::flux::transformer::{FluxTransformer, TextConditioning};
+use crate::models::flux::transformer::{self, FluxTransformer, TextConditioning};
 use crate::models::flux::vae::Autoencoder;
 use crate::models::flux::vae::VaeConfig;
 use crate::models::flux::weights::KeyLayout;
-use crate::models::flux::weights::{shared_var_builder, var_builder, weights_error, WeightSource};
+use crate::models::flux::weights::{shared_var_builder, weights_error, WeightSource};
 use crate::models::flux::{embeddings, latents, FluxConfig, FluxFiles, FluxPaths};
 use crate::models::taef1::{TinyDecoder, TinyDecoderFiles};
+use crate::models::weight_use::UnusedWeights;
 
 /// RoPE base frequency.
 const ROPE_THETA: f64 = 10000.0;
@@ -104,6 +105,9 @@ pub struct FluxOptions {
     /// Which decoder the judge's previews use ([`PreviewDecoder::Tiny`] needs
     /// `tiny_decoder`).
     pub preview_decoder: PreviewDecoder,
+    /// What every loader does with tensors of its files the model never reads (and with
+    /// LoRA keys that match no layer): refuse by default; `--allow-unused-weights` allows.
+    pub unused_weights: UnusedWeights,
 }
 
 impl FluxOptions {
@@ -124,6 +128,7 @@ impl FluxOptions {
             defer_transformer: false,
             tiny_decoder: None,
             preview_decoder: PreviewDecoder::Full,
+            unused_weights: UnusedWeights::Refuse,
         }
     }
 }
@@ -165,7 +170,7 @@ fn load_tiny_decoder(
             ),
         });
     }
-    let decoder = files.load(options.dtype, &options.device)?;
+    let decoder = files.load(options.dtype, &options.device, options.unused_weights)?;
     tracing::info!(
         file = %files.weights.display(),
         previews = ?options.preview_decoder,
@@ -217,12 +222,14 @@ impl FluxGenerator {
             )?)),
             None => None,
         };
-        let vae_source = WeightSource::open(&files.vae, files.vae_layout)?;
-        let vae = Autoencoder::new(
-            var_builder(vae_source, options.dtype, &options.device),
+        let vae = Autoencoder::load(
+            &files.vae,
+            files.vae_layout,
             &files.vae_config,
-        )
-        .map_err(|e| weights_error(&files.vae[0], e))?;
+            options.dtype,
+            &options.device,
+            options.unused_weights,
+        )?;
         let tiny = load_tiny_decoder(&options, files.vae_config.latent_channels)?;
         let cond = 4 * files.vae_config.latent_channels + 4 * files.vae_config.downscale().pow(2);
         let needed = 4 * files.vae_config.latent_channels + cond;
@@ -359,17 +366,14 @@ impl FluxGenerator {
             &linears,
         )
         .map_err(|e| weights_error(&files.transformer[0], e))?;
+        source.check_unused(
+            "the FLUX transformer",
+            transformer::UNUSED_TENSORS,
+            options.unused_weights,
+        )?;
         let lora_report = match &lora {
             Some(l) => {
-                let report = l.report()?;
-                if !report.unused.is_empty() || !report.unknown_keys.is_empty() {
-                    tracing::warn!(
-                        unused = ?report.unused,
-                        unknown = ?report.unknown_keys,
-                        "LoRA {}: some keys match no layer",
-                        report.path.display()
-                    );
-                }
+                let report = l.report(options.unused_weights)?;
                 tracing::info!(
                     merged = report.merged,
                     side_branches = report.side_branches,
@@ -438,6 +442,7 @@ impl FluxGenerator {
                 &self.files.t5,
                 dtype,
                 dev,
+                self.options.unused_weights,
             )?);
         }
         Ok(self.text.as_mut().expect("just loaded"))

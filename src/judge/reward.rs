@@ -30,6 +30,7 @@ use crate::edit::EditContext;
 use crate::hub::{self, HubSettings};
 use crate::models::qwen_vl::reward::reward_weights;
 use crate::models::qwen_vl::{ChatFormat, EncodedPrompt, Qwen2VlFiles, RewardModel, REWARD_TOKEN};
+use crate::models::weight_use::UnusedWeights;
 
 /// EditReward's instruction-following prompt (head 0) and visual-quality prompt (head 1),
 /// with its trailer (`EditReward/dataset/prompts.py`, `dataset/data_collator_qwen_edit.py`
@@ -80,6 +81,10 @@ pub struct RewardPreset {
     /// Reward differences within this are ties.
     #[serde(default)]
     pub tie_margin: f32,
+    /// Load a reward checkpoint holding tensors the model never reads, logging them,
+    /// instead of refusing it (`--allow-unused-weights`; for experiments).
+    #[serde(default)]
+    pub allow_unused_weights: bool,
 }
 
 fn default_device() -> String {
@@ -197,6 +202,7 @@ struct Worker {
     weights: Vec<PathBuf>,
     device: Device,
     dtype: DType,
+    unused: UnusedWeights,
     model: Option<Result<Arc<RewardModel>, String>>,
 }
 
@@ -222,18 +228,19 @@ impl Worker {
         &mut self,
         job: &Job,
     ) -> Result<(crate::models::qwen_vl::RewardOutput, u64), JudgeError> {
-        let (files, weights, token, dtype, device) = (
+        let (files, weights, token, dtype, device, unused) = (
             &self.files,
             &self.weights,
             self.reward_token,
             self.dtype,
             &self.device,
+            self.unused,
         );
         let model = self
             .model
             .get_or_insert_with(|| {
                 tracing::info!(weights = ?weights, "loading the reward model");
-                RewardModel::load(files, weights.clone(), token, dtype, device)
+                RewardModel::load(files, weights.clone(), token, dtype, device, unused)
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
             })
@@ -295,6 +302,7 @@ impl RewardJudge {
             weights,
             device,
             dtype,
+            unused: UnusedWeights::allow_if(preset.allow_unused_weights),
             model: None,
         };
         std::thread::Builder::new()

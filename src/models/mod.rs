@@ -5,10 +5,12 @@
 //! benchmarks share; [`activation`] the activations configs name; [`cpu`] fused CPU kernels for the
 //! f32 hot spots (attention) that candle runs as several passes, [`cuda`] their GPU
 //! counterparts (softmax, bias add), and [`linear`] the biased linear forward that picks
-//! between them.
+//! between them. [`weight_use`] holds every loader to account for the tensors of its files:
+//! what the model read against what the files hold.
 
 pub mod activation;
 pub mod bench;
+pub mod config_keys;
 pub mod cpu;
 pub mod cuda;
 pub mod flux;
@@ -16,3 +18,4 @@ pub mod linear;
 pub mod qwen_vl;
 pub mod taef1;
 pub mod testbed;
+pub mod weight_use;

@@ -39,6 +39,7 @@ use crate::judge::{
 use crate::models::qwen_vl::model::{EncodedPrompt, PromptState, Qwen2Vl, Sampling};
 use crate::models::qwen_vl::ChatFormat;
 use crate::models::qwen_vl::{PeftAdapter, Qwen2VlFiles};
+use crate::models::weight_use::UnusedWeights;
 
 /// A preset file (`judges/qwen2-vl-*-local.toml`) for this backend.
 #[derive(Debug, Clone, Deserialize)]
@@ -135,6 +136,10 @@ pub struct LocalJudgeConfig {
     /// Seed of pass 0's sampling.
     #[serde(default = "defaults::seed")]
     pub seed: u64,
+    /// Load a checkpoint (or adapter) holding tensors the model never reads, logging them,
+    /// instead of refusing it (`--allow-unused-weights`; for experiments).
+    #[serde(default)]
+    pub allow_unused_weights: bool,
 }
 
 /// How the local judge screens a preview.
@@ -786,6 +791,7 @@ impl Worker {
         let files = &self.files;
         let (dtype, device) = (self.dtype, &self.device);
         let (adapter, strength) = (&self.adapter, self.config.adapter_scale);
+        let unused = UnusedWeights::allow_if(self.config.allow_unused_weights);
         let loaded = self.model.get_or_insert_with(|| {
             tracing::info!(root = %files.root.display(), ?dtype, adapter = ?adapter, "loading the Qwen2-VL judge");
             let t = Instant::now();
@@ -796,7 +802,7 @@ impl Worker {
                 },
                 None => None,
             };
-            match files.load_adapted(dtype, device, adapter) {
+            match files.load_adapted(dtype, device, adapter, unused) {
                 Ok(model) => {
                     tracing::info!(seconds = t.elapsed().as_secs_f32(), "judge loaded");
                     Ok(Arc::new(model))

@@ -2,6 +2,17 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::models::config_keys::ConfigKeys;
+
+/// How every key of diffusers' `FluxTransformer2DModel` config is treated (see
+/// [`crate::models::config_keys`]): all are read but the common `_class_name` and
+/// `_diffusers_version`.
+pub const CONFIG_KEYS: &[ConfigKeys] = &[ConfigKeys {
+    section: "",
+    inert: &[],
+    refused: &[("patch_size", "2"), ("axes_dims_rope", "[16, 56, 58]")],
+}];
+
 /// The FLUX MM-DiT hyper-parameters (diffusers `FluxTransformer2DModel` field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FluxConfig {

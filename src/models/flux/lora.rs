@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::error::ModelError;
+use crate::models::weight_use::{name_a_few, UnusedWeights};
 
 /// One plain adapter: `delta W = scale * up @ down`.
 #[derive(Debug, Clone)]
@@ -264,8 +265,11 @@ impl LoraSet {
         Some(found)
     }
 
-    /// Summarises what was used; errors when nothing matched the model.
-    pub fn report(&self) -> std::result::Result<LoraReport, ModelError> {
+    /// Summarises what was used once the transformer is built. Errors when nothing matched
+    /// the model, and under [`UnusedWeights::Refuse`] when any adapter matched no layer or
+    /// any key is no LoRA key (diffusers would apply such keys elsewhere, e.g. to a text
+    /// encoder, or reject them); [`UnusedWeights::Allow`] logs them instead.
+    pub fn report(&self, policy: UnusedWeights) -> std::result::Result<LoraReport, ModelError> {
         let used = self.used.lock().expect("lora bookkeeping").clone();
         let unused: Vec<String> = self
             .plain
@@ -282,6 +286,35 @@ impl LoraSet {
                     self.plain.keys().chain(self.experts.keys()).next()
                 ),
             });
+        }
+        if !unused.is_empty() || !self.unknown_keys.is_empty() {
+            let mut left: Vec<String> = unused
+                .iter()
+                .map(|m| format!("`{m}` (adapter of a layer the transformer does not have)"))
+                .collect();
+            left.extend(
+                self.unknown_keys
+                    .iter()
+                    .map(|k| format!("`{k}` (not a LoRA key)")),
+            );
+            let list = name_a_few(&left);
+            match policy {
+                UnusedWeights::Refuse => {
+                    return Err(ModelError::Files {
+                        path: self.path.clone(),
+                        reason: format!(
+                            "{} of the LoRA's entries are never applied: {list}; pass \
+                             --allow-unused-weights to load it anyway",
+                            left.len()
+                        ),
+                    })
+                }
+                UnusedWeights::Allow => tracing::warn!(
+                    "LoRA {}: {} entries never applied (--allow-unused-weights): {list}",
+                    self.path.display(),
+                    left.len()
+                ),
+            }
         }
         let side_branches = self.side_branches.lock().expect("lora bookkeeping").len();
         let merged = self.plain.keys().filter(|m| used.contains(*m)).count() - side_branches;

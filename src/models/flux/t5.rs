@@ -11,9 +11,30 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 
 use super::t5_quantized::{QuantizedT5Encoder, T5EncoderConfig};
-use super::weights::{is_gguf, var_builder, weights_error, KeyLayout, WeightSource};
+use super::weights::{is_gguf, shared_var_builder, weights_error, KeyLayout, WeightSource};
 use crate::error::ModelError;
 use crate::fsio::read_json;
+use crate::models::weight_use::{KnownUnused, UnusedWeights};
+
+/// Tensors a T5 checkpoint may hold that the encoder does not read, because transformers'
+/// `T5EncoderModel` (what FLUX pipelines load as `text_encoder_2`) does not either.
+pub const UNUSED_TENSORS: &[KnownUnused] = &[
+    KnownUnused::new(
+        "encoder.embed_tokens.weight",
+        "tied to `shared.weight`: T5EncoderModel._tied_weights_keys \
+         (transformers models/t5/modeling_t5.py) makes the encoder's embedding the shared one",
+    ),
+    KnownUnused::new(
+        "decoder.*",
+        "a whole T5's decoder: T5EncoderModel._keys_to_ignore_on_load_unexpected = \
+         [r\"decoder\"] (transformers models/t5/modeling_t5.py)",
+    ),
+    KnownUnused::new(
+        "dec.*",
+        "the same decoder in llama.cpp's GGUF names (gguf-py MODEL_ARCH.T5: `dec.blk.N.*`, \
+         `dec.output_norm`)",
+    ),
+];
 
 /// A loaded T5 encoder.
 pub enum T5Encoder {
@@ -25,27 +46,34 @@ pub enum T5Encoder {
 
 impl T5Encoder {
     /// Loads the weights in `weights` with the config at `config`: GGUF by its magic, else
-    /// safetensors.
+    /// safetensors. A tensor of the files that the encoder does not read is refused unless
+    /// [`UNUSED_TENSORS`] lists it or `unused` allows it.
     pub fn load(
         weights: &[std::path::PathBuf],
         config: &Path,
         dtype: DType,
         dev: &Device,
+        unused: UnusedWeights,
     ) -> Result<Self, ModelError> {
         match weights {
             [one] if is_gguf(one) => {
                 let cfg: T5EncoderConfig = read_json(config)?;
-                Ok(Self::Quantized(QuantizedT5Encoder::load(one, cfg, dev)?))
+                Ok(Self::Quantized(QuantizedT5Encoder::load(
+                    one,
+                    cfg,
+                    dev,
+                    UNUSED_TENSORS,
+                    unused,
+                )?))
             }
             _ => {
                 let cfg: T5Config = read_json(config)?;
-                let vb = var_builder(
-                    WeightSource::open(weights, KeyLayout::Diffusers)?,
-                    dtype,
-                    dev,
-                );
+                let source =
+                    std::sync::Arc::new(WeightSource::open(weights, KeyLayout::Diffusers)?);
+                let vb = shared_var_builder(source.clone(), dtype, dev);
                 let model =
                     T5EncoderModel::load(vb, &cfg).map_err(|e| weights_error(&weights[0], e))?;
+                source.check_unused("the T5 encoder", UNUSED_TENSORS, unused)?;
                 Ok(Self::Dense(model))
             }
         }

@@ -19,6 +19,7 @@ use candle_core::{Device, Module, Result, Tensor, D};
 use super::held_weight::Weight;
 use super::linear::BaseLinear;
 use crate::error::ModelError;
+use crate::models::weight_use::{check_unused, KnownUnused, ReadLog, StoredTensors, UnusedWeights};
 
 /// transformers' name for a llama.cpp T5 encoder tensor (`enc.blk.3.ffn_gate.weight` ->
 /// `encoder.block.3.layer.1.DenseReluDense.wi_0.weight`); names that are not llama.cpp's
@@ -142,11 +143,15 @@ pub fn relative_position_bucket(relative: i64, num_buckets: usize, max_distance:
 
 impl QuantizedT5Encoder {
     /// Reads a GGUF T5 encoder (names as `transformers_name` maps them) onto `dev`: 2-D
-    /// quantized weights stay quantized, everything else is read as f32.
+    /// quantized weights stay quantized, everything else is read as f32. A tensor of the
+    /// file that the encoder does not read is refused unless `known` (T5's list of tensors
+    /// the reference leaves unread) covers it or `unused` allows it.
     pub fn load(
         path: &Path,
         config: T5EncoderConfig,
         dev: &Device,
+        known: &[KnownUnused],
+        unused: UnusedWeights,
     ) -> std::result::Result<Self, ModelError> {
         let fail = |e: String| ModelError::files(path, e);
         if config.feed_forward_proj.as_deref().unwrap_or("gated-gelu") != "gated-gelu" {
@@ -160,8 +165,13 @@ impl QuantizedT5Encoder {
             gguf_file::Content::read(&mut file).map_err(|e| fail(format!("GGUF header: {e}")))?;
         let mut by_name = HashMap::new();
         for name in content.tensor_infos.keys() {
+            // A decoder's tensors (a whole T5 in one file) are left for the unread check.
+            if name.starts_with("dec.") {
+                continue;
+            }
             by_name.insert(transformers_name(name).map_err(fail)?, name.clone());
         }
+        let log = ReadLog::new();
         let mut read =
             |name: &str,
              shape: &[usize]|
@@ -172,6 +182,7 @@ impl QuantizedT5Encoder {
                 let q = content
                     .tensor(&mut file, stored, dev)
                     .map_err(|e| fail(format!("tensor `{stored}`: {e}")))?;
+                log.record(stored);
                 if q.shape().dims() != shape {
                     return Err(fail(format!(
                         "tensor `{stored}` has shape {:?}, the config needs {shape:?}",
@@ -229,6 +240,13 @@ impl QuantizedT5Encoder {
             &[c.relative_attention_num_buckets, c.num_heads],
         )?)?;
         let final_norm = dense(read("encoder.final_layer_norm.weight", &[c.d_model])?)?;
+        check_unused(
+            "the T5 encoder",
+            &StoredTensors::gguf(path, &content),
+            &log,
+            known,
+            unused,
+        )?;
         Ok(Self {
             config,
             embed,

@@ -13,9 +13,28 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::files::EncoderFiles;
 use super::t5::T5Encoder;
-use super::weights::{var_builder, weights_error, KeyLayout, WeightSource};
+use super::weights::{shared_var_builder, weights_error, KeyLayout, WeightSource};
 use crate::error::ModelError;
 use crate::fsio::read_json;
+use crate::models::config_keys::ConfigKeys;
+use crate::models::weight_use::{KnownUnused, UnusedWeights};
+
+/// Tensors a CLIP text checkpoint may hold that the encoder does not read, because
+/// transformers' `CLIPTextModel` (what FLUX pipelines load as `text_encoder`) does not
+/// either; each under both prefixes transformers has saved it with.
+pub const CLIP_UNUSED_TENSORS: &[KnownUnused] = &[
+    KnownUnused::new(
+        "*embeddings.position_ids",
+        "the position indices 0..max_position_embeddings, a buffer older transformers saved; \
+         CLIPTextEmbeddings registers it non-persistent (models/clip/modeling_clip.py), so \
+         loading drops it, and the encoder here counts positions the same way",
+    ),
+    KnownUnused::new(
+        "text_projection.weight",
+        "the projection of CLIPTextModelWithProjection; CLIPTextModel, whose pooled output \
+         FLUX takes, has no projection and drops the key",
+    ),
+];
 
 /// CLIP's context length.
 pub const CLIP_TOKENS: usize = 77;
@@ -177,6 +196,107 @@ struct HfClipConfig {
     /// candle's CLIP uses 1e-5 (transformers' default) and has no setting for it.
     #[serde(default = "clip_eps")]
     layer_norm_eps: f64,
+    /// Where the pooled state is read: transformers' CLIPTextTransformer takes the highest
+    /// token id's position when this is 2 (the legacy configs) and the first
+    /// `eos_token_id` otherwise; candle always takes the highest id's.
+    #[serde(default = "legacy_eos")]
+    eos_token_id: u32,
+}
+
+fn legacy_eos() -> u32 {
+    2
+}
+
+/// How every key of transformers' `CLIPTextConfig` is treated (see
+/// [`crate::models::config_keys`]).
+pub const CLIP_CONFIG_KEYS: &[ConfigKeys] = &[ConfigKeys {
+    section: "",
+    inert: &[
+        ("attention_dropout", "dropout, off at inference"),
+        (
+            "bos_token_id",
+            "the tokenizer's start token; the prompt's ids come from the tokenizer",
+        ),
+        (
+            "model_type",
+            "names the class; FLUX's text_encoder is CLIP by construction",
+        ),
+    ],
+    refused: &[
+        ("hidden_act", "\"gelu\""),
+        ("layer_norm_eps", "1e-6"),
+        ("eos_token_id", "7"),
+    ],
+}];
+
+/// How every key of transformers' `T5Config` is treated (see
+/// [`crate::models::config_keys`]): the encoder's are read by candle's T5 config, the GGUF
+/// encoder's and [`check_t5_config`]; the decoder's and training's are inert.
+pub const T5_CONFIG_KEYS: &[ConfigKeys] = &[ConfigKeys {
+    section: "",
+    inert: &[
+        ("classifier_dropout", "dropout of a classification head, not built"),
+        ("is_gated_act", "derived from feed_forward_proj (T5Config.__post_init__ recomputes it)"),
+        ("scale_decoder_outputs", "scales the decoder's output before its LM head; only the encoder is built (T5EncoderModel has no decoder)"),
+        ("model_type", "names the class; FLUX's text_encoder_2 is T5 by construction"),
+        ("_name_or_path", "where the config was loaded from"),
+    ],
+    refused: &[("dense_act_fn", "\"relu\"")],
+}];
+
+/// T5's `config.json` as the loader reads it: the fields candle's dense T5, the GGUF encoder
+/// and the checks here read, checked. Returns the padding id.
+pub fn check_t5_config(value: &serde_json::Value) -> Result<u32, String> {
+    let checks: T5Checks = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+    checks.check()?;
+    serde_json::from_value::<candle_transformers::models::t5::Config>(value.clone())
+        .map_err(|e| e.to_string())?;
+    serde_json::from_value::<super::t5_quantized::T5EncoderConfig>(value.clone())
+        .map_err(|e| e.to_string())?;
+    Ok(checks.pad_token_id as u32)
+}
+
+/// CLIP's `config.json` as the loader reads it: candle's config and the padding id, or a
+/// refusal naming the field candle's CLIP cannot honour.
+pub fn clip_text_config(
+    value: &serde_json::Value,
+) -> Result<(ClipTextConfig, Option<u32>), String> {
+    let hf: HfClipConfig = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+    if (hf.layer_norm_eps - 1e-5).abs() > 1e-12 {
+        return Err(format!(
+            "`layer_norm_eps` = {} is not supported (candle's CLIP uses 1e-5)",
+            hf.layer_norm_eps
+        ));
+    }
+    if hf.hidden_act != "quick_gelu" {
+        return Err(format!(
+            "hidden_act `{}` is not supported (CLIP-L uses quick_gelu)",
+            hf.hidden_act
+        ));
+    }
+    // The first eos is the highest id's position when eos is the last id of the vocabulary
+    // (CLIP's <|endoftext|>, 49407 of 49408), as the tokenizer always appends it.
+    if hf.eos_token_id != 2 && hf.eos_token_id as usize + 1 != hf.vocab_size {
+        return Err(format!(
+            "`eos_token_id` = {} is not supported: transformers pools at the first such token, \
+             candle's CLIP at the highest token id, which agree only for 2 (legacy) or the last id \
+             of the vocabulary ({})",
+            hf.eos_token_id,
+            hf.vocab_size - 1
+        ));
+    }
+    let config = ClipTextConfig {
+        vocab_size: hf.vocab_size,
+        embed_dim: hf.hidden_size,
+        activation: Activation::QuickGelu,
+        intermediate_size: hf.intermediate_size,
+        max_position_embeddings: hf.max_position_embeddings,
+        pad_with: None,
+        num_hidden_layers: hf.num_hidden_layers,
+        num_attention_heads: hf.num_attention_heads,
+        projection_dim: hf.projection_dim,
+    };
+    Ok((config, hf.pad_token_id))
 }
 
 fn quick_gelu() -> String {
@@ -235,53 +355,24 @@ pub struct TextEncoders {
 
 impl TextEncoders {
     /// Loads both encoders (CLIP from `text_encoder/`, T5 from `text_encoder_2/` layouts).
+    /// A tensor of either's files that it does not read is refused unless listed as unread by
+    /// the reference too, or `unused` allows it.
     pub fn load(
         clip: &EncoderFiles,
         t5: &EncoderFiles,
         dtype: DType,
         dev: &Device,
+        unused: UnusedWeights,
     ) -> Result<Self, ModelError> {
-        let t5_checks = read_json::<T5Checks>(&t5.config)?;
-        t5_checks
-            .check()
+        let t5_pad = check_t5_config(&read_json(&t5.config)?)
             .map_err(|reason| ModelError::files(&t5.config, reason))?;
-        let t5_model = T5Encoder::load(&t5.weights, &t5.config, dtype, dev)?;
+        let t5_model = T5Encoder::load(&t5.weights, &t5.config, dtype, dev, unused)?;
 
-        let hf: HfClipConfig = read_json(&clip.config)?;
-        if (hf.layer_norm_eps - 1e-5).abs() > 1e-12 {
-            return Err(ModelError::files(
-                &clip.config,
-                format!(
-                    "`layer_norm_eps` = {} is not supported (candle's CLIP uses 1e-5)",
-                    hf.layer_norm_eps
-                ),
-            ));
-        }
-        if hf.hidden_act != "quick_gelu" {
-            return Err(ModelError::Files {
-                path: clip.config.clone(),
-                reason: format!(
-                    "hidden_act `{}` is not supported (CLIP-L uses quick_gelu)",
-                    hf.hidden_act
-                ),
-            });
-        }
-        let clip_config = ClipTextConfig {
-            vocab_size: hf.vocab_size,
-            embed_dim: hf.hidden_size,
-            activation: Activation::QuickGelu,
-            intermediate_size: hf.intermediate_size,
-            max_position_embeddings: hf.max_position_embeddings,
-            pad_with: None,
-            num_hidden_layers: hf.num_hidden_layers,
-            num_attention_heads: hf.num_attention_heads,
-            projection_dim: hf.projection_dim,
-        };
-        let clip_vb: VarBuilder = var_builder(
-            WeightSource::open(&clip.weights, KeyLayout::Diffusers)?,
-            dtype,
-            dev,
-        );
+        let (clip_config, clip_pad_id) = clip_text_config(&read_json(&clip.config)?)
+            .map_err(|reason| ModelError::files(&clip.config, reason))?;
+        let clip_source =
+            std::sync::Arc::new(WeightSource::open(&clip.weights, KeyLayout::Diffusers)?);
+        let clip_vb: VarBuilder = shared_var_builder(clip_source.clone(), dtype, dev);
         // Older transformers saved CLIPTextModel under `text_model.`, newer ones at the root.
         let clip_root = if clip_vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             clip_vb.pp("text_model")
@@ -290,17 +381,18 @@ impl TextEncoders {
         };
         let clip_model = ClipTextTransformer::new(clip_root, &clip_config)
             .map_err(|e| weights_error(&clip.weights[0], e))?;
+        clip_source.check_unused("the CLIP text encoder", CLIP_UNUSED_TENSORS, unused)?;
 
         let clip_tokenizer = load_tokenizer(&clip.tokenizer_dir)?;
         // CLIP pads with its end-of-text token.
         let clip_pad = clip_tokenizer
             .token_to_id("<|endoftext|>")
-            .or(hf.pad_token_id)
+            .or(clip_pad_id)
             .unwrap_or(0);
         Ok(Self {
             t5: t5_model,
             t5_tokenizer: load_tokenizer(&t5.tokenizer_dir)?,
-            t5_pad: t5_checks.pad_token_id as u32,
+            t5_pad,
             clip: clip_model,
             clip_tokenizer,
             clip_pad,

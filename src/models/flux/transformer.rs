@@ -7,6 +7,29 @@ use super::blocks::{adapted_linear, DoubleBlock, FinalLayer, SingleBlock};
 use super::config::FluxConfig;
 use super::embeddings::TimeTextEmbedding;
 use super::linear::{AdaptedLinear, Linears};
+use crate::models::weight_use::KnownUnused;
+
+/// Tensors a FLUX transformer checkpoint may hold that the model reads in no layout or
+/// format, because the reference computes without them too (every other unread tensor is
+/// refused: see [`crate::models::weight_use`]).
+pub const UNUSED_TENSORS: &[KnownUnused] = &[
+    KnownUnused::new(
+        "*.scale_input",
+        "ComfyUI scaled fp8: the activation scale of an fp8 x fp8 matmul; its reference \
+         forward (comfy/ops.py scaled_fp8_ops, forward_comfy_cast_weights) up-casts the \
+         weight times `scale_weight` and never reads it (1.0 placeholders in the files)",
+    ),
+    KnownUnused::new(
+        "*.input_scale",
+        "ComfyUI mixed-precision fp8 (comfy/utils.py convert_old_quants): the new spelling of \
+         `scale_input`, likewise unread when the weight is up-cast",
+    ),
+    KnownUnused::new(
+        "*scaled_fp8",
+        "ComfyUI scaled fp8 marker: an empty tensor whose dtype names the fp8 format; \
+         comfy/model_detection.py model_config_from_unet pops it before loading",
+    ),
+];
 
 /// Per-edit conditioning shared by every candidate of the edit.
 #[derive(Debug, Clone)]

@@ -10,6 +10,17 @@ use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
 };
 use serde::Deserialize;
 
+use super::weights::{weights_error, KeyLayout, WeightSource};
+use crate::error::ModelError;
+use crate::models::config_keys::ConfigKeys;
+use crate::models::weight_use::{KnownUnused, UnusedWeights};
+
+/// Tensors an autoencoder checkpoint may hold that the model does not read. None: FLUX
+/// encodes the masked diptych and decodes outputs, so encoder and decoder are both read in
+/// full, and a FLUX AE has no quant convs (a file that holds them is refused, as its config
+/// would be).
+pub const UNUSED_TENSORS: &[KnownUnused] = &[];
+
 /// The autoencoder's configuration (diffusers `vae/config.json` field names).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct VaeConfig {
@@ -54,7 +65,31 @@ pub struct VaeConfig {
     /// `shift_factor` only.
     #[serde(default)]
     pub latents_mean: Option<Vec<f64>>,
+    /// See `latents_mean`.
+    #[serde(default)]
+    pub latents_std: Option<Vec<f64>>,
 }
+
+/// How every key of diffusers' `AutoencoderKL` config is treated (see
+/// [`crate::models::config_keys`]).
+pub const CONFIG_KEYS: &[ConfigKeys] = &[ConfigKeys {
+    section: "",
+    inert: &[
+        ("force_upcast", "whether pipelines run the VAE in f32; the dtype is the caller's choice here"),
+        ("sample_size", "the tile size of tiled decoding (enable_tiling), which FluxFillPipeline does not turn on"),
+    ],
+    refused: &[
+        ("act_fn", "\"gelu\""),
+        ("use_quant_conv", "true"),
+        ("use_post_quant_conv", "true"),
+        ("out_channels", "4"),
+        ("down_block_types", "[\"DownBlock2D\"]"),
+        ("up_block_types", "[\"UpBlock2D\"]"),
+        ("mid_block_add_attention", "false"),
+        ("latents_mean", "[0.0]"),
+        ("latents_std", "[1.0]"),
+    ],
+}];
 
 fn silu() -> String {
     "silu".into()
@@ -87,6 +122,7 @@ impl VaeConfig {
             up_block_types: None,
             mid_block_add_attention: true,
             latents_mean: None,
+            latents_std: None,
         }
     }
 
@@ -103,12 +139,13 @@ impl VaeConfig {
                 "the FLUX AE uses silu",
             );
         }
-        if self.use_quant_conv || self.use_post_quant_conv {
-            return refuse(
-                "use_quant_conv",
-                "true".into(),
-                "the FLUX AE has no quant convs",
-            );
+        for (field, on) in [
+            ("use_quant_conv", self.use_quant_conv),
+            ("use_post_quant_conv", self.use_post_quant_conv),
+        ] {
+            if on {
+                return refuse(field, "true".into(), "the FLUX AE has no quant convs");
+            }
         }
         if self.out_channels.is_some_and(|c| c != self.in_channels) {
             return refuse(
@@ -136,12 +173,17 @@ impl VaeConfig {
                 "the FLUX AE's mid block has attention",
             );
         }
-        if self.latents_mean.is_some() {
-            return refuse(
-                "latents_mean",
-                "(a list)".into(),
-                "the FLUX AE normalises with scaling_factor and shift_factor",
-            );
+        for (field, stats) in [
+            ("latents_mean", &self.latents_mean),
+            ("latents_std", &self.latents_std),
+        ] {
+            if stats.is_some() {
+                return refuse(
+                    field,
+                    "(a list)".into(),
+                    "the FLUX AE normalises with scaling_factor and shift_factor",
+                );
+            }
         }
         if self.block_out_channels.is_empty() || self.norm_num_groups == 0 {
             return refuse(
@@ -200,6 +242,26 @@ pub struct Autoencoder {
 }
 
 impl Autoencoder {
+    /// Reads the autoencoder from `files` (in `layout`) in `dtype` on `dev`; a tensor of the
+    /// files that the model does not read is refused unless `unused` allows it.
+    pub fn load(
+        files: &[std::path::PathBuf],
+        layout: KeyLayout,
+        config: &VaeConfig,
+        dtype: candle_core::DType,
+        dev: &candle_core::Device,
+        unused: UnusedWeights,
+    ) -> std::result::Result<Self, ModelError> {
+        let source = std::sync::Arc::new(WeightSource::open(files, layout)?);
+        let vae = Self::new(
+            super::weights::shared_var_builder(source.clone(), dtype, dev),
+            config,
+        )
+        .map_err(|e| weights_error(&files[0], e))?;
+        source.check_unused("the autoencoder", UNUSED_TENSORS, unused)?;
+        Ok(vae)
+    }
+
     /// Loads `encoder.*` and `decoder.*` (diffusers names).
     pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
         if config.use_quant_conv || config.use_post_quant_conv {

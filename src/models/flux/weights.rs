@@ -19,6 +19,9 @@ use super::held_weight::Weight;
 use super::keymap::{transformer_key, vae_key, Cut};
 use super::lora::LoraSet;
 use crate::error::ModelError;
+use crate::models::weight_use::{
+    check_unused, KnownUnused, ReadLog, StoredTensors, UnusedReport, UnusedWeights,
+};
 
 /// How the tensors of a file are named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -69,6 +72,8 @@ pub struct WeightSource {
     /// Prefix some BFL files put before every key (`model.diffusion_model.`).
     prefix: String,
     lora: Option<Arc<LoraSet>>,
+    /// The file keys read so far (see [`Self::check_unused`]).
+    log: ReadLog,
 }
 
 impl WeightSource {
@@ -110,6 +115,7 @@ impl WeightSource {
             layout,
             prefix: String::new(),
             lora: None,
+            log: ReadLog::new(),
         };
         if source.has_key("model.diffusion_model.img_in.weight") {
             source.prefix = "model.diffusion_model.".to_string();
@@ -209,6 +215,7 @@ impl WeightSource {
                     return Ok(None);
                 }
                 let q = cut_quantized(&self.gguf_tensor(&key)?, cut, &key)?;
+                self.record(&key, cut);
                 let dtype = q.dtype();
                 let q = move_quantized(&q, dev)?;
                 Ok(Some(Weight::Quantized(
@@ -225,34 +232,76 @@ impl WeightSource {
                 }
                 let weight =
                     cut_dense(t.load(&key, &Device::Cpu)?, cut, &key, name, &self.label())?;
-                // "Scaled" fp8 checkpoints keep one scale per weight beside it: ComfyUI's
-                // `scaled_fp8` files spell it `.scale_weight`, its newer mixed-precision
-                // files `.weight_scale`. Unscaled files have neither (scale 1).
-                let module = key.trim_end_matches(".weight");
-                let mut scale = 1.0;
-                for scale_key in [
-                    format!("{module}.scale_weight"),
-                    format!("{module}.weight_scale"),
-                ] {
-                    if let Ok(s) = t.load(&scale_key, &Device::Cpu) {
-                        let values = s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                        let [value] = values.as_slice() else {
-                            candle_core::bail!(
-                                "{}: `{scale_key}` holds {} values, a per-tensor fp8 scale is one",
-                                self.label(),
-                                values.len()
-                            );
-                        };
-                        scale = *value as f64;
-                        break;
-                    }
-                }
+                self.record(&key, cut);
+                let scale = self.fp8_scale(t, &key)?;
                 Ok(Some(Weight::Fp8 {
                     weight: weight.to_device(dev)?,
                     scale,
                 }))
             }
         }
+    }
+
+    /// The per-tensor scale stored beside the fp8 weight `key` (1 when there is none),
+    /// recording the scale's key as read.
+    fn fp8_scale(&self, t: &MmapedSafetensors, key: &str) -> Result<f64> {
+        // "Scaled" fp8 checkpoints keep one scale per weight beside it: ComfyUI's
+        // `scaled_fp8` files spell it `.scale_weight`, its newer mixed-precision files
+        // `.weight_scale`. Unscaled files have neither (scale 1).
+        let module = key.trim_end_matches(".weight");
+        for scale_key in [
+            format!("{module}.scale_weight"),
+            format!("{module}.weight_scale"),
+        ] {
+            if let Ok(s) = t.load(&scale_key, &Device::Cpu) {
+                let values = s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let [value] = values.as_slice() else {
+                    candle_core::bail!(
+                        "{}: `{scale_key}` holds {} values, a per-tensor fp8 scale is one",
+                        self.label(),
+                        values.len()
+                    );
+                };
+                self.log.record(&scale_key);
+                return Ok(*value as f64);
+            }
+        }
+        Ok(1.0)
+    }
+
+    /// Records `key` as read (only the rows `cut` takes, for a slice of a fused tensor).
+    fn record(&self, key: &str, cut: Cut) {
+        match cut {
+            Cut::Rows(start, len) => self.log.record_rows(key, start, len),
+            Cut::All | Cut::SwapHalves | Cut::Squeeze => self.log.record(key),
+        }
+    }
+
+    /// Records the file key (and rows) behind the diffusers `name` as read.
+    fn note_read(&self, name: &str) {
+        if let Some((key, cut)) = self.resolve(name) {
+            self.record(&key, cut);
+        }
+    }
+
+    /// Every tensor of the files.
+    pub fn stored_tensors(&self) -> std::result::Result<StoredTensors, ModelError> {
+        match &self.store {
+            Store::Safetensors(_) => StoredTensors::safetensors(&self.files),
+            Store::Gguf { content, .. } => Ok(StoredTensors::gguf(&self.files[0], content)),
+        }
+    }
+
+    /// After the model is built: the tensors of the files it never read, refused (or, under
+    /// [`UnusedWeights::Allow`], logged) unless `known` says the reference leaves them unread
+    /// too. `what` names the model in messages.
+    pub fn check_unused(
+        &self,
+        what: &str,
+        known: &[KnownUnused],
+        policy: UnusedWeights,
+    ) -> std::result::Result<UnusedReport, ModelError> {
+        check_unused(what, &self.stored_tensors()?, &self.log, known, policy)
     }
 
     fn label(&self) -> String {
@@ -281,9 +330,19 @@ impl WeightSource {
             );
         };
         let whole = match &self.store {
-            Store::Safetensors(t) => t.load(&key, &Device::Cpu).map_err(|_| {
-                candle_core::Error::Msg(format!("{}: missing tensor `{key}`", self.label()))
-            })?,
+            Store::Safetensors(t) => {
+                let whole = t.load(&key, &Device::Cpu).map_err(|_| {
+                    candle_core::Error::Msg(format!("{}: missing tensor `{key}`", self.label()))
+                })?;
+                // An fp8 weight read dense (`--dequantize`) is the stored value times its
+                // scale, as the held path computes it per forward.
+                if whole.dtype() == DType::F8E4M3 && key.ends_with(".weight") {
+                    let scale = self.fp8_scale(t, &key)?;
+                    (whole.to_dtype(DType::F32)? * scale)?
+                } else {
+                    whole
+                }
+            }
             // Dense reads of a GGUF tensor (norms, biases, embedders, f16 weights).
             Store::Gguf { .. } => self.gguf_tensor(&key)?.dequantize(&Device::Cpu)?,
         };
@@ -361,7 +420,7 @@ fn move_quantized(q: &QTensor, dev: &Device) -> Result<QTensor> {
 
 impl SimpleBackend for WeightSource {
     fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let tensor = self.get_unchecked(name, dtype, dev)?;
+        let tensor = self.read_merged(name, dtype, dev)?;
         if tensor.shape() != &shape {
             let key = self.resolve(name).map(|(k, _)| k).unwrap_or_default();
             candle_core::bail!(
@@ -371,10 +430,25 @@ impl SimpleBackend for WeightSource {
                 shape.dims()
             );
         }
+        self.note_read(name);
         Ok(tensor)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let tensor = self.read_merged(name, dtype, dev)?;
+        self.note_read(name);
+        Ok(tensor)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.resolve(name).is_some_and(|(k, _)| self.has_key(&k))
+    }
+}
+
+impl WeightSource {
+    /// The tensor for `name` with any plain LoRA merged, in `dtype` on `dev` (not recorded
+    /// as read: the caller records it once its shape is accepted).
+    fn read_merged(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
         let mut tensor = self.read(name)?;
         if let (Some(lora), Some(module)) = (&self.lora, name.strip_suffix(".weight")) {
             if let Some(adapter) = lora.take_plain(module) {
@@ -391,10 +465,6 @@ impl SimpleBackend for WeightSource {
             }
         }
         tensor.to_dtype(dtype)?.to_device(dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.resolve(name).is_some_and(|(k, _)| self.has_key(&k))
     }
 }
 

@@ -25,6 +25,7 @@ use serde::Deserialize;
 
 use crate::error::ModelError;
 use crate::fsio::read_json;
+use crate::models::weight_use::{name_a_few, UnusedWeights};
 
 /// The fields of `adapter_config.json` that decide the merge.
 #[derive(Debug, Clone, Deserialize)]
@@ -61,6 +62,8 @@ pub struct AdapterConfig {
 /// One adapted linear: its LoRA factors and scale.
 #[derive(Debug)]
 struct LoraPair {
+    /// The module as the adapter file names it (after `base_model.model.`).
+    key: String,
     /// `[r, in]`.
     a: Tensor,
     /// `[out, r]`.
@@ -222,6 +225,7 @@ impl PeftAdapter {
             pairs.insert(
                 canonical(&module),
                 LoraPair {
+                    key: module.clone(),
                     a,
                     b,
                     scale: strength * alpha / divisor,
@@ -320,10 +324,13 @@ impl SimpleBackend for AdaptedWeights {
     }
 }
 
-/// After the model is built: every LoRA pair of `adapter` must have met its weight.
+/// After the model is built: every LoRA pair of `adapter` must have met its weight. One
+/// that did not (a module name the model does not have) is an error naming its keys under
+/// [`UnusedWeights::Refuse`], a warning under [`UnusedWeights::Allow`].
 pub fn check_all_merged(
     adapter: &PeftAdapter,
     merged: &Mutex<HashSet<String>>,
+    unused: UnusedWeights,
 ) -> std::result::Result<(), ModelError> {
     let merged = merged.lock().expect("not poisoned");
     let mut missing: Vec<&String> = adapter
@@ -335,15 +342,32 @@ pub fn check_all_merged(
         return Ok(());
     }
     missing.sort();
-    Err(ModelError::files(
-        &adapter.folder.join("adapter_model.safetensors"),
-        format!(
-            "{} of {} LoRA modules match no weight of the model (first: `{}`); is the adapter for another model?",
-            missing.len(),
-            adapter.pairs.len(),
-            missing[0]
-        ),
-    ))
+    let file = adapter.folder.join("adapter_model.safetensors");
+    let named: Vec<String> = missing
+        .iter()
+        .map(|m| format!("`{}.lora_A/lora_B`", adapter.pairs[*m].key))
+        .collect();
+    let list = name_a_few(&named);
+    match unused {
+        UnusedWeights::Refuse => Err(ModelError::files(
+            &file,
+            format!(
+                "{} of {} LoRA modules match no weight of the model: {list}; is the adapter for \
+                 another model? (--allow-unused-weights loads it anyway)",
+                missing.len(),
+                adapter.pairs.len(),
+            ),
+        )),
+        UnusedWeights::Allow => {
+            tracing::warn!(
+                "adapter {}: {} LoRA modules match no weight and are not applied \
+                 (--allow-unused-weights): {list}",
+                file.display(),
+                missing.len()
+            );
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,148 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::models::activation::Activation;
+use crate::models::config_keys::ConfigKeys;
+
+/// Top-level keys of every family's reference config that do not change the math here.
+const TOP_INERT: &[(&str, &str)] = &[(
+    "video_token_id",
+    "marks video pads; only images are given to the model here, so no prompt holds it",
+)];
+
+/// `text_config` keys of every family's reference config that do not change the math here.
+const TEXT_INERT: &[(&str, &str)] = &[
+    ("attention_dropout", "dropout, off at inference"),
+    ("max_position_embeddings", "sizes caches and dynamic RoPE variants; the default / mrope frequencies do not depend on it (other rope types are refused)"),
+    ("pad_token_id", "the embedding's padding row only matters for training; prompts here are never padded"),
+    ("bos_token_id", "the prompt's ids come from the chat template and tokenizer"),
+    ("model_type", "names the sub-config class; the family comes from the top-level model_type"),
+];
+
+/// The Qwen2 decoders' sliding-window keys: only used with `use_sliding_window`, which is
+/// refused when true (Qwen2VLTextConfig.__post_init__ drops `sliding_window` otherwise, and
+/// the attention then slides over nothing whatever `layer_types` says).
+const SLIDING_INERT: &[(&str, &str)] = &[
+    (
+        "sliding_window",
+        "only used with use_sliding_window (refused when true)",
+    ),
+    (
+        "max_window_layers",
+        "only used with use_sliding_window (refused when true)",
+    ),
+    (
+        "layer_types",
+        "sliding_attention entries only slide with use_sliding_window (refused when true)",
+    ),
+];
+
+/// `vision_config` keys of every family's reference config that do not change the math here.
+const VISION_INERT: &[(&str, &str)] = &[(
+    "model_type",
+    "names the sub-config class; the family comes from the top-level model_type",
+)];
+
+/// How every key of transformers' `Qwen2VLConfig` is treated, by section (see
+/// [`crate::models::config_keys`]).
+pub const QWEN2_VL_CONFIG_KEYS: &[ConfigKeys] = &[
+    ConfigKeys {
+        section: "",
+        inert: TOP_INERT,
+        refused: &[],
+    },
+    ConfigKeys {
+        section: "text_config",
+        inert: &[],
+        refused: TEXT_REFUSED,
+    },
+    ConfigKeys {
+        section: "vision_config",
+        inert: VISION_INERT,
+        refused: &[("hidden_act", "\"xielu\"")],
+    },
+];
+
+/// How every key of transformers' `Qwen2_5_VLConfig` is treated, by section.
+pub const QWEN2_5_VL_CONFIG_KEYS: &[ConfigKeys] = &[
+    ConfigKeys {
+        section: "",
+        inert: TOP_INERT,
+        refused: &[],
+    },
+    ConfigKeys {
+        section: "text_config",
+        inert: &[],
+        refused: TEXT_REFUSED,
+    },
+    ConfigKeys {
+        section: "vision_config",
+        inert: &[
+            (
+                "model_type",
+                "names the sub-config class; the family comes from the top-level model_type",
+            ),
+            (
+                "tokens_per_second",
+                "spaces the temporal positions of video frames; an image has one temporal index",
+            ),
+        ],
+        refused: &[("hidden_act", "\"xielu\"")],
+    },
+];
+
+/// How every key of transformers' `Qwen3VLConfig` is treated, by section.
+pub const QWEN3_VL_CONFIG_KEYS: &[ConfigKeys] = &[
+    ConfigKeys {
+        section: "",
+        inert: TOP_INERT,
+        refused: &[],
+    },
+    ConfigKeys {
+        section: "text_config",
+        inert: &[],
+        refused: &[
+            ("hidden_act", "\"relu2\""),
+            ("rope_parameters", "{\"rope_type\": \"yarn\"}"),
+        ],
+    },
+    ConfigKeys {
+        section: "vision_config",
+        inert: VISION_INERT,
+        refused: &[
+            ("hidden_act", "\"xielu\""),
+            ("deepstack_visual_indexes", "[99]"),
+        ],
+    },
+];
+
+/// `text_config` keys refused (by name) for values not implemented here.
+const TEXT_REFUSED: &[(&str, &str)] = &[
+    ("hidden_act", "\"relu2\""),
+    ("use_sliding_window", "true"),
+    ("rope_parameters", "{\"rope_type\": \"yarn\"}"),
+];
+
+impl Family {
+    /// How each key of the family's reference config is treated.
+    pub fn config_keys(self) -> &'static [ConfigKeys] {
+        match self {
+            Self::Qwen2Vl => QWEN2_VL_CONFIG_KEYS,
+            Self::Qwen25Vl => QWEN2_5_VL_CONFIG_KEYS,
+            Self::Qwen3Vl => QWEN3_VL_CONFIG_KEYS,
+        }
+    }
+
+    /// The inert keys of `section` every family shares ([`ConfigKeys::inert_reason`]'s
+    /// `common`).
+    pub fn shared_inert(section: &str) -> Vec<(&'static str, &'static str)> {
+        let mut all = crate::models::config_keys::TRANSFORMERS_COMMON_INERT.to_vec();
+        if section == "text_config" {
+            all.extend_from_slice(TEXT_INERT);
+            all.extend_from_slice(SLIDING_INERT);
+        }
+        all
+    }
+}
 
 /// Which model family a checkpoint belongs to; they differ only in the vision tower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,12 +190,16 @@ pub struct TextConfig {
     pub tie_word_embeddings: bool,
     /// Width of one attention head (Qwen3 states it; Qwen2 derives it).
     pub head_dim: usize,
-    /// q/k/v projections have biases (Qwen2) or none (Qwen3).
+    /// q/k/v projections have biases (Qwen2; Qwen3 with `attention_bias`) or none.
     pub qkv_bias: bool,
+    /// The output projection has a bias: Qwen3-VL with `attention_bias`, where transformers
+    /// gives q, k, v and o their biases together (`Qwen3VLTextAttention`); never in Qwen2.
+    pub o_bias: bool,
     /// Per-head RMSNorm on queries and keys (Qwen3).
     pub qk_norm: bool,
     /// Qwen3-VL interleaves the axes over the frequencies (t, h, w, t, h, w, ...) instead
-    /// of giving each axis a contiguous block.
+    /// of giving each axis a contiguous block. Fixed by the family, as in transformers: a
+    /// config's `mrope_interleaved` that says otherwise is refused.
     pub mrope_interleaved: bool,
     /// The MLP's activation (`hidden_act`; SiLU in every released checkpoint).
     pub hidden_act: Activation,
@@ -345,30 +491,51 @@ impl Qwen2VlConfig {
         let rope = either(t, f, |x| &x.rope_parameters)
             .or_else(|| either(t, f, |x| &x.rope_scaling))
             .unwrap_or_default();
-        let mrope_section = rope
-            .mrope_section
-            .clone()
-            .ok_or("missing field `rope_scaling.mrope_section` (or `rope_parameters`)")?;
+        let rope_section = if either(t, f, |x| &x.rope_parameters).is_some() {
+            "rope_parameters"
+        } else {
+            "rope_scaling"
+        };
         // Fields that change the computation and that this code does not implement are
         // refused, never ignored.
         if let Some(kind) = rope.rope_type.as_ref().or(rope.kind.as_ref()) {
             if !matches!(kind.as_str(), "mrope" | "default") {
                 return Err(format!(
-                    "rope type {kind:?} is not implemented (only multimodal RoPE, \"mrope\"/\"default\")"
+                    "`{rope_section}.rope_type` = {kind:?} is not implemented (only multimodal RoPE, \"mrope\"/\"default\")"
                 ));
             }
         }
+        let mrope_section = rope
+            .mrope_section
+            .clone()
+            .ok_or("missing field `rope_scaling.mrope_section` (or `rope_parameters`)")?;
         if either(t, f, |x| &x.use_sliding_window) == Some(true) {
             return Err(
                 "use_sliding_window = true is not implemented (every released Qwen-VL attends over the whole sequence)"
                     .into(),
             );
         }
+        // transformers 5 fixes the M-RoPE layout by family and never reads the field:
+        // Qwen3VLTextRotaryEmbedding.recomposition_frequencies always interleaves, Qwen2-VL's
+        // and Qwen2.5-VL's apply_multimodal_rotary_pos_emb always splits into blocks. A
+        // config asking for the other layout would run differently here and there: refused.
+        let qwen3 = family == Family::Qwen3Vl;
+        if let Some(interleaved) = rope.mrope_interleaved.filter(|&i| i != qwen3) {
+            return Err(format!(
+                "`{rope_section}.mrope_interleaved` = {interleaved} is not supported: transformers' {} {} \
+                 whatever the field says",
+                head.model_type,
+                if qwen3 {
+                    "always interleaves the M-RoPE axes over the frequencies"
+                } else {
+                    "always gives each M-RoPE axis a contiguous block of frequencies"
+                }
+            ));
+        }
         let hidden_act = match either(t, f, |x| &x.hidden_act) {
             Some(name) => Activation::from_name(&name).map_err(|e| format!("hidden_act: {e}"))?,
             None => Activation::Silu,
         };
-        let qwen3 = family == Family::Qwen3Vl;
         let hidden_size = required!(hidden_size);
         let num_attention_heads = required!(num_attention_heads);
         let text = TextConfig {
@@ -393,8 +560,10 @@ impl Qwen2VlConfig {
             } else {
                 true
             },
+            // transformers' Qwen2-VL text attention has no such field: o_proj is bias-free.
+            o_bias: qwen3 && either(t, f, |x| &x.attention_bias).unwrap_or(false),
             qk_norm: qwen3,
-            mrope_interleaved: rope.mrope_interleaved.unwrap_or(qwen3),
+            mrope_interleaved: qwen3,
             hidden_act,
         };
         if text.num_attention_heads == 0
@@ -618,6 +787,34 @@ mod tests {
             Qwen2VlConfig::from_json(&q3).unwrap().vision.hidden_act,
             Activation::GeluTanh
         );
+        // attention_bias gives q, k, v and o their biases together, as transformers does.
+        let c = Qwen2VlConfig::from_json(&q3).unwrap();
+        assert!(!c.text.qkv_bias && !c.text.o_bias);
+        let mut biased = q3.clone();
+        biased["text_config"]["attention_bias"] = true.into();
+        let c = Qwen2VlConfig::from_json(&biased).unwrap();
+        assert!(c.text.qkv_bias && c.text.o_bias);
+        // mrope_interleaved is fixed by the family in transformers: saying so is accepted,
+        // saying otherwise refused by name.
+        let mut flat = q3.clone();
+        flat["text_config"]["rope_parameters"]["mrope_interleaved"] = false.into();
+        let err = Qwen2VlConfig::from_json(&flat).unwrap_err();
+        assert!(
+            err.contains("`rope_parameters.mrope_interleaved` = false"),
+            "{err}"
+        );
+        let mut q2 = fixture("qwen2_vl");
+        assert!(!Qwen2VlConfig::from_json(&q2).unwrap().text.o_bias);
+        q2["text_config"]["rope_parameters"]["mrope_interleaved"] = false.into();
+        assert!(
+            !Qwen2VlConfig::from_json(&q2)
+                .unwrap()
+                .text
+                .mrope_interleaved
+        );
+        q2["text_config"]["rope_parameters"]["mrope_interleaved"] = true.into();
+        let err = Qwen2VlConfig::from_json(&q2).unwrap_err();
+        assert!(err.contains("mrope_interleaved` = true"), "{err}");
         q3["text_config"]["rope_parameters"]["rope_type"] = "yarn".into();
         let err = Qwen2VlConfig::from_json(&q3).unwrap_err();
         assert!(err.contains("\"yarn\""), "{err}");

@@ -13,10 +13,11 @@ use super::adapter::{check_all_merged, AdaptedWeights, PeftAdapter};
 use super::chat::ChatFormat;
 use super::config::{Qwen2VlConfig, TokenIds};
 use super::image::ImageProcessorConfig;
-use super::model::{KeyLayout, Qwen2Vl};
+use super::model::{unused_tensors, KeyLayout, Qwen2Vl};
 use crate::error::ModelError;
 use crate::fsio::read_json;
 use crate::hub::{resolve_snapshot, shards};
+use crate::models::weight_use::{check_unused, ReadLog, Recording, StoredTensors, UnusedWeights};
 
 /// The files of a checkpoint [`Qwen2VlFiles::discover`] reads (configs, weights, tokenizer,
 /// chat template), as patterns over a Hub repository's paths.
@@ -100,18 +101,44 @@ impl Qwen2VlFiles {
     }
 
     /// Loads the weights onto `device` in `dtype`. A missing or misshapen tensor is an
-    /// error naming the folder and the key.
+    /// error naming the folder and the key; so is a tensor of the files that the model does
+    /// not read (unless [`unused_tensors`] lists it).
     pub fn load(&self, dtype: DType, device: &Device) -> Result<Qwen2Vl, ModelError> {
-        self.load_adapted(dtype, device, None)
+        self.load_adapted(dtype, device, None, UnusedWeights::Refuse)
     }
 
-    /// As [`Self::load`], with a peft LoRA adapter merged into the weights as they are read;
-    /// an adapter module that matches no weight is an error naming it.
+    /// As [`Self::load`], with a peft LoRA adapter merged into the weights as they are read
+    /// (an adapter module that matches no weight is an error naming it) and `unused` saying
+    /// what to do with tensors nobody read.
     pub fn load_adapted(
         &self,
         dtype: DType,
         device: &Device,
         adapter: Option<Arc<PeftAdapter>>,
+        unused: UnusedWeights,
+    ) -> Result<Qwen2Vl, ModelError> {
+        let log = ReadLog::new();
+        let model = self.build_recorded(dtype, device, adapter, unused, &log)?;
+        check_unused(
+            "the Qwen-VL model",
+            &StoredTensors::safetensors(&self.weights)?,
+            &log,
+            &unused_tensors(&self.config),
+            unused,
+        )?;
+        Ok(model)
+    }
+
+    /// Builds the model (with `adapter` merged) recording every tensor read in `log`,
+    /// without comparing them with the files: for loaders that read more of the same files
+    /// (a reward model's heads) and check once at the end.
+    pub fn build_recorded(
+        &self,
+        dtype: DType,
+        device: &Device,
+        adapter: Option<Arc<PeftAdapter>>,
+        unused: UnusedWeights,
+        log: &ReadLog,
     ) -> Result<Qwen2Vl, ModelError> {
         let fail =
             |e: candle_core::Error| config_error(&self.root, format!("loading weights: {e}"));
@@ -127,18 +154,24 @@ impl Qwen2VlFiles {
                 "no Qwen2-VL tensors (expected `model.embed_tokens.*`/`visual.*` or `model.language_model.*`)",
             )
         })?;
+        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
+        let base = unsafe { MmapedSafetensors::multi(&self.weights) }.map_err(fail)?;
         let Some(adapter) = adapter else {
-            // SAFETY: the files are memory-mapped read-only and not modified while loaded.
-            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&self.weights, dtype, device) }
-                .map_err(fail)?;
+            let vb = VarBuilder::from_backend(
+                Box::new(Recording::new(base, log.clone())),
+                dtype,
+                device.clone(),
+            );
             return Qwen2Vl::new(&self.config, layout, vb).map_err(fail);
         };
-        // SAFETY: as above.
-        let base = unsafe { MmapedSafetensors::multi(&self.weights) }.map_err(fail)?;
         let (weights, merged) = AdaptedWeights::new(base, adapter.clone());
-        let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
+        let vb = VarBuilder::from_backend(
+            Box::new(Recording::new(weights, log.clone())),
+            dtype,
+            device.clone(),
+        );
         let model = Qwen2Vl::new(&self.config, layout, vb).map_err(fail)?;
-        check_all_merged(&adapter, &merged)?;
+        check_all_merged(&adapter, &merged, unused)?;
         Ok(model)
     }
 

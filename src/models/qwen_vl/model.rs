@@ -11,6 +11,24 @@ use super::image::PreparedImage;
 use super::text::{last_position, Deepstack, KvCache, Positions, TextModel};
 use super::vision::VisionTower;
 use crate::models::bench::StageClock;
+use crate::models::weight_use::KnownUnused;
+
+/// Tensors a Qwen-VL checkpoint of `config` may hold that the model does not read, because
+/// transformers' `*ForConditionalGeneration` does not either. Every other unread tensor is
+/// refused (see [`crate::models::weight_use`]).
+pub fn unused_tensors(config: &Qwen2VlConfig) -> Vec<KnownUnused> {
+    let mut known = Vec::new();
+    if config.text.tie_word_embeddings {
+        known.push(KnownUnused::new(
+            "lm_head.weight",
+            "with tie_word_embeddings the head is the embedding: `_tied_weights_keys = \
+             {\"lm_head.weight\": \"model.language_model.embed_tokens.weight\"}` in \
+             transformers' Qwen2VL / Qwen2_5_VL / Qwen3VL ForConditionalGeneration, so a \
+             stored head is replaced when the weights are tied",
+        ));
+    }
+    known
+}
 
 /// One prompt ready for the model: token ids with every image's pads expanded, and the
 /// images in the order their pads appear.

@@ -25,8 +25,9 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
 use super::files::Qwen2VlFiles;
-use super::model::{EncodedPrompt, PositionMode, Qwen2Vl};
+use super::model::{unused_tensors, EncodedPrompt, PositionMode, Qwen2Vl};
 use crate::error::ModelError;
+use crate::models::weight_use::{check_unused, ReadLog, Recording, StoredTensors, UnusedWeights};
 
 /// The special token whose hidden state the heads read.
 pub const REWARD_TOKEN: &str = "<|Reward|>";
@@ -99,14 +100,18 @@ pub fn reward_weights(dir: &Path) -> std::result::Result<Vec<PathBuf>, ModelErro
 
 impl RewardModel {
     /// Loads the reward checkpoint `weights` over the base model's `files` (config,
-    /// tokenizer, processor), with `reward_token` the id the tokenizer gave `<|Reward|>`.
-    /// The vocabulary size is read off the checkpoint's embedding rows.
+    /// tokenizer, processor), with `reward_token` the id the tokenizer gave `<|Reward|>`,
+    /// in `dtype` on `device` (the heads in f32). The vocabulary size is read off the
+    /// checkpoint's embedding rows. A tensor of the checkpoint that neither the backbone nor
+    /// the heads read is refused unless the backbone's [`unused_tensors`] lists it or
+    /// `unused` allows it.
     pub fn load(
         files: &Qwen2VlFiles,
         weights: Vec<PathBuf>,
         reward_token: u32,
         dtype: DType,
         device: &Device,
+        unused: UnusedWeights,
     ) -> std::result::Result<Self, ModelError> {
         let at = weights.first().cloned().unwrap_or_default();
         let fail = |e: candle_core::Error| {
@@ -138,15 +143,25 @@ impl RewardModel {
         let mut files = files.clone();
         files.config.text.vocab_size = rows;
         files.weights = weights.clone();
-        let backbone = files.load(dtype, device)?;
-        // SAFETY: as above.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&weights, DType::F32, device) }
-            .map_err(fail)?;
+        let log = ReadLog::new();
+        let backbone = files.build_recorded(dtype, device, None, unused, &log)?;
+        let vb = VarBuilder::from_backend(
+            Box::new(Recording::new(tensors, log.clone())),
+            DType::F32,
+            device.clone(),
+        );
         let hidden = files.config.text.hidden_size;
         let heads = [
             RewardHead::new(hidden, vb.pp("rm_heads.head_0")).map_err(fail)?,
             RewardHead::new(hidden, vb.pp("rm_heads.head_1")).map_err(fail)?,
         ];
+        check_unused(
+            "the reward model",
+            &StoredTensors::safetensors(&weights)?,
+            &log,
+            &unused_tensors(&files.config),
+            unused,
+        )?;
         Ok(Self {
             backbone,
             heads,

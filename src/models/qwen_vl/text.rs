@@ -167,7 +167,7 @@ impl Attention {
             q_proj: linear_b(h, cfg.num_attention_heads * d, bias, vb.pp("q_proj"))?,
             k_proj: linear_b(h, cfg.num_key_value_heads * d, bias, vb.pp("k_proj"))?,
             v_proj: linear_b(h, cfg.num_key_value_heads * d, bias, vb.pp("v_proj"))?,
-            o_proj: linear_no_bias(cfg.num_attention_heads * d, h, vb.pp("o_proj"))?,
+            o_proj: linear_b(cfg.num_attention_heads * d, h, cfg.o_bias, vb.pp("o_proj"))?,
             qk_norm,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,

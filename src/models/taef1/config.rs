@@ -8,6 +8,25 @@
 use serde::Deserialize;
 
 use crate::models::activation::Activation;
+use crate::models::config_keys::ConfigKeys;
+
+/// How every key of diffusers' `AutoencoderTiny` config is treated (see
+/// [`crate::models::config_keys`]).
+pub const CONFIG_KEYS: &[ConfigKeys] = &[ConfigKeys {
+    section: "",
+    inert: &[
+        ("in_channels", "the encoder's input channels; only the decoder is built (diffusers' decode runs without the encoder)"),
+        ("encoder_block_out_channels", "the encoder's widths; only the decoder is built"),
+        ("num_encoder_blocks", "the encoder's depth; only the decoder is built"),
+    ],
+    refused: &[
+        ("_class_name", "\"AutoencoderKL\""),
+        ("upsample_fn", "\"bilinear\""),
+        ("act_fn", "\"mish\""),
+        ("decoder_block_out_channels", "[64, 64, 32, 32]"),
+        ("scaling_factor", "0.0"),
+    ],
+}];
 
 /// The Hub repository of TAEF1, the tiny autoencoder for FLUX.1 latents (diffusers layout:
 /// `config.json` + `diffusion_pytorch_model.safetensors`, beside the original taesd.py files

@@ -26,6 +26,17 @@ pub use decoder::TinyDecoder;
 use crate::error::ModelError;
 use crate::fsio::read_json;
 use crate::hub::{self, HubSettings};
+use crate::models::weight_use::{
+    check_unused, KnownUnused, ReadLog, Recording, StoredTensors, UnusedWeights,
+};
+
+/// Tensors a tiny autoencoder file may hold that the decoder does not read, because the
+/// reference's decode does not either.
+pub const UNUSED_TENSORS: &[KnownUnused] = &[KnownUnused::new(
+    "encoder.layers.*",
+    "the tiny encoder: diffusers' AutoencoderTiny.decode (and FLUX's previews, which only \
+     decode latents) runs `self.decoder` alone (models/autoencoders/autoencoder_tiny.py)",
+)];
 
 /// The weights file of a diffusers `AutoencoderTiny` folder.
 pub const WEIGHTS_FILE: &str = "diffusion_pytorch_model.safetensors";
@@ -267,17 +278,37 @@ impl TinyDecoderFiles {
     }
 
     /// Loads the decoder in `dtype` on `device`. A missing tensor or a shape that does not fit
-    /// the configuration is an error naming the file and the key as the file spells it.
-    pub fn load(&self, dtype: DType, device: &Device) -> Result<TinyDecoder, ModelError> {
+    /// the configuration is an error naming the file and the key as the file spells it; so is
+    /// a tensor of the file that the decoder does not read, unless [`UNUSED_TENSORS`] lists
+    /// it or `unused` allows it.
+    pub fn load(
+        &self,
+        dtype: DType,
+        device: &Device,
+        unused: UnusedWeights,
+    ) -> Result<TinyDecoder, ModelError> {
         let st = open(&self.weights)?;
-        let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone());
+        let log = ReadLog::new();
+        let vb = VarBuilder::from_backend(
+            Box::new(Recording::new(st, log.clone())),
+            dtype,
+            device.clone(),
+        );
         let layout = self.layout;
         let vb = vb.rename_f(move |name| file_key(layout, name));
-        TinyDecoder::load(vb, &self.config).map_err(|e| {
+        let decoder = TinyDecoder::load(vb, &self.config).map_err(|e| {
             ModelError::files(
                 &self.weights,
                 format!("tiny decoder ({:?} layout): {e}", self.layout),
             )
-        })
+        })?;
+        check_unused(
+            "the tiny decoder",
+            &StoredTensors::safetensors(std::slice::from_ref(&self.weights))?,
+            &log,
+            UNUSED_TENSORS,
+            unused,
+        )?;
+        Ok(decoder)
     }
 }
