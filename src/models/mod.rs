@@ -5,7 +5,8 @@
 //! benchmarks share; [`activation`] the activations configs name; [`cpu`] fused CPU kernels for the
 //! f32 hot spots (attention) that candle runs as several passes, [`cuda`] their GPU
 //! counterparts (softmax, bias add), and [`linear`] the biased linear forward that picks
-//! between them.
+//! between them. [`step_cache`] holds the model-agnostic part of step caching
+//! (First-Block-Cache, TaylorSeer: the rules, each candidate's memory).
 
 pub mod activation;
 pub mod bench;
@@ -14,5 +15,6 @@ pub mod cuda;
 pub mod flux;
 pub mod linear;
 pub mod qwen_vl;
+pub mod step_cache;
 pub mod taef1;
 pub mod testbed;
