@@ -591,6 +591,20 @@ impl RowWork {
     }
 }
 
+/// Row `j` of a batch tensor `t` as `[1, ..]` with storage of its own, for a cache to keep:
+/// a view would keep the whole batch's storage alive as long as the cache keeps the row
+/// (with rows deciding differently, every candidate could hold a different batch). A
+/// batch of one is its own row already.
+pub fn own_row(t: &Tensor, j: usize) -> Result<Tensor> {
+    let row = t.narrow(0, j, 1)?;
+    if t.dim(0)? == 1 {
+        Ok(row)
+    } else {
+        // `copy` would clone the whole storage under the view; this copies the row alone.
+        row.force_contiguous()
+    }
+}
+
 /// The rows of `t` (batch dimension first) at `rows`, in that order; `t` itself when they
 /// are all of its `0..n` rows in order.
 pub fn select_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {
@@ -809,5 +823,21 @@ mod tests {
             t.to_vec2::<f32>().unwrap()
         );
         assert!(merge_rows(vec![(vec![0], t.narrow(0, 0, 1).unwrap())], 2).is_err());
+    }
+
+    #[test]
+    fn an_owned_row_holds_only_its_own_elements() {
+        let t = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let row = own_row(&t, 1).unwrap();
+        assert_eq!(row.to_vec2::<f32>().unwrap(), [[4.0, 5.0, 6.0, 7.0]]);
+        let (storage, layout) = row.storage_and_layout();
+        let held = match &*storage {
+            candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>().unwrap().len(),
+            _ => unreachable!(),
+        };
+        assert_eq!((held, layout.start_offset()), (4, 0));
     }
 }

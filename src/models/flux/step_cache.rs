@@ -24,8 +24,8 @@ use super::config::FluxConfig;
 use super::flops::ForwardFlops;
 use super::transformer::{FluxTransformer, TextConditioning};
 use crate::models::step_cache::{
-    merge_rows, select_rows, CacheMemory, CandidateCache, FirstBlockMemory, RowWork, StepCache,
-    TaylorMemory, TaylorStep,
+    merge_rows, own_row, select_rows, CacheMemory, CandidateCache, FirstBlockMemory, RowWork,
+    StepCache, TaylorMemory, TaylorStep,
 };
 
 fn error(message: impl Into<String>) -> candle_core::Error {
@@ -138,7 +138,7 @@ fn update_full_rows(
         };
         let rows = outputs
             .iter()
-            .map(|t| t.narrow(0, j, 1))
+            .map(|t| own_row(t, j))
             .collect::<Result<Vec<_>>>()?;
         memory.update(step.step, rows)?;
     }
@@ -252,7 +252,7 @@ impl FluxTransformer {
             let tail = (&out - &head_out)?;
             for (j, &row) in full.iter().enumerate() {
                 if let Some(memory) = first_block_mut(&mut caches[row])? {
-                    memory.remember(residual.narrow(0, row, 1)?, tail.narrow(0, j, 1)?);
+                    memory.remember(own_row(&residual, row)?, own_row(&tail, j)?);
                 }
             }
             parts.push((full, out));
