@@ -21,7 +21,9 @@ use crate::edit::EditContext;
 use crate::engine::{Engine, GeneratorWorker, StrategyConfig};
 use crate::error::{EngineError, GenerateError};
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
-use crate::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit};
+use crate::generate::{
+    CandidateCache, DecodePurpose, Generator, GeneratorInfo, PreparedEdit, RowWork,
+};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 use crate::judge::{Comparison, Judge, JudgeError, PreviewStage, ScreenVerdict, SubScores};
 use crate::models::testbed::make_edit;
@@ -60,6 +62,19 @@ impl<G: Generator> Generator for CostModel<G> {
         let v = self.inner.velocity(edit, latents, sigma)?;
         std::thread::sleep((self.per_row * rows).saturating_sub(started.elapsed()));
         Ok(v)
+    }
+    fn velocity_cached(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        sigma: f64,
+        caches: &mut [CandidateCache],
+    ) -> Result<(Tensor, Vec<RowWork>), GenerateError> {
+        let rows = latents.dim(0)? as u32;
+        let started = Instant::now();
+        let out = self.inner.velocity_cached(edit, latents, sigma, caches)?;
+        std::thread::sleep((self.per_row * rows).saturating_sub(started.elapsed()));
+        Ok(out)
     }
     fn decode(
         &mut self,

@@ -23,7 +23,10 @@ use super::worker::GeneratorWorker;
 mod adaptive;
 use crate::edit::EditContext;
 use crate::error::{EngineError, GenerateError};
-use crate::generate::{self, CandidateState, GeneratorInfo, PreparedEdit, Schedule};
+use crate::generate::{
+    self, CandidateCache, CandidateState, ForwardTally, GeneratorInfo, PreparedEdit, Schedule,
+    StepCache,
+};
 use crate::judge::{Judge, JudgeError, PreviewStage, ScoreKind, ScreenVerdict, ViePair};
 use crate::stop::StopSignal;
 
@@ -64,6 +67,8 @@ pub struct Engine {
     worker: Arc<GeneratorWorker>,
     judge: Option<Arc<dyn Judge>>,
     judge_slots: Arc<Semaphore>,
+    /// The step cache completions may use (none unless asked).
+    step_cache: StepCache,
 }
 
 impl Engine {
@@ -78,6 +83,7 @@ impl Engine {
             worker,
             judge: Some(judge),
             judge_slots: Arc::new(Semaphore::new(judge_concurrency.max(1))),
+            step_cache: StepCache::None,
         }
     }
 
@@ -87,7 +93,24 @@ impl Engine {
             worker,
             judge: None,
             judge_slots: Arc::new(Semaphore::new(1)),
+            step_cache: StepCache::None,
         }
+    }
+
+    /// Lets completions skip forwards with `cache` (First-Block-Cache, TaylorSeer): the
+    /// survivors' completions, the full runs of `random` and `best-of-n` and the
+    /// tournament's re-run start each candidate's cache afresh and may be served from it;
+    /// probe steps and the tournament's short runs always run in full, so every preview a
+    /// judge sees is exact. Each forward, full or cached, is still one NFE; a note in the
+    /// report says how many were cached.
+    pub fn with_step_cache(mut self, cache: StepCache) -> Self {
+        self.step_cache = cache;
+        self
+    }
+
+    /// The step cache completions use.
+    pub fn step_cache(&self) -> StepCache {
+        self.step_cache
     }
 
     /// The generator worker.
@@ -151,6 +174,7 @@ impl Engine {
             adaptive: None,
             notes: Vec::new(),
             nfe: NfeLedger::default(),
+            cached_phases: ForwardTally::default(),
             judge_totals: JudgeTotals::default(),
             timings: Timings {
                 prepare_s: t.elapsed().as_secs_f64(),
@@ -173,6 +197,7 @@ impl Engine {
         let p = session.prepared.clone();
         let _ = self.worker.run(move |g| g.release(&p)).await;
         let pick = outcome?;
+        session.note_step_cache();
         session.timings.total_s = started.elapsed().as_secs_f64();
         Ok(session.into_report(pick))
     }
@@ -195,6 +220,8 @@ struct EditRun<'a> {
     adaptive: Option<AdaptiveRecord>,
     notes: Vec<String>,
     nfe: NfeLedger,
+    /// The forwards of the phases that may use the step cache.
+    cached_phases: ForwardTally,
     judge_totals: JudgeTotals,
     timings: Timings,
 }
@@ -259,18 +286,33 @@ impl EditRun<'_> {
     }
 
     /// Advances `states` (all at one step) to `to_step` of `schedule`, counting NFE on the
-    /// candidates `indices` (parallel to `states`).
+    /// candidates `indices` (parallel to `states`). With `may_cache` (completions) each
+    /// state's step cache is switched on, fresh, when the engine has one; otherwise the
+    /// states advance with the caches they have (none: probes are exact).
     async fn advance(
         &mut self,
         phase: &str,
         schedule: Arc<Schedule>,
         indices: &[usize],
-        states: Vec<CandidateState>,
+        mut states: Vec<CandidateState>,
         to_step: usize,
+        may_cache: bool,
     ) -> Result<Vec<CandidateState>, EngineError> {
         let Some(from) = states.first().map(|s| s.step) else {
             return Ok(states);
         };
+        let cache = self.engine.step_cache;
+        if may_cache && cache.is_on() {
+            for state in states.iter_mut().filter(|s| !s.cache.is_on()) {
+                state.cache = CandidateCache::new(cache);
+            }
+        }
+        let tally = |states: &[CandidateState]| {
+            states
+                .iter()
+                .fold(ForwardTally::default(), |t, s| t.plus(&s.forwards))
+        };
+        let before = tally(&states);
         self.check_cancel()?;
         let n = states.len();
         let forwards = n * to_step.saturating_sub(from);
@@ -318,7 +360,31 @@ impl EditRun<'_> {
         for &i in indices {
             self.candidates[i].nfe += to_step - from;
         }
+        if may_cache {
+            self.cached_phases = self.cached_phases.plus(&tally(&states).since(&before));
+        }
         Ok(states)
+    }
+
+    /// Notes what the step cache did, when the engine has one.
+    fn note_step_cache(&mut self) {
+        let cache = self.engine.step_cache;
+        if !cache.is_on() {
+            return;
+        }
+        let t = self.cached_phases;
+        let flops = if t.full_flops > 0 {
+            format!(
+                ", {:.1}% of the transformer FLOPs of full forwards",
+                100.0 * t.flops as f64 / t.full_flops as f64
+            )
+        } else {
+            String::new()
+        };
+        self.notes.push(format!(
+            "step cache {cache} in completions: {} full and {} cached forwards{flops}; each counts as one NFE",
+            t.full, t.cached
+        ));
     }
 
     /// Decodes each state's x0 preview and screens it; previews are screened as soon as
@@ -492,7 +558,7 @@ impl EditRun<'_> {
         let t = Instant::now();
         let steps = self.schedule.steps;
         let states = self
-            .advance("generate", self.schedule.clone(), &all, states, steps)
+            .advance("generate", self.schedule.clone(), &all, states, steps, true)
             .await?;
         self.timings.complete_s = t.elapsed().as_secs_f64();
         self.nfe.complete = states.len() * steps;
@@ -511,7 +577,7 @@ impl EditRun<'_> {
         let all: Vec<usize> = (0..states.len()).collect();
         let t = Instant::now();
         let states = self
-            .advance("probe", self.schedule.clone(), &all, states, k)
+            .advance("probe", self.schedule.clone(), &all, states, k, false)
             .await?;
         self.timings.probe_s = t.elapsed().as_secs_f64();
         self.nfe.probe = states.len() * k;
@@ -553,6 +619,7 @@ impl EditRun<'_> {
                     &alive,
                     states,
                     round.to_step,
+                    false,
                 )
                 .await?;
             self.timings.probe_s += t.elapsed().as_secs_f64();
@@ -619,7 +686,14 @@ impl EditRun<'_> {
         let steps = self.schedule.steps;
         let from = states.first().map_or(steps, |s| s.step);
         let states = self
-            .advance("complete", self.schedule.clone(), indices, states, steps)
+            .advance(
+                "complete",
+                self.schedule.clone(),
+                indices,
+                states,
+                steps,
+                true,
+            )
             .await?;
         self.timings.complete_s += t.elapsed().as_secs_f64();
         let nfe = states.len() * (steps - from);
@@ -642,7 +716,7 @@ impl EditRun<'_> {
         let short = Arc::new(self.prepared.schedule(k));
         let t = Instant::now();
         let states = self
-            .advance("short", short.clone(), &all, states, k)
+            .advance("short", short.clone(), &all, states, k, false)
             .await?;
         self.nfe.probe = states.len() * k;
         let prepared = self.prepared.clone();
@@ -739,6 +813,7 @@ impl EditRun<'_> {
                 &[champion],
                 vec![state],
                 steps,
+                true,
             )
             .await?;
         self.timings.complete_s = t.elapsed().as_secs_f64();

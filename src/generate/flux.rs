@@ -5,7 +5,8 @@
 //! unless kept), the diptych with its right half masked is encoded by the VAE, and the
 //! masked-image latents and the mask tokens are concatenated to every candidate's noisy
 //! latents (64 + 64 + 256 = 384 channels per token). Each velocity call is one transformer
-//! forward for a batch of candidates; decoding unpacks, runs the VAE decoder and crops the
+//! forward for a batch of candidates (each row with its own step cache, see
+//! [`crate::models::flux::step_cache`]); decoding unpacks, runs the VAE decoder and crops the
 //! right panel. With a tiny decoder (TAEF1) loaded, live previews (and the judge's previews
 //! when asked) are decoded by it instead: see [`PreviewDecoder`].
 
@@ -19,7 +20,9 @@ use candle_nn::VarBuilder;
 use image::RgbImage;
 
 use super::noise::seeded_noise;
-use super::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit, PreparedSet};
+use super::{
+    CandidateCache, DecodePurpose, Generator, GeneratorInfo, PreparedEdit, PreparedSet, RowWork,
+};
 use crate::edit::{crop_right_panel, make_diptych, EditContext};
 use crate::error::GenerateError;
 use crate::models::bench::RandomWeights;
@@ -669,6 +672,17 @@ impl Generator for FluxGenerator {
         latents: &Tensor,
         sigma: f64,
     ) -> Result<Tensor, GenerateError> {
+        let mut off = vec![CandidateCache::default(); latents.dim(0)?];
+        Ok(self.velocity_cached(edit, latents, sigma, &mut off)?.0)
+    }
+
+    fn velocity_cached(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        sigma: f64,
+        caches: &mut [CandidateCache],
+    ) -> Result<(Tensor, Vec<RowWork>), GenerateError> {
         let p = self.edits.get(edit)?;
         let b = latents.dim(0)?;
         let img = Tensor::cat(
@@ -682,11 +696,11 @@ impl Generator for FluxGenerator {
             .transformer
             .as_ref()
             .ok_or_else(|| GenerateError::Config("velocity before any edit was prepared".into()))?;
-        let v = transformer
-            .forward(&img, &p.text, sigma, self.options.guidance, &p.rope)
-            .and_then(|v| v.to_dtype(DType::F32))
+        let (v, work) = transformer
+            .forward_cached(&img, &p.text, sigma, self.options.guidance, &p.rope, caches)
+            .and_then(|(v, work)| Ok((v.to_dtype(DType::F32)?, work)))
             .map_err(GenerateError::from_forward)?;
-        Ok(v)
+        Ok((v, work))
     }
 
     fn decode(

@@ -4,7 +4,9 @@
 //! (and chooses the schedule's shift for it), predicts the flow-matching velocity for a
 //! batch of candidate latents, and decodes latents to the right panel. Everything that must
 //! be identical across backends, the schedule, the seeded noise, the Euler sampler, the x0
-//! preview and the resumable [`CandidateState`], lives here and is written once.
+//! preview and the resumable [`CandidateState`], lives here and is written once. A
+//! candidate's step cache ([`step_cache`]) travels in its state; the sampler hands each
+//! batch's caches to [`Generator::velocity_cached`] and keeps them only if it succeeds.
 //!
 //! The backends are adapters over model code in [`crate::models`]: [`flux`] makes FLUX.1
 //! Fill a generator, [`testbed`] the testbed's mixture flow.
@@ -12,6 +14,7 @@
 pub mod flux;
 pub mod noise;
 pub mod schedule;
+pub mod step_cache;
 pub mod testbed;
 
 use std::collections::HashMap;
@@ -24,6 +27,7 @@ use crate::edit::EditContext;
 use crate::error::GenerateError;
 pub use noise::seeded_noise;
 pub use schedule::Schedule;
+pub use step_cache::{CandidateCache, ForwardTally, RowWork, StepCache};
 
 /// What a generator is, for logs and reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,6 +136,24 @@ pub trait Generator: Send {
         sigma: f64,
     ) -> Result<Tensor, GenerateError>;
 
+    /// [`Self::velocity`] for rows that carry step caches (`caches[i]` is row i's): a row
+    /// whose cache allows it may be served from the cache instead of a full forward, and a
+    /// row's cache learns from its full forwards. Returns the velocity and what each row
+    /// ran. The caches are changed in place; callers keep them only when this succeeds.
+    ///
+    /// The default is a generator without step caching: every row runs in full through
+    /// [`Self::velocity`], the caches are left as they are, and no FLOPs are counted.
+    fn velocity_cached(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        sigma: f64,
+        caches: &mut [CandidateCache],
+    ) -> Result<(Tensor, Vec<RowWork>), GenerateError> {
+        let velocity = self.velocity(edit, latents, sigma)?;
+        Ok((velocity, vec![RowWork::full(0); caches.len()]))
+    }
+
     /// Decodes one candidate's latents `[..latent_shape]` to the edited right panel.
     fn decode(
         &mut self,
@@ -186,6 +208,11 @@ pub struct CandidateState {
     pub latents: Tensor,
     /// Velocity from the latest step, if any step ran.
     pub last_velocity: Option<Tensor>,
+    /// The candidate's step cache (off unless the engine switches it on, which it does
+    /// for completions only: probe steps stay exact).
+    pub cache: CandidateCache,
+    /// The forwards it took so far, full and cached.
+    pub forwards: ForwardTally,
 }
 
 impl CandidateState {
@@ -225,6 +252,8 @@ impl CandidateState {
             step: 0,
             latents,
             last_velocity: None,
+            cache: CandidateCache::default(),
+            forwards: ForwardTally::default(),
         }
     }
 
@@ -242,12 +271,15 @@ impl CandidateState {
 }
 
 /// Advances every state by one Euler step of `schedule`, batching up to the generator's
-/// `max_batch` candidates per forward. All states must be at the same step.
+/// `max_batch` candidates per forward. All states must be at the same step. Each state's
+/// step cache goes with its row ([`Generator::velocity_cached`]) and each row's forward is
+/// counted in its state's [`CandidateState::forwards`].
 ///
 /// A forward that runs out of device memory is retried with half as many candidates (the
-/// states change only after a forward succeeds, so nothing is lost or run twice) and the
-/// generator is told to keep the smaller batch; the halvings are returned. Only a forward
-/// of one candidate that runs out of memory is an error.
+/// states, their step caches included, change only after a forward succeeds, so nothing
+/// is lost or run twice) and the generator is told to keep the smaller batch; the
+/// halvings are returned. Only a forward of one candidate that runs out of memory is an
+/// error.
 pub fn advance_one_step(
     generator: &mut dyn Generator,
     edit: &PreparedEdit,
@@ -280,7 +312,10 @@ pub fn advance_one_step(
             &chunk.iter().map(|s| s.latents.clone()).collect::<Vec<_>>(),
             0,
         )?;
-        let velocity = match generator.velocity(edit, &batch, sigma) {
+        // The forward works on copies of the caches (their tensors are shared, not copied).
+        let mut caches: Vec<CandidateCache> = chunk.iter().map(|s| s.cache.clone()).collect();
+        let (velocity, work) = match generator.velocity_cached(edit, &batch, sigma, &mut caches)
+        {
             Ok(v) => v,
             Err(GenerateError::OutOfMemory(detail)) if chunk.len() > 1 => {
                 let halved = BatchHalved {
@@ -308,11 +343,20 @@ pub fn advance_one_step(
                 batch.dims()
             )));
         }
+        if work.len() != chunk.len() {
+            return Err(GenerateError::Input(format!(
+                "generator reported {} rows of work for a batch of {}",
+                work.len(),
+                chunk.len()
+            )));
+        }
         let next = (&batch + (&velocity * (sigma_next - sigma))?)?;
-        for (i, state) in chunk.iter_mut().enumerate() {
+        for (i, (state, cache)) in chunk.iter_mut().zip(caches).enumerate() {
             state.latents = next.get(i)?;
             state.last_velocity = Some(velocity.get(i)?);
             state.step = step + 1;
+            state.cache = cache;
+            state.forwards.add(&work[i]);
         }
         start += chunk.len();
     }

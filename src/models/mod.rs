@@ -6,7 +6,8 @@
 //! f32 hot spots (attention) that candle runs as several passes, [`cuda`] their GPU
 //! counterparts (softmax, bias add), and [`linear`] the biased linear forward that picks
 //! between them. [`weight_use`] holds every loader to account for the tensors of its files:
-//! what the model read against what the files hold.
+//! what the model read against what the files hold. [`step_cache`] holds the model-agnostic
+//! part of step caching (First-Block-Cache, TaylorSeer: the rules, each candidate's memory).
 
 pub mod activation;
 pub mod bench;
@@ -16,6 +17,7 @@ pub mod cuda;
 pub mod flux;
 pub mod linear;
 pub mod qwen_vl;
+pub mod step_cache;
 pub mod taef1;
 pub mod testbed;
 pub mod weight_use;

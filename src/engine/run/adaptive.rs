@@ -116,7 +116,14 @@ impl EditRun<'_> {
             let states = self.spawn(&seeds[next..next + size], init).await?;
             let t = Instant::now();
             let states = self
-                .advance("probe", self.schedule.clone(), &round.probed, states, k)
+                .advance(
+                    "probe",
+                    self.schedule.clone(),
+                    &round.probed,
+                    states,
+                    k,
+                    false,
+                )
                 .await?;
             self.timings.probe_s += t.elapsed().as_secs_f64();
             self.nfe.probe += size * k;

@@ -242,22 +242,49 @@ impl DoubleBlock {
         temb: &Tensor,
         rope: &(Tensor, Tensor),
     ) -> Result<(Tensor, Tensor)> {
+        self.forward_with(img, txt, temb, |img_in, txt_in| {
+            self.attention(img_in, txt_in, rope)
+        })
+    }
+
+    /// The block's attention (diffusers' `transformer_blocks.N.attn`): q/k/v of both
+    /// modulated streams, joint attention, and the output projections. Returns
+    /// `(img_attn [B, S_img, hidden], txt_attn [B, S_txt, hidden])`.
+    pub fn attention(
+        &self,
+        img_in: &Tensor,
+        txt_in: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let (iq, ik, iv) = self.img_qkv.forward(img_in, self.heads)?;
+        let (tq, tk, tv) = self.txt_qkv.forward(txt_in, self.heads)?;
+        let q = Tensor::cat(&[tq, iq], 2)?;
+        let k = Tensor::cat(&[tk, ik], 2)?;
+        let v = Tensor::cat(&[tv, iv], 2)?;
+        let joint = attention(&q, &k, &v, rope)?;
+        let n_txt = txt_in.dim(1)?;
+        let txt_attn = self.txt_out.forward(&joint.narrow(1, 0, n_txt)?)?;
+        let img_attn = self
+            .img_out
+            .forward(&joint.narrow(1, n_txt, img_in.dim(1)?)?)?;
+        Ok((img_attn, txt_attn))
+    }
+
+    /// [`Self::forward`] with the attention outputs supplied by `attend`, which receives
+    /// the modulated image and text streams (a step cache computes or predicts them).
+    pub fn forward_with(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        attend: impl FnOnce(&Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor)> {
         let act = temb.silu()?;
         let im = chunks(&self.img_mod.forward(&act)?, 6)?;
         let tm = chunks(&self.txt_mod.forward(&act)?, 6)?;
         let img_in = modulate(img, &im[0], &im[1])?;
         let txt_in = modulate(txt, &tm[0], &tm[1])?;
-        let (iq, ik, iv) = self.img_qkv.forward(&img_in, self.heads)?;
-        let (tq, tk, tv) = self.txt_qkv.forward(&txt_in, self.heads)?;
-        let q = Tensor::cat(&[tq, iq], 2)?;
-        let k = Tensor::cat(&[tk, ik], 2)?;
-        let v = Tensor::cat(&[tv, iv], 2)?;
-        let joint = attention(&q, &k, &v, rope)?;
-        let n_txt = txt.dim(1)?;
-        let txt_attn = self.txt_out.forward(&joint.narrow(1, 0, n_txt)?)?;
-        let img_attn = self
-            .img_out
-            .forward(&joint.narrow(1, n_txt, img.dim(1)?)?)?;
+        let (img_attn, txt_attn) = attend(&img_in, &txt_in)?;
 
         let img = (img + img_attn.broadcast_mul(&im[2].unsqueeze(1)?)?)?;
         let img_ff = self.img_ff.forward(&modulate(&img, &im[3], &im[4])?)?;
@@ -313,11 +340,29 @@ impl SingleBlock {
 
     /// `xs` is the joint stream `[B, S_txt + S_img, hidden]`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+        self.forward_with(xs, temb, |normed| self.attention(normed, rope))
+    }
+
+    /// The block's attention (diffusers' `single_transformer_blocks.N.attn`): q/k/v of the
+    /// modulated joint stream and attention, before the block's `proj_out`;
+    /// `[B, S_txt + S_img, hidden]`.
+    pub fn attention(&self, normed: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+        let (q, k, v) = self.qkv.forward(normed, self.heads)?;
+        attention(&q, &k, &v, rope)
+    }
+
+    /// [`Self::forward`] with the attention output supplied by `attend`, which receives the
+    /// modulated joint stream (a step cache computes or predicts it).
+    pub fn forward_with(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        attend: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let m = chunks(&self.modulation.forward(&temb.silu()?)?, 3)?;
         let normed = modulate(xs, &m[0], &m[1])?;
         let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
-        let (q, k, v) = self.qkv.forward(&normed, self.heads)?;
-        let attn = attention(&q, &k, &v, rope)?;
+        let attn = attend(&normed)?;
         let out = self
             .proj_out
             .forward(&Tensor::cat(&[attn, mlp], D::Minus1)?)?;

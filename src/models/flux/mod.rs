@@ -4,6 +4,9 @@
 //!
 //! - [`config`]: the transformer's `config.json`; [`embeddings`], [`blocks`] and
 //!   [`transformer`]: the MM-DiT; [`lora`]: plain and MoE ICEdit adapters.
+//! - [`step_cache`]: First-Block-Cache and TaylorSeer per candidate
+//!   ([`transformer::FluxTransformer::forward_cached`]), the bytes a cache holds;
+//!   [`flops`]: what each part of a forward costs.
 //! - [`vae`]: the autoencoder; [`text`]: T5 and CLIP with their tokenizers.
 //! - [`weights`] + [`keymap`]: safetensors or GGUF in any layout behind a `VarBuilder`;
 //!   [`held_weight`]: a matrix held dense, quantized or fp8; [`linear`]: layers over them;
@@ -16,12 +19,14 @@ pub mod blocks;
 pub mod config;
 pub mod embeddings;
 pub mod files;
+pub mod flops;
 pub mod held_weight;
 pub mod keymap;
 pub mod latents;
 pub mod linear;
 pub mod lora;
 pub mod scheduler;
+pub mod step_cache;
 pub mod t5;
 pub mod t5_quantized;
 pub mod text;

@@ -142,7 +142,8 @@ impl FluxTransformer {
     /// - `sigma`, `guidance` scalars (the model multiplies both by 1000 itself);
     /// - `rope` tables `[S_txt + S_img, head_dim / 2]` for the joint sequence.
     ///
-    /// Returns the velocity `[B, S_img, out_channels]`.
+    /// Returns the velocity `[B, S_img, out_channels]`. With step caches per candidate:
+    /// [`Self::forward_cached`] (in [`super::step_cache`]).
     pub fn forward(
         &self,
         img: &Tensor,
@@ -151,6 +152,19 @@ impl FluxTransformer {
         guidance: f64,
         rope: &(Tensor, Tensor),
     ) -> Result<Tensor> {
+        let (img, txt, temb) = self.embed(img, text, sigma, guidance)?;
+        let img = self.run_blocks(&self.double_blocks, img, txt, &temb, rope)?;
+        self.final_layer.forward(&img, &temb)
+    }
+
+    /// The embeddings: `(img [B, S_img, hidden], txt [B, S_txt, hidden], temb [B, hidden])`.
+    pub(super) fn embed(
+        &self,
+        img: &Tensor,
+        text: &TextConditioning,
+        sigma: f64,
+        guidance: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let b = img.dim(0)?;
         let dev = img.device();
         let dtype = img.dtype();
@@ -170,18 +184,45 @@ impl FluxTransformer {
         let pooled = per_batch(&text.pooled)?;
         let temb = self.time_text.forward(&sigma, &guidance, &pooled)?;
 
-        let mut img = self.x_embedder.forward(img)?;
+        let img = self.x_embedder.forward(img)?;
         let t5 = per_batch(&text.t5)?;
-        let mut txt = self.context_embedder.forward(&t5)?;
-        for block in &self.double_blocks {
-            (img, txt) = block.forward(&img, &txt, &temb, rope)?;
+        let txt = self.context_embedder.forward(&t5)?;
+        Ok((img, txt, temb))
+    }
+
+    /// Runs `doubles` (all of the model's double blocks or a tail of them) and then every
+    /// single block; returns the image stream `[B, S_img, hidden]`.
+    pub(super) fn run_blocks(
+        &self,
+        doubles: &[DoubleBlock],
+        mut img: Tensor,
+        mut txt: Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        for block in doubles {
+            (img, txt) = block.forward(&img, &txt, temb, rope)?;
         }
         let n_txt = txt.dim(1)?;
         let mut joint = Tensor::cat(&[txt, img], 1)?;
         for block in &self.single_blocks {
-            joint = block.forward(&joint, &temb, rope)?;
+            joint = block.forward(&joint, temb, rope)?;
         }
-        let img = joint.narrow(1, n_txt, joint.dim(1)? - n_txt)?;
-        self.final_layer.forward(&img, &temb)
+        joint.narrow(1, n_txt, joint.dim(1)? - n_txt)
+    }
+
+    /// The double-stream blocks.
+    pub(super) fn double_blocks(&self) -> &[DoubleBlock] {
+        &self.double_blocks
+    }
+
+    /// The single-stream blocks.
+    pub(super) fn single_blocks(&self) -> &[SingleBlock] {
+        &self.single_blocks
+    }
+
+    /// The final norm and projection.
+    pub(super) fn final_layer(&self) -> &FinalLayer {
+        &self.final_layer
     }
 }
