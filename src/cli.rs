@@ -301,6 +301,17 @@ pub struct StrategyArgs {
     /// Adaptive: stop once a completed candidate's VIE O (0-10) reaches this.
     #[arg(long, default_value_t = StrategyConfig::default().target)]
     pub target: f32,
+    /// Hi-res refine: the pick is upscaled to this panel width (a multiple of 16, wider
+    /// than --width) and refined there by FLUX Fill image-to-image; its forwards are
+    /// reported apart, outside --budget-nfe.
+    #[arg(long, value_parser = panel_width)]
+    pub refine: Option<u32>,
+    /// How much of the schedule the refine re-runs (above 0, at most 1).
+    #[arg(long, default_value_t = StrategyConfig::default().refine_strength, value_parser = strength)]
+    pub refine_strength: f64,
+    /// Blend the source back, at the refined size, where the edit changed nothing.
+    #[arg(long)]
+    pub refine_keep_unchanged: bool,
 }
 
 impl StrategyArgs {
@@ -318,6 +329,9 @@ impl StrategyArgs {
             seed: Some(self.seed),
             wave: Some(self.wave),
             target: Some(self.target),
+            refine: self.refine,
+            refine_strength: Some(self.refine_strength),
+            refine_keep_unchanged: Some(self.refine_keep_unchanged),
         }
     }
 
@@ -774,6 +788,16 @@ fn unit_interval(text: &str) -> Result<f32, String> {
 /// A testbed outcome contrast: a preset name or a number in (0, 1].
 fn outcome_contrast(text: &str) -> Result<f32, String> {
     crate::generate::testbed::PreviewReliability::parse_contrast(text)
+}
+
+/// A refine strength: above 0, at most 1.
+fn strength(text: &str) -> Result<f64, String> {
+    let x = finite_in(text, 0.0, 1.0, "the share of the schedule re-run")?;
+    if x > 0.0 {
+        Ok(x)
+    } else {
+        Err("0 would re-run nothing; give a strength above 0".into())
+    }
 }
 
 /// Seconds of a cost model or latency: 0 to an hour.

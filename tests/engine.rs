@@ -206,6 +206,7 @@ fn edit() -> EditContext {
         source: Arc::new(RgbImage::new(16, 16)),
         instruction: "make it blue".into(),
         meta: BTreeMap::new(),
+        original: None,
     }
 }
 

@@ -278,6 +278,87 @@ fn full_edit_from_given_latents_matches_the_diffusers_pipeline() {
     assert!(err < 2e-3, "decoded image: max abs error {err}");
 }
 
+/// A hi-res refine pass (image-to-image on `[source | init]`, the right half masked) equals
+/// diffusers' FluxFillPipeline called with `strength`, at two strengths and a non-square
+/// panel: the same start step and sigmas, the image latents noised the same way, the same
+/// final image within 1/255 (refine/, made by make_refine_fixtures.py; the noise and the
+/// VAE's mean fed to both sides).
+#[test]
+fn a_refine_pass_matches_the_diffusers_pipeline_with_strength() {
+    let dir = fixtures().join("refine");
+    let r =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let settings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let steps = settings["steps"].as_u64().unwrap() as usize;
+    let mut generator =
+        FluxGenerator::load(options(diffusers_folder(), Some("lora_plain.safetensors"))).unwrap();
+    let load = |name: &str| image::open(dir.join(name)).unwrap().to_rgb8();
+    let (source, init) = (load("source.png"), load("init.png"));
+    assert_eq!(source.dimensions(), (96, 64), "a non-square panel");
+    let edit = EditContext::new("refine", source, "make the sky night");
+    let prepared = generator.prepare(&edit).unwrap();
+    let start = generator.encode_start(&prepared, &init).unwrap();
+    let noise = icedit_scale::models::flux::latents::pack(&r["noise"])
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let schedule = prepared.schedule(steps);
+    let mut moved = Vec::new();
+    for strength in settings["strengths"].as_array().unwrap() {
+        let s = strength.as_f64().unwrap();
+        let start_step = schedule.start_for_strength(s).unwrap();
+        let sigmas: Vec<f32> = r[&format!("sigmas_{s}")].to_vec1().unwrap();
+        assert_eq!(
+            sigmas.len(),
+            steps - start_step + 1,
+            "strength {s}: steps run"
+        );
+        for (i, sigma) in sigmas.iter().enumerate() {
+            let ours = schedule.sigma(start_step + i) as f32;
+            assert!(
+                (ours - sigma).abs() < 1e-6,
+                "strength {s}: sigma {i}: {ours} vs {sigma}"
+            );
+        }
+        let mut states = vec![CandidateState::from_image_and_noise(
+            &prepared, &schedule, 0, &start, &noise, start_step,
+        )
+        .unwrap()];
+        advance_to(
+            &mut generator,
+            &prepared,
+            &schedule,
+            &mut states,
+            steps,
+            |_| {},
+        )
+        .unwrap();
+        let err = max_abs_diff(
+            &states[0].latents,
+            &r[&format!("final_latents_{s}")].squeeze(0).unwrap(),
+        );
+        eprintln!("refine at strength {s}: final latents max abs error {err:.2e}");
+        assert!(
+            err < 1e-3,
+            "strength {s}: final latents: max abs error {err}"
+        );
+        let unit = generator
+            .decode_unit(&prepared, &states[0].latents)
+            .unwrap();
+        let err = max_abs_diff(&unit, &r[&format!("image_{s}")]);
+        eprintln!(
+            "refine at strength {s}: image max abs error {:.3}/255",
+            err * 255.0
+        );
+        assert!(err < 1.0 / 255.0, "strength {s}: image max abs error {err}");
+        moved.push(unit);
+    }
+    // The two strengths give different images, so the check tells them apart.
+    let apart = max_abs_diff(&moved[0], &moved[1]);
+    assert!(apart > 2.0 / 255.0, "strengths barely differ: {apart}");
+}
+
 #[test]
 fn missing_files_and_bad_loras_are_named() {
     let err = FluxGenerator::load(options(

@@ -340,16 +340,18 @@ async fn run_item(
         reason: Some(reason),
         ..base.clone()
     };
-    let source = match load_image(&item.image_path, ImageLimits::default())
-        .and_then(|img| resize_to_panel(&img, width))
+    let (original, source) = match load_image(&item.image_path, ImageLimits::default())
+        .and_then(|img| resize_to_panel(&img, width).map(|panel| (img, panel)))
     {
         Ok(s) => s,
         Err(e) => return failed(e.to_string()),
     };
-    let job = EditJob::new(
-        EditContext::new(id.clone(), source, item.spec.instruction.clone()),
-        strategy,
-    );
+    let mut edit = EditContext::new(id.clone(), source, item.spec.instruction.clone());
+    if strategy.refine.is_some() {
+        // A refine resizes the image as loaded to its own size.
+        edit = edit.with_original(Arc::new(original));
+    }
+    let job = EditJob::new(edit, strategy);
     let mut report = match engine.run(job, Arc::new(Silent)).await {
         Ok(r) => r,
         Err(e) => return failed(e.to_string()),

@@ -92,8 +92,11 @@ pub fn check_edit(args: &EditArgs) -> anyhow::Result<CheckedEdit> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "edit".into());
+    if let Some(width) = strategy.refine {
+        crate::edit::refine::refine_size(panel.dimensions(), width)?;
+    }
     Ok(CheckedEdit {
-        edit: EditContext::new(id, panel, instruction),
+        edit: EditContext::new(id, panel, instruction).with_original(Arc::new(source)),
         strategy,
         generator,
         judge,
@@ -212,6 +215,21 @@ pub fn print_summary(report: &EditReport, out: &Path) {
             p.reason
         ),
         None => println!("no pick: nothing finished"),
+    }
+    if let Some(r) = &report.refine {
+        println!(
+            "refined to {}x{} at strength {}: {} forwards from step {} ({:.1} edit-step equivalents, outside the NFE above){}",
+            r.size.0,
+            r.size.1,
+            r.strength,
+            r.nfe,
+            r.start_step,
+            r.edit_step_equivalents,
+            r.kept_from_source.map_or(String::new(), |k| format!(
+                "; {:.0}% of the pixels kept from the source",
+                100.0 * k
+            ))
+        );
     }
     if let Some(adaptive) = &report.adaptive {
         println!(

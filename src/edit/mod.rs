@@ -36,6 +36,9 @@ pub struct EditContext {
     pub instruction: String,
     /// Free-form facts about the item.
     pub meta: BTreeMap<String, String>,
+    /// The source as loaded, before it was resized to the panel: a hi-res refine resizes
+    /// it to its own size. `None` when only the panel is known (the refine upscales it).
+    pub original: Option<Arc<RgbImage>>,
 }
 
 impl EditContext {
@@ -46,7 +49,20 @@ impl EditContext {
             source: Arc::new(source),
             instruction: instruction.into(),
             meta: BTreeMap::new(),
+            original: None,
         }
+    }
+
+    /// The same context, knowing the source as loaded before resizing.
+    pub fn with_original(mut self, original: Arc<RgbImage>) -> Self {
+        self.original = Some(original);
+        self
+    }
+
+    /// The source at `size` (for a refine): the original resized when it is known (Lanczos),
+    /// else the panel upscaled.
+    pub fn source_at(&self, size: (u32, u32)) -> RgbImage {
+        refine::upscale(self.original.as_deref().unwrap_or(&self.source), size)
     }
 
     /// The in-context prompt the generator is conditioned on.

@@ -3,7 +3,8 @@
 //!
 //! Layout of the output folder:
 //! ```text
-//! final.png                      the returned edit
+//! final.png                      the returned edit (the refined one with a refine)
+//! final_edit.png                 with a refine: the pick at the edit's size
 //! previews/c03_s000003_step04.png  candidate 3 (seed 3)'s preview at step 4
 //! short/c03_s000003.png          tournament short runs
 //! finals/c03_s000003.png         finished candidates
@@ -67,8 +68,19 @@ pub fn write_outputs(report: &mut EditReport, out: &Path) -> Result<PathBuf, Eng
             c.final_file = Some(save_png(out, &format!("finals/{name}.png"), image)?);
         }
     }
-    if let Some(image) = report.picked().and_then(|c| c.images.final_image.clone()) {
-        report.pick_file = Some(save_png(out, "final.png", &image)?);
+    let picked = report.picked().and_then(|c| c.images.final_image.clone());
+    let refined = report.refine.as_ref().and_then(|r| r.image.clone());
+    match (picked, refined) {
+        (Some(edit), Some(refined)) => {
+            report.edit_file = Some(save_png(out, "final_edit.png", &edit)?);
+            let file = save_png(out, "final.png", &refined)?;
+            if let Some(r) = report.refine.as_mut() {
+                r.file = Some(file.clone());
+            }
+            report.pick_file = Some(file);
+        }
+        (Some(edit), None) => report.pick_file = Some(save_png(out, "final.png", &edit)?),
+        (None, _) => {}
     }
     let sheet = contact_sheet(report);
     save_png(out, "contact_sheet.png", &sheet)?;

@@ -224,7 +224,7 @@ pub struct AdaptiveRecord {
 }
 
 /// Model forwards per phase.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NfeLedger {
     /// Probe steps (early filter, successive halving) or short runs (tournament).
     pub probe: usize,
@@ -232,12 +232,69 @@ pub struct NfeLedger {
     pub complete: usize,
     /// Tournament: the winner's full re-run.
     pub rerun: usize,
-    /// Sum of the above.
+    /// Sum of the above: the edit's NFE, what budgets count.
     pub total: usize,
+    /// Forwards of the hi-res refine, at the refine's size (not in `total`, and outside
+    /// any budget: a refine forward is larger; see `refine_edit_step_equivalents`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refine: usize,
+    /// The refine's forwards in forwards of the edit's size (by the generator's cost of a
+    /// forward at each size: FLUX counts its FLOPs, so attention's growth is included).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub refine_edit_step_equivalents: f64,
     /// What the same N would cost as best-of-N (`N * steps`).
     pub best_of_n_equivalent: usize,
     /// One full run (`steps`), the random baseline.
     pub random_equivalent: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_zero_f64(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// The hi-res refine of the pick: upscaled to the refine size and re-run image-to-image
+/// from part-way down the schedule.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefineRecord {
+    /// The refined candidate (the pick).
+    pub candidate: usize,
+    /// Its seed, which also seeds the refine's noise.
+    pub seed: u64,
+    /// The refined panel's width and height.
+    pub size: (u32, u32),
+    /// diffusers' `strength`: the share of the schedule re-run.
+    pub strength: f64,
+    /// The step the refine started at, of `steps`.
+    pub start_step: usize,
+    /// Steps of the refine's schedule (the edit's).
+    pub steps: usize,
+    /// Image tokens of the refine's diptych.
+    pub image_tokens: usize,
+    /// Forwards run at the refine size (`steps - start_step`).
+    pub nfe: usize,
+    /// What one refine forward costs in forwards of the edit's size.
+    pub step_cost: f64,
+    /// `nfe * step_cost`.
+    pub edit_step_equivalents: f64,
+    /// Whether the source was blended back where the edit changed nothing.
+    pub keep_unchanged: bool,
+    /// Share of the refined panel's pixels taken from the source (with `keep_unchanged`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_from_source: Option<f32>,
+    /// Budgets (`budget_nfe`, mean budgets) do not include the refine.
+    pub in_budget: bool,
+    /// Wall time of the refine (prepare, steps, decode, blend).
+    pub seconds: f64,
+    /// The refined image's file (`final.png`), once written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// The refined image (in memory until written).
+    #[serde(skip)]
+    pub image: Option<Arc<RgbImage>>,
 }
 
 /// Judge traffic of this edit.
@@ -348,6 +405,13 @@ pub struct EditReport {
     pub adaptive: Option<AdaptiveRecord>,
     /// The returned edit (absent only when nothing finished).
     pub pick: Option<Pick>,
+    /// The pick's hi-res refine, when one was asked for (then `pick_file` is the refined
+    /// image and `edit_file` the pick at the edit's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine: Option<RefineRecord>,
+    /// The pick at the edit's size, when a refine replaced it as `final.png`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit_file: Option<String>,
     /// File of the returned edit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pick_file: Option<String>,

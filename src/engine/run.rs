@@ -172,6 +172,7 @@ impl Engine {
             candidates: Vec::new(),
             comparisons: Vec::new(),
             adaptive: None,
+            refine: None,
             notes: Vec::new(),
             nfe: NfeLedger::default(),
             cached_phases: ForwardTally::default(),
@@ -197,6 +198,9 @@ impl Engine {
         let p = session.prepared.clone();
         let _ = self.worker.run(move |g| g.release(&p)).await;
         let pick = outcome?;
+        if let (Some(width), Some(pick)) = (session.strategy.refine, &pick) {
+            session.refine(width, pick).await?;
+        }
         session.note_step_cache();
         session.timings.total_s = started.elapsed().as_secs_f64();
         Ok(session.into_report(pick))
@@ -218,6 +222,7 @@ struct EditRun<'a> {
     candidates: Vec<CandidateRecord>,
     comparisons: Vec<ComparisonRecord>,
     adaptive: Option<AdaptiveRecord>,
+    refine: Option<RefineRecord>,
     notes: Vec<String>,
     nfe: NfeLedger,
     /// The forwards of the phases that may use the step cache.
@@ -364,6 +369,103 @@ impl EditRun<'_> {
             self.cached_phases = self.cached_phases.plus(&tally(&states).since(&before));
         }
         Ok(states)
+    }
+
+    /// The hi-res refine of the pick: its final image upscaled to `width` (Lanczos), the
+    /// diptych `[source | upscaled pick]` prepared at that size (same prompt, same model),
+    /// the upscaled pick's latents noised to the sigma `refine_strength` starts at (seeded
+    /// by the pick's seed) and run to the end, decoded; with `refine_keep_unchanged` the
+    /// source is blended back where the edit changed nothing. Its forwards are counted
+    /// apart from the edit's NFE.
+    async fn refine(&mut self, width: u32, pick: &Pick) -> Result<(), EngineError> {
+        self.check_cancel()?;
+        let started = Instant::now();
+        let picked = self.candidates[pick.index]
+            .images
+            .final_image
+            .clone()
+            .ok_or_else(|| EngineError::Strategy("the pick has no final image to refine".into()))?;
+        let size = crate::edit::refine::refine_size(self.edit.panel_size(), width)?;
+        let mut refine_edit = EditContext::new(
+            self.edit.id.clone(),
+            self.edit.source_at(size),
+            self.edit.instruction.clone(),
+        );
+        refine_edit.meta = self.edit.meta.clone();
+        refine_edit.original = self.edit.original.clone();
+        let init = crate::edit::refine::upscale(&picked, size);
+        let (strength, steps, seed) = (
+            self.strategy.refine_strength,
+            self.schedule.steps,
+            pick.seed,
+        );
+        let base_tokens = self.prepared.image_tokens;
+        let progress = self.progress.clone();
+        let cancel = self.cancel.clone();
+        let (refined, prepared, start_step, step_cost) = self
+            .engine
+            .worker
+            .run(move |g| {
+                let prepared = g.prepare(&refine_edit)?;
+                let mut run = || -> Result<(RgbImage, usize), EngineError> {
+                    let schedule = prepared.schedule(steps);
+                    let start_step = schedule
+                        .start_for_strength(strength)
+                        .map_err(EngineError::Strategy)?;
+                    let start = g.encode_start(&prepared, &init)?;
+                    let mut states = vec![CandidateState::from_image(
+                        g, &prepared, &schedule, seed, &start, start_step,
+                    )?];
+                    progress.begin("refine", (steps - start_step) as u64);
+                    while states[0].step < steps {
+                        if cancel.is_set() {
+                            return Err(EngineError::Cancelled);
+                        }
+                        generate::advance_one_step(g, &prepared, &schedule, &mut states)?;
+                        progress.inc(1);
+                    }
+                    progress.end();
+                    Ok((
+                        generate::finish(g, &prepared, &schedule, &states[0])?,
+                        start_step,
+                    ))
+                };
+                let outcome = run();
+                let cost = g.relative_step_cost(prepared.image_tokens, base_tokens);
+                g.release(&prepared);
+                outcome.map(|(image, start_step)| (image, prepared, start_step, cost))
+            })
+            .await??;
+        let mut image = refined;
+        let mut kept_from_source = None;
+        if self.strategy.refine_keep_unchanged {
+            let mask = crate::edit::refine::change_mask(&self.edit.source, &picked, size);
+            image = crate::edit::refine::blend_unchanged(&image, &self.edit.source_at(size), &mask);
+            let kept = mask.pixels().filter(|m| m[0] == 0).count();
+            kept_from_source = Some(kept as f32 / (size.0 * size.1) as f32);
+        }
+        let nfe = steps - start_step;
+        self.nfe.refine = nfe;
+        self.nfe.refine_edit_step_equivalents = nfe as f64 * step_cost;
+        self.refine = Some(RefineRecord {
+            candidate: pick.index,
+            seed,
+            size,
+            strength: self.strategy.refine_strength,
+            start_step,
+            steps,
+            image_tokens: prepared.image_tokens,
+            nfe,
+            step_cost,
+            edit_step_equivalents: nfe as f64 * step_cost,
+            keep_unchanged: self.strategy.refine_keep_unchanged,
+            kept_from_source,
+            in_budget: false,
+            seconds: started.elapsed().as_secs_f64(),
+            file: None,
+            image: Some(Arc::new(image)),
+        });
+        Ok(())
     }
 
     /// Notes what the step cache did, when the engine has one.
@@ -878,6 +980,8 @@ impl EditRun<'_> {
             comparisons: self.comparisons,
             adaptive: self.adaptive,
             pick,
+            refine: self.refine,
+            edit_file: None,
             pick_file: None,
             notes: self.notes,
             nfe: self.nfe,

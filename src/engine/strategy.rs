@@ -78,6 +78,15 @@ pub struct StrategyConfig {
     /// planned NFE being their most.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_nfe: Option<usize>,
+    /// Hi-res refine of the pick: the panel width it is refined at (`None`: the edit is
+    /// returned at its own size). Its forwards are reported apart and are not part of
+    /// `budget_nfe` (see [`StrategyConfig::planned_nfe`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine: Option<u32>,
+    /// How much of the schedule the refine re-runs (diffusers' `strength`, in (0, 1]).
+    pub refine_strength: f64,
+    /// Blend the source back, at full resolution, where the edit changed nothing.
+    pub refine_keep_unchanged: bool,
 }
 
 impl Default for StrategyConfig {
@@ -93,9 +102,19 @@ impl Default for StrategyConfig {
             wave: DEFAULT_WAVE,
             target: DEFAULT_TARGET,
             budget_nfe: None,
+            refine: None,
+            refine_strength: DEFAULT_REFINE_STRENGTH,
+            refine_keep_unchanged: false,
         }
     }
 }
+
+/// The refine's default strength: the last 35% of the schedule re-run (10 of 28 steps, 17
+/// of 50). A hi-res pass must keep the picked edit's composition and redraw its texture;
+/// at 0.35 the start sigma of a 1024-wide FLUX schedule is about 0.6, where layout is
+/// settled and detail is not. Chosen, not measured on real weights here (see
+/// docs/commands.md, `--refine`).
+pub const DEFAULT_REFINE_STRENGTH: f64 = 0.35;
 
 /// Adaptive's default wave size. Measured on 200 testbed edits (docs/eval.md, "Which
 /// strategy at which budget"): with k = 4 and M = 1, waves of 4 reach early-filter
@@ -226,6 +245,24 @@ impl StrategyConfig {
                     ),
                 );
             }
+        }
+        if let Some(width) = self.refine {
+            if let Some(reason) = crate::edit::panel_width_error(width) {
+                return bad(
+                    StrategyField::Refine,
+                    format!("{} {width}: {reason}", name(StrategyField::Refine)),
+                );
+            }
+        }
+        if !(self.refine_strength > 0.0 && self.refine_strength <= 1.0) {
+            return bad(
+                StrategyField::RefineStrength,
+                format!(
+                    "{} {} must be above 0 and at most 1 (the share of the schedule re-run)",
+                    name(StrategyField::RefineStrength),
+                    self.refine_strength
+                ),
+            );
         }
         if let Some(budget) = self.budget_nfe {
             // Adaptive needs room for one wave of one seed and its completion; the others
@@ -423,11 +460,17 @@ pub enum StrategyField {
     Target,
     /// The NFE cap per edit.
     Budget,
+    /// The hi-res refine's width.
+    Refine,
+    /// The refine's strength.
+    RefineStrength,
+    /// The refine's blend of unchanged areas.
+    RefineKeepUnchanged,
 }
 
 impl StrategyField {
     /// Every knob, in the order help and messages list them.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 12] = [
         Self::Kind,
         Self::Seeds,
         Self::ProbeSteps,
@@ -437,6 +480,9 @@ impl StrategyField {
         Self::Wave,
         Self::Target,
         Self::Budget,
+        Self::Refine,
+        Self::RefineStrength,
+        Self::RefineKeepUnchanged,
     ];
 
     /// The knobs a suite arm or a manifest line may set ([`StrategyOverrides`]' fields):
@@ -466,6 +512,9 @@ impl StrategyField {
             Self::Wave => "--wave",
             Self::Target => "--target",
             Self::Budget => "--budget-nfe",
+            Self::Refine => "--refine",
+            Self::RefineStrength => "--refine-strength",
+            Self::RefineKeepUnchanged => "--refine-keep-unchanged",
         }
     }
 
@@ -481,6 +530,9 @@ impl StrategyField {
             Self::Wave => "wave",
             Self::Target => "target",
             Self::Budget => "budget_nfe",
+            Self::Refine => "refine",
+            Self::RefineStrength => "refine_strength",
+            Self::RefineKeepUnchanged => "refine_keep_unchanged",
         }
     }
 }
@@ -599,6 +651,15 @@ pub struct StrategyOverrides {
     /// Adaptive: the VIE O that stops the search.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<f32>,
+    /// The refine width; 0 switches a refine the base asks for off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine: Option<u32>,
+    /// The refine's strength.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine_strength: Option<f64>,
+    /// The refine's blend of unchanged areas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine_keep_unchanged: Option<bool>,
 }
 
 impl StrategyOverrides {
@@ -627,6 +688,15 @@ impl StrategyOverrides {
         s.base_seed = self.seed.unwrap_or(s.base_seed);
         s.wave = self.wave.unwrap_or(s.wave);
         s.target = self.target.unwrap_or(s.target);
+        match self.refine {
+            Some(0) => s.refine = None,
+            Some(width) => s.refine = Some(width),
+            None => {}
+        }
+        s.refine_strength = self.refine_strength.unwrap_or(s.refine_strength);
+        s.refine_keep_unchanged = self
+            .refine_keep_unchanged
+            .unwrap_or(s.refine_keep_unchanged);
         if s.kind == StrategyKind::Random && s.seed_list.is_none() {
             s.seeds = 1;
         }
@@ -678,6 +748,9 @@ mod tests {
             seed: Some(3),
             wave: Some(2),
             target: Some(7.0),
+            refine: Some(1024),
+            refine_strength: Some(0.4),
+            refine_keep_unchanged: Some(true),
         };
         let json = serde_json::to_value(&all).unwrap();
         let mut keys: Vec<&str> = json

@@ -39,7 +39,8 @@ pub struct EvalItem {
 }
 
 impl EvalItem {
-    /// The item as an edit, resized to `width`.
+    /// The item as an edit, resized to `width` (the image as loaded kept beside the panel,
+    /// for a refine).
     pub fn to_edit(&self, width: u32) -> Result<EditContext, EditError> {
         let image = match &self.source {
             ItemSource::Testbed(seed) => return Ok(testbed::make_edit(*seed, width)),
@@ -49,7 +50,8 @@ impl EvalItem {
             }
         };
         let panel = resize_to_panel(&image, width)?;
-        let mut edit = EditContext::new(self.id.clone(), panel, self.instruction.clone());
+        let mut edit = EditContext::new(self.id.clone(), panel, self.instruction.clone())
+            .with_original(std::sync::Arc::new(image));
         if let Some(task) = &self.task {
             edit.meta.insert("task".into(), task.clone());
         }

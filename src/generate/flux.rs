@@ -27,6 +27,7 @@ use crate::edit::{crop_right_panel, make_diptych, EditContext};
 use crate::error::GenerateError;
 use crate::models::bench::RandomWeights;
 use crate::models::flux::files::EncoderFiles;
+use crate::models::flux::flops::ForwardFlops;
 use crate::models::flux::held_weight::WeightFormat;
 use crate::models::flux::linear::Linears;
 use crate::models::flux::lora::{find_lora_file, LoraReport, LoraSet};
@@ -190,7 +191,14 @@ struct PreparedFlux {
     rope: (Tensor, Tensor),
     /// Latent grid (h, w) of the diptych.
     latent_hw: (usize, usize),
+    /// The source panel (the left half of an image-to-image start's diptych).
+    source: Arc<RgbImage>,
 }
+
+/// How many recent prompts keep their text states: a refine (or another arm of the same
+/// item) prepares the same prompt again, and with the text encoders dropped after each
+/// prompt, encoding it again would read T5 back from disk.
+const PROMPT_STATES_KEPT: usize = 4;
 
 /// FLUX.1 Fill as a [`Generator`].
 pub struct FluxGenerator {
@@ -206,6 +214,8 @@ pub struct FluxGenerator {
     /// The LoRA read at load, until the transformer is built with it.
     lora: Option<Arc<LoraSet>>,
     edits: PreparedSet<PreparedFlux>,
+    /// The text states of the most recent prompts, newest last.
+    prompt_states: Vec<(String, TextConditioning)>,
     /// Set for a model built with random weights: its name, and no text encoders (each
     /// prompt's conditioning is random, seeded by the prompt).
     random: Option<String>,
@@ -255,6 +265,7 @@ impl FluxGenerator {
             lora_report: None,
             lora,
             edits: PreparedSet::default(),
+            prompt_states: Vec::new(),
             random: None,
         };
         if generator.options.defer_transformer {
@@ -322,6 +333,7 @@ impl FluxGenerator {
             lora_report: None,
             lora: None,
             edits: PreparedSet::default(),
+            prompt_states: Vec::new(),
             random: Some(name.to_string()),
         })
     }
@@ -615,14 +627,25 @@ impl Generator for FluxGenerator {
         let (dtype, dev) = (self.options.dtype, self.options.device.clone());
         let t5_tokens = self.options.t5_tokens;
         let prompt = edit.prompt();
-        let (t5, pooled) = match self.random {
-            Some(_) => self.random_text(&prompt)?,
-            None => self.text_encoders()?.encode(&prompt, t5_tokens)?,
+        let known = self.prompt_states.iter().position(|(p, _)| *p == prompt);
+        let text = match known {
+            Some(i) => self.prompt_states.remove(i).1,
+            None => {
+                let (t5, pooled) = match self.random {
+                    Some(_) => self.random_text(&prompt)?,
+                    None => self.text_encoders()?.encode(&prompt, t5_tokens)?,
+                };
+                TextConditioning {
+                    t5: t5.to_device(&dev)?.to_dtype(dtype)?,
+                    pooled: pooled.to_device(&dev)?.to_dtype(dtype)?,
+                }
+            }
         };
-        let (t5, pooled) = (
-            t5.to_device(&dev)?.to_dtype(dtype)?,
-            pooled.to_device(&dev)?.to_dtype(dtype)?,
-        );
+        self.prompt_states.push((prompt, text.clone()));
+        if self.prompt_states.len() > PROMPT_STATES_KEPT {
+            self.prompt_states.remove(0);
+        }
+        let TextConditioning { t5, pooled } = text;
         if !self.options.keep_text_encoders && self.text.is_some() {
             self.text = None; // frees T5 (~9.5 GB in bf16) before the denoising loop
             tracing::info!("dropped the T5 and CLIP text encoders");
@@ -657,6 +680,7 @@ impl Generator for FluxGenerator {
             image_cond,
             rope,
             latent_hw: (lh, lw),
+            source: edit.source.clone(),
         });
         Ok(PreparedEdit {
             key,
@@ -711,6 +735,35 @@ impl Generator for FluxGenerator {
     ) -> Result<RgbImage, GenerateError> {
         let unit = self.decode_unit_for(edit, latents, purpose)?;
         Ok(crop_right_panel(&latents::unit_to_image(&unit)?))
+    }
+
+    fn encode_start(
+        &mut self,
+        edit: &PreparedEdit,
+        init: &RgbImage,
+    ) -> Result<Tensor, GenerateError> {
+        let p = self.edits.get(edit)?;
+        if init.dimensions() != p.source.dimensions() {
+            return Err(GenerateError::Input(format!(
+                "start image {:?}: this edit's panel is {:?}",
+                init.dimensions(),
+                p.source.dimensions()
+            )));
+        }
+        let (dtype, dev) = (self.options.dtype, self.options.device.clone());
+        // The whole diptych, unmasked: diffusers' FluxFillPipeline encodes `image` itself as
+        // the start (its masked copy is the conditioning, already in `image_cond`).
+        let mut diptych = make_diptych(&p.source).image;
+        image::imageops::replace(&mut diptych, init, p.source.width() as i64, 0);
+        let image = latents::image_to_tensor(&diptych, &dev)?.to_dtype(dtype)?;
+        let z = self.vae.normalize(&self.vae.encode_mean(&image)?)?;
+        Ok(latents::pack(&z)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    fn relative_step_cost(&self, image_tokens: usize, base_tokens: usize) -> f64 {
+        let c = &self.files.transformer_config;
+        let flops = |tokens| ForwardFlops::new(c, tokens, self.options.t5_tokens).full() as f64;
+        flops(image_tokens) / flops(base_tokens.max(1))
     }
 
     fn release(&mut self, edit: &PreparedEdit) {

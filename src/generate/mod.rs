@@ -162,6 +162,28 @@ pub trait Generator: Send {
         purpose: DecodePurpose,
     ) -> Result<RgbImage, GenerateError>;
 
+    /// The packed latents `[..latent_shape]` (f32) of the edit's diptych with `init` as its
+    /// right panel, `[source | init]`, at the edit's panel size: the image an
+    /// image-to-image run (a hi-res refine) noises to its first sigma. Generators that
+    /// cannot encode an image say so.
+    fn encode_start(
+        &mut self,
+        _edit: &PreparedEdit,
+        _init: &RgbImage,
+    ) -> Result<Tensor, GenerateError> {
+        Err(GenerateError::Input(format!(
+            "{} cannot start from an image (no refine)",
+            self.info().name
+        )))
+    }
+
+    /// What one candidate's forward at `image_tokens` costs relative to one at
+    /// `base_tokens` (a refine's forwards are reported in the edit's step equivalents).
+    /// The default is the token ratio; FLUX counts its FLOPs, attention included.
+    fn relative_step_cost(&self, image_tokens: usize, base_tokens: usize) -> f64 {
+        image_tokens as f64 / base_tokens.max(1) as f64
+    }
+
     /// Drops the edit's shared conditioning.
     fn release(&mut self, edit: &PreparedEdit);
     /// Lowers the candidates per forward after an out-of-memory error, for the rest of the
@@ -244,6 +266,54 @@ impl CandidateState {
             .to_dtype(candle_core::DType::F32)?
             .to_device(&generator.device())?;
         Ok(Self::from_latents(seed, latents))
+    }
+
+    /// An image-to-image start: `start` (the packed latents of the image to refine, from
+    /// [`Generator::encode_start`]) noised with the seed's noise to the sigma of
+    /// `start_step`, where the state then stands.
+    pub fn from_image(
+        generator: &dyn Generator,
+        edit: &PreparedEdit,
+        schedule: &Schedule,
+        seed: u64,
+        start: &Tensor,
+        start_step: usize,
+    ) -> Result<Self, GenerateError> {
+        let noise = seeded_noise(seed, &edit.latent_shape, &generator.device())?;
+        Self::from_image_and_noise(edit, schedule, seed, start, &noise, start_step)
+    }
+
+    /// [`Self::from_image`] with the noise given (to reproduce another run exactly).
+    pub fn from_image_and_noise(
+        edit: &PreparedEdit,
+        schedule: &Schedule,
+        seed: u64,
+        start: &Tensor,
+        noise: &Tensor,
+        start_step: usize,
+    ) -> Result<Self, GenerateError> {
+        for (what, t) in [("start latents", start), ("noise", noise)] {
+            if t.dims() != edit.latent_shape.as_slice() {
+                return Err(GenerateError::Input(format!(
+                    "{what} have shape {:?}, this edit needs {:?}",
+                    t.dims(),
+                    edit.latent_shape
+                )));
+            }
+        }
+        if start_step >= schedule.steps {
+            return Err(GenerateError::Input(format!(
+                "an image-to-image start at step {start_step} of {} runs no step",
+                schedule.steps
+            )));
+        }
+        let f32 = candle_core::DType::F32;
+        let noise = noise.to_dtype(f32)?;
+        let start = start.to_dtype(f32)?.to_device(noise.device())?;
+        let latents = schedule::noised(&start, &noise, schedule.sigma(start_step))?;
+        let mut state = Self::from_latents(seed, latents);
+        state.step = start_step;
+        Ok(state)
     }
 
     fn from_latents(seed: u64, latents: Tensor) -> Self {

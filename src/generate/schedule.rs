@@ -47,6 +47,32 @@ impl Schedule {
     pub fn sigma(&self, i: usize) -> f64 {
         self.sigmas[i]
     }
+
+    /// The step an image-to-image run of this schedule starts at for `strength` in (0, 1],
+    /// as diffusers' `FluxFillPipeline.get_timesteps` chooses it: `steps * strength` steps
+    /// are run (at most all), so the start is `int(steps - steps * strength)`: any strength
+    /// above 0 runs at least one step.
+    pub fn start_for_strength(&self, strength: f64) -> Result<usize, String> {
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(format!("strength {strength} must be in (0, 1]"));
+        }
+        let n = self.steps as f64;
+        let run = (n * strength).min(n);
+        // Below `steps` for any strength above 0: at least one step runs.
+        let start = (n - run).max(0.0) as usize;
+        Ok(start)
+    }
+}
+
+/// The flow-matching forward process: `image` noised to `sigma`, `sigma * noise + (1 -
+/// sigma) * image` (diffusers' `FlowMatchEulerDiscreteScheduler.scale_noise`), the state an
+/// image-to-image run starts from.
+pub fn noised(
+    image: &candle_core::Tensor,
+    noise: &candle_core::Tensor,
+    sigma: f64,
+) -> candle_core::Result<candle_core::Tensor> {
+    (noise * sigma)? + (image * (1.0 - sigma))?
 }
 
 #[cfg(test)]
@@ -73,6 +99,24 @@ mod tests {
         let lin = 1.0 + (1.0 / 28.0 - 1.0) / 27.0;
         assert!((s28.sigmas[1] - time_shift(MU_2048, lin)).abs() < 1e-12);
         assert!((s28.sigmas[1] - 0.98368).abs() < 1e-4, "{}", s28.sigmas[1]);
+    }
+
+    #[test]
+    fn the_start_for_a_strength_is_diffusers_get_timesteps() {
+        let s = Schedule::shifted(10, MU_2048);
+        // diffusers: t_start = int(max(10 - min(10 * s, 10), 0)).
+        assert_eq!(s.start_for_strength(1.0), Ok(0));
+        assert_eq!(s.start_for_strength(0.35), Ok(6));
+        assert_eq!(s.start_for_strength(0.6), Ok(4));
+        assert_eq!(s.start_for_strength(0.1), Ok(9));
+        // Any strength above 0 runs at least one step: int(10 - 0.5) = 9.
+        assert_eq!(s.start_for_strength(0.05), Ok(9));
+        assert!(s.start_for_strength(0.0).is_err());
+        assert!(s.start_for_strength(f64::NAN).is_err());
+        assert!(s.start_for_strength(1.5).is_err());
+        let s28 = Schedule::shifted(28, MU_2048);
+        // 28 * 0.35 = 9.8 steps: t_start = int(18.2) = 18, 10 steps run.
+        assert_eq!(s28.start_for_strength(0.35), Ok(18));
     }
 
     #[test]

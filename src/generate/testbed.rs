@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 use image::RgbImage;
 
-use crate::edit::EditContext;
+use crate::edit::{make_diptych, EditContext};
 use crate::error::GenerateError;
 use crate::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit, PreparedSet};
 use crate::models::flux::scheduler::DynamicShift;
@@ -97,8 +97,14 @@ impl PreviewReliability {
 pub struct TestbedGenerator {
     config: TestbedConfig,
     map: LatentMap,
-    edits: PreparedSet<Mixture>,
+    edits: PreparedSet<PreparedScene>,
     seen: TestbedEdits,
+}
+
+/// A prepared testbed edit: its mixture flow and the source panel.
+struct PreparedScene {
+    mixture: Mixture,
+    source: std::sync::Arc<RgbImage>,
 }
 
 impl TestbedGenerator {
@@ -146,7 +152,10 @@ impl Generator for TestbedGenerator {
         self.seen.record(edit);
         let latent_shape = mixture.latent_shape();
         let image_tokens = latent_shape[0];
-        let key = self.edits.insert(mixture);
+        let key = self.edits.insert(PreparedScene {
+            mixture,
+            source: edit.source.clone(),
+        });
         Ok(PreparedEdit {
             key,
             image_tokens,
@@ -162,7 +171,7 @@ impl Generator for TestbedGenerator {
         latents: &Tensor,
         sigma: f64,
     ) -> Result<Tensor, GenerateError> {
-        Ok(self.edits.get(edit)?.velocity(latents, sigma)?)
+        Ok(self.edits.get(edit)?.mixture.velocity(latents, sigma)?)
     }
 
     fn decode(
@@ -171,7 +180,30 @@ impl Generator for TestbedGenerator {
         latents: &Tensor,
         _purpose: DecodePurpose,
     ) -> Result<RgbImage, GenerateError> {
-        Ok(self.edits.get(edit)?.decode(latents, &self.map)?)
+        Ok(self.edits.get(edit)?.mixture.decode(latents, &self.map)?)
+    }
+
+    fn encode_start(
+        &mut self,
+        edit: &PreparedEdit,
+        init: &RgbImage,
+    ) -> Result<Tensor, GenerateError> {
+        let scene = self.edits.get(edit)?;
+        if init.dimensions() != scene.source.dimensions() {
+            return Err(GenerateError::Input(format!(
+                "start image {:?}: this edit's panel is {:?}",
+                init.dimensions(),
+                scene.source.dimensions()
+            )));
+        }
+        let mut diptych = make_diptych(&scene.source).image;
+        image::imageops::replace(&mut diptych, init, scene.source.width() as i64, 0);
+        let values = self.map.encode(&diptych);
+        Ok(Tensor::from_vec(
+            values,
+            edit.latent_shape.as_slice(),
+            &self.device(),
+        )?)
     }
 
     fn release(&mut self, edit: &PreparedEdit) {

@@ -548,10 +548,12 @@ impl JobRegistry {
         })?;
         let image = load_image_bytes(&bytes, &job.source, image_limits(&self.limits))?;
         let panel = resize_to_panel(&image, job.request.width)?;
-        let mut edit_job = EditJob::new(
-            EditContext::new(job.id.clone(), panel, job.request.instruction.clone()),
-            job.request.strategy.clone(),
-        );
+        let mut edit = EditContext::new(job.id.clone(), panel, job.request.instruction.clone());
+        if job.request.strategy.refine.is_some() {
+            // A refine resizes the upload to its own size.
+            edit = edit.with_original(Arc::new(image));
+        }
+        let mut edit_job = EditJob::new(edit, job.request.strategy.clone());
         edit_job.cancel = job.cancel.clone();
         edit_job.live_previews = job.request.live_previews;
         let (sink, events) = EventSink::new();

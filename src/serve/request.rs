@@ -112,6 +112,9 @@ const KNOWN: &[&str] = &[
     "wave",
     "target",
     "budget_nfe",
+    "refine",
+    "refine_strength",
+    "refine_keep_unchanged",
     "live_previews",
 ];
 
@@ -293,6 +296,9 @@ impl EditRequest {
                 format!("`n` must be 1 to 10, not {n}"),
             ));
         }
+        // `size` up to the edit width (ICEdit's 512) sets the panel; a larger one edits at
+        // 512 and refines the pick to `size` (unless `refine` says otherwise).
+        let mut size_refine = None;
         let width = match f.get("size").map(|s| s.trim()) {
             None | Some("auto") | Some("") => DEFAULT_PANEL_WIDTH,
             Some(size) => {
@@ -304,7 +310,12 @@ impl EditRequest {
                         format!("`size` {size}: {reason}"),
                     ));
                 }
-                w
+                if w > DEFAULT_PANEL_WIDTH {
+                    size_refine = Some(w);
+                    DEFAULT_PANEL_WIDTH
+                } else {
+                    w
+                }
             }
         };
         let response_format = match f.get("response_format").map(|s| s.trim()) {
@@ -325,7 +336,19 @@ impl EditRequest {
                 ));
             }
         }
-        let strategy = strategy(f, defaults, limits)?;
+        let mut strategy = strategy(f, defaults, limits)?;
+        if let (Some(w), None) = (size_refine, f.get("refine")) {
+            strategy.refine = Some(w);
+            strategy
+                .check(&ValueSource::Request)
+                .map_err(|e| ApiError::bad_field("size", e.message.clone()))?;
+        }
+        if let Some(refine) = strategy.refine.filter(|&r| r <= width) {
+            return Err(ApiError::bad_field(
+                "refine",
+                format!("`refine` {refine} must be wider than the edit's panel ({width})"),
+            ));
+        }
         Ok(Self {
             instruction,
             strategy,
@@ -393,6 +416,13 @@ fn strategy(
         seed: opt("seed").map(|t| number("seed", t)).transpose()?,
         wave: opt("wave").map(|t| number("wave", t)).transpose()?,
         target: opt("target").map(|t| number("target", t)).transpose()?,
+        refine: opt("refine").map(|t| number("refine", t)).transpose()?,
+        refine_strength: opt("refine_strength")
+            .map(|t| number("refine_strength", t))
+            .transpose()?,
+        refine_keep_unchanged: opt("refine_keep_unchanged")
+            .map(|t| boolean("refine_keep_unchanged", t))
+            .transpose()?,
     };
     let mut s = overrides.apply(defaults);
     if let Some(budget) = opt("budget_nfe") {

@@ -50,7 +50,8 @@
     historyRefresh: $('#history-refresh'),
   };
   /** Optional request fields: form element id = API field name. */
-  const KNOBS = ['strategy', 'seeds', 'probe_steps', 'keep', 'steps', 'seed', 'wave', 'target', 'size', 'budget_nfe'];
+  const KNOBS = ['strategy', 'seeds', 'probe_steps', 'keep', 'steps', 'seed', 'wave', 'target', 'size', 'budget_nfe',
+    'refine', 'refine_strength', 'refine_keep_unchanged'];
 
   // ---- the API -------------------------------------------------------------------------
 

@@ -1,0 +1,221 @@
+//! The hi-res refine through the engine and the command line: the pick upscaled and run
+//! image-to-image at the refine size, its forwards counted apart, the blend that keeps the
+//! source, and `edit --refine` end to end through FLUX with random weights. (The refine
+//! pass itself is matched against diffusers in tests/flux.rs.)
+
+mod support;
+use support::cli;
+
+use std::sync::Arc;
+
+use icedit_scale::edit::refine::upscale;
+use icedit_scale::engine::{
+    EditJob, Engine, GeneratorWorker, Silent, StrategyConfig, StrategyKind,
+};
+use icedit_scale::generate::testbed::{TestbedConfig, TestbedGenerator};
+use icedit_scale::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
+use icedit_scale::models::testbed::make_edit;
+use image::RgbImage;
+
+fn engine() -> Engine {
+    let edits = icedit_scale::models::testbed::TestbedEdits::default();
+    let generator = TestbedGenerator::with_edits(TestbedConfig::default(), edits.clone());
+    let judge = TestbedJudge::knowing(TestbedJudgeConfig::default(), edits);
+    Engine::new(
+        Arc::new(GeneratorWorker::spawn(Box::new(generator))),
+        Arc::new(judge),
+        4,
+    )
+}
+
+fn strategy(refine: Option<u32>, strength: f64, keep_unchanged: bool) -> StrategyConfig {
+    StrategyConfig {
+        kind: StrategyKind::EarlyFilter,
+        seeds: 4,
+        probe_steps: 3,
+        keep: 2,
+        steps: 20,
+        refine,
+        refine_strength: strength,
+        refine_keep_unchanged: keep_unchanged,
+        ..StrategyConfig::default()
+    }
+}
+
+fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let total: u64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y) as u64)
+        .sum();
+    total as f64 / a.as_raw().len() as f64
+}
+
+fn run(strategy: StrategyConfig) -> icedit_scale::engine::EditReport {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(engine().run(EditJob::new(make_edit(7, 64), strategy), Arc::new(Silent)))
+        .unwrap()
+}
+
+#[test]
+fn the_pick_is_refined_at_the_larger_size_and_its_forwards_are_counted_apart() {
+    let plain = run(strategy(None, 0.35, false));
+    let refined = run(strategy(Some(128), 0.35, false));
+    // The edit itself is the same run: same NFE, same pick.
+    assert_eq!(plain.nfe.total, refined.nfe.total);
+    assert_eq!(
+        plain.pick.as_ref().map(|p| p.index),
+        refined.pick.as_ref().map(|p| p.index)
+    );
+    assert!(plain.refine.is_none() && plain.nfe.refine == 0);
+    let r = refined.refine.as_ref().expect("a refine record");
+    let (w, h) = refined.panel;
+    assert_eq!(r.size, (128, 128 * h / w));
+    // diffusers' get_timesteps: 20 * 0.35 = 7 steps run, from step 13.
+    assert_eq!((r.start_step, r.nfe, r.steps), (13, 7, 20));
+    assert_eq!(refined.nfe.refine, 7);
+    assert!(!r.in_budget);
+    // Four times the tokens: a refine forward costs four edit forwards (the testbed's cost
+    // is its token ratio).
+    assert!((r.step_cost - 4.0).abs() < 1e-9, "{}", r.step_cost);
+    assert!((refined.nfe.refine_edit_step_equivalents - 28.0).abs() < 1e-9);
+    assert_eq!(r.candidate, refined.pick.as_ref().unwrap().index);
+    let image = r.image.as_ref().unwrap();
+    assert_eq!(image.dimensions(), r.size);
+}
+
+/// A refine that re-runs one step starts from the upscaled pick noised to the last sigma
+/// and returns its content: much closer to it than the edit is to its source.
+#[test]
+fn a_one_step_refine_returns_the_upscaled_edit() {
+    let edit = make_edit(7, 64);
+    let one = run(strategy(Some(128), 1.0 / 20.0, false));
+    let r = one.refine.as_ref().unwrap();
+    assert_eq!((r.start_step, r.nfe), (19, 1));
+    let pick = one.picked().unwrap().images.final_image.clone().unwrap();
+    let upscaled = upscale(&pick, r.size);
+    let source = upscale(&edit.source, r.size);
+    let refined = r.image.as_ref().unwrap();
+    // Over the pixels the edit changed (by more than 30 levels somewhere).
+    let changed: Vec<usize> = (0..upscaled.as_raw().len() / 3)
+        .filter(|&i| {
+            (0..3).any(|c| upscaled.as_raw()[3 * i + c].abs_diff(source.as_raw()[3 * i + c]) > 30)
+        })
+        .collect();
+    assert!(!changed.is_empty(), "the pick changed nothing");
+    let mean_over = |a: &RgbImage, b: &RgbImage| {
+        let total: u64 = changed
+            .iter()
+            .flat_map(|&i| (0..3).map(move |c| 3 * i + c))
+            .map(|j| a.as_raw()[j].abs_diff(b.as_raw()[j]) as u64)
+            .sum();
+        total as f64 / (3 * changed.len()) as f64
+    };
+    let near = mean_over(refined, &upscaled);
+    let edited = mean_over(&upscaled, &source);
+    eprintln!(
+        "over the {} changed pixels: the one-step refine is {near:.2} levels from the upscaled pick, which is {edited:.2} from the source",
+        changed.len()
+    );
+    assert!(near < 8.0, "one step moved the pick by {near:.2} levels");
+    assert!(
+        near * 4.0 < edited,
+        "one step {near:.2} vs the edit's change {edited:.2}"
+    );
+    assert!(mean_abs_diff(refined, &upscaled) < 6.0);
+}
+
+#[test]
+fn keep_unchanged_takes_the_source_where_the_edit_changed_nothing() {
+    let report = run(strategy(Some(128), 0.35, true));
+    let r = report.refine.as_ref().unwrap();
+    let kept = r.kept_from_source.expect("the blend says how much it kept");
+    assert!(kept > 0.0 && kept < 1.0, "{kept}");
+}
+
+#[test]
+fn edit_refine_runs_end_to_end_through_flux_with_random_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let result = cli(&[
+        "edit",
+        "--image",
+        "tests/fixtures/flux/source.png",
+        "--instruction",
+        "make the sky night",
+        "--random-weights",
+        "small",
+        "--width",
+        "32",
+        "--t5-tokens",
+        "16",
+        "--strategy",
+        "random",
+        "--judge",
+        "none",
+        "--steps",
+        "4",
+        "--refine",
+        "64",
+        "--refine-strength",
+        "0.5",
+        "--refine-keep-unchanged",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(stdout.contains("refined to 64x"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let refine = &report["refine"];
+    assert_eq!(refine["start_step"], 2);
+    assert_eq!(refine["nfe"], 2);
+    assert_eq!(report["nfe"]["refine"], 2);
+    assert_eq!(report["nfe"]["total"], 4, "the edit's own NFE");
+    assert_eq!(refine["in_budget"], false);
+    // Four times the image tokens, with 16 text tokens beside them: more than one edit
+    // forward's FLOPs (at this toy size the text tokens keep it under four).
+    assert!(
+        refine["step_cost"].as_f64().unwrap() > 1.5,
+        "{}",
+        refine["step_cost"]
+    );
+    assert_eq!(report["pick_file"], "final.png");
+    assert_eq!(report["edit_file"], "final_edit.png");
+    let final_png = image::open(out.join("final.png")).unwrap();
+    let (w, h) = (final_png.width(), final_png.height());
+    assert_eq!(w, 64);
+    assert_eq!(refine["size"], serde_json::json!([w, h]));
+    let edit_png = image::open(out.join("final_edit.png")).unwrap();
+    assert_eq!(edit_png.width(), 32);
+}
+
+#[test]
+fn a_refine_no_wider_than_the_edit_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let result = cli(&[
+        "edit",
+        "--image",
+        "tests/fixtures/flux/source.png",
+        "--instruction",
+        "make the sky night",
+        "--width",
+        "64",
+        "--refine",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--refine 64"), "{stderr}");
+    assert!(!out.join("report.json").exists());
+}
