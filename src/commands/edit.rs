@@ -44,7 +44,14 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
     };
     let report = run_and_write(&engine, job, &args.out).await?;
     print_summary(&report, &args.out);
-    Ok(())
+    match report.unscored_reason() {
+        Some(reason) => Err(super::Incomplete::Unscored {
+            reason,
+            out: args.out.clone(),
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 /// An `edit` as checked: what to edit, how, and with what.

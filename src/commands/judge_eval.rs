@@ -89,6 +89,15 @@ fn load_cases(args: &JudgeEvalArgs) -> Result<Vec<Case>, EditError> {
 /// `judge-eval`: judges the items not yet stored, then writes the report.
 pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
     let spec = JudgeSpec::from_args(&args.judge)?;
+    if spec.is_none() {
+        return Err(
+            EditError::Invalid("--judge none: judge-eval needs a judge to measure".into()).into(),
+        );
+    }
+    // Refused before the output folder (its lock, judgements.jsonl) is touched.
+    if !args.report_only {
+        spec.preflight("--judge", false)?;
+    }
     let cases = load_cases(&args)?;
     let mut store = JudgementStore::open(&args.out)
         .with_context(|| format!("opening {}", args.out.join("judgements.jsonl").display()))?;

@@ -162,6 +162,18 @@ impl StrategyConfig {
             })
         };
         let n = self.candidate_count();
+        // One number rule: every float is finite, whether or not this strategy reads it (a
+        // NaN is journaled as null and cannot be read back).
+        if !self.target.is_finite() {
+            return bad(
+                StrategyField::Target,
+                format!(
+                    "{} {} must be a finite number (a VIE O between 0 and 10)",
+                    name(StrategyField::Target),
+                    self.target
+                ),
+            );
+        }
         if self.steps == 0 || self.steps > MAX_STEPS {
             return bad(
                 StrategyField::Steps,
@@ -804,6 +816,36 @@ mod tests {
             kind,
             ..StrategyConfig::default()
         }
+    }
+
+    #[test]
+    fn a_non_finite_target_is_refused_whatever_the_strategy() {
+        for kind in [
+            StrategyKind::Random,
+            StrategyKind::BestOfN,
+            StrategyKind::EarlyFilter,
+            StrategyKind::Tournament,
+            StrategyKind::SuccessiveHalving,
+            StrategyKind::Adaptive,
+        ] {
+            for target in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let c = StrategyConfig {
+                    target,
+                    ..cfg(kind)
+                };
+                let e = c.check(&ValueSource::Request).unwrap_err();
+                assert_eq!(e.field, StrategyField::Target, "{kind:?} {target}");
+                assert!(e.message.contains("finite"), "{e}");
+                let e = c.check(&ValueSource::Flags).unwrap_err();
+                assert!(e.message.starts_with(&format!("--target {target}")), "{e}");
+            }
+        }
+        // Finite but out of range is adaptive's business only.
+        let ef = StrategyConfig {
+            target: 42.0,
+            ..cfg(StrategyKind::EarlyFilter)
+        };
+        ef.validate().unwrap();
     }
 
     #[test]

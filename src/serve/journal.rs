@@ -1,7 +1,8 @@
 //! The journal: every accepted edit, and how each ended, in an append-only JSONL file that
 //! is fsynced before the client hears "accepted". After a crash (or `kill -9`) a restart
-//! with the same `--out` reads it back: edits accepted but not ended run again, ended ones
-//! are served from their folders.
+//! with the same `--out` reads it back: edits accepted but not ended run again (those the
+//! last shutdown interrupted at its deadline included), ended ones are served from their
+//! folders.
 //!
 //! Layout under `--out`:
 //! ```text
@@ -46,6 +47,12 @@ pub enum Record {
         source: String,
         /// The checked request.
         request: EditRequest,
+    },
+    /// An edit was running when the server stopped at its shutdown deadline: it has not
+    /// ended and runs again at the next start.
+    Interrupted {
+        /// The edit id.
+        id: String,
     },
     /// An edit ended.
     Ended {
@@ -111,6 +118,7 @@ impl Journal {
                         order[i].ended = Some((ending, error));
                     }
                 }
+                Record::Interrupted { .. } => {}
             }
         }
         Ok((Self { file, path }, order))
