@@ -547,6 +547,23 @@ fn unusable_judges_are_refused_before_the_output_folder_is_touched() {
     assert_eq!(result.status.code(), Some(EXIT_BAD_INPUT), "{stderr}");
     assert!(stderr.contains("ICEDIT_TEST_NO_SUCH_KEY"), "{stderr}");
     assert!(!out.exists(), "judge-eval touched {}", out.display());
+    // edit and batch likewise.
+    let out = dir.path().join("ed");
+    let result = edit(&out, &["--judge", remote.to_str().unwrap()]);
+    refused(&out, &result, &["ICEDIT_TEST_NO_SUCH_KEY"]);
+    assert!(!out.exists(), "edit touched {}", out.display());
+    let manifest = broken_manifest(dir.path(), 1);
+    let result = cli(&[
+        "batch",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--judge",
+        remote.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(result.status.code(), Some(EXIT_BAD_INPUT));
+    assert!(!out.exists(), "batch touched {}", out.display());
     // eval: a judge whose key is missing, and a reward model where VIE scores are needed.
     let reward = dir.path().join("reward.toml");
     std::fs::write(

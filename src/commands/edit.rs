@@ -83,6 +83,7 @@ pub fn check_edit(args: &EditArgs) -> anyhow::Result<CheckedEdit> {
     let strategy = args.strategy.to_config()?;
     let judge = JudgeSpec::from_args(&args.engine.judge)?;
     judge.check_serves(&strategy)?;
+    judge.preflight("--judge", true)?;
     let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
     if args.out.exists() && !args.out.is_dir() {
         return Err(EditError::Invalid(format!(

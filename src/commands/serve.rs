@@ -24,6 +24,7 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
     let defaults = args.strategy.to_config()?;
     let judge = JudgeSpec::from_args(&args.engine.judge)?;
     judge.check_serves(&defaults)?;
+    judge.preflight("--judge", true)?;
     let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
     // Defaults beyond the limits would refuse every request that leaves them unset.
     if defaults.candidate_count() > args.max_seeds || defaults.steps > args.max_steps {

@@ -71,7 +71,10 @@ pub struct StrategyConfig {
     pub seed_list: Option<Vec<u64>>,
     /// Adaptive: seeds spawned per wave.
     pub wave: usize,
-    /// Adaptive: stop once a completed candidate's VIE O (0-10) reaches this.
+    /// Adaptive: stop once a completed candidate's VIE O (0-10) reaches this. Always
+    /// finite once checked; a `null` (how JSON wrote a NaN before that) reads back as NaN,
+    /// so a journaled request holding one is refused by name instead of unreadable.
+    #[serde(deserialize_with = "float_or_null")]
     pub target: f32,
     /// A hard cap on this edit's NFE. Adaptive checks it before every wave and completion;
     /// the other strategies are sized to it by [`StrategyConfig::fit_to_budget`], their
@@ -95,6 +98,11 @@ impl Default for StrategyConfig {
             budget_nfe: None,
         }
     }
+}
+
+/// An `f32` that JSON may hold as `null` (serde_json writes non-finite floats so): NaN.
+fn float_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
 }
 
 /// Adaptive's default wave size. Measured on 200 testbed edits (docs/eval.md, "Which

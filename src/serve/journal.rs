@@ -178,4 +178,35 @@ mod tests {
         assert_eq!(ids, [("a", false), ("b", true), ("c", false)]);
         assert_eq!(back[0].request, request());
     }
+
+    #[test]
+    fn an_accepted_edit_whose_target_was_written_as_null_is_read_back() {
+        // How a NaN target was journaled before the one number rule: the edit must come
+        // back (and fail by name when it runs), not vanish as an unreadable line.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let mut nan = request();
+        nan.strategy.target = f32::NAN;
+        j.append(&Record::Accepted {
+            id: "n".into(),
+            created: 1,
+            source: "source.png".into(),
+            request: nan,
+        })
+        .unwrap();
+        drop(j);
+        let text = std::fs::read_to_string(dir.path().join("journal.jsonl")).unwrap();
+        assert!(text.contains("\"target\":null"), "{text}");
+        let (_, back) = Journal::open(dir.path()).unwrap();
+        assert_eq!(back.len(), 1);
+        let e = back[0]
+            .request
+            .strategy
+            .check(&crate::engine::ValueSource::Request)
+            .unwrap_err();
+        assert!(
+            e.message.contains("target NaN must be a finite number"),
+            "{e}"
+        );
+    }
 }
