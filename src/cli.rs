@@ -265,8 +265,10 @@ pub struct MemoryBenchArgs {
 }
 
 /// Strategy parameters shared by every command that edits. The defaults are
-/// [`StrategyConfig::default`]'s, the one place they are written.
+/// [`StrategyConfig::default`]'s, the one place they are written. A negative number is
+/// read as a value, so its refusal names the flag (`--seeds -1`).
 #[derive(Debug, Clone, Args)]
+#[command(allow_negative_numbers = true)]
 pub struct StrategyArgs {
     /// Scaling strategy.
     #[arg(long, value_enum, default_value_t = StrategyConfig::default().kind)]
@@ -299,7 +301,7 @@ pub struct StrategyArgs {
     #[arg(long, default_value_t = StrategyConfig::default().wave)]
     pub wave: usize,
     /// Adaptive: stop once a completed candidate's VIE O (0-10) reaches this.
-    #[arg(long, default_value_t = StrategyConfig::default().target)]
+    #[arg(long, default_value_t = StrategyConfig::default().target, allow_hyphen_values = true)]
     pub target: f32,
     /// Hi-res refine: the pick is upscaled to this panel width (a multiple of 16, wider
     /// than --width) and refined there by FLUX Fill image-to-image; its forwards are
@@ -578,10 +580,42 @@ pub struct ServeArgs {
     /// Most steps one request may ask for.
     #[arg(long, default_value_t = 100, value_parser = bounded(1, 10_000_000))]
     pub max_steps: usize,
-    /// Environment variable holding the bearer token clients must send (none set: no
-    /// token is asked for). The token is never logged.
-    #[arg(long, default_value = "ICEDIT_SERVE_TOKEN")]
-    pub token_env: String,
+    /// Longest instruction (`prompt`) in characters (400 beyond).
+    #[arg(long, default_value_t = 2000, value_parser = bounded(1, 1_000_000))]
+    pub max_prompt_chars: usize,
+    /// Uploaded images decoded at once (each decode holds the image's pixels); more wait.
+    #[arg(long, default_value_t = 2, value_parser = bounded(1, 64))]
+    pub max_decodes: usize,
+    /// Connections open at once; one more is answered 503.
+    #[arg(long, default_value_t = 128, value_parser = bounded(1, 100_000))]
+    pub max_connections: usize,
+    /// Seconds a request head may take from its first byte (the connection is closed).
+    #[arg(long, default_value_t = 10.0, value_parser = timeout_seconds)]
+    pub header_timeout_s: f64,
+    /// Seconds a request body may take from its head (408 and the connection is closed).
+    #[arg(long, default_value_t = 120.0, value_parser = timeout_seconds)]
+    pub body_timeout_s: f64,
+    /// Seconds a connection may stay open with no request in flight.
+    #[arg(long, default_value_t = 60.0, value_parser = timeout_seconds)]
+    pub idle_timeout_s: f64,
+    /// On SIGTERM / Ctrl-C, seconds the running edits are waited for; those still running
+    /// then are journaled as interrupted and run again at the next start (0: at once).
+    #[arg(long, default_value_t = 25.0, value_parser = deadline_seconds)]
+    pub shutdown_deadline_s: f64,
+    /// Environment variable holding the bearer token clients must send [default:
+    /// ICEDIT_SERVE_TOKEN, optional]. A variable named here must be set and not blank, and
+    /// ICEDIT_SERVE_TOKEN set blank is refused: the server never runs open by accident. The
+    /// token is never logged.
+    #[arg(long)]
+    pub token_env: Option<String>,
+    /// Serve an address other than loopback without a token (a private network, or a
+    /// proxy that authenticates); refused otherwise.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// The address clients reach the server by (`https://host/prefix`), for `url` answers
+    /// [default: http:// and the address bound].
+    #[arg(long)]
+    pub public_url: Option<String>,
     /// Defaults of requests that do not set them.
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -798,6 +832,21 @@ fn strength(text: &str) -> Result<f64, String> {
     } else {
         Err("0 would re-run nothing; give a strength above 0".into())
     }
+}
+
+/// A server timeout: above 0, at most a day.
+fn timeout_seconds(text: &str) -> Result<f64, String> {
+    let x = finite_in(text, 0.0, 86_400.0, "seconds")?;
+    if x > 0.0 {
+        Ok(x)
+    } else {
+        Err("0 would close every connection at once; give seconds above 0".into())
+    }
+}
+
+/// The shutdown deadline: 0 (interrupt at once) to a day.
+fn deadline_seconds(text: &str) -> Result<f64, String> {
+    finite_in(text, 0.0, 86_400.0, "seconds")
 }
 
 /// Seconds of a cost model or latency: 0 to an hour.

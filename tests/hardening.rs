@@ -366,3 +366,387 @@ fn scene_seeds_never_wrap() {
     assert_eq!(result.status.code(), Some(EXIT_BAD_INPUT), "{stderr}");
     assert!(stderr.contains("--first-scene"), "{stderr}");
 }
+
+// Issue 34: no flag fails open, one number rule, the edges a careless operator finds.
+
+/// Runs the CLI in `dir` (relative paths resolve there).
+fn cli_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// The fixture image's absolute path.
+fn fixture_image() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(IMAGE)
+}
+
+#[test]
+fn a_non_finite_target_is_refused_even_where_the_strategy_ignores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for (strategy, target) in [
+        ("early-filter", "inf"),
+        ("early-filter", "NaN"),
+        ("best-of-n", "-inf"),
+        ("adaptive", "NaN"),
+    ] {
+        let result = edit(
+            &out,
+            &["--strategy", strategy, "--target", target, "--steps", "4"],
+        );
+        refused(&out, &result, &["--target", "finite"]);
+    }
+    // A suite arm and a grid say it in their own words.
+    let suite = |body: &str| {
+        let path = dir.path().join("suite.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"s\"\n[dataset]\nkind = \"testbed\"\nedits = 2\n[selection_judge]\njudge = \"testbed\"\n{body}"
+            ),
+        )
+        .unwrap();
+        icedit_scale::eval::suite::Suite::load(&path)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let err = suite("[[arms]]\nname = \"ef\"\nstrategy = \"early-filter\"\ntarget = nan\n");
+    assert!(err.contains("arm `ef`") && err.contains("target"), "{err}");
+    let err = suite("[[grid]]\nstrategy = \"adaptive\"\ntarget = [8.0, inf]\n");
+    assert!(err.contains("target inf"), "{err}");
+}
+
+#[test]
+fn serve_refuses_a_non_finite_default_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--target", "NaN", "--out"])
+        .arg(&out)
+        .env_remove("ICEDIT_SERVE_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in stdout.lines() {
+        if line.unwrap().starts_with("listening on") {
+            let _ = child.kill();
+            panic!("serve --target NaN started");
+        }
+    }
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(EXIT_BAD_INPUT), "{stderr}");
+    assert!(stderr.contains("--target NaN"), "{stderr}");
+}
+
+#[test]
+fn a_negative_count_is_refused_naming_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for flag in ["--seeds", "--steps", "--probe-steps", "--keep", "--width"] {
+        let result = edit(&out, &[flag, "-1"]);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(EXIT_BAD_INPUT), "{stderr}");
+        assert!(stderr.contains(&format!("'{flag} ")), "{flag}: {stderr}");
+    }
+}
+
+#[test]
+fn a_fifo_as_the_image_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("image.png");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let out = dir.path().join("out");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+        .args(["edit", "--instruction", "x", "--width", "32", "--image"])
+        .arg(&fifo)
+        .arg("--out")
+        .arg(&out)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut stderr = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        tx.send((child.wait().unwrap(), stderr)).unwrap();
+    });
+    // Only a hang gets near this bound.
+    let Ok((status, stderr)) = rx.recv_timeout(std::time::Duration::from_secs(120)) else {
+        // SAFETY: killing our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("edit blocked on a FIFO");
+    };
+    assert_eq!(status.code(), Some(EXIT_BAD_INPUT), "{stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+}
+
+#[test]
+fn an_edit_whose_every_judge_call_failed_exits_like_a_failed_batch_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let preset = dir.path().join("down.toml");
+    std::fs::write(&preset, "kind = \"testbed\"\nfailure_rate = 1.0\n").unwrap();
+    let out = dir.path().join("out");
+    let result = edit(
+        &out,
+        &[
+            "--judge",
+            preset.to_str().unwrap(),
+            "--steps",
+            "4",
+            "--seeds",
+            "3",
+            "--probe-steps",
+            "2",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(EXIT_SOME_FAILED), "{stderr}");
+    assert!(stderr.contains("no edit could be scored"), "{stderr}");
+    // The outputs are written all the same (the report says what failed).
+    assert!(out.join("report.json").is_file());
+}
+
+#[test]
+fn unusable_judges_are_refused_before_the_output_folder_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote = dir.path().join("remote.toml");
+    std::fs::write(
+        &remote,
+        "kind = \"openai\"\nmodel = \"m\"\napi_key_env = \"ICEDIT_TEST_NO_SUCH_KEY\"\n",
+    )
+    .unwrap();
+    let out = dir.path().join("je");
+    let result = cli(&[
+        "judge-eval",
+        "--judge",
+        remote.to_str().unwrap(),
+        "--data",
+        "testbed:2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(EXIT_BAD_INPUT), "{stderr}");
+    assert!(stderr.contains("ICEDIT_TEST_NO_SUCH_KEY"), "{stderr}");
+    assert!(!out.exists(), "judge-eval touched {}", out.display());
+    // edit and batch likewise.
+    let out = dir.path().join("ed");
+    let result = edit(&out, &["--judge", remote.to_str().unwrap()]);
+    refused(&out, &result, &["ICEDIT_TEST_NO_SUCH_KEY"]);
+    assert!(!out.exists(), "edit touched {}", out.display());
+    let manifest = broken_manifest(dir.path(), 1);
+    let result = cli(&[
+        "batch",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--judge",
+        remote.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(result.status.code(), Some(EXIT_BAD_INPUT));
+    assert!(!out.exists(), "batch touched {}", out.display());
+    // eval: a judge whose key is missing, and a reward model where VIE scores are needed.
+    let reward = dir.path().join("reward.toml");
+    std::fs::write(
+        &reward,
+        "kind = \"reward\"\nmodel_dir = \"no-such-model\"\nweights = \"no-such-weights\"\n",
+    )
+    .unwrap();
+    for (judge, needle) in [
+        ("remote.toml", "ICEDIT_TEST_NO_SUCH_KEY"),
+        ("reward.toml", "reward model"),
+    ] {
+        let suite = dir.path().join("suite.toml");
+        std::fs::write(
+            &suite,
+            format!(
+                "name = \"s\"\n[dataset]\nkind = \"testbed\"\nedits = 2\n[selection_judge]\njudge = \"testbed\"\n[eval_judge]\njudge = \"{judge}\"\n[[arms]]\nname = \"r\"\nstrategy = \"random\"\n"
+            ),
+        )
+        .unwrap();
+        let out = dir.path().join("ev");
+        let result = cli(&[
+            "eval",
+            "--suite",
+            suite.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(
+            result.status.code(),
+            Some(EXIT_BAD_INPUT),
+            "{judge}: {stderr}"
+        );
+        assert!(stderr.contains(needle), "{judge}: {stderr}");
+        assert!(!out.exists(), "eval touched {}", out.display());
+    }
+}
+
+#[test]
+fn a_bare_manifest_name_keeps_its_images_inside_its_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture_image(), dir.path().join("inside.png")).unwrap();
+    std::os::unix::fs::symlink(fixture_image(), dir.path().join("link.png")).unwrap();
+    let outside = fixture_image();
+    std::fs::write(
+        dir.path().join("edits.jsonl"),
+        format!(
+            "{{\"id\": \"in\", \"image\": \"inside.png\", \"instruction\": \"x\"}}\n\
+             {{\"id\": \"abs\", \"image\": \"{}\", \"instruction\": \"x\"}}\n\
+             {{\"id\": \"link\", \"image\": \"link.png\", \"instruction\": \"x\"}}\n",
+            outside.display()
+        ),
+    )
+    .unwrap();
+    let result = cli_in(
+        dir.path(),
+        &[
+            "batch",
+            "--manifest",
+            "edits.jsonl",
+            "--out",
+            "out",
+            "--width",
+            "32",
+            "--steps",
+            "4",
+            "--seeds",
+            "2",
+            "--probe-steps",
+            "2",
+            "--keep",
+            "1",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(EXIT_SOME_FAILED), "{stderr}");
+    let summary = std::fs::read_to_string(dir.path().join("out/summary.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = summary
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let status = |line: u64| {
+        records
+            .iter()
+            .find(|r| r["line"] == line)
+            .map(|r| {
+                (
+                    r["status"].as_str().unwrap().to_string(),
+                    r["reason"].to_string(),
+                )
+            })
+            .unwrap()
+    };
+    assert_eq!(status(1).0, "ok", "{summary}");
+    for line in [2, 3] {
+        let (s, reason) = status(line);
+        assert_eq!(s, "invalid", "line {line}: {summary}");
+        assert!(reason.contains("outside the manifest root"), "{reason}");
+    }
+}
+
+#[test]
+fn one_line_that_is_not_utf8_fails_that_line_only() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture_image(), dir.path().join("a.png")).unwrap();
+    let mut manifest = Vec::new();
+    manifest.extend_from_slice(b"{\"id\": \"a\", \"image\": \"a.png\", \"instruction\": \"x\"}\n");
+    manifest.extend_from_slice(
+        b"{\"id\": \"b\", \"image\": \"a.png\", \"instruction\": \"caf\xe9\"}\n",
+    );
+    manifest.extend_from_slice(b"{\"id\": \"c\", \"image\": \"a.png\", \"instruction\": \"y\"}\n");
+    std::fs::write(dir.path().join("m.jsonl"), manifest).unwrap();
+    let result = cli_in(
+        dir.path(),
+        &[
+            "batch",
+            "--manifest",
+            "m.jsonl",
+            "--out",
+            "out",
+            "--width",
+            "32",
+            "--steps",
+            "4",
+            "--seeds",
+            "2",
+            "--probe-steps",
+            "2",
+            "--keep",
+            "1",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(EXIT_SOME_FAILED), "{stderr}");
+    let summary = std::fs::read_to_string(dir.path().join("out/summary.jsonl")).unwrap();
+    assert_eq!(summary.matches("\"status\":\"ok\"").count(), 2, "{summary}");
+    assert!(summary.contains("UTF-8"), "{summary}");
+}
+
+#[test]
+fn merge_of_relative_shard_paths_points_at_the_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture_image(), dir.path().join("a.png")).unwrap();
+    std::fs::write(
+        dir.path().join("m.jsonl"),
+        "{\"id\": \"a\", \"image\": \"a.png\", \"instruction\": \"x\"}\n",
+    )
+    .unwrap();
+    let batch = cli_in(
+        dir.path(),
+        &[
+            "batch",
+            "--manifest",
+            "m.jsonl",
+            "--out",
+            "shard0",
+            "--width",
+            "32",
+            "--steps",
+            "4",
+            "--seeds",
+            "2",
+            "--probe-steps",
+            "2",
+            "--keep",
+            "1",
+        ],
+    );
+    assert!(
+        batch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&batch.stderr)
+    );
+    let merge = cli_in(dir.path(), &["merge", "--out", "merged", "shard0"]);
+    assert!(
+        merge.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merge.stderr)
+    );
+    let summary = std::fs::read_to_string(dir.path().join("merged/summary.jsonl")).unwrap();
+    let record: serde_json::Value = serde_json::from_str(summary.lines().next().unwrap()).unwrap();
+    let output = Path::new(record["output_dir"].as_str().unwrap());
+    // Wherever the summary is read from, its folder is the shard's.
+    assert!(output.is_absolute(), "{}", output.display());
+    assert!(output.join("report.json").is_file(), "{}", output.display());
+}

@@ -363,3 +363,111 @@ fn presets_load_and_typos_are_named() {
         "{err}"
     );
 }
+
+// Issue 34: what a hostile or broken endpoint must not do to a run's records.
+
+#[tokio::test]
+async fn an_unparseable_reply_quoting_the_api_key_is_stored_redacted() {
+    let secret = "sk-test-echoed-secret-987654";
+    std::env::set_var("ICEDIT_TEST_KEY_ECHO", secret);
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion(
+            &format!("As you asked with key {secret}, I rate it highly."),
+            None,
+        )))
+        .mount(&server)
+        .await;
+    let mut cfg = config(&server, None);
+    cfg.api_key_env = Some("ICEDIT_TEST_KEY_ECHO".into());
+    let judge = OpenAiJudge::new(cfg).unwrap();
+    let err = judge
+        .perceptual_quality(&edit(), &edited())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, JudgeError::Parse { .. }), "{err}");
+    // What a report stores: the error serialized.
+    let stored = serde_json::to_string(&err).unwrap();
+    assert!(!stored.contains(secret), "{stored}");
+    assert!(stored.contains("***"), "{stored}");
+}
+
+#[tokio::test]
+async fn an_empty_reply_keeps_the_usage_it_was_billed() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion("", None)))
+        .mount(&server)
+        .await;
+    let judge = OpenAiJudge::new(config(&server, None)).unwrap();
+    let err = judge
+        .semantic_consistency(&edit(), &edited())
+        .await
+        .unwrap_err();
+    let spent = err.usage().unwrap_or_else(|| panic!("no usage on {err:?}"));
+    assert_eq!((spent.prompt_tokens, spent.completion_tokens), (812, 31));
+}
+
+#[tokio::test]
+async fn a_truncated_200_reply_is_retried() {
+    let server = MockServer::start().await;
+    let whole = completion("{\"score\": [7, 6], \"reasoning\": \"ok\"}", None).to_string();
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(&whole[..whole.len() / 2]))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(whole.clone()))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let judge = OpenAiJudge::new(config(&server, None)).unwrap();
+    let s = judge
+        .semantic_consistency(&edit(), &edited())
+        .await
+        .unwrap();
+    assert_eq!(s.scores, [7.0, 6.0]);
+    assert_eq!(s.usage.attempts, 2);
+}
+
+#[tokio::test]
+async fn the_cache_keeps_no_reply_that_could_not_be_used() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(completion("I cannot judge this image.", None)),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion(
+            "{\"score\": [9, 8], \"reasoning\": \"clean\"}",
+            None,
+        )))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let judge = OpenAiJudge::new(config(&server, Some(dir.path()))).unwrap();
+    assert!(judge.perceptual_quality(&edit(), &edited()).await.is_err());
+    // The rerun asks again instead of replaying the failure, and keeps the good answer.
+    let rerun = OpenAiJudge::new(config(&server, Some(dir.path()))).unwrap();
+    let s = rerun.perceptual_quality(&edit(), &edited()).await.unwrap();
+    assert_eq!(s.scores, [9.0, 8.0]);
+    assert!(!s.usage.cached);
+    let third = OpenAiJudge::new(config(&server, Some(dir.path()))).unwrap();
+    assert!(
+        third
+            .perceptual_quality(&edit(), &edited())
+            .await
+            .unwrap()
+            .usage
+            .cached
+    );
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+}

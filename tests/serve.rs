@@ -3,210 +3,21 @@
 //! tests read the server's "listening on" line to learn its port and follow each edit's
 //! events to know where it is.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, BufReader};
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use base64::Engine as _;
-use futures::StreamExt;
 use serde_json::Value;
-
-/// A running server.
-struct Server {
-    child: Child,
-    base: String,
-    stderr: std::path::PathBuf,
-}
-
-impl Server {
-    /// Starts `serve` on a free port with `args` (and `--out out`), environment `env`, and
-    /// returns once it prints its address.
-    fn start(out: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let stderr = out.with_extension(format!("stderr{}", rand_suffix()));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_icedit-scale"));
-        cmd.args(["serve", "--addr", "127.0.0.1:0", "--out"])
-            .arg(out)
-            .args(args)
-            .env_remove("ICEDIT_SERVE_TOKEN")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("starting icedit-scale serve");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let base = loop {
-            let line = lines
-                .next()
-                .unwrap_or_else(|| {
-                    panic!(
-                        "serve exited: {}",
-                        std::fs::read_to_string(&stderr).unwrap()
-                    )
-                })
-                .unwrap();
-            if let Some(addr) = line.strip_prefix("listening on ") {
-                break addr.trim().to_string();
-            }
-        };
-        // Keep reading stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Self {
-            child,
-            base,
-            stderr,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// SIGKILL: no shutdown code runs.
-    fn kill_9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-/// A PNG of `w` x `h` with some structure.
-fn png(w: u32, h: u32) -> Vec<u8> {
-    let image = image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([
-            (x * 255 / w) as u8,
-            (y * 255 / h) as u8,
-            if (x / 16 + y / 16) % 2 == 0 { 200 } else { 40 },
-        ])
-    });
-    let mut bytes = Vec::new();
-    image
-        .write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )
-        .unwrap();
-    bytes
-}
-
-fn form(fields: &[(&str, &str)], image: Vec<u8>) -> reqwest::multipart::Form {
-    let mut form = reqwest::multipart::Form::new().part(
-        "image",
-        reqwest::multipart::Part::bytes(image)
-            .file_name("source.png")
-            .mime_str("image/png")
-            .unwrap(),
-    );
-    for (k, v) in fields {
-        form = form.text(k.to_string(), v.to_string());
-    }
-    form
-}
-
-/// `POST /v1/edits`; returns the edit id.
-async fn submit(client: &reqwest::Client, server: &Server, fields: &[(&str, &str)]) -> String {
-    let r = client
-        .post(server.url("/v1/edits"))
-        .multipart(form(fields, png(192, 128)))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-    let body: Value = r.json().await.unwrap();
-    body["id"].as_str().unwrap().to_string()
-}
-
-/// One Server-Sent Event.
-#[derive(Debug, Clone)]
-struct Sse {
-    id: u64,
-    event: String,
-    data: Value,
-}
-
-/// Reads an edit's event stream; with `until`, stops after the first event of that name,
-/// else reads to the end of the stream.
-async fn events(
-    client: &reqwest::Client,
-    server: &Server,
-    id: &str,
-    until: Option<&str>,
-) -> Vec<Sse> {
-    let r = client
-        .get(server.url(&format!("/v1/edits/{id}/events")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/event-stream"));
-    let mut stream = r.bytes_stream();
-    let mut buffer = String::new();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        buffer.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            let mut fields: HashMap<&str, String> = HashMap::new();
-            for line in block.lines() {
-                if let Some((k, v)) = line.split_once(':') {
-                    fields.insert(k, v.strip_prefix(' ').unwrap_or(v).to_string());
-                }
-            }
-            let (Some(id), Some(event), Some(data)) =
-                (fields.get("id"), fields.get("event"), fields.get("data"))
-            else {
-                continue; // keep-alive comments
-            };
-            let e = Sse {
-                id: id.parse().unwrap(),
-                event: event.clone(),
-                data: serde_json::from_str(data).unwrap(),
-            };
-            let stop = until == Some(e.event.as_str());
-            out.push(e);
-            if stop {
-                return out;
-            }
-        }
-    }
-    out
-}
+use support::server::{events, form, journal, png, submit, Server, Sse};
 
 fn ints(v: &Value) -> Vec<usize> {
     v.as_array()
         .unwrap()
         .iter()
         .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
-}
-
-/// The journal's records.
-fn journal(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("journal.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 
@@ -882,18 +693,19 @@ async fn sigterm_finishes_the_running_edit_and_leaves_queued_ones_for_the_restar
         ("steps", "50"),
         ("size", "128x128"),
     ];
-    let mut server = Server::start(&out, &["--in-flight", "1"], &[]);
+    // A deadline far beyond the edit's time: the running edit is waited on.
+    let mut server = Server::start(
+        &out,
+        &["--in-flight", "1", "--shutdown-deadline-s", "600"],
+        &[],
+    );
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(submit(&client, &server, &fields).await);
     }
     events(&client, &server, &ids[0], Some("step")).await;
-    // SAFETY: signalling our own child process.
-    assert_eq!(
-        unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) },
-        0
-    );
-    let status = server.child.wait().unwrap();
+    server.sigterm();
+    let status = server.wait_exit(std::time::Duration::from_secs(600));
     assert!(status.success(), "{status:?}: {}", server.log());
     let records = journal(&out);
     let ended = |id: &str| {

@@ -221,6 +221,32 @@ impl JudgeSpec {
         Ok(())
     }
 
+    /// What can be refused without building the judge, for commands to call before they
+    /// touch their output folder: a remote judge's (or a composite member's) API key
+    /// variable is set, and a judge that must give VIE scores (`needs_vie`: it scores
+    /// returned edits) is not a reward model. `flag` names where the judge was chosen.
+    pub fn preflight(&self, flag: &str, needs_vie: bool) -> Result<(), EditError> {
+        match &self.kind {
+            JudgeKind::Remote(c) => match &c.api_key_env {
+                Some(var) if std::env::var_os(var).is_none() => Err(EditError::Invalid(format!(
+                    "{flag} {}: the judge's API key variable {var} is not set (export {var}=...)",
+                    self.name
+                ))),
+                _ => Ok(()),
+            },
+            JudgeKind::Reward(_) if needs_vie => Err(EditError::Invalid(format!(
+                "{flag}: {} is a reward model and gives no VIE scores; use a composite preset \
+                 (kind = \"composite\") that screens or compares with it and scores with a VIE judge",
+                self.name
+            ))),
+            JudgeKind::Composite(c) => c
+                .members
+                .iter()
+                .try_for_each(|m| m.preflight(flag, false)),
+            _ => Ok(()),
+        }
+    }
+
     /// What the judge's weights need from the Hugging Face Hub: a local judge's checkpoint
     /// and adapter, a reward judge's base model and checkpoint, a composite's members'
     /// (each repository once). Remote and testbed judges need nothing.

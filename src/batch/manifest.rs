@@ -80,7 +80,7 @@ pub enum Entry {
 /// `root`, a strategy (the batch's with the line's overrides) that can run. Memory grows
 /// only with the set of ids seen.
 pub struct ManifestReader<R> {
-    lines: std::io::Lines<R>,
+    lines: std::io::Split<R>,
     root: PathBuf,
     strategy: StrategyConfig,
     line: usize,
@@ -98,17 +98,23 @@ impl ManifestReader<std::io::BufReader<std::fs::File>> {
         let file = std::fs::File::open(path)?;
         let root = match root {
             Some(r) => r.to_path_buf(),
-            None => path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            None => path.parent().unwrap_or(Path::new("")).to_path_buf(),
         };
         Ok(Self::new(std::io::BufReader::new(file), root, strategy))
     }
 }
 
 impl<R: BufRead> ManifestReader<R> {
-    /// Reads manifest lines from `reader`.
+    /// Reads manifest lines from `reader`; image paths resolve against `root` (an empty
+    /// root, the folder of a bare `edits.jsonl`, is the working directory).
     pub fn new(reader: R, root: PathBuf, strategy: StrategyConfig) -> Self {
+        let root = if root.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            root
+        };
         Self {
-            lines: reader.lines(),
+            lines: reader.split(b'\n'),
             root,
             strategy,
             line: 0,
@@ -122,8 +128,7 @@ impl<R: BufRead> ManifestReader<R> {
             id,
             reason,
         };
-        let spec: ManifestLine =
-            serde_json::from_str(text).map_err(|e| bad(None, format!("not a valid item: {e}")))?;
+        let spec = parse_line(text).map_err(|reason| bad(None, reason))?;
         let id = Some(spec.id.clone());
         if let Some(key) = spec.unknown.keys().next() {
             return Err(bad(
@@ -181,6 +186,39 @@ impl<R: BufRead> ManifestReader<R> {
     }
 }
 
+/// A line as a [`ManifestLine`]; a value of the wrong type is named by its key (serde's
+/// own message gives a column, and for `seeds` not even that).
+fn parse_line(text: &str) -> Result<ManifestLine, String> {
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| format!("not a valid item: {e}"))?;
+    if let Ok(spec) = serde_json::from_value(serde_json::Value::Object(object.clone())) {
+        return Ok(spec);
+    }
+    for (key, value) in &object {
+        let wrong = match key.as_str() {
+            "id" | "instruction" | "image" if !value.is_string() => {
+                Some("expected text".to_string())
+            }
+            "seeds" => serde_json::from_value::<crate::engine::Seeds>(value.clone())
+                .err()
+                .map(|_| "expected a count of seeds or a list of seeds".to_string()),
+            k if StrategyField::overridable().any(|f| f.key() == k) => {
+                let single = serde_json::json!({ k: value });
+                serde_json::from_value::<StrategyOverrides>(single)
+                    .err()
+                    .map(|e| e.to_string())
+            }
+            _ => None,
+        };
+        if let Some(wrong) = wrong {
+            return Err(format!("`{key}` = {value}: {wrong}"));
+        }
+    }
+    // What is left is a missing key, which serde names.
+    serde_json::from_value(serde_json::Value::Object(object))
+        .map_err(|e| format!("not a valid item: {e}"))
+}
+
 /// `image` resolved against `root` if it stays inside it. Symlinks are followed (a link
 /// inside the root to a file outside it is outside), and `..` that stays inside is fine.
 /// A path that does not exist yet is judged lexically; loading it fails later with its own
@@ -229,15 +267,30 @@ impl<R: BufRead> Iterator for ManifestReader<R> {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let text = match self.lines.next()? {
-                Ok(t) => t,
+            let bytes = match self.lines.next()? {
+                Ok(b) => b,
                 Err(e) => return Some(Err(e)),
             };
             self.line += 1;
+            // One line that is not UTF-8 is that line's failure, not the manifest's.
+            let text = match String::from_utf8(bytes) {
+                Ok(t) => t,
+                Err(e) => {
+                    return Some(Ok(Entry::Bad(BadItem {
+                        line: self.line,
+                        id: None,
+                        reason: format!(
+                            "the line is not UTF-8 text (byte {} of it is not)",
+                            e.utf8_error().valid_up_to() + 1
+                        ),
+                    })))
+                }
+            };
+            let text = text.strip_suffix('\r').unwrap_or(&text);
             if text.trim().is_empty() {
                 continue;
             }
-            return Some(Ok(match self.check(&text) {
+            return Some(Ok(match self.check(text) {
                 Ok(item) => Entry::Item(Box::new(item)),
                 Err(bad) => Entry::Bad(bad),
             }));
@@ -311,5 +364,73 @@ mod tests {
             panic!("{}", summary[10])
         };
         assert_eq!((j.strategy.seeds, j.strategy.keep), (4, 1));
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_a_bad_line_not_the_end_of_the_manifest() {
+        let mut text = b"{\"id\": \"a\", \"image\": \"a.png\", \"instruction\": \"x\"}\n".to_vec();
+        text.extend_from_slice(
+            b"{\"id\": \"b\", \"image\": \"b.png\", \"instruction\": \"caf\xe9\"}\n",
+        );
+        text.extend_from_slice(b"{\"id\": \"c\", \"image\": \"c.png\", \"instruction\": \"y\"}\n");
+        let entries: Vec<Entry> = ManifestReader::new(
+            std::io::Cursor::new(text),
+            "/data".into(),
+            StrategyConfig::default(),
+        )
+        .map(|e| e.unwrap())
+        .collect();
+        assert_eq!(entries.len(), 3);
+        assert!(matches!(&entries[0], Entry::Item(i) if i.spec.id == "a"));
+        let Entry::Bad(bad) = &entries[1] else {
+            panic!("{:?}", entries[1])
+        };
+        assert_eq!(bad.line, 2);
+        assert!(bad.reason.contains("UTF-8"), "{}", bad.reason);
+        assert!(matches!(&entries[2], Entry::Item(i) if i.spec.id == "c" && i.line == 3));
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_key() {
+        for (line, key) in [
+            (
+                r#"{"id": "a", "image": "a.png", "instruction": "x", "probe_steps": "four"}"#,
+                "probe_steps",
+            ),
+            (
+                r#"{"id": "a", "image": "a.png", "instruction": "x", "seeds": "many"}"#,
+                "seeds",
+            ),
+            (
+                r#"{"id": "a", "image": "a.png", "instruction": "x", "target": [1]}"#,
+                "target",
+            ),
+            (
+                r#"{"id": "a", "image": "a.png", "instruction": "x", "strategy": "fastest"}"#,
+                "strategy",
+            ),
+            (r#"{"id": 7, "image": "a.png", "instruction": "x"}"#, "id"),
+            (
+                r#"{"id": "a", "image": ["a.png"], "instruction": "x"}"#,
+                "image",
+            ),
+        ] {
+            let entries = read(line);
+            let Entry::Bad(bad) = &entries[0] else {
+                panic!("{line}: accepted")
+            };
+            assert!(
+                bad.reason.contains(&format!("`{key}`")),
+                "{line}: {}",
+                bad.reason
+            );
+            assert!(!bad.reason.contains("column"), "{line}: {}", bad.reason);
+        }
+        // A target beyond f32 is infinite: refused by name like NaN would be.
+        let entries = read(r#"{"id": "a", "image": "a.png", "instruction": "x", "target": 1e39}"#);
+        let Entry::Bad(bad) = &entries[0] else {
+            panic!("accepted")
+        };
+        assert!(bad.reason.contains("target"), "{}", bad.reason);
     }
 }

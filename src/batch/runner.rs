@@ -16,7 +16,6 @@ use super::store::{table, write_jsonl, ItemResult, ItemStatus, SummaryLog};
 use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::budget::{Allowance, BudgetPool};
 use crate::engine::outputs::write_outputs;
-use crate::engine::report::{EditReport, Judged};
 use crate::engine::{EditJob, Engine, Silent, StrategyConfig, StrategyKind};
 use crate::error::{EditError, EngineError};
 use crate::fsio::write_atomic;
@@ -255,8 +254,9 @@ fn count_lines(path: &Path) -> std::io::Result<usize> {
     use std::io::BufRead;
     let file = std::io::BufReader::new(std::fs::File::open(path)?);
     let mut n = 0;
-    for line in file.lines() {
-        n += !line?.trim().is_empty() as usize;
+    // As bytes: a line that is not UTF-8 still counts (the reader reports it as bad).
+    for line in file.split(b'\n') {
+        n += !line?.iter().all(u8::is_ascii_whitespace) as usize;
     }
     Ok(n)
 }
@@ -369,36 +369,23 @@ async fn run_item(
         judge_failures: report.judge_totals.failures,
         ..base
     };
-    let picked = report
+    result.pick_seed = report.pick.as_ref().map(|p| p.seed);
+    if let Some(v) = report
         .picked()
         .and_then(|c| c.vie.as_ref())
-        .and_then(|v| v.ok());
-    match (report.pick.as_ref(), picked) {
-        (Some(p), Some(v)) => {
-            result.pick_seed = Some(p.seed);
-            result.overall = Some(v.overall);
-            result.sc = Some(v.sc);
-            result.pq = Some(v.pq);
-        }
-        _ => {
-            // Nothing could be scored: a judge outage. Marked failed so a rerun retries it
-            // (the judge cache makes the answered calls free).
-            result.status = ItemStatus::Failed;
-            result.pick_seed = report.pick.as_ref().map(|p| p.seed);
-            result.reason = Some(format!(
-                "no edit could be scored: {}",
-                first_judge_error(&report).unwrap_or_else(|| "nothing finished".into())
-            ));
-        }
+        .and_then(|v| v.ok())
+    {
+        result.overall = Some(v.overall);
+        result.sc = Some(v.sc);
+        result.pq = Some(v.pq);
+    }
+    if let Some(reason) = report.unscored_reason() {
+        // A judge outage: marked failed so a rerun retries it (the judge cache makes the
+        // answered calls free).
+        result.status = ItemStatus::Failed;
+        result.reason = Some(reason);
     }
     result
-}
-
-fn first_judge_error(report: &EditReport) -> Option<String> {
-    report.candidates.iter().find_map(|c| match &c.vie {
-        Some(Judged::Failed(e)) => Some(e.to_string()),
-        _ => None,
-    })
 }
 
 /// What `merge` produced, and what the user should know about it.
@@ -411,7 +398,7 @@ pub struct Merged {
 }
 
 /// Combines shard outputs into one summary under `out`: the latest record per id over all
-/// shards, in manifest order, with output folders rewritten relative to `out`'s parent use.
+/// shards, in manifest order, with output folders rewritten as absolute paths.
 /// A shard folder that does not exist or holds no results is bad input; a set of shards
 /// that does not cover the split, or a shard that stopped early, is warned about.
 pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Merged, EngineError> {
@@ -448,6 +435,12 @@ pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Merged, Engine
             }
             Err(e) => warnings.push(format!("{e} (cannot tell which shard this is)")),
         }
+        // Absolute: a relative shard path is relative to this working directory, not to
+        // wherever the merged summary is read from.
+        let dir = dir.canonicalize().map_err(|e| EngineError::Output {
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?;
         for (id, mut r) in latest {
             r.output_dir = r
                 .output_dir

@@ -21,6 +21,7 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
     let strategy = args.strategy.to_config()?;
     let judge = JudgeSpec::from_args(&args.engine.judge)?;
     judge.check_serves(&strategy)?;
+    judge.preflight("--judge", true)?;
     let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
     let shard = Shard::parse(&args.shard, |k| std::env::var(k).ok()).map_err(EditError::Invalid)?;
     if !args.manifest.is_file() {

@@ -45,7 +45,14 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
     };
     let report = run_and_write(&engine, job, &args.out).await?;
     print_summary(&report, &args.out);
-    Ok(())
+    match report.unscored_reason() {
+        Some(reason) => Err(super::Incomplete::Unscored {
+            reason,
+            out: args.out.clone(),
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 /// An `edit` as checked: what to edit, how, and with what.
@@ -77,6 +84,7 @@ pub fn check_edit(args: &EditArgs) -> anyhow::Result<CheckedEdit> {
     let strategy = args.strategy.to_config()?;
     let judge = JudgeSpec::from_args(&args.engine.judge)?;
     judge.check_serves(&strategy)?;
+    judge.preflight("--judge", true)?;
     let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
     if args.out.exists() && !args.out.is_dir() {
         return Err(EditError::Invalid(format!(

@@ -134,6 +134,14 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     } else {
         Some(suite_judge(suite.eval_judge(), "eval_judge", concurrency)?)
     };
+    // What can be refused without loading anything is refused before the output folder
+    // (its lock, results.jsonl) is touched.
+    if !args.report_only {
+        selection_judge.preflight("selection_judge", true)?;
+        if let Some(j) = &eval_judge {
+            j.preflight("eval_judge", true)?;
+        }
+    }
     let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
     let items = dataset::load(&suite.dataset, &suite.selection)?;
     let mut store = ResultStore::open(&args.out)

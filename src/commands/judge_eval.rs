@@ -89,9 +89,18 @@ fn load_cases(args: &JudgeEvalArgs) -> Result<Vec<Case>, EditError> {
 /// `judge-eval`: judges the items not yet stored, then writes the report.
 pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
     let mut spec = JudgeSpec::from_args(&args.judge)?;
+    if spec.is_none() {
+        return Err(
+            EditError::Invalid("--judge none: judge-eval needs a judge to measure".into()).into(),
+        );
+    }
     if args.allow_unused_weights {
         tracing::warn!("--allow-unused-weights: judge weights may hold tensors the model does not read; each is logged");
         spec.allow_unused_weights();
+    }
+    // Refused before the output folder (its lock, judgements.jsonl) is touched.
+    if !args.report_only {
+        spec.preflight("--judge", false)?;
     }
     let cases = load_cases(&args)?;
     let mut store = JudgementStore::open(&args.out)

@@ -42,6 +42,15 @@ pub enum Incomplete {
         /// Units not started.
         left: usize,
     },
+    /// The edit ran and its outputs are written, but no candidate could be scored (every
+    /// scoring call of the judge failed): a batch would mark the item failed.
+    #[error("{reason}; the outputs are in {}, and running it again retries (the judge's answered calls are cached)", .out.display())]
+    Unscored {
+        /// What failed.
+        reason: String,
+        /// The output folder.
+        out: std::path::PathBuf,
+    },
     /// Every unit ran; some failed or were invalid.
     #[error("{failed} of {total} items failed or were invalid; the reasons are in {}", .summary.display())]
     SomeFailed {
@@ -60,7 +69,7 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(incomplete) = cause.downcast_ref::<Incomplete>() {
             return match incomplete {
                 Incomplete::Stopped { .. } => EXIT_STOPPED,
-                Incomplete::SomeFailed { .. } => EXIT_SOME_FAILED,
+                Incomplete::SomeFailed { .. } | Incomplete::Unscored { .. } => EXIT_SOME_FAILED,
             };
         }
         if cause.is::<EditError>() || cause.is::<StrategyError>() {

@@ -2,12 +2,13 @@
 //! Ctrl-C or SIGTERM.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::backends::{EngineBuilder, GeneratorSpec, JudgeSpec, Workload};
 use crate::cli::ServeArgs;
 use crate::error::EditError;
 use crate::judge::Judge;
-use crate::serve::{self, Limits, MeteredJudge, Metrics, ServeOptions};
+use crate::serve::{self, ConnLimits, Limits, MeteredJudge, Metrics, ServeOptions};
 use crate::stop::StopSignal;
 
 /// `serve`: stops taking edits on the first Ctrl-C / SIGTERM, finishes those running and
@@ -23,11 +24,41 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
     let defaults = args.strategy.to_config()?;
     let judge = JudgeSpec::from_args(&args.engine.judge)?;
     judge.check_serves(&defaults)?;
+    judge.preflight("--judge", true)?;
     let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
-    let token = match std::env::var(&args.token_env) {
-        Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
-        _ => None,
-    };
+    // Defaults beyond the limits would refuse every request that leaves them unset.
+    if defaults.candidate_count() > args.max_seeds || defaults.steps > args.max_steps {
+        return Err(EditError::Invalid(format!(
+            "the default strategy ({} seeds, {} steps) is beyond --max-seeds {} / --max-steps {}: \
+             every request that does not set them would be refused; lower --seeds / --steps or raise the limits",
+            defaults.candidate_count(),
+            defaults.steps,
+            args.max_seeds,
+            args.max_steps
+        ))
+        .into());
+    }
+    let token = read_token(args.token_env.as_deref())?;
+    if token.is_none() && !args.addr.ip().is_loopback() && !args.insecure_no_auth {
+        return Err(EditError::Invalid(format!(
+            "--addr {}: reachable from other machines, and no token is set: export {DEFAULT_TOKEN_ENV}=<token> \
+             (or name another variable with --token-env), or pass --insecure-no-auth to serve without \
+             authentication (a private network, a proxy that authenticates)",
+            args.addr
+        ))
+        .into());
+    }
+    if let Some(url) = &args.public_url {
+        match reqwest::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {}
+            _ => {
+                return Err(EditError::Invalid(format!(
+                    "--public-url {url:?} is not an http(s) URL (e.g. https://edits.example.org)"
+                ))
+                .into())
+            }
+        }
+    }
     crate::fsio::prepare_output_dir(&args.out, "--out")
         .map_err(|e| EditError::Invalid(e.to_string()))?;
     let _lock = super::claim_output(&args.out, "--out")?;
@@ -60,7 +91,12 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
     if token.is_some() {
         tracing::info!(
             "clients must send the bearer token from ${}",
-            args.token_env
+            args.token_env.as_deref().unwrap_or(DEFAULT_TOKEN_ENV)
+        );
+    } else if args.insecure_no_auth && !args.addr.ip().is_loopback() {
+        tracing::warn!(
+            "--insecure-no-auth: anyone who reaches {} can use this server",
+            args.addr
         );
     }
     let opts = ServeOptions {
@@ -73,9 +109,48 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
             max_pixels: args.max_megapixels as u64 * 1_000_000,
             max_seeds: args.max_seeds,
             max_steps: args.max_steps,
+            max_prompt_chars: args.max_prompt_chars,
+            max_decodes: args.max_decodes,
         },
         token,
         defaults,
+        conn: ConnLimits {
+            header_timeout: Duration::from_secs_f64(args.header_timeout_s),
+            body_timeout: Duration::from_secs_f64(args.body_timeout_s),
+            idle_timeout: Duration::from_secs_f64(args.idle_timeout_s),
+            max_connections: args.max_connections,
+            shutdown_deadline: Duration::from_secs_f64(args.shutdown_deadline_s),
+            ..ConnLimits::default()
+        },
+        public_url: args.public_url.clone(),
     };
     serve::run(engines, metrics, opts, stop).await
+}
+
+/// The variable the token is read from when `--token-env` names none.
+const DEFAULT_TOKEN_ENV: &str = "ICEDIT_SERVE_TOKEN";
+
+/// The bearer token: from the variable `--token-env` names, which must then be set and not
+/// blank; else from ICEDIT_SERVE_TOKEN when it is set (blank is refused). Never fails open:
+/// a token asked for and not readable stops the start (bad input, naming the variable).
+fn read_token(named: Option<&str>) -> Result<Option<String>, EditError> {
+    let var = named.unwrap_or(DEFAULT_TOKEN_ENV);
+    let flag = if named.is_some() {
+        format!("--token-env {var}")
+    } else {
+        var.to_string()
+    };
+    match std::env::var(var) {
+        Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
+        Ok(_) => Err(EditError::Invalid(format!(
+            "{flag}: the variable {var} is set but blank; export {var}=<token>, or unset it to serve loopback clients without a token"
+        ))),
+        Err(std::env::VarError::NotUnicode(_)) => Err(EditError::Invalid(format!(
+            "{flag}: the variable {var} is not UTF-8 text"
+        ))),
+        Err(std::env::VarError::NotPresent) if named.is_some() => Err(EditError::Invalid(format!(
+            "{flag}: the variable {var} is not set; export {var}=<token> (or leave out --token-env to serve loopback clients without a token)"
+        ))),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+    }
 }

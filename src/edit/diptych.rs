@@ -26,13 +26,16 @@ pub fn panel_width_error(width: u32) -> Option<String> {
     })
 }
 
-/// Scales `image` to `width` (a multiple of 16), height scaled by the aspect ratio and
-/// rounded down to a multiple of 16; both sides at most [`MAX_PANEL_SIDE`].
-pub fn resize_to_panel(image: &RgbImage, width: u32) -> Result<RgbImage, EditError> {
+/// The panel an image of `w` x `h` becomes at `width`: the height scaled by the aspect
+/// ratio and rounded down to a multiple of 16, refused when that is 0 or above
+/// [`MAX_PANEL_SIDE`]. Known from the image header alone, before any decode.
+pub fn panel_size(w: u32, h: u32, width: u32) -> Result<(u32, u32), EditError> {
     if let Some(reason) = panel_width_error(width) {
         return Err(EditError::Invalid(reason));
     }
-    let (w, h) = image.dimensions();
+    if w == 0 || h == 0 {
+        return Err(EditError::Invalid(format!("image {w}x{h} is empty")));
+    }
     let scaled = (h as u64 * width as u64 / w as u64).min(u32::MAX as u64) as u32;
     let height = scaled / PANEL_MULTIPLE * PANEL_MULTIPLE;
     if height == 0 {
@@ -45,6 +48,14 @@ pub fn resize_to_panel(image: &RgbImage, width: u32) -> Result<RgbImage, EditErr
             "image {w}x{h} is too tall: at width {width} the panel would be {height} px high, above {MAX_PANEL_SIDE}; give a smaller --width"
         )));
     }
+    Ok((width, height))
+}
+
+/// Scales `image` to `width` (a multiple of 16), height scaled by the aspect ratio and
+/// rounded down to a multiple of 16; both sides at most [`MAX_PANEL_SIDE`].
+pub fn resize_to_panel(image: &RgbImage, width: u32) -> Result<RgbImage, EditError> {
+    let (w, h) = image.dimensions();
+    let (width, height) = panel_size(w, h, width)?;
     if (w, h) == (width, height) {
         return Ok(image.clone());
     }

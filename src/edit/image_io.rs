@@ -29,10 +29,23 @@ impl Default for ImageLimits {
 ///
 /// Errors name the file: unreadable, not an image, empty, or over [`ImageLimits`].
 pub fn load_image(path: &Path, limits: ImageLimits) -> Result<RgbImage, EditError> {
-    let reader = ImageReader::open(path).map_err(|e| EditError::Image {
+    let bad = |reason: String| EditError::Image {
         path: path.to_path_buf(),
-        reason: format!("cannot open: {e}"),
-    })?;
+        reason,
+    };
+    // Opening a FIFO (or a device) would block until something writes to it.
+    let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+    if !meta.is_file() {
+        return Err(bad(format!(
+            "not a regular file ({}); give an image file",
+            if meta.is_dir() {
+                "a folder"
+            } else {
+                "a FIFO, socket or device"
+            }
+        )));
+    }
+    let reader = ImageReader::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
     decode(reader, path, limits)
 }
 
@@ -49,12 +62,32 @@ pub fn load_image_bytes(
     )
 }
 
-/// Sniffs the format and decodes under the limits; `name` is what errors call the image.
-fn decode<R: std::io::BufRead + std::io::Seek>(
+/// Checks that an encoded image held in memory decodes under the limits, without keeping
+/// (or converting) its pixels; errors name `origin`.
+pub fn check_decodes(bytes: &[u8], origin: &str, limits: ImageLimits) -> Result<(), EditError> {
+    let name = Path::new(origin);
+    let image = limited(ImageReader::new(std::io::Cursor::new(bytes)), name, limits)?
+        .decode()
+        .map_err(|e| EditError::Image {
+            path: name.to_path_buf(),
+            reason: format!("cannot decode: {e}"),
+        })?;
+    if image.width() == 0 || image.height() == 0 {
+        return Err(EditError::Image {
+            path: name.to_path_buf(),
+            reason: "image is empty (0 pixels)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The reader with its format sniffed and the decoder limits set; `name` is what errors
+/// call the image.
+fn limited<R: std::io::BufRead + std::io::Seek>(
     reader: ImageReader<R>,
     name: &Path,
     limits: ImageLimits,
-) -> Result<RgbImage, EditError> {
+) -> Result<ImageReader<R>, EditError> {
     let bad = |reason: String| EditError::Image {
         path: name.to_path_buf(),
         reason,
@@ -70,13 +103,27 @@ fn decode<R: std::io::BufRead + std::io::Seek>(
     if reader.format().is_none() {
         return Err(bad("not a recognised image format (PNG, JPEG, WebP)".into()));
     }
-    let image = reader
+    Ok(reader)
+}
+
+/// Sniffs the format and decodes under the limits; `name` is what errors call the image.
+fn decode<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+    name: &Path,
+    limits: ImageLimits,
+) -> Result<RgbImage, EditError> {
+    let bad = |reason: String| EditError::Image {
+        path: name.to_path_buf(),
+        reason,
+    };
+    let image = limited(reader, name, limits)?
         .decode()
         .map_err(|e| bad(format!("cannot decode: {e}")))?;
     if image.width() == 0 || image.height() == 0 {
         return Err(bad("image is empty (0 pixels)".into()));
     }
-    Ok(image.to_rgb8())
+    // Without a copy when it decoded as RGB already.
+    Ok(image.into_rgb8())
 }
 
 #[cfg(test)]

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use image::RgbImage;
 
 pub use diptych::{
-    crop_right_panel, make_diptych, panel_width_error, resize_to_panel, Diptych,
+    crop_right_panel, make_diptych, panel_size, panel_width_error, resize_to_panel, Diptych,
     DEFAULT_PANEL_WIDTH, MAX_PANEL_SIDE,
 };
-pub use image_io::{load_image, load_image_bytes, ImageLimits};
+pub use image_io::{check_decodes, load_image, load_image_bytes, ImageLimits};
 pub use prompt::{icedit_prompt, PROMPT_PREFIX};
 
 /// One edit as every backend sees it: the resized source panel and the instruction.

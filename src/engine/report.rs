@@ -430,4 +430,31 @@ impl EditReport {
     pub fn picked(&self) -> Option<&CandidateRecord> {
         self.pick.as_ref().map(|p| &self.candidates[p.index])
     }
+
+    /// Why the returned edit has no VIE score although a judge was there to give one
+    /// (every scoring call failed, or nothing finished): `edit` exits with its own code and
+    /// `batch` marks the item failed, both for a rerun to retry. `None` when the pick is
+    /// scored, or when the edit ran without a judge (`--judge none`: nothing scores).
+    pub fn unscored_reason(&self) -> Option<String> {
+        let scored = self
+            .picked()
+            .and_then(|c| c.vie.as_ref())
+            .is_some_and(|v| v.ok().is_some());
+        let without_judge = self.judge == NO_JUDGE && self.judge_totals.calls == 0;
+        if scored || (without_judge && self.pick.is_some()) {
+            return None;
+        }
+        let why = self
+            .candidates
+            .iter()
+            .find_map(|c| match &c.vie {
+                Some(Judged::Failed(e)) => Some(e.to_string()),
+                _ => None,
+            })
+            .unwrap_or_else(|| "nothing finished".into());
+        Some(format!("no edit could be scored: {why}"))
+    }
 }
+
+/// The `judge` of a report made without one.
+pub const NO_JUDGE: &str = "none";

@@ -963,7 +963,7 @@ impl EditRun<'_> {
                 .engine
                 .judge
                 .as_ref()
-                .map_or_else(|| "none".to_string(), |j| j.name()),
+                .map_or_else(|| super::report::NO_JUDGE.to_string(), |j| j.name()),
             screen_scores: self
                 .engine
                 .judge

@@ -71,7 +71,10 @@ pub struct StrategyConfig {
     pub seed_list: Option<Vec<u64>>,
     /// Adaptive: seeds spawned per wave.
     pub wave: usize,
-    /// Adaptive: stop once a completed candidate's VIE O (0-10) reaches this.
+    /// Adaptive: stop once a completed candidate's VIE O (0-10) reaches this. Always
+    /// finite once checked; a `null` (how JSON wrote a NaN before that) reads back as NaN,
+    /// so a journaled request holding one is refused by name instead of unreadable.
+    #[serde(deserialize_with = "float_or_null")]
     pub target: f32,
     /// A hard cap on this edit's NFE. Adaptive checks it before every wave and completion;
     /// the other strategies are sized to it by [`StrategyConfig::fit_to_budget`], their
@@ -115,6 +118,11 @@ impl Default for StrategyConfig {
 /// settled and detail is not. Chosen, not measured on real weights here (see
 /// docs/commands.md, `--refine`).
 pub const DEFAULT_REFINE_STRENGTH: f64 = 0.35;
+
+/// An `f32` that JSON may hold as `null` (serde_json writes non-finite floats so): NaN.
+fn float_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
+}
 
 /// Adaptive's default wave size. Measured on 200 testbed edits (docs/eval.md, "Which
 /// strategy at which budget"): with k = 4 and M = 1, waves of 4 reach early-filter
@@ -181,6 +189,18 @@ impl StrategyConfig {
             })
         };
         let n = self.candidate_count();
+        // One number rule: every float is finite, whether or not this strategy reads it (a
+        // NaN is journaled as null and cannot be read back).
+        if !self.target.is_finite() {
+            return bad(
+                StrategyField::Target,
+                format!(
+                    "{} {} must be a finite number (a VIE O between 0 and 10)",
+                    name(StrategyField::Target),
+                    self.target
+                ),
+            );
+        }
         if self.steps == 0 || self.steps > MAX_STEPS {
             return bad(
                 StrategyField::Steps,
@@ -877,6 +897,36 @@ mod tests {
             kind,
             ..StrategyConfig::default()
         }
+    }
+
+    #[test]
+    fn a_non_finite_target_is_refused_whatever_the_strategy() {
+        for kind in [
+            StrategyKind::Random,
+            StrategyKind::BestOfN,
+            StrategyKind::EarlyFilter,
+            StrategyKind::Tournament,
+            StrategyKind::SuccessiveHalving,
+            StrategyKind::Adaptive,
+        ] {
+            for target in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let c = StrategyConfig {
+                    target,
+                    ..cfg(kind)
+                };
+                let e = c.check(&ValueSource::Request).unwrap_err();
+                assert_eq!(e.field, StrategyField::Target, "{kind:?} {target}");
+                assert!(e.message.contains("finite"), "{e}");
+                let e = c.check(&ValueSource::Flags).unwrap_err();
+                assert!(e.message.starts_with(&format!("--target {target}")), "{e}");
+            }
+        }
+        // Finite but out of range is adaptive's business only.
+        let ef = StrategyConfig {
+            target: 42.0,
+            ..cfg(StrategyKind::EarlyFilter)
+        };
+        ef.validate().unwrap();
     }
 
     #[test]

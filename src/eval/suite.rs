@@ -209,8 +209,15 @@ impl Suite {
             for overrides in grid.combinations() {
                 let config = overrides.apply(&self.base_strategy());
                 let name = grid_arm_name(&config);
-                if config.validate().is_err() || self.arms.iter().any(|a| a.name == name) {
-                    continue;
+                match config.validate() {
+                    // A value no strategy takes is the grid's mistake, not a combination to
+                    // leave out.
+                    Err(e) if e.field == StrategyField::Target => {
+                        return Err(format!("grid {} ({}): {}", g + 1, grid.strategy.name(), e))
+                    }
+                    Err(_) => continue,
+                    Ok(()) if self.arms.iter().any(|a| a.name == name) => continue,
+                    Ok(()) => {}
                 }
                 self.arms.push(Arm {
                     name,

@@ -2,7 +2,8 @@
 //!
 //! Key: SHA-256 over the model, the sampling parameters, the full prompt text and the
 //! images' PNG bytes. Value: the raw reply with its usage, as JSON, written atomically.
-//! Only successful replies are stored.
+//! Only replies that were read into an answer are stored: a reply that could not be used
+//! is asked for again on a rerun, not replayed.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,9 @@ pub struct CachedReply {
     pub prompt_tokens: u64,
     /// Completion tokens billed when it was first fetched.
     pub completion_tokens: u64,
+    /// The model's refusal, when it gave one instead of content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
 }
 
 /// The cache folder.

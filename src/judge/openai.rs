@@ -4,8 +4,10 @@
 //! Requests and responses use async-openai's chat types; the transport is reqwest, because
 //! async-openai's client drops the response headers this judge needs to honour
 //! `Retry-After`. Images go as base64 PNG data URLs. Every call goes through the reply
-//! cache, retries 429/5xx/timeouts with exponential backoff (or the server's
-//! `Retry-After`), and records tokens and attempts. With `logprobs = true` the score
+//! cache (a reply is stored once it reads), retries 429/5xx/timeouts and 200 bodies that
+//! are not a whole chat completion with exponential backoff (or the server's
+//! `Retry-After`), and records tokens and attempts; the API key is redacted from every
+//! error, a quoted reply's included. With `logprobs = true` the score
 //! tokens' distributions give expected scores (finer ranking, fewer ties).
 
 use std::path::{Path, PathBuf};
@@ -50,6 +52,30 @@ impl ApiKey {
         match &self.0 {
             Some(k) if !k.is_empty() => text.replace(k.as_str(), "***"),
             _ => text.to_string(),
+        }
+    }
+
+    /// `error` with the key replaced in every text it carries (a reply that quotes the key
+    /// is stored in reports as it failed).
+    fn redact_error(&self, error: JudgeError) -> JudgeError {
+        match error {
+            JudgeError::Parse {
+                reason,
+                reply,
+                usage,
+            } => JudgeError::Parse {
+                reason: self.redact(&reason),
+                reply: self.redact(&reply),
+                usage,
+            },
+            JudgeError::Http { status, body } => JudgeError::Http {
+                status,
+                body: self.redact(&body),
+            },
+            JudgeError::Config(m) => JudgeError::Config(self.redact(&m)),
+            JudgeError::Timeout(m) => JudgeError::Timeout(self.redact(&m)),
+            JudgeError::Transport(m) => JudgeError::Transport(self.redact(&m)),
+            JudgeError::Failed(m) => JudgeError::Failed(self.redact(&m)),
         }
     }
 }
@@ -224,21 +250,44 @@ impl OpenAiConfig {
     }
 }
 
-/// One answered call: the reply and what it cost.
-struct Answer {
+/// One answered call: the reply, what it cost, and where it is cached once it is read.
+struct Answer<'a> {
     reply: CachedReply,
     usage: CallUsage,
+    /// The cache and key to store the reply under when it reads (not for cache hits).
+    store: Option<(&'a ReplyCache, String)>,
+    key: &'a ApiKey,
 }
 
-impl Answer {
-    /// Reads the reply with `read`; a reply that cannot be read still carries the call's
-    /// cost, so the run's token totals stay exact.
+impl Answer<'_> {
+    /// Reads the reply with `read`. A reply that cannot be read (empty, or not the answer
+    /// asked for) still carries the call's cost, so the run's token totals stay exact, has
+    /// the API key redacted, and is not cached (a rerun asks again); one that reads is.
     fn read<T>(
         self,
         read: impl FnOnce(&CachedReply, CallUsage) -> Result<T, JudgeError>,
     ) -> Result<T, JudgeError> {
         let spent = self.usage.clone();
-        read(&self.reply, self.usage).map_err(|e| e.with_usage(spent))
+        let read = if self.reply.text.trim().is_empty() {
+            Err(JudgeError::parse(
+                match &self.reply.refusal {
+                    Some(r) if !r.trim().is_empty() => format!("empty reply; refusal: {r}"),
+                    _ => "empty reply".to_string(),
+                },
+                "",
+            ))
+        } else {
+            read(&self.reply, self.usage)
+        };
+        match read {
+            Ok(answer) => {
+                if let Some((cache, key)) = self.store {
+                    cache.put(&key, &self.reply);
+                }
+                Ok(answer)
+            }
+            Err(e) => Err(self.key.redact_error(e.with_usage(spent))),
+        }
     }
 }
 
@@ -340,7 +389,7 @@ impl OpenAiJudge {
     }
 
     /// Sends one call (through the cache), retrying as configured.
-    async fn ask(&self, prompt: &str, images: &[&RgbImage]) -> Result<Answer, JudgeError> {
+    async fn ask(&self, prompt: &str, images: &[&RgbImage]) -> Result<Answer<'_>, JudgeError> {
         let started = Instant::now();
         let pngs: Vec<Vec<u8>> = images.iter().map(|i| png_bytes(i)).collect();
         let refs: Vec<&[u8]> = pngs.iter().map(|p| p.as_slice()).collect();
@@ -353,6 +402,8 @@ impl OpenAiJudge {
                     latency_ms: started.elapsed().as_millis() as u64,
                     ..CallUsage::default()
                 },
+                store: None,
+                key: &self.key,
             });
         }
         let body = self.request(prompt, &pngs);
@@ -368,30 +419,29 @@ impl OpenAiJudge {
             }
             let wait = match req.send().await {
                 Ok(resp) if resp.status().is_success() => {
-                    let text = resp.text().await.map_err(|e| {
-                        JudgeError::Transport(self.key.redact(&format!("reading the reply: {e}")))
-                    })?;
-                    let parsed: CreateChatCompletionResponse = serde_json::from_str(&text)
-                        .map_err(|e| {
-                            JudgeError::parse(
-                                format!("not a chat completion: {e}"),
-                                self.key.redact(&text.chars().take(400).collect::<String>()),
-                            )
-                        })?;
-                    let reply = to_reply(parsed)?;
-                    if let Some(c) = &self.cache {
-                        c.put(&key, &reply);
+                    // A body cut short or garbled on the way (a proxy, a dropped
+                    // connection) is retried like a 5xx; a completion that arrived whole is
+                    // an answer, readable or not.
+                    match self.completion(resp).await {
+                        Ok(reply) => {
+                            return Ok(Answer {
+                                usage: CallUsage {
+                                    prompt_tokens: reply.prompt_tokens,
+                                    completion_tokens: reply.completion_tokens,
+                                    cached: false,
+                                    attempts: attempt,
+                                    latency_ms: started.elapsed().as_millis() as u64,
+                                },
+                                reply,
+                                store: self.cache.as_ref().map(|c| (c, key.clone())),
+                                key: &self.key,
+                            });
+                        }
+                        Err(e) => {
+                            last_error = e;
+                            None
+                        }
                     }
-                    return Ok(Answer {
-                        usage: CallUsage {
-                            prompt_tokens: reply.prompt_tokens,
-                            completion_tokens: reply.completion_tokens,
-                            cached: false,
-                            attempts: attempt,
-                            latency_ms: started.elapsed().as_millis() as u64,
-                        },
-                        reply,
-                    });
                 }
                 Ok(resp) => {
                     let status = resp.status();
@@ -441,6 +491,22 @@ impl OpenAiJudge {
     }
 }
 
+impl OpenAiJudge {
+    /// A 200 reply's body as a chat completion, or why it is not one (key redacted).
+    async fn completion(&self, resp: reqwest::Response) -> Result<CachedReply, JudgeError> {
+        let text = resp.text().await.map_err(|e| {
+            JudgeError::Transport(self.key.redact(&format!("reading the reply: {e}")))
+        })?;
+        let parsed: CreateChatCompletionResponse = serde_json::from_str(&text).map_err(|e| {
+            JudgeError::parse(
+                format!("not a chat completion: {e}"),
+                self.key.redact(&text.chars().take(400).collect::<String>()),
+            )
+        })?;
+        to_reply(parsed)
+    }
+}
+
 fn png_bytes(image: &RgbImage) -> Vec<u8> {
     let mut bytes = Vec::new();
     image
@@ -458,11 +524,9 @@ fn to_reply(response: CreateChatCompletionResponse) -> Result<CachedReply, Judge
         .into_iter()
         .next()
         .ok_or_else(|| JudgeError::parse("reply has no choices", ""))?;
+    // An empty reply is still billed: it is refused when read, with its usage.
     let text = choice.message.content.unwrap_or_default();
-    if text.trim().is_empty() {
-        let refusal = choice.message.refusal.unwrap_or_default();
-        return Err(JudgeError::Failed(format!("empty reply {refusal}")));
-    }
+    let refusal = choice.message.refusal;
     let logprobs = choice
         .logprobs
         .and_then(|l| l.content)
@@ -483,6 +547,7 @@ fn to_reply(response: CreateChatCompletionResponse) -> Result<CachedReply, Judge
         logprobs,
         prompt_tokens: usage.prompt_tokens as u64,
         completion_tokens: usage.completion_tokens as u64,
+        refusal,
     })
 }
 

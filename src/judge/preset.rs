@@ -72,6 +72,15 @@ impl<'a> FieldCheck<'a> {
         }
     }
 
+    /// An optional float with no bound of its own must still be a number (TOML writes
+    /// `nan` and `inf`).
+    pub fn finite_opt(&self, field: &str, value: Option<f32>) -> Result<(), JudgeError> {
+        match value {
+            Some(v) if !v.is_finite() => Err(self.refuse(field, v, "must be a finite number")),
+            _ => Ok(()),
+        }
+    }
+
     /// The error for `field = value`.
     pub fn refuse(&self, field: &str, value: impl Display, what: &str) -> JudgeError {
         JudgeError::Config(format!(
@@ -97,6 +106,16 @@ mod tests {
             "judge config: judge preset judges/x.toml: `timeout_s` = 0 must be between 0.1 and 3600 (seconds per attempt)"
         );
         assert!(check.within("t", f64::NAN, 0.0, 1.0, "x").is_err());
+        assert!(check
+            .within("t", f64::INFINITY, 0.0, f64::MAX, "x")
+            .is_err());
+        let err = check.finite_opt("pass_reward", Some(f32::NAN)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`pass_reward` = NaN must be a finite number"),
+            "{err}"
+        );
+        check.finite_opt("pass_reward", Some(-2.5)).unwrap();
         assert!(check.within("n", 4usize, 1, 8, "x").is_ok());
     }
 }

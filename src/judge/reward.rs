@@ -132,6 +132,7 @@ impl RewardPreset {
             "pixels per image",
         )?;
         c.within("tie_margin", p.tie_margin, 0.0, 1e6, "a reward difference")?;
+        c.finite_opt("pass_reward", p.pass_reward)?;
         c.within_opt("pass_quantile", p.pass_quantile, 0.0, 1.0, "a quantile")?;
         let rules = [
             p.pass_reward.is_some() || p.calibration.is_some(),
@@ -160,6 +161,7 @@ impl RewardPreset {
                     "and `pass_reward` both set the threshold; keep one",
                 ));
             }
+            FieldCheck::new(file).finite_opt("pass_reward", Some(cal.pass_reward))?;
             p.pass_reward = Some(cal.pass_reward);
         }
         Ok(p)

@@ -1,7 +1,9 @@
 //! The HTTP API (axum): routes, the bearer-token check, request ids in logs, and each
 //! handler. The OpenAI-compatible `POST /v1/images/edits` answers when the edit is over;
 //! `POST /v1/edits` answers 202 at once and the edit is followed through
-//! `GET /v1/edits/{id}/events` (Server-Sent Events).
+//! `GET /v1/edits/{id}/events` (Server-Sent Events). Unknown routes and methods answer in
+//! the same OpenAI error shape. Connections and request bodies are guarded below the router
+//! ([`super::conn`]).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -12,7 +14,7 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -23,9 +25,10 @@ use futures::Stream;
 use serde_json::{json, Value};
 use tracing::Instrument;
 
+use super::conn::{BodyFault, BodyFaultCell};
 use super::error::ApiError;
 use super::events::ServerEvent;
-use super::jobs::{done_event, EventsNow, Job, JobRegistry, Status};
+use super::jobs::{done_event, inspect_upload, EventsNow, Job, JobRegistry, Status};
 use super::page;
 use super::request::{EditRequest, RawRequest, ResponseFormat};
 use crate::engine::report::CandidateStatus;
@@ -40,13 +43,15 @@ pub struct AppState {
     pub token: Option<Arc<str>>,
     /// Each worker's name and generator thread (for `/metrics` and `/healthz`).
     pub workers: Arc<Vec<(String, Arc<GeneratorWorker>)>>,
+    /// Where clients reach the server (`url` answers are built on it, never on a
+    /// request's Host header), without a trailing slash.
+    pub public_url: Arc<str>,
 }
 
-/// The router: the page, health and metrics, and the edit API.
+/// The router: the page, health and metrics, and the edit API. Request bodies are limited
+/// where the connection reads them ([`super::conn::GuardedBody`]), so axum's own limit is
+/// off.
 pub fn router(state: AppState) -> Router {
-    let limits = state.registry.limits;
-    // Base64 in JSON is 4/3 of the image; the form's other fields are small.
-    let body_limit = limits.max_upload_bytes / 3 * 4 + (1 << 20);
     let api = Router::new()
         .route("/v1/images/edits", post(images_edits))
         .route("/v1/edits", post(create_edit).get(list_edits))
@@ -61,9 +66,64 @@ pub fn router(state: AppState) -> Router {
         .route("/style.css", get(page::style))
         .route("/healthz", get(healthz))
         .merge(api)
-        .layer(DefaultBodyLimit::max(body_limit))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(error_shape))
         .layer(middleware::from_fn(request_span))
         .with_state(state)
+}
+
+/// Gives axum's own rejections (a path that is not UTF-8, a malformed extractor input) the
+/// OpenAI error shape every other error has: an error answer that is not JSON is rewrapped,
+/// its text as the message.
+async fn error_shape(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut shaped = ApiError {
+        status,
+        message,
+        param: None,
+        retry_after: None,
+    }
+    .into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            shaped.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    shaped
+}
+
+/// A route that does not exist: 404 in the OpenAI error shape.
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "no route {method} {} (the API is under /v1/edits and /v1/images/edits)",
+        uri.path()
+    ))
+}
+
+/// A route that exists, with a method it does not take: 405 in the OpenAI error shape.
+async fn no_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(format!("{} does not take {method}", uri.path()))
 }
 
 /// Gives every request an id, logs it with its status and time (path only: a query may
@@ -92,15 +152,24 @@ async fn authorize(State(state): State<AppState>, request: Request, next: Next) 
     let Some(token) = &state.token else {
         return next.run(request).await;
     };
+    // The scheme is case-insensitive (RFC 9110 11.1); the query value is percent-decoded
+    // (the page encodes it: base64 tokens carry `+`, `/` and `=`).
     let header_token = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let query_token = request
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=")));
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim().to_string());
+    let query_token = request.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("access_token="))
+            .map(|v| {
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+    });
     let given = header_token.or(query_token).unwrap_or_default();
     if constant_time_eq(given.as_bytes(), token.as_bytes()) {
         next.run(request).await
@@ -114,51 +183,68 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Reads a request body as a multipart form or JSON, by its content type.
+/// Reads a request body as a multipart form or JSON, by its content type. A body the
+/// connection cut short is answered for what happened to it: 413 (too large) or 408 (too
+/// slow).
 async fn read_body(state: &AppState, request: Request) -> Result<RawRequest, ApiError> {
     let limits = state.registry.limits;
+    let fault = request.extensions().get::<BodyFaultCell>().cloned();
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    if content_type.starts_with("multipart/form-data") {
-        let form = Multipart::from_request(request, &())
-            .await
-            .map_err(|e| ApiError::bad_request(format!("unreadable multipart body: {e}")))?;
-        RawRequest::from_multipart(form, &limits).await
+    let read = if content_type.starts_with("multipart/form-data") {
+        match Multipart::from_request(request, &()).await {
+            Ok(form) => RawRequest::from_multipart(form, &limits).await,
+            Err(e) => Err(ApiError::bad_request(format!(
+                "unreadable multipart body: {e}"
+            ))),
+        }
     } else if content_type.starts_with("application/json") {
-        let body = Bytes::from_request(request, &()).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large(
-                    "image",
-                    "the request body is larger than this server accepts",
-                )
-            } else {
-                ApiError::bad_request(format!("unreadable body: {e}"))
-            }
-        })?;
-        RawRequest::from_json(&body, &limits)
+        match Bytes::from_request(request, &()).await {
+            Ok(body) => RawRequest::from_json(&body, &limits),
+            Err(e) => Err(ApiError::bad_request(format!("unreadable body: {e}"))),
+        }
     } else {
         Err(ApiError::bad_request(
             "send multipart/form-data (as the OpenAI clients do) or application/json",
         ))
-    }
+    };
+    read.map_err(|e| match fault.and_then(|f| f.get()) {
+        Some(BodyFault::TooLarge { limit }) => ApiError::too_large(
+            "image",
+            format!(
+                "the request is larger than this server accepts ({limit} bytes; `image` up to {} bytes)",
+                limits.max_upload_bytes
+            ),
+        ),
+        Some(f @ BodyFault::TimedOut { .. }) => ApiError::timed_out(f.to_string()),
+        None => e,
+    })
 }
 
-/// Checks and journals the request; the edit is queued when this returns.
+/// Checks and journals the request; the edit is queued when this returns. The cheap
+/// checks come first (fields, the image header), then a place in the queue (429 when
+/// full), then the decode (at most `--max-decodes` at once), then the journal.
 async fn submit(state: &AppState, request: Request) -> Result<Arc<Job>, ApiError> {
     let raw = read_body(state, request).await?;
-    let edit = EditRequest::from_raw(&raw, &state.registry.defaults, &state.registry.limits)?;
+    let limits = state.registry.limits;
+    let edit = EditRequest::from_raw(&raw, &state.registry.defaults, &limits)?;
     let image = raw
         .image
         .expect("from_raw refuses a request without an image");
+    let extension = inspect_upload(&image, &limits, edit.width)?;
+    let admission = state.registry.admit()?;
+    let image = Arc::new(image);
+    state.registry.check_decodes(image.clone()).await?;
     let registry = state.registry.clone();
-    // Decoding the image and fsyncing the journal are blocking work.
-    let job = tokio::task::spawn_blocking(move || registry.submit(edit, image))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
+    // Writing the upload and fsyncing the journal are blocking work.
+    let job =
+        tokio::task::spawn_blocking(move || registry.accept(admission, edit, &image, extension))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??;
     tracing::info!(id = %job.id, "accepted");
     Ok(job)
 }
@@ -313,10 +399,29 @@ async fn edit_file(
             "file paths stay inside the edit's folder",
         ));
     }
-    let file = state.registry.edit_dir(&id).join(rel);
-    let bytes = tokio::fs::read(&file)
-        .await
-        .map_err(|_| ApiError::not_found(format!("edit {id} has no file {path:?} (yet)")))?;
+    let missing = || ApiError::not_found(format!("edit {id} has no file {path:?} (yet)"));
+    // Symlinks are resolved and must stay inside the folder; only regular files are read
+    // (a FIFO would block the read).
+    let dir = state.registry.edit_dir(&id);
+    let wanted = dir.join(rel);
+    let (dir, file) = tokio::task::spawn_blocking(move || {
+        Some((dir.canonicalize().ok()?, wanted.canonicalize().ok()?))
+    })
+    .await
+    .ok()
+    .flatten()
+    .ok_or_else(missing)?;
+    if !file.starts_with(&dir) {
+        return Err(ApiError::bad_field(
+            "path",
+            "file paths stay inside the edit's folder (a link out of it is not followed)",
+        ));
+    }
+    let is_file = tokio::fs::metadata(&file).await.is_ok_and(|m| m.is_file());
+    if !is_file {
+        return Err(missing());
+    }
+    let bytes = tokio::fs::read(&file).await.map_err(|_| missing())?;
     let content_type = match rel.extension().and_then(|e| e.to_str()) {
         Some("png") => "image/png",
         Some("jpg") => "image/jpeg",
@@ -367,12 +472,9 @@ async fn images_edits(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Json<Value>, ApiError> {
-    // `url` answers are absolute (OpenAI's are), on the address the client reached.
-    let base = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map_or_else(String::new, |host| format!("http://{host}"));
+    // `url` answers are absolute (OpenAI's are), on the server's public address: a Host
+    // header is the client's to choose.
+    let base = state.public_url.clone();
     let job = submit(&state, request).await?;
     let status = tokio::select! {
         s = job.finished() => s,

@@ -15,7 +15,7 @@ use base64::Engine as _;
 use serde::Serialize;
 
 use super::journal::{Journal, Record};
-use super::{run_on, Limits, MeteredJudge, Metrics, ServeOptions};
+use super::{run_on, ConnLimits, Limits, MeteredJudge, Metrics, ServeOptions};
 use crate::batch::bench::{CostModel, Latency};
 use crate::engine::{Engine, GeneratorWorker, StrategyConfig};
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
@@ -166,6 +166,8 @@ impl ServeBench {
             limits: Limits::default(),
             token: None,
             defaults: self.strategy.clone(),
+            conn: ConnLimits::default(),
+            public_url: None,
         };
         let stop = StopSignal::default();
         let server = tokio::spawn(run_on(listener, engines, metrics, opts, stop.clone()));

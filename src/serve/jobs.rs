@@ -8,12 +8,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 use tracing::Instrument;
 
 use super::error::ApiError;
@@ -21,7 +22,9 @@ use super::events::{relay, EventSink, ServerEvent};
 use super::journal::{Accepted, Ending, Journal, Record};
 use super::metrics::{Metrics, WorkerLabel};
 use super::request::{EditRequest, Limits};
-use crate::edit::{load_image_bytes, resize_to_panel, EditContext, ImageLimits};
+use crate::edit::{
+    check_decodes, load_image_bytes, panel_size, resize_to_panel, EditContext, ImageLimits,
+};
 use crate::engine::outputs::write_outputs;
 use crate::engine::report::EditReport;
 use crate::engine::{EditJob, Engine, StrategyConfig};
@@ -87,6 +90,8 @@ pub struct Job {
     pub source: String,
     /// Set by DELETE: the generator stops at its next step boundary.
     pub cancel: StopSignal,
+    /// Set by the one [`JobRegistry::end`] that journals how it ended.
+    ended: AtomicBool,
     state: Mutex<JobState>,
     /// Bumped whenever an event is published or the status changes.
     changed: watch::Sender<u64>,
@@ -104,6 +109,7 @@ impl Job {
             request: accepted.request,
             source: accepted.source,
             cancel: StopSignal::default(),
+            ended: AtomicBool::new(status.is_final()),
             state: Mutex::new(JobState {
                 status,
                 events: Vec::new(),
@@ -204,6 +210,23 @@ pub enum EventsNow {
 /// How an edit is made available to a worker.
 struct Queue {
     waiting: VecDeque<Arc<Job>>,
+    /// Places held by requests whose image is being checked (see [`Admission`]).
+    reserved: usize,
+}
+
+/// A place in the queue, held by a request from before its image is decoded until it is
+/// journaled and queued ([`JobRegistry::accept`]); given back if dropped unused.
+pub struct Admission {
+    registry: Arc<JobRegistry>,
+    used: bool,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if !self.used {
+            self.registry.queue.lock().unwrap().reserved -= 1;
+        }
+    }
 }
 
 /// Everything the handlers and workers share.
@@ -215,6 +238,8 @@ pub struct JobRegistry {
     queue: Mutex<Queue>,
     queued: Notify,
     journal: Mutex<Journal>,
+    /// Uploads being decoded (at most `limits.max_decodes`).
+    decodes: Semaphore,
     /// Largest queue before 429.
     pub max_queue: usize,
     /// Per-request limits.
@@ -280,9 +305,13 @@ impl JobRegistry {
             out: out.to_path_buf(),
             jobs: Mutex::new(jobs),
             order: Mutex::new(order),
-            queue: Mutex::new(Queue { waiting }),
+            queue: Mutex::new(Queue {
+                waiting,
+                reserved: 0,
+            }),
             queued: Notify::new(),
             journal: Mutex::new(journal),
+            decodes: Semaphore::new(limits.max_decodes.max(1)),
             max_queue,
             limits,
             defaults,
@@ -333,17 +362,51 @@ impl JobRegistry {
         ((mean * depth as f64 / self.workers as f64).ceil() as u64).max(1)
     }
 
-    /// Checks the image (size, pixels, decodable), then journals the edit and queues it.
-    /// The record is on disk before this returns: an accepted edit survives a crash.
-    pub fn submit(&self, request: EditRequest, image: Vec<u8>) -> Result<Arc<Job>, ApiError> {
+    /// Holds a place in the queue for a request, before its image is decoded: refused (503)
+    /// once the server stops and (429) when the queue, with the places already held, is
+    /// full, so a refused request costs no decode.
+    pub fn admit(self: &Arc<Self>) -> Result<Admission, ApiError> {
         if self.stop.is_set() {
             return Err(ApiError::shutting_down());
         }
-        let extension = check_image(&image, &self.limits)?;
         let mut queue = self.queue.lock().unwrap();
-        if queue.waiting.len() >= self.max_queue {
-            let depth = queue.waiting.len();
+        let depth = queue.waiting.len() + queue.reserved;
+        if depth >= self.max_queue {
             return Err(ApiError::queue_full(depth, self.retry_after(depth)));
+        }
+        queue.reserved += 1;
+        Ok(Admission {
+            registry: self.clone(),
+            used: false,
+        })
+    }
+
+    /// Checks that `image` decodes, at most `limits.max_decodes` at once (a decode holds the
+    /// image's pixels), on the blocking pool.
+    pub async fn check_decodes(&self, image: Arc<Vec<u8>>) -> Result<(), ApiError> {
+        let _slot = self.decodes.acquire().await.expect("never closed");
+        self.metrics.decodes.inc();
+        let limits = image_limits(&self.limits);
+        let checked =
+            tokio::task::spawn_blocking(move || check_decodes(&image, "image", limits)).await;
+        self.metrics.decodes.dec();
+        checked
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::bad_field("image", format!("`image`: {e}")))
+    }
+
+    /// Saves the upload and journals the edit, then queues it in the place `admission`
+    /// held. The record is on disk before this returns: an accepted edit survives a crash.
+    /// Blocking (two fsyncs).
+    pub fn accept(
+        &self,
+        mut admission: Admission,
+        request: EditRequest,
+        image: &[u8],
+        extension: &str,
+    ) -> Result<Arc<Job>, ApiError> {
+        if self.stop.is_set() {
+            return Err(ApiError::shutting_down());
         }
         let id = new_id();
         let source = format!("source.{extension}");
@@ -351,7 +414,7 @@ impl JobRegistry {
             tracing::error!("edit {id}: {what}: {e}");
             ApiError::internal(format!("cannot accept the edit: {what} failed ({e})"))
         };
-        write_atomic(&self.edit_dir(&id).join(&source), &image)
+        write_atomic(&self.edit_dir(&id).join(&source), image)
             .map_err(|e| internal("saving the upload", &e))?;
         let created = now();
         let accepted = Accepted {
@@ -372,6 +435,9 @@ impl JobRegistry {
             })
             .map_err(|e| internal("writing the journal", &e))?;
         let job = Arc::new(Job::new(accepted));
+        let mut queue = self.queue.lock().unwrap();
+        admission.used = true;
+        queue.reserved -= 1;
         job.publish("queued", json!({"position": queue.waiting.len()}));
         self.jobs.lock().unwrap().insert(id.clone(), job.clone());
         self.order.lock().unwrap().push(id);
@@ -390,7 +456,15 @@ impl JobRegistry {
         let mut queue = self.queue.lock().unwrap();
         match job.status() {
             Status::Queued => {
+                let before = queue.waiting.len();
                 queue.waiting.retain(|j| j.id != id);
+                if queue.waiting.len() == before {
+                    // Still queued but no longer in the queue: another DELETE took it out
+                    // and is ending it (a worker would have marked it running).
+                    return Err(ApiError::conflict(format!(
+                        "edit {id} is already being cancelled"
+                    )));
+                }
                 self.metrics.queue_depth.set(queue.waiting.len() as i64);
                 drop(queue);
                 self.end(&job, Ending::Cancelled, None);
@@ -435,6 +509,13 @@ impl JobRegistry {
     /// Records how an edit ended: journal, status, last event, its events on disk,
     /// metrics. The journal record is the one that counts: an edit ends exactly once.
     fn end(&self, job: &Job, ending: Ending, error: Option<String>) {
+        if job.ended.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                "edit {} ended twice; the second end ({ending:?}) is dropped",
+                job.id
+            );
+            return;
+        }
         let record = Record::Ended {
             id: job.id.clone(),
             ending,
@@ -471,6 +552,29 @@ impl JobRegistry {
         });
         let status = Status::of(ending);
         job.set_status(status, error);
+    }
+
+    /// Journals every running edit as interrupted (the server stops without waiting for
+    /// them; the next start runs them again) and returns how many. Call only once the
+    /// worker loops are stopped, so none of them ends meanwhile.
+    pub fn interrupt_running(&self) -> usize {
+        let running: Vec<Arc<Job>> = self
+            .jobs
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|j| j.status() == Status::Running)
+            .cloned()
+            .collect();
+        let mut journal = self.journal.lock().unwrap();
+        for job in &running {
+            let record = Record::Interrupted { id: job.id.clone() };
+            if let Err(e) = journal.append(&record) {
+                // Unended either way: it runs again after the restart.
+                tracing::warn!("edit {}: journaling its interruption: {e}", job.id);
+            }
+        }
+        running.len()
     }
 
     /// Events of an edit that ended before this process started (read from its folder).
@@ -622,9 +726,10 @@ fn image_limits(limits: &Limits) -> ImageLimits {
     }
 }
 
-/// Checks an upload before it is accepted: its format, its pixel count against the limit
-/// (from the header, before decoding), and that it decodes. Returns its file extension.
-fn check_image(bytes: &[u8], limits: &Limits) -> Result<&'static str, ApiError> {
+/// Checks an upload from its header alone, before a place in the queue is held or any
+/// pixel decoded: its format, its pixel count against the limit, and that a panel of
+/// `width` can be made of it. Returns its file extension.
+pub fn inspect_upload(bytes: &[u8], limits: &Limits, width: u32) -> Result<&'static str, ApiError> {
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ApiError::bad_field("image", format!("`image`: {e}")))?;
@@ -655,7 +760,6 @@ fn check_image(bytes: &[u8], limits: &Limits) -> Result<&'static str, ApiError> 
             ),
         ));
     }
-    load_image_bytes(bytes, "image", image_limits(limits))
-        .map_err(|e| ApiError::bad_field("image", format!("`image`: {e}")))?;
+    panel_size(w, h, width).map_err(|e| ApiError::bad_field("image", format!("`image`: {e}")))?;
     Ok(extension)
 }

@@ -1,7 +1,8 @@
 //! The journal: every accepted edit, and how each ended, in an append-only JSONL file that
 //! is fsynced before the client hears "accepted". After a crash (or `kill -9`) a restart
-//! with the same `--out` reads it back: edits accepted but not ended run again, ended ones
-//! are served from their folders.
+//! with the same `--out` reads it back: edits accepted but not ended run again (those the
+//! last shutdown interrupted at its deadline included), ended ones are served from their
+//! folders.
 //!
 //! Layout under `--out`:
 //! ```text
@@ -46,6 +47,12 @@ pub enum Record {
         source: String,
         /// The checked request.
         request: EditRequest,
+    },
+    /// An edit was running when the server stopped at its shutdown deadline: it has not
+    /// ended and runs again at the next start.
+    Interrupted {
+        /// The edit id.
+        id: String,
     },
     /// An edit ended.
     Ended {
@@ -111,6 +118,7 @@ impl Journal {
                         order[i].ended = Some((ending, error));
                     }
                 }
+                Record::Interrupted { .. } => {}
             }
         }
         Ok((Self { file, path }, order))
@@ -169,5 +177,36 @@ mod tests {
             .collect();
         assert_eq!(ids, [("a", false), ("b", true), ("c", false)]);
         assert_eq!(back[0].request, request());
+    }
+
+    #[test]
+    fn an_accepted_edit_whose_target_was_written_as_null_is_read_back() {
+        // How a NaN target was journaled before the one number rule: the edit must come
+        // back (and fail by name when it runs), not vanish as an unreadable line.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let mut nan = request();
+        nan.strategy.target = f32::NAN;
+        j.append(&Record::Accepted {
+            id: "n".into(),
+            created: 1,
+            source: "source.png".into(),
+            request: nan,
+        })
+        .unwrap();
+        drop(j);
+        let text = std::fs::read_to_string(dir.path().join("journal.jsonl")).unwrap();
+        assert!(text.contains("\"target\":null"), "{text}");
+        let (_, back) = Journal::open(dir.path()).unwrap();
+        assert_eq!(back.len(), 1);
+        let e = back[0]
+            .request
+            .strategy
+            .check(&crate::engine::ValueSource::Request)
+            .unwrap_err();
+        assert!(
+            e.message.contains("target NaN must be a finite number"),
+            "{e}"
+        );
     }
 }

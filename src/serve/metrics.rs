@@ -1,6 +1,6 @@
 //! `/metrics` in the Prometheus text format (prometheus-client): queue depth, edits by
 //! status, NFE and NFE/s per worker, each generator's busy fraction, judge latency and
-//! failures by call. [`MeteredJudge`] times every judge call the engines make.
+//! failures by call, open and refused connections, image decodes in progress. [`MeteredJudge`] times every judge call the engines make.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -73,6 +73,12 @@ pub struct Metrics {
     pub judge_seconds: HistogramFamily<CallLabel>,
     /// Judge calls that failed, by call.
     pub judge_failures: Family<CallLabel, Counter>,
+    /// HTTP connections open.
+    pub connections: Gauge,
+    /// Connections answered 503 because `--max-connections` were open.
+    pub refused_connections: Counter,
+    /// Uploaded images being decoded (at most `--max-decodes`).
+    pub decodes: Gauge,
 }
 
 impl Default for Metrics {
@@ -88,6 +94,9 @@ impl Default for Metrics {
             edit_seconds: Family::new_with_constructor(edit_histogram),
             judge_seconds: Family::new_with_constructor(judge_histogram),
             judge_failures: Family::default(),
+            connections: Gauge::default(),
+            refused_connections: Counter::default(),
+            decodes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -130,6 +139,21 @@ impl Default for Metrics {
             "judge_failures",
             "Judge calls that failed, by call",
             m.judge_failures.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "HTTP connections open",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections answered 503 at --max-connections",
+            m.refused_connections.clone(),
+        );
+        registry.register(
+            "image_decodes",
+            "Uploaded images being decoded (at most --max-decodes)",
+            m.decodes.clone(),
         );
         Self { registry, ..m }
     }

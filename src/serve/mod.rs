@@ -6,13 +6,15 @@
 //! them through its engine, a few at a time so the generator works while judges think.
 //! Every edit's events ([`events`]) stream to its watchers and to the page at `/`
 //! ([`page`]); `/metrics` ([`metrics`]) exposes the queue, NFE/s, busy fraction and judge
-//! latency.
+//! latency. Connections are the server's own ([`conn`]): a cap, header, body and idle
+//! timeouts, and a shutdown deadline past which running edits are journaled as interrupted.
 //!
 //! A driver beside `batch` and `eval`: it takes engines built by the command and never
 //! reaches a backend.
 
 pub mod api;
 pub mod bench;
+pub mod conn;
 pub mod error;
 pub mod events;
 pub mod jobs;
@@ -25,6 +27,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use conn::ConnLimits;
 pub use error::ApiError;
 pub use jobs::{JobRegistry, Status};
 pub use metrics::{MeteredJudge, Metrics};
@@ -52,11 +55,18 @@ pub struct ServeOptions {
     pub token: Option<String>,
     /// The strategy requests lay their fields over.
     pub defaults: StrategyConfig,
+    /// Timeouts, the connection cap and the shutdown deadline (`max_body_bytes` is set
+    /// from `limits`).
+    pub conn: ConnLimits,
+    /// Where clients reach the server, for `url` answers (default: `http://` and the
+    /// address bound).
+    pub public_url: Option<String>,
 }
 
 /// Runs the server over `engines` (one per device, named) until `stop` is set, then stops
-/// taking edits, lets those running finish (queued ones stay journaled for the next
-/// start) and returns. Prints `listening on http://ADDR` once it accepts connections.
+/// taking edits, lets those running finish until the shutdown deadline (those still running
+/// then are journaled as interrupted; queued ones stay journaled) and returns. Prints
+/// `listening on http://ADDR` once it accepts connections.
 pub async fn run(
     engines: Vec<(String, Engine)>,
     metrics: Arc<Metrics>,
@@ -83,7 +93,7 @@ pub async fn run_on(
             opts.max_queue,
             opts.limits,
             opts.defaults.clone(),
-            metrics,
+            metrics.clone(),
             engines.len(),
         )
         .map_err(|e| anyhow::anyhow!("{}: cannot open the journal: {e}", opts.out.display()))?,
@@ -100,30 +110,65 @@ pub async fn run_on(
             loops.spawn(registry.clone().work(name.clone(), engine.clone()));
         }
     }
+    let bound = listener.local_addr()?;
+    let public_url = opts
+        .public_url
+        .clone()
+        .unwrap_or_else(|| default_public_url(bound));
     let state = api::AppState {
         registry: registry.clone(),
         token: opts.token.map(Arc::from),
         workers,
+        public_url: Arc::from(public_url.trim_end_matches('/')),
     };
-    let bound = listener.local_addr()?;
+    let limits = ConnLimits {
+        max_body_bytes: opts.limits.max_body_bytes(),
+        ..opts.conn
+    };
     // Tests and scripts read this line to learn the port: print it once we accept.
     println!("listening on http://{bound}");
     tracing::info!("listening on http://{bound}");
-    let shutdown = {
-        let (stop, registry) = (stop.clone(), registry.clone());
-        async move {
-            stop.stopped().await;
-            registry.stop.stop();
-        }
-    };
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let connections =
+        conn::accept_until(listener, api::router(state), limits, metrics, &stop).await;
+    // No new edits; event streams end; idle connections close, busy ones finish.
     registry.stop.stop();
+    connections.shut_down();
+    let deadline = tokio::time::Instant::now() + limits.shutdown_deadline;
     let running = registry.metrics.running.get();
     if running > 0 {
-        eprintln!("finishing {running} running edit(s); queued ones stay journaled");
+        eprintln!(
+            "finishing {running} running edit(s) (up to {} s); queued ones stay journaled",
+            limits.shutdown_deadline.as_secs_f64()
+        );
     }
-    while loops.join_next().await.is_some() {}
+    let all_ended = async { while loops.join_next().await.is_some() {} };
+    if tokio::time::timeout_at(deadline, all_ended).await.is_err() {
+        loops.shutdown().await;
+        let interrupted = registry.interrupt_running();
+        eprintln!(
+            "{interrupted} edit(s) still running at the shutdown deadline are journaled as interrupted; they run again at the next start"
+        );
+    }
+    connections.finish_by(deadline).await;
     Ok(())
+}
+
+/// `http://` and the bound address; an unspecified address (0.0.0.0, ::) names no host a
+/// client could use, so loopback stands in for it (set `--public-url` there).
+fn default_public_url(bound: SocketAddr) -> String {
+    let ip = match bound.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+        }
+        ip => ip,
+    };
+    if ip != bound.ip() {
+        tracing::warn!(
+            "listening on every address: `url` answers name {ip}; give --public-url for the address clients use"
+        );
+    }
+    format!("http://{}", SocketAddr::new(ip, bound.port()))
 }

@@ -26,6 +26,10 @@ pub struct Limits {
     pub max_seeds: usize,
     /// Most steps of the full schedule.
     pub max_steps: usize,
+    /// Longest instruction, in characters.
+    pub max_prompt_chars: usize,
+    /// Uploads decoded at once (the check that an image decodes holds its pixels).
+    pub max_decodes: usize,
 }
 
 impl Default for Limits {
@@ -35,7 +39,20 @@ impl Default for Limits {
             max_pixels: 50_000_000,
             max_seeds: 32,
             max_steps: 100,
+            max_prompt_chars: 2000,
+            max_decodes: 2,
         }
+    }
+}
+
+/// Longest OpenAI `user` id, in characters (it is journaled with the edit).
+pub const MAX_USER_CHARS: usize = 256;
+
+impl Limits {
+    /// The largest request body: the image as base64 in JSON (4/3 of its bytes) and 1 MiB
+    /// for the other fields.
+    pub fn max_body_bytes(&self) -> u64 {
+        self.max_upload_bytes as u64 / 3 * 4 + (1 << 20)
     }
 }
 
@@ -161,7 +178,19 @@ impl RawRequest {
                 }
                 raw.image = Some(bytes);
             } else {
-                let text = field.text().await.map_err(|e| multipart_error(e, limits))?;
+                let bytes = field
+                    .bytes()
+                    .await
+                    .map_err(|e| multipart_error(e, limits))?;
+                let text = String::from_utf8(bytes.to_vec()).map_err(|e| {
+                    ApiError::bad_field(
+                        &name,
+                        format!(
+                            "`{name}` is not UTF-8 text (byte {} is not)",
+                            e.utf8_error().valid_up_to()
+                        ),
+                    )
+                })?;
                 raw.fields.insert(name, text);
             }
         }
@@ -175,7 +204,9 @@ impl RawRequest {
             .map_err(|e| ApiError::bad_request(format!("unreadable JSON body: {e}")))?;
         let mut raw = Self::default();
         for (name, v) in value {
-            if name == "image" {
+            if name == "image" && v.is_null() {
+                continue;
+            } else if name == "image" {
                 let text = v.as_str().ok_or_else(|| {
                     ApiError::bad_field("image", "`image` must be base64 text (or a data: URL)")
                 })?;
@@ -193,20 +224,66 @@ impl RawRequest {
                     return Err(too_big(limits));
                 }
                 raw.image = Some(bytes);
-            } else {
-                let text = match v {
-                    serde_json::Value::String(s) => s,
-                    serde_json::Value::Array(items) => items
-                        .iter()
-                        .map(|i| i.to_string())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    other => other.to_string(),
-                };
+            } else if let Some(text) = json_field(&name, v)? {
                 raw.fields.insert(name, text);
             }
         }
         Ok(raw)
+    }
+}
+
+/// Fields whose value is text: in JSON they must be strings.
+const TEXT_FIELDS: &[&str] = &[
+    "prompt",
+    "size",
+    "response_format",
+    "output_format",
+    "user",
+    "strategy",
+];
+
+/// A JSON field's value as the text a form would carry: strings as they are, numbers and
+/// booleans as written, `seed_list` as a list of numbers; `null` is a field not given.
+/// Anything else is refused by name (a list or an object is never a prompt).
+fn json_field(name: &str, value: serde_json::Value) -> Result<Option<String>, ApiError> {
+    use serde_json::Value;
+    let kind = match &value {
+        Value::Null => return Ok(None),
+        Value::String(_) => "text",
+        Value::Number(_) => "a number",
+        Value::Bool(_) => "a boolean",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    };
+    let wrong = |expected: &str| {
+        ApiError::bad_field(name, format!("`{name}` must be {expected}, not {kind}"))
+    };
+    if TEXT_FIELDS.contains(&name) {
+        return match value {
+            Value::String(s) => Ok(Some(s)),
+            _ => Err(wrong("text (a JSON string)")),
+        };
+    }
+    match value {
+        Value::String(s) => Ok(Some(s)),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        Value::Bool(b) => Ok(Some(b.to_string())),
+        Value::Array(items) if name == "seed_list" => {
+            if let Some(item) = items.iter().find(|i| !i.is_u64()) {
+                return Err(ApiError::bad_field(
+                    name,
+                    format!("`seed_list` holds whole numbers, not {item}"),
+                ));
+            }
+            Ok(Some(
+                items
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ))
+        }
+        _ => Err(wrong("a number, a boolean or text")),
     }
 }
 
@@ -286,6 +363,28 @@ impl EditRequest {
                 ApiError::bad_field("prompt", "`prompt` (the edit instruction) is required")
             })?
             .to_string();
+        let chars = instruction.chars().count();
+        if chars > limits.max_prompt_chars {
+            return Err(ApiError::bad_field(
+                "prompt",
+                format!(
+                    "`prompt` is {chars} characters; this server accepts at most {} (FLUX reads 512 T5 tokens, about 2000 characters)",
+                    limits.max_prompt_chars
+                ),
+            ));
+        }
+        let user = f.get("user").cloned().filter(|u| !u.is_empty());
+        if let Some(u) = &user {
+            let chars = u.chars().count();
+            if chars > MAX_USER_CHARS {
+                return Err(ApiError::bad_field(
+                    "user",
+                    format!(
+                        "`user` is {chars} characters; an end-user id is at most {MAX_USER_CHARS}"
+                    ),
+                ));
+            }
+        }
         let n = match f.get("n") {
             Some(t) => number::<usize>("n", t)?,
             None => 1,
@@ -355,7 +454,7 @@ impl EditRequest {
             n,
             width,
             response_format,
-            user: f.get("user").cloned().filter(|u| !u.is_empty()),
+            user,
             live_previews: match f.get("live_previews") {
                 Some(t) => boolean("live_previews", t)?,
                 None => false,
@@ -433,11 +532,12 @@ fn strategy(
                 "`budget_nfe` sets the number of seeds: give it without `seeds` or `seed_list`",
             ));
         }
-        // Sized with the largest N the server allows, then cut to what fits.
-        s.seeds = limits.max_seeds;
         s = s.fit_to_budget(budget).map_err(|e| {
             ApiError::bad_field("budget_nfe", format!("`budget_nfe` {budget}: {e}"))
         })?;
+        // The largest N within the budget, held to what this server runs: fewer seeds
+        // spend less, so the budget still holds as a cap.
+        s.seeds = s.seeds.min(limits.max_seeds);
     }
     s.check(&ValueSource::Request)
         .map_err(|e| ApiError::bad_field(e.field.key(), e.message.clone()))?;

@@ -241,6 +241,7 @@ pub fn reference_prompt(
 }
 
 pub mod hub_server;
+pub mod server;
 
 /// A preset file read the way a run reads it (`JudgeSpec`), as the local-judge settings it
 /// must hold.
