@@ -93,6 +93,8 @@ pub struct Workload {
     pub panel: (usize, usize),
     /// More than one edit: later prompts are encoded while the judge is resident.
     pub many_edits: bool,
+    /// `--refine WIDTH`: the pick is refined at this width after the edit.
+    pub refine: Option<u32>,
 }
 
 impl GeneratorSpec {
@@ -315,6 +317,12 @@ impl FluxSpec {
             judge,
             text_with_judge: workload.many_edits || self.keep_text_encoders,
             transformer_after_prompt: self.text_device == self.device && !self.keep_text_encoders,
+            refine_panel: workload.refine.and_then(|width| {
+                let panel = (workload.panel.0 as u32, workload.panel.1 as u32);
+                crate::edit::refine::refine_size(panel, width)
+                    .ok()
+                    .map(|(w, h)| (w as usize, h as usize))
+            }),
         };
         Ok((request, found || self.fetch_fill))
     }

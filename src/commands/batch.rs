@@ -37,6 +37,7 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
     let workload = Workload {
         panel: (args.width as usize, args.width as usize),
         many_edits: true,
+        refine: strategy.refine,
     };
     let engine = EngineBuilder::new(generator, judge, args.engine.download, workload)
         .allowing_unused_weights(args.engine.allow_unused_weights)

@@ -21,6 +21,7 @@ pub fn plan(args: EditArgs) -> anyhow::Result<()> {
     let workload = Workload {
         panel,
         many_edits: false,
+        refine: args.strategy.refine,
     };
     // The plan is of a FLUX run: without weights named, of FLUX.1 Fill's published
     // configuration.

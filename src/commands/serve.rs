@@ -77,6 +77,7 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
             crate::edit::DEFAULT_PANEL_WIDTH as usize,
         ),
         many_edits: true,
+        refine: defaults.refine,
     };
     let metrics = Arc::new(Metrics::default());
     let m = metrics.clone();

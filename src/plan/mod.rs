@@ -90,6 +90,9 @@ pub struct PlanRequest {
     /// The transformer loads after the first prompt is encoded (T5 on its device), so the
     /// first prompt phase holds T5 without it.
     pub transformer_after_prompt: bool,
+    /// The hi-res refine's panel `(width, height)`, when the pick is refined (`--refine`):
+    /// one candidate's forwards and a VAE pass at that size.
+    pub refine_panel: Option<(usize, usize)>,
 }
 
 /// One line of the plan.
@@ -128,8 +131,13 @@ pub fn overhead_bytes(cuda: bool) -> usize {
 impl PlanRequest {
     /// Image tokens of the diptych.
     pub fn image_tokens(&self) -> usize {
+        self.tokens_of(self.panel)
+    }
+
+    /// Packed image tokens of the diptych of a `(width, height)` panel.
+    fn tokens_of(&self, panel: (usize, usize)) -> usize {
         let f = self.vae.downscale() * self.transformer.patch_size.max(1) * 2;
-        (2 * self.panel.0 / f) * (self.panel.1 / f)
+        (2 * panel.0 / f) * (panel.1 / f)
     }
 
     /// The plan.
@@ -180,12 +188,30 @@ impl PlanRequest {
         } else {
             resident
         };
-        let phases = [
+        // The refine: one candidate at the refine size, its diptych encoded and decoded
+        // there, after the edit (the judge still loaded).
+        let refine = self.refine_panel.map(|panel| {
+            let forward = transformer_activation_bytes(
+                &self.transformer,
+                self.format,
+                self.dtype,
+                1,
+                self.tokens_of(panel),
+                self.t5_tokens,
+            );
+            let vae_pass =
+                vae_activation_bytes(&self.vae, self.dtype, 2 * panel.0 * panel.1, self.cuda);
+            (panel, forward, vae_pass)
+        });
+        let mut phases = vec![
             ("encode prompt", beside_text + text + text_work),
             ("encode diptych", resident + judge_at_prepare + vae_pass),
             ("denoise", resident + judge + judge_work + forward),
             ("decode", resident + judge + judge_work + vae_pass),
         ];
+        if let Some((_, forward, vae_pass)) = refine {
+            phases.push(("refine", resident + judge + forward.max(vae_pass)));
+        }
         let (peak_phase, peak_bytes) = phases
             .iter()
             .max_by_key(|(_, b)| *b)
@@ -243,6 +269,22 @@ impl PlanRequest {
             bytes: vae_pass,
             when: "encoding the diptych, decoding a candidate".into(),
         });
+        if let Some((panel, forward, vae_pass)) = refine {
+            parts.push(PlanPart {
+                name: format!(
+                    "refine forward ({}x{} diptych, batch 1)",
+                    2 * panel.0,
+                    panel.1
+                ),
+                bytes: forward,
+                when: "each refine step".into(),
+            });
+            parts.push(PlanPart {
+                name: format!("refine VAE pass ({}x{} diptych)", 2 * panel.0, panel.1),
+                bytes: vae_pass,
+                when: "encoding and decoding the refine".into(),
+            });
+        }
         parts.push(PlanPart {
             name: "runtime overhead".into(),
             bytes: overhead,
@@ -317,6 +359,28 @@ impl PlanRequest {
                 Box::new(move |r| PlanRequest { batch, ..r }),
             ));
             batch /= 2;
+        }
+        if let Some((w, h)) = self.refine_panel {
+            // A smaller refine (down to none): the refine phase is often the peak.
+            for smaller in [1024, 768] {
+                if smaller < w && smaller > self.panel.0 {
+                    let height = h * smaller / w / 16 * 16;
+                    steps.push((
+                        format!("--refine {smaller}"),
+                        Box::new(move |r| PlanRequest {
+                            refine_panel: Some((smaller, height)),
+                            ..r
+                        }),
+                    ));
+                }
+            }
+            steps.push((
+                "without --refine".into(),
+                Box::new(|r| PlanRequest {
+                    refine_panel: None,
+                    ..r
+                }),
+            ));
         }
         if let Some(j) = self
             .judge

@@ -509,6 +509,17 @@ impl JobRegistry {
     /// Records how an edit ended: journal, status, last event, its events on disk,
     /// metrics. The journal record is the one that counts: an edit ends exactly once.
     fn end(&self, job: &Job, ending: Ending, error: Option<String>) {
+        let data = match ending {
+            Ending::Done => Value::Null,
+            Ending::Failed => json!({"error": error}),
+            Ending::Cancelled => json!({}),
+        };
+        self.end_with(job, ending, error, data)
+    }
+
+    /// [`Self::end`] with the terminal event's data. The status changes before the event
+    /// is published, so a client that saw the event reads the ended status.
+    fn end_with(&self, job: &Job, ending: Ending, error: Option<String>, data: Value) {
         if job.ended.swap(true, Ordering::SeqCst) {
             tracing::error!(
                 "edit {} ended twice; the second end ({ending:?}) is dropped",
@@ -525,14 +536,13 @@ impl JobRegistry {
             // The edit will run again after a restart; nothing is lost.
             tracing::error!("edit {}: journaling its end: {e}", job.id);
         }
-        let (kind, data) = match ending {
-            Ending::Done => ("done", Value::Null),
-            Ending::Failed => ("failed", json!({"error": error})),
-            Ending::Cancelled => ("cancelled", json!({})),
+        let kind = match ending {
+            Ending::Done => "done",
+            Ending::Failed => "failed",
+            Ending::Cancelled => "cancelled",
         };
-        if kind != "done" {
-            job.publish(kind, data);
-        }
+        job.set_status(Status::of(ending), error);
+        job.publish(kind, data);
         let events: Vec<ServerEvent> = job.state.lock().unwrap().events.clone();
         let path = self.edit_dir(&job.id).join("events.jsonl");
         let written = std::fs::File::create(&path).and_then(|mut f| jsonl::append(&mut f, &events));
@@ -545,13 +555,7 @@ impl JobRegistry {
             // Kept in memory instead; only a restart loses them.
             Err(e) => tracing::warn!("{}: {e}", path.display()),
         }
-        self.metrics.count(match ending {
-            Ending::Done => "done",
-            Ending::Failed => "failed",
-            Ending::Cancelled => "cancelled",
-        });
-        let status = Status::of(ending);
-        job.set_status(status, error);
+        self.metrics.count(kind);
     }
 
     /// Journals every running edit as interrupted (the server stops without waiting for
@@ -624,9 +628,8 @@ impl JobRegistry {
                 pace.1 += 1;
                 pace.0 += (seconds - pace.0) / pace.1 as f64;
                 drop(pace);
-                job.publish("done", done_event(&job.id, &report));
                 tracing::info!(nfe = report.nfe.total, "done in {seconds:.1} s");
-                self.end(&job, Ending::Done, None);
+                self.end_with(&job, Ending::Done, None, done_event(&job.id, &report));
             }
             Err(EngineError::Cancelled) => {
                 tracing::info!("cancelled");

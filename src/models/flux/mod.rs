@@ -32,6 +32,7 @@ pub mod t5_quantized;
 pub mod text;
 pub mod transformer;
 pub mod vae;
+pub mod vae_mid;
 pub mod weights;
 
 pub use config::FluxConfig;

@@ -5,11 +5,11 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
-    UpDecoderBlock2D, UpDecoderBlock2DConfig,
+    DownEncoderBlock2D, DownEncoderBlock2DConfig, UpDecoderBlock2D, UpDecoderBlock2DConfig,
 };
 use serde::Deserialize;
 
+use super::vae_mid::MidBlock;
 use super::weights::{weights_error, KeyLayout, WeightSource};
 use crate::error::ModelError;
 use crate::models::config_keys::ConfigKeys;
@@ -214,28 +214,17 @@ fn conv3(vb: VarBuilder, i: usize, o: usize) -> Result<Conv2d> {
     )
 }
 
-fn mid_block(vb: VarBuilder, channels: usize, groups: usize) -> Result<UNetMidBlock2D> {
-    let cfg = UNetMidBlock2DConfig {
-        resnet_eps: 1e-6,
-        output_scale_factor: 1.,
-        attn_num_head_channels: None,
-        resnet_groups: Some(groups),
-        ..Default::default()
-    };
-    UNetMidBlock2D::new(vb, channels, None, cfg)
-}
-
 /// Encoder and decoder with the latent normalisation.
 #[derive(Debug)]
 pub struct Autoencoder {
     config: VaeConfig,
     enc_conv_in: Conv2d,
     enc_down: Vec<DownEncoderBlock2D>,
-    enc_mid: UNetMidBlock2D,
+    enc_mid: MidBlock,
     enc_norm_out: GroupNorm,
     enc_conv_out: Conv2d,
     dec_conv_in: Conv2d,
-    dec_mid: UNetMidBlock2D,
+    dec_mid: MidBlock,
     dec_up: Vec<UpDecoderBlock2D>,
     dec_norm_out: GroupNorm,
     dec_conv_out: Conv2d,
@@ -304,11 +293,11 @@ impl Autoencoder {
             config: config.clone(),
             enc_conv_in: conv3(enc.pp("conv_in"), config.in_channels, ch[0])?,
             enc_down,
-            enc_mid: mid_block(enc.pp("mid_block"), last, groups)?,
+            enc_mid: MidBlock::new(enc.pp("mid_block"), last, groups)?,
             enc_norm_out: group_norm(groups, last, 1e-6, enc.pp("conv_norm_out"))?,
             enc_conv_out: conv3(enc.pp("conv_out"), last, 2 * config.latent_channels)?,
             dec_conv_in: conv3(dec.pp("conv_in"), config.latent_channels, last)?,
-            dec_mid: mid_block(dec.pp("mid_block"), last, groups)?,
+            dec_mid: MidBlock::new(dec.pp("mid_block"), last, groups)?,
             dec_up,
             dec_norm_out: group_norm(groups, ch[0], 1e-6, dec.pp("conv_norm_out"))?,
             dec_conv_out: conv3(dec.pp("conv_out"), ch[0], config.in_channels)?,
@@ -329,7 +318,7 @@ impl Autoencoder {
         }
         let xs = self
             .enc_mid
-            .forward(&xs, None)?
+            .forward(&xs)?
             .apply(&self.enc_norm_out)?
             .silu()?;
         let moments = self.enc_conv_out.forward(&xs)?;
@@ -338,9 +327,7 @@ impl Autoencoder {
 
     /// Raw latents `[B, 16, h, w]` to images `[B, 3, 8h, 8w]` in about [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let mut xs = self
-            .dec_mid
-            .forward(&self.dec_conv_in.forward(latents)?, None)?;
+        let mut xs = self.dec_mid.forward(&self.dec_conv_in.forward(latents)?)?;
         for block in &self.dec_up {
             xs = block.forward(&xs)?;
         }
