@@ -445,9 +445,12 @@ fn the_rows_of_one_forward_must_share_a_rule() {
     );
 }
 
-fn early_filter(cache: StepCache) -> EditReport {
+fn engine() -> Engine {
     let worker = Arc::new(GeneratorWorker::spawn(Box::new(generator())));
-    let engine = Engine::new(worker, Arc::new(PixelJudge), 2).with_step_cache(cache);
+    Engine::new(worker, Arc::new(PixelJudge), 2)
+}
+
+fn early_filter_job(cache: StepCache) -> EditJob {
     let strategy = StrategyConfig {
         kind: StrategyKind::EarlyFilter,
         seeds: 4,
@@ -455,11 +458,23 @@ fn early_filter(cache: StepCache) -> EditReport {
         keep: 2,
         steps: STEPS,
         base_seed: 11,
+        cache,
         ..StrategyConfig::default()
     };
+    EditJob::new(edit(), strategy)
+}
+
+fn early_filter(cache: StepCache) -> EditReport {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(engine.run(EditJob::new(edit(), strategy), Arc::new(Silent)))
+    rt.block_on(engine().run(early_filter_job(cache), Arc::new(Silent)))
         .unwrap()
+}
+
+fn finals(r: &EditReport) -> Vec<Arc<image::RgbImage>> {
+    r.candidates
+        .iter()
+        .filter_map(|c| c.images.final_image.clone())
+        .collect()
 }
 
 #[test]
@@ -485,12 +500,106 @@ fn probe_steps_are_never_cached_and_completions_are() {
     eprintln!("{note}");
     assert!(!exact.notes.iter().any(|n| n.starts_with("step cache")));
     // Completions did skip: some final image moved.
-    let finals = |r: &EditReport| -> Vec<_> {
-        r.candidates
-            .iter()
-            .filter_map(|c| c.images.final_image.clone())
-            .collect()
-    };
     assert_eq!(finals(&exact).len(), 2);
     assert_ne!(finals(&exact), finals(&cached), "{note}");
+}
+
+#[test]
+fn the_report_counts_full_and_cached_forwards_per_candidate_and_in_total() {
+    let exact = early_filter(StepCache::None);
+    let cached = early_filter("fbc:0.8".parse().unwrap());
+    for r in [&exact, &cached] {
+        let mut flops = 0;
+        for c in &r.candidates {
+            // Every forward is one NFE, of one kind or the other.
+            assert_eq!(
+                c.forwards.full + c.forwards.cached,
+                c.nfe,
+                "candidate {}",
+                c.index
+            );
+            assert!(c.forwards.flops > 0 && c.forwards.flops <= c.forwards.full_flops);
+            flops += c.forwards.flops;
+            if c.images.final_image.is_none() {
+                // Pruned after the probe: 8 exact forwards, nothing cached.
+                assert_eq!(
+                    (c.forwards.full, c.forwards.cached),
+                    (8, 0),
+                    "candidate {}",
+                    c.index
+                );
+                assert_eq!(c.forwards.flops, c.forwards.full_flops);
+            }
+        }
+        assert_eq!(r.forwards.forwards(), r.nfe.total);
+        assert_eq!(r.forwards.flops, flops);
+        let json = serde_json::to_value(r).unwrap();
+        assert_eq!(json["forwards"]["full"], r.forwards.full);
+        assert_eq!(
+            json["candidates"][0]["forwards"]["cached"],
+            r.candidates[0].forwards.cached
+        );
+        assert_eq!(json["strategy"]["cache"], r.strategy.cache.to_string());
+    }
+    assert_eq!(exact.forwards.cached, 0);
+    assert_eq!(exact.forwards.flops_share(), Some(1.0));
+    // fbc:0.8 skips 14 of 28 steps of one candidate alone: the two completions (steps 8 to
+    // 28, the first one full) skip some of theirs.
+    let completed: Vec<_> = cached
+        .candidates
+        .iter()
+        .filter(|c| c.images.final_image.is_some())
+        .collect();
+    assert_eq!(completed.len(), 2);
+    assert!(
+        completed.iter().all(|c| c.forwards.cached > 0),
+        "{:?}",
+        cached.forwards
+    );
+    assert_eq!(
+        cached.forwards.cached,
+        completed.iter().map(|c| c.forwards.cached).sum::<usize>()
+    );
+    let share = cached.forwards.flops_share().unwrap();
+    assert!(share < 1.0, "{share}");
+    // The note says the same as the fields.
+    let note = cached
+        .notes
+        .iter()
+        .find(|n| n.starts_with("step cache"))
+        .unwrap();
+    assert!(
+        note.contains(&format!("{} cached forwards", cached.forwards.cached))
+            && note.contains("each counts as one NFE, in `nfe` and against budgets"),
+        "{note}"
+    );
+    eprintln!(
+        "fbc:0.8: {} full + {} cached forwards (NFE {}), {:.1}% of full FLOPs",
+        cached.forwards.full,
+        cached.forwards.cached,
+        cached.nfe.total,
+        100.0 * share
+    );
+}
+
+#[test]
+fn one_engine_runs_cached_and_uncached_edits_side_by_side() {
+    let alone_exact = early_filter(StepCache::None);
+    let alone_cached = early_filter("fbc:0.8".parse().unwrap());
+    let engine = engine();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (exact, cached) = rt.block_on(async {
+        futures::join!(
+            engine.run(early_filter_job(StepCache::None), Arc::new(Silent)),
+            engine.run(
+                early_filter_job("fbc:0.8".parse().unwrap()),
+                Arc::new(Silent)
+            )
+        )
+    });
+    let (exact, cached) = (exact.unwrap(), cached.unwrap());
+    assert_eq!(finals(&exact), finals(&alone_exact));
+    assert_eq!(finals(&cached), finals(&alone_cached));
+    assert_eq!(exact.forwards, alone_exact.forwards);
+    assert_eq!(cached.forwards, alone_cached.forwards);
 }

@@ -10,10 +10,11 @@ use candle_core::DType;
 
 use crate::cli::{GeneratorArgs, GeneratorKind};
 use crate::device::{parse_dtype_on, DeviceName};
+use crate::engine::StrategyConfig;
 use crate::error::EditError;
 use crate::generate::flux::{FluxGenerator, FluxOptions, PreviewDecoder};
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
-use crate::generate::Generator;
+use crate::generate::{Generator, StepCache};
 use crate::hub::{self, HubSettings, RepoRequest};
 use crate::models::flux::files::FILL_DEV_REPO;
 use crate::models::flux::held_weight::WeightFormat;
@@ -87,12 +88,29 @@ pub enum LoraChoice {
 }
 
 /// What a command will run, as far as the memory plan needs it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Workload {
     /// Source panel `(width, height)` after resizing.
     pub panel: (usize, usize),
     /// More than one edit: later prompts are encoded while the judge is resident.
     pub many_edits: bool,
+    /// The step cache of each strategy the command runs, with the most candidates holding
+    /// one at once ([`Workload::step_caches_of`]); the plan counts the largest.
+    pub step_caches: Vec<(StepCache, usize)>,
+}
+
+impl Workload {
+    /// The step caches `strategies` hold: each one's cache and candidates completed
+    /// together (none for a strategy without a cache).
+    pub fn step_caches_of<'a>(
+        strategies: impl IntoIterator<Item = &'a StrategyConfig>,
+    ) -> Vec<(StepCache, usize)> {
+        strategies
+            .into_iter()
+            .filter(|s| s.cache.is_on())
+            .map(|s| (s.cache, s.cached_candidates()))
+            .collect()
+    }
 }
 
 impl GeneratorSpec {
@@ -315,7 +333,20 @@ impl FluxSpec {
             judge,
             text_with_judge: workload.many_edits || self.keep_text_encoders,
             transformer_after_prompt: self.text_device == self.device && !self.keep_text_encoders,
+            step_cache: StepCache::None,
+            cached_candidates: 0,
         };
+        // The largest of the strategies' step caches.
+        let request = workload
+            .step_caches
+            .iter()
+            .map(|&(step_cache, cached_candidates)| PlanRequest {
+                step_cache,
+                cached_candidates,
+                ..request.clone()
+            })
+            .max_by_key(PlanRequest::step_cache_bytes)
+            .unwrap_or(request);
         Ok((request, found || self.fetch_fill))
     }
 

@@ -29,6 +29,7 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
     let workload = Workload {
         panel: (w as usize, h as usize),
         many_edits: false,
+        step_caches: Workload::step_caches_of([&checked.strategy]),
     };
     let engine = EngineBuilder::new(
         checked.generator,
@@ -128,6 +129,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let workload = Workload {
         panel: (args.width as usize, args.width as usize),
         many_edits: false,
+        step_caches: Workload::step_caches_of([&strategy]),
     };
     let engine = EngineBuilder::new(generator, judge, false, workload).build_one()?;
     let job = EditJob::new(edit, strategy);

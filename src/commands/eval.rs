@@ -74,6 +74,7 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
     let workload = Workload {
         panel: (args.width as usize, args.width as usize),
         many_edits: true,
+        step_caches: Workload::step_caches_of([&config.strategy]),
     };
     let generator = GeneratorSpec::Testbed(config.generator());
     let engine = EngineBuilder::new(generator, judge, false, workload).build_one()?;
@@ -140,9 +141,11 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", args.out.join("results.jsonl").display()))?;
     let names = runner::arm_names(&suite);
     if !args.report_only {
+        let arms: Vec<_> = suite.arms.iter().map(|a| suite.config(a)).collect();
         let workload = Workload {
             panel: (suite.width as usize, suite.width as usize),
             many_edits: true,
+            step_caches: Workload::step_caches_of(&arms),
         };
         // Strategies pick their result by the selection judge's VIE scores; the eval judge
         // scores the returned edits: both must give VIE scores (the builder checks).

@@ -46,6 +46,9 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
             crate::edit::DEFAULT_PANEL_WIDTH as usize,
         ),
         many_edits: true,
+        // The server's default strategy; a request that asks for a cache of its own is not
+        // planned.
+        step_caches: Workload::step_caches_of([&defaults]),
     };
     let metrics = Arc::new(Metrics::default());
     let m = metrics.clone();

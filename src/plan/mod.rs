@@ -18,8 +18,10 @@ use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 use serde::Serialize;
 
+use crate::models::flux::step_cache::cache_bytes;
 use crate::models::flux::vae::VaeConfig;
 use crate::models::flux::FluxConfig;
+use crate::models::step_cache::StepCache;
 use footprint::{
     transformer_activation_bytes, transformer_weight_bytes, vae_activation_bytes, vae_parameters,
     WeightFormat,
@@ -90,6 +92,10 @@ pub struct PlanRequest {
     /// The transformer loads after the first prompt is encoded (T5 on its device), so the
     /// first prompt phase holds T5 without it.
     pub transformer_after_prompt: bool,
+    /// The step cache of completions (`--cache`; none: no part).
+    pub step_cache: StepCache,
+    /// Candidates holding a step cache at once (those completed together, M).
+    pub cached_candidates: usize,
 }
 
 /// One line of the plan.
@@ -132,6 +138,19 @@ impl PlanRequest {
         (2 * self.panel.0 / f) * (self.panel.1 / f)
     }
 
+    /// Bytes of the step caches held at once during completions: `cached_candidates` times
+    /// one candidate's cache (0 when the cache is off).
+    pub fn step_cache_bytes(&self) -> usize {
+        self.cached_candidates
+            * cache_bytes(
+                &self.transformer,
+                &self.step_cache,
+                self.image_tokens(),
+                self.t5_tokens,
+                self.dtype,
+            )
+    }
+
     /// The plan.
     pub fn plan(&self) -> MemoryPlan {
         let e = self.dtype.size_in_bytes();
@@ -163,6 +182,8 @@ impl PlanRequest {
             self.image_tokens(),
             self.t5_tokens,
         );
+        // Completions hold their candidates' step caches beside each forward.
+        let caches = self.step_cache_bytes();
         let pixels = 2 * self.panel.0 * self.panel.1;
         let vae_pass = vae_activation_bytes(&self.vae, self.dtype, pixels, self.cuda);
         // T5's working memory: a few [tokens, 4096 x 2.5] activations, small beside it.
@@ -183,7 +204,7 @@ impl PlanRequest {
         let phases = [
             ("encode prompt", beside_text + text + text_work),
             ("encode diptych", resident + judge_at_prepare + vae_pass),
-            ("denoise", resident + judge + judge_work + forward),
+            ("denoise", resident + judge + judge_work + forward + caches),
             ("decode", resident + judge + judge_work + vae_pass),
         ];
         let (peak_phase, peak_bytes) = phases
@@ -238,6 +259,18 @@ impl PlanRequest {
             bytes: forward,
             when: "each denoising step".into(),
         });
+        if caches > 0 {
+            parts.push(PlanPart {
+                name: format!(
+                    "step caches ({}, {} candidate{})",
+                    self.step_cache,
+                    self.cached_candidates,
+                    if self.cached_candidates == 1 { "" } else { "s" }
+                ),
+                bytes: caches,
+                when: "completions".into(),
+            });
+        }
         parts.push(PlanPart {
             name: format!("VAE pass ({}x{} diptych)", 2 * self.panel.0, self.panel.1),
             bytes: vae_pass,
@@ -317,6 +350,15 @@ impl PlanRequest {
                 Box::new(move |r| PlanRequest { batch, ..r }),
             ));
             batch /= 2;
+        }
+        if self.step_cache_bytes() > 0 {
+            steps.push((
+                "--cache none".into(),
+                Box::new(|r| PlanRequest {
+                    step_cache: StepCache::None,
+                    ..r
+                }),
+            ));
         }
         if let Some(j) = self
             .judge

@@ -44,8 +44,8 @@ pub enum Record {
         created: u64,
         /// The upload's file name in the edit's folder.
         source: String,
-        /// The checked request.
-        request: EditRequest,
+        /// The checked request (boxed: it is most of the record's size).
+        request: Box<EditRequest>,
     },
     /// An edit ended.
     Ended {
@@ -102,7 +102,7 @@ impl Journal {
                         id,
                         created,
                         source,
-                        request,
+                        request: *request,
                         ended: None,
                     });
                 }
@@ -151,7 +151,7 @@ mod tests {
                 id: id.into(),
                 created: 1,
                 source: "source.png".into(),
-                request: request(),
+                request: Box::new(request()),
             })
             .unwrap();
         }

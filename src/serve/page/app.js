@@ -50,7 +50,7 @@
     historyRefresh: $('#history-refresh'),
   };
   /** Optional request fields: form element id = API field name. */
-  const KNOBS = ['strategy', 'seeds', 'probe_steps', 'keep', 'steps', 'seed', 'wave', 'target', 'size', 'budget_nfe'];
+  const KNOBS = ['strategy', 'seeds', 'probe_steps', 'keep', 'steps', 'seed', 'wave', 'target', 'size', 'budget_nfe', 'cache'];
 
   // ---- the API -------------------------------------------------------------------------
 
