@@ -12,7 +12,7 @@
 //! threshold), the same steps skipped exactly.
 
 mod support;
-use support::{max_abs_diff, PixelJudge};
+use support::{cli, max_abs_diff, PixelJudge};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -602,4 +602,95 @@ fn one_engine_runs_cached_and_uncached_edits_side_by_side() {
     assert_eq!(finals(&cached), finals(&alone_cached));
     assert_eq!(exact.forwards, alone_exact.forwards);
     assert_eq!(cached.forwards, alone_cached.forwards);
+}
+
+#[test]
+fn bench_flux_times_each_cache_against_none_in_one_run() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "flux",
+            "--size",
+            "small",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--t5-tokens",
+            "8",
+            "--batch",
+            "1",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--no-tiny",
+            "--steps",
+            "10",
+            "--out",
+            dir,
+        ];
+        args.extend(extra);
+        cli(&args)
+    };
+    let run = bench(&[
+        "--probe-steps",
+        "3",
+        "--keep",
+        "2",
+        "--cache",
+        "fbc:0.3,taylorseer:interval=2,order=1,lite",
+    ]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("| cache | completion (s) | vs none |"),
+        "{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("flux.json")).unwrap()).unwrap();
+    let rows = json["completions"].as_array().unwrap();
+    let caches: Vec<&str> = rows.iter().map(|r| r["cache"].as_str().unwrap()).collect();
+    assert_eq!(
+        caches,
+        [
+            "none",
+            "fbc:0.3",
+            "taylorseer:interval=2,order=1,warmup=3,factors=bf16,lite"
+        ]
+    );
+    for r in rows {
+        // Two candidates, steps 3..10: 14 forwards of either kind.
+        let (full, cached) = (
+            r["full_forwards"].as_u64().unwrap(),
+            r["cached_forwards"].as_u64().unwrap(),
+        );
+        assert_eq!(full + cached, 14, "{r}");
+        assert!(
+            r["flops"].as_u64().unwrap() <= r["full_flops"].as_u64().unwrap(),
+            "{r}"
+        );
+    }
+    assert_eq!(
+        (
+            rows[0]["cached_forwards"].as_u64(),
+            rows[0]["max_abs_diff_vs_none"].as_f64()
+        ),
+        (Some(0), Some(0.0))
+    );
+    // TaylorSeer lite, warm-up 3, interval 2: of a completion's 7 steps, 0-2, 4 and 6 run in
+    // full, 3 and 5 are predicted (diffusers' schedule), per candidate.
+    assert_eq!(rows[2]["cached_forwards"], 4, "{}", rows[2]);
+    assert!(rows[2]["max_abs_diff_vs_none"].as_f64().unwrap() > 0.0);
+    // The completion must have something to complete.
+    let refused = bench(&["--probe-steps", "10", "--cache", "fbc"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr)
+        .contains("--probe-steps 10 must be below --steps 10"));
 }
