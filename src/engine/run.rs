@@ -303,7 +303,7 @@ impl EditRun<'_> {
         let progress = self.progress.clone();
         let (cancel, live) = (self.cancel.clone(), self.live_previews);
         let (phase_name, candidates) = (phase.to_string(), indices.to_vec());
-        let (states, halvings) = self
+        let (mut states, halvings) = self
             .engine
             .worker
             .run(move |g| {
@@ -344,7 +344,6 @@ impl EditRun<'_> {
             candidate.nfe += to_step - from;
             candidate.forwards.add(&state.forwards.since(earlier));
         }
-        let mut states = states;
         if may_cache {
             self.cached_phases = self.cached_phases.plus(&tally(&states).since(&before));
             // A completion ends at the last step: nothing will read the caches again.
@@ -355,7 +354,7 @@ impl EditRun<'_> {
         Ok(states)
     }
 
-    /// Notes what the step cache did, when the engine has one.
+    /// Notes what the step cache did, when the strategy has one.
     fn note_step_cache(&mut self) {
         let cache = self.strategy.cache;
         if !cache.is_on() {
