@@ -10,13 +10,26 @@ Usage (on the GPU machine, or the CPU to prove it):
 
 Writes a JSON object: config, per batch {batch, step_s}, peak GPU memory (CUDA) and the
 versions used. Random weights time the same as trained ones; nothing is downloaded.
+
+With --cache SPEC[,SPEC...] (the `--cache` spellings of icedit-scale: none, fbc:<threshold>,
+taylorseer:interval=<n>,order=<n>[,warmup=<n>][,until=<n>][,factors=bf16|f32][,lite]) it also
+times the completion part of an edit as `icedit-scale bench flux --cache` does: --keep
+candidates run --probe-steps exact Euler steps of a --steps schedule (untimed), then each
+setting completes them, batched, with diffusers' own hook (FirstBlockCacheConfig,
+TaylorSeerCacheConfig) enabled on the transformer and every call inside
+`transformer.cache_context("cond")` (the hooks refuse to run without a context; see the
+notes in tests/fixtures/flux/make_cache_fixtures.py). `none` runs first. diffusers decides
+for the whole batch, so its cached forwards come in multiples of --keep. The decisions are
+counted by wrapping the hooks' decision methods from here (diffusers is not changed).
 """
 import argparse
 import json
+import math
 import time
 
 import torch
 from diffusers import FluxTransformer2DModel
+from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 # FLUX.1 Fill [dev]'s transformer/config.json (black-forest-labs/FLUX.1-Fill-dev).
 FULL = dict(
@@ -45,6 +58,171 @@ SMALL = dict(
 )
 
 
+def parse_caches(text):
+    """`none,fbc:0.12,taylorseer:interval=4,order=1` -> a list of specs: a comma starts a
+    new setting only where a kind follows (as StepCache::parse_list does)."""
+    settings = []
+    for part in text.split(","):
+        kind = part.split(":")[0].strip()
+        if settings and kind not in ("none", "fbc", "taylorseer"):
+            settings[-1] += "," + part
+        else:
+            settings.append(part.strip())
+    return settings
+
+
+def cache_config(spec):
+    """A `--cache` spelling as diffusers' config (defaults as diffusers' own)."""
+    kind, _, args = spec.partition(":")
+    if kind == "none":
+        return None
+    if kind == "fbc":
+        value = args.removeprefix("threshold=")
+        return FirstBlockCacheConfig(threshold=float(value)) if value else FirstBlockCacheConfig()
+    if kind == "taylorseer":
+        fields = {}
+        names = {"interval": "cache_interval", "order": "max_order",
+                 "warmup": "disable_cache_before_step", "until": "disable_cache_after_step"}
+        for part in filter(None, (p.strip() for p in args.split(","))):
+            if part == "lite":
+                fields["use_lite_mode"] = True
+            elif part.startswith("factors="):
+                fields["taylor_factors_dtype"] = {"bf16": torch.bfloat16, "f32": torch.float32}[part[8:]]
+            else:
+                key, value = part.split("=")
+                fields[names[key]] = int(value)
+        return TaylorSeerCacheConfig(**fields)
+    raise SystemExit(f"--cache {spec!r}: unknown kind {kind!r}")
+
+
+def canonical(config):
+    """The setting as icedit-scale writes it back (StepCache's Display), so rows of both
+    sides match by name."""
+    if config is None:
+        return "none"
+    if isinstance(config, FirstBlockCacheConfig):
+        return f"fbc:{config.threshold}"
+    factors = {torch.float32: "f32", torch.bfloat16: "bf16"}[config.taylor_factors_dtype]
+    spec = (f"taylorseer:interval={config.cache_interval},order={config.max_order},"
+            f"warmup={config.disable_cache_before_step},factors={factors}")
+    if config.disable_cache_after_step is not None:
+        spec += f",until={config.disable_cache_after_step}"
+    if config.use_lite_mode:
+        spec += ",lite"
+    return spec
+
+
+def decision_counter(model, config):
+    """Wraps the enabled hook's decision method; returns a list that gets one bool (ran in
+    full) per forward."""
+    decisions = []
+    hooks = []
+    for _, m in model.named_modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        for name in ("fbc_leader_block_hook", "taylorseer_cache"):
+            if name in registry.hooks:
+                hooks.append(registry.hooks[name])
+    if isinstance(config, FirstBlockCacheConfig):
+        (head,) = hooks
+        decide = head._should_compute_remaining_blocks
+
+        def spy(residual):
+            full = decide(residual)
+            decisions.append(bool(full))
+            return full
+
+        head._should_compute_remaining_blocks = spy
+    else:
+        # Every hooked module decides alike at each step; the first one speaks for all.
+        measure = hooks[0]._measure_should_compute
+
+        def spy():
+            full, state = measure()
+            decisions.append(bool(full))
+            return full, state
+
+        hooks[0]._measure_should_compute = spy
+    return decisions
+
+
+def shifted_sigmas(steps, image_tokens):
+    """FLUX's schedule (FlowMatchEulerDiscreteScheduler with the dynamic shift of
+    FLUX.1's scheduler_config.json: mu linear from 0.5 at 256 tokens to 1.15 at 4096)."""
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (image_tokens - 256)
+    n = steps
+    sigmas = []
+    for i in range(steps):
+        linear = 1.0 if steps == 1 else 1.0 + (1.0 / n - 1.0) * i / (n - 1)
+        sigmas.append(math.exp(mu) / (math.exp(mu) + (1.0 / linear - 1.0)))
+    return sigmas + [0.0]
+
+
+def completions(model, a, cfg, dtype, dev, tokens, img_ids, txt_ids, sync):
+    """The completion part of an edit per cache setting, `none` first."""
+    specs = ["none"] + [s for s in parse_caches(a.cache) if s != "none"]
+    configs = [cache_config(s) for s in specs]
+    if a.probe_steps >= a.steps:
+        raise SystemExit(f"--probe-steps {a.probe_steps} must be below --steps {a.steps}")
+    sigmas = shifted_sigmas(a.steps, tokens)
+    out_ch = 64
+    m = a.keep
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(m, tokens, out_ch, generator=gen).to(dev)
+    cond = torch.randn(m, tokens, cfg["in_channels"] - out_ch, generator=gen).to(dev, dtype)
+    t5 = torch.randn(m, a.t5_tokens, cfg["joint_attention_dim"], generator=gen).to(dev, dtype)
+    pooled = torch.randn(m, cfg["pooled_projection_dim"], generator=gen).to(dev, dtype)
+    g = torch.full((m,), 50.0, device=dev, dtype=dtype)
+
+    def step(x, i):
+        with torch.inference_mode():
+            v = model(
+                hidden_states=torch.cat([x.to(dtype), cond], dim=-1),
+                encoder_hidden_states=t5,
+                pooled_projections=pooled,
+                timestep=torch.full((m,), sigmas[i], device=dev, dtype=dtype),
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                guidance=g,
+                return_dict=False,
+            )[0]
+        # The scheduler's Euler step, in float32.
+        return x + (sigmas[i + 1] - sigmas[i]) * v.float()
+
+    for i in range(a.probe_steps):
+        x = step(x, i)
+    probed = x
+    rows, baseline = [], None
+    for spec, config in zip(specs, configs):
+        decisions = []
+        if config is not None:
+            model.enable_cache(config)
+            decisions = decision_counter(model, config)
+        x = probed.clone()
+        sync()
+        start = time.perf_counter()
+        if config is None:
+            for i in range(a.probe_steps, a.steps):
+                x = step(x, i)
+        else:
+            with model.cache_context("cond"):
+                for i in range(a.probe_steps, a.steps):
+                    x = step(x, i)
+        sync()
+        wall_s = time.perf_counter() - start
+        if config is not None:
+            model.disable_cache()
+        n = a.steps - a.probe_steps
+        full = sum(decisions) if config is not None else n
+        diff = 0.0 if baseline is None else (x - baseline).abs().max().item()
+        baseline = x if baseline is None else baseline
+        print(f"diffusers completion {spec}: {wall_s:.3f} s, {full * m} full + {(n - full) * m} cached forwards", flush=True)
+        rows.append({"cache": canonical(config), "given": spec, "wall_s": wall_s, "full_forwards": full * m,
+                     "cached_forwards": (n - full) * m, "max_abs_diff_vs_none": diff})
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--size", choices=["full", "small"], default="full")
@@ -55,6 +233,10 @@ def main():
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--t5-tokens", type=int, default=512)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--cache", default=None, help="step caches to time completions with, beside none")
+    p.add_argument("--keep", type=int, default=2, help="with --cache: candidates completed together")
+    p.add_argument("--probe-steps", type=int, default=4, help="with --cache: exact steps before the completion")
+    p.add_argument("--steps", type=int, default=28, help="with --cache: steps of the schedule")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[a.dtype]
@@ -126,6 +308,9 @@ def main():
         "diffusers": __import__("diffusers").__version__,
         "attention": "torch scaled_dot_product_attention (diffusers default)",
     }
+    if a.cache:
+        out["completions"] = completions(model, a, cfg, dtype, dev, tokens, img_ids, txt_ids, sync)
+        out["completion"] = {"keep": a.keep, "probe_steps": a.probe_steps, "steps": a.steps}
     with open(a.out, "w") as f:
         json.dump(out, f, indent=2)
 

@@ -12,6 +12,12 @@
 #   4. `plan` for the same settings, beside the measured peaks;
 #   5. one early-filter edit end to end on the device with random weights at SIZE
 #      (q8_0, 512 panel, batch 8; the tiny fixture judge);
+#   6. step caching: the completion part of an edit (KEEP candidates, CACHE_PROBE exact
+#      steps of EDIT_STEPS, the rest completed) with each of CACHES beside `none`, ours
+#      (`bench flux --cache`, dense) and diffusers' with the same hook
+#      (bench_diffusers_flux.py --cache: FirstBlockCacheConfig / TaylorSeerCacheConfig
+#      inside transformer.cache_context("cond")), random weights, so skip counts differ
+#      between the sides (each side's own random model) and say nothing about quality;
 # and writes docs/results/gpu-<date>.md with ours / diffusers ratios and peak GPU memory
 # (sampled with nvidia-smi while each step runs).
 #
@@ -21,12 +27,15 @@
 #   SIZE     full | small [full]          DEVICE  cuda | cuda:N | cpu [cuda]
 #   DTYPE    bf16 | f32 [bf16]            BATCHES [1,4,8]      ITERS [3]
 #   JUDGE    bench judge model [qwen2.5-vl-7b]   EDIT_STEPS [28]   EDIT_WIDTH [512]
+#   CACHES   step 6's settings [fbc:0.12,fbc:0.2,taylorseer:interval=4,order=1,
+#            taylorseer:interval=4,order=1,lite]   KEEP [2]   CACHE_PROBE [4]
 #   OUT      working folder [out/gpu-acceptance]
 #   REPORT   the markdown written [docs/results/gpu-<UTC date>.md]
 #   STEP_LIMIT  seconds any one step may run before it is stopped (recorded as exit 124 in
 #            the report, the script goes on) [0 = no limit]. LIMIT_<step> overrides it for
 #            one step: LIMIT_flux_dense, LIMIT_flux_q8_0, LIMIT_flux_q4_k, LIMIT_diffusers,
-#            LIMIT_judge, LIMIT_transformers_judge, LIMIT_judge_vs_transformers, LIMIT_edit.
+#            LIMIT_judge, LIMIT_transformers_judge, LIMIT_judge_vs_transformers, LIMIT_edit,
+#            LIMIT_flux_cache, LIMIT_diffusers_cache.
 #            A lease of device time is short: one slow step must not cost the others their
 #            turn.
 #   TOTAL_LIMIT  seconds for all the steps together [0 = no limit]: each step's limit is cut
@@ -46,6 +55,9 @@ DTYPE=${DTYPE:-bf16}
 BATCHES=${BATCHES:-1,4,8}
 ITERS=${ITERS:-3}
 JUDGE=${JUDGE:-qwen2.5-vl-7b}
+CACHES=${CACHES:-fbc:0.12,fbc:0.2,taylorseer:interval=4,order=1,taylorseer:interval=4,order=1,lite}
+KEEP=${KEEP:-2}
+CACHE_PROBE=${CACHE_PROBE:-4}
 OUT=${OUT:-out/gpu-acceptance}
 REPORT=${REPORT:-docs/results/gpu-$(date -u +%Y-%m-%d).md}
 mkdir -p "$OUT" "$(dirname "$REPORT")"
@@ -156,6 +168,21 @@ step edit "$BIN" edit --image tests/fixtures/flux/source.png --instruction "make
   --steps "${EDIT_STEPS:-28}" --judge tests/fixtures/qwen2vl/judge-tiny.toml \
   --memory-budget 1000000 --out "$OUT/edit"
 
+# Step caching: the completion part of an edit per cache setting, ours and diffusers'.
+step flux-cache "$BIN" bench flux --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+  --formats dense --batch 1 --width 512 --height 512 --t5-tokens 512 --warmup 1 --iters 1 \
+  --no-tiny --steps "${EDIT_STEPS:-28}" --probe-steps "$CACHE_PROBE" --keep "$KEEP" \
+  --cache "$CACHES" --out "$OUT/flux-cache"
+if "$PYTHON" -c "import torch, diffusers" >/dev/null 2>&1; then
+  step diffusers-cache "$PYTHON" scripts/bench_diffusers_flux.py --size "$SIZE" \
+    --device "$DEVICE" --dtype "$DTYPE" --batch 1 --width 512 --height 512 --t5-tokens 512 \
+    --iters 1 --steps "${EDIT_STEPS:-28}" --probe-steps "$CACHE_PROBE" --keep "$KEEP" \
+    --cache "$CACHES" --out "$OUT/diffusers-cache.json"
+else
+  echo "== diffusers-cache: $PYTHON lacks torch or diffusers; skipped"
+  printf 'diffusers-cache\tskipped\t0\n' >>"$OUT/steps.tsv"
+fi
+
 "$PYTHON" - "$OUT" "$REPORT" "$SIZE" "$DEVICE" "$DTYPE" <<'PY'
 import json, os, subprocess, sys, datetime
 
@@ -248,6 +275,40 @@ if rep:
     md.append("```")
 else:
     md += ["edit failed:", "", "```", tail("edit"), "```"]
+ours = (load("flux-cache/flux.json") or {}).get("completions") or []
+theirs = (load("diffusers-cache.json") or {}).get("completions") or []
+setup = (load("diffusers-cache.json") or {}).get("completion") or {}
+md += ["", f"## Step caching: the completion part of an edit (random `{size}` weights, dense {dtype})", ""]
+if ours or theirs:
+    md.append("Candidates completed together, batched, from their probe state, per cache setting against `none` in "
+              f"the same run ({setup.get('keep', '?')} candidates, steps {setup.get('probe_steps', '?')}..{setup.get('steps', '?')}). "
+              "Each side runs its own random model, so which steps a First-Block-Cache skips differs between them; "
+              "random weights say nothing about quality. A cached forward counts as one NFE.")
+    md += ["", "| cache | ours (s) | ours vs none | ours full / cached | ours FLOPs vs full | diffusers (s) | diffusers vs none | diffusers full / cached |",
+           "|---|---|---|---|---|---|---|---|"]
+    # Both sides name a setting as icedit-scale writes it back (every parameter spelled out).
+    by_spec = {r["cache"]: r for r in theirs}
+    o_none = ours[0]["wall_s"] if ours else None
+    t_none = theirs[0]["wall_s"] if theirs else None
+    specs = [r["cache"] for r in ours] or [r["cache"] for r in theirs]
+    for spec in specs:
+        o = next((r for r in ours if r["cache"] == spec), None)
+        t = by_spec.get(spec)
+        cells = [spec]
+        if o:
+            share = o["flops"] / o["full_flops"] if o.get("full_flops") else float("nan")
+            cells += [f"{o['wall_s']:.3f}", f"{o['wall_s'] / o_none:.2f}x", f"{o['full_forwards']} / {o['cached_forwards']}", f"{100 * share:.1f}%"]
+        else:
+            cells += ["-"] * 4
+        if t:
+            cells += [f"{t['wall_s']:.3f}", f"{t['wall_s'] / t_none:.2f}x", f"{t['full_forwards']} / {t['cached_forwards']}"]
+        else:
+            cells += ["-"] * 3
+        md.append("| " + " | ".join(cells) + " |")
+if not ours:
+    md += ["", "ours not measured:", "", "```", tail("flux-cache"), "```"]
+if not theirs:
+    md += ["", "diffusers not measured:", "", "```", tail("diffusers-cache"), "```"]
 with open(report, "w") as f:
     f.write("\n".join(md) + "\n")
 print("wrote", report)

@@ -244,9 +244,32 @@ pub struct FluxBenchArgs {
     /// run: `dense` (--dtype) or a quantized type (q8_0, q4_k, ...), e.g. dense,q8_0,q4_k.
     #[arg(long, value_delimiter = ',', default_value = "dense", value_parser = weight_format)]
     pub formats: Vec<crate::models::flux::held_weight::WeightFormat>,
+    /// Step caches to time the completion part of an edit with, each against `none` in the
+    /// same run (e.g. fbc:0.12,taylorseer:interval=4,order=1): --keep candidates run
+    /// --probe-steps exact steps, then each setting completes them to --steps (first format).
+    #[arg(long, value_name = "SPEC[,SPEC...]", value_parser = step_caches)]
+    pub cache: Option<StepCaches>,
+    /// With --cache: candidates completed together (M), 1 to 64.
+    #[arg(long, default_value_t = 2, value_parser = bounded(1, 64))]
+    pub keep: usize,
+    /// With --cache: exact steps before the completion (k), below --steps.
+    #[arg(long, default_value_t = 4, value_parser = bounded(1, MAX_STEPS))]
+    pub probe_steps: usize,
     /// Output folder (flux.json).
     #[arg(long, default_value = "out/bench-flux")]
     pub out: PathBuf,
+}
+
+/// `bench flux --cache`: step cache settings, `none` first (added when not given).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepCaches(pub Vec<crate::generate::StepCache>);
+
+/// A `bench flux --cache` list.
+fn step_caches(text: &str) -> Result<StepCaches, String> {
+    let mut list = crate::generate::StepCache::parse_list(text)?;
+    list.retain(|c| c.is_on());
+    list.insert(0, crate::generate::StepCache::None);
+    Ok(StepCaches(list))
 }
 
 /// `bench memory`.
@@ -292,8 +315,8 @@ pub struct StrategyArgs {
     /// Explicit comma-separated seeds (overrides --seed and --seeds).
     #[arg(long, value_delimiter = ',')]
     pub seed_list: Option<Vec<u64>>,
-    /// Compute budget per edit in NFE (transformer forwards): sets N to the largest that
-    /// fits, keeping k, M and --steps (the budget rule in docs/commands.md); adaptive never
+    /// Compute budget per edit in NFE (transformer forwards, a cached one counted as one):
+    /// sets N to the largest that fits, keeping k, M and --steps (the budget rule in docs/commands.md); adaptive never
     /// spends more.
     #[arg(long, conflicts_with_all = ["seeds", "seed_list"], value_parser = bounded(1, 10_000_000))]
     pub budget_nfe: Option<usize>,
@@ -314,6 +337,17 @@ pub struct StrategyArgs {
     /// Blend the source back, at the refined size, where the edit changed nothing.
     #[arg(long)]
     pub refine_keep_unchanged: bool,
+    /// Step cache of the completions: `none`, `fbc:<threshold>` (First-Block-Cache, e.g.
+    /// fbc:0.12) or `taylorseer:interval=<n>,order=<n>[,warmup=<n>][,until=<n>]
+    /// [,factors=bf16|f32][,lite]`. Probes always run in full; a cached forward still counts
+    /// as one NFE, in the report and against --budget-nfe (docs/commands.md, "Step caching").
+    #[arg(long, value_name = "SPEC", default_value_t = StrategyConfig::default().cache, value_parser = step_cache)]
+    pub cache: crate::generate::StepCache,
+}
+
+/// A `--cache` value.
+fn step_cache(text: &str) -> Result<crate::generate::StepCache, String> {
+    text.parse()
 }
 
 impl StrategyArgs {
@@ -334,6 +368,7 @@ impl StrategyArgs {
             refine: self.refine,
             refine_strength: Some(self.refine_strength),
             refine_keep_unchanged: Some(self.refine_keep_unchanged),
+            cache: Some(self.cache),
         }
     }
 

@@ -250,6 +250,18 @@ fn run_fitting(
     let forwards = log.lock().unwrap().clone();
     let calls = judge.calls.lock().unwrap().clone();
     let tried = tried.lock().unwrap().clone();
+    // Every forward of every strategy is counted once per candidate, full or cached (this
+    // generator has no step cache: all full), and the edit's total is their sum.
+    for c in &report.candidates {
+        assert_eq!(
+            (c.forwards.full, c.forwards.cached),
+            (c.nfe, 0),
+            "candidate {}",
+            c.index
+        );
+    }
+    assert_eq!(report.forwards.full, report.nfe.total);
+    assert_eq!(report.forwards.full, forwards.len());
     ((report, forwards, calls), tried)
 }
 

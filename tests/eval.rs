@@ -286,3 +286,83 @@ fn a_grid_expands_into_named_arms_and_a_mean_budget_holds_for_every_arm() {
         }
     }
 }
+
+const CACHE_SUITE: &str = r#"
+name = "cache-test"
+width = 64
+steps = 8
+resamples = 200
+[dataset]
+kind = "testbed"
+edits = 3
+first_scene = 500
+[selection_judge]
+judge = "testbed"
+[[arms]]
+name = "random"
+strategy = "random"
+[[arms]]
+name = "random-fbc"
+strategy = "random"
+cache = "fbc:0.2"
+[[arms]]
+name = "best-of-2"
+strategy = "best-of-n"
+seeds = 2
+"#;
+
+#[test]
+fn an_arm_carries_its_step_cache_and_both_kinds_of_forwards_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = dir.path().join("suite.toml");
+    std::fs::write(&suite, CACHE_SUITE).unwrap();
+    let loaded = icedit_scale::eval::suite::Suite::load(&suite).unwrap();
+    let arm = |name: &str| loaded.arms.iter().find(|a| a.name == name).unwrap();
+    assert_eq!(
+        loaded.config(arm("random-fbc")).cache.to_string(),
+        "fbc:0.2"
+    );
+    // A random arm is read from the best-of-N run only when that run had its cache.
+    assert_eq!(
+        loaded.random_source(arm("random")).map(|a| a.name.as_str()),
+        Some("best-of-2")
+    );
+    assert!(loaded.random_source(arm("random-fbc")).is_none());
+
+    let out = dir.path().join("out");
+    assert!(eval(&suite, &out).status().unwrap().success());
+    let stored = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = stored
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 9);
+    for r in &rows {
+        // The testbed generator has no step cache: every forward ran in full.
+        assert_eq!(r["full_forwards"], r["nfe"], "{r}");
+        assert_eq!(r["cached_forwards"], 0, "{r}");
+        let derived = r["derived_from"].as_str();
+        match r["arm"].as_str().unwrap() {
+            "random" => assert_eq!(derived, Some("best-of-2")),
+            _ => assert_eq!(derived, None, "{r}"),
+        }
+    }
+    let json = comparable(&out);
+    assert_eq!(json["strategies"]["random-fbc"]["cache"], "fbc:0.2");
+    assert_eq!(json["strategies"]["random"]["cache"], "none");
+    for a in json["arms"].as_array().unwrap() {
+        assert_eq!(a["full_forwards"], a["nfe"], "{a}");
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| full forwards | cached forwards |"), "{md}");
+
+    // A bad value is refused naming the key.
+    std::fs::write(&suite, CACHE_SUITE.replace("fbc:0.2", "fbc:x")).unwrap();
+    let err = icedit_scale::eval::suite::Suite::load(&suite)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cache \"fbc:x\": threshold \"x\" is not a number"),
+        "{err}"
+    );
+}

@@ -12,7 +12,7 @@
 //! threshold), the same steps skipped exactly.
 
 mod support;
-use support::{max_abs_diff, PixelJudge};
+use support::{cli, max_abs_diff, PixelJudge};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -445,9 +445,12 @@ fn the_rows_of_one_forward_must_share_a_rule() {
     );
 }
 
-fn early_filter(cache: StepCache) -> EditReport {
+fn engine() -> Engine {
     let worker = Arc::new(GeneratorWorker::spawn(Box::new(generator())));
-    let engine = Engine::new(worker, Arc::new(PixelJudge), 2).with_step_cache(cache);
+    Engine::new(worker, Arc::new(PixelJudge), 2)
+}
+
+fn early_filter_job(cache: StepCache) -> EditJob {
     let strategy = StrategyConfig {
         kind: StrategyKind::EarlyFilter,
         seeds: 4,
@@ -455,11 +458,23 @@ fn early_filter(cache: StepCache) -> EditReport {
         keep: 2,
         steps: STEPS,
         base_seed: 11,
+        cache,
         ..StrategyConfig::default()
     };
+    EditJob::new(edit(), strategy)
+}
+
+fn early_filter(cache: StepCache) -> EditReport {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(engine.run(EditJob::new(edit(), strategy), Arc::new(Silent)))
+    rt.block_on(engine().run(early_filter_job(cache), Arc::new(Silent)))
         .unwrap()
+}
+
+fn finals(r: &EditReport) -> Vec<Arc<image::RgbImage>> {
+    r.candidates
+        .iter()
+        .filter_map(|c| c.images.final_image.clone())
+        .collect()
 }
 
 #[test]
@@ -485,12 +500,197 @@ fn probe_steps_are_never_cached_and_completions_are() {
     eprintln!("{note}");
     assert!(!exact.notes.iter().any(|n| n.starts_with("step cache")));
     // Completions did skip: some final image moved.
-    let finals = |r: &EditReport| -> Vec<_> {
-        r.candidates
-            .iter()
-            .filter_map(|c| c.images.final_image.clone())
-            .collect()
-    };
     assert_eq!(finals(&exact).len(), 2);
     assert_ne!(finals(&exact), finals(&cached), "{note}");
+}
+
+#[test]
+fn the_report_counts_full_and_cached_forwards_per_candidate_and_in_total() {
+    let exact = early_filter(StepCache::None);
+    let cached = early_filter("fbc:0.8".parse().unwrap());
+    for r in [&exact, &cached] {
+        let mut flops = 0;
+        for c in &r.candidates {
+            // Every forward is one NFE, of one kind or the other.
+            assert_eq!(
+                c.forwards.full + c.forwards.cached,
+                c.nfe,
+                "candidate {}",
+                c.index
+            );
+            assert!(c.forwards.flops > 0 && c.forwards.flops <= c.forwards.full_flops);
+            flops += c.forwards.flops;
+            if c.images.final_image.is_none() {
+                // Pruned after the probe: 8 exact forwards, nothing cached.
+                assert_eq!(
+                    (c.forwards.full, c.forwards.cached),
+                    (8, 0),
+                    "candidate {}",
+                    c.index
+                );
+                assert_eq!(c.forwards.flops, c.forwards.full_flops);
+            }
+        }
+        assert_eq!(r.forwards.forwards(), r.nfe.total);
+        assert_eq!(r.forwards.flops, flops);
+        let json = serde_json::to_value(r).unwrap();
+        assert_eq!(json["forwards"]["full"], r.forwards.full);
+        assert_eq!(
+            json["candidates"][0]["forwards"]["cached"],
+            r.candidates[0].forwards.cached
+        );
+        assert_eq!(json["strategy"]["cache"], r.strategy.cache.to_string());
+    }
+    assert_eq!(exact.forwards.cached, 0);
+    assert_eq!(exact.forwards.flops_share(), Some(1.0));
+    // fbc:0.8 skips 14 of 28 steps of one candidate alone: the two completions (steps 8 to
+    // 28, the first one full) skip some of theirs.
+    let completed: Vec<_> = cached
+        .candidates
+        .iter()
+        .filter(|c| c.images.final_image.is_some())
+        .collect();
+    assert_eq!(completed.len(), 2);
+    assert!(
+        completed.iter().all(|c| c.forwards.cached > 0),
+        "{:?}",
+        cached.forwards
+    );
+    assert_eq!(
+        cached.forwards.cached,
+        completed.iter().map(|c| c.forwards.cached).sum::<usize>()
+    );
+    let share = cached.forwards.flops_share().unwrap();
+    assert!(share < 1.0, "{share}");
+    // The note says the same as the fields.
+    let note = cached
+        .notes
+        .iter()
+        .find(|n| n.starts_with("step cache"))
+        .unwrap();
+    assert!(
+        note.contains(&format!("{} cached forwards", cached.forwards.cached))
+            && note.contains("each counts as one NFE, in `nfe` and against budgets"),
+        "{note}"
+    );
+    eprintln!(
+        "fbc:0.8: {} full + {} cached forwards (NFE {}), {:.1}% of full FLOPs",
+        cached.forwards.full,
+        cached.forwards.cached,
+        cached.nfe.total,
+        100.0 * share
+    );
+}
+
+#[test]
+fn one_engine_runs_cached_and_uncached_edits_side_by_side() {
+    let alone_exact = early_filter(StepCache::None);
+    let alone_cached = early_filter("fbc:0.8".parse().unwrap());
+    let engine = engine();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (exact, cached) = rt.block_on(async {
+        futures::join!(
+            engine.run(early_filter_job(StepCache::None), Arc::new(Silent)),
+            engine.run(
+                early_filter_job("fbc:0.8".parse().unwrap()),
+                Arc::new(Silent)
+            )
+        )
+    });
+    let (exact, cached) = (exact.unwrap(), cached.unwrap());
+    assert_eq!(finals(&exact), finals(&alone_exact));
+    assert_eq!(finals(&cached), finals(&alone_cached));
+    assert_eq!(exact.forwards, alone_exact.forwards);
+    assert_eq!(cached.forwards, alone_cached.forwards);
+}
+
+#[test]
+fn bench_flux_times_each_cache_against_none_in_one_run() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "flux",
+            "--size",
+            "small",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--t5-tokens",
+            "8",
+            "--batch",
+            "1",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--no-tiny",
+            "--steps",
+            "10",
+            "--out",
+            dir,
+        ];
+        args.extend(extra);
+        cli(&args)
+    };
+    let run = bench(&[
+        "--probe-steps",
+        "3",
+        "--keep",
+        "2",
+        "--cache",
+        "fbc:0.3,taylorseer:interval=2,order=1,lite",
+    ]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("| cache | completion (s) | vs none |"),
+        "{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("flux.json")).unwrap()).unwrap();
+    let rows = json["completions"].as_array().unwrap();
+    let caches: Vec<&str> = rows.iter().map(|r| r["cache"].as_str().unwrap()).collect();
+    assert_eq!(
+        caches,
+        [
+            "none",
+            "fbc:0.3",
+            "taylorseer:interval=2,order=1,warmup=3,factors=bf16,lite"
+        ]
+    );
+    for r in rows {
+        // Two candidates, steps 3..10: 14 forwards of either kind.
+        let (full, cached) = (
+            r["full_forwards"].as_u64().unwrap(),
+            r["cached_forwards"].as_u64().unwrap(),
+        );
+        assert_eq!(full + cached, 14, "{r}");
+        assert!(
+            r["flops"].as_u64().unwrap() <= r["full_flops"].as_u64().unwrap(),
+            "{r}"
+        );
+    }
+    assert_eq!(
+        (
+            rows[0]["cached_forwards"].as_u64(),
+            rows[0]["max_abs_diff_vs_none"].as_f64()
+        ),
+        (Some(0), Some(0.0))
+    );
+    // TaylorSeer lite, warm-up 3, interval 2: of a completion's 7 steps, 0-2, 4 and 6 run in
+    // full, 3 and 5 are predicted (diffusers' schedule), per candidate.
+    assert_eq!(rows[2]["cached_forwards"], 4, "{}", rows[2]);
+    assert!(rows[2]["max_abs_diff_vs_none"].as_f64().unwrap() > 0.0);
+    // The completion must have something to complete.
+    let refused = bench(&["--probe-steps", "10", "--cache", "fbc"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr)
+        .contains("--probe-steps 10 must be below --steps 10"));
 }

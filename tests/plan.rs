@@ -334,3 +334,80 @@ fn every_command_that_loads_flux_refuses_a_plan_that_does_not_fit() {
         );
     }
 }
+
+/// The step caches of the candidates completed together are a part of the plan, held
+/// beside each forward while completing; none when the cache is off.
+#[test]
+fn the_plan_counts_the_step_caches_of_the_candidates_completed_together() {
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--device",
+            "cuda",
+            "--quantize",
+            "q8_0",
+            "--text-device",
+            "cpu",
+        ];
+        args.extend(extra);
+        let result = cli(&args);
+        (
+            result.status.code(),
+            String::from_utf8_lossy(&result.stdout).to_string(),
+            String::from_utf8_lossy(&result.stderr).to_string(),
+        )
+    };
+    let (code, stdout, _) = plan(&["--memory-budget", "1000"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(!stdout.contains("step caches"), "{stdout}");
+    assert!(
+        stdout.contains("| **peak** | **17.47** | decode |"),
+        "{stdout}"
+    );
+    // TaylorSeer keeps (order + 1) bf16 factors of every block's attention output: 57 x
+    // 2560 tokens x 3072 x 2 x 2 bytes = 1.79 GB per candidate, two survivors (M = 2).
+    let (code, stdout, _) = plan(&[
+        "--memory-budget",
+        "1000",
+        "--cache",
+        "taylorseer:interval=4,order=1",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains(
+            "| step caches (taylorseer:interval=4,order=1,warmup=3,factors=bf16, 2 candidates) | 3.59 | completions |"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| **peak** | **18.95** | denoise |"),
+        "{stdout}"
+    );
+    // First-Block-Cache: two image-stream residuals (2048 x 3072 bf16) per candidate, and
+    // best-of-N completes every candidate together.
+    let (_, stdout, _) = plan(&[
+        "--memory-budget",
+        "1000",
+        "--cache",
+        "fbc:0.12",
+        "--strategy",
+        "best-of-n",
+        "--seeds",
+        "4",
+    ]);
+    assert!(
+        stdout.contains("| step caches (fbc:0.12, 4 candidates) | 0.10 | completions |"),
+        "{stdout}"
+    );
+    // A budget the run fits without the cache: refused with it, and `--cache none` is
+    // among the changes that fit.
+    let (code, _, stderr) = plan(&[
+        "--memory-budget",
+        "18",
+        "--cache",
+        "taylorseer:interval=4,order=1",
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--cache none"), "{stderr}");
+    assert!(stderr.contains("step caches (taylorseer"), "{stderr}");
+}

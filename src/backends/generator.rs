@@ -10,10 +10,11 @@ use candle_core::DType;
 
 use crate::cli::{GeneratorArgs, GeneratorKind};
 use crate::device::{parse_dtype_on, DeviceName};
+use crate::engine::StrategyConfig;
 use crate::error::EditError;
 use crate::generate::flux::{FluxGenerator, FluxOptions, PreviewDecoder};
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
-use crate::generate::Generator;
+use crate::generate::{Generator, StepCache};
 use crate::hub::{self, HubSettings, RepoRequest};
 use crate::models::flux::files::FILL_DEV_REPO;
 use crate::models::flux::held_weight::WeightFormat;
@@ -87,7 +88,7 @@ pub enum LoraChoice {
 }
 
 /// What a command will run, as far as the memory plan needs it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Workload {
     /// Source panel `(width, height)` after resizing.
     pub panel: (usize, usize),
@@ -95,6 +96,23 @@ pub struct Workload {
     pub many_edits: bool,
     /// `--refine WIDTH`: the pick is refined at this width after the edit.
     pub refine: Option<u32>,
+    /// The step cache of each strategy the command runs, with the most candidates holding
+    /// one at once ([`Workload::step_caches_of`]); the plan counts the largest.
+    pub step_caches: Vec<(StepCache, usize)>,
+}
+
+impl Workload {
+    /// The step caches `strategies` hold: each one's cache and candidates completed
+    /// together (none for a strategy without a cache).
+    pub fn step_caches_of<'a>(
+        strategies: impl IntoIterator<Item = &'a StrategyConfig>,
+    ) -> Vec<(StepCache, usize)> {
+        strategies
+            .into_iter()
+            .filter(|s| s.cache.is_on())
+            .map(|s| (s.cache, s.cached_candidates()))
+            .collect()
+    }
 }
 
 impl GeneratorSpec {
@@ -323,7 +341,20 @@ impl FluxSpec {
                     .ok()
                     .map(|(w, h)| (w as usize, h as usize))
             }),
+            step_cache: StepCache::None,
+            cached_candidates: 0,
         };
+        // The largest of the strategies' step caches.
+        let request = workload
+            .step_caches
+            .iter()
+            .map(|&(step_cache, cached_candidates)| PlanRequest {
+                step_cache,
+                cached_candidates,
+                ..request.clone()
+            })
+            .max_by_key(PlanRequest::step_cache_bytes)
+            .unwrap_or(request);
         Ok((request, found || self.fetch_fill))
     }
 

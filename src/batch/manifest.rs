@@ -433,4 +433,31 @@ mod tests {
         };
         assert!(bad.reason.contains("target"), "{}", bad.reason);
     }
+
+    #[test]
+    fn a_line_sets_its_own_step_cache_and_a_bad_one_is_named() {
+        let entries = read(concat!(
+            "{\"id\": \"a\", \"image\": \"a.png\", \"instruction\": \"x\", \"cache\": \"fbc:0.12\"}\n",
+            "{\"id\": \"b\", \"image\": \"b.png\", \"instruction\": \"x\", \"cache\": \"fbc:fast\"}\n",
+            "{\"id\": \"c\", \"image\": \"c.png\", \"instruction\": \"x\"}\n",
+        ));
+        let Entry::Item(a) = &entries[0] else {
+            panic!("{:?}", entries[0])
+        };
+        assert_eq!(a.strategy.cache.to_string(), "fbc:0.12");
+        let Entry::Bad(b) = &entries[1] else {
+            panic!("{:?}", entries[1])
+        };
+        assert_eq!(b.line, 2);
+        assert!(
+            b.reason
+                .contains("cache \"fbc:fast\": threshold \"fast\" is not a number"),
+            "{}",
+            b.reason
+        );
+        let Entry::Item(c) = &entries[2] else {
+            panic!("{:?}", entries[2])
+        };
+        assert!(!c.strategy.cache.is_on());
+    }
 }

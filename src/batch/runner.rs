@@ -273,6 +273,8 @@ fn empty_result() -> ItemResult {
         sc: None,
         pq: None,
         nfe: 0,
+        full_forwards: 0,
+        cached_forwards: 0,
         judge_calls: 0,
         judge_failures: 0,
         output_dir: None,
@@ -365,6 +367,8 @@ async fn run_item(
         status: ItemStatus::Ok,
         output_dir: Some(rel),
         nfe: report.nfe.total,
+        full_forwards: report.forwards.full,
+        cached_forwards: report.forwards.cached,
         judge_calls: report.judge_totals.calls,
         judge_failures: report.judge_totals.failures,
         ..base

@@ -54,6 +54,12 @@ pub struct ItemResult {
     /// Model forwards spent.
     #[serde(default)]
     pub nfe: usize,
+    /// Of `nfe`, the forwards run in full.
+    #[serde(default)]
+    pub full_forwards: usize,
+    /// Of `nfe`, the forwards served from the step cache (`--cache`); each counts as one NFE.
+    #[serde(default)]
+    pub cached_forwards: usize,
     /// Judge calls made.
     #[serde(default)]
     pub judge_calls: u64,
@@ -172,16 +178,18 @@ pub fn table(results: &[ItemResult]) -> String {
         format!("{:.3}", scored.iter().sum::<f32>() / scored.len() as f32)
     };
     let mut out = String::new();
-    out.push_str("| items | ok | failed | invalid | mean VIE O | total NFE | judge calls | judge failures |\n");
-    out.push_str("|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| items | ok | failed | invalid | mean VIE O | total NFE | full forwards | cached forwards | judge calls | judge failures |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     out.push_str(&format!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         results.len(),
         count(ItemStatus::Ok),
         count(ItemStatus::Failed),
         count(ItemStatus::Invalid),
         mean,
         results.iter().map(|r| r.nfe).sum::<usize>(),
+        results.iter().map(|r| r.full_forwards).sum::<usize>(),
+        results.iter().map(|r| r.cached_forwards).sum::<usize>(),
         results.iter().map(|r| r.judge_calls).sum::<u64>(),
         results.iter().map(|r| r.judge_failures).sum::<u64>(),
     ));
@@ -220,6 +228,8 @@ mod tests {
             sc: Some(5.0),
             pq: Some(5.0),
             nfe: 124,
+            full_forwards: 100,
+            cached_forwards: 24,
             judge_calls: 12,
             judge_failures: 0,
             output_dir: Some(format!("items/{id}")),
@@ -255,7 +265,7 @@ mod tests {
         log.compact().unwrap();
         let lines = std::fs::read_to_string(&path).unwrap();
         assert_eq!(lines.lines().count(), 2);
-        assert!(table(&log.results()).contains("| 2 | 2 | 0 | 0 | 5.000 | 248 |"));
+        assert!(table(&log.results()).contains("| 2 | 2 | 0 | 0 | 5.000 | 248 | 200 | 48 |"));
 
         // Torn again, then reopened: the next record lands on a line of its own instead of
         // being glued to the torn fragment (and lost).

@@ -15,7 +15,7 @@ use crate::error::EditError;
 use crate::fsio::write_atomic;
 use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
-use crate::models::flux::bench::{small_configs, FluxBench};
+use crate::models::flux::bench::{small_configs, CacheBench, FluxBench};
 use crate::models::flux::{vae::VaeConfig, FluxConfig};
 use crate::models::qwen_vl::bench::{builtin_config, JudgeBench, ReferenceTiming, MODELS};
 use crate::models::qwen_vl::Qwen2VlConfig;
@@ -78,7 +78,19 @@ pub fn flux(args: FluxBenchArgs) -> anyhow::Result<()> {
         dtype,
         device,
         formats: args.formats.clone(),
+        cache: args.cache.as_ref().map(|caches| CacheBench {
+            caches: caches.0.clone(),
+            keep: args.keep,
+            probe_steps: args.probe_steps,
+        }),
     };
+    if args.cache.is_some() && args.probe_steps >= args.steps {
+        return Err(EditError::Invalid(format!(
+            "--probe-steps {} must be below --steps {} (the completion is the rest)",
+            args.probe_steps, args.steps
+        ))
+        .into());
+    }
     let result = crate::models::flux::bench::run(&bench)?;
     let md = result.markdown(&bench, &args.size, &args.device);
     write_bench(&args.out, "flux", &result, &md)

@@ -30,6 +30,7 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
         panel: (w as usize, h as usize),
         many_edits: false,
         refine: checked.strategy.refine,
+        step_caches: Workload::step_caches_of([&checked.strategy]),
     };
     let engine = EngineBuilder::new(
         checked.generator,
@@ -141,6 +142,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         panel: (args.width as usize, args.width as usize),
         many_edits: false,
         refine: None,
+        step_caches: Workload::step_caches_of([&strategy]),
     };
     let engine = EngineBuilder::new(generator, judge, false, workload).build_one()?;
     let job = EditJob::new(edit, strategy);

@@ -75,6 +75,7 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
         panel: (args.width as usize, args.width as usize),
         many_edits: true,
         refine: None,
+        step_caches: Workload::step_caches_of([&config.strategy]),
     };
     let generator = GeneratorSpec::Testbed(config.generator());
     let engine = EngineBuilder::new(generator, judge, false, workload).build_one()?;
@@ -150,15 +151,13 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     let names = runner::arm_names(&suite);
     if !args.report_only {
         // The plan covers the widest refine any arm asks for.
-        let suite_refine = suite
-            .arms
-            .iter()
-            .filter_map(|a| suite.config(a).refine)
-            .max();
+        let arms: Vec<_> = suite.arms.iter().map(|a| suite.config(a)).collect();
+        let suite_refine = arms.iter().filter_map(|a| a.refine).max();
         let workload = Workload {
             panel: (suite.width as usize, suite.width as usize),
             many_edits: true,
             refine: suite_refine,
+            step_caches: Workload::step_caches_of(&arms),
         };
         // Strategies pick their result by the selection judge's VIE scores; the eval judge
         // scores the returned edits: both must give VIE scores (the builder checks).

@@ -78,6 +78,9 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
         ),
         many_edits: true,
         refine: defaults.refine,
+        // The server's default strategy; a request that asks for a cache of its own is not
+        // planned.
+        step_caches: Workload::step_caches_of([&defaults]),
     };
     let metrics = Arc::new(Metrics::default());
     let m = metrics.clone();

@@ -10,6 +10,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::strategy::StrategyConfig;
+use crate::generate::ForwardTally;
 use crate::judge::{
     CallUsage, Comparison, JudgeError, ScoreKind, ScreenVerdict, SubScores, VieScore,
 };
@@ -125,6 +126,9 @@ pub struct CandidateRecord {
     /// VIE score of the finished image, or the failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vie: Option<Judged<VieRecord>>,
+    /// Its forwards by kind (`full + cached == nfe`) and the transformer FLOPs they ran.
+    #[serde(default)]
+    pub forwards: ForwardCounts,
     /// Images, kept in memory for writing; not part of the JSON.
     #[serde(skip)]
     pub images: CandidateImages,
@@ -221,6 +225,53 @@ pub struct AdaptiveRecord {
     pub stop: StopReason,
     /// The stop in words: which candidate reached which O, or what was left.
     pub stop_detail: String,
+}
+
+/// Transformer forwards by kind: run in full, or served (in part) from the candidate's step
+/// cache (`--cache`), with the transformer FLOPs they ran against what the same forwards run
+/// in full would have. Every forward of either kind is one NFE, in [`NfeLedger`] and against
+/// budgets (`--budget-nfe`, `budget_nfe_mean`): budgets count forwards, not FLOPs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardCounts {
+    /// Forwards run in full.
+    pub full: usize,
+    /// Forwards served from the step cache.
+    pub cached: usize,
+    /// Transformer FLOPs (matrix products) run; 0 when the generator does not count them
+    /// (the testbed).
+    pub flops: u64,
+    /// Transformer FLOPs the same forwards run in full would have run (0 likewise).
+    pub full_flops: u64,
+}
+
+impl ForwardCounts {
+    /// Adds a tally of forwards.
+    pub fn add(&mut self, t: &ForwardTally) {
+        self.full += t.full;
+        self.cached += t.cached;
+        self.flops += t.flops;
+        self.full_flops += t.full_flops;
+    }
+
+    /// The sum of two counts.
+    pub fn plus(&self, other: &ForwardCounts) -> ForwardCounts {
+        ForwardCounts {
+            full: self.full + other.full,
+            cached: self.cached + other.cached,
+            flops: self.flops + other.flops,
+            full_flops: self.full_flops + other.full_flops,
+        }
+    }
+
+    /// Forwards of either kind (NFE).
+    pub fn forwards(&self) -> usize {
+        self.full + self.cached
+    }
+
+    /// The FLOPs run as a share of full forwards' (`None` when not counted).
+    pub fn flops_share(&self) -> Option<f64> {
+        (self.full_flops > 0).then(|| self.flops as f64 / self.full_flops as f64)
+    }
 }
 
 /// Model forwards per phase.
@@ -419,6 +470,10 @@ pub struct EditReport {
     pub notes: Vec<String>,
     /// NFE per phase.
     pub nfe: NfeLedger,
+    /// The edit's forwards by kind and their FLOPs, the sum over `candidates`
+    /// (`full + cached == nfe.total`).
+    #[serde(default)]
+    pub forwards: ForwardCounts,
     /// Judge traffic.
     pub judge_totals: JudgeTotals,
     /// Wall times.

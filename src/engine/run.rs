@@ -25,7 +25,6 @@ use crate::edit::EditContext;
 use crate::error::{EngineError, GenerateError};
 use crate::generate::{
     self, CandidateCache, CandidateState, ForwardTally, GeneratorInfo, PreparedEdit, Schedule,
-    StepCache,
 };
 use crate::judge::{Judge, JudgeError, PreviewStage, ScoreKind, ScreenVerdict, ViePair};
 use crate::stop::StopSignal;
@@ -67,8 +66,6 @@ pub struct Engine {
     worker: Arc<GeneratorWorker>,
     judge: Option<Arc<dyn Judge>>,
     judge_slots: Arc<Semaphore>,
-    /// The step cache completions may use (none unless asked).
-    step_cache: StepCache,
 }
 
 impl Engine {
@@ -83,7 +80,6 @@ impl Engine {
             worker,
             judge: Some(judge),
             judge_slots: Arc::new(Semaphore::new(judge_concurrency.max(1))),
-            step_cache: StepCache::None,
         }
     }
 
@@ -93,24 +89,7 @@ impl Engine {
             worker,
             judge: None,
             judge_slots: Arc::new(Semaphore::new(1)),
-            step_cache: StepCache::None,
         }
-    }
-
-    /// Lets completions skip forwards with `cache` (First-Block-Cache, TaylorSeer): the
-    /// survivors' completions, the full runs of `random` and `best-of-n` and the
-    /// tournament's re-run start each candidate's cache afresh and may be served from it;
-    /// probe steps and the tournament's short runs always run in full, so every preview a
-    /// judge sees is exact. Each forward, full or cached, is still one NFE; a note in the
-    /// report says how many were cached.
-    pub fn with_step_cache(mut self, cache: StepCache) -> Self {
-        self.step_cache = cache;
-        self
-    }
-
-    /// The step cache completions use.
-    pub fn step_cache(&self) -> StepCache {
-        self.step_cache
     }
 
     /// The generator worker.
@@ -262,6 +241,7 @@ impl EditRun<'_> {
                 short_run_file: None,
                 final_file: None,
                 vie: None,
+                forwards: ForwardCounts::default(),
                 images: CandidateImages::default(),
             }));
         self.progress.event(EditEvent::Spawned {
@@ -291,9 +271,10 @@ impl EditRun<'_> {
     }
 
     /// Advances `states` (all at one step) to `to_step` of `schedule`, counting NFE on the
-    /// candidates `indices` (parallel to `states`). With `may_cache` (completions) each
-    /// state's step cache is switched on, fresh, when the engine has one; otherwise the
-    /// states advance with the caches they have (none: probes are exact).
+    /// candidates `indices` (parallel to `states`), each candidate's forwards by kind on its
+    /// record. With `may_cache` (completions, which run to the last step) each state's step
+    /// cache is switched on, fresh, when the strategy has one, and dropped at the end;
+    /// otherwise the states advance with the caches they have (none: probes are exact).
     async fn advance(
         &mut self,
         phase: &str,
@@ -306,7 +287,7 @@ impl EditRun<'_> {
         let Some(from) = states.first().map(|s| s.step) else {
             return Ok(states);
         };
-        let cache = self.engine.step_cache;
+        let cache = self.strategy.cache;
         if may_cache && cache.is_on() {
             for state in states.iter_mut().filter(|s| !s.cache.is_on()) {
                 state.cache = CandidateCache::new(cache);
@@ -318,6 +299,7 @@ impl EditRun<'_> {
                 .fold(ForwardTally::default(), |t, s| t.plus(&s.forwards))
         };
         let before = tally(&states);
+        let each_before: Vec<ForwardTally> = states.iter().map(|s| s.forwards).collect();
         self.check_cancel()?;
         let n = states.len();
         let forwards = n * to_step.saturating_sub(from);
@@ -326,7 +308,7 @@ impl EditRun<'_> {
         let progress = self.progress.clone();
         let (cancel, live) = (self.cancel.clone(), self.live_previews);
         let (phase_name, candidates) = (phase.to_string(), indices.to_vec());
-        let (states, halvings) = self
+        let (mut states, halvings) = self
             .engine
             .worker
             .run(move |g| {
@@ -362,11 +344,17 @@ impl EditRun<'_> {
         self.progress.end();
         self.notes
             .extend(halvings.iter().map(|h| format!("{phase}: {h}")));
-        for &i in indices {
-            self.candidates[i].nfe += to_step - from;
+        for ((&i, state), earlier) in indices.iter().zip(&states).zip(&each_before) {
+            let candidate = &mut self.candidates[i];
+            candidate.nfe += to_step - from;
+            candidate.forwards.add(&state.forwards.since(earlier));
         }
         if may_cache {
             self.cached_phases = self.cached_phases.plus(&tally(&states).since(&before));
+            // A completion ends at the last step: nothing will read the caches again.
+            for state in &mut states {
+                state.cache = CandidateCache::default();
+            }
         }
         Ok(states)
     }
@@ -468,9 +456,9 @@ impl EditRun<'_> {
         Ok(())
     }
 
-    /// Notes what the step cache did, when the engine has one.
+    /// Notes what the step cache did, when the strategy has one.
     fn note_step_cache(&mut self) {
-        let cache = self.engine.step_cache;
+        let cache = self.strategy.cache;
         if !cache.is_on() {
             return;
         }
@@ -484,7 +472,7 @@ impl EditRun<'_> {
             String::new()
         };
         self.notes.push(format!(
-            "step cache {cache} in completions: {} full and {} cached forwards{flops}; each counts as one NFE",
+            "step cache {cache} in completions: {} full and {} cached forwards{flops}; each counts as one NFE, in `nfe` and against budgets",
             t.full, t.cached
         ));
     }
@@ -951,6 +939,10 @@ impl EditRun<'_> {
         self.nfe.total = self.nfe.probe + self.nfe.complete + self.nfe.rerun;
         self.nfe.best_of_n_equivalent = self.candidates.len() * self.schedule.steps;
         self.nfe.random_equivalent = self.schedule.steps;
+        let forwards = self
+            .candidates
+            .iter()
+            .fold(ForwardCounts::default(), |t, c| t.plus(&c.forwards));
         EditReport {
             schema_version: REPORT_SCHEMA_VERSION,
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -983,6 +975,7 @@ impl EditRun<'_> {
             refine: self.refine,
             edit_file: None,
             pick_file: None,
+            forwards,
             notes: self.notes,
             nfe: self.nfe,
             judge_totals: self.judge_totals,

@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
+use crate::generate::StepCache;
 
 /// How candidates are spawned, pruned and completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -90,6 +91,13 @@ pub struct StrategyConfig {
     pub refine_strength: f64,
     /// Blend the source back, at full resolution, where the edit changed nothing.
     pub refine_keep_unchanged: bool,
+    /// The step cache of completions (`none`, `fbc:0.12`, `taylorseer:interval=4,order=1`):
+    /// survivors' completions, the full runs of `random` and `best-of-n` and the
+    /// tournament's re-run start each candidate's cache afresh and may skip work with it;
+    /// probe steps and the tournament's short runs always run in full, so every preview a
+    /// judge sees is exact. A cached forward is still one NFE, in the report and against
+    /// every budget: budgets count forwards, whatever each one ran.
+    pub cache: StepCache,
 }
 
 impl Default for StrategyConfig {
@@ -108,6 +116,7 @@ impl Default for StrategyConfig {
             refine: None,
             refine_strength: DEFAULT_REFINE_STRENGTH,
             refine_keep_unchanged: false,
+            cache: StepCache::None,
         }
     }
 }
@@ -301,6 +310,12 @@ impl StrategyConfig {
                 );
             }
         }
+        if let Err(why) = self.cache.check() {
+            return bad(
+                StrategyField::Cache,
+                format!("{} {}: {why}", name(StrategyField::Cache), self.cache),
+            );
+        }
         match self.kind {
             StrategyKind::Random | StrategyKind::BestOfN => Ok(()),
             StrategyKind::EarlyFilter
@@ -379,6 +394,23 @@ impl StrategyConfig {
 }
 
 impl StrategyConfig {
+    /// The most candidates holding a step cache at once: those completed together (M
+    /// survivors; every candidate of best-of-N; the tournament's one re-run), 0 without a
+    /// cache. A candidate's cache lives from its completion's first step to its last.
+    pub fn cached_candidates(&self) -> usize {
+        if !self.cache.is_on() {
+            return 0;
+        }
+        let n = self.candidate_count();
+        match self.kind {
+            StrategyKind::Random | StrategyKind::Tournament => 1,
+            StrategyKind::BestOfN => n,
+            StrategyKind::EarlyFilter
+            | StrategyKind::SuccessiveHalving
+            | StrategyKind::Adaptive => self.keep.min(n),
+        }
+    }
+
     /// The NFE of one adaptive wave and its completions (`wave` seeds, or M when more):
     /// the least an adaptive edit needs, so the floor of a budget shared per item.
     pub fn first_wave_nfe(&self) -> usize {
@@ -486,11 +518,13 @@ pub enum StrategyField {
     RefineStrength,
     /// The refine's blend of unchanged areas.
     RefineKeepUnchanged,
+    /// The step cache of completions.
+    Cache,
 }
 
 impl StrategyField {
     /// Every knob, in the order help and messages list them.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Kind,
         Self::Seeds,
         Self::ProbeSteps,
@@ -503,6 +537,7 @@ impl StrategyField {
         Self::Refine,
         Self::RefineStrength,
         Self::RefineKeepUnchanged,
+        Self::Cache,
     ];
 
     /// The knobs a suite arm or a manifest line may set ([`StrategyOverrides`]' fields):
@@ -535,6 +570,7 @@ impl StrategyField {
             Self::Refine => "--refine",
             Self::RefineStrength => "--refine-strength",
             Self::RefineKeepUnchanged => "--refine-keep-unchanged",
+            Self::Cache => "--cache",
         }
     }
 
@@ -553,6 +589,7 @@ impl StrategyField {
             Self::Refine => "refine",
             Self::RefineStrength => "refine_strength",
             Self::RefineKeepUnchanged => "refine_keep_unchanged",
+            Self::Cache => "cache",
         }
     }
 }
@@ -680,6 +717,21 @@ pub struct StrategyOverrides {
     /// The refine's blend of unchanged areas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refine_keep_unchanged: Option<bool>,
+    /// The step cache of completions (`none`, `fbc:0.12`, `taylorseer:interval=4,order=1`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "cache_key"
+    )]
+    pub cache: Option<StepCache>,
+}
+
+/// Reads `cache` in a suite arm or a manifest line; a bad value is refused naming the key.
+fn cache_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<StepCache>, D::Error> {
+    let text = String::deserialize(d)?;
+    StepCache::parse_as(&text, StrategyField::Cache.key())
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 impl StrategyOverrides {
@@ -717,6 +769,7 @@ impl StrategyOverrides {
         s.refine_keep_unchanged = self
             .refine_keep_unchanged
             .unwrap_or(s.refine_keep_unchanged);
+        s.cache = self.cache.unwrap_or(s.cache);
         if s.kind == StrategyKind::Random && s.seed_list.is_none() {
             s.seeds = 1;
         }
@@ -771,6 +824,7 @@ mod tests {
             refine: Some(1024),
             refine_strength: Some(0.4),
             refine_keep_unchanged: Some(true),
+            cache: Some(StepCache::FirstBlock { threshold: 0.1 }),
         };
         let json = serde_json::to_value(&all).unwrap();
         let mut keys: Vec<&str> = json
@@ -1062,5 +1116,75 @@ mod tests {
         let c: StrategyConfig = toml::from_str("strategy = \"tournament\"").unwrap();
         assert_eq!(c.kind, StrategyKind::Tournament);
         assert_eq!(c.steps, 50);
+        assert_eq!(c.cache, StepCache::None);
+    }
+
+    #[test]
+    fn the_cache_is_a_knob_read_as_its_string_and_refused_by_its_name() {
+        let o: StrategyOverrides =
+            toml::from_str("cache = \"taylorseer:interval=4,order=1\"").unwrap();
+        let s = o.apply(&StrategyConfig::default());
+        assert_eq!(
+            s.cache.to_string(),
+            "taylorseer:interval=4,order=1,warmup=3,factors=bf16"
+        );
+        // Other knobs leave it; an override of another knob keeps the base's cache.
+        let cached = StrategyConfig {
+            cache: StepCache::FirstBlock { threshold: 0.12 },
+            ..StrategyConfig::default()
+        };
+        let o: StrategyOverrides = serde_json::from_str(r#"{"seeds": 4}"#).unwrap();
+        assert_eq!(o.apply(&cached).cache, cached.cache);
+        let o: StrategyOverrides = serde_json::from_str(r#"{"cache": "none"}"#).unwrap();
+        assert_eq!(o.apply(&cached).cache, StepCache::None);
+        // Written as the string in report.json and read back.
+        let json = serde_json::to_value(&cached).unwrap();
+        assert_eq!(json["cache"], "fbc:0.12");
+        let back: StrategyConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back, cached);
+        // A bad value names the key.
+        let e = serde_json::from_str::<StrategyOverrides>(r#"{"cache": "fbc:x"}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cache \"fbc:x\": threshold \"x\" is not a number"),
+            "{e}"
+        );
+        let e = toml::from_str::<StrategyOverrides>("cache = \"lru\"").unwrap_err();
+        assert!(e.to_string().contains("cache \"lru\": unknown kind"), "{e}");
+        // A value made in code is checked like the others, named as its source writes it.
+        let bad = StrategyConfig {
+            cache: StepCache::FirstBlock { threshold: -1.0 },
+            ..StrategyConfig::default()
+        };
+        let e = bad.check(&ValueSource::Flags).unwrap_err();
+        assert_eq!(e.field, StrategyField::Cache);
+        assert!(e.message.starts_with("--cache fbc:-1: threshold"), "{e}");
+        let e = bad.check(&ValueSource::ManifestLine(2)).unwrap_err();
+        assert!(
+            e.to_string().starts_with("manifest line 2: cache fbc:-1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_candidates_holding_a_cache_are_those_completed_together() {
+        let with = |kind, cache| StrategyConfig {
+            kind,
+            cache,
+            ..StrategyConfig::default()
+        };
+        let fbc = StepCache::FirstBlock { threshold: 0.1 };
+        assert_eq!(
+            with(StrategyKind::EarlyFilter, StepCache::None).cached_candidates(),
+            0
+        );
+        assert_eq!(with(StrategyKind::EarlyFilter, fbc).cached_candidates(), 2);
+        assert_eq!(
+            with(StrategyKind::SuccessiveHalving, fbc).cached_candidates(),
+            2
+        );
+        assert_eq!(with(StrategyKind::BestOfN, fbc).cached_candidates(), 8);
+        assert_eq!(with(StrategyKind::Tournament, fbc).cached_candidates(), 1);
+        assert_eq!(with(StrategyKind::Random, fbc).cached_candidates(), 1);
     }
 }

@@ -46,6 +46,12 @@ pub struct ArmSummary {
     pub correct: Option<Estimate>,
     /// NFE per item.
     pub nfe: f64,
+    /// Of the NFE per item, forwards run in full.
+    #[serde(default)]
+    pub full_forwards: f64,
+    /// Of the NFE per item, forwards served from the step cache (each counts as one NFE).
+    #[serde(default)]
+    pub cached_forwards: f64,
     /// Judge calls per item (selection + evaluation).
     pub judge_calls: f64,
     /// Failed judge results per item.
@@ -206,6 +212,8 @@ pub fn build(suite: &Suite, results: &[ArmResult], arm_order: &[String]) -> Eval
             correct_rate: (!correct.is_empty()).then(|| mean(&correct)),
             correct: bootstrap_mean(&correct, suite.resamples, 0.95, s_seed + 3000),
             nfe: per(&|r| r.nfe as f64),
+            full_forwards: per(&|r| r.full_forwards as f64),
+            cached_forwards: per(&|r| r.cached_forwards as f64),
             judge_calls: per(&|r| r.judge_calls as f64),
             judge_failures: per(&|r| r.judge_failures as f64),
             judge_tokens: per(&|r| r.judge_tokens as f64),
@@ -327,13 +335,15 @@ impl EvalReport {
             }
             md.push('\n');
         }
-        md.push_str("\n## Cost per item and failures\n\n| arm | derived from | wall (s) | judge calls | judge tokens | failed judge results | items unscored | items not run |\n|---|---|---|---|---|---|---|---|\n");
+        md.push_str("\n## Cost per item and failures\n\nA forward served from the step cache (an arm's `cache`) counts as one NFE, as a full one does.\n\n| arm | derived from | wall (s) | full forwards | cached forwards | judge calls | judge tokens | failed judge results | items unscored | items not run |\n|---|---|---|---|---|---|---|---|---|---|\n");
         for (a, t) in self.arms.iter().zip(&self.timing) {
             md.push_str(&format!(
-                "| {} | {} | {:.2} | {:.1} | {:.0} | {:.2} | {} | {} |\n",
+                "| {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {} | {} |\n",
                 a.arm,
                 a.derived_from.as_deref().unwrap_or("-"),
                 t.wall_s,
+                a.full_forwards,
+                a.cached_forwards,
                 a.judge_calls,
                 a.judge_tokens,
                 a.judge_failures,

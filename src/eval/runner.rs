@@ -130,6 +130,8 @@ fn base(item: &EvalItem, arm: &str) -> ArmResult {
         task: item.task.clone(),
         language: item.language.clone(),
         nfe: 0,
+        full_forwards: 0,
+        cached_forwards: 0,
         selection: None,
         eval: None,
         correct: None,
@@ -158,6 +160,8 @@ async fn from_report(
     let t = &report.judge_totals;
     ArmResult {
         nfe: report.nfe.total,
+        full_forwards: report.forwards.full,
+        cached_forwards: report.forwards.cached,
         selection,
         eval,
         correct,
@@ -201,6 +205,8 @@ async fn prefix(
     let t = &report.judge_totals;
     ArmResult {
         nfe: n * report.strategy.steps,
+        full_forwards: candidates.iter().map(|c| c.forwards.full).sum(),
+        cached_forwards: candidates.iter().map(|c| c.forwards.cached).sum(),
         selection,
         eval,
         correct,

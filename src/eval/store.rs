@@ -43,6 +43,12 @@ pub struct ArmResult {
     pub language: Option<String>,
     /// Model forwards spent.
     pub nfe: usize,
+    /// Of `nfe`, the forwards run in full.
+    #[serde(default)]
+    pub full_forwards: usize,
+    /// Of `nfe`, the forwards served from the step cache (`cache`); each counts as one NFE.
+    #[serde(default)]
+    pub cached_forwards: usize,
     /// The pick's VIE by the selection judge (None: the pick could not be scored).
     pub selection: Option<Scores>,
     /// The returned edit as the evaluation judge scores it; None when the item failed.

@@ -350,13 +350,20 @@ impl Suite {
     }
 
     /// The best-of-N arm a `random` arm can be read from: same seeds and schedule, so its
-    /// candidate 0 is exactly the random run.
+    /// candidate 0 is exactly the random run (its step cache too: caches are per candidate).
     pub fn random_source(&self, arm: &Arm) -> Option<&Arm> {
-        (self.config(arm).kind == StrategyKind::Random)
+        let random = self.config(arm);
+        let same_run = |c: &StrategyConfig| {
+            c.steps == random.steps
+                && c.cache == random.cache
+                && c.candidate_seeds().first() == random.candidate_seeds().first()
+        };
+        (random.kind == StrategyKind::Random)
             .then(|| {
-                self.arms
-                    .iter()
-                    .find(|a| self.config(a).kind == StrategyKind::BestOfN)
+                self.arms.iter().find(|a| {
+                    let c = self.config(a);
+                    c.kind == StrategyKind::BestOfN && same_run(&c)
+                })
             })
             .flatten()
     }

@@ -135,7 +135,16 @@ impl FromStr for StepCache {
     /// `factors` (`bf16` or `f32`) and the bare flag `lite`; omitted keys take diffusers'
     /// defaults. Errors quote the whole value and name the part that is wrong.
     fn from_str(text: &str) -> std::result::Result<Self, Self::Err> {
-        let fail = |why: String| format!("step cache {text:?}: {why}");
+        Self::parse_as(text, "step cache")
+    }
+}
+
+impl StepCache {
+    /// Parses `text` as [`StepCache::from_str`] does, its errors starting with `name`, the
+    /// field as the value's source writes it (`cache` in a manifest line, `` `cache` `` in a
+    /// request).
+    pub fn parse_as(text: &str, name: &str) -> std::result::Result<Self, String> {
+        let fail = |why: String| format!("{name} {text:?}: {why}");
         let (kind, args) = match text.split_once(':') {
             Some((kind, args)) => (kind.trim(), Some(args.trim())),
             None => (text.trim(), None),
@@ -208,6 +217,24 @@ impl FromStr for StepCache {
         };
         cache.check().map_err(fail)?;
         Ok(cache)
+    }
+
+    /// Parses a comma-separated list of settings (`none,fbc:0.12,taylorseer:interval=4,order=1`):
+    /// a comma starts a new setting only where a kind (`none`, `fbc`, `taylorseer`) follows,
+    /// so TaylorSeer's own commas stay inside its setting.
+    pub fn parse_list(text: &str) -> std::result::Result<Vec<Self>, String> {
+        let mut settings: Vec<String> = Vec::new();
+        for part in text.split(',') {
+            let kind = part.split(':').next().unwrap_or_default().trim();
+            match settings.last_mut() {
+                Some(last) if !matches!(kind, "none" | "fbc" | "taylorseer") => {
+                    last.push(',');
+                    last.push_str(part);
+                }
+                _ => settings.push(part.to_string()),
+            }
+        }
+        settings.iter().map(|s| s.trim().parse()).collect()
     }
 }
 
@@ -727,6 +754,27 @@ mod tests {
         }
         let err = serde_json::from_str::<StepCache>("\"fbc:x\"").unwrap_err();
         assert!(err.to_string().contains("threshold \"x\""), "{err}");
+        let err = StepCache::parse_as("fbc:x", "cache").unwrap_err();
+        assert!(err.starts_with("cache \"fbc:x\": threshold"), "{err}");
+    }
+
+    #[test]
+    fn a_list_splits_only_where_a_setting_starts() {
+        let list =
+            StepCache::parse_list("none, fbc:0.12,taylorseer:interval=4,order=1,lite,fbc").unwrap();
+        let spelled: Vec<String> = list.iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            spelled,
+            [
+                "none",
+                "fbc:0.12",
+                "taylorseer:interval=4,order=1,warmup=3,factors=bf16,lite",
+                "fbc:0.05"
+            ]
+        );
+        let err = StepCache::parse_list("fbc:0.1,taylorseer:speed=2").unwrap_err();
+        assert!(err.contains("unknown key \"speed\""), "{err}");
+        assert!(StepCache::parse_list("interval=4").is_err());
     }
 
     #[test]

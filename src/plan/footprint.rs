@@ -216,10 +216,7 @@ mod tests {
             transformer_parameters(&t),
             built(|vb| FluxTransformer::new(vb, &t, &linears))
         );
-        assert_eq!(
-            vae_parameters(&v),
-            built(|vb| Autoencoder::new(vb, &v))
-        );
+        assert_eq!(vae_parameters(&v), built(|vb| Autoencoder::new(vb, &v)));
     }
 
     #[test]

@@ -18,8 +18,10 @@ use candle_core::quantized::GgmlDType;
 use candle_core::DType;
 use serde::Serialize;
 
+use crate::models::flux::step_cache::cache_bytes;
 use crate::models::flux::vae::VaeConfig;
 use crate::models::flux::FluxConfig;
+use crate::models::step_cache::StepCache;
 use footprint::{
     transformer_activation_bytes, transformer_weight_bytes, vae_activation_bytes, vae_parameters,
     WeightFormat,
@@ -93,6 +95,10 @@ pub struct PlanRequest {
     /// The hi-res refine's panel `(width, height)`, when the pick is refined (`--refine`):
     /// one candidate's forwards and a VAE pass at that size.
     pub refine_panel: Option<(usize, usize)>,
+    /// The step cache of completions (`--cache`; none: no part).
+    pub step_cache: StepCache,
+    /// Candidates holding a step cache at once (those completed together, M).
+    pub cached_candidates: usize,
 }
 
 /// One line of the plan.
@@ -140,6 +146,19 @@ impl PlanRequest {
         (2 * panel.0 / f) * (panel.1 / f)
     }
 
+    /// Bytes of the step caches held at once during completions: `cached_candidates` times
+    /// one candidate's cache (0 when the cache is off).
+    pub fn step_cache_bytes(&self) -> usize {
+        self.cached_candidates
+            * cache_bytes(
+                &self.transformer,
+                &self.step_cache,
+                self.image_tokens(),
+                self.t5_tokens,
+                self.dtype,
+            )
+    }
+
     /// The plan.
     pub fn plan(&self) -> MemoryPlan {
         let e = self.dtype.size_in_bytes();
@@ -171,6 +190,8 @@ impl PlanRequest {
             self.image_tokens(),
             self.t5_tokens,
         );
+        // Completions hold their candidates' step caches beside each forward.
+        let caches = self.step_cache_bytes();
         let pixels = 2 * self.panel.0 * self.panel.1;
         let vae_pass = vae_activation_bytes(&self.vae, self.dtype, pixels, self.cuda);
         // T5's working memory: a few [tokens, 4096 x 2.5] activations, small beside it.
@@ -206,7 +227,7 @@ impl PlanRequest {
         let mut phases = vec![
             ("encode prompt", beside_text + text + text_work),
             ("encode diptych", resident + judge_at_prepare + vae_pass),
-            ("denoise", resident + judge + judge_work + forward),
+            ("denoise", resident + judge + judge_work + forward + caches),
             ("decode", resident + judge + judge_work + vae_pass),
         ];
         if let Some((_, forward, vae_pass)) = refine {
@@ -264,6 +285,18 @@ impl PlanRequest {
             bytes: forward,
             when: "each denoising step".into(),
         });
+        if caches > 0 {
+            parts.push(PlanPart {
+                name: format!(
+                    "step caches ({}, {} candidate{})",
+                    self.step_cache,
+                    self.cached_candidates,
+                    if self.cached_candidates == 1 { "" } else { "s" }
+                ),
+                bytes: caches,
+                when: "completions".into(),
+            });
+        }
         parts.push(PlanPart {
             name: format!("VAE pass ({}x{} diptych)", 2 * self.panel.0, self.panel.1),
             bytes: vae_pass,
@@ -378,6 +411,15 @@ impl PlanRequest {
                 "without --refine".into(),
                 Box::new(|r| PlanRequest {
                     refine_panel: None,
+                    ..r
+                }),
+            ));
+        }
+        if self.step_cache_bytes() > 0 {
+            steps.push((
+                "--cache none".into(),
+                Box::new(|r| PlanRequest {
+                    step_cache: StepCache::None,
                     ..r
                 }),
             ));

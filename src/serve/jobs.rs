@@ -431,7 +431,7 @@ impl JobRegistry {
                 id: id.clone(),
                 created,
                 source,
-                request,
+                request: Box::new(request),
             })
             .map_err(|e| internal("writing the journal", &e))?;
         let job = Arc::new(Job::new(accepted));

@@ -45,8 +45,8 @@ pub enum Record {
         created: u64,
         /// The upload's file name in the edit's folder.
         source: String,
-        /// The checked request.
-        request: EditRequest,
+        /// The checked request (boxed: it is most of the record's size).
+        request: Box<EditRequest>,
     },
     /// An edit was running when the server stopped at its shutdown deadline: it has not
     /// ended and runs again at the next start.
@@ -109,7 +109,7 @@ impl Journal {
                         id,
                         created,
                         source,
-                        request,
+                        request: *request,
                         ended: None,
                     });
                 }
@@ -159,7 +159,7 @@ mod tests {
                 id: id.into(),
                 created: 1,
                 source: "source.png".into(),
-                request: request(),
+                request: Box::new(request()),
             })
             .unwrap();
         }
@@ -191,7 +191,7 @@ mod tests {
             id: "n".into(),
             created: 1,
             source: "source.png".into(),
-            request: nan,
+            request: Box::new(nan),
         })
         .unwrap();
         drop(j);

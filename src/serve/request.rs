@@ -132,6 +132,7 @@ const KNOWN: &[&str] = &[
     "refine",
     "refine_strength",
     "refine_keep_unchanged",
+    "cache",
     "live_previews",
 ];
 
@@ -522,6 +523,12 @@ fn strategy(
         refine_keep_unchanged: opt("refine_keep_unchanged")
             .map(|t| boolean("refine_keep_unchanged", t))
             .transpose()?,
+        cache: opt("cache")
+            .map(|t| {
+                crate::generate::StepCache::parse_as(t.trim(), "`cache`")
+                    .map_err(|e| ApiError::bad_field("cache", e))
+            })
+            .transpose()?,
     };
     let mut s = overrides.apply(defaults);
     if let Some(budget) = opt("budget_nfe") {
@@ -616,6 +623,21 @@ mod tests {
             (r.strategy.seeds, r.strategy.probe_steps, r.strategy.steps),
             (6, 3, 20)
         );
+        assert!(!r.strategy.cache.is_on());
+        let r = parse(&[
+            ("prompt", "x"),
+            ("cache", "taylorseer:interval=4,order=1,lite"),
+        ])
+        .unwrap();
+        assert_eq!(
+            r.strategy.cache.to_string(),
+            "taylorseer:interval=4,order=1,warmup=3,factors=bf16,lite"
+        );
+        let e = parse(&[("prompt", "x"), ("cache", "fbc:-1")]).unwrap_err();
+        assert!(
+            e.to_string().contains("`cache` \"fbc:-1\": threshold -1"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -637,6 +659,7 @@ mod tests {
                 "response_format",
             ),
             (&[("prompt", "x"), ("budget_nfe", "3")], "budget_nfe"),
+            (&[("prompt", "x"), ("cache", "fbc:fast")], "cache"),
         ];
         for (fields, param) in cases {
             let e = parse(fields).unwrap_err();

@@ -3,6 +3,8 @@
 //! on a GPU without downloading anything. Random weights cost the same time as trained ones.
 //! Beside the VAE decode it times the tiny preview decoder (TAEF1's published configuration)
 //! on the same latents, unless told not to (`--no-tiny`; `tests/plan.rs` needs only the peak).
+//! With step caches to compare (`--cache`), it also times the completion part of an edit
+//! with each of them beside `none`, in the same run: [`CacheBench`].
 
 use std::time::Instant;
 
@@ -15,9 +17,12 @@ use super::embeddings::rope_tables;
 use super::held_weight::WeightFormat;
 use super::latents::joint_ids;
 use super::linear::Linears;
+use super::scheduler::DynamicShift;
+use super::step_cache::cache_bytes;
 use super::transformer::{FluxTransformer, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
 use crate::models::bench::{timed_after, RandomWeights};
+use crate::models::step_cache::{CandidateCache, StepCache};
 use crate::models::taef1::{TinyConfig, TinyDecoder};
 
 /// Rows of each random weight actually quantized (the rest repeat them): see
@@ -52,6 +57,45 @@ pub struct FluxBench {
     /// Weight formats of the transformer's linear layers to time, in order: dense in
     /// `dtype`, or a ggml type quantized on load.
     pub formats: Vec<WeightFormat>,
+    /// Step caches to time completions with (the first format only), when asked.
+    pub cache: Option<CacheBench>,
+}
+
+/// The completion part of an edit under each step cache: `keep` candidates start from
+/// seeded noise and run `probe_steps` exact steps of a `steps`-step schedule (untimed,
+/// shared by every setting, as an edit's probes are), then each setting completes them from
+/// there to the last step, batched, each candidate with a fresh cache of its own (as the
+/// engine switches caches on when a completion starts). `none` runs first, the baseline.
+#[derive(Debug, Clone)]
+pub struct CacheBench {
+    /// The settings, `none` first.
+    pub caches: Vec<StepCache>,
+    /// Candidates completed together (M).
+    pub keep: usize,
+    /// Exact steps before the completion (k).
+    pub probe_steps: usize,
+}
+
+/// One step cache's completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionTiming {
+    /// The setting, as `--cache` spells it.
+    pub cache: String,
+    /// Wall seconds of the completion (device-synced), one run.
+    pub wall_s: f64,
+    /// Candidate forwards run in full.
+    pub full_forwards: usize,
+    /// Candidate forwards served from the cache.
+    pub cached_forwards: usize,
+    /// Transformer FLOPs run (matrix products).
+    pub flops: u64,
+    /// Transformer FLOPs of the same forwards run in full.
+    pub full_flops: u64,
+    /// Bytes one candidate's cache holds at most ([`cache_bytes`]).
+    pub cache_bytes_per_candidate: usize,
+    /// Largest |difference| of the final latents from `none`'s (0 for `none`): the cache
+    /// changed the result this much (random weights: no statement about quality).
+    pub max_abs_diff_vs_none: f32,
 }
 
 /// One batch size's timing.
@@ -107,6 +151,9 @@ pub struct FluxBenchResult {
     /// On CUDA: the fused kernels (`models::cuda`) against candle's tensor operations on
     /// random inputs in the bench dtype, largest absolute differences.
     pub kernel_check: Option<KernelCheck>,
+    /// With `--cache`: the completions, `none` first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub completions: Vec<CompletionTiming>,
 }
 
 /// How far the CUDA kernels are from the tensor operations they replace (see
@@ -167,6 +214,30 @@ impl FluxBenchResult {
             "\nVAE encode {:.4} s, decode {:.4} s; one {}-step edit of one candidate {:.2} s with the first format (text encoding excluded).\n",
             self.vae_encode_s, self.vae_decode_s, bench.steps, self.full_edit_s
         ));
+        if let (Some(c), Some(none)) = (&bench.cache, self.completions.first()) {
+            md.push_str(&format!(
+                "\nCompletions with step caches ({} format): {} candidates, steps {}..{} of {} (the first {} exact, untimed), batched, one run each; a cached forward counts as one NFE.\n\n| cache | completion (s) | vs none | full forwards | cached forwards | FLOPs vs full | cache per candidate (MiB) | final latents vs none (max abs) |\n|---|---|---|---|---|---|---|---|\n",
+                self.formats.first().map_or("first", |f| f.format.as_str()),
+                c.keep,
+                c.probe_steps,
+                bench.steps,
+                bench.steps,
+                c.probe_steps,
+            ));
+            for t in &self.completions {
+                md.push_str(&format!(
+                    "| {} | {:.3} | {:.2}x | {} | {} | {:.1}% | {:.2} | {:.3e} |\n",
+                    t.cache,
+                    t.wall_s,
+                    t.wall_s / none.wall_s,
+                    t.full_forwards,
+                    t.cached_forwards,
+                    100.0 * t.flops as f64 / t.full_flops.max(1) as f64,
+                    t.cache_bytes_per_candidate as f64 / (1 << 20) as f64,
+                    t.max_abs_diff_vs_none
+                ));
+            }
+        }
         if let Some(tiny) = self.tiny_decode_s {
             md.push_str(&format!(
                 "\n| decoder (one candidate) | decode (s) | vs VAE |\n|---|---|---|\n| VAE | {:.4} | 1.00 |\n| tiny (TAEF1 configuration) | {tiny:.4} | {:.3} |\n",
@@ -209,6 +280,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
     };
     let mut parameters = 0;
     let mut formats = Vec::new();
+    let mut completions = Vec::new();
     for &format in &bench.formats {
         let quantize = match format {
             WeightFormat::Dense => None,
@@ -245,6 +317,9 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
                 step_s,
                 per_candidate_s: step_s / batch as f64,
             });
+        }
+        if let (Some(c), true) = (&bench.cache, formats.is_empty()) {
+            completions = time_completions(&transformer, bench, c, &text, &rope, tokens)?;
         }
         formats.push(FormatTiming {
             format: name,
@@ -295,7 +370,107 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         formats,
         peak_rss_mib,
         kernel_check,
+        completions,
     })
+}
+
+/// The `steps + 1` sigmas of FLUX's shifted schedule for `image_tokens` (the formula of
+/// `generate::schedule::Schedule::shifted`, which model code cannot import): linspace(1,
+/// 1/steps, steps) through the time shift `e^mu / (e^mu + 1/sigma - 1)`, then 0.
+fn shifted_sigmas(steps: usize, image_tokens: usize) -> Vec<f64> {
+    let mu = DynamicShift::FLUX.mu(image_tokens);
+    let n = steps as f64;
+    let mut sigmas: Vec<f64> = (0..steps)
+        .map(|i| {
+            let linear = if steps == 1 {
+                1.0
+            } else {
+                1.0 + (1.0 / n - 1.0) * i as f64 / (n - 1.0)
+            };
+            mu.exp() / (mu.exp() + (1.0 / linear - 1.0))
+        })
+        .collect();
+    sigmas.push(0.0);
+    sigmas
+}
+
+/// Runs [`CacheBench`] on `transformer`: the shared exact probe, then one timed completion
+/// per setting.
+fn time_completions(
+    transformer: &FluxTransformer,
+    bench: &FluxBench,
+    c: &CacheBench,
+    text: &TextConditioning,
+    rope: &(Tensor, Tensor),
+    tokens: usize,
+) -> candle_core::Result<Vec<CompletionTiming>> {
+    let (dev, dtype, config) = (&bench.device, bench.dtype, &bench.transformer);
+    if c.probe_steps >= bench.steps {
+        candle_core::bail!(
+            "bench flux --cache: --probe-steps {} must be below --steps {}",
+            c.probe_steps,
+            bench.steps
+        );
+    }
+    let sigmas = shifted_sigmas(bench.steps, tokens);
+    let out = config.out_channels();
+    // Latents [M, S, 64] in f32 (as the sampler keeps them); the Fill conditioning (masked
+    // image latents and mask, [M, S, in - 64]) fixed, in the model dtype.
+    let noise = Tensor::randn(0f32, 1.0, (c.keep, tokens, out), dev)?;
+    let cond = Tensor::randn(0f32, 1.0, (c.keep, tokens, config.in_channels - out), dev)?
+        .to_dtype(dtype)?;
+    let step = |x: &Tensor, i: usize, caches: &mut [CandidateCache]| {
+        let input = Tensor::cat(&[&x.to_dtype(dtype)?, &cond], 2)?;
+        let (v, work) = transformer.forward_cached(&input, text, sigmas[i], 50.0, rope, caches)?;
+        let x = (x + (v.to_dtype(DType::F32)? * (sigmas[i + 1] - sigmas[i]))?)?;
+        Ok::<_, candle_core::Error>((x, work))
+    };
+    let mut probed = noise;
+    let mut off = vec![CandidateCache::default(); c.keep];
+    for i in 0..c.probe_steps {
+        probed = step(&probed, i, &mut off)?.0;
+    }
+    let mut timings = Vec::new();
+    let mut baseline: Option<Tensor> = None;
+    for &cache in &c.caches {
+        let mut caches = vec![CandidateCache::new(cache); c.keep];
+        let mut x = probed.clone();
+        let (mut full, mut cached, mut flops, mut full_flops) = (0, 0, 0, 0);
+        dev.synchronize()?;
+        let start = Instant::now();
+        for i in c.probe_steps..bench.steps {
+            let (next, work) = step(&x, i, &mut caches)?;
+            x = next;
+            for w in work {
+                if w.cached {
+                    cached += 1;
+                } else {
+                    full += 1;
+                }
+                flops += w.flops;
+                full_flops += w.full_flops;
+            }
+        }
+        dev.synchronize()?;
+        let wall_s = start.elapsed().as_secs_f64();
+        let diff = match &baseline {
+            Some(b) => (&x - b)?.abs()?.max_all()?.to_scalar::<f32>()?,
+            None => 0.0,
+        };
+        baseline.get_or_insert(x);
+        tracing::info!(%cache, wall_s, full, cached, "completion");
+        timings.push(CompletionTiming {
+            cache: cache.to_string(),
+            wall_s,
+            full_forwards: full,
+            cached_forwards: cached,
+            flops,
+            full_flops,
+            cache_bytes_per_candidate: cache_bytes(config, &cache, tokens, bench.t5_tokens, dtype),
+            max_abs_diff_vs_none: diff,
+        });
+    }
+    Ok(timings)
 }
 
 /// A small configuration (hidden 256, 2 + 4 blocks, a narrow VAE) for CPU smoke runs.
