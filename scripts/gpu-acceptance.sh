@@ -12,7 +12,8 @@
 #   4. `plan` for the same settings, beside the measured peaks;
 #   5. one early-filter edit end to end on the device with random weights at SIZE
 #      (q8_0, 512 panel, batch 8; the tiny fixture judge);
-#   6. step caching: the completion part of an edit (KEEP candidates, CACHE_PROBE exact
+#   6. a hi-res refine: one plain q8_0 edit refined to REFINE_WIDTH [1024], its time;
+#   7. step caching: the completion part of an edit (KEEP candidates, CACHE_PROBE exact
 #      steps of EDIT_STEPS, the rest completed) with each of CACHES beside `none`, ours
 #      (`bench flux --cache`, dense) and diffusers' with the same hook
 #      (bench_diffusers_flux.py --cache: FirstBlockCacheConfig / TaylorSeerCacheConfig
@@ -33,8 +34,9 @@
 #   REPORT   the markdown written [docs/results/gpu-<UTC date>.md]
 #   STEP_LIMIT  seconds any one step may run before it is stopped (recorded as exit 124 in
 #            the report, the script goes on) [0 = no limit]. LIMIT_<step> overrides it for
-#            one step: LIMIT_flux_dense, LIMIT_flux_q8_0, LIMIT_flux_q4_k, LIMIT_diffusers,
-#            LIMIT_judge, LIMIT_transformers_judge, LIMIT_judge_vs_transformers, LIMIT_edit,
+#            one step: LIMIT_flux_dense, LIMIT_flux_q8_0, LIMIT_flux_q4_k,
+#            LIMIT_flux_q8_0_kernels, LIMIT_flux_q4_k_kernels, LIMIT_diffusers,
+#            LIMIT_judge, LIMIT_transformers_judge, LIMIT_judge_vs_transformers, LIMIT_edit, LIMIT_refine,
 #            LIMIT_flux_cache, LIMIT_diffusers_cache.
 #            A lease of device time is short: one slow step must not cost the others their
 #            turn.
@@ -120,6 +122,14 @@ for format in dense q8_0 q4_k; do
     --iters "$ITERS" --steps 28 --out "$OUT/flux-$format"
 done
 
+# The quantized formats again on candle's quantized kernels (the path before the
+# dequantize-then-GEMM one), to show what the default gains.
+for format in q8_0 q4_k; do
+  step "flux-$format-kernels" env ICEDIT_QUANTIZED_MATMUL=kernels "$BIN" bench flux --size "$SIZE" \
+    --device "$DEVICE" --dtype "$DTYPE" --formats "$format" --batch "$BATCHES" --width 512 \
+    --height 512 --t5-tokens 512 --iters "$ITERS" --steps 28 --no-tiny --out "$OUT/flux-$format-kernels"
+done
+
 if "$PYTHON" -c "import torch, diffusers" >/dev/null 2>&1; then
   torch_device=$DEVICE
   step diffusers "$PYTHON" scripts/bench_diffusers_flux.py --size "$SIZE" \
@@ -167,6 +177,13 @@ step edit "$BIN" edit --image tests/fixtures/flux/source.png --instruction "make
   --batch-size 8 --strategy early-filter --seeds 8 --probe-steps 4 --keep 2 \
   --steps "${EDIT_STEPS:-28}" --judge tests/fixtures/qwen2vl/judge-tiny.toml \
   --memory-budget 1000000 --out "$OUT/edit"
+
+# Hi-res refine: one plain edit (random, no judge) refined to REFINE_WIDTH, q8_0; the
+# refine pass's time and forwards come from report.json's `refine`.
+step refine "$BIN" edit --image tests/fixtures/flux/source.png --instruction "make the sky night" \
+  --width "${EDIT_WIDTH:-512}" --random-weights "$SIZE" --quantize q8_0 --device "$DEVICE" --dtype "$DTYPE" \
+  --strategy random --judge none --steps "${EDIT_STEPS:-28}" --refine "${REFINE_WIDTH:-1024}" \
+  --memory-budget 1000000 --out "$OUT/refine"
 
 # Step caching: the completion part of an edit per cache setting, ours and diffusers'.
 step flux-cache "$BIN" bench flux --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
@@ -223,10 +240,13 @@ for name, rc, secs in steps:
     rc = f"{rc} (stopped at its limit)" if rc == "124" else rc
     md.append(f"| {name} | {rc} | {secs} | {'-' if peak is None else f'{peak:.0f}'} |")
 
-runs = {f: load(f"flux-{f}/flux.json") for f in ("dense", "q8_0", "q4_k")}
+runs = {f: load(f"flux-{f}/flux.json") for f in ("dense", "q8_0", "q4_k", "q8_0-kernels", "q4_k-kernels")}
 flux = next((r for r in runs.values() if r), None)
 if flux:
-    flux = dict(flux, formats=[f for r in runs.values() if r for f in r["formats"]])
+    # The -kernels runs are the same formats on candle's quantized kernels
+    # (ICEDIT_QUANTIZED_MATMUL=kernels), beside the default dequantize-then-GEMM path.
+    flux = dict(flux, formats=[dict(f, format=f["format"] + (" (kernels)" if name.endswith("-kernels") else ""))
+                               for name, r in runs.items() if r for f in r["formats"]])
 ref = load("diffusers-flux.json")
 md += ["", "## FLUX transformer step: ours against diffusers", ""]
 if flux:
@@ -275,6 +295,18 @@ if rep:
     md.append("```")
 else:
     md += ["edit failed:", "", "```", tail("edit"), "```"]
+rep = load("refine/report.json")
+md += ["", f"## Hi-res refine on the device (random `{size}` weights, q8_0, one plain edit refined)", ""]
+if rep and rep.get("refine"):
+    r = rep["refine"]
+    t = rep.get("timings") or {}
+    md.append(f"Refined to {r['size'][0]}x{r['size'][1]} at strength {r['strength']}: {r['nfe']} forwards of "
+              f"{r['image_tokens']} image tokens from step {r['start_step']} of {r['steps']}, "
+              f"{r['step_cost']:.2f} edit steps each ({r['edit_step_equivalents']:.1f} edit-step equivalents); "
+              f"refine {r['seconds']:.2f} s (encode, steps, decode) against the edit's "
+              f"{t.get('complete_s', float('nan')):.2f} s of {rep['nfe']['total']} edit steps.")
+else:
+    md += ["refine failed:", "", "```", tail("refine"), "```"]
 ours = (load("flux-cache/flux.json") or {}).get("completions") or []
 theirs = (load("diffusers-cache.json") or {}).get("completions") or []
 setup = (load("diffusers-cache.json") or {}).get("completion") or {}

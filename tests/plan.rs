@@ -28,6 +28,7 @@ fn planned_bench_peak_mib(batch: usize, width: usize, height: usize, t5: usize) 
             batch,
             image_tokens,
             t5,
+            false,
         );
     let vae =
         vae_parameters(&v) * 4 + vae_activation_bytes(&v, DType::F32, 2 * width * height, false);

@@ -85,7 +85,8 @@ pub fn transformer_weight_bytes(c: &FluxConfig, format: WeightFormat, dtype: DTy
 }
 
 /// Working memory of one transformer forward over `batch` candidates of `image_tokens`
-/// plus `text_tokens` tokens.
+/// plus `text_tokens` tokens, on a CUDA device or not (quantized layers multiply
+/// differently there: [`QuantizedMatmul`]).
 pub fn transformer_activation_bytes(
     c: &FluxConfig,
     format: WeightFormat,
@@ -93,6 +94,7 @@ pub fn transformer_activation_bytes(
     batch: usize,
     image_tokens: usize,
     text_tokens: usize,
+    cuda: bool,
 ) -> usize {
     let e = dtype.size_in_bytes();
     let s = image_tokens + text_tokens;
@@ -107,11 +109,15 @@ pub fn transformer_activation_bytes(
     // Residual streams, normalised and modulated copies, q/k/v, the MLP's 4x-wide hidden
     // layer and the single blocks' concatenation, alive around the attention.
     let streams = batch * s * d * e * STREAM_COPIES;
-    // Quantized kernels take f32 activations; fp8 weights are up-cast one layer at a time.
+    // Quantized kernels take f32 activations; on CUDA the token-wise layers dequantize
+    // their weight instead (one layer at a time, through f32 unless the model is f16); fp8
+    // weights are up-cast one layer at a time.
     let (linears, _) = transformer_linears(c);
     let widest = linears.iter().map(|(o, i)| o * i).max().unwrap_or(0);
     let conversion = match format {
         WeightFormat::Dense => 0,
+        WeightFormat::Quantized(_) if cuda && dtype == DType::F16 => widest * e,
+        WeightFormat::Quantized(_) if cuda => widest * (4 + e),
         WeightFormat::Quantized(_) => batch * s * 5 * d * 4,
         WeightFormat::Fp8 => widest * e,
     };

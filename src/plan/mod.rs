@@ -189,6 +189,7 @@ impl PlanRequest {
             self.batch,
             self.image_tokens(),
             self.t5_tokens,
+            self.cuda,
         );
         // Completions hold their candidates' step caches beside each forward.
         let caches = self.step_cache_bytes();
@@ -219,6 +220,7 @@ impl PlanRequest {
                 1,
                 self.tokens_of(panel),
                 self.t5_tokens,
+                self.cuda,
             );
             let vae_pass =
                 vae_activation_bytes(&self.vae, self.dtype, 2 * panel.0 * panel.1, self.cuda);

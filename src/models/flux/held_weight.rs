@@ -95,3 +95,60 @@ impl Weight {
         }
     }
 }
+
+/// How a ggml-quantized layer multiplies activations of many rows.
+///
+/// candle's quantized kernels are built for one-token decoding: f32 activations and dot
+/// products per row, which loses to a dense GEMM when a FLUX forward multiplies thousands of
+/// tokens (on the GPU, the q8_0 step measured 1.8x bf16's; docs/results/gpu-2026-12-04.md).
+/// Dequantizing the layer's weight into the model dtype and running the ordinary matmul
+/// (cuBLAS) instead is what diffusers' GGUF path does; the dequantized copy lives for that
+/// one product, so memory stays at the quantized size plus one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantizedMatmul {
+    /// Dequantize on CUDA for products of at least [`DEQUANTIZE_FROM_ROWS`] rows; candle's
+    /// kernels otherwise (few rows: the modulation linears; and on the CPU, where the
+    /// quantized kernels measured faster than f32 GEMMs at every size).
+    Auto,
+    /// Always dequantize, any device and row count.
+    Dequantize,
+    /// Always candle's quantized kernels (the path before this choice existed).
+    Kernels,
+}
+
+/// Rows from which [`QuantizedMatmul::Auto`] dequantizes on CUDA: the modulation linears
+/// (one row per candidate) stay on the kernels, token-wise linears (512+ rows) go to GEMMs.
+pub const DEQUANTIZE_FROM_ROWS: usize = 32;
+
+impl QuantizedMatmul {
+    /// The process-wide choice: `ICEDIT_QUANTIZED_MATMUL` = `auto` (default), `dequantize`
+    /// or `kernels`, read once (for A/B timings such as `bench flux`; an unknown value is
+    /// reported once and `auto` used).
+    pub fn from_env() -> Self {
+        static CHOICE: std::sync::OnceLock<QuantizedMatmul> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(
+            || match std::env::var("ICEDIT_QUANTIZED_MATMUL").as_deref() {
+                Err(_) | Ok("") | Ok("auto") => Self::Auto,
+                Ok("dequantize") => Self::Dequantize,
+                Ok("kernels") => Self::Kernels,
+                Ok(other) => {
+                    tracing::warn!(
+                        value = other,
+                        "ICEDIT_QUANTIZED_MATMUL must be auto, dequantize or kernels; using auto"
+                    );
+                    Self::Auto
+                }
+            },
+        )
+    }
+
+    /// Whether a product of `rows` activation rows on `device` runs on the dequantized
+    /// weight.
+    pub fn dequantizes(self, device: &candle_core::Device, rows: usize) -> bool {
+        match self {
+            Self::Auto => device.is_cuda() && rows >= DEQUANTIZE_FROM_ROWS,
+            Self::Dequantize => true,
+            Self::Kernels => false,
+        }
+    }
+}

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use super::held_weight::Weight;
+use super::held_weight::{QuantizedMatmul, Weight};
 use super::lora::{Experts, LoraSet, LowRank};
 use super::weights::WeightSource;
 
@@ -50,10 +50,7 @@ impl Module for BaseLinear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let out = match &self.weight {
             Weight::Dense(w) => xs.broadcast_matmul(&w.t()?)?,
-            // candle's quantized kernels take and give f32.
-            Weight::Quantized(q, _) => q
-                .forward(&xs.to_dtype(DType::F32)?.contiguous()?)?
-                .to_dtype(xs.dtype())?,
+            Weight::Quantized(q, _) => quantized_forward(q, xs, QuantizedMatmul::from_env())?,
             Weight::Fp8 { weight, scale } => {
                 let w = (weight.to_dtype(xs.dtype())? * *scale)?;
                 xs.broadcast_matmul(&w.t()?)?
@@ -64,6 +61,24 @@ impl Module for BaseLinear {
             None => Ok(out),
         }
     }
+}
+
+/// `xs [.., in]` times a ggml-quantized `[out, in]` weight, as `how` says: candle's
+/// quantized kernels (f32 in and out) or the weight dequantized into `xs`'s dtype for one
+/// ordinary matmul.
+pub fn quantized_forward(q: &QMatMul, xs: &Tensor, how: QuantizedMatmul) -> Result<Tensor> {
+    let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
+    if how.dequantizes(xs.device(), rows) {
+        let weight = match q {
+            QMatMul::QTensor(t) if xs.dtype() == DType::F16 => t.dequantize_f16(xs.device())?,
+            QMatMul::QTensor(t) => t.dequantize(xs.device())?.to_dtype(xs.dtype())?,
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(xs.dtype())?,
+        };
+        return xs.broadcast_matmul(&weight.t()?);
+    }
+    // candle's quantized kernels take and give f32.
+    q.forward(&xs.to_dtype(DType::F32)?.contiguous()?)?
+        .to_dtype(xs.dtype())
 }
 
 /// A linear layer as the model runs it.
@@ -314,4 +329,63 @@ fn side_branch(
         up,
         scale: adapter.scale,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The max absolute difference over the mean absolute value of `reference`.
+    fn relative_error(a: &Tensor, reference: &Tensor) -> f32 {
+        let diff = (a - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = reference
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        diff / scale
+    }
+
+    /// Both ways of multiplying by a quantized weight give the product with the weight
+    /// the file holds: the dequantized one exactly (it is that product), the kernels within
+    /// their own rounding of the activations.
+    #[test]
+    fn a_dequantized_product_equals_the_kernels_product() {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 0.5, (96, 256), &dev).unwrap();
+        let xs = Tensor::randn(0f32, 1.0, (2, 40, 256), &dev).unwrap();
+        for t in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let q = QTensor::quantize(&weight, t).unwrap();
+            let held = q.dequantize(&dev).unwrap();
+            let exact = xs.broadcast_matmul(&held.t().unwrap()).unwrap();
+            let q = QMatMul::from_qtensor(q).unwrap();
+            let dequantized = quantized_forward(&q, &xs, QuantizedMatmul::Dequantize).unwrap();
+            let kernels = quantized_forward(&q, &xs, QuantizedMatmul::Kernels).unwrap();
+            assert_eq!(dequantized.dims(), &[2, 40, 96]);
+            assert!(relative_error(&dequantized, &exact) < 1e-5, "{t:?}");
+            // The kernels quantize the activations too (q8 blocks): a little further off.
+            let kernels_error = relative_error(&kernels, &exact);
+            assert!(kernels_error < 0.05, "{t:?}: {kernels_error}");
+            // `Auto` on the CPU keeps the kernels, whatever the rows.
+            let auto = quantized_forward(&q, &xs, QuantizedMatmul::Auto).unwrap();
+            assert_eq!(relative_error(&auto, &kernels), 0.0);
+        }
+    }
+
+    #[test]
+    fn auto_dequantizes_only_many_rows_on_cuda() {
+        let cpu = Device::Cpu;
+        assert!(!QuantizedMatmul::Auto.dequantizes(&cpu, 4096));
+        assert!(QuantizedMatmul::Dequantize.dequantizes(&cpu, 1));
+        assert!(!QuantizedMatmul::Kernels.dequantizes(&cpu, 4096));
+    }
 }
