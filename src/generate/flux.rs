@@ -286,7 +286,8 @@ impl FluxGenerator {
     /// and VAE are built as the loader builds them (`--quantize` included: as in `bench
     /// flux`, each weight's first rows are quantized and repeated, which holds and times
     /// the same); T5 and CLIP are not run: each prompt's states are random, drawn on the
-    /// CPU from a seed hashed from the prompt. `name` says which configuration it is.
+    /// CPU from a seed hashed from the prompt. The weights repeat from run to run (seeded
+    /// by name on the CPU, by device seed elsewhere). `name` says which configuration it is.
     pub fn random(
         name: &str,
         transformer: FluxConfig,
@@ -294,6 +295,7 @@ impl FluxGenerator {
         options: FluxOptions,
     ) -> Result<Self, GenerateError> {
         let (dtype, dev) = (options.dtype, &options.device);
+        crate::models::bench::seed_device(dev)?;
         let random_vb =
             || VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone());
         let quantize = options.quantize_on_load()?;

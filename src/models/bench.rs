@@ -29,6 +29,13 @@ impl SimpleBackend for RandomWeights {
                 Tensor::zeros(shape, dtype, dev)
             };
         }
+        if dev.is_cpu() {
+            // Seeded by the tensor's name, so two runs (and two loads in one run) build the
+            // same model: a benchmark's images and picks are reproducible, as its timings.
+            return seeded_normal(name, 0.02, shape, dev)?.to_dtype(dtype);
+        }
+        // On a GPU candle's generator is fast where drawing 12B values here is not; it is
+        // seeded once per device (see `seed_device`), and the order of loads is fixed.
         Tensor::randn(0f32, 0.02, shape, dev)?.to_dtype(dtype)
     }
 
@@ -39,6 +46,33 @@ impl SimpleBackend for RandomWeights {
     fn contains_tensor(&self, _: &str) -> bool {
         true
     }
+}
+
+/// Normal(0, `std`) values of `shape` drawn from a generator seeded by `name`.
+fn seeded_normal(name: &str, std: f32, shape: Shape, dev: &Device) -> Result<Tensor> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    // FNV-1a of the name: stable across Rust versions, unlike the std hasher.
+    let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..shape.elem_count())
+        .map(|_| {
+            let x: f32 = rand_distr::StandardNormal.sample(&mut rng);
+            std * x
+        })
+        .collect();
+    Tensor::from_vec(values, shape, dev)
+}
+
+/// Seeds `device`'s random generator (CUDA, Metal) so random weights drawn there repeat
+/// from run to run; the CPU's are seeded per tensor already.
+pub fn seed_device(device: &Device) -> Result<()> {
+    if device.is_cpu() {
+        return Ok(());
+    }
+    device.set_seed(0)
 }
 
 /// Mean seconds of `f` over `iters` runs after one warm-up, synchronising the device before
@@ -119,4 +153,42 @@ pub fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod seeded_tests {
+    use super::*;
+    use candle_nn::var_builder::SimpleBackend;
+
+    /// Random weights on the CPU repeat by name (two builds, two runs) and differ between
+    /// names.
+    #[test]
+    fn random_weights_repeat_by_name() {
+        let get = |name: &str| {
+            RandomWeights::default()
+                .get(
+                    Shape::from((8, 16)),
+                    name,
+                    Init::Const(0.),
+                    DType::F32,
+                    &Device::Cpu,
+                )
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(
+            get("blocks.0.attn.to_q.weight"),
+            get("blocks.0.attn.to_q.weight")
+        );
+        assert_ne!(
+            get("blocks.0.attn.to_q.weight"),
+            get("blocks.0.attn.to_k.weight")
+        );
+        let values = get("x.weight");
+        let std = (values.iter().map(|v| v * v).sum::<f32>() / values.len() as f32).sqrt();
+        assert!((0.01..0.03).contains(&std), "{std}");
+    }
 }
