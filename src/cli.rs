@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use candle_core::quantized::GgmlDType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::engine::strategy::{StrategyField, MAX_STEPS};
@@ -441,11 +440,12 @@ pub struct GeneratorArgs {
     /// Device: cpu, cuda[:N] or metal (GPU devices need the matching cargo feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Quantize the FLUX transformer's linear weights as they are read (q8_0, q5_1, q5_0,
-    /// q4_1, q4_0, q6_k, q5_k, q4_k, q3_k, q2_k); a plain LoRA is merged first. A GGUF
-    /// --transformer is held as stored without this.
-    #[arg(long, value_parser = quantized_type, conflicts_with = "dequantize")]
-    pub quantize: Option<GgmlDType>,
+    /// Quantize the FLUX transformer's linear weights as they are read: a ggml type (q8_0,
+    /// q5_1, q5_0, q4_1, q4_0, q6_k, q5_k, q4_k, q3_k, q2_k) or fp8 (e4m3, one scale per
+    /// tensor); a plain LoRA is merged first. A GGUF or fp8 --transformer is held as stored
+    /// without this.
+    #[arg(long, value_parser = quantized_format, conflicts_with = "dequantize")]
+    pub quantize: Option<crate::models::flux::held_weight::WeightFormat>,
     /// Hold a GGUF or fp8 transformer dequantized to --dtype (more memory, faster steps,
     /// the LoRA merged instead of run beside the weights).
     #[arg(long)]
@@ -846,8 +846,13 @@ fn weight_format(text: &str) -> Result<crate::models::flux::held_weight::WeightF
     text.parse()
 }
 
-fn quantized_type(text: &str) -> Result<GgmlDType, String> {
-    crate::device::parse_ggml_dtype(text)
+/// A `--quantize` value: fp8 or a ggml type (dense is `--dequantize`, or no flag).
+fn quantized_format(text: &str) -> Result<crate::models::flux::held_weight::WeightFormat, String> {
+    use crate::models::flux::held_weight::WeightFormat;
+    match text.parse()? {
+        WeightFormat::Dense => Err("`dense` is not a quantization; leave --quantize out".into()),
+        format => Ok(format),
+    }
 }
 
 fn unit_interval(text: &str) -> Result<f32, String> {

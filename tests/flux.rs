@@ -1006,6 +1006,42 @@ fn fp8_checkpoints_hold_their_weights_in_fp8_and_stay_within_their_bounds() {
     }
 }
 
+/// `--quantize fp8` holds a dense checkpoint's linear weights as fp8 with one scale per
+/// tensor (amax / 448, the scaled files' scheme), after merging a plain LoRA: within the
+/// scaled file's bound of the f32 reference (weights rounded alike, norms and biases kept
+/// dense here), with and without the LoRA.
+#[test]
+fn quantizing_to_fp8_on_load_stays_within_the_scaled_files_bound() {
+    let r = reference();
+    let dense = FluxGenerator::load(options(bfl_files(), None)).unwrap();
+    let (dense_bytes, _) = dense.transformer().linear_weight_bytes();
+    for (lora, expected) in [
+        (None, "fwd_out_base"),
+        (Some("lora_plain.safetensors"), "fwd_out_plain"),
+    ] {
+        let mut o = options(bfl_files(), lora);
+        o.hold_as = Some(WeightFormat::Fp8);
+        let g = FluxGenerator::load(o).unwrap();
+        let linears = g.transformer().linears();
+        assert!(linears.iter().all(|l| matches!(
+            l.base().weight(),
+            Weight::Fp8 { scale, .. } if *scale != 1.0
+        )));
+        assert_eq!(g.transformer().linear_weight_bytes().0 * 4, dense_bytes);
+        if lora.is_some() {
+            let report = g.lora_report().unwrap();
+            assert_eq!(
+                (report.merged, report.side_branches),
+                (25, 0),
+                "merged first"
+            );
+        }
+        let err = relative_error(&forward(&g, &r), &r[expected]);
+        eprintln!("--quantize fp8 ({expected}): relative error {err:.3e}");
+        assert!(err < 0.15 && err > 0.0, "{expected}: {err}");
+    }
+}
+
 /// ComfyUI's newer files spell the per-tensor scale `<m>.weight_scale`; the same checkpoint
 /// under that spelling loads to the same model.
 #[test]

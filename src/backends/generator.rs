@@ -165,7 +165,7 @@ impl GeneratorSpec {
             None => None,
         };
         let hold_as = match (args.quantize, args.dequantize) {
-            (Some(t), _) => Some(WeightFormat::Quantized(t)),
+            (Some(format), _) => Some(format),
             (None, true) => Some(WeightFormat::Dense),
             (None, false) => None,
         };

@@ -142,9 +142,8 @@ impl FluxOptions {
     fn quantize_on_load(&self) -> Result<Option<GgmlDType>, GenerateError> {
         match self.hold_as {
             Some(WeightFormat::Quantized(t)) => Ok(Some(t)),
-            Some(WeightFormat::Fp8) => Err(GenerateError::Config(
-                "holding the transformer as fp8 is read from fp8 checkpoints only; quantizing dense weights to fp8 on load is not implemented".into(),
-            )),
+            // fp8 is not a ggml type: `Linears::fp8` holds it.
+            Some(WeightFormat::Fp8) => Ok(None),
             Some(WeightFormat::Dense) | None => Ok(None),
         }
     }
@@ -301,6 +300,7 @@ impl FluxGenerator {
         let quantize = options.quantize_on_load()?;
         let linears = Linears {
             quantize,
+            fp8: options.hold_as == Some(WeightFormat::Fp8),
             sample_rows: quantize.map(|_| 64),
             ..Linears::default()
         };
@@ -375,6 +375,7 @@ impl FluxGenerator {
             lora: lora.as_deref(),
             source: (options.hold_as != Some(WeightFormat::Dense)).then_some(&*source),
             quantize: options.quantize_on_load()?,
+            fp8: options.hold_as == Some(WeightFormat::Fp8),
             sample_rows: None,
         };
         let transformer = FluxTransformer::new(

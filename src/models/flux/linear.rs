@@ -211,6 +211,9 @@ pub struct Linears<'a> {
     pub source: Option<&'a WeightSource>,
     /// Quantize every dense weight whose rows fit the type's blocks.
     pub quantize: Option<GgmlDType>,
+    /// Hold every dense weight as fp8 e4m3 with a per-tensor scale (`--quantize fp8`),
+    /// after any plain LoRA is merged.
+    pub fp8: bool,
     /// Benchmarks only: quantize just the first rows of each weight and repeat their
     /// blocks for the rest. Quantized kernels take the same time whatever the values, and
     /// quantizing 12B random parameters on the CPU would take minutes.
@@ -241,6 +244,13 @@ impl<'a> Linears<'a> {
             Some(weight) => (BaseLinear::new(weight, bias), false),
             // Dense, with any plain LoRA merged by the source as it is read; quantized from
             // an f32 copy on the CPU (never materialised in full on the device first).
+            None if self.fp8 => {
+                let w = match self.source {
+                    Some(source) => source.get_unchecked(&weight_name, DType::F32, &Device::Cpu)?,
+                    None => vb.get((output, input), "weight")?.to_device(&Device::Cpu)?,
+                };
+                (BaseLinear::new(to_fp8(&w, &dev)?, bias), true)
+            }
             None => match self.quantize {
                 Some(t) if input.is_multiple_of(t.block_size()) => {
                     let rows = self.sample_rows.map_or(output, |r| r.clamp(1, output));
@@ -287,6 +297,28 @@ impl<'a> Linears<'a> {
         }
         Ok(AdaptedLinear::Base(base))
     }
+}
+
+/// The largest magnitude fp8 e4m3 holds.
+const FP8_E4M3_MAX: f32 = 448.0;
+
+/// `w` as fp8 e4m3 on `dev` with one scale for the tensor: `amax(|w|) / 448`, so the
+/// largest weight lands on e4m3's largest value (the per-tensor scheme of the community's
+/// "scaled fp8" FLUX files, read by the same [`Weight::Fp8`] path). Rounded to nearest on
+/// the CPU.
+pub fn to_fp8(w: &Tensor, dev: &Device) -> Result<Weight> {
+    let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let amax = w.abs()?.max_all()?.to_scalar::<f32>()?;
+    let scale = if amax > 0.0 && amax.is_finite() {
+        amax / FP8_E4M3_MAX
+    } else {
+        1.0
+    };
+    let held = (w / scale as f64)?.to_dtype(DType::F8E4M3)?;
+    Ok(Weight::Fp8 {
+        weight: held.to_device(dev)?,
+        scale: scale as f64,
+    })
 }
 
 /// A quantized `[rows, in]` matrix repeated to `[output, in]` on `dev`.
@@ -379,6 +411,37 @@ mod tests {
             let auto = quantized_forward(&q, &xs, QuantizedMatmul::Auto).unwrap();
             assert_eq!(relative_error(&auto, &kernels), 0.0);
         }
+    }
+
+    /// fp8 with a per-tensor scale: the largest weight is held exactly at 448 x scale, and
+    /// every weight within e4m3's rounding (3 mantissa bits: half of 2^-3 relative, or the
+    /// smallest subnormal step times the scale near zero).
+    #[test]
+    fn fp8_holds_each_weight_within_its_rounding() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.3, (64, 48), &dev).unwrap();
+        let Weight::Fp8 { weight, scale } = to_fp8(&w, &dev).unwrap() else {
+            panic!("not fp8")
+        };
+        assert_eq!(weight.dtype(), DType::F8E4M3);
+        let back = (weight.to_dtype(DType::F32).unwrap() * scale).unwrap();
+        let (w, back) = (
+            w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!((scale as f32 - amax / 448.0).abs() < 1e-9);
+        for (a, b) in w.iter().zip(&back) {
+            let bound = (a.abs() / 16.0).max(scale as f32 * 2f32.powi(-9));
+            assert!((a - b).abs() <= bound * 1.0001, "{a} held as {b}");
+        }
+        assert!(back.iter().any(|b| (b.abs() - amax).abs() < 1e-6));
+        // All zeros: scale 1, zeros held.
+        let zeros = Tensor::zeros((4, 4), DType::F32, &dev).unwrap();
+        let Weight::Fp8 { scale, .. } = to_fp8(&zeros, &dev).unwrap() else {
+            panic!("not fp8")
+        };
+        assert_eq!(scale, 1.0);
     }
 
     #[test]
