@@ -66,6 +66,10 @@ pub fn modulated_layer_norm(
     c: usize,
     eps: f32,
 ) -> Result<CudaStorage> {
+    // The row lives in shared memory: 48 KiB without opting in to more.
+    if c * 4 > 48 * 1024 {
+        candle_core::bail!("modulated layer norm: rows of {c} exceed the kernel's 12288 columns");
+    }
     fn run<T: CudaDType + DeviceRepr>(
         x: (&CudaStorage, &Layout),
         shift: (&CudaStorage, &Layout),
