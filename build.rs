@@ -1,5 +1,6 @@
-//! With the `cuda` feature, compiles `src/models/cuda/kernels.cu` to PTX (loaded by
-//! `models::cuda` at run time). Without it, does nothing: CPU builds need no CUDA toolkit.
+//! With the `cuda` feature, compiles `src/models/cuda/kernels.cu` and `flash.cu` to PTX
+//! (loaded by `models::cuda` at run time). Without it, does nothing: CPU builds need no CUDA
+//! toolkit.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -7,6 +8,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/models/cuda/kernels.cu");
+    println!("cargo:rerun-if-changed=src/models/cuda/flash.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -24,17 +26,19 @@ fn main() {
                 .map(|h| format!("{h}/bin/nvcc"))
         })
         .unwrap_or_else(|| "nvcc".into());
-    let ptx = out.join("icedit_kernels.ptx");
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg("-o")
-        .arg(&ptx)
-        .arg("src/models/cuda/kernels.cu")
-        .status()
-        .unwrap_or_else(|e| panic!("running `{nvcc}` for src/models/cuda/kernels.cu: {e}"));
-    assert!(
-        status.success(),
-        "`{nvcc}` failed on src/models/cuda/kernels.cu"
-    );
+    for (source, ptx) in [
+        ("src/models/cuda/kernels.cu", "icedit_kernels.ptx"),
+        ("src/models/cuda/flash.cu", "icedit_flash.ptx"),
+    ] {
+        let ptx = out.join(ptx);
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg("-o")
+            .arg(&ptx)
+            .arg(source)
+            .status()
+            .unwrap_or_else(|e| panic!("running `{nvcc}` for {source}: {e}"));
+        assert!(status.success(), "`{nvcc}` failed on {source}");
+    }
 }

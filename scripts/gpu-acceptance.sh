@@ -2,8 +2,13 @@
 # One-shot acceptance run for a machine with a GPU (see ../shared/GPU.md in the project
 # notes, and "GPU acceptance run" in docs/benchmarks.md). In one go, with random weights
 # (nothing is downloaded):
+#   0. the fused-kernel check (`bench flux` checks each fused FLUX kernel against candle's
+#      unfused operations at full size before it times anything; this step runs it alone,
+#      one batch-1 step): if the step dies (a kernel fault kills the process), the
+#      later steps run with ICEDIT_CUDA_FUSED=none, so the report still has their figures;
 #   1. `bench flux` at the full 12B size: dense (bf16), q8_0 and q4_k (one step each),
-#      batch 1, 4, 8, a 512 panel (1024x512 diptych, 512 T5 tokens);
+#      batch 1, 4, 8, a 512 panel (1024x512 diptych, 512 T5 tokens); dense again with
+#      ICEDIT_CUDA_FUSED=none (the A/B of the fused kernels, step flux-dense-unfused);
 #   2. diffusers' FluxTransformer2DModel, same configuration, shapes and dtype (torch SDPA),
 #      for the same batches (scripts/bench_diffusers_flux.py);
 #   3. `bench judge` for Qwen2.5-VL-7B, and one Qwen2-VL-7B prefill against transformers'
@@ -34,7 +39,7 @@
 #   REPORT   the markdown written [docs/results/gpu-<UTC date>.md]
 #   STEP_LIMIT  seconds any one step may run before it is stopped (recorded as exit 124 in
 #            the report, the script goes on) [0 = no limit]. LIMIT_<step> overrides it for
-#            one step: LIMIT_flux_dense, LIMIT_flux_q8_0, LIMIT_flux_q4_k,
+#            one step: LIMIT_kernel_check, LIMIT_flux_dense, LIMIT_flux_dense_unfused, LIMIT_flux_q8_0, LIMIT_flux_q4_k,
 #            LIMIT_flux_q8_0_kernels, LIMIT_flux_q4_k_kernels, LIMIT_diffusers,
 #            LIMIT_judge, LIMIT_transformers_judge, LIMIT_judge_vs_transformers, LIMIT_edit, LIMIT_refine,
 #            LIMIT_flux_cache, LIMIT_diffusers_cache.
@@ -115,11 +120,29 @@ step() {
   echo "   rc=$rc in $((SECONDS - start)) s"
 }
 
+# The fused kernels' check alone first (bench flux runs it before any timing): one batch-1
+# step, no warm-up, no tiny decoder. A crash here turns the fused kernels off for the rest.
+step kernel-check "$BIN" bench flux --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+  --formats dense --batch 1 --warmup 0 --iters 1 --no-tiny --width 512 --height 512 \
+  --t5-tokens 512 --steps 28 --out "$OUT/kernel-check"
+if [[ $(tail -n 1 "$OUT/steps.tsv" | cut -f2) != 0 ]]; then
+  echo "   the kernel check failed to finish: ICEDIT_CUDA_FUSED=none from here on"
+  export ICEDIT_CUDA_FUSED=none
+  touch "$OUT/fused-off"
+fi
+
 # One step per weight format, so each has its own limit, peak memory and result file.
 for format in dense q8_0 q4_k; do
   step "flux-$format" "$BIN" bench flux --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
     --formats "$format" --batch "$BATCHES" --width 512 --height 512 --t5-tokens 512 \
     --iters "$ITERS" --steps 28 --out "$OUT/flux-$format"
+  if [[ $format == dense ]]; then
+    # The same step with candle's unfused operations (the A/B of the fused kernels).
+    step flux-dense-unfused env ICEDIT_CUDA_FUSED=none "$BIN" bench flux --size "$SIZE" \
+      --device "$DEVICE" --dtype "$DTYPE" --formats dense --batch "$BATCHES" --width 512 \
+      --height 512 --t5-tokens 512 --iters "$ITERS" --steps 28 --no-tiny \
+      --out "$OUT/flux-dense-unfused"
+  fi
 done
 
 # The quantized formats again on candle's quantized kernels (the path before the
@@ -240,7 +263,38 @@ for name, rc, secs in steps:
     rc = f"{rc} (stopped at its limit)" if rc == "124" else rc
     md.append(f"| {name} | {rc} | {secs} | {'-' if peak is None else f'{peak:.0f}'} |")
 
-runs = {f: load(f"flux-{f}/flux.json") for f in ("dense", "q8_0", "q4_k", "q8_0-kernels", "q4_k-kernels")}
+md += ["", "## Fused FLUX kernels: device check (step kernel-check)", ""]
+if os.path.exists(os.path.join(out, "fused-off")):
+    md += ["The check did not finish, so every later step ran with `ICEDIT_CUDA_FUSED=none`.", ""]
+check = load("kernel-check/flux.json")
+if check and check.get("fused_check"):
+    fc = check["fused_check"]
+    md += ["Each fused kernel against candle's unfused operations on the same random inputs "
+           "(pass: max |diff| <= tolerance = relative bound x max |unfused|); a failing kernel "
+           "is turned off before anything is timed.", "",
+           "| kernel | inputs | max abs diff | tolerance | pass | fused (ms) | unfused (ms) | unfused / fused |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in fc["rows"]:
+        f_ms, u_ms = r.get("fused_ms"), r.get("unfused_ms")
+        speed = f"{u_ms / f_ms:.2f}x" if f_ms and u_ms else "-"
+        md.append(f"| {r['name']} | {r['shape']} | {r['max_abs_diff']:.3e} | {r['tolerance']:.3e} | "
+                  f"{'pass' if r['pass'] else '**FAIL**'} | {'-' if f_ms is None else f'{f_ms:.3f}'} | "
+                  f"{'-' if u_ms is None else f'{u_ms:.3f}'} | {speed} |")
+    md += ["", f"Kernels used for the timings: {', '.join(fc['enabled']) or 'none'}"
+               + (f" (turned off after failing: {', '.join(fc['disabled'])})" if fc["disabled"] else "")
+               + (f"; flash attention with {fc['flash_warps']} warps per block" if fc.get("flash_warps") else "") + "."]
+    kc = check.get("kernel_check")
+    if kc:
+        md.append(f"Older fused kernels: softmax max |diff| {kc['softmax_max_abs_diff']:.2e}, "
+                  f"bias add {kc['bias_add_max_abs_diff']:.2e}.")
+else:
+    md += ["kernel check failed:", "", "```", tail("kernel-check", 40), "```"]
+
+runs = {f: load(f"flux-{f}/flux.json") for f in ("dense", "dense-unfused", "q8_0", "q4_k", "q8_0-kernels", "q4_k-kernels")}
+for name, r in runs.items():
+    if r and name == "dense-unfused":
+        for f in r["formats"]:
+            f["format"] = "dense, unfused (ICEDIT_CUDA_FUSED=none)"
 flux = next((r for r in runs.values() if r), None)
 if flux:
     # The -kernels runs are the same formats on candle's quantized kernels

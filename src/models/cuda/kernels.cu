@@ -67,6 +67,95 @@ __device__ void add_row_bias(const T *x, const T *bias, T *y, int rows, int cols
     }
 }
 
+// Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+// `scratch` holds 32 floats; the caller syncs before reusing it.
+__device__ __forceinline__ float block_sum(float v, float *scratch) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x / 32) ? scratch[lane] : 0.f;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+    return v;
+}
+
+// FLUX's AdaLN modulation of one row: layer norm without affine (eps), then
+// y = norm(x) * (1 + scale[b]) + shift[b], in f32, rounded once. x, y [B, S, C] contiguous;
+// shift, scale [B, C]. One block per row; the row is kept in dynamic shared memory (C floats).
+template <typename T>
+__device__ void modulated_layer_norm(const T *x, const T *shift, const T *scale, T *y, int S,
+                                     int C, float eps) {
+    extern __shared__ float row_f32[];
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const int b = (int)(row / S);
+    const T *xr = x + row * C;
+    float sum = 0.f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        const float v = load_f32(xr[c]);
+        row_f32[c] = v;
+        sum += v;
+    }
+    const float mean = block_sum(sum, scratch) / C;
+    __syncthreads();
+    float sq = 0.f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        const float d = row_f32[c] - mean;
+        sq += d * d;
+    }
+    const float rstd = rsqrtf(block_sum(sq, scratch) / C + eps);
+    const T *sh = shift + (size_t)b * C, *sc = scale + (size_t)b * C;
+    T *yr = y + row * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        const float n = (row_f32[c] - mean) * rstd;
+        yr[c] = store_f32<T>(n * (1.f + load_f32(sc[c])) + load_f32(sh[c]));
+    }
+}
+
+// out = x + gate[b] * y for x, y [B, S, C], gate [B, C]; f32, rounded once. Grid (column
+// blocks, rows).
+template <typename T>
+__device__ void gated_residual(const T *x, const T *y, const T *gate, T *out, int rows, int S,
+                               int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const size_t i = (size_t)r * C + c;
+        const float g = load_f32(gate[(size_t)(r / S) * C + c]);
+        out[i] = store_f32<T>(load_f32(x[i]) + g * load_f32(y[i]));
+    }
+}
+
+// Per-head RMS norm (weight w [D], eps) then interleaved-pair RoPE (cos, sin [S, D/2] f32:
+// (a, b) -> (a cos - b sin, a sin + b cos)) of x [B, S, H, D], written in the same layout;
+// f32, rounded once. One warp per (b, s, h) row; blockDim = (32, rows per block).
+template <typename T>
+__device__ void qk_norm_rope(const T *x, const T *w, const float *cos, const float *sin, T *y,
+                             int rows, int S, int H, int D, float eps) {
+    const size_t row = (size_t)blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= (size_t)rows) return;  // the whole warp shares `row`
+    const int s = (int)((row / H) % S);
+    const T *xr = x + row * D;
+    T *yr = y + row * D;
+    float sq = 0.f;
+    for (int i = threadIdx.x; i < D; i += 32) {
+        const float v = load_f32(xr[i]);
+        sq += v * v;
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, offset);
+    const float rstd = rsqrtf(sq / D + eps);
+    const float *cr = cos + (size_t)s * (D / 2), *sr = sin + (size_t)s * (D / 2);
+    for (int p = threadIdx.x; p < D / 2; p += 32) {
+        const float a = load_f32(xr[2 * p]) * rstd * load_f32(w[2 * p]);
+        const float b = load_f32(xr[2 * p + 1]) * rstd * load_f32(w[2 * p + 1]);
+        yr[2 * p] = store_f32<T>(a * cr[p] - b * sr[p]);
+        yr[2 * p + 1] = store_f32<T>(a * sr[p] + b * cr[p]);
+    }
+}
+
 #define DEFINE_KERNELS(T, SUFFIX)                                                             \
     extern "C" __global__ void scaled_softmax_##SUFFIX(const T *src, T *dst, int rows,       \
                                                        int cols, float scale) {               \
@@ -75,6 +164,19 @@ __device__ void add_row_bias(const T *x, const T *bias, T *y, int rows, int cols
     extern "C" __global__ void add_row_bias_##SUFFIX(const T *x, const T *bias, T *y,        \
                                                      int rows, int cols) {                    \
         add_row_bias<T>(x, bias, y, rows, cols);                                              \
+    }                                                                                         \
+    extern "C" __global__ void modulated_layer_norm_##SUFFIX(                                 \
+        const T *x, const T *shift, const T *scale, T *y, int S, int C, float eps) {           \
+        modulated_layer_norm<T>(x, shift, scale, y, S, C, eps);                               \
+    }                                                                                         \
+    extern "C" __global__ void gated_residual_##SUFFIX(const T *x, const T *y, const T *gate,  \
+                                                       T *out, int rows, int S, int C) {      \
+        gated_residual<T>(x, y, gate, out, rows, S, C);                                       \
+    }                                                                                         \
+    extern "C" __global__ void qk_norm_rope_##SUFFIX(const T *x, const T *w, const float *cos, \
+                                                     const float *sin, T *y, int rows, int S, \
+                                                     int H, int D, float eps) {               \
+        qk_norm_rope<T>(x, w, cos, sin, y, rows, S, H, D, eps);                               \
     }
 
 DEFINE_KERNELS(float, f32)

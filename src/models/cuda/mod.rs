@@ -17,6 +17,19 @@
 //! own fused kernels live in [`super::cpu`]). `bench flux` checks the CUDA kernels against
 //! the tensor operations on the device before timing ([`self_check`]).
 
+//!
+//! For FLUX's forward on a GPU there are also (issue 31): a flash attention of our own
+//! ([`attention`], `flash.cu`) and the block's glue in single passes ([`glue`]: AdaLN
+//! modulation, gated residual, q/k RMS norm + RoPE in the attention layout). The FLUX blocks
+//! use them on CUDA in bf16 / f16 unless [`switch`] (`ICEDIT_CUDA_FUSED`) says otherwise;
+//! `bench flux` checks each against candle's unfused operations on the device first.
+
+pub mod attention;
+#[cfg(feature = "cuda")]
+mod fused_launch;
+pub mod glue;
+pub mod switch;
+
 use candle_core::{DType, Result, Tensor, D};
 
 /// `softmax(scale * xs)` over the last dimension, in `xs`'s dtype, computed in f32. Takes

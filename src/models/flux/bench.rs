@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Serialize;
 
+use super::blocks::{gated_residual, modulate, DoubleBlock, SingleBlock};
 use super::config::FluxConfig;
 use super::embeddings::rope_tables;
 use super::held_weight::WeightFormat;
@@ -22,6 +23,8 @@ use super::step_cache::cache_bytes;
 use super::transformer::{FluxTransformer, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
 use crate::models::bench::{timed_after, RandomWeights};
+use crate::models::cuda::switch::{self, Kernel, Kernels};
+use crate::models::cuda::{attention as flash, glue};
 use crate::models::step_cache::{CandidateCache, StepCache};
 use crate::models::taef1::{TinyConfig, TinyDecoder};
 
@@ -154,6 +157,10 @@ pub struct FluxBenchResult {
     /// With `--cache`: the completions, `none` first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub completions: Vec<CompletionTiming>,
+    /// The fused FLUX kernels against candle's unfused operations at this run's shapes, run
+    /// before anything is timed (every device; off CUDA the fused side is the CPU
+    /// reference). A kernel that fails is turned off for the timings.
+    pub fused_check: FusedCheck,
 }
 
 /// How far the CUDA kernels are from the tensor operations they replace (see
@@ -164,6 +171,41 @@ pub struct KernelCheck {
     pub softmax_max_abs_diff: f32,
     /// Bias add, largest |fused - unfused|.
     pub bias_add_max_abs_diff: f32,
+}
+
+/// The device check of the fused FLUX kernels ([`fused_check`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct FusedCheck {
+    /// One row per kernel, then the two blocks with every kernel on against none.
+    pub rows: Vec<FusedCheckRow>,
+    /// Flash attention variant kept for the timings (warps per block), when both were timed.
+    pub flash_warps: Option<usize>,
+    /// Kernels turned off for the timings because they failed (names as `ICEDIT_CUDA_FUSED`
+    /// writes them).
+    pub disabled: Vec<String>,
+    /// The kernels in use for the timings (`ICEDIT_CUDA_FUSED` less the failed ones).
+    pub enabled: Vec<String>,
+}
+
+/// One fused kernel (or block) against the unfused operations on the same inputs.
+#[derive(Debug, Clone, Serialize)]
+pub struct FusedCheckRow {
+    /// Kernel name (`attention`, `modulate`, ...) or `double block` / `single block`.
+    pub name: String,
+    /// The inputs' shape and dtype.
+    pub shape: String,
+    /// Largest |fused - unfused|.
+    pub max_abs_diff: f32,
+    /// Largest |unfused| (the scale the tolerance is relative to).
+    pub max_abs_ref: f32,
+    /// The bound: `tolerance_rel * max_abs_ref`.
+    pub tolerance: f32,
+    /// `max_abs_diff <= tolerance` (and finite).
+    pub pass: bool,
+    /// Milliseconds per call, fused (CUDA only, and only when it passed).
+    pub fused_ms: Option<f64>,
+    /// Milliseconds per call, unfused (CUDA only, and only when the fused one passed).
+    pub unfused_ms: Option<f64>,
 }
 
 impl FluxBenchResult {
@@ -199,6 +241,7 @@ impl FluxBenchResult {
                 ));
             }
         }
+        md.push_str(&self.fused_check.markdown());
         if let Some(check) = &self.kernel_check {
             md.push_str(&format!(
                 "\nFused CUDA kernels against candle's tensor operations (random inputs, {:?}): softmax max |diff| {:.2e}, bias add max |diff| {:.2e}.\n",
@@ -252,6 +295,8 @@ impl FluxBenchResult {
 /// Runs the benchmark.
 pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
     let (dev, dtype) = (&bench.device, bench.dtype);
+    switch::from_env().map_err(candle_core::Error::msg)?;
+    let fused_check = fused_check(bench)?;
     let kernel_check = if dev.is_cuda() {
         let (softmax, bias) = crate::models::cuda::self_check(dev, dtype)?;
         tracing::info!(
@@ -371,6 +416,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         peak_rss_mib,
         kernel_check,
         completions,
+        fused_check,
     })
 }
 
@@ -491,4 +537,333 @@ pub fn small_configs() -> (FluxConfig, VaeConfig) {
         ..VaeConfig::flux()
     };
     (transformer, vae)
+}
+
+impl FusedCheck {
+    /// The check as a markdown table.
+    pub fn markdown(&self) -> String {
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+        let mut md = String::from(
+            "\nFused FLUX kernels against candle's unfused operations (same random inputs; fused = CPU reference off CUDA):\n\n| kernel | inputs | max abs diff | max abs unfused | tolerance | pass | fused (ms) | unfused (ms) |\n|---|---|---|---|---|---|---|---|\n",
+        );
+        for r in &self.rows {
+            md.push_str(&format!(
+                "| {} | {} | {:.3e} | {:.3e} | {:.3e} | {} | {} | {} |\n",
+                r.name,
+                r.shape,
+                r.max_abs_diff,
+                r.max_abs_ref,
+                r.tolerance,
+                if r.pass { "pass" } else { "FAIL" },
+                ms(r.fused_ms),
+                ms(r.unfused_ms)
+            ));
+        }
+        md.push_str(&format!(
+            "\nKernels used for the timings: {}{}{}.\n",
+            if self.enabled.is_empty() {
+                "none".to_string()
+            } else {
+                self.enabled.join(", ")
+            },
+            if self.disabled.is_empty() {
+                String::new()
+            } else {
+                format!(" (turned off after failing: {})", self.disabled.join(", "))
+            },
+            self.flash_warps.map_or(String::new(), |w| format!(
+                "; flash attention with {w} warps per block"
+            ))
+        ));
+        md
+    }
+}
+
+/// Relative tolerance of a fused kernel against the unfused operations in `dtype`: 4 to 8
+/// units in the last place of the output's largest values. The unfused side rounds between
+/// its passes (candle's RoPE even multiplies in bf16), the fused one once; a wrong index
+/// or fragment gives errors of the values' own size.
+fn tolerance_rel(dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => 1.0 / 32.0,
+        DType::F16 => 1.0 / 256.0,
+        _ => 1e-4,
+    }
+}
+
+/// Largest |a - b| (NaN when either holds one) and largest |b|.
+fn diff_and_scale(a: &Tensor, b: &Tensor) -> candle_core::Result<(f32, f32)> {
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let max = |t: &Tensor| -> candle_core::Result<f32> {
+        t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    };
+    let diff = max(&(&a - &b)?)?;
+    let finite = a.sum_all()?.to_scalar::<f32>()?.is_finite()
+        && b.sum_all()?.to_scalar::<f32>()?.is_finite();
+    Ok((if finite { diff } else { f32::NAN }, max(&b)?))
+}
+
+/// One fused computation against its unfused form on the same inputs; both timed on CUDA
+/// when the fused one passes.
+fn check_row(
+    dev: &Device,
+    name: &str,
+    dtype: DType,
+    shape: String,
+    fused: &dyn Fn() -> candle_core::Result<Tensor>,
+    unfused: &dyn Fn() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<FusedCheckRow> {
+    let (diff, scale) = diff_and_scale(&fused()?, &unfused()?)?;
+    let tolerance = tolerance_rel(dtype) * scale;
+    let pass = diff <= tolerance;
+    let (fused_ms, unfused_ms) = if dev.is_cuda() && pass {
+        (
+            Some(timed_after(dev, 1, 5, fused)? * 1e3),
+            Some(timed_after(dev, 1, 5, unfused)? * 1e3),
+        )
+    } else {
+        (None, None)
+    };
+    tracing::info!(
+        name,
+        diff,
+        tolerance,
+        pass,
+        ?fused_ms,
+        ?unfused_ms,
+        "fused kernel check"
+    );
+    Ok(FusedCheckRow {
+        name: name.into(),
+        shape,
+        max_abs_diff: diff,
+        max_abs_ref: scale,
+        tolerance,
+        pass,
+        fused_ms,
+        unfused_ms,
+    })
+}
+
+/// Checks each fused FLUX kernel against candle's unfused operations at the bench's shapes
+/// (batch 1, the bench's text + image tokens, its heads and widths), then one double and one
+/// single block with random weights, every kernel on against none. On CUDA it times each
+/// passing kernel against the unfused operations, keeps the faster flash attention variant,
+/// and turns failing kernels off for the rest of the run.
+pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
+    let (dev, c, dtype) = (&bench.device, &bench.transformer, bench.dtype);
+    // Flash attention takes 16-bit inputs: an f32 bench checks it in bf16.
+    let attn_dtype = if dtype == DType::F32 {
+        DType::BF16
+    } else {
+        dtype
+    };
+    let f = bench.vae.downscale();
+    let (lh, lw) = (bench.panel.1 / f / 2, 2 * bench.panel.0 / f / 2);
+    let (n_txt, n_img) = (bench.t5_tokens, lh * lw);
+    let len = n_txt + n_img;
+    let (heads, head_dim) = (c.num_attention_heads, c.attention_head_dim);
+    let hidden = heads * head_dim;
+    let rope = rope_tables(&joint_ids(n_txt, lh, lw), &c.axes_dims_rope, 10000.0, dev)?;
+    let randn = |shape: (usize, usize, usize), std: f32, dtype: DType| {
+        Tensor::randn(0f32, std, shape, dev)?.to_dtype(dtype)
+    };
+    let on = |k: Kernel| Kernels::parse(k.name()).map_err(candle_core::Error::msg);
+    let mut rows = Vec::new();
+    let mut failed = Vec::new();
+    let mut flash_warps = None;
+
+    // Attention over the joint sequence, both kernel variants.
+    if flash::supports(hidden, heads, attn_dtype) {
+        let shape = (1, len, hidden);
+        let (q, k, v) = (
+            randn(shape, 1.0, attn_dtype)?,
+            randn(shape, 1.0, attn_dtype)?,
+            randn(shape, 1.0, attn_dtype)?,
+        );
+        let unfused = || flash::unfused(&q, &k, &v, heads);
+        let variants: &[usize] = if dev.is_cuda() { &[4, 8] } else { &[8] };
+        let mut best: Option<(f64, usize)> = None;
+        let mut passed = true;
+        for &warps in variants {
+            let fused = || flash::flash_attention_with(&q, &k, &v, heads, warps);
+            let r = check_row(
+                dev,
+                &format!("attention ({warps} warps)"),
+                attn_dtype,
+                format!("q, k, v [1, {len}, {heads} x {head_dim}] {attn_dtype:?}"),
+                &fused,
+                &unfused,
+            )?;
+            passed &= r.pass;
+            if let Some(ms) = r.fused_ms {
+                if best.is_none_or(|(b, _)| ms < b) {
+                    best = Some((ms, warps));
+                }
+            }
+            rows.push(r);
+        }
+        if passed {
+            if let Some((_, warps)) = best {
+                flash::set_warps(warps);
+                flash_warps = Some(warps);
+            }
+        } else {
+            failed.push(Kernel::Attention);
+        }
+    }
+
+    // The glue, at the image stream's shape.
+    let x = (randn((1, n_img, hidden), 2.0, DType::F32)? + 0.5)?.to_dtype(dtype)?;
+    let y = randn((1, n_img, hidden), 1.0, dtype)?;
+    let vec = |std: f32| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, std, (1, hidden), dev)?.to_dtype(dtype)
+    };
+    let (shift, scale, gate) = (vec(1.0)?, vec(0.5)?, vec(1.0)?);
+    let label = format!("[1, {n_img}, {hidden}] {dtype:?}");
+    let glue_checks: [(Kernel, &dyn Fn() -> candle_core::Result<Tensor>); 3] = [
+        (Kernel::Modulate, &|| modulate(&x, &shift, &scale)),
+        (Kernel::GatedResidual, &|| gated_residual(&x, &y, &gate)),
+        (Kernel::QkNormRope, &|| {
+            let w = Tensor::ones(head_dim, dtype, dev)?;
+            let (cos, sin) = (
+                rope.0.narrow(0, n_txt, n_img)?,
+                rope.1.narrow(0, n_txt, n_img)?,
+            );
+            if switch::use_kernel(Kernel::QkNormRope, &x) {
+                glue::qk_norm_rope(&x, &w, &cos, &sin, heads)
+            } else {
+                glue::unfused::qk_norm_rope(&x, &w, &cos, &sin, heads)
+            }
+        }),
+    ];
+    for (kernel, compute) in glue_checks {
+        let set = on(kernel)?;
+        let r = check_row(
+            dev,
+            kernel.name(),
+            dtype,
+            label.clone(),
+            &|| switch::forced(set, compute),
+            &|| switch::forced(Kernels::NONE, compute),
+        )?;
+        if !r.pass {
+            failed.push(kernel);
+        }
+        rows.push(r);
+    }
+
+    // One block of each kind with random weights: every passing kernel on against none.
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone());
+    let mlp = c.mlp_hidden();
+    let linears = Linears::default();
+    let double = DoubleBlock::new(vb.pp("double"), hidden, heads, mlp, &linears)?;
+    let single = SingleBlock::new(vb.pp("single"), hidden, heads, mlp, &linears)?;
+    let passing = Kernels::parse(
+        &Kernel::ALL
+            .into_iter()
+            .filter(|k| !failed.contains(k))
+            .map(Kernel::name)
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+    .map_err(candle_core::Error::msg)?;
+    let img = randn((1, n_img, hidden), 1.0, dtype)?;
+    let txt = randn((1, n_txt, hidden), 1.0, dtype)?;
+    let temb = randn((1, hidden, 1), 1.0, dtype)?.squeeze(2)?;
+    let joint = Tensor::cat(&[&txt, &img], 1)?;
+    let double_img = |set: Kernels| {
+        switch::forced(set, || {
+            double.forward(&img, &txt, &temb, &rope).map(|(i, _)| i)
+        })
+    };
+    let single_out = |set: Kernels| switch::forced(set, || single.forward(&joint, &temb, &rope));
+    let mut block_failed = false;
+    for (name, run) in [
+        (
+            "double block (image out)",
+            &double_img as &dyn Fn(Kernels) -> candle_core::Result<Tensor>,
+        ),
+        ("single block", &single_out),
+    ] {
+        // Blocks compound several roundings: four times a kernel's bound.
+        let mut r = check_row(
+            dev,
+            name,
+            dtype,
+            format!("{n_txt} + {n_img} tokens, hidden {hidden}, {dtype:?}"),
+            &|| run(passing),
+            &|| run(Kernels::NONE),
+        )?;
+        r.tolerance *= 4.0;
+        r.pass = r.max_abs_diff <= r.tolerance;
+        block_failed |= !r.pass;
+        rows.push(r);
+    }
+    if block_failed {
+        // A model that differs from the unfused one is not timed with these kernels.
+        failed = Kernel::ALL.to_vec();
+    }
+    for &k in &failed {
+        switch::disable(k);
+    }
+    let enabled = switch::enabled();
+    Ok(FusedCheck {
+        rows,
+        flash_warps,
+        disabled: failed.iter().map(|k| k.name().to_string()).collect(),
+        enabled: Kernel::ALL
+            .into_iter()
+            .filter(|k| enabled.contains(*k))
+            .map(|k| k.name().to_string())
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The check on the CPU: each fused op's CPU reference (and the blocks' fused path:
+    /// per-stream q/k norm + RoPE, the joined `[B, L, H * D]` streams, flash attention)
+    /// against the unfused operations, in bf16 at a small size, with a text/image split
+    /// and a length (16 + 64 tokens) that leaves a partial 64-key tile.
+    #[test]
+    fn the_fused_check_passes_on_the_cpu_references() {
+        let (transformer, vae) = small_configs();
+        let bench = FluxBench {
+            transformer,
+            vae,
+            panel: (64, 64),
+            batches: vec![1],
+            t5_tokens: 16,
+            steps: 1,
+            warmup: 0,
+            tiny: false,
+            iters: 1,
+            dtype: DType::BF16,
+            device: Device::Cpu,
+            formats: vec![WeightFormat::Dense],
+            cache: None,
+        };
+        let check = fused_check(&bench).unwrap();
+        let names: Vec<_> = check.rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "attention (8 warps)",
+                "modulate",
+                "gated_residual",
+                "qk_norm_rope",
+                "double block (image out)",
+                "single block"
+            ]
+        );
+        for r in &check.rows {
+            assert!(r.pass, "{r:?}");
+            assert!(r.max_abs_ref > 0.0 && r.fused_ms.is_none(), "{r:?}");
+        }
+        assert!(check.disabled.is_empty());
+        assert!(check.markdown().contains("| single block |"));
+    }
 }

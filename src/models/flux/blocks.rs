@@ -5,6 +5,8 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
 use super::linear::{AdaptedLinear, Linears};
+use crate::models::cuda::switch::{use_kernel, Kernel};
+use crate::models::cuda::{attention as flash, glue};
 
 /// Layer norm without affine parameters (eps 1e-6), as every FLUX modulation uses.
 fn plain_layer_norm(xs: &Tensor) -> Result<Tensor> {
@@ -18,11 +20,30 @@ fn plain_layer_norm(xs: &Tensor) -> Result<Tensor> {
         .to_dtype(dtype)
 }
 
-/// `norm(x) * (1 + scale) + shift` with `[B, hidden]` modulation vectors.
-fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+/// `norm(x) * (1 + scale) + shift` with `[B, hidden]` modulation vectors (one fused pass on
+/// CUDA, [`glue::modulated_layer_norm`]).
+pub(crate) fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    if use_kernel(Kernel::Modulate, xs) {
+        return glue::modulated_layer_norm(xs, shift, scale);
+    }
     plain_layer_norm(xs)?
         .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
         .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// `xs + gate * ys` with a `[B, hidden]` gate (one fused pass on CUDA,
+/// [`glue::gated_residual`]).
+pub(crate) fn gated_residual(xs: &Tensor, ys: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    if use_kernel(Kernel::GatedResidual, xs) {
+        return glue::gated_residual(xs, ys, gate);
+    }
+    xs + ys.broadcast_mul(&gate.unsqueeze(1)?)?
+}
+
+/// Whether the fused attention path (flash attention, q/k norm + RoPE in the `[B, S, H * D]`
+/// layout) runs for `xs` `[B, S, hidden]` split into `heads`.
+fn fused_attention(xs: &Tensor, heads: usize) -> Result<bool> {
+    Ok(use_kernel(Kernel::Attention, xs) && flash::supports(xs.dim(D::Minus1)?, heads, xs.dtype()))
 }
 
 /// A linear layer built as `linears` says (weight form, LoRA).
@@ -79,6 +100,28 @@ impl Qkv {
         let k = split(self.k.forward(xs)?)?.apply(&self.norm_k)?;
         let v = split(self.v.forward(xs)?)?;
         Ok((q, k, v))
+    }
+
+    /// The fused path's projections: `[B, S, hidden]` -> three `[B, S, hidden]` tensors
+    /// (heads side by side, as the flash attention reads them), q and k normalised and
+    /// rotated with `cos`, `sin` `[S, head_dim / 2]`.
+    fn forward_fused(
+        &self,
+        xs: &Tensor,
+        heads: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let norm_rope = |t: Tensor, norm: &RmsNorm| {
+            if use_kernel(Kernel::QkNormRope, &t) {
+                glue::qk_norm_rope(&t, norm.weight(), cos, sin, heads)
+            } else {
+                glue::unfused::qk_norm_rope(&t, norm.weight(), cos, sin, heads)
+            }
+        };
+        let q = norm_rope(self.q.forward(xs)?, &self.norm_q)?;
+        let k = norm_rope(self.k.forward(xs)?, &self.norm_k)?;
+        Ok((q, k, self.v.forward(xs)?))
     }
 }
 
@@ -256,6 +299,9 @@ impl DoubleBlock {
         txt_in: &Tensor,
         rope: &(Tensor, Tensor),
     ) -> Result<(Tensor, Tensor)> {
+        if fused_attention(img_in, self.heads)? {
+            return self.attention_fused(img_in, txt_in, rope);
+        }
         let (iq, ik, iv) = self.img_qkv.forward(img_in, self.heads)?;
         let (tq, tk, tv) = self.txt_qkv.forward(txt_in, self.heads)?;
         let q = Tensor::cat(&[tq, iq], 2)?;
@@ -267,6 +313,30 @@ impl DoubleBlock {
         let img_attn = self
             .img_out
             .forward(&joint.narrow(1, n_txt, img_in.dim(1)?)?)?;
+        Ok((img_attn, txt_attn))
+    }
+
+    /// [`Self::attention`] on CUDA: q/k norm + RoPE per stream in the `[B, S, hidden]`
+    /// layout, the streams joined along the sequence, flash attention; no transposes.
+    fn attention_fused(
+        &self,
+        img_in: &Tensor,
+        txt_in: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let (n_txt, n_img) = (txt_in.dim(1)?, img_in.dim(1)?);
+        let part = |start: usize, len: usize| -> Result<(Tensor, Tensor)> {
+            Ok((rope.0.narrow(0, start, len)?, rope.1.narrow(0, start, len)?))
+        };
+        let ((tc, ts), (ic, is)) = (part(0, n_txt)?, part(n_txt, n_img)?);
+        let (tq, tk, tv) = self.txt_qkv.forward_fused(txt_in, self.heads, &tc, &ts)?;
+        let (iq, ik, iv) = self.img_qkv.forward_fused(img_in, self.heads, &ic, &is)?;
+        let q = Tensor::cat(&[tq, iq], 1)?;
+        let k = Tensor::cat(&[tk, ik], 1)?;
+        let v = Tensor::cat(&[tv, iv], 1)?;
+        let joint = flash::flash_attention(&q, &k, &v, self.heads)?;
+        let txt_attn = self.txt_out.forward(&joint.narrow(1, 0, n_txt)?)?;
+        let img_attn = self.img_out.forward(&joint.narrow(1, n_txt, n_img)?)?;
         Ok((img_attn, txt_attn))
     }
 
@@ -286,13 +356,13 @@ impl DoubleBlock {
         let txt_in = modulate(txt, &tm[0], &tm[1])?;
         let (img_attn, txt_attn) = attend(&img_in, &txt_in)?;
 
-        let img = (img + img_attn.broadcast_mul(&im[2].unsqueeze(1)?)?)?;
+        let img = gated_residual(img, &img_attn, &im[2])?;
         let img_ff = self.img_ff.forward(&modulate(&img, &im[3], &im[4])?)?;
-        let img = (&img + img_ff.broadcast_mul(&im[5].unsqueeze(1)?)?)?;
+        let img = gated_residual(&img, &img_ff, &im[5])?;
 
-        let txt = (txt + txt_attn.broadcast_mul(&tm[2].unsqueeze(1)?)?)?;
+        let txt = gated_residual(txt, &txt_attn, &tm[2])?;
         let txt_ff = self.txt_ff.forward(&modulate(&txt, &tm[3], &tm[4])?)?;
-        let txt = (&txt + txt_ff.broadcast_mul(&tm[5].unsqueeze(1)?)?)?;
+        let txt = gated_residual(&txt, &txt_ff, &tm[5])?;
         Ok((img, txt))
     }
 }
@@ -347,6 +417,12 @@ impl SingleBlock {
     /// modulated joint stream and attention, before the block's `proj_out`;
     /// `[B, S_txt + S_img, hidden]`.
     pub fn attention(&self, normed: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+        if fused_attention(normed, self.heads)? {
+            let (q, k, v) = self
+                .qkv
+                .forward_fused(normed, self.heads, &rope.0, &rope.1)?;
+            return flash::flash_attention(&q, &k, &v, self.heads);
+        }
         let (q, k, v) = self.qkv.forward(normed, self.heads)?;
         attention(&q, &k, &v, rope)
     }
@@ -366,7 +442,7 @@ impl SingleBlock {
         let out = self
             .proj_out
             .forward(&Tensor::cat(&[attn, mlp], D::Minus1)?)?;
-        xs + out.broadcast_mul(&m[2].unsqueeze(1)?)?
+        gated_residual(xs, &out, &m[2])
     }
 }
 
