@@ -476,6 +476,16 @@ pub struct GeneratorArgs {
     /// decode would show) or `tiny` (TAEF1: much cheaper; needs --tiny-decoder).
     #[arg(long, default_value = "full", value_parser = ["full", "tiny"], requires_if("tiny", "tiny_decoder"))]
     pub preview_decoder: String,
+    /// Tile the VAE passes (diptych encode, decodes, the refine's) larger than --vae-tile,
+    /// as diffusers' enable_tiling(): `auto` tiles them only when the memory plan says the
+    /// untiled passes would not fit; `on`; `off` (FluxFillPipeline's untiled passes). Tiled
+    /// passes approximate the whole-image pass near the tile seams.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    pub vae_tiling: String,
+    /// VAE tile side in pixels, a multiple of 32 (default: the VAE config's sample_size,
+    /// 1024 for FLUX); smaller tiles need less memory and blend more seams.
+    #[arg(long, value_parser = bounded(32, 8192))]
+    pub vae_tile: Option<usize>,
     /// Candidates per transformer forward (1 to 64; each adds its attention maps).
     #[arg(long, default_value_t = 4, value_parser = bounded(1, 64))]
     pub batch_size: usize,

@@ -87,7 +87,7 @@ impl EngineBuilder {
                 j.allow_unused_weights();
             }
         }
-        let generators = match &self.devices {
+        let mut generators = match &self.devices {
             Some(names) => names
                 .iter()
                 .map(|n| Ok((n.clone(), self.generator.on_device(n)?)))
@@ -95,8 +95,8 @@ impl EngineBuilder {
             None => vec![(device_label(&self.generator), self.generator.clone())],
         };
         // 1. The memory plan, before any weight is read or fetched.
-        for (_, generator) in &generators {
-            if let Some(flux) = generator.flux() {
+        for (_, generator) in &mut generators {
+            if let Some(flux) = generator.flux_mut() {
                 let judges =
                     std::iter::once(&self.judge.0).chain(self.extra_judges.iter().map(|(j, _)| j));
                 let footprints = judges

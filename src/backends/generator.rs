@@ -20,6 +20,7 @@ use crate::models::flux::files::FILL_DEV_REPO;
 use crate::models::flux::held_weight::WeightFormat;
 use crate::models::flux::lora::ICEDIT_LORA_REPO;
 use crate::models::flux::vae::VaeConfig;
+use crate::models::flux::vae_tiling::VaeTiling;
 use crate::models::flux::{FluxConfig, FluxPaths};
 use crate::models::testbed::TestbedEdits;
 use crate::models::weight_use::UnusedWeights;
@@ -76,6 +77,38 @@ pub struct FluxSpec {
     /// Tensors no model part reads: refused, or loaded and logged
     /// (`--allow-unused-weights`).
     pub unused_weights: UnusedWeights,
+    /// `--vae-tiling`: whether VAE passes larger than a tile are tiled. The plan check
+    /// ([`FluxSpec::check_plan`]) settles `auto` as on or off.
+    pub vae_tiling: VaeTilingMode,
+    /// `--vae-tile`: the tile side in pixels (default: the VAE config's `sample_size`).
+    pub vae_tile: Option<usize>,
+}
+
+/// Whether the VAE passes (encoding the diptych, decoding a candidate, the refine's) are
+/// tiled when their image exceeds the tile (diffusers' `enable_tiling()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VaeTilingMode {
+    /// Tiled when the memory plan says the untiled passes would not fit and the tiled ones
+    /// change that; untiled (exactly FluxFillPipeline's passes) otherwise.
+    #[default]
+    Auto,
+    /// Always tiled when larger than the tile.
+    On,
+    /// Never tiled.
+    Off,
+}
+
+impl std::str::FromStr for VaeTilingMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            other => Err(format!("{other:?}: expected auto, on or off")),
+        }
+    }
 }
 
 /// Where the ICEdit LoRA comes from.
@@ -193,6 +226,11 @@ impl GeneratorSpec {
             preview_decoder,
             memory_budget: args.memory_budget,
             unused_weights: UnusedWeights::Refuse,
+            vae_tiling: args
+                .vae_tiling
+                .parse()
+                .map_err(|e: String| invalid("--vae-tiling", e))?,
+            vae_tile: args.vae_tile,
         })))
     }
 
@@ -206,6 +244,14 @@ impl GeneratorSpec {
 
     /// The FLUX part, if it is FLUX.
     pub fn flux(&self) -> Option<&FluxSpec> {
+        match self {
+            Self::Flux(f) => Some(f),
+            Self::Testbed(_) => None,
+        }
+    }
+
+    /// The FLUX part, if it is FLUX, to change (the plan check settles its VAE tiling).
+    pub fn flux_mut(&mut self) -> Option<&mut FluxSpec> {
         match self {
             Self::Flux(f) => Some(f),
             Self::Testbed(_) => None,
@@ -307,9 +353,17 @@ impl FluxSpec {
                 peeked.vae_config.unwrap_or_else(VaeConfig::flux),
             ),
         };
+        // A tile that cannot be used is refused now, before anything loads.
+        if self.vae_tiling != VaeTilingMode::Off {
+            self.tiling_of(&vae)
+                .check(vae.downscale())
+                .map_err(|e| EditError::Invalid(format!("--vae-tile: {e}")))?;
+        }
+        let vae_tiling = (self.vae_tiling == VaeTilingMode::On).then(|| self.tiling_of(&vae));
         let request = PlanRequest {
             transformer,
             vae,
+            vae_tiling,
             format: self.hold_as.unwrap_or(stored),
             dtype: self.dtype,
             cuda: matches!(self.device, DeviceName::Cuda(_)),
@@ -358,6 +412,33 @@ impl FluxSpec {
         Ok((request, found || self.fetch_fill))
     }
 
+    /// The tiling `--vae-tile` names, or diffusers' default for `vae` (its `sample_size`).
+    fn tiling_of(&self, vae: &VaeConfig) -> VaeTiling {
+        self.vae_tile
+            .map_or_else(|| VaeTiling::of_config(vae), VaeTiling::new)
+    }
+
+    /// With `--vae-tiling auto`, `request` with its VAE passes tiled when, untiled, it does
+    /// not fit `available` bytes and tiling lowers its peak; as it is otherwise (and when
+    /// the free memory is unknown).
+    pub fn tiled_if_needed(&self, request: PlanRequest, available: Option<usize>) -> PlanRequest {
+        let Some(available) = available else {
+            return request;
+        };
+        if self.vae_tiling != VaeTilingMode::Auto || request.plan().peak_bytes <= available {
+            return request;
+        }
+        let tiled = PlanRequest {
+            vae_tiling: Some(self.tiling_of(&request.vae)),
+            ..request.clone()
+        };
+        if tiled.plan().peak_bytes < request.plan().peak_bytes {
+            tiled
+        } else {
+            request
+        }
+    }
+
     /// `--memory-budget` if given (no device is opened), else the device's free memory;
     /// `None` when that cannot be read.
     pub fn available_memory(&self) -> Result<Option<(usize, &'static str)>, EditError> {
@@ -378,16 +459,40 @@ impl FluxSpec {
     /// device's free memory, before any weight is read (or fetched). Without weight files
     /// (and nothing to fetch) there is nothing to plan: the loader then names what is
     /// missing.
+    ///
+    /// `--vae-tiling auto` is settled here, as on when the plan needs the VAE passes tiled
+    /// ([`Self::tiled_if_needed`]) and off otherwise, so the generator built next runs what
+    /// was planned.
     pub fn check_plan(
-        &self,
+        &mut self,
         judge: Option<JudgeFootprint>,
         workload: &Workload,
     ) -> Result<(), EditError> {
         let (request, found) = self.plan_request(judge, workload)?;
+        let auto = self.vae_tiling == VaeTilingMode::Auto;
+        let available = if found {
+            self.available_memory()?
+        } else {
+            None
+        };
+        // Under `auto` the request is untiled; tiled here only when it has to be.
+        let request = self.tiled_if_needed(request, available.map(|(bytes, _)| bytes));
+        if auto {
+            self.vae_tiling = match &request.vae_tiling {
+                Some(tiling) => {
+                    tracing::info!(
+                        tile = tiling.tile,
+                        "memory plan: the untiled VAE passes would not fit; --vae-tiling auto tiles them"
+                    );
+                    VaeTilingMode::On
+                }
+                None => VaeTilingMode::Off,
+            };
+        }
         if !found {
             return Ok(());
         }
-        let Some((available, source)) = self.available_memory()? else {
+        let Some((available, source)) = available else {
             tracing::warn!("memory plan: the device's free memory cannot be read; not checked");
             return Ok(());
         };
@@ -436,6 +541,9 @@ impl FluxSpec {
         options.keep_text_encoders = self.keep_text_encoders;
         options.max_batch = self.max_batch;
         options.unused_weights = self.unused_weights;
+        // `auto` left unsettled (no plan check ran) is off: FluxFillPipeline's passes.
+        options.vae_tiling = self.vae_tiling == VaeTilingMode::On;
+        options.vae_tile = self.vae_tile;
         // T5 first, then the transformer, where they would share one device's memory.
         options.defer_transformer = self.text_device == self.device && !self.keep_text_encoders;
         if options.lora.is_none() {

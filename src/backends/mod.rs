@@ -17,6 +17,6 @@ pub mod names;
 
 pub use builder::{prepare_judge, require_vie, Built, EngineBuilder};
 pub use download::fetch;
-pub use generator::{FluxSpec, GeneratorSpec, LoraChoice, Workload};
+pub use generator::{FluxSpec, GeneratorSpec, LoraChoice, VaeTilingMode, Workload};
 pub use judge::{JudgeKind, JudgeSpec};
 pub use names::hub_requests;

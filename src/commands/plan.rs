@@ -43,6 +43,8 @@ pub fn plan(args: EditArgs) -> anyhow::Result<()> {
     };
     let (request, _) = flux.plan_request(judge.footprint(flux.device)?, &workload)?;
     let available = flux.available_memory()?;
+    // `--vae-tiling auto` as the plan check settles it.
+    let request = flux.tiled_if_needed(request, available.map(|(bytes, _)| bytes));
     let weights = if g.model_dir.is_some() || g.transformer.is_some() {
         "the named weights' configs and headers"
     } else {

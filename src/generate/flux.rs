@@ -36,6 +36,7 @@ use crate::models::flux::text::TextEncoders;
 use crate::models::flux::transformer::{self, FluxTransformer, TextConditioning};
 use crate::models::flux::vae::Autoencoder;
 use crate::models::flux::vae::VaeConfig;
+use crate::models::flux::vae_tiling::VaeTiling;
 use crate::models::flux::weights::KeyLayout;
 use crate::models::flux::weights::{shared_var_builder, weights_error, WeightSource};
 use crate::models::flux::{embeddings, latents, FluxConfig, FluxFiles, FluxPaths};
@@ -112,6 +113,13 @@ pub struct FluxOptions {
     /// What every loader does with tensors of its files the model never reads (and with
     /// LoRA keys that match no layer): refuse by default; `--allow-unused-weights` allows.
     pub unused_weights: UnusedWeights,
+    /// Tile the VAE passes (encoding a diptych, decoding a candidate) whose image exceeds
+    /// the tile on a side, as diffusers' `enable_tiling()` does; off, like FluxFillPipeline,
+    /// by default. The memory plan turns it on (`--vae-tiling auto`) when the untiled
+    /// passes would not fit.
+    pub vae_tiling: bool,
+    /// The tile side in pixels; `None`: the VAE config's `sample_size` (1024 for FLUX).
+    pub vae_tile: Option<usize>,
 }
 
 impl FluxOptions {
@@ -133,11 +141,31 @@ impl FluxOptions {
             tiny_decoder: None,
             preview_decoder: PreviewDecoder::Full,
             unused_weights: UnusedWeights::Refuse,
+            vae_tiling: false,
+            vae_tile: None,
         }
     }
 }
 
 impl FluxOptions {
+    /// The tiling of the VAE passes for this autoencoder, checked; `None` when off.
+    fn vae_tiling_for(&self, vae: &VaeConfig) -> Result<Option<VaeTiling>, GenerateError> {
+        if !self.vae_tiling {
+            return Ok(None);
+        }
+        let tiling = self
+            .vae_tile
+            .map_or_else(|| VaeTiling::of_config(vae), VaeTiling::new);
+        tiling
+            .check(vae.downscale())
+            .map_err(|e| GenerateError::Config(format!("--vae-tile: {e}")))?;
+        tracing::info!(
+            tile = tiling.tile,
+            "VAE passes larger than the tile run tile by tile"
+        );
+        Ok(Some(tiling))
+    }
+
     /// The ggml type dense weights are quantized to as they are read, if any.
     fn quantize_on_load(&self) -> Result<Option<GgmlDType>, GenerateError> {
         match self.hold_as {
@@ -206,6 +234,8 @@ pub struct FluxGenerator {
     /// `None` until loaded when [`FluxOptions::defer_transformer`] is set.
     transformer: Option<FluxTransformer>,
     vae: Autoencoder,
+    /// How VAE passes larger than a tile are tiled; `None`: never.
+    vae_tiling: Option<VaeTiling>,
     /// The tiny decoder for previews, if one was given.
     tiny: Option<TinyDecoder>,
     text: Option<TextEncoders>,
@@ -243,6 +273,7 @@ impl FluxGenerator {
             options.unused_weights,
         )?;
         let tiny = load_tiny_decoder(&options, files.vae_config.latent_channels)?;
+        let vae_tiling = options.vae_tiling_for(&files.vae_config)?;
         let cond = 4 * files.vae_config.latent_channels + 4 * files.vae_config.downscale().pow(2);
         let needed = 4 * files.vae_config.latent_channels + cond;
         if files.transformer_config.in_channels != needed {
@@ -259,6 +290,7 @@ impl FluxGenerator {
             files,
             transformer: None,
             vae,
+            vae_tiling,
             tiny,
             text: None,
             lora_report: None,
@@ -307,6 +339,7 @@ impl FluxGenerator {
         let model = FluxTransformer::new(random_vb(), &transformer, &linears)?;
         let autoencoder = Autoencoder::new(random_vb(), &vae)?;
         let tiny = load_tiny_decoder(&options, vae.latent_channels)?;
+        let vae_tiling = options.vae_tiling_for(&vae)?;
         let none = EncoderFiles {
             config: PathBuf::new(),
             weights: Vec::new(),
@@ -330,6 +363,7 @@ impl FluxGenerator {
             },
             transformer: Some(model),
             vae: autoencoder,
+            vae_tiling,
             tiny,
             text: None,
             lora_report: None,
@@ -475,7 +509,9 @@ impl FluxGenerator {
         let p = self.edits.get(edit)?;
         let (h, w) = p.latent_hw;
         let z = latents::unpack(&latents.unsqueeze(0)?.to_dtype(self.options.dtype)?, h, w)?;
-        let image = self.vae.decode(&self.vae.denormalize(&z)?)?;
+        let image = self
+            .vae
+            .decode_with(&self.vae.denormalize(&z)?, self.vae_tiling.as_ref())?;
         Ok(latents::tensor_to_unit(&image)?)
     }
 
@@ -603,10 +639,14 @@ impl Generator for FluxGenerator {
             (Some(_), PreviewDecoder::Full) => ", tiny decoder for live previews",
             (Some(_), PreviewDecoder::Tiny) => ", tiny decoder for live and judged previews",
         };
+        let tiled = match &self.vae_tiling {
+            Some(t) => format!(", VAE passes above {} px tiled", t.tile),
+            None => String::new(),
+        };
         GeneratorInfo {
             name: "flux-fill".into(),
             detail: format!(
-                "{source} ({held}), {:?} on {:?}{lora}{tiny}",
+                "{source} ({held}), {:?} on {:?}{lora}{tiny}{tiled}",
                 self.options.dtype,
                 self.options.device.location()
             ),
@@ -664,7 +704,11 @@ impl Generator for FluxGenerator {
             .collect();
         let keep = Tensor::from_vec(keep, (1, 1, h as usize, 2 * w as usize), &dev)?;
         let masked = image.broadcast_mul(&keep)?.to_dtype(dtype)?;
-        let z = self.vae.normalize(&self.vae.encode_mean(&masked)?)?;
+        let z = self.vae.normalize(
+            &self
+                .vae
+                .encode_mean_with(&masked, self.vae_tiling.as_ref())?,
+        )?;
         let (lh, lw) = (z.dim(2)?, z.dim(3)?);
         let masked_tokens = latents::pack(&z)?;
         let mask_tokens = latents::pack_mask(&diptych.mask, f, &dev)?.to_dtype(dtype)?;
@@ -759,7 +803,11 @@ impl Generator for FluxGenerator {
         let mut diptych = make_diptych(&p.source).image;
         image::imageops::replace(&mut diptych, init, p.source.width() as i64, 0);
         let image = latents::image_to_tensor(&diptych, &dev)?.to_dtype(dtype)?;
-        let z = self.vae.normalize(&self.vae.encode_mean(&image)?)?;
+        let z = self.vae.normalize(
+            &self
+                .vae
+                .encode_mean_with(&image, self.vae_tiling.as_ref())?,
+        )?;
         Ok(latents::pack(&z)?.squeeze(0)?.to_dtype(DType::F32)?)
     }
 

@@ -15,6 +15,7 @@ use candle_core::DType;
 use crate::models::flux::blocks::ATTENTION_CHUNK_ELEMENTS;
 pub use crate::models::flux::held_weight::WeightFormat;
 use crate::models::flux::vae::VaeConfig;
+use crate::models::flux::vae_tiling::VaeTiling;
 use crate::models::flux::FluxConfig;
 
 /// One linear layer's shape, `(out, in)`; every one has a bias of `out`.
@@ -189,6 +190,28 @@ pub fn vae_activation_bytes(v: &VaeConfig, dtype: DType, pixels: usize, cuda: bo
 /// Full-resolution activations alive around the VAE's widest convolution (fitted, see
 /// above).
 const CONV_COPIES: usize = 6;
+
+/// Working memory of one VAE pass over a `height` x `width` image run tile by tile
+/// (`models::flux::vae_tiling`): one tile's pass (a tile cut short by the image is smaller),
+/// and the image-sized buffers the tiles are assembled in (the previous row of tiles, the
+/// kept parts, the result; in image channels, so small beside a pass).
+pub fn tiled_vae_activation_bytes(
+    v: &VaeConfig,
+    dtype: DType,
+    (height, width): (usize, usize),
+    cuda: bool,
+    tiling: &VaeTiling,
+) -> usize {
+    let tile = tiling.tile.min(height) * tiling.tile.min(width);
+    let assembly = height * width * v.in_channels * dtype.size_in_bytes() * ASSEMBLY_COPIES;
+    vae_activation_bytes(v, dtype, tile, cuda) + assembly
+}
+
+/// Image-sized copies a tiled pass holds beside its tile (the assembled result; the
+/// previous row of tiles was below what the fit could see). Fitted with the constants
+/// above on a 1024x512 pass with 512 px tiles (+5%); at 256 px tiles the estimate runs 14%
+/// over, conservatively.
+const ASSEMBLY_COPIES: usize = 1;
 
 #[cfg(test)]
 mod tests {

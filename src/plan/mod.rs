@@ -20,11 +20,12 @@ use serde::Serialize;
 
 use crate::models::flux::step_cache::cache_bytes;
 use crate::models::flux::vae::VaeConfig;
+use crate::models::flux::vae_tiling::VaeTiling;
 use crate::models::flux::FluxConfig;
 use crate::models::step_cache::StepCache;
 use footprint::{
-    transformer_activation_bytes, transformer_weight_bytes, vae_activation_bytes, vae_parameters,
-    WeightFormat,
+    tiled_vae_activation_bytes, transformer_activation_bytes, transformer_weight_bytes,
+    vae_activation_bytes, vae_parameters, WeightFormat,
 };
 
 /// T5-XXL encoder parameters (FLUX.1's `text_encoder_2`: 9.52 GB in bf16).
@@ -64,6 +65,8 @@ pub struct PlanRequest {
     pub transformer: FluxConfig,
     /// Autoencoder hyper-parameters.
     pub vae: VaeConfig,
+    /// How VAE passes larger than a tile are tiled (`--vae-tiling`); `None`: never.
+    pub vae_tiling: Option<VaeTiling>,
     /// How the transformer's linear weights are held.
     pub format: WeightFormat,
     /// Compute dtype of the transformer and VAE.
@@ -146,6 +149,22 @@ impl PlanRequest {
         (2 * panel.0 / f) * (panel.1 / f)
     }
 
+    /// Working memory of a VAE pass over the diptych of a `(width, height)` panel, and
+    /// whether it is tiled (when tiling is on and the diptych exceeds the tile).
+    pub fn vae_pass(&self, panel: (usize, usize)) -> (usize, bool) {
+        let (height, width) = (panel.1, 2 * panel.0);
+        match &self.vae_tiling {
+            Some(t) if t.applies(height, width) => (
+                tiled_vae_activation_bytes(&self.vae, self.dtype, (height, width), self.cuda, t),
+                true,
+            ),
+            _ => (
+                vae_activation_bytes(&self.vae, self.dtype, height * width, self.cuda),
+                false,
+            ),
+        }
+    }
+
     /// Bytes of the step caches held at once during completions: `cached_candidates` times
     /// one candidate's cache (0 when the cache is off).
     pub fn step_cache_bytes(&self) -> usize {
@@ -193,8 +212,7 @@ impl PlanRequest {
         );
         // Completions hold their candidates' step caches beside each forward.
         let caches = self.step_cache_bytes();
-        let pixels = 2 * self.panel.0 * self.panel.1;
-        let vae_pass = vae_activation_bytes(&self.vae, self.dtype, pixels, self.cuda);
+        let (vae_pass, vae_tiled) = self.vae_pass(self.panel);
         // T5's working memory: a few [tokens, 4096 x 2.5] activations, small beside it.
         let text_work = on(self.text_placement, self.t5_tokens * 10240 * 4 * text_e);
         let overhead = overhead_bytes(self.cuda);
@@ -222,9 +240,7 @@ impl PlanRequest {
                 self.t5_tokens,
                 self.cuda,
             );
-            let vae_pass =
-                vae_activation_bytes(&self.vae, self.dtype, 2 * panel.0 * panel.1, self.cuda);
-            (panel, forward, vae_pass)
+            (panel, forward, self.vae_pass(panel))
         });
         let mut phases = vec![
             ("encode prompt", beside_text + text + text_work),
@@ -232,7 +248,7 @@ impl PlanRequest {
             ("denoise", resident + judge + judge_work + forward + caches),
             ("decode", resident + judge + judge_work + vae_pass),
         ];
-        if let Some((_, forward, vae_pass)) = refine {
+        if let Some((_, forward, (vae_pass, _))) = refine {
             phases.push(("refine", resident + judge + forward.max(vae_pass)));
         }
         let (peak_phase, peak_bytes) = phases
@@ -299,12 +315,22 @@ impl PlanRequest {
                 when: "completions".into(),
             });
         }
+        let tiled = |on: bool| if on { " (tiled)" } else { "" };
+        let tiles = |on: bool, when: &str| match (&self.vae_tiling, on) {
+            (Some(t), true) => format!("{when}, in {} px tiles", t.tile),
+            _ => when.to_string(),
+        };
         parts.push(PlanPart {
-            name: format!("VAE pass ({}x{} diptych)", 2 * self.panel.0, self.panel.1),
+            name: format!(
+                "VAE pass ({}x{} diptych){}",
+                2 * self.panel.0,
+                self.panel.1,
+                tiled(vae_tiled)
+            ),
             bytes: vae_pass,
-            when: "encoding the diptych, decoding a candidate".into(),
+            when: tiles(vae_tiled, "encoding the diptych, decoding a candidate"),
         });
-        if let Some((panel, forward, vae_pass)) = refine {
+        if let Some((panel, forward, (vae_pass, refine_tiled))) = refine {
             parts.push(PlanPart {
                 name: format!(
                     "refine forward ({}x{} diptych, batch 1)",
@@ -315,9 +341,14 @@ impl PlanRequest {
                 when: "each refine step".into(),
             });
             parts.push(PlanPart {
-                name: format!("refine VAE pass ({}x{} diptych)", 2 * panel.0, panel.1),
+                name: format!(
+                    "refine VAE pass ({}x{} diptych){}",
+                    2 * panel.0,
+                    panel.1,
+                    tiled(refine_tiled)
+                ),
                 bytes: vae_pass,
-                when: "encoding and decoding the refine".into(),
+                when: tiles(refine_tiled, "encoding and decoding the refine"),
             });
         }
         parts.push(PlanPart {
@@ -394,6 +425,37 @@ impl PlanRequest {
                 Box::new(move |r| PlanRequest { batch, ..r }),
             ));
             batch /= 2;
+        }
+        // Tiled VAE passes, or smaller tiles, where that lowers the peak (the VAE pass of a
+        // large diptych is often it).
+        let tiling = match &self.vae_tiling {
+            None => Some((
+                "--vae-tiling on".to_string(),
+                VaeTiling::of_config(&self.vae),
+            )),
+            Some(t) => {
+                let half = VaeTiling {
+                    tile: t.tile / 2,
+                    ..*t
+                };
+                let fits = half.check(self.vae.downscale()).is_ok();
+                fits.then(|| (format!("--vae-tile {}", half.tile), half))
+            }
+        };
+        if let Some((flag, tiling)) = tiling {
+            let tiled = PlanRequest {
+                vae_tiling: Some(tiling),
+                ..self.clone()
+            };
+            if tiled.plan().peak_bytes < self.plan().peak_bytes {
+                steps.push((
+                    flag,
+                    Box::new(move |r| PlanRequest {
+                        vae_tiling: Some(tiling),
+                        ..r
+                    }),
+                ));
+            }
         }
         if let Some((w, h)) = self.refine_panel {
             // A smaller refine (down to none): the refine phase is often the peak.

@@ -7,7 +7,7 @@
 //! - [`step_cache`]: First-Block-Cache and TaylorSeer per candidate
 //!   ([`transformer::FluxTransformer::forward_cached`]), the bytes a cache holds;
 //!   [`flops`]: what each part of a forward costs.
-//! - [`vae`]: the autoencoder; [`text`]: T5 and CLIP with their tokenizers.
+//! - [`vae`]: the autoencoder, [`vae_tiling`]: its passes tile by tile; [`text`]: T5 and CLIP with their tokenizers.
 //! - [`weights`] + [`keymap`]: safetensors or GGUF in any layout behind a `VarBuilder`;
 //!   [`held_weight`]: a matrix held dense, quantized or fp8; [`linear`]: layers over them;
 //!   [`files`]: where a checkpoint's files are.
@@ -33,6 +33,7 @@ pub mod text;
 pub mod transformer;
 pub mod vae;
 pub mod vae_mid;
+pub mod vae_tiling;
 pub mod weights;
 
 pub use config::FluxConfig;

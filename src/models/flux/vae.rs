@@ -68,16 +68,21 @@ pub struct VaeConfig {
     /// See `latents_mean`.
     #[serde(default)]
     pub latents_std: Option<Vec<f64>>,
+    /// The image side the autoencoder was trained at, in pixels: diffusers' default tile of
+    /// tiled passes (`enable_tiling`'s `tile_sample_min_size`; 1024 for the FLUX AE). A list
+    /// (`[h, w]`) counts by its first entry, as diffusers' tile arithmetic does.
+    #[serde(default = "flux_sample_size", deserialize_with = "side_or_first")]
+    pub sample_size: usize,
 }
 
 /// How every key of diffusers' `AutoencoderKL` config is treated (see
 /// [`crate::models::config_keys`]).
 pub const CONFIG_KEYS: &[ConfigKeys] = &[ConfigKeys {
     section: "",
-    inert: &[
-        ("force_upcast", "whether pipelines run the VAE in f32; the dtype is the caller's choice here"),
-        ("sample_size", "the tile size of tiled decoding (enable_tiling), which FluxFillPipeline does not turn on"),
-    ],
+    inert: &[(
+        "force_upcast",
+        "whether pipelines run the VAE in f32; the dtype is the caller's choice here",
+    )],
     refused: &[
         ("act_fn", "\"gelu\""),
         ("use_quant_conv", "true"),
@@ -103,6 +108,29 @@ fn three() -> usize {
     3
 }
 
+/// The FLUX AE's `sample_size` (FLUX.1's `vae/config.json`; a BFL `ae.safetensors` comes
+/// without a config). diffusers' class default is 32, which no FLUX config relies on.
+fn flux_sample_size() -> usize {
+    1024
+}
+
+/// `sample_size` as a number, or a list's first entry.
+fn side_or_first<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Side {
+        One(usize),
+        Many(Vec<usize>),
+    }
+    match Side::deserialize(d)? {
+        Side::One(side) => Ok(side),
+        Side::Many(sides) => sides
+            .first()
+            .copied()
+            .ok_or_else(|| serde::de::Error::custom("`sample_size` is an empty list")),
+    }
+}
+
 impl VaeConfig {
     /// The FLUX.1 AE (`ae.safetensors`).
     pub fn flux() -> Self {
@@ -123,6 +151,7 @@ impl VaeConfig {
             mid_block_add_attention: true,
             latents_mean: None,
             latents_std: None,
+            sample_size: flux_sample_size(),
         }
     }
 
