@@ -106,7 +106,7 @@ impl VaeTiling {
             ));
         }
         let (dec, enc) = (self.decoding(downscale), self.encoding(downscale));
-        let abut = self.tile % downscale == 0
+        let abut = self.tile.is_multiple_of(downscale)
             && dec.stride > 0
             && enc.stride > 0
             && dec.keep == dec.stride * downscale
