@@ -127,24 +127,32 @@ pub struct Workload {
     pub panel: (usize, usize),
     /// More than one edit: later prompts are encoded while the judge is resident.
     pub many_edits: bool,
-    /// `--refine WIDTH`: the pick is refined at this width after the edit.
+    /// `--refine WIDTH`: the widest refine of the strategies the command runs.
     pub refine: Option<u32>,
-    /// The step cache of each strategy the command runs, with the most candidates holding
-    /// one at once ([`Workload::step_caches_of`]); the plan counts the largest.
+    /// The step cache of each strategy the command runs that has one, with the most
+    /// candidates holding one at once; the plan counts the largest.
     pub step_caches: Vec<(StepCache, usize)>,
 }
 
 impl Workload {
-    /// The step caches `strategies` hold: each one's cache and candidates completed
-    /// together (none for a strategy without a cache).
-    pub fn step_caches_of<'a>(
+    /// The workload of running `strategies` (a command's one strategy, or a suite's arms) on
+    /// `panel`: the widest refine they ask for and the step caches they hold.
+    pub fn new<'a>(
+        panel: (usize, usize),
+        many_edits: bool,
         strategies: impl IntoIterator<Item = &'a StrategyConfig>,
-    ) -> Vec<(StepCache, usize)> {
-        strategies
-            .into_iter()
-            .filter(|s| s.cache.is_on())
-            .map(|s| (s.cache, s.cached_candidates()))
-            .collect()
+    ) -> Self {
+        let strategies: Vec<_> = strategies.into_iter().collect();
+        Self {
+            panel,
+            many_edits,
+            refine: strategies.iter().filter_map(|s| s.refine).max(),
+            step_caches: strategies
+                .iter()
+                .filter(|s| s.cache.is_on())
+                .map(|s| (s.cache, s.cached_candidates()))
+                .collect(),
+        }
     }
 }
 

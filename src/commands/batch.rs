@@ -35,12 +35,11 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
         .map_err(|e| EditError::Invalid(e.to_string()))?;
     // Items' panels vary with their aspect ratios; the plan takes a square one, and the
     // batch's strategy (a line that sets its own cache is not planned).
-    let workload = Workload {
-        panel: (args.width as usize, args.width as usize),
-        many_edits: true,
-        refine: strategy.refine,
-        step_caches: Workload::step_caches_of([&strategy]),
-    };
+    let workload = Workload::new(
+        (args.width as usize, args.width as usize),
+        true,
+        [&strategy],
+    );
     let engine = EngineBuilder::new(generator, judge, args.engine.download, workload)
         .allowing_unused_weights(args.engine.allow_unused_weights)
         .build_one()?;

@@ -26,12 +26,7 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let (w, h) = checked.edit.panel_size();
-    let workload = Workload {
-        panel: (w as usize, h as usize),
-        many_edits: false,
-        refine: checked.strategy.refine,
-        step_caches: Workload::step_caches_of([&checked.strategy]),
-    };
+    let workload = Workload::new((w as usize, h as usize), false, [&checked.strategy]);
     let engine = EngineBuilder::new(
         checked.generator,
         checked.judge,
@@ -138,12 +133,11 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         seed: args.judge_seed,
         ..TestbedJudgeConfig::default()
     });
-    let workload = Workload {
-        panel: (args.width as usize, args.width as usize),
-        many_edits: false,
-        refine: None,
-        step_caches: Workload::step_caches_of([&strategy]),
-    };
+    let workload = Workload::new(
+        (args.width as usize, args.width as usize),
+        false,
+        [&strategy],
+    );
     let engine = EngineBuilder::new(generator, judge, false, workload).build_one()?;
     let job = EditJob::new(edit, strategy);
     let report = run_and_write(&engine, job, &args.out).await?;

@@ -71,12 +71,11 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
     );
     let mut judge = JudgeSpec::testbed(config.judge);
     judge.concurrency = STUDY_JUDGE_CONCURRENCY;
-    let workload = Workload {
-        panel: (args.width as usize, args.width as usize),
-        many_edits: true,
-        refine: None,
-        step_caches: Workload::step_caches_of([&config.strategy]),
-    };
+    let workload = Workload::new(
+        (args.width as usize, args.width as usize),
+        true,
+        [&config.strategy],
+    );
     let generator = GeneratorSpec::Testbed(config.generator());
     let engine = EngineBuilder::new(generator, judge, false, workload).build_one()?;
     let report = run_study(&config, &engine, |n| bar.set_position(n as u64)).await?;
@@ -150,15 +149,9 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", args.out.join("results.jsonl").display()))?;
     let names = runner::arm_names(&suite);
     if !args.report_only {
-        // The plan covers the widest refine any arm asks for.
+        // The plan covers the widest refine and every step cache the arms ask for.
         let arms: Vec<_> = suite.arms.iter().map(|a| suite.config(a)).collect();
-        let suite_refine = arms.iter().filter_map(|a| a.refine).max();
-        let workload = Workload {
-            panel: (suite.width as usize, suite.width as usize),
-            many_edits: true,
-            refine: suite_refine,
-            step_caches: Workload::step_caches_of(&arms),
-        };
+        let workload = Workload::new((suite.width as usize, suite.width as usize), true, &arms);
         // Strategies pick their result by the selection judge's VIE scores; the eval judge
         // scores the returned edits: both must give VIE scores (the builder checks).
         let mut builder =

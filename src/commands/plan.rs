@@ -19,12 +19,7 @@ pub fn plan(args: EditArgs) -> anyhow::Result<()> {
         None => (args.width as usize, args.width as usize),
     };
     let strategy = args.strategy.to_config()?;
-    let workload = Workload {
-        panel,
-        many_edits: false,
-        refine: args.strategy.refine,
-        step_caches: Workload::step_caches_of([&strategy]),
-    };
+    let workload = Workload::new(panel, false, [&strategy]);
     // The plan is of a FLUX run: without weights named, of FLUX.1 Fill's published
     // configuration.
     let mut flags = args.engine.generator.clone();

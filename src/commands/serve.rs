@@ -71,17 +71,10 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
             EditError::Invalid("--devices: name at least one device, none empty".into()).into(),
         );
     }
-    let workload = Workload {
-        panel: (
-            crate::edit::DEFAULT_PANEL_WIDTH as usize,
-            crate::edit::DEFAULT_PANEL_WIDTH as usize,
-        ),
-        many_edits: true,
-        refine: defaults.refine,
-        // The server's default strategy; a request that asks for a cache of its own is not
-        // planned.
-        step_caches: Workload::step_caches_of([&defaults]),
-    };
+    // The server's default strategy; a request that asks for a refine or a cache of its
+    // own is not planned.
+    let width = crate::edit::DEFAULT_PANEL_WIDTH as usize;
+    let workload = Workload::new((width, width), true, [&defaults]);
     let metrics = Arc::new(Metrics::default());
     let m = metrics.clone();
     let builder = EngineBuilder {
