@@ -336,6 +336,10 @@ pub struct StrategyArgs {
     /// Blend the source back, at the refined size, where the edit changed nothing.
     #[arg(long)]
     pub refine_keep_unchanged: bool,
+    /// Refine the N best finished candidates, not only the pick (needs --refine): the
+    /// pick's refine is final.png, the others go to refined/ (one hi-res pass each).
+    #[arg(long, value_name = "N", default_value_t = StrategyConfig::default().refine_best)]
+    pub refine_best: usize,
     /// Step cache of the completions: `none`, `fbc:<threshold>` (First-Block-Cache, e.g.
     /// fbc:0.12) or `taylorseer:interval=<n>,order=<n>[,warmup=<n>][,until=<n>]
     /// [,factors=bf16|f32][,lite]`. Probes always run in full; a cached forward still counts
@@ -367,6 +371,7 @@ impl StrategyArgs {
             refine: self.refine,
             refine_strength: Some(self.refine_strength),
             refine_keep_unchanged: Some(self.refine_keep_unchanged),
+            refine_best: Some(self.refine_best),
             cache: Some(self.cache),
         }
     }

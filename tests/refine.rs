@@ -219,3 +219,165 @@ fn a_refine_no_wider_than_the_edit_is_refused_before_any_work() {
     assert!(stderr.contains("--refine 64"), "{stderr}");
     assert!(!out.join("report.json").exists());
 }
+
+/// `refine_best 3` refines the pick as before and then the next best finished candidates,
+/// best first, each from its own seed; the ledger counts every refine forward.
+#[test]
+fn refine_best_refines_the_runner_ups_after_the_pick() {
+    let one = run(strategy(Some(128), 0.35, false));
+    // Best-of-N completes every seed: four finished candidates to rank.
+    let mut three = strategy(Some(128), 0.35, false);
+    three.kind = StrategyKind::BestOfN;
+    let one_of_six = run(StrategyConfig {
+        refine_best: 1,
+        ..three.clone()
+    });
+    three.refine_best = 3;
+    let report = run(three);
+    // The pick's refine is the one a refine of the pick alone gives.
+    let (pick, alone) = (
+        report.refine.as_ref().unwrap(),
+        one_of_six.refine.as_ref().unwrap(),
+    );
+    assert_eq!(pick.candidate, alone.candidate);
+    assert_eq!(
+        pick.image.as_ref().unwrap().as_raw(),
+        alone.image.as_ref().unwrap().as_raw()
+    );
+    assert!(one.runner_up_refines.is_empty() && one_of_six.runner_up_refines.is_empty());
+    // Two runner-ups: finished, not the pick, best first by VIE O.
+    let ups = &report.runner_up_refines;
+    assert_eq!(ups.len(), 2, "{:?}", report.notes);
+    let overall = |i: usize| report.candidates[i].overall().unwrap_or(f32::NEG_INFINITY);
+    let pick_o = overall(pick.candidate);
+    for w in ups.windows(2) {
+        assert!(overall(w[0].candidate) >= overall(w[1].candidate));
+    }
+    for r in ups {
+        assert_ne!(r.candidate, pick.candidate);
+        assert!(report.candidates[r.candidate].images.final_image.is_some());
+        assert!(overall(r.candidate) <= pick_o);
+        assert_eq!(r.seed, report.candidates[r.candidate].seed);
+        assert_eq!(r.size, pick.size);
+        assert_eq!(r.image.as_ref().unwrap().dimensions(), r.size);
+    }
+    assert_eq!(report.nfe.refine, 3 * pick.nfe);
+    assert!(
+        (report.nfe.refine_edit_step_equivalents - 3.0 * pick.edit_step_equivalents).abs() < 1e-9
+    );
+    assert_eq!(
+        report.nfe.total, one_of_six.nfe.total,
+        "the edit's own NFE is unchanged"
+    );
+
+    // Written beside the pick, named by candidate and seed.
+    let dir = tempfile::tempdir().unwrap();
+    let mut report = report;
+    icedit_scale::engine::outputs::write_outputs(&mut report, dir.path()).unwrap();
+    for r in &report.runner_up_refines {
+        let file = r.file.as_deref().unwrap();
+        assert!(file.starts_with("refined/c"), "{file}");
+        assert_eq!(image::open(dir.path().join(file)).unwrap().width(), 128);
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["runner_up_refines"].as_array().unwrap().len(), 2);
+}
+
+/// Asking for more refines than finished candidates refines them all and says so.
+#[test]
+fn refine_best_beyond_the_finished_candidates_refines_them_all_with_a_note() {
+    let mut s = strategy(Some(128), 0.35, false);
+    s.refine_best = 5; // keep 2: at most two finish
+    let report = run(s);
+    let finished = report
+        .candidates
+        .iter()
+        .filter(|c| c.images.final_image.is_some())
+        .count();
+    assert_eq!(report.runner_up_refines.len(), finished - 1);
+    assert!(
+        report.notes.iter().any(|n| n.contains("refine_best 5")),
+        "{:?}",
+        report.notes
+    );
+}
+
+#[test]
+fn refine_best_without_a_refine_is_refused_naming_both_flags() {
+    let result = cli(&[
+        "edit",
+        "--image",
+        "tests/fixtures/flux/source.png",
+        "--instruction",
+        "make the sky night",
+        "--refine-best",
+        "2",
+        "--out",
+        "/nonexistent/never-written",
+    ]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--refine-best 2") && stderr.contains("--refine WIDTH"),
+        "{stderr}"
+    );
+}
+
+/// `edit --refine-best 2` through FLUX with random weights: the runner-up's refine is its
+/// own image (another seed), written under refined/ at the refined size.
+#[test]
+fn edit_refine_best_writes_the_runner_up_beside_the_pick() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let result = cli(&[
+        "edit",
+        "--image",
+        "tests/fixtures/flux/source.png",
+        "--instruction",
+        "make the sky night",
+        "--random-weights",
+        "small",
+        "--width",
+        "32",
+        "--t5-tokens",
+        "16",
+        "--strategy",
+        "best-of-n",
+        "--seeds",
+        "2",
+        "--judge",
+        "tests/fixtures/qwen2vl/judge-tiny.toml",
+        "--steps",
+        "4",
+        "--refine",
+        "64",
+        "--refine-strength",
+        "0.5",
+        "--refine-best",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(stdout.contains("also refined: candidate"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let ups = report["runner_up_refines"].as_array().unwrap();
+    assert_eq!(ups.len(), 1);
+    assert_ne!(ups[0]["candidate"], report["pick"]["index"]);
+    assert_eq!(report["nfe"]["refine"], 4, "two refines of two forwards");
+    let file = ups[0]["file"].as_str().unwrap();
+    let runner_up = image::open(out.join(file)).unwrap().to_rgb8();
+    let pick = image::open(out.join("final.png")).unwrap().to_rgb8();
+    assert_eq!(runner_up.dimensions(), pick.dimensions());
+    assert!(
+        runner_up.as_raw() != pick.as_raw(),
+        "another seed, another image"
+    );
+}

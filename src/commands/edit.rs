@@ -237,6 +237,16 @@ pub fn print_summary(report: &EditReport, out: &Path) {
             ))
         );
     }
+    for r in &report.runner_up_refines {
+        println!(
+            "also refined: candidate {} (seed {}) -> {} ({} forwards, {:.1} edit-step equivalents)",
+            r.candidate,
+            r.seed,
+            r.file.as_deref().unwrap_or("(not written)"),
+            r.nfe,
+            r.edit_step_equivalents
+        );
+    }
     if let Some(adaptive) = &report.adaptive {
         println!(
             "stopped after {} round(s): {}",

@@ -5,6 +5,7 @@
 //! ```text
 //! final.png                      the returned edit (the refined one with a refine)
 //! final_edit.png                 with a refine: the pick at the edit's size
+//! refined/c01_s000001.png        with refine_best > 1: the runner-ups' refines
 //! previews/c03_s000003_step04.png  candidate 3 (seed 3)'s preview at step 4
 //! short/c03_s000003.png          tournament short runs
 //! finals/c03_s000003.png         finished candidates
@@ -81,6 +82,12 @@ pub fn write_outputs(report: &mut EditReport, out: &Path) -> Result<PathBuf, Eng
         }
         (Some(edit), None) => report.pick_file = Some(save_png(out, "final.png", &edit)?),
         (None, _) => {}
+    }
+    for r in &mut report.runner_up_refines {
+        if let Some(image) = &r.image {
+            let rel = format!("refined/{}.png", candidate_stem(r.candidate, r.seed));
+            r.file = Some(save_png(out, &rel, image)?);
+        }
     }
     let sheet = contact_sheet(report);
     save_png(out, "contact_sheet.png", &sheet)?;

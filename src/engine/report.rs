@@ -285,8 +285,9 @@ pub struct NfeLedger {
     pub rerun: usize,
     /// Sum of the above: the edit's NFE, what budgets count.
     pub total: usize,
-    /// Forwards of the hi-res refine, at the refine's size (not in `total`, and outside
-    /// any budget: a refine forward is larger; see `refine_edit_step_equivalents`).
+    /// Forwards of the hi-res refines (the pick's and any runner-ups'), at the refine's
+    /// size (not in `total`, and outside any budget: a refine forward is larger; see
+    /// `refine_edit_step_equivalents`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub refine: usize,
     /// The refine's forwards in forwards of the edit's size (by the generator's cost of a
@@ -311,7 +312,7 @@ fn is_zero_f64(x: &f64) -> bool {
 /// from part-way down the schedule.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RefineRecord {
-    /// The refined candidate (the pick).
+    /// The refined candidate (the pick, or a runner-up with `refine_best`).
     pub candidate: usize,
     /// Its seed, which also seeds the refine's noise.
     pub seed: u64,
@@ -340,7 +341,8 @@ pub struct RefineRecord {
     pub in_budget: bool,
     /// Wall time of the refine (prepare, steps, decode, blend).
     pub seconds: f64,
-    /// The refined image's file (`final.png`), once written.
+    /// The refined image's file (`final.png` for the pick, `refined/<candidate>.png` for a
+    /// runner-up), once written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
     /// The refined image (in memory until written).
@@ -460,6 +462,10 @@ pub struct EditReport {
     /// image and `edit_file` the pick at the edit's size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refine: Option<RefineRecord>,
+    /// With `refine_best` above 1: the next best finished candidates' refines, in rank
+    /// order (written to `refined/`; the pick's own is `refine`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runner_up_refines: Vec<RefineRecord>,
     /// The pick at the edit's size, when a refine replaced it as `final.png`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edit_file: Option<String>,

@@ -152,6 +152,7 @@ impl Engine {
             comparisons: Vec::new(),
             adaptive: None,
             refine: None,
+            runner_up_refines: Vec::new(),
             notes: Vec::new(),
             nfe: NfeLedger::default(),
             cached_phases: ForwardTally::default(),
@@ -202,6 +203,7 @@ struct EditRun<'a> {
     comparisons: Vec<ComparisonRecord>,
     adaptive: Option<AdaptiveRecord>,
     refine: Option<RefineRecord>,
+    runner_up_refines: Vec<RefineRecord>,
     notes: Vec<String>,
     nfe: NfeLedger,
     /// The forwards of the phases that may use the step cache.
@@ -359,20 +361,51 @@ impl EditRun<'_> {
         Ok(states)
     }
 
-    /// The hi-res refine of the pick: its final image upscaled to `width` (Lanczos), the
-    /// diptych `[source | upscaled pick]` prepared at that size (same prompt, same model),
-    /// the upscaled pick's latents noised to the sigma `refine_strength` starts at (seeded
-    /// by the pick's seed) and run to the end, decoded; with `refine_keep_unchanged` the
-    /// source is blended back where the edit changed nothing. Its forwards are counted
-    /// apart from the edit's NFE.
+    /// The hi-res refines: the pick's, then (with `refine_best` above 1) the next best
+    /// finished candidates', one after the other at batch 1. Every forward is counted in
+    /// the ledger's refine entries, apart from the edit's NFE.
     async fn refine(&mut self, width: u32, pick: &Pick) -> Result<(), EngineError> {
+        let record = self.refine_one(width, pick.index).await?;
+        self.count_refine(&record);
+        self.refine = Some(record);
+        let more = super::selection::runner_ups(
+            &self.candidates,
+            pick.index,
+            self.strategy.refine_best.saturating_sub(1),
+        );
+        if more.len() + 1 < self.strategy.refine_best {
+            self.notes.push(format!(
+                "refine_best {} asked for more refines than finished candidates: {} refined",
+                self.strategy.refine_best,
+                more.len() + 1
+            ));
+        }
+        for index in more {
+            let record = self.refine_one(width, index).await?;
+            self.count_refine(&record);
+            self.runner_up_refines.push(record);
+        }
+        Ok(())
+    }
+
+    fn count_refine(&mut self, record: &RefineRecord) {
+        self.nfe.refine += record.nfe;
+        self.nfe.refine_edit_step_equivalents += record.edit_step_equivalents;
+    }
+
+    /// The hi-res refine of candidate `index`: its final image upscaled to `width`
+    /// (Lanczos), the diptych `[source | upscaled edit]` prepared at that size (same prompt,
+    /// same model), the upscaled edit's latents noised to the sigma `refine_strength`
+    /// starts at (seeded by the candidate's seed) and run to the end, decoded; with
+    /// `refine_keep_unchanged` the source is blended back where the edit changed nothing.
+    async fn refine_one(&mut self, width: u32, index: usize) -> Result<RefineRecord, EngineError> {
         self.check_cancel()?;
         let started = Instant::now();
-        let picked = self.candidates[pick.index]
-            .images
-            .final_image
-            .clone()
-            .ok_or_else(|| EngineError::Strategy("the pick has no final image to refine".into()))?;
+        let candidate = &self.candidates[index];
+        let seed = candidate.seed;
+        let edited = candidate.images.final_image.clone().ok_or_else(|| {
+            EngineError::Strategy(format!("candidate {index} has no final image to refine"))
+        })?;
         let size = crate::edit::refine::refine_size(self.edit.panel_size(), width)?;
         let mut refine_edit = EditContext::new(
             self.edit.id.clone(),
@@ -381,12 +414,8 @@ impl EditRun<'_> {
         );
         refine_edit.meta = self.edit.meta.clone();
         refine_edit.original = self.edit.original.clone();
-        let init = crate::edit::refine::upscale(&picked, size);
-        let (strength, steps, seed) = (
-            self.strategy.refine_strength,
-            self.schedule.steps,
-            pick.seed,
-        );
+        let init = crate::edit::refine::upscale(&edited, size);
+        let (strength, steps) = (self.strategy.refine_strength, self.schedule.steps);
         let base_tokens = self.prepared.image_tokens;
         let progress = self.progress.clone();
         let cancel = self.cancel.clone();
@@ -427,16 +456,14 @@ impl EditRun<'_> {
         let mut image = refined;
         let mut kept_from_source = None;
         if self.strategy.refine_keep_unchanged {
-            let mask = crate::edit::refine::change_mask(&self.edit.source, &picked, size);
+            let mask = crate::edit::refine::change_mask(&self.edit.source, &edited, size);
             image = crate::edit::refine::blend_unchanged(&image, &self.edit.source_at(size), &mask);
             let kept = mask.pixels().filter(|m| m[0] == 0).count();
             kept_from_source = Some(kept as f32 / (size.0 * size.1) as f32);
         }
         let nfe = steps - start_step;
-        self.nfe.refine = nfe;
-        self.nfe.refine_edit_step_equivalents = nfe as f64 * step_cost;
-        self.refine = Some(RefineRecord {
-            candidate: pick.index,
+        Ok(RefineRecord {
+            candidate: index,
             seed,
             size,
             strength: self.strategy.refine_strength,
@@ -452,8 +479,7 @@ impl EditRun<'_> {
             seconds: started.elapsed().as_secs_f64(),
             file: None,
             image: Some(Arc::new(image)),
-        });
-        Ok(())
+        })
     }
 
     /// Notes what the step cache did, when the strategy has one.
@@ -973,6 +999,7 @@ impl EditRun<'_> {
             adaptive: self.adaptive,
             pick,
             refine: self.refine,
+            runner_up_refines: self.runner_up_refines,
             edit_file: None,
             pick_file: None,
             forwards,

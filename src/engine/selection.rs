@@ -136,6 +136,32 @@ pub fn tournament_decision(
     (challenger_votes <= champion_votes, decision)
 }
 
+/// The finished candidates after `pick`, best first, at most `n` of them: the ones a
+/// `refine_best` refines beside the pick. Ranked as [`pick_best`] ranks (VIE O, then screen
+/// score, then seed order), unscored ones after the scored.
+pub fn runner_ups(candidates: &[CandidateRecord], pick: usize, n: usize) -> Vec<usize> {
+    let key = |c: &CandidateRecord| {
+        (
+            c.overall().unwrap_or(f32::NEG_INFINITY),
+            c.last_screen_score().unwrap_or(f32::NEG_INFINITY),
+        )
+    };
+    let mut finished: Vec<usize> = candidates
+        .iter()
+        .filter(|c| c.index != pick && c.images.final_image.is_some())
+        .map(|c| c.index)
+        .collect();
+    finished.sort_by(|&a, &b| {
+        let (ka, kb) = (key(&candidates[a]), key(&candidates[b]));
+        kb.0.partial_cmp(&ka.0)
+            .unwrap_or(Ordering::Equal)
+            .then(kb.1.partial_cmp(&ka.1).unwrap_or(Ordering::Equal))
+            .then(a.cmp(&b))
+    });
+    finished.truncate(n);
+    finished
+}
+
 /// The returned edit among candidate indices `among`: the highest VIE O; ties go to the
 /// better screen score, then the lower index. If none could be scored, the first of
 /// `among` (which callers order by screening rank) is returned, with a note.

@@ -91,6 +91,10 @@ pub struct StrategyConfig {
     pub refine_strength: f64,
     /// Blend the source back, at full resolution, where the edit changed nothing.
     pub refine_keep_unchanged: bool,
+    /// How many of the best finished candidates are refined (1: the pick only). The pick's
+    /// refine is the returned edit; the runner-ups' are written beside it, one after the
+    /// other at batch 1 (the memory plan's refine phase holds for any count).
+    pub refine_best: usize,
     /// The step cache of completions (`none`, `fbc:0.12`, `taylorseer:interval=4,order=1`):
     /// survivors' completions, the full runs of `random` and `best-of-n` and the
     /// tournament's re-run start each candidate's cache afresh and may skip work with it;
@@ -116,6 +120,7 @@ impl Default for StrategyConfig {
             refine: None,
             refine_strength: DEFAULT_REFINE_STRENGTH,
             refine_keep_unchanged: false,
+            refine_best: 1,
             cache: StepCache::None,
         }
     }
@@ -127,6 +132,9 @@ impl Default for StrategyConfig {
 /// settled and detail is not. Chosen, not measured on real weights here (see
 /// docs/commands.md, `--refine`).
 pub const DEFAULT_REFINE_STRENGTH: f64 = 0.35;
+
+/// The most candidates one edit refines (`refine_best`): each is a full hi-res pass.
+pub const MAX_REFINE_BEST: usize = 16;
 
 /// An `f32` that JSON may hold as `null` (serde_json writes non-finite floats so): NaN.
 fn float_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
@@ -290,6 +298,27 @@ impl StrategyConfig {
                     "{} {} must be above 0 and at most 1 (the share of the schedule re-run)",
                     name(StrategyField::RefineStrength),
                     self.refine_strength
+                ),
+            );
+        }
+        if self.refine_best == 0 || self.refine_best > MAX_REFINE_BEST {
+            return bad(
+                StrategyField::RefineBest,
+                format!(
+                    "{} {} must be between 1 and {MAX_REFINE_BEST} (how many of the best finished candidates are refined)",
+                    name(StrategyField::RefineBest),
+                    self.refine_best
+                ),
+            );
+        }
+        if self.refine_best > 1 && self.refine.is_none() {
+            return bad(
+                StrategyField::RefineBest,
+                format!(
+                    "{} {} refines candidates only with {} WIDTH",
+                    name(StrategyField::RefineBest),
+                    self.refine_best,
+                    name(StrategyField::Refine)
                 ),
             );
         }
@@ -518,13 +547,15 @@ pub enum StrategyField {
     RefineStrength,
     /// The refine's blend of unchanged areas.
     RefineKeepUnchanged,
+    /// How many of the best candidates are refined.
+    RefineBest,
     /// The step cache of completions.
     Cache,
 }
 
 impl StrategyField {
     /// Every knob, in the order help and messages list them.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Kind,
         Self::Seeds,
         Self::ProbeSteps,
@@ -537,6 +568,7 @@ impl StrategyField {
         Self::Refine,
         Self::RefineStrength,
         Self::RefineKeepUnchanged,
+        Self::RefineBest,
         Self::Cache,
     ];
 
@@ -570,6 +602,7 @@ impl StrategyField {
             Self::Refine => "--refine",
             Self::RefineStrength => "--refine-strength",
             Self::RefineKeepUnchanged => "--refine-keep-unchanged",
+            Self::RefineBest => "--refine-best",
             Self::Cache => "--cache",
         }
     }
@@ -589,6 +622,7 @@ impl StrategyField {
             Self::Refine => "refine",
             Self::RefineStrength => "refine_strength",
             Self::RefineKeepUnchanged => "refine_keep_unchanged",
+            Self::RefineBest => "refine_best",
             Self::Cache => "cache",
         }
     }
@@ -717,6 +751,9 @@ pub struct StrategyOverrides {
     /// The refine's blend of unchanged areas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refine_keep_unchanged: Option<bool>,
+    /// How many of the best candidates are refined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine_best: Option<usize>,
     /// The step cache of completions (`none`, `fbc:0.12`, `taylorseer:interval=4,order=1`).
     #[serde(
         default,
@@ -769,6 +806,7 @@ impl StrategyOverrides {
         s.refine_keep_unchanged = self
             .refine_keep_unchanged
             .unwrap_or(s.refine_keep_unchanged);
+        s.refine_best = self.refine_best.unwrap_or(s.refine_best);
         s.cache = self.cache.unwrap_or(s.cache);
         if s.kind == StrategyKind::Random && s.seed_list.is_none() {
             s.seeds = 1;
@@ -824,6 +862,7 @@ mod tests {
             refine: Some(1024),
             refine_strength: Some(0.4),
             refine_keep_unchanged: Some(true),
+            refine_best: Some(2),
             cache: Some(StepCache::FirstBlock { threshold: 0.1 }),
         };
         let json = serde_json::to_value(&all).unwrap();

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use crate::edit::{panel_width_error, DEFAULT_PANEL_WIDTH};
+use crate::engine::strategy::StrategyField;
 use crate::engine::{Seeds, StrategyConfig, StrategyKind, StrategyOverrides, ValueSource};
 
 /// What the server accepts per request.
@@ -98,7 +99,7 @@ pub struct RawRequest {
 }
 
 /// OpenAI fields we accept and ignore (one model, PNG out, no moderation knobs).
-const IGNORED: &[&str] = &[
+pub const IGNORED: &[&str] = &[
     "model",
     "quality",
     "background",
@@ -107,8 +108,8 @@ const IGNORED: &[&str] = &[
     "moderation",
 ];
 
-/// Every field a request may carry.
-const KNOWN: &[&str] = &[
+/// Every field a request may carry (the image included), ignored ones apart.
+pub const KNOWN: &[&str] = &[
     "image",
     "prompt",
     "n",
@@ -132,6 +133,7 @@ const KNOWN: &[&str] = &[
     "refine",
     "refine_strength",
     "refine_keep_unchanged",
+    "refine_best",
     "cache",
     "live_previews",
 ];
@@ -436,13 +438,7 @@ impl EditRequest {
                 ));
             }
         }
-        let mut strategy = strategy(f, defaults, limits)?;
-        if let (Some(w), None) = (size_refine, f.get("refine")) {
-            strategy.refine = Some(w);
-            strategy
-                .check(&ValueSource::Request)
-                .map_err(|e| ApiError::bad_field("size", e.message.clone()))?;
-        }
+        let strategy = strategy(f, defaults, limits, size_refine)?;
         if let Some(refine) = strategy.refine.filter(|&r| r <= width) {
             return Err(ApiError::bad_field(
                 "refine",
@@ -466,10 +462,13 @@ impl EditRequest {
 
 /// The request's strategy: its fields over the defaults, sized to `budget_nfe`, checked
 /// (names as the request writes them) and held to the server's limits.
+/// The request's strategy: `defaults` with the fields given replacing its values. A `size`
+/// wider than the edit's panel refines to it (`size_refine`) unless `refine` is given.
 fn strategy(
     f: &BTreeMap<String, String>,
     defaults: &StrategyConfig,
     limits: &Limits,
+    size_refine: Option<u32>,
 ) -> Result<StrategyConfig, ApiError> {
     let opt = |name: &str| {
         f.get(name)
@@ -516,12 +515,18 @@ fn strategy(
         seed: opt("seed").map(|t| number("seed", t)).transpose()?,
         wave: opt("wave").map(|t| number("wave", t)).transpose()?,
         target: opt("target").map(|t| number("target", t)).transpose()?,
-        refine: opt("refine").map(|t| number("refine", t)).transpose()?,
+        refine: match opt("refine") {
+            Some(t) => Some(number("refine", t)?),
+            None => size_refine,
+        },
         refine_strength: opt("refine_strength")
             .map(|t| number("refine_strength", t))
             .transpose()?,
         refine_keep_unchanged: opt("refine_keep_unchanged")
             .map(|t| boolean("refine_keep_unchanged", t))
+            .transpose()?,
+        refine_best: opt("refine_best")
+            .map(|t| number("refine_best", t))
             .transpose()?,
         cache: opt("cache")
             .map(|t| {
@@ -546,8 +551,14 @@ fn strategy(
         // spend less, so the budget still holds as a cap.
         s.seeds = s.seeds.min(limits.max_seeds);
     }
-    s.check(&ValueSource::Request)
-        .map_err(|e| ApiError::bad_field(e.field.key(), e.message.clone()))?;
+    s.check(&ValueSource::Request).map_err(|e| {
+        // A refine the request did not name came from its `size`.
+        let field = match e.field {
+            StrategyField::Refine if opt("refine").is_none() => "size",
+            field => field.key(),
+        };
+        ApiError::bad_field(field, e.message.clone())
+    })?;
     if s.candidate_count() > limits.max_seeds {
         let field = if s.seed_list.is_some() {
             "seed_list"
@@ -599,6 +610,22 @@ mod tests {
         for field in StrategyField::ALL {
             assert!(KNOWN.contains(&field.key()), "{} is not read", field.key());
         }
+    }
+
+    #[test]
+    fn refine_best_goes_with_a_refine_from_refine_or_size() {
+        let r = parse(&[("prompt", "x"), ("size", "1024"), ("refine_best", "2")]).unwrap();
+        assert_eq!((r.strategy.refine, r.strategy.refine_best), (Some(1024), 2));
+        let r = parse(&[("prompt", "x"), ("refine", "768"), ("refine_best", "3")]).unwrap();
+        assert_eq!((r.strategy.refine, r.strategy.refine_best), (Some(768), 3));
+        let e = parse(&[("prompt", "x"), ("refine_best", "2")]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("refine_best"), "{e}");
+        assert!(
+            e.message.contains("`refine`") || e.message.contains("refine WIDTH"),
+            "{e}"
+        );
+        let e = parse(&[("prompt", "x"), ("size", "1024"), ("refine_best", "0")]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("refine_best"), "{e}");
     }
 
     #[test]

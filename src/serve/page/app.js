@@ -51,7 +51,7 @@
   };
   /** Optional request fields: form element id = API field name. */
   const KNOBS = ['strategy', 'seeds', 'probe_steps', 'keep', 'steps', 'seed', 'wave', 'target', 'size', 'budget_nfe',
-    'refine', 'refine_strength', 'refine_keep_unchanged', 'cache'];
+    'refine', 'refine_strength', 'refine_keep_unchanged', 'refine_best', 'cache'];
 
   // ---- the API -------------------------------------------------------------------------
 
