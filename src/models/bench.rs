@@ -50,20 +50,11 @@ impl SimpleBackend for RandomWeights {
 
 /// Normal(0, `std`) values of `shape` drawn from a generator seeded by `name`.
 fn seeded_normal(name: &str, std: f32, shape: Shape, dev: &Device) -> Result<Tensor> {
-    use rand::SeedableRng;
-    use rand_distr::Distribution;
     // FNV-1a of the name: stable across Rust versions, unlike the std hasher.
     let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     });
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let values: Vec<f32> = (0..shape.elem_count())
-        .map(|_| {
-            let x: f32 = rand_distr::StandardNormal.sample(&mut rng);
-            std * x
-        })
-        .collect();
-    Tensor::from_vec(values, shape, dev)
+    crate::generate::noise::seeded_noise(seed, shape.dims(), dev)? * std as f64
 }
 
 /// Seeds `device`'s random generator (CUDA, Metal) so random weights drawn there repeat

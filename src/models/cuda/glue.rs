@@ -399,20 +399,14 @@ mod tests {
             .unwrap()
     }
 
-    /// Seeded normal draws, so a failure reproduces (each call site its own seed).
+    /// Seeded normal draws, so a failure reproduces.
     fn randn(shape: &[usize], std: f64, dtype: DType) -> Tensor {
-        use rand::SeedableRng;
-        use rand_distr::Distribution;
         use std::sync::atomic::{AtomicU64, Ordering};
         thread_local!(static CALLS: AtomicU64 = const { AtomicU64::new(0) });
         // A per-thread call counter: libtest runs each test on a thread of its own, so a
         // test's draws do not depend on what runs beside it.
         let seed = CALLS.with(|c| c.fetch_add(1, Ordering::Relaxed));
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let normal = rand_distr::Normal::new(0f32, std as f32).unwrap();
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
-        Tensor::from_vec(values, shape, &Device::Cpu)
+        (crate::generate::noise::seeded_noise(seed, shape, &Device::Cpu).unwrap() * std)
             .unwrap()
             .to_dtype(dtype)
             .unwrap()
