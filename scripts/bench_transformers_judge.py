@@ -44,6 +44,16 @@ MODELS = {
         vision=dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, hidden_size=3584),
         mrope=[16, 24, 24],
     ),
+    # Qwen/Qwen2.5-VL-7B-Instruct config.json: the same decoder as Qwen2-VL-7B, a vision tower
+    # with a SwiGLU MLP, RMS norms and window attention (full in blocks 7, 15, 23, 31).
+    "qwen2.5-vl-7b": dict(
+        family="qwen2_5_vl",
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                    out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+        mrope=[16, 24, 24],
+    ),
     "small": dict(
         vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
@@ -53,6 +63,23 @@ MODELS = {
 }
 IMAGE, VSTART, VEND = 151655, 151652, 151653
 SMALL_IDS = (4093, 4094, 4095)
+
+
+def families():
+    """Config and model classes per model family."""
+    return {
+        "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+        "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
+    }
+
+
+def modeling(config):
+    """The transformers module that holds the family's rotary functions."""
+    if config.model_type == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as module
+    else:
+        from transformers.models.qwen2_vl import modeling_qwen2_vl as module
+    return module
 
 
 def build(name, dtype, device):
@@ -66,14 +93,15 @@ def build(name, dtype, device):
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": m["mrope"]},
         tie_word_embeddings=m["tie_word_embeddings"],
     )
-    config = Qwen2VLConfig(
+    config_class, model_class = families()[m.get("family", "qwen2_vl")]
+    config = config_class(
         text_config=text, vision_config=m["vision"], image_token_id=image,
         vision_start_token_id=vstart, vision_end_token_id=vend, **text,
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(config)
+        model = model_class(config)
     # Random values without the cost of each layer's init scheme.
     model = model.to_empty(device=device)
     for p in model.parameters():
@@ -181,11 +209,11 @@ def split_attention(totals, whole, order):
     return {stage: totals[stage] for stage in order}
 
 
-def vision_parts(visual, inputs, device):
+def vision_parts(visual, inputs, device, config):
     """Seconds per stage of one vision tower forward: patch embed, norms, qkv, rotary,
     attention (the rest of each attention module: head layout, SDPA, concatenation), proj,
     mlp, merger, and other (the whole minus those: position tables, residual adds)."""
-    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
+    qwen2_vl = modeling(config)
 
     timer = StageTimer(device)
     timer.watch(visual.patch_embed, "patch embed")
@@ -210,12 +238,12 @@ def vision_parts(visual, inputs, device):
     return split_attention(timer.totals, whole, order)
 
 
-def decoder_parts(model, inputs, device):
+def decoder_parts(model, inputs, device, config):
     """Seconds per stage of the text decoder inside one whole prefill: norms, qkv, rotary,
     attention (the rest of each attention module: head layout, cache, SDPA), proj, mlp, and
     other (the decoder's whole minus those: rotary tables, mask, residual adds). Also the
     decoder's whole, under "decoder"."""
-    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
+    qwen2_vl = modeling(config)
 
     language = model.model.language_model
     timer = StageTimer(device)
@@ -294,8 +322,8 @@ def main():
             lambda: visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]),
             a.iters, a.device,
         )
-        parts = vision_parts(visual, inputs, a.device)
-        text_s, decoder = decoder_parts(model, inputs, a.device)
+        parts = vision_parts(visual, inputs, a.device, config)
+        text_s, decoder = decoder_parts(model, inputs, a.device, config)
     result = dict(
         model=a.model, device=a.device, dtype=a.dtype, threads=a.threads,
         image_side=a.image_side, prompt_tokens=inputs["input_ids"].shape[1],
