@@ -1,5 +1,6 @@
-// Flash attention for FLUX's joint attention (see attention.rs): softmax(q k^T / sqrt(D)) v
-// without writing the scores to memory. Our own kernel, after the published algorithm
+// Flash attention for FLUX's joint attention and, further down, the Qwen-VL judge's
+// (judge_attention; see attention.rs): softmax(q k^T / sqrt(D)) v without writing the scores
+// to memory. Our own kernel, after the published algorithm
 // (Dao, "FlashAttention-2", 2023: query tiles held on chip, key/value tiles streamed, an
 // online softmax with the running max and sum per row).
 //
