@@ -1,8 +1,10 @@
-//! Which fused kernels the FLUX forward uses, for A/B runs and for the device check.
+//! Which fused kernels the FLUX forward and the Qwen-VL judge use, for A/B runs and for the
+//! device check.
 //!
 //! On CUDA every fused kernel is on unless the environment variable `ICEDIT_CUDA_FUSED`
 //! says otherwise: `all` (the default), `none`, or a comma-separated list of the kernels to
-//! use (`attention,modulate,gated_residual,qk_norm_rope`). `bench flux` turns a kernel off
+//! use (`attention,modulate,gated_residual,qk_norm_rope,judge_attention`; the last is the
+//! Qwen-VL judge's attention). `bench flux` turns a kernel off
 //! for the rest of its run when it fails its device check ([`disable`]).
 //!
 //! Off CUDA the fused kernels are never used, except inside [`forced`], which the device
@@ -28,15 +30,19 @@ pub enum Kernel {
     GatedResidual,
     /// Per-head q/k RMS norm + RoPE in the attention layout.
     QkNormRope,
+    /// The Qwen-VL judge's flash attention: the vision tower's segments and the decoder's
+    /// causal prefill (`attention::judge_attention`).
+    JudgeAttention,
 }
 
 impl Kernel {
     /// Every kernel, in the order the check reports them.
-    pub const ALL: [Kernel; 4] = [
+    pub const ALL: [Kernel; 5] = [
         Kernel::Attention,
         Kernel::Modulate,
         Kernel::GatedResidual,
         Kernel::QkNormRope,
+        Kernel::JudgeAttention,
     ];
 
     /// The name `ICEDIT_CUDA_FUSED` and the check's report use.
@@ -46,6 +52,7 @@ impl Kernel {
             Kernel::Modulate => "modulate",
             Kernel::GatedResidual => "gated_residual",
             Kernel::QkNormRope => "qk_norm_rope",
+            Kernel::JudgeAttention => "judge_attention",
         }
     }
 
@@ -60,7 +67,7 @@ pub struct Kernels(u8);
 
 impl Kernels {
     /// Every kernel.
-    pub const ALL: Kernels = Kernels(0b1111);
+    pub const ALL: Kernels = Kernels(0b11111);
     /// No kernel.
     pub const NONE: Kernels = Kernels(0);
 
@@ -150,7 +157,7 @@ pub fn forced<T>(kernels: Kernels, f: impl FnOnce() -> T) -> T {
 pub fn use_kernel(kernel: Kernel, xs: &Tensor) -> bool {
     let dtype_ok = match xs.dtype() {
         DType::BF16 | DType::F16 => true,
-        DType::F32 => kernel != Kernel::Attention,
+        DType::F32 => !matches!(kernel, Kernel::Attention | Kernel::JudgeAttention),
         _ => false,
     };
     if !dtype_ok {

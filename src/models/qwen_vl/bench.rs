@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -14,7 +14,9 @@ use super::config::Qwen2VlConfig;
 use super::image::PreparedImage;
 use super::model::{EncodedPrompt, KeyLayout, Qwen2Vl};
 use super::side_by_side::{prompt_mismatch, run_rounds, ReferenceProcess, SideBySide};
-use crate::models::bench::{timed, RandomWeights};
+use crate::models::bench::{timed, timed_after, RandomWeights};
+use crate::models::cuda::attention as flash;
+use crate::models::cuda::switch::{self, Kernel};
 
 /// Built-in configurations, as on the Hub (`small` is a CPU-sized stand-in).
 pub const MODELS: [&str; 5] = [
@@ -134,6 +136,8 @@ pub struct BatchTiming {
 /// The benchmark's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct JudgeBenchResult {
+    /// The judge's flash attention checked against the unfused path, before the timings.
+    pub attention_check: AttentionCheck,
     /// Model parameters.
     pub parameters: usize,
     /// Tokens per prompt (text + both images).
@@ -243,6 +247,7 @@ impl JudgeBenchResult {
             "\nOne prompt's prefill: {:.3} s in the vision tower (both images, timed alone), {:.3} s in the text decoder over all tokens (inside a profiled prefill). One answer token after the prefill (KV cache): {:.4} s.\n",
             self.vision_s, self.text_s, self.step_s
         ));
+        md.push_str(&self.attention_check.markdown());
         if let Some(r) = &self.reference {
             md.push_str(&format!(
                 "\n| one prompt's prefill | ours (s) | transformers {} ({}) (s) | ours / transformers |\n|---|---|---|---|\n| whole | {:.3} | {:.3} | {:.2}x |\n| vision tower | {:.3} | {:.3} | {:.2}x |\n| text decoder | {:.3} | {:.3} | {:.2}x |\n",
@@ -306,6 +311,245 @@ fn parts_markdown(
     md
 }
 
+/// The judge's flash attention against candle's unfused attention at this run's shapes
+/// ([`attention_check`]), run before anything is timed.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttentionCheck {
+    /// One row per shape.
+    pub rows: Vec<AttentionCheckRow>,
+    /// Shapes not checked because the kernel is not built for their head dim (they take the
+    /// plain path), e.g. `vision: head dim 32`.
+    pub not_built: Vec<String>,
+    /// Whether a row failed and the kernel was turned off for the timings.
+    pub disabled: bool,
+    /// Whether the model's forwards use the kernel in this run (CUDA, bf16 / f16, on in
+    /// `ICEDIT_CUDA_FUSED` and passing).
+    pub in_use: bool,
+}
+
+/// One shape: the kernel against the unfused path on the same random inputs.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttentionCheckRow {
+    /// Which attention (`vision frames`, `vision windows`, `decoder prefill`, ...).
+    pub name: String,
+    /// The inputs' shape, masking and dtype.
+    pub shape: String,
+    /// Largest |kernel - unfused|.
+    pub max_abs_diff: f32,
+    /// Largest |unfused| (the scale the tolerance is relative to).
+    pub max_abs_ref: f32,
+    /// The bound: relative tolerance (bf16 1/32, f16 1/256) x `max_abs_ref`.
+    pub tolerance: f32,
+    /// `max_abs_diff <= tolerance` (and finite).
+    pub pass: bool,
+    /// Milliseconds per call, kernel (CUDA only, and only when it passed).
+    pub kernel_ms: Option<f64>,
+    /// Milliseconds per call, unfused (CUDA only, and only when the kernel passed).
+    pub unfused_ms: Option<f64>,
+}
+
+impl AttentionCheck {
+    /// The check as a markdown section.
+    pub fn markdown(&self) -> String {
+        let ms = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.3}"));
+        let mut md = String::from(
+            "\nJudge flash attention against candle's unfused attention on the same random inputs (pass: max |diff| <= tolerance = relative bound x max |unfused|; a failing kernel is turned off before anything is timed):\n\n| attention | inputs | max abs diff | tolerance | pass | kernel (ms) | unfused (ms) | unfused / kernel |\n|---|---|---|---|---|---|---|---|\n",
+        );
+        for r in &self.rows {
+            let ratio = match (r.kernel_ms, r.unfused_ms) {
+                (Some(k), Some(u)) => format!("{:.2}x", u / k),
+                _ => "-".into(),
+            };
+            md.push_str(&format!(
+                "| {} | {} | {:.3e} | {:.3e} | {} | {} | {} | {ratio} |\n",
+                r.name,
+                r.shape,
+                r.max_abs_diff,
+                r.tolerance,
+                if r.pass { "pass" } else { "FAIL" },
+                ms(r.kernel_ms),
+                ms(r.unfused_ms),
+            ));
+        }
+        for n in &self.not_built {
+            md.push_str(&format!(
+                "\nNot built for {n}: that attention takes the plain path.\n"
+            ));
+        }
+        md.push_str(match (self.disabled, self.in_use) {
+            (true, _) => "\nA check failed: the kernel is off for this run's timings.\n",
+            (false, true) => "\nThis run's timings use the kernel.\n",
+            (false, false) => "\nThis run's timings do not use the kernel (not CUDA bf16/f16, or off in ICEDIT_CUDA_FUSED).\n",
+        });
+        md
+    }
+}
+
+/// Checks the judge's flash attention against candle's unfused attention at the bench's
+/// shapes: the vision tower (its heads and head dim, the two images of a screening prompt
+/// as frames, and as 64-patch windows with a ragged tail; v read inside a qkv-shaped
+/// tensor as the tower passes it) and the decoder (its query and key/value heads, a causal
+/// prefill of the prompt's tokens, at least 1200 on a GPU, and the last quarter of them
+/// after the rest are cached). Off CUDA the kernel side is its CPU reference; an f32 bench
+/// checks in bf16. On CUDA each passing shape is timed (1 warm-up + 5 calls) and a failure
+/// turns the kernel off for the rest of the run.
+pub fn attention_check(bench: &JudgeBench) -> candle_core::Result<AttentionCheck> {
+    let (dev, c) = (&bench.device, &bench.config);
+    let dtype = match bench.dtype {
+        DType::F16 => DType::F16,
+        _ => DType::BF16,
+    };
+    let rel = if dtype == DType::F16 {
+        1.0 / 256.0
+    } else {
+        1.0 / 32.0
+    };
+    let randn =
+        |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype);
+    let mut rows = Vec::new();
+    let mut not_built = Vec::new();
+    let mut check = |name: &str,
+                     shape: String,
+                     q: &Tensor,
+                     k: &Tensor,
+                     v: &Tensor,
+                     visibility: flash::Visibility|
+     -> candle_core::Result<()> {
+        let kernel = || flash::judge_attention(q, k, v, visibility);
+        let unfused = || flash::judge_unfused(q, k, v, visibility);
+        let (a, b) = (
+            kernel()?.to_dtype(DType::F32)?,
+            unfused()?.to_dtype(DType::F32)?,
+        );
+        let max = |t: &Tensor| t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>();
+        let finite = a.sum_all()?.to_scalar::<f32>()?.is_finite();
+        let diff = if finite { max(&(&a - &b)?)? } else { f32::NAN };
+        let scale = max(&b)?;
+        let tolerance = rel * scale;
+        let pass = diff <= tolerance;
+        let (kernel_ms, unfused_ms) = if dev.is_cuda() && pass {
+            (
+                Some(timed_after(dev, 1, 5, kernel)? * 1e3),
+                Some(timed_after(dev, 1, 5, unfused)? * 1e3),
+            )
+        } else {
+            (None, None)
+        };
+        tracing::info!(
+            name,
+            diff,
+            tolerance,
+            pass,
+            ?kernel_ms,
+            ?unfused_ms,
+            "judge attention check"
+        );
+        rows.push(AttentionCheckRow {
+            name: name.into(),
+            shape,
+            max_abs_diff: diff,
+            max_abs_ref: scale,
+            tolerance,
+            pass,
+            kernel_ms,
+            unfused_ms,
+        });
+        Ok(())
+    };
+
+    // The vision tower: two images' patches, as the screening prompt has them.
+    let v = &c.vision;
+    let (heads, hd) = (v.num_heads, v.head_dim());
+    if flash::judge_supports(hd, dtype) {
+        let unit = v.patch_size * v.spatial_merge_size;
+        let side = (bench.image_side / unit).max(1) * v.spatial_merge_size;
+        let frame = side * side;
+        let n = 2 * frame;
+        let qkv = randn((n, 3, heads, hd))?;
+        let part = |i: usize| {
+            qkv.narrow(1, i, 1)?
+                .squeeze(1)?
+                .transpose(0, 1)?
+                .unsqueeze(0)
+        };
+        // q and k packed (the rotary's output), v a view inside qkv.
+        let (q, k, vv) = (part(0)?.contiguous()?, part(1)?.contiguous()?, part(2)?);
+        let frames = [0, frame, n];
+        let mut windows = vec![0];
+        for f in 0..2 {
+            let end = (f + 1) * frame;
+            while *windows.last().unwrap() < end {
+                let next = (windows.last().unwrap() + 64).min(end);
+                windows.push(next);
+            }
+        }
+        for (name, segments) in [
+            ("vision frames", &frames[..]),
+            ("vision windows", &windows[..]),
+        ] {
+            let shape = format!(
+                "[1, {heads}, {n}, {hd}], {} segments (longest {}), {dtype:?}",
+                segments.len() - 1,
+                segments.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+            );
+            let visibility = flash::Visibility {
+                segments: Some(segments),
+                causal: false,
+            };
+            check(name, shape, &q, &k, &vv, visibility)?;
+        }
+    } else {
+        not_built.push(format!("the vision tower's head dim {hd}"));
+    }
+
+    // The decoder: a causal prefill with grouped heads, and one after a cached prefix.
+    let t = &c.text;
+    let (heads, kv_heads, hd) = (t.num_attention_heads, t.num_key_value_heads, t.head_dim());
+    if flash::judge_supports(hd, dtype) {
+        let tokens = prompt(c, bench.image_side, bench.text_tokens, 0).ids.len();
+        let len = if dev.is_cuda() {
+            tokens.max(1200)
+        } else {
+            tokens
+        };
+        let (k, vv) = (
+            randn((1, kv_heads, len, hd))?,
+            randn((1, kv_heads, len, hd))?,
+        );
+        let q = randn((1, heads, len, hd))?;
+        let causal = flash::Visibility {
+            segments: None,
+            causal: true,
+        };
+        let shape = format!(
+            "q [1, {heads}, {len}, {hd}], k/v [1, {kv_heads}, {len}, {hd}], causal, {dtype:?}"
+        );
+        check("decoder prefill", shape, &q, &k, &vv, causal)?;
+        let new = (len / 4).max(1);
+        let q = q.narrow(2, len - new, new)?.contiguous()?;
+        let shape = format!(
+            "q [1, {heads}, {new}, {hd}] after {} cached, k/v [1, {kv_heads}, {len}, {hd}], causal, {dtype:?}",
+            len - new
+        );
+        check("decoder prefill after a cache", shape, &q, &k, &vv, causal)?;
+    } else {
+        not_built.push(format!("the decoder's head dim {hd}"));
+    }
+
+    let disabled = rows.iter().any(|r| !r.pass);
+    if disabled {
+        switch::disable(Kernel::JudgeAttention);
+    }
+    let probe = Tensor::zeros(1, bench.dtype, dev)?;
+    let in_use = !rows.is_empty() && switch::use_kernel(Kernel::JudgeAttention, &probe);
+    Ok(AttentionCheck {
+        rows,
+        not_built,
+        disabled,
+        in_use,
+    })
+}
+
 /// A screening-shaped prompt: text, two images (source and preview), text.
 fn prompt(config: &Qwen2VlConfig, side: usize, text_tokens: usize, seed: u32) -> EncodedPrompt {
     let v = &config.vision;
@@ -351,6 +595,8 @@ pub fn run(
         .as_deref()
         .map(ReferenceProcess::spawn)
         .transpose()?;
+    // Before anything is timed: a failing kernel is turned off for the timings.
+    let attention_check = attention_check(bench)?;
     let start = Instant::now();
     let random = RandomWeights::default();
     let counter = random.elements.clone();
@@ -441,6 +687,7 @@ pub fn run(
         _ => None,
     };
     Ok(JudgeBenchResult {
+        attention_check,
         parameters,
         prompt_tokens: prompts[0].ids.len(),
         load_s,
@@ -487,6 +734,12 @@ mod tests {
             .iter()
             .all(|b| b.batched_s > 0.0 && b.speedup > 0.0));
         assert!(result.parameters > 1_000_000);
+        // The small config's vision heads (32 wide) are not built; its decoder's (64) are.
+        let check = &result.attention_check;
+        assert_eq!(check.not_built, ["the vision tower's head dim 32"]);
+        assert_eq!(check.rows.len(), 2);
+        assert!(check.rows.iter().all(|r| r.pass), "{check:?}");
+        assert!(!check.disabled && !check.in_use);
         assert!(result.vision_s > 0.0 && result.vision_s.is_finite());
         // The profile names the stages the reference script names, each timed.
         let stages: Vec<&str> = result
@@ -570,5 +823,108 @@ mod tests {
         assert!(md.contains(&row), "{md}");
         // A stage the reference did not time is shown without a ratio.
         assert!(md.contains("| qkv | ") && md.contains(" | - | - |"), "{md}");
+    }
+
+    /// A Qwen2.5-VL of the 7B's head dims (vision 80 with windows, decoder 128 with grouped
+    /// heads), small in every other way.
+    fn head_dims_of_the_7b() -> Qwen2VlConfig {
+        let config = json!({"model_type": "qwen2_5_vl", "vocab_size": 4096, "hidden_size": 256,
+            "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "rope_scaling": {"mrope_section": [16, 24, 24]},
+            "vision_config": {"depth": 2, "hidden_size": 160, "intermediate_size": 256,
+                "num_heads": 2, "out_hidden_size": 256, "window_size": 112,
+                "fullatt_block_indexes": [1]},
+            "image_token_id": 4093, "vision_start_token_id": 4094, "vision_end_token_id": 4095});
+        Qwen2VlConfig::from_json(&config).unwrap()
+    }
+
+    #[test]
+    fn the_attention_check_covers_the_7b_head_dims_on_the_cpu_reference() {
+        let bench = JudgeBench {
+            config: head_dims_of_the_7b(),
+            image_side: 224,
+            text_tokens: 20,
+            batches: vec![1],
+            iters: 1,
+            dtype: DType::BF16,
+            device: Device::Cpu,
+            versus: None,
+            rounds: 0,
+        };
+        let check = attention_check(&bench).unwrap();
+        let names: Vec<&str> = check.rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "vision frames",
+                "vision windows",
+                "decoder prefill",
+                "decoder prefill after a cache"
+            ]
+        );
+        assert!(
+            check.rows.iter().all(|r| r.pass && r.kernel_ms.is_none()),
+            "{check:?}"
+        );
+        assert!(check.not_built.is_empty() && !check.disabled);
+        // Two 224 px images: 256 patches each, as 64-patch windows.
+        assert!(check.rows[1]
+            .shape
+            .contains("[1, 2, 512, 80], 8 segments (longest 64)"));
+        let md = check.markdown();
+        assert!(
+            md.contains("| vision windows |") && md.contains("| pass |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn the_model_with_the_judge_kernel_matches_the_plain_path() {
+        // bf16 on the CPU: the kernel's CPU reference through the model's wiring (the
+        // tower's v read inside qkv, windows and frames; the decoder's causal prefill, also
+        // after a cached prompt) against the tensor path.
+        let config = head_dims_of_the_7b();
+        let vb =
+            VarBuilder::from_backend(Box::new(RandomWeights::default()), DType::BF16, Device::Cpu);
+        let model = Qwen2Vl::new(&config, KeyLayout::Classic, vb).unwrap();
+        let p = prompt(&config, 224, 20, 0);
+        let run = |kernels: switch::Kernels| {
+            // Forced on this thread: the forward enters rayon's pool, so start there.
+            rayon::scope(|_| {
+                switch::forced(kernels, || {
+                    let (logits, mut sessions) = model.prefill(std::slice::from_ref(&p))?;
+                    let after = model.extend(&mut sessions[0], &[5, 6, 7])?;
+                    Ok::<_, candle_core::Error>((logits, after))
+                })
+            })
+            .unwrap()
+        };
+        let on = run(switch::Kernels::parse("judge_attention").unwrap());
+        let off = run(switch::Kernels::NONE);
+        for (a, b) in [(&on.0, &off.0), (&on.1, &off.1)] {
+            let scale = b
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            eprintln!("judge kernel vs plain: max diff {diff}, max |logit| {scale}");
+            // The paths round differently (the plain one rounds its scores to bf16): a zero
+            // difference would mean the kernel was never reached.
+            assert!(diff > 0.0 && diff <= scale / 32.0, "{diff} vs {scale}");
+        }
     }
 }

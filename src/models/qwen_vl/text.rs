@@ -14,8 +14,10 @@ use candle_nn::{
 use super::config::TextConfig;
 use crate::models::activation::Activation;
 use crate::models::bench::{lap, StageClock};
-use crate::models::cpu;
+use crate::models::cuda::attention as flash;
+use crate::models::cuda::switch::Kernel;
 use crate::models::linear as biased_linear;
+use crate::models::{cpu, cuda};
 
 /// Position ids of a batch: `ids[b][s]` = (temporal, height, width).
 pub type Positions = Vec<Vec<[i64; 3]>>;
@@ -176,7 +178,8 @@ impl Attention {
     }
 
     /// `xs`: `[b, s, hidden]`; `rope`: cos/sin `[b, s, head_dim/2]`; `mask`: `[s, past + s]`,
-    /// the causal mask (the fused CPU path applies causality itself and ignores it).
+    /// the causal mask (the fused CPU path and the GPU's flash prefill apply causality
+    /// themselves and ignore it).
     /// `clock` is charged qkv, rotary, attention and proj.
     fn forward(
         &self,
@@ -220,6 +223,23 @@ impl Attention {
         let k = apply_rope(&k, rope)?;
         lap(clock, "rotary")?;
         let (k, v) = cache.append(layer, k, v)?;
+        if s > 1
+            && cuda::switch::use_kernel(Kernel::JudgeAttention, &q)
+            && flash::judge_supports(self.head_dim, q.dtype())
+        {
+            // A prefill on the GPU: flash attention, causal after the cached prefix, grouped
+            // heads read in place, out already [b, s, heads * hd]. (A decode step's one row
+            // per prompt keeps the tensor path.)
+            let visibility = flash::Visibility {
+                segments: None,
+                causal: true,
+            };
+            let out = flash::judge_attention(&q, &k, &v, visibility)?;
+            lap(clock, "attention")?;
+            let out = self.o_proj.forward(&out)?;
+            lap(clock, "proj")?;
+            return Ok(out);
+        }
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = if [&q, &k, &v].iter().all(|t| cpu::is_dense_cpu_f32(t)) {
             // On the CPU in f32 the fused kernel: only the keys each row may see are

@@ -17,6 +17,8 @@ use candle_nn::{layer_norm, linear, LayerNorm, Linear, RmsNorm, VarBuilder};
 use super::config::{Family, VisionConfig};
 use crate::models::activation::Activation;
 use crate::models::bench::{lap, StageClock};
+use crate::models::cuda::attention as flash;
+use crate::models::cuda::switch::Kernel;
 use crate::models::linear as biased_linear;
 use crate::models::{cpu, cuda};
 
@@ -191,20 +193,40 @@ impl Block {
             self.head_dim,
         ))?;
         lap(clock, "qkv")?;
-        let part = |i: usize, dtype: DType| -> Result<Tensor> {
+        // [1, heads, n, hd] views of the three parts.
+        let view = |i: usize| -> Result<Tensor> {
             qkv.narrow(1, i, 1)?
                 .squeeze(1)?
                 .transpose(0, 1)?
-                .unsqueeze(0)?
-                .to_dtype(dtype)?
-                .contiguous()
+                .unsqueeze(0)
         };
-        // RoPE in f32 as the reference does; the softmax scale goes on q (n x hd values)
-        // rather than on the scores (n x n per head).
+        let part =
+            |i: usize, dtype: DType| -> Result<Tensor> { view(i)?.to_dtype(dtype)?.contiguous() };
+        // RoPE in f32 as the reference does.
+        let q = candle_nn::rotary_emb::rope(&part(0, DType::F32)?, &rope.0, &rope.1)?;
+        let k = candle_nn::rotary_emb::rope(&part(1, DType::F32)?, &rope.0, &rope.1)?;
+        if cuda::switch::use_kernel(Kernel::JudgeAttention, xs)
+            && flash::judge_supports(self.head_dim, dtype)
+        {
+            // Flash attention over every segment in one launch: v read in place from the
+            // qkv output, the scale applied to the scores, out already [1, n, d].
+            let (q, k) = (q.to_dtype(dtype)?, k.to_dtype(dtype)?);
+            lap(clock, "rotary")?;
+            let visibility = flash::Visibility {
+                segments: Some(segments),
+                causal: false,
+            };
+            let out = flash::judge_attention(&q, &k, &view(2)?, visibility)?.reshape((n, d))?;
+            lap(clock, "attention")?;
+            let out = biased_linear::forward(&self.proj, &out)?;
+            lap(clock, "proj")?;
+            return Ok(out);
+        }
+        // The softmax scale goes on q (n x hd values) rather than on the scores (n x n per
+        // head).
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = (candle_nn::rotary_emb::rope(&part(0, DType::F32)?, &rope.0, &rope.1)? * scale)?
-            .squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope(&part(1, DType::F32)?, &rope.0, &rope.1)?.squeeze(0)?;
+        let q = (q * scale)?.squeeze(0)?;
+        let k = k.squeeze(0)?;
         // v skips the rotary: f32 only for the CPU kernel, which reads f32 (a GPU runs the
         // products in the model dtype, so an f32 copy there would be cast straight back).
         let v_dtype = if xs.device().is_cpu() {
