@@ -520,10 +520,7 @@ mod launch {
 
     use super::JudgeAttention;
 
-    // The same PTX and module name as FLUX's launch (`fused_launch.rs`): a device loads the
-    // module once, whichever kernel asks first.
-    const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/icedit_flash.ptx"));
-    const FLASH_MODULE: &str = "icedit_flash";
+    use super::super::ptx::{FLASH as FLASH_PTX, FLASH_MODULE};
 
     /// (batch, head, row) strides of a `[B, H, L, D]` layout, in elements, as the kernel
     /// takes them; refuses what it cannot read (the caller aligned them).

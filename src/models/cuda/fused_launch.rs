@@ -9,10 +9,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
-const KERNELS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/icedit_kernels.ptx"));
-const KERNELS_MODULE: &str = "icedit_kernels";
-const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/icedit_flash.ptx"));
-const FLASH_MODULE: &str = "icedit_flash";
+use super::ptx::{FLASH as FLASH_PTX, FLASH_MODULE, KERNELS as KERNELS_PTX, KERNELS_MODULE};
 
 /// The contiguous elements `layout` covers in `storage`, as `T`.
 fn view<'a, T: CudaDType>(storage: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {

@@ -28,6 +28,8 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 mod fused_launch;
 pub mod glue;
+#[cfg(feature = "cuda")]
+mod ptx;
 pub mod switch;
 
 use candle_core::{DType, Result, Tensor, D};
@@ -160,8 +162,7 @@ mod launch {
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/icedit_kernels.ptx"));
-    const MODULE: &str = "icedit_kernels";
+    use super::ptx::{KERNELS as PTX, KERNELS_MODULE as MODULE};
 
     /// Evaluates `$body` with `$T` the element type of `$dtype` and `$name` the kernel
     /// `"{$base}_{f32|f16|bf16}"` (kernels.cu instantiates each kernel per dtype under

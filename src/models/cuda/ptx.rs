@@ -1,0 +1,11 @@
+//! The PTX build.rs compiles from our `.cu` files, each included once in the binary, with
+//! the module name a device loads it under (once, whichever kernel asks first).
+
+/// `kernels.cu`: the scaled softmax, the row-bias add and the FLUX glue kernels.
+pub const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/icedit_kernels.ptx"));
+/// [`KERNELS`]' module name.
+pub const KERNELS_MODULE: &str = "icedit_kernels";
+/// `flash.cu`: FLUX's and the judge's flash attention.
+pub const FLASH: &str = include_str!(concat!(env!("OUT_DIR"), "/icedit_flash.ptx"));
+/// [`FLASH`]' module name.
+pub const FLASH_MODULE: &str = "icedit_flash";
