@@ -54,7 +54,7 @@ fn seeded_normal(name: &str, std: f32, shape: Shape, dev: &Device) -> Result<Ten
     let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     });
-    crate::generate::noise::seeded_noise(seed, shape.dims(), dev)? * std as f64
+    crate::models::noise::seeded_noise(seed, shape.dims(), dev)? * std as f64
 }
 
 /// Seeds `device`'s random generator (CUDA, Metal) so random weights drawn there repeat

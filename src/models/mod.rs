@@ -16,6 +16,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod flux;
 pub mod linear;
+pub mod noise;
 pub mod qwen_vl;
 pub mod step_cache;
 pub mod taef1;

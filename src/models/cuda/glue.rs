@@ -406,7 +406,7 @@ mod tests {
         // A per-thread call counter: libtest runs each test on a thread of its own, so a
         // test's draws do not depend on what runs beside it.
         let seed = CALLS.with(|c| c.fetch_add(1, Ordering::Relaxed));
-        (crate::generate::noise::seeded_noise(seed, shape, &Device::Cpu).unwrap() * std)
+        (crate::models::noise::seeded_noise(seed, shape, &Device::Cpu).unwrap() * std)
             .unwrap()
             .to_dtype(dtype)
             .unwrap()
