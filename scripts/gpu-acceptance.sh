@@ -11,9 +11,9 @@
 #      ICEDIT_CUDA_FUSED=none (the A/B of the fused kernels, step flux-dense-unfused);
 #   2. diffusers' FluxTransformer2DModel, same configuration, shapes and dtype (torch SDPA),
 #      for the same batches (scripts/bench_diffusers_flux.py);
-#   3. `bench judge` for Qwen2.5-VL-7B, and one Qwen2-VL-7B prefill against transformers'
-#      (scripts/bench_transformers_judge.py, same prompt; Qwen2-VL is the family the
-#      script covers); each first checks the judge's flash attention against candle's
+#   3. `bench judge` for Qwen2.5-VL-7B, and the Qwen2-VL-7B and Qwen2.5-VL-7B prefills
+#      against transformers' (scripts/bench_transformers_judge.py --serve, same prompt,
+#      JUDGE_ROUNDS [5] alternating rounds, the median ratio); each first checks the judge's flash attention against candle's
 #      unfused attention at full size (vision frames and windows, head dim 80; the
 #      decoder's causal prefill, GQA, head dim 128) and times both, turning a failing
 #      kernel off (the report's "Judge flash attention" section);
@@ -44,7 +44,7 @@
 #            the report, the script goes on) [0 = no limit]. LIMIT_<step> overrides it for
 #            one step: LIMIT_kernel_check, LIMIT_flux_dense, LIMIT_flux_dense_unfused, LIMIT_flux_q8_0, LIMIT_flux_q4_k,
 #            LIMIT_flux_q8_0_kernels, LIMIT_flux_q4_k_kernels, LIMIT_diffusers,
-#            LIMIT_judge, LIMIT_transformers_judge, LIMIT_judge_vs_transformers, LIMIT_edit, LIMIT_refine,
+#            LIMIT_judge, LIMIT_judge_vs_transformers_qwen2_vl_7b, LIMIT_judge_vs_transformers_qwen2_5_vl_7b, LIMIT_edit, LIMIT_refine,
 #            LIMIT_flux_cache, LIMIT_diffusers_cache.
 #            A lease of device time is short: one slow step must not cost the others their
 #            turn.
@@ -100,7 +100,7 @@ TOTAL_LIMIT=${TOTAL_LIMIT:-0}
 step() {
   local name=$1
   shift
-  local limit_var="LIMIT_${name//-/_}"
+  local limit_var="LIMIT_${name//[^A-Za-z0-9_]/_}"
   local limit=${!limit_var:-$STEP_LIMIT}
   if [[ $TOTAL_LIMIT != 0 ]]; then
     local left=$((TOTAL_LIMIT - SECONDS - 20))
@@ -169,19 +169,22 @@ fi
 step judge "$BIN" bench judge --model "$JUDGE" --device "$DEVICE" --dtype "$DTYPE" \
   --batch "$BATCHES" --out "$OUT/judge"
 
-# One screening prompt (two 448 px images + 150 text tokens) through both implementations.
-TF_JUDGE=qwen2-vl-7b
-[[ $SIZE == small ]] && TF_JUDGE=small
+# One screening prompt (two 448 px images + 150 text tokens) through both implementations,
+# for both 7B families, in alternating rounds while both models stay loaded (`bench judge
+# --versus`: the verdict is the median of the per-round ratios, JUDGE_ROUNDS of them).
+TF_JUDGES="qwen2-vl-7b qwen2.5-vl-7b"
+[[ $SIZE == small ]] && TF_JUDGES=small
 if "$PYTHON" -c "import torch, transformers" >/dev/null 2>&1; then
-  step transformers-judge "$PYTHON" scripts/bench_transformers_judge.py --model "$TF_JUDGE" \
-    --device "$DEVICE" --dtype "$DTYPE" --image-side 448 --text-tokens 150 --iters "$ITERS" \
-    --out "$OUT/transformers-judge.json"
-  step judge-vs-transformers "$BIN" bench judge --model "$TF_JUDGE" --device "$DEVICE" \
-    --dtype "$DTYPE" --image-side 448 --text-tokens 150 --batch 1 --iters "$ITERS" \
-    --reference "$OUT/transformers-judge.json" --out "$OUT/judge-vs-transformers"
+  for tf in $TF_JUDGES; do
+    step "judge-vs-transformers-$tf" "$BIN" bench judge --model "$tf" --device "$DEVICE" \
+      --dtype "$DTYPE" --image-side 448 --text-tokens 150 --batch 1 --iters 1 \
+      --rounds "${JUDGE_ROUNDS:-5}" --versus "$PYTHON scripts/bench_transformers_judge.py --serve \
+--model $tf --device $DEVICE --dtype $DTYPE --image-side 448 --text-tokens 150" \
+      --out "$OUT/judge-vs-transformers-$tf"
+  done
 else
-  echo "== transformers-judge: $PYTHON lacks torch or transformers; skipped"
-  printf 'transformers-judge\tskipped\t0\n' >>"$OUT/steps.tsv"
+  echo "== judge-vs-transformers: $PYTHON lacks torch or transformers; skipped"
+  printf 'judge-vs-transformers\tskipped\t0\n' >>"$OUT/steps.tsv"
 fi
 
 # The plan of the measured configuration (full size: no weights named = FLUX.1 Fill).
@@ -325,11 +328,13 @@ for f, r in runs.items():
     if not r:
         md += ["", f"bench flux `{f}` failed:", "", "```", tail(f"flux-{f}"), "```"]
 
-md += ["", "## Judge flash attention: device check (steps judge, judge-vs-transformers)", "",
+vs_names = sorted(n for n in os.listdir(out) if n.startswith("judge-vs-transformers-")
+                  and os.path.isdir(os.path.join(out, n)))
+md += ["", "## Judge flash attention: device check (steps judge, judge-vs-transformers-*)", "",
        "`bench judge` checks the judge's flash attention against candle's unfused attention "
        "before it times anything (the full tables are in the sections below); a failing check "
        "turns the kernel off for that run.", ""]
-for name in ("judge", "judge-vs-transformers"):
+for name in ["judge"] + vs_names:
     ac = (load(f"{name}/judge.json") or {}).get("attention_check")
     if not ac:
         md.append(f"- {name}: no check recorded (the step failed or was skipped)")
@@ -349,11 +354,13 @@ try:
     md.append(open(os.path.join(out, "judge/judge.md")).read())
 except OSError:
     md += ["bench judge failed:", "", "```", tail("judge"), "```"]
-md += ["", "## Judge prefill against transformers (Qwen2-VL, one screening prompt)", ""]
-try:
-    md.append(open(os.path.join(out, "judge-vs-transformers/judge.md")).read())
-except OSError:
-    md += ["not measured:", "", "```", tail("transformers-judge"), tail("judge-vs-transformers"), "```"]
+for name in vs_names or ["judge-vs-transformers"]:
+    md += ["", f"## Judge prefill against transformers ({name[len('judge-vs-transformers-'):] or 'not run'}, "
+           "one screening prompt, alternating rounds)", ""]
+    try:
+        md.append(open(os.path.join(out, name, "judge.md")).read())
+    except OSError:
+        md += ["not measured:", "", "```", tail(name), "```"]
 
 md += ["", "## Memory plan of full-size FLUX.1 Fill at these settings (`plan`; T5 on the CPU, no judge)", "",
        "Each format's plan at every batch; beside the largest batch, the peak nvidia-smi saw while "
