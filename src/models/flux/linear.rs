@@ -1,8 +1,13 @@
 //! The transformer's linear layers, whatever form their weights are held in: dense in the
 //! model dtype, ggml-quantized (from a GGUF file, or quantized as safetensors are read), or
-//! fp8 (e4m3) up-cast per forward. An ICEdit LoRA is merged where the weight is dense (and
-//! before quantizing on load), runs as a low-rank side branch over weights it cannot be
-//! merged into (a GGUF base, fp8), and its MoE layers run their experts at inference.
+//! fp8 (e4m3). An ICEdit LoRA is merged where the weight is dense (and before quantizing on
+//! load), runs as a low-rank side branch over weights it cannot be merged into (a GGUF base,
+//! fp8), and its MoE layers run their experts at inference.
+//!
+//! On CUDA a dense layer is one cuBLASLt GEMM with the bias (and, for the MLPs, the GELU)
+//! fused, and an fp8 layer an fp8 GEMM on sm89+ ([`crate::models::cuda::gemm`], switches
+//! `gemm_epilogue` / `fp8_gemm`); elsewhere, and with the switches off, dense layers run
+//! candle's matmul + bias add and fp8 weights are up-cast per forward.
 
 use std::sync::Arc;
 
@@ -14,6 +19,8 @@ use candle_nn::VarBuilder;
 use super::held_weight::{QuantizedMatmul, Weight};
 use super::lora::{Experts, LoraSet, LowRank};
 use super::weights::WeightSource;
+use crate::models::cuda::gemm;
+use crate::models::cuda::switch::{use_kernel, Kernel};
 
 /// A linear layer with a bias, its weight held as [`Weight`] says.
 #[derive(Debug, Clone)]
@@ -45,9 +52,60 @@ impl BaseLinear {
     }
 }
 
-impl Module for BaseLinear {
-    /// `xs` is `[.., in]` in the model dtype; the result is `[.., out]` in the same dtype.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+impl BaseLinear {
+    /// `gelu(layer(xs))` (tanh GELU, FLUX's MLPs): on CUDA the GELU rides on the GEMM's
+    /// epilogue.
+    pub fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_then(xs, true)
+    }
+
+    /// The layer, then GELU if `gelu`: one fused GEMM where [`Self::fused_gemm`] says so.
+    fn forward_then(&self, xs: &Tensor, gelu: bool) -> Result<Tensor> {
+        match (&self.weight, self.fused_gemm(xs)) {
+            (Weight::Dense(w), Some(Kernel::GemmEpilogue)) => {
+                return gemm::linear(xs, w, self.bias.as_ref(), gelu)
+            }
+            (Weight::Fp8 { weight, scale }, Some(Kernel::Fp8Gemm)) => {
+                return gemm::fp8_linear(xs, weight, *scale, self.bias.as_ref(), gelu)
+            }
+            _ => {}
+        }
+        let out = self.unfused(xs)?;
+        if gelu {
+            out.gelu()
+        } else {
+            Ok(out)
+        }
+    }
+
+    /// Which fused GEMM runs this layer for `xs`, if any: dense weights through
+    /// `gemm_epilogue`, fp8 ones through `fp8_gemm` (on CUDA only where the device has fp8
+    /// tensor cores and the sizes suit them; off CUDA the switch forces its emulation).
+    fn fused_gemm(&self, xs: &Tensor) -> Option<Kernel> {
+        if self.bias.as_ref().is_some_and(|b| b.dtype() != xs.dtype()) {
+            return None;
+        }
+        match &self.weight {
+            Weight::Dense(w) if w.dtype() == xs.dtype() => {
+                use_kernel(Kernel::GemmEpilogue, xs).then_some(Kernel::GemmEpilogue)
+            }
+            Weight::Fp8 { weight, .. } if use_kernel(Kernel::Fp8Gemm, xs) => {
+                let on_device = || {
+                    let (out, k) = weight.dims2().unwrap_or((1, 1));
+                    // cuBLASLt's fp8 kernels want 16-byte rows and 16-element tiles.
+                    matches!(xs.dtype(), DType::BF16 | DType::F16)
+                        && k.is_multiple_of(16)
+                        && out.is_multiple_of(16)
+                        && gemm::fp8_supported(xs.device())
+                };
+                (!xs.device().is_cuda() || on_device()).then_some(Kernel::Fp8Gemm)
+            }
+            _ => None,
+        }
+    }
+
+    /// candle's path: matmul (fp8 weights up-cast first), then the bias in one pass.
+    fn unfused(&self, xs: &Tensor) -> Result<Tensor> {
         let out = match &self.weight {
             Weight::Dense(w) => xs.broadcast_matmul(&w.t()?)?,
             Weight::Quantized(q, _) => quantized_forward(q, xs, QuantizedMatmul::from_env())?,
@@ -60,6 +118,13 @@ impl Module for BaseLinear {
             Some(b) => crate::models::cuda::add_row_bias(&out, b),
             None => Ok(out),
         }
+    }
+}
+
+impl Module for BaseLinear {
+    /// `xs` is `[.., in]` in the model dtype; the result is `[.., out]` in the same dtype.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_then(xs, false)
     }
 }
 
@@ -108,6 +173,15 @@ impl AdaptedLinear {
         match self {
             Self::Base(b) | Self::LowRank { base: b, .. } => b,
             Self::Moe(m) => &m.base,
+        }
+    }
+
+    /// `gelu(layer(xs))` (tanh GELU): fused into the GEMM for a plain base layer; after the
+    /// side branches otherwise (the GELU applies to their sum).
+    pub fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Base(l) => l.forward_gelu(xs),
+            _ => self.forward(xs)?.gelu(),
         }
     }
 }
