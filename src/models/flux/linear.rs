@@ -288,9 +288,9 @@ pub struct Linears<'a> {
     /// Hold every dense weight as fp8 e4m3 with a per-tensor scale (`--quantize fp8`),
     /// after any plain LoRA is merged.
     pub fp8: bool,
-    /// Benchmarks only: quantize just the first rows of each weight and repeat their
-    /// blocks for the rest. Quantized kernels take the same time whatever the values, and
-    /// quantizing 12B random parameters on the CPU would take minutes.
+    /// Benchmarks only: quantize (or round to fp8) just the first rows of each weight and
+    /// repeat them for the rest. Quantized kernels take the same time whatever the values,
+    /// and quantizing 12B random parameters on the CPU would take minutes.
     pub sample_rows: Option<usize>,
 }
 
@@ -319,11 +319,22 @@ impl<'a> Linears<'a> {
             // Dense, with any plain LoRA merged by the source as it is read; quantized from
             // an f32 copy on the CPU (never materialised in full on the device first).
             None if self.fp8 => {
+                let rows = self.sample_rows.map_or(output, |r| r.clamp(1, output));
                 let w = match self.source {
                     Some(source) => source.get_unchecked(&weight_name, DType::F32, &Device::Cpu)?,
-                    None => vb.get((output, input), "weight")?.to_device(&Device::Cpu)?,
+                    None => vb
+                        .get((output, input), "weight")?
+                        .narrow(0, 0, rows)?
+                        .to_device(&Device::Cpu)?,
                 };
-                (BaseLinear::new(to_fp8(&w, &dev)?, bias), true)
+                let weight = match to_fp8(&w, &dev)? {
+                    Weight::Fp8 { weight, scale } if w.dim(0)? < output => Weight::Fp8 {
+                        weight: repeat_fp8_rows(&weight, output)?,
+                        scale,
+                    },
+                    held => held,
+                };
+                (BaseLinear::new(weight, bias), true)
             }
             None => match self.quantize {
                 Some(t) if input.is_multiple_of(t.block_size()) => {
@@ -393,6 +404,15 @@ pub fn to_fp8(w: &Tensor, dev: &Device) -> Result<Weight> {
         weight: held.to_device(dev)?,
         scale: scale as f64,
     })
+}
+
+/// An fp8 `[rows, in]` matrix repeated to `[output, in]` on its device (benchmarks: see
+/// [`Linears::sample_rows`]).
+fn repeat_fp8_rows(w: &Tensor, output: usize) -> Result<Tensor> {
+    let rows = w.dim(0)?;
+    w.repeat((output.div_ceil(rows), 1))?
+        .narrow(0, 0, output)?
+        .contiguous()
 }
 
 /// A quantized `[rows, in]` matrix repeated to `[output, in]` on `dev`.
