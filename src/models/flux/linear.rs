@@ -61,14 +61,22 @@ impl BaseLinear {
 
     /// The layer, then GELU if `gelu`: one fused GEMM where [`Self::fused_gemm`] says so.
     fn forward_then(&self, xs: &Tensor, gelu: bool) -> Result<Tensor> {
-        match (&self.weight, self.fused_gemm(xs)) {
-            (Weight::Dense(w), Some(Kernel::GemmEpilogue)) => {
-                return gemm::linear(xs, w, self.bias.as_ref(), gelu)
+        let fused = match (&self.weight, self.fused_gemm(xs)) {
+            (Weight::Dense(w), Some(k @ Kernel::GemmEpilogue)) => {
+                Some((k, gemm::linear(xs, w, self.bias.as_ref(), gelu)))
             }
-            (Weight::Fp8 { weight, scale }, Some(Kernel::Fp8Gemm)) => {
-                return gemm::fp8_linear(xs, weight, *scale, self.bias.as_ref(), gelu)
-            }
-            _ => {}
+            (Weight::Fp8 { weight, scale }, Some(k @ Kernel::Fp8Gemm)) => Some((
+                k,
+                gemm::fp8_linear(xs, weight, *scale, self.bias.as_ref(), gelu),
+            )),
+            _ => None,
+        };
+        match fused {
+            Some((_, Ok(out))) => return Ok(out),
+            // A shape cuBLASLt has no algorithm for (the device check covers the FLUX
+            // shapes, not every one): candle's path instead, said once per kernel.
+            Some((kernel, Err(e))) => warn_once(kernel, xs, &e),
+            None => {}
         }
         let out = self.unfused(xs)?;
         if gelu {
@@ -125,6 +133,21 @@ impl Module for BaseLinear {
     /// `xs` is `[.., in]` in the model dtype; the result is `[.., out]` in the same dtype.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.forward_then(xs, false)
+    }
+}
+
+/// Logs, once per kernel, that a fused GEMM failed and candle's path ran instead.
+fn warn_once(kernel: Kernel, xs: &Tensor, error: &candle_core::Error) {
+    static WARNED: std::sync::Mutex<Vec<Kernel>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if !warned.contains(&kernel) {
+        warned.push(kernel);
+        tracing::warn!(
+            kernel = kernel.name(),
+            input = ?xs.dims(),
+            %error,
+            "fused GEMM failed; candle's matmul runs instead (said once)"
+        );
     }
 }
 
