@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles `src/models/cuda/kernels.cu` and `flash.cu` to PTX
+//! With the `cuda` feature, compiles `src/models/cuda/kernels.cu`, `flash.cu` and `fp8.cu` to PTX
 //! (loaded by `models::cuda` at run time). Without it, does nothing: CPU builds need no CUDA
 //! toolkit.
 
@@ -9,6 +9,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/models/cuda/kernels.cu");
     println!("cargo:rerun-if-changed=src/models/cuda/flash.cu");
+    println!("cargo:rerun-if-changed=src/models/cuda/fp8.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -29,6 +30,7 @@ fn main() {
     for (source, ptx) in [
         ("src/models/cuda/kernels.cu", "icedit_kernels.ptx"),
         ("src/models/cuda/flash.cu", "icedit_flash.ptx"),
+        ("src/models/cuda/fp8.cu", "icedit_fp8.ptx"),
     ] {
         let ptx = out.join(ptx);
         let status = Command::new(&nvcc)

@@ -8,7 +8,11 @@
 #      later steps run with ICEDIT_CUDA_FUSED=none, so the report still has their figures;
 #   1. `bench flux` at the full 12B size: dense (bf16), q8_0 and q4_k (one step each),
 #      batch 1, 4, 8, a 512 panel (1024x512 diptych, 512 T5 tokens); dense again with
-#      ICEDIT_CUDA_FUSED=none (the A/B of the fused kernels, step flux-dense-unfused);
+#      ICEDIT_CUDA_FUSED=none (the A/B of the fused kernels, step flux-dense-unfused) and,
+#      batch 1, without the cuBLASLt bias / GELU epilogues (flux-dense-no-gemm); fp8 (e4m3
+#      weights with per-tensor scales, as --quantize fp8 holds them: cuBLASLt's fp8 GEMM on
+#      sm89+, step flux-fp8) and, batch 1, the same weights up-cast per forward
+#      (flux-fp8-upcast, ICEDIT_CUDA_FUSED without fp8_gemm);
 #   2. diffusers' FluxTransformer2DModel, same configuration, shapes and dtype (torch SDPA),
 #      for the same batches (scripts/bench_diffusers_flux.py);
 #   3. `bench judge` for Qwen2.5-VL-7B, and the Qwen2-VL-7B and Qwen2.5-VL-7B prefills
@@ -42,7 +46,8 @@
 #   REPORT   the markdown written [docs/results/gpu-<UTC date>.md]
 #   STEP_LIMIT  seconds any one step may run before it is stopped (recorded as exit 124 in
 #            the report, the script goes on) [0 = no limit]. LIMIT_<step> overrides it for
-#            one step: LIMIT_kernel_check, LIMIT_flux_dense, LIMIT_flux_dense_unfused, LIMIT_flux_q8_0, LIMIT_flux_q4_k,
+#            one step: LIMIT_kernel_check, LIMIT_flux_dense, LIMIT_flux_dense_unfused,
+#            LIMIT_flux_dense_no_gemm, LIMIT_flux_fp8, LIMIT_flux_fp8_upcast, LIMIT_flux_q8_0, LIMIT_flux_q4_k,
 #            LIMIT_flux_q8_0_kernels, LIMIT_flux_q4_k_kernels, LIMIT_diffusers,
 #            LIMIT_judge, LIMIT_judge_vs_transformers_qwen2_vl_7b, LIMIT_judge_vs_transformers_qwen2_5_vl_7b, LIMIT_edit, LIMIT_refine,
 #            LIMIT_flux_cache, LIMIT_diffusers_cache.
@@ -147,6 +152,36 @@ for format in dense q8_0 q4_k; do
       --out "$OUT/flux-dense-unfused"
   fi
 done
+
+# Every fused kernel but one (the A/B of that kernel alone): $1 the kernel left out. After a
+# failed kernel check everything stays off.
+all_but() {
+  if [[ -f "$OUT/fused-off" ]]; then
+    echo none
+  else
+    local all=attention,modulate,gated_residual,qk_norm_rope,judge_attention,gemm_epilogue,fp8_gemm
+    all=",$all,"
+    all=${all/,$1,/,}
+    all=${all#,}
+    echo "${all%,}"
+  fi
+}
+
+# Dense without the cuBLASLt epilogues (candle's matmul, then the bias / GELU passes).
+step flux-dense-no-gemm env ICEDIT_CUDA_FUSED="$(all_but gemm_epilogue)" "$BIN" bench flux \
+  --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --formats dense --batch 1 --width 512 \
+  --height 512 --t5-tokens 512 --iters "$ITERS" --steps 28 --no-tiny \
+  --out "$OUT/flux-dense-no-gemm"
+
+# fp8: the fp8 GEMM (sm89+; the device check compares it with the 16-bit GEMM first), then
+# the same weights up-cast per forward (the path before it).
+step flux-fp8 "$BIN" bench flux --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+  --formats fp8 --batch "$BATCHES" --width 512 --height 512 --t5-tokens 512 \
+  --iters "$ITERS" --steps 28 --no-tiny --out "$OUT/flux-fp8"
+step flux-fp8-upcast env ICEDIT_CUDA_FUSED="$(all_but fp8_gemm)" "$BIN" bench flux \
+  --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --formats fp8 --batch 1 --width 512 \
+  --height 512 --t5-tokens 512 --iters "$ITERS" --steps 28 --no-tiny \
+  --out "$OUT/flux-fp8-upcast"
 
 # The quantized formats again on candle's quantized kernels (the path before the
 # dequantize-then-GEMM one), to show what the default gains.
@@ -289,6 +324,9 @@ if check and check.get("fused_check"):
     md += ["", f"Kernels used for the timings: {', '.join(fc['enabled']) or 'none'}"
                + (f" (turned off after failing: {', '.join(fc['disabled'])})" if fc["disabled"] else "")
                + (f"; flash attention with {fc['flash_warps']} warps per block" if fc.get("flash_warps") else "") + "."]
+    if fc.get("fp8_relative_error") is not None:
+        md.append(f"fp8 GEMM against the 16-bit GEMM of the same e4m3 weight: relative error "
+                  f"{fc['fp8_relative_error']:.3e} (max |diff| / max |16-bit|).")
     kc = check.get("kernel_check")
     if kc:
         md.append(f"Older fused kernels: softmax max |diff| {kc['softmax_max_abs_diff']:.2e}, "
@@ -296,11 +334,16 @@ if check and check.get("fused_check"):
 else:
     md += ["kernel check failed:", "", "```", tail("kernel-check", 40), "```"]
 
-runs = {f: load(f"flux-{f}/flux.json") for f in ("dense", "dense-unfused", "q8_0", "q4_k", "q8_0-kernels", "q4_k-kernels")}
+runs = {f: load(f"flux-{f}/flux.json") for f in ("dense", "dense-unfused", "dense-no-gemm", "fp8", "fp8-upcast",
+                                                  "q8_0", "q4_k", "q8_0-kernels", "q4_k-kernels")}
+labels = {"dense-unfused": "dense, unfused (ICEDIT_CUDA_FUSED=none)",
+          "dense-no-gemm": "dense, no GEMM epilogues (without gemm_epilogue)",
+          "fp8": "fp8 (fp8 GEMM where the device has it)",
+          "fp8-upcast": "fp8, up-cast per forward (without fp8_gemm)"}
 for name, r in runs.items():
-    if r and name == "dense-unfused":
+    if r and name in labels:
         for f in r["formats"]:
-            f["format"] = "dense, unfused (ICEDIT_CUDA_FUSED=none)"
+            f["format"] = labels[name]
 flux = next((r for r in runs.values() if r), None)
 if flux:
     # The -kernels runs are the same formats on candle's quantized kernels

@@ -240,7 +240,8 @@ pub struct FluxBenchArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Weight formats of the transformer's linear layers, timed one after another in one
-    /// run: `dense` (--dtype) or a quantized type (q8_0, q4_k, ...), e.g. dense,q8_0,q4_k.
+    /// run: `dense` (--dtype), `fp8` (e4m3, per-tensor scales; cuBLASLt's fp8 GEMM on
+    /// sm89+) or a ggml type (q8_0, q4_k, ...), e.g. dense,fp8,q8_0,q4_k.
     #[arg(long, value_delimiter = ',', default_value = "dense", value_parser = weight_format)]
     pub formats: Vec<crate::models::flux::held_weight::WeightFormat>,
     /// Step caches to time the completion part of an edit with, each against `none` in the

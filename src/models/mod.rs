@@ -8,6 +8,7 @@
 //! between them. [`weight_use`] holds every loader to account for the tensors of its files:
 //! what the model read against what the files hold. [`step_cache`] holds the model-agnostic
 //! part of step caching (First-Block-Cache, TaylorSeer: the rules, each candidate's memory).
+//! [`fp8`] the e4m3 quantization the fp8 GEMM uses, as a CPU reference.
 
 pub mod activation;
 pub mod bench;
@@ -15,6 +16,7 @@ pub mod config_keys;
 pub mod cpu;
 pub mod cuda;
 pub mod flux;
+pub mod fp8;
 pub mod linear;
 pub mod noise;
 pub mod qwen_vl;

@@ -22,11 +22,14 @@
 //! ([`attention`], `flash.cu`) and the block's glue in single passes ([`glue`]: AdaLN
 //! modulation, gated residual, q/k RMS norm + RoPE in the attention layout). The FLUX blocks
 //! use them on CUDA in bf16 / f16 unless [`switch`] (`ICEDIT_CUDA_FUSED`) says otherwise;
-//! `bench flux` checks each against candle's unfused operations on the device first.
+//! `bench flux` checks each against candle's unfused operations on the device first. The
+//! linears run as cuBLASLt GEMMs with the bias (and GELU) fused, and fp8 weights as fp8
+//! GEMMs on sm89+ ([`gemm`], `fp8.cu`).
 
 pub mod attention;
 #[cfg(feature = "cuda")]
 mod fused_launch;
+pub mod gemm;
 pub mod glue;
 #[cfg(feature = "cuda")]
 mod ptx;

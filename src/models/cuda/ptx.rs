@@ -9,3 +9,7 @@ pub const KERNELS_MODULE: &str = "icedit_kernels";
 pub const FLASH: &str = include_str!(concat!(env!("OUT_DIR"), "/icedit_flash.ptx"));
 /// [`FLASH`]' module name.
 pub const FLASH_MODULE: &str = "icedit_flash";
+/// `fp8.cu`: the activations' amax and their e4m3 quantization for the fp8 GEMM.
+pub const FP8: &str = include_str!(concat!(env!("OUT_DIR"), "/icedit_fp8.ptx"));
+/// [`FP8`]' module name.
+pub const FP8_MODULE: &str = "icedit_fp8";

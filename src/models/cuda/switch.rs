@@ -3,8 +3,8 @@
 //!
 //! On CUDA every fused kernel is on unless the environment variable `ICEDIT_CUDA_FUSED`
 //! says otherwise: `all` (the default), `none`, or a comma-separated list of the kernels to
-//! use (`attention,modulate,gated_residual,qk_norm_rope,judge_attention`; the last is the
-//! Qwen-VL judge's attention). `bench flux` turns a kernel off
+//! use (`attention,modulate,gated_residual,qk_norm_rope,judge_attention,gemm_epilogue,
+//! fp8_gemm`; judge_attention is the Qwen-VL judge's attention). `bench flux` turns a kernel off
 //! for the rest of its run when it fails its device check ([`disable`]).
 //!
 //! Off CUDA the fused kernels are never used, except inside [`forced`], which the device
@@ -33,16 +33,24 @@ pub enum Kernel {
     /// The Qwen-VL judge's flash attention: the vision tower's segments and the decoder's
     /// causal prefill (`attention::judge_attention`).
     JudgeAttention,
+    /// Dense linears as one cuBLASLt GEMM with the bias (and the MLP's GELU) fused
+    /// (`gemm.rs`).
+    GemmEpilogue,
+    /// fp8 weights multiplied by cuBLASLt's fp8 GEMM (activations quantized per tensor) on
+    /// sm89+, instead of up-cast per forward (`gemm.rs`, `fp8.cu`).
+    Fp8Gemm,
 }
 
 impl Kernel {
     /// Every kernel, in the order the check reports them.
-    pub const ALL: [Kernel; 5] = [
+    pub const ALL: [Kernel; 7] = [
         Kernel::Attention,
         Kernel::Modulate,
         Kernel::GatedResidual,
         Kernel::QkNormRope,
         Kernel::JudgeAttention,
+        Kernel::GemmEpilogue,
+        Kernel::Fp8Gemm,
     ];
 
     /// The name `ICEDIT_CUDA_FUSED` and the check's report use.
@@ -53,6 +61,8 @@ impl Kernel {
             Kernel::GatedResidual => "gated_residual",
             Kernel::QkNormRope => "qk_norm_rope",
             Kernel::JudgeAttention => "judge_attention",
+            Kernel::GemmEpilogue => "gemm_epilogue",
+            Kernel::Fp8Gemm => "fp8_gemm",
         }
     }
 
@@ -67,7 +77,7 @@ pub struct Kernels(u8);
 
 impl Kernels {
     /// Every kernel.
-    pub const ALL: Kernels = Kernels(0b11111);
+    pub const ALL: Kernels = Kernels(0b111_1111);
     /// No kernel.
     pub const NONE: Kernels = Kernels(0);
 
@@ -153,11 +163,15 @@ pub fn forced<T>(kernels: Kernels, f: impl FnOnce() -> T) -> T {
 
 /// Whether the FLUX forward should use `kernel` for `xs`: inside [`forced`] as it says
 /// (any device), else on CUDA when enabled; always only for f16 / bf16 (and f32 for the
-/// glue kernels, never for attention, whose tensor cores take 16-bit inputs).
+/// glue kernels and the fp8 GEMM's CPU emulation, never for attention and the 16-bit GEMM,
+/// whose tensor cores take 16-bit inputs).
 pub fn use_kernel(kernel: Kernel, xs: &Tensor) -> bool {
     let dtype_ok = match xs.dtype() {
         DType::BF16 | DType::F16 => true,
-        DType::F32 => !matches!(kernel, Kernel::Attention | Kernel::JudgeAttention),
+        DType::F32 => !matches!(
+            kernel,
+            Kernel::Attention | Kernel::JudgeAttention | Kernel::GemmEpilogue
+        ),
         _ => false,
     };
     if !dtype_ok {

@@ -198,8 +198,9 @@ impl FeedForward {
 }
 
 impl Module for FeedForward {
+    /// On CUDA the GELU is the first GEMM's epilogue ([`AdaptedLinear::forward_gelu`]).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.down.forward(&self.up.forward(xs)?.gelu()?)
+        self.down.forward(&self.up.forward_gelu(xs)?)
     }
 }
 
@@ -437,7 +438,7 @@ impl SingleBlock {
     ) -> Result<Tensor> {
         let m = chunks(&self.modulation.forward(&temb.silu()?)?, 3)?;
         let normed = modulate(xs, &m[0], &m[1])?;
-        let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
+        let mlp = self.proj_mlp.forward_gelu(&normed)?;
         let attn = attend(&normed)?;
         let out = self
             .proj_out

@@ -1,8 +1,13 @@
 //! The transformer's linear layers, whatever form their weights are held in: dense in the
 //! model dtype, ggml-quantized (from a GGUF file, or quantized as safetensors are read), or
-//! fp8 (e4m3) up-cast per forward. An ICEdit LoRA is merged where the weight is dense (and
-//! before quantizing on load), runs as a low-rank side branch over weights it cannot be
-//! merged into (a GGUF base, fp8), and its MoE layers run their experts at inference.
+//! fp8 (e4m3). An ICEdit LoRA is merged where the weight is dense (and before quantizing on
+//! load), runs as a low-rank side branch over weights it cannot be merged into (a GGUF base,
+//! fp8), and its MoE layers run their experts at inference.
+//!
+//! On CUDA a dense layer is one cuBLASLt GEMM with the bias (and, for the MLPs, the GELU)
+//! fused, and an fp8 layer an fp8 GEMM on sm89+ ([`crate::models::cuda::gemm`], switches
+//! `gemm_epilogue` / `fp8_gemm`); elsewhere, and with the switches off, dense layers run
+//! candle's matmul + bias add and fp8 weights are up-cast per forward.
 
 use std::sync::Arc;
 
@@ -14,6 +19,8 @@ use candle_nn::VarBuilder;
 use super::held_weight::{QuantizedMatmul, Weight};
 use super::lora::{Experts, LoraSet, LowRank};
 use super::weights::WeightSource;
+use crate::models::cuda::gemm;
+use crate::models::cuda::switch::{use_kernel, Kernel};
 
 /// A linear layer with a bias, its weight held as [`Weight`] says.
 #[derive(Debug, Clone)]
@@ -45,9 +52,68 @@ impl BaseLinear {
     }
 }
 
-impl Module for BaseLinear {
-    /// `xs` is `[.., in]` in the model dtype; the result is `[.., out]` in the same dtype.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+impl BaseLinear {
+    /// `gelu(layer(xs))` (tanh GELU, FLUX's MLPs): on CUDA the GELU rides on the GEMM's
+    /// epilogue.
+    pub fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_then(xs, true)
+    }
+
+    /// The layer, then GELU if `gelu`: one fused GEMM where [`Self::fused_gemm`] says so.
+    fn forward_then(&self, xs: &Tensor, gelu: bool) -> Result<Tensor> {
+        let fused = match (&self.weight, self.fused_gemm(xs)) {
+            (Weight::Dense(w), Some(k @ Kernel::GemmEpilogue)) => {
+                Some((k, gemm::linear(xs, w, self.bias.as_ref(), gelu)))
+            }
+            (Weight::Fp8 { weight, scale }, Some(k @ Kernel::Fp8Gemm)) => Some((
+                k,
+                gemm::fp8_linear(xs, weight, *scale, self.bias.as_ref(), gelu),
+            )),
+            _ => None,
+        };
+        match fused {
+            Some((_, Ok(out))) => return Ok(out),
+            // A shape cuBLASLt has no algorithm for (the device check covers the FLUX
+            // shapes, not every one): candle's path instead, said once per kernel.
+            Some((kernel, Err(e))) => warn_once(kernel, xs, &e),
+            None => {}
+        }
+        let out = self.unfused(xs)?;
+        if gelu {
+            out.gelu()
+        } else {
+            Ok(out)
+        }
+    }
+
+    /// Which fused GEMM runs this layer for `xs`, if any: dense weights through
+    /// `gemm_epilogue`, fp8 ones through `fp8_gemm` (on CUDA only where the device has fp8
+    /// tensor cores and the sizes suit them; off CUDA the switch forces its emulation).
+    fn fused_gemm(&self, xs: &Tensor) -> Option<Kernel> {
+        if self.bias.as_ref().is_some_and(|b| b.dtype() != xs.dtype()) {
+            return None;
+        }
+        match &self.weight {
+            Weight::Dense(w) if w.dtype() == xs.dtype() => {
+                use_kernel(Kernel::GemmEpilogue, xs).then_some(Kernel::GemmEpilogue)
+            }
+            Weight::Fp8 { weight, .. } if use_kernel(Kernel::Fp8Gemm, xs) => {
+                let on_device = || {
+                    let (out, k) = weight.dims2().unwrap_or((1, 1));
+                    // cuBLASLt's fp8 kernels want 16-byte rows and 16-element tiles.
+                    matches!(xs.dtype(), DType::BF16 | DType::F16)
+                        && k.is_multiple_of(16)
+                        && out.is_multiple_of(16)
+                        && gemm::fp8_supported(xs.device())
+                };
+                (!xs.device().is_cuda() || on_device()).then_some(Kernel::Fp8Gemm)
+            }
+            _ => None,
+        }
+    }
+
+    /// candle's path: matmul (fp8 weights up-cast first), then the bias in one pass.
+    fn unfused(&self, xs: &Tensor) -> Result<Tensor> {
         let out = match &self.weight {
             Weight::Dense(w) => xs.broadcast_matmul(&w.t()?)?,
             Weight::Quantized(q, _) => quantized_forward(q, xs, QuantizedMatmul::from_env())?,
@@ -60,6 +126,28 @@ impl Module for BaseLinear {
             Some(b) => crate::models::cuda::add_row_bias(&out, b),
             None => Ok(out),
         }
+    }
+}
+
+impl Module for BaseLinear {
+    /// `xs` is `[.., in]` in the model dtype; the result is `[.., out]` in the same dtype.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_then(xs, false)
+    }
+}
+
+/// Logs, once per kernel, that a fused GEMM failed and candle's path ran instead.
+fn warn_once(kernel: Kernel, xs: &Tensor, error: &candle_core::Error) {
+    static WARNED: std::sync::Mutex<Vec<Kernel>> = std::sync::Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if !warned.contains(&kernel) {
+        warned.push(kernel);
+        tracing::warn!(
+            kernel = kernel.name(),
+            input = ?xs.dims(),
+            %error,
+            "fused GEMM failed; candle's matmul runs instead (said once)"
+        );
     }
 }
 
@@ -108,6 +196,15 @@ impl AdaptedLinear {
         match self {
             Self::Base(b) | Self::LowRank { base: b, .. } => b,
             Self::Moe(m) => &m.base,
+        }
+    }
+
+    /// `gelu(layer(xs))` (tanh GELU): fused into the GEMM for a plain base layer; after the
+    /// side branches otherwise (the GELU applies to their sum).
+    pub fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Base(l) => l.forward_gelu(xs),
+            _ => self.forward(xs)?.gelu(),
         }
     }
 }
@@ -214,9 +311,9 @@ pub struct Linears<'a> {
     /// Hold every dense weight as fp8 e4m3 with a per-tensor scale (`--quantize fp8`),
     /// after any plain LoRA is merged.
     pub fp8: bool,
-    /// Benchmarks only: quantize just the first rows of each weight and repeat their
-    /// blocks for the rest. Quantized kernels take the same time whatever the values, and
-    /// quantizing 12B random parameters on the CPU would take minutes.
+    /// Benchmarks only: quantize (or round to fp8) just the first rows of each weight and
+    /// repeat them for the rest. Quantized kernels take the same time whatever the values,
+    /// and quantizing 12B random parameters on the CPU would take minutes.
     pub sample_rows: Option<usize>,
 }
 
@@ -245,11 +342,22 @@ impl<'a> Linears<'a> {
             // Dense, with any plain LoRA merged by the source as it is read; quantized from
             // an f32 copy on the CPU (never materialised in full on the device first).
             None if self.fp8 => {
+                let rows = self.sample_rows.map_or(output, |r| r.clamp(1, output));
                 let w = match self.source {
                     Some(source) => source.get_unchecked(&weight_name, DType::F32, &Device::Cpu)?,
-                    None => vb.get((output, input), "weight")?.to_device(&Device::Cpu)?,
+                    None => vb
+                        .get((output, input), "weight")?
+                        .narrow(0, 0, rows)?
+                        .to_device(&Device::Cpu)?,
                 };
-                (BaseLinear::new(to_fp8(&w, &dev)?, bias), true)
+                let weight = match to_fp8(&w, &dev)? {
+                    Weight::Fp8 { weight, scale } if w.dim(0)? < output => Weight::Fp8 {
+                        weight: repeat_fp8_rows(&weight, output)?,
+                        scale,
+                    },
+                    held => held,
+                };
+                (BaseLinear::new(weight, bias), true)
             }
             None => match self.quantize {
                 Some(t) if input.is_multiple_of(t.block_size()) => {
@@ -319,6 +427,15 @@ pub fn to_fp8(w: &Tensor, dev: &Device) -> Result<Weight> {
         weight: held.to_device(dev)?,
         scale: scale as f64,
     })
+}
+
+/// An fp8 `[rows, in]` matrix repeated to `[output, in]` on its device (benchmarks: see
+/// [`Linears::sample_rows`]).
+fn repeat_fp8_rows(w: &Tensor, output: usize) -> Result<Tensor> {
+    let rows = w.dim(0)?;
+    w.repeat((output.div_ceil(rows), 1))?
+        .narrow(0, 0, output)?
+        .contiguous()
 }
 
 /// A quantized `[rows, in]` matrix repeated to `[output, in]` on `dev`.

@@ -1,0 +1,66 @@
+// Activation quantization for the fp8 GEMM (gemm.rs): one dynamic scale per tensor,
+// amax / 448, as models/fp8.rs does on the CPU. Two passes over the activations:
+//   absmax_*:        the largest |x| (NaNs skipped) into a float held as its bits, which
+//                    order like the floats for non-negative values, so atomicMax on the
+//                    unsigned bits is a float max; the buffer starts at 0.
+//   quantize_e4m3_*: scale = amax / 448 (1 when amax is 0 or not finite), written for the
+//                    GEMM's B scale pointer; each x / scale rounded to nearest even e4m3 and
+//                    saturated at +-448 (__NV_SATFINITE; NaN stays NaN).
+// Fusing the first pass into the modulate kernel that writes these activations is the next
+// step (issue 32).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+__device__ __forceinline__ float as_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float as_float(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ void absmax(const T* __restrict__ x, unsigned int* amax_bits, long long n) {
+  float m = 0.0f;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    m = fmaxf(m, fabsf(as_float(x[i])));  // fmaxf drops a NaN operand
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  }
+  __shared__ float warp_max[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_max[warp] = m;
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < (int)(blockDim.x >> 5) ? warp_max[lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    }
+    if (lane == 0) atomicMax(amax_bits, __float_as_uint(m));
+  }
+}
+
+template <typename T>
+__device__ void quantize_e4m3(const T* __restrict__ x, const unsigned int* amax_bits,
+                              __nv_fp8_e4m3* __restrict__ q, float* scale_out, long long n) {
+  const float amax = __uint_as_float(*amax_bits);
+  const float scale = (amax > 0.0f && isfinite(amax)) ? amax / 448.0f : 1.0f;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    // IEEE division (no fast math), so the quotient is the CPU reference's.
+    q[i].__x = __nv_cvt_float_to_fp8(as_float(x[i]) / scale, __NV_SATFINITE, __NV_E4M3);
+  }
+}
+
+#define INSTANTIATE(T, NAME)                                                                  \
+  extern "C" __global__ void absmax_##NAME(const T* x, unsigned int* amax_bits, long long n) { \
+    absmax<T>(x, amax_bits, n);                                                               \
+  }                                                                                           \
+  extern "C" __global__ void quantize_e4m3_##NAME(const T* x, const unsigned int* amax_bits,   \
+                                                  __nv_fp8_e4m3* q, float* scale,             \
+                                                  long long n) {                              \
+    quantize_e4m3<T>(x, amax_bits, q, scale, n);                                              \
+  }
+
+INSTANTIATE(__nv_bfloat16, bf16)
+INSTANTIATE(__half, f16)
