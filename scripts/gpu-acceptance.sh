@@ -63,6 +63,9 @@
 #            LIMIT_profile_ours, LIMIT_profile_diffusers.
 #            A lease of device time is short: one slow step must not cost the others their
 #            turn.
+#   SKIP     steps not to run, by name, comma-separated (recorded as skipped), e.g.
+#            SKIP=refine,flux-cache,diffusers-cache to fit a short lease [none]; not
+#            kernel-check (a check that did not run turns the fused kernels off)
 #   TOTAL_LIMIT  seconds for all the steps together [0 = no limit]: each step's limit is cut
 #            to what is left (less 20 s for the report), and a step with nothing left is
 #            recorded as skipped, so the report is always written.
@@ -112,6 +115,7 @@ stop_sampler() {
 
 STEP_LIMIT=${STEP_LIMIT:-0}
 TOTAL_LIMIT=${TOTAL_LIMIT:-0}
+SKIP=${SKIP:-}
 
 # step NAME COMMAND...: runs it with its output in $OUT/NAME.log, records rc and seconds;
 # stops it after LIMIT_<NAME> (or STEP_LIMIT) seconds when one is set.
@@ -120,6 +124,11 @@ step() {
   shift
   local limit_var="LIMIT_${name//-/_}"
   local limit=${!limit_var:-$STEP_LIMIT}
+  if [[ ",$SKIP," == *",$name,"* ]]; then
+    echo "== $name: skipped (SKIP)"
+    printf '%s\tskipped (SKIP)\t0\n' "$name" >>"$OUT/steps.tsv"
+    return
+  fi
   if [[ $TOTAL_LIMIT != 0 ]]; then
     local left=$((TOTAL_LIMIT - SECONDS - 20))
     if ((left < 5)); then
@@ -456,13 +465,16 @@ if rep and theirs:
               f"{'met' if ours_s / theirs['edit_s'] <= 2.5 else 'not met'} in this run.")
     te = theirs.get("text_encoders")
     if te:
-        md.append(f"Text encoders both sides leave out (diffusers, random weights, timed apart): T5-XXL "
-                  f"({te['t5']['parameters'] / 1e9:.2f}B, {te['t5']['tokens']} tokens) {te['t5']['encode_s']:.3f} s, "
-                  f"CLIP-L {te['clip']['encode_s']:.3f} s; built on the device in {te['t5']['init_s']:.1f} s / "
+        md.append(f"Text encoders both sides leave out (diffusers, random weights, timed apart): T5 "
+                  f"{'v1.1-XXL ' if size == 'full' else ''}({te['t5']['parameters'] / 1e9:.2f}B, {te['t5']['tokens']} tokens) "
+                  f"{te['t5']['encode_s']:.3f} s, CLIP{'-L' if size == 'full' else ''} ({te['clip']['parameters'] / 1e6:.0f}M) "
+                  f"{te['clip']['encode_s']:.3f} s; built on the device in {te['t5']['init_s']:.1f} s / "
                   f"{te['clip']['init_s']:.1f} s. Pipeline built in {theirs['init_s']:.1f} s"
                   + (f"; diffusers' peak allocated GPU memory {theirs['peak_gpu_gib']:.1f} GiB." if theirs.get("peak_gpu_gib") else "."))
     md.append("")
-elif not theirs:
+elif theirs:
+    md += [f"diffusers' edit: {theirs['edit_s']:.2f} s warm, {theirs['nfe']} NFE; ours not measured (below).", ""]
+else:
     md += ["diffusers' edit not measured:", "", "```", tail("diffusers-edit"), "```", ""]
 if rep:
     md.append("Our report.json:")
@@ -484,8 +496,11 @@ if ours and theirs:
         md.append(f"| {name} | {o:.4f} | {t:.4f} | **{o / t:.2f}x** |")
     md.append("")
     md.append(f"Issue 31 asks decode <= 1.0x: {'met' if ours['vae_decode_s'] <= theirs['decode_s'] else 'not met'} in this run.")
+elif theirs:
+    md.append(f"diffusers: encode {theirs['encode_s']:.4f} s, decode {theirs['decode_s']:.4f} s; ours not measured "
+              "(no `bench flux` result).")
 else:
-    md += ["not measured:", "", "```", tail("diffusers-vae"), "```"]
+    md += ["diffusers' VAE not measured:", "", "```", tail("diffusers-vae"), "```"]
 rep = load("refine/report.json")
 md += ["", f"## Hi-res refine on the device (random `{size}` weights, q8_0, one plain edit refined)", ""]
 if rep and rep.get("refine"):

@@ -286,9 +286,11 @@ def markdown(sides):
     md += ["", "Launches per step = the total's launches (one forward is one step at batch 1). "
            "Sums of kernel durations (the GPU busy time of the forward, not its wall time)."]
     for l in labels:
-        md += ["", f"{l}: " + "; ".join(sides[l]["notes"]) + ".", "",
-               "| costliest kernels | category | ms | launches |", "|---|---|---|---|"]
-        md += [f"| `{short(t['name'])}` | {t['category']} | {t['ms']:.3f} | {t['launches']} |" for t in sides[l]["top"]]
+        md += ["", f"{l}: " + "; ".join(sides[l]["notes"]) + "."]
+        if sides[l]["top"]:
+            md += ["", "| costliest kernels | category | ms | launches |", "|---|---|---|---|"]
+            md += [f"| `{short(t['name'])}` | {t['category']} | {t['ms']:.3f} | {t['launches']} |"
+                   for t in sides[l]["top"]]
     md += ["", "Name rules (first match wins, case-insensitive): "
            + "; ".join(f"{c}: `{p}`" for c, p in RULES) + "; everything else: other."]
     return "\n".join(md) + "\n"
