@@ -289,9 +289,11 @@ if [[ $PROFILE == 1 ]]; then
   ours_profile=""
   ours_label=""
   if [[ -n $ncu_bin ]]; then
-    # --clock-control none: the GPU's own clocks (ncu locks them to base by default).
+    # The GPU's own clocks (ncu locks them to base by default) and caches as the previous
+    # kernel left them (ncu flushes them before each by default), as in a run without ncu
+    # and as torch's profiler sees diffusers.
     step profile-ours "$ncu_bin" --metrics gpu__time_duration.sum --csv --clock-control none \
-      --log-file "$OUT/profile-ours.csv" "${profile_run[@]}"
+      --cache-control none --log-file "$OUT/profile-ours.csv" "${profile_run[@]}"
     ours_profile=$OUT/profile-ours.csv
     ours_label="icedit-scale (Nsight Compute)"
   elif [[ -n $nsys_bin ]]; then
