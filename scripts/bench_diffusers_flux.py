@@ -21,6 +21,16 @@ TaylorSeerCacheConfig) enabled on the transformer and every call inside
 notes in tests/fixtures/flux/make_cache_fixtures.py). `none` runs first. diffusers decides
 for the whole batch, so its cached forwards come in multiples of --keep. The decisions are
 counted by wrapping the hooks' decision methods from here (diffusers is not changed).
+
+With --vae it times diffusers' AutoencoderKL instead of the transformer (no transformer is
+built): FLUX.1 Fill's VAE configuration (`VAE_FULL`; `VAE_SMALL` is small_configs()' VAE),
+random weights in --dtype, the encode of the [1, 3, H, 2W] diptych (the latent
+distribution's mean, as `bench flux` times `encode_mean`) and the decode of [1, 16, H/8,
+2W/8] latents, a warm-up then the mean of --iters, synchronised; the JSON gets `vae`.
+
+With --profile PATH it runs torch's profiler over one more forward at the first --batch
+(after the timed ones, so it is warm) and writes the Chrome trace there, the diffusers side
+of the acceptance run's profile table (scripts/profile_summary.py reads it).
 """
 import argparse
 import json
@@ -56,6 +66,80 @@ SMALL = dict(
     pooled_projection_dim=128,
     axes_dims_rope=[8, 28, 28],
 )
+# FLUX.1 Fill [dev]'s vae/config.json (black-forest-labs/FLUX.1-Fill-dev; the same values as
+# `VaeConfig::flux()` in src/models/flux/vae.rs). `force_upcast` is left at its default: it
+# is read by pipelines that upcast the VAE to f32 (SDXL's), not by FLUX's.
+VAE_FULL = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+)
+# The VAE of `small_configs()` in src/models/flux/bench.rs.
+VAE_SMALL = dict(VAE_FULL, block_out_channels=[32, 32, 64, 64], layers_per_block=1)
+
+
+def build_on(dev, dtype, make):
+    """Builds a module with its parameters allocated and initialised on `dev` in `dtype`
+    (no CPU copy, no f32 detour): a 12B transformer or a 4.7B T5 starts in seconds on a GPU."""
+    with torch.device(dev):
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            return make().eval()
+        finally:
+            torch.set_default_dtype(old)
+
+
+def time_vae(a, dtype, dev, sync):
+    """--vae: diffusers' AutoencoderKL, encode and decode of one diptych."""
+    from diffusers import AutoencoderKL
+
+    cfg = VAE_FULL if a.size == "full" else VAE_SMALL
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    vae = build_on(dev, dtype, lambda: AutoencoderKL(**cfg))
+    sync()
+    init_s = time.perf_counter() - start
+    down = 2 ** (len(cfg["block_out_channels"]) - 1)
+    h, w = a.height, 2 * a.width
+    image = (0.5 * torch.randn(1, 3, h, w, device=dev)).to(dtype)
+    z = torch.randn(1, cfg["latent_channels"], h // down, w // down, device=dev).to(dtype)
+
+    def timed(f):
+        with torch.inference_mode():
+            f()
+            sync()
+            start = time.perf_counter()
+            for _ in range(a.iters):
+                f()
+            sync()
+        return (time.perf_counter() - start) / a.iters
+
+    encode_s = timed(lambda: vae.encode(image).latent_dist.mode())
+    decode_s = timed(lambda: vae.decode(z).sample)
+    print(f"diffusers VAE {a.size}: encode {encode_s:.4f} s, decode {decode_s:.4f} s", flush=True)
+    return {
+        "config": cfg,
+        "parameters": sum(t.numel() for t in vae.parameters()),
+        "image": [1, 3, h, w],
+        "latents": list(z.shape),
+        "init_s": init_s,
+        "encode_s": encode_s,
+        "decode_s": decode_s,
+        "iters": a.iters,
+    }
 
 
 def parse_caches(text):
@@ -237,18 +321,28 @@ def main():
     p.add_argument("--keep", type=int, default=2, help="with --cache: candidates completed together")
     p.add_argument("--probe-steps", type=int, default=4, help="with --cache: exact steps before the completion")
     p.add_argument("--steps", type=int, default=28, help="with --cache: steps of the schedule")
+    p.add_argument("--vae", action="store_true", help="time the VAE instead of the transformer")
+    p.add_argument("--profile", default=None, help="write a torch profiler trace of one forward here")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[a.dtype]
     dev = torch.device(a.device)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    versions = {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__}
+    if a.vae:
+        out = dict(size=a.size, dtype=a.dtype, device=a.device, vae=time_vae(a, dtype, dev, sync), **versions,
+                   peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None)
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=2)
+        return
     cfg = FULL if a.size == "full" else SMALL
     torch.manual_seed(0)
     start = time.perf_counter()
-    with torch.device(dev):
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        model = FluxTransformer2DModel(**cfg).eval()
-        torch.set_default_dtype(old)
+    model = build_on(dev, dtype, lambda: FluxTransformer2DModel(**cfg))
     load_s = time.perf_counter() - start
     params = sum(t.numel() for t in model.parameters())
     # Packed latents: VAE /8, 2x2 patches -> (2W/16) x (H/16) image tokens.
@@ -260,12 +354,8 @@ def main():
     img_ids = img_ids.reshape(tokens, 3).to(dtype)
     txt_ids = torch.zeros(a.t5_tokens, 3, device=dev, dtype=dtype)
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    results = []
-    for b in [int(x) for x in a.batch.split(",")]:
+    def forward_at(b):
+        """One forward at batch `b` on fresh random inputs, as a callable."""
         x = torch.randn(b, tokens, cfg["in_channels"], device=dev, dtype=dtype)
         t5 = torch.randn(b, a.t5_tokens, cfg["joint_attention_dim"], device=dev, dtype=dtype)
         pooled = torch.randn(b, cfg["pooled_projection_dim"], device=dev, dtype=dtype)
@@ -285,6 +375,12 @@ def main():
                     return_dict=False,
                 )[0]
 
+        return step
+
+    batches = [int(x) for x in a.batch.split(",")]
+    results = []
+    for b in batches:
+        step = forward_at(b)
         step()
         sync()
         start = time.perf_counter()
@@ -294,6 +390,19 @@ def main():
         step_s = (time.perf_counter() - start) / a.iters
         print(f"diffusers {a.size} batch {b}: {step_s:.4f} s/step", flush=True)
         results.append({"batch": b, "step_s": step_s, "per_candidate_s": step_s / b})
+    if a.profile:
+        # One more forward, warm (the timed ones ran first), traced with its GPU kernels.
+        from torch.profiler import ProfilerActivity, profile
+
+        step = forward_at(batches[0])
+        step()
+        sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step()
+            sync()
+        prof.export_chrome_trace(a.profile)
+        print(f"diffusers profile of one batch-{batches[0]} forward: {a.profile}", flush=True)
     out = {
         "size": a.size,
         "parameters": params,
@@ -304,8 +413,7 @@ def main():
         "load_s": load_s,
         "steps": results,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
-        "torch": torch.__version__,
-        "diffusers": __import__("diffusers").__version__,
+        **versions,
         "attention": "torch scaled_dot_product_attention (diffusers default)",
     }
     if a.cache:

@@ -21,9 +21,16 @@
 #      unfused attention at full size (vision frames and windows, head dim 80; the
 #      decoder's causal prefill, GQA, head dim 128) and times both, turning a failing
 #      kernel off (the report's "Judge flash attention" section);
-#   4. `plan` for the same settings, beside the measured peaks;
-#   5. one early-filter edit end to end on the device with random weights at SIZE
-#      (q8_0, 512 panel, batch 8; the tiny fixture judge);
+#   4. diffusers' AutoencoderKL (FLUX.1 Fill's VAE configuration) encoding and decoding the
+#      same diptych as `bench flux` (bench_diffusers_flux.py --vae, step diffusers-vae),
+#      beside `bench flux`'s vae_encode_s / vae_decode_s;
+#   5. one early-filter edit end to end on the device with random weights at SIZE (dense
+#      DTYPE, or EDIT_QUANTIZE; 512 panel of a square source = 1024x512 diptych, batch 8,
+#      8 seeds, 4 probe steps, keep 2; the tiny fixture judge), then diffusers'
+#      FluxFillPipeline doing one plain edit of the same size and steps (step
+#      diffusers-edit, scripts/bench_diffusers_edit.py: random prompt embeddings as ours,
+#      T5-XXL and CLIP-L timed apart);
+#      then `plan` for the flux settings (not a step: 60 s each at most);
 #   6. a hi-res refine: one plain q8_0 edit refined to REFINE_WIDTH [1024], its time;
 #   7. step caching: the completion part of an edit (KEEP candidates, CACHE_PROBE exact
 #      steps of EDIT_STEPS, the rest completed) with each of CACHES beside `none`, ours
@@ -31,6 +38,13 @@
 #      (bench_diffusers_flux.py --cache: FirstBlockCacheConfig / TaylorSeerCacheConfig
 #      inside transformer.cache_context("cond")), random weights, so skip counts differ
 #      between the sides (each side's own random model) and say nothing about quality;
+#   8. with PROFILE=1 only, last: a profile of one forward per side (dense, batch 1): Nsight
+#      Compute's kernel durations (`ncu --metrics gpu__time_duration.sum --csv`; Nsight
+#      Systems' cuda_gpu_trace where only nsys is there; a note where neither is) over `bench
+#      flux --warmup 1 --iters 1` (step profile-ours: two identical forwards, the second is
+#      kept), torch's profiler over one diffusers forward (step profile-diffusers), and
+#      scripts/profile_summary.py's table of attention / GEMMs / norms + modulation /
+#      copies / other, ms and launches per forward;
 # and writes docs/results/gpu-<date>.md with ours / diffusers ratios and peak GPU memory
 # (sampled with nvidia-smi while each step runs).
 #
@@ -40,7 +54,10 @@
 #   SIZE     full | small [full]          DEVICE  cuda | cuda:N | cpu [cuda]
 #   DTYPE    bf16 | f32 [bf16]            BATCHES [1,4,8]      ITERS [3]
 #   JUDGE    bench judge model [qwen2.5-vl-7b]   EDIT_STEPS [28]   EDIT_WIDTH [512]
-#   CACHES   step 6's settings [fbc:0.12,fbc:0.2,taylorseer:interval=4,order=1,
+#   EDIT_IMAGE  step 5's source [a 32x32 square fixture: a 512 panel is 512x512]
+#   EDIT_QUANTIZE  step 5's weight format: empty = dense DTYPE [empty], or q8_0, q4_k, fp8
+#   PROFILE  1 runs step 8 [0]
+#   CACHES   step 7's settings [fbc:0.12,fbc:0.2,taylorseer:interval=4,order=1,
 #            taylorseer:interval=4,order=1,lite]   KEEP [2]   CACHE_PROBE [4]
 #   OUT      working folder [out/gpu-acceptance]
 #   REPORT   the markdown written [docs/results/gpu-<UTC date>.md]
@@ -49,10 +66,14 @@
 #            one step: LIMIT_kernel_check, LIMIT_flux_dense, LIMIT_flux_dense_unfused,
 #            LIMIT_flux_dense_no_gemm, LIMIT_flux_fp8, LIMIT_flux_fp8_upcast, LIMIT_flux_q8_0, LIMIT_flux_q4_k,
 #            LIMIT_flux_q8_0_kernels, LIMIT_flux_q4_k_kernels, LIMIT_diffusers,
-#            LIMIT_judge, LIMIT_judge_vs_transformers_qwen2_vl_7b, LIMIT_judge_vs_transformers_qwen2_5_vl_7b, LIMIT_edit, LIMIT_refine,
-#            LIMIT_flux_cache, LIMIT_diffusers_cache.
+#            LIMIT_judge, LIMIT_judge_vs_transformers_qwen2_vl_7b, LIMIT_judge_vs_transformers_qwen2_5_vl_7b,
+#            LIMIT_diffusers_vae, LIMIT_edit, LIMIT_diffusers_edit, LIMIT_refine, LIMIT_flux_cache,
+#            LIMIT_diffusers_cache, LIMIT_profile_ours, LIMIT_profile_diffusers.
 #            A lease of device time is short: one slow step must not cost the others their
 #            turn.
+#   SKIP     steps not to run, by name, comma-separated (recorded as skipped), e.g.
+#            SKIP=refine,flux-cache,diffusers-cache to fit a short lease [none]; not
+#            kernel-check (a check that did not run turns the fused kernels off)
 #   TOTAL_LIMIT  seconds for all the steps together [0 = no limit]: each step's limit is cut
 #            to what is left (less 20 s for the report), and a step with nothing left is
 #            recorded as skipped, so the report is always written.
@@ -73,6 +94,9 @@ JUDGE=${JUDGE:-qwen2.5-vl-7b}
 CACHES=${CACHES:-fbc:0.12,fbc:0.2,taylorseer:interval=4,order=1,taylorseer:interval=4,order=1,lite}
 KEEP=${KEEP:-2}
 CACHE_PROBE=${CACHE_PROBE:-4}
+EDIT_IMAGE=${EDIT_IMAGE:-tests/fixtures/judge_eval/imagenhub_text_guided_ie/sources/sample_100558_1.jpg}
+export EDIT_QUANTIZE=${EDIT_QUANTIZE:-}
+PROFILE=${PROFILE:-0}
 OUT=${OUT:-out/gpu-acceptance}
 REPORT=${REPORT:-docs/results/gpu-$(date -u +%Y-%m-%d).md}
 mkdir -p "$OUT" "$(dirname "$REPORT")"
@@ -99,6 +123,7 @@ stop_sampler() {
 
 STEP_LIMIT=${STEP_LIMIT:-0}
 TOTAL_LIMIT=${TOTAL_LIMIT:-0}
+SKIP=${SKIP:-}
 
 # step NAME COMMAND...: runs it with its output in $OUT/NAME.log, records rc and seconds;
 # stops it after LIMIT_<NAME> (or STEP_LIMIT) seconds when one is set.
@@ -107,6 +132,11 @@ step() {
   shift
   local limit_var="LIMIT_${name//[^A-Za-z0-9_]/_}"
   local limit=${!limit_var:-$STEP_LIMIT}
+  if [[ ",$SKIP," == *",$name,"* ]]; then
+    echo "== $name: skipped (SKIP)"
+    printf '%s\tskipped (SKIP)\t0\n' "$name" >>"$OUT/steps.tsv"
+    return
+  fi
   if [[ $TOTAL_LIMIT != 0 ]]; then
     local left=$((TOTAL_LIMIT - SECONDS - 20))
     if ((left < 5)); then
@@ -222,6 +252,39 @@ else
   printf 'judge-vs-transformers\tskipped\t0\n' >>"$OUT/steps.tsv"
 fi
 
+# diffusers' VAE on the diptych `bench flux` encodes and decodes (ours: flux-dense's
+# vae_encode_s / vae_decode_s).
+if "$PYTHON" -c "import torch, diffusers" >/dev/null 2>&1; then
+  step diffusers-vae "$PYTHON" scripts/bench_diffusers_flux.py --vae --size "$SIZE" --device "$DEVICE" \
+    --dtype "$DTYPE" --width 512 --height 512 --iters "$ITERS" --out "$OUT/diffusers-vae.json"
+else
+  echo "== diffusers-vae: $PYTHON lacks torch or diffusers; skipped"
+  printf 'diffusers-vae\tskipped\t0\n' >>"$OUT/steps.tsv"
+fi
+
+# Random weights at $SIZE, dense DTYPE (EDIT_QUANTIZE for another format), a 512 panel of
+# a square source (1024x512 diptych), the paper's early filter (8 seeds, 4 probe steps,
+# keep 2, 28 steps) at batch 8; the tiny fixture judge keeps the judge's part short (its
+# own speed is step 3). Dense at batch 8 plans about 29 GB: it fits an 80 GB H100.
+edit_quantize=()
+[[ -n $EDIT_QUANTIZE ]] && edit_quantize=(--quantize "$EDIT_QUANTIZE")
+step edit "$BIN" edit --image "$EDIT_IMAGE" --instruction "make the sky night" \
+  --width "${EDIT_WIDTH:-512}" --random-weights "$SIZE" "${edit_quantize[@]}" --device "$DEVICE" --dtype "$DTYPE" \
+  --batch-size 8 --strategy early-filter --seeds 8 --probe-steps 4 --keep 2 \
+  --steps "${EDIT_STEPS:-28}" --judge tests/fixtures/qwen2vl/judge-tiny.toml \
+  --memory-budget 1000000 --out "$OUT/edit"
+
+# diffusers' FluxFillPipeline, one plain edit of the same source, panel and steps (twice:
+# cold, then warm), random weights and prompt embeddings; T5-XXL and CLIP-L timed apart.
+if "$PYTHON" -c "import torch, diffusers, transformers" >/dev/null 2>&1; then
+  step diffusers-edit "$PYTHON" scripts/bench_diffusers_edit.py --size "$SIZE" --device "$DEVICE" \
+    --dtype "$DTYPE" --width "${EDIT_WIDTH:-512}" --image "$EDIT_IMAGE" --steps "${EDIT_STEPS:-28}" \
+    --out "$OUT/diffusers-edit.json"
+else
+  echo "== diffusers-edit: $PYTHON lacks torch, diffusers or transformers; skipped"
+  printf 'diffusers-edit\tskipped\t0\n' >>"$OUT/steps.tsv"
+fi
+
 # The plan of the measured configuration (full size: no weights named = FLUX.1 Fill).
 for batch in ${BATCHES//,/ }; do
   for format in dense fp8 q8_0 q4_k; do
@@ -232,15 +295,6 @@ for batch in ${BATCHES//,/ }; do
       >"$OUT/plan-$format-b$batch.md" 2>&1
   done
 done
-
-# Random weights at $SIZE, q8_0 (the 24 GB setting), 512 panel, the paper's early filter
-# (8 seeds, 4 probe steps, keep 2, 28 steps); the tiny fixture judge keeps the judge's part
-# short (its own speed is step 3).
-step edit "$BIN" edit --image tests/fixtures/flux/source.png --instruction "make the sky night" \
-  --width "${EDIT_WIDTH:-512}" --random-weights "$SIZE" --quantize q8_0 --device "$DEVICE" --dtype "$DTYPE" \
-  --batch-size 8 --strategy early-filter --seeds 8 --probe-steps 4 --keep 2 \
-  --steps "${EDIT_STEPS:-28}" --judge tests/fixtures/qwen2vl/judge-tiny.toml \
-  --memory-budget 1000000 --out "$OUT/edit"
 
 # Hi-res refine: one plain edit (random, no judge) refined to REFINE_WIDTH, q8_0; the
 # refine pass's time and forwards come from report.json's `refine`.
@@ -262,6 +316,52 @@ if "$PYTHON" -c "import torch, diffusers" >/dev/null 2>&1; then
 else
   echo "== diffusers-cache: $PYTHON lacks torch or diffusers; skipped"
   printf 'diffusers-cache\tskipped\t0\n' >>"$OUT/steps.tsv"
+fi
+
+# Optional, last (PROFILE=1): where one forward's GPU time goes, per kind of kernel, ours
+# against diffusers'. ncu serialises every launch of the run (weight init and VAE too), so
+# this takes minutes at full size; profile_summary.py keeps the forward's launches alone.
+if [[ $PROFILE == 1 ]]; then
+  profile_run=("$BIN" bench flux --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --formats dense \
+    --batch 1 --warmup 1 --iters 1 --no-tiny --width 512 --height 512 --t5-tokens 512 --steps 28 \
+    --out "$OUT/profile-ours")
+  ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  nsys_bin=$(command -v nsys || true)
+  ours_profile=""
+  ours_label=""
+  if [[ -n $ncu_bin ]]; then
+    # The GPU's own clocks (ncu locks them to base by default) and caches as the previous
+    # kernel left them (ncu flushes them before each by default), as in a run without ncu
+    # and as torch's profiler sees diffusers.
+    step profile-ours "$ncu_bin" --metrics gpu__time_duration.sum --csv --clock-control none \
+      --cache-control none --log-file "$OUT/profile-ours.csv" "${profile_run[@]}"
+    ours_profile=$OUT/profile-ours.csv
+    ours_label="icedit-scale (Nsight Compute)"
+  elif [[ -n $nsys_bin ]]; then
+    step profile-ours "$nsys_bin" profile --trace cuda --force-overwrite true -o "$OUT/profile-ours" \
+      "${profile_run[@]}"
+    timeout 120 "$nsys_bin" stats --report cuda_gpu_trace --format csv --force-export true \
+      --output "$OUT/profile-ours" "$OUT/profile-ours.nsys-rep" >"$OUT/profile-ours-stats.log" 2>&1
+    ours_profile=$OUT/profile-ours_cuda_gpu_trace.csv
+    ours_label="icedit-scale (Nsight Systems)"
+  else
+    echo "== profile-ours: neither ncu nor nsys on this machine; skipped"
+    echo "neither Nsight Compute (ncu) nor Nsight Systems (nsys) was found on this machine" >"$OUT/profile-skipped"
+    printf 'profile-ours\tskipped (no ncu or nsys)\t0\n' >>"$OUT/steps.tsv"
+  fi
+  if "$PYTHON" -c "import torch, diffusers" >/dev/null 2>&1; then
+    step profile-diffusers "$PYTHON" scripts/bench_diffusers_flux.py --size "$SIZE" --device "$DEVICE" \
+      --dtype "$DTYPE" --batch 1 --width 512 --height 512 --t5-tokens 512 --iters 1 \
+      --profile "$OUT/profile-diffusers.json" --out "$OUT/profile-diffusers-flux.json"
+  else
+    echo "== profile-diffusers: $PYTHON lacks torch or diffusers; skipped"
+    printf 'profile-diffusers\tskipped\t0\n' >>"$OUT/steps.tsv"
+  fi
+  sides=()
+  [[ -n $ours_profile ]] && sides+=(--side "$ours_label" "$ours_profile" repeat)
+  sides+=(--side "diffusers (torch profiler)" "$OUT/profile-diffusers.json" 1)
+  timeout 120 "$PYTHON" scripts/profile_summary.py "${sides[@]}" --out "$OUT/profile.md" \
+    --json "$OUT/profile.json" >"$OUT/profile-summary.log" 2>&1
 fi
 
 "$PYTHON" - "$OUT" "$REPORT" "$SIZE" "$DEVICE" "$DTYPE" <<'PY'
@@ -433,13 +533,67 @@ for format in ("dense", "fp8", "q8_0", "q4_k"):
                   f"{'-' if measured_gb is None else f'{measured_gb:.1f}'} | {ratio} |")
 
 rep = load("edit/report.json")
-md += ["", f"## One early-filter edit on the device (random `{size}` weights, q8_0)", ""]
+edit_format = os.environ.get("EDIT_QUANTIZE") or f"dense {dtype}"
+theirs = load("diffusers-edit.json")
+md += ["", f"## One early-filter edit beside diffusers' FluxFillPipeline (random `{size}` weights, {edit_format})", ""]
+if rep and theirs:
+    t = rep.get("timings") or {}
+    judge_s = t.get("screen_s", 0.0) + t.get("score_s", 0.0)
+    ours_s, nfe = t["total_s"], rep["nfe"]["total"]
+    cold = theirs["runs"][0]["edit_s"]
+    d = theirs["diptych"]
+    md += [f"Ours: `edit --strategy early-filter --seeds 8 --probe-steps 4 --keep 2 --batch-size 8` with the tiny "
+           f"fixture judge; diffusers {theirs['diffusers']}: one plain FluxFillPipeline edit, same {d[0]}x{d[1]} "
+           f"diptych (right half masked) and {theirs['steps']} steps, the warm one of {len(theirs['runs'])} runs "
+           f"(the first, cold: {cold:.2f} s). Neither side runs text encoders (random prompt states); VAE encode "
+           "and decodes are inside both times.", "",
+           "| | ours | diffusers | ours / diffusers |", "|---|---|---|---|",
+           f"| transformer forwards (NFE) | {nfe} | {theirs['nfe']} | {nfe / theirs['nfe']:.2f} |",
+           f"| edit wall time (s) | {ours_s:.2f} | {theirs['edit_s']:.2f} | **{ours_s / theirs['edit_s']:.2f}x** |",
+           f"| without the judge (screen + score: {judge_s:.2f} s) | {ours_s - judge_s:.2f} | {theirs['edit_s']:.2f} | "
+           f"{(ours_s - judge_s) / theirs['edit_s']:.2f}x |",
+           f"| seconds per NFE | {ours_s / nfe:.3f} | {theirs['edit_s'] / theirs['nfe']:.3f} | "
+           f"{(ours_s / nfe) / (theirs['edit_s'] / theirs['nfe']):.2f}x |", ""]
+    md.append(f"Issue 31 asks ours <= 2.5x the one diffusers edit (ours spends {nfe / theirs['nfe']:.1f} edits' worth of NFE): "
+              f"{'met' if ours_s / theirs['edit_s'] <= 2.5 else 'not met'} in this run.")
+    te = theirs.get("text_encoders")
+    if te:
+        md.append(f"Text encoders both sides leave out (diffusers, random weights, timed apart): T5 "
+                  f"{'v1.1-XXL ' if size == 'full' else ''}({te['t5']['parameters'] / 1e9:.2f}B, {te['t5']['tokens']} tokens) "
+                  f"{te['t5']['encode_s']:.3f} s, CLIP{'-L' if size == 'full' else ''} ({te['clip']['parameters'] / 1e6:.0f}M) "
+                  f"{te['clip']['encode_s']:.3f} s; built on the device in {te['t5']['init_s']:.1f} s / "
+                  f"{te['clip']['init_s']:.1f} s. Pipeline built in {theirs['init_s']:.1f} s"
+                  + (f"; diffusers' peak allocated GPU memory {theirs['peak_gpu_gib']:.1f} GiB." if theirs.get("peak_gpu_gib") else "."))
+    md.append("")
+elif theirs:
+    md += [f"diffusers' edit: {theirs['edit_s']:.2f} s warm, {theirs['nfe']} NFE; ours not measured (below).", ""]
+else:
+    md += ["diffusers' edit not measured:", "", "```", tail("diffusers-edit"), "```", ""]
 if rep:
+    md.append("Our report.json:")
     md.append("```json")
     md.append(json.dumps({k: rep.get(k) for k in ("generator", "strategy", "nfe", "pick", "notes", "timings") if k in rep}, indent=2)[:4000])
     md.append("```")
 else:
     md += ["edit failed:", "", "```", tail("edit"), "```"]
+ours = next((r for r in (load(f"flux-{f}/flux.json") for f in ("dense", "dense-unfused", "q8_0", "q4_k")) if r), None)
+theirs = (load("diffusers-vae.json") or {}).get("vae")
+md += ["", f"## VAE encode / decode of the 1024x512 diptych: ours against diffusers' AutoencoderKL ({dtype})", ""]
+if ours and theirs:
+    md += [f"FLUX.1 Fill's VAE configuration, random weights; encode [1, 3, 512, 1024] (latent mean), decode "
+           f"{theirs['latents']}; `bench flux`'s vae_encode_s / vae_decode_s against "
+           f"bench_diffusers_flux.py --vae, mean of {theirs['iters']} after a warm-up on each side.", "",
+           "| pass | ours (s) | diffusers (s) | ours / diffusers |", "|---|---|---|---|"]
+    for name in ("encode", "decode"):
+        o, t = ours[f"vae_{name}_s"], theirs[f"{name}_s"]
+        md.append(f"| {name} | {o:.4f} | {t:.4f} | **{o / t:.2f}x** |")
+    md.append("")
+    md.append(f"Issue 31 asks decode <= 1.0x: {'met' if ours['vae_decode_s'] <= theirs['decode_s'] else 'not met'} in this run.")
+elif theirs:
+    md.append(f"diffusers: encode {theirs['encode_s']:.4f} s, decode {theirs['decode_s']:.4f} s; ours not measured "
+              "(no `bench flux` result).")
+else:
+    md += ["diffusers' VAE not measured:", "", "```", tail("diffusers-vae"), "```"]
 rep = load("refine/report.json")
 md += ["", f"## Hi-res refine on the device (random `{size}` weights, q8_0, one plain edit refined)", ""]
 if rep and rep.get("refine"):
@@ -486,6 +640,19 @@ if not ours:
     md += ["", "ours not measured:", "", "```", tail("flux-cache"), "```"]
 if not theirs:
     md += ["", "diffusers not measured:", "", "```", tail("diffusers-cache"), "```"]
+md += ["", "## Profile of one forward (dense, batch 1): where the GPU time goes", ""]
+if os.path.exists(os.path.join(out, "profile.md")):
+    md += ["Kernel durations of one FLUX transformer forward per side (512 panel, 512 T5 tokens), bucketed by "
+           "kernel name by scripts/profile_summary.py; ours from `bench flux --warmup 1 --iters 1` under the "
+           "profiler (the second of its two identical forwards; weight init, the kernel check and VAE launches "
+           "left out), diffusers' from torch's profiler around one warm forward.", "",
+           open(os.path.join(out, "profile.md")).read()]
+    if os.path.exists(os.path.join(out, "profile-skipped")):
+        md.append(open(os.path.join(out, "profile-skipped")).read())
+elif any(n == "profile-diffusers" for n, _, _ in steps):
+    md += ["profile not summarised:", "", "```", tail("profile-summary"), tail("profile-ours"), "```"]
+else:
+    md.append("Not run (PROFILE=1 runs it, last).")
 with open(report, "w") as f:
     f.write("\n".join(md) + "\n")
 print("wrote", report)
