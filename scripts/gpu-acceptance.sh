@@ -483,8 +483,8 @@ for name in ["judge"] + vs_names:
         md.append(f"- {name}: no check recorded (the step failed or was skipped)")
         continue
     rows = ac["rows"]
-    speed = ", ".join(f"{r['name']} {r['unfused_ms'] / r['kernel_ms']:.2f}x"
-                      for r in rows if r.get("kernel_ms") and r.get("unfused_ms"))
+    speed = ", ".join(f"{r['name']} {r['unfused_ms'] / r['fused_ms']:.2f}x"
+                      for r in rows if r.get("fused_ms") and r.get("unfused_ms"))
     md.append(f"- {name}: {sum(r['pass'] for r in rows)} of {len(rows)} shapes pass"
               + (f" (**FAIL**: {', '.join(r['name'] for r in rows if not r['pass'])}; kernel off)" if ac["disabled"] else "")
               + f"; kernel {'in use' if ac['in_use'] else 'not used'} for the timings"

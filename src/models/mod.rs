@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod flux;
 pub mod fp8;
+pub mod kernel_check;
 pub mod linear;
 pub mod noise;
 pub mod qwen_vl;

@@ -25,6 +25,7 @@ use super::vae::{Autoencoder, VaeConfig};
 use crate::models::bench::{timed_after, RandomWeights};
 use crate::models::cuda::switch::{self, Kernel, Kernels};
 use crate::models::cuda::{attention as flash, glue};
+use crate::models::kernel_check::{check, check_or_error, tolerance_rel, KernelCheckRow};
 use crate::models::step_cache::{CandidateCache, StepCache};
 use crate::models::taef1::{TinyConfig, TinyDecoder};
 
@@ -177,7 +178,7 @@ pub struct KernelCheck {
 #[derive(Debug, Clone, Serialize)]
 pub struct FusedCheck {
     /// One row per kernel, then the two blocks with every kernel on against none.
-    pub rows: Vec<FusedCheckRow>,
+    pub rows: Vec<KernelCheckRow>,
     /// Flash attention variant kept for the timings (warps per block), when both were timed.
     pub flash_warps: Option<usize>,
     /// Kernels turned off for the timings because they failed (names as `ICEDIT_CUDA_FUSED`
@@ -189,30 +190,6 @@ pub struct FusedCheck {
     /// (`None` where it was not checked: no fp8 tensor cores, or it failed to run).
     #[serde(default)]
     pub fp8_relative_error: Option<f32>,
-}
-
-/// One fused kernel (or block) against the unfused operations on the same inputs.
-#[derive(Debug, Clone, Serialize)]
-pub struct FusedCheckRow {
-    /// Kernel name (`attention`, `modulate`, ...) or `double block` / `single block`.
-    pub name: String,
-    /// The inputs' shape and dtype.
-    pub shape: String,
-    /// Largest |fused - unfused|.
-    pub max_abs_diff: f32,
-    /// Largest |unfused| (the scale the tolerance is relative to).
-    pub max_abs_ref: f32,
-    /// The bound: `tolerance_rel * max_abs_ref`.
-    pub tolerance: f32,
-    /// `max_abs_diff <= tolerance` (and finite).
-    pub pass: bool,
-    /// Milliseconds per call, fused (CUDA only, and only when it passed).
-    pub fused_ms: Option<f64>,
-    /// Milliseconds per call, unfused (CUDA only, and only when the fused one passed).
-    pub unfused_ms: Option<f64>,
-    /// Why the fused side did not run (a launch or library error): the row fails.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
 }
 
 impl FluxBenchResult {
@@ -592,100 +569,6 @@ impl FusedCheck {
     }
 }
 
-/// Relative tolerance of a fused kernel against the unfused operations in `dtype`: 4 to 8
-/// units in the last place of the output's largest values. The unfused side rounds between
-/// its passes (candle's RoPE even multiplies in bf16), the fused one once; a wrong index
-/// or fragment gives errors of the values' own size.
-fn tolerance_rel(dtype: DType) -> f32 {
-    match dtype {
-        DType::BF16 => 1.0 / 32.0,
-        DType::F16 => 1.0 / 256.0,
-        _ => 1e-4,
-    }
-}
-
-/// Largest |a - b| (NaN when either holds one) and largest |b|.
-fn diff_and_scale(a: &Tensor, b: &Tensor) -> candle_core::Result<(f32, f32)> {
-    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-    let max = |t: &Tensor| -> candle_core::Result<f32> {
-        t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-    };
-    let diff = max(&(&a - &b)?)?;
-    let finite = a.sum_all()?.to_scalar::<f32>()?.is_finite()
-        && b.sum_all()?.to_scalar::<f32>()?.is_finite();
-    Ok((if finite { diff } else { f32::NAN }, max(&b)?))
-}
-
-/// One fused computation against its unfused form on the same inputs; both timed on CUDA
-/// when the fused one passes.
-fn check_row(
-    dev: &Device,
-    name: &str,
-    dtype: DType,
-    shape: String,
-    fused: &dyn Fn() -> candle_core::Result<Tensor>,
-    unfused: &dyn Fn() -> candle_core::Result<Tensor>,
-) -> candle_core::Result<FusedCheckRow> {
-    let (diff, scale) = diff_and_scale(&fused()?, &unfused()?)?;
-    let tolerance = tolerance_rel(dtype) * scale;
-    let pass = diff <= tolerance;
-    let (fused_ms, unfused_ms) = if dev.is_cuda() && pass {
-        (
-            Some(timed_after(dev, 1, 5, fused)? * 1e3),
-            Some(timed_after(dev, 1, 5, unfused)? * 1e3),
-        )
-    } else {
-        (None, None)
-    };
-    tracing::info!(
-        name,
-        diff,
-        tolerance,
-        pass,
-        ?fused_ms,
-        ?unfused_ms,
-        "fused kernel check"
-    );
-    Ok(FusedCheckRow {
-        name: name.into(),
-        shape,
-        max_abs_diff: diff,
-        max_abs_ref: scale,
-        tolerance,
-        pass,
-        fused_ms,
-        unfused_ms,
-        error: None,
-    })
-}
-
-/// [`check_row`], with an error of the fused side (a cuBLASLt status, a launch failure)
-/// recorded as a failing row instead of ending the run.
-fn check_row_or_error(
-    dev: &Device,
-    name: &str,
-    dtype: DType,
-    shape: String,
-    fused: &dyn Fn() -> candle_core::Result<Tensor>,
-    unfused: &dyn Fn() -> candle_core::Result<Tensor>,
-) -> candle_core::Result<FusedCheckRow> {
-    if let Err(e) = fused() {
-        tracing::warn!(name, error = %e, "fused kernel check: the fused side failed");
-        return Ok(FusedCheckRow {
-            name: name.into(),
-            shape,
-            max_abs_diff: f32::NAN,
-            max_abs_ref: f32::NAN,
-            tolerance: f32::NAN,
-            pass: false,
-            fused_ms: None,
-            unfused_ms: None,
-            error: Some(e.to_string()),
-        });
-    }
-    check_row(dev, name, dtype, shape, fused, unfused)
-}
-
 /// Relative tolerance of the fp8 GEMM against the bf16 GEMM of the same (e4m3) weight: the
 /// activations are rounded to e4m3 (3 mantissa bits, up to 2^-4 of each value), so its
 /// outputs differ by a few percent of their largest value; a wrong scale or layout gives
@@ -734,10 +617,10 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
         let mut passed = true;
         for &warps in variants {
             let fused = || flash::flash_attention_with(&q, &k, &v, heads, warps);
-            let r = check_row(
+            let r = check(
                 dev,
                 &format!("attention ({warps} warps)"),
-                attn_dtype,
+                tolerance_rel(attn_dtype),
                 format!("q, k, v [1, {len}, {heads} x {head_dim}] {attn_dtype:?}"),
                 &fused,
                 &unfused,
@@ -786,10 +669,10 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
     ];
     for (kernel, compute) in glue_checks {
         let set = on(kernel)?;
-        let r = check_row(
+        let r = check(
             dev,
             kernel.name(),
-            dtype,
+            tolerance_rel(dtype),
             label.clone(),
             &|| switch::forced(set, compute),
             &|| switch::forced(Kernels::NONE, compute),
@@ -829,14 +712,14 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
                 layer.forward(&xs)
             }
         };
-        let r = check_row_or_error(
+        let r = check_or_error(
             dev,
             if gelu {
                 "gemm_epilogue (bias + gelu)"
             } else {
                 "gemm_epilogue (bias)"
             },
-            attn_dtype,
+            tolerance_rel(attn_dtype),
             format!("[{len}, {hidden}] -> {out} {attn_dtype:?}"),
             &|| switch::forced(gemm_on, compute),
             &|| switch::forced(Kernels::NONE, compute),
@@ -853,21 +736,16 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
         let layer = linear(mlp, true)?;
         let fp8_on = on(Kernel::Fp8Gemm)?;
         let compute = || layer.forward_gelu(&xs);
-        let mut r = check_row_or_error(
+        let r = check_or_error(
             dev,
             "fp8_gemm (bias + gelu)",
-            attn_dtype,
+            FP8_TOLERANCE_REL,
             format!("[{len}, {hidden}] -> {mlp} e4m3 x e4m3 -> {attn_dtype:?}"),
             &|| switch::forced(fp8_on, compute),
             // The same e4m3 weight up-cast: the 16-bit GEMM the fp8 one replaces.
             &|| switch::forced(Kernels::NONE, compute),
         )?;
         if r.error.is_none() {
-            r.tolerance = FP8_TOLERANCE_REL * r.max_abs_ref;
-            r.pass = r.max_abs_diff <= r.tolerance;
-            if !r.pass {
-                (r.fused_ms, r.unfused_ms) = (None, None);
-            }
             fp8_relative_error = Some(r.max_abs_diff / r.max_abs_ref);
             tracing::info!(
                 relative_error = fp8_relative_error,
@@ -915,16 +793,14 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
         ("single block", &single_out),
     ] {
         // Blocks compound several roundings: four times a kernel's bound.
-        let mut r = check_row(
+        let r = check(
             dev,
             name,
-            dtype,
+            4.0 * tolerance_rel(dtype),
             format!("{n_txt} + {n_img} tokens, hidden {hidden}, {dtype:?}"),
             &|| run(passing),
             &|| run(Kernels::NONE),
         )?;
-        r.tolerance *= 4.0;
-        r.pass = r.max_abs_diff <= r.tolerance;
         block_failed |= !r.pass;
         rows.push(r);
     }

@@ -14,9 +14,10 @@ use super::config::Qwen2VlConfig;
 use super::image::PreparedImage;
 use super::model::{EncodedPrompt, KeyLayout, Qwen2Vl};
 use super::side_by_side::{prompt_mismatch, run_rounds, ReferenceProcess, SideBySide};
-use crate::models::bench::{timed, timed_after, RandomWeights};
+use crate::models::bench::{timed, RandomWeights};
 use crate::models::cuda::attention as flash;
 use crate::models::cuda::switch::{self, Kernel};
+use crate::models::kernel_check::{self, tolerance_rel, KernelCheckRow};
 
 /// Built-in configurations, as on the Hub (`small` is a CPU-sized stand-in).
 pub const MODELS: [&str; 5] = [
@@ -316,7 +317,7 @@ fn parts_markdown(
 #[derive(Debug, Clone, Serialize)]
 pub struct AttentionCheck {
     /// One row per shape.
-    pub rows: Vec<AttentionCheckRow>,
+    pub rows: Vec<KernelCheckRow>,
     /// Shapes not checked because the kernel is not built for their head dim (they take the
     /// plain path), e.g. `vision: head dim 32`.
     pub not_built: Vec<String>,
@@ -327,27 +328,6 @@ pub struct AttentionCheck {
     pub in_use: bool,
 }
 
-/// One shape: the kernel against the unfused path on the same random inputs.
-#[derive(Debug, Clone, Serialize)]
-pub struct AttentionCheckRow {
-    /// Which attention (`vision frames`, `vision windows`, `decoder prefill`, ...).
-    pub name: String,
-    /// The inputs' shape, masking and dtype.
-    pub shape: String,
-    /// Largest |kernel - unfused|.
-    pub max_abs_diff: f32,
-    /// Largest |unfused| (the scale the tolerance is relative to).
-    pub max_abs_ref: f32,
-    /// The bound: relative tolerance (bf16 1/32, f16 1/256) x `max_abs_ref`.
-    pub tolerance: f32,
-    /// `max_abs_diff <= tolerance` (and finite).
-    pub pass: bool,
-    /// Milliseconds per call, kernel (CUDA only, and only when it passed).
-    pub kernel_ms: Option<f64>,
-    /// Milliseconds per call, unfused (CUDA only, and only when the kernel passed).
-    pub unfused_ms: Option<f64>,
-}
-
 impl AttentionCheck {
     /// The check as a markdown section.
     pub fn markdown(&self) -> String {
@@ -356,7 +336,7 @@ impl AttentionCheck {
             "\nJudge flash attention against candle's unfused attention on the same random inputs (pass: max |diff| <= tolerance = relative bound x max |unfused|; a failing kernel is turned off before anything is timed):\n\n| attention | inputs | max abs diff | tolerance | pass | kernel (ms) | unfused (ms) | unfused / kernel |\n|---|---|---|---|---|---|---|---|\n",
         );
         for r in &self.rows {
-            let ratio = match (r.kernel_ms, r.unfused_ms) {
+            let ratio = match (r.fused_ms, r.unfused_ms) {
                 (Some(k), Some(u)) => format!("{:.2}x", u / k),
                 _ => "-".into(),
             };
@@ -367,7 +347,7 @@ impl AttentionCheck {
                 r.max_abs_diff,
                 r.tolerance,
                 if r.pass { "pass" } else { "FAIL" },
-                ms(r.kernel_ms),
+                ms(r.fused_ms),
                 ms(r.unfused_ms),
             ));
         }
@@ -399,11 +379,6 @@ pub fn attention_check(bench: &JudgeBench) -> candle_core::Result<AttentionCheck
         DType::F16 => DType::F16,
         _ => DType::BF16,
     };
-    let rel = if dtype == DType::F16 {
-        1.0 / 256.0
-    } else {
-        1.0 / 32.0
-    };
     let randn =
         |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype);
     let mut rows = Vec::new();
@@ -415,45 +390,14 @@ pub fn attention_check(bench: &JudgeBench) -> candle_core::Result<AttentionCheck
                      v: &Tensor,
                      visibility: flash::Visibility|
      -> candle_core::Result<()> {
-        let kernel = || flash::judge_attention(q, k, v, visibility);
-        let unfused = || flash::judge_unfused(q, k, v, visibility);
-        let (a, b) = (
-            kernel()?.to_dtype(DType::F32)?,
-            unfused()?.to_dtype(DType::F32)?,
-        );
-        let max = |t: &Tensor| t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>();
-        let finite = a.sum_all()?.to_scalar::<f32>()?.is_finite();
-        let diff = if finite { max(&(&a - &b)?)? } else { f32::NAN };
-        let scale = max(&b)?;
-        let tolerance = rel * scale;
-        let pass = diff <= tolerance;
-        let (kernel_ms, unfused_ms) = if dev.is_cuda() && pass {
-            (
-                Some(timed_after(dev, 1, 5, kernel)? * 1e3),
-                Some(timed_after(dev, 1, 5, unfused)? * 1e3),
-            )
-        } else {
-            (None, None)
-        };
-        tracing::info!(
+        rows.push(kernel_check::check(
+            dev,
             name,
-            diff,
-            tolerance,
-            pass,
-            ?kernel_ms,
-            ?unfused_ms,
-            "judge attention check"
-        );
-        rows.push(AttentionCheckRow {
-            name: name.into(),
+            tolerance_rel(dtype),
             shape,
-            max_abs_diff: diff,
-            max_abs_ref: scale,
-            tolerance,
-            pass,
-            kernel_ms,
-            unfused_ms,
-        });
+            &|| flash::judge_attention(q, k, v, visibility),
+            &|| flash::judge_unfused(q, k, v, visibility),
+        )?);
         Ok(())
     };
 
@@ -863,7 +807,7 @@ mod tests {
             ]
         );
         assert!(
-            check.rows.iter().all(|r| r.pass && r.kernel_ms.is_none()),
+            check.rows.iter().all(|r| r.pass && r.fused_ms.is_none()),
             "{check:?}"
         );
         assert!(check.not_built.is_empty() && !check.disabled);
