@@ -9,22 +9,28 @@ use super::linear::{AdaptedLinear, Linears};
 /// Width of the sinusoidal timestep features.
 const TIME_FEATURES: usize = 256;
 
-/// Sinusoidal features of `t` (already scaled by 1000), `[B] -> [B, 256]` in f32, laid out
-/// `[cos | sin]` (diffusers `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`).
-pub fn timestep_features(t: &Tensor) -> Result<Tensor> {
+/// The frequencies of [`timestep_features`], `[1, 128]` in f32 on `dev`. The exponent in
+/// f32 step by step as torch computes it, the exp correctly rounded: with guidance 50 the
+/// arguments reach 5e4, so one ulp of a frequency moves an angle ~3e-3 rad.
+pub fn timestep_frequencies(dev: &Device) -> Result<Tensor> {
     let half = TIME_FEATURES / 2;
-    let dev = t.device();
-    // The exponent in f32 step by step as torch computes it, the exp correctly rounded: with
-    // guidance 50 the arguments reach 5e4, so one ulp of a frequency moves an angle ~3e-3 rad.
     let log_period = -(10000f64.ln()) as f32;
     let exponent: Vec<f32> = (0..half)
         .map(|i| ((log_period * i as f32 / half as f32) as f64).exp() as f32)
         .collect();
-    let freqs = Tensor::from_vec(exponent, (1, half), dev)?;
-    let args = t
-        .to_dtype(DType::F32)?
-        .unsqueeze(1)?
-        .broadcast_mul(&freqs)?;
+    Tensor::from_vec(exponent, (1, half), dev)
+}
+
+/// Sinusoidal features of `t` (already scaled by 1000), `[B] -> [B, 256]` in f32, laid out
+/// `[cos | sin]` (diffusers `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`).
+pub fn timestep_features(t: &Tensor) -> Result<Tensor> {
+    timestep_features_with(t, &timestep_frequencies(t.device())?)
+}
+
+/// [`timestep_features`] with the frequencies already on `t`'s device: a forward made on a
+/// GPU then copies nothing from the host (a copy from pageable memory waits for the device).
+fn timestep_features_with(t: &Tensor, freqs: &Tensor) -> Result<Tensor> {
+    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(freqs)?;
     Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
 }
 
@@ -57,6 +63,8 @@ pub struct TimeTextEmbedding {
     timestep: MlpEmbedder,
     guidance: Option<MlpEmbedder>,
     text: MlpEmbedder,
+    /// [`timestep_frequencies`] on the model's device, made once.
+    frequencies: Tensor,
 }
 
 impl TimeTextEmbedding {
@@ -95,16 +103,18 @@ impl TimeTextEmbedding {
                 None
             },
             text: MlpEmbedder::new(vb.pp("text_embedder"), pooled_dim, hidden, linears)?,
+            frequencies: timestep_frequencies(vb.device())?,
         })
     }
 
     /// `sigma` and `guidance` are `[B]` (unscaled), `pooled` is `[B, pooled_dim]`.
     pub fn forward(&self, sigma: &Tensor, guidance: &Tensor, pooled: &Tensor) -> Result<Tensor> {
         let dtype = pooled.dtype();
-        let t = timestep_features(&(sigma * 1000.0)?)?.to_dtype(dtype)?;
+        let freqs = &self.frequencies;
+        let t = timestep_features_with(&(sigma * 1000.0)?, freqs)?.to_dtype(dtype)?;
         let mut emb = self.timestep.forward(&t)?;
         if let Some(g_embedder) = &self.guidance {
-            let g = timestep_features(&(guidance * 1000.0)?)?.to_dtype(dtype)?;
+            let g = timestep_features_with(&(guidance * 1000.0)?, freqs)?.to_dtype(dtype)?;
             emb = (emb + g_embedder.forward(&g)?)?;
         }
         emb + self.text.forward(pooled)?
