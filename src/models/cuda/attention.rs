@@ -111,30 +111,48 @@ pub fn reference(
         let (batch, _) = (bi / l, bi % l);
         let mut scores = vec![0f32; l];
         for h in 0..heads {
-            let qi = &q[bi * row + h * d..][..d];
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate() {
-                let kj = &k[(batch * l + j) * row + h * d..][..d];
-                *s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                max = max.max(*s);
-            }
-            let mut total = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
-            }
-            let o = &mut dst[h * d..(h + 1) * d];
-            o.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                let vj = &v[(batch * l + j) * row + h * d..][..d];
-                for (o, v) in o.iter_mut().zip(vj) {
-                    *o += p * v;
-                }
-            }
-            o.iter_mut().for_each(|o| *o /= total);
+            let at = |j: usize| (batch * l + j) * row + h * d;
+            attend_row(
+                &q[bi * row + h * d..][..d],
+                scale,
+                &mut scores,
+                |j| &k[at(j)..][..d],
+                |j| &v[at(j)..][..d],
+                &mut dst[h * d..(h + 1) * d],
+            );
         }
     });
     out
+}
+
+/// One query row of softmax attention in f32: `scores[j] = q . key(j) * scale` for every
+/// `j < scores.len()`, a max-subtracted softmax, and `out` the weighted sum of `value(j)`.
+/// The CPU references of both kernels run it.
+fn attend_row<'a>(
+    q: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    out: &mut [f32],
+) {
+    let mut max = f32::NEG_INFINITY;
+    for (j, s) in scores.iter_mut().enumerate() {
+        *s = q.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f32>() * scale;
+        max = max.max(*s);
+    }
+    let mut total = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    out.fill(0.0);
+    for (j, p) in scores.iter().enumerate() {
+        for (o, v) in out.iter_mut().zip(value(j)) {
+            *o += p * v;
+        }
+    }
+    out.iter_mut().for_each(|o| *o /= total);
 }
 
 /// Candle's unfused attention on the same layout, as FLUX ran it before: transposes to
@@ -322,27 +340,15 @@ pub fn judge_reference(
         let mut scores = vec![0f32; visible];
         for h in 0..heads {
             let kvh = h / group;
-            let qi = &q[((batch * heads + h) * lq + i) * d..][..d];
-            let key = |j: usize| ((batch * kv_heads + kvh) * lk + k0 + j) * d;
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate() {
-                let kj = &k[key(j)..][..d];
-                *s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                max = max.max(*s);
-            }
-            let mut total = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
-            }
-            let o = &mut dst[h * d..(h + 1) * d];
-            o.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                for (o, v) in o.iter_mut().zip(&v[key(j)..][..d]) {
-                    *o += p * v;
-                }
-            }
-            o.iter_mut().for_each(|o| *o /= total);
+            let at = |j: usize| ((batch * kv_heads + kvh) * lk + k0 + j) * d;
+            attend_row(
+                &q[((batch * heads + h) * lq + i) * d..][..d],
+                scale,
+                &mut scores,
+                |j| &k[at(j)..][..d],
+                |j| &v[at(j)..][..d],
+                &mut dst[h * d..(h + 1) * d],
+            );
         }
     });
     out
