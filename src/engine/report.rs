@@ -339,7 +339,8 @@ pub struct RefineRecord {
     pub kept_from_source: Option<f32>,
     /// Budgets (`budget_nfe`, mean budgets) do not include the refine.
     pub in_budget: bool,
-    /// Wall time of the refine (prepare, steps, decode, blend).
+    /// Wall time of the refine (steps, decode, blend; the pick's also preparing the
+    /// refine's diptych, which every refine of the edit shares).
     pub seconds: f64,
     /// The refined image's file (`final.png` for the pick, `refined/<candidate>.png` for a
     /// runner-up), once written.

@@ -362,10 +362,55 @@ impl EditRun<'_> {
     }
 
     /// The hi-res refines: the pick's, then (with `refine_best` above 1) the next best
-    /// finished candidates', one after the other at batch 1. Every forward is counted in
-    /// the ledger's refine entries, apart from the edit's NFE.
+    /// finished candidates', one after the other at batch 1. The diptych `[source | masked
+    /// right half]` at the refine size is prepared once (same prompt, same model: it holds
+    /// no candidate's image) and serves every refine. Every forward is counted in the
+    /// ledger's refine entries, apart from the edit's NFE.
     async fn refine(&mut self, width: u32, pick: &Pick) -> Result<(), EngineError> {
-        let record = self.refine_one(width, pick.index).await?;
+        self.check_cancel()?;
+        let started = Instant::now();
+        let size = crate::edit::refine::refine_size(self.edit.panel_size(), width)?;
+        let mut refine_edit = EditContext::new(
+            self.edit.id.clone(),
+            self.edit.source_at(size),
+            self.edit.instruction.clone(),
+        );
+        refine_edit.meta = self.edit.meta.clone();
+        refine_edit.original = self.edit.original.clone();
+        // The source at the refine size, also what a blend takes back.
+        let source = refine_edit.source.clone();
+        let base_tokens = self.prepared.image_tokens;
+        let (prepared, step_cost) = self
+            .engine
+            .worker
+            .run(move |g| {
+                let prepared = g.prepare(&refine_edit)?;
+                let cost = g.relative_step_cost(prepared.image_tokens, base_tokens);
+                Ok::<_, EngineError>((Arc::new(prepared), cost))
+            })
+            .await??;
+        let prepare_s = started.elapsed().as_secs_f64();
+        let outcome = self
+            .refine_each(pick, &prepared, &source, step_cost, prepare_s)
+            .await;
+        let p = prepared.clone();
+        let _ = self.engine.worker.run(move |g| g.release(&p)).await;
+        outcome
+    }
+
+    /// The refines of [`Self::refine`] over the prepared diptych.
+    async fn refine_each(
+        &mut self,
+        pick: &Pick,
+        prepared: &Arc<PreparedEdit>,
+        source: &Arc<RgbImage>,
+        step_cost: f64,
+        prepare_s: f64,
+    ) -> Result<(), EngineError> {
+        let mut record = self
+            .refine_one(pick.index, prepared, source, step_cost)
+            .await?;
+        record.seconds += prepare_s;
         self.count_refine(&record);
         self.refine = Some(record);
         let more = super::selection::runner_ups(
@@ -381,7 +426,7 @@ impl EditRun<'_> {
             ));
         }
         for index in more {
-            let record = self.refine_one(width, index).await?;
+            let record = self.refine_one(index, prepared, source, step_cost).await?;
             self.count_refine(&record);
             self.runner_up_refines.push(record);
         }
@@ -393,12 +438,18 @@ impl EditRun<'_> {
         self.nfe.refine_edit_step_equivalents += record.edit_step_equivalents;
     }
 
-    /// The hi-res refine of candidate `index`: its final image upscaled to `width`
-    /// (Lanczos), the diptych `[source | upscaled edit]` prepared at that size (same prompt,
-    /// same model), the upscaled edit's latents noised to the sigma `refine_strength`
-    /// starts at (seeded by the candidate's seed) and run to the end, decoded; with
-    /// `refine_keep_unchanged` the source is blended back where the edit changed nothing.
-    async fn refine_one(&mut self, width: u32, index: usize) -> Result<RefineRecord, EngineError> {
+    /// The hi-res refine of candidate `index` over the `prepared` diptych: its final image
+    /// upscaled to the refine size (Lanczos), its latents noised to the sigma
+    /// `refine_strength` starts at (seeded by the candidate's seed) and run to the end,
+    /// decoded; with `refine_keep_unchanged` the `source` (at the refine size) is blended
+    /// back where the edit changed nothing.
+    async fn refine_one(
+        &mut self,
+        index: usize,
+        prepared: &Arc<PreparedEdit>,
+        source: &Arc<RgbImage>,
+        step_cost: f64,
+    ) -> Result<RefineRecord, EngineError> {
         self.check_cancel()?;
         let started = Instant::now();
         let candidate = &self.candidates[index];
@@ -406,58 +457,41 @@ impl EditRun<'_> {
         let edited = candidate.images.final_image.clone().ok_or_else(|| {
             EngineError::Strategy(format!("candidate {index} has no final image to refine"))
         })?;
-        let size = crate::edit::refine::refine_size(self.edit.panel_size(), width)?;
-        let mut refine_edit = EditContext::new(
-            self.edit.id.clone(),
-            self.edit.source_at(size),
-            self.edit.instruction.clone(),
-        );
-        refine_edit.meta = self.edit.meta.clone();
-        refine_edit.original = self.edit.original.clone();
+        let size = source.dimensions();
         let init = crate::edit::refine::upscale(&edited, size);
         let (strength, steps) = (self.strategy.refine_strength, self.schedule.steps);
-        let base_tokens = self.prepared.image_tokens;
         let progress = self.progress.clone();
         let cancel = self.cancel.clone();
-        let (refined, prepared, start_step, step_cost) = self
+        let p = prepared.clone();
+        let (refined, start_step) = self
             .engine
             .worker
-            .run(move |g| {
-                let prepared = g.prepare(&refine_edit)?;
-                let mut run = || -> Result<(RgbImage, usize), EngineError> {
-                    let schedule = prepared.schedule(steps);
-                    let start_step = schedule
-                        .start_for_strength(strength)
-                        .map_err(EngineError::Strategy)?;
-                    let start = g.encode_start(&prepared, &init)?;
-                    let mut states = vec![CandidateState::from_image(
-                        g, &prepared, &schedule, seed, &start, start_step,
-                    )?];
-                    progress.begin("refine", (steps - start_step) as u64);
-                    while states[0].step < steps {
-                        if cancel.is_set() {
-                            return Err(EngineError::Cancelled);
-                        }
-                        generate::advance_one_step(g, &prepared, &schedule, &mut states)?;
-                        progress.inc(1);
+            .run(move |g| -> Result<(RgbImage, usize), EngineError> {
+                let schedule = p.schedule(steps);
+                let start_step = schedule
+                    .start_for_strength(strength)
+                    .map_err(EngineError::Strategy)?;
+                let start = g.encode_start(&p, &init)?;
+                let mut states = vec![CandidateState::from_image(
+                    g, &p, &schedule, seed, &start, start_step,
+                )?];
+                progress.begin("refine", (steps - start_step) as u64);
+                while states[0].step < steps {
+                    if cancel.is_set() {
+                        return Err(EngineError::Cancelled);
                     }
-                    progress.end();
-                    Ok((
-                        generate::finish(g, &prepared, &schedule, &states[0])?,
-                        start_step,
-                    ))
-                };
-                let outcome = run();
-                let cost = g.relative_step_cost(prepared.image_tokens, base_tokens);
-                g.release(&prepared);
-                outcome.map(|(image, start_step)| (image, prepared, start_step, cost))
+                    generate::advance_one_step(g, &p, &schedule, &mut states)?;
+                    progress.inc(1);
+                }
+                progress.end();
+                Ok((generate::finish(g, &p, &schedule, &states[0])?, start_step))
             })
             .await??;
         let mut image = refined;
         let mut kept_from_source = None;
         if self.strategy.refine_keep_unchanged {
             let mask = crate::edit::refine::change_mask(&self.edit.source, &edited, size);
-            image = crate::edit::refine::blend_unchanged(&image, &self.edit.source_at(size), &mask);
+            image = crate::edit::refine::blend_unchanged(&image, source, &mask);
             let kept = mask.pixels().filter(|m| m[0] == 0).count();
             kept_from_source = Some(kept as f32 / (size.0 * size.1) as f32);
         }
