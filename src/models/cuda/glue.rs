@@ -401,11 +401,10 @@ mod tests {
 
     /// Seeded normal draws, so a failure reproduces.
     fn randn(shape: &[usize], std: f64, dtype: DType) -> Tensor {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        thread_local!(static CALLS: AtomicU64 = const { AtomicU64::new(0) });
+        thread_local!(static CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
         // A per-thread call counter: libtest runs each test on a thread of its own, so a
         // test's draws do not depend on what runs beside it.
-        let seed = CALLS.with(|c| c.fetch_add(1, Ordering::Relaxed));
+        let seed = CALLS.with(|c| c.replace(c.get() + 1));
         (crate::models::noise::seeded_noise(seed, shape, &Device::Cpu).unwrap() * std)
             .unwrap()
             .to_dtype(dtype)
