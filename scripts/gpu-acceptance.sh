@@ -11,8 +11,10 @@
 #      ICEDIT_CUDA_FUSED=none (the A/B of the fused kernels, step flux-dense-unfused) and,
 #      batch 1, without the cuBLASLt bias / GELU epilogues (flux-dense-no-gemm); fp8 (e4m3
 #      weights with per-tensor scales, as --quantize fp8 holds them: cuBLASLt's fp8 GEMM on
-#      sm89+, step flux-fp8) and, batch 1, the same weights up-cast per forward
-#      (flux-fp8-upcast, ICEDIT_CUDA_FUSED without fp8_gemm);
+#      sm89+, activations with a scale per row written by the modulate kernel on sm90+,
+#      step flux-fp8) and, batch 1, the same with one activation scale per tensor (two
+#      quantization passes per linear: flux-fp8-per-tensor, without fp8_rows) and the same
+#      weights up-cast per forward (flux-fp8-upcast, ICEDIT_CUDA_FUSED without fp8_gemm);
 #   2. diffusers' FluxTransformer2DModel, same configuration, shapes and dtype (torch SDPA),
 #      for the same batches (scripts/bench_diffusers_flux.py);
 #   3. `bench judge` for Qwen2.5-VL-7B, and the Qwen2-VL-7B and Qwen2.5-VL-7B prefills
@@ -64,7 +66,8 @@
 #   STEP_LIMIT  seconds any one step may run before it is stopped (recorded as exit 124 in
 #            the report, the script goes on) [0 = no limit]. LIMIT_<step> overrides it for
 #            one step: LIMIT_kernel_check, LIMIT_flux_dense, LIMIT_flux_dense_unfused,
-#            LIMIT_flux_dense_no_gemm, LIMIT_flux_fp8, LIMIT_flux_fp8_upcast, LIMIT_flux_q8_0, LIMIT_flux_q4_k,
+#            LIMIT_flux_dense_no_gemm, LIMIT_flux_fp8, LIMIT_flux_fp8_per_tensor, LIMIT_flux_fp8_upcast,
+#            LIMIT_flux_q8_0, LIMIT_flux_q4_k,
 #            LIMIT_flux_q8_0_kernels, LIMIT_flux_q4_k_kernels, LIMIT_diffusers,
 #            LIMIT_judge, LIMIT_judge_vs_transformers_qwen2_vl_7b, LIMIT_judge_vs_transformers_qwen2_5_vl_7b,
 #            LIMIT_diffusers_vae, LIMIT_edit, LIMIT_diffusers_edit, LIMIT_refine, LIMIT_flux_cache,
@@ -189,7 +192,7 @@ all_but() {
   if [[ -f "$OUT/fused-off" ]]; then
     echo none
   else
-    local all=attention,modulate,gated_residual,qk_norm_rope,judge_attention,gemm_epilogue,fp8_gemm
+    local all=attention,modulate,gated_residual,qk_norm_rope,judge_attention,gemm_epilogue,fp8_gemm,fp8_rows
     all=",$all,"
     all=${all/,$1,/,}
     all=${all#,}
@@ -203,11 +206,16 @@ step flux-dense-no-gemm env ICEDIT_CUDA_FUSED="$(all_but gemm_epilogue)" "$BIN" 
   --height 512 --t5-tokens 512 --iters "$ITERS" --steps 28 --no-tiny \
   --out "$OUT/flux-dense-no-gemm"
 
-# fp8: the fp8 GEMM (sm89+; the device check compares it with the 16-bit GEMM first), then
-# the same weights up-cast per forward (the path before it).
+# fp8: the fp8 GEMM (sm89+; the device check compares it with the 16-bit GEMM first), with
+# per-row activation scales (sm90+), then one activation scale per tensor, then the same
+# weights up-cast per forward (the path before both).
 step flux-fp8 "$BIN" bench flux --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
   --formats fp8 --batch "$BATCHES" --width 512 --height 512 --t5-tokens 512 \
   --iters "$ITERS" --steps 28 --no-tiny --out "$OUT/flux-fp8"
+step flux-fp8-per-tensor env ICEDIT_CUDA_FUSED="$(all_but fp8_rows)" "$BIN" bench flux \
+  --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --formats fp8 --batch 1 --width 512 \
+  --height 512 --t5-tokens 512 --iters "$ITERS" --steps 28 --no-tiny \
+  --out "$OUT/flux-fp8-per-tensor"
 step flux-fp8-upcast env ICEDIT_CUDA_FUSED="$(all_but fp8_gemm)" "$BIN" bench flux \
   --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --formats fp8 --batch 1 --width 512 \
   --height 512 --t5-tokens 512 --iters "$ITERS" --steps 28 --no-tiny \
@@ -427,6 +435,9 @@ if check and check.get("fused_check"):
     if fc.get("fp8_relative_error") is not None:
         md.append(f"fp8 GEMM against the 16-bit GEMM of the same e4m3 weight: relative error "
                   f"{fc['fp8_relative_error']:.3e} (max |diff| / max |16-bit|).")
+    if fc.get("fp8_rows_relative_error") is not None:
+        md.append(f"fp8 GEMM over per-row scaled activations (the modulate kernel's e4m3 rows) against the "
+                  f"16-bit GEMM: relative error {fc['fp8_rows_relative_error']:.3e}.")
     kc = check.get("kernel_check")
     if kc:
         md.append(f"Older fused kernels: softmax max |diff| {kc['softmax_max_abs_diff']:.2e}, "
@@ -434,11 +445,13 @@ if check and check.get("fused_check"):
 else:
     md += ["kernel check failed:", "", "```", tail("kernel-check", 40), "```"]
 
-runs = {f: load(f"flux-{f}/flux.json") for f in ("dense", "dense-unfused", "dense-no-gemm", "fp8", "fp8-upcast",
+runs = {f: load(f"flux-{f}/flux.json") for f in ("dense", "dense-unfused", "dense-no-gemm", "fp8", "fp8-per-tensor",
+                                                  "fp8-upcast",
                                                   "q8_0", "q4_k", "q8_0-kernels", "q4_k-kernels")}
 labels = {"dense-unfused": "dense, unfused (ICEDIT_CUDA_FUSED=none)",
           "dense-no-gemm": "dense, no GEMM epilogues (without gemm_epilogue)",
-          "fp8": "fp8 (fp8 GEMM where the device has it)",
+          "fp8": "fp8 (fp8 GEMM where the device has it, per-row activation scales on sm90+)",
+          "fp8-per-tensor": "fp8, one activation scale per tensor (without fp8_rows)",
           "fp8-upcast": "fp8, up-cast per forward (without fp8_gemm)"}
 for name, r in runs.items():
     if r and name in labels:

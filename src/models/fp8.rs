@@ -9,6 +9,13 @@
 //! value (ties to even) and saturated at +-448 (never to NaN: e4m3fn has no infinities and
 //! its one NaN pattern would poison a whole GEMM row). NaN stays NaN. A tensor of zeros (or
 //! one whose largest magnitude is not finite) gets scale 1, so nothing is divided by 0.
+//!
+//! The activations of a FLUX linear are quantized the same way one row (token) at a time
+//! ([`quantize_rows`]): each row gets its own scale. That costs nothing extra on the GPU
+//! (the fused modulate kernel holds a row when it writes it; cuBLASLt applies a scale per
+//! column of its B operand, "outer vector" scaling) and keeps every candidate of a batch
+//! independent of the others: a per-tensor scale would let one candidate's largest
+//! activation decide another's rounding.
 
 /// The largest finite e4m3 magnitude (`S.1111.110` = 1.75 x 2^8).
 pub const E4M3_MAX: f32 = 448.0;
@@ -69,6 +76,24 @@ pub fn quantize(values: &[f32]) -> (Vec<f32>, f32) {
         values.iter().map(|v| round_e4m3(v / scale)).collect(),
         scale,
     )
+}
+
+/// `values` (rows of `cols`) quantized one row at a time: `(q, scales)` with one scale per
+/// row, each row as [`quantize`] does it. `cols` must divide `values.len()`.
+pub fn quantize_rows(values: &[f32], cols: usize) -> (Vec<f32>, Vec<f32>) {
+    assert!(
+        cols > 0 && values.len().is_multiple_of(cols),
+        "{} values are not rows of {cols}",
+        values.len()
+    );
+    let mut q = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(values.len() / cols);
+    for row in values.chunks(cols) {
+        let (qr, scale) = quantize(row);
+        q.extend(qr);
+        scales.push(scale);
+    }
+    (q, scales)
 }
 
 #[cfg(test)]
@@ -168,5 +193,37 @@ mod tests {
         // A non-finite largest magnitude: scale 1, saturated.
         let (q, scale) = quantize(&[f32::INFINITY, 1.0]);
         assert_eq!((scale, q), (1.0, vec![448.0, 1.0]));
+    }
+
+    #[test]
+    fn rows_are_quantized_each_with_its_own_scale() {
+        // Two rows whose magnitudes differ by 10^5 (more than e4m3's 2^15 normal range):
+        // per row, the small one keeps its precision; one scale for both pushes it into
+        // e4m3's subnormals or to zero.
+        let small = [1e-5f32, -2.3e-5, 7e-6, 0.0];
+        let large = [1.0f32, -3.5, 2.25, 0.5];
+        let values: Vec<f32> = small.iter().chain(&large).copied().collect();
+        let (q, scales) = quantize_rows(&values, 4);
+        assert_eq!(scales, [2.3e-5 / 448.0, 3.5 / 448.0]);
+        assert_eq!(
+            (&q[..4], scales[0]),
+            (&quantize(&small).0[..], quantize(&small).1)
+        );
+        assert_eq!(
+            (&q[4..], scales[1]),
+            (&quantize(&large).0[..], quantize(&large).1)
+        );
+        for (v, (q, s)) in small.iter().zip(q.iter().zip([scales[0]; 4])) {
+            assert!((q * s - v).abs() <= v.abs() / 16.0, "{v} -> {q} x {s}");
+        }
+        // One scale for the whole tensor loses the small row: 7e-6 / (3.5 / 448) is below
+        // half of e4m3's smallest step (2^-9), so it becomes 0.
+        let (whole, _) = quantize(&values);
+        assert_eq!(whole[2], 0.0);
+        // A row of zeros gets scale 1.
+        assert_eq!(
+            quantize_rows(&[0.0, 0.0, 1.0, 2.0], 2).1,
+            [1.0, 2.0 / 448.0]
+        );
     }
 }

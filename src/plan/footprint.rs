@@ -112,7 +112,9 @@ pub fn transformer_activation_bytes(
     let streams = batch * s * d * e * STREAM_COPIES;
     // Quantized kernels take f32 activations; on CUDA the token-wise layers dequantize
     // their weight instead (one layer at a time, through f32 unless the model is f16); fp8
-    // weights are up-cast one layer at a time.
+    // weights are up-cast one layer at a time, or (the fp8 GEMM) the activations held as
+    // e4m3: the widest input (the single blocks' 5 x hidden) beside a modulated input's
+    // rows (hidden), a byte an element.
     let (linears, _) = transformer_linears(c);
     let widest = linears.iter().map(|(o, i)| o * i).max().unwrap_or(0);
     let conversion = match format {
@@ -120,7 +122,7 @@ pub fn transformer_activation_bytes(
         WeightFormat::Quantized(_) if cuda && dtype == DType::F16 => widest * e,
         WeightFormat::Quantized(_) if cuda => widest * (4 + e),
         WeightFormat::Quantized(_) => batch * s * 5 * d * 4,
-        WeightFormat::Fp8 => widest * e,
+        WeightFormat::Fp8 => (widest * e).max(batch * s * 6 * d),
     };
     attention + streams + conversion
 }

@@ -6,8 +6,10 @@
 //   quantize_e4m3_*: scale = amax / 448 (1 when amax is 0 or not finite), written for the
 //                    GEMM's B scale pointer; each x / scale rounded to nearest even e4m3 and
 //                    saturated at +-448 (__NV_SATFINITE; NaN stays NaN).
-// Fusing the first pass into the modulate kernel that writes these activations is the next
-// step (issue 32).
+// The per-tensor scheme is the fallback: where cuBLASLt takes a scale per row (sm90+), the
+// activations are quantized one row (token) at a time instead, inside the fused modulate
+// kernel (kernels.cu) or, for inputs no kernel of ours writes, by quantize_rows_e4m3_* below:
+// one block per row, the row read twice (the second read from L2), no second launch.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -52,6 +54,40 @@ __device__ void quantize_e4m3(const T* __restrict__ x, const unsigned int* amax_
   }
 }
 
+// The largest |v| over the block; every thread gets it. blockDim.x a multiple of 32.
+__device__ __forceinline__ float block_max(float m) {
+  __shared__ float warp_max[32];
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_max[warp] = m;
+  __syncthreads();
+  m = lane < (int)(blockDim.x >> 5) ? warp_max[lane] : 0.0f;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  }
+  return m;
+}
+
+// Row r of x [rows, cols] as e4m3 with its own scale, amax(row) / 448 (1 when 0 or not
+// finite), into row_scales[r]: models/fp8.rs's quantize_rows. One block per row.
+template <typename T>
+__device__ void quantize_rows_e4m3(const T* __restrict__ x, __nv_fp8_e4m3* __restrict__ q,
+                                   float* __restrict__ row_scales, int cols) {
+  const size_t row = blockIdx.x;
+  const T* xr = x + row * cols;
+  float m = 0.0f;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, fabsf(as_float(xr[c])));
+  const float amax = block_max(m);
+  const float scale = (amax > 0.0f && isfinite(amax)) ? amax / 448.0f : 1.0f;
+  if (threadIdx.x == 0) row_scales[row] = scale;
+  __nv_fp8_e4m3* qr = q + row * cols;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    qr[c].__x = __nv_cvt_float_to_fp8(as_float(xr[c]) / scale, __NV_SATFINITE, __NV_E4M3);
+  }
+}
+
 #define INSTANTIATE(T, NAME)                                                                  \
   extern "C" __global__ void absmax_##NAME(const T* x, unsigned int* amax_bits, long long n) { \
     absmax<T>(x, amax_bits, n);                                                               \
@@ -60,6 +96,10 @@ __device__ void quantize_e4m3(const T* __restrict__ x, const unsigned int* amax_
                                                   __nv_fp8_e4m3* q, float* scale,             \
                                                   long long n) {                              \
     quantize_e4m3<T>(x, amax_bits, q, scale, n);                                              \
+  }                                                                                           \
+  extern "C" __global__ void quantize_rows_e4m3_##NAME(const T* x, __nv_fp8_e4m3* q,          \
+                                                       float* row_scales, int cols) {         \
+    quantize_rows_e4m3<T>(x, q, row_scales, cols);                                            \
   }
 
 INSTANTIATE(__nv_bfloat16, bf16)

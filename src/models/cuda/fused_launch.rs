@@ -9,7 +9,10 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
-use super::ptx::{FLASH as FLASH_PTX, FLASH_MODULE, KERNELS as KERNELS_PTX, KERNELS_MODULE};
+use super::ptx::{
+    FLASH as FLASH_PTX, FLASH_MODULE, FP8 as FP8_PTX, FP8_MODULE, KERNELS as KERNELS_PTX,
+    KERNELS_MODULE,
+};
 
 /// The contiguous elements `layout` covers in `storage`, as `T`.
 fn view<'a, T: CudaDType>(storage: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
@@ -63,26 +66,76 @@ pub fn modulated_layer_norm(
     c: usize,
     eps: f32,
 ) -> Result<CudaStorage> {
+    let (y, _) = modulate(x, shift, scale, (rows, s, c, eps), false)?;
+    Ok(y)
+}
+
+/// [`modulated_layer_norm`] that also writes its output as fp8 e4m3 rows with one scale
+/// per row (`modulated_layer_norm_fp8` in kernels.cu): `(y, e4m3 [rows, c], scales [rows]
+/// f32)`.
+#[allow(clippy::too_many_arguments)]
+pub fn modulated_layer_norm_fp8(
+    x: (&CudaStorage, &Layout),
+    shift: (&CudaStorage, &Layout),
+    scale: (&CudaStorage, &Layout),
+    rows: usize,
+    s: usize,
+    c: usize,
+    eps: f32,
+) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
+    let (y, fp8) = modulate(x, shift, scale, (rows, s, c, eps), true)?;
+    let (q, scales) = fp8.expect("asked for fp8 rows");
+    Ok((y, q, scales))
+}
+
+/// The launch behind both modulate ops; `fp8` picks the kernel that also writes e4m3 rows.
+fn modulate(
+    x: (&CudaStorage, &Layout),
+    shift: (&CudaStorage, &Layout),
+    scale: (&CudaStorage, &Layout),
+    shape: (usize, usize, usize, f32),
+    fp8: bool,
+) -> Result<(CudaStorage, Option<(CudaStorage, CudaStorage)>)> {
+    let c = shape.2;
     // The row lives in shared memory: 48 KiB without opting in to more.
     if c * 4 > 48 * 1024 {
         candle_core::bail!("modulated layer norm: rows of {c} exceed the kernel's 12288 columns");
     }
+    type Out = (CudaStorage, Option<(CudaStorage, CudaStorage)>);
     fn run<T: CudaDType + DeviceRepr>(
         x: (&CudaStorage, &Layout),
         shift: (&CudaStorage, &Layout),
         scale: (&CudaStorage, &Layout),
         (rows, s, c, eps): (usize, usize, usize, f32),
-    ) -> Result<CudaStorage> {
+        fp8: bool,
+    ) -> Result<Out> {
         let dev: &CudaDevice = x.0.device();
-        let name = format!("modulated_layer_norm_{}", suffix(x.0.dtype())?);
+        let kernel = if fp8 {
+            "modulated_layer_norm_fp8"
+        } else {
+            "modulated_layer_norm"
+        };
+        let name = format!("{kernel}_{}", suffix(x.0.dtype())?);
         let func = dev.get_or_load_custom_func(&name, KERNELS_MODULE, KERNELS_PTX)?;
         let (xv, sh, sc) = (
             view::<T>(x.0, x.1)?,
             view::<T>(shift.0, shift.1)?,
             view::<T>(scale.0, scale.1)?,
         );
-        // SAFETY: every element is written by the kernel below.
+        // SAFETY: every element is written by the kernel below (each row's scale by its
+        // block's first thread).
         let dst = unsafe { dev.alloc::<T>(rows * c)? };
+        let quantized = if fp8 {
+            // SAFETY: as `dst`.
+            unsafe {
+                Some((
+                    dev.alloc::<float8::F8E4M3>(rows * c)?,
+                    dev.alloc::<f32>(rows)?,
+                ))
+            }
+        } else {
+            None
+        };
         if rows > 0 {
             let cfg = LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),
@@ -91,24 +144,69 @@ pub fn modulated_layer_norm(
             };
             let (s, c) = (s as i32, c as i32);
             let mut b = func.builder();
-            b.arg(&xv)
-                .arg(&sh)
-                .arg(&sc)
-                .arg(&dst)
-                .arg(&s)
-                .arg(&c)
-                .arg(&eps);
+            b.arg(&xv).arg(&sh).arg(&sc).arg(&dst);
+            if let Some((q, scales)) = &quantized {
+                b.arg(q).arg(scales);
+            }
+            b.arg(&s).arg(&c).arg(&eps);
             // SAFETY: argument types and count match the kernel's signature.
             unsafe { b.launch(cfg) }.w()?;
         }
-        Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
+        let wrap = |slice| CudaStorage::wrap_cuda_slice(slice, dev.clone());
+        Ok((
+            CudaStorage::wrap_cuda_slice(dst, dev.clone()),
+            quantized
+                .map(|(q, scales)| (wrap(q), CudaStorage::wrap_cuda_slice(scales, dev.clone()))),
+        ))
     }
-    with_dtype!(x.0.dtype(), |T| run::<T>(
-        x,
-        shift,
-        scale,
-        (rows, s, c, eps)
-    ))
+    with_dtype!(x.0.dtype(), |T| run::<T>(x, shift, scale, shape, fp8))
+}
+
+/// x `[rows, cols]` as fp8 e4m3 rows, each with its own scale (`quantize_rows_e4m3` in
+/// fp8.cu): `(e4m3 [rows, cols], scales [rows] f32)`.
+pub fn quantize_rows(
+    x: (&CudaStorage, &Layout),
+    rows: usize,
+    cols: usize,
+) -> Result<(CudaStorage, CudaStorage)> {
+    fn run<T: CudaDType + DeviceRepr>(
+        x: (&CudaStorage, &Layout),
+        rows: usize,
+        cols: usize,
+    ) -> Result<(CudaStorage, CudaStorage)> {
+        let dev: &CudaDevice = x.0.device();
+        let name = format!("quantize_rows_e4m3_{}", suffix(x.0.dtype())?);
+        let func = dev.get_or_load_custom_func(&name, FP8_MODULE, FP8_PTX)?;
+        let xv = view::<T>(x.0, x.1)?;
+        // SAFETY: every element is written by the kernel below.
+        let (q, scales) = unsafe {
+            (
+                dev.alloc::<float8::F8E4M3>(rows * cols)?,
+                dev.alloc::<f32>(rows)?,
+            )
+        };
+        if rows > 0 && cols > 0 {
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let cols = cols as i32;
+            let mut b = func.builder();
+            b.arg(&xv).arg(&q).arg(&scales).arg(&cols);
+            // SAFETY: argument types and count match the kernel's signature.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(q, dev.clone()),
+            CudaStorage::wrap_cuda_slice(scales, dev.clone()),
+        ))
+    }
+    match x.0.dtype() {
+        DType::BF16 => run::<half::bf16>(x, rows, cols),
+        DType::F16 => run::<half::f16>(x, rows, cols),
+        other => candle_core::bail!("fp8 row quantization: bf16 or f16, not {other:?}"),
+    }
 }
 
 /// `x + gate[b] * y` (see `gated_residual` in kernels.cu): x, y `[rows, c]`, `s` rows per

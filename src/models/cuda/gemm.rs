@@ -9,9 +9,12 @@
 //!   activations are quantized to e4m3 on the fly with one dynamic scale (`amax / 448`, two
 //!   passes of `fp8.cu`: the largest magnitude, then the scaled, rounded values) and the
 //!   product runs on the fp8 tensor cores (sm89+), scales applied by cuBLASLt, bf16 / f16
-//!   out with the same epilogues. Fusing the quantization into the modulate kernel that
-//!   already reads the activations is the next step (issue 32: an extra pass per linear
-//!   eats part of the fp8 gain).
+//!   out with the same epilogues. The fallback of:
+//! - [`fp8_rows_linear`]: the fp8 GEMM over activations already quantized one row at a time
+//!   ([`Fp8Rows`]: by the fused modulate kernel, or one pass of ours), cuBLASLt applying a
+//!   scale per activation row and per weight row ("outer vector" scaling, sm90+): no
+//!   quantization pass of its own, and one quantization shared by the layers that read one
+//!   input.
 //!
 //! Off CUDA each has a CPU reference with the same arithmetic ([`reference`]: the product
 //! in f32, bias, GELU, one rounding; [`fp8_emulated`]: the activations quantized as the
@@ -31,6 +34,8 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+use super::fp8_rows::Fp8Rows;
+
 /// `gelu(x @ weight^T + bias)` (or without the GELU / bias) for `xs` `[.., in]`, `weight`
 /// `[out, in]`, `bias` `[out]`, all in `xs`'s dtype; `[.., out]` in that dtype. On CUDA one
 /// cuBLASLt GEMM (bf16 / f16); elsewhere [`reference`].
@@ -45,6 +50,8 @@ pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -
     let op = Gemm {
         gelu,
         fp8_weight_scale: None,
+        row_scales: None,
+        out_dtype: xs.dtype(),
     };
     apply(xs, weight, bias, &op)
 }
@@ -68,8 +75,91 @@ pub fn fp8_linear(
     let op = Gemm {
         gelu,
         fp8_weight_scale: Some(weight_scale as f32),
+        row_scales: None,
+        out_dtype: xs.dtype(),
     };
     apply(xs, weight, bias, &op)
+}
+
+/// [`fp8_linear`] over activations already quantized one row at a time: `gelu(rows @
+/// (weight * weight_scale)^T + bias)` in `dtype` (bf16 / f16 on CUDA, the bias's dtype),
+/// `[.., out]` for rows `[.., in]`. On CUDA one fp8 GEMM with per-row scales (the caller
+/// checks [`fp8_rows_supported`]); elsewhere [`fp8_rows_emulated`].
+pub fn fp8_rows_linear(
+    rows: &Fp8Rows,
+    weight: &Tensor,
+    weight_scale: f64,
+    bias: Option<&Tensor>,
+    gelu: bool,
+    dtype: DType,
+) -> Result<Tensor> {
+    let xs = &rows.values;
+    check_shapes("fp8 row gemm", xs, weight, None, DType::F8E4M3)?;
+    if let Some(b) = bias {
+        let n = weight.dim(0)?;
+        if b.dims() != [n] || b.dtype() != dtype {
+            candle_core::bail!(
+                "fp8 row gemm: bias {:?} {:?}, expected [{n}] {dtype:?}",
+                b.dims(),
+                b.dtype()
+            );
+        }
+    }
+    if rows.rows()? * xs.dim(D::Minus1)? != xs.elem_count() {
+        candle_core::bail!(
+            "fp8 row gemm: {} row scales for values {:?}",
+            rows.rows()?,
+            xs.dims()
+        );
+    }
+    if !xs.device().is_cuda() {
+        return fp8_rows_emulated(rows, weight, weight_scale, bias, gelu, dtype);
+    }
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        candle_core::bail!("fp8 row gemm: bf16 or f16 output, not {dtype:?}");
+    }
+    let op = Gemm {
+        gelu,
+        fp8_weight_scale: Some(weight_scale as f32),
+        row_scales: Some(rows.scales.contiguous()?),
+        out_dtype: dtype,
+    };
+    apply(xs, weight, bias, &op)
+}
+
+/// Whether `device` runs [`fp8_rows_linear`]: CUDA with compute capability 9.0 (Hopper) or
+/// newer, where cuBLASLt documents outer-vector fp8 scaling. (Ada's fp8 GEMM takes the
+/// per-tensor [`fp8_linear`].)
+pub fn fp8_rows_supported(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return lt::compute_capability(dev).is_ok_and(|cc| cc >= (9, 0));
+    }
+    let _ = device;
+    false
+}
+
+/// The CPU emulation of [`fp8_rows_linear`]: the product of the e4m3 values in f32, each
+/// output row times its activation row's scale and the weight's, then bias and GELU in
+/// f32, rounded once to `dtype`.
+pub fn fp8_rows_emulated(
+    rows: &Fp8Rows,
+    weight: &Tensor,
+    weight_scale: f64,
+    bias: Option<&Tensor>,
+    gelu: bool,
+    dtype: DType,
+) -> Result<Tensor> {
+    let (n, k) = weight.dims2()?;
+    let count = rows.rows()?;
+    let q = rows.values.to_dtype(DType::F32)?.reshape((count, k))?;
+    let y = q
+        .matmul(&weight.to_dtype(DType::F32)?.t()?)?
+        .broadcast_mul(&rows.scales.unsqueeze(1)?)?;
+    let y = finish((y * weight_scale)?, bias, gelu, dtype)?;
+    let mut dims = rows.values.dims().to_vec();
+    *dims.last_mut().expect("checked") = n;
+    y.reshape(dims)
 }
 
 /// Whether `device` runs [`fp8_linear`] on fp8 tensor cores: CUDA with compute capability
@@ -166,13 +256,16 @@ fn apply(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, op: &Gemm) -> Resu
 }
 
 /// The GEMM as a candle custom op (CUDA only: the CPU takes [`reference`] /
-/// [`fp8_emulated`] before reaching it).
+/// [`fp8_emulated`] / [`fp8_rows_emulated`] before reaching it).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct Gemm {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     gelu: bool,
     /// `Some(scale)`: the weight is e4m3 and stands for `weight * scale`.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fp8_weight_scale: Option<f32>,
+    /// `Some([rows] f32)`: the input is e4m3 rows with these scales ([`Fp8Rows`]).
+    row_scales: Option<Tensor>,
+    /// The output's dtype (the input's, unless the input is e4m3 rows).
+    out_dtype: DType,
 }
 
 impl candle_core::CustomOp2 for Gemm {
@@ -198,7 +291,7 @@ impl candle_core::CustomOp2 for Gemm {
         w: &candle_core::CudaStorage,
         wl: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        lt::gemm((x, xl), (w, wl), None, self.gelu, self.fp8_weight_scale)
+        lt::gemm((x, xl), (w, wl), None, self)
     }
 }
 
@@ -229,13 +322,7 @@ impl candle_core::CustomOp3 for Gemm {
         b: &candle_core::CudaStorage,
         bl: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        lt::gemm(
-            (x, xl),
-            (w, wl),
-            Some((b, bl)),
-            self.gelu,
-            self.fp8_weight_scale,
-        )
+        lt::gemm((x, xl), (w, wl), Some((b, bl)), self)
     }
 }
 
@@ -285,6 +372,8 @@ mod lt {
         k: u64,
         dtype: DType,
         fp8: bool,
+        /// fp8 with one scale per weight row and per activation row (outer vectors).
+        row_scales: bool,
         bias: bool,
         gelu: bool,
         align: [u32; 3],
@@ -321,6 +410,9 @@ mod lt {
         handle: sys::cublasLtHandle_t,
         workspace: CudaSlice<u8>,
         plans: HashMap<PlanKey, Plan>,
+        /// Vectors of ones by length: the weight-row scales of a per-tensor-scaled fp8
+        /// weight under outer-vector scaling (its one scale rides on alpha).
+        ones: HashMap<usize, CudaSlice<f32>>,
     }
 
     // SAFETY: the raw handles are only used with the state's mutex held.
@@ -355,6 +447,7 @@ mod lt {
             handle,
             workspace,
             plans: HashMap::new(),
+            ones: HashMap::new(),
         }));
         states.insert(key, state.clone());
         Ok(state)
@@ -451,6 +544,15 @@ mod lt {
                 // every public fp8 FLUX inference uses (the device check measures its error).
                 set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
             }
+            if key.row_scales {
+                // D[i, j] = alpha * scale_A[i] * scale_B[j] * sum_l A[i, l] B[l, j]: a scale
+                // per weight row (output channel) and per activation row (token); both
+                // modes must be set (cuBLAS docs, "Outer Vector Scaling for FP8 Data Types").
+                let mode =
+                    sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode)?;
+            }
         }
         let layout = |t, rows: u64, cols: u64, ld: u64| {
             result::create_matrix_layout(t, rows, cols, ld as i64)
@@ -497,7 +599,11 @@ mod lt {
                         key.k,
                         key.m,
                         key.dtype,
-                        if key.fp8 { ", fp8 inputs" } else { "" },
+                        match (key.fp8, key.row_scales) {
+                            (true, true) => ", fp8 inputs, row scales",
+                            (true, false) => ", fp8 inputs",
+                            _ => "",
+                        },
                         if key.bias { ", bias" } else { "" },
                         if key.gelu { ", gelu" } else { "" }
                     ),
@@ -530,13 +636,13 @@ mod lt {
         }
     }
 
-    /// The GEMM of [`super::linear`] / [`super::fp8_linear`] on CUDA storage.
+    /// The GEMM of [`super::linear`] / [`super::fp8_linear`] / [`super::fp8_rows_linear`]
+    /// on CUDA storage, as `op` says.
     pub fn gemm(
         x: (&CudaStorage, &Layout),
         w: (&CudaStorage, &Layout),
         bias: Option<(&CudaStorage, &Layout)>,
-        gelu: bool,
-        fp8_weight_scale: Option<f32>,
+        op: &super::Gemm,
     ) -> Result<(CudaStorage, Shape)> {
         let dims = x.1.dims();
         let k = *dims.last().unwrap_or(&0);
@@ -552,64 +658,98 @@ mod lt {
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("non-empty") = out;
         let shape = Shape::from(out_dims);
-        let storage = match x.0.dtype() {
-            DType::BF16 => run::<half::bf16>(x, w, bias, gelu, fp8_weight_scale, (rows, out, k))?,
-            DType::F16 => run::<half::f16>(x, w, bias, gelu, fp8_weight_scale, (rows, out, k))?,
+        let storage = match op.out_dtype {
+            DType::BF16 => run::<half::bf16>(x, w, bias, op, (rows, out, k))?,
+            DType::F16 => run::<half::f16>(x, w, bias, op, (rows, out, k))?,
             other => candle_core::bail!("cuBLASLt GEMM: bf16 or f16, not {other:?}"),
         };
         Ok((storage, shape))
+    }
+
+    /// The activations as the GEMM reads them.
+    enum Input<'a, T> {
+        /// 16-bit, for a 16-bit weight.
+        Dense(CudaView<'a, T>),
+        /// Quantized here with one scale for the tensor (`fp8.cu`), kept alive until the
+        /// GEMM is enqueued (stream order keeps them valid until it has run).
+        PerTensor(CudaSlice<float8::F8E4M3>, CudaSlice<f32>),
+        /// Quantized before, one scale per row.
+        Rows(CudaView<'a, float8::F8E4M3>, CudaView<'a, f32>),
     }
 
     fn run<T: CudaDType + DeviceRepr>(
         x: (&CudaStorage, &Layout),
         w: (&CudaStorage, &Layout),
         bias: Option<(&CudaStorage, &Layout)>,
-        gelu: bool,
-        fp8_weight_scale: Option<f32>,
+        op: &super::Gemm,
         (rows, out, k): (usize, usize, usize),
     ) -> Result<CudaStorage> {
         let dev: &CudaDevice = x.0.device();
         let stream = dev.cuda_stream();
-        let xv = view::<T>(x.0, x.1)?;
         let bv = bias.map(|(s, l)| view::<T>(s, l)).transpose()?;
         // SAFETY: every element is written by the GEMM below.
         let mut dst = unsafe { dev.alloc::<T>(rows * out)? };
         if rows == 0 || out == 0 {
             return Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()));
         }
-        // fp8: the activations quantized with one dynamic scale (fp8.cu), kept alive until
-        // the GEMM is enqueued (stream order keeps them valid until it has run).
-        let (quantized, w_fp8, w_dense) = match fp8_weight_scale {
-            Some(_) => (
-                Some(quantize_e4m3(dev, &xv, x.0.dtype(), rows * k)?),
-                Some(view::<float8::F8E4M3>(w.0, w.1)?),
-                None,
-            ),
-            None => (None, None, Some(view::<T>(w.0, w.1)?)),
+        let scales_held = op.row_scales.as_ref().map(|t| t.storage_and_layout());
+        let input = match (&scales_held, op.fp8_weight_scale) {
+            (Some((storage, layout)), Some(_)) => {
+                let candle_core::Storage::Cuda(scales) = &**storage else {
+                    candle_core::bail!("fp8 row gemm: the row scales are not on the device")
+                };
+                Input::Rows(
+                    view::<float8::F8E4M3>(x.0, x.1)?,
+                    view::<f32>(scales, layout)?,
+                )
+            }
+            (None, Some(_)) => {
+                let (q, scale) = quantize_e4m3(dev, &view::<T>(x.0, x.1)?, x.0.dtype(), rows * k)?;
+                Input::PerTensor(q, scale)
+            }
+            (None, None) => Input::Dense(view::<T>(x.0, x.1)?),
+            (Some(_), None) => candle_core::bail!("cuBLASLt GEMM: row scales need an fp8 weight"),
+        };
+        let row_scales = matches!(input, Input::Rows(..));
+        let (w_fp8, w_dense) = match op.fp8_weight_scale {
+            Some(_) => (Some(view::<float8::F8E4M3>(w.0, w.1)?), None),
+            None => (None, Some(view::<T>(w.0, w.1)?)),
         };
         let state = device_lt(dev)?;
-        let mut state = state.lock().expect("cuBLASLt state");
+        let mut guard = state.lock().expect("cuBLASLt state");
+        // Disjoint borrows of the fields (the ones vector is read while a plan is added).
+        let state = &mut *guard;
+        if row_scales && !state.ones.contains_key(&out) {
+            let ones = stream.clone_htod(&vec![1f32; out]).w()?;
+            state.ones.insert(out, ones);
+        }
         let workspace_len = state.workspace.len();
         let (w_ptr, _w_guard) = match (&w_fp8, &w_dense) {
             (Some(v), _) => v.device_ptr(&stream),
             (_, Some(v)) => v.device_ptr(&stream),
             (None, None) => unreachable!("one weight view"),
         };
-        let (x_ptr, _x_guard) = match &quantized {
-            Some((q, _)) => q.device_ptr(&stream),
-            None => xv.device_ptr(&stream),
+        let ((x_ptr, _x_guard), b_scale_ptr) = match &input {
+            Input::Dense(v) => (v.device_ptr(&stream), None),
+            Input::PerTensor(q, scale) => (q.device_ptr(&stream), Some(scale.device_ptr(&stream))),
+            Input::Rows(q, scales) => (q.device_ptr(&stream), Some(scales.device_ptr(&stream))),
         };
-        let scale_ptr = quantized.as_ref().map(|(_, s)| s.device_ptr(&stream));
+        let a_scale_ptr = if row_scales {
+            Some(state.ones[&out].device_ptr(&stream))
+        } else {
+            None
+        };
         let bias_ptr = bv.as_ref().map(|b| b.device_ptr(&stream));
         let (d_ptr, d_guard) = dst.device_ptr_mut(&stream);
         let key = PlanKey {
             m: out as u64,
             n: rows as u64,
             k: k as u64,
-            dtype: x.0.dtype(),
-            fp8: fp8_weight_scale.is_some(),
+            dtype: op.out_dtype,
+            fp8: op.fp8_weight_scale.is_some(),
+            row_scales,
             bias: bias.is_some(),
-            gelu,
+            gelu: op.gelu,
             align: [alignment(w_ptr), alignment(x_ptr), alignment(d_ptr)],
         };
         let handle = state.handle;
@@ -625,13 +765,17 @@ mod lt {
             if let Some((b, _)) = &bias_ptr {
                 set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, b)?;
             }
-            if let Some((s, _)) = &scale_ptr {
+            if let Some((s, _)) = &a_scale_ptr {
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, s)?;
+            }
+            if let Some((s, _)) = &b_scale_ptr {
                 set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, s)?;
             }
         }
-        // D = alpha * scale_A * scale_B * op(A) B (+ bias): the weight's scale rides on
-        // alpha (a host scalar), the activations' on the B scale pointer (device).
-        let alpha: f32 = fp8_weight_scale.unwrap_or(1.0);
+        // D = alpha * scale_A * scale_B * op(A) B (+ bias): the weight's one scale rides on
+        // alpha (a host scalar; under outer-vector scaling the A vector is ones), the
+        // activations' on the B scale pointer (device).
+        let alpha: f32 = op.fp8_weight_scale.unwrap_or(1.0);
         let beta: f32 = 0.0;
         let algo = plan.algo.as_ref().expect("planned");
         // SAFETY: the plan's layouts describe these buffers (shapes checked above, dtypes
@@ -657,7 +801,7 @@ mod lt {
             )
         }
         .map_err(|e| lt_err("matmul", e))?;
-        drop((bias_ptr, scale_ptr, d_guard));
+        drop((bias_ptr, a_scale_ptr, b_scale_ptr, d_guard));
         Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
     }
 
@@ -801,9 +945,50 @@ mod tests {
     fn the_fp8_emulation_stays_within_the_e4m3_rounding_bound() {
         let (rows, k, n) = (9, 64, 24);
         let xs = randn(&[rows, k], 1.5, DType::F32);
-        let w = randn(&[n, k], 0.3, DType::F32);
+        let (w, weight, scale) = fp8_weight(n, k);
         let bias = randn(&[n], 1.0, DType::F32);
-        // Held as `--quantize fp8` holds it: one scale, amax / 448.
+        let got = fp8_linear(&xs, &weight, scale, Some(&bias), false).unwrap();
+        let x = xs.to_vec2::<f32>().unwrap();
+        let x_scale = crate::models::fp8::scale_for(crate::models::fp8::amax(&x.concat()));
+        let worst = worst_against_e4m3_bound(&got, &xs, &w, scale as f32, &bias, |_| x_scale);
+        // Rounding errors of random signs cancel: far inside the worst case, but not zero.
+        assert!(worst > 0.0 && worst < 0.5, "{worst}");
+    }
+
+    /// The same bound per row with per-row activation scales, on rows whose magnitudes
+    /// span 10^4 (one scale for all would push the small rows into e4m3's subnormals).
+    #[test]
+    fn the_fp8_row_emulation_stays_within_each_rows_bound() {
+        let (rows, k, n) = (6, 48, 16);
+        let magnitudes = Tensor::new(&[1e-2f32, 1.0, 100.0, 0.5, 3.0, 1e-1], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let xs = randn(&[rows, k], 1.0, DType::F32)
+            .broadcast_mul(&magnitudes)
+            .unwrap();
+        let (w, weight, scale) = fp8_weight(n, k);
+        let bias = randn(&[n], 1.0, DType::F32);
+        let quantized = Fp8Rows::quantize(&xs).unwrap();
+        let got =
+            fp8_rows_linear(&quantized, &weight, scale, Some(&bias), false, DType::F32).unwrap();
+        let row_scales = quantized.scales.to_vec1::<f32>().unwrap();
+        let worst = worst_against_e4m3_bound(&got, &xs, &w, scale as f32, &bias, |r| row_scales[r]);
+        assert!(worst > 0.0 && worst < 0.5, "{worst}");
+        // [.., in] leading dims are kept; a bias of the wrong dtype names itself.
+        let batched = Fp8Rows::quantize(&xs.reshape((2, 3, k)).unwrap()).unwrap();
+        let out = fp8_rows_linear(&batched, &weight, scale, None, true, DType::BF16).unwrap();
+        assert_eq!((out.dims(), out.dtype()), (&[2, 3, n][..], DType::BF16));
+        let err = fp8_rows_linear(&batched, &weight, scale, Some(&bias), false, DType::BF16)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bias") && err.contains("BF16"), "{err}");
+    }
+
+    /// A random `[n, k]` weight `w` and its e4m3 form with one scale, as `--quantize fp8`
+    /// holds it: `(w, e4m3 weight, scale)`.
+    fn fp8_weight(n: usize, k: usize) -> (Tensor, Tensor, f64) {
+        let w = randn(&[n, k], 0.3, DType::F32);
         let w_amax = w
             .abs()
             .unwrap()
@@ -813,31 +998,45 @@ mod tests {
             .unwrap();
         let scale = crate::models::fp8::scale_for(w_amax) as f64;
         let weight = (&w / scale).unwrap().to_dtype(DType::F8E4M3).unwrap();
-        let got = fp8_linear(&xs, &weight, scale, Some(&bias), false).unwrap();
-        let exact = reference(&xs, &w, Some(&bias), false).unwrap();
+        (w, weight, scale)
+    }
+
+    /// Holds an fp8 GEMM's output `got` to the f32 product `xs @ w^T + bias` element by
+    /// element: both operands rounded to e4m3 (relative error u = 2^-4 each, so (2u + u^2)
+    /// of the absolute products) plus the subnormal steps (2^-10 of each scale times the
+    /// other operand), with `x_scale(r)` row r's activation scale. Returns the largest error
+    /// as a fraction of its bound.
+    fn worst_against_e4m3_bound(
+        got: &Tensor,
+        xs: &Tensor,
+        w: &Tensor,
+        w_scale: f32,
+        bias: &Tensor,
+        x_scale: impl Fn(usize) -> f32,
+    ) -> f32 {
+        let exact = reference(xs, w, Some(bias), false).unwrap();
         let (x, wv) = (xs.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
-        let x_scale = crate::models::fp8::scale_for(crate::models::fp8::amax(&x.concat()));
         let u = 1.0 / 16.0;
         let (got, exact) = (
             got.to_vec2::<f32>().unwrap(),
             exact.to_vec2::<f32>().unwrap(),
         );
         let mut worst = 0f32;
-        for r in 0..rows {
-            for c in 0..n {
+        for (r, (got_row, exact_row)) in got.iter().zip(&exact).enumerate() {
+            for (c, (g, e)) in got_row.iter().zip(exact_row).enumerate() {
+                let k = x[r].len();
                 let abs_sum: f32 = (0..k).map(|i| (x[r][i] * wv[c][i]).abs()).sum();
                 let sub: f32 = (0..k)
                     .map(|i| {
-                        2f32.powi(-10) * (x_scale * wv[c][i].abs() + scale as f32 * x[r][i].abs())
+                        2f32.powi(-10) * (x_scale(r) * wv[c][i].abs() + w_scale * x[r][i].abs())
                     })
                     .sum();
-                let bound = (2.0 * u + u * u) * abs_sum + sub + 1e-5;
-                let err = (got[r][c] - exact[r][c]).abs();
+                let bound = (2.0 * u + u * u) * abs_sum + sub + 1e-5 * (1.0 + e.abs());
+                let err = (g - e).abs();
                 assert!(err <= bound, "[{r}, {c}]: {err} > {bound}");
                 worst = worst.max(err / bound);
             }
         }
-        // Rounding errors of random signs cancel: far inside the worst case, but not zero.
-        assert!(worst > 0.0 && worst < 0.5, "{worst}");
+        worst
     }
 }

@@ -10,6 +10,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
+use super::fp8_rows::Fp8Rows;
+
 /// AdaLN's layer-norm epsilon in FLUX.
 pub const LAYER_NORM_EPS: f32 = 1e-6;
 /// The q/k RMS norms' epsilon in FLUX.
@@ -17,6 +19,60 @@ pub const RMS_NORM_EPS: f32 = 1e-6;
 
 /// `layer_norm(xs) * (1 + scale) + shift` with xs `[B, S, C]` and shift, scale `[B, C]`.
 pub fn modulated_layer_norm(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    check_modulation(xs, shift, scale)?;
+    xs.contiguous()?.apply_op3_no_bwd(
+        &shift.contiguous()?,
+        &scale.contiguous()?,
+        &ModulatedLayerNorm,
+    )
+}
+
+/// [`modulated_layer_norm`] and its output as fp8 e4m3 rows for the fp8 GEMM: on CUDA the
+/// same kernel pass writes both (the row is in shared memory as it is written); elsewhere
+/// the reference, then [`Fp8Rows::quantize`]. Both quantize the rounded output, so the
+/// rows are exactly `Fp8Rows::quantize` of the returned tensor either way.
+pub fn modulated_layer_norm_fp8(
+    xs: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+) -> Result<(Tensor, Fp8Rows)> {
+    check_modulation(xs, shift, scale)?;
+    #[cfg(feature = "cuda")]
+    if xs.device().is_cuda() && matches!(xs.dtype(), DType::BF16 | DType::F16) {
+        use candle_core::op::BackpropOp;
+        use candle_core::Storage;
+        let (xs, shift, scale) = (xs.contiguous()?, shift.contiguous()?, scale.contiguous()?);
+        let (b, s, c) = xs.dims3()?;
+        let (y, q, scales) = {
+            let (xs_storage, xl) = xs.storage_and_layout();
+            let (sh_storage, shl) = shift.storage_and_layout();
+            let (sc_storage, scl) = scale.storage_and_layout();
+            let (Storage::Cuda(x), Storage::Cuda(sh), Storage::Cuda(sc)) =
+                (&*xs_storage, &*sh_storage, &*sc_storage)
+            else {
+                candle_core::bail!("modulated layer norm: inputs on different devices")
+            };
+            super::fused_launch::modulated_layer_norm_fp8(
+                (x, xl),
+                (sh, shl),
+                (sc, scl),
+                b * s,
+                s,
+                c,
+                LAYER_NORM_EPS,
+            )?
+        };
+        let shape = xs.shape().clone();
+        let y = Tensor::from_storage(Storage::Cuda(y), shape.clone(), BackpropOp::none(), false);
+        return Ok((y, Fp8Rows::from_cuda(q, scales, shape, b * s)));
+    }
+    let y = modulated_layer_norm(xs, shift, scale)?;
+    let rows = Fp8Rows::quantize(&y)?;
+    Ok((y, rows))
+}
+
+/// Shift and scale must be `[B, C]` in xs's dtype for xs `[B, S, C]`.
+fn check_modulation(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<()> {
     let (b, _, c) = xs.dims3()?;
     for (name, t) in [("shift", shift), ("scale", scale)] {
         if t.dims() != [b, c] || t.dtype() != xs.dtype() {
@@ -28,11 +84,7 @@ pub fn modulated_layer_norm(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Resu
             );
         }
     }
-    xs.contiguous()?.apply_op3_no_bwd(
-        &shift.contiguous()?,
-        &scale.contiguous()?,
-        &ModulatedLayerNorm,
-    )
+    Ok(())
 }
 
 /// `xs + gate * ys` with xs, ys `[B, S, C]` and gate `[B, C]`.

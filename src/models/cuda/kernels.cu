@@ -2,6 +2,7 @@
 // Compiled to PTX by build.rs when the `cuda` feature is on; loaded at run time.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -81,12 +82,30 @@ __device__ __forceinline__ float block_sum(float v, float *scratch) {
     return v;
 }
 
+// The largest |v| over the block (NaNs dropped by fmaxf), as block_sum; every thread gets it.
+__device__ __forceinline__ float block_max(float v, float *scratch) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x / 32) ? scratch[lane] : 0.f;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
+    return v;
+}
+
 // FLUX's AdaLN modulation of one row: layer norm without affine (eps), then
 // y = norm(x) * (1 + scale[b]) + shift[b], in f32, rounded once. x, y [B, S, C] contiguous;
 // shift, scale [B, C]. One block per row; the row is kept in dynamic shared memory (C floats).
-template <typename T>
-__device__ void modulated_layer_norm(const T *x, const T *shift, const T *scale, T *y, int S,
-                                     int C, float eps) {
+// With FP8 the rounded row is also written as e4m3 for the fp8 GEMM, with its own scale
+// (amax / 448, 1 for a row of zeros or a non-finite amax) in row_scales[row]: the values
+// the 16-bit y holds, quantized as models/fp8.rs's quantize_rows does, so the fused op
+// equals "modulate, then quantize the rows" exactly.
+template <typename T, bool FP8>
+__device__ void modulated_layer_norm(const T *x, const T *shift, const T *scale, T *y,
+                                     __nv_fp8_e4m3 *q, float *row_scales, int S, int C,
+                                     float eps) {
     extern __shared__ float row_f32[];
     __shared__ float scratch[32];
     const size_t row = blockIdx.x;
@@ -108,9 +127,27 @@ __device__ void modulated_layer_norm(const T *x, const T *shift, const T *scale,
     const float rstd = rsqrtf(block_sum(sq, scratch) / C + eps);
     const T *sh = shift + (size_t)b * C, *sc = scale + (size_t)b * C;
     T *yr = y + row * C;
+    float amax = 0.f;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         const float n = (row_f32[c] - mean) * rstd;
-        yr[c] = store_f32<T>(n * (1.f + load_f32(sc[c])) + load_f32(sh[c]));
+        const T out = store_f32<T>(n * (1.f + load_f32(sc[c])) + load_f32(sh[c]));
+        yr[c] = out;
+        if (FP8) {
+            // Each thread reads back only the columns it wrote: no barrier needed.
+            const float v = load_f32(out);
+            row_f32[c] = v;
+            amax = fmaxf(amax, fabsf(v));
+        }
+    }
+    if (!FP8) return;
+    __syncthreads();  // block_sum's readers of `scratch` are done before block_max writes it
+    amax = block_max(amax, scratch);
+    const float s = (amax > 0.f && isfinite(amax)) ? amax / 448.f : 1.f;
+    if (threadIdx.x == 0) row_scales[row] = s;
+    __nv_fp8_e4m3 *qr = q + row * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        // IEEE division (no fast math), as the CPU reference divides.
+        qr[c].__x = __nv_cvt_float_to_fp8(row_f32[c] / s, __NV_SATFINITE, __NV_E4M3);
     }
 }
 
@@ -167,7 +204,12 @@ __device__ void qk_norm_rope(const T *x, const T *w, const float *cos, const flo
     }                                                                                         \
     extern "C" __global__ void modulated_layer_norm_##SUFFIX(                                 \
         const T *x, const T *shift, const T *scale, T *y, int S, int C, float eps) {           \
-        modulated_layer_norm<T>(x, shift, scale, y, S, C, eps);                               \
+        modulated_layer_norm<T, false>(x, shift, scale, y, nullptr, nullptr, S, C, eps);      \
+    }                                                                                         \
+    extern "C" __global__ void modulated_layer_norm_fp8_##SUFFIX(                             \
+        const T *x, const T *shift, const T *scale, T *y, __nv_fp8_e4m3 *q, float *row_scales, \
+        int S, int C, float eps) {                                                            \
+        modulated_layer_norm<T, true>(x, shift, scale, y, q, row_scales, S, C, eps);          \
     }                                                                                         \
     extern "C" __global__ void gated_residual_##SUFFIX(const T *x, const T *y, const T *gate,  \
                                                        T *out, int rows, int S, int C) {      \

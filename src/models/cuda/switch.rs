@@ -4,7 +4,7 @@
 //! On CUDA every fused kernel is on unless the environment variable `ICEDIT_CUDA_FUSED`
 //! says otherwise: `all` (the default), `none`, or a comma-separated list of the kernels to
 //! use (`attention,modulate,gated_residual,qk_norm_rope,judge_attention,gemm_epilogue,
-//! fp8_gemm`; judge_attention is the Qwen-VL judge's attention). `bench flux` turns a kernel off
+//! fp8_gemm,fp8_rows`; judge_attention is the Qwen-VL judge's attention). `bench flux` turns a kernel off
 //! for the rest of its run when it fails its device check ([`disable`]).
 //!
 //! Off CUDA the fused kernels are never used, except inside [`forced`], which the device
@@ -39,11 +39,15 @@ pub enum Kernel {
     /// fp8 weights multiplied by cuBLASLt's fp8 GEMM (activations quantized per tensor) on
     /// sm89+, instead of up-cast per forward (`gemm.rs`, `fp8.cu`).
     Fp8Gemm,
+    /// With `fp8_gemm` on sm90+: the activations quantized one row at a time, inside the
+    /// modulate kernel where it writes them, and scaled per row by cuBLASLt
+    /// (`fp8_rows.rs`); without it, the per-tensor scheme.
+    Fp8Rows,
 }
 
 impl Kernel {
     /// Every kernel, in the order the check reports them.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::Attention,
         Kernel::Modulate,
         Kernel::GatedResidual,
@@ -51,6 +55,7 @@ impl Kernel {
         Kernel::JudgeAttention,
         Kernel::GemmEpilogue,
         Kernel::Fp8Gemm,
+        Kernel::Fp8Rows,
     ];
 
     /// The name `ICEDIT_CUDA_FUSED` and the check's report use.
@@ -63,6 +68,7 @@ impl Kernel {
             Kernel::JudgeAttention => "judge_attention",
             Kernel::GemmEpilogue => "gemm_epilogue",
             Kernel::Fp8Gemm => "fp8_gemm",
+            Kernel::Fp8Rows => "fp8_rows",
         }
     }
 
@@ -77,7 +83,7 @@ pub struct Kernels(u8);
 
 impl Kernels {
     /// Every kernel.
-    pub const ALL: Kernels = Kernels(0b111_1111);
+    pub const ALL: Kernels = Kernels(0b1111_1111);
     /// No kernel.
     pub const NONE: Kernels = Kernels(0);
 

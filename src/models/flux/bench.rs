@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Serialize;
 
-use super::blocks::{gated_residual, modulate, DoubleBlock, SingleBlock};
+use super::blocks::{gated_residual, modulate, modulate_input, DoubleBlock, SingleBlock};
 use super::config::FluxConfig;
 use super::embeddings::rope_tables;
 use super::held_weight::{Weight, WeightFormat};
@@ -190,6 +190,10 @@ pub struct FusedCheck {
     /// (`None` where it was not checked: no fp8 tensor cores, or it failed to run).
     #[serde(default)]
     pub fp8_relative_error: Option<f32>,
+    /// The same for the fp8 GEMM over per-row scaled activations written by the modulate
+    /// kernel (`None` where not checked: before sm90, or it failed to run).
+    #[serde(default)]
+    pub fp8_rows_relative_error: Option<f32>,
 }
 
 impl FluxBenchResult {
@@ -549,6 +553,11 @@ impl FusedCheck {
                 "\nfp8 GEMM against the 16-bit GEMM of the same weight: relative error {rel:.3e} (max |diff| / max |16-bit|).\n"
             ));
         }
+        if let Some(rel) = self.fp8_rows_relative_error {
+            md.push_str(&format!(
+                "\nfp8 GEMM over per-row scaled activations (modulate kernel -> e4m3 rows) against the 16-bit GEMM: relative error {rel:.3e}.\n"
+            ));
+        }
         md.push_str(&format!(
             "\nKernels used for the timings: {}{}{}.\n",
             if self.enabled.is_empty() {
@@ -759,6 +768,46 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
     } else {
         tracing::info!("fp8 GEMM not checked: the device has no fp8 tensor cores (sm89+)");
     }
+    // The fp8 GEMM over per-row scaled activations, the rows written by the modulate
+    // kernel as it writes its output, against the 16-bit GEMM of the same e4m3 weight over
+    // candle's modulation.
+    let mut fp8_rows_relative_error = None;
+    let rows_here = !dev.is_cuda() || crate::models::cuda::gemm::fp8_rows_supported(dev);
+    if rows_here && !failed.contains(&Kernel::Fp8Gemm) {
+        let layer = linear(mlp, true)?;
+        let modulation =
+            |std: f32| Tensor::randn(0f32, std, (1, hidden), dev)?.to_dtype(attn_dtype);
+        let (shift, scale) = (modulation(1.0)?, modulation(0.5)?);
+        let rows_on =
+            Kernels::parse("modulate,fp8_gemm,fp8_rows").map_err(candle_core::Error::msg)?;
+        let compute = || {
+            let input = modulate_input(&xs, &shift, &scale, layer.takes_fp8_rows(&xs))?;
+            layer.forward_input(&input, true)
+        };
+        let r = check_or_error(
+            dev,
+            "fp8_rows (modulate -> e4m3 rows -> bias + gelu)",
+            FP8_TOLERANCE_REL,
+            format!(
+                "[{len}, {hidden}] -> {mlp}, a scale per row and an e4m3 weight -> {attn_dtype:?}"
+            ),
+            &|| switch::forced(rows_on, compute),
+            &|| switch::forced(Kernels::NONE, compute),
+        )?;
+        if r.error.is_none() {
+            fp8_rows_relative_error = Some(r.max_abs_diff / r.max_abs_ref);
+            tracing::info!(
+                relative_error = fp8_rows_relative_error,
+                "fp8 GEMM with per-row scales against the 16-bit GEMM (max |diff| / max |16-bit|)"
+            );
+        }
+        if !r.pass {
+            failed.push(Kernel::Fp8Rows);
+        }
+        rows.push(r);
+    } else {
+        tracing::info!("fp8 rows not checked: per-row fp8 scales need sm90+ and the fp8 GEMM");
+    }
 
     // One block of each kind with random weights: every passing kernel on against none.
     let vb = VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone());
@@ -822,6 +871,7 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
             .map(|k| k.name().to_string())
             .collect(),
         fp8_relative_error,
+        fp8_rows_relative_error,
     })
 }
 
@@ -863,6 +913,7 @@ mod tests {
                 "gemm_epilogue (bias)",
                 "gemm_epilogue (bias + gelu)",
                 "fp8_gemm (bias + gelu)",
+                "fp8_rows (modulate -> e4m3 rows -> bias + gelu)",
                 "double block (image out)",
                 "single block"
             ]
@@ -877,6 +928,9 @@ mod tests {
         let rel = check.fp8_relative_error.unwrap();
         assert!(rel > 0.0 && rel < FP8_TOLERANCE_REL, "{rel}");
         eprintln!("fp8 GEMM emulation against the bf16 GEMM: relative error {rel:.3e}");
+        let rows = check.fp8_rows_relative_error.unwrap();
+        assert!(rows > 0.0 && rows < FP8_TOLERANCE_REL, "{rows}");
+        eprintln!("fp8 row GEMM emulation against the bf16 GEMM: relative error {rows:.3e}");
     }
 }
 
@@ -965,5 +1019,88 @@ mod fp8_tests {
         assert!(weights_only < 0.15, "{weights_only}");
         assert!(w8a8 < 0.3, "{w8a8}");
         assert!(w8a8 != weights_only, "the emulation ran");
+        // Per-row activation scales (the same bound: each row's scale is at most the
+        // tensor's, so no activation is rounded more coarsely), with the modulate op making
+        // the rows where it writes its output and without (each layer's input quantized).
+        let rows = Kernels::parse("fp8_gemm,fp8_rows").unwrap();
+        let fused = Kernels::parse("modulate,fp8_gemm,fp8_rows").unwrap();
+        let per_row = switch::forced(rows, || run(&fp8));
+        let w8a8_rows = relative_error(&per_row, &exact);
+        eprintln!("tiny FLUX against f32: W8A8 with per-row activation scales {w8a8_rows:.3e}");
+        assert!(w8a8_rows < 0.3, "{w8a8_rows}");
+        assert!(w8a8_rows != w8a8, "the row path ran");
+        // The fused modulate op quantizes its rounded output: the same rows exactly (the
+        // f32 reference modulate equals candle's ops within f32 rounding).
+        let per_row_fused = switch::forced(fused, || run(&fp8));
+        let fused_vs_not = relative_error(&per_row_fused, &per_row);
+        assert!(fused_vs_not < 1e-3, "{fused_vs_not}");
+    }
+
+    /// With per-row activation scales a candidate's output does not depend on the others
+    /// in its batch; with one scale per tensor it does (the batch's largest activation sets
+    /// everyone's rounding). Two copies of the fixture's latents, one scaled by 4, batched
+    /// against each alone, in the fp8 GEMM's emulation.
+    #[test]
+    fn per_row_fp8_scales_keep_candidates_independent_of_their_batch() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux");
+        let config: FluxConfig = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("tiny/transformer/config.json")).unwrap(),
+        )
+        .unwrap();
+        let weights = dir.join("tiny/transformer/diffusion_pytorch_model.safetensors");
+        let dev = Device::Cpu;
+        // SAFETY: a fixture file nobody writes while the test runs.
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &dev).unwrap() };
+        let linears = Linears {
+            fp8: true,
+            ..Linears::default()
+        };
+        let fp8 = FluxTransformer::new(vb, &config, &linears).unwrap();
+        let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &dev).unwrap();
+        let img_ids: Vec<Vec<f32>> = r["fwd_img_ids"].to_vec2().unwrap();
+        let rows = img_ids.iter().map(|i| i[1] as usize).max().unwrap() + 1;
+        let cols = img_ids.iter().map(|i| i[2] as usize).max().unwrap() + 1;
+        let n_txt = r["fwd_context"].dim(1).unwrap();
+        let rope = rope_tables(
+            &joint_ids(n_txt, rows, cols),
+            &config.axes_dims_rope,
+            10000.0,
+            &dev,
+        )
+        .unwrap();
+        // The fixture's first candidate, alone or twice.
+        let first = |name: &str| r[name].narrow(0, 0, 1).unwrap();
+        let text = |n: usize| TextConditioning {
+            t5: first("fwd_context").repeat((n, 1, 1)).unwrap(),
+            pooled: first("fwd_pooled").repeat((n, 1)).unwrap(),
+        };
+        let scalar = |name: &str| r[name].to_vec1::<f32>().unwrap()[0] as f64;
+        let run = |hidden: &Tensor| {
+            let n = hidden.dim(0).unwrap();
+            fp8.forward(
+                hidden,
+                &text(n),
+                scalar("fwd_sigma"),
+                scalar("fwd_guidance"),
+                &rope,
+            )
+            .unwrap()
+        };
+        let quiet = first("fwd_hidden");
+        let loud = (&quiet * 4.0).unwrap();
+        let batch = Tensor::cat(&[&quiet, &loud], 0).unwrap();
+        let batch_effect = |set: &str| {
+            switch::forced(Kernels::parse(set).unwrap(), || {
+                let together = run(&batch);
+                let alone = run(&quiet);
+                relative_error(&together.narrow(0, 0, 1).unwrap(), &alone)
+            })
+        };
+        let per_row = batch_effect("modulate,fp8_gemm,fp8_rows");
+        let per_tensor = batch_effect("modulate,fp8_gemm");
+        eprintln!("batch effect on a candidate: per-row scales {per_row:.2e}, per-tensor {per_tensor:.2e}");
+        assert!(per_row < 1e-5, "{per_row}");
+        assert!(per_tensor > 100.0 * per_row.max(1e-7), "{per_tensor}");
     }
 }

@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
-use super::linear::{AdaptedLinear, Linears};
+use super::linear::{AdaptedLinear, LinearInput, Linears};
 use crate::models::cuda::switch::{use_kernel, Kernel};
 use crate::models::cuda::{attention as flash, glue};
 
@@ -29,6 +29,22 @@ pub(crate) fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Te
     plain_layer_norm(xs)?
         .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
         .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// [`modulate`] as the input of linear layers; with `fp8_rows` (the layers take fp8 rows)
+/// the modulate kernel writes the fp8 rows in the same pass
+/// ([`glue::modulated_layer_norm_fp8`]).
+pub(crate) fn modulate_input(
+    xs: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    fp8_rows: bool,
+) -> Result<LinearInput> {
+    if fp8_rows && use_kernel(Kernel::Modulate, xs) {
+        let (dense, rows) = glue::modulated_layer_norm_fp8(xs, shift, scale)?;
+        return Ok(LinearInput::with_fp8_rows(dense, rows));
+    }
+    Ok(LinearInput::new(modulate(xs, shift, scale)?))
 }
 
 /// `xs + gate * ys` with a `[B, hidden]` gate (one fused pass on CUDA,
@@ -92,13 +108,18 @@ impl Qkv {
         })
     }
 
+    /// Whether the projections read their input as fp8 rows.
+    fn takes_fp8_rows(&self, xs: &Tensor) -> bool {
+        self.q.takes_fp8_rows(xs)
+    }
+
     /// `[B, S, hidden]` -> three `[B, heads, S, head_dim]` tensors, q and k normalised.
-    fn forward(&self, xs: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, s, _) = xs.dims3()?;
+    fn forward(&self, xs: &LinearInput, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = xs.dense().dims3()?;
         let split = |t: Tensor| t.reshape((b, s, heads, ()))?.transpose(1, 2)?.contiguous();
-        let q = split(self.q.forward(xs)?)?.apply(&self.norm_q)?;
-        let k = split(self.k.forward(xs)?)?.apply(&self.norm_k)?;
-        let v = split(self.v.forward(xs)?)?;
+        let q = split(self.q.forward_input(xs)?)?.apply(&self.norm_q)?;
+        let k = split(self.k.forward_input(xs)?)?.apply(&self.norm_k)?;
+        let v = split(self.v.forward_input(xs)?)?;
         Ok((q, k, v))
     }
 
@@ -107,7 +128,7 @@ impl Qkv {
     /// rotated with `cos`, `sin` `[S, head_dim / 2]`.
     fn forward_fused(
         &self,
-        xs: &Tensor,
+        xs: &LinearInput,
         heads: usize,
         cos: &Tensor,
         sin: &Tensor,
@@ -119,9 +140,9 @@ impl Qkv {
                 glue::unfused::qk_norm_rope(&t, norm.weight(), cos, sin, heads)
             }
         };
-        let q = norm_rope(self.q.forward(xs)?, &self.norm_q)?;
-        let k = norm_rope(self.k.forward(xs)?, &self.norm_k)?;
-        Ok((q, k, self.v.forward(xs)?))
+        let q = norm_rope(self.q.forward_input(xs)?, &self.norm_q)?;
+        let k = norm_rope(self.k.forward_input(xs)?, &self.norm_k)?;
+        Ok((q, k, self.v.forward_input(xs)?))
     }
 }
 
@@ -197,10 +218,10 @@ impl FeedForward {
     }
 }
 
-impl Module for FeedForward {
+impl FeedForward {
     /// On CUDA the GELU is the first GEMM's epilogue ([`AdaptedLinear::forward_gelu`]).
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.down.forward(&self.up.forward_gelu(xs)?)
+    fn forward(&self, xs: &LinearInput) -> Result<Tensor> {
+        self.down.forward(&self.up.forward_gelu_input(xs)?)
     }
 }
 
@@ -296,11 +317,11 @@ impl DoubleBlock {
     /// `(img_attn [B, S_img, hidden], txt_attn [B, S_txt, hidden])`.
     pub fn attention(
         &self,
-        img_in: &Tensor,
-        txt_in: &Tensor,
+        img_in: &LinearInput,
+        txt_in: &LinearInput,
         rope: &(Tensor, Tensor),
     ) -> Result<(Tensor, Tensor)> {
-        if fused_attention(img_in, self.heads)? {
+        if fused_attention(img_in.dense(), self.heads)? {
             return self.attention_fused(img_in, txt_in, rope);
         }
         let (iq, ik, iv) = self.img_qkv.forward(img_in, self.heads)?;
@@ -309,11 +330,11 @@ impl DoubleBlock {
         let k = Tensor::cat(&[tk, ik], 2)?;
         let v = Tensor::cat(&[tv, iv], 2)?;
         let joint = attention(&q, &k, &v, rope)?;
-        let n_txt = txt_in.dim(1)?;
+        let n_txt = txt_in.dense().dim(1)?;
         let txt_attn = self.txt_out.forward(&joint.narrow(1, 0, n_txt)?)?;
         let img_attn = self
             .img_out
-            .forward(&joint.narrow(1, n_txt, img_in.dim(1)?)?)?;
+            .forward(&joint.narrow(1, n_txt, img_in.dense().dim(1)?)?)?;
         Ok((img_attn, txt_attn))
     }
 
@@ -321,11 +342,11 @@ impl DoubleBlock {
     /// layout, the streams joined along the sequence, flash attention; no transposes.
     fn attention_fused(
         &self,
-        img_in: &Tensor,
-        txt_in: &Tensor,
+        img_in: &LinearInput,
+        txt_in: &LinearInput,
         rope: &(Tensor, Tensor),
     ) -> Result<(Tensor, Tensor)> {
-        let (n_txt, n_img) = (txt_in.dim(1)?, img_in.dim(1)?);
+        let (n_txt, n_img) = (txt_in.dense().dim(1)?, img_in.dense().dim(1)?);
         let part = |start: usize, len: usize| -> Result<(Tensor, Tensor)> {
             Ok((rope.0.narrow(0, start, len)?, rope.1.narrow(0, start, len)?))
         };
@@ -348,21 +369,28 @@ impl DoubleBlock {
         img: &Tensor,
         txt: &Tensor,
         temb: &Tensor,
-        attend: impl FnOnce(&Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
+        attend: impl FnOnce(&LinearInput, &LinearInput) -> Result<(Tensor, Tensor)>,
     ) -> Result<(Tensor, Tensor)> {
         let act = temb.silu()?;
         let im = chunks(&self.img_mod.forward(&act)?, 6)?;
         let tm = chunks(&self.txt_mod.forward(&act)?, 6)?;
-        let img_in = modulate(img, &im[0], &im[1])?;
-        let txt_in = modulate(txt, &tm[0], &tm[1])?;
+        let img_in = modulate_input(img, &im[0], &im[1], self.img_qkv.takes_fp8_rows(img))?;
+        let txt_in = modulate_input(txt, &tm[0], &tm[1], self.txt_qkv.takes_fp8_rows(txt))?;
         let (img_attn, txt_attn) = attend(&img_in, &txt_in)?;
+        drop((img_in, txt_in));
 
         let img = gated_residual(img, &img_attn, &im[2])?;
-        let img_ff = self.img_ff.forward(&modulate(&img, &im[3], &im[4])?)?;
+        let fp8 = self.img_ff.up.takes_fp8_rows(&img);
+        let img_ff = self
+            .img_ff
+            .forward(&modulate_input(&img, &im[3], &im[4], fp8)?)?;
         let img = gated_residual(&img, &img_ff, &im[5])?;
 
         let txt = gated_residual(txt, &txt_attn, &tm[2])?;
-        let txt_ff = self.txt_ff.forward(&modulate(&txt, &tm[3], &tm[4])?)?;
+        let fp8 = self.txt_ff.up.takes_fp8_rows(&txt);
+        let txt_ff = self
+            .txt_ff
+            .forward(&modulate_input(&txt, &tm[3], &tm[4], fp8)?)?;
         let txt = gated_residual(&txt, &txt_ff, &tm[5])?;
         Ok((img, txt))
     }
@@ -417,8 +445,8 @@ impl SingleBlock {
     /// The block's attention (diffusers' `single_transformer_blocks.N.attn`): q/k/v of the
     /// modulated joint stream and attention, before the block's `proj_out`;
     /// `[B, S_txt + S_img, hidden]`.
-    pub fn attention(&self, normed: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
-        if fused_attention(normed, self.heads)? {
+    pub fn attention(&self, normed: &LinearInput, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+        if fused_attention(normed.dense(), self.heads)? {
             let (q, k, v) = self
                 .qkv
                 .forward_fused(normed, self.heads, &rope.0, &rope.1)?;
@@ -434,12 +462,14 @@ impl SingleBlock {
         &self,
         xs: &Tensor,
         temb: &Tensor,
-        attend: impl FnOnce(&Tensor) -> Result<Tensor>,
+        attend: impl FnOnce(&LinearInput) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let m = chunks(&self.modulation.forward(&temb.silu()?)?, 3)?;
-        let normed = modulate(xs, &m[0], &m[1])?;
-        let mlp = self.proj_mlp.forward_gelu(&normed)?;
+        let fp8 = self.proj_mlp.takes_fp8_rows(xs);
+        let normed = modulate_input(xs, &m[0], &m[1], fp8)?;
+        let mlp = self.proj_mlp.forward_gelu_input(&normed)?;
         let attn = attend(&normed)?;
+        drop(normed);
         let out = self
             .proj_out
             .forward(&Tensor::cat(&[attn, mlp], D::Minus1)?)?;

@@ -7,8 +7,11 @@
 //! On CUDA a dense layer is one cuBLASLt GEMM with the bias (and, for the MLPs, the GELU)
 //! fused, and an fp8 layer an fp8 GEMM on sm89+ ([`crate::models::cuda::gemm`], switches
 //! `gemm_epilogue` / `fp8_gemm`); elsewhere, and with the switches off, dense layers run
-//! candle's matmul + bias add and fp8 weights are up-cast per forward.
+//! candle's matmul + bias add and fp8 weights are up-cast per forward. On sm90+ (switch
+//! `fp8_rows`) an fp8 layer reads its input as fp8 rows ([`LinearInput`]), quantized once
+//! for every layer that reads the same input, by the modulate kernel where it writes it.
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
@@ -19,8 +22,51 @@ use candle_nn::VarBuilder;
 use super::held_weight::{QuantizedMatmul, Weight};
 use super::lora::{Experts, LoraSet, LowRank};
 use super::weights::WeightSource;
+use crate::models::cuda::fp8_rows::Fp8Rows;
 use crate::models::cuda::gemm;
-use crate::models::cuda::switch::{use_kernel, Kernel};
+use crate::models::cuda::switch::{self, use_kernel, Kernel};
+
+/// A linear layer's input: the activations in the model dtype and, once an fp8 layer has
+/// asked for them, the same activations as fp8 rows ([`Fp8Rows`]), made once and shared by
+/// every fp8 layer that reads this input (q, k and v read one). The fused modulate kernel
+/// writes them beside the activations ([`LinearInput::with_fp8_rows`]).
+#[derive(Debug)]
+pub struct LinearInput {
+    dense: Tensor,
+    fp8_rows: OnceCell<Fp8Rows>,
+}
+
+impl LinearInput {
+    /// `dense` `[.., in]`; its fp8 rows are made when a layer first needs them.
+    pub fn new(dense: Tensor) -> Self {
+        Self {
+            dense,
+            fp8_rows: OnceCell::new(),
+        }
+    }
+
+    /// `dense` with its fp8 rows already made (they must be `Fp8Rows::quantize(&dense)`).
+    pub fn with_fp8_rows(dense: Tensor, rows: Fp8Rows) -> Self {
+        Self {
+            dense,
+            fp8_rows: OnceCell::from(rows),
+        }
+    }
+
+    /// The activations in the model dtype.
+    pub fn dense(&self) -> &Tensor {
+        &self.dense
+    }
+
+    /// The activations as fp8 rows, quantized on first use.
+    pub fn fp8_rows(&self) -> Result<&Fp8Rows> {
+        if let Some(rows) = self.fp8_rows.get() {
+            return Ok(rows);
+        }
+        let rows = Fp8Rows::quantize(&self.dense)?;
+        Ok(self.fp8_rows.get_or_init(|| rows))
+    }
+}
 
 /// A linear layer with a bias, its weight held as [`Weight`] says.
 #[derive(Debug, Clone)]
@@ -56,11 +102,36 @@ impl BaseLinear {
     /// `gelu(layer(xs))` (tanh GELU, FLUX's MLPs): on CUDA the GELU rides on the GEMM's
     /// epilogue.
     pub fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
-        self.forward_then(xs, true)
+        self.forward_input(&LinearInput::new(xs.clone()), true)
     }
 
-    /// The layer, then GELU if `gelu`: one fused GEMM where [`Self::fused_gemm`] says so.
-    fn forward_then(&self, xs: &Tensor, gelu: bool) -> Result<Tensor> {
+    /// The layer on `input`, then GELU if `gelu`: one fused GEMM where
+    /// [`Self::fused_gemm`] says so, over the input's fp8 rows where
+    /// [`Self::takes_fp8_rows`] does.
+    pub fn forward_input(&self, input: &LinearInput, gelu: bool) -> Result<Tensor> {
+        let xs = input.dense();
+        if self.takes_fp8_rows(xs) {
+            if let Weight::Fp8 { weight, scale } = &self.weight {
+                let out = input.fp8_rows().and_then(|rows| {
+                    gemm::fp8_rows_linear(
+                        rows,
+                        weight,
+                        *scale,
+                        self.bias.as_ref(),
+                        gelu,
+                        xs.dtype(),
+                    )
+                });
+                match out {
+                    Ok(out) => return Ok(out),
+                    // cuBLASLt refused per-row scales: the per-tensor fp8 GEMM from now on.
+                    Err(e) => {
+                        warn_once(Kernel::Fp8Rows, xs, &e);
+                        switch::disable(Kernel::Fp8Rows);
+                    }
+                }
+            }
+        }
         let fused = match (&self.weight, self.fused_gemm(xs)) {
             (Weight::Dense(w), Some(k @ Kernel::GemmEpilogue)) => {
                 Some((k, gemm::linear(xs, w, self.bias.as_ref(), gelu)))
@@ -84,6 +155,16 @@ impl BaseLinear {
         } else {
             Ok(out)
         }
+    }
+
+    /// Whether this layer multiplies `xs`-like inputs as fp8 rows: an fp8 weight on the fp8
+    /// GEMM with `fp8_rows` on (on CUDA, sm90+; off CUDA, inside a forced switch, the
+    /// emulation).
+    pub fn takes_fp8_rows(&self, xs: &Tensor) -> bool {
+        matches!(self.weight, Weight::Fp8 { .. })
+            && self.fused_gemm(xs) == Some(Kernel::Fp8Gemm)
+            && use_kernel(Kernel::Fp8Rows, xs)
+            && (!xs.device().is_cuda() || gemm::fp8_rows_supported(xs.device()))
     }
 
     /// Which fused GEMM runs this layer for `xs`, if any: dense weights through
@@ -132,7 +213,7 @@ impl BaseLinear {
 impl Module for BaseLinear {
     /// `xs` is `[.., in]` in the model dtype; the result is `[.., out]` in the same dtype.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.forward_then(xs, false)
+        self.forward_input(&LinearInput::new(xs.clone()), false)
     }
 }
 
@@ -202,17 +283,23 @@ impl AdaptedLinear {
     /// `gelu(layer(xs))` (tanh GELU): fused into the GEMM for a plain base layer; after the
     /// side branches otherwise (the GELU applies to their sum).
     pub fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_gelu_input(&LinearInput::new(xs.clone()))
+    }
+
+    /// [`Self::forward_gelu`] on a [`LinearInput`] (its fp8 rows shared with other layers).
+    pub fn forward_gelu_input(&self, input: &LinearInput) -> Result<Tensor> {
         match self {
-            Self::Base(l) => l.forward_gelu(xs),
-            _ => self.forward(xs)?.gelu(),
+            Self::Base(l) => l.forward_input(input, true),
+            _ => self.forward_input(input)?.gelu(),
         }
     }
-}
 
-impl Module for AdaptedLinear {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// The layer on a [`LinearInput`]: the base layer reads its fp8 rows where it takes
+    /// them, the side branches the activations.
+    pub fn forward_input(&self, input: &LinearInput) -> Result<Tensor> {
+        let xs = input.dense();
         match self {
-            Self::Base(l) => l.forward(xs),
+            Self::Base(l) => l.forward_input(input, false),
             Self::LowRank {
                 base,
                 down,
@@ -222,10 +309,22 @@ impl Module for AdaptedLinear {
                 let side = xs
                     .broadcast_matmul(&down.t()?)?
                     .broadcast_matmul(&up.t()?)?;
-                base.forward(xs)? + (side * *scale)?
+                base.forward_input(input, false)? + (side * *scale)?
             }
-            Self::Moe(m) => m.forward(xs),
+            Self::Moe(m) => m.forward_input(input),
         }
+    }
+
+    /// Whether the base layer multiplies `xs`-like inputs as fp8 rows
+    /// ([`BaseLinear::takes_fp8_rows`]).
+    pub fn takes_fp8_rows(&self, xs: &Tensor) -> bool {
+        self.base().takes_fp8_rows(xs)
+    }
+}
+
+impl Module for AdaptedLinear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_input(&LinearInput::new(xs.clone()))
     }
 }
 
@@ -279,10 +378,11 @@ impl MoeLinear {
     }
 }
 
-impl Module for MoeLinear {
-    /// `xs` is `[B, S, in]`; every token adds the update of its top-1 expert.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut out = self.base.forward(xs)?;
+impl MoeLinear {
+    /// `input` is `[B, S, in]`; every token adds the update of its top-1 expert.
+    pub fn forward_input(&self, input: &LinearInput) -> Result<Tensor> {
+        let xs = input.dense();
+        let mut out = self.base.forward_input(input, false)?;
         let choice = xs
             .broadcast_matmul(&self.route.t()?)?
             .argmax_keepdim(D::Minus1)?; // [B, S, 1]
@@ -294,6 +394,13 @@ impl Module for MoeLinear {
             out = (out + (delta * *scale)?.broadcast_mul(&chosen)?)?;
         }
         Ok(out)
+    }
+}
+
+impl Module for MoeLinear {
+    /// `xs` is `[B, S, in]`; every token adds the update of its top-1 expert.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_input(&LinearInput::new(xs.clone()))
     }
 }
 

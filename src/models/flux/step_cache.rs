@@ -22,6 +22,7 @@ use candle_core::{DType, Result, Tensor};
 
 use super::config::FluxConfig;
 use super::flops::ForwardFlops;
+use super::linear::LinearInput;
 use super::transformer::{FluxTransformer, TextConditioning};
 use crate::models::step_cache::{
     merge_rows, own_row, select_rows, CacheMemory, CandidateCache, FirstBlockMemory, RowWork,
@@ -306,9 +307,11 @@ impl FluxTransformer {
             (img, txt) = block.forward_with(&img, &txt, &temb, |img_in, txt_in| {
                 let (mut img_parts, mut txt_parts) = (Vec::new(), Vec::new());
                 if !full.is_empty() {
+                    // The selected rows' fp8 rows (if a layer takes them) are made anew:
+                    // per-row quantization commutes with the selection.
                     let (a, t) = block.attention(
-                        &select_rows(img_in, &full)?,
-                        &select_rows(txt_in, &full)?,
+                        &LinearInput::new(select_rows(img_in.dense(), &full)?),
+                        &LinearInput::new(select_rows(txt_in.dense(), &full)?),
                         input.rope,
                     )?;
                     computed.extend([a.clone(), t.clone()]);
@@ -330,7 +333,8 @@ impl FluxTransformer {
             joint = block.forward_with(&joint, &temb, |normed| {
                 let mut parts = Vec::new();
                 if !full.is_empty() {
-                    let a = block.attention(&select_rows(normed, &full)?, input.rope)?;
+                    let selected = LinearInput::new(select_rows(normed.dense(), &full)?);
+                    let a = block.attention(&selected, input.rope)?;
                     computed.push(a.clone());
                     parts.push((full.clone(), a));
                 }
