@@ -1,6 +1,6 @@
-//! With the `cuda` feature, compiles `src/models/cuda/kernels.cu`, `flash.cu` and `fp8.cu` to PTX
-//! (loaded by `models::cuda` at run time). Without it, does nothing: CPU builds need no CUDA
-//! toolkit.
+//! With the `cuda` feature, compiles `src/models/cuda/kernels.cu`, `flash.cu`, `fp8.cu` and
+//! `dequant.cu` to PTX (loaded by `models::cuda` at run time). Without it, does nothing: CPU
+//! builds need no CUDA toolkit.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,6 +10,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/models/cuda/kernels.cu");
     println!("cargo:rerun-if-changed=src/models/cuda/flash.cu");
     println!("cargo:rerun-if-changed=src/models/cuda/fp8.cu");
+    println!("cargo:rerun-if-changed=src/models/cuda/dequant.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -31,6 +32,7 @@ fn main() {
         ("src/models/cuda/kernels.cu", "icedit_kernels.ptx"),
         ("src/models/cuda/flash.cu", "icedit_flash.ptx"),
         ("src/models/cuda/fp8.cu", "icedit_fp8.ptx"),
+        ("src/models/cuda/dequant.cu", "icedit_dequant.ptx"),
     ] {
         let ptx = out.join(ptx);
         let status = Command::new(&nvcc)

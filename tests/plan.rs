@@ -490,7 +490,7 @@ fn the_plan_counts_the_step_caches_of_the_candidates_completed_together() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("| **peak** | **18.66** | denoise |"),
+        stdout.contains("| **peak** | **18.44** | denoise |"),
         "{stdout}"
     );
     // First-Block-Cache: two image-stream residuals (2048 x 3072 bf16) per candidate, and

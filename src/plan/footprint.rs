@@ -12,6 +12,7 @@
 
 use candle_core::DType;
 
+use crate::models::cuda::dequant;
 use crate::models::flux::blocks::ATTENTION_CHUNK_ELEMENTS;
 pub use crate::models::flux::held_weight::WeightFormat;
 use crate::models::flux::vae::VaeConfig;
@@ -111,7 +112,8 @@ pub fn transformer_activation_bytes(
     // layer and the single blocks' concatenation, alive around the attention.
     let streams = batch * s * d * e * STREAM_COPIES;
     // Quantized kernels take f32 activations; on CUDA the token-wise layers dequantize
-    // their weight instead (one layer at a time, through f32 unless the model is f16); fp8
+    // their weight instead (one layer at a time; other types than the three below go
+    // through f32 unless the model is f16); fp8
     // weights are up-cast one layer at a time, or (the fp8 GEMM) the activations held as
     // e4m3: the widest input (the single blocks' 5 x hidden) beside a modulated input's
     // rows (hidden), a byte an element.
@@ -119,7 +121,10 @@ pub fn transformer_activation_bytes(
     let widest = linears.iter().map(|(o, i)| o * i).max().unwrap_or(0);
     let conversion = match format {
         WeightFormat::Dense => 0,
-        WeightFormat::Quantized(_) if cuda && dtype == DType::F16 => widest * e,
+        // Q8_0 / Q4_0 / Q4_K dequantize straight into the model dtype (one pass of ours).
+        WeightFormat::Quantized(t) if cuda && (dtype == DType::F16 || dequant::has_kernel(t)) => {
+            widest * e
+        }
         WeightFormat::Quantized(_) if cuda => widest * (4 + e),
         WeightFormat::Quantized(_) => batch * s * 5 * d * 4,
         WeightFormat::Fp8 => (widest * e).max(batch * s * 6 * d),

@@ -13,3 +13,7 @@ pub const FLASH_MODULE: &str = "icedit_flash";
 pub const FP8: &str = include_str!(concat!(env!("OUT_DIR"), "/icedit_fp8.ptx"));
 /// [`FP8`]' module name.
 pub const FP8_MODULE: &str = "icedit_fp8";
+/// `dequant.cu`: ggml blocks (Q8_0, Q4_0, Q4_K) into bf16 / f16 in one pass.
+pub const DEQUANT: &str = include_str!(concat!(env!("OUT_DIR"), "/icedit_dequant.ptx"));
+/// [`DEQUANT`]' module name.
+pub const DEQUANT_MODULE: &str = "icedit_dequant";

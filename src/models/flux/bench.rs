@@ -8,6 +8,7 @@
 
 use std::time::Instant;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::Serialize;
@@ -24,7 +25,7 @@ use super::transformer::{FluxTransformer, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
 use crate::models::bench::{timed_after, RandomWeights};
 use crate::models::cuda::switch::{self, Kernel, Kernels};
-use crate::models::cuda::{attention as flash, glue};
+use crate::models::cuda::{attention as flash, dequant, glue};
 use crate::models::kernel_check::{check, check_or_error, tolerance_rel, KernelCheckRow};
 use crate::models::step_cache::{CandidateCache, StepCache};
 use crate::models::taef1::{TinyConfig, TinyDecoder};
@@ -807,6 +808,29 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
         rows.push(r);
     } else {
         tracing::info!("fp8 rows not checked: per-row fp8 scales need sm90+ and the fp8 GEMM");
+    }
+    // GGUF layers on CUDA: our one-pass dequantization into the 16-bit dtype against
+    // candle's (f32, then a cast), the MLP's weight in each type with a kernel. Not a switch:
+    // a failure turns the kernels off (`dequant::disable`).
+    if dev.is_cuda() && matches!(attn_dtype, DType::BF16 | DType::F16) {
+        let w = Tensor::randn(0f32, 0.05, (mlp, hidden), dev)?;
+        let mut dequant_failed = false;
+        for t in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
+            let q = candle_core::quantized::QTensor::quantize(&w, t)?;
+            let r = check(
+                dev,
+                &format!("dequantize ({t:?} -> {attn_dtype:?})"),
+                tolerance_rel(attn_dtype),
+                format!("[{mlp}, {hidden}]"),
+                &|| dequant::dequantize(&q, attn_dtype),
+                &|| dequant::dequantize_candle(&q, attn_dtype),
+            )?;
+            dequant_failed |= !r.pass;
+            rows.push(r);
+        }
+        if dequant_failed {
+            dequant::disable();
+        }
     }
 
     // One block of each kind with random weights: every passing kernel on against none.

@@ -140,6 +140,13 @@ impl BaseLinear {
                 k,
                 gemm::fp8_linear(xs, weight, *scale, self.bias.as_ref(), gelu),
             )),
+            // GGUF on many rows: the layer dequantized into the model dtype, then the same
+            // epilogue GEMM as a dense layer.
+            (Weight::Quantized(q, _), Some(k @ Kernel::GemmEpilogue)) => Some((
+                k,
+                dequantized(q, xs.dtype())
+                    .and_then(|w| gemm::linear(xs, &w, self.bias.as_ref(), gelu)),
+            )),
             _ => None,
         };
         match fused {
@@ -177,6 +184,12 @@ impl BaseLinear {
         match &self.weight {
             Weight::Dense(w) if w.dtype() == xs.dtype() => {
                 use_kernel(Kernel::GemmEpilogue, xs).then_some(Kernel::GemmEpilogue)
+            }
+            Weight::Quantized(..) => {
+                let rows = xs.elem_count() / xs.dim(D::Minus1).unwrap_or(1).max(1);
+                (QuantizedMatmul::from_env().dequantizes(xs.device(), rows)
+                    && use_kernel(Kernel::GemmEpilogue, xs))
+                .then_some(Kernel::GemmEpilogue)
             }
             Weight::Fp8 { weight, .. } if use_kernel(Kernel::Fp8Gemm, xs) => {
                 let on_device = || {
@@ -238,16 +251,20 @@ fn warn_once(kernel: Kernel, xs: &Tensor, error: &candle_core::Error) {
 pub fn quantized_forward(q: &QMatMul, xs: &Tensor, how: QuantizedMatmul) -> Result<Tensor> {
     let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
     if how.dequantizes(xs.device(), rows) {
-        let weight = match q {
-            QMatMul::QTensor(t) if xs.dtype() == DType::F16 => t.dequantize_f16(xs.device())?,
-            QMatMul::QTensor(t) => t.dequantize(xs.device())?.to_dtype(xs.dtype())?,
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(xs.dtype())?,
-        };
-        return xs.broadcast_matmul(&weight.t()?);
+        return xs.broadcast_matmul(&dequantized(q, xs.dtype())?.t()?);
     }
     // candle's quantized kernels take and give f32.
     q.forward(&xs.to_dtype(DType::F32)?.contiguous()?)?
         .to_dtype(xs.dtype())
+}
+
+/// A quantized `[out, in]` weight as a dense tensor of `dtype` (on CUDA in one kernel pass
+/// for Q8_0 / Q4_0 / Q4_K: [`crate::models::cuda::dequant`]).
+fn dequantized(q: &QMatMul, dtype: DType) -> Result<Tensor> {
+    match q {
+        QMatMul::QTensor(t) => crate::models::cuda::dequant::dequantize(t, dtype),
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(dtype),
+    }
 }
 
 /// A linear layer as the model runs it.
@@ -612,14 +629,25 @@ mod tests {
     }
 
     /// Both ways of multiplying by a quantized weight give the product with the weight
-    /// the file holds: the dequantized one exactly (it is that product), the kernels within
-    /// their own rounding of the activations.
+    /// the file holds: the dequantized one exactly (it is that product), candle's kernels
+    /// within their rounding of the activations. The bound for those: the kernels quantize
+    /// each block of activations (32 values for Q8_0 / Q4_0, whose dot type is Q8_0; 256 for
+    /// Q4_K's Q8_K) to 8 bits with a scale of about amax / 127 (Q8_0: amax / 127 stored as
+    /// f16; Q8_K: amax / 128, the negative end clamped to 127 steps), so each activation
+    /// moves by at most amax_block / 127; the weights are the held values exactly and the
+    /// integer dot products are exact, so output (r, c) is off by at most
+    /// sum_i |w[c, i]| amax_block(x[r], i) / 127, plus f32 rounding of the block sums.
     #[test]
     fn a_dequantized_product_equals_the_kernels_product() {
         let dev = Device::Cpu;
         let weight = Tensor::randn(0f32, 0.5, (96, 256), &dev).unwrap();
         let xs = Tensor::randn(0f32, 1.0, (2, 40, 256), &dev).unwrap();
-        for t in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let x = xs.reshape((80, 256)).unwrap().to_vec2::<f32>().unwrap();
+        for (t, dot_block) in [
+            (GgmlDType::Q8_0, 32),
+            (GgmlDType::Q4_0, 32),
+            (GgmlDType::Q4K, 256),
+        ] {
             let q = QTensor::quantize(&weight, t).unwrap();
             let held = q.dequantize(&dev).unwrap();
             let exact = xs.broadcast_matmul(&held.t().unwrap()).unwrap();
@@ -628,9 +656,26 @@ mod tests {
             let kernels = quantized_forward(&q, &xs, QuantizedMatmul::Kernels).unwrap();
             assert_eq!(dequantized.dims(), &[2, 40, 96]);
             assert!(relative_error(&dequantized, &exact) < 1e-5, "{t:?}");
-            // The kernels quantize the activations too (q8 blocks): a little further off.
-            let kernels_error = relative_error(&kernels, &exact);
-            assert!(kernels_error < 0.05, "{t:?}: {kernels_error}");
+            let w = held.to_vec2::<f32>().unwrap();
+            let got = kernels.reshape((80, 96)).unwrap().to_vec2::<f32>().unwrap();
+            let want = exact.reshape((80, 96)).unwrap().to_vec2::<f32>().unwrap();
+            let mut worst = 0f32;
+            for (r, xr) in x.iter().enumerate() {
+                let amax: Vec<f32> = xr
+                    .chunks(dot_block)
+                    .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())))
+                    .collect();
+                for (c, wc) in w.iter().enumerate() {
+                    let moved: f32 = (0..256).map(|i| wc[i].abs() * amax[i / dot_block]).sum();
+                    let size: f32 = (0..256).map(|i| (wc[i] * xr[i]).abs()).sum();
+                    let bound = moved / 127.0 + 1e-5 * size + 1e-6;
+                    let err = (got[r][c] - want[r][c]).abs();
+                    assert!(err <= bound, "{t:?} [{r}, {c}]: {err} > {bound}");
+                    worst = worst.max(err / bound);
+                }
+            }
+            // Random rounding errors cancel: inside the worst case, but not zero.
+            assert!(worst > 0.0, "{t:?}");
             // `Auto` on the CPU keeps the kernels, whatever the rows.
             let auto = quantized_forward(&q, &xs, QuantizedMatmul::Auto).unwrap();
             assert_eq!(relative_error(&auto, &kernels), 0.0);
