@@ -25,7 +25,9 @@
 #      kernel off (the report's "Judge flash attention" section);
 #   4. diffusers' AutoencoderKL (FLUX.1 Fill's VAE configuration) encoding and decoding the
 #      same diptych as `bench flux` (bench_diffusers_flux.py --vae, step diffusers-vae),
-#      beside `bench flux`'s vae_encode_s / vae_decode_s;
+#      beside `bench flux`'s vae_encode_s / vae_decode_s; with BIN_CUDNN (a second binary
+#      built with `--features cudnn`), `bench flux --vae-only` of each build (steps
+#      vae-im2col, vae-cudnn: candle's conv2d as im2col + GEMM against cuDNN's);
 #   5. one early-filter edit end to end on the device with random weights at SIZE (dense
 #      DTYPE, or EDIT_QUANTIZE; 512 panel of a square source = 1024x512 diptych, batch 8,
 #      8 seeds, 4 probe steps, keep 2; the tiny fixture judge), then diffusers'
@@ -52,6 +54,7 @@
 #
 # Environment (defaults in brackets):
 #   BIN      the icedit-scale binary [target/release/icedit-scale]
+#   BIN_CUDNN  the same built with `--features cudnn` for the VAE's conv A/B [none: skipped]
 #   PYTHON   a python with torch + diffusers for step 2 [python3]; skipped when missing
 #   SIZE     full | small [full]          DEVICE  cuda | cuda:N | cpu [cuda]
 #   DTYPE    bf16 | f32 [bf16]            BATCHES [1,4,8]      ITERS [3]
@@ -70,7 +73,7 @@
 #            LIMIT_flux_q8_0, LIMIT_flux_q4_k,
 #            LIMIT_flux_q8_0_kernels, LIMIT_flux_q4_k_kernels, LIMIT_diffusers,
 #            LIMIT_judge, LIMIT_judge_vs_transformers_qwen2_vl_7b, LIMIT_judge_vs_transformers_qwen2_5_vl_7b,
-#            LIMIT_diffusers_vae, LIMIT_edit, LIMIT_diffusers_edit, LIMIT_refine, LIMIT_flux_cache,
+#            LIMIT_diffusers_vae, LIMIT_vae_im2col, LIMIT_vae_cudnn, LIMIT_edit, LIMIT_diffusers_edit, LIMIT_refine, LIMIT_flux_cache,
 #            LIMIT_diffusers_cache, LIMIT_profile_ours, LIMIT_profile_diffusers.
 #            A lease of device time is short: one slow step must not cost the others their
 #            turn.
@@ -268,6 +271,20 @@ if "$PYTHON" -c "import torch, diffusers" >/dev/null 2>&1; then
 else
   echo "== diffusers-vae: $PYTHON lacks torch or diffusers; skipped"
   printf 'diffusers-vae\tskipped\t0\n' >>"$OUT/steps.tsv"
+fi
+
+# The VAE with candle's conv2d as cuDNN runs it (a build with the `cudnn` feature) against
+# the default build's im2col + GEMM, the same diptych, each build alone (no transformer).
+if [[ -n "${BIN_CUDNN:-}" && -x "${BIN_CUDNN:-}" ]]; then
+  for build in im2col cudnn; do
+    bin="$BIN"
+    [[ "$build" == cudnn ]] && bin="$BIN_CUDNN"
+    step "vae-$build" "$bin" bench flux --vae-only --size "$SIZE" --device "$DEVICE" \
+      --dtype "$DTYPE" --width 512 --height 512 --iters "$ITERS" --no-tiny --out "$OUT/vae-$build"
+  done
+else
+  echo "== vae-im2col / vae-cudnn: no BIN_CUDNN binary; skipped"
+  printf 'vae-cudnn\tskipped\t0\n' >>"$OUT/steps.tsv"
 fi
 
 # Random weights at $SIZE, dense DTYPE (EDIT_QUANTIZE for another format), a 512 panel of
@@ -602,6 +619,14 @@ if ours and theirs:
         md.append(f"| {name} | {o:.4f} | {t:.4f} | **{o / t:.2f}x** |")
     md.append("")
     md.append(f"Issue 31 asks decode <= 1.0x: {'met' if ours['vae_decode_s'] <= theirs['decode_s'] else 'not met'} in this run.")
+    builds = {b: load(f"vae-{b}/flux.json") for b in ("im2col", "cudnn")}
+    if all(builds.values()):
+        md += ["", "The VAE's convolutions by build (`bench flux --vae-only`, the same diptych; the "
+               "default build runs candle's conv2d as im2col + GEMM, the `cudnn` build through cuDNN):", "",
+               "| pass | im2col (s) | cuDNN (s) | cuDNN / im2col | cuDNN / diffusers |", "|---|---|---|---|---|"]
+        for name in ("encode", "decode"):
+            i, c, t = builds["im2col"][f"vae_{name}_s"], builds["cudnn"][f"vae_{name}_s"], theirs[f"{name}_s"]
+            md.append(f"| {name} | {i:.4f} | {c:.4f} | {c / i:.2f}x | {c / t:.2f}x |")
 elif theirs:
     md.append(f"diffusers: encode {theirs['encode_s']:.4f} s, decode {theirs['decode_s']:.4f} s; ours not measured "
               "(no `bench flux` result).")

@@ -249,6 +249,11 @@ pub struct FluxBenchArgs {
     /// --probe-steps exact steps, then each setting completes them to --steps (first format).
     #[arg(long, value_name = "SPEC[,SPEC...]", value_parser = step_caches)]
     pub cache: Option<StepCaches>,
+    /// Time only the autoencoder (and the tiny decoder, unless --no-tiny): no transformer
+    /// is built (the fused-kernel check still runs first). For comparing builds, e.g. one
+    /// with the `cudnn` feature (conv2d through cuDNN) against the default (im2col + GEMM).
+    #[arg(long, conflicts_with = "cache")]
+    pub vae_only: bool,
     /// With --cache: candidates completed together (M), 1 to 64.
     #[arg(long, default_value_t = 2, value_parser = bounded(1, 64))]
     pub keep: usize,

@@ -606,6 +606,54 @@ fn bench_flux_times_a_small_random_model() {
     assert!(json["full_edit_s"].as_f64().unwrap() > 0.0);
 }
 
+/// `--vae-only` builds no transformer (for comparing builds' convolutions): no format is
+/// timed, the autoencoder is; with `--cache` it is refused by name.
+#[test]
+fn bench_flux_vae_only_times_the_autoencoder_alone() {
+    let out = tempfile::tempdir().unwrap();
+    let args = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "flux",
+            "--size",
+            "small",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--t5-tokens",
+            "16",
+            "--iters",
+            "1",
+            "--no-tiny",
+            "--vae-only",
+            "--out",
+            out.path().to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        cli(&args)
+    };
+    let result = args(&[]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("flux.json")).unwrap()).unwrap();
+    assert_eq!(json["formats"].as_array().unwrap().len(), 0);
+    assert_eq!(json["parameters"], 0);
+    assert!(json["vae_encode_s"].as_f64().unwrap() > 0.0);
+    assert!(json["vae_decode_s"].as_f64().unwrap() > 0.0);
+    let refused = args(&["--cache", "fbc:0.12"]);
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("--vae-only") && stderr.contains("--cache"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn finds_the_snapshot_of_a_hugging_face_cache_entry() {
     let cache = tempfile::tempdir().unwrap();

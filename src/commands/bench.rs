@@ -77,7 +77,11 @@ pub fn flux(args: FluxBenchArgs) -> anyhow::Result<()> {
         iters: args.iters,
         dtype,
         device,
-        formats: args.formats.clone(),
+        formats: if args.vae_only {
+            Vec::new()
+        } else {
+            args.formats.clone()
+        },
         cache: args.cache.as_ref().map(|caches| CacheBench {
             caches: caches.0.clone(),
             keep: args.keep,
