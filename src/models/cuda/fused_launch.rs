@@ -54,42 +54,12 @@ macro_rules! with_dtype {
     };
 }
 
-/// `norm(x) * (1 + scale[b]) + shift[b]` (see `modulated_layer_norm` in kernels.cu):
-/// x `[rows, c]` with `s` rows per batch entry, shift and scale `[rows / s, c]`.
-#[allow(clippy::too_many_arguments)]
+/// `norm(x) * (1 + scale[b]) + shift[b]` (see `modulated_layer_norm` in kernels.cu): x
+/// `[rows, c]` with `s` rows per batch entry, shift and scale `[rows / s, c]`, `shape` =
+/// `(rows, s, c, eps)`. With `fp8` the kernel also writes the output as fp8 e4m3 rows with
+/// one scale per row (`modulated_layer_norm_fp8`): `Some((e4m3 [rows, c], scales [rows]
+/// f32))`.
 pub fn modulated_layer_norm(
-    x: (&CudaStorage, &Layout),
-    shift: (&CudaStorage, &Layout),
-    scale: (&CudaStorage, &Layout),
-    rows: usize,
-    s: usize,
-    c: usize,
-    eps: f32,
-) -> Result<CudaStorage> {
-    let (y, _) = modulate(x, shift, scale, (rows, s, c, eps), false)?;
-    Ok(y)
-}
-
-/// [`modulated_layer_norm`] that also writes its output as fp8 e4m3 rows with one scale
-/// per row (`modulated_layer_norm_fp8` in kernels.cu): `(y, e4m3 [rows, c], scales [rows]
-/// f32)`.
-#[allow(clippy::too_many_arguments)]
-pub fn modulated_layer_norm_fp8(
-    x: (&CudaStorage, &Layout),
-    shift: (&CudaStorage, &Layout),
-    scale: (&CudaStorage, &Layout),
-    rows: usize,
-    s: usize,
-    c: usize,
-    eps: f32,
-) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
-    let (y, fp8) = modulate(x, shift, scale, (rows, s, c, eps), true)?;
-    let (q, scales) = fp8.expect("asked for fp8 rows");
-    Ok((y, q, scales))
-}
-
-/// The launch behind both modulate ops; `fp8` picks the kernel that also writes e4m3 rows.
-fn modulate(
     x: (&CudaStorage, &Layout),
     shift: (&CudaStorage, &Layout),
     scale: (&CudaStorage, &Layout),

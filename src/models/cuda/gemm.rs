@@ -131,12 +131,7 @@ pub fn fp8_rows_linear(
 /// newer, where cuBLASLt documents outer-vector fp8 scaling. (Ada's fp8 GEMM takes the
 /// per-tensor [`fp8_linear`].)
 pub fn fp8_rows_supported(device: &Device) -> bool {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(dev) = device {
-        return lt::compute_capability(dev).is_ok_and(|cc| cc >= (9, 0));
-    }
-    let _ = device;
-    false
+    compute_capability_at_least(device, (9, 0))
 }
 
 /// The CPU emulation of [`fp8_rows_linear`]: the product of the e4m3 values in f32, each
@@ -165,11 +160,16 @@ pub fn fp8_rows_emulated(
 /// Whether `device` runs [`fp8_linear`] on fp8 tensor cores: CUDA with compute capability
 /// 8.9 (Ada) or newer. Elsewhere fp8 weights are up-cast per forward.
 pub fn fp8_supported(device: &Device) -> bool {
+    compute_capability_at_least(device, (8, 9))
+}
+
+/// Whether `device` is a CUDA device of compute capability `cc` or newer.
+fn compute_capability_at_least(device: &Device, cc: (i32, i32)) -> bool {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = device {
-        return lt::compute_capability(dev).is_ok_and(|cc| cc >= (8, 9));
+        return lt::compute_capability(dev).is_ok_and(|have| have >= cc);
     }
-    let _ = device;
+    let _ = (device, cc);
     false
 }
 

@@ -52,15 +52,15 @@ pub fn modulated_layer_norm_fp8(
             else {
                 candle_core::bail!("modulated layer norm: inputs on different devices")
             };
-            super::fused_launch::modulated_layer_norm_fp8(
+            let (y, rows) = super::fused_launch::modulated_layer_norm(
                 (x, xl),
                 (sh, shl),
                 (sc, scl),
-                b * s,
-                s,
-                c,
-                LAYER_NORM_EPS,
-            )?
+                (b * s, s, c, LAYER_NORM_EPS),
+                true,
+            )?;
+            let (q, scales) = rows.expect("asked for fp8 rows");
+            (y, q, scales)
         };
         let shape = xs.shape().clone();
         let y = Tensor::from_storage(Storage::Cuda(y), shape.clone(), BackpropOp::none(), false);
@@ -270,14 +270,12 @@ impl CustomOp3 for ModulatedLayerNorm {
         scl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (b, s, c) = xl.shape().dims3()?;
-        let out = super::fused_launch::modulated_layer_norm(
+        let (out, _) = super::fused_launch::modulated_layer_norm(
             (x, xl),
             (shift, shl),
             (scale, scl),
-            b * s,
-            s,
-            c,
-            LAYER_NORM_EPS,
+            (b * s, s, c, LAYER_NORM_EPS),
+            false,
         )?;
         Ok((out, xl.shape().clone()))
     }

@@ -740,74 +740,70 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
     if gemm_failed {
         failed.push(Kernel::GemmEpilogue);
     }
-    let mut fp8_relative_error = None;
-    let fp8_here = !dev.is_cuda() || crate::models::cuda::gemm::fp8_supported(dev);
-    if fp8_here {
-        let layer = linear(mlp, true)?;
-        let fp8_on = on(Kernel::Fp8Gemm)?;
-        let compute = || layer.forward_gelu(&xs);
+    // fp8 rows: the fp8 GEMM against the 16-bit GEMM of the same e4m3 weight (the path it
+    // replaces), its relative error logged and kept; a failing kernel is turned off.
+    let mut fp8_row = |name: &str,
+                       kernel: Kernel,
+                       shape: String,
+                       on_set: Kernels,
+                       compute: &dyn Fn() -> candle_core::Result<Tensor>|
+     -> candle_core::Result<Option<f32>> {
         let r = check_or_error(
             dev,
-            "fp8_gemm (bias + gelu)",
+            name,
             FP8_TOLERANCE_REL,
-            format!("[{len}, {hidden}] -> {mlp} e4m3 x e4m3 -> {attn_dtype:?}"),
-            &|| switch::forced(fp8_on, compute),
-            // The same e4m3 weight up-cast: the 16-bit GEMM the fp8 one replaces.
+            shape,
+            &|| switch::forced(on_set, compute),
             &|| switch::forced(Kernels::NONE, compute),
         )?;
-        if r.error.is_none() {
-            fp8_relative_error = Some(r.max_abs_diff / r.max_abs_ref);
-            tracing::info!(
-                relative_error = fp8_relative_error,
-                "fp8 GEMM against the 16-bit GEMM (max |diff| / max |16-bit|)"
-            );
-        }
+        let relative_error = r.error.is_none().then(|| r.max_abs_diff / r.max_abs_ref);
+        tracing::info!(
+            name,
+            relative_error,
+            "fp8 GEMM against the 16-bit GEMM (max |diff| / max |16-bit|)"
+        );
         if !r.pass {
-            failed.push(Kernel::Fp8Gemm);
+            failed.push(kernel);
         }
         rows.push(r);
+        Ok(relative_error)
+    };
+    let mut fp8_relative_error = None;
+    if !dev.is_cuda() || crate::models::cuda::gemm::fp8_supported(dev) {
+        let layer = linear(mlp, true)?;
+        fp8_relative_error = fp8_row(
+            "fp8_gemm (bias + gelu)",
+            Kernel::Fp8Gemm,
+            format!("[{len}, {hidden}] -> {mlp} e4m3 x e4m3 -> {attn_dtype:?}"),
+            on(Kernel::Fp8Gemm)?,
+            &|| layer.forward_gelu(&xs),
+        )?;
     } else {
         tracing::info!("fp8 GEMM not checked: the device has no fp8 tensor cores (sm89+)");
     }
     // The fp8 GEMM over per-row scaled activations, the rows written by the modulate
-    // kernel as it writes its output, against the 16-bit GEMM of the same e4m3 weight over
-    // candle's modulation.
+    // kernel as it writes its output, against the 16-bit GEMM over candle's modulation.
     let mut fp8_rows_relative_error = None;
     let rows_here = !dev.is_cuda() || crate::models::cuda::gemm::fp8_rows_supported(dev);
-    if rows_here && !failed.contains(&Kernel::Fp8Gemm) {
+    if rows_here {
         let layer = linear(mlp, true)?;
         let modulation =
             |std: f32| Tensor::randn(0f32, std, (1, hidden), dev)?.to_dtype(attn_dtype);
         let (shift, scale) = (modulation(1.0)?, modulation(0.5)?);
-        let rows_on =
-            Kernels::parse("modulate,fp8_gemm,fp8_rows").map_err(candle_core::Error::msg)?;
-        let compute = || {
-            let input = modulate_input(&xs, &shift, &scale, layer.takes_fp8_rows(&xs))?;
-            layer.forward_input(&input, true)
-        };
-        let r = check_or_error(
-            dev,
+        fp8_rows_relative_error = fp8_row(
             "fp8_rows (modulate -> e4m3 rows -> bias + gelu)",
-            FP8_TOLERANCE_REL,
+            Kernel::Fp8Rows,
             format!(
                 "[{len}, {hidden}] -> {mlp}, a scale per row and an e4m3 weight -> {attn_dtype:?}"
             ),
-            &|| switch::forced(rows_on, compute),
-            &|| switch::forced(Kernels::NONE, compute),
+            Kernels::parse("modulate,fp8_gemm,fp8_rows").map_err(candle_core::Error::msg)?,
+            &|| {
+                let input = modulate_input(&xs, &shift, &scale, layer.takes_fp8_rows(&xs))?;
+                layer.forward_input(&input, true)
+            },
         )?;
-        if r.error.is_none() {
-            fp8_rows_relative_error = Some(r.max_abs_diff / r.max_abs_ref);
-            tracing::info!(
-                relative_error = fp8_rows_relative_error,
-                "fp8 GEMM with per-row scales against the 16-bit GEMM (max |diff| / max |16-bit|)"
-            );
-        }
-        if !r.pass {
-            failed.push(Kernel::Fp8Rows);
-        }
-        rows.push(r);
     } else {
-        tracing::info!("fp8 rows not checked: per-row fp8 scales need sm90+ and the fp8 GEMM");
+        tracing::info!("fp8 rows not checked: per-row fp8 scales need sm90+");
     }
     // GGUF layers on CUDA: our one-pass dequantization into the 16-bit dtype against
     // candle's (f32, then a cast), the MLP's weight in each type with a kernel. Not a switch:
@@ -978,6 +974,60 @@ mod fp8_tests {
         max(&(a - b).unwrap()) / max(b)
     }
 
+    /// The tiny FLUX fixture: its configuration, a builder of the transformer from its
+    /// weights (f32, CPU) with `linears`, the reference tensors and the rope tables of the
+    /// reference forward.
+    struct Fixture {
+        config: FluxConfig,
+        weights: std::path::PathBuf,
+        reference: std::collections::HashMap<String, Tensor>,
+        rope: (Tensor, Tensor),
+    }
+
+    impl Fixture {
+        fn load() -> Self {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux");
+            let config: FluxConfig = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("tiny/transformer/config.json")).unwrap(),
+            )
+            .unwrap();
+            let weights = dir.join("tiny/transformer/diffusion_pytorch_model.safetensors");
+            let reference =
+                candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                    .unwrap();
+            let img_ids: Vec<Vec<f32>> = reference["fwd_img_ids"].to_vec2().unwrap();
+            let rows = img_ids.iter().map(|i| i[1] as usize).max().unwrap() + 1;
+            let cols = img_ids.iter().map(|i| i[2] as usize).max().unwrap() + 1;
+            let n_txt = reference["fwd_context"].dim(1).unwrap();
+            let rope = rope_tables(
+                &joint_ids(n_txt, rows, cols),
+                &config.axes_dims_rope,
+                10000.0,
+                &Device::Cpu,
+            )
+            .unwrap();
+            Self {
+                config,
+                weights,
+                reference,
+                rope,
+            }
+        }
+
+        fn transformer(&self, linears: &Linears) -> FluxTransformer {
+            // SAFETY: a fixture file nobody writes while the test runs.
+            let vb = unsafe {
+                VarBuilder::from_mmaped_safetensors(&[&self.weights], DType::F32, &Device::Cpu)
+                    .unwrap()
+            };
+            FluxTransformer::new(vb, &self.config, linears).unwrap()
+        }
+
+        fn scalar(&self, name: &str) -> f64 {
+            self.reference[name].to_vec1::<f32>().unwrap()[0] as f64
+        }
+    }
+
     /// W8A8 (weights and activations in e4m3, per-tensor scales, f32 products: what
     /// cuBLASLt's fp8 GEMM computes) stays within its bound of the f32 transformer.
     ///
@@ -991,47 +1041,24 @@ mod fp8_tests {
     /// 8.5e-2, W8A8 1.03e-1.
     #[test]
     fn the_fp8_gemm_emulation_on_the_tiny_flux_stays_within_its_bound() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux");
-        let config: FluxConfig = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("tiny/transformer/config.json")).unwrap(),
-        )
-        .unwrap();
-        let weights = dir.join("tiny/transformer/diffusion_pytorch_model.safetensors");
-        let dev = Device::Cpu;
-        // SAFETY: a fixture file nobody writes while the test runs.
-        let vb = || unsafe {
-            VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &dev).unwrap()
-        };
-        let dense = FluxTransformer::new(vb(), &config, &Linears::default()).unwrap();
-        let fp8_linears = Linears {
+        let f = Fixture::load();
+        let dense = f.transformer(&Linears::default());
+        let fp8 = f.transformer(&Linears {
             fp8: true,
             ..Linears::default()
-        };
-        let fp8 = FluxTransformer::new(vb(), &config, &fp8_linears).unwrap();
-        let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &dev).unwrap();
-        let img_ids: Vec<Vec<f32>> = r["fwd_img_ids"].to_vec2().unwrap();
-        let rows = img_ids.iter().map(|i| i[1] as usize).max().unwrap() + 1;
-        let cols = img_ids.iter().map(|i| i[2] as usize).max().unwrap() + 1;
-        let n_txt = r["fwd_context"].dim(1).unwrap();
-        let rope = rope_tables(
-            &joint_ids(n_txt, rows, cols),
-            &config.axes_dims_rope,
-            10000.0,
-            &dev,
-        )
-        .unwrap();
+        });
+        let r = &f.reference;
         let text = TextConditioning {
             t5: r["fwd_context"].clone(),
             pooled: r["fwd_pooled"].clone(),
         };
-        let scalar = |name: &str| r[name].to_vec1::<f32>().unwrap()[0] as f64;
         let run = |t: &FluxTransformer| {
             t.forward(
                 &r["fwd_hidden"],
                 &text,
-                scalar("fwd_sigma"),
-                scalar("fwd_guidance"),
-                &rope,
+                f.scalar("fwd_sigma"),
+                f.scalar("fwd_guidance"),
+                &f.rope,
             )
             .unwrap()
         };
@@ -1066,48 +1093,26 @@ mod fp8_tests {
     /// against each alone, in the fp8 GEMM's emulation.
     #[test]
     fn per_row_fp8_scales_keep_candidates_independent_of_their_batch() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux");
-        let config: FluxConfig = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("tiny/transformer/config.json")).unwrap(),
-        )
-        .unwrap();
-        let weights = dir.join("tiny/transformer/diffusion_pytorch_model.safetensors");
-        let dev = Device::Cpu;
-        // SAFETY: a fixture file nobody writes while the test runs.
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &dev).unwrap() };
-        let linears = Linears {
+        let f = Fixture::load();
+        let fp8 = f.transformer(&Linears {
             fp8: true,
             ..Linears::default()
-        };
-        let fp8 = FluxTransformer::new(vb, &config, &linears).unwrap();
-        let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &dev).unwrap();
-        let img_ids: Vec<Vec<f32>> = r["fwd_img_ids"].to_vec2().unwrap();
-        let rows = img_ids.iter().map(|i| i[1] as usize).max().unwrap() + 1;
-        let cols = img_ids.iter().map(|i| i[2] as usize).max().unwrap() + 1;
-        let n_txt = r["fwd_context"].dim(1).unwrap();
-        let rope = rope_tables(
-            &joint_ids(n_txt, rows, cols),
-            &config.axes_dims_rope,
-            10000.0,
-            &dev,
-        )
-        .unwrap();
+        });
+        let r = &f.reference;
         // The fixture's first candidate, alone or twice.
         let first = |name: &str| r[name].narrow(0, 0, 1).unwrap();
         let text = |n: usize| TextConditioning {
             t5: first("fwd_context").repeat((n, 1, 1)).unwrap(),
             pooled: first("fwd_pooled").repeat((n, 1)).unwrap(),
         };
-        let scalar = |name: &str| r[name].to_vec1::<f32>().unwrap()[0] as f64;
         let run = |hidden: &Tensor| {
             let n = hidden.dim(0).unwrap();
             fp8.forward(
                 hidden,
                 &text(n),
-                scalar("fwd_sigma"),
-                scalar("fwd_guidance"),
-                &rope,
+                f.scalar("fwd_sigma"),
+                f.scalar("fwd_guidance"),
+                &f.rope,
             )
             .unwrap()
         };
