@@ -48,7 +48,8 @@
 #      flux --warmup 1 --iters 1` (step profile-ours: two identical forwards, the second is
 #      kept), torch's profiler over one diffusers forward (step profile-diffusers), and
 #      scripts/profile_summary.py's table of attention / GEMMs / norms + modulation /
-#      copies / other, ms and launches per forward;
+#      copies / other, ms and launches per forward; with PROFILE_BEFORE=1 also ours with
+#      ICEDIT_CUDA_FUSED=none first (step profile-ours-before: the "before" column);
 # and writes docs/results/gpu-<date>.md with ours / diffusers ratios and peak GPU memory
 # (sampled with nvidia-smi while each step runs).
 #
@@ -74,7 +75,8 @@
 #            LIMIT_flux_q8_0_kernels, LIMIT_flux_q4_k_kernels, LIMIT_diffusers,
 #            LIMIT_judge, LIMIT_judge_vs_transformers_qwen2_vl_7b, LIMIT_judge_vs_transformers_qwen2_5_vl_7b,
 #            LIMIT_diffusers_vae, LIMIT_vae_im2col, LIMIT_vae_cudnn, LIMIT_edit, LIMIT_diffusers_edit, LIMIT_refine, LIMIT_flux_cache,
-#            LIMIT_diffusers_cache, LIMIT_profile_ours, LIMIT_profile_diffusers.
+#            LIMIT_diffusers_cache, LIMIT_profile_ours_before, LIMIT_profile_ours,
+#            LIMIT_profile_diffusers.
 #            A lease of device time is short: one slow step must not cost the others their
 #            turn.
 #   SKIP     steps not to run, by name, comma-separated (recorded as skipped), e.g.
@@ -352,28 +354,35 @@ if [[ $PROFILE == 1 ]]; then
     --out "$OUT/profile-ours")
   ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
   nsys_bin=$(command -v nsys || true)
-  ours_profile=""
-  ours_label=""
-  if [[ -n $ncu_bin ]]; then
-    # The GPU's own clocks (ncu locks them to base by default) and caches as the previous
-    # kernel left them (ncu flushes them before each by default), as in a run without ncu
-    # and as torch's profiler sees diffusers.
-    step profile-ours "$ncu_bin" --metrics gpu__time_duration.sum --csv --clock-control none \
-      --cache-control none --log-file "$OUT/profile-ours.csv" "${profile_run[@]}"
-    ours_profile=$OUT/profile-ours.csv
-    ours_label="icedit-scale (Nsight Compute)"
-  elif [[ -n $nsys_bin ]]; then
-    step profile-ours "$nsys_bin" profile --trace cuda --force-overwrite true -o "$OUT/profile-ours" \
-      "${profile_run[@]}"
-    timeout 120 "$nsys_bin" stats --report cuda_gpu_trace --format csv --force-export true \
-      --output "$OUT/profile-ours" "$OUT/profile-ours.nsys-rep" >"$OUT/profile-ours-stats.log" 2>&1
-    ours_profile=$OUT/profile-ours_cuda_gpu_trace.csv
-    ours_label="icedit-scale (Nsight Systems)"
-  else
-    echo "== profile-ours: neither ncu nor nsys on this machine; skipped"
-    echo "neither Nsight Compute (ncu) nor Nsight Systems (nsys) was found on this machine" >"$OUT/profile-skipped"
-    printf 'profile-ours\tskipped (no ncu or nsys)\t0\n' >>"$OUT/steps.tsv"
+  sides=()
+  # $1 the step's name, $2 the fused kernels it runs with (ICEDIT_CUDA_FUSED), $3 its label.
+  profile_ours() {
+    local name=$1 fused=$2 label=$3
+    local run=(env ICEDIT_CUDA_FUSED="$fused" "${profile_run[@]/#$OUT\/profile-ours/$OUT/$name}")
+    if [[ -n $ncu_bin ]]; then
+      # The GPU's own clocks (ncu locks them to base by default) and caches as the previous
+      # kernel left them (ncu flushes them before each by default), as in a run without ncu
+      # and as torch's profiler sees diffusers.
+      step "$name" "$ncu_bin" --metrics gpu__time_duration.sum --csv --clock-control none \
+        --cache-control none --log-file "$OUT/$name.csv" "${run[@]}"
+      sides+=(--side "$label (Nsight Compute)" "$OUT/$name.csv" repeat)
+    elif [[ -n $nsys_bin ]]; then
+      step "$name" "$nsys_bin" profile --trace cuda --force-overwrite true -o "$OUT/$name" "${run[@]}"
+      timeout 120 "$nsys_bin" stats --report cuda_gpu_trace --format csv --force-export true \
+        --output "$OUT/$name" "$OUT/$name.nsys-rep" >"$OUT/$name-stats.log" 2>&1
+      sides+=(--side "$label (Nsight Systems)" "$OUT/${name}_cuda_gpu_trace.csv" repeat)
+    else
+      echo "== $name: neither ncu nor nsys on this machine; skipped"
+      echo "neither Nsight Compute (ncu) nor Nsight Systems (nsys) was found on this machine" >"$OUT/profile-skipped"
+      printf '%s\tskipped (no ncu or nsys)\t0\n' "$name" >>"$OUT/steps.tsv"
+    fi
+  }
+  # PROFILE_BEFORE=1: first the same forward with every fused kernel off (the path before
+  # issue 31's kernels: candle's ops plus the scaled-softmax and row-bias kernels).
+  if [[ ${PROFILE_BEFORE:-0} == 1 ]]; then
+    profile_ours profile-ours-before none "icedit-scale, fused kernels off (before)"
   fi
+  profile_ours profile-ours "$(all_but none)" "icedit-scale"
   if "$PYTHON" -c "import torch, diffusers" >/dev/null 2>&1; then
     step profile-diffusers "$PYTHON" scripts/bench_diffusers_flux.py --size "$SIZE" --device "$DEVICE" \
       --dtype "$DTYPE" --batch 1 --width 512 --height 512 --t5-tokens 512 --iters 1 \
@@ -382,8 +391,6 @@ if [[ $PROFILE == 1 ]]; then
     echo "== profile-diffusers: $PYTHON lacks torch or diffusers; skipped"
     printf 'profile-diffusers\tskipped\t0\n' >>"$OUT/steps.tsv"
   fi
-  sides=()
-  [[ -n $ours_profile ]] && sides+=(--side "$ours_label" "$ours_profile" repeat)
   sides+=(--side "diffusers (torch profiler)" "$OUT/profile-diffusers.json" 1)
   timeout 120 "$PYTHON" scripts/profile_summary.py "${sides[@]}" --out "$OUT/profile.md" \
     --json "$OUT/profile.json" >"$OUT/profile-summary.log" 2>&1

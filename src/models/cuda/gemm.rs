@@ -332,7 +332,7 @@ impl candle_core::CustomOp3 for Gemm {
 /// the heuristic's algorithm.
 #[cfg(feature = "cuda")]
 mod lt {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     use std::ffi::c_void;
     use std::sync::{Arc, Mutex, OnceLock};
     use std::thread::ThreadId;
@@ -413,6 +413,8 @@ mod lt {
         /// Vectors of ones by length: the weight-row scales of a per-tensor-scaled fp8
         /// weight under outer-vector scaling (its one scale rides on alpha).
         ones: HashMap<usize, CudaSlice<f32>>,
+        /// GEMMs cuBLASLt found no algorithm for (or refused an attribute of).
+        refused: HashSet<PlanKey>,
     }
 
     // SAFETY: the raw handles are only used with the state's mutex held.
@@ -448,6 +450,7 @@ mod lt {
             workspace,
             plans: HashMap::new(),
             ones: HashMap::new(),
+            refused: HashSet::new(),
         }));
         states.insert(key, state.clone());
         Ok(state)
@@ -753,8 +756,21 @@ mod lt {
             align: [alignment(w_ptr), alignment(x_ptr), alignment(d_ptr)],
         };
         let handle = state.handle;
+        if state.refused.contains(&key) {
+            // Asked before and refused: the caller's fallback runs without a new heuristic
+            // query (a layer of an unsupported shape is met every step).
+            candle_core::bail!("cuBLASLt has no algorithm for this GEMM (refused before)");
+        }
         if let std::collections::hash_map::Entry::Vacant(slot) = state.plans.entry(key) {
-            slot.insert(plan(handle, &key, workspace_len)?);
+            match plan(handle, &key, workspace_len) {
+                Ok(plan) => {
+                    slot.insert(plan);
+                }
+                Err(e) => {
+                    state.refused.insert(key);
+                    return Err(e);
+                }
+            }
         }
         let (ws_ptr, _ws_guard) = state.workspace.device_ptr(&stream);
         let plan = &state.plans[&key];

@@ -24,7 +24,7 @@ use super::lora::{Experts, LoraSet, LowRank};
 use super::weights::WeightSource;
 use crate::models::cuda::fp8_rows::Fp8Rows;
 use crate::models::cuda::gemm;
-use crate::models::cuda::switch::{self, use_kernel, Kernel};
+use crate::models::cuda::switch::{use_kernel, Kernel};
 
 /// A linear layer's input: the activations in the model dtype and, once an fp8 layer has
 /// asked for them, the same activations as fp8 rows ([`Fp8Rows`]), made once and shared by
@@ -124,11 +124,9 @@ impl BaseLinear {
                 });
                 match out {
                     Ok(out) => return Ok(out),
-                    // cuBLASLt refused per-row scales: the per-tensor fp8 GEMM from now on.
-                    Err(e) => {
-                        warn_once(Kernel::Fp8Rows, xs, &e);
-                        switch::disable(Kernel::Fp8Rows);
-                    }
+                    // cuBLASLt refused per-row scales for this shape (it remembers, so the
+                    // next call falls back at once): the per-tensor fp8 GEMM below.
+                    Err(e) => warn_once(Kernel::Fp8Rows, xs, &e),
                 }
             }
         }
@@ -230,7 +228,8 @@ impl Module for BaseLinear {
     }
 }
 
-/// Logs, once per kernel, that a fused GEMM failed and candle's path ran instead.
+/// Logs, once per kernel, that a fused GEMM failed and a slower path ran instead (the
+/// per-tensor fp8 GEMM after `fp8_rows`, candle's matmul after the others).
 fn warn_once(kernel: Kernel, xs: &Tensor, error: &candle_core::Error) {
     static WARNED: std::sync::Mutex<Vec<Kernel>> = std::sync::Mutex::new(Vec::new());
     let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
@@ -240,7 +239,7 @@ fn warn_once(kernel: Kernel, xs: &Tensor, error: &candle_core::Error) {
             kernel = kernel.name(),
             input = ?xs.dims(),
             %error,
-            "fused GEMM failed; candle's matmul runs instead (said once)"
+            "fused GEMM failed; the layer falls back to a slower path (said once per kernel)"
         );
     }
 }
