@@ -517,8 +517,9 @@ impl JobRegistry {
         self.end_with(job, ending, error, data)
     }
 
-    /// [`Self::end`] with the terminal event's data. The status changes before the event
-    /// is published, so a client that saw the event reads the ended status.
+    /// [`Self::end`] with the terminal event's data. The status and the metrics change
+    /// before the event is published, so a client that saw the event reads the ended status
+    /// and counts.
     fn end_with(&self, job: &Job, ending: Ending, error: Option<String>, data: Value) {
         if job.ended.swap(true, Ordering::SeqCst) {
             tracing::error!(
@@ -542,6 +543,7 @@ impl JobRegistry {
             Ending::Cancelled => "cancelled",
         };
         job.set_status(Status::of(ending), error);
+        self.metrics.count(kind);
         job.publish(kind, data);
         let events: Vec<ServerEvent> = job.state.lock().unwrap().events.clone();
         let path = self.edit_dir(&job.id).join("events.jsonl");
@@ -555,7 +557,6 @@ impl JobRegistry {
             // Kept in memory instead; only a restart loses them.
             Err(e) => tracing::warn!("{}: {e}", path.display()),
         }
-        self.metrics.count(kind);
     }
 
     /// Journals every running edit as interrupted (the server stops without waiting for
