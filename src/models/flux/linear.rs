@@ -712,6 +712,57 @@ mod tests {
         assert_eq!(scale, 1.0);
     }
 
+    /// A LoRA side branch over an fp8 base on the row path (the emulation, forced): the
+    /// base reads the input's fp8 rows, the branch the 16-bit input, and one input's rows
+    /// are made once for every layer that reads it.
+    #[test]
+    fn a_side_branch_over_an_fp8_base_reads_the_rows_and_the_input() {
+        use crate::models::cuda::switch::{forced, Kernels};
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.3, (32, 48), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 0.5, 32, &dev).unwrap();
+        let base = BaseLinear::new(to_fp8(&w, &dev).unwrap(), Some(bias.clone()));
+        let down = Tensor::randn(0f32, 0.2, (4, 48), &dev).unwrap();
+        let up = Tensor::randn(0f32, 0.2, (32, 4), &dev).unwrap();
+        let layer = AdaptedLinear::LowRank {
+            base: base.clone(),
+            down: down.clone(),
+            up: up.clone(),
+            scale: 0.5,
+        };
+        let xs = Tensor::randn(0f32, 1.0, (2, 5, 48), &dev).unwrap();
+        let rows_on = Kernels::parse("fp8_gemm,fp8_rows").unwrap();
+        let input = LinearInput::new(xs.clone());
+        let got = forced(rows_on, || {
+            assert!(layer.takes_fp8_rows(&xs));
+            layer.forward_input(&input).unwrap()
+        });
+        let Weight::Fp8 { weight, scale } = base.weight() else {
+            panic!("not fp8")
+        };
+        let rows = Fp8Rows::quantize(&xs).unwrap();
+        let want_base =
+            gemm::fp8_rows_emulated(&rows, weight, *scale, Some(&bias), false, DType::F32).unwrap();
+        let side = xs
+            .broadcast_matmul(&down.t().unwrap())
+            .unwrap()
+            .broadcast_matmul(&up.t().unwrap())
+            .unwrap();
+        let want = (want_base + (side * 0.5).unwrap()).unwrap();
+        assert_eq!(relative_error(&got, &want), 0.0);
+        // The rows were made once, on the first layer's call, and are reused as they are.
+        let first = input.fp8_rows().unwrap().scales.clone();
+        let again = forced(rows_on, || base.forward_input(&input, false).unwrap());
+        assert_eq!(input.fp8_rows().unwrap().scales.id(), first.id());
+        assert_eq!(again.dims(), &[2, 5, 32]);
+        // Without `fp8_rows` the same layer takes the per-tensor emulation instead.
+        let per_tensor = forced(Kernels::parse("fp8_gemm").unwrap(), || {
+            assert!(!layer.takes_fp8_rows(&xs));
+            layer.forward(&xs).unwrap()
+        });
+        assert!(relative_error(&per_tensor, &got) > 0.0);
+    }
+
     #[test]
     fn auto_dequantizes_only_many_rows_on_cuda() {
         let cpu = Device::Cpu;
