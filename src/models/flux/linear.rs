@@ -345,13 +345,25 @@ impl Module for AdaptedLinear {
 }
 
 /// A base linear layer plus top-1 routed low-rank experts.
+///
+/// The experts run as two products for all of them at once rather than two per expert:
+/// every token's input times the experts' stacked down projections (`[B, S, E * r]`, the
+/// input read once), the columns of the experts a token did not pick zeroed, then times the
+/// stacked up projections with each expert's scale folded in. Per token that is its expert's
+/// `scale * up (down x)` (the other experts' terms are zero), with one add to the base
+/// output instead of three passes over it per expert.
 #[derive(Debug, Clone)]
 pub struct MoeLinear {
     base: BaseLinear,
     /// Router `[experts, in]` in the model dtype.
     route: Tensor,
-    /// Per expert: (down `[r, in]`, up `[out, r]`, scale).
-    experts: Vec<(Tensor, Tensor, f64)>,
+    /// The experts' down projections stacked: `[E * r, in]`, model dtype.
+    down: Tensor,
+    /// The experts' up projections side by side, each times its scale (in f32, then
+    /// rounded once): `[out, E * r]`, model dtype.
+    up: Tensor,
+    /// The expert each stacked column belongs to: `[E * r]` u32.
+    expert_of_column: Tensor,
 }
 
 impl MoeLinear {
@@ -363,53 +375,54 @@ impl MoeLinear {
         dev: &candle_core::Device,
     ) -> Result<Self> {
         let (out_dim, in_dim) = base.dims()?;
-        let mut list = Vec::new();
+        let (mut downs, mut ups, mut owners) = (Vec::new(), Vec::new(), Vec::new());
         for (e, x) in experts.experts.iter().enumerate() {
-            let (down, up) = (
-                x.down.to_dtype(dtype)?.to_device(dev)?,
-                x.up.to_dtype(dtype)?.to_device(dev)?,
-            );
-            if down.dim(1)? != in_dim || up.dim(0)? != out_dim {
+            if x.down.dims().len() != 2
+                || x.down.dim(1)? != in_dim
+                || x.up.dims() != [out_dim, x.down.dim(0)?]
+            {
                 candle_core::bail!(
                     "expert {e}: shapes {:?}/{:?} do not fit a {in_dim} -> {out_dim} layer",
-                    down.dims(),
-                    up.dims()
+                    x.down.dims(),
+                    x.up.dims()
                 );
             }
-            list.push((down, up, x.scale));
+            owners.extend(std::iter::repeat_n(e as u32, x.down.dim(0)?));
+            downs.push(x.down.to_dtype(DType::F32)?);
+            ups.push((x.up.to_dtype(DType::F32)? * x.scale)?);
         }
         let route = experts.route.to_dtype(dtype)?.to_device(dev)?;
-        if route.dims() != [list.len(), in_dim] {
+        if route.dims() != [downs.len(), in_dim] {
             candle_core::bail!(
                 "router shape {:?} does not fit {} experts over {in_dim} inputs",
                 route.dims(),
-                list.len()
+                downs.len()
             );
         }
+        let stack = |parts: &[Tensor], dim: usize| -> Result<Tensor> {
+            Tensor::cat(parts, dim)?.to_dtype(dtype)?.to_device(dev)
+        };
         Ok(Self {
             base,
             route,
-            experts: list,
+            down: stack(&downs, 0)?,
+            up: stack(&ups, 1)?,
+            expert_of_column: Tensor::new(owners, dev)?,
         })
     }
-}
 
-impl MoeLinear {
     /// `input` is `[B, S, in]`; every token adds the update of its top-1 expert.
     pub fn forward_input(&self, input: &LinearInput) -> Result<Tensor> {
         let xs = input.dense();
-        let mut out = self.base.forward_input(input, false)?;
+        let out = self.base.forward_input(input, false)?;
         let choice = xs
             .broadcast_matmul(&self.route.t()?)?
             .argmax_keepdim(D::Minus1)?; // [B, S, 1]
-        for (e, (down, up, scale)) in self.experts.iter().enumerate() {
-            let chosen = choice.eq(e as u32)?.to_dtype(out.dtype())?;
-            let delta = xs
-                .broadcast_matmul(&down.t()?)?
-                .broadcast_matmul(&up.t()?)?;
-            out = (out + (delta * *scale)?.broadcast_mul(&chosen)?)?;
-        }
-        Ok(out)
+        let picked = choice
+            .broadcast_eq(&self.expert_of_column)?
+            .to_dtype(xs.dtype())?; // [B, S, E * r]: 1 on the token's expert's columns
+        let hidden = (xs.broadcast_matmul(&self.down.t()?)? * picked)?;
+        out + hidden.broadcast_matmul(&self.up.t()?)?
     }
 }
 
