@@ -11,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/models/cuda/flash.cu");
     println!("cargo:rerun-if-changed=src/models/cuda/fp8.cu");
     println!("cargo:rerun-if-changed=src/models/cuda/dequant.cu");
+    println!("cargo:rerun-if-changed=src/models/cuda/common.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

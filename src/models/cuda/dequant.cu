@@ -21,16 +21,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 __device__ __forceinline__ float half_at(const uint8_t *p) {
   // Blocks are 2-byte aligned (34, 18 and 144 are even), so the f16 loads are aligned.
   return __half2float(*reinterpret_cast<const __half *>(p));
 }
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
 
 template <typename T>
 __device__ void dequantize_q8_0(const uint8_t *__restrict__ q, T *__restrict__ y, long long n) {
@@ -38,7 +34,7 @@ __device__ void dequantize_q8_0(const uint8_t *__restrict__ q, T *__restrict__ y
   if (i >= n) return;
   const uint8_t *block = q + (i / 32) * 34;
   const float v = (float)(int8_t)block[2 + i % 32];
-  y[i] = from_f32<T>(__fmul_rn(v, half_at(block)));
+  y[i] = store_f32<T>(__fmul_rn(v, half_at(block)));
 }
 
 template <typename T>
@@ -49,7 +45,7 @@ __device__ void dequantize_q4_0(const uint8_t *__restrict__ q, T *__restrict__ y
   const int j = (int)(i % 32);
   const uint8_t byte = block[2 + j % 16];
   const int nibble = j < 16 ? (byte & 15) : (byte >> 4);
-  y[i] = from_f32<T>(__fmul_rn((float)(nibble - 8), half_at(block)));
+  y[i] = store_f32<T>(__fmul_rn((float)(nibble - 8), half_at(block)));
 }
 
 // ggml's get_scale_min_k4: the 6-bit scale and min of pair j (0..7) from scales[12].
@@ -76,7 +72,7 @@ __device__ void dequantize_q4_k(const uint8_t *__restrict__ q, T *__restrict__ y
   const int nibble = high ? (byte >> 4) : (byte & 15);
   const float d = __fmul_rn(half_at(block), (float)scale);
   const float m = __fmul_rn(half_at(block + 2), (float)min);
-  y[i] = from_f32<T>(__fsub_rn(__fmul_rn(d, (float)nibble), m));
+  y[i] = store_f32<T>(__fsub_rn(__fmul_rn(d, (float)nibble), m));
 }
 
 #define DEQUANTIZE(KIND, T, SUFFIX)                                                         \

@@ -15,59 +15,31 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-__device__ __forceinline__ float as_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float as_float(__half x) { return __half2float(x); }
+#include "common.cuh"
 
 template <typename T>
 __device__ void absmax(const T* __restrict__ x, unsigned int* amax_bits, long long n) {
   float m = 0.0f;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x) {
-    m = fmaxf(m, fabsf(as_float(x[i])));  // fmaxf drops a NaN operand
+    m = fmaxf(m, fabsf(load_f32(x[i])));  // fmaxf drops a NaN operand
   }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-  }
-  __shared__ float warp_max[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_max[warp] = m;
-  __syncthreads();
-  if (warp == 0) {
-    m = lane < (int)(blockDim.x >> 5) ? warp_max[lane] : 0.0f;
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-    }
-    if (lane == 0) atomicMax(amax_bits, __float_as_uint(m));
-  }
+  __shared__ float scratch[32];
+  m = block_max(m, scratch);
+  if (threadIdx.x == 0) atomicMax(amax_bits, __float_as_uint(m));
 }
 
 template <typename T>
 __device__ void quantize_e4m3(const T* __restrict__ x, const unsigned int* amax_bits,
                               __nv_fp8_e4m3* __restrict__ q, float* scale_out, long long n) {
   const float amax = __uint_as_float(*amax_bits);
-  const float scale = (amax > 0.0f && isfinite(amax)) ? amax / 448.0f : 1.0f;
+  const float scale = e4m3_scale(amax);
   if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x) {
     // IEEE division (no fast math), so the quotient is the CPU reference's.
-    q[i].__x = __nv_cvt_float_to_fp8(as_float(x[i]) / scale, __NV_SATFINITE, __NV_E4M3);
+    q[i].__x = __nv_cvt_float_to_fp8(load_f32(x[i]) / scale, __NV_SATFINITE, __NV_E4M3);
   }
-}
-
-// The largest |v| over the block; every thread gets it. blockDim.x a multiple of 32.
-__device__ __forceinline__ float block_max(float m) {
-  __shared__ float warp_max[32];
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_max[warp] = m;
-  __syncthreads();
-  m = lane < (int)(blockDim.x >> 5) ? warp_max[lane] : 0.0f;
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-  }
-  return m;
 }
 
 // Row r of x [rows, cols] as e4m3 with its own scale, amax(row) / 448 (1 when 0 or not
@@ -78,13 +50,13 @@ __device__ void quantize_rows_e4m3(const T* __restrict__ x, __nv_fp8_e4m3* __res
   const size_t row = blockIdx.x;
   const T* xr = x + row * cols;
   float m = 0.0f;
-  for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, fabsf(as_float(xr[c])));
-  const float amax = block_max(m);
-  const float scale = (amax > 0.0f && isfinite(amax)) ? amax / 448.0f : 1.0f;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, fabsf(load_f32(xr[c])));
+  __shared__ float scratch[32];
+  const float scale = e4m3_scale(block_max(m, scratch));
   if (threadIdx.x == 0) row_scales[row] = scale;
   __nv_fp8_e4m3* qr = q + row * cols;
   for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-    qr[c].__x = __nv_cvt_float_to_fp8(as_float(xr[c]) / scale, __NV_SATFINITE, __NV_E4M3);
+    qr[c].__x = __nv_cvt_float_to_fp8(load_f32(xr[c]) / scale, __NV_SATFINITE, __NV_E4M3);
   }
 }
 

@@ -40,7 +40,7 @@ use super::fp8_rows::Fp8Rows;
 /// `[out, in]`, `bias` `[out]`, all in `xs`'s dtype; `[.., out]` in that dtype. On CUDA one
 /// cuBLASLt GEMM (bf16 / f16); elsewhere [`reference`].
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
-    check_shapes("gemm", xs, weight, bias, xs.dtype())?;
+    check_shapes("gemm", xs, weight, bias, xs.dtype(), xs.dtype())?;
     if !xs.device().is_cuda() {
         return reference(xs, weight, bias, gelu);
     }
@@ -65,7 +65,7 @@ pub fn fp8_linear(
     bias: Option<&Tensor>,
     gelu: bool,
 ) -> Result<Tensor> {
-    check_shapes("fp8 gemm", xs, weight, bias, DType::F8E4M3)?;
+    check_shapes("fp8 gemm", xs, weight, bias, DType::F8E4M3, xs.dtype())?;
     if !xs.device().is_cuda() {
         return fp8_emulated(xs, weight, weight_scale, bias, gelu);
     }
@@ -94,17 +94,7 @@ pub fn fp8_rows_linear(
     dtype: DType,
 ) -> Result<Tensor> {
     let xs = &rows.values;
-    check_shapes("fp8 row gemm", xs, weight, None, DType::F8E4M3)?;
-    if let Some(b) = bias {
-        let n = weight.dim(0)?;
-        if b.dims() != [n] || b.dtype() != dtype {
-            candle_core::bail!(
-                "fp8 row gemm: bias {:?} {:?}, expected [{n}] {dtype:?}",
-                b.dims(),
-                b.dtype()
-            );
-        }
-    }
+    check_shapes("fp8 row gemm", xs, weight, bias, DType::F8E4M3, dtype)?;
     if rows.rows()? * xs.dim(D::Minus1)? != xs.elem_count() {
         candle_core::bail!(
             "fp8 row gemm: {} row scales for values {:?}",
@@ -214,13 +204,15 @@ fn finish(y: Tensor, bias: Option<&Tensor>, gelu: bool, dtype: DType) -> Result<
     y.to_dtype(dtype)
 }
 
-/// Shapes and dtypes [`linear`] / [`fp8_linear`] accept; anything else names itself.
+/// Shapes and dtypes [`linear`] / [`fp8_linear`] / [`fp8_rows_linear`] accept (the bias in
+/// the output's dtype); anything else names itself.
 fn check_shapes(
     what: &str,
     xs: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     weight_dtype: DType,
+    out_dtype: DType,
 ) -> Result<()> {
     let k = xs.dim(D::Minus1)?;
     let (n, wk) = weight.dims2()?;
@@ -234,12 +226,11 @@ fn check_shapes(
         );
     }
     if let Some(b) = bias {
-        if b.dims() != [n] || b.dtype() != xs.dtype() {
+        if b.dims() != [n] || b.dtype() != out_dtype {
             candle_core::bail!(
-                "{what}: bias {:?} {:?}, expected [{n}] {:?}",
+                "{what}: bias {:?} {:?}, expected [{n}] {out_dtype:?}",
                 b.dims(),
-                b.dtype(),
-                xs.dtype()
+                b.dtype()
             );
         }
     }

@@ -6,19 +6,7 @@
 #include <math.h>
 #include <stdint.h>
 
-template <typename T> __device__ __forceinline__ float load_f32(T x);
-template <> __device__ __forceinline__ float load_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ float load_f32<__half>(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float load_f32<__nv_bfloat16>(__nv_bfloat16 x) {
-    return __bfloat162float(x);
-}
-
-template <typename T> __device__ __forceinline__ T store_f32(float x);
-template <> __device__ __forceinline__ float store_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half store_f32<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 store_f32<__nv_bfloat16>(float x) {
-    return __float2bfloat16(x);
-}
+#include "common.cuh"
 
 // softmax(scale * x) over each row of a contiguous [rows, cols] matrix, all arithmetic in
 // f32 whatever T is, one warp per row (blockDim = (32, rows per block)). Pass one keeps a
@@ -68,33 +56,6 @@ __device__ void add_row_bias(const T *x, const T *bias, T *y, int rows, int cols
     }
 }
 
-// Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-// `scratch` holds 32 floats; the caller syncs before reusing it.
-__device__ __forceinline__ float block_sum(float v, float *scratch) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < (int)(blockDim.x / 32) ? scratch[lane] : 0.f;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
-    return v;
-}
-
-// The largest |v| over the block (NaNs dropped by fmaxf), as block_sum; every thread gets it.
-__device__ __forceinline__ float block_max(float v, float *scratch) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < (int)(blockDim.x / 32) ? scratch[lane] : 0.f;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset));
-    return v;
-}
-
 // FLUX's AdaLN modulation of one row: layer norm without affine (eps), then
 // y = norm(x) * (1 + scale[b]) + shift[b], in f32, rounded once. x, y [B, S, C] contiguous;
 // shift, scale [B, C]. One block per row; the row is kept in dynamic shared memory (C floats).
@@ -142,7 +103,7 @@ __device__ void modulated_layer_norm(const T *x, const T *shift, const T *scale,
     if (!FP8) return;
     __syncthreads();  // block_sum's readers of `scratch` are done before block_max writes it
     amax = block_max(amax, scratch);
-    const float s = (amax > 0.f && isfinite(amax)) ? amax / 448.f : 1.f;
+    const float s = e4m3_scale(amax);
     if (threadIdx.x == 0) row_scales[row] = s;
     __nv_fp8_e4m3 *qr = q + row * C;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
