@@ -110,8 +110,9 @@ impl BaseLinear {
     /// [`Self::takes_fp8_rows`] does.
     pub fn forward_input(&self, input: &LinearInput, gelu: bool) -> Result<Tensor> {
         let xs = input.dense();
-        if self.takes_fp8_rows(xs) {
-            if let Weight::Fp8 { weight, scale } = &self.weight {
+        let kernel = self.fused_gemm(xs);
+        if let (Weight::Fp8 { weight, scale }, Some(Kernel::Fp8Gemm)) = (&self.weight, kernel) {
+            if fp8_rows_on(xs) {
                 let out = input.fp8_rows().and_then(|rows| {
                     gemm::fp8_rows_linear(
                         rows,
@@ -130,7 +131,7 @@ impl BaseLinear {
                 }
             }
         }
-        let fused = match (&self.weight, self.fused_gemm(xs)) {
+        let fused = match (&self.weight, kernel) {
             (Weight::Dense(w), Some(k @ Kernel::GemmEpilogue)) => {
                 Some((k, gemm::linear(xs, w, self.bias.as_ref(), gelu)))
             }
@@ -166,10 +167,7 @@ impl BaseLinear {
     /// GEMM with `fp8_rows` on (on CUDA, sm90+; off CUDA, inside a forced switch, the
     /// emulation).
     pub fn takes_fp8_rows(&self, xs: &Tensor) -> bool {
-        matches!(self.weight, Weight::Fp8 { .. })
-            && self.fused_gemm(xs) == Some(Kernel::Fp8Gemm)
-            && use_kernel(Kernel::Fp8Rows, xs)
-            && (!xs.device().is_cuda() || gemm::fp8_rows_supported(xs.device()))
+        self.fused_gemm(xs) == Some(Kernel::Fp8Gemm) && fp8_rows_on(xs)
     }
 
     /// Which fused GEMM runs this layer for `xs`, if any: dense weights through
@@ -226,6 +224,13 @@ impl Module for BaseLinear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.forward_input(&LinearInput::new(xs.clone()), false)
     }
+}
+
+/// Whether an fp8 GEMM over `xs` takes its input as fp8 rows: `fp8_rows` on, and on CUDA a
+/// device with per-row scales (sm90+).
+fn fp8_rows_on(xs: &Tensor) -> bool {
+    use_kernel(Kernel::Fp8Rows, xs)
+        && (!xs.device().is_cuda() || gemm::fp8_rows_supported(xs.device()))
 }
 
 /// Logs, once per kernel, that a fused GEMM failed and a slower path ran instead (the
