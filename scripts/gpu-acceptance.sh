@@ -12,7 +12,8 @@
 #      batch 1, without the cuBLASLt bias / GELU epilogues (flux-dense-no-gemm); fp8 (e4m3
 #      weights with per-tensor scales, as --quantize fp8 holds them: cuBLASLt's fp8 GEMM on
 #      sm89+, activations with a scale per row written by the modulate kernel on sm90+,
-#      step flux-fp8) and, batch 1, the same with one activation scale per tensor (two
+#      step flux-fp8); dense again with each step captured as a CUDA graph and replayed
+#      (step flux-graph, GRAPH_BATCHES: launches per step, replay against eager), and, batch 1, the same fp8 with one activation scale per tensor (two
 #      quantization passes per linear: flux-fp8-per-tensor, without fp8_rows) and the same
 #      weights up-cast per forward (flux-fp8-upcast, ICEDIT_CUDA_FUSED without fp8_gemm);
 #   2. diffusers' FluxTransformer2DModel, same configuration, shapes and dtype (torch SDPA),
@@ -22,7 +23,8 @@
 #      JUDGE_ROUNDS [5] alternating rounds, the median ratio); each first checks the judge's flash attention against candle's
 #      unfused attention at full size (vision frames and windows, head dim 80; the
 #      decoder's causal prefill, GQA, head dim 128) and times both, turning a failing
-#      kernel off (the report's "Judge flash attention" section);
+#      kernel off (the report's "Judge flash attention" section); at full size also
+#      Qwen3-VL-8B's check and batch-1 prefill (step judge-qwen3-vl-8b: head dim 72);
 #   4. diffusers' AutoencoderKL (FLUX.1 Fill's VAE configuration) encoding and decoding the
 #      same diptych as `bench flux` (bench_diffusers_flux.py --vae, step diffusers-vae),
 #      beside `bench flux`'s vae_encode_s / vae_decode_s; with BIN_CUDNN (a second binary
@@ -30,7 +32,8 @@
 #      vae-im2col, vae-cudnn: candle's conv2d as im2col + GEMM against cuDNN's);
 #   5. one early-filter edit end to end on the device with random weights at SIZE (dense
 #      DTYPE, or EDIT_QUANTIZE; 512 panel of a square source = 1024x512 diptych, batch 8,
-#      8 seeds, 4 probe steps, keep 2; the tiny fixture judge), then diffusers'
+#      8 seeds, 4 probe steps, keep 2; the tiny fixture judge; again with ICEDIT_CUDA_GRAPH=on,
+#      step edit-graph), then diffusers'
 #      FluxFillPipeline doing one plain edit of the same size and steps (step
 #      diffusers-edit, scripts/bench_diffusers_edit.py: random prompt embeddings as ours,
 #      T5-XXL and CLIP-L timed apart);
@@ -59,6 +62,7 @@
 #   PYTHON   a python with torch + diffusers for step 2 [python3]; skipped when missing
 #   SIZE     full | small [full]          DEVICE  cuda | cuda:N | cpu [cuda]
 #   DTYPE    bf16 | f32 [bf16]            BATCHES [1,4,8]      ITERS [3]
+#   GRAPH_BATCHES  the batches step flux-graph replays from a CUDA graph [1,4]
 #   JUDGE    bench judge model [qwen2.5-vl-7b]   EDIT_STEPS [28]   EDIT_WIDTH [512]
 #   EDIT_IMAGE  step 5's source [a 32x32 square fixture: a 512 panel is 512x512]
 #   EDIT_QUANTIZE  step 5's weight format: empty = dense DTYPE [empty], or q8_0, q4_k, fp8
@@ -70,10 +74,10 @@
 #   STEP_LIMIT  seconds any one step may run before it is stopped (recorded as exit 124 in
 #            the report, the script goes on) [0 = no limit]. LIMIT_<step> overrides it for
 #            one step: LIMIT_kernel_check, LIMIT_flux_dense, LIMIT_flux_dense_unfused,
-#            LIMIT_flux_dense_no_gemm, LIMIT_flux_fp8, LIMIT_flux_fp8_per_tensor, LIMIT_flux_fp8_upcast,
+#            LIMIT_flux_dense_no_gemm, LIMIT_flux_graph, LIMIT_edit_graph, LIMIT_flux_fp8, LIMIT_flux_fp8_per_tensor, LIMIT_flux_fp8_upcast,
 #            LIMIT_flux_q8_0, LIMIT_flux_q4_k,
 #            LIMIT_flux_q8_0_kernels, LIMIT_flux_q4_k_kernels, LIMIT_diffusers,
-#            LIMIT_judge, LIMIT_judge_vs_transformers_qwen2_vl_7b, LIMIT_judge_vs_transformers_qwen2_5_vl_7b,
+#            LIMIT_judge, LIMIT_judge_qwen3_vl_8b, LIMIT_judge_vs_transformers_qwen2_vl_7b, LIMIT_judge_vs_transformers_qwen2_5_vl_7b,
 #            LIMIT_diffusers_vae, LIMIT_vae_im2col, LIMIT_vae_cudnn, LIMIT_edit, LIMIT_diffusers_edit, LIMIT_refine, LIMIT_flux_cache,
 #            LIMIT_diffusers_cache, LIMIT_profile_ours_before, LIMIT_profile_ours,
 #            LIMIT_profile_diffusers.
@@ -97,6 +101,7 @@ SIZE=${SIZE:-full}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bf16}
 BATCHES=${BATCHES:-1,4,8}
+GRAPH_BATCHES=${GRAPH_BATCHES:-1,4}
 ITERS=${ITERS:-3}
 JUDGE=${JUDGE:-qwen2.5-vl-7b}
 CACHES=${CACHES:-fbc:0.12,fbc:0.2,taylorseer:interval=4,order=1,taylorseer:interval=4,order=1,lite}
@@ -188,6 +193,12 @@ for format in dense q8_0 q4_k; do
       --device "$DEVICE" --dtype "$DTYPE" --formats dense --batch "$BATCHES" --width 512 \
       --height 512 --t5-tokens 512 --iters "$ITERS" --steps 28 --no-tiny \
       --out "$OUT/flux-dense-unfused"
+    # The step replayed from a CUDA graph (bench flux --graph: launches per step, replay
+    # time beside the eager step, the replay checked against the eager forward); its own
+    # step, so a capture that breaks the device costs only this one.
+    step flux-graph "$BIN" bench flux --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+      --formats dense --batch "$GRAPH_BATCHES" --width 512 --height 512 --t5-tokens 512 \
+      --iters "$ITERS" --steps 28 --no-tiny --graph --out "$OUT/flux-graph"
   fi
 done
 
@@ -246,6 +257,12 @@ fi
 
 step judge "$BIN" bench judge --model "$JUDGE" --device "$DEVICE" --dtype "$DTYPE" \
   --batch "$BATCHES" --out "$OUT/judge"
+# Qwen3-VL's vision tower (head dim 72, run as 80 with zero-filled columns): its device check
+# at full size, one batch-1 prefill.
+if [[ $SIZE == full ]]; then
+  step judge-qwen3-vl-8b "$BIN" bench judge --model qwen3-vl-8b --device "$DEVICE" --dtype "$DTYPE" \
+    --batch 1 --iters 1 --out "$OUT/judge-qwen3-vl-8b"
+fi
 
 # One screening prompt (two 448 px images + 150 text tokens) through both implementations,
 # for both 7B families, in alternating rounds while both models stay loaded (`bench judge
@@ -300,6 +317,13 @@ step edit "$BIN" edit --image "$EDIT_IMAGE" --instruction "make the sky night" \
   --batch-size 8 --strategy early-filter --seeds 8 --probe-steps 4 --keep 2 \
   --steps "${EDIT_STEPS:-28}" --judge tests/fixtures/qwen2vl/judge-tiny.toml \
   --memory-budget 1000000 --out "$OUT/edit"
+# The same edit with its steps replayed from CUDA graphs (ICEDIT_CUDA_GRAPH=on: one capture
+# per run of steps of one batch shape): wall time beside `edit`, same pick expected.
+step edit-graph env ICEDIT_CUDA_GRAPH=on "$BIN" edit --image "$EDIT_IMAGE" --instruction "make the sky night" \
+  --width "${EDIT_WIDTH:-512}" --random-weights "$SIZE" "${edit_quantize[@]}" --device "$DEVICE" --dtype "$DTYPE" \
+  --batch-size 8 --strategy early-filter --seeds 8 --probe-steps 4 --keep 2 \
+  --steps "${EDIT_STEPS:-28}" --judge tests/fixtures/qwen2vl/judge-tiny.toml \
+  --memory-budget 1000000 --out "$OUT/edit-graph"
 
 # diffusers' FluxFillPipeline, one plain edit of the same source, panel and steps (twice:
 # cold, then warm), random weights and prompt embeddings; T5-XXL and CLIP-L timed apart.
@@ -508,13 +532,34 @@ for f, r in runs.items():
     if not r:
         md += ["", f"bench flux `{f}` failed:", "", "```", tail(f"flux-{f}"), "```"]
 
+graph = load("flux-graph/flux.json")
+md += ["", "## The FLUX step replayed from a CUDA graph (step flux-graph, dense)", ""]
+if graph and graph.get("formats"):
+    md += ["Each batch's step captured once (`StepGraphs`, the path `ICEDIT_CUDA_GRAPH=on` takes in an edit), "
+           "checked by a replay on a new input and sigma against the eager forward, then timed with its "
+           "inputs written and its output copied. Launches per step = kernels + copies + memsets in the graph.", "",
+           "| batch | launches per step | kernels | eager step (s) | graph step (s) | graph / eager | replay vs eager (max abs) |",
+           "|---|---|---|---|---|---|---|"]
+    for s in graph["formats"][0]["steps"]:
+        g = s.get("graph") or {}
+        n = g.get("nodes")
+        if n and g.get("step_s"):
+            launches = n["kernels"] + n["memcpys"] + n["memsets"]
+            md.append(f"| {s['batch']} | {launches} | {n['kernels']} | {s['step_s']:.4f} | {g['step_s']:.4f} | "
+                      f"{g['step_s'] / s['step_s']:.2f} | {g['max_abs_diff_vs_eager']:.3e} |")
+        else:
+            md.append(f"| {s['batch']} | no graph: {(g.get('error') or 'not run').replace('|', '/')[:300]} | | "
+                      f"{s['step_s']:.4f} | | | |")
+else:
+    md += ["not measured:", "", "```", tail("flux-graph"), "```"]
+
 vs_names = sorted(n for n in os.listdir(out) if n.startswith("judge-vs-transformers-")
                   and os.path.isdir(os.path.join(out, n)))
 md += ["", "## Judge flash attention: device check (steps judge, judge-vs-transformers-*)", "",
        "`bench judge` checks the judge's flash attention against candle's unfused attention "
        "before it times anything (the full tables are in the sections below); a failing check "
        "turns the kernel off for that run.", ""]
-for name in ["judge"] + vs_names:
+for name in ["judge", "judge-qwen3-vl-8b"] + vs_names:
     ac = (load(f"{name}/judge.json") or {}).get("attention_check")
     if not ac:
         md.append(f"- {name}: no check recorded (the step failed or was skipped)")
@@ -606,6 +651,14 @@ elif theirs:
     md += [f"diffusers' edit: {theirs['edit_s']:.2f} s warm, {theirs['nfe']} NFE; ours not measured (below).", ""]
 else:
     md += ["diffusers' edit not measured:", "", "```", tail("diffusers-edit"), "```", ""]
+graph_rep = load("edit-graph/report.json")
+if rep and graph_rep:
+    g_s, e_s = graph_rep["timings"]["total_s"], rep["timings"]["total_s"]
+    same = graph_rep.get("pick") == rep.get("pick")
+    md += [f"With `ICEDIT_CUDA_GRAPH=on` (step edit-graph, steps replayed from CUDA graphs): {g_s:.2f} s against "
+           f"{e_s:.2f} s eager ({g_s / e_s:.2f}x); the pick {'is the same' if same else '**differs**'}.", ""]
+elif rep:
+    md += ["The edit with `ICEDIT_CUDA_GRAPH=on` (step edit-graph) did not finish:", "", "```", tail("edit-graph"), "```", ""]
 if rep:
     md.append("Our report.json:")
     md.append("```json")

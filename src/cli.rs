@@ -254,6 +254,11 @@ pub struct FluxBenchArgs {
     /// with the `cudnn` feature (conv2d through cuDNN) against the default (im2col + GEMM).
     #[arg(long, conflicts_with = "cache")]
     pub vae_only: bool,
+    /// Also replay each batch's step from a CUDA graph (first format; CUDA only, elsewhere
+    /// the table says so): launches per step, the replay's time beside the eager one, and
+    /// the replay checked against the eager forward.
+    #[arg(long, conflicts_with = "vae_only")]
+    pub graph: bool,
     /// With --cache: candidates completed together (M), 1 to 64.
     #[arg(long, default_value_t = 2, value_parser = bounded(1, 64))]
     pub keep: usize,

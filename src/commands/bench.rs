@@ -87,6 +87,7 @@ pub fn flux(args: FluxBenchArgs) -> anyhow::Result<()> {
             keep: args.keep,
             probe_steps: args.probe_steps,
         }),
+        graph: args.graph,
     };
     if args.cache.is_some() && args.probe_steps >= args.steps {
         return Err(EditError::Invalid(format!(

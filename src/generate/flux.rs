@@ -28,6 +28,7 @@ use crate::error::GenerateError;
 use crate::models::bench::RandomWeights;
 use crate::models::flux::files::EncoderFiles;
 use crate::models::flux::flops::ForwardFlops;
+use crate::models::flux::graph_step::StepGraphs;
 use crate::models::flux::held_weight::WeightFormat;
 use crate::models::flux::linear::Linears;
 use crate::models::flux::lora::{find_lora_file, LoraReport, LoraSet};
@@ -248,6 +249,9 @@ pub struct FluxGenerator {
     /// Set for a model built with random weights: its name, and no text encoders (each
     /// prompt's conditioning is random, seeded by the prompt).
     random: Option<String>,
+    /// Steps replayed from a CUDA graph (`ICEDIT_CUDA_GRAPH=on`); the graph is dropped
+    /// before any other model part runs (VAE, a new edit), which may need its memory.
+    graphs: StepGraphs,
 }
 
 impl FluxGenerator {
@@ -298,6 +302,7 @@ impl FluxGenerator {
             edits: PreparedSet::default(),
             prompt_states: Vec::new(),
             random: None,
+            graphs: StepGraphs::from_env().map_err(GenerateError::Config)?,
         };
         if generator.options.defer_transformer {
             // Fail now, not after T5, on a file that cannot be opened (the LoRA was read above).
@@ -371,6 +376,7 @@ impl FluxGenerator {
             edits: PreparedSet::default(),
             prompt_states: Vec::new(),
             random: Some(name.to_string()),
+            graphs: StepGraphs::from_env().map_err(GenerateError::Config)?,
         })
     }
 
@@ -659,6 +665,7 @@ impl Generator for FluxGenerator {
     }
 
     fn prepare(&mut self, edit: &EditContext) -> Result<PreparedEdit, GenerateError> {
+        self.graphs.release();
         let (w, h) = edit.panel_size();
         let f = self.files.vae_config.downscale();
         if w % (2 * f) as u32 != 0 || h % (2 * f) as u32 != 0 {
@@ -767,8 +774,17 @@ impl Generator for FluxGenerator {
             .transformer
             .as_ref()
             .ok_or_else(|| GenerateError::Config("velocity before any edit was prepared".into()))?;
-        let (v, work) = transformer
-            .forward_cached(&img, &p.text, sigma, self.options.guidance, &p.rope, caches)
+        let (v, work) = self
+            .graphs
+            .forward_cached(
+                transformer,
+                &img,
+                &p.text,
+                sigma,
+                self.options.guidance,
+                &p.rope,
+                caches,
+            )
             .and_then(|(v, work)| Ok((v.to_dtype(DType::F32)?, work)))
             .map_err(GenerateError::from_forward)?;
         Ok((v, work))
@@ -780,6 +796,7 @@ impl Generator for FluxGenerator {
         latents: &Tensor,
         purpose: DecodePurpose,
     ) -> Result<RgbImage, GenerateError> {
+        self.graphs.release();
         let unit = self.decode_unit_for(edit, latents, purpose)?;
         Ok(crop_right_panel(&latents::unit_to_image(&unit)?))
     }
@@ -789,6 +806,7 @@ impl Generator for FluxGenerator {
         edit: &PreparedEdit,
         init: &RgbImage,
     ) -> Result<Tensor, GenerateError> {
+        self.graphs.release();
         let p = self.edits.get(edit)?;
         if init.dimensions() != p.source.dimensions() {
             return Err(GenerateError::Input(format!(
@@ -818,6 +836,7 @@ impl Generator for FluxGenerator {
     }
 
     fn release(&mut self, edit: &PreparedEdit) {
+        self.graphs.release();
         self.edits.remove(edit);
     }
 

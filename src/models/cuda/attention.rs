@@ -7,9 +7,9 @@
 //! - [`flash_attention`], FLUX's joint attention: not causal, one sequence, head dims 64 and
 //!   128; q, k, v and the output are `[B, L, H * D]`, the layout the q/k/v linears write and
 //!   the output projection reads, so nothing is transposed.
-//! - [`judge_attention`], the Qwen-VL judge's: head dims 64, 80 and 128, variable-length
-//!   segments (the vision tower's frames and windows, one launch for all of them), causal
-//!   masking after a cached prefix (the decoder's prefill), grouped key/value heads, and q,
+//! - [`judge_attention`], the Qwen-VL judge's: head dims 64, 72 (run as 80), 80 and 128,
+//!   variable-length segments (the vision tower's frames and windows, one launch for all of
+//!   them), causal masking after a cached prefix (the decoder's prefill), grouped key/value heads, and q,
 //!   k, v read through their strides (`[B, H, L, D]` views, the head dim contiguous), so the
 //!   vision tower's v is read inside the qkv projection's output and the decoder's cache as
 //!   it is. The output is `[B, L, H * D]`, what both output projections read.
@@ -228,8 +228,9 @@ impl CustomOp3 for FlashAttention {
 }
 
 /// Head dims the judge's kernel ([`judge_attention`]) is built for: 80 is the vision tower
-/// of Qwen2-VL and Qwen2.5-VL (1280 wide, 16 heads), 128 their decoders'.
-pub const JUDGE_HEAD_DIMS: [usize; 3] = [64, 80, 128];
+/// of Qwen2-VL and Qwen2.5-VL (1280 wide, 16 heads), 72 Qwen3-VL's (1152 wide, 16 heads;
+/// run as 80 with zero-filled columns), 128 their decoders'.
+pub const JUDGE_HEAD_DIMS: [usize; 4] = [64, 72, 80, 128];
 
 /// Which keys a query sees in [`judge_attention`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -721,10 +722,12 @@ mod tests {
     #[test]
     fn the_judge_reference_equals_candles_unfused_attention() {
         let seg = [0, 64, 100, 130, 150];
-        let cases: [Case; 6] = [
+        let cases: [Case; 7] = [
             // The vision tower: windows of 64 and a ragged tail, head dim 80.
             (80, 1, 3, 3, 150, 150, false, Some(&seg), DType::F32, 1e-5),
             (80, 1, 2, 2, 150, 150, false, Some(&seg), DType::BF16, 4e-2),
+            // Qwen3-VL's vision tower: head dim 72.
+            (72, 1, 2, 2, 150, 150, false, Some(&seg), DType::BF16, 4e-2),
             // The decoder: causal prefill with grouped heads (4 over 2), two prompts.
             (128, 2, 4, 2, 70, 70, true, None, DType::F32, 1e-5),
             // A prefill after a 90-token cache: row i sees keys 0..=90 + i.
@@ -874,6 +877,6 @@ mod tests {
             );
         }
         assert!(judge_supports(80, DType::F16) && !judge_supports(80, DType::F32));
-        assert!(!judge_supports(72, DType::BF16));
+        assert!(judge_supports(72, DType::BF16) && !judge_supports(96, DType::BF16));
     }
 }

@@ -89,17 +89,18 @@ template <> struct Mma<__half> {
 };
 
 // rows x D elements of one (b, h) starting at sequence row `row0` into shared memory
-// (stride D + PAD), rows at or past L zero-filled.
-template <typename T, int D, int THREADS>
+// (stride DP + PAD), rows at or past L zero-filled, and columns D..DP (the head dim padded
+// to a multiple of 16, DP > D only for the judge's head dim 72) zero-filled.
+template <typename T, int D, int THREADS, int DP = D>
 __device__ __forceinline__ void load_tile(T *dst, const T *base, int row0, int rows, int L,
                                           size_t row_stride) {
-    constexpr int CHUNKS = D / 8;  // 16-byte pieces per row
+    constexpr int CHUNKS = DP / 8;  // 16-byte pieces per row
     for (int i = threadIdx.x; i < rows * CHUNKS; i += THREADS) {
         const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
         const int l = row0 + r;
-        const bool inside = l < L;
+        const bool inside = l < L && c < D;
         const T *src = base + (inside ? (size_t)l * row_stride + c : 0);
-        cp_async_16(dst + r * (D + PAD) + c, src, inside ? 16 : 0);
+        cp_async_16(dst + r * (DP + PAD) + c, src, inside ? 16 : 0);
     }
 }
 
@@ -278,9 +279,11 @@ __device__ __forceinline__ void flash_attention(const T *__restrict__ q, const T
 // - variable-length segments (cu_seqlens, shared by queries and keys): with nseg > 0 the
 //   rows [cu[s], cu[s + 1]) attend only among themselves (block-diagonal); grid.z runs over
 //   (batch, segment) and blocks past their segment's end return at once;
-// - head dims 64, 80 and 128 (80 has an odd number of 16-wide k-steps: the last one loads
-//   its K fragments with ldmatrix.x2).
-template <typename T, int D, int WARPS>
+// - head dims 64, 72, 80 and 128 (80 has an odd number of 16-wide k-steps: the last one
+//   loads its K fragments with ldmatrix.x2). 72 (Qwen3-VL's vision tower) runs as 80 (DP):
+//   the tiles' columns 72..79 are zero-filled, so they add nothing to Q K^T, and the
+//   output's last 8-wide tile (all zeros) is not written.
+template <typename T, int D, int WARPS, int DP = D>
 __device__ __forceinline__ void judge_attention(
     const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
     T *__restrict__ out, const int *__restrict__ cu_seqlens, int nseg, int len_q_all,
@@ -289,14 +292,16 @@ __device__ __forceinline__ void judge_attention(
     long long v_sl, long long o_sb, long long o_sh, long long o_sl, float scale_log2) {
     constexpr int THREADS = 32 * WARPS;
     constexpr int BLOCK_M = 16 * WARPS;
-    constexpr int KSTEPS = D / 16;
+    constexpr int KSTEPS = DP / 16;
     constexpr int NTILES = BLOCK_N / 8;
-    constexpr int DTILES = D / 8;
-    static_assert(D % 16 == 0 && DTILES % 2 == 0, "head dim: a multiple of 16");
+    constexpr int DTILES = DP / 8;
+    constexpr int OUT_TILES = D / 8;  // tiles of O written (the padding's are zeros)
+    static_assert(DP % 16 == 0 && DTILES % 2 == 0, "padded head dim: a multiple of 16");
+    static_assert(D % 8 == 0 && D <= DP && DP - D < 16, "head dim: a multiple of 8, padded once");
     static_assert(BLOCK_M <= 2 * BLOCK_N, "the Q tile is staged in the K and V buffers");
-    __shared__ __align__(16) T smem[2 * BLOCK_N * (D + PAD)];
+    __shared__ __align__(16) T smem[2 * BLOCK_N * (DP + PAD)];
     T *k_tile = smem;
-    T *v_tile = smem + BLOCK_N * (D + PAD);
+    T *v_tile = smem + BLOCK_N * (DP + PAD);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int h = blockIdx.y;
@@ -322,7 +327,7 @@ __device__ __forceinline__ void judge_attention(
     const T *vh = v + b * v_sb + kvh * v_sh + start * v_sl;
     T *oh = out + b * o_sb + h * o_sh + start * o_sl;
 
-    load_tile<T, D, THREADS>(smem, qh, m0, BLOCK_M, len_q, q_sl);
+    load_tile<T, D, THREADS, DP>(smem, qh, m0, BLOCK_M, len_q, q_sl);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
@@ -332,7 +337,7 @@ __device__ __forceinline__ void judge_attention(
         const int m = lane / 8;
         const int row = warp * 16 + (lane % 8) + (m % 2) * 8;
         const int col = ks * 16 + (m / 2) * 8;
-        ldmatrix_x4(qf[ks], smem + row * (D + PAD) + col);
+        ldmatrix_x4(qf[ks], smem + row * (DP + PAD) + col);
     }
     __syncthreads();
 
@@ -345,12 +350,12 @@ __device__ __forceinline__ void judge_attention(
     const int row_lo = m0 + warp * 16 + lane / 4;
 
     const int tiles = (kv_end + BLOCK_N - 1) / BLOCK_N;
-    load_tile<T, D, THREADS>(k_tile, kh, 0, BLOCK_N, len_k, k_sl);
+    load_tile<T, D, THREADS, DP>(k_tile, kh, 0, BLOCK_N, len_k, k_sl);
     cp_async_commit();
     for (int j = 0; j < tiles; ++j) {
         cp_async_wait_all();
         __syncthreads();
-        load_tile<T, D, THREADS>(v_tile, vh, j * BLOCK_N, BLOCK_N, len_k, v_sl);
+        load_tile<T, D, THREADS, DP>(v_tile, vh, j * BLOCK_N, BLOCK_N, len_k, v_sl);
         cp_async_commit();
 
         float s[NTILES][4];
@@ -363,14 +368,14 @@ __device__ __forceinline__ void judge_attention(
                 const int row = nt * 8 + (lane % 8);
                 if (ks + 1 < KSTEPS) {
                     uint32_t r[4];
-                    ldmatrix_x4(r, k_tile + row * (D + PAD) + ks * 16 + (lane / 8) * 8);
+                    ldmatrix_x4(r, k_tile + row * (DP + PAD) + ks * 16 + (lane / 8) * 8);
                     Mma<T>::run(s[nt], qf[ks], r[0], r[1]);
                     Mma<T>::run(s[nt], qf[ks + 1], r[2], r[3]);
                 } else {
                     // The odd last k-step: two matrices (head dims ks*16 + {0, 8}); lanes
                     // 16..31 give addresses ldmatrix.x2 ignores.
                     uint32_t r[2];
-                    ldmatrix_x2(r, k_tile + row * (D + PAD) + ks * 16 + ((lane / 8) % 2) * 8);
+                    ldmatrix_x2(r, k_tile + row * (DP + PAD) + ks * 16 + ((lane / 8) % 2) * 8);
                     Mma<T>::run(s[nt], qf[ks], r[0], r[1]);
                 }
             }
@@ -424,7 +429,7 @@ __device__ __forceinline__ void judge_attention(
         cp_async_wait_all();
         __syncthreads();
         if (j + 1 < tiles) {
-            load_tile<T, D, THREADS>(k_tile, kh, (j + 1) * BLOCK_N, BLOCK_N, len_k, k_sl);
+            load_tile<T, D, THREADS, DP>(k_tile, kh, (j + 1) * BLOCK_N, BLOCK_N, len_k, k_sl);
             cp_async_commit();
         }
 
@@ -441,7 +446,7 @@ __device__ __forceinline__ void judge_attention(
                 uint32_t r[4];
                 const int row = kk * 16 + ((lane / 8) % 2) * 8 + (lane % 8);
                 const int col = (dt + lane / 16) * 8;
-                ldmatrix_x4_trans(r, v_tile + row * (D + PAD) + col);
+                ldmatrix_x4_trans(r, v_tile + row * (DP + PAD) + col);
                 Mma<T>::run(o[dt], pf, r[0], r[1]);
                 Mma<T>::run(o[dt + 1], pf, r[2], r[3]);
             }
@@ -460,7 +465,7 @@ __device__ __forceinline__ void judge_attention(
         if (l >= len_q) continue;
         T *dst = oh + l * o_sl + (lane % 4) * 2;
 #pragma unroll
-        for (int dt = 0; dt < DTILES; ++dt) {
+        for (int dt = 0; dt < OUT_TILES; ++dt) {
             const uint32_t packed = Mma<T>::pack(o[dt][2 * r] * inv[r], o[dt][2 * r + 1] * inv[r]);
             *reinterpret_cast<uint32_t *>(dst + dt * 8) = packed;
         }
@@ -488,7 +493,7 @@ DEFINE_FLASH(__half, f16, 64, 8)
 
 // Grid (ceil(longest segment / (16 * WARPS)), heads, batch * max(nseg, 1)), block 32 * WARPS
 // threads, static shared memory. `cu_seqlens` is read only when nseg > 0.
-#define DEFINE_JUDGE(T, SUFFIX, D, WARPS)                                                    \
+#define DEFINE_JUDGE_PADDED(T, SUFFIX, D, WARPS, DP)                                        \
     extern "C" __global__ void __launch_bounds__(32 * WARPS)                                 \
         judge_attention_d##D##_w##WARPS##_##SUFFIX(                                          \
             const T *q, const T *k, const T *v, T *out, const int *cu_seqlens, int nseg,     \
@@ -496,15 +501,21 @@ DEFINE_FLASH(__half, f16, 64, 8)
             long long q_sl, long long k_sb, long long k_sh, long long k_sl, long long v_sb,  \
             long long v_sh, long long v_sl, long long o_sb, long long o_sh, long long o_sl,  \
             float scale_log2) {                                                              \
-        judge_attention<T, D, WARPS>(q, k, v, out, cu_seqlens, nseg, len_q, len_k, group,    \
-                                     causal, q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, \
-                                     v_sl, o_sb, o_sh, o_sl, scale_log2);                    \
+        judge_attention<T, D, WARPS, DP>(q, k, v, out, cu_seqlens, nseg, len_q, len_k,      \
+                                         group, causal, q_sb, q_sh, q_sl, k_sb, k_sh, k_sl,  \
+                                         v_sb, v_sh, v_sl, o_sb, o_sh, o_sl, scale_log2);    \
     }
+
+#define DEFINE_JUDGE(T, SUFFIX, D, WARPS) DEFINE_JUDGE_PADDED(T, SUFFIX, D, WARPS, D)
 
 DEFINE_JUDGE(__nv_bfloat16, bf16, 64, 4)
 DEFINE_JUDGE(__nv_bfloat16, bf16, 64, 8)
 DEFINE_JUDGE(__half, f16, 64, 4)
 DEFINE_JUDGE(__half, f16, 64, 8)
+DEFINE_JUDGE_PADDED(__nv_bfloat16, bf16, 72, 4, 80)
+DEFINE_JUDGE_PADDED(__nv_bfloat16, bf16, 72, 8, 80)
+DEFINE_JUDGE_PADDED(__half, f16, 72, 4, 80)
+DEFINE_JUDGE_PADDED(__half, f16, 72, 8, 80)
 DEFINE_JUDGE(__nv_bfloat16, bf16, 80, 4)
 DEFINE_JUDGE(__nv_bfloat16, bf16, 80, 8)
 DEFINE_JUDGE(__half, f16, 80, 4)

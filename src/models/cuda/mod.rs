@@ -33,6 +33,7 @@ pub mod fp8_rows;
 mod fused_launch;
 pub mod gemm;
 pub mod glue;
+pub mod graph;
 #[cfg(feature = "cuda")]
 mod ptx;
 pub mod switch;

@@ -16,6 +16,7 @@ use serde::Serialize;
 use super::blocks::{gated_residual, modulate, modulate_input, DoubleBlock, SingleBlock};
 use super::config::FluxConfig;
 use super::embeddings::rope_tables;
+use super::graph_step::StepGraphs;
 use super::held_weight::{Weight, WeightFormat};
 use super::latents::joint_ids;
 use super::linear::{to_fp8, BaseLinear, Linears};
@@ -24,6 +25,7 @@ use super::step_cache::cache_bytes;
 use super::transformer::{FluxTransformer, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
 use crate::models::bench::{timed_after, RandomWeights};
+use crate::models::cuda::graph::GraphNodes;
 use crate::models::cuda::switch::{self, Kernel, Kernels};
 use crate::models::cuda::{attention as flash, dequant, glue};
 use crate::models::kernel_check::{check, check_or_error, tolerance_rel, KernelCheckRow};
@@ -64,6 +66,9 @@ pub struct FluxBench {
     pub formats: Vec<WeightFormat>,
     /// Step caches to time completions with (the first format only), when asked.
     pub cache: Option<CacheBench>,
+    /// Also replay each batch's step from a CUDA graph (the first format only):
+    /// [`GraphTiming`].
+    pub graph: bool,
 }
 
 /// The completion part of an edit under each step cache: `keep` candidates start from
@@ -112,6 +117,24 @@ pub struct StepTiming {
     pub step_s: f64,
     /// `step_s / batch`.
     pub per_candidate_s: f64,
+    /// With `--graph` (first format): the same step replayed from a CUDA graph.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph: Option<GraphTiming>,
+}
+
+/// One batch's step captured as a CUDA graph ([`StepGraphs`], as an edit with
+/// `ICEDIT_CUDA_GRAPH=on` runs it): captured at one sigma and input, checked by replaying
+/// on another against the eager forward of that input, then timed.
+#[derive(Debug, Clone, Serialize)]
+pub struct GraphTiming {
+    /// The graph's nodes: its launches per step (`None` where the capture failed).
+    pub nodes: Option<GraphNodes>,
+    /// Mean seconds per replayed step, inputs written and output copied included.
+    pub step_s: Option<f64>,
+    /// Largest |replay - eager forward| on the same new input and sigma.
+    pub max_abs_diff_vs_eager: Option<f32>,
+    /// Why there is no graph (capture refused, no CUDA device), if so.
+    pub error: Option<String>,
 }
 
 /// One weight format's timings.
@@ -198,6 +221,51 @@ pub struct FusedCheck {
 }
 
 impl FluxBenchResult {
+    /// The `--graph` table (empty without it): per batch of the first format, the graph's
+    /// launches per step and its step time beside the eager one.
+    fn graph_markdown(&self) -> String {
+        let Some(first) = self.formats.first() else {
+            return String::new();
+        };
+        let rows: Vec<_> = first
+            .steps
+            .iter()
+            .filter_map(|s| s.graph.as_ref().map(|g| (s, g)))
+            .collect();
+        if rows.is_empty() {
+            return String::new();
+        }
+        let mut md = format!(
+            "\nThe step replayed from a CUDA graph ({} format, `ICEDIT_CUDA_GRAPH=on`'s path: inputs written into the captured buffers, output copied out):\n\n| batch | launches per step | kernels | copies | memsets | allocs / frees | eager step (s) | graph step (s) | graph vs eager | replay vs eager (max abs) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+            first.format
+        );
+        for (s, g) in rows {
+            match (&g.nodes, g.step_s) {
+                (Some(n), Some(step_s)) => md.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {} / {} | {:.4} | {:.4} | {:.2} | {:.3e} |\n",
+                    s.batch,
+                    n.launches(),
+                    n.kernels,
+                    n.memcpys,
+                    n.memsets,
+                    n.allocs,
+                    n.frees,
+                    s.step_s,
+                    step_s,
+                    step_s / s.step_s,
+                    g.max_abs_diff_vs_eager.unwrap_or(f32::NAN)
+                )),
+                _ => md.push_str(&format!(
+                    "| {} | no graph: {} | | | | | {:.4} | | | |\n",
+                    s.batch,
+                    g.error.as_deref().unwrap_or("unknown").replace('|', "/"),
+                    s.step_s
+                )),
+            }
+        }
+        md
+    }
+
     /// The result as a markdown table; `label` names the configuration (`full`, `small`),
     /// `device` the device as the user wrote it.
     pub fn markdown(&self, bench: &FluxBench, label: &str, device: &str) -> String {
@@ -230,6 +298,7 @@ impl FluxBenchResult {
                 ));
             }
         }
+        md.push_str(&self.graph_markdown());
         md.push_str(&self.fused_check.markdown());
         if let Some(check) = &self.kernel_check {
             md.push_str(&format!(
@@ -347,10 +416,16 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
                 transformer.forward(&img, &text, 0.5, 50.0, &rope)
             })?;
             tracing::info!(format = %name, batch, step_s, "transformer step");
+            let graph = if bench.graph && formats.is_empty() {
+                Some(time_graph(&transformer, bench, &img, &text, &rope)?)
+            } else {
+                None
+            };
             steps.push(StepTiming {
                 batch,
                 step_s,
                 per_candidate_s: step_s / batch as f64,
+                graph,
             });
         }
         if let (Some(c), true) = (&bench.cache, formats.is_empty()) {
@@ -407,6 +482,57 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         kernel_check,
         completions,
         fused_check,
+    })
+}
+
+/// [`GraphTiming`] for one batch: capture on `img` at sigma 0.5, replay on a new input at
+/// sigma 0.7 against the eager forward of it, then time replays. A refused capture is
+/// recorded, not an error: the other timings stand.
+fn time_graph(
+    transformer: &FluxTransformer,
+    bench: &FluxBench,
+    img: &Tensor,
+    text: &TextConditioning,
+    rope: &(Tensor, Tensor),
+) -> candle_core::Result<GraphTiming> {
+    let dev = &bench.device;
+    let refused = |error: String| GraphTiming {
+        nodes: None,
+        step_s: None,
+        max_abs_diff_vs_eager: None,
+        error: Some(error),
+    };
+    if !dev.is_cuda() {
+        return Ok(refused("CUDA graphs need a CUDA device".into()));
+    }
+    let mut graphs = StepGraphs::new(true);
+    graphs.forward(transformer, img, text, 0.5, 50.0, rope)?;
+    let Some(nodes) = graphs.nodes() else {
+        let why = graphs.refusal().unwrap_or("no graph captured").to_string();
+        tracing::warn!(error = %why, "CUDA graph: capture failed");
+        return Ok(refused(why));
+    };
+    let other = (img * -0.5)?.contiguous()?;
+    let eager = transformer.forward(&other, text, 0.7, 50.0, rope)?;
+    let replay = graphs.forward(transformer, &other, text, 0.7, 50.0, rope)?;
+    let diff = (eager.to_dtype(DType::F32)? - replay.to_dtype(DType::F32)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    let step_s = timed_after(dev, bench.warmup, bench.iters, || {
+        graphs.forward(transformer, img, text, 0.5, 50.0, rope)
+    })?;
+    tracing::info!(
+        launches = nodes.launches(),
+        step_s,
+        max_abs_diff = diff,
+        "transformer step from a CUDA graph"
+    );
+    Ok(GraphTiming {
+        nodes: Some(nodes),
+        step_s: Some(step_s),
+        max_abs_diff_vs_eager: Some(diff),
+        error: None,
     })
 }
 
@@ -920,6 +1046,7 @@ mod tests {
             device: Device::Cpu,
             formats: vec![WeightFormat::Dense],
             cache: None,
+            graph: false,
         };
         let check = fused_check(&bench).unwrap();
         let names: Vec<_> = check.rows.iter().map(|r| r.name.as_str()).collect();

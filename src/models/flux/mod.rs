@@ -12,6 +12,7 @@
 //!   [`held_weight`]: a matrix held dense, quantized or fp8; [`linear`]: layers over them;
 //!   [`files`]: where a checkpoint's files are.
 //! - [`latents`]: packing, mask tokens, position ids; [`scheduler`]: the dynamic shift.
+//! - [`graph_step`]: the forward replayed from a CUDA graph per batch shape (opt-in).
 //! - [`bench`]: `bench flux` with random weights.
 
 pub mod bench;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod embeddings;
 pub mod files;
 pub mod flops;
+pub mod graph_step;
 pub mod held_weight;
 pub mod keymap;
 pub mod latents;

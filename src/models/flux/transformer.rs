@@ -152,9 +152,38 @@ impl FluxTransformer {
         guidance: f64,
         rope: &(Tensor, Tensor),
     ) -> Result<Tensor> {
+        // `embed` drops its sigma / guidance tensors before the blocks run: small buffers
+        // kept alive across the forward pin the CPU heap's top above the freed activations
+        // (the 512-panel bench peak grew by 250 MB when they were).
         let (img, txt, temb) = self.embed(img, text, sigma, guidance)?;
-        let img = self.run_blocks(&self.double_blocks, img, txt, &temb, rope)?;
-        self.final_layer.forward(&img, &temb)
+        self.blocks_and_final(img, txt, &temb, rope)
+    }
+
+    /// [`Self::forward`] with `sigma` and `guidance` given as `[B]` f32 tensors on the
+    /// device: a captured CUDA graph reads them from buffers it rewrites between replays
+    /// ([`super::graph_step`]), where a scalar would be baked into the graph.
+    pub fn forward_at(
+        &self,
+        img: &Tensor,
+        text: &TextConditioning,
+        sigma: &Tensor,
+        guidance: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let (img, txt, temb) = self.embed_at(img, text, sigma, guidance)?;
+        self.blocks_and_final(img, txt, &temb, rope)
+    }
+
+    /// Every block, then the final layer, on the embeddings.
+    fn blocks_and_final(
+        &self,
+        img: Tensor,
+        txt: Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let img = self.run_blocks(&self.double_blocks, img, txt, temb, rope)?;
+        self.final_layer.forward(&img, temb)
     }
 
     /// The embeddings: `(img [B, S_img, hidden], txt [B, S_txt, hidden], temb [B, hidden])`.
@@ -165,11 +194,20 @@ impl FluxTransformer {
         sigma: f64,
         guidance: f64,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (sigma, guidance) = step_scalars(img, sigma, guidance)?;
+        self.embed_at(img, text, &sigma, &guidance)
+    }
+
+    /// [`Self::embed`] with `sigma` and `guidance` as `[B]` f32 tensors.
+    fn embed_at(
+        &self,
+        img: &Tensor,
+        text: &TextConditioning,
+        sigma: &Tensor,
+        guidance: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let b = img.dim(0)?;
-        let dev = img.device();
         let dtype = img.dtype();
-        let sigma = Tensor::full(sigma as f32, b, dev)?;
-        let guidance = Tensor::full(guidance as f32, b, dev)?;
         // Text conditioning is shared by the batch ([1, ..]) or given per row ([B, ..]).
         let per_batch = |t: &Tensor| -> Result<Tensor> {
             let t = t.to_dtype(dtype)?;
@@ -182,7 +220,7 @@ impl FluxTransformer {
             }
         };
         let pooled = per_batch(&text.pooled)?;
-        let temb = self.time_text.forward(&sigma, &guidance, &pooled)?;
+        let temb = self.time_text.forward(sigma, guidance, &pooled)?;
 
         let img = self.x_embedder.forward(img)?;
         let t5 = per_batch(&text.t5)?;
@@ -225,4 +263,14 @@ impl FluxTransformer {
     pub(super) fn final_layer(&self) -> &FinalLayer {
         &self.final_layer
     }
+}
+
+/// `sigma` and `guidance` as the `[B]` f32 tensors the time embedding reads, B = `img`'s
+/// batch.
+pub fn step_scalars(img: &Tensor, sigma: f64, guidance: f64) -> Result<(Tensor, Tensor)> {
+    let (b, dev) = (img.dim(0)?, img.device());
+    Ok((
+        Tensor::full(sigma as f32, b, dev)?,
+        Tensor::full(guidance as f32, b, dev)?,
+    ))
 }
