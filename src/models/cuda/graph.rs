@@ -187,10 +187,23 @@ mod imp {
         // End the capture whatever happened, so the stream leaves capture mode.
         let ended = stream
             .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-        let output = captured?;
-        let graph = ended
-            .w()?
-            .ok_or_else(|| candle_core::Error::msg("CUDA graph capture recorded nothing"))?;
+        let (output, graph) = match (captured, ended) {
+            (Ok(output), Ok(Some(graph))) => (output, graph),
+            (captured, ended) => {
+                let why = match (&captured, &ended) {
+                    (Err(e), _) => e.to_string(),
+                    (_, Err(e)) => format!("ending the capture: {e}"),
+                    _ => "the capture recorded nothing".to_string(),
+                };
+                drop((captured, ended));
+                let _ = stream.synchronize();
+                // Frees of buffers made inside a broken capture may have left a driver
+                // error in the context for a later, unrelated call to report: this failure
+                // is reported here, once.
+                let _ = stream.context().check_err();
+                candle_core::bail!("CUDA graph capture failed: {why}");
+            }
+        };
         let nodes = count_nodes(&graph)?;
         graph.upload().w()?;
         Ok((

@@ -506,7 +506,10 @@ fn time_graph(
         return Ok(refused("CUDA graphs need a CUDA device".into()));
     }
     let mut graphs = StepGraphs::new(true);
-    graphs.forward(transformer, img, text, 0.5, 50.0, rope)?;
+    // The first step of a shape runs eagerly, the second captures.
+    for _ in 0..2 {
+        graphs.forward(transformer, img, text, 0.5, 50.0, rope)?;
+    }
     let Some(nodes) = graphs.nodes() else {
         let why = graphs.refusal().unwrap_or("no graph captured").to_string();
         tracing::warn!(error = %why, "CUDA graph: capture failed");

@@ -4,7 +4,9 @@
 //!
 //! [`StepGraphs`] keeps at most one graph: the one for the current batch shape and edit
 //! (its text conditioning and rotary tables are read by address, so another edit, or a
-//! batch of another size, captures anew and drops the old one). Between replays it writes
+//! batch of another size, captures anew and drops the old one). It is captured on the
+//! second consecutive step of one shape and edit (the first runs eagerly), so steps of
+//! edits that alternate run eagerly instead of capturing at every step. Between replays it writes
 //! the step's latents, sigma and guidance into the buffers the graph reads, and hands the
 //! caller a copy of the output. Step caches (First-Block-Cache, TaylorSeer) decide per
 //! candidate on the host, so steps with a cache on run eagerly.
@@ -77,7 +79,8 @@ pub struct GraphStats {
     pub captures: usize,
     /// Steps served by replaying one.
     pub replays: usize,
-    /// Steps run eagerly with graphs on (a cache was on, or the capture failed).
+    /// Steps run eagerly with graphs on (the first of a run of one shape, a cache on, a
+    /// failed capture).
     pub eager: usize,
 }
 
@@ -88,6 +91,9 @@ pub struct StepGraphs {
     slot: Option<Slot>,
     /// A key whose capture failed, and why: it runs eagerly without retrying.
     refused: Option<(GraphKey, String)>,
+    /// The key of the last eager step: a graph is captured when the next step has it too,
+    /// so steps of edits that alternate (pipelined batches) never capture one per step.
+    pending: Option<GraphKey>,
     stats: GraphStats,
 }
 
@@ -138,6 +144,7 @@ impl StepGraphs {
     /// Drops the graph held (and its memory).
     pub fn release(&mut self) {
         self.slot = None;
+        self.pending = None;
     }
 
     /// [`FluxTransformer::forward_cached`] with the full forwards through a graph: with
@@ -198,6 +205,13 @@ impl StepGraphs {
         }
         // A new shape or edit: the old graph goes first, so its memory is free for this one.
         self.slot = None;
+        if self.pending.as_ref() != Some(&key) {
+            // Seen once: run eagerly; capture if the next step repeats it.
+            self.pending = Some(key);
+            self.stats.eager += 1;
+            return transformer.forward(img, text, sigma, guidance, rope);
+        }
+        self.pending = None;
         let inputs = img.contiguous()?.copy()?;
         let (sigma_in, guidance_in) = step_scalars(img, sigma, guidance)?;
         let captured = CapturedForward::capture(img.device(), || {
