@@ -48,10 +48,18 @@ pub fn tolerance_rel(dtype: DType) -> f32 {
 fn diff_and_scale(a: &Tensor, b: &Tensor) -> Result<(f32, f32)> {
     let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
     let max = |t: &Tensor| -> Result<f32> { t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>() };
-    let diff = max(&(&a - &b)?)?;
+    let diff = max_abs_diff(&a, &b)?;
     let finite = a.sum_all()?.to_scalar::<f32>()?.is_finite()
         && b.sum_all()?.to_scalar::<f32>()?.is_finite();
     Ok((if finite { diff } else { f32::NAN }, max(&b)?))
+}
+
+/// Largest |a - b| over every element, compared in f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()
 }
 
 /// `fused` against `unfused` on `dev`, passing within `rel` times the unfused output's

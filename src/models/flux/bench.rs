@@ -28,7 +28,9 @@ use crate::models::bench::{timed_after, RandomWeights};
 use crate::models::cuda::graph::GraphNodes;
 use crate::models::cuda::switch::{self, Kernel, Kernels};
 use crate::models::cuda::{attention as flash, dequant, glue};
-use crate::models::kernel_check::{check, check_or_error, tolerance_rel, KernelCheckRow};
+use crate::models::kernel_check::{
+    check, check_or_error, max_abs_diff, tolerance_rel, KernelCheckRow,
+};
 use crate::models::step_cache::{CandidateCache, StepCache};
 use crate::models::taef1::{TinyConfig, TinyDecoder};
 
@@ -518,10 +520,7 @@ fn time_graph(
     let other = (img * -0.5)?.contiguous()?;
     let eager = transformer.forward(&other, text, 0.7, 50.0, rope)?;
     let replay = graphs.forward(transformer, &other, text, 0.7, 50.0, rope)?;
-    let diff = (eager.to_dtype(DType::F32)? - replay.to_dtype(DType::F32)?)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f32>()?;
+    let diff = max_abs_diff(&eager, &replay)?;
     let step_s = timed_after(dev, bench.warmup, bench.iters, || {
         graphs.forward(transformer, img, text, 0.5, 50.0, rope)
     })?;
@@ -619,7 +618,7 @@ fn time_completions(
         dev.synchronize()?;
         let wall_s = start.elapsed().as_secs_f64();
         let diff = match &baseline {
-            Some(b) => (&x - b)?.abs()?.max_all()?.to_scalar::<f32>()?,
+            Some(b) => max_abs_diff(&x, b)?,
             None => 0.0,
         };
         baseline.get_or_insert(x);

@@ -18,7 +18,6 @@
 
 use candle_core::{DType, Result, Tensor, TensorId};
 
-use super::flops::ForwardFlops;
 use super::transformer::{step_scalars, FluxTransformer, TextConditioning};
 use crate::models::cuda::graph::{CapturedForward, GraphNodes};
 use crate::models::step_cache::{CandidateCache, RowWork};
@@ -161,16 +160,12 @@ impl StepGraphs {
         rope: &(Tensor, Tensor),
         caches: &mut [CandidateCache],
     ) -> Result<(Tensor, Vec<RowWork>)> {
-        let caching = caches.iter().any(|c| c.config().is_on());
-        if !self.on || caching || caches.len() != img.dim(0)? {
-            if self.on {
-                self.stats.eager += 1;
-            }
-            return transformer.forward_cached(img, text, sigma, guidance, rope, caches);
+        if self.on && caches.iter().any(|c| c.config().is_on()) {
+            self.stats.eager += 1;
         }
-        let flops = ForwardFlops::new(transformer.config(), img.dim(1)?, text.t5.dim(1)?);
-        let v = self.forward(transformer, img, text, sigma, guidance, rope)?;
-        Ok((v, vec![RowWork::full(flops.full()); caches.len()]))
+        transformer.forward_cached_with(img, text, sigma, guidance, rope, caches, &mut || {
+            self.forward(transformer, img, text, sigma, guidance, rope)
+        })
     }
 
     /// [`FluxTransformer::forward`], replayed from a graph when graphs are on and the
@@ -256,19 +251,13 @@ mod tests {
     use crate::models::flux::latents::joint_ids;
     use crate::models::flux::linear::Linears;
     use crate::models::flux::FluxConfig;
+    use crate::models::kernel_check::max_abs_diff;
     use crate::models::step_cache::StepCache;
     use candle_core::Device;
     use candle_nn::VarBuilder;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        max_abs_diff(a, b).unwrap()
     }
 
     /// Off CUDA (and with a step cache on, anywhere) the graphs step aside: the results are

@@ -164,6 +164,25 @@ impl FluxTransformer {
         rope: &(Tensor, Tensor),
         caches: &mut [CandidateCache],
     ) -> Result<(Tensor, Vec<RowWork>)> {
+        self.forward_cached_with(img, text, sigma, guidance, rope, caches, &mut || {
+            self.forward(img, text, sigma, guidance, rope)
+        })
+    }
+
+    /// [`Self::forward_cached`] with the forward of a batch whose caches are all off given
+    /// by `full` (it must compute [`Self::forward`] of these inputs): a CUDA graph's replay
+    /// ([`super::graph_step`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_cached_with(
+        &self,
+        img: &Tensor,
+        text: &TextConditioning,
+        sigma: f64,
+        guidance: f64,
+        rope: &(Tensor, Tensor),
+        caches: &mut [CandidateCache],
+        full: &mut dyn FnMut() -> Result<Tensor>,
+    ) -> Result<(Tensor, Vec<RowWork>)> {
         let batch = img.dim(0)?;
         if caches.len() != batch {
             return Err(error(format!(
@@ -190,10 +209,7 @@ impl FluxTransformer {
             rope,
         };
         match rule {
-            StepCache::None => Ok((
-                self.forward(img, text, sigma, guidance, rope)?,
-                vec![RowWork::full(flops.full()); batch],
-            )),
+            StepCache::None => Ok((full()?, vec![RowWork::full(flops.full()); batch])),
             StepCache::FirstBlock { .. } => self.first_block_cached(&input, caches, &flops),
             StepCache::TaylorSeer(t) if t.lite => self.output_predicted(&input, caches, &flops),
             StepCache::TaylorSeer(_) => self.attention_predicted(&input, caches, &flops),
