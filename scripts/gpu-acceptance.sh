@@ -538,18 +538,24 @@ if graph and graph.get("formats"):
     md += ["Each batch's step captured once (`StepGraphs`, the path `ICEDIT_CUDA_GRAPH=on` takes in an edit), "
            "checked by a replay on a new input and sigma against the eager forward, then timed with its "
            "inputs written and its output copied. Launches per step = kernels + copies + memsets in the graph.", "",
-           "| batch | launches per step | kernels | eager step (s) | graph step (s) | graph / eager | replay vs eager (max abs) |",
-           "|---|---|---|---|---|---|---|"]
+           "Graph memory: what the device's graph memory held with the graph alive (reserved between replays), "
+           "beside the eager forward's working memory from candle's pool (the memory plan counts one forward).", "",
+           "| batch | launches per step | kernels | eager step (s) | graph step (s) | graph / eager | replay vs eager (max abs) | graph memory / eager forward (MiB) |",
+           "|---|---|---|---|---|---|---|---|"]
+    mib = lambda b: "-" if b is None else f"{b / 2**20:.0f}"
+
     for s in graph["formats"][0]["steps"]:
         g = s.get("graph") or {}
         n = g.get("nodes")
         if n and g.get("step_s"):
             launches = n["kernels"] + n["memcpys"] + n["memsets"]
+            eager_mem = (s.get("device_memory") or {}).get("working")
             md.append(f"| {s['batch']} | {launches} | {n['kernels']} | {s['step_s']:.4f} | {g['step_s']:.4f} | "
-                      f"{g['step_s'] / s['step_s']:.2f} | {g['max_abs_diff_vs_eager']:.3e} |")
+                      f"{g['step_s'] / s['step_s']:.2f} | {g['max_abs_diff_vs_eager']:.3e} | "
+                      f"{mib(g.get('graph_memory_bytes'))} / {mib(eager_mem)} |")
         else:
             md.append(f"| {s['batch']} | no graph: {(g.get('error') or 'not run').replace('|', '/')[:300]} | | "
-                      f"{s['step_s']:.4f} | | | |")
+                      f"{s['step_s']:.4f} | | | | |")
 else:
     md += ["not measured:", "", "```", tail("flux-graph"), "```"]
 
@@ -613,6 +619,24 @@ for format in ("dense", "fp8", "q8_0", "q4_k"):
         ratio = f"{measured_gb / plan:.2f}" if plan and measured_gb else "-"
         md.append(f"| {format} | {batch} | {'-' if plan is None else f'{plan:.1f}'} | "
                   f"{'-' if measured_gb is None else f'{measured_gb:.1f}'} | {ratio} |")
+
+# The plan part by part: each format's bench flux read candle's CUDA pool around each part
+# (weights, one forward per batch, the VAE passes) and printed the plan's figure beside it;
+# these are the figures a calibration of the plan's CUDA constants starts from.
+md += ["", "## Device memory by part against the plan (`bench flux`, candle's CUDA pool)", ""]
+for format in ("dense", "fp8", "q8_0", "q4_k"):
+    try:
+        text = open(os.path.join(out, f"flux-{format}", "flux.md")).read()
+    except OSError:
+        md += ["", f"- {format}: no bench flux result"]
+        continue
+    block = text.split("\nDevice memory by part", 1)
+    if len(block) < 2:
+        md += ["", f"- {format}: bench flux measured no parts (no CUDA pool)"]
+        continue
+    lines = ("Device memory by part" + block[1]).splitlines()
+    table = [l for l in lines[1:] if l.startswith("|")]
+    md += ["", f"`{format}`: " + lines[0], ""] + table
 
 rep = load("edit/report.json")
 edit_format = os.environ.get("EDIT_QUANTIZE") or f"dense {dtype}"

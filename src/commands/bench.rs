@@ -97,7 +97,8 @@ pub fn flux(args: FluxBenchArgs) -> anyhow::Result<()> {
         .into());
     }
     let result = crate::models::flux::bench::run(&bench)?;
-    let md = result.markdown(&bench, &args.size, &args.device);
+    let mut md = result.markdown(&bench, &args.size, &args.device);
+    md.push_str(&crate::plan::measured::markdown(&bench, &result));
     write_bench(&args.out, "flux", &result, &md)
 }
 

@@ -12,7 +12,8 @@
 
 use candle_core::DType;
 
-use crate::models::cuda::dequant;
+use crate::models::cuda::switch::{self, Kernel};
+use crate::models::cuda::{attention as flash, dequant};
 use crate::models::flux::blocks::ATTENTION_CHUNK_ELEMENTS;
 pub use crate::models::flux::held_weight::WeightFormat;
 use crate::models::flux::vae::VaeConfig;
@@ -104,10 +105,16 @@ pub fn transformer_activation_bytes(
     // Scores in the compute dtype, their f32 softmax, and its cast back: 8 bytes an element
     // in f32 (the casts are no-ops), 12 in half precision.
     let per_score = if e == 4 { 8 } else { 2 * e + 8 };
-    // Attention runs a few (candidate, head) pairs at a time (models::flux::blocks).
+    // Attention runs a few (candidate, head) pairs at a time (models::flux::blocks); on
+    // CUDA in half precision our flash attention keeps no scores at all (its q, k, v and
+    // output are streams, counted below).
     let pairs = batch * c.num_attention_heads;
     let pairs_at_once = (ATTENTION_CHUNK_ELEMENTS / (s * s)).clamp(1, pairs);
-    let attention = pairs_at_once * s * s * per_score;
+    let attention = if flash_attention(c, dtype, cuda) {
+        0
+    } else {
+        pairs_at_once * s * s * per_score
+    };
     // Residual streams, normalised and modulated copies, q/k/v, the MLP's 4x-wide hidden
     // layer and the single blocks' concatenation, alive around the attention.
     let streams = batch * s * d * e * STREAM_COPIES;
@@ -130,6 +137,14 @@ pub fn transformer_activation_bytes(
         WeightFormat::Fp8 => (widest * e).max(batch * s * 6 * d),
     };
     attention + streams + conversion
+}
+
+/// Whether the transformer's attention runs as the flash attention (no score matrices):
+/// on CUDA, in bf16 / f16, at a head size it takes, unless `ICEDIT_CUDA_FUSED` turns it
+/// off (the test `models::flux::blocks` makes per forward).
+fn flash_attention(c: &FluxConfig, dtype: DType, cuda: bool) -> bool {
+    cuda && switch::enabled().contains(Kernel::Attention)
+        && flash::supports(c.hidden(), c.num_attention_heads, dtype)
 }
 
 /// Copies of one `[B, S, hidden]` stream alive at the forward's peak (fitted, see above).
@@ -275,5 +290,25 @@ mod tests {
         assert!((gb(WeightFormat::Quantized(GgmlDType::Q8_0)) - 12.8).abs() < 0.3);
         assert!((gb(WeightFormat::Quantized(GgmlDType::Q4_0)) - 6.9).abs() < 0.3);
         assert!((gb(WeightFormat::Fp8) - 11.9).abs() < 0.2);
+    }
+
+    #[test]
+    fn a_cuda_forward_in_half_precision_plans_no_attention_scores() {
+        // 1024x512 diptych (2048 image tokens) and 512 T5 tokens: s = 2560.
+        let c = FluxConfig::fill_dev();
+        let forward = |dtype, cuda| {
+            transformer_activation_bytes(&c, WeightFormat::Dense, dtype, 4, 2048, 512, cuda)
+        };
+        let s = 2560;
+        let pairs_at_once = ATTENTION_CHUNK_ELEMENTS / (s * s);
+        let scores = pairs_at_once * s * s * (2 * 2 + 8);
+        // The flash kernel may be turned off in this process (ICEDIT_CUDA_FUSED, or a
+        // kernel check that failed); then the scores are planned as on the CPU.
+        let flash = switch::enabled().contains(Kernel::Attention);
+        let cuda = forward(DType::BF16, true);
+        let cpu = forward(DType::BF16, false);
+        assert_eq!(cpu - cuda, if flash { scores } else { 0 });
+        // f32 has no flash kernel: its scores are planned on CUDA too.
+        assert_eq!(forward(DType::F32, true), forward(DType::F32, false));
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod available;
 pub mod footprint;
+pub mod measured;
 pub mod peek;
 
 use candle_core::quantized::GgmlDType;

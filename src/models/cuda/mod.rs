@@ -34,6 +34,7 @@ mod fused_launch;
 pub mod gemm;
 pub mod glue;
 pub mod graph;
+pub mod memory;
 #[cfg(feature = "cuda")]
 mod ptx;
 pub mod switch;

@@ -26,6 +26,7 @@ use super::transformer::{FluxTransformer, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
 use crate::models::bench::{timed_after, RandomWeights};
 use crate::models::cuda::graph::GraphNodes;
+use crate::models::cuda::memory::{PartMemory, PoolMeter};
 use crate::models::cuda::switch::{self, Kernel, Kernels};
 use crate::models::cuda::{attention as flash, dequant, glue};
 use crate::models::kernel_check::{
@@ -122,6 +123,10 @@ pub struct StepTiming {
     /// With `--graph` (first format): the same step replayed from a CUDA graph.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub graph: Option<GraphTiming>,
+    /// On CUDA: the forward's working memory on the device (the timed forwards' peak above
+    /// what was resident before them: the weights, the inputs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_memory: Option<PartMemory>,
 }
 
 /// One batch's step captured as a CUDA graph ([`StepGraphs`], as an edit with
@@ -137,6 +142,10 @@ pub struct GraphTiming {
     pub max_abs_diff_vs_eager: Option<f32>,
     /// Why there is no graph (capture refused, no CUDA device), if so.
     pub error: Option<String>,
+    /// Bytes the device's graph memory held with the graph alive (its forward's buffers,
+    /// reserved between replays; compare the eager forward's working memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph_memory_bytes: Option<u64>,
 }
 
 /// One weight format's timings.
@@ -153,6 +162,25 @@ pub struct FormatTiming {
     pub steps: Vec<StepTiming>,
     /// Seconds spent building (and quantizing) the random weights.
     pub load_s: f64,
+    /// On CUDA: bytes the transformer holds on the device once built (its weights, biases
+    /// and norm scales as held).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights_device_bytes: Option<u64>,
+}
+
+/// On CUDA, what the VAE held on the device ([`PoolMeter`]), beside the transformer's
+/// figures in [`FormatTiming`] and [`StepTiming`]: the parts the memory plan adds up.
+#[derive(Debug, Clone, Serialize)]
+pub struct VaeDeviceMemory {
+    /// Bytes of the autoencoder's weights.
+    pub weights: u64,
+    /// Encoding the diptych.
+    pub encode: PartMemory,
+    /// Decoding one candidate's diptych.
+    pub decode: PartMemory,
+    /// Device memory outside candle's pool at the end of the run (the CUDA context, kernel
+    /// images, cuBLAS / cuBLASLt workspaces; other processes' too).
+    pub outside_pool: u64,
 }
 
 /// The benchmark's results.
@@ -184,6 +212,9 @@ pub struct FluxBenchResult {
     /// With `--cache`: the completions, `none` first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub completions: Vec<CompletionTiming>,
+    /// On CUDA: the VAE's device memory and what lies outside the pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vae_device_memory: Option<VaeDeviceMemory>,
     /// The fused FLUX kernels against candle's unfused operations at this run's shapes, run
     /// before anything is timed (every device; off CUDA the fused side is the CPU
     /// reference). A kernel that fails is turned off for the timings.
@@ -238,13 +269,23 @@ impl FluxBenchResult {
             return String::new();
         }
         let mut md = format!(
-            "\nThe step replayed from a CUDA graph ({} format, `ICEDIT_CUDA_GRAPH=on`'s path: inputs written into the captured buffers, output copied out):\n\n| batch | launches per step | kernels | copies | memsets | allocs / frees | eager step (s) | graph step (s) | graph vs eager | replay vs eager (max abs) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+            "\nThe step replayed from a CUDA graph ({} format, `ICEDIT_CUDA_GRAPH=on`'s path: inputs written into the captured buffers, output copied out):\n\n| batch | launches per step | kernels | copies | memsets | allocs / frees | eager step (s) | graph step (s) | graph vs eager | replay vs eager (max abs) | graph memory / eager forward (MiB) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
             first.format
         );
         for (s, g) in rows {
+            let mib = |b: Option<u64>| {
+                b.map_or("-".to_string(), |b| {
+                    format!("{:.0}", b as f64 / (1 << 20) as f64)
+                })
+            };
+            let memory = format!(
+                "{} / {}",
+                mib(g.graph_memory_bytes),
+                mib(s.device_memory.map(|m| m.working))
+            );
             match (&g.nodes, g.step_s) {
                 (Some(n), Some(step_s)) => md.push_str(&format!(
-                    "| {} | {} | {} | {} | {} | {} / {} | {:.4} | {:.4} | {:.2} | {:.3e} |\n",
+                    "| {} | {} | {} | {} | {} | {} / {} | {:.4} | {:.4} | {:.2} | {:.3e} | {memory} |\n",
                     s.batch,
                     n.launches(),
                     n.kernels,
@@ -258,7 +299,7 @@ impl FluxBenchResult {
                     g.max_abs_diff_vs_eager.unwrap_or(f32::NAN)
                 )),
                 _ => md.push_str(&format!(
-                    "| {} | no graph: {} | | | | | {:.4} | | | |\n",
+                    "| {} | no graph: {} | | | | | {:.4} | | | | |\n",
                     s.batch,
                     g.error.as_deref().unwrap_or("unknown").replace('|', "/"),
                     s.step_s
@@ -386,6 +427,12 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
     let mut parameters = 0;
     let mut formats = Vec::new();
     let mut completions = Vec::new();
+    // Device memory by part, the memory plan's parts (CUDA only).
+    let meter = PoolMeter::new(dev);
+    let measured = |work: &mut dyn FnMut() -> candle_core::Result<f64>| match &meter {
+        Some(m) => m.working_peak(work).map(|(out, part)| (out, Some(part))),
+        None => work().map(|out| (out, None)),
+    };
     for &format in &bench.formats {
         let (quantize, fp8) = match format {
             WeightFormat::Dense => (None, false),
@@ -394,6 +441,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
             // they run as fp8 GEMMs (`fp8_gemm`), elsewhere up-cast per forward.
             WeightFormat::Fp8 => (None, true),
         };
+        let resident_before = meter.as_ref().map(PoolMeter::read).transpose()?;
         let start = Instant::now();
         let random = RandomWeights::default();
         let counter = random.elements.clone();
@@ -407,6 +455,10 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         let transformer = FluxTransformer::new(vb, c, &linears)?;
         dev.synchronize()?;
         let load_s = start.elapsed().as_secs_f64();
+        let weights_device_bytes = match (&meter, resident_before) {
+            (Some(m), Some(before)) => Some(m.read()?.pool_used.saturating_sub(before.pool_used)),
+            _ => None,
+        };
         parameters = counter.load(std::sync::atomic::Ordering::Relaxed);
         let (linear_weight_bytes, quantized_layers) = transformer.linear_weight_bytes();
         let name = format.name();
@@ -414,8 +466,10 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         for &batch in &bench.batches {
             let img =
                 Tensor::randn(0f32, 1.0, (batch, tokens, c.in_channels), dev)?.to_dtype(dtype)?;
-            let step_s = timed_after(dev, bench.warmup, bench.iters, || {
-                transformer.forward(&img, &text, 0.5, 50.0, &rope)
+            let (step_s, device_memory) = measured(&mut || {
+                timed_after(dev, bench.warmup, bench.iters, || {
+                    transformer.forward(&img, &text, 0.5, 50.0, &rope)
+                })
             })?;
             tracing::info!(format = %name, batch, step_s, "transformer step");
             let graph = if bench.graph && formats.is_empty() {
@@ -428,6 +482,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
                 step_s,
                 per_candidate_s: step_s / batch as f64,
                 graph,
+                device_memory,
             });
         }
         if let (Some(c), true) = (&bench.cache, formats.is_empty()) {
@@ -439,17 +494,34 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
             quantized_layers,
             steps,
             load_s,
+            weights_device_bytes,
         });
     }
+    let resident_before = meter.as_ref().map(PoolMeter::read).transpose()?;
     let vae = Autoencoder::new(
         VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone()),
         &bench.vae,
     )?;
+    let vae_weights = match (&meter, resident_before) {
+        (Some(m), Some(before)) => Some(m.read()?.pool_used.saturating_sub(before.pool_used)),
+        _ => None,
+    };
     let image = Tensor::randn(0f32, 0.5, (1, 3, ht, w), dev)?.to_dtype(dtype)?;
-    let vae_encode_s = timed_after(dev, bench.warmup, bench.iters, || vae.encode_mean(&image))?;
+    let (vae_encode_s, encode_memory) =
+        measured(&mut || timed_after(dev, bench.warmup, bench.iters, || vae.encode_mean(&image)))?;
     let z =
         Tensor::randn(0f32, 1.0, (1, bench.vae.latent_channels, lh, lw), dev)?.to_dtype(dtype)?;
-    let vae_decode_s = timed_after(dev, bench.warmup, bench.iters, || vae.decode(&z))?;
+    let (vae_decode_s, decode_memory) =
+        measured(&mut || timed_after(dev, bench.warmup, bench.iters, || vae.decode(&z)))?;
+    let vae_device_memory = match (&meter, vae_weights, encode_memory, decode_memory) {
+        (Some(m), Some(weights), Some(encode), Some(decode)) => Some(VaeDeviceMemory {
+            weights,
+            encode,
+            decode,
+            outside_pool: m.read()?.outside_pool(),
+        }),
+        _ => None,
+    };
     drop(vae);
     // The peak of FLUX's own parts (what the memory plan predicts and tests/plan.rs checks),
     // read before the tiny decoder, which an edit only loads for live previews, runs.
@@ -484,6 +556,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         kernel_check,
         completions,
         fused_check,
+        vae_device_memory,
     })
 }
 
@@ -503,6 +576,7 @@ fn time_graph(
         step_s: None,
         max_abs_diff_vs_eager: None,
         error: Some(error),
+        graph_memory_bytes: None,
     };
     if !dev.is_cuda() {
         return Ok(refused("CUDA graphs need a CUDA device".into()));
@@ -517,6 +591,7 @@ fn time_graph(
         tracing::warn!(error = %why, "CUDA graph: capture failed");
         return Ok(refused(why));
     };
+    let graph_memory_bytes = crate::models::cuda::memory::graph_memory_reserved(dev)?;
     let other = (img * -0.5)?.contiguous()?;
     let eager = transformer.forward(&other, text, 0.7, 50.0, rope)?;
     let replay = graphs.forward(transformer, &other, text, 0.7, 50.0, rope)?;
@@ -535,6 +610,7 @@ fn time_graph(
         step_s: Some(step_s),
         max_abs_diff_vs_eager: Some(diff),
         error: None,
+        graph_memory_bytes,
     })
 }
 

@@ -12,9 +12,12 @@
 //! candidate on the host, so steps with a cache on run eagerly.
 //!
 //! Opt-in until measured on a device: `ICEDIT_CUDA_GRAPH=on` ([`ENV`]). A graph's memory
-//! pool holds one forward's activations while the graph lives; the memory plan does not
-//! count that yet, so callers drop the graph ([`StepGraphs::release`]) before anything
-//! else needs the memory (decoding, judging).
+//! holds one forward's activations for as long as the graph lives, where an eager forward
+//! holds them only while it runs: the memory plan's one forward in the denoising phase
+//! stands for either (the old graph is dropped before a new shape runs), and `bench flux
+//! --graph` measures the graph's memory beside the eager forward's. Because it stays
+//! reserved between steps, callers drop the graph ([`StepGraphs::release`]) before the
+//! other phases need the memory (decoding, encoding, a new edit).
 
 use candle_core::{DType, Result, Tensor, TensorId};
 
