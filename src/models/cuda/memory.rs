@@ -11,6 +11,8 @@
 //! before it started.
 //!
 //! Off CUDA, or without the `cuda` feature, there is no meter (`PoolMeter::new` is `None`).
+//! A measurement never fails the work it measures: a counter the driver will not give is
+//! logged and left out (`None`).
 
 use candle_core::{Device, Result};
 use serde::Serialize;
@@ -75,48 +77,67 @@ impl PoolMeter {
         None
     }
 
-    /// Waits for the device's queued work, then reads the counters.
-    pub fn read(&self) -> Result<DeviceMemory> {
+    /// Waits for the device's queued work, then reads the counters (`None`, logged, where
+    /// the driver refuses).
+    pub fn read(&self) -> Option<DeviceMemory> {
         #[cfg(feature = "cuda")]
-        return self.inner.read();
+        return logged(self.inner.read());
         #[cfg(not(feature = "cuda"))]
         unreachable!("a PoolMeter exists only on CUDA")
     }
 
-    /// Waits for the device's queued work, then starts the high-water mark afresh from the
-    /// bytes in use now.
-    pub fn reset_high(&self) -> Result<()> {
+    /// Bytes of live allocations from the pool now ([`Self::read`]'s `pool_used`).
+    pub fn in_use(&self) -> Option<u64> {
+        self.read().map(|m| m.pool_used)
+    }
+
+    /// Waits for the device's queued work, then starts the high-water marks afresh from
+    /// the figures now; `false` (logged) where the driver refuses.
+    pub fn reset_high(&self) -> bool {
         #[cfg(feature = "cuda")]
-        return self.inner.reset_high();
+        return logged(self.inner.reset_high()).is_some();
         #[cfg(not(feature = "cuda"))]
         unreachable!("a PoolMeter exists only on CUDA")
     }
 
-    /// Runs `work` and returns its result with what it held at its peak.
-    pub fn working_peak<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<(T, PartMemory)> {
-        self.reset_high()?;
-        let before = self.read()?.pool_used;
+    /// Runs `work` and returns its result with what it held at its peak (`None` where the
+    /// counters could not be read; `work`'s own error is returned as it is).
+    pub fn working_peak<T>(
+        &self,
+        work: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, Option<PartMemory>)> {
+        let before = if self.reset_high() {
+            self.in_use()
+        } else {
+            None
+        };
         let out = work()?;
-        let after = self.read()?;
-        Ok((
-            out,
-            PartMemory {
+        let part = before.and_then(|before| {
+            self.read().map(|after| PartMemory {
                 working: after.pool_used_high.saturating_sub(before),
                 pool_peak: after.pool_reserved_high,
-            },
-        ))
+            })
+        });
+        Ok((out, part))
     }
 }
 
 /// Bytes the device's CUDA-graph memory holds now (the buffers of live graphs' allocation
-/// nodes, kept reserved between replays); `None` off CUDA.
-pub fn graph_memory_reserved(device: &Device) -> Result<Option<u64>> {
+/// nodes, kept reserved between replays); `None` off CUDA or where the driver refuses.
+pub fn graph_memory_reserved(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = device {
-        return imp::graph_memory_reserved(dev).map(Some);
+        return logged(imp::graph_memory_reserved(dev));
     }
     let _ = device;
-    Ok(None)
+    None
+}
+
+/// A counter's value, or `None` with the driver's refusal logged.
+#[cfg(feature = "cuda")]
+fn logged<T>(read: Result<T>) -> Option<T> {
+    read.map_err(|e| tracing::warn!(error = %e, "device memory counter not read"))
+        .ok()
 }
 
 #[cfg(feature = "cuda")]
@@ -225,7 +246,7 @@ mod tests {
     #[test]
     fn there_is_no_meter_off_cuda() {
         assert!(PoolMeter::new(&Device::Cpu).is_none());
-        assert_eq!(graph_memory_reserved(&Device::Cpu).unwrap(), None);
+        assert_eq!(graph_memory_reserved(&Device::Cpu), None);
     }
 
     #[test]

@@ -429,8 +429,9 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
     let mut completions = Vec::new();
     // Device memory by part, the memory plan's parts (CUDA only).
     let meter = PoolMeter::new(dev);
+    let in_use = || meter.as_ref().and_then(PoolMeter::in_use);
     let measured = |work: &mut dyn FnMut() -> candle_core::Result<f64>| match &meter {
-        Some(m) => m.working_peak(work).map(|(out, part)| (out, Some(part))),
+        Some(m) => m.working_peak(work),
         None => work().map(|out| (out, None)),
     };
     for &format in &bench.formats {
@@ -441,7 +442,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
             // they run as fp8 GEMMs (`fp8_gemm`), elsewhere up-cast per forward.
             WeightFormat::Fp8 => (None, true),
         };
-        let resident_before = meter.as_ref().map(PoolMeter::read).transpose()?;
+        let resident_before = in_use();
         let start = Instant::now();
         let random = RandomWeights::default();
         let counter = random.elements.clone();
@@ -455,10 +456,9 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         let transformer = FluxTransformer::new(vb, c, &linears)?;
         dev.synchronize()?;
         let load_s = start.elapsed().as_secs_f64();
-        let weights_device_bytes = match (&meter, resident_before) {
-            (Some(m), Some(before)) => Some(m.read()?.pool_used.saturating_sub(before.pool_used)),
-            _ => None,
-        };
+        let weights_device_bytes = resident_before
+            .zip(in_use())
+            .map(|(before, after)| after.saturating_sub(before));
         parameters = counter.load(std::sync::atomic::Ordering::Relaxed);
         let (linear_weight_bytes, quantized_layers) = transformer.linear_weight_bytes();
         let name = format.name();
@@ -497,15 +497,14 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
             weights_device_bytes,
         });
     }
-    let resident_before = meter.as_ref().map(PoolMeter::read).transpose()?;
+    let resident_before = in_use();
     let vae = Autoencoder::new(
         VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone()),
         &bench.vae,
     )?;
-    let vae_weights = match (&meter, resident_before) {
-        (Some(m), Some(before)) => Some(m.read()?.pool_used.saturating_sub(before.pool_used)),
-        _ => None,
-    };
+    let vae_weights = resident_before
+        .zip(in_use())
+        .map(|(before, after)| after.saturating_sub(before));
     let image = Tensor::randn(0f32, 0.5, (1, 3, ht, w), dev)?.to_dtype(dtype)?;
     let (vae_encode_s, encode_memory) =
         measured(&mut || timed_after(dev, bench.warmup, bench.iters, || vae.encode_mean(&image)))?;
@@ -513,12 +512,16 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         Tensor::randn(0f32, 1.0, (1, bench.vae.latent_channels, lh, lw), dev)?.to_dtype(dtype)?;
     let (vae_decode_s, decode_memory) =
         measured(&mut || timed_after(dev, bench.warmup, bench.iters, || vae.decode(&z)))?;
-    let vae_device_memory = match (&meter, vae_weights, encode_memory, decode_memory) {
-        (Some(m), Some(weights), Some(encode), Some(decode)) => Some(VaeDeviceMemory {
+    let outside_pool = meter
+        .as_ref()
+        .and_then(PoolMeter::read)
+        .map(|m| m.outside_pool());
+    let vae_device_memory = match (vae_weights, encode_memory, decode_memory, outside_pool) {
+        (Some(weights), Some(encode), Some(decode), Some(outside_pool)) => Some(VaeDeviceMemory {
             weights,
             encode,
             decode,
-            outside_pool: m.read()?.outside_pool(),
+            outside_pool,
         }),
         _ => None,
     };
@@ -591,7 +594,7 @@ fn time_graph(
         tracing::warn!(error = %why, "CUDA graph: capture failed");
         return Ok(refused(why));
     };
-    let graph_memory_bytes = crate::models::cuda::memory::graph_memory_reserved(dev)?;
+    let graph_memory_bytes = crate::models::cuda::memory::graph_memory_reserved(dev);
     let other = (img * -0.5)?.contiguous()?;
     let eager = transformer.forward(&other, text, 0.7, 50.0, rope)?;
     let replay = graphs.forward(transformer, &other, text, 0.7, 50.0, rope)?;
