@@ -67,9 +67,7 @@ pub fn is_dense_cpu_f32(t: &candle_core::Tensor) -> bool {
 #[cfg(test)]
 fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
-        .unwrap()
+    super::kernel_check::max_abs_diff(a, b).unwrap()
 }
 
 #[cfg(test)]

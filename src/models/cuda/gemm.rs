@@ -860,14 +860,7 @@ mod tests {
     use super::*;
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        crate::models::kernel_check::max_abs_diff(a, b).unwrap()
     }
 
     fn randn(shape: &[usize], std: f32, dtype: DType) -> Tensor {

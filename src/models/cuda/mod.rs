@@ -39,6 +39,7 @@ pub mod memory;
 mod ptx;
 pub mod switch;
 
+use crate::models::kernel_check::max_abs_diff;
 use candle_core::{DType, Result, Tensor, D};
 
 /// `softmax(scale * xs)` over the last dimension, in `xs`'s dtype, computed in f32. Takes
@@ -90,14 +91,6 @@ pub fn self_check(device: &candle_core::Device, dtype: DType) -> Result<(f32, f3
     let bias = Tensor::randn(0f32, 1.0, 3072, device)?.to_dtype(dtype)?;
     let bias_diff = max_abs_diff(&add_row_bias(&xs, &bias)?, &xs.broadcast_add(&bias)?)?;
     Ok((softmax_diff, bias_diff))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()
 }
 
 /// [`scaled_softmax_last_dim`] as a custom op (CUDA only; other devices never reach it).
