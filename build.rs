@@ -1,6 +1,8 @@
 //! With the `cuda` feature, compiles `src/models/cuda/kernels.cu`, `flash.cu`, `fp8.cu` and
-//! `dequant.cu` to PTX (loaded by `models::cuda` at run time). Without it, does nothing: CPU
-//! builds need no CUDA toolkit.
+//! `dequant.cu` to PTX (loaded by `models::cuda` at run time). With the `cudnn` feature, also
+//! compiles `cudnn_sdpa.cpp` (cuDNN's fused attention through NVIDIA's cudnn-frontend
+//! headers) and links it with libcudnn and the static CUDA runtime. Without them, does
+//! nothing: CPU builds need no CUDA toolkit.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -14,6 +16,9 @@ fn main() {
     println!("cargo:rerun-if-changed=src/models/cuda/common.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-changed=src/models/cuda/cudnn_sdpa.cpp");
+    println!("cargo:rerun-if-env-changed=CUDNN_FRONTEND_INCLUDE_DIR");
+    println!("cargo:rerun-if-env-changed=CUDNN_INCLUDE_DIR");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -45,5 +50,62 @@ fn main() {
             .status()
             .unwrap_or_else(|e| panic!("running `{nvcc}` for {source}: {e}"));
         assert!(status.success(), "`{nvcc}` failed on {source}");
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDNN").is_some() {
+        build_cudnn_shim();
+    }
+}
+
+/// A directory named by `var` that holds `header`, or a panic that says how to get it.
+fn include_dir(var: &str, header: &str, package: &str) -> PathBuf {
+    let dir = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("the `cudnn` feature needs {var}: the directory of {header} (PyPI: {package})")
+    });
+    assert!(
+        dir.join(header).is_file(),
+        "{var}={}: no {header} there (PyPI: {package})",
+        dir.display()
+    );
+    dir
+}
+
+/// Compiles the cuDNN attention shim and links what it needs.
+fn build_cudnn_shim() {
+    let frontend = include_dir(
+        "CUDNN_FRONTEND_INCLUDE_DIR",
+        "cudnn_frontend.h",
+        "nvidia-cudnn-frontend, its include/",
+    );
+    let cudnn = include_dir(
+        "CUDNN_INCLUDE_DIR",
+        "cudnn.h",
+        "nvidia-cudnn-cu13, nvidia/cudnn/include",
+    );
+    let cuda_home = PathBuf::from(std::env::var("CUDA_HOME").unwrap_or_else(|_| {
+        panic!(
+            "the `cudnn` feature needs CUDA_HOME (the toolkit: cuda_runtime.h, libcudart_static.a)"
+        )
+    }));
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .warnings(false)
+        .include(&frontend)
+        .include(&cudnn)
+        .include(cuda_home.join("include"))
+        .file("src/models/cuda/cudnn_sdpa.cpp")
+        .compile("icedit_cudnn_sdpa");
+    // The CUDA runtime statically, so the carried binary needs no libcudart of its version.
+    for lib in ["lib", "lib64", "targets/x86_64-linux/lib"] {
+        let dir = cuda_home.join(lib);
+        if dir.join("libcudart_static.a").is_file() {
+            println!("cargo:rustc-link-search=native={}", dir.display());
+        }
+    }
+    println!("cargo:rustc-link-lib=static=cudart_static");
+    println!("cargo:rustc-link-lib=dylib=cudnn");
+    for lib in ["dl", "rt", "pthread"] {
+        println!("cargo:rustc-link-lib=dylib={lib}");
     }
 }

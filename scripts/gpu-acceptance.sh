@@ -29,7 +29,9 @@
 #      same diptych as `bench flux` (bench_diffusers_flux.py --vae, step diffusers-vae),
 #      beside `bench flux`'s vae_encode_s / vae_decode_s; with BIN_CUDNN (a second binary
 #      built with `--features cudnn`), `bench flux --vae-only` of each build (steps
-#      vae-im2col, vae-cudnn: candle's conv2d as im2col + GEMM against cuDNN's);
+#      vae-im2col, vae-cudnn: candle's conv2d as im2col + GEMM against cuDNN's) and the
+#      dense step with FLUX's attention through cuDNN's fused SDPA instead of our flash
+#      kernel (step flux-dense-cudnn-attention, ICEDIT_CUDA_ATTENTION=cudnn);
 #   5. one early-filter edit end to end on the device with random weights at SIZE (dense
 #      DTYPE, or EDIT_QUANTIZE; 512 panel of a square source = 1024x512 diptych, batch 8,
 #      8 seeds, 4 probe steps, keep 2; the tiny fixture judge; again with ICEDIT_CUDA_GRAPH=on,
@@ -58,7 +60,8 @@
 #
 # Environment (defaults in brackets):
 #   BIN      the icedit-scale binary [target/release/icedit-scale]
-#   BIN_CUDNN  the same built with `--features cudnn` for the VAE's conv A/B [none: skipped]
+#   BIN_CUDNN  the same built with `--features cudnn`: the VAE's conv A/B and the attention
+#              A/B (our flash kernel / cuDNN's fused SDPA) [none: skipped]
 #   PYTHON   a python with torch + diffusers for step 2 [python3]; skipped when missing
 #   SIZE     full | small [full]          DEVICE  cuda | cuda:N | cpu [cuda]
 #   DTYPE    bf16 | f32 [bf16]            BATCHES [1,4,8]      ITERS [3]
@@ -301,9 +304,17 @@ if [[ -n "${BIN_CUDNN:-}" && -x "${BIN_CUDNN:-}" ]]; then
     step "vae-$build" "$bin" bench flux --vae-only --size "$SIZE" --device "$DEVICE" \
       --dtype "$DTYPE" --width 512 --height 512 --iters "$ITERS" --no-tiny --out "$OUT/vae-$build"
   done
+  # FLUX's attention through cuDNN's fused SDPA instead of our flash kernel (issue 31 item
+  # 1's second route): its kernel check times both on the same inputs, then the dense step
+  # runs with cuDNN's (flux-dense is the flash kernel's step).
+  step flux-dense-cudnn-attention env ICEDIT_CUDA_ATTENTION=cudnn "$BIN_CUDNN" bench flux \
+    --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --formats dense --batch "$BATCHES" \
+    --width 512 --height 512 --t5-tokens 512 --iters "$ITERS" --steps 28 --no-tiny \
+    --out "$OUT/flux-dense-cudnn-attention"
 else
-  echo "== vae-im2col / vae-cudnn: no BIN_CUDNN binary; skipped"
+  echo "== vae-im2col / vae-cudnn / flux-dense-cudnn-attention: no BIN_CUDNN binary; skipped"
   printf 'vae-cudnn\tskipped\t0\n' >>"$OUT/steps.tsv"
+  printf 'flux-dense-cudnn-attention\tskipped\t0\n' >>"$OUT/steps.tsv"
 fi
 
 # Random weights at $SIZE, dense DTYPE (EDIT_QUANTIZE for another format), a 512 panel of
@@ -531,6 +542,32 @@ if flux:
 for f, r in runs.items():
     if not r:
         md += ["", f"bench flux `{f}` failed:", "", "```", tail(f"flux-{f}"), "```"]
+
+# The two attention routes of issue 31 item 1 side by side: the kernel check's rows of the
+# cuDNN build (flash kernel and cuDNN on the same inputs) and the dense step with each.
+md += ["", "## FLUX attention: our flash kernel against cuDNN's fused SDPA (steps flux-dense, flux-dense-cudnn-attention)", ""]
+cud = load("flux-dense-cudnn-attention/flux.json")
+own = load("flux-dense/flux.json")
+if cud:
+    rows = [r for r in (cud.get("fused_check") or {}).get("rows", []) if r["name"].startswith("attention")]
+    md += ["The `cudnn` build's kernel check, both routes on the same random q, k, v (one joint sequence):", "",
+           "| route | inputs | max abs diff | tolerance | pass | ms | unfused ms | error |", "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    for r in rows:
+        md.append(f"| {r['name']} | {r['shape']} | {fmt(r.get('max_abs_diff'), '.3e')} | {fmt(r.get('tolerance'), '.3e')} | "
+                  f"{r['pass']} | {fmt(r.get('fused_ms'), '.3f')} | {fmt(r.get('unfused_ms'), '.3f')} | "
+                  f"{(r.get('error') or '').replace('|', '/')[:200]} |")
+    md += ["", "| batch | step, flash kernel (s) | step, cuDNN SDPA (s) | cuDNN / flash |", "|---|---|---|---|"]
+    own_steps = {s["batch"]: s["step_s"] for s in ((own or {}).get("formats") or [{}])[0].get("steps", [])}
+    for s in (cud.get("formats") or [{}])[0].get("steps", []):
+        o = own_steps.get(s["batch"])
+        md.append(f"| {s['batch']} | {fmt(o, '.4f')} | {s['step_s']:.4f} | "
+                  f"{'-' if not o else format(s['step_s'] / o, '.2f')} |")
+    if any(r["name"] == "attention (cuDNN)" and not r["pass"] for r in rows):
+        md += ["", "**cuDNN's attention failed its check**, so that run turned the fused attention off: its "
+               "step column is candle's unfused attention, not cuDNN's."]
+else:
+    md += ["not measured:", "", "```", tail("flux-dense-cudnn-attention"), "```"]
 
 graph = load("flux-graph/flux.json")
 md += ["", "## The FLUX step replayed from a CUDA graph (step flux-graph, dense)", ""]

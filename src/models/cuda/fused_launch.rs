@@ -14,8 +14,12 @@ use super::ptx::{
     KERNELS_MODULE,
 };
 
-/// The contiguous elements `layout` covers in `storage`, as `T`.
-fn view<'a, T: CudaDType>(storage: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
+/// The contiguous elements `layout` covers in `storage`, as `T` (every launch of ours, the
+/// cuBLASLt GEMMs' and cuDNN's attention's included, takes its inputs this way).
+pub(super) fn view<'a, T: CudaDType>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+) -> Result<CudaView<'a, T>> {
     let slice: &CudaSlice<T> = storage.as_cuda_slice::<T>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(slice.slice(start..end)),

@@ -337,6 +337,7 @@ mod lt {
     use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 
+    use super::super::fused_launch::view;
     use super::super::ptx::{FP8 as FP8_PTX, FP8_MODULE};
 
     /// NVIDIA's recommended cuBLASLt workspace: 32 MiB on Hopper, 4 MiB before.
@@ -616,18 +617,6 @@ mod lt {
     /// Largest power-of-two alignment of a device address, up to 256 bytes.
     fn alignment(ptr: u64) -> u32 {
         1 << ptr.trailing_zeros().min(8)
-    }
-
-    /// The contiguous elements `layout` covers in `storage`, as `T`.
-    fn view<'a, T: CudaDType>(
-        storage: &'a CudaStorage,
-        layout: &Layout,
-    ) -> Result<CudaView<'a, T>> {
-        let slice: &CudaSlice<T> = storage.as_cuda_slice::<T>()?;
-        match layout.contiguous_offsets() {
-            Some((start, end)) => Ok(slice.slice(start..end)),
-            None => candle_core::bail!("cuBLASLt GEMM needs contiguous inputs"),
-        }
     }
 
     /// The GEMM of [`super::linear`] / [`super::fp8_linear`] / [`super::fp8_rows_linear`]

@@ -27,6 +27,7 @@
 //! GEMMs on sm89+ ([`gemm`], `fp8.cu`).
 
 pub mod attention;
+pub mod cudnn_attention;
 pub mod dequant;
 pub mod fp8_rows;
 #[cfg(feature = "cuda")]

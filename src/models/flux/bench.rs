@@ -25,6 +25,7 @@ use super::step_cache::cache_bytes;
 use super::transformer::{FluxTransformer, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
 use crate::models::bench::{timed_after, RandomWeights};
+use crate::models::cuda::cudnn_attention::{self as cudnn, AttentionRoute};
 use crate::models::cuda::graph::GraphNodes;
 use crate::models::cuda::memory::{PartMemory, PoolMeter};
 use crate::models::cuda::switch::{self, Kernel, Kernels};
@@ -847,6 +848,23 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
                 if best.is_none_or(|(b, _)| ms < b) {
                     best = Some((ms, warps));
                 }
+            }
+            rows.push(r);
+        }
+        // cuDNN's fused SDPA (a `cudnn` build), the other route, checked and timed beside
+        // the flash kernel on the same inputs; a failure is a row, not the end of the run.
+        if cudnn::built() && dev.is_cuda() {
+            let fused = || cudnn::cudnn_attention(&q, &k, &v, heads);
+            let r = check_or_error(
+                dev,
+                "attention (cuDNN)",
+                tolerance_rel(attn_dtype),
+                format!("q, k, v [1, {len}, {heads} x {head_dim}] {attn_dtype:?}"),
+                &fused,
+                &unfused,
+            )?;
+            if !r.pass && cudnn::route() == AttentionRoute::Cudnn {
+                passed = false;
             }
             rows.push(r);
         }

@@ -5,6 +5,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
 use super::linear::{AdaptedLinear, LinearInput, Linears};
+use crate::models::cuda::cudnn_attention::{self as cudnn, AttentionRoute};
 use crate::models::cuda::switch::{use_kernel, Kernel};
 use crate::models::cuda::{attention as flash, glue};
 
@@ -60,6 +61,15 @@ pub(crate) fn gated_residual(xs: &Tensor, ys: &Tensor, gate: &Tensor) -> Result<
 /// layout) runs for `xs` `[B, S, hidden]` split into `heads`.
 fn fused_attention(xs: &Tensor, heads: usize) -> Result<bool> {
     Ok(use_kernel(Kernel::Attention, xs) && flash::supports(xs.dim(D::Minus1)?, heads, xs.dtype()))
+}
+
+/// The fused path's attention of q, k, v `[B, S, H * D]`: our flash kernel, or on CUDA
+/// cuDNN's fused SDPA where `ICEDIT_CUDA_ATTENTION=cudnn` asks for it (a `cudnn` build).
+fn fused_attention_of(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    if q.device().is_cuda() && cudnn::route() == AttentionRoute::Cudnn {
+        return cudnn::cudnn_attention(q, k, v, heads);
+    }
+    flash::flash_attention(q, k, v, heads)
 }
 
 /// A linear layer built as `linears` says (weight form, LoRA).
@@ -356,7 +366,7 @@ impl DoubleBlock {
         let q = Tensor::cat(&[tq, iq], 1)?;
         let k = Tensor::cat(&[tk, ik], 1)?;
         let v = Tensor::cat(&[tv, iv], 1)?;
-        let joint = flash::flash_attention(&q, &k, &v, self.heads)?;
+        let joint = fused_attention_of(&q, &k, &v, self.heads)?;
         let txt_attn = self.txt_out.forward(&joint.narrow(1, 0, n_txt)?)?;
         let img_attn = self.img_out.forward(&joint.narrow(1, n_txt, n_img)?)?;
         Ok((img_attn, txt_attn))
@@ -450,7 +460,7 @@ impl SingleBlock {
             let (q, k, v) = self
                 .qkv
                 .forward_fused(normed, self.heads, &rope.0, &rope.1)?;
-            return flash::flash_attention(&q, &k, &v, self.heads);
+            return fused_attention_of(&q, &k, &v, self.heads);
         }
         let (q, k, v) = self.qkv.forward(normed, self.heads)?;
         attention(&q, &k, &v, rope)
