@@ -136,9 +136,10 @@ mod imp {
     use std::ffi::{c_char, c_int, c_void, CStr};
 
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
-    use candle_core::cuda_backend::CudaDType;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
     use candle_core::{CudaStorage, DType, Layout, Result, Shape};
+
+    use crate::models::cuda::fused_launch::view;
 
     extern "C" {
         fn icedit_cudnn_sdpa_error() -> *const c_char;
