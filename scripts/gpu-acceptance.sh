@@ -563,6 +563,9 @@ if cud:
         o = own_steps.get(s["batch"])
         md.append(f"| {s['batch']} | {fmt(o, '.4f')} | {s['step_s']:.4f} | "
                   f"{'-' if not o else format(s['step_s'] / o, '.2f')} |")
+    if not any(r["name"] == "attention (cuDNN)" for r in rows):
+        md += ["", "**No cuDNN row**: BIN_CUDNN has no cuDNN route (built without `--features cudnn`) or ran "
+               "off CUDA, so its step column is the flash kernel's again, not cuDNN's."]
     if any(r["name"] == "attention (cuDNN)" and not r["pass"] for r in rows):
         md += ["", "**cuDNN's attention failed its check**, so that run turned the fused attention off: its "
                "step column is candle's unfused attention, not cuDNN's."]
