@@ -431,6 +431,12 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
     // Device memory by part, the memory plan's parts (CUDA only).
     let meter = PoolMeter::new(dev);
     let in_use = || meter.as_ref().and_then(PoolMeter::in_use);
+    // Bytes newly held in the pool since `before` was read (a model's weights once built).
+    let held_since = |before: Option<u64>| {
+        before
+            .zip(in_use())
+            .map(|(before, after)| after.saturating_sub(before))
+    };
     let measured = |work: &mut dyn FnMut() -> candle_core::Result<f64>| match &meter {
         Some(m) => m.working_peak(work),
         None => work().map(|out| (out, None)),
@@ -457,9 +463,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         let transformer = FluxTransformer::new(vb, c, &linears)?;
         dev.synchronize()?;
         let load_s = start.elapsed().as_secs_f64();
-        let weights_device_bytes = resident_before
-            .zip(in_use())
-            .map(|(before, after)| after.saturating_sub(before));
+        let weights_device_bytes = held_since(resident_before);
         parameters = counter.load(std::sync::atomic::Ordering::Relaxed);
         let (linear_weight_bytes, quantized_layers) = transformer.linear_weight_bytes();
         let name = format.name();
@@ -503,9 +507,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone()),
         &bench.vae,
     )?;
-    let vae_weights = resident_before
-        .zip(in_use())
-        .map(|(before, after)| after.saturating_sub(before));
+    let vae_weights = held_since(resident_before);
     let image = Tensor::randn(0f32, 0.5, (1, 3, ht, w), dev)?.to_dtype(dtype)?;
     let (vae_encode_s, encode_memory) =
         measured(&mut || timed_after(dev, bench.warmup, bench.iters, || vae.encode_mean(&image)))?;
@@ -830,6 +832,7 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
             randn(shape, 1.0, attn_dtype)?,
         );
         let unfused = || flash::unfused(&q, &k, &v, heads);
+        let inputs = format!("q, k, v [1, {len}, {heads} x {head_dim}] {attn_dtype:?}");
         let variants: &[usize] = if dev.is_cuda() { &[4, 8] } else { &[8] };
         let mut best: Option<(f64, usize)> = None;
         let mut passed = true;
@@ -839,7 +842,7 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
                 dev,
                 &format!("attention ({warps} warps)"),
                 tolerance_rel(attn_dtype),
-                format!("q, k, v [1, {len}, {heads} x {head_dim}] {attn_dtype:?}"),
+                inputs.clone(),
                 &fused,
                 &unfused,
             )?;
@@ -859,7 +862,7 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
                 dev,
                 "attention (cuDNN)",
                 tolerance_rel(attn_dtype),
-                format!("q, k, v [1, {len}, {heads} x {head_dim}] {attn_dtype:?}"),
+                inputs.clone(),
                 &fused,
                 &unfused,
             )?;
