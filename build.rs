@@ -1,5 +1,6 @@
 //! With the `cuda` feature, compiles `src/models/cuda/kernels.cu`, `flash.cu`, `fp8.cu` and
-//! `dequant.cu` to PTX (loaded by `models::cuda` at run time). With the `cudnn` feature, also
+//! `dequant.cu` to PTX (loaded by `models::cuda` at run time) and assembles each for the
+//! target GPU with ptxas as a check (see [`assemble`]). With the `cudnn` feature, also
 //! compiles `cudnn_sdpa.cpp` (cuDNN's fused attention through NVIDIA's cudnn-frontend
 //! headers) and links it with libcudnn and the static CUDA runtime. Without them, does
 //! nothing: CPU builds need no CUDA toolkit.
@@ -50,9 +51,62 @@ fn main() {
             .status()
             .unwrap_or_else(|e| panic!("running `{nvcc}` for {source}: {e}"));
         assert!(status.success(), "`{nvcc}` failed on {source}");
+        assemble(&nvcc, &cap, source, &ptx);
     }
     if std::env::var_os("CARGO_FEATURE_CUDNN").is_some() {
         build_cudnn_shim();
+    }
+}
+
+/// Assembles `ptx` for `sm_{cap}` with ptxas (beside nvcc, or on the PATH), as the driver
+/// will when it loads the module: a kernel that does not assemble for that GPU (an
+/// instruction it lacks, more static shared memory than a block may have) fails this build
+/// instead of the first launch on a device. Register spills (a kernel held under its launch
+/// bounds) are warnings; ptxas' resource report for each kernel is kept beside the PTX
+/// (`<name>.ptxas.txt`). Without ptxas the check is skipped with a
+/// warning (the PTX is still built and loads as before).
+fn assemble(nvcc: &str, cap: &str, source: &str, ptx: &std::path::Path) {
+    let beside = std::path::Path::new(nvcc).with_file_name("ptxas");
+    let ptxas = if beside.is_file() {
+        beside.display().to_string()
+    } else {
+        "ptxas".to_string()
+    };
+    let output = match Command::new(&ptxas)
+        .arg(format!("-arch=sm_{cap}"))
+        .arg("-v")
+        .arg("-o")
+        .arg(ptx.with_extension("cubin"))
+        .arg(ptx)
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) => {
+            println!(
+                "cargo:warning=no ptxas (`{ptxas}`: {e}): {source} was not assembled for sm_{cap} here"
+            );
+            return;
+        }
+    };
+    // ptxas writes its resource report (-v) to stderr.
+    let report = String::from_utf8_lossy(&output.stderr).into_owned();
+    std::fs::write(ptx.with_extension("ptxas.txt"), &report)
+        .unwrap_or_else(|e| panic!("writing ptxas' report for {source}: {e}"));
+    assert!(
+        output.status.success(),
+        "ptxas -arch=sm_{cap} failed on the PTX of {source}:\n{report}"
+    );
+    let mut kernel = "";
+    for line in report.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            kernel = rest.split('\'').next().unwrap_or(rest);
+        }
+        if line.contains("spill stores") && !line.contains(" 0 bytes spill stores") {
+            println!(
+                "cargo:warning={source}: {kernel} spills on sm_{cap}: {}",
+                line.trim()
+            );
+        }
     }
 }
 
