@@ -23,7 +23,7 @@ use icedit_scale::models::flux::embeddings::rope_tables;
 use icedit_scale::models::flux::held_weight::{Weight, WeightFormat};
 use icedit_scale::models::flux::latents::joint_ids;
 use icedit_scale::models::flux::text::{load_tokenizer, token_ids};
-use icedit_scale::models::flux::transformer::TextConditioning;
+use icedit_scale::models::flux::transformer::{StepInputs, TextConditioning};
 use icedit_scale::models::flux::FluxPaths;
 use icedit_scale::models::weight_use::UnusedWeights;
 
@@ -75,12 +75,14 @@ fn forward(generator: &FluxGenerator, r: &HashMap<String, Tensor>) -> Tensor {
         t5: r["fwd_context"].clone(),
         pooled: r["fwd_pooled"].clone(),
     };
-    let sigma = r["fwd_sigma"].to_vec1::<f32>().unwrap()[0] as f64;
-    let guidance = r["fwd_guidance"].to_vec1::<f32>().unwrap()[0] as f64;
-    generator
-        .transformer()
-        .forward(&r["fwd_hidden"], &text, sigma, guidance, &rope)
-        .unwrap()
+    let step = StepInputs {
+        img: &r["fwd_hidden"],
+        text: &text,
+        sigma: r["fwd_sigma"].to_vec1::<f32>().unwrap()[0] as f64,
+        guidance: r["fwd_guidance"].to_vec1::<f32>().unwrap()[0] as f64,
+        rope: &rope,
+    };
+    generator.transformer().forward(&step).unwrap()
 }
 
 #[test]

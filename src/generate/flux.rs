@@ -34,7 +34,7 @@ use crate::models::flux::linear::Linears;
 use crate::models::flux::lora::{find_lora_file, LoraReport, LoraSet};
 use crate::models::flux::scheduler::DynamicShift;
 use crate::models::flux::text::TextEncoders;
-use crate::models::flux::transformer::{self, FluxTransformer, TextConditioning};
+use crate::models::flux::transformer::{self, FluxTransformer, StepInputs, TextConditioning};
 use crate::models::flux::vae::Autoencoder;
 use crate::models::flux::vae::VaeConfig;
 use crate::models::flux::vae_tiling::VaeTiling;
@@ -778,11 +778,13 @@ impl Generator for FluxGenerator {
             .graphs
             .forward_cached(
                 transformer,
-                &img,
-                &p.text,
-                sigma,
-                self.options.guidance,
-                &p.rope,
+                &StepInputs {
+                    img: &img,
+                    text: &p.text,
+                    sigma,
+                    guidance: self.options.guidance,
+                    rope: &p.rope,
+                },
                 caches,
             )
             .and_then(|(v, work)| Ok((v.to_dtype(DType::F32)?, work)))

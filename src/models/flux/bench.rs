@@ -22,7 +22,7 @@ use super::latents::joint_ids;
 use super::linear::{to_fp8, BaseLinear, Linears};
 use super::scheduler::DynamicShift;
 use super::step_cache::cache_bytes;
-use super::transformer::{FluxTransformer, TextConditioning};
+use super::transformer::{FluxTransformer, StepInputs, TextConditioning};
 use super::vae::{Autoencoder, VaeConfig};
 use crate::models::bench::{timed_after, RandomWeights};
 use crate::models::cuda::cudnn_attention::{self as cudnn, AttentionRoute};
@@ -471,14 +471,21 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
         for &batch in &bench.batches {
             let img =
                 Tensor::randn(0f32, 1.0, (batch, tokens, c.in_channels), dev)?.to_dtype(dtype)?;
+            let step = StepInputs {
+                img: &img,
+                text: &text,
+                sigma: 0.5,
+                guidance: 50.0,
+                rope: &rope,
+            };
             let (step_s, device_memory) = measured(&mut || {
                 timed_after(dev, bench.warmup, bench.iters, || {
-                    transformer.forward(&img, &text, 0.5, 50.0, &rope)
+                    transformer.forward(&step)
                 })
             })?;
             tracing::info!(format = %name, batch, step_s, "transformer step");
             let graph = if bench.graph && formats.is_empty() {
-                Some(time_graph(&transformer, bench, &img, &text, &rope)?)
+                Some(time_graph(&transformer, bench, &step)?)
             } else {
                 None
             };
@@ -572,9 +579,7 @@ pub fn run(bench: &FluxBench) -> candle_core::Result<FluxBenchResult> {
 fn time_graph(
     transformer: &FluxTransformer,
     bench: &FluxBench,
-    img: &Tensor,
-    text: &TextConditioning,
-    rope: &(Tensor, Tensor),
+    step: &StepInputs,
 ) -> candle_core::Result<GraphTiming> {
     let dev = &bench.device;
     let refused = |error: String| GraphTiming {
@@ -590,7 +595,7 @@ fn time_graph(
     let mut graphs = StepGraphs::new(true);
     // The first step of a shape runs eagerly, the second captures.
     for _ in 0..2 {
-        graphs.forward(transformer, img, text, 0.5, 50.0, rope)?;
+        graphs.forward(transformer, step)?;
     }
     let Some(nodes) = graphs.nodes() else {
         let why = graphs.refusal().unwrap_or("no graph captured").to_string();
@@ -598,12 +603,17 @@ fn time_graph(
         return Ok(refused(why));
     };
     let graph_memory_bytes = crate::models::cuda::memory::graph_memory_reserved(dev);
-    let other = (img * -0.5)?.contiguous()?;
-    let eager = transformer.forward(&other, text, 0.7, 50.0, rope)?;
-    let replay = graphs.forward(transformer, &other, text, 0.7, 50.0, rope)?;
+    let other = (step.img * -0.5)?.contiguous()?;
+    let other = StepInputs {
+        img: &other,
+        sigma: 0.7,
+        ..*step
+    };
+    let eager = transformer.forward(&other)?;
+    let replay = graphs.forward(transformer, &other)?;
     let diff = max_abs_diff(&eager, &replay)?;
     let step_s = timed_after(dev, bench.warmup, bench.iters, || {
-        graphs.forward(transformer, img, text, 0.5, 50.0, rope)
+        graphs.forward(transformer, step)
     })?;
     tracing::info!(
         launches = nodes.launches(),
@@ -667,7 +677,14 @@ fn time_completions(
         .to_dtype(dtype)?;
     let step = |x: &Tensor, i: usize, caches: &mut [CandidateCache]| {
         let input = Tensor::cat(&[&x.to_dtype(dtype)?, &cond], 2)?;
-        let (v, work) = transformer.forward_cached(&input, text, sigmas[i], 50.0, rope, caches)?;
+        let inputs = StepInputs {
+            img: &input,
+            text,
+            sigma: sigmas[i],
+            guidance: 50.0,
+            rope,
+        };
+        let (v, work) = transformer.forward_cached(&inputs, caches)?;
         let x = (x + (v.to_dtype(DType::F32)? * (sigmas[i + 1] - sigmas[i]))?)?;
         Ok::<_, candle_core::Error>((x, work))
     };
@@ -1282,13 +1299,13 @@ mod fp8_tests {
             pooled: r["fwd_pooled"].clone(),
         };
         let run = |t: &FluxTransformer| {
-            t.forward(
-                &r["fwd_hidden"],
-                &text,
-                f.scalar("fwd_sigma"),
-                f.scalar("fwd_guidance"),
-                &f.rope,
-            )
+            t.forward(&StepInputs {
+                img: &r["fwd_hidden"],
+                text: &text,
+                sigma: f.scalar("fwd_sigma"),
+                guidance: f.scalar("fwd_guidance"),
+                rope: &f.rope,
+            })
             .unwrap()
         };
         let exact = run(&dense);
@@ -1336,13 +1353,13 @@ mod fp8_tests {
         };
         let run = |hidden: &Tensor| {
             let n = hidden.dim(0).unwrap();
-            fp8.forward(
-                hidden,
-                &text(n),
-                f.scalar("fwd_sigma"),
-                f.scalar("fwd_guidance"),
-                &f.rope,
-            )
+            fp8.forward(&StepInputs {
+                img: hidden,
+                text: &text(n),
+                sigma: f.scalar("fwd_sigma"),
+                guidance: f.scalar("fwd_guidance"),
+                rope: &f.rope,
+            })
             .unwrap()
         };
         let quiet = first("fwd_hidden");

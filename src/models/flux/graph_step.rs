@@ -21,7 +21,7 @@
 
 use candle_core::{DType, Result, Tensor, TensorId};
 
-use super::transformer::{step_scalars, FluxTransformer, TextConditioning};
+use super::transformer::{step_scalars, FluxTransformer, StepInputs};
 use crate::models::cuda::graph::{CapturedForward, GraphNodes};
 use crate::models::step_cache::{CandidateCache, RowWork};
 
@@ -55,12 +55,12 @@ struct GraphKey {
 }
 
 impl GraphKey {
-    fn new(img: &Tensor, text: &TextConditioning, rope: &(Tensor, Tensor)) -> Self {
+    fn new(step: &StepInputs) -> Self {
         Self {
-            img_shape: img.dims().to_vec(),
-            dtype: img.dtype(),
-            text: (text.t5.id(), text.pooled.id()),
-            rope: (rope.0.id(), rope.1.id()),
+            img_shape: step.img.dims().to_vec(),
+            dtype: step.img.dtype(),
+            text: (step.text.t5.id(), step.text.pooled.id()),
+            rope: (step.rope.0.id(), step.rope.1.id()),
         }
     }
 }
@@ -152,44 +152,36 @@ impl StepGraphs {
     /// [`FluxTransformer::forward_cached`] with the full forwards through a graph: with
     /// every candidate's cache off (and graphs on, on CUDA) the step replays the graph,
     /// otherwise the transformer decides per candidate as it always does.
-    #[allow(clippy::too_many_arguments)]
     pub fn forward_cached(
         &mut self,
         transformer: &FluxTransformer,
-        img: &Tensor,
-        text: &TextConditioning,
-        sigma: f64,
-        guidance: f64,
-        rope: &(Tensor, Tensor),
+        step: &StepInputs,
         caches: &mut [CandidateCache],
     ) -> Result<(Tensor, Vec<RowWork>)> {
         if self.on && caches.iter().any(|c| c.config().is_on()) {
             self.stats.eager += 1;
         }
-        transformer.forward_cached_with(img, text, sigma, guidance, rope, caches, &mut || {
-            self.forward(transformer, img, text, sigma, guidance, rope)
-        })
+        transformer.forward_cached_with(step, caches, &mut || self.forward(transformer, step))
     }
 
     /// [`FluxTransformer::forward`], replayed from a graph when graphs are on and the
     /// device is CUDA. The result is the caller's own tensor (a copy of the graph's
     /// output), equal to the eager forward's.
-    pub fn forward(
-        &mut self,
-        transformer: &FluxTransformer,
-        img: &Tensor,
-        text: &TextConditioning,
-        sigma: f64,
-        guidance: f64,
-        rope: &(Tensor, Tensor),
-    ) -> Result<Tensor> {
+    pub fn forward(&mut self, transformer: &FluxTransformer, step: &StepInputs) -> Result<Tensor> {
+        let StepInputs {
+            img,
+            text,
+            sigma,
+            guidance,
+            rope,
+        } = *step;
         if !self.on || !img.device().is_cuda() {
-            return transformer.forward(img, text, sigma, guidance, rope);
+            return transformer.forward(step);
         }
-        let key = GraphKey::new(img, text, rope);
+        let key = GraphKey::new(step);
         if self.refused.as_ref().is_some_and(|(k, _)| *k == key) {
             self.stats.eager += 1;
-            return transformer.forward(img, text, sigma, guidance, rope);
+            return transformer.forward(step);
         }
         if let Some(slot) = self.slot.as_ref().filter(|s| s.key == key) {
             slot.img.slice_set(&img.contiguous()?, 0, 0)?;
@@ -207,7 +199,7 @@ impl StepGraphs {
             // Seen once: run eagerly; capture if the next step repeats it.
             self.pending = Some(key);
             self.stats.eager += 1;
-            return transformer.forward(img, text, sigma, guidance, rope);
+            return transformer.forward(step);
         }
         self.pending = None;
         let inputs = img.contiguous()?.copy()?;
@@ -240,7 +232,7 @@ impl StepGraphs {
                 );
                 self.refused = Some((key, e.to_string()));
                 self.stats.eager += 1;
-                transformer.forward(img, text, sigma, guidance, rope)
+                transformer.forward(step)
             }
         }
     }
@@ -253,6 +245,7 @@ mod tests {
     use crate::models::flux::embeddings::rope_tables;
     use crate::models::flux::latents::joint_ids;
     use crate::models::flux::linear::Linears;
+    use crate::models::flux::transformer::TextConditioning;
     use crate::models::flux::FluxConfig;
     use crate::models::kernel_check::max_abs_diff;
     use crate::models::step_cache::StepCache;
@@ -294,13 +287,20 @@ mod tests {
             pooled: Tensor::randn(0f32, 1.0, (1, config.pooled_projection_dim), &dev).unwrap(),
         };
         let img = Tensor::randn(0f32, 1.0, (2, rows * cols, config.in_channels), &dev).unwrap();
+        let step = |sigma| StepInputs {
+            img: &img,
+            text: &text,
+            sigma,
+            guidance: 30.0,
+            rope: &rope,
+        };
         let mut graphs = StepGraphs::new(true);
 
         let mut off = vec![CandidateCache::default(); 2];
         let (v, work) = graphs
-            .forward_cached(&transformer, &img, &text, 0.6, 30.0, &rope, &mut off)
+            .forward_cached(&transformer, &step(0.6), &mut off)
             .unwrap();
-        let eager = transformer.forward(&img, &text, 0.6, 30.0, &rope).unwrap();
+        let eager = transformer.forward(&step(0.6)).unwrap();
         assert_eq!(max_diff(&v, &eager), 0.0);
         assert_eq!(work.len(), 2);
         assert!(work
@@ -315,10 +315,10 @@ mod tests {
         let mut theirs = vec![CandidateCache::new(fbc); 2];
         for sigma in [0.9, 0.8] {
             let (a, wa) = graphs
-                .forward_cached(&transformer, &img, &text, sigma, 30.0, &rope, &mut ours)
+                .forward_cached(&transformer, &step(sigma), &mut ours)
                 .unwrap();
             let (b, wb) = transformer
-                .forward_cached(&img, &text, sigma, 30.0, &rope, &mut theirs)
+                .forward_cached(&step(sigma), &mut theirs)
                 .unwrap();
             assert_eq!(max_diff(&a, &b), 0.0);
             assert_eq!(format!("{wa:?}"), format!("{wb:?}"));

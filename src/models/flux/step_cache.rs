@@ -23,7 +23,7 @@ use candle_core::{DType, Result, Tensor};
 use super::config::FluxConfig;
 use super::flops::ForwardFlops;
 use super::linear::LinearInput;
-use super::transformer::{FluxTransformer, TextConditioning};
+use super::transformer::{FluxTransformer, StepInputs, TextConditioning};
 use crate::models::step_cache::{
     merge_rows, own_row, select_rows, CacheMemory, CandidateCache, FirstBlockMemory, RowWork,
     StepCache, TaylorMemory, TaylorStep,
@@ -157,40 +157,29 @@ impl FluxTransformer {
     /// in [`Self::forward`], so the output is the same bit for bit.
     pub fn forward_cached(
         &self,
-        img: &Tensor,
-        text: &TextConditioning,
-        sigma: f64,
-        guidance: f64,
-        rope: &(Tensor, Tensor),
+        step: &StepInputs,
         caches: &mut [CandidateCache],
     ) -> Result<(Tensor, Vec<RowWork>)> {
-        self.forward_cached_with(img, text, sigma, guidance, rope, caches, &mut || {
-            self.forward(img, text, sigma, guidance, rope)
-        })
+        self.forward_cached_with(step, caches, &mut || self.forward(step))
     }
 
     /// [`Self::forward_cached`] with the forward of a batch whose caches are all off given
     /// by `full` (it must compute [`Self::forward`] of these inputs): a CUDA graph's replay
     /// ([`super::graph_step`]).
-    #[allow(clippy::too_many_arguments)]
     pub fn forward_cached_with(
         &self,
-        img: &Tensor,
-        text: &TextConditioning,
-        sigma: f64,
-        guidance: f64,
-        rope: &(Tensor, Tensor),
+        step: &StepInputs,
         caches: &mut [CandidateCache],
         full: &mut dyn FnMut() -> Result<Tensor>,
     ) -> Result<(Tensor, Vec<RowWork>)> {
-        let batch = img.dim(0)?;
+        let batch = step.img.dim(0)?;
         if caches.len() != batch {
             return Err(error(format!(
                 "{} step caches for a batch of {batch}",
                 caches.len()
             )));
         }
-        let flops = ForwardFlops::new(self.config(), img.dim(1)?, text.t5.dim(1)?);
+        let flops = ForwardFlops::new(self.config(), step.img.dim(1)?, step.text.t5.dim(1)?);
         let mut rules = caches
             .iter()
             .map(CandidateCache::config)
@@ -201,35 +190,28 @@ impl FluxTransformer {
                 "the rows of one forward must share one step cache rule, got {rule} and {other}"
             )));
         }
-        let input = Input {
-            img,
-            text,
-            sigma,
-            guidance,
-            rope,
-        };
         match rule {
             StepCache::None => Ok((full()?, vec![RowWork::full(flops.full()); batch])),
-            StepCache::FirstBlock { .. } => self.first_block_cached(&input, caches, &flops),
-            StepCache::TaylorSeer(t) if t.lite => self.output_predicted(&input, caches, &flops),
-            StepCache::TaylorSeer(_) => self.attention_predicted(&input, caches, &flops),
+            StepCache::FirstBlock { .. } => self.first_block_cached(step, caches, &flops),
+            StepCache::TaylorSeer(t) if t.lite => self.output_predicted(step, caches, &flops),
+            StepCache::TaylorSeer(_) => self.attention_predicted(step, caches, &flops),
         }
     }
 
     /// First-Block-Cache (`first_block_cache.py:78-190`), decided per row.
     fn first_block_cached(
         &self,
-        input: &Input,
+        step: &StepInputs,
         caches: &mut [CandidateCache],
         flops: &ForwardFlops,
     ) -> Result<(Tensor, Vec<RowWork>)> {
         let batch = caches.len();
-        let (img0, txt0, temb) = input.embed(self)?;
+        let (img0, txt0, temb) = self.embed(step)?;
         let (head, rest) = self
             .double_blocks()
             .split_first()
             .ok_or_else(|| error("First-Block-Cache needs a double-stream block"))?;
-        let (img1, txt1) = head.forward(&img0, &txt0, &temb, input.rope)?;
+        let (img1, txt1) = head.forward(&img0, &txt0, &temb, step.rope)?;
         // The head block's residual on the image stream, [B, S_img, hidden].
         let residual = (&img1 - &img0)?;
         let (mut full, mut reused) = (Vec::new(), Vec::new());
@@ -263,7 +245,7 @@ impl FluxTransformer {
                 head_out.clone(),
                 select_rows(&txt1, &full)?,
                 &select_rows(&temb, &full)?,
-                input.rope,
+                step.rope,
             )?;
             // What every block after the head added to the image stream.
             let tail = (&out - &head_out)?;
@@ -308,7 +290,7 @@ impl FluxTransformer {
     /// attention, slot `2 * doubles + s` single block s's.
     fn attention_predicted(
         &self,
-        input: &Input,
+        step: &StepInputs,
         caches: &mut [CandidateCache],
         flops: &ForwardFlops,
     ) -> Result<(Tensor, Vec<RowWork>)> {
@@ -318,7 +300,7 @@ impl FluxTransformer {
         let known: &[CandidateCache] = caches;
         // Per slot, the attention outputs of the full rows (in `full` order).
         let mut computed: Vec<Tensor> = Vec::new();
-        let (mut img, mut txt, temb) = input.embed(self)?;
+        let (mut img, mut txt, temb) = self.embed(step)?;
         for (d, block) in self.double_blocks().iter().enumerate() {
             (img, txt) = block.forward_with(&img, &txt, &temb, |img_in, txt_in| {
                 let (mut img_parts, mut txt_parts) = (Vec::new(), Vec::new());
@@ -328,7 +310,7 @@ impl FluxTransformer {
                     let (a, t) = block.attention(
                         &LinearInput::new(select_rows(img_in.dense(), &full)?),
                         &LinearInput::new(select_rows(txt_in.dense(), &full)?),
-                        input.rope,
+                        step.rope,
                     )?;
                     computed.extend([a.clone(), t.clone()]);
                     img_parts.push((full.clone(), a));
@@ -350,7 +332,7 @@ impl FluxTransformer {
                 let mut parts = Vec::new();
                 if !full.is_empty() {
                     let selected = LinearInput::new(select_rows(normed.dense(), &full)?);
-                    let a = block.attention(&selected, input.rope)?;
+                    let a = block.attention(&selected, step.rope)?;
                     computed.push(a.clone());
                     parts.push((full.clone(), a));
                 }
@@ -388,7 +370,7 @@ impl FluxTransformer {
     /// prediction of the model output (`proj_out`, slot 0).
     fn output_predicted(
         &self,
-        input: &Input,
+        step: &StepInputs,
         caches: &mut [CandidateCache],
         flops: &ForwardFlops,
     ) -> Result<(Tensor, Vec<RowWork>)> {
@@ -396,13 +378,15 @@ impl FluxTransformer {
         let (steps, full, predicted) = taylor_steps(caches)?;
         let mut parts = Vec::with_capacity(2);
         if !full.is_empty() {
-            let velocity = self.forward(
-                &select_rows(input.img, &full)?,
-                &text_rows(input.text, &full, batch)?,
-                input.sigma,
-                input.guidance,
-                input.rope,
-            )?;
+            let (img, text) = (
+                select_rows(step.img, &full)?,
+                text_rows(step.text, &full, batch)?,
+            );
+            let velocity = self.forward(&StepInputs {
+                img: &img,
+                text: &text,
+                ..*step
+            })?;
             update_full_rows(caches, &steps, &full, std::slice::from_ref(&velocity))?;
             parts.push((full, velocity));
         }
@@ -427,21 +411,6 @@ impl FluxTransformer {
             })
             .collect();
         Ok((merge_rows(parts, batch)?, work))
-    }
-}
-
-/// One forward's inputs, as [`FluxTransformer::forward`] takes them.
-struct Input<'a> {
-    img: &'a Tensor,
-    text: &'a TextConditioning,
-    sigma: f64,
-    guidance: f64,
-    rope: &'a (Tensor, Tensor),
-}
-
-impl Input<'_> {
-    fn embed(&self, model: &FluxTransformer) -> Result<(Tensor, Tensor, Tensor)> {
-        model.embed(self.img, self.text, self.sigma, self.guidance)
     }
 }
 

@@ -135,28 +135,15 @@ impl FluxTransformer {
         &self.config
     }
 
-    /// One forward for a batch of candidates sharing the edit's text conditioning.
-    ///
-    /// - `img` `[B, S_img, in_channels]` (noisy latents ++ masked-image latents ++ mask);
-    /// - `text` with batch 1 (shared) or B;
-    /// - `sigma`, `guidance` scalars (the model multiplies both by 1000 itself);
-    /// - `rope` tables `[S_txt + S_img, head_dim / 2]` for the joint sequence.
-    ///
-    /// Returns the velocity `[B, S_img, out_channels]`. With step caches per candidate:
-    /// [`Self::forward_cached`] (in [`super::step_cache`]).
-    pub fn forward(
-        &self,
-        img: &Tensor,
-        text: &TextConditioning,
-        sigma: f64,
-        guidance: f64,
-        rope: &(Tensor, Tensor),
-    ) -> Result<Tensor> {
+    /// One forward for a batch of candidates sharing the edit's text conditioning (see
+    /// [`StepInputs`] for the shapes). Returns the velocity `[B, S_img, out_channels]`. With
+    /// step caches per candidate: [`Self::forward_cached`] (in [`super::step_cache`]).
+    pub fn forward(&self, step: &StepInputs) -> Result<Tensor> {
         // `embed` drops its sigma / guidance tensors before the blocks run: small buffers
         // kept alive across the forward pin the CPU heap's top above the freed activations
         // (the 512-panel bench peak grew by 250 MB when they were).
-        let (img, txt, temb) = self.embed(img, text, sigma, guidance)?;
-        self.blocks_and_final(img, txt, &temb, rope)
+        let (img, txt, temb) = self.embed(step)?;
+        self.blocks_and_final(img, txt, &temb, step.rope)
     }
 
     /// [`Self::forward`] with `sigma` and `guidance` given as `[B]` f32 tensors on the
@@ -187,15 +174,9 @@ impl FluxTransformer {
     }
 
     /// The embeddings: `(img [B, S_img, hidden], txt [B, S_txt, hidden], temb [B, hidden])`.
-    pub(super) fn embed(
-        &self,
-        img: &Tensor,
-        text: &TextConditioning,
-        sigma: f64,
-        guidance: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (sigma, guidance) = step_scalars(img, sigma, guidance)?;
-        self.embed_at(img, text, &sigma, &guidance)
+    pub(super) fn embed(&self, step: &StepInputs) -> Result<(Tensor, Tensor, Tensor)> {
+        let (sigma, guidance) = step_scalars(step.img, step.sigma, step.guidance)?;
+        self.embed_at(step.img, step.text, &sigma, &guidance)
     }
 
     /// [`Self::embed`] with `sigma` and `guidance` as `[B]` f32 tensors.
@@ -263,6 +244,21 @@ impl FluxTransformer {
     pub(super) fn final_layer(&self) -> &FinalLayer {
         &self.final_layer
     }
+}
+
+/// What one transformer forward reads: a batch of B candidates at one step of one edit.
+#[derive(Clone, Copy)]
+pub struct StepInputs<'a> {
+    /// `[B, S_img, in_channels]`: noisy latents ++ masked-image latents ++ mask.
+    pub img: &'a Tensor,
+    /// The edit's text conditioning, batch 1 (shared by the candidates) or B.
+    pub text: &'a TextConditioning,
+    /// The step's sigma (the model multiplies it by 1000 itself).
+    pub sigma: f64,
+    /// The guidance the model is distilled for (also multiplied by 1000 inside).
+    pub guidance: f64,
+    /// RoPE tables `[S_txt + S_img, head_dim / 2]` for the joint sequence.
+    pub rope: &'a (Tensor, Tensor),
 }
 
 /// `sigma` and `guidance` as the `[B]` f32 tensors the time embedding reads, B = `img`'s
