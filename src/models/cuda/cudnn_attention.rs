@@ -89,6 +89,23 @@ pub fn cudnn_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Resu
     )
 }
 
+/// Whether cuDNN accepts its attention graph for q, k, v `[batch, tokens, heads * head_dim]`
+/// in `dtype` on GPUs of compute capability `sm` (90 for Hopper), checked on the host by
+/// cuDNN's own rules (cudnn-frontend's validation): no device is needed, so a shape the
+/// route cannot take is known before a GPU run. Whether an engine of the device's libcudnn
+/// runs it is only known there, when the graph is built.
+#[cfg(feature = "cudnn")]
+pub fn validate(
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    sm: u32,
+) -> Result<()> {
+    imp::validate([batch, heads, tokens, head_dim], dtype, sm)
+}
+
 struct CudnnAttention {
     #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
     heads: usize,
@@ -151,6 +168,14 @@ mod imp {
             dtype: c_int,
             workspace: *mut i64,
         ) -> c_int;
+        fn icedit_cudnn_sdpa_validate(
+            b: i64,
+            h: i64,
+            s: i64,
+            d: i64,
+            dtype: c_int,
+            sm: c_int,
+        ) -> c_int;
         #[allow(clippy::too_many_arguments)]
         fn icedit_cudnn_sdpa_run(
             b: i64,
@@ -174,6 +199,26 @@ mod imp {
         candle_core::Error::msg(format!("{what}: {}", message.to_string_lossy()))
     }
 
+    /// The shim's code for `dtype`.
+    fn dtype_code(dtype: DType) -> Result<c_int> {
+        match dtype {
+            DType::BF16 => Ok(0),
+            DType::F16 => Ok(1),
+            other => candle_core::bail!("cuDNN attention takes bf16 or f16, not {other:?}"),
+        }
+    }
+
+    /// [`super::validate`] for dims `[batch, heads, tokens, head_dim]`.
+    pub fn validate(dims: [usize; 4], dtype: DType, sm: u32) -> Result<()> {
+        let [b, h, s, d] = dims.map(|x| x as i64);
+        // SAFETY: plain values in; the shim builds and drops its own graph.
+        let rc = unsafe { icedit_cudnn_sdpa_validate(b, h, s, d, dtype_code(dtype)?, sm as c_int) };
+        if rc != 0 {
+            return Err(shim_error("cuDNN attention"));
+        }
+        Ok(())
+    }
+
     pub fn run(
         q: (&CudaStorage, &Layout),
         k: (&CudaStorage, &Layout),
@@ -183,11 +228,7 @@ mod imp {
         let (b, l, hd) = q.1.shape().dims3()?;
         let d = hd / heads;
         let dtype = q.0.dtype();
-        let code: c_int = match dtype {
-            DType::BF16 => 0,
-            DType::F16 => 1,
-            other => candle_core::bail!("cuDNN attention takes bf16 or f16, not {other:?}"),
-        };
+        let code = dtype_code(dtype)?;
         let dims = [b as i64, heads as i64, l as i64, d as i64];
         let mut workspace_bytes = 0i64;
         // SAFETY: plain values in, one i64 written.
@@ -284,6 +325,33 @@ mod tests {
         assert!(err.contains("must have one shape"), "{err}");
         let f = x.to_dtype(DType::F32).unwrap();
         let err = cudnn_attention(&f, &f, &f, 2).unwrap_err().to_string();
+        assert!(err.contains("bf16 or f16"), "{err}");
+    }
+
+    /// cuDNN's host-side rules accept the graphs FLUX's blocks build on Hopper (512 T5
+    /// tokens + the 1024x512 diptych's 2048 image tokens, 24 heads of 128; batch 1 and 4;
+    /// and the 1024 refine's 8192 image tokens), and refuse a head size they cannot take:
+    /// the shim describes the graph as it will on the device. Runs in `--features cudnn`
+    /// builds (libcudnn.so.9 on the library path); no GPU needed.
+    #[cfg(feature = "cudnn")]
+    #[test]
+    fn cudnn_accepts_fluxs_attention_graphs_for_hopper_on_the_host() {
+        for (batch, tokens) in [(1, 512 + 2048), (4, 512 + 2048), (1, 512 + 8192)] {
+            for dtype in [DType::BF16, DType::F16] {
+                validate(batch, tokens, 24, 128, dtype, 90)
+                    .unwrap_or_else(|e| panic!("batch {batch}, {tokens} tokens, {dtype:?}: {e}"));
+            }
+        }
+        let err = validate(1, 64, 2, 300, DType::BF16, 90)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[1, 2, 64, 300]") && err.contains("sm_90"),
+            "{err}"
+        );
+        let err = validate(1, 64, 2, 128, DType::F32, 90)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bf16 or f16"), "{err}");
     }
 }

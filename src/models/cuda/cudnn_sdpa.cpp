@@ -63,6 +63,46 @@ int handle_for(int *device, cudnnHandle_t *handle) {
     return 0;
 }
 
+// The attention graph for one shape and dtype (0: bf16, 1: f16), described but not built
+// (building needs a device), for GPUs of compute capability `sm` (0: the current device's).
+Prepared describe(int64_t b, int64_t h, int64_t s, int64_t d, int dtype, int sm) {
+    Prepared p;
+    p.graph = std::make_shared<fe::graph::Graph>();
+    if (sm > 0) {
+        // Before any node: each node takes a copy of the graph's context when it is added.
+        p.graph->set_sm_version(sm);
+    }
+    auto io = dtype == 0 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF;
+    p.graph->set_io_data_type(io)
+        .set_intermediate_data_type(fe::DataType_t::FLOAT)
+        .set_compute_data_type(fe::DataType_t::FLOAT);
+    std::vector<int64_t> dims{b, h, s, d};
+    std::vector<int64_t> strides{s * h * d, d, h * d, 1};
+    auto tensor = [&](char const *name, int64_t uid) {
+        return p.graph->tensor(fe::graph::Tensor_attributes()
+                                   .set_name(name)
+                                   .set_uid(uid)
+                                   .set_dim(dims)
+                                   .set_stride(strides));
+    };
+    p.q = tensor("q", 1);
+    p.k = tensor("k", 2);
+    p.v = tensor("v", 3);
+    auto options = fe::graph::SDPA_attributes()
+                       .set_name("attention")
+                       .set_generate_stats(false)
+                       .set_attn_scale(1.0f / std::sqrt(static_cast<float>(d)));
+    auto outputs = p.graph->sdpa(p.q, p.k, p.v, options);
+    p.o = outputs[0];
+    p.o->set_output(true).set_uid(4).set_dim(dims).set_stride(strides);
+    return p;
+}
+
+std::string shape_text(int64_t b, int64_t h, int64_t s, int64_t d) {
+    return "[" + std::to_string(b) + ", " + std::to_string(h) + ", " + std::to_string(s) +
+           ", " + std::to_string(d) + "]";
+}
+
 // The graph for one shape and dtype (0: bf16, 1: f16) on the current device, built on
 // first use. Call with `lock` held.
 int graph_for(int64_t b, int64_t h, int64_t s, int64_t d, int dtype, cudnnHandle_t *handle,
@@ -77,42 +117,16 @@ int graph_for(int64_t b, int64_t h, int64_t s, int64_t d, int dtype, cudnnHandle
         *out = &found->second;
         return 0;
     }
-    auto io = dtype == 0 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF;
-    auto graph = std::make_shared<fe::graph::Graph>();
-    graph->set_io_data_type(io)
-        .set_intermediate_data_type(fe::DataType_t::FLOAT)
-        .set_compute_data_type(fe::DataType_t::FLOAT);
-    std::vector<int64_t> dims{b, h, s, d};
-    std::vector<int64_t> strides{s * h * d, d, h * d, 1};
-    auto tensor = [&](char const *name, int64_t uid) {
-        return graph->tensor(fe::graph::Tensor_attributes()
-                                 .set_name(name)
-                                 .set_uid(uid)
-                                 .set_dim(dims)
-                                 .set_stride(strides));
-    };
-    Prepared p;
-    p.q = tensor("q", 1);
-    p.k = tensor("k", 2);
-    p.v = tensor("v", 3);
-    auto options = fe::graph::SDPA_attributes()
-                       .set_name("attention")
-                       .set_generate_stats(false)
-                       .set_attn_scale(1.0f / std::sqrt(static_cast<float>(d)));
-    auto outputs = graph->sdpa(p.q, p.k, p.v, options);
-    p.o = outputs[0];
-    p.o->set_output(true).set_uid(4).set_dim(dims).set_stride(strides);
-    auto status = graph->build(*handle, {fe::HeurMode_t::A});
+    Prepared p = describe(b, h, s, d, dtype, 0);
+    auto status = p.graph->build(*handle, {fe::HeurMode_t::A});
     if (!status.is_good()) {
-        return fail("building cuDNN's attention graph for [" + std::to_string(b) + ", " +
-                    std::to_string(h) + ", " + std::to_string(s) + ", " + std::to_string(d) +
-                    "]: " + status.get_message());
+        return fail("building cuDNN's attention graph for " + shape_text(b, h, s, d) + ": " +
+                    status.get_message());
     }
-    status = graph->get_workspace_size(p.workspace);
+    status = p.graph->get_workspace_size(p.workspace);
     if (!status.is_good()) {
         return fail("cuDNN attention workspace: " + status.get_message());
     }
-    p.graph = graph;
     auto inserted = prepared.emplace(key, std::move(p));
     *out = &inserted.first->second;
     return 0;
@@ -124,6 +138,20 @@ extern "C" {
 
 // The message of the last failure on this thread.
 char const *icedit_cudnn_sdpa_error() { return last_error.c_str(); }
+
+// Checks the attention graph for this shape against cuDNN's rules for GPUs of compute
+// capability `sm` (e.g. 90), on the host: no device is needed. 0 when cuDNN accepts it.
+// What it cannot tell: whether an engine on the device's libcudnn runs it (that is known
+// only when prepare builds it there).
+int icedit_cudnn_sdpa_validate(int64_t b, int64_t h, int64_t s, int64_t d, int dtype, int sm) {
+    Prepared p = describe(b, h, s, d, dtype, sm);
+    auto status = p.graph->validate();
+    if (!status.is_good()) {
+        return fail("cuDNN refuses the attention graph for " + shape_text(b, h, s, d) +
+                    " on sm_" + std::to_string(sm) + ": " + status.get_message());
+    }
+    return 0;
+}
 
 // Builds (once) the attention for this shape; `*workspace` gets the bytes of device
 // workspace each run needs. 0 on success.
