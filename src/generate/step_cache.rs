@@ -78,11 +78,7 @@ mod tests {
         let mut t = ForwardTally::default();
         t.add(&RowWork::full(10));
         let before = t;
-        t.add(&RowWork {
-            cached: true,
-            flops: 1,
-            full_flops: 10,
-        });
+        t.add(&RowWork::cached(1, 10));
         t.add(&RowWork::full(10));
         assert_eq!(
             t,

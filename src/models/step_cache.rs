@@ -616,6 +616,15 @@ impl RowWork {
             full_flops: flops,
         }
     }
+
+    /// A forward served (in part) from the cache: `flops` of the `full_flops` a full one runs.
+    pub fn cached(flops: u64, full_flops: u64) -> Self {
+        Self {
+            cached: true,
+            flops,
+            full_flops,
+        }
+    }
 }
 
 /// Row `j` of a batch tensor `t` as `[1, ..]` with storage of its own, for a cache to keep:

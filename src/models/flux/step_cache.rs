@@ -125,6 +125,22 @@ fn taylor_steps(caches: &mut [CandidateCache]) -> Result<Decisions> {
     Ok((steps, full, predicted))
 }
 
+/// What each row of a TaylorSeer forward ran: a full forward where it ran in full (or has
+/// no cache), `cached_flops` where it was predicted.
+fn taylor_work(
+    steps: &[Option<TaylorStep>],
+    flops: &ForwardFlops,
+    cached_flops: u64,
+) -> Vec<RowWork> {
+    steps
+        .iter()
+        .map(|s| match s {
+            Some(s) if !s.full => RowWork::cached(cached_flops, flops.full()),
+            _ => RowWork::full(flops.full()),
+        })
+        .collect()
+}
+
 /// Updates the caches of the rows that ran in full (`full[j]` is row `outputs[..]`'s
 /// j-th row) from their outputs, one tensor per slot.
 fn update_full_rows(
@@ -272,11 +288,7 @@ impl FluxTransformer {
         let work = (0..batch)
             .map(|row| {
                 if reused.contains(&row) {
-                    RowWork {
-                        cached: true,
-                        flops: flops.first_block_only(),
-                        full_flops: flops.full(),
-                    }
+                    RowWork::cached(flops.first_block_only(), flops.full())
                 } else {
                     RowWork::full(flops.full())
                 }
@@ -349,20 +361,7 @@ impl FluxTransformer {
         let img = joint.narrow(1, n_txt, joint.dim(1)? - n_txt)?;
         let velocity = self.final_layer().forward(&img, &temb)?;
         update_full_rows(caches, &steps, &full, &computed)?;
-        let work = steps
-            .iter()
-            .map(|s| {
-                if s.is_none_or(|s| s.full) {
-                    RowWork::full(flops.full())
-                } else {
-                    RowWork {
-                        cached: true,
-                        flops: flops.without_attention(),
-                        full_flops: flops.full(),
-                    }
-                }
-            })
-            .collect();
+        let work = taylor_work(&steps, flops, flops.without_attention());
         Ok((velocity, work))
     }
 
@@ -396,20 +395,7 @@ impl FluxTransformer {
                 predicted_rows(caches, &predicted, &steps, 0)?,
             ));
         }
-        let work = steps
-            .iter()
-            .map(|s| {
-                if s.is_none_or(|s| s.full) {
-                    RowWork::full(flops.full())
-                } else {
-                    RowWork {
-                        cached: true,
-                        flops: 0,
-                        full_flops: flops.full(),
-                    }
-                }
-            })
-            .collect();
+        let work = taylor_work(&steps, flops, 0);
         Ok((merge_rows(parts, batch)?, work))
     }
 }
