@@ -178,8 +178,10 @@ fn measured_vae_pass_peak_mib(tile: usize, height: usize, width: usize) -> f64 {
 /// are assembled in: the plan's figure within 15% of the measured peak of an encode and a
 /// decode of a 1024x512 image (the small configuration, f32, 512 px tiles: six tiles,
 /// each one's mid-block attention the largest part), beside the same passes untiled (the
-/// point the bench test above measures at a 512 panel), whose peak the tiles cut to a
-/// third. Measured when fitted (MiB, estimate error): tiled 306 (+5%), untiled 1098 (-1%).
+/// point the bench test above measures at a 512 panel), whose peak above the process's
+/// fixed cost the tiles cut to a third. Measured when fitted (MiB, estimate error): tiled
+/// 306 (+5%), untiled 1098 (-1%); in a `cudnn` release build on the CPU, whose fixed cost
+/// holds the CUDA libraries: tiled 458 (+11%), untiled 1251 (+2%).
 #[test]
 fn a_tiled_vae_pass_peaks_as_planned_on_the_cpu() {
     if !std::path::Path::new("/proc/self/status").exists() {
@@ -218,9 +220,10 @@ fn a_tiled_vae_pass_peaks_as_planned_on_the_cpu() {
             "{name}: planned {planned:.0} MiB, measured {measured:.0} MiB"
         );
     }
+    let fixed = overhead_bytes(false) as f64 / (1 << 20) as f64;
     assert!(
-        tiled < untiled / 3.0,
-        "tiled {tiled:.0} MiB, untiled {untiled:.0} MiB"
+        tiled - fixed < (untiled - fixed) / 3.0,
+        "tiled {tiled:.0} MiB, untiled {untiled:.0} MiB, {fixed:.0} MiB of them fixed"
     );
 }
 

@@ -128,15 +128,30 @@ pub struct MemoryPlan {
 }
 
 /// Fixed costs: on CUDA the cuBLAS workspaces and the allocator's slack beside the context
-/// (the context itself is made before free memory is read); on the CPU the process itself.
+/// (the context itself is made before free memory is read); on the CPU the process itself,
+/// and in a GPU build the CUDA libraries it has loaded ([`GPU_BUILD_LIBRARIES_ON_HOST`]).
 /// The CPU figure was fitted with the activation constants of [`footprint`].
 pub fn overhead_bytes(cuda: bool) -> usize {
     if cuda {
         600 << 20
     } else {
-        56 << 20
+        (56 << 20) + GPU_BUILD_LIBRARIES_ON_HOST
     }
 }
+
+/// Host memory a GPU build holds beyond the CPU build's from the start (cuBLAS, cuBLASLt,
+/// NVRTC, cuRAND and the CUDA runtime are linked and loaded; cuDNN too with `cudnn`), which
+/// a run of that build on the CPU carries: the difference between the peak resident memory
+/// of one small `bench flux` (tests/plan.rs' first point) in each release GPU build and in
+/// the CPU build, on a machine without a GPU (CUDA 13.0 and cuDNN 9 wheels, 2026-12-07:
+/// 172 MiB in the CPU build, 329 MiB with `cuda`, 357 MiB with `cudnn`). 0 in a CPU build.
+pub const GPU_BUILD_LIBRARIES_ON_HOST: usize = if cfg!(feature = "cudnn") {
+    185 << 20
+} else if cfg!(feature = "cuda") {
+    157 << 20
+} else {
+    0
+};
 
 impl PlanRequest {
     /// Image tokens of the diptych.
