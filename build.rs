@@ -27,6 +27,8 @@ fn main() {
     // PTX for the given compute capability (default 8.0, the oldest with native bf16); the
     // driver compiles it for newer GPUs at load.
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+    // For `--version` (crate::device::build_description).
+    println!("cargo:rustc-env=ICEDIT_CUDA_COMPUTE_CAP={cap}");
     let nvcc = std::env::var("NVCC")
         .ok()
         .or_else(|| {

@@ -117,6 +117,13 @@ OUT=${OUT:-out/gpu-acceptance}
 REPORT=${REPORT:-docs/results/gpu-$(date -u +%Y-%m-%d).md}
 mkdir -p "$OUT" "$(dirname "$REPORT")"
 : >"$OUT/steps.tsv"
+# What each binary was built for (`--version`: its devices and the kernels' target).
+{
+  echo "BIN: $("$BIN" --version 2>&1 | head -1)"
+  if [[ -n "${BIN_CUDNN:-}" ]]; then
+    echo "BIN_CUDNN: $("$BIN_CUDNN" --version 2>&1 | head -1)"
+  fi
+} >"$OUT/binaries.txt"
 
 # Samples the GPU's used memory every 250 ms while a step runs (MiB, one number a line).
 sampler_pid=""
@@ -465,6 +472,11 @@ gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_versio
 md.append(f"Machine: {gpu.stdout.strip() if gpu and gpu.returncode == 0 else 'CPU only (script proof, not GPU figures)'}; "
           f"size `{size}`, device `{device}`, dtype `{dtype}`, random weights, 512 panel "
           "(1024x512 diptych), 512 T5 tokens. Written by scripts/gpu-acceptance.sh.")
+try:
+    with open(os.path.join(out, "binaries.txt")) as f:
+        md += ["", "Binaries (`--version`): " + "; ".join(f"`{l.strip()}`" for l in f if l.strip()) + "."]
+except OSError:
+    pass
 md += ["", "| step | exit | seconds | peak GPU memory (MiB, nvidia-smi) |", "|---|---|---|---|"]
 for name, rc, secs in steps:
     peak = peak_mib(name)

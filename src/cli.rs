@@ -15,7 +15,11 @@ use crate::judge::preset::MAX_CONCURRENCY;
 /// Without a subcommand, the arguments are those of `edit`:
 /// `icedit-scale --image in.png --instruction "make the sky night" --seeds 8 --probe-steps 4`.
 #[derive(Debug, Parser)]
-#[command(name = "icedit-scale", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "icedit-scale",
+    version = version(),
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// A subcommand; `edit` when omitted.
     #[command(subcommand)]
@@ -23,6 +27,19 @@ pub struct Cli {
     /// The arguments of `edit`, for the bare form.
     #[command(flatten)]
     pub edit: EditArgs,
+}
+
+/// `--version`'s text: the crate's version and what the binary was built for
+/// ([`crate::device::build_description`]), e.g. `0.1.0 (cpu, cuda (kernels for sm_90))`.
+fn version() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        format!(
+            "{} ({})",
+            env!("CARGO_PKG_VERSION"),
+            crate::device::build_description()
+        )
+    })
 }
 
 /// The subcommands.
@@ -974,5 +991,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `--version` says what the binary was built for, so a report or a bug names it: the
+    /// CPU always, CUDA with its kernels' target only in a `cuda` build.
+    #[test]
+    fn the_version_names_the_devices_the_build_has() {
+        let text = Cli::command().render_version();
+        let expected = format!("icedit-scale {} (cpu", env!("CARGO_PKG_VERSION"));
+        assert!(text.starts_with(&expected), "{text}");
+        assert_eq!(
+            text.contains("cuda (kernels for sm_"),
+            cfg!(feature = "cuda"),
+            "{text}"
+        );
+        assert_eq!(text.contains("cudnn"), cfg!(feature = "cudnn"), "{text}");
     }
 }
