@@ -20,15 +20,14 @@ fn main() {
     println!("cargo:rerun-if-changed=src/models/cuda/cudnn_sdpa.cpp");
     println!("cargo:rerun-if-env-changed=CUDNN_FRONTEND_INCLUDE_DIR");
     println!("cargo:rerun-if-env-changed=CUDNN_INCLUDE_DIR");
+    describe_build();
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     // PTX for the given compute capability (default 8.0, the oldest with native bf16); the
     // driver compiles it for newer GPUs at load.
-    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
-    // For `--version` (crate::device::build_description).
-    println!("cargo:rustc-env=ICEDIT_CUDA_COMPUTE_CAP={cap}");
+    let cap = compute_cap();
     let nvcc = std::env::var("NVCC")
         .ok()
         .or_else(|| {
@@ -58,6 +57,32 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDNN").is_some() {
         build_cudnn_shim();
     }
+}
+
+/// The compute capability the kernels are built for (default 8.0).
+fn compute_cap() -> String {
+    std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into())
+}
+
+/// `ICEDIT_BUILD_DESCRIPTION` for the crate (`crate::device::BUILD_DESCRIPTION`, printed by
+/// `--version`): the devices this build has beside the CPU and the kernels' target, e.g.
+/// `cpu, cuda (kernels for sm_90), cudnn`. A literal, so `--version` allocates nothing.
+fn describe_build() {
+    let feature = |name: &str| std::env::var_os(format!("CARGO_FEATURE_{name}")).is_some();
+    let mut parts = vec!["cpu".to_string()];
+    if feature("CUDA") {
+        parts.push(format!("cuda (kernels for sm_{})", compute_cap()));
+    }
+    if feature("CUDNN") {
+        parts.push("cudnn".into());
+    }
+    if feature("METAL") {
+        parts.push("metal".into());
+    }
+    println!(
+        "cargo:rustc-env=ICEDIT_BUILD_DESCRIPTION={}",
+        parts.join(", ")
+    );
 }
 
 /// Assembles `ptx` for `sm_{cap}` with ptxas (beside nvcc, or on the PATH), as the driver

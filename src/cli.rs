@@ -17,7 +17,11 @@ use crate::judge::preset::MAX_CONCURRENCY;
 #[derive(Debug, Parser)]
 #[command(
     name = "icedit-scale",
-    version = version(),
+    // The crate's version and what the binary was built for (crate::device::BUILD_DESCRIPTION),
+    // e.g. `0.1.0 (cpu, cuda (kernels for sm_90))`. A literal: the same text as a String
+    // kept for the process's life raised the 512-panel CPU peak by 250 MiB (tests/plan.rs),
+    // the heap's layout being that sensitive with the allocator tuned (host_memory.rs).
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ICEDIT_BUILD_DESCRIPTION"), ")"),
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -27,19 +31,6 @@ pub struct Cli {
     /// The arguments of `edit`, for the bare form.
     #[command(flatten)]
     pub edit: EditArgs,
-}
-
-/// `--version`'s text: the crate's version and what the binary was built for
-/// ([`crate::device::build_description`]), e.g. `0.1.0 (cpu, cuda (kernels for sm_90))`.
-fn version() -> &'static str {
-    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    TEXT.get_or_init(|| {
-        format!(
-            "{} ({})",
-            env!("CARGO_PKG_VERSION"),
-            crate::device::build_description()
-        )
-    })
 }
 
 /// The subcommands.

@@ -4,23 +4,9 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 
 /// What this binary was built for, as `--version` prints it: the devices beside the CPU
-/// and the kernels' target, e.g. `cpu` or `cpu, cuda (kernels for sm_90), cudnn`.
-pub fn build_description() -> String {
-    let mut parts = vec!["cpu".to_string()];
-    if cfg!(feature = "cuda") {
-        parts.push(match option_env!("ICEDIT_CUDA_COMPUTE_CAP") {
-            Some(cap) => format!("cuda (kernels for sm_{cap})"),
-            None => "cuda".to_string(),
-        });
-    }
-    if cfg!(feature = "cudnn") {
-        parts.push("cudnn".to_string());
-    }
-    if cfg!(feature = "metal") {
-        parts.push("metal".to_string());
-    }
-    parts.join(", ")
-}
+/// and the kernels' target, e.g. `cpu` or `cpu, cuda (kernels for sm_90), cudnn` (written
+/// by build.rs from the cargo features).
+pub const BUILD_DESCRIPTION: &str = env!("ICEDIT_BUILD_DESCRIPTION");
 
 /// The ggml types weights can be quantized to on load, as users write them (llama.cpp's
 /// names, lower case).
