@@ -64,8 +64,8 @@ fn compute_cap() -> String {
     std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into())
 }
 
-/// `ICEDIT_BUILD_DESCRIPTION` for the crate (`crate::device::BUILD_DESCRIPTION`, printed by
-/// `--version`): the devices this build has beside the CPU and the kernels' target, e.g.
+/// `ICEDIT_BUILD_DESCRIPTION` for the crate (what `--version` prints, `crate::cli`): the
+/// devices this build has beside the CPU and the kernels' target, e.g.
 /// `cpu, cuda (kernels for sm_90), cudnn`. A literal, so `--version` allocates nothing.
 fn describe_build() {
     let feature = |name: &str| std::env::var_os(format!("CARGO_FEATURE_{name}")).is_some();
@@ -90,8 +90,8 @@ fn describe_build() {
 /// instruction it lacks, more static shared memory than a block may have) fails this build
 /// instead of the first launch on a device. Register spills (a kernel held under its launch
 /// bounds) are warnings; ptxas' resource report for each kernel is kept beside the PTX
-/// (`<name>.ptxas.txt`). Without ptxas the check is skipped with a
-/// warning (the PTX is still built and loads as before).
+/// (`<name>.ptxas.txt`). Without ptxas the check is skipped with a warning (the PTX is still
+/// built and loads as before).
 fn assemble(nvcc: &str, cap: &str, source: &str, ptx: &std::path::Path) {
     let beside = std::path::Path::new(nvcc).with_file_name("ptxas");
     let ptxas = if beside.is_file() {

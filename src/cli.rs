@@ -17,8 +17,8 @@ use crate::judge::preset::MAX_CONCURRENCY;
 #[derive(Debug, Parser)]
 #[command(
     name = "icedit-scale",
-    // The crate's version and what the binary was built for (crate::device::BUILD_DESCRIPTION),
-    // e.g. `0.1.0 (cpu, cuda (kernels for sm_90))`. A literal: the same text as a String
+    // The crate's version and what the binary was built for (written by build.rs from the
+    // cargo features), e.g. `0.1.0 (cpu, cuda (kernels for sm_90))`. A literal: the same text as a String
     // kept for the process's life raised the 512-panel CPU peak by 250 MiB (tests/plan.rs),
     // the heap's layout being that sensitive with the allocator tuned (host_memory.rs).
     version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ICEDIT_BUILD_DESCRIPTION"), ")"),

@@ -3,11 +3,6 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 
-/// What this binary was built for, as `--version` prints it: the devices beside the CPU
-/// and the kernels' target, e.g. `cpu` or `cpu, cuda (kernels for sm_90), cudnn` (written
-/// by build.rs from the cargo features).
-pub const BUILD_DESCRIPTION: &str = env!("ICEDIT_BUILD_DESCRIPTION");
-
 /// The ggml types weights can be quantized to on load, as users write them (llama.cpp's
 /// names, lower case).
 pub const QUANTIZED_TYPES: [(&str, GgmlDType); 10] = [

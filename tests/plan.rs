@@ -15,7 +15,7 @@ use icedit_scale::plan::footprint::{
     tiled_vae_activation_bytes, transformer_activation_bytes, transformer_weight_bytes,
     vae_activation_bytes, vae_parameters, WeightFormat,
 };
-use icedit_scale::plan::overhead_bytes;
+use icedit_scale::plan::{overhead_bytes, GPU_BUILD_LIBRARIES_ON_HOST};
 
 /// The peak the plan's parts predict for `bench flux --size small --formats dense` in f32:
 /// the process, then the transformer with one forward at `batch`, then (the transformer
@@ -178,10 +178,10 @@ fn measured_vae_pass_peak_mib(tile: usize, height: usize, width: usize) -> f64 {
 /// are assembled in: the plan's figure within 15% of the measured peak of an encode and a
 /// decode of a 1024x512 image (the small configuration, f32, 512 px tiles: six tiles,
 /// each one's mid-block attention the largest part), beside the same passes untiled (the
-/// point the bench test above measures at a 512 panel), whose peak above the process's
-/// fixed cost the tiles cut to a third. Measured when fitted (MiB, estimate error): tiled
-/// 306 (+5%), untiled 1098 (-1%); in a `cudnn` release build on the CPU, whose fixed cost
-/// holds the CUDA libraries: tiled 458 (+11%), untiled 1251 (+2%).
+/// point the bench test above measures at a 512 panel), whose peak the tiles cut to a
+/// third (in a GPU build, not counting the CUDA libraries it holds from the start).
+/// Measured when fitted (MiB, estimate error): tiled 306 (+5%), untiled 1098 (-1%); in a
+/// `cudnn` release build on the CPU: tiled 458 (+11%), untiled 1251 (+2%).
 #[test]
 fn a_tiled_vae_pass_peaks_as_planned_on_the_cpu() {
     if !std::path::Path::new("/proc/self/status").exists() {
@@ -220,10 +220,11 @@ fn a_tiled_vae_pass_peaks_as_planned_on_the_cpu() {
             "{name}: planned {planned:.0} MiB, measured {measured:.0} MiB"
         );
     }
-    let fixed = overhead_bytes(false) as f64 / (1 << 20) as f64;
+    // 0 in a CPU build, where this is `tiled < untiled / 3`.
+    let libraries = GPU_BUILD_LIBRARIES_ON_HOST as f64 / (1 << 20) as f64;
     assert!(
-        tiled - fixed < (untiled - fixed) / 3.0,
-        "tiled {tiled:.0} MiB, untiled {untiled:.0} MiB, {fixed:.0} MiB of them fixed"
+        tiled - libraries < (untiled - libraries) / 3.0,
+        "tiled {tiled:.0} MiB, untiled {untiled:.0} MiB, {libraries:.0} MiB of them the CUDA libraries"
     );
 }
 
