@@ -143,6 +143,45 @@ async fn logprobs_turn_score_tokens_into_expected_scores() {
     );
 }
 
+/// Qwen2's tokenizer writes every digit as a token of its own (vLLM's Qwen2.5-VL preset
+/// asks for logprobs): `[10, 9]` must read as about 9.9 and 8.7, not as a first digit's
+/// expectation and a "0" taken for the second score.
+#[tokio::test]
+async fn logprobs_of_scores_written_digit_by_digit() {
+    let server = MockServer::start().await;
+    let lp = |t: &str, top: &[(&str, f32)]| {
+        json!({"token": t, "logprob": top[0].1.ln(), "bytes": null,
+               "top_logprobs": top.iter().map(|(tok, p)| json!({"token": tok, "logprob": p.ln(), "bytes": null})).collect::<Vec<_>>()})
+    };
+    let tokens = vec![
+        lp("{\"", &[("{\"", 1.0)]),
+        lp("score", &[("score", 1.0)]),
+        lp("\":", &[("\":", 1.0)]),
+        lp(" [", &[(" [", 1.0)]),
+        lp("1", &[("1", 0.8), ("9", 0.2)]),
+        lp("0", &[("0", 0.95), (",", 0.05)]),
+        lp(",", &[(",", 1.0)]),
+        lp(" ", &[(" ", 1.0)]),
+        lp("9", &[("9", 0.7), ("8", 0.3)]),
+        lp("]}", &[("]}", 1.0)]),
+    ];
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(completion(
+            "{\"score\": [10, 9]}",
+            Some(json!({"content": tokens, "refusal": null})),
+        )))
+        .mount(&server)
+        .await;
+    let mut cfg = config(&server, None);
+    cfg.logprobs = true;
+    let judge = OpenAiJudge::new(cfg).unwrap();
+    let s = judge.perceptual_quality(&edit(), &edited()).await.unwrap();
+    // P(10) = 0.8 * 0.95, P(1) = 0.8 * 0.05, P(9) = 0.2.
+    let first = 10.0 * 0.76 + 1.0 * 0.04 + 9.0 * 0.2;
+    assert!((s.scores[0] - first).abs() < 1e-4, "{:?}", s.scores);
+    assert!((s.scores[1] - 8.7).abs() < 1e-4, "{:?}", s.scores);
+}
+
 #[tokio::test]
 async fn malformed_replies_are_parse_errors_never_scores() {
     for content in [

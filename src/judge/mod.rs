@@ -14,6 +14,7 @@ pub mod preset;
 pub mod prompts;
 pub mod qwen_vl;
 pub mod reward;
+pub mod score_logprobs;
 pub mod testbed;
 pub mod vie;
 

@@ -29,7 +29,10 @@ use super::cache::{CachedReply, ReplyCache};
 use super::parse;
 use super::preset::{FieldCheck, MAX_CONCURRENCY};
 use super::prompts::PromptSet;
-use super::{CallUsage, Comparison, Judge, JudgeError, PreviewStage, ScreenVerdict, SubScores};
+use super::score_logprobs::{expectation, score_distributions};
+use super::{
+    CallUsage, Comparison, Judge, JudgeError, Preference, PreviewStage, ScreenVerdict, SubScores,
+};
 use crate::edit::EditContext;
 
 /// An API key that never shows in Debug output, logs or errors.
@@ -551,54 +554,6 @@ fn to_reply(response: CreateChatCompletionResponse) -> Result<CachedReply, Judge
     })
 }
 
-/// For the first `n` integer tokens after `key` in the reply, the probability of each
-/// integer value in `range` among the token's alternatives. `None` when the reply has no
-/// such tokens (then the parsed integers are used).
-pub fn integer_distributions(
-    logprobs: &[(String, Vec<(String, f32)>)],
-    key: &str,
-    n: usize,
-    range: std::ops::RangeInclusive<u32>,
-) -> Option<Vec<Vec<(u32, f32)>>> {
-    let mut text = String::new();
-    let mut found = Vec::new();
-    for (token, top) in logprobs {
-        let after_key = text.contains(key);
-        text.push_str(token);
-        if !after_key || found.len() == n {
-            continue;
-        }
-        let is_int = |t: &str| t.trim().parse::<u32>().ok().filter(|v| range.contains(v));
-        if is_int(token).is_none() {
-            continue;
-        }
-        let mut dist: Vec<(u32, f32)> = top
-            .iter()
-            .filter_map(|(t, lp)| is_int(t).map(|v| (v, lp.exp())))
-            .collect();
-        if dist.is_empty() {
-            return None;
-        }
-        // Merge duplicates ("7" and " 7") and normalise over the integer alternatives.
-        dist.sort_by_key(|d| d.0);
-        dist.dedup_by(|a, b| {
-            if a.0 == b.0 {
-                b.1 += a.1;
-                true
-            } else {
-                false
-            }
-        });
-        let total: f32 = dist.iter().map(|d| d.1).sum();
-        found.push(dist.into_iter().map(|(v, p)| (v, p / total)).collect());
-    }
-    (found.len() == n).then_some(found)
-}
-
-fn expectation(dist: &[(u32, f32)]) -> f32 {
-    dist.iter().map(|&(v, p)| v as f32 * p).sum()
-}
-
 #[async_trait]
 impl Judge for OpenAiJudge {
     fn name(&self) -> String {
@@ -621,8 +576,9 @@ impl Judge for OpenAiJudge {
             let text = &reply.text;
             let map = parse::reply_object(text)?;
             let mut score = parse::scores(&map, 1, text)?[0];
-            if let Some(d) = integer_distributions(&reply.logprobs, "score", 1, 0..=10) {
-                score = expectation(&d[0]);
+            if let [Some(d)] = &score_distributions(&reply.logprobs, "score", &[score], 0..=10)[..]
+            {
+                score = expectation(d);
             }
             Ok(ScreenVerdict {
                 pass: parse::verdict(&map, "pass", text)?,
@@ -645,9 +601,16 @@ impl Judge for OpenAiJudge {
             let text = &reply.text;
             let map = parse::reply_object(text)?;
             let preferred = parse::preference(&map, text)?;
-            let p_first =
-                integer_distributions(&reply.logprobs, "better", 1, 0..=2).and_then(|d| {
-                    let p = |v| d[0].iter().find(|x| x.0 == v).map_or(0.0, |x| x.1);
+            let written = match preferred {
+                Preference::First => 1.0,
+                Preference::Second => 2.0,
+                Preference::Tie => 0.0,
+            };
+            let p_first = score_distributions(&reply.logprobs, "better", &[written], 0..=2)
+                .pop()
+                .flatten()
+                .and_then(|d| {
+                    let p = |v| d.iter().find(|x| x.0 == v).map_or(0.0, |x| x.1);
                     let (p1, p2) = (p(1), p(2));
                     (p1 + p2 > 0.0).then(|| p1 / (p1 + p2))
                 });
@@ -684,10 +647,10 @@ fn sub_scores(reply: &CachedReply, usage: CallUsage) -> Result<SubScores, JudgeE
     let text = &reply.text;
     let map = parse::reply_object(text)?;
     let parsed = parse::scores(&map, 2, text)?;
-    let scores = match integer_distributions(&reply.logprobs, "score", 2, 0..=10) {
-        Some(d) => [expectation(&d[0]), expectation(&d[1])],
-        None => [parsed[0], parsed[1]],
-    };
+    // Each score its expectation where its tokens give a distribution, else as written.
+    let distributions = score_distributions(&reply.logprobs, "score", &parsed, 0..=10);
+    let score = |k: usize| distributions[k].as_deref().map_or(parsed[k], expectation);
+    let scores = [score(0), score(1)];
     Ok(SubScores {
         scores,
         passes: Vec::new(),
