@@ -375,12 +375,16 @@ impl StrategyConfig {
                 Ok(())
             }
             StrategyKind::Tournament => {
-                if self.probe_steps == 0 {
+                // The short run has a schedule of its own: bounded like `steps`, so one
+                // request cannot ask for millions of forwards (or a schedule that does not
+                // fit in memory).
+                if self.probe_steps == 0 || self.probe_steps > MAX_STEPS {
                     return bad(
                         StrategyField::ProbeSteps,
                         format!(
-                            "{} (the short-run length) must be at least 1",
-                            name(StrategyField::ProbeSteps)
+                            "{} {} (the short-run length) must be between 1 and {MAX_STEPS}",
+                            name(StrategyField::ProbeSteps),
+                            self.probe_steps
                         ),
                     );
                 }
@@ -501,7 +505,13 @@ impl StrategyConfig {
         }
         let valid = |n: usize| with(n).check(&ValueSource::Program).is_ok();
         let Some(smallest) = (1..=MAX_SEEDS).find(|&n| valid(n)) else {
-            return Err("no number of seeds makes this strategy valid".into());
+            // Say which other value rules every N out (with the most seeds, a keep or a
+            // wave that needs more seeds is not what is wrong).
+            let why = with(MAX_SEEDS)
+                .check(&ValueSource::Program)
+                .err()
+                .map_or_else(String::new, |e| format!(": {e}"));
+            return Err(format!("no number of seeds makes this strategy valid{why}"));
         };
         // planned_nfe grows with N, so the fitting N form a prefix.
         let best = (smallest..=MAX_SEEDS)
@@ -878,6 +888,37 @@ mod tests {
             .collect();
         expected.sort();
         assert_eq!(keys, expected);
+    }
+
+    /// The tournament's short run is bounded like any schedule: a huge `probe_steps` once
+    /// reached the schedule's allocation (an abort) or overflowed the planned NFE.
+    #[test]
+    fn a_tournament_short_run_is_bounded_like_steps() {
+        let mut c = cfg(StrategyKind::Tournament);
+        for (k, ok) in [
+            (1, true),
+            (MAX_STEPS, true),
+            (MAX_STEPS + 1, false),
+            (usize::MAX, false),
+        ] {
+            c.probe_steps = k;
+            let checked = c.check(&ValueSource::Flags);
+            assert_eq!(checked.is_ok(), ok, "probe_steps {k}: {checked:?}");
+            if let Err(e) = checked {
+                assert_eq!(e.field, StrategyField::ProbeSteps);
+            }
+            // Sizing to a budget refuses it without overflowing.
+            assert!(ok || c.fit_to_budget(1000).is_err());
+        }
+    }
+
+    /// A budget that no N can meet because another value is wrong says which.
+    #[test]
+    fn an_unfittable_budget_names_the_value_that_rules_every_n_out() {
+        let mut c = cfg(StrategyKind::EarlyFilter);
+        c.probe_steps = c.steps;
+        let e = c.fit_to_budget(10_000).unwrap_err();
+        assert!(e.contains("probe_steps"), "{e}");
     }
 
     #[test]

@@ -583,6 +583,16 @@ fn strategy(
             ),
         ));
     }
+    // A tournament's short run has its own schedule: the same per-run limit holds.
+    if s.kind == StrategyKind::Tournament && s.probe_steps > limits.max_steps {
+        return Err(ApiError::bad_field(
+            "probe_steps",
+            format!(
+                "`probe_steps` {} (the tournament's short run): this server runs at most {} steps a run",
+                s.probe_steps, limits.max_steps
+            ),
+        ));
+    }
     Ok(s)
 }
 
@@ -677,6 +687,22 @@ mod tests {
             (&[("prompt", "x"), ("seeds", "33")], "seeds"),
             (&[("prompt", "x"), ("steps", "101")], "steps"),
             (&[("prompt", "x"), ("probe_steps", "0")], "probe_steps"),
+            (
+                &[
+                    ("prompt", "x"),
+                    ("strategy", "tournament"),
+                    ("probe_steps", "101"),
+                ],
+                "probe_steps",
+            ),
+            (
+                &[
+                    ("prompt", "x"),
+                    ("strategy", "tournament"),
+                    ("probe_steps", "100000000000"),
+                ],
+                "probe_steps",
+            ),
             (&[("prompt", "x"), ("strategy", "best")], "strategy"),
             (&[("prompt", "x"), ("mask", "...")], "mask"),
             (&[("prompt", "x"), ("stream", "true")], "stream"),
