@@ -8,11 +8,15 @@ use support::cli;
 
 use std::sync::Arc;
 
+use candle_core::Tensor;
 use icedit_scale::edit::refine::upscale;
+use icedit_scale::edit::EditContext;
 use icedit_scale::engine::{
     EditJob, Engine, GeneratorWorker, Silent, StrategyConfig, StrategyKind,
 };
+use icedit_scale::error::GenerateError;
 use icedit_scale::generate::testbed::{TestbedConfig, TestbedGenerator};
+use icedit_scale::generate::{DecodePurpose, Generator, GeneratorInfo, PreparedEdit};
 use icedit_scale::judge::testbed::{TestbedJudge, TestbedJudgeConfig};
 use icedit_scale::models::testbed::make_edit;
 use image::RgbImage;
@@ -380,4 +384,106 @@ fn edit_refine_best_writes_the_runner_up_beside_the_pick() {
         runner_up.as_raw() != pick.as_raw(),
         "another seed, another image"
     );
+}
+
+/// The testbed generator, out of memory whenever it is asked to prepare a panel wider
+/// than the edit's (the refine's diptych): the search itself runs as usual.
+struct NoRoomToRefine(TestbedGenerator);
+
+impl Generator for NoRoomToRefine {
+    fn info(&self) -> GeneratorInfo {
+        self.0.info()
+    }
+    fn prepare(&mut self, edit: &EditContext) -> Result<PreparedEdit, GenerateError> {
+        if edit.panel_size().0 > 64 {
+            return Err(GenerateError::OutOfMemory("the refine's diptych".into()));
+        }
+        self.0.prepare(edit)
+    }
+    fn velocity(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        sigma: f64,
+    ) -> Result<Tensor, GenerateError> {
+        self.0.velocity(edit, latents, sigma)
+    }
+    fn decode(
+        &mut self,
+        edit: &PreparedEdit,
+        latents: &Tensor,
+        purpose: DecodePurpose,
+    ) -> Result<RgbImage, GenerateError> {
+        self.0.decode(edit, latents, purpose)
+    }
+    fn encode_start(
+        &mut self,
+        edit: &PreparedEdit,
+        init: &RgbImage,
+    ) -> Result<Tensor, GenerateError> {
+        self.0.encode_start(edit, init)
+    }
+    fn release(&mut self, edit: &PreparedEdit) {
+        self.0.release(edit)
+    }
+}
+
+/// A refine that fails after the search keeps the search: the report (every candidate,
+/// the pick at the edit's size, the NFE spent) with the refine's error, not an error that
+/// drops them.
+#[test]
+fn a_failed_refine_keeps_the_finished_search() {
+    let edits = icedit_scale::models::testbed::TestbedEdits::default();
+    let generator = TestbedGenerator::with_edits(TestbedConfig::default(), edits.clone());
+    let judge = TestbedJudge::knowing(TestbedJudgeConfig::default(), edits);
+    let engine = Engine::new(
+        Arc::new(GeneratorWorker::spawn(Box::new(NoRoomToRefine(generator)))),
+        Arc::new(judge),
+        4,
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt
+        .block_on(engine.run(
+            EditJob::new(make_edit(7, 64), strategy(Some(128), 0.35, false)),
+            Arc::new(Silent),
+        ))
+        .expect("the search's report");
+    let plain = run(strategy(None, 0.35, false));
+    assert_eq!(report.nfe.total, plain.nfe.total);
+    assert_eq!(report.candidates.len(), plain.candidates.len());
+    assert!(report.pick.is_some() && report.refine.is_none());
+    let error = report.refine_error.as_deref().expect("the refine's error");
+    assert!(error.contains("out of device memory"), "{error}");
+    let reason = report.incomplete_reason().expect("counted as unfinished");
+    assert!(reason.contains("refine failed"), "{reason}");
+    assert!(plain.incomplete_reason().is_none());
+}
+
+/// A refine that cannot be made at this panel is refused before the search runs, whatever
+/// the front end (the engine checks it first).
+#[test]
+fn a_refine_that_cannot_be_made_is_refused_before_the_search() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let progress = Arc::new(Recorder(std::sync::Mutex::new(tx)));
+    let result = rt.block_on(engine().run(
+        EditJob::new(make_edit(7, 64), strategy(Some(64), 0.35, false)),
+        progress,
+    ));
+    let error = result
+        .expect_err("a refine no wider than the edit")
+        .to_string();
+    assert!(error.contains("64"), "{error}");
+    assert!(rx.try_recv().is_err(), "no phase began");
+}
+
+/// Sends the name of every phase that begins.
+struct Recorder(std::sync::Mutex<std::sync::mpsc::Sender<String>>);
+
+impl icedit_scale::engine::Progress for Recorder {
+    fn begin(&self, phase: &str, _: u64) {
+        let _ = self.0.lock().unwrap().send(phase.to_string());
+    }
+    fn inc(&self, _: u64) {}
+    fn end(&self) {}
 }

@@ -383,9 +383,9 @@ async fn run_item(
         result.sc = Some(v.sc);
         result.pq = Some(v.pq);
     }
-    if let Some(reason) = report.unscored_reason() {
-        // A judge outage: marked failed so a rerun retries it (the judge cache makes the
-        // answered calls free).
+    if let Some(reason) = report.incomplete_reason() {
+        // A judge outage or a failed refine: marked failed so a rerun retries it (the
+        // judge cache makes the answered calls free).
         result.status = ItemStatus::Failed;
         result.reason = Some(reason);
     }

@@ -42,8 +42,8 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
     };
     let report = run_and_write(&engine, job, &args.out).await?;
     print_summary(&report, &args.out);
-    match report.unscored_reason() {
-        Some(reason) => Err(super::Incomplete::Unscored {
+    match report.incomplete_reason() {
+        Some(reason) => Err(super::Incomplete::Unfinished {
             reason,
             out: args.out.clone(),
         }

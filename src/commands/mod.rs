@@ -42,10 +42,11 @@ pub enum Incomplete {
         /// Units not started.
         left: usize,
     },
-    /// The edit ran and its outputs are written, but no candidate could be scored (every
-    /// scoring call of the judge failed): a batch would mark the item failed.
+    /// The edit ran and its outputs are written, but not all of it finished: no candidate
+    /// could be scored (every scoring call of the judge failed), or the refine failed. A
+    /// batch would mark the item failed.
     #[error("{reason}; the outputs are in {}, and running it again retries (the judge's answered calls are cached)", .out.display())]
-    Unscored {
+    Unfinished {
         /// What failed.
         reason: String,
         /// The output folder.
@@ -69,7 +70,7 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(incomplete) = cause.downcast_ref::<Incomplete>() {
             return match incomplete {
                 Incomplete::Stopped { .. } => EXIT_STOPPED,
-                Incomplete::SomeFailed { .. } | Incomplete::Unscored { .. } => EXIT_SOME_FAILED,
+                Incomplete::SomeFailed { .. } | Incomplete::Unfinished { .. } => EXIT_SOME_FAILED,
             };
         }
         if cause.is::<EditError>() || cause.is::<StrategyError>() {

@@ -467,6 +467,11 @@ pub struct EditReport {
     /// order (written to `refined/`; the pick's own is `refine`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runner_up_refines: Vec<RefineRecord>,
+    /// Why a refine asked for did not finish (the pick's, or a runner-up's after it): the
+    /// edit is returned at its own size (or with the refines that did finish), and `edit`
+    /// and `batch` count it as failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine_error: Option<String>,
     /// The pick at the edit's size, when a refine replaced it as `final.png`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edit_file: Option<String>,
@@ -515,6 +520,16 @@ impl EditReport {
             })
             .unwrap_or_else(|| "nothing finished".into());
         Some(format!("no edit could be scored: {why}"))
+    }
+
+    /// Why this edit did not give all that was asked of it, for a rerun to retry: no
+    /// scored pick ([`Self::unscored_reason`]) or a refine that failed.
+    pub fn incomplete_reason(&self) -> Option<String> {
+        self.unscored_reason().or_else(|| {
+            self.refine_error
+                .as_ref()
+                .map(|e| format!("the refine failed (the edit is kept at its own size): {e}"))
+        })
     }
 }
 

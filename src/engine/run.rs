@@ -125,6 +125,11 @@ impl Engine {
                 job.strategy.kind.name()
             )));
         }
+        if let Some(width) = job.strategy.refine {
+            // Refused before the search, not after it (a refine no wider than the edit, a
+            // portrait panel whose refine would pass the height limit).
+            crate::edit::refine::refine_size(job.edit.panel_size(), width)?;
+        }
         if job.cancel.is_set() {
             return Err(EngineError::Cancelled);
         }
@@ -153,6 +158,7 @@ impl Engine {
             adaptive: None,
             refine: None,
             runner_up_refines: Vec::new(),
+            refine_error: None,
             notes: Vec::new(),
             nfe: NfeLedger::default(),
             cached_phases: ForwardTally::default(),
@@ -179,7 +185,16 @@ impl Engine {
         let _ = self.worker.run(move |g| g.release(&p)).await;
         let pick = outcome?;
         if let (Some(width), Some(pick)) = (session.strategy.refine, &pick) {
-            session.refine(width, pick).await?;
+            // The search is finished: a refine that fails (out of memory at its size, say)
+            // is recorded, and the edit is returned at its own size with every candidate.
+            match session.refine(width, pick).await {
+                Ok(()) => {}
+                Err(EngineError::Cancelled) => return Err(EngineError::Cancelled),
+                Err(e) => {
+                    tracing::warn!("the refine failed; the edit is kept at its own size: {e}");
+                    session.refine_error = Some(e.to_string());
+                }
+            }
         }
         session.note_step_cache();
         session.timings.total_s = started.elapsed().as_secs_f64();
@@ -204,6 +219,8 @@ struct EditRun<'a> {
     adaptive: Option<AdaptiveRecord>,
     refine: Option<RefineRecord>,
     runner_up_refines: Vec<RefineRecord>,
+    /// Why a refine asked for did not finish (the search's results are kept).
+    refine_error: Option<String>,
     notes: Vec<String>,
     nfe: NfeLedger,
     /// The forwards of the phases that may use the step cache.
@@ -1034,6 +1051,7 @@ impl EditRun<'_> {
             pick,
             refine: self.refine,
             runner_up_refines: self.runner_up_refines,
+            refine_error: self.refine_error,
             edit_file: None,
             pick_file: None,
             forwards,

@@ -301,6 +301,21 @@ impl StrategyConfig {
                 ),
             );
         }
+        // diffusers' rule (`int(steps - steps * strength)`) starts a tiny strength at the
+        // last step in floating point: no step would run.
+        if let (Some(_), Err(why)) = (
+            self.refine,
+            crate::generate::schedule::start_for_strength(self.steps, self.refine_strength),
+        ) {
+            return bad(
+                StrategyField::RefineStrength,
+                format!(
+                    "{} {} {why}",
+                    name(StrategyField::RefineStrength),
+                    self.refine_strength
+                ),
+            );
+        }
         if self.refine_best == 0 || self.refine_best > MAX_REFINE_BEST {
             return bad(
                 StrategyField::RefineBest,
@@ -428,8 +443,10 @@ impl StrategyConfig {
 
 impl StrategyConfig {
     /// The most candidates holding a step cache at once: those completed together (M
-    /// survivors; every candidate of best-of-N; the tournament's one re-run), 0 without a
-    /// cache. A candidate's cache lives from its completion's first step to its last.
+    /// survivors; every candidate of best-of-N; the tournament's one re-run; those alive
+    /// after successive halving's last round, which can be more than M when the rounds
+    /// run out of steps), 0 without a cache. A candidate's cache lives from its
+    /// completion's first step to its last.
     pub fn cached_candidates(&self) -> usize {
         if !self.cache.is_on() {
             return 0;
@@ -438,9 +455,12 @@ impl StrategyConfig {
         match self.kind {
             StrategyKind::Random | StrategyKind::Tournament => 1,
             StrategyKind::BestOfN => n,
-            StrategyKind::EarlyFilter
-            | StrategyKind::SuccessiveHalving
-            | StrategyKind::Adaptive => self.keep.min(n),
+            StrategyKind::SuccessiveHalving => {
+                halving_rounds(n, self.keep, self.probe_steps, self.steps)
+                    .last()
+                    .map_or(n, |round| round.keep)
+            }
+            StrategyKind::EarlyFilter | StrategyKind::Adaptive => self.keep.min(n),
         }
     }
 
@@ -910,6 +930,27 @@ mod tests {
             // Sizing to a budget refuses it without overflowing.
             assert!(ok || c.fit_to_budget(1000).is_err());
         }
+    }
+
+    /// Successive halving completes those alive after its last round together: with 16
+    /// seeds, k = 10 and 28 steps the rounds stop at 4 alive, more than M = 2.
+    #[test]
+    fn halving_caches_every_candidate_alive_after_the_last_round() {
+        let c = StrategyConfig {
+            kind: StrategyKind::SuccessiveHalving,
+            seeds: 16,
+            probe_steps: 10,
+            steps: 28,
+            keep: 2,
+            cache: StepCache::FirstBlock { threshold: 0.1 },
+            ..StrategyConfig::default()
+        };
+        assert_eq!(c.cached_candidates(), 4);
+        let enough_steps = StrategyConfig {
+            steps: 50,
+            ..c.clone()
+        };
+        assert_eq!(enough_steps.cached_candidates(), 2);
     }
 
     /// A budget that no N can meet because another value is wrong says which.

@@ -50,18 +50,29 @@ impl Schedule {
 
     /// The step an image-to-image run of this schedule starts at for `strength` in (0, 1],
     /// as diffusers' `FluxFillPipeline.get_timesteps` chooses it: `steps * strength` steps
-    /// are run (at most all), so the start is `int(steps - steps * strength)`: any strength
-    /// above 0 runs at least one step.
+    /// are run (at most all), so the start is `int(steps - steps * strength)`. A strength so
+    /// small that `steps - steps * strength` rounds to `steps` would run no step (diffusers
+    /// refuses it too): an error.
     pub fn start_for_strength(&self, strength: f64) -> Result<usize, String> {
-        if !(strength > 0.0 && strength <= 1.0) {
-            return Err(format!("strength {strength} must be in (0, 1]"));
-        }
-        let n = self.steps as f64;
-        let run = (n * strength).min(n);
-        // Below `steps` for any strength above 0: at least one step runs.
-        let start = (n - run).max(0.0) as usize;
-        Ok(start)
+        start_for_strength(self.steps, strength).map_err(|why| format!("strength {strength} {why}"))
     }
+}
+
+/// [`Schedule::start_for_strength`] for a schedule of `steps` steps, before it is built;
+/// the error says what is wrong with the strength without naming it.
+pub fn start_for_strength(steps: usize, strength: f64) -> Result<usize, String> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err("must be in (0, 1]".into());
+    }
+    let n = steps as f64;
+    let run = (n * strength).min(n);
+    let start = (n - run).max(0.0) as usize;
+    if start >= steps {
+        return Err(format!(
+            "runs no step of {steps} (at least 1/{steps} is needed)"
+        ));
+    }
+    Ok(start)
 }
 
 /// The flow-matching forward process: `image` noised to `sigma`, `sigma * noise + (1 -
@@ -112,6 +123,7 @@ mod tests {
         // Any strength above 0 runs at least one step: int(10 - 0.5) = 9.
         assert_eq!(s.start_for_strength(0.05), Ok(9));
         assert!(s.start_for_strength(0.0).is_err());
+        assert!(s.start_for_strength(1e-17).is_err());
         assert!(s.start_for_strength(f64::NAN).is_err());
         assert!(s.start_for_strength(1.5).is_err());
         let s28 = Schedule::shifted(28, MU_2048);
