@@ -228,6 +228,40 @@ fn four_shards_merged_equal_one_unsharded_run() {
     assert_eq!(summary(&whole).len(), 16);
 }
 
+/// More shards than items: the shards that own none finish with an empty summary, and
+/// the whole set still merges, with no shard called missing.
+#[test]
+fn shards_that_own_no_item_merge_with_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), 2, &[]);
+    let shard_dirs: Vec<PathBuf> = (0..8)
+        .map(|i| {
+            let out = dir.path().join(format!("shard{i}"));
+            let shard = Shard { index: i, count: 8 };
+            block_on(run_batch(
+                &engine(),
+                &options(&m, &out, shard),
+                &StopSignal::default(),
+            ))
+            .unwrap();
+            out
+        })
+        .collect();
+    assert!(
+        shard_dirs.iter().any(|d| summary(d).is_empty()),
+        "the test needs a shard without items"
+    );
+    let merged = merge_shards(&shard_dirs, &dir.path().join("merged")).unwrap();
+    assert!(merged.warnings.is_empty(), "{:?}", merged.warnings);
+    assert_eq!(merged.results.len(), 2);
+    // A folder that is no batch's output is still refused.
+    let stray = dir.path().join("stray");
+    std::fs::create_dir_all(&stray).unwrap();
+    let mut with_stray = shard_dirs.clone();
+    with_stray.push(stray);
+    assert!(merge_shards(&with_stray, &dir.path().join("merged2")).is_err());
+}
+
 #[test]
 fn bad_items_are_reported_and_skipped_and_outages_retried() {
     let dir = tempfile::tempdir().unwrap();
@@ -259,39 +293,90 @@ fn bad_items_are_reported_and_skipped_and_outages_retried() {
         .unwrap()
         .contains("none.png"));
     assert!(by_id("down")["reason"].as_str().unwrap().contains("503"));
-    assert_eq!(by_id("line-4")["status"], "invalid");
-    assert!(by_id("line-4")["reason"]
+    assert_eq!(by_id("#line-4")["status"], "invalid");
+    assert!(by_id("#line-4")["reason"]
         .as_str()
         .unwrap()
         .contains("\"empty\": empty instruction"));
-    assert!(by_id("line-5")["reason"]
+    assert!(by_id("#line-5")["reason"]
         .as_str()
         .unwrap()
         .contains("outside"));
-    assert!(by_id("line-6")["reason"]
+    assert!(by_id("#line-6")["reason"]
         .as_str()
         .unwrap()
         .contains("duplicate id"));
     assert_eq!(by_id("item0")["status"], "ok");
-    assert!(by_id("line-8")["reason"]
+    assert!(by_id("#line-8")["reason"]
         .as_str()
         .unwrap()
         .contains("not a valid item"));
     let table = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(table.contains("| 8 | 2 | 2 | 4 |"), "{table}");
 
-    // A rerun retries the failed items only; invalid lines are not reported twice.
+    // A rerun retries the failed items only; the invalid lines, still there, are counted
+    // again (the exit code says so) but not recorded twice.
     let again = block_on(run_batch(
         &engine(),
         &options(&m, &out, Shard::ALL),
         &StopSignal::default(),
     ))
     .unwrap();
-    assert_eq!((again.already_done, again.failed, again.invalid), (2, 2, 0));
+    assert_eq!((again.already_done, again.failed, again.invalid), (2, 2, 4));
     assert_eq!(summary(&out).len(), 8);
     assert!(summary(&out)
         .iter()
         .all(|r| r["status"] != serde_json::json!(ItemStatus::Ok) || r["overall"].is_number()));
+}
+
+/// An invalid line's record is keyed where no item id can be (an item may be called
+/// `line-2`), and a line mended since the last run leaves no invalid record behind.
+#[test]
+fn invalid_lines_never_shadow_items_and_mended_lines_leave_no_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        0,
+        &[
+            "{\"id\": \"line-2\", \"image\": \"img/a.png\", \"instruction\": \"x\"}",
+            "not json",
+        ],
+    );
+    RgbImage::from_pixel(32, 32, Rgb([9, 0, 0]))
+        .save(dir.path().join("img/a.png"))
+        .unwrap();
+    let out = dir.path().join("out");
+    let run = || {
+        block_on(run_batch(
+            &engine(),
+            &options(&m, &out, Shard::ALL),
+            &StopSignal::default(),
+        ))
+        .unwrap()
+    };
+    let o = run();
+    assert_eq!((o.done, o.invalid), (1, 1), "{o:?}");
+    let s = summary(&out);
+    assert_eq!(s.len(), 2, "{s:?}");
+    let status = |id: &str| {
+        summary(&out)
+            .iter()
+            .find(|r| r["id"] == id)
+            .map(|r| r["status"].clone())
+    };
+    assert_eq!(status("line-2"), Some(serde_json::json!("ok")));
+    assert_eq!(status("#line-2"), Some(serde_json::json!("invalid")));
+
+    // The bad line mended: it runs, and its old invalid record goes.
+    let text = std::fs::read_to_string(&m).unwrap().replace(
+        "not json",
+        "{\"id\": \"mended\", \"image\": \"img/a.png\", \"instruction\": \"y\"}",
+    );
+    std::fs::write(&m, text).unwrap();
+    let o = run();
+    assert_eq!((o.done, o.already_done, o.invalid), (1, 1, 0), "{o:?}");
+    assert_eq!(status("#line-2"), None);
+    assert_eq!(summary(&out).len(), 2);
 }
 
 /// The real binary, killed with SIGKILL mid-batch and rerun, ends with exactly one result

@@ -94,6 +94,7 @@ pub async fn run_batch(
     let slots = Arc::new(Semaphore::new(opts.queue.max(1)));
     let mut tasks: JoinSet<Result<ItemStatus, EngineError>> = JoinSet::new();
     let mut outcome = BatchOutcome::default();
+    let mut invalid_now = std::collections::HashSet::new();
     let reader = ManifestReader::open(&opts.manifest, opts.root.as_deref(), opts.strategy.clone())
         .map_err(open_err)?;
     let pool = match opts.budget_nfe_mean {
@@ -123,23 +124,29 @@ pub async fn run_batch(
             Entry::Bad(bad) => {
                 // Keyed by line, never by the declared id: a duplicate must not clobber the
                 // record of the item that owns that id.
-                let id = format!("line-{}", bad.line);
+                let id = invalid_line_id(bad.line);
                 let reason = match &bad.id {
                     Some(declared) => format!("id {declared:?}: {}", bad.reason),
                     None => bad.reason,
                 };
                 if !opts.shard.owns(&id) {
                     outcome.other_shards += 1;
-                } else if log.lock().await.get(&id).is_none() {
+                } else {
+                    // Counted at every run that reads it (the exit code says so); recorded
+                    // once per reason.
                     tracing::warn!("manifest line {}: {reason}", bad.line);
-                    log.lock().await.append(ItemResult {
-                        id,
-                        line: bad.line,
-                        status: ItemStatus::Invalid,
-                        reason: Some(reason),
-                        ..empty_result()
-                    })?;
                     outcome.invalid += 1;
+                    invalid_now.insert(id.clone());
+                    let mut log = log.lock().await;
+                    if log.get(&id).and_then(|r| r.reason.as_deref()) != Some(reason.as_str()) {
+                        log.append(ItemResult {
+                            id,
+                            line: bad.line,
+                            status: ItemStatus::Invalid,
+                            reason: Some(reason),
+                            ..empty_result()
+                        })?;
+                    }
                 }
                 skip(&pool);
                 bar.inc(1);
@@ -201,6 +208,11 @@ pub async fn run_batch(
     }
     bar.finish_and_clear();
     let mut log = log.lock().await;
+    if !outcome.cancelled {
+        // A line that was invalid at an earlier run and is not now (mended, or gone from
+        // the manifest) leaves no record behind.
+        log.retain(|r| r.status != ItemStatus::Invalid || invalid_now.contains(&r.id));
+    }
     log.compact()?;
     write_atomic(
         &opts.out.join("summary.md"),
@@ -216,6 +228,12 @@ pub async fn run_batch(
         &serde_json::to_vec_pretty(&record).expect("serialisable"),
     )?;
     Ok(outcome)
+}
+
+/// The id a manifest line that is not a valid item is recorded under: `#line-N`, which no
+/// item id can be (`#` is refused in ids), so it never shadows an item's record.
+pub fn invalid_line_id(line: usize) -> String {
+    format!("#line-{line}")
 }
 
 /// The file in a batch's output folder that says which shard it ran and whether to the end,
@@ -418,14 +436,17 @@ pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Merged, Engine
             .into());
         }
         let latest = super::store::read_latest(&dir.join("summary.jsonl"))?;
-        if latest.is_empty() {
+        let record = crate::fsio::read_json::<ShardRecord>(&dir.join(SHARD_FILE));
+        // A shard whose hash owned no item finishes with an empty summary: that is a
+        // result. A folder with neither results nor a shard record is not a batch's.
+        if latest.is_empty() && record.is_err() {
             return Err(EditError::Invalid(format!(
-                "shard folder {}: no results (no summary.jsonl, or an empty one)",
+                "shard folder {}: no results (no summary.jsonl, or an empty one, and no {SHARD_FILE})",
                 dir.display()
             ))
             .into());
         }
-        match crate::fsio::read_json::<ShardRecord>(&dir.join(SHARD_FILE)) {
+        match record {
             Ok(record) => {
                 if !record.complete {
                     warnings.push(format!(

@@ -27,7 +27,7 @@ pub enum ItemStatus {
 /// byte-identical records for identical work.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ItemResult {
-    /// Item id (or `line-N` for a line without a usable id).
+    /// Item id (or `#line-N` for a manifest line that is not a valid item).
     pub id: String,
     /// 1-based manifest line.
     pub line: usize,
@@ -120,6 +120,12 @@ impl SummaryLog {
         tracing::debug!(target: "icedit_scale::stored", id = %result.id, "results stored");
         self.latest.insert(result.id.clone(), result);
         Ok(())
+    }
+
+    /// Keeps only the items whose latest record passes `keep`; the file follows at the
+    /// next [`Self::compact`].
+    pub fn retain(&mut self, mut keep: impl FnMut(&ItemResult) -> bool) {
+        self.latest.retain(|_, r| keep(r));
     }
 
     /// Latest records, ordered by manifest line then id.
