@@ -366,3 +366,43 @@ fn an_arm_carries_its_step_cache_and_both_kinds_of_forwards_are_reported() {
         "{err}"
     );
 }
+
+/// A selection judge that scores nothing leaves the strategies' picks as fallbacks: those
+/// are failures (exit 3), left out of the means, and a rerun with the judge back redoes
+/// them, ending where a run with a working judge ends.
+#[test]
+fn picks_made_while_the_selection_judge_was_down_are_failures_a_rerun_redoes() {
+    let dir = tempfile::tempdir().unwrap();
+    let judge = dir.path().join("selection.toml");
+    let suite = dir.path().join("suite.toml");
+    let text = SUITE.replace("edits = 10", "edits = 3").replace(
+        "[selection_judge]\njudge = \"testbed\"\nseed = 0",
+        "[selection_judge]\njudge = \"selection.toml\"",
+    );
+    assert!(text.contains("selection.toml"));
+    std::fs::write(&suite, text).unwrap();
+
+    std::fs::write(&judge, "kind = \"testbed\"\nfailure_rate = 1.0\n").unwrap();
+    let out = dir.path().join("out");
+    assert_eq!(eval(&suite, &out).status().unwrap().code(), Some(3));
+    let json = comparable(&out);
+    let arm = |name: &str| {
+        json["arms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["arm"] == name)
+            .unwrap()
+            .clone()
+    };
+    for name in ["best-of-4", "best-of-4@2", "ef-4-3-1"] {
+        assert_eq!(arm(name)["item_errors"], 3, "{name}: {}", arm(name));
+        assert_eq!(arm(name)["scored"], 0, "{name}");
+    }
+
+    std::fs::write(&judge, "kind = \"testbed\"\nfailure_rate = 0.0\n").unwrap();
+    assert!(eval(&suite, &out).status().unwrap().success());
+    let fresh = dir.path().join("fresh");
+    assert!(eval(&suite, &fresh).status().unwrap().success());
+    assert_eq!(comparable(&out), comparable(&fresh));
+}

@@ -198,7 +198,8 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         .iter()
         .map(|i| names.iter().filter(|n| store.is_done(&i.id, n)).count() as u64)
         .sum::<u64>();
-    let failed = store.results().iter().filter(|r| r.error.is_some()).count();
+    // Not run, or run and not scored by the eval judge: both retried by a rerun.
+    let failed = store.results().iter().filter(|r| !r.finished()).count();
     if finished + (failed as u64) < total {
         return Err(Incomplete::Stopped {
             done: finished as usize,

@@ -129,7 +129,22 @@ pub fn load(spec: &DatasetSpec, selection: &Selection) -> Result<Vec<EvalItem>, 
             )));
         }
     }
-    Ok(select(items, selection))
+    if items.is_empty() {
+        return Err(EditError::Invalid(
+            "dataset: no items (an empty file, or a `language` no item has)".into(),
+        ));
+    }
+    let tasks: std::collections::BTreeSet<String> =
+        items.iter().filter_map(|i| i.task.clone()).collect();
+    let selected = select(items, selection);
+    if selected.is_empty() {
+        // A typo in the task filter would otherwise evaluate nothing and report success.
+        return Err(EditError::Invalid(format!(
+            "[selection] (tasks {:?}, limit {:?}) keeps no item; the dataset's tasks are {:?}",
+            selection.tasks, selection.limit, tasks
+        )));
+    }
+    Ok(selected)
 }
 
 /// Task filter, then the deterministic hash sub-sample.
@@ -271,5 +286,22 @@ mod tests {
         let all = load(&spec, &Selection::default()).unwrap();
         assert_eq!(all.len(), 12);
         assert!(all.iter().all(|i| i.task.is_some()));
+    }
+
+    /// A task filter that keeps nothing (a typo: `recolor` for `recolour`) is refused with
+    /// the tasks the dataset has, instead of evaluating no item and reporting success.
+    #[test]
+    fn a_selection_that_keeps_no_item_is_refused() {
+        let spec = DatasetSpec::Testbed {
+            edits: 12,
+            first_scene: 0,
+            contrast: None,
+        };
+        let sel = Selection {
+            tasks: vec!["recolor".into()],
+            ..Selection::default()
+        };
+        let e = load(&spec, &sel).unwrap_err().to_string();
+        assert!(e.contains("recolor") && e.contains("recolour"), "{e}");
     }
 }

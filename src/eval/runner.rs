@@ -16,7 +16,7 @@ use super::suite::{Arm, Suite};
 use crate::edit::EditContext;
 use crate::engine::budget::BudgetPool;
 use crate::engine::report::{EditReport, VieRecord};
-use crate::engine::{EditJob, Engine, Silent, StrategyKind};
+use crate::engine::{EditJob, Engine, Silent, StrategyConfig, StrategyKind};
 use crate::judge::{vie_pair, Judge};
 use crate::models::testbed::{self, OutcomeLabel};
 use crate::stop::StopSignal;
@@ -121,6 +121,22 @@ impl Scorer<'_> {
             }
         }
     }
+}
+
+/// The failure records of an arm on an item: the arm's own and, for best-of-N, those of
+/// the `best-of-N@n` arms derived from its candidates (every name the run counts).
+fn arm_failed(item: &EvalItem, arm: &Arm, config: &StrategyConfig, reason: &str) -> Vec<ArmResult> {
+    let derived = match config.kind {
+        StrategyKind::BestOfN => 2..config.candidate_count(),
+        _ => 0..0,
+    };
+    std::iter::once(arm.name.clone())
+        .chain(derived.map(|n| prefix_arm_name(&arm.name, n)))
+        .map(|name| ArmResult {
+            error: Some(reason.to_string()),
+            ..base(item, &name)
+        })
+        .collect()
 }
 
 fn base(item: &EvalItem, arm: &str) -> ArmResult {
@@ -275,10 +291,7 @@ pub async fn run_suite(
             Err(e) => {
                 let failed = pending
                     .iter()
-                    .map(|a| ArmResult {
-                        error: Some(e.to_string()),
-                        ..base(item, &a.name)
-                    })
+                    .flat_map(|a| arm_failed(item, a, &suite.config(a), &e.to_string()))
                     .collect::<Vec<_>>();
                 let n = failed.len();
                 store.append(failed)?;
@@ -323,6 +336,13 @@ pub async fn run_suite(
                     pool.settle(a, outcome.as_ref().ok().map(|r| r.nfe.total));
                 }
                 match outcome {
+                    // The selection judge was down (or the refine failed): the pick is a
+                    // fallback, not this strategy's result. Recorded as failed, so it is
+                    // left out of the means and retried by a rerun.
+                    Ok(report) if report.incomplete_reason().is_some() => {
+                        let reason = report.incomplete_reason().unwrap_or_default();
+                        records.extend(arm_failed(item, arm, &config, &reason));
+                    }
                     Ok(report) => {
                         records.push(from_report(item, &arm.name, &report, &scorer).await);
                         if config.kind == StrategyKind::BestOfN {
@@ -337,10 +357,7 @@ pub async fn run_suite(
                             best_of_n = Some((arm.name.clone(), report));
                         }
                     }
-                    Err(e) => records.push(ArmResult {
-                        error: Some(e.to_string()),
-                        ..base(item, &arm.name)
-                    }),
+                    Err(e) => records.extend(arm_failed(item, arm, &config, &e.to_string())),
                 }
             }
             let n = records.len();

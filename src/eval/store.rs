@@ -66,8 +66,18 @@ pub struct ArmResult {
     /// Read from another arm's run instead of run itself (e.g. random = best-of-N's
     /// candidate 0).
     pub derived_from: Option<String>,
-    /// Why the item could not be run (unreadable image, generator error).
+    /// Why the item could not be run (unreadable image, generator error, a selection
+    /// judge that scored no candidate).
     pub error: Option<String>,
+}
+
+impl ArmResult {
+    /// Whether this result is final: it ran, and the eval judge scored it. A result that
+    /// is not is kept in this run's report (as an error or an eval failure) and retried by
+    /// the next run.
+    pub fn finished(&self) -> bool {
+        self.error.is_none() && !matches!(self.eval, Some(EvalScore::Failed(_)))
+    }
 }
 
 /// `results.jsonl` under an eval's output folder, whose lock it holds: one eval writes a
@@ -94,11 +104,12 @@ impl ResultStore {
                 reason: e.to_string(),
             })?;
         let mut done = HashMap::new();
-        // Failed items are retried on the next run; finished ones are kept (the first
-        // record of a pair), `done` pointing at where each lands after the retain.
+        // Failed items (the edit, or the eval judge's score) are retried on the next run;
+        // finished ones are kept (the first record of a pair), `done` pointing at where
+        // each lands after the retain.
         results.retain(|r: &ArmResult| {
             let key = (r.item.clone(), r.arm.clone());
-            let keep = r.error.is_none() && !done.contains_key(&key);
+            let keep = r.finished() && !done.contains_key(&key);
             if keep {
                 done.insert(key, done.len());
             }
@@ -136,7 +147,7 @@ impl ResultStore {
         // After the fsync: a watcher (the resume test) may act on the records being on disk.
         tracing::debug!(target: "icedit_scale::stored", records = fresh.len(), "results stored");
         for r in fresh {
-            if r.error.is_none() {
+            if r.finished() {
                 self.done
                     .insert((r.item.clone(), r.arm.clone()), self.results.len());
             }
