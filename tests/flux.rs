@@ -1546,3 +1546,123 @@ fn cli_refuses_an_unread_tensor_unless_allowed() {
     );
     assert!(out.join("report.json").is_file());
 }
+
+/// A checkpoint tensor short of rows is refused by key whatever the format it is held in:
+/// quantizing it (`--quantize q8_0`, `fp8`) once tiled its rows to fill the layer and ran.
+#[test]
+fn a_tensor_short_of_rows_is_refused_by_key_when_quantized_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    support::copy_dir(&fixtures().join("tiny"), &model);
+    let file = model.join("transformer/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let key = "transformer_blocks.0.ff.net.2.weight";
+    let rows = tensors[key].dim(0).unwrap();
+    let short = tensors[key].narrow(0, 0, rows / 2).unwrap();
+    tensors.insert(key.into(), short);
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    for format in [None, Some("q8_0"), Some("fp8")] {
+        let out = dir
+            .path()
+            .join(format!("out-{}", format.unwrap_or("dense")));
+        let mut args = vec![
+            "edit",
+            "--image",
+            "tests/fixtures/flux/source.png",
+            "--instruction",
+            "make the sky night",
+            "--width",
+            "48",
+            "--model-dir",
+            model.to_str().unwrap(),
+            "--t5-tokens",
+            "48",
+            "--strategy",
+            "random",
+            "--steps",
+            "2",
+            "--judge",
+            "none",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(f) = format {
+            args.extend_from_slice(&["--quantize", f]);
+        }
+        let result = cli(&args);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{format:?}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains("the model needs"),
+            "{format:?}: {stderr}"
+        );
+    }
+}
+
+/// Every key of a LoRA file is applied or reported: the same tensor under two names is
+/// refused (which one won was left to a hash map's order), an alpha without its adapter
+/// and a lone half of an extra expert are reported as never applied.
+#[test]
+fn lora_keys_that_would_never_apply_are_refused_or_reported() {
+    use icedit_scale::models::flux::lora::LoraSet;
+    let dir = tempfile::tempdir().unwrap();
+    let variant = |fixture: &str, name: &str, extra: &[(&str, Tensor)]| {
+        let mut tensors =
+            candle_core::safetensors::load(fixtures().join(fixture), &Device::Cpu).unwrap();
+        for (key, t) in extra {
+            tensors.insert(key.to_string(), t.clone());
+        }
+        let path = dir.path().join(name);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        path
+    };
+    let plain =
+        candle_core::safetensors::load(fixtures().join("lora_plain.safetensors"), &Device::Cpu)
+            .unwrap();
+    let (prefixed, b) = plain
+        .iter()
+        .find(|(k, _)| k.starts_with("transformer.") && k.ends_with(".lora_B.weight"))
+        .expect("a prefixed lora_B key in the fixture");
+    let bare = prefixed.strip_prefix("transformer.").unwrap();
+
+    let twice = variant(
+        "lora_plain.safetensors",
+        "twice.safetensors",
+        &[(bare, b.clone())],
+    );
+    let e = LoraSet::load(&twice, 1.0).expect_err("refused").to_string();
+    assert!(e.contains(bare) && e.contains(prefixed.as_str()), "{e}");
+
+    let alpha = Tensor::new(&[4f32], &Device::Cpu).unwrap();
+    let orphan = variant(
+        "lora_plain.safetensors",
+        "orphan.safetensors",
+        &[("transformer.transformer_blocks.0.attn.to_qq.alpha", alpha)],
+    );
+    let set = LoraSet::load(&orphan, 1.0).unwrap();
+    assert!(
+        set.unknown_keys.iter().any(|k| k.ends_with("to_qq.alpha")),
+        "{:?}",
+        set.unknown_keys
+    );
+
+    let moe = candle_core::safetensors::load(fixtures().join("lora_moe.safetensors"), &Device::Cpu)
+        .unwrap();
+    let (half, t) = moe
+        .iter()
+        .find(|(k, _)| k.contains(".lora_A.expert_0."))
+        .expect("an expert key in the MoE fixture");
+    // The half of the expert right after the last complete one: the loop that gathers
+    // experts once took it out and dropped it unreported.
+    let experts = (0..)
+        .take_while(|e| moe.contains_key(&half.replace(".expert_0.", &format!(".expert_{e}."))))
+        .count();
+    let stray_key = half.replace(".expert_0.", &format!(".expert_{experts}."));
+    let stray = variant(
+        "lora_moe.safetensors",
+        "stray.safetensors",
+        &[(&stray_key, t.clone())],
+    );
+    let e = LoraSet::load(&stray, 1.0).expect_err("refused").to_string();
+    assert!(e.contains(&format!("expert {experts}")), "{e}");
+}

@@ -458,6 +458,19 @@ pub struct Linears<'a> {
     pub sample_rows: Option<usize>,
 }
 
+/// A layer's dense weight read from the checkpoint (f32, on the CPU) to be quantized,
+/// checked against the layer's shape as a dense load checks it: the row repeat below is for
+/// the benchmark's sampled rows only, never for a file's tensor that is short of rows.
+fn read_checked(source: &WeightSource, key: &str, output: usize, input: usize) -> Result<Tensor> {
+    source.get(
+        (output, input).into(),
+        key,
+        candle_nn::Init::Const(0.0),
+        DType::F32,
+        &Device::Cpu,
+    )
+}
+
 impl<'a> Linears<'a> {
     /// Dense weights with `lora` merged in (or its experts attached).
     pub fn dense(lora: Option<&'a LoraSet>) -> Self {
@@ -485,7 +498,7 @@ impl<'a> Linears<'a> {
             None if self.fp8 => {
                 let rows = self.sample_rows.map_or(output, |r| r.clamp(1, output));
                 let w = match self.source {
-                    Some(source) => source.get_unchecked(&weight_name, DType::F32, &Device::Cpu)?,
+                    Some(source) => read_checked(source, &weight_name, output, input)?,
                     None => vb
                         .get((output, input), "weight")?
                         .narrow(0, 0, rows)?
@@ -504,9 +517,7 @@ impl<'a> Linears<'a> {
                 Some(t) if input.is_multiple_of(t.block_size()) => {
                     let rows = self.sample_rows.map_or(output, |r| r.clamp(1, output));
                     let w = match self.source {
-                        Some(source) => {
-                            source.get_unchecked(&weight_name, DType::F32, &Device::Cpu)?
-                        }
+                        Some(source) => read_checked(source, &weight_name, output, input)?,
                         None => vb.get((output, input), "weight")?.narrow(0, 0, rows)?,
                     };
                     // A fresh buffer: candle's quantizer reads the raw storage, so a view

@@ -126,12 +126,24 @@ impl LoraSet {
         let mut expert_downs: BTreeMap<(String, usize), Tensor> = BTreeMap::new();
         let mut expert_ups: BTreeMap<(String, usize), Tensor> = BTreeMap::new();
         let mut routes: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut alpha_keys: BTreeMap<String, String> = BTreeMap::new();
         let mut unknown_keys = Vec::new();
+        // The file's keys in a fixed order (the reader's map has none), and each LoRA
+        // tensor named once: `transformer.x` beside a bare `x` would leave which one is
+        // used to chance.
+        let mut tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut named: BTreeMap<String, String> = BTreeMap::new();
         for (key, tensor) in tensors {
             let name = key
                 .strip_prefix("transformer.")
                 .or_else(|| key.strip_prefix("base_model.model."))
                 .unwrap_or(&key);
+            if let Some(first) = named.insert(name.to_string(), key.clone()) {
+                return Err(err(format!(
+                    "keys `{first}` and `{key}` are the same LoRA tensor `{name}`: keep one"
+                )));
+            }
             if let Some(m) = name
                 .strip_suffix(".lora_A.weight")
                 .or_else(|| name.strip_suffix(".lora_down.weight"))
@@ -149,6 +161,7 @@ impl LoraSet {
                     .and_then(|t| t.to_vec1::<f64>())
                     .map_err(|e| err(format!("key `{key}`: {e}")))?;
                 alphas.insert(m.to_string(), *a.first().unwrap_or(&0.0));
+                alpha_keys.insert(m.to_string(), key.clone());
             } else if let Some(m) = name.strip_suffix(".lora_route.weight") {
                 routes.insert(m.to_string(), tensor);
             } else if let Some((m, e, is_down)) = expert_key(name) {
@@ -180,11 +193,14 @@ impl LoraSet {
         for (module, route) in routes {
             let mut list = Vec::new();
             for e in 0.. {
-                let (Some(down), Some(up)) = (
-                    expert_downs.remove(&(module.clone(), e)),
-                    expert_ups.remove(&(module.clone(), e)),
-                ) else {
+                // Both halves or neither: a lone half stays behind to be reported below.
+                let at = (module.clone(), e);
+                if !(expert_downs.contains_key(&at) && expert_ups.contains_key(&at)) {
                     break;
+                }
+                let (Some(down), Some(up)) = (expert_downs.remove(&at), expert_ups.remove(&at))
+                else {
+                    unreachable!("both halves were just found");
                 };
                 list.push(
                     low_rank(
@@ -217,6 +233,13 @@ impl LoraSet {
                 "expert {e} of `{module}` has no router or no matching A/B half"
             )));
         }
+        // An alpha scales an adapter; one whose module has none is never applied.
+        for (module, key) in alpha_keys {
+            if !plain.contains_key(&module) && !experts.contains_key(&module) {
+                unknown_keys.push(key);
+            }
+        }
+        unknown_keys.sort();
         if plain.is_empty() && experts.is_empty() {
             return Err(err(format!(
                 "no LoRA adapters found ({} keys, e.g. {:?})",
