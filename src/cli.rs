@@ -466,8 +466,8 @@ pub struct GeneratorArgs {
     pub device: String,
     /// Quantize the FLUX transformer's linear weights as they are read: a ggml type (q8_0,
     /// q5_1, q5_0, q4_1, q4_0, q6_k, q5_k, q4_k, q3_k, q2_k) or fp8 (e4m3, one scale per
-    /// tensor); a plain LoRA is merged first. A GGUF or fp8 --transformer is held as stored
-    /// without this.
+    /// tensor); a plain LoRA is merged first. It applies to dense weights: a GGUF or fp8
+    /// --transformer is held as stored, and --quantize to another format is refused there.
     #[arg(long, value_parser = quantized_format, conflicts_with = "dequantize")]
     pub quantize: Option<crate::models::flux::held_weight::WeightFormat>,
     /// Hold a GGUF or fp8 transformer dequantized to --dtype (more memory, faster steps,

@@ -596,3 +596,34 @@ fn the_plan_tiles_the_refine_vae_pass_when_it_needs_to() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--vae-tile: VAE tile 100 px"), "{stderr}");
 }
+
+/// `--quantize` to another format over a transformer that is already quantized (GGUF) is
+/// refused: the file's weights are held as they are, so the plan would count weights that
+/// never load. Asking for the format the file holds is harmless.
+#[test]
+fn quantizing_an_already_quantized_transformer_to_another_format_is_refused() {
+    let plan = |quantize: &str| {
+        cli(&[
+            "plan",
+            "--model-dir",
+            "tests/fixtures/flux/tiny",
+            "--transformer",
+            "tests/fixtures/flux/gguf/flux1-fill-tiny-q8_0.gguf",
+            "--quantize",
+            quantize,
+        ])
+    };
+    let refused = plan("q4_0");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--quantize q4_0") && stderr.contains("q8_0"),
+        "{stderr}"
+    );
+    let same = plan("q8_0");
+    assert!(
+        same.status.success(),
+        "{}",
+        String::from_utf8_lossy(&same.stderr)
+    );
+}

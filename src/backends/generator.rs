@@ -336,6 +336,21 @@ impl FluxSpec {
         .map_err(EditError::Invalid)?;
         let stored =
             plan::peek::transformer_format(&peeked.transformer).map_err(EditError::Invalid)?;
+        // Weights already quantized (GGUF) or fp8 are held as the file holds them: a
+        // --quantize to another format would not happen, and the plan would count it.
+        if let Some(asked @ (WeightFormat::Quantized(_) | WeightFormat::Fp8)) = self.hold_as {
+            if stored != WeightFormat::Dense && stored != asked {
+                return Err(EditError::Invalid(format!(
+                    "--quantize {}: the transformer ({}) already holds {} weights, which are not requantized; --quantize applies to dense (bf16/f16/f32) weights: drop it, or give a dense transformer",
+                    asked.name(),
+                    peeked
+                        .transformer
+                        .first()
+                        .map_or_else(String::new, |p| p.display().to_string()),
+                    stored.name()
+                )));
+            }
+        }
         let placement = |other: DeviceName| {
             if other == self.device {
                 Placement::Device
