@@ -13,7 +13,7 @@
 //! - [`check_unused`] compares the two and applies the policy.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -223,6 +223,21 @@ impl StoredTensors {
             }));
         }
         all.sort_by(|a, b| (&a.file, &a.key).cmp(&(&b.file, &b.key)));
+        // A key in two files is read from whichever the reader maps last: the other copy
+        // would be neither used nor reported.
+        let mut first_file: HashMap<&str, &PathBuf> = HashMap::new();
+        for t in &all {
+            if let Some(earlier) = first_file.insert(&t.key, &t.file) {
+                return Err(ModelError::files(
+                    &t.file,
+                    format!(
+                        "tensor `{}` is also in {}: one checkpoint's shards hold each tensor once (a stale copy beside them?)",
+                        t.key,
+                        earlier.display()
+                    ),
+                ));
+            }
+        }
         Ok(Self(all))
     }
 
@@ -370,6 +385,34 @@ mod tests {
                 })
                 .collect(),
         )
+    }
+
+    /// Two files holding the same key: refused, naming both, instead of one copy being
+    /// read and the other passing as read.
+    #[test]
+    fn a_key_in_two_safetensors_files_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+        let (a, b) = (
+            dir.path().join("a.safetensors"),
+            dir.path().join("b.safetensors"),
+        );
+        candle_core::safetensors::save(&std::collections::HashMap::from([("w", t.clone())]), &a)
+            .unwrap();
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("w", t.clone()), ("v", t)]),
+            &b,
+        )
+        .unwrap();
+        let e = StoredTensors::safetensors(&[a.clone(), b.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`w`") && e.contains("a.safetensors") && e.contains("b.safetensors"),
+            "{e}"
+        );
+        assert_eq!(StoredTensors::safetensors(&[b]).unwrap().0.len(), 2);
     }
 
     #[test]
