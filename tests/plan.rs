@@ -627,3 +627,28 @@ fn quantizing_an_already_quantized_transformer_to_another_format_is_refused() {
         String::from_utf8_lossy(&same.stderr)
     );
 }
+
+/// The plan reads the configs before any loader does: one the loaders would refuse is
+/// refused there too, by file and field (exit 2), never a panic in the plan's arithmetic.
+#[test]
+fn configs_the_loaders_refuse_are_refused_by_the_plan_not_panicked_on() {
+    for (component, field, value) in [
+        ("vae", "block_out_channels", serde_json::json!([])),
+        ("transformer", "num_attention_heads", serde_json::json!(0)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(std::path::Path::new("tests/fixtures/flux/tiny"), dir.path());
+        let config = dir.path().join(component).join("config.json");
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        c[field] = value;
+        std::fs::write(&config, c.to_string()).unwrap();
+        let result = cli(&["plan", "--model-dir", dir.path().to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{component}: {stderr}");
+        assert!(
+            stderr.contains("config.json") && stderr.contains(field),
+            "{component}: {stderr}"
+        );
+    }
+}

@@ -164,12 +164,20 @@ pub fn peek_flux(
             .map(|r| r.join(sub).join("config.json"))
             .find(|p| p.is_file()))
     };
-    let transformer_config = match config_in("transformer")? {
-        Some(p) => read_config(&p)?,
+    // Checked as the loaders check them: the plan runs first, and its arithmetic relies
+    // on what they refuse (heads, VAE levels).
+    let transformer_config: Option<FluxConfig> = match config_in("transformer")? {
+        Some(p) => read_config(&p)?
+            .map(|c: FluxConfig| c.validate().map(|()| c))
+            .transpose()
+            .map_err(|e| format!("{}: {e}", p.display()))?,
         None => None,
     };
-    let vae_config = match config_in("vae")? {
-        Some(p) => read_config(&p)?,
+    let vae_config: Option<VaeConfig> = match config_in("vae")? {
+        Some(p) => read_config(&p)?
+            .map(|c: VaeConfig| c.check().map(|()| c))
+            .transpose()
+            .map_err(|e| format!("{}: {e}", p.display()))?,
         None => None,
     };
     let text_parameters = text_root.as_ref().and_then(|r| {

@@ -82,6 +82,12 @@ impl FluxConfig {
 
     /// Checks the invariants the model code relies on.
     pub fn validate(&self) -> Result<(), String> {
+        if self.num_attention_heads == 0 || self.attention_head_dim == 0 {
+            return Err(format!(
+                "num_attention_heads {} and attention_head_dim {} must both be at least 1",
+                self.num_attention_heads, self.attention_head_dim
+            ));
+        }
         if self.patch_size != 1 {
             return Err(format!(
                 "patch_size {} is not supported (FLUX uses 1)",

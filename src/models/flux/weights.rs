@@ -185,15 +185,28 @@ impl WeightSource {
         }
     }
 
+    /// Why `key` could not be read: missing from the file, or there but not readable (a
+    /// dtype candle does not read, such as F8_E5M2), with the reader's own words.
+    fn unreadable(&self, key: &str, e: candle_core::Error) -> candle_core::Error {
+        if self.has_key(key) {
+            candle_core::Error::Msg(format!(
+                "{}: tensor `{key}` cannot be read: {e}",
+                self.label()
+            ))
+        } else {
+            candle_core::Error::Msg(format!("{}: missing tensor `{key}`", self.label()))
+        }
+    }
+
     /// A GGUF tensor as stored (quantized), on the CPU.
     fn gguf_tensor(&self, key: &str) -> Result<QTensor> {
         let Store::Gguf { content, file } = &self.store else {
             candle_core::bail!("{}: not a GGUF file", self.label());
         };
         let mut file = file.lock().expect("GGUF file handle");
-        content.tensor(&mut *file, key, &Device::Cpu).map_err(|_| {
-            candle_core::Error::Msg(format!("{}: missing tensor `{key}`", self.label()))
-        })
+        content
+            .tensor(&mut *file, key, &Device::Cpu)
+            .map_err(|e| self.unreadable(key, e))
     }
 
     /// The weight `name` as the file holds it when it is not a plain float tensor (a
@@ -331,9 +344,9 @@ impl WeightSource {
         };
         let whole = match &self.store {
             Store::Safetensors(t) => {
-                let whole = t.load(&key, &Device::Cpu).map_err(|_| {
-                    candle_core::Error::Msg(format!("{}: missing tensor `{key}`", self.label()))
-                })?;
+                let whole = t
+                    .load(&key, &Device::Cpu)
+                    .map_err(|e| self.unreadable(&key, e))?;
                 // An fp8 weight read dense (`--dequantize`) is the stored value times its
                 // scale, as the held path computes it per forward.
                 if whole.dtype() == DType::F8E4M3 && key.ends_with(".weight") {
@@ -512,5 +525,37 @@ pub fn weights_error(path: &Path, e: candle_core::Error) -> ModelError {
     ModelError::Files {
         path: path.to_path_buf(),
         reason: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tensor that is in the file in a dtype candle does not read is said to be so, not
+    /// called missing (which sent users looking for a key that is there).
+    #[test]
+    fn a_tensor_that_is_there_but_unreadable_is_not_called_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e5m2.safetensors");
+        let header = br#"{"w.weight":{"dtype":"F8_E5M2","shape":[2,2],"data_offsets":[0,4]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[0; 4]);
+        std::fs::write(&path, bytes).unwrap();
+        let source = WeightSource::open(&[path], KeyLayout::Diffusers).unwrap();
+        let e = source
+            .get_unchecked("w.weight", DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cannot be read") && !e.contains("missing"),
+            "{e}"
+        );
+        let e = source
+            .get_unchecked("v.weight", DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("v.weight"), "{e}");
     }
 }
