@@ -359,9 +359,9 @@ impl FluxSpec {
             }
         };
         let lora_bytes = match &self.lora {
-            Some(LoraChoice::Path(p)) => file_bytes(p),
+            Some(LoraChoice::Path(p)) => lora_file_bytes(p),
             Some(LoraChoice::Released(repo)) => {
-                file_bytes(&hub::cache_entry(&HubSettings::from_env(), repo))
+                lora_file_bytes(&hub::cache_entry(&HubSettings::from_env(), repo))
             }
             None => 0,
         };
@@ -603,16 +603,14 @@ fn cached(repo: &str, what: &str, download_name: &str) -> Result<PathBuf, EditEr
     )))
 }
 
-/// Bytes of the safetensors files at `path` (a file or a folder); 0 when there are none.
-fn file_bytes(path: &std::path::Path) -> usize {
-    if !path.exists() {
-        return 0;
-    }
-    plan::peek::safetensors_files(path)
-        .iter()
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| m.len() as usize)
-        .sum()
+/// The size of the LoRA file the loader would read for `path` (a file, a folder or a
+/// Hugging Face cache entry, resolved as the loader resolves it); 0 when there is none yet
+/// (the loader names what is missing).
+fn lora_file_bytes(path: &std::path::Path) -> usize {
+    crate::models::flux::lora::find_lora_file(path)
+        .ok()
+        .and_then(|f| std::fs::metadata(f).ok())
+        .map_or(0, |m| m.len() as usize)
 }
 
 /// The transformer and autoencoder configurations `--random-weights` names.
@@ -620,5 +618,33 @@ fn random_configs(size: &str) -> (FluxConfig, VaeConfig) {
     match size {
         "small" => crate::models::flux::bench::small_configs(),
         _ => (FluxConfig::fill_dev(), VaeConfig::flux()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plan counts the LoRA file the loader reads, wherever it is named from: a
+    /// Hugging Face cache entry (its snapshot) once counted 0 bytes.
+    #[test]
+    fn a_lora_in_a_cache_entry_counts_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = dir.path().join("models--org--lora/snapshots/abc");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::write(
+            snapshot.join("pytorch_lora_weights.safetensors"),
+            [0u8; 1000],
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("models--org--lora/refs")).unwrap();
+        std::fs::write(dir.path().join("models--org--lora/refs/main"), "abc").unwrap();
+        assert_eq!(lora_file_bytes(&dir.path().join("models--org--lora")), 1000);
+        assert_eq!(lora_file_bytes(&snapshot), 1000);
+        assert_eq!(
+            lora_file_bytes(&snapshot.join("pytorch_lora_weights.safetensors")),
+            1000
+        );
+        assert_eq!(lora_file_bytes(&dir.path().join("nothing")), 0);
     }
 }

@@ -57,7 +57,9 @@ pub fn safetensors_files(path: &Path) -> Vec<PathBuf> {
     if path.is_file() {
         return vec![path.to_path_buf()];
     }
-    crate::hub::shards(path).unwrap_or_default()
+    // A Hugging Face cache entry (`models--org--name`) holds its files in a snapshot.
+    let dir = crate::hub::cache::resolve_snapshot(path).unwrap_or_else(|_| path.to_path_buf());
+    crate::hub::shards(&dir).unwrap_or_default()
 }
 
 /// Parameters stored in the safetensors files under `path` (headers only); `None` when
