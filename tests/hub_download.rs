@@ -261,6 +261,50 @@ fn a_resume_answered_with_the_whole_file_is_caught() {
     );
 }
 
+/// A partial file from an earlier run that holds wrong bytes: resumed, the result has the
+/// right size but not the content the Hub names it by (its sha256 etag). It is refused and
+/// removed, never stored as the blob every later run would trust.
+#[test]
+fn a_resumed_partial_with_wrong_bytes_is_caught_by_its_sha256() {
+    const KEPT: usize = 1000;
+    let hub = FakeHub::start();
+    let repo = tiny_flux();
+    hub.serve(TINY, repo.clone());
+    hub.cut_after(TINY, BIG_FILE, KEPT);
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(&hub, dir.path());
+    let request = RepoRequest::new(TINY).include([BIG_FILE]);
+    let first = download(&settings, &request, false).unwrap_err();
+    assert!(matches!(first, HubError::Interrupted { .. }), "{first}");
+    // Spoil the partial file's bytes, keeping its length.
+    let entry = cache_entry(&settings, TINY);
+    let part = std::fs::read_dir(entry.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "part"))
+        .expect("a partial file");
+    let len = std::fs::metadata(&part).unwrap().len() as usize;
+    std::fs::write(&part, vec![0u8; len]).unwrap();
+
+    let second = download(&settings, &request, false).unwrap_err();
+    match &second {
+        HubError::WrongContent { file, expected, .. } => {
+            assert_eq!(file, BIG_FILE);
+            assert_eq!(expected, &sha256_hex(repo.file(BIG_FILE)));
+        }
+        other => panic!("expected WrongContent, got {other}"),
+    }
+    assert!(
+        !blob_names(&entry).contains(&sha256_hex(repo.file(BIG_FILE))),
+        "the bad blob is removed"
+    );
+    let got = download(&settings, &request, false).unwrap();
+    assert_eq!(
+        std::fs::read(got.snapshot.join(BIG_FILE)).unwrap(),
+        repo.file(BIG_FILE)
+    );
+}
+
 fn small_repo() -> FakeRepo {
     FakeRepo::new(vec![
         ("config.json".into(), br#"{"hidden_size": 8}"#.to_vec()),

@@ -286,6 +286,19 @@ pub enum HubError {
         /// The size the Hub announced.
         size: u64,
     },
+    /// A file whose bytes do not hash to the sha256 the Hub named it by (its LFS etag): a
+    /// partial file from an earlier run held wrong bytes, say. The bad copy was removed.
+    #[error("{repo}: {file} arrived with content of sha256 {got}, not the {expected} the Hub names; the bad copy was removed, run again to fetch it afresh")]
+    WrongContent {
+        /// The repository.
+        repo: String,
+        /// The file.
+        file: String,
+        /// The sha256 the Hub announced (the etag).
+        expected: String,
+        /// The sha256 of what arrived.
+        got: String,
+    },
     /// The Hub answered something this module cannot use (missing headers, bad JSON, an
     /// unsafe file path in the listing).
     #[error("{repo}: unexpected answer from {url}: {reason}")]
@@ -747,8 +760,33 @@ impl Transfer<'_> {
                 size,
             });
         }
+        // An LFS file's etag is its content's sha256, and the blob is stored under that
+        // name for good: check it, or a resumed partial with wrong bytes would be trusted
+        // by every later run.
+        let expected = meta.etag();
+        if expected.len() == 64 && expected.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let got = sha256_file(&blob).map_err(|e| self.io(&blob, e))?;
+            if !got.eq_ignore_ascii_case(expected) {
+                std::fs::remove_file(&blob).map_err(|e| self.io(&blob, e))?;
+                remove_dangling(&path).map_err(|e| self.io(&path, e))?;
+                return Err(HubError::WrongContent {
+                    repo: self.repo(),
+                    file: file.to_string(),
+                    expected: expected.to_string(),
+                    got,
+                });
+            }
+        }
         Ok(path)
     }
+}
+
+/// The sha256 of a file's content, lower-case hex, read in blocks.
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// The longest wait between two tries of a file.
