@@ -750,3 +750,45 @@ fn merge_of_relative_shard_paths_points_at_the_shards() {
     assert!(output.is_absolute(), "{}", output.display());
     assert!(output.join("report.json").is_file(), "{}", output.display());
 }
+
+/// A second edit into the same `--out` leaves only its own images beside its report: the
+/// first run's previews and finals of seeds it no longer has are gone, a file of the
+/// user's is not.
+#[test]
+fn a_reused_output_folder_holds_only_the_latest_edits_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let first = edit(&out, &["--seeds", "8", "--steps", "8"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let second = edit(&out, &["--seeds", "3", "--steps", "8"]);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let mut named: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    for c in report["candidates"].as_array().unwrap() {
+        for s in c["screens"].as_array().unwrap() {
+            if let Some(f) = s["preview_file"].as_str() {
+                named.insert(f.to_string());
+            }
+        }
+        if let Some(f) = c["final_file"].as_str() {
+            named.insert(f.to_string());
+        }
+    }
+    for sub in ["previews", "finals"] {
+        for entry in std::fs::read_dir(out.join(sub)).unwrap() {
+            let rel = format!("{sub}/{}", entry.unwrap().file_name().to_string_lossy());
+            assert!(named.contains(&rel), "{rel} is not the latest edit's");
+        }
+    }
+    assert!(out.join("notes.txt").is_file());
+}

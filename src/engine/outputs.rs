@@ -94,5 +94,54 @@ pub fn write_outputs(report: &mut EditReport, out: &Path) -> Result<PathBuf, Eng
     let path = out.join("report.json");
     let json = serde_json::to_vec_pretty(report).map_err(|e| write_err(&path, e))?;
     write_atomic(&path, &json)?;
+    remove_stale_outputs(report, out)?;
     Ok(path)
+}
+
+/// Removes the images an earlier run left in `out` that this report does not name (a
+/// reused `--out`, a retried batch item), so every image there belongs to `report.json`.
+/// Only this layout's names are touched: anything else in the folder is the user's.
+fn remove_stale_outputs(report: &EditReport, out: &Path) -> Result<(), EngineError> {
+    let mut named: std::collections::HashSet<&str> = report
+        .candidates
+        .iter()
+        .flat_map(|c| {
+            c.screens
+                .iter()
+                .filter_map(|s| s.preview_file.as_deref())
+                .chain(c.short_run_file.as_deref())
+                .chain(c.final_file.as_deref())
+        })
+        .chain(
+            report
+                .runner_up_refines
+                .iter()
+                .filter_map(|r| r.file.as_deref()),
+        )
+        .chain(report.edit_file.as_deref())
+        .chain(report.pick_file.as_deref())
+        .collect();
+    named.insert("contact_sheet.png");
+    let mut stale = Vec::new();
+    for dir in ["previews", "short", "finals", "refined"] {
+        let Ok(entries) = std::fs::read_dir(out.join(dir)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let rel = format!("{dir}/{}", entry.file_name().to_string_lossy());
+            if rel.ends_with(".png") && !named.contains(rel.as_str()) {
+                stale.push(rel);
+            }
+        }
+    }
+    for file in ["final.png", "final_edit.png"] {
+        if !named.contains(file) && out.join(file).is_file() {
+            stale.push(file.to_string());
+        }
+    }
+    for rel in stale {
+        let path = out.join(&rel);
+        std::fs::remove_file(&path).map_err(|e| write_err(&path, e))?;
+    }
+    Ok(())
 }
