@@ -406,3 +406,42 @@ fn picks_made_while_the_selection_judge_was_down_are_failures_a_rerun_redoes() {
     assert!(eval(&suite, &fresh).status().unwrap().success());
     assert_eq!(comparable(&out), comparable(&fresh));
 }
+
+/// Results stored under one arm's settings are not reused under others: editing an arm
+/// or adding a mean budget and rerunning into the same folder is refused by arm name (the
+/// report once listed the new settings beside the old results); a new arm is simply added.
+#[test]
+fn a_rerun_with_changed_arm_settings_is_refused_naming_the_arms() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = dir.path().join("suite.toml");
+    let small = SUITE.replace("edits = 10", "edits = 2");
+    std::fs::write(&suite, &small).unwrap();
+    let out = dir.path().join("out");
+    assert!(eval(&suite, &out).status().unwrap().success());
+
+    std::fs::write(&suite, small.replace("probe_steps = 3", "probe_steps = 2")).unwrap();
+    let changed = eval(&suite, &out)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&changed.stderr);
+    assert_eq!(changed.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`ef-4-3-1`") && !stderr.contains("`random`"),
+        "{stderr}"
+    );
+
+    std::fs::write(&suite, &small).unwrap();
+    let budget = eval(&suite, &out)
+        .args(["--budget-nfe-mean", "24"])
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(budget.status.code(), Some(2));
+
+    let more = format!(
+        "{small}[[arms]]\nname = \"ef-4-2-1\"\nstrategy = \"early-filter\"\nseeds = 4\nprobe_steps = 2\nkeep = 1\n"
+    );
+    std::fs::write(&suite, more).unwrap();
+    assert!(eval(&suite, &out).status().unwrap().success());
+}

@@ -147,6 +147,21 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     let items = dataset::load(&suite.dataset, &suite.selection)?;
     let mut store = ResultStore::open(&args.out)
         .with_context(|| format!("opening {}", args.out.join("results.jsonl").display()))?;
+    // What each arm's stored results were made with must be what it asks for now.
+    let settings = suite
+        .arms
+        .iter()
+        .map(|arm| {
+            let value = serde_json::json!({
+                "strategy": suite.config(arm),
+                "width": suite.width,
+                "selection_judge": suite.selection_judge,
+                "eval_judge": suite.eval_judge(),
+            });
+            (arm.name.clone(), value)
+        })
+        .collect();
+    crate::eval::store::check_arm_settings(&args.out, &settings, !args.report_only)?;
     let names = runner::arm_names(&suite);
     if !args.report_only {
         // The plan covers the widest refine and every step cache the arms ask for.

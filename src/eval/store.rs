@@ -161,3 +161,47 @@ impl ResultStore {
         &self.results
     }
 }
+
+/// `arms.json` under an eval's output folder: each arm's settings (its effective strategy,
+/// the panel width and the judges) when its results were stored.
+pub const ARM_SETTINGS_FILE: &str = "arms.json";
+
+/// Refuses to go on with results made under other settings: an arm whose settings differ
+/// from those stored beside its results (its seeds or keep edited, a mean budget added, a
+/// judge swapped) would otherwise reuse the old results under the new settings' name, and
+/// the report would claim a comparison that never ran. New arms are added; with `record`,
+/// the current settings are written for the next run.
+pub fn check_arm_settings(
+    out: &Path,
+    current: &std::collections::BTreeMap<String, serde_json::Value>,
+    record: bool,
+) -> Result<(), EditError> {
+    let path = out.join(ARM_SETTINGS_FILE);
+    let mut stored: std::collections::BTreeMap<String, serde_json::Value> = if path.is_file() {
+        crate::fsio::read_json(&path).map_err(|e| EditError::Invalid(e.to_string()))?
+    } else {
+        Default::default()
+    };
+    let changed: Vec<&str> = current
+        .iter()
+        .filter(|(arm, settings)| stored.get(*arm).is_some_and(|s| s != *settings))
+        .map(|(arm, _)| arm.as_str())
+        .collect();
+    if !changed.is_empty() {
+        return Err(EditError::Invalid(format!(
+            "{}: the results there were made with other settings for arm(s) {}; give a new --out, or rename the changed arms",
+            out.display(),
+            changed
+                .iter()
+                .map(|a| format!("`{a}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    if record {
+        stored.extend(current.clone());
+        let json = serde_json::to_vec_pretty(&stored).expect("JSON values serialise");
+        crate::fsio::write_atomic(&path, &json).map_err(|e| EditError::Invalid(e.to_string()))?;
+    }
+    Ok(())
+}
