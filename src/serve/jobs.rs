@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::error::ApiError;
@@ -229,6 +230,30 @@ impl Drop for Admission {
     }
 }
 
+/// A decode slot in use: counted in the `icedit_image_decodes` gauge while it lives.
+struct DecodeSlot {
+    _permit: OwnedSemaphorePermit,
+    gauge: Gauge,
+}
+
+impl DecodeSlot {
+    fn new(permit: OwnedSemaphorePermit, gauge: Gauge) -> Self {
+        gauge.inc();
+        Self {
+            _permit: permit,
+            gauge,
+        }
+    }
+}
+
+impl Drop for DecodeSlot {
+    fn drop(&mut self) {
+        // Before the permit goes (fields drop after this): whoever gets the slot next
+        // reads the gauge without this decode.
+        self.gauge.dec();
+    }
+}
+
 /// Everything the handlers and workers share.
 pub struct JobRegistry {
     out: PathBuf,
@@ -239,7 +264,7 @@ pub struct JobRegistry {
     queued: Notify,
     journal: Mutex<Journal>,
     /// Uploads being decoded (at most `limits.max_decodes`).
-    decodes: Semaphore,
+    decodes: Arc<Semaphore>,
     /// Largest queue before 429.
     pub max_queue: usize,
     /// Per-request limits.
@@ -311,7 +336,7 @@ impl JobRegistry {
             }),
             queued: Notify::new(),
             journal: Mutex::new(journal),
-            decodes: Semaphore::new(limits.max_decodes.max(1)),
+            decodes: Arc::new(Semaphore::new(limits.max_decodes.max(1))),
             max_queue,
             limits,
             defaults,
@@ -384,15 +409,33 @@ impl JobRegistry {
     /// Checks that `image` decodes, at most `limits.max_decodes` at once (a decode holds the
     /// image's pixels), on the blocking pool.
     pub async fn check_decodes(&self, image: Arc<Vec<u8>>) -> Result<(), ApiError> {
-        let _slot = self.decodes.acquire().await.expect("never closed");
-        self.metrics.decodes.inc();
         let limits = image_limits(&self.limits);
-        let checked =
-            tokio::task::spawn_blocking(move || check_decodes(&image, "image", limits)).await;
-        self.metrics.decodes.dec();
-        checked
-            .map_err(|e| ApiError::internal(e.to_string()))?
+        self.in_decode_slot(move || check_decodes(&image, "image", limits))
+            .await?
             .map_err(|e| ApiError::bad_field("image", format!("`image`: {e}")))
+    }
+
+    /// Runs `decode` on the blocking pool once a decode slot is free. The slot and the
+    /// `icedit_image_decodes` gauge belong to the blocking task, not to the caller: a
+    /// client that disconnects drops this future, but the decode runs on (a blocking
+    /// task cannot be cancelled) and holds its pixels until it ends, so its slot must too.
+    async fn in_decode_slot<T: Send + 'static>(
+        &self,
+        decode: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let permit = self
+            .decodes
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let slot = DecodeSlot::new(permit, self.metrics.decodes.clone());
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            decode()
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))
     }
 
     /// Saves the upload and journals the edit, then queues it in the place `admission`
@@ -766,4 +809,51 @@ pub fn inspect_upload(bytes: &[u8], limits: &Limits, width: u32) -> Result<&'sta
     }
     panel_size(w, h, width).map_err(|e| ApiError::bad_field("image", format!("`image`: {e}")))?;
     Ok(extension)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(out: &Path, max_decodes: usize) -> Arc<JobRegistry> {
+        let limits = Limits {
+            max_decodes,
+            ..Limits::default()
+        };
+        let metrics = Arc::new(Metrics::default());
+        let defaults = StrategyConfig::default();
+        Arc::new(JobRegistry::open(out, 4, limits, defaults, metrics, 1).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_decode_holds_its_slot_until_it_ends_though_its_client_went_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path(), 1);
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let request = tokio::spawn({
+            let registry = registry.clone();
+            async move {
+                registry
+                    .in_decode_slot(move || {
+                        started_tx.send(()).unwrap();
+                        // The decode goes on whatever happens to the request.
+                        release_rx.recv().unwrap();
+                    })
+                    .await
+            }
+        });
+        started_rx.await.unwrap();
+        // The client disconnects: hyper drops the handler's future mid-decode.
+        request.abort();
+        assert!(request.await.unwrap_err().is_cancelled());
+        // The decode still runs, so it still holds the one slot and is still counted.
+        assert_eq!(registry.decodes.available_permits(), 0);
+        assert_eq!(registry.metrics.decodes.get(), 1);
+        // It ends: the slot comes free, and the gauge is back to 0 by then.
+        release_tx.send(()).unwrap();
+        let next = registry.decodes.acquire().await.unwrap();
+        assert_eq!(registry.metrics.decodes.get(), 0);
+        drop(next);
+    }
 }
