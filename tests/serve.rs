@@ -104,6 +104,75 @@ async fn the_openai_python_clients_request_gets_an_openai_shaped_answer() {
 }
 
 #[tokio::test]
+async fn a_size_wider_than_the_edit_answers_with_the_refined_images_at_their_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("out"), &[], &[]);
+    let client = icedit_scale::http::client_builder().build().unwrap();
+    for format in ["url", "b64_json"] {
+        // 576 is wider than the edit's 512: the pick and (refine_best 2) one runner-up
+        // are refined to it; n = 3 returns the third finished candidate too.
+        let r = client
+            .post(server.url("/v1/images/edits"))
+            .multipart(form(
+                &[
+                    ("prompt", "x"),
+                    ("strategy", "best-of-n"),
+                    ("seeds", "3"),
+                    ("steps", "6"),
+                    ("n", "3"),
+                    ("size", "576x576"),
+                    ("refine_best", "2"),
+                    ("response_format", format),
+                ],
+                png(192, 128),
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let answer: Value = r.json().await.unwrap();
+        let data = answer["data"].as_array().unwrap();
+        assert_eq!(data.len(), 3, "{answer}");
+        let mut images = Vec::new();
+        for item in data {
+            let bytes = match format {
+                "url" => {
+                    let url = item["url"].as_str().unwrap();
+                    client
+                        .get(url)
+                        .send()
+                        .await
+                        .unwrap()
+                        .bytes()
+                        .await
+                        .unwrap()
+                        .to_vec()
+                }
+                _ => base64::engine::general_purpose::STANDARD
+                    .decode(item["b64_json"].as_str().unwrap())
+                    .unwrap(),
+            };
+            images.push(image::load_from_memory(&bytes).unwrap());
+        }
+        if format == "url" {
+            let url = data[0]["url"].as_str().unwrap();
+            assert!(url.ends_with("/files/final.png"), "{url}");
+        }
+        // The pick is the refined final.png, and `size` is its real size.
+        let pick = &images[0];
+        assert_eq!(pick.width(), 576);
+        assert_eq!(
+            answer["size"],
+            format!("{}x{}", pick.width(), pick.height())
+        );
+        let widths: Vec<u32> = images.iter().map(|i| i.width()).collect();
+        let mut sorted = widths.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [512, 576, 576], "{widths:?}");
+    }
+}
+
+#[tokio::test]
 async fn an_async_edit_streams_every_event_in_order_and_accounts_for_every_candidate() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("out"), &[], &[]);

@@ -31,7 +31,7 @@ use super::events::ServerEvent;
 use super::jobs::{done_event, inspect_upload, EventsNow, Job, JobRegistry, Status};
 use super::page;
 use super::request::{EditRequest, RawRequest, ResponseFormat};
-use crate::engine::report::CandidateStatus;
+use crate::engine::report::{CandidateStatus, EditReport};
 use crate::engine::GeneratorWorker;
 
 /// What every handler sees.
@@ -536,8 +536,13 @@ async fn images_edits(
     }
     let dir = state.registry.edit_dir(&job.id);
     let mut data = Vec::new();
+    let mut size = None;
     for c in finished.iter().take(job.request.n) {
-        let rel = c.final_file.as_deref().expect("filtered on final_file");
+        let (rel, (w, h)) = returned_image(&report, c.index).ok_or_else(|| {
+            ApiError::internal(format!("edit {}: no file for a candidate", job.id))
+        })?;
+        // The pick comes first: `size` is the size of the image the client asked for.
+        size.get_or_insert((w, h));
         let item = match job.request.response_format {
             ResponseFormat::Url => {
                 json!({"url": format!("{base}/v1/edits/{}/files/{rel}", job.id)})
@@ -551,7 +556,7 @@ async fn images_edits(
         };
         data.push(item);
     }
-    let (w, h) = report.panel;
+    let (w, h) = size.expect("data holds at least the pick");
     let mut icedit = done_event(&job.id, &report);
     icedit["id"] = json!(job.id);
     icedit["vie"] = json!(report.picked().and_then(|c| c.vie.as_ref()));
@@ -562,4 +567,23 @@ async fn images_edits(
         "size": format!("{w}x{h}"),
         "icedit": icedit,
     })))
+}
+
+/// The file returned for candidate `index` and its size: its refine where it had one (the
+/// pick's is `final.png`, a runner-up's with `refine_best` is under `refined/`), else its
+/// image at the edit's size. A `size` wider than the edit asks for the refine, so the
+/// unrefined image is returned only for candidates that were not refined.
+fn returned_image(report: &EditReport, index: usize) -> Option<(&str, (u32, u32))> {
+    let refine = report
+        .refine
+        .iter()
+        .chain(&report.runner_up_refines)
+        .find(|r| r.candidate == index)
+        .and_then(|r| Some((r.file.as_deref()?, r.size)));
+    refine.or_else(|| {
+        Some((
+            report.candidates[index].final_file.as_deref()?,
+            report.panel,
+        ))
+    })
 }
