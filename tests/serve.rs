@@ -772,8 +772,53 @@ async fn sigterm_finishes_the_running_edit_and_leaves_queued_ones_for_the_restar
     for _ in 0..3 {
         ids.push(submit(&client, &server, &fields).await);
     }
+    // A synchronous OpenAI client's edit, queued behind them.
+    let waiting = tokio::spawn({
+        let (client, url) = (client.clone(), server.url("/v1/images/edits"));
+        async move {
+            let r = client
+                .post(url)
+                .multipart(form(&fields, png(192, 128)))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let headers = r.headers().clone();
+            (status, headers, r.json::<Value>().await.unwrap())
+        }
+    });
+    let sync_id = loop {
+        let list: Value = client
+            .get(server.url("/v1/edits"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let edits = list["data"].as_array().unwrap();
+        if edits.len() == 4 {
+            break edits[0]["id"].as_str().unwrap().to_string();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     events(&client, &server, &ids[0], Some("step")).await;
     server.sigterm();
+    // The queued synchronous edit is journaled and runs after the restart: its client is
+    // told so, and told not to resend it (openai-python resends a 503 otherwise, and the
+    // resend would be a second edit).
+    let (code, headers, body) = waiting.await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(headers["x-should-retry"], "false");
+    assert!(headers.get("retry-after").is_none(), "{headers:?}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&sync_id),
+        "{body}"
+    );
+    ids.push(sync_id);
     let status = server.wait_exit(std::time::Duration::from_secs(600));
     assert!(status.success(), "{status:?}: {}", server.log());
     let records = journal(&out);

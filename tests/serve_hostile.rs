@@ -321,6 +321,122 @@ async fn a_full_queue_refuses_before_decoding_and_racing_cancels_end_an_edit_onc
     assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
 }
 
+/// A refusal's status, its `x-should-retry` header and its body.
+async fn answer_of(r: reqwest::Response) -> (u16, Option<String>, Value) {
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("x-should-retry")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, retry, r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_waiting_openai_client_is_never_told_to_resend_an_edit_that_failed_or_was_cancelled() {
+    // openai-python and the other Stainless SDKs resend 408, 409, 429 and 5xx unless the
+    // answer says `x-should-retry: false`; every resend is a new edit.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(
+        &out,
+        &[
+            "--in-flight",
+            "1",
+            "--max-steps",
+            "1000",
+            "--max-seeds",
+            "64",
+        ],
+        &[],
+    );
+    let client = client();
+
+    // An edit whose own values fail it in the engine (its refine starts at its last step).
+    let r = client
+        .post(server.url("/v1/images/edits"))
+        .multipart(form(
+            &[
+                ("prompt", "x"),
+                ("seeds", "2"),
+                ("steps", "6"),
+                ("size", "576x576"),
+                ("refine_strength", "1e-17"),
+            ],
+            png(192, 128),
+        ))
+        .send()
+        .await
+        .unwrap();
+    let (status, retry, body) = answer_of(r).await;
+    assert_eq!((status, retry.as_deref()), (422, Some("false")), "{body}");
+    assert_eq!(body["error"]["code"], 422, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("failed"),
+        "{body}"
+    );
+
+    // A long edit its client waits for, cancelled by a DELETE while it runs.
+    let waiting = tokio::spawn({
+        let (client, url) = (client.clone(), server.url("/v1/images/edits"));
+        async move {
+            let r = client
+                .post(url)
+                .multipart(form(&LONG, png(192, 128)))
+                .send()
+                .await
+                .unwrap();
+            answer_of(r).await
+        }
+    });
+    // Its id: the newest edit, once it is listed (no answer carries it before the end).
+    let id = loop {
+        let list: Value = client
+            .get(server.url("/v1/edits"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let edits = list["data"].as_array().unwrap();
+        if edits.len() == 2 {
+            break edits[0]["id"].as_str().unwrap().to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    events(&client, &server, &id, Some("step")).await;
+    let r = client
+        .delete(server.url(&format!("/v1/edits/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, retry, body) = tokio::time::timeout(HANG, waiting)
+        .await
+        .expect("the waiting client was never answered")
+        .unwrap();
+    assert_eq!((status, retry.as_deref()), (499, Some("false")), "{body}");
+    assert_eq!(body["error"]["code"], 499, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains(&id),
+        "{body}"
+    );
+    // One edit per call, each ended once.
+    let records = journal(&out);
+    let accepted: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["record"] == "accepted")
+        .collect();
+    assert_eq!(accepted.len(), 2, "{records:?}");
+    for a in accepted {
+        assert_eq!(records_of(&records, "ended", a["id"].as_str().unwrap()), 1);
+    }
+}
+
 /// The peak resident memory of process `pid`, in bytes (Linux).
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -103,6 +103,7 @@ async fn error_shape(request: Request, next: Next) -> Response {
         message,
         param: None,
         retry_after: None,
+        no_retry: false,
     }
     .into_response();
     for (name, value) in &parts.headers {
@@ -484,27 +485,30 @@ async fn images_edits(
                 job.finished().await
             } else {
                 // Still queued: it is journaled and runs after the restart.
-                return Err(ApiError {
-                message: format!(
-                    "the server is shutting down; edit {} is journaled and will run after a restart (GET /v1/edits/{})",
+                return Err(ApiError::journaled_at_shutdown(format!(
+                    "the server is shutting down; edit {} is journaled and will run after a restart (GET /v1/edits/{}); sending the request again would run it twice",
                     job.id, job.id
-                ),
-                    ..ApiError::shutting_down()
-                });
+                )));
             }
         }
     };
     match status {
         Status::Done => {}
         Status::Cancelled => {
-            return Err(ApiError::conflict(format!("edit {} was cancelled", job.id)))
+            return Err(ApiError::edit_cancelled(format!(
+                "edit {} was cancelled (DELETE /v1/edits/{})",
+                job.id, job.id
+            )))
         }
         _ => {
-            return Err(ApiError::internal(format!(
-                "edit {} failed: {}",
-                job.id,
-                job.error().unwrap_or_default()
-            )))
+            return Err(ApiError::edit_failed(
+                format!(
+                    "edit {} failed: {}",
+                    job.id,
+                    job.error().unwrap_or_default()
+                ),
+                job.failed_by_request(),
+            ))
         }
     }
     let report = state

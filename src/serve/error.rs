@@ -2,7 +2,7 @@
 //! (`{"error": {"message", "type", "param", "code"}}`, as the official clients parse it),
 //! naming the field at fault in `param`.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -17,6 +17,9 @@ pub struct ApiError {
     pub param: Option<String>,
     /// Seconds a client should wait before retrying (429 and 503).
     pub retry_after: Option<u64>,
+    /// Sends `x-should-retry: false`: a resend would run the edit again (see
+    /// [`ApiError::edit_cancelled`]).
+    pub no_retry: bool,
 }
 
 impl ApiError {
@@ -26,6 +29,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             retry_after: None,
+            no_retry: false,
         }
     }
 
@@ -105,6 +109,46 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
 
+    // The answers below end a request whose edit was accepted: a resend is a new edit.
+    // openai-python, openai-node and the other Stainless SDKs resend 408, 409, 429 and
+    // every 5xx (twice by default) unless the answer says `x-should-retry: false`, so each
+    // of them says it, and uses a status outside that set where an honest one exists.
+
+    /// 499: the edit this request waited on was cancelled (DELETE): a resend would run
+    /// what someone cancelled. 499 is how Google's APIs answer a call cancelled by its
+    /// caller (gRPC's CANCELLED); 409 would be resent.
+    pub fn edit_cancelled(message: impl Into<String>) -> Self {
+        let status = StatusCode::from_u16(499).expect("a status in 100-999");
+        Self {
+            no_retry: true,
+            ..Self::new(status, message)
+        }
+    }
+
+    /// The edit this request waited on failed: 422 when its own values made it fail (a
+    /// resend fails the same way), 500 when the server did (a resend runs the whole edit
+    /// again; the client decides, knowing the id from the message).
+    pub fn edit_failed(message: impl Into<String>, caused_by_request: bool) -> Self {
+        let status = if caused_by_request {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        Self {
+            no_retry: true,
+            ..Self::new(status, message)
+        }
+    }
+
+    /// 503 without `Retry-After`: the server stops while the edit waits in the queue; it
+    /// is journaled and runs after the restart, so a resend would run it twice.
+    pub fn journaled_at_shutdown(message: impl Into<String>) -> Self {
+        Self {
+            no_retry: true,
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+        }
+    }
+
     /// The OpenAI error `type` for the status.
     fn kind(&self) -> &'static str {
         match self.status {
@@ -138,6 +182,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.no_retry {
+            response.headers_mut().insert(
+                HeaderName::from_static("x-should-retry"),
+                HeaderValue::from_static("false"),
+            );
         }
         if self.status == StatusCode::UNAUTHORIZED {
             response

@@ -29,7 +29,7 @@ use crate::edit::{
 use crate::engine::outputs::write_outputs;
 use crate::engine::report::EditReport;
 use crate::engine::{EditJob, Engine, StrategyConfig};
-use crate::error::EngineError;
+use crate::error::{EngineError, GenerateError};
 use crate::fsio::{jsonl, write_atomic};
 use crate::stop::StopSignal;
 
@@ -76,6 +76,8 @@ struct JobState {
     /// Events published so far (the next `seq`).
     published: u64,
     error: Option<String>,
+    /// The edit failed because of its own values, not the server's (see [`caused_by_request`]).
+    failed_by_request: bool,
     worker: Option<String>,
 }
 
@@ -118,6 +120,7 @@ impl Job {
                 stored: status.is_final(),
                 published: 0,
                 error,
+                failed_by_request: false,
                 worker: None,
             }),
             changed: watch::channel(0).0,
@@ -132,6 +135,12 @@ impl Job {
     /// Why it failed, if it did.
     pub fn error(&self) -> Option<String> {
         self.state.lock().unwrap().error.clone()
+    }
+
+    /// Whether it failed because of the request's own values (sending it again fails the
+    /// same way), as told in this process.
+    pub fn failed_by_request(&self) -> bool {
+        self.state.lock().unwrap().failed_by_request
     }
 
     /// The worker that runs (or ran) it in this process.
@@ -681,6 +690,8 @@ impl JobRegistry {
             }
             Err(e) => {
                 tracing::warn!("failed: {e}");
+                // Told before the end, which wakes the request waiting on the edit.
+                job.state.lock().unwrap().failed_by_request = caused_by_request(&e);
                 self.end(&job, Ending::Failed, Some(e.to_string()));
             }
         }
@@ -764,6 +775,18 @@ pub fn done_event(id: &str, report: &EditReport) -> Value {
         "notes": report.notes,
         "seconds": report.timings.total_s,
     })
+}
+
+/// Whether an edit failed because of its own values (its image, its strategy, an input the
+/// generator cannot take) rather than the server (files, memory, the model): the same
+/// request fails the same way again.
+fn caused_by_request(e: &EngineError) -> bool {
+    matches!(
+        e,
+        EngineError::Edit(_)
+            | EngineError::Strategy(_)
+            | EngineError::Generate(GenerateError::Config(_) | GenerateError::Input(_))
+    )
 }
 
 fn image_limits(limits: &Limits) -> ImageLimits {
