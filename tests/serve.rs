@@ -319,6 +319,16 @@ async fn an_async_edit_streams_every_event_in_order_and_accounts_for_every_candi
     let text = r.text().await.unwrap();
     assert_eq!(text.matches("event:").count(), 1, "{text}");
     assert!(text.contains("event: done"));
+    // The largest id there is: the client has everything (no overflow, no replay).
+    let r = client
+        .get(server.url(&format!("/v1/edits/{id}/events")))
+        .header("last-event-id", u64::MAX.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert_eq!(text.matches("event:").count(), 0, "{text}");
     // Paths never leave the edit's folder.
     let r = client
         .get(server.url(&format!("/v1/edits/{id}/files/../journal.jsonl")))

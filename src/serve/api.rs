@@ -332,7 +332,9 @@ async fn edit_events(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(0, |last| last + 1);
+        // The last id there can be: the client has every event (`u64::MAX + 1` would
+        // overflow, or wrap to 0 and replay the stream).
+        .map_or(0, |last| last.saturating_add(1));
     let (registry, stop) = (state.registry.clone(), state.registry.stop.clone());
     // State: the job, the next seq to send, the stored stream once it is read from disk,
     // whether the last event went out.
