@@ -686,6 +686,8 @@ impl ValueSource {
     pub fn seed_list_name(&self) -> &'static str {
         match self {
             Self::Flags => "--seed-list",
+            // A request gives a count as `seeds` and a list as `seed_list`.
+            Self::Request => "seed_list",
             _ => "seeds",
         }
     }

@@ -552,9 +552,11 @@ fn strategy(
         s.seeds = s.seeds.min(limits.max_seeds);
     }
     s.check(&ValueSource::Request).map_err(|e| {
-        // A refine the request did not name came from its `size`.
+        // A refine the request did not name came from its `size`; seeds it gave as a
+        // list came from `seed_list`.
         let field = match e.field {
             StrategyField::Refine if opt("refine").is_none() => "size",
+            StrategyField::Seeds if opt("seed_list").is_some() => "seed_list",
             field => field.key(),
         };
         ApiError::bad_field(field, e.message.clone())
@@ -685,6 +687,7 @@ mod tests {
             (&[("prompt", "x"), ("n", "two")], "n"),
             (&[("prompt", "x"), ("size", "1000x1000")], "size"),
             (&[("prompt", "x"), ("seeds", "33")], "seeds"),
+            (&[("prompt", "x"), ("seed_list", "5,5")], "seed_list"),
             (&[("prompt", "x"), ("steps", "101")], "steps"),
             (&[("prompt", "x"), ("probe_steps", "0")], "probe_steps"),
             (
@@ -717,6 +720,7 @@ mod tests {
         for (fields, param) in cases {
             let e = parse(fields).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(*param), "{fields:?}: {e}");
+            assert!(e.message.contains(param), "{fields:?}: {e}");
             assert_eq!(e.status, 400, "{fields:?}");
         }
         let mut no_image = raw(&[("prompt", "x")]);
