@@ -67,15 +67,34 @@ pub fn open<T: DeserializeOwned>(path: &Path) -> std::io::Result<(Vec<T>, File)>
     Ok((records, file))
 }
 
-/// Appends records in one write and syncs them to disk before returning.
+/// Appends records in one write and syncs them to disk before returning. On an error the
+/// file is cut back to its length before the call, so a write that stopped partway
+/// (ENOSPC, EIO) leaves no torn line for the next record to be glued onto.
 pub fn append<T: Serialize>(file: &mut File, records: &[T]) -> std::io::Result<()> {
+    append_with(file, records, |file, bytes| file.write_all(bytes))
+}
+
+/// [`append`] with the write itself given (a test fails it partway).
+fn append_with<T: Serialize>(
+    file: &mut File,
+    records: &[T],
+    write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let mut text = String::new();
     for r in records {
         text.push_str(&serde_json::to_string(r).map_err(std::io::Error::other)?);
         text.push('\n');
     }
-    file.write_all(text.as_bytes())?;
-    file.sync_data()
+    let len = file.metadata()?.len();
+    let written = write(file, text.as_bytes()).and_then(|()| file.sync_data());
+    if written.is_err() {
+        // The caller reports these records as not written: none of their bytes may stay
+        // (a whole record left after a failed sync would count once the file is read).
+        if let Err(e) = file.set_len(len).and_then(|()| file.sync_data()) {
+            tracing::error!("cutting a failed append back to {len} bytes: {e}");
+        }
+    }
+    written
 }
 
 #[cfg(test)]
@@ -95,6 +114,30 @@ mod tests {
         append(&mut file, &[3u32]).unwrap();
         assert_eq!(read::<u32>(&path).unwrap(), vec![1, 2, 3]);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n2\n3\n");
+    }
+
+    #[test]
+    fn a_write_that_fails_partway_leaves_nothing_for_the_next_record_to_be_glued_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.jsonl");
+        let (_, mut file) = open::<String>(&path).unwrap();
+        append(&mut file, &["one".to_string()]).unwrap();
+        // A disk that fills halfway through the record: part of it is written, then the
+        // write fails.
+        let e = append_with(&mut file, &["torn".to_string()], |file, bytes| {
+            file.write_all(&bytes[..bytes.len() / 2])?;
+            Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+        })
+        .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        append(&mut file, &["two".to_string()]).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "\"one\"\n\"two\"\n"
+        );
+        drop(file);
+        let (records, _) = open::<String>(&path).unwrap();
+        assert_eq!(records, ["one", "two"]);
     }
 
     #[test]
