@@ -681,6 +681,16 @@ impl JobRegistry {
                 pace.1 += 1;
                 pace.0 += (seconds - pace.0) / pace.1 as f64;
                 drop(pace);
+                if let Some(e) = &report.refine_error {
+                    // The size asked for was not made: a failure, though the search's
+                    // outputs and report stay in the edit's folder.
+                    let why = format!(
+                        "the refine failed (the edit at its own size and its report are kept): {e}"
+                    );
+                    tracing::warn!("{why}");
+                    self.end(&job, Ending::Failed, Some(why));
+                    return;
+                }
                 tracing::info!(nfe = report.nfe.total, "done in {seconds:.1} s");
                 self.end_with(&job, Ending::Done, None, done_event(&job.id, &report));
             }
