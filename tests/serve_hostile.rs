@@ -351,7 +351,8 @@ async fn a_waiting_openai_client_is_never_told_to_resend_an_edit_that_failed_or_
     );
     let client = client();
 
-    // An edit whose own values fail it in the engine (its refine starts at its last step).
+    // An edit whose own values fail it in the engine: a portrait upload whose refine would
+    // be taller than the 1536 px limit (the request's check sees only the width).
     let r = client
         .post(server.url("/v1/images/edits"))
         .multipart(form(
@@ -359,10 +360,9 @@ async fn a_waiting_openai_client_is_never_told_to_resend_an_edit_that_failed_or_
                 ("prompt", "x"),
                 ("seeds", "2"),
                 ("steps", "6"),
-                ("size", "576x576"),
-                ("refine_strength", "1e-17"),
+                ("size", "1024x2048"),
             ],
-            png(192, 128),
+            png(128, 256),
         ))
         .send()
         .await

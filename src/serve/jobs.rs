@@ -714,12 +714,24 @@ impl JobRegistry {
         job: &Arc<Job>,
         dir: &Path,
     ) -> Result<EditReport, EngineError> {
-        let bytes = std::fs::read(dir.join(&job.source)).map_err(|e| EngineError::Output {
+        // Reading, decoding and resizing a large upload take seconds of CPU: off the async
+        // runtime's threads, which answer every other request meanwhile.
+        let (path, source) = (dir.join(&job.source), job.source.clone());
+        let (limits, width) = (image_limits(&self.limits), job.request.width);
+        let (image, panel) = tokio::task::spawn_blocking(move || {
+            let bytes = std::fs::read(&path).map_err(|e| EngineError::Output {
+                path: path.clone(),
+                reason: format!("cannot read the upload: {e}"),
+            })?;
+            let image = load_image_bytes(&bytes, &source, limits)?;
+            let panel = resize_to_panel(&image, width)?;
+            Ok::<_, EngineError>((image, panel))
+        })
+        .await
+        .map_err(|e| EngineError::Output {
             path: dir.join(&job.source),
-            reason: format!("cannot read the upload: {e}"),
-        })?;
-        let image = load_image_bytes(&bytes, &job.source, image_limits(&self.limits))?;
-        let panel = resize_to_panel(&image, job.request.width)?;
+            reason: format!("decoding the upload stopped: {e}"),
+        })??;
         let mut edit = EditContext::new(job.id.clone(), panel, job.request.instruction.clone());
         if job.request.strategy.refine.is_some() {
             // A refine resizes the upload to its own size.
