@@ -208,9 +208,18 @@ fn load_jsonl(path: &Path) -> Result<Vec<EvalItem>, EditError> {
         if l.instruction.trim().is_empty() {
             return Err(invalid(path, format!("line {}: empty instruction", n + 1)));
         }
+        // Checked now, like judge-eval's datasets: a missing image found item by item
+        // would fail its arms one by one, after the items before it ran.
+        let image = root.join(&l.image);
+        if !image.is_file() {
+            return Err(invalid(
+                path,
+                format!("line {}: `image` {} is not a file", n + 1, image.display()),
+            ));
+        }
         items.push(EvalItem {
             id: l.id,
-            source: ItemSource::File(root.join(l.image)),
+            source: ItemSource::File(image),
             instruction: l.instruction,
             task: l.task,
             language: l.language,
@@ -303,5 +312,25 @@ mod tests {
         };
         let e = load(&spec, &sel).unwrap_err().to_string();
         assert!(e.contains("recolor") && e.contains("recolour"), "{e}");
+    }
+
+    /// A JSONL dataset's images are checked as it loads, naming the line and field.
+    #[test]
+    fn a_jsonl_line_whose_image_is_missing_is_refused_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.png"), b"").unwrap();
+        let path = dir.path().join("items.jsonl");
+        std::fs::write(
+            &path,
+            "{\"id\": \"a\", \"image\": \"a.png\", \"instruction\": \"x\"}\n{\"id\": \"b\", \"image\": \"b.png\", \"instruction\": \"y\"}\n",
+        )
+        .unwrap();
+        let e = load_jsonl(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("line 2") && e.contains("`image`") && e.contains("b.png"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("b.png"), b"").unwrap();
+        assert_eq!(load_jsonl(&path).unwrap().len(), 2);
     }
 }
