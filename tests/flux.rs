@@ -1488,6 +1488,34 @@ fn gguf_files_with_a_tensor_the_model_does_not_read_are_refused_by_name() {
     .is_ok());
 }
 
+/// `edit` through the tiny diffusers folder at `model`: a 48 px panel, random strategy, two
+/// steps, no judge, into `out`, with `extra` flags.
+fn tiny_random_edit(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "edit",
+        "--image",
+        "tests/fixtures/flux/source.png",
+        "--instruction",
+        "make the sky night",
+        "--width",
+        "48",
+        "--model-dir",
+        model.to_str().unwrap(),
+        "--t5-tokens",
+        "48",
+        "--strategy",
+        "random",
+        "--steps",
+        "2",
+        "--judge",
+        "none",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    cli(&args)
+}
+
 /// `--allow-unused-weights` on the command line: a transformer file holding a tensor the
 /// model never reads is refused by name (exit 2, before any work), and loads with the flag.
 #[test]
@@ -1504,29 +1532,7 @@ fn cli_refuses_an_unread_tensor_unless_allowed() {
     candle_core::safetensors::save(&tensors, &file).unwrap();
     let run = |extra: &[&str]| {
         let out = dir.path().join(format!("out{}", extra.len()));
-        let mut args = vec![
-            "edit",
-            "--image",
-            "tests/fixtures/flux/source.png",
-            "--instruction",
-            "make the sky night",
-            "--width",
-            "48",
-            "--model-dir",
-            model.to_str().unwrap(),
-            "--t5-tokens",
-            "48",
-            "--strategy",
-            "random",
-            "--steps",
-            "2",
-            "--judge",
-            "none",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        (cli(&args), out)
+        (tiny_random_edit(&model, &out, extra), out)
     };
     let (refused, out) = run(&[]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -1565,31 +1571,8 @@ fn a_tensor_short_of_rows_is_refused_by_key_when_quantized_too() {
         let out = dir
             .path()
             .join(format!("out-{}", format.unwrap_or("dense")));
-        let mut args = vec![
-            "edit",
-            "--image",
-            "tests/fixtures/flux/source.png",
-            "--instruction",
-            "make the sky night",
-            "--width",
-            "48",
-            "--model-dir",
-            model.to_str().unwrap(),
-            "--t5-tokens",
-            "48",
-            "--strategy",
-            "random",
-            "--steps",
-            "2",
-            "--judge",
-            "none",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        if let Some(f) = format {
-            args.extend_from_slice(&["--quantize", f]);
-        }
-        let result = cli(&args);
+        let quantize = format.map(|f| ["--quantize", f]);
+        let result = tiny_random_edit(&model, &out, quantize.as_ref().map_or(&[], |q| q));
         let stderr = String::from_utf8_lossy(&result.stderr);
         assert_eq!(result.status.code(), Some(2), "{format:?}: {stderr}");
         assert!(

@@ -339,8 +339,7 @@ pub async fn run_suite(
                     // The selection judge was down (or the refine failed): the pick is a
                     // fallback, not this strategy's result. Recorded as failed, so it is
                     // left out of the means and retried by a rerun.
-                    Ok(report) if report.incomplete_reason().is_some() => {
-                        let reason = report.incomplete_reason().unwrap_or_default();
+                    Ok(report) if let Some(reason) = report.incomplete_reason() => {
                         records.extend(arm_failed(item, arm, &config, &reason));
                     }
                     Ok(report) => {

@@ -126,7 +126,6 @@ impl LoraSet {
         let mut expert_downs: BTreeMap<(String, usize), Tensor> = BTreeMap::new();
         let mut expert_ups: BTreeMap<(String, usize), Tensor> = BTreeMap::new();
         let mut routes: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut alpha_keys: BTreeMap<String, String> = BTreeMap::new();
         let mut unknown_keys = Vec::new();
         // The file's keys in a fixed order (the reader's map has none), and each LoRA
         // tensor named once: `transformer.x` beside a bare `x` would leave which one is
@@ -161,7 +160,6 @@ impl LoraSet {
                     .and_then(|t| t.to_vec1::<f64>())
                     .map_err(|e| err(format!("key `{key}`: {e}")))?;
                 alphas.insert(m.to_string(), *a.first().unwrap_or(&0.0));
-                alpha_keys.insert(m.to_string(), key.clone());
             } else if let Some(m) = name.strip_suffix(".lora_route.weight") {
                 routes.insert(m.to_string(), tensor);
             } else if let Some((m, e, is_down)) = expert_key(name) {
@@ -234,9 +232,9 @@ impl LoraSet {
             )));
         }
         // An alpha scales an adapter; one whose module has none is never applied.
-        for (module, key) in alpha_keys {
-            if !plain.contains_key(&module) && !experts.contains_key(&module) {
-                unknown_keys.push(key);
+        for module in alphas.keys() {
+            if !plain.contains_key(module) && !experts.contains_key(module) {
+                unknown_keys.push(named[&format!("{module}.alpha")].clone());
             }
         }
         unknown_keys.sort();
