@@ -782,7 +782,8 @@ pub struct JudgeEvalArgs {
     /// Panel width sources are resized to (edits are resized to their source's panel).
     #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH, value_parser = panel_width)]
     pub width: u32,
-    /// Judge at most this many items, the same subset on every machine (hash of the ids).
+    /// Judge at most this many items, the same subset on every machine (hash of the ids); a
+    /// group of pairs (EditReward-Bench) is kept or left whole.
     #[arg(long)]
     pub limit: Option<usize>,
     /// Bootstrap resamples behind each interval (100 to 100000).

@@ -12,12 +12,25 @@ use icedit_scale::judge::{
 };
 use image::RgbImage;
 
-/// Answers every call with fixed numbers (or fails every VIE call).
+/// Answers every call with fixed numbers (or fails every VIE call); with `passes`, each VIE
+/// call answers as a self-ensemble of those (semantic, perceptual) passes.
 struct Fixed {
     name: &'static str,
     sc: [f32; 2],
     pq: [f32; 2],
     fails: bool,
+    passes: Vec<([f32; 2], [f32; 2])>,
+}
+
+/// A member's answer: `scores`, or the mean pair of `passes` with the passes kept.
+fn answer(name: &str, scores: [f32; 2], passes: Vec<[f32; 2]>) -> SubScores {
+    let mut s = SubScores::new(scores, name, spent(10));
+    if !passes.is_empty() {
+        let n = passes.len() as f32;
+        s.scores = [0, 1].map(|k| passes.iter().map(|p| p[k]).sum::<f32>() / n);
+        s.passes = passes;
+    }
+    s
 }
 
 fn spent(tokens: u64) -> CallUsage {
@@ -68,7 +81,11 @@ impl Judge for Fixed {
         if self.fails {
             return Err(JudgeError::parse("no score", "gibberish").with_usage(spent(11)));
         }
-        Ok(SubScores::new(self.sc, self.name, spent(10)))
+        Ok(answer(
+            self.name,
+            self.sc,
+            self.passes.iter().map(|p| p.0).collect(),
+        ))
     }
     async fn perceptual_quality(
         &self,
@@ -78,7 +95,11 @@ impl Judge for Fixed {
         if self.fails {
             return Err(JudgeError::Timeout("slow".into()));
         }
-        Ok(SubScores::new(self.pq, self.name, spent(10)))
+        Ok(answer(
+            self.name,
+            self.pq,
+            self.passes.iter().map(|p| p.1).collect(),
+        ))
     }
 }
 
@@ -88,6 +109,7 @@ fn judge(name: &'static str, sc: [f32; 2], pq: [f32; 2], fails: bool) -> Arc<dyn
         sc,
         pq,
         fails,
+        passes: Vec::new(),
     })
 }
 
@@ -126,6 +148,46 @@ async fn roles_go_to_their_judges_and_scores_are_the_mean_of_every_member() {
         "{}",
         composite.name()
     );
+}
+
+/// A member that asked several times enters with each pass's minimum, not the minimum of
+/// its mean pair (which overstates it: passes (8, 2) and (2, 8) mean (5, 5), yet each pass's
+/// SC is 2), and weighs as much as a member that asked once.
+#[tokio::test]
+async fn a_self_ensemble_member_enters_with_its_own_sc_pq_and_o() {
+    let edit = EditContext::new("e", RgbImage::new(16, 16), "make it red");
+    let img = RgbImage::new(16, 16);
+    let ensemble = Arc::new(Fixed {
+        name: "ensemble",
+        sc: [0.0, 0.0],
+        pq: [0.0, 0.0],
+        fails: false,
+        passes: vec![([8.0, 2.0], [9.0, 9.0]), ([2.0, 8.0], [4.0, 4.0])],
+    });
+    let single = judge("single", [6.0, 6.0], [1.0, 1.0], false);
+    let own = vie_score(ensemble.as_ref(), &edit, &img).await.unwrap();
+    assert_eq!((own.sc(), own.pq()), (2.0, 6.5));
+    // Its own O: the mean of each pass's sqrt(2 * 9) and sqrt(2 * 4).
+    let own_o = (18f32.sqrt() + 8f32.sqrt()) / 2.0;
+    assert!((own.overall() - own_o).abs() < 1e-6);
+
+    let composite =
+        CompositeJudge::new(None, single.clone(), None, vec![ensemble.clone(), single]).unwrap();
+    let vie = vie_score(&composite, &edit, &img).await.unwrap();
+    assert_eq!(
+        vie.semantic.scores,
+        [5.5, 5.5],
+        "the mean of the members' pairs"
+    );
+    assert_eq!(vie.sc(), (2.0 + 6.0) / 2.0);
+    assert_eq!(vie.pq(), (6.5 + 1.0) / 2.0);
+    assert!((vie.overall() - (own_o + 6f32.sqrt()) / 2.0).abs() < 1e-6);
+
+    // A panel of that member alone scores as the member does.
+    let alone = CompositeJudge::new(None, ensemble.clone(), None, vec![ensemble]).unwrap();
+    let vie = vie_score(&alone, &edit, &img).await.unwrap();
+    assert_eq!((vie.sc(), vie.pq()), (own.sc(), own.pq()));
+    assert!((vie.overall() - own_o).abs() < 1e-6);
 }
 
 #[tokio::test]

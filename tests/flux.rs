@@ -747,6 +747,12 @@ fn config_fields_that_change_the_math_are_honoured_or_refused_by_name() {
             false,
         ),
         (
+            "transformer",
+            Box::new(|c| c["in_channels"] = 7.into()),
+            "in_channels",
+            false,
+        ),
+        (
             "vae",
             Box::new(|c| c["act_fn"] = "gelu".into()),
             "`act_fn` = \"gelu\"",
@@ -804,6 +810,72 @@ fn config_fields_that_change_the_math_are_honoured_or_refused_by_name() {
             "{component}: names the file: {err}"
         );
     }
+}
+
+/// A transformer config found in the --text-encoders folder (FLUX.1-dev's, beside a Fill
+/// file) is used only when it is this transformer's: otherwise the weights say what the
+/// transformer is, or the error names the borrowed config and why.
+#[test]
+fn a_borrowed_transformer_config_that_does_not_fit_the_weights_is_not_used() {
+    use icedit_scale::models::flux::FluxFiles;
+    // Text encoders whose folder holds another model's transformer config.
+    let text = tempfile::tempdir().unwrap();
+    tiny_with_config(text.path(), "transformer", |c| c["in_channels"] = 64.into());
+    let borrowed = text.path().join("transformer").join("config.json");
+    let paths = |transformer: PathBuf| FluxPaths {
+        model_dir: None,
+        transformer: Some(transformer),
+        vae: Some(fixtures().join("bfl/ae.safetensors")),
+        text_encoders: Some(text.path().to_path_buf()),
+        t5: None,
+    };
+
+    // A FLUX.1-family BFL file (128-wide heads): its config is read from its shapes. Only
+    // the shapes matter to discovery, so the tensors are tiny zeros.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("flux1-fill-dev.safetensors");
+    let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+    let tensors: HashMap<String, Tensor> = [
+        ("img_in.weight", zeros(&[256, 12])),
+        ("txt_in.weight", zeros(&[256, 16])),
+        ("vector_in.in_layer.weight", zeros(&[256, 8])),
+        ("final_layer.linear.weight", zeros(&[6, 256])),
+        ("double_blocks.0.img_attn.qkv.weight", zeros(&[768, 256])),
+        (
+            "double_blocks.0.img_attn.norm.query_norm.scale",
+            zeros(&[128]),
+        ),
+        ("single_blocks.0.norm.query_norm.scale", zeros(&[128])),
+        ("single_blocks.1.norm.query_norm.scale", zeros(&[128])),
+    ]
+    .into_iter()
+    .map(|(k, t)| (k.to_string(), t))
+    .collect();
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let files = FluxFiles::discover(&paths(file)).unwrap();
+    let config = &files.transformer_config;
+    assert_eq!(
+        (
+            config.in_channels,
+            config.num_attention_heads,
+            config.num_layers,
+            config.num_single_layers
+        ),
+        (12, 2, 1, 2)
+    );
+
+    // The tiny BFL file has narrower heads, whose config no shape tells: refused, naming the
+    // borrowed config and the mismatch.
+    let err = FluxFiles::discover(&paths(fixtures().join("bfl/flux1-fill-dev.safetensors")))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&borrowed.display().to_string())
+            && err.contains("in_channels")
+            && err.contains("img_in.weight"),
+        "{err}"
+    );
 }
 
 /// The tiny transformer as a GGUF file written by the `gguf` package (make_gguf.py), with

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use base64::Engine as _;
 use serde_json::Value;
-use support::server::{events, form, journal, png, submit, Server, Sse};
+use support::server::{events, events_after, form, journal, png, submit, Server, Sse};
 
 fn ints(v: &Value) -> Vec<usize> {
     v.as_array()
@@ -100,7 +100,7 @@ async fn the_openai_python_clients_request_gets_an_openai_shaped_answer() {
     assert_eq!(report["pick"]["index"].as_u64(), Some(pick));
     assert_eq!(report["strategy"]["probe_steps"], 3);
     // The token never reaches the log.
-    assert!(!server.log().contains(token));
+    assert!(!server.stop_and_log().contains(token));
 }
 
 #[tokio::test]
@@ -608,7 +608,7 @@ async fn bad_requests_get_401_400_and_413_naming_the_field() {
     }
     // Nothing refused was journaled.
     assert!(journal(&dir.path().join("out")).is_empty());
-    assert!(!server.log().contains(token));
+    assert!(!server.stop_and_log().contains(token));
 }
 
 #[tokio::test]
@@ -638,6 +638,14 @@ async fn after_kill_9_and_a_restart_every_accepted_edit_finishes_exactly_once() 
     assert!(unfinished >= 3, "{unfinished}");
 
     let server = Server::start(&out, &["--in-flight", "2"], &[]);
+    // A client that had events of the last edit's first run (its `queued`, maybe more)
+    // reconnects: the run after the restart is numbered after them, so it gets that run
+    // whole, from its first event.
+    let last = ids.last().unwrap();
+    let resumed = events_after(&client, &server, last, Some(40), None).await;
+    assert_eq!(resumed[0].event, "started", "{resumed:?}");
+    assert!(resumed[0].id >= 1 << 32, "{resumed:?}");
+    assert_eq!(resumed.last().unwrap().event, "done", "{resumed:?}");
     for id in &ids {
         let all = events(&client, &server, id, None).await;
         assert_eq!(all.last().unwrap().event, "done", "{id}: {all:?}");
@@ -663,7 +671,13 @@ async fn after_kill_9_and_a_restart_every_accepted_edit_finishes_exactly_once() 
         assert_eq!(count("accepted"), 1, "{id}");
         assert_eq!(count("ended"), 1, "{id} ended exactly once");
     }
-    assert_eq!(records.len(), 10);
+    // Five accepted and five ended, and the restart's note that edits ran again.
+    assert_eq!(records.len(), 11, "{records:?}");
+    assert_eq!(
+        records.iter().filter(|r| r["record"] == "resumed").count(),
+        1,
+        "{records:?}"
+    );
     // Edits that ended before the restart are still served, events included.
     drop(server);
     let server = Server::start(&out, &[], &[]);
@@ -797,21 +811,7 @@ async fn sigterm_finishes_the_running_edit_and_leaves_queued_ones_for_the_restar
             (status, headers, r.json::<Value>().await.unwrap())
         }
     });
-    let sync_id = loop {
-        let list: Value = client
-            .get(server.url("/v1/edits"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let edits = list["data"].as_array().unwrap();
-        if edits.len() == 4 {
-            break edits[0]["id"].as_str().unwrap().to_string();
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let sync_id = server.accepted_edit(4).await;
     events(&client, &server, &ids[0], Some("step")).await;
     server.sigterm();
     // The queued synchronous edit is journaled and runs after the restart: its client is

@@ -392,22 +392,8 @@ async fn a_waiting_openai_client_is_never_told_to_resend_an_edit_that_failed_or_
             answer_of(r).await
         }
     });
-    // Its id: the newest edit, once it is listed (no answer carries it before the end).
-    let id = loop {
-        let list: Value = client
-            .get(server.url("/v1/edits"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let edits = list["data"].as_array().unwrap();
-        if edits.len() == 2 {
-            break edits[0]["id"].as_str().unwrap().to_string();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    // Its id, once the server has accepted it (no answer carries it before the end).
+    let id = server.accepted_edit(2).await;
     events(&client, &server, &id, Some("step")).await;
     let r = client
         .delete(server.url(&format!("/v1/edits/{id}")))
@@ -425,13 +411,35 @@ async fn a_waiting_openai_client_is_never_told_to_resend_an_edit_that_failed_or_
         body["error"]["message"].as_str().unwrap().contains(&id),
         "{body}"
     );
+
+    // A long edit whose client leaves while it runs: nobody else knows its id, so it is
+    // cancelled (it would hold the worker for nobody, and a resend would run it twice).
+    let leaving = tokio::spawn({
+        let (client, url) = (client.clone(), server.url("/v1/images/edits"));
+        async move {
+            client
+                .post(url)
+                .multipart(form(&LONG, png(192, 128)))
+                .send()
+                .await
+        }
+    });
+    let id = server.accepted_edit(3).await;
+    events(&client, &server, &id, Some("step")).await;
+    leaving.abort();
+    let all = tokio::time::timeout(HANG, events(&client, &server, &id, None))
+        .await
+        .expect("the abandoned edit never ended");
+    let last = &all[all.len() - 1];
+    assert_eq!(last.event, "cancelled", "{last:?}");
+
     // One edit per call, each ended once.
     let records = journal(&out);
     let accepted: Vec<&Value> = records
         .iter()
         .filter(|r| r["record"] == "accepted")
         .collect();
-    assert_eq!(accepted.len(), 2, "{records:?}");
+    assert_eq!(accepted.len(), 3, "{records:?}");
     for a in accepted {
         assert_eq!(records_of(&records, "ended", a["id"].as_str().unwrap()), 1);
     }

@@ -301,7 +301,7 @@ fn random_requests_never_get_a_5xx_and_every_refusal_names_its_field() {
         let health = client.get(server.url("/healthz")).send().await.unwrap();
         assert_eq!(health.status(), 200);
     });
-    let log = server.log();
+    let log = server.stop_and_log();
     assert!(!log.contains("panicked"), "{log}");
     assert!(!accepted.is_empty(), "no random request was accepted");
 }
@@ -431,7 +431,7 @@ fn random_routes_headers_and_bodies_never_get_a_5xx_and_errors_keep_their_shape(
         let health = client.get(server.url("/healthz")).send().await.unwrap();
         assert_eq!(health.status(), 200);
     });
-    let log = server.log();
+    let log = server.stop_and_log();
     assert!(!log.contains("panicked"), "{log}");
 }
 

@@ -8,7 +8,7 @@ use crate::backends::{prepare_judge, JudgeSpec};
 use crate::cli::JudgeEvalArgs;
 use crate::commands::Incomplete;
 use crate::error::EditError;
-use crate::eval::dataset::{select, Selection};
+use crate::eval::dataset::sample_units;
 use crate::judge_eval::{self, Case, JudgeEvalReport, JudgementStore, RunConfig};
 use crate::models::testbed::TestbedEdits;
 use crate::stop::StopSignal;
@@ -72,16 +72,16 @@ fn load_cases(args: &JudgeEvalArgs) -> Result<Vec<Case>, EditError> {
         }
     }
     if let Some(limit) = args.limit {
-        let selection = Selection {
-            limit: Some(limit),
-            ..Selection::default()
-        };
-        let keep: HashSet<String> =
-            select(cases.iter().map(|c| c.item.clone()).collect(), &selection)
-                .into_iter()
-                .map(|i| i.id)
-                .collect();
-        cases.retain(|c| keep.contains(&c.item.id));
+        // A group of pairs (EditReward-Bench's K candidates of one edit) is kept or left
+        // whole: group accuracy needs every pair of a group.
+        cases = sample_units(cases, limit, 0, |c| {
+            c.group.as_deref().unwrap_or(&c.item.id)
+        });
+        if cases.is_empty() {
+            return Err(EditError::Invalid(format!(
+                "--limit {limit}: every group of pairs in the data is larger; raise --limit"
+            )));
+        }
     }
     Ok(cases)
 }

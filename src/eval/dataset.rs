@@ -157,29 +157,51 @@ pub fn select(items: Vec<EvalItem>, selection: &Selection) -> Vec<EvalItem> {
         })
         .collect();
     if let Some(limit) = selection.limit {
-        if items.len() > limit {
-            let key = |id: &str| {
-                let mut h = Sha256::new();
-                h.update(selection.sample_seed.to_le_bytes());
-                h.update(id.as_bytes());
-                h.finalize()
-            };
-            let mut ranked: Vec<(usize, _)> = items
-                .iter()
-                .enumerate()
-                .map(|(i, it)| (i, key(&it.id)))
-                .collect();
-            ranked.sort_by_key(|r| r.1);
-            let mut keep: Vec<usize> = ranked.into_iter().take(limit).map(|(i, _)| i).collect();
-            keep.sort_unstable();
-            let mut all: Vec<Option<EvalItem>> = items.into_iter().map(Some).collect();
-            items = keep
-                .into_iter()
-                .map(|i| all[i].take().expect("each index once"))
-                .collect();
+        items = sample_units(items, limit, selection.sample_seed, |i| &i.id);
+    }
+    items
+}
+
+/// The deterministic hash sub-sample: at most `limit` items, whole units at a time (`unit`
+/// names an item's unit: its id, or the group it is judged with). Units are taken in the
+/// order of a hash of `seed` and their name, so every machine keeps the same subset, and a
+/// unit that would pass `limit` is skipped for the next that fits; the items keep their
+/// order.
+pub fn sample_units<T>(
+    items: Vec<T>,
+    limit: usize,
+    seed: u64,
+    unit: impl Fn(&T) -> &str,
+) -> Vec<T> {
+    if items.len() <= limit {
+        return items;
+    }
+    let mut sizes: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for item in &items {
+        *sizes.entry(unit(item)).or_default() += 1;
+    }
+    let mut ranked: Vec<(_, &str, usize)> = sizes
+        .into_iter()
+        .map(|(name, size)| {
+            let mut h = Sha256::new();
+            h.update(seed.to_le_bytes());
+            h.update(name.as_bytes());
+            (h.finalize(), name, size)
+        })
+        .collect();
+    ranked.sort_unstable();
+    let mut taken = 0;
+    let mut keep = std::collections::HashSet::new();
+    for (_, name, size) in ranked {
+        if taken + size <= limit {
+            taken += size;
+            keep.insert(name.to_string());
         }
     }
     items
+        .into_iter()
+        .filter(|i| keep.contains(unit(i)))
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -271,6 +293,35 @@ mod tests {
         .map(|i| i.id)
         .collect();
         assert_ne!(a, other);
+    }
+
+    /// Units larger than one (EditReward-Bench's groups of pairs) are kept or left whole,
+    /// never past the limit; units of one item give the per-item sample.
+    #[test]
+    fn a_sample_keeps_whole_units_within_the_limit() {
+        // 30 groups of 1 to 4 pairs: (group, pair).
+        let pairs: Vec<(String, usize)> = (0..30)
+            .flat_map(|g| (0..1 + g % 4).map(move |p| (format!("group{g}"), p)))
+            .collect();
+        let picked = sample_units(pairs.clone(), 20, 0, |p| &p.0);
+        assert!(picked.len() <= 20 && picked.len() >= 17, "{}", picked.len());
+        for (group, _) in &picked {
+            let kept = picked.iter().filter(|p| &p.0 == group).count();
+            let all = pairs.iter().filter(|p| &p.0 == group).count();
+            assert_eq!(kept, all, "{group} split");
+        }
+        assert_eq!(sample_units(pairs.clone(), 1000, 0, |p| &p.0), pairs);
+        let per_item = sample_units(items(100), 10, 3, |i| &i.id);
+        let selected = select(
+            items(100),
+            &Selection {
+                tasks: vec![],
+                limit: Some(10),
+                sample_seed: 3,
+            },
+        );
+        let ids = |v: &[EvalItem]| v.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&per_item), ids(&selected));
     }
 
     #[test]

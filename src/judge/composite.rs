@@ -77,8 +77,9 @@ impl CompositeJudge {
         })
     }
 
-    /// Asks every scoring judge and averages: each member enters with its (mean) sub-scores,
-    /// kept as one pass so O is the mean of the members' O.
+    /// Asks every scoring judge and averages: the pair is the mean of the members' pairs,
+    /// and the passes weigh each member the same, so SC, PQ and O are the means of the
+    /// members' own.
     async fn mean_of<'a, F>(&'a self, ask: F) -> Result<SubScores, JudgeError>
     where
         F: Fn(&'a dyn Judge) -> futures::future::BoxFuture<'a, Result<SubScores, JudgeError>>,
@@ -102,7 +103,7 @@ impl CompositeJudge {
             match answer {
                 Ok(s) => {
                     reasoning.push(format!("{}: {}", judge.name(), s.reasoning));
-                    members.push(s.scores);
+                    members.push(s);
                 }
                 Err(e) if failure.is_none() => failure = Some((judge.name(), e)),
                 Err(_) => {}
@@ -120,13 +121,60 @@ impl CompositeJudge {
             });
         }
         let n = members.len() as f32;
-        let mean = |k: usize| members.iter().map(|m| m[k]).sum::<f32>() / n;
+        let mean = |k: usize| members.iter().map(|m| m.scores[k]).sum::<f32>() / n;
         let mut scores = SubScores::new([mean(0), mean(1)], reasoning.join(" | "), usage);
-        if members.len() > 1 {
-            scores.passes = members;
+        let passes = equal_weight_passes(&members);
+        if passes.len() > 1 {
+            scores.passes = passes;
         }
         Ok(scores)
     }
+}
+
+/// Longest pass list [`equal_weight_passes`] builds; past it each pass weighs the same
+/// instead of each member (pass counts with a huge least common multiple).
+const MAX_EQUAL_WEIGHT_PASSES: usize = 4096;
+
+/// The members' passes as one list in which every member weighs the same: a member that
+/// asked once enters with its pair, one that asked k times with its k passes, each pass
+/// repeated so that every member fills as many places (the least common multiple of the
+/// pass counts).
+///
+/// The rubric's minimum is then taken per pass, as each member takes it: entering a
+/// multi-pass member by its mean pair would overstate it (the minimum of the means is at
+/// least the mean of the minimums). Pass i of the semantic call still meets pass i of the
+/// perceptual call when each member asked both calls as often.
+fn equal_weight_passes(members: &[SubScores]) -> Vec<[f32; 2]> {
+    let own = |m: &SubScores| -> Vec<[f32; 2]> {
+        if m.passes.is_empty() {
+            vec![m.scores]
+        } else {
+            m.passes.clone()
+        }
+    };
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let lcm = members
+        .iter()
+        .map(|m| own(m).len())
+        .try_fold(1usize, |l, k| {
+            let next = l / gcd(l, k) * k;
+            (next * members.len() <= MAX_EQUAL_WEIGHT_PASSES).then_some(next)
+        });
+    members
+        .iter()
+        .flat_map(|m| {
+            let passes = own(m);
+            let repeat = lcm.map_or(1, |l| l / passes.len());
+            passes
+                .into_iter()
+                .flat_map(move |p| std::iter::repeat_n(p, repeat))
+        })
+        .collect()
 }
 
 fn add(total: &mut CallUsage, u: &CallUsage) {
@@ -136,6 +184,7 @@ fn add(total: &mut CallUsage, u: &CallUsage) {
     total.cached &= u.cached;
     // The members run at once: the call takes as long as the slowest.
     total.latency_ms = total.latency_ms.max(u.latency_ms);
+    total.retry_wait_ms = total.retry_wait_ms.max(u.retry_wait_ms);
 }
 
 #[async_trait]

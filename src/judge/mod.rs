@@ -39,6 +39,14 @@ pub struct CallUsage {
     pub attempts: u32,
     /// Wall time of the call.
     pub latency_ms: u64,
+    /// Of that, the time spent waiting between attempts (backoff, or the server's
+    /// `Retry-After`): what rate limits and outages cost.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retry_wait_ms: u64,
+}
+
+fn is_zero(ms: &u64) -> bool {
+    *ms == 0
 }
 
 /// Where a preview stands in its schedule, so the judge can calibrate its expectations.

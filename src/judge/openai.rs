@@ -415,6 +415,7 @@ impl OpenAiJudge {
             self.config.api_base.trim_end_matches('/')
         );
         let mut last_error = JudgeError::Transport("no attempt made".into());
+        let mut retry_wait_s = 0.0f64;
         for attempt in 1..=self.config.max_attempts.max(1) {
             let mut req = self.http.post(&url).json(&body);
             if let Some(k) = &self.key.0 {
@@ -434,6 +435,7 @@ impl OpenAiJudge {
                                     cached: false,
                                     attempts: attempt,
                                     latency_ms: started.elapsed().as_millis() as u64,
+                                    retry_wait_ms: (retry_wait_s * 1000.0).round() as u64,
                                 },
                                 reply,
                                 store: self.cache.as_ref().map(|c| (c, key.clone())),
@@ -488,6 +490,7 @@ impl OpenAiJudge {
                 "judge {}: attempt {attempt} failed ({last_error}); retrying in {delay:.1}s",
                 self.config.model
             );
+            retry_wait_s += delay;
             tokio::time::sleep(Duration::from_secs_f64(delay)).await;
         }
         Err(last_error)

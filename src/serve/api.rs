@@ -469,6 +469,29 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Cancels a synchronous edit whose client went away before its answer (axum drops the
+/// handler's future when the connection closes): nobody else knows its id, so running it on
+/// would only hold a worker, and a client that resends after a timeout would run it twice.
+/// Not while the server shuts down: a running edit then finishes or is journaled to run
+/// again, as every other edit.
+struct CancelIfAbandoned {
+    registry: Arc<JobRegistry>,
+    /// The edit, until its answer is decided.
+    id: Option<String>,
+}
+
+impl Drop for CancelIfAbandoned {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        if self.registry.stop.is_set() {
+            return;
+        }
+        if let Ok(status) = self.registry.cancel(&id) {
+            tracing::info!(%id, ?status, "its client left before the answer: cancelled");
+        }
+    }
+}
+
 /// `POST /v1/images/edits`: OpenAI's image edit. Answers when the edit is over, in the
 /// OpenAI shape (`created`, `data[]`) with our `icedit` object beside it.
 async fn images_edits(
@@ -479,6 +502,10 @@ async fn images_edits(
     // header is the client's to choose.
     let base = state.public_url.clone();
     let job = submit(&state, request).await?;
+    let mut abandoned = CancelIfAbandoned {
+        registry: state.registry.clone(),
+        id: Some(job.id.clone()),
+    };
     let status = tokio::select! {
         s = job.finished() => s,
         _ = state.registry.stop.stopped() => {
@@ -487,6 +514,7 @@ async fn images_edits(
                 job.finished().await
             } else {
                 // Still queued: it is journaled and runs after the restart.
+                abandoned.id = None;
                 return Err(ApiError::journaled_at_shutdown(format!(
                     "the server is shutting down; edit {} is journaled and will run after a restart (GET /v1/edits/{}); sending the request again would run it twice",
                     job.id, job.id
@@ -494,6 +522,7 @@ async fn images_edits(
             }
         }
     };
+    abandoned.id = None;
     match status {
         Status::Done => {}
         Status::Cancelled => {

@@ -73,7 +73,8 @@ struct JobState {
     events: Vec<ServerEvent>,
     /// The stream is complete in `events.jsonl` (read it from there).
     stored: bool,
-    /// Events published so far (the next `seq`).
+    /// The next event's `seq`: events are numbered from `earlier_runs << 32` (see
+    /// [`Accepted::earlier_runs`]), so ids keep growing across restarts.
     published: u64,
     error: Option<String>,
     /// The edit failed because of its own values, not the server's (see [`caused_by_request`]).
@@ -102,6 +103,7 @@ pub struct Job {
 
 impl Job {
     fn new(accepted: Accepted) -> Self {
+        let first_seq = u64::from(accepted.earlier_runs) << 32;
         let (status, error) = match accepted.ended {
             Some((ending, error)) => (Status::of(ending), error),
             None => (Status::Queued, None),
@@ -118,7 +120,7 @@ impl Job {
                 events: Vec::new(),
                 // An edit that ended before this process has its stream on disk only.
                 stored: status.is_final(),
-                published: 0,
+                published: first_seq,
                 error,
                 failed_by_request: false,
                 worker: None,
@@ -317,7 +319,7 @@ impl JobRegistry {
         workers: usize,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(out.join("edits"))?;
-        let (journal, accepted) = Journal::open(out)?;
+        let (mut journal, accepted) = Journal::open(out)?;
         let mut jobs = HashMap::new();
         let mut order = Vec::new();
         let mut waiting = VecDeque::new();
@@ -333,6 +335,7 @@ impl JobRegistry {
         }
         if resumed > 0 {
             tracing::info!("{resumed} accepted edit(s) had not ended; they run again");
+            journal.append(&Record::Resumed {})?;
         }
         metrics.queue_depth.set(waiting.len() as i64);
         Ok(Self {
@@ -475,6 +478,7 @@ impl JobRegistry {
             source: source.clone(),
             request: request.clone(),
             ended: None,
+            earlier_runs: 0,
         };
         self.journal
             .lock()

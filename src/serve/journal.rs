@@ -54,6 +54,9 @@ pub enum Record {
         /// The edit id.
         id: String,
     },
+    /// The server started again with edits that had not ended: each runs again, its events
+    /// numbered after those of its earlier runs (see [`Accepted::earlier_runs`]).
+    Resumed {},
     /// An edit ended.
     Ended {
         /// The edit id.
@@ -79,6 +82,11 @@ pub struct Accepted {
     pub request: EditRequest,
     /// How it ended, if it did (with the failure's message).
     pub ended: Option<(Ending, Option<String>)>,
+    /// For an edit that has not ended: how many server processes held it before this one
+    /// (the one that accepted it, then one per [`Record::Resumed`] since). Its events in
+    /// this process are numbered from `earlier_runs << 32`, so an event id a client kept
+    /// from an earlier run never skips events of this one.
+    pub earlier_runs: u32,
 }
 
 /// The open journal.
@@ -96,6 +104,9 @@ impl Journal {
         let (records, file) = jsonl::open::<Record>(&path)?;
         let mut order: Vec<Accepted> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
+        // Resumed records so far, and how many there were when each edit was accepted.
+        let mut resumes = 0u32;
+        let mut resumes_at_acceptance = Vec::new();
         for r in records {
             match r {
                 Record::Accepted {
@@ -105,20 +116,28 @@ impl Journal {
                     request,
                 } => {
                     index.insert(id.clone(), order.len());
+                    resumes_at_acceptance.push(resumes);
                     order.push(Accepted {
                         id,
                         created,
                         source,
                         request: *request,
                         ended: None,
+                        earlier_runs: 0,
                     });
                 }
+                Record::Resumed {} => resumes = resumes.saturating_add(1),
                 Record::Ended { id, ending, error } => {
                     if let Some(&i) = index.get(&id) {
                         order[i].ended = Some((ending, error));
                     }
                 }
                 Record::Interrupted { .. } => {}
+            }
+        }
+        for (a, at) in order.iter_mut().zip(resumes_at_acceptance) {
+            if a.ended.is_none() {
+                a.earlier_runs = 1 + (resumes - at);
             }
         }
         Ok((Self { file, path }, order))
@@ -177,6 +196,41 @@ mod tests {
             .collect();
         assert_eq!(ids, [("a", false), ("b", true), ("c", false)]);
         assert_eq!(back[0].request, request());
+    }
+
+    /// An edit that has not ended counts the server processes that held it: the one that
+    /// accepted it and one per restart that resumed it since.
+    #[test]
+    fn an_unended_edit_counts_its_earlier_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let accept = |j: &mut Journal, id: &str| {
+            j.append(&Record::Accepted {
+                id: id.into(),
+                created: 1,
+                source: "source.png".into(),
+                request: Box::new(request()),
+            })
+            .unwrap()
+        };
+        accept(&mut j, "old");
+        accept(&mut j, "done");
+        j.append(&Record::Resumed {}).unwrap();
+        accept(&mut j, "new");
+        j.append(&Record::Ended {
+            id: "done".into(),
+            ending: Ending::Done,
+            error: None,
+        })
+        .unwrap();
+        j.append(&Record::Resumed {}).unwrap();
+        drop(j);
+        let (_, back) = Journal::open(dir.path()).unwrap();
+        let runs: Vec<_> = back
+            .iter()
+            .map(|a| (a.id.as_str(), a.earlier_runs))
+            .collect();
+        assert_eq!(runs, [("old", 3), ("done", 0), ("new", 2)]);
     }
 
     #[test]

@@ -16,13 +16,21 @@ pub struct Server {
     child: Option<Child>,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
-    /// Where its stderr (the log) goes.
+    /// Where its stderr (the log) is copied.
     pub stderr: PathBuf,
+    /// The log's lines as they arrive (closed when the process's stderr is).
+    log_lines: tokio::sync::watch::Receiver<Vec<String>>,
+    /// The thread that copies the log (joined once the process has exited).
+    copier: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Longest a test waits for a log line before calling the server hung (a guard against a
+/// hang, not a timing: the line normally comes within milliseconds).
+const LOG_HANG: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The `serve` command line for `out` on `addr`, with `args` and environment `env` (no
-/// inherited ICEDIT_SERVE_TOKEN), logging at info into `stderr`.
-fn command(addr: &str, out: &Path, args: &[&str], env: &[(&str, &str)], stderr: &Path) -> Command {
+/// inherited ICEDIT_SERVE_TOKEN), logging at info to stderr (`log`: a pipe, or a file).
+fn command(addr: &str, out: &Path, args: &[&str], env: &[(&str, &str)], log: Stdio) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_icedit-scale"));
     cmd.args(["serve", "--addr", addr, "--out"])
         .arg(out)
@@ -30,11 +38,33 @@ fn command(addr: &str, out: &Path, args: &[&str], env: &[(&str, &str)], stderr: 
         .env_remove("ICEDIT_SERVE_TOKEN")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(stderr).unwrap());
+        .stderr(log);
     for (k, v) in env {
         cmd.env(k, v);
     }
     cmd
+}
+
+/// Copies the child's stderr line by line into the file `path` and the channel `lines`, on
+/// a thread of its own, until the child closes it.
+fn copy_log(
+    stderr: std::process::ChildStderr,
+    path: &Path,
+) -> (
+    tokio::sync::watch::Receiver<Vec<String>>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+    let copier = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = writeln!(file, "{line}");
+            tx.send_modify(|lines| lines.push(line));
+        }
+    });
+    (rx, copier)
 }
 
 impl Server {
@@ -47,9 +77,10 @@ impl Server {
     /// [`Server::start`] on `addr`.
     pub fn start_at(addr: &str, out: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let stderr = out.with_extension(format!("stderr{}", rand_suffix()));
-        let mut child = command(addr, out, args, env, &stderr)
+        let mut child = command(addr, out, args, env, Stdio::piped())
             .spawn()
             .expect("starting icedit-scale serve");
+        let (log_lines, copier) = copy_log(child.stderr.take().unwrap(), &stderr);
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let base = loop {
             let line = lines
@@ -71,7 +102,54 @@ impl Server {
             child: Some(child),
             base,
             stderr,
+            log_lines,
+            copier: Some(copier),
         }
+    }
+
+    /// Waits for the log to hold `count` lines that contain `needle` (on the lines as they
+    /// arrive, not on a clock) and returns them; a server that exits first fails the test.
+    pub async fn log_lines_with(&self, needle: &str, count: usize) -> Vec<String> {
+        let matching = |lines: &[String]| {
+            lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let mut rx = self.log_lines.clone();
+        let waited = tokio::time::timeout(
+            LOG_HANG,
+            rx.wait_for(|lines| matching(lines).len() >= count),
+        )
+        .await;
+        match waited {
+            Ok(Ok(lines)) => matching(&lines),
+            _ => panic!(
+                "the log never held {count} lines with `{needle}`: {}",
+                self.log()
+            ),
+        }
+    }
+
+    /// The id of the `n`-th edit (from 1) the server logs as accepted, once it has.
+    pub async fn accepted_edit(&self, n: usize) -> String {
+        const ACCEPTED: &str = ": accepted id=";
+        let lines = self.log_lines_with(ACCEPTED, n).await;
+        let line = &lines[n - 1];
+        let at = line.find(ACCEPTED).unwrap() + ACCEPTED.len();
+        line[at..]
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Stops the server (SIGTERM, its shutdown runs) and returns its whole log.
+    pub fn stop_and_log(mut self) -> String {
+        self.sigterm();
+        self.wait_exit(LOG_HANG);
+        self.log()
     }
 
     /// The process id.
@@ -87,7 +165,13 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || tx.send(child.wait()).unwrap());
         match rx.recv_timeout(guard) {
-            Ok(status) => status.unwrap(),
+            Ok(status) => {
+                // The log is whole once its copier has read to the end.
+                if let Some(copier) = self.copier.take() {
+                    copier.join().unwrap();
+                }
+                status.unwrap()
+            }
             Err(_) => {
                 // SAFETY: killing our own child process.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -119,7 +203,8 @@ impl Server {
         assert_eq!(unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) }, 0);
     }
 
-    /// Its log so far.
+    /// Its log so far (while it runs, the last lines may still be on their way: use
+    /// [`Server::stop_and_log`] to check what the log never holds).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
@@ -138,9 +223,15 @@ impl Drop for Server {
 /// when it starts listening instead (so a server that fails open never hangs the test).
 pub fn refused_start(addr: &str, out: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let stderr = out.with_extension(format!("stderr{}", rand_suffix()));
-    let mut child = command(addr, out, args, env, &stderr)
-        .spawn()
-        .expect("starting icedit-scale serve");
+    let mut child = command(
+        addr,
+        out,
+        args,
+        env,
+        std::fs::File::create(&stderr).unwrap().into(),
+    )
+    .spawn()
+    .expect("starting icedit-scale serve");
     let lines = BufReader::new(child.stdout.take().unwrap()).lines();
     for line in lines {
         let line = line.unwrap();
@@ -232,11 +323,22 @@ pub async fn events(
     id: &str,
     until: Option<&str>,
 ) -> Vec<Sse> {
-    let r = client
-        .get(server.url(&format!("/v1/edits/{id}/events")))
-        .send()
-        .await
-        .unwrap();
+    events_after(client, server, id, None, until).await
+}
+
+/// [`events`] as a client that reconnects with the `Last-Event-ID` `last` gets them.
+pub async fn events_after(
+    client: &reqwest::Client,
+    server: &Server,
+    id: &str,
+    last: Option<u64>,
+    until: Option<&str>,
+) -> Vec<Sse> {
+    let mut request = client.get(server.url(&format!("/v1/edits/{id}/events")));
+    if let Some(last) = last {
+        request = request.header("last-event-id", last.to_string());
+    }
+    let r = request.send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
         .to_str()

@@ -892,6 +892,7 @@ impl Worker {
                 cached: false,
                 attempts: 1,
                 latency_ms: ready.started.elapsed().as_millis() as u64,
+                retry_wait_ms: 0,
             };
             // An answer the model did not give (too little mass on the answers) still ran
             // the prompt: its cost is kept on the failure.

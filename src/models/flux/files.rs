@@ -123,6 +123,24 @@ fn transformer_layout(
     }
 }
 
+/// Why `config` is not the config of the transformer in `probe`, judged by the input
+/// embedder (`[hidden, in_channels]` in every layout), or `None` when they agree.
+fn embedder_mismatch(config: &FluxConfig, probe: &WeightSource) -> Option<String> {
+    let (key, shape) = [
+        "x_embedder.weight",
+        "img_in.weight",
+        "model.diffusion_model.img_in.weight",
+    ]
+    .into_iter()
+    .find_map(|k| Some((k, probe.key_shape(k)?)))?;
+    let expected = [config.hidden(), config.in_channels];
+    (shape != expected).then(|| {
+        format!(
+            "its hidden width and in_channels {expected:?} are not those of the transformer's `{key}` {shape:?}"
+        )
+    })
+}
+
 /// Infers the transformer config of a BFL file without a `config.json` (the FLUX.1 family:
 /// 128-wide heads, RoPE axes 16/56/56), reading widths and depths from tensor shapes.
 fn infer_bfl_config(file: &Path, probe: &WeightSource) -> Result<FluxConfig, ModelError> {
@@ -209,13 +227,40 @@ impl FluxFiles {
             }
         };
         let probe = WeightSource::open(&transformer, KeyLayout::Diffusers)?;
-        let config_path = [root.as_ref(), Some(&text_root)]
+        let mut config_path = [root.as_ref(), Some(&text_root)]
             .into_iter()
             .flatten()
             .map(|r| r.join("transformer").join("config.json"))
             .find(|p| p.is_file());
-        let transformer_config = match &config_path {
-            Some(p) => read_json::<FluxConfig>(p)?,
+        let transformer_config = match config_path.clone() {
+            Some(p) => {
+                let config = read_json::<FluxConfig>(&p)?;
+                config
+                    .validate()
+                    .map_err(|reason| ModelError::files(&p, reason))?;
+                match embedder_mismatch(&config, &probe) {
+                    None => config,
+                    // A config borrowed from the --text-encoders folder (FLUX.1-dev's, say,
+                    // beside a Fill file) that is not this transformer's: its weights say
+                    // what it is.
+                    Some(why) if !root.as_ref().is_some_and(|r| p.starts_with(r)) => {
+                        let inferred =
+                            infer_bfl_config(&transformer[0], &probe).map_err(|e| {
+                                ModelError::files(
+                                    &p,
+                                    format!("{why}, and the config cannot be read from the weights instead: {e}"),
+                                )
+                            })?;
+                        tracing::info!(
+                            "{}: {why}; the transformer's config is read from its weights instead",
+                            p.display()
+                        );
+                        config_path = None;
+                        inferred
+                    }
+                    Some(why) => return Err(ModelError::files(&p, why)),
+                }
+            }
             None => infer_bfl_config(&transformer[0], &probe)?,
         };
         // A config's error names the config; an inferred one's, the weights it came from.
