@@ -70,7 +70,7 @@ pub fn check_decodes(bytes: &[u8], origin: &str, limits: ImageLimits) -> Result<
         .decode()
         .map_err(|e| EditError::Image {
             path: name.to_path_buf(),
-            reason: format!("cannot decode: {e}"),
+            reason: decode_failure(&e, limits),
         })?;
     if image.width() == 0 || image.height() == 0 {
         return Err(EditError::Image {
@@ -106,6 +106,18 @@ fn limited<R: std::io::BufRead + std::io::Seek>(
     Ok(reader)
 }
 
+/// Why a decode failed, in words: a limit says which and how much.
+fn decode_failure(e: &image::ImageError, limits: ImageLimits) -> String {
+    match e {
+        image::ImageError::Limits(_) => format!(
+            "cannot decode: its pixels would take more than {:.1} MB or a side over {} px (the limits for one image)",
+            limits.max_alloc as f64 / f64::from(1 << 20),
+            limits.max_side
+        ),
+        other => format!("cannot decode: {other}"),
+    }
+}
+
 /// Sniffs the format and decodes under the limits; `name` is what errors call the image.
 fn decode<R: std::io::BufRead + std::io::Seek>(
     reader: ImageReader<R>,
@@ -118,7 +130,7 @@ fn decode<R: std::io::BufRead + std::io::Seek>(
     };
     let image = limited(reader, name, limits)?
         .decode()
-        .map_err(|e| bad(format!("cannot decode: {e}")))?;
+        .map_err(|e| bad(decode_failure(&e, limits)))?;
     if image.width() == 0 || image.height() == 0 {
         return Err(bad("image is empty (0 pixels)".into()));
     }

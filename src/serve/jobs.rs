@@ -29,7 +29,7 @@ use crate::edit::{
 use crate::engine::outputs::write_outputs;
 use crate::engine::report::EditReport;
 use crate::engine::{EditJob, Engine, StrategyConfig};
-use crate::error::{EngineError, GenerateError};
+use crate::error::{EditError, EngineError, GenerateError};
 use crate::fsio::{jsonl, write_atomic};
 use crate::stop::StopSignal;
 
@@ -424,7 +424,13 @@ impl JobRegistry {
         let limits = image_limits(&self.limits);
         self.in_decode_slot(move || check_decodes(&image, "image", limits))
             .await?
-            .map_err(|e| ApiError::bad_field("image", format!("`image`: {e}")))
+            .map_err(|e| {
+                let reason = match e {
+                    EditError::Image { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                ApiError::bad_field("image", format!("`image`: {reason}"))
+            })
     }
 
     /// Runs `decode` on the blocking pool once a decode slot is free. The slot and the
@@ -815,10 +821,13 @@ fn caused_by_request(e: &EngineError) -> bool {
     )
 }
 
+/// The decoder's limits for an upload: the pixel limit is the policy (checked from the
+/// header first); the allocation limit leaves room for the widest pixel the formats decode
+/// to, RGBA at 16 bits per channel (8 bytes), so a 16-bit PNG under the pixel limit decodes.
 fn image_limits(limits: &Limits) -> ImageLimits {
     ImageLimits {
         max_side: ImageLimits::default().max_side,
-        max_alloc: limits.max_pixels.saturating_mul(4),
+        max_alloc: limits.max_pixels.saturating_mul(8),
     }
 }
 
@@ -904,5 +913,32 @@ mod tests {
         let next = registry.decodes.acquire().await.unwrap();
         assert_eq!(registry.metrics.decodes.get(), 0);
         drop(next);
+    }
+
+    /// A 16-bit RGBA PNG at the pixel limit (8 bytes a pixel decoded) is accepted, not
+    /// refused by the decoder's allocation limit.
+    #[tokio::test]
+    async fn a_16_bit_upload_under_the_pixel_limit_decodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_pixels: 200 * 100,
+            ..Limits::default()
+        };
+        let metrics = Arc::new(Metrics::default());
+        let registry = Arc::new(
+            JobRegistry::open(dir.path(), 4, limits, StrategyConfig::default(), metrics, 1)
+                .unwrap(),
+        );
+        let image = image::ImageBuffer::<image::Rgba<u16>, _>::from_pixel(
+            200,
+            100,
+            image::Rgba([1000, 20000, 40000, 65535]),
+        );
+        let mut png = Vec::new();
+        image
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        assert_eq!(inspect_upload(&png, &registry.limits, 64).unwrap(), "png");
+        registry.check_decodes(Arc::new(png)).await.unwrap();
     }
 }
