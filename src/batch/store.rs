@@ -2,7 +2,6 @@
 //! appended with fsync, read back on restart so finished items are skipped.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -75,7 +74,7 @@ pub struct ItemResult {
 /// folder's lock: one batch writes a folder at a time.
 pub struct SummaryLog {
     path: PathBuf,
-    file: File,
+    log: crate::fsio::jsonl::Log,
     latest: BTreeMap<String, ItemResult>,
     _lock: OutputLock,
 }
@@ -92,12 +91,12 @@ impl SummaryLog {
         std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
         let lock = OutputLock::acquire(dir).map_err(|e| EditError::Invalid(e.to_string()))?;
         let path = dir.join("summary.jsonl");
-        let (records, file) =
+        let (records, log) =
             crate::fsio::jsonl::open::<ItemResult>(&path).map_err(|e| err(&path, e))?;
         let latest = latest_per_id(records);
         Ok(Self {
             path,
-            file,
+            log,
             latest,
             _lock: lock,
         })
@@ -110,12 +109,12 @@ impl SummaryLog {
 
     /// Appends a record and syncs it to disk before returning.
     pub fn append(&mut self, result: ItemResult) -> Result<(), EngineError> {
-        crate::fsio::jsonl::append(&mut self.file, std::slice::from_ref(&result)).map_err(|e| {
-            EngineError::Output {
+        self.log
+            .append(std::slice::from_ref(&result))
+            .map_err(|e| EngineError::Output {
                 path: self.path.clone(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         // After the fsync: a watcher (the kill test) may act on the record being on disk.
         tracing::debug!(target: "icedit_scale::stored", id = %result.id, "results stored");
         self.latest.insert(result.id.clone(), result);
@@ -138,10 +137,8 @@ impl SummaryLog {
     /// Rewrites the log with one line per item (atomically), dropping superseded records.
     pub fn compact(&mut self) -> Result<(), EngineError> {
         write_jsonl(&self.path, &self.results())?;
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| EngineError::Output {
+        self.log =
+            crate::fsio::jsonl::Log::reopen(&self.path).map_err(|e| EngineError::Output {
                 path: self.path.clone(),
                 reason: e.to_string(),
             })?;

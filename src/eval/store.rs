@@ -83,7 +83,7 @@ impl ArmResult {
 /// `results.jsonl` under an eval's output folder, whose lock it holds: one eval writes a
 /// folder at a time.
 pub struct ResultStore {
-    file: std::fs::File,
+    log: crate::fsio::jsonl::Log,
     results: Vec<ArmResult>,
     /// Finished (item, arm) pairs and where their result is in `results`.
     done: HashMap<(String, String), usize>,
@@ -98,7 +98,7 @@ impl ResultStore {
             .map_err(|e| EditError::Invalid(e.to_string()))?;
         let lock = OutputLock::acquire(out).map_err(|e| EditError::Invalid(e.to_string()))?;
         let path = out.join("results.jsonl");
-        let (mut results, file) =
+        let (mut results, log) =
             crate::fsio::jsonl::open::<ArmResult>(&path).map_err(|e| EngineError::Output {
                 path: path.clone(),
                 reason: e.to_string(),
@@ -116,7 +116,7 @@ impl ResultStore {
             keep
         });
         Ok(Self {
-            file,
+            log,
             results,
             done,
             _lock: lock,
@@ -143,7 +143,7 @@ impl ResultStore {
         if fresh.is_empty() {
             return Ok(());
         }
-        crate::fsio::jsonl::append(&mut self.file, &fresh)?;
+        self.log.append(&fresh)?;
         // After the fsync: a watcher (the resume test) may act on the records being on disk.
         tracing::debug!(target: "icedit_scale::stored", records = fresh.len(), "results stored");
         for r in fresh {

@@ -108,7 +108,7 @@ pub struct Judgement {
 
 /// `judgements.jsonl` under the output folder, whose lock it holds.
 pub struct JudgementStore {
-    file: std::fs::File,
+    log: crate::fsio::jsonl::Log,
     records: Vec<Judgement>,
     done: HashSet<String>,
     _lock: OutputLock,
@@ -123,7 +123,7 @@ impl JudgementStore {
             .map_err(|e| EditError::Invalid(e.to_string()))?;
         let lock = OutputLock::acquire(out).map_err(|e| EditError::Invalid(e.to_string()))?;
         let path = out.join("judgements.jsonl");
-        let (mut records, file) =
+        let (mut records, log) =
             crate::fsio::jsonl::open::<Judgement>(&path).map_err(|e| EngineError::Output {
                 path: path.clone(),
                 reason: e.to_string(),
@@ -131,7 +131,7 @@ impl JudgementStore {
         let mut done = HashSet::new();
         records.retain(|r: &Judgement| r.error.is_none() && done.insert(r.id.clone()));
         Ok(Self {
-            file,
+            log,
             records,
             done,
             _lock: lock,
@@ -148,7 +148,7 @@ impl JudgementStore {
         if self.is_done(&record.id) {
             return Ok(());
         }
-        crate::fsio::jsonl::append(&mut self.file, std::slice::from_ref(&record))?;
+        self.log.append(std::slice::from_ref(&record))?;
         if record.error.is_none() {
             self.done.insert(record.id.clone());
         }

@@ -13,7 +13,6 @@
 //! ```
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -91,7 +90,7 @@ pub struct Accepted {
 
 /// The open journal.
 pub struct Journal {
-    file: File,
+    log: crate::fsio::jsonl::Log,
     path: PathBuf,
 }
 
@@ -101,7 +100,7 @@ impl Journal {
     /// was never acknowledged.
     pub fn open(out: &Path) -> std::io::Result<(Self, Vec<Accepted>)> {
         let path = out.join("journal.jsonl");
-        let (records, file) = jsonl::open::<Record>(&path)?;
+        let (records, log) = jsonl::open::<Record>(&path)?;
         let mut order: Vec<Accepted> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         // Resumed records so far, and how many there were when each edit was accepted.
@@ -140,12 +139,13 @@ impl Journal {
                 a.earlier_runs = 1 + (resumes - at);
             }
         }
-        Ok((Self { file, path }, order))
+        Ok((Self { log, path }, order))
     }
 
     /// Appends `record` and syncs it to disk before returning.
     pub fn append(&mut self, record: &Record) -> std::io::Result<()> {
-        jsonl::append(&mut self.file, std::slice::from_ref(record))
+        self.log
+            .append(std::slice::from_ref(record))
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))
     }
 }
