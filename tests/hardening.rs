@@ -765,6 +765,15 @@ fn a_reused_output_folder_holds_only_the_latest_edits_images() {
         String::from_utf8_lossy(&first.stderr)
     );
     std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    // The user's own images in the layout's folders, one named like an output of ours that
+    // the earlier report does not name.
+    for mine in [
+        "finals/mine.png",
+        "previews/holiday.png",
+        "finals/c09_s000909.png",
+    ] {
+        std::fs::write(out.join(mine), "mine").unwrap();
+    }
     let second = edit(&out, &["--seeds", "3", "--steps", "8"]);
     assert!(
         second.status.success(),
@@ -787,8 +796,46 @@ fn a_reused_output_folder_holds_only_the_latest_edits_images() {
     for sub in ["previews", "finals"] {
         for entry in std::fs::read_dir(out.join(sub)).unwrap() {
             let rel = format!("{sub}/{}", entry.unwrap().file_name().to_string_lossy());
-            assert!(named.contains(&rel), "{rel} is not the latest edit's");
+            let users = [
+                "finals/mine.png",
+                "previews/holiday.png",
+                "finals/c09_s000909.png",
+            ];
+            assert!(
+                named.contains(&rel) || users.contains(&rel.as_str()),
+                "{rel} is not the latest edit's"
+            );
         }
     }
     assert!(out.join("notes.txt").is_file());
+    for mine in [
+        "finals/mine.png",
+        "previews/holiday.png",
+        "finals/c09_s000909.png",
+    ] {
+        assert!(out.join(mine).is_file(), "{mine} was removed");
+    }
+}
+
+/// Into a folder no edit used (no report.json there), an edit removes nothing, whatever
+/// the names of the images already there.
+#[test]
+fn an_edit_into_a_folder_without_a_report_removes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for sub in ["previews", "finals", "short", "refined"] {
+        std::fs::create_dir_all(out.join(sub)).unwrap();
+        std::fs::write(out.join(sub).join("c09_s000009.png"), "mine").unwrap();
+    }
+    std::fs::write(out.join("final_edit.png"), "mine").unwrap();
+    let run = edit(&out, &["--seeds", "2", "--steps", "8"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for sub in ["previews", "finals", "short", "refined"] {
+        assert!(out.join(sub).join("c09_s000009.png").is_file(), "{sub}");
+    }
+    assert!(out.join("final_edit.png").is_file());
 }

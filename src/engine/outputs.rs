@@ -92,16 +92,18 @@ pub fn write_outputs(report: &mut EditReport, out: &Path) -> Result<PathBuf, Eng
     let sheet = contact_sheet(report);
     save_png(out, "contact_sheet.png", &sheet)?;
     let path = out.join("report.json");
+    // What the edit before this one in `out` wrote, by its report (unreadable: nothing).
+    let earlier: Option<EditReport> = std::fs::read(&path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
     let json = serde_json::to_vec_pretty(report).map_err(|e| write_err(&path, e))?;
     write_atomic(&path, &json)?;
-    remove_stale_outputs(report, out)?;
+    remove_stale_outputs(earlier.as_ref(), report, out)?;
     Ok(path)
 }
 
-/// Removes the images an earlier run left in `out` that this report does not name (a
-/// reused `--out`, a retried batch item), so every image there belongs to `report.json`.
-/// Only this layout's names are touched: anything else in the folder is the user's.
-fn remove_stale_outputs(report: &EditReport, out: &Path) -> Result<(), EngineError> {
+/// The image files `report` names under its folder, as paths relative to it.
+fn named_outputs(report: &EditReport) -> std::collections::HashSet<&str> {
     let mut named: std::collections::HashSet<&str> = report
         .candidates
         .iter()
@@ -122,26 +124,54 @@ fn remove_stale_outputs(report: &EditReport, out: &Path) -> Result<(), EngineErr
         .chain(report.pick_file.as_deref())
         .collect();
     named.insert("contact_sheet.png");
-    let mut stale = Vec::new();
-    for dir in ["previews", "short", "finals", "refined"] {
-        let Ok(entries) = std::fs::read_dir(out.join(dir)) else {
+    named
+}
+
+/// Whether `rel` is a name this layout writes: `final.png` or `final_edit.png`, or a PNG
+/// right inside `previews/`, `short/`, `finals/` or `refined/` (a report read from disk is
+/// not trusted to name anything else).
+fn in_layout(rel: &str) -> bool {
+    if matches!(rel, "final.png" | "final_edit.png") {
+        return true;
+    }
+    rel.split_once('/').is_some_and(|(dir, file)| {
+        matches!(dir, "previews" | "short" | "finals" | "refined")
+            && file.ends_with(".png")
+            && !file.contains(['/', '\\'])
+            && !file.starts_with('.')
+    })
+}
+
+/// Removes the images the edit whose report was in `out` before (`earlier`) wrote there
+/// and `report` does not name (a reused `--out`, a retried batch item), so the images
+/// beside `report.json` are its own. Only files the earlier report names are touched:
+/// without one, nothing is removed, and anything else in the folder is the user's.
+fn remove_stale_outputs(
+    earlier: Option<&EditReport>,
+    report: &EditReport,
+    out: &Path,
+) -> Result<(), EngineError> {
+    let Some(earlier) = earlier else {
+        return Ok(());
+    };
+    let named = named_outputs(report);
+    let mut removed = 0;
+    for rel in named_outputs(earlier) {
+        if named.contains(rel) || !in_layout(rel) {
             continue;
-        };
-        for entry in entries.flatten() {
-            let rel = format!("{dir}/{}", entry.file_name().to_string_lossy());
-            if rel.ends_with(".png") && !named.contains(rel.as_str()) {
-                stale.push(rel);
-            }
+        }
+        let path = out.join(rel);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(write_err(&path, e)),
         }
     }
-    for file in ["final.png", "final_edit.png"] {
-        if !named.contains(file) && out.join(file).is_file() {
-            stale.push(file.to_string());
-        }
-    }
-    for rel in stale {
-        let path = out.join(&rel);
-        std::fs::remove_file(&path).map_err(|e| write_err(&path, e))?;
+    if removed > 0 {
+        tracing::info!(
+            "{}: removed {removed} image(s) of the earlier edit there that this one does not name",
+            out.display()
+        );
     }
     Ok(())
 }
