@@ -185,7 +185,7 @@ async fn sigterm_ends_the_server_past_a_half_sent_head_and_a_running_edit_resume
             "--in-flight",
             "1",
             "--max-seeds",
-            "64",
+            "256",
             "--max-steps",
             "1000",
             "--shutdown-deadline-s",
@@ -193,7 +193,15 @@ async fn sigterm_ends_the_server_past_a_half_sent_head_and_a_running_edit_resume
         ],
         &[],
     );
-    let a = submit(&client, &server, &LONG).await;
+    // A: 256 candidates with live previews (a decode and a PNG each, every step). The
+    // generator once ran such an edit to its end before the server could exit (minutes, so
+    // `wait_exit` calls it a hang); now it stops at the next step boundary.
+    let long_live: Vec<(&str, &str)> = LONG
+        .into_iter()
+        .map(|(k, v)| if k == "seeds" { (k, "256") } else { (k, v) })
+        .chain([("live_previews", "true")])
+        .collect();
+    let a = submit(&client, &server, &long_live).await;
     events(&client, &server, &a, Some("step")).await; // A is running
     let b = submit(&client, &server, &SHORT).await; // B waits behind it
     let mut slow = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
@@ -222,7 +230,7 @@ async fn sigterm_ends_the_server_past_a_half_sent_head_and_a_running_edit_resume
             "--in-flight",
             "1",
             "--max-seeds",
-            "64",
+            "256",
             "--max-steps",
             "1000",
         ],

@@ -286,6 +286,9 @@ pub struct JobRegistry {
     pub metrics: Arc<Metrics>,
     /// Set on shutdown: no new edits are taken or started.
     pub stop: StopSignal,
+    /// Set at the shutdown deadline ([`Self::interrupt_running`]): an edit stopped now is
+    /// interrupted (it runs again after the restart), not cancelled.
+    interrupting: AtomicBool,
     /// Mean seconds per finished edit (for Retry-After), and how many.
     pace: Mutex<(f64, u64)>,
     workers: usize,
@@ -354,6 +357,7 @@ impl JobRegistry {
             defaults,
             metrics,
             stop: StopSignal::default(),
+            interrupting: AtomicBool::new(false),
             pace: Mutex::new((0.0, 0)),
             workers: workers.max(1),
         })
@@ -622,9 +626,12 @@ impl JobRegistry {
     }
 
     /// Journals every running edit as interrupted (the server stops without waiting for
-    /// them; the next start runs them again) and returns how many. Call only once the
-    /// worker loops are stopped, so none of them ends meanwhile.
+    /// them; the next start runs them again), stops their generators at their next step
+    /// boundary, and returns how many. Their worker loops then end them as interrupted, not
+    /// cancelled; call this before the loops are dropped (dropping a loop joins its
+    /// generator thread, which would otherwise run the edit to its end first).
     pub fn interrupt_running(&self) -> usize {
+        self.interrupting.store(true, Ordering::SeqCst);
         let running: Vec<Arc<Job>> = self
             .jobs
             .lock()
@@ -640,6 +647,7 @@ impl JobRegistry {
                 // Unended either way: it runs again after the restart.
                 tracing::warn!("edit {}: journaling its interruption: {e}", job.id);
             }
+            job.cancel.stop();
         }
         running.len()
     }
@@ -703,6 +711,10 @@ impl JobRegistry {
                 }
                 tracing::info!(nfe = report.nfe.total, "done in {seconds:.1} s");
                 self.end_with(&job, Ending::Done, None, done_event(&job.id, &report));
+            }
+            Err(EngineError::Cancelled) if self.interrupting.load(Ordering::SeqCst) => {
+                // Journaled as interrupted already: it has not ended.
+                tracing::info!("interrupted at the shutdown deadline");
             }
             Err(EngineError::Cancelled) => {
                 tracing::info!("cancelled");

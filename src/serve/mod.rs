@@ -143,8 +143,8 @@ pub async fn run_on(
     }
     let all_ended = async { while loops.join_next().await.is_some() {} };
     if tokio::time::timeout_at(deadline, all_ended).await.is_err() {
-        loops.shutdown().await;
         let interrupted = registry.interrupt_running();
+        loops.shutdown().await;
         eprintln!(
             "{interrupted} edit(s) still running at the shutdown deadline are journaled as interrupted; they run again at the next start"
         );
