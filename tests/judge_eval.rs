@@ -454,6 +454,75 @@ fn the_command_writes_its_report_and_names_bad_data() {
     );
 }
 
+/// Judgements stored by one judge are never reported under another's name: a rerun into
+/// the same folder with another judge, seed or width is refused, naming what differs; the
+/// same judge, even by another path to its preset, resumes.
+#[test]
+fn a_rerun_with_another_judge_or_width_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("je");
+    let preset = dir.path().join("tb.toml");
+    std::fs::write(&preset, "kind = \"testbed\"\nnoise = 2.0\n").unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(bin())
+            .args(["judge-eval", "--data", "testbed:4", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let first = run(&["--width", "64"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for (extra, needle) in [
+        (vec!["--width", "64", "--judge-seed", "5"], "`judge`"),
+        (vec!["--width", "96"], "`width`"),
+        (
+            vec!["--width", "64", "--judge", preset.to_str().unwrap()],
+            "`judge`",
+        ),
+    ] {
+        let refused = run(&extra);
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(
+            err.contains(needle) && err.contains("other settings") && err.contains("je"),
+            "{extra:?}: {err}"
+        );
+    }
+    assert!(run(&["--width", "64"]).status.success());
+
+    // A preset's judgements, resumed through another path to the same file.
+    let out = dir.path().join("je2");
+    let by_preset = |path: &std::path::Path| {
+        Command::new(bin())
+            .args([
+                "judge-eval",
+                "--data",
+                "testbed:4",
+                "--width",
+                "64",
+                "--out",
+            ])
+            .arg(&out)
+            .arg("--judge")
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    assert!(by_preset(&preset).status.success());
+    let other_path = dir.path().join(".").join("tb.toml");
+    let again = by_preset(&other_path);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
+
 /// A stored pair judgement: `a_first` / `b_first` answers (None = failed).
 fn pair_record(
     id: &str,
