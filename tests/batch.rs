@@ -579,3 +579,63 @@ fn a_mean_budget_holds_over_the_batch_for_adaptive_and_fixed_strategies() {
     let err = block_on(run_batch(&engine(), &opts, &StopSignal::default())).unwrap_err();
     assert!(err.to_string().contains("--budget-nfe-mean 7"), "{err}");
 }
+
+/// What the command refuses before any work, naming the flag: a rerun under other settings
+/// (its finished items would count as done under these), a mean budget the batch's own
+/// strategy cannot fit, a `--root` that is not a folder, a folder given as the manifest.
+#[test]
+fn the_command_refuses_other_settings_an_unfittable_budget_and_a_missing_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), 3, &[]);
+    let out = dir.path().join("out");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+            .args(["batch", "--manifest"])
+            .arg(&m)
+            .arg("--out")
+            .arg(&out)
+            .args(["--width", "32", "--steps", "8", "--probe-steps", "2"])
+            .args(extra)
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let first = run(&["--seeds", "4"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let refused = run(&["--seeds", "6"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("`strategy`") && err.contains("other settings"),
+        "{err}"
+    );
+    assert!(run(&["--seeds", "4"]).status.success());
+
+    let fresh = |extra: &[&str], needle: &str| {
+        std::fs::remove_dir_all(&out).ok();
+        let r = run(extra);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(!out.join("summary.jsonl").exists(), "{extra:?} ran items");
+    };
+    fresh(&["--budget-nfe-mean", "10"], "--budget-nfe-mean 10");
+    fresh(
+        &["--root", "/nonexistent-root"],
+        "--root /nonexistent-root: not a folder",
+    );
+    let folder = std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+        .args(["batch", "--manifest"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&folder.stderr);
+    assert_eq!(folder.status.code(), Some(2), "{err}");
+    assert!(err.contains("a folder"), "{err}");
+}

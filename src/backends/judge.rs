@@ -97,6 +97,21 @@ enum PresetFile {
 }
 
 impl JudgeSpec {
+    /// What names this judge in a run's stored settings: a preset by its contents (the same
+    /// file by another path is the same judge), a built-in by its name and `seed`.
+    pub fn identity(&self, seed: Option<u64>) -> Result<String, EditError> {
+        use sha2::{Digest, Sha256};
+        match &self.source {
+            Some(preset) => {
+                let bytes = std::fs::read(preset).map_err(|e| {
+                    EditError::Invalid(format!("--judge {}: {e}", preset.display()))
+                })?;
+                Ok(format!("preset sha256:{:x}", Sha256::digest(&bytes)))
+            }
+            None => Ok(format!("{} (seed {})", self.name, seed.unwrap_or_default())),
+        }
+    }
+
     /// The judge `--judge`, `--judge-concurrency` and `--judge-seed` choose; a preset file
     /// is read here, once.
     pub fn from_args(args: &JudgeArgs) -> Result<Self, JudgeError> {

@@ -19,6 +19,19 @@ pub async fn batch(args: BatchArgs) -> anyhow::Result<()> {
 /// for a batch stopped early and one where items failed.
 pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()> {
     let strategy = args.strategy.to_config()?;
+    // Refused before any work: items that keep the batch's strategy could never run.
+    if let Some(mean) = args.budget_nfe_mean {
+        strategy
+            .under_mean_budget(mean)
+            .map_err(|e| EditError::Invalid(format!("--budget-nfe-mean {mean}: {e}")))?;
+    }
+    if let Some(root) = args.root.as_ref().filter(|r| !r.is_dir()) {
+        return Err(EditError::Invalid(format!(
+            "--root {}: not a folder (image paths in the manifest are read under it)",
+            root.display()
+        ))
+        .into());
+    }
     let judge = JudgeSpec::from_args(&args.engine.judge)?;
     judge.check_serves(&strategy)?;
     judge.preflight("--judge", true)?;
@@ -26,13 +39,27 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
     let shard = Shard::parse(&args.shard, |k| std::env::var(k).ok()).map_err(EditError::Invalid)?;
     if !args.manifest.is_file() {
         return Err(EditError::Invalid(format!(
-            "--manifest {}: no such file",
-            args.manifest.display()
+            "--manifest {}: {}",
+            args.manifest.display(),
+            if args.manifest.is_dir() {
+                "a folder; give the manifest file (JSONL, one edit per line)"
+            } else {
+                "no such file"
+            }
         ))
         .into());
     }
     crate::fsio::prepare_output_dir(&args.out, "--out")
         .map_err(|e| EditError::Invalid(e.to_string()))?;
+    // Items finished under other settings are not counted as done under these.
+    let settings = serde_json::json!({
+        "width": args.width,
+        "strategy": strategy,
+        "budget_nfe_mean": args.budget_nfe_mean,
+        "judge": judge.identity(args.engine.judge.judge_seed)?,
+    });
+    let settings = settings.as_object().expect("an object");
+    crate::fsio::settings::check_settings(&args.out, settings, true)?;
     // Items' panels vary with their aspect ratios; the plan takes a square one, and the
     // batch's strategy (a line that sets its own cache is not planned).
     let workload = Workload::new(

@@ -86,53 +86,6 @@ fn load_cases(args: &JudgeEvalArgs) -> Result<Vec<Case>, EditError> {
     Ok(cases)
 }
 
-/// `settings.json` under judge-eval's output folder: what its stored judgements were made
-/// with (the judge, the panel width).
-const SETTINGS_FILE: &str = "settings.json";
-
-/// Refuses to go on with judgements made by another judge or at another width: they would
-/// be reused and reported under this judge's name. A preset is known by its contents (the
-/// same file by another path is the same judge), a built-in by its name and seed. Outside
-/// `--report-only`, the settings are written for the next run.
-fn check_settings(args: &JudgeEvalArgs, spec: &JudgeSpec) -> Result<(), EditError> {
-    use sha2::{Digest, Sha256};
-    let path = args.out.join(SETTINGS_FILE);
-    let judge = match &spec.source {
-        Some(preset) => {
-            let bytes = std::fs::read(preset)
-                .map_err(|e| EditError::Invalid(format!("--judge {}: {e}", preset.display())))?;
-            format!("preset sha256:{:x}", Sha256::digest(&bytes))
-        }
-        None => format!(
-            "{} (seed {})",
-            spec.name,
-            args.judge.judge_seed.unwrap_or_default()
-        ),
-    };
-    let current = serde_json::json!({ "judge": judge, "width": args.width });
-    if path.is_file() {
-        let stored: serde_json::Value =
-            crate::fsio::read_json(&path).map_err(|e| EditError::Invalid(e.to_string()))?;
-        let changed: Vec<String> = ["judge", "width"]
-            .into_iter()
-            .filter(|k| stored.get(k) != current.get(k))
-            .map(|k| format!("`{k}` {} there, {} now", stored[k], current[k]))
-            .collect();
-        if !changed.is_empty() {
-            return Err(EditError::Invalid(format!(
-                "{}: its judgements were made with other settings ({}); give a new --out to measure this judge",
-                args.out.display(),
-                changed.join("; ")
-            )));
-        }
-    }
-    if !args.report_only {
-        let json = serde_json::to_vec_pretty(&current).expect("JSON values serialise");
-        crate::fsio::write_atomic(&path, &json).map_err(|e| EditError::Invalid(e.to_string()))?;
-    }
-    Ok(())
-}
-
 /// `judge-eval`: judges the items not yet stored, then writes the report.
 pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
     let mut spec = JudgeSpec::from_args(&args.judge)?;
@@ -152,7 +105,13 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
     let cases = load_cases(&args)?;
     let mut store = JudgementStore::open(&args.out)
         .with_context(|| format!("opening {}", args.out.join("judgements.jsonl").display()))?;
-    check_settings(&args, &spec)?;
+    // Judgements another judge (or another width) made are never reported as this one's.
+    let settings = serde_json::json!({
+        "judge": spec.identity(args.judge.judge_seed)?,
+        "width": args.width,
+    });
+    let settings = settings.as_object().expect("an object");
+    crate::fsio::settings::check_settings(&args.out, settings, !args.report_only)?;
     let judge = prepare_judge(&spec, args.download, Some(&TestbedEdits::default()))?;
     let judge = judge.ok_or_else(|| {
         EditError::Invalid("--judge none: judge-eval needs a judge to measure".into())

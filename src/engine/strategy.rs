@@ -477,6 +477,23 @@ impl StrategyConfig {
         .planned_nfe()
     }
 
+    /// This strategy under a mean budget of `mean` NFE per edit (a batch's or a suite's):
+    /// a fixed strategy sized to it, an adaptive one as it is (its items draw their shares
+    /// from the pool as they run) once one wave and its completions fit. Errors say what
+    /// the smallest valid configuration needs.
+    pub fn under_mean_budget(&self, mean: usize) -> Result<StrategyConfig, String> {
+        if self.kind == StrategyKind::Adaptive {
+            let floor = self.first_wave_nfe();
+            if mean < floor {
+                return Err(format!(
+                    "less than one wave and its completions need ({floor} NFE)"
+                ));
+            }
+            return Ok(self.clone());
+        }
+        self.fit_to_budget(mean)
+    }
+
     /// This strategy held to `nfe` (an item's share of a mean budget): sized down by
     /// [`StrategyConfig::fit_to_budget`] when its most is above `nfe`, else kept with its
     /// own N; either way with `nfe` as its cap.

@@ -243,18 +243,8 @@ impl Suite {
     pub fn budgeted_config(&self, arm: &Arm) -> Result<StrategyConfig, String> {
         let config = arm.overrides.apply(&self.base_strategy());
         match self.budget_nfe_mean {
-            Some(budget) if config.kind == StrategyKind::Adaptive => {
-                let floor = config.first_wave_nfe();
-                if budget < floor {
-                    return Err(format!(
-                        "arm `{}`: budget_nfe_mean {budget} is less than one wave and its completions need ({floor} NFE)",
-                        arm.name
-                    ));
-                }
-                Ok(config)
-            }
             Some(budget) => config
-                .fit_to_budget(budget)
+                .under_mean_budget(budget)
                 .map_err(|e| format!("arm `{}`: budget_nfe_mean {budget}: {e}", arm.name)),
             None => Ok(config),
         }

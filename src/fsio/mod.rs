@@ -1,9 +1,11 @@
 //! File I/O every floor shares: durable atomic writes, JSON files that name themselves in
-//! errors, an exclusive lock on an output folder ([`OutputLock`]), and the crash-safe JSONL
-//! log ([`jsonl`]).
+//! errors, an exclusive lock on an output folder ([`OutputLock`]), the crash-safe JSONL
+//! log ([`jsonl`]) and the settings a resumable run's results were made with
+//! ([`settings`]).
 
 pub mod jsonl;
 mod lock;
+pub mod settings;
 
 use std::fs::File;
 use std::io::Write;
