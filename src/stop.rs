@@ -50,6 +50,7 @@ impl StopSignal {
     /// returns. Needs a tokio runtime.
     pub fn stop_on_signals(&self, message: &'static str) -> std::io::Result<()> {
         let mut signals = Signals::install()?;
+        tracing::debug!(target: "icedit_scale::stop", "Ctrl-C and SIGTERM now ask for a stop");
         let stop = self.clone();
         tokio::spawn(async move {
             signals.next().await;

@@ -333,6 +333,43 @@ async fn sigterm_asks_for_a_stop_like_ctrl_c() {
     assert!(stop.is_set());
 }
 
+/// `edit` stopped by SIGTERM (what Slurm and Kubernetes send first) stops at its next step
+/// and exits 4 with a message, instead of dying by the signal (143) without a word.
+#[test]
+fn an_edit_stopped_by_sigterm_exits_4_and_says_so() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+        .args([
+            "edit",
+            "--image",
+            IMAGE,
+            "--instruction",
+            "make the sky night",
+        ])
+        .args(["--width", "64", "--seeds", "64", "--steps", "1000", "--out"])
+        .arg(dir.path().join("out"))
+        .env("RUST_LOG", "error,icedit_scale::stop=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The handler is in place once it says so: the signal is sent after that line, not
+    // after a clock.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    while !log.contains("now ask for a stop") {
+        assert!(stderr.read_line(&mut log).unwrap() > 0, "exited: {log}");
+    }
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(4), "{log}{rest}");
+    assert!(rest.contains("stopped before the end"), "{rest}");
+}
+
 #[test]
 fn hub_flags_still_parse_alongside_the_bounds() {
     // The bounded parsers must not break defaults: every subcommand's defaults parse.

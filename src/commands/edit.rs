@@ -11,16 +11,21 @@ use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
 use crate::engine::report::CandidateStatus;
 use crate::engine::{EditJob, EditReport, Engine, PhaseBars, StrategyConfig};
-use crate::error::EditError;
+use crate::error::{EditError, EngineError};
 use crate::generate::testbed::TestbedConfig;
 use crate::judge::testbed::TestbedJudgeConfig;
 use crate::models::testbed::{self, OutcomeLabel};
+use crate::stop::StopSignal;
 use crate::study::{finished_labels, pick_label};
 
 /// `edit`: load, resize, run the strategy, write outputs, print where they are.
 pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
     let checked = check_edit(&args)?;
     let _lock = super::claim_output(&args.out, "--out")?;
+    // Ctrl-C or SIGTERM (a scheduler's first word) stops the edit at its next step
+    // boundary with exit 4, instead of killing it mid-write.
+    let stop = StopSignal::default();
+    stop.stop_on_signals("stopping the edit at its next step")?;
     let init_latents = match &args.engine.generator.init_latents {
         Some(path) => load_init_latents(path)?,
         None => Vec::new(),
@@ -38,9 +43,16 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
     let (edit, strategy) = (checked.edit, checked.strategy);
     let job = EditJob {
         init_latents,
+        cancel: stop,
         ..EditJob::new(edit, strategy)
     };
-    let report = run_and_write(&engine, job, &args.out).await?;
+    let report = match run_and_write(&engine, job, &args.out).await {
+        Err(e) if matches!(e.downcast_ref(), Some(EngineError::Cancelled)) => {
+            // An edit is one unit: nothing of it is kept, and a rerun starts it over.
+            return Err(super::Incomplete::Stopped { done: 0, left: 1 }.into());
+        }
+        other => other?,
+    };
     print_summary(&report, &args.out);
     match report.incomplete_reason() {
         Some(reason) => Err(super::Incomplete::Unfinished {
