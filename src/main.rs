@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use icedit_scale::cli::Cli;
+use icedit_scale::cli::{Cli, Command};
 use icedit_scale::{commands, host_memory};
 
 #[tokio::main]
@@ -20,6 +20,18 @@ async fn main() {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Some(Command::Serve(_) | Command::Bench(_))) {
+        // A closed pipe on stdout (`| head`) ends the process quietly, as it does any Unix
+        // tool, instead of a panic in println! (the outputs are written before the
+        // summary). The server and the benches keep Rust's default: a client that hangs up
+        // must not end the server.
+        // SAFETY: sets SIGPIPE's process-wide disposition back to the default; no handler
+        // of ours is replaced.
+        #[cfg(unix)]
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL)
+        };
+    }
     if let Err(err) = commands::run(cli).await {
         eprintln!("error: {err:#}");
         std::process::exit(commands::exit_code(&err));

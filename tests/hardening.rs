@@ -370,6 +370,33 @@ fn an_edit_stopped_by_sigterm_exits_4_and_says_so() {
     assert!(rest.contains("stopped before the end"), "{rest}");
 }
 
+/// Output piped into a reader that has gone (`| head`) ends the process by SIGPIPE, as any
+/// Unix tool, not by a panic with a backtrace; the outputs were written before.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader); // closed before the command starts: its first print finds no reader
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+        .args([
+            "edit",
+            "--image",
+            IMAGE,
+            "--instruction",
+            "make the sky night",
+        ])
+        .args(["--width", "32", "--out"])
+        .arg(dir.path().join("out"))
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(dir.path().join("out/report.json").is_file());
+}
+
 #[test]
 fn hub_flags_still_parse_alongside_the_bounds() {
     // The bounded parsers must not break defaults: every subcommand's defaults parse.
