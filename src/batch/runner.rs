@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use crate::engine::Meter;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 
@@ -80,16 +80,13 @@ pub async fn run_batch(
     let log = Arc::new(Mutex::new(SummaryLog::open(&opts.out)?));
     let total = count_lines(&opts.manifest).map_err(open_err)?;
     let bar = if opts.progress {
-        let bar = ProgressBar::new(total as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "batch {bar:30} {pos}/{len} items, {elapsed_precise} elapsed, ETA {eta}",
-            )
-            .expect("static template"),
-        );
-        bar
+        Meter::new(
+            "batch",
+            total as u64,
+            "batch {bar:30} {pos}/{len} items, {elapsed_precise} elapsed, ETA {eta}",
+        )
     } else {
-        ProgressBar::hidden()
+        Meter::hidden()
     };
     let slots = Arc::new(Semaphore::new(opts.queue.max(1)));
     let mut tasks: JoinSet<Result<ItemStatus, EngineError>> = JoinSet::new();
@@ -206,7 +203,7 @@ pub async fn run_batch(
     while let Some(done) = tasks.join_next().await {
         count(&mut outcome, join_result(done)?);
     }
-    bar.finish_and_clear();
+    bar.finish();
     let mut log = log.lock().await;
     if !outcome.cancelled {
         // A line that was invalid at an earlier run and is not now (mended, or gone from

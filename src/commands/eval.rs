@@ -64,10 +64,10 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
             ..TestbedJudgeConfig::default()
         },
     };
-    let bar = indicatif::ProgressBar::new(args.edits as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("study {bar:30} {pos}/{len} edits, ETA {eta}")
-            .expect("static template"),
+    let bar = crate::engine::Meter::new(
+        "study",
+        args.edits as u64,
+        "study {bar:30} {pos}/{len} edits, ETA {eta}",
     );
     let mut judge = JudgeSpec::testbed(config.judge);
     judge.concurrency = STUDY_JUDGE_CONCURRENCY;
@@ -79,7 +79,7 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
     let generator = GeneratorSpec::Testbed(config.generator());
     let engine = EngineBuilder::new(generator, judge, false, workload).build_one()?;
     let report = run_study(&config, &engine, |n| bar.set_position(n as u64)).await?;
-    bar.finish_and_clear();
+    bar.finish();
     let md = report.markdown();
     write_atomic(&args.out.join("study.md"), md.as_bytes())?;
     write_atomic(
@@ -184,15 +184,12 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
             .iter()
             .map(|i| names.iter().filter(|n| store.is_done(&i.id, n)).count() as u64)
             .sum::<u64>();
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "eval {bar:30} {pos}/{len} (item, arm) results, {per_sec}, ETA {eta}",
-            )
-            .expect("static template"),
+        let bar = crate::engine::Meter::new(
+            "eval",
+            total,
+            "eval {bar:30} {pos}/{len} (item, arm) results, {per_sec}, ETA {eta}",
         );
-        bar.set_position(done);
-        bar.reset_eta();
+        bar.resume_from(done);
         let ctx = runner::EvalContext {
             engine,
             eval_judge,
@@ -200,7 +197,7 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
             testbed_difficulty: args.engine.generator.testbed_difficulty,
         };
         runner::run_suite(&suite, &items, &ctx, &mut store, |n| bar.inc(n as u64)).await?;
-        bar.finish_and_clear();
+        bar.finish();
     }
     let report = report::build(&suite, store.results(), &names);
     report.write(&args.out)?;

@@ -119,12 +119,10 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
     if !args.report_only {
         let stop = StopSignal::default();
         stop.stop_on_signals("stopping after the items in flight (judgements so far are saved)")?;
-        let bar = indicatif::ProgressBar::new(cases.len() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "judge-eval {bar:30} {pos}/{len} items, {per_sec}, ETA {eta}",
-            )
-            .expect("static template"),
+        let bar = crate::engine::Meter::new(
+            "judge-eval",
+            cases.len() as u64,
+            "judge-eval {bar:30} {pos}/{len} items, {per_sec}, ETA {eta}",
         );
         let config = RunConfig {
             width: args.width,
@@ -134,7 +132,7 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
             bar.set_position(n as u64)
         })
         .await?;
-        bar.finish_and_clear();
+        bar.finish();
     }
     let order: Vec<String> = cases.iter().map(|c| c.item.id.clone()).collect();
     let report = JudgeEvalReport::build(

@@ -15,7 +15,7 @@ pub mod strategy;
 pub mod worker;
 
 pub use events::EditEvent;
-pub use progress::{PhaseBars, Progress, Silent};
+pub use progress::{Meter, PhaseBars, Progress, Silent};
 pub use report::EditReport;
 pub use run::{EditJob, Engine};
 pub use strategy::{

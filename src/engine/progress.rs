@@ -1,7 +1,10 @@
 //! Progress reporting per phase, and the events of an edit as they happen. The CLI shows
-//! indicatif bars; batch runs and tests stay silent; the server streams the events.
+//! indicatif bars on a terminal and log lines elsewhere ([`Meter`]); batch runs and tests
+//! stay silent; the server streams the events.
 
-use std::sync::Mutex;
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -29,35 +32,159 @@ impl Progress for Silent {
     fn end(&self) {}
 }
 
-/// One terminal progress bar per phase (drawn on stderr; hidden when not a terminal).
+/// Progress of one long task: an indicatif bar when stderr is a terminal; otherwise (a log
+/// file, a Slurm or Kubernetes job, nohup) an info line when it starts, at each quarter with
+/// the time left, and when it ends, so a log shows where a long run stands.
+#[derive(Clone)]
+pub struct Meter {
+    bar: ProgressBar,
+    /// Set when the log, not a bar, tells the progress.
+    log: Option<Arc<MeterLog>>,
+}
+
+struct MeterLog {
+    label: String,
+    total: u64,
+    started: Instant,
+    /// (units done, quarters logged; units done when the meter started).
+    state: Mutex<(u64, u64, u64)>,
+}
+
+impl Meter {
+    /// A meter of `total` units named `label`; `template` is the bar's indicatif template.
+    pub fn new(label: &str, total: u64, template: &str) -> Self {
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(template)
+                    .expect("static template")
+                    .progress_chars("=> "),
+            );
+            bar.set_prefix(label.to_string());
+            return Self { bar, log: None };
+        }
+        tracing::info!("{label}: 0/{total}");
+        Self {
+            bar: ProgressBar::hidden(),
+            log: Some(Arc::new(MeterLog {
+                label: label.to_string(),
+                total,
+                started: Instant::now(),
+                state: Mutex::new((0, 0, 0)),
+            })),
+        }
+    }
+
+    /// A meter that shows nothing.
+    pub fn hidden() -> Self {
+        Self {
+            bar: ProgressBar::hidden(),
+            log: None,
+        }
+    }
+
+    /// `n` more units done.
+    pub fn inc(&self, n: u64) {
+        self.bar.inc(n);
+        if let Some(log) = &self.log {
+            let done = log.state.lock().unwrap().0 + n;
+            log.at(done);
+        }
+    }
+
+    /// `done` units done in all.
+    pub fn set_position(&self, done: u64) {
+        self.bar.set_position(done);
+        if let Some(log) = &self.log {
+            log.at(done);
+        }
+    }
+
+    /// Starts at `done` units already done (a resumed run): the time left is reckoned from
+    /// the units done from here.
+    pub fn resume_from(&self, done: u64) {
+        self.bar.set_position(done);
+        self.bar.reset_eta();
+        if let Some(log) = &self.log {
+            let mut state = log.state.lock().unwrap();
+            *state = (done, done * 4 / log.total.max(1), done);
+        }
+    }
+
+    /// The task is over: the bar is cleared, the log says how long it took.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+        self.log_end();
+    }
+
+    /// [`Meter::finish`] with the finished bar left on the terminal (one per phase).
+    pub fn finish_shown(&self) {
+        self.bar.finish();
+        self.log_end();
+    }
+
+    fn log_end(&self) {
+        if let Some(log) = &self.log {
+            let done = log.state.lock().unwrap().0;
+            tracing::info!(
+                "{}: {done}/{} in {:.1} s",
+                log.label,
+                log.total,
+                log.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+impl MeterLog {
+    /// Records `done` and logs a line when it passes a quarter of the total.
+    fn at(&self, done: u64) {
+        let mut state = self.state.lock().unwrap();
+        state.0 = done;
+        let quarter = done * 4 / self.total.max(1);
+        if quarter <= state.1 || quarter >= 4 {
+            return;
+        }
+        state.1 = quarter;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let since = done.saturating_sub(state.2).max(1) as f64;
+        let left = elapsed / since * self.total.saturating_sub(done) as f64;
+        tracing::info!(
+            "{}: {done}/{} ({}%), {elapsed:.0} s so far, about {left:.0} s left",
+            self.label,
+            self.total,
+            quarter * 25
+        );
+    }
+}
+
+/// One progress [`Meter`] per phase of an edit (a bar on a terminal, log lines otherwise).
 #[derive(Default)]
 pub struct PhaseBars {
-    current: Mutex<Option<ProgressBar>>,
+    current: Mutex<Option<Meter>>,
 }
 
 impl Progress for PhaseBars {
     fn begin(&self, phase: &str, total: u64) {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise}")
-                .expect("static template")
-                .progress_chars("=> "),
+        let meter = Meter::new(
+            phase,
+            total,
+            "{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise}",
         );
-        bar.set_prefix(phase.to_string());
-        if let Some(old) = self.current.lock().unwrap().replace(bar) {
-            old.finish();
+        if let Some(old) = self.current.lock().unwrap().replace(meter) {
+            old.finish_shown();
         }
     }
 
     fn inc(&self, n: u64) {
-        if let Some(bar) = &*self.current.lock().unwrap() {
-            bar.inc(n);
+        if let Some(meter) = &*self.current.lock().unwrap() {
+            meter.inc(n);
         }
     }
 
     fn end(&self) {
-        if let Some(bar) = self.current.lock().unwrap().take() {
-            bar.finish();
+        if let Some(meter) = self.current.lock().unwrap().take() {
+            meter.finish_shown();
         }
     }
 }
