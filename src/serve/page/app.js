@@ -135,12 +135,23 @@
 
   // ---- form ----------------------------------------------------------------------------
 
+  // The message sits just above the submit button, and is scrolled into view: after a
+  // refused submit the user sees why, even when the field at fault is further up.
   function showFormError(message, field) {
     ui.formError.textContent = message;
     ui.formError.hidden = false;
     if (field) {
       field.classList.add('invalid');
-      if (field.focus) field.focus();
+      if (field.focus) field.focus({ preventScroll: true });
+    }
+    ui.formError.scrollIntoView({ block: 'nearest' });
+    // The field too, where both fit on the screen.
+    if (field && field.getBoundingClientRect) {
+      const f = field.getBoundingClientRect();
+      const e = ui.formError.getBoundingClientRect();
+      if (Math.max(f.bottom, e.bottom) - Math.min(f.top, e.top) <= window.innerHeight) {
+        field.scrollIntoView({ block: 'nearest' });
+      }
     }
   }
 
