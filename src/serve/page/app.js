@@ -100,11 +100,19 @@
     }
     clearFormError();
     file = f;
+    ui.dropInfo.textContent = '';
     if (fileUrl) URL.revokeObjectURL(fileUrl);
     fileUrl = URL.createObjectURL(f);
     ui.thumb.onload = () => {
       ui.dropInfo.textContent =
         `${f.name || 'pasted image'} · ${ui.thumb.naturalWidth}×${ui.thumb.naturalHeight} · ${formatBytes(f.size)}`;
+    };
+    // A file the browser cannot decode is refused here, not after its upload.
+    ui.thumb.onerror = () => {
+      if (file !== f) return;
+      file = null;
+      ui.drop.classList.remove('has-image');
+      showFormError(`${f.name || 'The pasted file'} cannot be read as an image (PNG, JPEG or WebP).`, ui.drop);
     };
     ui.thumb.src = fileUrl;
     ui.drop.classList.add('has-image');
@@ -171,16 +179,22 @@
     return field;
   }
 
-  function askForToken(message) {
+  /** Opens the token field with why: none given yet, or the one given was refused. */
+  function askForToken() {
     ui.more.open = true;
-    showFormError(message, ui.token);
+    showFormError(token()
+      ? 'The server refused this access token; check it (More options).'
+      : 'This server needs its access token (More options).', ui.token);
   }
 
   ui.token.value = localStorage.getItem(TOKEN_KEY) || '';
   ui.token.addEventListener('change', () => {
     if (token()) localStorage.setItem(TOKEN_KEY, token());
     else localStorage.removeItem(TOKEN_KEY);
+    clearFormError();
     refreshHistory();
+    // An edit whose stream the missing token closed is followed again with the new one.
+    if (run && !run.ended && !ui.runError.hidden) follow(run.id);
   });
 
   const showHint = () => { ui.strategyHint.textContent = STRATEGY_HINTS[ui.strategy.value] || ''; };
@@ -214,18 +228,23 @@
         strategy: ui.strategy.value,
       });
       refreshHistory();
-      // One column (a phone): the form fills the screen, so bring the cards into view.
-      if (window.matchMedia('(max-width: 820px)').matches) {
-        ui.result.parentElement.scrollIntoView({ behavior: 'smooth', block: 'start' });
-      }
+      bringRunIntoView();
     } catch (err) {
-      if (err.status === 401) askForToken('This server needs its access token (More options).');
+      if (err.status === 401) askForToken();
       else showFormError(err.message, fieldFor(err.param));
     } finally {
       ui.submit.disabled = false;
       ui.submit.textContent = 'Edit image';
     }
   });
+
+  // One column (a phone): the form or the history fills the screen, so bring the followed
+  // edit into view.
+  function bringRunIntoView() {
+    if (window.matchMedia('(max-width: 820px)').matches) {
+      ui.result.parentElement.scrollIntoView({ behavior: 'smooth', block: 'start' });
+    }
+  }
 
   // ---- one followed edit ---------------------------------------------------------------
 
@@ -295,7 +314,7 @@
         api('GET', `/v1/edits/${encodeURIComponent(id)}`)
           .then((edit) => streamLost(r, `the event stream closed (the edit is ${edit.status})`))
           .catch((err) => {
-            if (err.status === 401) askForToken('This server needs its access token (More options).');
+            if (err.status === 401) askForToken();
             streamLost(r, err.message);
           });
       } else {
@@ -725,6 +744,8 @@
       ui.historyEmpty.textContent = err.status === 401
         ? 'This server needs its access token (More options).'
         : `History unavailable: ${err.message}`;
+      // Asked at once, not after the user has filled in the form.
+      if (err.status === 401) askForToken();
       return;
     }
     if (mine !== historyRequest) return;
@@ -738,7 +759,10 @@
         el('span', 'instruction', e.instruction || '(no instruction)'),
         el('span', 'muted small', `${e.strategy || ''} · ${ago(e.created)}`),
       );
-      button.addEventListener('click', () => follow(e.id, { instruction: e.instruction, strategy: e.strategy }));
+      button.addEventListener('click', () => {
+        follow(e.id, { instruction: e.instruction, strategy: e.strategy });
+        bringRunIntoView();
+      });
       item.append(button);
       return item;
     }));
