@@ -903,3 +903,56 @@ fn an_edit_into_a_folder_without_a_report_removes_nothing() {
     }
     assert!(out.join("final_edit.png").is_file());
 }
+
+/// `study` runs its own set of strategies: the strategy flags it would ignore are refused by
+/// name (they were accepted and silently had no effect).
+#[test]
+fn study_refuses_the_strategy_flags_it_does_not_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("study");
+    let result = cli(&[
+        "study",
+        "--edits",
+        "2",
+        "--width",
+        "64",
+        "--strategy",
+        "tournament",
+        "--refine",
+        "128",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--strategy") && stderr.contains("--refine"),
+        "{stderr}"
+    );
+    assert!(!out.join("study.json").exists());
+}
+
+/// `--report-only` on a folder with no stored records (a mistyped `--out`) is refused, not
+/// answered with an empty report and exit 0.
+#[test]
+fn report_only_without_stored_records_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("typo");
+    for args in [
+        vec![
+            "eval",
+            "--suite",
+            "eval/testbed-small.toml",
+            "--report-only",
+        ],
+        vec!["judge-eval", "--data", "testbed:4", "--report-only"],
+    ] {
+        let mut args = args.clone();
+        args.extend(["--out", out.to_str().unwrap()]);
+        let result = cli(&args);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("no stored records"), "{args:?}: {stderr}");
+        assert!(!out.exists(), "{args:?} made {}", out.display());
+    }
+}

@@ -606,6 +606,28 @@ async fn bad_requests_get_401_400_and_413_naming_the_field() {
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(param), "{described}: {message}");
     }
+    // A mask sent as a file, as OpenAI clients send it, is refused as a mask, not as text.
+    let form = form(&[("prompt", "x")], png(64, 64)).part(
+        "mask",
+        reqwest::multipart::Part::bytes(png(64, 64)).file_name("mask.png"),
+    );
+    let r = client
+        .post(server.url("/v1/images/edits"))
+        .bearer_auth(token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "mask", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not supported"),
+        "{body}"
+    );
     // Nothing refused was journaled.
     assert!(journal(&dir.path().join("out")).is_empty());
     assert!(!server.stop_and_log().contains(token));

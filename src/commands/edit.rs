@@ -270,13 +270,13 @@ pub fn print_summary(report: &EditReport, out: &Path) {
         println!("note: {note}");
     }
     println!(
-        "judge: {} calls, {} failed, {} cached, {} + {} tokens; {:.1}s total",
+        "judge: {} calls, {} failed, {} cached, {} + {} tokens",
         report.judge_totals.calls,
         report.judge_totals.failures,
         report.judge_totals.cached,
         report.judge_totals.prompt_tokens,
         report.judge_totals.completion_tokens,
-        report.timings.total_s
     );
+    println!("time: {:.1} s in all", report.timings.total_s);
     println!("outputs in {}", out.display());
 }

@@ -39,8 +39,58 @@ fn suite_judge(j: &SuiteJudge, field: &str, concurrency: usize) -> anyhow::Resul
     Ok(spec)
 }
 
+/// `--report-only` on a folder holding no stored records (a mistyped `--out`) is refused
+/// instead of writing an empty report there; shared with `judge-eval`.
+pub(super) fn refuse_report_without_records(
+    out: &std::path::Path,
+    log: &str,
+) -> Result<(), EditError> {
+    let path = out.join(log);
+    let empty =
+        std::fs::read(&path).map_or(true, |bytes| bytes.iter().all(u8::is_ascii_whitespace));
+    if empty {
+        return Err(EditError::Invalid(format!(
+            "--report-only: {} holds no stored records to report; check --out, or run without --report-only",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `study` runs its own set of strategies (random, best-of-N, early-filter, adaptive) with
+/// the shared knobs (`--seeds`, `--probe-steps`, `--keep`, `--steps`, `--wave`, `--target`,
+/// `--seed`); the strategy flags it would ignore are refused by name.
+fn refuse_unused_strategy_flags(flags: &crate::cli::StrategyArgs) -> Result<(), EditError> {
+    let defaults = crate::engine::StrategyConfig::default();
+    let unused: Vec<&str> = [
+        ("--strategy", flags.strategy != defaults.kind),
+        ("--seed-list", flags.seed_list.is_some()),
+        ("--budget-nfe", flags.budget_nfe.is_some()),
+        ("--refine", flags.refine.is_some()),
+        (
+            "--refine-strength",
+            flags.refine_strength != defaults.refine_strength,
+        ),
+        ("--refine-keep-unchanged", flags.refine_keep_unchanged),
+        ("--refine-best", flags.refine_best != defaults.refine_best),
+        ("--cache", flags.cache != defaults.cache),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect();
+    if unused.is_empty() {
+        return Ok(());
+    }
+    Err(EditError::Invalid(format!(
+        "study runs its own set of strategies (random, best-of-N, early-filter, adaptive) and does not use {}; leave {} out",
+        unused.join(", "),
+        if unused.len() == 1 { "it" } else { "them" }
+    )))
+}
+
 /// `study`: the testbed measurement quoted in docs/testbed.md.
 pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
+    refuse_unused_strategy_flags(&args.strategy)?;
     let strategy = args.strategy.to_config()?;
     if args.first_scene.checked_add(args.edits as u64).is_none() {
         return Err(EditError::Invalid(format!(
@@ -135,6 +185,9 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     } else {
         Some(suite_judge(suite.eval_judge(), "eval_judge", concurrency)?)
     };
+    if args.report_only {
+        refuse_report_without_records(&args.out, "results.jsonl")?;
+    }
     // What can be refused without loading anything is refused before the output folder
     // (its lock, results.jsonl) is touched.
     if !args.report_only {

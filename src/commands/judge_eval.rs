@@ -99,7 +99,9 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
         spec.allow_unused_weights();
     }
     // Refused before the output folder (its lock, judgements.jsonl) is touched.
-    if !args.report_only {
+    if args.report_only {
+        super::eval::refuse_report_without_records(&args.out, "judgements.jsonl")?;
+    } else {
         spec.preflight("--judge", false)?;
     }
     let cases = load_cases(&args)?;

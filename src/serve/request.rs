@@ -108,6 +108,10 @@ pub const IGNORED: &[&str] = &[
     "moderation",
 ];
 
+/// Why a `mask` is refused, whether it comes as text or as a file.
+const MASK_UNSUPPORTED: &str =
+    "`mask` is not supported: ICEdit edits the whole image from the instruction";
+
 /// Every field a request may carry (the image included), ignored ones apart.
 pub const KNOWN: &[&str] = &[
     "image",
@@ -180,6 +184,10 @@ impl RawRequest {
                     }
                 }
                 raw.image = Some(bytes);
+            } else if name == "mask" {
+                // OpenAI clients send a mask as a file: refused for what it is, not for
+                // its bytes (it is not read).
+                return Err(ApiError::bad_field("mask", MASK_UNSUPPORTED));
             } else {
                 let bytes = field
                     .bytes()
@@ -343,10 +351,7 @@ impl EditRequest {
             ));
         }
         if f.contains_key("mask") {
-            return Err(ApiError::bad_field(
-                "mask",
-                "`mask` is not supported: ICEdit edits the whole image from the instruction",
-            ));
+            return Err(ApiError::bad_field("mask", MASK_UNSUPPORTED));
         }
         for name in ["stream", "partial_images"] {
             if f.get(name)

@@ -240,9 +240,12 @@ impl LoraSet {
         unknown_keys.sort();
         if plain.is_empty() && experts.is_empty() {
             return Err(err(format!(
-                "no LoRA adapters found ({} keys, e.g. {:?})",
+                "no LoRA adapters found ({} keys{})",
                 unknown_keys.len(),
-                unknown_keys.first()
+                unknown_keys
+                    .first()
+                    .map(|k| format!(", e.g. `{k}`"))
+                    .unwrap_or_default()
             )));
         }
         Ok(Self {
