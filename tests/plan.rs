@@ -652,3 +652,18 @@ fn configs_the_loaders_refuse_are_refused_by_the_plan_not_panicked_on() {
         );
     }
 }
+
+/// Planning a GPU run where no GPU can be opened (a CPU build, a login node) prints the plan
+/// and says the verdict needs `--memory-budget`, instead of refusing to plan at all.
+#[test]
+fn a_plan_for_a_device_that_cannot_be_opened_here_still_prints() {
+    if candle_core::utils::cuda_is_available() {
+        return; // a CUDA build on a GPU machine opens the device: nothing to show here
+    }
+    let result = cli(&["plan", "--device", "cuda", "--batch-size", "8"]);
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("**peak**"), "{stdout}");
+    assert!(stdout.contains("give --memory-budget"), "{stdout}");
+}

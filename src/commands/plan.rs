@@ -37,7 +37,12 @@ pub fn plan(args: EditArgs) -> anyhow::Result<()> {
         .into());
     };
     let (request, _) = flux.plan_request(judge.footprint(flux.device)?, &workload)?;
-    let available = flux.available_memory()?;
+    // Planning a GPU run from a machine without one (a laptop, a login node) still prints
+    // the plan; only the verdict needs the device's free memory.
+    let (available, unopened) = match flux.available_memory() {
+        Ok(available) => (available, None),
+        Err(e) => (None, Some(e)),
+    };
     // `--vae-tiling auto` as the plan check settles it.
     let request = flux.tiled_if_needed(request, available.map(|(bytes, _)| bytes));
     let weights = if g.model_dir.is_some() || g.transformer.is_some() {
@@ -59,6 +64,11 @@ pub fn plan(args: EditArgs) -> anyhow::Result<()> {
     let memory_plan = request.plan();
     print!("{}", memory_plan.table(available.map(|(b, _)| b)));
     println!("\nEstimates from the configurations (working memory fitted on the CPU; see ARCHITECTURE.md).");
+    if let Some(e) = unopened {
+        println!(
+            "No verdict: the device's free memory is unknown here ({e}); give --memory-budget GB to check a fit."
+        );
+    }
     if let Some((bytes, source)) = available {
         plan::check(&request, bytes, source).map_err(EditError::Invalid)?;
         println!(
