@@ -226,6 +226,16 @@ fn four_shards_merged_equal_one_unsharded_run() {
     };
     assert_eq!(strip(summary(&merged_dir)), strip(summary(&whole)));
     assert_eq!(summary(&whole).len(), 16);
+    // Into one of its own shards (or a folder inside one): refused, that shard untouched.
+    let before = std::fs::read(shard_dirs[0].join("summary.jsonl")).unwrap();
+    for out in [shard_dirs[0].clone(), shard_dirs[0].join("merged")] {
+        let err = merge_shards(&shard_dirs, &out).unwrap_err().to_string();
+        assert!(err.contains("shard folder"), "{err}");
+    }
+    assert_eq!(
+        std::fs::read(shard_dirs[0].join("summary.jsonl")).unwrap(),
+        before
+    );
 }
 
 /// More shards than items: the shards that own none finish with an empty summary, and
