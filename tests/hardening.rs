@@ -956,3 +956,25 @@ fn report_only_without_stored_records_is_refused() {
         assert!(!out.exists(), "{args:?} made {}", out.display());
     }
 }
+
+/// `--init-latents` that cannot serve the edit is bad input naming the flag and the file:
+/// a file that is not safetensors, or latents of another shape than the edit's.
+#[test]
+fn init_latents_that_do_not_fit_are_refused_by_flag_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for (file, needle) in [
+        (IMAGE, "not a safetensors file"),
+        (
+            "tests/fixtures/flux/init_latents.safetensors",
+            "this edit needs",
+        ),
+    ] {
+        let result = edit(&dir.path().join("out"), &["--init-latents", file]);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{file}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--init-latents {file}")) && stderr.contains(needle),
+            "{file}: {stderr}"
+        );
+    }
+}

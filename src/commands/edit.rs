@@ -11,7 +11,7 @@ use crate::edit::{load_image, resize_to_panel, EditContext, ImageLimits};
 use crate::engine::outputs::write_outputs;
 use crate::engine::report::CandidateStatus;
 use crate::engine::{EditJob, EditReport, Engine, PhaseBars, StrategyConfig};
-use crate::error::{EditError, EngineError};
+use crate::error::{EditError, EngineError, GenerateError};
 use crate::generate::testbed::TestbedConfig;
 use crate::judge::testbed::TestbedJudgeConfig;
 use crate::models::testbed::{self, OutcomeLabel};
@@ -51,7 +51,21 @@ pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
             // An edit is one unit: nothing of it is kept, and a rerun starts it over.
             return Err(super::Incomplete::Stopped { done: 0, left: 1 }.into());
         }
-        other => other?,
+        Err(e) => {
+            // Latents that do not fit this edit are found once the generator knows its
+            // shape: the error names the flag and the file they came from.
+            if let (Some(path), Some(EngineError::Generate(GenerateError::Input(why)))) =
+                (&args.engine.generator.init_latents, e.downcast_ref())
+            {
+                return Err(EditError::Invalid(format!(
+                    "--init-latents {}: {why} (rows of [tokens, channels] packed, or [16, h, w] as diffusers saves them, for this --width and image)",
+                    path.display()
+                ))
+                .into());
+            }
+            return Err(e);
+        }
+        Ok(report) => report,
     };
     print_summary(&report, &args.out);
     match report.incomplete_reason() {
@@ -188,8 +202,26 @@ pub async fn run_and_write(
 /// Reads `latents` from a safetensors file: `[C, ..latent_shape]` (packed) or `[C, 16, h, w]`
 /// (unpacked, as diffusers makes them), one row per candidate.
 fn load_init_latents(path: &Path) -> anyhow::Result<Vec<candle_core::Tensor>> {
+    let invalid =
+        |why: String| EditError::Invalid(format!("--init-latents {}: {why}", path.display()));
+    // A safetensors file opens with its header's length (8 bytes) and the header's `{`.
+    let mut head = [0u8; 9];
+    let opened =
+        std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
+    match opened {
+        Err(e) if e.kind() != std::io::ErrorKind::UnexpectedEof => {
+            return Err(invalid(e.to_string()).into())
+        }
+        Ok(()) if head[8] == b'{' => {}
+        _ => {
+            return Err(invalid(
+                "not a safetensors file (a `latents` tensor saved by safetensors)".into(),
+            )
+            .into())
+        }
+    }
     let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
-        .map_err(|e| EditError::Invalid(format!("--init-latents {}: {e}", path.display())))?;
+        .map_err(|e| invalid(e.to_string()))?;
     let latents = tensors.get("latents").ok_or_else(|| {
         EditError::Invalid(format!(
             "--init-latents {}: no tensor named `latents`",
