@@ -64,6 +64,26 @@
     return url + (url.includes('?') ? '&' : '?') + 'access_token=' + encodeURIComponent(t);
   }
 
+  /** Opens a file link of a token-protected server: fetched with the token in its header,
+   *  shown from a blob: URL (a link with the token in it would land in the address bar,
+   *  the history, and whatever the link is pasted into). Without a token, the plain link. */
+  async function openWithToken(event, url) {
+    if (!token()) return;
+    event.preventDefault();
+    const tab = window.open('', '_blank'); // opened within the click: no popup blocker
+    try {
+      const response = await fetch(url, { headers: { Authorization: 'Bearer ' + token() } });
+      if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+      const blobUrl = URL.createObjectURL(await response.blob());
+      if (tab) tab.location.href = blobUrl;
+      else window.location.href = blobUrl;
+    } catch (err) {
+      if (tab) tab.close();
+      ui.runError.textContent = `Could not open ${url}: ${err.message}`;
+      ui.runError.hidden = false;
+    }
+  }
+
   /** A JSON API call; throws an Error carrying the server's message, status and field. */
   async function api(method, url, body) {
     const headers = {};
@@ -684,9 +704,12 @@
     for (const [text, url] of [['final image', d.final_url], ['contact sheet', d.contact_sheet_url], ['report.json', d.report_url]]) {
       if (!url) continue;
       const a = el('a', null, text);
-      a.href = withToken(url);
+      // The link itself carries no token, so copying or sharing it never shares the
+      // server's token; with one set, a click fetches the file with it instead.
+      a.href = url;
       a.target = '_blank';
       a.rel = 'noopener';
+      a.addEventListener('click', (e) => openWithToken(e, url));
       links.append(a);
     }
     ui.summary.append(links);
@@ -783,7 +806,12 @@
   // ---- start ---------------------------------------------------------------------------
 
   refreshHistory();
-  // A reload (or a shared link) follows the edit named in the address.
-  const fromHash = decodeURIComponent(location.hash.slice(1));
-  if (/^[\w-]+$/.test(fromHash)) follow(fromHash);
+  // A reload (or a shared link) follows the edit named in the address, and so does an id
+  // pasted into the address of the open page.
+  function followHash() {
+    const fromHash = decodeURIComponent(location.hash.slice(1));
+    if (/^[\w-]+$/.test(fromHash) && !(run && run.id === fromHash)) follow(fromHash);
+  }
+  window.addEventListener('hashchange', followHash);
+  followHash();
 })();
