@@ -172,6 +172,45 @@ async fn a_size_wider_than_the_edit_answers_with_the_refined_images_at_their_siz
     }
 }
 
+/// A tournament's stream shows what it judges: every seed's short run (its image, written
+/// before the event) and each comparison's decision in words.
+#[tokio::test]
+async fn a_tournament_streams_each_short_run_and_each_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("out"), &[], &[]);
+    let client = icedit_scale::http::client_builder().build().unwrap();
+    let id = submit(
+        &client,
+        &server,
+        &[
+            ("prompt", "make the sky night"),
+            ("strategy", "tournament"),
+            ("seeds", "4"),
+            ("probe_steps", "2"),
+            ("steps", "8"),
+            ("size", "128x128"),
+        ],
+    )
+    .await;
+    let all = events(&client, &server, &id, None).await;
+    let short: Vec<&Sse> = all.iter().filter(|e| e.event == "short_run").collect();
+    assert_eq!(short.len(), 4, "{all:?}");
+    for e in &short {
+        let url = e.data["url"].as_str().unwrap();
+        let r = client.get(server.url(url)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+    }
+    let compared: Vec<&Sse> = all.iter().filter(|e| e.event == "compared").collect();
+    assert_eq!(compared.len(), 3, "{all:?}");
+    assert!(
+        compared
+            .iter()
+            .all(|e| !e.data["decision"].as_str().unwrap().is_empty()),
+        "{compared:?}"
+    );
+    assert_eq!(all.last().unwrap().event, "done");
+}
+
 #[tokio::test]
 async fn an_async_edit_streams_every_event_in_order_and_accounts_for_every_candidate() {
     let dir = tempfile::tempdir().unwrap();

@@ -80,6 +80,13 @@ pub enum EditEvent {
         /// SC, PQ and O, or the judge's failure.
         vie: Option<Judged<VieRecord>>,
     },
+    /// Tournament: a candidate's short k-step run, decoded (what the comparisons judge).
+    ShortRun {
+        /// Candidate index.
+        candidate: usize,
+        /// The short run's image.
+        image: Arc<RgbImage>,
+    },
     /// Tournament: one champion-versus-challenger comparison was decided.
     Compared {
         /// The champion before this comparison.
@@ -88,5 +95,7 @@ pub enum EditEvent {
         challenger: usize,
         /// Who won.
         winner: usize,
+        /// Why, in words (the two orders' votes, a tie, a failed call).
+        decision: String,
     },
 }

@@ -902,6 +902,10 @@ impl EditRun<'_> {
         for (c, image) in self.candidates.iter_mut().zip(&images) {
             c.images.short_run = Some(image.clone());
             c.status = CandidateStatus::Eliminated;
+            self.progress.event(EditEvent::ShortRun {
+                candidate: c.index,
+                image: image.clone(),
+            });
         }
 
         // Champion vs challenger, each pair asked in both orders to cancel position bias.
@@ -930,6 +934,12 @@ impl EditRun<'_> {
             let (champion_wins, decision) =
                 tournament_decision(champion_first.as_ref().ok(), challenger_first.as_ref().ok());
             let winner = if champion_wins { champion } else { challenger };
+            self.progress.event(EditEvent::Compared {
+                champion,
+                challenger,
+                winner,
+                decision: decision.clone(),
+            });
             self.comparisons.push(ComparisonRecord {
                 champion,
                 challenger,
@@ -937,11 +947,6 @@ impl EditRun<'_> {
                 challenger_first: challenger_first.into(),
                 winner,
                 decision,
-            });
-            self.progress.event(EditEvent::Compared {
-                champion,
-                challenger,
-                winner,
             });
             champion = winner;
             self.progress.inc(1);

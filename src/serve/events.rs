@@ -189,13 +189,20 @@ pub async fn relay(
                 };
                 ("scored", data)
             }
+            EditEvent::ShortRun { candidate, image } => {
+                let rel = format!("short/{}.png", candidate_stem(candidate, seed(candidate)));
+                let file = write(rel, image).await.map(|r| url(&r));
+                ("short_run", json!({"candidate": candidate, "url": file}))
+            }
             EditEvent::Compared {
                 champion,
                 challenger,
                 winner,
+                decision,
             } => (
                 "compared",
-                json!({"champion": champion, "challenger": challenger, "winner": winner}),
+                json!({"champion": champion, "challenger": challenger, "winner": winner,
+                       "decision": decision}),
             ),
         };
         publish(kind, data);

@@ -18,7 +18,7 @@
   const TOKEN_KEY = 'icedit-scale.token';
   const FINAL = new Set(['done', 'failed', 'cancelled']);
   const EVENT_NAMES = ['queued', 'started', 'spawned', 'step', 'live', 'screened', 'selected',
-    'finished', 'scored', 'compared', 'done', 'failed', 'cancelled'];
+    'finished', 'scored', 'short_run', 'compared', 'done', 'failed', 'cancelled'];
   const PHASES = {
     probe: 'probing', complete: 'completing', generate: 'generating',
     short: 'short run', rerun: 're-running',
@@ -594,11 +594,21 @@
         }
       }
     },
+    // Tournament: each seed's short run, the image the comparisons judge.
+    short_run(r, d) {
+      const c = card(r, d.candidate);
+      if (d.url) c.setImage(d.url);
+      c.setState('short run');
+    },
     compared(r, d) {
       const loser = d.winner === d.champion ? d.challenger : d.champion;
-      card(r, loser).setNote(`lost to #${d.winner}`, 'why');
+      const why = d.decision ? `: ${d.decision}` : '';
+      card(r, loser).setNote(`lost to #${d.winner}${why}`, 'why');
       card(r, loser).root.classList.add('eliminated');
-      card(r, d.winner).setNote(`won against #${loser}`);
+      // A champion keeps every win, not only the last.
+      const winner = card(r, d.winner);
+      winner.wins = (winner.wins || []).concat(`#${loser}`);
+      winner.setNote(`won against ${winner.wins.join(', ')}`);
     },
     done(r, d) {
       end(r, 'done', d.seconds !== undefined ? `in ${fixed(d.seconds)} s` : '');
