@@ -296,7 +296,8 @@ pub struct MemoryBenchArgs {
     /// Manifest lines (1 to 10 million).
     #[arg(long, default_value_t = 100_000, value_parser = bounded(1, 10_000_000))]
     pub lines: usize,
-    /// Items actually edited (the rest belong to other shards but are still streamed,
+    /// Items to edit, about (the shard split is by a hash of the ids, so it lands near
+    /// this count, not on it; the rest belong to other shards but are still streamed,
     /// validated and hashed), 1 to 100000.
     #[arg(long, default_value_t = 500, value_parser = bounded(1, 100_000))]
     pub items: usize,
@@ -609,8 +610,12 @@ pub struct DemoArgs {
     #[allow(missing_docs)]
     pub strategy: StrategyArgs,
     /// Testbed difficulty (0 = the correct outcome dominates, 1 = failures dominate).
-    #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
+    #[arg(long, alias = "testbed-difficulty", default_value_t = 0.5, value_parser = unit_interval)]
     pub difficulty: f32,
+    /// Testbed outcome contrast: how early a seed's outcome is decided, so how often early
+    /// previews name it. A preset (sharp, soft, loose) or a number in (0, 1].
+    #[arg(long, alias = "testbed-contrast", default_value = "sharp", value_parser = outcome_contrast)]
+    pub contrast: f32,
     /// Seed of the testbed judge's error model.
     #[arg(long, default_value_t = 0)]
     pub judge_seed: u64,

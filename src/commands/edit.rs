@@ -153,6 +153,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let source = edit.source.clone();
     let generator = GeneratorSpec::Testbed(TestbedConfig {
         difficulty: args.difficulty,
+        contrast: args.contrast,
         ..TestbedConfig::default()
     });
     let judge = JudgeSpec::testbed(TestbedJudgeConfig {

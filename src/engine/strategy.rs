@@ -754,7 +754,10 @@ impl From<StrategyError> for EngineError {
 
 /// N as a count (`seeds = 8`) or the candidates' seeds as a list (`seeds = [3, 7, 11]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "`seeds`: a count of seeds (e.g. 8) or a list of them (e.g. [3, 7, 11])"
+)]
 pub enum Seeds {
     /// Spawn this many candidates, seeded `seed, seed + 1, ...`.
     Count(usize),
