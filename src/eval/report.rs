@@ -260,20 +260,28 @@ fn est(e: &Option<Estimate>) -> String {
     }
 }
 
+/// A suite's judge as the report names it: the built-in testbed judge with its seed, a
+/// preset by its file (a preset takes no seed).
+fn judge_label(judge: &crate::eval::suite::SuiteJudge) -> String {
+    if judge.judge == "testbed" {
+        format!("`testbed` (seed {})", judge.seed)
+    } else {
+        format!("`{}`", judge.judge)
+    }
+}
+
 impl EvalReport {
     /// The markdown report.
     pub fn markdown(&self) -> String {
         let s = &self.suite;
         let mut md = format!("# Eval: {}\n\n{}\n\n", s.name, s.description);
         md.push_str(&format!(
-            "{} items, {} steps, width {}; selection judge `{}` (seed {}), evaluation judge `{}` (seed {}).{}\nIntervals are 95% percentile bootstrap ({} resamples); differences are paired per item against the random baseline, with a paired t-test.\n\n",
+            "{} items, {} steps, width {}; selection judge {}, evaluation judge {}.{}\nIntervals are 95% percentile bootstrap ({} resamples); differences are paired per item against the random baseline, with a paired t-test.\n\n",
             self.items,
             s.base_strategy().steps,
             s.width,
-            s.selection_judge.judge,
-            s.selection_judge.seed,
-            s.eval_judge().judge,
-            s.eval_judge().seed,
+            judge_label(&s.selection_judge),
+            judge_label(s.eval_judge()),
             if self.same_judge {
                 " **The same judge selects and scores: scores favour the strategies that select.**"
             } else {

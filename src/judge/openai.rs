@@ -488,7 +488,7 @@ impl OpenAiJudge {
                 .max(0.0);
             tracing::warn!(
                 "judge {}: attempt {attempt} failed ({last_error}); retrying in {delay:.1}s",
-                self.config.model
+                self.config.name.as_deref().unwrap_or(&self.config.model)
             );
             retry_wait_s += delay;
             tokio::time::sleep(Duration::from_secs_f64(delay)).await;
