@@ -978,3 +978,29 @@ fn init_latents_that_do_not_fit_are_refused_by_flag_and_file() {
         );
     }
 }
+
+/// An `edit` refused while it loads (here a device this build cannot open) leaves no empty
+/// output folder behind.
+#[test]
+fn an_edit_refused_while_loading_leaves_no_empty_folder() {
+    if candle_core::utils::cuda_is_available() {
+        return; // the device opens here: nothing is refused
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let result = edit(
+        &out,
+        &[
+            "--model-dir",
+            "tests/fixtures/flux/tiny",
+            "--width",
+            "64",
+            "--device",
+            "cuda",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "{stderr}");
+    assert!(stderr.contains("--device"), "{stderr}");
+    assert!(!out.exists(), "left {}", out.display());
+}

@@ -21,7 +21,24 @@ use crate::study::{finished_labels, pick_label};
 /// `edit`: load, resize, run the strategy, write outputs, print where they are.
 pub async fn edit(args: EditArgs) -> anyhow::Result<()> {
     let checked = check_edit(&args)?;
-    let _lock = super::claim_output(&args.out, "--out")?;
+    let created = !args.out.exists();
+    let lock = super::claim_output(&args.out, "--out")?;
+    let out = args.out.clone();
+    let result = edit_claimed(args, checked, lock).await;
+    if result.is_err() && created {
+        // A refusal while loading (a device this build cannot open, weights the loader
+        // refuses) leaves no empty folder behind; anything written in it stays.
+        super::remove_if_untouched(&out);
+    }
+    result
+}
+
+/// [`edit`] once its output folder is held (the lock is released when this returns).
+async fn edit_claimed(
+    args: EditArgs,
+    checked: CheckedEdit,
+    _lock: crate::fsio::OutputLock,
+) -> anyhow::Result<()> {
     // Ctrl-C or SIGTERM (a scheduler's first word) stops the edit at its next step
     // boundary with exit 4, instead of killing it mid-write.
     let stop = StopSignal::default();

@@ -130,6 +130,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Removes `out` when it holds nothing but its lock file (a run that claimed a new folder
+/// and was refused before writing anything); a folder with anything else in it is kept.
+pub fn remove_if_untouched(out: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    let names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
+    if names
+        .iter()
+        .all(|n| n.as_os_str() == crate::fsio::LOCK_FILE)
+    {
+        let _ = std::fs::remove_file(out.join(crate::fsio::LOCK_FILE));
+        let _ = std::fs::remove_dir(out);
+    }
+}
+
 /// Makes `out` an output folder this process alone writes: refused (bad input, before any
 /// work) when it names a file or another run holds it.
 pub fn claim_output(out: &std::path::Path, flag: &str) -> Result<OutputLock, EditError> {

@@ -14,7 +14,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 use crate::error::FileError;
-pub use lock::OutputLock;
+pub use lock::{OutputLock, LOCK_FILE};
 
 /// Writes `bytes` to `path` atomically and durably: a temp file in the same folder is
 /// written and fsynced, renamed over `path`, and the folder is fsynced so the rename itself
