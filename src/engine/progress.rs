@@ -46,8 +46,18 @@ struct MeterLog {
     label: String,
     total: u64,
     started: Instant,
-    /// (units done, quarters logged; units done when the meter started).
-    state: Mutex<(u64, u64, u64)>,
+    tally: Mutex<Tally>,
+}
+
+/// Where a logged meter stands.
+#[derive(Default)]
+struct Tally {
+    /// Units done.
+    done: u64,
+    /// Quarters of the total already logged.
+    quarters: u64,
+    /// Units done when it started counting (a resumed run's), for the time left.
+    at_start: u64,
 }
 
 impl Meter {
@@ -70,7 +80,7 @@ impl Meter {
                 label: label.to_string(),
                 total,
                 started: Instant::now(),
-                state: Mutex::new((0, 0, 0)),
+                tally: Mutex::default(),
             })),
         }
     }
@@ -87,8 +97,7 @@ impl Meter {
     pub fn inc(&self, n: u64) {
         self.bar.inc(n);
         if let Some(log) = &self.log {
-            let done = log.state.lock().unwrap().0 + n;
-            log.at(done);
+            log.advance(|done| done + n);
         }
     }
 
@@ -96,7 +105,7 @@ impl Meter {
     pub fn set_position(&self, done: u64) {
         self.bar.set_position(done);
         if let Some(log) = &self.log {
-            log.at(done);
+            log.advance(|_| done);
         }
     }
 
@@ -106,8 +115,11 @@ impl Meter {
         self.bar.set_position(done);
         self.bar.reset_eta();
         if let Some(log) = &self.log {
-            let mut state = log.state.lock().unwrap();
-            *state = (done, done * 4 / log.total.max(1), done);
+            *log.tally.lock().unwrap() = Tally {
+                done,
+                quarters: done * 4 / log.total.max(1),
+                at_start: done,
+            };
         }
     }
 
@@ -125,7 +137,7 @@ impl Meter {
 
     fn log_end(&self) {
         if let Some(log) = &self.log {
-            let done = log.state.lock().unwrap().0;
+            let done = log.tally.lock().unwrap().done;
             tracing::info!(
                 "{}: {done}/{} in {:.1} s",
                 log.label,
@@ -137,17 +149,19 @@ impl Meter {
 }
 
 impl MeterLog {
-    /// Records `done` and logs a line when it passes a quarter of the total.
-    fn at(&self, done: u64) {
-        let mut state = self.state.lock().unwrap();
-        state.0 = done;
+    /// Moves the units done to `to(done)`, under one lock (a batch's tasks count on one
+    /// meter at once), and logs a line when it passes a quarter of the total.
+    fn advance(&self, to: impl FnOnce(u64) -> u64) {
+        let mut tally = self.tally.lock().unwrap();
+        tally.done = to(tally.done);
+        let done = tally.done;
         let quarter = done * 4 / self.total.max(1);
-        if quarter <= state.1 || quarter >= 4 {
+        if quarter <= tally.quarters || quarter >= 4 {
             return;
         }
-        state.1 = quarter;
+        tally.quarters = quarter;
         let elapsed = self.started.elapsed().as_secs_f64();
-        let since = done.saturating_sub(state.2).max(1) as f64;
+        let since = done.saturating_sub(tally.at_start).max(1) as f64;
         let left = elapsed / since * self.total.saturating_sub(done) as f64;
         tracing::info!(
             "{}: {done}/{} ({}%), {elapsed:.0} s so far, about {left:.0} s left",
@@ -186,5 +200,37 @@ impl Progress for PhaseBars {
         if let Some(meter) = self.current.lock().unwrap().take() {
             meter.finish_shown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch's tasks count on one meter at once: no unit is lost between reading the
+    /// count and writing it back.
+    #[test]
+    fn units_counted_from_many_threads_are_all_counted() {
+        let log = Arc::new(MeterLog {
+            label: "batch".into(),
+            total: 8000,
+            started: Instant::now(),
+            tally: Mutex::default(),
+        });
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        log.advance(|done| done + 1);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let tally = log.tally.lock().unwrap();
+        assert_eq!((tally.done, tally.quarters), (8000, 3));
     }
 }
