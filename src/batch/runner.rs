@@ -427,9 +427,9 @@ pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Merged, Engine
     // The merged summary must not land in a shard's folder: it would replace that shard's
     // own summary with everyone's.
     let out_abs = std::path::absolute(out).unwrap_or_else(|_| out.to_path_buf());
+    let out_real = out_abs.canonicalize().unwrap_or(out_abs);
     for dir in shard_dirs {
         let dir_abs = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-        let out_real = out_abs.canonicalize().unwrap_or_else(|_| out_abs.clone());
         if out_real.starts_with(&dir_abs) {
             return Err(EditError::Invalid(format!(
                 "--out {}: is (or is inside) the shard folder {}; give a folder of its own",

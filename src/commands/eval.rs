@@ -39,24 +39,6 @@ fn suite_judge(j: &SuiteJudge, field: &str, concurrency: usize) -> anyhow::Resul
     Ok(spec)
 }
 
-/// `--report-only` on a folder holding no stored records (a mistyped `--out`) is refused
-/// instead of writing an empty report there; shared with `judge-eval`.
-pub(super) fn refuse_report_without_records(
-    out: &std::path::Path,
-    log: &str,
-) -> Result<(), EditError> {
-    let path = out.join(log);
-    let empty =
-        std::fs::read(&path).map_or(true, |bytes| bytes.iter().all(u8::is_ascii_whitespace));
-    if empty {
-        return Err(EditError::Invalid(format!(
-            "--report-only: {} holds no stored records to report; check --out, or run without --report-only",
-            path.display()
-        )));
-    }
-    Ok(())
-}
-
 /// `study` runs its own set of strategies (random, best-of-N, early-filter, adaptive) with
 /// the shared knobs (`--seeds`, `--probe-steps`, `--keep`, `--steps`, `--wave`, `--target`,
 /// `--seed`); the strategy flags it would ignore are refused by name.
@@ -186,7 +168,7 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         Some(suite_judge(suite.eval_judge(), "eval_judge", concurrency)?)
     };
     if args.report_only {
-        refuse_report_without_records(&args.out, "results.jsonl")?;
+        super::refuse_report_without_records(&args.out, "results.jsonl")?;
     }
     // What can be refused without loading anything is refused before the output folder
     // (its lock, results.jsonl) is touched.

@@ -100,7 +100,7 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
     }
     // Refused before the output folder (its lock, judgements.jsonl) is touched.
     if args.report_only {
-        super::eval::refuse_report_without_records(&args.out, "judgements.jsonl")?;
+        super::refuse_report_without_records(&args.out, "judgements.jsonl")?;
     } else {
         spec.preflight("--judge", false)?;
     }

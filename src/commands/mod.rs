@@ -130,6 +130,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `--report-only` on a folder holding no stored records (a mistyped `--out`) is refused
+/// instead of writing an empty report there (`eval`, `judge-eval`).
+pub fn refuse_report_without_records(out: &std::path::Path, log: &str) -> Result<(), EditError> {
+    let path = out.join(log);
+    let empty =
+        std::fs::read(&path).map_or(true, |bytes| bytes.iter().all(u8::is_ascii_whitespace));
+    if empty {
+        return Err(EditError::Invalid(format!(
+            "--report-only: {} holds no stored records to report; check --out, or run without --report-only",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Removes `out` when it holds nothing but its lock file (a run that claimed a new folder
 /// and was refused before writing anything); a folder with anything else in it is kept.
 pub fn remove_if_untouched(out: &std::path::Path) {

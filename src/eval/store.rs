@@ -173,35 +173,25 @@ pub const ARM_SETTINGS_FILE: &str = "arms.json";
 /// the current settings are written for the next run.
 pub fn check_arm_settings(
     out: &Path,
-    current: &std::collections::BTreeMap<String, serde_json::Value>,
+    current: &serde_json::Map<String, serde_json::Value>,
     record: bool,
 ) -> Result<(), EditError> {
+    use crate::fsio::settings::{changed_settings, record_settings};
     let path = out.join(ARM_SETTINGS_FILE);
-    let mut stored: std::collections::BTreeMap<String, serde_json::Value> = if path.is_file() {
-        crate::fsio::read_json(&path).map_err(|e| EditError::Invalid(e.to_string()))?
-    } else {
-        Default::default()
-    };
-    let changed: Vec<&str> = current
-        .iter()
-        .filter(|(arm, settings)| stored.get(*arm).is_some_and(|s| s != *settings))
-        .map(|(arm, _)| arm.as_str())
-        .collect();
+    let changed = changed_settings(&path, current)?;
     if !changed.is_empty() {
         return Err(EditError::Invalid(format!(
             "{}: the results there were made with other settings for arm(s) {}; give a new --out, or rename the changed arms",
             out.display(),
             changed
                 .iter()
-                .map(|a| format!("`{a}`"))
+                .map(|(arm, _)| format!("`{arm}`"))
                 .collect::<Vec<_>>()
                 .join(", ")
         )));
     }
     if record {
-        stored.extend(current.clone());
-        let json = serde_json::to_vec_pretty(&stored).expect("JSON values serialise");
-        crate::fsio::write_atomic(&path, &json).map_err(|e| EditError::Invalid(e.to_string()))?;
+        record_settings(&path, current)?;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! `settings.json` beside a resumable run's stored results: what they were made with, so a
+//! The settings a resumable run's stored results were made with, kept beside them, so a
 //! rerun under other settings is refused instead of reusing them under the new settings'
-//! name (a batch's width or strategy, a judge-eval's judge).
+//! name: `settings.json` (a batch's width or strategy, a judge-eval's judge) and eval's
+//! `arms.json` (each arm's settings, through [`changed_settings`] and [`record_settings`]).
 
 use std::path::Path;
 
@@ -11,36 +12,63 @@ use crate::error::EditError;
 /// The file, under the run's output folder.
 pub const SETTINGS_FILE: &str = "settings.json";
 
-/// Checks `current` (an object of named settings) against those stored in `out`, refusing
-/// with every setting that differs named (a setting the stored file lacks is not checked:
-/// it was added after that run); with `record`, writes `current` for the next run.
+/// The settings of `current` whose value stored in `path` differs, each with the stored
+/// value (a setting not stored yet is new, not changed: it was added after that run; no
+/// file: nothing stored).
+pub fn changed_settings(
+    path: &Path,
+    current: &Map<String, Value>,
+) -> Result<Vec<(String, Value)>, EditError> {
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let stored: Map<String, Value> =
+        super::read_json(path).map_err(|e| EditError::Invalid(e.to_string()))?;
+    Ok(current
+        .iter()
+        .filter_map(|(key, now)| {
+            let then = stored.get(key)?;
+            (then != now).then(|| (key.clone(), then.clone()))
+        })
+        .collect())
+}
+
+/// Stores `current` in `path` over what is there (a setting stored before and absent from
+/// `current` stays), atomically.
+pub fn record_settings(path: &Path, current: &Map<String, Value>) -> Result<(), EditError> {
+    let mut stored: Map<String, Value> = if path.is_file() {
+        super::read_json(path).map_err(|e| EditError::Invalid(e.to_string()))?
+    } else {
+        Map::new()
+    };
+    stored.extend(current.clone());
+    let json = serde_json::to_vec_pretty(&stored).expect("JSON values serialise");
+    super::write_atomic(path, &json).map_err(|e| EditError::Invalid(e.to_string()))
+}
+
+/// Checks `current` (an object of named settings) against those stored in `out`'s
+/// [`SETTINGS_FILE`], refusing with every setting that differs named (see
+/// [`changed_settings`]); with `record`, stores `current` for the next run.
 pub fn check_settings(
     out: &Path,
     current: &Map<String, Value>,
     record: bool,
 ) -> Result<(), EditError> {
     let path = out.join(SETTINGS_FILE);
-    if path.is_file() {
-        let stored: Map<String, Value> =
-            super::read_json(&path).map_err(|e| EditError::Invalid(e.to_string()))?;
-        let changed: Vec<String> = current
+    let changed = changed_settings(&path, current)?;
+    if !changed.is_empty() {
+        let named: Vec<String> = changed
             .iter()
-            .filter_map(|(key, now)| {
-                let then = stored.get(key)?;
-                (then != now).then(|| format!("`{key}` {then} there, {now} now"))
-            })
+            .map(|(key, then)| format!("`{key}` {then} there, {} now", current[key]))
             .collect();
-        if !changed.is_empty() {
-            return Err(EditError::Invalid(format!(
-                "{}: its results were made with other settings ({}); give a new --out, or the same settings",
-                out.display(),
-                changed.join("; ")
-            )));
-        }
+        return Err(EditError::Invalid(format!(
+            "{}: its results were made with other settings ({}); give a new --out, or the same settings",
+            out.display(),
+            named.join("; ")
+        )));
     }
     if record {
-        let json = serde_json::to_vec_pretty(current).expect("JSON values serialise");
-        super::write_atomic(&path, &json).map_err(|e| EditError::Invalid(e.to_string()))?;
+        record_settings(&path, current)?;
     }
     Ok(())
 }

@@ -227,17 +227,24 @@ impl FluxFiles {
             }
         };
         let probe = WeightSource::open(&transformer, KeyLayout::Diffusers)?;
-        let mut config_path = [root.as_ref(), Some(&text_root)]
+        let config_path = [root.as_ref(), Some(&text_root)]
             .into_iter()
             .flatten()
             .map(|r| r.join("transformer").join("config.json"))
             .find(|p| p.is_file());
-        let transformer_config = match config_path.clone() {
+        // A config's error names the config; an inferred one's, the weights it came from.
+        let valid_inferred = |config: FluxConfig| {
+            config
+                .validate()
+                .map(|()| config)
+                .map_err(|reason| ModelError::files(&transformer[0], reason))
+        };
+        let transformer_config = match &config_path {
             Some(p) => {
-                let config = read_json::<FluxConfig>(&p)?;
+                let config = read_json::<FluxConfig>(p)?;
                 config
                     .validate()
-                    .map_err(|reason| ModelError::files(&p, reason))?;
+                    .map_err(|reason| ModelError::files(p, reason))?;
                 match embedder_mismatch(&config, &probe) {
                     None => config,
                     // A config borrowed from the --text-encoders folder (FLUX.1-dev's, say,
@@ -247,7 +254,7 @@ impl FluxFiles {
                         let inferred =
                             infer_bfl_config(&transformer[0], &probe).map_err(|e| {
                                 ModelError::files(
-                                    &p,
+                                    p,
                                     format!("{why}, and the config cannot be read from the weights instead: {e}"),
                                 )
                             })?;
@@ -255,18 +262,13 @@ impl FluxFiles {
                             "{}: {why}; the transformer's config is read from its weights instead",
                             p.display()
                         );
-                        config_path = None;
-                        inferred
+                        valid_inferred(inferred)?
                     }
-                    Some(why) => return Err(ModelError::files(&p, why)),
+                    Some(why) => return Err(ModelError::files(p, why)),
                 }
             }
-            None => infer_bfl_config(&transformer[0], &probe)?,
+            None => valid_inferred(infer_bfl_config(&transformer[0], &probe)?)?,
         };
-        // A config's error names the config; an inferred one's, the weights it came from.
-        transformer_config.validate().map_err(|reason| {
-            ModelError::files(config_path.as_ref().unwrap_or(&transformer[0]), reason)
-        })?;
         let transformer_layout = transformer_layout(&transformer, &probe, &transformer_config)?;
 
         // Autoencoder: explicit file, the diffusers subfolder, or `ae.safetensors` in the root.
