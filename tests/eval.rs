@@ -399,6 +399,26 @@ fn picks_made_while_the_selection_judge_was_down_are_failures_a_rerun_redoes() {
         assert_eq!(arm(name)["item_errors"], 3, "{name}: {}", arm(name));
         assert_eq!(arm(name)["scored"], 0, "{name}");
     }
+    let failed_run = comparable(&out);
+    // The failures stand until retried: the report rebuilt from the records shows them.
+    let mut report_only = eval(&suite, &out);
+    report_only.arg("--report-only");
+    assert!(report_only.status().unwrap().success());
+    assert_eq!(comparable(&out), failed_run);
+    // Reruns that fail again replace the failures instead of piling them up: the file
+    // holds one line per (item, arm), plus at most the last run's retries.
+    let units = lines(&out.join("results.jsonl"));
+    for _ in 0..3 {
+        assert_eq!(eval(&suite, &out).status().unwrap().code(), Some(3));
+        assert_eq!(comparable(&out), failed_run);
+    }
+    let after_reruns = lines(&out.join("results.jsonl"));
+    assert!(
+        after_reruns <= 2 * units,
+        "{units} units, {after_reruns} lines after three reruns"
+    );
+    assert!(report_only.status().unwrap().success());
+    assert_eq!(lines(&out.join("results.jsonl")), units);
 
     std::fs::write(&judge, "kind = \"testbed\"\nfailure_rate = 0.0\n").unwrap();
     assert!(eval(&suite, &out).status().unwrap().success());

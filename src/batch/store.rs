@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EditError, EngineError};
-use crate::fsio::{write_atomic, OutputLock};
+use crate::fsio::OutputLock;
 
 /// Outcome class of one item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,12 +163,7 @@ fn latest_per_id(records: Vec<ItemResult>) -> BTreeMap<String, ItemResult> {
 
 /// Writes records as JSONL atomically.
 pub fn write_jsonl(path: &Path, results: &[ItemResult]) -> Result<(), EngineError> {
-    let mut text = String::new();
-    for r in results {
-        text.push_str(&serde_json::to_string(r).expect("serialisable"));
-        text.push('\n');
-    }
-    Ok(write_atomic(path, text.as_bytes())?)
+    Ok(crate::fsio::jsonl::write(path, results)?)
 }
 
 /// The final table: counts, mean score, NFE, and each failure with its reason.

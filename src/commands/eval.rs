@@ -245,8 +245,9 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         .iter()
         .map(|i| names.iter().filter(|n| store.is_done(&i.id, n)).count() as u64)
         .sum::<u64>();
-    // Not run, or run and not scored by the eval judge: both retried by a rerun.
-    let failed = store.results().iter().filter(|r| !r.finished()).count();
+    // Not run, or run and not scored by the eval judge: both retried by a rerun. (A
+    // failure from an earlier run that this one stopped before retrying counts as not run.)
+    let failed = store.failed_this_run();
     if finished + (failed as u64) < total {
         return Err(Incomplete::Stopped {
             done: finished as usize,

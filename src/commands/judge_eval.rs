@@ -149,7 +149,9 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
     if args.report_only {
         return Ok(());
     }
-    let unreadable = store.records().iter().filter(|r| r.error.is_some()).count();
+    // Unreadable items from an earlier run that this one stopped before retrying count as
+    // not judged.
+    let unreadable = store.unreadable_this_run();
     let left = report.not_judged.len().saturating_sub(unreadable);
     if left > 0 {
         return Err(Incomplete::Stopped {

@@ -1,12 +1,12 @@
 //! The durable record of an eval: `results.jsonl`, one line per (item, arm), appended and
 //! fsynced as each finishes, so an interrupted eval resumes without redoing or losing work.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EditError, EngineError};
+use crate::fsio::unit_log::UnitLog;
 use crate::fsio::OutputLock;
 
 /// VIE scores of one image.
@@ -80,13 +80,21 @@ impl ArmResult {
     }
 }
 
+impl crate::fsio::unit_log::UnitResult for ArmResult {
+    type Key = (String, String);
+    fn key(&self) -> Self::Key {
+        (self.item.clone(), self.arm.clone())
+    }
+    fn finished(&self) -> bool {
+        ArmResult::finished(self)
+    }
+}
+
 /// `results.jsonl` under an eval's output folder, whose lock it holds: one eval writes a
-/// folder at a time.
+/// folder at a time. One result per (item, arm): a finished one is final, a failure stands
+/// until a rerun retries it (see [`crate::fsio::unit_log`]).
 pub struct ResultStore {
-    log: crate::fsio::jsonl::Log,
-    results: Vec<ArmResult>,
-    /// Finished (item, arm) pairs and where their result is in `results`.
-    done: HashMap<(String, String), usize>,
+    log: UnitLog<ArmResult>,
     _lock: OutputLock,
 }
 
@@ -98,67 +106,38 @@ impl ResultStore {
             .map_err(|e| EditError::Invalid(e.to_string()))?;
         let lock = OutputLock::acquire(out).map_err(|e| EditError::Invalid(e.to_string()))?;
         let path = out.join("results.jsonl");
-        let (mut results, log) =
-            crate::fsio::jsonl::open::<ArmResult>(&path).map_err(|e| EngineError::Output {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        let mut done = HashMap::new();
-        // Failed items (the edit, or the eval judge's score) are retried on the next run;
-        // finished ones are kept (the first record of a pair), `done` pointing at where
-        // each lands after the retain.
-        results.retain(|r: &ArmResult| {
-            let key = (r.item.clone(), r.arm.clone());
-            let keep = r.finished() && !done.contains_key(&key);
-            if keep {
-                done.insert(key, done.len());
-            }
-            keep
-        });
-        Ok(Self {
-            log,
-            results,
-            done,
-            _lock: lock,
-        })
+        let log = UnitLog::open(&path).map_err(|e| EngineError::Output {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self { log, _lock: lock })
     }
 
     /// Whether (item, arm) is finished.
     pub fn is_done(&self, item: &str, arm: &str) -> bool {
-        self.done.contains_key(&(item.to_string(), arm.to_string()))
+        self.log.is_done(&(item.to_string(), arm.to_string()))
     }
 
     /// The finished result of (item, arm), if any.
     pub fn result(&self, item: &str, arm: &str) -> Option<&ArmResult> {
-        let at = *self.done.get(&(item.to_string(), arm.to_string()))?;
-        Some(&self.results[at])
+        self.log.finished(&(item.to_string(), arm.to_string()))
     }
 
-    /// Appends records durably (fsync before they count); already-done ones are skipped.
+    /// Appends records durably (fsync before they count); already-done ones are skipped,
+    /// and a retried (item, arm)'s record replaces its earlier failure.
     pub fn append(&mut self, records: Vec<ArmResult>) -> std::io::Result<()> {
-        let fresh: Vec<ArmResult> = records
-            .into_iter()
-            .filter(|r| !self.is_done(&r.item, &r.arm))
-            .collect();
-        if fresh.is_empty() {
-            return Ok(());
-        }
-        self.log.append(&fresh)?;
-        // After the fsync: a watcher (the resume test) may act on the records being on disk.
-        tracing::debug!(target: "icedit_scale::stored", records = fresh.len(), "results stored");
-        for r in fresh {
-            if r.finished() {
-                self.done
-                    .insert((r.item.clone(), r.arm.clone()), self.results.len());
-            }
-            self.results.push(r);
-        }
-        Ok(())
+        self.log.append(records)
     }
 
-    /// Every result so far (finished ones, then this run's failures).
+    /// One result per (item, arm) run so far: the finished ones and the failures that
+    /// stand (not retried since they failed).
     pub fn results(&self) -> &[ArmResult] {
-        &self.results
+        self.log.results()
+    }
+
+    /// How many (item, arm) results this run recorded as failed.
+    pub fn failed_this_run(&self) -> usize {
+        self.log.failed_since_open()
     }
 }
 

@@ -83,6 +83,17 @@ impl Log {
     }
 }
 
+/// Replaces the file at `path` with `records`, one per line, atomically and durably (see
+/// [`super::write_atomic`]): a crash leaves either the old log or the new one.
+pub fn write<T: Serialize>(path: &Path, records: &[T]) -> Result<(), super::FileError> {
+    let mut text = String::new();
+    for r in records {
+        text.push_str(&serde_json::to_string(r).map_err(|e| super::FileError::new(path, e))?);
+        text.push('\n');
+    }
+    super::write_atomic(path, text.as_bytes())
+}
+
 /// Opens a log for appending (creating it), returning its records. A last line without
 /// its newline (a crash mid-write) is kept when it parses and cut otherwise.
 pub fn open<T: DeserializeOwned>(path: &Path) -> std::io::Result<(Vec<T>, Log)> {

@@ -1,11 +1,12 @@
 //! File I/O every floor shares: durable atomic writes, JSON files that name themselves in
 //! errors, an exclusive lock on an output folder ([`OutputLock`]), the crash-safe JSONL
-//! log ([`jsonl`]) and the settings a resumable run's results were made with
-//! ([`settings`]).
+//! log ([`jsonl`]), a log of per-unit results that a rerun retries ([`unit_log`]) and the
+//! settings a resumable run's results were made with ([`settings`]).
 
 pub mod jsonl;
 mod lock;
 pub mod settings;
+pub mod unit_log;
 
 use std::fs::File;
 use std::io::Write;

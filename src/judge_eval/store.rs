@@ -1,15 +1,15 @@
 //! `judgements.jsonl`: one record per labelled item, appended and fsynced as each item
 //! finishes, so an interrupted `judge-eval` resumes where it stopped. A judge's failure is
 //! a measurement (it is kept and counted); an item whose images could not be read is
-//! retried on the next run.
+//! retried on the next run, its new record taking the old one's place.
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::stats::Label;
 use crate::error::{EditError, EngineError};
+use crate::fsio::unit_log::UnitLog;
 use crate::fsio::OutputLock;
 use crate::judge::{CallUsage, Preference};
 
@@ -106,58 +106,58 @@ pub struct Judgement {
     pub error: Option<String>,
 }
 
-/// `judgements.jsonl` under the output folder, whose lock it holds.
+impl crate::fsio::unit_log::UnitResult for Judgement {
+    type Key = String;
+    fn key(&self) -> String {
+        self.id.clone()
+    }
+    /// A judge's failure is a finished measurement; an unreadable item is retried.
+    fn finished(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+/// `judgements.jsonl` under the output folder, whose lock it holds. One record per item:
+/// a judged one is final, an unreadable one stands until a rerun retries it (see
+/// [`crate::fsio::unit_log`]).
 pub struct JudgementStore {
-    log: crate::fsio::jsonl::Log,
-    records: Vec<Judgement>,
-    done: HashSet<String>,
+    log: UnitLog<Judgement>,
     _lock: OutputLock,
 }
 
 impl JudgementStore {
     /// Takes the folder's lock and opens (or starts) the store, cutting a torn last line
-    /// left by a killed process. Records of items that could not be read are dropped, so
-    /// they run again.
+    /// left by a killed process.
     pub fn open(out: &Path) -> Result<Self, EngineError> {
         crate::fsio::prepare_output_dir(out, "--out")
             .map_err(|e| EditError::Invalid(e.to_string()))?;
         let lock = OutputLock::acquire(out).map_err(|e| EditError::Invalid(e.to_string()))?;
         let path = out.join("judgements.jsonl");
-        let (mut records, log) =
-            crate::fsio::jsonl::open::<Judgement>(&path).map_err(|e| EngineError::Output {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        let mut done = HashSet::new();
-        records.retain(|r: &Judgement| r.error.is_none() && done.insert(r.id.clone()));
-        Ok(Self {
-            log,
-            records,
-            done,
-            _lock: lock,
-        })
+        let log = UnitLog::open(&path).map_err(|e| EngineError::Output {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self { log, _lock: lock })
     }
 
     /// Whether the item is finished.
     pub fn is_done(&self, id: &str) -> bool {
-        self.done.contains(id)
+        self.log.is_done(&id.to_string())
     }
 
     /// Appends one record durably (fsynced before it counts).
     pub fn append(&mut self, record: Judgement) -> std::io::Result<()> {
-        if self.is_done(&record.id) {
-            return Ok(());
-        }
-        self.log.append(std::slice::from_ref(&record))?;
-        if record.error.is_none() {
-            self.done.insert(record.id.clone());
-        }
-        self.records.push(record);
-        Ok(())
+        self.log.append(vec![record])
     }
 
-    /// Every record so far.
+    /// One record per item so far (the judged ones, and the unreadable ones not retried
+    /// since).
     pub fn records(&self) -> &[Judgement] {
-        &self.records
+        self.log.results()
+    }
+
+    /// How many items this run found unreadable.
+    pub fn unreadable_this_run(&self) -> usize {
+        self.log.failed_since_open()
     }
 }

@@ -1,0 +1,240 @@
+//! A resumable run's results, one per unit of work (an eval's (item, arm), a judge-eval's
+//! item), kept in a crash-safe JSONL log ([`super::jsonl`]).
+//!
+//! A finished result is final: a rerun skips its unit. A failed one stands (reports show
+//! it) until a rerun retries the unit, whose new record then takes its place. The file
+//! keeps one line per unit: superseded lines, left by runs that retried a unit, are
+//! dropped when the log is next opened, so a folder rerun many times does not grow.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::jsonl;
+
+/// A record of one unit's result.
+pub trait UnitResult: Serialize + DeserializeOwned {
+    /// What identifies the unit.
+    type Key: Eq + Hash + Clone;
+    /// The unit this result is for.
+    fn key(&self) -> Self::Key;
+    /// Whether the result is final (a rerun does not retry it).
+    fn finished(&self) -> bool;
+}
+
+/// The log and its current results (see the module doc). Callers hold the folder's lock.
+#[derive(Debug)]
+pub struct UnitLog<T: UnitResult> {
+    path: PathBuf,
+    log: jsonl::Log,
+    /// One result per unit, in the order the units first appeared.
+    results: Vec<T>,
+    /// Where each unit's result is in `results`.
+    index: HashMap<T::Key, usize>,
+    /// Failures recorded since the log was opened.
+    failed_since_open: usize,
+}
+
+impl<T: UnitResult> UnitLog<T> {
+    /// Opens (or creates) the log at `path`, cutting a torn last line. Of each unit's
+    /// lines, its first finished one is kept, else its last failure; when that leaves lines
+    /// out, the file is rewritten (atomically) with the kept ones.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let (records, mut log) = jsonl::open::<T>(path)?;
+        let lines = records.len();
+        let mut results: Vec<T> = Vec::new();
+        let mut index = HashMap::new();
+        for r in records {
+            let key = r.key();
+            match index.get(&key) {
+                None => {
+                    index.insert(key, results.len());
+                    results.push(r);
+                }
+                Some(&at) if !results[at].finished() => results[at] = r,
+                Some(_) => {}
+            }
+        }
+        if results.len() < lines {
+            tracing::info!(
+                "{}: dropping {} superseded line(s) of units run again",
+                path.display(),
+                lines - results.len()
+            );
+            jsonl::write(path, &results).map_err(std::io::Error::other)?;
+            log = jsonl::Log::reopen(path)?;
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            log,
+            results,
+            index,
+            failed_since_open: 0,
+        })
+    }
+
+    /// The log's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the unit has a finished result.
+    pub fn is_done(&self, key: &T::Key) -> bool {
+        self.finished(key).is_some()
+    }
+
+    /// The unit's finished result, if any.
+    pub fn finished(&self, key: &T::Key) -> Option<&T> {
+        let r = &self.results[*self.index.get(key)?];
+        r.finished().then_some(r)
+    }
+
+    /// Appends records durably (fsynced before they count). Records of units already
+    /// finished are skipped; a record of a unit that failed before takes its place.
+    pub fn append(&mut self, records: Vec<T>) -> std::io::Result<()> {
+        let fresh: Vec<T> = records
+            .into_iter()
+            .filter(|r| !self.is_done(&r.key()))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        self.log.append(&fresh)?;
+        // After the fsync: a watcher (the resume tests) may act on the records being on disk.
+        tracing::debug!(target: "icedit_scale::stored", records = fresh.len(), "results stored");
+        for r in fresh {
+            if !r.finished() {
+                self.failed_since_open += 1;
+            }
+            let key = r.key();
+            match self.index.get(&key) {
+                Some(&at) => self.results[at] = r,
+                None => {
+                    self.index.insert(key, self.results.len());
+                    self.results.push(r);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One result per unit: the finished ones and the failures that stand.
+    pub fn results(&self) -> &[T] {
+        &self.results
+    }
+
+    /// How many failures this run (since the log was opened) recorded.
+    pub fn failed_since_open(&self) -> usize {
+        self.failed_since_open
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Outcome {
+        unit: u32,
+        ok: bool,
+        run: u32,
+    }
+
+    impl UnitResult for Outcome {
+        type Key = u32;
+        fn key(&self) -> u32 {
+            self.unit
+        }
+        fn finished(&self) -> bool {
+            self.ok
+        }
+    }
+
+    fn outcome(unit: u32, ok: bool, run: u32) -> Outcome {
+        Outcome { unit, ok, run }
+    }
+
+    #[test]
+    fn a_failure_stands_until_retried_and_a_finished_result_is_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.jsonl");
+        let mut log = UnitLog::<Outcome>::open(&path).unwrap();
+        log.append(vec![outcome(1, true, 1), outcome(2, false, 1)])
+            .unwrap();
+        assert!(log.is_done(&1) && !log.is_done(&2));
+        assert_eq!(log.failed_since_open(), 1);
+        drop(log);
+
+        // The next run still reports unit 2's failure until it retries it.
+        let mut log = UnitLog::<Outcome>::open(&path).unwrap();
+        assert_eq!(log.results(), [outcome(1, true, 1), outcome(2, false, 1)]);
+        assert_eq!(log.failed_since_open(), 0);
+        // A retry of a finished unit is ignored; unit 2's retry fails again, in its place.
+        log.append(vec![outcome(1, false, 2), outcome(2, false, 2)])
+            .unwrap();
+        assert_eq!(log.results(), [outcome(1, true, 1), outcome(2, false, 2)]);
+        assert_eq!(log.failed_since_open(), 1);
+        drop(log);
+
+        let mut log = UnitLog::<Outcome>::open(&path).unwrap();
+        log.append(vec![outcome(2, true, 3)]).unwrap();
+        assert_eq!(log.finished(&2), Some(&outcome(2, true, 3)));
+        drop(log);
+        let log = UnitLog::<Outcome>::open(&path).unwrap();
+        assert_eq!(log.results(), [outcome(1, true, 1), outcome(2, true, 3)]);
+    }
+
+    #[test]
+    fn reruns_do_not_grow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.jsonl");
+        // A unit that fails on every run (a deterministic failure), beside a finished one.
+        for run in 0..5 {
+            let mut log = UnitLog::<Outcome>::open(&path).unwrap();
+            log.append(vec![outcome(7, true, run), outcome(8, false, run)])
+                .unwrap();
+        }
+        let lines = jsonl::read::<Outcome>(&path).unwrap();
+        // The last run's retry is on the file beside the previous failure until the next
+        // open drops it.
+        assert_eq!(
+            lines,
+            [
+                outcome(7, true, 0),
+                outcome(8, false, 3),
+                outcome(8, false, 4)
+            ]
+        );
+        let log = UnitLog::<Outcome>::open(&path).unwrap();
+        assert_eq!(log.results(), [outcome(7, true, 0), outcome(8, false, 4)]);
+        assert_eq!(
+            jsonl::read::<Outcome>(&path).unwrap(),
+            [outcome(7, true, 0), outcome(8, false, 4)]
+        );
+    }
+
+    #[test]
+    fn of_duplicate_finished_lines_the_first_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.jsonl");
+        jsonl::write(
+            &path,
+            &[
+                outcome(1, false, 0),
+                outcome(1, true, 1),
+                outcome(1, true, 2),
+            ],
+        )
+        .unwrap();
+        let log = UnitLog::<Outcome>::open(&path).unwrap();
+        assert_eq!(log.results(), [outcome(1, true, 1)]);
+        assert_eq!(
+            jsonl::read::<Outcome>(&path).unwrap(),
+            [outcome(1, true, 1)]
+        );
+    }
+}
