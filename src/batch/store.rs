@@ -53,9 +53,10 @@ pub struct ItemResult {
     /// Model forwards spent.
     #[serde(default)]
     pub nfe: usize,
-    /// Of `nfe`, the forwards run in full.
+    /// Of `nfe`, the forwards run in full; `None` in records written before step caching
+    /// existed, when every forward ran in full (read it through `full_forwards()`).
     #[serde(default)]
-    pub full_forwards: usize,
+    pub full_forwards: Option<usize>,
     /// Of `nfe`, the forwards served from the step cache (`--cache`); each counts as one NFE.
     #[serde(default)]
     pub cached_forwards: usize,
@@ -68,6 +69,14 @@ pub struct ItemResult {
     /// Folder of the item's outputs, relative to the batch output folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_dir: Option<String>,
+}
+
+impl ItemResult {
+    /// Of `nfe`, the forwards run in full (all of them in records older than step caching).
+    pub fn full_forwards(&self) -> usize {
+        self.full_forwards
+            .unwrap_or(self.nfe.saturating_sub(self.cached_forwards))
+    }
 }
 
 /// The append-only summary log plus the latest record per id. It holds the output
@@ -186,7 +195,7 @@ pub fn table(results: &[ItemResult]) -> String {
         count(ItemStatus::Invalid),
         mean,
         results.iter().map(|r| r.nfe).sum::<usize>(),
-        results.iter().map(|r| r.full_forwards).sum::<usize>(),
+        results.iter().map(|r| r.full_forwards()).sum::<usize>(),
         results.iter().map(|r| r.cached_forwards).sum::<usize>(),
         results.iter().map(|r| r.judge_calls).sum::<u64>(),
         results.iter().map(|r| r.judge_failures).sum::<u64>(),
@@ -226,12 +235,28 @@ mod tests {
             sc: Some(5.0),
             pq: Some(5.0),
             nfe: 124,
-            full_forwards: 100,
+            full_forwards: Some(100),
             cached_forwards: 24,
             judge_calls: 12,
             judge_failures: 0,
             output_dir: Some(format!("items/{id}")),
         }
+    }
+
+    /// Records written before step caching existed carry no forward counts: every one of
+    /// their forwards ran in full (they once read as 0 full forwards).
+    #[test]
+    fn records_older_than_step_caching_count_every_forward_as_full() {
+        let mut old = serde_json::to_value(ok("a", 1)).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        fields.remove("full_forwards");
+        fields.remove("cached_forwards");
+        let old: ItemResult = serde_json::from_value(old).unwrap();
+        assert_eq!((old.full_forwards(), old.cached_forwards), (124, 0));
+        assert_eq!(ok("a", 1).full_forwards(), 100);
+        let eval_line = r#"{"item":"s","arm":"best-of-2","task":null,"language":null,"nfe":100,"selection":null,"eval":null,"correct":null,"judge_calls":4,"judge_failures":0,"judge_tokens":0,"wall_s":0.1,"derived_from":null,"error":null}"#;
+        let old: crate::eval::store::ArmResult = serde_json::from_str(eval_line).unwrap();
+        assert_eq!((old.full_forwards(), old.cached_forwards), (100, 0));
     }
 
     #[test]

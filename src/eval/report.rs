@@ -212,7 +212,7 @@ pub fn build(suite: &Suite, results: &[ArmResult], arm_order: &[String]) -> Eval
             correct_rate: (!correct.is_empty()).then(|| mean(&correct)),
             correct: bootstrap_mean(&correct, suite.resamples, 0.95, s_seed + 3000),
             nfe: per(&|r| r.nfe as f64),
-            full_forwards: per(&|r| r.full_forwards as f64),
+            full_forwards: per(&|r| r.full_forwards() as f64),
             cached_forwards: per(&|r| r.cached_forwards as f64),
             judge_calls: per(&|r| r.judge_calls as f64),
             judge_failures: per(&|r| r.judge_failures as f64),

@@ -146,7 +146,7 @@ fn base(item: &EvalItem, arm: &str) -> ArmResult {
         task: item.task.clone(),
         language: item.language.clone(),
         nfe: 0,
-        full_forwards: 0,
+        full_forwards: Some(0),
         cached_forwards: 0,
         selection: None,
         eval: None,
@@ -176,7 +176,7 @@ async fn from_report(
     let t = &report.judge_totals;
     ArmResult {
         nfe: report.nfe.total,
-        full_forwards: report.forwards.full,
+        full_forwards: Some(report.forwards.full),
         cached_forwards: report.forwards.cached,
         selection,
         eval,
@@ -221,7 +221,7 @@ async fn prefix(
     let t = &report.judge_totals;
     ArmResult {
         nfe: n * report.strategy.steps,
-        full_forwards: candidates.iter().map(|c| c.forwards.full).sum(),
+        full_forwards: Some(candidates.iter().map(|c| c.forwards.full).sum()),
         cached_forwards: candidates.iter().map(|c| c.forwards.cached).sum(),
         selection,
         eval,

@@ -43,9 +43,10 @@ pub struct ArmResult {
     pub language: Option<String>,
     /// Model forwards spent.
     pub nfe: usize,
-    /// Of `nfe`, the forwards run in full.
+    /// Of `nfe`, the forwards run in full; `None` in records written before step caching
+    /// existed, when every forward ran in full (read it through `full_forwards()`).
     #[serde(default)]
-    pub full_forwards: usize,
+    pub full_forwards: Option<usize>,
     /// Of `nfe`, the forwards served from the step cache (`cache`); each counts as one NFE.
     #[serde(default)]
     pub cached_forwards: usize,
@@ -72,6 +73,12 @@ pub struct ArmResult {
 }
 
 impl ArmResult {
+    /// Of `nfe`, the forwards run in full (all of them in records older than step caching).
+    pub fn full_forwards(&self) -> usize {
+        self.full_forwards
+            .unwrap_or(self.nfe.saturating_sub(self.cached_forwards))
+    }
+
     /// Whether this result is final: it ran, and the eval judge scored it. A result that
     /// is not is kept in this run's report (as an error or an eval failure) and retried by
     /// the next run.
