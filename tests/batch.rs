@@ -624,6 +624,11 @@ fn the_command_refuses_other_settings_an_unfittable_budget_and_a_missing_root() 
         "{err}"
     );
     assert!(run(&["--seeds", "4"]).status.success());
+    // The generator is a setting too: the testbed at another difficulty makes other edits.
+    let other = run(&["--seeds", "4", "--testbed-difficulty", "0.9"]);
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(2), "{err}");
+    assert!(err.contains("`generator`"), "{err}");
 
     let fresh = |extra: &[&str], needle: &str| {
         std::fs::remove_dir_all(&out).ok();

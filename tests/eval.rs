@@ -459,9 +459,50 @@ fn a_rerun_with_changed_arm_settings_is_refused_naming_the_arms() {
         .unwrap();
     assert_eq!(budget.status.code(), Some(2));
 
+    // Another generator (the testbed at another difficulty or contrast) is refused too,
+    // naming it, for every arm alike.
+    for (flag, value) in [
+        ("--testbed-difficulty", "0.9"),
+        ("--testbed-contrast", "loose"),
+    ] {
+        let other = eval(&suite, &out)
+            .args([flag, value])
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&other.stderr);
+        assert_eq!(other.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains("`generator`"), "{flag}: {stderr}");
+    }
+    std::fs::write(
+        &suite,
+        small.replace(
+            "kind = \"testbed\"\n",
+            "kind = \"testbed\"\ncontrast = \"soft\"\n",
+        ),
+    )
+    .unwrap();
+    assert_eq!(eval(&suite, &out).status().unwrap().code(), Some(2));
+
     let more = format!(
         "{small}[[arms]]\nname = \"ef-4-2-1\"\nstrategy = \"early-filter\"\nseeds = 4\nprobe_steps = 2\nkeep = 1\n"
     );
-    std::fs::write(&suite, more).unwrap();
+    std::fs::write(&suite, &more).unwrap();
     assert!(eval(&suite, &out).status().unwrap().success());
+
+    // A suite narrowed to one edit reports that edit alone, though the folder holds two
+    // (its report once counted every stored result as the suite's).
+    std::fs::write(&suite, more.replace("edits = 2", "edits = 1")).unwrap();
+    for extra in [&[][..], &["--report-only"][..]] {
+        assert!(eval(&suite, &out).args(extra).status().unwrap().success());
+        let json = comparable(&out);
+        assert_eq!(json["items"], 1, "{extra:?}");
+        for arm in json["arms"].as_array().unwrap() {
+            assert_eq!(arm["items"], 1, "{extra:?}: {arm}");
+        }
+    }
+    assert_eq!(
+        lines(&out.join("results.jsonl")),
+        2 * comparable(&out)["arms"].as_array().unwrap().len()
+    );
 }

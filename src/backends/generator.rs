@@ -157,6 +157,49 @@ impl Workload {
 }
 
 impl GeneratorSpec {
+    /// What makes this generator's edits what they are, for a resumable run's
+    /// `settings.json`: results made by another generator (other weights, LoRA, format,
+    /// dtype; another testbed difficulty or contrast) are never reused under this one.
+    /// Paths are compared as they resolve. The device is left out: moving a run to another
+    /// device is not a change of settings.
+    pub fn identity(&self) -> serde_json::Value {
+        let path = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
+        };
+        match self {
+            Self::Testbed(c) => serde_json::json!({
+                "testbed": { "difficulty": c.difficulty, "contrast": c.contrast },
+            }),
+            Self::Flux(f) => {
+                let lora = f.lora.as_ref().map(|l| match l {
+                    LoraChoice::Path(p) => path(&Some(p.clone()))
+                        .expect("a path")
+                        .display()
+                        .to_string(),
+                    LoraChoice::Released(repo) => (*repo).to_string(),
+                });
+                serde_json::json!({
+                    "flux": {
+                        "model_dir": path(&f.paths.model_dir),
+                        "transformer": path(&f.paths.transformer),
+                        "vae": path(&f.paths.vae),
+                        "text_encoders": path(&f.paths.text_encoders),
+                        "t5": path(&f.paths.t5),
+                        "hub_fill": f.fetch_fill,
+                        "random_weights": f.random_size,
+                        "lora": lora,
+                        "lora_scale": f.lora_scale,
+                        "dtype": format!("{:?}", f.dtype),
+                        "held_as": f.hold_as.map(|h| format!("{h:?}")),
+                        "guidance": f.guidance,
+                        "t5_tokens": f.t5_tokens,
+                    }
+                })
+            }
+        }
+    }
+
     /// The generator the flags choose: `auto` is FLUX when weights are named (or are to be
     /// downloaded), else the testbed. Flags are checked here, before anything loads.
     pub fn from_args(args: &GeneratorArgs, download: bool) -> Result<Self, EditError> {

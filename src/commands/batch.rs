@@ -57,6 +57,7 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
         "strategy": strategy,
         "budget_nfe_mean": args.budget_nfe_mean,
         "judge": judge.identity(args.engine.judge.judge_seed)?,
+        "generator": generator.identity(),
     });
     let settings = settings.as_object().expect("an object");
     crate::fsio::settings::check_settings(&args.out, settings, true)?;

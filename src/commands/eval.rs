@@ -8,7 +8,10 @@ use crate::cli::{EvalArgs, StudyArgs};
 use crate::commands::Incomplete;
 use crate::error::EditError;
 use crate::eval::suite::{Suite, SuiteJudge};
-use crate::eval::{dataset, report, runner, store::ResultStore};
+use crate::eval::{
+    dataset, report, runner,
+    store::{ArmResult, ResultStore},
+};
 use crate::fsio::write_atomic;
 use crate::judge::testbed::TestbedJudgeConfig;
 use crate::stop::StopSignal;
@@ -197,6 +200,11 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         })
         .collect();
     crate::eval::store::check_arm_settings(&args.out, &settings, !args.report_only)?;
+    // What every arm shares: the generator (its weights, or the testbed's difficulty and
+    // contrast).
+    let shared = serde_json::json!({ "generator": generator.identity() });
+    let shared = shared.as_object().expect("an object");
+    crate::fsio::settings::check_settings(&args.out, shared, !args.report_only)?;
     let names = runner::arm_names(&suite);
     if !args.report_only {
         // The plan covers the widest refine and every step cache the arms ask for.
@@ -234,7 +242,26 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         runner::run_suite(&suite, &items, &ctx, &mut store, |n| bar.inc(n as u64)).await?;
         bar.finish();
     }
-    let report = report::build(&suite, store.results(), &names);
+    // The report covers the suite's items as it names them now: results stored for items
+    // a narrowed selection or a changed dataset no longer names stay on file, unreported.
+    let current: std::collections::HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    let (reported, left_out): (Vec<ArmResult>, Vec<ArmResult>) = store
+        .results()
+        .iter()
+        .cloned()
+        .partition(|r| current.contains(r.item.as_str()));
+    if !left_out.is_empty() {
+        let mut others: Vec<&str> = left_out.iter().map(|r| r.item.as_str()).collect();
+        others.dedup();
+        tracing::warn!(
+            "{}: {} stored result(s), for {} item(s) the suite no longer names (e.g. `{}`), are left out of the report",
+            args.out.join("results.jsonl").display(),
+            left_out.len(),
+            others.iter().collect::<std::collections::BTreeSet<_>>().len(),
+            others[0]
+        );
+    }
+    let report = report::build(&suite, &reported, &names);
     report.write(&args.out)?;
     println!("{}", report.markdown());
     if args.report_only {
