@@ -506,3 +506,56 @@ fn a_rerun_with_changed_arm_settings_is_refused_naming_the_arms() {
         2 * comparable(&out)["arms"].as_array().unwrap().len()
     );
 }
+
+/// A best-of-n read from best-of-N's first n candidates, none of which the selection judge
+/// scored, is a failure (as the same arm run on its own is), not candidate 0 as a fallback
+/// pick scored into the means; it keeps the compute it spent.
+#[test]
+fn a_derived_best_of_n_whose_candidates_were_all_unscored_is_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let judge = dir.path().join("flaky.toml");
+    std::fs::write(&judge, "kind = \"testbed\"\nfailure_rate = 0.6\n").unwrap();
+    let suite = dir.path().join("suite.toml");
+    let text = SUITE.replace(
+        "[selection_judge]\njudge = \"testbed\"\nseed = 0",
+        "[selection_judge]\njudge = \"flaky.toml\"",
+    );
+    assert!(text.contains("flaky.toml"));
+    std::fs::write(&suite, text).unwrap();
+    let out = dir.path().join("out");
+    assert_eq!(eval(&suite, &out).status().unwrap().code(), Some(3));
+    let stored = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = stored
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let derived: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["arm"].as_str().unwrap().starts_with("best-of-4@"))
+        .collect();
+    // Prefixes that failed while best-of-4 itself picked a scored candidate.
+    let failed: Vec<&&serde_json::Value> = derived
+        .iter()
+        .filter(|r| !r["error"].is_null() && !r["derived_from"].is_null())
+        .collect();
+    assert!(
+        !failed.is_empty(),
+        "no prefix lost all its scores: {derived:?}"
+    );
+    for r in &derived {
+        if r["error"].is_null() {
+            assert!(!r["selection"].is_null(), "a fallback pick was scored: {r}");
+        }
+    }
+    for r in failed {
+        assert!(r["selection"].is_null() && r["eval"].is_null(), "{r}");
+        assert!(r["nfe"].as_u64().unwrap() > 0, "{r}");
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .contains("scored none of best-of-4's first"),
+            "{r}"
+        );
+    }
+}

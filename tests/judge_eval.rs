@@ -633,3 +633,38 @@ fn the_public_benchmark_layouts_run_through_a_real_local_judge() {
     assert_eq!(json["cost"]["failed_calls"], 0);
     assert!(json["cost"]["prompt_tokens"].as_u64().unwrap() > 1000);
 }
+
+/// A judge refused partway (the testbed judge, which can score only testbed scenes, given
+/// real benchmark images) leaves no settings behind: the corrected command into the same
+/// folder runs instead of being refused as "other settings".
+#[test]
+fn a_judge_refused_on_its_data_does_not_block_the_corrected_command() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let data = format!(
+        "genai-bench:{}",
+        root.join("tests/fixtures/judge_eval/genai_bench_image_edition.parquet")
+            .display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let run = |judge: &std::path::Path| {
+        Command::new(bin())
+            .args(["judge-eval", "--data", &data, "--width", "32", "--judge"])
+            .arg(judge)
+            .arg("--out")
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let refused = run(std::path::Path::new("testbed"));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    assert!(err.contains("testbed judge knows only"), "{err}");
+    assert!(!dir.path().join("settings.json").exists());
+    let fixed = run(&root.join("tests/fixtures/qwen2vl/judge-tiny.toml"));
+    assert!(
+        fixed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fixed.stderr)
+    );
+    assert!(dir.path().join("settings.json").is_file());
+}

@@ -105,6 +105,10 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
         spec.preflight("--judge", false)?;
     }
     let cases = load_cases(&args)?;
+    let judge = prepare_judge(&spec, args.download, Some(&TestbedEdits::default()))?;
+    let judge = judge.ok_or_else(|| {
+        EditError::Invalid("--judge none: judge-eval needs a judge to measure".into())
+    })?;
     let mut store = JudgementStore::open(&args.out)
         .with_context(|| format!("opening {}", args.out.join("judgements.jsonl").display()))?;
     // Judgements another judge (or another width) made are never reported as this one's.
@@ -113,11 +117,13 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
         "width": args.width,
     });
     let settings = settings.as_object().expect("an object");
-    crate::fsio::settings::check_settings(&args.out, settings, !args.report_only)?;
-    let judge = prepare_judge(&spec, args.download, Some(&TestbedEdits::default()))?;
-    let judge = judge.ok_or_else(|| {
-        EditError::Invalid("--judge none: judge-eval needs a judge to measure".into())
-    })?;
+    // Recorded with the first judgement, not before: a judge that turns out unable to judge
+    // this data (the testbed judge on real images) leaves nothing that refuses the next
+    // command as "other settings".
+    crate::fsio::settings::check_settings(&args.out, settings, false)?;
+    if !args.report_only {
+        store.record_settings_with_first_judgement(settings.clone());
+    }
     if !args.report_only {
         let stop = StopSignal::default();
         stop.stop_on_signals("stopping after the items in flight (judgements so far are saved)")?;

@@ -200,7 +200,8 @@ async fn prefix(
 ) -> ArmResult {
     let candidates = &report.candidates[..n.min(report.candidates.len())];
     // Highest selection VIE O, ties to the lower index (the engine's own rule); unscored
-    // candidates lose to scored ones, and with none scored candidate 0 is returned.
+    // candidates lose to scored ones. With none scored, n = 1 (random, which needs no
+    // judge) returns candidate 0 and n >= 2 is a failure.
     let mut best = 0;
     for (i, c) in candidates.iter().enumerate() {
         let o = |c: &crate::engine::report::CandidateRecord| {
@@ -214,11 +215,32 @@ async fn prefix(
     }
     let chosen = &candidates[best];
     let selection = chosen.vie.as_ref().and_then(|v| v.ok()).map(scores);
+    let share = n as f64 / report.candidates.len().max(1) as f64;
+    let t = &report.judge_totals;
+    let judge_failures = candidates
+        .iter()
+        .filter(|c| c.vie.as_ref().is_some_and(|v| v.ok().is_none()))
+        .count() as u64;
+    if n >= 2 && selection.is_none() {
+        // Candidate 0 would be a fallback, not best-of-n's pick: a failure, as the same
+        // arm run on its own records it, with the compute it spent.
+        return ArmResult {
+            nfe: n * report.strategy.steps,
+            full_forwards: Some(candidates.iter().map(|c| c.forwards.full).sum()),
+            cached_forwards: candidates.iter().map(|c| c.forwards.cached).sum(),
+            judge_calls: (t.calls as f64 * share).round() as u64,
+            judge_failures,
+            wall_s: report.timings.total_s * share,
+            derived_from: Some(source.to_string()),
+            error: Some(format!(
+                "no edit could be scored: the selection judge scored none of {source}'s first {n} candidates"
+            )),
+            ..base(item, name)
+        };
+    }
     let (eval, calls, failures, tokens, correct) = scorer
         .score(chosen.images.final_image.as_deref(), selection)
         .await;
-    let share = n as f64 / report.candidates.len().max(1) as f64;
-    let t = &report.judge_totals;
     ArmResult {
         nfe: n * report.strategy.steps,
         full_forwards: Some(candidates.iter().map(|c| c.forwards.full).sum()),
@@ -227,11 +249,7 @@ async fn prefix(
         eval,
         correct,
         judge_calls: (t.calls as f64 * share).round() as u64 + calls,
-        judge_failures: candidates
-            .iter()
-            .filter(|c| c.vie.as_ref().is_some_and(|v| v.ok().is_none()))
-            .count() as u64
-            + failures,
+        judge_failures: judge_failures + failures,
         judge_tokens: ((t.prompt_tokens + t.completion_tokens) as f64 * share).round() as u64
             + tokens,
         wall_s: report.timings.total_s * share,

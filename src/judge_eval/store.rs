@@ -122,6 +122,9 @@ impl crate::fsio::unit_log::UnitResult for Judgement {
 /// [`crate::fsio::unit_log`]).
 pub struct JudgementStore {
     log: UnitLog<Judgement>,
+    /// Settings to record beside the judgements before the first one is appended.
+    settings: Option<serde_json::Map<String, serde_json::Value>>,
+    out: std::path::PathBuf,
     _lock: OutputLock,
 }
 
@@ -137,7 +140,12 @@ impl JudgementStore {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        Ok(Self { log, _lock: lock })
+        Ok(Self {
+            log,
+            settings: None,
+            out: out.to_path_buf(),
+            _lock: lock,
+        })
     }
 
     /// Whether the item is finished.
@@ -145,8 +153,23 @@ impl JudgementStore {
         self.log.is_done(&id.to_string())
     }
 
+    /// Has `settings` recorded in the folder's settings file (see [`crate::fsio::settings`])
+    /// just before the next judgement is appended, so no judgement is ever on disk without
+    /// the settings it was made with.
+    pub fn record_settings_with_first_judgement(
+        &mut self,
+        settings: serde_json::Map<String, serde_json::Value>,
+    ) {
+        self.settings = Some(settings);
+    }
+
     /// Appends one record durably (fsynced before it counts).
     pub fn append(&mut self, record: Judgement) -> std::io::Result<()> {
+        if let Some(settings) = self.settings.take() {
+            let path = self.out.join(crate::fsio::settings::SETTINGS_FILE);
+            crate::fsio::settings::record_settings(&path, &settings)
+                .map_err(std::io::Error::other)?;
+        }
         self.log.append(vec![record])
     }
 
