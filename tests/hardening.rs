@@ -53,6 +53,22 @@ fn the_testbed_judge_refuses_a_flux_generator_before_loading_it() {
     refused(&out, &result, &["--judge testbed", "judge preset"]);
 }
 
+/// bf16 runs on a GPU only: candle's CPU matmul has none, and the VAE failed at the first
+/// edit, after the text encoders ran, with an error that named no flag.
+#[test]
+fn bf16_on_the_cpu_is_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let flux = ["--model-dir", "tests/fixtures/flux/tiny", "--judge", "none"];
+    let result = edit(
+        &out,
+        &[&flux[..], &["--strategy", "random", "--dtype", "bf16"]].concat(),
+    );
+    refused(&out, &result, &["--dtype bf16", "f16"]);
+    let planned = cli(&[&["plan"][..], &flux[..2], &["--dtype", "bf16"]].concat());
+    assert_eq!(planned.status.code(), Some(EXIT_BAD_INPUT));
+}
+
 #[test]
 fn numeric_options_beyond_their_bounds_are_refused_at_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -221,6 +221,14 @@ impl GeneratorSpec {
         let device = DeviceName::parse(&args.device).map_err(|e| invalid("--device", e))?;
         let dtype = parse_dtype_on(args.dtype.as_deref(), device.is_gpu())
             .map_err(|e| invalid("--dtype", e))?;
+        if dtype == DType::BF16 && !device.is_gpu() {
+            // candle's CPU matmul has no bf16 kernel: the VAE's convolutions would fail at
+            // the first edit, after the text encoders ran.
+            return Err(invalid(
+                "--dtype",
+                "bf16: the CPU cannot run FLUX's VAE in bf16 (candle's CPU matmul has no bf16); use f32 (the CPU default) or f16, or bf16 on a GPU".into(),
+            ));
+        }
         let text_device = match &args.text_device {
             Some(name) => DeviceName::parse(name).map_err(|e| invalid("--text-device", e))?,
             None => device,
