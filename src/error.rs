@@ -109,6 +109,10 @@ pub enum GenerateError {
     /// step can be retried with fewer candidates).
     #[error("out of device memory: {0}")]
     OutOfMemory(String),
+    /// A candidate's latents hold NaN or infinity (weights holding NaN, or an overflow in
+    /// f16): decoded, they would be a blank image that a judge might score and pick.
+    #[error("non-finite values: {0}")]
+    NonFinite(String),
     /// A tensor operation failed.
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),

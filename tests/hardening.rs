@@ -1020,3 +1020,162 @@ fn an_edit_refused_while_loading_leaves_no_empty_folder() {
     assert!(stderr.contains("--device"), "{stderr}");
     assert!(!out.exists(), "left {}", out.display());
 }
+
+/// A copy of the tiny FLUX Fill folder under `dir`, with `change` applied to the tensors of
+/// its file `file` (relative to the folder).
+fn damaged_flux(
+    dir: &Path,
+    file: &str,
+    change: impl FnOnce(&mut std::collections::HashMap<String, candle_core::Tensor>),
+) -> std::path::PathBuf {
+    let model = dir.join("model");
+    support::copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny"),
+        &model,
+    );
+    let path = model.join(file);
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    change(&mut tensors);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    model
+}
+
+/// Runs a one-candidate edit of the fixture image on `model`.
+fn flux_edit(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let model = model.to_str().unwrap();
+    let mut args = vec![
+        "--width",
+        "48",
+        "--t5-tokens",
+        "48",
+        "--steps",
+        "6",
+        "--strategy",
+        "random",
+        "--judge",
+        "none",
+        "--model-dir",
+        model,
+    ];
+    args.extend_from_slice(extra);
+    edit(out, &args)
+}
+
+/// A weight stored as integers (a damaged or mislabelled file: its bytes would be cast to
+/// garbage floats) is refused naming file and key, in the transformer, the VAE and a LoRA.
+#[test]
+fn integer_weights_are_refused_naming_file_and_key() {
+    use candle_core::DType;
+    let cases = [
+        (
+            "transformer/diffusion_pytorch_model.safetensors",
+            "proj_out.bias",
+        ),
+        (
+            "vae/diffusion_pytorch_model.safetensors",
+            "decoder.conv_out.bias",
+        ),
+    ];
+    for (file, key) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let model = damaged_flux(dir.path(), file, |t| {
+            let int = t[key].to_dtype(DType::I64).unwrap();
+            t.insert(key.to_string(), int);
+        });
+        let out = dir.path().join("out");
+        let result = flux_edit(&model, &out, &[]);
+        refused(&out, &result, &[file, &format!("`{key}`"), "I64"]);
+    }
+    // A LoRA matrix.
+    let dir = tempfile::tempdir().unwrap();
+    let lora = dir.path().join("lora.safetensors");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/lora_plain.safetensors");
+    let mut tensors = candle_core::safetensors::load(&fixture, &candle_core::Device::Cpu).unwrap();
+    let key = tensors
+        .keys()
+        .find(|k| k.contains("lora_B"))
+        .unwrap()
+        .clone();
+    let int = tensors[&key].to_dtype(DType::I64).unwrap();
+    tensors.insert(key.clone(), int);
+    candle_core::safetensors::save(&tensors, &lora).unwrap();
+    let out = dir.path().join("out");
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny");
+    let result = flux_edit(&tiny, &out, &["--lora", lora.to_str().unwrap()]);
+    refused(
+        &out,
+        &result,
+        &["lora.safetensors", &format!("`{key}`"), "I64"],
+    );
+}
+
+/// Weights holding NaN make every candidate's latents NaN, which decode to a black image:
+/// the edit stops naming the candidate (it was judged, picked and returned with exit 0).
+#[test]
+fn non_finite_latents_stop_the_edit_instead_of_returning_a_blank_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = damaged_flux(
+        dir.path(),
+        "transformer/diffusion_pytorch_model.safetensors",
+        |t| {
+            let w = &t["proj_out.weight"];
+            let nan = (w * f64::NAN).unwrap();
+            t.insert("proj_out.weight".into(), nan);
+        },
+    );
+    let out = dir.path().join("out");
+    let result = flux_edit(&model, &out, &[]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("NaN or infinite") && stderr.contains("candidate (seed 0)"),
+        "{stderr}"
+    );
+    assert!(!out.join("final.png").exists());
+}
+
+/// Unpacked initial latents [C, 16, h, w] with h and w swapped pack into as many tokens
+/// as the right ones: refused naming the grid this edit needs (they ran as another edit);
+/// NaN values are refused too.
+#[test]
+fn initial_latents_with_a_transposed_grid_or_nan_are_refused() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tiny = root.join("tests/fixtures/flux/tiny");
+    let given = root.join("tests/fixtures/flux/init_latents.safetensors");
+    let latents = candle_core::safetensors::load(&given, &candle_core::Device::Cpu).unwrap()
+        ["latents"]
+        .clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (c, ch, h, w) = latents.dims4().unwrap();
+    let cases = [
+        (
+            "swapped",
+            latents.reshape((c, ch, w, h)).unwrap(),
+            format!("needs [C, 16, {h}, {w}]"),
+        ),
+        (
+            "nan",
+            (&latents * f64::NAN).unwrap(),
+            "non-finite".to_string(),
+        ),
+    ];
+    for (name, bad, needle) in cases {
+        let file = dir.path().join(format!("{name}.safetensors"));
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("latents".to_string(), bad)]),
+            &file,
+        )
+        .unwrap();
+        let out = dir.path().join(name);
+        let result = flux_edit(&tiny, &out, &["--init-latents", file.to_str().unwrap()]);
+        refused(&out, &result, &["--init-latents", &needle]);
+    }
+    let out = dir.path().join("ok");
+    let ok = flux_edit(&tiny, &out, &["--init-latents", given.to_str().unwrap()]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}

@@ -43,11 +43,14 @@ async fn edit_claimed(
     // boundary with exit 4, instead of killing it mid-write.
     let stop = StopSignal::default();
     stop.stop_on_signals("stopping the edit at its next step")?;
+    let (w, h) = checked.edit.panel_size();
+    // FLUX's latent grid of this edit's diptych [source | edit]: the VAE downsamples by 8.
+    let flux_grid = matches!(checked.generator, GeneratorSpec::Flux(_))
+        .then_some((h as usize / 8, 2 * w as usize / 8));
     let init_latents = match &args.engine.generator.init_latents {
-        Some(path) => load_init_latents(path)?,
+        Some(path) => load_init_latents(path, flux_grid)?,
         None => Vec::new(),
     };
-    let (w, h) = checked.edit.panel_size();
     let workload = Workload::new((w as usize, h as usize), false, [&checked.strategy]);
     let engine = EngineBuilder::new(
         checked.generator,
@@ -218,8 +221,14 @@ pub async fn run_and_write(
 }
 
 /// Reads `latents` from a safetensors file: `[C, ..latent_shape]` (packed) or `[C, 16, h, w]`
-/// (unpacked, as diffusers makes them), one row per candidate.
-fn load_init_latents(path: &Path) -> anyhow::Result<Vec<candle_core::Tensor>> {
+/// (unpacked, as diffusers makes them), one row per candidate. Unpacked latents must have
+/// this edit's latent grid `(h, w)` where it is known: packing [16, w, h] gives as many
+/// tokens as [16, h, w], so a transposed grid would otherwise run as another edit. Values
+/// must be finite.
+fn load_init_latents(
+    path: &Path,
+    grid: Option<(usize, usize)>,
+) -> anyhow::Result<Vec<candle_core::Tensor>> {
     let invalid =
         |why: String| EditError::Invalid(format!("--init-latents {}: {why}", path.display()));
     // A safetensors file opens with its header's length (8 bytes) and the header's `{`.
@@ -246,8 +255,37 @@ fn load_init_latents(path: &Path) -> anyhow::Result<Vec<candle_core::Tensor>> {
             path.display()
         ))
     })?;
+    let values = latents
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+        return Err(invalid(format!(
+            "`latents` holds a non-finite value ({} at flat index {at})",
+            values[at]
+        ))
+        .into());
+    }
+    if !latents.dtype().is_float() {
+        return Err(invalid(format!(
+            "`latents` is {:?}; initial latents are floating point (f32, f16 or bf16)",
+            latents.dtype()
+        ))
+        .into());
+    }
     // Unpacked diffusers-style latents [C, 16, h, w] are packed into 2x2 tokens [C, S, 64].
     let latents = if latents.rank() == 4 {
+        if let Some((h, w)) = grid {
+            let (lh, lw) = (latents.dim(2)?, latents.dim(3)?);
+            if (lh, lw) != (h, w) {
+                return Err(invalid(format!(
+                    "`latents` is [{}, {}, {lh}, {lw}]; this edit's diptych needs [C, 16, {h}, {w}] (height, then width)",
+                    latents.dim(0)?,
+                    latents.dim(1)?
+                ))
+                .into());
+            }
+        }
         crate::models::flux::latents::pack(latents)?
     } else {
         latents.clone()

@@ -451,6 +451,27 @@ pub fn advance_to(
     Ok(halvings)
 }
 
+/// Refuses to decode latents holding NaN or infinity: they decode to a blank (black) image,
+/// which a judge would score and a strategy could pick. The edit stops, naming the
+/// candidate; the check reads the latents back once per decode, which the decode's own cost
+/// dwarfs.
+fn check_finite(latents: &Tensor, state: &CandidateState) -> Result<(), GenerateError> {
+    let values = latents
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    if bad == 0 {
+        return Ok(());
+    }
+    Err(GenerateError::NonFinite(format!(
+        "candidate (seed {}) at step {}: {bad} of {} latent values are NaN or infinite; the model produced them (weights holding NaN, or an f16 overflow: try --dtype bf16 on a GPU, or f32)",
+        state.seed,
+        state.step,
+        values.len()
+    )))
+}
+
 /// Decodes the x0 preview of a state.
 pub fn preview(
     generator: &mut dyn Generator,
@@ -459,6 +480,7 @@ pub fn preview(
     state: &CandidateState,
 ) -> Result<RgbImage, GenerateError> {
     let x0 = state.predicted_clean(schedule)?;
+    check_finite(&x0, state)?;
     generator.decode(edit, &x0, DecodePurpose::Preview)
 }
 
@@ -486,5 +508,6 @@ pub fn finish(
             state.seed, state.step, schedule.steps
         )));
     }
+    check_finite(&state.latents, state)?;
     generator.decode(edit, &state.latents, DecodePurpose::Final)
 }

@@ -200,6 +200,9 @@ pub struct StoredTensor {
     pub key: String,
     /// Its size along dimension 0 (`None` for a scalar).
     pub rows: Option<usize>,
+    /// The stored element type when it is not floating point (`I32`, `U8`, ...): a weight
+    /// the model reads must be floating point, or its bytes would be cast to garbage.
+    pub integer_dtype: Option<String>,
 }
 
 /// Every tensor of a checkpoint's files.
@@ -216,10 +219,26 @@ impl StoredTensors {
                 unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(|e| {
                     ModelError::files(file, format!("not a readable safetensors file: {e}"))
                 })?;
-            all.extend(st.tensors().into_iter().map(|(key, view)| StoredTensor {
-                file: file.clone(),
-                rows: view.shape().first().copied(),
-                key,
+            all.extend(st.tensors().into_iter().map(|(key, view)| {
+                use safetensors::Dtype;
+                let integer = matches!(
+                    view.dtype(),
+                    Dtype::BOOL
+                        | Dtype::U8
+                        | Dtype::I8
+                        | Dtype::I16
+                        | Dtype::U16
+                        | Dtype::I32
+                        | Dtype::U32
+                        | Dtype::I64
+                        | Dtype::U64
+                );
+                StoredTensor {
+                    file: file.clone(),
+                    rows: view.shape().first().copied(),
+                    integer_dtype: integer.then(|| format!("{:?}", view.dtype())),
+                    key,
+                }
             }));
         }
         all.sort_by(|a, b| (&a.file, &a.key).cmp(&(&b.file, &b.key)));
@@ -250,6 +269,7 @@ impl StoredTensors {
                 file: file.to_path_buf(),
                 key: key.clone(),
                 rows: info.shape.dims().first().copied(),
+                integer_dtype: None,
             })
             .collect();
         all.sort_by(|a, b| a.key.cmp(&b.key));
@@ -331,6 +351,17 @@ pub fn check_unused(
             )),
         };
         let Some(rows) = unread else {
+            // Read by the model: its stored bytes must be a float type (a scalar, such as a
+            // LoRA's alpha, may be an integer).
+            if let (Some(dtype), Some(_)) = (&t.integer_dtype, t.rows) {
+                return Err(ModelError::files(
+                    &t.file,
+                    format!(
+                        "tensor `{}` of {what}'s checkpoint is stored as {dtype}; the model reads floating-point weights (F32, F16, BF16 or F8), so the file is damaged or mislabelled",
+                        t.key
+                    ),
+                ));
+            }
             continue;
         };
         if let Some(entry) = known.iter().find(|k| k.covers(&t.key)) {
@@ -382,6 +413,7 @@ mod tests {
                     file: PathBuf::from("/ckpt/model.safetensors"),
                     key: k.to_string(),
                     rows: *rows,
+                    integer_dtype: None,
                 })
                 .collect(),
         )

@@ -143,6 +143,14 @@ impl LoraSet {
                     "keys `{first}` and `{key}` are the same LoRA tensor `{name}`: keep one"
                 )));
             }
+            // Matrices must be floating point (integer bytes would be cast to garbage); an
+            // alpha is a scalar, which may be stored as an integer.
+            if !tensor.dtype().is_float() && tensor.elem_count() > 1 {
+                return Err(err(format!(
+                    "key `{key}` is stored as {:?}; LoRA matrices are floating point (F32, F16 or BF16), so the file is damaged or mislabelled",
+                    tensor.dtype()
+                )));
+            }
             if let Some(m) = name
                 .strip_suffix(".lora_A.weight")
                 .or_else(|| name.strip_suffix(".lora_down.weight"))
