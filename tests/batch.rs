@@ -226,6 +226,34 @@ fn four_shards_merged_equal_one_unsharded_run() {
     };
     assert_eq!(strip(summary(&merged_dir)), strip(summary(&whole)));
     assert_eq!(summary(&whole).len(), 16);
+    // Shards run with other settings are refused naming the setting (they were merged into
+    // one table); a generator named otherwise (other paths on another machine) is a warning.
+    let settings = |dir: &std::path::Path, width: u32, model: &str| {
+        let json =
+            serde_json::json!({ "width": width, "generator": { "flux": { "model_dir": model } } });
+        std::fs::write(dir.join("settings.json"), json.to_string()).unwrap();
+    };
+    for (i, dir) in shard_dirs.iter().enumerate() {
+        settings(dir, 256, &format!("/node{i}/flux"));
+    }
+    let across = merge_shards(&shard_dirs, &dir.path().join("across")).unwrap();
+    assert_eq!(across.warnings.len(), 3, "{:?}", across.warnings);
+    assert!(
+        across.warnings[0].contains("`generator`"),
+        "{:?}",
+        across.warnings
+    );
+    settings(&shard_dirs[2], 512, "/node2/flux");
+    let err = merge_shards(&shard_dirs, &dir.path().join("mixed"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`width` 256 there, 512 here") && err.contains("shard2"),
+        "{err}"
+    );
+    for dir in &shard_dirs {
+        std::fs::remove_file(dir.join("settings.json")).unwrap();
+    }
     // Into one of its own shards (or a folder inside one): refused, that shard untouched.
     let before = std::fs::read(shard_dirs[0].join("summary.jsonl")).unwrap();
     for out in [shard_dirs[0].clone(), shard_dirs[0].join("merged")] {

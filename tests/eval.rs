@@ -399,6 +399,10 @@ fn picks_made_while_the_selection_judge_was_down_are_failures_a_rerun_redoes() {
         assert_eq!(arm(name)["item_errors"], 3, "{name}: {}", arm(name));
         assert_eq!(arm(name)["scored"], 0, "{name}");
     }
+    // The failed picks spent their compute: their cost is counted, not shown as free.
+    assert_eq!(arm("best-of-4")["nfe"], 4.0 * 16.0, "{}", arm("best-of-4"));
+    assert!(arm("ef-4-3-1")["nfe"].as_f64().unwrap() > 16.0);
+    assert!(arm("best-of-4")["judge_failures"].as_f64().unwrap() > 0.0);
     let failed_run = comparable(&out);
     // The failures stand until retried: the report rebuilt from the records shows them.
     let mut report_only = eval(&suite, &out);

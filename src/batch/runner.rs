@@ -484,6 +484,7 @@ pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Merged, Engine
         }
     }
     warnings.extend(missing_shards(&records));
+    warnings.extend(mixed_settings(shard_dirs)?);
     let _lock = OutputLock::acquire(&{
         crate::fsio::prepare_output_dir(out, "--out")
             .map_err(|e| EditError::Invalid(e.to_string()))?;
@@ -495,6 +496,56 @@ pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Merged, Engine
     write_jsonl(&out.join("summary.jsonl"), &results)?;
     write_atomic(&out.join("summary.md"), table(&results).as_bytes())?;
     Ok(Merged { results, warnings })
+}
+
+/// Refuses shards run with other settings (`settings.json`: width, strategy, mean budget,
+/// judge): one summary would mix their results as if one batch had made them. A generator
+/// that differs is a warning only: its identity holds file paths, which differ between the
+/// machines of one cluster job. Shards without the file (older runs) are not compared.
+fn mixed_settings(shard_dirs: &[PathBuf]) -> Result<Vec<String>, EngineError> {
+    use serde_json::{Map, Value};
+    let mut first: Option<(&PathBuf, Map<String, Value>)> = None;
+    let mut warnings = Vec::new();
+    for dir in shard_dirs {
+        let path = dir.join(crate::fsio::settings::SETTINGS_FILE);
+        if !path.is_file() {
+            continue;
+        }
+        let settings: Map<String, Value> =
+            crate::fsio::read_json(&path).map_err(|e| EditError::Invalid(e.to_string()))?;
+        let Some((first_dir, first_settings)) = &first else {
+            first = Some((dir, settings));
+            continue;
+        };
+        let differing: Vec<String> = first_settings
+            .iter()
+            .filter_map(|(key, then)| {
+                let now = settings.get(key)?;
+                (now != then).then(|| format!("`{key}` {then} there, {now} here"))
+            })
+            .collect();
+        let (generator, others): (Vec<String>, Vec<String>) = differing
+            .into_iter()
+            .partition(|d| d.starts_with("`generator`"));
+        if !others.is_empty() {
+            return Err(EditError::Invalid(format!(
+                "shard folder {} was run with other settings than {} ({}): a merged summary would mix them; merge the shards of one batch",
+                dir.display(),
+                first_dir.display(),
+                others.join("; ")
+            ))
+            .into());
+        }
+        if !generator.is_empty() {
+            warnings.push(format!(
+                "shard folder {} names its generator otherwise than {} (other weight paths on another machine, or other weights?): {}",
+                dir.display(),
+                first_dir.display(),
+                generator.join("; ")
+            ));
+        }
+    }
+    Ok(warnings)
 }
 
 /// Which shards of the split(s) the records do not cover.

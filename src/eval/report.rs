@@ -145,8 +145,15 @@ pub fn build(suite: &Suite, results: &[ArmResult], arm_order: &[String]) -> Eval
             continue;
         }
         let ok: Vec<&ArmResult> = rows.iter().copied().filter(|r| r.error.is_none()).collect();
+        // Costs are per item run: a failure that spent compute (a pick the selection judge
+        // could not score) counts, one that never ran (an unreadable image) does not.
+        let ran: Vec<&ArmResult> = rows
+            .iter()
+            .copied()
+            .filter(|r| r.error.is_none() || r.nfe > 0)
+            .collect();
         let per =
-            |f: &dyn Fn(&ArmResult) -> f64| mean(&ok.iter().map(|r| f(r)).collect::<Vec<_>>());
+            |f: &dyn Fn(&ArmResult) -> f64| mean(&ran.iter().map(|r| f(r)).collect::<Vec<_>>());
         let pick = |f: &dyn Fn(&super::store::Scores) -> f64| -> Vec<f64> {
             ok.iter()
                 .filter_map(|r| match &r.eval {
@@ -187,8 +194,11 @@ pub fn build(suite: &Suite, results: &[ArmResult], arm_order: &[String]) -> Eval
             }
             _ => None,
         };
+        // Over the items VIE O averages (those the eval judge scored), so the two columns
+        // compare like with like.
         let selection: Vec<f64> = ok
             .iter()
+            .filter(|r| matches!(r.eval, Some(EvalScore::Ok(_))))
             .filter_map(|r| r.selection.map(|s| s.overall))
             .collect();
         let correct: Vec<f64> = ok
@@ -343,7 +353,7 @@ impl EvalReport {
             }
             md.push('\n');
         }
-        md.push_str("\n## Cost per item and failures\n\nA forward served from the step cache (an arm's `cache`) counts as one NFE, as a full one does.\n\n| arm | derived from | wall (s) | full forwards | cached forwards | judge calls | judge tokens | failed judge results | items unscored | items not run |\n|---|---|---|---|---|---|---|---|---|---|\n");
+        md.push_str("\n## Cost per item and failures\n\nA forward served from the step cache (an arm's `cache`) counts as one NFE, as a full one does. Costs, and the NFE column above, are means over the items each arm ran, failed ones included: a pick the selection judge could not score spent its compute. Items unscored: the eval judge failed on the returned edit; items failed: the arm gave no edit of its own (the selection judge scored none of its candidates, or the item could not run).\n\n| arm | derived from | wall (s) | full forwards | cached forwards | judge calls | judge tokens | failed judge results | items unscored | items failed |\n|---|---|---|---|---|---|---|---|---|---|\n");
         for (a, t) in self.arms.iter().zip(&self.timing) {
             md.push_str(&format!(
                 "| {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {} | {} |\n",

@@ -358,7 +358,21 @@ pub async fn run_suite(
                     // fallback, not this strategy's result. Recorded as failed, so it is
                     // left out of the means and retried by a rerun.
                     Ok(report) if let Some(reason) = report.incomplete_reason() => {
-                        records.extend(arm_failed(item, arm, &config, &reason));
+                        let mut failed = arm_failed(item, arm, &config, &reason);
+                        // The arm's own record keeps the compute it spent: a failure is
+                        // not free in the cost columns.
+                        let t = &report.judge_totals;
+                        failed[0] = ArmResult {
+                            nfe: report.nfe.total,
+                            full_forwards: Some(report.forwards.full),
+                            cached_forwards: report.forwards.cached,
+                            judge_calls: t.calls,
+                            judge_failures: t.failures,
+                            judge_tokens: t.prompt_tokens + t.completion_tokens,
+                            wall_s: report.timings.total_s,
+                            ..failed[0].clone()
+                        };
+                        records.extend(failed);
                     }
                     Ok(report) => {
                         records.push(from_report(item, &arm.name, &report, &scorer).await);
