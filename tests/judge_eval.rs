@@ -254,7 +254,12 @@ impl Judge for Broken {
         _: &RgbImage,
         _: &RgbImage,
     ) -> Result<Comparison, JudgeError> {
-        Err(JudgeError::Timeout("no reply".into()))
+        // A client error is the judge's answer to this request (an outage is not: see
+        // `an_unreachable_judge_is_an_outage_a_rerun_retries`).
+        Err(JudgeError::Http {
+            status: 400,
+            body: "no reply".into(),
+        })
     }
     async fn semantic_consistency(
         &self,
@@ -293,6 +298,69 @@ async fn a_failing_judge_has_failures_not_preferences_or_scores() {
         "a failed call stored an answer"
     );
     assert!(log.contains("no reply") && log.contains("I cannot tell"));
+}
+
+/// A judge whose endpoint is down: every call fails before reaching it.
+struct Unreachable;
+
+#[async_trait]
+impl Judge for Unreachable {
+    fn name(&self) -> String {
+        "unreachable".into()
+    }
+    async fn screen(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+        _: PreviewStage,
+    ) -> Result<ScreenVerdict, JudgeError> {
+        Err(JudgeError::Transport("connection refused".into()))
+    }
+    async fn compare(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+        _: &RgbImage,
+    ) -> Result<Comparison, JudgeError> {
+        Err(JudgeError::Transport("connection refused".into()))
+    }
+    async fn semantic_consistency(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        Err(JudgeError::Timeout("no reply in 60 s".into()))
+    }
+    async fn perceptual_quality(
+        &self,
+        _: &EditContext,
+        _: &RgbImage,
+    ) -> Result<SubScores, JudgeError> {
+        Err(JudgeError::Http {
+            status: 503,
+            body: "overloaded".into(),
+        })
+    }
+}
+
+/// An endpoint that was down is an outage, not the judge's 100% failure rate: its items are
+/// stored as not judged, and a rerun with the endpoint back judges them, ending where a run
+/// that never met the outage ends.
+#[tokio::test]
+async fn an_unreachable_judge_is_an_outage_a_rerun_retries() {
+    let cases = testbed_cases(6, 6, 900, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let down = judge_all(&cases, Arc::new(Unreachable), dir.path()).await;
+    assert_eq!(down.not_judged.len(), 12);
+    assert_eq!(down.cost.calls, 0);
+    let log = std::fs::read_to_string(dir.path().join("judgements.jsonl")).unwrap();
+    assert!(log.contains("could not be reached"), "{log}");
+    let judge: Arc<dyn Judge> = Arc::new(TestbedJudge::new(TestbedJudgeConfig::default()));
+    let back = judge_all(&cases, judge.clone(), dir.path()).await;
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let fresh = judge_all(&cases, judge, fresh_dir.path()).await;
+    assert!(back.not_judged.is_empty());
+    assert_eq!(back, fresh);
 }
 
 /// Fails every comparison whose first image starts with an odd red value (so some pairs

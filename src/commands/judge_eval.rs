@@ -155,9 +155,9 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
     if args.report_only {
         return Ok(());
     }
-    // Unreadable items from an earlier run that this one stopped before retrying count as
-    // not judged.
-    let unreadable = store.unreadable_this_run();
+    // Items not judged (unreadable, or the judge unreachable) from an earlier run that this
+    // one stopped before retrying count as left.
+    let unreadable = store.not_judged_this_run();
     let left = report.not_judged.len().saturating_sub(unreadable);
     if left > 0 {
         return Err(Incomplete::Stopped {

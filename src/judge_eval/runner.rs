@@ -47,6 +47,29 @@ fn called<T, A>(
     }
 }
 
+/// Whether a failed call never reached the judge (the transport failed, it timed out, the
+/// server was overloaded or down) rather than being the judge's answer.
+fn unreached(e: &JudgeError) -> bool {
+    match e {
+        JudgeError::Transport(_) | JudgeError::Timeout(_) => true,
+        JudgeError::Http { status, .. } => *status >= 500 || matches!(*status, 408 | 429),
+        _ => false,
+    }
+}
+
+/// When every call of an item failed without reaching the judge, why: such an item is an
+/// outage, not a measurement of the judge, so it is stored as not judged and a rerun
+/// retries it (an endpoint that was down read as a 100% failure rate for good).
+fn outage(errors: &[Option<&JudgeError>]) -> Option<String> {
+    let all_unreached = errors.iter().all(|e| e.is_some_and(unreached));
+    all_unreached.then(|| {
+        format!(
+            "the judge could not be reached ({}); a rerun retries this item",
+            errors[0].expect("an error")
+        )
+    })
+}
+
 /// Judges one case. `Err` only for a judge whose configuration cannot work.
 async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgement, JudgeError> {
     let mut record = Judgement {
@@ -75,6 +98,10 @@ async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgem
             };
             let (ab, ba) =
                 futures::join!(judge.compare(&edit, &a, &b), judge.compare(&edit, &b, &a));
+            if let Some(why) = outage(&[ab.as_ref().err(), ba.as_ref().err()]) {
+                record.error = Some(why);
+                return Ok(record);
+            }
             let pick = |c: &crate::judge::Comparison| c.preferred;
             let explain = |c: &crate::judge::Comparison| (c.reasoning.clone(), c.usage.clone());
             Some(ItemCalls::Pair {
@@ -93,6 +120,10 @@ async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgem
             };
             if judge.score_kind() == ScoreKind::Reward {
                 let r = judge.reward(&edit, &image).await;
+                if let Some(why) = outage(&[r.as_ref().err()]) {
+                    record.error = Some(why);
+                    return Ok(record);
+                }
                 record.judged = Some(ItemCalls::Reward {
                     human: *score,
                     reward: called(
@@ -107,6 +138,10 @@ async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgem
                 judge.semantic_consistency(&edit, &image),
                 judge.perceptual_quality(&edit, &image)
             );
+            if let Some(why) = outage(&[sc.as_ref().err(), pq.as_ref().err()]) {
+                record.error = Some(why);
+                return Ok(record);
+            }
             let pick = |s: &crate::judge::SubScores| s.scores;
             let explain = |s: &crate::judge::SubScores| (s.reasoning.clone(), s.usage.clone());
             // O as the rubric computes it (a judge with several passes averages per pass).

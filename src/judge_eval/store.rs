@@ -101,7 +101,8 @@ pub struct Judgement {
     /// The calls, when the item's images could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judged: Option<ItemCalls>,
-    /// Why the item could not be judged (an unreadable image): not the judge's failure.
+    /// Why the item could not be judged (an unreadable image, or a judge that could not be
+    /// reached for any of its calls): not the judge's answer, so a rerun retries it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -179,8 +180,8 @@ impl JudgementStore {
         self.log.results()
     }
 
-    /// How many items this run found unreadable.
-    pub fn unreadable_this_run(&self) -> usize {
+    /// How many items this run could not judge (unreadable, or the judge unreachable).
+    pub fn not_judged_this_run(&self) -> usize {
         self.log.failed_since_open()
     }
 }
