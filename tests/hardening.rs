@@ -1179,3 +1179,52 @@ fn initial_latents_with_a_transposed_grid_or_nan_are_refused() {
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+/// `scheduler/scheduler_config.json` is read: its shift line sets the schedule's `mu`, and a
+/// schedule this code does not run is refused naming the file and field (both were ignored).
+#[test]
+fn the_scheduler_config_is_honoured_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    support::copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny"),
+        &model,
+    );
+    let config = model.join("scheduler/scheduler_config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let mu = |out: &Path| {
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        report["schedule"]["mu"].as_f64().unwrap()
+    };
+    let as_given = dir.path().join("as-given");
+    assert!(flux_edit(&model, &as_given, &[]).status.success());
+    std::fs::write(
+        &config,
+        original.replace("\"base_shift\": 0.5", "\"base_shift\": 0.9"),
+    )
+    .unwrap();
+    let shifted = dir.path().join("shifted");
+    assert!(flux_edit(&model, &shifted, &[]).status.success());
+    assert!(
+        mu(&shifted) > mu(&as_given) + 0.01,
+        "{} vs {}",
+        mu(&shifted),
+        mu(&as_given)
+    );
+    std::fs::write(
+        &config,
+        original.replace(
+            "\"use_karras_sigmas\": false",
+            "\"use_karras_sigmas\": true",
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("karras");
+    let result = flux_edit(&model, &out, &[]);
+    refused(
+        &out,
+        &result,
+        &["scheduler_config.json", "`use_karras_sigmas` = true"],
+    );
+}

@@ -363,6 +363,7 @@ impl FluxGenerator {
                 vae: Vec::new(),
                 vae_layout: KeyLayout::Diffusers,
                 vae_config: vae,
+                schedule_shift: DynamicShift::FLUX,
                 clip: none.clone(),
                 t5: none,
             },
@@ -740,7 +741,7 @@ impl Generator for FluxGenerator {
             key,
             image_tokens: tokens,
             latent_shape: vec![tokens, 4 * self.files.vae_config.latent_channels],
-            mu: DynamicShift::FLUX.mu(tokens),
+            mu: self.files.schedule_shift.mu(tokens),
         })
     }
 

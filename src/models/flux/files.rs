@@ -71,6 +71,9 @@ pub struct FluxFiles {
     pub vae_layout: KeyLayout,
     /// Autoencoder hyper-parameters.
     pub vae_config: VaeConfig,
+    /// The schedule's dynamic-shift line, from `scheduler/scheduler_config.json` (FLUX.1's
+    /// without one).
+    pub schedule_shift: super::scheduler::DynamicShift,
     /// CLIP-L.
     pub clip: EncoderFiles,
     /// T5.
@@ -299,6 +302,17 @@ impl FluxFiles {
             }
             None => VaeConfig::flux(),
         };
+        let scheduler_config_path = [root.as_ref(), Some(&text_root)]
+            .into_iter()
+            .flatten()
+            .map(|r| r.join("scheduler").join("scheduler_config.json"))
+            .find(|p| p.is_file());
+        let schedule_shift = match scheduler_config_path {
+            Some(p) => read_json::<super::scheduler::SchedulerConfig>(&p)?
+                .dynamic_shift()
+                .map_err(|reason| ModelError::files(&p, reason))?,
+            None => super::scheduler::DynamicShift::FLUX,
+        };
         let vae_layout = if vae_probe.has_key("encoder.down.0.block.0.conv1.weight") {
             KeyLayout::BflVae {
                 levels: vae_config.block_out_channels.len(),
@@ -314,6 +328,7 @@ impl FluxFiles {
             vae,
             vae_layout,
             vae_config,
+            schedule_shift,
             clip: encoder(&text_root, "text_encoder", "tokenizer")?,
             t5: match &paths.t5 {
                 Some(file) if !file.is_file() => return Err(missing(file, "T5 encoder weights")),

@@ -1,6 +1,6 @@
 //! FLUX's scheduler settings: the dynamic shift `mu`, linear in the number of image tokens
-//! (diffusers `FluxFillPipeline.calculate_shift` with the values of FLUX.1's
-//! `scheduler/scheduler_config.json`).
+//! (diffusers `FluxFillPipeline.calculate_shift`), with the line read from the checkpoint's
+//! `scheduler/scheduler_config.json` (FLUX.1's values without one).
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,117 @@ impl DynamicShift {
     }
 }
 
+/// `scheduler/scheduler_config.json` (diffusers' `FlowMatchEulerDiscreteScheduler`), read
+/// field by field: the shift line is honoured, and a field that would change the schedule
+/// in a way this code does not implement is refused. Missing fields take FLUX.1's values.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(default = "flux_base_len")]
+    base_image_seq_len: f64,
+    #[serde(default = "flux_max_len")]
+    max_image_seq_len: f64,
+    #[serde(default = "flux_base_shift")]
+    base_shift: f64,
+    #[serde(default = "flux_max_shift")]
+    max_shift: f64,
+    #[serde(default = "yes")]
+    use_dynamic_shifting: bool,
+    #[serde(default = "thousand")]
+    num_train_timesteps: f64,
+    #[serde(default)]
+    shift_terminal: Option<f64>,
+    #[serde(default)]
+    invert_sigmas: bool,
+    #[serde(default)]
+    stochastic_sampling: bool,
+    #[serde(default)]
+    use_karras_sigmas: bool,
+    #[serde(default)]
+    use_exponential_sigmas: bool,
+    #[serde(default)]
+    use_beta_sigmas: bool,
+    #[serde(default = "exponential")]
+    time_shift_type: String,
+}
+
+fn flux_base_len() -> f64 {
+    DynamicShift::FLUX.base_image_seq_len
+}
+fn flux_max_len() -> f64 {
+    DynamicShift::FLUX.max_image_seq_len
+}
+fn flux_base_shift() -> f64 {
+    DynamicShift::FLUX.base_shift
+}
+fn flux_max_shift() -> f64 {
+    DynamicShift::FLUX.max_shift
+}
+fn yes() -> bool {
+    true
+}
+fn thousand() -> f64 {
+    1000.0
+}
+fn exponential() -> String {
+    "exponential".into()
+}
+
+impl SchedulerConfig {
+    /// The dynamic-shift line this config asks for, or why this code cannot run it (the
+    /// field and its value).
+    pub fn dynamic_shift(&self) -> Result<DynamicShift, String> {
+        let unsupported = |field: &str, value: String| {
+            Err(format!(
+                "`{field}` = {value} is not supported (FluxFillPipeline's FLUX.1 schedule: dynamic exponential shifting of plain sigmas)"
+            ))
+        };
+        if !self.use_dynamic_shifting {
+            return unsupported("use_dynamic_shifting", "false".into());
+        }
+        if let Some(t) = self.shift_terminal {
+            return unsupported("shift_terminal", t.to_string());
+        }
+        for (field, on) in [
+            ("invert_sigmas", self.invert_sigmas),
+            ("stochastic_sampling", self.stochastic_sampling),
+            ("use_karras_sigmas", self.use_karras_sigmas),
+            ("use_exponential_sigmas", self.use_exponential_sigmas),
+            ("use_beta_sigmas", self.use_beta_sigmas),
+        ] {
+            if on {
+                return unsupported(field, "true".into());
+            }
+        }
+        if self.time_shift_type != "exponential" {
+            return unsupported("time_shift_type", format!("{:?}", self.time_shift_type));
+        }
+        if self.num_train_timesteps != 1000.0 {
+            return unsupported("num_train_timesteps", self.num_train_timesteps.to_string());
+        }
+        let line = DynamicShift {
+            base_image_seq_len: self.base_image_seq_len,
+            max_image_seq_len: self.max_image_seq_len,
+            base_shift: self.base_shift,
+            max_shift: self.max_shift,
+        };
+        let finite = [
+            line.base_image_seq_len,
+            line.max_image_seq_len,
+            line.base_shift,
+            line.max_shift,
+        ]
+        .iter()
+        .all(|v| v.is_finite());
+        if !finite || line.max_image_seq_len <= line.base_image_seq_len {
+            return Err(format!(
+                "`base_image_seq_len` {} and `max_image_seq_len` {} must be finite and increasing (with finite shifts)",
+                line.base_image_seq_len, line.max_image_seq_len
+            ));
+        }
+        Ok(line)
+    }
+}
+
 impl Default for DynamicShift {
     fn default() -> Self {
         Self::FLUX
@@ -45,6 +156,35 @@ impl Default for DynamicShift {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_s_shift_line_is_honoured_and_other_schedules_refused() {
+        let read = |json: &str| {
+            serde_json::from_str::<SchedulerConfig>(json)
+                .unwrap()
+                .dynamic_shift()
+        };
+        assert_eq!(read("{}").unwrap(), DynamicShift::FLUX);
+        let shifted = read(r#"{"base_shift": 0.9, "max_shift": 3.0}"#).unwrap();
+        assert!((shifted.mu(256) - 0.9).abs() < 1e-12 && (shifted.mu(4096) - 3.0).abs() < 1e-12);
+        for (json, field) in [
+            (r#"{"use_dynamic_shifting": false}"#, "use_dynamic_shifting"),
+            (r#"{"shift_terminal": 0.2}"#, "shift_terminal"),
+            (r#"{"use_karras_sigmas": true}"#, "use_karras_sigmas"),
+            (r#"{"time_shift_type": "linear"}"#, "time_shift_type"),
+            (r#"{"max_image_seq_len": 100}"#, "max_image_seq_len"),
+        ] {
+            let e = read(json).unwrap_err();
+            assert!(e.contains(field), "{json}: {e}");
+        }
+        // FLUX.1 Fill's own file (the fixture's copy of it) gives FLUX.1's line.
+        let fixture = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/flux/tiny/scheduler/scheduler_config.json"
+        ))
+        .unwrap();
+        assert_eq!(read(&fixture).unwrap(), DynamicShift::FLUX);
+    }
 
     #[test]
     fn mu_for_a_512_square_source() {
