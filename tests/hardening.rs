@@ -1228,3 +1228,24 @@ fn the_scheduler_config_is_honoured_or_refused() {
         &["scheduler_config.json", "`use_karras_sigmas` = true"],
     );
 }
+
+/// A diffusers folder without `transformer/config.json`: the plan and the loader refuse it
+/// naming that file (the plan took it for FLUX.1's 12B and asked for --quantize; the loader
+/// then looked for BFL keys in the diffusers file).
+#[test]
+fn a_missing_transformer_config_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    support::copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny"),
+        &model,
+    );
+    std::fs::remove_file(model.join("transformer/config.json")).unwrap();
+    let out = dir.path().join("out");
+    let result = flux_edit(&model, &out, &[]);
+    refused(&out, &result, &["transformer/config.json", "not found"]);
+    let planned = cli(&["plan", "--model-dir", model.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&planned.stderr);
+    assert_eq!(planned.status.code(), Some(EXIT_BAD_INPUT), "{stderr}");
+    assert!(stderr.contains("transformer/config.json"), "{stderr}");
+}

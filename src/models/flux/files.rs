@@ -126,6 +126,26 @@ fn transformer_layout(
     }
 }
 
+/// The transformer config of `files` when no `config.json` states it, as the loader reads
+/// it: a BFL single file's (GGUF included) from its weights' shapes; a diffusers-layout
+/// transformer's is refused, naming the config file it needs (`expected`). For the memory
+/// plan, which runs before anything loads.
+pub fn config_without_file(files: &[PathBuf], expected: &Path) -> Result<FluxConfig, ModelError> {
+    let probe = WeightSource::open(files, KeyLayout::Diffusers)?;
+    if probe.has_key("x_embedder.weight") || probe.has_key("transformer_blocks.0.attn.to_q.weight")
+    {
+        return Err(missing(
+            expected,
+            "the config of a diffusers-layout transformer; only a BFL single file's is read from its weights",
+        ));
+    }
+    let config = infer_bfl_config(&files[0], &probe)?;
+    config
+        .validate()
+        .map_err(|reason| ModelError::files(&files[0], reason))?;
+    Ok(config)
+}
+
 /// Why `config` is not the config of the transformer in `probe`, judged by the input
 /// embedder (`[hidden, in_channels]` in every layout), or `None` when they agree.
 fn embedder_mismatch(config: &FluxConfig, probe: &WeightSource) -> Option<String> {
@@ -269,6 +289,20 @@ impl FluxFiles {
                     }
                     Some(why) => return Err(ModelError::files(p, why)),
                 }
+            }
+            // A diffusers transformer states its config in a file; only a BFL single file's
+            // can be read from its weights.
+            None if probe.has_key("x_embedder.weight")
+                || probe.has_key("transformer_blocks.0.attn.to_q.weight") =>
+            {
+                let expected = match &root {
+                    Some(r) => r.join("transformer").join("config.json"),
+                    None => transformer[0].with_file_name("config.json"),
+                };
+                return Err(missing(
+                    &expected,
+                    "the config of a diffusers-layout transformer; only a BFL single file's is read from its weights",
+                ));
             }
             None => valid_inferred(infer_bfl_config(&transformer[0], &probe)?)?,
         };
