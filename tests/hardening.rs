@@ -1249,3 +1249,33 @@ fn a_missing_transformer_config_is_named() {
     assert_eq!(planned.status.code(), Some(EXIT_BAD_INPUT), "{stderr}");
     assert!(stderr.contains("transformer/config.json"), "{stderr}");
 }
+
+/// More rows of initial latents than candidates: refused naming the flag and the file.
+#[test]
+fn more_initial_latents_than_candidates_names_the_flag_and_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let given = root.join("tests/fixtures/flux/init_latents.safetensors");
+    let latents = candle_core::safetensors::load(&given, &candle_core::Device::Cpu).unwrap()
+        ["latents"]
+        .clone();
+    let two = candle_core::Tensor::cat(&[&latents, &latents], 0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("two.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents".to_string(), two)]),
+        &file,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let tiny = root.join("tests/fixtures/flux/tiny");
+    let result = flux_edit(&tiny, &out, &["--init-latents", file.to_str().unwrap()]);
+    refused(
+        &out,
+        &result,
+        &[
+            "--init-latents",
+            "two.safetensors",
+            "more than this edit's 1 candidate(s)",
+        ],
+    );
+}

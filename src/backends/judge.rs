@@ -361,8 +361,8 @@ impl JudgeSpec {
                 (None, Some(_)) => Arc::new(TestbedJudge::new(*config)),
                 (None, None) => {
                     return Err(JudgeError::Config(
-                        "--judge testbed knows only the testbed generator's edits (their truth is simulated); \
-                         with FLUX give a judge preset (judges/*.toml)"
+                        "--judge testbed (the default judge) knows only the testbed generator's edits (their truth is simulated); \
+                         with FLUX give a judge preset (--judge judges/NAME.toml), or --judge none with --strategy random"
                             .into(),
                     ))
                 }

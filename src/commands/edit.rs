@@ -48,7 +48,19 @@ async fn edit_claimed(
     let flux_grid = matches!(checked.generator, GeneratorSpec::Flux(_))
         .then_some((h as usize / 8, 2 * w as usize / 8));
     let init_latents = match &args.engine.generator.init_latents {
-        Some(path) => load_init_latents(path, flux_grid)?,
+        Some(path) => {
+            let latents = load_init_latents(path, flux_grid)?;
+            let candidates = checked.strategy.candidate_count();
+            if latents.len() > candidates {
+                return Err(EditError::Invalid(format!(
+                    "--init-latents {}: {} rows of latents, more than this edit's {candidates} candidate(s) (--seeds); give at most one per candidate",
+                    path.display(),
+                    latents.len()
+                ))
+                .into());
+            }
+            latents
+        }
         None => Vec::new(),
     };
     let workload = Workload::new((w as usize, h as usize), false, [&checked.strategy]);
@@ -69,7 +81,7 @@ async fn edit_claimed(
     let report = match run_and_write(&engine, job, &args.out).await {
         Err(e) if matches!(e.downcast_ref(), Some(EngineError::Cancelled)) => {
             // An edit is one unit: nothing of it is kept, and a rerun starts it over.
-            return Err(super::Incomplete::Stopped { done: 0, left: 1 }.into());
+            return Err(super::Incomplete::EditStopped.into());
         }
         Err(e) => {
             // Latents that do not fit this edit are found once the generator knows its

@@ -42,6 +42,9 @@ pub enum Incomplete {
         /// Units not started.
         left: usize,
     },
+    /// An edit stopped on request: an edit is one unit and keeps nothing of a stopped run.
+    #[error("the edit stopped before the end and kept nothing (an edit is one unit); the same command starts it over")]
+    EditStopped,
     /// The edit ran and its outputs are written, but not all of it finished: no candidate
     /// could be scored (every scoring call of the judge failed), or the refine failed. A
     /// batch would mark the item failed.
@@ -69,7 +72,7 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if let Some(incomplete) = cause.downcast_ref::<Incomplete>() {
             return match incomplete {
-                Incomplete::Stopped { .. } => EXIT_STOPPED,
+                Incomplete::Stopped { .. } | Incomplete::EditStopped => EXIT_STOPPED,
                 Incomplete::SomeFailed { .. } | Incomplete::Unfinished { .. } => EXIT_SOME_FAILED,
             };
         }
