@@ -353,11 +353,20 @@ pub async fn run_suite(
                 if let (Some(pool), Some(a)) = (pools.get(arm.name.as_str()), allowance) {
                     pool.settle(a, outcome.as_ref().ok().map(|r| r.nfe.total));
                 }
+                // Random returns candidate 0 whatever the selection judge says: an unscored
+                // pick is still its result (as the random read from best-of-N's run is), and
+                // only a failed refine fails it.
+                let incomplete = |report: &EditReport| match config.kind {
+                    StrategyKind::Random => report.refine_error.as_ref().map(|e| {
+                        format!("the refine failed (the edit is kept at its own size): {e}")
+                    }),
+                    _ => report.incomplete_reason(),
+                };
                 match outcome {
                     // The selection judge was down (or the refine failed): the pick is a
                     // fallback, not this strategy's result. Recorded as failed, so it is
                     // left out of the means and retried by a rerun.
-                    Ok(report) if let Some(reason) = report.incomplete_reason() => {
+                    Ok(report) if let Some(reason) = incomplete(&report) => {
                         let mut failed = arm_failed(item, arm, &config, &reason);
                         // The arm's own record keeps the compute it spent: a failure is
                         // not free in the cost columns.
