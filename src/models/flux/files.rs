@@ -250,11 +250,15 @@ impl FluxFiles {
             }
         };
         let probe = WeightSource::open(&transformer, KeyLayout::Diffusers)?;
-        let config_path = [root.as_ref(), Some(&text_root)]
-            .into_iter()
-            .flatten()
-            .map(|r| r.join("transformer").join("config.json"))
-            .find(|p| p.is_file());
+        // A component's config file, in the model folder or else the text encoders' folder.
+        let config_file = |sub: &str, name: &str| {
+            [root.as_ref(), Some(&text_root)]
+                .into_iter()
+                .flatten()
+                .map(|r| r.join(sub).join(name))
+                .find(|p| p.is_file())
+        };
+        let config_path = config_file("transformer", "config.json");
         // A config's error names the config; an inferred one's, the weights it came from.
         let valid_inferred = |config: FluxConfig| {
             config
@@ -321,11 +325,7 @@ impl FluxFiles {
             }
         };
         let vae_probe = WeightSource::open(&vae, KeyLayout::Diffusers)?;
-        let vae_config_path = [root.as_ref(), Some(&text_root)]
-            .into_iter()
-            .flatten()
-            .map(|r| r.join("vae").join("config.json"))
-            .find(|p| p.is_file());
+        let vae_config_path = config_file("vae", "config.json");
         let vae_config = match vae_config_path {
             Some(p) => {
                 let config = read_json::<VaeConfig>(&p)?;
@@ -336,11 +336,7 @@ impl FluxFiles {
             }
             None => VaeConfig::flux(),
         };
-        let scheduler_config_path = [root.as_ref(), Some(&text_root)]
-            .into_iter()
-            .flatten()
-            .map(|r| r.join("scheduler").join("scheduler_config.json"))
-            .find(|p| p.is_file());
+        let scheduler_config_path = config_file("scheduler", "scheduler_config.json");
         let schedule_shift = match scheduler_config_path {
             Some(p) => read_json::<super::scheduler::SchedulerConfig>(&p)?
                 .dynamic_shift()
