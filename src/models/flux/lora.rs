@@ -313,10 +313,12 @@ impl LoraSet {
         if used.is_empty() {
             return Err(ModelError::Files {
                 path: self.path.clone(),
-                reason: format!(
-                    "the LoRA matches no layer of the transformer (first module: {:?})",
-                    self.plain.keys().chain(self.experts.keys()).next()
-                ),
+                reason: match self.plain.keys().chain(self.experts.keys()).next() {
+                    Some(first) => format!(
+                        "the LoRA matches no layer of the transformer (first module: `{first}`); its keys are read in the diffusers/peft naming (`transformer_blocks.0.attn.to_q.lora_A.weight`), not kohya's (`lora_unet_...`)"
+                    ),
+                    None => "the LoRA holds no adapter (no lora_A/lora_B or lora_down/lora_up pair)".into(),
+                },
             });
         }
         if !unused.is_empty() || !self.unknown_keys.is_empty() {

@@ -176,11 +176,14 @@ impl VaeConfig {
                 return refuse(field, "true".into(), "the FLUX AE has no quant convs");
             }
         }
-        if self.out_channels.is_some_and(|c| c != self.in_channels) {
+        if let Some(out) = self.out_channels.filter(|&c| c != self.in_channels) {
             return refuse(
                 "out_channels",
-                format!("{:?}", self.out_channels),
-                "must equal in_channels",
+                out.to_string(),
+                &format!(
+                    "must equal in_channels ({}): the AE decodes to the channels it encodes",
+                    self.in_channels
+                ),
             );
         }
         for (field, types, want) in [
