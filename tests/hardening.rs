@@ -1279,3 +1279,24 @@ fn more_initial_latents_than_candidates_names_the_flag_and_file() {
         ],
     );
 }
+
+/// A default tile (the VAE config's `sample_size`) that cannot be used is blamed on the
+/// config, not on `--vae-tile`, which the user never gave.
+#[test]
+fn an_unusable_default_vae_tile_names_the_config_not_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    support::copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny"),
+        &model,
+    );
+    let config = model.join("vae/config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    json["sample_size"] = serde_json::json!(16);
+    std::fs::write(&config, json.to_string()).unwrap();
+    let out = dir.path().join("out");
+    let result = flux_edit(&model, &out, &[]);
+    refused(&out, &result, &["`sample_size`", "--vae-tiling off"]);
+    assert!(!String::from_utf8_lossy(&result.stderr).contains("--vae-tile:"));
+}

@@ -429,9 +429,12 @@ impl FluxSpec {
         };
         // A tile that cannot be used is refused now, before anything loads.
         if self.vae_tiling != VaeTilingMode::Off {
-            self.tiling_of(&vae)
-                .check(vae.downscale())
-                .map_err(|e| EditError::Invalid(format!("--vae-tile: {e}")))?;
+            self.tiling_of(&vae).check(vae.downscale()).map_err(|e| {
+                EditError::Invalid(format!(
+                    "{}: {e}",
+                    crate::models::flux::vae_tiling::tile_source(self.vae_tile)
+                ))
+            })?;
         }
         let vae_tiling = (self.vae_tiling == VaeTilingMode::On).then(|| self.tiling_of(&vae));
         let request = PlanRequest {

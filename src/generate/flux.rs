@@ -157,9 +157,12 @@ impl FluxOptions {
         let tiling = self
             .vae_tile
             .map_or_else(|| VaeTiling::of_config(vae), VaeTiling::new);
-        tiling
-            .check(vae.downscale())
-            .map_err(|e| GenerateError::Config(format!("--vae-tile: {e}")))?;
+        tiling.check(vae.downscale()).map_err(|e| {
+            GenerateError::Config(format!(
+                "{}: {e}",
+                crate::models::flux::vae_tiling::tile_source(self.vae_tile)
+            ))
+        })?;
         tracing::info!(
             tile = tiling.tile,
             "VAE passes larger than the tile run tile by tile"

@@ -30,6 +30,15 @@ use super::vae::{Autoencoder, VaeConfig};
 /// diffusers' `tile_overlap_factor`.
 pub const DEFAULT_OVERLAP: f64 = 0.25;
 
+/// Where a tile size came from, for an error about it: `--vae-tile` when given, else the
+/// VAE config's `sample_size` (the default tile), which the user may never have set.
+pub fn tile_source(vae_tile: Option<usize>) -> &'static str {
+    match vae_tile {
+        Some(_) => "--vae-tile",
+        None => "the VAE config's `sample_size` (the default tile: give --vae-tile, or --vae-tiling off)",
+    }
+}
+
 /// How a tiled pass cuts its input.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct VaeTiling {
