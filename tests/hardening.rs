@@ -1021,6 +1021,16 @@ fn an_edit_refused_while_loading_leaves_no_empty_folder() {
     assert!(!out.exists(), "left {}", out.display());
 }
 
+/// A copy of the tiny FLUX Fill folder, at `dir/model`, to damage.
+fn tiny_copy(dir: &Path) -> std::path::PathBuf {
+    let model = dir.join("model");
+    support::copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny"),
+        &model,
+    );
+    model
+}
+
 /// A copy of the tiny FLUX Fill folder under `dir`, with `change` applied to the tensors of
 /// its file `file` (relative to the folder).
 fn damaged_flux(
@@ -1028,11 +1038,7 @@ fn damaged_flux(
     file: &str,
     change: impl FnOnce(&mut std::collections::HashMap<String, candle_core::Tensor>),
 ) -> std::path::PathBuf {
-    let model = dir.join("model");
-    support::copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny"),
-        &model,
-    );
+    let model = tiny_copy(dir);
     let path = model.join(file);
     let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
     change(&mut tensors);
@@ -1185,11 +1191,7 @@ fn initial_latents_with_a_transposed_grid_or_nan_are_refused() {
 #[test]
 fn the_scheduler_config_is_honoured_or_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    support::copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny"),
-        &model,
-    );
+    let model = tiny_copy(dir.path());
     let config = model.join("scheduler/scheduler_config.json");
     let original = std::fs::read_to_string(&config).unwrap();
     let mu = |out: &Path| {
@@ -1235,11 +1237,7 @@ fn the_scheduler_config_is_honoured_or_refused() {
 #[test]
 fn a_missing_transformer_config_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    support::copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny"),
-        &model,
-    );
+    let model = tiny_copy(dir.path());
     std::fs::remove_file(model.join("transformer/config.json")).unwrap();
     let out = dir.path().join("out");
     let result = flux_edit(&model, &out, &[]);
@@ -1285,11 +1283,7 @@ fn more_initial_latents_than_candidates_names_the_flag_and_file() {
 #[test]
 fn an_unusable_default_vae_tile_names_the_config_not_the_flag() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    support::copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny"),
-        &model,
-    );
+    let model = tiny_copy(dir.path());
     let config = model.join("vae/config.json");
     let mut json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();

@@ -232,13 +232,46 @@ async fn an_interrupted_run_resumes_to_the_same_report() {
     assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 60);
 }
 
-/// A judge that never answers.
-struct Broken;
+/// A judge that never answers: each kind of call fails with its own error.
+struct Failing {
+    compare: JudgeError,
+    semantic: JudgeError,
+    perceptual: JudgeError,
+}
+
+impl Failing {
+    /// Fails with answers: a client error, an unparseable reply, a refusal (failures the
+    /// judge is measured by).
+    fn answering() -> Self {
+        Self {
+            // A client error is the judge's answer to this request (an outage is not: see
+            // `an_unreachable_judge_is_an_outage_a_rerun_retries`).
+            compare: JudgeError::Http {
+                status: 400,
+                body: "no reply".into(),
+            },
+            semantic: JudgeError::parse("no score", "I cannot tell"),
+            perceptual: JudgeError::Failed("down".into()),
+        }
+    }
+
+    /// An endpoint that is down: every call fails before reaching it.
+    fn unreachable() -> Self {
+        Self {
+            compare: JudgeError::Transport("connection refused".into()),
+            semantic: JudgeError::Timeout("no reply in 60 s".into()),
+            perceptual: JudgeError::Http {
+                status: 503,
+                body: "overloaded".into(),
+            },
+        }
+    }
+}
 
 #[async_trait]
-impl Judge for Broken {
+impl Judge for Failing {
     fn name(&self) -> String {
-        "broken".into()
+        "failing".into()
     }
     async fn screen(
         &self,
@@ -246,7 +279,7 @@ impl Judge for Broken {
         _: &RgbImage,
         _: PreviewStage,
     ) -> Result<ScreenVerdict, JudgeError> {
-        Err(JudgeError::Failed("down".into()))
+        Err(self.compare.clone())
     }
     async fn compare(
         &self,
@@ -254,26 +287,21 @@ impl Judge for Broken {
         _: &RgbImage,
         _: &RgbImage,
     ) -> Result<Comparison, JudgeError> {
-        // A client error is the judge's answer to this request (an outage is not: see
-        // `an_unreachable_judge_is_an_outage_a_rerun_retries`).
-        Err(JudgeError::Http {
-            status: 400,
-            body: "no reply".into(),
-        })
+        Err(self.compare.clone())
     }
     async fn semantic_consistency(
         &self,
         _: &EditContext,
         _: &RgbImage,
     ) -> Result<SubScores, JudgeError> {
-        Err(JudgeError::parse("no score", "I cannot tell"))
+        Err(self.semantic.clone())
     }
     async fn perceptual_quality(
         &self,
         _: &EditContext,
         _: &RgbImage,
     ) -> Result<SubScores, JudgeError> {
-        Err(JudgeError::Failed("down".into()))
+        Err(self.perceptual.clone())
     }
 }
 
@@ -281,7 +309,7 @@ impl Judge for Broken {
 async fn a_failing_judge_has_failures_not_preferences_or_scores() {
     let cases = testbed_cases(10, 10, 100, 0);
     let dir = tempfile::tempdir().unwrap();
-    let report = judge_all(&cases, Arc::new(Broken), dir.path()).await;
+    let report = judge_all(&cases, Arc::new(Failing::answering()), dir.path()).await;
     let pairs = report.pairs.unwrap();
     assert_eq!((pairs.pairs, pairs.answered), (10, 0));
     assert_eq!(pairs.accuracy_without_ties, None);
@@ -300,49 +328,6 @@ async fn a_failing_judge_has_failures_not_preferences_or_scores() {
     assert!(log.contains("no reply") && log.contains("I cannot tell"));
 }
 
-/// A judge whose endpoint is down: every call fails before reaching it.
-struct Unreachable;
-
-#[async_trait]
-impl Judge for Unreachable {
-    fn name(&self) -> String {
-        "unreachable".into()
-    }
-    async fn screen(
-        &self,
-        _: &EditContext,
-        _: &RgbImage,
-        _: PreviewStage,
-    ) -> Result<ScreenVerdict, JudgeError> {
-        Err(JudgeError::Transport("connection refused".into()))
-    }
-    async fn compare(
-        &self,
-        _: &EditContext,
-        _: &RgbImage,
-        _: &RgbImage,
-    ) -> Result<Comparison, JudgeError> {
-        Err(JudgeError::Transport("connection refused".into()))
-    }
-    async fn semantic_consistency(
-        &self,
-        _: &EditContext,
-        _: &RgbImage,
-    ) -> Result<SubScores, JudgeError> {
-        Err(JudgeError::Timeout("no reply in 60 s".into()))
-    }
-    async fn perceptual_quality(
-        &self,
-        _: &EditContext,
-        _: &RgbImage,
-    ) -> Result<SubScores, JudgeError> {
-        Err(JudgeError::Http {
-            status: 503,
-            body: "overloaded".into(),
-        })
-    }
-}
-
 /// An endpoint that was down is an outage, not the judge's 100% failure rate: its items are
 /// stored as not judged, and a rerun with the endpoint back judges them, ending where a run
 /// that never met the outage ends.
@@ -350,7 +335,7 @@ impl Judge for Unreachable {
 async fn an_unreachable_judge_is_an_outage_a_rerun_retries() {
     let cases = testbed_cases(6, 6, 900, 3);
     let dir = tempfile::tempdir().unwrap();
-    let down = judge_all(&cases, Arc::new(Unreachable), dir.path()).await;
+    let down = judge_all(&cases, Arc::new(Failing::unreachable()), dir.path()).await;
     assert_eq!(down.not_judged.len(), 12);
     assert_eq!(down.cost.calls, 0);
     let log = std::fs::read_to_string(dir.path().join("judgements.jsonl")).unwrap();

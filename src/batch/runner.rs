@@ -503,36 +503,35 @@ pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Merged, Engine
 /// that differs is a warning only: its identity holds file paths, which differ between the
 /// machines of one cluster job. Shards without the file (older runs) are not compared.
 fn mixed_settings(shard_dirs: &[PathBuf]) -> Result<Vec<String>, EngineError> {
-    use serde_json::{Map, Value};
-    let mut first: Option<(&PathBuf, Map<String, Value>)> = None;
+    use crate::fsio::settings::{changed_settings, SETTINGS_FILE};
+    let mut shards = shard_dirs
+        .iter()
+        .filter(|dir| dir.join(SETTINGS_FILE).is_file());
+    let Some(first) = shards.next() else {
+        return Ok(Vec::new());
+    };
     let mut warnings = Vec::new();
-    for dir in shard_dirs {
-        let path = dir.join(crate::fsio::settings::SETTINGS_FILE);
-        if !path.is_file() {
-            continue;
-        }
-        let settings: Map<String, Value> =
-            crate::fsio::read_json(&path).map_err(|e| EditError::Invalid(e.to_string()))?;
-        let Some((first_dir, first_settings)) = &first else {
-            first = Some((dir, settings));
-            continue;
+    for dir in shards {
+        let settings: serde_json::Map<String, serde_json::Value> =
+            crate::fsio::read_json(&dir.join(SETTINGS_FILE))
+                .map_err(|e| EditError::Invalid(e.to_string()))?;
+        let (generator, others): (Vec<_>, Vec<_>) =
+            changed_settings(&first.join(SETTINGS_FILE), &settings)?
+                .into_iter()
+                .partition(|(key, _)| key == "generator");
+        let named = |changed: &[(String, serde_json::Value)]| {
+            changed
+                .iter()
+                .map(|(key, then)| format!("`{key}` {then} there, {} here", settings[key]))
+                .collect::<Vec<_>>()
+                .join("; ")
         };
-        let differing: Vec<String> = first_settings
-            .iter()
-            .filter_map(|(key, then)| {
-                let now = settings.get(key)?;
-                (now != then).then(|| format!("`{key}` {then} there, {now} here"))
-            })
-            .collect();
-        let (generator, others): (Vec<String>, Vec<String>) = differing
-            .into_iter()
-            .partition(|d| d.starts_with("`generator`"));
         if !others.is_empty() {
             return Err(EditError::Invalid(format!(
                 "shard folder {} was run with other settings than {} ({}): a merged summary would mix them; merge the shards of one batch",
                 dir.display(),
-                first_dir.display(),
-                others.join("; ")
+                first.display(),
+                named(&others)
             ))
             .into());
         }
@@ -540,8 +539,8 @@ fn mixed_settings(shard_dirs: &[PathBuf]) -> Result<Vec<String>, EngineError> {
             warnings.push(format!(
                 "shard folder {} names its generator otherwise than {} (other weight paths on another machine, or other weights?): {}",
                 dir.display(),
-                first_dir.display(),
-                generator.join("; ")
+                first.display(),
+                named(&generator)
             ));
         }
     }

@@ -267,14 +267,10 @@ fn load_init_latents(
             path.display()
         ))
     })?;
-    let values = latents
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+    let (bad, total) = crate::generate::non_finite_count(latents)?;
+    if bad > 0 {
         return Err(invalid(format!(
-            "`latents` holds a non-finite value ({} at flat index {at})",
-            values[at]
+            "`latents` holds {bad} non-finite value(s) (NaN or infinite) of {total}"
         ))
         .into());
     }

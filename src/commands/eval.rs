@@ -250,15 +250,14 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         .iter()
         .cloned()
         .partition(|r| current.contains(r.item.as_str()));
-    if !left_out.is_empty() {
-        let mut others: Vec<&str> = left_out.iter().map(|r| r.item.as_str()).collect();
-        others.dedup();
+    let others: std::collections::BTreeSet<&str> =
+        left_out.iter().map(|r| r.item.as_str()).collect();
+    if let Some(example) = others.first() {
         tracing::warn!(
-            "{}: {} stored result(s), for {} item(s) the suite no longer names (e.g. `{}`), are left out of the report",
+            "{}: {} stored result(s), for {} item(s) the suite no longer names (e.g. `{example}`), are left out of the report",
             args.out.join("results.jsonl").display(),
             left_out.len(),
-            others.iter().collect::<std::collections::BTreeSet<_>>().len(),
-            others[0]
+            others.len(),
         );
     }
     let report = report::build(&suite, &reported, &names);

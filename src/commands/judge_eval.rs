@@ -123,8 +123,6 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
     crate::fsio::settings::check_settings(&args.out, settings, false)?;
     if !args.report_only {
         store.record_settings_with_first_judgement(settings.clone());
-    }
-    if !args.report_only {
         let stop = StopSignal::default();
         stop.stop_on_signals("stopping after the items in flight (judgements so far are saved)")?;
         let bar = crate::engine::Meter::new(

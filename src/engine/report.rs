@@ -525,11 +525,14 @@ impl EditReport {
     /// Why this edit did not give all that was asked of it, for a rerun to retry: no
     /// scored pick ([`Self::unscored_reason`]) or a refine that failed.
     pub fn incomplete_reason(&self) -> Option<String> {
-        self.unscored_reason().or_else(|| {
-            self.refine_error
-                .as_ref()
-                .map(|e| format!("the refine failed (the edit is kept at its own size): {e}"))
-        })
+        self.unscored_reason().or_else(|| self.refine_failure())
+    }
+
+    /// Why the refine failed, when it did (the edit itself is kept at its own size).
+    pub fn refine_failure(&self) -> Option<String> {
+        self.refine_error
+            .as_ref()
+            .map(|e| format!("the refine failed (the edit is kept at its own size): {e}"))
     }
 }
 

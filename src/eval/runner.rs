@@ -160,6 +160,42 @@ fn base(item: &EvalItem, arm: &str) -> ArmResult {
     }
 }
 
+/// What a run spent (its forwards, the selection judge's calls, its wall time), as a
+/// record of `arm` on `item` with nothing scored yet.
+fn spent(item: &EvalItem, arm: &str, report: &EditReport) -> ArmResult {
+    let t = &report.judge_totals;
+    ArmResult {
+        nfe: report.nfe.total,
+        full_forwards: Some(report.forwards.full),
+        cached_forwards: report.forwards.cached,
+        judge_calls: t.calls,
+        judge_failures: t.failures,
+        judge_tokens: t.prompt_tokens + t.completion_tokens,
+        wall_s: report.timings.total_s,
+        ..base(item, arm)
+    }
+}
+
+/// `spent` with the pick's selection scores and the eval judge's verdict on `image`, the
+/// cost of its calls added.
+async fn with_verdict(
+    spent: ArmResult,
+    image: Option<&RgbImage>,
+    selection: Option<Scores>,
+    scorer: &Scorer<'_>,
+) -> ArmResult {
+    let (eval, calls, failures, tokens, correct) = scorer.score(image, selection).await;
+    ArmResult {
+        selection,
+        eval,
+        correct,
+        judge_calls: spent.judge_calls + calls,
+        judge_failures: spent.judge_failures + failures,
+        judge_tokens: spent.judge_tokens + tokens,
+        ..spent
+    }
+}
+
 async fn from_report(
     item: &EvalItem,
     arm: &str,
@@ -172,21 +208,7 @@ async fn from_report(
         .and_then(|v| v.ok())
         .map(scores);
     let image = picked.and_then(|c| c.images.final_image.as_deref());
-    let (eval, calls, failures, tokens, correct) = scorer.score(image, selection).await;
-    let t = &report.judge_totals;
-    ArmResult {
-        nfe: report.nfe.total,
-        full_forwards: Some(report.forwards.full),
-        cached_forwards: report.forwards.cached,
-        selection,
-        eval,
-        correct,
-        judge_calls: t.calls + calls,
-        judge_failures: t.failures + failures,
-        judge_tokens: t.prompt_tokens + t.completion_tokens + tokens,
-        wall_s: report.timings.total_s,
-        ..base(item, arm)
-    }
+    with_verdict(spent(item, arm, report), image, selection, scorer).await
 }
 
 /// best-of-n over the first `n` candidates of a best-of-N report (n = 1 is random).
@@ -215,47 +237,40 @@ async fn prefix(
     }
     let chosen = &candidates[best];
     let selection = chosen.vie.as_ref().and_then(|v| v.ok()).map(scores);
+    // The first n candidates' share of the run.
     let share = n as f64 / report.candidates.len().max(1) as f64;
     let t = &report.judge_totals;
-    let judge_failures = candidates
-        .iter()
-        .filter(|c| c.vie.as_ref().is_some_and(|v| v.ok().is_none()))
-        .count() as u64;
+    let spent = ArmResult {
+        nfe: n * report.strategy.steps,
+        full_forwards: Some(candidates.iter().map(|c| c.forwards.full).sum()),
+        cached_forwards: candidates.iter().map(|c| c.forwards.cached).sum(),
+        judge_calls: (t.calls as f64 * share).round() as u64,
+        judge_failures: candidates
+            .iter()
+            .filter(|c| c.vie.as_ref().is_some_and(|v| v.ok().is_none()))
+            .count() as u64,
+        judge_tokens: ((t.prompt_tokens + t.completion_tokens) as f64 * share).round() as u64,
+        wall_s: report.timings.total_s * share,
+        derived_from: Some(source.to_string()),
+        ..base(item, name)
+    };
     if n >= 2 && selection.is_none() {
         // Candidate 0 would be a fallback, not best-of-n's pick: a failure, as the same
         // arm run on its own records it, with the compute it spent.
         return ArmResult {
-            nfe: n * report.strategy.steps,
-            full_forwards: Some(candidates.iter().map(|c| c.forwards.full).sum()),
-            cached_forwards: candidates.iter().map(|c| c.forwards.cached).sum(),
-            judge_calls: (t.calls as f64 * share).round() as u64,
-            judge_failures,
-            wall_s: report.timings.total_s * share,
-            derived_from: Some(source.to_string()),
             error: Some(format!(
                 "no edit could be scored: the selection judge scored none of {source}'s first {n} candidates"
             )),
-            ..base(item, name)
+            ..spent
         };
     }
-    let (eval, calls, failures, tokens, correct) = scorer
-        .score(chosen.images.final_image.as_deref(), selection)
-        .await;
-    ArmResult {
-        nfe: n * report.strategy.steps,
-        full_forwards: Some(candidates.iter().map(|c| c.forwards.full).sum()),
-        cached_forwards: candidates.iter().map(|c| c.forwards.cached).sum(),
+    with_verdict(
+        spent,
+        chosen.images.final_image.as_deref(),
         selection,
-        eval,
-        correct,
-        judge_calls: (t.calls as f64 * share).round() as u64 + calls,
-        judge_failures: judge_failures + failures,
-        judge_tokens: ((t.prompt_tokens + t.completion_tokens) as f64 * share).round() as u64
-            + tokens,
-        wall_s: report.timings.total_s * share,
-        derived_from: Some(source.to_string()),
-        ..base(item, name)
-    }
+        scorer,
+    )
+    .await
 }
 
 /// Runs every pending (item, arm); `on_result` is called after each stored result.
@@ -357,9 +372,7 @@ pub async fn run_suite(
                 // pick is still its result (as the random read from best-of-N's run is), and
                 // only a failed refine fails it.
                 let incomplete = |report: &EditReport| match config.kind {
-                    StrategyKind::Random => report.refine_error.as_ref().map(|e| {
-                        format!("the refine failed (the edit is kept at its own size): {e}")
-                    }),
+                    StrategyKind::Random => report.refine_failure(),
                     _ => report.incomplete_reason(),
                 };
                 match outcome {
@@ -370,16 +383,9 @@ pub async fn run_suite(
                         let mut failed = arm_failed(item, arm, &config, &reason);
                         // The arm's own record keeps the compute it spent: a failure is
                         // not free in the cost columns.
-                        let t = &report.judge_totals;
                         failed[0] = ArmResult {
-                            nfe: report.nfe.total,
-                            full_forwards: Some(report.forwards.full),
-                            cached_forwards: report.forwards.cached,
-                            judge_calls: t.calls,
-                            judge_failures: t.failures,
-                            judge_tokens: t.prompt_tokens + t.completion_tokens,
-                            wall_s: report.timings.total_s,
-                            ..failed[0].clone()
+                            error: failed[0].error.take(),
+                            ..spent(item, &arm.name, &report)
                         };
                         records.extend(failed);
                     }

@@ -456,20 +456,25 @@ pub fn advance_to(
 /// candidate; the check reads the latents back once per decode, which the decode's own cost
 /// dwarfs.
 fn check_finite(latents: &Tensor, state: &CandidateState) -> Result<(), GenerateError> {
+    let (bad, total) = non_finite_count(latents)?;
+    if bad == 0 {
+        return Ok(());
+    }
+    Err(GenerateError::NonFinite(format!(
+        "candidate (seed {}) at step {}: {bad} of {total} latent values are NaN or infinite; the model produced them (weights holding NaN, or an f16 overflow: try --dtype bf16 on a GPU, or f32)",
+        state.seed, state.step,
+    )))
+}
+
+/// How many of `latents`' values are NaN or infinite, and how many values it holds (read
+/// back to the host).
+pub fn non_finite_count(latents: &Tensor) -> candle_core::Result<(usize, usize)> {
     let values = latents
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     let bad = values.iter().filter(|v| !v.is_finite()).count();
-    if bad == 0 {
-        return Ok(());
-    }
-    Err(GenerateError::NonFinite(format!(
-        "candidate (seed {}) at step {}: {bad} of {} latent values are NaN or infinite; the model produced them (weights holding NaN, or an f16 overflow: try --dtype bf16 on a GPU, or f32)",
-        state.seed,
-        state.step,
-        values.len()
-    )))
+    Ok((bad, values.len()))
 }
 
 /// Decodes the x0 preview of a state.

@@ -175,16 +175,10 @@ pub fn peek_flux(
             .map_err(|e| format!("{}: {e}", p.display()))?,
         // Found weights without a config: a BFL file's is read from its weights (as the
         // loader reads it), so a small file is not planned as FLUX.1's 12B.
-        None if !files.is_empty() => {
-            let expected = match &root {
-                Some(r) => r.join("transformer").join("config.json"),
-                None => files[0].with_file_name("config.json"),
-            };
-            Some(
-                crate::models::flux::files::config_without_file(&files, &expected)
-                    .map_err(|e| e.to_string())?,
-            )
-        }
+        None if !files.is_empty() => Some(
+            crate::models::flux::files::config_without_file(&files, root.as_deref())
+                .map_err(|e| e.to_string())?,
+        ),
         None => None,
     };
     let vae_config: Option<VaeConfig> = match config_in("vae")? {

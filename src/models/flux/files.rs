@@ -126,24 +126,41 @@ fn transformer_layout(
     }
 }
 
-/// The transformer config of `files` when no `config.json` states it, as the loader reads
-/// it: a BFL single file's (GGUF included) from its weights' shapes; a diffusers-layout
-/// transformer's is refused, naming the config file it needs (`expected`). For the memory
-/// plan, which runs before anything loads.
-pub fn config_without_file(files: &[PathBuf], expected: &Path) -> Result<FluxConfig, ModelError> {
-    let probe = WeightSource::open(files, KeyLayout::Diffusers)?;
+/// The transformer config of `files` (whose keys `probe` reads) when no `config.json`
+/// states it: a BFL single file's (GGUF included) from its weights' shapes, validated; a
+/// diffusers-layout transformer states its config in a file, so it is refused naming the
+/// file it needs (under the model folder `root`, else beside the weights).
+fn config_from_weights(
+    files: &[PathBuf],
+    probe: &WeightSource,
+    root: Option<&Path>,
+) -> Result<FluxConfig, ModelError> {
     if probe.has_key("x_embedder.weight") || probe.has_key("transformer_blocks.0.attn.to_q.weight")
     {
+        let expected = match root {
+            Some(r) => r.join("transformer").join("config.json"),
+            None => files[0].with_file_name("config.json"),
+        };
         return Err(missing(
-            expected,
+            &expected,
             "the config of a diffusers-layout transformer; only a BFL single file's is read from its weights",
         ));
     }
-    let config = infer_bfl_config(&files[0], &probe)?;
+    let config = infer_bfl_config(&files[0], probe)?;
     config
         .validate()
         .map_err(|reason| ModelError::files(&files[0], reason))?;
     Ok(config)
+}
+
+/// [`config_from_weights`] for the memory plan, which runs before anything loads: the
+/// config the loader will use for transformer `files` without a `config.json`.
+pub fn config_without_file(
+    files: &[PathBuf],
+    root: Option<&Path>,
+) -> Result<FluxConfig, ModelError> {
+    let probe = WeightSource::open(files, KeyLayout::Diffusers)?;
+    config_from_weights(files, &probe, root)
 }
 
 /// Why `config` is not the config of the transformer in `probe`, judged by the input
@@ -294,21 +311,7 @@ impl FluxFiles {
                     Some(why) => return Err(ModelError::files(p, why)),
                 }
             }
-            // A diffusers transformer states its config in a file; only a BFL single file's
-            // can be read from its weights.
-            None if probe.has_key("x_embedder.weight")
-                || probe.has_key("transformer_blocks.0.attn.to_q.weight") =>
-            {
-                let expected = match &root {
-                    Some(r) => r.join("transformer").join("config.json"),
-                    None => transformer[0].with_file_name("config.json"),
-                };
-                return Err(missing(
-                    &expected,
-                    "the config of a diffusers-layout transformer; only a BFL single file's is read from its weights",
-                ));
-            }
-            None => valid_inferred(infer_bfl_config(&transformer[0], &probe)?)?,
+            None => config_from_weights(&transformer, &probe, root.as_deref())?,
         };
         let transformer_layout = transformer_layout(&transformer, &probe, &transformer_config)?;
 

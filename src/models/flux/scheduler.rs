@@ -40,55 +40,43 @@ impl DynamicShift {
 /// field by field: the shift line is honoured, and a field that would change the schedule
 /// in a way this code does not implement is refused. Missing fields take FLUX.1's values.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct SchedulerConfig {
-    #[serde(default = "flux_base_len")]
     base_image_seq_len: f64,
-    #[serde(default = "flux_max_len")]
     max_image_seq_len: f64,
-    #[serde(default = "flux_base_shift")]
     base_shift: f64,
-    #[serde(default = "flux_max_shift")]
     max_shift: f64,
-    #[serde(default = "yes")]
     use_dynamic_shifting: bool,
-    #[serde(default = "thousand")]
     num_train_timesteps: f64,
-    #[serde(default)]
     shift_terminal: Option<f64>,
-    #[serde(default)]
     invert_sigmas: bool,
-    #[serde(default)]
     stochastic_sampling: bool,
-    #[serde(default)]
     use_karras_sigmas: bool,
-    #[serde(default)]
     use_exponential_sigmas: bool,
-    #[serde(default)]
     use_beta_sigmas: bool,
-    #[serde(default = "exponential")]
     time_shift_type: String,
 }
 
-fn flux_base_len() -> f64 {
-    DynamicShift::FLUX.base_image_seq_len
-}
-fn flux_max_len() -> f64 {
-    DynamicShift::FLUX.max_image_seq_len
-}
-fn flux_base_shift() -> f64 {
-    DynamicShift::FLUX.base_shift
-}
-fn flux_max_shift() -> f64 {
-    DynamicShift::FLUX.max_shift
-}
-fn yes() -> bool {
-    true
-}
-fn thousand() -> f64 {
-    1000.0
-}
-fn exponential() -> String {
-    "exponential".into()
+impl Default for SchedulerConfig {
+    /// FLUX.1 [dev]'s and Fill [dev]'s file.
+    fn default() -> Self {
+        let line = DynamicShift::FLUX;
+        Self {
+            base_image_seq_len: line.base_image_seq_len,
+            max_image_seq_len: line.max_image_seq_len,
+            base_shift: line.base_shift,
+            max_shift: line.max_shift,
+            use_dynamic_shifting: true,
+            num_train_timesteps: 1000.0,
+            shift_terminal: None,
+            invert_sigmas: false,
+            stochastic_sampling: false,
+            use_karras_sigmas: false,
+            use_exponential_sigmas: false,
+            use_beta_sigmas: false,
+            time_shift_type: "exponential".into(),
+        }
+    }
 }
 
 impl SchedulerConfig {
