@@ -8,6 +8,7 @@ use crate::engine::strategy::{StrategyField, MAX_STEPS};
 use crate::engine::{
     Seeds, StrategyConfig, StrategyError, StrategyKind, StrategyOverrides, ValueSource,
 };
+use crate::generate::testbed::TestbedConfig;
 use crate::judge::preset::MAX_CONCURRENCY;
 
 /// Test-time scaling for instruction-based image editing with ICEdit (FLUX.1 Fill + LoRA).
@@ -350,16 +351,17 @@ pub struct StrategyArgs {
     /// reported apart, outside --budget-nfe.
     #[arg(long, value_parser = panel_width)]
     pub refine: Option<u32>,
-    /// How much of the schedule the refine re-runs (above 0, at most 1).
-    #[arg(long, default_value_t = StrategyConfig::default().refine_strength, value_parser = strength)]
-    pub refine_strength: f64,
+    /// How much of the schedule the refine re-runs (above 0, at most 1) [default: 0.35].
+    #[arg(long, value_parser = strength)]
+    pub refine_strength: Option<f64>,
     /// Blend the source back, at the refined size, where the edit changed nothing.
     #[arg(long)]
     pub refine_keep_unchanged: bool,
     /// Refine the N best finished candidates, not only the pick (needs --refine): the
-    /// pick's refine is final.png, the others go to refined/ (one hi-res pass each).
-    #[arg(long, value_name = "N", default_value_t = StrategyConfig::default().refine_best)]
-    pub refine_best: usize,
+    /// pick's refine is final.png, the others go to refined/ (one hi-res pass each)
+    /// [default: 1].
+    #[arg(long, value_name = "N")]
+    pub refine_best: Option<usize>,
     /// Step cache of the completions: `none`, `fbc:<threshold>` (First-Block-Cache, e.g.
     /// fbc:0.12) or `taylorseer:interval=<n>,order=<n>[,warmup=<n>][,until=<n>]
     /// [,factors=bf16|f32][,lite]`. Probes always run in full; a cached forward still counts
@@ -389,9 +391,9 @@ impl StrategyArgs {
             wave: Some(self.wave),
             target: Some(self.target),
             refine: self.refine,
-            refine_strength: Some(self.refine_strength),
-            refine_keep_unchanged: Some(self.refine_keep_unchanged),
-            refine_best: Some(self.refine_best),
+            refine_strength: self.refine_strength,
+            refine_keep_unchanged: self.refine_keep_unchanged.then_some(true),
+            refine_best: self.refine_best,
             cache: Some(self.cache),
         }
     }
@@ -409,6 +411,44 @@ impl StrategyArgs {
                 })?;
         }
         config.check(&ValueSource::Flags)?;
+        Ok(config)
+    }
+
+    /// [`Self::to_config`] for a command that runs this one strategy (`edit`, `plan`,
+    /// `demo`): the refine's own flags without `--refine` would change nothing there, so
+    /// they are refused, naming the flag. (`batch`, `serve` and `eval` take them as the
+    /// defaults of the items, requests and arms that ask for a refine.)
+    pub fn to_single_config(&self) -> Result<StrategyConfig, StrategyError> {
+        let config = self.to_config()?;
+        if self.refine.is_none() {
+            let given = [
+                (
+                    "--refine-strength",
+                    StrategyField::RefineStrength,
+                    self.refine_strength.is_some(),
+                ),
+                (
+                    "--refine-keep-unchanged",
+                    StrategyField::RefineKeepUnchanged,
+                    self.refine_keep_unchanged,
+                ),
+                (
+                    "--refine-best",
+                    StrategyField::RefineBest,
+                    self.refine_best.is_some(),
+                ),
+            ];
+            if let Some((flag, field, _)) = given.into_iter().find(|(_, _, given)| *given) {
+                return Err(StrategyError {
+                    origin: ValueSource::Flags,
+                    field,
+                    message: format!(
+                        "{flag} sets up the hi-res refine, which runs only with --refine WIDTH; \
+                         add --refine (e.g. --refine 1024) or drop {flag}"
+                    ),
+                });
+            }
+        }
         Ok(config)
     }
 }
@@ -522,13 +562,41 @@ pub struct GeneratorArgs {
     /// candidates (reproduces another run exactly).
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
-    /// Testbed difficulty (0 = the correct outcome dominates, 1 = failures dominate).
-    #[arg(long, default_value_t = 0.5, value_parser = unit_interval)]
-    pub testbed_difficulty: f32,
+    /// Testbed difficulty (0 = the correct outcome dominates, 1 = failures dominate)
+    /// [default: 0.5].
+    #[arg(long, value_parser = unit_interval)]
+    pub testbed_difficulty: Option<f32>,
     /// Testbed outcome contrast: how early a seed's outcome is decided, so how often early
-    /// previews name it. A preset (sharp, soft, loose) or a number in (0, 1].
-    #[arg(long, default_value = "sharp", value_parser = outcome_contrast)]
-    pub testbed_contrast: f32,
+    /// previews name it. A preset (sharp, soft, loose) or a number in (0, 1]
+    /// [default: sharp].
+    #[arg(long, value_parser = outcome_contrast)]
+    pub testbed_contrast: Option<f32>,
+}
+
+impl GeneratorArgs {
+    /// `--testbed-difficulty`, or its default.
+    pub fn testbed_difficulty(&self) -> f32 {
+        self.testbed_difficulty
+            .unwrap_or(TestbedConfig::default().difficulty)
+    }
+
+    /// `--testbed-contrast`, or its default (`sharp`).
+    pub fn testbed_contrast(&self) -> f32 {
+        self.testbed_contrast
+            .unwrap_or(TestbedConfig::default().contrast)
+    }
+
+    /// The testbed's flags that were given, by name (a FLUX run refuses them: they would
+    /// change nothing there).
+    pub fn testbed_flags_given(&self) -> Vec<&'static str> {
+        [
+            ("--testbed-difficulty", self.testbed_difficulty.is_some()),
+            ("--testbed-contrast", self.testbed_contrast.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
 }
 
 /// Judge selection and its options.

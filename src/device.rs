@@ -71,6 +71,15 @@ impl DeviceName {
         }
     }
 
+    /// The name of an opened device (`cuda:0`, not candle's debug text).
+    pub fn of(device: &Device) -> Self {
+        match device.location() {
+            candle_core::DeviceLocation::Cpu => Self::Cpu,
+            candle_core::DeviceLocation::Cuda { gpu_id } => Self::Cuda(gpu_id),
+            candle_core::DeviceLocation::Metal { .. } => Self::Metal,
+        }
+    }
+
     /// Whether it is a GPU.
     pub fn is_gpu(&self) -> bool {
         *self != Self::Cpu

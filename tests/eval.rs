@@ -201,6 +201,50 @@ fn every_committed_suite_parses_and_validates() {
     );
 }
 
+/// A bad value inside an arm names the arm and the key (serde's message for a flattened
+/// arm names neither), and a grid refuses values no combination could take and lists its
+/// family does not read, instead of dropping them without a word.
+#[test]
+fn bad_arm_values_and_grid_lists_are_refused_by_arm_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("suite.toml");
+    let load = |text: String| {
+        std::fs::write(&path, text).unwrap();
+        icedit_scale::eval::suite::Suite::load(&path)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = load(SUITE.replace("strategy = \"early-filter\"", "strategy = \"early-filtre\""));
+    assert!(
+        err.contains("arm `ef-4-3-1`: `strategy`") && err.contains("early-filtre"),
+        "{err}"
+    );
+    let err = load(SUITE.replace("seeds = 4\nprobe_steps", "seeds = -4\nprobe_steps"));
+    assert!(err.contains("arm `ef-4-3-1`: `seeds` = -4"), "{err}");
+    let err = load(SUITE.replace("keep = 1", "keep = \"one\""));
+    assert!(err.contains("arm `ef-4-3-1`: `keep`"), "{err}");
+
+    let grid = |lines: &str| format!("{SUITE}[[grid]]\n{lines}\n");
+    let err = load(grid(
+        "strategy = \"early-filter\"\nseeds = [4, 2000]\nprobe_steps = [2]",
+    ));
+    assert!(
+        err.contains("grid 1 (early-filter): `seeds` value 2000"),
+        "{err}"
+    );
+    let err = load(grid(
+        "strategy = \"early-filter\"\nseeds = [4]\nkeep = [0, 1]",
+    ));
+    assert!(err.contains("`keep` value 0"), "{err}");
+    let err = load(grid(
+        "strategy = \"best-of-n\"\nseeds = [4, 8]\nkeep = [1, 2]",
+    ));
+    assert!(
+        err.contains("grid 1 (best-of-n): `keep`: best-of-n does not use it"),
+        "{err}"
+    );
+}
+
 const GRID_SUITE: &str = r#"
 name = "grid-test"
 width = 128

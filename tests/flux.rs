@@ -1030,6 +1030,40 @@ fn a_plain_lora_over_a_gguf_base_runs_as_a_side_branch_within_the_quantization_b
     assert!(err < GGUF_BOUNDS[0].2, "dequantized and merged: {err}");
 }
 
+/// A LoRA whose adapter does not fit its layer, over a GGUF base (where it runs beside the
+/// weights), is refused naming the LoRA file and the module.
+#[test]
+fn a_lora_that_does_not_fit_a_gguf_layer_is_refused_naming_file_and_module() {
+    let bytes = std::fs::read(fixtures().join("lora_plain.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let module = "single_transformer_blocks.0.attn.to_q";
+    let mut tensors: Vec<(String, Tensor)> = file
+        .names()
+        .into_iter()
+        .map(|k| {
+            let t = candle_core::safetensors::Load::load(&file.tensor(k).unwrap(), &Device::Cpu)
+                .unwrap();
+            (k.to_string(), t)
+        })
+        .collect();
+    for (k, t) in tensors.iter_mut() {
+        if k == &format!("transformer.{module}.lora_A.weight") {
+            // One input column short: an adapter made for another width.
+            *t = t.narrow(1, 0, t.dim(1).unwrap() - 1).unwrap();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let misfit = dir.path().join("lora-misfit.safetensors");
+    candle_core::safetensors::save(&tensors.into_iter().collect::<HashMap<_, _>>(), &misfit)
+        .unwrap();
+    let err = FluxGenerator::load(options(gguf_files("q8_0"), Some(misfit.to_str().unwrap())))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("lora-misfit.safetensors"), "{err}");
+    assert!(err.contains(&format!("`{module}`")), "{err}");
+}
+
 #[test]
 fn an_moe_lora_over_a_quantized_base_routes_on_the_quantized_activations() {
     let r = reference();
@@ -1193,6 +1227,65 @@ fn fp8_scales_are_read_under_either_spelling() {
     assert_eq!(max_abs_diff(&original, &again), 0.0);
 }
 
+/// A scaled fp8 file with one weight's scale cut out is refused, naming the weight: read at
+/// scale 1, that layer would run at the wrong size without a word.
+#[test]
+fn a_scaled_fp8_file_missing_one_scale_is_refused_naming_the_weight() {
+    let path = fixtures().join("fp8/flux1-fill-tiny-fp8-scaled.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors = file.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let cut = tensors
+        .iter()
+        .position(|(k, _)| k.ends_with(".scale_weight"))
+        .expect("a scaled file");
+    let (cut_key, _) = tensors.remove(cut);
+    let weight = cut_key.replace(".scale_weight", ".weight");
+    let dir = tempfile::tempdir().unwrap();
+    let incomplete = dir
+        .path()
+        .join("flux1-fill-tiny-fp8-incomplete.safetensors");
+    safetensors::serialize_to_file(tensors, None, &incomplete).unwrap();
+    let mut paths = fp8_files("scaled");
+    paths.transformer = Some(incomplete);
+    let err = FluxGenerator::load(options(paths, None))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains(&format!("`{weight}`")), "{err}");
+    assert!(
+        err.contains("scale_weight") && err.contains("incomplete"),
+        "{err}"
+    );
+}
+
+/// A `.gguf` file that does not start with GGUF's magic is named as a damaged GGUF file, by
+/// the loader and by the plan, not as a safetensors file with a bad header.
+#[test]
+fn a_gguf_file_without_its_magic_is_named_as_a_damaged_gguf() {
+    let mut bytes = std::fs::read(fixtures().join("gguf/flux1-fill-tiny-q8_0.gguf")).unwrap();
+    bytes[..4].copy_from_slice(b"XXXX");
+    let dir = tempfile::tempdir().unwrap();
+    let damaged = dir.path().join("flux1-fill-tiny-q8_0.gguf");
+    std::fs::write(&damaged, &bytes).unwrap();
+    let mut paths = gguf_files("q8_0");
+    paths.transformer = Some(damaged.clone());
+    let err = FluxGenerator::load(options(paths, None))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("GGUF's magic") && !err.contains("safetensors"),
+        "{err}"
+    );
+    let err = icedit_scale::plan::peek::transformer_format(&[damaged]).unwrap_err();
+    assert!(
+        err.contains("GGUF's magic") && !err.contains("safetensors"),
+        "{err}"
+    );
+}
+
 /// T5 from GGUF files named the llama.cpp way (make_gguf_t5.py): the F32 file gives the
 /// transformers states to float rounding; Q8_0 keeps its linear layers quantized and stays
 /// within its bound. Q8_0 rounds each weight by at most amax/254 of its 32-wide block and
@@ -1279,11 +1372,14 @@ fn an_edit_runs_with_random_weights_dense_and_quantized() {
             generator.contains("random weights, small configuration"),
             "{generator}"
         );
+        // The linear layers are counted by the format they are held in.
         assert_eq!(
-            generator.contains("0 quantized layers"),
-            quantize.is_none(),
+            generator.contains(" q8_0"),
+            quantize.is_some(),
             "{generator}"
         );
+        assert!(generator.contains("linear layers "), "{generator}");
+        assert!(generator.contains("f32 on cpu"), "{generator}");
         let survivors = report["candidates"]
             .as_array()
             .unwrap()

@@ -1294,3 +1294,75 @@ fn an_unusable_default_vae_tile_names_the_config_not_the_flag() {
     refused(&out, &result, &["`sample_size`", "--vae-tiling off"]);
     assert!(!String::from_utf8_lossy(&result.stderr).contains("--vae-tile:"));
 }
+
+/// A tokenizer folder of another model (ids past the encoder's embedding table) is refused
+/// when the text encoders load, naming the folder and the config, instead of failing the
+/// first prompt inside an index select.
+#[test]
+fn a_tokenizer_for_another_model_is_refused_naming_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_copy(dir.path());
+    // CLIP's tokenizer (ids up to 522) where T5's (104 ids) belongs.
+    std::fs::copy(
+        model.join("tokenizer/tokenizer.json"),
+        model.join("tokenizer_2/tokenizer.json"),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let result = flux_edit(&model, &out, &[]);
+    refused(
+        &out,
+        &result,
+        &[
+            "tokenizer_2",
+            "text_encoder_2/config.json",
+            "vocab_size 104",
+        ],
+    );
+}
+
+/// Flags that would change nothing in the run they are given to are refused by name
+/// instead of being dropped: the refine's knobs without --refine, the testbed's with FLUX,
+/// a tile size with tiling off, --dequantize on dense weights.
+#[test]
+fn flags_that_would_change_nothing_are_refused_by_name() {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for (extra, flag) in [
+        (&["--refine-strength", "0.5"][..], "--refine-strength"),
+        (&["--refine-keep-unchanged"][..], "--refine-keep-unchanged"),
+        (&["--refine-best", "2"][..], "--refine-best"),
+    ] {
+        refused(&out, &edit(&out, extra), &[flag, "--refine WIDTH"]);
+    }
+    for (extra, flag) in [
+        (&["--testbed-difficulty", "0.3"][..], "--testbed-difficulty"),
+        (&["--testbed-contrast", "soft"][..], "--testbed-contrast"),
+        (
+            &["--vae-tiling", "off", "--vae-tile", "64"][..],
+            "--vae-tile 64",
+        ),
+        (&["--dequantize"][..], "--dequantize"),
+    ] {
+        let result = flux_edit(&tiny, &out, extra);
+        refused(&out, &result, &[flag]);
+    }
+    // With --refine the refine's knobs run; the testbed takes its own flags.
+    let result = edit(
+        &out,
+        &[
+            "--refine",
+            "64",
+            "--refine-strength",
+            "0.5",
+            "--testbed-difficulty",
+            "0.3",
+        ],
+    );
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+}

@@ -212,10 +212,16 @@ impl GeneratorSpec {
         };
         if kind == GeneratorKind::Testbed {
             return Ok(Self::Testbed(TestbedConfig {
-                difficulty: args.testbed_difficulty,
-                contrast: args.testbed_contrast,
+                difficulty: args.testbed_difficulty(),
+                contrast: args.testbed_contrast(),
                 max_batch: args.batch_size.max(1),
             }));
+        }
+        if let Some(flag) = args.testbed_flags_given().first() {
+            return Err(EditError::Invalid(format!(
+                "{flag} sets up the testbed generator, and this run is FLUX (weights named by \
+                 --model-dir, --transformer, --random-weights or --download); drop {flag}"
+            )));
         }
         let invalid = |flag: &str, e: String| EditError::Invalid(format!("{flag} {e}"));
         let device = DeviceName::parse(&args.device).map_err(|e| invalid("--device", e))?;
@@ -256,6 +262,16 @@ impl GeneratorSpec {
             }
             None => None,
         };
+        let vae_tiling: VaeTilingMode = args
+            .vae_tiling
+            .parse()
+            .map_err(|e: String| invalid("--vae-tiling", e))?;
+        if let (VaeTilingMode::Off, Some(tile)) = (vae_tiling, args.vae_tile) {
+            return Err(EditError::Invalid(format!(
+                "--vae-tile {tile} sizes the tiles of a tiled VAE pass, and --vae-tiling off \
+                 tiles none; drop one of them"
+            )));
+        }
         let hold_as = match (args.quantize, args.dequantize) {
             (Some(format), _) => Some(format),
             (None, true) => Some(WeightFormat::Dense),
@@ -285,10 +301,7 @@ impl GeneratorSpec {
             preview_decoder,
             memory_budget: args.memory_budget,
             unused_weights: UnusedWeights::Refuse,
-            vae_tiling: args
-                .vae_tiling
-                .parse()
-                .map_err(|e: String| invalid("--vae-tiling", e))?,
+            vae_tiling,
             vae_tile: args.vae_tile,
         })))
     }
@@ -401,6 +414,17 @@ impl FluxSpec {
                     stored.name()
                 )));
             }
+        }
+        if self.hold_as == Some(WeightFormat::Dense) && stored == WeightFormat::Dense {
+            let transformer = match (peeked.transformer.first(), &self.random_size) {
+                (Some(path), _) => format!("the transformer ({})", path.display()),
+                (None, Some(size)) => format!("--random-weights {size}"),
+                (None, None) => "FLUX.1 Fill [dev] as published".into(),
+            };
+            return Err(EditError::Invalid(format!(
+                "--dequantize: {transformer} holds dense weights already; --dequantize applies \
+                 to a GGUF or fp8 transformer: drop it"
+            )));
         }
         let placement = |other: DeviceName| {
             if other == self.device {

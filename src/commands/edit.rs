@@ -136,7 +136,7 @@ pub fn check_edit(args: &EditArgs) -> anyhow::Result<CheckedEdit> {
         .ok_or_else(|| {
             EditError::Invalid("--instruction is required and must not be empty".into())
         })?;
-    let strategy = args.strategy.to_config()?;
+    let strategy = args.strategy.to_single_config()?;
     let judge = JudgeSpec::from_args(&args.engine.judge)?;
     judge.check_serves(&strategy)?;
     judge.preflight("--judge", true)?;
@@ -169,7 +169,7 @@ pub fn check_edit(args: &EditArgs) -> anyhow::Result<CheckedEdit> {
 /// `demo`: a generated testbed scene through the chosen strategy, with the same outputs as
 /// a real edit and a summary that says whether the pick is the correct outcome.
 pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    let strategy = args.strategy.to_config()?;
+    let strategy = args.strategy.to_single_config()?;
     if args.width == 0 || !args.width.is_multiple_of(16) {
         return Err(
             EditError::Invalid(format!("--width {} must be a multiple of 16", args.width)).into(),

@@ -52,12 +52,9 @@ fn refuse_unused_strategy_flags(flags: &crate::cli::StrategyArgs) -> Result<(), 
         ("--seed-list", flags.seed_list.is_some()),
         ("--budget-nfe", flags.budget_nfe.is_some()),
         ("--refine", flags.refine.is_some()),
-        (
-            "--refine-strength",
-            flags.refine_strength != defaults.refine_strength,
-        ),
+        ("--refine-strength", flags.refine_strength.is_some()),
         ("--refine-keep-unchanged", flags.refine_keep_unchanged),
-        ("--refine-best", flags.refine_best != defaults.refine_best),
+        ("--refine-best", flags.refine_best.is_some()),
         ("--cache", flags.cache != defaults.cache),
     ]
     .into_iter()
@@ -139,7 +136,17 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         ..
     } = &suite.dataset
     {
-        args.engine.generator.testbed_contrast = *contrast;
+        match args.engine.generator.testbed_contrast {
+            Some(flag) if flag != *contrast => {
+                return Err(EditError::Invalid(format!(
+                    "--testbed-contrast {flag}: {} sets the dataset's contrast to {contrast}; \
+                     leave the flag out or change `contrast` in the suite",
+                    args.suite.display()
+                ))
+                .into())
+            }
+            _ => args.engine.generator.testbed_contrast = Some(*contrast),
+        }
     }
     let judge_flags = &args.engine.judge;
     if let Some(judge) = &judge_flags.judge {
@@ -237,7 +244,7 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
             engine,
             eval_judge,
             stop,
-            testbed_difficulty: args.engine.generator.testbed_difficulty,
+            testbed_difficulty: args.engine.generator.testbed_difficulty(),
         };
         runner::run_suite(&suite, &items, &ctx, &mut store, |n| bar.inc(n as u64)).await?;
         bar.finish();

@@ -18,7 +18,7 @@ pub fn plan(args: EditArgs) -> anyhow::Result<()> {
         }
         None => (args.width as usize, args.width as usize),
     };
-    let strategy = args.strategy.to_config()?;
+    let strategy = args.strategy.to_single_config()?;
     let workload = Workload::new(panel, false, [&strategy]);
     // The plan is of a FLUX run: without weights named, of FLUX.1 Fill's published
     // configuration.

@@ -123,8 +123,14 @@ pub fn load(spec: &DatasetSpec, selection: &Selection) -> Result<Vec<EvalItem>, 
     let mut seen = std::collections::HashSet::new();
     for item in &items {
         if !seen.insert(item.id.clone()) {
+            let file = match spec {
+                DatasetSpec::Jsonl { path }
+                | DatasetSpec::EmuEdit { path }
+                | DatasetSpec::GeditBench { path, .. } => path.display().to_string(),
+                DatasetSpec::Testbed { .. } => "the testbed dataset".into(),
+            };
             return Err(EditError::Invalid(format!(
-                "dataset: duplicate item id `{}`",
+                "dataset {file}: item id `{}` is used twice; ids must be unique",
                 item.id
             )));
         }
@@ -220,6 +226,8 @@ fn load_jsonl(path: &Path) -> Result<Vec<EvalItem>, EditError> {
     let file = std::fs::File::open(path).map_err(|e| invalid(path, format!("cannot open: {e}")))?;
     let root = path.parent().unwrap_or(Path::new("."));
     let mut items = Vec::new();
+    // The line each id was first seen on, so a repeat names both lines.
+    let mut first_line = std::collections::HashMap::new();
     for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|e| invalid(path, format!("line {}: {e}", n + 1)))?;
         if line.trim().is_empty() {
@@ -237,6 +245,16 @@ fn load_jsonl(path: &Path) -> Result<Vec<EvalItem>, EditError> {
             return Err(invalid(
                 path,
                 format!("line {}: `image` {} is not a file", n + 1, image.display()),
+            ));
+        }
+        if let Some(first) = first_line.insert(l.id.clone(), n + 1) {
+            return Err(invalid(
+                path,
+                format!(
+                    "line {}: item id `{}` is already used on line {first}; ids must be unique",
+                    n + 1,
+                    l.id
+                ),
             ));
         }
         items.push(EvalItem {
@@ -264,6 +282,29 @@ mod tests {
                 language: None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_repeated_jsonl_id_names_the_file_and_both_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.png"), b"").unwrap();
+        let path = dir.path().join("items.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                r#"{"id": "x", "image": "a.png", "instruction": "one"}"#,
+                "\n\n",
+                r#"{"id": "x", "image": "a.png", "instruction": "two"}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        let err = load_jsonl(&path).unwrap_err().to_string();
+        assert!(err.contains("items.jsonl"), "{err}");
+        assert!(
+            err.contains("line 3: item id `x` is already used on line 1"),
+            "{err}"
+        );
     }
 
     #[test]

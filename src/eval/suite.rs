@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::dataset::{DatasetSpec, Selection};
-use crate::engine::strategy::StrategyField;
+use crate::engine::strategy::{StrategyField, MAX_SEEDS, MAX_STEPS};
 use crate::engine::{Seeds, StrategyConfig, StrategyKind, StrategyOverrides, ValueSource};
 use crate::error::EditError;
 
@@ -75,6 +75,49 @@ fn each<T: Copy>(values: &[T]) -> Vec<Option<T>> {
 }
 
 impl Grid {
+    /// Refuses a list this family does not read (its arms would differ in nothing but
+    /// the name they could not have) and a value no combination could take (so it is not
+    /// dropped as an invalid combination without a word).
+    fn check_values(&self) -> Result<(), String> {
+        let uses = |field: StrategyField| match self.strategy {
+            StrategyKind::Random => false,
+            StrategyKind::BestOfN => field == StrategyField::Seeds,
+            StrategyKind::Tournament => {
+                matches!(field, StrategyField::Seeds | StrategyField::ProbeSteps)
+            }
+            StrategyKind::EarlyFilter | StrategyKind::SuccessiveHalving => matches!(
+                field,
+                StrategyField::Seeds | StrategyField::ProbeSteps | StrategyField::Keep
+            ),
+            StrategyKind::Adaptive => true,
+        };
+        let lists = [
+            (StrategyField::Seeds, self.seeds.is_empty()),
+            (StrategyField::ProbeSteps, self.probe_steps.is_empty()),
+            (StrategyField::Keep, self.keep.is_empty()),
+            (StrategyField::Wave, self.wave.is_empty()),
+            (StrategyField::Target, self.target.is_empty()),
+        ];
+        if let Some((field, _)) = lists.iter().find(|(f, empty)| !empty && !uses(*f)) {
+            return Err(format!(
+                "`{}`: {} does not use it; leave it out",
+                field.key(),
+                self.strategy.name()
+            ));
+        }
+        let out_of = |field: StrategyField, values: &[usize], most: usize| {
+            values
+                .iter()
+                .find(|&&v| v == 0 || v > most)
+                .map(|v| format!("`{}` value {v} must be between 1 and {most}", field.key()))
+        };
+        let problem = out_of(StrategyField::Seeds, &self.seeds, MAX_SEEDS)
+            .or_else(|| out_of(StrategyField::ProbeSteps, &self.probe_steps, MAX_STEPS))
+            .or_else(|| out_of(StrategyField::Keep, &self.keep, MAX_SEEDS))
+            .or_else(|| out_of(StrategyField::Wave, &self.wave, MAX_SEEDS));
+        problem.map_or(Ok(()), Err)
+    }
+
     /// Every combination as overrides, in the order the lists give them.
     fn combinations(&self) -> Vec<StrategyOverrides> {
         let mut out = Vec::new();
@@ -112,6 +155,35 @@ pub fn grid_arm_name(c: &StrategyConfig) -> String {
         StrategyKind::SuccessiveHalving => format!("successive-halving-{n}-{k}-{m}"),
         StrategyKind::Adaptive => format!("adaptive-{n}-{k}-{m}-w{}-t{}", c.wave, c.target),
     }
+}
+
+/// The arm and key of a value serde refused inside an arm (flattening loses both), from
+/// the suite's text; `None` when the error is elsewhere.
+fn arm_value_error(text: &str) -> Option<String> {
+    let table: toml::Table = text.parse().ok()?;
+    let arms = table.get("arms")?.as_array()?;
+    for (i, arm) in arms.iter().enumerate() {
+        let arm = arm.as_table()?;
+        let name = match arm.get("name") {
+            Some(toml::Value::String(name)) => format!("arm `{name}`"),
+            Some(other) => return Some(format!("arm {}: `name` = {other}: expected text", i + 1)),
+            None => format!("arm {}", i + 1),
+        };
+        for (key, value) in arm {
+            if !StrategyField::overridable().any(|f| f.key() == key) {
+                continue;
+            }
+            let single = toml::Table::from_iter([(key.clone(), value.clone())]);
+            if let Err(e) = toml::Value::Table(single).try_into::<StrategyOverrides>() {
+                let why = match key.as_str() {
+                    "seeds" => "expected a count of seeds or a list of seeds".to_string(),
+                    _ => e.to_string().trim().to_string(),
+                };
+                return Some(format!("{name}: `{key}` = {value}: {why}"));
+            }
+        }
+    }
+    None
 }
 
 /// A judge as a suite names it: `testbed` or a preset path (relative to the suite file).
@@ -177,7 +249,10 @@ impl Suite {
     pub fn load(path: &Path) -> Result<Self, EditError> {
         let bad = |what: String| EditError::Invalid(format!("suite {}: {what}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-        let mut suite: Suite = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut suite: Suite = toml::from_str(&text).map_err(|e| {
+            // serde loses the key of a bad value inside a flattened arm: find it again.
+            bad(arm_value_error(&text).unwrap_or_else(|| e.to_string()))
+        })?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let rebase = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -205,6 +280,8 @@ impl Suite {
     /// Appends the arms of every grid (see [`Grid`]).
     pub fn expand_grids(&mut self) -> Result<(), String> {
         for (g, grid) in self.grid.clone().iter().enumerate() {
+            grid.check_values()
+                .map_err(|e| format!("grid {} ({}): {e}", g + 1, grid.strategy.name()))?;
             let mut added = 0;
             for overrides in grid.combinations() {
                 let config = overrides.apply(&self.base_strategy());

@@ -629,9 +629,15 @@ impl Generator for FluxGenerator {
         };
         let held = match &self.transformer {
             Some(t) => {
-                let (bytes, quantized) = t.linear_weight_bytes();
+                let (bytes, _) = t.linear_weight_bytes();
+                let formats: Vec<String> = t
+                    .linear_formats()
+                    .iter()
+                    .map(|(format, n)| format!("{n} {format}"))
+                    .collect();
                 format!(
-                    "{quantized} quantized layers, {:.2} GB of linear weights",
+                    "linear layers {}, {:.2} GB of linear weights",
+                    formats.join(" + "),
                     bytes as f64 / 1e9
                 )
             }
@@ -656,9 +662,9 @@ impl Generator for FluxGenerator {
         GeneratorInfo {
             name: "flux-fill".into(),
             detail: format!(
-                "{source} ({held}), {:?} on {:?}{lora}{tiny}{tiled}",
-                self.options.dtype,
-                self.options.device.location()
+                "{source} ({held}), {} on {}{lora}{tiny}{tiled}",
+                self.options.dtype.as_str(),
+                crate::device::DeviceName::of(&self.options.device)
             ),
             max_batch: self.options.max_batch,
         }

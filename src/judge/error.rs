@@ -53,6 +53,22 @@ impl JudgeError {
         }
     }
 
+    /// Whether an HTTP status says the server could not take the call now (408 request
+    /// timeout, 429 rate limit, 5xx), so a retry may succeed, rather than refusing it.
+    pub fn transient_status(status: u16) -> bool {
+        matches!(status, 408 | 429) || (500..600).contains(&status)
+    }
+
+    /// Whether the call never reached a judge that answered (the transport failed, it
+    /// timed out, the server was overloaded or down), rather than being the judge's answer.
+    pub fn unreached(&self) -> bool {
+        match self {
+            Self::Transport(_) | Self::Timeout(_) => true,
+            Self::Http { status, .. } => Self::transient_status(*status),
+            _ => false,
+        }
+    }
+
     /// What the failed call cost, when it got as far as a reply.
     pub fn usage(&self) -> Option<&CallUsage> {
         match self {

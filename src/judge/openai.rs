@@ -4,7 +4,7 @@
 //! Requests and responses use async-openai's chat types; the transport is reqwest, because
 //! async-openai's client drops the response headers this judge needs to honour
 //! `Retry-After`. Images go as base64 PNG data URLs. Every call goes through the reply
-//! cache (a reply is stored once it reads), retries 429/5xx/timeouts and 200 bodies that
+//! cache (a reply is stored once it reads), retries 408/429/5xx/timeouts and 200 bodies that
 //! are not a whole chat completion with exponential backoff (or the server's
 //! `Retry-After`), and records tokens and attempts; the API key is redacted from every
 //! error, a quoted reply's included. With `logprobs = true` the score
@@ -460,7 +460,7 @@ impl OpenAiJudge {
                         status: status.as_u16(),
                         body: self.key.redact(&body.chars().take(300).collect::<String>()),
                     };
-                    if !(status.as_u16() == 429 || status.is_server_error()) {
+                    if !JudgeError::transient_status(status.as_u16()) {
                         return Err(last_error);
                     }
                     retry_after

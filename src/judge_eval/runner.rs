@@ -47,21 +47,11 @@ fn called<T, A>(
     }
 }
 
-/// Whether a failed call never reached the judge (the transport failed, it timed out, the
-/// server was overloaded or down) rather than being the judge's answer.
-fn unreached(e: &JudgeError) -> bool {
-    match e {
-        JudgeError::Transport(_) | JudgeError::Timeout(_) => true,
-        JudgeError::Http { status, .. } => *status >= 500 || matches!(*status, 408 | 429),
-        _ => false,
-    }
-}
-
 /// When every call of an item failed without reaching the judge, why: such an item is an
 /// outage, not a measurement of the judge, so it is stored as not judged and a rerun
 /// retries it (an endpoint that was down read as a 100% failure rate for good).
 fn outage(errors: &[Option<&JudgeError>]) -> Option<String> {
-    let all_unreached = errors.iter().all(|e| e.is_some_and(unreached));
+    let all_unreached = errors.iter().all(|e| e.is_some_and(JudgeError::unreached));
     all_unreached.then(|| {
         format!(
             "the judge could not be reached ({}); a rerun retries this item",

@@ -103,6 +103,9 @@ pub fn transformer_format(files: &[PathBuf]) -> Result<WeightFormat, String> {
             .max_by_key(|(_, n)| *n)
             .map_or(WeightFormat::Dense, |(t, _)| WeightFormat::Quantized(t)));
     }
+    if let Some(reason) = crate::models::flux::weights::gguf_name_without_magic(first) {
+        return Err(format!("{}: {reason}", first.display()));
+    }
     let header = safetensors_header(first)?;
     let fp8 = header
         .iter()

@@ -545,14 +545,24 @@ impl<'a> Linears<'a> {
                 "`{weight_name}` is {out_dim}x{in_dim}, the model needs {output}x{input}"
             );
         }
-        if let Some(experts) = self.lora.and_then(|l| l.take_experts(&module)) {
-            return Ok(AdaptedLinear::Moe(MoeLinear::new(
-                base, experts, dtype, &dev,
-            )?));
-        }
-        if !mergeable {
-            if let Some(adapter) = self.lora.and_then(|l| l.take_plain_unmerged(&module)) {
-                return side_branch(base, adapter, dtype, &dev);
+        // A LoRA that does not fit the layer is named by file and module: the base weights
+        // are fine, the adapter is for another model.
+        let misfit = |lora: &LoraSet, e: candle_core::Error| {
+            candle_core::Error::Msg(format!(
+                "{}: the LoRA's adapter for `{module}` does not fit the transformer's layer: {e}",
+                lora.path.display()
+            ))
+        };
+        if let Some(lora) = self.lora {
+            if let Some(experts) = lora.take_experts(&module) {
+                return MoeLinear::new(base, experts, dtype, &dev)
+                    .map(AdaptedLinear::Moe)
+                    .map_err(|e| misfit(lora, e));
+            }
+            if !mergeable {
+                if let Some(adapter) = lora.take_plain_unmerged(&module) {
+                    return side_branch(base, adapter, dtype, &dev).map_err(|e| misfit(lora, e));
+                }
             }
         }
         Ok(AdaptedLinear::Base(base))

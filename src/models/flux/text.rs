@@ -178,6 +178,32 @@ pub fn token_ids(
     Ok(encoding.get_ids().to_vec())
 }
 
+/// Refuses a tokenizer that can give ids past the encoder's embedding table (a tokenizer
+/// folder of another model): the first prompt would fail deep in an index select.
+fn tokenizer_fits(
+    tokenizer: &Tokenizer,
+    files: &EncoderFiles,
+    vocab_size: usize,
+) -> Result<(), ModelError> {
+    let ids = tokenizer
+        .get_vocab(true)
+        .into_values()
+        .max()
+        .map_or(0, |id| id as usize + 1);
+    if ids > vocab_size {
+        return Err(ModelError::files(
+            &files.tokenizer_dir,
+            format!(
+                "the tokenizer gives token ids up to {}, and the encoder ({}) has vocab_size \
+                 {vocab_size}: the tokenizer belongs to another model",
+                ids - 1,
+                files.config.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// transformers' `CLIPTextConfig` fields that matter here.
 #[derive(Debug, Deserialize)]
 struct HfClipConfig {
@@ -364,8 +390,9 @@ impl TextEncoders {
         dev: &Device,
         unused: UnusedWeights,
     ) -> Result<Self, ModelError> {
-        let t5_pad = check_t5_config(&read_json(&t5.config)?)
-            .map_err(|reason| ModelError::files(&t5.config, reason))?;
+        let t5_json: serde_json::Value = read_json(&t5.config)?;
+        let t5_pad =
+            check_t5_config(&t5_json).map_err(|reason| ModelError::files(&t5.config, reason))?;
         let t5_model = T5Encoder::load(&t5.weights, &t5.config, dtype, dev, unused)?;
 
         let (clip_config, clip_pad_id) = clip_text_config(&read_json(&clip.config)?)
@@ -384,6 +411,11 @@ impl TextEncoders {
         clip_source.check_unused("the CLIP text encoder", CLIP_UNUSED_TENSORS, unused)?;
 
         let clip_tokenizer = load_tokenizer(&clip.tokenizer_dir)?;
+        tokenizer_fits(&clip_tokenizer, clip, clip_config.vocab_size)?;
+        let t5_tokenizer = load_tokenizer(&t5.tokenizer_dir)?;
+        if let Some(vocab) = t5_json.get("vocab_size").and_then(|v| v.as_u64()) {
+            tokenizer_fits(&t5_tokenizer, t5, vocab as usize)?;
+        }
         // CLIP pads with its end-of-text token.
         let clip_pad = clip_tokenizer
             .token_to_id("<|endoftext|>")
@@ -391,7 +423,7 @@ impl TextEncoders {
             .unwrap_or(0);
         Ok(Self {
             t5: t5_model,
-            t5_tokenizer: load_tokenizer(&t5.tokenizer_dir)?,
+            t5_tokenizer,
             t5_pad,
             clip: clip_model,
             clip_tokenizer,

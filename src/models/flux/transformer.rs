@@ -79,6 +79,16 @@ impl FluxTransformer {
         (bytes, quantized)
     }
 
+    /// How many linear layers are held in each format (`dense`, `fp8`, `q8_0`, ...), in
+    /// the order [`super::held_weight::WeightFormat::name`] sorts.
+    pub fn linear_formats(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for l in self.linears() {
+            *counts.entry(l.base().weight().format().name()).or_insert(0) += 1;
+        }
+        counts
+    }
+
     /// Loads the model from diffusers-named weights; `lora` supplies MoE experts (plain LoRA
     /// is merged by the weight source before it reaches here).
     pub fn new(vb: VarBuilder, config: &FluxConfig, linears: &Linears) -> Result<Self> {

@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
@@ -53,6 +53,20 @@ pub fn is_gguf(path: &Path) -> bool {
         .is_ok_and(|_| &magic == GGUF_MAGIC)
 }
 
+/// Why `path` cannot be read as its name says: a `.gguf` file that does not start with
+/// GGUF's magic (damaged, or another format renamed) would otherwise be read as
+/// safetensors and reported as a bad safetensors header.
+pub fn gguf_name_without_magic(path: &Path) -> Option<String> {
+    let named_gguf = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    (named_gguf && !is_gguf(path)).then(|| {
+        "named .gguf, but it does not start with GGUF's magic bytes (`GGUF`): the file is \
+         damaged or not a GGUF file; download it again"
+            .to_string()
+    })
+}
+
 /// Where the tensors are.
 enum Store {
     /// Memory-mapped safetensors shards.
@@ -74,6 +88,9 @@ pub struct WeightSource {
     lora: Option<Arc<LoraSet>>,
     /// The file keys read so far (see [`Self::check_unused`]).
     log: ReadLog,
+    /// Whether the files are a scaled fp8 checkpoint (some weight carries a scale), settled
+    /// at the first fp8 weight read.
+    scaled_fp8: OnceLock<bool>,
 }
 
 impl WeightSource {
@@ -99,6 +116,12 @@ impl WeightSource {
                 }
             }
             _ => {
+                if let Some((path, reason)) = files
+                    .iter()
+                    .find_map(|f| gguf_name_without_magic(f).map(|r| (f, r)))
+                {
+                    return Err(ModelError::files(path, reason));
+                }
                 // SAFETY: the files are opened read-only; like every mmap-based loader we rely
                 // on nobody truncating them while the process runs.
                 let tensors =
@@ -116,6 +139,7 @@ impl WeightSource {
             prefix: String::new(),
             lora: None,
             log: ReadLog::new(),
+            scaled_fp8: OnceLock::new(),
         };
         if source.has_key("model.diffusion_model.img_in.weight") {
             source.prefix = "model.diffusion_model.".to_string();
@@ -278,6 +302,21 @@ impl WeightSource {
                 self.log.record(&scale_key);
                 return Ok(*value as f64);
             }
+        }
+        // In a scaled checkpoint every fp8 weight has its scale: one without it was cut
+        // from the file, and reading it at scale 1 would run the layer at the wrong size.
+        let scaled = *self.scaled_fp8.get_or_init(|| {
+            t.tensors().iter().any(|(k, _)| {
+                k == "scaled_fp8" || k.ends_with(".scale_weight") || k.ends_with(".weight_scale")
+            })
+        });
+        if scaled {
+            candle_core::bail!(
+                "{}: the fp8 weight `{key}` has no `{module}.scale_weight` (or `.weight_scale`), \
+                 and the file's other fp8 weights carry one (a scaled fp8 checkpoint): the file \
+                 is incomplete; download it again",
+                self.label()
+            );
         }
         Ok(1.0)
     }
