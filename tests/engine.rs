@@ -591,6 +591,33 @@ fn outputs_are_written_with_report_and_contact_sheet() {
     assert!(sheet.width() >= 3 * 192);
 }
 
+/// Images the server's relay already wrote (durably, from the same images) are left as
+/// they are and still named in the report; the rest are written.
+#[test]
+fn outputs_written_while_the_edit_ran_are_not_written_again() {
+    let mut judge = ScriptedJudge::default();
+    for m in 0..3 {
+        judge.screen.insert(m, Some((m != 1, 5.0 + m as f32)));
+        judge.vie.insert(m, Some(4.0 + m as f32));
+    }
+    let (mut report, _, _) = run(early_filter(3, 2, 2, 6), judge, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let relayed = "previews/c01_s000101_step02.png";
+    std::fs::create_dir_all(dir.path().join("previews")).unwrap();
+    std::fs::write(dir.path().join(relayed), b"written by the relay").unwrap();
+    let written = std::collections::HashSet::from([relayed.to_string()]);
+    icedit_scale::engine::outputs::write_outputs_except(&mut report, dir.path(), &written).unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join(relayed)).unwrap(),
+        b"written by the relay"
+    );
+    assert_eq!(
+        report.candidates[1].screens[0].preview_file.as_deref(),
+        Some(relayed)
+    );
+    image::open(dir.path().join("previews/c00_s000100_step02.png")).unwrap();
+}
+
 /// A judge whose replies cost tokens even when they cannot be used, and that measures how
 /// many of its calls are in flight at once.
 #[derive(Default)]

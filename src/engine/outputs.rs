@@ -13,6 +13,7 @@
 //! report.json                    the full record (schema in docs/outputs.md)
 //! ```
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
@@ -29,7 +30,8 @@ fn write_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
     }
 }
 
-fn save_png(out: &Path, rel: &str, image: &RgbImage) -> Result<String, EngineError> {
+/// Writes `image` as the PNG `out/rel`, atomically and fsynced; returns `rel`.
+pub fn save_png(out: &Path, rel: &str, image: &RgbImage) -> Result<String, EngineError> {
     let path = out.join(rel);
     let mut bytes = Vec::new();
     image
@@ -55,42 +57,60 @@ fn stem(c: &CandidateRecord) -> String {
 /// Writes every output of `report` under `out` and fills in the file names in the report.
 /// Returns the path of `report.json`.
 pub fn write_outputs(report: &mut EditReport, out: &Path) -> Result<PathBuf, EngineError> {
+    write_outputs_except(report, out, &HashSet::new())
+}
+
+/// [`write_outputs`], leaving the images at the paths in `written` (relative to `out`) as
+/// they are: the server's relay wrote those, durably, from the same images while the edit
+/// ran, so encoding them again would only spend time.
+pub fn write_outputs_except(
+    report: &mut EditReport,
+    out: &Path,
+    written: &HashSet<String>,
+) -> Result<PathBuf, EngineError> {
     std::fs::create_dir_all(out).map_err(|e| write_err(out, e))?;
+    let save = |out: &Path, rel: &str, image: &RgbImage| {
+        if written.contains(rel) {
+            Ok(rel.to_string())
+        } else {
+            save_png(out, rel, image)
+        }
+    };
     for c in &mut report.candidates {
         let name = stem(c);
         for (screen, image) in c.screens.iter_mut().zip(&c.images.previews) {
             let rel = format!("previews/{name}_step{:02}.png", screen.step);
-            screen.preview_file = Some(save_png(out, &rel, image)?);
+            screen.preview_file = Some(save(out, &rel, image)?);
         }
         if let Some(image) = &c.images.short_run {
-            c.short_run_file = Some(save_png(out, &format!("short/{name}.png"), image)?);
+            c.short_run_file = Some(save(out, &format!("short/{name}.png"), image)?);
         }
         if let Some(image) = &c.images.final_image {
-            c.final_file = Some(save_png(out, &format!("finals/{name}.png"), image)?);
+            c.final_file = Some(save(out, &format!("finals/{name}.png"), image)?);
         }
     }
     let picked = report.picked().and_then(|c| c.images.final_image.clone());
     let refined = report.refine.as_ref().and_then(|r| r.image.clone());
     match (picked, refined) {
         (Some(edit), Some(refined)) => {
-            report.edit_file = Some(save_png(out, "final_edit.png", &edit)?);
-            let file = save_png(out, "final.png", &refined)?;
+            report.edit_file = Some(save(out, "final_edit.png", &edit)?);
+            let file = save(out, "final.png", &refined)?;
             if let Some(r) = report.refine.as_mut() {
                 r.file = Some(file.clone());
             }
             report.pick_file = Some(file);
         }
-        (Some(edit), None) => report.pick_file = Some(save_png(out, "final.png", &edit)?),
+        (Some(edit), None) => report.pick_file = Some(save(out, "final.png", &edit)?),
         (None, _) => {}
     }
     for r in &mut report.runner_up_refines {
         if let Some(image) = &r.image {
             let rel = format!("refined/{}.png", candidate_stem(r.candidate, r.seed));
-            r.file = Some(save_png(out, &rel, image)?);
+            r.file = Some(save(out, &rel, image)?);
         }
     }
     let sheet = contact_sheet(report);
-    save_png(out, "contact_sheet.png", &sheet)?;
+    save(out, "contact_sheet.png", &sheet)?;
     let path = out.join("report.json");
     // What the edit before this one in `out` wrote, by its report (unreadable: nothing).
     let earlier: Option<EditReport> = std::fs::read(&path)

@@ -3,7 +3,7 @@
 //! order, into [`ServerEvent`]s for the edit's Server-Sent Events stream, writing the
 //! images they carry into the edit's folder first so every event names a file that exists.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::engine::outputs::candidate_stem;
+use crate::engine::outputs::{candidate_stem, save_png};
 use crate::engine::report::Judged;
 use crate::engine::{EditEvent, Progress};
 
@@ -61,8 +61,8 @@ impl Progress for EventSink {
 }
 
 /// Writes a PNG by renaming a finished temporary file over it, so a reader never sees half
-/// a file. Not fsynced: these are views of a running edit, rewritten by its outputs.
-fn save_png(dir: &Path, rel: &str, image: &RgbImage) -> std::io::Result<()> {
+/// a file. Not fsynced: a live preview is overwritten at the next step and is no output.
+fn save_live_png(dir: &Path, rel: &str, image: &RgbImage) -> std::io::Result<()> {
     let path = dir.join(rel);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
@@ -76,14 +76,17 @@ fn save_png(dir: &Path, rel: &str, image: &RgbImage) -> std::io::Result<()> {
 
 /// Reads the engine's events for edit `id` until the run drops its sink, writes the images
 /// they carry under `dir`, and hands each [`ServerEvent`] (without its `seq`, which the job
-/// assigns) to `publish`, in order.
+/// assigns) to `publish`, in order. Returns the outputs it wrote (previews, short runs,
+/// finals: durably, as the edit's outputs would write them), which the job's own output
+/// writing then leaves alone.
 pub async fn relay(
     id: String,
     dir: PathBuf,
     mut events: mpsc::UnboundedReceiver<EditEvent>,
     publish: impl Fn(&str, Value),
-) {
+) -> HashSet<String> {
     let mut seeds: HashMap<usize, u64> = HashMap::new();
+    let mut outputs = HashSet::new();
     let url = |rel: &str| format!("/v1/edits/{id}/files/{rel}");
     while let Some(event) = events.recv().await {
         // An image is written before its event goes out, off the async threads.
@@ -91,7 +94,16 @@ pub async fn relay(
             let dir = dir.clone();
             let r = rel.clone();
             async move {
-                let written = tokio::task::spawn_blocking(move || save_png(&dir, &r, &image)).await;
+                let written = tokio::task::spawn_blocking(move || {
+                    if r.starts_with("live/") {
+                        save_live_png(&dir, &r, &image).map_err(|e| e.to_string())
+                    } else {
+                        save_png(&dir, &r, &image)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    }
+                })
+                .await;
                 match written {
                     Ok(Ok(())) => Some(rel),
                     Ok(Err(e)) => {
@@ -153,7 +165,11 @@ pub async fn relay(
                     "previews/{}_step{step:02}.png",
                     candidate_stem(candidate, seed(candidate))
                 );
-                let file = write(rel, image).await.map(|r| url(&r));
+                let file = write(rel, image).await.map(|r| {
+                    let link = url(&r);
+                    outputs.insert(r);
+                    link
+                });
                 let mut data = json!({"candidate": candidate, "step": step, "url": file});
                 match verdict {
                     Judged::Ok(v) => {
@@ -175,7 +191,11 @@ pub async fn relay(
             ),
             EditEvent::Finished { candidate, image } => {
                 let rel = format!("finals/{}.png", candidate_stem(candidate, seed(candidate)));
-                let file = write(rel, image).await.map(|r| url(&r));
+                let file = write(rel, image).await.map(|r| {
+                    let link = url(&r);
+                    outputs.insert(r);
+                    link
+                });
                 ("finished", json!({"candidate": candidate, "url": file}))
             }
             EditEvent::Scored { candidate, vie } => {
@@ -191,7 +211,11 @@ pub async fn relay(
             }
             EditEvent::ShortRun { candidate, image } => {
                 let rel = format!("short/{}.png", candidate_stem(candidate, seed(candidate)));
-                let file = write(rel, image).await.map(|r| url(&r));
+                let file = write(rel, image).await.map(|r| {
+                    let link = url(&r);
+                    outputs.insert(r);
+                    link
+                });
                 ("short_run", json!({"candidate": candidate, "url": file}))
             }
             EditEvent::Compared {
@@ -207,4 +231,5 @@ pub async fn relay(
         };
         publish(kind, data);
     }
+    outputs
 }

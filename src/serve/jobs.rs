@@ -26,7 +26,7 @@ use super::request::{EditRequest, Limits};
 use crate::edit::{
     check_decodes, load_image_bytes, panel_size, resize_to_panel, EditContext, ImageLimits,
 };
-use crate::engine::outputs::write_outputs;
+use crate::engine::outputs::write_outputs_except;
 use crate::engine::report::EditReport;
 use crate::engine::{EditJob, Engine, StrategyConfig};
 use crate::error::{EditError, EngineError, GenerateError};
@@ -772,15 +772,17 @@ impl JobRegistry {
         ));
         let result = engine.run(edit_job, Arc::new(sink)).await;
         // The run has dropped every copy of the sink: the relay ends after the last event.
-        let _ = relayed.await;
+        let written = relayed.await.unwrap_or_default();
         let mut report = result?;
         let out = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || write_outputs(&mut report, &out).map(|_| report))
-            .await
-            .map_err(|e| EngineError::Output {
-                path: dir.to_path_buf(),
-                reason: e.to_string(),
-            })?
+        tokio::task::spawn_blocking(move || {
+            write_outputs_except(&mut report, &out, &written).map(|_| report)
+        })
+        .await
+        .map_err(|e| EngineError::Output {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?
     }
 }
 
