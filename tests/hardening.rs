@@ -223,6 +223,26 @@ fn judge_presets_with_unusable_values_are_refused_naming_the_field() {
     .unwrap();
     let result = edit(&out, &["--judge", local.to_str().unwrap()]);
     refused(&out, &result, &["`max_batch` = 0"]);
+    // A value of the wrong type is shown on its line with its key (a preset is read by its
+    // `kind` first: serde's tagged enum used to lose both); a bad `kind` names the kinds.
+    for (text, needles) in [
+        (
+            "kind = \"qwen2vl\"\nmodel = \"Qwen/x\"\nmax_batch = \"four\"\n",
+            &["line 3", "max_batch = \"four\"", "expected usize"][..],
+        ),
+        (
+            "kind = \"qwen9\"\nmodel = \"Qwen/x\"\n",
+            &["`kind` = \"qwen9\": expected one of openai, qwen2vl"][..],
+        ),
+        ("kind = 3\n", &["`kind` = an integer"][..]),
+        ("model = \"Qwen/x\"\n", &["no `kind`"][..]),
+    ] {
+        std::fs::write(&local, text).unwrap();
+        let result = edit(&out, &["--judge", local.to_str().unwrap()]);
+        let mut all = needles.to_vec();
+        all.push("local.toml");
+        refused(&out, &result, &all);
+    }
 }
 
 #[test]

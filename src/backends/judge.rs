@@ -8,8 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Deserialize;
-
 use crate::cli::JudgeArgs;
 use crate::device::{parse_dtype_on, DeviceName};
 use crate::engine::{StrategyConfig, StrategyKind};
@@ -19,7 +17,7 @@ use crate::hub::{self, RepoRequest};
 use super::download::checkpoint_request;
 use crate::judge::composite::{CompositeJudge, CompositePreset};
 use crate::judge::openai::{OpenAiConfig, OpenAiJudge};
-use crate::judge::preset::read_preset;
+use crate::judge::preset::TaggedPreset;
 use crate::judge::qwen_vl::{LocalJudgeConfig, Qwen2VlJudge};
 use crate::judge::reward::{RewardJudge, RewardPreset};
 use crate::judge::testbed::{TestbedJudge, TestbedJudgeConfig, TestbedPreset};
@@ -81,19 +79,31 @@ pub struct CompositeSpec {
 }
 
 /// A preset file as written: the `kind` key picks the struct the rest is read into.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "kind")]
+#[derive(Debug)]
 enum PresetFile {
-    #[serde(rename = "openai")]
     Remote(OpenAiConfig),
-    #[serde(rename = "qwen2vl")]
     Local(LocalJudgeConfig),
-    #[serde(rename = "reward")]
     Reward(RewardPreset),
-    #[serde(rename = "testbed")]
     Testbed(TestbedPreset),
-    #[serde(rename = "composite")]
     Composite(CompositePreset),
+}
+
+impl PresetFile {
+    /// The `kind` values, as preset files write them.
+    const KINDS: [&'static str; 5] = ["openai", "qwen2vl", "reward", "testbed", "composite"];
+
+    /// Reads the preset at `path`; errors name the file and the key.
+    fn read(path: &Path) -> Result<Self, JudgeError> {
+        let preset = TaggedPreset::read(path, &Self::KINDS)?;
+        Ok(match preset.kind() {
+            "openai" => Self::Remote(preset.body()?),
+            "qwen2vl" => Self::Local(preset.body()?),
+            "reward" => Self::Reward(preset.body()?),
+            "testbed" => Self::Testbed(preset.body()?),
+            "composite" => Self::Composite(preset.body()?),
+            other => unreachable!("TaggedPreset::read refuses kind {other:?}"),
+        })
+    }
 }
 
 impl JudgeSpec {
@@ -163,7 +173,7 @@ impl JudgeSpec {
     }
 
     fn read(path: &Path, allow_composite: bool) -> Result<Self, JudgeError> {
-        let file: PresetFile = read_preset(path)?;
+        let file = PresetFile::read(path)?;
         let (kind, name, max_concurrency) = match file {
             PresetFile::Remote(c) => {
                 let c = c.resolve(path)?;

@@ -12,16 +12,82 @@ use super::JudgeError;
 /// 429s and a local judge only queues.
 pub const MAX_CONCURRENCY: usize = 256;
 
-/// Reads the TOML preset at `path` into `T`, naming the file when it cannot be read or
-/// parsed (serde's message names the field). Each read is logged (target
-/// `icedit_scale::preset`, debug), so a run can be seen to read each preset once.
-pub fn read_preset<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, JudgeError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        JudgeError::Config(format!("cannot read judge preset {}: {e}", path.display()))
-    })?;
-    tracing::debug!(target: "icedit_scale::preset", path = %path.display(), "read judge preset");
-    toml::from_str(&text)
-        .map_err(|e| JudgeError::Config(format!("judge preset {}: {e}", path.display())))
+/// A preset file read as far as its `kind` key, which picks the struct the rest is read
+/// into ([`Self::body`]). Read in two steps rather than as an internally tagged enum: serde
+/// buffers such an enum's fields, and a bad value's message then names neither its key nor
+/// its line.
+pub struct TaggedPreset {
+    path: std::path::PathBuf,
+    text: String,
+    kind: String,
+}
+
+impl TaggedPreset {
+    /// Reads the TOML preset at `path` and its `kind`, naming the file when it cannot be
+    /// read or parsed, or has no `kind` among `kinds`. Each read is logged (target
+    /// `icedit_scale::preset`, debug), so a run can be seen to read each preset once.
+    pub fn read(path: &Path, kinds: &[&str]) -> Result<Self, JudgeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            JudgeError::Config(format!("cannot read judge preset {}: {e}", path.display()))
+        })?;
+        tracing::debug!(target: "icedit_scale::preset", path = %path.display(), "read judge preset");
+        let fail =
+            |what: String| JudgeError::Config(format!("judge preset {}: {what}", path.display()));
+        let table = toml::de::DeTable::parse(&text).map_err(|e| fail(e.to_string()))?;
+        let expected = kinds.join(", ");
+        let kind = match table.get_ref().get("kind").map(|v| v.get_ref()) {
+            None => return Err(fail(format!("no `kind` (one of {expected})"))),
+            Some(value) => match value.as_str() {
+                Some(kind) if kinds.contains(&kind) => kind.to_string(),
+                _ => {
+                    return Err(fail(format!(
+                        "`kind` = {}: expected one of {expected}",
+                        toml_text(value)
+                    )))
+                }
+            },
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            text,
+            kind,
+        })
+    }
+
+    /// The `kind` key's value.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The file's keys other than `kind`, read into `T`; serde's message names the key and
+    /// shows the line of a bad value.
+    pub fn body<T: serde::de::DeserializeOwned>(&self) -> Result<T, JudgeError> {
+        let fail = |e: toml::de::Error| {
+            JudgeError::Config(format!("judge preset {}: {e}", self.path.display()))
+        };
+        let mut table = toml::de::DeTable::parse(&self.text).map_err(fail)?;
+        table.get_mut().remove("kind");
+        T::deserialize(toml::de::Deserializer::from(table)).map_err(|mut e| {
+            e.set_input(Some(&self.text));
+            fail(e)
+        })
+    }
+}
+
+/// A parsed TOML value as a message quotes it.
+fn toml_text(value: &toml::de::DeValue<'_>) -> String {
+    match value.as_str() {
+        Some(text) => format!("{text:?}"),
+        None => {
+            let kind = value.type_str();
+            let article = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
+            format!("{article} {kind}")
+        }
+    }
 }
 
 /// Checks preset fields of one file.
