@@ -500,7 +500,8 @@ if check and check.get("fused_check"):
         md.append(f"| {r['name']} | {r['shape']} | {r['max_abs_diff']:.3e} | {r['tolerance']:.3e} | "
                   f"{'pass' if r['pass'] else '**FAIL**'} | {'-' if f_ms is None else f'{f_ms:.3f}'} | "
                   f"{'-' if u_ms is None else f'{u_ms:.3f}'} | {speed} |")
-    md += ["", f"Kernels used for the timings: {', '.join(fc['enabled']) or 'none'}"
+    used = (', '.join(fc['enabled']) or 'none') if fc.get('on_cuda', True) else 'none (not a CUDA device: CPU references)'
+    md += ["", f"Kernels used for the timings: {used}"
                + (f" (turned off after failing: {', '.join(fc['disabled'])})" if fc["disabled"] else "")
                + (f"; flash attention with {fc['flash_warps']} warps per block" if fc.get("flash_warps") else "") + "."]
     if fc.get("fp8_relative_error") is not None:

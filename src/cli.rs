@@ -23,7 +23,9 @@ use crate::judge::preset::MAX_CONCURRENCY;
     // kept for the process's life raised the 512-panel CPU peak by 250 MiB (tests/plan.rs),
     // the heap's layout being that sensitive with the allocator tuned (host_memory.rs).
     version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ICEDIT_BUILD_DESCRIPTION"), ")"),
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    // A bare `icedit-scale` shows the help rather than `edit`'s missing --image.
+    arg_required_else_help = true
 )]
 pub struct Cli {
     /// A subcommand; `edit` when omitted.
@@ -400,6 +402,29 @@ impl StrategyArgs {
 
     /// The engine's strategy configuration, checked; errors name the flag.
     pub fn to_config(&self) -> Result<StrategyConfig, StrategyError> {
+        // Zero counts are refused whichever strategy runs (`random` would read --seeds 0 as
+        // its one candidate, early-filter alone would refuse --keep 0).
+        let zero = [
+            (
+                StrategyField::Seeds,
+                "--seeds",
+                self.seeds == 0 && self.seed_list.is_none(),
+            ),
+            (
+                StrategyField::ProbeSteps,
+                "--probe-steps",
+                self.probe_steps == 0,
+            ),
+            (StrategyField::Keep, "--keep", self.keep == Some(0)),
+            (StrategyField::Wave, "--wave", self.wave == 0),
+        ];
+        if let Some((field, flag, _)) = zero.into_iter().find(|(_, _, zero)| *zero) {
+            return Err(StrategyError {
+                origin: ValueSource::Flags,
+                field,
+                message: format!("{flag} 0 must be at least 1"),
+            });
+        }
         let mut config = self.overrides().apply(&StrategyConfig::default());
         if let Some(budget) = self.budget_nfe {
             config = config
@@ -456,7 +481,8 @@ impl StrategyArgs {
 /// Which generator backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum GeneratorKind {
-    /// FLUX.1 Fill when --model-dir is given, else the testbed.
+    /// FLUX.1 Fill when weights are named (--model-dir, --transformer, --random-weights)
+    /// or --download is given, else the testbed.
     Auto,
     /// The built-in simulator (no weights; see docs/testbed.md).
     Testbed,
@@ -558,10 +584,6 @@ pub struct GeneratorArgs {
     /// memory plan is checked against it before anything loads.
     #[arg(long, value_parser = memory_budget)]
     pub memory_budget: Option<f64>,
-    /// Safetensors file whose `latents` tensor holds initial latents for the first
-    /// candidates (reproduces another run exactly).
-    #[arg(long)]
-    pub init_latents: Option<PathBuf>,
     /// Testbed difficulty (0 = the correct outcome dominates, 1 = failures dominate)
     /// [default: 0.5].
     #[arg(long, value_parser = unit_interval)]
@@ -584,6 +606,58 @@ impl GeneratorArgs {
     pub fn testbed_contrast(&self) -> f32 {
         self.testbed_contrast
             .unwrap_or(TestbedConfig::default().contrast)
+    }
+
+    /// The FLUX flags that were given (or, for those with a default, given another value),
+    /// by name: the testbed refuses them, since they would change nothing there.
+    pub fn flux_flags_given(&self) -> Vec<&'static str> {
+        let defaults = Self::defaults();
+        [
+            ("--model-dir", self.model_dir.is_some()),
+            ("--transformer", self.transformer.is_some()),
+            ("--vae", self.vae.is_some()),
+            ("--text-encoders", self.text_encoders.is_some()),
+            ("--t5", self.t5.is_some()),
+            (
+                if std::env::var_os("ICEDIT_LORA").is_some() {
+                    "--lora (ICEDIT_LORA)"
+                } else {
+                    "--lora"
+                },
+                self.lora.is_some(),
+            ),
+            ("--lora-scale", self.lora_scale != defaults.lora_scale),
+            ("--dtype", self.dtype.is_some()),
+            ("--device", self.device != defaults.device),
+            ("--text-device", self.text_device.is_some()),
+            ("--quantize", self.quantize.is_some()),
+            ("--dequantize", self.dequantize),
+            ("--random-weights", self.random_weights.is_some()),
+            ("--t5-tokens", self.t5_tokens != defaults.t5_tokens),
+            ("--keep-text-encoders", self.keep_text_encoders),
+            ("--guidance", self.guidance != defaults.guidance),
+            ("--tiny-decoder", self.tiny_decoder.is_some()),
+            (
+                "--preview-decoder",
+                self.preview_decoder != defaults.preview_decoder,
+            ),
+            ("--vae-tiling", self.vae_tiling != defaults.vae_tiling),
+            ("--vae-tile", self.vae_tile.is_some()),
+            ("--memory-budget", self.memory_budget.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
+
+    /// The flags' defaults, as clap sets them.
+    fn defaults() -> Self {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            generator: GeneratorArgs,
+        }
+        Only::parse_from(["icedit-scale"]).generator
     }
 
     /// The testbed's flags that were given, by name (a FLUX run refuses them: they would
@@ -654,6 +728,10 @@ pub struct EditArgs {
     /// Output folder.
     #[arg(long, default_value = "out")]
     pub out: PathBuf,
+    /// Safetensors file whose `latents` tensor holds initial latents for the first
+    /// candidates (reproduces another run exactly).
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub strategy: StrategyArgs,
@@ -957,9 +1035,13 @@ fn weight_format(text: &str) -> Result<crate::models::flux::held_weight::WeightF
 /// A `--quantize` value: fp8 or a ggml type (dense is `--dequantize`, or no flag).
 fn quantized_format(text: &str) -> Result<crate::models::flux::held_weight::WeightFormat, String> {
     use crate::models::flux::held_weight::WeightFormat;
-    match text.parse()? {
-        WeightFormat::Dense => Err("`dense` is not a quantization; leave --quantize out".into()),
-        format => Ok(format),
+    if text.trim().eq_ignore_ascii_case("dense") {
+        return Err("`dense` is not a quantization; leave --quantize out".into());
+    }
+    match text.parse::<WeightFormat>() {
+        Ok(format) => Ok(format),
+        // The format parser also knows `dense`; --quantize does not take it.
+        Err(e) => Err(e.replace(" (or dense, fp8)", " (or fp8)")),
     }
 }
 

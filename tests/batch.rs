@@ -348,7 +348,7 @@ fn bad_items_are_reported_and_skipped_and_outages_retried() {
     assert!(by_id("#line-8")["reason"]
         .as_str()
         .unwrap()
-        .contains("not a valid item"));
+        .contains("not a JSON object"));
     let table = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(table.contains("| 8 | 2 | 2 | 4 |"), "{table}");
 

@@ -109,7 +109,23 @@ fn numeric_options_beyond_their_bounds_are_refused_at_once() {
         ),
         (
             &["--strategy", "adaptive", "--wave", "0"],
-            &["--wave 0", "between 1 and the number of seeds"],
+            &["--wave 0", "at least 1"],
+        ),
+        (
+            &["--strategy", "adaptive", "--wave", "9"],
+            &["--wave 9", "between 1 and the number of seeds"],
+        ),
+        (
+            &["--strategy", "random", "--seeds", "0"],
+            &["--seeds 0", "at least 1"],
+        ),
+        (
+            &["--strategy", "best-of-n", "--keep", "0"],
+            &["--keep 0", "at least 1"],
+        ),
+        (
+            &["--target", "11"],
+            &["--target 11", "VIE O between 0 and 10"],
         ),
         (
             &["--strategy", "adaptive", "--target", "12"],
@@ -287,7 +303,7 @@ fn a_batch_whose_items_all_failed_exits_with_its_own_code() {
     ]);
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert_eq!(result.status.code(), Some(EXIT_SOME_FAILED), "{stderr}");
-    assert!(stderr.contains("3 of 3 items failed"), "{stderr}");
+    assert!(stderr.contains("3 of the 3 items this run handled failed"), "{stderr}");
 }
 
 #[test]
@@ -1385,4 +1401,127 @@ fn flags_that_would_change_nothing_are_refused_by_name() {
         "{}",
         String::from_utf8_lossy(&result.stderr)
     );
+}
+
+/// FLUX's flags without FLUX weights named would run the testbed simulator and ignore them
+/// (a forgotten --model-dir looked like a successful edit): refused, naming the flags and
+/// the ways to name weights; with --generator testbed, naming the generator.
+#[test]
+fn flux_flags_without_flux_weights_are_refused_instead_of_running_the_testbed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for extra in [
+        &["--lora", "icedit"][..],
+        &["--device", "cuda"][..],
+        &["--dtype", "f16"][..],
+        &["--quantize", "q8_0"][..],
+        &["--guidance", "10"][..],
+        &["--t5-tokens", "64"][..],
+    ] {
+        let result = edit(&out, extra);
+        refused(&out, &result, &[extra[0], "--model-dir DIR", "testbed"]);
+    }
+    let result = edit(&out, &["--generator", "testbed", "--vae-tiling", "on"]);
+    refused(&out, &result, &["--generator testbed", "--vae-tiling"]);
+    // --init-latents belongs to `edit`: batch, eval and serve do not offer it.
+    let result = cli(&[
+        "batch",
+        "--manifest",
+        "x.jsonl",
+        "--init-latents",
+        "l.safetensors",
+    ]);
+    assert_eq!(result.status.code(), Some(EXIT_BAD_INPUT));
+    assert!(String::from_utf8_lossy(&result.stderr).contains("--init-latents"));
+}
+
+/// A diffusers transformer file named by --transformer finds the config.json beside it
+/// (the plan used to call that file missing), and without --model-dir or --text-encoders
+/// the plan says what FLUX needs, as the loader does.
+#[test]
+fn a_transformer_file_reads_the_config_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_copy(dir.path());
+    let moved = dir.path().join("elsewhere");
+    std::fs::rename(model.join("transformer"), &moved).unwrap();
+    let weights = moved.join("diffusion_pytorch_model.safetensors");
+    let vae = model.join("vae/diffusion_pytorch_model.safetensors");
+    let out = dir.path().join("out");
+    let result = edit(
+        &out,
+        &[
+            "--width",
+            "48",
+            "--t5-tokens",
+            "32",
+            "--steps",
+            "2",
+            "--strategy",
+            "random",
+            "--judge",
+            "none",
+            "--transformer",
+            weights.to_str().unwrap(),
+            "--vae",
+            vae.to_str().unwrap(),
+            "--text-encoders",
+            model.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let out2 = dir.path().join("out2");
+    let result = edit(&out2, &["--transformer", weights.to_str().unwrap()]);
+    refused(
+        &out2,
+        &result,
+        &["--text-encoders with --transformer and --vae"],
+    );
+}
+
+/// Files of the wrong kind are named as such: an image given as a manifest (exit 2, nothing
+/// written) or as a LoRA; a bare `icedit-scale` shows the help.
+#[test]
+fn files_of_the_wrong_kind_are_named_and_a_bare_command_shows_help() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let result = cli(&["batch", "--manifest", IMAGE, "--out", out.to_str().unwrap()]);
+    refused(&out, &result, &["a PNG image, not a JSONL manifest"]);
+    assert!(!out.exists());
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny");
+    let result = flux_edit(&tiny, &out, &["--lora", IMAGE]);
+    refused(
+        &out,
+        &result,
+        &["cannot read LoRA: a PNG image, not a safetensors file"],
+    );
+    let result = cli(&["--quantize", "q9"]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("(or fp8)") && !stderr.contains("dense"),
+        "{stderr}"
+    );
+    let result = cli(&[]);
+    assert!(String::from_utf8_lossy(&result.stderr).contains("Usage: icedit-scale"));
+}
+
+/// `serve` on a port in use is bad input, refused before its output folder is made (and
+/// before a model would load).
+#[test]
+fn serve_on_a_port_in_use_is_refused_before_the_output_folder_is_made() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("serve-out");
+    let result = cli(&["serve", "--addr", &addr, "--out", out.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(EXIT_BAD_INPUT), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--addr {addr}: cannot listen")),
+        "{stderr}"
+    );
+    assert!(!out.exists());
 }

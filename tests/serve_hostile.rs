@@ -327,6 +327,18 @@ async fn a_full_queue_refuses_before_decoding_and_racing_cancels_end_an_edit_onc
         .await
         .unwrap();
     assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
+
+    // Three DELETEs of the running edit at once: one is told it is cancelling, the others
+    // that it already is, and it ends cancelled (it was stepping, far from its end).
+    let deletes = (0..3).map(|_| {
+        let (client, url) = (client.clone(), server.url(&format!("/v1/edits/{a}")));
+        async move { client.delete(url).send().await.unwrap().status().as_u16() }
+    });
+    let mut statuses = futures::future::join_all(deletes).await;
+    statuses.sort();
+    assert_eq!(statuses, [200, 409, 409]);
+    let a_events = events(&client, &server, &a, None).await;
+    assert_eq!(a_events.last().unwrap().event, "cancelled");
 }
 
 /// A refusal's status, its `x-should-retry` header and its body.

@@ -211,6 +211,23 @@ impl GeneratorSpec {
             (kind, _) => kind,
         };
         if kind == GeneratorKind::Testbed {
+            let flux_only = args.flux_flags_given();
+            if !flux_only.is_empty() {
+                let flags = flux_only.join(", ");
+                return Err(EditError::Invalid(match args.generator {
+                    GeneratorKind::Testbed => format!(
+                        "--generator testbed runs the built-in simulator, which takes no {flags}; drop {}",
+                        if flux_only.len() == 1 { "it" } else { "them" }
+                    ),
+                    _ => format!(
+                        "{flags} set{} up FLUX, and no FLUX weights are named, so this run would be \
+                         the built-in testbed simulator: name the weights (--model-dir DIR, \
+                         --transformer FILE with --vae and --text-encoders, --random-weights \
+                         small|full, or --download), or drop {flags}",
+                        if flux_only.len() == 1 { "s" } else { "" }
+                    ),
+                }));
+            }
             return Ok(Self::Testbed(TestbedConfig {
                 difficulty: args.testbed_difficulty(),
                 contrast: args.testbed_contrast(),

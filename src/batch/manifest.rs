@@ -104,6 +104,26 @@ impl ManifestReader<std::io::BufReader<std::fs::File>> {
     }
 }
 
+/// Why the file at `path` is not a manifest at all (an image or other binary file given
+/// as `--manifest`), judged by its first bytes; `None` when it may be one (each line is
+/// then checked on its own).
+pub fn not_a_manifest(path: &Path) -> Option<String> {
+    let mut head = Vec::with_capacity(8192);
+    let file = std::fs::File::open(path).ok()?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, 8192), &mut head).ok()?;
+    let kind = match head.as_slice() {
+        [0x89, b'P', b'N', b'G', ..] => "a PNG image",
+        [0xFF, 0xD8, 0xFF, ..] => "a JPEG image",
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => "a WebP image",
+        [b'G', b'I', b'F', b'8', ..] => "a GIF image",
+        bytes if bytes.contains(&0) => "a binary file",
+        _ => return None,
+    };
+    Some(format!(
+        "{kind}, not a JSONL manifest (one JSON object per line: {{\"id\", \"image\", \"instruction\"}})"
+    ))
+}
+
 impl<R: BufRead> ManifestReader<R> {
     /// Reads manifest lines from `reader`; image paths resolve against `root` (an empty
     /// root, the folder of a bare `edits.jsonl`, is the working directory).
@@ -189,8 +209,10 @@ impl<R: BufRead> ManifestReader<R> {
 /// A line as a [`ManifestLine`]; a value of the wrong type is named by its key (serde's
 /// own message gives a column, and for `seeds` not even that).
 fn parse_line(text: &str) -> Result<ManifestLine, String> {
-    let object: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(text).map_err(|e| format!("not a valid item: {e}"))?;
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+        .map_err(|e| {
+            format!("not a JSON object (one per line, e.g. {{\"id\": ..., \"image\": ..., \"instruction\": ...}}): {e}")
+        })?;
     if let Ok(spec) = serde_json::from_value(serde_json::Value::Object(object.clone())) {
         return Ok(spec);
     }
@@ -340,7 +362,7 @@ mod tests {
         assert!(summary[1].starts_with("bad line 3: image path ../etc/passwd is outside"));
         assert!(summary[2].contains("empty instruction"));
         assert!(summary[3].contains("duplicate id"));
-        assert!(summary[4].starts_with("bad line 6: not a valid item"));
+        assert!(summary[4].starts_with("bad line 6: not a JSON object"));
         assert!(summary[5].contains("names a folder"));
         assert!(summary[6].contains("outside the manifest root"));
         assert_eq!(summary[7], "ok g line 9");

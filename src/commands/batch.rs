@@ -49,6 +49,11 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
         ))
         .into());
     }
+    if let Some(why) = crate::batch::manifest::not_a_manifest(&args.manifest) {
+        return Err(
+            EditError::Invalid(format!("--manifest {}: {why}", args.manifest.display())).into(),
+        );
+    }
     crate::fsio::prepare_output_dir(&args.out, "--out")
         .map_err(|e| EditError::Invalid(e.to_string()))?;
     // Items finished under other settings are not counted as done under these.

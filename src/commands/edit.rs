@@ -47,7 +47,7 @@ async fn edit_claimed(
     // FLUX's latent grid of this edit's diptych [source | edit]: the VAE downsamples by 8.
     let flux_grid = matches!(checked.generator, GeneratorSpec::Flux(_))
         .then_some((h as usize / 8, 2 * w as usize / 8));
-    let init_latents = match &args.engine.generator.init_latents {
+    let init_latents = match &args.init_latents {
         Some(path) => {
             let latents = load_init_latents(path, flux_grid)?;
             let candidates = checked.strategy.candidate_count();
@@ -87,7 +87,7 @@ async fn edit_claimed(
             // Latents that do not fit this edit are found once the generator knows its
             // shape: the error names the flag and the file they came from.
             if let (Some(path), Some(EngineError::Generate(GenerateError::Input(why)))) =
-                (&args.engine.generator.init_latents, e.downcast_ref())
+                (&args.init_latents, e.downcast_ref())
             {
                 return Err(EditError::Invalid(format!(
                     "--init-latents {}: {why} (rows of [tokens, channels] packed, or [16, h, w] as diffusers saves them, for this --width and image)",
@@ -243,21 +243,11 @@ fn load_init_latents(
 ) -> anyhow::Result<Vec<candle_core::Tensor>> {
     let invalid =
         |why: String| EditError::Invalid(format!("--init-latents {}: {why}", path.display()));
-    // A safetensors file opens with its header's length (8 bytes) and the header's `{`.
-    let mut head = [0u8; 9];
-    let opened =
-        std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
-    match opened {
-        Err(e) if e.kind() != std::io::ErrorKind::UnexpectedEof => {
-            return Err(invalid(e.to_string()).into())
-        }
-        Ok(()) if head[8] == b'{' => {}
-        _ => {
-            return Err(invalid(
-                "not a safetensors file (a `latents` tensor saved by safetensors)".into(),
-            )
-            .into())
-        }
+    if let Err(e) = std::fs::File::open(path) {
+        return Err(invalid(e.to_string()).into());
+    }
+    if let Some(why) = crate::models::file_kind::not_safetensors(path) {
+        return Err(invalid(format!("{why} (a `latents` tensor saved by safetensors)")).into());
     }
     let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .map_err(|e| invalid(e.to_string()))?;
@@ -294,7 +284,12 @@ fn load_init_latents(
                 .into());
             }
         }
-        crate::models::flux::latents::pack(latents)?
+        crate::models::flux::latents::pack(latents).map_err(|_| {
+            invalid(format!(
+                "`latents` is {:?}, which does not pack into 2x2 tokens ([C, 16, h, w] with h and w even)",
+                latents.dims()
+            ))
+        })?
     } else {
         latents.clone()
     };

@@ -190,8 +190,7 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     }
     let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
     let items = dataset::load(&suite.dataset, &suite.selection)?;
-    let mut store = ResultStore::open(&args.out)
-        .with_context(|| format!("opening {}", args.out.join("results.jsonl").display()))?;
+    let lock = ResultStore::lock(&args.out)?;
     // What each arm's stored results were made with must be what it asks for now.
     let settings = suite
         .arms
@@ -212,6 +211,10 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     let shared = serde_json::json!({ "generator": generator.identity() });
     let shared = shared.as_object().expect("an object");
     crate::fsio::settings::check_settings(&args.out, shared, !args.report_only)?;
+    // Opened once the settings are known to match: a refused rerun leaves results.jsonl
+    // as it found it.
+    let mut store = ResultStore::open(&args.out, lock)
+        .with_context(|| format!("opening {}", args.out.join("results.jsonl").display()))?;
     let names = runner::arm_names(&suite);
     if !args.report_only {
         // The plan covers the widest refine and every step cache the arms ask for.

@@ -35,7 +35,7 @@ pub const EXIT_STOPPED: i32 = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum Incomplete {
     /// Stopped on request before the end.
-    #[error("stopped before the end ({done} done in this run, {left} left); run the same command again to resume")]
+    #[error("stopped before the end ({done} handled in this run, done, failed or invalid; {left} left); run the same command again to resume")]
     Stopped {
         /// Units finished in this run.
         done: usize,
@@ -56,7 +56,7 @@ pub enum Incomplete {
         out: std::path::PathBuf,
     },
     /// Every unit ran; some failed or were invalid.
-    #[error("{failed} of {total} items failed or were invalid; the reasons are in {}", .summary.display())]
+    #[error("{failed} of the {total} items this run handled failed or were invalid (items finished by earlier runs are not counted); the reasons are in {}", .summary.display())]
     SomeFailed {
         /// Failed or invalid units.
         failed: usize,

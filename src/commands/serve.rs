@@ -59,6 +59,11 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
             }
         }
     }
+    // A port in use is bad input, found before the output folder is made and the model
+    // loads (minutes): the socket is tried and let go; the server binds it once it is ready
+    // to accept, so a load does not leave clients hanging on a port nobody answers.
+    std::net::TcpListener::bind(args.addr)
+        .map_err(|e| EditError::Invalid(format!("--addr {}: cannot listen: {e}", args.addr)))?;
     crate::fsio::prepare_output_dir(&args.out, "--out")
         .map_err(|e| EditError::Invalid(e.to_string()))?;
     let _lock = super::claim_output(&args.out, "--out")?;

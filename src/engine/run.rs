@@ -664,10 +664,18 @@ impl EditRun<'_> {
             let (state, prepared, schedule) =
                 (state.clone(), self.prepared.clone(), self.schedule.clone());
             let (engine, edit, progress) = (self.engine, self.edit.clone(), self.progress.clone());
+            let cancel = self.cancel.clone();
             async move {
                 let image = engine
                     .worker
-                    .run(move |g| generate::finish(g, &prepared, &schedule, &state))
+                    .run(move |g| {
+                        // Each decode is queued on the generator thread: a cancel must stop
+                        // the ones not yet run (32 finals are 32 decodes), not only steps.
+                        if cancel.is_set() {
+                            return Err(EngineError::Cancelled);
+                        }
+                        Ok(generate::finish(g, &prepared, &schedule, &state)?)
+                    })
                     .await??;
                 let score = score_image(engine, &edit, &image).await;
                 progress.inc(1);
@@ -676,6 +684,8 @@ impl EditRun<'_> {
         });
         let results = join_all(jobs).await;
         self.progress.end();
+        // A cancel during the scoring calls ends the edit as cancelled too.
+        self.check_cancel()?;
         for (&i, result) in indices.iter().zip(results) {
             let (image, score) = result?;
             self.record_score(i, image, score);
@@ -886,15 +896,21 @@ impl EditRun<'_> {
             .advance("short", short.clone(), &all, states, k, false)
             .await?;
         self.nfe.probe = states.len() * k;
-        let prepared = self.prepared.clone();
+        let (prepared, cancel) = (self.prepared.clone(), self.cancel.clone());
         let images = self
             .engine
             .worker
             .run(move |g| {
                 states
                     .iter()
-                    .map(|s| generate::finish(g, &prepared, &short, s))
-                    .collect::<Result<Vec<_>, _>>()
+                    .map(|s| {
+                        // A cancel stops the decodes too, not only the steps.
+                        if cancel.is_set() {
+                            return Err(EngineError::Cancelled);
+                        }
+                        Ok(generate::finish(g, &prepared, &short, s)?)
+                    })
+                    .collect::<Result<Vec<_>, EngineError>>()
             })
             .await??;
         self.timings.probe_s = t.elapsed().as_secs_f64();

@@ -261,27 +261,27 @@ impl StrategyConfig {
                 ),
             );
         }
-        if self.kind == StrategyKind::Adaptive {
-            if self.wave == 0 || self.wave > n {
-                return bad(
-                    StrategyField::Wave,
-                    format!(
-                        "{} {} must be between 1 and the number of seeds ({n})",
-                        name(StrategyField::Wave),
-                        self.wave
-                    ),
-                );
-            }
-            if !(0.0..=10.0).contains(&self.target) {
-                return bad(
-                    StrategyField::Target,
-                    format!(
-                        "{} {} must be a VIE O between 0 and 10",
-                        name(StrategyField::Target),
-                        self.target
-                    ),
-                );
-            }
+        if self.kind == StrategyKind::Adaptive && (self.wave == 0 || self.wave > n) {
+            return bad(
+                StrategyField::Wave,
+                format!(
+                    "{} {} must be between 1 and the number of seeds ({n})",
+                    name(StrategyField::Wave),
+                    self.wave
+                ),
+            );
+        }
+        // Checked whether or not the strategy reads it, like every bound: a value no
+        // strategy could take is a mistake wherever it is written.
+        if !(0.0..=10.0).contains(&self.target) {
+            return bad(
+                StrategyField::Target,
+                format!(
+                    "{} {} must be a VIE O between 0 and 10",
+                    name(StrategyField::Target),
+                    self.target
+                ),
+            );
         }
         if let Some(width) = self.refine {
             if let Some(reason) = crate::edit::panel_width_error(width) {
@@ -1118,12 +1118,12 @@ mod tests {
                 assert!(e.message.starts_with(&format!("--target {target}")), "{e}");
             }
         }
-        // Finite but out of range is adaptive's business only.
+        // Out of range is refused too, whether or not the strategy reads the target.
         let ef = StrategyConfig {
             target: 42.0,
             ..cfg(StrategyKind::EarlyFilter)
         };
-        ef.validate().unwrap();
+        assert_eq!(ef.validate().unwrap_err().field, StrategyField::Target);
     }
 
     #[test]

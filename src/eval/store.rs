@@ -106,12 +106,17 @@ pub struct ResultStore {
 }
 
 impl ResultStore {
-    /// Takes the folder's lock and opens (or starts) the store, dropping a torn last line
-    /// left by a killed process. A folder another run holds is refused at once.
-    pub fn open(out: &Path) -> Result<Self, EngineError> {
+    /// Takes the folder's lock (made if new), before anything in it is read or written. A
+    /// folder another run holds is refused at once.
+    pub fn lock(out: &Path) -> Result<OutputLock, EngineError> {
         crate::fsio::prepare_output_dir(out, "--out")
             .map_err(|e| EditError::Invalid(e.to_string()))?;
-        let lock = OutputLock::acquire(out).map_err(|e| EditError::Invalid(e.to_string()))?;
+        Ok(OutputLock::acquire(out).map_err(|e| EditError::Invalid(e.to_string()))?)
+    }
+
+    /// Opens (or starts) the store of the folder `lock` holds, dropping a torn last line
+    /// left by a killed process and the lines of units run again since.
+    pub fn open(out: &Path, lock: OutputLock) -> Result<Self, EngineError> {
         let path = out.join("results.jsonl");
         let log = UnitLog::open(&path).map_err(|e| EngineError::Output {
             path: path.clone(),

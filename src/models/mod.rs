@@ -8,13 +8,15 @@
 //! between them. [`weight_use`] holds every loader to account for the tensors of its files:
 //! what the model read against what the files hold. [`step_cache`] holds the model-agnostic
 //! part of step caching (First-Block-Cache, TaylorSeer: the rules, each candidate's memory).
-//! [`fp8`] the e4m3 quantization the fp8 GEMM uses, as a CPU reference.
+//! [`fp8`] the e4m3 quantization the fp8 GEMM uses, as a CPU reference. [`file_kind`] tells
+//! a weight file's kind (GGUF, safetensors, neither) by its first bytes.
 
 pub mod activation;
 pub mod bench;
 pub mod config_keys;
 pub mod cpu;
 pub mod cuda;
+pub mod file_kind;
 pub mod flux;
 pub mod fp8;
 pub mod kernel_check;

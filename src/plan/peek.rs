@@ -12,8 +12,8 @@ use candle_core::quantized::{gguf_file, GgmlDType};
 use serde::de::DeserializeOwned;
 
 use super::footprint::WeightFormat;
+pub use crate::models::file_kind::is_gguf;
 use crate::models::flux::vae::VaeConfig;
-pub use crate::models::flux::weights::is_gguf;
 use crate::models::flux::FluxConfig;
 
 /// A tensor as a safetensors header describes it.
@@ -103,7 +103,7 @@ pub fn transformer_format(files: &[PathBuf]) -> Result<WeightFormat, String> {
             .max_by_key(|(_, n)| *n)
             .map_or(WeightFormat::Dense, |(t, _)| WeightFormat::Quantized(t)));
     }
-    if let Some(reason) = crate::models::flux::weights::gguf_name_without_magic(first) {
+    if let Some(reason) = crate::models::file_kind::gguf_name_without_magic(first) {
         return Err(format!("{}: {reason}", first.display()));
     }
     let header = safetensors_header(first)?;
@@ -148,6 +148,12 @@ pub fn peek_flux(
     transformer: Option<&Path>,
     text_encoders: Option<&Path>,
 ) -> Result<PeekedFiles, String> {
+    if transformer.is_some() && model_dir.is_none() && text_encoders.is_none() {
+        // What the loader would refuse, said before the plan reads anything.
+        return Err(
+            "FLUX needs --model-dir (diffusers folder or HF snapshot), or --text-encoders with --transformer and --vae".into(),
+        );
+    }
     let snapshot =
         |dir: &Path| crate::hub::cache::resolve_snapshot(dir).unwrap_or_else(|_| dir.to_path_buf());
     let root = model_dir.map(snapshot);
@@ -171,7 +177,20 @@ pub fn peek_flux(
     };
     // Checked as the loaders check them: the plan runs first, and its arithmetic relies
     // on what they refuse (heads, VAE levels).
-    let transformer_config: Option<FluxConfig> = match config_in("transformer")? {
+    // A diffusers transformer file named by --transformer keeps its config beside it (the
+    // loader's order: the model folder's, beside the file, the text encoders' folder's).
+    let beside = transformer
+        .map(|f| f.with_file_name("config.json"))
+        .filter(|p| p.is_file());
+    let in_root = root
+        .as_ref()
+        .map(|r| r.join("transformer/config.json"))
+        .filter(|p| p.is_file());
+    let transformer_config_path = match in_root.or(beside) {
+        Some(p) => Some(p),
+        None => config_in("transformer")?,
+    };
+    let transformer_config: Option<FluxConfig> = match transformer_config_path {
         Some(p) => read_config(&p)?
             .map(|c: FluxConfig| c.validate().map(|()| c))
             .transpose()

@@ -196,14 +196,16 @@ async fn read_body(state: &AppState, request: Request) -> Result<RawRequest, Api
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let read = if content_type.starts_with("multipart/form-data") {
+    // Media types are case-insensitive (RFC 9110, 8.3.1).
+    let media = content_type.to_ascii_lowercase();
+    let read = if media.starts_with("multipart/form-data") {
         match Multipart::from_request(request, &()).await {
             Ok(form) => RawRequest::from_multipart(form, &limits).await,
             Err(e) => Err(ApiError::bad_request(format!(
                 "unreadable multipart body: {e}"
             ))),
         }
-    } else if content_type.starts_with("application/json") {
+    } else if media.starts_with("application/json") {
         match Bytes::from_request(request, &()).await {
             Ok(body) => RawRequest::from_json(&body, &limits),
             Err(e) => Err(ApiError::bad_request(format!("unreadable body: {e}"))),
@@ -510,8 +512,18 @@ async fn images_edits(
         s = job.finished() => s,
         _ = state.registry.stop.stopped() => {
             if job.status() != Status::Queued {
-                // Running edits finish before the server exits: wait for this one.
-                job.finished().await
+                // Running edits finish before the server exits, or are interrupted at its
+                // deadline: wait for either.
+                tokio::select! {
+                    s = job.finished() => s,
+                    _ = state.registry.interrupted.stopped() => {
+                        abandoned.id = None;
+                        return Err(ApiError::journaled_at_shutdown(format!(
+                            "the server stopped at its shutdown deadline while edit {} ran; it is journaled and runs again after a restart (GET /v1/edits/{}); sending the request again would run it twice",
+                            job.id, job.id
+                        )));
+                    }
+                }
             } else {
                 // Still queued: it is journaled and runs after the restart.
                 abandoned.id = None;

@@ -287,8 +287,9 @@ pub struct JobRegistry {
     /// Set on shutdown: no new edits are taken or started.
     pub stop: StopSignal,
     /// Set at the shutdown deadline ([`Self::interrupt_running`]): an edit stopped now is
-    /// interrupted (it runs again after the restart), not cancelled.
-    interrupting: AtomicBool,
+    /// interrupted (it runs again after the restart), not cancelled. Clients waiting on a
+    /// running edit are answered when it is set.
+    pub interrupted: StopSignal,
     /// Mean seconds per finished edit (for Retry-After), and how many.
     pace: Mutex<(f64, u64)>,
     workers: usize,
@@ -357,7 +358,7 @@ impl JobRegistry {
             defaults,
             metrics,
             stop: StopSignal::default(),
-            interrupting: AtomicBool::new(false),
+            interrupted: StopSignal::default(),
             pace: Mutex::new((0.0, 0)),
             workers: workers.max(1),
         })
@@ -536,6 +537,9 @@ impl JobRegistry {
                 self.end(&job, Ending::Cancelled, None);
                 Ok(Status::Cancelled)
             }
+            Status::Running if job.cancel.is_set() => Err(ApiError::conflict(format!(
+                "edit {id} is already being cancelled"
+            ))),
             Status::Running => {
                 job.cancel.stop();
                 Ok(Status::Running)
@@ -631,7 +635,7 @@ impl JobRegistry {
     /// cancelled; call this before the loops are dropped (dropping a loop joins its
     /// generator thread, which would otherwise run the edit to its end first).
     pub fn interrupt_running(&self) -> usize {
-        self.interrupting.store(true, Ordering::SeqCst);
+        self.interrupted.stop();
         let running: Vec<Arc<Job>> = self
             .jobs
             .lock()
@@ -712,7 +716,7 @@ impl JobRegistry {
                 tracing::info!(nfe = report.nfe.total, "done in {seconds:.1} s");
                 self.end_with(&job, Ending::Done, None, done_event(&job.id, &report));
             }
-            Err(EngineError::Cancelled) if self.interrupting.load(Ordering::SeqCst) => {
+            Err(EngineError::Cancelled) if self.interrupted.is_set() => {
                 // Journaled as interrupted already: it has not ended.
                 tracing::info!("interrupted at the shutdown deadline");
             }

@@ -149,7 +149,10 @@ pub async fn run_on(
             "{interrupted} edit(s) still running at the shutdown deadline are journaled as interrupted; they run again at the next start"
         );
     }
-    connections.finish_by(deadline).await;
+    // The clients of interrupted edits are answered (503, not to be resent): a moment for
+    // those answers to go out, even past the deadline.
+    let answers_out = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+    connections.finish_by(deadline.max(answers_out)).await;
     Ok(())
 }
 

@@ -310,9 +310,14 @@ fn too_big(limits: &Limits) -> ApiError {
 
 /// Parses a field's text as a number, naming the field when it is not one.
 fn number<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, ApiError> {
-    text.trim()
-        .parse()
-        .map_err(|_| ApiError::bad_field(name, format!("`{name}` must be a number, not {text:?}")))
+    text.trim().parse().map_err(|_| {
+        // A number that is not a count (-1, 2.5, 1e30 where a count is read) is told so.
+        let what = match text.trim().parse::<f64>() {
+            Ok(_) => "a whole number of 0 or more (within its bound)",
+            Err(_) => "a number",
+        };
+        ApiError::bad_field(name, format!("`{name}` must be {what}, not {text:?}"))
+    })
 }
 
 fn boolean(name: &str, text: &str) -> Result<bool, ApiError> {
@@ -409,8 +414,26 @@ impl EditRequest {
         let width = match f.get("size").map(|s| s.trim()) {
             None | Some("auto") | Some("") => DEFAULT_PANEL_WIDTH,
             Some(size) => {
-                let w = size.split_once('x').map_or(size, |(w, _)| w);
-                let w = number::<u32>("size", w)?;
+                // `WIDTHxHEIGHT` as OpenAI writes it (or the width alone); the height
+                // follows the image's aspect, but a malformed one is refused, not ignored.
+                let malformed = || {
+                    ApiError::bad_field(
+                        "size",
+                        format!(
+                            "`size` must be WIDTHxHEIGHT (e.g. 512x512) or a width, not {size:?}"
+                        ),
+                    )
+                };
+                let (w, h) = match size.split_once(['x', 'X']) {
+                    Some((w, h)) => (w.trim(), Some(h.trim())),
+                    None => (size, None),
+                };
+                if let Some(h) = h {
+                    if !h.parse::<u32>().is_ok_and(|h| h > 0) {
+                        return Err(malformed());
+                    }
+                }
+                let w = w.parse::<u32>().map_err(|_| malformed())?;
                 if let Some(reason) = panel_width_error(w) {
                     return Err(ApiError::bad_field(
                         "size",
@@ -721,6 +744,9 @@ mod tests {
             ),
             (&[("prompt", "x"), ("budget_nfe", "3")], "budget_nfe"),
             (&[("prompt", "x"), ("cache", "fbc:fast")], "cache"),
+            (&[("prompt", "x"), ("size", "64x")], "size"),
+            (&[("prompt", "x"), ("size", "64x0")], "size"),
+            (&[("prompt", "x"), ("size", "64xabc")], "size"),
         ];
         for (fields, param) in cases {
             let e = parse(fields).unwrap_err();
@@ -728,6 +754,15 @@ mod tests {
             assert!(e.message.contains(param), "{fields:?}: {e}");
             assert_eq!(e.status, 400, "{fields:?}");
         }
+        // A number where a count belongs is told it must be a whole number, not "a number".
+        let e = parse(&[("prompt", "x"), ("n", "-1")]).unwrap_err();
+        assert!(e.message.contains("whole number"), "{e}");
+        // `X` separates too, and the width alone is a size.
+        assert_eq!(
+            parse(&[("prompt", "x"), ("size", "64X64")]).unwrap().width,
+            64
+        );
+        assert_eq!(parse(&[("prompt", "x"), ("size", "64")]).unwrap().width, 64);
         let mut no_image = raw(&[("prompt", "x")]);
         no_image.image = None;
         let e = EditRequest::from_raw(&no_image, &StrategyConfig::default(), &Limits::default())

@@ -244,6 +244,10 @@ pub struct FusedCheck {
     pub disabled: Vec<String>,
     /// The kernels in use for the timings (`ICEDIT_CUDA_FUSED` less the failed ones).
     pub enabled: Vec<String>,
+    /// Whether the device is CUDA: elsewhere each fused path runs its CPU reference, and no
+    /// kernel is used for the timings.
+    #[serde(default)]
+    pub on_cuda: bool,
     /// The fp8 GEMM against the 16-bit GEMM of the same weight: max |diff| / max |16-bit|
     /// (`None` where it was not checked: no fp8 tensor cores, or it failed to run).
     #[serde(default)]
@@ -786,6 +790,12 @@ impl FusedCheck {
                 "\nfp8 GEMM over per-row scaled activations (modulate kernel -> e4m3 rows) against the 16-bit GEMM: relative error {rel:.3e}.\n"
             ));
         }
+        if !self.on_cuda {
+            md.push_str(
+                "\nKernels used for the timings: none (not a CUDA device: every fused path above ran its CPU reference).\n",
+            );
+            return md;
+        }
         md.push_str(&format!(
             "\nKernels used for the timings: {}{}{}.\n",
             if self.enabled.is_empty() {
@@ -1137,6 +1147,7 @@ pub fn fused_check(bench: &FluxBench) -> candle_core::Result<FusedCheck> {
             .collect(),
         fp8_relative_error,
         fp8_rows_relative_error,
+        on_cuda: dev.is_cuda(),
     })
 }
 

@@ -234,6 +234,16 @@ fn infer_bfl_config(file: &Path, probe: &WeightSource) -> Result<FluxConfig, Mod
     })
 }
 
+/// Whether a transformer config found at `config` belongs to the transformer itself (under
+/// the model folder `root`, or beside its weights), rather than being borrowed from the
+/// text encoders' folder.
+fn borrowed_config_is_ours(config: &Path, root: Option<&Path>, transformer: &[PathBuf]) -> bool {
+    root.is_some_and(|r| config.starts_with(r))
+        || transformer
+            .first()
+            .is_some_and(|f| f.with_file_name("config.json") == config)
+}
+
 impl FluxFiles {
     /// Resolves every file, failing with the first missing one named.
     pub fn discover(paths: &FluxPaths) -> Result<Self, ModelError> {
@@ -275,7 +285,19 @@ impl FluxFiles {
                 .map(|r| r.join(sub).join(name))
                 .find(|p| p.is_file())
         };
-        let config_path = config_file("transformer", "config.json");
+        // A diffusers transformer file named by --transformer keeps its config beside it.
+        let beside = paths
+            .transformer
+            .as_ref()
+            .map(|f| f.with_file_name("config.json"))
+            .filter(|p| p.is_file());
+        let config_path = match (&root, beside) {
+            (Some(r), _) if r.join("transformer/config.json").is_file() => {
+                Some(r.join("transformer/config.json"))
+            }
+            (_, Some(beside)) => Some(beside),
+            _ => config_file("transformer", "config.json"),
+        };
         // A config's error names the config; an inferred one's, the weights it came from.
         let valid_inferred = |config: FluxConfig| {
             config
@@ -294,7 +316,7 @@ impl FluxFiles {
                     // A config borrowed from the --text-encoders folder (FLUX.1-dev's, say,
                     // beside a Fill file) that is not this transformer's: its weights say
                     // what it is.
-                    Some(why) if !root.as_ref().is_some_and(|r| p.starts_with(r)) => {
+                    Some(why) if !borrowed_config_is_ours(p, root.as_deref(), &transformer) => {
                         let inferred =
                             infer_bfl_config(&transformer[0], &probe).map_err(|e| {
                                 ModelError::files(

@@ -118,6 +118,9 @@ impl LoraSet {
             path: path.to_path_buf(),
             reason,
         };
+        if let Some(why) = crate::models::file_kind::not_safetensors(path) {
+            return Err(err(format!("cannot read LoRA: {why}")));
+        }
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| err(format!("cannot read LoRA: {e}")))?;
         let mut downs: BTreeMap<String, Tensor> = BTreeMap::new();

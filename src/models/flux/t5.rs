@@ -11,9 +11,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 
 use super::t5_quantized::{QuantizedT5Encoder, T5EncoderConfig};
-use super::weights::{is_gguf, shared_var_builder, weights_error, KeyLayout, WeightSource};
+use super::weights::{shared_var_builder, weights_error, KeyLayout, WeightSource};
 use crate::error::ModelError;
 use crate::fsio::read_json;
+use crate::models::file_kind::is_gguf;
 use crate::models::weight_use::{KnownUnused, UnusedWeights};
 
 /// Tensors a T5 checkpoint may hold that the encoder does not read, because transformers'

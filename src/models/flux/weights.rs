@@ -4,9 +4,10 @@
 //! held, and names the file and key in every error.
 
 use std::borrow::Cow;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::models::file_kind::{gguf_name_without_magic, is_gguf, not_safetensors};
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
@@ -40,31 +41,6 @@ pub enum KeyLayout {
         /// Resolution levels.
         levels: usize,
     },
-}
-
-/// The first bytes of a GGUF file.
-pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
-
-/// Whether `path` is a GGUF file (by its magic, not its name).
-pub fn is_gguf(path: &Path) -> bool {
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|_| &magic == GGUF_MAGIC)
-}
-
-/// Why `path` cannot be read as its name says: a `.gguf` file that does not start with
-/// GGUF's magic (damaged, or another format renamed) would otherwise be read as
-/// safetensors and reported as a bad safetensors header.
-pub fn gguf_name_without_magic(path: &Path) -> Option<String> {
-    let named_gguf = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-    (named_gguf && !is_gguf(path)).then(|| {
-        "named .gguf, but it does not start with GGUF's magic bytes (`GGUF`): the file is \
-         damaged or not a GGUF file; download it again"
-            .to_string()
-    })
 }
 
 /// Where the tensors are.
@@ -116,10 +92,11 @@ impl WeightSource {
                 }
             }
             _ => {
-                if let Some((path, reason)) = files
-                    .iter()
-                    .find_map(|f| gguf_name_without_magic(f).map(|r| (f, r)))
-                {
+                if let Some((path, reason)) = files.iter().find_map(|f| {
+                    gguf_name_without_magic(f)
+                        .or_else(|| not_safetensors(f))
+                        .map(|r| (f, r))
+                }) {
                     return Err(ModelError::files(path, reason));
                 }
                 // SAFETY: the files are opened read-only; like every mmap-based loader we rely
