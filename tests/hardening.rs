@@ -303,7 +303,10 @@ fn a_batch_whose_items_all_failed_exits_with_its_own_code() {
     ]);
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert_eq!(result.status.code(), Some(EXIT_SOME_FAILED), "{stderr}");
-    assert!(stderr.contains("3 of the 3 items this run handled failed"), "{stderr}");
+    assert!(
+        stderr.contains("3 of the 3 items this run handled failed"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -290,7 +290,8 @@ pub struct JobRegistry {
     /// interrupted (it runs again after the restart), not cancelled. Clients waiting on a
     /// running edit are answered when it is set.
     pub interrupted: StopSignal,
-    /// Mean seconds per finished edit (for Retry-After), and how many.
+    /// Seconds per finished edit, a moving mean of the recent ones (for Retry-After), and
+    /// how many finished.
     pace: Mutex<(f64, u64)>,
     workers: usize,
 }
@@ -397,7 +398,8 @@ impl JobRegistry {
     }
 
     /// Seconds a refused client should wait: the time the queue ahead of it takes at the
-    /// mean pace so far (1 s before any edit has finished), at least 1.
+    /// recent pace (1 s before any edit has finished) over the edits run at once, at
+    /// least 1.
     fn retry_after(&self, depth: usize) -> u64 {
         let (mean, n) = *self.pace.lock().unwrap();
         let mean = if n == 0 { 1.0 } else { mean };
@@ -701,7 +703,10 @@ impl JobRegistry {
                     .observe(seconds);
                 let mut pace = self.pace.lock().unwrap();
                 pace.1 += 1;
-                pace.0 += (seconds - pace.0) / pace.1 as f64;
+                // The mean of the first edits, then a moving mean over about the last 5:
+                // one long edit early on must not set Retry-After for the rest of the day.
+                let weight = (1.0 / pace.1 as f64).max(0.2);
+                pace.0 += (seconds - pace.0) * weight;
                 drop(pace);
                 if let Some(e) = &report.refine_error {
                     // The size asked for was not made: a failure, though the search's

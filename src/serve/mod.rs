@@ -94,7 +94,8 @@ pub async fn run_on(
             opts.limits,
             opts.defaults.clone(),
             metrics.clone(),
-            engines.len(),
+            // Edits run at once: each device's generator takes --in-flight edits.
+            engines.len() * opts.in_flight.max(1),
         )
         .map_err(|e| anyhow::anyhow!("{}: cannot open the journal: {e}", opts.out.display()))?,
     );
