@@ -704,8 +704,10 @@ async fn after_kill_9_and_a_restart_every_accepted_edit_finishes_exactly_once() 
     // whole, from its first event.
     let last = ids.last().unwrap();
     let resumed = events_after(&client, &server, last, Some(40), None).await;
-    assert_eq!(resumed[0].event, "started", "{resumed:?}");
+    // It waits in the queue again first, and says so.
+    assert_eq!(resumed[0].event, "queued", "{resumed:?}");
     assert!(resumed[0].id >= 1 << 32, "{resumed:?}");
+    assert_eq!(resumed[1].event, "started", "{resumed:?}");
     assert_eq!(resumed.last().unwrap().event, "done", "{resumed:?}");
     for id in &ids {
         let all = events(&client, &server, id, None).await;

@@ -332,6 +332,11 @@ impl JobRegistry {
         for a in accepted {
             let job = Arc::new(Job::new(a));
             if !job.status().is_final() {
+                // Its stream starts again with where it waits, as a new edit's does.
+                job.publish(
+                    "queued",
+                    json!({"position": waiting.len(), "resumed": true}),
+                );
                 waiting.push_back(job.clone());
                 resumed += 1;
             }
