@@ -142,6 +142,42 @@ pub const KNOWN: &[&str] = &[
     "live_previews",
 ];
 
+/// A field sent twice: refused rather than the last one winning, where a proxy that checked
+/// the first and the server that used the last would disagree.
+fn given_twice(name: &str) -> ApiError {
+    ApiError::bad_field(
+        name,
+        format!("`{name}` is given twice; give each field once"),
+    )
+}
+
+/// A JSON object's entries in their order, repeats kept (serde_json's map keeps the last
+/// of a repeated key without a word).
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Entries, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(Entries(entries))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
 fn multipart_error(e: MultipartError, limits: &Limits) -> ApiError {
     if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::too_large(
@@ -202,6 +238,9 @@ impl RawRequest {
                         ),
                     )
                 })?;
+                if raw.fields.contains_key(&name) {
+                    return Err(given_twice(&name));
+                }
                 raw.fields.insert(name, text);
             }
         }
@@ -211,10 +250,14 @@ impl RawRequest {
     /// Reads a JSON object: `image` as base64 (optionally a `data:` URL), other fields as
     /// JSON values.
     pub fn from_json(body: &[u8], limits: &Limits) -> Result<Self, ApiError> {
-        let value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+        let Entries(entries) = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("unreadable JSON body: {e}")))?;
+        let mut seen = std::collections::HashSet::new();
+        if let Some((name, _)) = entries.iter().find(|(k, _)| !seen.insert(k.as_str())) {
+            return Err(given_twice(name));
+        }
         let mut raw = Self::default();
-        for (name, v) in value {
+        for (name, v) in entries {
             if name == "image" && v.is_null() {
                 continue;
             } else if name == "image" {
@@ -587,7 +630,19 @@ fn strategy(
             StrategyField::Seeds if opt("seed_list").is_some() => "seed_list",
             field => field.key(),
         };
-        ApiError::bad_field(field, e.message.clone())
+        // A value the request did not send is the server's default (its flag): say so,
+        // or the client is told to fix a field it never wrote.
+        let given = opt(field).is_some() || (field == "size" && opt("size").is_some());
+        let message = if given {
+            e.message.clone()
+        } else {
+            format!(
+                "{} (`{field}` is the server's default, --{}: send `{field}` to choose another)",
+                e.message,
+                field.replace('_', "-")
+            )
+        };
+        ApiError::bad_field(field, message)
     })?;
     if s.candidate_count() > limits.max_seeds {
         let field = if s.seed_list.is_some() {
@@ -642,6 +697,21 @@ mod tests {
 
     fn parse(fields: &[(&str, &str)]) -> Result<EditRequest, ApiError> {
         EditRequest::from_raw(&raw(fields), &StrategyConfig::default(), &Limits::default())
+    }
+
+    #[test]
+    fn a_json_key_given_twice_is_refused_naming_it() {
+        let Err(e) = RawRequest::from_json(
+            br#"{"prompt": "x", "seeds": 2, "prompt": "y"}"#,
+            &Limits::default(),
+        ) else {
+            panic!("a repeated key was accepted")
+        };
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        assert!(e.message.contains("given twice"), "{e}");
+        let ok =
+            RawRequest::from_json(br#"{"prompt": "x", "seeds": 2}"#, &Limits::default()).unwrap();
+        assert_eq!(ok.fields["prompt"], "x");
     }
 
     #[test]
@@ -754,6 +824,18 @@ mod tests {
             assert!(e.message.contains(param), "{fields:?}: {e}");
             assert_eq!(e.status, 400, "{fields:?}");
         }
+        // A bound broken by a value the request did not send names the server's default.
+        let e = parse(&[("prompt", "x"), ("strategy", "adaptive"), ("seeds", "2")]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("wave"));
+        assert!(e.message.contains("the server's default, --wave"), "{e}");
+        let e = parse(&[
+            ("prompt", "x"),
+            ("strategy", "adaptive"),
+            ("seeds", "2"),
+            ("wave", "3"),
+        ])
+        .unwrap_err();
+        assert!(!e.message.contains("default"), "{e}");
         // A number where a count belongs is told it must be a whole number, not "a number".
         let e = parse(&[("prompt", "x"), ("n", "-1")]).unwrap_err();
         assert!(e.message.contains("whole number"), "{e}");
