@@ -152,7 +152,7 @@ pub async fn run_on(
     }
     // The clients of interrupted edits are answered (503, not to be resent): a moment for
     // those answers to go out, even past the deadline.
-    let answers_out = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+    let answers_out = tokio::time::Instant::now() + std::time::Duration::from_millis(250);
     connections.finish_by(deadline.max(answers_out)).await;
     Ok(())
 }
