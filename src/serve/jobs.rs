@@ -80,6 +80,9 @@ struct JobState {
     /// The edit failed because of its own values, not the server's (see [`caused_by_request`]).
     failed_by_request: bool,
     worker: Option<String>,
+    /// Its run is over and it is ending `done`: too late for a cancel, which is refused
+    /// rather than answered "cancelling" for an edit that will not be cancelled.
+    finishing: bool,
 }
 
 /// One edit the server knows.
@@ -124,6 +127,7 @@ impl Job {
                 error,
                 failed_by_request: false,
                 worker: None,
+                finishing: false,
             }),
             changed: watch::channel(0).0,
         }
@@ -544,10 +548,23 @@ impl JobRegistry {
                 self.end(&job, Ending::Cancelled, None);
                 Ok(Status::Cancelled)
             }
-            Status::Running if job.cancel.is_set() => Err(ApiError::conflict(format!(
-                "edit {id} is already being cancelled"
-            ))),
             Status::Running => {
+                // Decided under the edit's state lock, which the worker holds when it
+                // settles how a finished run ends: a 200 here is an edit that ends cancelled.
+                let state = job.state.lock().unwrap();
+                if state.status != Status::Running {
+                    return Err(ApiError::conflict(format!("edit {id} is already over")));
+                }
+                if state.finishing {
+                    return Err(ApiError::conflict(format!(
+                        "edit {id} has finished its work and ends done"
+                    )));
+                }
+                if job.cancel.is_set() {
+                    return Err(ApiError::conflict(format!(
+                        "edit {id} is already being cancelled"
+                    )));
+                }
                 job.cancel.stop();
                 Ok(Status::Running)
             }
@@ -696,6 +713,19 @@ impl JobRegistry {
         let label = WorkerLabel {
             worker: worker.to_string(),
         };
+        // A run that finished after a client's cancel was answered 200 ends cancelled, as
+        // that client was told; one that finished first is marked so no cancel is accepted.
+        let cancelled_late = result.is_ok() && {
+            let mut state = job.state.lock().unwrap();
+            let cancelled = job.cancel.is_set() && !self.interrupted.is_set();
+            state.finishing = !cancelled;
+            cancelled
+        };
+        if cancelled_late {
+            tracing::info!("cancelled (its run had just finished)");
+            self.end(&job, Ending::Cancelled, None);
+            return;
+        }
         match result {
             Ok(report) => {
                 self.metrics
