@@ -1528,3 +1528,29 @@ fn serve_on_a_port_in_use_is_refused_before_the_output_folder_is_made() {
     );
     assert!(!out.exists());
 }
+
+/// `plan` shares `edit`'s flags; those that act only when an edit runs are refused there
+/// instead of being ignored.
+#[test]
+fn plan_refuses_the_flags_that_act_only_when_an_edit_runs() {
+    for (flag, extra) in [
+        (
+            "--init-latents",
+            &[
+                "--init-latents",
+                "tests/fixtures/flux/init_latents.safetensors",
+            ][..],
+        ),
+        ("--download", &["--download"][..]),
+    ] {
+        let mut args = vec!["plan"];
+        args.extend_from_slice(extra);
+        let result = cli(&args);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(EXIT_BAD_INPUT), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{flag} acts when an edit runs")),
+            "{stderr}"
+        );
+    }
+}

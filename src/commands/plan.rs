@@ -9,6 +9,17 @@ use crate::plan::{self, gb};
 /// Prints the plan as a table with the verdict against `--memory-budget` or the device's
 /// free memory; a plan that does not fit ends with the refusal `edit` would give (exit 2).
 pub fn plan(args: EditArgs) -> anyhow::Result<()> {
+    // `plan` shares `edit`'s flags; those that act only when an edit runs are refused here.
+    let edit_only = [
+        ("--init-latents", args.init_latents.is_some()),
+        ("--download", args.engine.download),
+    ];
+    if let Some((flag, _)) = edit_only.iter().find(|(_, given)| *given) {
+        return Err(EditError::Invalid(format!(
+            "{flag} acts when an edit runs; plan loads and fetches nothing (it reads configs and file headers): drop {flag}"
+        ))
+        .into());
+    }
     let panel = match &args.image {
         Some(path) => {
             let source = load_image(path, ImageLimits::default())?;
