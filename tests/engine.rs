@@ -564,14 +564,20 @@ fn successive_halving_halves_until_m_remain() {
     assert_eq!(report.pick.as_ref().unwrap().index, 7);
 }
 
-#[test]
-fn outputs_are_written_with_report_and_contact_sheet() {
+/// An early-filter edit of three candidates (seeds 100-102) whose second fails its
+/// screen: two finish, the third is picked.
+fn three_candidate_report() -> EditReport {
     let mut judge = ScriptedJudge::default();
     for m in 0..3 {
         judge.screen.insert(m, Some((m != 1, 5.0 + m as f32)));
         judge.vie.insert(m, Some(4.0 + m as f32));
     }
-    let (mut report, _, _) = run(early_filter(3, 2, 2, 6), judge, 8);
+    run(early_filter(3, 2, 2, 6), judge, 8).0
+}
+
+#[test]
+fn outputs_are_written_with_report_and_contact_sheet() {
+    let mut report = three_candidate_report();
     let dir = tempfile::tempdir().unwrap();
     let path = icedit_scale::engine::outputs::write_outputs(&mut report, dir.path()).unwrap();
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
@@ -595,12 +601,7 @@ fn outputs_are_written_with_report_and_contact_sheet() {
 /// they are and still named in the report; the rest are written.
 #[test]
 fn outputs_written_while_the_edit_ran_are_not_written_again() {
-    let mut judge = ScriptedJudge::default();
-    for m in 0..3 {
-        judge.screen.insert(m, Some((m != 1, 5.0 + m as f32)));
-        judge.vie.insert(m, Some(4.0 + m as f32));
-    }
-    let (mut report, _, _) = run(early_filter(3, 2, 2, 6), judge, 8);
+    let mut report = three_candidate_report();
     let dir = tempfile::tempdir().unwrap();
     let relayed = "previews/c01_s000101_step02.png";
     std::fs::create_dir_all(dir.path().join("previews")).unwrap();
