@@ -1036,3 +1036,49 @@ fn adaptive_with_no_passing_preview_completes_the_best_scored_and_says_so() {
         Judged::Failed(_)
     ));
 }
+
+/// Sets the edit's cancel signal when the final decodes and scores begin.
+struct CancelAtScore(icedit_scale::stop::StopSignal);
+
+impl icedit_scale::engine::Progress for CancelAtScore {
+    fn begin(&self, phase: &str, _: u64) {
+        if phase == "score" {
+            self.0.stop();
+        }
+    }
+    fn inc(&self, _: u64) {}
+    fn end(&self) {}
+}
+
+/// A cancel stops the final decodes queued on the generator, not only the denoising steps
+/// (a best-of-32 queued 32 decodes that all ran after a cancel or the server's shutdown
+/// deadline), and the edit ends cancelled rather than done.
+#[test]
+fn a_cancel_during_the_final_decodes_ends_the_edit_cancelled() {
+    let generator = ScriptedGenerator {
+        log: Arc::default(),
+        max_batch: 8,
+        fits: usize::MAX,
+        tried: Arc::default(),
+    };
+    let worker = Arc::new(GeneratorWorker::spawn(Box::new(generator)));
+    let judge = Arc::new(ScriptedJudge::default());
+    let engine = Engine::new(worker, judge.clone(), 3);
+    let strategy = StrategyConfig {
+        kind: StrategyKind::BestOfN,
+        seeds: 4,
+        steps: 4,
+        ..StrategyConfig::default()
+    };
+    let job = EditJob::new(edit(), strategy);
+    let progress = Arc::new(CancelAtScore(job.cancel.clone()));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(engine.run(job, progress));
+    assert!(
+        matches!(result, Err(icedit_scale::error::EngineError::Cancelled)),
+        "{:?}",
+        result.map(|r| r.nfe.total)
+    );
+    // No decode ran, so nothing was scored.
+    assert!(judge.calls.lock().unwrap().is_empty());
+}
