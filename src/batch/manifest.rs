@@ -111,13 +111,10 @@ pub fn not_a_manifest(path: &Path) -> Option<String> {
     let mut head = Vec::with_capacity(8192);
     let file = std::fs::File::open(path).ok()?;
     std::io::Read::read_to_end(&mut std::io::Read::take(file, 8192), &mut head).ok()?;
-    let kind = match head.as_slice() {
-        [0x89, b'P', b'N', b'G', ..] => "a PNG image",
-        [0xFF, 0xD8, 0xFF, ..] => "a JPEG image",
-        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => "a WebP image",
-        [b'G', b'I', b'F', b'8', ..] => "a GIF image",
-        bytes if bytes.contains(&0) => "a binary file",
-        _ => return None,
+    let kind = match crate::models::file_kind::image_kind(&head) {
+        Some(image) => image,
+        None if head.contains(&0) => "a binary file",
+        None => return None,
     };
     Some(format!(
         "{kind}, not a JSONL manifest (one JSON object per line: {{\"id\", \"image\", \"instruction\"}})"

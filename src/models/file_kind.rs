@@ -31,6 +31,20 @@ pub fn gguf_name_without_magic(path: &Path) -> Option<String> {
     })
 }
 
+/// The image a file's first bytes say it is (`a PNG image`), for the formats a user gives
+/// by mistake where weights or a manifest belong (PNG, JPEG, WebP, GIF), by the image
+/// crate's format guess.
+pub fn image_kind(head: &[u8]) -> Option<&'static str> {
+    use image::ImageFormat;
+    match image::guess_format(head).ok()? {
+        ImageFormat::Png => Some("a PNG image"),
+        ImageFormat::Jpeg => Some("a JPEG image"),
+        ImageFormat::WebP => Some("a WebP image"),
+        ImageFormat::Gif => Some("a GIF image"),
+        _ => None,
+    }
+}
+
 /// Why `path` is not a safetensors file, judged by its first bytes (a safetensors file
 /// opens with its header's length, 8 bytes, and the header's `{`): an image or a file of
 /// another kind given where weights belong is named as such, not as a header error.
@@ -41,14 +55,10 @@ pub fn not_safetensors(path: &Path) -> Option<String> {
     match read {
         Ok(()) if head[8] == b'{' => None,
         Err(e) if e.kind() != std::io::ErrorKind::UnexpectedEof => None,
-        _ => Some(
-            match head {
-                [0x89, b'P', b'N', b'G', ..] => "a PNG image, not a safetensors file",
-                [0xFF, 0xD8, 0xFF, ..] => "a JPEG image, not a safetensors file",
-                _ if &head[..4] == GGUF_MAGIC => "a GGUF file, not a safetensors file",
-                _ => "not a safetensors file (it does not open with a safetensors header)",
-            }
-            .to_string(),
-        ),
+        _ => Some(match image_kind(&head) {
+            Some(image) => format!("{image}, not a safetensors file"),
+            None if &head[..4] == GGUF_MAGIC => "a GGUF file, not a safetensors file".into(),
+            None => "not a safetensors file (it does not open with a safetensors header)".into(),
+        }),
     }
 }

@@ -150,9 +150,7 @@ pub fn peek_flux(
 ) -> Result<PeekedFiles, String> {
     if transformer.is_some() && model_dir.is_none() && text_encoders.is_none() {
         // What the loader would refuse, said before the plan reads anything.
-        return Err(
-            "FLUX needs --model-dir (diffusers folder or HF snapshot), or --text-encoders with --transformer and --vae".into(),
-        );
+        return Err(crate::models::flux::files::NEEDS_FOLDERS.into());
     }
     let snapshot =
         |dir: &Path| crate::hub::cache::resolve_snapshot(dir).unwrap_or_else(|_| dir.to_path_buf());
@@ -177,19 +175,11 @@ pub fn peek_flux(
     };
     // Checked as the loaders check them: the plan runs first, and its arithmetic relies
     // on what they refuse (heads, VAE levels).
-    // A diffusers transformer file named by --transformer keeps its config beside it (the
-    // loader's order: the model folder's, beside the file, the text encoders' folder's).
-    let beside = transformer
-        .map(|f| f.with_file_name("config.json"))
-        .filter(|p| p.is_file());
-    let in_root = root
-        .as_ref()
-        .map(|r| r.join("transformer/config.json"))
-        .filter(|p| p.is_file());
-    let transformer_config_path = match in_root.or(beside) {
-        Some(p) => Some(p),
-        None => config_in("transformer")?,
-    };
+    let transformer_config_path = crate::models::flux::files::transformer_config_path(
+        root.as_deref(),
+        transformer,
+        text_root.as_deref(),
+    );
     let transformer_config: Option<FluxConfig> = match transformer_config_path {
         Some(p) => read_config(&p)?
             .map(|c: FluxConfig| c.validate().map(|()| c))

@@ -88,6 +88,12 @@ pub async fn relay(
     let mut seeds: HashMap<usize, u64> = HashMap::new();
     let mut outputs = HashSet::new();
     let url = |rel: &str| format!("/v1/edits/{id}/files/{rel}");
+    // An output written (a preview, a short run, a final): kept in the list, linked.
+    let mut output_url = |rel: String| {
+        let link = url(&rel);
+        outputs.insert(rel);
+        link
+    };
     while let Some(event) = events.recv().await {
         // An image is written before its event goes out, off the async threads.
         let write = |rel: String, image: Arc<RgbImage>| {
@@ -165,11 +171,7 @@ pub async fn relay(
                     "previews/{}_step{step:02}.png",
                     candidate_stem(candidate, seed(candidate))
                 );
-                let file = write(rel, image).await.map(|r| {
-                    let link = url(&r);
-                    outputs.insert(r);
-                    link
-                });
+                let file = write(rel, image).await.map(&mut output_url);
                 let mut data = json!({"candidate": candidate, "step": step, "url": file});
                 match verdict {
                     Judged::Ok(v) => {
@@ -191,11 +193,7 @@ pub async fn relay(
             ),
             EditEvent::Finished { candidate, image } => {
                 let rel = format!("finals/{}.png", candidate_stem(candidate, seed(candidate)));
-                let file = write(rel, image).await.map(|r| {
-                    let link = url(&r);
-                    outputs.insert(r);
-                    link
-                });
+                let file = write(rel, image).await.map(&mut output_url);
                 ("finished", json!({"candidate": candidate, "url": file}))
             }
             EditEvent::Scored { candidate, vie } => {
@@ -211,11 +209,7 @@ pub async fn relay(
             }
             EditEvent::ShortRun { candidate, image } => {
                 let rel = format!("short/{}.png", candidate_stem(candidate, seed(candidate)));
-                let file = write(rel, image).await.map(|r| {
-                    let link = url(&r);
-                    outputs.insert(r);
-                    link
-                });
+                let file = write(rel, image).await.map(&mut output_url);
                 ("short_run", json!({"candidate": candidate, "url": file}))
             }
             EditEvent::Compared {

@@ -632,8 +632,7 @@ fn strategy(
         };
         // A value the request did not send is the server's default (its flag): say so,
         // or the client is told to fix a field it never wrote.
-        let given = opt(field).is_some() || (field == "size" && opt("size").is_some());
-        let message = if given {
+        let message = if opt(field).is_some() {
             e.message.clone()
         } else {
             format!(

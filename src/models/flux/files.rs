@@ -234,6 +234,28 @@ fn infer_bfl_config(file: &Path, probe: &WeightSource) -> Result<FluxConfig, Mod
     })
 }
 
+/// What FLUX needs when no model folder is named.
+pub const NEEDS_FOLDERS: &str = "FLUX needs --model-dir (diffusers folder or HF snapshot), or --text-encoders with --transformer and --vae";
+
+/// Where the transformer's `config.json` is, in the order the loader and the plan both
+/// look: the model folder's `transformer/`, beside a `--transformer` file (a diffusers
+/// transformer keeps its config there), the text encoders' folder's `transformer/`.
+pub fn transformer_config_path(
+    root: Option<&Path>,
+    transformer_file: Option<&Path>,
+    text_root: Option<&Path>,
+) -> Option<PathBuf> {
+    let in_folder =
+        |r: &Path| Some(r.join("transformer").join("config.json")).filter(|p| p.is_file());
+    root.and_then(in_folder)
+        .or_else(|| {
+            transformer_file
+                .map(|f| f.with_file_name("config.json"))
+                .filter(|p| p.is_file())
+        })
+        .or_else(|| text_root.and_then(in_folder))
+}
+
 /// Whether a transformer config found at `config` belongs to the transformer itself (under
 /// the model folder `root`, or beside its weights), rather than being borrowed from the
 /// text encoders' folder.
@@ -255,11 +277,7 @@ impl FluxFiles {
         let text_root = match (&paths.text_encoders, &root) {
             (Some(dir), _) => resolve_snapshot(dir)?,
             (None, Some(dir)) => dir.clone(),
-            (None, None) => {
-                return Err(ModelError::Config(
-                    "FLUX needs --model-dir (diffusers folder or HF snapshot), or --text-encoders with --transformer and --vae".into(),
-                ))
-            }
+            (None, None) => return Err(ModelError::Config(NEEDS_FOLDERS.into())),
         };
 
         // Transformer: explicit file, the diffusers subfolder, or the BFL file in the root.
@@ -285,19 +303,11 @@ impl FluxFiles {
                 .map(|r| r.join(sub).join(name))
                 .find(|p| p.is_file())
         };
-        // A diffusers transformer file named by --transformer keeps its config beside it.
-        let beside = paths
-            .transformer
-            .as_ref()
-            .map(|f| f.with_file_name("config.json"))
-            .filter(|p| p.is_file());
-        let config_path = match (&root, beside) {
-            (Some(r), _) if r.join("transformer/config.json").is_file() => {
-                Some(r.join("transformer/config.json"))
-            }
-            (_, Some(beside)) => Some(beside),
-            _ => config_file("transformer", "config.json"),
-        };
+        let config_path = transformer_config_path(
+            root.as_deref(),
+            paths.transformer.as_deref(),
+            Some(&text_root),
+        );
         // A config's error names the config; an inferred one's, the weights it came from.
         let valid_inferred = |config: FluxConfig| {
             config
