@@ -612,7 +612,7 @@ impl GeneratorArgs {
     /// by name: the testbed refuses them, since they would change nothing there.
     pub fn flux_flags_given(&self) -> Vec<&'static str> {
         let defaults = Self::defaults();
-        [
+        flags_given([
             ("--model-dir", self.model_dir.is_some()),
             ("--transformer", self.transformer.is_some()),
             ("--vae", self.vae.is_some()),
@@ -644,10 +644,7 @@ impl GeneratorArgs {
             ("--vae-tiling", self.vae_tiling != defaults.vae_tiling),
             ("--vae-tile", self.vae_tile.is_some()),
             ("--memory-budget", self.memory_budget.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(flag, given)| given.then_some(flag))
-        .collect()
+        ])
     }
 
     /// The flags' defaults, as clap sets them.
@@ -663,14 +660,20 @@ impl GeneratorArgs {
     /// The testbed's flags that were given, by name (a FLUX run refuses them: they would
     /// change nothing there).
     pub fn testbed_flags_given(&self) -> Vec<&'static str> {
-        [
+        flags_given([
             ("--testbed-difficulty", self.testbed_difficulty.is_some()),
             ("--testbed-contrast", self.testbed_contrast.is_some()),
-        ]
+        ])
+    }
+}
+
+/// The names of the flags whose `given` is true, in order: how a command lists the flags it
+/// refuses in one message.
+pub fn flags_given<const N: usize>(flags: [(&'static str, bool); N]) -> Vec<&'static str> {
+    flags
         .into_iter()
         .filter_map(|(flag, given)| given.then_some(flag))
         .collect()
-    }
 }
 
 /// Judge selection and its options.
@@ -916,6 +919,10 @@ pub struct EvalArgs {
 
 /// `judge-eval`: a judge's agreement with human preferences and ratings.
 #[derive(Debug, Clone, Args)]
+// The shared `--judge` help offers `none`, which judge-eval refuses (it measures a judge).
+#[command(mut_arg("judge", |arg| arg.help(
+    "The judge to measure: `testbed` (the built-in oracle, the default) or a preset file from judges/ (remote API, local Qwen-VL, reward model, composite)"
+)))]
 pub struct JudgeEvalArgs {
     /// Labelled data, repeatable: a JSONL file of pairs (`source`, `instruction`, `edit_a`,
     /// `edit_b`, `preference` a|b|tie) and ratings (`source`, `instruction`, `edit`,
@@ -1138,6 +1145,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// judge-eval measures a judge, so its help does not offer `--judge none` (which it
+    /// refuses); the commands that edit still do.
+    #[test]
+    fn only_the_commands_that_edit_offer_judge_none() {
+        let cli = Cli::command();
+        let judge_help = |name: &str| {
+            let command = cli.find_subcommand(name).expect(name);
+            let judge = command
+                .get_arguments()
+                .find(|a| a.get_long() == Some("judge"))
+                .expect("--judge");
+            judge.get_help().expect("help").to_string()
+        };
+        assert!(!judge_help("judge-eval").contains("`none`"));
+        assert!(judge_help("edit").contains("`none`"));
     }
 
     /// `--version` says what the binary was built for, so a report or a bug names it: the

@@ -409,12 +409,7 @@ impl FluxSpec {
         judge: Option<JudgeFootprint>,
         workload: &Workload,
     ) -> Result<(PlanRequest, bool), EditError> {
-        let peeked = plan::peek::peek_flux(
-            self.paths.model_dir.as_deref(),
-            self.paths.transformer.as_deref(),
-            self.paths.text_encoders.as_deref(),
-        )
-        .map_err(EditError::Invalid)?;
+        let peeked = self.peek()?;
         let stored =
             plan::peek::transformer_format(&peeked.transformer).map_err(EditError::Invalid)?;
         // Weights already quantized (GGUF) or fp8 are held as the file holds them: a
@@ -457,17 +452,8 @@ impl FluxSpec {
             }
             None => 0,
         };
-        let random = self.random_size.as_deref().map(random_configs);
-        let found = !peeked.transformer.is_empty() || random.is_some();
-        let (transformer, vae) = match random {
-            Some(configs) => configs,
-            None => (
-                peeked
-                    .transformer_config
-                    .unwrap_or_else(FluxConfig::fill_dev),
-                peeked.vae_config.unwrap_or_else(VaeConfig::flux),
-            ),
-        };
+        let found = !peeked.transformer.is_empty() || self.random_size.is_some();
+        let (transformer, vae) = self.configs(&peeked);
         // A tile that cannot be used is refused now, before anything loads.
         if self.vae_tiling != VaeTilingMode::Off {
             self.tiling_of(&vae).check(vae.downscale()).map_err(|e| {
@@ -528,6 +514,39 @@ impl FluxSpec {
             .max_by_key(PlanRequest::step_cache_bytes)
             .unwrap_or(request);
         Ok((request, found || self.fetch_fill))
+    }
+
+    /// The configs and file headers of this run's weights, read without loading any weight.
+    fn peek(&self) -> Result<plan::peek::PeekedFiles, EditError> {
+        plan::peek::peek_flux(
+            self.paths.model_dir.as_deref(),
+            self.paths.transformer.as_deref(),
+            self.paths.text_encoders.as_deref(),
+        )
+        .map_err(EditError::Invalid)
+    }
+
+    /// The transformer's and the VAE's configs of this run: the random model's, the
+    /// weights' own, or FLUX.1 Fill [dev]'s published ones where the weights have none.
+    fn configs(&self, peeked: &plan::peek::PeekedFiles) -> (FluxConfig, VaeConfig) {
+        match self.random_size.as_deref() {
+            Some(size) => random_configs(size),
+            None => (
+                peeked
+                    .transformer_config
+                    .clone()
+                    .unwrap_or_else(FluxConfig::fill_dev),
+                peeked.vae_config.clone().unwrap_or_else(VaeConfig::flux),
+            ),
+        }
+    }
+
+    /// How many pixels one latent cell spans, by the VAE config of this run's weights
+    /// (8 for FLUX's autoencoder), read without loading: what an edit checks initial
+    /// latents against before the weights load.
+    pub fn vae_downscale(&self) -> Result<usize, EditError> {
+        let peeked = self.peek()?;
+        Ok(self.configs(&peeked).1.downscale())
     }
 
     /// The tiling `--vae-tile` names, or diffusers' default for `vae` (its `sample_size`).

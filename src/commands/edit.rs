@@ -44,9 +44,15 @@ async fn edit_claimed(
     let stop = StopSignal::default();
     stop.stop_on_signals("stopping the edit at its next step")?;
     let (w, h) = checked.edit.panel_size();
-    // FLUX's latent grid of this edit's diptych [source | edit]: the VAE downsamples by 8.
-    let flux_grid = matches!(checked.generator, GeneratorSpec::Flux(_))
-        .then_some((h as usize / 8, 2 * w as usize / 8));
+    // The latent grid of this edit's diptych [source | edit], by the VAE's downscale
+    // factor (8 for FLUX's autoencoder).
+    let flux_grid = match checked.generator.flux() {
+        Some(flux) => {
+            let f = flux.vae_downscale()?;
+            Some((h as usize / f, 2 * w as usize / f))
+        }
+        None => None,
+    };
     let init_latents = match &args.init_latents {
         Some(path) => {
             let latents = load_init_latents(path, flux_grid)?;

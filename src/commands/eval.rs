@@ -47,7 +47,7 @@ fn suite_judge(j: &SuiteJudge, field: &str, concurrency: usize) -> anyhow::Resul
 /// `--seed`); the strategy flags it would ignore are refused by name.
 fn refuse_unused_strategy_flags(flags: &crate::cli::StrategyArgs) -> Result<(), EditError> {
     let defaults = crate::engine::StrategyConfig::default();
-    let unused: Vec<&str> = [
+    let unused = crate::cli::flags_given([
         ("--strategy", flags.strategy != defaults.kind),
         ("--seed-list", flags.seed_list.is_some()),
         ("--budget-nfe", flags.budget_nfe.is_some()),
@@ -56,10 +56,7 @@ fn refuse_unused_strategy_flags(flags: &crate::cli::StrategyArgs) -> Result<(), 
         ("--refine-keep-unchanged", flags.refine_keep_unchanged),
         ("--refine-best", flags.refine_best.is_some()),
         ("--cache", flags.cache != defaults.cache),
-    ]
-    .into_iter()
-    .filter_map(|(flag, given)| given.then_some(flag))
-    .collect();
+    ]);
     if unused.is_empty() {
         return Ok(());
     }

@@ -10,11 +10,11 @@ use crate::plan::{self, gb};
 /// free memory; a plan that does not fit ends with the refusal `edit` would give (exit 2).
 pub fn plan(args: EditArgs) -> anyhow::Result<()> {
     // `plan` shares `edit`'s flags; those that act only when an edit runs are refused here.
-    let edit_only = [
+    let edit_only = crate::cli::flags_given([
         ("--init-latents", args.init_latents.is_some()),
         ("--download", args.engine.download),
-    ];
-    if let Some((flag, _)) = edit_only.iter().find(|(_, given)| *given) {
+    ]);
+    if let Some(flag) = edit_only.first() {
         return Err(EditError::Invalid(format!(
             "{flag} acts when an edit runs; plan loads and fetches nothing (it reads configs and file headers): drop {flag}"
         ))
