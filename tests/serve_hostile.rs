@@ -533,6 +533,20 @@ async fn an_oversized_upload_is_drained_and_answered_413() {
         .expect("the 413 reaches the client");
     let (status, param, _) = refusal(r).await;
     assert_eq!((status, param.as_str()), (413, Some("image")));
+    // 40 MB of prompt beside a small image, streamed (no declared length, so the server
+    // reads up to its limit): the 413 names the field that crossed it.
+    let chunks = (0..40).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 1 << 20]));
+    let prompt =
+        reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(futures::stream::iter(chunks)));
+    let r = client
+        .post(server.url("/v1/edits"))
+        .multipart(form(&[], vec![7u8; 1000]).part("prompt", prompt))
+        .send()
+        .await
+        .expect("the 413 reaches the client");
+    let (status, param, message) = refusal(r).await;
+    assert_eq!((status, param.as_str()), (413, Some("prompt")), "{message}");
+    assert!(message.contains("`prompt`"), "{message}");
     let r = client
         .post(server.url("/v1/edits"))
         .header("content-type", "application/json")

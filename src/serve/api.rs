@@ -216,13 +216,25 @@ async fn read_body(state: &AppState, request: Request) -> Result<RawRequest, Api
         ))
     };
     read.map_err(|e| match fault.and_then(|f| f.get()) {
-        Some(BodyFault::TooLarge { limit }) => ApiError::too_large(
-            "image",
-            format!(
-                "the request is larger than this server accepts ({limit} bytes; `image` up to {} bytes)",
-                limits.max_upload_bytes
+        // The multipart reader names the field it was reading when the body was cut: the
+        // one that crossed the limit. A JSON body is cut before any field is parsed.
+        Some(BodyFault::TooLarge { limit }) => match e.param.as_deref() {
+            Some(field) if field != "image" => ApiError::too_large(
+                field,
+                format!(
+                    "the request is larger than this server accepts ({limit} bytes), reached while reading `{field}`: fields other than `image` share about 1 MiB"
+                ),
             ),
-        ),
+            // A declared length over the limit is refused unread: the image, by far the
+            // largest field, is blamed, and the message gives both limits.
+            _ => ApiError::too_large(
+                "image",
+                format!(
+                    "the request is larger than this server accepts ({limit} bytes): `image` up to {} bytes, the other fields about 1 MiB together",
+                    limits.max_upload_bytes
+                ),
+            ),
+        },
         Some(f @ BodyFault::TimedOut { .. }) => ApiError::timed_out(f.to_string()),
         None => e,
     })

@@ -178,10 +178,12 @@ impl<'de> serde::Deserialize<'de> for Entries {
     }
 }
 
-fn multipart_error(e: MultipartError, limits: &Limits) -> ApiError {
-    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+/// A multipart read that failed, naming the field being read when there was one: when the
+/// connection cut the body at its size limit, that field is the one that crossed it.
+fn multipart_error(e: MultipartError, limits: &Limits, field: Option<&str>) -> ApiError {
+    let mut error = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::too_large(
-            "image",
+            field.unwrap_or("image"),
             format!(
                 "the request is larger than this server accepts (images up to {} bytes)",
                 limits.max_upload_bytes
@@ -189,7 +191,11 @@ fn multipart_error(e: MultipartError, limits: &Limits) -> ApiError {
         )
     } else {
         ApiError::bad_request(format!("unreadable multipart body: {}", e.body_text()))
+    };
+    if let Some(field) = field {
+        error.param = Some(field.to_string());
     }
+    error
 }
 
 impl RawRequest {
@@ -200,7 +206,7 @@ impl RawRequest {
         while let Some(mut field) = form
             .next_field()
             .await
-            .map_err(|e| multipart_error(e, limits))?
+            .map_err(|e| multipart_error(e, limits, None))?
         {
             let name = field.name().unwrap_or_default().to_string();
             let name = name.strip_suffix("[]").unwrap_or(&name).to_string();
@@ -212,7 +218,7 @@ impl RawRequest {
                 while let Some(chunk) = field
                     .chunk()
                     .await
-                    .map_err(|e| multipart_error(e, limits))?
+                    .map_err(|e| multipart_error(e, limits, Some("image")))?
                 {
                     bytes.extend_from_slice(&chunk);
                     if bytes.len() > limits.max_upload_bytes {
@@ -228,7 +234,7 @@ impl RawRequest {
                 let bytes = field
                     .bytes()
                     .await
-                    .map_err(|e| multipart_error(e, limits))?;
+                    .map_err(|e| multipart_error(e, limits, Some(&name)))?;
                 let text = String::from_utf8(bytes.to_vec()).map_err(|e| {
                     ApiError::bad_field(
                         &name,
