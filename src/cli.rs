@@ -192,7 +192,7 @@ pub struct PipelineBenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "0.5,3", value_parser = seconds)]
     pub latencies: Vec<f64>,
     /// Generator seconds per candidate per step (FLUX Fill at 1024x512 on one H100 is of
-    /// this order; measure yours with the FLUX bench when it lands).
+    /// this order; measure yours with `bench flux`).
     #[arg(long, default_value_t = 0.15, value_parser = seconds)]
     pub step_s: f64,
     /// Generator seconds per VAE decode.

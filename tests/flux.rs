@@ -496,7 +496,7 @@ fn cli_runs_early_filter_end_to_end_through_flux() {
 fn cli_reproduces_the_diffusers_edit_from_its_initial_latents() {
     let out = tempfile::tempdir().unwrap();
     let out_dir = out.path().to_str().unwrap();
-    let result = cli(&[
+    let args = [
         "edit",
         "--image",
         "tests/fixtures/flux/source.png",
@@ -521,7 +521,8 @@ fn cli_reproduces_the_diffusers_edit_from_its_initial_latents() {
         "tests/fixtures/flux/init_latents.safetensors",
         "--out",
         out_dir,
-    ]);
+    ];
+    let result = cli(&args);
     assert!(
         result.status.success(),
         "{}",
@@ -549,6 +550,36 @@ fn cli_reproduces_the_diffusers_edit_from_its_initial_latents() {
         worst <= 1.0,
         "final.png differs from diffusers by up to {worst} levels"
     );
+
+    // One candidate's latents saved without the candidate dimension, [16, h, w], are read
+    // as that candidate's: the same image (they were read as 16 packed candidates).
+    let unbatched = out.path().join("unbatched.safetensors");
+    let latents = candle_core::safetensors::load(
+        "tests/fixtures/flux/init_latents.safetensors",
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()["latents"]
+        .squeeze(0)
+        .unwrap();
+    candle_core::safetensors::save(&[("latents", latents)].into_iter().collect(), &unbatched)
+        .unwrap();
+    let again = out.path().join("again");
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| match *a {
+            "tests/fixtures/flux/init_latents.safetensors" => unbatched.display().to_string(),
+            a if a == out_dir => again.display().to_string(),
+            a => a.to_string(),
+        })
+        .collect();
+    let result = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let from_unbatched = image::open(again.join("final.png")).unwrap().to_rgb8();
+    assert_eq!(from_unbatched.as_raw(), ours.as_raw());
 }
 
 #[test]

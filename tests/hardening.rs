@@ -1013,18 +1013,34 @@ fn report_only_without_stored_records_is_refused() {
 }
 
 /// `--init-latents` that cannot serve the edit is bad input naming the flag and the file:
-/// a file that is not safetensors, or latents of another shape than the edit's.
+/// a file that is not safetensors, or latents of another shape than the edit's; and FLUX
+/// latents without FLUX weights named (the testbed would run) are refused as such.
 #[test]
 fn init_latents_that_do_not_fit_are_refused_by_flag_and_file() {
     let dir = tempfile::tempdir().unwrap();
+    let latents = "tests/fixtures/flux/init_latents.safetensors";
+    let out = dir.path().join("out");
+    let result = edit(&out, &["--init-latents", latents]);
+    refused(
+        &out,
+        &result,
+        &["--init-latents", "no FLUX weights are named"],
+    );
     for (file, needle) in [
         (IMAGE, "not a safetensors file"),
-        (
-            "tests/fixtures/flux/init_latents.safetensors",
-            "this edit needs",
-        ),
+        (latents, "diptych needs"),
     ] {
-        let result = edit(&dir.path().join("out"), &["--init-latents", file]);
+        let flux = [
+            "--model-dir",
+            "tests/fixtures/flux/tiny",
+            "--judge",
+            "none",
+            "--strategy",
+            "random",
+        ];
+        let mut args = vec!["--init-latents", file];
+        args.extend(flux);
+        let result = edit(&out, &args);
         let stderr = String::from_utf8_lossy(&result.stderr);
         assert_eq!(result.status.code(), Some(2), "{file}: {stderr}");
         assert!(
@@ -1362,7 +1378,8 @@ fn a_tokenizer_for_another_model_is_refused_naming_both_files() {
 
 /// Flags that would change nothing in the run they are given to are refused by name
 /// instead of being dropped: the refine's knobs without --refine, the testbed's with FLUX,
-/// a tile size with tiling off, --dequantize on dense weights.
+/// a tile size with tiling off, --dequantize on dense weights, a tiny decoder nothing
+/// uses, the file and text-encoder flags of random weights.
 #[test]
 fn flags_that_would_change_nothing_are_refused_by_name() {
     let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux/tiny");
@@ -1383,9 +1400,33 @@ fn flags_that_would_change_nothing_are_refused_by_name() {
             "--vae-tile 64",
         ),
         (&["--dequantize"][..], "--dequantize"),
+        // Live previews are serve's only: outside it the tiny decoder decodes the judge's
+        // previews with --preview-decoder tiny, or nothing.
+        (
+            &["--tiny-decoder", "tests/fixtures/taef1"][..],
+            "--preview-decoder tiny",
+        ),
     ] {
         let result = flux_edit(&tiny, &out, extra);
         refused(&out, &result, &[flag]);
+    }
+    // Random weights read no file and run no text encoder.
+    for (extra, flag) in [
+        (&["--vae", "missing.safetensors"][..], "--vae"),
+        (&["--text-encoders", "missing"][..], "--text-encoders"),
+        (&["--text-device", "cpu"][..], "--text-device"),
+        (&["--keep-text-encoders"][..], "--keep-text-encoders"),
+    ] {
+        let mut args = vec![
+            "--random-weights",
+            "small",
+            "--judge",
+            "none",
+            "--strategy",
+            "random",
+        ];
+        args.extend_from_slice(extra);
+        refused(&out, &edit(&out, &args), &[flag, "--random-weights small"]);
     }
     // With --refine the refine's knobs run; the testbed takes its own flags.
     let result = edit(

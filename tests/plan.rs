@@ -288,7 +288,7 @@ fn a_plan_that_does_not_fit_is_refused_before_any_weight_is_read() {
         stderr.contains("1.0 GB") || stderr.contains("0.0 GB"),
         "{stderr}"
     );
-    assert!(stderr.contains("Biggest parts: "), "{stderr}");
+    assert!(stderr.contains("Biggest parts at the peak: "), "{stderr}");
     assert!(stderr.contains("transformer weights (dense)"), "{stderr}");
     assert!(stderr.contains("Nothing was loaded"), "{stderr}");
     assert!(!out.path().join("edit/report.json").exists());
@@ -334,10 +334,14 @@ fn plan_prints_the_parts_and_says_what_would_fit() {
         "{stdout}"
     );
     assert!(stdout.contains("does not fit"), "{stdout}");
+    // The combination names only the changes it needs: the peak is the decode, where T5
+    // is not held, so neither T5 on the CPU nor a smaller batch is advised.
     assert!(
-        stderr.contains("try --text-device cpu --quantize"),
+        stderr.contains("try --quantize q4_k with the judge"),
         "{stderr}"
     );
+    assert!(!stderr.contains("--text-device cpu"), "{stderr}");
+    assert!(!stderr.contains("--batch-size"), "{stderr}");
 
     // The flags it names fit.
     let advice = stderr
@@ -382,6 +386,112 @@ fn plan_prints_the_parts_and_says_what_would_fit() {
         stdout.contains("| T5 + CLIP weights | 0.00 | not on this device |"),
         "{stdout}"
     );
+}
+
+/// A refusal advises each single change that fits on its own, whatever format was asked
+/// for: a q8_0 edit over 16 GB is told `--quantize q4_k` or 512 px VAE tiles (it was told
+/// that no single option fits), and its biggest parts are those held at the peak.
+#[test]
+fn a_refusal_names_the_single_changes_that_fit() {
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["plan", "--device", "cuda"];
+        args.extend(extra);
+        cli(&args)
+    };
+    let refused = plan(&["--quantize", "q8_0", "--memory-budget", "16"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("try --quantize q4_k, or --vae-tiling on --vae-tile 512."),
+        "{stderr}"
+    );
+    // T5 is not held in the decode, the peak's phase.
+    let biggest = stderr.split("Biggest parts at the peak:").nth(1).unwrap();
+    assert!(!biggest.contains("T5"), "{stderr}");
+    // On CUDA a fit within 2.5 GB of the budget is called tight (the measured margin).
+    let tight = plan(&[
+        "--quantize",
+        "q8_0",
+        "--vae-tiling",
+        "on",
+        "--vae-tile",
+        "512",
+        "--memory-budget",
+        "16",
+    ]);
+    let stdout = String::from_utf8_lossy(&tight.stdout);
+    assert!(
+        stdout.contains("\nTight: less than 2.5 GB to spare."),
+        "{stdout}"
+    );
+    let roomy = plan(&["--quantize", "q4_k", "--memory-budget", "16"]);
+    let stdout = String::from_utf8_lossy(&roomy.stdout);
+    assert!(
+        roomy.status.success() && !stdout.contains("Tight"),
+        "{stdout}"
+    );
+    for fix in [
+        &["--quantize", "q4_k"][..],
+        &[
+            "--quantize",
+            "q8_0",
+            "--vae-tiling",
+            "on",
+            "--vae-tile",
+            "512",
+        ][..],
+    ] {
+        let mut args = vec!["--memory-budget", "16"];
+        args.extend(fix);
+        let fits = plan(&args);
+        assert!(
+            fits.status.success(),
+            "{fix:?}: {}",
+            String::from_utf8_lossy(&fits.stderr)
+        );
+    }
+}
+
+/// `--keep-text-encoders` holds T5 and CLIP for the whole run, so the plan counts them in
+/// every phase (it counted them only while the prompt is encoded, and passed a q8_0 edit
+/// on 24 GB that needs ~27 GB at its decode), and its advice names dropping the flag.
+#[test]
+fn kept_text_encoders_are_counted_in_every_phase() {
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--device",
+            "cuda",
+            "--quantize",
+            "q8_0",
+            "--memory-budget",
+            "24",
+        ];
+        args.extend(extra);
+        cli(&args)
+    };
+    let without = plan(&[]);
+    let stdout = String::from_utf8_lossy(&without.stdout);
+    assert!(without.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("| **peak** | **17.47** | decode |"),
+        "{stdout}"
+    );
+
+    let kept = plan(&["--keep-text-encoders"]);
+    let stdout = String::from_utf8_lossy(&kept.stdout);
+    let stderr = String::from_utf8_lossy(&kept.stderr);
+    assert_eq!(kept.status.code(), Some(2), "{stdout}{stderr}");
+    // 17.47 + 9.77 of T5 and CLIP.
+    assert!(
+        stdout.contains("| **peak** | **27.24** | decode |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| T5 + CLIP weights | 9.77 | always (--keep-text-encoders) |"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("without --keep-text-encoders"), "{stderr}");
 }
 
 /// Every command that loads FLUX makes the plan first and refuses one that does not fit,

@@ -260,10 +260,24 @@ impl GeneratorSpec {
             .preview_decoder
             .parse()
             .map_err(|e: String| invalid("--preview-decoder:", e))?;
-        if args.random_weights.is_some() && (args.lora.is_some() || args.t5.is_some()) {
-            return Err(EditError::Invalid(
-                "--random-weights builds its own weights; it takes no --lora or --t5".into(),
-            ));
+        if let Some(size) = &args.random_weights {
+            // Random weights run no text encoders (random prompt states) and read no file:
+            // these flags would be dropped unread.
+            let unread = crate::cli::flags_given([
+                ("--lora", args.lora.is_some()),
+                ("--t5", args.t5.is_some()),
+                ("--vae", args.vae.is_some()),
+                ("--text-encoders", args.text_encoders.is_some()),
+                ("--text-device", args.text_device.is_some()),
+                ("--keep-text-encoders", args.keep_text_encoders),
+            ]);
+            if !unread.is_empty() {
+                return Err(EditError::Invalid(format!(
+                    "--random-weights {size} builds its own weights and random prompt states, \
+                     so it reads no files and runs no text encoders: drop {}",
+                    unread.join(", ")
+                )));
+            }
         }
         let lora = match &args.lora {
             Some(path) if path.exists() => Some(LoraChoice::Path(path.clone())),
@@ -493,6 +507,8 @@ impl FluxSpec {
             judge,
             text_with_judge: workload.many_edits || self.keep_text_encoders,
             transformer_after_prompt: self.text_device == self.device && !self.keep_text_encoders,
+            text_kept: self.keep_text_encoders,
+            requantizable: stored == WeightFormat::Dense,
             refine_panel: workload.refine.and_then(|width| {
                 let panel = (workload.panel.0 as u32, workload.panel.1 as u32);
                 crate::edit::refine::refine_size(panel, width)

@@ -1,6 +1,6 @@
 //! `batch` (a manifest of edits, resumable and shardable) and `merge` (shard outputs).
 
-use crate::backends::{EngineBuilder, GeneratorSpec, JudgeSpec, Workload};
+use crate::backends::{EngineBuilder, JudgeSpec, Workload};
 use crate::batch::{merge_shards, run_batch, BatchOptions, Shard};
 use crate::cli::{BatchArgs, MergeArgs};
 use crate::commands::Incomplete;
@@ -35,7 +35,8 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
     let judge = JudgeSpec::from_args(&args.engine.judge)?;
     judge.check_serves(&strategy)?;
     judge.preflight("--judge", true)?;
-    let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
+    let generator =
+        super::generator_without_live_previews(&args.engine.generator, args.engine.download)?;
     let shard = Shard::parse(&args.shard, |k| std::env::var(k).ok()).map_err(EditError::Invalid)?;
     if !args.manifest.is_file() {
         return Err(EditError::Invalid(format!(

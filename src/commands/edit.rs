@@ -146,7 +146,19 @@ pub fn check_edit(args: &EditArgs) -> anyhow::Result<CheckedEdit> {
     let judge = JudgeSpec::from_args(&args.engine.judge)?;
     judge.check_serves(&strategy)?;
     judge.preflight("--judge", true)?;
-    let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
+    let generator =
+        super::generator_without_live_previews(&args.engine.generator, args.engine.download)?;
+    if args.init_latents.is_some() && generator.flux().is_none() {
+        // FLUX latents for the testbed simulator: most likely a forgotten --model-dir.
+        return Err(EditError::Invalid(
+            "--init-latents holds FLUX latents, and no FLUX weights are named, so this run \
+             would be the built-in testbed simulator: name the weights (--model-dir DIR, \
+             --transformer FILE with --vae and --text-encoders, --random-weights small|full, \
+             or --download), or drop --init-latents"
+                .into(),
+        )
+        .into());
+    }
     if args.out.exists() && !args.out.is_dir() {
         return Err(EditError::Invalid(format!(
             "{}: --out names an existing file; give a folder (new or existing)",
@@ -258,9 +270,20 @@ fn load_init_latents(
     let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .map_err(|e| invalid(e.to_string()))?;
     let latents = tensors.get("latents").ok_or_else(|| {
+        let mut names: Vec<&str> = tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
         EditError::Invalid(format!(
-            "--init-latents {}: no tensor named `latents`",
-            path.display()
+            "--init-latents {}: no tensor named `latents` (the file holds {})",
+            path.display(),
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
         ))
     })?;
     let (bad, total) = crate::generate::non_finite_count(latents)?;
@@ -277,6 +300,17 @@ fn load_init_latents(
         ))
         .into());
     }
+    // One candidate's unpacked latents without the candidate dimension, [16, h, w] on this
+    // edit's grid, are that one candidate's (as the generator reads them).
+    let one_unbatched = match grid {
+        Some((h, w)) => latents.rank() == 3 && latents.dims()[1..] == [h, w],
+        None => false,
+    };
+    let latents = if one_unbatched {
+        &latents.unsqueeze(0)?
+    } else {
+        latents
+    };
     // Unpacked diffusers-style latents [C, 16, h, w] are packed into 2x2 tokens [C, S, 64].
     let latents = if latents.rank() == 4 {
         if let Some((h, w)) = grid {

@@ -185,7 +185,8 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
             j.preflight("eval_judge", true)?;
         }
     }
-    let generator = GeneratorSpec::from_args(&args.engine.generator, args.engine.download)?;
+    let generator =
+        super::generator_without_live_previews(&args.engine.generator, args.engine.download)?;
     let items = dataset::load(&suite.dataset, &suite.selection)?;
     let lock = ResultStore::lock(&args.out)?;
     // What each arm's stored results were made with must be what it asks for now.

@@ -133,6 +133,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Builds the generator of a command that shows no live previews (everything but `serve`):
+/// there `--tiny-decoder` only decodes the judge's previews, with `--preview-decoder tiny`,
+/// so without it the decoder would be loaded and never used.
+pub fn generator_without_live_previews(
+    args: &crate::cli::GeneratorArgs,
+    download: bool,
+) -> Result<crate::backends::GeneratorSpec, EditError> {
+    if args.tiny_decoder.is_some() && args.preview_decoder != "tiny" {
+        return Err(EditError::Invalid(
+            "--tiny-decoder decodes live previews (shown by `serve` only) and, with \
+             --preview-decoder tiny, the judge's previews: add --preview-decoder tiny, or drop \
+             --tiny-decoder"
+                .into(),
+        ));
+    }
+    crate::backends::GeneratorSpec::from_args(args, download)
+}
+
 /// `--report-only` on a folder holding no stored records (a mistyped `--out`) is refused
 /// instead of writing an empty report there (`eval`, `judge-eval`).
 pub fn refuse_report_without_records(out: &std::path::Path, log: &str) -> Result<(), EditError> {

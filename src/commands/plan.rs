@@ -56,10 +56,12 @@ pub fn plan(args: EditArgs) -> anyhow::Result<()> {
     };
     // `--vae-tiling auto` as the plan check settles it.
     let request = flux.tiled_if_needed(request, available.map(|(bytes, _)| bytes));
-    let weights = if g.model_dir.is_some() || g.transformer.is_some() {
-        "the named weights' configs and headers"
-    } else {
-        "FLUX.1 Fill [dev]'s published configuration (no weights named)"
+    let weights = match &g.random_weights {
+        _ if g.model_dir.is_some() || g.transformer.is_some() => {
+            "the named weights' configs and headers".to_string()
+        }
+        Some(size) => format!("--random-weights {size}'s configuration"),
+        None => "FLUX.1 Fill [dev]'s published configuration (no weights named)".to_string(),
     };
     println!(
         "Memory plan on {} ({:?}), panel {}x{} (diptych {}x{}), batch {}, {} T5 tokens; from {weights}.\n",
@@ -87,6 +89,19 @@ pub fn plan(args: EditArgs) -> anyhow::Result<()> {
             gb(memory_plan.peak_bytes),
             gb(bytes)
         );
+        if request.cuda && memory_plan.peak_bytes + CUDA_MARGIN_BYTES > bytes {
+            println!(
+                "Tight: less than {:.1} GB to spare. The one GPU measurement so far (an H200) \
+                 peaked ~2 GB above the plan plus the CUDA context (the allocator's cache; \
+                 docs/memory.md, What fits): leave that margin, e.g. a --memory-budget of \
+                 the card's size less 2.5 GB shows what lowers the peak enough.",
+                gb(CUDA_MARGIN_BYTES)
+            );
+        }
     }
     Ok(())
 }
+
+/// What a CUDA run held beyond its plan on the one measurement so far: ~0.5 GB of context
+/// and ~2 GB the allocator kept (docs/results/gpu-2026-12-04.md).
+const CUDA_MARGIN_BYTES: usize = 2_500_000_000;

@@ -96,6 +96,12 @@ pub struct PlanRequest {
     /// The transformer loads after the first prompt is encoded (T5 on its device), so the
     /// first prompt phase holds T5 without it.
     pub transformer_after_prompt: bool,
+    /// T5 and CLIP stay loaded for the whole run (`--keep-text-encoders`), not only while a
+    /// prompt is encoded.
+    pub text_kept: bool,
+    /// The transformer's weights are stored dense, so `--quantize` can pick any format (a
+    /// GGUF or fp8 file is held as stored).
+    pub requantizable: bool,
     /// The hi-res refine's panel `(width, height)`, when the pick is refined (`--refine`):
     /// one candidate's forwards and a VAE pass at that size.
     pub refine_panel: Option<(usize, usize)>,
@@ -114,6 +120,9 @@ pub struct PlanPart {
     pub bytes: usize,
     /// When it is resident.
     pub when: String,
+    /// Whether it is held in the peak's phase (what a refusal names as the biggest parts).
+    #[serde(skip)]
+    pub at_peak: bool,
 }
 
 /// The plan: the parts and the peak.
@@ -235,6 +244,8 @@ impl PlanRequest {
         let overhead = overhead_bytes(self.cuda);
         let resident = transformer + vae + self.lora_bytes + overhead;
         let judge_at_prepare = if self.text_with_judge { judge } else { 0 };
+        // T5 and CLIP kept loaded sit beside every later phase too.
+        let kept_text = if self.text_kept { text } else { 0 };
         // What sits beside T5 while a prompt is encoded: a batch's later prompts find the
         // transformer and the judge loaded; a single edit's finds the transformer only when
         // it was not deferred.
@@ -261,33 +272,56 @@ impl PlanRequest {
         });
         let mut phases = vec![
             ("encode prompt", beside_text + text + text_work),
-            ("encode diptych", resident + judge_at_prepare + vae_pass),
-            ("denoise", resident + judge + judge_work + forward + caches),
-            ("decode", resident + judge + judge_work + vae_pass),
+            (
+                "encode diptych",
+                resident + kept_text + judge_at_prepare + vae_pass,
+            ),
+            (
+                "denoise",
+                resident + kept_text + judge + judge_work + forward + caches,
+            ),
+            (
+                "decode",
+                resident + kept_text + judge + judge_work + vae_pass,
+            ),
         ];
         if let Some((_, forward, (vae_pass, _))) = refine {
-            phases.push(("refine", resident + judge + forward.max(vae_pass)));
+            phases.push((
+                "refine",
+                resident + kept_text + judge + forward.max(vae_pass),
+            ));
         }
         let (peak_phase, peak_bytes) = phases
             .iter()
             .max_by_key(|(_, b)| *b)
             .map(|(p, b)| (p.to_string(), *b))
             .expect("phases");
+        const ALL: &[&str] = &[
+            "encode prompt",
+            "encode diptych",
+            "denoise",
+            "decode",
+            "refine",
+        ];
+        let held = |in_phases: &[&str]| in_phases.contains(&peak_phase.as_str());
         let mut parts = vec![PlanPart {
             name: format!("transformer weights ({})", self.format.name()),
             bytes: transformer,
             when: "always".into(),
+            at_peak: held(ALL),
         }];
         parts.push(PlanPart {
             name: "VAE weights".into(),
             bytes: vae,
             when: "always".into(),
+            at_peak: held(ALL),
         });
         if self.lora_bytes > 0 {
             parts.push(PlanPart {
                 name: "LoRA".into(),
                 bytes: self.lora_bytes,
                 when: "always".into(),
+                at_peak: held(ALL),
             });
         }
         parts.push(PlanPart {
@@ -295,9 +329,12 @@ impl PlanRequest {
             bytes: text,
             when: if text == 0 {
                 "not on this device".into()
+            } else if self.text_kept {
+                "always (--keep-text-encoders)".into()
             } else {
                 "while encoding the prompt".into()
             },
+            at_peak: self.text_kept || held(&["encode prompt"]),
         });
         if let Some(j) = &self.judge {
             parts.push(PlanPart {
@@ -308,17 +345,21 @@ impl PlanRequest {
                 } else {
                     "from the first judge call".into()
                 },
+                at_peak: held(&["denoise", "decode", "refine"])
+                    || (self.text_with_judge && held(ALL)),
             });
             parts.push(PlanPart {
                 name: "judge working memory".into(),
                 bytes: judge_work,
                 when: "while screening and scoring".into(),
+                at_peak: held(&["denoise", "decode"]),
             });
         }
         parts.push(PlanPart {
             name: format!("transformer forward (batch {})", self.batch),
             bytes: forward,
             when: "each denoising step".into(),
+            at_peak: held(&["denoise"]),
         });
         if caches > 0 {
             parts.push(PlanPart {
@@ -330,6 +371,7 @@ impl PlanRequest {
                 ),
                 bytes: caches,
                 when: "completions".into(),
+                at_peak: held(&["denoise"]),
             });
         }
         let tiled = |on: bool| if on { " (tiled)" } else { "" };
@@ -346,6 +388,7 @@ impl PlanRequest {
             ),
             bytes: vae_pass,
             when: tiles(vae_tiled, "encoding the diptych, decoding a candidate"),
+            at_peak: held(&["encode diptych", "decode"]),
         });
         if let Some((panel, forward, (vae_pass, refine_tiled))) = refine {
             parts.push(PlanPart {
@@ -356,6 +399,7 @@ impl PlanRequest {
                 ),
                 bytes: forward,
                 when: "each refine step".into(),
+                at_peak: held(&["refine"]),
             });
             parts.push(PlanPart {
                 name: format!(
@@ -366,12 +410,14 @@ impl PlanRequest {
                 ),
                 bytes: vae_pass,
                 when: tiles(refine_tiled, "encoding and decoding the refine"),
+                at_peak: held(&["refine"]),
             });
         }
         parts.push(PlanPart {
             name: "runtime overhead".into(),
             bytes: overhead,
             when: "always".into(),
+            at_peak: held(ALL),
         });
         MemoryPlan {
             parts,
@@ -387,23 +433,43 @@ impl PlanRequest {
     pub fn fixes(&self, available: usize) -> Vec<String> {
         let fits = |r: &PlanRequest| r.plan().peak_bytes <= available;
         let steps = self.fix_steps();
-        let singles: Vec<String> = steps
-            .iter()
-            .filter(|(_, apply)| fits(&apply(self.clone())))
-            .map(|(flag, _)| flag.clone())
-            .collect();
+        // Each single change that fits, the first (the gentlest) of each kind only: a
+        // 512 px tile that fits makes a 256 px one needless advice.
+        let mut singles: Vec<String> = Vec::new();
+        for (flag, apply) in &steps {
+            let kind = flag.split(' ').next().unwrap_or_default();
+            let known = singles.iter().any(|s| s.split(' ').next() == Some(kind));
+            if !(known && kind.starts_with("--")) && fits(&apply(self.clone())) {
+                singles.push(flag.clone());
+            }
+        }
         if !singles.is_empty() {
             return singles;
         }
-        let mut combined = self.clone();
-        let mut flags: Vec<String> = Vec::new();
-        for (flag, apply) in &steps {
-            combined = apply(combined);
-            // A later quantization or batch size supersedes an earlier one.
-            let kind = flag.split(' ').next().unwrap_or_default().to_string();
-            flags.retain(|f| !(kind.starts_with("--") && f.starts_with(&kind)));
-            flags.push(flag.clone());
-            if fits(&combined) {
+        // The first prefix of the steps that fits, each step replacing an earlier one of
+        // its kind (a later quantization, batch size or tile supersedes the earlier).
+        let kind = |i: usize| steps[i].0.split(' ').next().unwrap_or_default().to_string();
+        let apply_all =
+            |chosen: &[usize]| chosen.iter().fold(self.clone(), |r, &i| (steps[i].1)(r));
+        let mut chosen: Vec<usize> = Vec::new();
+        for i in 0..steps.len() {
+            let k = kind(i);
+            chosen.retain(|&j| !(k.starts_with("--") && kind(j) == k));
+            chosen.push(i);
+            if fits(&apply_all(&chosen)) {
+                // Then without the steps it does not need, so that no flag is advised that
+                // changes nothing (T5 on the CPU when the peak is the decode).
+                let mut j = 0;
+                while j < chosen.len() {
+                    let mut fewer = chosen.clone();
+                    fewer.remove(j);
+                    if fits(&apply_all(&fewer)) {
+                        chosen = fewer;
+                    } else {
+                        j += 1;
+                    }
+                }
+                let flags: Vec<&str> = chosen.iter().map(|&i| steps[i].0.as_str()).collect();
                 return vec![flags.join(" ")];
             }
         }
@@ -424,16 +490,32 @@ impl PlanRequest {
                 }),
             ));
         }
-        if self.format == WeightFormat::Dense {
-            for (flag, t) in [("q8_0", GgmlDType::Q8_0), ("q4_k", GgmlDType::Q4K)] {
-                steps.push((
-                    format!("--quantize {flag}"),
-                    Box::new(move |r| PlanRequest {
-                        format: WeightFormat::Quantized(t),
-                        ..r
-                    }),
-                ));
+        if self.text_kept && self.text_placement == Placement::Device {
+            steps.push((
+                "without --keep-text-encoders".into(),
+                Box::new(|r| PlanRequest {
+                    text_kept: false,
+                    ..r
+                }),
+            ));
+        }
+        // Lighter formats than the one asked for; a GGUF or fp8 file is held as stored.
+        let lighter: &[(&str, GgmlDType)] = match self.format {
+            _ if !self.requantizable => &[],
+            WeightFormat::Dense => &[("q8_0", GgmlDType::Q8_0), ("q4_k", GgmlDType::Q4K)],
+            WeightFormat::Fp8 | WeightFormat::Quantized(GgmlDType::Q8_0) => {
+                &[("q4_k", GgmlDType::Q4K)]
             }
+            WeightFormat::Quantized(_) => &[],
+        };
+        for &(flag, t) in lighter {
+            steps.push((
+                format!("--quantize {flag}"),
+                Box::new(move |r| PlanRequest {
+                    format: WeightFormat::Quantized(t),
+                    ..r
+                }),
+            ));
         }
         let mut batch = self.batch / 2;
         while batch >= 1 {
@@ -443,28 +525,38 @@ impl PlanRequest {
             ));
             batch /= 2;
         }
-        // Tiled VAE passes, or smaller tiles, where that lowers the peak (the VAE pass of a
-        // large diptych is often it).
-        let tiling = match &self.vae_tiling {
-            None => Some((
-                "--vae-tiling on".to_string(),
-                VaeTiling::of_config(&self.vae),
-            )),
-            Some(t) => {
-                let half = VaeTiling {
-                    tile: t.tile / 2,
-                    ..*t
-                };
-                let fits = half.check(self.vae.downscale()).is_ok();
-                fits.then(|| (format!("--vae-tile {}", half.tile), half))
-            }
+        // Tiled VAE passes, and smaller tiles (halving down to the smallest that tiles),
+        // where that lowers the peak: the VAE pass of a large diptych is often it.
+        let untiled = self.vae_tiling.is_none();
+        let mut tilings = Vec::new();
+        let mut tiling = match &self.vae_tiling {
+            None => Some(VaeTiling::of_config(&self.vae)),
+            Some(t) => Some(VaeTiling {
+                tile: t.tile / 2,
+                ..*t
+            }),
         };
-        if let Some((flag, tiling)) = tiling {
+        while let Some(t) = tiling.filter(|t| t.check(self.vae.downscale()).is_ok()) {
+            let flag = match (untiled, tilings.is_empty()) {
+                (true, true) => "--vae-tiling on".to_string(),
+                (true, false) => format!("--vae-tiling on --vae-tile {}", t.tile),
+                (false, _) => format!("--vae-tile {}", t.tile),
+            };
+            tilings.push((flag, t));
+            tiling = Some(VaeTiling {
+                tile: t.tile / 2,
+                ..t
+            });
+        }
+        let mut lowest = self.plan().peak_bytes;
+        for (flag, tiling) in tilings {
             let tiled = PlanRequest {
                 vae_tiling: Some(tiling),
                 ..self.clone()
             };
-            if tiled.plan().peak_bytes < self.plan().peak_bytes {
+            let peak = tiled.plan().peak_bytes;
+            if peak < lowest {
+                lowest = peak;
                 steps.push((
                     flag,
                     Box::new(move |r| PlanRequest {
@@ -557,9 +649,13 @@ impl MemoryPlan {
         md
     }
 
-    /// The largest parts, biggest first, as `name ~X GB`.
+    /// The largest parts held at the peak, biggest first, as `name ~X GB`.
     pub fn biggest_parts(&self, n: usize) -> Vec<String> {
-        let mut parts: Vec<_> = self.parts.iter().filter(|p| p.bytes > 0).collect();
+        let mut parts: Vec<_> = self
+            .parts
+            .iter()
+            .filter(|p| p.bytes > 0 && p.at_peak)
+            .collect();
         parts.sort_by_key(|p| std::cmp::Reverse(p.bytes));
         parts
             .iter()
@@ -583,7 +679,7 @@ pub fn check(request: &PlanRequest, available: usize, source: &str) -> Result<Me
         format!("try {}", fixes.join(", or "))
     };
     Err(format!(
-        "memory plan: needs ~{:.1} GB at its peak ({}), {:.1} GB {source}: {advice}. Biggest parts: {}. Nothing was loaded.",
+        "memory plan: needs ~{:.1} GB at its peak ({}), {:.1} GB {source}: {advice}. Biggest parts at the peak: {}. Nothing was loaded.",
         gb(plan.peak_bytes),
         plan.peak_phase,
         gb(available),
