@@ -771,6 +771,51 @@ fn cli_edit_with_download_fetches_flux_and_the_lora_then_runs() {
         .filter(|r| r.method == "GET" && r.target.contains("/resolve/"))
         .collect();
     assert!(transferred.is_empty(), "{transferred:?}");
+
+    // Offline, the snapshots already in the cache are used as they stand, with a warning.
+    let offline: Vec<(&str, &str)> = env
+        .iter()
+        .map(|&(k, v)| {
+            (
+                k,
+                if k == "HF_ENDPOINT" {
+                    "http://127.0.0.1:9"
+                } else {
+                    v
+                },
+            )
+        })
+        .collect();
+    let result = support::cli_env(&offline, &args);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("using the snapshot already in the cache"),
+        "{stderr}"
+    );
+
+    // What a transfer broken before its first file leaves: the repository's folder with a
+    // partial blob and no snapshot. A rerun completes it (it counted as cached, and the
+    // edit failed with "not found" on every rerun).
+    let flux_entry = cache.join("models--black-forest-labs--FLUX.1-Fill-dev");
+    std::fs::remove_dir_all(&flux_entry).unwrap();
+    std::fs::create_dir_all(flux_entry.join("blobs")).unwrap();
+    std::fs::write(flux_entry.join("blobs/0123abcd.part"), [0u8; 1000]).unwrap();
+    hub.clear_requests();
+    let result = support::cli_env(&env, &args);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(!transfers(&hub.requests(), "diffusion_pytorch_model.safetensors").is_empty());
+    // Offline, such a folder is refused with the network error, not used.
+    std::fs::remove_dir_all(&flux_entry).unwrap();
+    std::fs::create_dir_all(&flux_entry).unwrap();
+    let result = support::cli_env(&offline, &args);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot reach"), "{stderr}");
 }
 
 #[test]

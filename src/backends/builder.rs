@@ -12,7 +12,7 @@ use crate::error::EditError;
 use crate::judge::{Judge, ScoreKind};
 use crate::models::testbed::TestbedEdits;
 
-use super::download::{fetch, not_cached};
+use super::download::fetch_missing;
 use super::generator::{GeneratorSpec, Workload};
 use super::judge::JudgeSpec;
 
@@ -119,9 +119,7 @@ impl EngineBuilder {
                 seen.push(r.repo_id.clone());
                 new
             });
-            for request in not_cached(requests) {
-                fetch(&request)?;
-            }
+            fetch_missing(&requests)?;
         }
         // 3. Load: judges first (cheap; local models load on their first call), then the
         // generators. A testbed generator's edits are known to the testbed judges.
@@ -187,9 +185,7 @@ pub fn prepare_judge(
     testbed: Option<&TestbedEdits>,
 ) -> anyhow::Result<Option<Arc<dyn Judge>>> {
     if download {
-        for request in not_cached(spec.downloads()) {
-            fetch(&request)?;
-        }
+        fetch_missing(&spec.downloads())?;
     }
     Ok(spec.build(testbed)?)
 }

@@ -38,14 +38,38 @@ pub fn checkpoint_request(repo: &str) -> RepoRequest {
     RepoRequest::new(repo).include(CHECKPOINT_FILES.iter().copied())
 }
 
-/// Of `requests`, those whose repositories are not in the Hugging Face cache yet (what
-/// `--download` fetches; `download NAME` fetches every file anyway, resuming).
-pub fn not_cached(requests: Vec<RepoRequest>) -> Vec<RepoRequest> {
+/// Fetches what each of `requests` lacks (`--download`): the Hub is listed on every run,
+/// so a repository left partial (a broken transfer, an emptied folder, a cache entry that
+/// holds only another layout's file) is completed, resuming from its partial files. When
+/// the Hub cannot be reached, a repository whose cache entry already has a snapshot of the
+/// revision is used as it stands, with a warning (a machine that went offline keeps
+/// running; the loader names any file missing); one without fails with the network error.
+pub fn fetch_missing(requests: &[RepoRequest]) -> Result<(), hub::HubError> {
     let settings = HubSettings::from_env();
-    requests
-        .into_iter()
-        .filter(|r| !hub::cache_entry(&settings, &r.repo_id).is_dir())
-        .collect()
+    for request in requests {
+        match fetch(request) {
+            Ok(_) => {}
+            Err(e @ hub::HubError::Network { .. }) if has_snapshot(&settings, request) => {
+                tracing::warn!(
+                    repo = %request.repo_id,
+                    "{e}; using the snapshot already in the cache, unchecked"
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Whether the cache holds a snapshot of the request's revision: its ref resolved to a
+/// snapshot folder with files in it (what a finished download leaves).
+fn has_snapshot(settings: &HubSettings, request: &RepoRequest) -> bool {
+    let entry = hub::cache_entry(settings, &request.repo_id);
+    let Ok(commit) = std::fs::read_to_string(entry.join("refs").join(&request.revision)) else {
+        return false;
+    };
+    std::fs::read_dir(entry.join("snapshots").join(commit.trim()))
+        .is_ok_and(|mut files| files.next().is_some())
 }
 
 /// Downloads what `request` names that the cache lacks (with progress bars) and returns
