@@ -603,7 +603,7 @@ fn bench_flux_times_a_small_random_model() {
         "--steps",
         "4",
         "--formats",
-        "dense,q8_0,q4_k",
+        "dense,q8_0,q4_k,fp8",
         "--out",
         out.path().to_str().unwrap(),
     ]);
@@ -619,7 +619,7 @@ fn bench_flux_times_a_small_random_model() {
         .iter()
         .map(|f| f["format"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["dense", "q8_0", "q4_k"]);
+    assert_eq!(names, ["dense", "q8_0", "q4_k", "fp8"]);
     for f in formats {
         assert_eq!(f["steps"].as_array().unwrap().len(), 2);
     }
@@ -634,6 +634,8 @@ fn bench_flux_times_a_small_random_model() {
         "{bytes:?}"
     );
     assert!(formats[2]["quantized_layers"].as_u64().unwrap() > 50);
+    // fp8 layers count as held quantized too (they were counted 0).
+    assert!(formats[3]["quantized_layers"].as_u64().unwrap() > 50);
     assert_eq!(json["image_tokens"], 32);
     assert!(json["parameters"].as_u64().unwrap() > 1_000_000);
     assert!(json["full_edit_s"].as_f64().unwrap() > 0.0);

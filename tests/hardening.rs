@@ -53,6 +53,31 @@ fn the_testbed_judge_refuses_a_flux_generator_before_loading_it() {
     refused(&out, &result, &["--judge testbed", "judge preset"]);
 }
 
+/// The benches refuse bf16 on the CPU before building anything: `bench flux` timed the
+/// transformer, then failed at the VAE with exit 1 and wrote nothing.
+#[test]
+fn the_benches_refuse_bf16_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    for bench in ["flux", "judge"] {
+        let out = dir.path().join(bench);
+        let result = cli(&[
+            "bench",
+            bench,
+            "--dtype",
+            "bf16",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(
+            result.status.code(),
+            Some(EXIT_BAD_INPUT),
+            "{bench}: {stderr}"
+        );
+        assert!(stderr.contains("--dtype bf16"), "{bench}: {stderr}");
+    }
+}
+
 /// bf16 runs on a GPU only: candle's CPU matmul has none, and the VAE failed at the first
 /// edit, after the text encoders ran, with an error that named no flag.
 #[test]

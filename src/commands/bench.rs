@@ -28,6 +28,15 @@ fn device_and_dtype(
 ) -> Result<(candle_core::Device, candle_core::DType), EditError> {
     let dev = parse_device(device).map_err(|e| EditError::Invalid(format!("--device {e}")))?;
     let dt = parse_dtype(dtype, &dev).map_err(|e| EditError::Invalid(format!("--dtype {e}")))?;
+    if dt == candle_core::DType::BF16 && dev.is_cpu() {
+        // Refused before anything is timed: the run failed at its first matmul after
+        // minutes of building weights, and wrote nothing.
+        return Err(EditError::Invalid(
+            "--dtype bf16: candle's CPU matmul has no bf16; use f32 (the CPU default) or f16, \
+             or bf16 on a GPU"
+                .into(),
+        ));
+    }
     Ok((dev, dt))
 }
 

@@ -164,12 +164,19 @@ impl MeterLog {
         let since = done.saturating_sub(tally.at_start).max(1) as f64;
         let left = elapsed / since * self.total.saturating_sub(done) as f64;
         tracing::info!(
-            "{}: {done}/{} ({}%), {elapsed:.0} s so far, about {left:.0} s left",
-            self.label,
-            self.total,
-            quarter * 25
+            "{}",
+            progress_line(&self.label, done, self.total, elapsed, left)
         );
     }
+}
+
+/// A progress log line: the units done with their share of the total (not the quarter
+/// crossed: 4/12 is 33%), the time so far and the estimate left.
+fn progress_line(label: &str, done: u64, total: u64, elapsed: f64, left: f64) -> String {
+    format!(
+        "{label}: {done}/{total} ({}%), {elapsed:.0} s so far, about {left:.0} s left",
+        done * 100 / total.max(1)
+    )
 }
 
 /// One progress [`Meter`] per phase of an edit (a bar on a terminal, log lines otherwise).
@@ -232,5 +239,19 @@ mod tests {
         }
         let tally = log.tally.lock().unwrap();
         assert_eq!((tally.done, tally.quarters), (8000, 3));
+    }
+
+    /// The line gives the share done: 4 of 12 units is 33% (it printed the quarter
+    /// crossed, 25%).
+    #[test]
+    fn a_progress_line_gives_the_share_done() {
+        assert_eq!(
+            progress_line("complete", 4, 12, 3.2, 6.4),
+            "complete: 4/12 (33%), 3 s so far, about 6 s left"
+        );
+        assert_eq!(
+            progress_line("refine", 2, 3, 0.0, 0.0).split(' ').nth(2),
+            Some("(66%),")
+        );
     }
 }

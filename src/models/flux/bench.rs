@@ -156,8 +156,8 @@ pub struct FormatTiming {
     pub format: String,
     /// Bytes of the transformer's linear weights as held.
     pub linear_weight_bytes: usize,
-    /// Linear layers held quantized (layers whose rows do not fit the type's blocks stay
-    /// dense).
+    /// Linear layers held quantized, ggml types or fp8 (layers whose rows do not fit the
+    /// type's blocks stay dense).
     pub quantized_layers: usize,
     /// Per batch size.
     pub steps: Vec<StepTiming>,

@@ -68,13 +68,14 @@ impl FluxTransformer {
     }
 
     /// Bytes the linear layers' weights occupy as held (quantized weights at their ggml
-    /// size), and how many of the layers are held quantized.
+    /// size), and how many of the layers are held quantized (ggml types or fp8).
     pub fn linear_weight_bytes(&self) -> (usize, usize) {
         let linears = self.linears();
         let bytes = linears.iter().map(|l| l.base().weight().bytes()).sum();
+        // Held in a format other than the compute dtype: ggml-quantized or fp8.
         let quantized = linears
             .iter()
-            .filter(|l| l.base().weight().ggml_dtype().is_some())
+            .filter(|l| l.base().weight().format() != super::held_weight::WeightFormat::Dense)
             .count();
         (bytes, quantized)
     }
