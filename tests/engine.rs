@@ -39,6 +39,7 @@ struct ScriptedGenerator {
 impl Generator for ScriptedGenerator {
     fn info(&self) -> GeneratorInfo {
         GeneratorInfo {
+            settings: serde_json::Value::Null,
             name: "scripted".into(),
             detail: "test".into(),
             max_batch: self.max_batch,

@@ -445,6 +445,10 @@ fn cli_runs_early_filter_end_to_end_through_flux() {
         "2",
         "--steps",
         "6",
+        "--guidance",
+        "30",
+        "--lora-scale",
+        "0.75",
         // A real judge path (the tiny random Qwen2-VL): the testbed judge refuses FLUX.
         "--judge",
         "tests/fixtures/qwen2vl/judge-tiny.toml",
@@ -462,6 +466,12 @@ fn cli_runs_early_filter_end_to_end_through_flux() {
         .as_str()
         .unwrap()
         .starts_with("flux-fill"));
+    // The settings that shape the images beyond the strategy are recorded as values.
+    let settings = &report["generator_settings"];
+    assert_eq!(settings["guidance"], 30.0, "{settings}");
+    assert_eq!(settings["lora_scale"], 0.75, "{settings}");
+    assert_eq!(settings["t5_tokens"], 48, "{settings}");
+    assert_eq!(settings["dtype"], "f32", "{settings}");
     // 4 candidates x 2 probe steps + each survivor (1 or 2, as the random judge passes
     // them) x 4 remaining steps.
     let survivors = report["candidates"]

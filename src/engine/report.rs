@@ -439,6 +439,10 @@ pub struct EditReport {
     pub panel: (u32, u32),
     /// Generator name and details.
     pub generator: String,
+    /// The generator's settings beyond the strategy (FLUX: `guidance`, `lora_scale`,
+    /// `t5_tokens`, `dtype`, `linear_formats`, ...; the testbed: `difficulty`, `contrast`).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub generator_settings: serde_json::Value,
     /// Judge name.
     pub judge: String,
     /// What the screening scores in `candidates[].screens` are: `vie` (0-10) or `reward`

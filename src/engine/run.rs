@@ -1049,6 +1049,7 @@ impl EditRun<'_> {
             prompt: self.edit.prompt(),
             panel: self.edit.panel_size(),
             generator: format!("{} ({})", self.generator.name, self.generator.detail),
+            generator_settings: self.generator.settings.clone(),
             judge: self
                 .engine
                 .judge

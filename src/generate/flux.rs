@@ -659,7 +659,20 @@ impl Generator for FluxGenerator {
             Some(t) => format!(", VAE passes above {} px tiled", t.tile),
             None => String::new(),
         };
+        let formats = self.transformer.as_ref().map(|t| t.linear_formats());
         GeneratorInfo {
+            settings: serde_json::json!({
+                "guidance": self.options.guidance,
+                "lora_scale": self.options.lora.as_ref().map(|_| self.options.lora_scale),
+                "t5_tokens": self.options.t5_tokens,
+                "dtype": self.options.dtype.as_str(),
+                "linear_formats": formats,
+                "vae_tile": self.vae_tiling.as_ref().map(|t| t.tile),
+                "preview_decoder": match self.options.preview_decoder {
+                    PreviewDecoder::Full => "full",
+                    PreviewDecoder::Tiny => "tiny",
+                },
+            }),
             name: "flux-fill".into(),
             detail: format!(
                 "{source} ({held}), {} on {}{lora}{tiny}{tiled}",

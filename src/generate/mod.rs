@@ -38,6 +38,10 @@ pub struct GeneratorInfo {
     pub detail: String,
     /// Largest number of candidates pushed through one forward.
     pub max_batch: usize,
+    /// The settings that shape its images beyond the strategy (FLUX: guidance, LoRA scale,
+    /// T5 tokens, dtype, weight formats; the testbed: difficulty and contrast), recorded in
+    /// `report.json` so two edits' folders tell how they were made. Null when there are none.
+    pub settings: serde_json::Value,
 }
 
 /// A prepared edit: the generator holds its shared conditioning (text embeddings,

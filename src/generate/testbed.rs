@@ -139,6 +139,10 @@ impl Generator for TestbedGenerator {
                 self.config.difficulty, self.config.contrast
             ),
             max_batch: self.config.max_batch,
+            settings: serde_json::json!({
+                "difficulty": self.config.difficulty,
+                "contrast": self.config.contrast,
+            }),
         }
     }
 

@@ -19,6 +19,7 @@ pub struct SignGenerator;
 impl Generator for SignGenerator {
     fn info(&self) -> GeneratorInfo {
         GeneratorInfo {
+            settings: serde_json::Value::Null,
             name: "sign".into(),
             detail: "test".into(),
             max_batch: 4,
