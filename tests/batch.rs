@@ -682,3 +682,189 @@ fn the_command_refuses_other_settings_an_unfittable_budget_and_a_missing_root() 
     assert_eq!(folder.status.code(), Some(2), "{err}");
     assert!(err.contains("a folder"), "{err}");
 }
+
+/// A manifest edited between runs: a line whose image content, instruction or strategy
+/// changed under the same id is redone (its outputs replaced; it was once "already done"
+/// with the old edit), and an item gone from the manifest leaves the summary and its table
+/// (its folder kept), whose lines follow the manifest as it is now. Sharded runs of the
+/// edited manifest merge to what one fresh run gives.
+#[test]
+fn changed_lines_are_redone_and_lines_gone_from_the_manifest_leave_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(dir.path(), 3, &[]);
+    let out = dir.path().join("out");
+    let run = |out: &Path, shard: Shard| {
+        block_on(run_batch(
+            &engine(),
+            &options(&m, out, shard),
+            &StopSignal::default(),
+        ))
+        .unwrap()
+    };
+    let line = |i: usize, instruction: &str, extra: &str| {
+        format!("{{\"id\": \"item{i}\", \"image\": \"img/{i}.png\", \"instruction\": \"{instruction}\"{extra}}}\n")
+    };
+    assert_eq!(run(&out, Shard::ALL).done, 3);
+    let report = |id: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out.join(format!("items/{id}/report.json"))).unwrap())
+            .unwrap()
+    };
+
+    // item0's instruction and item1's image (rewritten in place) changed; item2 did not.
+    std::fs::write(
+        &m,
+        [
+            line(0, "edit zero", ""),
+            line(1, "edit 1", ""),
+            line(2, "edit 2", ""),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    RgbImage::from_pixel(32, 32, Rgb([200, 90, 10]))
+        .save(dir.path().join("img/1.png"))
+        .unwrap();
+    let o = run(&out, Shard::ALL);
+    assert_eq!((o.changed, o.done, o.already_done), (2, 2, 1), "{o:?}");
+    assert_eq!(report("item0")["instruction"], "edit zero");
+    let fresh = dir.path().join("fresh");
+    run(&fresh, Shard::ALL);
+    assert_eq!(summary(&out), summary(&fresh));
+
+    // item0 and item1 gone, item2 now on line 1 with its own strategy: the summary holds
+    // item2 alone, redone, and the table counts one item.
+    std::fs::write(
+        &m,
+        line(2, "edit 2", ", \"strategy\": \"best-of-n\", \"seeds\": 2"),
+    )
+    .unwrap();
+    let o = run(&out, Shard::ALL);
+    assert_eq!((o.changed, o.done, o.dropped), (1, 1, 2), "{o:?}");
+    let s = summary(&out);
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!((&s[0]["id"], &s[0]["line"]), (&"item2".into(), &1.into()));
+    assert_eq!(
+        (&s[0]["strategy"], &s[0]["nfe"]),
+        (&"best-of-n".into(), &12.into())
+    );
+    let table = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(table.contains("\n| 1 | 1 | 0 | 0 |"), "{table}");
+    assert!(
+        out.join("items/item0/report.json").is_file(),
+        "folders are kept"
+    );
+
+    // Unchanged but moved: already done, renumbered.
+    std::fs::write(
+        &m,
+        [
+            line(5, "edit 5", ""),
+            line(2, "edit 2", ", \"strategy\": \"best-of-n\", \"seeds\": 2"),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    RgbImage::from_pixel(32, 32, Rgb([5, 0, 0]))
+        .save(dir.path().join("img/5.png"))
+        .unwrap();
+    let o = run(&out, Shard::ALL);
+    assert_eq!((o.changed, o.done, o.already_done), (0, 1, 1), "{o:?}");
+    let lines: Vec<_> = summary(&out).iter().map(|r| r["line"].clone()).collect();
+    assert_eq!(lines, [1, 2]);
+
+    // Two shards run on the first manifest, then on the edited one, merge to a fresh run.
+    let shards: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("s{i}"))).collect();
+    let edited = std::fs::read_to_string(&m).unwrap();
+    std::fs::write(
+        &m,
+        [
+            line(0, "edit 0", ""),
+            line(1, "edit 1", ""),
+            line(3, "edit 3", ""),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    RgbImage::from_pixel(32, 32, Rgb([3, 0, 0]))
+        .save(dir.path().join("img/3.png"))
+        .unwrap();
+    for (i, s) in shards.iter().enumerate() {
+        run(s, Shard { index: i, count: 2 });
+    }
+    std::fs::write(&m, edited).unwrap();
+    for (i, s) in shards.iter().enumerate() {
+        run(s, Shard { index: i, count: 2 });
+    }
+    let merged = dir.path().join("merged");
+    merge_shards(&shards, &merged).unwrap();
+    let whole = dir.path().join("whole");
+    run(&whole, Shard::ALL);
+    let strip = |v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        v.into_iter()
+            .map(|mut r| {
+                r.as_object_mut().unwrap().remove("output_dir");
+                r
+            })
+            .collect()
+    };
+    assert_eq!(strip(summary(&merged)), strip(summary(&whole)));
+}
+
+/// Items removed from the manifest no longer count in the table or the exit code: a
+/// manifest cut down to its good lines exits 0 with a table of those lines alone (it once
+/// kept the removed lines' failures in the table, "items 4, failed 2", and exited 0).
+#[test]
+fn the_table_and_the_exit_code_cover_the_manifest_as_it_is_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = [
+        "{\"id\": \"g1\", \"image\": \"img/0.png\", \"instruction\": \"edit 0\"}",
+        "{\"id\": \"g2\", \"image\": \"img/1.png\", \"instruction\": \"edit 1\"}",
+    ];
+    let bad = [
+        "{\"id\": \"b1\", \"image\": \"img/missing1.png\", \"instruction\": \"x\"}",
+        "{\"id\": \"b2\", \"image\": \"img/missing2.png\", \"instruction\": \"x\"}",
+    ];
+    let m = manifest(dir.path(), 2, &[]);
+    let write = |lines: &[&str]| std::fs::write(&m, lines.join("\n") + "\n").unwrap();
+    let out = dir.path().join("out");
+    let batch = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+            .args(["batch", "--manifest"])
+            .arg(&m)
+            .arg("--out")
+            .arg(&out)
+            .args([
+                "--width",
+                "32",
+                "--seeds",
+                "2",
+                "--probe-steps",
+                "2",
+                "--keep",
+                "1",
+            ])
+            .args(["--steps", "6", "--generator", "testbed"])
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    write(&[bad[0], good[0], bad[1], good[1]]);
+    let first = batch();
+    assert_eq!(first.status.code(), Some(3), "{first:?}");
+    let table = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(table.contains("\n| 4 | 2 | 2 | 0 |"), "{table}");
+
+    write(&good);
+    let second = batch();
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert_eq!(second.status.code(), Some(0), "{second:?}");
+    assert!(
+        stdout.contains("2 item(s) no longer in this shard's part of the manifest were dropped"),
+        "{stdout}"
+    );
+    let table = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(table.contains("\n| 2 | 2 | 0 | 0 |"), "{table}");
+    assert!(!table.contains("b1") && !table.contains("b2"), "{table}");
+    let lines: Vec<_> = summary(&out).iter().map(|r| r["line"].clone()).collect();
+    assert_eq!(lines, [1, 2]);
+}

@@ -629,3 +629,106 @@ fn a_derived_best_of_n_whose_candidates_were_all_unscored_is_a_failure() {
         );
     }
 }
+
+/// A stored result stands only for the content it was run on: an item whose image or
+/// instruction changed under the same id is run again (every arm of it), and the report
+/// equals a fresh folder's (it once kept the old results). `--report-only` leaves such an
+/// item out until a run redoes it.
+#[test]
+fn an_item_changed_under_the_same_id_is_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = |name: &str, seed: u8| {
+        let img = image::RgbImage::from_fn(96, 72, |x, y| {
+            let band = (y / 24) as u8;
+            image::Rgb([
+                seed.wrapping_mul(40).wrapping_add(band * 60),
+                (x as u8).wrapping_mul(2),
+                200u8.wrapping_sub(seed.wrapping_mul(30)),
+            ])
+        });
+        img.save(dir.path().join(name)).unwrap();
+    };
+    for (name, seed) in [("a.png", 1), ("b.png", 2), ("c.png", 3)] {
+        image(name, seed);
+    }
+    let data = dir.path().join("data.jsonl");
+    let write = |first: (&str, &str)| {
+        let line = |id: &str, image: &str, instruction: &str| {
+            format!("{{\"id\":\"{id}\",\"image\":\"{image}\",\"instruction\":\"{instruction}\"}}\n")
+        };
+        let text = [
+            line("i1", first.0, first.1),
+            line("i2", "b.png", "change the background to teal"),
+        ]
+        .concat();
+        std::fs::write(&data, text).unwrap();
+    };
+    write(("a.png", "change the background to grey"));
+    let suite = dir.path().join("suite.toml");
+    let text = SUITE.replace("width = 128", "width = 64").replace(
+        "kind = \"testbed\"\nedits = 10\nfirst_scene = 77",
+        "kind = \"jsonl\"\npath = \"data.jsonl\"",
+    );
+    assert!(text.contains("data.jsonl"));
+    std::fs::write(&suite, text).unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        let output = eval(&suite, out)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let out = dir.path().join("out");
+    run(&out, &[]);
+    let before = comparable(&out);
+
+    // i1 now names another image and instruction: its five results (random, best-of-4 and
+    // its two prefixes, ef-4-3-1) are run again.
+    write(("c.png", "remove the green triangle"));
+    let rerun = run(&out, &[]);
+    assert!(
+        rerun.contains("5 stored result(s) of 1 item(s) whose image or instruction changed")
+            && rerun.contains("run again"),
+        "{rerun}"
+    );
+    let fresh = dir.path().join("fresh");
+    run(&fresh, &[]);
+    assert_eq!(comparable(&out), comparable(&fresh));
+    assert_ne!(
+        comparable(&out),
+        before,
+        "the changed item scores otherwise"
+    );
+    // One line per (item, arm) once the superseded lines are dropped.
+    assert!(!run(&out, &[]).contains("changed"));
+    assert_eq!(lines(&out.join("results.jsonl")), 10);
+
+    // i2's image rewritten in place (same path): left out of a report rebuilt from the
+    // records, then run again.
+    image("b.png", 7);
+    let report_only = run(&out, &["--report-only"]);
+    assert!(
+        report_only.contains("5 stored result(s) of 1 item(s)")
+            && report_only.contains("left out of this report"),
+        "{report_only}"
+    );
+    let json = comparable(&out);
+    let random = json["arms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["arm"] == "random")
+        .unwrap();
+    assert_eq!(random["items"], 1, "{random}");
+    run(&out, &[]);
+    let fresh = dir.path().join("fresh2");
+    run(&fresh, &[]);
+    assert_eq!(comparable(&out), comparable(&fresh));
+}

@@ -205,7 +205,8 @@ async fn an_interrupted_run_resumes_to_the_same_report() {
         let mut store = JudgementStore::open(dir.path()).unwrap();
         let judged = run(&cases, stopping, &mut store, config(4), &stop, |_| {})
             .await
-            .unwrap();
+            .unwrap()
+            .judged;
         assert!((15..40).contains(&judged), "stopped after {judged} items");
         let partial = report(&cases, judge.as_ref(), &store);
         assert_eq!(partial.not_judged.len(), 60 - judged);
@@ -595,6 +596,7 @@ fn pair_record(
         id: id.into(),
         task: None,
         group: Some(group.into()),
+        content: None,
         judged: Some(ItemCalls::Pair {
             human,
             a_first: called(a_first),
@@ -720,4 +722,169 @@ fn a_judge_refused_on_its_data_does_not_block_the_corrected_command() {
         String::from_utf8_lossy(&fixed.stderr)
     );
     assert!(dir.path().join("settings.json").is_file());
+}
+
+/// `judge-eval` over `data` into `out`, expected to succeed: its stdout.
+fn judge_eval_ok(
+    data: &str,
+    judge: &std::path::Path,
+    width: &str,
+    out: &std::path::Path,
+) -> String {
+    let output = Command::new(bin())
+        .args([
+            "judge-eval",
+            "--data",
+            data,
+            "--width",
+            width,
+            "--resamples",
+            "200",
+        ])
+        .arg("--judge")
+        .arg(judge)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// `results.json` without the judge's wall time (it differs between any two runs).
+fn results_json(out: &std::path::Path) -> serde_json::Value {
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    json["cost"]["call_seconds"].take();
+    json
+}
+
+/// A stored judgement stands only for the content it was made on: `testbed:N` builds other
+/// rating items under the same ids for another N, so `testbed:4` then `testbed:6` into one
+/// folder judges the four changed ratings again and reports what a fresh folder does
+/// (it once reported the stale ratings beside the new ones). Lines written before
+/// fingerprints were stored cannot be compared and are judged again too.
+#[test]
+fn items_changed_under_the_same_id_are_judged_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let testbed = std::path::Path::new("testbed");
+    let (out, fresh) = (dir.path().join("je"), dir.path().join("fresh"));
+    judge_eval_ok("testbed:4", testbed, "64", &out);
+    let rerun = judge_eval_ok("testbed:6", testbed, "64", &out);
+    // The pairs' blends are drawn first, so pair0-3 are the same items; rating0-3 are not.
+    assert!(
+        rerun.contains("4 stored judgement(s) do not match") && rerun.contains("judged again"),
+        "{rerun}"
+    );
+    judge_eval_ok("testbed:6", testbed, "64", &fresh);
+    assert_eq!(results_json(&out), results_json(&fresh));
+    // Each new line superseded the old: one line per item once the log is next opened.
+    let again = judge_eval_ok("testbed:6", testbed, "64", &out);
+    assert!(!again.contains("do not match"), "{again}");
+    let lines = std::fs::read_to_string(out.join("judgements.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 12);
+    assert_eq!(results_json(&out), results_json(&fresh));
+
+    // Lines without a fingerprint (an older version's) are judged again, with a note.
+    let stripped: String = lines
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut()
+                .unwrap()
+                .remove("content")
+                .expect("a fingerprint");
+            format!("{v}\n")
+        })
+        .collect();
+    std::fs::write(out.join("judgements.jsonl"), stripped).unwrap();
+    let old = judge_eval_ok("testbed:6", testbed, "64", &out);
+    assert!(
+        old.contains("12 stored judgement(s) do not match")
+            && old.contains("12 of them are lines without a content fingerprint"),
+        "{old}"
+    );
+    assert_eq!(results_json(&out), results_json(&fresh));
+}
+
+/// Labels are the current data's: a corrected label file is reported against the corrected
+/// labels without a judge call (the stored lines stay as they are), and an item whose image
+/// or instruction changed under its id is judged again. Both reports equal a fresh folder's
+/// on the same file (the rerun once reported the old labels, unchanged).
+#[test]
+fn corrected_labels_are_reported_and_changed_items_judged_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let judge = root.join("tests/fixtures/qwen2vl/judge-tiny.toml");
+    let image = |name: &str, seed: u8| {
+        let img = RgbImage::from_fn(32, 32, |x, y| {
+            image::Rgb([
+                (x as u8).wrapping_mul(seed),
+                (y as u8).wrapping_mul(7),
+                seed.wrapping_mul(31),
+            ])
+        });
+        img.save(dir.path().join(name)).unwrap();
+    };
+    image("s.png", 1);
+    image("e1.png", 2);
+    image("e2.png", 3);
+    image("e3.png", 4);
+    let data = dir.path().join("labels.jsonl");
+    let write = |preference: [&str; 2], scores: [f64; 3], first: &str| {
+        let pair = |id: &str, a: &str, b: &str, p: &str, instruction: &str| {
+            format!("{{\"id\":\"{id}\",\"source\":\"s.png\",\"instruction\":\"{instruction}\",\"edit_a\":\"{a}\",\"edit_b\":\"{b}\",\"preference\":\"{p}\"}}\n")
+        };
+        let rating = |id: &str, e: &str, s: f64| {
+            format!("{{\"id\":\"{id}\",\"source\":\"s.png\",\"instruction\":\"make it red\",\"edit\":\"{e}\",\"score\":{s}}}\n")
+        };
+        let text = [
+            pair("p1", "e1.png", "e2.png", preference[0], first),
+            pair("p2", "e2.png", "e1.png", preference[1], "make it red"),
+            rating("r1", "e1.png", scores[0]),
+            rating("r2", "e2.png", scores[1]),
+            rating("r3", "e3.png", scores[2]),
+        ]
+        .concat();
+        std::fs::write(&data, text).unwrap();
+    };
+    let data_arg = data.to_str().unwrap();
+    let (out, fresh) = (dir.path().join("je"), dir.path().join("fresh"));
+    write(["a", "b"], [2.0, 8.0, 5.0], "make it red");
+    judge_eval_ok(data_arg, &judge, "32", &out);
+    let stored = std::fs::read(out.join("judgements.jsonl")).unwrap();
+
+    // Every label corrected: reported as the data says now, nothing judged again.
+    write(["b", "a"], [8.0, 2.0, 1.0], "make it red");
+    let rerun = judge_eval_ok(data_arg, &judge, "32", &out);
+    assert!(
+        rerun.contains("5 stored judgement(s) carry a human label"),
+        "{rerun}"
+    );
+    assert!(!rerun.contains("do not match"), "{rerun}");
+    assert_eq!(std::fs::read(out.join("judgements.jsonl")).unwrap(), stored);
+    judge_eval_ok(data_arg, &judge, "32", &fresh);
+    let first = results_json(&fresh);
+    assert_eq!(results_json(&out), first);
+
+    // p1's instruction and r3's image (same path) changed: those two are judged again.
+    write(["b", "a"], [8.0, 2.0, 1.0], "make it blue");
+    image("e3.png", 9);
+    let rerun = judge_eval_ok(data_arg, &judge, "32", &out);
+    assert!(
+        rerun.contains("2 stored judgement(s) do not match"),
+        "{rerun}"
+    );
+    let fresh2 = dir.path().join("fresh2");
+    judge_eval_ok(data_arg, &judge, "32", &fresh2);
+    assert_eq!(results_json(&out), results_json(&fresh2));
+    assert_ne!(
+        results_json(&fresh2),
+        first,
+        "the changed items are judged otherwise"
+    );
 }

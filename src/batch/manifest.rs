@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::strategy::StrategyField;
 use crate::engine::{StrategyConfig, StrategyOverrides, ValueSource};
+use crate::fsio::fingerprint::Fingerprint;
 
 /// One manifest line as written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,6 +54,22 @@ pub struct Item {
     pub image_path: PathBuf,
     /// The batch's strategy with this line's overrides, checked.
     pub strategy: StrategyConfig,
+}
+
+impl Item {
+    /// The fingerprint of what this line asks for: the image's content, the instruction
+    /// and the strategy it runs (the batch's with the line's overrides); see
+    /// [`crate::fsio::fingerprint`]. The id and line number are names, not content.
+    pub fn fingerprint(&self) -> String {
+        let mut f = Fingerprint::new("manifest line");
+        f.file("image", &self.image_path)
+            .text("instruction", &self.spec.instruction)
+            .text(
+                "strategy",
+                &serde_json::to_string(&self.strategy).expect("a strategy serializes"),
+            );
+        f.finish()
+    }
 }
 
 /// A manifest line that cannot be used; reported and skipped, never fatal.
@@ -137,6 +154,11 @@ impl<R: BufRead> ManifestReader<R> {
             line: 0,
             seen: HashSet::new(),
         }
+    }
+
+    /// The ids of the usable items read so far (every shard's).
+    pub fn item_ids(&self) -> &HashSet<String> {
+        &self.seen
     }
 
     fn check(&mut self, text: &str) -> Result<Item, BadItem> {

@@ -64,10 +64,24 @@ pub struct BatchOutcome {
     pub cancelled: bool,
     /// Manifest lines not reached because the run stopped early.
     pub unreached: usize,
+    /// Of the items run (`done` and `failed`), those an earlier run had finished from
+    /// another line under the same id (its image, instruction or strategy changed): redone,
+    /// their outputs replaced.
+    pub changed: usize,
+    /// Finished items kept without a check: their records carry no fingerprint (written
+    /// by an older version), so whether their line changed cannot be told.
+    pub unchecked: usize,
+    /// Records dropped from the summary at the end of a run to the end: items this shard
+    /// no longer runs (their line removed, or made invalid, or now another shard's). Their
+    /// folders under `items/` are kept.
+    pub dropped: usize,
 }
 
-/// Runs (or resumes) a batch. Finished items of earlier runs are skipped, failed ones
-/// retried; each result is durable before the next is counted.
+/// Runs (or resumes) a batch. Finished items of earlier runs are skipped unless their line
+/// changed since (another image content, instruction or strategy under the same id), failed
+/// ones retried; each result is durable before the next is counted. A run to the end leaves
+/// the summary with exactly this shard's items of the manifest as it is now (and its invalid
+/// lines), so its table and the exit code speak of the same items.
 pub async fn run_batch(
     engine: &Engine,
     opts: &BatchOptions,
@@ -92,8 +106,9 @@ pub async fn run_batch(
     let mut tasks: JoinSet<Result<ItemStatus, EngineError>> = JoinSet::new();
     let mut outcome = BatchOutcome::default();
     let mut invalid_now = std::collections::HashSet::new();
-    let reader = ManifestReader::open(&opts.manifest, opts.root.as_deref(), opts.strategy.clone())
-        .map_err(open_err)?;
+    let mut reader =
+        ManifestReader::open(&opts.manifest, opts.root.as_deref(), opts.strategy.clone())
+            .map_err(open_err)?;
     let pool = match opts.budget_nfe_mean {
         Some(mean) => Some(Arc::new(
             BudgetPool::new(total, mean, budget_floor(&opts.strategy))
@@ -106,7 +121,7 @@ pub async fn run_batch(
             p.skip_item()
         }
     };
-    for (seen, entry) in reader.enumerate() {
+    for (seen, entry) in reader.by_ref().enumerate() {
         let entry = entry.map_err(open_err)?;
         // Collect finished tasks as we go so errors surface early and memory stays flat.
         while let Some(done) = tasks.try_join_next() {
@@ -157,18 +172,30 @@ pub async fn run_batch(
             bar.inc(1);
             continue;
         }
-        if let Some(done) = log
-            .lock()
-            .await
-            .get(&item.spec.id)
-            .filter(|r| r.status == ItemStatus::Ok)
+        let content = item.fingerprint();
         {
-            if let Some(p) = &pool {
-                p.already_spent(done.nfe);
+            let mut log = log.lock().await;
+            match log
+                .get(&item.spec.id)
+                .filter(|r| r.status == ItemStatus::Ok)
+            {
+                Some(done) if done.content.as_ref().is_none_or(|c| *c == content) => {
+                    if let Some(p) = &pool {
+                        p.already_spent(done.nfe);
+                    }
+                    outcome.already_done += 1;
+                    outcome.unchecked += done.content.is_none() as usize;
+                    if done.line != item.line {
+                        log.renumber(&item.spec.id, item.line);
+                    }
+                    bar.inc(1);
+                    continue;
+                }
+                // Finished from another line under this id: redone, its record and
+                // outputs replaced.
+                Some(_) => outcome.changed += 1,
+                None => {}
             }
-            outcome.already_done += 1;
-            bar.inc(1);
-            continue;
         }
         let permit = slots.clone().acquire_owned().await.expect("semaphore open");
         let (engine, log, bar) = (engine.clone(), log.clone(), bar.clone());
@@ -193,6 +220,10 @@ pub async fn run_batch(
                     ..empty_result()
                 },
             };
+            let result = ItemResult {
+                content: Some(content),
+                ..result
+            };
             let status = result.status;
             log.lock().await.append(result)?;
             bar.inc(1);
@@ -207,8 +238,14 @@ pub async fn run_batch(
     let mut log = log.lock().await;
     if !outcome.cancelled {
         // A line that was invalid at an earlier run and is not now (mended, or gone from
-        // the manifest) leaves no record behind.
+        // the manifest) leaves no record behind. Nor does an item this shard no longer
+        // runs: its record would count in the table (and `merge`) as if it were part of
+        // the batch. Its folder stays: outputs are never deleted.
         log.retain(|r| r.status != ItemStatus::Invalid || invalid_now.contains(&r.id));
+        let items_now = reader.item_ids();
+        outcome.dropped = log.retain(|r| {
+            r.status == ItemStatus::Invalid || (items_now.contains(&r.id) && opts.shard.owns(&r.id))
+        });
     }
     log.compact()?;
     write_atomic(
@@ -293,6 +330,7 @@ fn empty_result() -> ItemResult {
         judge_calls: 0,
         judge_failures: 0,
         output_dir: None,
+        content: None,
     }
 }
 

@@ -69,6 +69,11 @@ pub struct ItemResult {
     /// Folder of the item's outputs, relative to the batch output folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_dir: Option<String>,
+    /// The fingerprint of the manifest line it was run from ([`super::manifest::Item::fingerprint`]: image
+    /// content, instruction, strategy); `None` for invalid lines and in records written
+    /// before fingerprints were stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
 
 impl ItemResult {
@@ -131,9 +136,20 @@ impl SummaryLog {
     }
 
     /// Keeps only the items whose latest record passes `keep`; the file follows at the
-    /// next [`Self::compact`].
-    pub fn retain(&mut self, mut keep: impl FnMut(&ItemResult) -> bool) {
+    /// next [`Self::compact`]. Returns how many were left out.
+    pub fn retain(&mut self, mut keep: impl FnMut(&ItemResult) -> bool) -> usize {
+        let before = self.latest.len();
         self.latest.retain(|_, r| keep(r));
+        before - self.latest.len()
+    }
+
+    /// Records that `id` is now on manifest line `line` (lines above it were added or
+    /// removed), so the table orders and names it by its line; the file follows at the
+    /// next [`Self::compact`].
+    pub fn renumber(&mut self, id: &str, line: usize) {
+        if let Some(r) = self.latest.get_mut(id) {
+            r.line = line;
+        }
     }
 
     /// Latest records, ordered by manifest line then id.
@@ -240,6 +256,7 @@ mod tests {
             judge_calls: 12,
             judge_failures: 0,
             output_dir: Some(format!("items/{id}")),
+            content: None,
         }
     }
 

@@ -91,6 +91,27 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
     let started = std::time::Instant::now();
     let outcome = run_batch(&engine, &opts, &stop).await?;
     let worker = engine.worker();
+    if outcome.changed > 0 {
+        println!(
+            "shard {}: {} finished item(s) redone because their manifest line changed under the same id (image, instruction or strategy); their outputs were replaced",
+            opts.shard, outcome.changed
+        );
+    }
+    if outcome.dropped > 0 {
+        println!(
+            "shard {}: {} item(s) no longer in this shard's part of the manifest were dropped from the summary and its table; their folders under {} are kept",
+            opts.shard,
+            outcome.dropped,
+            args.out.join("items").display()
+        );
+    }
+    if outcome.unchecked > 0 {
+        tracing::warn!(
+            "{}: {} finished item(s) have no content fingerprint (written by an older version): kept as done, but whether their line changed since cannot be checked; give a new --out to be sure",
+            args.out.join("summary.jsonl").display(),
+            outcome.unchecked
+        );
+    }
     println!(
         "shard {}: {} done, {} failed, {} invalid, {} already done, {} for other shards{}",
         opts.shard,

@@ -214,6 +214,30 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     let mut store = ResultStore::open(&args.out, lock)
         .with_context(|| format!("opening {}", args.out.join("results.jsonl").display()))?;
     let names = runner::arm_names(&suite);
+    // Results of items whose image or instruction changed under the same id are not theirs
+    // any more: run again (or, with --report-only, left out).
+    let fingerprints: Vec<String> = items.iter().map(|i| i.fingerprint()).collect();
+    let changed = store.set_aside_changed(&items, &fingerprints);
+    if changed.results > 0 {
+        println!(
+            "eval: {} stored result(s) of {} item(s) whose image or instruction changed under the same id {}",
+            changed.results,
+            changed.items,
+            if args.report_only {
+                "are left out of this report; a run without --report-only runs them again"
+            } else {
+                "are run again, each new line superseding the old"
+            }
+        );
+    }
+    if changed.unchecked_results > 0 {
+        tracing::warn!(
+            "{}: {} stored result(s) of {} item(s) carry no content fingerprint (written by an older version): kept, but whether their item changed since cannot be checked; give a new --out to be sure",
+            args.out.join("results.jsonl").display(),
+            changed.unchecked_results,
+            changed.unchecked_items,
+        );
+    }
     if !args.report_only {
         // The plan covers the widest refine and every step cache the arms ask for.
         let arms: Vec<_> = suite.arms.iter().map(|a| suite.config(a)).collect();
@@ -252,12 +276,21 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     }
     // The report covers the suite's items as it names them now: results stored for items
     // a narrowed selection or a changed dataset no longer names stay on file, unreported.
-    let current: std::collections::HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    // Task and language are the dataset's now (names, not content: nothing is rerun).
+    let current: std::collections::HashMap<&str, &dataset::EvalItem> =
+        items.iter().map(|i| (i.id.as_str(), i)).collect();
     let (reported, left_out): (Vec<ArmResult>, Vec<ArmResult>) = store
         .results()
         .iter()
         .cloned()
-        .partition(|r| current.contains(r.item.as_str()));
+        .map(|mut r| {
+            if let Some(item) = current.get(r.item.as_str()) {
+                r.task.clone_from(&item.task);
+                r.language.clone_from(&item.language);
+            }
+            r
+        })
+        .partition(|r| current.contains_key(r.item.as_str()));
     let others: std::collections::BTreeSet<&str> =
         left_out.iter().map(|r| r.item.as_str()).collect();
     if let Some(example) = others.first() {

@@ -1,6 +1,6 @@
 //! `judge-eval`: a judge's agreement with human labels.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::Context;
 
@@ -121,7 +121,12 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
     // this data (the testbed judge on real images) leaves nothing that refuses the next
     // command as "other settings".
     crate::fsio::settings::check_settings(&args.out, settings, false)?;
-    if !args.report_only {
+    let changed = if args.report_only {
+        // Judgements of items changed since are left out of the report, as a run would
+        // leave them until it judged them again.
+        let fingerprints = judge_eval::fingerprints(&cases);
+        judge_eval::set_aside_changed(&cases, &fingerprints, &mut store)
+    } else {
         store.record_settings_with_first_judgement(settings.clone());
         let stop = StopSignal::default();
         stop.stop_on_signals("stopping after the items in flight (judgements so far are saved)")?;
@@ -134,18 +139,56 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
             width: args.width,
             concurrency: spec.concurrency,
         };
-        judge_eval::run(&cases, judge.clone(), &mut store, config, &stop, |n| {
+        let counts = judge_eval::run(&cases, judge.clone(), &mut store, config, &stop, |n| {
             bar.set_position(n as u64)
         })
         .await?;
         bar.finish();
+        counts.changed
+    };
+    if changed.content > 0 {
+        println!(
+            "judge-eval: {} stored judgement(s) do not match their item's content now (its images or instruction changed under the same id{}): {}",
+            changed.content,
+            match changed.unfingerprinted {
+                0 => String::new(),
+                n => format!(
+                    "; {n} of them are lines without a content fingerprint, written by an older version, which cannot be checked"
+                ),
+            },
+            if args.report_only {
+                "left out of this report; a run without --report-only judges them again"
+            } else {
+                "judged again, each new line superseding the old"
+            }
+        );
+    }
+    // The human labels, tasks and groups are the current data's, whatever they were when
+    // an item was judged.
+    let by_id: HashMap<&str, &Case> = cases.iter().map(|c| (c.item.id.as_str(), c)).collect();
+    let mut relabelled = 0;
+    let records: Vec<_> = store
+        .records()
+        .iter()
+        .cloned()
+        .map(|mut r| {
+            if let Some(case) = by_id.get(r.id.as_str()) {
+                relabelled += r.relabel(case) as usize;
+            }
+            r
+        })
+        .collect();
+    if relabelled > 0 {
+        println!(
+            "judge-eval: {relabelled} stored judgement(s) carry a human label, task or group the data has changed since; the report uses the data's (the judge never saw them, so nothing is judged again)"
+        );
     }
     let order: Vec<String> = cases.iter().map(|c| c.item.id.clone()).collect();
     let report = JudgeEvalReport::build(
         judge.name(),
         args.data.clone(),
         &order,
-        store.records(),
+        &records,
         args.resamples,
     );
     report.write(&args.out)?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::edit::{load_image, load_image_bytes, resize_to_panel, EditContext, ImageLimits};
 use crate::error::EditError;
+use crate::fsio::fingerprint::Fingerprint;
 use crate::models::testbed;
 
 /// Where an item's source image comes from.
@@ -39,6 +40,25 @@ pub struct EvalItem {
 }
 
 impl EvalItem {
+    /// Adds what the models are shown of this item (its source image's content and its
+    /// instruction) to `f`; the id, task and language are names, not content.
+    pub fn fingerprint_into(&self, f: &mut Fingerprint) {
+        match &self.source {
+            ItemSource::File(path) => f.file("source", path),
+            ItemSource::Bytes { bytes, .. } => f.bytes("source", bytes),
+            ItemSource::Testbed(seed) => f.text("source testbed scene", &seed.to_string()),
+        };
+        f.text("instruction", &self.instruction);
+    }
+
+    /// The fingerprint of what the models are shown of this item (see
+    /// [`Self::fingerprint_into`]).
+    pub fn fingerprint(&self) -> String {
+        let mut f = Fingerprint::new("item");
+        self.fingerprint_into(&mut f);
+        f.finish()
+    }
+
     /// The item as an edit, resized to `width` (the image as loaded kept beside the panel,
     /// for a refine).
     pub fn to_edit(&self, width: u32) -> Result<EditContext, EditError> {

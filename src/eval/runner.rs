@@ -157,6 +157,7 @@ fn base(item: &EvalItem, arm: &str) -> ArmResult {
         wall_s: 0.0,
         derived_from: None,
         error: None,
+        content: None,
     }
 }
 
@@ -319,6 +320,16 @@ pub async fn run_suite(
         if pending.is_empty() {
             continue;
         }
+        // What this item's results are made on, stamped on each (read before the edit is
+        // loaded: a file changed in between makes the record stale, never passes a stale
+        // one as current).
+        let content = item.fingerprint();
+        let stamped = |mut records: Vec<ArmResult>| {
+            for r in &mut records {
+                r.content = Some(content.clone());
+            }
+            records
+        };
         let edit = match item.to_edit(suite.width) {
             Ok(e) => e,
             Err(e) => {
@@ -327,7 +338,7 @@ pub async fn run_suite(
                     .flat_map(|a| arm_failed(item, a, &suite.config(a), &e.to_string()))
                     .collect::<Vec<_>>();
                 let n = failed.len();
-                store.append(failed)?;
+                store.append(stamped(failed))?;
                 on_result(n);
                 continue;
             }
@@ -407,7 +418,7 @@ pub async fn run_suite(
                 }
             }
             let n = records.len();
-            store.append(records)?;
+            store.append(stamped(records))?;
             on_result(n);
         }
     }

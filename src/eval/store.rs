@@ -1,10 +1,14 @@
 //! The durable record of an eval: `results.jsonl`, one line per (item, arm), appended and
 //! fsynced as each finishes, so an interrupted eval resumes without redoing or losing work.
+//! Each line carries the fingerprint of its item's content, so an item whose image or
+//! instruction changed under the same id is run again ([`ResultStore::set_aside_changed`]).
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::item::EvalItem;
 use crate::error::{EditError, EngineError};
 use crate::fsio::unit_log::UnitLog;
 use crate::fsio::OutputLock;
@@ -70,6 +74,10 @@ pub struct ArmResult {
     /// Why the item could not be run (unreadable image, generator error, a selection
     /// judge that scored no candidate).
     pub error: Option<String>,
+    /// The fingerprint of the item's content it was run on ([`EvalItem::fingerprint`]);
+    /// `None` in lines written before fingerprints were stored.
+    #[serde(default)]
+    pub content: Option<String>,
 }
 
 impl ArmResult {
@@ -141,6 +149,46 @@ impl ResultStore {
         self.log.append(records)
     }
 
+    /// Sets aside the results of `items` made on other content than the items have now (`fingerprints`, in the items' order): they are run again, each new line
+    /// superseding the old, and reports leave them out until then. Results without a
+    /// fingerprint (older versions' lines) cannot be checked and are kept: rerunning them
+    /// would redo every edit of a folder the version before made (the committed results
+    /// among them), and are counted for a warning.
+    pub fn set_aside_changed(&mut self, items: &[EvalItem], fingerprints: &[String]) -> Changed {
+        let now: HashMap<&str, &String> = items
+            .iter()
+            .map(|i| i.id.as_str())
+            .zip(fingerprints)
+            .collect();
+        let mut changed = Changed::default();
+        let mut changed_items = HashSet::new();
+        let mut unchecked_items = HashSet::new();
+        let mut stale = Vec::new();
+        for r in self.log.results() {
+            let Some(&fingerprint) = now.get(r.item.as_str()) else {
+                continue;
+            };
+            match &r.content {
+                None => {
+                    changed.unchecked_results += 1;
+                    unchecked_items.insert(r.item.clone());
+                }
+                Some(c) if c != fingerprint => {
+                    changed_items.insert(r.item.clone());
+                    stale.push((r.item.clone(), r.arm.clone()));
+                }
+                Some(_) => {}
+            }
+        }
+        changed.results = stale.len();
+        changed.items = changed_items.len();
+        changed.unchecked_items = unchecked_items.len();
+        for key in stale {
+            self.log.supersede(&key);
+        }
+        changed
+    }
+
     /// One result per (item, arm) run so far: the finished ones and the failures that
     /// stand (not retried since they failed).
     pub fn results(&self) -> &[ArmResult] {
@@ -151,6 +199,19 @@ impl ResultStore {
     pub fn failed_this_run(&self) -> usize {
         self.log.failed_since_open()
     }
+}
+
+/// What [`ResultStore::set_aside_changed`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Results set aside: their item's content changed.
+    pub results: usize,
+    /// The items they are of.
+    pub items: usize,
+    /// Results kept without a check: stored without a fingerprint.
+    pub unchecked_results: usize,
+    /// The items they are of.
+    pub unchecked_items: usize,
 }
 
 /// `arms.json` under an eval's output folder: each arm's settings (its effective strategy,

@@ -1,8 +1,10 @@
 //! File I/O every floor shares: durable atomic writes, JSON files that name themselves in
 //! errors, an exclusive lock on an output folder ([`OutputLock`]), the crash-safe JSONL
-//! log ([`jsonl`]), a log of per-unit results that a rerun retries ([`unit_log`]) and the
-//! settings a resumable run's results were made with ([`settings`]).
+//! log ([`jsonl`]), a log of per-unit results that a rerun retries ([`unit_log`]), the
+//! settings a resumable run's results were made with ([`settings`]) and the content each
+//! unit's result was made from ([`fingerprint`]).
 
+pub mod fingerprint;
 pub mod jsonl;
 mod lock;
 pub mod settings;

@@ -1,10 +1,11 @@
 //! A resumable run's results, one per unit of work (an eval's (item, arm), a judge-eval's
 //! item), kept in a crash-safe JSONL log ([`super::jsonl`]).
 //!
-//! A finished result is final: a rerun skips its unit. A failed one stands (reports show
-//! it) until a rerun retries the unit, whose new record then takes its place. The file
-//! keeps one line per unit: superseded lines, left by runs that retried a unit, are
-//! dropped when the log is next opened, so a folder rerun many times does not grow.
+//! A finished result is final: a rerun skips its unit, unless the caller supersedes it (its
+//! input changed under the same key). A failed one stands (reports show it) until a rerun
+//! retries the unit, whose new record then takes its place. The file keeps one line per
+//! unit: superseded lines, left by runs that retried or redid a unit, are dropped when the
+//! log is next opened, so a folder rerun many times does not grow.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -40,8 +41,10 @@ pub struct UnitLog<T: UnitResult> {
 
 impl<T: UnitResult> UnitLog<T> {
     /// Opens (or creates) the log at `path`, cutting a torn last line. Of each unit's
-    /// lines, its first finished one is kept, else its last failure; when that leaves lines
-    /// out, the file is rewritten (atomically) with the kept ones.
+    /// lines, its last is kept: a line follows a unit's finished one only when the unit
+    /// was superseded and run again, so the last is the current one (a retried failure's
+    /// too). When that leaves lines out, the file is rewritten (atomically) with the kept
+    /// ones.
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let (records, mut log) = jsonl::open::<T>(path)?;
         let lines = records.len();
@@ -54,8 +57,7 @@ impl<T: UnitResult> UnitLog<T> {
                     index.insert(key, results.len());
                     results.push(r);
                 }
-                Some(&at) if !results[at].finished() => results[at] = r,
-                Some(_) => {}
+                Some(&at) => results[at] = r,
             }
         }
         if results.len() < lines {
@@ -119,6 +121,21 @@ impl<T: UnitResult> UnitLog<T> {
             }
         }
         Ok(())
+    }
+
+    /// Sets the unit's result aside (its input changed): it is no longer done nor among
+    /// [`Self::results`], and the next record appended for it takes its place. Its line
+    /// stays on file until then, and is dropped at the open after the new line is written.
+    /// Returns the result set aside, if the unit had one.
+    pub fn supersede(&mut self, key: &T::Key) -> Option<T> {
+        let at = self.index.remove(key)?;
+        let old = self.results.remove(at);
+        for i in self.index.values_mut() {
+            if *i > at {
+                *i -= 1;
+            }
+        }
+        Some(old)
     }
 
     /// One result per unit: the finished ones and the failures that stand.
@@ -218,23 +235,44 @@ mod tests {
     }
 
     #[test]
-    fn of_duplicate_finished_lines_the_first_is_kept() {
+    fn a_superseded_unit_is_run_again_and_its_new_line_is_the_one_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("results.jsonl");
-        jsonl::write(
-            &path,
-            &[
-                outcome(1, false, 0),
-                outcome(1, true, 1),
-                outcome(1, true, 2),
-            ],
-        )
-        .unwrap();
+        let mut log = UnitLog::<Outcome>::open(&path).unwrap();
+        log.append(vec![outcome(1, true, 0), outcome(2, true, 0)])
+            .unwrap();
+        drop(log);
+
+        // Unit 1's input changed: set aside, it is pending and out of the results, while
+        // its line stays on file until a new one is written.
+        let mut log = UnitLog::<Outcome>::open(&path).unwrap();
+        assert_eq!(log.supersede(&1), Some(outcome(1, true, 0)));
+        assert_eq!(log.supersede(&3), None);
+        assert!(!log.is_done(&1) && log.is_done(&2));
+        assert_eq!(log.results(), [outcome(2, true, 0)]);
+        drop(log);
+        let mut log = UnitLog::<Outcome>::open(&path).unwrap();
+        assert_eq!(log.results(), [outcome(1, true, 0), outcome(2, true, 0)]);
+
+        // Redone: the new line follows the old one, and is the one the next open keeps.
+        log.supersede(&1);
+        log.append(vec![outcome(1, true, 1)]).unwrap();
+        assert_eq!(log.results(), [outcome(2, true, 0), outcome(1, true, 1)]);
+        assert_eq!(log.finished(&2), Some(&outcome(2, true, 0)));
+        drop(log);
         let log = UnitLog::<Outcome>::open(&path).unwrap();
-        assert_eq!(log.results(), [outcome(1, true, 1)]);
+        assert_eq!(log.results(), [outcome(1, true, 1), outcome(2, true, 0)]);
         assert_eq!(
             jsonl::read::<Outcome>(&path).unwrap(),
-            [outcome(1, true, 1)]
+            [outcome(1, true, 1), outcome(2, true, 0)]
         );
+
+        // A redo that fails stands in the old result's place too.
+        let mut log = UnitLog::<Outcome>::open(&path).unwrap();
+        log.supersede(&2);
+        log.append(vec![outcome(2, false, 2)]).unwrap();
+        drop(log);
+        let log = UnitLog::<Outcome>::open(&path).unwrap();
+        assert_eq!(log.results(), [outcome(1, true, 1), outcome(2, false, 2)]);
     }
 }

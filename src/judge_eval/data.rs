@@ -23,6 +23,7 @@ use super::stats::Label;
 use crate::edit::{load_image, load_image_bytes, EditContext, ImageLimits};
 use crate::error::EditError;
 use crate::eval::item::{EvalItem, ItemSource};
+use crate::fsio::fingerprint::Fingerprint;
 use crate::models::testbed::outcomes::outcome_set;
 
 /// Where an edited image comes from.
@@ -58,6 +59,19 @@ impl EditedImage {
         } else {
             image::imageops::resize(&image, w, h, image::imageops::FilterType::Lanczos3)
         })
+    }
+
+    /// Adds this image's content to `f` under `name` (a blend by its fraction: the
+    /// testbed draws it from the item's scene, which the item adds).
+    fn fingerprint_into(&self, name: &str, f: &mut Fingerprint) {
+        match self {
+            EditedImage::File(path) => f.file(name, path),
+            EditedImage::Bytes { bytes, .. } => f.bytes(name, bytes),
+            EditedImage::TestbedBlend(fraction) => f.text(
+                &format!("{name} testbed blend"),
+                &fraction.to_bits().to_string(),
+            ),
+        };
     }
 }
 
@@ -106,6 +120,29 @@ pub struct Case {
     /// The group of pairs this pair belongs to (EditReward-Bench's K candidates of one
     /// edit), for group accuracy.
     pub group: Option<String>,
+}
+
+impl Case {
+    /// The fingerprint of what the judge is shown for this case: its kind (pair or
+    /// rating), the source image's content, the instruction and the edited images'
+    /// content ([`crate::fsio::fingerprint`]). The human label, task and group are left
+    /// out: the judge never sees them, so a changed label needs no new judgement.
+    pub fn content_fingerprint(&self) -> String {
+        let kind = match self.human {
+            HumanLabel::Preference { .. } => "pair",
+            HumanLabel::Rating { .. } => "rating",
+        };
+        let mut f = Fingerprint::new(kind);
+        self.item.fingerprint_into(&mut f);
+        match &self.human {
+            HumanLabel::Preference { a, b, .. } => {
+                a.fingerprint_into("edit_a", &mut f);
+                b.fingerprint_into("edit_b", &mut f);
+            }
+            HumanLabel::Rating { edit, .. } => edit.fingerprint_into("edit", &mut f),
+        }
+        f.finish()
+    }
 }
 
 fn invalid(path: &Path, what: impl std::fmt::Display) -> EditError {

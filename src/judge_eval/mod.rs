@@ -12,6 +12,6 @@ pub mod store;
 
 pub use data::{load_jsonl, testbed_cases, Case, EditedImage, HumanLabel};
 pub use report::JudgeEvalReport;
-pub use runner::{run, RunConfig};
+pub use runner::{fingerprints, run, set_aside_changed, Changed, RunConfig, RunCounts};
 pub use stats::Label;
 pub use store::{Judgement, JudgementStore};

@@ -1,6 +1,8 @@
 //! Runs a judge over labelled cases: a pair is asked in both orders (A first, then B
 //! first), a rating gets the two VIE calls. Items run `concurrency` at a time and are
 //! stored in dataset order as they finish; a stop request lets the items in flight finish.
+//! A stored judgement counts as done only for the content it was made on: an item whose
+//! images or instruction changed under the same id is judged again.
 
 use std::sync::Arc;
 
@@ -60,12 +62,68 @@ fn outage(errors: &[Option<&JudgeError>]) -> Option<String> {
     })
 }
 
+/// Stored judgements set aside because their item changed since.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Finished judgements whose item's content (images, instruction) differs now: to be
+    /// judged again.
+    pub content: usize,
+    /// Of `content`, lines written before fingerprints were stored, whose content cannot
+    /// be compared (judged again: the same id may hold another item, as `testbed:N` with
+    /// another N does).
+    pub unfingerprinted: usize,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunCounts {
+    /// Items judged (stored) this run.
+    pub judged: usize,
+    /// Stored judgements set aside because their item changed (see [`Changed`]).
+    pub changed: Changed,
+}
+
+/// Each case's [`Case::content_fingerprint`], in order.
+pub fn fingerprints(cases: &[Case]) -> Vec<String> {
+    cases.iter().map(Case::content_fingerprint).collect()
+}
+
+/// Sets aside the finished judgements of `cases` made on other content than
+/// `fingerprints` (the cases', in order), so they are judged again and left out of a
+/// report until they are.
+pub fn set_aside_changed(
+    cases: &[Case],
+    fingerprints: &[String],
+    store: &mut JudgementStore,
+) -> Changed {
+    let mut changed = Changed::default();
+    for (case, fingerprint) in cases.iter().zip(fingerprints) {
+        let id = &case.item.id;
+        let Some(stored) = store.finished(id) else {
+            continue;
+        };
+        if stored.content.as_ref() == Some(fingerprint) {
+            continue;
+        }
+        changed.content += 1;
+        changed.unfingerprinted += stored.content.is_none() as usize;
+        store.supersede(id);
+    }
+    changed
+}
+
 /// Judges one case. `Err` only for a judge whose configuration cannot work.
-async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgement, JudgeError> {
+async fn judge_case(
+    case: &Case,
+    fingerprint: &str,
+    judge: &dyn Judge,
+    width: u32,
+) -> Result<Judgement, JudgeError> {
     let mut record = Judgement {
         id: case.item.id.clone(),
         task: case.item.task.clone(),
         group: case.group.clone(),
+        content: Some(fingerprint.to_string()),
         judged: None,
         error: None,
     };
@@ -156,8 +214,9 @@ async fn judge_case(case: &Case, judge: &dyn Judge, width: u32) -> Result<Judgem
     Ok(record)
 }
 
-/// Judges every case not yet in `store`, storing each as it finishes (in dataset order).
-/// `progress` is told how many items are stored. Returns how many were judged this run.
+/// Judges every case not yet in `store` (or stored for other content: see
+/// [`set_aside_changed`]), storing each as it finishes (in dataset order). `progress` is
+/// told how many items are stored.
 pub async fn run(
     cases: &[Case],
     judge: Arc<dyn Judge>,
@@ -165,22 +224,25 @@ pub async fn run(
     config: RunConfig,
     stop: &StopSignal,
     mut progress: impl FnMut(usize),
-) -> Result<usize, EngineError> {
-    let pending: Vec<&Case> = cases
+) -> Result<RunCounts, EngineError> {
+    let fingerprints = fingerprints(cases);
+    let changed = set_aside_changed(cases, &fingerprints, store);
+    let pending: Vec<(&Case, &String)> = cases
         .iter()
-        .filter(|c| !store.is_done(&c.item.id))
+        .zip(&fingerprints)
+        .filter(|(c, _)| !store.is_done(&c.item.id))
         .collect();
     let mut stored = cases.len() - pending.len();
     progress(stored);
     let mut judged = 0;
     let mut results = futures::stream::iter(pending)
-        .map(|case| {
+        .map(|(case, fingerprint)| {
             let judge = judge.clone();
             async move {
                 if stop.is_set() {
                     return None;
                 }
-                Some(judge_case(case, judge.as_ref(), config.width).await)
+                Some(judge_case(case, fingerprint, judge.as_ref(), config.width).await)
             }
         })
         .buffered(config.concurrency.max(1));
@@ -195,5 +257,5 @@ pub async fn run(
         stored += 1;
         progress(stored);
     }
-    Ok(judged)
+    Ok(RunCounts { judged, changed })
 }

@@ -1,12 +1,16 @@
 //! `judgements.jsonl`: one record per labelled item, appended and fsynced as each item
 //! finishes, so an interrupted `judge-eval` resumes where it stopped. A judge's failure is
 //! a measurement (it is kept and counted); an item whose images could not be read is
-//! retried on the next run, its new record taking the old one's place.
+//! retried on the next run, its new record taking the old one's place. Each record carries
+//! the fingerprint of what the judge was shown, so a rerun judges again an item whose
+//! content changed under the same id; its human label, task and group are the data's at
+//! the time, and the report takes them from the current data instead ([`Judgement::relabel`]).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::data::{Case, HumanLabel};
 use super::stats::Label;
 use crate::error::{EditError, EngineError};
 use crate::fsio::unit_log::UnitLog;
@@ -98,6 +102,10 @@ pub struct Judgement {
     /// Its group of pairs, when the data has them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// The fingerprint of what the judge was shown ([`Case::content_fingerprint`]); `None`
+    /// in lines written before fingerprints were stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
     /// The calls, when the item's images could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judged: Option<ItemCalls>,
@@ -105,6 +113,34 @@ pub struct Judgement {
     /// reached for any of its calls): not the judge's answer, so a rerun retries it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl Judgement {
+    /// Takes the human label, task and group from `case` (the current data), leaving the
+    /// judge's calls as they are: the label is never shown to the judge, so a corrected
+    /// label needs no new judgement. Returns whether anything changed.
+    pub fn relabel(&mut self, case: &Case) -> bool {
+        let mut changed = self.task != case.item.task || self.group != case.group;
+        self.task.clone_from(&case.item.task);
+        self.group.clone_from(&case.group);
+        match (&mut self.judged, &case.human) {
+            (Some(ItemCalls::Pair { human, .. }), HumanLabel::Preference { preferred, .. }) => {
+                changed |= human != preferred;
+                *human = *preferred;
+            }
+            (
+                Some(ItemCalls::Rating { human, .. } | ItemCalls::Reward { human, .. }),
+                HumanLabel::Rating { score, .. },
+            ) => {
+                // Compared as stored (JSON round-trips an f64 exactly).
+                changed |= human.to_bits() != score.to_bits();
+                *human = *score;
+            }
+            // Another kind of item has another fingerprint: never relabelled, judged again.
+            _ => {}
+        }
+        changed
+    }
 }
 
 impl crate::fsio::unit_log::UnitResult for Judgement {
@@ -152,6 +188,17 @@ impl JudgementStore {
     /// Whether the item is finished.
     pub fn is_done(&self, id: &str) -> bool {
         self.log.is_done(&id.to_string())
+    }
+
+    /// The item's finished judgement, if any.
+    pub fn finished(&self, id: &str) -> Option<&Judgement> {
+        self.log.finished(&id.to_string())
+    }
+
+    /// Sets the item's judgement aside (its content changed): it is judged again, and its
+    /// line is superseded by the new one (see [`UnitLog::supersede`]).
+    pub fn supersede(&mut self, id: &str) {
+        self.log.supersede(&id.to_string());
     }
 
     /// Has `settings` recorded in the folder's settings file (see [`crate::fsio::settings`])
