@@ -69,7 +69,9 @@ impl StudyConfig {
 pub struct StrategyResult {
     /// Strategy name.
     pub strategy: String,
-    /// Edits whose returned image is the correct outcome.
+    /// Edits whose returned image is the correct outcome: for the strategies that select,
+    /// only picks the judge scored (an unscored pick is the engine's fallback, counted as a
+    /// failure as `eval` counts it); random's one candidate needs no judge.
     pub correct: usize,
     /// Edits run.
     pub edits: usize,
@@ -79,6 +81,10 @@ pub struct StrategyResult {
     pub mean_overall: f64,
     /// Edits whose returned edit could not be scored.
     pub unscored: usize,
+    /// Of the unscored picks of a strategy that selects, those that show the correct
+    /// outcome all the same (not counted in `correct`; always 0 for random).
+    #[serde(default)]
+    pub unscored_correct: usize,
 }
 
 impl StrategyResult {
@@ -201,17 +207,18 @@ impl StudyReport {
             }
             s.push('\n');
         }
-        s.push_str("| strategy | correct outcome | NFE per edit | mean VIE O (testbed judge) | unscored picks |\n|---|---|---|---|---|\n");
+        s.push_str("| strategy | correct outcome | NFE per edit | mean VIE O (testbed judge) | unscored picks (showing the correct outcome) |\n|---|---|---|---|---|\n");
         for r in &self.strategies {
             s.push_str(&format!(
-                "| {} | {}/{} ({:.1}%) | {:.0} | {:.2} | {} |\n",
+                "| {} | {}/{} ({:.1}%) | {:.0} | {:.2} | {} ({}) |\n",
                 r.strategy,
                 r.correct,
                 r.edits,
                 100.0 * r.rate(),
                 r.nfe_per_edit,
                 r.mean_overall,
-                r.unscored
+                r.unscored,
+                r.unscored_correct
             ));
         }
         s
@@ -239,9 +246,19 @@ pub fn finished_labels(
         .collect()
 }
 
-fn add(result: &mut StrategyResult, correct: bool, nfe: usize, overall: Option<f32>) {
+/// Counts one edit of a strategy whose pick `shows_correct`; `selects` when the strategy
+/// picks by the judge's scores, so that an unscored pick is its fallback (a failure).
+fn add(
+    result: &mut StrategyResult,
+    shows_correct: bool,
+    selects: bool,
+    nfe: usize,
+    overall: Option<f32>,
+) {
+    let fallback = selects && overall.is_none();
     result.edits += 1;
-    result.correct += correct as usize;
+    result.correct += (shows_correct && !fallback) as usize;
+    result.unscored_correct += (shows_correct && fallback) as usize;
     result.nfe_per_edit += nfe as f64;
     match overall {
         Some(o) => result.mean_overall += o as f64,
@@ -330,13 +347,17 @@ pub async fn run_study(
         add(
             &mut results[0],
             finals[0] == Some(OutcomeLabel::Correct),
+            false,
             config.strategy.steps,
             random.overall(),
         );
         for (slot, report) in [(1, &early), (2, &best), (3, &adaptive)] {
+            // A pick the judge scored none of is the engine's fallback, not the strategy's
+            // choice: a failure, as `eval` counts it, whatever outcome it happens to show.
             add(
                 &mut results[slot],
                 pick_label(report, &outcomes) == Some(OutcomeLabel::Correct),
+                true,
                 report.nfe.total,
                 report.pick.as_ref().and_then(|p| p.overall),
             );

@@ -984,6 +984,54 @@ fn an_edit_into_a_folder_without_a_report_removes_nothing() {
     assert!(out.join("final_edit.png").is_file());
 }
 
+/// `study` counts a pick the judge scored none of (the engine's fallback) as a failure of
+/// the strategy, as `eval` does, and reports such picks that show the correct outcome apart:
+/// they were counted correct, and made early-filter beat best-of-N on judge failures alone.
+/// (At this seeded setting scene 1003's correct finals all fail to be scored.)
+#[test]
+fn study_counts_unscored_picks_as_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("study");
+    let result = cli(&[
+        "study",
+        "--edits",
+        "12",
+        "--width",
+        "128",
+        "--steps",
+        "20",
+        "--seeds",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("study.json")).unwrap()).unwrap();
+    let strategies = report["strategies"].as_array().unwrap();
+    let early = strategies
+        .iter()
+        .find(|s| s["strategy"] == "early-filter")
+        .unwrap();
+    assert_eq!(early["unscored_correct"], 1, "{early}");
+    assert_eq!(early["correct"], 7, "{early}");
+    for s in strategies {
+        let (correct, unscored, fallback_correct) = (
+            s["correct"].as_u64().unwrap(),
+            s["unscored"].as_u64().unwrap(),
+            s["unscored_correct"].as_u64().unwrap(),
+        );
+        assert!(fallback_correct <= unscored, "{s}");
+        if s["strategy"] != "random" {
+            assert!(correct + unscored <= s["edits"].as_u64().unwrap(), "{s}");
+        }
+    }
+}
+
 /// `study` runs its own set of strategies: the strategy flags it would ignore are refused by
 /// name (they were accepted and silently had no effect).
 #[test]
