@@ -732,3 +732,85 @@ fn an_item_changed_under_the_same_id_is_run_again() {
     run(&fresh, &[]);
     assert_eq!(comparable(&out), comparable(&fresh));
 }
+
+const REFINE_SUITE: &str = r#"
+name = "refine"
+width = 64
+steps = 10
+base_seed = 0
+resamples = 200
+[dataset]
+kind = "testbed"
+edits = 6
+first_scene = 100
+[selection_judge]
+judge = "testbed"
+seed = 0
+[[arms]]
+name = "best-of-3"
+strategy = "best-of-n"
+seeds = 3
+[[arms]]
+name = "random"
+strategy = "random"
+[[arms]]
+name = "best-of-3-refined"
+strategy = "best-of-n"
+seeds = 3
+refine = 128
+[[arms]]
+name = "random-refined"
+strategy = "random"
+refine = 128
+"#;
+
+/// An arm with `refine` is scored on what it returns, the refined pick (here by the
+/// selection judge afresh: two more calls), with the refine's cost in edit-step
+/// equivalents; no best-of-N prefix is read from a refining arm (only its pick is refined).
+/// Refining arms used to score the unrefined pick: identical records, no cost anywhere.
+#[test]
+fn an_arm_that_refines_is_scored_on_its_refined_edit_and_pays_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = dir.path().join("suite.toml");
+    std::fs::write(&suite, REFINE_SUITE).unwrap();
+    let out = dir.path().join("out");
+    // Exit 3 or 0: the testbed judge fails some calls by design.
+    eval(&suite, &out).status().unwrap();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let row = |item: &serde_json::Value, arm: &str| {
+        rows.iter()
+            .find(|r| r["item"] == *item && r["arm"] == arm)
+            .unwrap_or_else(|| panic!("{item} {arm}"))
+            .clone()
+    };
+    assert!(rows.iter().any(|r| r["arm"] == "best-of-3@2"));
+    assert!(!rows.iter().any(|r| r["arm"] == "best-of-3-refined@2"));
+    let mut differs = 0;
+    for item in rows.iter().map(|r| r["item"].clone()) {
+        let (plain, refined) = (row(&item, "random"), row(&item, "random-refined"));
+        assert!(
+            plain.get("refine_edit_step_equivalents").is_none(),
+            "{plain}"
+        );
+        assert!(
+            refined["refine_edit_step_equivalents"].as_f64().unwrap() > 0.0,
+            "{refined}"
+        );
+        assert_eq!(
+            refined["judge_calls"].as_u64().unwrap(),
+            plain["judge_calls"].as_u64().unwrap() + 2,
+            "{plain} {refined}"
+        );
+        differs += (plain["eval"] != refined["eval"]) as usize;
+    }
+    assert!(
+        differs > 0,
+        "every refined arm's score equals the unrefined one's"
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| refine (edit-step equivalents) |"), "{md}");
+}

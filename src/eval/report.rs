@@ -52,6 +52,9 @@ pub struct ArmSummary {
     /// Of the NFE per item, forwards served from the step cache (each counts as one NFE).
     #[serde(default)]
     pub cached_forwards: f64,
+    /// Hi-res refine forwards per item, in forwards of the edit's size (outside the NFE).
+    #[serde(default)]
+    pub refine_edit_step_equivalents: f64,
     /// Judge calls per item (selection + evaluation).
     pub judge_calls: f64,
     /// Failed judge results per item.
@@ -224,6 +227,7 @@ pub fn build(suite: &Suite, results: &[ArmResult], arm_order: &[String]) -> Eval
             nfe: per(&|r| r.nfe as f64),
             full_forwards: per(&|r| r.full_forwards() as f64),
             cached_forwards: per(&|r| r.cached_forwards as f64),
+            refine_edit_step_equivalents: per(&|r| r.refine_edit_step_equivalents),
             judge_calls: per(&|r| r.judge_calls as f64),
             judge_failures: per(&|r| r.judge_failures as f64),
             judge_tokens: per(&|r| r.judge_tokens as f64),
@@ -353,15 +357,16 @@ impl EvalReport {
             }
             md.push('\n');
         }
-        md.push_str("\n## Cost per item and failures\n\nA forward served from the step cache (an arm's `cache`) counts as one NFE, as a full one does. Costs, and the NFE column above, are means over the items each arm ran, failed ones included: a pick the selection judge could not score spent its compute. Items unscored: the eval judge failed on the returned edit; items failed: the arm gave no edit of its own (the selection judge scored none of its candidates, or the item could not run).\n\n| arm | derived from | wall (s) | full forwards | cached forwards | judge calls | judge tokens | failed judge results | items unscored | items failed |\n|---|---|---|---|---|---|---|---|---|---|\n");
+        md.push_str("\n## Cost per item and failures\n\nA forward served from the step cache (an arm's `cache`) counts as one NFE, as a full one does. Costs, and the NFE column above, are means over the items each arm ran, failed ones included: a pick the selection judge could not score spent its compute. Items unscored: the eval judge failed on the returned edit; items failed: the arm gave no edit of its own (the selection judge scored none of its candidates, or the item could not run).\n\n| arm | derived from | wall (s) | full forwards | cached forwards | refine (edit-step equivalents) | judge calls | judge tokens | failed judge results | items unscored | items failed |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
         for (a, t) in self.arms.iter().zip(&self.timing) {
             md.push_str(&format!(
-                "| {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {} | {} |\n",
+                "| {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.2} | {} | {} |\n",
                 a.arm,
                 a.derived_from.as_deref().unwrap_or("-"),
                 t.wall_s,
                 a.full_forwards,
                 a.cached_forwards,
+                a.refine_edit_step_equivalents,
                 a.judge_calls,
                 a.judge_tokens,
                 a.judge_failures,

@@ -26,14 +26,22 @@ pub fn prefix_arm_name(source: &str, n: usize) -> String {
     format!("{source}@{n}")
 }
 
+/// The `n` of the `best-of-N@n` arms read from an arm's run: best-of-n over its first n
+/// candidates, for a best-of-N that does not refine (only its own pick is refined, so a
+/// prefix's pick would be scored unrefined).
+fn derived_prefixes(config: &StrategyConfig) -> std::ops::Range<usize> {
+    match config.kind {
+        StrategyKind::BestOfN if config.refine.is_none() => 2..config.candidate_count(),
+        _ => 0..0,
+    }
+}
+
 /// Every arm name the suite produces, derived prefixes included, in report order.
 pub fn arm_names(suite: &Suite) -> Vec<String> {
     let mut names = Vec::new();
     for arm in &suite.arms {
         let config = suite.config(arm);
-        if config.kind == StrategyKind::BestOfN {
-            names.extend((2..config.candidate_count()).map(|n| prefix_arm_name(&arm.name, n)));
-        }
+        names.extend(derived_prefixes(&config).map(|n| prefix_arm_name(&arm.name, n)));
         names.push(arm.name.clone());
     }
     names
@@ -66,14 +74,31 @@ struct Scorer<'a> {
 }
 
 impl Scorer<'_> {
-    /// Scores a returned image: (eval score, judge calls, failures, tokens, correct).
+    /// Scores a returned image: (eval score, judge calls, failures, tokens, correct). A
+    /// `refined` image (the pick after its hi-res refine) is scored afresh even where the
+    /// selection judge also evaluates: it scored the pick before the refine.
     async fn score(
         &self,
         image: Option<&RgbImage>,
         selection: Option<Scores>,
+        refined: bool,
     ) -> (Option<EvalScore>, u64, u64, u64, Option<bool>) {
         let correct = match (&self.outcomes, image) {
-            (Some(o), Some(img)) => Some(testbed::classify(o, img) == OutcomeLabel::Correct),
+            (Some(o), Some(img)) => {
+                // The outcomes are rendered at the edit's panel; a refined image is
+                // compared at that size.
+                let panel = o[0].image.dimensions();
+                let img = match img.dimensions() == panel {
+                    true => std::borrow::Cow::Borrowed(img),
+                    false => std::borrow::Cow::Owned(image::imageops::resize(
+                        img,
+                        panel.0,
+                        panel.1,
+                        image::imageops::FilterType::Triangle,
+                    )),
+                };
+                Some(testbed::classify(o, &img) == OutcomeLabel::Correct)
+            }
             _ => None,
         };
         let Some(image) = image else {
@@ -85,7 +110,21 @@ impl Scorer<'_> {
                 correct,
             );
         };
-        match &self.ctx.eval_judge {
+        let judge = match (&self.ctx.eval_judge, refined) {
+            (Some(judge), _) => Some(judge),
+            (None, true) => self.ctx.engine.judge(),
+            (None, false) => None,
+        };
+        match judge {
+            None if refined => (
+                Some(EvalScore::Failed(
+                    "no judge to score the refined edit".into(),
+                )),
+                0,
+                0,
+                0,
+                correct,
+            ),
             None => {
                 let eval = match selection {
                     Some(s) => EvalScore::Ok(s),
@@ -126,12 +165,8 @@ impl Scorer<'_> {
 /// The failure records of an arm on an item: the arm's own and, for best-of-N, those of
 /// the `best-of-N@n` arms derived from its candidates (every name the run counts).
 fn arm_failed(item: &EvalItem, arm: &Arm, config: &StrategyConfig, reason: &str) -> Vec<ArmResult> {
-    let derived = match config.kind {
-        StrategyKind::BestOfN => 2..config.candidate_count(),
-        _ => 0..0,
-    };
     std::iter::once(arm.name.clone())
-        .chain(derived.map(|n| prefix_arm_name(&arm.name, n)))
+        .chain(derived_prefixes(config).map(|n| prefix_arm_name(&arm.name, n)))
         .map(|name| ArmResult {
             error: Some(reason.to_string()),
             ..base(item, &name)
@@ -148,6 +183,7 @@ fn base(item: &EvalItem, arm: &str) -> ArmResult {
         nfe: 0,
         full_forwards: Some(0),
         cached_forwards: 0,
+        refine_edit_step_equivalents: 0.0,
         selection: None,
         eval: None,
         correct: None,
@@ -169,6 +205,7 @@ fn spent(item: &EvalItem, arm: &str, report: &EditReport) -> ArmResult {
         nfe: report.nfe.total,
         full_forwards: Some(report.forwards.full),
         cached_forwards: report.forwards.cached,
+        refine_edit_step_equivalents: report.nfe.refine_edit_step_equivalents,
         judge_calls: t.calls,
         judge_failures: t.failures,
         judge_tokens: t.prompt_tokens + t.completion_tokens,
@@ -184,8 +221,9 @@ async fn with_verdict(
     image: Option<&RgbImage>,
     selection: Option<Scores>,
     scorer: &Scorer<'_>,
+    refined: bool,
 ) -> ArmResult {
-    let (eval, calls, failures, tokens, correct) = scorer.score(image, selection).await;
+    let (eval, calls, failures, tokens, correct) = scorer.score(image, selection, refined).await;
     ArmResult {
         selection,
         eval,
@@ -208,8 +246,14 @@ async fn from_report(
         .and_then(|c| c.vie.as_ref())
         .and_then(|v| v.ok())
         .map(scores);
-    let image = picked.and_then(|c| c.images.final_image.as_deref());
-    with_verdict(spent(item, arm, report), image, selection, scorer).await
+    // What the arm returns: the pick after its hi-res refine when the arm refines (the
+    // refine's cost is in `spent`), else the pick.
+    let refined = report.strategy.refine.is_some() && picked.is_some();
+    let image = match refined {
+        true => report.refine.as_ref().and_then(|r| r.image.as_deref()),
+        false => picked.and_then(|c| c.images.final_image.as_deref()),
+    };
+    with_verdict(spent(item, arm, report), image, selection, scorer, refined).await
 }
 
 /// best-of-n over the first `n` candidates of a best-of-N report (n = 1 is random).
@@ -270,6 +314,7 @@ async fn prefix(
         chosen.images.final_image.as_deref(),
         selection,
         scorer,
+        false,
     )
     .await
 }
@@ -311,9 +356,8 @@ pub async fn run_suite(
             .copied()
             .filter(|arm| {
                 let config = suite.config(arm);
-                let derived_pending = config.kind == StrategyKind::BestOfN
-                    && (2..config.candidate_count())
-                        .any(|n| !store.is_done(&item.id, &prefix_arm_name(&arm.name, n)));
+                let derived_pending = derived_prefixes(&config)
+                    .any(|n| !store.is_done(&item.id, &prefix_arm_name(&arm.name, n)));
                 !store.is_done(&item.id, &arm.name) || derived_pending
             })
             .collect();
@@ -402,15 +446,15 @@ pub async fn run_suite(
                     }
                     Ok(report) => {
                         records.push(from_report(item, &arm.name, &report, &scorer).await);
-                        if config.kind == StrategyKind::BestOfN {
-                            for n in 2..config.candidate_count() {
-                                let name = prefix_arm_name(&arm.name, n);
-                                if !store.is_done(&item.id, &name) {
-                                    records.push(
-                                        prefix(item, &name, &arm.name, &report, n, &scorer).await,
-                                    );
-                                }
+                        for n in derived_prefixes(&config) {
+                            let name = prefix_arm_name(&arm.name, n);
+                            if !store.is_done(&item.id, &name) {
+                                records.push(
+                                    prefix(item, &name, &arm.name, &report, n, &scorer).await,
+                                );
                             }
+                        }
+                        if config.kind == StrategyKind::BestOfN {
                             best_of_n = Some((arm.name.clone(), report));
                         }
                     }

@@ -54,6 +54,10 @@ pub struct ArmResult {
     /// Of `nfe`, the forwards served from the step cache (`cache`); each counts as one NFE.
     #[serde(default)]
     pub cached_forwards: usize,
+    /// The hi-res refine's forwards in forwards of the edit's size (an arm with `refine`;
+    /// not in `nfe`, which budgets count).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refine_edit_step_equivalents: f64,
     /// The pick's VIE by the selection judge (None: the pick could not be scored).
     pub selection: Option<Scores>,
     /// The returned edit as the evaluation judge scores it; None when the item failed.
@@ -246,4 +250,8 @@ pub fn check_arm_settings(
         record_settings(&path, current)?;
     }
     Ok(())
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }

@@ -425,7 +425,8 @@ impl Suite {
                 && c.cache == random.cache
                 && c.candidate_seeds().first() == random.candidate_seeds().first()
         };
-        (random.kind == StrategyKind::Random)
+        // A random arm that refines runs itself: only a run's pick is refined.
+        (random.kind == StrategyKind::Random && random.refine.is_none())
             .then(|| {
                 self.arms.iter().find(|a| {
                     let c = self.config(a);

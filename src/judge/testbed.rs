@@ -8,7 +8,7 @@
 //! inputs: the noise and failures are drawn from a hash of (seed, call, image bytes).
 
 use async_trait::async_trait;
-use image::RgbImage;
+use image::{imageops, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -169,13 +169,23 @@ impl TestbedJudge {
         let outcomes = outcome_set(edit, 0.5).map_err(JudgeError::Failed)?;
         let target = &outcomes[0].image;
         let source = edit.source.as_ref();
-        if image.dimensions() != target.dimensions() {
-            return Err(JudgeError::Failed(format!(
-                "testbed judge: image is {:?}, the edit's panel is {:?}",
-                image.dimensions(),
-                target.dimensions()
-            )));
-        }
+        let (tw, th) = target.dimensions();
+        // A larger image (a hi-res refine of the edit) is judged at the panel's size: the
+        // testbed's truth has no finer detail to reward.
+        let resized;
+        let image = match image.dimensions() {
+            d if d == (tw, th) => image,
+            (w, h) if w > tw && h > th => {
+                resized = imageops::resize(image, tw, th, imageops::FilterType::Triangle);
+                &resized
+            }
+            d => {
+                return Err(JudgeError::Failed(format!(
+                    "testbed judge: image is {d:?}, the edit's panel is {:?}",
+                    (tw, th)
+                )))
+            }
+        };
         let full = mse(source, target).max(1.0);
         let progress = 1.0 - mse(image, target) / full;
         let (mut spill, mut outside) = (0f64, 0usize);
