@@ -6,8 +6,22 @@ use clap::Parser;
 use icedit_scale::cli::{Cli, Command};
 use icedit_scale::{commands, host_memory};
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // candle attaches a backtrace to each of its errors when RUST_BACKTRACE is set (through
+    // std's Backtrace, which reads RUST_LIB_BACKTRACE first), so a refused file printed 60
+    // frames under its one-line message. Errors carry none unless RUST_LIB_BACKTRACE asks;
+    // panics keep RUST_BACKTRACE's. Set before the runtime starts any thread.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the async runtime starts");
+    runtime.block_on(run());
+}
+
+async fn run() {
     // Before any model allocates (see host_memory).
     host_memory::tune_allocator();
     tracing_subscriber::fmt()

@@ -1244,6 +1244,57 @@ fn integer_weights_are_refused_naming_file_and_key() {
     );
 }
 
+/// A refused weight file is one line of error, also with RUST_BACKTRACE=1 in the shell:
+/// candle captured a backtrace into its errors' text then, 60+ frames under the message.
+#[test]
+fn a_refused_weight_prints_no_backtrace_under_rust_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = damaged_flux(
+        dir.path(),
+        "transformer/diffusion_pytorch_model.safetensors",
+        |t| {
+            let w = &t["context_embedder.weight"];
+            let wider = candle_core::Tensor::cat(&[w, &w.narrow(1, 0, 1).unwrap()], 1).unwrap();
+            t.insert("context_embedder.weight".into(), wider);
+        },
+    );
+    let out = dir.path().join("out");
+    let model = model.to_str().unwrap();
+    let out_dir = out.to_str().unwrap();
+    let result = cli_env(
+        &[("RUST_BACKTRACE", "1")],
+        &[
+            "edit",
+            "--image",
+            IMAGE,
+            "--instruction",
+            "make the sky night",
+            "--width",
+            "48",
+            "--t5-tokens",
+            "48",
+            "--steps",
+            "2",
+            "--strategy",
+            "random",
+            "--judge",
+            "none",
+            "--model-dir",
+            model,
+            "--out",
+            out_dir,
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(EXIT_BAD_INPUT), "{stderr}");
+    assert!(stderr.contains("context_embedder.weight"), "{stderr}");
+    let error: Vec<&str> = stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("error:"))
+        .collect();
+    assert_eq!(error.len(), 1, "{stderr}");
+}
+
 /// Weights holding NaN make every candidate's latents NaN, which decode to a black image:
 /// the edit stops naming the candidate (it was judged, picked and returned with exit 0).
 #[test]
