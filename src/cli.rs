@@ -961,6 +961,18 @@ pub struct JudgeEvalArgs {
 
 /// `study`: strategies compared on testbed edits with ground truth.
 #[derive(Debug, Clone, Args)]
+// The shared strategy flags that study refuses (it runs its own set) are kept out of its
+// help; they stay parsed so the refusal can name them.
+#[command(
+    mut_arg("strategy", |a| a.hide(true)),
+    mut_arg("seed_list", |a| a.hide(true)),
+    mut_arg("budget_nfe", |a| a.hide(true)),
+    mut_arg("refine", |a| a.hide(true)),
+    mut_arg("refine_strength", |a| a.hide(true)),
+    mut_arg("refine_keep_unchanged", |a| a.hide(true)),
+    mut_arg("refine_best", |a| a.hide(true)),
+    mut_arg("cache", |a| a.hide(true))
+)]
 pub struct StudyArgs {
     /// Number of testbed edits (1 to 100000).
     #[arg(long, default_value_t = 200, value_parser = bounded(1, 100_000))]
@@ -1144,6 +1156,24 @@ mod tests {
                     field.flag()
                 );
             }
+        }
+    }
+
+    /// study's help lists only the strategy flags it reads: those it refuses are hidden.
+    #[test]
+    fn study_help_hides_the_strategy_flags_it_refuses() {
+        let cli = Cli::command();
+        let study = cli.find_subcommand("study").unwrap();
+        let shown: Vec<&str> = study
+            .get_arguments()
+            .filter(|a| !a.is_hide_set())
+            .filter_map(|a| a.get_long())
+            .collect();
+        for refused in ["strategy", "seed-list", "budget-nfe", "refine", "cache"] {
+            assert!(!shown.contains(&refused), "--{refused} in {shown:?}");
+        }
+        for read in ["seeds", "probe-steps", "keep", "steps"] {
+            assert!(shown.contains(&read), "--{read} not in {shown:?}");
         }
     }
 
