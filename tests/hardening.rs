@@ -1032,6 +1032,32 @@ fn study_counts_unscored_picks_as_failures() {
     }
 }
 
+/// `demo` ends as `edit` does: a pick no judge could score is written but exits 3 (it
+/// exited 0). Scene 1003 at this setting has every finished candidate unscored.
+#[test]
+fn demo_exits_3_when_no_finished_candidate_could_be_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let result = cli(&[
+        "demo",
+        "--scene-seed",
+        "1003",
+        "--width",
+        "128",
+        "--steps",
+        "20",
+        "--seeds",
+        "4",
+        "--strategy",
+        "early-filter",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(3), "{stderr}");
+    assert!(out.join("report.json").exists(), "{stderr}");
+}
+
 /// `study` runs its own set of strategies: the strategy flags it would ignore are refused by
 /// name (they were accepted and silently had no effect).
 #[test]

@@ -236,7 +236,16 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         ),
         None => println!("no finished pick"),
     }
-    Ok(())
+    // As `edit` ends: a pick no judge could score is written but is not the strategy's
+    // (exit 3); demo exited 0 for it.
+    match report.incomplete_reason() {
+        Some(reason) => Err(super::Incomplete::Unfinished {
+            reason,
+            out: args.out.clone(),
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 /// Runs one job with progress bars and writes its outputs.
