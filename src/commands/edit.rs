@@ -106,10 +106,16 @@ async fn edit_claimed(
         Ok(report) => report,
     };
     print_summary(&report, &args.out);
+    ended(&report, &args.out)
+}
+
+/// How an edit whose outputs are written ends: exit 3 (`Incomplete`) when its pick is not
+/// the strategy's (no judge could score it) or its refine failed, else success.
+fn ended(report: &EditReport, out: &Path) -> anyhow::Result<()> {
     match report.incomplete_reason() {
         Some(reason) => Err(super::Incomplete::Unfinished {
             reason,
-            out: args.out.clone(),
+            out: out.to_path_buf(),
         }
         .into()),
         None => Ok(()),
@@ -236,16 +242,8 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         ),
         None => println!("no finished pick"),
     }
-    // As `edit` ends: a pick no judge could score is written but is not the strategy's
-    // (exit 3); demo exited 0 for it.
-    match report.incomplete_reason() {
-        Some(reason) => Err(super::Incomplete::Unfinished {
-            reason,
-            out: args.out.clone(),
-        }
-        .into()),
-        None => Ok(()),
-    }
+    // As `edit` ends (demo exited 0 for a pick no judge could score).
+    ended(&report, &args.out)
 }
 
 /// Runs one job with progress bars and writes its outputs.
