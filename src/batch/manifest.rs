@@ -292,11 +292,15 @@ fn normalize(path: &Path) -> PathBuf {
     for c in path.components() {
         match c {
             Component::CurDir => {}
-            Component::ParentDir => {
-                if !out.pop() {
-                    out.push("..");
+            // `..` cancels a name before it, never another `..` (`../../x` stays
+            // outside: popping the first `..` made it `x`, inside), and stops at the root.
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
                 }
-            }
+                Some(Component::RootDir | Component::Prefix(_)) => {}
+                _ => out.push(".."),
+            },
             other => out.push(other.as_os_str()),
         }
     }
@@ -369,6 +373,7 @@ mod tests {
             "{\"id\": \"h\", \"image\": \"h.png\", \"instruction\": \"x\", \"probe_steps\": 50}\n",
             "{\"id\": \"i\", \"image\": \"i.png\", \"instruction\": \"x\", \"seedz\": 3}\n",
             "{\"id\": \"j\", \"image\": \"j.png\", \"instruction\": \"x\", \"seeds\": 4, \"keep\": 1}\n",
+            "{\"id\": \"k\", \"image\": \"../../missing.png\", \"instruction\": \"x\"}\n",
         ));
         let summary: Vec<String> = entries
             .iter()
@@ -405,6 +410,12 @@ mod tests {
             panic!("{}", summary[10])
         };
         assert_eq!((j.strategy.seeds, j.strategy.keep), (4, 1));
+        // Two levels up and missing: outside (the lexical check read `../../x` as `x`).
+        assert!(
+            summary[11].starts_with("bad line 13: image path ../../missing.png is outside"),
+            "{}",
+            summary[11]
+        );
     }
 
     #[test]
