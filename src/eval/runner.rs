@@ -84,21 +84,8 @@ impl Scorer<'_> {
         refined: bool,
     ) -> (Option<EvalScore>, u64, u64, u64, Option<bool>) {
         let correct = match (&self.outcomes, image) {
-            (Some(o), Some(img)) => {
-                // The outcomes are rendered at the edit's panel; a refined image is
-                // compared at that size.
-                let panel = o[0].image.dimensions();
-                let img = match img.dimensions() == panel {
-                    true => std::borrow::Cow::Borrowed(img),
-                    false => std::borrow::Cow::Owned(image::imageops::resize(
-                        img,
-                        panel.0,
-                        panel.1,
-                        image::imageops::FilterType::Triangle,
-                    )),
-                };
-                Some(testbed::classify(o, &img) == OutcomeLabel::Correct)
-            }
+            // A refined image is classified at the outcomes' size (classify's own rule).
+            (Some(o), Some(img)) => Some(testbed::classify(o, img) == OutcomeLabel::Correct),
             _ => None,
         };
         let Some(image) = image else {

@@ -247,14 +247,20 @@ pub fn mse(a: &RgbImage, b: &RgbImage) -> f32 {
     (total / sa.len().max(1) as f64) as f32
 }
 
-/// Which outcome an image is nearest to (compared at 1/4 resolution, so small
-/// reconstruction noise does not matter).
+/// Which outcome an image is nearest to (compared at 1/4 of the outcomes' resolution, so
+/// small reconstruction noise does not matter; an image of another size, such as a hi-res
+/// refine of the edit, is brought to that size too).
 pub fn classify(outcomes: &[Outcome], image: &RgbImage) -> OutcomeLabel {
+    let (w, h) = outcomes
+        .first()
+        .expect("outcome sets are never empty")
+        .image
+        .dimensions();
     let small = |i: &RgbImage| {
         imageops::resize(
             i,
-            (i.width() / 4).max(1),
-            (i.height() / 4).max(1),
+            (w / 4).max(1),
+            (h / 4).max(1),
             imageops::FilterType::Triangle,
         )
     };
