@@ -271,7 +271,10 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
             stop,
             testbed_difficulty: args.engine.generator.testbed_difficulty(),
         };
-        runner::run_suite(&suite, &items, &ctx, &mut store, |n| bar.inc(n as u64)).await?;
+        runner::run_suite(&suite, &items, &fingerprints, &ctx, &mut store, |n| {
+            bar.inc(n as u64)
+        })
+        .await?;
         bar.finish();
     }
     // The report covers the suite's items as it names them now: results stored for items

@@ -306,10 +306,14 @@ async fn prefix(
     .await
 }
 
-/// Runs every pending (item, arm); `on_result` is called after each stored result.
+/// Runs every pending (item, arm); `on_result` is called after each stored result. Each
+/// record is stamped with its item's `fingerprints` entry (the items', in order, taken
+/// when the stored results were checked against them, before any edit loads: a file
+/// changed since makes the record stale, never passes a stale one as current).
 pub async fn run_suite(
     suite: &Suite,
     items: &[EvalItem],
+    fingerprints: &[String],
     ctx: &EvalContext,
     store: &mut ResultStore,
     mut on_result: impl FnMut(usize),
@@ -329,7 +333,7 @@ pub async fn run_suite(
             }
         }
     }
-    for item in items {
+    for (item, content) in items.iter().zip(fingerprints) {
         if ctx.stop.is_set() {
             break;
         }
@@ -351,10 +355,6 @@ pub async fn run_suite(
         if pending.is_empty() {
             continue;
         }
-        // What this item's results are made on, stamped on each (read before the edit is
-        // loaded: a file changed in between makes the record stale, never passes a stale
-        // one as current).
-        let content = item.fingerprint();
         let stamped = |mut records: Vec<ArmResult>| {
             for r in &mut records {
                 r.content = Some(content.clone());
