@@ -156,6 +156,11 @@ impl Workload {
     }
 }
 
+/// How a run names FLUX weights, for the refusals of FLUX inputs given without them (the
+/// run would be the testbed simulator).
+pub const NAME_THE_WEIGHTS: &str = "name the weights (--model-dir DIR, --transformer FILE \
+     with --vae and --text-encoders, --random-weights small|full, or --download)";
+
 impl GeneratorSpec {
     /// What makes this generator's edits what they are, for a resumable run's
     /// `settings.json`: results made by another generator (other weights, LoRA, format,
@@ -221,9 +226,7 @@ impl GeneratorSpec {
                     ),
                     _ => format!(
                         "{flags} set{} up FLUX, and no FLUX weights are named, so this run would be \
-                         the built-in testbed simulator: name the weights (--model-dir DIR, \
-                         --transformer FILE with --vae and --text-encoders, --random-weights \
-                         small|full, or --download), or drop {flags}",
+                         the built-in testbed simulator: {NAME_THE_WEIGHTS}, or drop {flags}",
                         if flux_only.len() == 1 { "s" } else { "" }
                     ),
                 }));

@@ -156,13 +156,11 @@ pub fn check_edit(args: &EditArgs) -> anyhow::Result<CheckedEdit> {
         super::generator_without_live_previews(&args.engine.generator, args.engine.download)?;
     if args.init_latents.is_some() && generator.flux().is_none() {
         // FLUX latents for the testbed simulator: most likely a forgotten --model-dir.
-        return Err(EditError::Invalid(
+        return Err(EditError::Invalid(format!(
             "--init-latents holds FLUX latents, and no FLUX weights are named, so this run \
-             would be the built-in testbed simulator: name the weights (--model-dir DIR, \
-             --transformer FILE with --vae and --text-encoders, --random-weights small|full, \
-             or --download), or drop --init-latents"
-                .into(),
-        )
+             would be the built-in testbed simulator: {}, or drop --init-latents",
+            crate::backends::generator::NAME_THE_WEIGHTS
+        ))
         .into());
     }
     if args.out.exists() && !args.out.is_dir() {
