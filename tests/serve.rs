@@ -422,6 +422,7 @@ async fn a_full_queue_answers_429_and_queued_and_running_edits_cancel() {
     assert!(retry >= 1);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(body["error"]["code"], "queue_full", "{body}");
     assert!(body["error"]["message"]
         .as_str()
         .unwrap()
@@ -534,6 +535,7 @@ async fn bad_requests_get_401_400_and_413_naming_the_field() {
         assert_eq!(r.headers()["www-authenticate"], "Bearer");
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"]["type"], "authentication_error");
+        assert_eq!(body["error"]["code"], "invalid_token", "{body}");
     }
     assert_eq!(
         client
@@ -642,6 +644,13 @@ async fn bad_requests_get_401_400_and_413_naming_the_field() {
         assert_eq!(r.status().as_u16(), status, "{described}");
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"]["param"], param, "{described}: {body}");
+        // `code` names the condition as a string (OpenAI's errors carry a string or null).
+        let code = if status == 413 {
+            "too_large"
+        } else {
+            "invalid_value"
+        };
+        assert_eq!(body["error"]["code"], code, "{described}: {body}");
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(param), "{described}: {message}");
     }

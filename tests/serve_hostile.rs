@@ -389,7 +389,7 @@ async fn a_waiting_openai_client_is_never_told_to_resend_an_edit_that_failed_or_
         .unwrap();
     let (status, retry, body) = answer_of(r).await;
     assert_eq!((status, retry.as_deref()), (422, Some("false")), "{body}");
-    assert_eq!(body["error"]["code"], 422, "{body}");
+    assert_eq!(body["error"]["code"], "edit_failed", "{body}");
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     assert!(
         body["error"]["message"]
@@ -426,7 +426,7 @@ async fn a_waiting_openai_client_is_never_told_to_resend_an_edit_that_failed_or_
         .expect("the waiting client was never answered")
         .unwrap();
     assert_eq!((status, retry.as_deref()), (499, Some("false")), "{body}");
-    assert_eq!(body["error"]["code"], 499, "{body}");
+    assert_eq!(body["error"]["code"], "edit_cancelled", "{body}");
     assert!(
         body["error"]["message"].as_str().unwrap().contains(&id),
         "{body}"

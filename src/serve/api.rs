@@ -102,6 +102,7 @@ async fn error_shape(request: Request, next: Next) -> Response {
         status,
         message,
         param: None,
+        code: None,
         retry_after: None,
         no_retry: false,
     }

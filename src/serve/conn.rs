@@ -546,7 +546,7 @@ async fn refuse(mut stream: TcpStream, limits: ConnLimits, _slot: OwnedSemaphore
             ),
             "type": "server_error",
             "param": null,
-            "code": 503,
+            "code": "too_many_connections",
         }
     })
     .to_string();

@@ -1,6 +1,8 @@
 //! Errors the API answers with: an HTTP status and a JSON body in OpenAI's error shape
 //! (`{"error": {"message", "type", "param", "code"}}`, as the official clients parse it),
-//! naming the field at fault in `param`.
+//! naming the field at fault in `param`. `code` is a short string naming the condition
+//! (`invalid_value`, `queue_full`, ...) or null, as OpenAI's own errors carry a string or
+//! null there; the HTTP status already carries the number.
 
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +17,9 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault, if one is.
     pub param: Option<String>,
+    /// The condition, for programs (`invalid_value`, `queue_full`, ...): see
+    /// docs/serve.md for the list.
+    pub code: Option<&'static str>,
     /// Seconds a client should wait before retrying (429 and 503).
     pub retry_after: Option<u64>,
     /// Sends `x-should-retry: false`: a resend would run the edit again (see
@@ -23,11 +28,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
             param: None,
+            code: Some(code),
             retry_after: None,
             no_retry: false,
         }
@@ -37,20 +43,20 @@ impl ApiError {
     pub fn bad_field(param: &str, message: impl Into<String>) -> Self {
         Self {
             param: Some(param.to_string()),
-            ..Self::new(StatusCode::BAD_REQUEST, message)
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_value", message)
         }
     }
 
     /// 400 without a single field at fault.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
     /// 413: a field is larger than the server accepts.
     pub fn too_large(param: &str, message: impl Into<String>) -> Self {
         Self {
             param: Some(param.to_string()),
-            ..Self::new(StatusCode::PAYLOAD_TOO_LARGE, message)
+            ..Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
         }
     }
 
@@ -58,28 +64,33 @@ impl ApiError {
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
+            "invalid_token",
             "missing or wrong bearer token (send `Authorization: Bearer <token>`)",
         )
     }
 
     /// 404: no such edit or file.
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, message)
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
     /// 405: the route exists but not with this method.
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, message)
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            message,
+        )
     }
 
     /// 408: the request body did not arrive in time (the connection is closed after).
     pub fn timed_out(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::REQUEST_TIMEOUT, message)
+        Self::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message)
     }
 
     /// 409: the edit is not in a state that allows this.
     pub fn conflict(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, message)
+        Self::new(StatusCode::CONFLICT, "conflict", message)
     }
 
     /// 429: the queue is full.
@@ -88,6 +99,7 @@ impl ApiError {
             retry_after: Some(retry_after),
             ..Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
                 format!("the queue is full ({depth} edits waiting); retry after {retry_after} s"),
             )
         }
@@ -99,6 +111,7 @@ impl ApiError {
             retry_after: Some(5),
             ..Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
                 "the server is shutting down and takes no new edits",
             )
         }
@@ -106,7 +119,7 @@ impl ApiError {
 
     /// 500: something on our side failed (a journal write, an output file).
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 
     // The answers below end a request whose edit was accepted: a resend is a new edit.
@@ -121,7 +134,7 @@ impl ApiError {
         let status = StatusCode::from_u16(499).expect("a status in 100-999");
         Self {
             no_retry: true,
-            ..Self::new(status, message)
+            ..Self::new(status, "edit_cancelled", message)
         }
     }
 
@@ -136,7 +149,7 @@ impl ApiError {
         };
         Self {
             no_retry: true,
-            ..Self::new(status, message)
+            ..Self::new(status, "edit_failed", message)
         }
     }
 
@@ -145,7 +158,11 @@ impl ApiError {
     pub fn journaled_at_shutdown(message: impl Into<String>) -> Self {
         Self {
             no_retry: true,
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "journaled_at_shutdown",
+                message,
+            )
         }
     }
 
@@ -174,7 +191,7 @@ impl IntoResponse for ApiError {
                 "message": self.message,
                 "type": self.kind(),
                 "param": self.param,
-                "code": self.status.as_u16(),
+                "code": self.code,
             }
         });
         let mut response = (self.status, axum::Json(body)).into_response();
