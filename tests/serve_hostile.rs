@@ -172,6 +172,7 @@ async fn connections_beyond_the_cap_are_answered_503() {
     assert!(text.starts_with("HTTP/1.1 503"), "{text}");
     assert!(text.to_ascii_lowercase().contains("retry-after"), "{text}");
     assert!(text.contains("\"error\""), "{text}");
+    assert!(text.contains("\"too_many_connections\""), "{text}");
 }
 
 #[tokio::test]
