@@ -577,6 +577,83 @@ fn a_rerun_with_changed_arm_settings_is_refused_naming_the_arms() {
     );
 }
 
+/// A preset judge is known by its contents in `arms.json`: the same suite named from
+/// another folder finds its results again (it was refused as "other settings" when the
+/// preset's path was stored as the suite joined it), a folder stored the old way is
+/// brought up to date, and an edited preset is refused, naming the judge.
+#[test]
+fn a_preset_judge_is_known_by_its_contents_from_any_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite_dir = dir.path().join("suites");
+    std::fs::create_dir_all(&suite_dir).unwrap();
+    let preset = "kind = \"testbed\"\nnoise = 1.0\nfailure_rate = 0.0\n";
+    std::fs::write(suite_dir.join("judge.toml"), preset).unwrap();
+    let suite = SUITE.replace("edits = 10", "edits = 2").replacen(
+        "judge = \"testbed\"\nseed = 0",
+        "judge = \"judge.toml\"",
+        1,
+    );
+    std::fs::write(suite_dir.join("suite.toml"), &suite).unwrap();
+    let out = dir.path().join("out");
+    let run = |cwd: &Path, suite: &str, extra: &[&str]| {
+        let output = eval(Path::new(suite), &out)
+            .args(extra)
+            .current_dir(cwd)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    // results.json echoes the suite as read, its preset's path as the suite joined it.
+    let comparable = |out: &Path| {
+        let mut v = comparable(out);
+        v.as_object_mut().unwrap().remove("suite");
+        v
+    };
+    let (code, stderr) = run(dir.path(), "suites/suite.toml", &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let report = comparable(&out);
+    let arms_file = out.join("arms.json");
+    let arms = std::fs::read_to_string(&arms_file).unwrap();
+    assert!(arms.contains("preset sha256:"), "{arms}");
+    assert!(!arms.contains("judge.toml"), "{arms}");
+
+    // From the suite's own folder, by a relative path, and by an absolute one.
+    let absolute = suite_dir.join("suite.toml");
+    for (cwd, path) in [
+        (suite_dir.as_path(), "suite.toml"),
+        (dir.path(), absolute.to_str().unwrap()),
+    ] {
+        let (code, stderr) = run(cwd, path, &["--report-only"]);
+        assert_eq!(code, Some(0), "{path}: {stderr}");
+        assert_eq!(comparable(&out), report, "{path}");
+    }
+
+    // arms.json as it was written before: the preset's path as the suite joined it.
+    let mut stored: serde_json::Value = serde_json::from_str(&arms).unwrap();
+    for settings in stored.as_object_mut().unwrap().values_mut() {
+        settings["selection_judge"] = serde_json::json!({"judge": "suites/judge.toml", "seed": 0});
+    }
+    std::fs::write(&arms_file, stored.to_string()).unwrap();
+    let (code, stderr) = run(dir.path(), "suites/suite.toml", &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(comparable(&out), report);
+    let upgraded = std::fs::read_to_string(&arms_file).unwrap();
+    assert!(!upgraded.contains("judge.toml"), "{upgraded}");
+
+    // Another preset under the same name is another judge.
+    std::fs::write(suite_dir.join("judge.toml"), preset.replace("1.0", "2.0")).unwrap();
+    let (code, stderr) = run(dir.path(), "suites/suite.toml", &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`random` (selection_judge)"),
+        "the refusal names what changed: {stderr}"
+    );
+}
+
 /// A best-of-n read from best-of-N's first n candidates, none of which the selection judge
 /// scored, is a failure (as the same arm run on its own is), not candidate 0 as a fallback
 /// pick scored into the means; it keeps the compute it spent.

@@ -106,18 +106,22 @@ impl PresetFile {
     }
 }
 
+/// What names a judge preset in stored settings: its contents' SHA-256, so the same file
+/// reached by another path (another working folder, an absolute path) is the same judge,
+/// and an edited file is another.
+pub fn preset_identity(preset: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(preset)?;
+    Ok(format!("preset sha256:{:x}", Sha256::digest(&bytes)))
+}
+
 impl JudgeSpec {
     /// What names this judge in a run's stored settings: a preset by its contents (the same
     /// file by another path is the same judge), a built-in by its name and `seed`.
     pub fn identity(&self, seed: Option<u64>) -> Result<String, EditError> {
-        use sha2::{Digest, Sha256};
         match &self.source {
-            Some(preset) => {
-                let bytes = std::fs::read(preset).map_err(|e| {
-                    EditError::Invalid(format!("--judge {}: {e}", preset.display()))
-                })?;
-                Ok(format!("preset sha256:{:x}", Sha256::digest(&bytes)))
-            }
+            Some(preset) => preset_identity(preset)
+                .map_err(|e| EditError::Invalid(format!("--judge {}: {e}", preset.display()))),
             None => Ok(format!("{} (seed {})", self.name, seed.unwrap_or_default())),
         }
     }

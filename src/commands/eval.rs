@@ -42,6 +42,20 @@ fn suite_judge(j: &SuiteJudge, field: &str, concurrency: usize) -> anyhow::Resul
     Ok(spec)
 }
 
+/// How `arms.json` names a suite's judge: `testbed` and `none` by name and seed, a preset
+/// by its contents ([`crate::backends::judge::preset_identity`]), so that the same suite
+/// given by another path, or run from another folder, finds its results again.
+fn judge_in_settings(j: &SuiteJudge) -> anyhow::Result<serde_json::Value> {
+    Ok(match j.judge.as_str() {
+        "testbed" | "none" => serde_json::to_value(j)?,
+        preset => serde_json::json!({
+            "judge": crate::backends::judge::preset_identity(std::path::Path::new(preset))
+                .with_context(|| format!("judge preset {preset}"))?,
+            "seed": j.seed,
+        }),
+    })
+}
+
 /// `study` runs its own set of strategies (random, best-of-N, early-filter, adaptive) with
 /// the shared knobs (`--seeds`, `--probe-steps`, `--keep`, `--steps`, `--wave`, `--target`,
 /// `--seed`); the strategy flags it would ignore are refused by name.
@@ -190,20 +204,41 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     let items = dataset::load(&suite.dataset, &suite.selection)?;
     let lock = ResultStore::lock(&args.out)?;
     // What each arm's stored results were made with must be what it asks for now.
-    let settings = suite
-        .arms
-        .iter()
-        .map(|arm| {
-            let value = serde_json::json!({
-                "strategy": suite.config(arm),
-                "width": suite.width,
-                "selection_judge": suite.selection_judge,
-                "eval_judge": suite.eval_judge(),
-            });
-            (arm.name.clone(), value)
-        })
-        .collect();
-    crate::eval::store::check_arm_settings(&args.out, &settings, !args.report_only)?;
+    let arm_settings = |name_judge: &dyn Fn(&SuiteJudge) -> anyhow::Result<serde_json::Value>| {
+        let selection = name_judge(&suite.selection_judge)?;
+        let eval = name_judge(suite.eval_judge())?;
+        anyhow::Ok(
+            suite
+                .arms
+                .iter()
+                .map(|arm| {
+                    let value = serde_json::json!({
+                        "strategy": suite.config(arm),
+                        "width": suite.width,
+                        "selection_judge": selection,
+                        "eval_judge": eval,
+                    });
+                    (arm.name.clone(), value)
+                })
+                .collect::<serde_json::Map<_, _>>(),
+        )
+    };
+    let settings = arm_settings(&judge_in_settings)?;
+    // arms.json written before presets were named by their contents holds the preset's
+    // path as the suite joined it: the same path holding the same file now is the same
+    // judge, and the file is brought up to date.
+    let legacy = arm_settings(&|j| Ok(serde_json::to_value(j)?))?;
+    let arms_file = args.out.join(crate::eval::store::ARM_SETTINGS_FILE);
+    if legacy != settings
+        && !crate::fsio::settings::changed_settings(&arms_file, &settings)?.is_empty()
+        && crate::fsio::settings::changed_settings(&arms_file, &legacy)?.is_empty()
+    {
+        if !args.report_only {
+            crate::fsio::settings::record_settings(&arms_file, &settings)?;
+        }
+    } else {
+        crate::eval::store::check_arm_settings(&args.out, &settings, !args.report_only)?;
+    }
     // What every arm shares: the generator (its weights, or the testbed's difficulty and
     // contrast).
     let shared = serde_json::json!({ "generator": generator.identity() });

@@ -241,7 +241,7 @@ pub fn check_arm_settings(
             out.display(),
             changed
                 .iter()
-                .map(|(arm, _)| format!("`{arm}`"))
+                .map(|(arm, then)| format!("`{arm}` ({})", differing_keys(then, &current[arm])))
                 .collect::<Vec<_>>()
                 .join(", ")
         )));
@@ -250,6 +250,29 @@ pub fn check_arm_settings(
         record_settings(&path, current)?;
     }
     Ok(())
+}
+
+/// The keys whose values differ between two stored settings objects, for a refusal to
+/// name what changed (`selection_judge`, `strategy`, ...).
+fn differing_keys(then: &serde_json::Value, now: &serde_json::Value) -> String {
+    let (Some(then), Some(now)) = (then.as_object(), now.as_object()) else {
+        return "its settings".into();
+    };
+    let keys: Vec<&str> = now
+        .iter()
+        .filter(|(key, value)| then.get(*key) != Some(value))
+        .map(|(key, _)| key.as_str())
+        .chain(
+            then.keys()
+                .filter(|key| !now.contains_key(*key))
+                .map(String::as_str),
+        )
+        .collect();
+    if keys.is_empty() {
+        "its settings".into()
+    } else {
+        keys.join(", ")
+    }
 }
 
 fn is_zero(x: &f64) -> bool {
