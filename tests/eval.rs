@@ -411,11 +411,53 @@ fn an_arm_carries_its_step_cache_and_both_kinds_of_forwards_are_reported() {
     );
 }
 
-/// A selection judge that scores nothing leaves the strategies' picks as fallbacks: those
-/// are failures (exit 3), left out of the means, and a rerun with the judge back redoes
-/// them, ending where a run with a working judge ends.
+/// A remote judge's endpoint (an OpenAI-compatible mock) that is down (503) until `up`,
+/// then answers every call a screening and VIE-scoring strategy makes with one valid reply
+/// per kind.
+struct Endpoint {
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl wiremock::Respond for Endpoint {
+    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
+        if !self.up.load(std::sync::atomic::Ordering::SeqCst) {
+            return wiremock::ResponseTemplate::new(503);
+        }
+        // The screening prompt asks for one score and a verdict; VIE's for two scores.
+        let content = if String::from_utf8_lossy(&request.body).contains("on track") {
+            r#"{"score": 7, "pass": true, "reasoning": "on its way"}"#
+        } else {
+            r#"{"score": [7, 6], "reasoning": "fine"}"#
+        };
+        wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "test-vlm",
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+        }))
+    }
+}
+
+/// A selection judge that scores nothing (its endpoint down) leaves the strategies' picks
+/// as fallbacks: those are failures (exit 3), left out of the means, and a rerun with the
+/// judge back redoes them, ending where a run with a working judge ends. (The same preset
+/// file throughout: an edited preset is another judge, refused by `arms.json`.)
 #[test]
 fn picks_made_while_the_selection_judge_was_down_are_failures_a_rerun_redoes() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let endpoint = runtime.block_on(wiremock::MockServer::start());
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    runtime.block_on(
+        wiremock::Mock::given(wiremock::matchers::method("POST"))
+            .respond_with(Endpoint { up: up.clone() })
+            .mount(&endpoint),
+    );
     let dir = tempfile::tempdir().unwrap();
     let judge = dir.path().join("selection.toml");
     let suite = dir.path().join("suite.toml");
@@ -426,7 +468,15 @@ fn picks_made_while_the_selection_judge_was_down_are_failures_a_rerun_redoes() {
     assert!(text.contains("selection.toml"));
     std::fs::write(&suite, text).unwrap();
 
-    std::fs::write(&judge, "kind = \"testbed\"\nfailure_rate = 1.0\n").unwrap();
+    std::fs::write(
+        &judge,
+        format!(
+            "kind = \"openai\"\nmodel = \"test-vlm\"\napi_base = \"{}/v1\"\nmax_attempts = 1\n\
+             backoff_s = 0.01\ncache_dir = \"\"\n",
+            endpoint.uri()
+        ),
+    )
+    .unwrap();
     let out = dir.path().join("out");
     assert_eq!(eval(&suite, &out).status().unwrap().code(), Some(3));
     let json = comparable(&out);
@@ -471,7 +521,7 @@ fn picks_made_while_the_selection_judge_was_down_are_failures_a_rerun_redoes() {
     assert!(report_only.status().unwrap().success());
     assert_eq!(lines(&out.join("results.jsonl")), units);
 
-    std::fs::write(&judge, "kind = \"testbed\"\nfailure_rate = 0.0\n").unwrap();
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(eval(&suite, &out).status().unwrap().success());
     let fresh = dir.path().join("fresh");
     assert!(eval(&suite, &fresh).status().unwrap().success());
@@ -487,6 +537,7 @@ fn picks_made_while_the_selection_judge_was_down_are_failures_a_rerun_redoes() {
                     "selection_overall",
                     "judge_calls",
                     "judge_failures",
+                    "judge_tokens",
                 ] {
                     arm.remove(provenance);
                 }
