@@ -835,8 +835,8 @@ pub struct ServeArgs {
     /// proxy that authenticates); refused otherwise.
     #[arg(long)]
     pub insecure_no_auth: bool,
-    /// The address clients reach the server by (`https://host/prefix`), for `url` answers
-    /// [default: http:// and the address bound].
+    /// The address clients reach the server by (`https://edits.example.org`: the root of
+    /// its host, docs/serve.md), for `url` answers [default: http:// and the address bound].
     #[arg(long)]
     pub public_url: Option<String>,
     /// Defaults of requests that do not set them.
@@ -896,6 +896,15 @@ pub struct MergeArgs {
 
 /// `eval`: a suite of strategy arms over a dataset, with statistics.
 #[derive(Debug, Clone, Args)]
+// The suite names its judges: `--judge` and `--judge-seed` stay parsed so the refusal can
+// name them, but are kept out of eval's help, whose `--judge-concurrency` default is eval's.
+#[command(
+    mut_arg("judge", |a| a.hide(true)),
+    mut_arg("judge_seed", |a| a.hide(true)),
+    mut_arg("judge_concurrency", |a| a.help(
+        "Judge calls in flight at once for each of the suite's judges, 1 to 256 (default 8)"
+    ))
+)]
 pub struct EvalArgs {
     /// Suite file (TOML), e.g. eval/testbed-small.toml.
     #[arg(long)]
@@ -1175,6 +1184,28 @@ mod tests {
         for read in ["seeds", "probe-steps", "keep", "steps"] {
             assert!(shown.contains(&read), "--{read} not in {shown:?}");
         }
+    }
+
+    /// eval's suite names its judges: its help hides `--judge` and `--judge-seed` (which
+    /// it refuses) and gives its own `--judge-concurrency` default.
+    #[test]
+    fn eval_help_hides_the_judge_flags_it_refuses() {
+        let cli = Cli::command();
+        let eval = cli.find_subcommand("eval").unwrap();
+        let shown: Vec<&str> = eval
+            .get_arguments()
+            .filter(|a| !a.is_hide_set())
+            .filter_map(|a| a.get_long())
+            .collect();
+        for refused in ["judge", "judge-seed"] {
+            assert!(!shown.contains(&refused), "--{refused} in {shown:?}");
+        }
+        let concurrency = eval
+            .get_arguments()
+            .find(|a| a.get_long() == Some("judge-concurrency"))
+            .unwrap();
+        let help = concurrency.get_help().unwrap().to_string();
+        assert!(help.contains("default 8"), "{help}");
     }
 
     /// judge-eval measures a judge, so its help does not offer `--judge none` (which it
