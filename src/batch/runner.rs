@@ -109,17 +109,17 @@ pub async fn run_batch(
     let mut reader =
         ManifestReader::open(&opts.manifest, opts.root.as_deref(), opts.strategy.clone())
             .map_err(open_err)?;
-    let pool = match opts.budget_nfe_mean {
-        Some(mean) => Some(Arc::new(
-            BudgetPool::new(total, mean, budget_floor(&opts.strategy))
-                .map_err(|e| EngineError::Strategy(format!("--budget-nfe-mean {mean}: {e}")))?,
-        )),
-        None => None,
-    };
-    let skip = |pool: &Option<Arc<BudgetPool>>| {
-        if let Some(p) = pool {
-            p.skip_item()
+    let (pool, mut fingerprints) = match opts.budget_nfe_mean {
+        Some(mean) => {
+            // Items that keep the batch's strategy could never run.
+            opts.strategy
+                .under_mean_budget(mean)
+                .map_err(|e| EngineError::Strategy(format!("--budget-nfe-mean {mean}: {e}")))?;
+            let (pool, fingerprints) =
+                fill_pool(opts, mean, &*log.lock().await).map_err(open_err)?;
+            (Some(Arc::new(pool)), fingerprints)
         }
+        None => Default::default(),
     };
     for (seen, entry) in reader.by_ref().enumerate() {
         let entry = entry.map_err(open_err)?;
@@ -160,7 +160,6 @@ pub async fn run_batch(
                         })?;
                     }
                 }
-                skip(&pool);
                 bar.inc(1);
                 continue;
             }
@@ -168,21 +167,21 @@ pub async fn run_batch(
         };
         if !opts.shard.owns(&item.spec.id) {
             outcome.other_shards += 1;
-            skip(&pool);
             bar.inc(1);
             continue;
         }
-        let content = item.fingerprint();
+        // Computed once: the pool's pass over the manifest took it already.
+        let content = fingerprints
+            .remove(&item.spec.id)
+            .unwrap_or_else(|| item.fingerprint());
         {
             let mut log = log.lock().await;
             match log
                 .get(&item.spec.id)
                 .filter(|r| r.status == ItemStatus::Ok)
             {
+                // Its spending is in the pool already (see `fill_pool`).
                 Some(done) if done.content.as_ref().is_none_or(|c| *c == content) => {
-                    if let Some(p) = &pool {
-                        p.already_spent(done.nfe);
-                    }
                     outcome.already_done += 1;
                     outcome.unchecked += done.content.is_none() as usize;
                     if done.line != item.line {
@@ -205,7 +204,10 @@ pub async fn run_batch(
         tasks.spawn(async move {
             let result = match budgeted(strategy, mean, pool.as_deref()) {
                 Ok((strategy, allowance)) => {
-                    let result = run_item(&engine, &item, strategy, width, &out).await;
+                    let notes = seeds_overridden(&item, &strategy, mean)
+                        .into_iter()
+                        .collect();
+                    let result = run_item(&engine, &item, strategy, notes, width, &out).await;
                     if let (Some(p), Some(a)) = (&pool, allowance) {
                         // A failed item with no NFE recorded failed without a report.
                         let unknown = result.status != ItemStatus::Ok && result.nfe == 0;
@@ -334,18 +336,64 @@ fn empty_result() -> ItemResult {
     }
 }
 
-/// What the pool sets aside for every item still to come: an adaptive edit's first wave.
-/// Fixed strategies need nothing set aside: each spends at most the mean.
-fn budget_floor(strategy: &StrategyConfig) -> usize {
+/// The least an item needs of a mean budget `mean`, set aside for it until it starts: a
+/// fixed strategy is sized to the mean, an adaptive edit needs its first wave (and may use
+/// more when other items leave it some).
+fn budget_need(strategy: &StrategyConfig, mean: usize) -> usize {
     match strategy.kind {
         StrategyKind::Adaptive => strategy.first_wave_nfe(),
-        _ => 0,
+        _ => mean,
     }
 }
 
+/// The pool of a batch under `--budget-nfe-mean mean`: every item of this shard is in it
+/// before any starts, with what it needs (an item finished by an earlier run for this very
+/// line with what it spent), so the items still to come are set aside what THEY need
+/// whatever the order of the lines. Also returns the fingerprints it computed (those of
+/// items with a finished record), so the run does not hash their images again.
+fn fill_pool(
+    opts: &BatchOptions,
+    mean: usize,
+    log: &SummaryLog,
+) -> std::io::Result<(BudgetPool, std::collections::HashMap<String, String>)> {
+    let pool = BudgetPool::new(mean);
+    let mut fingerprints = std::collections::HashMap::new();
+    let reader = ManifestReader::open(&opts.manifest, opts.root.as_deref(), opts.strategy.clone())?;
+    for entry in reader {
+        let Entry::Item(item) = entry? else {
+            continue;
+        };
+        if !opts.shard.owns(&item.spec.id) {
+            continue;
+        }
+        let done = log
+            .get(&item.spec.id)
+            .filter(|r| r.status == ItemStatus::Ok);
+        let finished = match done {
+            Some(done) => match &done.content {
+                // An unfingerprinted record is kept as done (see `run_batch`).
+                None => Some(done.nfe),
+                Some(stored) => {
+                    let content = item.fingerprint();
+                    let same = *stored == content;
+                    fingerprints.insert(item.spec.id.clone(), content);
+                    same.then_some(done.nfe)
+                }
+            },
+            None => None,
+        };
+        match finished {
+            Some(spent) => pool.add_finished(spent),
+            None => pool.add_item(budget_need(&item.strategy, mean)),
+        }
+    }
+    Ok((pool, fingerprints))
+}
+
 /// An item's strategy under a mean budget: every item draws its share from the pool; a
-/// fixed strategy is sized to the smaller of the mean and its share, an adaptive one gets
-/// its share as a cap (its N cut to fit when the share is below its most).
+/// fixed strategy is sized to the mean (the pool always has it: it was set aside), an
+/// adaptive one gets its share as a cap (its N cut to fit when the share is below its
+/// most).
 fn budgeted(
     strategy: StrategyConfig,
     mean: Option<usize>,
@@ -358,7 +406,7 @@ fn budgeted(
         StrategyKind::Adaptive => strategy.planned_nfe(),
         _ => mean,
     };
-    let allowance = pool.start_item(most);
+    let allowance = pool.start_item(budget_need(&strategy, mean), most);
     let fitted = match strategy.kind {
         StrategyKind::Adaptive => strategy.held_to(allowance.nfe),
         _ => strategy.fit_to_budget(mean.min(allowance.nfe)),
@@ -375,11 +423,34 @@ fn budgeted(
     }
 }
 
+/// The note an item's report carries when its line asked for a number of seeds and the
+/// mean budget ran another: the budget sets N, and the report must not let the line's
+/// value pass for what ran.
+fn seeds_overridden(item: &Item, ran: &StrategyConfig, mean: Option<usize>) -> Option<String> {
+    let mean = mean?;
+    let Some(crate::engine::Seeds::Count(asked)) = item.spec.overrides.seeds else {
+        return None;
+    };
+    (ran.seeds != asked).then(|| {
+        format!(
+            "line {}: `seeds` {asked} not run: --budget-nfe-mean {mean} sets the number of seeds, and this item's share ({} NFE) runs {} {}",
+            item.line,
+            ran.budget_nfe.unwrap_or(mean),
+            ran.kind.name(),
+            match ran.seeds {
+                1 => "with 1 seed".to_string(),
+                n => format!("with {n} seeds"),
+            }
+        )
+    })
+}
+
 /// Runs one item end to end; every failure becomes a `Failed` record with its reason.
 async fn run_item(
     engine: &Engine,
     item: &Item,
     strategy: StrategyConfig,
+    notes: Vec<String>,
     width: u32,
     out: &Path,
 ) -> ItemResult {
@@ -411,6 +482,7 @@ async fn run_item(
         Ok(r) => r,
         Err(e) => return failed(e.to_string()),
     };
+    report.notes.extend(notes);
     let rel = format!("items/{id}");
     if let Err(e) = write_outputs(&mut report, &out.join(&rel)) {
         return failed(e.to_string());
