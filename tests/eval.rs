@@ -285,24 +285,47 @@ fn a_grid_expands_into_named_arms_and_a_mean_budget_holds_for_every_arm() {
     std::fs::write(&suite, GRID_SUITE).unwrap();
     let loaded = icedit_scale::eval::suite::Suite::load(&suite).unwrap();
     let names: Vec<&str> = loaded.arms.iter().map(|a| a.name.as_str()).collect();
-    // M = 2 above N = 1 is left out; arms are named by the values the grid gave.
+    // Arms are named by the values they run: under the mean budget of 40 NFE, fixed arms
+    // are sized to it (early-filter k = 2, M = 1: N*2 + 14 <= 40 -> N = 13; M = 2: N = 6),
+    // so the grid's N = 1 and N = 4 are one arm, not two named after N values they do not
+    // run. Adaptive keeps its N (the budget caps it per item).
     assert_eq!(
         names,
         [
             "random",
-            "early-filter-1-2-1",
-            "early-filter-4-2-1",
-            "early-filter-4-2-2",
+            "early-filter-13-2-1",
+            "early-filter-6-2-2",
             "adaptive-8-2-1-w2-t9.5"
         ]
     );
+    // The command line's budget replaces the suite's before the grid is named.
+    let flagged = icedit_scale::eval::suite::Suite::load_with_budget(&suite, Some(60)).unwrap();
+    let names: Vec<&str> = flagged.arms.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "random",
+            "early-filter-23-2-1",
+            "early-filter-16-2-2",
+            "adaptive-8-2-1-w2-t9.5"
+        ]
+    );
+    for arm in &flagged.arms {
+        let config = flagged.config(arm);
+        assert_eq!(
+            icedit_scale::eval::suite::grid_arm_name(&config),
+            arm.name,
+            "an arm's name states what it runs"
+        );
+    }
     let out = dir.path().join("out");
     assert!(eval(&suite, &out).status().unwrap().success());
     let json = comparable(&out);
     assert_eq!(json["suite"]["dataset"]["contrast"], 0.2);
     // Under the mean budget of 40 NFE, fixed arms are sized to it (early-filter k = 2,
     // M = 1: N*2 + 14 <= 40 -> N = 13) and no arm spends more than 40 on average.
-    assert_eq!(json["strategies"]["early-filter-4-2-1"]["seeds"], 13);
+    assert_eq!(json["strategies"]["early-filter-13-2-1"]["seeds"], 13);
+    assert_eq!(json["strategies"]["early-filter-6-2-2"]["seeds"], 6);
     for arm in json["arms"].as_array().unwrap() {
         let nfe = arm["nfe"].as_f64().unwrap();
         assert!(nfe <= 40.0, "{}: {nfe}", arm["arm"]);

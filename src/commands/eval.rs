@@ -121,13 +121,15 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
 
 /// `eval`: runs the pending (item, arm) pairs of a suite, then writes the report.
 pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
-    let mut suite = Suite::load(&args.suite)?;
-    if let Some(budget) = args.budget_nfe_mean {
-        suite.budget_nfe_mean = Some(budget);
-        suite
-            .validate()
-            .map_err(|e| EditError::Invalid(format!("--budget-nfe-mean {budget}: {e}")))?;
-    }
+    // The flag's budget replaces the suite's before its grids are expanded: grid arms are
+    // named by the N it sizes them to.
+    let suite =
+        Suite::load_with_budget(&args.suite, args.budget_nfe_mean).map_err(|e| {
+            match args.budget_nfe_mean {
+                Some(budget) => EditError::Invalid(format!("--budget-nfe-mean {budget}: {e}")),
+                None => e,
+            }
+        })?;
     if let dataset::DatasetSpec::Testbed {
         contrast: Some(contrast),
         ..
