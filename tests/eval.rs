@@ -479,18 +479,23 @@ fn picks_made_while_the_selection_judge_was_down_are_failures_a_rerun_redoes() {
     report_only.arg("--report-only");
     assert!(report_only.status().unwrap().success());
     assert_eq!(comparable(&out), failed_run);
-    // Reruns that fail again replace the failures instead of piling them up: the file
-    // holds one line per (item, arm), plus at most the last run's retries.
+    // Reruns that fail again replace the failures instead of piling them up: after each
+    // run the file holds one line per (item, arm) (3 items x 5 arms, best-of-4@2 and @3
+    // included), and the message counts what the run handled: the 12 failures it
+    // retried, not the whole suite.
     let units = lines(&out.join("results.jsonl"));
+    assert_eq!(units, 15);
     for _ in 0..3 {
-        assert_eq!(eval(&suite, &out).status().unwrap().code(), Some(3));
+        let rerun = eval(&suite, &out).stderr(Stdio::piped()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&rerun.stderr);
+        assert_eq!(rerun.status.code(), Some(3), "{stderr}");
+        assert!(
+            stderr.contains("12 of the 12 (item, arm) results this run handled failed"),
+            "{stderr}"
+        );
         assert_eq!(comparable(&out), failed_run);
+        assert_eq!(lines(&out.join("results.jsonl")), units);
     }
-    let after_reruns = lines(&out.join("results.jsonl"));
-    assert!(
-        after_reruns <= 2 * units,
-        "{units} units, {after_reruns} lines after three reruns"
-    );
     assert!(report_only.status().unwrap().success());
     assert_eq!(lines(&out.join("results.jsonl")), units);
 
@@ -651,6 +656,32 @@ fn a_derived_best_of_n_whose_candidates_were_all_unscored_is_a_failure() {
             "{r}"
         );
     }
+    // A rerun runs best-of-4 again for its failed prefixes; best-of-4's own result is
+    // done already, so it is neither stored again nor counted: the progress ends at most
+    // at its total, and the file holds one line per (item, arm).
+    let rerun = eval(&suite, &out).stderr(Stdio::piped()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&rerun.stderr);
+    assert_eq!(rerun.status.code(), Some(3), "{stderr}");
+    // The meter's last line: `eval: DONE/TOTAL in S s`.
+    let (done, total) = stderr
+        .lines()
+        .filter_map(|l| l.rsplit("eval: ").next()?.split_once(" in "))
+        .filter_map(|(count, _)| {
+            let (done, total) = count.split_once('/')?;
+            Some((done.parse::<usize>().ok()?, total.parse::<usize>().ok()?))
+        })
+        .next_back()
+        .unwrap_or_else(|| panic!("no end of progress: {stderr}"));
+    assert!(done <= total, "progress {done}/{total}");
+    let stored = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let keys: Vec<(String, String)> = stored
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|r| (r["item"].to_string(), r["arm"].to_string()))
+        .collect();
+    let unique: std::collections::HashSet<_> = keys.iter().collect();
+    assert_eq!(unique.len(), keys.len(), "a unit has two lines");
+    assert_eq!(keys.len(), 10 * 5);
 }
 
 /// A stored result stands only for the content it was run on: an item whose image or

@@ -780,9 +780,12 @@ fn items_changed_under_the_same_id_are_judged_again() {
         rerun.contains("4 stored judgement(s) do not match") && rerun.contains("judged again"),
         "{rerun}"
     );
+    // Each new line superseded the old: one line per item as soon as the run ends (the
+    // old lines once stayed until the next start).
+    let lines = std::fs::read_to_string(out.join("judgements.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 12, "{lines}");
     judge_eval_ok("testbed:6", testbed, "64", &fresh);
     assert_eq!(results_json(&out), results_json(&fresh));
-    // Each new line superseded the old: one line per item once the log is next opened.
     let again = judge_eval_ok("testbed:6", testbed, "64", &out);
     assert!(!again.contains("do not match"), "{again}");
     let lines = std::fs::read_to_string(out.join("judgements.jsonl")).unwrap();

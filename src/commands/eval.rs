@@ -278,6 +278,11 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         })
         .await?;
         bar.finish();
+        // One line per (item, arm) for whoever reads the file next, not only after the
+        // next start: the lines of units this run retried or redid go.
+        store
+            .compact()
+            .with_context(|| format!("compacting {}", args.out.join("results.jsonl").display()))?;
     }
     // The report covers the suite's items as it names them now: results stored for items
     // a narrowed selection or a changed dataset no longer names stay on file, unreported.
@@ -322,7 +327,7 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     let failed = store.failed_this_run();
     if finished + (failed as u64) < total {
         return Err(Incomplete::Stopped {
-            done: finished as usize,
+            done: store.handled_this_run(),
             left: (total - finished) as usize - failed,
         }
         .into());
@@ -330,7 +335,8 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     if failed > 0 {
         return Err(Incomplete::SomeFailed {
             failed,
-            total: total as usize,
+            total: store.handled_this_run(),
+            units: "(item, arm) results",
             summary: args.out.join("results.jsonl"),
         }
         .into());

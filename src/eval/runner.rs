@@ -370,8 +370,8 @@ pub async fn run_suite(
                     .iter()
                     .flat_map(|a| arm_failed(item, a, &suite.config(a), &e.to_string()))
                     .collect::<Vec<_>>();
-                let n = failed.len();
-                store.append(stamped(failed))?;
+                // Counted as stored: a record of a unit done already is not a new result.
+                let n = store.append(stamped(failed))?;
                 on_result(n);
                 continue;
             }
@@ -450,8 +450,9 @@ pub async fn run_suite(
                     Err(e) => records.extend(arm_failed(item, arm, &config, &e.to_string())),
                 }
             }
-            let n = records.len();
-            store.append(stamped(records))?;
+            // Counted as stored: an arm run again only for a derived prefix that failed
+            // (`derived_pending`) is done already, and its record is not stored again.
+            let n = store.append(stamped(records))?;
             on_result(n);
         }
     }
