@@ -243,6 +243,34 @@ fn four_shards_merged_equal_one_unsharded_run() {
         "{:?}",
         across.warnings
     );
+    // Another experiment's generator (the testbed at another difficulty) is refused,
+    // naming the setting and both values, not warned about as if only paths differed.
+    let testbed = |dir: &std::path::Path, difficulty: f32| {
+        let json = serde_json::json!({
+            "width": 256,
+            "generator": { "testbed": { "difficulty": difficulty, "contrast": 1.0 } },
+        });
+        std::fs::write(dir.join("settings.json"), json.to_string()).unwrap();
+    };
+    for dir in &shard_dirs {
+        testbed(dir, 0.8);
+    }
+    assert!(merge_shards(&shard_dirs, &dir.path().join("same"))
+        .unwrap()
+        .warnings
+        .is_empty());
+    testbed(&shard_dirs[1], 0.9);
+    let err = merge_shards(&shard_dirs, &dir.path().join("other-experiment"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`generator.testbed.difficulty` 0.8 there, 0.9 here")
+            && err.contains("shard1"),
+        "{err}"
+    );
+    for (i, dir) in shard_dirs.iter().enumerate() {
+        settings(dir, 256, &format!("/node{i}/flux"));
+    }
     settings(&shard_dirs[2], 512, "/node2/flux");
     let err = merge_shards(&shard_dirs, &dir.path().join("mixed"))
         .unwrap_err()

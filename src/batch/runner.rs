@@ -609,9 +609,11 @@ pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Merged, Engine
 }
 
 /// Refuses shards run with other settings (`settings.json`: width, strategy, mean budget,
-/// judge): one summary would mix their results as if one batch had made them. A generator
-/// that differs is a warning only: its identity holds file paths, which differ between the
-/// machines of one cluster job. Shards without the file (older runs) are not compared.
+/// judge, and the generator's settings: the testbed's difficulty and contrast, FLUX's
+/// dtype, format, LoRA scale, guidance...): one summary would mix two experiments' results
+/// as if one batch had made them. A generator whose file paths alone differ is a warning:
+/// the machines of one cluster job hold the same weights at other paths. Shards without
+/// the file (older runs) are not compared.
 fn mixed_settings(shard_dirs: &[PathBuf]) -> Result<Vec<String>, EngineError> {
     use crate::fsio::settings::{changed_settings, SETTINGS_FILE};
     let mut shards = shard_dirs
@@ -625,14 +627,32 @@ fn mixed_settings(shard_dirs: &[PathBuf]) -> Result<Vec<String>, EngineError> {
         let settings: serde_json::Map<String, serde_json::Value> =
             crate::fsio::read_json(&dir.join(SETTINGS_FILE))
                 .map_err(|e| EditError::Invalid(e.to_string()))?;
-        let (generator, others): (Vec<_>, Vec<_>) =
+        let (generator, mut others): (Vec<_>, Vec<_>) =
             changed_settings(&first.join(SETTINGS_FILE), &settings)?
                 .into_iter()
-                .partition(|(key, _)| key == "generator");
-        let named = |changed: &[(String, serde_json::Value)]| {
+                .map(|(key, then)| {
+                    let now = settings[&key].clone();
+                    (key, then, now)
+                })
+                .partition(|(key, _, _)| key == "generator");
+        // The generator's settings apart from its paths: each differing one is refused by
+        // its own name.
+        let mut paths = Vec::new();
+        for (_, then, now) in generator {
+            for (key, then, now) in differing_leaves("generator", &then, &now) {
+                if is_weight_path(&key) {
+                    paths.push((key, then, now));
+                } else {
+                    others.push((key, then, now));
+                }
+            }
+        }
+        let named = |changed: &[(String, serde_json::Value, serde_json::Value)]| {
             changed
                 .iter()
-                .map(|(key, then)| format!("`{key}` {then} there, {} here", settings[key]))
+                .map(|(key, then, now)| {
+                    format!("`{key}` {} there, {} here", shown(then), shown(now))
+                })
                 .collect::<Vec<_>>()
                 .join("; ")
         };
@@ -645,16 +665,67 @@ fn mixed_settings(shard_dirs: &[PathBuf]) -> Result<Vec<String>, EngineError> {
             ))
             .into());
         }
-        if !generator.is_empty() {
+        if !paths.is_empty() {
             warnings.push(format!(
-                "shard folder {} names its generator otherwise than {} (other weight paths on another machine, or other weights?): {}",
+                "shard folder {} names the `generator`'s files at other paths than {} (the same weights on another machine, or other weights?): {}",
                 dir.display(),
                 first.display(),
-                named(&generator)
+                named(&paths)
             ));
         }
     }
     Ok(warnings)
+}
+
+/// The leaves of two JSON values that differ, as (dotted key under `prefix`, then, now); a
+/// leaf one side lacks is `null` there.
+fn differing_leaves(
+    prefix: &str,
+    then: &serde_json::Value,
+    now: &serde_json::Value,
+) -> Vec<(String, serde_json::Value, serde_json::Value)> {
+    use serde_json::Value;
+    match (then, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            keys.into_iter()
+                .flat_map(|key| {
+                    differing_leaves(
+                        &format!("{prefix}.{key}"),
+                        a.get(key).unwrap_or(&Value::Null),
+                        b.get(key).unwrap_or(&Value::Null),
+                    )
+                })
+                .collect()
+        }
+        _ if then == now => Vec::new(),
+        _ => vec![(prefix.to_string(), then.clone(), now.clone())],
+    }
+}
+
+/// Whether a generator setting (a key of [`differing_leaves`]) names where weights are,
+/// not what they are: FLUX's files and folders, and its LoRA (a file, or a released one's
+/// name).
+fn is_weight_path(key: &str) -> bool {
+    const PATHS: [&str; 6] = [
+        "model_dir",
+        "transformer",
+        "vae",
+        "text_encoders",
+        "t5",
+        "lora",
+    ];
+    key.strip_prefix("generator.flux.")
+        .is_some_and(|field| PATHS.contains(&field))
+}
+
+/// A setting's value as a message shows it: an `f32` stored as JSON's `f64`
+/// (`0.8999999761581421`) as the `f32` it was (`0.9`).
+fn shown(value: &serde_json::Value) -> String {
+    match value.as_f64() {
+        Some(f) if value.is_f64() && f64::from(f as f32) == f => format!("{}", f as f32),
+        _ => value.to_string(),
+    }
 }
 
 /// Which shards of the split(s) the records do not cover.
