@@ -684,6 +684,79 @@ fn a_derived_best_of_n_whose_candidates_were_all_unscored_is_a_failure() {
     assert_eq!(keys.len(), 10 * 5);
 }
 
+/// Runs `eval` into `out` and sends it SIGINT once `results.jsonl` holds `at_least` lines
+/// (read on the binary's log of each fsynced append, not on a clock); its exit code and
+/// stderr.
+fn interrupted_at(suite: &Path, out: &Path, at_least: usize) -> (Option<i32>, String) {
+    let mut child = eval(suite, out)
+        .env("RUST_LOG", "error,icedit_scale::stored=debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut stderr = String::new();
+    for line in log.by_ref() {
+        let line = line.unwrap();
+        stderr.push_str(&line);
+        stderr.push('\n');
+        if line.contains("results stored") && lines(&out.join("results.jsonl")) >= at_least {
+            break;
+        }
+    }
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    for line in log {
+        stderr.push_str(&line.unwrap());
+        stderr.push('\n');
+    }
+    (child.wait().unwrap().code(), stderr)
+}
+
+/// A stopped run says how many results IT handled, not how many the folder holds (it
+/// once counted those earlier runs had finished too).
+#[test]
+fn a_stopped_eval_counts_the_results_it_handled() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = dir.path().join("suite.toml");
+    // Many items: the stop lands after the item in progress, far from the end. Judges
+    // that never fail: no failure of the first run is retried (and superseded) by the
+    // second, so the lines it adds are the results it handled.
+    let never_fails = "kind = \"testbed\"\nfailure_rate = 0.0\n";
+    std::fs::write(dir.path().join("sure.toml"), never_fails).unwrap();
+    std::fs::write(
+        dir.path().join("sure-eval.toml"),
+        format!("{never_fails}seed = 1\n"),
+    )
+    .unwrap();
+    let text = SUITE
+        .replace("edits = 10", "edits = 40")
+        .replace(
+            "[selection_judge]\njudge = \"testbed\"\nseed = 0",
+            "[selection_judge]\njudge = \"sure.toml\"",
+        )
+        .replace(
+            "[eval_judge]\njudge = \"testbed\"\nseed = 1",
+            "[eval_judge]\njudge = \"sure-eval.toml\"",
+        );
+    assert!(text.contains("sure.toml") && text.contains("sure-eval.toml"));
+    std::fs::write(&suite, text).unwrap();
+    let out = dir.path().join("out");
+    let (code, _) = interrupted_at(&suite, &out, 5);
+    assert_eq!(code, Some(4));
+    let first = lines(&out.join("results.jsonl"));
+    let (code, stderr) = interrupted_at(&suite, &out, first + 5);
+    assert_eq!(code, Some(4), "{stderr}");
+    let second = lines(&out.join("results.jsonl"));
+    assert!(second < 200, "{second}");
+    assert!(
+        stderr.contains(&format!(
+            "({} handled in this run, done, failed or invalid; {} left)",
+            second - first,
+            200 - second
+        )),
+        "{first} then {second} lines: {stderr}"
+    );
+}
+
 /// A stored result stands only for the content it was run on: an item whose image or
 /// instruction changed under the same id is run again (every arm of it), and the report
 /// equals a fresh folder's (it once kept the old results). `--report-only` leaves such an
