@@ -243,6 +243,34 @@ fn four_shards_merged_equal_one_unsharded_run() {
         "{:?}",
         across.warnings
     );
+    // Another experiment's generator (the testbed at another difficulty) is refused,
+    // naming the setting and both values, not warned about as if only paths differed.
+    let testbed = |dir: &std::path::Path, difficulty: f32| {
+        let json = serde_json::json!({
+            "width": 256,
+            "generator": { "testbed": { "difficulty": difficulty, "contrast": 1.0 } },
+        });
+        std::fs::write(dir.join("settings.json"), json.to_string()).unwrap();
+    };
+    for dir in &shard_dirs {
+        testbed(dir, 0.8);
+    }
+    assert!(merge_shards(&shard_dirs, &dir.path().join("same"))
+        .unwrap()
+        .warnings
+        .is_empty());
+    testbed(&shard_dirs[1], 0.9);
+    let err = merge_shards(&shard_dirs, &dir.path().join("other-experiment"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`generator.testbed.difficulty` 0.8 there, 0.9 here")
+            && err.contains("shard1"),
+        "{err}"
+    );
+    for (i, dir) in shard_dirs.iter().enumerate() {
+        settings(dir, 256, &format!("/node{i}/flux"));
+    }
     settings(&shard_dirs[2], 512, "/node2/flux");
     let err = merge_shards(&shard_dirs, &dir.path().join("mixed"))
         .unwrap_err()
@@ -616,6 +644,81 @@ fn a_mean_budget_holds_over_the_batch_for_adaptive_and_fixed_strategies() {
     };
     let err = block_on(run_batch(&engine(), &opts, &StopSignal::default())).unwrap_err();
     assert!(err.to_string().contains("--budget-nfe-mean 7"), "{err}");
+}
+
+/// Lines may set their own strategy: adaptive lines placed before lines of the batch's
+/// fixed strategy must not eat the share the fixed ones are sized to (the last item used
+/// to be left a few NFE and fail at every rerun). A line's own `seeds` that the budget
+/// overrides is said in its report.
+#[test]
+fn adaptive_lines_before_fixed_ones_leave_them_their_mean_and_overridden_seeds_are_noted() {
+    let dir = tempfile::tempdir().unwrap();
+    // Adaptive lines: waves of 2 probed 2 steps, one completion (4) per wave, up to 8
+    // seeds (most 32, first wave 8); a target no image reaches, so each would spend its
+    // most if allowed.
+    let adaptive = r#""strategy": "adaptive", "seeds": 8, "probe_steps": 2, "keep": 1, "wave": 2, "target": 10"#;
+    let mut lines: Vec<String> = (0..3)
+        .map(|i| {
+            format!(r#"{{"id": "ad{i}", "image": "img/{i}.png", "instruction": "edit {i}", {adaptive}}}"#)
+        })
+        .collect();
+    lines.push(r#"{"id": "five", "image": "img/3.png", "instruction": "x", "seeds": 5}"#.into());
+    let extra: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let m = manifest(dir.path(), 6, &extra);
+    // Reorder: the adaptive lines first, then the fixed ones.
+    let text = std::fs::read_to_string(&m).unwrap();
+    let (fixed, adaptive_lines): (Vec<&str>, Vec<&str>) =
+        text.lines().partition(|l| !l.contains("adaptive"));
+    std::fs::write(
+        &m,
+        format!("{}\n{}\n", adaptive_lines.join("\n"), fixed.join("\n")),
+    )
+    .unwrap();
+    // Best-of-N of 6 steps sized to a mean of 12: N = 2, 12 NFE per item.
+    let mean = 12;
+    for queue in [1, 3] {
+        let out = dir.path().join(format!("q{queue}"));
+        let opts = BatchOptions {
+            strategy: StrategyConfig {
+                kind: StrategyKind::BestOfN,
+                ..options(&m, &out, Shard::ALL).strategy
+            },
+            budget_nfe_mean: Some(mean),
+            queue,
+            ..options(&m, &out, Shard::ALL)
+        };
+        let outcome = block_on(run_batch(&engine(), &opts, &StopSignal::default())).unwrap();
+        let records = summary(&out);
+        assert_eq!((outcome.done, outcome.failed), (10, 0), "{records:?}");
+        let spent: u64 = records.iter().map(|r| r["nfe"].as_u64().unwrap()).sum();
+        assert!(
+            spent <= 10 * mean as u64,
+            "{spent} > 10 x {mean}: {records:?}"
+        );
+        for r in records.iter().filter(|r| r["strategy"] == "best-of-n") {
+            assert_eq!(r["nfe"], 12, "{r}");
+            let id = r["id"].as_str().unwrap();
+            let report: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join(format!("items/{id}/report.json"))).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(
+                report["strategy"]["budget_nfe"], 12,
+                "{id}: {}",
+                report["strategy"]
+            );
+            let notes = report["notes"].to_string();
+            if id == "five" {
+                assert_eq!(report["strategy"]["seeds"], 2);
+                assert!(
+                    notes.contains("`seeds` 5 not run") && notes.contains("--budget-nfe-mean 12"),
+                    "{notes}"
+                );
+            } else {
+                assert!(!notes.contains("`seeds`"), "{id}: {notes}");
+            }
+        }
+    }
 }
 
 /// What the command refuses before any work, naming the flag: a rerun under other settings

@@ -285,24 +285,47 @@ fn a_grid_expands_into_named_arms_and_a_mean_budget_holds_for_every_arm() {
     std::fs::write(&suite, GRID_SUITE).unwrap();
     let loaded = icedit_scale::eval::suite::Suite::load(&suite).unwrap();
     let names: Vec<&str> = loaded.arms.iter().map(|a| a.name.as_str()).collect();
-    // M = 2 above N = 1 is left out; arms are named by the values the grid gave.
+    // Arms are named by the values they run: under the mean budget of 40 NFE, fixed arms
+    // are sized to it (early-filter k = 2, M = 1: N*2 + 14 <= 40 -> N = 13; M = 2: N = 6),
+    // so the grid's N = 1 and N = 4 are one arm, not two named after N values they do not
+    // run. Adaptive keeps its N (the budget caps it per item).
     assert_eq!(
         names,
         [
             "random",
-            "early-filter-1-2-1",
-            "early-filter-4-2-1",
-            "early-filter-4-2-2",
+            "early-filter-13-2-1",
+            "early-filter-6-2-2",
             "adaptive-8-2-1-w2-t9.5"
         ]
     );
+    // The command line's budget replaces the suite's before the grid is named.
+    let flagged = icedit_scale::eval::suite::Suite::load_with_budget(&suite, Some(60)).unwrap();
+    let names: Vec<&str> = flagged.arms.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "random",
+            "early-filter-23-2-1",
+            "early-filter-16-2-2",
+            "adaptive-8-2-1-w2-t9.5"
+        ]
+    );
+    for arm in &flagged.arms {
+        let config = flagged.config(arm);
+        assert_eq!(
+            icedit_scale::eval::suite::grid_arm_name(&config),
+            arm.name,
+            "an arm's name states what it runs"
+        );
+    }
     let out = dir.path().join("out");
     assert!(eval(&suite, &out).status().unwrap().success());
     let json = comparable(&out);
     assert_eq!(json["suite"]["dataset"]["contrast"], 0.2);
     // Under the mean budget of 40 NFE, fixed arms are sized to it (early-filter k = 2,
     // M = 1: N*2 + 14 <= 40 -> N = 13) and no arm spends more than 40 on average.
-    assert_eq!(json["strategies"]["early-filter-4-2-1"]["seeds"], 13);
+    assert_eq!(json["strategies"]["early-filter-13-2-1"]["seeds"], 13);
+    assert_eq!(json["strategies"]["early-filter-6-2-2"]["seeds"], 6);
     for arm in json["arms"].as_array().unwrap() {
         let nfe = arm["nfe"].as_f64().unwrap();
         assert!(nfe <= 40.0, "{}: {nfe}", arm["arm"]);
@@ -506,18 +529,23 @@ fn picks_made_while_the_selection_judge_was_down_are_failures_a_rerun_redoes() {
     report_only.arg("--report-only");
     assert!(report_only.status().unwrap().success());
     assert_eq!(comparable(&out), failed_run);
-    // Reruns that fail again replace the failures instead of piling them up: the file
-    // holds one line per (item, arm), plus at most the last run's retries.
+    // Reruns that fail again replace the failures instead of piling them up: after each
+    // run the file holds one line per (item, arm) (3 items x 5 arms, best-of-4@2 and @3
+    // included), and the message counts what the run handled: the 12 failures it
+    // retried, not the whole suite.
     let units = lines(&out.join("results.jsonl"));
+    assert_eq!(units, 15);
     for _ in 0..3 {
-        assert_eq!(eval(&suite, &out).status().unwrap().code(), Some(3));
+        let rerun = eval(&suite, &out).stderr(Stdio::piped()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&rerun.stderr);
+        assert_eq!(rerun.status.code(), Some(3), "{stderr}");
+        assert!(
+            stderr.contains("12 of the 12 (item, arm) results this run handled failed"),
+            "{stderr}"
+        );
         assert_eq!(comparable(&out), failed_run);
+        assert_eq!(lines(&out.join("results.jsonl")), units);
     }
-    let after_reruns = lines(&out.join("results.jsonl"));
-    assert!(
-        after_reruns <= 2 * units,
-        "{units} units, {after_reruns} lines after three reruns"
-    );
     assert!(report_only.status().unwrap().success());
     assert_eq!(lines(&out.join("results.jsonl")), units);
 
@@ -756,6 +784,105 @@ fn a_derived_best_of_n_whose_candidates_were_all_unscored_is_a_failure() {
             "{r}"
         );
     }
+    // A rerun runs best-of-4 again for its failed prefixes; best-of-4's own result is
+    // done already, so it is neither stored again nor counted: the progress ends at most
+    // at its total, and the file holds one line per (item, arm).
+    let rerun = eval(&suite, &out).stderr(Stdio::piped()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&rerun.stderr);
+    assert_eq!(rerun.status.code(), Some(3), "{stderr}");
+    // The meter's last line: `eval: DONE/TOTAL in S s`.
+    let (done, total) = stderr
+        .lines()
+        .filter_map(|l| l.rsplit("eval: ").next()?.split_once(" in "))
+        .filter_map(|(count, _)| {
+            let (done, total) = count.split_once('/')?;
+            Some((done.parse::<usize>().ok()?, total.parse::<usize>().ok()?))
+        })
+        .next_back()
+        .unwrap_or_else(|| panic!("no end of progress: {stderr}"));
+    assert!(done <= total, "progress {done}/{total}");
+    let stored = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let keys: Vec<(String, String)> = stored
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|r| (r["item"].to_string(), r["arm"].to_string()))
+        .collect();
+    let unique: std::collections::HashSet<_> = keys.iter().collect();
+    assert_eq!(unique.len(), keys.len(), "a unit has two lines");
+    assert_eq!(keys.len(), 10 * 5);
+}
+
+/// Runs `eval` into `out` and sends it SIGINT once `results.jsonl` holds `at_least` lines
+/// (read on the binary's log of each fsynced append, not on a clock); its exit code and
+/// stderr.
+fn interrupted_at(suite: &Path, out: &Path, at_least: usize) -> (Option<i32>, String) {
+    let mut child = eval(suite, out)
+        .env("RUST_LOG", "error,icedit_scale::stored=debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut stderr = String::new();
+    for line in log.by_ref() {
+        let line = line.unwrap();
+        stderr.push_str(&line);
+        stderr.push('\n');
+        if line.contains("results stored") && lines(&out.join("results.jsonl")) >= at_least {
+            break;
+        }
+    }
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    for line in log {
+        stderr.push_str(&line.unwrap());
+        stderr.push('\n');
+    }
+    (child.wait().unwrap().code(), stderr)
+}
+
+/// A stopped run says how many results IT handled, not how many the folder holds (it
+/// once counted those earlier runs had finished too).
+#[test]
+fn a_stopped_eval_counts_the_results_it_handled() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = dir.path().join("suite.toml");
+    // Many items: the stop lands after the item in progress, far from the end. Judges
+    // that never fail: no failure of the first run is retried (and superseded) by the
+    // second, so the lines it adds are the results it handled.
+    let never_fails = "kind = \"testbed\"\nfailure_rate = 0.0\n";
+    std::fs::write(dir.path().join("sure.toml"), never_fails).unwrap();
+    std::fs::write(
+        dir.path().join("sure-eval.toml"),
+        format!("{never_fails}seed = 1\n"),
+    )
+    .unwrap();
+    let text = SUITE
+        .replace("edits = 10", "edits = 40")
+        .replace(
+            "[selection_judge]\njudge = \"testbed\"\nseed = 0",
+            "[selection_judge]\njudge = \"sure.toml\"",
+        )
+        .replace(
+            "[eval_judge]\njudge = \"testbed\"\nseed = 1",
+            "[eval_judge]\njudge = \"sure-eval.toml\"",
+        );
+    assert!(text.contains("sure.toml") && text.contains("sure-eval.toml"));
+    std::fs::write(&suite, text).unwrap();
+    let out = dir.path().join("out");
+    let (code, _) = interrupted_at(&suite, &out, 5);
+    assert_eq!(code, Some(4));
+    let first = lines(&out.join("results.jsonl"));
+    let (code, stderr) = interrupted_at(&suite, &out, first + 5);
+    assert_eq!(code, Some(4), "{stderr}");
+    let second = lines(&out.join("results.jsonl"));
+    assert!(second < 200, "{second}");
+    assert!(
+        stderr.contains(&format!(
+            "({} handled in this run, done, failed or invalid; {} left)",
+            second - first,
+            200 - second
+        )),
+        "{first} then {second} lines: {stderr}"
+    );
 }
 
 /// A stored result stands only for the content it was run on: an item whose image or

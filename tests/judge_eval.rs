@@ -645,6 +645,59 @@ fn hand_computed_accuracies_ties_position_bias_and_groups() {
     assert_eq!(r.cost.calls, 14);
 }
 
+/// The report's footnote says why items are not judged: a judge outage (every call
+/// failed unreached), unreadable images, or a run stopped before them are told apart (an
+/// outage was once reported as "interrupted, or their images could not be read").
+#[test]
+fn the_report_says_why_items_were_not_judged() {
+    use icedit_scale::judge::Preference::{First, Second};
+    let failed = |id: &str, reason: &str| icedit_scale::judge_eval::Judgement {
+        judged: None,
+        error: Some(reason.into()),
+        ..pair_record(id, "g", Label::A, None, None)
+    };
+    let outage = |id: &str| {
+        failed(
+            id,
+            "the judge could not be reached (HTTP 500: internal error); a rerun retries this item",
+        )
+    };
+    let order: Vec<String> = (1..=5).map(|i| format!("p{i}")).collect();
+    // An outage only: nothing was interrupted and every image could be read.
+    let records = vec![
+        pair_record("p1", "g1", Label::A, Some(First), Some(Second)),
+        outage("p2"),
+        outage("p3"),
+        pair_record("p4", "g2", Label::A, Some(First), Some(Second)),
+        pair_record("p5", "g3", Label::A, Some(First), Some(Second)),
+    ];
+    let md = JudgeEvalReport::build("hand".into(), vec![], &order, &records, 200).markdown();
+    assert!(
+        md.contains("2 items not judged (2: the judge could not be reached for any of their calls"),
+        "{md}"
+    );
+    assert!(
+        !md.contains("stopped") && !md.contains("interrupted") && !md.contains("could not be read"),
+        "{md}"
+    );
+    // Each cause counted apart: p4 never tried (a stopped run), p3 unreadable.
+    let records = vec![
+        pair_record("p1", "g1", Label::A, Some(First), Some(Second)),
+        outage("p2"),
+        failed("p3", "image b.png: cannot open: No such file or directory"),
+        pair_record("p5", "g3", Label::A, Some(First), Some(Second)),
+    ];
+    let report = JudgeEvalReport::build("hand".into(), vec![], &order, &records, 200);
+    assert_eq!(report.not_judged, ["p2", "p3", "p4"]);
+    let md = report.markdown();
+    assert!(
+        md.contains("3 items not judged (1: the judge could not be reached")
+            && md.contains("1: their images could not be read")
+            && md.contains("1: never tried (the run was stopped before them)"),
+        "{md}"
+    );
+}
+
 #[test]
 fn the_public_benchmark_layouts_run_through_a_real_local_judge() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -780,9 +833,12 @@ fn items_changed_under_the_same_id_are_judged_again() {
         rerun.contains("4 stored judgement(s) do not match") && rerun.contains("judged again"),
         "{rerun}"
     );
+    // Each new line superseded the old: one line per item as soon as the run ends (the
+    // old lines once stayed until the next start).
+    let lines = std::fs::read_to_string(out.join("judgements.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 12, "{lines}");
     judge_eval_ok("testbed:6", testbed, "64", &fresh);
     assert_eq!(results_json(&out), results_json(&fresh));
-    // Each new line superseded the old: one line per item once the log is next opened.
     let again = judge_eval_ok("testbed:6", testbed, "64", &out);
     assert!(!again.contains("do not match"), "{again}");
     let lines = std::fs::read_to_string(out.join("judgements.jsonl")).unwrap();

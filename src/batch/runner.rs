@@ -109,17 +109,17 @@ pub async fn run_batch(
     let mut reader =
         ManifestReader::open(&opts.manifest, opts.root.as_deref(), opts.strategy.clone())
             .map_err(open_err)?;
-    let pool = match opts.budget_nfe_mean {
-        Some(mean) => Some(Arc::new(
-            BudgetPool::new(total, mean, budget_floor(&opts.strategy))
-                .map_err(|e| EngineError::Strategy(format!("--budget-nfe-mean {mean}: {e}")))?,
-        )),
-        None => None,
-    };
-    let skip = |pool: &Option<Arc<BudgetPool>>| {
-        if let Some(p) = pool {
-            p.skip_item()
+    let (pool, mut fingerprints) = match opts.budget_nfe_mean {
+        Some(mean) => {
+            // Items that keep the batch's strategy could never run.
+            opts.strategy
+                .under_mean_budget(mean)
+                .map_err(|e| EngineError::Strategy(format!("--budget-nfe-mean {mean}: {e}")))?;
+            let (pool, fingerprints) =
+                fill_pool(opts, mean, &*log.lock().await).map_err(open_err)?;
+            (Some(Arc::new(pool)), fingerprints)
         }
+        None => Default::default(),
     };
     for (seen, entry) in reader.by_ref().enumerate() {
         let entry = entry.map_err(open_err)?;
@@ -160,7 +160,6 @@ pub async fn run_batch(
                         })?;
                     }
                 }
-                skip(&pool);
                 bar.inc(1);
                 continue;
             }
@@ -168,21 +167,21 @@ pub async fn run_batch(
         };
         if !opts.shard.owns(&item.spec.id) {
             outcome.other_shards += 1;
-            skip(&pool);
             bar.inc(1);
             continue;
         }
-        let content = item.fingerprint();
+        // Computed once: the pool's pass over the manifest took it already.
+        let content = fingerprints
+            .remove(&item.spec.id)
+            .unwrap_or_else(|| item.fingerprint());
         {
             let mut log = log.lock().await;
             match log
                 .get(&item.spec.id)
                 .filter(|r| r.status == ItemStatus::Ok)
             {
+                // Its spending is in the pool already (see `fill_pool`).
                 Some(done) if done.content.as_ref().is_none_or(|c| *c == content) => {
-                    if let Some(p) = &pool {
-                        p.already_spent(done.nfe);
-                    }
                     outcome.already_done += 1;
                     outcome.unchecked += done.content.is_none() as usize;
                     if done.line != item.line {
@@ -205,7 +204,10 @@ pub async fn run_batch(
         tasks.spawn(async move {
             let result = match budgeted(strategy, mean, pool.as_deref()) {
                 Ok((strategy, allowance)) => {
-                    let result = run_item(&engine, &item, strategy, width, &out).await;
+                    let notes = seeds_overridden(&item, &strategy, mean)
+                        .into_iter()
+                        .collect();
+                    let result = run_item(&engine, &item, strategy, notes, width, &out).await;
                     if let (Some(p), Some(a)) = (&pool, allowance) {
                         // A failed item with no NFE recorded failed without a report.
                         let unknown = result.status != ItemStatus::Ok && result.nfe == 0;
@@ -334,18 +336,64 @@ fn empty_result() -> ItemResult {
     }
 }
 
-/// What the pool sets aside for every item still to come: an adaptive edit's first wave.
-/// Fixed strategies need nothing set aside: each spends at most the mean.
-fn budget_floor(strategy: &StrategyConfig) -> usize {
+/// The least an item needs of a mean budget `mean`, set aside for it until it starts: a
+/// fixed strategy is sized to the mean, an adaptive edit needs its first wave (and may use
+/// more when other items leave it some).
+fn budget_need(strategy: &StrategyConfig, mean: usize) -> usize {
     match strategy.kind {
         StrategyKind::Adaptive => strategy.first_wave_nfe(),
-        _ => 0,
+        _ => mean,
     }
 }
 
+/// The pool of a batch under `--budget-nfe-mean mean`: every item of this shard is in it
+/// before any starts, with what it needs (an item finished by an earlier run for this very
+/// line with what it spent), so the items still to come are set aside what THEY need
+/// whatever the order of the lines. Also returns the fingerprints it computed (those of
+/// items with a finished record), so the run does not hash their images again.
+fn fill_pool(
+    opts: &BatchOptions,
+    mean: usize,
+    log: &SummaryLog,
+) -> std::io::Result<(BudgetPool, std::collections::HashMap<String, String>)> {
+    let pool = BudgetPool::new(mean);
+    let mut fingerprints = std::collections::HashMap::new();
+    let reader = ManifestReader::open(&opts.manifest, opts.root.as_deref(), opts.strategy.clone())?;
+    for entry in reader {
+        let Entry::Item(item) = entry? else {
+            continue;
+        };
+        if !opts.shard.owns(&item.spec.id) {
+            continue;
+        }
+        let done = log
+            .get(&item.spec.id)
+            .filter(|r| r.status == ItemStatus::Ok);
+        let finished = match done {
+            Some(done) => match &done.content {
+                // An unfingerprinted record is kept as done (see `run_batch`).
+                None => Some(done.nfe),
+                Some(stored) => {
+                    let content = item.fingerprint();
+                    let same = *stored == content;
+                    fingerprints.insert(item.spec.id.clone(), content);
+                    same.then_some(done.nfe)
+                }
+            },
+            None => None,
+        };
+        match finished {
+            Some(spent) => pool.add_finished(spent),
+            None => pool.add_item(budget_need(&item.strategy, mean)),
+        }
+    }
+    Ok((pool, fingerprints))
+}
+
 /// An item's strategy under a mean budget: every item draws its share from the pool; a
-/// fixed strategy is sized to the smaller of the mean and its share, an adaptive one gets
-/// its share as a cap (its N cut to fit when the share is below its most).
+/// fixed strategy is sized to the mean (the pool always has it: it was set aside), an
+/// adaptive one gets its share as a cap (its N cut to fit when the share is below its
+/// most).
 fn budgeted(
     strategy: StrategyConfig,
     mean: Option<usize>,
@@ -358,7 +406,7 @@ fn budgeted(
         StrategyKind::Adaptive => strategy.planned_nfe(),
         _ => mean,
     };
-    let allowance = pool.start_item(most);
+    let allowance = pool.start_item(budget_need(&strategy, mean), most);
     let fitted = match strategy.kind {
         StrategyKind::Adaptive => strategy.held_to(allowance.nfe),
         _ => strategy.fit_to_budget(mean.min(allowance.nfe)),
@@ -375,11 +423,34 @@ fn budgeted(
     }
 }
 
+/// The note an item's report carries when its line asked for a number of seeds and the
+/// mean budget ran another: the budget sets N, and the report must not let the line's
+/// value pass for what ran.
+fn seeds_overridden(item: &Item, ran: &StrategyConfig, mean: Option<usize>) -> Option<String> {
+    let mean = mean?;
+    let Some(crate::engine::Seeds::Count(asked)) = item.spec.overrides.seeds else {
+        return None;
+    };
+    (ran.seeds != asked).then(|| {
+        format!(
+            "line {}: `seeds` {asked} not run: --budget-nfe-mean {mean} sets the number of seeds, and this item's share ({} NFE) runs {} {}",
+            item.line,
+            ran.budget_nfe.unwrap_or(mean),
+            ran.kind.name(),
+            match ran.seeds {
+                1 => "with 1 seed".to_string(),
+                n => format!("with {n} seeds"),
+            }
+        )
+    })
+}
+
 /// Runs one item end to end; every failure becomes a `Failed` record with its reason.
 async fn run_item(
     engine: &Engine,
     item: &Item,
     strategy: StrategyConfig,
+    notes: Vec<String>,
     width: u32,
     out: &Path,
 ) -> ItemResult {
@@ -411,6 +482,7 @@ async fn run_item(
         Ok(r) => r,
         Err(e) => return failed(e.to_string()),
     };
+    report.notes.extend(notes);
     let rel = format!("items/{id}");
     if let Err(e) = write_outputs(&mut report, &out.join(&rel)) {
         return failed(e.to_string());
@@ -537,9 +609,11 @@ pub fn merge_shards(shard_dirs: &[PathBuf], out: &Path) -> Result<Merged, Engine
 }
 
 /// Refuses shards run with other settings (`settings.json`: width, strategy, mean budget,
-/// judge): one summary would mix their results as if one batch had made them. A generator
-/// that differs is a warning only: its identity holds file paths, which differ between the
-/// machines of one cluster job. Shards without the file (older runs) are not compared.
+/// judge, and the generator's settings: the testbed's difficulty and contrast, FLUX's
+/// dtype, format, LoRA scale, guidance...): one summary would mix two experiments' results
+/// as if one batch had made them. A generator whose file paths alone differ is a warning:
+/// the machines of one cluster job hold the same weights at other paths. Shards without
+/// the file (older runs) are not compared.
 fn mixed_settings(shard_dirs: &[PathBuf]) -> Result<Vec<String>, EngineError> {
     use crate::fsio::settings::{changed_settings, SETTINGS_FILE};
     let mut shards = shard_dirs
@@ -553,14 +627,32 @@ fn mixed_settings(shard_dirs: &[PathBuf]) -> Result<Vec<String>, EngineError> {
         let settings: serde_json::Map<String, serde_json::Value> =
             crate::fsio::read_json(&dir.join(SETTINGS_FILE))
                 .map_err(|e| EditError::Invalid(e.to_string()))?;
-        let (generator, others): (Vec<_>, Vec<_>) =
+        let (generator, mut others): (Vec<_>, Vec<_>) =
             changed_settings(&first.join(SETTINGS_FILE), &settings)?
                 .into_iter()
-                .partition(|(key, _)| key == "generator");
-        let named = |changed: &[(String, serde_json::Value)]| {
+                .map(|(key, then)| {
+                    let now = settings[&key].clone();
+                    (key, then, now)
+                })
+                .partition(|(key, _, _)| key == "generator");
+        // The generator's settings apart from its paths: each differing one is refused by
+        // its own name.
+        let mut paths = Vec::new();
+        for (_, then, now) in generator {
+            for (key, then, now) in differing_leaves("generator", &then, &now) {
+                if is_weight_path(&key) {
+                    paths.push((key, then, now));
+                } else {
+                    others.push((key, then, now));
+                }
+            }
+        }
+        let named = |changed: &[(String, serde_json::Value, serde_json::Value)]| {
             changed
                 .iter()
-                .map(|(key, then)| format!("`{key}` {then} there, {} here", settings[key]))
+                .map(|(key, then, now)| {
+                    format!("`{key}` {} there, {} here", shown(then), shown(now))
+                })
                 .collect::<Vec<_>>()
                 .join("; ")
         };
@@ -573,16 +665,67 @@ fn mixed_settings(shard_dirs: &[PathBuf]) -> Result<Vec<String>, EngineError> {
             ))
             .into());
         }
-        if !generator.is_empty() {
+        if !paths.is_empty() {
             warnings.push(format!(
-                "shard folder {} names its generator otherwise than {} (other weight paths on another machine, or other weights?): {}",
+                "shard folder {} names the `generator`'s files at other paths than {} (the same weights on another machine, or other weights?): {}",
                 dir.display(),
                 first.display(),
-                named(&generator)
+                named(&paths)
             ));
         }
     }
     Ok(warnings)
+}
+
+/// The leaves of two JSON values that differ, as (dotted key under `prefix`, then, now); a
+/// leaf one side lacks is `null` there.
+fn differing_leaves(
+    prefix: &str,
+    then: &serde_json::Value,
+    now: &serde_json::Value,
+) -> Vec<(String, serde_json::Value, serde_json::Value)> {
+    use serde_json::Value;
+    match (then, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            keys.into_iter()
+                .flat_map(|key| {
+                    differing_leaves(
+                        &format!("{prefix}.{key}"),
+                        a.get(key).unwrap_or(&Value::Null),
+                        b.get(key).unwrap_or(&Value::Null),
+                    )
+                })
+                .collect()
+        }
+        _ if then == now => Vec::new(),
+        _ => vec![(prefix.to_string(), then.clone(), now.clone())],
+    }
+}
+
+/// Whether a generator setting (a key of [`differing_leaves`]) names where weights are,
+/// not what they are: FLUX's files and folders, and its LoRA (a file, or a released one's
+/// name).
+fn is_weight_path(key: &str) -> bool {
+    const PATHS: [&str; 6] = [
+        "model_dir",
+        "transformer",
+        "vae",
+        "text_encoders",
+        "t5",
+        "lora",
+    ];
+    key.strip_prefix("generator.flux.")
+        .is_some_and(|field| PATHS.contains(&field))
+}
+
+/// A setting's value as a message shows it: an `f32` stored as JSON's `f64`
+/// (`0.8999999761581421`) as the `f32` it was (`0.9`).
+fn shown(value: &serde_json::Value) -> String {
+    match value.as_f64() {
+        Some(f) if value.is_f64() && f64::from(f as f32) == f => format!("{}", f as f32),
+        _ => value.to_string(),
+    }
 }
 
 /// Which shards of the split(s) the records do not cover.

@@ -145,6 +145,7 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
         return Err(Incomplete::SomeFailed {
             failed: outcome.failed + outcome.invalid,
             total,
+            units: "items",
             summary: args.out.join("summary.jsonl"),
         }
         .into());

@@ -135,13 +135,15 @@ pub async fn study(args: StudyArgs) -> anyhow::Result<()> {
 
 /// `eval`: runs the pending (item, arm) pairs of a suite, then writes the report.
 pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
-    let mut suite = Suite::load(&args.suite)?;
-    if let Some(budget) = args.budget_nfe_mean {
-        suite.budget_nfe_mean = Some(budget);
-        suite
-            .validate()
-            .map_err(|e| EditError::Invalid(format!("--budget-nfe-mean {budget}: {e}")))?;
-    }
+    // The flag's budget replaces the suite's before its grids are expanded: grid arms are
+    // named by the N it sizes them to.
+    let suite =
+        Suite::load_with_budget(&args.suite, args.budget_nfe_mean).map_err(|e| {
+            match args.budget_nfe_mean {
+                Some(budget) => EditError::Invalid(format!("--budget-nfe-mean {budget}: {e}")),
+                None => e,
+            }
+        })?;
     if let dataset::DatasetSpec::Testbed {
         contrast: Some(contrast),
         ..
@@ -311,6 +313,11 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
         })
         .await?;
         bar.finish();
+        // One line per (item, arm) for whoever reads the file next, not only after the
+        // next start: the lines of units this run retried or redid go.
+        store
+            .compact()
+            .with_context(|| format!("compacting {}", args.out.join("results.jsonl").display()))?;
     }
     // The report covers the suite's items as it names them now: results stored for items
     // a narrowed selection or a changed dataset no longer names stay on file, unreported.
@@ -355,7 +362,7 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     let failed = store.failed_this_run();
     if finished + (failed as u64) < total {
         return Err(Incomplete::Stopped {
-            done: finished as usize,
+            done: store.handled_this_run(),
             left: (total - finished) as usize - failed,
         }
         .into());
@@ -363,7 +370,8 @@ pub async fn eval(mut args: EvalArgs) -> anyhow::Result<()> {
     if failed > 0 {
         return Err(Incomplete::SomeFailed {
             failed,
-            total: total as usize,
+            total: store.handled_this_run(),
+            units: "(item, arm) results",
             summary: args.out.join("results.jsonl"),
         }
         .into());

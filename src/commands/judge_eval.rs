@@ -144,6 +144,11 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
         })
         .await?;
         bar.finish();
+        // One line per item for whoever reads the file next, not only after the next
+        // start: the lines of items this run judged again go.
+        store.compact().with_context(|| {
+            format!("compacting {}", args.out.join("judgements.jsonl").display())
+        })?;
         counts.changed
     };
     if changed.content > 0 {
@@ -202,7 +207,7 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
     let left = report.not_judged.len().saturating_sub(unreadable);
     if left > 0 {
         return Err(Incomplete::Stopped {
-            done: cases.len() - report.not_judged.len(),
+            done: store.handled_this_run(),
             left,
         }
         .into());
@@ -210,7 +215,8 @@ pub async fn judge_eval(args: JudgeEvalArgs) -> anyhow::Result<()> {
     if unreadable > 0 {
         return Err(Incomplete::SomeFailed {
             failed: unreadable,
-            total: cases.len(),
+            total: store.handled_this_run(),
+            units: "items",
             summary: args.out.join("judgements.jsonl"),
         }
         .into());

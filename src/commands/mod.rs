@@ -37,7 +37,7 @@ pub enum Incomplete {
     /// Stopped on request before the end.
     #[error("stopped before the end ({done} handled in this run, done, failed or invalid; {left} left); run the same command again to resume")]
     Stopped {
-        /// Units finished in this run.
+        /// Units this run handled (recorded done, failed or invalid).
         done: usize,
         /// Units not started.
         left: usize,
@@ -56,12 +56,14 @@ pub enum Incomplete {
         out: std::path::PathBuf,
     },
     /// Every unit ran; some failed or were invalid.
-    #[error("{failed} of the {total} items this run handled failed or were invalid (items finished by earlier runs are not counted); the reasons are in {}", .summary.display())]
+    #[error("{failed} of the {total} {units} this run handled failed or were invalid ({units} finished by earlier runs are not counted); the reasons are in {}", .summary.display())]
     SomeFailed {
         /// Failed or invalid units.
         failed: usize,
-        /// All units of this run.
+        /// The units this run handled (recorded done, failed or invalid).
         total: usize,
+        /// What a unit is, in the plural (`items`, `(item, arm) results`).
+        units: &'static str,
         /// Where the reasons are.
         summary: std::path::PathBuf,
     },

@@ -321,14 +321,21 @@ pub async fn run_suite(
     // Best-of-N arms first, so random and the prefixes can be read from them.
     let mut order: Vec<&Arm> = suite.arms.iter().collect();
     order.sort_by_key(|a| suite.config(a).kind != StrategyKind::BestOfN);
-    // Under a mean budget each adaptive arm shares items x budget across its items.
+    // Under a mean budget each adaptive arm shares items x budget across its items: each
+    // item to run is set aside one wave, each finished one counts what it spent, wherever
+    // it lies in the item order.
     let mut pools: HashMap<&str, BudgetPool> = HashMap::new();
     if let Some(budget) = suite.budget_nfe_mean {
         for arm in &suite.arms {
             let config = suite.config(arm);
             if config.kind == StrategyKind::Adaptive {
-                let pool = BudgetPool::new(items.len(), budget, config.first_wave_nfe())
-                    .map_err(|e| anyhow::anyhow!("arm `{}`: {e}", arm.name))?;
+                let pool = BudgetPool::new(budget);
+                for item in items {
+                    match store.result(&item.id, &arm.name) {
+                        Some(done) => pool.add_finished(done.nfe),
+                        None => pool.add_item(config.first_wave_nfe()),
+                    }
+                }
                 pools.insert(arm.name.as_str(), pool);
             }
         }
@@ -336,11 +343,6 @@ pub async fn run_suite(
     for (item, content) in items.iter().zip(fingerprints) {
         if ctx.stop.is_set() {
             break;
-        }
-        for (arm, pool) in &pools {
-            if let Some(done) = store.result(&item.id, arm) {
-                pool.already_spent(done.nfe);
-            }
         }
         let pending: Vec<&Arm> = order
             .iter()
@@ -368,8 +370,8 @@ pub async fn run_suite(
                     .iter()
                     .flat_map(|a| arm_failed(item, a, &suite.config(a), &e.to_string()))
                     .collect::<Vec<_>>();
-                let n = failed.len();
-                store.append(stamped(failed))?;
+                // Counted as stored: a record of a unit done already is not a new result.
+                let n = store.append(stamped(failed))?;
                 on_result(n);
                 continue;
             }
@@ -398,7 +400,7 @@ pub async fn run_suite(
                 // An adaptive arm under a mean budget: this item's share, its N cut to fit.
                 let allowance = pools
                     .get(arm.name.as_str())
-                    .map(|p| p.start_item(config.planned_nfe()));
+                    .map(|p| p.start_item(config.first_wave_nfe(), config.planned_nfe()));
                 let strategy = match allowance {
                     Some(a) => config
                         .held_to(a.nfe)
@@ -448,8 +450,9 @@ pub async fn run_suite(
                     Err(e) => records.extend(arm_failed(item, arm, &config, &e.to_string())),
                 }
             }
-            let n = records.len();
-            store.append(stamped(records))?;
+            // Counted as stored: an arm run again only for a derived prefix that failed
+            // (`derived_pending`) is done already, and its record is not stored again.
+            let n = store.append(stamped(records))?;
             on_result(n);
         }
     }

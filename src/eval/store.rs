@@ -147,10 +147,17 @@ impl ResultStore {
         self.log.finished(&(item.to_string(), arm.to_string()))
     }
 
-    /// Appends records durably (fsync before they count); already-done ones are skipped,
-    /// and a retried (item, arm)'s record replaces its earlier failure.
-    pub fn append(&mut self, records: Vec<ArmResult>) -> std::io::Result<()> {
+    /// Appends records durably (fsync before they count) and returns how many it stored;
+    /// already-done ones are skipped, and a retried (item, arm)'s record replaces its
+    /// earlier failure.
+    pub fn append(&mut self, records: Vec<ArmResult>) -> std::io::Result<usize> {
         self.log.append(records)
+    }
+
+    /// Rewrites `results.jsonl` atomically with one line per (item, arm), without the
+    /// lines of units this run retried or redid (see [`UnitLog::compact`]).
+    pub fn compact(&mut self) -> std::io::Result<()> {
+        self.log.compact()
     }
 
     /// Sets aside the results of `items` made on other content than the items have now (`fingerprints`, in the items' order): they are run again, each new line
@@ -202,6 +209,11 @@ impl ResultStore {
     /// How many (item, arm) results this run recorded as failed.
     pub fn failed_this_run(&self) -> usize {
         self.log.failed_since_open()
+    }
+
+    /// How many (item, arm) results this run recorded, finished or failed.
+    pub fn handled_this_run(&self) -> usize {
+        self.log.recorded_since_open()
     }
 }
 

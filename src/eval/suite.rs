@@ -41,8 +41,10 @@ fn testbed() -> String {
 /// A parameter grid: one arm per combination of the values listed (a key left out takes
 /// the suite's default). Combinations the strategy refuses (M above N, a wave above N, k
 /// not below the steps) are left out, and so are names an earlier arm already has. Arms are
-/// named by family: `best-of-N`, `early-filter-N-k-M`, `tournament-N-k`,
-/// `successive-halving-N-k-M`, `adaptive-N-k-M-wW-tT`.
+/// named by family and the values they run: `best-of-N`, `early-filter-N-k-M`,
+/// `tournament-N-k`, `successive-halving-N-k-M`, `adaptive-N-k-M-wW-tT`. Under a mean
+/// budget a fixed strategy's N is the one the budget sizes it to, not the grid's, so grid
+/// points that the budget makes one configuration are one arm.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grid {
@@ -247,6 +249,16 @@ pub struct Suite {
 impl Suite {
     /// Reads and validates a suite; judge preset paths become relative to the file.
     pub fn load(path: &Path) -> Result<Self, EditError> {
+        Self::load_with_budget(path, None)
+    }
+
+    /// Reads and validates a suite whose mean budget is `budget_nfe_mean` when given (the
+    /// command line's `--budget-nfe-mean`, replacing the file's): set before the grids are
+    /// expanded, since a grid arm is named by the N the budget sizes it to.
+    pub fn load_with_budget(
+        path: &Path,
+        budget_nfe_mean: Option<usize>,
+    ) -> Result<Self, EditError> {
         let bad = |what: String| EditError::Invalid(format!("suite {}: {what}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
         let mut suite: Suite = toml::from_str(&text).map_err(|e| {
@@ -265,6 +277,9 @@ impl Suite {
             | DatasetSpec::GeditBench { path, .. } => rebase(path),
             DatasetSpec::Testbed { .. } => {}
         }
+        if budget_nfe_mean.is_some() {
+            suite.budget_nfe_mean = budget_nfe_mean;
+        }
         for judge in std::iter::once(&mut suite.selection_judge).chain(suite.eval_judge.as_mut()) {
             if judge.judge != "testbed" {
                 let mut p = PathBuf::from(&judge.judge);
@@ -277,7 +292,8 @@ impl Suite {
         Ok(suite)
     }
 
-    /// Appends the arms of every grid (see [`Grid`]).
+    /// Appends the arms of every grid (see [`Grid`]), named by what they run under the
+    /// suite's mean budget (set it first).
     pub fn expand_grids(&mut self) -> Result<(), String> {
         for (g, grid) in self.grid.clone().iter().enumerate() {
             grid.check_values()
@@ -285,8 +301,17 @@ impl Suite {
             let mut added = 0;
             for overrides in grid.combinations() {
                 let config = overrides.apply(&self.base_strategy());
-                let name = grid_arm_name(&config);
-                match config.validate() {
+                // Named by what it runs: under a mean budget a fixed strategy's N is the
+                // budget's. One that cannot fit keeps the grid's values, for `validate`
+                // to refuse by that name.
+                let sized = self
+                    .budget_nfe_mean
+                    .and_then(|budget| config.under_mean_budget(budget).ok());
+                let runs = sized.as_ref().unwrap_or(&config);
+                let name = grid_arm_name(runs);
+                // The N a budget sizes to replaces the grid's (M above the grid's N is no
+                // reason to leave a sized point out).
+                match runs.validate() {
                     // A value no strategy takes is the grid's mistake, not a combination to
                     // leave out.
                     Err(e) if e.field == StrategyField::Target => {
@@ -296,6 +321,15 @@ impl Suite {
                     Ok(()) if self.arms.iter().any(|a| a.name == name) => continue,
                     Ok(()) => {}
                 }
+                // The arm states the N it runs (the suite as reports show it), not the
+                // grid's: the budget sizes it to the same N again.
+                let overrides = match &sized {
+                    Some(sized) if sized.kind != StrategyKind::Adaptive => StrategyOverrides {
+                        seeds: Some(Seeds::Count(sized.seeds)),
+                        ..overrides
+                    },
+                    _ => overrides,
+                };
                 self.arms.push(Arm {
                     name,
                     overrides,

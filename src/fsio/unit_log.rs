@@ -4,8 +4,10 @@
 //! A finished result is final: a rerun skips its unit, unless the caller supersedes it (its
 //! input changed under the same key). A failed one stands (reports show it) until a rerun
 //! retries the unit, whose new record then takes its place. The file keeps one line per
-//! unit: superseded lines, left by runs that retried or redid a unit, are dropped when the
-//! log is next opened, so a folder rerun many times does not grow.
+//! unit: a run that retried or redid units leaves their superseded lines behind while it
+//! appends (each append is one durable write), and [`UnitLog::compact`] at its end (or the
+//! next open, after a crash) rewrites the file atomically without them, so whoever reads
+//! the file after a run finds each unit once.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -37,6 +39,8 @@ pub struct UnitLog<T: UnitResult> {
     index: HashMap<T::Key, usize>,
     /// Failures recorded since the log was opened.
     failed_since_open: usize,
+    /// Records stored since the log was opened (finished or failed).
+    recorded_since_open: usize,
 }
 
 impl<T: UnitResult> UnitLog<T> {
@@ -48,18 +52,7 @@ impl<T: UnitResult> UnitLog<T> {
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let (records, mut log) = jsonl::open::<T>(path)?;
         let lines = records.len();
-        let mut results: Vec<T> = Vec::new();
-        let mut index = HashMap::new();
-        for r in records {
-            let key = r.key();
-            match index.get(&key) {
-                None => {
-                    index.insert(key, results.len());
-                    results.push(r);
-                }
-                Some(&at) => results[at] = r,
-            }
-        }
+        let (results, index) = last_per_unit(records.into_iter());
         if results.len() < lines {
             tracing::info!(
                 "{}: dropping {} superseded line(s) of units run again",
@@ -75,7 +68,29 @@ impl<T: UnitResult> UnitLog<T> {
             results,
             index,
             failed_since_open: 0,
+            recorded_since_open: 0,
         })
+    }
+
+    /// Rewrites the file (atomically: a crash leaves the old file or the new one) with the
+    /// last line of each unit, in the order the units first appear in it, when it holds
+    /// superseded lines; what [`Self::open`] would read is unchanged. A unit set aside
+    /// ([`Self::supersede`]) and not run again keeps its line. Call it at the end of a
+    /// run, so the file holds one line per unit for whoever reads it next.
+    pub fn compact(&mut self) -> std::io::Result<()> {
+        let lines = jsonl::read::<T>(&self.path)?;
+        let count = lines.len();
+        let (kept, _) = last_per_unit(lines.into_iter());
+        if kept.len() < count {
+            tracing::info!(
+                "{}: dropping {} superseded line(s) of units run again",
+                self.path.display(),
+                count - kept.len()
+            );
+            jsonl::write(&self.path, &kept).map_err(std::io::Error::other)?;
+            self.log = jsonl::Log::reopen(&self.path)?;
+        }
+        Ok(())
     }
 
     /// The log's file.
@@ -94,16 +109,19 @@ impl<T: UnitResult> UnitLog<T> {
         r.finished().then_some(r)
     }
 
-    /// Appends records durably (fsynced before they count). Records of units already
-    /// finished are skipped; a record of a unit that failed before takes its place.
-    pub fn append(&mut self, records: Vec<T>) -> std::io::Result<()> {
+    /// Appends records durably (fsynced before they count) and returns how many it
+    /// stored. Records of units already finished are skipped; a record of a unit that
+    /// failed before takes its place.
+    pub fn append(&mut self, records: Vec<T>) -> std::io::Result<usize> {
         let fresh: Vec<T> = records
             .into_iter()
             .filter(|r| !self.is_done(&r.key()))
             .collect();
         if fresh.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
+        let stored = fresh.len();
+        self.recorded_since_open += stored;
         self.log.append(&fresh)?;
         // After the fsync: a watcher (the resume tests) may act on the records being on disk.
         tracing::debug!(target: "icedit_scale::stored", records = fresh.len(), "results stored");
@@ -120,12 +138,13 @@ impl<T: UnitResult> UnitLog<T> {
                 }
             }
         }
-        Ok(())
+        Ok(stored)
     }
 
     /// Sets the unit's result aside (its input changed): it is no longer done nor among
     /// [`Self::results`], and the next record appended for it takes its place. Its line
-    /// stays on file until then, and is dropped at the open after the new line is written.
+    /// stays on file until then, and is dropped by the [`Self::compact`] (or open) after
+    /// the new line is written.
     /// Returns the result set aside, if the unit had one.
     pub fn supersede(&mut self, key: &T::Key) -> Option<T> {
         let at = self.index.remove(key)?;
@@ -147,6 +166,33 @@ impl<T: UnitResult> UnitLog<T> {
     pub fn failed_since_open(&self) -> usize {
         self.failed_since_open
     }
+
+    /// How many results this run (since the log was opened) recorded, finished or failed:
+    /// the units it handled.
+    pub fn recorded_since_open(&self) -> usize {
+        self.recorded_since_open
+    }
+}
+
+/// The last record of each unit, in the order the units first appear, and where each
+/// unit's is.
+#[allow(clippy::type_complexity)]
+fn last_per_unit<T: UnitResult>(
+    records: impl Iterator<Item = T>,
+) -> (Vec<T>, HashMap<T::Key, usize>) {
+    let mut results: Vec<T> = Vec::new();
+    let mut index = HashMap::new();
+    for r in records {
+        let key = r.key();
+        match index.get(&key) {
+            None => {
+                index.insert(key, results.len());
+                results.push(r);
+            }
+            Some(&at) => results[at] = r,
+        }
+    }
+    (results, index)
 }
 
 #[cfg(test)]
@@ -216,8 +262,8 @@ mod tests {
                 .unwrap();
         }
         let lines = jsonl::read::<Outcome>(&path).unwrap();
-        // The last run's retry is on the file beside the previous failure until the next
-        // open drops it.
+        // Without a compaction at its end, the last run's retry is on the file beside the
+        // previous failure until the next open drops it.
         assert_eq!(
             lines,
             [
@@ -232,6 +278,65 @@ mod tests {
             jsonl::read::<Outcome>(&path).unwrap(),
             [outcome(7, true, 0), outcome(8, false, 4)]
         );
+    }
+
+    #[test]
+    fn a_run_that_compacts_at_its_end_leaves_one_line_per_unit_and_counts_what_it_handled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.jsonl");
+        let mut log = UnitLog::<Outcome>::open(&path).unwrap();
+        assert_eq!(
+            log.append(vec![
+                outcome(1, true, 0),
+                outcome(2, false, 0),
+                outcome(3, true, 0)
+            ])
+            .unwrap(),
+            3
+        );
+        log.compact().unwrap();
+        drop(log);
+
+        // The retry run: unit 2 retried, unit 3 redone (its input changed), unit 1's
+        // record skipped (finished). Its end leaves each unit once on file, as the log
+        // reads it.
+        let mut log = UnitLog::<Outcome>::open(&path).unwrap();
+        log.supersede(&3);
+        let stored = log
+            .append(vec![
+                outcome(1, true, 1),
+                outcome(2, true, 1),
+                outcome(3, true, 1),
+            ])
+            .unwrap();
+        assert_eq!(stored, 2);
+        assert_eq!(log.recorded_since_open(), 2);
+        assert_eq!(jsonl::read::<Outcome>(&path).unwrap().len(), 5);
+        log.compact().unwrap();
+        let on_file = jsonl::read::<Outcome>(&path).unwrap();
+        assert_eq!(
+            on_file,
+            [
+                outcome(1, true, 0),
+                outcome(2, true, 1),
+                outcome(3, true, 1)
+            ]
+        );
+        // Appends go on after a compaction, to the rewritten file.
+        log.supersede(&1);
+        log.append(vec![outcome(1, true, 2)]).unwrap();
+        log.compact().unwrap();
+        drop(log);
+        let log = UnitLog::<Outcome>::open(&path).unwrap();
+        assert_eq!(
+            log.results(),
+            [
+                outcome(1, true, 2),
+                outcome(2, true, 1),
+                outcome(3, true, 1)
+            ]
+        );
+        assert_eq!(jsonl::read::<Outcome>(&path).unwrap().len(), 3);
     }
 
     #[test]

@@ -91,8 +91,28 @@ pub struct JudgeEvalReport {
     pub ratings: Option<RatingAgreement>,
     /// Calls, failures, tokens, time.
     pub cost: JudgeCost,
-    /// Items not judged yet (an interrupted run) or whose images could not be read.
+    /// Items not judged yet (an interrupted run) or whose judging failed.
     pub not_judged: Vec<String>,
+    /// Of `not_judged`, those a run tried and could not judge, with why (the judge could
+    /// not be reached, or their images could not be read); the others were never tried.
+    #[serde(default)]
+    pub failed_to_judge: Vec<NotJudged>,
+}
+
+/// An item a run tried and could not judge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotJudged {
+    /// Its id.
+    pub id: String,
+    /// Why (the stored record's error).
+    pub reason: String,
+}
+
+impl NotJudged {
+    /// Whether the judge was down (every call failed unreached), not the item unreadable.
+    pub fn judge_unreached(&self) -> bool {
+        self.reason.starts_with(super::runner::JUDGE_UNREACHED)
+    }
 }
 
 impl JudgeEvalReport {
@@ -113,6 +133,20 @@ impl JudgeEvalReport {
             .collect();
         let mut not_judged = Vec::new();
         let mut judged = Vec::new();
+        let failed: BTreeMap<&str, &str> = records
+            .iter()
+            .filter_map(|r| Some((r.id.as_str(), r.error.as_deref()?)))
+            .collect();
+        let failed_to_judge = order
+            .iter()
+            .filter(|id| !by_id.contains_key(id.as_str()))
+            .filter_map(|id| {
+                Some(NotJudged {
+                    id: id.clone(),
+                    reason: failed.get(id.as_str())?.to_string(),
+                })
+            })
+            .collect();
         for id in order {
             match by_id
                 .get(id.as_str())
@@ -261,6 +295,7 @@ impl JudgeEvalReport {
             ratings,
             cost,
             not_judged,
+            failed_to_judge,
         }
     }
 
@@ -352,9 +387,28 @@ impl JudgeEvalReport {
             c.call_seconds
         ));
         if !self.not_judged.is_empty() {
+            // Say what happened: an outage, unreadable images and a stopped run are
+            // different problems with different remedies.
+            let unreached = self
+                .failed_to_judge
+                .iter()
+                .filter(|f| f.judge_unreached())
+                .count();
+            let unreadable = self.failed_to_judge.len() - unreached;
+            let untried = self.not_judged.len() - self.failed_to_judge.len();
+            let causes: Vec<String> = [
+                (unreached, "the judge could not be reached for any of their calls (an outage: see the reasons in judgements.jsonl)"),
+                (unreadable, "their images could not be read"),
+                (untried, "never tried (the run was stopped before them)"),
+            ]
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, why)| format!("{n}: {why}"))
+            .collect();
             md.push_str(&format!(
-                "\n{} items not judged (interrupted, or their images could not be read; they run on the next run): {}\n",
+                "\n{} items not judged ({}; a rerun retries them): {}\n",
                 self.not_judged.len(),
+                causes.join("; "),
                 self.not_judged
                     .iter()
                     .take(20)

@@ -49,6 +49,10 @@ fn called<T, A>(
     }
 }
 
+/// How the reason of an item stored as not judged because of an outage begins (the
+/// report counts those apart from unreadable items).
+pub const JUDGE_UNREACHED: &str = "the judge could not be reached";
+
 /// When every call of an item failed without reaching the judge, why: such an item is an
 /// outage, not a measurement of the judge, so it is stored as not judged and a rerun
 /// retries it (an endpoint that was down read as a 100% failure rate for good).
@@ -56,7 +60,7 @@ fn outage(errors: &[Option<&JudgeError>]) -> Option<String> {
     let all_unreached = errors.iter().all(|e| e.is_some_and(JudgeError::unreached));
     all_unreached.then(|| {
         format!(
-            "the judge could not be reached ({}); a rerun retries this item",
+            "{JUDGE_UNREACHED} ({}); a rerun retries this item",
             errors[0].expect("an error")
         )
     })

@@ -211,14 +211,26 @@ impl JudgementStore {
         self.settings = Some(settings);
     }
 
-    /// Appends one record durably (fsynced before it counts).
-    pub fn append(&mut self, record: Judgement) -> std::io::Result<()> {
+    /// Appends one record durably (fsynced before it counts); returns whether it was
+    /// stored (a record of an item already judged is not).
+    pub fn append(&mut self, record: Judgement) -> std::io::Result<bool> {
         if let Some(settings) = self.settings.take() {
             let path = self.out.join(crate::fsio::settings::SETTINGS_FILE);
             crate::fsio::settings::record_settings(&path, &settings)
                 .map_err(std::io::Error::other)?;
         }
-        self.log.append(vec![record])
+        Ok(self.log.append(vec![record])? > 0)
+    }
+
+    /// Rewrites `judgements.jsonl` atomically with one line per item, without the lines
+    /// of items this run judged again (see [`UnitLog::compact`]).
+    pub fn compact(&mut self) -> std::io::Result<()> {
+        self.log.compact()
+    }
+
+    /// How many items this run recorded a judgement (or a failure to judge) for.
+    pub fn handled_this_run(&self) -> usize {
+        self.log.recorded_since_open()
     }
 
     /// One record per item so far (the judged ones, and the unreadable ones not retried
