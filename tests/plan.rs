@@ -288,8 +288,12 @@ fn a_plan_that_does_not_fit_is_refused_before_any_weight_is_read() {
         stderr.contains("1.0 GB") || stderr.contains("0.0 GB"),
         "{stderr}"
     );
-    assert!(stderr.contains("Biggest parts at the peak: "), "{stderr}");
-    assert!(stderr.contains("transformer weights (dense)"), "{stderr}");
+    // The peak is the prompt's encoding, before the transformer is read: its weights are
+    // not among the parts held there.
+    assert!(stderr.contains("at its peak (encode prompt)"), "{stderr}");
+    let biggest = stderr.split("Biggest parts at the peak: ").nth(1).unwrap();
+    assert!(biggest.contains("T5 + CLIP"), "{stderr}");
+    assert!(!biggest.contains("transformer weights"), "{stderr}");
     assert!(stderr.contains("Nothing was loaded"), "{stderr}");
     assert!(!out.path().join("edit/report.json").exists());
 
@@ -450,6 +454,40 @@ fn a_refusal_names_the_single_changes_that_fit() {
             String::from_utf8_lossy(&fits.stderr)
         );
     }
+}
+
+/// A refusal names the parts held at its peak's phase and no other: at an "encode prompt"
+/// peak (q4_k weights, 512 px VAE tiles) the transformer is read only after the prompt is
+/// encoded, so its 6.7 GB are not among them (they were named as the second biggest).
+#[test]
+fn a_refusal_at_the_prompt_names_only_the_parts_resident_there() {
+    let refused = cli(&[
+        "plan",
+        "--device",
+        "cuda",
+        "--quantize",
+        "q4_k",
+        "--vae-tiling",
+        "on",
+        "--vae-tile",
+        "512",
+        "--memory-budget",
+        "8",
+    ]);
+    let stdout = String::from_utf8_lossy(&refused.stdout);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("| **peak** | **10.61** | encode prompt |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| transformer weights (q4_k) | 6.70 | once the first prompt is encoded |"),
+        "{stdout}"
+    );
+    let biggest = stderr.split("Biggest parts at the peak: ").nth(1).unwrap();
+    assert!(biggest.starts_with("T5 + CLIP weights ~9.8 GB"), "{stderr}");
+    assert!(!biggest.contains("transformer"), "{stderr}");
 }
 
 /// `--keep-text-encoders` holds T5 and CLIP for the whole run, so the plan counts them in
