@@ -490,6 +490,83 @@ fn a_refusal_at_the_prompt_names_only_the_parts_resident_there() {
     assert!(!biggest.contains("transformer"), "{stderr}");
 }
 
+/// A forward batches at most the candidates a strategy runs together, so the plan sizes it
+/// at the smaller of those and `--batch-size` (it took `--batch-size` alone, and refused a
+/// one-candidate `random` run kept at `--batch-size 64`); a `--budget-nfe` that sets N sets
+/// it too, and the refusal's `--batch-size` advice starts below what really runs.
+#[test]
+fn the_forward_is_planned_at_the_candidates_run_together() {
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--device",
+            "cuda",
+            "--quantize",
+            "q4_k",
+            "--text-device",
+            "cpu",
+            "--batch-size",
+            "64",
+        ];
+        args.extend(extra);
+        let result = cli(&args);
+        (
+            result.status.code(),
+            String::from_utf8_lossy(&result.stdout).to_string(),
+            String::from_utf8_lossy(&result.stderr).to_string(),
+        )
+    };
+    for (strategy, batch) in [
+        (&["--strategy", "random"][..], 1),
+        (&["--seeds", "2"][..], 2),
+        (&["--strategy", "tournament", "--seeds", "3"][..], 3),
+        // Adaptive: a wave's probes or the M completed after it.
+        (
+            &[
+                "--strategy",
+                "adaptive",
+                "--seeds",
+                "16",
+                "--wave",
+                "6",
+                "--keep",
+                "2",
+            ][..],
+            6,
+        ),
+        // 100 NFE of 50 steps with k = 4 and M = 2: N = 2.
+        (&["--budget-nfe", "100"][..], 2),
+    ] {
+        let mut args = strategy.to_vec();
+        args.extend(["--memory-budget", "80"]);
+        let (code, stdout, stderr) = plan(&args);
+        assert_eq!(code, Some(0), "{strategy:?}: {stdout}{stderr}");
+        assert!(
+            stdout.contains(&format!("| transformer forward (batch {batch}) |")),
+            "{strategy:?}: {stdout}"
+        );
+    }
+    // One candidate fits 12 GB whatever --batch-size says (its decode peaks at 11.53 GB).
+    let (code, stdout, stderr) = plan(&["--strategy", "random", "--memory-budget", "12"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    // Nothing to gain from a smaller batch: the advice does not name one.
+    let (code, _, stderr) = plan(&["--strategy", "random", "--memory-budget", "10"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(!stderr.contains("--batch-size"), "{stderr}");
+    // 32 seeds run 32 together: 11.64 GB at the denoise. Over 11.6 GB the advice halves
+    // from 32 (it was --batch-size 32, which changes nothing for 32 candidates).
+    let (code, stdout, _) = plan(&["--seeds", "32", "--memory-budget", "12"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("| **peak** | **11.64** | denoise |"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = plan(&["--seeds", "32", "--memory-budget", "11.6"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("try --batch-size 16"), "{stderr}");
+    assert!(!stderr.contains("--batch-size 32"), "{stderr}");
+}
+
 /// `--keep-text-encoders` holds T5 and CLIP for the whole run, so the plan counts them in
 /// every phase (it counted them only while the prompt is encoded, and passed a q8_0 edit
 /// on 24 GB that needs ~27 GB at its decode), and its advice names dropping the flag.

@@ -132,6 +132,10 @@ pub struct Workload {
     /// The step cache of each strategy the command runs that has one, with the most
     /// candidates holding one at once; the plan counts the largest.
     pub step_caches: Vec<(StepCache, usize)>,
+    /// The most candidates the strategies advance together (one forward takes at most
+    /// `--batch-size` of them), the plan's forward batch; `None` where requests choose their
+    /// own strategy (a batch's manifest lines, a server's requests): `--batch-size` itself.
+    pub candidates_together: Option<usize>,
 }
 
 impl Workload {
@@ -152,6 +156,16 @@ impl Workload {
                 .filter(|s| s.cache.is_on())
                 .map(|s| (s.cache, s.cached_candidates()))
                 .collect(),
+            candidates_together: strategies.iter().map(|s| s.candidates_together()).max(),
+        }
+    }
+
+    /// This workload with strategies the plan cannot know in advance (a manifest line's or
+    /// a request's own seeds): its forwards are planned at `--batch-size`.
+    pub fn with_any_candidates(self) -> Self {
+        Self {
+            candidates_together: None,
+            ..self
         }
     }
 }
@@ -488,7 +502,10 @@ impl FluxSpec {
             format: self.hold_as.unwrap_or(stored),
             dtype: self.dtype,
             cuda: matches!(self.device, DeviceName::Cuda(_)),
-            batch: self.max_batch,
+            // A forward batches at most `--batch-size` of the candidates run together.
+            batch: workload
+                .candidates_together
+                .map_or(self.max_batch, |n| n.clamp(1, self.max_batch)),
             panel: workload.panel,
             t5_tokens: self.t5_tokens,
             // A random-weights model runs no text encoders.
