@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::{cli, copy_dir};
+use support::{cli, cli_env, copy_dir};
 
 use candle_core::DType;
 use icedit_scale::models::bench::RandomWeights;
@@ -891,4 +891,98 @@ fn a_plan_for_a_device_that_cannot_be_opened_here_still_prints() {
     assert_eq!(result.status.code(), Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("**peak**"), "{stdout}");
     assert!(stdout.contains("give --memory-budget"), "{stdout}");
+}
+
+/// Writes a safetensors file of `tensors` (bf16) holding their header only: the plan reads
+/// no more, so a full-size transformer's shapes cost a few hundred bytes.
+fn header_only_safetensors(path: &std::path::Path, tensors: &[(&str, &[usize])]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, shape) in tensors {
+        let bytes = 2 * shape.iter().product::<usize>();
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let header = serde_json::Value::Object(header).to_string();
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header.as_bytes());
+    std::fs::write(path, file).unwrap();
+}
+
+/// `plan` refuses the weights `edit` refuses, in its words, instead of planning something
+/// else: a model folder that does not exist (named by the flag or ICEDIT_MODEL_DIR) or
+/// holds no transformer, a folder config that does not fit the named transformer's
+/// weights, and a transformer that is not a Fill model for the VAE (FLUX.1 [dev]).
+#[test]
+fn plan_refuses_the_weights_edit_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |env: &[(&str, &str)], args: &[&str], expected: &str| {
+        let mut all = vec!["plan", "--device", "cuda", "--memory-budget", "80"];
+        all.extend(args);
+        let result = cli_env(env, &all);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+    let nope = dir.path().join("nope");
+    let nope = nope.to_str().unwrap();
+    refused(
+        &[],
+        &["--model-dir", nope],
+        &format!("weights {nope}: not found (model folder)"),
+    );
+    refused(
+        &[("ICEDIT_MODEL_DIR", nope)],
+        &[],
+        &format!("weights {nope}: not found (model folder)"),
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    refused(
+        &[],
+        &["--model-dir", empty.to_str().unwrap()],
+        "transformer: not found (transformer weights)",
+    );
+    // A full-size transformer's input embedder beside the tiny folder's own config.
+    let wide = dir.path().join("wide.safetensors");
+    header_only_safetensors(&wide, &[("img_in.weight", &[3072, 384])]);
+    refused(
+        &[],
+        &[
+            "--model-dir",
+            "tests/fixtures/flux/tiny",
+            "--transformer",
+            wide.to_str().unwrap(),
+        ],
+        "are not those of the transformer's `img_in.weight` [3072, 384]",
+    );
+    // A BFL FLUX.1 [dev] file (64 input channels) with the tiny folder's text encoders and
+    // VAE: its config is read from its weights, and it takes no Fill conditioning.
+    let dev = dir.path().join("flux1-dev.safetensors");
+    header_only_safetensors(
+        &dev,
+        &[
+            ("img_in.weight", &[256, 64]),
+            ("txt_in.weight", &[256, 32]),
+            ("vector_in.in_layer.weight", &[256, 32]),
+            ("final_layer.linear.weight", &[64, 256]),
+            ("double_blocks.0.img_attn.norm.query_norm.scale", &[128]),
+            ("single_blocks.0.linear1.weight", &[1792, 256]),
+        ],
+    );
+    refused(
+        &[],
+        &[
+            "--transformer",
+            dev.to_str().unwrap(),
+            "--text-encoders",
+            "tests/fixtures/flux/tiny",
+            "--vae",
+            "tests/fixtures/flux/tiny/vae/diffusion_pytorch_model.safetensors",
+        ],
+        "in_channels 64 is not a Fill model for this VAE",
+    );
 }
