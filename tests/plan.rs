@@ -377,6 +377,9 @@ fn plan_prints_the_parts_and_says_what_would_fit() {
         "q8_0",
         "--text-device",
         "cpu",
+        // T5 on the CPU is checked against host memory: not this machine's here.
+        "--host-memory-budget",
+        "64",
         "--judge",
         judge,
     ]);
@@ -505,6 +508,9 @@ fn the_forward_is_planned_at_the_candidates_run_together() {
             "q4_k",
             "--text-device",
             "cpu",
+            // T5 on the CPU is checked against host memory: not this machine's here.
+            "--host-memory-budget",
+            "64",
             "--batch-size",
             "64",
         ];
@@ -565,6 +571,68 @@ fn the_forward_is_planned_at_the_candidates_run_together() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("try --batch-size 16"), "{stderr}");
     assert!(!stderr.contains("--batch-size 32"), "{stderr}");
+}
+
+/// T5 and CLIP on the CPU beside a GPU (`--text-device cpu`) hold ~19.6 GB of host memory
+/// in f32: the plan shows that share on a line of its own and checks it against the host's
+/// memory, refusing with the lighter choices (a GGUF T5), and advises `--text-device cpu`
+/// only where the host has room (it showed 0.00, checked nothing, and advised it anyway).
+#[test]
+fn text_encoders_on_the_cpu_are_checked_against_host_memory() {
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["plan", "--device", "cuda"];
+        args.extend(extra);
+        let result = cli(&args);
+        (
+            result.status.code(),
+            String::from_utf8_lossy(&result.stdout).to_string(),
+            String::from_utf8_lossy(&result.stderr).to_string(),
+        )
+    };
+    let on_cpu = [
+        "--quantize",
+        "q8_0",
+        "--text-device",
+        "cpu",
+        "--memory-budget",
+        "24",
+    ];
+    let (code, stdout, stderr) = plan(&[&on_cpu[..], &["--host-memory-budget", "32"]].concat());
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("| T5 + CLIP on the host (f32, --text-device cpu) | 19.63 |"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = plan(&[&on_cpu[..], &["--host-memory-budget", "16"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "need ~19.6 GB of host memory in f32, 16.0 GB allowed by --host-memory-budget"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--t5 FILE.gguf"), "{stderr}");
+    // T5 on the GPU: nothing on the host.
+    let (_, stdout, _) = plan(&["--quantize", "q8_0", "--memory-budget", "24"]);
+    assert!(!stdout.contains("on the host"), "{stdout}");
+    // An "encode prompt" peak over 10.3 GB: T5 on the CPU is the fix where the host holds
+    // it, and not advised where it does not.
+    let prompt_peak = [
+        "--quantize",
+        "q4_k",
+        "--vae-tiling",
+        "on",
+        "--vae-tile",
+        "512",
+        "--memory-budget",
+        "10.3",
+    ];
+    let (code, _, stderr) = plan(&[&prompt_peak[..], &["--host-memory-budget", "32"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("try --text-device cpu."), "{stderr}");
+    let (code, _, stderr) = plan(&[&prompt_peak[..], &["--host-memory-budget", "16"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(!stderr.contains("--text-device cpu"), "{stderr}");
 }
 
 /// `--keep-text-encoders` holds T5 and CLIP for the whole run, so the plan counts them in
@@ -687,6 +755,9 @@ fn the_plan_counts_the_step_caches_of_the_candidates_completed_together() {
             "q8_0",
             "--text-device",
             "cpu",
+            // T5 on the CPU is checked against host memory: not this machine's here.
+            "--host-memory-budget",
+            "64",
         ];
         args.extend(extra);
         let result = cli(&args);
@@ -763,6 +834,9 @@ fn the_plan_tiles_the_refine_vae_pass_when_it_needs_to() {
             "cuda",
             "--text-device",
             "cpu",
+            // T5 on the CPU is checked against host memory: not this machine's here.
+            "--host-memory-budget",
+            "64",
             "--quantize",
             "q4_k",
             "--refine",

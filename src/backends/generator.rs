@@ -74,6 +74,9 @@ pub struct FluxSpec {
     pub preview_decoder: PreviewDecoder,
     /// `--memory-budget` in GB, else the device's free memory is read.
     pub memory_budget: Option<f64>,
+    /// `--host-memory-budget` in GB, else the host's available memory is read: what T5 and
+    /// CLIP on the CPU beside a GPU generator are checked against.
+    pub host_memory_budget: Option<f64>,
     /// Tensors no model part reads: refused, or loaded and logged
     /// (`--allow-unused-weights`).
     pub unused_weights: UnusedWeights,
@@ -348,6 +351,7 @@ impl GeneratorSpec {
             tiny_decoder: args.tiny_decoder.clone(),
             preview_decoder,
             memory_budget: args.memory_budget,
+            host_memory_budget: args.host_memory_budget,
             unused_weights: UnusedWeights::Refuse,
             vae_tiling,
             vae_tile: args.vae_tile,
@@ -516,6 +520,8 @@ impl FluxSpec {
                     .unwrap_or(plan::T5_XXL_PARAMETERS + plan::CLIP_L_PARAMETERS),
             },
             text_placement: placement(self.text_device),
+            text_on_host: self.text_device == DeviceName::Cpu && self.device != DeviceName::Cpu,
+            host_available: self.host_memory().map(|(bytes, _)| bytes),
             t5_file_bytes: self
                 .paths
                 .t5
@@ -628,6 +634,16 @@ impl FluxSpec {
         Ok(plan::available::free_bytes(&device))
     }
 
+    /// `--host-memory-budget` if given, else the host's available memory (`None` when it
+    /// cannot be read): what T5 and CLIP on the CPU beside a GPU generator are checked
+    /// against.
+    pub fn host_memory(&self) -> Option<(usize, &'static str)> {
+        match self.host_memory_budget {
+            Some(budget) => Some(((budget * 1e9) as usize, "allowed by --host-memory-budget")),
+            None => plan::available::free_bytes(&candle_core::Device::Cpu),
+        }
+    }
+
     /// Makes the memory plan and refuses it when its peak exceeds `--memory-budget` or the
     /// device's free memory, before any weight is read (or fetched). Without weight files
     /// (and nothing to fetch) there is nothing to plan: the loader then names what is
@@ -664,6 +680,9 @@ impl FluxSpec {
         }
         if !found {
             return Ok(());
+        }
+        if let Some((host, source)) = self.host_memory() {
+            plan::check_host(&request, host, source).map_err(EditError::Invalid)?;
         }
         let Some((available, source)) = available else {
             tracing::warn!("memory plan: the device's free memory cannot be read; not checked");

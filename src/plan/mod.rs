@@ -89,6 +89,12 @@ pub struct PlanRequest {
     pub text_parameters: usize,
     /// Where the text encoders run.
     pub text_placement: Placement,
+    /// The text encoders run on the CPU beside a generator on a GPU (`--text-device cpu`):
+    /// their share is held in host memory, in f32 ([`Self::host_text_bytes`]).
+    pub text_on_host: bool,
+    /// Host memory available to text encoders on the CPU (`--host-memory-budget`, else
+    /// MemAvailable; `None`: unknown): `--text-device cpu` is advised only where they fit.
+    pub host_available: Option<usize>,
     /// Bytes of a quantized T5 file (`--t5` GGUF), held as stored instead of
     /// `text_parameters` in the compute dtype (CLIP's share is then counted dense).
     pub t5_file_bytes: Option<usize>,
@@ -193,6 +199,9 @@ pub struct MemoryPlan {
     pub peak_phase: String,
     /// Each phase the edit runs, in order, with the bytes of the parts held in it.
     pub phases: Vec<(Phase, usize)>,
+    /// Host memory of T5 and CLIP encoding on the CPU beside a GPU generator (0 when they
+    /// do not): not on the device, so not in its peak; checked by [`check_host`].
+    pub host_text_bytes: usize,
 }
 
 /// Fixed costs: on CUDA the cuBLAS workspaces and the allocator's slack beside the context
@@ -261,6 +270,26 @@ impl PlanRequest {
                 self.t5_tokens,
                 self.dtype,
             )
+    }
+
+    /// Bytes of T5 and CLIP (weights and working memory) on the CPU, f32 as they run there
+    /// (a `--t5` GGUF file as stored), whether or not they run there now.
+    fn text_bytes_on_cpu(&self) -> usize {
+        let weights = match self.t5_file_bytes {
+            Some(t5) => t5 + CLIP_L_PARAMETERS * 4,
+            None => self.text_parameters * 4,
+        };
+        weights + self.t5_tokens * 10240 * 4 * 4
+    }
+
+    /// Bytes of host memory T5 and CLIP hold when they encode on the CPU beside a GPU
+    /// generator (0 otherwise: on the generator's device they are part of its plan).
+    pub fn host_text_bytes(&self) -> usize {
+        if self.text_on_host {
+            self.text_bytes_on_cpu()
+        } else {
+            0
+        }
     }
 
     /// The phases this request runs, in order: a refine's two only with `--refine`.
@@ -503,6 +532,7 @@ impl PlanRequest {
             peak_bytes,
             peak_phase: peak.name().to_string(),
             phases: phase_bytes,
+            host_text_bytes: self.host_text_bytes(),
         }
     }
 
@@ -561,11 +591,16 @@ impl PlanRequest {
     #[allow(clippy::type_complexity)]
     fn fix_steps(&self) -> Vec<(String, Box<dyn Fn(PlanRequest) -> PlanRequest>)> {
         let mut steps: Vec<(String, Box<dyn Fn(PlanRequest) -> PlanRequest>)> = Vec::new();
-        if self.cuda && self.text_placement == Placement::Device {
+        // T5 on the CPU, where the host has room for it in f32.
+        let host_room = self
+            .host_available
+            .is_none_or(|host| self.text_bytes_on_cpu() <= host);
+        if self.cuda && self.text_placement == Placement::Device && host_room {
             steps.push((
                 "--text-device cpu".into(),
                 Box::new(|r| PlanRequest {
                     text_placement: Placement::Elsewhere,
+                    text_on_host: true,
                     ..r
                 }),
             ));
@@ -718,6 +753,12 @@ impl MemoryPlan {
             gb(self.peak_bytes),
             self.peak_phase
         ));
+        if self.host_text_bytes > 0 {
+            md.push_str(&format!(
+                "| T5 + CLIP on the host (f32, --text-device cpu) | {:.2} | host memory, while encoding the prompt; not in the device's peak |\n",
+                gb(self.host_text_bytes)
+            ));
+        }
         if let Some(free) = available {
             let verdict = if self.peak_bytes <= free {
                 "fits"
@@ -743,6 +784,27 @@ impl MemoryPlan {
             .map(|p| format!("{} ~{:.1} GB", p.name, gb(p.bytes)))
             .collect()
     }
+}
+
+/// Refuses T5 and CLIP on the CPU (`--text-device cpu` beside a GPU generator) when their
+/// f32 share exceeds the host's `available` bytes, naming the lighter choices, before
+/// anything loads (they were not checked, and the host swapped or killed the run while
+/// loading them).
+pub fn check_host(request: &PlanRequest, available: usize, source: &str) -> Result<(), String> {
+    let needed = request.host_text_bytes();
+    if needed <= available {
+        return Ok(());
+    }
+    let gguf = if request.t5_file_bytes.is_some() {
+        ""
+    } else {
+        "a GGUF T5 encoder with --t5 FILE.gguf (held as stored: a Q8_0 T5-XXL is ~5 GB), or "
+    };
+    Err(format!(
+        "memory plan: T5 + CLIP on the CPU (--text-device cpu) need ~{:.1} GB of host memory in f32, {:.1} GB {source}: try {gguf}T5 + CLIP on the GPU (drop --text-device cpu). Nothing was loaded.",
+        gb(needed),
+        gb(available)
+    ))
 }
 
 /// Refuses a plan whose peak exceeds `available` bytes, with the biggest parts and the
@@ -786,6 +848,8 @@ mod tests {
             t5_tokens: 512,
             text_parameters: T5_XXL_PARAMETERS + CLIP_L_PARAMETERS,
             text_placement: Placement::Device,
+            text_on_host: false,
+            host_available: None,
             t5_file_bytes: None,
             lora_bytes: 0,
             judge: None,
