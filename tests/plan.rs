@@ -635,6 +635,50 @@ fn text_encoders_on_the_cpu_are_checked_against_host_memory() {
     assert!(!stderr.contains("--text-device cpu"), "{stderr}");
 }
 
+/// A local judge's working memory is estimated from its model, `max_batch` and images: the
+/// 3B preset at max_batch 64 needs eight times what it needs at 8, and the 7B more than the
+/// 3B (each was a flat 1.50 GB in bf16).
+#[test]
+fn a_judges_working_memory_follows_its_preset() {
+    let dir = tempfile::tempdir().unwrap();
+    let preset = std::fs::read_to_string("judges/qwen2.5-vl-3b-local.toml").unwrap();
+    let wide = dir.path().join("wide.toml");
+    std::fs::write(
+        &wide,
+        preset
+            .replace("max_batch = 8", "max_batch = 64")
+            .replace("max_concurrency = 8", "max_concurrency = 64"),
+    )
+    .unwrap();
+    let working = |judge: &str| {
+        let result = cli(&[
+            "plan",
+            "--device",
+            "cuda",
+            "--quantize",
+            "q4_k",
+            "--judge",
+            judge,
+        ]);
+        let stdout = String::from_utf8_lossy(&result.stdout).to_string();
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("| judge working memory |"))
+            .unwrap_or_else(|| panic!("{stdout}"))
+            .to_string();
+        line.split('|')
+            .nth(2)
+            .unwrap()
+            .trim()
+            .parse::<f64>()
+            .unwrap()
+    };
+    let at_8 = working("judges/qwen2.5-vl-3b-local.toml");
+    assert_eq!(at_8, 1.37);
+    assert_eq!(working(wide.to_str().unwrap()), 10.97);
+    assert_eq!(working("judges/qwen2.5-vl-7b-local.toml"), 2.35);
+}
+
 /// `--keep-text-encoders` holds T5 and CLIP for the whole run, so the plan counts them in
 /// every phase (it counted them only while the prompt is encoded, and passed a q8_0 edit
 /// on 24 GB that needs ~27 GB at its decode), and its advice names dropping the flag.
