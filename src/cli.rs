@@ -584,6 +584,11 @@ pub struct GeneratorArgs {
     /// memory plan is checked against it before anything loads.
     #[arg(long, value_parser = memory_budget)]
     pub memory_budget: Option<f64>,
+    /// Host memory T5 and CLIP may use when they encode on the CPU beside a GPU generator
+    /// (`--text-device cpu`: f32, ~19.5 GB for FLUX's), in GB (default: what the host has
+    /// available now, MemAvailable). Checked before anything loads.
+    #[arg(long, value_parser = memory_budget)]
+    pub host_memory_budget: Option<f64>,
     /// Testbed difficulty (0 = the correct outcome dominates, 1 = failures dominate)
     /// [default: 0.5].
     #[arg(long, value_parser = unit_interval)]
@@ -644,6 +649,7 @@ impl GeneratorArgs {
             ("--vae-tiling", self.vae_tiling != defaults.vae_tiling),
             ("--vae-tile", self.vae_tile.is_some()),
             ("--memory-budget", self.memory_budget.is_some()),
+            ("--host-memory-budget", self.host_memory_budget.is_some()),
         ])
     }
 

@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::{cli, copy_dir};
+use support::{cli, cli_env, copy_dir};
 
 use candle_core::DType;
 use icedit_scale::models::bench::RandomWeights;
@@ -288,8 +288,12 @@ fn a_plan_that_does_not_fit_is_refused_before_any_weight_is_read() {
         stderr.contains("1.0 GB") || stderr.contains("0.0 GB"),
         "{stderr}"
     );
-    assert!(stderr.contains("Biggest parts at the peak: "), "{stderr}");
-    assert!(stderr.contains("transformer weights (dense)"), "{stderr}");
+    // The peak is the prompt's encoding, before the transformer is read: its weights are
+    // not among the parts held there.
+    assert!(stderr.contains("at its peak (encode prompt)"), "{stderr}");
+    let biggest = stderr.split("Biggest parts at the peak: ").nth(1).unwrap();
+    assert!(biggest.contains("T5 + CLIP"), "{stderr}");
+    assert!(!biggest.contains("transformer weights"), "{stderr}");
     assert!(stderr.contains("Nothing was loaded"), "{stderr}");
     assert!(!out.path().join("edit/report.json").exists());
 
@@ -373,6 +377,9 @@ fn plan_prints_the_parts_and_says_what_would_fit() {
         "q8_0",
         "--text-device",
         "cpu",
+        // T5 on the CPU is checked against host memory: not this machine's here.
+        "--host-memory-budget",
+        "64",
         "--judge",
         judge,
     ]);
@@ -450,6 +457,226 @@ fn a_refusal_names_the_single_changes_that_fit() {
             String::from_utf8_lossy(&fits.stderr)
         );
     }
+}
+
+/// A refusal names the parts held at its peak's phase and no other: at an "encode prompt"
+/// peak (q4_k weights, 512 px VAE tiles) the transformer is read only after the prompt is
+/// encoded, so its 6.7 GB are not among them (they were named as the second biggest).
+#[test]
+fn a_refusal_at_the_prompt_names_only_the_parts_resident_there() {
+    let refused = cli(&[
+        "plan",
+        "--device",
+        "cuda",
+        "--quantize",
+        "q4_k",
+        "--vae-tiling",
+        "on",
+        "--vae-tile",
+        "512",
+        "--memory-budget",
+        "8",
+    ]);
+    let stdout = String::from_utf8_lossy(&refused.stdout);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("| **peak** | **10.61** | encode prompt |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| transformer weights (q4_k) | 6.70 | once the first prompt is encoded |"),
+        "{stdout}"
+    );
+    let biggest = stderr.split("Biggest parts at the peak: ").nth(1).unwrap();
+    assert!(biggest.starts_with("T5 + CLIP weights ~9.8 GB"), "{stderr}");
+    assert!(!biggest.contains("transformer"), "{stderr}");
+}
+
+/// A forward batches at most the candidates a strategy runs together, so the plan sizes it
+/// at the smaller of those and `--batch-size` (it took `--batch-size` alone, and refused a
+/// one-candidate `random` run kept at `--batch-size 64`); a `--budget-nfe` that sets N sets
+/// it too, and the refusal's `--batch-size` advice starts below what really runs.
+#[test]
+fn the_forward_is_planned_at_the_candidates_run_together() {
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--device",
+            "cuda",
+            "--quantize",
+            "q4_k",
+            "--text-device",
+            "cpu",
+            // T5 on the CPU is checked against host memory: not this machine's here.
+            "--host-memory-budget",
+            "64",
+            "--batch-size",
+            "64",
+        ];
+        args.extend(extra);
+        let result = cli(&args);
+        (
+            result.status.code(),
+            String::from_utf8_lossy(&result.stdout).to_string(),
+            String::from_utf8_lossy(&result.stderr).to_string(),
+        )
+    };
+    for (strategy, batch) in [
+        (&["--strategy", "random"][..], 1),
+        (&["--seeds", "2"][..], 2),
+        (&["--strategy", "tournament", "--seeds", "3"][..], 3),
+        // Adaptive: a wave's probes or the M completed after it.
+        (
+            &[
+                "--strategy",
+                "adaptive",
+                "--seeds",
+                "16",
+                "--wave",
+                "6",
+                "--keep",
+                "2",
+            ][..],
+            6,
+        ),
+        // 100 NFE of 50 steps with k = 4 and M = 2: N = 2.
+        (&["--budget-nfe", "100"][..], 2),
+    ] {
+        let mut args = strategy.to_vec();
+        args.extend(["--memory-budget", "80"]);
+        let (code, stdout, stderr) = plan(&args);
+        assert_eq!(code, Some(0), "{strategy:?}: {stdout}{stderr}");
+        assert!(
+            stdout.contains(&format!("| transformer forward (batch {batch}) |")),
+            "{strategy:?}: {stdout}"
+        );
+    }
+    // One candidate fits 12 GB whatever --batch-size says (its decode peaks at 11.53 GB).
+    let (code, stdout, stderr) = plan(&["--strategy", "random", "--memory-budget", "12"]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    // Nothing to gain from a smaller batch: the advice does not name one.
+    let (code, _, stderr) = plan(&["--strategy", "random", "--memory-budget", "10"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(!stderr.contains("--batch-size"), "{stderr}");
+    // 32 seeds run 32 together: 11.64 GB at the denoise. Over 11.6 GB the advice halves
+    // from 32 (it was --batch-size 32, which changes nothing for 32 candidates).
+    let (code, stdout, _) = plan(&["--seeds", "32", "--memory-budget", "12"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("| **peak** | **11.64** | denoise |"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = plan(&["--seeds", "32", "--memory-budget", "11.6"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("try --batch-size 16"), "{stderr}");
+    assert!(!stderr.contains("--batch-size 32"), "{stderr}");
+}
+
+/// T5 and CLIP on the CPU beside a GPU (`--text-device cpu`) hold ~19.6 GB of host memory
+/// in f32: the plan shows that share on a line of its own and checks it against the host's
+/// memory, refusing with the lighter choices (a GGUF T5), and advises `--text-device cpu`
+/// only where the host has room (it showed 0.00, checked nothing, and advised it anyway).
+#[test]
+fn text_encoders_on_the_cpu_are_checked_against_host_memory() {
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["plan", "--device", "cuda"];
+        args.extend(extra);
+        let result = cli(&args);
+        (
+            result.status.code(),
+            String::from_utf8_lossy(&result.stdout).to_string(),
+            String::from_utf8_lossy(&result.stderr).to_string(),
+        )
+    };
+    let on_cpu = [
+        "--quantize",
+        "q8_0",
+        "--text-device",
+        "cpu",
+        "--memory-budget",
+        "24",
+    ];
+    let (code, stdout, stderr) = plan(&[&on_cpu[..], &["--host-memory-budget", "32"]].concat());
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("| T5 + CLIP on the host (f32, --text-device cpu) | 19.63 |"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = plan(&[&on_cpu[..], &["--host-memory-budget", "16"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "need ~19.6 GB of host memory in f32, 16.0 GB allowed by --host-memory-budget"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--t5 FILE.gguf"), "{stderr}");
+    // T5 on the GPU: nothing on the host.
+    let (_, stdout, _) = plan(&["--quantize", "q8_0", "--memory-budget", "24"]);
+    assert!(!stdout.contains("on the host"), "{stdout}");
+    // An "encode prompt" peak over 10.3 GB: T5 on the CPU is the fix where the host holds
+    // it, and not advised where it does not.
+    let prompt_peak = [
+        "--quantize",
+        "q4_k",
+        "--vae-tiling",
+        "on",
+        "--vae-tile",
+        "512",
+        "--memory-budget",
+        "10.3",
+    ];
+    let (code, _, stderr) = plan(&[&prompt_peak[..], &["--host-memory-budget", "32"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("try --text-device cpu."), "{stderr}");
+    let (code, _, stderr) = plan(&[&prompt_peak[..], &["--host-memory-budget", "16"]].concat());
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(!stderr.contains("--text-device cpu"), "{stderr}");
+}
+
+/// A local judge's working memory is estimated from its model, `max_batch` and images: the
+/// 3B preset at max_batch 64 needs eight times what it needs at 8, and the 7B more than the
+/// 3B (each was a flat 1.50 GB in bf16).
+#[test]
+fn a_judges_working_memory_follows_its_preset() {
+    let dir = tempfile::tempdir().unwrap();
+    let preset = std::fs::read_to_string("judges/qwen2.5-vl-3b-local.toml").unwrap();
+    let wide = dir.path().join("wide.toml");
+    std::fs::write(
+        &wide,
+        preset
+            .replace("max_batch = 8", "max_batch = 64")
+            .replace("max_concurrency = 8", "max_concurrency = 64"),
+    )
+    .unwrap();
+    let working = |judge: &str| {
+        let result = cli(&[
+            "plan",
+            "--device",
+            "cuda",
+            "--quantize",
+            "q4_k",
+            "--judge",
+            judge,
+        ]);
+        let stdout = String::from_utf8_lossy(&result.stdout).to_string();
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("| judge working memory |"))
+            .unwrap_or_else(|| panic!("{stdout}"))
+            .to_string();
+        line.split('|')
+            .nth(2)
+            .unwrap()
+            .trim()
+            .parse::<f64>()
+            .unwrap()
+    };
+    let at_8 = working("judges/qwen2.5-vl-3b-local.toml");
+    assert_eq!(at_8, 1.37);
+    assert_eq!(working(wide.to_str().unwrap()), 10.97);
+    assert_eq!(working("judges/qwen2.5-vl-7b-local.toml"), 2.35);
 }
 
 /// `--keep-text-encoders` holds T5 and CLIP for the whole run, so the plan counts them in
@@ -572,6 +799,9 @@ fn the_plan_counts_the_step_caches_of_the_candidates_completed_together() {
             "q8_0",
             "--text-device",
             "cpu",
+            // T5 on the CPU is checked against host memory: not this machine's here.
+            "--host-memory-budget",
+            "64",
         ];
         args.extend(extra);
         let result = cli(&args);
@@ -648,6 +878,9 @@ fn the_plan_tiles_the_refine_vae_pass_when_it_needs_to() {
             "cuda",
             "--text-device",
             "cpu",
+            // T5 on the CPU is checked against host memory: not this machine's here.
+            "--host-memory-budget",
+            "64",
             "--quantize",
             "q4_k",
             "--refine",
@@ -776,4 +1009,98 @@ fn a_plan_for_a_device_that_cannot_be_opened_here_still_prints() {
     assert_eq!(result.status.code(), Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("**peak**"), "{stdout}");
     assert!(stdout.contains("give --memory-budget"), "{stdout}");
+}
+
+/// Writes a safetensors file of `tensors` (bf16) holding their header only: the plan reads
+/// no more, so a full-size transformer's shapes cost a few hundred bytes.
+fn header_only_safetensors(path: &std::path::Path, tensors: &[(&str, &[usize])]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, shape) in tensors {
+        let bytes = 2 * shape.iter().product::<usize>();
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let header = serde_json::Value::Object(header).to_string();
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header.as_bytes());
+    std::fs::write(path, file).unwrap();
+}
+
+/// `plan` refuses the weights `edit` refuses, in its words, instead of planning something
+/// else: a model folder that does not exist (named by the flag or ICEDIT_MODEL_DIR) or
+/// holds no transformer, a folder config that does not fit the named transformer's
+/// weights, and a transformer that is not a Fill model for the VAE (FLUX.1 [dev]).
+#[test]
+fn plan_refuses_the_weights_edit_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |env: &[(&str, &str)], args: &[&str], expected: &str| {
+        let mut all = vec!["plan", "--device", "cuda", "--memory-budget", "80"];
+        all.extend(args);
+        let result = cli_env(env, &all);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+    let nope = dir.path().join("nope");
+    let nope = nope.to_str().unwrap();
+    refused(
+        &[],
+        &["--model-dir", nope],
+        &format!("weights {nope}: not found (model folder)"),
+    );
+    refused(
+        &[("ICEDIT_MODEL_DIR", nope)],
+        &[],
+        &format!("weights {nope}: not found (model folder)"),
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    refused(
+        &[],
+        &["--model-dir", empty.to_str().unwrap()],
+        "transformer: not found (transformer weights)",
+    );
+    // A full-size transformer's input embedder beside the tiny folder's own config.
+    let wide = dir.path().join("wide.safetensors");
+    header_only_safetensors(&wide, &[("img_in.weight", &[3072, 384])]);
+    refused(
+        &[],
+        &[
+            "--model-dir",
+            "tests/fixtures/flux/tiny",
+            "--transformer",
+            wide.to_str().unwrap(),
+        ],
+        "are not those of the transformer's `img_in.weight` [3072, 384]",
+    );
+    // A BFL FLUX.1 [dev] file (64 input channels) with the tiny folder's text encoders and
+    // VAE: its config is read from its weights, and it takes no Fill conditioning.
+    let dev = dir.path().join("flux1-dev.safetensors");
+    header_only_safetensors(
+        &dev,
+        &[
+            ("img_in.weight", &[256, 64]),
+            ("txt_in.weight", &[256, 32]),
+            ("vector_in.in_layer.weight", &[256, 32]),
+            ("final_layer.linear.weight", &[64, 256]),
+            ("double_blocks.0.img_attn.norm.query_norm.scale", &[128]),
+            ("single_blocks.0.linear1.weight", &[1792, 256]),
+        ],
+    );
+    refused(
+        &[],
+        &[
+            "--transformer",
+            dev.to_str().unwrap(),
+            "--text-encoders",
+            "tests/fixtures/flux/tiny",
+            "--vae",
+            "tests/fixtures/flux/tiny/vae/diffusion_pytorch_model.safetensors",
+        ],
+        "in_channels 64 is not a Fill model for this VAE",
+    );
 }

@@ -74,6 +74,9 @@ pub struct FluxSpec {
     pub preview_decoder: PreviewDecoder,
     /// `--memory-budget` in GB, else the device's free memory is read.
     pub memory_budget: Option<f64>,
+    /// `--host-memory-budget` in GB, else the host's available memory is read: what T5 and
+    /// CLIP on the CPU beside a GPU generator are checked against.
+    pub host_memory_budget: Option<f64>,
     /// Tensors no model part reads: refused, or loaded and logged
     /// (`--allow-unused-weights`).
     pub unused_weights: UnusedWeights,
@@ -132,6 +135,10 @@ pub struct Workload {
     /// The step cache of each strategy the command runs that has one, with the most
     /// candidates holding one at once; the plan counts the largest.
     pub step_caches: Vec<(StepCache, usize)>,
+    /// The most candidates the strategies advance together (one forward takes at most
+    /// `--batch-size` of them), the plan's forward batch; `None` where requests choose their
+    /// own strategy (a batch's manifest lines, a server's requests): `--batch-size` itself.
+    pub candidates_together: Option<usize>,
 }
 
 impl Workload {
@@ -152,6 +159,16 @@ impl Workload {
                 .filter(|s| s.cache.is_on())
                 .map(|s| (s.cache, s.cached_candidates()))
                 .collect(),
+            candidates_together: strategies.iter().map(|s| s.candidates_together()).max(),
+        }
+    }
+
+    /// This workload with strategies the plan cannot know in advance (a manifest line's or
+    /// a request's own seeds): its forwards are planned at `--batch-size`.
+    pub fn with_any_candidates(self) -> Self {
+        Self {
+            candidates_together: None,
+            ..self
         }
     }
 }
@@ -334,6 +351,7 @@ impl GeneratorSpec {
             tiny_decoder: args.tiny_decoder.clone(),
             preview_decoder,
             memory_budget: args.memory_budget,
+            host_memory_budget: args.host_memory_budget,
             unused_weights: UnusedWeights::Refuse,
             vae_tiling,
             vae_tile: args.vae_tile,
@@ -488,7 +506,10 @@ impl FluxSpec {
             format: self.hold_as.unwrap_or(stored),
             dtype: self.dtype,
             cuda: matches!(self.device, DeviceName::Cuda(_)),
-            batch: self.max_batch,
+            // A forward batches at most `--batch-size` of the candidates run together.
+            batch: workload
+                .candidates_together
+                .map_or(self.max_batch, |n| n.clamp(1, self.max_batch)),
             panel: workload.panel,
             t5_tokens: self.t5_tokens,
             // A random-weights model runs no text encoders.
@@ -499,6 +520,8 @@ impl FluxSpec {
                     .unwrap_or(plan::T5_XXL_PARAMETERS + plan::CLIP_L_PARAMETERS),
             },
             text_placement: placement(self.text_device),
+            text_on_host: self.text_device == DeviceName::Cpu && self.device != DeviceName::Cpu,
+            host_available: self.host_memory().map(|(bytes, _)| bytes),
             t5_file_bytes: self
                 .paths
                 .t5
@@ -611,6 +634,16 @@ impl FluxSpec {
         Ok(plan::available::free_bytes(&device))
     }
 
+    /// `--host-memory-budget` if given, else the host's available memory (`None` when it
+    /// cannot be read): what T5 and CLIP on the CPU beside a GPU generator are checked
+    /// against.
+    pub fn host_memory(&self) -> Option<(usize, &'static str)> {
+        match self.host_memory_budget {
+            Some(budget) => Some(((budget * 1e9) as usize, "allowed by --host-memory-budget")),
+            None => plan::available::free_bytes(&candle_core::Device::Cpu),
+        }
+    }
+
     /// Makes the memory plan and refuses it when its peak exceeds `--memory-budget` or the
     /// device's free memory, before any weight is read (or fetched). Without weight files
     /// (and nothing to fetch) there is nothing to plan: the loader then names what is
@@ -647,6 +680,9 @@ impl FluxSpec {
         }
         if !found {
             return Ok(());
+        }
+        if let Some((host, source)) = self.host_memory() {
+            plan::check_host(&request, host, source).map_err(EditError::Invalid)?;
         }
         let Some((available, source)) = available else {
             tracing::warn!("memory plan: the device's free memory cannot be read; not checked");

@@ -317,9 +317,24 @@ impl JudgeSpec {
         &self,
         generator_device: DeviceName,
     ) -> Result<Option<JudgeFootprint>, JudgeError> {
-        let (model, model_dir, device, dtype) = match &self.kind {
-            JudgeKind::Local(c) => (&c.model, &c.model_dir, &c.device, &c.dtype),
-            JudgeKind::Reward(p) => (&p.model, &p.model_dir, &p.device, &p.dtype),
+        // One call's prompts and the pixels of each of their two images (the source and a
+        // candidate): a local judge batches up to max_batch prompts of images capped at
+        // max_pixels (else a 512 px preview's); a reward model scores one pair a call.
+        let (model, model_dir, device, dtype, (batch, image_pixels)) = match &self.kind {
+            JudgeKind::Local(c) => (
+                &c.model,
+                &c.model_dir,
+                &c.device,
+                &c.dtype,
+                (c.max_batch.max(1), c.max_pixels.unwrap_or(PREVIEW_PIXELS)),
+            ),
+            JudgeKind::Reward(p) => (
+                &p.model,
+                &p.model_dir,
+                &p.device,
+                &p.dtype,
+                (1, p.image_pixels),
+            ),
             JudgeKind::Composite(c) => {
                 let parts = c
                     .members
@@ -346,12 +361,28 @@ impl JudgeSpec {
             return Ok(None);
         };
         let e = dtype.size_in_bytes();
+        // The checkpoint's own dimensions, else the published ones of its Hub id.
+        let dims = model_dir
+            .as_deref()
+            .and_then(checkpoint_dims)
+            .or_else(|| model.as_deref().and_then(published_dims));
+        let working_bytes = match dims {
+            Some(d) => plan::footprint::vl_judge_working_bytes(&d, batch, image_pixels, 2, e),
+            // Dimensions unknown: the presets' former flat figure (1.5 GB in bf16), which
+            // covers a 3B-7B judge at max_batch 8 with 512 px previews.
+            None => {
+                tracing::warn!(
+                    "memory plan: the dimensions of judge {} are unknown; its working memory is a flat estimate",
+                    self.name
+                );
+                750_000_000 * e
+            }
+        };
         Ok(Some(JudgeFootprint {
             name: model.clone().unwrap_or_else(|| self.name.clone()),
             parameters,
             bytes_per_parameter: e,
-            // The presets' estimate: 1-2 GB in bf16 at max_batch 8 with 512-px previews.
-            working_bytes: 750_000_000 * e,
+            working_bytes,
             placement: if device == generator_device {
                 Placement::Device
             } else {
@@ -501,6 +532,87 @@ const PUBLISHED_PARAMETERS: &[(&str, f64)] = &[
     ("Qwen/Qwen3-VL-8B-Instruct", 8.77e9),
     ("Qwen/Qwen3-VL-32B-Instruct", 33.4e9),
 ];
+
+/// Pixels of a 512 px square preview: what a judge without `max_pixels` is planned to see.
+const PREVIEW_PIXELS: usize = 512 * 512;
+
+/// The dimensions in a checkpoint folder's `config.json`, if it has a readable one.
+fn checkpoint_dims(dir: &std::path::Path) -> Option<plan::footprint::VlJudgeDims> {
+    let root = crate::hub::cache::resolve_snapshot(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let text = std::fs::read_to_string(root.join("config.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let config = crate::models::qwen_vl::config::Qwen2VlConfig::from_json(&json).ok()?;
+    Some(plan::footprint::VlJudgeDims::of_config(&config))
+}
+
+/// The published dimensions of the local judges' checkpoints (their `config.json` on the
+/// Hub), for plans made before the checkpoint is on disk: language model (hidden, layers,
+/// heads, KV heads, MLP width; heads 128 wide), vision tower (width, MLP width, patch).
+const PUBLISHED_DIMS: &[(&str, [usize; 8])] = &[
+    (
+        "Qwen/Qwen2-VL-2B-Instruct",
+        [1536, 28, 12, 2, 8960, 1280, 5120, 14],
+    ),
+    (
+        "Qwen/Qwen2-VL-7B-Instruct",
+        [3584, 28, 28, 4, 18944, 1280, 5120, 14],
+    ),
+    (
+        "Qwen/Qwen2-VL-72B-Instruct",
+        [8192, 80, 64, 8, 29568, 1280, 5120, 14],
+    ),
+    (
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        [2048, 36, 16, 2, 11008, 1280, 3420, 14],
+    ),
+    (
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        [3584, 28, 28, 4, 18944, 1280, 3420, 14],
+    ),
+    (
+        "Qwen/Qwen2.5-VL-32B-Instruct",
+        [5120, 64, 40, 8, 27648, 1280, 3420, 14],
+    ),
+    (
+        "Qwen/Qwen2.5-VL-72B-Instruct",
+        [8192, 80, 64, 8, 29568, 1280, 3420, 14],
+    ),
+    (
+        "Qwen/Qwen3-VL-2B-Instruct",
+        [2048, 28, 16, 8, 6144, 1024, 4096, 16],
+    ),
+    (
+        "Qwen/Qwen3-VL-4B-Instruct",
+        [2560, 36, 32, 8, 9728, 1024, 4096, 16],
+    ),
+    (
+        "Qwen/Qwen3-VL-8B-Instruct",
+        [4096, 36, 32, 8, 12288, 1152, 4304, 16],
+    ),
+    (
+        "Qwen/Qwen3-VL-32B-Instruct",
+        [5120, 64, 64, 8, 25600, 1152, 4304, 16],
+    ),
+];
+
+fn published_dims(model: &str) -> Option<plan::footprint::VlJudgeDims> {
+    let (_, [hidden, layers, heads, kv_heads, intermediate, vision_hidden, vision_mlp, patch]) =
+        PUBLISHED_DIMS
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(model))?;
+    Some(plan::footprint::VlJudgeDims {
+        hidden: *hidden,
+        layers: *layers,
+        heads: *heads,
+        kv_heads: *kv_heads,
+        head_dim: 128,
+        intermediate: *intermediate,
+        vision_hidden: *vision_hidden,
+        vision_intermediate: *vision_mlp,
+        patch: *patch,
+        merge: 2,
+    })
+}
 
 fn published_parameters(model: &str) -> Option<usize> {
     PUBLISHED_PARAMETERS

@@ -69,11 +69,13 @@ pub async fn batch_until(args: BatchArgs, stop: StopSignal) -> anyhow::Result<()
     crate::fsio::settings::check_settings(&args.out, settings, true)?;
     // Items' panels vary with their aspect ratios; the plan takes a square one, and the
     // batch's strategy (a line that sets its own cache is not planned).
+    // A line may set its own seeds: forwards are planned at --batch-size.
     let workload = Workload::new(
         (args.width as usize, args.width as usize),
         true,
         [&strategy],
-    );
+    )
+    .with_any_candidates();
     let engine = EngineBuilder::new(generator, judge, args.engine.download, workload)
         .allowing_unused_weights(args.engine.allow_unused_weights)
         .build_one()?;

@@ -82,6 +82,10 @@ pub fn plan(args: EditArgs) -> anyhow::Result<()> {
             "No verdict: the device's free memory is unknown here ({e}); give --memory-budget GB to check a fit."
         );
     }
+    // T5 and CLIP on the CPU beside a GPU: their host share against the host's memory.
+    if let Some((host, source)) = flux.host_memory() {
+        plan::check_host(&request, host, source).map_err(EditError::Invalid)?;
+    }
     if let Some((bytes, source)) = available {
         plan::check(&request, bytes, source).map_err(EditError::Invalid)?;
         println!(

@@ -79,7 +79,8 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
     // The server's default strategy; a request that asks for a refine or a cache of its
     // own is not planned.
     let width = crate::edit::DEFAULT_PANEL_WIDTH as usize;
-    let workload = Workload::new((width, width), true, [&defaults]);
+    // A request may ask for more seeds than the default: forwards at --batch-size.
+    let workload = Workload::new((width, width), true, [&defaults]).with_any_candidates();
     let metrics = Arc::new(Metrics::default());
     let m = metrics.clone();
     let builder = EngineBuilder {

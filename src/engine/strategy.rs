@@ -178,6 +178,19 @@ impl StrategyConfig {
             .collect()
     }
 
+    /// The most candidates this strategy advances together, which a forward batches up to
+    /// `--batch-size` of: every candidate in the first phase (best-of-N's full runs,
+    /// early-filter's and successive halving's probes, the tournament's short runs), one for
+    /// `random`; for adaptive a wave's probes or the M completed after it, whichever is
+    /// more. Later phases run fewer (survivors, the tournament's re-run), never more.
+    pub fn candidates_together(&self) -> usize {
+        let n = self.candidate_count();
+        match self.kind {
+            StrategyKind::Adaptive => self.wave.max(self.keep).min(n),
+            _ => n,
+        }
+    }
+
     /// Number of candidates actually spawned (`random` spawns one).
     pub fn candidate_count(&self) -> usize {
         let n = self.seed_list.as_ref().map_or(self.seeds, Vec::len);

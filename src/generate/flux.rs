@@ -26,7 +26,7 @@ use super::{
 use crate::edit::{crop_right_panel, make_diptych, EditContext};
 use crate::error::GenerateError;
 use crate::models::bench::RandomWeights;
-use crate::models::flux::files::EncoderFiles;
+use crate::models::flux::files::{fill_mismatch, EncoderFiles};
 use crate::models::flux::flops::ForwardFlops;
 use crate::models::flux::graph_step::StepGraphs;
 use crate::models::flux::held_weight::WeightFormat;
@@ -281,15 +281,10 @@ impl FluxGenerator {
         )?;
         let tiny = load_tiny_decoder(&options, files.vae_config.latent_channels)?;
         let vae_tiling = options.vae_tiling_for(&files.vae_config)?;
-        let cond = 4 * files.vae_config.latent_channels + 4 * files.vae_config.downscale().pow(2);
-        let needed = 4 * files.vae_config.latent_channels + cond;
-        if files.transformer_config.in_channels != needed {
+        if let Some(reason) = fill_mismatch(&files.transformer_config, &files.vae_config) {
             return Err(GenerateError::Weights {
                 path: files.transformer[0].clone(),
-                reason: format!(
-                    "in_channels {} is not a Fill model for this VAE (needs {needed}: latents + masked latents + mask)",
-                    files.transformer_config.in_channels
-                ),
+                reason,
             });
         }
         let mut generator = Self {

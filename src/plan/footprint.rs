@@ -235,6 +235,94 @@ pub fn tiled_vae_activation_bytes(
 /// over, conservatively.
 const ASSEMBLY_COPIES: usize = 1;
 
+/// The dimensions of a Qwen-VL judge (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) that its working
+/// memory depends on: the language model's, the vision tower's and its patching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VlJudgeDims {
+    /// Language model width.
+    pub hidden: usize,
+    /// Decoder layers (each keeps its keys and values).
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// MLP width of the language model.
+    pub intermediate: usize,
+    /// Vision tower width.
+    pub vision_hidden: usize,
+    /// Vision tower MLP width.
+    pub vision_intermediate: usize,
+    /// Pixels per patch side.
+    pub patch: usize,
+    /// Patches merged per side into one language-model token.
+    pub merge: usize,
+}
+
+impl VlJudgeDims {
+    /// The dimensions a checkpoint's `config.json` states.
+    pub fn of_config(c: &crate::models::qwen_vl::config::Qwen2VlConfig) -> Self {
+        Self {
+            hidden: c.text.hidden_size,
+            layers: c.text.num_hidden_layers,
+            heads: c.text.num_attention_heads,
+            kv_heads: c.text.num_key_value_heads,
+            head_dim: c.text.head_dim,
+            intermediate: c.text.intermediate_size,
+            vision_hidden: c.vision.embed_dim,
+            vision_intermediate: c.vision.mlp_hidden,
+            patch: c.vision.patch_size,
+            merge: c.vision.spatial_merge_size,
+        }
+    }
+}
+
+/// Text tokens of a judge prompt beside its images: the template, the instruction, the
+/// rubric and the answer's start (our prompts run 150-300 tokens; the larger is counted).
+pub const JUDGE_TEXT_TOKENS: usize = 300;
+
+/// Working memory of one batched call of a Qwen-VL judge: `batch` prompts of `images`
+/// images of at most `image_pixels` pixels each, activations of `e` bytes.
+///
+/// Derivation, following `models::qwen_vl`:
+/// - an image is `P = pixels / patch^2` patches, and `P / merge^2` tokens of the language
+///   model, so a prompt is `T = images * P / merge^2 + JUDGE_TEXT_TOKENS` tokens;
+/// - the vision tower runs first, over the `n = batch * images * P` patches of the call:
+///   its residual stream and the normalised, q/k/v and output copies of it (4 x `n x
+///   vision_hidden`), its MLP's hidden rows (`n x vision_intermediate`), and its attention,
+///   run a few heads of one image at a time under 16 MiB (`vision::CHUNK_BYTES`, or one
+///   head's `P x P` f32 scores when larger);
+/// - then the prefill of the language model, one layer at a time: its KV cache, complete at
+///   the last layer (`batch * layers * 2 * kv_heads * head_dim * T * e`), beside either
+///   that layer's attention, whose scores and softmax are f32 over every head
+///   (`batch * heads * T^2 * 8`, `text::masked_attention`), or its MLP (gate, up and their
+///   product: `3 x batch * T * intermediate * e`), whichever is larger, and four residual
+///   copies (`4 x batch * T * hidden * e`). Logits are taken at the last position only
+///   (`text::last_position`): `batch x vocabulary` in f32, a few MB, not counted.
+///
+/// The two do not overlap (the image embeddings handed on are a stream of the second), so
+/// the call needs the larger. Not yet measured against a run; an estimate from the shapes.
+pub fn vl_judge_working_bytes(
+    d: &VlJudgeDims,
+    batch: usize,
+    image_pixels: usize,
+    images: usize,
+    e: usize,
+) -> usize {
+    let patches = image_pixels / (d.patch * d.patch).max(1);
+    let tokens = images * patches / (d.merge * d.merge).max(1) + JUDGE_TEXT_TOKENS;
+    let rows = batch * images * patches;
+    let vision_attention = (16usize << 20).max(patches * patches * 4);
+    let vision = rows * (4 * d.vision_hidden + d.vision_intermediate) * e + vision_attention;
+    let kv_cache = batch * d.layers * 2 * d.kv_heads * d.head_dim * tokens * e;
+    let scores = batch * d.heads * tokens * tokens * 8;
+    let mlp = 3 * batch * tokens * d.intermediate * e;
+    let streams = 4 * batch * tokens * d.hidden * e;
+    vision.max(kv_cache + scores.max(mlp) + streams)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +378,45 @@ mod tests {
         assert!((gb(WeightFormat::Quantized(GgmlDType::Q8_0)) - 12.8).abs() < 0.3);
         assert!((gb(WeightFormat::Quantized(GgmlDType::Q4_0)) - 6.9).abs() < 0.3);
         assert!((gb(WeightFormat::Fp8) - 11.9).abs() < 0.2);
+    }
+
+    /// A Qwen-VL judge's working memory follows its dimensions, its batch and its images
+    /// (it was a flat 0.75 GB x dtype bytes for any of them).
+    #[test]
+    fn a_judges_working_memory_follows_its_model_batch_and_images() {
+        // Qwen2.5-VL-3B's config.json.
+        let qwen25_3b = VlJudgeDims {
+            hidden: 2048,
+            layers: 36,
+            heads: 16,
+            kv_heads: 2,
+            head_dim: 128,
+            intermediate: 11008,
+            vision_hidden: 1280,
+            vision_intermediate: 3420,
+            patch: 14,
+            merge: 2,
+        };
+        let bytes = |d: &VlJudgeDims, batch, pixels| vl_judge_working_bytes(d, batch, pixels, 2, 2);
+        // Two 512 px images a prompt: 2 x 334 image tokens + 300 = 968 tokens. At batch 8
+        // the f32 scores of one layer (8 x 16 x 968^2 x 8 bytes = 0.96 GB) lead, beside the
+        // KV cache (0.29 GB) and the streams (0.13 GB): the presets' "1-2 GB".
+        let at_8 = bytes(&qwen25_3b, 8, 512 * 512);
+        assert_eq!(at_8, 959_512_576 + 285_474_816 + 126_877_696);
+        // Eight times the prompts: eight times the memory.
+        assert_eq!(bytes(&qwen25_3b, 64, 512 * 512), 8 * at_8);
+        // Smaller images, less.
+        assert!(bytes(&qwen25_3b, 8, 256 * 256) < at_8 / 2);
+        // A wider model with more layers and heads, more.
+        let qwen25_7b = VlJudgeDims {
+            hidden: 3584,
+            layers: 28,
+            heads: 28,
+            kv_heads: 4,
+            intermediate: 18944,
+            ..qwen25_3b
+        };
+        assert!(bytes(&qwen25_7b, 8, 512 * 512) > at_8);
     }
 
     #[test]

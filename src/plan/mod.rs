@@ -6,9 +6,14 @@
 //!
 //! The phases of one edit, in the order the generator runs them (see `generate::flux`):
 //! encode the prompt (T5 and CLIP resident, then dropped), encode the diptych with the VAE,
-//! denoise (transformer forwards while the judge screens previews), decode. The judge loads
-//! on its first call, after the text encoders were dropped; in a batch the next item's
-//! prompt is encoded while the judge is resident, so there both count together.
+//! denoise (transformer forwards while the judge screens previews), decode, and with
+//! `--refine` the refine's forwards and its VAE passes. The judge loads on its first call,
+//! after the text encoders were dropped; in a batch the next item's prompt is encoded while
+//! the judge is resident, so there both count together.
+//!
+//! Each part of the plan says which phases it is held in ([`PlanPart::held_in`]), and a
+//! phase's total is the sum of those parts: the peak's parts, which a refusal names, are
+//! exactly what is resident there.
 
 pub mod available;
 pub mod footprint;
@@ -84,6 +89,12 @@ pub struct PlanRequest {
     pub text_parameters: usize,
     /// Where the text encoders run.
     pub text_placement: Placement,
+    /// The text encoders run on the CPU beside a generator on a GPU (`--text-device cpu`):
+    /// their share is held in host memory, in f32 ([`Self::host_text_bytes`]).
+    pub text_on_host: bool,
+    /// Host memory available to text encoders on the CPU (`--host-memory-budget`, else
+    /// MemAvailable; `None`: unknown): `--text-device cpu` is advised only where they fit.
+    pub host_available: Option<usize>,
     /// Bytes of a quantized T5 file (`--t5` GGUF), held as stored instead of
     /// `text_parameters` in the compute dtype (CLIP's share is then counted dense).
     pub t5_file_bytes: Option<usize>,
@@ -111,6 +122,38 @@ pub struct PlanRequest {
     pub cached_candidates: usize,
 }
 
+/// A phase of one edit, in the order the generator runs them (see the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// T5 and CLIP encode the prompt.
+    EncodePrompt,
+    /// The VAE encodes the diptych.
+    EncodeDiptych,
+    /// Transformer forwards, the judge screening previews.
+    Denoise,
+    /// The VAE decodes a candidate (the judge scoring it).
+    Decode,
+    /// The refine's forwards, one candidate at the refine size (`--refine`).
+    RefineDenoise,
+    /// The refine's VAE passes at the refine size (`--refine`).
+    Refine,
+}
+
+impl Phase {
+    /// The phase as the plan prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::EncodePrompt => "encode prompt",
+            Phase::EncodeDiptych => "encode diptych",
+            Phase::Denoise => "denoise",
+            Phase::Decode => "decode",
+            Phase::RefineDenoise => "refine denoise",
+            Phase::Refine => "refine",
+        }
+    }
+}
+
 /// One line of the plan.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanPart {
@@ -118,11 +161,31 @@ pub struct PlanPart {
     pub name: String,
     /// Bytes on the generator's device.
     pub bytes: usize,
-    /// When it is resident.
+    /// When it is resident, in words.
     pub when: String,
+    /// The phases it is held in: each phase's total is the sum of the parts held in it.
+    pub held_in: Vec<Phase>,
     /// Whether it is held in the peak's phase (what a refusal names as the biggest parts).
     #[serde(skip)]
     pub at_peak: bool,
+}
+
+impl PlanPart {
+    /// A part of `bytes` held in `phases` (`at_peak` is set once the peak is known).
+    fn held(
+        name: impl Into<String>,
+        bytes: usize,
+        when: impl Into<String>,
+        phases: &[Phase],
+    ) -> Self {
+        Self {
+            name: name.into(),
+            bytes,
+            when: when.into(),
+            held_in: phases.to_vec(),
+            at_peak: false,
+        }
+    }
 }
 
 /// The plan: the parts and the peak.
@@ -134,6 +197,11 @@ pub struct MemoryPlan {
     pub peak_bytes: usize,
     /// The phase at which the peak falls.
     pub peak_phase: String,
+    /// Each phase the edit runs, in order, with the bytes of the parts held in it.
+    pub phases: Vec<(Phase, usize)>,
+    /// Host memory of T5 and CLIP encoding on the CPU beside a GPU generator (0 when they
+    /// do not): not on the device, so not in its peak; checked by [`check_host`].
+    pub host_text_bytes: usize,
 }
 
 /// Fixed costs: on CUDA the cuBLAS workspaces and the allocator's slack beside the context
@@ -204,10 +272,61 @@ impl PlanRequest {
             )
     }
 
-    /// The plan.
+    /// Bytes of T5 and CLIP (weights and working memory) on the CPU, f32 as they run there
+    /// (a `--t5` GGUF file as stored), whether or not they run there now.
+    fn text_bytes_on_cpu(&self) -> usize {
+        let weights = match self.t5_file_bytes {
+            Some(t5) => t5 + CLIP_L_PARAMETERS * 4,
+            None => self.text_parameters * 4,
+        };
+        weights + self.t5_tokens * 10240 * 4 * 4
+    }
+
+    /// Bytes of host memory T5 and CLIP hold when they encode on the CPU beside a GPU
+    /// generator (0 otherwise: on the generator's device they are part of its plan).
+    pub fn host_text_bytes(&self) -> usize {
+        if self.text_on_host {
+            self.text_bytes_on_cpu()
+        } else {
+            0
+        }
+    }
+
+    /// The phases this request runs, in order: a refine's two only with `--refine`.
+    pub fn phases(&self) -> Vec<Phase> {
+        let mut phases = vec![
+            Phase::EncodePrompt,
+            Phase::EncodeDiptych,
+            Phase::Denoise,
+            Phase::Decode,
+        ];
+        if self.refine_panel.is_some() {
+            phases.extend([Phase::RefineDenoise, Phase::Refine]);
+        }
+        phases
+    }
+
+    /// The plan: every part with the phases it is held in, and each phase's total the sum
+    /// of the parts held in it (so the parts a refusal names at the peak are exactly those
+    /// resident there).
     pub fn plan(&self) -> MemoryPlan {
+        use Phase::*;
         let e = self.dtype.size_in_bytes();
         let on = |p: Placement, bytes: usize| if p == Placement::Device { bytes } else { 0 };
+        let phases = self.phases();
+        let every: Vec<Phase> = phases.clone();
+        let after_prompt: Vec<Phase> = phases
+            .iter()
+            .copied()
+            .filter(|&p| p != EncodePrompt)
+            .collect();
+        // The transformer (and the LoRA beside it) is read after the first prompt is encoded
+        // when T5 shares its device; a batch's later prompts find it loaded.
+        let with_transformer = if self.transformer_after_prompt && !self.text_with_judge {
+            after_prompt.clone()
+        } else {
+            every.clone()
+        };
         let transformer = transformer_weight_bytes(&self.transformer, self.format, self.dtype);
         let vae = vae_parameters(&self.vae) * e;
         // Text encoders run in f32 on a CPU, in the compute dtype on a GPU.
@@ -219,14 +338,8 @@ impl PlanRequest {
                 None => self.text_parameters * text_e,
             },
         );
-        let judge = self
-            .judge
-            .as_ref()
-            .map_or(0, |j| on(j.placement, j.parameters * j.bytes_per_parameter));
-        let judge_work = self
-            .judge
-            .as_ref()
-            .map_or(0, |j| on(j.placement, j.working_bytes));
+        // T5's working memory: a few [tokens, 4096 x 2.5] activations, small beside it.
+        let text_work = on(self.text_placement, self.t5_tokens * 10240 * 4 * text_e);
         let forward = transformer_activation_bytes(
             &self.transformer,
             self.format,
@@ -239,26 +352,127 @@ impl PlanRequest {
         // Completions hold their candidates' step caches beside each forward.
         let caches = self.step_cache_bytes();
         let (vae_pass, vae_tiled) = self.vae_pass(self.panel);
-        // T5's working memory: a few [tokens, 4096 x 2.5] activations, small beside it.
-        let text_work = on(self.text_placement, self.t5_tokens * 10240 * 4 * text_e);
         let overhead = overhead_bytes(self.cuda);
-        let resident = transformer + vae + self.lora_bytes + overhead;
-        let judge_at_prepare = if self.text_with_judge { judge } else { 0 };
+
+        let mut parts = vec![PlanPart::held(
+            format!("transformer weights ({})", self.format.name()),
+            transformer,
+            if with_transformer.contains(&EncodePrompt) {
+                "always"
+            } else {
+                "once the first prompt is encoded"
+            },
+            &with_transformer,
+        )];
+        parts.push(PlanPart::held("VAE weights", vae, "always", &every));
+        if self.lora_bytes > 0 {
+            parts.push(PlanPart::held(
+                "LoRA",
+                self.lora_bytes,
+                if with_transformer.contains(&EncodePrompt) {
+                    "always"
+                } else {
+                    "with the transformer"
+                },
+                &with_transformer,
+            ));
+        }
         // T5 and CLIP kept loaded sit beside every later phase too.
-        let kept_text = if self.text_kept { text } else { 0 };
-        // What sits beside T5 while a prompt is encoded: a batch's later prompts find the
-        // transformer and the judge loaded; a single edit's finds the transformer only when
-        // it was not deferred.
-        let beside_text = if self.text_with_judge {
-            resident + judge
-        } else if self.transformer_after_prompt {
-            vae + overhead
+        let text_phases = if self.text_kept {
+            every.clone()
         } else {
-            resident
+            vec![EncodePrompt]
         };
+        parts.push(PlanPart::held(
+            "T5 + CLIP weights",
+            text,
+            if text == 0 {
+                "not on this device"
+            } else if self.text_kept {
+                "always (--keep-text-encoders)"
+            } else {
+                "while encoding the prompt"
+            },
+            &text_phases,
+        ));
+        parts.push(PlanPart::held(
+            "T5 + CLIP working memory",
+            text_work,
+            if text_work == 0 {
+                "not on this device"
+            } else {
+                "while encoding the prompt"
+            },
+            &[EncodePrompt],
+        ));
+        if let Some(j) = &self.judge {
+            let judge = on(j.placement, j.parameters * j.bytes_per_parameter);
+            // It loads on its first call (a preview screened while denoising); a batch
+            // encodes its later prompts, and prepares their diptychs, with it loaded.
+            let judge_phases: Vec<Phase> = if self.text_with_judge {
+                every.clone()
+            } else {
+                phases
+                    .iter()
+                    .copied()
+                    .filter(|p| !matches!(p, EncodePrompt | EncodeDiptych))
+                    .collect()
+            };
+            parts.push(PlanPart::held(
+                format!("judge weights ({})", j.name),
+                judge,
+                if judge == 0 {
+                    "not on this device"
+                } else {
+                    "from the first judge call"
+                },
+                &judge_phases,
+            ));
+            parts.push(PlanPart::held(
+                "judge working memory",
+                on(j.placement, j.working_bytes),
+                "while screening and scoring",
+                &[Denoise, Decode],
+            ));
+        }
+        parts.push(PlanPart::held(
+            format!("transformer forward (batch {})", self.batch),
+            forward,
+            "each denoising step",
+            &[Denoise],
+        ));
+        if caches > 0 {
+            parts.push(PlanPart::held(
+                format!(
+                    "step caches ({}, {} candidate{})",
+                    self.step_cache,
+                    self.cached_candidates,
+                    if self.cached_candidates == 1 { "" } else { "s" }
+                ),
+                caches,
+                "completions",
+                &[Denoise],
+            ));
+        }
+        let tiled = |on: bool| if on { " (tiled)" } else { "" };
+        let tiles = |on: bool, when: &str| match (&self.vae_tiling, on) {
+            (Some(t), true) => format!("{when}, in {} px tiles", t.tile),
+            _ => when.to_string(),
+        };
+        parts.push(PlanPart::held(
+            format!(
+                "VAE pass ({}x{} diptych){}",
+                2 * self.panel.0,
+                self.panel.1,
+                tiled(vae_tiled)
+            ),
+            vae_pass,
+            tiles(vae_tiled, "encoding the diptych, decoding a candidate"),
+            &[EncodeDiptych, Decode],
+        ));
         // The refine: one candidate at the refine size, its diptych encoded and decoded
         // there, after the edit (the judge still loaded).
-        let refine = self.refine_panel.map(|panel| {
+        if let Some(panel) = self.refine_panel {
             let forward = transformer_activation_bytes(
                 &self.transformer,
                 self.format,
@@ -268,161 +482,57 @@ impl PlanRequest {
                 self.t5_tokens,
                 self.cuda,
             );
-            (panel, forward, self.vae_pass(panel))
-        });
-        let mut phases = vec![
-            ("encode prompt", beside_text + text + text_work),
-            (
-                "encode diptych",
-                resident + kept_text + judge_at_prepare + vae_pass,
-            ),
-            (
-                "denoise",
-                resident + kept_text + judge + judge_work + forward + caches,
-            ),
-            (
-                "decode",
-                resident + kept_text + judge + judge_work + vae_pass,
-            ),
-        ];
-        if let Some((_, forward, (vae_pass, _))) = refine {
-            phases.push((
-                "refine",
-                resident + kept_text + judge + forward.max(vae_pass),
-            ));
-        }
-        let (peak_phase, peak_bytes) = phases
-            .iter()
-            .max_by_key(|(_, b)| *b)
-            .map(|(p, b)| (p.to_string(), *b))
-            .expect("phases");
-        const ALL: &[&str] = &[
-            "encode prompt",
-            "encode diptych",
-            "denoise",
-            "decode",
-            "refine",
-        ];
-        let held = |in_phases: &[&str]| in_phases.contains(&peak_phase.as_str());
-        let mut parts = vec![PlanPart {
-            name: format!("transformer weights ({})", self.format.name()),
-            bytes: transformer,
-            when: "always".into(),
-            at_peak: held(ALL),
-        }];
-        parts.push(PlanPart {
-            name: "VAE weights".into(),
-            bytes: vae,
-            when: "always".into(),
-            at_peak: held(ALL),
-        });
-        if self.lora_bytes > 0 {
-            parts.push(PlanPart {
-                name: "LoRA".into(),
-                bytes: self.lora_bytes,
-                when: "always".into(),
-                at_peak: held(ALL),
-            });
-        }
-        parts.push(PlanPart {
-            name: "T5 + CLIP weights".into(),
-            bytes: text,
-            when: if text == 0 {
-                "not on this device".into()
-            } else if self.text_kept {
-                "always (--keep-text-encoders)".into()
-            } else {
-                "while encoding the prompt".into()
-            },
-            at_peak: self.text_kept || held(&["encode prompt"]),
-        });
-        if let Some(j) = &self.judge {
-            parts.push(PlanPart {
-                name: format!("judge weights ({})", j.name),
-                bytes: judge,
-                when: if judge == 0 {
-                    "not on this device".into()
-                } else {
-                    "from the first judge call".into()
-                },
-                at_peak: held(&["denoise", "decode", "refine"])
-                    || (self.text_with_judge && held(ALL)),
-            });
-            parts.push(PlanPart {
-                name: "judge working memory".into(),
-                bytes: judge_work,
-                when: "while screening and scoring".into(),
-                at_peak: held(&["denoise", "decode"]),
-            });
-        }
-        parts.push(PlanPart {
-            name: format!("transformer forward (batch {})", self.batch),
-            bytes: forward,
-            when: "each denoising step".into(),
-            at_peak: held(&["denoise"]),
-        });
-        if caches > 0 {
-            parts.push(PlanPart {
-                name: format!(
-                    "step caches ({}, {} candidate{})",
-                    self.step_cache,
-                    self.cached_candidates,
-                    if self.cached_candidates == 1 { "" } else { "s" }
-                ),
-                bytes: caches,
-                when: "completions".into(),
-                at_peak: held(&["denoise"]),
-            });
-        }
-        let tiled = |on: bool| if on { " (tiled)" } else { "" };
-        let tiles = |on: bool, when: &str| match (&self.vae_tiling, on) {
-            (Some(t), true) => format!("{when}, in {} px tiles", t.tile),
-            _ => when.to_string(),
-        };
-        parts.push(PlanPart {
-            name: format!(
-                "VAE pass ({}x{} diptych){}",
-                2 * self.panel.0,
-                self.panel.1,
-                tiled(vae_tiled)
-            ),
-            bytes: vae_pass,
-            when: tiles(vae_tiled, "encoding the diptych, decoding a candidate"),
-            at_peak: held(&["encode diptych", "decode"]),
-        });
-        if let Some((panel, forward, (vae_pass, refine_tiled))) = refine {
-            parts.push(PlanPart {
-                name: format!(
+            let (vae_pass, refine_tiled) = self.vae_pass(panel);
+            parts.push(PlanPart::held(
+                format!(
                     "refine forward ({}x{} diptych, batch 1)",
                     2 * panel.0,
                     panel.1
                 ),
-                bytes: forward,
-                when: "each refine step".into(),
-                at_peak: held(&["refine"]),
-            });
-            parts.push(PlanPart {
-                name: format!(
+                forward,
+                "each refine step",
+                &[RefineDenoise],
+            ));
+            parts.push(PlanPart::held(
+                format!(
                     "refine VAE pass ({}x{} diptych){}",
                     2 * panel.0,
                     panel.1,
                     tiled(refine_tiled)
                 ),
-                bytes: vae_pass,
-                when: tiles(refine_tiled, "encoding and decoding the refine"),
-                at_peak: held(&["refine"]),
-            });
+                vae_pass,
+                tiles(refine_tiled, "encoding and decoding the refine"),
+                &[Refine],
+            ));
         }
-        parts.push(PlanPart {
-            name: "runtime overhead".into(),
-            bytes: overhead,
-            when: "always".into(),
-            at_peak: held(ALL),
-        });
+        parts.push(PlanPart::held(
+            "runtime overhead",
+            overhead,
+            "always",
+            &every,
+        ));
+
+        let phase_bytes: Vec<(Phase, usize)> = phases
+            .iter()
+            .map(|&phase| {
+                let held = parts.iter().filter(|p| p.held_in.contains(&phase));
+                (phase, held.map(|p| p.bytes).sum())
+            })
+            .collect();
+        // The last of equal totals, as the phases run (a refine's VAE pass over its forward).
+        let (peak, peak_bytes) = *phase_bytes
+            .iter()
+            .max_by_key(|(_, bytes)| *bytes)
+            .expect("an edit has phases");
+        for part in &mut parts {
+            part.at_peak = part.held_in.contains(&peak);
+        }
         MemoryPlan {
             parts,
             peak_bytes,
-            peak_phase,
+            peak_phase: peak.name().to_string(),
+            phases: phase_bytes,
+            host_text_bytes: self.host_text_bytes(),
         }
     }
 
@@ -481,11 +591,16 @@ impl PlanRequest {
     #[allow(clippy::type_complexity)]
     fn fix_steps(&self) -> Vec<(String, Box<dyn Fn(PlanRequest) -> PlanRequest>)> {
         let mut steps: Vec<(String, Box<dyn Fn(PlanRequest) -> PlanRequest>)> = Vec::new();
-        if self.cuda && self.text_placement == Placement::Device {
+        // T5 on the CPU, where the host has room for it in f32.
+        let host_room = self
+            .host_available
+            .is_none_or(|host| self.text_bytes_on_cpu() <= host);
+        if self.cuda && self.text_placement == Placement::Device && host_room {
             steps.push((
                 "--text-device cpu".into(),
                 Box::new(|r| PlanRequest {
                     text_placement: Placement::Elsewhere,
+                    text_on_host: true,
                     ..r
                 }),
             ));
@@ -638,6 +753,12 @@ impl MemoryPlan {
             gb(self.peak_bytes),
             self.peak_phase
         ));
+        if self.host_text_bytes > 0 {
+            md.push_str(&format!(
+                "| T5 + CLIP on the host (f32, --text-device cpu) | {:.2} | host memory, while encoding the prompt; not in the device's peak |\n",
+                gb(self.host_text_bytes)
+            ));
+        }
         if let Some(free) = available {
             let verdict = if self.peak_bytes <= free {
                 "fits"
@@ -665,6 +786,27 @@ impl MemoryPlan {
     }
 }
 
+/// Refuses T5 and CLIP on the CPU (`--text-device cpu` beside a GPU generator) when their
+/// f32 share exceeds the host's `available` bytes, naming the lighter choices, before
+/// anything loads (they were not checked, and the host swapped or killed the run while
+/// loading them).
+pub fn check_host(request: &PlanRequest, available: usize, source: &str) -> Result<(), String> {
+    let needed = request.host_text_bytes();
+    if needed <= available {
+        return Ok(());
+    }
+    let gguf = if request.t5_file_bytes.is_some() {
+        ""
+    } else {
+        "a GGUF T5 encoder with --t5 FILE.gguf (held as stored: a Q8_0 T5-XXL is ~5 GB), or "
+    };
+    Err(format!(
+        "memory plan: T5 + CLIP on the CPU (--text-device cpu) need ~{:.1} GB of host memory in f32, {:.1} GB {source}: try {gguf}T5 + CLIP on the GPU (drop --text-device cpu). Nothing was loaded.",
+        gb(needed),
+        gb(available)
+    ))
+}
+
 /// Refuses a plan whose peak exceeds `available` bytes, with the biggest parts and the
 /// fixes in the message.
 pub fn check(request: &PlanRequest, available: usize, source: &str) -> Result<MemoryPlan, String> {
@@ -685,4 +827,93 @@ pub fn check(request: &PlanRequest, available: usize, source: &str) -> Result<Me
         gb(available),
         plan.biggest_parts(3).join(", ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+
+    /// A 512 edit of FLUX.1 Fill on a GPU, T5 on the same device, no judge.
+    fn full_size_edit() -> PlanRequest {
+        PlanRequest {
+            transformer: FluxConfig::fill_dev(),
+            vae: VaeConfig::flux(),
+            vae_tiling: None,
+            format: WeightFormat::Dense,
+            dtype: DType::BF16,
+            cuda: true,
+            batch: 1,
+            panel: (512, 512),
+            t5_tokens: 512,
+            text_parameters: T5_XXL_PARAMETERS + CLIP_L_PARAMETERS,
+            text_placement: Placement::Device,
+            text_on_host: false,
+            host_available: None,
+            t5_file_bytes: None,
+            lora_bytes: 0,
+            judge: None,
+            text_with_judge: false,
+            transformer_after_prompt: true,
+            text_kept: false,
+            requantizable: true,
+            refine_panel: None,
+            step_cache: StepCache::None,
+            cached_candidates: 0,
+        }
+    }
+
+    /// The parts marked as held at the peak are exactly what the peak adds up: at an
+    /// "encode prompt" peak with the transformer read after the prompt, its weights are
+    /// not among them (they were, and a refusal named them as the biggest part there).
+    #[test]
+    fn the_parts_held_at_the_peak_add_up_to_the_peak() {
+        let tiled_q4 = PlanRequest {
+            format: WeightFormat::Quantized(GgmlDType::Q4K),
+            vae_tiling: Some(VaeTiling::new(512)),
+            ..full_size_edit()
+        };
+        let plan = tiled_q4.plan();
+        assert_eq!(plan.peak_phase, "encode prompt");
+        let at_peak: usize = plan
+            .parts
+            .iter()
+            .filter(|p| p.at_peak)
+            .map(|p| p.bytes)
+            .sum();
+        assert_eq!(at_peak, plan.peak_bytes);
+        let transformer = plan
+            .parts
+            .iter()
+            .find(|p| p.name.starts_with("transformer weights"))
+            .unwrap();
+        assert!(!transformer.at_peak);
+        assert!(!plan.biggest_parts(3).join(", ").contains("transformer"));
+        // Every other arrangement too: each phase is the sum of the parts held in it.
+        for request in [
+            full_size_edit(),
+            PlanRequest {
+                text_with_judge: true,
+                ..tiled_q4.clone()
+            },
+            PlanRequest {
+                text_kept: true,
+                transformer_after_prompt: false,
+                ..full_size_edit()
+            },
+            PlanRequest {
+                refine_panel: Some((1024, 1024)),
+                ..full_size_edit()
+            },
+        ] {
+            let plan = request.plan();
+            let at_peak: usize = plan
+                .parts
+                .iter()
+                .filter(|p| p.at_peak)
+                .map(|p| p.bytes)
+                .sum();
+            assert_eq!(at_peak, plan.peak_bytes, "{}", plan.table(None));
+        }
+    }
 }

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 
 use super::footprint::WeightFormat;
 pub use crate::models::file_kind::is_gguf;
+use crate::models::flux::files::{self as flux_files, KeyShapes};
 use crate::models::flux::vae::VaeConfig;
 use crate::models::flux::FluxConfig;
 
@@ -117,6 +118,52 @@ pub fn transformer_format(files: &[PathBuf]) -> Result<WeightFormat, String> {
     })
 }
 
+/// The keys and shapes of a transformer's files read from their headers alone (every
+/// safetensors shard's JSON header, or a GGUF file's tensor infos), for finding its config
+/// as the loader does without mapping any weight.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderShapes(BTreeMap<String, Vec<usize>>);
+
+impl HeaderShapes {
+    /// The headers of `files`.
+    pub fn read(files: &[PathBuf]) -> Result<Self, String> {
+        let mut shapes = BTreeMap::new();
+        for f in files {
+            if is_gguf(f) {
+                let mut file = File::open(f).map_err(|e| format!("{}: {e}", f.display()))?;
+                let content = gguf_file::Content::read(&mut file)
+                    .map_err(|e| format!("{}: GGUF header: {e}", f.display()))?;
+                // Stored dims as the loader's WeightSource reports them.
+                shapes.extend(
+                    content
+                        .tensor_infos
+                        .into_iter()
+                        .map(|(k, info)| (k, info.shape.dims().to_vec())),
+                );
+            } else {
+                if let Some(reason) = crate::models::file_kind::gguf_name_without_magic(f) {
+                    return Err(format!("{}: {reason}", f.display()));
+                }
+                shapes.extend(
+                    safetensors_header(f)?
+                        .into_iter()
+                        .map(|(k, t)| (k, t.shape)),
+                );
+            }
+        }
+        Ok(Self(shapes))
+    }
+}
+
+impl KeyShapes for HeaderShapes {
+    fn key_shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.0.get(key).cloned()
+    }
+    fn keys(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
+}
+
 /// Reads a JSON config if the file exists.
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, String> {
     if !path.is_file() {
@@ -142,7 +189,14 @@ pub struct PeekedFiles {
     pub text_parameters: Option<usize>,
 }
 
-/// Finds the files of a model folder / explicit paths and reads their headers and configs.
+/// A loader's refusal in the words `edit` gives it (`weights PATH: reason`).
+fn as_edit_says(e: crate::error::ModelError) -> String {
+    crate::error::GenerateError::from(e).to_string()
+}
+
+/// Finds the files of a model folder / explicit paths and reads their headers and configs,
+/// refusing what the loader would refuse (a missing model folder, one without a
+/// transformer, a config that does not fit the transformer's weights or the VAE).
 pub fn peek_flux(
     model_dir: Option<&Path>,
     transformer: Option<&Path>,
@@ -152,18 +206,19 @@ pub fn peek_flux(
         // What the loader would refuse, said before the plan reads anything.
         return Err(crate::models::flux::files::NEEDS_FOLDERS.into());
     }
+    // The folders and files as the loader finds them, refused as it refuses them: a
+    // model folder that does not exist, or holds no transformer, is named now instead of
+    // planned as FLUX.1 Fill's published configuration.
+    let root = model_dir
+        .map(flux_files::model_folder)
+        .transpose()
+        .map_err(as_edit_says)?;
     let snapshot =
         |dir: &Path| crate::hub::cache::resolve_snapshot(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let root = model_dir.map(snapshot);
     let text_root = text_encoders.map(snapshot).or(root.clone());
     let files = match (transformer, &root) {
         (Some(f), _) => vec![f.to_path_buf()],
-        (None, Some(r)) if r.join("transformer").is_dir() => {
-            safetensors_files(&r.join("transformer"))
-        }
-        (None, Some(r)) if r.join("flux1-fill-dev.safetensors").is_file() => {
-            vec![r.join("flux1-fill-dev.safetensors")]
-        }
+        (None, Some(r)) => flux_files::transformer_in_folder(r).map_err(as_edit_says)?,
         _ => Vec::new(),
     };
     let config_in = |sub: &str| -> Result<Option<PathBuf>, String> {
@@ -173,25 +228,27 @@ pub fn peek_flux(
             .map(|r| r.join(sub).join("config.json"))
             .find(|p| p.is_file()))
     };
-    // Checked as the loaders check them: the plan runs first, and its arithmetic relies
-    // on what they refuse (heads, VAE levels).
-    let transformer_config_path = crate::models::flux::files::transformer_config_path(
-        root.as_deref(),
-        transformer,
-        text_root.as_deref(),
-    );
-    let transformer_config: Option<FluxConfig> = match transformer_config_path {
-        Some(p) => read_config(&p)?
-            .map(|c: FluxConfig| c.validate().map(|()| c))
-            .transpose()
-            .map_err(|e| format!("{}: {e}", p.display()))?,
-        // Found weights without a config: a BFL file's is read from its weights (as the
-        // loader reads it), so a small file is not planned as FLUX.1's 12B.
-        None if !files.is_empty() => Some(
-            crate::models::flux::files::config_without_file(&files, root.as_deref())
-                .map_err(|e| e.to_string())?,
-        ),
-        None => None,
+    // Checked as the loaders check them, from the files' headers: the plan runs first, and
+    // its arithmetic relies on what they refuse (heads, VAE levels, a folder's config that
+    // is not the named transformer's).
+    let transformer_config_path =
+        flux_files::transformer_config_path(root.as_deref(), transformer, text_root.as_deref());
+    let transformer_config = if files.is_empty() {
+        None
+    } else {
+        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+            return Err(format!("weights {}: file not found", missing.display()));
+        }
+        let shapes = HeaderShapes::read(&files)?;
+        Some(
+            flux_files::resolve_transformer_config(
+                transformer_config_path.as_deref(),
+                root.as_deref(),
+                &files,
+                &shapes,
+            )
+            .map_err(as_edit_says)?,
+        )
     };
     let vae_config: Option<VaeConfig> = match config_in("vae")? {
         Some(p) => read_config(&p)?
@@ -200,6 +257,14 @@ pub fn peek_flux(
             .map_err(|e| format!("{}: {e}", p.display()))?,
         None => None,
     };
+    // The loader refuses a transformer that cannot take the Fill conditioning of this VAE
+    // (a FLUX.1 [dev] file, say) once both are read: so does the plan, before.
+    if let Some(config) = &transformer_config {
+        let vae = vae_config.clone().unwrap_or_else(VaeConfig::flux);
+        if let Some(why) = flux_files::fill_mismatch(config, &vae) {
+            return Err(format!("weights {}: {why}", files[0].display()));
+        }
+    }
     let text_parameters = text_root.as_ref().and_then(|r| {
         let clip = stored_parameters(&r.join("text_encoder"))?;
         let t5 = stored_parameters(&r.join("text_encoder_2"))?;

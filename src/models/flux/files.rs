@@ -84,6 +84,112 @@ fn missing(path: &Path, what: &str) -> ModelError {
     ModelError::files(path, format!("not found ({what})"))
 }
 
+/// The keys and stored shapes of a transformer's files: what finding its config needs,
+/// answered by the mapped files ([`WeightSource`]) when loading, and by their headers alone
+/// when the memory plan runs before anything loads (`plan::peek::HeaderShapes`).
+pub trait KeyShapes {
+    /// The stored shape of a file key.
+    fn key_shape(&self, key: &str) -> Option<Vec<usize>>;
+    /// Every key in the files.
+    fn keys(&self) -> Vec<String>;
+    /// Whether the files hold `key`.
+    fn has_key(&self, key: &str) -> bool {
+        self.key_shape(key).is_some()
+    }
+}
+
+impl KeyShapes for WeightSource {
+    fn key_shape(&self, key: &str) -> Option<Vec<usize>> {
+        WeightSource::key_shape(self, key)
+    }
+    fn keys(&self) -> Vec<String> {
+        WeightSource::keys(self)
+    }
+    fn has_key(&self, key: &str) -> bool {
+        WeightSource::has_key(self, key)
+    }
+}
+
+/// The model folder `dir` as the loader reads it (a Hugging Face cache entry's snapshot),
+/// or the loader's error when it is not a folder.
+pub fn model_folder(dir: &Path) -> Result<PathBuf, ModelError> {
+    if !dir.is_dir() {
+        return Err(missing(dir, "model folder"));
+    }
+    Ok(resolve_snapshot(dir)?)
+}
+
+/// The transformer files of the model folder `root`: its diffusers `transformer/` shards,
+/// else a BFL `flux1-fill-dev.safetensors`, else the loader's error naming what is missing.
+pub fn transformer_in_folder(root: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    if root.join("transformer").is_dir() {
+        Ok(shards(&root.join("transformer"))?)
+    } else if root.join("flux1-fill-dev.safetensors").is_file() {
+        Ok(vec![root.join("flux1-fill-dev.safetensors")])
+    } else {
+        Err(missing(&root.join("transformer"), "transformer weights"))
+    }
+}
+
+/// Why a transformer with `transformer`'s channels cannot be a Fill model over the
+/// autoencoder `vae` (its input is latents, masked latents and the packed mask), or `None`.
+pub fn fill_mismatch(transformer: &FluxConfig, vae: &VaeConfig) -> Option<String> {
+    let cond = 4 * vae.latent_channels + 4 * vae.downscale().pow(2);
+    let needed = 4 * vae.latent_channels + cond;
+    (transformer.in_channels != needed).then(|| {
+        format!(
+            "in_channels {} is not a Fill model for this VAE (needs {needed}: latents + masked latents + mask)",
+            transformer.in_channels
+        )
+    })
+}
+
+/// The transformer config the loader uses for `transformer` (whose keys `shapes` answers):
+/// the one at `config_path` when it fits the weights' input embedder (one borrowed from the
+/// text encoders' folder that does not is replaced by the weights' own; one of the
+/// transformer's own that does not is refused), else read from the weights
+/// ([`config_from_weights`]).
+pub fn resolve_transformer_config(
+    config_path: Option<&Path>,
+    root: Option<&Path>,
+    transformer: &[PathBuf],
+    shapes: &impl KeyShapes,
+) -> Result<FluxConfig, ModelError> {
+    // A config's error names the config; an inferred one's, the weights it came from.
+    let valid_inferred = |config: FluxConfig| {
+        config
+            .validate()
+            .map(|()| config)
+            .map_err(|reason| ModelError::files(&transformer[0], reason))
+    };
+    let Some(p) = config_path else {
+        return config_from_weights(transformer, shapes, root);
+    };
+    let config = read_json::<FluxConfig>(p)?;
+    config
+        .validate()
+        .map_err(|reason| ModelError::files(p, reason))?;
+    match embedder_mismatch(&config, shapes) {
+        None => Ok(config),
+        // A config borrowed from the --text-encoders folder (FLUX.1-dev's, say, beside a
+        // Fill file) that is not this transformer's: its weights say what it is.
+        Some(why) if !borrowed_config_is_ours(p, root, transformer) => {
+            let inferred = infer_bfl_config(&transformer[0], shapes).map_err(|e| {
+                ModelError::files(
+                    p,
+                    format!("{why}, and the config cannot be read from the weights instead: {e}"),
+                )
+            })?;
+            tracing::info!(
+                "{}: {why}; the transformer's config is read from its weights instead",
+                p.display()
+            );
+            valid_inferred(inferred)
+        }
+        Some(why) => Err(ModelError::files(p, why)),
+    }
+}
+
 fn encoder(root: &Path, weights: &str, tokenizer: &str) -> Result<EncoderFiles, ModelError> {
     let dir = root.join(weights);
     let tokenizer_dir = root.join(tokenizer);
@@ -132,7 +238,7 @@ fn transformer_layout(
 /// file it needs (under the model folder `root`, else beside the weights).
 fn config_from_weights(
     files: &[PathBuf],
-    probe: &WeightSource,
+    probe: &impl KeyShapes,
     root: Option<&Path>,
 ) -> Result<FluxConfig, ModelError> {
     if probe.has_key("x_embedder.weight") || probe.has_key("transformer_blocks.0.attn.to_q.weight")
@@ -153,19 +259,9 @@ fn config_from_weights(
     Ok(config)
 }
 
-/// [`config_from_weights`] for the memory plan, which runs before anything loads: the
-/// config the loader will use for transformer `files` without a `config.json`.
-pub fn config_without_file(
-    files: &[PathBuf],
-    root: Option<&Path>,
-) -> Result<FluxConfig, ModelError> {
-    let probe = WeightSource::open(files, KeyLayout::Diffusers)?;
-    config_from_weights(files, &probe, root)
-}
-
 /// Why `config` is not the config of the transformer in `probe`, judged by the input
 /// embedder (`[hidden, in_channels]` in every layout), or `None` when they agree.
-fn embedder_mismatch(config: &FluxConfig, probe: &WeightSource) -> Option<String> {
+fn embedder_mismatch(config: &FluxConfig, probe: &impl KeyShapes) -> Option<String> {
     let (key, shape) = [
         "x_embedder.weight",
         "img_in.weight",
@@ -183,7 +279,7 @@ fn embedder_mismatch(config: &FluxConfig, probe: &WeightSource) -> Option<String
 
 /// Infers the transformer config of a BFL file without a `config.json` (the FLUX.1 family:
 /// 128-wide heads, RoPE axes 16/56/56), reading widths and depths from tensor shapes.
-fn infer_bfl_config(file: &Path, probe: &WeightSource) -> Result<FluxConfig, ModelError> {
+fn infer_bfl_config(file: &Path, probe: &impl KeyShapes) -> Result<FluxConfig, ModelError> {
     let p = if probe.has_key("img_in.weight") {
         ""
     } else {
@@ -269,11 +365,7 @@ fn borrowed_config_is_ours(config: &Path, root: Option<&Path>, transformer: &[Pa
 impl FluxFiles {
     /// Resolves every file, failing with the first missing one named.
     pub fn discover(paths: &FluxPaths) -> Result<Self, ModelError> {
-        let root = match &paths.model_dir {
-            Some(dir) if !dir.is_dir() => return Err(missing(dir, "model folder")),
-            Some(dir) => Some(resolve_snapshot(dir)?),
-            None => None,
-        };
+        let root = paths.model_dir.as_deref().map(model_folder).transpose()?;
         let text_root = match (&paths.text_encoders, &root) {
             (Some(dir), _) => resolve_snapshot(dir)?,
             (None, Some(dir)) => dir.clone(),
@@ -283,11 +375,7 @@ impl FluxFiles {
         // Transformer: explicit file, the diffusers subfolder, or the BFL file in the root.
         let transformer = match (&paths.transformer, &root) {
             (Some(f), _) => vec![f.clone()],
-            (None, Some(r)) if r.join("transformer").is_dir() => shards(&r.join("transformer"))?,
-            (None, Some(r)) if r.join("flux1-fill-dev.safetensors").is_file() => {
-                vec![r.join("flux1-fill-dev.safetensors")]
-            }
-            (None, Some(r)) => return Err(missing(&r.join("transformer"), "transformer weights")),
+            (None, Some(r)) => transformer_in_folder(r)?,
             (None, None) => {
                 return Err(ModelError::Config(
                     "--transformer is required without --model-dir".into(),
@@ -308,43 +396,12 @@ impl FluxFiles {
             paths.transformer.as_deref(),
             Some(&text_root),
         );
-        // A config's error names the config; an inferred one's, the weights it came from.
-        let valid_inferred = |config: FluxConfig| {
-            config
-                .validate()
-                .map(|()| config)
-                .map_err(|reason| ModelError::files(&transformer[0], reason))
-        };
-        let transformer_config = match &config_path {
-            Some(p) => {
-                let config = read_json::<FluxConfig>(p)?;
-                config
-                    .validate()
-                    .map_err(|reason| ModelError::files(p, reason))?;
-                match embedder_mismatch(&config, &probe) {
-                    None => config,
-                    // A config borrowed from the --text-encoders folder (FLUX.1-dev's, say,
-                    // beside a Fill file) that is not this transformer's: its weights say
-                    // what it is.
-                    Some(why) if !borrowed_config_is_ours(p, root.as_deref(), &transformer) => {
-                        let inferred =
-                            infer_bfl_config(&transformer[0], &probe).map_err(|e| {
-                                ModelError::files(
-                                    p,
-                                    format!("{why}, and the config cannot be read from the weights instead: {e}"),
-                                )
-                            })?;
-                        tracing::info!(
-                            "{}: {why}; the transformer's config is read from its weights instead",
-                            p.display()
-                        );
-                        valid_inferred(inferred)?
-                    }
-                    Some(why) => return Err(ModelError::files(p, why)),
-                }
-            }
-            None => config_from_weights(&transformer, &probe, root.as_deref())?,
-        };
+        let transformer_config = resolve_transformer_config(
+            config_path.as_deref(),
+            root.as_deref(),
+            &transformer,
+            &probe,
+        )?;
         let transformer_layout = transformer_layout(&transformer, &probe, &transformer_config)?;
 
         // Autoencoder: explicit file, the diffusers subfolder, or `ae.safetensors` in the root.
