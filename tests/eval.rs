@@ -434,6 +434,107 @@ fn an_arm_carries_its_step_cache_and_both_kinds_of_forwards_are_reported() {
     );
 }
 
+/// The same cost columns when a cache did skip: FLUX with random small weights, one testbed
+/// item, a 4-step random arm with a cache that reuses every step after the first
+/// (`fbc:1000`) beside one without; the judges an OpenAI-compatible mock. The cached arm's
+/// record, its arm mean and report.md's cost row all carry its 3 cached forwards beside 1
+/// full one.
+#[test]
+fn an_arm_whose_cache_skipped_reports_its_cached_forwards() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let endpoint = runtime.block_on(wiremock::MockServer::start());
+    runtime.block_on(
+        wiremock::Mock::given(wiremock::matchers::method("POST"))
+            .respond_with(Endpoint {
+                up: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            })
+            .mount(&endpoint),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("judge.toml"),
+        format!(
+            "kind = \"openai\"\nmodel = \"test-vlm\"\napi_base = \"{}/v1\"\ncache_dir = \"\"\n",
+            endpoint.uri()
+        ),
+    )
+    .unwrap();
+    let suite = dir.path().join("suite.toml");
+    std::fs::write(
+        &suite,
+        r#"
+name = "cache-flux"
+width = 32
+steps = 4
+resamples = 100
+[dataset]
+kind = "testbed"
+edits = 1
+first_scene = 500
+[selection_judge]
+judge = "judge.toml"
+[[arms]]
+name = "random"
+strategy = "random"
+[[arms]]
+name = "random-fbc"
+strategy = "random"
+cache = "fbc:1000"
+"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let mut run = eval(&suite, &out);
+    run.args(["--random-weights", "small", "--t5-tokens", "16"]);
+    let result = run.stderr(Stdio::piped()).output().unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let stored = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let row = |arm: &str| -> serde_json::Value {
+        stored
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|r| r["arm"] == arm)
+            .unwrap_or_else(|| panic!("no {arm} in {stored}"))
+    };
+    let cached = row("random-fbc");
+    assert_eq!(
+        (
+            &cached["nfe"],
+            &cached["full_forwards"],
+            &cached["cached_forwards"]
+        ),
+        (
+            &serde_json::json!(4),
+            &serde_json::json!(1),
+            &serde_json::json!(3)
+        ),
+        "{cached}"
+    );
+    assert_eq!(row("random")["cached_forwards"], 0);
+    let json = comparable(&out);
+    let arm = json["arms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["arm"] == "random-fbc")
+        .unwrap();
+    assert_eq!(
+        (&arm["full_forwards"], &arm["cached_forwards"]),
+        (&serde_json::json!(1.0), &serde_json::json!(3.0)),
+        "{arm}"
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.lines()
+            .any(|l| l.starts_with("| random-fbc | - |") && l.contains("| 1.0 | 3.0 |")),
+        "{md}"
+    );
+}
+
 /// A remote judge's endpoint (an OpenAI-compatible mock) that is down (503) until `up`,
 /// then answers every call a screening and VIE-scoring strategy makes with one valid reply
 /// per kind.

@@ -477,10 +477,56 @@ fn finals(r: &EditReport) -> Vec<Arc<image::RgbImage>> {
         .collect()
 }
 
+/// A First-Block-Cache threshold no relative change reaches: every forward after a
+/// candidate's first one reuses its residual, so a probe step run under it could not go
+/// unnoticed.
+const ALWAYS_REUSE: &str = "fbc:1000";
+
+/// The control for the test below: the same 4 seeds advanced through the 8 probe steps with
+/// the cache on from the start do skip steps and do land elsewhere, so previews equal to the
+/// uncached run's show that the engine kept the cache out of its probes.
+#[test]
+fn a_cache_in_the_probe_window_would_change_the_previews() {
+    let mut g = generator();
+    let prepared = g.prepare(&edit()).unwrap();
+    let schedule = prepared.schedule(STEPS);
+    let mut exact: Vec<CandidateState> = (11..15)
+        .map(|seed| CandidateState::from_seed(&g, &prepared, seed).unwrap())
+        .collect();
+    let mut cached = exact.clone();
+    for s in &mut cached {
+        s.cache = CandidateCache::new(ALWAYS_REUSE.parse().unwrap());
+    }
+    for _ in 0..8 {
+        advance_one_step(&mut g, &prepared, &schedule, &mut exact).unwrap();
+        advance_one_step(&mut g, &prepared, &schedule, &mut cached).unwrap();
+    }
+    for (i, (e, c)) in exact.iter().zip(&cached).enumerate() {
+        assert_eq!(
+            (e.forwards.full, e.forwards.cached),
+            (8, 0),
+            "seed {}",
+            11 + i
+        );
+        assert_eq!(
+            (c.forwards.full, c.forwards.cached),
+            (1, 7),
+            "seed {}",
+            11 + i
+        );
+        let moved = max_abs_diff(&e.latents, &c.latents);
+        assert!(
+            moved > 1e-3,
+            "seed {}: cached probes moved the latents by {moved}",
+            11 + i
+        );
+    }
+}
+
 #[test]
 fn probe_steps_are_never_cached_and_completions_are() {
     let exact = early_filter(StepCache::None);
-    let cached = early_filter("fbc:0.8".parse().unwrap());
+    let cached = early_filter(ALWAYS_REUSE.parse().unwrap());
     assert_eq!(exact.candidates.len(), 4);
     for (a, b) in exact.candidates.iter().zip(&cached.candidates) {
         assert!(!a.images.previews.is_empty());
@@ -495,11 +541,30 @@ fn probe_steps_are_never_cached_and_completions_are() {
     let note = cached
         .notes
         .iter()
-        .find(|n| n.starts_with("step cache fbc:0.8 in completions"))
+        .find(|n| n.starts_with("step cache fbc:1000 in completions"))
         .unwrap_or_else(|| panic!("no step cache note in {:?}", cached.notes));
     eprintln!("{note}");
     assert!(!exact.notes.iter().any(|n| n.starts_with("step cache")));
-    // Completions did skip: some final image moved.
+    for c in &cached.candidates {
+        if c.images.final_image.is_some() {
+            // Completed: 8 exact probe forwards, the completion's first forward full (the
+            // cache starts empty there), its other 19 reused.
+            assert_eq!(
+                (c.forwards.full, c.forwards.cached),
+                (9, 19),
+                "candidate {}",
+                c.index
+            );
+        } else {
+            assert_eq!(
+                (c.forwards.full, c.forwards.cached),
+                (8, 0),
+                "candidate {}",
+                c.index
+            );
+        }
+    }
+    // Completions did skip: the final images moved.
     assert_eq!(finals(&exact).len(), 2);
     assert_ne!(finals(&exact), finals(&cached), "{note}");
 }

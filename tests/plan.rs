@@ -940,6 +940,68 @@ fn the_plan_tiles_the_refine_vae_pass_when_it_needs_to() {
     assert!(stderr.contains("--vae-tile: VAE tile 100 px"), "{stderr}");
 }
 
+/// The q8_0 row of docs/memory.md's refine table, which the README quotes (29.6 GB for a
+/// q8_0 `--refine 1024` edit, 21.5 GB tiled, 15.5 GB in 512 px tiles).
+#[test]
+fn the_q8_0_refine_figures_the_readme_quotes_are_the_plans() {
+    for (tiling, peak) in [
+        (&["--vae-tiling", "off"][..], "29.55"),
+        (&["--vae-tiling", "on"][..], "21.51"),
+        (&["--vae-tiling", "on", "--vae-tile", "512"][..], "15.47"),
+    ] {
+        let mut args = vec![
+            "plan",
+            "--device",
+            "cuda",
+            "--text-device",
+            "cpu",
+            "--host-memory-budget",
+            "64",
+            "--memory-budget",
+            "80",
+            "--quantize",
+            "q8_0",
+            "--refine",
+            "1024",
+        ];
+        args.extend(tiling);
+        let result = cli(&args);
+        let stdout = String::from_utf8_lossy(&result.stdout);
+        assert_eq!(result.status.code(), Some(0), "{tiling:?}: {stdout}");
+        assert!(
+            stdout.contains(&format!("| **peak** | **{peak}** | refine |")),
+            "{tiling:?}: {stdout}"
+        );
+    }
+}
+
+/// A refine that does not fit is refused before anything loads, and the advice names a
+/// smaller refine and none among the ways out (a 1536 refine of a dense transformer on a
+/// 32 GB budget: its tiled VAE pass over the weights is the peak).
+#[test]
+fn a_refine_that_does_not_fit_is_refused_naming_a_smaller_refine() {
+    let result = cli(&[
+        "plan",
+        "--device",
+        "cuda",
+        "--text-device",
+        "cpu",
+        "--host-memory-budget",
+        "64",
+        "--refine",
+        "1536",
+        "--memory-budget",
+        "32",
+    ]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("at its peak (refine)"), "{stderr}");
+    assert!(stderr.contains("--refine 768"), "{stderr}");
+    assert!(stderr.contains("without --refine"), "{stderr}");
+    assert!(stderr.contains("3072x1536 diptych"), "{stderr}");
+    assert!(stderr.contains("Nothing was loaded"), "{stderr}");
+}
+
 /// `--quantize` to another format over a transformer that is already quantized (GGUF) is
 /// refused: the file's weights are held as they are, so the plan would count weights that
 /// never load. Asking for the format the file holds is harmless.

@@ -9,7 +9,7 @@ use support::cli;
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use icedit_scale::edit::refine::upscale;
+use icedit_scale::edit::refine::{change_mask, upscale};
 use icedit_scale::edit::EditContext;
 use icedit_scale::engine::{
     EditJob, Engine, GeneratorWorker, Silent, StrategyConfig, StrategyKind,
@@ -131,12 +131,48 @@ fn a_one_step_refine_returns_the_upscaled_edit() {
     assert!(mean_abs_diff(refined, &upscaled) < 6.0);
 }
 
+/// The blend through the engine: the same edit refined with and without
+/// `refine_keep_unchanged` (same seeds, so the same pick and refine). Where the change mask
+/// is 0 the blended image is the source at the refined size pixel for pixel, where it is
+/// 255 the refine; and the refine alone did move some of the kept pixels, so the check
+/// is not vacuous.
 #[test]
 fn keep_unchanged_takes_the_source_where_the_edit_changed_nothing() {
-    let report = run(strategy(Some(128), 0.35, true));
-    let r = report.refine.as_ref().unwrap();
+    let edit = make_edit(7, 64);
+    let blended = run(strategy(Some(128), 0.35, true));
+    let plain = run(strategy(Some(128), 0.35, false));
+    let r = blended.refine.as_ref().unwrap();
+    assert_eq!(plain.refine.as_ref().unwrap().kept_from_source, None);
     let kept = r.kept_from_source.expect("the blend says how much it kept");
     assert!(kept > 0.0 && kept < 1.0, "{kept}");
+    let pick = blended
+        .picked()
+        .unwrap()
+        .images
+        .final_image
+        .clone()
+        .unwrap();
+    let mask = change_mask(&edit.source, &pick, r.size);
+    let source = edit.source_at(r.size);
+    let (out, refined) = (
+        r.image.as_ref().unwrap(),
+        plain.refine.as_ref().unwrap().image.as_ref().unwrap(),
+    );
+    let (mut zeros, mut moved) = (0usize, 0usize);
+    for (x, y, m) in mask.enumerate_pixels() {
+        match m[0] {
+            0 => {
+                zeros += 1;
+                assert_eq!(out.get_pixel(x, y), source.get_pixel(x, y), "({x}, {y})");
+                moved += usize::from(refined.get_pixel(x, y) != source.get_pixel(x, y));
+            }
+            255 => assert_eq!(out.get_pixel(x, y), refined.get_pixel(x, y), "({x}, {y})"),
+            _ => {}
+        }
+    }
+    assert_eq!(zeros as f32 / (r.size.0 * r.size.1) as f32, kept);
+    assert!(moved > 0, "the refine changed none of the kept pixels");
+    eprintln!("{zeros} pixels kept from the source, {moved} of them moved by the refine alone");
 }
 
 #[test]
@@ -184,6 +220,11 @@ fn edit_refine_runs_end_to_end_through_flux_with_random_weights() {
     assert_eq!(report["nfe"]["refine"], 2);
     assert_eq!(report["nfe"]["total"], 4, "the edit's own NFE");
     assert_eq!(refine["in_budget"], false);
+    assert_eq!(refine["keep_unchanged"], true);
+    let kept = refine["kept_from_source"]
+        .as_f64()
+        .expect("kept_from_source");
+    assert!((0.0..=1.0).contains(&kept), "{kept}");
     // Four times the image tokens, with 16 text tokens beside them: more than one edit
     // forward's FLOPs (at this toy size the text tokens keep it under four).
     assert!(

@@ -113,4 +113,16 @@ mod tests {
         let predicted = f.without_attention() as f64 / f.full() as f64;
         assert!((0.5..0.8).contains(&predicted), "{predicted}");
     }
+
+    /// The refine's cost the README and docs/commands.md quote: a 1024 refine forward
+    /// (2048x1024 diptych, 8192 image tokens) is 4.39 edit forwards at 512, a 768 one 2.24.
+    #[test]
+    fn a_refine_forward_costs_what_the_docs_say_in_edit_steps() {
+        let c = FluxConfig::fill_dev();
+        let edit = ForwardFlops::new(&c, 2048, 512).full() as f64;
+        let at_1024 = ForwardFlops::new(&c, 8192, 512).full() as f64 / edit;
+        let at_768 = ForwardFlops::new(&c, 4608, 512).full() as f64 / edit;
+        assert!((at_1024 - 4.39).abs() < 0.005, "{at_1024}");
+        assert!((at_768 - 2.24).abs() < 0.005, "{at_768}");
+    }
 }
