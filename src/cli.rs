@@ -337,9 +337,9 @@ pub struct StrategyArgs {
     /// Explicit comma-separated seeds (overrides --seed and --seeds).
     #[arg(long, value_delimiter = ',')]
     pub seed_list: Option<Vec<u64>>,
-    /// Compute budget per edit in NFE (transformer forwards, a cached one counted as one):
-    /// sets N to the largest that fits, keeping k, M and --steps (the budget rule in docs/commands.md); adaptive never
-    /// spends more.
+    /// Compute budget per edit in NFE (transformer forwards, a cached one counted as one;
+    /// a hi-res refine's forwards are outside it): sets N to the largest that fits, keeping
+    /// k, M and --steps (the budget rule in docs/commands.md); adaptive never spends more.
     #[arg(long, conflicts_with_all = ["seeds", "seed_list"], value_parser = bounded(1, 10_000_000))]
     pub budget_nfe: Option<usize>,
     /// Adaptive: seeds spawned per wave.
@@ -877,8 +877,9 @@ pub struct BatchArgs {
     /// Panel width the sources are resized to.
     #[arg(long, default_value_t = crate::edit::DEFAULT_PANEL_WIDTH, value_parser = panel_width)]
     pub width: u32,
-    /// Mean compute budget per item in NFE: the batch spends at most items x B; fixed
-    /// strategies are sized to B, adaptive items spend less on easy edits and more on hard.
+    /// Mean compute budget per item in NFE (a cached forward counted as one; hi-res refine
+    /// forwards outside it): the batch spends at most items x B; fixed strategies are sized
+    /// to B, adaptive items spend less on easy edits and more on hard.
     #[arg(long, conflicts_with = "budget_nfe", value_parser = bounded(1, 10_000_000))]
     pub budget_nfe_mean: Option<usize>,
     #[command(flatten)]
@@ -922,7 +923,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub report_only: bool,
     /// Mean compute budget per item in NFE for every arm (replaces the suite's
-    /// `budget_nfe_mean`): fixed strategies sized to it, adaptive arms sharing items x B.
+    /// `budget_nfe_mean`; a cached forward counted as one, hi-res refine forwards outside
+    /// it): fixed strategies sized to it, adaptive arms sharing items x B.
     #[arg(long, value_parser = bounded(1, 10_000_000))]
     pub budget_nfe_mean: Option<usize>,
     /// The generator, and how the suite's judges run: `--judge-concurrency` (default 8

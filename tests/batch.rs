@@ -971,3 +971,81 @@ fn the_table_and_the_exit_code_cover_the_manifest_as_it_is_now() {
     let lines: Vec<_> = summary(&out).iter().map(|r| r["line"].clone()).collect();
     assert_eq!(lines, [1, 2]);
 }
+
+/// A batch refines each item's pick (`--refine`), a line may turn it off (`"refine": 0`) or
+/// ask its own width, and summary.jsonl and the table carry the refine's cost beside the
+/// NFE, which it stays out of.
+#[test]
+fn batch_items_are_refined_and_their_refine_cost_is_recorded() {
+    use icedit_scale::generate::testbed::{TestbedConfig, TestbedGenerator};
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = manifest(
+        dir.path(),
+        2,
+        &[
+            r#"{"id": "plain", "image": "img/0.png", "instruction": "edit", "refine": 0}"#,
+            r#"{"id": "wide", "image": "img/1.png", "instruction": "edit", "refine": 96}"#,
+        ],
+    );
+    let out = dir.path().join("out");
+    let mut opts = options(&manifest, &out, Shard::ALL);
+    opts.strategy.refine = Some(64);
+    let engine = Engine::new(
+        Arc::new(GeneratorWorker::spawn(Box::new(TestbedGenerator::new(
+            TestbedConfig::default(),
+        )))),
+        Arc::new(PixelJudge),
+        4,
+    );
+    let run = block_on(run_batch(&engine, &opts, &StopSignal::default())).unwrap();
+    assert_eq!(run.failed + run.invalid, 0, "{run:?}");
+    let records = summary(&out);
+    let record = |id: &str| records.iter().find(|r| r["id"] == id).unwrap().clone();
+    for (id, width) in [
+        ("item0", Some(64)),
+        ("item1", Some(64)),
+        ("plain", None),
+        ("wide", Some(96)),
+    ] {
+        let r = record(id);
+        assert_eq!(r["status"], "ok", "{r}");
+        let folder = out.join(r["output_dir"].as_str().unwrap());
+        let final_png = image::open(folder.join("final.png")).unwrap();
+        match width {
+            Some(w) => {
+                assert_eq!(final_png.width(), w, "{id}");
+                assert_eq!(
+                    image::open(folder.join("final_edit.png")).unwrap().width(),
+                    32
+                );
+                // Strength 0.35 of 6 steps starts at step int(6 - 6 x 0.35) = 3: the last
+                // 3 rerun at the refine size, outside the edit's NFE.
+                assert_eq!(r["refine_nfe"], 3, "{r}");
+                assert!(
+                    r["refine_edit_step_equivalents"].as_f64().unwrap() >= 2.0,
+                    "{r}"
+                );
+                let report: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(folder.join("report.json")).unwrap())
+                        .unwrap();
+                assert_eq!(r["nfe"], report["nfe"]["total"], "{id}");
+                assert_eq!(r["refine_nfe"], report["nfe"]["refine"], "{id}");
+            }
+            None => {
+                assert_eq!(final_png.width(), 32, "{id}");
+                assert!(r.get("refine_nfe").is_none(), "{r}");
+                assert!(r.get("refine_edit_step_equivalents").is_none(), "{r}");
+            }
+        }
+    }
+    let table = icedit_scale::batch::store::table(
+        &records
+            .iter()
+            .map(|r| serde_json::from_value(r.clone()).unwrap())
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        table.contains("| refine (edit-step equivalents) |"),
+        "{table}"
+    );
+}

@@ -569,6 +569,27 @@ fn probe_steps_are_never_cached_and_completions_are() {
     assert_ne!(finals(&exact), finals(&cached), "{note}");
 }
 
+/// A budget counts forwards, cached or not: under `budget_nfe` the cache that reuses every
+/// completion step after the first sizes N as no cache does and spends the same NFE.
+#[test]
+fn a_budget_counts_a_cached_forward_as_one_nfe() {
+    let run = |cache: StepCache| {
+        let mut job = early_filter_job(cache);
+        job.strategy = job.strategy.fit_to_budget(80).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(engine().run(job, Arc::new(Silent))).unwrap()
+    };
+    let exact = run(StepCache::None);
+    let cached = run(ALWAYS_REUSE.parse().unwrap());
+    // 5 x 8 probe steps + 2 x 20 completion steps = 80.
+    assert_eq!(exact.candidates.len(), 5);
+    assert_eq!(cached.candidates.len(), 5);
+    assert_eq!(exact.nfe.total, 80);
+    assert_eq!(cached.nfe.total, 80);
+    assert_eq!(cached.forwards.forwards(), 80);
+    assert_eq!(cached.forwards.cached, 2 * 19, "{:?}", cached.forwards);
+}
+
 #[test]
 fn the_report_counts_full_and_cached_forwards_per_candidate_and_in_total() {
     let exact = early_filter(StepCache::None);

@@ -329,6 +329,8 @@ fn empty_result() -> ItemResult {
         nfe: 0,
         full_forwards: Some(0),
         cached_forwards: 0,
+        refine_nfe: 0,
+        refine_edit_step_equivalents: 0.0,
         judge_calls: 0,
         judge_failures: 0,
         output_dir: None,
@@ -494,6 +496,8 @@ async fn run_item(
         nfe: report.nfe.total,
         full_forwards: Some(report.forwards.full),
         cached_forwards: report.forwards.cached,
+        refine_nfe: report.nfe.refine,
+        refine_edit_step_equivalents: report.nfe.refine_edit_step_equivalents,
         judge_calls: report.judge_totals.calls,
         judge_failures: report.judge_totals.failures,
         ..base

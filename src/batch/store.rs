@@ -60,6 +60,14 @@ pub struct ItemResult {
     /// Of `nfe`, the forwards served from the step cache (`--cache`); each counts as one NFE.
     #[serde(default)]
     pub cached_forwards: usize,
+    /// Forwards of the item's hi-res refine (`--refine` or the line's `refine`), at the
+    /// refine's size: not in `nfe`, and outside budgets.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refine_nfe: usize,
+    /// The refine's forwards in forwards of the edit's size (FLOPs; a 1024 refine forward
+    /// is 4.39 of a 512 edit's).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub refine_edit_step_equivalents: f64,
     /// Judge calls made.
     #[serde(default)]
     pub judge_calls: u64,
@@ -201,10 +209,10 @@ pub fn table(results: &[ItemResult]) -> String {
         format!("{:.3}", scored.iter().sum::<f32>() / scored.len() as f32)
     };
     let mut out = String::new();
-    out.push_str("| items | ok | failed | invalid | mean VIE O | total NFE | full forwards | cached forwards | judge calls | judge failures |\n");
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| items | ok | failed | invalid | mean VIE O | total NFE | full forwards | cached forwards | refine (edit-step equivalents) | judge calls | judge failures |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     out.push_str(&format!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |\n",
         results.len(),
         count(ItemStatus::Ok),
         count(ItemStatus::Failed),
@@ -213,6 +221,10 @@ pub fn table(results: &[ItemResult]) -> String {
         results.iter().map(|r| r.nfe).sum::<usize>(),
         results.iter().map(|r| r.full_forwards()).sum::<usize>(),
         results.iter().map(|r| r.cached_forwards).sum::<usize>(),
+        results
+            .iter()
+            .map(|r| r.refine_edit_step_equivalents)
+            .sum::<f64>(),
         results.iter().map(|r| r.judge_calls).sum::<u64>(),
         results.iter().map(|r| r.judge_failures).sum::<u64>(),
     ));
@@ -235,6 +247,14 @@ pub fn table(results: &[ItemResult]) -> String {
     out
 }
 
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_zero_f64(x: &f64) -> bool {
+    *x == 0.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,6 +273,8 @@ mod tests {
             nfe: 124,
             full_forwards: Some(100),
             cached_forwards: 24,
+            refine_nfe: 0,
+            refine_edit_step_equivalents: 0.0,
             judge_calls: 12,
             judge_failures: 0,
             output_dir: Some(format!("items/{id}")),
