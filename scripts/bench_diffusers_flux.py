@@ -39,7 +39,6 @@ import time
 
 import torch
 from diffusers import FluxTransformer2DModel
-from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 # FLUX.1 Fill [dev]'s transformer/config.json (black-forest-labs/FLUX.1-Fill-dev).
 FULL = dict(
@@ -155,11 +154,20 @@ def parse_caches(text):
     return settings
 
 
+def cache_hooks():
+    """diffusers' cache configs (0.42: `diffusers.hooks`), imported only by the cache steps,
+    so that a diffusers without them fails those steps alone, not the transformer, VAE,
+    edit and profile steps that import this module too."""
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+    return FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+
 def cache_config(spec):
     """A `--cache` spelling as diffusers' config (defaults as diffusers' own)."""
     kind, _, args = spec.partition(":")
     if kind == "none":
         return None
+    FirstBlockCacheConfig, TaylorSeerCacheConfig = cache_hooks()
     if kind == "fbc":
         value = args.removeprefix("threshold=")
         return FirstBlockCacheConfig(threshold=float(value)) if value else FirstBlockCacheConfig()
@@ -184,6 +192,7 @@ def canonical(config):
     sides match by name."""
     if config is None:
         return "none"
+    FirstBlockCacheConfig, _ = cache_hooks()
     if isinstance(config, FirstBlockCacheConfig):
         return f"fbc:{config.threshold}"
     factors = {torch.float32: "f32", torch.bfloat16: "bf16"}[config.taylor_factors_dtype]
@@ -199,6 +208,7 @@ def canonical(config):
 def decision_counter(model, config):
     """Wraps the enabled hook's decision method; returns a list that gets one bool (ran in
     full) per forward."""
+    FirstBlockCacheConfig, _ = cache_hooks()
     decisions = []
     hooks = []
     for _, m in model.named_modules():

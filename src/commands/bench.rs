@@ -105,10 +105,170 @@ pub fn flux(args: FluxBenchArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
+    if std::env::var_os(PROFILE_FORWARD_ENV).is_some_and(|v| v == "1") {
+        return profile_forward(&bench, &args.out);
+    }
     let result = crate::models::flux::bench::run(&bench)?;
     let mut md = result.markdown(&bench, &args.size, &args.device);
     md.push_str(&crate::plan::measured::markdown(&bench, &result));
     write_bench(&args.out, "flux", &result, &md)
+}
+
+/// `ICEDIT_PROFILE_FORWARD=1 bench flux ...`: the acceptance run's profile of one forward
+/// (scripts/gpu-acceptance.sh, PROFILE=1). Instead of the whole bench, it runs the fused
+/// kernels' check (which picks the flash attention variant and turns failing kernels off, as
+/// a timed run does), builds the first format's transformer with random weights, runs
+/// `--warmup` forwards at the first `--batch`, and brackets exactly one more forward with
+/// `cuProfilerStart` / `cuProfilerStop`. Under `ncu --profile-from-start off` (or `nsys
+/// --capture-range=cudaProfilerApi`) only that forward's launches are profiled, not the 12B
+/// random init, the check or the VAE. Writes `profile-forward.json` under `--out`. Off CUDA
+/// (no libcuda) the forward runs unprofiled and the file says so.
+const PROFILE_FORWARD_ENV: &str = "ICEDIT_PROFILE_FORWARD";
+
+/// Rows of each random weight quantized in a bench (the value `bench flux` uses).
+const PROFILE_SAMPLE_ROWS: usize = 64;
+
+/// What [`profile_forward`] did, for the acceptance report.
+#[derive(serde::Serialize)]
+struct ProfiledForward {
+    format: String,
+    batch: usize,
+    warmup: usize,
+    /// Wall time of the bracketed forward (synchronised), seconds; slower under a profiler.
+    forward_s: f64,
+    /// `cuProfilerStart` / `cuProfilerStop` results ("0" = CUDA_SUCCESS) or why they were
+    /// not called.
+    profiler: String,
+    /// The fused kernels in use (after the check).
+    fused_enabled: Vec<String>,
+    fused_disabled: Vec<String>,
+    flash_warps: Option<usize>,
+}
+
+/// `cuProfilerStart` / `cuProfilerStop` from the driver library, looked up at run time so
+/// the CPU build (no `cuda` feature) compiles and runs this path too.
+struct CudaProfilerApi {
+    start: unsafe extern "C" fn() -> i32,
+    stop: unsafe extern "C" fn() -> i32,
+}
+
+impl CudaProfilerApi {
+    fn load() -> Result<Self, String> {
+        // SAFETY: dlopen / dlsym with NUL-terminated names; the symbols are the CUDA driver
+        // API's `CUresult cuProfilerStart(void)` / `cuProfilerStop(void)`, and the handle is
+        // never closed, so the pointers stay valid for the process.
+        unsafe {
+            let handle = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW);
+            if handle.is_null() {
+                return Err("libcuda.so.1 not loadable: no profiler range".into());
+            }
+            let start = libc::dlsym(handle, c"cuProfilerStart".as_ptr());
+            let stop = libc::dlsym(handle, c"cuProfilerStop".as_ptr());
+            if start.is_null() || stop.is_null() {
+                return Err("libcuda.so.1 lacks cuProfilerStart / cuProfilerStop".into());
+            }
+            Ok(Self {
+                start: std::mem::transmute::<*mut libc::c_void, unsafe extern "C" fn() -> i32>(
+                    start,
+                ),
+                stop: std::mem::transmute::<*mut libc::c_void, unsafe extern "C" fn() -> i32>(stop),
+            })
+        }
+    }
+}
+
+/// See [`PROFILE_FORWARD_ENV`].
+fn profile_forward(bench: &FluxBench, out: &Path) -> anyhow::Result<()> {
+    use crate::models::bench::RandomWeights;
+    use crate::models::flux::embeddings::rope_tables;
+    use crate::models::flux::held_weight::WeightFormat;
+    use crate::models::flux::latents::joint_ids;
+    use crate::models::flux::linear::Linears;
+    use crate::models::flux::transformer::{FluxTransformer, StepInputs, TextConditioning};
+    use candle_core::Tensor;
+
+    let (dev, dtype, c) = (&bench.device, bench.dtype, &bench.transformer);
+    crate::models::cuda::switch::from_env().map_err(anyhow::Error::msg)?;
+    let check = crate::models::flux::bench::fused_check(bench)?;
+    let format = *bench
+        .formats
+        .first()
+        .context("ICEDIT_PROFILE_FORWARD: give one --formats")?;
+    let batch = *bench
+        .batches
+        .first()
+        .context("ICEDIT_PROFILE_FORWARD: give one --batch")?;
+    let (quantize, fp8) = match format {
+        WeightFormat::Dense => (None, false),
+        WeightFormat::Quantized(t) => (Some(t), false),
+        WeightFormat::Fp8 => (None, true),
+    };
+    let vb =
+        candle_nn::VarBuilder::from_backend(Box::new(RandomWeights::default()), dtype, dev.clone());
+    let linears = Linears {
+        quantize,
+        fp8,
+        sample_rows: Some(PROFILE_SAMPLE_ROWS),
+        ..Linears::default()
+    };
+    let transformer = FluxTransformer::new(vb, c, &linears)?;
+    let f = bench.vae.downscale();
+    let (lh, lw) = (bench.panel.1 / f, 2 * bench.panel.0 / f);
+    let tokens = (lh / 2) * (lw / 2);
+    let rope = rope_tables(
+        &joint_ids(bench.t5_tokens, lh / 2, lw / 2),
+        &c.axes_dims_rope,
+        10000.0,
+        dev,
+    )?;
+    let text = TextConditioning {
+        t5: Tensor::randn(0f32, 1.0, (1, bench.t5_tokens, c.joint_attention_dim), dev)?
+            .to_dtype(dtype)?,
+        pooled: Tensor::randn(0f32, 1.0, (1, c.pooled_projection_dim), dev)?.to_dtype(dtype)?,
+    };
+    let img = Tensor::randn(0f32, 1.0, (batch, tokens, c.in_channels), dev)?.to_dtype(dtype)?;
+    let step = StepInputs {
+        img: &img,
+        text: &text,
+        sigma: 0.5,
+        guidance: 50.0,
+        rope: &rope,
+    };
+    for _ in 0..bench.warmup {
+        transformer.forward(&step)?;
+    }
+    dev.synchronize()?;
+    let api = CudaProfilerApi::load();
+    let started = std::time::Instant::now();
+    // SAFETY: see `CudaProfilerApi::load`; both calls take no arguments.
+    let start_rc = api.as_ref().ok().map(|a| unsafe { (a.start)() });
+    transformer.forward(&step)?;
+    dev.synchronize()?;
+    let forward_s = started.elapsed().as_secs_f64();
+    let stop_rc = api.as_ref().ok().map(|a| unsafe { (a.stop)() });
+    let profiler = match (&api, start_rc, stop_rc) {
+        (Ok(_), Some(start), Some(stop)) => {
+            format!("cuProfilerStart -> {start}, cuProfilerStop -> {stop} (0 = CUDA_SUCCESS)")
+        }
+        (Err(e), _, _) => e.clone(),
+        _ => "not called".into(),
+    };
+    tracing::info!(forward_s, %profiler, "profiled forward");
+    let result = ProfiledForward {
+        format: format.name(),
+        batch,
+        warmup: bench.warmup,
+        forward_s,
+        profiler,
+        fused_enabled: check.enabled.clone(),
+        fused_disabled: check.disabled.clone(),
+        flash_warps: check.flash_warps,
+    };
+    let md = format!(
+        "One profiled forward ({}, batch {batch}, after {} warm-up forwards): {forward_s:.4} s; {}.\n",
+        result.format, bench.warmup, result.profiler
+    );
+    write_bench(out, "profile-forward", &result, &md)
 }
 
 /// `bench judge`: batched vs sequential prefill of the local judge, random weights.
