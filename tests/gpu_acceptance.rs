@@ -8,7 +8,6 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// `icedit-scale` as far as the acceptance script can tell: `--version`, `plan`, and each
 /// bench / edit writing its result file with null figures, q8_0 and the early-filter edit
@@ -21,6 +20,8 @@ case "$1" in
   --version) echo "icedit-scale 0.0.0 (stub)"; exit 0 ;;
   plan) printf '| part | GB | resident |\n|---|---|---|\n| **peak** | **28.63** | decode |\n'; exit 0 ;;
 esac
+# A step has begun (the script wrote its report first): tell the test through its FIFO.
+[[ -n ${STUB_READY_FIFO:-} ]] && echo "$1" >"$STUB_READY_FIFO"
 [[ -n ${STUB_SLEEP:-} ]] && sleep "$STUB_SLEEP"
 mkdir -p "$out"
 case "$1" in
@@ -170,20 +171,6 @@ impl Stubs {
     }
 }
 
-fn wait_with_timeout(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("the acceptance script did not end within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn the_report_is_written_with_failed_steps_null_figures_and_a_malformed_result() {
     let stubs = Stubs::new();
@@ -313,15 +300,20 @@ fn an_empty_profile_is_a_recorded_failure() {
 #[test]
 fn a_signal_mid_step_leaves_a_report_naming_the_stopped_step() {
     let stubs = Stubs::new();
-    let mut child = stubs.command(&[("STUB_SLEEP", "60")]).spawn().unwrap();
-    let running = stubs.path("out/running");
-    let start = Instant::now();
-    while !running.exists() {
-        assert!(start.elapsed() < Duration::from_secs(30), "no step started");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // Written before the step started: a kill nobody can trap (SIGKILL) leaves this one.
-    std::thread::sleep(Duration::from_millis(1500));
+    let fifo = stubs.path("ready");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let mut child = stubs
+        .command(&[
+            ("STUB_SLEEP", "600"),
+            ("STUB_READY_FIFO", fifo.to_str().unwrap()),
+        ])
+        .spawn()
+        .unwrap();
+    // Blocks until the first step's stub writes: the step has begun, and the report
+    // written before it started is on disk (a kill nobody can trap, SIGKILL, leaves it).
+    let first = std::fs::read_to_string(&fifo).unwrap();
+    assert_eq!(first.trim(), "bench", "{first}");
     let before = stubs.report();
     assert!(
         before.contains("Run state: **partial**: written while step `kernel-check` was running"),
@@ -329,7 +321,7 @@ fn a_signal_mid_step_leaves_a_report_naming_the_stopped_step() {
     );
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = wait_with_timeout(&mut child, Duration::from_secs(20));
+    let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(143));
     let report = stubs.report();
     assert!(
@@ -347,16 +339,17 @@ fn the_deadline_stops_a_slow_step_and_skips_the_rest_with_a_report() {
     let stubs = Stubs::new();
     let mut child = stubs
         .command(&[
-            ("STUB_SLEEP", "60"),
-            ("TOTAL_LIMIT", "20"),
+            // Every step would sleep 10 minutes; the run has 60 s, 10 of them kept for
+            // the report: the first step is stopped at the deadline (its limit is what is
+            // left, however long the set-up took on a loaded machine) and the rest skipped.
+            ("STUB_SLEEP", "600"),
+            ("TOTAL_LIMIT", "60"),
             ("REPORT_RESERVE", "10"),
         ])
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let status = wait_with_timeout(&mut child, Duration::from_secs(60));
+    let status = child.wait().unwrap();
     assert!(status.success());
-    assert!(started.elapsed() < Duration::from_secs(30));
     let report = stubs.report();
     assert!(
         report.contains("| kernel-check | 124 (stopped at its limit) |"),
