@@ -251,7 +251,7 @@ async fn submit(state: &AppState, request: Request) -> Result<Arc<Job>, ApiError
     let image = raw
         .image
         .expect("from_raw refuses a request without an image");
-    let extension = inspect_upload(&image, &limits, edit.width)?;
+    let extension = inspect_upload(&image, &limits, &edit)?;
     let admission = state.registry.admit()?;
     let image = Arc::new(image);
     state.registry.check_decodes(image.clone()).await?;

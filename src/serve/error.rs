@@ -214,3 +214,18 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_edit_that_failed_by_its_own_values_is_422_and_never_resent() {
+        let r = ApiError::edit_failed("edit ed_1 failed", true).into_response();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(r.headers()["x-should-retry"], "false");
+        let r = ApiError::edit_failed("edit ed_1 failed", false).into_response();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(r.headers()["x-should-retry"], "false");
+    }
+}
