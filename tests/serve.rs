@@ -812,6 +812,67 @@ async fn after_kill_9_and_a_restart_every_accepted_edit_finishes_exactly_once() 
     assert_eq!(list["data"].as_array().unwrap().len(), 5);
 }
 
+/// An ended edit's event stream ends after a `kill -9` however its `events.jsonl` was left:
+/// whole (written before the journal's end), cut short or missing (as a kill during the
+/// write used to leave it), the stream a client reads after the restart ends with the
+/// journal's ending, so an EventSource does not reconnect forever.
+#[tokio::test]
+async fn after_kill_9_an_ended_edits_stream_ends_whatever_its_events_file_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let client = icedit_scale::http::client_builder().build().unwrap();
+    let fields = [
+        ("prompt", "make it snow"),
+        ("seeds", "2"),
+        ("steps", "6"),
+        ("size", "64"),
+    ];
+    let server = Server::start(&out, &[], &[]);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = submit(&client, &server, &fields).await;
+        events(&client, &server, &id, Some("done")).await;
+        ids.push(id);
+    }
+    // The journal has each edit's end; its stream was on disk before that record.
+    let ended = journal(&out)
+        .iter()
+        .filter(|r| r["record"] == "ended")
+        .count();
+    assert_eq!(ended, 3);
+    server.kill_9();
+    let file = |id: &str| out.join("edits").join(id).join("events.jsonl");
+    let whole = std::fs::read_to_string(file(&ids[0])).unwrap();
+    assert!(
+        whole.lines().last().unwrap().contains("\"done\""),
+        "{whole}"
+    );
+    // Cut short before its last line, and lost altogether.
+    let lines: Vec<&str> = whole.lines().collect();
+    let cut = std::fs::read_to_string(file(&ids[1])).unwrap();
+    let cut: Vec<&str> = cut.lines().collect();
+    std::fs::write(file(&ids[1]), cut[..cut.len() - 1].join("\n") + "\n").unwrap();
+    std::fs::remove_file(file(&ids[2])).unwrap();
+
+    let server = Server::start(&out, &[], &[]);
+    for (i, id) in ids.iter().enumerate() {
+        let all = events(&client, &server, id, None).await;
+        let last = all
+            .last()
+            .unwrap_or_else(|| panic!("{id}: an empty stream"));
+        assert_eq!(last.event, "done", "{id}: {all:?}");
+        assert!(last.data["pick"].is_object(), "{id}: {last:?}");
+        if i == 0 {
+            assert_eq!(all.len(), lines.len());
+        }
+        if i == 1 {
+            // The made end follows the stream's last stored event.
+            assert_eq!(all.len(), cut.len());
+            assert_eq!(all[all.len() - 2].id + 1, last.id);
+        }
+    }
+}
+
 #[tokio::test]
 async fn several_generator_workers_share_one_queue() {
     let dir = tempfile::tempdir().unwrap();

@@ -372,7 +372,7 @@ async fn edit_events(
                         EventsNow::OnDisk => {
                             // The edit ended (in this process or before it): its stream is
                             // in events.jsonl.
-                            let mut stored = registry.events_on_disk(&job.id);
+                            let mut stored = registry.events_on_disk(&job);
                             stored.retain(|e| e.seq >= next);
                             disk = Some(stored.into());
                         }

@@ -623,6 +623,34 @@ impl JobRegistry {
             );
             return;
         }
+        let kind = match ending {
+            Ending::Done => "done",
+            Ending::Failed => "failed",
+            Ending::Cancelled => "cancelled",
+        };
+        // The whole stream, its last event included, is on disk before the journal says
+        // the edit ended: after a crash an ended edit's stream is whole (written
+        // atomically: a kill mid-write leaves the old file or none, never a cut one). An
+        // edit not yet ended in the journal runs again and rewrites it.
+        let mut events: Vec<ServerEvent> = job.state.lock().unwrap().events.clone();
+        let seq = events
+            .last()
+            .map_or(job.state.lock().unwrap().published, |e| e.seq + 1);
+        events.push(ServerEvent {
+            seq,
+            kind: kind.to_string(),
+            data: data.clone(),
+        });
+        let path = self.edit_dir(&job.id).join("events.jsonl");
+        let stored = match jsonl::write(&path, &events) {
+            Ok(()) => true,
+            Err(e) => {
+                // Kept in memory instead; a restart serves the stream's end from the
+                // journal ([`Self::events_on_disk`]).
+                tracing::warn!("{}: {e}", path.display());
+                false
+            }
+        };
         let record = Record::Ended {
             id: job.id.clone(),
             ending,
@@ -632,25 +660,13 @@ impl JobRegistry {
             // The edit will run again after a restart; nothing is lost.
             tracing::error!("edit {}: journaling its end: {e}", job.id);
         }
-        let kind = match ending {
-            Ending::Done => "done",
-            Ending::Failed => "failed",
-            Ending::Cancelled => "cancelled",
-        };
         job.set_status(Status::of(ending), error);
         self.metrics.count(kind);
         job.publish(kind, data);
-        let events: Vec<ServerEvent> = job.state.lock().unwrap().events.clone();
-        let path = self.edit_dir(&job.id).join("events.jsonl");
-        let written = std::fs::File::create(&path).and_then(|mut f| jsonl::append(&mut f, &events));
-        match written {
-            Ok(()) => {
-                let mut s = job.state.lock().unwrap();
-                s.events = Vec::new();
-                s.stored = true;
-            }
-            // Kept in memory instead; only a restart loses them.
-            Err(e) => tracing::warn!("{}: {e}", path.display()),
+        if stored {
+            let mut s = job.state.lock().unwrap();
+            s.events = Vec::new();
+            s.stored = true;
         }
     }
 
@@ -681,9 +697,35 @@ impl JobRegistry {
         running.len()
     }
 
-    /// Events of an edit that ended before this process started (read from its folder).
-    pub fn events_on_disk(&self, id: &str) -> Vec<ServerEvent> {
-        jsonl::read(&self.edit_dir(id).join("events.jsonl")).unwrap_or_default()
+    /// The stored events of an edit that ended (read from its folder). A stream without
+    /// its last event (lost or cut short on disk, as servers before the stream was written
+    /// ahead of the journal's end could leave it) gets one made from how the journal says
+    /// the edit ended, so every reader's stream ends.
+    pub fn events_on_disk(&self, job: &Job) -> Vec<ServerEvent> {
+        let mut events: Vec<ServerEvent> =
+            jsonl::read(&self.edit_dir(&job.id).join("events.jsonl")).unwrap_or_default();
+        if events.last().is_some_and(ServerEvent::is_last) {
+            return events;
+        }
+        let (kind, data) = match job.status() {
+            Status::Done => (
+                "done",
+                self.report(&job.id)
+                    .map_or(Value::Null, |r| done_event(&job.id, &r)),
+            ),
+            Status::Failed => ("failed", json!({"error": job.error()})),
+            Status::Cancelled => ("cancelled", json!({})),
+            Status::Queued | Status::Running => return events,
+        };
+        let seq = events
+            .last()
+            .map_or(job.state.lock().unwrap().published, |e| e.seq + 1);
+        events.push(ServerEvent {
+            seq,
+            kind: kind.to_string(),
+            data,
+        });
+        events
     }
 
     /// The report of a finished edit, as written in its folder.
