@@ -218,6 +218,58 @@ async fn a_size_height_the_image_does_not_have_is_refused_before_the_queue() {
     }
 }
 
+/// `GET /v1/edits/{id}` shows what the client asked for under the request's names, and the
+/// same after a restart (a client sent there by the retry table learns its `n`, `size` and
+/// format back).
+#[tokio::test]
+async fn an_edit_shows_its_request_before_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[], &[]);
+    let client = icedit_scale::http::client_builder().build().unwrap();
+    let fields = [
+        ("prompt", "make the sky night"),
+        ("n", "3"),
+        ("size", "128x80"),
+        ("response_format", "url"),
+        ("live_previews", "true"),
+        ("user", "user-7"),
+        ("strategy", "best-of-n"),
+        ("seeds", "3"),
+        ("seed", "11"),
+        ("steps", "6"),
+    ];
+    let id = submit(&client, &server, &fields).await;
+    events(&client, &server, &id, Some("done")).await;
+    let get = |server: &Server| {
+        let url = server.url(&format!("/v1/edits/{id}"));
+        let client = client.clone();
+        async move {
+            let r = client.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let before = get(&server).await;
+    let request = &before["request"];
+    assert_eq!(request["prompt"], "make the sky night", "{before}");
+    assert_eq!(request["n"], 3, "{before}");
+    assert_eq!(request["size"], "128x80", "{before}");
+    assert_eq!(request["response_format"], "url", "{before}");
+    assert_eq!(request["live_previews"], true, "{before}");
+    assert_eq!(request["user"], "user-7", "{before}");
+    assert_eq!(request["strategy"], "best-of-n", "{before}");
+    assert_eq!(
+        (request["seeds"].as_u64(), request["seed"].as_u64()),
+        (Some(3), Some(11))
+    );
+    assert_eq!(request["steps"], 6, "{before}");
+    drop(server);
+    let server = Server::start(&out, &[], &[]);
+    let after = get(&server).await;
+    assert_eq!(after["request"], before["request"]);
+}
+
 /// A tournament's stream shows what it judges: every seed's short run (its image, written
 /// before the event) and each comparison's decision in words.
 #[tokio::test]

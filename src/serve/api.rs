@@ -298,6 +298,34 @@ async fn list_edits(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "data": edits }))
 }
 
+/// What the client asked for, under the request's own field names: `prompt`, `n`, `size`
+/// as sent, `response_format`, `live_previews`, `user`, and the strategy it runs (the
+/// request's fields over the server's defaults) as `strategy`, `seeds`, `seed`, ...
+/// Built from the journaled request, so it is the same after a restart.
+pub fn request_view(request: &EditRequest) -> Value {
+    let mut view = json!({
+        "prompt": request.instruction,
+        "n": request.n,
+        "size": request.size,
+        "response_format": request.response_format,
+        "live_previews": request.live_previews,
+        "user": request.user,
+    });
+    let strategy = serde_json::to_value(&request.strategy).unwrap_or_default();
+    if let (Some(view), Value::Object(strategy)) = (view.as_object_mut(), strategy) {
+        for (key, value) in strategy {
+            // The config's own names where a request writes another.
+            let key = match key.as_str() {
+                "kind" => "strategy".to_string(),
+                "base_seed" => "seed".to_string(),
+                _ => key,
+            };
+            view.insert(key, value);
+        }
+    }
+    view
+}
+
 /// `GET /v1/edits/{id}`: status, the request, and the report once done.
 async fn get_edit(
     State(state): State<AppState>,
@@ -314,6 +342,7 @@ async fn get_edit(
         "created": job.created,
         "instruction": job.request.instruction,
         "strategy": job.request.strategy,
+        "request": request_view(&job.request),
         "worker": job.worker(),
         "error": job.error(),
         "links": links(&job.id),
@@ -567,8 +596,22 @@ async fn images_edits(
             ))
         }
     }
-    let report = state
-        .registry
+    done_answer(&state.registry, &job, &base).await.map(Json)
+}
+
+/// The answer of `POST /v1/images/edits` for `job`, which ended `done`: its images in the
+/// OpenAI shape and our `icedit` object beside them. `base` is the server's public URL.
+/// The edit was accepted and ran: whatever fails here (its report or files unreadable), a
+/// resend would run it again, so every error says not to (`x-should-retry: false`).
+async fn done_answer(registry: &JobRegistry, job: &Job, base: &str) -> Result<Value, ApiError> {
+    answer_of_done(registry, job, base)
+        .await
+        .map_err(ApiError::after_acceptance)
+}
+
+/// [`done_answer`] with errors as they are.
+async fn answer_of_done(registry: &JobRegistry, job: &Job, base: &str) -> Result<Value, ApiError> {
+    let report = registry
         .report(&job.id)
         .ok_or_else(|| ApiError::internal(format!("edit {}: report.json is unreadable", job.id)))?;
     // The pick first, then the other finished candidates by VIE O.
@@ -594,7 +637,7 @@ async fn images_edits(
             job.id
         )));
     }
-    let dir = state.registry.edit_dir(&job.id);
+    let dir = registry.edit_dir(&job.id);
     let mut data = Vec::new();
     let mut size = None;
     for c in finished.iter().take(job.request.n) {
@@ -620,13 +663,13 @@ async fn images_edits(
     let mut icedit = done_event(&job.id, &report);
     icedit["id"] = json!(job.id);
     icedit["vie"] = json!(report.picked().and_then(|c| c.vie.as_ref()));
-    Ok(Json(json!({
+    Ok(json!({
         "created": job.created,
         "data": data,
         "output_format": "png",
         "size": format!("{w}x{h}"),
         "icedit": icedit,
-    })))
+    }))
 }
 
 /// The file returned for candidate `index` and its size: its refine where it had one (the
@@ -646,4 +689,84 @@ fn returned_image(report: &EditReport, index: usize) -> Option<(&str, (u32, u32)
             report.panel,
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::StrategyConfig;
+    use crate::serve::request::Limits;
+    use crate::serve::Metrics;
+
+    fn png() -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image::RgbImage::new(64, 64)
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Png,
+            )
+            .unwrap();
+        bytes
+    }
+
+    /// A registry in `out` with one accepted edit of `fields`.
+    fn accepted(out: &std::path::Path, fields: &[(&str, &str)]) -> (Arc<JobRegistry>, Arc<Job>) {
+        let (limits, defaults) = (Limits::default(), StrategyConfig::default());
+        let metrics = Arc::new(Metrics::default());
+        let registry =
+            Arc::new(JobRegistry::open(out, 4, limits, defaults.clone(), metrics, 1).unwrap());
+        let raw = RawRequest {
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            image: Some(png()),
+        };
+        let request = EditRequest::from_raw(&raw, &defaults, &limits).unwrap();
+        let admission = registry.admit().unwrap();
+        let job = registry.accept(admission, request, &png(), "png").unwrap();
+        (registry, job)
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_fails_after_the_edit_ran_is_never_resent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, job) = accepted(dir.path(), &[("prompt", "x")]);
+        // Its report is unreadable (a disk that lost it): a 500, not to be resent, which
+        // would run the whole edit again.
+        std::fs::write(registry.edit_dir(&job.id).join("report.json"), b"{").unwrap();
+        let e = done_answer(&registry, &job, "http://127.0.0.1:1")
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.message.contains(&job.id), "{e}");
+        let r = e.into_response();
+        assert_eq!(r.headers()["x-should-retry"], "false");
+    }
+
+    #[test]
+    fn the_request_is_shown_under_the_requests_own_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let fields = [
+            ("prompt", "make it snow"),
+            ("n", "3"),
+            ("size", "64x64"),
+            ("response_format", "url"),
+            ("live_previews", "true"),
+            ("user", "u-1"),
+            ("strategy", "best-of-n"),
+            ("seed", "7"),
+        ];
+        let (_registry, job) = accepted(dir.path(), &fields);
+        let view = request_view(&job.request);
+        assert_eq!(view["prompt"], "make it snow");
+        assert_eq!(view["n"], 3);
+        assert_eq!(view["size"], "64x64");
+        assert_eq!(view["response_format"], "url");
+        assert_eq!(view["live_previews"], true);
+        assert_eq!(view["user"], "u-1");
+        assert_eq!(view["strategy"], "best-of-n");
+        assert_eq!(view["seed"], 7);
+        assert!(view.get("kind").is_none() && view.get("base_seed").is_none());
+    }
 }

@@ -153,6 +153,15 @@ impl ApiError {
         }
     }
 
+    /// This error, answered for an edit that was accepted (it ran, or runs after a
+    /// restart): `x-should-retry: false`, as a resend would run the edit again.
+    pub fn after_acceptance(self) -> Self {
+        Self {
+            no_retry: true,
+            ..self
+        }
+    }
+
     /// 503 without `Retry-After`: the server stops while the edit waits in the queue; it
     /// is journaled and runs after the restart, so a resend would run it twice.
     pub fn journaled_at_shutdown(message: impl Into<String>) -> Self {
