@@ -115,7 +115,7 @@ async fn half_sent_heads_and_idle_connections_are_closed_at_their_timeouts() {
     );
     // Half a request head, then nothing.
     let mut slow = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
-    slow.write_all(b"POST /v1/edits HTTP/1.1\r\nHost: x\r\nContent-Ty")
+    slow.write_all(b"POST /v1/edits HTTP/1.1\r\nHost: localhost\r\nContent-Ty")
         .await
         .unwrap();
     read_to_close(&mut slow, "half a request head").await;
@@ -124,7 +124,7 @@ async fn half_sent_heads_and_idle_connections_are_closed_at_their_timeouts() {
     read_to_close(&mut silent, "a silent connection").await;
     // A kept-alive connection after its answer.
     let mut kept = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
-    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     let text = read_to_close(&mut kept, "an idle kept-alive connection").await;
@@ -141,7 +141,7 @@ async fn a_stalled_body_is_answered_408_and_closed_at_the_body_timeout() {
     let mut stalled = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
     stalled
         .write_all(
-            b"POST /v1/edits HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+            b"POST /v1/edits HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
               Content-Length: 100000\r\n\r\n{\"prompt\": \"x\", \"image\": \"iVBO",
         )
         .await
@@ -165,7 +165,7 @@ async fn connections_beyond_the_cap_are_answered_503() {
     let _b = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
     let mut third = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
     third
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     let text = read_to_close(&mut third, "a connection over the cap").await;
@@ -206,7 +206,7 @@ async fn sigterm_ends_the_server_past_a_half_sent_head_and_a_running_edit_resume
     events(&client, &server, &a, Some("step")).await; // A is running
     let b = submit(&client, &server, &SHORT).await; // B waits behind it
     let mut slow = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
-    slow.write_all(b"POST /v1/edits HTTP/1.1\r\nHost: x\r\n")
+    slow.write_all(b"POST /v1/edits HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
     server.sigterm();
@@ -700,12 +700,19 @@ async fn the_files_route_never_follows_a_symlink_out_of_the_edit_folder() {
 #[tokio::test]
 async fn url_answers_name_the_server_not_the_clients_host_header() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("out"), &[], &[]);
+    // With a token (without one, a loopback server refuses a foreign Host outright).
+    let token = "t-host";
+    let server = Server::start(
+        &dir.path().join("out"),
+        &[],
+        &[("ICEDIT_SERVE_TOKEN", token)],
+    );
     let client = client();
     let mut fields = SHORT.to_vec();
     fields.push(("response_format", "url"));
     let r: Value = client
         .post(server.url("/v1/images/edits"))
+        .bearer_auth(token)
         .header("host", "evil.example")
         .multipart(form(&fields, png(64, 64)))
         .send()
@@ -741,6 +748,136 @@ async fn url_answers_name_the_server_not_the_clients_host_header() {
         url.starts_with("https://edits.example.org/base/v1/edits/"),
         "{url}"
     );
+}
+
+/// A loopback server without a token is reachable by every web page in this machine's
+/// browser: a cross-site form POST needs no preflight, and DNS rebinding makes a page
+/// same-origin. It refuses a foreign `Host` and a foreign `Origin` (403), and still
+/// answers its own page and clients that are not web pages.
+#[tokio::test]
+async fn a_tokenless_loopback_server_refuses_other_sites_hosts_and_origins() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[], &[]);
+    let client = client();
+    let own = server.addr().to_string();
+    // DNS rebinding: the page's own name, resolved to 127.0.0.1.
+    for path in ["/v1/edits", "/healthz", "/"] {
+        let r = client
+            .get(server.url(path))
+            .header("host", "evil.example")
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (403, Some("forbidden_host")),
+            "{path}: {body}"
+        );
+    }
+    // A cross-site form POST.
+    let r = client
+        .post(server.url("/v1/edits"))
+        .header("origin", "http://evil.example")
+        .multipart(form(&SHORT, png(64, 64)))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("forbidden_origin")),
+        "{body}"
+    );
+    assert!(journal(&out).is_empty(), "{body}");
+    let r = client
+        .delete(server.url("/v1/edits/ed_0"))
+        .header("origin", "http://evil.example:1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Its own page (Host and Origin its own), and a client with no Origin.
+    let r = client
+        .post(server.url("/v1/edits"))
+        .header("host", &own)
+        .header("origin", &server.base)
+        .multipart(form(&SHORT, png(64, 64)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let r = client
+        .get(server.url("/v1/edits"))
+        .header("host", own.replace("127.0.0.1", "localhost"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    submit(&client, &server, &SHORT).await;
+    // With a token, the token is the guard: other hosts reach it (a proxy's name).
+    drop(server);
+    let server = Server::start(&out, &[], &[("ICEDIT_SERVE_TOKEN", "t")]);
+    let r = client
+        .get(server.url("/v1/edits"))
+        .bearer_auth("t")
+        .header("host", "edits.example.org")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// `--judge none` runs only `random`: a request for a strategy that needs a judge is
+/// refused naming `strategy` before it is journaled, not failed with a 422 after the queue.
+#[tokio::test]
+async fn a_server_without_a_judge_refuses_strategies_that_need_one_at_submission() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &["--judge", "none", "--strategy", "random"], &[]);
+    let client = client();
+    for strategy in ["tournament", "best-of-n", "early-filter"] {
+        let r = client
+            .post(server.url("/v1/edits"))
+            .multipart(form(
+                &[
+                    ("prompt", "x"),
+                    ("strategy", strategy),
+                    ("seeds", "4"),
+                    ("size", "64"),
+                ],
+                png(64, 64),
+            ))
+            .send()
+            .await
+            .unwrap();
+        let (status, param, message) = refusal(r).await;
+        assert_eq!(
+            (status, param.as_str()),
+            (400, Some("strategy")),
+            "{message}"
+        );
+        assert!(!message.contains("--"), "{message}");
+    }
+    assert!(journal(&out).is_empty());
+    let r = client
+        .post(server.url("/v1/edits"))
+        .multipart(form(
+            &[
+                ("prompt", "x"),
+                ("strategy", "random"),
+                ("steps", "6"),
+                ("size", "64"),
+            ],
+            png(64, 64),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
 }
 
 #[tokio::test]

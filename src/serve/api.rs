@@ -32,7 +32,7 @@ use super::jobs::{done_event, inspect_upload, EventsNow, Job, JobRegistry, Statu
 use super::page;
 use super::request::{EditRequest, RawRequest, ResponseFormat};
 use crate::engine::report::{CandidateStatus, EditReport};
-use crate::engine::GeneratorWorker;
+use crate::engine::{GeneratorWorker, StrategyKind};
 
 /// What every handler sees.
 #[derive(Clone)]
@@ -46,6 +46,100 @@ pub struct AppState {
     /// Where clients reach the server (`url` answers are built on it, never on a
     /// request's Host header), without a trailing slash.
     pub public_url: Arc<str>,
+    /// Set on a server bound to loopback without a token: the sites that may call it.
+    pub site_guard: Option<Arc<SiteGuard>>,
+    /// Whether the server has a judge (`--judge none` runs only `random`).
+    pub judged: bool,
+}
+
+/// Who may call a server bound to loopback without a token. Such a server trusts whoever
+/// reaches its port, and a browser on this machine reaches it for any web page: a
+/// cross-site form POST needs no CORS preflight, and DNS rebinding (a page's own name
+/// resolved to 127.0.0.1) makes the page same-origin. So a request is refused (403) when
+/// its `Host` is not a loopback name or address (or `--public-url`'s host), or when it
+/// carries an `Origin` that is not the server's own.
+#[derive(Debug, Clone)]
+pub struct SiteGuard {
+    /// The port the server listens on (a loopback origin must name it).
+    port: u16,
+    /// `--public-url`'s host, lowercase.
+    public_host: Option<String>,
+    /// `--public-url`'s origin (`scheme://host[:port]`).
+    public_origin: Option<String>,
+}
+
+impl SiteGuard {
+    /// The guard of a server bound to `bound`, reached at `public_url` if one is given.
+    pub fn new(bound: std::net::SocketAddr, public_url: Option<&str>) -> Self {
+        let public = public_url.and_then(|u| reqwest::Url::parse(u).ok());
+        Self {
+            port: bound.port(),
+            public_host: public
+                .as_ref()
+                .and_then(|u| u.host_str().map(str::to_ascii_lowercase)),
+            public_origin: public.map(|u| u.origin().ascii_serialization()),
+        }
+    }
+
+    /// Whether `host` (a `Host` header's name, without its port) names this machine.
+    fn loopback(host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost"
+            || host.ends_with(".localhost")
+            || bare
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// Why a request with these `Host` and `Origin` headers is refused, if it is.
+    pub fn check(&self, host: Option<&str>, origin: Option<&str>) -> Result<(), ApiError> {
+        if let Some(host) = host {
+            let name = host
+                .parse::<axum::http::uri::Authority>()
+                .ok()
+                .map(|a| a.host().to_ascii_lowercase());
+            let allowed = name.as_deref().is_some_and(|name| {
+                Self::loopback(name) || self.public_host.as_deref() == Some(name)
+            });
+            if !allowed {
+                return Err(ApiError::forbidden_host(format!(
+                    "Host {host:?} is not this server: without a token it answers loopback names only (localhost, 127.0.0.1, [::1]) and --public-url's host; a web page of another site cannot call it"
+                )));
+            }
+        }
+        if let Some(origin) = origin {
+            let url = reqwest::Url::parse(origin).ok();
+            let own = url.as_ref().is_some_and(|u| {
+                (matches!(u.scheme(), "http" | "https")
+                    && u.host_str().is_some_and(Self::loopback)
+                    && u.port_or_known_default() == Some(self.port))
+                    || self.public_origin.as_deref() == Some(&u.origin().ascii_serialization())
+            });
+            if !own {
+                return Err(ApiError::forbidden_origin(format!(
+                    "Origin {origin:?} is not this server's: without a token it takes requests from its own page and from clients that are not web pages only"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses requests from other sites on a tokenless loopback server ([`SiteGuard`]).
+async fn guard_site(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(guard) = &state.site_guard {
+        let header = |name| {
+            request
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap_or("(not text)"))
+        };
+        if let Err(e) = guard.check(header(header::HOST), header(header::ORIGIN)) {
+            return e.into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// The router: the page, health and metrics, and the edit API. Request bodies are limited
@@ -69,6 +163,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(state.clone(), guard_site))
         .layer(middleware::from_fn(error_shape))
         .layer(middleware::from_fn(request_span))
         .with_state(state)
@@ -248,6 +343,15 @@ async fn submit(state: &AppState, request: Request) -> Result<Arc<Job>, ApiError
     let raw = read_body(state, request).await?;
     let limits = state.registry.limits;
     let edit = EditRequest::from_raw(&raw, &state.registry.defaults, &limits)?;
+    if !state.judged && edit.strategy.kind != StrategyKind::Random {
+        return Err(ApiError::bad_field(
+            "strategy",
+            format!(
+                "`strategy` {}: this server has no judge to choose among candidates; only `random` runs here",
+                edit.strategy.kind.name()
+            ),
+        ));
+    }
     let image = raw
         .image
         .expect("from_raw refuses a request without an image");
@@ -742,6 +846,64 @@ mod tests {
         assert!(e.message.contains(&job.id), "{e}");
         let r = e.into_response();
         assert_eq!(r.headers()["x-should-retry"], "false");
+    }
+
+    #[test]
+    fn a_tokenless_loopback_server_takes_its_own_site_only() {
+        let guard = SiteGuard::new(
+            "127.0.0.1:8080".parse().unwrap(),
+            Some("https://edits.example.org/base"),
+        );
+        let ok = |host, origin| guard.check(host, origin).is_ok();
+        for host in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "LOCALHOST",
+            "[::1]:8080",
+            "127.0.0.2",
+            "edits.example.org",
+        ] {
+            assert!(ok(Some(host), None), "{host}");
+        }
+        assert!(ok(None, None));
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "127.0.0.1.evil.example",
+            "",
+            "a b",
+        ] {
+            let e = guard.check(Some(host), None).unwrap_err();
+            assert_eq!(
+                (e.status.as_u16(), e.code),
+                (403, Some("forbidden_host")),
+                "{host}"
+            );
+        }
+        for origin in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+            "https://edits.example.org",
+        ] {
+            assert!(ok(Some("127.0.0.1:8080"), Some(origin)), "{origin}");
+        }
+        for origin in [
+            "http://evil.example",
+            "http://127.0.0.1:9999",
+            "http://evil.example:8080",
+            "null",
+            "https://edits.example.org:8443",
+        ] {
+            let e = guard
+                .check(Some("127.0.0.1:8080"), Some(origin))
+                .unwrap_err();
+            assert_eq!(
+                (e.status.as_u16(), e.code),
+                (403, Some("forbidden_origin")),
+                "{origin}"
+            );
+        }
     }
 
     #[test]

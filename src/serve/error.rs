@@ -69,6 +69,18 @@ impl ApiError {
         )
     }
 
+    /// 403: a tokenless loopback server refuses a request whose `Host` names another
+    /// site (DNS rebinding: a web page's name resolved to 127.0.0.1).
+    pub fn forbidden_host(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden_host", message)
+    }
+
+    /// 403: a tokenless loopback server refuses a request a web page of another origin
+    /// sent (a cross-site form or fetch, which needs no preflight).
+    pub fn forbidden_origin(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden_origin", message)
+    }
+
     /// 404: no such edit or file.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
