@@ -73,7 +73,7 @@ async fn the_openai_python_clients_request_gets_an_openai_shaped_answer() {
             .decode(item["b64_json"].as_str().unwrap())
             .unwrap();
         let image = image::load_from_memory(&bytes).unwrap();
-        assert_eq!(image.width(), 256, "size 256x256 sets the panel width");
+        assert_eq!(image.width(), 256, "size 256x192 sets the panel width");
     }
     // The fields the request carried beyond OpenAI's reached the strategy.
     assert_eq!(icedit["candidates"].as_array().unwrap().len(), 4);
@@ -120,7 +120,7 @@ async fn a_size_wider_than_the_edit_answers_with_the_refined_images_at_their_siz
                     ("seeds", "3"),
                     ("steps", "6"),
                     ("n", "3"),
-                    ("size", "576x576"),
+                    ("size", "576"),
                     ("refine_best", "2"),
                     ("response_format", format),
                 ],
@@ -172,6 +172,104 @@ async fn a_size_wider_than_the_edit_answers_with_the_refined_images_at_their_siz
     }
 }
 
+/// `size`'s height follows the image: one the image does not have at that width (or its
+/// refine at a wider one) is refused naming `size` before the edit is queued or journaled.
+#[tokio::test]
+async fn a_size_height_the_image_does_not_have_is_refused_before_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[], &[]);
+    let client = icedit_scale::http::client_builder().build().unwrap();
+    let post = |size: &'static str, image: Vec<u8>| {
+        client
+            .post(server.url("/v1/edits"))
+            .multipart(form(
+                &[
+                    ("prompt", "x"),
+                    ("seeds", "2"),
+                    ("steps", "6"),
+                    ("size", size),
+                ],
+                image,
+            ))
+            .send()
+    };
+    for (size, image) in [
+        ("64x128", png(64, 64)),
+        ("1024", png(128, 256)),
+        ("1024x2048", png(128, 256)),
+        ("576x576", png(192, 128)),
+    ] {
+        let r = post(size, image).await.unwrap();
+        assert_eq!(r.status(), 400, "{size}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["param"], "size", "{size}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_value", "{size}: {body}");
+        assert!(journal(&out).is_empty(), "{size}: {body}");
+    }
+    // The image's own height at that width is accepted, as is the width alone.
+    for (size, image) in [
+        ("64x64", png(64, 64)),
+        ("64", png(64, 64)),
+        ("128x80", png(192, 128)),
+    ] {
+        let r = post(size, image).await.unwrap();
+        assert_eq!(r.status(), 202, "{size}: {}", r.text().await.unwrap());
+    }
+}
+
+/// `GET /v1/edits/{id}` shows what the client asked for under the request's names, and the
+/// same after a restart (a client sent there by the retry table learns its `n`, `size` and
+/// format back).
+#[tokio::test]
+async fn an_edit_shows_its_request_before_and_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[], &[]);
+    let client = icedit_scale::http::client_builder().build().unwrap();
+    let fields = [
+        ("prompt", "make the sky night"),
+        ("n", "3"),
+        ("size", "128x80"),
+        ("response_format", "url"),
+        ("live_previews", "true"),
+        ("user", "user-7"),
+        ("strategy", "best-of-n"),
+        ("seeds", "3"),
+        ("seed", "11"),
+        ("steps", "6"),
+    ];
+    let id = submit(&client, &server, &fields).await;
+    events(&client, &server, &id, Some("done")).await;
+    let get = |server: &Server| {
+        let url = server.url(&format!("/v1/edits/{id}"));
+        let client = client.clone();
+        async move {
+            let r = client.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let before = get(&server).await;
+    let request = &before["request"];
+    assert_eq!(request["prompt"], "make the sky night", "{before}");
+    assert_eq!(request["n"], 3, "{before}");
+    assert_eq!(request["size"], "128x80", "{before}");
+    assert_eq!(request["response_format"], "url", "{before}");
+    assert_eq!(request["live_previews"], true, "{before}");
+    assert_eq!(request["user"], "user-7", "{before}");
+    assert_eq!(request["strategy"], "best-of-n", "{before}");
+    assert_eq!(
+        (request["seeds"].as_u64(), request["seed"].as_u64()),
+        (Some(3), Some(11))
+    );
+    assert_eq!(request["steps"], 6, "{before}");
+    drop(server);
+    let server = Server::start(&out, &[], &[]);
+    let after = get(&server).await;
+    assert_eq!(after["request"], before["request"]);
+}
+
 /// A tournament's stream shows what it judges: every seed's short run (its image, written
 /// before the event) and each comparison's decision in words.
 #[tokio::test]
@@ -188,7 +286,7 @@ async fn a_tournament_streams_each_short_run_and_each_decision() {
             ("seeds", "4"),
             ("probe_steps", "2"),
             ("steps", "8"),
-            ("size", "128x128"),
+            ("size", "128"),
         ],
     )
     .await;
@@ -226,7 +324,7 @@ async fn an_async_edit_streams_every_event_in_order_and_accounts_for_every_candi
             ("probe_steps", "3"),
             ("keep", "2"),
             ("steps", "10"),
-            ("size", "128x128"),
+            ("size", "128"),
             ("live_previews", "true"),
         ],
     )
@@ -402,7 +500,7 @@ async fn a_full_queue_answers_429_and_queued_and_running_edits_cancel() {
         ("strategy", "best-of-n"),
         ("seeds", "64"),
         ("steps", "1000"),
-        ("size", "128x128"),
+        ("size", "128"),
     ];
     let a = submit(&client, &server, &long).await;
     events(&client, &server, &a, Some("step")).await; // A is running: the queue is empty
@@ -486,7 +584,7 @@ async fn a_full_queue_answers_429_and_queued_and_running_edits_cancel() {
             ("prompt", "x"),
             ("seeds", "2"),
             ("steps", "6"),
-            ("size", "64x64"),
+            ("size", "64"),
         ],
     )
     .await;
@@ -690,7 +788,7 @@ async fn after_kill_9_and_a_restart_every_accepted_edit_finishes_exactly_once() 
         ("prompt", "make the sky night"),
         ("seeds", "4"),
         ("steps", "50"),
-        ("size", "128x128"),
+        ("size", "128"),
     ];
     let server = Server::start(&out, &["--in-flight", "1"], &[]);
     let mut ids = Vec::new();
@@ -766,6 +864,67 @@ async fn after_kill_9_and_a_restart_every_accepted_edit_finishes_exactly_once() 
     assert_eq!(list["data"].as_array().unwrap().len(), 5);
 }
 
+/// An ended edit's event stream ends after a `kill -9` however its `events.jsonl` was left:
+/// whole (written before the journal's end), cut short or missing (as a kill during the
+/// write used to leave it), the stream a client reads after the restart ends with the
+/// journal's ending, so an EventSource does not reconnect forever.
+#[tokio::test]
+async fn after_kill_9_an_ended_edits_stream_ends_whatever_its_events_file_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let client = icedit_scale::http::client_builder().build().unwrap();
+    let fields = [
+        ("prompt", "make it snow"),
+        ("seeds", "2"),
+        ("steps", "6"),
+        ("size", "64"),
+    ];
+    let server = Server::start(&out, &[], &[]);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = submit(&client, &server, &fields).await;
+        events(&client, &server, &id, Some("done")).await;
+        ids.push(id);
+    }
+    // The journal has each edit's end; its stream was on disk before that record.
+    let ended = journal(&out)
+        .iter()
+        .filter(|r| r["record"] == "ended")
+        .count();
+    assert_eq!(ended, 3);
+    server.kill_9();
+    let file = |id: &str| out.join("edits").join(id).join("events.jsonl");
+    let whole = std::fs::read_to_string(file(&ids[0])).unwrap();
+    assert!(
+        whole.lines().last().unwrap().contains("\"done\""),
+        "{whole}"
+    );
+    // Cut short before its last line, and lost altogether.
+    let lines: Vec<&str> = whole.lines().collect();
+    let cut = std::fs::read_to_string(file(&ids[1])).unwrap();
+    let cut: Vec<&str> = cut.lines().collect();
+    std::fs::write(file(&ids[1]), cut[..cut.len() - 1].join("\n") + "\n").unwrap();
+    std::fs::remove_file(file(&ids[2])).unwrap();
+
+    let server = Server::start(&out, &[], &[]);
+    for (i, id) in ids.iter().enumerate() {
+        let all = events(&client, &server, id, None).await;
+        let last = all
+            .last()
+            .unwrap_or_else(|| panic!("{id}: an empty stream"));
+        assert_eq!(last.event, "done", "{id}: {all:?}");
+        assert!(last.data["pick"].is_object(), "{id}: {last:?}");
+        if i == 0 {
+            assert_eq!(all.len(), lines.len());
+        }
+        if i == 1 {
+            // The made end follows the stream's last stored event.
+            assert_eq!(all.len(), cut.len());
+            assert_eq!(all[all.len() - 2].id + 1, last.id);
+        }
+    }
+}
+
 #[tokio::test]
 async fn several_generator_workers_share_one_queue() {
     let dir = tempfile::tempdir().unwrap();
@@ -789,7 +948,7 @@ async fn several_generator_workers_share_one_queue() {
         ("prompt", "make it snow"),
         ("seeds", "2"),
         ("steps", "60"),
-        ("size", "64x64"),
+        ("size", "64"),
     ];
     let mut ids = Vec::new();
     for _ in 0..6 {
@@ -829,7 +988,7 @@ async fn several_generator_workers_share_one_queue() {
                 ("prompt", "x"),
                 ("seeds", "2"),
                 ("steps", "8"),
-                ("size", "64x64"),
+                ("size", "64"),
                 ("response_format", "url"),
             ],
             png(64, 64),
@@ -856,7 +1015,7 @@ async fn sigterm_finishes_the_running_edit_and_leaves_queued_ones_for_the_restar
         ("prompt", "make it snow"),
         ("seeds", "4"),
         ("steps", "50"),
-        ("size", "128x128"),
+        ("size", "128"),
     ];
     // A deadline far beyond the edit's time: the running edit is waited on.
     let mut server = Server::start(

@@ -53,7 +53,7 @@ const LONG: [(&str, &str); 5] = [
     ("strategy", "best-of-n"),
     ("seeds", "64"),
     ("steps", "1000"),
-    ("size", "128x128"),
+    ("size", "128"),
 ];
 
 /// A short edit.
@@ -61,7 +61,7 @@ const SHORT: [(&str, &str); 4] = [
     ("prompt", "make it snow"),
     ("seeds", "2"),
     ("steps", "6"),
-    ("size", "64x64"),
+    ("size", "64"),
 ];
 
 #[tokio::test]
@@ -115,7 +115,7 @@ async fn half_sent_heads_and_idle_connections_are_closed_at_their_timeouts() {
     );
     // Half a request head, then nothing.
     let mut slow = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
-    slow.write_all(b"POST /v1/edits HTTP/1.1\r\nHost: x\r\nContent-Ty")
+    slow.write_all(b"POST /v1/edits HTTP/1.1\r\nHost: localhost\r\nContent-Ty")
         .await
         .unwrap();
     read_to_close(&mut slow, "half a request head").await;
@@ -124,7 +124,7 @@ async fn half_sent_heads_and_idle_connections_are_closed_at_their_timeouts() {
     read_to_close(&mut silent, "a silent connection").await;
     // A kept-alive connection after its answer.
     let mut kept = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
-    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     let text = read_to_close(&mut kept, "an idle kept-alive connection").await;
@@ -141,7 +141,7 @@ async fn a_stalled_body_is_answered_408_and_closed_at_the_body_timeout() {
     let mut stalled = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
     stalled
         .write_all(
-            b"POST /v1/edits HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+            b"POST /v1/edits HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
               Content-Length: 100000\r\n\r\n{\"prompt\": \"x\", \"image\": \"iVBO",
         )
         .await
@@ -165,7 +165,7 @@ async fn connections_beyond_the_cap_are_answered_503() {
     let _b = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
     let mut third = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
     third
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     let text = read_to_close(&mut third, "a connection over the cap").await;
@@ -206,7 +206,7 @@ async fn sigterm_ends_the_server_past_a_half_sent_head_and_a_running_edit_resume
     events(&client, &server, &a, Some("step")).await; // A is running
     let b = submit(&client, &server, &SHORT).await; // B waits behind it
     let mut slow = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
-    slow.write_all(b"POST /v1/edits HTTP/1.1\r\nHost: x\r\n")
+    slow.write_all(b"POST /v1/edits HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
     server.sigterm();
@@ -372,33 +372,30 @@ async fn a_waiting_openai_client_is_never_told_to_resend_an_edit_that_failed_or_
     );
     let client = client();
 
-    // An edit whose own values fail it in the engine: a portrait upload whose refine would
-    // be taller than the 1536 px limit (the request's check sees only the width).
-    let r = client
-        .post(server.url("/v1/images/edits"))
-        .multipart(form(
-            &[
-                ("prompt", "x"),
-                ("seeds", "2"),
-                ("steps", "6"),
-                ("size", "1024x2048"),
-            ],
-            png(128, 256),
-        ))
-        .send()
-        .await
-        .unwrap();
-    let (status, retry, body) = answer_of(r).await;
-    assert_eq!((status, retry.as_deref()), (422, Some("false")), "{body}");
-    assert_eq!(body["error"]["code"], "edit_failed", "{body}");
-    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("failed"),
-        "{body}"
-    );
+    // A portrait upload whose refine would be taller than the 1536 px limit: refused at
+    // submission naming `size` (the image header tells), so nothing is accepted and no
+    // `x-should-retry` is needed (a 422 after the queue was the old behaviour).
+    for size in ["1024", "1024x2048"] {
+        let r = client
+            .post(server.url("/v1/images/edits"))
+            .multipart(form(
+                &[
+                    ("prompt", "x"),
+                    ("seeds", "2"),
+                    ("steps", "6"),
+                    ("size", size),
+                ],
+                png(128, 256),
+            ))
+            .send()
+            .await
+            .unwrap();
+        let (status, retry, body) = answer_of(r).await;
+        assert_eq!((status, retry.as_deref()), (400, None), "{body}");
+        assert_eq!(body["error"]["param"], "size", "{body}");
+        assert_eq!(body["error"]["code"], "invalid_value", "{body}");
+        assert!(journal(&out).is_empty(), "{body}");
+    }
 
     // A long edit its client waits for, cancelled by a DELETE while it runs.
     let waiting = tokio::spawn({
@@ -414,7 +411,7 @@ async fn a_waiting_openai_client_is_never_told_to_resend_an_edit_that_failed_or_
         }
     });
     // Its id, once the server has accepted it (no answer carries it before the end).
-    let id = server.accepted_edit(2).await;
+    let id = server.accepted_edit(1).await;
     events(&client, &server, &id, Some("step")).await;
     let r = client
         .delete(server.url(&format!("/v1/edits/{id}")))
@@ -445,7 +442,7 @@ async fn a_waiting_openai_client_is_never_told_to_resend_an_edit_that_failed_or_
                 .await
         }
     });
-    let id = server.accepted_edit(3).await;
+    let id = server.accepted_edit(2).await;
     events(&client, &server, &id, Some("step")).await;
     leaving.abort();
     let all = tokio::time::timeout(HANG, events(&client, &server, &id, None))
@@ -460,7 +457,7 @@ async fn a_waiting_openai_client_is_never_told_to_resend_an_edit_that_failed_or_
         .iter()
         .filter(|r| r["record"] == "accepted")
         .collect();
-    assert_eq!(accepted.len(), 3, "{records:?}");
+    assert_eq!(accepted.len(), 2, "{records:?}");
     for a in accepted {
         assert_eq!(records_of(&records, "ended", a["id"].as_str().unwrap()), 1);
     }
@@ -703,12 +700,19 @@ async fn the_files_route_never_follows_a_symlink_out_of_the_edit_folder() {
 #[tokio::test]
 async fn url_answers_name_the_server_not_the_clients_host_header() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("out"), &[], &[]);
+    // With a token (without one, a loopback server refuses a foreign Host outright).
+    let token = "t-host";
+    let server = Server::start(
+        &dir.path().join("out"),
+        &[],
+        &[("ICEDIT_SERVE_TOKEN", token)],
+    );
     let client = client();
     let mut fields = SHORT.to_vec();
     fields.push(("response_format", "url"));
     let r: Value = client
         .post(server.url("/v1/images/edits"))
+        .bearer_auth(token)
         .header("host", "evil.example")
         .multipart(form(&fields, png(64, 64)))
         .send()
@@ -746,6 +750,136 @@ async fn url_answers_name_the_server_not_the_clients_host_header() {
     );
 }
 
+/// A loopback server without a token is reachable by every web page in this machine's
+/// browser: a cross-site form POST needs no preflight, and DNS rebinding makes a page
+/// same-origin. It refuses a foreign `Host` and a foreign `Origin` (403), and still
+/// answers its own page and clients that are not web pages.
+#[tokio::test]
+async fn a_tokenless_loopback_server_refuses_other_sites_hosts_and_origins() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &[], &[]);
+    let client = client();
+    let own = server.addr().to_string();
+    // DNS rebinding: the page's own name, resolved to 127.0.0.1.
+    for path in ["/v1/edits", "/healthz", "/"] {
+        let r = client
+            .get(server.url(path))
+            .header("host", "evil.example")
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (403, Some("forbidden_host")),
+            "{path}: {body}"
+        );
+    }
+    // A cross-site form POST.
+    let r = client
+        .post(server.url("/v1/edits"))
+        .header("origin", "http://evil.example")
+        .multipart(form(&SHORT, png(64, 64)))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("forbidden_origin")),
+        "{body}"
+    );
+    assert!(journal(&out).is_empty(), "{body}");
+    let r = client
+        .delete(server.url("/v1/edits/ed_0"))
+        .header("origin", "http://evil.example:1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Its own page (Host and Origin its own), and a client with no Origin.
+    let r = client
+        .post(server.url("/v1/edits"))
+        .header("host", &own)
+        .header("origin", &server.base)
+        .multipart(form(&SHORT, png(64, 64)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let r = client
+        .get(server.url("/v1/edits"))
+        .header("host", own.replace("127.0.0.1", "localhost"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    submit(&client, &server, &SHORT).await;
+    // With a token, the token is the guard: other hosts reach it (a proxy's name).
+    drop(server);
+    let server = Server::start(&out, &[], &[("ICEDIT_SERVE_TOKEN", "t")]);
+    let r = client
+        .get(server.url("/v1/edits"))
+        .bearer_auth("t")
+        .header("host", "edits.example.org")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// `--judge none` runs only `random`: a request for a strategy that needs a judge is
+/// refused naming `strategy` before it is journaled, not failed with a 422 after the queue.
+#[tokio::test]
+async fn a_server_without_a_judge_refuses_strategies_that_need_one_at_submission() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let server = Server::start(&out, &["--judge", "none", "--strategy", "random"], &[]);
+    let client = client();
+    for strategy in ["tournament", "best-of-n", "early-filter"] {
+        let r = client
+            .post(server.url("/v1/edits"))
+            .multipart(form(
+                &[
+                    ("prompt", "x"),
+                    ("strategy", strategy),
+                    ("seeds", "4"),
+                    ("size", "64"),
+                ],
+                png(64, 64),
+            ))
+            .send()
+            .await
+            .unwrap();
+        let (status, param, message) = refusal(r).await;
+        assert_eq!(
+            (status, param.as_str()),
+            (400, Some("strategy")),
+            "{message}"
+        );
+        assert!(!message.contains("--"), "{message}");
+    }
+    assert!(journal(&out).is_empty());
+    let r = client
+        .post(server.url("/v1/edits"))
+        .multipart(form(
+            &[
+                ("prompt", "x"),
+                ("strategy", "random"),
+                ("steps", "6"),
+                ("size", "64"),
+            ],
+            png(64, 64),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+}
+
 #[tokio::test]
 async fn a_budget_larger_than_the_seed_limit_needs_is_capped_not_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -758,7 +892,7 @@ async fn a_budget_larger_than_the_seed_limit_needs_is_capped_not_refused() {
                 ("prompt", "x"),
                 ("budget_nfe", "5000"),
                 ("steps", "6"),
-                ("size", "64x64"),
+                ("size", "64"),
             ],
             png(64, 64),
         ))

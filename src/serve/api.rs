@@ -32,7 +32,7 @@ use super::jobs::{done_event, inspect_upload, EventsNow, Job, JobRegistry, Statu
 use super::page;
 use super::request::{EditRequest, RawRequest, ResponseFormat};
 use crate::engine::report::{CandidateStatus, EditReport};
-use crate::engine::GeneratorWorker;
+use crate::engine::{GeneratorWorker, StrategyKind};
 
 /// What every handler sees.
 #[derive(Clone)]
@@ -46,6 +46,100 @@ pub struct AppState {
     /// Where clients reach the server (`url` answers are built on it, never on a
     /// request's Host header), without a trailing slash.
     pub public_url: Arc<str>,
+    /// Set on a server bound to loopback without a token: the sites that may call it.
+    pub site_guard: Option<Arc<SiteGuard>>,
+    /// Whether the server has a judge (`--judge none` runs only `random`).
+    pub judged: bool,
+}
+
+/// Who may call a server bound to loopback without a token. Such a server trusts whoever
+/// reaches its port, and a browser on this machine reaches it for any web page: a
+/// cross-site form POST needs no CORS preflight, and DNS rebinding (a page's own name
+/// resolved to 127.0.0.1) makes the page same-origin. So a request is refused (403) when
+/// its `Host` is not a loopback name or address (or `--public-url`'s host), or when it
+/// carries an `Origin` that is not the server's own.
+#[derive(Debug, Clone)]
+pub struct SiteGuard {
+    /// The port the server listens on (a loopback origin must name it).
+    port: u16,
+    /// `--public-url`'s host, lowercase.
+    public_host: Option<String>,
+    /// `--public-url`'s origin (`scheme://host[:port]`).
+    public_origin: Option<String>,
+}
+
+impl SiteGuard {
+    /// The guard of a server bound to `bound`, reached at `public_url` if one is given.
+    pub fn new(bound: std::net::SocketAddr, public_url: Option<&str>) -> Self {
+        let public = public_url.and_then(|u| reqwest::Url::parse(u).ok());
+        Self {
+            port: bound.port(),
+            public_host: public
+                .as_ref()
+                .and_then(|u| u.host_str().map(str::to_ascii_lowercase)),
+            public_origin: public.map(|u| u.origin().ascii_serialization()),
+        }
+    }
+
+    /// Whether `host` (a `Host` header's name, without its port) names this machine.
+    fn loopback(host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost"
+            || host.ends_with(".localhost")
+            || bare
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// Why a request with these `Host` and `Origin` headers is refused, if it is.
+    pub fn check(&self, host: Option<&str>, origin: Option<&str>) -> Result<(), ApiError> {
+        if let Some(host) = host {
+            let name = host
+                .parse::<axum::http::uri::Authority>()
+                .ok()
+                .map(|a| a.host().to_ascii_lowercase());
+            let allowed = name.as_deref().is_some_and(|name| {
+                Self::loopback(name) || self.public_host.as_deref() == Some(name)
+            });
+            if !allowed {
+                return Err(ApiError::forbidden_host(format!(
+                    "Host {host:?} is not this server: without a token it answers loopback names only (localhost, 127.0.0.1, [::1]) and --public-url's host; a web page of another site cannot call it"
+                )));
+            }
+        }
+        if let Some(origin) = origin {
+            let url = reqwest::Url::parse(origin).ok();
+            let own = url.as_ref().is_some_and(|u| {
+                (matches!(u.scheme(), "http" | "https")
+                    && u.host_str().is_some_and(Self::loopback)
+                    && u.port_or_known_default() == Some(self.port))
+                    || self.public_origin.as_deref() == Some(&u.origin().ascii_serialization())
+            });
+            if !own {
+                return Err(ApiError::forbidden_origin(format!(
+                    "Origin {origin:?} is not this server's: without a token it takes requests from its own page and from clients that are not web pages only"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses requests from other sites on a tokenless loopback server ([`SiteGuard`]).
+async fn guard_site(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(guard) = &state.site_guard {
+        let header = |name| {
+            request
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap_or("(not text)"))
+        };
+        if let Err(e) = guard.check(header(header::HOST), header(header::ORIGIN)) {
+            return e.into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// The router: the page, health and metrics, and the edit API. Request bodies are limited
@@ -69,6 +163,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(no_method)
         .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(state.clone(), guard_site))
         .layer(middleware::from_fn(error_shape))
         .layer(middleware::from_fn(request_span))
         .with_state(state)
@@ -248,10 +343,19 @@ async fn submit(state: &AppState, request: Request) -> Result<Arc<Job>, ApiError
     let raw = read_body(state, request).await?;
     let limits = state.registry.limits;
     let edit = EditRequest::from_raw(&raw, &state.registry.defaults, &limits)?;
+    if !state.judged && edit.strategy.kind != StrategyKind::Random {
+        return Err(ApiError::bad_field(
+            "strategy",
+            format!(
+                "`strategy` {}: this server has no judge to choose among candidates; only `random` runs here",
+                edit.strategy.kind.name()
+            ),
+        ));
+    }
     let image = raw
         .image
         .expect("from_raw refuses a request without an image");
-    let extension = inspect_upload(&image, &limits, edit.width)?;
+    let extension = inspect_upload(&image, &limits, &edit)?;
     let admission = state.registry.admit()?;
     let image = Arc::new(image);
     state.registry.check_decodes(image.clone()).await?;
@@ -298,6 +402,34 @@ async fn list_edits(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "data": edits }))
 }
 
+/// What the client asked for, under the request's own field names: `prompt`, `n`, `size`
+/// as sent, `response_format`, `live_previews`, `user`, and the strategy it runs (the
+/// request's fields over the server's defaults) as `strategy`, `seeds`, `seed`, ...
+/// Built from the journaled request, so it is the same after a restart.
+pub fn request_view(request: &EditRequest) -> Value {
+    let mut view = json!({
+        "prompt": request.instruction,
+        "n": request.n,
+        "size": request.size,
+        "response_format": request.response_format,
+        "live_previews": request.live_previews,
+        "user": request.user,
+    });
+    let strategy = serde_json::to_value(&request.strategy).unwrap_or_default();
+    if let (Some(view), Value::Object(strategy)) = (view.as_object_mut(), strategy) {
+        for (key, value) in strategy {
+            // The config's own names where a request writes another.
+            let key = match key.as_str() {
+                "kind" => "strategy".to_string(),
+                "base_seed" => "seed".to_string(),
+                _ => key,
+            };
+            view.insert(key, value);
+        }
+    }
+    view
+}
+
 /// `GET /v1/edits/{id}`: status, the request, and the report once done.
 async fn get_edit(
     State(state): State<AppState>,
@@ -314,6 +446,7 @@ async fn get_edit(
         "created": job.created,
         "instruction": job.request.instruction,
         "strategy": job.request.strategy,
+        "request": request_view(&job.request),
         "worker": job.worker(),
         "error": job.error(),
         "links": links(&job.id),
@@ -372,7 +505,7 @@ async fn edit_events(
                         EventsNow::OnDisk => {
                             // The edit ended (in this process or before it): its stream is
                             // in events.jsonl.
-                            let mut stored = registry.events_on_disk(&job.id);
+                            let mut stored = registry.events_on_disk(&job);
                             stored.retain(|e| e.seq >= next);
                             disk = Some(stored.into());
                         }
@@ -567,8 +700,22 @@ async fn images_edits(
             ))
         }
     }
-    let report = state
-        .registry
+    done_answer(&state.registry, &job, &base).await.map(Json)
+}
+
+/// The answer of `POST /v1/images/edits` for `job`, which ended `done`: its images in the
+/// OpenAI shape and our `icedit` object beside them. `base` is the server's public URL.
+/// The edit was accepted and ran: whatever fails here (its report or files unreadable), a
+/// resend would run it again, so every error says not to (`x-should-retry: false`).
+async fn done_answer(registry: &JobRegistry, job: &Job, base: &str) -> Result<Value, ApiError> {
+    answer_of_done(registry, job, base)
+        .await
+        .map_err(ApiError::after_acceptance)
+}
+
+/// [`done_answer`] with errors as they are.
+async fn answer_of_done(registry: &JobRegistry, job: &Job, base: &str) -> Result<Value, ApiError> {
+    let report = registry
         .report(&job.id)
         .ok_or_else(|| ApiError::internal(format!("edit {}: report.json is unreadable", job.id)))?;
     // The pick first, then the other finished candidates by VIE O.
@@ -594,7 +741,7 @@ async fn images_edits(
             job.id
         )));
     }
-    let dir = state.registry.edit_dir(&job.id);
+    let dir = registry.edit_dir(&job.id);
     let mut data = Vec::new();
     let mut size = None;
     for c in finished.iter().take(job.request.n) {
@@ -620,13 +767,13 @@ async fn images_edits(
     let mut icedit = done_event(&job.id, &report);
     icedit["id"] = json!(job.id);
     icedit["vie"] = json!(report.picked().and_then(|c| c.vie.as_ref()));
-    Ok(Json(json!({
+    Ok(json!({
         "created": job.created,
         "data": data,
         "output_format": "png",
         "size": format!("{w}x{h}"),
         "icedit": icedit,
-    })))
+    }))
 }
 
 /// The file returned for candidate `index` and its size: its refine where it had one (the
@@ -646,4 +793,142 @@ fn returned_image(report: &EditReport, index: usize) -> Option<(&str, (u32, u32)
             report.panel,
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::StrategyConfig;
+    use crate::serve::request::Limits;
+    use crate::serve::Metrics;
+
+    fn png() -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image::RgbImage::new(64, 64)
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Png,
+            )
+            .unwrap();
+        bytes
+    }
+
+    /// A registry in `out` with one accepted edit of `fields`.
+    fn accepted(out: &std::path::Path, fields: &[(&str, &str)]) -> (Arc<JobRegistry>, Arc<Job>) {
+        let (limits, defaults) = (Limits::default(), StrategyConfig::default());
+        let metrics = Arc::new(Metrics::default());
+        let registry =
+            Arc::new(JobRegistry::open(out, 4, limits, defaults.clone(), metrics, 1).unwrap());
+        let raw = RawRequest {
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            image: Some(png()),
+        };
+        let request = EditRequest::from_raw(&raw, &defaults, &limits).unwrap();
+        let admission = registry.admit().unwrap();
+        let job = registry.accept(admission, request, &png(), "png").unwrap();
+        (registry, job)
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_fails_after_the_edit_ran_is_never_resent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, job) = accepted(dir.path(), &[("prompt", "x")]);
+        // Its report is unreadable (a disk that lost it): a 500, not to be resent, which
+        // would run the whole edit again.
+        std::fs::write(registry.edit_dir(&job.id).join("report.json"), b"{").unwrap();
+        let e = done_answer(&registry, &job, "http://127.0.0.1:1")
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.message.contains(&job.id), "{e}");
+        let r = e.into_response();
+        assert_eq!(r.headers()["x-should-retry"], "false");
+    }
+
+    #[test]
+    fn a_tokenless_loopback_server_takes_its_own_site_only() {
+        let guard = SiteGuard::new(
+            "127.0.0.1:8080".parse().unwrap(),
+            Some("https://edits.example.org/base"),
+        );
+        let ok = |host, origin| guard.check(host, origin).is_ok();
+        for host in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "LOCALHOST",
+            "[::1]:8080",
+            "127.0.0.2",
+            "edits.example.org",
+        ] {
+            assert!(ok(Some(host), None), "{host}");
+        }
+        assert!(ok(None, None));
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "127.0.0.1.evil.example",
+            "",
+            "a b",
+        ] {
+            let e = guard.check(Some(host), None).unwrap_err();
+            assert_eq!(
+                (e.status.as_u16(), e.code),
+                (403, Some("forbidden_host")),
+                "{host}"
+            );
+        }
+        for origin in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+            "https://edits.example.org",
+        ] {
+            assert!(ok(Some("127.0.0.1:8080"), Some(origin)), "{origin}");
+        }
+        for origin in [
+            "http://evil.example",
+            "http://127.0.0.1:9999",
+            "http://evil.example:8080",
+            "null",
+            "https://edits.example.org:8443",
+        ] {
+            let e = guard
+                .check(Some("127.0.0.1:8080"), Some(origin))
+                .unwrap_err();
+            assert_eq!(
+                (e.status.as_u16(), e.code),
+                (403, Some("forbidden_origin")),
+                "{origin}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_request_is_shown_under_the_requests_own_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let fields = [
+            ("prompt", "make it snow"),
+            ("n", "3"),
+            ("size", "64x64"),
+            ("response_format", "url"),
+            ("live_previews", "true"),
+            ("user", "u-1"),
+            ("strategy", "best-of-n"),
+            ("seed", "7"),
+        ];
+        let (_registry, job) = accepted(dir.path(), &fields);
+        let view = request_view(&job.request);
+        assert_eq!(view["prompt"], "make it snow");
+        assert_eq!(view["n"], 3);
+        assert_eq!(view["size"], "64x64");
+        assert_eq!(view["response_format"], "url");
+        assert_eq!(view["live_previews"], true);
+        assert_eq!(view["user"], "u-1");
+        assert_eq!(view["strategy"], "best-of-n");
+        assert_eq!(view["seed"], 7);
+        assert!(view.get("kind").is_none() && view.get("base_seed").is_none());
+    }
 }

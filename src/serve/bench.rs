@@ -179,7 +179,8 @@ impl ServeBench {
         let body = Arc::new(serde_json::json!({
             "image": base64::engine::general_purpose::STANDARD.encode(&png),
             "prompt": edit.instruction,
-            "size": format!("{}x{}", self.width, self.width),
+            // The source's own size: a height it does not have at that width is refused.
+            "size": format!("{}x{}", edit.source.width(), edit.source.height()),
         }));
         let busy_before: Vec<Duration> = workers.iter().map(|w| w.busy_time()).collect();
         let next = Arc::new(AtomicUsize::new(0));

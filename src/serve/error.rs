@@ -69,6 +69,18 @@ impl ApiError {
         )
     }
 
+    /// 403: a tokenless loopback server refuses a request whose `Host` names another
+    /// site (DNS rebinding: a web page's name resolved to 127.0.0.1).
+    pub fn forbidden_host(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden_host", message)
+    }
+
+    /// 403: a tokenless loopback server refuses a request a web page of another origin
+    /// sent (a cross-site form or fetch, which needs no preflight).
+    pub fn forbidden_origin(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden_origin", message)
+    }
+
     /// 404: no such edit or file.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
@@ -153,6 +165,15 @@ impl ApiError {
         }
     }
 
+    /// This error, answered for an edit that was accepted (it ran, or runs after a
+    /// restart): `x-should-retry: false`, as a resend would run the edit again.
+    pub fn after_acceptance(self) -> Self {
+        Self {
+            no_retry: true,
+            ..self
+        }
+    }
+
     /// 503 without `Retry-After`: the server stops while the edit waits in the queue; it
     /// is journaled and runs after the restart, so a resend would run it twice.
     pub fn journaled_at_shutdown(message: impl Into<String>) -> Self {
@@ -212,5 +233,20 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_edit_that_failed_by_its_own_values_is_422_and_never_resent() {
+        let r = ApiError::edit_failed("edit ed_1 failed", true).into_response();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(r.headers()["x-should-retry"], "false");
+        let r = ApiError::edit_failed("edit ed_1 failed", false).into_response();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(r.headers()["x-should-retry"], "false");
     }
 }

@@ -23,6 +23,7 @@ use super::events::{relay, EventSink, ServerEvent};
 use super::journal::{Accepted, Ending, Journal, Record};
 use super::metrics::{Metrics, WorkerLabel};
 use super::request::{EditRequest, Limits};
+use crate::edit::refine::refine_size;
 use crate::edit::{
     check_decodes, load_image_bytes, panel_size, resize_to_panel, EditContext, ImageLimits,
 };
@@ -622,6 +623,34 @@ impl JobRegistry {
             );
             return;
         }
+        let kind = match ending {
+            Ending::Done => "done",
+            Ending::Failed => "failed",
+            Ending::Cancelled => "cancelled",
+        };
+        // The whole stream, its last event included, is on disk before the journal says
+        // the edit ended: after a crash an ended edit's stream is whole (written
+        // atomically: a kill mid-write leaves the old file or none, never a cut one). An
+        // edit not yet ended in the journal runs again and rewrites it.
+        let mut events: Vec<ServerEvent> = job.state.lock().unwrap().events.clone();
+        let seq = events
+            .last()
+            .map_or(job.state.lock().unwrap().published, |e| e.seq + 1);
+        events.push(ServerEvent {
+            seq,
+            kind: kind.to_string(),
+            data: data.clone(),
+        });
+        let path = self.edit_dir(&job.id).join("events.jsonl");
+        let stored = match jsonl::write(&path, &events) {
+            Ok(()) => true,
+            Err(e) => {
+                // Kept in memory instead; a restart serves the stream's end from the
+                // journal ([`Self::events_on_disk`]).
+                tracing::warn!("{}: {e}", path.display());
+                false
+            }
+        };
         let record = Record::Ended {
             id: job.id.clone(),
             ending,
@@ -631,25 +660,13 @@ impl JobRegistry {
             // The edit will run again after a restart; nothing is lost.
             tracing::error!("edit {}: journaling its end: {e}", job.id);
         }
-        let kind = match ending {
-            Ending::Done => "done",
-            Ending::Failed => "failed",
-            Ending::Cancelled => "cancelled",
-        };
         job.set_status(Status::of(ending), error);
         self.metrics.count(kind);
         job.publish(kind, data);
-        let events: Vec<ServerEvent> = job.state.lock().unwrap().events.clone();
-        let path = self.edit_dir(&job.id).join("events.jsonl");
-        let written = std::fs::File::create(&path).and_then(|mut f| jsonl::append(&mut f, &events));
-        match written {
-            Ok(()) => {
-                let mut s = job.state.lock().unwrap();
-                s.events = Vec::new();
-                s.stored = true;
-            }
-            // Kept in memory instead; only a restart loses them.
-            Err(e) => tracing::warn!("{}: {e}", path.display()),
+        if stored {
+            let mut s = job.state.lock().unwrap();
+            s.events = Vec::new();
+            s.stored = true;
         }
     }
 
@@ -680,9 +697,35 @@ impl JobRegistry {
         running.len()
     }
 
-    /// Events of an edit that ended before this process started (read from its folder).
-    pub fn events_on_disk(&self, id: &str) -> Vec<ServerEvent> {
-        jsonl::read(&self.edit_dir(id).join("events.jsonl")).unwrap_or_default()
+    /// The stored events of an edit that ended (read from its folder). A stream without
+    /// its last event (lost or cut short on disk, as servers before the stream was written
+    /// ahead of the journal's end could leave it) gets one made from how the journal says
+    /// the edit ended, so every reader's stream ends.
+    pub fn events_on_disk(&self, job: &Job) -> Vec<ServerEvent> {
+        let mut events: Vec<ServerEvent> =
+            jsonl::read(&self.edit_dir(&job.id).join("events.jsonl")).unwrap_or_default();
+        if events.last().is_some_and(ServerEvent::is_last) {
+            return events;
+        }
+        let (kind, data) = match job.status() {
+            Status::Done => (
+                "done",
+                self.report(&job.id)
+                    .map_or(Value::Null, |r| done_event(&job.id, &r)),
+            ),
+            Status::Failed => ("failed", json!({"error": job.error()})),
+            Status::Cancelled => ("cancelled", json!({})),
+            Status::Queued | Status::Running => return events,
+        };
+        let seq = events
+            .last()
+            .map_or(job.state.lock().unwrap().published, |e| e.seq + 1);
+        events.push(ServerEvent {
+            seq,
+            kind: kind.to_string(),
+            data,
+        });
+        events
     }
 
     /// The report of a finished edit, as written in its folder.
@@ -890,9 +933,15 @@ fn image_limits(limits: &Limits) -> ImageLimits {
 }
 
 /// Checks an upload from its header alone, before a place in the queue is held or any
-/// pixel decoded: its format, its pixel count against the limit, and that a panel of
-/// `width` can be made of it. Returns its file extension.
-pub fn inspect_upload(bytes: &[u8], limits: &Limits, width: u32) -> Result<&'static str, ApiError> {
+/// pixel decoded: its format, its pixel count against the limit, that a panel of the
+/// request's width can be made of it (and its refine, if it asks for one), and that the
+/// height `size` names, if it names one, is the one this image has at that width. Returns
+/// its file extension.
+pub fn inspect_upload(
+    bytes: &[u8],
+    limits: &Limits,
+    request: &EditRequest,
+) -> Result<&'static str, ApiError> {
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ApiError::bad_field("image", format!("`image`: {e}")))?;
@@ -923,13 +972,146 @@ pub fn inspect_upload(bytes: &[u8], limits: &Limits, width: u32) -> Result<&'sta
             ),
         ));
     }
-    panel_size(w, h, width).map_err(|e| ApiError::bad_field("image", format!("`image`: {e}")))?;
+    // Messages in the API's words: the CLI's flags mean nothing to an HTTP client.
+    let panel = panel_size(w, h, request.width).map_err(|e| {
+        let reason = e
+            .to_string()
+            .replace("give a smaller --width", "send a smaller `size`");
+        ApiError::bad_field("image", format!("`image`: {reason}"))
+    })?;
+    let made = match request.strategy.refine {
+        Some(width) => refine_size(panel, width).map_err(|e| {
+            let field = request.refine_field();
+            let reason = e
+                .to_string()
+                .replacen(&format!("--refine {width}: "), "", 1)
+                .replace("--refine", "`refine`");
+            ApiError::bad_field(
+                field,
+                format!(
+                    "`{field}` {width}: this {w}x{h} image edits at {}x{}: {reason}",
+                    panel.0, panel.1
+                ),
+            )
+        })?,
+        None => panel,
+    };
+    if let (Some(asked), Some(sent)) = (request.size_height, request.size.as_deref()) {
+        // `size` names the image returned: the refine's when its width is wider than the
+        // edit, else the panel.
+        let (width, height) = if request.refine_field() == "size" {
+            made
+        } else {
+            panel
+        };
+        if asked != height {
+            return Err(ApiError::bad_field(
+                "size",
+                format!(
+                    "`size` {sent}: this {w}x{h} image at width {width} is {width}x{height} (the height follows the image); send size={width}x{height} or size={width}"
+                ),
+            ));
+        }
+    }
     Ok(extension)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edit::DEFAULT_PANEL_WIDTH;
+    use crate::serve::request::RawRequest;
+
+    /// A checked request with `fields` (its image is checked apart).
+    fn request(fields: &[(&str, &str)]) -> EditRequest {
+        let raw = RawRequest {
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            image: Some(Vec::new()),
+        };
+        EditRequest::from_raw(&raw, &StrategyConfig::default(), &Limits::default()).unwrap()
+    }
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image::RgbImage::new(w, h)
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Png,
+            )
+            .unwrap();
+        bytes
+    }
+
+    /// The error of `inspect_upload` for a `w` x `h` PNG and `fields`, if any.
+    fn refused(w: u32, h: u32, fields: &[(&str, &str)]) -> Option<ApiError> {
+        inspect_upload(&png(w, h), &Limits::default(), &request(fields)).err()
+    }
+
+    #[test]
+    fn a_size_height_is_accepted_only_when_the_image_has_it_at_that_width() {
+        let x = ("prompt", "x");
+        // 64x64 at width 64 is 64x64.
+        assert!(refused(64, 64, &[x, ("size", "64x64")]).is_none());
+        assert!(refused(64, 64, &[x, ("size", "64")]).is_none());
+        let e = refused(64, 64, &[x, ("size", "64x128")]).unwrap();
+        assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some("size")));
+        assert!(e.message.contains("size=64x64"), "{e}");
+        // 192x128 at width 128 is 128x80 (85 rounded down to a multiple of 16).
+        assert!(refused(192, 128, &[x, ("size", "128x80")]).is_none());
+        assert!(refused(192, 128, &[x, ("size", "128x128")]).is_some());
+        // Wider than the edit: `size` names the refined image. 192x128 edits at 512x336
+        // and refines to 576x368.
+        assert!(refused(192, 128, &[x, ("size", "576x368")]).is_none());
+        assert!(refused(192, 128, &[x, ("size", "576x576")]).is_some());
+        // A portrait whose refine passes 1536 px is refused naming `size`, or `refine`
+        // where that field asked for it, in the API's words.
+        for (fields, param) in [
+            (&[x, ("size", "1024")][..], "size"),
+            (&[x, ("size", "1024x1536")][..], "size"),
+            (&[x, ("refine", "1024")][..], "refine"),
+        ] {
+            let e = refused(128, 256, fields).unwrap();
+            assert_eq!(e.param.as_deref(), Some(param), "{fields:?}: {e}");
+            assert!(!e.message.contains("--"), "{e}");
+        }
+        // A panel too tall names `size`, not the CLI's --width.
+        let e = refused(16, 2000, &[x, ("size", "512")]).unwrap();
+        assert_eq!(e.param.as_deref(), Some("image"));
+        assert!(
+            e.message.contains("`size`") && !e.message.contains("--"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_size_is_accepted_iff_its_height_is_the_images_at_its_width() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let (w, h) = (rng.random_range(16..400), rng.random_range(16..400));
+            let width = 16 * rng.random_range(1..=64u32);
+            let asked = 16 * rng.random_range(1..=96u32);
+            let Ok(panel) = panel_size(w, h, width.min(DEFAULT_PANEL_WIDTH)) else {
+                continue;
+            };
+            let made = if width > DEFAULT_PANEL_WIDTH {
+                refine_size(panel, width)
+            } else {
+                Ok(panel)
+            };
+            let size = format!("{width}x{asked}");
+            let e = refused(w, h, &[("prompt", "x"), ("size", &size)]);
+            match made {
+                Ok((_, height)) => {
+                    assert_eq!(e.is_none(), asked == height, "{w}x{h} {size}: {e:?}")
+                }
+                Err(_) => assert!(e.is_some(), "{w}x{h} {size}"),
+            }
+        }
+    }
 
     fn registry(out: &Path, max_decodes: usize) -> Arc<JobRegistry> {
         let limits = Limits {
@@ -996,7 +1178,11 @@ mod tests {
         image
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
             .unwrap();
-        assert_eq!(inspect_upload(&png, &registry.limits, 64).unwrap(), "png");
+        let request = request(&[("prompt", "x"), ("size", "64")]);
+        assert_eq!(
+            inspect_upload(&png, &registry.limits, &request).unwrap(),
+            "png"
+        );
         registry.check_decodes(Arc::new(png)).await.unwrap();
     }
 }

@@ -162,6 +162,8 @@ mod tests {
             strategy: StrategyConfig::default(),
             n: 1,
             width: 256,
+            size: None,
+            size_height: None,
             response_format: ResponseFormat::B64Json,
             user: None,
             live_previews: false,

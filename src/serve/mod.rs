@@ -99,6 +99,8 @@ pub async fn run_on(
         )
         .map_err(|e| anyhow::anyhow!("{}: cannot open the journal: {e}", opts.out.display()))?,
     );
+    // `--judge none`: every engine is built without one.
+    let judged = engines.iter().all(|(_, e)| e.judge().is_some());
     let workers = Arc::new(
         engines
             .iter()
@@ -116,11 +118,17 @@ pub async fn run_on(
         .public_url
         .clone()
         .unwrap_or_else(|| default_public_url(bound));
+    // Loopback without a token trusts whoever reaches the port: not web pages of other
+    // sites (see `api::SiteGuard`).
+    let site_guard = (opts.token.is_none() && bound.ip().is_loopback())
+        .then(|| Arc::new(api::SiteGuard::new(bound, opts.public_url.as_deref())));
     let state = api::AppState {
         registry: registry.clone(),
         token: opts.token.map(Arc::from),
         workers,
         public_url: Arc::from(public_url.trim_end_matches('/')),
+        site_guard,
+        judged,
     };
     let limits = ConnLimits {
         max_body_bytes: opts.limits.max_body_bytes(),

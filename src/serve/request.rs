@@ -12,7 +12,7 @@ use axum::extract::multipart::{Multipart, MultipartError};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use crate::edit::{panel_width_error, DEFAULT_PANEL_WIDTH};
+use crate::edit::{panel_width_error, DEFAULT_PANEL_WIDTH, MAX_PANEL_SIDE};
 use crate::engine::strategy::StrategyField;
 use crate::engine::{Seeds, StrategyConfig, StrategyKind, StrategyOverrides, ValueSource};
 
@@ -79,6 +79,14 @@ pub struct EditRequest {
     pub n: usize,
     /// Panel width the source is resized to (from `size`, default 512).
     pub width: u32,
+    /// `size` as the request sent it (`WxH`, a width, or `auto`), if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    /// The height `size` names, if it names one: accepted only when it is the height the
+    /// image has at that width ([`crate::serve::jobs::inspect_upload`] checks it against
+    /// the image header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_height: Option<u32>,
     /// How images come back.
     pub response_format: ResponseFormat,
     /// The client's end-user id (OpenAI `user`), kept for logs.
@@ -458,37 +466,42 @@ impl EditRequest {
             ));
         }
         // `size` up to the edit width (ICEdit's 512) sets the panel; a larger one edits at
-        // 512 and refines the pick to `size` (unless `refine` says otherwise).
+        // 512 and refines the pick to `size`.
         let mut size_refine = None;
-        let width = match f.get("size").map(|s| s.trim()) {
-            None | Some("auto") | Some("") => DEFAULT_PANEL_WIDTH,
+        let mut size_height = None;
+        let size_sent = f
+            .get("size")
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        let width = match size_sent.as_deref() {
+            None | Some("auto") => DEFAULT_PANEL_WIDTH,
             Some(size) => {
-                // `WIDTHxHEIGHT` as OpenAI writes it (or the width alone); the height
-                // follows the image's aspect, but a malformed one is refused, not ignored.
-                let malformed = || {
+                // `WIDTHxHEIGHT` as OpenAI writes it (or the width alone). The height must
+                // be the one the image has at that width (checked against the image
+                // header, `inspect_upload`); a malformed one is refused here.
+                let (w, h) = parse_size(size).ok_or_else(|| {
                     ApiError::bad_field(
                         "size",
                         format!(
                             "`size` must be WIDTHxHEIGHT (e.g. 512x512) or a width, not {size:?}"
                         ),
                     )
-                };
-                let (w, h) = match size.split_once(['x', 'X']) {
-                    Some((w, h)) => (w.trim(), Some(h.trim())),
-                    None => (size, None),
-                };
-                if let Some(h) = h {
-                    if !h.parse::<u32>().is_ok_and(|h| h > 0) {
-                        return Err(malformed());
-                    }
-                }
-                let w = w.parse::<u32>().map_err(|_| malformed())?;
+                })?;
                 if let Some(reason) = panel_width_error(w) {
                     return Err(ApiError::bad_field(
                         "size",
                         format!("`size` {size}: {reason}"),
                     ));
                 }
+                if let Some(h) = h.filter(|&h| h > MAX_PANEL_SIDE) {
+                    return Err(ApiError::bad_field(
+                        "size",
+                        format!(
+                            "`size` {size}: a height of {h} px is above the {MAX_PANEL_SIDE} px this server makes"
+                        ),
+                    ));
+                }
+                size_height = h;
                 if w > DEFAULT_PANEL_WIDTH {
                     size_refine = Some(w);
                     DEFAULT_PANEL_WIDTH
@@ -497,6 +510,19 @@ impl EditRequest {
                 }
             }
         };
+        // A `size` wider than the edit names the refine: a `refine` that says otherwise
+        // would leave one of the two ignored.
+        if let (Some(from_size), Some(refine)) = (size_refine, f.get("refine")) {
+            let refine = refine.trim();
+            if !refine.is_empty() && refine.parse::<u32>().ok() != Some(from_size) {
+                return Err(ApiError::bad_field(
+                    "refine",
+                    format!(
+                        "`refine` {refine} disagrees with `size` {from_size} (a `size` wider than {DEFAULT_PANEL_WIDTH} refines to its width): send one of them"
+                    ),
+                ));
+            }
+        }
         let response_format = match f.get("response_format").map(|s| s.trim()) {
             None | Some("") | Some("b64_json") => ResponseFormat::B64Json,
             Some("url") => ResponseFormat::Url,
@@ -527,6 +553,8 @@ impl EditRequest {
             strategy,
             n,
             width,
+            size: size_sent,
+            size_height,
             response_format,
             user,
             live_previews: match f.get("live_previews") {
@@ -534,6 +562,31 @@ impl EditRequest {
                 None => false,
             },
         })
+    }
+}
+
+/// `WIDTHxHEIGHT` (or `X`) or a width alone, as numbers: `None` when malformed (a height
+/// of 0 included).
+pub fn parse_size(size: &str) -> Option<(u32, Option<u32>)> {
+    let (w, h) = match size.split_once(['x', 'X']) {
+        Some((w, h)) => (w.trim(), Some(h.trim())),
+        None => (size.trim(), None),
+    };
+    let h = match h {
+        Some(h) => Some(h.parse::<u32>().ok().filter(|&h| h > 0)?),
+        None => None,
+    };
+    Some((w.parse().ok()?, h))
+}
+
+impl EditRequest {
+    /// The request field that set the refine (`size` when its width is wider than the
+    /// edit, else `refine`), for refusals that name it.
+    pub fn refine_field(&self) -> &'static str {
+        match self.size.as_deref().and_then(parse_size) {
+            Some((w, _)) if w > DEFAULT_PANEL_WIDTH => "size",
+            _ => "refine",
+        }
     }
 }
 
@@ -822,6 +875,11 @@ mod tests {
             (&[("prompt", "x"), ("size", "64x")], "size"),
             (&[("prompt", "x"), ("size", "64x0")], "size"),
             (&[("prompt", "x"), ("size", "64xabc")], "size"),
+            (&[("prompt", "x"), ("size", "512x1552")], "size"),
+            (
+                &[("prompt", "x"), ("size", "1024"), ("refine", "768")],
+                "refine",
+            ),
         ];
         for (fields, param) in cases {
             let e = parse(fields).unwrap_err();
@@ -850,6 +908,15 @@ mod tests {
             64
         );
         assert_eq!(parse(&[("prompt", "x"), ("size", "64")]).unwrap().width, 64);
+        // The height is kept for the check against the image; a refine that agrees with a
+        // wide `size` is no conflict.
+        let r = parse(&[("prompt", "x"), ("size", "64x48")]).unwrap();
+        assert_eq!(
+            (r.size.as_deref(), r.size_height),
+            (Some("64x48"), Some(48))
+        );
+        let r = parse(&[("prompt", "x"), ("size", "1024"), ("refine", "1024")]).unwrap();
+        assert_eq!((r.strategy.refine, r.refine_field()), (Some(1024), "size"));
         let mut no_image = raw(&[("prompt", "x")]);
         no_image.image = None;
         let e = EditRequest::from_raw(&no_image, &StrategyConfig::default(), &Limits::default())
