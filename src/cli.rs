@@ -815,6 +815,12 @@ pub struct ServeArgs {
     /// Uploaded images decoded at once (each decode holds the image's pixels); more wait.
     #[arg(long, default_value_t = 2, value_parser = bounded(1, 64))]
     pub max_decodes: usize,
+    /// Widest hi-res refine a request may ask for (`size` wider than 512, or `refine`),
+    /// planned at start-up as a square panel of that width: the memory plan covers it (VAE
+    /// tiling included) and a request whose refine has more pixels is refused; 0 refuses
+    /// refines.
+    #[arg(long, default_value_t = 1024, value_parser = max_refine)]
+    pub max_refine: u32,
     /// Connections open at once; one more is answered 503.
     #[arg(long, default_value_t = 128, value_parser = bounded(1, 100_000))]
     pub max_connections: usize,
@@ -1019,6 +1025,26 @@ pub struct StudyArgs {
 }
 
 /// A count between `lo` and `hi`; clap names the flag and the value, the message the bound.
+/// `--max-refine`: 0, or a refine width (a multiple of 16 above the 512 edit, at most 1536).
+fn max_refine(text: &str) -> Result<u32, String> {
+    let width: u32 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a width in pixels"))?;
+    let edit = crate::edit::DEFAULT_PANEL_WIDTH;
+    if width == 0
+        || (width > edit
+            && width.is_multiple_of(16)
+            && width <= crate::edit::diptych::MAX_PANEL_SIDE)
+    {
+        Ok(width)
+    } else {
+        Err(format!(
+            "{width}: give 0 (no refines) or a multiple of 16 above {edit} and at most {}",
+            crate::edit::diptych::MAX_PANEL_SIDE
+        ))
+    }
+}
+
 fn bounded(lo: usize, hi: usize) -> impl Fn(&str) -> Result<usize, String> + Clone {
     move |text| {
         let n: usize = text

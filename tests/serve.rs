@@ -218,6 +218,83 @@ async fn a_size_height_the_image_does_not_have_is_refused_before_the_queue() {
     }
 }
 
+/// The memory plan covers refines up to `--max-refine` (a square panel of that width); a
+/// request whose refine has more pixels is refused before the queue, naming the field that
+/// asked for it, and `--max-refine 0` refuses every refine. A default `--refine` wider than
+/// `--max-refine` stops the start.
+#[tokio::test]
+async fn a_refine_beyond_what_the_server_planned_is_refused_before_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = icedit_scale::http::client_builder().build().unwrap();
+    for (max_refine, refused, accepted) in [
+        (
+            "576",
+            &[("size", "640"), ("refine", "640")][..],
+            &[("size", "576")][..],
+        ),
+        (
+            "0",
+            &[("size", "576"), ("refine", "576")][..],
+            &[("size", "512")][..],
+        ),
+    ] {
+        let out = dir.path().join(format!("out-{max_refine}"));
+        let server = Server::start(&out, &["--max-refine", max_refine], &[]);
+        let post = |field: &'static str, value: &'static str| {
+            client
+                .post(server.url("/v1/edits"))
+                .multipart(form(
+                    &[
+                        ("prompt", "x"),
+                        ("seeds", "2"),
+                        ("steps", "6"),
+                        (field, value),
+                    ],
+                    png(64, 64),
+                ))
+                .send()
+        };
+        for &(field, value) in refused {
+            let r = post(field, value).await.unwrap();
+            assert_eq!(
+                r.status(),
+                400,
+                "--max-refine {max_refine}: {field} {value}"
+            );
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"]["param"], field, "{body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            let expected = if max_refine == "0" {
+                "does not refine"
+            } else {
+                "more than the 576x576 this server planned for"
+            };
+            assert!(message.contains(expected), "{message}");
+        }
+        assert!(journal(&out).is_empty());
+        for &(field, value) in accepted {
+            let r = post(field, value).await.unwrap();
+            assert_eq!(
+                r.status(),
+                202,
+                "{field} {value}: {}",
+                r.text().await.unwrap()
+            );
+        }
+    }
+    let start = std::process::Command::new(env!("CARGO_BIN_EXE_icedit-scale"))
+        .args(["serve", "--refine", "768", "--max-refine", "576", "--out"])
+        .arg(dir.path().join("never"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&start.stderr);
+    assert_eq!(start.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--refine 768 is wider than --max-refine 576"),
+        "{stderr}"
+    );
+}
+
 /// `GET /v1/edits/{id}` shows what the client asked for under the request's names, and the
 /// same after a restart (a client sent there by the retry table learns its `n`, `size` and
 /// format back).

@@ -139,6 +139,9 @@ pub struct Workload {
     /// `--batch-size` of them), the plan's forward batch; `None` where requests choose their
     /// own strategy (a batch's manifest lines, a server's requests): `--batch-size` itself.
     pub candidates_together: Option<usize>,
+    /// The flag that sets `refine`, named in the plan's advice (`--refine`, or serve's
+    /// `--max-refine`).
+    pub refine_flag: &'static str,
 }
 
 impl Workload {
@@ -160,6 +163,7 @@ impl Workload {
                 .map(|s| (s.cache, s.cached_candidates()))
                 .collect(),
             candidates_together: strategies.iter().map(|s| s.candidates_together()).max(),
+            refine_flag: "--refine",
         }
     }
 
@@ -168,6 +172,16 @@ impl Workload {
     pub fn with_any_candidates(self) -> Self {
         Self {
             candidates_together: None,
+            ..self
+        }
+    }
+
+    /// The workload with a refine of `width` set by `flag` (serve's `--max-refine`): the
+    /// plan covers it and its advice names that flag.
+    pub fn with_refine_by(self, width: u32, flag: &'static str) -> Self {
+        Self {
+            refine: Some(width),
+            refine_flag: flag,
             ..self
         }
     }
@@ -535,6 +549,7 @@ impl FluxSpec {
             transformer_after_prompt: self.text_device == self.device && !self.keep_text_encoders,
             text_kept: self.keep_text_encoders,
             requantizable: stored == WeightFormat::Dense,
+            refine_flag: workload.refine_flag,
             refine_panel: workload.refine.and_then(|width| {
                 let panel = (workload.panel.0 as u32, workload.panel.1 as u32);
                 crate::edit::refine::refine_size(panel, width)

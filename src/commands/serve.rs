@@ -76,11 +76,22 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
             EditError::Invalid("--devices: name at least one device, none empty".into()).into(),
         );
     }
-    // The server's default strategy; a request that asks for a refine or a cache of its
-    // own is not planned.
+    // The server's default strategy, with the widest refine a request may ask for
+    // (--max-refine, a square panel; requests with larger refines are refused); a request
+    // that asks for a cache of its own is not planned.
     let width = crate::edit::DEFAULT_PANEL_WIDTH as usize;
+    if let Some(refine) = defaults.refine.filter(|&r| r > args.max_refine) {
+        return Err(EditError::Invalid(format!(
+            "--refine {refine} is wider than --max-refine {}: every request would be refused; raise --max-refine or lower --refine",
+            args.max_refine
+        ))
+        .into());
+    }
     // A request may ask for more seeds than the default: forwards at --batch-size.
-    let workload = Workload::new((width, width), true, [&defaults]).with_any_candidates();
+    let mut workload = Workload::new((width, width), true, [&defaults]).with_any_candidates();
+    if args.max_refine > 0 {
+        workload = workload.with_refine_by(args.max_refine, "--max-refine");
+    }
     let metrics = Arc::new(Metrics::default());
     let m = metrics.clone();
     let builder = EngineBuilder {
@@ -114,6 +125,7 @@ pub async fn serve_until(args: ServeArgs, stop: StopSignal) -> anyhow::Result<()
             max_steps: args.max_steps,
             max_prompt_chars: args.max_prompt_chars,
             max_decodes: args.max_decodes,
+            max_refine: args.max_refine,
         },
         token,
         defaults,

@@ -116,6 +116,9 @@ pub struct PlanRequest {
     /// The hi-res refine's panel `(width, height)`, when the pick is refined (`--refine`):
     /// one candidate's forwards and a VAE pass at that size.
     pub refine_panel: Option<(usize, usize)>,
+    /// The flag that sets the refine, for the advice: `--refine` (edit, batch, eval) or
+    /// `--max-refine` (serve, where 0 turns refines off).
+    pub refine_flag: &'static str,
     /// The step cache of completions (`--cache`; none: no part).
     pub step_cache: StepCache,
     /// Candidates holding a step cache at once (those completed together, M).
@@ -686,8 +689,9 @@ impl PlanRequest {
             for smaller in [1024, 768] {
                 if smaller < w && smaller > self.panel.0 {
                     let height = h * smaller / w / 16 * 16;
+                    let flag = self.refine_flag;
                     steps.push((
-                        format!("--refine {smaller}"),
+                        format!("{flag} {smaller}"),
                         Box::new(move |r| PlanRequest {
                             refine_panel: Some((smaller, height)),
                             ..r
@@ -696,7 +700,11 @@ impl PlanRequest {
                 }
             }
             steps.push((
-                "without --refine".into(),
+                if self.refine_flag == "--refine" {
+                    "without --refine".into()
+                } else {
+                    format!("{} 0", self.refine_flag)
+                },
                 Box::new(|r| PlanRequest {
                     refine_panel: None,
                     ..r
@@ -857,6 +865,7 @@ mod tests {
             transformer_after_prompt: true,
             text_kept: false,
             requantizable: true,
+            refine_flag: "--refine",
             refine_panel: None,
             step_cache: StepCache::None,
             cached_candidates: 0,

@@ -996,6 +996,28 @@ pub fn inspect_upload(
         })?,
         None => panel,
     };
+    if let Some(width) = request.strategy.refine {
+        // The memory plan covered a square refine panel of --max-refine; a larger one
+        // could run the device out of memory mid-edit.
+        let planned = u64::from(limits.max_refine).pow(2);
+        if u64::from(made.0) * u64::from(made.1) > planned {
+            let field = request.refine_field();
+            let reason = if limits.max_refine == 0 {
+                "this server does not refine (started with --max-refine 0)".to_string()
+            } else {
+                format!(
+                    "its {}x{} refine is more than the {m}x{m} this server planned for; send a smaller `{field}`",
+                    made.0,
+                    made.1,
+                    m = limits.max_refine
+                )
+            };
+            return Err(ApiError::bad_field(
+                field,
+                format!("`{field}` {width}: {reason}"),
+            ));
+        }
+    }
     if let (Some(asked), Some(sent)) = (request.size_height, request.size.as_deref()) {
         // `size` names the image returned: the refine's when its width is wider than the
         // edit, else the panel.

@@ -31,6 +31,9 @@ pub struct Limits {
     pub max_prompt_chars: usize,
     /// Uploads decoded at once (the check that an image decodes holds its pixels).
     pub max_decodes: usize,
+    /// Widest hi-res refine planned at start-up (`serve --max-refine`), as a square panel:
+    /// a request whose refine panel has more pixels is refused; 0 refuses refines.
+    pub max_refine: u32,
 }
 
 impl Default for Limits {
@@ -42,6 +45,7 @@ impl Default for Limits {
             max_steps: 100,
             max_prompt_chars: 2000,
             max_decodes: 2,
+            max_refine: 1024,
         }
     }
 }
