@@ -164,21 +164,27 @@ fn given_twice(name: &str) -> ApiError {
 }
 
 /// A JSON object's entries in their order, repeats kept (serde_json's map keeps the last
-/// of a repeated key without a word).
-struct Entries(Vec<(String, serde_json::Value)>);
+/// of a repeated key without a word). Each value is held as its raw text, borrowed from the
+/// body: a value tree costs ~20x its text (a 27 MB array of zeros is ~0.5 GB as
+/// `serde_json::Value`s), so only small values of text fields are ever parsed into one.
+struct Entries<'a>(Vec<(String, &'a serde_json::value::RawValue)>);
 
-impl<'de> serde::Deserialize<'de> for Entries {
+/// Largest JSON value of a field other than `image`, in bytes of its text: every field is a
+/// short string, a number or (`seed_list`) a list of at most a few hundred seeds.
+const MAX_JSON_FIELD_BYTES: usize = 64 << 10;
+
+impl<'de> serde::Deserialize<'de> for Entries<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visit;
         impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Entries;
+            type Value = Entries<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut map: A,
-            ) -> Result<Entries, A::Error> {
+            ) -> Result<Entries<'de>, A::Error> {
                 let mut entries = Vec::new();
                 while let Some(entry) = map.next_entry()? {
                     entries.push(entry);
@@ -275,13 +281,14 @@ impl RawRequest {
             return Err(given_twice(name));
         }
         let mut raw = Self::default();
-        for (name, v) in entries {
-            if name == "image" && v.is_null() {
-                continue;
-            } else if name == "image" {
-                let text = v.as_str().ok_or_else(|| {
-                    ApiError::bad_field("image", "`image` must be base64 text (or a data: URL)")
-                })?;
+        for (name, value) in entries {
+            if name == "image" {
+                let text: Option<std::borrow::Cow<str>> = serde_json::from_str(value.get())
+                    .map_err(|_| {
+                        ApiError::bad_field("image", "`image` must be base64 text (or a data: URL)")
+                    })?;
+                let Some(text) = text else { continue };
+                let text = text.as_ref();
                 let b64 = text.split_once(";base64,").map_or(text, |(_, b)| b);
                 if b64.len() / 4 * 3 > limits.max_upload_bytes + 3 {
                     return Err(too_big(limits));
@@ -296,8 +303,22 @@ impl RawRequest {
                     return Err(too_big(limits));
                 }
                 raw.image = Some(bytes);
-            } else if let Some(text) = json_field(&name, v)? {
-                raw.fields.insert(name, text);
+            } else {
+                let text = value.get();
+                if text.len() > MAX_JSON_FIELD_BYTES {
+                    return Err(ApiError::too_large(
+                        &name,
+                        format!(
+                            "`{name}` is {} bytes of JSON; a field other than `image` may have at most {MAX_JSON_FIELD_BYTES}",
+                            text.len()
+                        ),
+                    ));
+                }
+                let v = serde_json::from_str(text)
+                    .map_err(|e| ApiError::bad_request(format!("unreadable JSON body: {e}")))?;
+                if let Some(text) = json_field(&name, v)? {
+                    raw.fields.insert(name, text);
+                }
             }
         }
         Ok(raw)
@@ -759,6 +780,33 @@ mod tests {
 
     fn parse(fields: &[(&str, &str)]) -> Result<EditRequest, ApiError> {
         EditRequest::from_raw(&raw(fields), &StrategyConfig::default(), &Limits::default())
+    }
+
+    /// A large JSON value outside `image` is refused by its size before it is parsed into
+    /// a value tree (20x its text in memory); the image's own text is read as text.
+    #[test]
+    fn a_json_field_larger_than_any_real_one_is_refused_unparsed() {
+        let zeros = vec!["0"; 200_000].join(",");
+        for key in ["seed_list", "anything"] {
+            let body = format!(r#"{{"prompt": "x", "{key}": [{zeros}]}}"#);
+            let Err(e) = RawRequest::from_json(body.as_bytes(), &Limits::default()) else {
+                panic!("{key}: a 400 kB list was accepted")
+            };
+            assert_eq!(e.status, axum::http::StatusCode::PAYLOAD_TOO_LARGE, "{e}");
+            assert_eq!(e.param.as_deref(), Some(key));
+            assert!(e.message.contains("bytes of JSON"), "{e}");
+        }
+        use base64::Engine as _;
+        let image = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 300_000]);
+        let body = format!(r#"{{"prompt": "x", "seed_list": [1, 2], "image": "{image}"}}"#);
+        let ok = RawRequest::from_json(body.as_bytes(), &Limits::default()).unwrap();
+        assert_eq!(ok.image.as_deref().map(<[u8]>::len), Some(300_000));
+        assert_eq!(ok.fields["seed_list"], "1,2");
+        let body = r#"{"prompt": "x", "image": 5}"#;
+        let Err(e) = RawRequest::from_json(body.as_bytes(), &Limits::default()) else {
+            panic!("a number as the image was accepted")
+        };
+        assert_eq!(e.param.as_deref(), Some("image"));
     }
 
     #[test]
