@@ -173,6 +173,10 @@ pub enum EngineError {
     /// stopped at a step boundary.
     #[error("cancelled")]
     Cancelled,
+    /// A bug: code under the edit panicked (caught where a long-lived loop must go on, as
+    /// the server's workers); the message is the panic's.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<FileError> for EngineError {

@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use image::{ImageReader, RgbImage};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 
 use crate::error::EditError;
 
@@ -128,19 +129,94 @@ fn decode<R: std::io::BufRead + std::io::Seek>(
         path: name.to_path_buf(),
         reason,
     };
-    let image = limited(reader, name, limits)?
-        .decode()
+    let mut decoder = limited(reader, name, limits)?
+        .into_decoder()
         .map_err(|e| bad(decode_failure(&e, limits)))?;
+    // What `ImageReader::decode` checks before it allocates, which `into_decoder` leaves out.
+    if decoder.total_bytes() > limits.max_alloc {
+        return Err(bad(decode_failure(
+            &image::ImageError::Limits(image::error::LimitError::from_kind(
+                image::error::LimitErrorKind::InsufficientMemory,
+            )),
+            limits,
+        )));
+    }
+    // A phone photo is stored sideways with an EXIF orientation: edit it as it is shown.
+    // Unreadable metadata is no reason to refuse the pixels.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut image =
+        DynamicImage::from_decoder(decoder).map_err(|e| bad(decode_failure(&e, limits)))?;
     if image.width() == 0 || image.height() == 0 {
         return Err(bad("image is empty (0 pixels)".into()));
     }
+    image.apply_orientation(orientation);
     // Without a copy when it decoded as RGB already.
     Ok(image.into_rgb8())
+}
+
+/// The `(width, height)` an encoded image is shown at: its stored size, swapped when its
+/// EXIF orientation turns it a quarter (as [`load_image`] does), read from the header alone.
+pub fn shown_dimensions<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+) -> image::ImageResult<(u32, u32)> {
+    let mut decoder = reader.into_decoder()?;
+    let (w, h) = decoder.dimensions();
+    let turned = matches!(
+        decoder.orientation().unwrap_or(Orientation::NoTransforms),
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    );
+    Ok(if turned { (h, w) } else { (w, h) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 32x16 JPEG, red left and blue right, stored with EXIF orientation 6 (shown turned a
+    /// quarter clockwise: 16x32, red on top).
+    fn sideways_jpeg() -> Vec<u8> {
+        let stored = RgbImage::from_fn(32, 16, |x, _| {
+            if x < 16 {
+                image::Rgb([220, 20, 20])
+            } else {
+                image::Rgb([20, 20, 220])
+            }
+        });
+        let mut jpeg = Vec::new();
+        stored
+            .write_to(
+                &mut std::io::Cursor::new(&mut jpeg),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        // APP1 "Exif": a big-endian TIFF header and one IFD entry, Orientation (0x0112) = 6.
+        let mut app1 = vec![0xFF, 0xE1, 0, 34];
+        app1.extend_from_slice(b"Exif\0\0MM\0\x2A\0\0\0\x08");
+        app1.extend_from_slice(&[0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(app1.len(), 2 + 34);
+        jpeg.splice(2..2, app1);
+        jpeg
+    }
+
+    #[test]
+    fn a_photo_is_read_as_its_exif_orientation_shows_it() {
+        let jpeg = sideways_jpeg();
+        let shown = shown_dimensions(
+            ImageReader::new(std::io::Cursor::new(&jpeg))
+                .with_guessed_format()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(shown, (16, 32));
+        let image = load_image_bytes(&jpeg, "photo.jpg", ImageLimits::default()).unwrap();
+        assert_eq!(image.dimensions(), (16, 32));
+        let (top, bottom) = (image.get_pixel(8, 4), image.get_pixel(8, 28));
+        assert!(top[0] > 150 && top[2] < 100, "top {top:?}");
+        assert!(bottom[2] > 150 && bottom[0] < 100, "bottom {bottom:?}");
+    }
 
     #[test]
     fn rejects_missing_garbage_and_oversized_files() {

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use futures::FutureExt as _;
 use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -750,7 +751,12 @@ impl JobRegistry {
         tracing::info!("started");
         job.publish("started", json!({"worker": worker}));
         let dir = self.edit_dir(&job.id);
-        let result = self.run_engine(engine, &job, &dir).await;
+        // A panic under the edit (a judge's parser, say) must end this edit, not the worker
+        // loop: uncaught, its client would wait forever and the server lose a worker.
+        let result = std::panic::AssertUnwindSafe(self.run_engine(engine, &job, &dir))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(EngineError::Internal(panic_message(&*panic))));
         let seconds = started.elapsed().as_secs_f64();
         self.metrics.running.dec();
         let label = WorkerLabel {
@@ -913,6 +919,15 @@ pub fn done_event(id: &str, report: &EditReport) -> Value {
 /// Whether an edit failed because of its own values (its image, its strategy, an input the
 /// generator cannot take) rather than the server (files, memory, the model): the same
 /// request fails the same way again.
+/// What a caught panic said (its `&str` or `String` payload).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 fn caused_by_request(e: &EngineError) -> bool {
     matches!(
         e,
@@ -959,8 +974,8 @@ pub fn inspect_upload(
             ))
         }
     };
-    let (w, h) = reader
-        .into_dimensions()
+    // As the image is shown (EXIF orientation applied): the size the edit is made at.
+    let (w, h) = crate::edit::image_io::shown_dimensions(reader)
         .map_err(|e| ApiError::bad_field("image", format!("`image` is unreadable: {e}")))?;
     if u64::from(w) * u64::from(h) > limits.max_pixels {
         return Err(ApiError::too_large(
@@ -1126,12 +1141,88 @@ mod tests {
             };
             let size = format!("{width}x{asked}");
             let e = refused(w, h, &[("prompt", "x"), ("size", &size)]);
+            // A refine larger than the planned square (--max-refine) is refused too.
+            let max_refine = u64::from(Limits::default().max_refine);
             match made {
-                Ok((_, height)) => {
-                    assert_eq!(e.is_none(), asked == height, "{w}x{h} {size}: {e:?}")
+                Ok((made_w, height)) => {
+                    let planned = width <= DEFAULT_PANEL_WIDTH
+                        || u64::from(made_w) * u64::from(height) <= max_refine * max_refine;
+                    assert_eq!(
+                        e.is_none(),
+                        asked == height && planned,
+                        "{w}x{h} {size}: {e:?}"
+                    )
                 }
                 Err(_) => assert!(e.is_some(), "{w}x{h} {size}"),
             }
+        }
+    }
+
+    /// A judge whose every call panics, as a bug in a parser would.
+    struct PanickingJudge;
+
+    #[async_trait::async_trait]
+    impl crate::judge::Judge for PanickingJudge {
+        fn name(&self) -> String {
+            "panics".into()
+        }
+        async fn screen(
+            &self,
+            _: &EditContext,
+            _: &image::RgbImage,
+            _: crate::judge::PreviewStage,
+        ) -> Result<crate::judge::ScreenVerdict, crate::judge::JudgeError> {
+            panic!("a judge bug")
+        }
+        async fn compare(
+            &self,
+            _: &EditContext,
+            _: &image::RgbImage,
+            _: &image::RgbImage,
+        ) -> Result<crate::judge::Comparison, crate::judge::JudgeError> {
+            panic!("a judge bug")
+        }
+        async fn semantic_consistency(
+            &self,
+            _: &EditContext,
+            _: &image::RgbImage,
+        ) -> Result<crate::judge::SubScores, crate::judge::JudgeError> {
+            panic!("a judge bug")
+        }
+        async fn perceptual_quality(
+            &self,
+            _: &EditContext,
+            _: &image::RgbImage,
+        ) -> Result<crate::judge::SubScores, crate::judge::JudgeError> {
+            panic!("a judge bug")
+        }
+    }
+
+    /// A panic under an edit ends that edit as failed, naming the panic, and the worker
+    /// loop goes on to the next edit (uncaught, the client would wait forever and the
+    /// server lose the worker).
+    #[tokio::test]
+    async fn a_panic_under_an_edit_fails_it_and_the_worker_goes_on() {
+        use crate::engine::GeneratorWorker;
+        use crate::generate::testbed::{TestbedConfig, TestbedGenerator};
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path(), 1);
+        let generator = TestbedGenerator::new(TestbedConfig::default());
+        let engine = Engine::new(
+            Arc::new(GeneratorWorker::spawn(Box::new(generator))),
+            Arc::new(PanickingJudge),
+            2,
+        );
+        tokio::spawn(registry.clone().work("w0".into(), engine));
+        let fields = [("prompt", "x"), ("seeds", "2"), ("steps", "6")];
+        for _ in 0..2 {
+            let admission = registry.admit().unwrap();
+            let job = registry
+                .accept(admission, request(&fields), &png(64, 64), "png")
+                .unwrap();
+            assert_eq!(job.finished().await, Status::Failed);
+            let error = job.error().unwrap();
+            assert!(error.contains("internal error: a judge bug"), "{error}");
         }
     }
 
