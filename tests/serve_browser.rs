@@ -227,6 +227,18 @@ async fn the_page_runs_an_edit_in_a_browser() {
 /// done, and saves screenshots at desktop and phone width into `artifacts`.
 async fn make_an_edit(client: &Client, base: &str, source: &Path, artifacts: &Path) {
     client.goto(&format!("{base}/")).await.unwrap();
+    // A refine wider than the server's --max-refine (1024 by default) is offered disabled.
+    client
+        .wait()
+        .for_element(Locator::Css("#refine option[value='1536']:disabled"))
+        .await
+        .expect("the 1536 refine disabled past --max-refine");
+    let offered = eval(
+        client,
+        "return document.querySelector(\"#refine option[value='1024']\").disabled",
+    )
+    .await;
+    assert_eq!(offered, Value::Bool(false));
     client
         .find(Locator::Css("#image"))
         .await

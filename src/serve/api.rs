@@ -599,6 +599,9 @@ async fn healthz(State(state): State<AppState>) -> Json<Value> {
         "workers": workers,
         "queue_depth": state.registry.queue_depth(),
         "max_queue": state.registry.max_queue,
+        // The widest refine the start-up memory plan covered (0: none); the page offers
+        // no wider one.
+        "max_refine": state.registry.limits.max_refine,
         // What a request's empty fields become (the page shows them as placeholders).
         "defaults": state.registry.defaults,
     }))

@@ -815,6 +815,25 @@
 
   // ---- start ---------------------------------------------------------------------------
 
+  // Refine widths past what this server planned for (`serve --max-refine`) would be
+  // refused: offer them disabled, saying why.
+  async function limitRefines() {
+    let health;
+    try { health = await api('GET', '/healthz'); } catch (_) { return; }
+    const max = health && Number.isFinite(health.max_refine) ? health.max_refine : null;
+    if (max === null) return;
+    for (const option of document.querySelectorAll('#size option, #refine option')) {
+      const width = Number(option.value);
+      if (option.value !== '' && width > 512 && width > max) {
+        option.disabled = true;
+        option.textContent += max === 0
+          ? ' (this server does not refine)'
+          : ` (this server refines up to ${max} px)`;
+      }
+    }
+  }
+
+  limitRefines();
   refreshHistory();
   // A reload (or a shared link) follows the edit named in the address, and so does an id
   // pasted into the address of the open page.
