@@ -103,6 +103,16 @@ fn lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// The arm named `name` in results.json's `arms`.
+fn arm_of<'a>(json: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    json["arms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["arm"] == name)
+        .unwrap_or_else(|| panic!("no arm {name} in {json}"))
+}
+
 /// results.json without the wall times, which differ between runs.
 fn comparable(out: &Path) -> serde_json::Value {
     let mut v: serde_json::Value =
@@ -156,20 +166,10 @@ fn an_interrupted_eval_resumes_to_the_same_report() {
         .unwrap()
         .contains("<svg"));
     let json = comparable(&resumed);
-    let ef = json["arms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["arm"] == "ef-4-3-1")
-        .unwrap();
+    let ef = arm_of(&json, "ef-4-3-1");
     assert_eq!(ef["nfe"], 4.0 * 3.0 + 13.0);
     assert_eq!(ef["vs_baseline"]["baseline"], "random");
-    let random = json["arms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["arm"] == "random")
-        .unwrap();
+    let random = arm_of(&json, "random");
     assert_eq!(random["derived_from"], "best-of-4");
     assert_eq!(random["nfe"], 16.0);
 }
@@ -516,12 +516,7 @@ cache = "fbc:1000"
     );
     assert_eq!(row("random")["cached_forwards"], 0);
     let json = comparable(&out);
-    let arm = json["arms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["arm"] == "random-fbc")
-        .unwrap();
+    let arm = arm_of(&json, "random-fbc");
     assert_eq!(
         (&arm["full_forwards"], &arm["cached_forwards"]),
         (&serde_json::json!(1.0), &serde_json::json!(3.0)),
@@ -604,15 +599,7 @@ fn picks_made_while_the_selection_judge_was_down_are_failures_a_rerun_redoes() {
     let out = dir.path().join("out");
     assert_eq!(eval(&suite, &out).status().unwrap().code(), Some(3));
     let json = comparable(&out);
-    let arm = |name: &str| {
-        json["arms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["arm"] == name)
-            .unwrap()
-            .clone()
-    };
+    let arm = |name: &str| arm_of(&json, name).clone();
     for name in ["best-of-4", "best-of-4@2", "ef-4-3-1"] {
         assert_eq!(arm(name)["item_errors"], 3, "{name}: {}", arm(name));
         assert_eq!(arm(name)["scored"], 0, "{name}");
@@ -1076,12 +1063,7 @@ fn an_item_changed_under_the_same_id_is_run_again() {
         "{report_only}"
     );
     let json = comparable(&out);
-    let random = json["arms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["arm"] == "random")
-        .unwrap();
+    let random = arm_of(&json, "random");
     assert_eq!(random["items"], 1, "{random}");
     run(&out, &[]);
     let fresh = dir.path().join("fresh2");

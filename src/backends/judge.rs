@@ -517,20 +517,66 @@ pub(super) fn combined(parts: Vec<JudgeFootprint>) -> Option<JudgeFootprint> {
     })
 }
 
-/// Parameters of the local judges' checkpoints (their Hub pages' safetensors totals), for
-/// plans made before the checkpoint is on disk.
-const PUBLISHED_PARAMETERS: &[(&str, f64)] = &[
-    ("Qwen/Qwen2-VL-2B-Instruct", 2.21e9),
-    ("Qwen/Qwen2-VL-7B-Instruct", 8.29e9),
-    ("Qwen/Qwen2-VL-72B-Instruct", 73.4e9),
-    ("Qwen/Qwen2.5-VL-3B-Instruct", 3.75e9),
-    ("Qwen/Qwen2.5-VL-7B-Instruct", 8.29e9),
-    ("Qwen/Qwen2.5-VL-32B-Instruct", 33.5e9),
-    ("Qwen/Qwen2.5-VL-72B-Instruct", 73.4e9),
-    ("Qwen/Qwen3-VL-2B-Instruct", 2.13e9),
-    ("Qwen/Qwen3-VL-4B-Instruct", 4.44e9),
-    ("Qwen/Qwen3-VL-8B-Instruct", 8.77e9),
-    ("Qwen/Qwen3-VL-32B-Instruct", 33.4e9),
+/// The local judges' checkpoints as published on the Hub, for plans made before a
+/// checkpoint is on disk: parameters (their Hub pages' safetensors totals) and dimensions
+/// (their `config.json`): language model (hidden, layers, heads, KV heads, MLP width; heads
+/// 128 wide), vision tower (width, MLP width, patch).
+const PUBLISHED: &[(&str, f64, [usize; 8])] = &[
+    (
+        "Qwen/Qwen2-VL-2B-Instruct",
+        2.21e9,
+        [1536, 28, 12, 2, 8960, 1280, 5120, 14],
+    ),
+    (
+        "Qwen/Qwen2-VL-7B-Instruct",
+        8.29e9,
+        [3584, 28, 28, 4, 18944, 1280, 5120, 14],
+    ),
+    (
+        "Qwen/Qwen2-VL-72B-Instruct",
+        73.4e9,
+        [8192, 80, 64, 8, 29568, 1280, 5120, 14],
+    ),
+    (
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        3.75e9,
+        [2048, 36, 16, 2, 11008, 1280, 3420, 14],
+    ),
+    (
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        8.29e9,
+        [3584, 28, 28, 4, 18944, 1280, 3420, 14],
+    ),
+    (
+        "Qwen/Qwen2.5-VL-32B-Instruct",
+        33.5e9,
+        [5120, 64, 40, 8, 27648, 1280, 3420, 14],
+    ),
+    (
+        "Qwen/Qwen2.5-VL-72B-Instruct",
+        73.4e9,
+        [8192, 80, 64, 8, 29568, 1280, 3420, 14],
+    ),
+    (
+        "Qwen/Qwen3-VL-2B-Instruct",
+        2.13e9,
+        [2048, 28, 16, 8, 6144, 1024, 4096, 16],
+    ),
+    (
+        "Qwen/Qwen3-VL-4B-Instruct",
+        4.44e9,
+        [2560, 36, 32, 8, 9728, 1024, 4096, 16],
+    ),
+    (
+        "Qwen/Qwen3-VL-8B-Instruct",
+        8.77e9,
+        [4096, 36, 32, 8, 12288, 1152, 4304, 16],
+    ),
+    (
+        "Qwen/Qwen3-VL-32B-Instruct",
+        33.4e9,
+        [5120, 64, 64, 8, 25600, 1152, 4304, 16],
+    ),
 ];
 
 /// Pixels of a 512 px square preview: what a judge without `max_pixels` is planned to see.
@@ -545,61 +591,9 @@ fn checkpoint_dims(dir: &std::path::Path) -> Option<plan::footprint::VlJudgeDims
     Some(plan::footprint::VlJudgeDims::of_config(&config))
 }
 
-/// The published dimensions of the local judges' checkpoints (their `config.json` on the
-/// Hub), for plans made before the checkpoint is on disk: language model (hidden, layers,
-/// heads, KV heads, MLP width; heads 128 wide), vision tower (width, MLP width, patch).
-const PUBLISHED_DIMS: &[(&str, [usize; 8])] = &[
-    (
-        "Qwen/Qwen2-VL-2B-Instruct",
-        [1536, 28, 12, 2, 8960, 1280, 5120, 14],
-    ),
-    (
-        "Qwen/Qwen2-VL-7B-Instruct",
-        [3584, 28, 28, 4, 18944, 1280, 5120, 14],
-    ),
-    (
-        "Qwen/Qwen2-VL-72B-Instruct",
-        [8192, 80, 64, 8, 29568, 1280, 5120, 14],
-    ),
-    (
-        "Qwen/Qwen2.5-VL-3B-Instruct",
-        [2048, 36, 16, 2, 11008, 1280, 3420, 14],
-    ),
-    (
-        "Qwen/Qwen2.5-VL-7B-Instruct",
-        [3584, 28, 28, 4, 18944, 1280, 3420, 14],
-    ),
-    (
-        "Qwen/Qwen2.5-VL-32B-Instruct",
-        [5120, 64, 40, 8, 27648, 1280, 3420, 14],
-    ),
-    (
-        "Qwen/Qwen2.5-VL-72B-Instruct",
-        [8192, 80, 64, 8, 29568, 1280, 3420, 14],
-    ),
-    (
-        "Qwen/Qwen3-VL-2B-Instruct",
-        [2048, 28, 16, 8, 6144, 1024, 4096, 16],
-    ),
-    (
-        "Qwen/Qwen3-VL-4B-Instruct",
-        [2560, 36, 32, 8, 9728, 1024, 4096, 16],
-    ),
-    (
-        "Qwen/Qwen3-VL-8B-Instruct",
-        [4096, 36, 32, 8, 12288, 1152, 4304, 16],
-    ),
-    (
-        "Qwen/Qwen3-VL-32B-Instruct",
-        [5120, 64, 64, 8, 25600, 1152, 4304, 16],
-    ),
-];
-
 fn published_dims(model: &str) -> Option<plan::footprint::VlJudgeDims> {
-    let (_, [hidden, layers, heads, kv_heads, intermediate, vision_hidden, vision_mlp, patch]) =
-        PUBLISHED_DIMS
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(model))?;
+    let (_, _, [hidden, layers, heads, kv_heads, intermediate, vision_hidden, vision_mlp, patch]) =
+        published(model)?;
     Some(plan::footprint::VlJudgeDims {
         hidden: *hidden,
         layers: *layers,
@@ -615,8 +609,12 @@ fn published_dims(model: &str) -> Option<plan::footprint::VlJudgeDims> {
 }
 
 fn published_parameters(model: &str) -> Option<usize> {
-    PUBLISHED_PARAMETERS
+    published(model).map(|(_, parameters, _)| *parameters as usize)
+}
+
+/// `model`'s row of [`PUBLISHED`] (Hub ids compared without case).
+fn published(model: &str) -> Option<&'static (&'static str, f64, [usize; 8])> {
+    PUBLISHED
         .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case(model))
-        .map(|(_, p)| *p as usize)
+        .find(|(name, _, _)| name.eq_ignore_ascii_case(model))
 }

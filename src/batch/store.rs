@@ -62,11 +62,11 @@ pub struct ItemResult {
     pub cached_forwards: usize,
     /// Forwards of the item's hi-res refine (`--refine` or the line's `refine`), at the
     /// refine's size: not in `nfe`, and outside budgets.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::engine::report::is_zero")]
     pub refine_nfe: usize,
     /// The refine's forwards in forwards of the edit's size (FLOPs; a 1024 refine forward
     /// is 4.39 of a 512 edit's).
-    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    #[serde(default, skip_serializing_if = "crate::engine::report::is_zero_f64")]
     pub refine_edit_step_equivalents: f64,
     /// Judge calls made.
     #[serde(default)]
@@ -245,14 +245,6 @@ pub fn table(results: &[ItemResult]) -> String {
         }
     }
     out
-}
-
-fn is_zero(n: &usize) -> bool {
-    *n == 0
-}
-
-fn is_zero_f64(x: &f64) -> bool {
-    *x == 0.0
 }
 
 #[cfg(test)]

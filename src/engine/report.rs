@@ -300,11 +300,14 @@ pub struct NfeLedger {
     pub random_equivalent: usize,
 }
 
-fn is_zero(n: &usize) -> bool {
+/// For `skip_serializing_if`: a count of zero is left out of a record (here and in batch's
+/// and eval's records).
+pub(crate) fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-fn is_zero_f64(x: &f64) -> bool {
+/// For `skip_serializing_if`: a zero cost is left out of a record.
+pub(crate) fn is_zero_f64(x: &f64) -> bool {
     *x == 0.0
 }
 

@@ -56,7 +56,7 @@ pub struct ArmResult {
     pub cached_forwards: usize,
     /// The hi-res refine's forwards in forwards of the edit's size (an arm with `refine`;
     /// not in `nfe`, which budgets count).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::engine::report::is_zero_f64")]
     pub refine_edit_step_equivalents: f64,
     /// The pick's VIE by the selection judge (None: the pick could not be scored).
     pub selection: Option<Scores>,
@@ -285,8 +285,4 @@ fn differing_keys(then: &serde_json::Value, now: &serde_json::Value) -> String {
     } else {
         keys.join(", ")
     }
-}
-
-fn is_zero(x: &f64) -> bool {
-    *x == 0.0
 }
